@@ -1,0 +1,9 @@
+"""asyncckpt: asynchronous, compressed, checksummed, atomically committed checkpoints for PyTorch."""
+
+from .errors import CheckpointError
+from .manager import CheckpointManager, load
+from .pipeline import SaveHandle
+from .policy import EverySeconds, EverySteps
+
+__all__ = ["CheckpointError", "CheckpointManager", "EverySeconds", "EverySteps", "SaveHandle", "load"]
+__version__ = "0.1.0"

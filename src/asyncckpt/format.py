@@ -1,0 +1,290 @@
+"""The on-disk format, version 1: names, the manifest schema, and validation of untrusted manifests.
+
+A checkpoint is a directory ``step-<12 digits>/`` holding ``manifest.json`` and ``data-NNNNN.bin``.
+All tensors live in one logical byte space (the staging arena's layout: tensors grouped by dtype,
+each 64-byte aligned). Chunks cut that space into contiguous, non-overlapping ranges; each chunk is
+stored in a data file after its codec chain (applied in order, reversed on read) with a CRC32 of
+the stored bytes. A tensor is found by its offset in the logical space, never by a file position,
+so codecs may change chunk sizes on disk without touching the tensor index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT_NAME = "asyncckpt"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ALIGNMENT = 64
+MAX_STEP = 10**12 - 1
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_CHUNK_RAW = 1 << 30
+MAX_TREE_DEPTH = 256
+
+_STEP_DIR = re.compile(r"^step-(\d{12})$")
+_DATA_FILE = re.compile(r"^data-\d{5}\.bin$")
+
+_DTYPE_NAMES = (
+    "float64 float32 float16 bfloat16 complex128 complex64 complex32 "
+    "int8 int16 int32 int64 uint8 uint16 uint32 uint64 bool "
+    "float8_e4m3fn float8_e4m3fnuz float8_e5m2 float8_e5m2fnuz float8_e8m0fnu float4_e2m1fn_x2"
+).split()
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name) for name in _DTYPE_NAMES if isinstance(getattr(torch, name, None), torch.dtype)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise TypeError(f"dtype {dtype} is not supported by the checkpoint format")
+    return name
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:012d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def data_file_name(rank: int) -> str:
+    return f"data-{rank:05d}.bin"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One unique tensor: where its bytes sit in the logical byte space."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """One stored chunk: the logical range it covers and where its stored bytes are."""
+
+    file: str
+    offset: int  # in the data file
+    length: int  # stored bytes
+    raw_offset: int  # in the logical byte space
+    raw_length: int
+    codecs: list[dict]
+    crc32: int
+
+
+@dataclass
+class Manifest:
+    step: int
+    created: float
+    tree: dict
+    tensors: list[TensorEntry]
+    chunks: list[ChunkEntry]
+    raw_bytes: int
+    stored_bytes: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        body = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **asdict(self)}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _fail(where: str, what: str) -> CheckpointError:
+    return CheckpointError(f"invalid manifest ({where}): {what}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _fail("json", f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _int(value: Any, where: str, low: int = 0, high: int = 1 << 62) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _fail(where, f"expected an integer in [{low}, {high}], got {value!r}"[:200])
+    return value
+
+
+def _json_dict(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _fail(where, "expected an object")
+    return value
+
+
+def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
+    """Parse and validate untrusted manifest bytes; every size, offset and name is checked."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise _fail(where, f"{len(raw)} bytes is larger than the {MAX_MANIFEST_BYTES} limit")
+    try:
+        body = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CheckpointError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(where, f"not valid JSON: {exc}"[:300]) from None
+    body = _json_dict(body, where)
+    if body.get("format") != FORMAT_NAME:
+        raise _fail(where, f"format is {body.get('format')!r}, expected {FORMAT_NAME!r}")
+    if body.get("version") != FORMAT_VERSION:
+        raise _fail(where, f"format version {body.get('version')!r} is not supported (expected 1)")
+    step = _int(body.get("step"), "step", 0, MAX_STEP)
+    created = body.get("created")
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        raise _fail("created", "expected a number")
+    raw_bytes = _int(body.get("raw_bytes"), "raw_bytes")
+    stored_bytes = _int(body.get("stored_bytes"), "stored_bytes")
+
+    tensors = _parse_tensors(body.get("tensors"), raw_bytes)
+    chunks = _parse_chunks(body.get("chunks"), raw_bytes)
+    if sum(c.length for c in chunks) != stored_bytes:
+        raise _fail("stored_bytes", "does not equal the sum of chunk lengths")
+    tree = _json_dict(body.get("tree"), "tree")
+    _validate_tree(tree, len(tensors))
+    return Manifest(
+        step=step,
+        created=float(created),
+        tree=tree,
+        tensors=tensors,
+        chunks=chunks,
+        raw_bytes=raw_bytes,
+        stored_bytes=stored_bytes,
+        metrics=_json_dict(body.get("metrics", {}), "metrics"),
+        metadata=_json_dict(body.get("metadata", {}), "metadata"),
+    )
+
+
+def _parse_tensors(items: Any, raw_bytes: int) -> list[TensorEntry]:
+    if not isinstance(items, list):
+        raise _fail("tensors", "expected a list")
+    out = []
+    for i, item in enumerate(items):
+        where = f"tensors[{i}]"
+        item = _json_dict(item, where)
+        dtype = item.get("dtype")
+        if dtype not in DTYPES:
+            raise _fail(where, f"unknown dtype {dtype!r}"[:200])
+        shape = item.get("shape")
+        if not isinstance(shape, list) or len(shape) > 64:
+            raise _fail(where, "shape must be a list of at most 64 dimensions")
+        dims = tuple(_int(d, f"{where}.shape", 0, 1 << 48) for d in shape)
+        nbytes = _int(item.get("nbytes"), f"{where}.nbytes", 0, raw_bytes)
+        itemsize = DTYPES[dtype].itemsize
+        if math.prod(dims) * itemsize != nbytes:
+            raise _fail(where, f"shape {list(dims)} of {dtype} does not take {nbytes} bytes")
+        offset = _int(item.get("offset"), f"{where}.offset", 0, raw_bytes)
+        if offset % ALIGNMENT or offset + nbytes > raw_bytes:
+            raise _fail(where, f"offset {offset} is unaligned or runs past the data")
+        out.append(TensorEntry(dtype, dims, offset, nbytes))
+    return out
+
+
+_CODEC_PARAMS = {"bytegroup": {"size"}, "zstd": {"level"}}
+
+
+def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
+    if not isinstance(items, list):
+        raise _fail("chunks", "expected a list")
+    out = []
+    expected_raw = 0
+    file_ends: dict[str, int] = {}
+    for i, item in enumerate(items):
+        where = f"chunks[{i}]"
+        item = _json_dict(item, where)
+        name = item.get("file")
+        if not isinstance(name, str) or not _DATA_FILE.match(name):
+            raise _fail(where, f"data file name {name!r} is not of the form data-NNNNN.bin"[:200])
+        offset = _int(item.get("offset"), f"{where}.offset")
+        length = _int(item.get("length"), f"{where}.length", 0, MAX_CHUNK_RAW * 2)
+        if offset < file_ends.get(name, 0):
+            raise _fail(where, "overlaps the previous chunk in its data file")
+        file_ends[name] = offset + length
+        raw_offset = _int(item.get("raw_offset"), f"{where}.raw_offset")
+        raw_length = _int(item.get("raw_length"), f"{where}.raw_length", 1, MAX_CHUNK_RAW)
+        if raw_offset != expected_raw:
+            raise _fail(where, f"raw range starts at {raw_offset}, expected {expected_raw}")
+        expected_raw = raw_offset + raw_length
+        if expected_raw > raw_bytes:
+            raise _fail(where, "raw range runs past raw_bytes")
+        codecs = item.get("codecs")
+        if not isinstance(codecs, list) or len(codecs) > 4:
+            raise _fail(where, "codecs must be a list of at most 4 codecs")
+        for codec in codecs:
+            codec = _json_dict(codec, f"{where}.codecs")
+            params = _CODEC_PARAMS.get(codec.get("id"))
+            if params is None or set(codec) != params | {"id"}:
+                raise _fail(where, f"unknown codec {codec!r}"[:200])
+            if codec["id"] == "bytegroup":
+                size = _int(codec["size"], f"{where}.codecs.size", 2, 16)
+                if raw_length % size:
+                    raise _fail(where, "raw_length is not a multiple of the byte-group size")
+            else:
+                _int(codec["level"], f"{where}.codecs.level", -131072, 22)
+        if not codecs and length != raw_length:
+            raise _fail(where, "an uncompressed chunk must store exactly raw_length bytes")
+        crc = _int(item.get("crc32"), f"{where}.crc32", 0, 0xFFFFFFFF)
+        out.append(ChunkEntry(name, offset, length, raw_offset, raw_length, codecs, crc))
+    if expected_raw != raw_bytes:
+        raise _fail("chunks", f"cover {expected_raw} raw bytes, expected {raw_bytes}")
+    return out
+
+
+def _validate_tree(root: dict, n_tensors: int) -> None:
+    """Walk the skeleton iteratively (no recursion limit to exploit) and check every node."""
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > 2 * MAX_TREE_DEPTH:
+            raise _fail("tree", "nested too deeply")
+        if not isinstance(node, dict):
+            raise _fail("tree", f"node {str(node)[:80]!r} is not an object")
+        kinds = [k for k in node if k not in ("m", "cls")]
+        if len(kinds) != 1:
+            raise _fail("tree", f"node has keys {sorted(node)[:5]}, expected exactly one kind")
+        kind = kinds[0]
+        value = node[kind]
+        if kind in ("T", "N", "S"):
+            _int(value, "tree tensor index", 0, n_tensors - 1)
+        elif kind == "v":
+            if value is not None and not isinstance(value, (bool, int, float, str)):
+                raise _fail("tree", "a value leaf must be null, bool, number or string")
+        elif kind == "dt":
+            if value not in DTYPES:
+                raise _fail("tree", f"unknown dtype leaf {str(value)[:40]!r}")
+        elif kind == "dev":
+            if not isinstance(value, str) or not re.fullmatch(r"[a-z_]+(:\d+)?", value):
+                raise _fail("tree", f"bad device leaf {str(value)[:40]!r}")
+        elif kind == "d":
+            if not isinstance(value, list):
+                raise _fail("tree", "dict node must hold a list of pairs")
+            for pair in value:
+                if (
+                    not isinstance(pair, list)
+                    or len(pair) != 2
+                    or isinstance(pair[0], bool)
+                    or not isinstance(pair[0], (str, int))
+                ):
+                    raise _fail("tree", "dict entries must be [str-or-int key, node] pairs")
+                stack.append((pair[1], depth + 1))
+        elif kind in ("l", "t"):
+            if not isinstance(value, list):
+                raise _fail("tree", "list/tuple node must hold a list")
+            stack.extend((child, depth + 1) for child in value)
+        elif kind == "o":
+            stack.append((value, depth + 1))
+        else:
+            raise _fail("tree", f"unknown node kind {kind[:20]!r}")

@@ -1,0 +1,366 @@
+"""CheckpointManager: the public façade that wires tree, staging, pipeline, storage and retention."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import threading
+import time
+import warnings
+import weakref
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .codec import CodecConfig
+from .errors import CheckpointError
+from .format import MANIFEST_NAME, MAX_STEP
+from .metrics import METRICS_LOG, SaveRecord, SaveStats
+from .pipeline import Pipeline, SaveHandle, SaveJob
+from .policy import EverySteps, SavePolicy
+from .reader import LoadedCheckpoint, read_checkpoint, read_manifest
+from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
+from .staging import ArenaPool, CopyEngine, plan_layout
+from .storage import CommittedCheckpoint, LocalStorage, list_checkpoints
+from .tree import check_compatible, flatten, restore_into, unflatten
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step must be an integer in [0, {MAX_STEP}], got {step!r}")
+    return step
+
+
+def _check_json(value: Any, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise TypeError(f"{what} must be a dict with str keys, got {type(value).__name__}")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be JSON-serialisable: {exc}") from None
+    return dict(value)
+
+
+def _plain_metrics(metrics: dict | None) -> dict:
+    """Accept 0-dim tensors and numpy scalars as metric values (a loss is usually a tensor)."""
+    if not metrics:
+        return {}
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        elif hasattr(value, "item") and callable(value.item) and not isinstance(value, (int, float)):
+            value = value.item()
+        out[key] = value
+    return _check_json(out, "metrics")
+
+
+def _candidates(root: Path, step: int | None) -> list[CommittedCheckpoint]:
+    committed = list_checkpoints(root)
+    if step is None:
+        return committed[::-1]
+    chosen = [c for c in committed if c.step == step]
+    if not chosen:
+        have = [c.step for c in committed]
+        raise CheckpointError(f"no checkpoint for step {step} in {root} (committed steps: {have[-10:]})")
+    return chosen
+
+
+def _read_newest_valid(root: Path, step: int | None, workers: int) -> LoadedCheckpoint | None:
+    """The newest checkpoint that verifies (or exactly ``step``); warn about each damaged one."""
+    if not root.exists():
+        raise CheckpointError(f"checkpoint root {root} does not exist")
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint root {root} is not a directory")
+    candidates = _candidates(root, step)
+    if not candidates:
+        return None
+    failures = []
+    for candidate in candidates:
+        try:
+            return read_checkpoint(candidate.path, workers)
+        except CheckpointError as exc:
+            if step is not None:
+                raise
+            failures.append(f"step {candidate.step}: {exc}")
+            warnings.warn(
+                f"asyncckpt: checkpoint {candidate.path} is damaged or incomplete ({exc}); "
+                "falling back to the next older one",
+                stacklevel=3,
+            )
+    raise CheckpointError(f"no valid checkpoint in {root}: " + "; ".join(failures))
+
+
+def load(
+    path: str | os.PathLike,
+    step: int | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Any:
+    """Load a checkpoint as a plain nested tree (stateful objects become their state dicts).
+
+    ``path`` is a checkpoint root (newest valid checkpoint, or ``step``) or one checkpoint dir.
+    """
+    path = Path(path)
+    if (path / MANIFEST_NAME).exists() and step is None:
+        loaded = read_checkpoint(path, workers=os.cpu_count() or 1)
+    else:
+        loaded = _read_newest_valid(path, step, os.cpu_count() or 1)
+        if loaded is None:
+            raise CheckpointError(f"no checkpoint in {path}")
+    tensors = loaded.tensors
+    if torch.device(map_location) != torch.device("cpu"):
+        tensors = [t.to(map_location) for t in tensors]
+    return unflatten(loaded.manifest.tree, tensors)
+
+
+def _close_at_exit(ref: weakref.ReferenceType) -> None:
+    manager = ref()
+    if manager is not None:
+        manager._close_quietly()
+
+
+class CheckpointManager:
+    """Asynchronous checkpoints of a training state into ``root``. See the README for the contract."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        keep_last: int | None = 3,
+        keep_best: int | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        keep_every: int | None = None,
+        compression: str | None = "zstd",
+        level: int = 1,
+        snapshot: str = "blocking",
+        policy: SavePolicy | None = None,
+        max_pending: int = 1,
+        workers: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        if snapshot != "blocking":
+            raise ValueError(f"snapshot must be 'blocking' (overlap mode is not built yet), got {snapshot!r}")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 4096:
+            raise ValueError(f"chunk_size must be an integer of at least 4096 bytes, got {chunk_size!r}")
+        self.retention = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
+        self.codec = CodecConfig(compression, level)
+        self.policy: SavePolicy = policy if policy is not None else EverySteps(1000)
+        self.max_pending = max_pending
+        self.workers = workers or max(1, min(8, os.cpu_count() or 1))
+        self._storage = LocalStorage(root)
+        self.root = self._storage.root
+        self.stats = SaveStats(self.root / METRICS_LOG)
+        self._arenas = ArenaPool(pinned=torch.cuda.is_available())
+        self._copier = CopyEngine()
+        self._cond = threading.Condition()
+        self._pending: list[SaveHandle] = []
+        self._failed: list[SaveHandle] = []
+        self._prepared: Future | None = None
+        self._infos = {c.step: self._read_metrics(c) for c in self._storage.checkpoints()}
+        self._pipeline = Pipeline(self._storage, self.codec, self.workers, chunk_size, self._on_done)
+        self._closed = False
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # ---- saving -------------------------------------------------------------------------------
+
+    def prepare(self, state: Any) -> Future:
+        """Allocate the host arena for ``state`` on a background thread, ahead of the first save.
+
+        Pinning host memory is slow (about 1-2 GB/s), so this keeps that cost off the first save.
+        Returns a Future that resolves when the arena is ready; ``save`` waits for it if needed.
+        """
+        self._check_open()
+        nbytes = plan_layout(flatten(state).tensors).total
+        future: Future = Future()
+
+        def allocate() -> None:
+            try:
+                self._arenas.release(self._arenas.acquire(nbytes))
+                future.set_result(nbytes)
+            except BaseException as exc:  # noqa: BLE001
+                future.set_exception(exc)
+
+        threading.Thread(target=allocate, name="asyncckpt-prepare", daemon=True).start()
+        self._prepared = future
+        return future
+
+    def maybe_save(
+        self, step: int, state: Any, metrics: dict | None = None, metadata: dict | None = None
+    ) -> SaveHandle | None:
+        """Save if the policy says this step is due; otherwise return None at once."""
+        if not self.policy.due(step):
+            return None
+        self.policy.saved(step)
+        return self.save(step, state, metrics=metrics, metadata=metadata)
+
+    def save(
+        self, step: int, state: Any, *, metrics: dict | None = None, metadata: dict | None = None
+    ) -> SaveHandle:
+        """Snapshot ``state`` into host memory and persist it in the background.
+
+        Returns once the snapshot is copied: later in-place changes to the live tensors never reach
+        this checkpoint. Raises CheckpointError for an earlier save that failed in the background.
+        """
+        began = time.perf_counter()
+        record = SaveRecord(step=_check_step(step), started=time.time())
+        self._check_open()
+        self._raise_background_errors()
+        with self._cond:
+            while len(self._pending) >= self.max_pending:
+                self._cond.wait()
+        waited = time.perf_counter()
+        flat = flatten(state)
+        layout = plan_layout(flat.tensors)
+        job_metrics = _plain_metrics(metrics)
+        job_metadata = _check_json(metadata, "metadata")
+        if self._prepared is not None:
+            self._prepared.result()
+            self._prepared = None
+        planned = time.perf_counter()
+        arena = self._arenas.acquire(layout.total)
+        try:
+            self._copier.copy(flat.tensors, layout, arena)
+        except BaseException:
+            self._arenas.release(arena)
+            raise
+        copied = time.perf_counter()
+        handle = SaveHandle(step)
+        job = SaveJob(step, flat.skeleton, layout, arena, handle, record, job_metrics, job_metadata)
+        with self._cond:
+            self._pending.append(handle)
+        handle.add_done_callback(self._settled)
+        self.stats.add(record)
+        ended = time.perf_counter()
+        record.wait_prev_s = waited - began
+        record.snapshot_s = copied - planned
+        record.bookkeeping_s = (planned - waited) + (ended - copied)
+        record.stall_s = ended - began
+        job.enqueued = ended
+        self._pipeline.submit(job)
+        return handle
+
+    def _on_done(self, job: SaveJob, path: Path | None) -> None:
+        """Writer thread, before the handle resolves: free the arena, apply retention, log."""
+        self._arenas.release(job.arena)
+        try:
+            if path is not None:
+                self._infos[job.step] = CheckpointInfo(job.step, job.metrics)
+                self._apply_retention(protect=job.step)
+        finally:
+            self.stats.finished(job.record)
+
+    def _apply_retention(self, protect: int) -> None:
+        committed = {c.step: c for c in self._storage.checkpoints()}
+        infos = [self._infos.get(s) or CheckpointInfo(s, {}) for s in committed]
+        for step in steps_to_delete(infos, self.retention):
+            if step != protect:
+                self._storage.delete(committed[step])
+                self._infos.pop(step, None)
+
+    def _settled(self, handle: SaveHandle) -> None:
+        with self._cond:
+            self._pending.remove(handle)
+            if handle.error() is not None:
+                self._failed.append(handle)
+            self._cond.notify_all()
+
+    def _raise_background_errors(self) -> None:
+        with self._cond:
+            failed = [h for h in self._failed if not h.reported]
+            self._failed.clear()
+        if not failed:
+            return
+        for handle in failed:
+            handle.reported = True
+        first = failed[0].error()
+        more = f" (and {len(failed) - 1} more failed saves)" if len(failed) > 1 else ""
+        raise CheckpointError(f"{first}{more}") from first
+
+    def wait(self) -> None:
+        """Block until every pending save has committed or failed; raise if one failed."""
+        self._wait_pending()
+        self._raise_background_errors()
+
+    def _wait_pending(self) -> None:
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first."""
+        return [c.step for c in self._storage.checkpoints()]
+
+    def restore(self, state: Any, step: int | None = None) -> int | None:
+        """Load the newest valid checkpoint (or ``step``) into ``state`` in place.
+
+        Returns the restored step, or None when the root holds no checkpoint. Damaged checkpoints
+        are skipped with a warning; the state is only touched once a checkpoint fully verified.
+        """
+        self._check_open()
+        if not isinstance(state, (dict, list)):
+            raise TypeError(f"restore needs the state as a dict or list to update in place, got {type(state).__name__}")
+        if step is not None:
+            _check_step(step)
+        self._wait_pending()
+        loaded = _read_newest_valid(self.root, step, self.workers)
+        if loaded is None:
+            return None
+        tree = loaded.manifest.tree
+        check_compatible(state, tree, loaded.tensors)
+        restore_into(state, tree, loaded.tensors)
+        return loaded.manifest.step
+
+    def _read_metrics(self, checkpoint: CommittedCheckpoint) -> CheckpointInfo:
+        try:
+            return CheckpointInfo(checkpoint.step, read_manifest(checkpoint.path).metrics)
+        except CheckpointError:
+            return CheckpointInfo(checkpoint.step, {})
+
+    # ---- lifetime -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"CheckpointManager({self.root}) is closed")
+
+    def close(self) -> None:
+        """Finish pending saves, stop the background threads, release the root's lock."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._wait_pending()
+        finally:
+            self._pipeline.close()
+            self._storage.close()
+        self._raise_background_errors()
+
+    def _close_quietly(self) -> None:
+        try:
+            self.close()
+        except CheckpointError as exc:
+            warnings.warn(f"asyncckpt: {exc}", stacklevel=2)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_quietly()  # never hide the user's exception behind ours
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({str(self.root)!r}, policy={self.policy!r})"
+

@@ -1,0 +1,96 @@
+"""Per-save timing and size records, their summary, and the JSON-lines log in the root.
+
+Stall is the time the caller of ``save`` was blocked; everything else happens on background
+threads and is recorded so users can see where a save's time went.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+METRICS_LOG = "asyncckpt-metrics.jsonl"
+
+
+@dataclass
+class SaveRecord:
+    step: int
+    started: float = 0.0  # wall clock (time.time) when save was called
+    # caller-blocked time, split up
+    wait_prev_s: float = 0.0  # waiting for an earlier save (max_pending)
+    snapshot_s: float = 0.0  # copying tensors into the host arena
+    bookkeeping_s: float = 0.0  # flattening the state, planning, enqueueing
+    stall_s: float = 0.0  # all of the above
+    # background time
+    compress_s: float = 0.0  # summed over worker threads
+    write_s: float = 0.0
+    fsync_s: float = 0.0
+    commit_s: float = 0.0
+    persist_s: float = 0.0  # from save() returning to the commit being durable
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    ok: bool | None = None
+    error: str | None = None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[index]
+
+
+class SaveStats:
+    """Thread-safe collection of SaveRecords; appended to the JSONL log as each save ends."""
+
+    def __init__(self, log_path: Path | None = None) -> None:
+        self._records: list[SaveRecord] = []
+        self._lock = threading.Lock()
+        self._log_path = log_path
+
+    def add(self, record: SaveRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    def finished(self, record: SaveRecord) -> None:
+        """Called on the writer thread once a save committed or failed."""
+        if self._log_path is None:
+            return
+        line = json.dumps(asdict(record)) + "\n"
+        try:
+            with open(self._log_path, "a") as log:
+                log.write(line)
+        except OSError:
+            pass  # metrics must never fail a checkpoint
+
+    @property
+    def records(self) -> list[SaveRecord]:
+        with self._lock:
+            return list(self._records)
+
+    def summary(self) -> dict[str, Any]:
+        records = self.records
+        done = [r for r in records if r.ok]
+        stalls = [r.stall_s for r in records]
+        raw = sum(r.raw_bytes for r in done)
+        stored = sum(r.stored_bytes for r in done)
+        persist = sum(r.persist_s for r in done)
+        return {
+            "saves": len(records),
+            "committed": len(done),
+            "failed": sum(1 for r in records if r.ok is False),
+            "stall_p50_s": _percentile(stalls, 0.50),
+            "stall_p95_s": _percentile(stalls, 0.95),
+            "stall_max_s": max(stalls) if stalls else math.nan,
+            "snapshot_p50_s": _percentile([r.snapshot_s for r in records], 0.50),
+            "persist_p50_s": _percentile([r.persist_s for r in done], 0.50),
+            "throughput_bytes_per_s": raw / persist if persist > 0 else math.nan,
+            "compression_ratio": raw / stored if stored else math.nan,
+            "raw_bytes": raw,
+            "stored_bytes": stored,
+        }

@@ -1,0 +1,220 @@
+"""The background writer: chunking, parallel encoding, ordered writes, fsync and commit.
+
+One writer thread takes save jobs in order; a pool of encoder threads compresses chunks (zstd and
+CRC32 release the GIL, so threads scale across cores). At most ``2 x workers`` chunks are encoded
+ahead of the writer, which bounds the memory a save needs beyond its arena.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import codec
+from .errors import CheckpointError
+from .format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
+from .metrics import SaveRecord
+from .staging import Arena, Layout
+from .storage import DataFileWriter, LocalStorage
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """A contiguous, dtype-homogeneous range of the arena to encode as one stored chunk."""
+
+    start: int
+    end: int
+    group: int  # byte-group size (1 = none)
+
+
+def plan_chunks(layout: Layout, chunk_size: int) -> list[ChunkPlan]:
+    """Cut every dtype group into chunks of at most ``chunk_size`` bytes (small tensors share)."""
+    chunk_size = max(64, chunk_size - chunk_size % 64)
+    plans = []
+    for group in layout.groups:
+        size = codec.bytegroup_size(group.dtype)
+        for start in range(group.start, group.end, chunk_size):
+            plans.append(ChunkPlan(start, min(start + chunk_size, group.end), size))
+    return plans
+
+
+class SaveHandle:
+    """The future of one save: ``wait()`` returns the committed path or raises CheckpointError."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self._future: Future[Path] = Future()
+        self.reported = False  # an error seen by the user is not raised again by the manager
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> Path:
+        try:
+            return self._future.result(timeout)
+        except CheckpointError:
+            self.reported = True
+            raise
+
+    def error(self) -> CheckpointError | None:
+        if not self._future.done():
+            return None
+        return self._future.exception()  # type: ignore[return-value]
+
+    def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
+        self._future.add_done_callback(lambda _: fn(self))
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self.error() else "committed")
+        return f"SaveHandle(step={self.step}, {state})"
+
+
+@dataclass
+class SaveJob:
+    step: int
+    tree: dict
+    layout: Layout
+    arena: Arena
+    handle: SaveHandle
+    record: SaveRecord
+    metrics: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    enqueued: float = 0.0  # perf_counter when save() returned
+
+
+class Pipeline:
+    def __init__(
+        self,
+        storage: LocalStorage,
+        config: codec.CodecConfig,
+        workers: int,
+        chunk_size: int,
+        on_done: Callable[[SaveJob, Path | None], None],
+    ) -> None:
+        self._storage = storage
+        self._config = config
+        self._chunk_size = chunk_size
+        self._workers = workers
+        self._on_done = on_done
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="asyncckpt-encode")
+        self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: SaveJob) -> None:
+        if not self._thread.is_alive():
+            raise CheckpointError("the background writer has stopped (manager closed?)")
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        self._pool.shutdown(wait=True)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            path: Path | None = None
+            error: CheckpointError | None = None
+            try:
+                path = self._persist(job)
+                job.record.ok = True
+            except BaseException as exc:  # noqa: BLE001 - every failure must reach the handle
+                job.record.ok = False
+                job.record.error = f"{type(exc).__name__}: {exc}"
+                error = CheckpointError(f"save of step {job.step} failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+            try:
+                self._on_done(job, path)  # retention and bookkeeping before the handle resolves
+            except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the writer
+                warnings.warn(f"asyncckpt: bookkeeping after step {job.step} failed: {exc!r}", stacklevel=1)
+            if error is None:
+                job.handle._future.set_result(path)  # type: ignore[arg-type]
+            else:
+                job.handle._future.set_exception(error)
+
+    def _encode(self, job: SaveJob, plan: ChunkPlan) -> tuple[codec.EncodedChunk, float]:
+        began = time.perf_counter()
+        encoded = codec.encode(job.arena.raw(plan.start, plan.end), plan.group, self._config)
+        return encoded, time.perf_counter() - began
+
+    def _persist(self, job: SaveJob) -> Path:
+        record = job.record
+        temp_dir = self._storage.new_temp_dir(job.step)
+        pending: collections.deque[tuple[ChunkPlan, Future]] = collections.deque()
+        writer = None
+        try:
+            writer = DataFileWriter(temp_dir / data_file_name(0))
+            plans = plan_chunks(job.layout, self._chunk_size)
+            chunks: list[ChunkEntry] = []
+            upcoming = iter(plans)
+            window = 2 * self._workers
+            for plan in upcoming:
+                pending.append((plan, self._pool.submit(self._encode, job, plan)))
+                if len(pending) >= window:
+                    break
+            while pending:
+                plan, future = pending.popleft()
+                encoded, encode_s = future.result()
+                record.compress_s += encode_s
+                nxt = next(upcoming, None)
+                if nxt is not None:
+                    pending.append((nxt, self._pool.submit(self._encode, job, nxt)))
+                began = time.perf_counter()
+                offset = writer.append(encoded.data)
+                record.write_s += time.perf_counter() - began
+                chunks.append(
+                    ChunkEntry(
+                        file=writer.path.name,
+                        offset=offset,
+                        length=len(encoded.data),
+                        raw_offset=plan.start,
+                        raw_length=plan.end - plan.start,
+                        codecs=encoded.codecs,
+                        crc32=encoded.crc32,
+                    )
+                )
+            began = time.perf_counter()
+            writer.sync_and_close()
+            manifest = Manifest(
+                step=job.step,
+                created=job.record.started,
+                tree=job.tree,
+                tensors=[
+                    TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots
+                ],
+                chunks=chunks,
+                raw_bytes=job.layout.total,
+                stored_bytes=sum(c.length for c in chunks),
+                metrics=job.metrics,
+                metadata=job.metadata,
+            )
+            self._storage.write_manifest(temp_dir, manifest.to_json())
+            record.fsync_s = time.perf_counter() - began
+            began = time.perf_counter()
+            path = self._storage.commit(temp_dir, job.step)
+            record.commit_s = time.perf_counter() - began
+            record.persist_s = time.perf_counter() - job.enqueued
+            record.raw_bytes = manifest.raw_bytes
+            record.stored_bytes = manifest.stored_bytes
+            return path
+        except BaseException:
+            for _, future in pending:  # the arena must not be reused while encoders read it
+                future.cancel()
+                try:
+                    future.result()
+                except BaseException:  # noqa: BLE001
+                    pass
+            if writer is not None:
+                writer.close()
+            self._storage.discard(temp_dir)
+            raise

@@ -1,0 +1,60 @@
+"""Which committed checkpoints to keep. A pure function of the committed list, so it is testable
+without files, and it never picks the newest checkpoint (nothing newer supersedes it yet)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    keep_last: int | None = 3
+    keep_best: int | None = None
+    best_metric: str | None = None
+    best_mode: str = "min"
+    keep_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_best", "keep_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.keep_best is not None and not self.best_metric:
+            raise ValueError("keep_best needs best_metric (the name of a metric passed to save)")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    metrics: dict[str, Any]
+
+
+def _metric(info: CheckpointInfo, name: str) -> float | None:
+    value = info.metrics.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) -> list[int]:
+    """Steps that no rule keeps. Rules are a union: a checkpoint kept by any rule stays."""
+    if not committed:
+        return []
+    ordered = sorted(committed, key=lambda c: c.step)
+    keep = {ordered[-1].step}
+    if policy.keep_last is None:
+        keep.update(c.step for c in ordered)
+    else:
+        keep.update(c.step for c in ordered[-policy.keep_last :])
+    if policy.keep_every is not None:
+        keep.update(c.step for c in ordered if c.step % policy.keep_every == 0)
+    if policy.keep_best is not None and policy.best_metric:
+        scored = [(m, c.step) for c in ordered if (m := _metric(c, policy.best_metric)) is not None]
+        # ties go to the newer checkpoint
+        scored.sort(key=lambda p: (p[0] if policy.best_mode == "min" else -p[0], -p[1]))
+        keep.update(step for _, step in scored[: policy.keep_best])
+    return [c.step for c in ordered if c.step not in keep]
