@@ -310,7 +310,9 @@ class CheckpointManager:
         """
         self._check_open()
         if not isinstance(state, (dict, list)):
-            raise TypeError(f"restore needs the state as a dict or list to update in place, got {type(state).__name__}")
+            raise TypeError(
+                f"restore needs the state as a dict or list to update in place, got {type(state).__name__}"
+            )
         if step is not None:
             _check_step(step)
         self._wait_pending()
@@ -363,4 +365,3 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({str(self.root)!r}, policy={self.policy!r})"
-

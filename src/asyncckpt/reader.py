@@ -71,10 +71,7 @@ def read_checkpoint(path: Path, workers: int = 4, manifest: Manifest | None = No
             if len(stored) != chunk.length:
                 raise CheckpointError(f"short read of chunk {index} in {path / chunk.file}")
             end = chunk.raw_offset + chunk.raw_length
-            what = (
-                f"chunk {index} of {path / chunk.file} "
-                f"({_tensor_names(manifest, chunk.raw_offset, end)})"
-            )
+            what = f"chunk {index} of {path / chunk.file} ({_tensor_names(manifest, chunk.raw_offset, end)})"
             codec.decode(stored, chunk.codecs, chunk.crc32, raw[chunk.raw_offset : end], what)
 
         if workers > 1 and len(manifest.chunks) > 1:

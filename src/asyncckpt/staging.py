@@ -128,7 +128,7 @@ class CopyEngine:
         """Copy every tensor into its slot and return once the copies are complete."""
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         with torch.no_grad():
-            for tensor, slot in zip(tensors, layout.slots):
+            for tensor, slot in zip(tensors, layout.slots, strict=True):
                 if slot.nbytes == 0:
                     continue
                 if tensor.device.type == "cuda":

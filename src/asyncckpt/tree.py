@@ -40,9 +40,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _is_stateful(obj: Any) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(
-        getattr(obj, "load_state_dict", None)
-    )
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
 def _numpy_module():
@@ -230,9 +228,7 @@ def restore_into(live: Any, node: dict, tensors: list[torch.Tensor], path: str =
         try:
             live.load_state_dict(plain)
         except Exception as exc:
-            raise CheckpointError(
-                f"{path}: {type(live).__name__}.load_state_dict failed: {exc}"
-            ) from exc
+            raise CheckpointError(f"{path}: {type(live).__name__}.load_state_dict failed: {exc}") from exc
         return live
     if kind == "d" and isinstance(live, dict):
         for key, child in value:
