@@ -63,7 +63,12 @@ class DemoReport:
 def _model(width: int, depth: int) -> torch.nn.Module:
     layers: list[torch.nn.Module] = []
     for _ in range(depth):
-        layers += [torch.nn.Linear(width, width), torch.nn.LayerNorm(width), torch.nn.GELU(), torch.nn.Dropout(0.1)]
+        layers += [
+            torch.nn.Linear(width, width),
+            torch.nn.LayerNorm(width),
+            torch.nn.GELU(),
+            torch.nn.Dropout(0.1),
+        ]
     layers.append(torch.nn.Linear(width, 1))
     return torch.nn.Sequential(*layers)
 

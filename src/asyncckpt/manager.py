@@ -145,6 +145,7 @@ class CheckpointManager:
         max_pending: int = 1,
         workers: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        background_nice: int = 10,
     ) -> None:
         if snapshot != "blocking":
             raise ValueError(f"snapshot must be 'blocking' (overlap mode is not built yet), got {snapshot!r}")
@@ -167,7 +168,9 @@ class CheckpointManager:
         self._failed: list[SaveHandle] = []
         self._prepared: Future | None = None
         self._infos = {c.step: self._read_metrics(c) for c in self._storage.checkpoints()}
-        self._pipeline = Pipeline(self._storage, self.codec, self.workers, chunk_size, self._on_done)
+        self._pipeline = Pipeline(
+            self._storage, self.codec, self.workers, chunk_size, self._on_done, nice=background_nice
+        )
         self._closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
 

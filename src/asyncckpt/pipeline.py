@@ -8,6 +8,7 @@ ahead of the writer, which bounds the memory a save needs beyond its arena.
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 import time
@@ -97,13 +98,17 @@ class Pipeline:
         workers: int,
         chunk_size: int,
         on_done: Callable[[SaveJob, Path | None], None],
+        nice: int = 0,
     ) -> None:
         self._storage = storage
         self._config = config
         self._chunk_size = chunk_size
         self._workers = workers
         self._on_done = on_done
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="asyncckpt-encode")
+        self._nice = nice
+        self._pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="asyncckpt-encode", initializer=self._lower_priority
+        )
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
         self._thread.start()
@@ -118,7 +123,17 @@ class Pipeline:
         self._thread.join()
         self._pool.shutdown(wait=True)
 
+    def _lower_priority(self) -> None:
+        """Background threads yield the CPU to training (Linux: nice applies per thread)."""
+        if self._nice > 0 and hasattr(os, "setpriority"):
+            try:
+                current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, current + self._nice))
+            except OSError:
+                pass
+
     def _run(self) -> None:
+        self._lower_priority()
         while True:
             job = self._jobs.get()
             if job is None:

@@ -1,0 +1,349 @@
+"""Per-checkpoint training-loop overhead: asyncckpt vs the savers users would pick instead.
+
+One model + AdamW state, one training loop with a checkpoint every --every iterations, run once
+without checkpoints and once per saver, interleaved over --repeats rounds so machine noise hits
+all alike. Reported per saver (medians over rounds):
+  stall      time the training thread spent inside the save call
+  overhead   (loop time with saves - loop time without) / checkpoints: stall plus the slowdown
+             background work causes (on 2 cores the encoder threads compete with training)
+  durable    from the save call to the checkpoint being durable on disk
+  on disk    bytes of one checkpoint
+The floor is a bare copy of the state into a reused buffer (pinned on GPU), measured in the run.
+
+    python bench/stall.py                      # ~0.4 GB state on CPU, a few minutes
+    python bench/stall.py --width 1024 --depth 4 --iters 40 --repeats 2   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import asyncckpt  # noqa: E402
+from _common import build_state, machine, median, state_bytes, write_json  # noqa: E402
+
+
+def dir_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Saver:
+    """One way to checkpoint. ``save`` is what the training thread pays; ``drain`` waits the rest."""
+
+    name = ""
+
+    def __init__(self, root: Path, model, opt) -> None:
+        self.root, self.model, self.opt = root, model, opt
+        self.durable: list[float] = []
+
+    def save(self, step: int) -> None:
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.drain()
+
+    def bytes_on_disk(self) -> int:
+        return 0
+
+
+class NoSave(Saver):
+    name = "no checkpoints"
+
+    def save(self, step: int) -> None:
+        pass
+
+
+class AsyncCkpt(Saver):
+    name = "asyncckpt blocking"
+    compression: str | None = "zstd"
+
+    def __init__(self, root, model, opt) -> None:
+        super().__init__(root, model, opt)
+        self.mgr = asyncckpt.CheckpointManager(root, keep_last=2, compression=self.compression)
+        self.state = {"model": model, "optimizer": opt}
+        self.mgr.prepare(self.state).result()
+
+    def save(self, step: int) -> None:
+        self.mgr.save(step, self.state)
+
+    def drain(self) -> None:
+        self.mgr.wait()
+
+    def close(self) -> None:
+        self.mgr.close()
+        self.durable = [r.stall_s + r.persist_s for r in self.mgr.stats.records]
+
+    def bytes_on_disk(self) -> int:
+        steps = self.mgr.steps()
+        return dir_bytes(self.root / f"step-{steps[-1]:012d}") if steps else 0
+
+
+class AsyncCkptRaw(AsyncCkpt):
+    name = "asyncckpt blocking, compression=None"
+    compression = None
+
+
+class TorchSave(Saver):
+    name = "torch.save + fsync (synchronous)"
+
+    def save(self, step: int) -> None:
+        began = time.perf_counter()
+        path = self.root / "ckpt.pt"
+        with open(path, "wb") as f:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        self.durable.append(time.perf_counter() - began)
+
+    def bytes_on_disk(self) -> int:
+        return dir_bytes(self.root / "ckpt.pt")
+
+
+class TorchSaveThread(Saver):
+    name = ".cpu() copy + torch.save in a thread"
+
+    def __init__(self, root, model, opt) -> None:
+        super().__init__(root, model, opt)
+        self.thread: threading.Thread | None = None
+
+    def save(self, step: int) -> None:
+        began = time.perf_counter()
+        self.drain()
+        # the copy must happen before returning, like any correct async saver
+        sd = {
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _clone_tree(self.opt.state_dict()),
+        }
+
+        def write() -> None:
+            with open(self.root / "ckpt.pt", "wb") as f:
+                torch.save(sd, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.durable.append(time.perf_counter() - began)
+
+        self.thread = threading.Thread(target=write)
+        self.thread.start()
+
+    def drain(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def bytes_on_disk(self) -> int:
+        return dir_bytes(self.root / "ckpt.pt")
+
+
+def _clone_tree(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone_tree(v) for v in obj)
+    return obj
+
+
+class DcpAsync(Saver):
+    name = "torch.distributed.checkpoint.async_save (default)"
+
+    def __init__(self, root, model, opt) -> None:
+        super().__init__(root, model, opt)
+        import torch.distributed.checkpoint as dcp
+
+        self.dcp = dcp
+        self.future = None
+        self.began = 0.0
+
+    def save(self, step: int) -> None:
+        self.drain()
+        self.began = time.perf_counter()
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        self.future = self.dcp.async_save(state, checkpoint_id=str(self.root / f"step-{step}"))
+
+    def drain(self) -> None:
+        if self.future is not None:
+            self.future.result()
+            self.durable.append(time.perf_counter() - self.began)
+            self.future = None
+
+    def bytes_on_disk(self) -> int:
+        dirs = sorted(self.root.glob("step-*"))
+        return dir_bytes(dirs[-1]) if dirs else 0
+
+
+SAVERS = {
+    "none": NoSave,
+    "asyncckpt": AsyncCkpt,
+    "asyncckpt-raw": AsyncCkptRaw,
+    "torch.save": TorchSave,
+    "torch.save-thread": TorchSaveThread,
+    "dcp": DcpAsync,
+}
+
+
+def bare_copy_floor(model, opt, device: str, repeats: int = 5) -> float:
+    tensors = list(model.state_dict().values())
+    for per_param in opt.state_dict()["state"].values():
+        tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+    pinned = device.startswith("cuda")
+    buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned) for t in tensors]
+    times = []
+    for _ in range(repeats + 1):
+        began = time.perf_counter()
+        for buf, t in zip(buffers, tensors, strict=True):
+            buf.copy_(t, non_blocking=pinned)
+        if pinned:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return median(times[1:])
+
+
+def run_loop(saver: Saver, model, opt, iters: int, every: int, batch: int, width: int, device: str):
+    gen = torch.Generator().manual_seed(0)
+    stalls = []
+    began = time.perf_counter()
+    for it in range(1, iters + 1):
+        x = torch.randn(batch, width, generator=gen).to(device)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % every == 0:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            s = time.perf_counter()
+            saver.save(it)
+            stalls.append(time.perf_counter() - s)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    loop = time.perf_counter() - began
+    s = time.perf_counter()
+    saver.drain()
+    drain = time.perf_counter() - s
+    return loop, stalls, drain
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--depth", type=int, default=8, help="2048 x 8 layers + AdamW = 0.40 GB of state")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--every", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--savers", default="none,asyncckpt,asyncckpt-raw,torch.save,torch.save-thread,dcp")
+    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
+    args = ap.parse_args()
+
+    model, opt = build_state(args.width, args.depth, args.device)
+    x = torch.randn(args.batch, args.width, device=args.device)
+    model(x).pow(2).mean().backward()
+    opt.step()  # optimizer state exists
+    nbytes = state_bytes(model, opt)
+    names = args.savers.split(",")
+    base = Path(args.dir or tempfile.mkdtemp(prefix="asyncckpt-bench-"))
+    results: dict[str, dict] = {
+        n: {"loop": [], "stall": [], "drain": [], "durable": [], "bytes": 0} for n in names
+    }
+    floors = []
+    print(
+        f"state {nbytes / 1e9:.3f} GB on {args.device}; {args.iters} iters, checkpoint every {args.every}; "
+        f"{args.repeats} rounds",
+        file=sys.stderr,
+    )
+    for round_ in range(args.repeats):
+        floors.append(bare_copy_floor(model, opt, args.device))
+        for name in names:
+            root = base / f"{name}-{round_}"
+            root.mkdir(parents=True)
+            try:
+                saver = SAVERS[name](root, model, opt)
+                loop, stalls, drain = run_loop(
+                    saver, model, opt, args.iters, args.every, args.batch, args.width, args.device
+                )
+                saver.close()
+            except Exception as exc:  # noqa: BLE001 - a saver that fails is a result, recorded
+                results[name]["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                print(f"  {name}: failed: {results[name]['error']}", file=sys.stderr)
+                continue
+            r = results[name]
+            r["loop"].append(loop)
+            r["stall"] += stalls
+            r["drain"].append(drain)
+            r["durable"] += saver.durable
+            r["bytes"] = saver.bytes_on_disk()
+            print(
+                f"  round {round_} {name}: loop {loop:.2f} s, stall median {median(stalls) * 1e3:.1f} ms",
+                file=sys.stderr,
+            )
+            shutil.rmtree(root, ignore_errors=True)
+    n_ckpt = args.iters // args.every
+    base_loop = median(results["none"]["loop"]) if "none" in results else float("nan")
+    floor = median(floors)
+    print(
+        f"\nstate {nbytes / 1e9:.3f} GB, device {args.device}, torch {torch.__version__}, "
+        f"{os.cpu_count()} cores; bare copy floor {floor * 1e3:.1f} ms; loop without checkpoints "
+        f"{base_loop:.2f} s for {args.iters} iterations\n"
+    )
+    print(
+        "| saver | median stall / ckpt | loop overhead / ckpt | save -> durable | on disk | vs floor (overhead) |"
+    )
+    print("|---|---|---|---|---|---|")
+    summary = {}
+    for name in names:
+        r = results[name]
+        if name == "none":
+            continue
+        if "error" in r and not r["loop"]:
+            print(f"| {name} | failed: {r['error']} | | | | |")
+            summary[name] = {"error": r["error"]}
+            continue
+        overhead = (median(r["loop"]) - base_loop) / n_ckpt
+        stall = median(r["stall"])
+        durable = median(r["durable"])
+        summary[name] = {
+            "stall_s": stall,
+            "overhead_s": overhead,
+            "durable_s": durable,
+            "bytes": r["bytes"],
+            "loops_s": r["loop"],
+        }
+        print(
+            f"| {name} | {stall * 1e3:.1f} ms | {overhead * 1e3:.0f} ms | {durable:.2f} s | "
+            f"{r['bytes'] / 1e6:.0f} MB | {overhead / floor:.1f}x |"
+        )
+    print(f"| bare copy into a reused buffer (floor) | {floor * 1e3:.1f} ms | | | | 1.0x |")
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "args": vars(args),
+            "state_bytes": nbytes,
+            "floor_s": floor,
+            "baseline_loop_s": base_loop,
+            "savers": summary,
+        },
+    )
+    if not args.dir:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
