@@ -1,0 +1,64 @@
+"""pipeline.py: chunk planning and the writer's ordering of commit steps."""
+
+from __future__ import annotations
+
+import torch
+
+import asyncckpt
+from asyncckpt import storage as storage_mod
+from asyncckpt.format import MANIFEST_NAME
+from asyncckpt.pipeline import plan_chunks
+from asyncckpt.staging import plan_layout
+
+
+def test_chunks_cover_every_group_without_crossing_dtypes():
+    tensors = [
+        torch.zeros(3_000_000, dtype=torch.float32),  # 12 MB: several chunks
+        torch.zeros(5, dtype=torch.int64),
+        torch.zeros(7, dtype=torch.float32),  # packed with the first group
+        torch.zeros(1000, dtype=torch.bfloat16),
+    ]
+    layout = plan_layout(tensors)
+    chunks = plan_chunks(layout, 4 << 20)
+    assert chunks[0].start == 0 and chunks[-1].end == layout.total
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert a.end == b.start
+    for chunk in chunks:
+        assert chunk.end - chunk.start <= 4 << 20
+        groups = [g for g in layout.groups if g.start <= chunk.start < g.end]
+        assert len(groups) == 1 and chunk.end <= groups[0].end
+        expected = groups[0].dtype.itemsize if groups[0].dtype.is_floating_point else 1
+        assert chunk.group == expected
+    # the small float32 tensor sits in the float32 group, right after the big one
+    assert layout.slots[2].offset < layout.groups[0].end
+
+
+def test_commit_order_is_data_manifest_dir_rename_root(tmp_path, monkeypatch):
+    """Power-loss order: data and manifest synced before the rename, the root synced after it."""
+    events: list[str] = []
+    real_fsync, real_rename = storage_mod.os.fsync, storage_mod.os.rename
+
+    def fsync(fd):
+        import os
+
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        events.append("fsync " + os.path.basename(target))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(f"rename {storage_mod.Path(src).name[:9]}->{storage_mod.Path(dst).name}")
+        return real_rename(src, dst)
+
+    with asyncckpt.CheckpointManager(tmp_path / "root") as mgr:
+        monkeypatch.setattr(storage_mod.os, "fsync", fsync)
+        monkeypatch.setattr(storage_mod.os, "rename", rename)
+        mgr.save(7, {"w": torch.arange(10.0)}).wait()
+        monkeypatch.undo()
+    step = "step-000000000007"
+    rename_at = events.index(f"rename .tmp-step->{step}")
+    before = events[:rename_at]
+    assert "fsync data-00000.bin" in before
+    assert f"fsync {MANIFEST_NAME}" in before
+    assert before.index("fsync data-00000.bin") < before.index(f"fsync {MANIFEST_NAME}")
+    assert any(e.startswith("fsync .tmp-step-000000000007") for e in before[before.index(f"fsync {MANIFEST_NAME}") :])
+    assert events[rename_at + 1] == "fsync root"
