@@ -71,8 +71,13 @@ def read_checkpoint(path: Path, workers: int = 4, manifest: Manifest | None = No
             if len(stored) != chunk.length:
                 raise CheckpointError(f"short read of chunk {index} in {path / chunk.file}")
             end = chunk.raw_offset + chunk.raw_length
-            what = f"chunk {index} of {path / chunk.file} ({_tensor_names(manifest, chunk.raw_offset, end)})"
-            codec.decode(stored, chunk.codecs, chunk.crc32, raw[chunk.raw_offset : end], what)
+            try:
+                codec.decode(stored, chunk.codecs, chunk.crc32, raw[chunk.raw_offset : end], f"chunk {index}")
+            except CheckpointError as exc:
+                # names are worked out only on failure: they cost a scan of the tensor table
+                raise CheckpointError(
+                    f"{path / chunk.file}: {exc} (holds {_tensor_names(manifest, chunk.raw_offset, end)})"
+                ) from None
 
         if workers > 1 and len(manifest.chunks) > 1:
             with ThreadPoolExecutor(min(workers, len(manifest.chunks)), "asyncckpt-read") as pool:
