@@ -249,7 +249,14 @@ class CheckpointManager:
         record.bookkeeping_s = (planned - waited) + (ended - copied)
         record.stall_s = ended - began
         job.enqueued = ended
-        self._pipeline.submit(job)
+        try:
+            self._pipeline.submit(job)
+        except BaseException:
+            with self._cond:
+                self._pending.remove(handle)
+                self._cond.notify_all()
+            self._arenas.release(arena)
+            raise
         return handle
 
     def _on_done(self, job: SaveJob, path: Path | None) -> None:
