@@ -27,10 +27,10 @@ ALIGNMENT = 64
 MAX_STEP = 10**12 - 1
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_CHUNK_RAW = 1 << 30
-MAX_TREE_DEPTH = 256
+MAX_TREE_DEPTH = 64  # levels of nesting in a state; JSON and the recursive walks stay far from limits
 
-_STEP_DIR = re.compile(r"^step-(\d{12})$")
-_DATA_FILE = re.compile(r"^data-\d{5}\.bin$")
+_STEP_DIR = re.compile(r"step-([0-9]{12})")
+_DATA_FILE = re.compile(r"data-[0-9]{5}\.bin")
 
 _DTYPE_NAMES = (
     "float64 float32 float16 bfloat16 complex128 complex64 complex32 "
@@ -54,7 +54,7 @@ def step_dir_name(step: int) -> str:
 
 
 def parse_step_dir(name: str) -> int | None:
-    match = _STEP_DIR.match(name)
+    match = _STEP_DIR.fullmatch(name)
     return int(match.group(1)) if match else None
 
 
@@ -98,7 +98,20 @@ class Manifest:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        body = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **asdict(self)}
+        # built by hand: dataclasses.asdict would recurse into the (already plain) tree
+        body = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "step": self.step,
+            "created": self.created,
+            "tree": self.tree,
+            "tensors": [asdict(t) for t in self.tensors],
+            "chunks": [asdict(c) for c in self.chunks],
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "metrics": self.metrics,
+            "metadata": self.metadata,
+        }
         return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -144,8 +157,8 @@ def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
         raise _fail(where, f"format version {body.get('version')!r} is not supported (expected 1)")
     step = _int(body.get("step"), "step", 0, MAX_STEP)
     created = body.get("created")
-    if not isinstance(created, (int, float)) or isinstance(created, bool):
-        raise _fail("created", "expected a number")
+    if not isinstance(created, (int, float)) or isinstance(created, bool) or not -1e12 < created < 1e12:
+        raise _fail("created", "expected a number (seconds since the epoch)")
     raw_bytes = _int(body.get("raw_bytes"), "raw_bytes")
     stored_bytes = _int(body.get("stored_bytes"), "stored_bytes")
 
@@ -176,7 +189,7 @@ def _parse_tensors(items: Any, raw_bytes: int) -> list[TensorEntry]:
         where = f"tensors[{i}]"
         item = _json_dict(item, where)
         dtype = item.get("dtype")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise _fail(where, f"unknown dtype {dtype!r}"[:200])
         shape = item.get("shape")
         if not isinstance(shape, list) or len(shape) > 64:
@@ -194,6 +207,7 @@ def _parse_tensors(items: Any, raw_bytes: int) -> list[TensorEntry]:
 
 
 _CODEC_PARAMS = {"bytegroup": {"size"}, "zstd": {"level"}}
+_CODEC_CHAINS = {(), ("zstd",), ("bytegroup", "zstd")}
 
 
 def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
@@ -206,7 +220,7 @@ def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
         where = f"chunks[{i}]"
         item = _json_dict(item, where)
         name = item.get("file")
-        if not isinstance(name, str) or not _DATA_FILE.match(name):
+        if not isinstance(name, str) or not _DATA_FILE.fullmatch(name):
             raise _fail(where, f"data file name {name!r} is not of the form data-NNNNN.bin"[:200])
         offset = _int(item.get("offset"), f"{where}.offset")
         length = _int(item.get("length"), f"{where}.length", 0, MAX_CHUNK_RAW * 2)
@@ -223,17 +237,22 @@ def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
         codecs = item.get("codecs")
         if not isinstance(codecs, list) or len(codecs) > 4:
             raise _fail(where, "codecs must be a list of at most 4 codecs")
+        ids = []
         for codec in codecs:
             codec = _json_dict(codec, f"{where}.codecs")
-            params = _CODEC_PARAMS.get(codec.get("id"))
+            codec_id = codec.get("id")
+            params = _CODEC_PARAMS.get(codec_id) if isinstance(codec_id, str) else None
             if params is None or set(codec) != params | {"id"}:
                 raise _fail(where, f"unknown codec {codec!r}"[:200])
-            if codec["id"] == "bytegroup":
+            ids.append(codec_id)
+            if codec_id == "bytegroup":
                 size = _int(codec["size"], f"{where}.codecs.size", 2, 16)
                 if raw_length % size:
                     raise _fail(where, "raw_length is not a multiple of the byte-group size")
             else:
                 _int(codec["level"], f"{where}.codecs.level", -131072, 22)
+        if tuple(ids) not in _CODEC_CHAINS:
+            raise _fail(where, f"codec chain {ids} is not one this format defines")
         if not codecs and length != raw_length:
             raise _fail(where, "an uncompressed chunk must store exactly raw_length bytes")
         crc = _int(item.get("crc32"), f"{where}.crc32", 0, 0xFFFFFFFF)
@@ -248,7 +267,7 @@ def _validate_tree(root: dict, n_tensors: int) -> None:
     stack: list[tuple[Any, int]] = [(root, 0)]
     while stack:
         node, depth = stack.pop()
-        if depth > 2 * MAX_TREE_DEPTH:
+        if depth > 2 * MAX_TREE_DEPTH:  # a stateful node adds a level
             raise _fail("tree", "nested too deeply")
         if not isinstance(node, dict):
             raise _fail("tree", f"node {str(node)[:80]!r} is not an object")
@@ -263,7 +282,7 @@ def _validate_tree(root: dict, n_tensors: int) -> None:
             if value is not None and not isinstance(value, (bool, int, float, str)):
                 raise _fail("tree", "a value leaf must be null, bool, number or string")
         elif kind == "dt":
-            if value not in DTYPES:
+            if not isinstance(value, str) or value not in DTYPES:
                 raise _fail("tree", f"unknown dtype leaf {str(value)[:40]!r}")
         elif kind == "dev":
             if not isinstance(value, str) or not re.fullmatch(r"[a-z_]+(:\d+)?", value):

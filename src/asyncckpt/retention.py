@@ -35,9 +35,13 @@ class CheckpointInfo:
 
 def _metric(info: CheckpointInfo, name: str) -> float | None:
     value = info.metrics.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return None if math.isnan(value) else value
 
 
 def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) -> list[int]:

@@ -74,6 +74,13 @@ class Arena:
         self.pinned = pinned
         # Zeroed once so alignment padding never carries stale bytes into a checkpoint.
         self.buffer = torch.zeros(max(capacity, 1), dtype=torch.uint8, pin_memory=pinned)
+        self._slots: list[TensorSlot] | None = None  # the layout whose padding is known to be zero
+
+    def hold(self, layout: Layout) -> None:
+        """Get ready for ``layout``: re-zero when it differs from the last, so padding stays zero."""
+        if self._slots != layout.slots:
+            self.buffer[: layout.total].zero_()
+            self._slots = layout.slots
 
     def raw(self, start: int, end: int) -> torch.Tensor:
         return self.buffer[start:end]
@@ -126,6 +133,7 @@ class CopyEngine:
 
     def copy(self, tensors: list[torch.Tensor], layout: Layout, arena: Arena) -> None:
         """Copy every tensor into its slot and return once the copies are complete."""
+        arena.hold(layout)
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         with torch.no_grad():
             for tensor, slot in zip(tensors, layout.slots, strict=True):

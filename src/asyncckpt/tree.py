@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .format import MAX_TREE_DEPTH, dtype_name
 
 _MISSING = object()
-MAX_DEPTH = 256
+MAX_DEPTH = MAX_TREE_DEPTH
 
 
 @dataclass
@@ -33,10 +34,6 @@ class FlatState:
     skeleton: dict
     tensors: list[torch.Tensor] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)  # path of each tensor's first occurrence
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -90,7 +87,10 @@ class _Flattener:
         if obj is None or isinstance(obj, (bool, int, float, str)):
             return {"v": obj}
         if isinstance(obj, torch.dtype):
-            return {"dt": _dtype_name(obj)}
+            try:
+                return {"dt": dtype_name(obj)}
+            except TypeError as exc:
+                raise TypeError(f"{path}: {exc}") from None
         if isinstance(obj, torch.device):
             return {"dev": str(obj)}
         if isinstance(obj, dict):
@@ -137,9 +137,14 @@ def _plain_json(obj: Any, path: str) -> Any:
 
 
 def _numpy_to_tensor(array: Any, path: str) -> torch.Tensor:
+    np = _numpy_module()
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))  # values kept, stored little-endian
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)
     try:
         return torch.from_numpy(array)
-    except (TypeError, RuntimeError) as exc:
+    except (TypeError, RuntimeError, ValueError) as exc:
         raise TypeError(f"{path}: numpy array of dtype {array.dtype} is not supported ({exc})") from None
 
 

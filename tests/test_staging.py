@@ -1,0 +1,197 @@
+"""staging.py: layout planning, arena views, arena reuse and the copy into the arena."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncckpt.format import ALIGNMENT, DTYPES
+from asyncckpt.staging import Arena, ArenaPool, CopyEngine, DtypeGroup, TensorSlot, plan_layout
+
+
+def stage(tensors, pool=None):
+    layout = plan_layout(tensors)
+    arena = (pool or ArenaPool(pinned=False)).acquire(layout.total)
+    CopyEngine().copy(tensors, layout, arena)
+    return layout, arena
+
+
+def test_plan_layout_groups_by_dtype_in_first_seen_order_with_64_byte_alignment():
+    tensors = [
+        torch.zeros(3, dtype=torch.float32),  # 12 bytes
+        torch.zeros(5, dtype=torch.int64),  # 40 bytes
+        torch.zeros(2, 5, dtype=torch.float32),  # 40 bytes, joins the float32 group
+        torch.zeros(7, dtype=torch.bfloat16),  # 14 bytes
+    ]
+    layout = plan_layout(tensors)
+    assert layout.slots == [
+        TensorSlot(torch.float32, (3,), 0, 12),
+        TensorSlot(torch.int64, (5,), 128, 40),
+        TensorSlot(torch.float32, (2, 5), 64, 40),
+        TensorSlot(torch.bfloat16, (7,), 192, 14),
+    ]
+    assert layout.groups == [
+        DtypeGroup(torch.float32, 0, 128),
+        DtypeGroup(torch.int64, 128, 192),
+        DtypeGroup(torch.bfloat16, 192, 256),
+    ]
+    assert layout.total == 256
+
+
+def test_plan_layout_slots_are_aligned_disjoint_and_inside_their_group():
+    gen = torch.Generator().manual_seed(5)
+    dtypes = [torch.float32, torch.float16, torch.int8, torch.float64, torch.bool, torch.complex64]
+    tensors = []
+    for i in range(40):
+        n = int(torch.randint(0, 300, (1,), generator=gen))
+        tensors.append(torch.zeros(n, dtype=dtypes[i % len(dtypes)]))
+    layout = plan_layout(tensors)
+    spans = []
+    for tensor, slot in zip(tensors, layout.slots, strict=True):
+        assert slot.offset % ALIGNMENT == 0
+        assert slot.nbytes == tensor.numel() * tensor.element_size()
+        assert slot.dtype == tensor.dtype and slot.shape == tuple(tensor.shape)
+        (group,) = [g for g in layout.groups if g.dtype == tensor.dtype]
+        assert group.start <= slot.offset and slot.offset + slot.nbytes <= group.end
+        if slot.nbytes:
+            spans.append((slot.offset, slot.offset + slot.nbytes))
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert end <= start
+    for a, b in zip(layout.groups, layout.groups[1:], strict=False):
+        assert a.end == b.start and a.start % ALIGNMENT == 0
+    assert layout.groups[0].start == 0 and layout.groups[-1].end == layout.total
+    assert len({g.dtype for g in layout.groups}) == len(layout.groups)
+
+
+def test_empty_tensors_take_no_space_and_make_no_group():
+    layout = plan_layout([torch.zeros(0, 3, dtype=torch.int16), torch.ones(2), torch.zeros(0)])
+    assert [s.nbytes for s in layout.slots] == [0, 8, 0]
+    assert layout.groups == [DtypeGroup(torch.float32, 0, 64)]
+    assert layout.total == 64
+
+
+def test_plan_layout_of_nothing():
+    layout = plan_layout([])
+    assert layout.slots == [] and layout.groups == [] and layout.total == 0
+
+
+def test_plan_layout_refuses_a_dtype_the_format_cannot_store():
+    with pytest.raises(TypeError, match="not supported by the checkpoint format"):
+        plan_layout([torch.zeros(2), torch.empty(4, dtype=torch.bits8)])
+
+
+def test_arena_views_share_the_buffer_at_their_offsets():
+    arena = Arena(256, pinned=False)
+    assert arena.capacity == 256 and not arena.pinned
+    assert arena.buffer.dtype == torch.uint8 and not arena.buffer.any()
+    slot = TensorSlot(torch.float32, (2, 3), 64, 24)
+    view = arena.view(slot)
+    assert view.dtype == torch.float32 and view.shape == (2, 3)
+    assert view.data_ptr() == arena.buffer.data_ptr() + 64
+    view.fill_(1.0)
+    assert torch.equal(arena.raw(64, 88), torch.ones(6).view(torch.uint8))
+    assert not arena.raw(0, 64).any() and not arena.raw(88, 256).any()
+    assert arena.raw(10, 20).shape == (10,) and arena.raw(10, 20).data_ptr() == arena.buffer.data_ptr() + 10
+
+
+def test_zero_capacity_arena_still_works():
+    arena = Arena(0, pinned=False)
+    view = arena.view(TensorSlot(torch.float32, (0, 4), 0, 0))
+    assert view.shape == (0, 4)
+
+
+def test_arena_pool_reuses_one_arena_for_repeated_saves_of_one_size():
+    pool = ArenaPool(pinned=False)
+    first = pool.acquire(10_000)
+    pool.release(first)
+    for _ in range(50):
+        arena = pool.acquire(10_000)
+        assert arena is first
+        pool.release(arena)
+    assert pool.allocations == 1
+    assert pool.held_bytes() == 10_000
+
+
+def test_arena_pool_keeps_one_arena_per_save_in_flight():
+    pool = ArenaPool(pinned=False)
+    for _ in range(10):
+        a, b = pool.acquire(4096), pool.acquire(4096)
+        assert a is not b
+        pool.release(a)
+        pool.release(b)
+    assert pool.allocations == 2
+
+
+def test_arena_pool_serves_a_smaller_state_from_a_big_arena_and_replaces_a_small_one():
+    pool = ArenaPool(pinned=False)
+    small = pool.acquire(1000)
+    pool.release(small)
+    big = pool.acquire(5000)  # the small arena is dropped, not hoarded
+    assert big is not small and big.capacity >= 5000
+    assert pool.allocations == 2 and pool.held_bytes() == 0
+    pool.release(big)
+    assert pool.acquire(100) is big
+    assert pool.allocations == 2
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_copy_is_bit_exact_for_every_format_dtype(name):
+    dtype = DTYPES[name]
+    gen = torch.Generator().manual_seed(2)
+    if dtype == torch.bool:
+        source = torch.randint(0, 2, (37,), generator=gen).bool()
+    else:
+        source = torch.randint(0, 256, (37 * dtype.itemsize,), dtype=torch.uint8, generator=gen).view(dtype)
+    pad = torch.ones(3, dtype=torch.int16)
+    layout, arena = stage([pad, source])
+    slot = layout.slots[1]
+    assert torch.equal(arena.raw(slot.offset, slot.offset + slot.nbytes), source.view(torch.uint8))
+
+
+def test_copy_is_a_real_copy_not_a_view():
+    source = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    layout, arena = stage([source])
+    source.add_(100)
+    source[0, 0] = -1
+    assert torch.equal(arena.view(layout.slots[0]), torch.arange(12, dtype=torch.float32).reshape(3, 4))
+    assert arena.view(layout.slots[0]).data_ptr() != source.data_ptr()
+
+
+def test_copy_of_non_contiguous_and_tied_tensors():
+    base = torch.arange(24, dtype=torch.int32).reshape(4, 6)
+    tensors = [base.t(), base[:, ::2], torch.tensor([1.5, 2.5]).expand(3, 2), base]
+    layout, arena = stage(tensors)
+    for tensor, slot in zip(tensors, layout.slots, strict=True):
+        assert torch.equal(arena.view(slot), tensor)
+        assert arena.view(slot).is_contiguous()
+
+
+def test_copy_leaves_padding_zero_in_a_fresh_arena():
+    tensors = [torch.full((3,), -1.0), torch.full((5,), -1, dtype=torch.int64)]
+    layout, arena = stage(tensors)
+    data = arena.raw(0, layout.total).clone()
+    for slot in layout.slots:
+        data[slot.offset : slot.offset + slot.nbytes] = 0
+    assert not data.any()
+
+
+def test_padding_stays_zero_when_an_arena_is_reused_for_another_layout():
+    """The arena is zeroed once "so alignment padding never carries stale bytes into a checkpoint",
+    but a pooled arena reused for a different (here: smaller) layout still holds the previous
+    save's tensor bytes where the new layout has padding, and those bytes get written."""
+    pool = ArenaPool(pinned=False)
+    _, arena = stage([torch.full((16,), 7.0)], pool)  # fills bytes 0..64
+    pool.release(arena)
+    layout, reused = stage([torch.ones(3)], pool)  # 12 bytes of data, padding 12..64
+    assert reused is arena and layout.total == 64
+    padding = reused.raw(12, layout.total)
+    assert not padding.any(), f"stale bytes in padding: {padding.tolist()}"
+
+
+def test_copy_skips_empty_tensors():
+    tensors = [torch.zeros(0), torch.full((2,), 3.0)]
+    layout, arena = stage(tensors)
+    assert torch.equal(arena.view(layout.slots[1]), torch.full((2,), 3.0))
+    assert arena.view(layout.slots[0]).numel() == 0

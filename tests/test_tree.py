@@ -1,0 +1,478 @@
+"""tree.py: flatten / unflatten / check_compatible / restore_into.
+
+Round trips go through what a real checkpoint does to the two halves of a FlatState: the skeleton
+through JSON text, every tensor through its raw bytes. Comparisons are bit-exact (raw bytes), so
+NaN payloads, -0.0 and odd float8/float4 bit patterns all count.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from asyncckpt import CheckpointError
+from asyncckpt.codec import tensor_memoryview
+from asyncckpt.format import DTYPES
+from asyncckpt.tree import check_compatible, flatten, restore_into, unflatten
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    dense = t.detach().contiguous()  # keep it alive while its memory is read
+    return bytes(tensor_memoryview(dense))
+
+
+def through_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor rebuilt from ``t``'s bytes alone (as a loader would)."""
+    data = bytearray(raw_bytes(t))
+    out = torch.empty(t.shape, dtype=t.dtype)
+    if data:
+        out.view(-1).view(torch.uint8).copy_(torch.frombuffer(data, dtype=torch.uint8))
+    return out
+
+
+def roundtrip(state):
+    flat = flatten(state)
+    skeleton = json.loads(json.dumps(flat.skeleton))
+    tensors = [through_bytes(t) for t in flat.tensors]
+    return flat, skeleton, tensors, unflatten(skeleton, tensors)
+
+
+def random_bits(dtype: torch.dtype, shape=(3, 5)) -> torch.Tensor:
+    n = math.prod(shape)
+    gen = torch.Generator().manual_seed(1234)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype).reshape(shape)
+
+
+# ---- round trips --------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_every_format_dtype_round_trips_bit_exact(name):
+    dtype = DTYPES[name]
+    original = random_bits(dtype)
+    flat, skeleton, tensors, restored = roundtrip({"t": original})
+    assert skeleton == {"d": [["t", {"T": 0}]]}
+    assert len(flat.tensors) == 1 and flat.paths == ["state['t']"]
+    out = restored["t"]
+    assert isinstance(out, torch.Tensor)
+    assert out.dtype == dtype and out.shape == original.shape
+    assert raw_bytes(out) == raw_bytes(original)
+
+
+def test_containers_and_scalars_round_trip():
+    state = {
+        "str": "héllo ✓",
+        7: "int key",
+        -3: {"nested": [1, 2.5, None]},
+        "none": None,
+        "true": True,
+        "false": False,
+        "int": 2**80,
+        "neg": -5,
+        "float": 0.1,
+        "big": 1.7976931348623157e308,
+        "negzero": -0.0,
+        "inf": float("-inf"),
+        "nan": float("nan"),
+        "list": [1, [2, [3, ()]], {"k": (4, 5)}],
+        "tuple": (1, "two", (3.0,), []),
+        "dtype": torch.bfloat16,
+        "dtypes": [torch.float32, torch.int64, torch.bool, torch.float8_e4m3fn],
+        "device": torch.device("cpu"),
+        "cuda": torch.device("cuda", 1),
+        "empty": {},
+    }
+    _, _, tensors, out = roundtrip(state)
+    assert tensors == []
+    assert list(out) == list(state)  # key order and int keys survive
+    assert 7 in out and -3 in out and "7" not in out
+    assert out[7] == "int key" and out[-3] == {"nested": [1, 2.5, None]}
+    assert out["str"] == state["str"]
+    assert out["none"] is None and out["true"] is True and out["false"] is False
+    assert type(out["int"]) is int and out["int"] == 2**80
+    assert type(out["neg"]) is int and out["neg"] == -5
+    assert out["float"] == 0.1 and out["big"] == state["big"]
+    assert out["negzero"] == 0.0 and math.copysign(1.0, out["negzero"]) == -1.0
+    assert out["inf"] == float("-inf") and math.isnan(out["nan"])
+    assert out["list"] == [1, [2, [3, ()]], {"k": (4, 5)}]
+    assert isinstance(out["list"][1][1][1], tuple) and isinstance(out["list"][2]["k"], tuple)
+    assert out["tuple"] == (1, "two", (3.0,), [])
+    assert isinstance(out["tuple"], tuple) and isinstance(out["tuple"][3], list)
+    assert out["dtype"] is torch.bfloat16
+    assert out["dtypes"] == [torch.float32, torch.int64, torch.bool, torch.float8_e4m3fn]
+    assert out["device"] == torch.device("cpu") and isinstance(out["device"], torch.device)
+    assert out["cuda"] == torch.device("cuda:1")
+    assert out["empty"] == {}
+
+
+@pytest.mark.parametrize("top", [[1, "a", None], (1, "a", None), 3.5, "s", None, True, 12])
+def test_top_level_need_not_be_a_dict(top):
+    _, _, _, out = roundtrip(top)
+    assert out == top and type(out) is type(top)
+
+
+def test_tensors_inside_containers_keep_their_places():
+    a, b, c = torch.randn(2, 3), torch.arange(5), torch.tensor(3.25, dtype=torch.float64)
+    state = {"x": [a, {"y": (b, c)}], 0: torch.zeros(0, 4)}
+    flat, _, _, out = roundtrip(state)
+    assert flat.paths == ["state['x'][0]", "state['x'][1]['y'][0]", "state['x'][1]['y'][1]", "state[0]"]
+    assert raw_bytes(out["x"][0]) == raw_bytes(a)
+    assert torch.equal(out["x"][1]["y"][0], b) and isinstance(out["x"][1]["y"], tuple)
+    assert out["x"][1]["y"][1].shape == () and out["x"][1]["y"][1].item() == 3.25
+    assert out[0].shape == (0, 4)
+
+
+def test_numpy_arrays_round_trip():
+    arrays = {
+        "f32": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+        "i64": np.array([-(2**62), 0, 2**62], dtype=np.int64),
+        "bool": np.array([True, False, True]),
+        "u8": np.arange(10, dtype=np.uint8),
+        "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        "strided": np.arange(20.0)[::3],
+        "zero_d": np.array(2.5),
+    }
+    flat, skeleton, _, out = roundtrip(arrays)
+    assert all(node == {"N": i} for i, (_, node) in enumerate(skeleton["d"]))
+    for key, original in arrays.items():
+        got = out[key]
+        assert isinstance(got, np.ndarray), key
+        assert got.dtype == original.dtype and got.shape == original.shape, key
+        assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(original).tobytes(), key
+
+
+def test_numpy_array_with_negative_strides_round_trips():
+    """A reversed view is an ordinary numpy array; torch tensors of any stride are supported."""
+    original = np.arange(6.0)[::-1]
+    _, _, _, out = roundtrip({"a": original})
+    assert isinstance(out["a"], np.ndarray)
+    assert out["a"].tolist() == [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+
+
+def test_non_native_byte_order_numpy_array_is_saved_or_rejected_naming_the_path():
+    original = np.arange(3, dtype=">f4")
+    try:
+        _, _, _, out = roundtrip({"a": [original]})
+    except TypeError as exc:  # the documented way to refuse: a TypeError that names the path
+        assert "state['a'][0]" in str(exc)
+    else:
+        assert out["a"][0].tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "scalar",
+    [np.float32(1.25), np.float16(-0.5), np.int64(-(2**40)), np.uint8(200), np.bool_(True), np.complex64(1 - 2j)],
+    ids=lambda s: type(s).__name__,
+)
+def test_numpy_scalars_round_trip_with_their_type(scalar):
+    flat, skeleton, _, out = roundtrip({"s": scalar})
+    assert skeleton == {"d": [["s", {"S": 0}]]}
+    assert type(out["s"]) is type(scalar)
+    assert out["s"] == scalar
+
+
+def test_numpy_float64_scalar_keeps_its_value():
+    _, _, _, out = roundtrip({"s": np.float64(0.1)})
+    assert isinstance(out["s"], float) and out["s"] == 0.1
+
+
+class Counter:
+    """A minimal stateful object (not a torch type)."""
+
+    def __init__(self, count=0):
+        self.count = count
+        self.history = [count]
+
+    def state_dict(self):
+        return {"count": self.count, "history": list(self.history)}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+        self.history = list(state["history"])
+
+
+def test_stateful_objects_become_their_state_dicts():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    state = {"model": model, "optimizer": opt, "counter": Counter(5)}
+    _, skeleton, _, out = roundtrip(state)
+    nodes = dict(skeleton["d"])
+    assert nodes["model"]["cls"] == "Sequential" and "o" in nodes["model"]
+    assert nodes["optimizer"]["cls"] == "AdamW"
+    assert nodes["counter"]["cls"] == "Counter"
+    assert out["counter"] == {"count": 5, "history": [5]}
+
+    expected = model.state_dict()
+    assert list(out["model"]) == list(expected)
+    for key, value in expected.items():
+        assert value.dtype == out["model"][key].dtype
+        assert raw_bytes(value) == raw_bytes(out["model"][key]), key
+    # the plain trees load back into fresh objects
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    fresh.load_state_dict(out["model"])
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.5)
+    fresh_opt.load_state_dict(out["optimizer"])
+    assert fresh_opt.param_groups[0]["lr"] == 1e-3
+    assert torch.equal(fresh_opt.state[fresh[0].weight]["exp_avg"], opt.state[model[0].weight]["exp_avg"])
+
+
+def test_module_state_dict_metadata_is_preserved():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    original = model.state_dict()
+    assert original._metadata  # torch records per-module versions here
+    _, _, _, out = roundtrip({"m": model})
+    assert isinstance(out["m"], collections.OrderedDict)
+    assert out["m"]._metadata == original._metadata
+
+
+def test_ordered_dict_metadata_is_preserved():
+    od = collections.OrderedDict([("b", 1), ("a", 2)])
+    od._metadata = {"": {"version": 2}, "sub": {"version": 1, "tags": ["x", None]}}
+    _, skeleton, _, out = roundtrip({"od": od, "plain": {"k": 1}})
+    assert dict(skeleton["d"])["od"]["m"] == od._metadata
+    assert list(out["od"].items()) == [("b", 1), ("a", 2)]
+    assert out["od"]._metadata == od._metadata
+    assert not hasattr(out["plain"], "_metadata")
+
+
+# ---- tied and non-contiguous tensors ------------------------------------------------------------
+
+
+def test_tied_tensors_are_stored_once_and_come_back_tied():
+    w = torch.randn(4, 4)
+    state = {"a": w, "b": [w], "c": w.view(4, 4), "d": w.detach()}
+    flat, skeleton, _, out = roundtrip(state)
+    assert len(flat.tensors) == 1
+    assert flat.paths == ["state['a']"]
+    assert [node for _, node in skeleton["d"]] == [{"T": 0}, {"l": [{"T": 0}]}, {"T": 0}, {"T": 0}]
+    assert out["a"] is out["b"][0] is out["c"] is out["d"]
+    assert raw_bytes(out["a"]) == raw_bytes(w)
+
+
+def test_weight_tying_across_modules_is_stored_once():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    flat, _, _, out = roundtrip({"emb": emb, "head": head})
+    assert len(flat.tensors) == 1
+    assert out["emb"]["weight"] is out["head"]["weight"]
+
+
+def test_different_views_of_one_storage_are_separate_tensors():
+    base = torch.arange(24.0).reshape(4, 6)
+    state = {
+        "base": base,
+        "row": base[1],
+        "transposed": base.t(),
+        "cols": base[:, ::2],
+        "flat": base.view(-1),
+        "as_int": base.view(torch.int32),
+    }
+    flat, _, _, out = roundtrip(state)
+    assert len(flat.tensors) == len(state)
+    for key, value in state.items():
+        assert out[key].shape == value.shape and out[key].dtype == value.dtype, key
+        assert raw_bytes(out[key]) == raw_bytes(value), key
+
+
+def test_non_contiguous_tensors_round_trip():
+    base = torch.randn(6, 8, dtype=torch.float64)
+    state = {"t": base.t(), "step": base[::2, 1::3], "expanded": torch.tensor([1, 2]).expand(3, 2)}
+    for value in state.values():
+        assert not value.is_contiguous()
+    _, _, _, out = roundtrip(state)
+    for key, value in state.items():
+        assert torch.equal(out[key], value), key
+        assert raw_bytes(out[key]) == raw_bytes(value), key
+
+
+def test_distinct_empty_tensors_are_not_merged():
+    flat, _, _, out = roundtrip({"a": torch.zeros(0), "b": torch.zeros(0, 3, dtype=torch.int8)})
+    assert len(flat.tensors) == 2
+    assert out["a"].shape == (0,) and out["b"].shape == (0, 3) and out["b"].dtype == torch.int8
+
+
+# ---- rejected inputs ----------------------------------------------------------------------------
+
+
+class NoState:
+    pass
+
+
+class OnlyStateDict:
+    def state_dict(self):
+        return {}
+
+
+@pytest.mark.parametrize(
+    ("state", "path", "what"),
+    [
+        ({"a": [{1, 2}]}, "state['a'][0]", "set"),
+        ({"a": [lambda: 0]}, "state['a'][0]", "function"),
+        ({"a": {"b": NoState()}}, "state['a']['b']", "NoState"),
+        ({"a": [OnlyStateDict()]}, "state['a'][0]", "OnlyStateDict"),
+        ({"a": {"b": (1, frozenset())}}, "state['a']['b'][1]", "frozenset"),
+        ({"a": [b"bytes"]}, "state['a'][0]", "bytes"),
+        ({"a": [1 + 2j]}, "state['a'][0]", "complex"),
+    ],
+)
+def test_unsupported_leaves_raise_type_error_naming_the_path(state, path, what):
+    with pytest.raises(TypeError, match=re.escape(path) + ".*" + what):
+        flatten(state)
+
+
+def test_dict_with_tuple_keys_is_rejected_naming_the_path():
+    with pytest.raises(TypeError, match=re.escape("state['a'][0]") + r".*\(1, 2\).*tuple"):
+        flatten({"a": [{(1, 2): "x"}]})
+
+
+def test_dict_with_bool_keys_is_rejected_naming_the_path():
+    with pytest.raises(TypeError, match=re.escape("state['a']") + ".*True.*bool"):
+        flatten({"a": {True: 1}})
+
+
+def test_sparse_tensor_is_rejected_naming_the_path():
+    with pytest.raises(TypeError, match=re.escape("state['a'][0]") + ".*sparse"):
+        flatten({"a": [torch.eye(3).to_sparse()]})
+
+
+def test_meta_tensor_is_rejected_naming_the_path():
+    with pytest.raises(TypeError, match=re.escape("state['m']") + ".*meta"):
+        flatten({"m": torch.empty(3, device="meta")})
+
+
+def test_error_inside_a_stateful_object_names_the_state_dict_path():
+    class Holder(Counter):
+        def state_dict(self):
+            return {"bad": {1, 2}}
+
+    with pytest.raises(TypeError, match=re.escape("state['h'].state_dict()['bad']")):
+        flatten({"h": Holder()})
+
+
+def test_dtype_leaf_the_format_cannot_load_is_rejected_at_save_time():
+    """flatten accepts any torch.dtype, but format.py only loads names in DTYPES: a state holding
+    torch.quint8 saves fine and then can never be loaded. It must be refused when saving."""
+    assert "quint8" not in DTYPES
+    with pytest.raises(TypeError, match=re.escape("state['cfg']['dtype']")):
+        flatten({"cfg": {"dtype": torch.quint8}})
+
+
+# ---- check_compatible ---------------------------------------------------------------------------
+
+
+def test_check_compatible_names_the_path_of_a_shape_mismatch():
+    saved = {"model": {"layers": [torch.zeros(2, 3), torch.zeros(4, 5)]}, "step": 3}
+    live = {"model": {"layers": [torch.zeros(2, 3), torch.zeros(5, 4)]}, "step": 0}
+    flat = flatten(saved)
+    with pytest.raises(CheckpointError, match=re.escape("state['model']['layers'][1]") + r".*\(5, 4\).*\(4, 5\)"):
+        check_compatible(live, flat.skeleton, flat.tensors)
+
+
+def test_check_compatible_looks_inside_stateful_objects():
+    flat = flatten({"net": torch.nn.Linear(3, 4)})
+    with pytest.raises(CheckpointError, match=re.escape("state['net'].state_dict()['weight']") + ".*shape"):
+        check_compatible({"net": torch.nn.Linear(4, 3)}, flat.skeleton, flat.tensors)
+
+
+def test_check_compatible_accepts_same_shapes_and_other_dtypes():
+    flat = flatten({"w": torch.zeros(2, 2), "net": torch.nn.Linear(2, 2), "extra": {"x": 1}})
+    live = {"w": torch.ones(2, 2, dtype=torch.float64), "net": torch.nn.Linear(2, 2), "new": 5}
+    check_compatible(live, flat.skeleton, flat.tensors)  # no exception
+    assert torch.equal(live["w"], torch.ones(2, 2, dtype=torch.float64))  # and nothing was touched
+
+
+# ---- restore_into -------------------------------------------------------------------------------
+
+
+def test_restore_into_updates_in_place_and_replaces_scalars():
+    saved = {
+        "step": 7,
+        "lr": 0.05,
+        "name": "run-b",
+        "extra": {"epoch": 3, "added": [1]},
+        "hist": [5, 6],
+        "pair": (torch.full((2,), 9.0), "tag"),
+        "w": torch.arange(3, dtype=torch.float32),
+        "counter": Counter(11),
+        "maybe": None,
+    }
+    flat, skeleton, tensors, _ = roundtrip(saved)
+    w = torch.zeros(3, dtype=torch.float64)
+    extra = {"epoch": 1, "only_live": "kept"}
+    hist = [0, 0]
+    counter = Counter(0)
+    live = {
+        "step": 0,
+        "lr": 0.1,
+        "name": "run-a",
+        "extra": extra,
+        "hist": hist,
+        "pair": (torch.zeros(2), "old"),
+        "w": w,
+        "counter": counter,
+        "maybe": 42,
+    }
+    result = restore_into(live, skeleton, tensors)
+    assert result is live
+    assert live["step"] == 7 and live["lr"] == 0.05 and live["name"] == "run-b" and live["maybe"] is None
+    assert live["extra"] is extra and extra == {"epoch": 3, "only_live": "kept", "added": [1]}
+    assert live["hist"] is hist and hist == [5, 6]
+    assert isinstance(live["pair"], tuple) and live["pair"][1] == "tag"
+    assert torch.equal(live["pair"][0], torch.full((2,), 9.0))
+    assert live["w"] is w and w.dtype == torch.float64 and w.tolist() == [0.0, 1.0, 2.0]
+    assert live["counter"] is counter and counter.count == 11 and counter.history == [11]
+    # the live tensor owns its data: later changes to the loaded tensors do not leak into it
+    for t in tensors:
+        t.zero_()
+    assert w.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_restore_into_loads_modules_and_optimizers_in_place():
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    _, skeleton, tensors, _ = roundtrip({"model": model, "opt": opt})
+
+    live_model = torch.nn.Linear(3, 2)
+    live_opt = torch.optim.SGD(live_model.parameters(), lr=0.01, momentum=0.9)
+    weight = live_model.weight
+    live = {"model": live_model, "opt": live_opt}
+    restore_into(live, skeleton, tensors)
+    assert live["model"] is live_model and live_model.weight is weight
+    assert torch.equal(live_model.weight, model.weight) and torch.equal(live_model.bias, model.bias)
+    assert live_opt.param_groups[0]["lr"] == 0.3
+    assert torch.equal(live_opt.state[live_model.weight]["momentum_buffer"], opt.state[model.weight]["momentum_buffer"])
+
+
+def test_restore_into_wraps_a_failing_load_state_dict():
+    class Broken(Counter):
+        def load_state_dict(self, state):
+            raise KeyError("count")
+
+    _, skeleton, tensors, _ = roundtrip({"obj": Counter(3)})
+    with pytest.raises(CheckpointError, match=re.escape("state['obj']") + ".*Broken.load_state_dict"):
+        restore_into({"obj": Broken()}, skeleton, tensors)
+
+
+def test_restore_into_list_of_different_length_is_replaced():
+    _, skeleton, tensors, _ = roundtrip({"xs": [1, 2, 3]})
+    live_list = [9]
+    live = {"xs": live_list}
+    restore_into(live, skeleton, tensors)
+    assert live["xs"] == [1, 2, 3]
