@@ -24,9 +24,7 @@ def _checkpoint_dirs(path: Path) -> list[Path]:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(
-        seconds=args.seconds, width=args.width, depth=args.depth, root=args.root, device=args.device
-    )
+    report = run_demo(seconds=args.seconds, width=args.width, depth=args.depth, root=args.root, device=args.device)
     return 0 if report.restore_exact else 1
 
 

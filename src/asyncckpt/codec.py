@@ -125,9 +125,7 @@ def decode(stored: bytes | memoryview, codecs: list[dict], crc32: int, out: torc
             except zstandard.ZstdError as exc:
                 raise CheckpointError(f"bad zstd frame in {what}: {exc}") from None
             if declared != raw_length:
-                raise CheckpointError(
-                    f"zstd frame in {what} declares {declared} bytes, expected {raw_length}"
-                )
+                raise CheckpointError(f"zstd frame in {what} declares {declared} bytes, expected {raw_length}")
             try:
                 data = _decompressor().decompress(data, max_output_size=raw_length)
             except zstandard.ZstdError as exc:

@@ -203,6 +203,13 @@ def _parse_tensors(items: Any, raw_bytes: int) -> list[TensorEntry]:
         if offset % ALIGNMENT or offset + nbytes > raw_bytes:
             raise _fail(where, f"offset {offset} is unaligned or runs past the data")
         out.append(TensorEntry(dtype, dims, offset, nbytes))
+    # Tensors never share bytes (tied tensors are stored once), so a reader allocates at most
+    # raw_bytes in all, whatever a hostile manifest says.
+    previous_end = 0
+    for entry in sorted((t for t in out if t.nbytes), key=lambda t: t.offset):
+        if entry.offset < previous_end:
+            raise _fail("tensors", f"tensor at offset {entry.offset} overlaps the one before it")
+        previous_end = entry.offset + entry.nbytes
     return out
 
 

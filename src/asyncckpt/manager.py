@@ -206,9 +206,7 @@ class CheckpointManager:
         self.policy.saved(step)
         return self.save(step, state, metrics=metrics, metadata=metadata)
 
-    def save(
-        self, step: int, state: Any, *, metrics: dict | None = None, metadata: dict | None = None
-    ) -> SaveHandle:
+    def save(self, step: int, state: Any, *, metrics: dict | None = None, metadata: dict | None = None) -> SaveHandle:
         """Snapshot ``state`` into host memory and persist it in the background.
 
         Returns once the snapshot is copied: later in-place changes to the live tensors never reach
@@ -222,6 +220,7 @@ class CheckpointManager:
             while len(self._pending) >= self.max_pending:
                 self._cond.wait()
         waited = time.perf_counter()
+        self._raise_background_errors()  # a save we just waited for may have failed
         flat = flatten(state)
         layout = plan_layout(flat.tensors)
         job_metrics = _plain_metrics(metrics)
@@ -320,9 +319,7 @@ class CheckpointManager:
         """
         self._check_open()
         if not isinstance(state, (dict, list)):
-            raise TypeError(
-                f"restore needs the state as a dict or list to update in place, got {type(state).__name__}"
-            )
+            raise TypeError(f"restore needs the state as a dict or list to update in place, got {type(state).__name__}")
         if step is not None:
             _check_step(step)
         self._wait_pending()
@@ -331,7 +328,8 @@ class CheckpointManager:
             return None
         tree = loaded.manifest.tree
         check_compatible(state, tree, loaded.tensors)
-        restore_into(state, tree, loaded.tensors)
+        if restore_into(state, tree, loaded.tensors) is not state:
+            raise CheckpointError("unreachable: the root was checked to be updatable in place")
         return loaded.manifest.step
 
     def _read_metrics(self, checkpoint: CommittedCheckpoint) -> CheckpointInfo:

@@ -204,9 +204,7 @@ class Pipeline:
                 step=job.step,
                 created=job.record.started,
                 tree=job.tree,
-                tensors=[
-                    TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots
-                ],
+                tensors=[TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots],
                 chunks=chunks,
                 raw_bytes=job.layout.total,
                 stored_bytes=sum(c.length for c in chunks),

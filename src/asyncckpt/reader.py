@@ -6,6 +6,7 @@ either applies a fully verified state or applies nothing.
 
 from __future__ import annotations
 
+import bisect
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,13 +45,57 @@ def _tensor_names(manifest: Manifest, start: int, end: int) -> str:
     return f"tensors {shown}{more}" if hits else "padding only"
 
 
+class _Scatter:
+    """Routes a decoded chunk's bytes into the tensors it overlaps (each tensor owns its storage)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        entries = manifest.tensors
+        try:
+            self.buffers = [torch.empty(t.nbytes, dtype=torch.uint8) for t in entries]
+        except RuntimeError as exc:
+            raise CheckpointError(f"cannot allocate {manifest.raw_bytes} bytes of tensors: {exc}") from None
+        self._order = sorted((i for i, t in enumerate(entries) if t.nbytes), key=lambda i: entries[i].offset)
+        self._starts = [entries[i].offset for i in self._order]
+        self._entries = entries
+
+    def overlapping(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(tensor index, first byte, end byte) of every tensor overlapping [start, end)."""
+        out = []
+        j = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while j < len(self._order) and self._starts[j] < end:
+            i = self._order[j]
+            entry = self._entries[i]
+            a, b = max(start, entry.offset), min(end, entry.offset + entry.nbytes)
+            if a < b:
+                out.append((i, a, b))
+            j += 1
+        return out
+
+    def target(self, start: int, end: int) -> torch.Tensor | None:
+        """The tensor slice to decode into directly when one tensor holds the whole range."""
+        hits = self.overlapping(start, end)
+        if len(hits) == 1 and hits[0][1:] == (start, end):
+            i = hits[0][0]
+            base = self._entries[i].offset
+            return self.buffers[i][start - base : end - base]
+        return None
+
+    def scatter(self, decoded: torch.Tensor, start: int, end: int) -> None:
+        for i, a, b in self.overlapping(start, end):
+            base = self._entries[i].offset
+            self.buffers[i][a - base : b - base].copy_(decoded[a - start : b - start])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [buf.view(DTYPES[t.dtype]).view(t.shape) for buf, t in zip(self.buffers, self._entries, strict=True)]
+
+
 def read_checkpoint(path: Path, workers: int = 4, manifest: Manifest | None = None) -> LoadedCheckpoint:
-    """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors."""
+    """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors.
+
+    Each tensor gets its own storage (not a view of one big buffer): a loaded tensor can be kept,
+    saved with torch.save or exported without dragging the rest of the checkpoint along.
+    """
     manifest = manifest or read_manifest(path)
-    try:
-        raw = torch.empty(manifest.raw_bytes, dtype=torch.uint8)
-    except RuntimeError as exc:
-        raise CheckpointError(f"cannot allocate {manifest.raw_bytes} bytes for {path}: {exc}") from None
     fds: dict[str, int] = {}
     sizes: dict[str, int] = {}
     try:
@@ -64,20 +109,25 @@ def read_checkpoint(path: Path, workers: int = 4, manifest: Manifest | None = No
                     f"{_tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)} "
                     f"ends at byte {chunk.offset + chunk.length}, the file has {sizes[chunk.file]}"
                 )
+        scatter = _Scatter(manifest)
 
         def load_chunk(index: int) -> None:
             chunk = manifest.chunks[index]
             stored = os.pread(fds[chunk.file], chunk.length, chunk.offset)
             if len(stored) != chunk.length:
                 raise CheckpointError(f"short read of chunk {index} in {path / chunk.file}")
-            end = chunk.raw_offset + chunk.raw_length
+            start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
+            direct = scatter.target(start, end)
+            out = direct if direct is not None else torch.empty(chunk.raw_length, dtype=torch.uint8)
             try:
-                codec.decode(stored, chunk.codecs, chunk.crc32, raw[chunk.raw_offset : end], f"chunk {index}")
+                codec.decode(stored, chunk.codecs, chunk.crc32, out, f"chunk {index}")
             except CheckpointError as exc:
                 # names are worked out only on failure: they cost a scan of the tensor table
                 raise CheckpointError(
-                    f"{path / chunk.file}: {exc} (holds {_tensor_names(manifest, chunk.raw_offset, end)})"
+                    f"{path / chunk.file}: {exc} (holds {_tensor_names(manifest, start, end)})"
                 ) from None
+            if direct is None:
+                scatter.scatter(out, start, end)
 
         if workers > 1 and len(manifest.chunks) > 1:
             with ThreadPoolExecutor(min(workers, len(manifest.chunks)), "asyncckpt-read") as pool:
@@ -89,7 +139,4 @@ def read_checkpoint(path: Path, workers: int = 4, manifest: Manifest | None = No
     finally:
         for fd in fds.values():
             os.close(fd)
-    tensors = [
-        raw[t.offset : t.offset + t.nbytes].view(DTYPES[t.dtype]).view(t.shape) for t in manifest.tensors
-    ]
-    return LoadedCheckpoint(path, manifest, tensors)
+    return LoadedCheckpoint(path, manifest, scatter.tensors())

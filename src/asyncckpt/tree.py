@@ -70,6 +70,8 @@ class _Flattener:
                 t.stride(),
                 t.dtype,
                 t.device,
+                t.is_conj(),
+                t.is_neg(),
             )
             index = self._seen.get(key)
             if index is not None:
@@ -195,9 +197,20 @@ def _node_kind(node: dict) -> str:
 
 
 def check_compatible(live: Any, node: dict, tensors: list[torch.Tensor], path: str = "state") -> None:
-    """Raise before anything is modified if a live tensor's shape differs from the checkpoint's."""
+    """Raise before anything is modified if a live tensor's shape differs from the checkpoint's.
+
+    The root itself must be updatable in place: a dict, or a list of the checkpoint's length.
+    """
     kind = _node_kind(node)
     value = node[kind]
+    if path == "state":
+        root_ok = (kind == "d" and isinstance(live, dict)) or (
+            kind == "l" and isinstance(live, list) and len(live) == len(value)
+        )
+        if not root_ok:
+            saved = {"d": "a dict", "l": f"a list of {len(value)}"}.get(kind, f"a {kind!r} node")
+            have = f"a list of {len(live)}" if isinstance(live, list) else f"a {type(live).__name__}"
+            raise CheckpointError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
     if kind == "T" and isinstance(live, torch.Tensor):
         saved = tensors[value]
         if tuple(live.shape) != tuple(saved.shape):
