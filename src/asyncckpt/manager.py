@@ -259,8 +259,15 @@ class CheckpointManager:
         return handle
 
     def _on_done(self, job: SaveJob, path: Path | None) -> None:
-        """Writer thread, before the handle resolves: free the arena, apply retention, log."""
+        """Writer thread, before the handle resolves: free the arena, apply retention, log.
+
+        A failure is recorded here, before the handle resolves, so once ``handle.done()`` is true
+        the next ``save``/``wait``/``close`` is sure to raise it.
+        """
         self._arenas.release(job.arena)
+        if job.handle.error() is not None:
+            with self._cond:
+                self._failed.append(job.handle)
         try:
             if path is not None:
                 self._infos[job.step] = CheckpointInfo(job.step, job.metrics)
@@ -279,8 +286,6 @@ class CheckpointManager:
     def _settled(self, handle: SaveHandle) -> None:
         with self._cond:
             self._pending.remove(handle)
-            if handle.error() is not None:
-                self._failed.append(handle)
             self._cond.notify_all()
 
     def _raise_background_errors(self) -> None:

@@ -53,6 +53,7 @@ class SaveHandle:
         self.step = step
         self._future: Future[Path] = Future()
         self.reported = False  # an error seen by the user is not raised again by the manager
+        self._error: CheckpointError | None = None  # set before the future resolves
 
     def done(self) -> bool:
         return self._future.done()
@@ -65,15 +66,13 @@ class SaveHandle:
             raise
 
     def error(self) -> CheckpointError | None:
-        if not self._future.done():
-            return None
-        return self._future.exception()  # type: ignore[return-value]
+        return self._error
 
     def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
         self._future.add_done_callback(lambda _: fn(self))
 
     def __repr__(self) -> str:
-        state = "pending" if not self.done() else ("failed" if self.error() else "committed")
+        state = "pending" if not self.done() else ("failed" if self._error else "committed")
         return f"SaveHandle(step={self.step}, {state})"
 
 
@@ -148,6 +147,7 @@ class Pipeline:
                 job.record.error = f"{type(exc).__name__}: {exc}"
                 error = CheckpointError(f"save of step {job.step} failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
+                job.handle._error = error
             try:
                 self._on_done(job, path)  # retention and bookkeeping before the handle resolves
             except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the writer

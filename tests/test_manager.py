@@ -1,0 +1,1017 @@
+"""End-to-end tests of CheckpointManager, asyncckpt.load and restore (DESIGN.md sections 3 and 4)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import asyncckpt
+import asyncckpt.codec
+from asyncckpt import CheckpointError, CheckpointManager, EverySteps
+from asyncckpt.format import DTYPES
+from asyncckpt.storage import DataFileWriter, LocalStorage
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's elements as raw bytes (row-major), so NaN payloads and -0.0 compare exactly."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(tensor_bytes(a), tensor_bytes(b))
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Random bit patterns of any dtype (valid 0/1 for bool)."""
+    n = math.prod(shape)
+    raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+    if dtype == torch.bool:
+        return (raw & 1).bool().view(shape)
+    return raw.view(dtype).view(shape)
+
+
+def assert_same_tree(expected, actual, path: str = "state") -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{path}: {type(actual).__name__} instead of a tensor"
+        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
+        assert tuple(actual.shape) == tuple(expected.shape), f"{path}: shape {actual.shape} != {expected.shape}"
+        assert torch.equal(tensor_bytes(actual), tensor_bytes(expected)), f"{path}: bytes differ"
+    elif isinstance(expected, np.ndarray):
+        assert type(actual) is np.ndarray, f"{path}: {type(actual).__name__} instead of ndarray"
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, path
+        assert actual.tobytes() == expected.tobytes(), f"{path}: bytes differ"
+    elif isinstance(expected, np.float64) and type(actual) is float:
+        # np.float64 subclasses float, so it is stored as an exact JSON number and comes back as float
+        assert struct.pack("<d", actual) == struct.pack("<d", expected), f"{path}: {actual!r} != {expected!r}"
+    elif isinstance(expected, np.generic):
+        assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
+        assert actual.tobytes() == expected.tobytes(), path
+    elif isinstance(expected, Mapping):
+        assert isinstance(actual, Mapping), f"{path}: {type(actual).__name__} instead of a dict"
+        assert list(actual.keys()) == list(expected.keys()), f"{path}: keys {list(actual)} != {list(expected)}"
+        for (ka, va), (ke, ve) in zip(actual.items(), expected.items(), strict=True):
+            assert type(ka) is type(ke), f"{path}: key {ka!r} changed type"
+            assert_same_tree(ve, va, f"{path}[{ke!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
+        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
+        for i, (va, ve) in enumerate(zip(actual, expected, strict=True)):
+            assert_same_tree(ve, va, f"{path}[{i}]")
+    elif isinstance(expected, float):
+        assert type(actual) is float, f"{path}: {actual!r} is not a float"
+        assert struct.pack("<d", actual) == struct.pack("<d", expected), f"{path}: {actual!r} != {expected!r}"
+    else:
+        assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def blank_like(tree):
+    """The same structure with every tensor/array replaced by a fresh 0x5A-filled one (same strides)."""
+    if isinstance(tree, torch.Tensor):
+        out = torch.empty_strided(tree.size(), tree.stride(), dtype=tree.dtype)
+        out.untyped_storage().fill_(0x5A)
+        return out
+    if isinstance(tree, np.ndarray):
+        return np.zeros_like(tree)
+    if isinstance(tree, Mapping):
+        return {k: blank_like(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [blank_like(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(blank_like(v) for v in tree)
+    return "stale"
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".replaced-")))
+
+
+def step_dirs(root: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in root.iterdir() if p.name.startswith("step-"))
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:012d}"
+
+
+def manifest_of(root: Path, step: int) -> dict:
+    return json.loads((step_dir(root, step) / "manifest.json").read_bytes())
+
+
+def run_with_timeout(fn: Callable, timeout: float = 60.0):
+    """Run ``fn`` on a thread; fail if it does not finish in ``timeout``; re-raise its exception."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{fn} did not return within {timeout} s (hang)"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def randn_state(seed: int, n: int = 200_000) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(n, generator=g),
+        "ids": torch.randint(0, 1000, (5000,), generator=g),
+        "meta": {"seed": seed},
+    }
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture
+def managers():
+    """Factory for managers that are closed (quietly) when the test ends, whatever happened."""
+    opened: list[CheckpointManager] = []
+
+    def make(root, **kwargs) -> CheckpointManager:
+        mgr = CheckpointManager(root, **kwargs)
+        opened.append(mgr)
+        return mgr
+
+    yield make
+    for mgr in opened:
+        try:
+            mgr.close()
+        except CheckpointError:
+            pass
+
+
+@pytest.fixture
+def gate(managers, monkeypatch):
+    """Block the background writer at its first data append until the returned Event is set.
+
+    Depends on ``managers`` so it is released before those managers are closed at teardown.
+    """
+    event = threading.Event()
+    original = DataFileWriter.append
+
+    def gated_append(self, data):
+        assert event.wait(60), "test gate was never opened"
+        return original(self, data)
+
+    monkeypatch.setattr(DataFileWriter, "append", gated_append)
+    yield event
+    event.set()
+
+
+# ---- round trips -----------------------------------------------------------------------------
+
+
+def rich_state() -> dict:
+    gen = torch.Generator().manual_seed(7)
+    per_dtype = {}
+    for name, dtype in DTYPES.items():
+        base = random_tensor(dtype, (6, 10), gen)
+        per_dtype[name] = {
+            "zero_dim": random_tensor(dtype, (7,), gen)[3],
+            "empty": random_tensor(dtype, (0, 3), gen),
+            "vector": random_tensor(dtype, (33,), gen),
+            "strided": base[1:, 1::3],  # non-contiguous, with a storage offset
+            "transposed": random_tensor(dtype, (5, 4), gen).t(),
+        }
+    big = {
+        # each > 4 MiB, so each spans more than one default-size chunk
+        "f32": torch.randn((5 * MiB) // 4 + 17, generator=gen),
+        "bf16": torch.randn(5 * MiB // 2 + 3, generator=gen).to(torch.bfloat16),
+        "i64_transposed": torch.randint(-(2**40), 2**40, (700, 1000), generator=gen).t(),
+        "u8_random": random_tensor(torch.uint8, (4 * MiB + 1,), gen),  # incompressible
+    }
+    array = np.arange(24, dtype=np.float32).reshape(4, 6)
+    return {
+        "dtypes": per_dtype,
+        "big": big,
+        "nested": {
+            0: {"a": [1, 2.5, None, "s", True]},
+            7: (torch.arange(5), "x", (1, (2, [3]))),
+            -3: [],
+            "0": "str key next to an int key",
+            2**70: {},
+        },
+        "scalars": {
+            "int": 2**62,
+            "huge_int": -(2**100),
+            "float": 0.1,
+            "neg_zero": -0.0,
+            "inf": float("-inf"),
+            "nan": float("nan"),
+            "none": None,
+            "true": True,
+            "false": False,
+            "str": 'héllo ✓ \x00 "quoted" \n',
+            "empty_str": "",
+            "empty_tuple": (),
+            "empty_list": [],
+            "empty_dict": {},
+        },
+        "numpy": {
+            "array": array,
+            "strided": array[:, ::2],
+            "int16": np.arange(-5, 5, dtype=np.int16),
+            "bool": np.array([True, False, True]),
+            "complex": np.array([1 + 2j, -3.5j], dtype=np.complex64),
+            "zero_dim": np.array(2.75),
+            "f64_scalar": np.float64(3.25),
+            "i32_scalar": np.int32(-7),
+            "bool_scalar": np.bool_(True),
+        },
+        "dtype_leaf": torch.float16,
+        "device_leaf": torch.device("cpu"),
+        "list": [torch.ones(2, 2), [torch.zeros(1)], {"k": 1}],
+    }
+
+
+@pytest.mark.parametrize("compression", ["zstd", None])
+def test_round_trip_is_bit_exact_through_load_and_restore(tmp_path, managers, compression):
+    state = rich_state()
+    root = tmp_path / "ckpts"
+    mgr = managers(root, compression=compression)
+    path = mgr.save(3, state).wait()
+    assert path == step_dir(root, 3)
+    assert mgr.steps() == [3]
+
+    loaded = asyncckpt.load(root)
+    assert_same_tree(state, loaded)
+    assert_same_tree(state, asyncckpt.load(root, step=3))
+    assert_same_tree(state, asyncckpt.load(path))  # a checkpoint dir works too
+
+    big_chunks = [c for c in manifest_of(root, 3)["chunks"] if c["raw_length"] > 1 * MiB]
+    assert len(big_chunks) > 4  # the big tensors really were split into several chunks
+    if compression is None:
+        assert all(c["codecs"] == [] for c in manifest_of(root, 3)["chunks"])
+
+    live = blank_like(state)
+    in_place = [live["dtypes"]["float32"]["strided"], live["big"]["f32"], live["list"][0]]
+    assert mgr.restore(live) == 3
+    assert_same_tree(state, live)
+    # tensors are restored into the live tensors, not replaced
+    assert live["dtypes"]["float32"]["strided"] is in_place[0]
+    assert live["big"]["f32"] is in_place[1]
+    assert live["list"][0] is in_place[2]
+
+
+def test_small_chunks_and_packed_small_tensors(tmp_path, managers):
+    gen = torch.Generator().manual_seed(3)
+    state = {f"t{i}": random_tensor(list(DTYPES.values())[i % len(DTYPES)], (i * 7 + 1,), gen) for i in range(60)}
+    state["long"] = torch.randn(50_000, generator=gen)
+    mgr = managers(tmp_path / "ckpts", chunk_size=4096)
+    mgr.save(1, state).wait()
+    chunks = manifest_of(tmp_path / "ckpts", 1)["chunks"]
+    assert len(chunks) > 50
+    assert max(c["raw_length"] for c in chunks) <= 4096
+    assert_same_tree(state, asyncckpt.load(tmp_path / "ckpts"))
+
+
+def test_conjugate_view_is_not_merged_with_its_base(tmp_path, managers):
+    """A conj() view shares storage, offset, shape and stride with its base but holds other values."""
+    z = torch.randn(6, dtype=torch.complex64, generator=torch.Generator().manual_seed(1))
+    state = {"z": z, "z_conj": z.conj()}
+    managers(tmp_path / "ckpts").save(1, state).wait()
+    loaded = asyncckpt.load(tmp_path / "ckpts")
+    assert torch.equal(loaded["z"], z)
+    assert torch.equal(loaded["z_conj"], z.conj().resolve_conj())
+
+
+def test_negative_stride_numpy_array_is_saved_or_rejected_naming_path(tmp_path, managers):
+    """DESIGN 4: an unsupported leaf is 'a clear error at save time' (TypeError naming the path)."""
+    reversed_array = np.arange(6.0)[::-1]
+    mgr = managers(tmp_path / "ckpts")
+    try:
+        mgr.save(1, {"arr": reversed_array}).wait()
+    except TypeError as exc:
+        assert "state['arr']" in str(exc)
+    else:
+        assert_same_tree({"arr": reversed_array.copy()}, asyncckpt.load(tmp_path / "ckpts"))
+
+
+# ---- tied weights ----------------------------------------------------------------------------
+
+
+class TiedLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 16)
+        self.mid = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 40, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_tied_weights_are_saved_once_and_stay_tied(tmp_path, managers):
+    torch.manual_seed(0)
+    model = TiedLM()
+    shared = torch.randn(10)
+    state = {"model": model, "a": shared, "b": shared}
+    root = tmp_path / "ckpts"
+    mgr = managers(root)
+    mgr.save(1, state).wait()
+    # emb.weight == head.weight, mid.weight, mid.bias, and the shared plain tensor
+    assert len(manifest_of(root, 1)["tensors"]) == 4
+
+    loaded = asyncckpt.load(root)
+    emb, head = loaded["model"]["emb.weight"], loaded["model"]["head.weight"]
+    assert emb is head or emb.data_ptr() == head.data_ptr()
+    assert loaded["a"] is loaded["b"] or loaded["a"].data_ptr() == loaded["b"].data_ptr()
+    assert torch.equal(emb, model.emb.weight.detach())
+
+    torch.manual_seed(1)
+    fresh = TiedLM()
+    assert not torch.equal(fresh.emb.weight, model.emb.weight)
+    fresh_state = {"model": fresh, "a": torch.zeros(10), "b": torch.zeros(10)}
+    assert mgr.restore(fresh_state) == 1
+    assert fresh.head.weight is fresh.emb.weight
+    for name, tensor in model.state_dict().items():
+        assert same_tensor(fresh.state_dict()[name], tensor), name
+    assert torch.equal(fresh_state["a"], shared) and torch.equal(fresh_state["b"], shared)
+
+
+# ---- training resume -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rng", ["tensor", "RNGState"])
+def test_resume_continues_bit_identically(tmp_path, managers, make_training, rng):
+    """Dropout draws from torch's RNG: it is carried as a plain tensor, or as asyncckpt.RNGState()."""
+    if rng == "RNGState" and not hasattr(asyncckpt, "RNGState"):
+        pytest.fail("DESIGN.md section 3 names asyncckpt.RNGState(), the package has none")
+    total, k = 12, 5
+    root = tmp_path / "ckpts"
+    run = make_training(0, total)
+    if rng == "RNGState":
+        run.state["rng"] = asyncckpt.RNGState()
+    mgr = managers(root)
+    losses = []
+    for step in range(total):
+        if step == k:
+            run.state["step"] = step
+            if rng == "tensor":
+                run.state["rng"] = torch.get_rng_state()
+            run.state["extra"] = {"epoch": 1, "note": "mid-run"}
+            mgr.save(step, run.state, metrics={"loss": losses[-1]})
+        losses.append(run.train_step(step))
+    mgr.close()
+    assert run.scaler.get_scale() != 2.0**10  # the scaler's state really changed
+
+    resumed = make_training(123, total)  # different initial weights
+    if rng == "RNGState":
+        resumed.state["rng"] = asyncckpt.RNGState()
+    torch.manual_seed(999)  # and a different global RNG stream
+    with CheckpointManager(root) as mgr2:
+        start = mgr2.restore(resumed.state)
+    assert start == k
+    assert resumed.state["step"] == k
+    assert resumed.state["extra"] == {"epoch": 1, "note": "mid-run"}
+    if rng == "tensor":
+        torch.set_rng_state(resumed.state["rng"])
+    resumed_losses = [resumed.train_step(step) for step in range(start, total)]
+
+    for step, (a, b) in enumerate(zip(losses[k:], resumed_losses, strict=True), start=k):
+        assert same_tensor(a, b), f"loss at step {step}: {a.item()!r} != {b.item()!r}"
+    for name, tensor in run.model.state_dict().items():
+        assert same_tensor(resumed.model.state_dict()[name], tensor), name
+    opt_a, opt_b = run.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for index, per_param in opt_a["state"].items():
+        for key, value in per_param.items():
+            assert same_tensor(opt_b["state"][index][key], value), (index, key)
+    assert run.scheduler.state_dict() == resumed.scheduler.state_dict()
+    assert run.scaler.state_dict() == resumed.scaler.state_dict()
+
+
+# ---- snapshot semantics and memory ------------------------------------------------------------
+
+
+def test_snapshot_is_a_copy_taken_before_save_returns(tmp_path, managers, gate):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 8)
+    weights = linear.weight.detach().clone()
+    t = torch.arange(1000, dtype=torch.float32)
+    mgr = managers(tmp_path / "ckpts")
+    handle = mgr.save(1, {"t": t, "model": linear})
+    t.add_(1000)  # in place, right after save returned, while the writer has not written a byte
+    with torch.no_grad():
+        linear.weight.mul_(0)
+    assert not handle.done()
+    gate.set()
+    handle.wait()
+    loaded = asyncckpt.load(tmp_path / "ckpts")
+    assert torch.equal(loaded["t"], torch.arange(1000, dtype=torch.float32))
+    assert torch.equal(loaded["model"]["weight"], weights)
+
+
+@pytest.mark.parametrize("max_pending", [1, 2])
+def test_arena_is_reused_and_memory_does_not_grow(tmp_path, managers, max_pending):
+    state = {"w": torch.randn(MiB), "b": torch.randn(1000, dtype=torch.float64), "step": 0}  # ~4 MB
+    mgr = managers(tmp_path / "ckpts", keep_last=1, compression=None, max_pending=max_pending)
+    baseline = None
+    for step in range(50):
+        state["w"].add_(1.0)
+        state["step"] = step
+        mgr.save(step, state)
+        if step == 4:
+            mgr.wait()
+            baseline = rss_bytes()
+    mgr.wait()
+    grown = rss_bytes() - baseline
+    if max_pending == 1:
+        assert mgr._arenas.allocations == 1
+    else:
+        assert 1 <= mgr._arenas.allocations <= max_pending
+    assert grown < 24 * MiB, f"RSS grew by {grown / MiB:.1f} MiB over 45 saves of a 4 MiB state"
+    assert mgr.steps() == [49]
+    assert_same_tree(state, asyncckpt.load(tmp_path / "ckpts"))
+
+
+# ---- retention -------------------------------------------------------------------------------
+
+
+def test_keep_last(tmp_path, managers):
+    root = tmp_path / "ckpts"
+    mgr = managers(root, keep_last=2)
+    for step in range(1, 6):
+        mgr.save(step, randn_state(step, 1000))
+    mgr.wait()
+    assert step_dirs(root) == [4, 5]
+    assert mgr.steps() == [4, 5]
+    assert leftovers(root) == []
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("min", [2, 4, 6]), ("max", [1, 5, 6])])
+def test_keep_best(tmp_path, managers, mode, expected):
+    root = tmp_path / "ckpts"
+    mgr = managers(root, keep_last=1, keep_best=2, best_metric="val", best_mode=mode)
+    values = {1: 5.0, 2: 1.0, 3: 3.0, 4: 0.5, 5: 4.0, 6: 2.0}
+    for step, value in values.items():
+        metric = torch.tensor(value) if step % 2 else value  # 0-dim tensors are accepted as metrics
+        mgr.save(step, randn_state(step, 1000), metrics={"val": metric, "other": -value})
+    mgr.wait()
+    assert step_dirs(root) == expected
+    assert manifest_of(root, expected[0])["metrics"]["val"] == values[expected[0]]
+
+
+def test_keep_every(tmp_path, managers):
+    root = tmp_path / "ckpts"
+    mgr = managers(root, keep_last=1, keep_every=3)
+    for step in range(1, 8):
+        mgr.save(step, randn_state(step, 1000))
+    mgr.wait()
+    assert step_dirs(root) == [3, 6, 7]
+
+
+def test_keep_best_remembers_checkpoints_from_an_earlier_manager(tmp_path):
+    root = tmp_path / "ckpts"
+    policy = {"keep_last": 1, "keep_best": 1, "best_metric": "val"}
+    with CheckpointManager(root, **policy) as mgr:
+        mgr.save(1, randn_state(1, 1000), metrics={"val": 0.1})
+        mgr.save(2, randn_state(2, 1000), metrics={"val": 0.9})
+    assert step_dirs(root) == [1, 2]
+    with CheckpointManager(root, **policy) as mgr:
+        mgr.save(3, randn_state(3, 1000), metrics={"val": 0.5})
+        mgr.save(4, randn_state(4, 1000), metrics={"val": 0.7})
+    assert step_dirs(root) == [1, 4]
+
+
+# ---- backpressure, ordering, policy ----------------------------------------------------------
+
+
+def test_max_pending_one_makes_the_next_save_wait(tmp_path, managers, gate):
+    mgr = managers(tmp_path / "ckpts", max_pending=1)
+    h1 = mgr.save(1, randn_state(1))
+    box: dict = {}
+    second = threading.Thread(target=lambda: box.setdefault("h", mgr.save(2, randn_state(2))), daemon=True)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive(), "save(2) returned while save(1) was still being written"
+    assert not h1.done()
+    gate.set()
+    second.join(60)
+    assert not second.is_alive()
+    h2 = box["h"]
+    assert h1.done()
+    h2.wait()
+    record = next(r for r in mgr.stats.records if r.step == 2)
+    assert record.wait_prev_s > 0
+    assert mgr.steps() == [1, 2]
+
+
+def test_max_pending_two_lets_one_save_overlap(tmp_path, managers, gate):
+    mgr = managers(tmp_path / "ckpts", max_pending=2)
+    h1 = mgr.save(1, randn_state(1))
+    h2 = run_with_timeout(lambda: mgr.save(2, randn_state(2)), timeout=30)
+    assert not h1.done() and not h2.done()
+    box: dict = {}
+    third = threading.Thread(target=lambda: box.setdefault("h", mgr.save(3, randn_state(3))), daemon=True)
+    third.start()
+    third.join(0.3)
+    assert third.is_alive(), "a third save started with two already pending and max_pending=2"
+    gate.set()
+    third.join(60)
+    mgr.wait()
+    assert mgr.steps() == [1, 2, 3]
+    assert mgr._arenas.allocations == 2
+
+
+def test_steps_are_listed_oldest_first(tmp_path, managers):
+    mgr = managers(tmp_path / "ckpts", keep_last=None)
+    for step in (30, 10, 20, 5):
+        mgr.save(step, randn_state(step, 100))
+    mgr.wait()
+    assert mgr.steps() == [5, 10, 20, 30]
+    assert asyncckpt.load(tmp_path / "ckpts")["meta"] == {"seed": 30}
+
+
+def test_maybe_save_follows_the_policy(tmp_path, managers):
+    mgr = managers(tmp_path / "ckpts", keep_last=None, policy=EverySteps(3))
+    state = randn_state(0, 100)
+    saved = [step for step in range(0, 11) if mgr.maybe_save(step, state) is not None]
+    mgr.wait()
+    assert saved == [3, 6, 9]
+    assert mgr.steps() == [3, 6, 9]
+
+
+@pytest.mark.parametrize("step", [-1, True, 1.5, "3", 10**12])
+def test_invalid_step_is_rejected(tmp_path, managers, step):
+    mgr = managers(tmp_path / "ckpts")
+    with pytest.raises(ValueError):
+        mgr.save(step, randn_state(0, 10))
+    assert step_dirs(tmp_path / "ckpts") == []
+
+
+# ---- errors at save and restore ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "path"),
+    [
+        ({"extra": {"tags": {1, 2}}}, "state['extra']['tags']"),
+        ({"extra": [0, object()]}, "state['extra'][1]"),
+        ({"fn": lambda: 0}, "state['fn']"),
+        ({"raw": b"bytes"}, "state['raw']"),
+        ({"nested": {(1, 2): 3}}, "state['nested']"),
+        ({"sparse": torch.eye(3).to_sparse()}, "state['sparse']"),
+    ],
+)
+def test_unserialisable_leaf_raises_naming_path_and_writes_nothing(tmp_path, managers, bad, path):
+    root = tmp_path / "ckpts"
+    mgr = managers(root)
+    state = {"w": torch.randn(100), **bad}
+    with pytest.raises(TypeError) as excinfo:
+        mgr.save(1, state)
+    assert path in str(excinfo.value)
+    mgr.wait()
+    assert step_dirs(root) == []
+    assert leftovers(root) == []
+    assert mgr.steps() == []
+    # the manager is still usable
+    mgr.save(2, {"w": state["w"]}).wait()
+    assert mgr.steps() == [2]
+
+
+def test_shape_mismatch_at_restore_names_path_and_leaves_state_untouched(tmp_path, managers):
+    torch.manual_seed(0)
+    mgr = managers(tmp_path / "ckpts")
+    mgr.save(4, {"w": torch.randn(5), "step": 4, "model": torch.nn.Linear(4, 3)}).wait()
+
+    torch.manual_seed(1)
+    wrong = torch.nn.Linear(4, 2)
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    live = {"w": torch.zeros(5), "step": 0, "model": wrong}
+    with pytest.raises(CheckpointError) as excinfo:
+        mgr.restore(live)
+    message = str(excinfo.value)
+    assert "state['model']" in message and "weight" in message
+    assert "(2, 4)" in message and "(3, 4)" in message
+    assert torch.equal(live["w"], torch.zeros(5))
+    assert live["step"] == 0
+    for name, value in wrong.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+    plain = {"w": torch.zeros(6), "step": 0, "model": torch.nn.Linear(4, 3)}
+    with pytest.raises(CheckpointError, match=r"state\['w'\]"):
+        mgr.restore(plain)
+    assert plain["step"] == 0
+
+
+def test_restore_into_a_root_list_of_another_length_is_not_silent(tmp_path, managers):
+    """restore works in place; when it cannot, it must say so rather than report success."""
+    mgr = managers(tmp_path / "ckpts")
+    mgr.save(1, [torch.ones(2), torch.ones(2), 5]).wait()
+    live = [torch.zeros(2), torch.zeros(2)]
+    try:
+        step = mgr.restore(live)
+    except (CheckpointError, TypeError, ValueError):
+        return
+    assert step == 1
+    assert_same_tree([torch.ones(2), torch.ones(2), 5], live)
+
+
+def test_root_that_is_a_regular_file(tmp_path):
+    path = tmp_path / "not-a-dir"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError):
+        CheckpointManager(path)
+    with pytest.raises(CheckpointError):
+        asyncckpt.load(path)
+    assert path.read_text() == "hello"
+
+
+def test_missing_or_empty_root(tmp_path, managers):
+    missing = tmp_path / "missing"
+    with pytest.raises(CheckpointError):
+        asyncckpt.load(missing)
+    with pytest.raises(CheckpointError):
+        asyncckpt.load(missing, step=1)
+    assert not missing.exists()
+
+    root = tmp_path / "ckpts"
+    mgr = managers(root)
+    state = {"w": torch.ones(3), "step": 7}
+    assert mgr.restore(state) is None
+    assert torch.equal(state["w"], torch.ones(3)) and state["step"] == 7
+    with pytest.raises(CheckpointError):
+        asyncckpt.load(root)
+
+    mgr.save(1, state).wait()
+    with pytest.raises(CheckpointError, match="99"):
+        asyncckpt.load(root, step=99)
+    with pytest.raises(CheckpointError, match="99"):
+        mgr.restore(state, step=99)
+
+    vanishing = tmp_path / "vanishing"
+    other = managers(vanishing)
+    shutil.rmtree(vanishing)  # the root disappears under a live manager
+    with pytest.raises(CheckpointError):
+        other.restore(state)
+
+
+def test_second_manager_on_the_same_root_is_refused(tmp_path):
+    root = tmp_path / "ckpts"
+    first = CheckpointManager(root)
+    try:
+        with pytest.raises(CheckpointError, match="in use"):
+            CheckpointManager(root)
+    finally:
+        first.close()
+    second = CheckpointManager(root)  # the lock was released
+    second.close()
+
+
+def test_closed_manager_refuses_work(tmp_path):
+    root = tmp_path / "ckpts"
+    mgr = CheckpointManager(root)
+    state = randn_state(1, 100)
+    mgr.save(1, state)
+    mgr.close()
+    assert mgr.steps() == [1]  # close finished the pending save
+    with pytest.raises(CheckpointError, match="closed"):
+        mgr.save(2, state)
+    with pytest.raises(CheckpointError, match="closed"):
+        mgr.restore(state)
+    mgr.close()  # idempotent
+    assert step_dirs(root) == [1]
+
+
+# ---- background failures ---------------------------------------------------------------------
+
+INJECTION_POINTS = {
+    "append": (DataFileWriter, "append"),
+    "data_fsync": (DataFileWriter, "sync_and_close"),
+    "manifest": (LocalStorage, "write_manifest"),
+    "commit": (LocalStorage, "commit"),
+    "os.fsync": (os, "fsync"),
+}
+
+
+@pytest.mark.parametrize("point", sorted(INJECTION_POINTS))
+def test_background_failure_is_reported_cleaned_up_and_recoverable(tmp_path, managers, monkeypatch, point):
+    root = tmp_path / "ckpts"
+    mgr = managers(root, keep_last=3)
+    first = randn_state(1)
+    mgr.save(1, first).wait()
+
+    monkeypatch.setattr(*INJECTION_POINTS[point], enospc)
+    mgr.save(2, randn_state(2))
+    with pytest.raises(CheckpointError) as excinfo:
+        run_with_timeout(mgr.wait)
+    message = str(excinfo.value)
+    assert "step 2" in message and "No space left" in message
+    monkeypatch.undo()
+
+    assert leftovers(root) == []
+    assert step_dirs(root) == [1]
+    assert mgr.steps() == [1]
+    assert_same_tree(first, asyncckpt.load(root))
+    assert_same_tree(first, asyncckpt.load(root, step=1))
+
+    third = randn_state(3)
+    mgr.save(3, third).wait()
+    mgr.wait()  # the failure was reported once and is not raised again
+    assert mgr.steps() == [1, 3]
+    assert_same_tree(third, asyncckpt.load(root))
+    summary = mgr.stats.summary()
+    assert (summary["saves"], summary["committed"], summary["failed"]) == (3, 2, 1)
+    mgr.close()
+
+
+def test_background_failure_is_raised_by_the_next_save(tmp_path, managers, monkeypatch):
+    root = tmp_path / "ckpts"
+    mgr = managers(root)
+    monkeypatch.setattr(DataFileWriter, "append", enospc)
+    handle = mgr.save(2, randn_state(2))
+    wait_until(handle.done)
+    with pytest.raises(CheckpointError) as excinfo:
+        mgr.save(3, randn_state(3))
+    assert "step 2" in str(excinfo.value) and "No space left" in str(excinfo.value)
+    assert leftovers(root) == [] and step_dirs(root) == []
+    monkeypatch.undo()
+    state = randn_state(3)
+    mgr.save(3, state).wait()
+    assert_same_tree(state, asyncckpt.load(root))
+
+
+def test_save_that_waited_for_a_failing_save_reports_it(tmp_path, managers, monkeypatch):
+    """max_pending=1: save(3) waits for save(2); save(2) fails meanwhile; save(3) is the next save."""
+    root = tmp_path / "ckpts"
+    mgr = managers(root, max_pending=1)
+    release = threading.Event()
+
+    def gated_enospc(self, data):
+        assert release.wait(60)
+        enospc()
+
+    monkeypatch.setattr(DataFileWriter, "append", gated_enospc)
+    mgr.save(2, randn_state(2))
+    box: dict = {}
+
+    def third() -> None:
+        try:
+            box["handle"] = mgr.save(3, randn_state(3))
+        except BaseException as exc:  # noqa: BLE001
+            box["error"] = exc
+
+    thread = threading.Thread(target=third, daemon=True)
+    thread.start()
+    thread.join(0.2)
+    release.set()
+    thread.join(60)
+    assert not thread.is_alive()
+    monkeypatch.undo()
+    assert "error" in box, f"save(3) returned {box.get('handle')} although save(2) failed while it waited"
+    assert isinstance(box["error"], CheckpointError)
+    assert "step 2" in str(box["error"])
+
+
+def test_handle_wait_reports_the_failure_once(tmp_path, managers, monkeypatch):
+    mgr = managers(tmp_path / "ckpts")
+    monkeypatch.setattr(DataFileWriter, "append", enospc)
+    handle = mgr.save(5, randn_state(5))
+    with pytest.raises(CheckpointError, match="step 5"):
+        handle.wait(timeout=60)
+    assert handle.done() and isinstance(handle.error(), CheckpointError)
+    monkeypatch.undo()
+    mgr.wait()  # already seen by the user through the handle
+    mgr.close()
+
+
+def test_close_raises_a_pending_failure_and_still_releases_the_lock(tmp_path, monkeypatch):
+    root = tmp_path / "ckpts"
+    mgr = CheckpointManager(root)
+    monkeypatch.setattr(DataFileWriter, "append", enospc)
+    mgr.save(8, randn_state(8))
+    with pytest.raises(CheckpointError, match="step 8"):
+        run_with_timeout(mgr.close)
+    monkeypatch.undo()
+    assert leftovers(root) == []
+    with CheckpointManager(root) as again:  # lock released
+        assert again.steps() == []
+
+
+def test_encoder_failure_never_hangs(tmp_path, managers, monkeypatch):
+    root = tmp_path / "ckpts"
+    mgr = managers(root, chunk_size=4096, workers=2)
+    good = randn_state(1, 50_000)
+    mgr.save(1, good).wait()
+
+    real_encode = asyncckpt.codec.encode
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    def flaky_encode(*args, **kwargs):
+        with lock:
+            calls["n"] += 1
+            n = calls["n"]
+        if n == 5:
+            raise RuntimeError("encoder exploded")
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(asyncckpt.codec, "encode", flaky_encode)
+    mgr.save(2, randn_state(2, 50_000))  # ~50 chunks, several in flight when one fails
+    with pytest.raises(CheckpointError) as excinfo:
+        run_with_timeout(mgr.wait, timeout=60)
+    assert "step 2" in str(excinfo.value) and "encoder exploded" in str(excinfo.value)
+    assert leftovers(root) == []
+
+    def broken_encode(*args, **kwargs):
+        raise RuntimeError("always")
+
+    monkeypatch.setattr(asyncckpt.codec, "encode", broken_encode)
+    mgr.save(3, randn_state(3, 50_000))
+    with pytest.raises(CheckpointError, match="always"):
+        run_with_timeout(mgr.close, timeout=60)
+    monkeypatch.undo()
+    assert leftovers(root) == []
+    assert step_dirs(root) == [1]
+    assert_same_tree(good, asyncckpt.load(root))
+    assert mgr._arenas.allocations == 1  # the arena came back after each failure
+
+
+# ---- corruption ------------------------------------------------------------------------------
+
+
+def damage(path: Path, kind: str) -> None:
+    data_file = path / "data-00000.bin"
+    if kind == "flip":
+        data = bytearray(data_file.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        data_file.write_bytes(bytes(data))
+    elif kind == "truncate":
+        os.truncate(data_file, data_file.stat().st_size // 2)
+    elif kind == "no_manifest":
+        (path / "manifest.json").unlink()
+    elif kind == "garbage_manifest":
+        (path / "manifest.json").write_bytes(b'{"format": "asyncckpt", "vers')
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "compression", "expect"),
+    [
+        ("flip", "zstd", "checksum"),
+        ("flip", None, "checksum"),
+        ("truncate", "zstd", "truncated"),
+        ("no_manifest", "zstd", "manifest"),
+        ("garbage_manifest", None, "manifest"),
+    ],
+)
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, kind, compression, expect):
+    root = tmp_path / "ckpts"
+    older, newer = randn_state(1), randn_state(2)
+    with CheckpointManager(root, compression=compression) as mgr:
+        mgr.save(1, older)
+        mgr.save(2, newer)
+    damage(step_dir(root, 2), kind)
+
+    with pytest.raises(CheckpointError, match=expect):
+        asyncckpt.load(root, step=2)
+    with pytest.warns(UserWarning, match="step-000000000002"):
+        assert_same_tree(older, asyncckpt.load(root))
+
+    live = blank_like(older)
+    with CheckpointManager(root, compression=compression) as mgr:
+        with pytest.warns(UserWarning, match="step-000000000002") as warned:
+            assert mgr.restore(live) == 1
+        assert expect in " ".join(str(w.message) for w in warned).lower()
+    assert_same_tree(older, live)
+
+
+def test_restore_fails_when_every_checkpoint_is_damaged(tmp_path):
+    root = tmp_path / "ckpts"
+    with CheckpointManager(root) as mgr:
+        mgr.save(1, randn_state(1))
+        mgr.save(2, randn_state(2))
+    damage(step_dir(root, 1), "flip")
+    damage(step_dir(root, 2), "truncate")
+    live = {"w": torch.zeros(200_000), "ids": torch.zeros(5000, dtype=torch.int64), "meta": "stale"}
+    with CheckpointManager(root) as mgr:
+        with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no valid checkpoint"):
+            mgr.restore(live)
+    assert torch.equal(live["w"], torch.zeros(200_000)) and live["meta"] == "stale"
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError):
+        asyncckpt.load(root)
+
+
+# ---- replacing, lifetime, metrics ------------------------------------------------------------
+
+
+def test_saving_the_same_step_twice_replaces_it(tmp_path, managers):
+    root = tmp_path / "ckpts"
+    mgr = managers(root)
+    first, second = randn_state(1), randn_state(2)
+    mgr.save(5, first, metrics={"which": 1})
+    mgr.save(5, second, metrics={"which": 2})
+    mgr.wait()
+    assert mgr.steps() == [5]
+    assert leftovers(root) == []
+    assert_same_tree(second, asyncckpt.load(root))
+    assert manifest_of(root, 5)["metrics"] == {"which": 2}
+
+
+def test_context_manager_closes_and_releases_the_lock(tmp_path):
+    root = tmp_path / "ckpts"
+    state = randn_state(1, 1000)
+    with CheckpointManager(root) as mgr:
+        mgr.save(1, state)
+    assert step_dirs(root) == [1]
+    with pytest.raises(CheckpointError):
+        mgr.save(2, state)
+    CheckpointManager(root).close()  # the lock is free again
+
+    with pytest.raises(ValueError) as excinfo:
+        with CheckpointManager(root) as mgr:
+            mgr.save(2, state)
+            raise ValueError("from the training loop")
+    assert type(excinfo.value) is ValueError and str(excinfo.value) == "from the training loop"
+    assert step_dirs(root) == [1, 2]  # the pending save was finished on the way out
+    CheckpointManager(root).close()
+
+
+def test_user_exception_is_not_hidden_by_a_background_failure(tmp_path, monkeypatch):
+    root = tmp_path / "ckpts"
+    monkeypatch.setattr(DataFileWriter, "append", enospc)
+    with pytest.raises(KeyError, match="mine"), pytest.warns(UserWarning, match="No space left"):
+        with CheckpointManager(root) as mgr:
+            mgr.save(1, randn_state(1, 1000))
+            raise KeyError("mine")
+    monkeypatch.undo()
+    assert leftovers(root) == []
+    CheckpointManager(root).close()
+
+
+def test_metrics_summary_and_jsonl_log(tmp_path, managers):
+    root = tmp_path / "ckpts"
+    mgr = managers(root, compression="zstd")
+    state = {"zeros": torch.zeros(MiB), "w": torch.randn(10_000)}
+    for step in range(1, 5):
+        mgr.save(step, state, metrics={"loss": torch.tensor(0.5 * step)}, metadata={"run": "t"})
+    mgr.wait()
+
+    summary = mgr.stats.summary()
+    for key in (
+        "saves",
+        "committed",
+        "failed",
+        "stall_p50_s",
+        "stall_p95_s",
+        "stall_max_s",
+        "persist_p50_s",
+        "throughput_bytes_per_s",
+        "compression_ratio",
+        "raw_bytes",
+        "stored_bytes",
+    ):
+        assert key in summary, key
+    assert (summary["saves"], summary["committed"], summary["failed"]) == (4, 4, 0)
+    assert summary["stall_p50_s"] >= 0 and summary["stall_max_s"] >= summary["stall_p50_s"]
+    assert summary["compression_ratio"] > 5  # 4 MiB of zeros
+    manifest = manifest_of(root, 4)
+    assert summary["raw_bytes"] == 4 * manifest["raw_bytes"]
+    assert manifest["metrics"] == {"loss": 2.0}
+    assert manifest["metadata"] == {"run": "t"}
+
+    lines = (root / "asyncckpt-metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    records = [json.loads(line) for line in lines]
+    assert sorted(r["step"] for r in records) == [1, 2, 3, 4]
+    assert all(r["ok"] is True and r["raw_bytes"] == manifest["raw_bytes"] for r in records)
