@@ -213,8 +213,8 @@ def _parse_tensors(items: Any, raw_bytes: int) -> list[TensorEntry]:
     return out
 
 
-_CODEC_PARAMS = {"bytegroup": {"size"}, "zstd": {"level"}}
-_CODEC_CHAINS = {(), ("zstd",), ("bytegroup", "zstd")}
+_CODEC_PARAMS = {"bytegroup": {"size"}, "zstd": {"level"}, "zstd-planes": {"level", "sizes"}}
+_CODEC_CHAINS = {(), ("zstd",), ("bytegroup", "zstd"), ("bytegroup", "zstd-planes")}
 
 
 def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
@@ -260,6 +260,13 @@ def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
                 _int(codec["level"], f"{where}.codecs.level", -131072, 22)
         if tuple(ids) not in _CODEC_CHAINS:
             raise _fail(where, f"codec chain {ids} is not one this format defines")
+        if ids == ["bytegroup", "zstd-planes"]:
+            sizes = codecs[1]["sizes"]
+            if not isinstance(sizes, list) or len(sizes) != codecs[0]["size"]:
+                raise _fail(where, "zstd-planes needs one stored size per byte plane")
+            plane_len = raw_length // codecs[0]["size"]
+            if sum(_int(n, f"{where}.codecs.sizes", 0, plane_len) for n in sizes) != length:
+                raise _fail(where, "zstd-planes sizes do not add up to the chunk's stored length")
         if not codecs and length != raw_length:
             raise _fail(where, "an uncompressed chunk must store exactly raw_length bytes")
         crc = _int(item.get("crc32"), f"{where}.crc32", 0, 0xFFFFFFFF)
