@@ -132,7 +132,8 @@ class Pipeline:
                 pass
 
     def _run(self) -> None:
-        self._lower_priority()
+        # The writer keeps normal priority: it mostly waits on the disk, and starving it would
+        # stretch persist time past the save interval and turn into stall via max_pending.
         while True:
             job = self._jobs.get()
             if job is None:
