@@ -1015,3 +1015,20 @@ def test_metrics_summary_and_jsonl_log(tmp_path, managers):
     records = [json.loads(line) for line in lines]
     assert sorted(r["step"] for r in records) == [1, 2, 3, 4]
     assert all(r["ok"] is True and r["raw_bytes"] == manifest["raw_bytes"] for r in records)
+
+
+def test_a_save_pending_at_interpreter_exit_still_commits(tmp_path):
+    """A script that forgets close() must not lose its last save when Python exits."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "ckpts"
+    script = (
+        "import torch, asyncckpt\n"
+        f"mgr = asyncckpt.CheckpointManager({str(root)!r})\n"
+        "mgr.save(1, {'w': torch.arange(3_000_000, dtype=torch.float32)})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "failed" not in done.stderr
+    assert torch.equal(asyncckpt.load(root, step=1)["w"], torch.arange(3_000_000, dtype=torch.float32))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import threading
@@ -120,6 +121,23 @@ def load(
     return unflatten(loaded.manifest.tree, tensors)
 
 
+def _at_interpreter_exit(callback) -> None:
+    """Run ``callback`` at exit *before* thread pools shut down, so pending saves still commit.
+
+    ``atexit`` runs too late: by then concurrent.futures has refused new work, and a save still
+    in flight would fail. ``threading._register_atexit`` (what concurrent.futures itself uses)
+    runs its callbacks newest first, ahead of the pools registered at import.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(callback)
+            return
+    except RuntimeError:  # already shutting down
+        pass
+    atexit.register(callback)
+
+
 def _close_at_exit(ref: weakref.ReferenceType) -> None:
     manager = ref()
     if manager is not None:
@@ -172,7 +190,7 @@ class CheckpointManager:
             self._storage, self.codec, self.workers, chunk_size, self._on_done, nice=background_nice
         )
         self._closed = False
-        atexit.register(_close_at_exit, weakref.ref(self))
+        _at_interpreter_exit(functools.partial(_close_at_exit, weakref.ref(self)))
 
     # ---- saving -------------------------------------------------------------------------------
 
