@@ -40,7 +40,7 @@ VALID = Manifest(
     },
     tensors=[
         TensorEntry("float32", (4,), 0, 16),
-        TensorEntry("bfloat16", (2, 4), 64, 16),
+        TensorEntry("float16", (2, 4), 64, 16),
     ],
     chunks=[
         ChunkEntry("data-00000.bin", 0, 30, 0, 64, [{"id": "bytegroup", "size": 4}, {"id": "zstd", "level": 1}], 1),
@@ -219,7 +219,12 @@ CASES = {
     "chunk raw gap": (_set(["chunks", 1, "raw_offset"], 70), r"chunks\[1\].*raw range starts at 70, expected 64"),
     "chunk raw overlap": (_set(["chunks", 1, "raw_offset"], 32), r"chunks\[1\].*raw range starts at 32, expected 64"),
     "first chunk not at zero": (_set(["chunks", 0, "raw_offset"], 64), r"chunks\[0\].*starts at 64, expected 0"),
-    "chunks short of raw_bytes": (_set(["raw_bytes"], 192), r"\(chunks\).*cover 128 raw bytes, expected 192"),
+    "chunks short of raw_bytes": (_set(["raw_bytes"], 192), r"\(raw_bytes\).*192 is more than the tensors"),
+    "numpy leaf of a dtype numpy lacks": (
+        _set(["tensors", 1, "dtype"], "bfloat16"),
+        r"numpy leaf cannot hold bfloat16",
+    ),
+    "device leaf torch rejects": (_set(["tree", "d", 1, 1, "l", 1], {"dev": "bogus"}), r"unknown device"),
     "chunk past raw_bytes": (_set(["chunks", 1, "raw_length"], 128), r"chunks\[1\].*runs past raw_bytes"),
     "overlapping chunks in a file": (_set(["chunks", 1, "offset"], 10), r"chunks\[1\].*overlaps the previous chunk"),
     "zero raw_length": (_set(["chunks", 1, "raw_length"], 0), r"chunks\[1\]\.raw_length.*got 0"),
@@ -376,3 +381,15 @@ def test_random_corruption_gives_a_manifest_or_a_checkpoint_error(data):
         assert re.match(r"invalid manifest \(", str(exc))
     else:
         assert isinstance(result, Manifest)
+
+
+def test_padding_beyond_alignment_is_rejected():
+    """Chunks that cover no tensor would let a tiny file make a reader decode gigabytes."""
+    b = body()
+    b["raw_bytes"] = 256
+    b["tensors"][1]["offset"] = 192
+    b["chunks"][1]["raw_length"] = 192
+    b["chunks"][1]["length"] = 192
+    b["stored_bytes"] = 30 + 192
+    with pytest.raises(CheckpointError, match=r"\(tensors\): a gap of 176 bytes before offset 192"):
+        parse_manifest(encode(b))

@@ -1032,3 +1032,29 @@ def test_a_save_pending_at_interpreter_exit_still_commits(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "failed" not in done.stderr
     assert torch.equal(asyncckpt.load(root, step=1)["w"], torch.arange(3_000_000, dtype=torch.float32))
+
+
+def test_non_regular_files_and_read_errors_fall_back_instead_of_crashing(tmp_path):
+    """A FIFO must not hang a reader; a directory where a file should be is damage, not a crash."""
+    root = tmp_path / "ckpts"
+    with asyncckpt.CheckpointManager(root, keep_last=None) as mgr:
+        mgr.save(1, {"w": torch.ones(4)}).wait()
+        mgr.save(2, {"w": torch.full((4,), 2.0)}).wait()
+    data = root / "step-000000000002" / "data-00000.bin"
+    data.unlink()
+    os.mkfifo(data)
+    with pytest.warns(UserWarning, match="step-000000000002.*not a regular file"):
+        assert torch.equal(asyncckpt.load(root)["w"], torch.ones(4))
+    manifest = root / "step-000000000001" / "manifest.json"
+    manifest.unlink()
+    manifest.mkdir()
+    with pytest.raises(CheckpointError, match="no valid checkpoint"), pytest.warns(UserWarning):
+        asyncckpt.load(root)
+    mgr = asyncckpt.CheckpointManager(root)  # opens despite the damage, and releases the lock on close
+    mgr.close()
+
+
+def test_chunk_size_beyond_what_a_reader_accepts_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="chunk_size"):
+        asyncckpt.CheckpointManager(tmp_path, chunk_size=2 << 30)
+    asyncckpt.CheckpointManager(tmp_path).close()  # the refused one left no lock behind

@@ -167,7 +167,7 @@ def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
     if sum(c.length for c in chunks) != stored_bytes:
         raise _fail("stored_bytes", "does not equal the sum of chunk lengths")
     tree = _json_dict(body.get("tree"), "tree")
-    _validate_tree(tree, len(tensors))
+    _validate_tree(tree, [t.dtype for t in tensors])
     return Manifest(
         step=step,
         created=float(created),
@@ -205,11 +205,17 @@ def _parse_tensors(items: Any, raw_bytes: int) -> list[TensorEntry]:
         out.append(TensorEntry(dtype, dims, offset, nbytes))
     # Tensors never share bytes (tied tensors are stored once), so a reader allocates at most
     # raw_bytes in all, whatever a hostile manifest says.
+    # Padding is only ever alignment (< 64 bytes per tensor), so the bytes a reader decodes are
+    # bounded by the tensors the manifest declares, not by a raw_bytes figure it made up.
     previous_end = 0
     for entry in sorted((t for t in out if t.nbytes), key=lambda t: t.offset):
         if entry.offset < previous_end:
             raise _fail("tensors", f"tensor at offset {entry.offset} overlaps the one before it")
+        if entry.offset - previous_end >= ALIGNMENT:
+            raise _fail("tensors", f"a gap of {entry.offset - previous_end} bytes before offset {entry.offset}")
         previous_end = entry.offset + entry.nbytes
+    if raw_bytes - previous_end >= ALIGNMENT:
+        raise _fail("raw_bytes", f"{raw_bytes} is more than the tensors' {previous_end} bytes plus alignment")
     return out
 
 
@@ -276,7 +282,11 @@ def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
     return out
 
 
-def _validate_tree(root: dict, n_tensors: int) -> None:
+_NOT_NUMPY = {"bfloat16", "complex32"}  # torch dtypes with no NumPy equivalent
+
+
+def _validate_tree(root: dict, dtypes: list[str]) -> None:
+    n_tensors = len(dtypes)
     """Walk the skeleton iteratively (no recursion limit to exploit) and check every node."""
     stack: list[tuple[Any, int]] = [(root, 0)]
     while stack:
@@ -292,6 +302,9 @@ def _validate_tree(root: dict, n_tensors: int) -> None:
         value = node[kind]
         if kind in ("T", "N", "S"):
             _int(value, "tree tensor index", 0, n_tensors - 1)
+            dtype = dtypes[value]
+            if kind != "T" and (dtype in _NOT_NUMPY or dtype.startswith("float8") or dtype.startswith("float4")):
+                raise _fail("tree", f"a numpy leaf cannot hold {dtype}")
         elif kind == "v":
             if value is not None and not isinstance(value, (bool, int, float, str)):
                 raise _fail("tree", "a value leaf must be null, bool, number or string")
@@ -299,8 +312,12 @@ def _validate_tree(root: dict, n_tensors: int) -> None:
             if not isinstance(value, str) or value not in DTYPES:
                 raise _fail("tree", f"unknown dtype leaf {str(value)[:40]!r}")
         elif kind == "dev":
-            if not isinstance(value, str) or not re.fullmatch(r"[a-z_]+(:\d+)?", value):
+            if not isinstance(value, str) or not re.fullmatch(r"[a-z_]{1,16}(:[0-9]{1,4})?", value):
                 raise _fail("tree", f"bad device leaf {str(value)[:40]!r}")
+            try:
+                torch.device(value)
+            except RuntimeError:
+                raise _fail("tree", f"unknown device {value!r}") from None
         elif kind == "d":
             if not isinstance(value, list):
                 raise _fail("tree", "dict node must hold a list of pairs")

@@ -18,7 +18,7 @@ import torch
 
 from .codec import CodecConfig
 from .errors import CheckpointError
-from .format import MANIFEST_NAME, MAX_STEP
+from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP
 from .metrics import METRICS_LOG, SaveRecord, SaveStats
 from .pipeline import Pipeline, SaveHandle, SaveJob
 from .policy import EverySteps, SavePolicy
@@ -169,8 +169,8 @@ class CheckpointManager:
             raise ValueError(f"snapshot must be 'blocking' (overlap mode is not built yet), got {snapshot!r}")
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
-        if not isinstance(chunk_size, int) or chunk_size < 4096:
-            raise ValueError(f"chunk_size must be an integer of at least 4096 bytes, got {chunk_size!r}")
+        if not isinstance(chunk_size, int) or not 4096 <= chunk_size <= MAX_CHUNK_RAW:
+            raise ValueError(f"chunk_size must be an integer in [4096, {MAX_CHUNK_RAW}] bytes, got {chunk_size!r}")
         self.retention = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         self.codec = CodecConfig(compression, level)
         self.policy: SavePolicy = policy if policy is not None else EverySteps(1000)
@@ -185,10 +185,14 @@ class CheckpointManager:
         self._pending: list[SaveHandle] = []
         self._failed: list[SaveHandle] = []
         self._prepared: Future | None = None
-        self._infos = {c.step: self._read_metrics(c) for c in self._storage.checkpoints()}
-        self._pipeline = Pipeline(
-            self._storage, self.codec, self.workers, chunk_size, self._on_done, nice=background_nice
-        )
+        try:
+            self._infos = {c.step: self._read_metrics(c) for c in self._storage.checkpoints()}
+            self._pipeline = Pipeline(
+                self._storage, self.codec, self.workers, chunk_size, self._on_done, nice=background_nice
+            )
+        except BaseException:
+            self._storage.close()  # a failed constructor must not keep the root locked
+            raise
         self._closed = False
         _at_interpreter_exit(functools.partial(_close_at_exit, weakref.ref(self)))
 
@@ -244,8 +248,8 @@ class CheckpointManager:
         job_metrics = _plain_metrics(metrics)
         job_metadata = _check_json(metadata, "metadata")
         if self._prepared is not None:
-            self._prepared.result()
-            self._prepared = None
+            prepared, self._prepared = self._prepared, None
+            prepared.result()
         planned = time.perf_counter()
         arena = self._arenas.acquire(layout.total)
         try:

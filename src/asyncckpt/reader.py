@@ -90,7 +90,7 @@ class _Scatter:
 
 
 def read_checkpoint(path: Path, workers: int = 4, manifest: Manifest | None = None) -> LoadedCheckpoint:
-    """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors.
+    """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors (all or none).
 
     Each tensor gets its own storage (not a view of one big buffer): a loaded tensor can be kept,
     saved with torch.save or exported without dragging the rest of the checkpoint along.
@@ -113,7 +113,10 @@ def read_checkpoint(path: Path, workers: int = 4, manifest: Manifest | None = No
 
         def load_chunk(index: int) -> None:
             chunk = manifest.chunks[index]
-            stored = os.pread(fds[chunk.file], chunk.length, chunk.offset)
+            try:
+                stored = os.pread(fds[chunk.file], chunk.length, chunk.offset)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read chunk {index} of {path / chunk.file}: {exc.strerror}") from exc
             if len(stored) != chunk.length:
                 raise CheckpointError(f"short read of chunk {index} in {path / chunk.file}")
             start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length

@@ -15,6 +15,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,18 +64,26 @@ def read_file_no_follow(path: Path, limit: int) -> bytes:
         size = os.fstat(fd).st_size
         if size > limit:
             raise CheckpointError(f"{path} is {size} bytes, larger than the {limit} limit")
-        return os.pread(fd, size, 0)
+        try:
+            return os.pread(fd, size, 0)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
 
 
 def _open_no_follow(path: Path) -> int:
+    """Open a checkpoint file for reading: never through a link, never blocking on a FIFO."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CheckpointError(f"{path} is a symbolic link; checkpoints never follow links") from None
         raise CheckpointError(f"cannot open {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path} is not a regular file")
+    return fd
 
 
 def open_data_file(path: Path) -> int:

@@ -208,7 +208,7 @@ def check_compatible(live: Any, node: dict, tensors: list[torch.Tensor], path: s
             kind == "l" and isinstance(live, list) and len(live) == len(value)
         )
         if not root_ok:
-            saved = {"d": "a dict", "l": f"a list of {len(value)}"}.get(kind, f"a {kind!r} node")
+            saved = {"d": "a dict", "l": f"a list of {len(value) if kind == 'l' else 0}"}.get(kind, f"a {kind!r} node")
             have = f"a list of {len(live)}" if isinstance(live, list) else f"a {type(live).__name__}"
             raise CheckpointError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
     if kind == "T" and isinstance(live, torch.Tensor):
