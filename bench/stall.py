@@ -259,9 +259,7 @@ def main() -> None:
     nbytes = state_bytes(model, opt)
     names = args.savers.split(",")
     base = Path(args.dir or tempfile.mkdtemp(prefix="asyncckpt-bench-"))
-    results: dict[str, dict] = {
-        n: {"loop": [], "stall": [], "drain": [], "durable": [], "bytes": 0} for n in names
-    }
+    results: dict[str, dict] = {n: {"loop": [], "stall": [], "drain": [], "durable": [], "bytes": 0} for n in names}
     floors = []
     print(
         f"state {nbytes / 1e9:.3f} GB on {args.device}; {args.iters} iters, checkpoint every {args.every}; "
@@ -302,9 +300,7 @@ def main() -> None:
         f"{os.cpu_count()} cores; bare copy floor {floor * 1e3:.1f} ms; loop without checkpoints "
         f"{base_loop:.2f} s for {args.iters} iterations\n"
     )
-    print(
-        "| saver | median stall / ckpt | loop overhead / ckpt | save -> durable | on disk | vs floor (overhead) |"
-    )
+    print("| saver | median stall / ckpt | loop overhead / ckpt | save -> durable | on disk | vs floor (overhead) |")
     print("|---|---|---|---|---|---|")
     summary = {}
     for name in names:
