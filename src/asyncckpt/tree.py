@@ -196,21 +196,27 @@ def _node_kind(node: dict) -> str:
     return next(k for k in node if k not in ("m", "cls"))
 
 
-def check_compatible(live: Any, node: dict, tensors: list[torch.Tensor], path: str = "state") -> None:
-    """Raise before anything is modified if a live tensor's shape differs from the checkpoint's.
+def check_compatible(live: Any, node: dict, tensors: list[torch.Tensor]) -> None:
+    """Raise before anything is modified if ``live`` cannot take the checkpoint in place.
 
-    The root itself must be updatable in place: a dict, or a list of the checkpoint's length.
+    The root must be updatable in place (a dict, or a list of the checkpoint's length), and every
+    live tensor must have the shape the checkpoint holds for it.
     """
     kind = _node_kind(node)
     value = node[kind]
-    if path == "state":
-        root_ok = (kind == "d" and isinstance(live, dict)) or (
-            kind == "l" and isinstance(live, list) and len(live) == len(value)
-        )
-        if not root_ok:
-            saved = {"d": "a dict", "l": f"a list of {len(value) if kind == 'l' else 0}"}.get(kind, f"a {kind!r} node")
-            have = f"a list of {len(live)}" if isinstance(live, list) else f"a {type(live).__name__}"
-            raise CheckpointError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
+    root_ok = (kind == "d" and isinstance(live, dict)) or (
+        kind == "l" and isinstance(live, list) and len(live) == len(value)
+    )
+    if not root_ok:
+        saved = {"d": "a dict", "l": f"a list of {len(value) if kind == 'l' else 0}"}.get(kind, f"a {kind!r} node")
+        have = f"a list of {len(live)}" if isinstance(live, list) else f"a {type(live).__name__}"
+        raise CheckpointError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
+    _check_shapes(live, node, tensors, "state")
+
+
+def _check_shapes(live: Any, node: dict, tensors: list[torch.Tensor], path: str) -> None:
+    kind = _node_kind(node)
+    value = node[kind]
     if kind == "T" and isinstance(live, torch.Tensor):
         saved = tensors[value]
         if tuple(live.shape) != tuple(saved.shape):
@@ -219,14 +225,14 @@ def check_compatible(live: Any, node: dict, tensors: list[torch.Tensor], path: s
                 f"checkpoint holds {tuple(saved.shape)}"
             )
     elif kind == "o" and _is_stateful(live):
-        check_compatible(live.state_dict(), value, tensors, f"{path}.state_dict()")
+        _check_shapes(live.state_dict(), value, tensors, f"{path}.state_dict()")
     elif kind == "d" and isinstance(live, dict):
         for key, child in value:
             if key in live:
-                check_compatible(live[key], child, tensors, _child(path, key))
+                _check_shapes(live[key], child, tensors, _child(path, key))
     elif kind in ("l", "t") and isinstance(live, (list, tuple)) and len(live) == len(value):
         for i, child in enumerate(value):
-            check_compatible(live[i], child, tensors, _child(path, i))
+            _check_shapes(live[i], child, tensors, _child(path, i))
 
 
 def restore_into(live: Any, node: dict, tensors: list[torch.Tensor], path: str = "state") -> Any:
