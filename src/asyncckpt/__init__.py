@@ -3,8 +3,17 @@
 from .errors import CheckpointError
 from .manager import CheckpointManager, load
 from .pipeline import SaveHandle
-from .policy import EverySeconds, EverySteps
+from .policy import Adaptive, EverySeconds, EverySteps
 from .rng import RNGState
 
-__all__ = ["CheckpointError", "CheckpointManager", "EverySeconds", "EverySteps", "RNGState", "SaveHandle", "load"]
+__all__ = [
+    "Adaptive",
+    "CheckpointError",
+    "CheckpointManager",
+    "EverySeconds",
+    "EverySteps",
+    "RNGState",
+    "SaveHandle",
+    "load",
+]
 __version__ = "0.1.0"

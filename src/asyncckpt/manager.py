@@ -296,6 +296,7 @@ class CheckpointManager:
                 self._apply_retention(protect=job.step)
         finally:
             self.stats.finished(job.record)
+            self.policy.committed(job.record)
 
     def _apply_retention(self, protect: int) -> None:
         committed = {c.step: c for c in self._storage.checkpoints()}

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import collections
+import logging
+import math
+import statistics
+import threading
 import time
+import warnings
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger("asyncckpt")
 
 
 class SavePolicy:
@@ -12,6 +22,9 @@ class SavePolicy:
 
     def saved(self, step: int) -> None:
         """Told when a save was started, so interval policies restart their count."""
+
+    def committed(self, record: Any) -> None:
+        """Told (on the writer thread) when a save committed or failed, with its SaveRecord."""
 
 
 class EverySteps(SavePolicy):
@@ -51,3 +64,145 @@ class EverySeconds(SavePolicy):
 
     def __repr__(self) -> str:
         return f"EverySeconds({self.seconds:g})"
+
+
+@dataclass
+class AdaptiveDecision:
+    """The figures behind Adaptive's current interval, for ``explain()`` and the log."""
+
+    interval_steps: int
+    reason: str
+    iteration_s: float
+    stall_s: float
+    commit_s: float  # from the save call to its commit
+    k_overhead: int
+    k_commit: int
+    k_young_daly: int | None
+    k_max_interval: int | None
+    deferred: int
+
+
+class Adaptive(SavePolicy):
+    """Pick the checkpoint interval from measured costs, and keep re-picking it.
+
+    The interval k (in steps) is the largest of:
+      * the smallest k with stall / (k x iteration) <= max_overhead,
+      * the smallest k at which the previous save has committed before the next is due
+        (k x iteration >= stall + time to commit),
+      * with ``mtbf`` (seconds): Young/Daly's optimum sqrt(2 x stall x mtbf) / iteration,
+    capped by ``max_interval`` (seconds of work the user accepts to lose), which wins over the
+    overhead bound with a warning. Iteration time is the median of recent gaps between
+    ``maybe_save`` calls; stall and commit time are the latest save's, so a slower disk or a
+    bigger model moves k in either direction after every commit. A save that falls due while the
+    previous one is still in flight is deferred to the next step, never waited for.
+    """
+
+    def __init__(
+        self,
+        max_overhead: float = 0.01,
+        max_interval: float | None = None,
+        mtbf: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        window: int = 32,
+    ) -> None:
+        if not 0 < max_overhead < 1:
+            raise ValueError(f"max_overhead must be in (0, 1), got {max_overhead!r}")
+        if max_interval is not None and not max_interval > 0:
+            raise ValueError(f"max_interval must be a positive number of seconds, got {max_interval!r}")
+        if mtbf is not None and not mtbf > 0:
+            raise ValueError(f"mtbf must be a positive number of seconds, got {mtbf!r}")
+        self.max_overhead = max_overhead
+        self.max_interval = max_interval
+        self.mtbf = mtbf
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._gaps: collections.deque[float] = collections.deque(maxlen=window)
+        self._last_call: float | None = None
+        self._steps_since_save = 0
+        self._in_flight = False
+        self._stall: float | None = None
+        self._commit: float | None = None
+        self._interval = 1
+        self._warned = False
+        self.deferred = 0
+        self.decision: AdaptiveDecision | None = None
+
+    def due(self, step: int) -> bool:
+        now = self._clock()
+        with self._lock:
+            if self._last_call is not None:
+                self._gaps.append(now - self._last_call)
+            self._last_call = now
+            self._steps_since_save += 1
+            if len(self._gaps) < 3:
+                return False  # no iteration time yet: measure before the first save
+            if self._steps_since_save < self._interval:
+                return False
+            if self._in_flight:
+                self.deferred += 1
+                return False
+            return True
+
+    def saved(self, step: int) -> None:
+        with self._lock:
+            self._steps_since_save = 0
+            self._in_flight = True
+
+    def committed(self, record: Any) -> None:
+        with self._lock:
+            self._in_flight = False
+            if record.ok:
+                self._stall = record.stall_s
+                self._commit = record.stall_s + record.persist_s
+                self._decide()
+        if self.decision is not None:
+            log.info("asyncckpt Adaptive: %s", self.decision)
+
+    def _decide(self) -> None:
+        iteration = statistics.median(self._gaps) if self._gaps else 0.0
+        stall, commit = self._stall or 0.0, self._commit or 0.0
+        if iteration <= 0:
+            return
+        k_overhead = max(1, math.ceil(stall / (self.max_overhead * iteration) - 1e-9))
+        k_commit = max(1, math.ceil(commit / iteration - 1e-9))
+        k_daly = None
+        if self.mtbf is not None:
+            k_daly = max(1, round(math.sqrt(2 * stall * self.mtbf) / iteration))
+        candidates = {"overhead bound": k_overhead, "previous save commits first": k_commit}
+        if k_daly is not None:
+            candidates["Young/Daly optimum"] = k_daly
+        reason, k = max(candidates.items(), key=lambda item: item[1])
+        k_cap = None
+        if self.max_interval is not None:
+            k_cap = max(1, math.floor(self.max_interval / iteration + 1e-9))
+            if k > k_cap:
+                k, reason = k_cap, "max_interval cap"
+                if k_overhead > k_cap and not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"asyncckpt Adaptive: max_interval={self.max_interval:g} s allows at most "
+                        f"{k_cap} steps between saves, which puts the stall overhead at "
+                        f"{stall / (k_cap * iteration):.1%}, above max_overhead={self.max_overhead:.1%}",
+                        stacklevel=2,
+                    )
+        self._interval = k
+        self.decision = AdaptiveDecision(
+            k, reason, iteration, stall, commit, k_overhead, k_commit, k_daly, k_cap, self.deferred
+        )
+
+    @property
+    def interval(self) -> int:
+        return self._interval
+
+    def explain(self) -> dict[str, Any]:
+        """The current interval and the measured figures behind it."""
+        with self._lock:
+            if self.decision is None:
+                return {"interval_steps": self._interval, "reason": "no save committed yet", "deferred": self.deferred}
+            out = asdict(self.decision)
+            out["deferred"] = self.deferred
+            return out
+
+    def __repr__(self) -> str:
+        return f"Adaptive(max_overhead={self.max_overhead}, max_interval={self.max_interval}, mtbf={self.mtbf})"
