@@ -6,6 +6,7 @@ import atexit
 import functools
 import json
 import os
+import signal
 import threading
 import time
 import warnings
@@ -185,6 +186,8 @@ class CheckpointManager:
         self._pending: list[SaveHandle] = []
         self._failed: list[SaveHandle] = []
         self._prepared: Future | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._preempted: int | None = None
         try:
             self._infos = {c.step: self._read_metrics(c) for c in self._storage.checkpoints()}
             self._pipeline = Pipeline(
@@ -219,10 +222,52 @@ class CheckpointManager:
         self._prepared = future
         return future
 
+    def install_signal_handlers(
+        self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    ) -> None:
+        """Opt in to a final checkpoint on preemption.
+
+        On one of ``signals``, the next ``maybe_save`` saves that step whatever the policy says,
+        waits for the commit, puts the previous handlers back and re-raises the signal, so it then
+        acts as it would have (SIGINT raises KeyboardInterrupt, SIGTERM ends the process...). A
+        second such signal before that happens acts at once. Call from the main thread.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("install_signal_handlers must be called from the main thread")
+        for signum in signals:
+            self._previous_handlers.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._preempted is not None:  # asked twice: stop waiting for the next step
+            self._restore_signal_handlers()
+            signal.raise_signal(signum)
+            return
+        self._preempted = signum
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _final_save_and_reraise(self, step: int, state: Any, metrics: dict | None, metadata: dict | None) -> None:
+        signum, self._preempted = self._preempted, None
+        try:
+            self.save(step, state, metrics=metrics, metadata=metadata)
+            self.wait()
+        except CheckpointError as exc:
+            warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+        finally:
+            self._restore_signal_handlers()
+            signal.raise_signal(signum)
+
     def maybe_save(
         self, step: int, state: Any, metrics: dict | None = None, metadata: dict | None = None
     ) -> SaveHandle | None:
         """Save if the policy says this step is due; otherwise return None at once."""
+        if self._preempted is not None:
+            self._final_save_and_reraise(step, state, metrics, metadata)
+            return None
         if not self.policy.due(step):
             return None
         self.policy.saved(step)
@@ -377,6 +422,8 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
+        if self._previous_handlers and threading.current_thread() is threading.main_thread():
+            self._restore_signal_handlers()
         try:
             self._wait_pending()
         finally:

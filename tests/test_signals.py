@@ -1,0 +1,78 @@
+"""install_signal_handlers: a final checkpoint on preemption, then the signal acts as it would have."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import asyncckpt
+
+CHILD = """
+import sys, time, torch, asyncckpt
+root, log_path = sys.argv[1], sys.argv[2]
+state = {"w": torch.zeros(100_000), "step": 0}
+mgr = asyncckpt.CheckpointManager(root, policy=asyncckpt.EverySteps(10_000))
+mgr.install_signal_handlers()
+log = open(log_path, "w")
+try:
+    for step in range(1, 100_000):
+        state["w"] += 1
+        state["step"] = step
+        print(step, file=log, flush=True)
+        time.sleep(0.01)
+        mgr.maybe_save(step, state)
+except KeyboardInterrupt:
+    print("interrupted", file=log, flush=True)
+    mgr.close()
+    sys.exit(3)
+"""
+
+
+def run_and_signal(tmp_path, signum: int) -> tuple[int, list[str]]:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    log = tmp_path / "log"
+    child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "root"), str(log)])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if log.exists() and len(log.read_text().split()) >= 20:
+                break
+            time.sleep(0.02)
+        child.send_signal(signum)
+        returncode = child.wait(timeout=60)
+    finally:
+        child.kill()
+    return returncode, log.read_text().split()
+
+
+@pytest.mark.parametrize(
+    ("signum", "expected_returncode"),
+    [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGUSR1, -signal.SIGUSR1), (signal.SIGINT, 3)],
+    ids=["SIGTERM", "SIGUSR1", "SIGINT"],
+)
+def test_signal_takes_a_final_checkpoint_then_acts(tmp_path, signum, expected_returncode):
+    returncode, lines = run_and_signal(tmp_path, signum)
+    assert returncode == expected_returncode
+    if signum == signal.SIGINT:
+        assert lines[-1] == "interrupted"
+        lines = lines[:-1]
+    last_step = int(lines[-1])
+    steps = [c.step for c in asyncckpt.storage.list_checkpoints(tmp_path / "root")]
+    assert steps == [last_step]  # the policy never saved; the signal's save is the step it came at
+    tree = asyncckpt.load(tmp_path / "root")
+    assert tree["step"] == last_step
+    assert torch.equal(tree["w"], torch.full((100_000,), float(last_step)))
+
+
+def test_handlers_are_put_back_on_close(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with asyncckpt.CheckpointManager(tmp_path) as mgr:
+        mgr.install_signal_handlers()
+        assert signal.getsignal(signal.SIGTERM) != before
+    assert signal.getsignal(signal.SIGTERM) == before
