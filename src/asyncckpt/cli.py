@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import CheckpointError
 from .format import MANIFEST_NAME
+from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
 from .reader import read_checkpoint, read_manifest
 from .storage import list_checkpoints
 
@@ -76,6 +79,151 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+PLOT_NEEDS_MATPLOTLIB = "asyncckpt stats --plot needs matplotlib: pip install 'asyncckpt[plot]'"
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:.1f}"
+
+
+def _mb(nbytes: float) -> str:
+    return "-" if math.isnan(nbytes) else f"{nbytes / 1e6:.2f}"
+
+
+def _no_nan(value):
+    """JSON has no NaN: undefined statistics (say, no committed save) become null."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _status(record: SaveRecord) -> str:
+    return {True: "ok", False: "FAILED"}.get(record.ok, "?")
+
+
+def _print_stats_table(records: list[SaveRecord], summary: dict) -> None:
+    width = max(4, *(len(str(r.step)) for r in records))
+    header = (
+        f"{'step':>{width}}  {'status':<6}  {'stall':>8}  {'wait_prev':>9}  {'snapshot':>8}  {'bookkeep':>8}  "
+        f"{'persist':>8}  {'compress':>8}  {'write':>8}  {'fsync':>8}  {'commit':>8}  "
+        f"{'raw MB':>9}  {'stored MB':>9}  {'ratio':>6}"
+    )
+    print(header)
+    for r in records:
+        ok = r.ok is True
+        ratio = f"{r.raw_bytes / r.stored_bytes:.3f}" if ok and r.stored_bytes else "-"
+        print(
+            f"{r.step:>{width}}  {_status(r):<6}  {_ms(r.stall_s):>8}  {_ms(r.wait_prev_s):>9}  "
+            f"{_ms(r.snapshot_s):>8}  {_ms(r.bookkeeping_s):>8}  {_ms(r.persist_s) if ok else '-':>8}  "
+            f"{_ms(r.compress_s):>8}  {_ms(r.write_s):>8}  {_ms(r.fsync_s):>8}  {_ms(r.commit_s):>8}  "
+            f"{_mb(r.raw_bytes) if ok else '-':>9}  {_mb(r.stored_bytes) if ok else '-':>9}  {ratio:>6}"
+        )
+    print(
+        "times in ms; stall = wait_prev + snapshot + bookkeep (the caller was blocked); "
+        "persist ran in the background; compress is summed over encoder threads"
+    )
+    for r in records:
+        if r.ok is False:
+            print(f"step {r.step} failed: {r.error or 'no error recorded'}")
+    print()
+    s = summary
+    ratio = s["compression_ratio"]
+    throughput = s["throughput_bytes_per_s"]
+    print(f"saves        {s['saves']} ({s['committed']} committed, {s['failed']} failed)")
+    print(
+        f"stall        p50 {_ms(s['stall_p50_s'])} ms   p95 {_ms(s['stall_p95_s'])} ms   max {_ms(s['stall_max_s'])} ms"
+    )
+    print(f"persist      p50 {_ms(s['persist_p50_s'])} ms (committed saves)")
+    print(f"throughput   {_mb(throughput)} MB/s (raw bytes / persist time, committed saves)")
+    print(
+        f"compression  {'-' if math.isnan(ratio) else f'{ratio:.3f}x'} "
+        f"({_mb(s['raw_bytes'])} MB raw -> {_mb(s['stored_bytes'])} MB stored)"
+    )
+    print(f"failures     {s['failed']}")
+
+
+def _plot_stats(records: list[SaveRecord], path: Path, figure_cls, title: str) -> None:
+    """Two panels over step: what each save cost the caller (stall) and in the background (persist)."""
+    ordered = sorted(records, key=lambda r: r.step)  # stable: a step saved twice keeps log order
+    steps = [r.step for r in ordered]
+    fig = figure_cls(figsize=(11, 6.5), layout="constrained")
+    stall_ax, persist_ax = fig.subplots(2, 1, sharex=True)
+    stall_ax.plot(steps, [r.stall_s * 1e3 for r in ordered], "o-", color="C0", label="stall (total)")
+    stall_ax.plot(steps, [r.snapshot_s * 1e3 for r in ordered], ".--", color="C1", label="snapshot copy")
+    stall_ax.plot(steps, [r.wait_prev_s * 1e3 for r in ordered], ".--", color="C2", label="wait for previous save")
+    stall_ax.set_ylabel("stall per checkpoint (ms)")
+    stall_ax.set_title("caller blocked in save()")
+    done = [r for r in ordered if r.ok]
+    done_steps = [r.step for r in done]
+    persist_ax.plot(done_steps, [r.persist_s * 1e3 for r in done], "o-", color="C3", label="persist (total)")
+    persist_ax.plot(done_steps, [r.write_s * 1e3 for r in done], ".--", color="C4", label="write")
+    persist_ax.plot(done_steps, [r.fsync_s * 1e3 for r in done], ".--", color="C5", label="fsync")
+    persist_ax.set_ylabel("persist per checkpoint (ms)")
+    persist_ax.set_title("background: from save() returning to the commit being durable (committed saves)")
+    persist_ax.set_xlabel("training step")
+    failed = [r for r in ordered if r.ok is False]
+    if failed:
+        stall_ax.plot(
+            [r.step for r in failed],
+            [r.stall_s * 1e3 for r in failed],
+            "x",
+            color="red",
+            ms=10,
+            mew=2,
+            label="failed save",
+        )
+        for r in failed:
+            persist_ax.axvline(r.step, color="red", lw=1, ls=":")
+        persist_ax.plot([], [], color="red", lw=1, ls=":", label="failed save")
+    for ax in (stall_ax, persist_ax):
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: never on a point
+    fig.suptitle(title)
+    fig.savefig(path, format="png", dpi=100)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    root = Path(args.root)
+    if not root.is_dir():
+        reason = "not a directory" if root.exists() else "it does not exist"
+        raise CheckpointError(f"no metrics log in {root}: {reason}")
+    try:
+        records = read_log(root)
+    except FileNotFoundError:
+        raise CheckpointError(f"no metrics log in {root} (no {METRICS_LOG})") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {root / METRICS_LOG}: {exc}") from None
+    for number, reason in records.skipped:
+        print(f"asyncckpt: skipped line {number} of {root / METRICS_LOG}: {reason}", file=sys.stderr)
+    if not records:
+        raise CheckpointError(f"no save records in {root / METRICS_LOG}")
+    figure_cls = None
+    if args.plot:
+        try:
+            from matplotlib.figure import Figure  # the optional extra, imported only when asked for
+
+            figure_cls = Figure
+        except ImportError:
+            print(PLOT_NEEDS_MATPLOTLIB, file=sys.stderr)
+            return 2
+    summary = summarize(records)
+    if args.json:
+        out = {
+            "records": [asdict(r) for r in records],
+            "summary": {key: _no_nan(value) for key, value in summary.items()},
+            "skipped_lines": [{"line": number, "reason": reason} for number, reason in records.skipped],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        _print_stats_table(records, summary)
+    if figure_cls is not None:
+        try:
+            _plot_stats(records, Path(args.plot), figure_cls, f"asyncckpt saves in {root}")
+        except OSError as exc:
+            raise CheckpointError(f"cannot write plot {args.plot}: {exc}") from None
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncckpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="verify every checksum of a root or one checkpoint")
     verify.add_argument("path")
     verify.set_defaults(func=_cmd_verify)
+    stats = sub.add_parser("stats", help=f"per-save stall and persist times from a root's {METRICS_LOG}")
+    stats.add_argument("root")
+    stats.add_argument("--json", action="store_true", help="print {records, summary} as JSON")
+    stats.add_argument("--plot", metavar="FILE.png", help="draw stall and persist per checkpoint (needs matplotlib)")
+    stats.set_defaults(func=_cmd_stats)
     return parser
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -74,23 +76,95 @@ class SaveStats:
             return list(self._records)
 
     def summary(self) -> dict[str, Any]:
-        records = self.records
-        done = [r for r in records if r.ok]
-        stalls = [r.stall_s for r in records]
-        raw = sum(r.raw_bytes for r in done)
-        stored = sum(r.stored_bytes for r in done)
-        persist = sum(r.persist_s for r in done)
-        return {
-            "saves": len(records),
-            "committed": len(done),
-            "failed": sum(1 for r in records if r.ok is False),
-            "stall_p50_s": _percentile(stalls, 0.50),
-            "stall_p95_s": _percentile(stalls, 0.95),
-            "stall_max_s": max(stalls) if stalls else math.nan,
-            "snapshot_p50_s": _percentile([r.snapshot_s for r in records], 0.50),
-            "persist_p50_s": _percentile([r.persist_s for r in done], 0.50),
-            "throughput_bytes_per_s": raw / persist if persist > 0 else math.nan,
-            "compression_ratio": raw / stored if stored else math.nan,
-            "raw_bytes": raw,
-            "stored_bytes": stored,
-        }
+        return summarize(self.records)
+
+
+def summarize(records: list[SaveRecord]) -> dict[str, Any]:
+    """Stall percentiles, throughput and compression ratio over ``records`` (NaN where undefined).
+
+    Stall statistics cover every save (a failed save stalled its caller too); sizes, persist time
+    and throughput cover only the committed ones.
+    """
+    done = [r for r in records if r.ok]
+    stalls = [r.stall_s for r in records]
+    raw = sum(r.raw_bytes for r in done)
+    stored = sum(r.stored_bytes for r in done)
+    persist = sum(r.persist_s for r in done)
+    return {
+        "saves": len(records),
+        "committed": len(done),
+        "failed": sum(1 for r in records if r.ok is False),
+        "stall_p50_s": _percentile(stalls, 0.50),
+        "stall_p95_s": _percentile(stalls, 0.95),
+        "stall_max_s": max(stalls) if stalls else math.nan,
+        "snapshot_p50_s": _percentile([r.snapshot_s for r in records], 0.50),
+        "persist_p50_s": _percentile([r.persist_s for r in done], 0.50),
+        "throughput_bytes_per_s": raw / persist if persist > 0 else math.nan,
+        "compression_ratio": raw / stored if stored else math.nan,
+        "raw_bytes": raw,
+        "stored_bytes": stored,
+    }
+
+
+class SaveLog(list[SaveRecord]):
+    """The records read from a metrics log (a plain list of SaveRecord), plus the lines skipped.
+
+    ``skipped`` holds ``(line_number, reason)`` for every non-empty line that is not a valid record:
+    typically one truncated last line after a crash mid-append.
+    """
+
+    def __init__(self, records: Iterable[SaveRecord] = (), skipped: Iterable[tuple[int, str]] = ()) -> None:
+        super().__init__(records)
+        self.skipped: list[tuple[int, str]] = list(skipped)
+
+
+_FIELDS = {f.name: f for f in fields(SaveRecord)}
+_FLOAT_FIELDS = frozenset(name for name, f in _FIELDS.items() if f.type in ("float", float))
+_INT_FIELDS = frozenset(name for name, f in _FIELDS.items() if f.type in ("int", int))
+
+
+def record_from_json(obj: Any) -> SaveRecord:
+    """A SaveRecord from one decoded log line; ValueError if it is not one.
+
+    Unknown keys are ignored (a newer writer may add fields); missing keys take their defaults,
+    except ``step``, which every record has.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "step" not in obj:
+        raise ValueError("no 'step'")
+    values: dict[str, Any] = {}
+    for name, value in obj.items():
+        if name not in _FIELDS:
+            continue
+        if name in _INT_FIELDS:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif name in _FLOAT_FIELDS:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif name == "ok":
+            ok = value is None or isinstance(value, bool)
+        else:  # error
+            ok = value is None or isinstance(value, str)
+        if not ok:
+            raise ValueError(f"bad value for {name!r}: {value!r}")
+        values[name] = float(value) if name in _FLOAT_FIELDS else value
+    return SaveRecord(**values)
+
+
+def read_log(root: str | os.PathLike) -> SaveLog:
+    """The save records in ``root``'s metrics log, oldest first.
+
+    Lines that are not valid records are skipped and listed in the result's ``skipped``: a crash
+    while appending leaves a truncated last line, and that must not hide the rest of the log.
+    Raises FileNotFoundError if there is no log (OSError for other failures to read it).
+    """
+    log = SaveLog()
+    with open(Path(root) / METRICS_LOG, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if not raw.strip():
+                continue
+            try:
+                log.append(record_from_json(json.loads(raw)))
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # incl. JSON/Unicode errors
+                log.skipped.append((number, f"{type(exc).__name__}: {exc}"))
+    return log
