@@ -49,7 +49,8 @@ def written(tmp_path, monkeypatch) -> Written:
                         mgr.wait()
             else:
                 mgr.save(step, state).wait()
-        summary = mgr.stats.summary()
+        summary = summarize(mgr.stats.records)
+    assert _nan_equal(mgr.stats.summary(), summary)
     assert mgr.steps() == [s for s in STEPS if s != FAILED_STEP]
     return Written(root, summary)
 
@@ -199,7 +200,8 @@ def test_summary_of_no_records_is_nan():
     summary = summarize([])
     assert summary["saves"] == 0
     assert math.isnan(summary["stall_p50_s"]) and math.isnan(summary["compression_ratio"])
-    assert SaveStats().summary().keys() == summary.keys()
+    assert SaveStats().summary().keys() >= summary.keys()
+    assert {"overhead_fraction", "deferred_saves", "loop_wall_s"} <= SaveStats().summary().keys()
 
 
 def test_plot_writes_a_png(written, tmp_path, capsys):
@@ -224,3 +226,12 @@ def test_plot_without_matplotlib_says_how_to_install_it(written, tmp_path, capsy
     assert err.strip() == PLOT_NEEDS_MATPLOTLIB
     assert PLOT_NEEDS_MATPLOTLIB == "asyncckpt stats --plot needs matplotlib: pip install 'asyncckpt[plot]'"
     assert not png.exists()
+
+
+def _nan_equal(live: dict, logged: dict) -> bool:
+    """The live summary holds every logged key with the same value (NaN equal to NaN)."""
+    for key, value in logged.items():
+        other = live[key]
+        if not (other == value or (isinstance(value, float) and math.isnan(value) and math.isnan(other))):
+            return False
+    return True

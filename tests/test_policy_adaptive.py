@@ -150,6 +150,11 @@ def test_adaptive_drives_a_real_manager_without_blocking_on_in_flight_saves(tmp_
             time.sleep(0.002)
         mgr.wait()
         steps = mgr.steps()
+        summary = mgr.stats.summary()
+    assert summary["deferred_saves"] == policy.deferred
+    assert 0 < summary["overhead_fraction"] < 1
+    stalls = sum(r.stall_s for r in mgr.stats.records)
+    assert summary["overhead_fraction"] == pytest.approx(stalls / summary["loop_wall_s"])
     assert len(steps) >= 2
     explained = policy.explain()
     assert explained["iteration_s"] > 0 and explained["interval_steps"] >= 1

@@ -265,10 +265,13 @@ class CheckpointManager:
         self, step: int, state: Any, metrics: dict | None = None, metadata: dict | None = None
     ) -> SaveHandle | None:
         """Save if the policy says this step is due; otherwise return None at once."""
+        self.stats.step_seen(time.perf_counter())
         if self._preempted is not None:
             self._final_save_and_reraise(step, state, metrics, metadata)
             return None
+        deferred = getattr(self.policy, "deferred", 0)
         if not self.policy.due(step):
+            self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
             return None
         self.policy.saved(step)
         return self.save(step, state, metrics=metrics, metadata=metadata)

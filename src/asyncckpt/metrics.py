@@ -54,6 +54,15 @@ class SaveStats:
         self._records: list[SaveRecord] = []
         self._lock = threading.Lock()
         self._log_path = log_path
+        self._first_step: float | None = None  # perf_counter of the first and last maybe_save
+        self._last_step: float | None = None
+        self.deferred_saves = 0  # saves the policy put off because one was still in flight
+
+    def step_seen(self, now: float) -> None:
+        """Called by maybe_save on every training step: the loop's wall time for the overhead."""
+        if self._first_step is None:
+            self._first_step = now
+        self._last_step = now
 
     def add(self, record: SaveRecord) -> None:
         with self._lock:
@@ -76,7 +85,15 @@ class SaveStats:
             return list(self._records)
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.records)
+        """summarize() of the records, plus what only the live loop knows: the overhead fraction
+        (total stall / wall time between the first and last maybe_save) and deferred saves."""
+        records = self.records
+        out = summarize(records)
+        wall = (self._last_step or 0.0) - (self._first_step or 0.0)
+        out["loop_wall_s"] = wall
+        out["overhead_fraction"] = sum(r.stall_s for r in records) / wall if wall > 0 else math.nan
+        out["deferred_saves"] = self.deferred_saves
+        return out
 
 
 def summarize(records: list[SaveRecord]) -> dict[str, Any]:
