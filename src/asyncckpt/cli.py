@@ -27,7 +27,14 @@ def _checkpoint_dirs(path: Path) -> list[Path]:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(seconds=args.seconds, width=args.width, depth=args.depth, root=args.root, device=args.device)
+    report = run_demo(
+        seconds=args.seconds,
+        width=args.width,
+        depth=args.depth,
+        root=args.root,
+        device=args.device,
+        adaptive=args.adaptive,
+    )
     return 0 if report.restore_exact else 1
 
 
@@ -233,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--depth", type=int, default=6)
     demo.add_argument("--root", help="keep checkpoints here (default: a temp dir, removed)")
     demo.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    demo.add_argument(
+        "--adaptive", type=float, metavar="MAX_OVERHEAD", help="use Adaptive(max_overhead=...) instead of every ~1.5 s"
+    )
     demo.set_defaults(func=_cmd_demo)
     ls = sub.add_parser("ls", help="list the checkpoints in a root")
     ls.add_argument("root")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .manager import CheckpointManager
-from .policy import EverySteps
+from .policy import Adaptive, EverySteps, SavePolicy
 
 
 @dataclass
@@ -91,6 +91,7 @@ def run_demo(
     width: int = 1024,
     depth: int = 6,
     every: int | None = None,
+    adaptive: float | None = None,
     root: str | None = None,
     device: str | None = None,
     out=print,
@@ -120,13 +121,14 @@ def run_demo(
         torch.cuda.synchronize()
     step_time = (time.perf_counter() - began) / 3
     every = every or max(2, int(1.5 / step_time))  # about one checkpoint every 1.5 s
-    out(f"training on {dev} for ~{seconds:.0f} s, checkpoint every {every} steps into {workdir}")
+    policy: SavePolicy = Adaptive(max_overhead=adaptive) if adaptive else EverySteps(every)
+    out(f"training on {dev} for ~{seconds:.0f} s, checkpoints by {policy!r} into {workdir}")
 
     step = 0
     saved_copy: dict[str, torch.Tensor] = {}
     ckpt_root = workdir / "asyncckpt"
     try:
-        with CheckpointManager(ckpt_root, keep_last=2, policy=EverySteps(every)) as mgr:
+        with CheckpointManager(ckpt_root, keep_last=2, policy=policy) as mgr:
             mgr.prepare(state).result()
             deadline = time.perf_counter() + seconds * 0.7
             while time.perf_counter() < deadline or not mgr.stats.records:
@@ -138,6 +140,9 @@ def run_demo(
                     saved_step = step
             mgr.wait()
             summary = mgr.stats.summary()
+            if isinstance(policy, Adaptive):
+                out(f"Adaptive chose: {policy.explain()}")
+            out(f"training-loop overhead fraction (stall / loop time): {summary['overhead_fraction']:.2%}")
             stalls = [r.stall_s for r in mgr.stats.records]
 
         torch_stalls = []

@@ -75,12 +75,18 @@ class Arena:
         # Zeroed once so alignment padding never carries stale bytes into a checkpoint.
         self.buffer = torch.zeros(max(capacity, 1), dtype=torch.uint8, pin_memory=pinned)
         self._slots: list[TensorSlot] | None = None  # the layout whose padding is known to be zero
+        self._fresh = True  # all zeros: the first layout needs no clearing
 
     def hold(self, layout: Layout) -> None:
-        """Get ready for ``layout``: re-zero when it differs from the last, so padding stays zero."""
+        """Get ready for ``layout``: re-zero when it differs from the last, so padding stays zero.
+
+        A fresh arena is already zero, so the first save costs what later ones do.
+        """
         if self._slots != layout.slots:
-            self.buffer[: layout.total].zero_()
+            if not self._fresh:
+                self.buffer[: layout.total].zero_()
             self._slots = layout.slots
+        self._fresh = False
 
     def raw(self, start: int, end: int) -> torch.Tensor:
         return self.buffer[start:end]
