@@ -1,5 +1,6 @@
 """asyncckpt: asynchronous, compressed, checksummed, atomically committed checkpoints for PyTorch."""
 
+from .data import ResumableSampler
 from .errors import CheckpointError
 from .manager import CheckpointManager, load
 from .pipeline import SaveHandle
@@ -13,6 +14,7 @@ __all__ = [
     "EverySeconds",
     "EverySteps",
     "RNGState",
+    "ResumableSampler",
     "SaveHandle",
     "load",
 ]
