@@ -1058,3 +1058,18 @@ def test_chunk_size_beyond_what_a_reader_accepts_is_refused(tmp_path):
     with pytest.raises(ValueError, match="chunk_size"):
         asyncckpt.CheckpointManager(tmp_path, chunk_size=2 << 30)
     asyncckpt.CheckpointManager(tmp_path).close()  # the refused one left no lock behind
+
+
+def test_manifests_swapped_between_checkpoints_are_detected(tmp_path):
+    root = tmp_path / "ckpts"
+    with asyncckpt.CheckpointManager(root, keep_last=None) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.full((8,), float(step))}).wait()
+    a, b = root / "step-000000000002" / "manifest.json", root / "step-000000000003" / "manifest.json"
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    with pytest.raises(CheckpointError, match="manifest of step 2, not of step-000000000003"):
+        asyncckpt.load(root, step=3)
+    with pytest.warns(UserWarning, match="step-000000000003"):
+        assert torch.equal(asyncckpt.load(root)["w"], torch.full((8,), 1.0))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import _phases
 from .codec import CodecConfig
 from .errors import CheckpointError
 from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP
@@ -301,6 +302,7 @@ class CheckpointManager:
         planned = time.perf_counter()
         arena = self._arenas.acquire(layout.total)
         try:
+            _phases.pause("snapshot")
             self._copier.copy(flat.tensors, layout, arena)
         except BaseException:
             self._arenas.release(arena)
@@ -351,6 +353,7 @@ class CheckpointManager:
         infos = [self._infos.get(s) or CheckpointInfo(s, {}) for s in committed]
         for step in steps_to_delete(infos, self.retention):
             if step != protect:
+                _phases.pause("retention")
                 self._storage.delete(committed[step])
                 self._infos.pop(step, None)
 

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import codec
+from . import _phases, codec
 from .errors import CheckpointError
 from .format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
 from .metrics import SaveRecord
@@ -159,6 +159,7 @@ class Pipeline:
                 job.handle._future.set_exception(error)
 
     def _encode(self, job: SaveJob, plan: ChunkPlan) -> tuple[codec.EncodedChunk, float]:
+        _phases.pause("compress")
         began = time.perf_counter()
         encoded = codec.encode(job.arena.raw(plan.start, plan.end), plan.group, self._config)
         return encoded, time.perf_counter() - began
@@ -185,6 +186,7 @@ class Pipeline:
                 nxt = next(upcoming, None)
                 if nxt is not None:
                     pending.append((nxt, self._pool.submit(self._encode, job, nxt)))
+                _phases.pause("write")
                 began = time.perf_counter()
                 offset = writer.append(encoded.data)
                 record.write_s += time.perf_counter() - began
@@ -200,6 +202,7 @@ class Pipeline:
                     )
                 )
             began = time.perf_counter()
+            _phases.pause("fsync")
             writer.sync_and_close()
             manifest = Manifest(
                 step=job.step,
@@ -212,9 +215,11 @@ class Pipeline:
                 metrics=job.metrics,
                 metadata=job.metadata,
             )
+            _phases.pause("manifest")
             self._storage.write_manifest(temp_dir, manifest.to_json())
             record.fsync_s = time.perf_counter() - began
             began = time.perf_counter()
+            _phases.pause("rename")
             path = self._storage.commit(temp_dir, job.step)
             record.commit_s = time.perf_counter() - began
             record.persist_s = time.perf_counter() - job.enqueued

@@ -16,7 +16,7 @@ import torch
 
 from . import codec
 from .errors import CheckpointError
-from .format import DTYPES, MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from .format import DTYPES, MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest, parse_step_dir
 from .storage import open_data_file, read_file_no_follow
 
 
@@ -35,7 +35,11 @@ def read_manifest(path: Path) -> Manifest:
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.exists() and not manifest_path.is_symlink():
         raise CheckpointError(f"{path} has no {MANIFEST_NAME}: not a committed checkpoint")
-    return parse_manifest(read_file_no_follow(manifest_path, MAX_MANIFEST_BYTES), str(manifest_path))
+    manifest = parse_manifest(read_file_no_follow(manifest_path, MAX_MANIFEST_BYTES), str(manifest_path))
+    named = parse_step_dir(path.name)
+    if named is not None and named != manifest.step:
+        raise CheckpointError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
+    return manifest
 
 
 def _tensor_names(manifest: Manifest, start: int, end: int) -> str:

@@ -19,6 +19,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _phases
 from .errors import CheckpointError
 from .format import MANIFEST_NAME, parse_step_dir, step_dir_name
 
@@ -192,6 +193,7 @@ class LocalStorage:
         if final.exists():
             parked = self.root / f"{REPLACED_PREFIX}{final.name}.{secrets.token_hex(4)}"
             os.rename(final, parked)
+            _phases.pause("replace")  # the window a crash-consistent sweep must repair
             os.rename(temp_dir, final)
             fsync_dir(self.root)
             shutil.rmtree(parked, ignore_errors=True)
