@@ -196,7 +196,11 @@ class LocalStorage:
             _phases.pause("replace")  # the window a crash-consistent sweep must repair
             os.rename(temp_dir, final)
             fsync_dir(self.root)
-            shutil.rmtree(parked, ignore_errors=True)
+            # Renamed to a temp name before removal: a leftover can then only ever be swept, never
+            # mistaken for a replace cut short and put back over a newer checkpoint.
+            doomed = self.root / f"{TEMP_PREFIX}replaced-{secrets.token_hex(4)}"
+            os.rename(parked, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         else:
             os.rename(temp_dir, final)
             fsync_dir(self.root)
