@@ -1,0 +1,161 @@
+"""Time to get back to training: from "start restoring" to "state on the device".
+
+Savers: asyncckpt (zstd and compression=None), torch.load, and DCP load, each restoring the same
+model + AdamW state into live objects. Floors measured in the same run: reading the raw data
+file (disk or page cache), decoding the compressed chunks on all cores, and the host->device copy
+(a memcpy on CPU). Page cache: the script tries to drop it before each timed restore
+(needs root and a writable /proc/sys/vm/drop_caches); the table says which it got.
+
+    python bench/restore.py --json bench/results/restore-cpu.json     # ~2 min, 0.40 GB state
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import asyncckpt  # noqa: E402
+from _common import build_state, machine, median, state_bytes, write_json  # noqa: E402
+from asyncckpt import codec  # noqa: E402
+from asyncckpt.reader import read_manifest  # noqa: E402
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn, repeats: int) -> tuple[float, bool]:
+    times, dropped = [], True
+    for _ in range(repeats):
+        dropped &= drop_caches()
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return median(times), dropped
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, opt = build_state(args.width, args.depth, device)
+    model(torch.randn(8, args.width, device=device)).sum().backward()
+    opt.step()
+    nbytes = state_bytes(model, opt)
+    live = {"model": model, "optimizer": opt}
+    base = Path(tempfile.mkdtemp(prefix="asyncckpt-restore-"))
+    results = {}
+
+    for name, compression in (("asyncckpt zstd-1", "zstd"), ("asyncckpt compression=None", None)):
+        root = base / name.replace(" ", "_")
+        with asyncckpt.CheckpointManager(root, compression=compression) as mgr:
+            mgr.save(1, live).wait()
+            results[name] = timed(lambda mgr=mgr: mgr.restore(live), args.repeats)
+
+    path = base / "torch.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+
+    def torch_restore() -> None:
+        sd = torch.load(path, map_location=device)
+        model.load_state_dict(sd["model"])
+        opt.load_state_dict(sd["optimizer"])
+
+    results["torch.load"] = timed(torch_restore, args.repeats)
+
+    try:
+        import torch.distributed.checkpoint as dcp
+
+        dcp_dir = str(base / "dcp")
+        dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=dcp_dir)
+
+        def dcp_restore() -> None:
+            sd = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+            dcp.load(sd, checkpoint_id=dcp_dir)
+            model.load_state_dict(sd["model"])
+            opt.load_state_dict(sd["optimizer"])
+
+        results["DCP load"] = timed(dcp_restore, args.repeats)
+    except Exception as exc:  # noqa: BLE001 - a failed alternative is a result
+        results["DCP load"] = (float("nan"), False)
+        print(f"DCP load failed: {exc!r}", file=sys.stderr)
+
+    # floors
+    raw_ckpt = base / "asyncckpt_compression=None" / "step-000000000001"
+    data_file = raw_ckpt / "data-00000.bin"
+    size = data_file.stat().st_size
+
+    def read_file() -> None:
+        buf = bytearray(size)
+        with open(data_file, "rb", buffering=0) as f:
+            f.readinto(buf)
+
+    read_floor, _ = timed(read_file, args.repeats)
+    zckpt = base / "asyncckpt_zstd-1" / "step-000000000001"
+    manifest = read_manifest(zckpt)
+    blob = (zckpt / "data-00000.bin").read_bytes()
+    stored = [blob[c.offset : c.offset + c.length] for c in manifest.chunks]
+
+    def decode_all() -> None:
+        def one(i: int) -> None:
+            c = manifest.chunks[i]
+            codec.decode(stored[i], c.codecs, c.crc32, torch.empty(c.raw_length, dtype=torch.uint8), "bench")
+
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(one, range(len(stored))))
+
+    decode_floor, _ = timed(decode_all, args.repeats)
+    host = [torch.empty(t.shape, dtype=t.dtype) for t in model.state_dict().values()]
+    targets = list(model.state_dict().values())
+
+    def copy_all() -> None:
+        for h, t in zip(host, targets, strict=True):
+            t.copy_(h)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    copy_floor, _ = timed(copy_all, args.repeats)
+    copy_floor *= nbytes / sum(t.numel() * t.element_size() for t in targets)  # scale to the whole state
+    floor = max(read_floor, decode_floor, copy_floor)
+
+    print(f"\nstate {nbytes / 1e9:.3f} GB, device {device}, torch {torch.__version__}, {os.cpu_count()} cores\n")
+    print("| restore | time | vs floor | page cache dropped |")
+    print("|---|---|---|---|")
+    for name, (seconds, dropped) in results.items():
+        print(f"| {name} | {seconds:.2f} s | {seconds / floor:.1f}x | {'yes' if dropped else 'no (warm)'} |")
+    print(f"| floor: read {size / 1e6:.0f} MB raw data file | {read_floor:.2f} s | | |")
+    print(f"| floor: decode the zstd chunks on {os.cpu_count()} cores | {decode_floor:.2f} s | | |")
+    print(f"| floor: host->device copy | {copy_floor:.2f} s | | |")
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "state_bytes": nbytes,
+            "results_s": {k: v[0] for k, v in results.items()},
+            "cache_dropped": {k: v[1] for k, v in results.items()},
+            "floors_s": {"read": read_floor, "decode": decode_floor, "copy": copy_floor},
+        },
+    )
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
