@@ -91,53 +91,26 @@ def bytegroup_size(dtype: torch.dtype) -> int:
     return 1
 
 
-_PROBE = 64 << 10  # bytes of a plane test-compressed before spending zstd on all of it
-
-
-def _compress_plane(level: int, plane: memoryview) -> bytes | None:
-    """zstd of one byte plane, or None when it would not pay (the plane is stored raw).
-
-    Low mantissa bytes of trained floats are close to random: zstd cannot shrink them but still
-    costs CPU, which on a small machine comes out of training. A probe of the plane's start
-    decides whether the rest is worth compressing.
-    """
-    cctx = _compressor(level)
-    if len(plane) > 2 * _PROBE and len(cctx.compress(plane[:_PROBE])) > 0.98 * _PROBE:
-        return None
-    compressed = cctx.compress(plane)
-    return compressed if len(compressed) < len(plane) else None
-
-
 def encode(raw: torch.Tensor, group: int, config: CodecConfig) -> EncodedChunk:
     """Encode a contiguous uint8 CPU tensor; fall back to raw bytes if zstd does not shrink it.
 
-    Chains written: [] (raw), [zstd] (non-float data), and for floats [bytegroup, zstd-planes]:
-    the byte planes are compressed one by one, each only if it shrinks.
+    Chains written: [] (raw), [zstd] (ints, bools, one-byte floats) and [bytegroup, zstd] (wider
+    floats and complex).
     """
     view = tensor_memoryview(raw)
     if config.compression is None:
         return EncodedChunk(view, [], zlib.crc32(view))
+    codecs: list[dict] = []
+    source = view
     if group > 1:
-        grouped_tensor = _group_bytes(raw, group)  # must outlive the memoryview below
-        grouped = tensor_memoryview(grouped_tensor)
-        plane_len = len(grouped) // group
-        parts: list[bytes | memoryview] = []
-        for i in range(group):
-            plane = grouped[i * plane_len : (i + 1) * plane_len]
-            parts.append(_compress_plane(config.level, plane) or plane)
-        sizes = [len(part) for part in parts]
-        if sum(sizes) >= len(view):
-            return EncodedChunk(view, [], zlib.crc32(view))
-        data = b"".join(parts)
-        codecs = [
-            {"id": "bytegroup", "size": group},
-            {"id": "zstd-planes", "level": config.level, "sizes": sizes},
-        ]
-        return EncodedChunk(data, codecs, zlib.crc32(data))
-    compressed = _compressor(config.level).compress(view)
+        grouped = _group_bytes(raw, group)
+        source = tensor_memoryview(grouped)  # the view keeps ``grouped`` alive
+        codecs.append({"id": "bytegroup", "size": group})
+    compressed = _compressor(config.level).compress(source)
+    codecs.append({"id": "zstd", "level": config.level})
     if len(compressed) >= len(view):
         return EncodedChunk(view, [], zlib.crc32(view))
-    return EncodedChunk(compressed, [{"id": "zstd", "level": config.level}], zlib.crc32(compressed))
+    return EncodedChunk(compressed, codecs, zlib.crc32(compressed))
 
 
 def _zstd_decompress(frame: bytes | memoryview, expected: int, what: str) -> bytes:
@@ -156,21 +129,6 @@ def _zstd_decompress(frame: bytes | memoryview, expected: int, what: str) -> byt
     return data
 
 
-def _planes_decode(stored: bytes, sizes: list[int], raw_length: int, what: str) -> torch.Tensor:
-    if sum(sizes) != len(stored) or raw_length % len(sizes):
-        raise CheckpointError(f"{what}: plane sizes {sizes} do not add up to the {len(stored)} stored bytes")
-    plane_len = raw_length // len(sizes)
-    out = torch.empty(raw_length, dtype=torch.uint8)
-    view = memoryview(stored)
-    pos = 0
-    for i, size in enumerate(sizes):
-        segment = view[pos : pos + size]
-        pos += size
-        plane = segment if size == plane_len else _zstd_decompress(segment, plane_len, f"{what} plane {i}")
-        _copy_into(out[i * plane_len : (i + 1) * plane_len], plane)
-    return out
-
-
 def decode(stored: bytes, codecs: list[dict], crc32: int, out: torch.Tensor, what: str) -> None:
     """Verify and decode a stored chunk into ``out`` (uint8, exactly the chunk's raw length).
 
@@ -183,22 +141,19 @@ def decode(stored: bytes, codecs: list[dict], crc32: int, out: torch.Tensor, wha
     raw_length = out.numel()
     chain = tuple(codec["id"] for codec in codecs)
     if chain == ():
-        data: bytes | torch.Tensor = stored
+        data = stored
     elif chain == ("zstd",):
         data = _zstd_decompress(stored, raw_length, what)
     elif chain == ("bytegroup", "zstd"):
         data = _zstd_decompress(stored, raw_length, what)
-    elif chain == ("bytegroup", "zstd-planes"):
-        data = _planes_decode(stored, codecs[1]["sizes"], raw_length, what)
     else:
         raise CheckpointError(f"codec chain {list(chain)} in {what} is not one this format defines")
     if len(data) != raw_length:
         raise CheckpointError(f"{what} holds {len(data)} bytes, expected {raw_length}")
     if chain and chain[0] == "bytegroup":
-        grouped = data if isinstance(data, torch.Tensor) else _copy_to_tensor(data)
-        _ungroup_bytes(grouped, codecs[0]["size"], out)
+        _ungroup_bytes(_copy_to_tensor(data), codecs[0]["size"], out)
     else:
-        _copy_into(out, data)  # type: ignore[arg-type]
+        _copy_into(out, data)
 
 
 def _copy_into(out: torch.Tensor, data: bytes | memoryview) -> None:

@@ -435,6 +435,7 @@ class CheckpointManager:
         finally:
             self._pipeline.close()
             self._storage.close()
+            self._arenas.clear()
         self._raise_background_errors()
 
     def _close_quietly(self) -> None:

@@ -16,7 +16,15 @@ import torch
 
 from . import codec
 from .errors import CheckpointError
-from .format import DTYPES, MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest, parse_step_dir
+from .format import (
+    DTYPES,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    check_manifest_seal,
+    parse_manifest,
+    parse_step_dir,
+)
 from .storage import open_data_file, read_file_no_follow
 
 
@@ -35,7 +43,9 @@ def read_manifest(path: Path) -> Manifest:
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.exists() and not manifest_path.is_symlink():
         raise CheckpointError(f"{path} has no {MANIFEST_NAME}: not a committed checkpoint")
-    manifest = parse_manifest(read_file_no_follow(manifest_path, MAX_MANIFEST_BYTES), str(manifest_path))
+    raw = read_file_no_follow(manifest_path, MAX_MANIFEST_BYTES)
+    check_manifest_seal(raw, str(manifest_path))
+    manifest = parse_manifest(raw, str(manifest_path))
     named = parse_step_dir(path.name)
     if named is not None and named != manifest.step:
         raise CheckpointError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")

@@ -121,6 +121,11 @@ class ArenaPool:
         with self._lock:
             self._free.append(arena)
 
+    def clear(self) -> None:
+        """Let go of every free arena (pinned memory is scarce: a closed manager keeps none)."""
+        with self._lock:
+            self._free.clear()
+
     def held_bytes(self) -> int:
         with self._lock:
             return sum(a.capacity for a in self._free)

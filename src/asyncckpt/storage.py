@@ -194,7 +194,11 @@ class LocalStorage:
             parked = self.root / f"{REPLACED_PREFIX}{final.name}.{secrets.token_hex(4)}"
             os.rename(final, parked)
             _phases.pause("replace")  # the window a crash-consistent sweep must repair
-            os.rename(temp_dir, final)
+            try:
+                os.rename(temp_dir, final)
+            except BaseException:
+                os.rename(parked, final)  # the failed save must not hide the checkpoint it replaced
+                raise
             fsync_dir(self.root)
             # Renamed to a temp name before removal: a leftover can then only ever be swept, never
             # mistaken for a replace cut short and put back over a newer checkpoint.
