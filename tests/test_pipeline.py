@@ -62,3 +62,31 @@ def test_commit_order_is_data_manifest_dir_rename_root(tmp_path, monkeypatch):
     assert before.index("fsync data-00000.bin") < before.index(f"fsync {MANIFEST_NAME}")
     assert any(e.startswith("fsync .tmp-step-000000000007") for e in before[before.index(f"fsync {MANIFEST_NAME}") :])
     assert events[rename_at + 1] == "fsync root"
+
+
+def test_retention_deletes_only_after_the_newer_commit_is_durable(tmp_path, monkeypatch):
+    events: list[str] = []
+    real_fsync, real_rename = storage_mod.os.fsync, storage_mod.os.rename
+
+    def fsync(fd):
+        import os
+
+        events.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(f"rename {storage_mod.Path(src).name}->{storage_mod.Path(dst).name}")
+        return real_rename(src, dst)
+
+    root = tmp_path / "root"
+    with asyncckpt.CheckpointManager(root, keep_last=1) as mgr:
+        mgr.save(1, {"w": torch.zeros(4)}).wait()
+        monkeypatch.setattr(storage_mod.os, "fsync", fsync)
+        monkeypatch.setattr(storage_mod.os, "rename", rename)
+        mgr.save(2, {"w": torch.ones(4)}).wait()
+        monkeypatch.undo()
+        assert mgr.steps() == [2]
+    commit = next(i for i, e in enumerate(events) if e.endswith("->step-000000000002"))
+    delete = next(i for i, e in enumerate(events) if e.startswith("rename step-000000000001->.tmp-delete"))
+    assert events[commit + 1] == "fsync root"
+    assert delete > commit + 1
