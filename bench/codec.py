@@ -128,7 +128,7 @@ def main() -> None:
     }
     rows = []
     print(f"{len(weights)} MiniLM tensors, {flat.numel() / 1e6:.1f}M floats; 4 MiB chunks; one core\n")
-    print("| data | level | plain zstd | byte-grouped zstd | asyncckpt (byte planes) |")
+    print("| data | level | plain zstd | byte-grouped zstd | asyncckpt encode (byte-grouped zstd + CRC32) |")
     print("|---|---|---|---|---|")
     for name, tensor in data.items():
         size = tensor.element_size()
@@ -145,7 +145,7 @@ def main() -> None:
 
     big = torch.cat([flat, avg, sq] * 3)
     chunks = chunks_of(big)
-    print(f"\nencoder stage, {big.numel() * 4 / 1e6:.0f} MB fp32, zstd-1 byte planes, threads on this machine:")
+    print(f"\nencoder stage, {big.numel() * 4 / 1e6:.0f} MB fp32, zstd-1 byte-grouped, threads on this machine:")
     print("| threads | MB/s |")
     print("|---|---|")
     pool = {}

@@ -1,0 +1,45 @@
+"""Chart of bench/stall.py's JSON: stall and loop overhead per checkpoint, per saver (PNG).
+
+pip install matplotlib
+python bench/plot_stall.py bench/results/stall-cpu.json docs/stall-cpu.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    from matplotlib.figure import Figure
+
+    data = json.load(open(sys.argv[1]))
+    savers = {k: v for k, v in data["savers"].items() if "stall_s" in v}
+    names = list(savers)
+    stall = [savers[n]["stall_s"] * 1e3 for n in names]
+    overhead = [max(savers[n]["overhead_s"], 0) * 1e3 for n in names]
+    floor = data["floor_s"] * 1e3
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    ax = fig.subplots()
+    y = range(len(names))
+    ax.barh([i + 0.2 for i in y], stall, height=0.4, label="stall (training thread blocked)")
+    ax.barh([i - 0.2 for i in y], overhead, height=0.4, label="loop overhead (stall + background slowdown)")
+    ax.axvline(floor, color="k", linestyle=":", label=f"bare copy floor ({floor:.0f} ms)")
+    ax.set_yticks(list(y), names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per checkpoint (log scale, median)")
+    m = data["machine"]
+    ax.set_title(
+        f"{data['state_bytes'] / 1e9:.2f} GB state, {m.get('gpu', 'CPU')} / {m['cores']} cores, "
+        f"torch {m['torch']}, {m['date']}"
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(sys.argv[2], dpi=110)
+    print(f"wrote {sys.argv[2]}")
+
+
+if __name__ == "__main__":
+    main()
