@@ -36,7 +36,7 @@ def main() -> None:
         f"{data['state_bytes'] / 1e9:.2f} GB state, {m.get('gpu', 'CPU')} / {m['cores']} cores, "
         f"torch {m['torch']}, {m['date']}"
     )
-    ax.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8)
     fig.savefig(sys.argv[2], dpi=110)
     print(f"wrote {sys.argv[2]}")
 
