@@ -21,6 +21,14 @@ def build_state(width: int, depth: int, device: str) -> tuple[torch.nn.Module, t
     return model, opt
 
 
+def trained_state(width: int, depth: int, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """build_state plus one optimizer step, so the AdamW moments exist (the state's full size)."""
+    model, opt = build_state(width, depth, device)
+    model(torch.randn(8, width, device=device)).pow(2).mean().backward()
+    opt.step()
+    return model, opt
+
+
 def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     for per_param in opt.state_dict()["state"].values():

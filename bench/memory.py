@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
-from _common import build_state, machine, state_bytes, write_json  # noqa: E402
+from _common import machine, state_bytes, trained_state, write_json  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -36,9 +36,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, opt = build_state(args.width, args.depth, device)
-    model(torch.randn(8, args.width, device=device)).sum().backward()
-    opt.step()
+    model, opt = trained_state(args.width, args.depth, device)
     nbytes = state_bytes(model, opt)
     state = {"model": model, "optimizer": opt}
     rows = []

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
-from _common import build_state, machine, median, state_bytes, write_json  # noqa: E402
+from _common import machine, median, state_bytes, trained_state, write_json  # noqa: E402
 from asyncckpt import codec  # noqa: E402
 from asyncckpt.reader import read_manifest  # noqa: E402
 
@@ -57,9 +57,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, opt = build_state(args.width, args.depth, device)
-    model(torch.randn(8, args.width, device=device)).sum().backward()
-    opt.step()
+    model, opt = trained_state(args.width, args.depth, device)
     nbytes = state_bytes(model, opt)
     live = {"model": model, "optimizer": opt}
     base = Path(tempfile.mkdtemp(prefix="asyncckpt-restore-"))

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
-from _common import build_state, machine, median, state_bytes, write_json  # noqa: E402
+from _common import machine, median, state_bytes, trained_state, write_json  # noqa: E402
 
 
 def dir_bytes(path: Path) -> int:
@@ -275,10 +275,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
     args = ap.parse_args()
 
-    model, opt = build_state(args.width, args.depth, args.device)
-    x = torch.randn(args.batch, args.width, device=args.device)
-    model(x).pow(2).mean().backward()
-    opt.step()  # optimizer state exists
+    model, opt = trained_state(args.width, args.depth, args.device)
     nbytes = state_bytes(model, opt)
     default = "none,asyncckpt,asyncckpt-raw,torch.save,torch.save-thread,dcp"
     if args.device.startswith("cuda"):

@@ -9,8 +9,7 @@ import os
 import shutil
 import struct
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 import asyncckpt
 import asyncckpt.codec
+from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySteps
 from asyncckpt.format import DTYPES
 from asyncckpt.storage import DataFileWriter, LocalStorage
@@ -115,32 +115,6 @@ def step_dir(root: Path, step: int) -> Path:
 
 def manifest_of(root: Path, step: int) -> dict:
     return json.loads((step_dir(root, step) / "manifest.json").read_bytes())
-
-
-def run_with_timeout(fn: Callable, timeout: float = 60.0):
-    """Run ``fn`` on a thread; fail if it does not finish in ``timeout``; re-raise its exception."""
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"{fn} did not return within {timeout} s (hang)"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def rss_bytes() -> int:

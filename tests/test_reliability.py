@@ -23,10 +23,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import warnings
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,7 @@ import asyncckpt
 import asyncckpt.cli
 import asyncckpt.format
 import asyncckpt.storage
+from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt.format import seal_manifest
 
@@ -131,32 +131,6 @@ def blank_like(tree):
     if isinstance(tree, tuple):
         return tuple(blank_like(v) for v in tree)
     return "stale"
-
-
-def run_with_timeout(fn: Callable, timeout: float = 60.0):
-    """Run ``fn`` on a daemon thread; fail if it does not return in ``timeout`` (a hang); re-raise."""
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True, name="reliability-guard")
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"{fn} did not return within {timeout} s (deadlock?)"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.01)
 
 
 def verify_cli(path: Path) -> tuple[int, str]:
