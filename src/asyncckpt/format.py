@@ -97,6 +97,7 @@ class Manifest:
     stored_bytes: int
     metrics: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         # built by hand: dataclasses.asdict would recurse into the (already plain) tree
@@ -112,6 +113,7 @@ class Manifest:
             "stored_bytes": self.stored_bytes,
             "metrics": self.metrics,
             "metadata": self.metadata,
+            "tags": self.tags,
         }
         return seal_manifest(json.dumps(body, separators=(",", ":")).encode())
 
@@ -204,7 +206,21 @@ def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
         stored_bytes=stored_bytes,
         metrics=_json_dict(body.get("metrics", {}), "metrics"),
         metadata=_json_dict(body.get("metadata", {}), "metadata"),
+        tags=check_tags(body.get("tags", []), "tags", _fail),
     )
+
+
+def check_tags(tags: Any, where: str, error=None) -> list[str]:
+    """Tags are short printable strings; a list of at most 64 of them, without duplicates."""
+    make = error or (lambda _where, what: ValueError(f"{_where}: {what}"))
+    if not isinstance(tags, (list, tuple)) or len(tags) > 64:
+        raise make(where, "tags must be a list of at most 64 strings")
+    for tag in tags:
+        if not isinstance(tag, str) or not 0 < len(tag) <= 128 or not tag.isprintable():
+            raise make(where, f"tag {str(tag)[:40]!r} must be a printable string of 1-128 characters")
+    if len(set(tags)) != len(tags):
+        raise make(where, "duplicate tags")
+    return list(tags)
 
 
 def _parse_tensors(items: Any, raw_bytes: int) -> list[TensorEntry]:

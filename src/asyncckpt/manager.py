@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from . import _phases
 from .codec import CodecConfig
 from .errors import CheckpointError
-from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP
+from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, check_tags
 from .metrics import METRICS_LOG, SaveRecord, SaveStats
 from .pipeline import Pipeline, SaveHandle, SaveJob
 from .policy import EverySteps, SavePolicy
@@ -140,6 +141,71 @@ def _at_interpreter_exit(callback) -> None:
     atexit.register(callback)
 
 
+def _subtree(tree: dict, key: str, where: Path) -> dict:
+    node = tree
+    for part in key.split("."):
+        if "o" in node:  # a stateful object: look inside its state dict
+            node = node["o"]
+        pairs = node.get("d")
+        match = None if pairs is None else next((child for k, child in pairs if str(k) == part), None)
+        if match is None:
+            have = [k for k, _ in pairs] if pairs else []
+            raise CheckpointError(f"{where} has no entry {key!r} (top-level keys: {have[:10]})")
+        node = match
+    return node["o"] if "o" in node else node
+
+
+def _tensor_indices(node: dict) -> set[int]:
+    found, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for kind, value in n.items():
+            if kind in ("T", "N", "S"):
+                found.add(value)
+            elif kind == "d":
+                stack.extend(child for _, child in value)
+            elif kind in ("l", "t"):
+                stack.extend(value)
+            elif kind == "o":
+                stack.append(value)
+    return found
+
+
+def load_weights(path: str | os.PathLike, model: torch.nn.Module, key: str = "model", strict: bool = True) -> int:
+    """Load just a model's weights for inference: only the chunks holding them are read.
+
+    ``path`` is a root (newest valid checkpoint) or one checkpoint dir; ``key`` names the model's
+    entry in the saved state ("model", or a dotted path like "ema.model"). Tensors land on the
+    model's own device and dtype. Returns the checkpoint's step.
+    """
+    path = Path(path)
+    if (path / MANIFEST_NAME).exists():
+        candidates = [path]
+    else:
+        candidates = [c.path for c in _candidates(path, None)] if path.is_dir() else []
+        if not candidates:
+            raise CheckpointError(f"no checkpoint in {path}")
+    failures = []
+    for candidate in candidates:
+        try:
+            manifest = read_manifest(candidate)
+            node = _subtree(manifest.tree, key, candidate)
+            loaded = read_checkpoint(candidate, os.cpu_count() or 1, manifest, only=_tensor_indices(node))
+        except CheckpointError as exc:
+            if len(candidates) == 1 or "has no entry" in str(exc):
+                raise
+            failures.append(f"{candidate.name}: {exc}")
+            warnings.warn(f"asyncckpt: {candidate} is damaged ({exc}); trying the next older one", stacklevel=2)
+            continue
+        weights = unflatten(node, loaded.tensors)  # type: ignore[arg-type]
+        try:
+            model.load_state_dict(weights, strict=strict)
+        except Exception as exc:
+            raise CheckpointError(f"{candidate}[{key!r}] does not fit {type(model).__name__}: {exc}") from exc
+        return manifest.step
+    raise CheckpointError(f"no valid checkpoint in {path}: " + "; ".join(failures))
+
+
 def _close_at_exit(ref: weakref.ReferenceType) -> None:
     manager = ref()
     if manager is not None:
@@ -188,6 +254,7 @@ class CheckpointManager:
         self._failed: list[SaveHandle] = []
         self._prepared: Future | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._infos_lock = threading.Lock()  # retention (writer thread) vs tag/untag (caller)
         self._preempted: int | None = None
         try:
             self._infos = {c.step: self._read_metrics(c) for c in self._storage.checkpoints()}
@@ -277,7 +344,15 @@ class CheckpointManager:
         self.policy.saved(step)
         return self.save(step, state, metrics=metrics, metadata=metadata)
 
-    def save(self, step: int, state: Any, *, metrics: dict | None = None, metadata: dict | None = None) -> SaveHandle:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metrics: dict | None = None,
+        metadata: dict | None = None,
+        tags: list[str] | tuple[str, ...] = (),
+    ) -> SaveHandle:
         """Snapshot ``state`` into host memory and persist it in the background.
 
         Returns once the snapshot is copied: later in-place changes to the live tensors never reach
@@ -296,6 +371,7 @@ class CheckpointManager:
         layout = plan_layout(flat.tensors)
         job_metrics = _plain_metrics(metrics)
         job_metadata = _check_json(metadata, "metadata")
+        job_tags = check_tags(list(tags), "tags")
         if self._prepared is not None:
             prepared, self._prepared = self._prepared, None
             prepared.result()
@@ -309,7 +385,7 @@ class CheckpointManager:
             raise
         copied = time.perf_counter()
         handle = SaveHandle(step)
-        job = SaveJob(step, flat.skeleton, layout, arena, handle, record, job_metrics, job_metadata)
+        job = SaveJob(step, flat.skeleton, layout, arena, handle, record, job_metrics, job_metadata, job_tags)
         with self._cond:
             self._pending.append(handle)
         handle.add_done_callback(self._settled)
@@ -342,8 +418,9 @@ class CheckpointManager:
                 self._failed.append(job.handle)
         try:
             if path is not None:
-                self._infos[job.step] = CheckpointInfo(job.step, job.metrics)
-                self._apply_retention(protect=job.step)
+                with self._infos_lock:
+                    self._infos[job.step] = CheckpointInfo(job.step, job.metrics, tuple(job.tags))
+                    self._apply_retention(protect=job.step)
         finally:
             self.stats.finished(job.record)
             self.policy.committed(job.record)
@@ -413,9 +490,31 @@ class CheckpointManager:
 
     def _read_metrics(self, checkpoint: CommittedCheckpoint) -> CheckpointInfo:
         try:
-            return CheckpointInfo(checkpoint.step, read_manifest(checkpoint.path).metrics)
+            manifest = read_manifest(checkpoint.path)
+            return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
         except CheckpointError:
             return CheckpointInfo(checkpoint.step, {})
+
+    def tag(self, step: int, *tags: str) -> list[str]:
+        """Add tags to a committed checkpoint; tagged checkpoints are kept by retention."""
+        return self._retag(step, lambda have: have + [t for t in check_tags(list(tags), "tags") if t not in have])
+
+    def untag(self, step: int, *tags: str) -> list[str]:
+        """Remove tags (all of them when none are named); the checkpoint is then subject to retention
+        again, from the next commit on."""
+        return self._retag(step, lambda have: [t for t in have if tags and t not in tags])
+
+    def _retag(self, step: int, change: Callable[[list[str]], list[str]]) -> list[str]:
+        self._check_open()
+        checkpoint = next((c for c in self._storage.checkpoints() if c.step == _check_step(step)), None)
+        if checkpoint is None:
+            raise CheckpointError(f"no committed checkpoint for step {step} in {self.root}")
+        with self._infos_lock:  # not while the writer applies retention to this very checkpoint
+            manifest = read_manifest(checkpoint.path)
+            manifest.tags = change(list(manifest.tags))
+            self._storage.replace_manifest(checkpoint.path, manifest.to_json())
+            self._infos[step] = CheckpointInfo(step, manifest.metrics, tuple(manifest.tags))
+        return manifest.tags
 
     # ---- lifetime -----------------------------------------------------------------------------
 

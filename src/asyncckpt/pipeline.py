@@ -86,6 +86,7 @@ class SaveJob:
     record: SaveRecord
     metrics: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
     enqueued: float = 0.0  # perf_counter when save() returned
 
 
@@ -214,6 +215,7 @@ class Pipeline:
                 stored_bytes=sum(c.length for c in chunks),
                 metrics=job.metrics,
                 metadata=job.metadata,
+                tags=job.tags,
             )
             _phases.pause("manifest")
             self._storage.write_manifest(temp_dir, manifest.to_json())

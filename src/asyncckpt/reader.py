@@ -62,13 +62,16 @@ def _tensor_names(manifest: Manifest, start: int, end: int) -> str:
 class _Scatter:
     """Routes a decoded chunk's bytes into the tensors it overlaps (each tensor owns its storage)."""
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, only: set[int] | None = None) -> None:
         entries = manifest.tensors
+        wanted = set(range(len(entries))) if only is None else only
         try:
-            self.buffers = [torch.empty(t.nbytes, dtype=torch.uint8) for t in entries]
+            self.buffers = [
+                torch.empty(t.nbytes, dtype=torch.uint8) if i in wanted else None for i, t in enumerate(entries)
+            ]
         except RuntimeError as exc:
             raise CheckpointError(f"cannot allocate {manifest.raw_bytes} bytes of tensors: {exc}") from None
-        self._order = sorted((i for i, t in enumerate(entries) if t.nbytes), key=lambda i: entries[i].offset)
+        self._order = sorted((i for i in wanted if entries[i].nbytes), key=lambda i: entries[i].offset)
         self._starts = [entries[i].offset for i in self._order]
         self._entries = entries
 
@@ -99,11 +102,20 @@ class _Scatter:
             base = self._entries[i].offset
             self.buffers[i][a - base : b - base].copy_(decoded[a - start : b - start])
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [buf.view(DTYPES[t.dtype]).view(t.shape) for buf, t in zip(self.buffers, self._entries, strict=True)]
+    def needs(self, start: int, end: int) -> bool:
+        return bool(self.overlapping(start, end))
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        """Every tensor read (None for those not asked for)."""
+        return [
+            None if buf is None else buf.view(DTYPES[t.dtype]).view(t.shape)
+            for buf, t in zip(self.buffers, self._entries, strict=True)
+        ]
 
 
-def read_checkpoint(path: Path, workers: int = 4, manifest: Manifest | None = None) -> LoadedCheckpoint:
+def read_checkpoint(
+    path: Path, workers: int = 4, manifest: Manifest | None = None, only: set[int] | None = None
+) -> LoadedCheckpoint:
     """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors (all or none).
 
     Each tensor gets its own storage (not a view of one big buffer): a loaded tensor can be kept,
@@ -123,7 +135,13 @@ def read_checkpoint(path: Path, workers: int = 4, manifest: Manifest | None = No
                     f"{_tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)} "
                     f"ends at byte {chunk.offset + chunk.length}, the file has {sizes[chunk.file]}"
                 )
-        scatter = _Scatter(manifest)
+        scatter = _Scatter(manifest, only)
+        # a partial read (``only``) skips chunks that hold none of the wanted tensors
+        wanted_chunks = [
+            i
+            for i, c in enumerate(manifest.chunks)
+            if only is None or scatter.needs(c.raw_offset, c.raw_offset + c.raw_length)
+        ]
 
         def load_chunk(index: int) -> None:
             chunk = manifest.chunks[index]
@@ -146,12 +164,12 @@ def read_checkpoint(path: Path, workers: int = 4, manifest: Manifest | None = No
             if direct is None:
                 scatter.scatter(out, start, end)
 
-        if workers > 1 and len(manifest.chunks) > 1:
-            with ThreadPoolExecutor(min(workers, len(manifest.chunks)), "asyncckpt-read") as pool:
-                for future in [pool.submit(load_chunk, i) for i in range(len(manifest.chunks))]:
+        if workers > 1 and len(wanted_chunks) > 1:
+            with ThreadPoolExecutor(min(workers, len(wanted_chunks)), "asyncckpt-read") as pool:
+                for future in [pool.submit(load_chunk, i) for i in wanted_chunks]:
                     future.result()
         else:
-            for i in range(len(manifest.chunks)):
+            for i in wanted_chunks:
                 load_chunk(i)
     finally:
         for fd in fds.values():

@@ -31,6 +31,7 @@ class RetentionPolicy:
 class CheckpointInfo:
     step: int
     metrics: dict[str, Any]
+    tags: tuple[str, ...] = ()
 
 
 def _metric(info: CheckpointInfo, name: str) -> float | None:
@@ -45,11 +46,12 @@ def _metric(info: CheckpointInfo, name: str) -> float | None:
 
 
 def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) -> list[int]:
-    """Steps that no rule keeps. Rules are a union: a checkpoint kept by any rule stays."""
+    """Steps that no rule keeps. Rules are a union: a checkpoint kept by any rule stays, and a
+    tagged checkpoint is kept by its tags."""
     if not committed:
         return []
     ordered = sorted(committed, key=lambda c: c.step)
-    keep = {ordered[-1].step}
+    keep = {ordered[-1].step} | {c.step for c in ordered if c.tags}  # tagged: kept until untagged
     if policy.keep_last is None:
         keep.update(c.step for c in ordered)
     else:

@@ -187,6 +187,20 @@ class LocalStorage:
             os.close(fd)
         fsync_dir(temp_dir)
 
+    def replace_manifest(self, checkpoint: Path, data: bytes) -> None:
+        """Swap a committed checkpoint's manifest atomically (tags change; the data does not)."""
+        temp = checkpoint / f"{MANIFEST_NAME}.{TEMP_PREFIX}{secrets.token_hex(4)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, checkpoint / MANIFEST_NAME)
+        fsync_dir(checkpoint)
+
     def commit(self, temp_dir: Path, step: int) -> Path:
         """Atomically publish ``temp_dir`` as step-N (replacing an older save of the same step)."""
         final = self.root / step_dir_name(step)
