@@ -13,6 +13,7 @@ from .errors import CheckpointError
 from .format import MANIFEST_NAME
 from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
 from .reader import read_checkpoint, read_manifest
+from .retention import RetentionPolicy
 from .storage import list_checkpoints
 
 
@@ -231,6 +232,55 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from . import tools
+
+    info = tools.inspect_checkpoint(tools.resolve_checkpoint(args.ckpt))
+    print(json.dumps(info, indent=2) if args.json else tools.format_inspect(info))
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from . import tools
+
+    result = tools.diff_checkpoints(tools.resolve_checkpoint(args.ckpt_a), tools.resolve_checkpoint(args.ckpt_b))
+    print(json.dumps(result, indent=2) if args.json else tools.format_diff(result))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from . import tools
+
+    done = tools.export_checkpoint(
+        tools.resolve_checkpoint(args.ckpt), Path(args.output), key=args.key, dtype=args.dtype, fmt=args.format
+    )
+    if done.skipped:
+        print(
+            f"asyncckpt: left out {len(done.skipped)} non-tensor leaves: {', '.join(done.skipped[:5])}"
+            + (" ..." if len(done.skipped) > 5 else ""),
+            file=sys.stderr,
+        )
+    print(f"wrote {done.path}: {done.tensors} tensors, {done.bytes} bytes, step {done.step} key {args.key!r}")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from . import tools
+
+    if args.keep_best is not None and not args.metric:
+        raise CheckpointError("--keep-best needs --metric (the name of a metric passed to save)")
+    try:
+        policy = RetentionPolicy(args.keep_last, args.keep_best, args.metric, args.mode, args.keep_every)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    result = tools.prune(Path(args.root), policy, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for step in result.deleted:
+        print(f"{verb} step {step}")
+    print(f"{verb} {len(result.deleted)}, kept {len(result.kept)}: {result.kept}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncckpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +306,31 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print {records, summary} as JSON")
     stats.add_argument("--plot", metavar="FILE.png", help="draw stall and persist per checkpoint (needs matplotlib)")
     stats.set_defaults(func=_cmd_stats)
+    inspect = sub.add_parser("inspect", help="one checkpoint's step, sizes, metrics and tree (manifest only)")
+    inspect.add_argument("ckpt")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=_cmd_inspect)
+    diff = sub.add_parser("diff", help="per-tensor differences between two checkpoints")
+    diff.add_argument("ckpt_a")
+    diff.add_argument("ckpt_b")
+    diff.add_argument("--json", action="store_true")
+    diff.set_defaults(func=_cmd_diff)
+    export = sub.add_parser("export", help="write a subtree's tensors as safetensors or a flat torch.save dict")
+    export.add_argument("ckpt")
+    export.add_argument("-o", "--output", required=True, metavar="OUT")
+    export.add_argument("--key", default="model", help="subtree to export (default: model); dots go deeper")
+    export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point tensors")
+    export.add_argument("--format", choices=["safetensors", "pt"], default="safetensors")
+    export.set_defaults(func=_cmd_export)
+    prune = sub.add_parser("prune", help="delete the checkpoints a retention policy does not keep")
+    prune.add_argument("root")
+    prune.add_argument("--keep-last", type=int, required=True, metavar="N")
+    prune.add_argument("--keep-best", type=int, metavar="K")
+    prune.add_argument("--metric", metavar="M")
+    prune.add_argument("--mode", choices=["min", "max"], default="min")
+    prune.add_argument("--keep-every", type=int, metavar="S")
+    prune.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    prune.set_defaults(func=_cmd_prune)
     return parser
 
 

@@ -1,0 +1,484 @@
+"""The logic behind ``asyncckpt inspect``, ``diff``, ``export`` and ``prune`` (the CLI stays thin).
+
+Paths name leaves the way save errors do: ``state['model'].state_dict()['0.weight']``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .format import MANIFEST_NAME, Manifest
+from .reader import read_checkpoint, read_manifest
+from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
+from .storage import LocalStorage, list_checkpoints
+from .tree import unflatten
+
+_TENSOR_KINDS = {"T": "tensor", "N": "ndarray", "S": "numpy scalar"}
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory at ``path``, or a CheckpointError that says what ``path`` is instead."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir() and not path.is_symlink() and not (path / MANIFEST_NAME).exists():
+        committed = list_checkpoints(path)
+        if committed:
+            raise CheckpointError(
+                f"{path} is a checkpoint root, not a checkpoint; name one of its checkpoints, "
+                f"e.g. {committed[-1].path} (the newest of {len(committed)})"
+            )
+        raise CheckpointError(f"{path} is not a checkpoint: it has no {MANIFEST_NAME}")
+    return path
+
+
+def resolve_root(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint root {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint root {path} is not a directory")
+    if (path / MANIFEST_NAME).exists():
+        raise CheckpointError(f"{path} is one checkpoint, not a checkpoint root; pass its parent {path.parent}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------- leaves
+
+
+@dataclass
+class Leaf:
+    path: str
+    kind: str  # tensor, ndarray, numpy scalar, value, dtype, device, empty (an empty container)
+    index: int | None = None  # tensor index in the manifest
+    value: Any = None
+
+
+def _child(path: str, key: Any) -> str:
+    return f"{path}[{key!r}]"
+
+
+def leaves(tree: dict, path: str = "state") -> list[Leaf]:
+    """Every leaf of a manifest tree, in order, with its path."""
+    out: list[Leaf] = []
+    stack = [(tree, path)]
+    while stack:
+        node, where = stack.pop()
+        kind = next(k for k in node if k not in ("m", "cls"))
+        value = node[kind]
+        if kind in _TENSOR_KINDS:
+            out.append(Leaf(where, _TENSOR_KINDS[kind], index=value))
+        elif kind == "v":
+            out.append(Leaf(where, "value", value=value))
+        elif kind == "dt":
+            out.append(Leaf(where, "dtype", value=f"torch.{value}"))
+        elif kind == "dev":
+            out.append(Leaf(where, "device", value=value))
+        elif kind == "o":
+            stack.append((value, f"{where}.state_dict()"))
+        elif kind in ("d", "l", "t"):
+            items = value if kind == "d" else list(enumerate(value))
+            if not items:
+                empty = {"d": "{}", "l": "[]", "t": "()"}[kind]
+                out.append(Leaf(where, "empty", value=empty))
+            for key, child in reversed(items):
+                stack.append((child, _child(where, key)))
+        else:
+            raise CheckpointError(f"{where}: unknown skeleton node kind {kind!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- inspect
+
+
+def inspect_checkpoint(path: Path) -> dict:
+    """A JSON-ready description of one checkpoint, from its manifest only (no tensor data is read)."""
+    manifest = read_manifest(path)
+    first_path: dict[int, str] = {}
+    rows = []
+    for leaf in leaves(manifest.tree):
+        row: dict[str, Any] = {"path": leaf.path, "kind": leaf.kind}
+        if leaf.index is not None:
+            entry = manifest.tensors[leaf.index]
+            row.update(dtype=entry.dtype, shape=list(entry.shape), bytes=entry.nbytes)
+            if leaf.index in first_path:
+                row["tied_to"] = first_path[leaf.index]
+            else:
+                first_path[leaf.index] = leaf.path
+        else:
+            row["value"] = leaf.value
+        rows.append(row)
+    return {
+        "path": str(path),
+        "step": manifest.step,
+        "created": manifest.created,
+        "raw_bytes": manifest.raw_bytes,
+        "stored_bytes": manifest.stored_bytes,
+        "ratio": manifest.raw_bytes / manifest.stored_bytes if manifest.stored_bytes else None,
+        "tensors": len(manifest.tensors),
+        "chunks": len(manifest.chunks),
+        "metrics": manifest.metrics,
+        "metadata": manifest.metadata,
+        "leaves": rows,
+    }
+
+
+def _created_text(created: float) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return str(created)
+
+
+def format_inspect(info: dict) -> str:
+    ratio = f"{info['ratio']:.3f}x" if info["ratio"] else "-"
+    lines = [
+        f"checkpoint  {info['path']}",
+        f"step        {info['step']}",
+        f"created     {_created_text(info['created'])}",
+        f"size        {info['raw_bytes']} bytes raw, {info['stored_bytes']} stored ({ratio}), "
+        f"{info['tensors']} tensors in {info['chunks']} chunks",
+        f"metrics     {json.dumps(info['metrics'])}",
+        f"metadata    {json.dumps(info['metadata'])}",
+        "tree",
+    ]
+    for row in info["leaves"]:
+        if "dtype" in row:
+            what = f"{row['kind']} {row['dtype']} {tuple(row['shape'])} {row['bytes']} bytes"
+            if "tied_to" in row:
+                what += f" (tied to {row['tied_to']})"
+        elif row["kind"] == "value":
+            what = repr(row["value"])
+        elif row["kind"] == "empty":
+            what = row["value"]
+        else:
+            what = f"{row['kind']} {row['value']}"
+        lines.append(f"  {row['path']}: {what}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- diff
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
+
+
+def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> dict:
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
+        return {
+            "status": "dtype/shape changed",
+            "a": {"dtype": str(a.dtype).removeprefix("torch."), "shape": list(a.shape)},
+            "b": {"dtype": str(b.dtype).removeprefix("torch."), "shape": list(b.shape)},
+        }
+    numeric = a.is_floating_point() or a.is_complex()
+    if numeric:
+        try:
+            wide = torch.complex128 if a.is_complex() else torch.float64
+            x, y = a.to(wide), b.to(wide)
+        except (RuntimeError, TypeError):
+            numeric = False  # packed formats (float4) cannot be widened: compare bytes
+    if not numeric:
+        same = bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+        return {"status": "equal" if same else "different"}
+    if a.numel() == 0:
+        return {"status": "equal", "max_abs_diff": 0.0, "max_rel_diff": 0.0}
+    both_nan = torch.isnan(x) & torch.isnan(y)
+    same = (x == y) | both_nan
+    diff = torch.where(same, torch.zeros((), dtype=torch.float64), (x - y).abs().to(torch.float64))
+    diff = torch.nan_to_num(diff, nan=math.inf, posinf=math.inf)  # inf - inf, or NaN against a number
+    scale = torch.maximum(x.abs(), y.abs()).to(torch.float64)
+    rel = torch.nan_to_num(diff / scale, nan=math.inf, posinf=math.inf)  # NaN or inf involved: inf
+    rel = torch.where(same, torch.zeros((), dtype=torch.float64), rel)
+    max_abs, max_rel = float(diff.max()), float(rel.max())
+    return {
+        "status": "equal" if max_abs == 0 else "different",
+        "max_abs_diff": _json_float(max_abs),
+        "max_rel_diff": _json_float(max_rel),
+    }
+
+
+def _leaf_values(path: Path) -> tuple[Manifest, dict[str, Any]]:
+    loaded = read_checkpoint(path)
+    out: dict[str, Any] = {}
+    for leaf in leaves(loaded.manifest.tree):
+        out[leaf.path] = loaded.tensors[leaf.index] if leaf.index is not None else (leaf.kind, leaf.value)
+    return loaded.manifest, out
+
+
+def diff_checkpoints(path_a: Path, path_b: Path) -> dict:
+    """Per leaf path: how B differs from A (reads and verifies both checkpoints)."""
+    manifest_a, a = _leaf_values(path_a)
+    manifest_b, b = _leaf_values(path_b)
+    rows = []
+    for name in [*a, *(k for k in b if k not in a)]:
+        if name not in b:
+            rows.append({"path": name, "status": "missing"})  # in A only
+            continue
+        if name not in a:
+            rows.append({"path": name, "status": "extra"})  # in B only
+            continue
+        va, vb = a[name], b[name]
+        if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
+            rows.append({"path": name, **_compare_tensors(va, vb)})
+        elif isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
+            rows.append({"path": name, "status": "kind changed"})
+        else:
+            same = va == vb and type(va[1]) is type(vb[1])
+            row = {"path": name, "status": "equal" if same else "different"}
+            if not same:
+                row.update(a=va[1], b=vb[1])
+            rows.append(row)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return {
+        "a": {"path": str(path_a), "step": manifest_a.step},
+        "b": {"path": str(path_b), "step": manifest_b.step},
+        "counts": counts,
+        "leaves": rows,
+    }
+
+
+def _g(value: float | str) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def format_diff(result: dict) -> str:
+    lines = [
+        f"A  {result['a']['path']} (step {result['a']['step']})",
+        f"B  {result['b']['path']} (step {result['b']['step']})",
+    ]
+    for row in result["leaves"]:
+        status = row["status"]
+        detail = ""
+        if "max_abs_diff" in row:
+            detail = f"  max_abs_diff={_g(row['max_abs_diff'])}  max_rel_diff={_g(row['max_rel_diff'])}"
+        elif status == "dtype/shape changed":
+            detail = f"  {row['a']['dtype']}{tuple(row['a']['shape'])} -> {row['b']['dtype']}{tuple(row['b']['shape'])}"
+        elif status == "different" and "a" in row:
+            detail = f"  {row['a']!r} -> {row['b']!r}"
+        elif status == "missing":
+            detail = "  (only in A)"
+        elif status == "extra":
+            detail = "  (only in B)"
+        lines.append(f"  {status:<19} {row['path']}{detail}")
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(result["counts"].items()))
+    lines.append(f"{len(result['leaves'])} leaves: {summary or 'none'}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- export
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+}
+for _name, _code in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float8_e8m0fnu", "F8_E8M0"),
+):
+    if isinstance(getattr(torch, _name, None), torch.dtype):
+        SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
+
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _select(tree: Any, key: str) -> Any:
+    """The subtree at ``key``: a top-level key, or a dotted path into nested dicts and lists."""
+    if isinstance(tree, dict) and key in tree:
+        return tree[key]
+    node = tree
+    for part in key.split("."):
+        if isinstance(node, dict):
+            if part in node:
+                node = node[part]
+                continue
+            if part.lstrip("-").isdigit() and int(part) in node:
+                node = node[int(part)]
+                continue
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        top = ", ".join(repr(k) for k in tree) if isinstance(tree, dict) else type(tree).__name__
+        raise CheckpointError(f"the checkpoint has no key {key!r} (top-level keys: {top})")
+    return node
+
+
+def _flat_tensors(node: Any, prefix: str, out: dict[str, torch.Tensor], skipped: list[str]) -> None:
+    if isinstance(node, torch.Tensor):
+        out[prefix] = node
+        return
+    if isinstance(node, dict):
+        items = list(node.items())
+    elif isinstance(node, (list, tuple)):
+        items = list(enumerate(node))
+    else:
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(node, (np.ndarray, np.generic)):
+            out[prefix] = torch.from_numpy(np.ascontiguousarray(node))
+        else:
+            skipped.append(prefix)
+        return
+    for key, child in items:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if name in out:
+            raise CheckpointError(f"two tensors flatten to the same name {name!r}")
+        _flat_tensors(child, name, out, skipped)
+
+
+@dataclass
+class Exported:
+    path: Path
+    step: int
+    tensors: int
+    bytes: int
+    skipped: list[str]  # non-tensor leaves left out
+
+
+def flat_export_dict(path: Path, key: str, dtype: str | None) -> tuple[int, dict[str, torch.Tensor], list[str]]:
+    loaded = read_checkpoint(path)
+    tree = unflatten(loaded.manifest.tree, loaded.tensors)
+    subtree = _select(tree, key)
+    flat: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    _flat_tensors(subtree, "", flat, skipped)
+    if not flat:
+        raise CheckpointError(f"{path}: key {key!r} holds no tensors")
+    if "" in flat:  # --key named one tensor
+        flat = {key: flat.pop("")}
+    if dtype is not None:
+        target = EXPORT_DTYPES[dtype]
+        flat = {n: t.to(target) if t.is_floating_point() else t for n, t in flat.items()}
+    return loaded.manifest.step, flat, skipped
+
+
+def safetensors_bytes_header(flat: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list]:
+    """The safetensors header (length prefix included) and the tensors' byte views, in file order."""
+    if sys.byteorder != "little":
+        raise CheckpointError("safetensors export needs a little-endian host")
+    header: dict[str, Any] = {"__metadata__": metadata}
+    payloads = []
+    offset = 0
+    for name in sorted(flat):
+        t = flat[name]
+        code = SAFETENSORS_DTYPES.get(t.dtype)
+        if code is None:
+            raise CheckpointError(
+                f"{name}: dtype {str(t.dtype).removeprefix('torch.')} has no safetensors code; use --format pt"
+            )
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + data.numel()]}
+        offset += data.numel()
+        payloads.append(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded, payloads
+
+
+def _atomic_write(out: Path, write) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def export_checkpoint(path: Path, out: Path, key: str = "model", dtype: str | None = None, fmt: str = "safetensors"):
+    step, flat, skipped = flat_export_dict(path, key, dtype)
+    if out.is_dir():
+        raise CheckpointError(f"output {out} is a directory")
+    if fmt == "safetensors":
+        metadata = {"format": "pt", "asyncckpt_step": str(step), "asyncckpt_key": key}
+        head, payloads = safetensors_bytes_header(flat, metadata)
+
+        def write(f) -> None:
+            f.write(head)
+            for data in payloads:
+                if data.numel():
+                    f.write(memoryview(data.numpy()))
+
+    elif fmt == "pt":
+
+        def write(f) -> None:
+            torch.save(flat, f)
+
+    else:
+        raise CheckpointError(f"unknown export format {fmt!r}")
+    try:
+        _atomic_write(out, write)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out}: {exc}") from exc
+    return Exported(out, step, len(flat), sum(t.numel() * t.element_size() for t in flat.values()), skipped)
+
+
+# ------------------------------------------------------------------------------------------ prune
+
+
+@dataclass
+class Pruned:
+    kept: list[int]
+    deleted: list[int]  # or, with dry_run, would be deleted
+
+
+def _infos(checkpoints) -> list[CheckpointInfo]:
+    infos = []
+    for c in checkpoints:
+        try:
+            metrics = read_manifest(c.path).metrics
+        except CheckpointError:
+            metrics = {}  # a damaged checkpoint has no metrics: only keep_last / keep_every can keep it
+        infos.append(CheckpointInfo(c.step, metrics))
+    return infos
+
+
+def prune(root: Path, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
+    """Delete what ``policy`` does not keep; takes the root's writer lock unless ``dry_run``."""
+    root = resolve_root(root)
+    if dry_run:
+        committed = list_checkpoints(root)
+        doomed = set(steps_to_delete(_infos(committed), policy))
+        return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed))
+    storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
+    try:
+        committed = storage.checkpoints()
+        doomed = set(steps_to_delete(_infos(committed), policy))
+        for c in committed:
+            if c.step in doomed:
+                storage.delete(c)
+    finally:
+        storage.close()
+    return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed))
