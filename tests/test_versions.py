@@ -96,3 +96,19 @@ def test_load_weights_errors(tmp_path):
     target = model_state(4)["model"]
     assert asyncckpt.load_weights(root, target, key="ema.model") == 2
     assert torch.equal(target[0].weight, model_state(3)["model"][0].weight)
+
+
+def test_ls_shows_tags_and_metadata(tmp_path, capsys):
+    import json
+
+    from asyncckpt.cli import main
+
+    with asyncckpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"w": torch.ones(1)}, tags=["best"], metadata={"run": "a"}).wait()
+        mgr.save(2, {"w": torch.ones(1)}).wait()
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["tags"], r["metadata"]) for r in rows] == [(1, ["best"], {"run": "a"}), (2, [], {})]
+    assert main(["ls", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "best" in lines[1] and lines[2].split()[3] == "-"

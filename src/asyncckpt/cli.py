@@ -53,6 +53,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                     "stored_bytes": m.stored_bytes,
                     "ratio": m.raw_bytes / m.stored_bytes if m.stored_bytes else None,
                     "metrics": m.metrics,
+                    "tags": m.tags,
+                    "metadata": m.metadata,
                     "manifest": "ok",
                 }
             )
@@ -61,13 +63,14 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'step':>12}  {'stored':>12}  {'ratio':>6}  metrics")
+    print(f"{'step':>12}  {'stored':>12}  {'ratio':>6}  {'tags':<16}  metrics")
     for row in rows:
         if row["manifest"] != "ok":
             print(f"{'?':>12}  {row['path']}: {row['manifest']}")
             continue
         ratio = f"{row['ratio']:.3f}" if row["ratio"] else "-"
-        print(f"{row['step']:>12}  {row['stored_bytes']:>12}  {ratio:>6}  {json.dumps(row['metrics'])}")
+        tags = ",".join(row["tags"]) or "-"
+        print(f"{row['step']:>12}  {row['stored_bytes']:>12}  {ratio:>6}  {tags:<16}  {json.dumps(row['metrics'])}")
     return 0
 
 
