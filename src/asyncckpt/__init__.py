@@ -1,14 +1,17 @@
 """asyncckpt: asynchronous, compressed, checksummed, atomically committed checkpoints for PyTorch."""
 
+from .aio import AsyncCheckpointManager, AsyncSaveHandle
 from .data import ResumableSampler
 from .errors import CheckpointError
-from .manager import CheckpointManager, load
+from .manager import CheckpointManager, load, load_weights
 from .pipeline import SaveHandle
 from .policy import Adaptive, EverySeconds, EverySteps
 from .rng import RNGState
 
 __all__ = [
     "Adaptive",
+    "AsyncCheckpointManager",
+    "AsyncSaveHandle",
     "CheckpointError",
     "CheckpointManager",
     "EverySeconds",
@@ -17,5 +20,6 @@ __all__ = [
     "ResumableSampler",
     "SaveHandle",
     "load",
+    "load_weights",
 ]
 __version__ = "0.1.0"

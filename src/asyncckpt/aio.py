@@ -1,0 +1,206 @@
+"""asyncio façade over CheckpointManager: the same manager and pipeline, awaited instead of blocked on.
+
+Every blocking call of the wrapped :class:`~asyncckpt.CheckpointManager` (the snapshot copy in
+``save``, the reads and decompression in ``restore``, ``wait`` and ``close``) runs in the event
+loop's default executor via ``loop.run_in_executor``; the background pipeline (encoders, writer,
+fsync, commit) is the manager's own, unchanged. ``await mgr.save(...)`` returns once the snapshot
+is taken and gives an :class:`AsyncSaveHandle`; ``await handle`` resolves to the committed path.
+
+Why the executor and not ``aiofiles`` for reads: a restore is ``os.pread`` of large chunks
+interleaved with zstd decompression and CRC checks, already spread over a thread pool (both
+release the GIL). ``aiofiles`` has no non-blocking file I/O of its own: it runs each read in a
+thread pool too, so it would add a layer around the reads while leaving the decompression, the
+larger cost, on the event loop or back in an executor anyway. ``bench/aio_read.py`` measures both.
+
+Cancellation: a call, once made, runs to completion in its thread. Cancelling the task that
+awaits ``save`` (the snapshot) or an :class:`AsyncSaveHandle` (the commit) only stops that task
+waiting: the save still commits, or fails and is reported by the next ``save``/``wait``/``close``
+as with the blocking manager. Cancelling an awaited ``restore`` does not stop the read either; it
+may still apply to the state afterwards. ``await mgr.wait()`` also waits for such orphaned calls,
+so do not touch the state after a cancelled ``save``/``restore`` until ``wait`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+import warnings
+from collections.abc import Callable, Generator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import CheckpointError
+from .manager import CheckpointManager
+from .pipeline import SaveHandle
+
+T = TypeVar("T")
+
+
+class AsyncSaveHandle:
+    """An awaitable over one :class:`SaveHandle`: ``await handle`` gives the committed path.
+
+    Raises :class:`CheckpointError` if the save failed. Awaiting it again, or cancelling one waiter,
+    is safe: the save itself is never cancelled.
+    """
+
+    def __init__(self, handle: SaveHandle, loop: asyncio.AbstractEventLoop) -> None:
+        self.handle = handle
+        self.step = handle.step
+        self._loop = loop
+        self._future: asyncio.Future[Path] = loop.create_future()
+        handle.add_done_callback(self._resolved)  # may run now, on this thread, if already done
+
+    def _resolved(self, handle: SaveHandle) -> None:  # writer thread (or the loop, if done already)
+        try:
+            self._loop.call_soon_threadsafe(self._transfer)
+        except RuntimeError:  # the loop is closed: nobody can await this handle any more
+            pass
+
+    def _transfer(self) -> None:
+        if self._future.done():
+            return
+        exc = self.handle._future.exception()
+        if exc is None:
+            self._future.set_result(self.handle._future.result())
+        else:
+            self._future.set_exception(exc)
+            self._future.exception()  # an un-awaited failure is reported by the manager, not logged
+
+    def done(self) -> bool:
+        """True once the save committed or failed (the thread-side state, never stale)."""
+        return self.handle.done()
+
+    def error(self) -> CheckpointError | None:
+        return self.handle.error()
+
+    async def _wait(self) -> Path:
+        try:
+            return await asyncio.shield(self._future)
+        except CheckpointError:
+            self.handle.reported = True  # as SaveHandle.wait: seen by the user, not raised again
+            raise
+
+    def __await__(self) -> Generator[Any, None, Path]:
+        return self._wait().__await__()
+
+    def __repr__(self) -> str:
+        return f"Async{self.handle!r}"
+
+
+class AsyncCheckpointManager:
+    """Asyncio façade over one :class:`CheckpointManager` (see the module docstring).
+
+    ``AsyncCheckpointManager(root, **options)`` takes the CheckpointManager options and builds one
+    (the constructor blocks briefly: it takes the lock and lists the root; ``await
+    AsyncCheckpointManager.open(root, **options)`` does that in the executor);
+    ``AsyncCheckpointManager(manager)`` wraps an existing one. ``.manager`` is the wrapped manager
+    (``stats``, ``policy``, ``root``...). Calls into the manager are serialised, so concurrent tasks
+    may share one façade. Preemption signal handlers are not supported through the façade: use the
+    loop's ``add_signal_handler`` and ``await mgr.save(...)`` from there.
+    """
+
+    def __init__(self, root: str | os.PathLike | CheckpointManager, **options: Any) -> None:
+        if isinstance(root, CheckpointManager):
+            if options:
+                raise TypeError("options cannot be given when wrapping an existing CheckpointManager")
+            self.manager = root
+        else:
+            self.manager = CheckpointManager(root, **options)
+        self._calls = threading.Lock()  # held in the executor thread, so a cancelled waiter can't skip it
+        self._inflight: set[asyncio.Future] = set()
+
+    @classmethod
+    async def open(cls, root: str | os.PathLike, **options: Any) -> AsyncCheckpointManager:
+        """Build the manager (lock, sweep, listing) in the executor rather than on the loop."""
+        loop = asyncio.get_running_loop()
+        manager = await loop.run_in_executor(None, functools.partial(CheckpointManager, root, **options))
+        return cls(manager)
+
+    @property
+    def root(self) -> Path:
+        return self.manager.root
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` in the default executor under the call lock; cancelling the waiter doesn't stop it."""
+
+        def locked() -> T:
+            with self._calls:
+                return fn(*args, **kwargs)
+
+        inner = asyncio.get_running_loop().run_in_executor(None, locked)
+        self._inflight.add(inner)
+        inner.add_done_callback(self._inflight.discard)
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            inner.add_done_callback(functools.partial(_orphan_done, getattr(fn, "__name__", "call")))
+            raise
+
+    async def prepare(self, state: Any) -> int:
+        """Allocate the host arena for ``state`` ahead of the first save; returns its size in bytes."""
+        future: Future = await self._run(self.manager.prepare, state)  # allocation runs on its own thread
+        return await asyncio.shield(asyncio.wrap_future(future))
+
+    async def save(
+        self, step: int, state: Any, *, metrics: dict | None = None, metadata: dict | None = None
+    ) -> AsyncSaveHandle:
+        """Snapshot ``state`` (in the executor) and return once copied; ``await`` the handle for the commit.
+
+        Like CheckpointManager.save, raises CheckpointError for an earlier save that failed.
+        """
+        handle = await self._run(self.manager.save, step, state, metrics=metrics, metadata=metadata)
+        return AsyncSaveHandle(handle, asyncio.get_running_loop())
+
+    async def maybe_save(
+        self, step: int, state: Any, metrics: dict | None = None, metadata: dict | None = None
+    ) -> AsyncSaveHandle | None:
+        """``save`` if the manager's policy says the step is due, else None."""
+        handle = await self._run(self.manager.maybe_save, step, state, metrics, metadata)
+        return None if handle is None else AsyncSaveHandle(handle, asyncio.get_running_loop())
+
+    async def wait(self) -> None:
+        """Wait for every pending save (and any cancelled call still running); raise if one failed."""
+        while self._inflight:
+            await asyncio.wait(list(self._inflight))
+        await asyncio.get_running_loop().run_in_executor(None, self.manager.wait)
+
+    async def restore(self, state: Any, step: int | None = None) -> int | None:
+        """Load the newest valid checkpoint (or ``step``) into ``state`` in place, off the event loop."""
+        return await self._run(self.manager.restore, state, step)
+
+    async def steps(self) -> list[int]:
+        """Committed steps, oldest first."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.manager.steps)
+
+    async def close(self) -> None:
+        """Finish pending saves, stop the background threads, release the root's lock."""
+        while self._inflight:
+            await asyncio.wait(list(self._inflight))
+        await self._run(self.manager.close)
+
+    async def _close_quietly(self) -> None:
+        try:
+            await self.close()
+        except CheckpointError as exc:
+            warnings.warn(f"asyncckpt: {exc}", stacklevel=2)
+
+    async def __aenter__(self) -> AsyncCheckpointManager:
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            await self._close_quietly()  # never hide the user's exception behind ours
+
+    def __repr__(self) -> str:
+        return f"AsyncCheckpointManager({self.manager!r})"
+
+
+def _orphan_done(what: str, inner: asyncio.Future) -> None:
+    """A call whose waiter was cancelled: its error would otherwise vanish."""
+    if not inner.cancelled() and inner.exception() is not None:
+        warnings.warn(f"asyncckpt: {what} (its awaiting task was cancelled) failed: {inner.exception()}", stacklevel=1)
