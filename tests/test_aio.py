@@ -217,3 +217,21 @@ async def test_async_with_closes_and_releases_the_lock(tmp_path: Path) -> None:
         async with AsyncCheckpointManager(tmp_path) as third:
             raise ValueError("user error")
     assert third.manager._closed
+
+
+async def test_overlap_mode_commit_is_awaitable_without_an_optimizer_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In overlap mode a commit waits for a fence; awaiting the handle must be one, or it would hang."""
+    from asyncckpt import _phases
+
+    monkeypatch.setitem(_phases._DELAYS, "lazy_copy", 0.2)
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    async with AsyncCheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        handle = await mgr.save(3, {"model": model, "optimizer": opt})
+        path = await asyncio.wait_for(handle, timeout=30)
+        assert path == tmp_path / "step-000000000003"
+    loaded = asyncckpt.load(tmp_path)["model"]
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())

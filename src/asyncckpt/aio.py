@@ -77,6 +77,10 @@ class AsyncSaveHandle:
         return self.handle.error()
 
     async def _wait(self) -> Path:
+        fence = self.handle._before_wait
+        if fence is not None and not self._future.done():
+            # Overlap mode: the commit waits for a fence; awaiting the commit is one (off the loop).
+            await asyncio.shield(self._loop.run_in_executor(None, fence))
         try:
             return await asyncio.shield(self._future)
         except CheckpointError:

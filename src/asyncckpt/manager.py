@@ -27,7 +27,7 @@ from .pipeline import Pipeline, SaveHandle, SaveJob
 from .policy import EverySteps, SavePolicy
 from .reader import LoadedCheckpoint, read_checkpoint, read_manifest
 from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
-from .staging import ArenaPool, CopyEngine, plan_layout
+from .staging import SMALL_COPY_BYTES, ArenaPool, CopyEngine, LazyCopy, plan_layout
 from .storage import CommittedCheckpoint, LocalStorage, list_checkpoints
 from .tree import check_compatible, flatten, restore_into, unflatten
 
@@ -206,6 +206,50 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module, key: str = "mo
     raise CheckpointError(f"no valid checkpoint in {path}: " + "; ".join(failures))
 
 
+SNAPSHOT_MODES = ("blocking", "overlap")
+
+
+def _fenceable(state: Any, depth: int = 0) -> tuple[list[torch.optim.Optimizer], list[torch.nn.Module]]:
+    """The optimizers and modules held (through dicts, lists, tuples) by a saved state."""
+    optimizers: list[torch.optim.Optimizer] = []
+    modules: list[torch.nn.Module] = []
+    if isinstance(state, torch.optim.Optimizer):
+        optimizers.append(state)
+    elif isinstance(state, torch.nn.Module):
+        modules.append(state)
+    elif depth < 16 and isinstance(state, (dict, list, tuple)):
+        for child in state.values() if isinstance(state, dict) else state:
+            more_optimizers, more_modules = _fenceable(child, depth + 1)
+            optimizers += more_optimizers
+            modules += more_modules
+    return optimizers, modules
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def _optimizer_owned(optimizers: list[torch.optim.Optimizer]) -> set[tuple]:
+    """Keys of the tensors only an optimizer step changes: its parameters and its state."""
+    keys = set()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            keys.update(_tensor_key(p) for p in group["params"] if isinstance(p, torch.Tensor))
+        for per_param in opt.state.values():
+            if isinstance(per_param, dict):
+                keys.update(_tensor_key(v) for v in per_param.values() if isinstance(v, torch.Tensor))
+    return keys
+
+
+def _fence_hook(ref: weakref.ReferenceType) -> Callable[..., None]:
+    def hook(*args: Any, **kwargs: Any) -> None:
+        manager = ref()
+        if manager is not None:
+            manager._fence()
+
+    return hook
+
+
 def _close_at_exit(ref: weakref.ReferenceType) -> None:
     manager = ref()
     if manager is not None:
@@ -233,8 +277,8 @@ class CheckpointManager:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         background_nice: int = 10,
     ) -> None:
-        if snapshot != "blocking":
-            raise ValueError(f"snapshot must be 'blocking' (overlap mode is not built yet), got {snapshot!r}")
+        if snapshot not in SNAPSHOT_MODES:
+            raise ValueError(f"snapshot must be one of {SNAPSHOT_MODES}, got {snapshot!r}")
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
         if not isinstance(chunk_size, int) or not 4096 <= chunk_size <= MAX_CHUNK_RAW:
@@ -244,6 +288,7 @@ class CheckpointManager:
         self.policy: SavePolicy = policy if policy is not None else EverySteps(1000)
         self.max_pending = max_pending
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
+        self.snapshot = snapshot
         self._storage = LocalStorage(root)
         self.root = self._storage.root
         self.stats = SaveStats(self.root / METRICS_LOG)
@@ -256,6 +301,9 @@ class CheckpointManager:
         self._previous_handlers: dict[int, Any] = {}
         self._infos_lock = threading.Lock()  # retention (writer thread) vs tag/untag (caller)
         self._preempted: int | None = None
+        self._unfenced: list[tuple[LazyCopy, SaveRecord]] = []  # overlap copies not yet fenced
+        self._fence_lock = threading.Lock()
+        self._hooks: dict[int, tuple[weakref.ReferenceType, list[Any]]] = {}  # id(obj) -> (obj, handles)
         try:
             self._infos = {c.step: self._read_metrics(c) for c in self._storage.checkpoints()}
             self._pipeline = Pipeline(
@@ -361,6 +409,7 @@ class CheckpointManager:
         began = time.perf_counter()
         record = SaveRecord(step=_check_step(step), started=time.time())
         self._check_open()
+        self._fence(in_save=True)  # an earlier overlap copy must finish before this one reads
         self._raise_background_errors()
         with self._cond:
             while len(self._pending) >= self.max_pending:
@@ -377,15 +426,23 @@ class CheckpointManager:
             prepared.result()
         planned = time.perf_counter()
         arena = self._arenas.acquire(layout.total)
+        lazy: LazyCopy | None = None
         try:
             _phases.pause("snapshot")
-            self._copier.copy(flat.tensors, layout, arena)
+            if self.snapshot == "overlap":
+                lazy = self._start_overlap(state, flat.tensors, flat.paths, layout, arena)
+            else:
+                self._copier.copy(flat.tensors, layout, arena)
         except BaseException:
             self._arenas.release(arena)
             raise
         copied = time.perf_counter()
         handle = SaveHandle(step)
-        job = SaveJob(step, flat.skeleton, layout, arena, handle, record, job_metrics, job_metadata, job_tags)
+        job = SaveJob(step, flat.skeleton, layout, arena, handle, record, job_metrics, job_metadata, job_tags, lazy)
+        if lazy is not None:
+            handle._before_wait = self._fence  # a handle waited on directly must not wait for a step
+            with self._fence_lock:
+                self._unfenced.append((lazy, record))
         with self._cond:
             self._pending.append(handle)
         handle.add_done_callback(self._settled)
@@ -405,6 +462,52 @@ class CheckpointManager:
             self._arenas.release(arena)
             raise
         return handle
+
+    def _start_overlap(
+        self, state: Any, tensors: list[torch.Tensor], names: list[str], layout: Any, arena: Any
+    ) -> LazyCopy:
+        """Copy lazily what only a fenced optimizer step changes; everything else now."""
+        optimizers, modules = _fenceable(state)
+        for obj in (*optimizers, *modules):
+            self._install_fence(obj)
+        owned = _optimizer_owned(optimizers)
+        lazy = [t.numel() * t.element_size() >= SMALL_COPY_BYTES and _tensor_key(t) in owned for t in tensors]
+        return self._copier.start(tensors, names, lazy, layout, arena)
+
+    def _install_fence(self, obj: torch.optim.Optimizer | torch.nn.Module) -> None:
+        """Hook the fence into ``obj``'s step / load_state_dict, once per object."""
+        known = self._hooks.get(id(obj))
+        if known is not None and known[0]() is obj:
+            return
+        hook = _fence_hook(weakref.ref(self))
+        if isinstance(obj, torch.optim.Optimizer):
+            handles = [obj.register_step_pre_hook(hook), obj.register_load_state_dict_pre_hook(hook)]
+        else:  # the module's own load_state_dict runs its pre-hooks before any child's
+            register = getattr(obj, "register_load_state_dict_pre_hook", None)
+            handles = [register(hook) if register is not None else obj._register_load_state_dict_pre_hook(hook)]
+        self._hooks[id(obj)] = (weakref.ref(obj), handles)
+
+    def _remove_fences(self) -> None:
+        for _, handles in self._hooks.values():
+            for handle in handles:
+                handle.remove()
+        self._hooks.clear()
+
+    def _fence(self, in_save: bool = False) -> None:
+        """Overlap mode: make everything from here on wait for the pending copies, run the guard.
+
+        Called from the optimizers' step and load_state_dict pre-hooks, and by save, wait, restore
+        and close. Time waited here counts as the earlier save's ``fence_wait_s`` (inside ``save``
+        it already shows in that save's ``wait_prev_s``).
+        """
+        if not self._unfenced:
+            return
+        with self._fence_lock:
+            pending, self._unfenced = self._unfenced, []
+            for lazy, record in pending:
+                waited = lazy.fence()
+                if not in_save:
+                    record.fence_wait_s += waited
 
     def _on_done(self, job: SaveJob, path: Path | None) -> None:
         """Writer thread, before the handle resolves: free the arena, apply retention, log.
@@ -453,6 +556,7 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until every pending save has committed or failed; raise if one failed."""
+        self._fence()
         self._wait_pending()
         self._raise_background_errors()
 
@@ -478,6 +582,7 @@ class CheckpointManager:
             raise TypeError(f"restore needs the state as a dict or list to update in place, got {type(state).__name__}")
         if step is not None:
             _check_step(step)
+        self._fence()
         self._wait_pending()
         loaded = _read_newest_valid(self.root, step, self.workers)
         if loaded is None:
@@ -530,9 +635,12 @@ class CheckpointManager:
         if self._previous_handlers and threading.current_thread() is threading.main_thread():
             self._restore_signal_handlers()
         try:
+            self._fence()
             self._wait_pending()
         finally:
+            self._remove_fences()
             self._pipeline.close()
+            self._copier.close()
             self._storage.close()
             self._arenas.clear()
         self._raise_background_errors()

@@ -22,7 +22,7 @@ from . import _phases, codec
 from .errors import CheckpointError
 from .format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
 from .metrics import SaveRecord
-from .staging import Arena, Layout
+from .staging import Arena, Layout, LazyCopy
 from .storage import DataFileWriter, LocalStorage
 
 
@@ -54,11 +54,14 @@ class SaveHandle:
         self._future: Future[Path] = Future()
         self.reported = False  # an error seen by the user is not raised again by the manager
         self._error: CheckpointError | None = None  # set before the future resolves
+        self._before_wait: Callable[[], None] | None = None  # overlap mode: the manager's fence
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> Path:
+        if self._before_wait is not None:
+            self._before_wait()
         try:
             return self._future.result(timeout)
         except CheckpointError:
@@ -87,6 +90,7 @@ class SaveJob:
     metrics: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
+    lazy: LazyCopy | None = None  # overlap mode: copies still running when save() returned
     enqueued: float = 0.0  # perf_counter when save() returned
 
 
@@ -165,8 +169,23 @@ class Pipeline:
         encoded = codec.encode(job.arena.raw(plan.start, plan.end), plan.group, self._config)
         return encoded, time.perf_counter() - began
 
+    @staticmethod
+    def _check_guard(job: SaveJob) -> None:
+        """Overlap mode: commit only if nothing copied lazily changed before the fence."""
+        changed = job.lazy.verdict()  # type: ignore[union-attr]
+        if changed:
+            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+            raise CheckpointError(
+                f"overlap guard: {len(changed)} tensor(s) changed in place after save() and before the next "
+                f"optimizer step, while still being copied: {shown}. The snapshot would mix two steps, so "
+                "it was not committed; update these tensors in the optimizer step, or use snapshot='blocking'"
+            )
+
     def _persist(self, job: SaveJob) -> Path:
         record = job.record
+        if job.lazy is not None:  # before anything can fail: the arena is not ours until then
+            job.lazy.wait_copied()
+            record.lazy_copy_s = job.lazy.copy_s
         temp_dir = self._storage.new_temp_dir(job.step)
         pending: collections.deque[tuple[ChunkPlan, Future]] = collections.deque()
         writer = None
@@ -202,6 +221,8 @@ class Pipeline:
                         crc32=encoded.crc32,
                     )
                 )
+            if job.lazy is not None:
+                self._check_guard(job)
             began = time.perf_counter()
             _phases.pause("fsync")
             writer.sync_and_close()

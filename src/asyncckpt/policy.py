@@ -153,7 +153,7 @@ class Adaptive(SavePolicy):
         with self._lock:
             self._in_flight = False
             if record.ok:
-                self._stall = record.stall_s
+                self._stall = record.stall_s + getattr(record, "fence_wait_s", 0.0)  # overlap: fence waits too
                 self._commit = record.stall_s + record.persist_s
                 self._decide()
         if self.decision is not None:

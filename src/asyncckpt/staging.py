@@ -8,11 +8,18 @@ the state, and reused by every later save. One arena per save in flight (``max_p
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from . import _phases
 from .format import ALIGNMENT, dtype_name
+
+# Overlap mode copies tensors below this size before ``save`` returns: they cost next to nothing,
+# and their version counters then need no watching.
+SMALL_COPY_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -131,11 +138,86 @@ class ArenaPool:
             return sum(a.capacity for a in self._free)
 
 
+class LazyCopy:
+    """The part of an overlap-mode snapshot that may still be copying when ``save`` returns.
+
+    Three threads meet here. The copy runs on a copy thread (CPU tensors) or a copy stream (GPU).
+    The training thread *fences* at its next optimizer step (or restore, save, wait, close): on
+    GPU its stream then waits for the copy without blocking the host, on CPU it joins the copy
+    thread; then the *guard* compares the version counters recorded at ``save`` with the current
+    ones. The training thread runs in order, so any in-place update made between ``save`` and the
+    fence has finished and shows in a counter by then, and anything after the fence is ordered
+    after the copy. The writer thread waits for the copy before reading the arena and for the
+    fence's verdict before committing: a checkpoint mixing two steps is never committed.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], names: list[str], versions: list[int]) -> None:
+        self._tensors = tensors
+        self._names = names
+        self._versions = versions
+        self._cpu: Future | None = None
+        self._events: dict[torch.device, torch.cuda.Event] = {}
+        self._lock = threading.Lock()
+        self._fenced = threading.Event()
+        self.changed: list[str] = []  # guard verdict: tensors updated in place before the fence
+        self.started = time.perf_counter()
+        self.copy_s = 0.0  # from save to the last byte copied (known once wait_copied returns)
+
+    def wait_copied(self) -> None:
+        """Block until every lazy byte is in the arena (writer thread). Raises if the copy failed."""
+        if self._cpu is not None:
+            self._cpu.result()
+        for event in self._events.values():
+            event.synchronize()
+        self.copy_s = time.perf_counter() - self.started
+
+    def fence(self) -> float:
+        """Order later updates after the copy and run the guard; idempotent. Returns seconds waited."""
+        with self._lock:
+            if self._fenced.is_set():
+                return 0.0
+            began = time.perf_counter()
+            for device, event in self._events.items():
+                torch.cuda.current_stream(device).wait_event(event)
+            if self._cpu is not None:
+                try:
+                    self._cpu.result()
+                except BaseException:  # noqa: BLE001 - the writer reports a failed copy, not the fence
+                    pass
+            waited = time.perf_counter() - began
+            watched = zip(self._tensors, self._versions, self._names, strict=True)
+            self.changed = [name for tensor, version, name in watched if tensor._version != version]
+            self._tensors = []  # the copy is ordered before anything later: stop holding the tensors
+            self._fenced.set()
+            return waited
+
+    def fenced(self) -> bool:
+        return self._fenced.is_set()
+
+    def verdict(self, timeout: float | None = None) -> list[str]:
+        """Wait for the fence (writer thread); the names of tensors changed before their copy."""
+        self._fenced.wait(timeout)
+        return self.changed
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter: copy them eagerly
+        return None
+
+
 class CopyEngine:
     """Copies live tensors into an arena; device tensors go through one side stream per GPU."""
 
     def __init__(self) -> None:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._copy_thread: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        if self._copy_thread is not None:
+            self._copy_thread.shutdown(wait=True)
+            self._copy_thread = None
 
     def _stream_for(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:
@@ -165,3 +247,66 @@ class CopyEngine:
                 streams.append(stream)
             for stream in streams:
                 stream.synchronize()
+
+    def start(
+        self, tensors: list[torch.Tensor], names: list[str], lazy: list[bool], layout: Layout, arena: Arena
+    ) -> LazyCopy:
+        """Overlap mode: copy the eager tensors now, start the lazy ones, and return at once.
+
+        On GPU both go on the copy stream (after the work already queued), and the compute stream
+        waits for the eager copies on the device, so the host never blocks; on CPU eager tensors are
+        copied here and the lazy ones on the copy thread. Version counters of lazy tensors are read
+        before any of their copies starts.
+        """
+        arena.hold(layout)
+        lazy_tensors: list[torch.Tensor] = []
+        lazy_names: list[str] = []
+        versions: list[int] = []
+        cpu_lazy: list[tuple[torch.Tensor, torch.Tensor]] = []
+        on_gpu: dict[torch.device, tuple[list, list]] = {}
+        with torch.no_grad():
+            for tensor, slot, name, is_lazy in zip(tensors, layout.slots, names, lazy, strict=True):
+                if slot.nbytes == 0:
+                    continue
+                version = _version(tensor) if is_lazy else None
+                target = arena.view(slot)
+                if version is not None:
+                    lazy_tensors.append(tensor)
+                    lazy_names.append(name)
+                    versions.append(version)
+                if tensor.device.type == "cuda":
+                    eager_pairs, lazy_pairs = on_gpu.setdefault(tensor.device, ([], []))
+                    (eager_pairs if version is None else lazy_pairs).append((tensor, target))
+                elif version is not None:
+                    cpu_lazy.append((tensor, target))
+                else:
+                    target.copy_(tensor)
+            pending = LazyCopy(lazy_tensors, lazy_names, versions)
+            for device, (eager_pairs, lazy_pairs) in on_gpu.items():
+                stream = self._stream_for(device)
+                compute = torch.cuda.current_stream(device)
+                stream.wait_stream(compute)
+                with torch.cuda.stream(stream):
+                    for tensor, _ in eager_pairs + lazy_pairs:
+                        # The caching allocator must not hand this memory out again before the
+                        # side stream has read it, even if training frees the tensor meanwhile.
+                        tensor.record_stream(stream)
+                    for tensor, target in eager_pairs:
+                        target.copy_(tensor, non_blocking=True)
+                    eager_done = stream.record_event()
+                    for tensor, target in lazy_pairs:
+                        target.copy_(tensor, non_blocking=True)
+                    pending._events[device] = stream.record_event()
+                compute.wait_event(eager_done)  # the next forward's buffer updates come after
+        if cpu_lazy:
+            if self._copy_thread is None:
+                self._copy_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-copy")
+            pending._cpu = self._copy_thread.submit(_copy_pairs, cpu_lazy)
+        return pending
+
+
+def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    _phases.pause("lazy_copy")
+    with torch.no_grad():
+        for tensor, target in pairs:
+            target.copy_(tensor)
