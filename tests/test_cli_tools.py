@@ -1,17 +1,22 @@
-"""`asyncckpt inspect`, `diff`, `export` and `prune` on real checkpoints written by CheckpointManager."""
+"""`asyncckpt verify`, `inspect`, `diff`, `export` and `prune` on real checkpoints written by CheckpointManager."""
 
 from __future__ import annotations
 
+import io
 import json
 import struct
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from asyncckpt import CheckpointManager
+from asyncckpt import CheckpointManager, tools
+from asyncckpt._progress import Progress, format_bytes, progress_bar
 from asyncckpt.cli import main
+from asyncckpt.errors import CheckpointError
 from asyncckpt.format import step_dir_name
+from asyncckpt.reader import read_manifest
 
 STEPS = [10, 20, 30, 40, 50]
 LOSSES = {10: 0.5, 20: 0.1, 30: 0.9, 40: 0.3, 50: 0.7}
@@ -373,3 +378,192 @@ def test_inspect_marks_tied_tensors(tmp_path, capsys):
     assert code == 0
     assert "state['a']: tensor float32 (4,) 16 bytes\n" in out
     assert "state['b']: tensor float32 (4,) 16 bytes (tied to state['a'])" in out
+
+
+# ------------------------------------------------------------------------------- progress: verify
+
+
+def stored_total(root: Path) -> int:
+    return sum(read_manifest(ckpt(root, step)).stored_bytes for step in STEPS)
+
+
+def final_bar(err: str) -> str:
+    """The bar's last state: what follows the last carriage return, which close() ends with a newline."""
+    assert err.endswith("\n"), repr(err)
+    return err.rstrip("\n").rsplit("\r", 1)[-1]
+
+
+def flip_a_byte(path: Path) -> None:
+    data = path / "data-00000.bin"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0x40
+    data.write_bytes(bytes(raw))
+
+
+def test_verify_progress_forced_shows_the_final_bar_on_stderr_only(run, capsys):
+    root, _ = run
+    total = format_bytes(stored_total(root))
+    code, out, err = cli(capsys, "verify", root, "--progress")
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == len(STEPS)
+    for line, step in zip(lines, STEPS, strict=True):
+        assert line.startswith(f"ok       {ckpt(root, step)} (") and line.endswith(" chunks verified)")
+    last = final_bar(err)
+    assert last.startswith("verify [####################] 100%")
+    assert f"{total}/{total}" in last and "MB/s" in last
+    assert "\r" not in out and "%" not in out
+
+
+def test_verify_json_stays_valid_json_with_the_bar_forced(run, capsys):
+    root, _ = run
+    code, out, err = cli(capsys, "verify", root, "--json", "--progress")
+    assert code == 0
+    rows = json.loads(out)  # nothing of the bar on stdout
+    assert [row["step"] for row in rows] == STEPS and {row["status"] for row in rows} == {"ok"}
+    assert sum(row["stored_bytes"] for row in rows) == stored_total(root)
+    assert "100%" in final_bar(err)
+
+
+def test_verify_draws_no_bar_unless_stderr_is_a_terminal_or_forced(run, capsys, monkeypatch):
+    root, _ = run
+    assert cli(capsys, "verify", root)[2] == ""  # stderr captured by pytest: not a terminal
+    code, out, err = cli(capsys, "verify", root, "--json", "--no-progress")
+    assert code == 0 and err == "" and len(json.loads(out)) == len(STEPS)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for argv, shown in ((["verify", root], True), (["verify", root, "--no-progress"], False)):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main([str(a) for a in argv]) == 0
+        assert ("100%" in terminal.getvalue()) is shown
+    with pytest.raises(SystemExit):
+        main(["verify", str(root), "--progress", "--no-progress"])
+
+
+def test_verify_callback_gets_each_chunk_and_sums_to_the_stored_bytes(run):
+    root, _ = run
+    for workers in (1, 4):
+        for step in STEPS:
+            calls: list[int] = []
+            manifest = tools.verify_checkpoint(ckpt(root, step), calls.append, workers=workers)
+            assert calls == [chunk.length for chunk in manifest.chunks]
+            assert sum(calls) == manifest.stored_bytes == read_manifest(ckpt(root, step)).stored_bytes
+
+
+def test_verify_damaged_checkpoint_exits_1_with_the_bar_forced(run, capsys):
+    root, _ = run
+    flip_a_byte(ckpt(root, 30))
+    with pytest.raises(CheckpointError, match="checksum"):
+        tools.verify_checkpoint(ckpt(root, 30))
+    code, out, err = cli(capsys, "verify", root, "--progress")
+    assert code == 1
+    assert f"DAMAGED  {ckpt(root, 30)}: " in out and "checksum" in out
+    assert out.count("ok       ") == len(STEPS) - 1
+    last = final_bar(err)
+    assert last.startswith("verify [") and "100%" not in last  # the damaged chunk's bytes never count
+    code, out, err = cli(capsys, "verify", root, "--json", "--progress")
+    assert code == 1
+    rows = {row["path"]: row for row in json.loads(out)}
+    assert rows[str(ckpt(root, 30))]["status"] == "damaged" and "checksum" in rows[str(ckpt(root, 30))]["error"]
+    assert cli(capsys, "verify", ckpt(root, 30), "--progress")[0] == 1  # one checkpoint, not a root
+
+
+def test_verify_empty_root_exits_1(tmp_path, capsys):
+    code, out, err = cli(capsys, "verify", tmp_path, "--json", "--progress")
+    assert code == 1 and json.loads(out) == [] and "no checkpoints" in err
+
+
+# ------------------------------------------------------------------------------- progress: export
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_export_callback_sums_to_the_exported_tensor_bytes(run, tmp_path, monkeypatch, fmt):
+    root, weights = run
+    tensor_bytes = sum(t.numel() * t.element_size() for t in weights[40].values())
+    calls: list[int] = []
+    out = tmp_path / f"m.{fmt}"
+    done = tools.export_checkpoint(ckpt(root, 40), out, fmt=fmt, progress=calls.append)
+    assert sum(calls) == done.bytes == tensor_bytes and all(n > 0 for n in calls)
+    if fmt == "safetensors":
+        assert calls == [weights[40][name].nbytes for name in sorted(weights[40])]  # one call per tensor
+        monkeypatch.setattr(tools, "WRITE_SLICE", 64)  # a huge tensor is reported slice by slice
+        calls.clear()
+        tools.export_checkpoint(ckpt(root, 40), out, fmt=fmt, progress=calls.append)
+        assert sum(calls) == tensor_bytes and max(calls) == 64 and len(calls) > len(weights[40])
+        assert_bit_equal(read_safetensors(out)[0], weights[40])
+    else:
+        assert_bit_equal(torch.load(out, weights_only=True), weights[40])
+
+
+def test_export_progress_forced_and_by_default(run, tmp_path, capsys):
+    root, weights = run
+    total = format_bytes(sum(t.nbytes for t in weights[40].values()))
+    out = tmp_path / "model.safetensors"
+    code, text, err = cli(capsys, "export", ckpt(root, 40), "-o", out, "--progress")
+    assert code == 0 and text.startswith(f"wrote {out}: {len(weights[40])} tensors")
+    last = final_bar(err)
+    assert last.startswith("export [####################] 100%") and f"{total}/{total}" in last
+    assert_bit_equal(read_safetensors(out)[0], weights[40])
+    for extra in ([], ["--no-progress"]):
+        code, text, err = cli(capsys, "export", ckpt(root, 40), "-o", out, *extra)
+        assert code == 0 and err == "" and text.startswith(f"wrote {out}")
+    code, _, err = cli(capsys, "export", ckpt(root, 40), "-o", tmp_path / "o.pt", "--format", "pt", "--progress")
+    assert code == 0 and "100%" in final_bar(err)
+
+
+# ---------------------------------------------------------------------------------- progress: bar
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_bar_redraws_at_most_every_interval_and_ends_its_line():
+    clock, stream = FakeClock(), io.StringIO()
+    bar = Progress(4_000_000, "verify", stream, min_interval=0.1, clock=clock)
+    bar.advance(1_000_000)  # at t=0: too soon to draw
+    assert stream.getvalue() == ""
+    clock.now = 0.5
+    bar.advance(1_000_000)
+    assert stream.getvalue() == "\rverify [##########----------]  50%  2.0 MB/4.0 MB  4.0 MB/s  ETA 0:01"
+    clock.now = 0.55
+    bar.advance(1_000_000)  # within 0.1 s of the last draw: not redrawn
+    assert stream.getvalue().count("\r") == 1
+    bar.clear()  # other output goes above the bar; the next advance redraws at once
+    drawn = len("verify [##########----------]  50%  2.0 MB/4.0 MB  4.0 MB/s  ETA 0:01")
+    assert stream.getvalue().endswith("\r" + " " * drawn + "\r")
+    clock.now = 0.56
+    bar.advance(500_000)
+    assert stream.getvalue().endswith("\rverify [#################---]  87%  3.5 MB/4.0 MB  6.2 MB/s  ETA 0:00")
+    clock.now = 1.0
+    bar.advance(500_000)
+    bar.close()
+    bar.close()  # idempotent
+    assert final_bar(stream.getvalue()) == "verify [####################] 100%  4.0 MB/4.0 MB  4.0 MB/s  in 0:01"
+    assert stream.getvalue().count("\n") == 1
+
+
+def test_progress_bar_is_a_null_object_when_disabled():
+    stream = io.StringIO()
+    bar = progress_bar(10, "x", enabled=False, stream=stream)
+    bar.advance(10)
+    bar.clear()
+    bar.close()
+    assert stream.getvalue() == ""
+    assert isinstance(progress_bar(10, "x", stream=stream), type(bar))  # a StringIO is no terminal
+    assert isinstance(progress_bar(10, "x", enabled=True, stream=stream), Progress)
+    assert [format_bytes(n) for n in (999, 1000, 21_126, 40_240_000, 3e9)] == [
+        "999 B",
+        "1.0 kB",
+        "21.1 kB",
+        "40.2 MB",
+        "3.0 GB",
+    ]

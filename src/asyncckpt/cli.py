@@ -9,10 +9,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ._progress import progress_bar
 from .errors import CheckpointError
-from .format import MANIFEST_NAME
+from .format import MANIFEST_NAME, Manifest
 from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
-from .reader import read_checkpoint, read_manifest
+from .reader import read_manifest
 from .retention import RetentionPolicy
 from .storage import list_checkpoints
 
@@ -75,19 +76,42 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    bad = 0
+    from . import tools
+
     dirs = _checkpoint_dirs(Path(args.path))
     if not dirs:
+        if args.json:
+            print("[]")
         print(f"no checkpoints in {args.path}", file=sys.stderr)
         return 1
-    for path in dirs:
+    manifests: dict[Path, Manifest] = {}
+    errors: dict[Path, str] = {}
+    for path in dirs:  # manifests first: the bar's total is every stored byte to be checked
         try:
-            loaded = read_checkpoint(path)
-            print(f"ok       {path} ({len(loaded.manifest.chunks)} chunks verified)")
+            manifests[path] = read_manifest(path)
         except CheckpointError as exc:
-            bad += 1
-            print(f"DAMAGED  {path}: {exc}")
-    return 1 if bad else 0
+            errors[path] = str(exc)
+    total = sum(m.stored_bytes for m in manifests.values())
+    rows = []
+    with progress_bar(total, "verify", args.progress) as bar:
+        for path in dirs:
+            row = {"path": str(path), "status": "ok"}
+            try:
+                if path in errors:
+                    raise CheckpointError(errors[path])
+                manifest = tools.verify_checkpoint(path, bar.advance, manifests[path])
+                row.update(step=manifest.step, chunks=len(manifest.chunks), stored_bytes=manifest.stored_bytes)
+                line = f"ok       {path} ({len(manifest.chunks)} chunks verified)"
+            except CheckpointError as exc:
+                row.update(status="damaged", error=str(exc))
+                line = f"DAMAGED  {path}: {exc}"
+            rows.append(row)
+            if not args.json:
+                bar.clear()  # the line goes above the bar, not through it
+                print(line, flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 1 if any(row["status"] != "ok" for row in rows) else 0
 
 
 PLOT_NEEDS_MATPLOTLIB = "asyncckpt stats --plot needs matplotlib: pip install 'asyncckpt[plot]'"
@@ -254,16 +278,17 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from . import tools
 
-    done = tools.export_checkpoint(
-        tools.resolve_checkpoint(args.ckpt), Path(args.output), key=args.key, dtype=args.dtype, fmt=args.format
-    )
-    if done.skipped:
+    out = Path(args.output)
+    step, flat, skipped = tools.flat_export_dict(tools.resolve_checkpoint(args.ckpt), args.key, args.dtype)
+    with progress_bar(tools.exported_bytes(flat), "export", args.progress) as bar:
+        nbytes = tools.write_export(out, step, flat, key=args.key, fmt=args.format, progress=bar.advance)
+    if skipped:
         print(
-            f"asyncckpt: left out {len(done.skipped)} non-tensor leaves: {', '.join(done.skipped[:5])}"
-            + (" ..." if len(done.skipped) > 5 else ""),
+            f"asyncckpt: left out {len(skipped)} non-tensor leaves: {', '.join(skipped[:5])}"
+            + (" ..." if len(skipped) > 5 else ""),
             file=sys.stderr,
         )
-    print(f"wrote {done.path}: {done.tensors} tensors, {done.bytes} bytes, step {done.step} key {args.key!r}")
+    print(f"wrote {out}: {len(flat)} tensors, {nbytes} bytes, step {step} key {args.key!r}")
     return 0
 
 
@@ -282,6 +307,19 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print(f"{verb} step {step}")
     print(f"{verb} {len(result.deleted)}, kept {len(result.kept)}: {result.kept}")
     return 0
+
+
+def _add_progress_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_const",
+        const=True,
+        default=None,
+        help="draw a progress bar on stderr (default: only when stderr is a terminal)",
+    )
+    group.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="never draw one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_cmd_ls)
     verify = sub.add_parser("verify", help="verify every checksum of a root or one checkpoint")
     verify.add_argument("path")
+    verify.add_argument("--json", action="store_true", help="print one {path, status, ...} per checkpoint")
+    _add_progress_flags(verify)
     verify.set_defaults(func=_cmd_verify)
     stats = sub.add_parser("stats", help=f"per-save stall and persist times from a root's {METRICS_LOG}")
     stats.add_argument("root")
@@ -324,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--key", default="model", help="subtree to export (default: model); dots go deeper")
     export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point tensors")
     export.add_argument("--format", choices=["safetensors", "pt"], default="safetensors")
+    _add_progress_flags(export)
     export.set_defaults(func=_cmd_export)
     prune = sub.add_parser("prune", help="delete the checkpoints a retention policy does not keep")
     prune.add_argument("root")

@@ -1,4 +1,7 @@
-"""The logic behind ``asyncckpt inspect``, ``diff``, ``export`` and ``prune`` (the CLI stays thin).
+"""The logic behind ``asyncckpt verify``, ``inspect``, ``diff``, ``export`` and ``prune`` (the CLI stays thin).
+
+Long operations take ``progress``, a callable given each increment of bytes done; the terminal
+drawing stays in the CLI.
 
 Paths name leaves the way save errors do: ``state['model'].state_dict()['0.weight']``.
 """
@@ -11,18 +14,23 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import codec
 from .errors import CheckpointError
 from .format import MANIFEST_NAME, Manifest
-from .reader import read_checkpoint, read_manifest
+from .reader import _tensor_names, read_checkpoint, read_manifest
 from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
-from .storage import LocalStorage, list_checkpoints
+from .storage import LocalStorage, list_checkpoints, open_data_file
 from .tree import unflatten
+
+Progress = Callable[[int], None]  # called with each increment of bytes done
 
 _TENSOR_KINDS = {"T": "tensor", "N": "ndarray", "S": "numpy scalar"}
 
@@ -52,6 +60,65 @@ def resolve_root(path: str | os.PathLike) -> Path:
     if (path / MANIFEST_NAME).exists():
         raise CheckpointError(f"{path} is one checkpoint, not a checkpoint root; pass its parent {path.parent}")
     return path
+
+
+# ----------------------------------------------------------------------------------------- verify
+
+
+def verify_checkpoint(
+    path: Path, progress: Progress | None = None, manifest: Manifest | None = None, workers: int = 4
+) -> Manifest:
+    """Check the manifest and every chunk's CRC32 and codec chain; the manifest, or a CheckpointError.
+
+    The same checks as ``read_checkpoint`` (a checkpoint this passes, restore reads), but chunk by
+    chunk into a scratch buffer: memory stays at ``workers`` chunks, whatever the checkpoint's size.
+    ``progress`` gets each verified chunk's stored length, in chunk order; on success the calls sum
+    to ``manifest.stored_bytes``.
+    """
+    manifest = manifest or read_manifest(path)
+    fds: dict[str, int] = {}
+    pool = ThreadPoolExecutor(max(1, workers), "asyncckpt-verify") if workers > 1 and len(manifest.chunks) > 1 else None
+    try:
+        for chunk in manifest.chunks:
+            if chunk.file not in fds:
+                fds[chunk.file] = open_data_file(path / chunk.file)
+            size = os.fstat(fds[chunk.file]).st_size
+            if chunk.offset + chunk.length > size:
+                raise CheckpointError(
+                    f"{path / chunk.file} is truncated: a chunk for "
+                    f"{_tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)} "
+                    f"ends at byte {chunk.offset + chunk.length}, the file has {size}"
+                )
+
+        def check(index: int) -> int:
+            chunk = manifest.chunks[index]
+            try:
+                stored = os.pread(fds[chunk.file], chunk.length, chunk.offset)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read chunk {index} of {path / chunk.file}: {exc.strerror}") from exc
+            if len(stored) != chunk.length:
+                raise CheckpointError(f"short read of chunk {index} in {path / chunk.file}")
+            scratch = torch.empty(chunk.raw_length, dtype=torch.uint8)
+            try:
+                codec.decode(stored, chunk.codecs, chunk.crc32, scratch, f"chunk {index}")
+            except CheckpointError as exc:
+                start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
+                raise CheckpointError(
+                    f"{path / chunk.file}: {exc} (holds {_tensor_names(manifest, start, end)})"
+                ) from None
+            return chunk.length
+
+        indexes = range(len(manifest.chunks))
+        # results come back in chunk order, on this thread: progress needs no lock
+        for nbytes in pool.map(check, indexes) if pool else map(check, indexes):
+            if progress is not None:
+                progress(nbytes)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # before the fds close: no read of a reused fd
+        for fd in fds.values():
+            os.close(fd)
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------- leaves
@@ -417,10 +484,47 @@ def _atomic_write(out: Path, write) -> None:
         raise
 
 
-def export_checkpoint(path: Path, out: Path, key: str = "model", dtype: str | None = None, fmt: str = "safetensors"):
-    step, flat, skipped = flat_export_dict(path, key, dtype)
+WRITE_SLICE = 64 << 20  # a huge tensor is written (and its progress reported) in slices of this many bytes
+
+
+class _CountingWriter:
+    """A write-only file for torch.save that reports bytes written, capped so the reports sum to ``total``."""
+
+    def __init__(self, f, total: int, progress: Progress) -> None:
+        self.f, self.left, self.progress = f, total, progress
+
+    def write(self, data) -> int:
+        n = self.f.write(data)
+        step = min(self.left, len(memoryview(data).cast("B")) if n is None else n)
+        if step:
+            self.left -= step
+            self.progress(step)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def exported_bytes(flat: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in flat.values())
+
+
+def write_export(
+    out: Path,
+    step: int,
+    flat: dict[str, torch.Tensor],
+    key: str = "model",
+    fmt: str = "safetensors",
+    progress: Progress | None = None,
+) -> int:
+    """Write ``flat`` (from flat_export_dict) to ``out`` atomically; the tensor bytes written.
+
+    ``progress`` gets increments summing to exactly the tensor bytes: per tensor (huge ones per
+    slice) for safetensors; for pt, as torch.save writes, the file's overhead left out.
+    """
     if out.is_dir():
         raise CheckpointError(f"output {out} is a directory")
+    total = exported_bytes(flat)
     if fmt == "safetensors":
         metadata = {"format": "pt", "asyncckpt_step": str(step), "asyncckpt_key": key}
         head, payloads = safetensors_bytes_header(flat, metadata)
@@ -428,13 +532,25 @@ def export_checkpoint(path: Path, out: Path, key: str = "model", dtype: str | No
         def write(f) -> None:
             f.write(head)
             for data in payloads:
-                if data.numel():
-                    f.write(memoryview(data.numpy()))
+                if not data.numel():
+                    continue
+                view = memoryview(data.numpy())
+                for start in range(0, len(view), WRITE_SLICE):
+                    piece = view[start : start + WRITE_SLICE]
+                    f.write(piece)
+                    if progress is not None:
+                        progress(len(piece))
 
     elif fmt == "pt":
 
         def write(f) -> None:
-            torch.save(flat, f)
+            if progress is None:
+                torch.save(flat, f)
+                return
+            counting = _CountingWriter(f, total, progress)
+            torch.save(flat, counting)
+            if counting.left:
+                progress(counting.left)
 
     else:
         raise CheckpointError(f"unknown export format {fmt!r}")
@@ -442,7 +558,21 @@ def export_checkpoint(path: Path, out: Path, key: str = "model", dtype: str | No
         _atomic_write(out, write)
     except OSError as exc:
         raise CheckpointError(f"cannot write {out}: {exc}") from exc
-    return Exported(out, step, len(flat), sum(t.numel() * t.element_size() for t in flat.values()), skipped)
+    return total
+
+
+def export_checkpoint(
+    path: Path,
+    out: Path,
+    key: str = "model",
+    dtype: str | None = None,
+    fmt: str = "safetensors",
+    progress: Progress | None = None,
+) -> Exported:
+    """Export the tensors under ``key`` of the checkpoint at ``path``; ``progress`` as in write_export."""
+    step, flat, skipped = flat_export_dict(path, key, dtype)
+    nbytes = write_export(out, step, flat, key, fmt, progress)
+    return Exported(out, step, len(flat), nbytes, skipped)
 
 
 # ------------------------------------------------------------------------------------------ prune
