@@ -235,3 +235,28 @@ def _nan_equal(live: dict, logged: dict) -> bool:
         if not (other == value or (isinstance(value, float) and math.isnan(value) and math.isnan(other))):
             return False
     return True
+
+
+def test_overlap_runs_show_the_fence_wait(tmp_path, capsys, monkeypatch):
+    from asyncckpt import _phases
+
+    monkeypatch.setitem(_phases._DELAYS, "lazy_copy", 0.2)
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+        model(torch.randn(4, 256)).sum().backward()
+        opt.step()  # the fence: waits for the (slowed) copy
+        mgr.wait()
+    code, out, _ = run_stats(capsys, str(tmp_path))
+    assert code == 0
+    (line,) = [x for x in out.splitlines() if x.startswith("fence wait")]
+    assert float(line.split()[3]) > 0  # p50 in ms
+    code, out, _ = run_stats(capsys, str(tmp_path), "--json")
+    record = json.loads(out)["records"][0]
+    assert record["fence_wait_s"] > 0 and record["lazy_copy_s"] > 0
+
+
+def test_blocking_runs_show_no_fence_line(written, capsys):
+    code, out, _ = run_stats(capsys, str(written.root))
+    assert code == 0 and "fence wait" not in out

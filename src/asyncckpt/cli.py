@@ -166,6 +166,11 @@ def _print_stats_table(records: list[SaveRecord], summary: dict) -> None:
     print(
         f"stall        p50 {_ms(s['stall_p50_s'])} ms   p95 {_ms(s['stall_p95_s'])} ms   max {_ms(s['stall_max_s'])} ms"
     )
+    if any(r.fence_wait_s > 0 or r.lazy_copy_s > 0 for r in records):
+        print(
+            f"fence wait   p50 {_ms(s['fence_wait_p50_s'])} ms   total {_ms(sum(r.fence_wait_s for r in records))} ms "
+            "(overlap mode: training waiting for the copy at its next optimizer step)"
+        )
     print(f"persist      p50 {_ms(s['persist_p50_s'])} ms (committed saves)")
     print(f"throughput   {_mb(throughput)} MB/s (raw bytes / persist time, committed saves)")
     print(
