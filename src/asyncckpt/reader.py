@@ -2,12 +2,20 @@
 
 The whole checkpoint is verified into host memory before anything is handed back, so a restore
 either applies a fully verified state or applies nothing.
+
+A raw checkpoint (``compression=None``) is mapped instead of read: its data file holds the arena
+bytes at their logical offsets, so the tensors can be views of a private mapping of the file
+(zero-copy: no second copy in anonymous memory, pages shared with the page cache). Every chunk's
+CRC32 is still verified over the mapped bytes before a tensor is handed back.
 """
 
 from __future__ import annotations
 
 import bisect
+import mmap as _mmap
 import os
+import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +41,7 @@ class LoadedCheckpoint:
     path: Path
     manifest: Manifest
     tensors: list[torch.Tensor]
+    mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -59,18 +68,12 @@ def _tensor_names(manifest: Manifest, start: int, end: int) -> str:
     return f"tensors {shown}{more}" if hits else "padding only"
 
 
-class _Scatter:
-    """Routes a decoded chunk's bytes into the tensors it overlaps (each tensor owns its storage)."""
+class _Index:
+    """Which of the wanted tensors overlap a range of the logical byte space."""
 
     def __init__(self, manifest: Manifest, only: set[int] | None = None) -> None:
         entries = manifest.tensors
         wanted = set(range(len(entries))) if only is None else only
-        try:
-            self.buffers = [
-                torch.empty(t.nbytes, dtype=torch.uint8) if i in wanted else None for i, t in enumerate(entries)
-            ]
-        except RuntimeError as exc:
-            raise CheckpointError(f"cannot allocate {manifest.raw_bytes} bytes of tensors: {exc}") from None
         self._order = sorted((i for i in wanted if entries[i].nbytes), key=lambda i: entries[i].offset)
         self._starts = [entries[i].offset for i in self._order]
         self._entries = entries
@@ -88,6 +91,24 @@ class _Scatter:
             j += 1
         return out
 
+    def needs(self, start: int, end: int) -> bool:
+        return bool(self.overlapping(start, end))
+
+
+class _Scatter(_Index):
+    """Routes a decoded chunk's bytes into the tensors it overlaps (each tensor owns its storage)."""
+
+    def __init__(self, manifest: Manifest, only: set[int] | None = None) -> None:
+        super().__init__(manifest, only)
+        wanted = set(range(len(manifest.tensors))) if only is None else only
+        try:
+            self.buffers = [
+                torch.empty(t.nbytes, dtype=torch.uint8) if i in wanted else None
+                for i, t in enumerate(manifest.tensors)
+            ]
+        except RuntimeError as exc:
+            raise CheckpointError(f"cannot allocate {manifest.raw_bytes} bytes of tensors: {exc}") from None
+
     def target(self, start: int, end: int) -> torch.Tensor | None:
         """The tensor slice to decode into directly when one tensor holds the whole range."""
         hits = self.overlapping(start, end)
@@ -102,9 +123,6 @@ class _Scatter:
             base = self._entries[i].offset
             self.buffers[i][a - base : b - base].copy_(decoded[a - start : b - start])
 
-    def needs(self, start: int, end: int) -> bool:
-        return bool(self.overlapping(start, end))
-
     def tensors(self) -> list[torch.Tensor | None]:
         """Every tensor read (None for those not asked for)."""
         return [
@@ -114,64 +132,220 @@ class _Scatter:
 
 
 def read_checkpoint(
-    path: Path, workers: int = 4, manifest: Manifest | None = None, only: set[int] | None = None
+    path: Path,
+    workers: int = 4,
+    manifest: Manifest | None = None,
+    only: set[int] | None = None,
+    mmap: bool = True,
 ) -> LoadedCheckpoint:
     """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors (all or none).
 
     Each tensor gets its own storage (not a view of one big buffer): a loaded tensor can be kept,
     saved with torch.save or exported without dragging the rest of the checkpoint along.
+
+    With ``mmap`` (the default), a checkpoint whose wanted chunks are all raw and laid out at their
+    logical offsets in one data file (what ``compression=None`` writes) is mapped instead of read:
+    see :func:`_map_raw`. Any other layout, or ``mmap=False``, reads and decodes chunk by chunk.
     """
     manifest = manifest or read_manifest(path)
     fds: dict[str, int] = {}
-    sizes: dict[str, int] = {}
     try:
-        for chunk in manifest.chunks:
-            if chunk.file not in fds:
-                fds[chunk.file] = open_data_file(path / chunk.file)
-                sizes[chunk.file] = os.fstat(fds[chunk.file]).st_size
-            if chunk.offset + chunk.length > sizes[chunk.file]:
-                raise CheckpointError(
-                    f"{path / chunk.file} is truncated: a chunk for "
-                    f"{_tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)} "
-                    f"ends at byte {chunk.offset + chunk.length}, the file has {sizes[chunk.file]}"
-                )
-        scatter = _Scatter(manifest, only)
+        _open_data_files(path, manifest, fds)
         # a partial read (``only``) skips chunks that hold none of the wanted tensors
+        index = _Index(manifest, only)
         wanted_chunks = [
             i
             for i, c in enumerate(manifest.chunks)
-            if only is None or scatter.needs(c.raw_offset, c.raw_offset + c.raw_length)
+            if only is None or index.needs(c.raw_offset, c.raw_offset + c.raw_length)
         ]
+        if mmap:
+            mapped = _map_raw(path, manifest, fds, wanted_chunks, only, workers)
+            if mapped is not None:
+                return LoadedCheckpoint(path, manifest, mapped, mapped=True)
+        scatter = _Scatter(manifest, only)
 
         def load_chunk(index: int) -> None:
             chunk = manifest.chunks[index]
-            try:
-                stored = os.pread(fds[chunk.file], chunk.length, chunk.offset)
-            except OSError as exc:
-                raise CheckpointError(f"cannot read chunk {index} of {path / chunk.file}: {exc.strerror}") from exc
-            if len(stored) != chunk.length:
-                raise CheckpointError(f"short read of chunk {index} in {path / chunk.file}")
             start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
             direct = scatter.target(start, end)
             out = direct if direct is not None else torch.empty(chunk.raw_length, dtype=torch.uint8)
-            try:
-                codec.decode(stored, chunk.codecs, chunk.crc32, out, f"chunk {index}")
-            except CheckpointError as exc:
-                # names are worked out only on failure: they cost a scan of the tensor table
-                raise CheckpointError(
-                    f"{path / chunk.file}: {exc} (holds {_tensor_names(manifest, start, end)})"
-                ) from None
+            _decode_chunk(path, manifest, fds, index, out)
             if direct is None:
                 scatter.scatter(out, start, end)
 
-        if workers > 1 and len(wanted_chunks) > 1:
-            with ThreadPoolExecutor(min(workers, len(wanted_chunks)), "asyncckpt-read") as pool:
-                for future in [pool.submit(load_chunk, i) for i in wanted_chunks]:
-                    future.result()
-        else:
-            for i in wanted_chunks:
-                load_chunk(i)
+        _for_each_chunk(load_chunk, wanted_chunks, workers)
     finally:
         for fd in fds.values():
             os.close(fd)
     return LoadedCheckpoint(path, manifest, scatter.tensors())
+
+
+def _for_each_chunk(work: Callable[[int], None], indexes: list[int], workers: int) -> None:
+    """``work(i)`` for every chunk index, on up to ``workers`` threads (zstd, CRC32 and pread
+    release the GIL); the first failure is raised once all submitted work has finished."""
+    if workers > 1 and len(indexes) > 1:
+        with ThreadPoolExecutor(min(workers, len(indexes)), "asyncckpt-read") as pool:
+            for future in [pool.submit(work, i) for i in indexes]:
+                future.result()
+    else:
+        for i in indexes:
+            work(i)
+
+
+def _open_data_files(path: Path, manifest: Manifest, fds: dict[str, int]) -> None:
+    """Open every data file into ``fds`` (closed by the caller) and check each chunk ends within it."""
+    sizes: dict[str, int] = {}
+    for chunk in manifest.chunks:
+        if chunk.file not in fds:
+            fds[chunk.file] = open_data_file(path / chunk.file)
+            sizes[chunk.file] = os.fstat(fds[chunk.file]).st_size
+        if chunk.offset + chunk.length > sizes[chunk.file]:
+            raise CheckpointError(
+                f"{path / chunk.file} is truncated: a chunk for "
+                f"{_tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)} "
+                f"ends at byte {chunk.offset + chunk.length}, the file has {sizes[chunk.file]}"
+            )
+
+
+def _decode_chunk(path: Path, manifest: Manifest, fds: dict[str, int], index: int, out: torch.Tensor) -> None:
+    """Read chunk ``index``, check its CRC32 and codec chain, decode it into ``out``."""
+    chunk = manifest.chunks[index]
+    try:
+        stored = os.pread(fds[chunk.file], chunk.length, chunk.offset)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read chunk {index} of {path / chunk.file}: {exc.strerror}") from exc
+    if len(stored) != chunk.length:
+        raise CheckpointError(f"short read of chunk {index} in {path / chunk.file}")
+    try:
+        codec.decode(stored, chunk.codecs, chunk.crc32, out, f"chunk {index}")
+    except CheckpointError as exc:
+        # names are worked out only on failure: they cost a scan of the tensor table
+        start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
+        raise CheckpointError(f"{path / chunk.file}: {exc} (holds {_tensor_names(manifest, start, end)})") from None
+
+
+def verify_checkpoint(
+    path: Path,
+    progress: Callable[[int], None] | None = None,
+    manifest: Manifest | None = None,
+    workers: int = 4,
+) -> Manifest:
+    """Check the manifest and every chunk's CRC32 and codec chain; the manifest, or a CheckpointError.
+
+    The same checks as ``read_checkpoint`` (a checkpoint this passes, restore reads), but chunk by
+    chunk into a scratch buffer: memory stays at ``workers`` chunks, whatever the checkpoint's size.
+    ``progress`` gets each verified chunk's stored length, in chunk order; on success the calls sum
+    to ``manifest.stored_bytes``.
+    """
+    manifest = manifest or read_manifest(path)
+    fds: dict[str, int] = {}
+    pool = ThreadPoolExecutor(workers, "asyncckpt-verify") if workers > 1 and len(manifest.chunks) > 1 else None
+    try:
+        _open_data_files(path, manifest, fds)
+
+        def check(index: int) -> int:
+            chunk = manifest.chunks[index]
+            _decode_chunk(path, manifest, fds, index, torch.empty(chunk.raw_length, dtype=torch.uint8))
+            return chunk.length
+
+        indexes = range(len(manifest.chunks))
+        # results come back in chunk order, on this thread: progress needs no lock
+        for nbytes in pool.map(check, indexes) if pool else map(check, indexes):
+            if progress is not None:
+                progress(nbytes)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # before the fds close: no read of a reused fd
+        for fd in fds.values():
+            os.close(fd)
+    return manifest
+
+
+def _is_identity_layout(manifest: Manifest, wanted_chunks: list[int]) -> bool:
+    """True when every wanted chunk is raw, in one data file, at file offset == logical offset."""
+    chunks = [manifest.chunks[i] for i in wanted_chunks]
+    return bool(chunks) and all(
+        not c.codecs and c.file == chunks[0].file and c.offset == c.raw_offset and c.length == c.raw_length
+        for c in chunks
+    )
+
+
+def _map_raw(
+    path: Path,
+    manifest: Manifest,
+    fds: dict[str, int],
+    wanted_chunks: list[int],
+    only: set[int] | None,
+    workers: int,
+) -> list[torch.Tensor | None] | None:
+    """Map a raw checkpoint's data file and return its verified tensors as views of the mapping.
+
+    None when the layout does not qualify (a compressed chunk, several data files, a chunk not at
+    its logical offset) or the file cannot be mapped: the caller then reads it the usual way.
+
+    How, and why this way (works on torch >= 2.4, needs only the standard library):
+
+    - The file mapped is the file checked: ``mmap.mmap`` maps the descriptor ``open_data_file``
+      opened (O_NOFOLLOW, regular files only) and whose size the caller compared with the manifest.
+      ``torch.UntypedStorage.from_file`` would re-open the path (following links, with a window
+      in which the file could be swapped), and hands back one storage for the whole file.
+    - The mapping is private (``ACCESS_COPY``: MAP_PRIVATE, read-write): a write into a loaded
+      tensor copies that page for this process and never reaches the file; untouched pages stay
+      shared with the page cache, so the state costs no anonymous memory.
+    - Each tensor is ``torch.frombuffer(mapping, count, offset)``: its own storage of exactly its
+      bytes, which holds a reference to the mapping (unmapped when the last tensor goes). A tensor
+      can still be kept, saved or exported alone without dragging the whole file along.
+    - Every wanted chunk's CRC32 is computed over the mapped bytes (in parallel; zlib releases the
+      GIL) before any tensor is made, so a damaged file is an error, never a silently wrong state.
+    - The caller has checked that every chunk ends within the file, so no page of the mapping
+      lies past the end of the file (the SIGBUS case); mapping only up to the manifest's end keeps
+      trailing bytes out. A file truncated by someone else *while* mapped can still fault: committed
+      checkpoints are never rewritten by asyncckpt (retention unlinks, which keeps the pages).
+    """
+    if not _is_identity_layout(manifest, wanted_chunks):
+        return None
+    name = manifest.chunks[wanted_chunks[0]].file
+    end = max(c.offset + c.length for c in manifest.chunks if c.file == name)
+    try:
+        mapping = _mmap.mmap(fds[name], end, access=_mmap.ACCESS_COPY)
+    except (OSError, ValueError):  # a filesystem that cannot map: read it instead
+        return None
+    try:
+        if hasattr(_mmap, "MADV_WILLNEED"):  # start reading ahead of the page faults (cold cache)
+            first = min(manifest.chunks[i].offset for i in wanted_chunks)
+            start = first - first % _mmap.PAGESIZE
+            last = max(manifest.chunks[i].offset + manifest.chunks[i].length for i in wanted_chunks)
+            try:
+                mapping.madvise(_mmap.MADV_WILLNEED, start, last - start)
+            except OSError:  # only a hint
+                pass
+        with memoryview(mapping) as view:
+
+            def verify(index: int) -> None:
+                chunk = manifest.chunks[index]
+                actual = zlib.crc32(view[chunk.offset : chunk.offset + chunk.length])
+                if actual != chunk.crc32:
+                    where = _tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)
+                    raise CheckpointError(
+                        f"{path / chunk.file}: checksum mismatch in chunk {index}: stored CRC32 "
+                        f"{chunk.crc32:08x}, computed {actual:08x} (holds {where})"
+                    )
+
+            _for_each_chunk(verify, wanted_chunks, workers)
+    except BaseException:
+        try:
+            mapping.close()  # unmapped now, not at garbage collection: no tensor refers to it yet
+        except BufferError:
+            pass
+        raise
+    tensors: list[torch.Tensor | None] = []
+    for i, entry in enumerate(manifest.tensors):
+        dtype = DTYPES[entry.dtype]
+        if only is not None and i not in only:
+            tensors.append(None)
+        elif entry.nbytes == 0:
+            tensors.append(torch.empty(entry.shape, dtype=dtype))
+        else:
+            raw = torch.frombuffer(mapping, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
+            tensors.append(raw.view(dtype).view(entry.shape))
+    return tensors

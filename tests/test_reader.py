@@ -1,0 +1,293 @@
+"""The zero-copy load of raw checkpoints (issue 7): compression=None data files are mapped, not read.
+
+Zero-copy is checked through /proc/self/maps: every loaded tensor's memory lies inside one private
+mapping of the checkpoint's data file, at the tensor's offset in that file. The read path is
+detected by the per-tensor buffers it allocates (``reader._Scatter``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import asyncckpt
+from asyncckpt import CheckpointError, CheckpointManager, reader
+from asyncckpt.reader import read_checkpoint, read_manifest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+
+DATA = "data-00000.bin"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(tensor_bytes(a), tensor_bytes(b))
+
+
+def mixed_state(seed: int = 0) -> dict:
+    """Random bit patterns in several dtypes (several dtype groups and chunks), plus odd sizes."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+        return (raw & 1).bool().view(shape) if dtype == torch.bool else raw.view(dtype).view(shape)
+
+    return {
+        "w": rand(torch.float32, 300, 257),  # > 4096-byte chunks: several chunks per tensor
+        "b": rand(torch.float32, 257),
+        "h": rand(torch.bfloat16, 33, 7),
+        "i": rand(torch.int64, 1000),
+        "m": rand(torch.bool, 77),
+        "empty": torch.empty(0, 5),
+        "nested": [rand(torch.float16, 3), {"x": rand(torch.uint8, 5)}],
+        "step": 7,
+    }
+
+
+def save(root: Path, state: dict, step: int = 1, **kwargs) -> Path:
+    kwargs.setdefault("compression", None)
+    with CheckpointManager(root, chunk_size=4096, **kwargs) as mgr:
+        return mgr.save(step, state).wait()
+
+
+def tensors_of(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in tensors_of(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in tensors_of(v)]
+    return []
+
+
+def assert_same(expected, actual) -> None:
+    exp, act = tensors_of(expected), tensors_of(actual)
+    assert len(exp) == len(act)
+    for e, a in zip(exp, act, strict=True):
+        assert same_tensor(e, a)
+
+
+def mapping_of(address: int) -> tuple[int, int, int, str] | None:
+    """(start, end, inode, name) of the mapping of this process that holds ``address``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return start, end, int(fields[4]), fields[5].strip() if len(fields) > 5 else ""
+    return None
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def no_read_path(monkeypatch):
+    """Fail the test if the read path (which allocates per-tensor buffers) is taken."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the read path was taken instead of the mapping")
+
+    monkeypatch.setattr(reader, "_Scatter", refuse)
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    """Count how often the read path is taken."""
+    calls = []
+    real = reader._Scatter
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reader, "_Scatter", counting)
+    return calls
+
+
+# ---- the mapped path -------------------------------------------------------------------------
+
+
+def test_raw_checkpoint_loads_bit_exact_as_views_of_one_file_mapping(tmp_path, no_read_path):
+    state = mixed_state()
+    path = save(tmp_path, state)
+    data = path / DATA
+    loaded = asyncckpt.load(tmp_path)
+    assert_same(state, loaded)
+    assert loaded["step"] == 7
+
+    manifest = read_manifest(path)
+    size, inode = data.stat().st_size, data.stat().st_ino
+    assert size == manifest.raw_bytes  # raw chunks at their logical offsets: the arena, byte for byte
+    regions = set()
+    for i, t in enumerate(tensors_of(loaded)):
+        if t.numel() == 0:
+            continue
+        found = mapping_of(t.untyped_storage().data_ptr())
+        assert found is not None
+        start, end, ino, name = found
+        assert ino == inode and name == str(data), f"tensor {i} is not in a mapping of {data}: {found}"
+        assert end - start == -(-size // mmap.PAGESIZE) * mmap.PAGESIZE  # the whole file, once
+        regions.add((start, end))
+    assert len(regions) == 1
+    (start, _), entries = regions.pop(), [e for e in manifest.tensors if e.nbytes]
+    by_offset = sorted(t.data_ptr() - start for t in tensors_of(loaded) if t.numel())
+    assert by_offset == sorted(e.offset for e in entries)  # each tensor sits at its file offset
+
+
+def test_each_mapped_tensor_owns_a_storage_of_its_own_bytes(tmp_path, no_read_path):
+    state = mixed_state()
+    loaded = read_checkpoint(save(tmp_path, state))
+    assert loaded.mapped
+    for t, entry in zip(loaded.tensors, loaded.manifest.tensors, strict=True):
+        assert t.untyped_storage().nbytes() == entry.nbytes  # torch.save of one tensor saves only it
+
+
+def test_writing_into_a_loaded_tensor_never_reaches_the_file(tmp_path, no_read_path):
+    state = mixed_state()
+    path = save(tmp_path, state)
+    before = file_digest(path / DATA)
+    loaded = asyncckpt.load(path)
+    loaded["w"].fill_(1.5)
+    loaded["i"].add_(3)
+    loaded["nested"][1]["x"].zero_()
+    assert (loaded["w"] == 1.5).all()
+    assert file_digest(path / DATA) == before
+    assert_same(state, asyncckpt.load(path))  # a fresh load still sees the saved bytes
+
+
+def test_flipped_byte_in_a_mapped_file_is_a_checksum_error(tmp_path, no_read_path):
+    path = save(tmp_path, mixed_state())
+    data = path / DATA
+    offset = read_manifest(path).tensors[0].offset + 12345
+    raw = bytearray(data.read_bytes())
+    raw[offset] ^= 0x10
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"checksum mismatch in chunk \d+.*float32\[300, 257\]") as info:
+        asyncckpt.load(path)
+    assert str(data) in str(info.value)
+
+
+@pytest.mark.parametrize("cut", [1, 64, 4096 + 7])
+def test_truncated_raw_data_file_is_an_error_not_a_crash(tmp_path, cut):
+    path = save(tmp_path, mixed_state())
+    data = path / DATA
+    os.truncate(data, data.stat().st_size - cut)
+    with pytest.raises(CheckpointError, match="is truncated") as info:
+        asyncckpt.load(path)
+    assert str(data) in str(info.value)
+    with pytest.raises(CheckpointError, match="no valid checkpoint"), pytest.warns(UserWarning, match="truncated"):
+        asyncckpt.load(tmp_path)  # the root: every candidate is damaged
+
+
+def test_symlinked_data_file_is_refused(tmp_path):
+    path = save(tmp_path / "ckpt", mixed_state())
+    outside = tmp_path / "outside.bin"
+    (path / DATA).rename(outside)
+    (path / DATA).symlink_to(outside)
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        asyncckpt.load(path)
+
+
+def test_restore_from_a_raw_checkpoint_is_bit_exact(tmp_path, make_training, monkeypatch):
+    setup = make_training(init_seed=0, total_steps=6)
+    for step in range(3):
+        setup.train_step(step)
+    setup.state["step"] = 3
+    setup.state["rng"] = torch.get_rng_state()
+    with CheckpointManager(tmp_path, compression=None) as mgr:
+        mgr.save(3, setup.state).wait()
+    expected_model = {k: v.clone() for k, v in setup.model.state_dict().items()}
+    expected_opt = [t.clone() for t in tensors_of(setup.optimizer.state_dict()["state"])]
+
+    mapped = []
+    real = reader._map_raw
+    monkeypatch.setattr(reader, "_map_raw", lambda *a: mapped.append(real(*a)) or mapped[-1])
+    fresh = make_training(init_seed=1, total_steps=6)
+    with CheckpointManager(tmp_path, compression=None) as mgr:
+        assert mgr.restore(fresh.state) == 3
+    assert mapped and mapped[0] is not None  # the restore went through the mapping
+    assert fresh.state["step"] == 3
+    for name, tensor in fresh.model.state_dict().items():
+        assert same_tensor(expected_model[name], tensor), name
+    got_opt = tensors_of(fresh.optimizer.state_dict()["state"])
+    assert len(got_opt) == len(expected_opt)
+    for e, g in zip(expected_opt, got_opt, strict=True):
+        assert same_tensor(e, g)
+    # both continue identically from the saved RNG state
+    assert same_tensor(setup.state["rng"], fresh.state["rng"])
+    torch.set_rng_state(setup.state["rng"])
+    expected_loss = setup.train_step(3)
+    torch.set_rng_state(fresh.state["rng"])
+    assert torch.equal(expected_loss, fresh.train_step(3))
+
+
+def test_load_weights_maps_only_the_model_chunks(tmp_path, no_read_path, monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 50), torch.nn.Linear(50, 3))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 40)).sum().backward()
+    opt.step()
+    save(tmp_path, {"model": model, "optimizer": opt})
+    verified = []
+    real_crc = reader.zlib.crc32
+    monkeypatch.setattr(reader.zlib, "crc32", lambda data: verified.append(len(data)) or real_crc(data))
+    target = torch.nn.Sequential(torch.nn.Linear(40, 50), torch.nn.Linear(50, 3))
+    assert asyncckpt.load_weights(tmp_path, target) == 1
+    for a, b in zip(model.state_dict().values(), target.state_dict().values(), strict=True):
+        assert same_tensor(a, b)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert model_bytes <= sum(verified) < 2 * model_bytes  # the optimizer's chunks were skipped
+
+
+# ---- the read path ---------------------------------------------------------------------------
+
+
+def test_compressed_checkpoint_takes_the_read_path(tmp_path, count_reads):
+    state = {"zeros": torch.zeros(40000), "ramp": torch.arange(20000, dtype=torch.int64) // 100}
+    path = save(tmp_path, state, compression="zstd")
+    assert all(c.codecs for c in read_manifest(path).chunks)
+    loaded = read_checkpoint(path)
+    assert not loaded.mapped and count_reads == [1]
+    data = path / DATA
+    for t in loaded.tensors:
+        found = mapping_of(t.untyped_storage().data_ptr())
+        assert found is None or found[2] != data.stat().st_ino
+    assert_same(state, asyncckpt.load(path))
+
+
+def test_partly_compressed_checkpoint_takes_the_read_path(tmp_path, count_reads):
+    # zeros compress, random bytes do not (stored raw): the raw chunks sit off their logical offsets
+    state = {"zeros": torch.zeros(20000), **mixed_state()}
+    path = save(tmp_path, state, compression="zstd")
+    chunks = read_manifest(path).chunks
+    assert any(c.codecs for c in chunks) and any(not c.codecs for c in chunks)
+    assert_same(state, asyncckpt.load(path))
+    assert count_reads == [1]
+
+
+def test_mmap_false_forces_the_read_path(tmp_path, count_reads):
+    state = mixed_state()
+    path = save(tmp_path, state)
+    loaded = read_checkpoint(path, mmap=False)
+    assert not loaded.mapped and count_reads == [1]
+    mapped = read_checkpoint(path)
+    assert mapped.mapped and count_reads == [1]
+    for a, b in zip(loaded.tensors, mapped.tensors, strict=True):
+        assert same_tensor(a, b)
