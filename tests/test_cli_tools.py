@@ -16,7 +16,7 @@ from asyncckpt._progress import Progress, format_bytes, progress_bar
 from asyncckpt.cli import main
 from asyncckpt.errors import CheckpointError
 from asyncckpt.format import step_dir_name
-from asyncckpt.reader import read_manifest
+from asyncckpt.reader import read_manifest, verify_checkpoint
 
 STEPS = [10, 20, 30, 40, 50]
 LOSSES = {10: 0.5, 20: 0.1, 30: 0.9, 40: 0.3, 50: 0.7}
@@ -449,7 +449,7 @@ def test_verify_callback_gets_each_chunk_and_sums_to_the_stored_bytes(run):
     for workers in (1, 4):
         for step in STEPS:
             calls: list[int] = []
-            manifest = tools.verify_checkpoint(ckpt(root, step), calls.append, workers=workers)
+            manifest = verify_checkpoint(ckpt(root, step), calls.append, workers=workers)
             assert calls == [chunk.length for chunk in manifest.chunks]
             assert sum(calls) == manifest.stored_bytes == read_manifest(ckpt(root, step)).stored_bytes
 
@@ -458,7 +458,7 @@ def test_verify_damaged_checkpoint_exits_1_with_the_bar_forced(run, capsys):
     root, _ = run
     flip_a_byte(ckpt(root, 30))
     with pytest.raises(CheckpointError, match="checksum"):
-        tools.verify_checkpoint(ckpt(root, 30))
+        verify_checkpoint(ckpt(root, 30))
     code, out, err = cli(capsys, "verify", root, "--progress")
     assert code == 1
     assert f"DAMAGED  {ckpt(root, 30)}: " in out and "checksum" in out

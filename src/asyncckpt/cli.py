@@ -13,7 +13,7 @@ from ._progress import progress_bar
 from .errors import CheckpointError
 from .format import MANIFEST_NAME, Manifest
 from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
-from .reader import read_manifest
+from .reader import read_manifest, verify_checkpoint
 from .retention import RetentionPolicy
 from .storage import list_checkpoints
 
@@ -76,7 +76,6 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from . import tools
 
     dirs = _checkpoint_dirs(Path(args.path))
     if not dirs:
@@ -99,7 +98,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             try:
                 if path in errors:
                     raise CheckpointError(errors[path])
-                manifest = tools.verify_checkpoint(path, bar.advance, manifests[path])
+                manifest = verify_checkpoint(path, bar.advance, manifests[path])
                 row.update(step=manifest.step, chunks=len(manifest.chunks), stored_bytes=manifest.stored_bytes)
                 line = f"ok       {path} ({len(manifest.chunks)} chunks verified)"
             except CheckpointError as exc:

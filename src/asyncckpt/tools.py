@@ -15,19 +15,17 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import codec
 from .errors import CheckpointError
 from .format import MANIFEST_NAME, Manifest
-from .reader import _tensor_names, read_checkpoint, read_manifest
+from .reader import read_checkpoint, read_manifest
 from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
-from .storage import LocalStorage, list_checkpoints, open_data_file
+from .storage import LocalStorage, list_checkpoints
 from .tree import unflatten
 
 Progress = Callable[[int], None]  # called with each increment of bytes done
@@ -60,65 +58,6 @@ def resolve_root(path: str | os.PathLike) -> Path:
     if (path / MANIFEST_NAME).exists():
         raise CheckpointError(f"{path} is one checkpoint, not a checkpoint root; pass its parent {path.parent}")
     return path
-
-
-# ----------------------------------------------------------------------------------------- verify
-
-
-def verify_checkpoint(
-    path: Path, progress: Progress | None = None, manifest: Manifest | None = None, workers: int = 4
-) -> Manifest:
-    """Check the manifest and every chunk's CRC32 and codec chain; the manifest, or a CheckpointError.
-
-    The same checks as ``read_checkpoint`` (a checkpoint this passes, restore reads), but chunk by
-    chunk into a scratch buffer: memory stays at ``workers`` chunks, whatever the checkpoint's size.
-    ``progress`` gets each verified chunk's stored length, in chunk order; on success the calls sum
-    to ``manifest.stored_bytes``.
-    """
-    manifest = manifest or read_manifest(path)
-    fds: dict[str, int] = {}
-    pool = ThreadPoolExecutor(max(1, workers), "asyncckpt-verify") if workers > 1 and len(manifest.chunks) > 1 else None
-    try:
-        for chunk in manifest.chunks:
-            if chunk.file not in fds:
-                fds[chunk.file] = open_data_file(path / chunk.file)
-            size = os.fstat(fds[chunk.file]).st_size
-            if chunk.offset + chunk.length > size:
-                raise CheckpointError(
-                    f"{path / chunk.file} is truncated: a chunk for "
-                    f"{_tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)} "
-                    f"ends at byte {chunk.offset + chunk.length}, the file has {size}"
-                )
-
-        def check(index: int) -> int:
-            chunk = manifest.chunks[index]
-            try:
-                stored = os.pread(fds[chunk.file], chunk.length, chunk.offset)
-            except OSError as exc:
-                raise CheckpointError(f"cannot read chunk {index} of {path / chunk.file}: {exc.strerror}") from exc
-            if len(stored) != chunk.length:
-                raise CheckpointError(f"short read of chunk {index} in {path / chunk.file}")
-            scratch = torch.empty(chunk.raw_length, dtype=torch.uint8)
-            try:
-                codec.decode(stored, chunk.codecs, chunk.crc32, scratch, f"chunk {index}")
-            except CheckpointError as exc:
-                start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
-                raise CheckpointError(
-                    f"{path / chunk.file}: {exc} (holds {_tensor_names(manifest, start, end)})"
-                ) from None
-            return chunk.length
-
-        indexes = range(len(manifest.chunks))
-        # results come back in chunk order, on this thread: progress needs no lock
-        for nbytes in pool.map(check, indexes) if pool else map(check, indexes):
-            if progress is not None:
-                progress(nbytes)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)  # before the fds close: no read of a reused fd
-        for fd in fds.values():
-            os.close(fd)
-    return manifest
 
 
 # ----------------------------------------------------------------------------------------- leaves
