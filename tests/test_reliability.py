@@ -917,7 +917,7 @@ def test_closing_a_manager_releases_its_staging_memory(tmp_path):
 
     Measured with the cyclic GC paused, as it may be for a long stretch in a real process: a 256 MiB
     arena is its own mmap, so freeing it shows in RSS at once (the encoders' own allocator caches
-    stay below the bound).
+    stay below the bound of half the arena).
     """
     state = {"w": torch.ones(64 * MiB)}  # 256 MiB
     gc.collect()
@@ -932,7 +932,9 @@ def test_closing_a_manager_releases_its_staging_memory(tmp_path):
     finally:
         gc.enable()
     assert during - before >= 200 * MiB, "the arena was not allocated as expected; the test proves nothing"
-    assert after - before <= 64 * MiB, (
+    # Held, the arena alone would be 256 MiB; allocator caches of earlier tests in this process
+    # (glibc raises its mmap threshold after large frees) reached 76 MiB, hence half the arena.
+    assert after - before <= 128 * MiB, (
         f"closed manager still holds {(after - before) / MiB:.0f} MiB (arena pool: {held / MiB:.0f} MiB held)"
     )
 
