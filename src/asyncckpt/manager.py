@@ -459,6 +459,11 @@ class CheckpointManager:
             with self._cond:
                 self._pending.remove(handle)
                 self._cond.notify_all()
+            if lazy is not None:
+                try:
+                    lazy.wait_copied()  # the copy thread must be done with the arena before reuse
+                except BaseException:  # noqa: BLE001 - the submit failure is the error to report
+                    pass
             self._arenas.release(arena)
             raise
         return handle
