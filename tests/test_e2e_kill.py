@@ -216,3 +216,12 @@ def test_cli_demo(tmp_path):
     assert "bit-exact" in result.stdout
     assert "MISMATCH" not in result.stdout
     assert any(p.name.startswith("step-") for p in (root / "asyncckpt").iterdir())
+
+
+def test_cli_demo_overlap(tmp_path):
+    root = tmp_path / "demo"
+    argv = ("demo", "--seconds", "3", "--width", "128", "--depth", "2", "--snapshot", "overlap", "--root", str(root))
+    result = cli(*argv, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "asyncckpt (overlap snapshot)" in result.stdout and "bit-exact" in result.stdout
+    assert "the next optimizer step waited" in result.stdout

@@ -36,6 +36,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         root=args.root,
         device=args.device,
         adaptive=args.adaptive,
+        snapshot=args.snapshot,
     )
     return 0 if report.restore_exact else 1
 
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--depth", type=int, default=6)
     demo.add_argument("--root", help="keep checkpoints here (default: a temp dir, removed)")
     demo.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    demo.add_argument(
+        "--snapshot", choices=["blocking", "overlap"], default="blocking", help="snapshot mode (default: blocking)"
+    )
     demo.add_argument(
         "--adaptive", type=float, metavar="MAX_OVERHEAD", help="use Adaptive(max_overhead=...) instead of every ~1.5 s"
     )
