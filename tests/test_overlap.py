@@ -310,3 +310,32 @@ def _to_cpu(tree):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_to_cpu(v) for v in tree)
     return tree
+
+
+class _Interrupted(BaseException):
+    """Stands for KeyboardInterrupt (which pytest itself would act on)."""
+
+
+def test_close_after_an_interrupted_fence_neither_hangs_nor_commits(tmp_path, slow_copy, monkeypatch):
+    from asyncckpt.staging import LazyCopy
+
+    def interrupted(self, count_wait=True):
+        raise _Interrupted()
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    mgr = CheckpointManager(tmp_path, snapshot="overlap")
+    handle = mgr.save(1, {"model": model, "optimizer": opt})
+    monkeypatch.setattr(LazyCopy, "fence", interrupted)
+    with pytest.raises(_Interrupted):
+        train(model, [opt], steps=1)  # the interrupt reaches the training loop, as Ctrl-C would
+
+    def close() -> None:
+        with pytest.raises(_Interrupted):
+            mgr.close()  # its own fence is interrupted too; the writer must still be released
+
+    run_with_timeout(close, timeout=30)
+    with pytest.raises(CheckpointError, match="closed without a completed fence"):
+        handle.wait(timeout=5)
+    assert step_dirs(tmp_path) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

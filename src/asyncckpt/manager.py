@@ -301,7 +301,7 @@ class CheckpointManager:
         self._previous_handlers: dict[int, Any] = {}
         self._infos_lock = threading.Lock()  # retention (writer thread) vs tag/untag (caller)
         self._preempted: int | None = None
-        self._unfenced: list[tuple[LazyCopy, SaveRecord]] = []  # overlap copies not yet fenced
+        self._unfenced: list[LazyCopy] = []  # overlap copies not yet fenced, oldest first
         self._fence_lock = threading.Lock()
         self._hooks: dict[int, tuple[weakref.ReferenceType, list[Any]]] = {}  # id(obj) -> (obj, handles)
         try:
@@ -442,7 +442,7 @@ class CheckpointManager:
         if lazy is not None:
             handle._before_wait = self._fence  # a handle waited on directly must not wait for a step
             with self._fence_lock:
-                self._unfenced.append((lazy, record))
+                self._unfenced.append(lazy)
         with self._cond:
             self._pending.append(handle)
         handle.add_done_callback(self._settled)
@@ -487,10 +487,22 @@ class CheckpointManager:
         hook = _fence_hook(weakref.ref(self))
         if isinstance(obj, torch.optim.Optimizer):
             handles = [obj.register_step_pre_hook(hook), obj.register_load_state_dict_pre_hook(hook)]
-        else:  # the module's own load_state_dict runs its pre-hooks before any child's
-            register = getattr(obj, "register_load_state_dict_pre_hook", None)
-            handles = [register(hook) if register is not None else obj._register_load_state_dict_pre_hook(hook)]
+        else:
+            # Every submodule: a load into one layer (or into the module a wrapper such as
+            # torch.compile or DDP holds) writes into lazily copied parameters too.
+            handles = []
+            for module in obj.modules():
+                register = getattr(module, "register_load_state_dict_pre_hook", None)
+                if register is None:  # torch < 2.5
+                    register = module._register_load_state_dict_pre_hook
+                handles.append(register(hook))
         self._hooks[id(obj)] = (weakref.ref(obj), handles)
+
+    def _abandon_fences(self) -> None:
+        with self._fence_lock:
+            for lazy in self._unfenced:
+                lazy.abandon()
+            self._unfenced.clear()
 
     def _remove_fences(self) -> None:
         for _, handles in self._hooks.values():
@@ -503,16 +515,14 @@ class CheckpointManager:
 
         Called from the optimizers' step and load_state_dict pre-hooks, and by save, wait, restore
         and close. Time waited here counts as the earlier save's ``fence_wait_s`` (inside ``save``
-        it already shows in that save's ``wait_prev_s``).
+        it already shows in that save's ``wait_prev_s``, so it is not counted twice).
         """
         if not self._unfenced:
             return
-        with self._fence_lock:
-            pending, self._unfenced = self._unfenced, []
-            for lazy, record in pending:
-                waited = lazy.fence()
-                if not in_save:
-                    record.fence_wait_s += waited
+        with self._fence_lock:  # a second thread fencing meanwhile waits here for the same copies
+            while self._unfenced:
+                self._unfenced[0].fence(count_wait=not in_save)  # may raise (an interrupt): entry stays
+                self._unfenced.pop(0)  # only once fenced: nobody may skip a fence still under way
 
     def _on_done(self, job: SaveJob, path: Path | None) -> None:
         """Writer thread, before the handle resolves: free the arena, apply retention, log.
@@ -643,6 +653,7 @@ class CheckpointManager:
             self._fence()
             self._wait_pending()
         finally:
+            self._abandon_fences()  # only if a fence was interrupted: the writer must not wait forever
             self._remove_fences()
             self._pipeline.close()
             self._copier.close()

@@ -172,7 +172,15 @@ class Pipeline:
     @staticmethod
     def _check_guard(job: SaveJob) -> None:
         """Overlap mode: commit only if nothing copied lazily changed before the fence."""
-        changed = job.lazy.verdict()  # type: ignore[union-attr]
+        lazy = job.lazy
+        assert lazy is not None
+        changed = lazy.verdict()
+        job.record.fence_wait_s = lazy.fence_wait_s
+        if lazy.abandoned:
+            raise CheckpointError(
+                "overlap mode: the manager was closed without a completed fence (interrupted while "
+                "waiting for the copy?), so the snapshot could not be checked; it was not committed"
+            )
         if changed:
             shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
             raise CheckpointError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +163,8 @@ class LazyCopy:
         self.changed: list[str] = []  # guard verdict: tensors updated in place before the fence
         self.started = time.perf_counter()
         self.copy_s = 0.0  # from save to the last byte copied (known once wait_copied returns)
+        self.fence_wait_s = 0.0  # how long the fencing thread waited (known once fenced)
+        self.abandoned = False  # no fence ever completed: the guard never ran
 
     def wait_copied(self) -> None:
         """Block until every lazy byte is in the arena (writer thread). Raises if the copy failed."""
@@ -171,8 +174,12 @@ class LazyCopy:
             event.synchronize()
         self.copy_s = time.perf_counter() - self.started
 
-    def fence(self) -> float:
-        """Order later updates after the copy and run the guard; idempotent. Returns seconds waited."""
+    def fence(self, count_wait: bool = True) -> float:
+        """Order later updates after the copy and run the guard; idempotent. Returns seconds waited.
+
+        The wait is kept in ``fence_wait_s`` (unless ``count_wait`` is false) before the verdict is
+        published, so the writer, which commits and logs right after, always sees it.
+        """
         with self._lock:
             if self._fenced.is_set():
                 return 0.0
@@ -180,19 +187,29 @@ class LazyCopy:
             for device, event in self._events.items():
                 torch.cuda.current_stream(device).wait_event(event)
             if self._cpu is not None:
-                try:
-                    self._cpu.result()
-                except BaseException:  # noqa: BLE001 - the writer reports a failed copy, not the fence
-                    pass
+                # Not result(): a failed copy is the writer's to report, and an interrupt (Ctrl-C, a
+                # signal handler's exception) while waiting must propagate with the fence unpassed.
+                wait_futures([self._cpu])
             waited = time.perf_counter() - began
             watched = zip(self._tensors, self._versions, self._names, strict=True)
             self.changed = [name for tensor, version, name in watched if tensor._version != version]
             self._tensors = []  # the copy is ordered before anything later: stop holding the tensors
+            if count_wait:
+                self.fence_wait_s = waited
             self._fenced.set()
             return waited
 
     def fenced(self) -> bool:
         return self._fenced.is_set()
+
+    def abandon(self) -> None:
+        """Give the writer a verdict when no fence can complete (close after an interrupted fence):
+        the snapshot is then unverified, and the writer refuses to commit it."""
+        with self._lock:
+            if not self._fenced.is_set():
+                self.abandoned = True
+                self._tensors = []
+                self._fenced.set()
 
     def verdict(self, timeout: float | None = None) -> list[str]:
         """Wait for the fence (writer thread); the names of tensors changed before their copy."""
