@@ -60,6 +60,8 @@ class SaveHandle:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> Path:
+        """The committed path, or CheckpointError. In overlap mode this is a fence first: it waits
+        for the save's copy to finish (not bounded by ``timeout``), then for the commit."""
         if self._before_wait is not None:
             self._before_wait()
         try:

@@ -158,6 +158,7 @@ class LazyCopy:
         self._versions = versions
         self._cpu: Future | None = None
         self._events: dict[torch.device, torch.cuda.Event] = {}
+        self._compute: dict[torch.device, torch.cuda.Stream] = {}  # the stream save() was called on
         self._lock = threading.Lock()
         self._fenced = threading.Event()
         self.changed: list[str] = []  # guard verdict: tensors updated in place before the fence
@@ -185,7 +186,12 @@ class LazyCopy:
                 return 0.0
             began = time.perf_counter()
             for device, event in self._events.items():
-                torch.cuda.current_stream(device).wait_event(event)
+                # The stream training ran on at save(), and this thread's own: a fence reached from
+                # another thread (handle.wait, the asyncio façade) must still order training's work.
+                self._compute[device].wait_event(event)
+                current = torch.cuda.current_stream(device)
+                if current != self._compute[device]:
+                    current.wait_event(event)
             if self._cpu is not None:
                 # Not result(): a failed copy is the writer's to report, and an interrupt (Ctrl-C, a
                 # signal handler's exception) while waiting must propagate with the fence unpassed.
@@ -314,6 +320,7 @@ class CopyEngine:
                     for tensor, target in lazy_pairs:
                         target.copy_(tensor, non_blocking=True)
                     pending._events[device] = stream.record_event()
+                pending._compute[device] = compute
                 compute.wait_event(eager_done)  # the next forward's buffer updates come after
         if cpu_lazy:
             if self._copy_thread is None:
