@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -526,6 +527,7 @@ def test_max_pending_two_lets_one_save_overlap(tmp_path, managers, gate):
     assert mgr._arenas.allocations == 2
 
 
+@pytest.mark.filterwarnings("ignore:asyncckpt.*already holds step:UserWarning")  # out of order on purpose
 def test_steps_are_listed_oldest_first(tmp_path, managers):
     mgr = managers(tmp_path / "ckpts", keep_last=None)
     for step in (30, 10, 20, 5):
@@ -1047,3 +1049,26 @@ def test_manifests_swapped_between_checkpoints_are_detected(tmp_path):
         asyncckpt.load(root, step=3)
     with pytest.warns(UserWarning, match="is the manifest of step"):  # steps 3 and 2 both skipped
         assert torch.equal(asyncckpt.load(root)["w"], torch.full((8,), 1.0))
+
+
+def test_saving_below_the_newest_step_warns_once(tmp_path):
+    """After a roll-back, a lower step starts a second timeline: "newest" and keep_last would both
+    favour the abandoned higher steps, so the user is told (once) instead of finding out after a crash."""
+    state = {"w": torch.arange(1000.0)}
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        for step in (100, 200):
+            mgr.save(step, state).wait()
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mgr.save(200, state).wait()  # the same step (a replace): no second timeline
+            mgr.save(300, state).wait()
+        assert not [w for w in caught if "already holds" in str(w.message)]
+        mgr.restore({"w": torch.zeros(1000)}, step=100)
+        with pytest.warns(UserWarning, match=r"saving step 101 in .* which already holds step 300\. restore\(\)"):
+            mgr.save(101, state).wait()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mgr.save(102, state).wait()  # said once per manager
+        assert not [w for w in caught if "already holds" in str(w.message)]
+        assert mgr.steps() == [100, 101, 102, 200, 300]

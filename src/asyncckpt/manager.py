@@ -301,6 +301,7 @@ class CheckpointManager:
         self._previous_handlers: dict[int, Any] = {}
         self._infos_lock = threading.Lock()  # retention (writer thread) vs tag/untag (caller)
         self._preempted: int | None = None
+        self._warned_behind = False
         self._unfenced: list[LazyCopy] = []  # overlap copies not yet fenced, oldest first
         self._fence_lock = threading.Lock()
         self._hooks: dict[int, tuple[weakref.ReferenceType, list[Any]]] = {}  # id(obj) -> (obj, handles)
@@ -409,6 +410,7 @@ class CheckpointManager:
         began = time.perf_counter()
         record = SaveRecord(step=_check_step(step), started=time.time())
         self._check_open()
+        self._warn_if_behind(step)
         self._fence(in_save=True)  # an earlier overlap copy must finish before this one reads
         self._raise_background_errors()
         with self._cond:
@@ -467,6 +469,23 @@ class CheckpointManager:
             self._arenas.release(arena)
             raise
         return handle
+
+    def _warn_if_behind(self, step: int) -> None:
+        """Saving below the newest committed step starts a second timeline that "newest" ignores."""
+        if self._warned_behind:
+            return
+        with self._infos_lock:
+            newest = max(self._infos, default=-1)
+        if step < newest:
+            self._warned_behind = True
+            warnings.warn(
+                f"asyncckpt: saving step {step} in {self.root}, which already holds step {newest}. restore() "
+                f"and load() pick the highest step, so after a crash training would resume from step {newest}, "
+                "and keep_last keeps the highest steps, so the checkpoints of this run get deleted as newer "
+                f"ones commit. After rolling back, remove the later steps (asyncckpt prune, or delete "
+                f"step-* above {step}) or save into a new root.",
+                stacklevel=3,
+            )
 
     def _start_overlap(
         self, state: Any, tensors: list[torch.Tensor], names: list[str], layout: Any, arena: Any
