@@ -339,3 +339,18 @@ def test_close_after_an_interrupted_fence_neither_hangs_nor_commits(tmp_path, sl
         handle.wait(timeout=5)
     assert step_dirs(tmp_path) == []
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.slow  # inductor compiles C++ for ~20 s on 2 cores: `pytest -m slow` runs it
+def test_inductor_compiled_model_with_fused_adamw(tmp_path, slow_copy):
+    model = make_model()
+    compiled = torch.compile(model)  # the default backend, inductor
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    train(compiled, [opt], steps=2)
+    state = {"model": compiled, "optimizer": opt}
+    with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        expected = plain(state)
+        mgr.save(2, state)
+        train(compiled, [opt], steps=2)
+        mgr.wait()
+    assert_same(expected, asyncckpt.load(tmp_path))
