@@ -235,3 +235,17 @@ async def test_overlap_mode_commit_is_awaitable_without_an_optimizer_step(
         assert path == tmp_path / "step-000000000003"
     loaded = asyncckpt.load(tmp_path)["model"]
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+async def test_signal_handlers_go_through_the_loop_and_are_removed_on_close(tmp_path: Path) -> None:
+    import signal
+
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    async with AsyncCheckpointManager(tmp_path) as mgr:
+        mgr.install_signal_handlers((signal.SIGUSR2,))
+        assert signal.getsignal(signal.SIGUSR2) != signal.SIG_DFL  # the loop's wakeup handler
+        signal.raise_signal(signal.SIGUSR2)
+        await asyncio.sleep(0.05)  # the loop runs the handler: preemption noted, nothing raised yet
+        assert mgr._preempted == signal.SIGUSR2
+        mgr._preempted = None  # not acted on here (acting would end this process: test_signals.py)
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL

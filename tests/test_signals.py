@@ -33,9 +33,33 @@ except KeyboardInterrupt:
 """
 
 
-def run_and_signal(tmp_path, signum: int) -> tuple[int, list[str]]:
+ASYNC_CHILD = """
+import asyncio, sys, torch, asyncckpt
+root, log_path = sys.argv[1], sys.argv[2]
+
+async def main():
+    state = {"w": torch.zeros(100_000), "step": 0}
+    async with asyncckpt.AsyncCheckpointManager(root, policy=asyncckpt.EverySteps(10_000)) as mgr:
+        mgr.install_signal_handlers()
+        log = open(log_path, "w")
+        for step in range(1, 100_000):
+            state["w"] += 1
+            state["step"] = step
+            print(step, file=log, flush=True)
+            await asyncio.sleep(0.01)
+            await mgr.maybe_save(step, state)
+
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("interrupted", file=open(log_path, "a"), flush=True)
+    sys.exit(3)
+"""
+
+
+def run_and_signal(tmp_path, signum: int, child_source: str = CHILD) -> tuple[int, list[str]]:
     script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    script.write_text(child_source)
     log = tmp_path / "log"
     child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "root"), str(log)])
     try:
@@ -56,8 +80,9 @@ def run_and_signal(tmp_path, signum: int) -> tuple[int, list[str]]:
     [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGUSR1, -signal.SIGUSR1), (signal.SIGINT, 3)],
     ids=["SIGTERM", "SIGUSR1", "SIGINT"],
 )
-def test_signal_takes_a_final_checkpoint_then_acts(tmp_path, signum, expected_returncode):
-    returncode, lines = run_and_signal(tmp_path, signum)
+@pytest.mark.parametrize("child", [CHILD, ASYNC_CHILD], ids=["CheckpointManager", "AsyncCheckpointManager"])
+def test_signal_takes_a_final_checkpoint_then_acts(tmp_path, signum, expected_returncode, child):
+    returncode, lines = run_and_signal(tmp_path, signum, child)
     assert returncode == expected_returncode
     if signum == signal.SIGINT:
         assert lines[-1] == "interrupted"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import signal
 import threading
 import warnings
 from collections.abc import Callable, Generator
@@ -102,8 +103,8 @@ class AsyncCheckpointManager:
     AsyncCheckpointManager.open(root, **options)`` does that in the executor);
     ``AsyncCheckpointManager(manager)`` wraps an existing one. ``.manager`` is the wrapped manager
     (``stats``, ``policy``, ``root``...). Calls into the manager are serialised, so concurrent tasks
-    may share one façade. Preemption signal handlers are not supported through the façade: use the
-    loop's ``add_signal_handler`` and ``await mgr.save(...)`` from there.
+    may share one façade. ``install_signal_handlers()`` gives the same preemption handling as the
+    blocking manager's, through the loop's own signal handling.
     """
 
     def __init__(self, root: str | os.PathLike | CheckpointManager, **options: Any) -> None:
@@ -115,6 +116,9 @@ class AsyncCheckpointManager:
             self.manager = CheckpointManager(root, **options)
         self._calls = threading.Lock()  # held in the executor thread, so a cancelled waiter can't skip it
         self._inflight: set[asyncio.Future] = set()
+        self._signal_loop: asyncio.AbstractEventLoop | None = None
+        self._signals: list[int] = []
+        self._preempted: int | None = None
 
     @classmethod
     async def open(cls, root: str | os.PathLike, **options: Any) -> AsyncCheckpointManager:
@@ -158,10 +162,51 @@ class AsyncCheckpointManager:
         handle = await self._run(self.manager.save, step, state, metrics=metrics, metadata=metadata)
         return AsyncSaveHandle(handle, asyncio.get_running_loop())
 
+    def install_signal_handlers(
+        self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    ) -> None:
+        """Opt in to a final checkpoint on preemption (call from the running loop, main thread, Unix).
+
+        As ``CheckpointManager.install_signal_handlers``, through ``loop.add_signal_handler`` (the
+        blocking manager's handlers would run outside the loop): on one of ``signals`` the next
+        ``maybe_save`` saves that step, awaits the commit, removes the handlers and re-raises the
+        signal, so it then acts as it would have (SIGINT raises KeyboardInterrupt, SIGTERM ends the
+        process). A second such signal before that acts at once.
+        """
+        loop = asyncio.get_running_loop()
+        for signum in signals:
+            loop.add_signal_handler(signum, self._on_signal, signum)
+            self._signals.append(signum)
+        self._signal_loop = loop
+
+    def _on_signal(self, signum: int) -> None:
+        if self._preempted is not None:  # asked twice: stop waiting for the next step
+            self._remove_signal_handlers()
+            signal.raise_signal(signum)
+            return
+        self._preempted = signum
+
+    def _remove_signal_handlers(self) -> None:
+        if self._signal_loop is not None and not self._signal_loop.is_closed():
+            for signum in self._signals:
+                self._signal_loop.remove_signal_handler(signum)  # puts the default handler back
+        self._signals.clear()
+        self._signal_loop = None
+
     async def maybe_save(
         self, step: int, state: Any, metrics: dict | None = None, metadata: dict | None = None
     ) -> AsyncSaveHandle | None:
         """``save`` if the manager's policy says the step is due, else None."""
+        if self._preempted is not None:
+            signum, self._preempted = self._preempted, None
+            try:
+                await (await self.save(step, state, metrics=metrics, metadata=metadata))
+            except CheckpointError as exc:
+                warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=2)
+            finally:
+                self._remove_signal_handlers()
+                signal.raise_signal(signum)
+            return None
         handle = await self._run(self.manager.maybe_save, step, state, metrics, metadata)
         return None if handle is None else AsyncSaveHandle(handle, asyncio.get_running_loop())
 
@@ -181,6 +226,7 @@ class AsyncCheckpointManager:
 
     async def close(self) -> None:
         """Finish pending saves, stop the background threads, release the root's lock."""
+        self._remove_signal_handlers()
         while self._inflight:
             await asyncio.wait(list(self._inflight))
         await self._run(self.manager.close)
