@@ -354,3 +354,17 @@ def test_inductor_compiled_model_with_fused_adamw(tmp_path, slow_copy):
         train(compiled, [opt], steps=2)
         mgr.wait()
     assert_same(expected, asyncckpt.load(tmp_path))
+
+
+def test_a_save_with_nothing_lazy_commits_without_waiting_for_a_fence(tmp_path, slow_copy):
+    """No saved optimizer (or only small tensors): everything was copied eagerly, so the commit must
+    not wait for a next save/wait/close that may come much later."""
+    from _waiting import wait_until
+
+    model = make_model()
+    with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        expected = plain({"model": model})
+        handle = mgr.save(1, {"model": model})
+        wait_until(handle.done, timeout=30, what="the commit, with no fence called")
+        assert handle.error() is None and mgr.steps() == [1]
+    assert_same(expected, asyncckpt.load(tmp_path))

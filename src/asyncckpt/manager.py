@@ -441,7 +441,7 @@ class CheckpointManager:
         copied = time.perf_counter()
         handle = SaveHandle(step)
         job = SaveJob(step, flat.skeleton, layout, arena, handle, record, job_metrics, job_metadata, job_tags, lazy)
-        if lazy is not None:
+        if lazy is not None and not lazy.fenced():
             handle._before_wait = self._fence  # a handle waited on directly must not wait for a step
             with self._fence_lock:
                 self._unfenced.append(lazy)

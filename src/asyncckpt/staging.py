@@ -326,6 +326,9 @@ class CopyEngine:
             if self._copy_thread is None:
                 self._copy_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-copy")
             pending._cpu = self._copy_thread.submit(_copy_pairs, cpu_lazy)
+        if not lazy_tensors:  # nothing any later step could touch mid-copy: no fence to wait for
+            pending._tensors = []
+            pending._fenced.set()
         return pending
 
 
