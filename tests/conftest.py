@@ -70,3 +70,12 @@ def make_training():
     rng_before = torch.get_rng_state()
     yield _make_setup
     torch.set_rng_state(rng_before)
+
+
+@pytest.fixture
+def slow_copy(monkeypatch):
+    """Overlap mode: the lazy copy thread sleeps 0.3 s before copying, long next to a training step
+    of the small test models, so training really runs while the copy is in flight."""
+    from asyncckpt import _phases
+
+    monkeypatch.setitem(_phases._DELAYS, "lazy_copy", 0.3)

@@ -14,16 +14,10 @@ import pytest
 import torch
 
 import asyncckpt
+from _overlap_state import assert_same, plain
 from _waiting import run_with_timeout
-from asyncckpt import CheckpointError, CheckpointManager, _phases
+from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt.metrics import read_log
-
-COPY_DELAY_S = 0.3  # long next to a training step of these small models
-
-
-@pytest.fixture
-def slow_copy(monkeypatch):
-    monkeypatch.setitem(_phases._DELAYS, "lazy_copy", COPY_DELAY_S)
 
 
 def make_model(width: int = 128) -> torch.nn.Module:
@@ -50,29 +44,6 @@ def train(model, optimizers, steps: int, accumulate: int = 2, scaler=None, seed:
             opt.zero_grad()
         if scaler is not None:
             scaler.update()
-
-
-def plain(state: dict) -> dict:
-    """A deep copy of the state as plain state dicts: what the checkpoint must hold."""
-    return {k: copy.deepcopy(v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
-
-
-def assert_same(expected, got, where: str = "state") -> None:
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(got, torch.Tensor), where
-        assert expected.dtype == got.dtype and expected.shape == got.shape, where
-        assert torch.equal(expected.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)), where
-    elif isinstance(expected, dict):
-        assert set(map(str, expected)) == set(map(str, got)), where
-        lookup = {str(k): v for k, v in got.items()}
-        for key, value in expected.items():
-            assert_same(value, lookup[str(key)], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(expected) == len(got), where
-        for i, (a, b) in enumerate(zip(expected, got, strict=True)):
-            assert_same(a, b, f"{where}[{i}]")
-    else:
-        assert expected == got, where
 
 
 def step_dirs(root: Path) -> list[str]:

@@ -8,7 +8,6 @@ beyond tests/test_overlap.py.
 from __future__ import annotations
 
 import asyncio
-import copy
 import gc
 import signal
 import subprocess
@@ -22,17 +21,11 @@ import pytest
 import torch
 
 import asyncckpt
+from _overlap_state import assert_same, plain
 from _waiting import run_with_timeout
 from asyncckpt import AsyncCheckpointManager, CheckpointError, CheckpointManager, _phases
 from asyncckpt.metrics import read_log
 from asyncckpt.staging import LazyCopy
-
-COPY_DELAY_S = 0.3
-
-
-@pytest.fixture
-def slow_copy(monkeypatch):
-    monkeypatch.setitem(_phases._DELAYS, "lazy_copy", COPY_DELAY_S)
 
 
 def make_model(width: int = 128) -> torch.nn.Module:
@@ -46,28 +39,6 @@ def one_step(model, opt, seed: int = 1) -> None:
     model(torch.randn(8, width, generator=gen)).square().mean().backward()
     opt.step()
     opt.zero_grad()
-
-
-def plain(state: dict) -> dict:
-    return {k: copy.deepcopy(v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
-
-
-def assert_same(expected, got, where: str = "state") -> None:
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(got, torch.Tensor), where
-        assert expected.dtype == got.dtype and expected.shape == got.shape, where
-        assert torch.equal(expected.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)), where
-    elif isinstance(expected, dict):
-        assert set(map(str, expected)) == set(map(str, got)), where
-        lookup = {str(k): v for k, v in got.items()}
-        for key, value in expected.items():
-            assert_same(value, lookup[str(key)], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(expected) == len(got), where
-        for i, (a, b) in enumerate(zip(expected, got, strict=True)):
-            assert_same(a, b, f"{where}[{i}]")
-    else:
-        assert expected == got, where
 
 
 @pytest.fixture
