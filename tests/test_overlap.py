@@ -290,7 +290,7 @@ class _Interrupted(BaseException):
 def test_close_after_an_interrupted_fence_neither_hangs_nor_commits(tmp_path, slow_copy, monkeypatch):
     from asyncckpt.staging import LazyCopy
 
-    def interrupted(self, count_wait=True):
+    def interrupted(self, count_wait=True, timeout=None):
         raise _Interrupted()
 
     model = make_model()
@@ -338,4 +338,17 @@ def test_a_save_with_nothing_lazy_commits_without_waiting_for_a_fence(tmp_path, 
         handle = mgr.save(1, {"model": model})
         wait_until(handle.done, timeout=30, what="the commit, with no fence called")
         assert handle.error() is None and mgr.steps() == [1]
+    assert_same(expected, asyncckpt.load(tmp_path))
+
+
+def test_handle_wait_timeout_covers_the_fence(tmp_path, slow_copy):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    state = {"model": model, "optimizer": opt}
+    with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        expected = plain(state)
+        handle = mgr.save(1, state)
+        with pytest.raises(TimeoutError, match="copy was still running"):
+            handle.wait(timeout=0.01)  # the copy thread sleeps 0.3 s first
+        assert handle.wait(timeout=30) == tmp_path / "step-000000000001"  # the fence is still owed: passed now
     assert_same(expected, asyncckpt.load(tmp_path))

@@ -529,7 +529,7 @@ class CheckpointManager:
                 handle.remove()
         self._hooks.clear()
 
-    def _fence(self, in_save: bool = False) -> None:
+    def _fence(self, in_save: bool = False, timeout: float | None = None) -> None:
         """Overlap mode: make everything from here on wait for the pending copies, run the guard.
 
         Called from the optimizers' step and load_state_dict pre-hooks, and by save, wait, restore
@@ -538,10 +538,18 @@ class CheckpointManager:
         """
         if not self._unfenced:
             return
-        with self._fence_lock:  # a second thread fencing meanwhile waits here for the same copies
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # A second thread fencing meanwhile waits here for the same copies.
+        if not self._fence_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise TimeoutError(f"overlap fence: another thread held it past the {timeout} s timeout")
+        try:
             while self._unfenced:
-                self._unfenced[0].fence(count_wait=not in_save)  # may raise (an interrupt): entry stays
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                # may raise (an interrupt, the timeout): the entry stays for the next fence
+                self._unfenced[0].fence(count_wait=not in_save, timeout=left)
                 self._unfenced.pop(0)  # only once fenced: nobody may skip a fence still under way
+        finally:
+            self._fence_lock.release()
 
     def _on_done(self, job: SaveJob, path: Path | None) -> None:
         """Writer thread, before the handle resolves: free the arena, apply retention, log.

@@ -54,16 +54,19 @@ class SaveHandle:
         self._future: Future[Path] = Future()
         self.reported = False  # an error seen by the user is not raised again by the manager
         self._error: CheckpointError | None = None  # set before the future resolves
-        self._before_wait: Callable[[], None] | None = None  # overlap mode: the manager's fence
+        self._before_wait: Callable[..., None] | None = None  # overlap mode: the manager's fence
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> Path:
-        """The committed path, or CheckpointError. In overlap mode this is a fence first: it waits
-        for the save's copy to finish (not bounded by ``timeout``), then for the commit."""
+        """The committed path, or CheckpointError; TimeoutError after ``timeout`` seconds. In
+        overlap mode this is a fence first: it waits for the save's copy, then for the commit."""
         if self._before_wait is not None:
-            self._before_wait()
+            began = time.monotonic()
+            self._before_wait(timeout=timeout)
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - began))
         try:
             return self._future.result(timeout)
         except CheckpointError:

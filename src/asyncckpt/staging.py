@@ -175,11 +175,12 @@ class LazyCopy:
             event.synchronize()
         self.copy_s = time.perf_counter() - self.started
 
-    def fence(self, count_wait: bool = True) -> float:
+    def fence(self, count_wait: bool = True, timeout: float | None = None) -> float:
         """Order later updates after the copy and run the guard; idempotent. Returns seconds waited.
 
         The wait is kept in ``fence_wait_s`` (unless ``count_wait`` is false) before the verdict is
-        published, so the writer, which commits and logs right after, always sees it.
+        published, so the writer, which commits and logs right after, always sees it. TimeoutError
+        (fence not passed) if the CPU copy is still running after ``timeout`` seconds.
         """
         with self._lock:
             if self._fenced.is_set():
@@ -195,7 +196,8 @@ class LazyCopy:
             if self._cpu is not None:
                 # Not result(): a failed copy is the writer's to report, and an interrupt (Ctrl-C, a
                 # signal handler's exception) while waiting must propagate with the fence unpassed.
-                wait_futures([self._cpu])
+                if not wait_futures([self._cpu], timeout).done:
+                    raise TimeoutError(f"overlap fence: the copy was still running after {timeout} s")
             waited = time.perf_counter() - began
             watched = zip(self._tensors, self._versions, self._names, strict=True)
             self.changed = [name for tensor, version, name in watched if tensor._version != version]
