@@ -120,6 +120,18 @@ class DataFileWriter:
             self.fd = -1
 
 
+def _write_new_synced(path: Path, data: bytes) -> None:
+    """Create ``path`` (never an existing file), write all of ``data`` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalStorage:
     """A checkpoint root owned by this process (the one writer) for as long as it is open."""
 
@@ -177,27 +189,13 @@ class LocalStorage:
         return path
 
     def write_manifest(self, temp_dir: Path, data: bytes) -> None:
-        fd = os.open(temp_dir / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new_synced(temp_dir / MANIFEST_NAME, data)
         fsync_dir(temp_dir)
 
     def replace_manifest(self, checkpoint: Path, data: bytes) -> None:
         """Swap a committed checkpoint's manifest atomically (tags change; the data does not)."""
         temp = checkpoint / f"{MANIFEST_NAME}.{TEMP_PREFIX}{secrets.token_hex(4)}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new_synced(temp, data)
         os.rename(temp, checkpoint / MANIFEST_NAME)
         fsync_dir(checkpoint)
 
