@@ -166,6 +166,8 @@ class LazyCopy:
         self.copy_s = 0.0  # from save to the last byte copied (known once wait_copied returns)
         self.fence_wait_s = 0.0  # how long the fencing thread waited (known once fenced)
         self.abandoned = False  # no fence ever completed: the guard never ran
+        if not tensors:  # nothing a later step could touch mid-copy: no fence to wait for
+            self._fenced.set()
 
     def wait_copied(self) -> None:
         """Block until every lazy byte is in the arena (writer thread). Raises if the copy failed."""
@@ -328,9 +330,6 @@ class CopyEngine:
             if self._copy_thread is None:
                 self._copy_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-copy")
             pending._cpu = self._copy_thread.submit(_copy_pairs, cpu_lazy)
-        if not lazy_tensors:  # nothing any later step could touch mid-copy: no fence to wait for
-            pending._tensors = []
-            pending._fenced.set()
         return pending
 
 
