@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
+from asyncckpt import staging
 from asyncckpt.format import ALIGNMENT, DTYPES
 from asyncckpt.staging import Arena, ArenaPool, CopyEngine, DtypeGroup, TensorSlot, plan_layout
 
@@ -195,3 +198,64 @@ def test_copy_skips_empty_tensors():
     layout, arena = stage(tensors)
     assert torch.equal(arena.view(layout.slots[1]), torch.full((2,), 3.0))
     assert arena.view(layout.slots[0]).numel() == 0
+
+
+class FakeCudart:
+    """Stands in for ``torch.cuda.cudart()`` on a machine without CUDA: records (un)registrations."""
+
+    def __init__(self, error: int = 0) -> None:
+        self.error = error
+        self.registered: list[tuple[int, int, int]] = []
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, address: int, size: int, flags: int) -> int:  # noqa: N802 (CUDA's name)
+        self.registered.append((address, size, flags))
+        return self.error
+
+    def cudaHostUnregister(self, address: int) -> int:  # noqa: N802
+        self.unregistered.append(address)
+        return 0
+
+
+def test_a_pinned_arena_registers_exactly_its_bytes_and_unregisters_once_freed(monkeypatch):
+    fake = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    nbytes = 3_000_005  # no power of two: PyTorch's pinned cache would round this to 4 MiB
+    arena = Arena(nbytes, pinned=True)
+    address = arena.buffer.data_ptr()
+    assert fake.registered == [(address, nbytes, 1)]
+    assert arena.buffer.numel() == nbytes and not arena.buffer.any()
+    view = arena.raw(0, 64)  # the pipeline's views keep the memory (and its registration) alive
+    del arena
+    gc.collect()
+    assert fake.unregistered == []
+    del view
+    gc.collect()
+    assert fake.unregistered == [address]
+
+
+def test_a_closed_pool_unregisters_its_pinned_arenas(monkeypatch):
+    fake = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    pool = ArenaPool(pinned=True)
+    arena = pool.acquire(1 << 20)
+    address = arena.buffer.data_ptr()
+    pool.release(arena)
+    del arena
+    gc.collect()
+    assert fake.unregistered == []  # a free arena is kept for the next save
+    pool.clear()
+    gc.collect()
+    assert fake.unregistered == [address]
+
+
+def test_a_failed_registration_falls_back_to_pytorchs_pinned_allocator_with_a_warning(monkeypatch):
+    fake = FakeCudart(error=2)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    fallback = torch.full((4096,), 0, dtype=torch.uint8)
+    monkeypatch.setattr(staging, "_cached_pinned_zeros", lambda n: fallback[:n])
+    with pytest.warns(RuntimeWarning, match=r"cudaHostRegister .* failed \(CUDA error 2\)"):
+        arena = Arena(4000, pinned=True)
+    assert arena.buffer.data_ptr() == fallback.data_ptr()
+    gc.collect()
+    assert fake.unregistered == []  # nothing was registered, so nothing is unregistered

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -21,6 +23,43 @@ from .format import ALIGNMENT, dtype_name
 # Overlap mode copies tensors below this size before ``save`` returns: they cost next to nothing,
 # and their version counters then need no watching.
 SMALL_COPY_BYTES = 64 << 10
+
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
+
+
+def _unregister_host_memory(address: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(address)
+
+
+def _cached_pinned_zeros(nbytes: int) -> torch.Tensor:
+    return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def _pinned_zeros(nbytes: int) -> torch.Tensor:
+    """Zeroed host memory of exactly ``nbytes``, page-locked for CUDA.
+
+    ``torch.zeros(pin_memory=True)`` goes through PyTorch's pinned-memory cache, which rounds every
+    block up to a power of two (a 4.4 GB state would pin 8 GiB, a 70 GB one 128 GiB) and keeps
+    freed blocks pinned after the arena is gone. So the arena is ordinary host memory registered
+    with CUDA, unregistered when its storage is freed; if registering fails (a locked-memory
+    limit, say), PyTorch's pinned allocator is the fallback, with a warning.
+    """
+    buffer = torch.zeros(nbytes, dtype=torch.uint8)
+    storage = buffer.untyped_storage()
+    address = storage.data_ptr()
+    error = int(torch.cuda.cudart().cudaHostRegister(address, storage.nbytes(), _HOST_REGISTER_PORTABLE))
+    if error != 0:
+        del buffer, storage
+        warnings.warn(
+            f"asyncckpt: cudaHostRegister of a {nbytes / 1e9:.2f} GB staging arena failed (CUDA error "
+            f"{error}); using PyTorch's pinned allocator, which rounds it up to a power of two",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return _cached_pinned_zeros(nbytes)
+    release = weakref.finalize(storage, _unregister_host_memory, address)
+    release.atexit = False  # at exit the CUDA context may already be gone; the process frees all
+    return buffer
 
 
 @dataclass(frozen=True)
@@ -81,7 +120,8 @@ class Arena:
         self.capacity = capacity
         self.pinned = pinned
         # Zeroed once so alignment padding never carries stale bytes into a checkpoint.
-        self.buffer = torch.zeros(max(capacity, 1), dtype=torch.uint8, pin_memory=pinned)
+        size = max(capacity, 1)
+        self.buffer = _pinned_zeros(size) if pinned else torch.zeros(size, dtype=torch.uint8)
         self._slots: list[TensorSlot] | None = None  # the layout whose padding is known to be zero
         self._fresh = True  # all zeros: the first layout needs no clearing
 
@@ -264,16 +304,18 @@ class CopyEngine:
                 else:
                     arena.view(slot).copy_(tensor)
             streams = []
-            for device, pairs in by_device.items():
-                stream = self._stream_for(device)
-                # Ordered after the work already queued on the compute stream.
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):
-                    for tensor, target in pairs:
-                        target.copy_(tensor, non_blocking=True)
-                streams.append(stream)
-            for stream in streams:
-                stream.synchronize()
+            try:
+                for device, pairs in by_device.items():
+                    stream = self._stream_for(device)
+                    streams.append(stream)
+                    # Ordered after the work already queued on the compute stream.
+                    stream.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(stream):
+                        for tensor, target in pairs:
+                            target.copy_(tensor, non_blocking=True)
+            finally:  # also on an interrupt: the arena is not reused while copies still write to it
+                for stream in streams:
+                    stream.synchronize()
 
     def start(
         self, tensors: list[torch.Tensor], names: list[str], lazy: list[bool], layout: Layout, arena: Arena
@@ -309,23 +351,30 @@ class CopyEngine:
                 else:
                     target.copy_(tensor)
             pending = LazyCopy(lazy_tensors, lazy_names, versions)
-            for device, (eager_pairs, lazy_pairs) in on_gpu.items():
-                stream = self._stream_for(device)
-                compute = torch.cuda.current_stream(device)
-                stream.wait_stream(compute)
-                with torch.cuda.stream(stream):
-                    for tensor, _ in eager_pairs + lazy_pairs:
-                        # The caching allocator must not hand this memory out again before the
-                        # side stream has read it, even if training frees the tensor meanwhile.
-                        tensor.record_stream(stream)
-                    for tensor, target in eager_pairs:
-                        target.copy_(tensor, non_blocking=True)
-                    eager_done = stream.record_event()
-                    for tensor, target in lazy_pairs:
-                        target.copy_(tensor, non_blocking=True)
-                    pending._events[device] = stream.record_event()
-                pending._compute[device] = compute
-                compute.wait_event(eager_done)  # the next forward's buffer updates come after
+            used: list[torch.cuda.Stream] = []
+            try:
+                for device, (eager_pairs, lazy_pairs) in on_gpu.items():
+                    stream = self._stream_for(device)
+                    used.append(stream)
+                    compute = torch.cuda.current_stream(device)
+                    stream.wait_stream(compute)
+                    with torch.cuda.stream(stream):
+                        for tensor, _ in eager_pairs + lazy_pairs:
+                            # The caching allocator must not hand this memory out again before the
+                            # side stream has read it, even if training frees the tensor meanwhile.
+                            tensor.record_stream(stream)
+                        for tensor, target in eager_pairs:
+                            target.copy_(tensor, non_blocking=True)
+                        eager_done = stream.record_event()
+                        for tensor, target in lazy_pairs:
+                            target.copy_(tensor, non_blocking=True)
+                        pending._events[device] = stream.record_event()
+                    pending._compute[device] = compute
+                    compute.wait_event(eager_done)  # the next forward's buffer updates come after
+            except BaseException:  # the caller releases the arena: no copy may still write to it
+                for stream in used:
+                    stream.synchronize()
+                raise
         if cpu_lazy:
             if self._copy_thread is None:
                 self._copy_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-copy")
