@@ -249,3 +249,49 @@ async def test_signal_handlers_go_through_the_loop_and_are_removed_on_close(tmp_
         assert mgr._preempted == signal.SIGUSR2
         mgr._preempted = None  # not acted on here (acting would end this process: test_signals.py)
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+
+
+class FakeStreams:
+    """torch.cuda's per-thread current stream, faked for a machine without CUDA."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._local = threading.local()
+
+    def current_stream(self, device=None):
+        return getattr(self._local, "stream", "default stream")
+
+    def stream(self, stream):
+        import contextlib
+
+        @contextlib.contextmanager
+        def using():
+            before = self.current_stream()
+            self._local.stream = stream
+            try:
+                yield
+            finally:
+                self._local.stream = before
+
+        return using()
+
+    def install(self, patch: pytest.MonkeyPatch) -> None:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "is_initialized", lambda: True)
+        patch.setattr(torch.cuda, "current_stream", self.current_stream)
+        patch.setattr(torch.cuda, "stream", self.stream)
+
+
+async def test_executor_calls_run_under_the_callers_cuda_stream(tmp_path: Path, monkeypatch) -> None:
+    # Executor threads start on the default stream; a save made there would order its copies
+    # against the wrong stream when training runs under torch.cuda.stream(s).
+    async with await AsyncCheckpointManager.open(tmp_path) as mgr:
+        fake = FakeStreams()
+        with monkeypatch.context() as patch:
+            fake.install(patch)
+            with fake.stream("training stream"):  # on the loop's thread, as training would be
+                seen = await mgr._run(lambda: torch.cuda.current_stream())
+            outside = await mgr._run(lambda: torch.cuda.current_stream())
+    assert seen == "training stream"
+    assert outside == "default stream"

@@ -18,6 +18,10 @@ waiting: the save still commits, or fails and is reported by the next ``save``/`
 as with the blocking manager. Cancelling an awaited ``restore`` does not stop the read either; it
 may still apply to the state afterwards. ``await mgr.wait()`` also waits for such orphaned calls,
 so do not touch the state after a cancelled ``save``/``restore`` until ``wait`` returns.
+
+CUDA: each executor call runs under the calling thread's current CUDA stream (of the current
+device), so a save orders its copies after training's queued work and the overlap fence orders
+training after the copies, as when the blocking manager is called on the training thread.
 """
 
 from __future__ import annotations
@@ -33,11 +37,32 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from .errors import CheckpointError
 from .manager import CheckpointManager
 from .pipeline import SaveHandle
 
 T = TypeVar("T")
+
+
+def _in_callers_cuda_stream(fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn``, to run on an executor thread under the calling thread's current CUDA stream.
+
+    PyTorch's current stream is per thread, and executor threads start on the default stream. A
+    save or fence made there would order the snapshot against the wrong stream when training runs
+    under ``torch.cuda.stream(s)``: the copy could miss work still queued on ``s``, and ``s`` would
+    not wait for the copy. Called on the loop's thread; carries the current device's stream.
+    """
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return fn
+    stream = torch.cuda.current_stream()
+
+    def in_stream() -> T:
+        with torch.cuda.stream(stream):
+            return fn()
+
+    return in_stream
 
 
 class AsyncSaveHandle:
@@ -81,7 +106,7 @@ class AsyncSaveHandle:
         fence = self.handle._before_wait
         if fence is not None and not self._future.done():
             # Overlap mode: the commit waits for a fence; awaiting the commit is one (off the loop).
-            await asyncio.shield(self._loop.run_in_executor(None, fence))
+            await asyncio.shield(self._loop.run_in_executor(None, _in_callers_cuda_stream(fence)))
         try:
             return await asyncio.shield(self._future)
         except CheckpointError:
@@ -138,7 +163,7 @@ class AsyncCheckpointManager:
             with self._calls:
                 return fn(*args, **kwargs)
 
-        inner = asyncio.get_running_loop().run_in_executor(None, locked)
+        inner = asyncio.get_running_loop().run_in_executor(None, _in_callers_cuda_stream(locked))
         self._inflight.add(inner)
         inner.add_done_callback(self._inflight.discard)
         try:
@@ -214,7 +239,7 @@ class AsyncCheckpointManager:
         """Wait for every pending save (and any cancelled call still running); raise if one failed."""
         while self._inflight:
             await asyncio.wait(list(self._inflight))
-        await asyncio.get_running_loop().run_in_executor(None, self.manager.wait)
+        await asyncio.get_running_loop().run_in_executor(None, _in_callers_cuda_stream(self.manager.wait))
 
     async def restore(self, state: Any, step: int | None = None) -> int | None:
         """Load the newest valid checkpoint (or ``step``) into ``state`` in place, off the event loop."""
