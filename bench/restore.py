@@ -39,13 +39,15 @@ def drop_caches() -> bool:
         return False
 
 
-def timed(fn, repeats: int) -> tuple[float, bool]:
+def timed(fn, repeats: int, name: str) -> tuple[float, bool]:
     times, dropped = [], True
     for _ in range(repeats):
         dropped &= drop_caches()
         began = time.perf_counter()
         fn()
         times.append(time.perf_counter() - began)
+    # as measured, so that a run cut short by a time limit still shows what it got
+    print(f"  {name}: {', '.join(f'{t:.3f}' for t in times)} s (page cache dropped: {dropped})", file=sys.stderr)
     return median(times), dropped
 
 
@@ -67,7 +69,7 @@ def main() -> None:
         root = base / name.replace(" ", "_")
         with asyncckpt.CheckpointManager(root, compression=compression) as mgr:
             mgr.save(1, live).wait()
-            results[name] = timed(lambda mgr=mgr: mgr.restore(live), args.repeats)
+            results[name] = timed(lambda mgr=mgr: mgr.restore(live), args.repeats, name)
 
     path = base / "torch.pt"
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
@@ -77,7 +79,7 @@ def main() -> None:
         model.load_state_dict(sd["model"])
         opt.load_state_dict(sd["optimizer"])
 
-    results["torch.load"] = timed(torch_restore, args.repeats)
+    results["torch.load"] = timed(torch_restore, args.repeats, "torch.load")
 
     try:
         import torch.distributed.checkpoint as dcp
@@ -91,7 +93,7 @@ def main() -> None:
             model.load_state_dict(sd["model"])
             opt.load_state_dict(sd["optimizer"])
 
-        results["DCP load"] = timed(dcp_restore, args.repeats)
+        results["DCP load"] = timed(dcp_restore, args.repeats, "DCP load")
     except Exception as exc:  # noqa: BLE001 - a failed alternative is a result
         results["DCP load"] = (float("nan"), False)
         print(f"DCP load failed: {exc!r}", file=sys.stderr)
@@ -106,7 +108,7 @@ def main() -> None:
         with open(data_file, "rb", buffering=0) as f:
             f.readinto(buf)
 
-    read_floor, _ = timed(read_file, args.repeats)
+    read_floor, _ = timed(read_file, args.repeats, "floor: read the raw data file")
     zckpt = base / "asyncckpt_zstd-1" / "step-000000000001"
     manifest = read_manifest(zckpt)
     blob = (zckpt / "data-00000.bin").read_bytes()
@@ -120,7 +122,7 @@ def main() -> None:
         with ThreadPoolExecutor(os.cpu_count()) as pool:
             list(pool.map(one, range(len(stored))))
 
-    decode_floor, _ = timed(decode_all, args.repeats)
+    decode_floor, _ = timed(decode_all, args.repeats, "floor: decode the zstd chunks")
     host = [torch.empty(t.shape, dtype=t.dtype) for t in model.state_dict().values()]
     targets = list(model.state_dict().values())
 
@@ -130,7 +132,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    copy_floor, _ = timed(copy_all, args.repeats)
+    copy_floor, _ = timed(copy_all, args.repeats, "floor: host->device copy")
     copy_floor *= nbytes / sum(t.numel() * t.element_size() for t in targets)  # scale to the whole state
     floor = max(read_floor, decode_floor, copy_floor)
 

@@ -322,10 +322,14 @@ def main() -> None:
             r["durable"] += saver.durable
             r["fence"] += saver.fence_waits
             r["bytes"] = saver.bytes_on_disk()
-            print(
-                f"  round {round_} {name}: loop {loop:.2f} s, stall median {median(stalls) * 1e3:.1f} ms",
+            print(  # everything the table needs, as measured: a run cut short still shows it
+                f"  round {round_} {name}: loop {loop:.2f} s, stall median {median(stalls) * 1e3:.1f} ms"
+                + (f", fence median {median(saver.fence_waits) * 1e3:.2f} ms" if saver.fence_waits else "")
+                + (f", durable median {median(saver.durable):.2f} s" if saver.durable else "")
+                + f", {r['bytes'] / 1e6:.0f} MB on disk",
                 file=sys.stderr,
             )
+            write_json(args.json, {"partial": True, "state_bytes": nbytes, "floors_s": floors, "savers": results})
             shutil.rmtree(root, ignore_errors=True)
     n_ckpt = args.iters // args.every
     base_loop = median(results["none"]["loop"]) if "none" in results else float("nan")
