@@ -6,6 +6,9 @@ all alike. Reported per saver (medians over rounds):
   stall      time the training thread spent inside the save call
   overhead   (loop time with saves - loop time without) / checkpoints: stall plus the slowdown
              background work causes (on 2 cores the encoder threads compete with training)
+  cpu        (process CPU time with saves - without) / checkpoints, loop and final drain: what a
+             checkpoint costs in CPU, all threads, user + system (the kernel's writeback threads
+             aside); unlike overhead it barely moves with other tenants of a shared machine
   durable    from the save call to the checkpoint being durable on disk
   on disk    bytes of one checkpoint
 The floor is a bare copy of the state into a reused buffer (pinned on GPU), measured in the run.
@@ -248,6 +251,7 @@ def bare_copy_floor(model, opt, device: str, repeats: int = 5) -> float:
 def run_loop(saver: Saver, model, opt, iters: int, every: int, batch: int, width: int, device: str):
     gen = torch.Generator().manual_seed(0)
     stalls = []
+    cpu_began = time.process_time()
     began = time.perf_counter()
     for it in range(1, iters + 1):
         x = torch.randn(batch, width, generator=gen).to(device)
@@ -267,7 +271,7 @@ def run_loop(saver: Saver, model, opt, iters: int, every: int, batch: int, width
     s = time.perf_counter()
     saver.drain()
     drain = time.perf_counter() - s
-    return loop, stalls, drain
+    return loop, stalls, drain, time.process_time() - cpu_began
 
 
 def main() -> None:
@@ -292,7 +296,7 @@ def main() -> None:
     names = (args.savers or default).split(",")
     base = Path(args.dir or tempfile.mkdtemp(prefix="asyncckpt-bench-"))
     results: dict[str, dict] = {
-        n: {"loop": [], "stall": [], "fence": [], "drain": [], "durable": [], "bytes": 0} for n in names
+        n: {"loop": [], "cpu": [], "stall": [], "fence": [], "drain": [], "durable": [], "bytes": 0} for n in names
     }
     floors = []
     print(
@@ -307,7 +311,7 @@ def main() -> None:
             root.mkdir(parents=True)
             try:
                 saver = SAVERS[name](root, model, opt)
-                loop, stalls, drain = run_loop(
+                loop, stalls, drain, cpu = run_loop(
                     saver, model, opt, args.iters, args.every, args.batch, args.width, args.device
                 )
                 saver.close()
@@ -317,13 +321,15 @@ def main() -> None:
                 continue
             r = results[name]
             r["loop"].append(loop)
+            r["cpu"].append(cpu)
             r["stall"] += stalls
             r["drain"].append(drain)
             r["durable"] += saver.durable
             r["fence"] += saver.fence_waits
             r["bytes"] = saver.bytes_on_disk()
             print(  # everything the table needs, as measured: a run cut short still shows it
-                f"  round {round_} {name}: loop {loop:.2f} s, stall median {median(stalls) * 1e3:.1f} ms"
+                f"  round {round_} {name}: loop {loop:.2f} s, CPU {cpu:.2f} s, "
+                f"stall median {median(stalls) * 1e3:.1f} ms"
                 + (f", fence median {median(saver.fence_waits) * 1e3:.2f} ms" if saver.fence_waits else "")
                 + (f", durable median {median(saver.durable):.2f} s" if saver.durable else "")
                 + f", {r['bytes'] / 1e6:.0f} MB on disk",
@@ -333,6 +339,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     n_ckpt = args.iters // args.every
     base_loop = median(results["none"]["loop"]) if "none" in results else float("nan")
+    base_cpu = median(results["none"]["cpu"]) if "none" in results else float("nan")
     floor = median(floors)
     print(
         f"\nstate {nbytes / 1e9:.3f} GB, device {args.device}, torch {torch.__version__}, "
@@ -340,20 +347,21 @@ def main() -> None:
         f"{base_loop:.2f} s for {args.iters} iterations\n"
     )
     print(
-        "| saver | median stall / ckpt | fence wait / ckpt | loop overhead / ckpt | save -> durable | on disk "
-        "| vs floor (overhead) |"
+        "| saver | median stall / ckpt | fence wait / ckpt | loop overhead / ckpt | CPU / ckpt | save -> durable "
+        "| on disk | vs floor (overhead) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     summary = {}
     for name in names:
         r = results[name]
         if name == "none":
             continue
         if "error" in r and not r["loop"]:
-            print(f"| {name} | failed: {r['error']} | | | | | |")
+            print(f"| {name} | failed: {r['error']} | | | | | | |")
             summary[name] = {"error": r["error"]}
             continue
         overhead = (median(r["loop"]) - base_loop) / n_ckpt
+        cpu = (median(r["cpu"]) - base_cpu) / n_ckpt
         stall = median(r["stall"])
         durable = median(r["durable"])
         fence = median(r["fence"]) if r["fence"] else None
@@ -361,16 +369,18 @@ def main() -> None:
             "stall_s": stall,
             "fence_wait_s": fence,
             "overhead_s": overhead,
+            "cpu_s": cpu,
+            "cpus_s": r["cpu"],
             "durable_s": durable,
             "bytes": r["bytes"],
             "loops_s": r["loop"],
         }
         print(
             f"| {name} | {stall * 1e3:.1f} ms | {'-' if fence is None else f'{fence * 1e3:.1f} ms'} | "
-            f"{overhead * 1e3:.0f} ms | {durable:.2f} s | "
+            f"{overhead * 1e3:.0f} ms | {cpu * 1e3:.0f} ms | {durable:.2f} s | "
             f"{r['bytes'] / 1e6:.0f} MB | {overhead / floor:.1f}x |"
         )
-    print(f"| bare copy into a reused buffer (floor) | {floor * 1e3:.1f} ms | | | | | 1.0x |")
+    print(f"| bare copy into a reused buffer (floor) | {floor * 1e3:.1f} ms | | | | | | 1.0x |")
     write_json(
         args.json,
         {
@@ -379,6 +389,7 @@ def main() -> None:
             "state_bytes": nbytes,
             "floor_s": floor,
             "baseline_loop_s": base_loop,
+            "baseline_cpu_s": base_cpu,
             "savers": summary,
         },
     )
