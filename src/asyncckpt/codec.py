@@ -25,9 +25,10 @@ _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 # Byte-grouped floats compress by Huffman-coding their exponent plane; the LZ matches that zstd's
 # fast strategy (levels 1 and 2) hunts for are short and rare there, and taking them displaces
 # well-coded literals. zstd's smallest match table (64 entries, not level 1's 16K) makes that hunt
-# ~3x cheaper and the ratio slightly better (bench/codec.py, MiniLM: bf16 1.46 -> 1.49 and fp32
-# 1.206 -> 1.216 at ~3x the speed); runs of zeros and repeated rows are still found. Negative
-# levels skip literal coding and levels >= 3 use other strategies: both keep zstd's own tables.
+# ~3x cheaper at about the same ratio (bench/codec.py, MiniLM: bf16 1.46 -> 1.49, fp32 1.206 ->
+# 1.216; the bench MLP's young weights and moments: 0.2-0.8% lower); runs of zeros and repeated
+# rows are still found. Negative levels skip literal coding and levels >= 3 use other strategies:
+# both keep zstd's own tables.
 _GROUPED_HASH_LOG = 6
 _GROUPED_FAST_LEVELS = (1, 2)
 
