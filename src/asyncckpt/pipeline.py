@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import _phases, codec
 from .errors import CheckpointError
 from .format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
@@ -115,9 +117,7 @@ class Pipeline:
         self._workers = workers
         self._on_done = on_done
         self._nice = nice
-        self._pool = ThreadPoolExecutor(
-            workers, thread_name_prefix="asyncckpt-encode", initializer=self._lower_priority
-        )
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="asyncckpt-encode", initializer=self._init_worker)
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
         self._thread.start()
@@ -132,8 +132,15 @@ class Pipeline:
         self._thread.join()
         self._pool.shutdown(wait=True)
 
-    def _lower_priority(self) -> None:
-        """Background threads yield the CPU to training (Linux: nice applies per thread)."""
+    def _init_worker(self) -> None:
+        """Encoder threads yield the CPU to training and stay one thread each.
+
+        The pool is the parallelism (one chunk per thread): a worker's torch ops (byte grouping)
+        must not start OpenMP teams of their own, whose threads would crowd the cores training
+        uses. torch.set_num_threads from a worker thread sets that thread's count only. Nice
+        applies per thread on Linux.
+        """
+        torch.set_num_threads(1)
         if self._nice > 0 and hasattr(os, "setpriority"):
             try:
                 current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
