@@ -90,3 +90,19 @@ def test_retention_deletes_only_after_the_newer_commit_is_durable(tmp_path, monk
     delete = next(i for i, e in enumerate(events) if e.startswith("rename step-000000000001->.tmp-delete"))
     assert events[commit + 1] == "fsync root"
     assert delete > commit + 1
+
+
+def test_encoder_threads_are_niced_and_single_threaded_while_training_keeps_its_threads(tmp_path):
+    import os
+    import threading
+
+    main_threads = torch.get_num_threads()
+    with asyncckpt.CheckpointManager(tmp_path, workers=2, background_nice=10) as mgr:
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        def probe() -> tuple[int, int]:
+            return torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        seen = {mgr._pipeline._pool.submit(probe).result() for _ in range(8)}
+        assert seen == {(1, min(19, base + 10))}
+        assert torch.get_num_threads() == main_threads  # the training thread's setting is its own
