@@ -12,6 +12,17 @@ def plain(state: dict) -> dict:
     return {k: copy.deepcopy(v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
 
 
+def to_cpu(tree):
+    """The tree with every tensor copied to the host (to compare a CUDA state with a loaded one)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
+
+
 def assert_same(expected, got, where: str = "state") -> None:
     """Equal trees, tensors compared as raw bytes (so NaN payloads and -0.0 count)."""
     if isinstance(expected, torch.Tensor):

@@ -18,22 +18,12 @@ import pytest
 import torch
 
 import asyncckpt
-from _overlap_state import assert_same, plain
+from _overlap_state import assert_same, plain, to_cpu
 from asyncckpt import AsyncCheckpointManager, CheckpointManager
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 BUSY = 200_000_000  # torch.cuda._sleep cycles: ~0.1 s of queued GPU work on an H100
-
-
-def to_cpu(tree):
-    if isinstance(tree, torch.Tensor):
-        return tree.cpu()
-    if isinstance(tree, dict):
-        return {k: to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_cpu(v) for v in tree)
-    return tree
 
 
 @pytest.mark.parametrize("snapshot", ["blocking", "overlap"])

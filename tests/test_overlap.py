@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import asyncckpt
-from _overlap_state import assert_same, plain
+from _overlap_state import assert_same, plain, to_cpu
 from _waiting import run_with_timeout
 from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt.metrics import read_log
@@ -270,17 +270,7 @@ def test_overlap_on_cuda_checkpoint_equals_state_at_save(tmp_path):
         steps(3)  # queued right behind the copy: the fence makes the first step wait on the GPU
         mgr.wait()
         assert mgr.stats.records[0].ok
-    assert_same({k: _to_cpu(v) for k, v in expected.items()}, asyncckpt.load(tmp_path))
-
-
-def _to_cpu(tree):
-    if isinstance(tree, torch.Tensor):
-        return tree.cpu()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return tree
+    assert_same(to_cpu(expected), asyncckpt.load(tmp_path))
 
 
 class _Interrupted(BaseException):
