@@ -64,7 +64,7 @@ step tests 120 $PY -m pytest -v -p no:cacheprovider $PER_TEST tests/test_cuda_pa
     tests/test_staging.py tests/test_manager.py
 # 2. blocking vs overlap vs the alternatives, >= 4 GB state, with the bare device->pinned copy floor
 step stall 200 $PY bench/stall.py --device "$DEVICE" --width "$WIDTH" --depth "$DEPTH" --batch "$BATCH" \
-    --iters "$ITERS" --every "$EVERY" --repeats 1 --savers "$SAVERS" --json "$OUT/stall-gpu.json"
+    --iters "$ITERS" --every "$EVERY" --repeats 1 --cpu-saves 1 --savers "$SAVERS" --json "$OUT/stall-gpu.json"
 # 3. time back to training, and host memory across saves (one pinned arena, exactly the state's size)
 step restore 80 $PY bench/restore.py --width "$RWIDTH" --depth "$RDEPTH" --repeats 2 --json "$OUT/restore-gpu.json"
 step memory 50 $PY bench/memory.py --width "$RWIDTH" --depth "$RDEPTH" --saves "$SAVES" --json "$OUT/memory-gpu.json"
