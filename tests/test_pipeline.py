@@ -106,3 +106,22 @@ def test_encoder_threads_are_niced_and_single_threaded_while_training_keeps_its_
         seen = {mgr._pipeline._pool.submit(probe).result() for _ in range(8)}
         assert seen == {(1, min(19, base + 10))}
         assert torch.get_num_threads() == main_threads  # the training thread's setting is its own
+
+
+def test_starting_a_manager_leaves_torchs_thread_count_for_new_threads_alone(tmp_path):
+    # torch.set_num_threads in an encoder thread also moves the default that threads created
+    # later start from; the pipeline must put it back (a user's own threads keep their cores).
+    import threading
+
+    def in_new_thread() -> int:
+        seen: list[int] = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    before = in_new_thread()
+    with asyncckpt.CheckpointManager(tmp_path, workers=2) as mgr:
+        mgr.save(1, {"w": torch.randn(1 << 16)}).wait()
+        assert in_new_thread() == before
+    assert in_new_thread() == before
