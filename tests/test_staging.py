@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -208,18 +209,33 @@ class FakeCudart:
         self.registered: list[tuple[int, int, int]] = []
         self.unregistered: list[int] = []
 
+        self.threads: list[int] = []  # which threads made the calls
+        self.devices: list[int] = []  # the current device of each call
+
+    def install(self, patch: pytest.MonkeyPatch, device: int = 0) -> None:
+        current = threading.local()
+        patch.setattr(torch.cuda, "cudart", lambda: self)
+        patch.setattr(torch.cuda, "current_device", lambda: getattr(current, "device", device))
+        patch.setattr(torch.cuda, "set_device", lambda d: setattr(current, "device", d))
+
+    def _called(self) -> None:
+        self.threads.append(threading.get_ident())
+        self.devices.append(torch.cuda.current_device())
+
     def cudaHostRegister(self, address: int, size: int, flags: int) -> int:  # noqa: N802 (CUDA's name)
+        self._called()
         self.registered.append((address, size, flags))
         return self.error
 
     def cudaHostUnregister(self, address: int) -> int:  # noqa: N802
+        self._called()
         self.unregistered.append(address)
         return 0
 
 
 def test_a_pinned_arena_registers_exactly_its_bytes_and_unregisters_once_freed(monkeypatch):
     fake = FakeCudart()
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    fake.install(monkeypatch)
     nbytes = 3_000_005  # no power of two: PyTorch's pinned cache would round this to 4 MiB
     arena = Arena(nbytes, pinned=True)
     address = arena.buffer.data_ptr()
@@ -236,7 +252,7 @@ def test_a_pinned_arena_registers_exactly_its_bytes_and_unregisters_once_freed(m
 
 def test_a_closed_pool_unregisters_its_pinned_arenas(monkeypatch):
     fake = FakeCudart()
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    fake.install(monkeypatch)
     pool = ArenaPool(pinned=True)
     arena = pool.acquire(1 << 20)
     address = arena.buffer.data_ptr()
@@ -251,7 +267,7 @@ def test_a_closed_pool_unregisters_its_pinned_arenas(monkeypatch):
 
 def test_a_failed_registration_falls_back_to_pytorchs_pinned_allocator_with_a_warning(monkeypatch):
     fake = FakeCudart(error=2)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    fake.install(monkeypatch)
     fallback = torch.full((4096,), 0, dtype=torch.uint8)
     monkeypatch.setattr(staging, "_cached_pinned_zeros", lambda n: fallback[:n])
     with pytest.warns(RuntimeWarning, match=r"cudaHostRegister .* failed \(CUDA error 2\)"):
@@ -259,3 +275,42 @@ def test_a_failed_registration_falls_back_to_pytorchs_pinned_allocator_with_a_wa
     assert arena.buffer.data_ptr() == fallback.data_ptr()
     gc.collect()
     assert fake.unregistered == []  # nothing was registered, so nothing is unregistered
+
+
+def test_cuda_host_calls_run_on_a_throwaway_thread_on_the_callers_device(monkeypatch):
+    # A failed cudaHostRegister stays as the thread's CUDA "last error" until the next kernel
+    # launch raises it: it must never be the training thread's. And no other GPU may get a context.
+    fake = FakeCudart(error=2)
+    fake.install(monkeypatch, device=3)
+    monkeypatch.setattr(staging, "_cached_pinned_zeros", lambda n: torch.zeros(n, dtype=torch.uint8))
+    with pytest.warns(RuntimeWarning):
+        Arena(4096, pinned=True)
+    fake.error = 0
+    arena = Arena(4096, pinned=True)
+    del arena
+    gc.collect()
+    assert len(fake.threads) == 3 and threading.get_ident() not in fake.threads
+    assert fake.devices == [3, 3, 3]
+
+
+def test_a_failed_cpu_copy_still_waits_for_the_gpu_copies_before_raising():
+    # The arena is released right after wait_copied raises: no DMA may still be writing into it.
+    from concurrent.futures import Future
+
+    from asyncckpt.staging import LazyCopy
+
+    class FakeEvent:
+        synchronized = False
+
+        def synchronize(self) -> None:
+            self.synchronized = True
+
+    failed: Future = Future()
+    failed.set_exception(RuntimeError("copy thread failed"))
+    lazy = LazyCopy([], [], [])
+    lazy._cpu = failed
+    event = FakeEvent()
+    lazy._events = {torch.device("cuda", 0): event}
+    with pytest.raises(RuntimeError, match="copy thread failed"):
+        lazy.wait_copied()
+    assert event.synchronized

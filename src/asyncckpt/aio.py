@@ -21,7 +21,10 @@ so do not touch the state after a cancelled ``save``/``restore`` until ``wait`` 
 
 CUDA: each executor call runs under the calling thread's current CUDA stream (of the current
 device), so a save orders its copies after training's queued work and the overlap fence orders
-training after the copies, as when the blocking manager is called on the training thread.
+training after the copies, as when the blocking manager is called on the training thread. The
+stream is read when the coroutine starts running: ``await mgr.save(...)`` inside the
+``torch.cuda.stream(s)`` block that training uses, rather than a task created there and left to
+run after the block has exited.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
@@ -25,7 +24,7 @@ from . import _phases, codec
 from .errors import CheckpointError
 from .format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
 from .metrics import SaveRecord
-from .staging import Arena, Layout, LazyCopy
+from .staging import Arena, Layout, LazyCopy, in_new_thread
 from .storage import DataFileWriter, LocalStorage
 
 
@@ -102,18 +101,6 @@ class SaveJob:
     enqueued: float = 0.0  # perf_counter when save() returned
 
 
-T = TypeVar("T")
-
-
-def _in_new_thread(fn: Callable[[], T]) -> T:
-    """``fn()`` on a fresh thread: how torch's per-thread settings look to a thread just created."""
-    result: list[T] = []
-    thread = threading.Thread(target=lambda: result.append(fn()), name="asyncckpt-probe")
-    thread.start()
-    thread.join()
-    return result[0]
-
-
 class Pipeline:
     def __init__(
         self,
@@ -152,7 +139,7 @@ class Pipeline:
         every thread created later starts from (a user's own threads, say). So the workers are all
         started here, and that default is restored once they have set theirs.
         """
-        inherited = _in_new_thread(torch.get_num_threads)
+        inherited = in_new_thread(torch.get_num_threads)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="asyncckpt-encode", initializer=self._init_worker)
         started = threading.Barrier(workers + 1, timeout=60)
         for _ in range(workers):  # each blocks until all have started, so each gets its own thread
@@ -162,7 +149,7 @@ class Pipeline:
         except threading.BrokenBarrierError:
             pool.shutdown(wait=False, cancel_futures=True)
             raise CheckpointError(f"the {workers} encoder threads did not start within 60 s") from None
-        _in_new_thread(lambda: torch.set_num_threads(inherited))
+        in_new_thread(lambda: torch.set_num_threads(inherited))
         return pool
 
     def _init_worker(self) -> None:

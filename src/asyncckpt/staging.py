@@ -11,9 +11,11 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -27,8 +29,43 @@ SMALL_COPY_BYTES = 64 << 10
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
 
 
-def _unregister_host_memory(address: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(address)
+T = TypeVar("T")
+
+
+def in_new_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a fresh thread, whose per-thread state (torch's thread count, CUDA's last
+    error) starts from the defaults and dies with it."""
+    outcome: list[tuple[bool, object]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - raised again on the calling thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="asyncckpt-helper")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
+
+
+def _cuda_call_in_new_thread(device: int, call: Callable[[], int]) -> int:
+    """A cudart call that returns its error instead of raising leaves it as the calling thread's
+    CUDA last error, which the next kernel launch on that thread would raise as its own. Made on
+    a throwaway thread (on the caller's device, so no other GPU gets a context), it cannot."""
+
+    def on_device() -> int:
+        torch.cuda.set_device(device)
+        return int(call())
+
+    return in_new_thread(on_device)
+
+
+def _unregister_host_memory(device: int, address: int) -> None:
+    _cuda_call_in_new_thread(device, lambda: torch.cuda.cudart().cudaHostUnregister(address))
 
 
 def _cached_pinned_zeros(nbytes: int) -> torch.Tensor:
@@ -46,8 +83,11 @@ def _pinned_zeros(nbytes: int) -> torch.Tensor:
     """
     buffer = torch.zeros(nbytes, dtype=torch.uint8)
     storage = buffer.untyped_storage()
-    address = storage.data_ptr()
-    error = int(torch.cuda.cudart().cudaHostRegister(address, storage.nbytes(), _HOST_REGISTER_PORTABLE))
+    address, size = storage.data_ptr(), storage.nbytes()
+    device = torch.cuda.current_device()
+    error = _cuda_call_in_new_thread(
+        device, lambda: torch.cuda.cudart().cudaHostRegister(address, size, _HOST_REGISTER_PORTABLE)
+    )
     if error != 0:
         del buffer, storage
         warnings.warn(
@@ -57,7 +97,7 @@ def _pinned_zeros(nbytes: int) -> torch.Tensor:
             stacklevel=3,
         )
         return _cached_pinned_zeros(nbytes)
-    release = weakref.finalize(storage, _unregister_host_memory, address)
+    release = weakref.finalize(storage, _unregister_host_memory, device, address)
     release.atexit = False  # at exit the CUDA context may already be gone; the process frees all
     return buffer
 
@@ -211,10 +251,12 @@ class LazyCopy:
 
     def wait_copied(self) -> None:
         """Block until every lazy byte is in the arena (writer thread). Raises if the copy failed."""
-        if self._cpu is not None:
-            self._cpu.result()
-        for event in self._events.values():
-            event.synchronize()
+        try:
+            if self._cpu is not None:
+                self._cpu.result()
+        finally:  # even when the CPU copy failed: the arena is released next, and DMA must be done
+            for event in self._events.values():
+                event.synchronize()
         self.copy_s = time.perf_counter() - self.started
 
     def fence(self, count_wait: bool = True, timeout: float | None = None) -> float:
@@ -371,14 +413,14 @@ class CopyEngine:
                         pending._events[device] = stream.record_event()
                     pending._compute[device] = compute
                     compute.wait_event(eager_done)  # the next forward's buffer updates come after
+                if cpu_lazy:
+                    if self._copy_thread is None:
+                        self._copy_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-copy")
+                    pending._cpu = self._copy_thread.submit(_copy_pairs, cpu_lazy)
             except BaseException:  # the caller releases the arena: no copy may still write to it
                 for stream in used:
                     stream.synchronize()
                 raise
-        if cpu_lazy:
-            if self._copy_thread is None:
-                self._copy_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-copy")
-            pending._cpu = self._copy_thread.submit(_copy_pairs, cpu_lazy)
         return pending
 
 
