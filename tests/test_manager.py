@@ -1072,3 +1072,19 @@ def test_saving_below_the_newest_step_warns_once(tmp_path):
             mgr.save(102, state).wait()  # said once per manager
         assert not [w for w in caught if "already holds" in str(w.message)]
         assert mgr.steps() == [100, 101, 102, 200, 300]
+
+
+def test_prepare_pins_from_the_callers_cuda_device_not_device_0(tmp_path, monkeypatch):
+    # prepare() allocates on a background thread, which starts on device 0: pinning from there
+    # would open a CUDA context on GPU 0 in every rank of a one-GPU-per-process job.
+    from _fake_cuda import FakeCudart
+    from asyncckpt.staging import ArenaPool
+
+    fake = FakeCudart()
+    fake.install(monkeypatch, device=0)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with CheckpointManager(tmp_path) as mgr:
+        mgr._arenas = ArenaPool(pinned=True)
+        torch.cuda.set_device(2)  # the training thread's device
+        mgr.prepare({"w": torch.randn(1000)}).result()
+        assert fake.devices == [2] and len(fake.registered) == 1

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from _fake_cuda import FakeCudart
 from asyncckpt import staging
 from asyncckpt.format import ALIGNMENT, DTYPES
 from asyncckpt.staging import Arena, ArenaPool, CopyEngine, DtypeGroup, TensorSlot, plan_layout
@@ -199,38 +200,6 @@ def test_copy_skips_empty_tensors():
     layout, arena = stage(tensors)
     assert torch.equal(arena.view(layout.slots[1]), torch.full((2,), 3.0))
     assert arena.view(layout.slots[0]).numel() == 0
-
-
-class FakeCudart:
-    """Stands in for ``torch.cuda.cudart()`` on a machine without CUDA: records (un)registrations."""
-
-    def __init__(self, error: int = 0) -> None:
-        self.error = error
-        self.registered: list[tuple[int, int, int]] = []
-        self.unregistered: list[int] = []
-
-        self.threads: list[int] = []  # which threads made the calls
-        self.devices: list[int] = []  # the current device of each call
-
-    def install(self, patch: pytest.MonkeyPatch, device: int = 0) -> None:
-        current = threading.local()
-        patch.setattr(torch.cuda, "cudart", lambda: self)
-        patch.setattr(torch.cuda, "current_device", lambda: getattr(current, "device", device))
-        patch.setattr(torch.cuda, "set_device", lambda d: setattr(current, "device", d))
-
-    def _called(self) -> None:
-        self.threads.append(threading.get_ident())
-        self.devices.append(torch.cuda.current_device())
-
-    def cudaHostRegister(self, address: int, size: int, flags: int) -> int:  # noqa: N802 (CUDA's name)
-        self._called()
-        self.registered.append((address, size, flags))
-        return self.error
-
-    def cudaHostUnregister(self, address: int) -> int:  # noqa: N802
-        self._called()
-        self.unregistered.append(address)
-        return 0
 
 
 def test_a_pinned_arena_registers_exactly_its_bytes_and_unregisters_once_freed(monkeypatch):

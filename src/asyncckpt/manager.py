@@ -327,9 +327,14 @@ class CheckpointManager:
         self._check_open()
         nbytes = plan_layout(flatten(state).tensors).total
         future: Future = Future()
+        # A new thread starts on CUDA device 0: pinning from there would open a context on GPU 0
+        # in every process of a one-GPU-per-process job. Pin from the caller's device instead.
+        device = torch.cuda.current_device() if self._arenas.pinned and torch.cuda.is_initialized() else None
 
         def allocate() -> None:
             try:
+                if device is not None:
+                    torch.cuda.set_device(device)
                 self._arenas.release(self._arenas.acquire(nbytes))
                 future.set_result(nbytes)
             except BaseException as exc:  # noqa: BLE001
