@@ -262,8 +262,9 @@ def test_cuda_host_calls_run_on_a_throwaway_thread_on_the_callers_device(monkeyp
     assert fake.devices == [3, 3, 3]
 
 
-def test_a_failed_cpu_copy_still_waits_for_the_gpu_copies_before_raising():
+def test_a_failed_cpu_copy_still_waits_for_the_gpu_copies_before_raising(monkeypatch):
     # The arena is released right after wait_copied raises: no DMA may still be writing into it.
+    import contextlib
     from concurrent.futures import Future
 
     from asyncckpt.staging import LazyCopy
@@ -280,6 +281,8 @@ def test_a_failed_cpu_copy_still_waits_for_the_gpu_copies_before_raising():
     lazy._cpu = failed
     event = FakeEvent()
     lazy._events = {torch.device("cuda", 0): event}
+    devices = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext())
     with pytest.raises(RuntimeError, match="copy thread failed"):
         lazy.wait_copied()
-    assert event.synchronized
+    assert event.synchronized and devices == [torch.device("cuda", 0)]  # on the event's device

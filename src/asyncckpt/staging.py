@@ -255,8 +255,11 @@ class LazyCopy:
             if self._cpu is not None:
                 self._cpu.result()
         finally:  # even when the CPU copy failed: the arena is released next, and DMA must be done
-            for event in self._events.values():
-                event.synchronize()
+            for device, event in self._events.items():
+                # On the event's device: a CUDA call from a thread with no current device would
+                # bind (and maybe create) a context on GPU 0, in every rank of a multi-GPU job.
+                with torch.cuda.device(device):
+                    event.synchronize()
         self.copy_s = time.perf_counter() - self.started
 
     def fence(self, count_wait: bool = True, timeout: float | None = None) -> float:
