@@ -21,6 +21,7 @@ The floor is a bare copy of the state into a reused buffer (pinned on GPU), meas
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -345,7 +346,7 @@ def main() -> None:
                 f"  round {round_} {name}: loop {loop:.2f} s, stall median {median(stalls) * 1e3:.1f} ms"
                 + (f", fence median {median(fence_waits) * 1e3:.2f} ms" if fence_waits else "")
                 + (f", durable median {median(durable):.2f} s" if durable else "")
-                + (f", CPU {cpu * 1e3:.0f} ms per checkpoint" if cpu == cpu else "")
+                + ("" if math.isnan(cpu) else f", CPU {cpu * 1e3:.0f} ms per checkpoint")
                 + f", {r['bytes'] / 1e6:.0f} MB on disk",
                 file=sys.stderr,
             )

@@ -72,9 +72,10 @@ def _compressor(level: int, grouped: bool) -> zstandard.ZstdCompressor:
     cache = getattr(_local, "compressors", None)
     if cache is None:
         cache = _local.compressors = {}
-    key = (level, grouped and level in _GROUPED_FAST_LEVELS)
+    small_table = grouped and level in _GROUPED_FAST_LEVELS
+    key = (level, small_table)
     if key not in cache:
-        if key[1]:
+        if small_table:
             params = zstandard.ZstdCompressionParameters.from_level(
                 level, hash_log=_GROUPED_HASH_LOG, write_content_size=True
             )

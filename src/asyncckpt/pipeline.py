@@ -160,11 +160,8 @@ class Pipeline:
         uses (with 8 workers on a 16-core GPU host, up to 128 threads). Nice applies per thread
         on Linux.
         """
-        try:
-            torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line
-            torch.set_num_threads(1)
-        except RuntimeError:  # a build without a thread pool to size: nothing to do
-            pass
+        torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line
+        torch.set_num_threads(1)
         if self._nice > 0 and hasattr(os, "setpriority"):
             try:
                 current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
