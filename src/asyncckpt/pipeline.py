@@ -18,13 +18,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from . import _phases, codec
 from .errors import CheckpointError
 from .format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
 from .metrics import SaveRecord
-from .staging import Arena, Layout, LazyCopy, in_new_thread
+from .staging import Arena, Layout, LazyCopy
 from .storage import DataFileWriter, LocalStorage
 
 
@@ -117,7 +115,7 @@ class Pipeline:
         self._workers = workers
         self._on_done = on_done
         self._nice = nice
-        self._pool = self._start_encoders(workers)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="asyncckpt-encode", initializer=self._init_worker)
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
         self._thread.start()
@@ -132,36 +130,12 @@ class Pipeline:
         self._thread.join()
         self._pool.shutdown(wait=True)
 
-    def _start_encoders(self, workers: int) -> ThreadPoolExecutor:
-        """Start every encoder thread now, then put back torch's thread count for new threads.
-
-        ``torch.set_num_threads`` in a worker sets that worker's OpenMP count, and also the default
-        every thread created later starts from (a user's own threads, say). So the workers are all
-        started here, and that default is restored once they have set theirs.
-        """
-        inherited = in_new_thread(torch.get_num_threads)
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="asyncckpt-encode", initializer=self._init_worker)
-        started = threading.Barrier(workers + 1, timeout=60)
-        for _ in range(workers):  # each blocks until all have started, so each gets its own thread
-            pool.submit(started.wait)
-        try:
-            started.wait()
-        except threading.BrokenBarrierError:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise CheckpointError(f"the {workers} encoder threads did not start within 60 s") from None
-        in_new_thread(lambda: torch.set_num_threads(inherited))
-        return pool
-
     def _init_worker(self) -> None:
-        """Encoder threads yield the CPU to training and stay one thread each.
+        """Encoder threads yield the CPU to training (Linux: nice applies per thread).
 
-        The pool is the parallelism (one chunk per thread): a worker's torch ops (byte grouping)
-        must not start OpenMP teams of their own, whose threads would crowd the cores training
-        uses (with 8 workers on a 16-core GPU host, up to 128 threads). Nice applies per thread
-        on Linux.
+        Their torch thread count stays torch's default: one per worker was measured slower under
+        training, for no CPU saved (bench/encoder_threads.py).
         """
-        torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line
-        torch.set_num_threads(1)
         if self._nice > 0 and hasattr(os, "setpriority"):
             try:
                 current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
