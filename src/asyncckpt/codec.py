@@ -24,16 +24,16 @@ _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 # Byte-grouped floats compress by Huffman-coding their exponent plane; the LZ matches that zstd's
 # fast strategy (levels 1 and 2) hunts for are short and rare there, and taking them displaces
-# well-coded literals. zstd's smallest match table (64 entries, not level 1's 16K) makes that hunt
-# ~3x cheaper at about the same ratio (bench/codec.py, MiniLM: bf16 1.46 -> 1.49, fp32 1.206 ->
-# 1.216; the bench MLP's young weights and moments: 0.2-0.8% lower); runs of zeros and repeated
-# rows are still found. Negative levels skip literal coding and levels >= 3 use other strategies:
+# well-coded literals. With zstd's smallest match table (64 entries, not level 1's 16K) the whole
+# encode takes about half the CPU at about the same ratio (bench/codec.py, MiniLM: bf16 1.46 ->
+# 1.49, fp32 1.206 -> 1.216; bench/stall.py's young MLP: 0.2-0.8% lower); runs of zeros and
+# repeated rows are still found. Negative levels skip literal coding and levels >= 3 use other strategies:
 # both keep zstd's own tables.
 _GROUPED_HASH_LOG = 6
 _GROUPED_FAST_LEVELS = (1, 2)
 
 # Byte p of a little-endian element is (element >> 8p) mod 256, so a plane is one vectorized
-# shift-and-narrow instead of a strided byte copy (2-6x faster, bench/codec.py).
+# shift-and-narrow instead of a strided byte copy (1.3-3x faster, bench/codec.py).
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
