@@ -21,6 +21,7 @@ The floor is a bare copy of the state into a reused buffer (pinned on GPU), meas
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -250,12 +251,18 @@ def bare_copy_floor(model, opt, device: str, repeats: int = 5) -> float:
     return median(times[1:])
 
 
-def run_loop(saver: Saver, model, opt, iters: int, every: int, batch: int, width: int, device: str):
-    gen = torch.Generator().manual_seed(0)
+def run_loop(
+    saver: Saver, model, opt, iters: int, every: int, batch: int, width: int, device: str, host_data: bool = False
+):
+    """Train ``iters`` steps, saving every ``every``. The batch is made on ``device`` unless
+    ``host_data``: a training thread that spends most of each step generating 0.25 GB on the CPU
+    (the first GPU runs did) measures CPU contention with the encoder, not what the GPU loses."""
+    data_device = "cpu" if host_data else device
+    gen = torch.Generator(device=data_device).manual_seed(0)
     stalls = []
     began = time.perf_counter()
     for it in range(1, iters + 1):
-        x = torch.randn(batch, width, generator=gen).to(device)
+        x = torch.randn(batch, width, generator=gen, device=data_device).to(device)
         loss = model(x).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -286,6 +293,77 @@ def cpu_per_checkpoint(saver: Saver, first_step: int, saves: int) -> float:
     return (time.process_time() - began) / saves
 
 
+def _rounds(r: dict) -> list[int]:
+    """The round of each loop time (JSON written before rounds were recorded: one loop a round)."""
+    return r.get("round") or list(range(len(r["loop"])))
+
+
+def summarize(results: dict[str, dict], floors: list[float], n_ckpt: int) -> tuple[dict, float, float]:
+    """Medians per saver. Overhead is also paired by round (each round's loop minus that round's
+    loop without saves), which cancels drift of the machine between rounds."""
+    base = results.get("none", {"loop": [], "round": []})
+    base_loop = median(base["loop"])
+    base_by_round = dict(zip(_rounds(base), base["loop"], strict=True))
+    floor = median(floors)
+    summary = {}
+    for name, r in results.items():
+        if name == "none":
+            continue
+        if not r["loop"]:
+            summary[name] = {"error": r.get("error", "not run (the run was cut short)")}
+            continue
+        paired = [
+            (loop - base_by_round[rnd]) / n_ckpt
+            for loop, rnd in zip(r["loop"], _rounds(r), strict=True)
+            if rnd in base_by_round
+        ]
+        summary[name] = {
+            "stall_s": median(r["stall"]),
+            "fence_wait_s": median(r["fence"]) if r["fence"] else None,
+            "overhead_s": (median(r["loop"]) - base_loop) / n_ckpt,
+            "overhead_per_round_s": paired,
+            "cpu_s": median(r["cpu"]),
+            "cpus_s": r["cpu"],
+            "durable_s": median(r["durable"]),
+            "bytes": r["bytes"],
+            "loops_s": r["loop"],
+        }
+    return summary, floor, base_loop
+
+
+def print_table(summary: dict, floor: float) -> None:
+    print(
+        "| saver | median stall / ckpt | fence wait / ckpt | loop overhead / ckpt (per round) | CPU / ckpt "
+        "| save -> durable | on disk | vs floor (overhead) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in summary.items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | | | | | | |")
+            continue
+        fence = "-" if r["fence_wait_s"] is None else f"{r['fence_wait_s'] * 1e3:.1f} ms"
+        rounds = " / ".join(f"{o * 1e3:.0f}" for o in r["overhead_per_round_s"])
+        cpu = "-" if math.isnan(r["cpu_s"]) else f"{r['cpu_s'] * 1e3:.0f} ms"
+        print(
+            f"| {name} | {r['stall_s'] * 1e3:.1f} ms | {fence} | {r['overhead_s'] * 1e3:.0f} ms ({rounds}) | "
+            f"{cpu} | {r['durable_s']:.2f} s | {r['bytes'] / 1e6:.0f} MB | {r['overhead_s'] / floor:.1f}x |"
+        )
+    print(f"| bare copy into a reused buffer (floor) | {floor * 1e3:.1f} ms | | | | | | 1.0x |")
+
+
+def report(results: dict, floors: list[float], nbytes: int, args: dict, machine_info: dict, out: str | None) -> None:
+    n_ckpt = args["iters"] // args["every"]
+    summary, floor, base_loop = summarize(results, floors, n_ckpt)
+    print(
+        f"\nstate {nbytes / 1e9:.3f} GB, device {args['device']}, torch {machine_info.get('torch', '?')}, "
+        f"{machine_info.get('cores', '?')} cores; bare copy floor {floor * 1e3:.1f} ms; loop without checkpoints "
+        f"{base_loop:.2f} s for {args['iters']} iterations\n"
+    )
+    print_table(summary, floor)
+    payload = {"machine": machine_info, "args": args, "state_bytes": nbytes, "floor_s": floor, "floors_s": floors}
+    write_json(out, payload | {"baseline_loop_s": base_loop, "savers": summary, "rounds": results})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=2048)
@@ -295,11 +373,27 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--host-data", action="store_true", help="make each batch on the CPU (a host-bound loop)")
     ap.add_argument("--cpu-saves", type=int, default=2, help="saves per saver for the CPU figure, training stopped")
     ap.add_argument("--savers", default=None, help="comma list; default: all (dcp-stager on GPU only)")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
+    ap.add_argument(
+        "--from-json",
+        default=None,
+        help="print the table of an earlier run's JSON, also one cut short (partial); --iters/--every "
+        "apply where that JSON does not record them",
+    )
     args = ap.parse_args()
+
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        if "floors_s" not in data:
+            sys.exit(f"{args.from_json}: a finished run's summary from an older stall.py; its log has the table")
+        results = data.get("rounds") or data["savers"]
+        run_args = data.get("args") or vars(args)
+        report(results, data["floors_s"], data["state_bytes"], run_args, data.get("machine", {}), args.json)
+        return
 
     model, opt = trained_state(args.width, args.depth, args.device)
     nbytes = state_bytes(model, opt)
@@ -309,12 +403,14 @@ def main() -> None:
     names = (args.savers or default).split(",")
     base = Path(args.dir or tempfile.mkdtemp(prefix="asyncckpt-bench-"))
     results: dict[str, dict] = {
-        n: {"loop": [], "cpu": [], "stall": [], "fence": [], "drain": [], "durable": [], "bytes": 0} for n in names
+        n: {"loop": [], "round": [], "cpu": [], "stall": [], "fence": [], "drain": [], "durable": [], "bytes": 0}
+        for n in names
     }
-    floors = []
+    floors: list[float] = []
+    machine_info = machine()
     print(
         f"state {nbytes / 1e9:.3f} GB on {args.device}; {args.iters} iters, checkpoint every {args.every}; "
-        f"{args.repeats} rounds",
+        f"{args.repeats} rounds; batch made on {'the CPU' if args.host_data else args.device}",
         file=sys.stderr,
     )
     for round_ in range(args.repeats):
@@ -325,7 +421,7 @@ def main() -> None:
             try:
                 saver = SAVERS[name](root, model, opt)
                 loop, stalls, drain = run_loop(
-                    saver, model, opt, args.iters, args.every, args.batch, args.width, args.device
+                    saver, model, opt, args.iters, args.every, args.batch, args.width, args.device, args.host_data
                 )
                 durable, fence_waits = list(saver.durable), list(saver.fence_waits)  # the loop's saves
                 cpu = cpu_per_checkpoint(saver, args.iters + 1, args.cpu_saves if name != "none" else 0)
@@ -336,6 +432,7 @@ def main() -> None:
                 continue
             r = results[name]
             r["loop"].append(loop)
+            r["round"].append(round_)
             r["cpu"].append(cpu)
             r["stall"] += stalls
             r["drain"].append(drain)
@@ -350,62 +447,19 @@ def main() -> None:
                 + f", {r['bytes'] / 1e6:.0f} MB on disk",
                 file=sys.stderr,
             )
-            write_json(args.json, {"partial": True, "state_bytes": nbytes, "floors_s": floors, "savers": results})
+            write_json(  # a run stopped at a time limit leaves this; --from-json prints its table
+                args.json,
+                {
+                    "partial": True,
+                    "machine": machine_info,
+                    "args": vars(args),
+                    "state_bytes": nbytes,
+                    "floors_s": floors,
+                    "savers": results,
+                },
+            )
             shutil.rmtree(root, ignore_errors=True)
-    n_ckpt = args.iters // args.every
-    base_loop = median(results["none"]["loop"]) if "none" in results else float("nan")
-    floor = median(floors)
-    print(
-        f"\nstate {nbytes / 1e9:.3f} GB, device {args.device}, torch {torch.__version__}, "
-        f"{os.cpu_count()} cores; bare copy floor {floor * 1e3:.1f} ms; loop without checkpoints "
-        f"{base_loop:.2f} s for {args.iters} iterations\n"
-    )
-    print(
-        "| saver | median stall / ckpt | fence wait / ckpt | loop overhead / ckpt | CPU / ckpt | save -> durable "
-        "| on disk | vs floor (overhead) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    summary = {}
-    for name in names:
-        r = results[name]
-        if name == "none":
-            continue
-        if "error" in r and not r["loop"]:
-            print(f"| {name} | failed: {r['error']} | | | | | | |")
-            summary[name] = {"error": r["error"]}
-            continue
-        overhead = (median(r["loop"]) - base_loop) / n_ckpt
-        cpu = median(r["cpu"])
-        stall = median(r["stall"])
-        durable = median(r["durable"])
-        fence = median(r["fence"]) if r["fence"] else None
-        summary[name] = {
-            "stall_s": stall,
-            "fence_wait_s": fence,
-            "overhead_s": overhead,
-            "cpu_s": cpu,
-            "cpus_s": r["cpu"],
-            "durable_s": durable,
-            "bytes": r["bytes"],
-            "loops_s": r["loop"],
-        }
-        print(
-            f"| {name} | {stall * 1e3:.1f} ms | {'-' if fence is None else f'{fence * 1e3:.1f} ms'} | "
-            f"{overhead * 1e3:.0f} ms | {cpu * 1e3:.0f} ms | {durable:.2f} s | "
-            f"{r['bytes'] / 1e6:.0f} MB | {overhead / floor:.1f}x |"
-        )
-    print(f"| bare copy into a reused buffer (floor) | {floor * 1e3:.1f} ms | | | | | | 1.0x |")
-    write_json(
-        args.json,
-        {
-            "machine": machine(),
-            "args": vars(args),
-            "state_bytes": nbytes,
-            "floor_s": floor,
-            "baseline_loop_s": base_loop,
-            "savers": summary,
-        },
-    )
+    report(results, floors, nbytes, vars(args), machine_info, args.json)
     if not args.dir:
         shutil.rmtree(base, ignore_errors=True)
 
