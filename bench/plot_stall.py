@@ -27,9 +27,19 @@ def main() -> None:
     ax.barh([i + 0.2 for i in y], stall, height=0.4, label="stall (training thread blocked)")
     ax.barh([i - 0.2 for i in y], overhead, height=0.4, label="loop overhead (stall + background slowdown)")
     ax.axvline(floor, color="k", linestyle=":", label=f"bare copy floor ({floor:.0f} ms)")
+    for i, n in enumerate(names):
+        if savers[n]["overhead_s"] <= 0:  # a log axis cannot draw it; say so rather than show nothing
+            ax.text(
+                min(stall) / 2,
+                i - 0.2,
+                f"loop overhead {savers[n]['overhead_s'] * 1e3:.0f} ms: below the noise",
+                va="center",
+                fontsize=8,
+            )
     ax.set_yticks(list(y), names)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.set_xlim(left=min(stall) / 2)
     ax.set_xlabel("ms per checkpoint (log scale, median)")
     m = data["machine"]
     ax.set_title(
