@@ -97,6 +97,25 @@ def test_table_has_a_row_per_save_and_marks_the_failed_one(written, capsys):
     assert "saves        4 (3 committed, 1 failed)" in summary
     for word in ("p50", "p95", "max", "MB/s", "compression", "failures     1"):
         assert word in summary
+    share = written.summary["encoder_cpu_fraction"]
+    assert f"encoder      {share:.0%} of the compress threads' time was their own CPU" in summary
+
+
+def test_encoder_cpu_is_the_compress_threads_own_cpu_time(written):
+    records = [r for r in read_log(written.root) if r.ok]
+    for r in records:  # a thread's CPU time cannot exceed the wall time it was measured over
+        assert 0 < r.compress_cpu_s <= r.compress_s + 1e-3
+    share = written.summary["encoder_cpu_fraction"]
+    assert share == pytest.approx(sum(r.compress_cpu_s for r in records) / sum(r.compress_s for r in records))
+    assert 0 < share <= 1.001
+
+
+def test_the_encoder_line_is_left_out_when_nothing_was_encoded(tmp_path, capsys):
+    stats = SaveStats(tmp_path / METRICS_LOG)
+    stats.finished(SaveRecord(step=1, stall_s=0.01, ok=True, raw_bytes=8, stored_bytes=8, persist_s=0.1))
+    code, out, _ = run_stats(capsys, str(tmp_path))
+    assert code == 0 and "compress threads' time" not in out
+    assert math.isnan(summarize(read_log(tmp_path))["encoder_cpu_fraction"])
 
 
 def test_json_has_every_record_and_the_managers_summary(written, capsys):
@@ -190,6 +209,7 @@ def test_json_with_no_committed_save_has_null_not_nan(tmp_path, capsys):
     summary = _strict_json(out)["summary"]
     assert summary["failed"] == 1 and summary["committed"] == 0
     assert summary["throughput_bytes_per_s"] is None and summary["compression_ratio"] is None
+    assert summary["encoder_cpu_fraction"] is None
     assert summary["stall_max_s"] == pytest.approx(0.01)
 
     code, out, _ = run_stats(capsys, str(tmp_path))

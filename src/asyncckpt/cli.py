@@ -177,6 +177,12 @@ def _print_stats_table(records: list[SaveRecord], summary: dict) -> None:
         f"compression  {'-' if math.isnan(ratio) else f'{ratio:.3f}x'} "
         f"({_mb(s['raw_bytes'])} MB raw -> {_mb(s['stored_bytes'])} MB stored)"
     )
+    cpu_fraction = s["encoder_cpu_fraction"]
+    if not math.isnan(cpu_fraction):
+        print(
+            f"encoder      {cpu_fraction:.0%} of the compress threads' time was their own CPU "
+            "(the rest: waiting for a core, or for helper threads)"
+        )
     print(f"failures     {s['failed']}")
 
 

@@ -31,6 +31,7 @@ class SaveRecord:
     # background time
     lazy_copy_s: float = 0.0  # overlap mode: save() to the last lazily copied byte in the arena
     compress_s: float = 0.0  # summed over worker threads
+    compress_cpu_s: float = 0.0  # those threads' own CPU time for it: far below compress_s, they waited for a core
     write_s: float = 0.0
     fsync_s: float = 0.0
     commit_s: float = 0.0
@@ -110,6 +111,7 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
     raw = sum(r.raw_bytes for r in done)
     stored = sum(r.stored_bytes for r in done)
     persist = sum(r.persist_s for r in done)
+    encoding = sum(r.compress_s for r in done)
     return {
         "saves": len(records),
         "committed": len(done),
@@ -122,6 +124,8 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
         "persist_p50_s": _percentile([r.persist_s for r in done], 0.50),
         "throughput_bytes_per_s": raw / persist if persist > 0 else math.nan,
         "compression_ratio": raw / stored if stored else math.nan,
+        # share of the encoder threads' time spent on a CPU: low when training leaves them no core
+        "encoder_cpu_fraction": sum(r.compress_cpu_s for r in done) / encoding if encoding > 0 else math.nan,
         "raw_bytes": raw,
         "stored_bytes": stored,
     }

@@ -170,11 +170,12 @@ class Pipeline:
             else:
                 job.handle._future.set_exception(error)
 
-    def _encode(self, job: SaveJob, plan: ChunkPlan) -> tuple[codec.EncodedChunk, float]:
+    def _encode(self, job: SaveJob, plan: ChunkPlan) -> tuple[codec.EncodedChunk, float, float]:
+        """The chunk encoded, with the wall and this thread's CPU seconds it took."""
         _phases.pause("compress")
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.thread_time()
         encoded = codec.encode(job.arena.raw(plan.start, plan.end), plan.group, self._config)
-        return encoded, time.perf_counter() - began
+        return encoded, time.perf_counter() - began, time.thread_time() - began_cpu
 
     @staticmethod
     def _check_guard(job: SaveJob) -> None:
@@ -216,8 +217,9 @@ class Pipeline:
                     break
             while pending:
                 plan, future = pending.popleft()
-                encoded, encode_s = future.result()
+                encoded, encode_s, encode_cpu_s = future.result()
                 record.compress_s += encode_s
+                record.compress_cpu_s += encode_cpu_s
                 nxt = next(upcoming, None)
                 if nxt is not None:
                     pending.append((nxt, self._pool.submit(self._encode, job, nxt)))
