@@ -9,11 +9,12 @@
 #                  -d .whl zstandard
 #   device run:  command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 570
 #   other steps: command "STEPS='stall restore' bash bench/gpu_check.sh"
-# Steps (default: tests overlap encoder, 8.5 min of limits; a cold start adds ~1 min):
-#   tests    the CUDA tests, overlap consistency, staging and manager on the GPU           (120 s)
+# Steps, run in this order (default: overlap encoder tests, 8.5 min of limits; a cold start adds
+# ~1 min; name at most 3 steps at a time, or more than 8 files come back):
 #   overlap  blocking vs overlap alone, 4.0 GB state, batch made on the GPU, 3 rounds, and
 #            CPU per checkpoint split into the encoders' own and the rest               (270 s)
 #   encoder  bench/encoder_threads.py on this machine's cores (CPU cost of the encoder)    (120 s)
+#   tests    the CUDA tests, overlap consistency, staging and manager on the GPU           (120 s)
 #   stall    every saver, 4.0 GB state, 1 round; run 2026-11-27 (200 s was cut short at
 #            DCP), results in bench/results/h100/                                        (300 s)
 #   restore, memory  (80 s, 50 s; run 2026-11-27)
@@ -27,7 +28,7 @@ OUT=${OUT:-/tmp/asyncckpt-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STEPS=${STEPS:-tests overlap encoder}
+STEPS=${STEPS:-overlap encoder tests}
 S="$OUT/summary.txt"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -71,16 +72,17 @@ step() {  # name, time limit in s, command...: output to $OUT/name.log; a failur
     tail -n 20 "$OUT/$name.log"
 }
 
-# 1. correctness on the GPU: the CUDA paths end to end, overlap consistency, staging, manager.
-#    -v and no -x: one scarce run should name every failure, and a hang shows where it hung.
-step tests 120 $PY -m pytest -v -p no:cacheprovider $PER_TEST tests/test_cuda_paths.py tests/test_overlap.py \
-    tests/test_staging.py tests/test_manager.py
-# 2. issue 4's GPU target: overlap stall < 5 ms and loop overhead < half the bare copy (>= 4 GB)
+# 1. issue 4's GPU target: overlap stall < 5 ms and loop overhead < half the bare copy (>= 4 GB)
 step overlap 270 $PY bench/stall.py --device "$DEVICE" --width "$WIDTH" --depth "$DEPTH" --batch "$BATCH" \
     --iters "$OITERS" --every "$OEVERY" --repeats 3 --cpu-saves 1 --savers none,asyncckpt,asyncckpt-overlap \
     --json "$OUT/overlap-gpu.json"
-# 3. the encoder's CPU cost with many cores: torch's default threads per worker vs fewer
+# 2. the encoder's CPU cost with many cores: torch's default threads per worker vs fewer
 step encoder 120 $PY bench/encoder_threads.py $ENC --json "$OUT/encoder-gpu.json"
+# 3. correctness on the GPU (after the benchmarks: it passed on the H100 on 2026-11-27, and a
+#    hang here must not cost them): the CUDA paths end to end, overlap consistency, staging, manager.
+#    -v and no -x: one scarce run should name every failure, and a hang shows where it hung.
+step tests 120 $PY -m pytest -v -p no:cacheprovider $PER_TEST tests/test_cuda_paths.py tests/test_overlap.py \
+    tests/test_staging.py tests/test_manager.py
 # 4. blocking vs overlap vs the alternatives, >= 4 GB state, with the bare device->pinned copy floor
 step stall 300 $PY bench/stall.py --device "$DEVICE" --width "$WIDTH" --depth "$DEPTH" --batch "$BATCH" \
     --iters "$ITERS" --every "$EVERY" --repeats 1 --cpu-saves 1 --savers "$SAVERS" --json "$OUT/stall-gpu.json"

@@ -304,6 +304,11 @@ def _rounds(r: dict) -> list[int]:
     return r.get("round") or list(range(len(r["loop"])))
 
 
+def _values(r: dict, key: str) -> list[float]:
+    """A measured list as numbers: JSON holds null where a figure was not measured (NaN)."""
+    return [math.nan if v is None else v for v in r.get(key, [])]
+
+
 def summarize(results: dict[str, dict], floors: list[float], n_ckpt: int) -> tuple[dict, float, float]:
     """Medians per saver. Overhead is also paired by round (each round's loop minus that round's
     loop without saves), which cancels drift of the machine between rounds."""
@@ -326,16 +331,23 @@ def summarize(results: dict[str, dict], floors: list[float], n_ckpt: int) -> tup
         summary[name] = {
             "stall_s": median(r["stall"]),
             "fence_wait_s": median(r["fence"]) if r["fence"] else None,
-            "overhead_s": (median(r["loop"]) - base_loop) / n_ckpt,
+            # the median of the paired figures where there are any: they cancel drift between rounds
+            "overhead_s": median(paired) if paired else (median(r["loop"]) - base_loop) / n_ckpt,
             "overhead_per_round_s": paired,
-            "cpu_s": median(r["cpu"]),
-            "encoder_cpu_s": median(r.get("encoder_cpu", [])),
+            "cpu_s": median(_values(r, "cpu")),
+            "encoder_cpu_s": median(_values(r, "encoder_cpu")),
             "cpus_s": r["cpu"],
             "durable_s": median(r["durable"]),
             "bytes": r["bytes"],
             "loops_s": r["loop"],
         }
+        if "error" in r:  # it failed in some round but not all
+            summary[name]["failed_rounds"] = r["error"]
     return summary, floor, base_loop
+
+
+def _missing(value: float | None) -> bool:
+    return value is None or math.isnan(value)
 
 
 def print_table(summary: dict, floor: float) -> None:
@@ -349,13 +361,16 @@ def print_table(summary: dict, floor: float) -> None:
             print(f"| {name} | failed: {r['error']} | | | | | | |")
             continue
         fence = "-" if r["fence_wait_s"] is None else f"{r['fence_wait_s'] * 1e3:.1f} ms"
+        durable = "-" if _missing(r["durable_s"]) else f"{r['durable_s']:.2f} s"
+        if "failed_rounds" in r:
+            name = f"{name} (failed in a round: {r['failed_rounds']})"
         rounds = " / ".join(f"{o * 1e3:.0f}" for o in r["overhead_per_round_s"])
-        cpu = "-" if math.isnan(r["cpu_s"]) else f"{r['cpu_s'] * 1e3:.0f} ms"
-        if not math.isnan(r.get("encoder_cpu_s", math.nan)):
+        cpu = "-" if _missing(r["cpu_s"]) else f"{r['cpu_s'] * 1e3:.0f} ms"
+        if not _missing(r.get("encoder_cpu_s")):
             cpu += f" (encoders {r['encoder_cpu_s'] * 1e3:.0f})"
         print(
             f"| {name} | {r['stall_s'] * 1e3:.1f} ms | {fence} | {r['overhead_s'] * 1e3:.0f} ms ({rounds}) | "
-            f"{cpu} | {r['durable_s']:.2f} s | {r['bytes'] / 1e6:.0f} MB | {r['overhead_s'] / floor:.1f}x |"
+            f"{cpu} | {durable} | {r['bytes'] / 1e6:.0f} MB | {r['overhead_s'] / floor:.1f}x |"
         )
     print(f"| bare copy into a reused buffer (floor) | {floor * 1e3:.1f} ms | | | | | | 1.0x |")
 
@@ -373,15 +388,39 @@ def report(results: dict, floors: list[float], nbytes: int, args: dict, machine_
     write_json(out, payload | {"baseline_loop_s": base_loop, "savers": summary, "rounds": results})
 
 
+def record_run(r: dict, round_: int, loop, stalls, drain, durable, fence_waits, cpu, encoder_cpu) -> None:
+    r["loop"].append(loop)
+    r["round"].append(round_)
+    r["cpu"].append(cpu)
+    r["encoder_cpu"].append(encoder_cpu)
+    r["stall"] += stalls
+    r["drain"].append(drain)
+    r["durable"] += durable
+    r["fence"] += fence_waits
+
+
+def print_run(name: str, round_: int, r: dict, loop, stalls, durable, fence_waits, cpu, encoder_cpu) -> None:
+    """Everything the table needs, as measured: a run cut short still shows it."""
+    print(
+        f"  round {round_} {name}: loop {loop:.2f} s, stall median {median(stalls) * 1e3:.1f} ms"
+        + (f", fence median {median(fence_waits) * 1e3:.2f} ms" if fence_waits else "")
+        + (f", durable median {median(durable):.2f} s" if durable else "")
+        + ("" if math.isnan(cpu) else f", CPU {cpu * 1e3:.0f} ms per checkpoint")
+        + ("" if math.isnan(encoder_cpu) else f" (encoder threads' own {encoder_cpu * 1e3:.0f} ms)")
+        + f", {r['bytes'] / 1e6:.0f} MB on disk",
+        file=sys.stderr,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--depth", type=int, default=8, help="2048 x 8 layers + AdamW = 0.40 GB of state")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--iters", type=int, default=100)
-    ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--iters", type=int, default=None, help="training steps per run (default 100)")
+    ap.add_argument("--every", type=int, default=None, help="steps between checkpoints (default 25)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="default: cuda where available, else cpu")
     ap.add_argument("--host-data", action="store_true", help="make each batch on the CPU (a host-bound loop)")
     ap.add_argument("--cpu-saves", type=int, default=2, help="saves per saver for the CPU figure, training stopped")
     ap.add_argument("--savers", default=None, help="comma list; default: all (dcp-stager on GPU only)")
@@ -390,8 +429,8 @@ def main() -> None:
     ap.add_argument(
         "--from-json",
         default=None,
-        help="print the table of an earlier run's JSON, also one cut short (partial); --iters/--every "
-        "apply where that JSON does not record them",
+        help="print the table of an earlier run's JSON, also one cut short (partial); a JSON that does "
+        "not record its run's settings needs --iters, --every and --device",
     )
     args = ap.parse_args()
 
@@ -400,9 +439,16 @@ def main() -> None:
         if "floors_s" not in data:
             sys.exit(f"{args.from_json}: a finished run's summary from an older stall.py; its log has the table")
         results = data.get("rounds") or data["savers"]
-        run_args = data.get("args") or vars(args)
+        run_args = data.get("args")
+        if run_args is None:  # written before stall.py recorded its settings: the caller must say
+            if None in (args.iters, args.every, args.device):
+                sys.exit(f"{args.from_json} does not record its run's settings: give --iters, --every and --device")
+            run_args = vars(args)
         report(results, data["floors_s"], data["state_bytes"], run_args, data.get("machine", {}), args.json)
         return
+    args.iters = 100 if args.iters is None else args.iters
+    args.every = 25 if args.every is None else args.every
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     model, opt = trained_state(args.width, args.depth, args.device)
     nbytes = state_bytes(model, opt)
@@ -448,26 +494,10 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - a saver that fails is a result, recorded
                 results[name]["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 print(f"  {name}: failed: {results[name]['error']}", file=sys.stderr)
-                continue
-            r = results[name]
-            r["loop"].append(loop)
-            r["round"].append(round_)
-            r["cpu"].append(cpu)
-            r["encoder_cpu"].append(encoder_cpu)
-            r["stall"] += stalls
-            r["drain"].append(drain)
-            r["durable"] += durable
-            r["fence"] += fence_waits
-            r["bytes"] = saver.bytes_on_disk()
-            print(  # everything the table needs, as measured: a run cut short still shows it
-                f"  round {round_} {name}: loop {loop:.2f} s, stall median {median(stalls) * 1e3:.1f} ms"
-                + (f", fence median {median(fence_waits) * 1e3:.2f} ms" if fence_waits else "")
-                + (f", durable median {median(durable):.2f} s" if durable else "")
-                + ("" if math.isnan(cpu) else f", CPU {cpu * 1e3:.0f} ms per checkpoint")
-                + ("" if math.isnan(encoder_cpu) else f" (encoder threads' own {encoder_cpu * 1e3:.0f} ms)")
-                + f", {r['bytes'] / 1e6:.0f} MB on disk",
-                file=sys.stderr,
-            )
+            else:
+                record_run(results[name], round_, loop, stalls, drain, durable, fence_waits, cpu, encoder_cpu)
+                results[name]["bytes"] = saver.bytes_on_disk()
+                print_run(name, round_, results[name], loop, stalls, durable, fence_waits, cpu, encoder_cpu)
             write_json(  # a run stopped at a time limit leaves this; --from-json prints its table
                 args.json,
                 {

@@ -3,14 +3,27 @@ reach that machine broken. Structure only; timings never decide a test."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 STALL = Path(__file__).resolve().parents[1] / "bench" / "stall.py"
 TINY = ["--device", "cpu", "--width", "64", "--depth", "2", "--batch", "4", "--iters", "4", "--every", "2"]
+
+
+def _load_stall():
+    spec = importlib.util.spec_from_file_location("bench_stall", STALL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+stall = _load_stall()
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -29,7 +42,7 @@ def test_stall_reports_every_saver_paired_by_round_and_the_encoders_cpu(tmp_path
         assert row["bytes"] > 0 and row["stall_s"] >= 0
     for name in ("asyncckpt", "asyncckpt-overlap"):
         assert data["savers"][name]["encoder_cpu_s"] > 0
-    assert math.isnan(data["savers"]["torch.save"]["encoder_cpu_s"])  # not asyncckpt: no encoder threads
+    assert data["savers"]["torch.save"]["encoder_cpu_s"] is None  # not asyncckpt: no encoder threads, null
     assert data["rounds"]["none"]["round"] == [0, 1]
     assert "| asyncckpt-overlap |" in done.stdout and "(encoders " in done.stdout
 
@@ -66,3 +79,45 @@ def test_from_json_refuses_an_older_summary_with_a_clear_message(tmp_path):
     shown = run("--from-json", str(old))
     assert shown.returncode != 0
     assert f"{old}: a finished run's summary from an older stall.py" in shown.stderr
+
+
+def _result(loops: list[float], rounds: list[int] | None = None, **extra) -> dict:
+    r = {"loop": loops, "stall": [0.01], "fence": [], "cpu": [None], "durable": [1.0], "bytes": 10} | extra
+    if rounds is not None:
+        r["round"] = rounds
+    return r
+
+
+def test_overhead_is_paired_with_the_same_rounds_baseline():
+    results = {
+        "none": _result([10.0, 12.0, 20.0], [0, 1, 2]),  # the machine drifts between rounds
+        "a": _result([11.0, 13.0, 21.0], [0, 1, 2]),  # +1 s in every round: 0.5 s per checkpoint
+        "b": _result([12.0, 22.0], [0, 2]),  # +2 s in the rounds it ran; failed in round 1
+    }
+    summary, floor, base = stall.summarize(results, [0.1, 0.3], n_ckpt=2)
+    assert summary["a"]["overhead_per_round_s"] == [0.5, 0.5, 0.5]
+    assert summary["b"]["overhead_per_round_s"] == [1.0, 1.0]
+    assert summary["a"]["overhead_s"] == 0.5
+    assert summary["b"]["overhead_s"] == 1.0  # unpaired: (median 17 - median 12) / 2 = 2.5
+    assert floor == pytest.approx(0.2) and base == 12.0
+    assert math.isnan(summary["a"]["cpu_s"])  # a null in the JSON reads back as not measured
+
+
+def test_a_baseline_missing_a_round_leaves_that_round_unpaired():
+    results = {"none": _result([10.0, 14.0], [0, 2]), "a": _result([11.0, 100.0, 15.5], [0, 1, 2])}
+    summary, _, _ = stall.summarize(results, [0.1], n_ckpt=1)
+    assert summary["a"]["overhead_per_round_s"] == [1.0, 1.5]
+    assert summary["a"]["overhead_s"] == pytest.approx(1.25)
+
+
+def test_json_from_before_rounds_were_recorded_pairs_loop_i_with_round_i():
+    results = {"none": _result([10.0, 20.0]), "a": _result([10.5, 22.0])}  # no "round" lists
+    summary, _, _ = stall.summarize(results, [0.1], n_ckpt=1)
+    assert summary["a"]["overhead_per_round_s"] == [0.5, 2.0]
+
+
+def test_a_saver_that_failed_in_one_round_says_so_in_the_table(capsys):
+    results = {"none": _result([10.0, 10.0], [0, 1]), "a": _result([11.0], [1], error="OSError: disk full")}
+    summary, floor, _ = stall.summarize(results, [0.1], n_ckpt=1)
+    stall.print_table(summary, floor)
+    assert "| a (failed in a round: OSError: disk full) | 10.0 ms |" in capsys.readouterr().out

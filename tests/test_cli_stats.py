@@ -110,6 +110,16 @@ def test_encoder_cpu_is_the_compress_threads_own_cpu_time(written):
     assert 0 < share <= 1.001
 
 
+def test_records_from_before_the_encoder_cpu_was_logged_do_not_count_as_zero(tmp_path, capsys):
+    stats = SaveStats(tmp_path / METRICS_LOG)
+    common = {"stall_s": 0.01, "ok": True, "raw_bytes": 8, "stored_bytes": 4, "persist_s": 0.1}
+    stats.finished(SaveRecord(step=1, compress_s=0.5, **common))  # an older writer: no compress_cpu_s
+    code, out, _ = run_stats(capsys, str(tmp_path))
+    assert code == 0 and "compress threads' time" not in out
+    stats.finished(SaveRecord(step=2, compress_s=0.4, compress_cpu_s=0.3, **common))
+    assert summarize(read_log(tmp_path))["encoder_cpu_fraction"] == pytest.approx(0.75)
+
+
 def test_the_encoder_line_is_left_out_when_nothing_was_encoded(tmp_path, capsys):
     stats = SaveStats(tmp_path / METRICS_LOG)
     stats.finished(SaveRecord(step=1, stall_s=0.01, ok=True, raw_bytes=8, stored_bytes=8, persist_s=0.1))

@@ -31,7 +31,9 @@ class SaveRecord:
     # background time
     lazy_copy_s: float = 0.0  # overlap mode: save() to the last lazily copied byte in the arena
     compress_s: float = 0.0  # summed over worker threads
-    compress_cpu_s: float = 0.0  # those threads' own CPU time for it: far below compress_s, they waited for a core
+    # those threads' own CPU time for it (0 in logs written before it was recorded); below
+    # compress_s when they waited: for a core, or for helper threads of their own
+    compress_cpu_s: float = 0.0
     write_s: float = 0.0
     fsync_s: float = 0.0
     commit_s: float = 0.0
@@ -111,7 +113,8 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
     raw = sum(r.raw_bytes for r in done)
     stored = sum(r.stored_bytes for r in done)
     persist = sum(r.persist_s for r in done)
-    encoding = sum(r.compress_s for r in done)
+    timed = [r for r in done if r.compress_cpu_s > 0]  # older logs did not record the CPU time
+    encoding = sum(r.compress_s for r in timed)
     return {
         "saves": len(records),
         "committed": len(done),
@@ -125,7 +128,7 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
         "throughput_bytes_per_s": raw / persist if persist > 0 else math.nan,
         "compression_ratio": raw / stored if stored else math.nan,
         # share of the encoder threads' time spent on a CPU: low when training leaves them no core
-        "encoder_cpu_fraction": sum(r.compress_cpu_s for r in done) / encoding if encoding > 0 else math.nan,
+        "encoder_cpu_fraction": sum(r.compress_cpu_s for r in timed) / encoding if encoding > 0 else math.nan,
         "raw_bytes": raw,
         "stored_bytes": stored,
     }
