@@ -7,14 +7,15 @@
 #                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                  --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #                  -d .whl zstandard
-#   device run:  command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 570
+#   device run:  command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 630
 #   other steps: command "STEPS='stall restore' bash bench/gpu_check.sh"
-# Steps, run in this order (default: overlap encoder tests, 8.5 min of limits; a cold start adds
+# Steps, run in this order (default: overlap encoder tests demo, 9.5 min of limits; a cold start adds
 # ~1 min; name at most 3 steps at a time, or more than 8 files come back):
 #   overlap  blocking vs overlap alone, 4.0 GB state, batch made on the GPU, 3 rounds, and
 #            CPU per checkpoint split into the encoders' own and the rest               (270 s)
 #   encoder  bench/encoder_threads.py on this machine's cores (CPU cost of the encoder)    (120 s)
 #   tests    the CUDA tests, overlap consistency, staging and manager on the GPU           (120 s)
+#   demo     `asyncckpt demo` on the GPU, overlap mode, 10 s of training: the main job      (60 s)
 #   stall    every saver, 4.0 GB state, 1 round; run 2026-11-27 (200 s was cut short at
 #            DCP), results in bench/results/h100/                                        (300 s)
 #   restore, memory  (80 s, 50 s; run 2026-11-27)
@@ -28,7 +29,7 @@ OUT=${OUT:-/tmp/asyncckpt-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STEPS=${STEPS:-overlap encoder tests}
+STEPS=${STEPS:-overlap encoder tests demo}
 S="$OUT/summary.txt"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -38,7 +39,7 @@ export PYTHONPATH="$PWD/src:$PWD/tests:${PYTHONPATH:-}"
 
 if [ -n "${GPU_CHECK_DRY:-}" ]; then
     DEVICE=cpu; WIDTH=512; DEPTH=2; BATCH=32; ITERS=8; EVERY=4; RWIDTH=512; RDEPTH=2; SAVES=5
-    OITERS=8; OEVERY=4; ENC="--width 256 --depth 2 --rounds 1 --saves 1 --iters 4 --every 2"
+    OITERS=8; OEVERY=4; ENC="--width 256 --depth 2 --rounds 1 --saves 1 --iters 4 --every 2"; DEMO_SECONDS=3
     SAVERS=none,asyncckpt,asyncckpt-overlap,torch.save,torch.save-thread,dcp
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$S" 2>&1
@@ -51,7 +52,7 @@ else
     # Overlap alone: 3 checkpoints a round, 3 rounds, each round paired with its own loop without
     # saves. The batch is made on the GPU, so the loop is GPU-bound: the 2026-11-27 runs made it on
     # the CPU (0.55 s of the training thread per step) and measured CPU contention, +-0.25 s/ckpt.
-    OITERS=45; OEVERY=15; ENC="--rounds 2"
+    OITERS=45; OEVERY=15; ENC="--rounds 2"; DEMO_SECONDS=10
 fi
 { date -u; nproc; free -g | head -2; df -h /tmp | tail -1; } >>"$S" 2>&1
 # Preflight: stop before spending device time on steps that cannot import what they need.
@@ -83,10 +84,13 @@ step encoder 120 $PY bench/encoder_threads.py $ENC --json "$OUT/encoder-gpu.json
 #    -v and no -x: one scarce run should name every failure, and a hang shows where it hung.
 step tests 120 $PY -m pytest -v -p no:cacheprovider $PER_TEST tests/test_cuda_paths.py tests/test_overlap.py \
     tests/test_staging.py tests/test_manager.py
-# 4. blocking vs overlap vs the alternatives, >= 4 GB state, with the bare device->pinned copy floor
+# 4. the main job, as a user runs it (demo picks cuda when there is one)
+step demo 60 $PY -c "import sys; from asyncckpt.cli import main; sys.exit(main(sys.argv[1:]))" \
+    demo --seconds "$DEMO_SECONDS" --snapshot overlap
+# 5. blocking vs overlap vs the alternatives, >= 4 GB state, with the bare device->pinned copy floor
 step stall 300 $PY bench/stall.py --device "$DEVICE" --width "$WIDTH" --depth "$DEPTH" --batch "$BATCH" \
     --iters "$ITERS" --every "$EVERY" --repeats 1 --cpu-saves 1 --savers "$SAVERS" --json "$OUT/stall-gpu.json"
-# 5. time back to training, and host memory across saves (one pinned arena, exactly the state's size)
+# 6. time back to training, and host memory across saves (one pinned arena, exactly the state's size)
 step restore 80 $PY bench/restore.py --width "$RWIDTH" --depth "$RDEPTH" --repeats 2 --json "$OUT/restore-gpu.json"
 step memory 50 $PY bench/memory.py --width "$RWIDTH" --depth "$RDEPTH" --saves "$SAVES" --json "$OUT/memory-gpu.json"
 echo "files in \$OUT: $(ls "$OUT" | wc -l) (the device tool returns 8 at most)" | tee -a "$S"
