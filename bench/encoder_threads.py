@@ -32,11 +32,15 @@ from asyncckpt import pipeline  # noqa: E402
 DEFAULT = pipeline.Pipeline._init_worker
 
 
-def one_thread(self: pipeline.Pipeline) -> None:
-    """The alternative: asyncckpt's worker set-up, then one torch thread in the worker."""
-    DEFAULT(self)
-    torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line
-    torch.set_num_threads(1)
+def torch_threads_per_worker(count: int):
+    """The alternatives: asyncckpt's worker set-up, then ``count`` torch threads in the worker."""
+
+    def init(self: pipeline.Pipeline) -> None:
+        DEFAULT(self)
+        torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line
+        torch.set_num_threads(count)
+
+    return init
 
 
 def reset_new_thread_default(threads: int) -> None:
@@ -46,17 +50,13 @@ def reset_new_thread_default(threads: int) -> None:
     thread.join()
 
 
-def share_cores(self: pipeline.Pipeline) -> None:
-    """The middle way: the cores split among the workers (2 each for 8 workers on 16 cores)."""
-    DEFAULT(self)
-    torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // self._workers))
-
-
-VARIANTS = {"torch's default per worker (asyncckpt)": DEFAULT, "one torch thread per worker": one_thread}
-WORKERS = max(1, min(8, os.cpu_count() or 1))  # CheckpointManager's default
-if (os.cpu_count() or 1) // WORKERS > 1:  # else the same as one thread each
-    VARIANTS[f"{(os.cpu_count() or 1) // WORKERS} torch threads per worker (cores / workers)"] = share_cores
+VARIANTS = {
+    "torch's default per worker (asyncckpt)": DEFAULT,
+    "one torch thread per worker": torch_threads_per_worker(1),
+}
+SHARE = (os.cpu_count() or 1) // max(1, min(8, os.cpu_count() or 1))  # cores / CheckpointManager's default workers
+if SHARE > 1:  # the middle way, where it differs from one thread each: 2 for 8 workers on 16 cores
+    VARIANTS[f"{SHARE} torch threads per worker (cores / workers)"] = torch_threads_per_worker(SHARE)
 
 
 def alone(state: dict, saves: int) -> float:
