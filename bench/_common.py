@@ -44,6 +44,8 @@ def machine() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cores": __import__("os").cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
+        # OpenMP settings change what CPU threads cost (bench/encoder_threads.py): record them
+        "openmp_env": {k: v for k, v in __import__("os").environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -1,20 +1,35 @@
-"""Encoder threads at torch's default thread count (asyncckpt) vs one torch thread each (and, where
-the cores outnumber the workers, the cores split among them).
+"""Encoder threads at torch's default thread count (asyncckpt) vs one thread each, set two ways
+(and, where the cores outnumber the workers, the cores split among them).
 
 One thread per worker looks right on paper: the pool is the parallelism, and a worker's byte
-grouping need not start an OpenMP team of its own. It was measured here, in the same run as what
-asyncckpt does (workers niced, torch's thread count left alone), rounds interleaving the two:
+grouping need not start an OpenMP team of its own. Variants, rounds interleaving them:
+
+  torch's default            what asyncckpt does: workers niced, torch's thread count left alone
+  one torch thread           torch.set_num_threads(1) in each worker (which also moves the count
+                             threads created later start from: reset between runs here)
+  one OpenMP thread          omp_set_num_threads(1) in each worker, through torch's own OpenMP
+                             runtime: that thread only, nothing process-wide
+
+Measured for each:
 
   alone        process CPU time per save + wait of the state, nothing else running
   training     a training loop (the MLP of stall.py) saving every --every iterations: loop
                time and the median persist time (encode + write + fsync + commit)
 
+libgomp spin-waits at the end of a parallel region only while it manages no more threads than
+there are cores; the workers' own teams change that count, so the training thread's OpenMP
+helpers spin or sleep depending on the variant. GOMP_SPINCOUNT=1000 (what libgomp uses once
+oversubscribed) takes that effect out, to compare the encoders alone:
+
     python bench/encoder_threads.py --json bench/results/encoder-threads-cpu.json   # ~2 min on 2 cores
+    GOMP_SPINCOUNT=1000 python bench/encoder_threads.py --json bench/results/encoder-threads-spin1000-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import os
 import sys
 import tempfile
@@ -43,6 +58,42 @@ def torch_threads_per_worker(count: int):
     return init
 
 
+@functools.cache
+def _omp_set_num_threads():
+    """The ``omp_set_num_threads`` torch's own kernels obey, or None where it cannot be found.
+
+    Looked up through libtorch_cpu's handle: dlsym searches a library's dependencies too, so this
+    finds the OpenMP runtime torch links, not some other one in the process.
+    """
+    if not torch.backends.openmp.is_available():
+        return None
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = Path(torch.__file__).parent / "lib" / name
+        if path.exists():
+            try:
+                function = ctypes.CDLL(str(path)).omp_set_num_threads
+            except (OSError, AttributeError):
+                return None
+            function.argtypes = [ctypes.c_int]
+            function.restype = None
+            return function
+    return None
+
+
+def limit_openmp_this_thread(count: int) -> bool:
+    """At most ``count`` OpenMP threads for torch kernels called from this thread, and no other.
+
+    Unlike torch.set_num_threads, omp_set_num_threads leaves the count that threads created later
+    start from alone. False where torch has no OpenMP runtime this can reach.
+    """
+    set_count = _omp_set_num_threads()
+    if set_count is None:
+        return False
+    torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line
+    set_count(count)
+    return torch.get_num_threads() == count
+
+
 def reset_new_thread_default(threads: int) -> None:
     """set_num_threads also moves the count later threads start from: put it back between runs."""
     thread = threading.Thread(target=torch.set_num_threads, args=(threads,))
@@ -50,9 +101,21 @@ def reset_new_thread_default(threads: int) -> None:
     thread.join()
 
 
+def openmp_threads_per_worker(count: int):
+    """asyncckpt's worker set-up, then ``count`` OpenMP threads for the worker thread alone."""
+
+    def init(self: pipeline.Pipeline) -> None:
+        DEFAULT(self)
+        if not limit_openmp_this_thread(count):
+            raise RuntimeError("this torch has no OpenMP runtime asyncckpt can reach")
+
+    return init
+
+
 VARIANTS = {
     "torch's default per worker (asyncckpt)": DEFAULT,
     "one torch thread per worker": torch_threads_per_worker(1),
+    "one OpenMP thread per worker (that thread only)": openmp_threads_per_worker(1),
 }
 SHARE = (os.cpu_count() or 1) // max(1, min(8, os.cpu_count() or 1))  # cores / CheckpointManager's default workers
 if SHARE > 1:  # the middle way, where it differs from one thread each: 2 for 8 workers on 16 cores
@@ -121,7 +184,9 @@ def main() -> None:
                 )
     finally:
         pipeline.Pipeline._init_worker = DEFAULT
-    print(f"\nstate {nbytes / 1e9:.3f} GB on cpu, {os.cpu_count()} cores, torch {torch.__version__}; medians\n")
+    openmp = machine()["openmp_env"] or "OpenMP environment unset"
+    cores = os.cpu_count()
+    print(f"\nstate {nbytes / 1e9:.3f} GB on cpu, {cores} cores, torch {torch.__version__}, {openmp}; medians\n")
     print("| encoder workers | CPU per save, alone | training loop | persist under training |")
     print("|---|---|---|---|")
     for name, r in results.items():
