@@ -4,6 +4,8 @@ One model + AdamW state, one training loop with a checkpoint every --every itera
 without checkpoints and once per saver, interleaved over --repeats rounds so machine noise hits
 all alike. Reported per saver (medians over rounds):
   stall      time the training thread spent inside the save call
+  fence      overlap mode: training waiting for the copy at its next optimizer step; the host's
+             wait plus, on GPU, the compute stream's (CUDA events: the host does not block there)
   overhead   (loop time with saves - loop time without) / checkpoints: stall plus the slowdown
              background work causes (on 2 cores the encoder threads compete with training)
   CPU        process CPU time (all threads, user + system; the kernel's writeback threads aside)
@@ -93,7 +95,7 @@ class AsyncCkpt(Saver):
         self.mgr.wait()
         self.durable = [r.stall_s + r.persist_s for r in self.mgr.stats.records]
         self.encoder_cpu = [r.compress_cpu_s for r in self.mgr.stats.records]
-        self.fence_waits = [r.fence_wait_s for r in self.mgr.stats.records]
+        self.fence_waits = [r.fence_wait_s + r.fence_gpu_wait_s for r in self.mgr.stats.records]
 
     def close(self) -> None:
         self.mgr.close()

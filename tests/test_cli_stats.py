@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asyncckpt import CheckpointError, CheckpointManager
+from asyncckpt import CheckpointError, CheckpointManager, EverySteps
 from asyncckpt.cli import PLOT_NEEDS_MATPLOTLIB, main
 from asyncckpt.metrics import METRICS_LOG, SaveRecord, SaveStats, read_log, summarize
 from asyncckpt.storage import DataFileWriter
@@ -290,3 +290,61 @@ def test_overlap_runs_show_the_fence_wait(tmp_path, capsys, monkeypatch):
 def test_blocking_runs_show_no_fence_line(written, capsys):
     code, out, _ = run_stats(capsys, str(written.root))
     assert code == 0 and "fence wait" not in out
+
+
+def test_the_gpu_streams_fence_wait_reaches_the_log_the_summary_and_stats(tmp_path, capsys, monkeypatch):
+    # The CUDA-event timing itself is faked here (tests/test_staging.py; on a GPU,
+    # tests/test_cuda_paths.py): this checks where the writer puts what it reads.
+    from asyncckpt.staging import LazyCopy
+
+    monkeypatch.setattr(LazyCopy, "gpu_fence_wait", lambda self: 0.025)
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with CheckpointManager(tmp_path, snapshot="overlap", policy=EverySteps(1)) as mgr:
+        mgr.maybe_save(1, {"model": model, "optimizer": opt})  # maybe_save: the summary's loop clock
+        model(torch.randn(4, 256)).sum().backward()
+        opt.step()
+        mgr.wait()
+        mgr.maybe_save(2, {"model": model, "optimizer": opt})
+        opt.step()
+        mgr.wait()
+        live = mgr.stats.summary()
+        (first, second) = mgr.stats.records
+    assert first.fence_gpu_wait_s == 0.025 and second.fence_gpu_wait_s == 0.025
+    assert live["fence_gpu_wait_p50_s"] == 0.025
+    blocked = sum(r.stall_s + r.fence_wait_s for r in (first, second)) + 0.050
+    assert live["overhead_fraction"] == pytest.approx(blocked / live["loop_wall_s"])
+    code, out, _ = run_stats(capsys, str(tmp_path))
+    assert code == 0
+    (line,) = [x for x in out.splitlines() if x.startswith("fence (GPU)")]
+    assert line.split()[3] == "25.0" and line.split()[6] == "50.0"  # p50 and total, in ms
+    code, out, _ = run_stats(capsys, str(tmp_path), "--json")
+    assert [r["fence_gpu_wait_s"] for r in json.loads(out)["records"]] == [0.025, 0.025]
+
+
+def test_logs_without_the_gpu_fence_field_read_as_zero_and_show_no_gpu_line(tmp_path, capsys):
+    record = SaveRecord(1, stall_s=0.01, fence_wait_s=0.002, lazy_copy_s=0.01, ok=True, raw_bytes=8, stored_bytes=8)
+    fields_before = {k: v for k, v in record.__dict__.items() if k != "fence_gpu_wait_s"}
+    (tmp_path / METRICS_LOG).write_text(json.dumps(fields_before) + "\n")
+    (read,) = read_log(tmp_path)
+    assert read.fence_gpu_wait_s == 0.0
+    code, out, _ = run_stats(capsys, str(tmp_path))
+    assert code == 0 and "fence wait" in out and "fence (GPU)" not in out
+
+
+def test_a_gpu_fence_wait_that_cannot_be_read_still_commits_the_checkpoint(tmp_path, monkeypatch):
+    from asyncckpt.staging import LazyCopy
+
+    def broken(self):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(LazyCopy, "gpu_fence_wait", broken)
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        # around save too: the writer thread may warn before handle.wait() is reached
+        with pytest.warns(UserWarning, match="GPU fence wait of step 1 could not be timed: CUDA error"):
+            handle = mgr.save(1, {"model": model, "optimizer": opt})
+            opt.step()
+            handle.wait()
+        assert mgr.steps() == [1] and mgr.stats.records[0].fence_gpu_wait_s == 0.0

@@ -5,6 +5,7 @@
 - dtypes / non-contiguous / strided CUDA tensors land bit-exact in the pinned arena;
 - eager (unowned) tensors changed right after save() keep their saved value (compute waits eager_done);
 - foreach AdamW (the CUDA default) and GradScaler("cuda") + fp16 autocast in overlap mode;
+- the compute stream's wait at the overlap fence, timed on the device with CUDA events;
 - restore into a live CUDA model + optimizer (tensors keep their device);
 - the asyncio façade saving while training runs on a side stream;
 - the staging arena is page-locked at exactly its size, outside PyTorch's power-of-two pinned cache.
@@ -176,3 +177,28 @@ def test_the_staging_arena_is_pinned_at_exactly_its_size(tmp_path):
         assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) - before < 1 << 20
         mgr.save(1, state).wait()
     assert_same({"w": state["w"].cpu()}, asyncckpt.load(tmp_path))
+
+
+def test_the_compute_streams_wait_at_the_fence_is_timed_on_the_device(tmp_path):
+    # 0.5 GB of parameters + Adam moments: the lazy copy takes milliseconds, and the optimizer step
+    # right after save() reaches the fence on the compute stream while it still runs. The host does
+    # not block there, so only CUDA events can see how long training's stream waited.
+    model = torch.nn.Linear(8192, 8192, bias=False).cuda()  # 256 MB
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    model.weight.grad = torch.randn_like(model.weight)
+    opt.step()  # Adam moments exist: 768 MB copied lazily
+    state = {"model": model, "optimizer": opt}
+    with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        mgr.prepare(state).result()
+        torch.cuda.synchronize()
+        expected = plain(state)
+        torch.cuda.synchronize()
+        mgr.save(1, state)
+        opt.step()  # the fence: the compute stream waits for the copy
+        mgr.wait()
+        (record,) = mgr.stats.records
+    assert record.ok
+    # The stream began waiting after save() and stopped when the copy was done, which the writer
+    # saw no earlier: the device's wait lies within the copy's span as the host measured it.
+    assert 0 < record.fence_gpu_wait_s <= record.lazy_copy_s + 1e-3
+    assert_same(to_cpu(expected), asyncckpt.load(tmp_path))

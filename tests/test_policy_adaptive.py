@@ -27,13 +27,15 @@ class Loop:
         self.saves: list[int] = []
         self.pending: tuple[float, float, float] | None = None  # (commit time, stall, persist)
 
-    def run(self, steps: int, iteration: float, stall: float, persist: float) -> None:
+    def run(self, steps: int, iteration: float, stall: float, persist: float, gpu_fence: float = 0.0) -> None:
+        """``gpu_fence``: overlap mode on a GPU, the compute stream's wait at the fence (the host's is 0)."""
         for _ in range(steps):
             self.step += 1
             if self.pending and self.clock.now >= self.pending[0]:
                 _, s, p = self.pending
                 self.pending = None
-                self.policy.committed(SimpleNamespace(ok=True, stall_s=s, persist_s=p))
+                record = SimpleNamespace(ok=True, stall_s=s, persist_s=p, fence_wait_s=0.0, fence_gpu_wait_s=gpu_fence)
+                self.policy.committed(record)
             if self.policy.due(self.step):
                 self.policy.saved(self.step)
                 self.saves.append(self.step)
@@ -63,6 +65,15 @@ def test_overhead_bound_sets_the_interval():
     loop.run(200, iteration=0.1, stall=0.05, persist=0.01)  # needs k*0.1*0.01 >= 0.05 -> k = 50
     assert policy.interval == 50
     assert policy.explain()["reason"] == "overhead bound"
+    assert loop.gaps(2) == [50, 50]
+
+
+def test_the_gpu_streams_fence_wait_counts_toward_the_overhead_bound():
+    # Overlap mode on a GPU: save() itself stalls 0.5 ms, but the next optimizer step's kernels wait
+    # 49.5 ms on the device for the copy. Training lost 50 ms per save, as in the test above.
+    policy, loop = make(max_overhead=0.01)
+    loop.run(200, iteration=0.1, stall=0.0005, persist=0.01, gpu_fence=0.0495)
+    assert policy.interval == 50
     assert loop.gaps(2) == [50, 50]
 
 

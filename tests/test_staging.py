@@ -286,3 +286,83 @@ def test_a_failed_cpu_copy_still_waits_for_the_gpu_copies_before_raising(monkeyp
     with pytest.raises(RuntimeError, match="copy thread failed"):
         lazy.wait_copied()
     assert event.synchronized and devices == [torch.device("cuda", 0)]  # on the event's device
+
+
+class _FakeStream:
+    """Stands in for a CUDA stream: logs what is queued on it."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self._log = name, log
+
+    def wait_event(self, event) -> None:
+        self._log.append(("wait", self.name, event))
+
+
+class _FakeTimingEvent:
+    """Stands in for torch.cuda.Event(enable_timing=True): elapsed times are scripted."""
+
+    elapsed_ms: dict = {}  # (before, after) -> ms, set per test
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.synchronized = False
+
+    def record(self, stream: _FakeStream) -> None:
+        stream._log.append(("record", stream.name, self))
+
+    def synchronize(self) -> None:
+        self.synchronized = True
+
+    def elapsed_time(self, end: _FakeTimingEvent) -> float:
+        assert end.synchronized, "elapsed_time needs the end event complete"
+        return self.elapsed_ms[(self, end)]
+
+
+def _gpu_lazy_copy(monkeypatch, devices: list[int], log: list):
+    """A LazyCopy as CopyEngine.start leaves it for GPU tensors, with fake streams and events."""
+    import contextlib
+
+    from asyncckpt.staging import LazyCopy
+
+    tensor = torch.zeros(4)
+    lazy = LazyCopy([tensor], ["w"], [tensor._version])
+    copy_done = {}
+    for index in devices:
+        device = torch.device("cuda", index)
+        copy_done[device] = object()
+        lazy._events[device] = copy_done[device]
+        lazy._compute[device] = _FakeStream(f"compute{index}", log)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeTimingEvent)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: lazy._compute[device])
+    entered: list = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    return lazy, copy_done, entered
+
+
+def test_the_gpu_fence_wait_is_timed_on_the_compute_stream_around_its_wait(monkeypatch):
+    log: list = []
+    lazy, copy_done, entered = _gpu_lazy_copy(monkeypatch, [0, 1], log)
+    lazy.fence()
+    # Per device: a timing event, the wait for the copy, a timing event, all on training's stream.
+    for index, device in enumerate(copy_done):
+        record_before, wait, record_after = log[3 * index : 3 * index + 3]
+        assert record_before[:2] == ("record", f"compute{device.index}")
+        assert wait == ("wait", f"compute{device.index}", copy_done[device])
+        assert record_after[:2] == ("record", f"compute{device.index}")
+    marks = [(log[3 * i][2], log[3 * i + 2][2]) for i in range(2)]
+    _FakeTimingEvent.elapsed_ms = {marks[0]: 12.5, marks[1]: 30.0}
+    # Devices wait side by side: the longest wait is training's.
+    assert lazy.gpu_fence_wait() == pytest.approx(0.030)
+    assert all(after.synchronized for _, after in marks)
+    assert entered == list(copy_done)  # each read on its own device, never on the thread's current one
+
+
+def test_no_gpu_fence_wait_without_a_fence_or_inside_a_cuda_graph_capture(monkeypatch):
+    log: list = []
+    lazy, _, _ = _gpu_lazy_copy(monkeypatch, [0], log)
+    assert lazy.gpu_fence_wait() == 0.0  # not fenced yet: nothing was timed
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    lazy.fence()
+    assert [entry[0] for entry in log] == ["wait"]  # the wait still orders training; no events recorded
+    assert lazy.gpu_fence_wait() == 0.0

@@ -171,6 +171,12 @@ def _print_stats_table(records: list[SaveRecord], summary: dict) -> None:
             f"fence wait   p50 {_ms(s['fence_wait_p50_s'])} ms   total {_ms(sum(r.fence_wait_s for r in records))} ms "
             "(overlap mode: training waiting for the copy at its next optimizer step)"
         )
+    if any(r.fence_gpu_wait_s > 0 for r in records):
+        print(
+            f"fence (GPU)  p50 {_ms(s['fence_gpu_wait_p50_s'])} ms   total "
+            f"{_ms(sum(r.fence_gpu_wait_s for r in records))} ms "
+            "(training's CUDA stream waiting for the copy there; the host did not block)"
+        )
     print(f"persist      p50 {_ms(s['persist_p50_s'])} ms (committed saves)")
     print(f"throughput   {_mb(throughput)} MB/s (raw bytes / persist time, committed saves)")
     print(

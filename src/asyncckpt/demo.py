@@ -155,7 +155,9 @@ def run_demo(
                 out(f"Adaptive chose: {policy.explain()}")
             out(f"training-loop overhead fraction (stall / loop time): {summary['overhead_fraction']:.2%}")
             stalls = [r.stall_s for r in mgr.stats.records]
-            fence_waits = [r.fence_wait_s for r in mgr.stats.records] if snapshot == "overlap" else None
+            # the host's wait, and on GPU the compute stream's (the host does not block there)
+            records = mgr.stats.records
+            fence_waits = [r.fence_wait_s + r.fence_gpu_wait_s for r in records] if snapshot == "overlap" else None
 
         torch_stalls = []
         torch_path = workdir / "torch_save.pt"

@@ -28,6 +28,9 @@ class SaveRecord:
     bookkeeping_s: float = 0.0  # flattening the state, planning, enqueueing
     stall_s: float = 0.0  # all of the above
     fence_wait_s: float = 0.0  # overlap mode: training waiting for the copy at later fences
+    # overlap mode on GPU: training's stream waiting for the copy at the fence (device time; the
+    # host does not block there, so fence_wait_s does not see it)
+    fence_gpu_wait_s: float = 0.0
     # background time
     lazy_copy_s: float = 0.0  # overlap mode: save() to the last lazily copied byte in the arena
     compress_s: float = 0.0  # summed over worker threads
@@ -96,7 +99,7 @@ class SaveStats:
         out = summarize(records)
         wall = (self._last_step or 0.0) - (self._first_step or 0.0)
         out["loop_wall_s"] = wall
-        blocked = sum(r.stall_s + r.fence_wait_s for r in records)
+        blocked = sum(r.stall_s + r.fence_wait_s + r.fence_gpu_wait_s for r in records)
         out["overhead_fraction"] = blocked / wall if wall > 0 else math.nan
         out["deferred_saves"] = self.deferred_saves
         return out
@@ -124,6 +127,7 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
         "stall_max_s": max(stalls) if stalls else math.nan,
         "snapshot_p50_s": _percentile([r.snapshot_s for r in records], 0.50),
         "fence_wait_p50_s": _percentile([r.fence_wait_s for r in records], 0.50),
+        "fence_gpu_wait_p50_s": _percentile([r.fence_gpu_wait_s for r in records], 0.50),
         "persist_p50_s": _percentile([r.persist_s for r in done], 0.50),
         "throughput_bytes_per_s": raw / persist if persist > 0 else math.nan,
         "compression_ratio": raw / stored if stored else math.nan,

@@ -184,6 +184,10 @@ class Pipeline:
         assert lazy is not None
         changed = lazy.verdict()
         job.record.fence_wait_s = lazy.fence_wait_s
+        try:
+            job.record.fence_gpu_wait_s = lazy.gpu_fence_wait()
+        except RuntimeError as exc:  # a metric: failing to read it must not fail a good checkpoint
+            warnings.warn(f"asyncckpt: the GPU fence wait of step {job.step} could not be timed: {exc}", stacklevel=1)
         if lazy.abandoned:
             raise CheckpointError(
                 "overlap mode: the manager was closed without a completed fence (interrupted while "

@@ -153,7 +153,9 @@ class Adaptive(SavePolicy):
         with self._lock:
             self._in_flight = False
             if record.ok:
-                self._stall = record.stall_s + getattr(record, "fence_wait_s", 0.0)  # overlap: fence waits too
+                # overlap mode: fence waits too, the host's and the GPU stream's
+                fences = getattr(record, "fence_wait_s", 0.0) + getattr(record, "fence_gpu_wait_s", 0.0)
+                self._stall = record.stall_s + fences
                 self._commit = record.stall_s + record.persist_s
                 self._decide()
         if self.decision is not None:

@@ -239,6 +239,9 @@ class LazyCopy:
         self._cpu: Future | None = None
         self._events: dict[torch.device, torch.cuda.Event] = {}
         self._compute: dict[torch.device, torch.cuda.Stream] = {}  # the stream save() was called on
+        # Timing events on each compute stream around its wait at the fence: the host does not block
+        # there, so how long training's GPU work waited for the copy is only visible on the device.
+        self._gpu_wait_marks: dict[torch.device, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
         self._lock = threading.Lock()
         self._fenced = threading.Event()
         self.changed: list[str] = []  # guard verdict: tensors updated in place before the fence
@@ -276,7 +279,17 @@ class LazyCopy:
             for device, event in self._events.items():
                 # The stream training ran on at save(), and this thread's own: a fence reached from
                 # another thread (handle.wait, the asyncio façade) must still order training's work.
-                self._compute[device].wait_event(event)
+                compute = self._compute[device]
+                # Timed even inside save (count_wait false): its wait_prev_s sees only the host's wait.
+                timed = not torch.cuda.is_current_stream_capturing()  # no timing events in a CUDA graph
+                if timed:
+                    before = torch.cuda.Event(enable_timing=True)
+                    before.record(compute)
+                compute.wait_event(event)
+                if timed:
+                    after = torch.cuda.Event(enable_timing=True)
+                    after.record(compute)
+                    self._gpu_wait_marks[device] = (before, after)
                 current = torch.cuda.current_stream(device)
                 if current != self._compute[device]:
                     current.wait_event(event)
@@ -296,6 +309,20 @@ class LazyCopy:
 
     def fenced(self) -> bool:
         return self._fenced.is_set()
+
+    def gpu_fence_wait(self) -> float:
+        """Seconds training's compute stream waited at the fence for the copy (writer thread, after
+        the verdict); the longest over devices, which wait side by side. 0 on CPU or unfenced.
+
+        Blocks until each compute stream has passed its fence, at most about one iteration of GPU
+        work after the copy ends; nothing between the two events but the wait.
+        """
+        waited = 0.0
+        for device, (before, after) in self._gpu_wait_marks.items():
+            with torch.cuda.device(device):  # as in wait_copied: never bind a context on GPU 0
+                after.synchronize()
+                waited = max(waited, before.elapsed_time(after) / 1e3)
+        return waited
 
     def abandon(self) -> None:
         """Give the writer a verdict when no fence can complete (close after an interrupted fence):
