@@ -18,8 +18,8 @@ Measured for each:
 
 libgomp spin-waits at the end of a parallel region only while it manages no more threads than
 there are cores; the workers' own teams change that count, so the training thread's OpenMP
-helpers spin or sleep depending on the variant. GOMP_SPINCOUNT=1000 (what libgomp uses once
-oversubscribed) takes that effect out, to compare the encoders alone:
+helpers spin or sleep depending on the variant. GOMP_SPINCOUNT=1000 (near the 100 libgomp uses
+once oversubscribed) takes most of that effect out, to compare the encoders alone:
 
     python bench/encoder_threads.py --json bench/results/encoder-threads-cpu.json   # ~2 min on 2 cores
     GOMP_SPINCOUNT=1000 python bench/encoder_threads.py --json bench/results/encoder-threads-spin1000-cpu.json
