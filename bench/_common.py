@@ -1,7 +1,10 @@
-"""Shared bench helpers: a model + AdamW state of a chosen size, and result output."""
+"""Shared bench helpers: a model + AdamW state of a chosen size, result output, and a per-thread
+OpenMP limit for the encoder-thread variants."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import platform
@@ -71,3 +74,39 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False))
+
+
+@functools.cache
+def _omp_set_num_threads():
+    """The ``omp_set_num_threads`` torch's own kernels obey, or None where it cannot be found.
+
+    Looked up through libtorch_cpu's handle: dlsym searches a library's dependencies too, so this
+    finds the OpenMP runtime torch links, not some other one in the process.
+    """
+    if not torch.backends.openmp.is_available():
+        return None
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = Path(torch.__file__).parent / "lib" / name
+        if path.exists():
+            try:
+                function = ctypes.CDLL(str(path)).omp_set_num_threads
+            except (OSError, AttributeError):
+                return None
+            function.argtypes = [ctypes.c_int]
+            function.restype = None
+            return function
+    return None
+
+
+def limit_openmp_this_thread(count: int) -> bool:
+    """At most ``count`` OpenMP threads for torch kernels called from this thread, and no other.
+
+    Unlike torch.set_num_threads, omp_set_num_threads leaves the count that threads created later
+    start from alone. False where torch has no OpenMP runtime this can reach.
+    """
+    set_count = _omp_set_num_threads()
+    if set_count is None:
+        return False
+    torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line
+    set_count(count)
+    return torch.get_num_threads() == count

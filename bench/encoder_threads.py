@@ -28,8 +28,6 @@ once oversubscribed) takes most of that effect out, to compare the encoders alon
 from __future__ import annotations
 
 import argparse
-import ctypes
-import functools
 import os
 import sys
 import tempfile
@@ -41,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
-from _common import machine, median, state_bytes, trained_state, write_json  # noqa: E402
+from _common import limit_openmp_this_thread, machine, median, state_bytes, trained_state, write_json  # noqa: E402
 from asyncckpt import pipeline  # noqa: E402
 
 DEFAULT = pipeline.Pipeline._init_worker
@@ -56,42 +54,6 @@ def torch_threads_per_worker(count: int):
         torch.set_num_threads(count)
 
     return init
-
-
-@functools.cache
-def _omp_set_num_threads():
-    """The ``omp_set_num_threads`` torch's own kernels obey, or None where it cannot be found.
-
-    Looked up through libtorch_cpu's handle: dlsym searches a library's dependencies too, so this
-    finds the OpenMP runtime torch links, not some other one in the process.
-    """
-    if not torch.backends.openmp.is_available():
-        return None
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-        path = Path(torch.__file__).parent / "lib" / name
-        if path.exists():
-            try:
-                function = ctypes.CDLL(str(path)).omp_set_num_threads
-            except (OSError, AttributeError):
-                return None
-            function.argtypes = [ctypes.c_int]
-            function.restype = None
-            return function
-    return None
-
-
-def limit_openmp_this_thread(count: int) -> bool:
-    """At most ``count`` OpenMP threads for torch kernels called from this thread, and no other.
-
-    Unlike torch.set_num_threads, omp_set_num_threads leaves the count that threads created later
-    start from alone. False where torch has no OpenMP runtime this can reach.
-    """
-    set_count = _omp_set_num_threads()
-    if set_count is None:
-        return False
-    torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line
-    set_count(count)
-    return torch.get_num_threads() == count
 
 
 def reset_new_thread_default(threads: int) -> None:

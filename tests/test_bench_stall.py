@@ -121,3 +121,33 @@ def test_a_saver_that_failed_in_one_round_says_so_in_the_table(capsys):
     summary, floor, _ = stall.summarize(results, [0.1], n_ckpt=1)
     stall.print_table(summary, floor)
     assert "| a (failed in a round: OSError: disk full) | 10.0 ms |" in capsys.readouterr().out
+
+
+def test_the_one_openmp_thread_saver_narrows_its_encoders_and_nothing_else(tmp_path):
+    import threading
+
+    import torch
+
+    def in_new_thread() -> int:
+        seen: list[int] = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    main_threads, new_threads = torch.get_num_threads(), in_new_thread()
+    if min(main_threads, new_threads) < 2:
+        pytest.skip("torch runs one thread here: a narrowed team could not be told apart")
+    model, opt = stall.trained_state(16, 1, "cpu")
+    saver = stall.SAVERS["asyncckpt-overlap-omp1"](tmp_path / "omp1", model, opt)
+    plain = stall.SAVERS["asyncckpt-overlap"](tmp_path / "plain", model, opt)
+    try:
+        saver.save(1)
+        saver.drain()
+        assert saver.mgr.steps() == [1]
+        assert saver.mgr._pipeline._pool.submit(torch.get_num_threads).result() == 1
+        assert plain.mgr._pipeline._pool.submit(torch.get_num_threads).result() == new_threads  # class restored
+    finally:
+        saver.close()
+        plain.close()
+    assert torch.get_num_threads() == main_threads and in_new_thread() == new_threads  # process-wide: untouched
