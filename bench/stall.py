@@ -5,7 +5,7 @@ without checkpoints and once per saver, interleaved over --repeats rounds so mac
 all alike. Reported per saver (medians over rounds):
   stall      time the training thread spent inside the save call
   fence      overlap mode: training waiting for the copy at its next optimizer step; the host's
-             wait plus, on GPU, the compute stream's (CUDA events: the host does not block there)
+             wait or, on GPU, the compute stream's (CUDA events: the host does not block there)
   overhead   (loop time with saves - loop time without) / checkpoints: stall plus the slowdown
              background work causes (on 2 cores the encoder threads compete with training)
   CPU        process CPU time (all threads, user + system; the kernel's writeback threads aside)
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
 from _common import limit_openmp_this_thread, machine, median, state_bytes, trained_state, write_json  # noqa: E402
 from asyncckpt import pipeline  # noqa: E402
+from asyncckpt.metrics import fence_cost_s  # noqa: E402
 
 
 def dir_bytes(path: Path) -> int:
@@ -96,7 +97,7 @@ class AsyncCkpt(Saver):
         self.mgr.wait()
         self.durable = [r.stall_s + r.persist_s for r in self.mgr.stats.records]
         self.encoder_cpu = [r.compress_cpu_s for r in self.mgr.stats.records]
-        self.fence_waits = [r.fence_wait_s + r.fence_gpu_wait_s for r in self.mgr.stats.records]
+        self.fence_waits = [fence_cost_s(r) for r in self.mgr.stats.records]
 
     def close(self) -> None:
         self.mgr.close()

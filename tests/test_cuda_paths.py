@@ -202,3 +202,24 @@ def test_the_compute_streams_wait_at_the_fence_is_timed_on_the_device(tmp_path):
     # saw no earlier: the device's wait lies within the copy's span as the host measured it.
     assert 0 < record.fence_gpu_wait_s <= record.lazy_copy_s + 1e-3
     assert_same(to_cpu(expected), asyncckpt.load(tmp_path))
+
+
+def test_a_copy_that_ends_while_training_computes_costs_no_gpu_fence_wait(tmp_path):
+    # The measured interval is the stream's wait, not the copy's duration: with ~0.1 s of work
+    # queued on the compute stream after save(), the copy (~20 ms) is over before the stream reaches
+    # the fence, so the events around the wait are microseconds apart.
+    model = torch.nn.Linear(8192, 8192, bias=False).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    model.weight.grad = torch.randn_like(model.weight)
+    opt.step()
+    state = {"model": model, "optimizer": opt}
+    with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        mgr.prepare(state).result()
+        torch.cuda.synchronize()
+        mgr.save(1, state)
+        torch.cuda._sleep(BUSY)  # "forward and backward", queued after save()
+        opt.step()
+        mgr.wait()
+        (record,) = mgr.stats.records
+    assert record.ok and record.lazy_copy_s > 0
+    assert record.fence_gpu_wait_s < 1e-3  # a wait that had nothing left to wait for, not the copy's span

@@ -299,50 +299,81 @@ class _FakeStream:
 
 
 class _FakeTimingEvent:
-    """Stands in for torch.cuda.Event(enable_timing=True): elapsed times are scripted."""
+    """Stands in for torch.cuda.Event(enable_timing=True): completion and elapsed times are scripted."""
 
-    elapsed_ms: dict = {}  # (before, after) -> ms, set per test
+    elapsed_ms: dict = {}  # noqa: RUF012 - (before, after) -> ms, set per test
 
     def __init__(self, enable_timing: bool = False) -> None:
         assert enable_timing
-        self.synchronized = False
+        self.done = True  # query(): the stream has passed this event
 
     def record(self, stream: _FakeStream) -> None:
         stream._log.append(("record", stream.name, self))
 
+    def query(self) -> bool:
+        return self.done
+
     def synchronize(self) -> None:
-        self.synchronized = True
+        raise AssertionError("the writer must poll, not block: a stuck stream would hold it forever")
 
     def elapsed_time(self, end: _FakeTimingEvent) -> float:
-        assert end.synchronized, "elapsed_time needs the end event complete"
+        assert end.done, "elapsed_time needs the end event complete"
         return self.elapsed_ms[(self, end)]
 
 
-def _gpu_lazy_copy(monkeypatch, devices: list[int], log: list):
-    """A LazyCopy as CopyEngine.start leaves it for GPU tensors, with fake streams and events."""
-    import contextlib
+class _FakeCuda:
+    """torch.cuda's stream context, capture query and current stream, per thread as in CUDA."""
 
+    def __init__(self, monkeypatch, lazy) -> None:
+        import contextlib
+
+        self.capturing: set = set()  # streams being captured into a CUDA graph
+        self.entered: list = []  # devices the writer read events on
+        self._current = threading.local()
+
+        @contextlib.contextmanager
+        def stream(s):
+            before = getattr(self._current, "stream", None)
+            self._current.stream = s
+            try:
+                yield
+            finally:
+                self._current.stream = before
+
+        monkeypatch.setattr(torch.cuda, "Event", _FakeTimingEvent)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(
+            torch.cuda, "is_current_stream_capturing", lambda: getattr(self._current, "stream", None) in self.capturing
+        )
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device: lazy._compute[device])
+        monkeypatch.setattr(torch.cuda, "device", lambda d: self.entered.append(d) or contextlib.nullcontext())
+
+
+def _gpu_lazy_copy(monkeypatch, devices: list[int], log: list, cpu_copy=None):
+    """A LazyCopy as CopyEngine.start leaves it for GPU tensors, with fake streams and events."""
     from asyncckpt.staging import LazyCopy
 
     tensor = torch.zeros(4)
     lazy = LazyCopy([tensor], ["w"], [tensor._version])
+    lazy._cpu = cpu_copy
     copy_done = {}
     for index in devices:
         device = torch.device("cuda", index)
         copy_done[device] = object()
         lazy._events[device] = copy_done[device]
         lazy._compute[device] = _FakeStream(f"compute{index}", log)
-    monkeypatch.setattr(torch.cuda, "Event", _FakeTimingEvent)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: lazy._compute[device])
-    entered: list = []
-    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
-    return lazy, copy_done, entered
+    return lazy, copy_done, _FakeCuda(monkeypatch, lazy)
+
+
+def _marks(log: list) -> list:
+    """(before, after) timing events of each fence in the log: record, wait, record."""
+    starts = [i for i in range(len(log) - 2) if log[i][0] == "record" and log[i + 1][0] == "wait"]
+    return [(log[i][2], log[i + 2][2]) for i in starts]
 
 
 def test_the_gpu_fence_wait_is_timed_on_the_compute_stream_around_its_wait(monkeypatch):
     log: list = []
-    lazy, copy_done, entered = _gpu_lazy_copy(monkeypatch, [0, 1], log)
+    lazy, copy_done, cuda = _gpu_lazy_copy(monkeypatch, [0, 1], log)
     lazy.fence()
     # Per device: a timing event, the wait for the copy, a timing event, all on training's stream.
     for index, device in enumerate(copy_done):
@@ -350,19 +381,49 @@ def test_the_gpu_fence_wait_is_timed_on_the_compute_stream_around_its_wait(monke
         assert record_before[:2] == ("record", f"compute{device.index}")
         assert wait == ("wait", f"compute{device.index}", copy_done[device])
         assert record_after[:2] == ("record", f"compute{device.index}")
-    marks = [(log[3 * i][2], log[3 * i + 2][2]) for i in range(2)]
+    marks = _marks(log)
     _FakeTimingEvent.elapsed_ms = {marks[0]: 12.5, marks[1]: 30.0}
     # Devices wait side by side: the longest wait is training's.
-    assert lazy.gpu_fence_wait() == pytest.approx(0.030)
-    assert all(after.synchronized for _, after in marks)
-    assert entered == list(copy_done)  # each read on its own device, never on the thread's current one
+    assert lazy.gpu_fence_wait(timeout=1.0) == pytest.approx(0.030)
+    assert cuda.entered == list(copy_done)  # each read on its own device, never on the thread's current one
 
 
-def test_no_gpu_fence_wait_without_a_fence_or_inside_a_cuda_graph_capture(monkeypatch):
+def test_a_stream_that_has_not_reached_its_fence_is_not_waited_for(monkeypatch):
     log: list = []
     lazy, _, _ = _gpu_lazy_copy(monkeypatch, [0], log)
-    assert lazy.gpu_fence_wait() == 0.0  # not fenced yet: nothing was timed
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    lazy.fence()
+    ((before, after),) = _marks(log)
+    after.done = False  # training's stream is stuck before the fence (a hung collective, say)
+    assert lazy.gpu_fence_wait(timeout=0.05) is None  # polled to its deadline (synchronize() would raise)
+    after.done = True
+    _FakeTimingEvent.elapsed_ms = {(before, after): 7.0}
+    assert lazy.gpu_fence_wait(timeout=0.05) == pytest.approx(0.007)
+
+
+def test_a_fence_retried_after_an_interrupt_keeps_its_first_timing(monkeypatch):
+    from concurrent.futures import Future
+
+    log: list = []
+    cpu_copy: Future = Future()  # a CPU copy still running: the fence times out after the GPU part
+    lazy, copy_done, _ = _gpu_lazy_copy(monkeypatch, [0], log, cpu_copy=cpu_copy)
+    with pytest.raises(TimeoutError):
+        lazy.fence(timeout=0.01)
+    first = _marks(log)
+    cpu_copy.set_result(None)
+    lazy.fence()
+    # The retry orders training after the copy again but records no second pair: the stream was
+    # already waiting since the first attempt, and a new pair would time almost nothing.
+    assert [entry[0] for entry in log] == ["record", "wait", "record", "wait"]
+    assert lazy._gpu_wait_marks == {torch.device("cuda", 0): first[0]} and lazy.fenced()
+
+
+def test_no_gpu_fence_wait_without_a_fence_or_while_the_compute_stream_is_captured(monkeypatch):
+    log: list = []
+    lazy, copy_done, cuda = _gpu_lazy_copy(monkeypatch, [0], log)
+    assert lazy.gpu_fence_wait(timeout=1.0) == 0.0  # not fenced yet: nothing was timed
+    # Training captures a CUDA graph on its stream while the fence runs from this thread, whose
+    # own current stream is not capturing: no event may be recorded into the captured stream.
+    cuda.capturing.add(lazy._compute[torch.device("cuda", 0)])
     lazy.fence()
     assert [entry[0] for entry in log] == ["wait"]  # the wait still orders training; no events recorded
-    assert lazy.gpu_fence_wait() == 0.0
+    assert lazy.gpu_fence_wait(timeout=1.0) == 0.0

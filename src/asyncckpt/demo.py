@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .manager import CheckpointManager
+from .metrics import fence_cost_s
 from .policy import Adaptive, EverySteps, SavePolicy
 
 
@@ -156,8 +157,7 @@ def run_demo(
             out(f"training-loop overhead fraction (stall / loop time): {summary['overhead_fraction']:.2%}")
             stalls = [r.stall_s for r in mgr.stats.records]
             # the host's wait, and on GPU the compute stream's (the host does not block there)
-            records = mgr.stats.records
-            fence_waits = [r.fence_wait_s + r.fence_gpu_wait_s for r in records] if snapshot == "overlap" else None
+            fence_waits = [fence_cost_s(r) for r in mgr.stats.records] if snapshot == "overlap" else None
 
         torch_stalls = []
         torch_path = workdir / "torch_save.pt"

@@ -25,6 +25,10 @@ from .metrics import SaveRecord
 from .staging import Arena, Layout, LazyCopy
 from .storage import DataFileWriter, LocalStorage
 
+# How long the writer, after a commit, waits for training's GPU stream to pass an overlap fence
+# before it gives up timing that fence's wait (normally the stream passed it long before).
+_GPU_FENCE_READ_TIMEOUT_S = 1.0
+
 
 @dataclass(frozen=True)
 class ChunkPlan:
@@ -184,10 +188,6 @@ class Pipeline:
         assert lazy is not None
         changed = lazy.verdict()
         job.record.fence_wait_s = lazy.fence_wait_s
-        try:
-            job.record.fence_gpu_wait_s = lazy.gpu_fence_wait()
-        except RuntimeError as exc:  # a metric: failing to read it must not fail a good checkpoint
-            warnings.warn(f"asyncckpt: the GPU fence wait of step {job.step} could not be timed: {exc}", stacklevel=1)
         if lazy.abandoned:
             raise CheckpointError(
                 "overlap mode: the manager was closed without a completed fence (interrupted while "
@@ -200,6 +200,25 @@ class Pipeline:
                 f"optimizer step, while still being copied: {shown}. The snapshot would mix two steps, so "
                 "it was not committed; update these tensors in the optimizer step, or use snapshot='blocking'"
             )
+
+    @staticmethod
+    def _read_gpu_fence_wait(job: SaveJob) -> None:
+        """After the commit, so that a stream that never reaches its fence cannot hold the
+        checkpoint back; a metric that cannot be read is left at 0 with a warning."""
+        assert job.lazy is not None
+        try:
+            waited = job.lazy.gpu_fence_wait(timeout=_GPU_FENCE_READ_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the checkpoint is committed: never report it failed
+            warnings.warn(f"asyncckpt: the GPU fence wait of step {job.step} could not be timed: {exc}", stacklevel=1)
+            return
+        if waited is None:  # one message for every step: a stream far behind would repeat it
+            warnings.warn(
+                "asyncckpt: an overlap fence's GPU wait was not timed (fence_gpu_wait_s left at 0): training's "
+                f"stream had not reached the fence {_GPU_FENCE_READ_TIMEOUT_S} s after the commit",
+                stacklevel=1,
+            )
+            return
+        job.record.fence_gpu_wait_s = waited
 
     def _persist(self, job: SaveJob) -> Path:
         record = job.record
@@ -269,6 +288,8 @@ class Pipeline:
             record.persist_s = time.perf_counter() - job.enqueued
             record.raw_bytes = manifest.raw_bytes
             record.stored_bytes = manifest.stored_bytes
+            if job.lazy is not None:
+                self._read_gpu_fence_wait(job)
             return path
         except BaseException:
             for _, future in pending:  # the arena must not be reused while encoders read it

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .metrics import fence_cost_s
+
 log = logging.getLogger("asyncckpt")
 
 
@@ -153,9 +155,7 @@ class Adaptive(SavePolicy):
         with self._lock:
             self._in_flight = False
             if record.ok:
-                # overlap mode: fence waits too, the host's and the GPU stream's
-                fences = getattr(record, "fence_wait_s", 0.0) + getattr(record, "fence_gpu_wait_s", 0.0)
-                self._stall = record.stall_s + fences
+                self._stall = record.stall_s + fence_cost_s(record)  # overlap mode: fence waits too
                 self._commit = record.stall_s + record.persist_s
                 self._decide()
         if self.decision is not None:

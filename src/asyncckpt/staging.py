@@ -280,8 +280,11 @@ class LazyCopy:
                 # The stream training ran on at save(), and this thread's own: a fence reached from
                 # another thread (handle.wait, the asyncio façade) must still order training's work.
                 compute = self._compute[device]
-                # Timed even inside save (count_wait false): its wait_prev_s sees only the host's wait.
-                timed = not torch.cuda.is_current_stream_capturing()  # no timing events in a CUDA graph
+                # Timed even inside save (count_wait false): its wait_prev_s sees only the host's
+                # wait. Timed once: a fence retried after an interrupt finds the stream already
+                # waiting, and a second pair of events would time nothing. Never into a stream being
+                # captured into a CUDA graph (recording there would break the capture).
+                timed = device not in self._gpu_wait_marks and not _capturing(compute)
                 if timed:
                     before = torch.cuda.Event(enable_timing=True)
                     before.record(compute)
@@ -310,17 +313,22 @@ class LazyCopy:
     def fenced(self) -> bool:
         return self._fenced.is_set()
 
-    def gpu_fence_wait(self) -> float:
-        """Seconds training's compute stream waited at the fence for the copy (writer thread, after
-        the verdict); the longest over devices, which wait side by side. 0 on CPU or unfenced.
+    def gpu_fence_wait(self, timeout: float) -> float | None:
+        """Seconds training's compute stream waited at the fence for the copy; the longest over
+        devices, which wait side by side. 0.0 on CPU or where nothing was timed.
 
-        Blocks until each compute stream has passed its fence, at most about one iteration of GPU
-        work after the copy ends; nothing between the two events but the wait.
+        Read on the writer thread after the commit, when the stream has normally long passed its
+        fence. None if a stream has not got there within ``timeout`` seconds (queued far behind,
+        or stuck): a metric is never worth holding up a checkpoint or ``close``.
         """
+        deadline = time.monotonic() + timeout
         waited = 0.0
         for device, (before, after) in self._gpu_wait_marks.items():
             with torch.cuda.device(device):  # as in wait_copied: never bind a context on GPU 0
-                after.synchronize()
+                while not after.query():  # not synchronize(): no timeout, and it spins a core
+                    if time.monotonic() >= deadline:
+                        return None
+                    time.sleep(0.001)
                 waited = max(waited, before.elapsed_time(after) / 1e3)
         return waited
 
@@ -337,6 +345,12 @@ class LazyCopy:
         """Wait for the fence (writer thread); the names of tensors changed before their copy."""
         self._fenced.wait(timeout)
         return self.changed
+
+
+def _capturing(stream: torch.cuda.Stream) -> bool:
+    """Whether ``stream`` (not the calling thread's current one) is being captured into a CUDA graph."""
+    with torch.cuda.stream(stream):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _version(tensor: torch.Tensor) -> int | None:
