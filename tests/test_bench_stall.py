@@ -124,16 +124,9 @@ def test_a_saver_that_failed_in_one_round_says_so_in_the_table(capsys):
 
 
 def test_the_one_openmp_thread_saver_narrows_its_encoders_and_nothing_else(tmp_path):
-    import threading
-
     import torch
 
-    def in_new_thread() -> int:
-        seen: list[int] = []
-        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-        thread.start()
-        thread.join()
-        return seen[0]
+    from _threads import torch_threads_in_a_new_thread as in_new_thread
 
     main_threads, new_threads = torch.get_num_threads(), in_new_thread()
     if min(main_threads, new_threads) < 2:

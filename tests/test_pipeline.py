@@ -112,14 +112,7 @@ def test_encoder_threads_are_niced_and_the_training_threads_settings_are_untouch
 def test_starting_a_manager_leaves_torchs_thread_count_for_new_threads_alone(tmp_path):
     # torch.set_num_threads in any of our threads would also move the default that threads
     # created later start from (a user's own threads would lose their cores).
-    import threading
-
-    def in_new_thread() -> int:
-        seen: list[int] = []
-        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-        thread.start()
-        thread.join()
-        return seen[0]
+    from _threads import torch_threads_in_a_new_thread as in_new_thread
 
     before = in_new_thread()
     with asyncckpt.CheckpointManager(tmp_path, workers=2) as mgr:
