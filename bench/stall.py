@@ -12,7 +12,9 @@ all alike. Reported per saver (medians over rounds):
              per checkpoint, measured after the loop with training stopped: --cpu-saves saves,
              each drained. Inside the loop it cannot be separated from training's own CPU time,
              which varies by seconds between rounds (spinning worker threads count as busy).
-  durable    from the save call to the checkpoint being durable on disk
+  durable    from the save call to the checkpoint being durable on disk; for asyncckpt also the
+             medians of its persist phases (compress, summed over the encoder threads; write;
+             fsync; commit), which say whether the encoders or the disk bound it
   on disk    bytes of one checkpoint
 The floor is a bare copy of the state into a reused buffer (pinned on GPU), measured in the run.
 
@@ -48,6 +50,9 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+PERSIST_PHASES = ("compress", "write", "fsync", "commit")  # SaveRecord's {phase}_s fields
+
+
 class Saver:
     """One way to checkpoint. ``save`` is what the training thread pays; ``drain`` waits the rest."""
 
@@ -58,6 +63,7 @@ class Saver:
         self.durable: list[float] = []
         self.fence_waits: list[float] = []  # overlap mode: training waiting at the next optimizer step
         self.encoder_cpu: list[float] = []  # asyncckpt: its encoder threads' own CPU seconds per save
+        self.phases: dict[str, list[float]] = {}  # asyncckpt: persist time by phase, per save
 
     def save(self, step: int) -> None:
         raise NotImplementedError
@@ -98,6 +104,9 @@ class AsyncCkpt(Saver):
         self.durable = [r.stall_s + r.persist_s for r in self.mgr.stats.records]
         self.encoder_cpu = [r.compress_cpu_s for r in self.mgr.stats.records]
         self.fence_waits = [fence_cost_s(r) for r in self.mgr.stats.records]
+        # what bounds save -> durable: the encoders (summed over threads), the writes or fsync
+        records = self.mgr.stats.records
+        self.phases = {phase: [getattr(r, f"{phase}_s") for r in records] for phase in PERSIST_PHASES}
 
     def close(self) -> None:
         self.mgr.close()
@@ -365,6 +374,8 @@ def summarize(results: dict[str, dict], floors: list[float], n_ckpt: int) -> tup
             "encoder_cpu_s": median(_values(r, "encoder_cpu")),
             "cpus_s": r["cpu"],
             "durable_s": median(r["durable"]),
+            # asyncckpt: medians of its persist phases (compress summed over the encoder threads)
+            "persist_phases_s": {k: median(v) for k, v in r.get("phases", {}).items()} or None,
             "bytes": r["bytes"],
             "loops_s": r["loop"],
         }
@@ -415,7 +426,7 @@ def report(results: dict, floors: list[float], nbytes: int, args: dict, machine_
     write_json(out, payload | {"baseline_loop_s": base_loop, "savers": summary, "rounds": results})
 
 
-def record_run(r: dict, round_: int, loop, stalls, drain, durable, fence_waits, cpu, encoder_cpu) -> None:
+def record_run(r: dict, round_: int, loop, stalls, drain, durable, fence_waits, cpu, encoder_cpu, phases) -> None:
     r["loop"].append(loop)
     r["round"].append(round_)
     r["cpu"].append(cpu)
@@ -424,14 +435,21 @@ def record_run(r: dict, round_: int, loop, stalls, drain, durable, fence_waits, 
     r["drain"].append(drain)
     r["durable"] += durable
     r["fence"] += fence_waits
+    for phase, values in phases.items():
+        r.setdefault("phases", {}).setdefault(phase, []).extend(values)
 
 
-def print_run(name: str, round_: int, r: dict, loop, stalls, durable, fence_waits, cpu, encoder_cpu) -> None:
+def print_run(name: str, round_: int, r: dict, loop, stalls, durable, fence_waits, cpu, encoder_cpu, phases) -> None:
     """Everything the table needs, as measured: a run cut short still shows it."""
     print(
         f"  round {round_} {name}: loop {loop:.2f} s, stall median {median(stalls) * 1e3:.1f} ms"
         + (f", fence median {median(fence_waits) * 1e3:.2f} ms" if fence_waits else "")
         + (f", durable median {median(durable):.2f} s" if durable else "")
+        + (
+            " (persist medians: " + ", ".join(f"{k} {median(v):.2f} s" for k, v in phases.items()) + ")"
+            if phases and all(phases.values())
+            else ""
+        )
         + ("" if math.isnan(cpu) else f", CPU {cpu * 1e3:.0f} ms per checkpoint")
         + ("" if math.isnan(encoder_cpu) else f" (encoder threads' own {encoder_cpu * 1e3:.0f} ms)")
         + f", {r['bytes'] / 1e6:.0f} MB on disk",
@@ -516,15 +534,16 @@ def main() -> None:
                     saver, model, opt, args.iters, args.every, args.batch, args.width, args.device, args.host_data
                 )
                 durable, fence_waits = list(saver.durable), list(saver.fence_waits)  # the loop's saves
+                phases = dict(saver.phases)
                 cpu, encoder_cpu = cpu_per_checkpoint(saver, args.iters + 1, args.cpu_saves if name != "none" else 0)
                 saver.close()
             except Exception as exc:  # noqa: BLE001 - a saver that fails is a result, recorded
                 results[name]["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 print(f"  {name}: failed: {results[name]['error']}", file=sys.stderr)
             else:
-                record_run(results[name], round_, loop, stalls, drain, durable, fence_waits, cpu, encoder_cpu)
+                record_run(results[name], round_, loop, stalls, drain, durable, fence_waits, cpu, encoder_cpu, phases)
                 results[name]["bytes"] = saver.bytes_on_disk()
-                print_run(name, round_, results[name], loop, stalls, durable, fence_waits, cpu, encoder_cpu)
+                print_run(name, round_, results[name], loop, stalls, durable, fence_waits, cpu, encoder_cpu, phases)
             write_json(  # a run stopped at a time limit leaves this; --from-json prints its table
                 args.json,
                 {

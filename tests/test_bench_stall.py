@@ -42,7 +42,11 @@ def test_stall_reports_every_saver_paired_by_round_and_the_encoders_cpu(tmp_path
         assert row["bytes"] > 0 and row["stall_s"] >= 0
     for name in ("asyncckpt", "asyncckpt-overlap"):
         assert data["savers"][name]["encoder_cpu_s"] > 0
+        phases = data["savers"][name]["persist_phases_s"]
+        assert set(phases) == {"compress", "write", "fsync", "commit"} and phases["compress"] > 0
     assert data["savers"]["torch.save"]["encoder_cpu_s"] is None  # not asyncckpt: no encoder threads, null
+    assert data["savers"]["torch.save"]["persist_phases_s"] is None
+    assert "(persist medians: compress " in done.stderr
     assert data["rounds"]["none"]["round"] == [0, 1]
     assert "| asyncckpt-overlap |" in done.stdout and "(encoders " in done.stdout
 
