@@ -359,3 +359,32 @@ def test_a_gpu_fence_wait_that_cannot_be_read_still_commits_the_checkpoint(tmp_p
             path = handle.wait()
         assert mgr.steps() == [1] and mgr.stats.records[0].fence_gpu_wait_s == 0.0
     assert path.name == "step-000000000001" and asyncckpt.load(path)["model"]["weight"].equal(model.weight)
+
+
+def test_warnings_as_errors_never_fail_a_committed_checkpoint_or_stop_the_writer(tmp_path, monkeypatch, caplog):
+    # Under -W error a warning raised on the writer thread would report a committed checkpoint as
+    # failed, or kill the writer with saves waiting on it: the writer logs those messages instead.
+    import warnings
+
+    from asyncckpt.manager import CheckpointManager as Manager
+    from asyncckpt.staging import LazyCopy
+
+    def retention_fails(self, protect):
+        raise OSError("retention could not list the root")
+
+    monkeypatch.setattr(LazyCopy, "gpu_fence_wait", lambda self, timeout: None)
+    monkeypatch.setattr(Manager, "_apply_retention", retention_fails)
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="asyncckpt"):
+        warnings.simplefilter("error")
+        with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+            handle = mgr.save(1, {"model": model, "optimizer": opt})
+            opt.step()
+            path = handle.wait(timeout=60)
+            assert mgr.stats.records[0].ok and mgr.steps() == [1]
+            mgr.save(2, {"model": model, "optimizer": opt})  # the writer is still there
+            opt.step()
+            mgr.wait()
+    assert path.name == "step-000000000001" and mgr.steps() == [1, 2]
+    assert "GPU wait was not timed" in caplog.text and "bookkeeping after step 2 failed" in caplog.text

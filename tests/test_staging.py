@@ -291,8 +291,8 @@ def test_a_failed_cpu_copy_still_waits_for_the_gpu_copies_before_raising(monkeyp
 class _FakeStream:
     """Stands in for a CUDA stream: logs what is queued on it."""
 
-    def __init__(self, name: str, log: list) -> None:
-        self.name, self._log = name, log
+    def __init__(self, name: str, log: list, device: torch.device) -> None:
+        self.name, self._log, self.device = name, log, device
 
     def wait_event(self, event) -> None:
         self._log.append(("wait", self.name, event))
@@ -361,7 +361,7 @@ def _gpu_lazy_copy(monkeypatch, devices: list[int], log: list, cpu_copy=None):
         device = torch.device("cuda", index)
         copy_done[device] = object()
         lazy._events[device] = copy_done[device]
-        lazy._compute[device] = _FakeStream(f"compute{index}", log)
+        lazy._compute[device] = _FakeStream(f"compute{index}", log, device)
     return lazy, copy_done, _FakeCuda(monkeypatch, lazy)
 
 
@@ -375,6 +375,8 @@ def test_the_gpu_fence_wait_is_timed_on_the_compute_stream_around_its_wait(monke
     log: list = []
     lazy, copy_done, cuda = _gpu_lazy_copy(monkeypatch, [0, 1], log)
     lazy.fence()
+    assert cuda.entered == list(copy_done)  # the capture check ran on each stream's own device
+    cuda.entered.clear()
     # Per device: a timing event, the wait for the copy, a timing event, all on training's stream.
     for index, device in enumerate(copy_done):
         record_before, wait, record_after = log[3 * index : 3 * index + 3]

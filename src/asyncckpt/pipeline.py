@@ -8,6 +8,7 @@ ahead of the writer, which bounds the memory a save needs beyond its arena.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import queue
 import threading
@@ -24,6 +25,19 @@ from .format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_nam
 from .metrics import SaveRecord
 from .staging import Arena, Layout, LazyCopy
 from .storage import DataFileWriter, LocalStorage
+
+_log = logging.getLogger("asyncckpt")
+
+
+def _warn_from_writer(message: str) -> None:
+    """Warn without ever raising. Under ``-W error`` a warning is an exception, and raised on the
+    writer thread it would report a committed checkpoint as failed, or stop the writer with saves
+    still waiting on it; the message then goes to the "asyncckpt" logger instead."""
+    try:
+        warnings.warn(message, stacklevel=1)
+    except Exception:  # noqa: BLE001
+        _log.warning("%s", message)
+
 
 # How long the writer, after a commit, waits for training's GPU stream to pass an overlap fence
 # before it gives up timing that fence's wait (normally the stream passed it long before).
@@ -168,7 +182,7 @@ class Pipeline:
             try:
                 self._on_done(job, path)  # retention and bookkeeping before the handle resolves
             except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the writer
-                warnings.warn(f"asyncckpt: bookkeeping after step {job.step} failed: {exc!r}", stacklevel=1)
+                _warn_from_writer(f"asyncckpt: bookkeeping after step {job.step} failed: {exc!r}")
             if error is None:
                 job.handle._future.set_result(path)  # type: ignore[arg-type]
             else:
@@ -209,13 +223,12 @@ class Pipeline:
         try:
             waited = job.lazy.gpu_fence_wait(timeout=_GPU_FENCE_READ_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the checkpoint is committed: never report it failed
-            warnings.warn(f"asyncckpt: the GPU fence wait of step {job.step} could not be timed: {exc}", stacklevel=1)
+            _warn_from_writer(f"asyncckpt: the GPU fence wait of step {job.step} could not be timed: {exc}")
             return
         if waited is None:  # one message for every step: a stream far behind would repeat it
-            warnings.warn(
+            _warn_from_writer(
                 "asyncckpt: an overlap fence's GPU wait was not timed (fence_gpu_wait_s left at 0): training's "
-                f"stream had not reached the fence {_GPU_FENCE_READ_TIMEOUT_S} s after the commit",
-                stacklevel=1,
+                f"stream had not reached the fence {_GPU_FENCE_READ_TIMEOUT_S} s after the commit"
             )
             return
         job.record.fence_gpu_wait_s = waited

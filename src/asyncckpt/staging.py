@@ -7,11 +7,12 @@ the state, and reused by every later save. One arena per save in flight (``max_p
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -347,9 +348,19 @@ class LazyCopy:
         return self.changed
 
 
+@contextlib.contextmanager
+def _on_stream(stream: torch.cuda.Stream) -> Iterator[None]:
+    """``stream`` current, on its own device. torch.cuda.stream alone switches a thread whose current
+    device is another one with a plain set-device, there and back, which creates a CUDA context on
+    the thread's device (GPU 0 for a fresh thread: hundreds of MB in every rank of a multi-GPU job);
+    torch.cuda.device restores the device without that."""
+    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+        yield
+
+
 def _capturing(stream: torch.cuda.Stream) -> bool:
     """Whether ``stream`` (not the calling thread's current one) is being captured into a CUDA graph."""
-    with torch.cuda.stream(stream):
+    with _on_stream(stream):
         return torch.cuda.is_current_stream_capturing()
 
 
@@ -396,7 +407,7 @@ class CopyEngine:
                     streams.append(stream)
                     # Ordered after the work already queued on the compute stream.
                     stream.wait_stream(torch.cuda.current_stream(device))
-                    with torch.cuda.stream(stream):
+                    with _on_stream(stream):
                         for tensor, target in pairs:
                             target.copy_(tensor, non_blocking=True)
             finally:  # also on an interrupt: the arena is not reused while copies still write to it
@@ -444,7 +455,7 @@ class CopyEngine:
                     used.append(stream)
                     compute = torch.cuda.current_stream(device)
                     stream.wait_stream(compute)
-                    with torch.cuda.stream(stream):
+                    with _on_stream(stream):
                         for tensor, _ in eager_pairs + lazy_pairs:
                             # The caching allocator must not hand this memory out again before the
                             # side stream has read it, even if training frees the tensor meanwhile.
