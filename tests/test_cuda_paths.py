@@ -222,4 +222,5 @@ def test_a_copy_that_ends_while_training_computes_costs_no_gpu_fence_wait(tmp_pa
         mgr.wait()
         (record,) = mgr.stats.records
     assert record.ok and record.lazy_copy_s > 0
-    assert record.fence_gpu_wait_s < 1e-3  # a wait that had nothing left to wait for, not the copy's span
+    # a wait that had nothing left to wait for (microseconds), not the copy's span (tens of ms)
+    assert record.fence_gpu_wait_s < record.lazy_copy_s / 10
