@@ -7,10 +7,13 @@ import ctypes
 import functools
 import json
 import math
+import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,10 +48,10 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
-        "cores": __import__("os").cpu_count(),
+        "cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
         # OpenMP settings change what CPU threads cost (bench/encoder_threads.py): record them
-        "openmp_env": {k: v for k, v in __import__("os").environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
+        "openmp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -110,3 +113,15 @@ def limit_openmp_this_thread(count: int) -> bool:
     torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo the next line
     set_count(count)
     return torch.get_num_threads() == count
+
+
+def openmp_limited_init(default: Callable[[Any], None], count: int) -> Callable[[Any], None]:
+    """An encoder-worker initializer: asyncckpt's own (``default``), then at most ``count`` OpenMP
+    threads for that worker thread alone."""
+
+    def init(pipeline: Any) -> None:
+        default(pipeline)
+        if not limit_openmp_this_thread(count):
+            raise RuntimeError("this torch has no OpenMP runtime the bench can reach")
+
+    return init

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
-from _common import limit_openmp_this_thread, machine, median, state_bytes, trained_state, write_json  # noqa: E402
+from _common import machine, median, openmp_limited_init, state_bytes, trained_state, write_json  # noqa: E402
 from asyncckpt import pipeline  # noqa: E402
 
 DEFAULT = pipeline.Pipeline._init_worker
@@ -63,21 +63,10 @@ def reset_new_thread_default(threads: int) -> None:
     thread.join()
 
 
-def openmp_threads_per_worker(count: int):
-    """asyncckpt's worker set-up, then ``count`` OpenMP threads for the worker thread alone."""
-
-    def init(self: pipeline.Pipeline) -> None:
-        DEFAULT(self)
-        if not limit_openmp_this_thread(count):
-            raise RuntimeError("this torch has no OpenMP runtime asyncckpt can reach")
-
-    return init
-
-
 VARIANTS = {
     "torch's default per worker (asyncckpt)": DEFAULT,
     "one torch thread per worker": torch_threads_per_worker(1),
-    "one OpenMP thread per worker (that thread only)": openmp_threads_per_worker(1),
+    "one OpenMP thread per worker (that thread only)": openmp_limited_init(DEFAULT, 1),
 }
 SHARE = (os.cpu_count() or 1) // max(1, min(8, os.cpu_count() or 1))  # cores / CheckpointManager's default workers
 if SHARE > 1:  # the middle way, where it differs from one thread each: 2 for 8 workers on 16 cores

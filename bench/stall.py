@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
-from _common import limit_openmp_this_thread, machine, median, state_bytes, trained_state, write_json  # noqa: E402
+from _common import machine, median, openmp_limited_init, state_bytes, trained_state, write_json  # noqa: E402
 from asyncckpt import pipeline  # noqa: E402
 from asyncckpt.metrics import fence_cost_s  # noqa: E402
 
@@ -101,11 +101,11 @@ class AsyncCkpt(Saver):
 
     def drain(self) -> None:
         self.mgr.wait()
-        self.durable = [r.stall_s + r.persist_s for r in self.mgr.stats.records]
-        self.encoder_cpu = [r.compress_cpu_s for r in self.mgr.stats.records]
-        self.fence_waits = [fence_cost_s(r) for r in self.mgr.stats.records]
-        # what bounds save -> durable: the encoders (summed over threads), the writes or fsync
         records = self.mgr.stats.records
+        self.durable = [r.stall_s + r.persist_s for r in records]
+        self.encoder_cpu = [r.compress_cpu_s for r in records]
+        self.fence_waits = [fence_cost_s(r) for r in records]
+        # what bounds save -> durable: the encoders (summed over threads), the writes or fsync
         self.phases = {phase: [getattr(r, f"{phase}_s") for r in records] for phase in PERSIST_PHASES}
 
     def close(self) -> None:
@@ -135,13 +135,7 @@ class AsyncCkptOverlapOneOmp(AsyncCkptOverlap):
 
     def __init__(self, root, model, opt) -> None:
         default = pipeline.Pipeline._init_worker
-
-        def init(pipe: pipeline.Pipeline) -> None:
-            default(pipe)
-            if not limit_openmp_this_thread(1):
-                raise RuntimeError("this torch has no OpenMP runtime the bench can reach")
-
-        pipeline.Pipeline._init_worker = init  # bound into this manager's pool, below
+        pipeline.Pipeline._init_worker = openmp_limited_init(default, 1)  # bound into this manager's pool, below
         try:
             super().__init__(root, model, opt)
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import time
 from pathlib import Path
@@ -251,6 +252,12 @@ async def test_signal_handlers_go_through_the_loop_and_are_removed_on_close(tmp_
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
 
 
+class FakeStream(str):
+    """A named stand-in for a CUDA stream, on GPU 0."""
+
+    device = torch.device("cuda", 0)
+
+
 class FakeStreams:
     """torch.cuda's per-thread current stream, faked for a machine without CUDA."""
 
@@ -260,7 +267,7 @@ class FakeStreams:
         self._local = threading.local()
 
     def current_stream(self, device=None):
-        return getattr(self._local, "stream", "default stream")
+        return getattr(self._local, "stream", FakeStream("default stream"))
 
     def stream(self, stream):
         import contextlib
@@ -281,6 +288,7 @@ class FakeStreams:
         patch.setattr(torch.cuda, "is_initialized", lambda: True)
         patch.setattr(torch.cuda, "current_stream", self.current_stream)
         patch.setattr(torch.cuda, "stream", self.stream)
+        patch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
 
 
 async def test_executor_calls_run_under_the_callers_cuda_stream(tmp_path: Path, monkeypatch) -> None:
@@ -290,7 +298,7 @@ async def test_executor_calls_run_under_the_callers_cuda_stream(tmp_path: Path, 
         fake = FakeStreams()
         with monkeypatch.context() as patch:
             fake.install(patch)
-            with fake.stream("training stream"):  # on the loop's thread, as training would be
+            with fake.stream(FakeStream("training stream")):  # on the loop's thread, as training would be
                 seen = await mgr._run(lambda: torch.cuda.current_stream())
             outside = await mgr._run(lambda: torch.cuda.current_stream())
     assert seen == "training stream"

@@ -45,6 +45,7 @@ import torch
 from .errors import CheckpointError
 from .manager import CheckpointManager
 from .pipeline import SaveHandle
+from .staging import on_stream
 
 T = TypeVar("T")
 
@@ -62,7 +63,7 @@ def _in_callers_cuda_stream(fn: Callable[[], T]) -> Callable[[], T]:
     stream = torch.cuda.current_stream()
 
     def in_stream() -> T:
-        with torch.cuda.stream(stream):
+        with on_stream(stream):  # on the stream's own device: a fresh thread would bind GPU 0
             return fn()
 
     return in_stream

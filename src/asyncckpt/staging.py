@@ -295,7 +295,7 @@ class LazyCopy:
                     after.record(compute)
                     self._gpu_wait_marks[device] = (before, after)
                 current = torch.cuda.current_stream(device)
-                if current != self._compute[device]:
+                if current != compute:
                     current.wait_event(event)
             if self._cpu is not None:
                 # Not result(): a failed copy is the writer's to report, and an interrupt (Ctrl-C, a
@@ -349,7 +349,7 @@ class LazyCopy:
 
 
 @contextlib.contextmanager
-def _on_stream(stream: torch.cuda.Stream) -> Iterator[None]:
+def on_stream(stream: torch.cuda.Stream) -> Iterator[None]:
     """``stream`` current, on its own device. torch.cuda.stream alone switches a thread whose current
     device is another one with a plain set-device, there and back, which creates a CUDA context on
     the thread's device (GPU 0 for a fresh thread: hundreds of MB in every rank of a multi-GPU job);
@@ -360,7 +360,7 @@ def _on_stream(stream: torch.cuda.Stream) -> Iterator[None]:
 
 def _capturing(stream: torch.cuda.Stream) -> bool:
     """Whether ``stream`` (not the calling thread's current one) is being captured into a CUDA graph."""
-    with _on_stream(stream):
+    with on_stream(stream):
         return torch.cuda.is_current_stream_capturing()
 
 
@@ -407,7 +407,7 @@ class CopyEngine:
                     streams.append(stream)
                     # Ordered after the work already queued on the compute stream.
                     stream.wait_stream(torch.cuda.current_stream(device))
-                    with _on_stream(stream):
+                    with on_stream(stream):
                         for tensor, target in pairs:
                             target.copy_(tensor, non_blocking=True)
             finally:  # also on an interrupt: the arena is not reused while copies still write to it
@@ -455,7 +455,7 @@ class CopyEngine:
                     used.append(stream)
                     compute = torch.cuda.current_stream(device)
                     stream.wait_stream(compute)
-                    with _on_stream(stream):
+                    with on_stream(stream):
                         for tensor, _ in eager_pairs + lazy_pairs:
                             # The caching allocator must not hand this memory out again before the
                             # side stream has read it, even if training frees the tensor meanwhile.
