@@ -2,7 +2,15 @@
 
 from .aio import AsyncCheckpointManager, AsyncSaveHandle
 from .data import ResumableSampler
-from .errors import CheckpointError
+from .errors import (
+    CheckpointDamagedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    OverlapGuardError,
+    RootInUseError,
+    SaveFailedError,
+    StateMismatchError,
+)
 from .manager import CheckpointManager, load, load_weights
 from .pipeline import SaveHandle
 from .policy import Adaptive, EverySeconds, EverySteps
@@ -12,7 +20,13 @@ __all__ = [
     "Adaptive",
     "AsyncCheckpointManager",
     "AsyncSaveHandle",
+    "CheckpointDamagedError",
     "CheckpointError",
+    "CheckpointNotFoundError",
+    "OverlapGuardError",
+    "RootInUseError",
+    "SaveFailedError",
+    "StateMismatchError",
     "CheckpointManager",
     "EverySeconds",
     "EverySteps",
