@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .format import MAX_TREE_DEPTH, dtype_name
+from .format import MAX_TREE_DEPTH, check_module_metadata, dtype_name
 
 _MISSING = object()
 MAX_DEPTH = MAX_TREE_DEPTH
@@ -108,6 +108,7 @@ class _Flattener:
             meta = getattr(obj, "_metadata", None)
             if isinstance(meta, dict):
                 out["m"] = _plain_json(meta, f"{path}._metadata")
+                check_module_metadata(out["m"], lambda what: TypeError(f"{path}._metadata: {what}"))
             return out
         if isinstance(obj, list):
             return {"l": [self.node(v, _child(path, i), depth + 1) for i, v in enumerate(obj)]}
