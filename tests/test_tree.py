@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from asyncckpt import CheckpointError
+from asyncckpt import CheckpointError, RestoreResult, StateMismatchError
 from asyncckpt.codec import tensor_memoryview
 from asyncckpt.format import DTYPES
 from asyncckpt.tree import check_compatible, flatten, restore_into, unflatten
@@ -390,9 +390,22 @@ def test_check_compatible_looks_inside_stateful_objects():
 
 def test_check_compatible_accepts_same_shapes_and_other_dtypes():
     flat = flatten({"w": torch.zeros(2, 2), "net": torch.nn.Linear(2, 2), "extra": {"x": 1}})
-    live = {"w": torch.ones(2, 2, dtype=torch.float64), "net": torch.nn.Linear(2, 2), "new": 5}
-    check_compatible(live, flat.skeleton, flat.tensors)  # no exception
+    live = {"w": torch.ones(2, 2, dtype=torch.float64), "net": torch.nn.Linear(2, 2), "extra": {"x": 0}}
+    plan = check_compatible(live, flat.skeleton, flat.tensors)  # no exception
+    assert plan.result(1) == RestoreResult(1, (), (), ())
     assert torch.equal(live["w"], torch.ones(2, 2, dtype=torch.float64))  # and nothing was touched
+
+
+def test_check_compatible_lists_missing_and_unexpected_keys():
+    flat = flatten({"w": torch.zeros(2), "extra": {"x": 1}})
+    live = {"w": torch.ones(2), "new": 5}
+    with pytest.raises(StateMismatchError, match=re.escape("missing from the checkpoint (1): state['new']")) as info:
+        check_compatible(live, flat.skeleton, flat.tensors, where="step 3")
+    assert str(info.value).startswith("step 3 does not fit the live state; nothing was changed")
+    assert info.value.unexpected_keys == ("state['extra']",)
+    plan = check_compatible(live, flat.skeleton, flat.tensors, strict=False)
+    assert plan.result(3) == RestoreResult(3, ("state['new']",), ("state['extra']",), ())
+    assert torch.equal(live["w"], torch.ones(2))
 
 
 # ---- restore_into -------------------------------------------------------------------------------
@@ -426,10 +439,14 @@ def test_restore_into_updates_in_place_and_replaces_scalars():
         "counter": counter,
         "maybe": 42,
     }
-    result = restore_into(live, skeleton, tensors)
+    with pytest.raises(StateMismatchError):  # without a plan, a strict one: 'extra' differs
+        restore_into(live, skeleton, tensors)
+    assert extra == {"epoch": 1, "only_live": "kept"} and live["step"] == 0
+    plan = check_compatible(live, skeleton, tensors, strict=False)
+    result = restore_into(live, skeleton, tensors, plan)
     assert result is live
     assert live["step"] == 7 and live["lr"] == 0.05 and live["name"] == "run-b" and live["maybe"] is None
-    assert live["extra"] is extra and extra == {"epoch": 3, "only_live": "kept", "added": [1]}
+    assert live["extra"] is extra and extra == {"epoch": 3, "only_live": "kept"}  # 'added' has no place
     assert live["hist"] is hist and hist == [5, 6]
     assert isinstance(live["pair"], tuple) and live["pair"][1] == "tag"
     assert torch.equal(live["pair"][0], torch.full((2,), 9.0))
