@@ -454,3 +454,11 @@ def test_async_restore_mirrors_strict(root):
             assert torch.equal(live["w"], torch.ones(2))
 
     asyncio.run(go())
+
+
+def test_a_lazy_module_takes_its_shapes_from_the_checkpoint(root):
+    saved = nn.Linear(3, 2)
+    save(root, 1, {"model": saved})
+    lazy = nn.LazyLinear(2)
+    assert restore(root, {"model": lazy}) == 1
+    assert torch.equal(lazy.weight, saved.weight) and torch.equal(lazy.bias, saved.bias)

@@ -408,6 +408,26 @@ def test_check_compatible_lists_missing_and_unexpected_keys():
     assert torch.equal(live["w"], torch.ones(2))
 
 
+def test_check_compatible_refuses_to_replace_live_tensors_objects_and_dicts():
+    flat = flatten({"xs": [torch.ones(2)] * 3, "obj": Counter(1), "d": None, "t": 5})
+    live = {"xs": [torch.zeros(2)] * 2, "obj": {"count": 0}, "d": {"a": 1}, "t": torch.zeros(1)}
+    with pytest.raises(StateMismatchError) as info:
+        check_compatible(live, flat.skeleton, flat.tensors, strict=False)
+    message = str(info.value)
+    assert "state['xs']: the live state holds a list of 2, the checkpoint a list of 3" in message
+    assert "state['obj']: the live state holds a dict, the checkpoint the state of a Counter" in message
+    assert "state['d']: the live state holds a dict, the checkpoint the value 'None'" in message
+    assert "state['t']: the live state holds a tensor, the checkpoint the value '5'" in message
+
+
+def test_check_compatible_lets_values_and_empty_lists_be_replaced():
+    flat = flatten({"xs": [torch.ones(2)] * 3, "v": torch.ones(1), "hist": [1, 2]})
+    live = {"xs": [], "v": None, "hist": [0]}
+    plan = check_compatible(live, flat.skeleton, flat.tensors)
+    restore_into(live, flat.skeleton, flat.tensors, plan)
+    assert len(live["xs"]) == 3 and torch.equal(live["v"], torch.ones(1)) and live["hist"] == [1, 2]
+
+
 # ---- restore_into -------------------------------------------------------------------------------
 
 

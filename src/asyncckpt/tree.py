@@ -355,6 +355,8 @@ class _Planner:
 
     def tensor(self, live: torch.Tensor, saved: torch.Tensor, path: str) -> bool:
         """Check one in-place copy; False if it is to be left out."""
+        if torch.nn.parameter.is_lazy(live):
+            return True  # a lazy module's parameter takes its shape from the checkpoint when loaded
         if tuple(live.shape) != tuple(saved.shape):
             self.plan.errors.append(
                 f"{path}: shape mismatch, the live tensor is {tuple(live.shape)} but the "
