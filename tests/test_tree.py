@@ -504,7 +504,8 @@ def test_restore_into_wraps_a_failing_load_state_dict():
 
     _, skeleton, tensors, _ = roundtrip({"obj": Counter(3)})
     with pytest.raises(CheckpointError, match=re.escape("state['obj']") + ".*Broken.load_state_dict"):
-        restore_into({"obj": Broken()}, skeleton, tensors)
+        with pytest.warns(UserWarning, match=re.escape("could not put state['obj'] back")):
+            restore_into({"obj": Broken()}, skeleton, tensors)
 
 
 def test_restore_into_list_of_different_length_is_replaced():
