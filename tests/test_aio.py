@@ -40,7 +40,7 @@ def zeros_like_state(state: dict) -> dict:
         "b": torch.zeros_like(state["b"]),
         "h": torch.zeros_like(state["h"]),
         "step": 0,
-        "extra": {},
+        "extra": {"name": "", "lr": 0.0},  # the same keys: restore refuses a state with other keys
     }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from asyncckpt import CheckpointError
+from asyncckpt import CheckpointError, RestoreResult, StateMismatchError
 from asyncckpt.codec import tensor_memoryview
 from asyncckpt.format import DTYPES
 from asyncckpt.tree import check_compatible, flatten, restore_into, unflatten
@@ -390,9 +390,42 @@ def test_check_compatible_looks_inside_stateful_objects():
 
 def test_check_compatible_accepts_same_shapes_and_other_dtypes():
     flat = flatten({"w": torch.zeros(2, 2), "net": torch.nn.Linear(2, 2), "extra": {"x": 1}})
-    live = {"w": torch.ones(2, 2, dtype=torch.float64), "net": torch.nn.Linear(2, 2), "new": 5}
-    check_compatible(live, flat.skeleton, flat.tensors)  # no exception
+    live = {"w": torch.ones(2, 2, dtype=torch.float64), "net": torch.nn.Linear(2, 2), "extra": {"x": 0}}
+    plan = check_compatible(live, flat.skeleton, flat.tensors)  # no exception
+    assert plan.result(1) == RestoreResult(1, (), (), ())
     assert torch.equal(live["w"], torch.ones(2, 2, dtype=torch.float64))  # and nothing was touched
+
+
+def test_check_compatible_lists_missing_and_unexpected_keys():
+    flat = flatten({"w": torch.zeros(2), "extra": {"x": 1}})
+    live = {"w": torch.ones(2), "new": 5}
+    with pytest.raises(StateMismatchError, match=re.escape("missing from the checkpoint (1): state['new']")) as info:
+        check_compatible(live, flat.skeleton, flat.tensors, where="step 3")
+    assert str(info.value).startswith("step 3 does not fit the live state; nothing was changed")
+    assert info.value.unexpected_keys == ("state['extra']",)
+    plan = check_compatible(live, flat.skeleton, flat.tensors, strict=False)
+    assert plan.result(3) == RestoreResult(3, ("state['new']",), ("state['extra']",), ())
+    assert torch.equal(live["w"], torch.ones(2))
+
+
+def test_check_compatible_refuses_to_replace_live_tensors_objects_and_dicts():
+    flat = flatten({"xs": [torch.ones(2)] * 3, "obj": Counter(1), "d": None, "t": 5})
+    live = {"xs": [torch.zeros(2)] * 2, "obj": {"count": 0}, "d": {"a": 1}, "t": torch.zeros(1)}
+    with pytest.raises(StateMismatchError) as info:
+        check_compatible(live, flat.skeleton, flat.tensors, strict=False)
+    message = str(info.value)
+    assert "state['xs']: the live state holds a list of 2, the checkpoint a list of 3" in message
+    assert "state['obj']: the live state holds a dict, the checkpoint the state of a Counter" in message
+    assert "state['d']: the live state holds a dict, the checkpoint the value 'None'" in message
+    assert "state['t']: the live state holds a tensor, the checkpoint the value '5'" in message
+
+
+def test_check_compatible_lets_values_and_empty_lists_be_replaced():
+    flat = flatten({"xs": [torch.ones(2)] * 3, "v": torch.ones(1), "hist": [1, 2]})
+    live = {"xs": [], "v": None, "hist": [0]}
+    plan = check_compatible(live, flat.skeleton, flat.tensors)
+    restore_into(live, flat.skeleton, flat.tensors, plan)
+    assert len(live["xs"]) == 3 and torch.equal(live["v"], torch.ones(1)) and live["hist"] == [1, 2]
 
 
 # ---- restore_into -------------------------------------------------------------------------------
@@ -426,10 +459,14 @@ def test_restore_into_updates_in_place_and_replaces_scalars():
         "counter": counter,
         "maybe": 42,
     }
-    result = restore_into(live, skeleton, tensors)
+    with pytest.raises(StateMismatchError):  # without a plan, a strict one: 'extra' differs
+        restore_into(live, skeleton, tensors)
+    assert extra == {"epoch": 1, "only_live": "kept"} and live["step"] == 0
+    plan = check_compatible(live, skeleton, tensors, strict=False)
+    result = restore_into(live, skeleton, tensors, plan)
     assert result is live
     assert live["step"] == 7 and live["lr"] == 0.05 and live["name"] == "run-b" and live["maybe"] is None
-    assert live["extra"] is extra and extra == {"epoch": 3, "only_live": "kept", "added": [1]}
+    assert live["extra"] is extra and extra == {"epoch": 3, "only_live": "kept"}  # 'added' has no place
     assert live["hist"] is hist and hist == [5, 6]
     assert isinstance(live["pair"], tuple) and live["pair"][1] == "tag"
     assert torch.equal(live["pair"][0], torch.full((2,), 9.0))
@@ -467,7 +504,8 @@ def test_restore_into_wraps_a_failing_load_state_dict():
 
     _, skeleton, tensors, _ = roundtrip({"obj": Counter(3)})
     with pytest.raises(CheckpointError, match=re.escape("state['obj']") + ".*Broken.load_state_dict"):
-        restore_into({"obj": Broken()}, skeleton, tensors)
+        with pytest.warns(UserWarning, match=re.escape("could not put state['obj'] back")):
+            restore_into({"obj": Broken()}, skeleton, tensors)
 
 
 def test_restore_into_list_of_different_length_is_replaced():

@@ -15,6 +15,7 @@ from .manager import CheckpointManager, load, load_weights
 from .pipeline import SaveHandle
 from .policy import Adaptive, EverySeconds, EverySteps
 from .rng import RNGState
+from .tree import RestoreResult
 
 __all__ = [
     "Adaptive",
@@ -31,6 +32,7 @@ __all__ = [
     "EverySeconds",
     "EverySteps",
     "RNGState",
+    "RestoreResult",
     "ResumableSampler",
     "SaveHandle",
     "load",

@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 
@@ -46,6 +46,7 @@ from .errors import CheckpointError
 from .manager import CheckpointManager
 from .pipeline import SaveHandle
 from .staging import on_stream
+from .tree import RestoreResult
 
 T = TypeVar("T")
 
@@ -245,9 +246,17 @@ class AsyncCheckpointManager:
             await asyncio.wait(list(self._inflight))
         await asyncio.get_running_loop().run_in_executor(None, _in_callers_cuda_stream(self.manager.wait))
 
-    async def restore(self, state: Any, step: int | None = None) -> int | None:
-        """Load the newest valid checkpoint (or ``step``) into ``state`` in place, off the event loop."""
-        return await self._run(self.manager.restore, state, step)
+    @overload
+    async def restore(self, state: Any, step: int | None = None, *, strict: Literal[True] = True) -> int | None: ...
+    @overload
+    async def restore(self, state: Any, step: int | None = None, *, strict: Literal[False]) -> RestoreResult: ...
+    @overload
+    async def restore(self, state: Any, step: int | None = None, *, strict: bool) -> int | RestoreResult | None: ...
+    async def restore(self, state: Any, step: int | None = None, *, strict: bool = True) -> int | RestoreResult | None:
+        """Load the newest valid checkpoint (or ``step``) into ``state`` in place, off the event loop.
+
+        ``strict`` as in ``CheckpointManager.restore``: False returns a RestoreResult."""
+        return await self._run(self.manager.restore, state, step, strict=strict)
 
     async def steps(self) -> list[int]:
         """Committed steps, oldest first."""

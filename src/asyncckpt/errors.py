@@ -35,5 +35,21 @@ class OverlapGuardError(SaveFailedError):
 
 
 class StateMismatchError(CheckpointError):
-    """``restore`` found that the live state and the checkpoint do not fit (missing or unexpected
-    keys, shapes, devices); nothing in the live state was touched."""
+    """``restore`` or ``load_weights`` found that the live state and the checkpoint do not fit
+    (missing or unexpected keys, shapes, meta or unwritable tensors); nothing in the live state was
+    touched. The attributes hold the whole lists (the message shows the first few of each):
+    paths in the state such as ``state['model'].state_dict()['0.bias']`` (``load_weights``: the
+    model's own keys)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing_keys: tuple[str, ...] = (),
+        unexpected_keys: tuple[str, ...] = (),
+        skipped: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.missing_keys = tuple(missing_keys)
+        self.unexpected_keys = tuple(unexpected_keys)
+        self.skipped = tuple(skipped)

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -335,6 +336,8 @@ def _validate_tree(root: dict, dtypes: list[str]) -> None:
             raise _fail("tree", f"node has keys {sorted(node)[:5]}, expected exactly one kind")
         kind = kinds[0]
         value = node[kind]
+        if "m" in node or "cls" in node:
+            _check_node_extras(node, kind)
         if kind in ("T", "N", "S"):
             _int(value, "tree tensor index", 0, n_tensors - 1)
             dtype = dtypes[value]
@@ -373,3 +376,40 @@ def _validate_tree(root: dict, dtypes: list[str]) -> None:
             stack.append((value, depth + 1))
         else:
             raise _fail("tree", f"unknown node kind {kind[:20]!r}")
+
+
+# A load option, never saved: in a checkpoint it would make load_state_dict assign the checkpoint's
+# tensors in place of the module's parameters instead of copying into them.
+_REFUSED_MODULE_METADATA = frozenset({"assign_to_params_buffers"})
+
+
+def check_module_metadata(meta: Any, error: Callable[[str], Exception]) -> None:
+    """A module state dict's ``_metadata`` as ``nn.Module.load_state_dict`` reads it.
+
+    It looks up ``meta.get(prefix)`` and compares each entry's ``"version"`` with ints, so any other
+    shape would fail inside ``load_state_dict``, after earlier objects were restored. The reader
+    rejects it as damage (and falls back); the writer refuses to write it (``error`` makes the
+    exception either raises).
+    """
+    if not isinstance(meta, dict):
+        raise error(f"module metadata must be an object, not {type(meta).__name__}")
+    for prefix, local in meta.items():
+        if not isinstance(prefix, str) or not isinstance(local, dict):
+            raise error(f"module metadata for {str(prefix)[:80]!r} must be an object keyed by module prefix")
+        for name in _REFUSED_MODULE_METADATA.intersection(local):
+            raise error(f"module metadata for {prefix[:80]!r} holds the load option {name!r}")
+        version = local.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise error(f"module metadata {prefix[:80]!r}: version {str(version)[:20]!r} is not an integer")
+
+
+def _check_node_extras(node: dict, kind: str) -> None:
+    """``m`` (module metadata) belongs to dict nodes, ``cls`` (a class name) to object nodes."""
+    if "m" in node:
+        if kind != "d":
+            raise _fail("tree", f"module metadata on a {kind[:20]!r} node (only dict nodes carry it)")
+        check_module_metadata(node["m"], lambda what: _fail("tree", what))
+    if "cls" in node:
+        cls = node["cls"]
+        if kind != "o" or not isinstance(cls, str) or not 0 < len(cls) <= 256 or not cls.isprintable():
+            raise _fail("tree", "'cls' must be a printable class name on an object node")

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -29,7 +29,7 @@ from .reader import LoadedCheckpoint, read_checkpoint, read_manifest
 from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
 from .staging import SMALL_COPY_BYTES, ArenaPool, CopyEngine, LazyCopy, plan_layout
 from .storage import CommittedCheckpoint, LocalStorage, list_checkpoints
-from .tree import check_compatible, flatten, restore_into, unflatten
+from .tree import RestoreResult, check_compatible, check_module, flatten, load_module, restore_into, unflatten
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 
@@ -171,12 +171,36 @@ def _tensor_indices(node: dict) -> set[int]:
     return found
 
 
-def load_weights(path: str | os.PathLike, model: torch.nn.Module, key: str = "model", strict: bool = True) -> int:
+@overload
+def load_weights(
+    path: str | os.PathLike, model: torch.nn.Module, key: str = ..., strict: Literal[True] = ...
+) -> int: ...
+@overload
+def load_weights(
+    path: str | os.PathLike, model: torch.nn.Module, key: str, strict: Literal[False]
+) -> RestoreResult: ...
+@overload
+def load_weights(
+    path: str | os.PathLike, model: torch.nn.Module, key: str = ..., *, strict: Literal[False]
+) -> RestoreResult: ...
+@overload
+def load_weights(
+    path: str | os.PathLike, model: torch.nn.Module, key: str = ..., strict: bool = ...
+) -> int | RestoreResult: ...
+def load_weights(
+    path: str | os.PathLike, model: torch.nn.Module, key: str = "model", strict: bool = True
+) -> int | RestoreResult:
     """Load just a model's weights for inference: only the chunks holding them are read.
 
     ``path`` is a root (newest valid checkpoint) or one checkpoint dir; ``key`` names the model's
     entry in the saved state ("model", or a dotted path like "ema.model"). Tensors land on the
     model's own device and dtype. Returns the checkpoint's step.
+
+    Keys, shapes and writability are checked before any weight is copied: by default a mismatch
+    raises StateMismatchError and the model is untouched. ``strict=False`` loads the matching
+    weights and returns a RestoreResult (the step and the missing, unexpected and skipped keys, as
+    torch names them), as ``model.load_state_dict(strict=False)`` does; a shape mismatch is an
+    error either way.
     """
     path = Path(path)
     if (path / MANIFEST_NAME).exists():
@@ -197,13 +221,21 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module, key: str = "mo
             failures.append(f"{candidate.name}: {exc}")
             warnings.warn(f"asyncckpt: {candidate} is damaged ({exc}); trying the next older one", stacklevel=2)
             continue
-        weights = unflatten(node, loaded.tensors)  # type: ignore[arg-type]
-        try:
-            model.load_state_dict(weights, strict=strict)
-        except Exception as exc:
-            raise CheckpointError(f"{candidate}[{key!r}] does not fit {type(model).__name__}: {exc}") from exc
-        return manifest.step
+        return _load_model(model, node, loaded.tensors, strict, f"{candidate}[{key!r}]", manifest.step)
     raise CheckpointError(f"no valid checkpoint in {path}: " + "; ".join(failures))
+
+
+def _load_model(
+    model: torch.nn.Module, node: dict, tensors: list, strict: bool, where: str, step: int
+) -> int | RestoreResult:
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+    plan = check_module(model, node, tensors, strict=strict, where=f"{where} for {type(model).__name__}")
+    try:
+        load_module(model, node, tensors, plan)
+    except Exception as exc:
+        raise CheckpointError(f"{where} does not fit {type(model).__name__}: {exc}") from exc
+    return step if strict else plan.result(step)
 
 
 SNAPSHOT_MODES = ("blocking", "overlap")
@@ -618,13 +650,31 @@ class CheckpointManager:
         """Committed steps, oldest first."""
         return [c.step for c in self._storage.checkpoints()]
 
-    def restore(self, state: Any, step: int | None = None) -> int | None:
+    @overload
+    def restore(self, state: Any, step: int | None = None, *, strict: Literal[True] = True) -> int | None: ...
+    @overload
+    def restore(self, state: Any, step: int | None = None, *, strict: Literal[False]) -> RestoreResult: ...
+    @overload
+    def restore(self, state: Any, step: int | None = None, *, strict: bool) -> int | RestoreResult | None: ...
+    def restore(self, state: Any, step: int | None = None, *, strict: bool = True) -> int | RestoreResult | None:
         """Load the newest valid checkpoint (or ``step``) into ``state`` in place.
 
         Returns the restored step, or None when the root holds no checkpoint. Damaged checkpoints
-        are skipped with a warning; the state is only touched once a checkpoint fully verified.
+        are skipped with a warning; the state is only touched once a checkpoint fully verified and
+        the whole live state was checked against it: key sets of every dict, module and optimizer,
+        shapes, and that every live tensor can be written in place (not a meta tensor, an
+        ``expand()`` view or an inference tensor). By default any mismatch raises
+        StateMismatchError listing it, and nothing changes.
+
+        ``strict=False`` restores the matching part, leaves the rest as it is, and returns a
+        RestoreResult (step, missing_keys, unexpected_keys, skipped) instead of the step: a
+        different type, so the common strict call stays ``int | None`` and a caller who opts in
+        cannot overlook the lists (the overloads tell type checkers which one they get). Shape
+        mismatches and optimizers with other param groups stay errors, as in torch.
         """
         self._check_open()
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {strict!r}")
         if not isinstance(state, (dict, list)):
             raise TypeError(f"restore needs the state as a dict or list to update in place, got {type(state).__name__}")
         if step is not None:
@@ -633,12 +683,13 @@ class CheckpointManager:
         self._wait_pending()
         loaded = _read_newest_valid(self.root, step, self.workers)
         if loaded is None:
-            return None
+            return None if strict else RestoreResult(None)
         tree = loaded.manifest.tree
-        check_compatible(state, tree, loaded.tensors)
-        if restore_into(state, tree, loaded.tensors) is not state:
+        where = f"checkpoint step {loaded.manifest.step} ({loaded.path})"
+        plan = check_compatible(state, tree, loaded.tensors, strict=strict, where=where)
+        if restore_into(state, tree, loaded.tensors, plan) is not state:
             raise CheckpointError("unreachable: the root was checked to be updatable in place")
-        return loaded.manifest.step
+        return loaded.manifest.step if strict else plan.result(loaded.manifest.step)
 
     def _read_metrics(self, checkpoint: CommittedCheckpoint) -> CheckpointInfo:
         try:

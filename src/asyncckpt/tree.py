@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import collections
 import sys
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError
-from .format import MAX_TREE_DEPTH, dtype_name
+from .errors import CheckpointError, StateMismatchError
+from .format import MAX_TREE_DEPTH, check_module_metadata, dtype_name
 
 _MISSING = object()
 MAX_DEPTH = MAX_TREE_DEPTH
@@ -108,6 +110,7 @@ class _Flattener:
             meta = getattr(obj, "_metadata", None)
             if isinstance(meta, dict):
                 out["m"] = _plain_json(meta, f"{path}._metadata")
+                check_module_metadata(out["m"], lambda what: TypeError(f"{path}._metadata: {what}"))
             return out
         if isinstance(obj, list):
             return {"l": [self.node(v, _child(path, i), depth + 1) for i, v in enumerate(obj)]}
@@ -196,11 +199,292 @@ def _node_kind(node: dict) -> str:
     return next(k for k in node if k not in ("m", "cls"))
 
 
-def check_compatible(live: Any, node: dict, tensors: list[torch.Tensor]) -> None:
-    """Raise before anything is modified if ``live`` cannot take the checkpoint in place.
+# ---- restoring in place -------------------------------------------------------------------------
+#
+# A restore first plans against the whole live state (check_compatible) and only then writes
+# (restore_into), so a mismatch found anywhere leaves everything as it was. The plan compares the
+# key sets of every dict, module and optimizer, every tensor's shape, and whether each live tensor
+# can be written in place at all; it also records which leaves strict=False must leave alone.
 
-    The root must be updatable in place (a dict, or a list of the checkpoint's length), and every
-    live tensor must have the shape the checkpoint holds for it.
+_SHOWN = 10  # entries of each list named in an error message; the exception holds them all
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What ``restore(..., strict=False)`` and ``load_weights(..., strict=False)`` left out.
+
+    ``missing_keys``: in the live state but not in the checkpoint; left as they were.
+    ``unexpected_keys``: in the checkpoint with no place in the live state; not restored.
+    ``skipped``: live tensors that cannot take data in place (a meta tensor, an overlapping view such
+    as ``expand()``, an inference tensor); left as they were.
+    Entries are paths in the state, as error messages name them (``state['model'].state_dict()['0.bias']``);
+    ``load_weights`` gives the model's own keys (``'0.bias'``), as torch's ``load_state_dict`` does.
+    ``step`` is the restored step, None when the root holds no checkpoint.
+    """
+
+    step: int | None
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+
+@dataclass
+class RestorePlan:
+    """What check_compatible found; restore_into follows it."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why it cannot be written)
+    errors: list[str] = field(default_factory=list)  # fatal whatever ``strict`` says: shapes, structure
+    leave: set[str] = field(default_factory=set)  # paths restore_into must not touch
+    partial: set[str] = field(default_factory=set)  # modules loaded with load_state_dict(strict=False)
+    objects: list[tuple[str, Any, dict]] = field(default_factory=list)  # other stateful objects, loaded first
+
+    def result(self, step: int | None) -> RestoreResult:
+        return RestoreResult(step, tuple(self.missing), tuple(self.unexpected), tuple(p for p, _ in self.skipped))
+
+    def raise_if_unfit(self, strict: bool, where: str) -> None:
+        if not self.errors and not (strict and (self.missing or self.unexpected or self.skipped)):
+            return
+        lines = [f"{where} does not fit the live state; nothing was changed:"]
+        lines += [f"  {e}" for e in self.errors[:_SHOWN]]
+        if len(self.errors) > _SHOWN:
+            lines.append(f"  ... and {len(self.errors) - _SHOWN} more")
+        for title, items in (
+            ("missing from the checkpoint", self.missing),
+            ("unexpected in the checkpoint", self.unexpected),
+            ("cannot be restored in place", [f"{p}: {why}" for p, why in self.skipped]),
+        ):
+            if items:
+                more = f" ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:_SHOWN]) + more)
+        if strict and not self.errors:
+            lines.append("  (strict=False restores the matching part and returns these lists)")
+        raise StateMismatchError(
+            "\n".join(lines),
+            missing_keys=tuple(self.missing),
+            unexpected_keys=tuple(self.unexpected),
+            skipped=tuple(p for p, _ in self.skipped),
+        )
+
+
+def _cannot_write(t: torch.Tensor) -> str | None:
+    """Why ``t.copy_(...)`` would not put the checkpoint's values into ``t``, if it would not."""
+    if t.device.type == "meta":
+        return "a meta tensor has no data to restore into"
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        return "an inference tensor cannot be written outside torch.inference_mode()"
+    if torch._debug_has_internal_overlap(t) == 1:
+        return "its elements overlap in memory (an expand() view?), so it cannot be written in place"
+    return None
+
+
+def _holds_live_data(obj: Any, depth: int = 0) -> bool:
+    """Tensors, dicts and stateful objects are updated in place, never silently replaced."""
+    if isinstance(obj, (torch.Tensor, dict)) or _is_stateful(obj):
+        return True
+    if isinstance(obj, (list, tuple)) and depth < MAX_DEPTH:
+        return any(_holds_live_data(v, depth + 1) for v in obj)
+    return False
+
+
+def _describe_live(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return "a tensor"
+    if isinstance(obj, (list, tuple)):
+        return f"a {type(obj).__name__} of {len(obj)}"
+    return f"a {type(obj).__name__}"
+
+
+def _describe_node(node: dict) -> str:
+    kind = _node_kind(node)
+    value = node[kind]
+    names = {"T": "a tensor", "N": "a numpy array", "S": "a numpy scalar", "d": "a dict"}
+    if kind in names:
+        return names[kind]
+    if kind in ("l", "t"):
+        return f"a {'list' if kind == 'l' else 'tuple'} of {len(value)}"
+    if kind == "o":
+        return f"the state of a {node.get('cls', 'stateful object')}"
+    return f"the value {str(value)[:40]!r}"
+
+
+class _Planner:
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.plan = RestorePlan()
+
+    def _unexpected(self, path: str) -> None:
+        self.plan.unexpected.append(path)
+        self.plan.leave.add(path)
+
+    def _kind_error(self, path: str, live: Any, node: dict) -> None:
+        self.plan.errors.append(
+            f"{path}: the live state holds {_describe_live(live)}, the checkpoint {_describe_node(node)}"
+        )
+
+    def visit(self, live: Any, node: dict, path: str) -> None:
+        kind = _node_kind(node)
+        value = node[kind]
+        if isinstance(live, torch.Tensor):
+            if kind == "T":
+                self.tensor(live, self.tensors[value], path)
+            else:
+                self._kind_error(path, live, node)
+        elif _is_stateful(live):
+            if kind != "o":
+                self._kind_error(path, live, node)
+            elif isinstance(live, torch.nn.Module):
+                self.module(live, value, path)
+            elif isinstance(live, torch.optim.Optimizer):
+                self.optimizer(live, value, path)
+            else:
+                self.plan.objects.append((path, live, value))  # its own load_state_dict decides what fits
+        elif isinstance(live, dict):
+            if kind == "d":
+                self.mapping(live, value, path)
+            else:
+                self._kind_error(path, live, node)
+        elif isinstance(live, (list, tuple)) and _holds_live_data(live):
+            if kind == ("l" if isinstance(live, list) else "t") and len(value) == len(live):
+                for i, child in enumerate(value):
+                    self.visit(live[i], child, _child(path, i))
+            else:
+                self._kind_error(path, live, node)
+        # any other live leaf is a value: the checkpoint's value replaces it
+
+    def tensor(self, live: torch.Tensor, saved: torch.Tensor, path: str) -> bool:
+        """Check one in-place copy; False if it is to be left out."""
+        if torch.nn.parameter.is_lazy(live):
+            return True  # a lazy module's parameter takes its shape from the checkpoint when loaded
+        if tuple(live.shape) != tuple(saved.shape):
+            self.plan.errors.append(
+                f"{path}: shape mismatch, the live tensor is {tuple(live.shape)} but the "
+                f"checkpoint holds {tuple(saved.shape)}"
+            )
+            return False
+        why = _cannot_write(live)
+        if why is not None:
+            self.plan.skipped.append((path, why))
+            self.plan.leave.add(path)
+            return False
+        return True
+
+    def mapping(self, live: dict, pairs: list, path: str) -> None:
+        saved = set()
+        for key, child in pairs:
+            saved.add(key)
+            if key in live:
+                self.visit(live[key], child, _child(path, key))
+            else:
+                self._unexpected(_child(path, key))
+        self.plan.missing += [_child(path, key) for key in live if key not in saved]
+
+    def module(self, live: torch.nn.Module, inner: dict, path: str, name: Callable[[Any], str] | None = None) -> None:
+        """A module's state dict: the same keys, every tensor fits. ``name`` names a key in messages."""
+        where = f"{path}.state_dict()" if path else "the entry"
+        name = name or (lambda key: _child(where, key))
+        if _node_kind(inner) != "d":
+            self.plan.errors.append(f"{where}: the checkpoint holds {_describe_node(inner)}, not a state dict")
+            return
+        live_sd = live.state_dict()
+        saved = set()
+        partial = False
+        for key, child in inner["d"]:
+            saved.add(key)
+            value = live_sd.get(key, _MISSING) if isinstance(key, str) else _MISSING
+            if value is _MISSING:
+                self._unexpected(name(key))
+                partial = True
+            elif isinstance(value, torch.Tensor):
+                if _node_kind(child) != "T":
+                    self._kind_error(name(key), value, child)
+                elif not self.tensor(value, self.tensors[child["T"]], name(key)):
+                    partial = True
+        for key in live_sd:
+            if key not in saved:
+                self.plan.missing.append(name(key))
+                partial = True
+        if partial:
+            self.plan.partial.add(path)
+
+    def optimizer(self, live: torch.optim.Optimizer, inner: dict, path: str) -> None:
+        """What torch's Optimizer.load_state_dict checks (only after changing nothing, but raising
+        inside a restore), plus the hyperparameter keys of each group and meta parameters."""
+        where = f"{path}.state_dict()"
+        cls = type(live).__name__
+        top = dict(inner["d"]) if _node_kind(inner) == "d" else {}
+        groups, states = top.get("param_groups"), top.get("state")
+        if groups is None or states is None or _node_kind(groups) != "l" or _node_kind(states) != "d":
+            self.plan.errors.append(f"{where}: the checkpoint holds no optimizer state ('state' and 'param_groups')")
+            return
+        live_top = live.state_dict()
+        self.plan.missing += [_child(where, k) for k in live_top if k not in top]
+        for key in top:
+            if key not in live_top:
+                self._unexpected(_child(where, key))
+        if len(groups["l"]) != len(live.param_groups):
+            self.plan.errors.append(
+                f"{where}: the checkpoint has {len(groups['l'])} param groups, the {cls} {len(live.param_groups)}"
+            )
+            return
+        params: dict[Any, torch.Tensor] = {}
+        fatal = len(self.plan.errors)
+        for i, (group, live_group) in enumerate(zip(groups["l"], live.param_groups, strict=True)):
+            gpath = _child(_child(where, "param_groups"), i)
+            entries = dict(group["d"]) if _node_kind(group) == "d" else {}
+            ids_node = entries.get("params", {"v": None})
+            ids = [_leaf_value(c) for c in ids_node["l"]] if _node_kind(ids_node) == "l" else None
+            if ids is None or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
+                self.plan.errors.append(f"{gpath}['params']: not a list of parameter indices")
+                continue
+            if len(ids) != len(live_group["params"]):
+                self.plan.errors.append(
+                    f"{where}: param group {i} holds {len(ids)} parameters in the checkpoint, "
+                    f"{len(live_group['params'])} in the {cls}"
+                )
+                continue
+            params.update(zip(ids, live_group["params"], strict=True))
+            for key in entries:
+                if key not in live_group:
+                    self._unexpected(_child(gpath, key))
+            self.plan.missing += [_child(gpath, k) for k in live_group if k not in entries]
+        if len(self.plan.errors) > fatal:
+            return  # the parameters cannot be matched up: their states say nothing more
+        for key, per_param in states["d"]:
+            spath = _child(_child(where, "state"), key)
+            param = params.get(key)
+            if param is None:
+                self._unexpected(spath)
+            elif param.device.type == "meta":
+                self.plan.skipped.append((spath, "its parameter is a meta tensor"))
+                self.plan.leave.add(spath)
+            elif _node_kind(per_param) == "d":
+                have = live.state.get(param) or {}
+                for skey, snode in per_param["d"]:
+                    current = have.get(skey)
+                    if isinstance(current, torch.Tensor) and _node_kind(snode) == "T":
+                        saved = self.tensors[snode["T"]]
+                        if tuple(current.shape) != tuple(saved.shape):
+                            self.plan.errors.append(
+                                f"{_child(spath, skey)}: shape mismatch, the live tensor is "
+                                f"{tuple(current.shape)} but the checkpoint holds {tuple(saved.shape)}"
+                            )
+
+
+def _leaf_value(node: Any) -> Any:
+    return node.get("v") if isinstance(node, dict) and _node_kind(node) == "v" else None
+
+
+def check_compatible(
+    live: Any, node: dict, tensors: list[torch.Tensor], *, strict: bool = True, where: str = "the checkpoint"
+) -> RestorePlan:
+    """Plan a restore of the checkpoint into ``live``; raise StateMismatchError before anything changes.
+
+    Always fatal: a root that cannot be updated in place, a shape mismatch, a live tensor, dict,
+    module or optimizer where the checkpoint holds something else, an optimizer with other param
+    groups. With ``strict`` also missing and unexpected keys (of dicts, module state dicts, optimizer
+    param groups) and live tensors that cannot be written in place; without it those are left out.
     """
     kind = _node_kind(node)
     value = node[kind]
@@ -210,58 +494,128 @@ def check_compatible(live: Any, node: dict, tensors: list[torch.Tensor]) -> None
     if not root_ok:
         saved = {"d": "a dict", "l": f"a list of {len(value) if kind == 'l' else 0}"}.get(kind, f"a {kind!r} node")
         have = f"a list of {len(live)}" if isinstance(live, list) else f"a {type(live).__name__}"
-        raise CheckpointError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
-    _check_shapes(live, node, tensors, "state")
+        raise StateMismatchError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
+    planner = _Planner(tensors)
+    planner.visit(live, node, "state")
+    planner.plan.raise_if_unfit(strict, where)
+    return planner.plan
 
 
-def _check_shapes(live: Any, node: dict, tensors: list[torch.Tensor], path: str) -> None:
-    kind = _node_kind(node)
-    value = node[kind]
-    if kind == "T" and isinstance(live, torch.Tensor):
-        saved = tensors[value]
-        if tuple(live.shape) != tuple(saved.shape):
-            raise CheckpointError(
-                f"{path}: shape mismatch, the live tensor is {tuple(live.shape)} but the "
-                f"checkpoint holds {tuple(saved.shape)}"
-            )
-    elif kind == "o" and _is_stateful(live):
-        _check_shapes(live.state_dict(), value, tensors, f"{path}.state_dict()")
-    elif kind == "d" and isinstance(live, dict):
-        for key, child in value:
-            if key in live:
-                _check_shapes(live[key], child, tensors, _child(path, key))
-    elif kind in ("l", "t") and isinstance(live, (list, tuple)) and len(live) == len(value):
-        for i, child in enumerate(value):
-            _check_shapes(live[i], child, tensors, _child(path, i))
+def check_module(
+    module: torch.nn.Module, node: dict, tensors: list[torch.Tensor], *, strict: bool, where: str
+) -> RestorePlan:
+    """``check_compatible`` for one module and its saved state dict, naming keys as torch does."""
+    planner = _Planner(tensors)
+    planner.module(module, node, "", name=str)
+    planner.plan.raise_if_unfit(strict, where)
+    return planner.plan
 
 
-def restore_into(live: Any, node: dict, tensors: list[torch.Tensor], path: str = "state") -> Any:
-    """Load the checkpoint node into ``live`` in place where possible; return the new value.
+def load_module(
+    module: torch.nn.Module,
+    node: dict,
+    tensors: list[torch.Tensor],
+    plan: RestorePlan,
+    path: str = "",
+    name: Callable[[Any], str] = str,
+) -> None:
+    """Load a module's saved state dict, minus what the plan leaves out."""
+    plain = unflatten(node, tensors)
+    for key in [k for k in plain if name(k) in plan.leave]:
+        del plain[key]
+    module.load_state_dict(plain, strict=path not in plan.partial)
 
-    Tensors are copied into the live tensor (keeping its device and dtype), stateful objects get
-    ``load_state_dict``, containers are updated in place, and any other leaf is replaced.
+
+def _load_optimizer(
+    live: torch.optim.Optimizer, node: dict, tensors: list[torch.Tensor], plan: RestorePlan, path: str
+) -> None:
+    where = f"{path}.state_dict()"
+    plain = unflatten(node, tensors)
+    for key in [k for k in plain if _child(where, k) in plan.leave]:
+        del plain[key]
+    for i, group in enumerate(plain["param_groups"]):
+        gpath = _child(_child(where, "param_groups"), i)
+        for key in [k for k in group if _child(gpath, k) in plan.leave]:
+            del group[key]
+        for key, current in live.param_groups[i].items():
+            group.setdefault(key, current)  # a hyperparameter the checkpoint lacks stays as it is
+    state = plain["state"]
+    for key in [k for k in state if _child(_child(where, "state"), k) in plan.leave]:
+        del state[key]
+    live.load_state_dict(plain)
+
+
+class _Restorer:
+    def __init__(self, tensors: list[torch.Tensor], plan: RestorePlan) -> None:
+        self.tensors = tensors
+        self.plan = plan
+
+    def into(self, live: Any, node: dict, path: str) -> Any:
+        kind = _node_kind(node)
+        value = node[kind]
+        tensors = self.tensors
+        if kind == "T" and isinstance(live, torch.Tensor):
+            if path not in self.plan.leave:
+                with torch.no_grad():
+                    live.copy_(tensors[value])
+            return live
+        if kind == "o" and _is_stateful(live):
+            if isinstance(live, (torch.nn.Module, torch.optim.Optimizer)):  # others were loaded first
+                try:
+                    if isinstance(live, torch.nn.Module):
+                        where = f"{path}.state_dict()"
+                        load_module(live, value, tensors, self.plan, path, lambda key: _child(where, key))
+                    else:
+                        _load_optimizer(live, value, tensors, self.plan, path)
+                except Exception as exc:
+                    raise CheckpointError(f"{path}: {type(live).__name__}.load_state_dict failed: {exc}") from exc
+            return live
+        if kind == "d" and isinstance(live, dict):
+            for key, child in value:
+                child_path = _child(path, key)
+                if child_path not in self.plan.leave and key in live:
+                    live[key] = self.into(live[key], child, child_path)
+            return live
+        if kind == "l" and isinstance(live, list) and len(live) == len(value):
+            for i, child in enumerate(value):
+                live[i] = self.into(live[i], child, _child(path, i))
+            return live
+        if kind == "t" and isinstance(live, tuple) and len(live) == len(value):
+            return tuple(self.into(live[i], c, _child(path, i)) for i, c in enumerate(value))
+        return unflatten(node, tensors)
+
+
+def restore_into(
+    live: Any, node: dict, tensors: list[torch.Tensor], plan: RestorePlan | None = None, path: str = "state"
+) -> Any:
+    """Load the checkpoint node into ``live`` in place, following ``plan``; return the new value.
+
+    Without a plan, a strict one is made first (``check_compatible``). Tensors are copied into the
+    live tensors (keeping device and dtype), stateful objects get ``load_state_dict``, containers are
+    updated in place, and other leaves are replaced. Stateful objects other than modules and
+    optimizers (schedulers, GradScaler, samplers...) decide for themselves what fits, so they are
+    loaded first: if one raises, those loaded before it are put back from their own
+    ``state_dict()`` taken just before, and no tensor has been touched yet.
     """
-    kind = _node_kind(node)
-    value = node[kind]
-    if kind == "T" and isinstance(live, torch.Tensor):
-        with torch.no_grad():
-            live.copy_(tensors[value])
-        return live
-    if kind == "o" and _is_stateful(live):
-        plain = unflatten(value, tensors)
+    if plan is None:
+        plan = check_compatible(live, node, tensors)
+    loaded: list[tuple[str, Any, Any]] = []
+    try:
+        for object_path, obj, inner in plan.objects:
+            loaded.append((object_path, obj, obj.state_dict()))
+            try:
+                obj.load_state_dict(unflatten(inner, tensors))
+            except Exception as exc:
+                raise CheckpointError(f"{object_path}: {type(obj).__name__}.load_state_dict failed: {exc}") from exc
+        return _Restorer(tensors, plan).into(live, node, path)
+    except BaseException:
+        _put_back(loaded)
+        raise
+
+
+def _put_back(loaded: list[tuple[str, Any, Any]]) -> None:
+    for object_path, obj, before in reversed(loaded):
         try:
-            live.load_state_dict(plain)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: {type(live).__name__}.load_state_dict failed: {exc}") from exc
-        return live
-    if kind == "d" and isinstance(live, dict):
-        for key, child in value:
-            live[key] = restore_into(live.get(key, _MISSING), child, tensors, _child(path, key))
-        return live
-    if kind == "l" and isinstance(live, list) and len(live) == len(value):
-        for i, child in enumerate(value):
-            live[i] = restore_into(live[i], child, tensors, _child(path, i))
-        return live
-    if kind == "t" and isinstance(live, tuple) and len(live) == len(value):
-        return tuple(restore_into(live[i], c, tensors, _child(path, i)) for i, c in enumerate(value))
-    return unflatten(node, tensors)
+            obj.load_state_dict(before)
+        except Exception as exc:  # noqa: BLE001 - the first failure is the one to raise
+            warnings.warn(f"asyncckpt: could not put {object_path} back after a failed restore: {exc}", stacklevel=4)

@@ -1,0 +1,464 @@
+"""restore and load_weights tell the truth: everything fits and is restored, or nothing is touched.
+
+Every case uses real modules and optimizers and compares the whole live state with a deep copy
+taken before the call, bit for bit, whenever an error is raised; ``strict=False`` must restore
+exactly the matching part and return the exact lists.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import asyncckpt
+from asyncckpt import CheckpointManager, RestoreResult, StateMismatchError
+from asyncckpt.cli import main as cli_main
+from asyncckpt.format import MANIFEST_NAME, seal_manifest, step_dir_name
+from asyncckpt.tree import flatten
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def snapshot(obj):
+    """A deep, detached copy of everything observable in a live state (objects by their state)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta":
+            return ("meta", tuple(obj.shape), obj.dtype)
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    if callable(getattr(obj, "state_dict", None)):
+        return ("object", type(obj).__name__, snapshot(obj.state_dict()))
+    return copy.deepcopy(obj)
+
+
+def assert_same(expected, actual, path="state"):
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), path
+        assert expected.dtype == actual.dtype and expected.shape == actual.shape, path
+        assert torch.equal(expected.reshape(-1).view(torch.uint8), actual.detach().reshape(-1).view(torch.uint8)), path
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(expected) == list(actual), path
+        for key in expected:
+            assert_same(expected[key], actual[key], f"{path}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert type(expected) is type(actual) and len(expected) == len(actual), path
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
+            assert_same(e, a, f"{path}[{i}]")
+    else:
+        assert expected == actual, path
+
+
+def unchanged(live, before):
+    assert_same(before, snapshot(live))
+
+
+def trained(seed: int = 0, bias: bool = True):
+    """A model with BatchNorm buffers and an AdamW that has stepped (so it has state)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8, bias=bias), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(16, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+@pytest.fixture
+def root(tmp_path):
+    return tmp_path / "ckpts"
+
+
+def save(root, step, state):
+    with CheckpointManager(root, keep_last=None) as mgr:
+        mgr.save(step, state).wait()
+
+
+def restore(root, state, **kwargs):
+    with CheckpointManager(root, keep_last=None) as mgr:
+        return mgr.restore(state, **kwargs)
+
+
+def saved_state():
+    model, opt = trained(0)
+    first = nn.Linear(3, 3)
+    return {"first": first, "model": model, "opt": opt, "step": 5, "extra": {"epoch": 3, "added": [1]}}
+
+
+def live_state(seed: int = 1, bias: bool = True):
+    torch.manual_seed(seed + 100)
+    model, opt = trained(seed, bias=bias)
+    return {"first": nn.Linear(3, 3), "model": model, "opt": opt, "step": 0, "extra": {"epoch": 0, "only_live": "x"}}
+
+
+# ---- strict (the default): a mismatch raises and nothing changes ---------------------------------
+
+
+def test_missing_and_unexpected_keys_raise_listing_paths_and_change_nothing(root):
+    save(root, 5, saved_state())
+    live = live_state(bias=False)  # the live model has no '0.bias'; its AdamW then has one param fewer
+    live["opt"] = torch.optim.AdamW(live["model"].parameters(), lr=1e-2)  # same param count as the model
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError) as excinfo:
+        restore(root, live)
+    message = str(excinfo.value)
+    assert "nothing was changed" in message
+    assert "state['model'].state_dict()['0.bias']" in message  # unexpected: only in the checkpoint
+    assert "state['extra']['only_live']" in message and "state['extra']['added']" in message
+    assert excinfo.value.missing_keys == ("state['extra']['only_live']",)
+    assert excinfo.value.unexpected_keys == ("state['model'].state_dict()['0.bias']", "state['extra']['added']")
+    unchanged(live, before)  # 'first', restored before the model in the old code, is untouched too
+
+
+def test_an_optimizer_with_other_param_groups_is_refused_before_anything_changes(root):
+    save(root, 5, saved_state())
+    live = live_state()
+    model = live["model"]
+    live["opt"] = torch.optim.AdamW(
+        [{"params": list(model[0].parameters())}, {"params": list(model[1].parameters()) + list(model[3].parameters())}]
+    )
+    before = snapshot(live)
+    for strict in (True, False):
+        with pytest.raises(StateMismatchError, match=re.escape("state['opt']") + ".*param group"):
+            restore(root, live, strict=strict)
+        unchanged(live, before)
+
+    # same number of groups, but a group of another size: torch raises inside load_state_dict
+    live["opt"] = torch.optim.AdamW(list(model.parameters())[:-1])
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError, match=r"param group 0 holds 6 parameters in the checkpoint, 5"):
+        restore(root, live)
+    unchanged(live, before)
+
+
+def test_shape_mismatch_is_an_error_in_both_modes(root):
+    save(root, 5, saved_state())
+    live = live_state()
+    live["first"] = nn.Linear(3, 4)
+    before = snapshot(live)
+    for strict in (True, False):
+        with pytest.raises(StateMismatchError, match=re.escape("state['first'].state_dict()['weight']") + ".*shape"):
+            restore(root, live, strict=strict)
+        unchanged(live, before)
+
+
+def test_a_live_module_where_the_checkpoint_holds_a_plain_dict_is_refused(root):
+    model, _ = trained(0)
+    save(root, 1, {"model": model.state_dict(), "w": torch.ones(2)})
+    live = {"model": trained(1)[0], "w": torch.zeros(2)}
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError, match=re.escape("state['model']") + ".*Sequential.*a dict"):
+        restore(root, live, strict=False)
+    unchanged(live, before)
+    assert isinstance(live["model"], nn.Sequential)  # the old code replaced the model by a dict
+
+    # the other way round a live state dict takes the checkpoint's tensors in place, as before
+    live = {"model": trained(1)[0].state_dict(), "w": torch.zeros(2)}
+    weight = live["model"]["0.weight"]
+    assert restore(root, live) == 1
+    assert live["model"]["0.weight"] is weight and torch.equal(weight, model[0].weight)
+
+
+def test_meta_tensors_are_named_and_nothing_changes(root):
+    save(root, 5, saved_state())
+    live = live_state()
+    with torch.device("meta"):
+        live["model"] = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    live["opt"] = torch.optim.AdamW(live["model"].parameters(), lr=1e-2)
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError) as excinfo:
+        restore(root, live)
+    message = str(excinfo.value)
+    assert "state['model'].state_dict()['0.weight']: a meta tensor" in message
+    assert "state['model'].state_dict()['1.running_mean']" in message
+    assert "state['opt'].state_dict()['state'][0]: its parameter is a meta tensor" in message
+    unchanged(live, before)
+
+
+def test_an_expanded_view_is_refused_before_anything_changes(root):
+    save(root, 1, {"a": torch.ones(5), "e": torch.ones(3, 4), "model": nn.Linear(2, 2)})
+    base = torch.zeros(4)
+    live = {"a": torch.zeros(5), "e": base.expand(3, 4), "model": nn.Linear(2, 2)}
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError, match=re.escape("state['e']") + ": .*overlap"):
+        restore(root, live)
+    unchanged(live, before)
+
+    # a module buffer that is an expanded view: torch's load_state_dict copied the others first
+    class Expanded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("table", torch.zeros(4).expand(3, 4))
+
+    saved = Expanded()
+    saved.table = torch.ones(3, 4)
+    save(root, 2, {"model": saved})
+    live = {"model": Expanded()}
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError, match=re.escape("state['model'].state_dict()['table']") + ": .*overlap"):
+        restore(root, live, step=2)
+    unchanged(live, before)
+
+
+def test_an_inference_tensor_is_refused_before_anything_changes(root):
+    save(root, 1, {"a": torch.ones(2), "b": torch.ones(2)})
+    with torch.inference_mode():
+        frozen = torch.zeros(2)
+    live = {"a": torch.zeros(2), "b": frozen}
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError, match=re.escape("state['b']") + ": .*inference"):
+        restore(root, live)
+    unchanged(live, before)
+
+
+def test_a_failing_object_rolls_back_the_objects_restored_before_it(root):
+    model, opt = trained(0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    sampler = asyncckpt.ResumableSampler(10, seed=1)
+    save(root, 3, {"model": model, "opt": opt, "sched": sched, "sampler": sampler})
+
+    live_model, live_opt = trained(1)
+    live_sched = torch.optim.lr_scheduler.StepLR(live_opt, step_size=1)
+    live = {"model": live_model, "opt": live_opt, "sched": live_sched, "sampler": asyncckpt.ResumableSampler(11)}
+    before = snapshot(live)
+    with pytest.raises(asyncckpt.CheckpointError, match=re.escape("state['sampler']") + ".*length mismatch"):
+        restore(root, live)
+    unchanged(live, before)  # the scheduler loaded before the sampler was put back; the model was not touched
+
+
+def test_the_message_is_capped_but_the_lists_are_whole(root):
+    save(root, 1, {"model": nn.Sequential(*[nn.Linear(1, 1) for _ in range(60)])})
+    live = {"model": nn.Sequential(*[nn.Linear(1, 1, bias=False) for _ in range(60)])}
+    with pytest.raises(StateMismatchError) as excinfo:
+        restore(root, live)
+    assert len(excinfo.value.unexpected_keys) == 60
+    message = str(excinfo.value)
+    assert "and 50 more" in message and len(message) < 3000
+
+
+# ---- strict=False: restore exactly the matching part, return the exact lists ---------------------
+
+
+def test_strict_false_restores_exactly_the_matching_part_and_returns_the_lists(root):
+    state = saved_state()
+    save(root, 5, state)
+    live = live_state(bias=False)
+    del live["opt"]  # an optimizer over other parameters could not take even part of the checkpoint
+    with torch.device("meta"):
+        live["lazy"] = torch.empty(3)
+    live["expanded"] = torch.zeros(2).expand(2, 2)
+    expanded = snapshot(live["expanded"])
+
+    result = restore(root, live, strict=False)
+
+    assert isinstance(result, RestoreResult)
+    assert result == RestoreResult(
+        step=5,
+        missing_keys=("state['extra']['only_live']", "state['lazy']", "state['expanded']"),
+        unexpected_keys=("state['model'].state_dict()['0.bias']", "state['opt']", "state['extra']['added']"),
+        skipped=(),
+    )
+    model = live["model"]
+    saved_model = state["model"]
+    for name in ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(model.state_dict()[name], saved_model.state_dict()[name]), name
+    assert torch.equal(model[3].weight, saved_model[3].weight)
+    assert live["step"] == 5 and live["extra"] == {"epoch": 3, "only_live": "x"}  # 'added' not added
+    assert torch.equal(live["first"].weight, state["first"].weight)
+    assert live["lazy"].device.type == "meta"
+    assert_same(expanded, live["expanded"])
+
+
+def test_strict_false_skips_meta_and_unwritable_leaves_and_reports_them(root):
+    saved = {"a": torch.ones(3), "m": torch.ones(2), "e": torch.ones(3, 4), "model": nn.Linear(2, 2)}
+    save(root, 1, saved)
+    with torch.device("meta"):
+        meta_model = nn.Linear(2, 2)
+        meta = torch.empty(2)
+    live = {"a": torch.zeros(3), "m": meta, "e": torch.zeros(4).expand(3, 4), "model": meta_model}
+    result = restore(root, live, strict=False)
+    assert result == RestoreResult(
+        1,
+        missing_keys=(),
+        unexpected_keys=(),
+        skipped=(
+            "state['m']",
+            "state['e']",
+            "state['model'].state_dict()['weight']",
+            "state['model'].state_dict()['bias']",
+        ),
+    )
+    assert torch.equal(live["a"], torch.ones(3))
+    assert live["m"] is meta and meta_model.weight.device.type == "meta"
+    assert torch.equal(live["e"], torch.zeros(3, 4))
+
+
+def test_strict_false_with_other_optimizer_hyperparameters_keeps_the_live_ones(root):
+    model, _ = trained(0)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    save(root, 1, {"opt": sgd})
+    live_model, _ = trained(1)
+    adamw = torch.optim.AdamW(live_model.parameters(), lr=0.01, betas=(0.8, 0.9))
+    before = snapshot({"opt": adamw})
+    with pytest.raises(StateMismatchError, match=re.escape("state['opt'].state_dict()['param_groups'][0]['betas']")):
+        restore(root, {"opt": adamw})
+    unchanged({"opt": adamw}, before)
+
+    result = restore(root, {"opt": adamw}, strict=False)
+    group = "state['opt'].state_dict()['param_groups'][0]"
+    assert f"{group}['betas']" in result.missing_keys and f"{group}['momentum']" in result.unexpected_keys
+    assert adamw.param_groups[0]["lr"] == 0.5 and adamw.param_groups[0]["betas"] == (0.8, 0.9)
+    assert "momentum" not in adamw.param_groups[0]
+    assert adamw.param_groups[0]["params"] == list(live_model.parameters())
+
+
+def test_a_fresh_optimizer_takes_a_stepped_ones_state(root):
+    model, opt = trained(0)
+    save(root, 1, {"model": model, "opt": opt})
+    live_model, _ = trained(1)
+    live_opt = torch.optim.AdamW(live_model.parameters(), lr=0.5)  # no state yet: that is no mismatch
+    assert restore(root, {"model": live_model, "opt": live_opt}) == 1
+    for p, q in zip(model.parameters(), live_model.parameters(), strict=True):
+        assert torch.equal(opt.state[p]["exp_avg"], live_opt.state[q]["exp_avg"])
+
+
+def test_strict_false_on_an_empty_root_returns_an_empty_result(root):
+    live = {"w": torch.zeros(2)}
+    assert restore(root, live, strict=False) == RestoreResult(None, (), (), ())
+    assert restore(root, live) is None
+
+
+# ---- load_weights ---------------------------------------------------------------------------------
+
+
+def test_load_weights_strict_refuses_a_mismatch_without_a_partial_copy(root):
+    model, opt = trained(0)
+    save(root, 7, {"model": model, "opt": opt})
+    live, _ = trained(1, bias=False)
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError, match=r"unexpected in the checkpoint \(1\): 0.bias"):
+        asyncckpt.load_weights(root, live)
+    unchanged(live, before)  # torch's own strict load copied every matching tensor before raising
+
+    result = asyncckpt.load_weights(root, live, strict=False)
+    assert result == RestoreResult(7, missing_keys=(), unexpected_keys=("0.bias",), skipped=())
+    assert torch.equal(live[0].weight, model[0].weight) and torch.equal(live[1].running_var, model[1].running_var)
+
+
+def test_load_weights_reports_missing_keys_and_meta_tensors(root):
+    save(root, 2, {"model": nn.Linear(2, 2)})
+    live = nn.Sequential()
+    live.add_module("lin", nn.Linear(2, 2))
+    with pytest.raises(StateMismatchError):
+        asyncckpt.load_weights(root, live)
+    result = asyncckpt.load_weights(root, live, strict=False)
+    assert result == RestoreResult(2, ("lin.weight", "lin.bias"), ("weight", "bias"), ())
+
+    with torch.device("meta"):
+        meta = nn.Linear(2, 2)
+    with pytest.raises(StateMismatchError, match="weight: a meta tensor"):
+        asyncckpt.load_weights(root, meta)
+    assert asyncckpt.load_weights(root, meta, strict=False) == RestoreResult(2, (), (), ("weight", "bias"))
+
+
+# ---- malformed module metadata is damage, found by verify and skipped by restore ----------------
+
+
+def _rewrite_metadata(path, change):
+    manifest = path / MANIFEST_NAME
+    body = json.loads(manifest.read_bytes())
+    del body["crc32"]
+    model_node = dict(body["tree"]["d"])["model"]["o"]
+    change(model_node)
+    manifest.write_bytes(seal_manifest(json.dumps(body, separators=(",", ":")).encode()))
+
+
+BAD_METADATA = {
+    "not a dict": lambda node: node.update(m=[1, 2]),
+    "entry not a dict": lambda node: node["m"].update({"": 5}),
+    "version not an int": lambda node: node["m"]["1"].update(version="2"),
+    "assign flag": lambda node: node["m"][""].update(assign_to_params_buffers=True),
+    "on a list node": lambda node: node.update(l=[], m={}) or node.pop("d"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_METADATA))
+def test_malformed_module_metadata_is_damage_and_restore_falls_back(root, case, capsys):
+    model, opt = trained(0)
+    save(root, 1, {"model": model, "opt": opt})
+    newer, newer_opt = trained(2)
+    save(root, 2, {"model": newer, "opt": newer_opt})
+    _rewrite_metadata(root / step_dir_name(2), BAD_METADATA[case])
+
+    assert cli_main(["verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"DAMAGED .*step-000000000002.*metadata", out), out
+    assert re.search(r"ok .*step-000000000001", out)
+
+    live, live_opt = trained(3)
+    with pytest.warns(UserWarning, match="step-000000000002"):
+        assert restore(root, {"model": live, "opt": live_opt}) == 1
+    assert torch.equal(live[1].running_mean, model[1].running_mean)
+    with pytest.warns(UserWarning, match="step-000000000002"):
+        assert asyncckpt.load_weights(root, trained(4)[0]) == 1
+
+
+def test_cls_must_be_a_short_string(root):
+    save(root, 1, {"model": nn.Linear(2, 2)})
+    manifest = root / step_dir_name(1) / MANIFEST_NAME
+    body = json.loads(manifest.read_bytes())
+    del body["crc32"]
+    dict(body["tree"]["d"])["model"]["cls"] = {"evil": 1}
+    manifest.write_bytes(seal_manifest(json.dumps(body, separators=(",", ":")).encode()))
+    with pytest.raises(asyncckpt.CheckpointError, match="cls"):
+        asyncckpt.load(root / step_dir_name(1))
+
+
+def test_save_refuses_metadata_a_reader_would_reject(root):
+    sd = nn.Linear(2, 2).state_dict()
+    sd._metadata[""]["version"] = "1"  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match=re.escape("state['w']._metadata") + ".*version"):
+        flatten({"w": sd})
+    good = nn.BatchNorm1d(2).state_dict()
+    assert flatten({"w": good}).skeleton["d"][0][1]["m"] == {"": {"version": 2}}
+
+
+# ---- the asyncio façade mirrors strict -----------------------------------------------------------
+
+
+def test_async_restore_mirrors_strict(root):
+    import asyncio
+
+    save(root, 4, {"w": torch.ones(2), "x": 1})
+
+    async def go():
+        async with asyncckpt.AsyncCheckpointManager(root) as mgr:
+            live = {"w": torch.zeros(2)}
+            with pytest.raises(StateMismatchError):
+                await mgr.restore(live)
+            assert torch.equal(live["w"], torch.zeros(2))
+            result = await mgr.restore(live, strict=False)
+            assert result == RestoreResult(4, (), ("state['x']",), ())
+            assert torch.equal(live["w"], torch.ones(2))
+
+    asyncio.run(go())
+
+
+def test_a_lazy_module_takes_its_shapes_from_the_checkpoint(root):
+    saved = nn.Linear(3, 2)
+    save(root, 1, {"model": saved})
+    lazy = nn.LazyLinear(2)
+    assert restore(root, {"model": lazy}) == 1
+    assert torch.equal(lazy.weight, saved.weight) and torch.equal(lazy.bias, saved.bias)
