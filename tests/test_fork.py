@@ -191,6 +191,7 @@ if pid == 0:
             ("steps", mgr.steps),
             ("tag", lambda: mgr.tag(1, "best")),
             ("prepare", lambda: mgr.prepare(state)),
+            ("install_signal_handlers", mgr.install_signal_handlers),
         ]:
             try:
                 call()
@@ -221,6 +222,7 @@ def test_any_use_of_the_parents_manager_in_a_forked_child_is_a_clear_error(tmp_p
             "steps",
             "tag",
             "prepare",
+            "install_signal_handlers",
             "closed",
         ]
         for line in lines[:-1]:

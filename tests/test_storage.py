@@ -428,3 +428,20 @@ def test_the_sweep_removes_a_manifest_temp_left_by_a_crashed_tag_rewrite(root):
     (step / "manifest.json.orig").write_bytes(b"a user's copy")
     LocalStorage(root).close()
     assert entries(step) == ["manifest.json", "manifest.json.orig"]
+
+
+def test_prune_refuses_a_lock_that_is_a_symlink_and_leaves_its_target_alone(tmp_path, root, capsys):
+    from asyncckpt.cli import main
+
+    storage = LocalStorage(root)
+    for step in (1, 2, 3):
+        make_checkpoint(storage, step)
+    storage.close()
+    outside = tmp_path / "precious.txt"
+    outside.write_bytes(b"do not truncate me\n")
+    os.unlink(root / ".lock")
+    os.symlink(outside, root / ".lock")
+    assert main(["prune", str(root), "--keep-last", "1"]) == 2
+    assert f"{root / '.lock'} is a symbolic link" in capsys.readouterr().err
+    assert outside.read_bytes() == b"do not truncate me\n"
+    assert [c.step for c in storage_mod.list_checkpoints(root)] == [1, 2, 3]

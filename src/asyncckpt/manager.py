@@ -355,6 +355,7 @@ class CheckpointManager:
         acts as it would have (SIGINT raises KeyboardInterrupt, SIGTERM ends the process...). A
         second such signal before that happens acts at once. Call from the main thread.
         """
+        self._check_owner()
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("install_signal_handlers must be called from the main thread")
         for signum in signals:
