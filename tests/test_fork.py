@@ -112,8 +112,14 @@ def test_a_multiprocessing_fork_worker_leaves_the_parent_holding_the_lock(tmp_pa
 
 
 FORK_DURING_A_SAVE = """
+import threading
+from asyncckpt.storage import DataFileWriter
+
+gate = threading.Event()  # the save's first write waits for it: in flight until the child is gone
+real_append = DataFileWriter.append
+DataFileWriter.append = lambda self, data: gate.wait() and real_append(self, data)
 mgr = CheckpointManager(root)
-handle = mgr.save(5, state)  # the write phase is slowed down: the save is in flight
+handle = mgr.save(5, state)
 pid = os.fork()
 if pid == 0:
     sys.exit(0)
@@ -129,15 +135,16 @@ else:
     print("child-hung", flush=True)
     sys.exit(0)
 print("child-exited", os.waitstatus_to_exitcode(status), "save-done-then", handle.done(), flush=True)
+gate.set()
 print("committed", handle.wait().name, flush=True)
 mgr.close()
 """
 
 
 def test_a_child_forked_during_a_save_exits_and_the_save_commits(tmp_path):
-    proc = spawn(tmp_path, FORK_DURING_A_SAVE, env={"ASYNCCKPT_PHASE_DELAY": "write=2"})
+    proc = spawn(tmp_path, FORK_DURING_A_SAVE)
     try:
-        # the child's exit does not wait for the parent's save: it is over before the save is
+        # the child's exit does not wait for the parent's save, which is held until the child is gone
         assert read_line(proc) == "child-exited 0 save-done-then False"
         assert read_line(proc) == "committed step-000000000005"
         finish(proc)
@@ -164,7 +171,9 @@ def test_the_lock_dies_with_its_holder_even_while_a_forked_child_lives(tmp_path)
         child = int(read_line(proc).split()[1])
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-        os.kill(child, 0)  # still alive
+        os.kill(child, 0)  # still alive, and without a descriptor of the lock file
+        lock = str(tmp_path / "ckpts" / ".lock")
+        assert lock not in [os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")]
         with CheckpointManager(tmp_path / "ckpts") as mgr:  # the dead trainer's lock is gone
             assert mgr.steps() == [1]
             mgr.save(2, {"w": torch.ones(3)}).wait()
