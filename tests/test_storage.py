@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
-from asyncckpt import CheckpointError
+from _waiting import run_with_timeout
+from asyncckpt import CheckpointError, RootInUseError
 from asyncckpt import storage as storage_mod
 from asyncckpt.storage import CommittedCheckpoint, LocalStorage
 
@@ -98,7 +100,7 @@ def test_sweep_reports_what_it_removed(store, root):
 def test_sweep_puts_back_a_checkpoint_parked_by_a_crashed_replace(root):
     """Crash between ``rename(final, parked)`` and ``rename(temp, final)``: the old one comes back."""
     root.mkdir()
-    parked = root / ".replaced-step-000000000005.abcd"
+    parked = root / ".replaced-step-000000000005.0000abcd"
     parked.mkdir()
     (parked / "manifest.json").write_bytes(b"old")
     (root / ".tmp-step-000000000005-12345678").mkdir()  # the new save that never got renamed
@@ -116,8 +118,8 @@ def test_sweep_drops_a_parked_checkpoint_once_its_replacement_committed(root):
     root.mkdir()
     (root / "step-000000000005").mkdir()
     (root / "step-000000000005" / "manifest.json").write_bytes(b"new")
-    (root / ".replaced-step-000000000005.abcd").mkdir()
-    (root / ".replaced-step-000000000005.abcd" / "manifest.json").write_bytes(b"old")
+    (root / ".replaced-step-000000000005.0000abcd").mkdir()
+    (root / ".replaced-step-000000000005.0000abcd" / "manifest.json").write_bytes(b"old")
     storage = LocalStorage(root)
     try:
         assert entries(root) == [".lock", "step-000000000005"]
@@ -223,5 +225,223 @@ def test_data_file_writer_reports_offsets(tmp_path):
     writer.sync_and_close()
     writer.close()
     assert (tmp_path / "data-00000.bin").read_bytes() == b"abcdefgh"
-    with pytest.raises(FileExistsError):
+    with pytest.raises(CheckpointError, match="data-00000.bin: File exists"):
         storage_mod.DataFileWriter(tmp_path / "data-00000.bin")
+
+
+# ---- nothing outside the root is touched: links and non-regular files are refused -------------------
+
+
+def test_a_lock_that_is_a_symlink_is_refused_and_its_target_left_alone(tmp_path, root):
+    root.mkdir()
+    outside = tmp_path / "precious.txt"
+    outside.write_bytes(b"do not truncate me\n")
+    os.symlink(outside, root / ".lock")
+    with pytest.raises(CheckpointError, match=r"\.lock is a symbolic link") as excinfo:
+        LocalStorage(root)
+    assert str(root / ".lock") in str(excinfo.value)
+    assert outside.read_bytes() == b"do not truncate me\n"
+    assert os.path.islink(root / ".lock")
+
+
+def test_a_dangling_lock_symlink_is_refused_and_nothing_is_created(tmp_path, root):
+    root.mkdir()
+    os.symlink(tmp_path / "would-be-created", root / ".lock")
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        LocalStorage(root)
+    assert not (tmp_path / "would-be-created").exists()
+
+
+def test_a_lock_that_is_a_fifo_is_refused_without_hanging(root):
+    root.mkdir()
+    os.mkfifo(root / ".lock")
+    with pytest.raises(CheckpointError, match=r"\.lock is not a regular file \(a FIFO\)"):
+        run_with_timeout(lambda: LocalStorage(root), timeout=30)
+
+
+def test_a_lock_that_is_a_directory_is_refused(root):
+    (root / ".lock").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"\.lock is a directory"):
+        LocalStorage(root)
+
+
+def test_a_second_writer_gets_root_in_use_error_naming_the_holder(store, root):
+    with pytest.raises(RootInUseError, match=f"in use by another writer \\(pid {os.getpid()}\\)"):
+        LocalStorage(root)
+    assert issubclass(RootInUseError, CheckpointError)
+
+
+@pytest.fixture
+def ro_mount(tmp_path):
+    """A small tmpfs, filled while writable, then remounted read-only (chmod does not stop root)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+
+    def make_read_only() -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
+
+    yield mnt, make_read_only
+    subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
+
+
+def test_a_read_only_root_is_a_checkpoint_error_that_says_so(ro_mount):
+    mnt, make_read_only = ro_mount
+    (mnt / "ckpts").mkdir()
+    make_read_only()
+    with pytest.raises(CheckpointError, match="read-only") as excinfo:
+        LocalStorage(mnt / "ckpts")
+    assert str(mnt / "ckpts") in str(excinfo.value)
+
+
+def test_a_read_only_root_with_a_lock_file_is_a_checkpoint_error_that_says_so(ro_mount):
+    mnt, make_read_only = ro_mount
+    LocalStorage(mnt / "ckpts").close()
+    make_read_only()
+    with pytest.raises(CheckpointError, match="read-only"):
+        LocalStorage(mnt / "ckpts")
+
+
+def test_a_root_that_cannot_be_created_on_a_read_only_filesystem(ro_mount):
+    mnt, make_read_only = ro_mount
+    make_read_only()
+    with pytest.raises(CheckpointError, match="cannot create checkpoint root .*read-only"):
+        LocalStorage(mnt / "a" / "ckpts")
+
+
+def test_the_parents_of_a_new_root_are_fsynced(tmp_path, monkeypatch):
+    """A fresh root's entry in its parent must be durable before its first checkpoint counts."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    LocalStorage(tmp_path / "a" / "b" / "ckpts").close()
+    assert str(tmp_path) in synced  # holds the new entry "a"
+    assert str(tmp_path / "a") in synced
+    assert str(tmp_path / "a" / "b") in synced
+    synced.clear()
+    LocalStorage(tmp_path / "a" / "b" / "ckpts").close()  # an existing root: nothing new to make durable
+    assert str(tmp_path / "a" / "b") not in synced
+
+
+def test_commit_refuses_a_step_name_that_is_a_symlink(tmp_path, store, root):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep.txt").write_bytes(b"mine")
+    os.symlink(outside, root / "step-000000000004")
+    temp = store.new_temp_dir(4)
+    with pytest.raises(CheckpointError, match="step-000000000004 .*symbolic link"):
+        store.commit(temp, 4)
+    assert os.path.islink(root / "step-000000000004")
+    assert entries(outside) == ["keep.txt"] and (outside / "keep.txt").read_bytes() == b"mine"
+
+
+def test_replace_manifest_refuses_a_checkpoint_dir_that_is_a_symlink(tmp_path, store, root):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "manifest.json").write_bytes(b"theirs")
+    os.symlink(outside, root / "step-000000000004")
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        store.replace_manifest(root / "step-000000000004", b"ours")
+    assert entries(outside) == ["manifest.json"] and (outside / "manifest.json").read_bytes() == b"theirs"
+
+
+def test_data_files_and_manifests_are_never_written_through_a_link(tmp_path, store):
+    temp = store.new_temp_dir(3)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"theirs")
+    os.symlink(outside, temp / "data-00000.bin")
+    os.symlink(outside, temp / "manifest.json")
+    with pytest.raises(CheckpointError, match="data-00000.bin"):
+        storage_mod.DataFileWriter(temp / "data-00000.bin")
+    with pytest.raises(CheckpointError, match="manifest.json"):
+        store.write_manifest(temp, b"ours")
+    assert outside.read_bytes() == b"theirs"
+
+
+# ---- the sweep touches only the names this library makes -----------------------------------------
+
+
+def test_the_sweep_leaves_other_tools_files_alone(root):
+    root.mkdir()
+    theirs = {
+        ".tmp-dataset-cache": "dir",
+        ".tmp-step-12-abc": "dir",
+        ".tmp-step-000000000010-1A2B3C4D": "dir",  # not a name we make (we write lowercase hex)
+        ".tmp-step-000000000010-1a2b3c4d.bak": "dir",
+        ".tmp-delete-my-things": "dir",
+        ".tmp-replaced-stuff": "dir",
+        ".replaced-config.yaml.bak": "file",
+        ".replaced-step-000000000005.bak": "dir",
+        ".tmpfile": "file",
+    }
+    for name, kind in theirs.items():
+        if kind == "dir":
+            (root / name).mkdir()
+            (root / name / "inside.txt").write_bytes(b"user data")
+        else:
+            (root / name).write_bytes(b"user data")
+    ours = [
+        ".tmp-step-000000000010-1a2b3c4d",
+        ".tmp-delete-step-000000000002-0badf00d",
+        ".tmp-replaced-deadbeef",
+        ".replaced-step-000000000007.cafe0123",  # its step-7 exists: the parked copy is dropped
+    ]
+    for name in ours:
+        (root / name).mkdir()
+    (root / "step-000000000007").mkdir()
+    storage = LocalStorage(root)
+    try:
+        assert entries(root) == sorted([*theirs, ".lock", "step-000000000007"])
+        for name, kind in theirs.items():
+            path = root / name / "inside.txt" if kind == "dir" else root / name
+            assert path.read_bytes() == b"user data", name
+    finally:
+        storage.close()
+
+
+def test_the_sweep_never_follows_or_renames_links(tmp_path, root):
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_bytes(b"mine")
+    os.symlink(outside, root / ".tmp-step-000000000010-1a2b3c4d")
+    os.symlink(outside, root / ".replaced-step-000000000005.1a2b3c4d")  # step-5 absent: not "put back"
+    LocalStorage(root).close()
+    assert entries(outside) == ["keep.txt"] and (outside / "keep.txt").read_bytes() == b"mine"
+    assert "step-000000000005" not in entries(root)
+
+
+def test_the_sweep_removes_a_manifest_temp_left_by_a_crashed_tag_rewrite(root):
+    root.mkdir()
+    step = root / "step-000000000003"
+    step.mkdir()
+    (step / "manifest.json").write_bytes(b"{}")
+    (step / "manifest.json..tmp-0badf00d").write_bytes(b"half")
+    (step / "manifest.json.orig").write_bytes(b"a user's copy")
+    LocalStorage(root).close()
+    assert entries(step) == ["manifest.json", "manifest.json.orig"]
+
+
+def test_prune_refuses_a_lock_that_is_a_symlink_and_leaves_its_target_alone(tmp_path, root, capsys):
+    from asyncckpt.cli import main
+
+    storage = LocalStorage(root)
+    for step in (1, 2, 3):
+        make_checkpoint(storage, step)
+    storage.close()
+    outside = tmp_path / "precious.txt"
+    outside.write_bytes(b"do not truncate me\n")
+    os.unlink(root / ".lock")
+    os.symlink(outside, root / ".lock")
+    assert main(["prune", str(root), "--keep-last", "1"]) == 2
+    assert f"{root / '.lock'} is a symbolic link" in capsys.readouterr().err
+    assert outside.read_bytes() == b"do not truncate me\n"
+    assert [c.step for c in storage_mod.list_checkpoints(root)] == [1, 2, 3]

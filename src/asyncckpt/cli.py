@@ -130,6 +130,12 @@ def _no_nan(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def _printable(text: str) -> str:
+    """Text from a log, safe for a terminal: control and other invisible characters are shown
+    escaped (``\\x1b``), so a log can neither move the cursor nor retitle the window."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _status(record: SaveRecord) -> str:
     return {True: "ok", False: "FAILED"}.get(record.ok, "?")
 
@@ -157,7 +163,7 @@ def _print_stats_table(records: list[SaveRecord], summary: dict) -> None:
     )
     for r in records:
         if r.ok is False:
-            print(f"step {r.step} failed: {r.error or 'no error recorded'}")
+            print(f"step {r.step} failed: {_printable(r.error or 'no error recorded')}")
     print()
     s = summary
     ratio = s["compression_ratio"]
@@ -244,8 +250,17 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         raise CheckpointError(f"no metrics log in {root} (no {METRICS_LOG})") from None
     except OSError as exc:
         raise CheckpointError(f"cannot read {root / METRICS_LOG}: {exc}") from None
+    if records.omitted_bytes:
+        from .metrics import MAX_LOG_BYTES, MAX_LOG_RECORDS  # read now: tests lower them
+
+        print(
+            f"asyncckpt: read only the end of {root / METRICS_LOG} (at most {MAX_LOG_BYTES} bytes and "
+            f"{MAX_LOG_RECORDS} lines): its first {records.omitted_bytes} bytes, older saves, are left out; "
+            "line numbers count from the first line read",
+            file=sys.stderr,
+        )
     for number, reason in records.skipped:
-        print(f"asyncckpt: skipped line {number} of {root / METRICS_LOG}: {reason}", file=sys.stderr)
+        print(f"asyncckpt: skipped line {number} of {root / METRICS_LOG}: {_printable(reason)}", file=sys.stderr)
     if not records:
         raise CheckpointError(f"no save records in {root / METRICS_LOG}")
     figure_cls = None
@@ -263,6 +278,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             "records": [asdict(r) for r in records],
             "summary": {key: _no_nan(value) for key, value in summary.items()},
             "skipped_lines": [{"line": number, "reason": reason} for number, reason in records.skipped],
+            "omitted_bytes": records.omitted_bytes,
         }
         print(json.dumps(out, indent=2))
     else:

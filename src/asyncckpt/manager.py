@@ -276,7 +276,7 @@ def _optimizer_owned(optimizers: list[torch.optim.Optimizer]) -> set[tuple]:
 def _fence_hook(ref: weakref.ReferenceType) -> Callable[..., None]:
     def hook(*args: Any, **kwargs: Any) -> None:
         manager = ref()
-        if manager is not None:
+        if manager is not None and manager._pid == os.getpid():  # inert in a forked child: no copy to wait for
             manager._fence()
 
     return hook
@@ -321,9 +321,9 @@ class CheckpointManager:
         self.max_pending = max_pending
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         self.snapshot = snapshot
+        self._pid = os.getpid()  # a forked child gets a copy of this object, but not its threads or lock
         self._storage = LocalStorage(root)
         self.root = self._storage.root
-        self.stats = SaveStats(self.root / METRICS_LOG)
         self._arenas = ArenaPool(pinned=torch.cuda.is_available())
         self._copier = CopyEngine()
         self._cond = threading.Condition()
@@ -338,6 +338,7 @@ class CheckpointManager:
         self._fence_lock = threading.Lock()
         self._hooks: dict[int, tuple[weakref.ReferenceType, list[Any]]] = {}  # id(obj) -> (obj, handles)
         try:
+            self.stats = SaveStats(self.root / METRICS_LOG)
             self._infos = {c.step: self._read_metrics(c) for c in self._storage.checkpoints()}
             self._pipeline = Pipeline(
                 self._storage, self.codec, self.workers, chunk_size, self._on_done, nice=background_nice
@@ -386,6 +387,7 @@ class CheckpointManager:
         acts as it would have (SIGINT raises KeyboardInterrupt, SIGTERM ends the process...). A
         second such signal before that happens acts at once. Call from the main thread.
         """
+        self._check_owner()
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("install_signal_handlers must be called from the main thread")
         for signum in signals:
@@ -393,6 +395,10 @@ class CheckpointManager:
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._pid != os.getpid():  # a forked child inherited the handler: act as if it never had it
+            self._restore_signal_handlers()
+            signal.raise_signal(signum)
+            return
         if self._preempted is not None:  # asked twice: stop waiting for the next step
             self._restore_signal_handlers()
             signal.raise_signal(signum)
@@ -419,6 +425,7 @@ class CheckpointManager:
         self, step: int, state: Any, metrics: dict | None = None, metadata: dict | None = None
     ) -> SaveHandle | None:
         """Save if the policy says this step is due; otherwise return None at once."""
+        self._check_owner()
         self.stats.step_seen(time.perf_counter())
         if self._preempted is not None:
             self._final_save_and_reraise(step, state, metrics, metadata)
@@ -635,6 +642,7 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until every pending save has committed or failed; raise if one failed."""
+        self._check_owner()
         self._fence()
         self._wait_pending()
         self._raise_background_errors()
@@ -648,6 +656,7 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
+        self._check_owner()
         return [c.step for c in self._storage.checkpoints()]
 
     @overload
@@ -721,13 +730,24 @@ class CheckpointManager:
 
     # ---- lifetime -----------------------------------------------------------------------------
 
+    def _check_owner(self) -> None:
+        """In a forked child this object is a copy without the writer threads or the lock: inert."""
+        if self._pid != os.getpid():
+            raise CheckpointError(
+                f"this CheckpointManager belongs to pid {self._pid}; a forked child cannot use it "
+                f"(this is pid {os.getpid()}). Open a manager in the child itself, on a root of its own"
+            )
+
     def _check_open(self) -> None:
+        self._check_owner()
         if self._closed:
             raise CheckpointError(f"CheckpointManager({self.root}) is closed")
 
     def close(self) -> None:
-        """Finish pending saves, stop the background threads, release the root's lock."""
-        if self._closed:
+        """Finish pending saves, stop the background threads, release the root's lock.
+
+        In a forked child it does nothing: the saves, threads and lock are the parent's."""
+        if self._closed or self._pid != os.getpid():
             return
         self._closed = True
         if self._previous_handlers and threading.current_thread() is threading.main_thread():

@@ -6,16 +6,30 @@ threads and is recorded so users can see where a save's time went.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
+import stat
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import CheckpointError
+from .storage import describe_file_kind, open_regular_no_follow
+
 METRICS_LOG = "asyncckpt-metrics.jsonl"
+# `read_log` reads at most the last MAX_LOG_BYTES (about 37,000 saves at ~450 bytes a record) and
+# parses at most the last MAX_LOG_RECORDS lines of them, so a huge or hostile log costs bounded
+# memory (under 100 MB); a line longer than MAX_LINE_BYTES is skipped unparsed.
+MAX_LOG_BYTES = 16 << 20
+MAX_LOG_RECORDS = 100_000
+MAX_LINE_BYTES = 64 << 10
+
+_log = logging.getLogger("asyncckpt")
 
 
 @dataclass
@@ -71,6 +85,9 @@ class SaveStats:
         self._records: list[SaveRecord] = []
         self._lock = threading.Lock()
         self._log_path = log_path
+        self._log_refused = False  # warned once that the log cannot be appended to
+        if log_path is not None:
+            _check_log(log_path)
         self._first_step: float | None = None  # perf_counter of the first and last maybe_save
         self._last_step: float | None = None
         self.deferred_saves = 0  # saves the policy put off because one was still in flight
@@ -89,12 +106,20 @@ class SaveStats:
         """Called on the writer thread once a save committed or failed."""
         if self._log_path is None:
             return
-        line = json.dumps(asdict(record)) + "\n"
+        line = (json.dumps(asdict(record)) + "\n").encode()
         try:
-            with open(self._log_path, "a") as log:
-                log.write(line)
+            fd = open_regular_no_follow(self._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except (CheckpointError, OSError) as exc:  # a link or a FIFO planted at its name: never followed
+            if not self._log_refused:  # metrics must never fail a checkpoint: say it once, go on
+                self._log_refused = True
+                _log.warning("asyncckpt: save records are not logged: %s", exc)
+            return
+        try:
+            os.write(fd, line)  # one append of under a page: whole, or (disk full) nothing worth keeping
         except OSError:
-            pass  # metrics must never fail a checkpoint
+            pass
+        finally:
+            os.close(fd)
 
     @property
     def records(self) -> list[SaveRecord]:
@@ -147,16 +172,35 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
     }
 
 
+def _check_log(path: Path) -> None:
+    """At open: a log that is a link or not a regular file is an error naming it, before any save."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CheckpointError(f"cannot check the metrics log {path}: {exc.strerror}") from exc
+    if stat.S_ISLNK(mode):
+        raise CheckpointError(f"{path} is a symbolic link; asyncckpt never follows links in a root (remove it)")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path} is not a regular file ({describe_file_kind(mode)}); remove it")
+
+
 class SaveLog(list[SaveRecord]):
     """The records read from a metrics log (a plain list of SaveRecord), plus the lines skipped.
 
     ``skipped`` holds ``(line_number, reason)`` for every non-empty line that is not a valid record:
-    typically one truncated last line after a crash mid-append.
+    typically one truncated last line after a crash mid-append. ``omitted_bytes`` counts the bytes
+    at the start of a log longer than the read limit that were not read (line numbers then count
+    from the first line read).
     """
 
-    def __init__(self, records: Iterable[SaveRecord] = (), skipped: Iterable[tuple[int, str]] = ()) -> None:
+    def __init__(
+        self, records: Iterable[SaveRecord] = (), skipped: Iterable[tuple[int, str]] = (), omitted_bytes: int = 0
+    ) -> None:
         super().__init__(records)
         self.skipped: list[tuple[int, str]] = list(skipped)
+        self.omitted_bytes = omitted_bytes
 
 
 _FIELDS = {f.name: f for f in fields(SaveRecord)}
@@ -192,20 +236,65 @@ def record_from_json(obj: Any) -> SaveRecord:
     return SaveRecord(**values)
 
 
-def read_log(root: str | os.PathLike) -> SaveLog:
+def read_log(root: str | os.PathLike, max_bytes: int | None = None) -> SaveLog:
     """The save records in ``root``'s metrics log, oldest first.
 
     Lines that are not valid records are skipped and listed in the result's ``skipped``: a crash
     while appending leaves a truncated last line, and that must not hide the rest of the log.
-    Raises FileNotFoundError if there is no log (OSError for other failures to read it).
+    Only a regular file is read, never through a link, and only its last ``max_bytes`` (default
+    MAX_LOG_BYTES) and MAX_LOG_RECORDS lines: a log that is a FIFO, a device or enormous costs
+    nothing unbounded.
+    Raises FileNotFoundError if there is no log, CheckpointError if it is not a regular file
+    (OSError for other failures to read it).
     """
-    log = SaveLog()
-    with open(Path(root) / METRICS_LOG, "rb") as file:
-        for number, raw in enumerate(file, start=1):
-            if not raw.strip():
-                continue
-            try:
-                log.append(record_from_json(json.loads(raw)))
-            except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # incl. JSON/Unicode errors
-                log.skipped.append((number, f"{type(exc).__name__}: {exc}"))
+    limit = MAX_LOG_BYTES if max_bytes is None else max_bytes
+    path = Path(root) / METRICS_LOG
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"{path} is a symbolic link; asyncckpt stats never follows links") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path} is not a regular file ({describe_file_kind(info.st_mode)})")
+        start = max(0, info.st_size - limit)
+        # the first line read is whole only if the byte before it ends a line
+        whole_first_line = start == 0 or os.pread(fd, 1, start - 1) == b"\n"
+        parts, got = [], 0
+        while got < limit:
+            part = os.pread(fd, min(limit - got, 1 << 20), start + got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    finally:
+        os.close(fd)
+    data = b"".join(parts)
+    del parts
+    log = SaveLog(omitted_bytes=start)
+    if not whole_first_line:  # the end of an older record: not a record
+        cut = data.find(b"\n") + 1 or len(data)
+        log.omitted_bytes += cut
+        data = data[cut:]
+    lines = data.split(b"\n")
+    del data
+    first, kept = len(lines), 0
+    while first > 0 and kept < MAX_LOG_RECORDS:
+        first -= 1
+        kept += bool(lines[first].strip())
+    if first > 0:
+        log.omitted_bytes += sum(len(line) + 1 for line in lines[:first])
+        del lines[:first]
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        if len(raw) > MAX_LINE_BYTES:
+            log.skipped.append((number, f"line longer than {MAX_LINE_BYTES} bytes"))
+            continue
+        try:
+            log.append(record_from_json(json.loads(raw)))
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # incl. JSON/Unicode errors
+            log.skipped.append((number, f"{type(exc).__name__}: {exc}"))
     return log
