@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import _phases
+from .catalog import checkpoint_info
 from .codec import CodecConfig
 from .errors import CheckpointError
 from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, check_tags
@@ -306,7 +307,7 @@ class CheckpointManager:
         self._fence_lock = threading.Lock()
         self._hooks: dict[int, tuple[weakref.ReferenceType, list[Any]]] = {}  # id(obj) -> (obj, handles)
         try:
-            self._infos = {c.step: self._read_metrics(c) for c in self._storage.checkpoints()}
+            self._infos = {c.step: checkpoint_info(c) for c in self._storage.checkpoints()}
             self._pipeline = Pipeline(
                 self._storage, self.codec, self.workers, chunk_size, self._on_done, nice=background_nice
             )
@@ -639,13 +640,6 @@ class CheckpointManager:
         if restore_into(state, tree, loaded.tensors) is not state:
             raise CheckpointError("unreachable: the root was checked to be updatable in place")
         return loaded.manifest.step
-
-    def _read_metrics(self, checkpoint: CommittedCheckpoint) -> CheckpointInfo:
-        try:
-            manifest = read_manifest(checkpoint.path)
-            return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
-        except CheckpointError:
-            return CheckpointInfo(checkpoint.step, {})
 
     def tag(self, step: int, *tags: str) -> list[str]:
         """Add tags to a committed checkpoint; tagged checkpoints are kept by retention."""

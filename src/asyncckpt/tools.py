@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from .catalog import checkpoint_infos
 from .errors import CheckpointError
 from .format import MANIFEST_NAME, Manifest
 from .reader import read_checkpoint, read_manifest
-from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
+from .retention import RetentionPolicy, steps_to_delete
 from .storage import LocalStorage, list_checkpoints
 from .tree import unflatten
 
@@ -523,28 +524,17 @@ class Pruned:
     deleted: list[int]  # or, with dry_run, would be deleted
 
 
-def _infos(checkpoints) -> list[CheckpointInfo]:
-    infos = []
-    for c in checkpoints:
-        try:
-            metrics = read_manifest(c.path).metrics
-        except CheckpointError:
-            metrics = {}  # a damaged checkpoint has no metrics: only keep_last / keep_every can keep it
-        infos.append(CheckpointInfo(c.step, metrics))
-    return infos
-
-
 def prune(root: Path, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
     """Delete what ``policy`` does not keep; takes the root's writer lock unless ``dry_run``."""
     root = resolve_root(root)
     if dry_run:
         committed = list_checkpoints(root)
-        doomed = set(steps_to_delete(_infos(committed), policy))
+        doomed = set(steps_to_delete(checkpoint_infos(committed), policy))
         return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed))
     storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
     try:
         committed = storage.checkpoints()
-        doomed = set(steps_to_delete(_infos(committed), policy))
+        doomed = set(steps_to_delete(checkpoint_infos(committed), policy))
         for c in committed:
             if c.step in doomed:
                 storage.delete(c)
