@@ -45,3 +45,44 @@ def test_prune_keeps_a_tagged_checkpoint(root, capsys):
     assert code == 0
     assert remaining(root) == [1, 4]
     assert (root / step_dir_name(1) / "manifest.json").exists()
+
+
+def test_prune_needs_no_keep_last_when_another_rule_is_given(root, capsys):
+    code, out, _ = cli(capsys, "prune", root, "--keep-best", "1", "--metric", "loss")
+    assert code == 0, out
+    assert remaining(root) == [2, 4]  # the best (0.1) and the newest
+
+
+def test_prune_keep_every_alone(root, capsys):
+    assert cli(capsys, "prune", root, "--keep-every", "2")[0] == 0
+    assert remaining(root) == [2, 4]
+
+
+def test_prune_without_any_rule_is_a_usage_error(root, capsys):
+    code, _, err = cli(capsys, "prune", root)
+    assert code == 2 and "asyncckpt: error:" in err and "--keep-last" in err
+    assert remaining(root) == STEPS
+
+
+def test_prune_refuses_a_folder_that_is_not_a_root_and_leaves_no_lock(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"meow")
+    for extra in ([], ["--dry-run"]):
+        code, _, err = cli(capsys, "prune", folder, "--keep-last", "1", *extra)
+        assert code == 2 and err.startswith("asyncckpt: error:") and "not a checkpoint root" in err
+        assert sorted(p.name for p in folder.iterdir()) == ["cat.jpg"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = cli(capsys, "prune", empty, "--keep-last", "1")
+    assert code == 2 and "not a checkpoint root" in err
+    assert list(empty.iterdir()) == []
+
+
+def test_prune_of_a_root_with_no_checkpoint_left_deletes_nothing(tmp_path, capsys):
+    root = tmp_path / "ckpts"
+    CheckpointManager(root).close()  # a root a manager opened, but no checkpoint committed yet
+    before = sorted(p.name for p in root.iterdir())
+    code, out, _ = cli(capsys, "prune", root, "--keep-last", "1")
+    assert code == 0 and "deleted 0, kept 0" in out
+    assert sorted(p.name for p in root.iterdir()) == before

@@ -312,10 +312,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from . import tools
 
+    if args.keep_last is None and args.keep_best is None and args.keep_every is None:
+        raise CheckpointError("prune needs a rule: --keep-last N, --keep-best K --metric M, or --keep-every S")
     if args.keep_best is not None and not args.metric:
         raise CheckpointError("--keep-best needs --metric (the name of a metric passed to save)")
+    keep_last = 1 if args.keep_last is None else args.keep_last  # the newest is always kept
     try:
-        policy = RetentionPolicy(args.keep_last, args.keep_best, args.metric, args.mode, args.keep_every)
+        policy = RetentionPolicy(keep_last, args.keep_best, args.metric, args.mode, args.keep_every)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
     result = tools.prune(Path(args.root), policy, dry_run=args.dry_run)
@@ -388,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_cmd_export)
     prune = sub.add_parser("prune", help="delete the checkpoints a retention policy does not keep")
     prune.add_argument("root")
-    prune.add_argument("--keep-last", type=int, required=True, metavar="N")
+    prune.add_argument("--keep-last", type=int, metavar="N")
     prune.add_argument("--keep-best", type=int, metavar="K")
     prune.add_argument("--metric", metavar="M")
     prune.add_argument("--mode", choices=["min", "max"], default="min")

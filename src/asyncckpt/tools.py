@@ -23,10 +23,11 @@ import torch
 
 from .catalog import checkpoint_infos
 from .errors import CheckpointError
-from .format import MANIFEST_NAME, Manifest
+from .format import MANIFEST_NAME, Manifest, parse_step_dir
+from .metrics import METRICS_LOG
 from .reader import read_checkpoint, read_manifest
-from .retention import RetentionPolicy, steps_to_delete
-from .storage import LocalStorage, list_checkpoints
+from .retention import RetentionPolicy, best_metric_missing, steps_to_delete
+from .storage import LOCK_NAME, TEMP_PREFIX, CommittedCheckpoint, LocalStorage, list_checkpoints
 from .tree import unflatten
 
 Progress = Callable[[int], None]  # called with each increment of bytes done
@@ -524,11 +525,35 @@ class Pruned:
     deleted: list[int]  # or, with dry_run, would be deleted
 
 
+def _is_asyncckpt_name(name: str) -> bool:
+    return name in (LOCK_NAME, METRICS_LOG) or name.startswith(TEMP_PREFIX) or parse_step_dir(name) is not None
+
+
+def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckpoint]:
+    """The committed checkpoints, once ``root`` is known to be a checkpoint root and the policy's
+    metric to exist: checked before the lock is taken, so a wrong folder gets no ``.lock``."""
+    committed = list_checkpoints(root)
+    if not committed and not any(_is_asyncckpt_name(entry.name) for entry in os.scandir(root)):
+        raise CheckpointError(f"{root} is not a checkpoint root: it holds no checkpoint and no asyncckpt files")
+    infos = checkpoint_infos(committed)
+    if committed and best_metric_missing(infos, policy):
+        present = sorted({name for info in infos for name in info.metrics})
+        raise CheckpointError(
+            f"no checkpoint in {root} has the metric {policy.best_metric!r} "
+            f"(metrics there: {', '.join(present) or 'none'}); nothing deleted"
+        )
+    return committed
+
+
 def prune(root: Path, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
-    """Delete what ``policy`` does not keep; takes the root's writer lock unless ``dry_run``."""
+    """Delete what ``policy`` does not keep; takes the root's writer lock unless ``dry_run``.
+
+    A folder that is not a checkpoint root, or a ``keep_best`` metric no checkpoint carries, is a
+    CheckpointError before anything is touched.
+    """
     root = resolve_root(root)
-    if dry_run:
-        committed = list_checkpoints(root)
+    committed = _check_prunable(root, policy)
+    if dry_run or not committed:
         doomed = set(steps_to_delete(checkpoint_infos(committed), policy))
         return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed))
     storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
