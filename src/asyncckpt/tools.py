@@ -12,8 +12,8 @@ import datetime
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from .format import MANIFEST_NAME, Manifest, parse_step_dir
 from .metrics import METRICS_LOG
 from .reader import read_checkpoint, read_manifest
 from .retention import RetentionPolicy, best_metric_missing, steps_to_delete
-from .storage import LOCK_NAME, TEMP_PREFIX, CommittedCheckpoint, LocalStorage, list_checkpoints
+from .storage import LOCK_NAME, TEMP_PREFIX, CommittedCheckpoint, LocalStorage, fsync_dir, list_checkpoints
 from .tree import unflatten
 
 Progress = Callable[[int], None]  # called with each increment of bytes done
@@ -142,11 +142,13 @@ def inspect_checkpoint(path: Path) -> dict:
     }
 
 
-def _created_text(created: float) -> str:
+def format_created(created: float) -> str:
+    """A creation time as every command shows it: ISO 8601 UTC to the second, ``2026-11-30T06:00:00Z``."""
     try:
-        return datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat(timespec="seconds")
+        when = datetime.datetime.fromtimestamp(created, datetime.timezone.utc)
     except (OverflowError, OSError, ValueError):
-        return str(created)
+        return f"{created} s after the epoch"  # beyond the calendar datetime knows
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def format_inspect(info: dict) -> str:
@@ -154,7 +156,7 @@ def format_inspect(info: dict) -> str:
     lines = [
         f"checkpoint  {info['path']}",
         f"step        {info['step']}",
-        f"created     {_created_text(info['created'])}",
+        f"created     {format_created(info['created'])}",
         f"size        {info['raw_bytes']} bytes raw, {info['stored_bytes']} stored ({ratio}), "
         f"{info['tensors']} tensors in {info['chunks']} chunks",
         f"metrics     {json.dumps(info['metrics'])}",
@@ -217,18 +219,32 @@ def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
-def _leaf_values(path: Path) -> tuple[Manifest, dict[str, Any]]:
+def _leaf_values(path: Path, progress: Progress | None) -> tuple[Manifest, dict[str, Any]]:
     loaded = read_checkpoint(path)
+    if progress is not None:
+        progress(loaded.manifest.stored_bytes)
     out: dict[str, Any] = {}
     for leaf in leaves(loaded.manifest.tree):
         out[leaf.path] = loaded.tensors[leaf.index] if leaf.index is not None else (leaf.kind, leaf.value)
     return loaded.manifest, out
 
 
-def diff_checkpoints(path_a: Path, path_b: Path) -> dict:
-    """Per leaf path: how B differs from A (reads and verifies both checkpoints)."""
-    manifest_a, a = _leaf_values(path_a)
-    manifest_b, b = _leaf_values(path_b)
+def diff_total_bytes(path_a: Path, path_b: Path) -> int:
+    """What ``diff_checkpoints``'s progress increments sum to: both checkpoints' stored bytes (read
+    and verified) and A's tensor bytes (compared), from the manifests alone."""
+    a, b = read_manifest(path_a), read_manifest(path_b)
+    return a.stored_bytes + b.stored_bytes + sum(t.nbytes for t in a.tensors)
+
+
+def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = None) -> dict:
+    """Per leaf path: how B differs from A (reads and verifies both checkpoints).
+
+    ``progress`` gets each checkpoint's stored bytes once it is read, then each compared tensor's
+    bytes in A; with ``diff_total_bytes`` as the total the bar ends at 100%.
+    """
+    manifest_a, a = _leaf_values(path_a, progress)
+    manifest_b, b = _leaf_values(path_b, progress)
+    compared = 0
     rows = []
     for name in [*a, *(k for k in b if k not in a)]:
         if name not in b:
@@ -240,6 +256,9 @@ def diff_checkpoints(path_a: Path, path_b: Path) -> dict:
         va, vb = a[name], b[name]
         if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
             rows.append({"path": name, **_compare_tensors(va, vb)})
+            if progress is not None:
+                progress(va.numel() * va.element_size())
+                compared += va.numel() * va.element_size()
         elif isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
             rows.append({"path": name, "status": "kind changed"})
         else:
@@ -248,6 +267,10 @@ def diff_checkpoints(path_a: Path, path_b: Path) -> dict:
             if not same:
                 row.update(a=va[1], b=vb[1])
             rows.append(row)
+    if progress is not None:
+        left = sum(t.nbytes for t in manifest_a.tensors) - compared  # uncompared and tied tensors
+        if left > 0:
+            progress(left)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
@@ -259,17 +282,25 @@ def diff_checkpoints(path_a: Path, path_b: Path) -> dict:
     }
 
 
+def differs(result: dict) -> bool:
+    """Whether a ``diff_checkpoints`` result shows any difference (the step aside)."""
+    return any(row["status"] != "equal" for row in result["leaves"])
+
+
 def _g(value: float | str) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def format_diff(result: dict) -> str:
+def format_diff(result: dict, all_leaves: bool = False) -> str:
+    """A header, one line per leaf that differs (every leaf with ``all_leaves``), and the counts."""
     lines = [
         f"A  {result['a']['path']} (step {result['a']['step']})",
         f"B  {result['b']['path']} (step {result['b']['step']})",
     ]
     for row in result["leaves"]:
         status = row["status"]
+        if status == "equal" and not all_leaves:
+            continue
         detail = ""
         if "max_abs_diff" in row:
             detail = f"  max_abs_diff={_g(row['max_abs_diff'])}  max_rel_diff={_g(row['max_rel_diff'])}"
@@ -283,7 +314,8 @@ def format_diff(result: dict) -> str:
             detail = "  (only in B)"
         lines.append(f"  {status:<19} {row['path']}{detail}")
     summary = ", ".join(f"{n} {status}" for status, n in sorted(result["counts"].items()))
-    lines.append(f"{len(result['leaves'])} leaves: {summary or 'none'}")
+    same = "the checkpoints differ" if differs(result) else "the checkpoints are equal"
+    lines.append(f"{len(result['leaves'])} leaves: {summary or 'none'}; {same}")
     return "\n".join(lines)
 
 
@@ -314,6 +346,25 @@ for _name, _code in (
         SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EXPORT_FORMATS = ("safetensors", "pt")
+# .bin: torch.save, as in Hugging Face's pytorch_model.bin
+EXPORT_EXTENSIONS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt"}
+
+
+def export_format(out: Path, fmt: str | None = None) -> str:
+    """The format to write ``out`` in: ``fmt`` when given (it must agree with a known extension),
+    else the one its extension names. A ValueError when they disagree or neither says."""
+    if fmt is not None and fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (use one of {', '.join(EXPORT_FORMATS)})")
+    by_name = EXPORT_EXTENSIONS.get(out.suffix.lower())
+    if fmt is None:
+        if by_name is None:
+            known = ", ".join(EXPORT_EXTENSIONS)
+            raise ValueError(f"cannot tell the format of {out} from its extension (known: {known}); give --format")
+        return by_name
+    if by_name is not None and by_name != fmt:
+        raise ValueError(f"--format {fmt} does not match the extension of {out} (a {by_name} file name)")
+    return fmt
 
 
 def _select(tree: Any, key: str) -> Any:
@@ -409,8 +460,20 @@ def safetensors_bytes_header(flat: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def _atomic_write(out: Path, write) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    """Write through a temp file in OUT's directory, then rename it over OUT and fsync the directory
+    (the rename survives a power cut). The file gets the mode any new file gets (0666 less the
+    umask), and a missing directory is an error: a typo must not create a tree."""
+    parent = out.parent
+    if not parent.is_dir():
+        reason = "is not a directory" if parent.exists() else "does not exist"
+        raise CheckpointError(f"cannot write {out}: its directory {parent} {reason}")
+    while True:
+        tmp = parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -423,6 +486,7 @@ def _atomic_write(out: Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
+    fsync_dir(parent)
 
 
 WRITE_SLICE = 64 << 20  # a huge tensor is written (and its progress reported) in slices of this many bytes
@@ -455,7 +519,7 @@ def write_export(
     step: int,
     flat: dict[str, torch.Tensor],
     key: str = "model",
-    fmt: str = "safetensors",
+    fmt: str | None = None,
     progress: Progress | None = None,
 ) -> int:
     """Write ``flat`` (from flat_export_dict) to ``out`` atomically; the tensor bytes written.
@@ -465,6 +529,10 @@ def write_export(
     """
     if out.is_dir():
         raise CheckpointError(f"output {out} is a directory")
+    try:
+        fmt = export_format(out, fmt)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     total = exported_bytes(flat)
     if fmt == "safetensors":
         metadata = {"format": "pt", "asyncckpt_step": str(step), "asyncckpt_key": key}
@@ -507,7 +575,7 @@ def export_checkpoint(
     out: Path,
     key: str = "model",
     dtype: str | None = None,
-    fmt: str = "safetensors",
+    fmt: str | None = None,
     progress: Progress | None = None,
 ) -> Exported:
     """Export the tensors under ``key`` of the checkpoint at ``path``; ``progress`` as in write_export."""
