@@ -52,7 +52,7 @@ def report_with(stalls: list[float], torch_stalls: list[float], fence: list[floa
         state_bytes=12000,
         steps=100,
         step_times=[0.01] * 90,
-        interval_steps=10,
+        policy="EverySeconds(1.5)",
         asyncckpt_stalls=stalls,
         torch_save_stalls=torch_stalls,
         compression_ratio=1.2,
@@ -82,7 +82,7 @@ def test_demo_reports_medians_and_ranges_of_its_own_run(tmp_path):
     report = run_demo(seconds=1.0, width=32, depth=1, root=str(tmp_path / "demo"), out=lines.append)
     assert report.restore_exact and report.restored_step > 0
     assert len(report.asyncckpt_stalls) >= 2 and len(report.torch_save_stalls) >= 2
-    assert len(report.step_times) > 0 and report.interval_steps >= 2
+    assert len(report.step_times) > 0 and report.policy == "EverySeconds(1.5)"
     text = lines[-1]
     for values in (report.asyncckpt_stalls, report.torch_save_stalls):
         s = Spread.of(values)
