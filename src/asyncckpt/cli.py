@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
@@ -509,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, UsageError) as exc:
         print(f"asyncckpt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `asyncckpt ls ROOT | head`: the reader has gone, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
