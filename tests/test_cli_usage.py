@@ -79,7 +79,16 @@ def test_every_option_of_every_command_has_help():
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["nosuch"], ["ls"], ["demo", "--seconds", "0"], ["demo", "--width", "x"], ["export", "a"]],
+    [
+        [],
+        ["nosuch"],
+        ["ls"],
+        ["demo", "--seconds", "0"],
+        ["demo", "--width", "x"],
+        ["demo", "--adaptive", "5"],
+        ["export", "a"],
+        ["prune", "r", "--keep-last", "many"],
+    ],
 )
 def test_usage_errors_exit_2_with_asyncckpt_error(capsys, argv):
     code, _, err = cli(capsys, *argv)

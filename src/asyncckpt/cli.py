@@ -16,6 +16,7 @@ from ._progress import format_bytes, progress_bar
 from .errors import CheckpointError
 from .format import MANIFEST_NAME, Manifest
 from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
+from .policy import Adaptive
 from .reader import read_manifest, verify_checkpoint
 from .retention import RetentionPolicy
 from .storage import list_checkpoints
@@ -54,8 +55,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         resolve_device(args.device)
+        if args.adaptive is not None:
+            Adaptive(max_overhead=args.adaptive)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"{exc}" if args.adaptive is None else f"--adaptive: {exc}") from None
     report = run_demo(
         seconds=args.seconds,
         width=args.width,
