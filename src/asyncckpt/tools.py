@@ -283,7 +283,7 @@ def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = Non
 
 
 def differs(result: dict) -> bool:
-    """Whether a ``diff_checkpoints`` result shows any difference (the step aside)."""
+    """Whether any leaf of a ``diff_checkpoints`` result differs (the manifests' step numbers are not leaves)."""
     return any(row["status"] != "equal" for row in result["leaves"])
 
 
