@@ -524,6 +524,8 @@ def write_export(
 ) -> int:
     """Write ``flat`` (from flat_export_dict) to ``out`` atomically; the tensor bytes written.
 
+    ``fmt`` None takes the format from ``out``'s extension (``export_format``).
+
     ``progress`` gets increments summing to exactly the tensor bytes: per tensor (huge ones per
     slice) for safetensors; for pt, as torch.save writes, the file's overhead left out.
     """
@@ -600,8 +602,12 @@ def _is_asyncckpt_name(name: str) -> bool:
 def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckpoint]:
     """The committed checkpoints, once ``root`` is known to be a checkpoint root and the policy's
     metric to exist: checked before the lock is taken, so a wrong folder gets no ``.lock``."""
-    committed = list_checkpoints(root)
-    if not committed and not any(_is_asyncckpt_name(entry.name) for entry in os.scandir(root)):
+    try:
+        committed = list_checkpoints(root)
+        names = [entry.name for entry in os.scandir(root)]
+    except OSError as exc:
+        raise CheckpointError(f"cannot list checkpoint root {root}: {exc.strerror}") from None
+    if not committed and not any(_is_asyncckpt_name(name) for name in names):
         raise CheckpointError(f"{root} is not a checkpoint root: it holds no checkpoint and no asyncckpt files")
     infos = checkpoint_infos(committed)
     if committed and best_metric_missing(infos, policy):
