@@ -250,3 +250,34 @@ def test_export_fsyncs_the_directory_after_the_rename(root, tmp_path, capsys, mo
     monkeypatch.setattr(os, "fsync", spy)
     assert cli(capsys, "export", ckpt(root, 1), "-o", out_dir / "m.safetensors")[0] == 0
     assert (str(out_dir), True) in synced
+
+
+def test_diff_reads_in_batches_and_its_progress_sums_to_the_total(tmp_path, monkeypatch):
+    from asyncckpt import tools
+
+    a = {f"t{i}": torch.full((1024,), float(i)) for i in range(6)}  # 4 KiB each
+    b = {**{k: v.clone() for k, v in a.items()}, "t5": torch.zeros(1024), "only_b": torch.ones(1024)}
+    b.pop("t0")
+    a["tied"] = a["t1"]  # one storage under two names
+    for name, state in (("a", a), ("b", b)):
+        with CheckpointManager(tmp_path / name, workers=1) as mgr:
+            mgr.save(1, state).wait()
+    pa, pb = ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1)
+    monkeypatch.setattr(tools, "DIFF_BATCH_BYTES", 8192)  # two tensors of A per batch
+    reads: list[int] = []
+    real_read = tools.read_checkpoint
+
+    def counting_read(path, *args, only=None, **kwargs):
+        assert only is not None  # never the whole checkpoint at once
+        reads.append(len(only))
+        return real_read(path, *args, only=only, **kwargs)
+
+    monkeypatch.setattr(tools, "read_checkpoint", counting_read)
+    calls: list[int] = []
+    result = tools.diff_checkpoints(pa, pb, progress=calls.append)
+    assert sum(calls) == tools.diff_total_bytes(pa, pb) == (6 + 6) * 4096
+    assert len(calls) >= 3 and max(reads) <= 3
+    status = {row["path"]: row["status"] for row in result["leaves"]}
+    assert status["state['t0']"] == "missing" and status["state['only_b']"] == "extra"
+    assert status["state['t5']"] == "different" and status["state['t1']"] == "equal"
+    assert status["state['tied']"] == "missing"

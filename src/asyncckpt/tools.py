@@ -219,58 +219,102 @@ def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
-def _leaf_values(path: Path, progress: Progress | None) -> tuple[Manifest, dict[str, Any]]:
-    loaded = read_checkpoint(path)
-    if progress is not None:
-        progress(loaded.manifest.stored_bytes)
-    out: dict[str, Any] = {}
-    for leaf in leaves(loaded.manifest.tree):
-        out[leaf.path] = loaded.tensors[leaf.index] if leaf.index is not None else (leaf.kind, leaf.value)
-    return loaded.manifest, out
+DIFF_BATCH_BYTES = 256 << 20  # diff holds about this many tensor bytes of each checkpoint at a time
+
+
+def _tensor_indexes(manifest: Manifest) -> list[int]:
+    return sorted({leaf.index for leaf in leaves(manifest.tree) if leaf.index is not None})
 
 
 def diff_total_bytes(path_a: Path, path_b: Path) -> int:
-    """What ``diff_checkpoints``'s progress increments sum to: both checkpoints' stored bytes (read
-    and verified) and A's tensor bytes (compared), from the manifests alone."""
-    a, b = read_manifest(path_a), read_manifest(path_b)
-    return a.stored_bytes + b.stored_bytes + sum(t.nbytes for t in a.tensors)
+    """What ``diff_checkpoints``'s progress increments sum to: every tensor byte of both checkpoints
+    (each is read, verified and compared once), from the manifests alone."""
+    total = 0
+    for path in (path_a, path_b):
+        manifest = read_manifest(path)
+        total += sum(manifest.tensors[i].nbytes for i in _tensor_indexes(manifest))
+    return total
+
+
+def _batches(pairs: list[tuple[int | None, int | None]], manifest_a: Manifest, manifest_b: Manifest):
+    """Consecutive runs of (A index, B index) pairs holding about DIFF_BATCH_BYTES of either side."""
+    batch: list[tuple[int | None, int | None]] = []
+    size_a = size_b = 0
+    for ia, ib in pairs:
+        batch.append((ia, ib))
+        size_a += manifest_a.tensors[ia].nbytes if ia is not None else 0
+        size_b += manifest_b.tensors[ib].nbytes if ib is not None else 0
+        if max(size_a, size_b) >= DIFF_BATCH_BYTES:
+            yield batch
+            batch, size_a, size_b = [], 0, 0
+    if batch:
+        yield batch
+
+
+def _read_some(path: Path, manifest: Manifest, wanted: set[int]) -> list[torch.Tensor | None]:
+    if not wanted:
+        return [None] * len(manifest.tensors)
+    return read_checkpoint(path, manifest=manifest, only=wanted).tensors
 
 
 def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = None) -> dict:
-    """Per leaf path: how B differs from A (reads and verifies both checkpoints).
+    """Per leaf path: how B differs from A. Every tensor of both checkpoints is read and verified,
+    a batch of about DIFF_BATCH_BYTES at a time, so memory stays bounded on any size.
 
-    ``progress`` gets each checkpoint's stored bytes once it is read, then each compared tensor's
-    bytes in A; with ``diff_total_bytes`` as the total the bar ends at 100%.
+    ``progress`` gets the tensor bytes of each batch read and compared; the increments sum to
+    ``diff_total_bytes``.
     """
-    manifest_a, a = _leaf_values(path_a, progress)
-    manifest_b, b = _leaf_values(path_b, progress)
-    compared = 0
+    manifest_a, manifest_b = read_manifest(path_a), read_manifest(path_b)
+    a = {leaf.path: leaf for leaf in leaves(manifest_a.tree)}
+    b = {leaf.path: leaf for leaf in leaves(manifest_b.tree)}
+    names = [*a, *(k for k in b if k not in a)]
+    # tensor pairs to compare, then the tensors of either side that have no partner: read to verify
+    pairs: dict[tuple[int | None, int | None], None] = {}
+    for name in names:
+        la, lb = a.get(name), b.get(name)
+        if la is not None and lb is not None and la.index is not None and lb.index is not None:
+            pairs[(la.index, lb.index)] = None
+    paired_a = {ia for ia, _ in pairs}
+    paired_b = {ib for _, ib in pairs}
+    pairs.update(((i, None), None) for i in _tensor_indexes(manifest_a) if i not in paired_a)
+    pairs.update(((None, i), None) for i in _tensor_indexes(manifest_b) if i not in paired_b)
+    compared: dict[tuple[int | None, int | None], dict] = {}
+    done_a: set[int] = set()
+    done_b: set[int] = set()
+    for batch in _batches(list(pairs), manifest_a, manifest_b):
+        want_a = {ia for ia, _ in batch if ia is not None} - done_a
+        want_b = {ib for _, ib in batch if ib is not None} - done_b
+        ta, tb = _read_some(path_a, manifest_a, want_a), _read_some(path_b, manifest_b, want_b)
+        for ia, ib in batch:
+            if ia is not None and ib is not None:
+                x = ta[ia] if ta[ia] is not None else _read_some(path_a, manifest_a, {ia})[ia]
+                y = tb[ib] if tb[ib] is not None else _read_some(path_b, manifest_b, {ib})[ib]
+                compared[(ia, ib)] = _compare_tensors(x, y)
+        done_a |= want_a
+        done_b |= want_b
+        if progress is not None:
+            nbytes = sum(manifest_a.tensors[i].nbytes for i in want_a)
+            nbytes += sum(manifest_b.tensors[i].nbytes for i in want_b)
+            if nbytes:
+                progress(nbytes)
     rows = []
-    for name in [*a, *(k for k in b if k not in a)]:
-        if name not in b:
+    for name in names:
+        la, lb = a.get(name), b.get(name)
+        if lb is None:
             rows.append({"path": name, "status": "missing"})  # in A only
-            continue
-        if name not in a:
+        elif la is None:
             rows.append({"path": name, "status": "extra"})  # in B only
-            continue
-        va, vb = a[name], b[name]
-        if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
-            rows.append({"path": name, **_compare_tensors(va, vb)})
-            if progress is not None:
-                progress(va.numel() * va.element_size())
-                compared += va.numel() * va.element_size()
-        elif isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
+        elif la.index is not None and lb.index is not None:
+            rows.append({"path": name, **compared[(la.index, lb.index)]})
+        elif la.index is not None or lb.index is not None:
             rows.append({"path": name, "status": "kind changed"})
         else:
+            va, vb = (la.kind, la.value), (lb.kind, lb.value)
             same = va == vb and type(va[1]) is type(vb[1])
             row = {"path": name, "status": "equal" if same else "different"}
             if not same:
                 row.update(a=va[1], b=vb[1])
             rows.append(row)
-    if progress is not None:
-        left = sum(t.nbytes for t in manifest_a.tensors) - compared  # uncompared and tied tensors
-        if left > 0:
-            progress(left)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
