@@ -281,3 +281,19 @@ def test_diff_reads_in_batches_and_its_progress_sums_to_the_total(tmp_path, monk
     assert status["state['t0']"] == "missing" and status["state['only_b']"] == "extra"
     assert status["state['t5']"] == "different" and status["state['t1']"] == "equal"
     assert status["state['tied']"] == "missing"
+
+
+def test_output_cut_short_by_the_reader_is_no_traceback(tmp_path):
+    root = tmp_path / "big"
+    with CheckpointManager(root, workers=1) as mgr:
+        mgr.save(1, {f"tensor_{i}": torch.zeros(1) for i in range(3000)}).wait()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncckpt.cli", "inspect", str(ckpt(root, 1)), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.read(10)  # like `| head -c 10`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
