@@ -420,7 +420,12 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="asyncckpt", description=__doc__)
+    parser = _Parser(
+        prog="asyncckpt",
+        description="Look after asyncckpt checkpoints: list, inspect, verify, compare, export and prune "
+        "them, read a root's save statistics, or run the demo. Exit status 2: a usage or checkpoint error.",
+        epilog="asyncckpt COMMAND --help describes each command's options.",
+    )
     parser.add_argument("--version", action="version", version=f"asyncckpt {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="train a small model with async checkpoints and report stalls")
