@@ -18,8 +18,8 @@ CLI_MD = REPO / "docs" / "cli.md"
 # what a user cannot follow: the project's issue numbers, a design file they do not have, and
 # promises about when something will be measured
 NOT_FOR_USERS = re.compile(
-    r"\bissue\s*#?\d+|\bissue's\b|DESIGN\.md|next (GPU|device) (run|session|task)|in the next task|this session|"
-    r"last session|not yet (measured|run)|has not run yet",
+    r"\bissue\s*#?\d+|\bissue's\b|DESIGN\.md|next (GPU|device) (run|session|task)|in the next task|"
+    r"(this|last|next) session",
     re.IGNORECASE,
 )
 
