@@ -262,7 +262,7 @@ SAVERS = {
     "torch.save": TorchSave,
     "torch.save-thread": TorchSaveThread,
     "dcp": DcpAsync,
-    "dcp-stager": DcpCachedStager,  # GPU only by default (the issue asks for it there)
+    "dcp-stager": DcpCachedStager,  # GPU only by default (a pinned, reused stager is a GPU feature)
 }
 
 

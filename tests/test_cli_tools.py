@@ -113,8 +113,8 @@ def test_diff_of_a_checkpoint_with_itself_is_all_equal(run, capsys):
 
 def test_diff_reports_max_abs_and_rel_per_tensor(run, capsys):
     root, weights = run
-    code, out, _ = cli(capsys, "diff", ckpt(root, 10), ckpt(root, 20), "--json")
-    assert code == 0
+    code, out, _ = cli(capsys, "diff", ckpt(root, 10), ckpt(root, 20), "--json", "--all")
+    assert code == 1
     rows = {row["path"]: row for row in json.loads(out)["leaves"]}
     for name in weights[10]:
         a, b = weights[10][name].double(), weights[20][name].double()
@@ -126,7 +126,7 @@ def test_diff_reports_max_abs_and_rel_per_tensor(run, capsys):
     assert rows["state['step']"] == {"path": "state['step']", "status": "different", "a": 10, "b": 20}
     assert rows["state['extra']['name']"]["status"] == "equal"
     code, text, _ = cli(capsys, "diff", ckpt(root, 10), ckpt(root, 20))
-    assert code == 0
+    assert code == 1
     assert "different           state['step']  10 -> 20" in text
     assert "max_abs_diff=" in text and "max_rel_diff=" in text
 
@@ -140,8 +140,8 @@ def test_diff_reports_missing_extra_dtype_shape_and_integer_changes(tmp_path, ca
     for name, state in (("a", a), ("b", b)):
         with CheckpointManager(tmp_path / name) as mgr:
             mgr.save(1, state).wait()
-    code, out, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1), "--json")
-    assert code == 0
+    code, out, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1), "--json", "--all")
+    assert code == 1
     rows = {row["path"]: row for row in json.loads(out)["leaves"]}
     assert rows["state['x']"]["status"] == "dtype/shape changed"
     assert rows["state['x']"]["a"] == {"dtype": "float32", "shape": [4]}
@@ -152,7 +152,7 @@ def test_diff_reports_missing_extra_dtype_shape_and_integer_changes(tmp_path, ca
     assert rows["state['only_a']"]["status"] == "missing"
     assert rows["state['only_b']"]["status"] == "extra"
     code, text, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1))
-    assert code == 0
+    assert code == 1
     assert "state['only_a']  (only in A)" in text and "state['only_b']  (only in B)" in text
     assert "float32(4,) -> float16(4,)" in text
 
@@ -191,6 +191,7 @@ def assert_bit_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
 def test_export_safetensors_is_bit_exact_with_the_state_dict(run, tmp_path, capsys):
     root, weights = run
     out = tmp_path / "export" / "model.safetensors"
+    out.parent.mkdir()
     code, text, _ = cli(capsys, "export", ckpt(root, 40), "-o", out)
     assert code == 0 and f"wrote {out}" in text
     tensors, metadata = read_safetensors(out)
@@ -353,8 +354,8 @@ def test_diff_nan_and_inf_give_strict_json(tmp_path, capsys):
     for name, state in states.items():
         with CheckpointManager(tmp_path / name) as mgr:
             mgr.save(1, state).wait()
-    code, out, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1), "--json")
-    assert code == 0
+    code, out, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1), "--json", "--all")
+    assert code == 1
 
     def no_constants(name):
         raise AssertionError(f"{name} is not JSON")
@@ -440,8 +441,7 @@ def test_verify_draws_no_bar_unless_stderr_is_a_terminal_or_forced(run, capsys, 
         monkeypatch.setattr(sys, "stderr", terminal)
         assert main([str(a) for a in argv]) == 0
         assert ("100%" in terminal.getvalue()) is shown
-    with pytest.raises(SystemExit):
-        main(["verify", str(root), "--progress", "--no-progress"])
+    assert main(["verify", str(root), "--progress", "--no-progress"]) == 2
 
 
 def test_verify_callback_gets_each_chunk_and_sums_to_the_stored_bytes(run):

@@ -224,4 +224,4 @@ def test_cli_demo_overlap(tmp_path):
     result = cli(*argv, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "asyncckpt (overlap snapshot)" in result.stdout and "bit-exact" in result.stdout
-    assert "the next optimizer step waited" in result.stdout
+    assert "fence wait at the next optimizer step" in result.stdout

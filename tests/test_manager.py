@@ -1,4 +1,4 @@
-"""End-to-end tests of CheckpointManager, asyncckpt.load and restore (DESIGN.md sections 3 and 4)."""
+"""End-to-end tests of CheckpointManager, asyncckpt.load and restore."""
 
 from __future__ import annotations
 
@@ -348,7 +348,7 @@ def test_tied_weights_are_saved_once_and_stay_tied(tmp_path, managers):
 def test_resume_continues_bit_identically(tmp_path, managers, make_training, rng):
     """Dropout draws from torch's RNG: it is carried as a plain tensor, or as asyncckpt.RNGState()."""
     if rng == "RNGState" and not hasattr(asyncckpt, "RNGState"):
-        pytest.fail("DESIGN.md section 3 names asyncckpt.RNGState(), the package has none")
+        pytest.fail("the README names asyncckpt.RNGState(), the package has none")
     total, k = 12, 5
     root = tmp_path / "ckpts"
     run = make_training(0, total)

@@ -1,4 +1,4 @@
-"""Overlap mode (issue 4): save returns before the lazy copy ends; fence at the next optimizer step.
+"""Overlap mode: save returns before the lazy copy ends; fence at the next optimizer step.
 
 Most tests slow the lazy copy down on purpose (the ``lazy_copy`` phase seam sleeps inside the copy
 thread), so training really runs while the copy is in flight: without the fence the optimizer step

@@ -1,4 +1,4 @@
-"""The zero-copy load of raw checkpoints (issue 7): compression=None data files are mapped, not read.
+"""The zero-copy load of raw checkpoints: compression=None data files are mapped, not read.
 
 Zero-copy is checked through /proc/self/maps: every loaded tensor's memory lies inside one private
 mapping of the checkpoint's data file, at the tensor's offset in that file. The read path is

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncckpt.retention import CheckpointInfo, RetentionPolicy, steps_to_delete
+from asyncckpt.retention import CheckpointInfo, RetentionPolicy, best_metric_missing, steps_to_delete
 
 STEPS = [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
 LOSSES = [0.9, 0.4, 0.7, 0.2, 0.8, 0.3, 0.6, 0.5, 0.95, 0.99]  # best: 400, 600, 200; worst: 1000
@@ -130,3 +130,17 @@ def test_newest_is_always_kept_even_when_it_is_the_worst():
 def test_invalid_policies_are_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RetentionPolicy(**kwargs)
+
+
+def test_keep_best_deletes_nothing_while_no_checkpoint_carries_its_metric():
+    committed = [CheckpointInfo(s, {"loss": 0.1 * s}) for s in (1, 2, 3, 4)]
+    policy = RetentionPolicy(keep_last=1, keep_best=1, best_metric="val_loss")
+    assert best_metric_missing(committed, policy)
+    assert steps_to_delete(committed, policy) == []
+    nan_only = [CheckpointInfo(s, {"val_loss": float("nan")}) for s in (1, 2, 3)]
+    assert steps_to_delete(nan_only, policy) == []
+    # once one checkpoint carries it, the rules apply as usual
+    committed.append(CheckpointInfo(5, {"val_loss": 0.3}))
+    assert not best_metric_missing(committed, policy)
+    assert kept(committed, policy) == [5]
+    assert not best_metric_missing(committed, RetentionPolicy(keep_last=1))

@@ -111,4 +111,5 @@ def test_ls_shows_tags_and_metadata(tmp_path, capsys):
     assert [(r["step"], r["tags"], r["metadata"]) for r in rows] == [(1, ["best"], {"run": "a"}), (2, [], {})]
     assert main(["ls", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "best" in lines[1] and lines[2].split()[3] == "-"
+    tags_column = lines[0].split().index("tags") + 1  # "created (UTC)": two words; a row's sizes: four (23 B)
+    assert lines[1].split()[tags_column] == "best" and lines[2].split()[tags_column] == "-"

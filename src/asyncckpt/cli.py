@@ -5,17 +5,41 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
-from ._progress import progress_bar
+from ._progress import format_bytes, progress_bar
 from .errors import CheckpointError
 from .format import MANIFEST_NAME, Manifest
 from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
+from .policy import Adaptive
 from .reader import read_manifest, verify_checkpoint
 from .retention import RetentionPolicy
 from .storage import list_checkpoints
+
+
+class UsageError(Exception):
+    """A command line that cannot run as given: ``asyncckpt: error: ...``, exit status 2."""
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a float becomes the string "nan", "inf" or "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _dump_json(value: Any) -> str:
+    """Strict JSON for every ``--json``: a parser that refuses NaN reads it."""
+    return json.dumps(_finite(value), indent=2, allow_nan=False)
 
 
 def _checkpoint_dirs(path: Path) -> list[Path]:
@@ -27,8 +51,14 @@ def _checkpoint_dirs(path: Path) -> list[Path]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import resolve_device, run_demo
 
+    try:
+        resolve_device(args.device)
+        if args.adaptive is not None:
+            Adaptive(max_overhead=args.adaptive)
+    except ValueError as exc:
+        raise UsageError(f"{exc}" if args.adaptive is None else f"--adaptive: {exc}") from None
     report = run_demo(
         seconds=args.seconds,
         width=args.width,
@@ -42,6 +72,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
+    from .tools import format_created
+
     rows = []
     for path in _checkpoint_dirs(Path(args.root)):
         try:
@@ -50,7 +82,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                 {
                     "step": m.step,
                     "path": str(path),
-                    "created": m.created,
+                    "created": format_created(m.created),
                     "raw_bytes": m.raw_bytes,
                     "stored_bytes": m.stored_bytes,
                     "ratio": m.raw_bytes / m.stored_bytes if m.stored_bytes else None,
@@ -63,16 +95,19 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             rows.append({"path": str(path), "manifest": f"invalid: {exc}"})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(_dump_json(rows))
         return 0
-    print(f"{'step':>12}  {'stored':>12}  {'ratio':>6}  {'tags':<16}  metrics")
+    print(f"{'step':>12}  {'created (UTC)':<20}  {'stored':>9}  {'raw':>9}  {'ratio':>6}  {'tags':<16}  metrics")
     for row in rows:
         if row["manifest"] != "ok":
             print(f"{'?':>12}  {row['path']}: {row['manifest']}")
             continue
         ratio = f"{row['ratio']:.3f}" if row["ratio"] else "-"
         tags = ",".join(row["tags"]) or "-"
-        print(f"{row['step']:>12}  {row['stored_bytes']:>12}  {ratio:>6}  {tags:<16}  {json.dumps(row['metrics'])}")
+        print(
+            f"{row['step']:>12}  {row['created']:<20}  {format_bytes(row['stored_bytes']):>9}  "
+            f"{format_bytes(row['raw_bytes']):>9}  {ratio:>6}  {tags:<16}  {json.dumps(_finite(row['metrics']))}"
+        )
     return 0
 
 
@@ -280,7 +315,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             "skipped_lines": [{"line": number, "reason": reason} for number, reason in records.skipped],
             "omitted_bytes": records.omitted_bytes,
         }
-        print(json.dumps(out, indent=2))
+        print(_dump_json(out))
     else:
         _print_stats_table(records, summary)
     if figure_cls is not None:
@@ -296,44 +331,60 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from . import tools
 
     info = tools.inspect_checkpoint(tools.resolve_checkpoint(args.ckpt))
-    print(json.dumps(info, indent=2) if args.json else tools.format_inspect(info))
+    if args.json:
+        print(_dump_json({**info, "created": tools.format_created(info["created"])}))
+    else:
+        print(tools.format_inspect(info))
     return 0
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     from . import tools
 
-    result = tools.diff_checkpoints(tools.resolve_checkpoint(args.ckpt_a), tools.resolve_checkpoint(args.ckpt_b))
-    print(json.dumps(result, indent=2) if args.json else tools.format_diff(result))
-    return 0
+    a, b = tools.resolve_checkpoint(args.ckpt_a), tools.resolve_checkpoint(args.ckpt_b)
+    with progress_bar(tools.diff_total_bytes(a, b), "diff", args.progress) as bar:
+        result = tools.diff_checkpoints(a, b, progress=bar.advance)
+    if args.json:
+        shown = result if args.all else {**result, "leaves": [r for r in result["leaves"] if r["status"] != "equal"]}
+        print(_dump_json(shown))
+    else:
+        print(tools.format_diff(result, all_leaves=args.all))
+    return 1 if tools.differs(result) else 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from . import tools
 
     out = Path(args.output)
+    try:
+        fmt = tools.export_format(out, args.format)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     step, flat, skipped = tools.flat_export_dict(tools.resolve_checkpoint(args.ckpt), args.key, args.dtype)
     with progress_bar(tools.exported_bytes(flat), "export", args.progress) as bar:
-        nbytes = tools.write_export(out, step, flat, key=args.key, fmt=args.format, progress=bar.advance)
+        nbytes = tools.write_export(out, step, flat, key=args.key, fmt=fmt, progress=bar.advance)
     if skipped:
         print(
             f"asyncckpt: left out {len(skipped)} non-tensor leaves: {', '.join(skipped[:5])}"
             + (" ..." if len(skipped) > 5 else ""),
             file=sys.stderr,
         )
-    print(f"wrote {out}: {len(flat)} tensors, {nbytes} bytes, step {step} key {args.key!r}")
+    print(f"wrote {out}: {len(flat)} tensors, {format_bytes(nbytes)} as {fmt}, step {step} key {args.key!r}")
     return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from . import tools
 
+    if args.keep_last is None and args.keep_best is None and args.keep_every is None:
+        raise UsageError("prune needs a rule: --keep-last N, --keep-best K --metric M, or --keep-every S")
     if args.keep_best is not None and not args.metric:
-        raise CheckpointError("--keep-best needs --metric (the name of a metric passed to save)")
+        raise UsageError("--keep-best needs --metric (the name of a metric passed to save)")
+    keep_last = 1 if args.keep_last is None else args.keep_last  # the newest is always kept
     try:
-        policy = RetentionPolicy(args.keep_last, args.keep_best, args.metric, args.mode, args.keep_every)
+        policy = RetentionPolicy(keep_last, args.keep_best, args.metric, args.mode, args.keep_every)
     except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     result = tools.prune(Path(args.root), policy, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for step in result.deleted:
@@ -355,72 +406,137 @@ def _add_progress_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="never draw one")
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as every other error: ``asyncckpt: error: ...`` on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"asyncckpt: error: {message}\n")
+
+
+def _version() -> str:
+    try:
+        return version("asyncckpt")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asyncckpt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="asyncckpt",
+        description="Look after asyncckpt checkpoints: list, inspect, verify, compare, export and prune "
+        "them, read a root's save statistics, or run the demo. Exit status 2: a usage or checkpoint error.",
+        epilog="asyncckpt COMMAND --help describes each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"asyncckpt {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="train a small model with async checkpoints and report stalls")
-    demo.add_argument("--seconds", type=float, default=30.0, help="training time (default 30)")
-    demo.add_argument("--width", type=int, default=1024)
-    demo.add_argument("--depth", type=int, default=6)
+    demo.add_argument(
+        "--seconds", type=_positive(float), default=30.0, help="how long to train, warm-up included (default 30)"
+    )
+    demo.add_argument("--width", type=_positive(int), default=1024, help="units per hidden layer (default 1024)")
+    demo.add_argument("--depth", type=_positive(int), default=6, help="hidden layers (default 6)")
     demo.add_argument("--root", help="keep checkpoints here (default: a temp dir, removed)")
     demo.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     demo.add_argument(
         "--snapshot", choices=["blocking", "overlap"], default="blocking", help="snapshot mode (default: blocking)"
     )
     demo.add_argument(
-        "--adaptive", type=float, metavar="MAX_OVERHEAD", help="use Adaptive(max_overhead=...) instead of every ~1.5 s"
+        "--adaptive",
+        type=_positive(float),
+        metavar="MAX_OVERHEAD",
+        help="checkpoint by Adaptive(max_overhead=...), e.g. 0.01, instead of about every 1.5 s",
     )
     demo.set_defaults(func=_cmd_demo)
     ls = sub.add_parser("ls", help="list the checkpoints in a root")
-    ls.add_argument("root")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("root", help="a checkpoint root (or one checkpoint directory)")
+    ls.add_argument("--json", action="store_true", help="print one object per checkpoint as JSON")
     ls.set_defaults(func=_cmd_ls)
     verify = sub.add_parser("verify", help="verify every checksum of a root or one checkpoint")
-    verify.add_argument("path")
+    verify.add_argument("path", help="a checkpoint root or one checkpoint directory")
     verify.add_argument("--json", action="store_true", help="print one {path, status, ...} per checkpoint")
     _add_progress_flags(verify)
     verify.set_defaults(func=_cmd_verify)
     stats = sub.add_parser("stats", help=f"per-save stall and persist times from a root's {METRICS_LOG}")
-    stats.add_argument("root")
+    stats.add_argument("root", help="a checkpoint root")
     stats.add_argument("--json", action="store_true", help="print {records, summary} as JSON")
     stats.add_argument("--plot", metavar="FILE.png", help="draw stall and persist per checkpoint (needs matplotlib)")
     stats.set_defaults(func=_cmd_stats)
     inspect = sub.add_parser("inspect", help="one checkpoint's step, sizes, metrics and tree (manifest only)")
-    inspect.add_argument("ckpt")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("ckpt", help="one checkpoint directory (ROOT/step-...)")
+    inspect.add_argument("--json", action="store_true", help="print the description as JSON")
     inspect.set_defaults(func=_cmd_inspect)
-    diff = sub.add_parser("diff", help="per-tensor differences between two checkpoints")
-    diff.add_argument("ckpt_a")
-    diff.add_argument("ckpt_b")
-    diff.add_argument("--json", action="store_true")
+    diff = sub.add_parser(
+        "diff", help="per-tensor differences between two checkpoints (exit status 1 when they differ)"
+    )
+    diff.add_argument("ckpt_a", help="checkpoint A (a checkpoint directory)")
+    diff.add_argument("ckpt_b", help="checkpoint B, compared with A")
+    diff.add_argument("--all", action="store_true", help="list equal leaves too (default: only differences)")
+    diff.add_argument("--json", action="store_true", help="print {a, b, counts, leaves} as JSON")
+    _add_progress_flags(diff)
     diff.set_defaults(func=_cmd_diff)
     export = sub.add_parser("export", help="write a subtree's tensors as safetensors or a flat torch.save dict")
-    export.add_argument("ckpt")
-    export.add_argument("-o", "--output", required=True, metavar="OUT")
+    export.add_argument("ckpt", help="one checkpoint directory (ROOT/step-...)")
+    export.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="the file to write (.safetensors, or .pt/.pth/.bin for torch.save); its directory must exist",
+    )
     export.add_argument("--key", default="model", help="subtree to export (default: model); dots go deeper")
     export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point tensors")
-    export.add_argument("--format", choices=["safetensors", "pt"], default="safetensors")
+    export.add_argument(
+        "--format",
+        choices=["safetensors", "pt"],
+        help="the file format (default: from OUT's extension; must agree with it)",
+    )
     _add_progress_flags(export)
     export.set_defaults(func=_cmd_export)
-    prune = sub.add_parser("prune", help="delete the checkpoints a retention policy does not keep")
-    prune.add_argument("root")
-    prune.add_argument("--keep-last", type=int, required=True, metavar="N")
-    prune.add_argument("--keep-best", type=int, metavar="K")
-    prune.add_argument("--metric", metavar="M")
-    prune.add_argument("--mode", choices=["min", "max"], default="min")
-    prune.add_argument("--keep-every", type=int, metavar="S")
+    prune = sub.add_parser(
+        "prune", help="delete the checkpoints a retention policy does not keep (the newest is always kept)"
+    )
+    prune.add_argument("root", help="a checkpoint root")
+    prune.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N")
+    prune.add_argument("--keep-best", type=int, metavar="K", help="keep the K best by --metric")
+    prune.add_argument("--metric", metavar="M", help="the metric --keep-best ranks by (a name passed to save)")
+    prune.add_argument(
+        "--mode", choices=["min", "max"], default="min", help="best is the lowest (min, default) or highest"
+    )
+    prune.add_argument("--keep-every", type=int, metavar="S", help="keep the steps that are multiples of S")
     prune.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     prune.set_defaults(func=_cmd_prune)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command line; returns the exit status (2: usage or checkpoint error)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
-    except CheckpointError as exc:
+    except (CheckpointError, UsageError) as exc:
         print(f"asyncckpt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `asyncckpt ls ROOT | head`: the reader has gone, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ from typing import Any, Literal, overload
 import torch
 
 from . import _phases
+from .catalog import checkpoint_info
 from .codec import CodecConfig
 from .errors import CheckpointError
 from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, check_tags
 from .metrics import METRICS_LOG, SaveRecord, SaveStats
-from .pipeline import Pipeline, SaveHandle, SaveJob
+from .pipeline import Pipeline, SaveHandle, SaveJob, _warn_from_writer
 from .policy import EverySteps, SavePolicy
 from .reader import LoadedCheckpoint, read_checkpoint, read_manifest
-from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
+from .retention import CheckpointInfo, RetentionPolicy, best_metric_missing, steps_to_delete
 from .staging import SMALL_COPY_BYTES, ArenaPool, CopyEngine, LazyCopy, plan_layout
 from .storage import CommittedCheckpoint, LocalStorage, list_checkpoints
 from .tree import RestoreResult, check_compatible, check_module, flatten, load_module, restore_into, unflatten
@@ -334,12 +335,13 @@ class CheckpointManager:
         self._infos_lock = threading.Lock()  # retention (writer thread) vs tag/untag (caller)
         self._preempted: int | None = None
         self._warned_behind = False
+        self._warned_no_best = False
         self._unfenced: list[LazyCopy] = []  # overlap copies not yet fenced, oldest first
         self._fence_lock = threading.Lock()
         self._hooks: dict[int, tuple[weakref.ReferenceType, list[Any]]] = {}  # id(obj) -> (obj, handles)
         try:
             self.stats = SaveStats(self.root / METRICS_LOG)
-            self._infos = {c.step: self._read_metrics(c) for c in self._storage.checkpoints()}
+            self._infos = {c.step: checkpoint_info(c) for c in self._storage.checkpoints()}
             self._pipeline = Pipeline(
                 self._storage, self.codec, self.workers, chunk_size, self._on_done, nice=background_nice
             )
@@ -617,6 +619,13 @@ class CheckpointManager:
     def _apply_retention(self, protect: int) -> None:
         committed = {c.step: c for c in self._storage.checkpoints()}
         infos = [self._infos.get(s) or CheckpointInfo(s, {}) for s in committed]
+        if not self._warned_no_best and best_metric_missing(infos, self.retention):
+            self._warned_no_best = True
+            _warn_from_writer(
+                f"asyncckpt: keep_best: no committed checkpoint in {self.root} has the metric "
+                f"{self.retention.best_metric!r}; retention deletes nothing until one does "
+                "(pass it to save(metrics=...))"
+            )
         for step in steps_to_delete(infos, self.retention):
             if step != protect:
                 _phases.pause("retention")
@@ -699,13 +708,6 @@ class CheckpointManager:
         if restore_into(state, tree, loaded.tensors, plan) is not state:
             raise CheckpointError("unreachable: the root was checked to be updatable in place")
         return loaded.manifest.step if strict else plan.result(loaded.manifest.step)
-
-    def _read_metrics(self, checkpoint: CommittedCheckpoint) -> CheckpointInfo:
-        try:
-            manifest = read_manifest(checkpoint.path)
-            return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
-        except CheckpointError:
-            return CheckpointInfo(checkpoint.step, {})
 
     def tag(self, step: int, *tags: str) -> list[str]:
         """Add tags to a committed checkpoint; tagged checkpoints are kept by retention."""

@@ -45,10 +45,21 @@ def _metric(info: CheckpointInfo, name: str) -> float | None:
     return None if math.isnan(value) else value
 
 
+def best_metric_missing(committed: list[CheckpointInfo], policy: RetentionPolicy) -> bool:
+    """``keep_best`` is set and no committed checkpoint carries a number (not NaN) for its metric."""
+    if policy.keep_best is None or not policy.best_metric:
+        return False
+    return all(_metric(c, policy.best_metric) is None for c in committed)
+
+
 def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) -> list[int]:
     """Steps that no rule keeps. Rules are a union: a checkpoint kept by any rule stays, and a
-    tagged checkpoint is kept by its tags."""
-    if not committed:
+    tagged checkpoint is kept by its tags.
+
+    While ``keep_best`` has nothing to rank (no checkpoint carries its metric: a misspelt name, or a
+    metric not passed yet), nothing is deleted: the best may be among them, unknown.
+    """
+    if not committed or best_metric_missing(committed, policy):
         return []
     ordered = sorted(committed, key=lambda c: c.step)
     keep = {ordered[-1].step} | {c.step for c in ordered if c.tags}  # tagged: kept until untagged

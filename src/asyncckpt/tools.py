@@ -12,8 +12,8 @@ import datetime
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 
+from .catalog import checkpoint_infos
 from .errors import CheckpointError
-from .format import MANIFEST_NAME, Manifest
+from .format import MANIFEST_NAME, Manifest, parse_step_dir
+from .metrics import METRICS_LOG
 from .reader import read_checkpoint, read_manifest
-from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
-from .storage import LocalStorage, list_checkpoints
+from .retention import RetentionPolicy, best_metric_missing, steps_to_delete
+from .storage import LOCK_NAME, TEMP_PREFIX, CommittedCheckpoint, LocalStorage, fsync_dir, list_checkpoints
 from .tree import unflatten
 
 Progress = Callable[[int], None]  # called with each increment of bytes done
@@ -140,11 +142,13 @@ def inspect_checkpoint(path: Path) -> dict:
     }
 
 
-def _created_text(created: float) -> str:
+def format_created(created: float) -> str:
+    """A creation time as every command shows it: ISO 8601 UTC to the second, ``2026-11-30T06:00:00Z``."""
     try:
-        return datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat(timespec="seconds")
+        when = datetime.datetime.fromtimestamp(created, datetime.timezone.utc)
     except (OverflowError, OSError, ValueError):
-        return str(created)
+        return f"{created} s after the epoch"  # beyond the calendar datetime knows
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def format_inspect(info: dict) -> str:
@@ -152,7 +156,7 @@ def format_inspect(info: dict) -> str:
     lines = [
         f"checkpoint  {info['path']}",
         f"step        {info['step']}",
-        f"created     {_created_text(info['created'])}",
+        f"created     {format_created(info['created'])}",
         f"size        {info['raw_bytes']} bytes raw, {info['stored_bytes']} stored ({ratio}), "
         f"{info['tensors']} tensors in {info['chunks']} chunks",
         f"metrics     {json.dumps(info['metrics'])}",
@@ -215,32 +219,97 @@ def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
-def _leaf_values(path: Path) -> tuple[Manifest, dict[str, Any]]:
-    loaded = read_checkpoint(path)
-    out: dict[str, Any] = {}
-    for leaf in leaves(loaded.manifest.tree):
-        out[leaf.path] = loaded.tensors[leaf.index] if leaf.index is not None else (leaf.kind, leaf.value)
-    return loaded.manifest, out
+DIFF_BATCH_BYTES = 256 << 20  # diff holds about this many tensor bytes of each checkpoint at a time
 
 
-def diff_checkpoints(path_a: Path, path_b: Path) -> dict:
-    """Per leaf path: how B differs from A (reads and verifies both checkpoints)."""
-    manifest_a, a = _leaf_values(path_a)
-    manifest_b, b = _leaf_values(path_b)
+def _tensor_indexes(manifest: Manifest) -> list[int]:
+    return sorted({leaf.index for leaf in leaves(manifest.tree) if leaf.index is not None})
+
+
+def diff_total_bytes(path_a: Path, path_b: Path) -> int:
+    """What ``diff_checkpoints``'s progress increments sum to: every tensor byte of both checkpoints
+    (each is read, verified and compared once), from the manifests alone."""
+    total = 0
+    for path in (path_a, path_b):
+        manifest = read_manifest(path)
+        total += sum(manifest.tensors[i].nbytes for i in _tensor_indexes(manifest))
+    return total
+
+
+def _batches(pairs: list[tuple[int | None, int | None]], manifest_a: Manifest, manifest_b: Manifest):
+    """Consecutive runs of (A index, B index) pairs holding about DIFF_BATCH_BYTES of either side."""
+    batch: list[tuple[int | None, int | None]] = []
+    size_a = size_b = 0
+    for ia, ib in pairs:
+        batch.append((ia, ib))
+        size_a += manifest_a.tensors[ia].nbytes if ia is not None else 0
+        size_b += manifest_b.tensors[ib].nbytes if ib is not None else 0
+        if max(size_a, size_b) >= DIFF_BATCH_BYTES:
+            yield batch
+            batch, size_a, size_b = [], 0, 0
+    if batch:
+        yield batch
+
+
+def _read_some(path: Path, manifest: Manifest, wanted: set[int]) -> list[torch.Tensor | None]:
+    if not wanted:
+        return [None] * len(manifest.tensors)
+    return read_checkpoint(path, manifest=manifest, only=wanted).tensors
+
+
+def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = None) -> dict:
+    """Per leaf path: how B differs from A. Every tensor of both checkpoints is read and verified,
+    a batch of about DIFF_BATCH_BYTES at a time, so memory stays bounded on any size.
+
+    ``progress`` gets the tensor bytes of each batch read and compared; the increments sum to
+    ``diff_total_bytes``.
+    """
+    manifest_a, manifest_b = read_manifest(path_a), read_manifest(path_b)
+    a = {leaf.path: leaf for leaf in leaves(manifest_a.tree)}
+    b = {leaf.path: leaf for leaf in leaves(manifest_b.tree)}
+    names = [*a, *(k for k in b if k not in a)]
+    # tensor pairs to compare, then the tensors of either side that have no partner: read to verify
+    pairs: dict[tuple[int | None, int | None], None] = {}
+    for name in names:
+        la, lb = a.get(name), b.get(name)
+        if la is not None and lb is not None and la.index is not None and lb.index is not None:
+            pairs[(la.index, lb.index)] = None
+    paired_a = {ia for ia, _ in pairs}
+    paired_b = {ib for _, ib in pairs}
+    pairs.update(((i, None), None) for i in _tensor_indexes(manifest_a) if i not in paired_a)
+    pairs.update(((None, i), None) for i in _tensor_indexes(manifest_b) if i not in paired_b)
+    compared: dict[tuple[int | None, int | None], dict] = {}
+    done_a: set[int] = set()
+    done_b: set[int] = set()
+    for batch in _batches(list(pairs), manifest_a, manifest_b):
+        want_a = {ia for ia, _ in batch if ia is not None} - done_a
+        want_b = {ib for _, ib in batch if ib is not None} - done_b
+        ta, tb = _read_some(path_a, manifest_a, want_a), _read_some(path_b, manifest_b, want_b)
+        for ia, ib in batch:
+            if ia is not None and ib is not None:
+                x = ta[ia] if ta[ia] is not None else _read_some(path_a, manifest_a, {ia})[ia]
+                y = tb[ib] if tb[ib] is not None else _read_some(path_b, manifest_b, {ib})[ib]
+                compared[(ia, ib)] = _compare_tensors(x, y)
+        done_a |= want_a
+        done_b |= want_b
+        if progress is not None:
+            nbytes = sum(manifest_a.tensors[i].nbytes for i in want_a)
+            nbytes += sum(manifest_b.tensors[i].nbytes for i in want_b)
+            if nbytes:
+                progress(nbytes)
     rows = []
-    for name in [*a, *(k for k in b if k not in a)]:
-        if name not in b:
+    for name in names:
+        la, lb = a.get(name), b.get(name)
+        if lb is None:
             rows.append({"path": name, "status": "missing"})  # in A only
-            continue
-        if name not in a:
+        elif la is None:
             rows.append({"path": name, "status": "extra"})  # in B only
-            continue
-        va, vb = a[name], b[name]
-        if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor):
-            rows.append({"path": name, **_compare_tensors(va, vb)})
-        elif isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
+        elif la.index is not None and lb.index is not None:
+            rows.append({"path": name, **compared[(la.index, lb.index)]})
+        elif la.index is not None or lb.index is not None:
             rows.append({"path": name, "status": "kind changed"})
         else:
+            va, vb = (la.kind, la.value), (lb.kind, lb.value)
             same = va == vb and type(va[1]) is type(vb[1])
             row = {"path": name, "status": "equal" if same else "different"}
             if not same:
@@ -257,17 +326,25 @@ def diff_checkpoints(path_a: Path, path_b: Path) -> dict:
     }
 
 
+def differs(result: dict) -> bool:
+    """Whether any leaf of a ``diff_checkpoints`` result differs (the manifests' step numbers are not leaves)."""
+    return any(row["status"] != "equal" for row in result["leaves"])
+
+
 def _g(value: float | str) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def format_diff(result: dict) -> str:
+def format_diff(result: dict, all_leaves: bool = False) -> str:
+    """A header, one line per leaf that differs (every leaf with ``all_leaves``), and the counts."""
     lines = [
         f"A  {result['a']['path']} (step {result['a']['step']})",
         f"B  {result['b']['path']} (step {result['b']['step']})",
     ]
     for row in result["leaves"]:
         status = row["status"]
+        if status == "equal" and not all_leaves:
+            continue
         detail = ""
         if "max_abs_diff" in row:
             detail = f"  max_abs_diff={_g(row['max_abs_diff'])}  max_rel_diff={_g(row['max_rel_diff'])}"
@@ -281,7 +358,8 @@ def format_diff(result: dict) -> str:
             detail = "  (only in B)"
         lines.append(f"  {status:<19} {row['path']}{detail}")
     summary = ", ".join(f"{n} {status}" for status, n in sorted(result["counts"].items()))
-    lines.append(f"{len(result['leaves'])} leaves: {summary or 'none'}")
+    same = "the checkpoints differ" if differs(result) else "the checkpoints are equal"
+    lines.append(f"{len(result['leaves'])} leaves: {summary or 'none'}; {same}")
     return "\n".join(lines)
 
 
@@ -312,6 +390,25 @@ for _name, _code in (
         SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EXPORT_FORMATS = ("safetensors", "pt")
+# .bin: torch.save, as in Hugging Face's pytorch_model.bin
+EXPORT_EXTENSIONS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt"}
+
+
+def export_format(out: Path, fmt: str | None = None) -> str:
+    """The format to write ``out`` in: ``fmt`` when given (it must agree with a known extension),
+    else the one its extension names. A ValueError when they disagree or neither says."""
+    if fmt is not None and fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (use one of {', '.join(EXPORT_FORMATS)})")
+    by_name = EXPORT_EXTENSIONS.get(out.suffix.lower())
+    if fmt is None:
+        if by_name is None:
+            known = ", ".join(EXPORT_EXTENSIONS)
+            raise ValueError(f"cannot tell the format of {out} from its extension (known: {known}); give --format")
+        return by_name
+    if by_name is not None and by_name != fmt:
+        raise ValueError(f"--format {fmt} does not match the extension of {out} (a {by_name} file name)")
+    return fmt
 
 
 def _select(tree: Any, key: str) -> Any:
@@ -407,8 +504,20 @@ def safetensors_bytes_header(flat: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def _atomic_write(out: Path, write) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    """Write through a temp file in OUT's directory, then rename it over OUT and fsync the directory
+    (the rename survives a power cut). The file gets the mode any new file gets (0666 less the
+    umask), and a missing directory is an error: a typo must not create a tree."""
+    parent = out.parent
+    if not parent.is_dir():
+        reason = "is not a directory" if parent.exists() else "does not exist"
+        raise CheckpointError(f"cannot write {out}: its directory {parent} {reason}")
+    while True:
+        tmp = parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -421,6 +530,7 @@ def _atomic_write(out: Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
+    fsync_dir(parent)
 
 
 WRITE_SLICE = 64 << 20  # a huge tensor is written (and its progress reported) in slices of this many bytes
@@ -453,16 +563,22 @@ def write_export(
     step: int,
     flat: dict[str, torch.Tensor],
     key: str = "model",
-    fmt: str = "safetensors",
+    fmt: str | None = None,
     progress: Progress | None = None,
 ) -> int:
     """Write ``flat`` (from flat_export_dict) to ``out`` atomically; the tensor bytes written.
+
+    ``fmt`` None takes the format from ``out``'s extension (``export_format``).
 
     ``progress`` gets increments summing to exactly the tensor bytes: per tensor (huge ones per
     slice) for safetensors; for pt, as torch.save writes, the file's overhead left out.
     """
     if out.is_dir():
         raise CheckpointError(f"output {out} is a directory")
+    try:
+        fmt = export_format(out, fmt)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     total = exported_bytes(flat)
     if fmt == "safetensors":
         metadata = {"format": "pt", "asyncckpt_step": str(step), "asyncckpt_key": key}
@@ -505,7 +621,7 @@ def export_checkpoint(
     out: Path,
     key: str = "model",
     dtype: str | None = None,
-    fmt: str = "safetensors",
+    fmt: str | None = None,
     progress: Progress | None = None,
 ) -> Exported:
     """Export the tensors under ``key`` of the checkpoint at ``path``; ``progress`` as in write_export."""
@@ -523,28 +639,45 @@ class Pruned:
     deleted: list[int]  # or, with dry_run, would be deleted
 
 
-def _infos(checkpoints) -> list[CheckpointInfo]:
-    infos = []
-    for c in checkpoints:
-        try:
-            metrics = read_manifest(c.path).metrics
-        except CheckpointError:
-            metrics = {}  # a damaged checkpoint has no metrics: only keep_last / keep_every can keep it
-        infos.append(CheckpointInfo(c.step, metrics))
-    return infos
+def _is_asyncckpt_name(name: str) -> bool:
+    return name in (LOCK_NAME, METRICS_LOG) or name.startswith(TEMP_PREFIX) or parse_step_dir(name) is not None
+
+
+def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckpoint]:
+    """The committed checkpoints, once ``root`` is known to be a checkpoint root and the policy's
+    metric to exist: checked before the lock is taken, so a wrong folder gets no ``.lock``."""
+    try:
+        committed = list_checkpoints(root)
+        names = [entry.name for entry in os.scandir(root)]
+    except OSError as exc:
+        raise CheckpointError(f"cannot list checkpoint root {root}: {exc.strerror}") from None
+    if not committed and not any(_is_asyncckpt_name(name) for name in names):
+        raise CheckpointError(f"{root} is not a checkpoint root: it holds no checkpoint and no asyncckpt files")
+    infos = checkpoint_infos(committed)
+    if committed and best_metric_missing(infos, policy):
+        present = sorted({name for info in infos for name in info.metrics})
+        raise CheckpointError(
+            f"no checkpoint in {root} has the metric {policy.best_metric!r} "
+            f"(metrics there: {', '.join(present) or 'none'}); nothing deleted"
+        )
+    return committed
 
 
 def prune(root: Path, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
-    """Delete what ``policy`` does not keep; takes the root's writer lock unless ``dry_run``."""
+    """Delete what ``policy`` does not keep; takes the root's writer lock unless ``dry_run``.
+
+    A folder that is not a checkpoint root, or a ``keep_best`` metric no checkpoint carries, is a
+    CheckpointError before anything is touched.
+    """
     root = resolve_root(root)
-    if dry_run:
-        committed = list_checkpoints(root)
-        doomed = set(steps_to_delete(_infos(committed), policy))
+    committed = _check_prunable(root, policy)
+    if dry_run or not committed:
+        doomed = set(steps_to_delete(checkpoint_infos(committed), policy))
         return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed))
     storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
     try:
         committed = storage.checkpoints()
-        doomed = set(steps_to_delete(_infos(committed), policy))
+        doomed = set(steps_to_delete(checkpoint_infos(committed), policy))
         for c in committed:
             if c.step in doomed:
                 storage.delete(c)

@@ -1,0 +1,26 @@
+"""What retention knows about each committed checkpoint: its step, metrics and tags, read from its
+manifest. The manager and ``asyncckpt prune`` both read it here, so a rule (tags protect a
+checkpoint, say) cannot hold for one and not for the other."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .errors import CheckpointError
+from .reader import read_manifest
+from .retention import CheckpointInfo
+from .storage import CommittedCheckpoint
+
+
+def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
+    """A checkpoint whose manifest cannot be read has no metrics and no tags: only ``keep_last`` and
+    ``keep_every`` can keep it."""
+    try:
+        manifest = read_manifest(checkpoint.path)
+    except CheckpointError:
+        return CheckpointInfo(checkpoint.step, {})
+    return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
+
+
+def checkpoint_infos(checkpoints: Iterable[CommittedCheckpoint]) -> list[CheckpointInfo]:
+    return [checkpoint_info(c) for c in checkpoints]

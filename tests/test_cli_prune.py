@@ -1,0 +1,88 @@
+"""`asyncckpt prune`: the same catalog of committed checkpoints (metrics and tags) as the manager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from asyncckpt import CheckpointManager
+from asyncckpt.cli import main
+from asyncckpt.format import step_dir_name
+
+STEPS = [1, 2, 3, 4]
+LOSSES = {1: 0.5, 2: 0.1, 3: 0.9, 4: 0.7}
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    root = tmp_path / "ckpts"
+    state = {"w": torch.arange(6.0), "step": 0}
+    with CheckpointManager(root, keep_last=None, workers=1) as mgr:
+        for step in STEPS:
+            state["step"] = step
+            mgr.save(step, state, metrics={"loss": LOSSES[step]}).wait()
+    return root
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def remaining(root: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in root.glob("step-*"))
+
+
+def test_prune_keeps_a_tagged_checkpoint(root, capsys):
+    with CheckpointManager(root, keep_last=None) as mgr:
+        mgr.tag(1, "first")
+    code, out, _ = cli(capsys, "prune", root, "--keep-last", "1", "--dry-run")
+    assert code == 0 and "would delete step 1" not in out
+    code, out, _ = cli(capsys, "prune", root, "--keep-last", "1")
+    assert code == 0
+    assert remaining(root) == [1, 4]
+    assert (root / step_dir_name(1) / "manifest.json").exists()
+
+
+def test_prune_needs_no_keep_last_when_another_rule_is_given(root, capsys):
+    code, out, _ = cli(capsys, "prune", root, "--keep-best", "1", "--metric", "loss")
+    assert code == 0, out
+    assert remaining(root) == [2, 4]  # the best (0.1) and the newest
+
+
+def test_prune_keep_every_alone(root, capsys):
+    assert cli(capsys, "prune", root, "--keep-every", "2")[0] == 0
+    assert remaining(root) == [2, 4]
+
+
+def test_prune_without_any_rule_is_a_usage_error(root, capsys):
+    code, _, err = cli(capsys, "prune", root)
+    assert code == 2 and "asyncckpt: error:" in err and "--keep-last" in err
+    assert remaining(root) == STEPS
+
+
+def test_prune_refuses_a_folder_that_is_not_a_root_and_leaves_no_lock(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"meow")
+    for extra in ([], ["--dry-run"]):
+        code, _, err = cli(capsys, "prune", folder, "--keep-last", "1", *extra)
+        assert code == 2 and err.startswith("asyncckpt: error:") and "not a checkpoint root" in err
+        assert sorted(p.name for p in folder.iterdir()) == ["cat.jpg"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = cli(capsys, "prune", empty, "--keep-last", "1")
+    assert code == 2 and "not a checkpoint root" in err
+    assert list(empty.iterdir()) == []
+
+
+def test_prune_of_a_root_with_no_checkpoint_left_deletes_nothing(tmp_path, capsys):
+    root = tmp_path / "ckpts"
+    CheckpointManager(root).close()  # a root a manager opened, but no checkpoint committed yet
+    before = sorted(p.name for p in root.iterdir())
+    code, out, _ = cli(capsys, "prune", root, "--keep-last", "1")
+    assert code == 0 and "deleted 0, kept 0" in out
+    assert sorted(p.name for p in root.iterdir()) == before

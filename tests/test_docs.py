@@ -1,0 +1,104 @@
+"""The docs speak to users and show what the command really prints."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import asyncckpt
+from asyncckpt.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parent.parent
+CLI_MD = REPO / "docs" / "cli.md"
+
+# what a user cannot follow: the project's issue numbers, a design file they do not have, and
+# promises about when something will be measured
+NOT_FOR_USERS = re.compile(
+    r"\bissue\s*#?\d+|\bissue's\b|DESIGN\.md|next (GPU|device) (run|session|task)|in the next task|"
+    r"(this|last|next) session",
+    re.IGNORECASE,
+)
+
+
+def user_facing_files() -> list[Path]:
+    files = [REPO / "README.md", REPO / "bench" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    files += sorted((REPO / "src" / "asyncckpt").glob("*.py"))
+    files += sorted((REPO / "bench").glob("*.py")) + sorted((REPO / "bench").glob("*.sh"))
+    return [f for f in files if f.exists()]
+
+
+def test_docs_and_comments_name_no_issue_design_file_or_future_run():
+    hits = []
+    for path in user_facing_files():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if NOT_FOR_USERS.search(line):
+                hits.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert hits == []
+
+
+def documented_command_lines() -> list[list[str]]:
+    lines = []
+    for line in CLI_MD.read_text().splitlines():
+        heading = re.fullmatch(r"## `asyncckpt (.+)`", line)
+        prompt = re.fullmatch(r"\$ asyncckpt (.+)", line)
+        if heading or prompt:
+            lines.append(shlex.split((heading or prompt).group(1)))
+    return lines
+
+
+def test_every_command_line_in_cli_md_is_valid():
+    lines = documented_command_lines()
+    assert len(lines) >= 10
+    parser = build_parser()
+    for argv in lines:
+        parser.parse_args(argv)  # a usage error raises SystemExit
+
+
+def doc_block_after(heading: str) -> list[str]:
+    text = CLI_MD.read_text()
+    start = text.index(heading)
+    block = text[start:].split("```\n", 2)[1]
+    return block.splitlines()
+
+
+@pytest.fixture
+def clidemo(tmp_path) -> Path:
+    """The root docs/cli.md describes: steps 100-500 of a 32-32-4 MLP, keep_last=3, step 100 tagged."""
+    root = tmp_path / "clidemo"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state = {"model": model, "optimizer": opt, "rng": asyncckpt.RNGState(), "step": 0}
+    with asyncckpt.CheckpointManager(root, keep_last=3, policy=asyncckpt.EverySteps(100), workers=1) as mgr:
+        for step in range(1, 501):
+            model(torch.randn(16, 32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            state["step"] = step
+            handle = mgr.maybe_save(step, state, metrics={"loss": 0.5})
+            if step == 100:
+                handle.wait()
+                mgr.tag(100, "first")
+    return root
+
+
+def test_cli_md_examples_match_the_real_output(clidemo, capsys):
+    def run(*argv) -> list[str]:
+        main([str(a) for a in argv])
+        return capsys.readouterr().out.replace(str(clidemo), "/tmp/clidemo").splitlines()
+
+    assert run("prune", clidemo, "--keep-last", "1", "--dry-run") == doc_block_after(
+        "## `asyncckpt prune /tmp/clidemo --keep-last 1 --dry-run`"
+    )
+    assert run("verify", clidemo) == doc_block_after("## `asyncckpt verify /tmp/clidemo`")
+    ls = run("ls", clidemo)
+    documented = doc_block_after("## `asyncckpt ls /tmp/clidemo`")
+    assert ls[0] == documented[0]  # the header
+    assert [row.split()[0] for row in ls] == [row.split()[0] for row in documented]  # the steps kept
+    inspect = run("inspect", clidemo / "step-000000000500")
+    documented = doc_block_after("## `asyncckpt inspect /tmp/clidemo/step-000000000500`")
+    assert [line.split(":")[0] for line in inspect[7:]] == [line.split(":")[0] for line in documented[7:]]
