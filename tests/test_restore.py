@@ -462,3 +462,22 @@ def test_a_lazy_module_takes_its_shapes_from_the_checkpoint(root):
     lazy = nn.LazyLinear(2)
     assert restore(root, {"model": lazy}) == 1
     assert torch.equal(lazy.weight, saved.weight) and torch.equal(lazy.bias, saved.bias)
+
+
+# ---- what torch's own loads accept, restore accepts -----------------------------------------------
+
+
+def test_save_strips_the_assign_load_option_from_module_metadata(root):
+    saved = nn.Linear(2, 2)
+    with torch.device("meta"):
+        model = nn.Linear(2, 2)
+    sd = saved.state_dict()
+    model.load_state_dict(sd, assign=True)  # torch writes its load option into sd._metadata
+    assert sd._metadata[""]["assign_to_params_buffers"] is True  # type: ignore[attr-defined]
+    save(root, 1, {"model": model, "init": sd})
+    assert sd._metadata[""]["assign_to_params_buffers"] is True  # type: ignore[attr-defined]  # the caller's own
+    live = {"model": nn.Linear(2, 2), "init": nn.Linear(2, 2).state_dict()}
+    weight = live["model"].weight
+    assert restore(root, live) == 1
+    assert live["model"].weight is weight and torch.equal(weight, saved.weight)  # copied, not assigned
+    assert asyncckpt.load(root)["init"]._metadata == {"": {"version": 1}}

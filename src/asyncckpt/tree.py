@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, StateMismatchError
-from .format import MAX_TREE_DEPTH, check_module_metadata, dtype_name
+from .format import MAX_TREE_DEPTH, MODULE_LOAD_OPTIONS, check_module_metadata, dtype_name
 
 _MISSING = object()
 MAX_DEPTH = MAX_TREE_DEPTH
@@ -110,6 +110,10 @@ class _Flattener:
             meta = getattr(obj, "_metadata", None)
             if isinstance(meta, dict):
                 out["m"] = _plain_json(meta, f"{path}._metadata")
+                for local in out["m"].values():  # how the dict was last loaded, not what it holds
+                    if isinstance(local, dict):
+                        for option in MODULE_LOAD_OPTIONS.intersection(local):
+                            del local[option]
                 check_module_metadata(out["m"], lambda what: TypeError(f"{path}._metadata: {what}"))
             return out
         if isinstance(obj, list):
