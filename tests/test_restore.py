@@ -305,25 +305,6 @@ def test_strict_false_skips_meta_and_unwritable_leaves_and_reports_them(root):
     assert torch.equal(live["e"], torch.zeros(3, 4))
 
 
-def test_strict_false_with_other_optimizer_hyperparameters_keeps_the_live_ones(root):
-    model, _ = trained(0)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    save(root, 1, {"opt": sgd})
-    live_model, _ = trained(1)
-    adamw = torch.optim.AdamW(live_model.parameters(), lr=0.01, betas=(0.8, 0.9))
-    before = snapshot({"opt": adamw})
-    with pytest.raises(StateMismatchError, match=re.escape("state['opt'].state_dict()['param_groups'][0]['betas']")):
-        restore(root, {"opt": adamw})
-    unchanged({"opt": adamw}, before)
-
-    result = restore(root, {"opt": adamw}, strict=False)
-    group = "state['opt'].state_dict()['param_groups'][0]"
-    assert f"{group}['betas']" in result.missing_keys and f"{group}['momentum']" in result.unexpected_keys
-    assert adamw.param_groups[0]["lr"] == 0.5 and adamw.param_groups[0]["betas"] == (0.8, 0.9)
-    assert "momentum" not in adamw.param_groups[0]
-    assert adamw.param_groups[0]["params"] == list(live_model.parameters())
-
-
 def test_a_fresh_optimizer_takes_a_stepped_ones_state(root):
     model, opt = trained(0)
     save(root, 1, {"model": model, "opt": opt})
@@ -465,6 +446,44 @@ def test_a_lazy_module_takes_its_shapes_from_the_checkpoint(root):
 
 
 # ---- what torch's own loads accept, restore accepts -----------------------------------------------
+
+
+def test_a_scheduler_built_after_a_strict_restore_finds_initial_lr(root):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)  # adds 'initial_lr' to the groups
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    save(root, 5, {"opt": opt})  # the scheduler is rebuilt on resume, not saved
+
+    live_opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    assert restore(root, {"opt": live_opt}) == 5
+    assert live_opt.param_groups[0]["initial_lr"] == 0.1 and live_opt.param_groups[0]["lr"] == 0.025
+    resumed = torch.optim.lr_scheduler.StepLR(live_opt, 2, gamma=0.5, last_epoch=4)
+    for optimizer, scheduler in ((opt, sched), (live_opt, resumed)):
+        optimizer.step()
+        scheduler.step()
+    assert live_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.0125
+
+
+def test_param_group_hyperparameters_load_as_torch_loads_them(root):
+    model, opt = trained(0)
+    for group in opt.param_groups:  # a checkpoint from an older torch, before 'differentiable'
+        del group["differentiable"]
+    group = opt.param_groups[0]
+    group["lr"], group["custom"] = 0.5, "kept"
+    save(root, 1, {"opt": opt})
+
+    live_model, _ = trained(1)
+    live_opt = torch.optim.AdamW(live_model.parameters(), lr=0.01, differentiable=False)
+    live_opt.param_groups[0]["only_live"] = 3
+    assert restore(root, {"opt": live_opt}) == 1  # strict: hyperparameter keys are not state keys
+    live_group = live_opt.param_groups[0]
+    assert live_group["lr"] == 0.5 and live_group["custom"] == "kept"  # the saved keys, as torch loads them
+    assert live_group["differentiable"] is False and live_group["only_live"] == 3  # the rest as it was
+    assert live_group["params"] == list(live_model.parameters())
+    assert restore(root, {"opt": live_opt}, strict=False) == RestoreResult(1, (), (), ())
 
 
 def test_save_strips_the_assign_load_option_from_module_metadata(root):

@@ -414,7 +414,7 @@ class _Planner:
 
     def optimizer(self, live: torch.optim.Optimizer, inner: dict, path: str) -> None:
         """What torch's Optimizer.load_state_dict checks (only after changing nothing, but raising
-        inside a restore), plus the hyperparameter keys of each group and meta parameters."""
+        inside a restore), plus state shapes and meta parameters."""
         where = f"{path}.state_dict()"
         cls = type(live).__name__
         top = dict(inner["d"]) if _node_kind(inner) == "d" else {}
@@ -449,10 +449,8 @@ class _Planner:
                 )
                 continue
             params.update(zip(ids, live_group["params"], strict=True))
-            for key in entries:
-                if key not in live_group:
-                    self._unexpected(_child(gpath, key))
-            self.plan.missing += [_child(gpath, k) for k in live_group if k not in entries]
+            # Hyperparameter keys are no state keys (torch never compares them): a scheduler adds
+            # 'initial_lr', a newer torch adds options; the load keeps the saved ones and the rest.
         if len(self.plan.errors) > fatal:
             return  # the parameters cannot be matched up: their states say nothing more
         for key, per_param in states["d"]:
@@ -488,7 +486,8 @@ def check_compatible(
     Always fatal: a root that cannot be updated in place, a shape mismatch, a live tensor, dict,
     module or optimizer where the checkpoint holds something else, an optimizer with other param
     groups. With ``strict`` also missing and unexpected keys (of dicts, module state dicts, optimizer
-    param groups) and live tensors that cannot be written in place; without it those are left out.
+    states) and live tensors that cannot be written in place; without it those are left out. An
+    optimizer's param group hyperparameters are not keys: they load as torch loads them.
     """
     kind = _node_kind(node)
     value = node[kind]
@@ -538,9 +537,6 @@ def _load_optimizer(
     for key in [k for k in plain if _child(where, k) in plan.leave]:
         del plain[key]
     for i, group in enumerate(plain["param_groups"]):
-        gpath = _child(_child(where, "param_groups"), i)
-        for key in [k for k in group if _child(gpath, k) in plan.leave]:
-            del group[key]
         for key, current in live.param_groups[i].items():
             group.setdefault(key, current)  # a hyperparameter the checkpoint lacks stays as it is
     state = plain["state"]
