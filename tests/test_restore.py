@@ -486,6 +486,35 @@ def test_param_group_hyperparameters_load_as_torch_loads_them(root):
     assert restore(root, {"opt": live_opt}, strict=False) == RestoreResult(1, (), (), ())
 
 
+class _ExtraState(nn.Module):
+    """Like TransformerEngine's modules: extra state pickled into a uint8 tensor whose length varies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.meta: dict = {}
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(list(json.dumps(self.meta).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.meta = json.loads(bytes(state.tolist()))
+
+
+def test_extra_state_goes_to_set_extra_state_whatever_its_shape(root):
+    saved = _ExtraState()
+    saved.meta = {"amax_history": [1.0, 2.0], "scale": 3.0}
+    save(root, 1, {"model": saved})
+    for strict in (True, False):
+        live = _ExtraState()
+        result = restore(root, {"model": live}, strict=strict)
+        assert result == (1 if strict else RestoreResult(1))
+        assert live.meta == saved.meta and torch.equal(live.lin.weight, saved.lin.weight)
+    live = _ExtraState()
+    assert asyncckpt.load_weights(root, live) == 1
+    assert live.meta == saved.meta
+
+
 def test_save_strips_the_assign_load_option_from_module_metadata(root):
     saved = nn.Linear(2, 2)
     with torch.device("meta"):

@@ -26,6 +26,7 @@ from .errors import CheckpointError, StateMismatchError
 from .format import MAX_TREE_DEPTH, MODULE_LOAD_OPTIONS, check_module_metadata, dtype_name
 
 _MISSING = object()
+_EXTRA_STATE = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 MAX_DEPTH = MAX_TREE_DEPTH
 
 
@@ -400,6 +401,8 @@ class _Planner:
             if value is _MISSING:
                 self._unexpected(name(key))
                 partial = True
+            elif key.endswith(_EXTRA_STATE):
+                pass  # any object, of any size: load_state_dict hands it to set_extra_state
             elif isinstance(value, torch.Tensor):
                 if _node_kind(child) != "T":
                     self._kind_error(name(key), value, child)
