@@ -515,6 +515,36 @@ def test_extra_state_goes_to_set_extra_state_whatever_its_shape(root):
     assert live.meta == saved.meta
 
 
+class _FrozenBackbone(nn.Module):
+    """LoRA-style: a state_dict hook leaves the frozen backbone out of the saved state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(2, 2)
+        self.adapter = nn.Linear(2, 2)
+        self.backbone.requires_grad_(False)
+        self._register_state_dict_hook(_FrozenBackbone._drop_backbone)
+
+    @staticmethod
+    def _drop_backbone(module, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
+            del state_dict[key]
+
+
+def test_a_module_whose_state_dict_hook_leaves_keys_out_restores_and_warns(root):
+    torch.manual_seed(0)
+    saved = {"a": torch.full((3,), 7.0), "model": _FrozenBackbone()}
+    save(root, 1, saved)
+    torch.manual_seed(1)
+    live = {"a": torch.zeros(3), "model": _FrozenBackbone()}
+    backbone = snapshot(live["model"].backbone.weight)
+    with pytest.warns(UserWarning, match=re.escape("state['model']") + ".*backbone.weight"):
+        assert restore(root, live) == 1  # torch's strict load raised here, after 'a' was updated
+    assert torch.equal(live["a"], saved["a"])
+    assert torch.equal(live["model"].adapter.weight, saved["model"].adapter.weight)
+    assert_same(backbone, live["model"].backbone.weight)  # left out of the checkpoint: left as it was
+
+
 def test_save_strips_the_assign_load_option_from_module_metadata(root):
     saved = nn.Linear(2, 2)
     with torch.device("meta"):

@@ -242,7 +242,7 @@ class RestorePlan:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why it cannot be written)
     errors: list[str] = field(default_factory=list)  # fatal whatever ``strict`` says: shapes, structure
     leave: set[str] = field(default_factory=set)  # paths restore_into must not touch
-    partial: set[str] = field(default_factory=set)  # modules loaded with load_state_dict(strict=False)
+    module_keys: dict[str, list[str]] = field(default_factory=dict)  # each module's state_dict() keys
     objects: list[tuple[str, Any, dict]] = field(default_factory=list)  # other stateful objects, loaded first
 
     def result(self, step: int | None) -> RestoreResult:
@@ -393,27 +393,21 @@ class _Planner:
             self.plan.errors.append(f"{where}: the checkpoint holds {_describe_node(inner)}, not a state dict")
             return
         live_sd = live.state_dict()
+        self.plan.module_keys[path] = list(live_sd)
         saved = set()
-        partial = False
         for key, child in inner["d"]:
             saved.add(key)
             value = live_sd.get(key, _MISSING) if isinstance(key, str) else _MISSING
             if value is _MISSING:
                 self._unexpected(name(key))
-                partial = True
             elif key.endswith(_EXTRA_STATE):
                 pass  # any object, of any size: load_state_dict hands it to set_extra_state
             elif isinstance(value, torch.Tensor):
                 if _node_kind(child) != "T":
                     self._kind_error(name(key), value, child)
-                elif not self.tensor(value, self.tensors[child["T"]], name(key)):
-                    partial = True
-        for key in live_sd:
-            if key not in saved:
-                self.plan.missing.append(name(key))
-                partial = True
-        if partial:
-            self.plan.partial.add(path)
+                else:
+                    self.tensor(value, self.tensors[child["T"]], name(key))
+        self.plan.missing += [name(key) for key in live_sd if key not in saved]
 
     def optimizer(self, live: torch.optim.Optimizer, inner: dict, path: str) -> None:
         """What torch's Optimizer.load_state_dict checks (only after changing nothing, but raising
@@ -525,11 +519,31 @@ def load_module(
     path: str = "",
     name: Callable[[Any], str] = str,
 ) -> None:
-    """Load a module's saved state dict, minus what the plan leaves out."""
+    """Load a module's saved state dict, minus what the plan leaves out.
+
+    The plan enforced ``strict`` already, against the keys ``state_dict()`` showed, so torch's own
+    strict check is off: state_dict or load hooks that change the key set (a frozen backbone left
+    out of the saved state) would make it raise after other parts were restored. If torch counts
+    other keys than the plan did, the difference is a warning.
+    """
     plain = unflatten(node, tensors)
+    _drop_left_out(plain, plan, name)
+    shown = set(plan.module_keys.get(path, ()))
+    result = module.load_state_dict(plain, strict=False)
+    missing = [k for k in result.missing_keys if k not in shown]  # the plan counted the others
+    unexpected = list(result.unexpected_keys)
+    if missing or unexpected:
+        warnings.warn(
+            f"asyncckpt: {path or type(module).__name__}: {type(module).__name__}.load_state_dict reports "
+            f"missing keys {missing[:_SHOWN]} and unexpected keys {unexpected[:_SHOWN]} that its state_dict() "
+            "did not show (hooks that change the key set?); they were left as they were",
+            stacklevel=2,
+        )
+
+
+def _drop_left_out(plain: dict, plan: RestorePlan, name: Callable[[Any], str]) -> None:
     for key in [k for k in plain if name(k) in plan.leave]:
         del plain[key]
-    module.load_state_dict(plain, strict=path not in plan.partial)
 
 
 def _load_optimizer(
@@ -537,14 +551,11 @@ def _load_optimizer(
 ) -> None:
     where = f"{path}.state_dict()"
     plain = unflatten(node, tensors)
-    for key in [k for k in plain if _child(where, k) in plan.leave]:
-        del plain[key]
+    _drop_left_out(plain, plan, lambda key: _child(where, key))
     for i, group in enumerate(plain["param_groups"]):
         for key, current in live.param_groups[i].items():
             group.setdefault(key, current)  # a hyperparameter the checkpoint lacks stays as it is
-    state = plain["state"]
-    for key in [k for k in state if _child(_child(where, "state"), k) in plan.leave]:
-        del state[key]
+    _drop_left_out(plain["state"], plan, lambda key: _child(_child(where, "state"), key))
     live.load_state_dict(plain)
 
 
