@@ -275,7 +275,8 @@ def test_strict_false_restores_exactly_the_matching_part_and_returns_the_lists(r
     for name in ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"):
         assert torch.equal(model.state_dict()[name], saved_model.state_dict()[name]), name
     assert torch.equal(model[3].weight, saved_model[3].weight)
-    assert live["step"] == 5 and live["extra"] == {"epoch": 3, "only_live": "x"}  # 'added' not added
+    assert live["step"] == 5 and live["extra"] == {"epoch": 3, "only_live": "x", "added": [1]}  # inserted
+    assert live["opt"]["state"].keys() == state["opt"].state_dict()["state"].keys()  # a saved object: its state dict
     assert torch.equal(live["first"].weight, state["first"].weight)
     assert live["lazy"].device.type == "meta"
     assert_same(expanded, live["expanded"])
@@ -543,6 +544,29 @@ def test_a_module_whose_state_dict_hook_leaves_keys_out_restores_and_warns(root)
     assert torch.equal(live["a"], saved["a"])
     assert torch.equal(live["model"].adapter.weight, saved["model"].adapter.weight)
     assert_same(backbone, live["model"].backbone.weight)  # left out of the checkpoint: left as it was
+
+
+def test_strict_false_inserts_checkpoint_only_keys_into_plain_dicts(root):
+    model, opt = trained(0)
+    save(root, 1, {"model": model.state_dict(), "opt": opt.state_dict(), "extra": {"epoch": 3, "best": 0.25}})
+    live_model, live_opt = trained(1)
+    live_opt = torch.optim.AdamW(live_model.parameters(), lr=1e-2)  # no state yet, as after a fresh build
+    live = {"model": live_model.state_dict(), "opt": live_opt.state_dict(), "extra": {"epoch": 0}}
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError) as excinfo:
+        restore(root, live)
+    assert "state['opt']['state'][0]" in str(excinfo.value) and "state['extra']['best']" in str(excinfo.value)
+    unchanged(live, before)
+
+    result = restore(root, live, strict=False)
+    assert result.unexpected_keys == tuple(f"state['opt']['state'][{i}]" for i in range(6)) + (
+        "state['extra']['best']",
+    )
+    assert live["extra"] == {"epoch": 3, "best": 0.25}
+    live_model.load_state_dict(live["model"])
+    live_opt.load_state_dict(live["opt"])
+    for p, q in zip(model.parameters(), live_model.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["exp_avg"], live_opt.state[q]["exp_avg"])
 
 
 def test_save_strips_the_assign_load_option_from_module_metadata(root):

@@ -216,10 +216,13 @@ _SHOWN = 10  # entries of each list named in an error message; the exception hol
 
 @dataclass(frozen=True)
 class RestoreResult:
-    """What ``restore(..., strict=False)`` and ``load_weights(..., strict=False)`` left out.
+    """What ``restore(..., strict=False)`` and ``load_weights(..., strict=False)`` found not to fit.
 
     ``missing_keys``: in the live state but not in the checkpoint; left as they were.
-    ``unexpected_keys``: in the checkpoint with no place in the live state; not restored.
+    ``unexpected_keys``: in the checkpoint but not in the live state. In a plain dict (one the state
+    holds itself, a state dict held as a dict included) the key is inserted with the checkpoint's
+    value (a saved object as its state dict), so no data is lost; in a module's state dict or an
+    optimizer's state it is ignored, as torch's ``load_state_dict(strict=False)`` ignores it.
     ``skipped``: live tensors that cannot take data in place (a meta tensor, an overlapping view such
     as ``expand()``, an inference tensor); left as they were.
     Entries are paths in the state, as error messages name them (``state['model'].state_dict()['0.bias']``);
@@ -382,7 +385,7 @@ class _Planner:
             if key in live:
                 self.visit(live[key], child, _child(path, key))
             else:
-                self._unexpected(_child(path, key))
+                self.plan.unexpected.append(_child(path, key))  # strict=False inserts it: nothing conflicts
         self.plan.missing += [_child(path, key) for key in live if key not in saved]
 
     def module(self, live: torch.nn.Module, inner: dict, path: str, name: Callable[[Any], str] | None = None) -> None:
@@ -587,8 +590,8 @@ class _Restorer:
         if kind == "d" and isinstance(live, dict):
             for key, child in value:
                 child_path = _child(path, key)
-                if child_path not in self.plan.leave and key in live:
-                    live[key] = self.into(live[key], child, child_path)
+                if child_path not in self.plan.leave:
+                    live[key] = self.into(live[key], child, child_path) if key in live else unflatten(child, tensors)
             return live
         if kind == "l" and isinstance(live, list) and len(live) == len(value):
             for i, child in enumerate(value):
