@@ -355,6 +355,23 @@ def test_load_weights_reports_missing_keys_and_meta_tensors(root):
     assert asyncckpt.load_weights(root, meta, strict=False) == RestoreResult(2, (), (), ("weight", "bias"))
 
 
+def test_strict_must_be_a_bool_and_is_checked_before_any_read(root, tmp_path):
+    save(root, 2, {"model": nn.Linear(2, 2)})
+    live = nn.Linear(2, 2)
+    for where in (root, tmp_path / "nowhere"):  # not even a missing root is looked at first
+        with pytest.raises(TypeError, match="strict must be True or False, got 'no'"):
+            asyncckpt.load_weights(where, live, strict="no")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="strict must be True or False, got 0"):
+        restore(root, {"model": live}, strict=0)
+
+
+def test_load_weights_strict_false_gives_the_step_on_the_result(root):
+    save(root, 5, {"model": nn.Linear(2, 2)})
+    assert asyncckpt.load_weights(root, nn.Linear(2, 2)) == 5
+    result = asyncckpt.load_weights(root, nn.Linear(2, 2), strict=False)
+    assert isinstance(result, RestoreResult) and result.step + 1 == 6
+
+
 # ---- malformed module metadata is damage, found by verify and skipped by restore ----------------
 
 
