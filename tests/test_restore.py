@@ -209,6 +209,19 @@ def test_an_expanded_view_is_refused_before_anything_changes(root):
     unchanged(live, before)
 
 
+def test_unwritable_leaves_are_listed_with_their_reasons_one_from_the_next(root):
+    save(root, 1, {"e": torch.ones(3, 4), "m": torch.ones(2)})
+    with torch.device("meta"):
+        meta = torch.empty(2)
+    with pytest.raises(StateMismatchError) as excinfo:
+        restore(root, {"e": torch.zeros(4).expand(3, 4), "m": meta})
+    assert (
+        "cannot be restored in place (2): state['e']: its elements overlap in memory (an expand() view?), "
+        "so it cannot be written in place; state['m']: a meta tensor has no data to restore into\n"
+    ) in str(excinfo.value)
+    assert excinfo.value.skipped == ("state['e']", "state['m']")
+
+
 def test_an_inference_tensor_is_refused_before_anything_changes(root):
     save(root, 1, {"a": torch.ones(2), "b": torch.ones(2)})
     with torch.inference_mode():

@@ -265,7 +265,7 @@ class RestorePlan:
         ):
             if items:
                 more = f" ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:_SHOWN]) + more)
+                lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:_SHOWN]) + more)  # reasons hold commas
         if strict and not self.errors:
             lines.append("  (strict=False restores the matching part and returns these lists)")
         raise StateMismatchError(
