@@ -366,10 +366,7 @@ class _Planner:
         if torch.nn.parameter.is_lazy(live):
             return True  # a lazy module's parameter takes its shape from the checkpoint when loaded
         if tuple(live.shape) != tuple(saved.shape):
-            self.plan.errors.append(
-                f"{path}: shape mismatch, the live tensor is {tuple(live.shape)} but the "
-                f"checkpoint holds {tuple(saved.shape)}"
-            )
+            self.plan.errors.append(_shape_mismatch(path, live, saved))
             return False
         why = _cannot_write(live)
         if why is not None:
@@ -468,10 +465,13 @@ class _Planner:
                     if isinstance(current, torch.Tensor) and _node_kind(snode) == "T":
                         saved = self.tensors[snode["T"]]
                         if tuple(current.shape) != tuple(saved.shape):
-                            self.plan.errors.append(
-                                f"{_child(spath, skey)}: shape mismatch, the live tensor is "
-                                f"{tuple(current.shape)} but the checkpoint holds {tuple(saved.shape)}"
-                            )
+                            self.plan.errors.append(_shape_mismatch(_child(spath, skey), current, saved))
+
+
+def _shape_mismatch(path: str, live: torch.Tensor, saved: torch.Tensor) -> str:
+    return (
+        f"{path}: shape mismatch, the live tensor is {tuple(live.shape)} but the checkpoint holds {tuple(saved.shape)}"
+    )
 
 
 def _leaf_value(node: Any) -> Any:
