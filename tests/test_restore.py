@@ -613,3 +613,43 @@ def test_save_strips_the_assign_load_option_from_module_metadata(root):
     assert restore(root, live) == 1
     assert live["model"].weight is weight and torch.equal(weight, saved.weight)  # copied, not assigned
     assert asyncckpt.load(root)["init"]._metadata == {"": {"version": 1}}
+
+
+def _training_state():
+    """README's full training state, freshly built."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2), nn.Linear(8, 8))  # [3] never used
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return {
+        "model": model,
+        "optimizer": opt,
+        "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=100),
+        "scaler": torch.amp.GradScaler("cpu"),
+        "rng": asyncckpt.RNGState(),
+        "sampler": asyncckpt.ResumableSampler(10, seed=0),
+        "step": 0,
+        "extra": {"epoch": 0, "best_loss": None},
+    }
+
+
+def test_the_readme_training_state_round_trips_strictly_into_a_fresh_one(root):
+    torch.manual_seed(0)
+    state = _training_state()
+    model, opt = state["model"], state["optimizer"]
+    for _ in range(3):
+        loss = model[2](model[1](model[0](torch.randn(8, 4)))).sum()  # model[3] gets no grad: no AdamW state
+        state["scaler"].scale(loss).backward()
+        state["scaler"].step(opt)
+        state["scaler"].update()
+        opt.zero_grad()
+        state["scheduler"].step()
+    iterator = iter(state["sampler"])
+    next(iterator), next(iterator)
+    state["step"], state["extra"] = 3, {"epoch": 1, "best_loss": 0.25}
+    before = snapshot(state)
+    save(root, 3, state)
+
+    torch.manual_seed(1)
+    live = _training_state()
+    assert restore(root, live) == 3
+    assert_same(before, snapshot(live))
+    assert len(live["optimizer"].state) == 6  # model[3]'s two params still have none
