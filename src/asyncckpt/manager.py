@@ -670,7 +670,8 @@ class CheckpointManager:
         ``expand()`` view or an inference tensor). By default any mismatch raises
         StateMismatchError listing it, and nothing changes.
 
-        ``strict=False`` restores the matching part, leaves the rest as it is, and returns a
+        ``strict=False`` restores the matching part, leaves the rest as it is (keys found only in
+        the checkpoint are inserted into plain dicts, see RestoreResult), and returns a
         RestoreResult (step, missing_keys, unexpected_keys, skipped) instead of the step: a
         different type, so the common strict call stays ``int | None`` and a caller who opts in
         cannot overlook the lists (the overloads tell type checkers which one they get). Shape
