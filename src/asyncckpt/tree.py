@@ -535,11 +535,14 @@ def load_module(
     result = module.load_state_dict(plain, strict=False)
     missing = [k for k in result.missing_keys if k not in shown]  # the plan counted the others
     unexpected = list(result.unexpected_keys)
-    if missing or unexpected:
+    counted = [
+        f"{what} keys {keys[:_SHOWN]}" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys
+    ]
+    if counted:
         warnings.warn(
             f"asyncckpt: {path or type(module).__name__}: {type(module).__name__}.load_state_dict reports "
-            f"missing keys {missing[:_SHOWN]} and unexpected keys {unexpected[:_SHOWN]} that its state_dict() "
-            "did not show (hooks that change the key set?); they were left as they were",
+            f"{' and '.join(counted)} that its state_dict() did not show (hooks that change the key set?); "
+            "they were left as they were",
             stacklevel=2,
         )
 
