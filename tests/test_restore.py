@@ -209,6 +209,19 @@ def test_an_expanded_view_is_refused_before_anything_changes(root):
     unchanged(live, before)
 
 
+def test_unwritable_leaves_are_listed_with_their_reasons_one_from_the_next(root):
+    save(root, 1, {"e": torch.ones(3, 4), "m": torch.ones(2)})
+    with torch.device("meta"):
+        meta = torch.empty(2)
+    with pytest.raises(StateMismatchError) as excinfo:
+        restore(root, {"e": torch.zeros(4).expand(3, 4), "m": meta})
+    assert (
+        "cannot be restored in place (2): state['e']: its elements overlap in memory (an expand() view?), "
+        "so it cannot be written in place; state['m']: a meta tensor has no data to restore into\n"
+    ) in str(excinfo.value)
+    assert excinfo.value.skipped == ("state['e']", "state['m']")
+
+
 def test_an_inference_tensor_is_refused_before_anything_changes(root):
     save(root, 1, {"a": torch.ones(2), "b": torch.ones(2)})
     with torch.inference_mode():
@@ -275,7 +288,8 @@ def test_strict_false_restores_exactly_the_matching_part_and_returns_the_lists(r
     for name in ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"):
         assert torch.equal(model.state_dict()[name], saved_model.state_dict()[name]), name
     assert torch.equal(model[3].weight, saved_model[3].weight)
-    assert live["step"] == 5 and live["extra"] == {"epoch": 3, "only_live": "x"}  # 'added' not added
+    assert live["step"] == 5 and live["extra"] == {"epoch": 3, "only_live": "x", "added": [1]}  # inserted
+    assert live["opt"]["state"].keys() == state["opt"].state_dict()["state"].keys()  # a saved object: its state dict
     assert torch.equal(live["first"].weight, state["first"].weight)
     assert live["lazy"].device.type == "meta"
     assert_same(expanded, live["expanded"])
@@ -303,25 +317,6 @@ def test_strict_false_skips_meta_and_unwritable_leaves_and_reports_them(root):
     assert torch.equal(live["a"], torch.ones(3))
     assert live["m"] is meta and meta_model.weight.device.type == "meta"
     assert torch.equal(live["e"], torch.zeros(3, 4))
-
-
-def test_strict_false_with_other_optimizer_hyperparameters_keeps_the_live_ones(root):
-    model, _ = trained(0)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    save(root, 1, {"opt": sgd})
-    live_model, _ = trained(1)
-    adamw = torch.optim.AdamW(live_model.parameters(), lr=0.01, betas=(0.8, 0.9))
-    before = snapshot({"opt": adamw})
-    with pytest.raises(StateMismatchError, match=re.escape("state['opt'].state_dict()['param_groups'][0]['betas']")):
-        restore(root, {"opt": adamw})
-    unchanged({"opt": adamw}, before)
-
-    result = restore(root, {"opt": adamw}, strict=False)
-    group = "state['opt'].state_dict()['param_groups'][0]"
-    assert f"{group}['betas']" in result.missing_keys and f"{group}['momentum']" in result.unexpected_keys
-    assert adamw.param_groups[0]["lr"] == 0.5 and adamw.param_groups[0]["betas"] == (0.8, 0.9)
-    assert "momentum" not in adamw.param_groups[0]
-    assert adamw.param_groups[0]["params"] == list(live_model.parameters())
 
 
 def test_a_fresh_optimizer_takes_a_stepped_ones_state(root):
@@ -371,6 +366,23 @@ def test_load_weights_reports_missing_keys_and_meta_tensors(root):
     with pytest.raises(StateMismatchError, match="weight: a meta tensor"):
         asyncckpt.load_weights(root, meta)
     assert asyncckpt.load_weights(root, meta, strict=False) == RestoreResult(2, (), (), ("weight", "bias"))
+
+
+def test_strict_must_be_a_bool_and_is_checked_before_any_read(root, tmp_path):
+    save(root, 2, {"model": nn.Linear(2, 2)})
+    live = nn.Linear(2, 2)
+    for where in (root, tmp_path / "nowhere"):  # not even a missing root is looked at first
+        with pytest.raises(TypeError, match="strict must be True or False, got 'no'"):
+            asyncckpt.load_weights(where, live, strict="no")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="strict must be True or False, got 0"):
+        restore(root, {"model": live}, strict=0)
+
+
+def test_load_weights_strict_false_gives_the_step_on_the_result(root):
+    save(root, 5, {"model": nn.Linear(2, 2)})
+    assert asyncckpt.load_weights(root, nn.Linear(2, 2)) == 5
+    result = asyncckpt.load_weights(root, nn.Linear(2, 2), strict=False)
+    assert isinstance(result, RestoreResult) and result.step + 1 == 6
 
 
 # ---- malformed module metadata is damage, found by verify and skipped by restore ----------------
@@ -462,3 +474,182 @@ def test_a_lazy_module_takes_its_shapes_from_the_checkpoint(root):
     lazy = nn.LazyLinear(2)
     assert restore(root, {"model": lazy}) == 1
     assert torch.equal(lazy.weight, saved.weight) and torch.equal(lazy.bias, saved.bias)
+
+
+# ---- what torch's own loads accept, restore accepts -----------------------------------------------
+
+
+def test_a_scheduler_built_after_a_strict_restore_finds_initial_lr(root):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)  # adds 'initial_lr' to the groups
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    save(root, 5, {"opt": opt})  # the scheduler is rebuilt on resume, not saved
+
+    live_opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    assert restore(root, {"opt": live_opt}) == 5
+    assert live_opt.param_groups[0]["initial_lr"] == 0.1 and live_opt.param_groups[0]["lr"] == 0.025
+    resumed = torch.optim.lr_scheduler.StepLR(live_opt, 2, gamma=0.5, last_epoch=4)
+    for optimizer, scheduler in ((opt, sched), (live_opt, resumed)):
+        optimizer.step()
+        scheduler.step()
+    assert live_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.0125
+
+
+def test_param_group_hyperparameters_load_as_torch_loads_them(root):
+    model, opt = trained(0)
+    for group in opt.param_groups:  # a checkpoint from an older torch, before 'differentiable'
+        del group["differentiable"]
+    group = opt.param_groups[0]
+    group["lr"], group["custom"] = 0.5, "kept"
+    save(root, 1, {"opt": opt})
+
+    live_model, _ = trained(1)
+    live_opt = torch.optim.AdamW(live_model.parameters(), lr=0.01, differentiable=False)
+    live_opt.param_groups[0]["only_live"] = 3
+    assert restore(root, {"opt": live_opt}) == 1  # strict: hyperparameter keys are not state keys
+    live_group = live_opt.param_groups[0]
+    assert live_group["lr"] == 0.5 and live_group["custom"] == "kept"  # the saved keys, as torch loads them
+    assert live_group["differentiable"] is False and live_group["only_live"] == 3  # the rest as it was
+    assert live_group["params"] == list(live_model.parameters())
+    assert restore(root, {"opt": live_opt}, strict=False) == RestoreResult(1, (), (), ())
+
+
+class _ExtraState(nn.Module):
+    """Like TransformerEngine's modules: extra state pickled into a uint8 tensor whose length varies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.meta: dict = {}
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(list(json.dumps(self.meta).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.meta = json.loads(bytes(state.tolist()))
+
+
+def test_extra_state_goes_to_set_extra_state_whatever_its_shape(root):
+    saved = _ExtraState()
+    saved.meta = {"amax_history": [1.0, 2.0], "scale": 3.0}
+    save(root, 1, {"model": saved})
+    for strict in (True, False):
+        live = _ExtraState()
+        result = restore(root, {"model": live}, strict=strict)
+        assert result == (1 if strict else RestoreResult(1))
+        assert live.meta == saved.meta and torch.equal(live.lin.weight, saved.lin.weight)
+    live = _ExtraState()
+    assert asyncckpt.load_weights(root, live) == 1
+    assert live.meta == saved.meta
+
+
+class _FrozenBackbone(nn.Module):
+    """LoRA-style: a state_dict hook leaves the frozen backbone out of the saved state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(2, 2)
+        self.adapter = nn.Linear(2, 2)
+        self.backbone.requires_grad_(False)
+        self._register_state_dict_hook(_FrozenBackbone._drop_backbone)
+
+    @staticmethod
+    def _drop_backbone(module, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
+            del state_dict[key]
+
+
+def test_a_module_whose_state_dict_hook_leaves_keys_out_restores_and_warns(root):
+    torch.manual_seed(0)
+    saved = {"a": torch.full((3,), 7.0), "model": _FrozenBackbone()}
+    save(root, 1, saved)
+    torch.manual_seed(1)
+    live = {"a": torch.zeros(3), "model": _FrozenBackbone()}
+    backbone = snapshot(live["model"].backbone.weight)
+    with pytest.warns(UserWarning, match=re.escape("state['model']") + ".*backbone.weight"):
+        assert restore(root, live) == 1  # torch's strict load raised here, after 'a' was updated
+    assert torch.equal(live["a"], saved["a"])
+    assert torch.equal(live["model"].adapter.weight, saved["model"].adapter.weight)
+    assert_same(backbone, live["model"].backbone.weight)  # left out of the checkpoint: left as it was
+
+
+def test_strict_false_inserts_checkpoint_only_keys_into_plain_dicts(root):
+    model, opt = trained(0)
+    save(root, 1, {"model": model.state_dict(), "opt": opt.state_dict(), "extra": {"epoch": 3, "best": 0.25}})
+    live_model, live_opt = trained(1)
+    live_opt = torch.optim.AdamW(live_model.parameters(), lr=1e-2)  # no state yet, as after a fresh build
+    live = {"model": live_model.state_dict(), "opt": live_opt.state_dict(), "extra": {"epoch": 0}}
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError) as excinfo:
+        restore(root, live)
+    assert "state['opt']['state'][0]" in str(excinfo.value) and "state['extra']['best']" in str(excinfo.value)
+    unchanged(live, before)
+
+    result = restore(root, live, strict=False)
+    assert result.unexpected_keys == tuple(f"state['opt']['state'][{i}]" for i in range(6)) + (
+        "state['extra']['best']",
+    )
+    assert live["extra"] == {"epoch": 3, "best": 0.25}
+    live_model.load_state_dict(live["model"])
+    live_opt.load_state_dict(live["opt"])
+    for p, q in zip(model.parameters(), live_model.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["exp_avg"], live_opt.state[q]["exp_avg"])
+
+
+def test_save_strips_the_assign_load_option_from_module_metadata(root):
+    saved = nn.Linear(2, 2)
+    with torch.device("meta"):
+        model = nn.Linear(2, 2)
+    sd = saved.state_dict()
+    model.load_state_dict(sd, assign=True)  # torch writes its load option into sd._metadata
+    assert sd._metadata[""]["assign_to_params_buffers"] is True  # type: ignore[attr-defined]
+    save(root, 1, {"model": model, "init": sd})
+    assert sd._metadata[""]["assign_to_params_buffers"] is True  # type: ignore[attr-defined]  # the caller's own
+    live = {"model": nn.Linear(2, 2), "init": nn.Linear(2, 2).state_dict()}
+    weight = live["model"].weight
+    assert restore(root, live) == 1
+    assert live["model"].weight is weight and torch.equal(weight, saved.weight)  # copied, not assigned
+    assert asyncckpt.load(root)["init"]._metadata == {"": {"version": 1}}
+
+
+def _training_state():
+    """README's full training state, freshly built."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2), nn.Linear(8, 8))  # [3] never used
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return {
+        "model": model,
+        "optimizer": opt,
+        "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=100),
+        "scaler": torch.amp.GradScaler("cpu"),
+        "rng": asyncckpt.RNGState(),
+        "sampler": asyncckpt.ResumableSampler(10, seed=0),
+        "step": 0,
+        "extra": {"epoch": 0, "best_loss": None},
+    }
+
+
+def test_the_readme_training_state_round_trips_strictly_into_a_fresh_one(root):
+    torch.manual_seed(0)
+    state = _training_state()
+    model, opt = state["model"], state["optimizer"]
+    for _ in range(3):
+        loss = model[2](model[1](model[0](torch.randn(8, 4)))).sum()  # model[3] gets no grad: no AdamW state
+        state["scaler"].scale(loss).backward()
+        state["scaler"].step(opt)
+        state["scaler"].update()
+        opt.zero_grad()
+        state["scheduler"].step()
+    iterator = iter(state["sampler"])
+    next(iterator), next(iterator)
+    state["step"], state["extra"] = 3, {"epoch": 1, "best_loss": 0.25}
+    before = snapshot(state)
+    save(root, 3, state)
+
+    torch.manual_seed(1)
+    live = _training_state()
+    assert restore(root, live) == 3
+    assert_same(before, snapshot(live))
+    assert len(live["optimizer"].state) == 6  # model[3]'s two params still have none

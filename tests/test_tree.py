@@ -466,7 +466,7 @@ def test_restore_into_updates_in_place_and_replaces_scalars():
     result = restore_into(live, skeleton, tensors, plan)
     assert result is live
     assert live["step"] == 7 and live["lr"] == 0.05 and live["name"] == "run-b" and live["maybe"] is None
-    assert live["extra"] is extra and extra == {"epoch": 3, "only_live": "kept"}  # 'added' has no place
+    assert live["extra"] is extra and extra == {"epoch": 3, "only_live": "kept", "added": [1]}  # inserted
     assert live["hist"] is hist and hist == [5, 6]
     assert isinstance(live["pair"], tuple) and live["pair"][1] == "tag"
     assert torch.equal(live["pair"][0], torch.full((2,), 9.0))

@@ -378,9 +378,10 @@ def _validate_tree(root: dict, dtypes: list[str]) -> None:
             raise _fail("tree", f"unknown node kind {kind[:20]!r}")
 
 
-# A load option, never saved: in a checkpoint it would make load_state_dict assign the checkpoint's
-# tensors in place of the module's parameters instead of copying into them.
-_REFUSED_MODULE_METADATA = frozenset({"assign_to_params_buffers"})
+# torch's load options, which ``load_state_dict(assign=True)`` writes into the state dict it was given:
+# never saved (flatten strips them), and refused in a manifest, where one would make load_state_dict
+# assign the checkpoint's tensors in place of the module's parameters instead of copying into them.
+MODULE_LOAD_OPTIONS = frozenset({"assign_to_params_buffers"})
 
 
 def check_module_metadata(meta: Any, error: Callable[[str], Exception]) -> None:
@@ -388,15 +389,15 @@ def check_module_metadata(meta: Any, error: Callable[[str], Exception]) -> None:
 
     It looks up ``meta.get(prefix)`` and compares each entry's ``"version"`` with ints, so any other
     shape would fail inside ``load_state_dict``, after earlier objects were restored. The reader
-    rejects it as damage (and falls back); the writer refuses to write it (``error`` makes the
-    exception either raises).
+    rejects it as damage (and falls back); the writer strips torch's load options, then refuses to
+    write anything else malformed (``error`` makes the exception either raises).
     """
     if not isinstance(meta, dict):
         raise error(f"module metadata must be an object, not {type(meta).__name__}")
     for prefix, local in meta.items():
         if not isinstance(prefix, str) or not isinstance(local, dict):
             raise error(f"module metadata for {str(prefix)[:80]!r} must be an object keyed by module prefix")
-        for name in _REFUSED_MODULE_METADATA.intersection(local):
+        for name in MODULE_LOAD_OPTIONS.intersection(local):
             raise error(f"module metadata for {prefix[:80]!r} holds the load option {name!r}")
         version = local.get("version")
         if version is not None and (isinstance(version, bool) or not isinstance(version, int)):

@@ -172,6 +172,11 @@ def _tensor_indices(node: dict) -> set[int]:
     return found
 
 
+def _check_strict(strict: Any) -> None:
+    if not isinstance(strict, bool):  # a truthy string or 0 would silently pick a mode
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+
+
 @overload
 def load_weights(
     path: str | os.PathLike, model: torch.nn.Module, key: str = ..., strict: Literal[True] = ...
@@ -195,14 +200,15 @@ def load_weights(
 
     ``path`` is a root (newest valid checkpoint) or one checkpoint dir; ``key`` names the model's
     entry in the saved state ("model", or a dotted path like "ema.model"). Tensors land on the
-    model's own device and dtype. Returns the checkpoint's step.
+    model's own device and dtype.
 
-    Keys, shapes and writability are checked before any weight is copied: by default a mismatch
-    raises StateMismatchError and the model is untouched. ``strict=False`` loads the matching
-    weights and returns a RestoreResult (the step and the missing, unexpected and skipped keys, as
-    torch names them), as ``model.load_state_dict(strict=False)`` does; a shape mismatch is an
-    error either way.
+    Returns the checkpoint's step (an int) with ``strict=True``, the default. Keys, shapes and
+    writability are checked before any weight is copied: a mismatch raises StateMismatchError and
+    the model is untouched. ``strict=False`` loads the matching weights and returns a RestoreResult
+    instead: ``.step`` and the missing, unexpected and skipped keys as torch names them, as
+    ``model.load_state_dict(strict=False)`` does; a shape mismatch is an error either way.
     """
+    _check_strict(strict)
     path = Path(path)
     if (path / MANIFEST_NAME).exists():
         candidates = [path]
@@ -229,8 +235,6 @@ def load_weights(
 def _load_model(
     model: torch.nn.Module, node: dict, tensors: list, strict: bool, where: str, step: int
 ) -> int | RestoreResult:
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be True or False, got {strict!r}")
     plan = check_module(model, node, tensors, strict=strict, where=f"{where} for {type(model).__name__}")
     try:
         load_module(model, node, tensors, plan)
@@ -684,15 +688,15 @@ class CheckpointManager:
         ``expand()`` view or an inference tensor). By default any mismatch raises
         StateMismatchError listing it, and nothing changes.
 
-        ``strict=False`` restores the matching part, leaves the rest as it is, and returns a
+        ``strict=False`` restores the matching part, leaves the rest as it is (keys found only in
+        the checkpoint are inserted into plain dicts, see RestoreResult), and returns a
         RestoreResult (step, missing_keys, unexpected_keys, skipped) instead of the step: a
         different type, so the common strict call stays ``int | None`` and a caller who opts in
         cannot overlook the lists (the overloads tell type checkers which one they get). Shape
         mismatches and optimizers with other param groups stay errors, as in torch.
         """
         self._check_open()
-        if not isinstance(strict, bool):
-            raise TypeError(f"strict must be True or False, got {strict!r}")
+        _check_strict(strict)
         if not isinstance(state, (dict, list)):
             raise TypeError(f"restore needs the state as a dict or list to update in place, got {type(state).__name__}")
         if step is not None:

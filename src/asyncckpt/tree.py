@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, StateMismatchError
-from .format import MAX_TREE_DEPTH, check_module_metadata, dtype_name
+from .format import MAX_TREE_DEPTH, MODULE_LOAD_OPTIONS, check_module_metadata, dtype_name
 
 _MISSING = object()
+_EXTRA_STATE = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 MAX_DEPTH = MAX_TREE_DEPTH
 
 
@@ -110,6 +111,10 @@ class _Flattener:
             meta = getattr(obj, "_metadata", None)
             if isinstance(meta, dict):
                 out["m"] = _plain_json(meta, f"{path}._metadata")
+                for local in out["m"].values():  # how the dict was last loaded, not what it holds
+                    if isinstance(local, dict):
+                        for option in MODULE_LOAD_OPTIONS.intersection(local):
+                            del local[option]
                 check_module_metadata(out["m"], lambda what: TypeError(f"{path}._metadata: {what}"))
             return out
         if isinstance(obj, list):
@@ -211,10 +216,13 @@ _SHOWN = 10  # entries of each list named in an error message; the exception hol
 
 @dataclass(frozen=True)
 class RestoreResult:
-    """What ``restore(..., strict=False)`` and ``load_weights(..., strict=False)`` left out.
+    """What ``restore(..., strict=False)`` and ``load_weights(..., strict=False)`` found not to fit.
 
     ``missing_keys``: in the live state but not in the checkpoint; left as they were.
-    ``unexpected_keys``: in the checkpoint with no place in the live state; not restored.
+    ``unexpected_keys``: in the checkpoint but not in the live state. In a plain dict (one the state
+    holds itself, a state dict held as a dict included) the key is inserted with the checkpoint's
+    value (a saved object as its state dict), so no data is lost; in a module's state dict or an
+    optimizer's state it is ignored, as torch's ``load_state_dict(strict=False)`` ignores it.
     ``skipped``: live tensors that cannot take data in place (a meta tensor, an overlapping view such
     as ``expand()``, an inference tensor); left as they were.
     Entries are paths in the state, as error messages name them (``state['model'].state_dict()['0.bias']``);
@@ -237,7 +245,7 @@ class RestorePlan:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why it cannot be written)
     errors: list[str] = field(default_factory=list)  # fatal whatever ``strict`` says: shapes, structure
     leave: set[str] = field(default_factory=set)  # paths restore_into must not touch
-    partial: set[str] = field(default_factory=set)  # modules loaded with load_state_dict(strict=False)
+    module_keys: dict[str, list[str]] = field(default_factory=dict)  # each module's state_dict() keys
     objects: list[tuple[str, Any, dict]] = field(default_factory=list)  # other stateful objects, loaded first
 
     def result(self, step: int | None) -> RestoreResult:
@@ -257,7 +265,7 @@ class RestorePlan:
         ):
             if items:
                 more = f" ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:_SHOWN]) + more)
+                lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:_SHOWN]) + more)  # reasons hold commas
         if strict and not self.errors:
             lines.append("  (strict=False restores the matching part and returns these lists)")
         raise StateMismatchError(
@@ -358,10 +366,7 @@ class _Planner:
         if torch.nn.parameter.is_lazy(live):
             return True  # a lazy module's parameter takes its shape from the checkpoint when loaded
         if tuple(live.shape) != tuple(saved.shape):
-            self.plan.errors.append(
-                f"{path}: shape mismatch, the live tensor is {tuple(live.shape)} but the "
-                f"checkpoint holds {tuple(saved.shape)}"
-            )
+            self.plan.errors.append(_shape_mismatch(path, live, saved))
             return False
         why = _cannot_write(live)
         if why is not None:
@@ -377,7 +382,7 @@ class _Planner:
             if key in live:
                 self.visit(live[key], child, _child(path, key))
             else:
-                self._unexpected(_child(path, key))
+                self.plan.unexpected.append(_child(path, key))  # strict=False inserts it: nothing conflicts
         self.plan.missing += [_child(path, key) for key in live if key not in saved]
 
     def module(self, live: torch.nn.Module, inner: dict, path: str, name: Callable[[Any], str] | None = None) -> None:
@@ -388,29 +393,25 @@ class _Planner:
             self.plan.errors.append(f"{where}: the checkpoint holds {_describe_node(inner)}, not a state dict")
             return
         live_sd = live.state_dict()
+        self.plan.module_keys[path] = list(live_sd)
         saved = set()
-        partial = False
         for key, child in inner["d"]:
             saved.add(key)
             value = live_sd.get(key, _MISSING) if isinstance(key, str) else _MISSING
             if value is _MISSING:
                 self._unexpected(name(key))
-                partial = True
+            elif key.endswith(_EXTRA_STATE):
+                pass  # any object, of any size: load_state_dict hands it to set_extra_state
             elif isinstance(value, torch.Tensor):
                 if _node_kind(child) != "T":
                     self._kind_error(name(key), value, child)
-                elif not self.tensor(value, self.tensors[child["T"]], name(key)):
-                    partial = True
-        for key in live_sd:
-            if key not in saved:
-                self.plan.missing.append(name(key))
-                partial = True
-        if partial:
-            self.plan.partial.add(path)
+                else:
+                    self.tensor(value, self.tensors[child["T"]], name(key))
+        self.plan.missing += [name(key) for key in live_sd if key not in saved]
 
     def optimizer(self, live: torch.optim.Optimizer, inner: dict, path: str) -> None:
         """What torch's Optimizer.load_state_dict checks (only after changing nothing, but raising
-        inside a restore), plus the hyperparameter keys of each group and meta parameters."""
+        inside a restore), plus state shapes and meta parameters."""
         where = f"{path}.state_dict()"
         cls = type(live).__name__
         top = dict(inner["d"]) if _node_kind(inner) == "d" else {}
@@ -445,10 +446,8 @@ class _Planner:
                 )
                 continue
             params.update(zip(ids, live_group["params"], strict=True))
-            for key in entries:
-                if key not in live_group:
-                    self._unexpected(_child(gpath, key))
-            self.plan.missing += [_child(gpath, k) for k in live_group if k not in entries]
+            # Hyperparameter keys are no state keys (torch never compares them): a scheduler adds
+            # 'initial_lr', a newer torch adds options; the load keeps the saved ones and the rest.
         if len(self.plan.errors) > fatal:
             return  # the parameters cannot be matched up: their states say nothing more
         for key, per_param in states["d"]:
@@ -466,10 +465,13 @@ class _Planner:
                     if isinstance(current, torch.Tensor) and _node_kind(snode) == "T":
                         saved = self.tensors[snode["T"]]
                         if tuple(current.shape) != tuple(saved.shape):
-                            self.plan.errors.append(
-                                f"{_child(spath, skey)}: shape mismatch, the live tensor is "
-                                f"{tuple(current.shape)} but the checkpoint holds {tuple(saved.shape)}"
-                            )
+                            self.plan.errors.append(_shape_mismatch(_child(spath, skey), current, saved))
+
+
+def _shape_mismatch(path: str, live: torch.Tensor, saved: torch.Tensor) -> str:
+    return (
+        f"{path}: shape mismatch, the live tensor is {tuple(live.shape)} but the checkpoint holds {tuple(saved.shape)}"
+    )
 
 
 def _leaf_value(node: Any) -> Any:
@@ -484,7 +486,8 @@ def check_compatible(
     Always fatal: a root that cannot be updated in place, a shape mismatch, a live tensor, dict,
     module or optimizer where the checkpoint holds something else, an optimizer with other param
     groups. With ``strict`` also missing and unexpected keys (of dicts, module state dicts, optimizer
-    param groups) and live tensors that cannot be written in place; without it those are left out.
+    states) and live tensors that cannot be written in place; without it those are left out. An
+    optimizer's param group hyperparameters are not keys: they load as torch loads them.
     """
     kind = _node_kind(node)
     value = node[kind]
@@ -519,11 +522,34 @@ def load_module(
     path: str = "",
     name: Callable[[Any], str] = str,
 ) -> None:
-    """Load a module's saved state dict, minus what the plan leaves out."""
+    """Load a module's saved state dict, minus what the plan leaves out.
+
+    The plan enforced ``strict`` already, against the keys ``state_dict()`` showed, so torch's own
+    strict check is off: state_dict or load hooks that change the key set (a frozen backbone left
+    out of the saved state) would make it raise after other parts were restored. If torch counts
+    other keys than the plan did, the difference is a warning.
+    """
     plain = unflatten(node, tensors)
+    _drop_left_out(plain, plan, name)
+    shown = set(plan.module_keys.get(path, ()))
+    result = module.load_state_dict(plain, strict=False)
+    missing = [k for k in result.missing_keys if k not in shown]  # the plan counted the others
+    unexpected = list(result.unexpected_keys)
+    counted = [
+        f"{what} keys {keys[:_SHOWN]}" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys
+    ]
+    if counted:
+        warnings.warn(
+            f"asyncckpt: {path or type(module).__name__}: {type(module).__name__}.load_state_dict reports "
+            f"{' and '.join(counted)} that its state_dict() did not show (hooks that change the key set?); "
+            "they were left as they were",
+            stacklevel=2,
+        )
+
+
+def _drop_left_out(plain: dict, plan: RestorePlan, name: Callable[[Any], str]) -> None:
     for key in [k for k in plain if name(k) in plan.leave]:
         del plain[key]
-    module.load_state_dict(plain, strict=path not in plan.partial)
 
 
 def _load_optimizer(
@@ -531,17 +557,11 @@ def _load_optimizer(
 ) -> None:
     where = f"{path}.state_dict()"
     plain = unflatten(node, tensors)
-    for key in [k for k in plain if _child(where, k) in plan.leave]:
-        del plain[key]
+    _drop_left_out(plain, plan, lambda key: _child(where, key))
     for i, group in enumerate(plain["param_groups"]):
-        gpath = _child(_child(where, "param_groups"), i)
-        for key in [k for k in group if _child(gpath, k) in plan.leave]:
-            del group[key]
         for key, current in live.param_groups[i].items():
             group.setdefault(key, current)  # a hyperparameter the checkpoint lacks stays as it is
-    state = plain["state"]
-    for key in [k for k in state if _child(_child(where, "state"), k) in plan.leave]:
-        del state[key]
+    _drop_left_out(plain["state"], plan, lambda key: _child(_child(where, "state"), key))
     live.load_state_dict(plain)
 
 
@@ -573,8 +593,8 @@ class _Restorer:
         if kind == "d" and isinstance(live, dict):
             for key, child in value:
                 child_path = _child(path, key)
-                if child_path not in self.plan.leave and key in live:
-                    live[key] = self.into(live[key], child, child_path)
+                if child_path not in self.plan.leave:
+                    live[key] = self.into(live[key], child, child_path) if key in live else unflatten(child, tensors)
             return live
         if kind == "l" and isinstance(live, list) and len(live) == len(value):
             for i, child in enumerate(value):
