@@ -41,15 +41,16 @@ def _check_step(step: Any) -> int:
 
 
 def _check_json(value: Any, what: str) -> dict:
+    """A snapshot of ``value`` as plain JSON values: the caller may change its own nested lists and
+    dicts after ``save`` returns, and the checkpoint must keep what they held at the call."""
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise TypeError(f"{what} must be a dict with str keys, got {type(value).__name__}")
     try:
-        json.dumps(value)
+        return json.loads(json.dumps(value))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} must be JSON-serialisable: {exc}") from None
-    return dict(value)
 
 
 def _plain_metrics(metrics: dict | None) -> dict:
