@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _phases, codec
-from .errors import CheckpointError
+from .errors import CheckpointError, OverlapGuardError, SaveFailedError
 from .format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
 from .metrics import SaveRecord
 from .staging import Arena, Layout, LazyCopy
@@ -65,20 +65,21 @@ def plan_chunks(layout: Layout, chunk_size: int) -> list[ChunkPlan]:
 
 
 class SaveHandle:
-    """The future of one save: ``wait()`` returns the committed path or raises CheckpointError."""
+    """The future of one save: ``wait()`` returns the committed path or raises SaveFailedError
+    (OverlapGuardError when overlap mode's guard refused the snapshot)."""
 
     def __init__(self, step: int) -> None:
         self.step = step
         self._future: Future[Path] = Future()
         self.reported = False  # an error seen by the user is not raised again by the manager
-        self._error: CheckpointError | None = None  # set before the future resolves
+        self._error: SaveFailedError | None = None  # set before the future resolves
         self._before_wait: Callable[..., None] | None = None  # overlap mode: the manager's fence
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> Path:
-        """The committed path, or CheckpointError; TimeoutError after ``timeout`` seconds. In
+        """The committed path, or SaveFailedError; TimeoutError after ``timeout`` seconds. In
         overlap mode this is a fence first: it waits for the save's copy, then for the commit."""
         if self._before_wait is not None:
             began = time.monotonic()
@@ -91,7 +92,7 @@ class SaveHandle:
             self.reported = True
             raise
 
-    def error(self) -> CheckpointError | None:
+    def error(self) -> SaveFailedError | None:
         return self._error
 
     def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
@@ -169,14 +170,15 @@ class Pipeline:
             if job is None:
                 return
             path: Path | None = None
-            error: CheckpointError | None = None
+            error: SaveFailedError | None = None
             try:
                 path = self._persist(job)
                 job.record.ok = True
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the handle
                 job.record.ok = False
                 job.record.error = f"{type(exc).__name__}: {exc}"
-                error = CheckpointError(f"save of step {job.step} failed: {type(exc).__name__}: {exc}")
+                kind = OverlapGuardError if isinstance(exc, OverlapGuardError) else SaveFailedError
+                error = kind(f"save of step {job.step} failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
                 job.handle._error = error
             try:
@@ -209,7 +211,7 @@ class Pipeline:
             )
         if changed:
             shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-            raise CheckpointError(
+            raise OverlapGuardError(
                 f"overlap guard: {len(changed)} tensor(s) changed in place after save() and before the next "
                 f"optimizer step, while still being copied: {shown}. The snapshot would mix two steps, so "
                 "it was not committed; update these tensors in the optimizer step, or use snapshot='blocking'"
