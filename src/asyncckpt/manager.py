@@ -20,7 +20,7 @@ import torch
 
 from . import _phases
 from .codec import CodecConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, SaveFailedError
 from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, check_tags
 from .metrics import METRICS_LOG, SaveRecord, SaveStats
 from .pipeline import Pipeline, SaveHandle, SaveJob
@@ -297,6 +297,7 @@ class CheckpointManager:
         self._copier = CopyEngine()
         self._cond = threading.Condition()
         self._pending: list[SaveHandle] = []
+        self._reserved = 0  # slots taken by saves still snapshotting (under _cond, with _pending)
         self._failed: list[SaveHandle] = []
         self._prepared: Future | None = None
         self._previous_handlers: dict[int, Any] = {}
@@ -373,31 +374,52 @@ class CheckpointManager:
             signal.signal(signum, handler)
         self._previous_handlers.clear()
 
-    def _final_save_and_reraise(self, step: int, state: Any, metrics: dict | None, metadata: dict | None) -> None:
+    def _final_save_and_reraise(
+        self, step: int, state: Any, metrics: dict | None, metadata: dict | None, tags: list[str] | tuple[str, ...]
+    ) -> None:
+        """The preemption checkpoint: attempted whatever failed before, waited for, then the signal."""
         signum, self._preempted = self._preempted, None
         try:
-            self.save(step, state, metrics=metrics, metadata=metadata)
-            self.wait()
-        except CheckpointError as exc:
-            warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+            try:
+                _, earlier = self._save(step, state, metrics, metadata, tags)
+            except CheckpointError as exc:
+                warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+            else:
+                if earlier is not None:
+                    warnings.warn(f"asyncckpt: before signal {signum}, an earlier save failed: {earlier}", stacklevel=3)
+                try:
+                    self.wait()
+                except CheckpointError as exc:
+                    warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
         finally:
             self._restore_signal_handlers()
             signal.raise_signal(signum)
 
     def maybe_save(
-        self, step: int, state: Any, metrics: dict | None = None, metadata: dict | None = None
+        self,
+        step: int,
+        state: Any,
+        metrics: dict | None = None,
+        metadata: dict | None = None,
+        tags: list[str] | tuple[str, ...] = (),
     ) -> SaveHandle | None:
-        """Save if the policy says this step is due; otherwise return None at once."""
+        """Save if the policy says this step is due; otherwise return None at once.
+
+        An earlier background failure never costs this step its checkpoint: the due save is made
+        first, then that failure is raised (as by ``save``).
+        """
         self.stats.step_seen(time.perf_counter())
         if self._preempted is not None:
-            self._final_save_and_reraise(step, state, metrics, metadata)
+            self._final_save_and_reraise(step, state, metrics, metadata, tags)
             return None
         deferred = getattr(self.policy, "deferred", 0)
         if not self.policy.due(step):
             self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
             return None
-        self.policy.saved(step)
-        return self.save(step, state, metrics=metrics, metadata=metadata)
+        handle, earlier = self._save(step, state, metrics, metadata, tags, tell_policy=True)
+        if earlier is not None:
+            raise earlier
+        return handle
 
     def save(
         self,
@@ -410,20 +432,64 @@ class CheckpointManager:
     ) -> SaveHandle:
         """Snapshot ``state`` into host memory and persist it in the background.
 
-        Returns once the snapshot is copied: later in-place changes to the live tensors never reach
-        this checkpoint. Raises CheckpointError for an earlier save that failed in the background.
+        Returns once the snapshot is copied: later in-place changes to the live tensors, metrics
+        and metadata never reach this checkpoint. If an earlier save failed in the background, this
+        save is still made (and commits or fails on its own), then that earlier failure is raised
+        as SaveFailedError naming its step.
+        """
+        handle, earlier = self._save(step, state, metrics, metadata, tags)
+        if earlier is not None:
+            raise earlier
+        return handle
+
+    def _save(
+        self,
+        step: int,
+        state: Any,
+        metrics: dict | None,
+        metadata: dict | None,
+        tags: list[str] | tuple[str, ...],
+        tell_policy: bool = False,
+    ) -> tuple[SaveHandle, SaveFailedError | None]:
+        """Take and submit one save; return its handle and the earlier background failure to raise.
+
+        Errors of this save itself (a state that cannot be saved, a closed manager) are raised. With
+        ``tell_policy`` the policy learns of the save just before it is submitted, and of its
+        failure if the submission itself fails, so it never waits for a commit that cannot come.
         """
         began = time.perf_counter()
         record = SaveRecord(step=_check_step(step), started=time.time())
         self._check_open()
         self._warn_if_behind(step)
         self._fence(in_save=True)  # an earlier overlap copy must finish before this one reads
-        self._raise_background_errors()
-        with self._cond:
-            while len(self._pending) >= self.max_pending:
+        with self._cond:  # the slot is reserved here, so threads saving at once never exceed max_pending
+            while len(self._pending) + self._reserved >= self.max_pending:
                 self._cond.wait()
+            self._reserved += 1
+        submitted = False
+        try:
+            handle = self._take_and_submit(state, record, began, metrics, metadata, tags, tell_policy)
+            submitted = True
+        finally:
+            if not submitted:
+                with self._cond:
+                    self._reserved -= 1
+                    self._cond.notify_all()
+        return handle, self._take_background_errors()
+
+    def _take_and_submit(
+        self,
+        state: Any,
+        record: SaveRecord,
+        began: float,
+        metrics: dict | None,
+        metadata: dict | None,
+        tags: list[str] | tuple[str, ...],
+        tell_policy: bool,
+    ) -> SaveHandle:
+        """The snapshot and the hand-over to the writer, in a slot ``_save`` reserved."""
+        step = record.step
         waited = time.perf_counter()
-        self._raise_background_errors()  # a save we just waited for may have failed
         flat = flatten(state)
         layout = plan_layout(flat.tensors)
         job_metrics = _plain_metrics(metrics)
@@ -452,6 +518,7 @@ class CheckpointManager:
             with self._fence_lock:
                 self._unfenced.append(lazy)
         with self._cond:
+            self._reserved -= 1
             self._pending.append(handle)
         handle.add_done_callback(self._settled)
         self.stats.add(record)
@@ -461,18 +528,23 @@ class CheckpointManager:
         record.bookkeeping_s = (planned - waited) + (ended - copied)
         record.stall_s = ended - began
         job.enqueued = ended
+        if tell_policy:
+            self.policy.saved(step)
         try:
             self._pipeline.submit(job)
         except BaseException:
             with self._cond:
                 self._pending.remove(handle)
-                self._cond.notify_all()
+                self._reserved += 1  # given back by the caller, which sees this failure
             if lazy is not None:
                 try:
                     lazy.wait_copied()  # the copy thread must be done with the arena before reuse
                 except BaseException:  # noqa: BLE001 - the submit failure is the error to report
                     pass
             self._arenas.release(arena)
+            if tell_policy:
+                record.ok = False
+                self.policy.committed(record)
             raise
         return handle
 
@@ -590,17 +662,26 @@ class CheckpointManager:
             self._pending.remove(handle)
             self._cond.notify_all()
 
-    def _raise_background_errors(self) -> None:
+    def _take_background_errors(self) -> SaveFailedError | None:
+        """The failures no caller has seen yet, as one error to raise (marked seen)."""
         with self._cond:
             failed = [h for h in self._failed if not h.reported]
             self._failed.clear()
         if not failed:
-            return
+            return None
         for handle in failed:
             handle.reported = True
         first = failed[0].error()
+        assert first is not None
         more = f" (and {len(failed) - 1} more failed saves)" if len(failed) > 1 else ""
-        raise CheckpointError(f"{first}{more}") from first
+        error = type(first)(f"{first}{more}")
+        error.__cause__ = first
+        return error
+
+    def _raise_background_errors(self) -> None:
+        error = self._take_background_errors()
+        if error is not None:
+            raise error
 
     def wait(self) -> None:
         """Block until every pending save has committed or failed; raise if one failed."""
