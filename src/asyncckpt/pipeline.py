@@ -199,10 +199,12 @@ class Pipeline:
 
     @staticmethod
     def _check_guard(job: SaveJob) -> None:
-        """Overlap mode: commit only if nothing copied lazily changed before the fence."""
+        """Overlap mode, right before the commit: commit only if nothing copied lazily changed in
+        place since ``save`` (by the fence's count, or by the counters now if no fence has passed:
+        the copy is complete, so the commit never waits for the next optimizer step)."""
         lazy = job.lazy
         assert lazy is not None
-        changed = lazy.verdict()
+        changed = lazy.settle()
         job.record.fence_wait_s = lazy.fence_wait_s
         if lazy.abandoned:
             raise CheckpointError(
@@ -212,9 +214,9 @@ class Pipeline:
         if changed:
             shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
             raise OverlapGuardError(
-                f"overlap guard: {len(changed)} tensor(s) changed in place after save() and before the next "
-                f"optimizer step, while still being copied: {shown}. The snapshot would mix two steps, so "
-                "it was not committed; update these tensors in the optimizer step, or use snapshot='blocking'"
+                f"overlap guard: {len(changed)} tensor(s) changed in place after save(), outside the optimizer "
+                f"step, before their copy was known to be complete: {shown}. The snapshot could mix two steps, "
+                "so it was not committed; update these tensors in the optimizer step, or use snapshot='blocking'"
             )
 
     @staticmethod
@@ -276,8 +278,6 @@ class Pipeline:
                         crc32=encoded.crc32,
                     )
                 )
-            if job.lazy is not None:
-                self._check_guard(job)
             began = time.perf_counter()
             _phases.pause("fsync")
             writer.sync_and_close()
@@ -297,6 +297,8 @@ class Pipeline:
             self._storage.write_manifest(temp_dir, manifest.to_json())
             record.fsync_s = time.perf_counter() - began
             began = time.perf_counter()
+            if job.lazy is not None:  # as late as possible: the longest time for an update to show
+                self._check_guard(job)
             _phases.pause("rename")
             path = self._storage.commit(temp_dir, job.step)
             record.commit_s = time.perf_counter() - began
