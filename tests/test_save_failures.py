@@ -122,8 +122,8 @@ def test_an_overlap_guard_rejection_is_an_overlap_guard_error(tmp_path, slow_cop
             mgr.wait()
 
 
-SIGNAL_CHILD = """
-import errno, sys, time, torch, asyncckpt
+SIGNAL_PRELUDE = """
+import asyncio, errno, sys, time, torch, asyncckpt
 from asyncckpt import pipeline
 root, log_path = sys.argv[1], sys.argv[2]
 real = pipeline.codec.encode
@@ -136,6 +136,11 @@ def encode(*args, **kwargs):
 
 pipeline.codec.encode = encode
 state = {"w": torch.zeros(100_000), "step": 0}
+"""
+
+SIGNAL_CHILD = (
+    SIGNAL_PRELUDE
+    + """
 mgr = asyncckpt.CheckpointManager(root, policy=asyncckpt.EverySteps(10_000))
 mgr.install_signal_handlers()
 failed = mgr.save(0, state)  # fails in the background; nobody waits for it
@@ -150,11 +155,37 @@ for step in range(1, 100_000):
     time.sleep(0.01)
     mgr.maybe_save(step, state)
 """
+)
+
+ASYNC_SIGNAL_CHILD = (
+    SIGNAL_PRELUDE
+    + """
+async def main():
+    mgr = asyncckpt.AsyncCheckpointManager(root, policy=asyncckpt.EverySteps(10_000))
+    mgr.install_signal_handlers()
+    failed = await mgr.save(0, state)
+    while not failed.done():
+        await asyncio.sleep(0.01)
+    armed[0] = False
+    log = open(log_path, "w")
+    for step in range(1, 100_000):
+        state["w"] += 1
+        state["step"] = step
+        print(step, file=log, flush=True)
+        await asyncio.sleep(0.01)
+        await mgr.maybe_save(step, state)
+
+asyncio.run(main())
+"""
+)
 
 
-def test_the_preemption_checkpoint_is_taken_after_an_unreported_failure(tmp_path):
+@pytest.mark.parametrize(
+    "source", [SIGNAL_CHILD, ASYNC_SIGNAL_CHILD], ids=["CheckpointManager", "AsyncCheckpointManager"]
+)
+def test_the_preemption_checkpoint_is_taken_after_an_unreported_failure(tmp_path, source):
     script = tmp_path / "child.py"
-    script.write_text(SIGNAL_CHILD)
+    script.write_text(source)
     log = tmp_path / "log"
     child = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path / "root"), str(log)], stderr=subprocess.PIPE, text=True

@@ -20,10 +20,10 @@ import torch
 
 from . import _phases
 from .codec import CodecConfig
-from .errors import CheckpointError, SaveFailedError
+from .errors import CheckpointError, CheckpointNotFoundError, SaveFailedError
 from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, check_tags
 from .metrics import METRICS_LOG, SaveRecord, SaveStats
-from .pipeline import Pipeline, SaveHandle, SaveJob
+from .pipeline import Pipeline, SaveHandle, SaveJob, _warn_from_writer
 from .policy import EverySteps, SavePolicy
 from .reader import LoadedCheckpoint, read_checkpoint, read_manifest
 from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
@@ -298,6 +298,8 @@ class CheckpointManager:
         self._cond = threading.Condition()
         self._pending: list[SaveHandle] = []
         self._reserved = 0  # slots taken by saves still snapshotting (under _cond, with _pending)
+        self._in_flight_jobs: dict[int, SaveJob] = {}  # step -> newest save not yet done (under _infos_lock)
+        self._due_answer: tuple[int, bool] | None = None  # the last due(step), for maybe_save(step)
         self._failed: list[SaveHandle] = []
         self._prepared: Future | None = None
         self._previous_handlers: dict[int, Any] = {}
@@ -412,14 +414,29 @@ class CheckpointManager:
         if self._preempted is not None:
             self._final_save_and_reraise(step, state, metrics, metadata, tags)
             return None
+        asked, self._due_answer = self._due_answer, None
         deferred = getattr(self.policy, "deferred", 0)
-        if not self.policy.due(step):
-            self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
+        is_due = self.policy.due(step)  # always: the policy counts every call
+        if asked is not None and asked[0] == step:
+            is_due = asked[1]  # what due(step) told the caller, who may have computed metrics for it
+        self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
+        if not is_due:
             return None
         handle, earlier = self._save(step, state, metrics, metadata, tags, tell_policy=True)
         if earlier is not None:
             raise earlier
         return handle
+
+    def due(self, step: int) -> bool:
+        """Whether ``maybe_save(step)`` would save now, without changing the policy's state.
+
+        For a loop that computes an expensive metric only for the checkpoints it goes into: the
+        next ``maybe_save`` of the same step follows this answer. True after a preemption signal.
+        """
+        _check_step(step)
+        answer = self._preempted is not None or self.policy.peek(step)
+        self._due_answer = (step, answer)
+        return answer
 
     def save(
         self,
@@ -530,9 +547,14 @@ class CheckpointManager:
         job.enqueued = ended
         if tell_policy:
             self.policy.saved(step)
+        with self._infos_lock:
+            self._in_flight_jobs[step] = job
         try:
             self._pipeline.submit(job)
         except BaseException:
+            with self._infos_lock:
+                if self._in_flight_jobs.get(step) is job:
+                    del self._in_flight_jobs[step]
             with self._cond:
                 self._pending.remove(handle)
                 self._reserved += 1  # given back by the caller, which sees this failure
@@ -640,13 +662,26 @@ class CheckpointManager:
             with self._cond:
                 self._failed.append(job.handle)
         try:
-            if path is not None:
-                with self._infos_lock:
+            with self._infos_lock:
+                if self._in_flight_jobs.get(job.step) is job:
+                    del self._in_flight_jobs[job.step]  # from here on, tag() goes to the committed manifest
+                if path is not None:
+                    if job.retagged_late:
+                        self._write_late_tags(path, job.tags)
                     self._infos[job.step] = CheckpointInfo(job.step, job.metrics, tuple(job.tags))
                     self._apply_retention(protect=job.step)
         finally:
             self.stats.finished(job.record)
             self.policy.committed(job.record)
+
+    def _write_late_tags(self, path: Path, tags: list[str]) -> None:
+        """Tags changed while the save's manifest was already written: rewrite it, now committed."""
+        try:
+            manifest = read_manifest(path)
+            manifest.tags = list(tags)
+            self._storage.replace_manifest(path, manifest.to_json())
+        except Exception as exc:  # noqa: BLE001 - the checkpoint is committed: never report it failed
+            _warn_from_writer(f"asyncckpt: the tags {tags} given while {path} was being saved were not written: {exc}")
 
     def _apply_retention(self, protect: int) -> None:
         committed = {c.step: c for c in self._storage.checkpoints()}
@@ -730,20 +765,27 @@ class CheckpointManager:
             return CheckpointInfo(checkpoint.step, {})
 
     def tag(self, step: int, *tags: str) -> list[str]:
-        """Add tags to a committed checkpoint; tagged checkpoints are kept by retention."""
+        """Add tags to a committed checkpoint, or to a save of ``step`` still in flight (they are in
+        its checkpoint when it commits); tagged checkpoints are kept by retention."""
         return self._retag(step, lambda have: have + [t for t in check_tags(list(tags), "tags") if t not in have])
 
     def untag(self, step: int, *tags: str) -> list[str]:
-        """Remove tags (all of them when none are named); the checkpoint is then subject to retention
-        again, from the next commit on."""
+        """Remove tags (all of them when none are named), also from a save still in flight; the
+        checkpoint is then subject to retention again, from the next commit on."""
         return self._retag(step, lambda have: [t for t in have if tags and t not in tags])
 
     def _retag(self, step: int, change: Callable[[list[str]], list[str]]) -> list[str]:
         self._check_open()
-        checkpoint = next((c for c in self._storage.checkpoints() if c.step == _check_step(step)), None)
-        if checkpoint is None:
-            raise CheckpointError(f"no committed checkpoint for step {step} in {self.root}")
-        with self._infos_lock:  # not while the writer applies retention to this very checkpoint
+        _check_step(step)
+        with self._infos_lock:  # not while the writer commits or applies retention to this very checkpoint
+            job = self._in_flight_jobs.get(step)
+            if job is not None:
+                return job.retag(change)
+            checkpoint = next((c for c in self._storage.checkpoints() if c.step == step), None)
+            if checkpoint is None:
+                raise CheckpointNotFoundError(
+                    f"no committed checkpoint and no save in flight for step {step} in {self.root}"
+                )
             manifest = read_manifest(checkpoint.path)
             manifest.tags = change(list(manifest.tags))
             self._storage.replace_manifest(checkpoint.path, manifest.to_json())

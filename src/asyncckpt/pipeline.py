@@ -116,6 +116,22 @@ class SaveJob:
     tags: list[str] = field(default_factory=list)
     lazy: LazyCopy | None = None  # overlap mode: copies still running when save() returned
     enqueued: float = 0.0  # perf_counter when save() returned
+    tags_written: bool = False  # the manifest was built with the tags as they were then
+    retagged_late: bool = False  # tags changed after that: the manager rewrites them at the commit
+    _tags_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def retag(self, change: Callable[[list[str]], list[str]]) -> list[str]:
+        """Change the tags of a save still in flight (the caller, under the manager's lock)."""
+        with self._tags_lock:
+            self.tags = change(list(self.tags))
+            self.retagged_late = self.retagged_late or self.tags_written
+            return list(self.tags)
+
+    def tags_for_manifest(self) -> list[str]:
+        """The tags the manifest is written with (writer thread); later changes are late ones."""
+        with self._tags_lock:
+            self.tags_written = True
+            return list(self.tags)
 
 
 class Pipeline:
@@ -291,7 +307,7 @@ class Pipeline:
                 stored_bytes=sum(c.length for c in chunks),
                 metrics=job.metrics,
                 metadata=job.metadata,
-                tags=job.tags,
+                tags=job.tags_for_manifest(),
             )
             _phases.pause("manifest")
             self._storage.write_manifest(temp_dir, manifest.to_json())
