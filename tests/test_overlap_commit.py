@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import asyncckpt
-from _overlap_state import assert_same, plain
+from _overlap_state import CommitGate, assert_same, plain, to_cpu
 from _waiting import wait_until
 from asyncckpt import CheckpointManager, OverlapGuardError
 
@@ -55,13 +55,16 @@ def test_commits_during_an_evaluation_with_no_optimizer_step(tmp_path, slow_copy
     assert_same(expected, asyncckpt.load(tmp_path))
 
 
-def test_guard_still_rejects_an_update_before_the_copy_finished_without_a_fence(tmp_path, slow_copy):
+def test_guard_still_rejects_an_update_before_the_copy_finished_without_a_fence(tmp_path, slow_copy, monkeypatch):
     state = make_state()
     weight = state["model"][0].weight
+    gate = CommitGate(monkeypatch)
     with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        gate.close()  # the update comes before the writer checks, however slow this thread is
         handle = mgr.save(1, state)
         with torch.no_grad():
             weight.mul_(2.0)  # in place, outside the optimizer, while the copy sleeps
+        gate.open()
         wait_until(handle.done, timeout=30, what="the guard's verdict with no fence")
         with pytest.raises(OverlapGuardError, match=r"overlap guard: 1 tensor\(s\) changed in place.*0\.weight"):
             handle.wait()
@@ -112,3 +115,27 @@ def test_sigkill_during_a_long_evaluation_after_an_overlap_save_keeps_the_checkp
         assert mgr.steps() == [1]
     expected = torch.load(tmp_path / "expected.pt")
     assert_same(expected["model"], asyncckpt.load(root)["model"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_commits_during_an_evaluation_with_no_optimizer_step_on_cuda(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(4)]).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(64, 2048, device="cuda")).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    state = {"model": model, "optimizer": opt}
+    with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        torch.cuda.synchronize()
+        expected = plain(state)
+        handle = mgr.save(1, state)
+        with torch.no_grad():
+
+            def evaluating() -> bool:
+                model(torch.randn(64, 2048, device="cuda"))
+                return handle.done()
+
+            wait_until(evaluating, timeout=60, what="the commit with no optimizer step after save")
+        assert handle.error() is None and mgr.steps() == [1]
+    assert_same(to_cpu(expected), asyncckpt.load(tmp_path))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import asyncckpt
+from _overlap_state import CommitGate
 from _waiting import wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySteps, OverlapGuardError, SaveFailedError
 from asyncckpt import pipeline as pipeline_module
@@ -105,18 +106,23 @@ def test_failure_types_from_wait_close_and_the_handle(tmp_path, monkeypatch):
     assert issubclass(SaveFailedError, CheckpointError)
 
 
-def test_an_overlap_guard_rejection_is_an_overlap_guard_error(tmp_path, slow_copy):
+def test_an_overlap_guard_rejection_is_an_overlap_guard_error(tmp_path, slow_copy, monkeypatch):
     model = torch.nn.Linear(256, 256)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gate = CommitGate(monkeypatch)
     with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        gate.close()  # the update comes before the writer checks, however slow this thread is
         handle = mgr.save(1, {"model": model, "optimizer": opt})
         with torch.no_grad():
             model.weight.mul_(2.0)  # in place, outside the optimizer step, while the copy sleeps
+        gate.open()
         with pytest.raises(OverlapGuardError, match=r"save of step 1 failed: .*overlap guard"):
             handle.wait()
+        gate.close()
         handle = mgr.save(2, {"model": model, "optimizer": opt})
         with torch.no_grad():
             model.weight.mul_(2.0)
+        gate.open()
         wait_until(handle.done, timeout=30, what="step 2's rejection")
         with pytest.raises(OverlapGuardError, match="save of step 2 failed"):
             mgr.wait()
