@@ -109,7 +109,7 @@ class AsyncSaveHandle:
     async def _wait(self) -> Path:
         fence = self.handle._before_wait
         if fence is not None and not self._future.done():
-            # Overlap mode: the commit waits for a fence; awaiting the commit is one (off the loop).
+            # Overlap mode: awaiting the commit is a fence, as SaveHandle.wait is (off the loop).
             await asyncio.shield(self._loop.run_in_executor(None, _in_callers_cuda_stream(fence)))
         try:
             return await asyncio.shield(self._future)
