@@ -298,7 +298,10 @@ class CheckpointManager:
         self._cond = threading.Condition()
         self._pending: list[SaveHandle] = []
         self._reserved = 0  # slots taken by saves still snapshotting (under _cond, with _pending)
-        self._in_flight_jobs: dict[int, SaveJob] = {}  # step -> newest save not yet done (under _infos_lock)
+        # step -> newest save not yet done. Its own lock, taken before _infos_lock: a save registers
+        # here and must not wait while the writer applies retention (deletes) under _infos_lock.
+        self._in_flight_jobs: dict[int, SaveJob] = {}
+        self._jobs_lock = threading.Lock()
         self._due_answer: tuple[int, bool] | None = None  # the last due(step), for maybe_save(step)
         self._failed: list[SaveHandle] = []
         self._prepared: Future | None = None
@@ -547,12 +550,12 @@ class CheckpointManager:
         job.enqueued = ended
         if tell_policy:
             self.policy.saved(step)
-        with self._infos_lock:
+        with self._jobs_lock:
             self._in_flight_jobs[step] = job
         try:
             self._pipeline.submit(job)
         except BaseException:
-            with self._infos_lock:
+            with self._jobs_lock:
                 if self._in_flight_jobs.get(step) is job:
                     del self._in_flight_jobs[step]
             with self._cond:
@@ -662,13 +665,16 @@ class CheckpointManager:
             with self._cond:
                 self._failed.append(job.handle)
         try:
-            with self._infos_lock:
+            with self._jobs_lock:
                 if self._in_flight_jobs.get(job.step) is job:
                     del self._in_flight_jobs[job.step]  # from here on, tag() goes to the committed manifest
                 if path is not None:
                     if job.retagged_late:
                         self._write_late_tags(path, job.tags)
-                    self._infos[job.step] = CheckpointInfo(job.step, job.metrics, tuple(job.tags))
+                    with self._infos_lock:
+                        self._infos[job.step] = CheckpointInfo(job.step, job.metrics, tuple(job.tags))
+            if path is not None:
+                with self._infos_lock:
                     self._apply_retention(protect=job.step)
         finally:
             self.stats.finished(job.record)
@@ -777,19 +783,20 @@ class CheckpointManager:
     def _retag(self, step: int, change: Callable[[list[str]], list[str]]) -> list[str]:
         self._check_open()
         _check_step(step)
-        with self._infos_lock:  # not while the writer commits or applies retention to this very checkpoint
+        with self._jobs_lock:  # not while the writer finishes a save of this step
             job = self._in_flight_jobs.get(step)
             if job is not None:
                 return job.retag(change)
-            checkpoint = next((c for c in self._storage.checkpoints() if c.step == step), None)
-            if checkpoint is None:
-                raise CheckpointNotFoundError(
-                    f"no committed checkpoint and no save in flight for step {step} in {self.root}"
-                )
-            manifest = read_manifest(checkpoint.path)
-            manifest.tags = change(list(manifest.tags))
-            self._storage.replace_manifest(checkpoint.path, manifest.to_json())
-            self._infos[step] = CheckpointInfo(step, manifest.metrics, tuple(manifest.tags))
+            with self._infos_lock:  # not while the writer applies retention to this very checkpoint
+                checkpoint = next((c for c in self._storage.checkpoints() if c.step == step), None)
+                if checkpoint is None:
+                    raise CheckpointNotFoundError(
+                        f"no committed checkpoint and no save in flight for step {step} in {self.root}"
+                    )
+                manifest = read_manifest(checkpoint.path)
+                manifest.tags = change(list(manifest.tags))
+                self._storage.replace_manifest(checkpoint.path, manifest.to_json())
+                self._infos[step] = CheckpointInfo(step, manifest.metrics, tuple(manifest.tags))
         return manifest.tags
 
     # ---- lifetime -----------------------------------------------------------------------------
