@@ -230,9 +230,9 @@ class Pipeline:
         if changed:
             shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
             raise OverlapGuardError(
-                f"overlap guard: {len(changed)} tensor(s) changed in place after save(), outside the optimizer "
-                f"step, before their copy was known to be complete: {shown}. The snapshot could mix two steps, "
-                "so it was not committed; update these tensors in the optimizer step, or use snapshot='blocking'"
+                f"overlap guard: {len(changed)} tensor(s) changed in place after save(), before their copy was "
+                f"known to be complete: {shown}. The snapshot could mix two steps, so it was not committed; "
+                "update these tensors only in the optimizer step, or use snapshot='blocking'"
             )
 
     @staticmethod
