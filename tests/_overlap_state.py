@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 
@@ -40,3 +41,30 @@ def assert_same(expected, got, where: str = "state") -> None:
             assert_same(a, b, f"{where}[{i}]")
     else:
         assert expected == got, where
+
+
+class CommitGate:
+    """Holds the writer before it writes the manifest (and so before it settles the overlap guard)
+    while closed, so a test decides what comes first: the fence or an in-place update, or the
+    commit. Overlap mode commits as soon as the copy is done and nothing changed, so without it a
+    slow training thread (a loaded machine) could see its checkpoint commit before it gets there."""
+
+    def __init__(self, monkeypatch) -> None:
+        from asyncckpt import _phases
+
+        self._open = threading.Event()
+        self._open.set()
+        real = _phases.pause
+
+        def pause(phase: str) -> None:
+            if phase == "manifest":
+                assert self._open.wait(60), "CommitGate never opened"
+            real(phase)
+
+        monkeypatch.setattr(_phases, "pause", pause)
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import asyncckpt
+from _overlap_state import CommitGate
 from asyncckpt import CheckpointError, CheckpointManager, EverySteps
 from asyncckpt.cli import PLOT_NEEDS_MATPLOTLIB, main
 from asyncckpt.metrics import METRICS_LOG, SaveRecord, SaveStats, read_log, summarize
@@ -274,10 +275,13 @@ def test_overlap_runs_show_the_fence_wait(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(_phases._DELAYS, "lazy_copy", 0.2)
     model = torch.nn.Linear(256, 256)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gate = CommitGate(monkeypatch)  # the fence comes before the commit, however loaded the machine
     with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        gate.close()
         mgr.save(1, {"model": model, "optimizer": opt})
         model(torch.randn(4, 256)).sum().backward()
         opt.step()  # the fence: waits for the (slowed) copy
+        gate.open()
         mgr.wait()
     code, out, _ = run_stats(capsys, str(tmp_path))
     assert code == 0

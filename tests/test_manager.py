@@ -737,8 +737,10 @@ def test_background_failure_is_raised_by_the_next_save(tmp_path, managers, monke
     handle = mgr.save(2, randn_state(2))
     wait_until(handle.done)
     with pytest.raises(CheckpointError) as excinfo:
-        mgr.save(3, randn_state(3))
+        mgr.save(3, randn_state(3))  # still made (the disk is still full: it fails too), then step 2 raised
     assert "step 2" in str(excinfo.value) and "No space left" in str(excinfo.value)
+    with pytest.raises(CheckpointError, match="save of step 3 failed: .*No space left"):
+        mgr.wait()
     assert leftovers(root) == [] and step_dirs(root) == []
     monkeypatch.undo()
     state = randn_state(3)

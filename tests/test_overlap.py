@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import asyncckpt
-from _overlap_state import assert_same, plain, to_cpu
+from _overlap_state import CommitGate, assert_same, plain, to_cpu
 from _waiting import run_with_timeout
 from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt.metrics import read_log
@@ -59,16 +59,19 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
-def test_checkpoint_equals_state_at_save_while_training_runs_on(tmp_path, slow_copy, kind):
+def test_checkpoint_equals_state_at_save_while_training_runs_on(tmp_path, slow_copy, kind, monkeypatch):
     model = make_model()
     opt = OPTIMIZERS[kind](model.parameters())
     train(model, [opt], steps=2)
     state = {"model": model, "optimizer": opt, "step": 2}
+    gate = CommitGate(monkeypatch)
     with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
         expected = plain(state)
+        gate.close()  # the fence comes before the commit, however slow training is here
         handle = mgr.save(2, state)
         assert not handle.done()  # the copy thread is still asleep inside the copy
         train(model, [opt], steps=3)  # forwards (BatchNorm stats), backwards, fenced steps
+        gate.open()
         assert handle.wait().name == "step-000000000002"
         record = mgr.stats.records[0]
     assert record.ok and record.lazy_copy_s > 0 and record.fence_wait_s > 0
@@ -97,17 +100,20 @@ def test_buffers_and_unowned_tensors_are_copied_before_save_returns(tmp_path, sl
     assert_same(expected, asyncckpt.load(tmp_path))
 
 
-def test_guard_rejects_in_place_update_outside_the_optimizer(tmp_path, slow_copy):
+def test_guard_rejects_in_place_update_outside_the_optimizer(tmp_path, slow_copy, monkeypatch):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     state = {"model": model, "optimizer": opt}
+    gate = CommitGate(monkeypatch)
     with CheckpointManager(tmp_path, snapshot="overlap", keep_last=None) as mgr:
         before = plain(state)
         mgr.save(1, state)
         mgr.wait()
+        gate.close()  # the update comes before the writer checks, however slow this thread is
         handle = mgr.save(2, state)
         with torch.no_grad():
             model[0].weight.mul_(2.0)  # not through the optimizer: not covered by the fence
+        gate.open()
         doubled = model[0].weight.clone()
         train(model, [opt], steps=1)  # training itself is not disturbed: no exception here
         assert not torch.equal(model[0].weight, doubled)
@@ -125,14 +131,17 @@ def test_guard_rejects_in_place_update_outside_the_optimizer(tmp_path, slow_copy
     assert_same(after, asyncckpt.load(tmp_path, step=3))
 
 
-def test_guard_failure_is_raised_by_the_next_save(tmp_path, slow_copy):
+def test_guard_failure_is_raised_by_the_next_save(tmp_path, slow_copy, monkeypatch):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     state = {"model": model, "optimizer": opt}
+    gate = CommitGate(monkeypatch)
     with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        gate.close()
         mgr.save(1, state)
         with torch.no_grad():
             model[0].weight.add_(1.0)
+        gate.open()
         with pytest.raises(CheckpointError, match="overlap guard"):
             mgr.save(2, state)  # fences save 1, waits for it, reports its failure
         mgr.save(2, state)
@@ -232,12 +241,15 @@ def test_fence_hooks_go_away_with_the_manager(tmp_path):
     train(model, [opt], steps=1)  # and the optimizer still steps after close
 
 
-def test_overlap_in_the_metrics_log(tmp_path, slow_copy):
+def test_overlap_in_the_metrics_log(tmp_path, slow_copy, monkeypatch):
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gate = CommitGate(monkeypatch)
     with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        gate.close()  # the fence comes before the commit
         mgr.save(1, {"model": model, "optimizer": opt})
         train(model, [opt], steps=1)
+        gate.open()
         mgr.wait()
     (record,) = read_log(tmp_path)
     assert record.ok and record.fence_wait_s > 0 and record.lazy_copy_s > 0
@@ -285,7 +297,16 @@ def test_close_after_an_interrupted_fence_neither_hangs_nor_commits(tmp_path, sl
 
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    gate = CommitGate(monkeypatch)
+    real_abandon = LazyCopy.abandon
+
+    def abandon(self) -> None:
+        real_abandon(self)
+        gate.open()  # the writer settles only now: it finds the fence abandoned, never passed
+
+    monkeypatch.setattr(LazyCopy, "abandon", abandon)
     mgr = CheckpointManager(tmp_path, snapshot="overlap")
+    gate.close()
     handle = mgr.save(1, {"model": model, "optimizer": opt})
     monkeypatch.setattr(LazyCopy, "fence", interrupted)
     with pytest.raises(_Interrupted):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import asyncckpt
-from _overlap_state import assert_same, plain
+from _overlap_state import CommitGate, assert_same, plain
 from _waiting import run_with_timeout
 from asyncckpt import AsyncCheckpointManager, CheckpointError, CheckpointManager, _phases
 from asyncckpt.metrics import read_log
@@ -250,9 +250,12 @@ def test_fence_wait_reaches_the_metrics_log(tmp_path, slow_copy, monkeypatch):
     monkeypatch.setattr(LazyCopy, "fence", fence_then_descheduled)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gate = CommitGate(monkeypatch)
     with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+        gate.close()  # the fence comes before the commit, however slow this thread is
         mgr.save(1, {"model": model, "optimizer": opt})
         one_step(model, opt)
+        gate.open()
         run_with_timeout(mgr.wait, timeout=30)
         assert mgr.stats.records[0].fence_wait_s > 0  # known in memory
     (record,) = read_log(tmp_path)

@@ -36,7 +36,7 @@ def test_tags_are_saved_protect_from_retention_and_untag_releases(tmp_path):
         assert mgr.untag(1) == []
         mgr.save(5, {"w": torch.ones(3)}).wait()
         assert mgr.steps() == [3, 5]
-        with pytest.raises(CheckpointError, match="no committed checkpoint for step 1"):
+        with pytest.raises(CheckpointError, match="no committed checkpoint and no save in flight for step 1"):
             mgr.tag(1, "x")
     # tags survive a reopen and still protect
     with asyncckpt.CheckpointManager(root, keep_last=1) as mgr:

@@ -110,7 +110,7 @@ class AsyncSaveHandle:
     async def _wait(self) -> Path:
         fence = self.handle._before_wait
         if fence is not None and not self._future.done():
-            # Overlap mode: the commit waits for a fence; awaiting the commit is one (off the loop).
+            # Overlap mode: awaiting the commit is a fence, as SaveHandle.wait is (off the loop).
             await asyncio.shield(self._loop.run_in_executor(None, _in_callers_cuda_stream(fence)))
         try:
             return await asyncio.shield(self._future)
@@ -183,14 +183,38 @@ class AsyncCheckpointManager:
         return await asyncio.shield(asyncio.wrap_future(future))
 
     async def save(
-        self, step: int, state: Any, *, metrics: dict | None = None, metadata: dict | None = None
+        self,
+        step: int,
+        state: Any,
+        *,
+        metrics: dict | None = None,
+        metadata: dict | None = None,
+        tags: list[str] | tuple[str, ...] = (),
     ) -> AsyncSaveHandle:
         """Snapshot ``state`` (in the executor) and return once copied; ``await`` the handle for the commit.
 
-        Like CheckpointManager.save, raises CheckpointError for an earlier save that failed.
+        Like CheckpointManager.save, raises SaveFailedError for an earlier save that failed, after
+        this one was submitted.
         """
-        handle = await self._run(self.manager.save, step, state, metrics=metrics, metadata=metadata)
+        handle = await self._run(self.manager.save, step, state, metrics=metrics, metadata=metadata, tags=tags)
         return AsyncSaveHandle(handle, asyncio.get_running_loop())
+
+    def due(self, step: int) -> bool:
+        """Whether ``maybe_save(step)`` would save now, changing nothing (no I/O: not a coroutine).
+
+        As ``CheckpointManager.due``: the next ``maybe_save`` of the same step follows this answer.
+        """
+        if self._preempted is not None:
+            return True
+        return self.manager.due(step)
+
+    async def tag(self, step: int, *tags: str) -> list[str]:
+        """Add tags to a committed checkpoint or a save still in flight (off the loop: it rewrites a manifest)."""
+        return await self._run(self.manager.tag, step, *tags)
+
+    async def untag(self, step: int, *tags: str) -> list[str]:
+        """Remove tags (all when none are named) from a committed checkpoint or a save still in flight."""
+        return await self._run(self.manager.untag, step, *tags)
 
     def install_signal_handlers(
         self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -224,21 +248,42 @@ class AsyncCheckpointManager:
         self._signal_loop = None
 
     async def maybe_save(
-        self, step: int, state: Any, metrics: dict | None = None, metadata: dict | None = None
+        self,
+        step: int,
+        state: Any,
+        metrics: dict | None = None,
+        metadata: dict | None = None,
+        tags: list[str] | tuple[str, ...] = (),
     ) -> AsyncSaveHandle | None:
-        """``save`` if the manager's policy says the step is due, else None."""
+        """``save`` if the manager's policy says the step is due, else None. As with the blocking
+        manager, an earlier failure is raised only after the due save was submitted."""
         if self._preempted is not None:
             signum, self._preempted = self._preempted, None
             try:
-                await (await self.save(step, state, metrics=metrics, metadata=metadata))
-            except CheckpointError as exc:
-                warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=2)
+                await self._final_save(signum, step, state, metrics, metadata, tags)
             finally:
                 self._remove_signal_handlers()
                 signal.raise_signal(signum)
             return None
-        handle = await self._run(self.manager.maybe_save, step, state, metrics, metadata)
+        handle = await self._run(self.manager.maybe_save, step, state, metrics, metadata, tags)
         return None if handle is None else AsyncSaveHandle(handle, asyncio.get_running_loop())
+
+    async def _final_save(
+        self, signum: int, step: int, state: Any, metrics: dict | None, metadata: dict | None, tags: Any
+    ) -> None:
+        """The preemption checkpoint, attempted whatever failed before; failures are warnings."""
+        manager = self.manager
+        try:
+            _, earlier = await self._run(manager._save, step, state, metrics, metadata, tags)
+        except CheckpointError as exc:
+            warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+            return
+        if earlier is not None:
+            warnings.warn(f"asyncckpt: before signal {signum}, an earlier save failed: {earlier}", stacklevel=3)
+        try:
+            await self.wait()
+        except CheckpointError as exc:
+            warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
 
     async def wait(self) -> None:
         """Wait for every pending save (and any cancelled call still running); raise if one failed."""

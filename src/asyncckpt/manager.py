@@ -21,7 +21,7 @@ import torch
 from . import _phases
 from .catalog import checkpoint_info
 from .codec import CodecConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, SaveFailedError
 from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, check_tags
 from .metrics import METRICS_LOG, SaveRecord, SaveStats
 from .pipeline import Pipeline, SaveHandle, SaveJob, _warn_from_writer
@@ -42,15 +42,16 @@ def _check_step(step: Any) -> int:
 
 
 def _check_json(value: Any, what: str) -> dict:
+    """A snapshot of ``value`` as plain JSON values: the caller may change its own nested lists and
+    dicts after ``save`` returns, and the checkpoint must keep what they held at the call."""
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise TypeError(f"{what} must be a dict with str keys, got {type(value).__name__}")
     try:
-        json.dumps(value)
+        return json.loads(json.dumps(value))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} must be JSON-serialisable: {exc}") from None
-    return dict(value)
 
 
 def _plain_metrics(metrics: dict | None) -> dict:
@@ -333,6 +334,12 @@ class CheckpointManager:
         self._copier = CopyEngine()
         self._cond = threading.Condition()
         self._pending: list[SaveHandle] = []
+        self._reserved = 0  # slots taken by saves still snapshotting (under _cond, with _pending)
+        # step -> newest save not yet done. Its own lock, taken before _infos_lock: a save registers
+        # here and must not wait while the writer applies retention (deletes) under _infos_lock.
+        self._in_flight_jobs: dict[int, SaveJob] = {}
+        self._jobs_lock = threading.Lock()
+        self._due_answer: tuple[int, bool] | None = None  # the last due(step), for maybe_save(step)
         self._failed: list[SaveHandle] = []
         self._prepared: Future | None = None
         self._previous_handlers: dict[int, Any] = {}
@@ -416,32 +423,69 @@ class CheckpointManager:
             signal.signal(signum, handler)
         self._previous_handlers.clear()
 
-    def _final_save_and_reraise(self, step: int, state: Any, metrics: dict | None, metadata: dict | None) -> None:
+    def _final_save_and_reraise(
+        self, step: int, state: Any, metrics: dict | None, metadata: dict | None, tags: list[str] | tuple[str, ...]
+    ) -> None:
+        """The preemption checkpoint: attempted whatever failed before, waited for, then the signal."""
         signum, self._preempted = self._preempted, None
         try:
-            self.save(step, state, metrics=metrics, metadata=metadata)
-            self.wait()
-        except CheckpointError as exc:
-            warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+            try:
+                _, earlier = self._save(step, state, metrics, metadata, tags)
+            except CheckpointError as exc:
+                warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+            else:
+                if earlier is not None:
+                    warnings.warn(f"asyncckpt: before signal {signum}, an earlier save failed: {earlier}", stacklevel=3)
+                try:
+                    self.wait()
+                except CheckpointError as exc:
+                    warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
         finally:
             self._restore_signal_handlers()
             signal.raise_signal(signum)
 
     def maybe_save(
-        self, step: int, state: Any, metrics: dict | None = None, metadata: dict | None = None
+        self,
+        step: int,
+        state: Any,
+        metrics: dict | None = None,
+        metadata: dict | None = None,
+        tags: list[str] | tuple[str, ...] = (),
     ) -> SaveHandle | None:
-        """Save if the policy says this step is due; otherwise return None at once."""
+        """Save if the policy says this step is due; otherwise return None at once.
+
+        An earlier background failure never costs this step its checkpoint: the due save is made
+        first, then that failure is raised (as by ``save``).
+        """
         self._check_owner()
         self.stats.step_seen(time.perf_counter())
         if self._preempted is not None:
-            self._final_save_and_reraise(step, state, metrics, metadata)
+            self._final_save_and_reraise(step, state, metrics, metadata, tags)
             return None
+        asked, self._due_answer = self._due_answer, None
         deferred = getattr(self.policy, "deferred", 0)
-        if not self.policy.due(step):
-            self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
+        is_due = self.policy.due(step)  # always: the policy counts every call
+        if asked is not None and asked[0] == step:
+            is_due = asked[1]  # what due(step) told the caller, who may have computed metrics for it
+        self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
+        if not is_due:
             return None
-        self.policy.saved(step)
-        return self.save(step, state, metrics=metrics, metadata=metadata)
+        handle, earlier = self._save(step, state, metrics, metadata, tags, tell_policy=True)
+        if earlier is not None:
+            raise earlier
+        return handle
+
+    def due(self, step: int) -> bool:
+        """Whether ``maybe_save(step)`` would save now, without changing the policy's state.
+
+        For a loop that computes an expensive metric only for the checkpoints it goes into: the
+        next ``maybe_save`` of the same step follows this answer. True after a preemption signal.
+        """
+        self._check_owner()
+        _check_step(step)
+        answer = self._preempted is not None or self.policy.peek(step)
+        self._due_answer = (step, answer)
+        return answer
 
     def save(
         self,
@@ -454,20 +498,64 @@ class CheckpointManager:
     ) -> SaveHandle:
         """Snapshot ``state`` into host memory and persist it in the background.
 
-        Returns once the snapshot is copied: later in-place changes to the live tensors never reach
-        this checkpoint. Raises CheckpointError for an earlier save that failed in the background.
+        Returns once the snapshot is copied: later in-place changes to the live tensors, metrics
+        and metadata never reach this checkpoint. If an earlier save failed in the background, this
+        save is still made (and commits or fails on its own), then that earlier failure is raised
+        as SaveFailedError naming its step.
+        """
+        handle, earlier = self._save(step, state, metrics, metadata, tags)
+        if earlier is not None:
+            raise earlier
+        return handle
+
+    def _save(
+        self,
+        step: int,
+        state: Any,
+        metrics: dict | None,
+        metadata: dict | None,
+        tags: list[str] | tuple[str, ...],
+        tell_policy: bool = False,
+    ) -> tuple[SaveHandle, SaveFailedError | None]:
+        """Take and submit one save; return its handle and the earlier background failure to raise.
+
+        Errors of this save itself (a state that cannot be saved, a closed manager) are raised. With
+        ``tell_policy`` the policy learns of the save just before it is submitted, and of its
+        failure if the submission itself fails, so it never waits for a commit that cannot come.
         """
         began = time.perf_counter()
         record = SaveRecord(step=_check_step(step), started=time.time())
         self._check_open()
         self._warn_if_behind(step)
         self._fence(in_save=True)  # an earlier overlap copy must finish before this one reads
-        self._raise_background_errors()
-        with self._cond:
-            while len(self._pending) >= self.max_pending:
+        with self._cond:  # the slot is reserved here, so threads saving at once never exceed max_pending
+            while len(self._pending) + self._reserved >= self.max_pending:
                 self._cond.wait()
+            self._reserved += 1
+        submitted = False
+        try:
+            handle = self._take_and_submit(state, record, began, metrics, metadata, tags, tell_policy)
+            submitted = True
+        finally:
+            if not submitted:
+                with self._cond:
+                    self._reserved -= 1
+                    self._cond.notify_all()
+        return handle, self._take_background_errors()
+
+    def _take_and_submit(
+        self,
+        state: Any,
+        record: SaveRecord,
+        began: float,
+        metrics: dict | None,
+        metadata: dict | None,
+        tags: list[str] | tuple[str, ...],
+        tell_policy: bool,
+    ) -> SaveHandle:
+        """The snapshot and the hand-over to the writer, in a slot ``_save`` reserved."""
+        step = record.step
         waited = time.perf_counter()
-        self._raise_background_errors()  # a save we just waited for may have failed
         flat = flatten(state)
         layout = plan_layout(flat.tensors)
         job_metrics = _plain_metrics(metrics)
@@ -496,6 +584,7 @@ class CheckpointManager:
             with self._fence_lock:
                 self._unfenced.append(lazy)
         with self._cond:
+            self._reserved -= 1
             self._pending.append(handle)
         handle.add_done_callback(self._settled)
         self.stats.add(record)
@@ -505,18 +594,28 @@ class CheckpointManager:
         record.bookkeeping_s = (planned - waited) + (ended - copied)
         record.stall_s = ended - began
         job.enqueued = ended
+        if tell_policy:
+            self.policy.saved(step)
+        with self._jobs_lock:
+            self._in_flight_jobs[step] = job
         try:
             self._pipeline.submit(job)
         except BaseException:
+            with self._jobs_lock:
+                if self._in_flight_jobs.get(step) is job:
+                    del self._in_flight_jobs[step]
             with self._cond:
                 self._pending.remove(handle)
-                self._cond.notify_all()
+                self._reserved += 1  # given back by the caller, which sees this failure
             if lazy is not None:
                 try:
                     lazy.wait_copied()  # the copy thread must be done with the arena before reuse
                 except BaseException:  # noqa: BLE001 - the submit failure is the error to report
                     pass
             self._arenas.release(arena)
+            if tell_policy:
+                record.ok = False
+                self.policy.committed(record)
             raise
         return handle
 
@@ -612,13 +711,29 @@ class CheckpointManager:
             with self._cond:
                 self._failed.append(job.handle)
         try:
+            with self._jobs_lock:
+                if self._in_flight_jobs.get(job.step) is job:
+                    del self._in_flight_jobs[job.step]  # from here on, tag() goes to the committed manifest
+                if path is not None:
+                    if job.retagged_late:
+                        self._write_late_tags(path, job.tags)
+                    with self._infos_lock:
+                        self._infos[job.step] = CheckpointInfo(job.step, job.metrics, tuple(job.tags))
             if path is not None:
                 with self._infos_lock:
-                    self._infos[job.step] = CheckpointInfo(job.step, job.metrics, tuple(job.tags))
                     self._apply_retention(protect=job.step)
         finally:
             self.stats.finished(job.record)
             self.policy.committed(job.record)
+
+    def _write_late_tags(self, path: Path, tags: list[str]) -> None:
+        """Tags changed while the save's manifest was already written: rewrite it, now committed."""
+        try:
+            manifest = read_manifest(path)
+            manifest.tags = list(tags)
+            self._storage.replace_manifest(path, manifest.to_json())
+        except Exception as exc:  # noqa: BLE001 - the checkpoint is committed: never report it failed
+            _warn_from_writer(f"asyncckpt: the tags {tags} given while {path} was being saved were not written: {exc}")
 
     def _apply_retention(self, protect: int) -> None:
         committed = {c.step: c for c in self._storage.checkpoints()}
@@ -641,17 +756,26 @@ class CheckpointManager:
             self._pending.remove(handle)
             self._cond.notify_all()
 
-    def _raise_background_errors(self) -> None:
+    def _take_background_errors(self) -> SaveFailedError | None:
+        """The failures no caller has seen yet, as one error to raise (marked seen)."""
         with self._cond:
             failed = [h for h in self._failed if not h.reported]
             self._failed.clear()
         if not failed:
-            return
+            return None
         for handle in failed:
             handle.reported = True
         first = failed[0].error()
+        assert first is not None
         more = f" (and {len(failed) - 1} more failed saves)" if len(failed) > 1 else ""
-        raise CheckpointError(f"{first}{more}") from first
+        error = type(first)(f"{first}{more}")
+        error.__cause__ = first
+        return error
+
+    def _raise_background_errors(self) -> None:
+        error = self._take_background_errors()
+        if error is not None:
+            raise error
 
     def wait(self) -> None:
         """Block until every pending save has committed or failed; raise if one failed."""
@@ -714,24 +838,32 @@ class CheckpointManager:
         return loaded.manifest.step if strict else plan.result(loaded.manifest.step)
 
     def tag(self, step: int, *tags: str) -> list[str]:
-        """Add tags to a committed checkpoint; tagged checkpoints are kept by retention."""
+        """Add tags to a committed checkpoint, or to a save of ``step`` still in flight (they are in
+        its checkpoint when it commits); tagged checkpoints are kept by retention."""
         return self._retag(step, lambda have: have + [t for t in check_tags(list(tags), "tags") if t not in have])
 
     def untag(self, step: int, *tags: str) -> list[str]:
-        """Remove tags (all of them when none are named); the checkpoint is then subject to retention
-        again, from the next commit on."""
+        """Remove tags (all of them when none are named), also from a save still in flight; the
+        checkpoint is then subject to retention again, from the next commit on."""
         return self._retag(step, lambda have: [t for t in have if tags and t not in tags])
 
     def _retag(self, step: int, change: Callable[[list[str]], list[str]]) -> list[str]:
         self._check_open()
-        checkpoint = next((c for c in self._storage.checkpoints() if c.step == _check_step(step)), None)
-        if checkpoint is None:
-            raise CheckpointError(f"no committed checkpoint for step {step} in {self.root}")
-        with self._infos_lock:  # not while the writer applies retention to this very checkpoint
-            manifest = read_manifest(checkpoint.path)
-            manifest.tags = change(list(manifest.tags))
-            self._storage.replace_manifest(checkpoint.path, manifest.to_json())
-            self._infos[step] = CheckpointInfo(step, manifest.metrics, tuple(manifest.tags))
+        _check_step(step)
+        with self._jobs_lock:  # not while the writer finishes a save of this step
+            job = self._in_flight_jobs.get(step)
+            if job is not None:
+                return job.retag(change)
+            with self._infos_lock:  # not while the writer applies retention to this very checkpoint
+                checkpoint = next((c for c in self._storage.checkpoints() if c.step == step), None)
+                if checkpoint is None:
+                    raise CheckpointNotFoundError(
+                        f"no committed checkpoint and no save in flight for step {step} in {self.root}"
+                    )
+                manifest = read_manifest(checkpoint.path)
+                manifest.tags = change(list(manifest.tags))
+                self._storage.replace_manifest(checkpoint.path, manifest.to_json())
+                self._infos[step] = CheckpointInfo(step, manifest.metrics, tuple(manifest.tags))
         return manifest.tags
 
     # ---- lifetime -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _phases, codec
-from .errors import CheckpointError
+from .errors import CheckpointError, OverlapGuardError, SaveFailedError
 from .format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
 from .metrics import SaveRecord
 from .staging import Arena, Layout, LazyCopy
@@ -65,20 +65,21 @@ def plan_chunks(layout: Layout, chunk_size: int) -> list[ChunkPlan]:
 
 
 class SaveHandle:
-    """The future of one save: ``wait()`` returns the committed path or raises CheckpointError."""
+    """The future of one save: ``wait()`` returns the committed path or raises SaveFailedError
+    (OverlapGuardError when overlap mode's guard refused the snapshot)."""
 
     def __init__(self, step: int) -> None:
         self.step = step
         self._future: Future[Path] = Future()
         self.reported = False  # an error seen by the user is not raised again by the manager
-        self._error: CheckpointError | None = None  # set before the future resolves
+        self._error: SaveFailedError | None = None  # set before the future resolves
         self._before_wait: Callable[..., None] | None = None  # overlap mode: the manager's fence
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> Path:
-        """The committed path, or CheckpointError; TimeoutError after ``timeout`` seconds. In
+        """The committed path, or SaveFailedError; TimeoutError after ``timeout`` seconds. In
         overlap mode this is a fence first: it waits for the save's copy, then for the commit."""
         if self._before_wait is not None:
             began = time.monotonic()
@@ -91,7 +92,7 @@ class SaveHandle:
             self.reported = True
             raise
 
-    def error(self) -> CheckpointError | None:
+    def error(self) -> SaveFailedError | None:
         return self._error
 
     def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
@@ -115,6 +116,22 @@ class SaveJob:
     tags: list[str] = field(default_factory=list)
     lazy: LazyCopy | None = None  # overlap mode: copies still running when save() returned
     enqueued: float = 0.0  # perf_counter when save() returned
+    tags_written: bool = False  # the manifest was built with the tags as they were then
+    retagged_late: bool = False  # tags changed after that: the manager rewrites them at the commit
+    _tags_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def retag(self, change: Callable[[list[str]], list[str]]) -> list[str]:
+        """Change the tags of a save still in flight (the caller, under the manager's lock)."""
+        with self._tags_lock:
+            self.tags = change(list(self.tags))
+            self.retagged_late = self.retagged_late or self.tags_written
+            return list(self.tags)
+
+    def tags_for_manifest(self) -> list[str]:
+        """The tags the manifest is written with (writer thread); later changes are late ones."""
+        with self._tags_lock:
+            self.tags_written = True
+            return list(self.tags)
 
 
 class Pipeline:
@@ -169,14 +186,15 @@ class Pipeline:
             if job is None:
                 return
             path: Path | None = None
-            error: CheckpointError | None = None
+            error: SaveFailedError | None = None
             try:
                 path = self._persist(job)
                 job.record.ok = True
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the handle
                 job.record.ok = False
                 job.record.error = f"{type(exc).__name__}: {exc}"
-                error = CheckpointError(f"save of step {job.step} failed: {type(exc).__name__}: {exc}")
+                kind = OverlapGuardError if isinstance(exc, OverlapGuardError) else SaveFailedError
+                error = kind(f"save of step {job.step} failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
                 job.handle._error = error
             try:
@@ -197,10 +215,12 @@ class Pipeline:
 
     @staticmethod
     def _check_guard(job: SaveJob) -> None:
-        """Overlap mode: commit only if nothing copied lazily changed before the fence."""
+        """Overlap mode, right before the commit: commit only if nothing copied lazily changed in
+        place since ``save`` (by the fence's count, or by the counters now if no fence has passed:
+        the copy is complete, so the commit never waits for the next optimizer step)."""
         lazy = job.lazy
         assert lazy is not None
-        changed = lazy.verdict()
+        changed = lazy.settle()
         job.record.fence_wait_s = lazy.fence_wait_s
         if lazy.abandoned:
             raise CheckpointError(
@@ -209,10 +229,10 @@ class Pipeline:
             )
         if changed:
             shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-            raise CheckpointError(
-                f"overlap guard: {len(changed)} tensor(s) changed in place after save() and before the next "
-                f"optimizer step, while still being copied: {shown}. The snapshot would mix two steps, so "
-                "it was not committed; update these tensors in the optimizer step, or use snapshot='blocking'"
+            raise OverlapGuardError(
+                f"overlap guard: {len(changed)} tensor(s) changed in place after save(), before their copy was "
+                f"known to be complete: {shown}. The snapshot could mix two steps, so it was not committed; "
+                "update these tensors only in the optimizer step, or use snapshot='blocking'"
             )
 
     @staticmethod
@@ -274,8 +294,6 @@ class Pipeline:
                         crc32=encoded.crc32,
                     )
                 )
-            if job.lazy is not None:
-                self._check_guard(job)
             began = time.perf_counter()
             _phases.pause("fsync")
             writer.sync_and_close()
@@ -289,12 +307,14 @@ class Pipeline:
                 stored_bytes=sum(c.length for c in chunks),
                 metrics=job.metrics,
                 metadata=job.metadata,
-                tags=job.tags,
+                tags=job.tags_for_manifest(),
             )
             _phases.pause("manifest")
             self._storage.write_manifest(temp_dir, manifest.to_json())
             record.fsync_s = time.perf_counter() - began
             began = time.perf_counter()
+            if job.lazy is not None:  # as late as possible: the longest time for an update to show
+                self._check_guard(job)
             _phases.pause("rename")
             path = self._storage.commit(temp_dir, job.step)
             record.commit_s = time.perf_counter() - began

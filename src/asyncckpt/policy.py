@@ -1,4 +1,10 @@
-"""When to save. A policy answers ``due(step)``; it never saves by itself."""
+"""When to save. A policy answers ``due(step)``; it never saves by itself.
+
+``due`` is the decision of one ``maybe_save`` call and may record that call (Adaptive measures the
+iteration time from them, EverySeconds starts its clock at the first); ``peek`` asks the same
+question without recording anything, so a loop can ask ahead whether the coming ``maybe_save``
+saves (and compute an expensive validation metric only then).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,13 @@ log = logging.getLogger("asyncckpt")
 
 class SavePolicy:
     def due(self, step: int) -> bool:  # pragma: no cover - interface
+        """Whether ``maybe_save(step)``, which calls this once, saves; may record the call."""
         raise NotImplementedError
+
+    def peek(self, step: int) -> bool:
+        """What ``due(step)`` would answer now, changing nothing. The default asks ``due``: a policy
+        whose ``due`` records anything must override this."""
+        return self.due(step)
 
     def saved(self, step: int) -> None:
         """Told when a save was started, so interval policies restart their count."""
@@ -60,6 +72,9 @@ class EverySeconds(SavePolicy):
             self._last = now
             return False
         return now - self._last >= self.seconds
+
+    def peek(self, step: int) -> bool:
+        return self._last is not None and self._clock() - self._last >= self.seconds
 
     def saved(self, step: int) -> None:
         self._last = self._clock()
@@ -145,6 +160,12 @@ class Adaptive(SavePolicy):
                 self.deferred += 1
                 return False
             return True
+
+    def peek(self, step: int) -> bool:
+        """``due`` as if this step's call were already counted, without counting it."""
+        with self._lock:
+            gaps = min(len(self._gaps) + (self._last_call is not None), self._gaps.maxlen or 0)
+            return gaps >= 3 and self._steps_since_save + 1 >= self._interval and not self._in_flight
 
     def saved(self, step: int) -> None:
         with self._lock:

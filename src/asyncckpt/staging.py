@@ -229,8 +229,12 @@ class LazyCopy:
     thread; then the *guard* compares the version counters recorded at ``save`` with the current
     ones. The training thread runs in order, so any in-place update made between ``save`` and the
     fence has finished and shows in a counter by then, and anything after the fence is ordered
-    after the copy. The writer thread waits for the copy before reading the arena and for the
-    fence's verdict before committing: a checkpoint mixing two steps is never committed.
+    after the copy. The writer thread waits for the copy before reading the arena, and just before
+    committing *settles*: the fence's verdict if a fence has passed, else the counters compared
+    there and then. Training may be in an evaluation or a data wait with no fence for minutes, and a
+    finished copy needs none: an update the counters do not show yet, once the copy is complete,
+    either came after it or is an in-place kernel still running at the commit (its counter moves
+    when it returns), after all of the checkpoint was encoded and written since the copy ended.
     """
 
     def __init__(self, tensors: list[torch.Tensor], names: list[str], versions: list[int]) -> None:
@@ -324,7 +328,9 @@ class LazyCopy:
         """
         deadline = time.monotonic() + timeout
         waited = 0.0
-        for device, (before, after) in self._gpu_wait_marks.items():
+        with self._lock:  # a fence may be adding marks right now: the commit no longer waits for it
+            marks = list(self._gpu_wait_marks.items())
+        for device, (before, after) in marks:
             with torch.cuda.device(device):  # as in wait_copied: never bind a context on GPU 0
                 while not after.query():  # not synchronize(): no timeout, and it spins a core
                     if time.monotonic() >= deadline:
@@ -342,10 +348,15 @@ class LazyCopy:
                 self._tensors = []
                 self._fenced.set()
 
-    def verdict(self, timeout: float | None = None) -> list[str]:
-        """Wait for the fence (writer thread); the names of tensors changed before their copy."""
-        self._fenced.wait(timeout)
-        return self.changed
+    def settle(self) -> list[str]:
+        """Writer thread, once ``wait_copied`` returned: the names of lazily copied tensors changed
+        in place since ``save``, from the fence if one has passed (a fence under way is waited for:
+        it holds the lock), else from the counters now. Never waits for a fence still to come."""
+        with self._lock:
+            if self._fenced.is_set():
+                return self.changed
+            watched = zip(self._tensors, self._versions, self._names, strict=True)
+            return [name for tensor, version, name in watched if tensor._version != version]
 
 
 @contextlib.contextmanager
