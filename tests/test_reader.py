@@ -291,3 +291,45 @@ def test_the_read_path_is_the_default(tmp_path, count_reads):
     assert mapped.mapped and count_reads == [1]
     for a, b in zip(loaded.tensors, mapped.tensors, strict=True):
         assert same_tensor(a, b)
+
+
+# ---- the default load is private memory ------------------------------------------------------
+
+_REWRITE_AFTER_LOAD = r"""
+import os, sys, torch, asyncckpt
+from pathlib import Path
+root = Path(sys.argv[1])
+data = next(root.glob("step-*")) / "data-00000.bin"
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+state = {"model": model, "step": 0}
+loaded = asyncckpt.load(root)["model"]
+mgr = asyncckpt.CheckpointManager(root)
+mgr.restore(state)
+mgr.close()
+weights_model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+asyncckpt.load_weights(root, weights_model)
+before = [t.clone() for t in (*loaded.values(), *model.state_dict().values(), *weights_model.state_dict().values())]
+size = data.stat().st_size
+with open(data, "r+b") as f:  # rewritten in place, then truncated
+    f.write(b"\xff" * size)
+    f.flush()
+    os.fsync(f.fileno())
+    f.truncate(0)
+after = [*loaded.values(), *model.state_dict().values(), *weights_model.state_dict().values()]
+print(sum(bool(torch.equal(a, b)) for a, b in zip(before, after)), len(before))
+"""
+
+
+def test_default_load_restore_and_load_weights_are_immune_to_the_file_changing(tmp_path):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+    with CheckpointManager(tmp_path, compression=None) as mgr:
+        mgr.save(1, {"model": model, "step": 1}).wait()
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _REWRITE_AFTER_LOAD, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"exit {done.returncode} (SIGBUS is -7): {done.stderr[-2000:]}"
+    equal, total = map(int, done.stdout.split())
+    assert total == 12 and equal == total  # 4 tensors each from load, restore and load_weights
