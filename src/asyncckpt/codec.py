@@ -417,7 +417,12 @@ def _unzstd(source: ChunkSource, raw_length: int, group: int, direct: torch.Tens
     with DECODE_BUDGET.hold(window + 2 * READ_PIECE):
         # a large window stays allocated in the decoder that used it: those get a decoder of their own
         dctx = _decompressor() if window <= 8 << 20 else zstandard.ZstdDecompressor()
-        reader = dctx.stream_reader(source, read_size=READ_PIECE, read_across_frames=False, closefd=False)
+        reader = dctx.stream_reader(
+            source,  # type: ignore[arg-type]  # any object with read(n) will do
+            read_size=READ_PIECE,
+            read_across_frames=False,
+            closefd=False,
+        )
         try:
             if direct is not None:
                 view = tensor_memoryview(direct)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -119,11 +119,11 @@ def tensor_paths(tree: dict, root: str = "state") -> dict[int, str]:
     """The first path in the state of every tensor index, spelled as ``asyncckpt inspect`` does:
     ``state['model'].state_dict()['0.weight']``."""
     out: dict[int, str] = {}
-    stack = [(tree, root)]
+    stack: list[tuple[dict, str]] = [(tree, root)]
     while stack:
         node, where = stack.pop()
         kind = next((k for k in node if k not in ("m", "cls")), None)
-        value = node.get(kind) if kind else None
+        value: Any = node.get(kind) if kind else None
         if kind in ("T", "N", "S"):
             out.setdefault(value, where)
         elif kind == "o":
