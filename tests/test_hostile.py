@@ -190,6 +190,31 @@ def test_verify_of_a_zstd_bomb_holds_no_chunk_in_memory(tmp_path):
     assert out["peak"] < HEADROOM, out  # verify decodes into nothing: no tensor is returned
 
 
+def test_zstd_windows_in_flight_share_one_budget_whatever_the_thread_count(tmp_path):
+    # 8 chunks whose frames each ask for a 64 MiB window (byte-grouped: decoded through pieces, so
+    # zstd buffers its window); 8 reading threads would hold 512 MiB of windows without the budget
+    raw_length, n = 64 * MiB, 8
+    params = zstandard.ZstdCompressionParameters.from_level(1, window_log=27, write_content_size=True)
+    frame = zstandard.ZstdCompressor(compression_params=params).compress(os.urandom(1024) * (raw_length // 1024))
+    assert zstandard.get_frame_parameters(frame).window_size == raw_length
+    codecs = [{"id": "bytegroup", "size": 4}, *ZSTD]
+    chunks = [
+        ChunkEntry(DATA, i * len(frame), len(frame), i * raw_length, raw_length, codecs, zlib.crc32(frame))
+        for i in range(n)
+    ]
+    manifest = dataclasses.replace(
+        one_tensor_manifest(1, n * raw_length, chunks[0]), chunks=chunks, stored_bytes=n * len(frame)
+    )
+    path = write_checkpoint(tmp_path / "step-000000000001", manifest, frame * n)
+    read = "from asyncckpt.reader import read_checkpoint\n"
+    out = in_child(read + f"result = len(read_checkpoint(Path({str(path)!r}), workers=8).tensors)")
+    assert out.get("result") == 1, out
+    assert out["peak"] < n * raw_length + HEADROOM, out
+    out = in_child(f"result = verify(Path({str(path)!r}), workers=8).step")
+    assert out.get("result") == 1, out
+    assert out["peak"] < HEADROOM, out
+
+
 # ---- manifest parse cost -----------------------------------------------------------------------
 
 
