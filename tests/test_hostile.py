@@ -163,6 +163,17 @@ def test_load_of_a_root_falls_back_when_the_newest_would_exhaust_memory(tmp_path
     assert any("step-000000000002" in w for w in out["warnings"]), out
 
 
+def test_a_memory_error_while_reading_the_newest_falls_back_like_damage(tmp_path):
+    small_checkpoint(tmp_path, step=1)
+    newest = small_checkpoint(tmp_path, step=2)
+    # a manifest within the caps (1.9M short strings, 9 MiB) whose parse needs ~140 MB
+    strings = b'"ab",' * 1_900_000
+    (newest / MANIFEST_NAME).write_bytes(sealed_body(read_manifest(newest), b'{"x":[' + strings + b'"ab"]}'))
+    out = in_child(f"result = asyncckpt.load({str(tmp_path)!r})['step']", address_space=64 * MiB)
+    assert out.get("result") == 1, out
+    assert any("MemoryError" in w and "step-000000000002" in w for w in out["warnings"]), out
+
+
 @pytest.mark.parametrize(
     ("raw_length", "group"), [(1 * GiB, 1), (512 * MiB, 4)], ids=["zstd-1GiB", "bytegroup-zstd-512MiB"]
 )
