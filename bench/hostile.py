@@ -186,7 +186,7 @@ def main() -> None:
             secs = "-" if result["seconds"] is None else f"{result['seconds']:6.2f}"
             print(f"{name:34} declared {declared / MiB:7.1f} MiB  peak RSS {peak} MiB  {secs} s  {result['outcome']}")
     if args.json:
-        info = {"src": args.src or "installed", "asyncckpt": asyncckpt.__file__, "rows": rows}
+        info = {"src": args.src or "installed", "rows": rows}
         Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
 
 
