@@ -3,10 +3,10 @@
 One ``compression=None`` checkpoint of a model + AdamW state (0.40 GB by default) is loaded with
 ``asyncckpt.load`` in a fresh subprocess per measurement (so each starts from the same memory):
 
-- mapped: the default (``read_checkpoint(mmap=True)``): a private mapping of the data file, every
+- mapped: the opt-in ``asyncckpt.load(path, mmap=True)``: a private mapping of the data file, every
   chunk's CRC32 verified over the mapped pages, tensors as views of the mapping.
-- read: the read path, forced with ``read_checkpoint(mmap=False)``: pread each chunk, verify, copy
-  into per-tensor buffers.
+- read: the default read path (``asyncckpt.load(path)``): each chunk read in pieces straight into
+  its tensor's own memory, verified.
 
 Warm: the data file is in the page cache. Cold: its pages are evicted first with
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` on that one file (no root needed, other processes' cache
@@ -21,7 +21,6 @@ file-backed split of the RSS once the tensors are loaded and held.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -76,11 +75,7 @@ def child(mode: str, cache: str, ckpt: Path, sample: bool) -> dict:
     import torch  # noqa: F401 - imported before the baseline, as a training process would have it
 
     import asyncckpt
-    import asyncckpt.manager
-    from asyncckpt.reader import read_checkpoint
 
-    if mode == "read":  # asyncckpt.load has no switch: route it to the forced read path
-        asyncckpt.manager.read_checkpoint = functools.partial(read_checkpoint, mmap=False)
     data = ckpt / "data-00000.bin"
     if cache == "cold":
         evict(data)
@@ -102,7 +97,7 @@ def child(mode: str, cache: str, ckpt: Path, sample: bool) -> dict:
     if sample:
         thread.start()
     began = time.perf_counter()
-    tree = asyncckpt.load(ckpt)
+    tree = asyncckpt.load(ckpt, mmap=mode == "mapped")
     seconds = time.perf_counter() - began
     stop.set()
     if sample:

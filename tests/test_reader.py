@@ -1,4 +1,4 @@
-"""The zero-copy load of raw checkpoints: compression=None data files are mapped, not read.
+"""The zero-copy load of raw checkpoints: with mmap=True, compression=None data files are mapped, not read.
 
 Zero-copy is checked through /proc/self/maps: every loaded tensor's memory lies inside one private
 mapping of the checkpoint's data file, at the tensor's offset in that file. The read path is
@@ -128,7 +128,7 @@ def test_raw_checkpoint_loads_bit_exact_as_views_of_one_file_mapping(tmp_path, n
     state = mixed_state()
     path = save(tmp_path, state)
     data = path / DATA
-    loaded = asyncckpt.load(tmp_path)
+    loaded = asyncckpt.load(tmp_path, mmap=True)
     assert_same(state, loaded)
     assert loaded["step"] == 7
 
@@ -153,7 +153,7 @@ def test_raw_checkpoint_loads_bit_exact_as_views_of_one_file_mapping(tmp_path, n
 
 def test_each_mapped_tensor_owns_a_storage_of_its_own_bytes(tmp_path, no_read_path):
     state = mixed_state()
-    loaded = read_checkpoint(save(tmp_path, state))
+    loaded = read_checkpoint(save(tmp_path, state), mmap=True)
     assert loaded.mapped
     for t, entry in zip(loaded.tensors, loaded.manifest.tensors, strict=True):
         assert t.untyped_storage().nbytes() == entry.nbytes  # torch.save of one tensor saves only it
@@ -163,13 +163,13 @@ def test_writing_into_a_loaded_tensor_never_reaches_the_file(tmp_path, no_read_p
     state = mixed_state()
     path = save(tmp_path, state)
     before = file_digest(path / DATA)
-    loaded = asyncckpt.load(path)
+    loaded = asyncckpt.load(path, mmap=True)
     loaded["w"].fill_(1.5)
     loaded["i"].add_(3)
     loaded["nested"][1]["x"].zero_()
     assert (loaded["w"] == 1.5).all()
     assert file_digest(path / DATA) == before
-    assert_same(state, asyncckpt.load(path))  # a fresh load still sees the saved bytes
+    assert_same(state, asyncckpt.load(path, mmap=True))  # a fresh load still sees the saved bytes
 
 
 def test_flipped_byte_in_a_mapped_file_is_a_checksum_error(tmp_path, no_read_path):
@@ -180,7 +180,7 @@ def test_flipped_byte_in_a_mapped_file_is_a_checksum_error(tmp_path, no_read_pat
     raw[offset] ^= 0x10
     data.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=r"checksum mismatch in chunk \d+.*float32\[300, 257\]") as info:
-        asyncckpt.load(path)
+        asyncckpt.load(path, mmap=True)
     assert str(data) in str(info.value)
 
 
@@ -222,7 +222,7 @@ def test_restore_from_a_raw_checkpoint_is_bit_exact(tmp_path, make_training, mon
     fresh = make_training(init_seed=1, total_steps=6)
     with CheckpointManager(tmp_path, compression=None) as mgr:
         assert mgr.restore(fresh.state) == 3
-    assert mapped and mapped[0] is not None  # the restore went through the mapping
+    assert not mapped  # restore reads into memory of its own, never through a mapping
     assert fresh.state["step"] == 3
     for name, tensor in fresh.model.state_dict().items():
         assert same_tensor(expected_model[name], tensor), name
@@ -238,7 +238,7 @@ def test_restore_from_a_raw_checkpoint_is_bit_exact(tmp_path, make_training, mon
     assert torch.equal(expected_loss, fresh.train_step(3))
 
 
-def test_load_weights_maps_only_the_model_chunks(tmp_path, no_read_path, monkeypatch):
+def test_load_weights_reads_only_the_model_chunks(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(40, 50), torch.nn.Linear(50, 3))
     opt = torch.optim.AdamW(model.parameters())
@@ -247,7 +247,7 @@ def test_load_weights_maps_only_the_model_chunks(tmp_path, no_read_path, monkeyp
     save(tmp_path, {"model": model, "optimizer": opt})
     verified = []
     real_crc = reader.zlib.crc32
-    monkeypatch.setattr(reader.zlib, "crc32", lambda data: verified.append(len(data)) or real_crc(data))
+    monkeypatch.setattr(reader.zlib, "crc32", lambda data, value=0: verified.append(len(data)) or real_crc(data, value))
     target = torch.nn.Sequential(torch.nn.Linear(40, 50), torch.nn.Linear(50, 3))
     assert asyncckpt.load_weights(tmp_path, target) == 1
     for a, b in zip(model.state_dict().values(), target.state_dict().values(), strict=True):
@@ -282,12 +282,54 @@ def test_partly_compressed_checkpoint_takes_the_read_path(tmp_path, count_reads)
     assert count_reads == [1]
 
 
-def test_mmap_false_forces_the_read_path(tmp_path, count_reads):
+def test_the_read_path_is_the_default(tmp_path, count_reads):
     state = mixed_state()
     path = save(tmp_path, state)
-    loaded = read_checkpoint(path, mmap=False)
+    loaded = read_checkpoint(path)
     assert not loaded.mapped and count_reads == [1]
-    mapped = read_checkpoint(path)
+    mapped = read_checkpoint(path, mmap=True)
     assert mapped.mapped and count_reads == [1]
     for a, b in zip(loaded.tensors, mapped.tensors, strict=True):
         assert same_tensor(a, b)
+
+
+# ---- the default load is private memory ------------------------------------------------------
+
+_REWRITE_AFTER_LOAD = r"""
+import os, sys, torch, asyncckpt
+from pathlib import Path
+root = Path(sys.argv[1])
+data = next(root.glob("step-*")) / "data-00000.bin"
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+state = {"model": model, "step": 0}
+loaded = asyncckpt.load(root)["model"]
+mgr = asyncckpt.CheckpointManager(root)
+mgr.restore(state)
+mgr.close()
+weights_model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+asyncckpt.load_weights(root, weights_model)
+before = [t.clone() for t in (*loaded.values(), *model.state_dict().values(), *weights_model.state_dict().values())]
+size = data.stat().st_size
+with open(data, "r+b") as f:  # rewritten in place, then truncated
+    f.write(b"\xff" * size)
+    f.flush()
+    os.fsync(f.fileno())
+    f.truncate(0)
+after = [*loaded.values(), *model.state_dict().values(), *weights_model.state_dict().values()]
+print(sum(bool(torch.equal(a, b)) for a, b in zip(before, after)), len(before))
+"""
+
+
+def test_default_load_restore_and_load_weights_are_immune_to_the_file_changing(tmp_path):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+    with CheckpointManager(tmp_path, compression=None) as mgr:
+        mgr.save(1, {"model": model, "step": 1}).wait()
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _REWRITE_AFTER_LOAD, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"exit {done.returncode} (SIGBUS is -7): {done.stderr[-2000:]}"
+    equal, total = map(int, done.stdout.split())
+    assert total == 12 and equal == total  # 4 tensors each from load, restore and load_weights

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._progress import format_bytes, progress_bar
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
 from .format import MANIFEST_NAME, Manifest
 from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
 from .policy import Adaptive
@@ -112,41 +112,65 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-
-    dirs = _checkpoint_dirs(Path(args.path))
+    root = Path(args.path)
+    dirs = _checkpoint_dirs(root)
     if not dirs:
         if args.json:
             print("[]")
         print(f"no checkpoints in {args.path}", file=sys.stderr)
         return 1
+    rows: list[dict] = []
+    seen: set[Path] = set()
+    with progress_bar(0, "verify", args.progress) as bar:
+        # A live root changes while it is verified: a checkpoint its writer's retention deletes
+        # meanwhile is gone, not damaged. Then the root is listed again, and what is new verified.
+        for _ in range(_VERIFY_ROUNDS):
+            todo = [path for path in dirs if path not in seen]
+            seen.update(todo)
+            gone = _verify_round(todo, bar, rows, args.json)
+            if not gone or (root / MANIFEST_NAME).exists():
+                break
+            seen.difference_update(path for path in gone if path.exists())  # replaced: verify the new one
+            dirs = _checkpoint_dirs(root)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 1 if any(row["status"] == "damaged" for row in rows) else 0
+
+
+_VERIFY_ROUNDS = 8
+
+
+def _verify_round(dirs: list[Path], bar, rows: list[dict], quiet: bool) -> list[Path]:
+    """Verify ``dirs`` (the bar's total grows by their stored bytes); those found gone."""
     manifests: dict[Path, Manifest] = {}
-    errors: dict[Path, str] = {}
+    errors: dict[Path, CheckpointError] = {}
     for path in dirs:  # manifests first: the bar's total is every stored byte to be checked
         try:
             manifests[path] = read_manifest(path)
         except CheckpointError as exc:
-            errors[path] = str(exc)
-    total = sum(m.stored_bytes for m in manifests.values())
-    rows = []
-    with progress_bar(total, "verify", args.progress) as bar:
-        for path in dirs:
-            row = {"path": str(path), "status": "ok"}
-            try:
-                if path in errors:
-                    raise CheckpointError(errors[path])
-                manifest = verify_checkpoint(path, bar.advance, manifests[path])
-                row.update(step=manifest.step, chunks=len(manifest.chunks), stored_bytes=manifest.stored_bytes)
-                line = f"ok       {path} ({len(manifest.chunks)} chunks verified)"
-            except CheckpointError as exc:
-                row.update(status="damaged", error=str(exc))
-                line = f"DAMAGED  {path}: {exc}"
-            rows.append(row)
-            if not args.json:
-                bar.clear()  # the line goes above the bar, not through it
-                print(line, flush=True)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    return 1 if any(row["status"] != "ok" for row in rows) else 0
+            errors[path] = exc
+    bar.total += sum(m.stored_bytes for m in manifests.values())
+    gone = []
+    for path in dirs:
+        row: dict = {"path": str(path), "status": "ok"}
+        try:
+            if path in errors:
+                raise errors[path]
+            manifest = verify_checkpoint(path, bar.advance, manifests[path])
+            row.update(step=manifest.step, chunks=len(manifest.chunks), stored_bytes=manifest.stored_bytes)
+            line = f"ok       {path} ({len(manifest.chunks)} chunks verified)"
+        except CheckpointNotFoundError as exc:  # deleted (retention) since the root was listed
+            gone.append(path)
+            row.update(status="gone", error=str(exc))
+            line = f"gone     {path}: deleted while being verified"
+        except CheckpointError as exc:
+            row.update(status="damaged", error=str(exc))
+            line = f"DAMAGED  {path}: {exc}"
+        rows.append(row)
+        if not quiet:
+            bar.clear()  # the line goes above the bar, not through it
+            print(line, flush=True)
+    return gone
 
 
 PLOT_NEEDS_MATPLOTLIB = "asyncckpt stats --plot needs matplotlib: pip install 'asyncckpt[plot]'"

@@ -20,14 +20,20 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .codec import zstd_bound
+from .errors import CheckpointDamagedError
 
 FORMAT_NAME = "asyncckpt"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ALIGNMENT = 64
 MAX_STEP = 10**12 - 1
-MAX_MANIFEST_BYTES = 256 << 20
+# A manifest is untrusted input parsed into Python objects (~100 bytes each at worst), so its size
+# and its number of JSON values (counted before parsing) are capped: parsing the largest one allowed
+# costs well under 512 MiB and a few seconds. 2M values is the manifest of ~140k chunks, a ~570 GB
+# checkpoint at the default 4 MiB chunk size.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_MANIFEST_VALUES = 2_000_000
 MAX_CHUNK_RAW = 1 << 30
 MAX_TREE_DEPTH = 64  # levels of nesting in a state; JSON and the recursive walks stay far from limits
 
@@ -138,14 +144,13 @@ def check_manifest_seal(raw: bytes, where: str) -> None:
     match = _SEAL.search(raw)
     if match is None:
         raise _fail(where, "no manifest checksum at its end (truncated or damaged)")
-    body = raw[: match.start()] + b"}"
-    actual = zlib.crc32(body)
+    actual = zlib.crc32(b"}", zlib.crc32(memoryview(raw)[: match.start()]))  # no copy of a large manifest
     if actual != int(match.group(1)):
         raise _fail(where, f"manifest checksum mismatch: stored {int(match.group(1)):08x}, computed {actual:08x}")
 
 
-def _fail(where: str, what: str) -> CheckpointError:
-    return CheckpointError(f"invalid manifest ({where}): {what}")
+def _fail(where: str, what: str) -> CheckpointDamagedError:
+    return CheckpointDamagedError(f"invalid manifest ({where}): {what}")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
@@ -173,9 +178,13 @@ def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
     """Parse and validate untrusted manifest bytes; every size, offset and name is checked."""
     if len(raw) > MAX_MANIFEST_BYTES:
         raise _fail(where, f"{len(raw)} bytes is larger than the {MAX_MANIFEST_BYTES} limit")
+    # every value but the first follows a comma or opens a container: an upper bound, counted at C speed
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if values > MAX_MANIFEST_VALUES:
+        raise _fail(where, f"holds up to {values} JSON values, more than the {MAX_MANIFEST_VALUES} limit")
     try:
         body = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except CheckpointError:
+    except CheckpointDamagedError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _fail(where, f"not valid JSON: {exc}"[:300]) from None
@@ -311,6 +320,9 @@ def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
             raise _fail(where, f"codec chain {ids} is not one this format defines")
         if not codecs and length != raw_length:
             raise _fail(where, "an uncompressed chunk must store exactly raw_length bytes")
+        if codecs and length > zstd_bound(raw_length):
+            # what a reader reads (and checksums) is bounded by the tensors the manifest declares
+            raise _fail(where, f"stores {length} bytes, more than a zstd frame of {raw_length} bytes ever takes")
         crc = _int(item.get("crc32"), f"{where}.crc32", 0, 0xFFFFFFFF)
         out.append(ChunkEntry(name, offset, length, raw_offset, raw_length, codecs, crc))
     if expected_raw != raw_bytes:
@@ -359,6 +371,7 @@ def _validate_tree(root: dict, dtypes: list[str]) -> None:
         elif kind == "d":
             if not isinstance(value, list):
                 raise _fail("tree", "dict node must hold a list of pairs")
+            keys = set()
             for pair in value:
                 if (
                     not isinstance(pair, list)
@@ -367,6 +380,9 @@ def _validate_tree(root: dict, dtypes: list[str]) -> None:
                     or not isinstance(pair[0], (str, int))
                 ):
                     raise _fail("tree", "dict entries must be [str-or-int key, node] pairs")
+                if pair[0] in keys:  # a dict cannot hold a key twice: one of the two would be lost
+                    raise _fail("tree", f"duplicate key {str(pair[0])[:80]!r} in a dict node")
+                keys.add(pair[0])
                 stack.append((pair[1], depth + 1))
         elif kind in ("l", "t"):
             if not isinstance(value, list):

@@ -21,12 +21,12 @@ import torch
 from . import _phases
 from .catalog import checkpoint_info
 from .codec import CodecConfig
-from .errors import CheckpointError, CheckpointNotFoundError, SaveFailedError
-from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, check_tags
+from .errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError, SaveFailedError
+from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, Manifest, check_tags
 from .metrics import METRICS_LOG, SaveRecord, SaveStats
 from .pipeline import Pipeline, SaveHandle, SaveJob, _warn_from_writer
 from .policy import EverySteps, SavePolicy
-from .reader import LoadedCheckpoint, read_checkpoint, read_manifest
+from .reader import CheckpointGoneError, LoadedCheckpoint, read_checkpoint, read_manifest
 from .retention import CheckpointInfo, RetentionPolicy, best_metric_missing, steps_to_delete
 from .staging import SMALL_COPY_BYTES, ArenaPool, CopyEngine, LazyCopy, plan_layout
 from .storage import CommittedCheckpoint, LocalStorage, list_checkpoints
@@ -75,51 +75,92 @@ def _candidates(root: Path, step: int | None) -> list[CommittedCheckpoint]:
     chosen = [c for c in committed if c.step == step]
     if not chosen:
         have = [c.step for c in committed]
-        raise CheckpointError(f"no checkpoint for step {step} in {root} (committed steps: {have[-10:]})")
+        raise CheckpointNotFoundError(f"no checkpoint for step {step} in {root} (committed steps: {have[-10:]})")
     return chosen
 
 
-def _read_newest_valid(root: Path, step: int | None, workers: int) -> LoadedCheckpoint | None:
-    """The newest checkpoint that verifies (or exactly ``step``); warn about each damaged one."""
+# How often a reader of a live root lists it again after the checkpoint it was reading vanished
+# (pruned by the writer's retention): each round starts from the newest checkpoint again.
+_RELIST_ROUNDS = 64
+
+
+def _check_root(root: Path) -> None:
     if not root.exists():
-        raise CheckpointError(f"checkpoint root {root} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint root {root} does not exist")
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint root {root} is not a directory")
-    candidates = _candidates(root, step)
-    if not candidates:
+        raise CheckpointNotFoundError(f"checkpoint root {root} is not a directory")
+
+
+def _newest_valid(
+    root: Path,
+    step: int | None,
+    read: Callable[[Path], Any],
+    final: Callable[[Exception], bool] = lambda exc: False,
+) -> tuple[Path, Any] | None:
+    """``read(path)`` of the newest checkpoint it succeeds on (or exactly ``step``); warn about each
+    one that fails. Any failure of one checkpoint (damage, a hostile manifest, memory) falls back
+    to the next older one; a checkpoint deleted while it was read (retention on a live root) is
+    not a failure: the root is listed again and the newest one tried."""
+    _check_root(root)
+    failed: dict[Path, str] = {}
+    for _ in range(_RELIST_ROUNDS):
+        candidates = [c for c in _candidates(root, step) if c.path not in failed]
+        if not candidates and not failed:
+            return None
+        vanished = False
+        for candidate in candidates:
+            try:
+                return candidate.path, read(candidate.path)
+            except CheckpointGoneError:
+                vanished = True
+                break
+            except Exception as exc:  # noqa: BLE001 - one checkpoint's failure is never the last word
+                if step is not None or final(exc):
+                    raise
+                reason = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+                failed[candidate.path] = f"step {candidate.step}: {reason}"
+                warnings.warn(
+                    f"asyncckpt: checkpoint {candidate.path} is damaged or cannot be read ({reason}); "
+                    "falling back to the next older one",
+                    stacklevel=4,
+                )
+        if not vanished:
+            break
+    else:
+        raise CheckpointNotFoundError(
+            f"every checkpoint of {root} was deleted while it was being read, {_RELIST_ROUNDS} times over"
+        )
+    if not failed:
         return None
-    failures = []
-    for candidate in candidates:
-        try:
-            return read_checkpoint(candidate.path, workers)
-        except CheckpointError as exc:
-            if step is not None:
-                raise
-            failures.append(f"step {candidate.step}: {exc}")
-            warnings.warn(
-                f"asyncckpt: checkpoint {candidate.path} is damaged or incomplete ({exc}); "
-                "falling back to the next older one",
-                stacklevel=3,
-            )
-    raise CheckpointError(f"no valid checkpoint in {root}: " + "; ".join(failures))
+    raise CheckpointDamagedError(f"no valid checkpoint in {root}: " + "; ".join(failed.values()))
+
+
+def _read_newest_valid(root: Path, step: int | None, workers: int, mmap: bool = False) -> LoadedCheckpoint | None:
+    """The newest checkpoint that verifies (or exactly ``step``); warn about each damaged one."""
+    found = _newest_valid(root, step, lambda path: read_checkpoint(path, workers, mmap=mmap))
+    return None if found is None else found[1]
 
 
 def load(
     path: str | os.PathLike,
     step: int | None = None,
     map_location: str | torch.device = "cpu",
+    *,
+    mmap: bool = False,
 ) -> Any:
     """Load a checkpoint as a plain nested tree (stateful objects become their state dicts).
 
     ``path`` is a checkpoint root (newest valid checkpoint, or ``step``) or one checkpoint dir.
+    The tensors are read into memory of their own. ``mmap=True`` maps a raw (``compression=None``)
+    checkpoint's data file instead: zero-copy, but the tensors then follow the file (see README).
     """
     path = Path(path)
     if (path / MANIFEST_NAME).exists() and step is None:
-        loaded = read_checkpoint(path, workers=os.cpu_count() or 1)
+        loaded = read_checkpoint(path, workers=os.cpu_count() or 1, mmap=mmap)
     else:
-        loaded = _read_newest_valid(path, step, os.cpu_count() or 1)
+        loaded = _read_newest_valid(path, step, os.cpu_count() or 1, mmap)
         if loaded is None:
-            raise CheckpointError(f"no checkpoint in {path}")
+            raise CheckpointNotFoundError(f"no checkpoint in {path}")
     tensors = loaded.tensors
     if torch.device(map_location) != torch.device("cpu"):
         tensors = [t.to(map_location) for t in tensors]
@@ -211,26 +252,22 @@ def load_weights(
     """
     _check_strict(strict)
     path = Path(path)
+
+    def read(candidate: Path) -> tuple[Manifest, dict, LoadedCheckpoint]:
+        manifest = read_manifest(candidate)
+        node = _subtree(manifest.tree, key, candidate)
+        return manifest, node, read_checkpoint(candidate, os.cpu_count() or 1, manifest, only=_tensor_indices(node))
+
     if (path / MANIFEST_NAME).exists():
-        candidates = [path]
+        candidate, (manifest, node, loaded) = path, read(path)
     else:
-        candidates = [c.path for c in _candidates(path, None)] if path.is_dir() else []
-        if not candidates:
-            raise CheckpointError(f"no checkpoint in {path}")
-    failures = []
-    for candidate in candidates:
-        try:
-            manifest = read_manifest(candidate)
-            node = _subtree(manifest.tree, key, candidate)
-            loaded = read_checkpoint(candidate, os.cpu_count() or 1, manifest, only=_tensor_indices(node))
-        except CheckpointError as exc:
-            if len(candidates) == 1 or "has no entry" in str(exc):
-                raise
-            failures.append(f"{candidate.name}: {exc}")
-            warnings.warn(f"asyncckpt: {candidate} is damaged ({exc}); trying the next older one", stacklevel=2)
-            continue
-        return _load_model(model, node, loaded.tensors, strict, f"{candidate}[{key!r}]", manifest.step)
-    raise CheckpointError(f"no valid checkpoint in {path}: " + "; ".join(failures))
+        if not path.is_dir():
+            raise CheckpointNotFoundError(f"no checkpoint in {path}")
+        found = _newest_valid(path, None, read, final=lambda exc: "has no entry" in str(exc))
+        if found is None:
+            raise CheckpointNotFoundError(f"no checkpoint in {path}")
+        candidate, (manifest, node, loaded) = found
+    return _load_model(model, node, loaded.tensors, strict, f"{candidate}[{key!r}]", manifest.step)
 
 
 def _load_model(

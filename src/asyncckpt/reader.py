@@ -1,29 +1,37 @@
 """Read a committed checkpoint back into tensors: validate, read chunks in parallel, verify, decode.
 
 The whole checkpoint is verified into host memory before anything is handed back, so a restore
-either applies a fully verified state or applies nothing.
+either applies a fully verified state or applies nothing. Memory is bounded by what the manifest
+declares: each tensor is allocated once and every chunk is read, checksummed and decompressed
+straight into it in pieces (``codec.decode_chunk``), never held whole on the side.
 
-A raw checkpoint (``compression=None``) is mapped instead of read: its data file holds the arena
-bytes at their logical offsets, so the tensors can be views of a private mapping of the file
-(zero-copy: no second copy in anonymous memory, pages shared with the page cache). Every chunk's
-CRC32 is still verified over the mapped bytes before a tensor is handed back.
+A raw checkpoint (``compression=None``) can instead be mapped (``mmap=True``, an opt-in): the
+tensors are then views of a private mapping of the data file (zero-copy: no second copy in
+anonymous memory, pages shared with the page cache), every chunk's CRC32 still verified over the
+mapped bytes first. Mapped tensors follow the file: see ``_map_raw`` for the caveats.
+
+A checkpoint that is deleted or replaced while it is read (retention pruning behind a reader of a
+live root) raises ``CheckpointGoneError``, not a damage error: readers of a root retry with the
+newest checkpoint instead of reporting a healthy one as damaged.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap as _mmap
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from . import codec
-from .errors import CheckpointError
+from .errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError
 from .format import (
     DTYPES,
     MANIFEST_NAME,
@@ -35,6 +43,51 @@ from .format import (
 )
 from .storage import open_data_file, read_file_no_follow
 
+_T = TypeVar("_T")
+
+
+class CheckpointGoneError(CheckpointNotFoundError):
+    """The checkpoint directory was deleted (or replaced) while it was being read: not damage."""
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+@contextlib.contextmanager
+def _same_directory(path: Path) -> Iterator[None]:
+    """Tell a checkpoint that vanished under a reader from a damaged one.
+
+    A committed checkpoint never changes in place: it is only ever renamed away whole (retention,
+    a replaced step) and then removed. So when reading fails and ``path`` no longer names the
+    directory it named when reading began, the failure is the deletion, not damage.
+    """
+    before = _identity(path)
+    if before is None:
+        raise CheckpointNotFoundError(f"{path} does not exist")
+    try:
+        yield
+    except CheckpointGoneError:
+        raise
+    except Exception as exc:
+        if _identity(path) != before:
+            raise CheckpointGoneError(f"{path} was deleted or replaced while it was being read") from exc
+        raise
+
+
+def _damaged(call: Callable[..., _T], *args: object) -> _T:
+    """A file of a checkpoint that cannot be opened or read (a link, a FIFO, missing): damage."""
+    try:
+        return call(*args)
+    except CheckpointDamagedError:
+        raise
+    except CheckpointError as exc:
+        raise CheckpointDamagedError(str(exc)) from exc.__cause__
+
 
 @dataclass
 class LoadedCheckpoint:
@@ -45,27 +98,54 @@ class LoadedCheckpoint:
 
 
 def read_manifest(path: Path) -> Manifest:
-    if path.is_symlink():
-        raise CheckpointError(f"{path} is a symbolic link; checkpoints never follow links")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a checkpoint directory")
-    manifest_path = path / MANIFEST_NAME
-    if not manifest_path.exists() and not manifest_path.is_symlink():
-        raise CheckpointError(f"{path} has no {MANIFEST_NAME}: not a committed checkpoint")
-    raw = read_file_no_follow(manifest_path, MAX_MANIFEST_BYTES)
-    check_manifest_seal(raw, str(manifest_path))
-    manifest = parse_manifest(raw, str(manifest_path))
-    named = parse_step_dir(path.name)
-    if named is not None and named != manifest.step:
-        raise CheckpointError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
-    return manifest
+    with _same_directory(path):
+        if path.is_symlink():
+            raise CheckpointDamagedError(f"{path} is a symbolic link; checkpoints never follow links")
+        if not path.is_dir():
+            raise CheckpointNotFoundError(f"{path} is not a checkpoint directory")
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.exists() and not manifest_path.is_symlink():
+            raise CheckpointDamagedError(f"{path} has no {MANIFEST_NAME}: not a committed checkpoint")
+        raw = _damaged(read_file_no_follow, manifest_path, MAX_MANIFEST_BYTES)
+        check_manifest_seal(raw, str(manifest_path))
+        manifest = parse_manifest(raw, str(manifest_path))
+        named = parse_step_dir(path.name)
+        if named is not None and named != manifest.step:
+            raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
+        return manifest
+
+
+def tensor_paths(tree: dict, root: str = "state") -> dict[int, str]:
+    """The first path in the state of every tensor index, spelled as ``asyncckpt inspect`` does:
+    ``state['model'].state_dict()['0.weight']``."""
+    out: dict[int, str] = {}
+    stack: list[tuple[dict, str]] = [(tree, root)]
+    while stack:
+        node, where = stack.pop()
+        kind = next((k for k in node if k not in ("m", "cls")), None)
+        value: Any = node.get(kind) if kind else None
+        if kind in ("T", "N", "S"):
+            out.setdefault(value, where)
+        elif kind == "o":
+            stack.append((value, f"{where}.state_dict()"))
+        elif kind == "d":
+            stack.extend((child, f"{where}[{key!r}]") for key, child in reversed(value))
+        elif kind in ("l", "t"):
+            stack.extend((child, f"{where}[{i!r}]") for i, child in reversed(list(enumerate(value))))
+    return out
 
 
 def _tensor_names(manifest: Manifest, start: int, end: int) -> str:
     hits = [i for i, t in enumerate(manifest.tensors) if t.offset < end and t.offset + t.nbytes > start]
-    shown = ", ".join(f"#{i} {manifest.tensors[i].dtype}{list(manifest.tensors[i].shape)}" for i in hits[:4])
+    paths = tensor_paths(manifest.tree) if hits else {}  # only on failure: a walk of the whole tree
+
+    def name(i: int) -> str:
+        entry = manifest.tensors[i]
+        return f"{paths.get(i, f'tensor #{i}')} {entry.dtype}{list(entry.shape)}"
+
+    shown = ", ".join(name(i) for i in hits[:4])
     more = f" and {len(hits) - 4} more" if len(hits) > 4 else ""
-    return f"tensors {shown}{more}" if hits else "padding only"
+    return f"{shown}{more}" if hits else "padding only"
 
 
 class _Index:
@@ -106,7 +186,7 @@ class _Scatter(_Index):
                 torch.empty(t.nbytes, dtype=torch.uint8) if i in wanted else None
                 for i, t in enumerate(manifest.tensors)
             ]
-        except RuntimeError as exc:
+        except (RuntimeError, MemoryError) as exc:
             raise CheckpointError(f"cannot allocate {manifest.raw_bytes} bytes of tensors: {exc}") from None
 
     def target(self, start: int, end: int) -> torch.Tensor | None:
@@ -118,10 +198,22 @@ class _Scatter(_Index):
             return self.buffers[i][start - base : end - base]
         return None
 
-    def scatter(self, decoded: torch.Tensor, start: int, end: int) -> None:
-        for i, a, b in self.overlapping(start, end):
-            base = self._entries[i].offset
-            self.buffers[i][a - base : b - base].copy_(decoded[a - start : b - start])
+    def emitter(self, start: int, end: int) -> codec.Emit:
+        """Where decoded bytes of the chunk covering [start, end) go: into the tensors they belong
+        to (padding dropped), also every ``stride``-th byte (a byte-grouped plane)."""
+        hits = self.overlapping(start, end)
+
+        def emit(first: int, stride: int, data: torch.Tensor) -> None:
+            n = data.numel()
+            for i, a, b in hits:
+                # the k with a <= start + first + k * stride < b
+                lo = max(0, -((start + first - a) // stride))
+                hi = min(n, -((start + first - b) // stride))
+                if lo < hi:
+                    at = start + first + lo * stride - self._entries[i].offset
+                    self.buffers[i][at : at + (hi - lo - 1) * stride + 1 : stride].copy_(data[lo:hi])
+
+        return emit
 
     def tensors(self) -> list[torch.Tensor | None]:
         """Every tensor read (None for those not asked for)."""
@@ -136,17 +228,25 @@ def read_checkpoint(
     workers: int = 4,
     manifest: Manifest | None = None,
     only: set[int] | None = None,
-    mmap: bool = True,
+    mmap: bool = False,
 ) -> LoadedCheckpoint:
     """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors (all or none).
 
     Each tensor gets its own storage (not a view of one big buffer): a loaded tensor can be kept,
-    saved with torch.save or exported without dragging the rest of the checkpoint along.
+    saved with torch.save or exported without dragging the rest of the checkpoint along. Private
+    memory: nothing done to the files afterwards changes the tensors.
 
-    With ``mmap`` (the default), a checkpoint whose wanted chunks are all raw and laid out at their
+    With ``mmap`` (opt-in), a checkpoint whose wanted chunks are all raw and laid out at their
     logical offsets in one data file (what ``compression=None`` writes) is mapped instead of read:
-    see :func:`_map_raw`. Any other layout, or ``mmap=False``, reads and decodes chunk by chunk.
+    see :func:`_map_raw`. Any other layout reads and decodes chunk by chunk.
     """
+    with _same_directory(path):
+        return _read_checkpoint(path, workers, manifest, only, mmap)
+
+
+def _read_checkpoint(
+    path: Path, workers: int, manifest: Manifest | None, only: set[int] | None, mmap: bool
+) -> LoadedCheckpoint:
     manifest = manifest or read_manifest(path)
     fds: dict[str, int] = {}
     try:
@@ -167,11 +267,7 @@ def read_checkpoint(
         def load_chunk(index: int) -> None:
             chunk = manifest.chunks[index]
             start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
-            direct = scatter.target(start, end)
-            out = direct if direct is not None else torch.empty(chunk.raw_length, dtype=torch.uint8)
-            _decode_chunk(path, manifest, fds, index, out)
-            if direct is None:
-                scatter.scatter(out, start, end)
+            _decode_chunk(path, manifest, fds, index, scatter.target(start, end), scatter.emitter(start, end))
 
         _for_each_chunk(load_chunk, wanted_chunks, workers)
     finally:
@@ -197,31 +293,36 @@ def _open_data_files(path: Path, manifest: Manifest, fds: dict[str, int]) -> Non
     sizes: dict[str, int] = {}
     for chunk in manifest.chunks:
         if chunk.file not in fds:
-            fds[chunk.file] = open_data_file(path / chunk.file)
+            fds[chunk.file] = _damaged(open_data_file, path / chunk.file)
             sizes[chunk.file] = os.fstat(fds[chunk.file]).st_size
         if chunk.offset + chunk.length > sizes[chunk.file]:
-            raise CheckpointError(
+            raise CheckpointDamagedError(
                 f"{path / chunk.file} is truncated: a chunk for "
                 f"{_tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)} "
                 f"ends at byte {chunk.offset + chunk.length}, the file has {sizes[chunk.file]}"
             )
 
 
-def _decode_chunk(path: Path, manifest: Manifest, fds: dict[str, int], index: int, out: torch.Tensor) -> None:
-    """Read chunk ``index``, check its CRC32 and codec chain, decode it into ``out``."""
+def _decode_chunk(
+    path: Path,
+    manifest: Manifest,
+    fds: dict[str, int],
+    index: int,
+    direct: torch.Tensor | None = None,
+    emit: codec.Emit | None = None,
+) -> None:
+    """Read chunk ``index`` in pieces, check its CRC32 and codec chain, decode it into ``direct``
+    (one tensor holds the whole chunk) or through ``emit`` (neither: verify only)."""
     chunk = manifest.chunks[index]
+    source = codec.ChunkSource.of_file(fds[chunk.file], chunk.offset, chunk.length, f"chunk {index}")
     try:
-        stored = os.pread(fds[chunk.file], chunk.length, chunk.offset)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read chunk {index} of {path / chunk.file}: {exc.strerror}") from exc
-    if len(stored) != chunk.length:
-        raise CheckpointError(f"short read of chunk {index} in {path / chunk.file}")
-    try:
-        codec.decode(stored, chunk.codecs, chunk.crc32, out, f"chunk {index}")
-    except CheckpointError as exc:
-        # names are worked out only on failure: they cost a scan of the tensor table
+        codec.decode_chunk(source, chunk.codecs, chunk.crc32, chunk.raw_length, direct, emit)
+    except CheckpointDamagedError as exc:
+        # names are worked out only on failure: they cost a scan of the tensor table and the tree
         start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
-        raise CheckpointError(f"{path / chunk.file}: {exc} (holds {_tensor_names(manifest, start, end)})") from None
+        raise CheckpointDamagedError(
+            f"{path / chunk.file}: {exc} (holds {_tensor_names(manifest, start, end)})"
+        ) from None
 
 
 def verify_checkpoint(
@@ -232,11 +333,18 @@ def verify_checkpoint(
 ) -> Manifest:
     """Check the manifest and every chunk's CRC32 and codec chain; the manifest, or a CheckpointError.
 
-    The same checks as ``read_checkpoint`` (a checkpoint this passes, restore reads), but chunk by
-    chunk into a scratch buffer: memory stays at ``workers`` chunks, whatever the checkpoint's size.
-    ``progress`` gets each verified chunk's stored length, in chunk order; on success the calls sum
-    to ``manifest.stored_bytes``.
+    The same checks as ``read_checkpoint`` (a checkpoint this passes, restore reads), decoding each
+    chunk piece by piece into nothing: memory stays at a few pieces per thread, whatever the
+    checkpoint's size. ``progress`` gets each verified chunk's stored length, in chunk order; on
+    success the calls sum to ``manifest.stored_bytes``.
     """
+    with _same_directory(path):
+        return _verify_checkpoint(path, progress, manifest, workers)
+
+
+def _verify_checkpoint(
+    path: Path, progress: Callable[[int], None] | None, manifest: Manifest | None, workers: int
+) -> Manifest:
     manifest = manifest or read_manifest(path)
     fds: dict[str, int] = {}
     pool = ThreadPoolExecutor(workers, "asyncckpt-verify") if workers > 1 and len(manifest.chunks) > 1 else None
@@ -244,9 +352,8 @@ def verify_checkpoint(
         _open_data_files(path, manifest, fds)
 
         def check(index: int) -> int:
-            chunk = manifest.chunks[index]
-            _decode_chunk(path, manifest, fds, index, torch.empty(chunk.raw_length, dtype=torch.uint8))
-            return chunk.length
+            _decode_chunk(path, manifest, fds, index)
+            return manifest.chunks[index].length
 
         indexes = range(len(manifest.chunks))
         # results come back in chunk order, on this thread: progress needs no lock
@@ -326,7 +433,7 @@ def _map_raw(
                 actual = zlib.crc32(view[chunk.offset : chunk.offset + chunk.length])
                 if actual != chunk.crc32:
                     where = _tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)
-                    raise CheckpointError(
+                    raise CheckpointDamagedError(
                         f"{path / chunk.file}: checksum mismatch in chunk {index}: stored CRC32 "
                         f"{chunk.crc32:08x}, computed {actual:08x} (holds {where})"
                     )
