@@ -7,6 +7,7 @@ real ``os.fork()`` or a multiprocessing "fork" worker (what a DataLoader worker 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,6 +250,7 @@ def test_any_use_of_the_parents_manager_in_a_forked_child_is_a_clear_error(tmp_p
 
 
 SIGTERM_IN_A_CHILD = """
+import shutil
 import signal
 mgr = CheckpointManager(root)
 mgr.install_signal_handlers()
@@ -277,10 +279,10 @@ def test_the_parents_signal_handlers_do_not_keep_a_forked_child_alive(tmp_path):
 
 
 def test_a_second_manager_in_the_same_process_is_refused_and_the_first_keeps_its_lock(tmp_path):
-    """POSIX record locks are per process: the refusal must come before the lock file is touched."""
+    """The same process is told so, and the refusal leaves the first manager's lock alone."""
     root = tmp_path / "ckpts"
     with CheckpointManager(root) as mgr:
-        with pytest.raises(RootInUseError, match=f"pid {os.getpid()}"):
+        with pytest.raises(RootInUseError, match="already open in this process by another CheckpointManager"):
             CheckpointManager(root)
         with pytest.raises(RootInUseError):
             CheckpointManager(tmp_path / "." / "ckpts")  # another spelling of the same directory
@@ -288,3 +290,31 @@ def test_a_second_manager_in_the_same_process_is_refused_and_the_first_keeps_its
         out, err = run_with_timeout(proc.communicate, timeout=120)
         assert proc.returncode == 1 and f"RootInUseError: checkpoint root {root} is in use" in err, err
         mgr.save(1, {"w": torch.ones(3)}).wait()
+
+
+def test_reading_the_root_in_the_writers_own_process_keeps_the_lock(tmp_path):
+    """A backup of the root taken by the training process opens and closes ``.lock``: the lock holds."""
+    root = tmp_path / "ckpts"
+    with CheckpointManager(root) as mgr:
+        mgr.save(1, {"w": torch.ones(3)}).wait()
+        shutil.copytree(root, tmp_path / "backup")
+        with open(root / ".lock", "rb") as lock:
+            lock.read()
+        proc = spawn(tmp_path, "CheckpointManager(root)\n")
+        out, err = run_with_timeout(proc.communicate, timeout=120)
+        assert proc.returncode == 1 and f"RootInUseError: checkpoint root {root} is in use" in err, err
+        mgr.save(2, {"w": torch.ones(3)}).wait()
+
+
+def test_the_lock_is_not_inherited_by_an_executed_subprocess(tmp_path):
+    """A helper started with subprocess (fork + exec) holds no descriptor of the lock file."""
+    root = tmp_path / "ckpts"
+    with CheckpointManager(root):
+        helper = subprocess.Popen(["sleep", "60"], close_fds=False)
+        try:
+            lock = str(root / ".lock")
+            fds = os.listdir(f"/proc/{helper.pid}/fd")
+            assert lock not in [os.readlink(f"/proc/{helper.pid}/fd/{fd}") for fd in fds]
+        finally:
+            helper.kill()
+            helper.wait()
