@@ -244,7 +244,10 @@ def _dir_fd_no_follow(path: Path) -> int:
 def _create_root(root: Path) -> None:
     """``mkdir -p`` that fsyncs the parent of every directory it creates: a new root's entry (and
     those of new directories above it) must be durable, or a power cut could take the root, and its
-    first checkpoint with it, away. The root itself, or a directory above it, may be a link."""
+    first checkpoint with it, away. The root itself, or a directory above it, may be a link.
+
+    A parent the user may write into but not read (a mode 1733 drop box) cannot be opened to be
+    fsynced: the new entry there is then left to the filesystem, as ``mkdir -p`` leaves it."""
     missing = []
     path = root
     while not path.is_dir():
@@ -263,7 +266,11 @@ def _create_root(root: Path) -> None:
         except FileExistsError:
             if not path.is_dir():
                 raise CheckpointError(f"cannot create checkpoint root {root}: {path} is not a directory") from None
-        fsync_dir(path.parent)
+        try:
+            fsync_dir(path.parent)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM):
+                raise
 
 
 def _holder(fd: int) -> str:
