@@ -59,7 +59,7 @@ _with_handlers: weakref.WeakSet[AsyncCheckpointManager] = weakref.WeakSet()
 
 
 def _installed_signals() -> set[int]:
-    return {signum for facade in list(_with_handlers) for signum in facade._previous_handlers}
+    return {signum for facade in list(_with_handlers) for signum in list(facade._previous_handlers)}
 
 
 def _block_signals_before_fork() -> None:
