@@ -153,6 +153,49 @@ def test_a_child_forked_during_a_save_exits_and_the_save_commits(tmp_path):
         proc.kill()
 
 
+CHILD_WAITS_FOR_A_SAVE_IN_FLIGHT = """
+import threading
+from asyncckpt.storage import DataFileWriter
+
+gate = threading.Event()  # the save's first write waits for it: in flight until the child is gone
+real_append = DataFileWriter.append
+DataFileWriter.append = lambda self, data: gate.wait() and real_append(self, data)
+mgr = CheckpointManager(root)
+handle = mgr.save(5, state)
+pid = os.fork()
+if pid == 0:
+    import signal
+    signal.alarm(60)  # hang detection only: the child dies of SIGALRM if wait() blocks
+    try:
+        handle.wait()
+        outcome = "no error"
+    except CheckpointError as exc:
+        outcome = str(exc)
+    with open(sys.argv[1] + "-child.txt", "w") as out:
+        out.write(outcome)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child-exit", os.waitstatus_to_exitcode(status), flush=True)
+gate.set()
+print("committed", handle.wait().name, flush=True)
+mgr.close()
+"""
+
+
+def test_waiting_in_a_forked_child_for_the_parents_save_is_a_clear_error(tmp_path):
+    proc = spawn(tmp_path, CHILD_WAITS_FOR_A_SAVE_IN_FLIGHT)
+    try:
+        assert read_line(proc) == "child-exit 0"
+        outcome = (tmp_path / "ckpts-child.txt").read_text()
+        assert outcome.startswith(f"this save handle belongs to pid {proc.pid}; a forked child cannot wait for it"), (
+            outcome
+        )
+        assert read_line(proc) == "committed step-000000000005"
+        finish(proc)
+    finally:
+        proc.kill()
+
+
 CHILD_OUTLIVES_PARENT = """
 mgr = CheckpointManager(root)
 mgr.save(1, state).wait()
