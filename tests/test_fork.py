@@ -7,6 +7,7 @@ real ``os.fork()`` or a multiprocessing "fork" worker (what a DataLoader worker 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,49 @@ def test_a_child_forked_during_a_save_exits_and_the_save_commits(tmp_path):
         proc.kill()
 
 
+CHILD_WAITS_FOR_A_SAVE_IN_FLIGHT = """
+import threading
+from asyncckpt.storage import DataFileWriter
+
+gate = threading.Event()  # the save's first write waits for it: in flight until the child is gone
+real_append = DataFileWriter.append
+DataFileWriter.append = lambda self, data: gate.wait() and real_append(self, data)
+mgr = CheckpointManager(root)
+handle = mgr.save(5, state)
+pid = os.fork()
+if pid == 0:
+    import signal
+    signal.alarm(60)  # hang detection only: the child dies of SIGALRM if wait() blocks
+    try:
+        handle.wait()
+        outcome = "no error"
+    except CheckpointError as exc:
+        outcome = str(exc)
+    with open(sys.argv[1] + "-child.txt", "w") as out:
+        out.write(outcome)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child-exit", os.waitstatus_to_exitcode(status), flush=True)
+gate.set()
+print("committed", handle.wait().name, flush=True)
+mgr.close()
+"""
+
+
+def test_waiting_in_a_forked_child_for_the_parents_save_is_a_clear_error(tmp_path):
+    proc = spawn(tmp_path, CHILD_WAITS_FOR_A_SAVE_IN_FLIGHT)
+    try:
+        assert read_line(proc) == "child-exit 0"
+        outcome = (tmp_path / "ckpts-child.txt").read_text()
+        assert outcome.startswith(f"this save handle belongs to pid {proc.pid}; a forked child cannot wait for it"), (
+            outcome
+        )
+        assert read_line(proc) == "committed step-000000000005"
+        finish(proc)
+    finally:
+        proc.kill()
+
+
 CHILD_OUTLIVES_PARENT = """
 mgr = CheckpointManager(root)
 mgr.save(1, state).wait()
@@ -249,6 +293,7 @@ def test_any_use_of_the_parents_manager_in_a_forked_child_is_a_clear_error(tmp_p
 
 
 SIGTERM_IN_A_CHILD = """
+import shutil
 import signal
 mgr = CheckpointManager(root)
 mgr.install_signal_handlers()
@@ -277,10 +322,10 @@ def test_the_parents_signal_handlers_do_not_keep_a_forked_child_alive(tmp_path):
 
 
 def test_a_second_manager_in_the_same_process_is_refused_and_the_first_keeps_its_lock(tmp_path):
-    """POSIX record locks are per process: the refusal must come before the lock file is touched."""
+    """The same process is told so, and the refusal leaves the first manager's lock alone."""
     root = tmp_path / "ckpts"
     with CheckpointManager(root) as mgr:
-        with pytest.raises(RootInUseError, match=f"pid {os.getpid()}"):
+        with pytest.raises(RootInUseError, match="already open in this process by another CheckpointManager"):
             CheckpointManager(root)
         with pytest.raises(RootInUseError):
             CheckpointManager(tmp_path / "." / "ckpts")  # another spelling of the same directory
@@ -288,3 +333,31 @@ def test_a_second_manager_in_the_same_process_is_refused_and_the_first_keeps_its
         out, err = run_with_timeout(proc.communicate, timeout=120)
         assert proc.returncode == 1 and f"RootInUseError: checkpoint root {root} is in use" in err, err
         mgr.save(1, {"w": torch.ones(3)}).wait()
+
+
+def test_reading_the_root_in_the_writers_own_process_keeps_the_lock(tmp_path):
+    """A backup of the root taken by the training process opens and closes ``.lock``: the lock holds."""
+    root = tmp_path / "ckpts"
+    with CheckpointManager(root) as mgr:
+        mgr.save(1, {"w": torch.ones(3)}).wait()
+        shutil.copytree(root, tmp_path / "backup")
+        with open(root / ".lock", "rb") as lock:
+            lock.read()
+        proc = spawn(tmp_path, "CheckpointManager(root)\n")
+        out, err = run_with_timeout(proc.communicate, timeout=120)
+        assert proc.returncode == 1 and f"RootInUseError: checkpoint root {root} is in use" in err, err
+        mgr.save(2, {"w": torch.ones(3)}).wait()
+
+
+def test_the_lock_is_not_inherited_by_an_executed_subprocess(tmp_path):
+    """A helper started with subprocess (fork + exec) holds no descriptor of the lock file."""
+    root = tmp_path / "ckpts"
+    with CheckpointManager(root):
+        helper = subprocess.Popen(["sleep", "60"], close_fds=False)
+        try:
+            lock = str(root / ".lock")
+            fds = os.listdir(f"/proc/{helper.pid}/fd")
+            assert lock not in [os.readlink(f"/proc/{helper.pid}/fd/{fd}") for fd in fds]
+        finally:
+            helper.kill()
+            helper.wait()

@@ -196,3 +196,16 @@ def test_stats_never_prints_control_characters_from_the_log(tmp_path, capsys):
     assert main(["stats", str(tmp_path), "--json"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and json.loads(out)["records"][1]["error"] == hostile
+
+
+def test_skipped_line_numbers_count_from_the_first_line_read_when_the_record_cap_cuts(tmp_path, capsys, monkeypatch):
+    lines = [b'{"step": %d}\n' % step for step in range(1, 101)]
+    lines[79] = b"not a record\n"  # line 80 of the file, all of which is read
+    (tmp_path / METRICS_LOG).write_bytes(b"".join(lines))
+    monkeypatch.setattr(metrics_mod, "MAX_LOG_RECORDS", 30)
+    records = read_log(tmp_path)
+    assert [number for number, _ in records.skipped] == [80]
+    assert main(["stats", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "line numbers count from the first line read" in err
+    assert f"skipped line 80 of {tmp_path / METRICS_LOG}" in err

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +49,10 @@ def test_root_is_created_with_a_lock_file(root):
 
 
 def test_second_writer_on_the_same_root_is_refused(store, root):
-    with pytest.raises(CheckpointError, match=f"in use by another writer \\(pid {os.getpid()}\\)"):
+    with pytest.raises(
+        CheckpointError,
+        match="is in use: it is already open in this process by another CheckpointManager or prune; close it first",
+    ):
         LocalStorage(root)
     # the first writer is unaffected
     assert make_checkpoint(store, 1).is_dir()
@@ -265,8 +271,11 @@ def test_a_lock_that_is_a_directory_is_refused(root):
         LocalStorage(root)
 
 
-def test_a_second_writer_gets_root_in_use_error_naming_the_holder(store, root):
-    with pytest.raises(RootInUseError, match=f"in use by another writer \\(pid {os.getpid()}\\)"):
+def test_a_second_writer_in_the_same_process_gets_root_in_use_error(store, root):
+    with pytest.raises(
+        RootInUseError,
+        match="is in use: it is already open in this process by another CheckpointManager or prune; close it first",
+    ):
         LocalStorage(root)
     assert issubclass(RootInUseError, CheckpointError)
 
@@ -445,3 +454,45 @@ def test_prune_refuses_a_lock_that_is_a_symlink_and_leaves_its_target_alone(tmp_
     assert f"{root / '.lock'} is a symbolic link" in capsys.readouterr().err
     assert outside.read_bytes() == b"do not truncate me\n"
     assert [c.step for c in storage_mod.list_checkpoints(root)] == [1, 2, 3]
+
+
+@pytest.fixture
+def drop_box():
+    """A directory anyone may write into but not list (mode 1733, like a scratch drop box)."""
+    base = tempfile.mkdtemp(prefix="asyncckpt-drop-")  # under /tmp: the user below can reach it
+    os.chmod(base, 0o1733)
+    yield Path(base)
+    shutil.rmtree(base)
+
+
+def as_user_nobody(fn) -> str:
+    """Run ``fn`` in a forked child turned into the unprivileged user nobody; its outcome, as text."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                outcome = f"ok {fn()}"
+            except BaseException as exc:  # noqa: BLE001
+                outcome = f"{type(exc).__name__}: {exc}"
+            os.write(write_end, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        outcome = run_with_timeout(pipe.read, timeout=60).decode()
+    os.waitpid(pid, 0)
+    return outcome
+
+
+def test_a_root_is_created_in_a_parent_the_user_can_write_but_not_read(drop_box):
+    def create() -> str:
+        storage = LocalStorage(drop_box / "ckpts")
+        storage.close()
+        return str(os.stat(drop_box / "ckpts").st_uid)
+
+    assert as_user_nobody(create) == "ok 65534"
+    assert entries(drop_box / "ckpts") == [".lock"]

@@ -35,6 +35,7 @@ import os
 import signal
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from pathlib import Path
@@ -49,6 +50,43 @@ from .staging import on_stream
 from .tree import RestoreResult
 
 T = TypeVar("T")
+
+# Façades whose signal handlers are installed. ``loop.add_signal_handler`` points the process's
+# signal wakeup fd at the loop's socket: a forked child that kept it would pass its own signals to
+# the parent's loop (a SIGTERM meant for a worker would preempt the trainer, and the worker would
+# live on). Signals are blocked across fork() so none lands in the child before its handlers are back.
+_with_handlers: weakref.WeakSet[AsyncCheckpointManager] = weakref.WeakSet()
+
+
+def _installed_signals() -> set[int]:
+    return {signum for facade in list(_with_handlers) for signum in list(facade._previous_handlers)}
+
+
+def _block_signals_before_fork() -> None:
+    signals = _installed_signals()
+    _fork_mask.saved = signal.pthread_sigmask(signal.SIG_BLOCK, signals) if signals else None
+
+
+def _unblock_signals_after_fork() -> None:
+    saved, _fork_mask.saved = getattr(_fork_mask, "saved", None), None
+    if saved is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+
+def _step_aside_in_child() -> None:
+    for facade in list(_with_handlers):
+        facade._step_aside()
+    _with_handlers.clear()
+    _unblock_signals_after_fork()
+
+
+_fork_mask = threading.local()  # the forking thread's signal mask, put back after the fork
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_block_signals_before_fork,
+        after_in_parent=_unblock_signals_after_fork,
+        after_in_child=_step_aside_in_child,
+    )
 
 
 def _in_callers_cuda_stream(fn: Callable[[], T]) -> Callable[[], T]:
@@ -81,6 +119,7 @@ class AsyncSaveHandle:
         self.handle = handle
         self.step = handle.step
         self._loop = loop
+        self._pid = os.getpid()
         self._future: asyncio.Future[Path] = loop.create_future()
         handle.add_done_callback(self._resolved)  # may run now, on this thread, if already done
 
@@ -108,6 +147,11 @@ class AsyncSaveHandle:
         return self.handle.error()
 
     async def _wait(self) -> Path:
+        if os.getpid() != self._pid:  # the commit would be announced to the parent's loop, never here
+            raise CheckpointError(
+                f"this save handle belongs to pid {self._pid}; a forked child cannot wait for it "
+                f"(this is pid {os.getpid()})"
+            )
         fence = self.handle._before_wait
         if fence is not None and not self._future.done():
             # Overlap mode: awaiting the commit is a fence, as SaveHandle.wait is (off the loop).
@@ -145,6 +189,7 @@ class AsyncCheckpointManager:
         else:
             self.manager = CheckpointManager(root, **options)
         self._calls = threading.Lock()  # held in the executor thread, so a cancelled waiter can't skip it
+        self._previous_handlers: dict[int, Any] = {}  # before install_signal_handlers, for a forked child
         self._inflight: set[asyncio.Future] = set()
         self._signal_loop: asyncio.AbstractEventLoop | None = None
         self._signals: list[int] = []
@@ -160,6 +205,10 @@ class AsyncCheckpointManager:
     @property
     def root(self) -> Path:
         return self.manager.root
+
+    def _check_owner(self) -> None:
+        """A forked child's copy holds the parent's in-flight calls and lock: refuse before waiting."""
+        self.manager._check_owner()
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` in the default executor under the call lock; cancelling the waiter doesn't stop it."""
@@ -179,6 +228,7 @@ class AsyncCheckpointManager:
 
     async def prepare(self, state: Any) -> int:
         """Allocate the host arena for ``state`` ahead of the first save; returns its size in bytes."""
+        self._check_owner()
         future: Future = await self._run(self.manager.prepare, state)  # allocation runs on its own thread
         return await asyncio.shield(asyncio.wrap_future(future))
 
@@ -196,6 +246,7 @@ class AsyncCheckpointManager:
         Like CheckpointManager.save, raises SaveFailedError for an earlier save that failed, after
         this one was submitted.
         """
+        self._check_owner()
         handle = await self._run(self.manager.save, step, state, metrics=metrics, metadata=metadata, tags=tags)
         return AsyncSaveHandle(handle, asyncio.get_running_loop())
 
@@ -204,16 +255,19 @@ class AsyncCheckpointManager:
 
         As ``CheckpointManager.due``: the next ``maybe_save`` of the same step follows this answer.
         """
+        self._check_owner()
         if self._preempted is not None:
             return True
         return self.manager.due(step)
 
     async def tag(self, step: int, *tags: str) -> list[str]:
         """Add tags to a committed checkpoint or a save still in flight (off the loop: it rewrites a manifest)."""
+        self._check_owner()
         return await self._run(self.manager.tag, step, *tags)
 
     async def untag(self, step: int, *tags: str) -> list[str]:
         """Remove tags (all when none are named) from a committed checkpoint or a save still in flight."""
+        self._check_owner()
         return await self._run(self.manager.untag, step, *tags)
 
     def install_signal_handlers(
@@ -225,15 +279,22 @@ class AsyncCheckpointManager:
         blocking manager's handlers would run outside the loop): on one of ``signals`` the next
         ``maybe_save`` saves that step, awaits the commit, removes the handlers and re-raises the
         signal, so it then acts as it would have (SIGINT raises KeyboardInterrupt, SIGTERM ends the
-        process). A second such signal before that acts at once.
+        process). A second such signal before that acts at once. In a process forked from this
+        one, the handlers and the loop's signal wakeup are taken down, so a signal sent to the child
+        acts there as it would have and never reaches this loop.
         """
+        self._check_owner()
         loop = asyncio.get_running_loop()
         for signum in signals:
+            self._previous_handlers.setdefault(signum, signal.getsignal(signum))
             loop.add_signal_handler(signum, self._on_signal, signum)
             self._signals.append(signum)
         self._signal_loop = loop
+        _with_handlers.add(self)
 
     def _on_signal(self, signum: int) -> None:
+        if os.getpid() != self.manager._pid:  # never the owner's loop: the child's signal is not ours
+            return
         if self._preempted is not None:  # asked twice: stop waiting for the next step
             self._remove_signal_handlers()
             signal.raise_signal(signum)
@@ -241,9 +302,31 @@ class AsyncCheckpointManager:
         self._preempted = signum
 
     def _remove_signal_handlers(self) -> None:
+        if os.getpid() != self.manager._pid:
+            self._step_aside()
+            return
         if self._signal_loop is not None and not self._signal_loop.is_closed():
             for signum in self._signals:
                 self._signal_loop.remove_signal_handler(signum)  # puts the default handler back
+        self._signals.clear()
+        self._signal_loop = None
+        self._previous_handlers.clear()
+        _with_handlers.discard(self)
+
+    def _step_aside(self) -> None:
+        """In a forked child: the handlers that were there before, and no wakeup fd into the parent's
+        loop (its socket is shared with the parent). The parent's loop object is left alone."""
+        if self._previous_handlers:
+            for signum, handler in self._previous_handlers.items():
+                try:
+                    signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+                except (OSError, ValueError):  # not the main thread: nothing more can be done here
+                    pass
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+        self._previous_handlers.clear()
         self._signals.clear()
         self._signal_loop = None
 
@@ -257,6 +340,7 @@ class AsyncCheckpointManager:
     ) -> AsyncSaveHandle | None:
         """``save`` if the manager's policy says the step is due, else None. As with the blocking
         manager, an earlier failure is raised only after the due save was submitted."""
+        self._check_owner()
         if self._preempted is not None:
             signum, self._preempted = self._preempted, None
             try:
@@ -287,6 +371,7 @@ class AsyncCheckpointManager:
 
     async def wait(self) -> None:
         """Wait for every pending save (and any cancelled call still running); raise if one failed."""
+        self._check_owner()
         while self._inflight:
             await asyncio.wait(list(self._inflight))
         await asyncio.get_running_loop().run_in_executor(None, _in_callers_cuda_stream(self.manager.wait))
@@ -301,15 +386,21 @@ class AsyncCheckpointManager:
         """Load the newest valid checkpoint (or ``step``) into ``state`` in place, off the event loop.
 
         ``strict`` as in ``CheckpointManager.restore``: False returns a RestoreResult."""
+        self._check_owner()
         return await self._run(self.manager.restore, state, step, strict=strict)
 
     async def steps(self) -> list[int]:
         """Committed steps, oldest first."""
+        self._check_owner()
         return await asyncio.get_running_loop().run_in_executor(None, self.manager.steps)
 
     async def close(self) -> None:
-        """Finish pending saves, stop the background threads, release the root's lock."""
+        """Finish pending saves, stop the background threads, release the root's lock.
+
+        In a forked child it returns at once: the calls, saves and lock are the parent's."""
         self._remove_signal_handlers()
+        if os.getpid() != self.manager._pid:
+            return
         while self._inflight:
             await asyncio.wait(list(self._inflight))
         await self._run(self.manager.close)

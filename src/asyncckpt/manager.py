@@ -365,8 +365,6 @@ class CheckpointManager:
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         self.snapshot = snapshot
         self._pid = os.getpid()  # a forked child gets a copy of this object, but not its threads or lock
-        self._storage = LocalStorage(root)
-        self.root = self._storage.root
         self._arenas = ArenaPool(pinned=torch.cuda.is_available())
         self._copier = CopyEngine()
         self._cond = threading.Condition()
@@ -387,7 +385,9 @@ class CheckpointManager:
         self._unfenced: list[LazyCopy] = []  # overlap copies not yet fenced, oldest first
         self._fence_lock = threading.Lock()
         self._hooks: dict[int, tuple[weakref.ReferenceType, list[Any]]] = {}  # id(obj) -> (obj, handles)
+        self._storage = LocalStorage(root)  # last before the try: a failure after it must unlock
         try:
+            self.root = self._storage.root
             self.stats = SaveStats(self.root / METRICS_LOG)
             self._infos = {c.step: checkpoint_info(c) for c in self._storage.checkpoints()}
             self._pipeline = Pipeline(

@@ -191,8 +191,8 @@ class SaveLog(list[SaveRecord]):
 
     ``skipped`` holds ``(line_number, reason)`` for every non-empty line that is not a valid record:
     typically one truncated last line after a crash mid-append. ``omitted_bytes`` counts the bytes
-    at the start of a log longer than the read limit that were not read (line numbers then count
-    from the first line read).
+    at the start of a log longer than the read limit that were not read or parsed (line numbers
+    count from the first line read, also when the record cap leaves its oldest lines unparsed).
     """
 
     def __init__(
@@ -287,7 +287,7 @@ def read_log(root: str | os.PathLike, max_bytes: int | None = None) -> SaveLog:
     if first > 0:
         log.omitted_bytes += sum(len(line) + 1 for line in lines[:first])
         del lines[:first]
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=first + 1):  # counted from the first line read, as stats says
         if not raw.strip():
             continue
         if len(raw) > MAX_LINE_BYTES:

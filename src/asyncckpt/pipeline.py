@@ -74,6 +74,7 @@ class SaveHandle:
         self.reported = False  # an error seen by the user is not raised again by the manager
         self._error: SaveFailedError | None = None  # set before the future resolves
         self._before_wait: Callable[..., None] | None = None  # overlap mode: the manager's fence
+        self._pid = os.getpid()  # only this process's writer resolves it; a forked child would wait forever
 
     def done(self) -> bool:
         return self._future.done()
@@ -81,6 +82,11 @@ class SaveHandle:
     def wait(self, timeout: float | None = None) -> Path:
         """The committed path, or SaveFailedError; TimeoutError after ``timeout`` seconds. In
         overlap mode this is a fence first: it waits for the save's copy, then for the commit."""
+        if os.getpid() != self._pid:
+            raise CheckpointError(
+                f"this save handle belongs to pid {self._pid}; a forked child cannot wait for it "
+                f"(this is pid {os.getpid()})"
+            )
         if self._before_wait is not None:
             began = time.monotonic()
             self._before_wait(timeout=timeout)

@@ -11,11 +11,14 @@ Inside the root the writer never follows a symbolic link and never opens anythin
 file: a link planted at ``.lock`` or at a checkpoint's name must not make us write elsewhere. The
 sweep removes only the exact names this module makes, so other tools' dot-files are safe.
 
-The writer lock is a POSIX record lock (``lockf``), not ``flock``: a record lock belongs to the
-process, so a forked child neither inherits it (and cannot keep the root locked after its parent
-died) nor releases it. Its one trap, that a process drops its record locks on closing *any*
-descriptor of the file, is why a second writer in the same process is refused from an in-process
-registry before the lock file is even opened.
+The writer lock is ``flock`` on ``ROOT/.lock``: it belongs to the open file description, so
+closing some other descriptor of the file (a backup of the root taken by the training process)
+leaves it alone, and it dies when the last descriptor of that description closes. A forked child
+shares the description, so an at-fork hook closes the child's copy at once, without unlocking
+(only ``LOCK_UN`` or the last close releases a flock): the child neither releases the lock nor
+keeps the root locked after its parent died. The descriptor is close-on-exec, so an exec'd
+subprocess never holds it. A second writer in the same process is refused from an in-process
+registry, with a message that says so.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ _held_guard = threading.Lock()
 
 
 def _forget_locks_in_child() -> None:
-    """A forked child holds none of its parent's record locks; close its copies of their fds
-    (closing them there cannot release the parent's locks) so it does not keep the files open."""
+    """Close a forked child's copies of the lock descriptors, never with LOCK_UN: the parent's
+    descriptor stays open, so its flock holds, and it still dies with the parent."""
     global _held_guard
     _held_guard = threading.Lock()  # another thread may have held it at the fork
     for fd in _held.values():
@@ -241,7 +244,10 @@ def _dir_fd_no_follow(path: Path) -> int:
 def _create_root(root: Path) -> None:
     """``mkdir -p`` that fsyncs the parent of every directory it creates: a new root's entry (and
     those of new directories above it) must be durable, or a power cut could take the root, and its
-    first checkpoint with it, away. The root itself, or a directory above it, may be a link."""
+    first checkpoint with it, away. The root itself, or a directory above it, may be a link.
+
+    A parent the user may write into but not read (a mode 1733 drop box) cannot be opened to be
+    fsynced: the new entry there is then left to the filesystem, as ``mkdir -p`` leaves it."""
     missing = []
     path = root
     while not path.is_dir():
@@ -260,7 +266,11 @@ def _create_root(root: Path) -> None:
         except FileExistsError:
             if not path.is_dir():
                 raise CheckpointError(f"cannot create checkpoint root {root}: {path} is not a directory") from None
-        fsync_dir(path.parent)
+        try:
+            fsync_dir(path.parent)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM):
+                raise
 
 
 def _holder(fd: int) -> str:
@@ -300,8 +310,8 @@ class LocalStorage:
         with _held_guard:
             if self._key in _held:
                 raise RootInUseError(
-                    f"checkpoint root {self.root} is in use by another writer (pid {os.getpid()}), in this very "
-                    f"process; {in_use}"
+                    f"checkpoint root {self.root} is in use: it is already open in this process by another "
+                    "CheckpointManager or prune; close it first"
                 )
             try:
                 fd = open_regular_no_follow(path, os.O_RDWR | os.O_CREAT)
@@ -314,10 +324,10 @@ class LocalStorage:
                     ) from cause
                 raise
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 holder = _holder(fd) if exc.errno in (errno.EACCES, errno.EAGAIN) else None
-                os.close(fd)  # this process holds no lock on it: closing drops nothing
+                os.close(fd)
                 if holder is None:
                     raise CheckpointError(f"cannot lock {path}: {_reason(exc)}") from exc
                 raise RootInUseError(
@@ -340,7 +350,7 @@ class LocalStorage:
             return
         with _held_guard:
             try:
-                fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             except OSError:
                 pass  # closing releases it anyway
             os.close(self._lock_fd)
