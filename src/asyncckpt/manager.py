@@ -22,7 +22,7 @@ from . import _phases
 from .catalog import checkpoint_info
 from .codec import CodecConfig
 from .errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError, SaveFailedError
-from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, Manifest, check_tags
+from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, Manifest, ManifestTooLargeError, check_tags
 from .metrics import METRICS_LOG, SaveRecord, SaveStats
 from .pipeline import Pipeline, SaveHandle, SaveJob, _warn_from_writer
 from .policy import EverySteps, SavePolicy
@@ -119,9 +119,9 @@ def _newest_valid(
                     raise
                 reason = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
                 failed[candidate.path] = f"step {candidate.step}: {reason}"
+                what = "cannot be read" if isinstance(exc, ManifestTooLargeError) else "is damaged or cannot be read"
                 warnings.warn(
-                    f"asyncckpt: checkpoint {candidate.path} is damaged or cannot be read ({reason}); "
-                    "falling back to the next older one",
+                    f"asyncckpt: checkpoint {candidate.path} {what} ({reason}); falling back to the next older one",
                     stacklevel=4,
                 )
         if not vanished:

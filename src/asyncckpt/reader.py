@@ -40,6 +40,7 @@ from .format import (
     check_manifest_seal,
     parse_manifest,
     parse_step_dir,
+    too_large,
 )
 from .storage import open_data_file, read_file_no_follow
 
@@ -106,6 +107,12 @@ def read_manifest(path: Path) -> Manifest:
         manifest_path = path / MANIFEST_NAME
         if not manifest_path.exists() and not manifest_path.is_symlink():
             raise CheckpointDamagedError(f"{path} has no {MANIFEST_NAME}: not a committed checkpoint")
+        with contextlib.suppress(OSError):  # a manifest over the size limit is refused unread, as such
+            size = os.lstat(manifest_path).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise too_large(
+                    str(manifest_path), f"is {size} bytes", f"the reader's limit of {MAX_MANIFEST_BYTES} bytes"
+                )
         raw = _damaged(read_file_no_follow, manifest_path, MAX_MANIFEST_BYTES)
         check_manifest_seal(raw, str(manifest_path))
         manifest = parse_manifest(raw, str(manifest_path))
