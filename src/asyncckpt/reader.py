@@ -51,7 +51,13 @@ class CheckpointGoneError(CheckpointNotFoundError):
     """The checkpoint directory was deleted (or replaced) while it was being read: not damage."""
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+DirIdentity = tuple[int, int]  # (st_dev, st_ino) of a checkpoint directory
+
+
+def directory_identity(path: Path) -> DirIdentity | None:
+    """Which directory ``path`` names now (None: nothing there). A reader of a root takes it right
+    after listing and hands it to every read of that checkpoint, so a checkpoint deleted or
+    replaced at any point after the listing is told from a damaged one."""
     try:
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -60,22 +66,25 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 @contextlib.contextmanager
-def _same_directory(path: Path) -> Iterator[None]:
+def _same_directory(path: Path, identity: DirIdentity | None = None) -> Iterator[None]:
     """Tell a checkpoint that vanished under a reader from a damaged one.
 
     A committed checkpoint never changes in place: it is only ever renamed away whole (retention,
-    a replaced step) and then removed. So when reading fails and ``path`` no longer names the
-    directory it named when reading began, the failure is the deletion, not damage.
+    a replaced step) and then removed. So when ``path`` no longer names the directory it named when
+    reading began (``identity``, taken when the root was listed; else now), the checkpoint is gone:
+    a read that fails then failed because of the deletion, not because of damage.
     """
-    before = _identity(path)
-    if before is None:
+    now = directory_identity(path)
+    if identity is not None and now != identity:
+        raise CheckpointGoneError(f"{path} was deleted or replaced since the root was listed")
+    if now is None:
         raise CheckpointNotFoundError(f"{path} does not exist")
     try:
         yield
     except CheckpointGoneError:
         raise
     except Exception as exc:
-        if _identity(path) != before:
+        if directory_identity(path) != now:
             raise CheckpointGoneError(f"{path} was deleted or replaced while it was being read") from exc
         raise
 
@@ -98,8 +107,11 @@ class LoadedCheckpoint:
     mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
-def read_manifest(path: Path) -> Manifest:
-    with _same_directory(path):
+def read_manifest(path: Path, *, identity: DirIdentity | None = None) -> Manifest:
+    """The validated manifest of the checkpoint at ``path``. ``identity`` (from
+    :func:`directory_identity`): the directory ``path`` named when its root was listed; if the path
+    names another one or none by now, or stops naming it during a failed read, CheckpointGoneError."""
+    with _same_directory(path, identity):
         if path.is_symlink():
             raise CheckpointDamagedError(f"{path} is a symbolic link; checkpoints never follow links")
         if not path.is_dir():
@@ -236,6 +248,8 @@ def read_checkpoint(
     manifest: Manifest | None = None,
     only: set[int] | None = None,
     mmap: bool = False,
+    *,
+    identity: DirIdentity | None = None,
 ) -> LoadedCheckpoint:
     """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors (all or none).
 
@@ -246,15 +260,23 @@ def read_checkpoint(
     With ``mmap`` (opt-in), a checkpoint whose wanted chunks are all raw and laid out at their
     logical offsets in one data file (what ``compression=None`` writes) is mapped instead of read:
     see :func:`_map_raw`. Any other layout reads and decodes chunk by chunk.
+
+    ``identity``: as for :func:`read_manifest`; pass the one ``manifest`` was read under, so a step
+    replaced between the two reads is found gone, not damaged.
     """
-    with _same_directory(path):
-        return _read_checkpoint(path, workers, manifest, only, mmap)
+    with _same_directory(path, identity):
+        return _read_checkpoint(path, workers, manifest, only, mmap, identity)
 
 
 def _read_checkpoint(
-    path: Path, workers: int, manifest: Manifest | None, only: set[int] | None, mmap: bool
+    path: Path,
+    workers: int,
+    manifest: Manifest | None,
+    only: set[int] | None,
+    mmap: bool,
+    identity: DirIdentity | None,
 ) -> LoadedCheckpoint:
-    manifest = manifest or read_manifest(path)
+    manifest = manifest or read_manifest(path, identity=identity)
     fds: dict[str, int] = {}
     try:
         _open_data_files(path, manifest, fds)
@@ -337,22 +359,28 @@ def verify_checkpoint(
     progress: Callable[[int], None] | None = None,
     manifest: Manifest | None = None,
     workers: int = 4,
+    *,
+    identity: DirIdentity | None = None,
 ) -> Manifest:
     """Check the manifest and every chunk's CRC32 and codec chain; the manifest, or a CheckpointError.
 
     The same checks as ``read_checkpoint`` (a checkpoint this passes, restore reads), decoding each
     chunk piece by piece into nothing: memory stays at a few pieces per thread, whatever the
     checkpoint's size. ``progress`` gets each verified chunk's stored length, in chunk order; on
-    success the calls sum to ``manifest.stored_bytes``.
+    success the calls sum to ``manifest.stored_bytes``. ``identity``: as for :func:`read_checkpoint`.
     """
-    with _same_directory(path):
-        return _verify_checkpoint(path, progress, manifest, workers)
+    with _same_directory(path, identity):
+        return _verify_checkpoint(path, progress, manifest, workers, identity)
 
 
 def _verify_checkpoint(
-    path: Path, progress: Callable[[int], None] | None, manifest: Manifest | None, workers: int
+    path: Path,
+    progress: Callable[[int], None] | None,
+    manifest: Manifest | None,
+    workers: int,
+    identity: DirIdentity | None,
 ) -> Manifest:
-    manifest = manifest or read_manifest(path)
+    manifest = manifest or read_manifest(path, identity=identity)
     fds: dict[str, int] = {}
     pool = ThreadPoolExecutor(workers, "asyncckpt-verify") if workers > 1 and len(manifest.chunks) > 1 else None
     try:

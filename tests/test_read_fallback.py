@@ -1,0 +1,60 @@
+"""What makes a reader of a root fall back to an older checkpoint, and what a damaged one costs.
+
+Only a failure of the checkpoint (damage, a hostile manifest, memory, a file error) falls back; a
+bug in the reader propagates, and a key missing from the state is final whatever the messages say.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import asyncckpt
+import asyncckpt.manager as manager
+from asyncckpt import CheckpointError, CheckpointManager
+
+DATA = "data-00000.bin"
+
+
+def test_a_bug_raised_while_reading_the_newest_propagates_instead_of_falling_back(tmp_path, monkeypatch):
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        mgr.save(1, {"w": torch.ones(3)}).wait()
+        mgr.save(2, {"w": torch.ones(3)}).wait()
+    read = manager.read_checkpoint
+
+    def buggy(path, *args, **kwargs):
+        if path.name.endswith("2"):
+            raise TypeError("a bug in the reader")
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(manager, "read_checkpoint", buggy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # before: a warning, then step 1 loaded as if step 2 were damaged
+        with pytest.raises(TypeError, match="a bug in the reader"):
+            asyncckpt.load(tmp_path)
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path / DATA, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_load_weights_falls_back_from_damage_whose_message_reads_like_a_missing_key(tmp_path):
+    key = "has no entry"  # the damage message names the tensor by its path, which holds this key
+    model = torch.nn.Linear(8, 8)
+    with CheckpointManager(tmp_path, keep_last=None, compression=None) as mgr:
+        mgr.save(1, {key: model}).wait()
+        newest = mgr.save(2, {key: model}).wait()
+    _flip_byte(newest, 5)
+    target = torch.nn.Linear(8, 8)
+    with pytest.warns(UserWarning, match="has no entry"):  # before: raised as if the key were missing
+        assert asyncckpt.load_weights(tmp_path, target, key=key) == 1
+    assert torch.equal(target.weight, model.weight)
+    with pytest.raises(CheckpointError, match="has no entry 'ema'"):  # a missing key is final: no fallback
+        asyncckpt.load_weights(tmp_path, target, key="ema")
