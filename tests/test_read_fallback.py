@@ -2,10 +2,12 @@
 
 Only a failure of the checkpoint (damage, a hostile manifest, memory, a file error) falls back; a
 bug in the reader propagates, and a key missing from the state is final whatever the messages say.
+A damaged chunk stops the read: the chunks after it are not read.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import torch
 
 import asyncckpt
 import asyncckpt.manager as manager
-from asyncckpt import CheckpointError, CheckpointManager
+from asyncckpt import CheckpointDamagedError, CheckpointError, CheckpointManager
+from asyncckpt.reader import read_checkpoint, read_manifest, verify_checkpoint
 
 DATA = "data-00000.bin"
 
@@ -58,3 +61,32 @@ def test_load_weights_falls_back_from_damage_whose_message_reads_like_a_missing_
     assert torch.equal(target.weight, model.weight)
     with pytest.raises(CheckpointError, match="has no entry 'ema'"):  # a missing key is final: no fallback
         asyncckpt.load_weights(tmp_path, target, key="ema")
+
+
+def _io_bytes_read() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+@pytest.fixture
+def many_chunks(tmp_path) -> Path:
+    """A raw checkpoint of 256 chunks of 64 KiB, its first chunk damaged."""
+    with CheckpointManager(tmp_path, compression=None, chunk_size=64 << 10) as mgr:
+        path = mgr.save(1, {"w": torch.randn(4 << 20)}).wait()
+    assert len(read_manifest(path).chunks) == 256
+    _flip_byte(path, 100)
+    return path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/io")
+@pytest.mark.parametrize("how", ["read", "verify"])
+def test_a_damaged_first_chunk_stops_the_read_before_the_rest_is_read(many_chunks, how):
+    before = _io_bytes_read()
+    with pytest.raises(CheckpointDamagedError, match="checksum mismatch in chunk 0"):
+        if how == "read":
+            read_checkpoint(many_chunks, workers=4)
+        else:
+            verify_checkpoint(many_chunks, workers=4)
+    read = _io_bytes_read() - before
+    # at most the chunks in flight (2 per thread) and the one that failed; before: all 16 MiB
+    assert read < 1.5 * (9 * (64 << 10)), read

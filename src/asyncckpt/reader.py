@@ -18,12 +18,14 @@ newest checkpoint instead of reporting a healthy one as damaged.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
+import itertools
 import mmap as _mmap
 import os
 import zlib
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -305,16 +307,38 @@ def _read_checkpoint(
     return LoadedCheckpoint(path, manifest, scatter.tensors())
 
 
-def _for_each_chunk(work: Callable[[int], None], indexes: list[int], workers: int) -> None:
+def _for_each_chunk(
+    work: Callable[[int], _T], indexes: Iterable[int], workers: int, done: Callable[[_T], None] | None = None
+) -> None:
     """``work(i)`` for every chunk index, on up to ``workers`` threads (zstd, CRC32 and pread
-    release the GIL); the first failure is raised once all submitted work has finished."""
-    if workers > 1 and len(indexes) > 1:
-        with ThreadPoolExecutor(min(workers, len(indexes)), "asyncckpt-read") as pool:
-            for future in [pool.submit(work, i) for i in indexes]:
-                future.result()
-    else:
+    release the GIL), then ``done(result)`` in chunk order on this thread.
+
+    At most two chunks per thread are in flight, taken in order, and the next one starts only once
+    the oldest has succeeded: after a failure no further chunk is read, so a damaged checkpoint
+    costs a few chunks, not a full read. The failure is raised once the running chunks finished.
+    """
+    indexes = list(indexes)
+    if workers <= 1 or len(indexes) <= 1:
         for i in indexes:
-            work(i)
+            result = work(i)
+            if done is not None:
+                done(result)
+        return
+    upcoming = iter(indexes)
+    pending: collections.deque[Future[_T]] = collections.deque()
+    pool = ThreadPoolExecutor(min(workers, len(indexes)), "asyncckpt-read")
+    try:
+        for i in itertools.islice(upcoming, 2 * workers):
+            pending.append(pool.submit(work, i))
+        while pending:
+            result = pending.popleft().result()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append(pool.submit(work, following))
+            if done is not None:
+                done(result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # before the caller closes the fds the work reads
 
 
 def _open_data_files(path: Path, manifest: Manifest, fds: dict[str, int]) -> None:
@@ -382,7 +406,6 @@ def _verify_checkpoint(
 ) -> Manifest:
     manifest = manifest or read_manifest(path, identity=identity)
     fds: dict[str, int] = {}
-    pool = ThreadPoolExecutor(workers, "asyncckpt-verify") if workers > 1 and len(manifest.chunks) > 1 else None
     try:
         _open_data_files(path, manifest, fds)
 
@@ -390,14 +413,9 @@ def _verify_checkpoint(
             _decode_chunk(path, manifest, fds, index)
             return manifest.chunks[index].length
 
-        indexes = range(len(manifest.chunks))
         # results come back in chunk order, on this thread: progress needs no lock
-        for nbytes in pool.map(check, indexes) if pool else map(check, indexes):
-            if progress is not None:
-                progress(nbytes)
+        _for_each_chunk(check, range(len(manifest.chunks)), workers, progress)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)  # before the fds close: no read of a reused fd
         for fd in fds.values():
             os.close(fd)
     return manifest
