@@ -11,8 +11,10 @@ anonymous memory, pages shared with the page cache), every chunk's CRC32 still v
 mapped bytes first. Mapped tensors follow the file: see ``_map_raw`` for the caveats.
 
 A checkpoint that is deleted or replaced while it is read (retention pruning behind a reader of a
-live root) raises ``CheckpointGoneError``, not a damage error: readers of a root retry with the
-newest checkpoint instead of reporting a healthy one as damaged.
+live root, a step re-saved) raises ``CheckpointGoneError``, not a damage error: readers of a root
+retry with the newest checkpoint instead of reporting a healthy one as damaged. They take the
+directory's identity when they list the root and pass it to every read of that checkpoint
+(``identity=``), so a deletion or replacement between the listing and any of the reads counts.
 """
 
 from __future__ import annotations
