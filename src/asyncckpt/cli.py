@@ -174,7 +174,7 @@ def _verify_round(dirs: list[Path], bar, rows: list[dict], quiet: bool) -> list[
         except CheckpointNotFoundError as exc:  # deleted (retention) since the root was listed
             gone.append(path)
             row.update(status="gone", error=str(exc))
-            line = f"gone     {path}: deleted while being verified"
+            line = f"gone     {path}: deleted or replaced while being verified"
         except CheckpointError as exc:
             row.update(status="damaged", error=str(exc))
             line = f"DAMAGED  {path}: {exc}"
