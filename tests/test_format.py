@@ -117,9 +117,12 @@ def test_not_a_json_object(raw):
 
 
 def test_oversized_manifest_is_rejected_before_parsing(monkeypatch):
+    raw = VALID.to_json()
     monkeypatch.setattr(fmt, "MAX_MANIFEST_BYTES", 100)
-    with pytest.raises(CheckpointError, match="larger than the 100 limit"):
-        parse_manifest(VALID.to_json())
+    with pytest.raises(CheckpointError, match="exceeds the reader.s limit of 100 bytes"):
+        parse_manifest(raw)
+    with pytest.raises(ValueError, match="over the reader.s limit of 100 bytes"):  # nor is one written
+        VALID.to_json()
 
 
 def test_deeply_nested_json_is_an_error_not_a_crash():

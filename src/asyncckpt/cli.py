@@ -17,7 +17,7 @@ from .errors import CheckpointError, CheckpointNotFoundError
 from .format import MANIFEST_NAME, Manifest
 from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
 from .policy import Adaptive
-from .reader import read_manifest, verify_checkpoint
+from .reader import CheckpointGoneError, DirIdentity, directory_identity, read_manifest, verify_checkpoint
 from .retention import RetentionPolicy
 from .storage import list_checkpoints
 
@@ -113,6 +113,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     root = Path(args.path)
+    single = (root / MANIFEST_NAME).exists()  # one checkpoint directory, not a root
     dirs = _checkpoint_dirs(root)
     if not dirs:
         if args.json:
@@ -128,13 +129,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             todo = [path for path in dirs if path not in seen]
             seen.update(todo)
             gone = _verify_round(todo, bar, rows, args.json)
-            if not gone or (root / MANIFEST_NAME).exists():
+            if not gone:
                 break
             seen.difference_update(path for path in gone if path.exists())  # replaced: verify the new one
-            dirs = _checkpoint_dirs(root)
+            dirs = dirs if single else _checkpoint_dirs(root)
     if args.json:
         print(json.dumps(rows, indent=2))
-    return 1 if any(row["status"] == "damaged" for row in rows) else 0
+    if any(row["status"] == "damaged" for row in rows):
+        return 1
+    if not any(row["status"] == "ok" for row in rows):
+        # a live root whose writer deleted every checkpoint listed, each time it was listed again
+        print(f"nothing verified: every checkpoint of {args.path} was deleted while being verified", file=sys.stderr)
+        return 1
+    return 0
 
 
 _VERIFY_ROUNDS = 8
@@ -143,10 +150,15 @@ _VERIFY_ROUNDS = 8
 def _verify_round(dirs: list[Path], bar, rows: list[dict], quiet: bool) -> list[Path]:
     """Verify ``dirs`` (the bar's total grows by their stored bytes); those found gone."""
     manifests: dict[Path, Manifest] = {}
+    identities: dict[Path, DirIdentity | None] = {}
     errors: dict[Path, CheckpointError] = {}
     for path in dirs:  # manifests first: the bar's total is every stored byte to be checked
+        # the directory as listed, held through both reads: a step re-saved in between is gone, not damaged
+        identities[path] = directory_identity(path)
         try:
-            manifests[path] = read_manifest(path)
+            if identities[path] is None:
+                raise CheckpointGoneError(f"{path} was deleted since the root was listed")
+            manifests[path] = read_manifest(path, identity=identities[path])
         except CheckpointError as exc:
             errors[path] = exc
     bar.total += sum(m.stored_bytes for m in manifests.values())
@@ -156,13 +168,13 @@ def _verify_round(dirs: list[Path], bar, rows: list[dict], quiet: bool) -> list[
         try:
             if path in errors:
                 raise errors[path]
-            manifest = verify_checkpoint(path, bar.advance, manifests[path])
+            manifest = verify_checkpoint(path, bar.advance, manifests[path], identity=identities[path])
             row.update(step=manifest.step, chunks=len(manifest.chunks), stored_bytes=manifest.stored_bytes)
             line = f"ok       {path} ({len(manifest.chunks)} chunks verified)"
         except CheckpointNotFoundError as exc:  # deleted (retention) since the root was listed
             gone.append(path)
             row.update(status="gone", error=str(exc))
-            line = f"gone     {path}: deleted while being verified"
+            line = f"gone     {path}: deleted or replaced while being verified"
         except CheckpointError as exc:
             row.update(status="damaged", error=str(exc))
             line = f"DAMAGED  {path}: {exc}"

@@ -28,10 +28,12 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ALIGNMENT = 64
 MAX_STEP = 10**12 - 1
-# A manifest is untrusted input parsed into Python objects (~100 bytes each at worst), so its size
-# and its number of JSON values (counted before parsing) are capped: parsing the largest one allowed
-# costs well under 512 MiB and a few seconds. 2M values is the manifest of ~140k chunks, a ~570 GB
-# checkpoint at the default 4 MiB chunk size.
+# A manifest is untrusted input parsed into Python objects (~100 bytes per counted value at worst),
+# so its size and its number of JSON values (counted before parsing) are capped: parsing the largest
+# one allowed costs at most ~200 MiB and a few seconds. The writer refuses to commit a manifest over
+# either cap (``Manifest.to_json``). 2M values is the manifest of ~140k chunks (a ~570 GB checkpoint
+# at the default 4 MiB chunk size), of ~180k tensors, or of a model of ~40k parameter tensors with
+# its AdamW state (~48 values per parameter: the parameter and 3 state tensors).
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_MANIFEST_VALUES = 2_000_000
 MAX_CHUNK_RAW = 1 << 30
@@ -122,7 +124,15 @@ class Manifest:
             "metadata": self.metadata,
             "tags": self.tags,
         }
-        return seal_manifest(json.dumps(body, separators=(",", ":")).encode())
+        raw = seal_manifest(json.dumps(body, separators=(",", ":")).encode())
+        over = manifest_over_limit(raw)
+        if over is not None:  # a checkpoint no reader would accept must never commit
+            raise ValueError(
+                f"the manifest of step {self.step} {over[0]}, over {over[1]}: a reader would refuse it. "
+                "Store big lists of numbers as a tensor (torch.tensor(values)) and big text or "
+                "metadata in a file of its own; many tiny tensors can be stacked into a few larger ones"
+            )
+        return raw
 
 
 _SEAL = re.compile(rb',"crc32":([0-9]{1,10})\}$')
@@ -153,6 +163,26 @@ def _fail(where: str, what: str) -> CheckpointDamagedError:
     return CheckpointDamagedError(f"invalid manifest ({where}): {what}")
 
 
+class ManifestTooLargeError(CheckpointDamagedError):
+    """A manifest over the reader's limits: refused unparsed (a hostile or foreign manifest; this
+    library never commits one). Readers of a root fall back from it as from damage."""
+
+
+def manifest_over_limit(raw: bytes) -> tuple[str, str] | None:
+    """Which of the reader's limits ``raw`` exceeds, as (what it holds, the limit), or None."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        return f"is {len(raw)} bytes", f"the reader's limit of {MAX_MANIFEST_BYTES} bytes"
+    # every value but the first follows a comma or opens a container: an upper bound, counted at C speed
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if values > MAX_MANIFEST_VALUES:
+        return f"holds up to {values} JSON values", f"the reader's limit of {MAX_MANIFEST_VALUES} JSON values"
+    return None
+
+
+def too_large(where: str, what: str, limit: str) -> ManifestTooLargeError:
+    return ManifestTooLargeError(f"manifest {where} {what}: exceeds {limit}")
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     out: dict = {}
     for key, value in pairs:
@@ -176,12 +206,9 @@ def _json_dict(value: Any, where: str) -> dict:
 
 def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
     """Parse and validate untrusted manifest bytes; every size, offset and name is checked."""
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise _fail(where, f"{len(raw)} bytes is larger than the {MAX_MANIFEST_BYTES} limit")
-    # every value but the first follows a comma or opens a container: an upper bound, counted at C speed
-    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
-    if values > MAX_MANIFEST_VALUES:
-        raise _fail(where, f"holds up to {values} JSON values, more than the {MAX_MANIFEST_VALUES} limit")
+    over = manifest_over_limit(raw)
+    if over is not None:
+        raise too_large(where, *over)
     try:
         body = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except CheckpointDamagedError:

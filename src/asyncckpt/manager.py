@@ -22,11 +22,18 @@ from . import _phases
 from .catalog import checkpoint_info
 from .codec import CodecConfig
 from .errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError, SaveFailedError
-from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, Manifest, check_tags
+from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, Manifest, ManifestTooLargeError, check_tags
 from .metrics import METRICS_LOG, SaveRecord, SaveStats
 from .pipeline import Pipeline, SaveHandle, SaveJob, _warn_from_writer
 from .policy import EverySteps, SavePolicy
-from .reader import CheckpointGoneError, LoadedCheckpoint, read_checkpoint, read_manifest
+from .reader import (
+    CheckpointGoneError,
+    DirIdentity,
+    LoadedCheckpoint,
+    directory_identity,
+    read_checkpoint,
+    read_manifest,
+)
 from .retention import CheckpointInfo, RetentionPolicy, best_metric_missing, steps_to_delete
 from .staging import SMALL_COPY_BYTES, ArenaPool, CopyEngine, LazyCopy, plan_layout
 from .storage import CommittedCheckpoint, LocalStorage, list_checkpoints
@@ -91,16 +98,22 @@ def _check_root(root: Path) -> None:
         raise CheckpointNotFoundError(f"checkpoint root {root} is not a directory")
 
 
+# What one checkpoint's read may fail with (damage, a hostile manifest, memory, a file error, a
+# decoding error); anything else is a bug and propagates instead of hiding behind a fallback.
+_ONE_CHECKPOINT_FAILURES = (CheckpointError, OSError, MemoryError, ValueError)
+
+
 def _newest_valid(
     root: Path,
     step: int | None,
-    read: Callable[[Path], Any],
-    final: Callable[[Exception], bool] = lambda exc: False,
+    read: Callable[[Path, DirIdentity], Any],
+    final: tuple[type[Exception], ...] = (),
 ) -> tuple[Path, Any] | None:
-    """``read(path)`` of the newest checkpoint it succeeds on (or exactly ``step``); warn about each
-    one that fails. Any failure of one checkpoint (damage, a hostile manifest, memory) falls back
-    to the next older one; a checkpoint deleted while it was read (retention on a live root) is
-    not a failure: the root is listed again and the newest one tried."""
+    """``read(path, identity)`` of the newest checkpoint it succeeds on (or exactly ``step``); warn
+    about each one that fails. Any failure of one checkpoint (damage, a hostile manifest, memory)
+    falls back to the next older one, except the ``final`` errors; a checkpoint deleted or replaced
+    since the root was listed (retention or a re-save on a live root) is not a failure: the root is
+    listed again and the newest one tried."""
     _check_root(root)
     failed: dict[Path, str] = {}
     for _ in range(_RELIST_ROUNDS):
@@ -110,18 +123,21 @@ def _newest_valid(
         vanished = False
         for candidate in candidates:
             try:
-                return candidate.path, read(candidate.path)
+                identity = directory_identity(candidate.path)  # once: every read of it is held to it
+                if identity is None:
+                    raise CheckpointGoneError(f"{candidate.path} was deleted since the root was listed")
+                return candidate.path, read(candidate.path, identity)
             except CheckpointGoneError:
                 vanished = True
                 break
-            except Exception as exc:  # noqa: BLE001 - one checkpoint's failure is never the last word
-                if step is not None or final(exc):
+            except _ONE_CHECKPOINT_FAILURES as exc:
+                if step is not None or isinstance(exc, final):
                     raise
                 reason = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
                 failed[candidate.path] = f"step {candidate.step}: {reason}"
+                what = "cannot be read" if isinstance(exc, ManifestTooLargeError) else "is damaged or cannot be read"
                 warnings.warn(
-                    f"asyncckpt: checkpoint {candidate.path} is damaged or cannot be read ({reason}); "
-                    "falling back to the next older one",
+                    f"asyncckpt: checkpoint {candidate.path} {what} ({reason}); falling back to the next older one",
                     stacklevel=4,
                 )
         if not vanished:
@@ -137,7 +153,9 @@ def _newest_valid(
 
 def _read_newest_valid(root: Path, step: int | None, workers: int, mmap: bool = False) -> LoadedCheckpoint | None:
     """The newest checkpoint that verifies (or exactly ``step``); warn about each damaged one."""
-    found = _newest_valid(root, step, lambda path: read_checkpoint(path, workers, mmap=mmap))
+    found = _newest_valid(
+        root, step, lambda path, identity: read_checkpoint(path, workers, mmap=mmap, identity=identity)
+    )
     return None if found is None else found[1]
 
 
@@ -184,6 +202,11 @@ def _at_interpreter_exit(callback) -> None:
     atexit.register(callback)
 
 
+class _NoEntryError(CheckpointError):
+    """The checkpoint holds no entry under the key ``load_weights`` was given: an older one would
+    not either, so no fallback."""
+
+
 def _subtree(tree: dict, key: str, where: Path) -> dict:
     node = tree
     for part in key.split("."):
@@ -193,7 +216,7 @@ def _subtree(tree: dict, key: str, where: Path) -> dict:
         match = None if pairs is None else next((child for k, child in pairs if str(k) == part), None)
         if match is None:
             have = [k for k, _ in pairs] if pairs else []
-            raise CheckpointError(f"{where} has no entry {key!r} (top-level keys: {have[:10]})")
+            raise _NoEntryError(f"{where} has no entry {key!r} (top-level keys: {have[:10]})")
         node = match
     return node["o"] if "o" in node else node
 
@@ -253,17 +276,19 @@ def load_weights(
     _check_strict(strict)
     path = Path(path)
 
-    def read(candidate: Path) -> tuple[Manifest, dict, LoadedCheckpoint]:
-        manifest = read_manifest(candidate)
+    def read(candidate: Path, identity: DirIdentity | None) -> tuple[Manifest, dict, LoadedCheckpoint]:
+        # one identity for both reads: a step replaced between them is gone, not damaged
+        manifest = read_manifest(candidate, identity=identity)
         node = _subtree(manifest.tree, key, candidate)
-        return manifest, node, read_checkpoint(candidate, os.cpu_count() or 1, manifest, only=_tensor_indices(node))
+        wanted = _tensor_indices(node)
+        return manifest, node, read_checkpoint(candidate, os.cpu_count() or 1, manifest, wanted, identity=identity)
 
     if (path / MANIFEST_NAME).exists():
-        candidate, (manifest, node, loaded) = path, read(path)
+        candidate, (manifest, node, loaded) = path, read(path, directory_identity(path))
     else:
         if not path.is_dir():
             raise CheckpointNotFoundError(f"no checkpoint in {path}")
-        found = _newest_valid(path, None, read, final=lambda exc: "has no entry" in str(exc))
+        found = _newest_valid(path, None, read, final=(_NoEntryError,))
         if found is None:
             raise CheckpointNotFoundError(f"no checkpoint in {path}")
         candidate, (manifest, node, loaded) = found

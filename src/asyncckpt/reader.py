@@ -11,19 +11,23 @@ anonymous memory, pages shared with the page cache), every chunk's CRC32 still v
 mapped bytes first. Mapped tensors follow the file: see ``_map_raw`` for the caveats.
 
 A checkpoint that is deleted or replaced while it is read (retention pruning behind a reader of a
-live root) raises ``CheckpointGoneError``, not a damage error: readers of a root retry with the
-newest checkpoint instead of reporting a healthy one as damaged.
+live root, a step re-saved) raises ``CheckpointGoneError``, not a damage error: readers of a root
+retry with the newest checkpoint instead of reporting a healthy one as damaged. They take the
+directory's identity when they list the root and pass it to every read of that checkpoint
+(``identity=``), so a deletion or replacement between the listing and any of the reads counts.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
+import itertools
 import mmap as _mmap
 import os
 import zlib
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +44,7 @@ from .format import (
     check_manifest_seal,
     parse_manifest,
     parse_step_dir,
+    too_large,
 )
 from .storage import open_data_file, read_file_no_follow
 
@@ -50,7 +55,13 @@ class CheckpointGoneError(CheckpointNotFoundError):
     """The checkpoint directory was deleted (or replaced) while it was being read: not damage."""
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+DirIdentity = tuple[int, int]  # (st_dev, st_ino) of a checkpoint directory
+
+
+def directory_identity(path: Path) -> DirIdentity | None:
+    """Which directory ``path`` names now (None: nothing there). A reader of a root takes it right
+    after listing and hands it to every read of that checkpoint, so a checkpoint deleted or
+    replaced at any point after the listing is told from a damaged one."""
     try:
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -59,22 +70,25 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 @contextlib.contextmanager
-def _same_directory(path: Path) -> Iterator[None]:
+def _same_directory(path: Path, identity: DirIdentity | None = None) -> Iterator[None]:
     """Tell a checkpoint that vanished under a reader from a damaged one.
 
     A committed checkpoint never changes in place: it is only ever renamed away whole (retention,
-    a replaced step) and then removed. So when reading fails and ``path`` no longer names the
-    directory it named when reading began, the failure is the deletion, not damage.
+    a replaced step) and then removed. So when ``path`` no longer names the directory it named when
+    reading began (``identity``, taken when the root was listed; else now), the checkpoint is gone:
+    a read that fails then failed because of the deletion, not because of damage.
     """
-    before = _identity(path)
-    if before is None:
+    now = directory_identity(path)
+    if identity is not None and now != identity:
+        raise CheckpointGoneError(f"{path} was deleted or replaced since the root was listed")
+    if now is None:
         raise CheckpointNotFoundError(f"{path} does not exist")
     try:
         yield
     except CheckpointGoneError:
         raise
     except Exception as exc:
-        if _identity(path) != before:
+        if directory_identity(path) != now:
             raise CheckpointGoneError(f"{path} was deleted or replaced while it was being read") from exc
         raise
 
@@ -97,8 +111,11 @@ class LoadedCheckpoint:
     mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
-def read_manifest(path: Path) -> Manifest:
-    with _same_directory(path):
+def read_manifest(path: Path, *, identity: DirIdentity | None = None) -> Manifest:
+    """The validated manifest of the checkpoint at ``path``. ``identity`` (from
+    :func:`directory_identity`): the directory ``path`` named when its root was listed; if the path
+    names another one or none by now, or stops naming it during a failed read, CheckpointGoneError."""
+    with _same_directory(path, identity):
         if path.is_symlink():
             raise CheckpointDamagedError(f"{path} is a symbolic link; checkpoints never follow links")
         if not path.is_dir():
@@ -106,6 +123,12 @@ def read_manifest(path: Path) -> Manifest:
         manifest_path = path / MANIFEST_NAME
         if not manifest_path.exists() and not manifest_path.is_symlink():
             raise CheckpointDamagedError(f"{path} has no {MANIFEST_NAME}: not a committed checkpoint")
+        with contextlib.suppress(OSError):  # a manifest over the size limit is refused unread, as such
+            size = os.lstat(manifest_path).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise too_large(
+                    str(manifest_path), f"is {size} bytes", f"the reader's limit of {MAX_MANIFEST_BYTES} bytes"
+                )
         raw = _damaged(read_file_no_follow, manifest_path, MAX_MANIFEST_BYTES)
         check_manifest_seal(raw, str(manifest_path))
         manifest = parse_manifest(raw, str(manifest_path))
@@ -229,6 +252,8 @@ def read_checkpoint(
     manifest: Manifest | None = None,
     only: set[int] | None = None,
     mmap: bool = False,
+    *,
+    identity: DirIdentity | None = None,
 ) -> LoadedCheckpoint:
     """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors (all or none).
 
@@ -239,15 +264,23 @@ def read_checkpoint(
     With ``mmap`` (opt-in), a checkpoint whose wanted chunks are all raw and laid out at their
     logical offsets in one data file (what ``compression=None`` writes) is mapped instead of read:
     see :func:`_map_raw`. Any other layout reads and decodes chunk by chunk.
+
+    ``identity``: as for :func:`read_manifest`; pass the one ``manifest`` was read under, so a step
+    replaced between the two reads is found gone, not damaged.
     """
-    with _same_directory(path):
-        return _read_checkpoint(path, workers, manifest, only, mmap)
+    with _same_directory(path, identity):
+        return _read_checkpoint(path, workers, manifest, only, mmap, identity)
 
 
 def _read_checkpoint(
-    path: Path, workers: int, manifest: Manifest | None, only: set[int] | None, mmap: bool
+    path: Path,
+    workers: int,
+    manifest: Manifest | None,
+    only: set[int] | None,
+    mmap: bool,
+    identity: DirIdentity | None,
 ) -> LoadedCheckpoint:
-    manifest = manifest or read_manifest(path)
+    manifest = manifest or read_manifest(path, identity=identity)
     fds: dict[str, int] = {}
     try:
         _open_data_files(path, manifest, fds)
@@ -276,16 +309,38 @@ def _read_checkpoint(
     return LoadedCheckpoint(path, manifest, scatter.tensors())
 
 
-def _for_each_chunk(work: Callable[[int], None], indexes: list[int], workers: int) -> None:
+def _for_each_chunk(
+    work: Callable[[int], _T], indexes: Iterable[int], workers: int, done: Callable[[_T], None] | None = None
+) -> None:
     """``work(i)`` for every chunk index, on up to ``workers`` threads (zstd, CRC32 and pread
-    release the GIL); the first failure is raised once all submitted work has finished."""
-    if workers > 1 and len(indexes) > 1:
-        with ThreadPoolExecutor(min(workers, len(indexes)), "asyncckpt-read") as pool:
-            for future in [pool.submit(work, i) for i in indexes]:
-                future.result()
-    else:
+    release the GIL), then ``done(result)`` in chunk order on this thread.
+
+    At most two chunks per thread are in flight, taken in order, and the next one starts only once
+    the oldest has succeeded: after a failure no further chunk is read, so a damaged checkpoint
+    costs a few chunks, not a full read. The failure is raised once the running chunks finished.
+    """
+    indexes = list(indexes)
+    if workers <= 1 or len(indexes) <= 1:
         for i in indexes:
-            work(i)
+            result = work(i)
+            if done is not None:
+                done(result)
+        return
+    upcoming = iter(indexes)
+    pending: collections.deque[Future[_T]] = collections.deque()
+    pool = ThreadPoolExecutor(min(workers, len(indexes)), "asyncckpt-read")
+    try:
+        for i in itertools.islice(upcoming, 2 * workers):
+            pending.append(pool.submit(work, i))
+        while pending:
+            result = pending.popleft().result()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append(pool.submit(work, following))
+            if done is not None:
+                done(result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # before the caller closes the fds the work reads
 
 
 def _open_data_files(path: Path, manifest: Manifest, fds: dict[str, int]) -> None:
@@ -330,24 +385,29 @@ def verify_checkpoint(
     progress: Callable[[int], None] | None = None,
     manifest: Manifest | None = None,
     workers: int = 4,
+    *,
+    identity: DirIdentity | None = None,
 ) -> Manifest:
     """Check the manifest and every chunk's CRC32 and codec chain; the manifest, or a CheckpointError.
 
     The same checks as ``read_checkpoint`` (a checkpoint this passes, restore reads), decoding each
     chunk piece by piece into nothing: memory stays at a few pieces per thread, whatever the
     checkpoint's size. ``progress`` gets each verified chunk's stored length, in chunk order; on
-    success the calls sum to ``manifest.stored_bytes``.
+    success the calls sum to ``manifest.stored_bytes``. ``identity``: as for :func:`read_checkpoint`.
     """
-    with _same_directory(path):
-        return _verify_checkpoint(path, progress, manifest, workers)
+    with _same_directory(path, identity):
+        return _verify_checkpoint(path, progress, manifest, workers, identity)
 
 
 def _verify_checkpoint(
-    path: Path, progress: Callable[[int], None] | None, manifest: Manifest | None, workers: int
+    path: Path,
+    progress: Callable[[int], None] | None,
+    manifest: Manifest | None,
+    workers: int,
+    identity: DirIdentity | None,
 ) -> Manifest:
-    manifest = manifest or read_manifest(path)
+    manifest = manifest or read_manifest(path, identity=identity)
     fds: dict[str, int] = {}
-    pool = ThreadPoolExecutor(workers, "asyncckpt-verify") if workers > 1 and len(manifest.chunks) > 1 else None
     try:
         _open_data_files(path, manifest, fds)
 
@@ -355,14 +415,9 @@ def _verify_checkpoint(
             _decode_chunk(path, manifest, fds, index)
             return manifest.chunks[index].length
 
-        indexes = range(len(manifest.chunks))
         # results come back in chunk order, on this thread: progress needs no lock
-        for nbytes in pool.map(check, indexes) if pool else map(check, indexes):
-            if progress is not None:
-                progress(nbytes)
+        _for_each_chunk(check, range(len(manifest.chunks)), workers, progress)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)  # before the fds close: no read of a reused fd
         for fd in fds.values():
             os.close(fd)
     return manifest
