@@ -234,9 +234,9 @@ def test_export_mixed_dtypes_and_nested_keys(tmp_path, capsys):
     tensors, _ = read_safetensors(out)
     want = {"enc.w": state["model"]["enc"]["w"], "enc.ids": state["model"]["enc"]["ids"], "layers.0": torch.ones(2)}
     assert_bit_equal(tensors, want)  # ints are never cast
-    assert cli(capsys, "export", ckpt(tmp_path / "r", 1), "-o", out, "--key", "model.enc")[0] == 0
+    assert cli(capsys, "export", ckpt(tmp_path / "r", 1), "-o", out, "--key", "model.enc", "--force")[0] == 0
     assert_bit_equal(read_safetensors(out)[0], {"w": want["enc.w"], "ids": want["enc.ids"]})
-    assert cli(capsys, "export", ckpt(tmp_path / "r", 1), "-o", out, "--key", "scalar")[0] == 0
+    assert cli(capsys, "export", ckpt(tmp_path / "r", 1), "-o", out, "--key", "scalar", "--force")[0] == 0
     assert_bit_equal(read_safetensors(out)[0], {"scalar": state["scalar"]})
 
 
@@ -256,9 +256,9 @@ def test_export_errors_leave_no_output(run, tmp_path, capsys):
     root, _ = run
     out = tmp_path / "x.safetensors"
     out.write_bytes(b"keep me")
-    code, _, err = cli(capsys, "export", ckpt(root, 40), "-o", out, "--key", "nope")
+    code, _, err = cli(capsys, "export", ckpt(root, 40), "-o", out, "--key", "nope", "--force")
     assert code == 2 and "asyncckpt: error:" in err and "'nope'" in err and "'model'" in err
-    code, _, err = cli(capsys, "export", ckpt(root, 40), "-o", out, "--key", "step")
+    code, _, err = cli(capsys, "export", ckpt(root, 40), "-o", out, "--key", "step", "--force")
     assert code == 2 and "holds no tensors" in err
     assert out.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "ckpts") == ["x.safetensors"]
@@ -492,7 +492,7 @@ def test_export_callback_sums_to_the_exported_tensor_bytes(run, tmp_path, monkey
         assert calls == [weights[40][name].nbytes for name in sorted(weights[40])]  # one call per tensor
         monkeypatch.setattr(tools, "WRITE_SLICE", 64)  # a huge tensor is reported slice by slice
         calls.clear()
-        tools.export_checkpoint(ckpt(root, 40), out, fmt=fmt, progress=calls.append)
+        tools.export_checkpoint(ckpt(root, 40), out, fmt=fmt, progress=calls.append, overwrite=True)
         assert sum(calls) == tensor_bytes and max(calls) == 64 and len(calls) > len(weights[40])
         assert_bit_equal(read_safetensors(out)[0], weights[40])
     else:
@@ -509,8 +509,8 @@ def test_export_progress_forced_and_by_default(run, tmp_path, capsys):
     assert last.startswith("export [####################] 100%") and f"{total}/{total}" in last
     assert_bit_equal(read_safetensors(out)[0], weights[40])
     for extra in ([], ["--no-progress"]):
-        code, text, err = cli(capsys, "export", ckpt(root, 40), "-o", out, *extra)
-        assert code == 0 and err == "" and text.startswith(f"wrote {out}")
+        code, text, err = cli(capsys, "export", ckpt(root, 40), "-o", out, "--force", *extra)
+        assert code == 0 and err == "" and text.startswith(f"replaced {out}")
     code, _, err = cli(capsys, "export", ckpt(root, 40), "-o", tmp_path / "o.pt", "--format", "pt", "--progress")
     assert code == 0 and "100%" in final_bar(err)
 

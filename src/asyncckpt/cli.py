@@ -384,16 +384,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
         fmt = tools.export_format(out, args.format)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    step, flat, skipped = tools.flat_export_dict(tools.resolve_checkpoint(args.ckpt), args.key, args.dtype)
+    ckpt = tools.resolve_checkpoint(args.ckpt)
+    existed = tools.check_export_target(out, overwrite=args.force)  # before the checkpoint is read
+    step, flat, skipped = tools.flat_export_dict(ckpt, args.key, args.dtype)
     with progress_bar(tools.exported_bytes(flat), "export", args.progress) as bar:
-        nbytes = tools.write_export(out, step, flat, key=args.key, fmt=fmt, progress=bar.advance)
+        nbytes = tools.write_export(out, step, flat, key=args.key, fmt=fmt, progress=bar.advance, overwrite=args.force)
     if skipped:
         print(
             f"asyncckpt: left out {len(skipped)} non-tensor leaves: {', '.join(skipped[:5])}"
             + (" ..." if len(skipped) > 5 else ""),
             file=sys.stderr,
         )
-    print(f"wrote {out}: {len(flat)} tensors, {format_bytes(nbytes)} as {fmt}, step {step} key {args.key!r}")
+    print(f"{'replaced' if existed else 'wrote'} {out}: {len(flat)} tensors, {format_bytes(nbytes)} as {fmt}, step {step} key {args.key!r}")
     return 0
 
 
@@ -520,8 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         required=True,
         metavar="OUT",
-        help="the file to write (.safetensors, or .pt/.pth/.bin for torch.save); its directory must exist",
+        help="the file to write (.safetensors, or .pt/.pth/.bin for torch.save); its directory must exist, "
+        "outside any checkpoint root",
     )
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
     export.add_argument("--key", default="model", help="subtree to export (default: model); dots go deeper")
     export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point tensors")
     export.add_argument(

@@ -503,7 +503,43 @@ def safetensors_bytes_header(flat: dict[str, torch.Tensor], metadata: dict[str, 
     return len(encoded).to_bytes(8, "little") + encoded, payloads
 
 
-def _atomic_write(out: Path, write) -> None:
+def _holds_checkpoints(directory: Path) -> bool:
+    """Whether ``directory`` is a checkpoint (it holds a manifest) or a checkpoint root (the writer's
+    ``.lock`` or a step directory). Only the output's own directory counts: a root's parents are
+    ordinary folders, and what a user keeps in a subfolder of a root the library never touches."""
+    try:
+        if (directory / MANIFEST_NAME).exists() or (directory / LOCK_NAME).exists():
+            return True
+        with os.scandir(directory) as entries:
+            return any(parse_step_dir(e.name) is not None and e.is_dir(follow_symlinks=False) for e in entries)
+    except OSError:  # not listable: the write fails later with the reason
+        return False
+
+
+def check_export_target(out: Path, overwrite: bool = False) -> bool:
+    """Refuse an output that would damage something: a path inside a checkpoint or a checkpoint
+    root (the export would replace a checkpoint's own files, or sit among them), a symbolic link
+    (the write would land on whatever it points to), or an existing file unless ``overwrite``.
+    Whether ``out`` exists now (so the caller can say it replaced it)."""
+    out = Path(out)
+    if out.is_symlink():
+        raise CheckpointError(f"output {out} is a symbolic link; refusing to write through it (name the file itself)")
+    parent = Path(os.path.realpath(out.parent))  # a linked directory is judged by what it links to
+    if _holds_checkpoints(parent):
+        what = "checkpoint" if (parent / MANIFEST_NAME).exists() else "checkpoint root"
+        raise CheckpointError(
+            f"output {out} is inside the {what} {parent}; export writes outside checkpoint roots, "
+            "never among a checkpoint's files"
+        )
+    if out.is_dir():
+        raise CheckpointError(f"output {out} is a directory")
+    exists = os.path.lexists(out)
+    if exists and not overwrite:
+        raise CheckpointError(f"output {out} already exists; give --force to replace it")
+    return exists
+
+
+def _atomic_write(out: Path, write, overwrite: bool = False) -> None:
     """Write through a temp file in OUT's directory, then rename it over OUT and fsync the directory
     (the rename survives a power cut). The file gets the mode any new file gets (0666 less the
     umask), and a missing directory is an error: a typo must not create a tree."""
@@ -523,7 +559,11 @@ def _atomic_write(out: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            os.link(tmp, out)  # fails if OUT appeared meanwhile: never replaces a file unasked
+            os.unlink(tmp)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -565,16 +605,17 @@ def write_export(
     key: str = "model",
     fmt: str | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Write ``flat`` (from flat_export_dict) to ``out`` atomically; the tensor bytes written.
 
-    ``fmt`` None takes the format from ``out``'s extension (``export_format``).
+    ``fmt`` None takes the format from ``out``'s extension (``export_format``). ``out`` must pass
+    ``check_export_target`` (an existing file is replaced only with ``overwrite``).
 
     ``progress`` gets increments summing to exactly the tensor bytes: per tensor (huge ones per
     slice) for safetensors; for pt, as torch.save writes, the file's overhead left out.
     """
-    if out.is_dir():
-        raise CheckpointError(f"output {out} is a directory")
+    check_export_target(out, overwrite)
     try:
         fmt = export_format(out, fmt)
     except ValueError as exc:
@@ -610,7 +651,9 @@ def write_export(
     else:
         raise CheckpointError(f"unknown export format {fmt!r}")
     try:
-        _atomic_write(out, write)
+        _atomic_write(out, write, overwrite)
+    except FileExistsError:
+        raise CheckpointError(f"output {out} already exists (created while exporting); nothing replaced") from None
     except OSError as exc:
         raise CheckpointError(f"cannot write {out}: {exc}") from exc
     return total
@@ -623,10 +666,13 @@ def export_checkpoint(
     dtype: str | None = None,
     fmt: str | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> Exported:
-    """Export the tensors under ``key`` of the checkpoint at ``path``; ``progress`` as in write_export."""
+    """Export the tensors under ``key`` of the checkpoint at ``path``; ``progress`` and ``overwrite``
+    as in write_export."""
+    check_export_target(out, overwrite)  # before reading the checkpoint
     step, flat, skipped = flat_export_dict(path, key, dtype)
-    nbytes = write_export(out, step, flat, key, fmt, progress)
+    nbytes = write_export(out, step, flat, key, fmt, progress, overwrite)
     return Exported(out, step, len(flat), nbytes, skipped)
 
 
