@@ -395,7 +395,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             + (" ..." if len(skipped) > 5 else ""),
             file=sys.stderr,
         )
-    print(f"{'replaced' if existed else 'wrote'} {out}: {len(flat)} tensors, {format_bytes(nbytes)} as {fmt}, step {step} key {args.key!r}")
+    verb = "replaced" if existed else "wrote"
+    print(f"{verb} {out}: {len(flat)} tensors, {format_bytes(nbytes)} as {fmt}, step {step} key {args.key!r}")
     return 0
 
 
