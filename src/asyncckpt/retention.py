@@ -52,6 +52,21 @@ def best_metric_missing(committed: list[CheckpointInfo], policy: RetentionPolicy
     return all(_metric(c, policy.best_metric) is None for c in committed)
 
 
+def missing_metric_text(committed: list[CheckpointInfo], policy: RetentionPolicy) -> str:
+    """What is wrong with ``keep_best``'s metric when ``best_metric_missing``, to follow
+    "no checkpoint in ROOT ": a name no checkpoint carries (a misspelling, say), or one carried
+    only as NaN, a string or null, which cannot be ranked."""
+    name = policy.best_metric
+    carrying = sum(1 for c in committed if name in c.metrics)
+    if carrying:
+        return (
+            f"has a finite numeric value for the metric {name!r} (it is NaN or not a number in all "
+            f"{carrying} checkpoint{'s' if carrying != 1 else ''} that carry it)"
+        )
+    present = sorted({key for c in committed for key in c.metrics})
+    return f"has the metric {name!r} (metrics there: {', '.join(present) or 'none'})"
+
+
 def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) -> list[int]:
     """Steps that no rule keeps. Rules are a union: a checkpoint kept by any rule stays, and a
     tagged checkpoint is kept by its tags.

@@ -26,7 +26,7 @@ from .errors import CheckpointError
 from .format import MANIFEST_NAME, Manifest, parse_step_dir
 from .metrics import METRICS_LOG
 from .reader import read_checkpoint, read_manifest
-from .retention import RetentionPolicy, best_metric_missing, steps_to_delete
+from .retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
 from .storage import LOCK_NAME, TEMP_PREFIX, CommittedCheckpoint, LocalStorage, fsync_dir, list_checkpoints
 from .tree import unflatten
 
@@ -701,11 +701,7 @@ def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckp
         raise CheckpointError(f"{root} is not a checkpoint root: it holds no checkpoint and no asyncckpt files")
     infos = checkpoint_infos(committed)
     if committed and best_metric_missing(infos, policy):
-        present = sorted({name for info in infos for name in info.metrics})
-        raise CheckpointError(
-            f"no checkpoint in {root} has the metric {policy.best_metric!r} "
-            f"(metrics there: {', '.join(present) or 'none'}); nothing deleted"
-        )
+        raise CheckpointError(f"no checkpoint in {root} {missing_metric_text(infos, policy)}; nothing deleted")
     return committed
 
 
