@@ -473,6 +473,7 @@ def test_verify_damaged_checkpoint_exits_1_with_the_bar_forced(run, capsys):
 
 
 def test_verify_empty_root_exits_1(tmp_path, capsys):
+    CheckpointManager(tmp_path).close()  # a root, but no checkpoint committed yet
     code, out, err = cli(capsys, "verify", tmp_path, "--json", "--progress")
     assert code == 1 and json.loads(out) == [] and "no checkpoints" in err
 

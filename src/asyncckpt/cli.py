@@ -19,7 +19,6 @@ from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
 from .policy import Adaptive
 from .reader import read_manifest, verify_checkpoint
 from .retention import RetentionPolicy
-from .storage import list_checkpoints
 
 
 class UsageError(Exception):
@@ -43,11 +42,17 @@ def _dump_json(value: Any) -> str:
 
 
 def _checkpoint_dirs(path: Path) -> list[Path]:
+    """One checkpoint directory, or a root's committed checkpoints (none: an empty list). A path
+    that does not exist, or a folder that is not a checkpoint root, is a CheckpointError (exit 2)."""
+    from .tools import root_checkpoints
+
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path} does not exist")
     if (path / MANIFEST_NAME).exists():
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint root or checkpoint directory")
-    return [c.path for c in list_checkpoints(path)]
+    return [c.path for c in root_checkpoints(path)]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -94,6 +99,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             )
         except CheckpointError as exc:
             rows.append({"path": str(path), "manifest": f"invalid: {exc}"})
+    if not rows:  # as verify: a root with no checkpoint is said so, exit status 1
+        if args.json:
+            print("[]")
+        print(f"no checkpoints in {args.root}", file=sys.stderr)
+        return 1
     if args.json:
         print(_dump_json(rows))
         return 0

@@ -689,16 +689,27 @@ def _is_asyncckpt_name(name: str) -> bool:
     return name in (LOCK_NAME, METRICS_LOG) or name.startswith(TEMP_PREFIX) or parse_step_dir(name) is not None
 
 
-def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckpoint]:
-    """The committed checkpoints, once ``root`` is known to be a checkpoint root and the policy's
-    metric to exist: checked before the lock is taken, so a wrong folder gets no ``.lock``."""
+def root_checkpoints(root: Path) -> list[CommittedCheckpoint]:
+    """The committed checkpoints of the directory ``root``, or a CheckpointError when it is not a
+    checkpoint root: it holds no checkpoint and none of the files a manager leaves (an empty folder
+    included). ``ls``, ``verify`` and ``prune`` apply this one rule; a root with no checkpoint is an
+    empty list."""
     try:
         committed = list_checkpoints(root)
         names = [entry.name for entry in os.scandir(root)]
+    except FileNotFoundError:
+        raise CheckpointError(f"{root} does not exist") from None
     except OSError as exc:
         raise CheckpointError(f"cannot list checkpoint root {root}: {exc.strerror}") from None
     if not committed and not any(_is_asyncckpt_name(name) for name in names):
         raise CheckpointError(f"{root} is not a checkpoint root: it holds no checkpoint and no asyncckpt files")
+    return committed
+
+
+def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckpoint]:
+    """The committed checkpoints, once ``root`` is known to be a checkpoint root and the policy's
+    metric to exist: checked before the lock is taken, so a wrong folder gets no ``.lock``."""
+    committed = root_checkpoints(root)
     infos = checkpoint_infos(committed)
     if committed and best_metric_missing(infos, policy):
         raise CheckpointError(f"no checkpoint in {root} {missing_metric_text(infos, policy)}; nothing deleted")
