@@ -423,6 +423,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     result = tools.prune(Path(args.root), policy, dry_run=args.dry_run)
+    for step, reason in sorted(result.unreadable.items()):
+        print(
+            f"asyncckpt: kept step {step}: its manifest cannot be read ({_printable(reason)}); prune never "
+            "deletes what it cannot read, nor counts it among the newest: check it with asyncckpt verify",
+            file=sys.stderr,
+        )
     verb = "would delete" if args.dry_run else "deleted"
     for step in result.deleted:
         print(f"{verb} step {step}")

@@ -32,6 +32,7 @@ class CheckpointInfo:
     step: int
     metrics: dict[str, Any]
     tags: tuple[str, ...] = ()
+    unreadable: str | None = None  # why its manifest could not be read: then its tags are unknown
 
 
 def _metric(info: CheckpointInfo, name: str) -> float | None:
@@ -71,6 +72,10 @@ def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) ->
     """Steps that no rule keeps. Rules are a union: a checkpoint kept by any rule stays, and a
     tagged checkpoint is kept by its tags.
 
+    A checkpoint whose manifest cannot be read is never deleted (it may be tagged, and a person
+    should look at it) and never counts as one of the newest: ``keep_last`` keeps the newest that
+    can be read, so a damaged newer checkpoint never costs the last good one.
+
     While ``keep_best`` has nothing to rank (no checkpoint carries its metric: a misspelt name, or a
     metric not passed yet), nothing is deleted: the best may be among them, unknown.
     """
@@ -78,10 +83,12 @@ def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) ->
         return []
     ordered = sorted(committed, key=lambda c: c.step)
     keep = {ordered[-1].step} | {c.step for c in ordered if c.tags}  # tagged: kept until untagged
+    keep.update(c.step for c in ordered if c.unreadable is not None)
+    readable = [c for c in ordered if c.unreadable is None]
     if policy.keep_last is None:
         keep.update(c.step for c in ordered)
     else:
-        keep.update(c.step for c in ordered[-policy.keep_last :])
+        keep.update(c.step for c in readable[-policy.keep_last :])
     if policy.keep_every is not None:
         keep.update(c.step for c in ordered if c.step % policy.keep_every == 0)
     if policy.keep_best is not None and policy.best_metric:

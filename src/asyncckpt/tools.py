@@ -15,7 +15,7 @@ import os
 import secrets
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -683,6 +683,7 @@ def export_checkpoint(
 class Pruned:
     kept: list[int]
     deleted: list[int]  # or, with dry_run, would be deleted
+    unreadable: dict[int, str] = field(default_factory=dict)  # kept: their manifests cannot be read (why)
 
 
 def _is_asyncckpt_name(name: str) -> bool:
@@ -725,15 +726,18 @@ def prune(root: Path, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
     root = resolve_root(root)
     committed = _check_prunable(root, policy)
     if dry_run or not committed:
-        doomed = set(steps_to_delete(checkpoint_infos(committed), policy))
-        return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed))
-    storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
-    try:
-        committed = storage.checkpoints()
-        doomed = set(steps_to_delete(checkpoint_infos(committed), policy))
-        for c in committed:
-            if c.step in doomed:
-                storage.delete(c)
-    finally:
-        storage.close()
-    return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed))
+        infos = checkpoint_infos(committed)
+        doomed = set(steps_to_delete(infos, policy))
+    else:
+        storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
+        try:
+            committed = storage.checkpoints()
+            infos = checkpoint_infos(committed)
+            doomed = set(steps_to_delete(infos, policy))
+            for c in committed:
+                if c.step in doomed:
+                    storage.delete(c)
+        finally:
+            storage.close()
+    unreadable = {i.step: i.unreadable for i in infos if i.unreadable is not None}
+    return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed), unreadable)
