@@ -69,3 +69,12 @@ def test_ls_of_a_root_lists_and_exits_0(tmp_path, capsys):
         mgr.save(1, {"w": torch.zeros(2)}).wait()
     code, out, _ = cli(capsys, "ls", root)
     assert code == 0 and "step" in out.splitlines()[0] and out.splitlines()[1].split()[0] == "1"
+
+
+def test_verify_of_a_checkpoint_directory_that_lost_its_manifest_says_damaged(tmp_path, capsys):
+    root = tmp_path / "ckpts"
+    with CheckpointManager(root) as mgr:
+        mgr.save(4, {"w": torch.zeros(2)}).wait()
+    (root / "step-000000000004" / "manifest.json").unlink()
+    code, out, _ = cli(capsys, "verify", root / "step-000000000004")
+    assert code == 1 and "DAMAGED" in out

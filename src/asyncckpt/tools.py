@@ -62,6 +62,22 @@ def resolve_root(path: str | os.PathLike) -> Path:
     return path
 
 
+def json_ready(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a float becomes the string "nan", "inf" or "-inf". Every
+    command renders a metric or value this one way, in text and in ``--json``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 # ----------------------------------------------------------------------------------------- leaves
 
 
@@ -158,9 +174,9 @@ def format_inspect(info: dict) -> str:
         f"step        {info['step']}",
         f"created     {format_created(info['created'])}",
         f"size        {info['raw_bytes']} bytes raw, {info['stored_bytes']} stored ({ratio}), "
-        f"{info['tensors']} tensors in {info['chunks']} chunks",
-        f"metrics     {json.dumps(info['metrics'])}",
-        f"metadata    {json.dumps(info['metadata'])}",
+        f"{plural(info['tensors'], 'tensor')} in {plural(info['chunks'], 'chunk')}",
+        f"metrics     {json.dumps(json_ready(info['metrics']))}",
+        f"metadata    {json.dumps(json_ready(info['metadata']))}",
         "tree",
     ]
     for row in info["leaves"]:
@@ -307,7 +323,7 @@ def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = Non
         elif la.index is not None and lb.index is not None:
             rows.append({"path": name, **compared[(la.index, lb.index)]})
         elif la.index is not None or lb.index is not None:
-            rows.append({"path": name, "status": "kind changed"})
+            rows.append({"path": name, "status": "kind changed", "a": _kind_of(la), "b": _kind_of(lb)})
         else:
             va, vb = (la.kind, la.value), (lb.kind, lb.value)
             same = va == vb and type(va[1]) is type(vb[1])
@@ -324,6 +340,15 @@ def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = Non
         "counts": counts,
         "leaves": rows,
     }
+
+
+def _kind_of(leaf: Leaf) -> dict:
+    """What a leaf is, for a diff's "kind changed": its kind, and its value when it is not a tensor."""
+    return {"kind": leaf.kind} if leaf.index is not None else {"kind": leaf.kind, "value": leaf.value}
+
+
+def _kind_text(kind: dict) -> str:
+    return f"{kind['kind']} {kind['value']!r}" if "value" in kind else kind["kind"]
 
 
 def differs(result: dict) -> bool:
@@ -352,6 +377,8 @@ def format_diff(result: dict, all_leaves: bool = False) -> str:
             detail = f"  {row['a']['dtype']}{tuple(row['a']['shape'])} -> {row['b']['dtype']}{tuple(row['b']['shape'])}"
         elif status == "different" and "a" in row:
             detail = f"  {row['a']!r} -> {row['b']!r}"
+        elif status == "kind changed":
+            detail = f"  {_kind_text(row['a'])} -> {_kind_text(row['b'])}"
         elif status == "missing":
             detail = "  (only in A)"
         elif status == "extra":
