@@ -255,7 +255,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(written, tmp_path, capsy
     code, out, err = run_stats(capsys, str(written.root), "--plot", str(png))
     assert code == 2
     assert out == ""
-    assert err.strip() == PLOT_NEEDS_MATPLOTLIB
+    assert err.strip() == f"asyncckpt: error: {PLOT_NEEDS_MATPLOTLIB}"
     assert PLOT_NEEDS_MATPLOTLIB == "asyncckpt stats --plot needs matplotlib: pip install 'asyncckpt[plot]'"
     assert not png.exists()
 

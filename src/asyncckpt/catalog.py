@@ -13,12 +13,12 @@ from .storage import CommittedCheckpoint
 
 
 def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
-    """A checkpoint whose manifest cannot be read has no metrics and no tags: only ``keep_last`` and
-    ``keep_every`` can keep it."""
+    """A checkpoint whose manifest cannot be read is marked so, with the reason: its tags are
+    unknown, so retention keeps it rather than guess."""
     try:
         manifest = read_manifest(checkpoint.path)
-    except CheckpointError:
-        return CheckpointInfo(checkpoint.step, {})
+    except CheckpointError as exc:
+        return CheckpointInfo(checkpoint.step, {}, unreadable=str(exc))
     return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
 
 

@@ -14,12 +14,11 @@ from typing import Any
 
 from ._progress import format_bytes, progress_bar
 from .errors import CheckpointError, CheckpointNotFoundError
-from .format import MANIFEST_NAME, Manifest
+from .format import MANIFEST_NAME, Manifest, parse_step_dir
 from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
 from .policy import Adaptive
 from .reader import CheckpointGoneError, DirIdentity, directory_identity, read_manifest, verify_checkpoint
 from .retention import RetentionPolicy
-from .storage import list_checkpoints
 
 
 class UsageError(Exception):
@@ -28,13 +27,9 @@ class UsageError(Exception):
 
 def _finite(value: Any) -> Any:
     """JSON has no NaN or infinity: such a float becomes the string "nan", "inf" or "-inf"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
+    from .tools import json_ready
+
+    return json_ready(value)
 
 
 def _dump_json(value: Any) -> str:
@@ -43,11 +38,19 @@ def _dump_json(value: Any) -> str:
 
 
 def _checkpoint_dirs(path: Path) -> list[Path]:
+    """One checkpoint directory, or a root's committed checkpoints (none: an empty list). A path
+    that does not exist, or a folder that is not a checkpoint root, is a CheckpointError (exit 2)."""
+    from .tools import root_checkpoints
+
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path} does not exist")
     if (path / MANIFEST_NAME).exists():
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint root or checkpoint directory")
-    return [c.path for c in list_checkpoints(path)]
+    if parse_step_dir(path.name) is not None and not any(c.is_dir() for c in path.iterdir()):
+        return [path]  # a checkpoint directory that lost its manifest: damaged, not a folder of another kind
+    return [c.path for c in root_checkpoints(path)]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -94,6 +97,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             )
         except CheckpointError as exc:
             rows.append({"path": str(path), "manifest": f"invalid: {exc}"})
+    if not rows:  # as verify: a root with no checkpoint is said so, exit status 1
+        if args.json:
+            print("[]")
+        print(f"no checkpoints in {args.root}", file=sys.stderr)
+        return 1
     if args.json:
         print(_dump_json(rows))
         return 0
@@ -170,7 +178,8 @@ def _verify_round(dirs: list[Path], bar, rows: list[dict], quiet: bool) -> list[
                 raise errors[path]
             manifest = verify_checkpoint(path, bar.advance, manifests[path], identity=identities[path])
             row.update(step=manifest.step, chunks=len(manifest.chunks), stored_bytes=manifest.stored_bytes)
-            line = f"ok       {path} ({len(manifest.chunks)} chunks verified)"
+            chunks = len(manifest.chunks)
+            line = f"ok       {path} ({chunks} chunk{'' if chunks == 1 else 's'} verified)"
         except CheckpointNotFoundError as exc:  # deleted (retention) since the root was listed
             gone.append(path)
             row.update(status="gone", error=str(exc))
@@ -335,18 +344,26 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if not records:
         raise CheckpointError(f"no save records in {root / METRICS_LOG}")
     figure_cls = None
-    if args.plot:
+    if args.plot:  # checked before anything is printed: a wrong path or a missing extra prints no table
+        plot_dir = Path(args.plot).parent
+        if not plot_dir.is_dir():
+            reason = "is not a directory" if plot_dir.exists() else "does not exist"
+            raise CheckpointError(f"cannot write plot {args.plot}: its directory {plot_dir} {reason}")
         try:
             from matplotlib.figure import Figure  # the optional extra, imported only when asked for
 
             figure_cls = Figure
         except ImportError:
-            print(PLOT_NEEDS_MATPLOTLIB, file=sys.stderr)
-            return 2
+            raise UsageError(PLOT_NEEDS_MATPLOTLIB) from None
     summary = summarize(records)
     if args.json:
+        from .tools import format_created
+
         out = {
-            "records": [asdict(r) for r in records],
+            "records": [
+                {key: _no_nan(value) for key, value in {**asdict(r), "started": format_created(r.started)}.items()}
+                for r in records
+            ],
             "summary": {key: _no_nan(value) for key, value in summary.items()},
             "skipped_lines": [{"line": number, "reason": reason} for number, reason in records.skipped],
             "omitted_bytes": records.omitted_bytes,
@@ -396,16 +413,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
         fmt = tools.export_format(out, args.format)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    step, flat, skipped = tools.flat_export_dict(tools.resolve_checkpoint(args.ckpt), args.key, args.dtype)
+    ckpt = tools.resolve_checkpoint(args.ckpt)
+    existed = tools.check_export_target(out, overwrite=args.force)  # before the checkpoint is read
+    step, flat, skipped = tools.flat_export_dict(ckpt, args.key, args.dtype)
     with progress_bar(tools.exported_bytes(flat), "export", args.progress) as bar:
-        nbytes = tools.write_export(out, step, flat, key=args.key, fmt=fmt, progress=bar.advance)
+        nbytes = tools.write_export(out, step, flat, key=args.key, fmt=fmt, progress=bar.advance, overwrite=args.force)
     if skipped:
         print(
             f"asyncckpt: left out {len(skipped)} non-tensor leaves: {', '.join(skipped[:5])}"
             + (" ..." if len(skipped) > 5 else ""),
             file=sys.stderr,
         )
-    print(f"wrote {out}: {len(flat)} tensors, {format_bytes(nbytes)} as {fmt}, step {step} key {args.key!r}")
+    verb = "replaced" if existed else "wrote"
+    print(f"{verb} {out}: {len(flat)} tensors, {format_bytes(nbytes)} as {fmt}, step {step} key {args.key!r}")
     return 0
 
 
@@ -416,12 +436,21 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise UsageError("prune needs a rule: --keep-last N, --keep-best K --metric M, or --keep-every S")
     if args.keep_best is not None and not args.metric:
         raise UsageError("--keep-best needs --metric (the name of a metric passed to save)")
+    if args.keep_best is None and (args.metric is not None or args.mode is not None):
+        given = " and ".join(flag for flag, value in (("--metric", args.metric), ("--mode", args.mode)) if value)
+        raise UsageError(f"{given} only go{'es' if ' and ' not in given else ''} with --keep-best K")
     keep_last = 1 if args.keep_last is None else args.keep_last  # the newest is always kept
     try:
-        policy = RetentionPolicy(keep_last, args.keep_best, args.metric, args.mode, args.keep_every)
+        policy = RetentionPolicy(keep_last, args.keep_best, args.metric, args.mode or "min", args.keep_every)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     result = tools.prune(Path(args.root), policy, dry_run=args.dry_run)
+    for step, reason in sorted(result.unreadable.items()):
+        print(
+            f"asyncckpt: kept step {step}: its manifest cannot be read ({_printable(reason)}); prune never "
+            "deletes what it cannot read, nor counts it among the newest: check it with asyncckpt verify",
+            file=sys.stderr,
+        )
     verb = "would delete" if args.dry_run else "deleted"
     for step in result.deleted:
         print(f"{verb} step {step}")
@@ -448,8 +477,8 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
@@ -532,8 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         required=True,
         metavar="OUT",
-        help="the file to write (.safetensors, or .pt/.pth/.bin for torch.save); its directory must exist",
+        help="the file to write (.safetensors, or .pt/.pth/.bin for torch.save); its directory must exist, "
+        "outside any checkpoint root",
     )
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
     export.add_argument("--key", default="model", help="subtree to export (default: model); dots go deeper")
     export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point tensors")
     export.add_argument(
@@ -544,16 +575,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_flags(export)
     export.set_defaults(func=_cmd_export)
     prune = sub.add_parser(
-        "prune", help="delete the checkpoints a retention policy does not keep (the newest is always kept)"
+        "prune",
+        help="delete the checkpoints a retention policy does not keep (the newest, tagged checkpoints and "
+        "those whose manifest cannot be read are always kept)",
+        description="Delete the checkpoints no rule keeps. Always kept: the newest readable checkpoint, "
+        "tagged checkpoints (untag them first), and checkpoints whose manifest cannot be read (reported).",
     )
     prune.add_argument("root", help="a checkpoint root")
-    prune.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N")
-    prune.add_argument("--keep-best", type=int, metavar="K", help="keep the K best by --metric")
+    prune.add_argument("--keep-last", type=_positive(int), metavar="N", help="keep the newest N")
+    prune.add_argument("--keep-best", type=_positive(int), metavar="K", help="keep the K best by --metric")
     prune.add_argument("--metric", metavar="M", help="the metric --keep-best ranks by (a name passed to save)")
     prune.add_argument(
-        "--mode", choices=["min", "max"], default="min", help="best is the lowest (min, default) or highest"
+        "--mode", choices=["min", "max"], help="with --keep-best: best is the lowest (min, default) or highest"
     )
-    prune.add_argument("--keep-every", type=int, metavar="S", help="keep the steps that are multiples of S")
+    prune.add_argument("--keep-every", type=_positive(int), metavar="S", help="keep the steps that are multiples of S")
     prune.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     prune.set_defaults(func=_cmd_prune)
     return parser

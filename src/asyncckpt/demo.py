@@ -9,10 +9,16 @@ by a step count estimated from a few early steps, and the two savers take turns 
 ``torch.save`` half an interval after each asyncckpt save), so a machine that gets busier or
 quieter mid-run weighs on both alike. The headline compares them only when the numbers support
 it (``headline``).
+
+asyncckpt's cost per checkpoint is not only the time ``save()`` blocks: its background persist
+(and in overlap mode the copy) competes with training for the cores. So every training step is
+timed and marked by whether a save was in flight when it began; the steps that ran beside a save,
+less the median step with none in flight, are that save's background cost, counted in the verdict.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -21,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,11 +37,16 @@ from .policy import Adaptive, EverySeconds, EverySteps, SavePolicy
 
 WARMUP_STEPS = 3
 INTERVAL_S = 1.5  # one checkpoint per saver every 1.5 s
+PERCENTILE_SAMPLES = 20  # fewer timings than this get their min-max range, not p5-p95
+MIN_CHECKPOINTS_FOR_VERDICT = 5  # fewer per saver: the medians are printed, no comparison claimed
+MIN_STEPS_FOR_BACKGROUND = 5  # steps with and without a save in flight needed to measure its cost
 
 
 @dataclass(frozen=True)
 class Spread:
-    """Median and the 5th-95th percentile range of a few timings (seconds)."""
+    """Median and range of some timings (seconds): the 5th-95th percentiles from
+    PERCENTILE_SAMPLES timings up, below that the minimum and maximum (percentiles of a handful of
+    samples would be the extremes dressed up)."""
 
     median: float
     low: float
@@ -45,36 +57,52 @@ class Spread:
     def of(cls, values: list[float]) -> Spread:
         if not values:
             raise ValueError("no timings")
-        if len(values) == 1:
-            return cls(values[0], values[0], values[0], 1)
+        if len(values) < PERCENTILE_SAMPLES:
+            return cls(statistics.median(values), min(values), max(values), len(values))
         cuts = statistics.quantiles(values, n=20, method="inclusive")
         return cls(statistics.median(values), cuts[0], cuts[-1], len(values))
 
+    @property
+    def kind(self) -> str:
+        return "p5-p95" if self.count >= PERCENTILE_SAMPLES else "min-max"
+
+    def range_text(self) -> str:
+        return f"{self.kind} {self.low * 1e3:.1f}-{self.high * 1e3:.1f} ms of {self.count}"
+
     def text(self) -> str:
-        return f"{self.median * 1e3:.1f} ms (p5-p95 {self.low * 1e3:.1f}-{self.high * 1e3:.1f})"
+        return f"{self.median * 1e3:.1f} ms ({self.range_text()})"
 
 
-def headline(asyncckpt: Spread, torch_save: Spread) -> str:
+def headline(asyncckpt: Spread, torch_save: Spread, what: str = "cost training") -> str:
     """The one-line verdict, claiming only what the two ranges show.
 
-    A ratio is printed only when asyncckpt's whole range lies below torch.save's (so its median is
-    lower too); overlapping ranges are said to be no clear difference, and the reverse is said plainly.
+    Below MIN_CHECKPOINTS_FOR_VERDICT timings on either side nothing is compared. A ratio is printed
+    only when asyncckpt's whole range lies below torch.save's (so its median is lower too);
+    overlapping ranges are said to be no clear difference, and the reverse is said plainly.
+    ``what`` names what was compared (the time lost in all, or only the time blocked).
     """
+    kinds = asyncckpt.kind if asyncckpt.kind == torch_save.kind else f"{asyncckpt.kind} and {torch_save.kind}"
+    if min(asyncckpt.count, torch_save.count) < MIN_CHECKPOINTS_FOR_VERDICT:
+        return (
+            f"too few checkpoints for a verdict ({asyncckpt.count} by asyncckpt, {torch_save.count} by torch.save; "
+            f"at least {MIN_CHECKPOINTS_FOR_VERDICT} each): median {asyncckpt.median * 1e3:.1f} ms vs "
+            f"{torch_save.median * 1e3:.1f} ms; run longer"
+        )
     if asyncckpt.high < torch_save.low:
         ratio = torch_save.median / asyncckpt.median if asyncckpt.median > 0 else float("inf")
         times = "over 1000" if ratio > 1000 else f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}"
         return (
-            f"asyncckpt cost training {times}x less time per checkpoint than torch.save "
+            f"asyncckpt {what} {times}x less time per checkpoint than torch.save "
             f"(median {asyncckpt.median * 1e3:.1f} ms vs {torch_save.median * 1e3:.1f} ms; "
-            "the p5-p95 ranges do not overlap)"
+            f"the {kinds} ranges do not overlap)"
         )
     if torch_save.high < asyncckpt.low:
         return (
-            f"asyncckpt cost training MORE time per checkpoint than torch.save in this run "
+            f"asyncckpt {what} MORE time per checkpoint than torch.save in this run "
             f"(median {asyncckpt.median * 1e3:.1f} ms vs {torch_save.median * 1e3:.1f} ms)"
         )
     return (
-        "no clear difference between asyncckpt and torch.save in this run: their p5-p95 ranges overlap "
+        f"no clear difference between asyncckpt and torch.save in this run: their {kinds} ranges overlap "
         f"({asyncckpt.low * 1e3:.1f}-{asyncckpt.high * 1e3:.1f} ms vs "
         f"{torch_save.low * 1e3:.1f}-{torch_save.high * 1e3:.1f} ms); "
         "a busy machine blurs it: run longer, or when the cores are free"
@@ -86,7 +114,7 @@ class DemoReport:
     device: str
     parameters: int
     state_bytes: int
-    steps: int
+    steps: int  # every training step, the untimed warm-up included
     step_times: list[float]  # every training step after the warm-up, saves excluded
     policy: str  # when asyncckpt saved
     asyncckpt_stalls: list[float]  # save() blocked the loop
@@ -98,10 +126,24 @@ class DemoReport:
     snapshot: str = "blocking"
     fence_waits: list[float] = field(default_factory=list)  # overlap mode: per save, at the next optimizer step
     overhead_fraction: float = float("nan")  # asyncckpt's lost time / the loop's time without torch.save
+    warmup_steps: int = WARMUP_STEPS
+    busy_step_times: list[float] = field(default_factory=list)  # steps begun while a save was in flight
+    idle_step_times: list[float] = field(default_factory=list)  # steps begun with none in flight
+    # per save: its steps' time beyond the median idle step; empty when too few steps to measure it
+    background_costs: list[float] = field(default_factory=list)
+    restore_checked: str = "the model's weights"
+
+    @property
+    def background_measured(self) -> bool:
+        return len(self.background_costs) == len(self.asyncckpt_stalls) > 0
 
     @property
     def asyncckpt_costs(self) -> list[float]:
-        """Training time lost per asyncckpt checkpoint: the stall, plus in overlap mode the fence wait."""
+        """Training time lost per asyncckpt checkpoint: the stall, plus the steps slowed while the save
+        was in flight (in overlap mode the fence wait happens inside those steps, so it is counted
+        there). Where that was not measured, the stall plus the fence wait."""
+        if self.background_measured:
+            return [s + b for s, b in zip(self.asyncckpt_stalls, self.background_costs, strict=True)]
         if not self.fence_waits:
             return list(self.asyncckpt_stalls)
         return [s + f for s, f in zip(self.asyncckpt_stalls, self.fence_waits, strict=True)]
@@ -114,35 +156,79 @@ class DemoReport:
 
         def row(name: str, s: Spread, worst: float) -> str:
             return (
-                f"  | {name} | {s.count} | {s.median * 1e3:.1f} ms | {s.low * 1e3:.1f}-{s.high * 1e3:.1f} ms "
+                f"  | {name} | {s.count} | {s.median * 1e3:.1f} ms | {s.kind} {s.low * 1e3:.1f}-{s.high * 1e3:.1f} ms "
                 f"| {worst * 1e3:.1f} ms |"
             )
 
-        rows = [row(f"asyncckpt ({self.snapshot} snapshot): save()", stall, max(self.asyncckpt_stalls))]
+        rows = [row(f"asyncckpt ({self.snapshot} snapshot): blocked in save()", stall, max(self.asyncckpt_stalls))]
         if self.fence_waits:
             fence = Spread.of(self.fence_waits)
-            rows.append(row("asyncckpt: fence wait at the next optimizer step", fence, max(self.fence_waits)))
-            rows.append(row("asyncckpt: both (training time lost)", cost, max(self.asyncckpt_costs)))
-        rows.append(row("torch.save + fsync", plain, max(self.torch_save_stalls)))
+            inside = " (part of the slower steps)" if self.background_measured else ""
+            rows.append(row(f"asyncckpt: fence wait at the next optimizer step{inside}", fence, max(self.fence_waits)))
+        if self.background_measured:
+            bg = Spread.of(self.background_costs)
+            rows.append(row("asyncckpt: steps slowed while the save was in flight", bg, max(self.background_costs)))
+        if len(rows) > 1:
+            rows.append(row("asyncckpt: in all (training time lost)", cost, max(self.asyncckpt_costs)))
+        rows.append(row("torch.save + fsync (blocked)", plain, max(self.torch_save_stalls)))
         lines = [
             "asyncckpt demo",
             f"  device {self.device}; model {self.parameters / 1e6:.1f}M parameters; "
             f"state {self.state_bytes / 1e6:.1f} MB (model + AdamW)",
-            f"  trained {self.steps} steps: {steps.text()} per step; checkpoints by {self.policy}, "
-            "torch.save in between",
+            f"  trained {self.steps} steps: {self.warmup_steps} untimed warm-up steps, then {len(self.step_times)} "
+            f"timed at {steps.text()} per step; checkpoints by {self.policy}, torch.save in between",
             "",
-            "  | training blocked per checkpoint | checkpoints | median | p5-p95 | max |",
+            "  | training time per checkpoint | checkpoints | median | range | max |",
             "  |---|---|---|---|---|",
             *rows,
             "",
-            f"  {headline(cost, plain)}",
-            f"  asyncckpt's share of the training loop's time: {self.overhead_fraction:.2%}",
+        ]
+        if self.background_measured:
+            busy, idle = Spread.of(self.busy_step_times), Spread.of(self.idle_step_times)
+            lines.append(
+                f"  steps begun while a save was in flight: {busy.text()}; with none in flight: {idle.text()} "
+                f"({busy.median / idle.median - 1:+.0%} median)"
+            )
+        else:
+            lines.append(
+                "  the background persist's cost to training was not measured: too few steps ran with and "
+                "without a save in flight (run longer); the figures below count only the time blocked"
+            )
+        if self.snapshot == "overlap" and not self.device.startswith("cuda"):
+            lines.append(
+                "  overlap mode on CPU: the background copy competes for the cores, so it shows as slower "
+                "steps rather than as fence wait"
+            )
+        what = "cost training" if self.background_measured else "blocked training"
+        share = "blocked in save() + slower steps" if self.background_measured else "blocked in save() only"
+        lines += [
+            f"  {headline(cost, plain, what)}",
+            f"  asyncckpt's share of the training loop's time ({share}): {self.overhead_fraction:.2%}",
             f"  background persist (compress + write + fsync + commit): {self.persist_p50_s * 1e3:.0f} ms median",
             f"  compression ratio (zstd-1, byte-grouped floats): {self.compression_ratio:.3f}",
-            f"  restore of step {self.restored_step} into a fresh model and optimizer: "
-            + ("bit-exact" if self.restore_exact else "MISMATCH"),
+            f"  restore of step {self.restored_step} into a fresh model and optimizer, {self.restore_checked} "
+            "compared: " + ("bit-exact" if self.restore_exact else "MISMATCH"),
         ]
         return "\n".join(lines)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Bit-for-bit equality of two state trees (tensors by dtype, shape and bytes)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        flat_a, flat_b = a.detach().cpu().contiguous().reshape(-1), b.detach().cpu().contiguous().reshape(-1)
+        return bool(torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8)))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+RESTORE_CHECKED = "model weights, optimizer state (moments, step counts, hyperparameters) and step number"
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -236,8 +322,11 @@ def run_demo(
         f"{INTERVAL_S:g} s, half an interval apart, into {workdir}"
     )
 
-    saved_copy: dict[str, torch.Tensor] = {}
+    saved_copy: dict[str, Any] = {}
     saved_step = -1
+    handles: list = []  # every asyncckpt save, in order
+    step_owner: list[int | None] = []  # per timed step: the save in flight when it began, if any
+    in_flight: list[int] = []  # indexes into handles of the saves not yet done
     torch_stalls: list[float] = []
     torch_path = workdir / "torch_save.pt"
     ckpt_root = workdir / "asyncckpt"
@@ -249,10 +338,16 @@ def run_demo(
             deadline = run_began + seconds
             while time.perf_counter() < deadline or len(mgr.stats.records) < 2 or len(torch_stalls) < 2:
                 step += 1
+                in_flight = [i for i in in_flight if not handles[i].done()]
+                step_owner.append(in_flight[0] if in_flight else None)
                 loss = train_step()
                 state["step"] = step
-                if mgr.maybe_save(step, state, metrics={"loss": loss.item()}):
-                    saved_copy = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                handle = mgr.maybe_save(step, state, metrics={"loss": loss.item()})
+                if handle is not None:
+                    in_flight.append(len(handles))
+                    handles.append(handle)
+                    # what the checkpoint must hold: the whole state as it was at save()
+                    saved_copy = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
                     saved_step = step
                 if time.perf_counter() >= next_torch_save:
                     next_torch_save += INTERVAL_S * max(
@@ -273,15 +368,26 @@ def run_demo(
             stalls = [r.stall_s for r in records]
             # the host's wait, and on GPU the compute stream's (the host does not block there)
             fence_waits = [fence_cost_s(r) for r in records] if snapshot == "overlap" else []
-        lost = sum(stalls) + sum(fence_waits)
+        idle = [t for t, owner in zip(step_times, step_owner, strict=True) if owner is None]
+        busy = [t for t, owner in zip(step_times, step_owner, strict=True) if owner is not None]
+        background: list[float] = []
+        if min(len(idle), len(busy)) >= MIN_STEPS_FOR_BACKGROUND and len(handles) == len(stalls):
+            reference = statistics.median(idle)
+            background = [0.0] * len(handles)
+            for t, owner in zip(step_times, step_owner, strict=True):
+                if owner is not None:
+                    background[owner] += t - reference
+        lost = sum(stalls) + (sum(background) if background else sum(fence_waits))
         overhead = lost / max(1e-9, loop_s - sum(torch_stalls))
 
         fresh_model, fresh_opt = _fresh(width, depth, dev)
         fresh_state = {"model": fresh_model, "optimizer": fresh_opt, "step": 0}
         with CheckpointManager(ckpt_root) as reader:
             restored = reader.restore(fresh_state)
-        exact = restored == saved_step and all(
-            torch.equal(saved_copy[k], v) for k, v in fresh_model.state_dict().items()
+        exact = (
+            restored == saved_step
+            and fresh_state["step"] == saved_step
+            and _same(saved_copy, {"model": fresh_model.state_dict(), "optimizer": fresh_opt.state_dict()})
         )
     finally:
         if root is None:
@@ -293,6 +399,11 @@ def run_demo(
         state_bytes=_state_bytes(state),
         steps=step,
         step_times=step_times,
+        warmup_steps=WARMUP_STEPS,
+        busy_step_times=busy,
+        idle_step_times=idle,
+        background_costs=background,
+        restore_checked=RESTORE_CHECKED,
         policy=repr(policy),
         asyncckpt_stalls=stalls,
         torch_save_stalls=torch_stalls,

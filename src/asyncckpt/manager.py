@@ -34,7 +34,7 @@ from .reader import (
     read_checkpoint,
     read_manifest,
 )
-from .retention import CheckpointInfo, RetentionPolicy, best_metric_missing, steps_to_delete
+from .retention import CheckpointInfo, RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
 from .staging import SMALL_COPY_BYTES, ArenaPool, CopyEngine, LazyCopy, plan_layout
 from .storage import CommittedCheckpoint, LocalStorage, list_checkpoints
 from .tree import RestoreResult, check_compatible, check_module, flatten, load_module, restore_into, unflatten
@@ -803,8 +803,8 @@ class CheckpointManager:
         if not self._warned_no_best and best_metric_missing(infos, self.retention):
             self._warned_no_best = True
             _warn_from_writer(
-                f"asyncckpt: keep_best: no committed checkpoint in {self.root} has the metric "
-                f"{self.retention.best_metric!r}; retention deletes nothing until one does "
+                f"asyncckpt: keep_best: no committed checkpoint in {self.root} "
+                f"{missing_metric_text(infos, self.retention)}; retention deletes nothing until one does "
                 "(pass it to save(metrics=...))"
             )
         for step in steps_to_delete(infos, self.retention):

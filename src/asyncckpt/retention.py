@@ -32,6 +32,7 @@ class CheckpointInfo:
     step: int
     metrics: dict[str, Any]
     tags: tuple[str, ...] = ()
+    unreadable: str | None = None  # why its manifest could not be read: then its tags are unknown
 
 
 def _metric(info: CheckpointInfo, name: str) -> float | None:
@@ -52,9 +53,28 @@ def best_metric_missing(committed: list[CheckpointInfo], policy: RetentionPolicy
     return all(_metric(c, policy.best_metric) is None for c in committed)
 
 
+def missing_metric_text(committed: list[CheckpointInfo], policy: RetentionPolicy) -> str:
+    """What is wrong with ``keep_best``'s metric when ``best_metric_missing``, to follow
+    "no checkpoint in ROOT ": a name no checkpoint carries (a misspelling, say), or one carried
+    only as NaN, a string or null, which cannot be ranked."""
+    name = policy.best_metric
+    carrying = sum(1 for c in committed if name in c.metrics)
+    if carrying:
+        return (
+            f"has a finite numeric value for the metric {name!r} (it is NaN or not a number in all "
+            f"{carrying} checkpoint{'s' if carrying != 1 else ''} that carry it)"
+        )
+    present = sorted({key for c in committed for key in c.metrics})
+    return f"has the metric {name!r} (metrics there: {', '.join(present) or 'none'})"
+
+
 def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) -> list[int]:
     """Steps that no rule keeps. Rules are a union: a checkpoint kept by any rule stays, and a
     tagged checkpoint is kept by its tags.
+
+    A checkpoint whose manifest cannot be read is never deleted (it may be tagged, and a person
+    should look at it) and never counts as one of the newest: ``keep_last`` keeps the newest that
+    can be read, so a damaged newer checkpoint never costs the last good one.
 
     While ``keep_best`` has nothing to rank (no checkpoint carries its metric: a misspelt name, or a
     metric not passed yet), nothing is deleted: the best may be among them, unknown.
@@ -63,10 +83,12 @@ def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) ->
         return []
     ordered = sorted(committed, key=lambda c: c.step)
     keep = {ordered[-1].step} | {c.step for c in ordered if c.tags}  # tagged: kept until untagged
+    keep.update(c.step for c in ordered if c.unreadable is not None)
+    readable = [c for c in ordered if c.unreadable is None]
     if policy.keep_last is None:
         keep.update(c.step for c in ordered)
     else:
-        keep.update(c.step for c in ordered[-policy.keep_last :])
+        keep.update(c.step for c in readable[-policy.keep_last :])
     if policy.keep_every is not None:
         keep.update(c.step for c in ordered if c.step % policy.keep_every == 0)
     if policy.keep_best is not None and policy.best_metric:

@@ -15,7 +15,7 @@ import os
 import secrets
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from .errors import CheckpointError
 from .format import MANIFEST_NAME, Manifest, parse_step_dir
 from .metrics import METRICS_LOG
 from .reader import read_checkpoint, read_manifest
-from .retention import RetentionPolicy, best_metric_missing, steps_to_delete
+from .retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
 from .storage import LOCK_NAME, TEMP_PREFIX, CommittedCheckpoint, LocalStorage, fsync_dir, list_checkpoints
 from .tree import unflatten
 
@@ -60,6 +60,22 @@ def resolve_root(path: str | os.PathLike) -> Path:
     if (path / MANIFEST_NAME).exists():
         raise CheckpointError(f"{path} is one checkpoint, not a checkpoint root; pass its parent {path.parent}")
     return path
+
+
+def json_ready(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a float becomes the string "nan", "inf" or "-inf". Every
+    command renders a metric or value this one way, in text and in ``--json``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 # ----------------------------------------------------------------------------------------- leaves
@@ -158,9 +174,9 @@ def format_inspect(info: dict) -> str:
         f"step        {info['step']}",
         f"created     {format_created(info['created'])}",
         f"size        {info['raw_bytes']} bytes raw, {info['stored_bytes']} stored ({ratio}), "
-        f"{info['tensors']} tensors in {info['chunks']} chunks",
-        f"metrics     {json.dumps(info['metrics'])}",
-        f"metadata    {json.dumps(info['metadata'])}",
+        f"{plural(info['tensors'], 'tensor')} in {plural(info['chunks'], 'chunk')}",
+        f"metrics     {json.dumps(json_ready(info['metrics']))}",
+        f"metadata    {json.dumps(json_ready(info['metadata']))}",
         "tree",
     ]
     for row in info["leaves"]:
@@ -307,7 +323,7 @@ def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = Non
         elif la.index is not None and lb.index is not None:
             rows.append({"path": name, **compared[(la.index, lb.index)]})
         elif la.index is not None or lb.index is not None:
-            rows.append({"path": name, "status": "kind changed"})
+            rows.append({"path": name, "status": "kind changed", "a": _kind_of(la), "b": _kind_of(lb)})
         else:
             va, vb = (la.kind, la.value), (lb.kind, lb.value)
             same = va == vb and type(va[1]) is type(vb[1])
@@ -324,6 +340,15 @@ def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = Non
         "counts": counts,
         "leaves": rows,
     }
+
+
+def _kind_of(leaf: Leaf) -> dict:
+    """What a leaf is, for a diff's "kind changed": its kind, and its value when it is not a tensor."""
+    return {"kind": leaf.kind} if leaf.index is not None else {"kind": leaf.kind, "value": leaf.value}
+
+
+def _kind_text(kind: dict) -> str:
+    return f"{kind['kind']} {kind['value']!r}" if "value" in kind else kind["kind"]
 
 
 def differs(result: dict) -> bool:
@@ -352,6 +377,8 @@ def format_diff(result: dict, all_leaves: bool = False) -> str:
             detail = f"  {row['a']['dtype']}{tuple(row['a']['shape'])} -> {row['b']['dtype']}{tuple(row['b']['shape'])}"
         elif status == "different" and "a" in row:
             detail = f"  {row['a']!r} -> {row['b']!r}"
+        elif status == "kind changed":
+            detail = f"  {_kind_text(row['a'])} -> {_kind_text(row['b'])}"
         elif status == "missing":
             detail = "  (only in A)"
         elif status == "extra":
@@ -503,7 +530,43 @@ def safetensors_bytes_header(flat: dict[str, torch.Tensor], metadata: dict[str, 
     return len(encoded).to_bytes(8, "little") + encoded, payloads
 
 
-def _atomic_write(out: Path, write) -> None:
+def _holds_checkpoints(directory: Path) -> bool:
+    """Whether ``directory`` is a checkpoint (it holds a manifest) or a checkpoint root (the writer's
+    ``.lock`` or a step directory). Only the output's own directory counts: a root's parents are
+    ordinary folders, and what a user keeps in a subfolder of a root the library never touches."""
+    try:
+        if (directory / MANIFEST_NAME).exists() or (directory / LOCK_NAME).exists():
+            return True
+        with os.scandir(directory) as entries:
+            return any(parse_step_dir(e.name) is not None and e.is_dir(follow_symlinks=False) for e in entries)
+    except OSError:  # not listable: the write fails later with the reason
+        return False
+
+
+def check_export_target(out: Path, overwrite: bool = False) -> bool:
+    """Refuse an output that would damage something: a path inside a checkpoint or a checkpoint
+    root (the export would replace a checkpoint's own files, or sit among them), a symbolic link
+    (the write would land on whatever it points to), or an existing file unless ``overwrite``.
+    Whether ``out`` exists now (so the caller can say it replaced it)."""
+    out = Path(out)
+    if out.is_symlink():
+        raise CheckpointError(f"output {out} is a symbolic link; refusing to write through it (name the file itself)")
+    parent = Path(os.path.realpath(out.parent))  # a linked directory is judged by what it links to
+    if _holds_checkpoints(parent):
+        what = "checkpoint" if (parent / MANIFEST_NAME).exists() else "checkpoint root"
+        raise CheckpointError(
+            f"output {out} is inside the {what} {parent}; export writes outside checkpoint roots, "
+            "never among a checkpoint's files"
+        )
+    if out.is_dir():
+        raise CheckpointError(f"output {out} is a directory")
+    exists = os.path.lexists(out)
+    if exists and not overwrite:
+        raise CheckpointError(f"output {out} already exists; give --force to replace it")
+    return exists
+
+
+def _atomic_write(out: Path, write, overwrite: bool = False) -> None:
     """Write through a temp file in OUT's directory, then rename it over OUT and fsync the directory
     (the rename survives a power cut). The file gets the mode any new file gets (0666 less the
     umask), and a missing directory is an error: a typo must not create a tree."""
@@ -523,7 +586,11 @@ def _atomic_write(out: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            os.link(tmp, out)  # fails if OUT appeared meanwhile: never replaces a file unasked
+            os.unlink(tmp)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -565,16 +632,17 @@ def write_export(
     key: str = "model",
     fmt: str | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Write ``flat`` (from flat_export_dict) to ``out`` atomically; the tensor bytes written.
 
-    ``fmt`` None takes the format from ``out``'s extension (``export_format``).
+    ``fmt`` None takes the format from ``out``'s extension (``export_format``). ``out`` must pass
+    ``check_export_target`` (an existing file is replaced only with ``overwrite``).
 
     ``progress`` gets increments summing to exactly the tensor bytes: per tensor (huge ones per
     slice) for safetensors; for pt, as torch.save writes, the file's overhead left out.
     """
-    if out.is_dir():
-        raise CheckpointError(f"output {out} is a directory")
+    check_export_target(out, overwrite)
     try:
         fmt = export_format(out, fmt)
     except ValueError as exc:
@@ -610,7 +678,9 @@ def write_export(
     else:
         raise CheckpointError(f"unknown export format {fmt!r}")
     try:
-        _atomic_write(out, write)
+        _atomic_write(out, write, overwrite)
+    except FileExistsError:
+        raise CheckpointError(f"output {out} already exists (created while exporting); nothing replaced") from None
     except OSError as exc:
         raise CheckpointError(f"cannot write {out}: {exc}") from exc
     return total
@@ -623,10 +693,13 @@ def export_checkpoint(
     dtype: str | None = None,
     fmt: str | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> Exported:
-    """Export the tensors under ``key`` of the checkpoint at ``path``; ``progress`` as in write_export."""
+    """Export the tensors under ``key`` of the checkpoint at ``path``; ``progress`` and ``overwrite``
+    as in write_export."""
+    check_export_target(out, overwrite)  # before reading the checkpoint
     step, flat, skipped = flat_export_dict(path, key, dtype)
-    nbytes = write_export(out, step, flat, key, fmt, progress)
+    nbytes = write_export(out, step, flat, key, fmt, progress, overwrite)
     return Exported(out, step, len(flat), nbytes, skipped)
 
 
@@ -637,29 +710,37 @@ def export_checkpoint(
 class Pruned:
     kept: list[int]
     deleted: list[int]  # or, with dry_run, would be deleted
+    unreadable: dict[int, str] = field(default_factory=dict)  # kept: their manifests cannot be read (why)
 
 
 def _is_asyncckpt_name(name: str) -> bool:
     return name in (LOCK_NAME, METRICS_LOG) or name.startswith(TEMP_PREFIX) or parse_step_dir(name) is not None
 
 
-def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckpoint]:
-    """The committed checkpoints, once ``root`` is known to be a checkpoint root and the policy's
-    metric to exist: checked before the lock is taken, so a wrong folder gets no ``.lock``."""
+def root_checkpoints(root: Path) -> list[CommittedCheckpoint]:
+    """The committed checkpoints of the directory ``root``, or a CheckpointError when it is not a
+    checkpoint root: it holds no checkpoint and none of the files a manager leaves (an empty folder
+    included). ``ls``, ``verify`` and ``prune`` apply this one rule; a root with no checkpoint is an
+    empty list."""
     try:
         committed = list_checkpoints(root)
         names = [entry.name for entry in os.scandir(root)]
+    except FileNotFoundError:
+        raise CheckpointError(f"{root} does not exist") from None
     except OSError as exc:
         raise CheckpointError(f"cannot list checkpoint root {root}: {exc.strerror}") from None
     if not committed and not any(_is_asyncckpt_name(name) for name in names):
         raise CheckpointError(f"{root} is not a checkpoint root: it holds no checkpoint and no asyncckpt files")
+    return committed
+
+
+def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckpoint]:
+    """The committed checkpoints, once ``root`` is known to be a checkpoint root and the policy's
+    metric to exist: checked before the lock is taken, so a wrong folder gets no ``.lock``."""
+    committed = root_checkpoints(root)
     infos = checkpoint_infos(committed)
     if committed and best_metric_missing(infos, policy):
-        present = sorted({name for info in infos for name in info.metrics})
-        raise CheckpointError(
-            f"no checkpoint in {root} has the metric {policy.best_metric!r} "
-            f"(metrics there: {', '.join(present) or 'none'}); nothing deleted"
-        )
+        raise CheckpointError(f"no checkpoint in {root} {missing_metric_text(infos, policy)}; nothing deleted")
     return committed
 
 
@@ -672,15 +753,18 @@ def prune(root: Path, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
     root = resolve_root(root)
     committed = _check_prunable(root, policy)
     if dry_run or not committed:
-        doomed = set(steps_to_delete(checkpoint_infos(committed), policy))
-        return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed))
-    storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
-    try:
-        committed = storage.checkpoints()
-        doomed = set(steps_to_delete(checkpoint_infos(committed), policy))
-        for c in committed:
-            if c.step in doomed:
-                storage.delete(c)
-    finally:
-        storage.close()
-    return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed))
+        infos = checkpoint_infos(committed)
+        doomed = set(steps_to_delete(infos, policy))
+    else:
+        storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
+        try:
+            committed = storage.checkpoints()
+            infos = checkpoint_infos(committed)
+            doomed = set(steps_to_delete(infos, policy))
+            for c in committed:
+                if c.step in doomed:
+                    storage.delete(c)
+        finally:
+            storage.close()
+    unreadable = {i.step: i.unreadable for i in infos if i.unreadable is not None}
+    return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed), unreadable)
