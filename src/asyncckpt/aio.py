@@ -46,7 +46,7 @@ import torch
 from .errors import CheckpointError
 from .manager import CheckpointManager
 from .pipeline import SaveHandle
-from .staging import on_stream
+from .staging import on_stream, training_thread
 from .tree import RestoreResult
 
 T = TypeVar("T")
@@ -213,8 +213,10 @@ class AsyncCheckpointManager:
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` in the default executor under the call lock; cancelling the waiter doesn't stop it."""
 
+        trainer = threading.get_ident()  # the loop's thread runs training: its ops give the overlap verdict
+
         def locked() -> T:
-            with self._calls:
+            with self._calls, training_thread(trainer):
                 return fn(*args, **kwargs)
 
         inner = asyncio.get_running_loop().run_in_executor(None, _in_callers_cuda_stream(locked))

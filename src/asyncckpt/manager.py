@@ -325,6 +325,25 @@ def _fence_hook(ref: weakref.ReferenceType) -> Callable[..., None]:
     return hook
 
 
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
+def _settle_hook(ref: weakref.ReferenceType) -> Callable[..., None]:
+    """A forward pre-hook: a settle point, which never waits (the manager has nothing to do unless a
+    copy is still unjudged). Traced by torch.compile it does nothing, so compiled graphs stay whole."""
+
+    def hook(*args: Any, **kwargs: Any) -> None:
+        if _is_compiling():
+            return
+        manager = ref()
+        if manager is not None and manager._unfenced and manager._pid == os.getpid():
+            manager._settle_point()
+
+    return hook
+
+
 def _close_at_exit(ref: weakref.ReferenceType) -> None:
     manager = ref()
     if manager is not None:
@@ -685,7 +704,8 @@ class CheckpointManager:
         return self._copier.start(tensors, names, lazy, layout, arena)
 
     def _install_fence(self, obj: torch.optim.Optimizer | torch.nn.Module) -> None:
-        """Hook the fence into ``obj``'s step / load_state_dict, once per object."""
+        """Hook the fence into ``obj``'s step / load_state_dict, and a settle point into a module's
+        forward, once per object."""
         known = self._hooks.get(id(obj))
         if known is not None and known[0]() is obj:
             return
@@ -701,7 +721,23 @@ class CheckpointManager:
                 if register is None:  # torch < 2.5
                     register = module._register_load_state_dict_pre_hook
                 handles.append(register(hook))
+            # The saved module only (not every submodule): one cheap check per forward call.
+            try:
+                handles.append(obj.register_forward_pre_hook(_settle_hook(weakref.ref(self))))
+            except Exception:  # noqa: BLE001 - a module that takes no hooks (scripted): fences only
+                pass
         self._hooks[id(obj)] = (weakref.ref(obj), handles)
+
+    def _settle_point(self) -> None:
+        """A forward of a saved module: judge the copies already finished, oldest first; never
+        wait (a thread fencing right now is left to it)."""
+        if not self._fence_lock.acquire(blocking=False):
+            return
+        try:
+            while self._unfenced and self._unfenced[0].try_settle():
+                self._unfenced.pop(0)
+        finally:
+            self._fence_lock.release()
 
     def _abandon_fences(self) -> None:
         with self._fence_lock:

@@ -221,12 +221,12 @@ class Pipeline:
 
     @staticmethod
     def _check_guard(job: SaveJob) -> None:
-        """Overlap mode, right before the commit: commit only if nothing copied lazily changed in
-        place since ``save`` (by the fence's count, or by the counters now if no fence has passed:
-        the copy is complete, so the commit never waits for the next optimizer step)."""
+        """Overlap mode, right before the commit: commit only on the training thread's verdict (its
+        next fence or settle point) that nothing copied lazily changed in place since ``save``."""
         lazy = job.lazy
         assert lazy is not None
-        changed = lazy.settle()
+        _phases.pause("verdict")
+        changed = lazy.verdict()
         job.record.fence_wait_s = lazy.fence_wait_s
         if lazy.abandoned:
             raise CheckpointError(
@@ -319,7 +319,7 @@ class Pipeline:
             self._storage.write_manifest(temp_dir, manifest.to_json())
             record.fsync_s = time.perf_counter() - began
             began = time.perf_counter()
-            if job.lazy is not None:  # as late as possible: the longest time for an update to show
+            if job.lazy is not None:  # written: only the training thread's verdict stands before the commit
                 self._check_guard(job)
             _phases.pause("rename")
             path = self._storage.commit(temp_dir, job.step)
