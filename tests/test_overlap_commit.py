@@ -233,3 +233,27 @@ def test_commits_during_an_evaluation_with_no_optimizer_step_on_cuda(tmp_path):
             wait_until(evaluating, timeout=60, what="the commit with no optimizer step after save")
         assert handle.error() is None and mgr.steps() == [1]
     assert_same(to_cpu(expected), asyncckpt.load(tmp_path))
+
+
+def test_under_the_asyncio_facade_a_forward_on_the_loop_thread_is_a_settle_point(tmp_path, monkeypatch):
+    import asyncio
+
+    from asyncckpt import AsyncCheckpointManager
+
+    state = make_state()
+    phases = PhaseEvents(monkeypatch)
+
+    async def main() -> None:
+        mgr = AsyncCheckpointManager(tmp_path, snapshot="overlap")
+        handle = await mgr.save(1, state)  # taken on an executor thread, for the loop's thread
+        phases.copy_may_start.set()
+        assert await asyncio.to_thread(phases.at_verdict.wait, 60)
+        assert not handle.done()
+        with torch.no_grad():
+            state["model"](torch.randn(16, 128))  # on the loop's thread: the training thread
+        wait_until(handle.done, timeout=60, what="the commit after a forward on the loop's thread")
+        assert handle.error() is None
+        await mgr.close()
+
+    asyncio.run(main())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")] == ["step-000000000001"]
