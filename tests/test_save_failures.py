@@ -123,7 +123,13 @@ def test_an_overlap_guard_rejection_is_an_overlap_guard_error(tmp_path, slow_cop
         with torch.no_grad():
             model.weight.mul_(2.0)
         gate.open()
-        wait_until(handle.done, timeout=30, what="step 2's rejection")
+
+        def evaluating() -> bool:
+            with torch.no_grad():
+                model(torch.randn(4, 256))  # a settle point: the training thread's verdict
+            return handle.done()
+
+        wait_until(evaluating, timeout=30, what="step 2's rejection")
         with pytest.raises(OverlapGuardError, match="save of step 2 failed"):
             mgr.wait()
 

@@ -13,7 +13,7 @@ import time
 
 PHASES = ("snapshot", "compress", "write", "fsync", "manifest", "rename", "replace", "retention")
 # Phases only overlap mode has (the torture test kills in every PHASES entry, in blocking mode).
-OVERLAP_PHASES = ("lazy_copy",)
+OVERLAP_PHASES = ("lazy_copy", "verdict")
 
 
 def _parse(spec: str) -> dict[str, float]:

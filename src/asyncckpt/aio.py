@@ -46,7 +46,7 @@ import torch
 from .errors import CheckpointError
 from .manager import CheckpointManager
 from .pipeline import SaveHandle
-from .staging import on_stream
+from .staging import on_stream, training_thread
 from .tree import RestoreResult
 
 T = TypeVar("T")
@@ -213,8 +213,10 @@ class AsyncCheckpointManager:
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` in the default executor under the call lock; cancelling the waiter doesn't stop it."""
 
+        trainer = threading.get_ident()  # the loop's thread runs training: its ops give the overlap verdict
+
         def locked() -> T:
-            with self._calls:
+            with self._calls, training_thread(trainer):
                 return fn(*args, **kwargs)
 
         inner = asyncio.get_running_loop().run_in_executor(None, _in_callers_cuda_stream(locked))
@@ -358,16 +360,17 @@ class AsyncCheckpointManager:
         """The preemption checkpoint, attempted whatever failed before; failures are warnings."""
         manager = self.manager
         try:
-            _, earlier = await self._run(manager._save, step, state, metrics, metadata, tags)
+            handle, earlier = await self._run(manager._save, step, state, metrics, metadata, tags)
         except CheckpointError as exc:
             warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
             return
-        if earlier is not None:
-            warnings.warn(f"asyncckpt: before signal {signum}, an earlier save failed: {earlier}", stacklevel=3)
         try:
-            await self.wait()
+            await AsyncSaveHandle(handle, asyncio.get_running_loop())  # this save's own outcome
         except CheckpointError as exc:
             warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+        for other in (earlier, await self._run(manager._take_background_errors)):
+            if other is not None:
+                warnings.warn(f"asyncckpt: before signal {signum}, an earlier save failed: {other}", stacklevel=3)
 
     async def wait(self) -> None:
         """Wait for every pending save (and any cancelled call still running); raise if one failed."""

@@ -309,6 +309,12 @@ def _load_model(
 SNAPSHOT_MODES = ("blocking", "overlap")
 
 
+class _Slot:
+    """Whether a save still owns its reserved ``max_pending`` slot (until its handle is pending)."""
+
+    held = False
+
+
 def _fenceable(state: Any, depth: int = 0) -> tuple[list[torch.optim.Optimizer], list[torch.nn.Module]]:
     """The optimizers and modules held (through dicts, lists, tuples) by a saved state."""
     optimizers: list[torch.optim.Optimizer] = []
@@ -346,6 +352,25 @@ def _fence_hook(ref: weakref.ReferenceType) -> Callable[..., None]:
         manager = ref()
         if manager is not None and manager._pid == os.getpid():  # inert in a forked child: no copy to wait for
             manager._fence()
+
+    return hook
+
+
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
+def _settle_hook(ref: weakref.ReferenceType) -> Callable[..., None]:
+    """A forward pre-hook: a settle point, which never waits (the manager has nothing to do unless a
+    copy is still unjudged). Traced by torch.compile it does nothing, so compiled graphs stay whole."""
+
+    def hook(*args: Any, **kwargs: Any) -> None:
+        if _is_compiling():
+            return
+        manager = ref()
+        if manager is not None and manager._unfenced and manager._pid == os.getpid():
+            manager._settle_point()
 
     return hook
 
@@ -492,16 +517,19 @@ class CheckpointManager:
         signum, self._preempted = self._preempted, None
         try:
             try:
-                _, earlier = self._save(step, state, metrics, metadata, tags)
+                handle, earlier = self._save(step, state, metrics, metadata, tags)
             except CheckpointError as exc:
                 warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
             else:
-                if earlier is not None:
-                    warnings.warn(f"asyncckpt: before signal {signum}, an earlier save failed: {earlier}", stacklevel=3)
                 try:
-                    self.wait()
+                    handle.wait()  # this save's own outcome: another save's failure is not its
                 except CheckpointError as exc:
                     warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+                for other in (earlier, self._take_background_errors()):
+                    if other is not None:
+                        warnings.warn(
+                            f"asyncckpt: before signal {signum}, an earlier save failed: {other}", stacklevel=3
+                        )
         finally:
             self._restore_signal_handlers()
             signal.raise_signal(signum)
@@ -582,27 +610,39 @@ class CheckpointManager:
         """Take and submit one save; return its handle and the earlier background failure to raise.
 
         Errors of this save itself (a state that cannot be saved, a closed manager) are raised. With
-        ``tell_policy`` the policy learns of the save just before it is submitted, and of its
-        failure if the submission itself fails, so it never waits for a commit that cannot come.
+        ``tell_policy`` the policy learns of the save at its start, and of its failure if it fails
+        before it reaches the writer. Everything taken on the way (the slot, the arena, the handle's
+        place among the pending saves) is given back on any exception, an interrupt included.
         """
         began = time.perf_counter()
         record = SaveRecord(step=_check_step(step), started=time.time())
         self._check_open()
         self._warn_if_behind(step)
-        self._fence(in_save=True)  # an earlier overlap copy must finish before this one reads
-        with self._cond:  # the slot is reserved here, so threads saving at once never exceed max_pending
-            while len(self._pending) + self._reserved >= self.max_pending:
-                self._cond.wait()
-            self._reserved += 1
-        submitted = False
+        if tell_policy:  # the interval restarts at the save's start; if this raises, nothing is taken yet
+            self.policy.saved(step)
         try:
-            handle = self._take_and_submit(state, record, began, metrics, metadata, tags, tell_policy)
-            submitted = True
-        finally:
-            if not submitted:
-                with self._cond:
-                    self._reserved -= 1
-                    self._cond.notify_all()
+            self._fence(in_save=True)  # an earlier overlap copy must finish before this one reads
+            slot = _Slot()
+            try:
+                with self._cond:  # reserved here, so threads saving at once never exceed max_pending
+                    while len(self._pending) + self._reserved >= self.max_pending:
+                        self._cond.wait()
+                    if self._closed:  # closed while this save waited: its writer is stopping
+                        raise CheckpointError(f"CheckpointManager({self.root}) is closed")
+                    self._reserved += 1
+                    slot.held = True
+                handle = self._take_and_submit(state, record, began, metrics, metadata, tags, slot)
+            finally:
+                if slot.held:
+                    with self._cond:
+                        self._reserved -= 1
+                        slot.held = False
+                        self._cond.notify_all()
+        except BaseException:
+            if tell_policy:  # so the policy never waits for a commit that cannot come
+                record.ok = False
+                self.policy.committed(record)
+            raise
         return handle, self._take_background_errors()
 
     def _take_and_submit(
@@ -613,9 +653,10 @@ class CheckpointManager:
         metrics: dict | None,
         metadata: dict | None,
         tags: list[str] | tuple[str, ...],
-        tell_policy: bool,
+        slot: _Slot,
     ) -> SaveHandle:
-        """The snapshot and the hand-over to the writer, in a slot ``_save`` reserved."""
+        """The snapshot and the hand-over to the writer, in the slot ``_save`` reserved (its owner
+        from the moment the handle is pending); until the writer has the job, all is rolled back."""
         step = record.step
         waited = time.perf_counter()
         flat = flatten(state)
@@ -629,57 +670,79 @@ class CheckpointManager:
         planned = time.perf_counter()
         arena = self._arenas.acquire(layout.total)
         lazy: LazyCopy | None = None
+        handle: SaveHandle | None = None
+        job: SaveJob | None = None
+        replaced: SaveJob | None = None
+        submitted = False
         try:
             _phases.pause("snapshot")
             if self.snapshot == "overlap":
                 lazy = self._start_overlap(state, flat.tensors, flat.paths, layout, arena)
             else:
                 self._copier.copy(flat.tensors, layout, arena)
-        except BaseException:
-            self._arenas.release(arena)
-            raise
-        copied = time.perf_counter()
-        handle = SaveHandle(step)
-        job = SaveJob(step, flat.skeleton, layout, arena, handle, record, job_metrics, job_metadata, job_tags, lazy)
-        if lazy is not None and not lazy.fenced():
-            handle._before_wait = self._fence  # a handle waited on directly must not wait for a step
-            with self._fence_lock:
-                self._unfenced.append(lazy)
-        with self._cond:
-            self._reserved -= 1
-            self._pending.append(handle)
-        handle.add_done_callback(self._settled)
-        self.stats.add(record)
-        ended = time.perf_counter()
-        record.wait_prev_s = waited - began
-        record.snapshot_s = copied - planned
-        record.bookkeeping_s = (planned - waited) + (ended - copied)
-        record.stall_s = ended - began
-        job.enqueued = ended
-        if tell_policy:
-            self.policy.saved(step)
-        with self._jobs_lock:
-            self._in_flight_jobs[step] = job
-        try:
+            copied = time.perf_counter()
+            handle = SaveHandle(step)
+            handle.add_done_callback(self._settled)  # fires only once the writer has resolved it
+            job = SaveJob(step, flat.skeleton, layout, arena, handle, record, job_metrics, job_metadata, job_tags, lazy)
+            if lazy is not None and not lazy.fenced():
+                handle._before_wait = self._fence  # a handle waited on directly must not wait for a step
+                with self._fence_lock:
+                    self._unfenced.append(lazy)
+            ended = time.perf_counter()
+            record.wait_prev_s = waited - began
+            record.snapshot_s = copied - planned
+            record.bookkeeping_s = (planned - waited) + (ended - copied)
+            record.stall_s = ended - began
+            job.enqueued = ended
+            with self._jobs_lock:
+                replaced = self._in_flight_jobs.get(step)
+                self._in_flight_jobs[step] = job
+            with self._cond:
+                self._pending.append(handle)
+                self._reserved -= 1
+                slot.held = False
+                self._cond.notify_all()
             self._pipeline.submit(job)
-        except BaseException:
+            submitted = True
+        finally:
+            if not submitted:
+                self._roll_back(step, arena, lazy, handle, job, replaced)
+        self.stats.add(record)
+        return handle
+
+    def _roll_back(
+        self,
+        step: int,
+        arena: Any,
+        lazy: LazyCopy | None,
+        handle: SaveHandle | None,
+        job: SaveJob | None,
+        replaced: SaveJob | None,
+    ) -> None:
+        """Undo a save that never reached the writer: no pending handle, no unjudged copy, the arena
+        back in the pool once the copy thread is done with it."""
+        if job is not None:
             with self._jobs_lock:
                 if self._in_flight_jobs.get(step) is job:
-                    del self._in_flight_jobs[step]
+                    if replaced is not None and not replaced.handle.done():
+                        self._in_flight_jobs[step] = replaced
+                    else:
+                        del self._in_flight_jobs[step]
+        if handle is not None:
             with self._cond:
-                self._pending.remove(handle)
-                self._reserved += 1  # given back by the caller, which sees this failure
-            if lazy is not None:
-                try:
-                    lazy.wait_copied()  # the copy thread must be done with the arena before reuse
-                except BaseException:  # noqa: BLE001 - the submit failure is the error to report
-                    pass
-            self._arenas.release(arena)
-            if tell_policy:
-                record.ok = False
-                self.policy.committed(record)
-            raise
-        return handle
+                if handle in self._pending:
+                    self._pending.remove(handle)
+                    self._cond.notify_all()
+        if lazy is not None:
+            with self._fence_lock:
+                if lazy in self._unfenced:
+                    self._unfenced.remove(lazy)
+            lazy.abandon()
+            try:
+                lazy.wait_copied()  # the copy thread must be done with the arena before reuse
+            except BaseException:  # noqa: BLE001 - the save's own failure is the error to report
+                pass
+        self._arenas.release(arena)
 
     def _warn_if_behind(self, step: int) -> None:
         """Saving below the newest committed step starts a second timeline that "newest" ignores."""
@@ -710,7 +773,8 @@ class CheckpointManager:
         return self._copier.start(tensors, names, lazy, layout, arena)
 
     def _install_fence(self, obj: torch.optim.Optimizer | torch.nn.Module) -> None:
-        """Hook the fence into ``obj``'s step / load_state_dict, once per object."""
+        """Hook the fence into ``obj``'s step / load_state_dict, and a settle point into a module's
+        forward, once per object."""
         known = self._hooks.get(id(obj))
         if known is not None and known[0]() is obj:
             return
@@ -726,7 +790,23 @@ class CheckpointManager:
                 if register is None:  # torch < 2.5
                     register = module._register_load_state_dict_pre_hook
                 handles.append(register(hook))
+            # The saved module only (not every submodule): one cheap check per forward call.
+            try:
+                handles.append(obj.register_forward_pre_hook(_settle_hook(weakref.ref(self))))
+            except Exception:  # noqa: BLE001 - a module that takes no hooks (scripted): fences only
+                pass
         self._hooks[id(obj)] = (weakref.ref(obj), handles)
+
+    def _settle_point(self) -> None:
+        """A forward of a saved module: judge the copies already finished, oldest first; never
+        wait (a thread fencing right now is left to it)."""
+        if not self._fence_lock.acquire(blocking=False):
+            return
+        try:
+            while self._unfenced and self._unfenced[0].try_settle():
+                self._unfenced.pop(0)
+        finally:
+            self._fence_lock.release()
 
     def _abandon_fences(self) -> None:
         with self._fence_lock:
@@ -781,12 +861,32 @@ class CheckpointManager:
                         self._write_late_tags(path, job.tags)
                     with self._infos_lock:
                         self._infos[job.step] = CheckpointInfo(job.step, job.metrics, tuple(job.tags))
+                elif job.changes:
+                    self._retag_after_failure(job)
             if path is not None:
                 with self._infos_lock:
                     self._apply_retention(protect=job.step)
         finally:
             self.stats.finished(job.record)
             self.policy.committed(job.record)
+
+    def _retag_after_failure(self, job: SaveJob) -> None:
+        """A re-save of a committed step failed: the tag changes given while it was in flight still
+        reach the checkpoint it would have replaced (``_retag`` wrote them, unless that raced)."""
+        with self._infos_lock:
+            checkpoint = next((c for c in self._storage.checkpoints() if c.step == job.step), None)
+            if checkpoint is None:
+                return
+            try:
+                self._retag_committed(
+                    checkpoint.path,
+                    job.step,
+                    lambda have: functools.reduce(lambda tags, change: change(tags), job.changes, have),
+                )
+            except Exception as exc:  # noqa: BLE001 - bookkeeping: warn, never stop the writer
+                _warn_from_writer(
+                    f"asyncckpt: the tag changes given while {checkpoint.path} was re-saved were lost: {exc}"
+                )
 
     def _write_late_tags(self, path: Path, tags: list[str]) -> None:
         """Tags changed while the save's manifest was already written: rewrite it, now committed."""
@@ -914,18 +1014,31 @@ class CheckpointManager:
         _check_step(step)
         with self._jobs_lock:  # not while the writer finishes a save of this step
             job = self._in_flight_jobs.get(step)
-            if job is not None:
-                return job.retag(change)
             with self._infos_lock:  # not while the writer applies retention to this very checkpoint
                 checkpoint = next((c for c in self._storage.checkpoints() if c.step == step), None)
-                if checkpoint is None:
+                if checkpoint is None and job is None:
                     raise CheckpointNotFoundError(
                         f"no committed checkpoint and no save in flight for step {step} in {self.root}"
                     )
-                manifest = read_manifest(checkpoint.path)
-                manifest.tags = change(list(manifest.tags))
-                self._storage.replace_manifest(checkpoint.path, manifest.to_json())
-                self._infos[step] = CheckpointInfo(step, manifest.metrics, tuple(manifest.tags))
+                if checkpoint is not None:
+                    # Also when a re-save of the step is in flight: it may fail, and this one stays.
+                    try:
+                        tags = self._retag_committed(checkpoint.path, step, change)
+                    except (CheckpointError, OSError):
+                        if job is None:
+                            raise
+                        # Replaced by that save meanwhile (it carries the change), or it is retried
+                        # on the committed checkpoint if that save fails.
+            if job is not None:
+                return job.retag(change)
+        return tags
+
+    def _retag_committed(self, path: Path, step: int, change: Callable[[list[str]], list[str]]) -> list[str]:
+        """Swap a committed checkpoint's manifest for one with changed tags (under ``_infos_lock``)."""
+        manifest = read_manifest(path)
+        manifest.tags = change(list(manifest.tags))
+        self._storage.replace_manifest(path, manifest.to_json())
+        self._infos[step] = CheckpointInfo(step, manifest.metrics, tuple(manifest.tags))
         return manifest.tags
 
     # ---- lifetime -----------------------------------------------------------------------------
@@ -949,10 +1062,14 @@ class CheckpointManager:
         In a forked child it does nothing: the saves, threads and lock are the parent's."""
         if self._closed or self._pid != os.getpid():
             return
-        self._closed = True
+        with self._cond:  # a save waiting for a slot sees this under the same lock, and gives up
+            self._closed = True
         if self._previous_handlers and threading.current_thread() is threading.main_thread():
             self._restore_signal_handlers()
         try:
+            with self._cond:  # saves past that check (snapshotting on other threads) are handed over first
+                while self._reserved:
+                    self._cond.wait()
             self._fence()
             self._wait_pending()
         finally:

@@ -124,11 +124,14 @@ class SaveJob:
     enqueued: float = 0.0  # perf_counter when save() returned
     tags_written: bool = False  # the manifest was built with the tags as they were then
     retagged_late: bool = False  # tags changed after that: the manager rewrites them at the commit
+    changes: list[Callable[[list[str]], list[str]]] = field(default_factory=list)  # tag/untag calls, in order
     _tags_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def retag(self, change: Callable[[list[str]], list[str]]) -> list[str]:
-        """Change the tags of a save still in flight (the caller, under the manager's lock)."""
+        """Change the tags of a save still in flight (the caller, under the manager's lock). The
+        change is kept, to apply to a committed checkpoint of the step if this save fails."""
         with self._tags_lock:
+            self.changes.append(change)
             self.tags = change(list(self.tags))
             self.retagged_late = self.retagged_late or self.tags_written
             return list(self.tags)
@@ -158,16 +161,21 @@ class Pipeline:
         self._nice = nice
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="asyncckpt-encode", initializer=self._init_worker)
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
+        self._accepting = True
+        self._accepting_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
         self._thread.start()
 
     def submit(self, job: SaveJob) -> None:
-        if not self._thread.is_alive():
-            raise CheckpointError("the background writer has stopped (manager closed?)")
-        self._jobs.put(job)
+        with self._accepting_lock:  # never a job behind the stop sentinel: nobody would take it
+            if not self._accepting or not self._thread.is_alive():
+                raise CheckpointError("the background writer has stopped (manager closed?)")
+            self._jobs.put(job)
 
     def close(self) -> None:
-        self._jobs.put(None)
+        with self._accepting_lock:
+            self._accepting = False
+            self._jobs.put(None)
         self._thread.join()
         self._pool.shutdown(wait=True)
 
@@ -221,12 +229,12 @@ class Pipeline:
 
     @staticmethod
     def _check_guard(job: SaveJob) -> None:
-        """Overlap mode, right before the commit: commit only if nothing copied lazily changed in
-        place since ``save`` (by the fence's count, or by the counters now if no fence has passed:
-        the copy is complete, so the commit never waits for the next optimizer step)."""
+        """Overlap mode, right before the commit: commit only on the training thread's verdict (its
+        next fence or settle point) that nothing copied lazily changed in place since ``save``."""
         lazy = job.lazy
         assert lazy is not None
-        changed = lazy.settle()
+        _phases.pause("verdict")
+        changed = lazy.verdict()
         job.record.fence_wait_s = lazy.fence_wait_s
         if lazy.abandoned:
             raise CheckpointError(
@@ -319,7 +327,7 @@ class Pipeline:
             self._storage.write_manifest(temp_dir, manifest.to_json())
             record.fsync_s = time.perf_counter() - began
             began = time.perf_counter()
-            if job.lazy is not None:  # as late as possible: the longest time for an update to show
+            if job.lazy is not None:  # written: only the training thread's verdict stands before the commit
                 self._check_guard(job)
             _phases.pause("rename")
             path = self._storage.commit(temp_dir, job.step)

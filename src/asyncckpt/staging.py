@@ -224,21 +224,22 @@ class LazyCopy:
     """The part of an overlap-mode snapshot that may still be copying when ``save`` returns.
 
     Three threads meet here. The copy runs on a copy thread (CPU tensors) or a copy stream (GPU).
-    The training thread *fences* at its next optimizer step (or restore, save, wait, close): on
-    GPU its stream then waits for the copy without blocking the host, on CPU it joins the copy
-    thread; then the *guard* compares the version counters recorded at ``save`` with the current
-    ones. The training thread runs in order, so any in-place update made between ``save`` and the
-    fence has finished and shows in a counter by then, and anything after the fence is ordered
-    after the copy. The writer thread waits for the copy before reading the arena, and just before
-    committing *settles*: the fence's verdict if a fence has passed, else the counters compared
-    there and then. Training may be in an evaluation or a data wait with no fence for minutes, and a
-    finished copy needs none: an update the counters do not show yet, once the copy is complete,
-    either came after it or is an in-place kernel still running at the commit (its counter moves
-    when it returns), after all of the checkpoint was encoded and written since the copy ended.
+    The training thread (the one that called ``save``) gives the *verdict*: "copy complete and no
+    lazily copied tensor changed in place since ``save``". A version counter moves only when its
+    in-place op returns, so the counters are read only on that thread, where every earlier op of
+    it has returned; read on the writer, they would miss an op still running there. Two places give
+    it: a *fence* (the next optimizer step, restore, save, wait, close: on GPU the stream then waits
+    for the copy without blocking the host, on CPU the copy thread is joined, so anything after it
+    is ordered after the copy), and a *settle point* (a forward of a saved module), which never
+    waits: it gives the verdict only if the copy has already finished, so anything after it comes
+    after the copy too. The writer waits for the verdict before committing, and never decides alone.
     """
 
-    def __init__(self, tensors: list[torch.Tensor], names: list[str], versions: list[int]) -> None:
+    def __init__(
+        self, tensors: list[torch.Tensor], names: list[str], versions: list[int], trainer: int | None = None
+    ) -> None:
         self._tensors = tensors
+        self.trainer = threading.get_ident() if trainer is None else trainer  # the thread whose ops count
         self._names = names
         self._versions = versions
         self._cpu: Future | None = None
@@ -249,7 +250,7 @@ class LazyCopy:
         self._gpu_wait_marks: dict[torch.device, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
         self._lock = threading.Lock()
         self._fenced = threading.Event()
-        self.changed: list[str] = []  # guard verdict: tensors updated in place before the fence
+        self.changed: list[str] = []  # guard verdict: tensors updated in place before the verdict
         self.started = time.perf_counter()
         self.copy_s = 0.0  # from save to the last byte copied (known once wait_copied returns)
         self.fence_wait_s = 0.0  # how long the fencing thread waited (known once fenced)
@@ -348,15 +349,41 @@ class LazyCopy:
                 self._tensors = []
                 self._fenced.set()
 
-    def settle(self) -> list[str]:
-        """Writer thread, once ``wait_copied`` returned: the names of lazily copied tensors changed
-        in place since ``save``, from the fence if one has passed (a fence under way is waited for:
-        it holds the lock), else from the counters now. Never waits for a fence still to come."""
-        with self._lock:
+    def try_settle(self) -> bool:
+        """A settle point: give the verdict if the copy has already finished; never wait, never sync.
+
+        Only on the training thread (elsewhere an in-place op of that thread may still be running,
+        its counter not moved yet). On GPU only ``event.query()``, and nothing at all while this
+        thread's stream is being captured into a CUDA graph (a query there would break the
+        capture). True once a verdict is in (here or earlier)."""
+        if threading.get_ident() != self.trainer or not self._lock.acquire(blocking=False):
+            return self._fenced.is_set()
+        try:
             if self._fenced.is_set():
-                return self.changed
+                return True
+            if self._cpu is not None and not self._cpu.done():
+                return False
+            if self._events:
+                if torch.cuda.is_current_stream_capturing():
+                    return False
+                for device, event in self._events.items():
+                    with torch.cuda.device(device):
+                        if not event.query():
+                            return False
             watched = zip(self._tensors, self._versions, self._names, strict=True)
-            return [name for tensor, version, name in watched if tensor._version != version]
+            self.changed = [name for tensor, version, name in watched if tensor._version != version]
+            self._tensors = []
+            self._fenced.set()
+            return True
+        finally:
+            self._lock.release()
+
+    def verdict(self) -> list[str]:
+        """Writer thread, once ``wait_copied`` returned: wait for the training thread's verdict (a
+        fence or a settle point) and return the names of lazily copied tensors changed in place."""
+        self._fenced.wait()
+        with self._lock:
+            return self.changed
 
 
 @contextlib.contextmanager
@@ -373,6 +400,21 @@ def _capturing(stream: torch.cuda.Stream) -> bool:
     """Whether ``stream`` (not the calling thread's current one) is being captured into a CUDA graph."""
     with on_stream(stream):
         return torch.cuda.is_current_stream_capturing()
+
+
+_TRAINER = threading.local()
+
+
+@contextlib.contextmanager
+def training_thread(ident: int) -> Iterator[None]:
+    """Saves started inside count ``ident`` as their training thread (a façade that saves from a
+    worker thread on behalf of the thread that runs training)."""
+    before = getattr(_TRAINER, "ident", None)
+    _TRAINER.ident = ident
+    try:
+        yield
+    finally:
+        _TRAINER.ident = before
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -458,7 +500,7 @@ class CopyEngine:
                     cpu_lazy.append((tensor, target))
                 else:
                     target.copy_(tensor)
-            pending = LazyCopy(lazy_tensors, lazy_names, versions)
+            pending = LazyCopy(lazy_tensors, lazy_names, versions, getattr(_TRAINER, "ident", None))
             used: list[torch.cuda.Stream] = []
             try:
                 for device, (eager_pairs, lazy_pairs) in on_gpu.items():

@@ -1,0 +1,242 @@
+"""A save that fails or is interrupted on its way to the writer gives back all it took, close() and
+tags meet saves in flight without losing either, and the policy's clock starts at the save's start."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import threading
+import warnings
+
+import pytest
+import torch
+
+from _waiting import run_with_timeout, wait_until
+from asyncckpt import CheckpointError, CheckpointManager, EverySeconds, EverySteps, _phases
+from asyncckpt import pipeline as pipeline_module
+from asyncckpt.reader import read_manifest
+
+
+class FlakyPolicy(EverySteps):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(1)
+        self.error = error
+
+    def saved(self, step: int) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [RuntimeError("policy bookkeeping failed"), KeyboardInterrupt()])
+def test_a_policy_that_raises_in_saved_leaves_no_save_pending(tmp_path, error):
+    policy = FlakyPolicy(error)
+    mgr = CheckpointManager(tmp_path, policy=policy)
+    with pytest.raises(type(error)):
+        mgr.maybe_save(1, {"w": torch.zeros(10)})
+    assert mgr._reserved == 0
+    run_with_timeout(mgr.wait, timeout=30)  # nothing pending: returns at once
+    policy.saved = lambda step: None  # type: ignore[method-assign]
+    mgr.maybe_save(2, {"w": torch.ones(10)}).wait()
+    assert mgr.steps() == [2]
+    run_with_timeout(mgr.close, timeout=30)  # no phantom save holds it
+
+
+@pytest.mark.parametrize("snapshot", ["blocking", "overlap"])
+@pytest.mark.parametrize("where", ["snapshot", "submit"])
+def test_an_interrupt_on_the_way_to_the_writer_gives_everything_back(tmp_path, monkeypatch, snapshot, where):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(128, 128)
+    state = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+    with CheckpointManager(tmp_path, snapshot=snapshot, max_pending=1) as mgr:
+        mgr.save(1, state).wait()
+        held = mgr._arenas.held_bytes()
+        if where == "snapshot":
+            real = _phases.pause
+
+            def pause(phase: str) -> None:
+                if phase == "snapshot":
+                    raise KeyboardInterrupt
+                real(phase)
+
+            monkeypatch.setattr(_phases, "pause", pause)
+        else:
+
+            def submit(job):
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(mgr._pipeline, "submit", submit)
+        with pytest.raises(KeyboardInterrupt):
+            mgr.save(2, state)
+        monkeypatch.undo()
+        assert mgr._arenas.held_bytes() == held  # the arena is back in the pool
+        run_with_timeout(mgr.wait, timeout=30)  # no phantom pending save
+        mgr.save(3, state).wait(timeout=60)  # the slot was given back (max_pending=1)
+        assert mgr.steps() == [1, 3]
+
+
+def test_every_seconds_restarts_its_interval_at_the_save_start(tmp_path, monkeypatch):
+    now = [0.0]
+    policy = EverySeconds(10, clock=lambda: now[0])
+    real = _phases.pause
+
+    def pause(phase: str) -> None:
+        if phase == "snapshot":
+            now[0] += 3.0  # a snapshot that takes 3 s
+        real(phase)
+
+    monkeypatch.setattr(_phases, "pause", pause)
+    with CheckpointManager(tmp_path, policy=policy) as mgr:
+        assert mgr.maybe_save(0, {"w": torch.zeros(4)}) is None  # starts the clock
+        now[0] = 10.0
+        mgr.maybe_save(1, {"w": torch.zeros(4)}).wait()  # started at 10 s, copied at 13 s
+        now[0] = 20.0
+        assert mgr.due(2)  # 10 s since that save started
+
+
+def test_close_while_a_save_waits_for_a_slot_refuses_it_cleanly(tmp_path, monkeypatch):
+    gate = threading.Event()
+    real = _phases.pause
+
+    def pause(phase: str) -> None:
+        if phase == "write":
+            assert gate.wait(60)
+        real(phase)
+
+    monkeypatch.setattr(_phases, "pause", pause)
+    mgr = CheckpointManager(tmp_path, max_pending=1)
+    state = {"w": torch.zeros(1000)}
+    first = mgr.save(1, state)  # held in the writer: the only slot is taken
+    outcome: dict = {}
+
+    def second() -> None:
+        try:
+            outcome["handle"] = mgr.save(2, state)
+        except CheckpointError as exc:
+            outcome["error"] = exc
+
+    saver = threading.Thread(target=second)
+    saver.start()
+    wait_until(lambda: mgr._cond._waiters, timeout=30, what="the second save waiting for a slot")  # type: ignore[attr-defined]
+    closer = threading.Thread(target=mgr.close)
+    closer.start()
+    wait_until(lambda: mgr._closed, timeout=30, what="close under way")
+    gate.set()
+    run_with_timeout(lambda: (saver.join(60), closer.join(60)), timeout=90)
+    assert not saver.is_alive() and not closer.is_alive()
+    assert first.done() and first.error() is None
+    assert "handle" not in outcome
+    assert str(outcome["error"]) == f"CheckpointManager({mgr.root}) is closed"
+    assert [p.name for p in mgr.root.iterdir() if p.name.startswith("step-")] == ["step-000000000001"]
+
+
+def test_close_while_a_save_is_snapshotting_commits_it(tmp_path, monkeypatch):
+    in_snapshot, release = threading.Event(), threading.Event()
+    real = _phases.pause
+
+    def pause(phase: str) -> None:
+        if phase == "snapshot" and threading.current_thread().name == "saver":
+            in_snapshot.set()
+            assert release.wait(60)
+        real(phase)
+
+    monkeypatch.setattr(_phases, "pause", pause)
+    mgr = CheckpointManager(tmp_path)
+    outcome: dict = {}
+
+    def save() -> None:
+        try:
+            outcome["path"] = mgr.save(1, {"w": torch.ones(1000)}).wait(timeout=60)
+        except Exception as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    saver = threading.Thread(target=save, name="saver")
+    saver.start()
+    assert in_snapshot.wait(60)
+    closer = threading.Thread(target=mgr.close)
+    closer.start()
+    wait_until(lambda: mgr._closed, timeout=30, what="close under way")
+    release.set()
+    run_with_timeout(lambda: (saver.join(60), closer.join(60)), timeout=90)
+    assert not saver.is_alive() and not closer.is_alive()
+    assert outcome == {"path": mgr.root / "step-000000000001"}
+
+
+def test_a_tag_given_while_a_resave_is_in_flight_survives_its_failure(tmp_path, monkeypatch):
+    real_encode = pipeline_module.codec.encode
+    armed = threading.Event()
+    may_fail = threading.Event()
+
+    def encode(*args, **kwargs):
+        if armed.is_set():
+            assert may_fail.wait(60)
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module.codec, "encode", encode)
+    state = {"w": torch.zeros(1000)}
+    with CheckpointManager(tmp_path, keep_last=2) as mgr:
+        mgr.save(5, state).wait()
+        armed.set()
+        resave = mgr.save(5, state)  # the same step again (a rolled-back run), still in flight
+        assert mgr.tag(5, "best") == ["best"]
+        may_fail.set()
+        with pytest.raises(CheckpointError, match="save of step 5 failed"):
+            resave.wait()
+        armed.clear()
+        assert read_manifest(tmp_path / "step-000000000005").tags == ["best"]
+        for step in (6, 7, 8):
+            mgr.save(step, state).wait()
+        assert mgr.steps() == [5, 7, 8]  # the tagged checkpoint is kept
+
+
+def test_the_preemption_warning_names_an_other_failed_save_as_earlier(tmp_path, monkeypatch):
+    first_may_fail = threading.Event()
+    calls = [0]
+    real = _phases.pause
+
+    def pause(phase: str) -> None:
+        if phase == "write":
+            calls[0] += 1
+            if calls[0] == 1:  # step 1 fails, after the final save was taken
+                assert first_may_fail.wait(60)
+                raise OSError(errno.EIO, "I/O error (injected)")
+        if phase == "snapshot" and calls[0] >= 1:  # the final save's snapshot: let step 1 fail later
+            threading.Timer(0.2, first_may_fail.set).start()
+        real(phase)
+
+    monkeypatch.setattr(_phases, "pause", pause)
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        with CheckpointManager(tmp_path, policy=EverySteps(100), max_pending=2) as mgr:
+            mgr.install_signal_handlers((signal.SIGUSR1,))
+            mgr.save(1, {"w": torch.zeros(10)})
+            wait_until(lambda: calls[0] == 1, timeout=30, what="step 1 in the writer")
+            signal.raise_signal(signal.SIGUSR1)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert mgr.maybe_save(2, {"w": torch.ones(10)}) is None
+            assert mgr.steps() == [2]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    messages = [str(w.message) for w in caught]
+    assert seen == [signal.SIGUSR1]
+    assert not [m for m in messages if "final checkpoint" in m], messages
+    assert [m for m in messages if m.startswith("asyncckpt: before signal") and "save of step 1 failed" in m]
+
+
+def test_a_tag_on_a_first_save_that_fails_is_dropped_with_it(tmp_path, monkeypatch):
+    """Documented: with no committed checkpoint of the step, the tag lives only in the save."""
+    may_fail = threading.Event()
+
+    def encode(*args, **kwargs):
+        assert may_fail.wait(60)
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    monkeypatch.setattr(pipeline_module.codec, "encode", encode)
+    with CheckpointManager(tmp_path) as mgr:
+        handle = mgr.save(1, {"w": torch.zeros(10)})
+        assert mgr.tag(1, "best") == ["best"]
+        may_fail.set()
+        with pytest.raises(CheckpointError):
+            handle.wait()
+        assert mgr.steps() == []
