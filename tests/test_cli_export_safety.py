@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import cli
 from asyncckpt import CheckpointManager, tools
-from asyncckpt.cli import main
 from asyncckpt.errors import CheckpointError
 from asyncckpt.format import step_dir_name
 from asyncckpt.reader import verify_checkpoint
@@ -25,12 +25,6 @@ def root(tmp_path) -> Path:
         for step in (1, 2):
             mgr.save(step, {"model": torch.nn.Linear(4, 3), "step": step}).wait()
     return root
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def tree_digest(path: Path) -> dict[str, str]:

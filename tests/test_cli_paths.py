@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import cli
 from asyncckpt import CheckpointManager
-from asyncckpt.cli import main
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ that only go with another, paths checked before output, plurals, what a diff's k
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -11,22 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import cli, strict_json
 from asyncckpt import CheckpointManager
-from asyncckpt.cli import build_parser, main
+from asyncckpt.cli import build_parser
 from asyncckpt.format import step_dir_name
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def strict_json(text: str):
-    def refuse(name):
-        raise AssertionError(f"{name} is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import cli, remaining
 from asyncckpt import CheckpointManager
-from asyncckpt.cli import main
 from asyncckpt.format import step_dir_name
 
 STEPS = [1, 2, 3, 4]
@@ -24,16 +24,6 @@ def root(tmp_path) -> Path:
             state["step"] = step
             mgr.save(step, state, metrics={"loss": LOSSES[step]}).wait()
     return root
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def remaining(root: Path) -> list[int]:
-    return sorted(int(p.name.removeprefix("step-")) for p in root.glob("step-*"))
 
 
 def test_prune_keeps_a_tagged_checkpoint(root, capsys):

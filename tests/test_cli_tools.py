@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import cli, remaining
 from asyncckpt import CheckpointManager, tools
 from asyncckpt._progress import Progress, format_bytes, progress_bar
 from asyncckpt.cli import main
@@ -53,12 +54,6 @@ def run(tmp_path):
 
 def ckpt(root: Path, step: int) -> Path:
     return root / step_dir_name(step)
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ----------------------------------------------------------------------------------------- inspect
@@ -266,10 +261,6 @@ def test_export_errors_leave_no_output(run, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- prune
-
-
-def remaining(root: Path) -> list[int]:
-    return sorted(int(p.name.removeprefix("step-")) for p in root.glob("step-*"))
 
 
 def test_prune_dry_run_deletes_nothing(run, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import re
 import stat
@@ -16,24 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import cli, strict_json
 from asyncckpt import CheckpointManager
 from asyncckpt.cli import build_parser, main
 from asyncckpt.format import step_dir_name
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def strict_json(text: str):
-    def refuse(name):
-        raise AssertionError(f"{name} is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture

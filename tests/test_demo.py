@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _demo import report
 from asyncckpt.cli import main
-from asyncckpt.demo import DemoReport, Spread, headline, run_demo
+from asyncckpt.demo import Spread, headline, run_demo
 
 
 def spread(median_ms: float, low_ms: float, high_ms: float, count: int = 10) -> Spread:
@@ -45,34 +46,14 @@ def test_spread_of_timings():
         Spread.of([])
 
 
-def report_with(stalls: list[float], torch_stalls: list[float], fence: list[float] | None = None) -> DemoReport:
-    return DemoReport(
-        device="cpu",
-        parameters=1000,
-        state_bytes=12000,
-        steps=100,
-        step_times=[0.01] * 90,
-        policy="EverySeconds(1.5)",
-        asyncckpt_stalls=stalls,
-        torch_save_stalls=torch_stalls,
-        compression_ratio=1.2,
-        persist_p50_s=0.05,
-        restored_step=100,
-        restore_exact=True,
-        snapshot="overlap" if fence else "blocking",
-        fence_waits=fence or [],
-        overhead_fraction=0.01,
-    )
-
-
 def test_render_claims_nothing_when_the_stalls_are_alike():
-    text = report_with([0.09, 0.12, 0.10, 0.11, 0.10], [0.088, 0.13, 0.11, 0.1, 0.12]).render()
+    text = report([0.09, 0.12, 0.10, 0.11, 0.10], [0.088, 0.13, 0.11, 0.1, 0.12]).render()
     assert "x less" not in text and "no clear difference" in text
 
 
 def test_render_counts_the_fence_wait_in_overlap_mode():
     # save() returns at once, but the next optimizer step waits as long as torch.save takes: no win
-    text = report_with([0.001, 0.001, 0.001], [0.10, 0.11, 0.12], fence=[0.10, 0.11, 0.12]).render()
+    text = report([0.001, 0.001, 0.001], [0.10, 0.11, 0.12], fence=[0.10, 0.11, 0.12]).render()
     assert "x less" not in text
     assert "fence wait" in text and "training time lost" in text
 

@@ -6,31 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _demo import report
 from asyncckpt import demo
-from asyncckpt.demo import DemoReport, Spread, headline, run_demo
-
-
-def report(stalls, torch_stalls, background=None, fence=None, busy=None, idle=None) -> DemoReport:
-    return DemoReport(
-        device="cpu",
-        parameters=1000,
-        state_bytes=12000,
-        steps=93,
-        step_times=[0.01] * 90,
-        policy="EverySeconds(1.5)",
-        asyncckpt_stalls=stalls,
-        torch_save_stalls=torch_stalls,
-        compression_ratio=1.2,
-        persist_p50_s=0.05,
-        restored_step=90,
-        restore_exact=True,
-        snapshot="overlap" if fence else "blocking",
-        fence_waits=fence or [],
-        overhead_fraction=0.01,
-        busy_step_times=busy or [],
-        idle_step_times=idle or [],
-        background_costs=background or [],
-    )
+from asyncckpt.demo import Spread, headline, run_demo
 
 
 def test_few_samples_get_their_min_max_and_count():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import cli, remaining
 from asyncckpt import CheckpointManager
-from asyncckpt.cli import main
 from asyncckpt.format import MANIFEST_NAME, step_dir_name
 from asyncckpt.reader import verify_checkpoint
 from asyncckpt.retention import CheckpointInfo, RetentionPolicy, steps_to_delete
@@ -23,16 +23,6 @@ def root(tmp_path) -> Path:
         for step in (1, 2, 3, 4):
             mgr.save(step, {"w": torch.full((3,), float(step))}, metrics={"loss": 1.0 / step}).wait()
     return root
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def remaining(root: Path) -> list[int]:
-    return sorted(int(p.name.removeprefix("step-")) for p in root.glob("step-*"))
 
 
 def damage_manifest(root: Path, step: int) -> None:
