@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import signal
+import sys
 import threading
 import warnings
 
@@ -32,7 +33,7 @@ def test_a_policy_that_raises_in_saved_leaves_no_save_pending(tmp_path, error):
     mgr = CheckpointManager(tmp_path, policy=policy)
     with pytest.raises(type(error)):
         mgr.maybe_save(1, {"w": torch.zeros(10)})
-    assert mgr._reserved == 0
+    assert not mgr._reservations
     run_with_timeout(mgr.wait, timeout=30)  # nothing pending: returns at once
     policy.saved = lambda step: None  # type: ignore[method-assign]
     mgr.maybe_save(2, {"w": torch.ones(10)}).wait()
@@ -240,3 +241,60 @@ def test_a_tag_on_a_first_save_that_fails_is_dropped_with_it(tmp_path, monkeypat
         with pytest.raises(CheckpointError):
             handle.wait()
         assert mgr.steps() == []
+
+
+def _lines_of(*functions) -> list[tuple[object, int]]:
+    return sorted(
+        {(f.__code__, line) for f in functions for _, _, line in f.__code__.co_lines() if line},
+        key=lambda pair: (pair[0].co_name, pair[1]),
+    )
+
+
+@pytest.mark.parametrize("snapshot", ["blocking", "overlap"])
+def test_an_interrupt_at_any_line_of_a_save_leaks_no_slot_and_undoes_no_handed_over_job(tmp_path, snapshot):
+    """A KeyboardInterrupt raised before each line of the save path in turn (sys.settrace): the
+    manager never leaks a max_pending slot or counts one twice (the next save and close would
+    hang), and a job the writer already took is never rolled back under it (its arena reused, its
+    handle lost); later saves commit and nothing fails."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(8, 64)).sum().backward()
+    opt.step()
+    state = {"model": model, "optimizer": opt}
+    fired_at = []
+    for index, (code, line) in enumerate(_lines_of(CheckpointManager._save, CheckpointManager._take_and_submit)):
+        fired = []
+
+        def tracer(frame, event, arg, code=code, line=line, fired=fired):
+            if frame.f_code is not code:
+                return None
+
+            def local(f, ev, a):
+                if ev == "line" and f.f_lineno == line and not fired:
+                    fired.append(line)
+                    raise KeyboardInterrupt
+                return local
+
+            return local
+
+        mgr = CheckpointManager(tmp_path / f"r{index}", snapshot=snapshot, max_pending=1, workers=1)
+        mgr.save(0, state)
+        sys.settrace(tracer)
+        try:
+            mgr.save(1, state)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+
+        def finish(mgr=mgr):
+            mgr.wait()
+            mgr.save(2, state).wait()
+            mgr.close()
+
+        run_with_timeout(finish, timeout=60)
+        assert not mgr._reservations, f"line {line}: a max_pending slot leaked"
+        assert 2 in mgr.steps()
+        fired_at += fired
+    assert len(fired_at) > 20  # the interrupt really landed all along the save path

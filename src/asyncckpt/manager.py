@@ -310,9 +310,10 @@ SNAPSHOT_MODES = ("blocking", "overlap")
 
 
 class _Slot:
-    """Whether a save still owns its reserved ``max_pending`` slot (until its handle is pending)."""
-
-    held = False
+    """One save's reserved ``max_pending`` slot, held in ``CheckpointManager._reservations`` until
+    its handle is pending. A set member, not a counter plus a flag: taking and giving it back are
+    single idempotent operations, so an interrupt between two statements can neither leak a slot
+    nor give one back twice."""
 
 
 def _fenceable(state: Any, depth: int = 0) -> tuple[list[torch.optim.Optimizer], list[torch.nn.Module]]:
@@ -419,7 +420,7 @@ class CheckpointManager:
         self._copier = CopyEngine()
         self._cond = threading.Condition()
         self._pending: list[SaveHandle] = []
-        self._reserved = 0  # slots taken by saves still snapshotting (under _cond, with _pending)
+        self._reservations: set[_Slot] = set()  # slots of saves still snapshotting (under _cond, with _pending)
         # step -> newest save not yet done. Its own lock, taken before _infos_lock: a save registers
         # here and must not wait while the writer applies retention (deletes) under _infos_lock.
         self._in_flight_jobs: dict[int, SaveJob] = {}
@@ -625,18 +626,16 @@ class CheckpointManager:
             slot = _Slot()
             try:
                 with self._cond:  # reserved here, so threads saving at once never exceed max_pending
-                    while len(self._pending) + self._reserved >= self.max_pending:
+                    while len(self._pending) + len(self._reservations) >= self.max_pending:
                         self._cond.wait()
                     if self._closed:  # closed while this save waited: its writer is stopping
                         raise CheckpointError(f"CheckpointManager({self.root}) is closed")
-                    self._reserved += 1
-                    slot.held = True
+                    self._reservations.add(slot)
                 handle = self._take_and_submit(state, record, began, metrics, metadata, tags, slot)
             finally:
-                if slot.held:
-                    with self._cond:
-                        self._reserved -= 1
-                        slot.held = False
+                with self._cond:
+                    if slot in self._reservations:
+                        self._reservations.discard(slot)
                         self._cond.notify_all()
         except BaseException:
             if tell_policy:  # so the policy never waits for a commit that cannot come
@@ -699,13 +698,14 @@ class CheckpointManager:
                 self._in_flight_jobs[step] = job
             with self._cond:
                 self._pending.append(handle)
-                self._reserved -= 1
-                slot.held = False
+                self._reservations.discard(slot)
                 self._cond.notify_all()
             self._pipeline.submit(job)
             submitted = True
         finally:
-            if not submitted:
+            # An interrupt inside or just after ``submit`` leaves it unknown whether the job was
+            # queued: the writer's claim decides, so a job it already has is never undone.
+            if not submitted and (job is None or self._pipeline.withdraw(job)):
                 self._roll_back(step, arena, lazy, handle, job, replaced)
         self.stats.add(record)
         return handle
@@ -1068,7 +1068,7 @@ class CheckpointManager:
             self._restore_signal_handlers()
         try:
             with self._cond:  # saves past that check (snapshotting on other threads) are handed over first
-                while self._reserved:
+                while self._reservations:
                     self._cond.wait()
             self._fence()
             self._wait_pending()

@@ -123,6 +123,10 @@ class SaveJob:
     lazy: LazyCopy | None = None  # overlap mode: copies still running when save() returned
     enqueued: float = 0.0  # perf_counter when save() returned
     tags_written: bool = False  # the manifest was built with the tags as they were then
+    # Who owns the job once it may be in the queue: the writer (``taken``) or a rollback
+    # (``cancelled``); decided once, under ``Pipeline._accepting_lock`` (``Pipeline.withdraw``).
+    taken: bool = False
+    cancelled: bool = False
     retagged_late: bool = False  # tags changed after that: the manager rewrites them at the commit
     changes: list[Callable[[list[str]], list[str]]] = field(default_factory=list)  # tag/untag calls, in order
     _tags_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -172,6 +176,17 @@ class Pipeline:
                 raise CheckpointError("the background writer has stopped (manager closed?)")
             self._jobs.put(job)
 
+    def withdraw(self, job: SaveJob) -> bool:
+        """Take back a job whose ``submit`` may or may not have queued it (an interrupt can land
+        either side of the queue's append). True: the writer will never persist it, so its arena
+        and handle can be given back. False: the writer already has it, and it must run its course.
+        """
+        with self._accepting_lock:
+            if job.taken:
+                return False
+            job.cancelled = True
+            return True
+
     def close(self) -> None:
         with self._accepting_lock:
             self._accepting = False
@@ -199,6 +214,10 @@ class Pipeline:
             job = self._jobs.get()
             if job is None:
                 return
+            with self._accepting_lock:
+                if job.cancelled:  # withdrawn by a save interrupted after handing it over
+                    continue
+                job.taken = True
             path: Path | None = None
             error: SaveFailedError | None = None
             try:
