@@ -188,7 +188,8 @@ def test_a_zstd_bomb_decompresses_once_into_the_tensor_then_trailing_bytes_are_r
 
 def test_a_zstd_bomb_of_the_declared_size_loads_with_one_copy(tmp_path):
     path = bomb_checkpoint(tmp_path / "step-000000000001", 1 * GiB)
-    code = f"t = asyncckpt.load({str(path)!r})['w']; result = [t.numel(), bool(t.any())]"
+    # a strided sample: t.any() over all of t may build a 256 MiB temporary, which is the test's, not the load's
+    code = f"t = asyncckpt.load({str(path)!r})['w']; result = [t.numel(), bool(t[::1024].any())]"
     out = in_child(code, address_space=4 * GiB)
     assert out.get("result") == [GiB // 4, False], out
     assert out["peak"] < GiB + HEADROOM, out
