@@ -425,7 +425,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     verb = "replaced" if existed else "wrote"
-    print(f"{verb} {out}: {len(flat)} tensors, {format_bytes(nbytes)} as {fmt}, step {step} key {args.key!r}")
+    tensors = tools.plural(len(flat), "tensor")
+    print(f"{verb} {out}: {tensors}, {format_bytes(nbytes)} as {fmt}, step {step} key {args.key!r}")
     return 0
 
 
