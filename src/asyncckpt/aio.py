@@ -211,8 +211,11 @@ class AsyncCheckpointManager:
         self.manager._check_owner()
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` in the default executor under the call lock; cancelling the waiter doesn't stop it."""
+        """Run ``fn`` in the default executor under the call lock; cancelling the waiter doesn't stop it.
 
+        In a forked child it raises before waiting on anything (the lock and the in-flight calls are
+        the parent's), so every method that goes through here is refused there."""
+        self._check_owner()
         trainer = threading.get_ident()  # the loop's thread runs training: its ops give the overlap verdict
 
         def locked() -> T:
@@ -230,7 +233,6 @@ class AsyncCheckpointManager:
 
     async def prepare(self, state: Any) -> int:
         """Allocate the host arena for ``state`` ahead of the first save; returns its size in bytes."""
-        self._check_owner()
         future: Future = await self._run(self.manager.prepare, state)  # allocation runs on its own thread
         return await asyncio.shield(asyncio.wrap_future(future))
 
@@ -248,7 +250,6 @@ class AsyncCheckpointManager:
         Like CheckpointManager.save, raises SaveFailedError for an earlier save that failed, after
         this one was submitted.
         """
-        self._check_owner()
         handle = await self._run(self.manager.save, step, state, metrics=metrics, metadata=metadata, tags=tags)
         return AsyncSaveHandle(handle, asyncio.get_running_loop())
 
@@ -264,12 +265,10 @@ class AsyncCheckpointManager:
 
     async def tag(self, step: int, *tags: str) -> list[str]:
         """Add tags to a committed checkpoint or a save still in flight (off the loop: it rewrites a manifest)."""
-        self._check_owner()
         return await self._run(self.manager.tag, step, *tags)
 
     async def untag(self, step: int, *tags: str) -> list[str]:
         """Remove tags (all when none are named) from a committed checkpoint or a save still in flight."""
-        self._check_owner()
         return await self._run(self.manager.untag, step, *tags)
 
     def install_signal_handlers(
@@ -389,7 +388,6 @@ class AsyncCheckpointManager:
         """Load the newest valid checkpoint (or ``step``) into ``state`` in place, off the event loop.
 
         ``strict`` as in ``CheckpointManager.restore``: False returns a RestoreResult."""
-        self._check_owner()
         return await self._run(self.manager.restore, state, step, strict=strict)
 
     async def steps(self) -> list[int]:
