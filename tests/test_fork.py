@@ -112,7 +112,8 @@ def test_a_multiprocessing_fork_worker_leaves_the_parent_holding_the_lock(tmp_pa
         proc.kill()
 
 
-FORK_DURING_A_SAVE = """
+# A save held in flight (its first write waits for ``gate``), then a fork.
+GATED_SAVE_THEN_FORK = """
 import threading
 from asyncckpt.storage import DataFileWriter
 
@@ -122,6 +123,11 @@ DataFileWriter.append = lambda self, data: gate.wait() and real_append(self, dat
 mgr = CheckpointManager(root)
 handle = mgr.save(5, state)
 pid = os.fork()
+"""
+
+FORK_DURING_A_SAVE = (
+    GATED_SAVE_THEN_FORK
+    + """
 if pid == 0:
     sys.exit(0)
 deadline = time.monotonic() + 60  # hang detection only
@@ -140,6 +146,7 @@ gate.set()
 print("committed", handle.wait().name, flush=True)
 mgr.close()
 """
+)
 
 
 def test_a_child_forked_during_a_save_exits_and_the_save_commits(tmp_path):
@@ -153,16 +160,9 @@ def test_a_child_forked_during_a_save_exits_and_the_save_commits(tmp_path):
         proc.kill()
 
 
-CHILD_WAITS_FOR_A_SAVE_IN_FLIGHT = """
-import threading
-from asyncckpt.storage import DataFileWriter
-
-gate = threading.Event()  # the save's first write waits for it: in flight until the child is gone
-real_append = DataFileWriter.append
-DataFileWriter.append = lambda self, data: gate.wait() and real_append(self, data)
-mgr = CheckpointManager(root)
-handle = mgr.save(5, state)
-pid = os.fork()
+CHILD_WAITS_FOR_A_SAVE_IN_FLIGHT = (
+    GATED_SAVE_THEN_FORK
+    + """
 if pid == 0:
     import signal
     signal.alarm(60)  # hang detection only: the child dies of SIGALRM if wait() blocks
@@ -180,6 +180,7 @@ gate.set()
 print("committed", handle.wait().name, flush=True)
 mgr.close()
 """
+)
 
 
 def test_waiting_in_a_forked_child_for_the_parents_save_is_a_clear_error(tmp_path):
