@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests._cli import cli
 
 import asyncckpt
-from tests._cli import cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(FIXTURES))
@@ -33,7 +33,7 @@ def assert_same_tree(a, b, where="state"):
             assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same_tree(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
@@ -79,7 +79,7 @@ def test_restore_in_place_and_catalog(fixture_root, tmp_path):
         assert mgr.tag(9, "late") == ["late"]
         assert mgr.untag(7, "best") == []
     assert live["step"] == 7 and live["extra"]["epoch"] == 2
-    for a, b in zip(live["model"].state_dict().values(), want["model"].state_dict().values()):
+    for a, b in zip(live["model"].state_dict().values(), want["model"].state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert_same_tree(live["optimizer"].state_dict(), want["optimizer"].state_dict())
     assert live["scheduler"].state_dict() == want["scheduler"].state_dict()
@@ -91,7 +91,8 @@ def test_load_weights(fixture_root):
         for p in model.parameters():
             p.zero_()
     assert asyncckpt.load_weights(fixture_root / "step-000000000007", model) == 7
-    for a, b in zip(model.state_dict().values(), fixture_state()["model"].state_dict().values()):
+    want = fixture_state()["model"].state_dict()
+    for a, b in zip(model.state_dict().values(), want.values(), strict=True):
         assert torch.equal(a, b)
 
 
