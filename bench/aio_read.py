@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
 from _common import median, state_bytes, trained_state  # noqa: E402
 from asyncckpt import codec  # noqa: E402
-from asyncckpt.reader import read_checkpoint, read_manifest  # noqa: E402
+from asyncckpt.engine.reader import read_checkpoint, read_manifest  # noqa: E402
 
 
 async def ticking(coro_fn) -> tuple[float, int, float]:

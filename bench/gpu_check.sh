@@ -88,7 +88,7 @@ step encoder 90 $PY bench/encoder_threads.py $ENC --json "$OUT/encoder-gpu.json"
 step tests 120 $PY -m pytest -v -p no:cacheprovider $PER_TEST tests/test_cuda_paths.py tests/test_overlap.py \
     tests/test_staging.py tests/test_manager.py
 # 4. the main job, as a user runs it (demo picks cuda when there is one)
-step demo 60 $PY -c "import sys; from asyncckpt.cli import main; sys.exit(main(sys.argv[1:]))" \
+step demo 60 $PY -c "import sys; from asyncckpt.cli.commands import main; sys.exit(main(sys.argv[1:]))" \
     demo --seconds "$DEMO_SECONDS" --snapshot overlap
 # 5. blocking vs overlap vs the alternatives, >= 4 GB state, with the bare device->pinned copy floor
 step stall 300 $PY bench/stall.py --device "$DEVICE" --width "$WIDTH" --depth "$DEPTH" --batch "$BATCH" \

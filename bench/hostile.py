@@ -75,9 +75,9 @@ print(json.dumps(out))
 """
 
 LOAD = "asyncckpt.load({path!r})"
-VERIFY = "from asyncckpt.reader import verify_checkpoint\nresult = verify_checkpoint(Path({path!r})).step"
+VERIFY = "from asyncckpt.engine.reader import verify_checkpoint\nresult = verify_checkpoint(Path({path!r})).step"
 LS = (
-    "import io, contextlib\nfrom asyncckpt.cli import main\n"
+    "import io, contextlib\nfrom asyncckpt.cli.commands import main\n"
     "with contextlib.redirect_stdout(io.StringIO()) as out:\n    main(['ls', {path!r}])\n"
     "result = out.getvalue().splitlines()[-1][-120:]"
 )

@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import asyncckpt
-from asyncckpt.cli import main as cli_main
+from asyncckpt.cli.commands import main as cli_main
 
 WRITER = r"""
 import sys, torch, asyncckpt

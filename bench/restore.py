@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
 from _common import machine, median, state_bytes, trained_state, write_json  # noqa: E402
 from asyncckpt import codec  # noqa: E402
-from asyncckpt.reader import read_manifest  # noqa: E402
+from asyncckpt.engine.reader import read_manifest  # noqa: E402
 
 
 def drop_caches() -> bool:

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
 from _common import machine, median, openmp_limited_init, state_bytes, trained_state, write_json  # noqa: E402
-from asyncckpt import pipeline  # noqa: E402
+from asyncckpt.engine import pipeline  # noqa: E402
 from asyncckpt.metrics import fence_cost_s  # noqa: E402
 
 

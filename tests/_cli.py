@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from asyncckpt.cli import main
+from asyncckpt.cli.commands import main
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:

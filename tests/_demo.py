@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asyncckpt.demo import DemoReport
+from asyncckpt.cli.demo import DemoReport
 
 
 def report(stalls, torch_stalls, background=None, fence=None, busy=None, idle=None) -> DemoReport:

@@ -13,7 +13,7 @@ import torch
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointManager, CheckpointError, CheckpointManager
-from asyncckpt.storage import TEMP_PREFIX, DataFileWriter
+from asyncckpt.storage.local import TEMP_PREFIX, DataFileWriter
 
 pytestmark = pytest.mark.asyncio
 

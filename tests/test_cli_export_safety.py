@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from _cli import cli
-from asyncckpt import CheckpointManager, tools
+from asyncckpt import CheckpointManager
+from asyncckpt.cli import tools
+from asyncckpt.engine.reader import verify_checkpoint
 from asyncckpt.errors import CheckpointError
 from asyncckpt.format import step_dir_name
-from asyncckpt.reader import verify_checkpoint
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 
 from _cli import cli, strict_json
 from asyncckpt import CheckpointManager
-from asyncckpt.cli import build_parser
+from asyncckpt.cli.commands import build_parser
 from asyncckpt.format import step_dir_name
 
 

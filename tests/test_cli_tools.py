@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from _cli import cli, remaining
-from asyncckpt import CheckpointManager, tools
+from asyncckpt import CheckpointManager
 from asyncckpt._progress import Progress, format_bytes, progress_bar
-from asyncckpt.cli import main
+from asyncckpt.cli import tools
+from asyncckpt.cli.commands import main
+from asyncckpt.engine.reader import read_manifest, verify_checkpoint
 from asyncckpt.errors import CheckpointError
 from asyncckpt.format import step_dir_name
-from asyncckpt.reader import read_manifest, verify_checkpoint
 
 STEPS = [10, 20, 30, 40, 50]
 LOSSES = {10: 0.5, 20: 0.1, 30: 0.9, 40: 0.3, 50: 0.7}

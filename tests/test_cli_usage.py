@@ -17,7 +17,7 @@ import torch
 
 from _cli import cli, strict_json
 from asyncckpt import CheckpointManager
-from asyncckpt.cli import build_parser, main
+from asyncckpt.cli.commands import build_parser, main
 from asyncckpt.format import step_dir_name
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -240,7 +240,7 @@ def test_export_fsyncs_the_directory_after_the_rename(root, tmp_path, capsys, mo
 
 
 def test_diff_reads_in_batches_and_its_progress_sums_to_the_total(tmp_path, monkeypatch):
-    from asyncckpt import tools
+    from asyncckpt.cli import tools
 
     a = {f"t{i}": torch.full((1024,), float(i)) for i in range(6)}  # 4 KiB each
     b = {**{k: v.clone() for k, v in a.items()}, "t5": torch.zeros(1024), "only_b": torch.ones(1024)}

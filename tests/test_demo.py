@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from _demo import report
-from asyncckpt.cli import main
-from asyncckpt.demo import Spread, headline, run_demo
+from asyncckpt.cli.commands import main
+from asyncckpt.cli.demo import Spread, headline, run_demo
 
 
 def spread(median_ms: float, low_ms: float, high_ms: float, count: int = 10) -> Spread:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from _demo import report
-from asyncckpt import demo
-from asyncckpt.demo import Spread, headline, run_demo
+from asyncckpt.cli import demo
+from asyncckpt.cli.demo import Spread, headline, run_demo
 
 
 def test_few_samples_get_their_min_max_and_count():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt.cli import build_parser, main
+from asyncckpt.cli.commands import build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent
 CLI_MD = REPO / "docs" / "cli.md"

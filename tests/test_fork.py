@@ -115,7 +115,7 @@ def test_a_multiprocessing_fork_worker_leaves_the_parent_holding_the_lock(tmp_pa
 # A save held in flight (its first write waits for ``gate``), then a fork.
 GATED_SAVE_THEN_FORK = """
 import threading
-from asyncckpt.storage import DataFileWriter
+from asyncckpt.storage.local import DataFileWriter
 
 gate = threading.Event()  # the save's first write waits for it: in flight until the child is gone
 real_append = DataFileWriter.append

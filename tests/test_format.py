@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from asyncckpt import CheckpointError
 from asyncckpt import format as fmt
 from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, parse_manifest
-from asyncckpt.tree import MAX_DEPTH, flatten, unflatten
+from asyncckpt.state.tree import MAX_DEPTH, flatten, unflatten
 
 VALID = Manifest(
     step=1200,

@@ -23,9 +23,9 @@ import zstandard
 
 import asyncckpt
 from asyncckpt import CheckpointDamagedError, CheckpointManager, CheckpointNotFoundError
-from asyncckpt.cli import main as cli_main
+from asyncckpt.cli.commands import main as cli_main
+from asyncckpt.engine.reader import read_checkpoint, read_manifest, verify_checkpoint
 from asyncckpt.format import MANIFEST_NAME, ChunkEntry, Manifest, TensorEntry, seal_manifest
-from asyncckpt.reader import read_checkpoint, read_manifest, verify_checkpoint
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 
@@ -38,7 +38,7 @@ ZSTD = [{"id": "zstd", "level": 1}]
 _CHILD = r"""
 import json, resource, sys, warnings
 import asyncckpt
-from asyncckpt.reader import read_manifest, verify_checkpoint
+from asyncckpt.engine.reader import read_manifest, verify_checkpoint
 from pathlib import Path
 
 def status(key):
@@ -218,7 +218,7 @@ def test_zstd_windows_in_flight_share_one_budget_whatever_the_thread_count(tmp_p
         one_tensor_manifest(1, n * raw_length, chunks[0]), chunks=chunks, stored_bytes=n * len(frame)
     )
     path = write_checkpoint(tmp_path / "step-000000000001", manifest, frame * n)
-    read = "from asyncckpt.reader import read_checkpoint\n"
+    read = "from asyncckpt.engine.reader import read_checkpoint\n"
     out = in_child(read + f"result = len(read_checkpoint(Path({str(path)!r}), workers=8).tensors)")
     assert out.get("result") == 1, out
     assert out["peak"] < n * raw_length + HEADROOM, out
@@ -239,7 +239,7 @@ def test_a_manifest_of_millions_of_empty_dicts_is_refused_before_parsing(tmp_pat
         read_manifest(path)
     out = in_child(
         f"import io, contextlib\nwith contextlib.redirect_stdout(io.StringIO()):\n"
-        f"    from asyncckpt.cli import main\n    result = main(['ls', {str(tmp_path)!r}])"
+        f"    from asyncckpt.cli.commands import main\n    result = main(['ls', {str(tmp_path)!r}])"
     )
     assert out.get("result") == 0, out
     assert out["peak"] < HEADROOM, out  # was 1.7 GB and 18 s

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from asyncckpt import CheckpointManager
-from asyncckpt.cli import main
+from asyncckpt.cli.commands import main
 
 
 def steps(root: Path) -> list[int]:

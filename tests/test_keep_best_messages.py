@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from asyncckpt import CheckpointManager
-from asyncckpt.cli import main
+from asyncckpt.cli.commands import main
 
 
 def save(root: Path, metrics: list[dict], **options) -> list[str]:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt.cli import main as cli_main
+from asyncckpt.cli.commands import main as cli_main
 
 WRITER = r"""
 import sys, torch, asyncckpt
@@ -169,7 +169,7 @@ def test_a_step_pruned_between_listing_and_reading_falls_to_the_next_newest_with
 def test_verify_of_a_step_resaved_after_its_manifest_was_read_is_gone_then_verifies_the_new_one(
     tmp_path, monkeypatch, capsys
 ):
-    import asyncckpt.cli as cli
+    import asyncckpt.cli.commands as cli
 
     with asyncckpt.CheckpointManager(tmp_path, keep_last=3) as mgr:
         mgr.save(5, {"w": torch.randn(100_000)}).wait()
@@ -217,7 +217,7 @@ def test_load_weights_of_a_step_resaved_between_its_two_reads_loads_the_new_one(
 
 
 def test_verify_says_nothing_was_verified_when_every_checkpoint_vanished(tmp_path, monkeypatch, capsys):
-    import asyncckpt.cli as cli
+    import asyncckpt.cli.commands as cli
 
     with asyncckpt.CheckpointManager(tmp_path) as mgr:
         mgr.save(1, {"w": torch.ones(10)}).wait()

@@ -22,7 +22,7 @@ import asyncckpt.codec
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySteps
 from asyncckpt.format import DTYPES
-from asyncckpt.storage import DataFileWriter, LocalStorage
+from asyncckpt.storage.local import DataFileWriter, LocalStorage
 
 MiB = 1 << 20
 
@@ -1080,7 +1080,7 @@ def test_prepare_pins_from_the_callers_cuda_device_not_device_0(tmp_path, monkey
     # prepare() allocates on a background thread, which starts on device 0: pinning from there
     # would open a CUDA context on GPU 0 in every rank of a one-GPU-per-process job.
     from _fake_cuda import FakeCudart
-    from asyncckpt.staging import ArenaPool
+    from asyncckpt.engine.staging import ArenaPool
 
     fake = FakeCudart()
     fake.install(monkeypatch, device=0)

@@ -11,8 +11,8 @@ import torch
 import asyncckpt
 from asyncckpt import CheckpointDamagedError, CheckpointManager, SaveFailedError
 from asyncckpt import format as fmt
+from asyncckpt.engine.reader import read_manifest
 from asyncckpt.format import MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MANIFEST_VALUES, seal_manifest
-from asyncckpt.reader import read_manifest
 
 
 def _load_quietly(root):

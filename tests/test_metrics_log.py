@@ -16,7 +16,7 @@ import torch
 from _waiting import run_with_timeout
 from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt import metrics as metrics_mod
-from asyncckpt.cli import main
+from asyncckpt.cli.commands import main
 from asyncckpt.metrics import METRICS_LOG, SaveRecord, read_log
 
 STATE = {"w": torch.arange(100, dtype=torch.float32)}
@@ -98,7 +98,7 @@ def stats_in_a_subprocess(root, *args: str) -> subprocess.CompletedProcess:
     /dev/zero or waits on a FIFO fails the test instead of taking the machine down."""
     code = (
         "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
-        "from asyncckpt.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from asyncckpt.cli.commands import main; sys.exit(main(sys.argv[1:]))"
     )
     try:
         return subprocess.run(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 import asyncckpt
-from asyncckpt import storage as storage_mod
+from asyncckpt.engine.pipeline import plan_chunks
+from asyncckpt.engine.staging import plan_layout
 from asyncckpt.format import MANIFEST_NAME
-from asyncckpt.pipeline import plan_chunks
-from asyncckpt.staging import plan_layout
+from asyncckpt.storage import local as storage_mod
 
 
 def test_chunks_cover_every_group_without_crossing_dtypes():

@@ -11,8 +11,8 @@ import torch
 
 from _cli import cli, remaining
 from asyncckpt import CheckpointManager
+from asyncckpt.engine.reader import verify_checkpoint
 from asyncckpt.format import MANIFEST_NAME, step_dir_name
-from asyncckpt.reader import verify_checkpoint
 from asyncckpt.retention import CheckpointInfo, RetentionPolicy, steps_to_delete
 
 

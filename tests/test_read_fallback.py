@@ -17,7 +17,7 @@ import torch
 import asyncckpt
 import asyncckpt.manager as manager
 from asyncckpt import CheckpointDamagedError, CheckpointError, CheckpointManager
-from asyncckpt.reader import read_checkpoint, read_manifest, verify_checkpoint
+from asyncckpt.engine.reader import read_checkpoint, read_manifest, verify_checkpoint
 
 DATA = "data-00000.bin"
 

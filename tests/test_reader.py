@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt import CheckpointError, CheckpointManager, reader
-from asyncckpt.reader import read_checkpoint, read_manifest
+from asyncckpt import CheckpointError, CheckpointManager
+from asyncckpt.engine import reader
+from asyncckpt.engine.reader import read_checkpoint, read_manifest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 

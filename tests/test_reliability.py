@@ -33,9 +33,9 @@ import torch
 import zstandard
 
 import asyncckpt
-import asyncckpt.cli
+import asyncckpt.cli.commands
 import asyncckpt.format
-import asyncckpt.storage
+import asyncckpt.storage.local
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt.format import seal_manifest
@@ -137,7 +137,7 @@ def verify_cli(path: Path) -> tuple[int, str]:
     """``asyncckpt verify PATH``: exit status and what it printed."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        status = asyncckpt.cli.main(["verify", str(path)])
+        status = asyncckpt.cli.commands.main(["verify", str(path)])
     return status, out.getvalue()
 
 
@@ -205,7 +205,7 @@ class FaultInjector:
         self.hits = 0
         self.data_writes = 0
         real_write, real_fsync, real_rename = os.write, os.fsync, os.rename
-        real_fsync_dir = asyncckpt.storage.fsync_dir
+        real_fsync_dir = asyncckpt.storage.local.fsync_dir
 
         def write(fd, data):
             name = _fd_name(fd)
@@ -245,7 +245,7 @@ class FaultInjector:
         elif site in ("rename", "rename_replace"):
             monkeypatch.setattr(os, "rename", rename)
         elif site in ("dir_fsync", "root_fsync"):
-            monkeypatch.setattr(asyncckpt.storage, "fsync_dir", fsync_dir)
+            monkeypatch.setattr(asyncckpt.storage.local, "fsync_dir", fsync_dir)
         else:
             raise AssertionError(site)
 

@@ -17,9 +17,9 @@ from torch import nn
 
 import asyncckpt
 from asyncckpt import CheckpointManager, RestoreResult, StateMismatchError
-from asyncckpt.cli import main as cli_main
+from asyncckpt.cli.commands import main as cli_main
 from asyncckpt.format import MANIFEST_NAME, seal_manifest, step_dir_name
-from asyncckpt.tree import flatten
+from asyncckpt.state.tree import flatten
 
 # ---- helpers ------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import asyncckpt
 from _overlap_state import CommitGate
 from _waiting import wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySteps, OverlapGuardError, SaveFailedError
-from asyncckpt import pipeline as pipeline_module
+from asyncckpt.engine import pipeline as pipeline_module
 
 
 class FailingEncoder:
@@ -136,7 +136,7 @@ def test_an_overlap_guard_rejection_is_an_overlap_guard_error(tmp_path, slow_cop
 
 SIGNAL_PRELUDE = """
 import asyncio, errno, sys, time, torch, asyncckpt
-from asyncckpt import pipeline
+from asyncckpt.engine import pipeline
 root, log_path = sys.argv[1], sys.argv[2]
 real = pipeline.codec.encode
 armed = [True]
@@ -213,6 +213,6 @@ def test_the_preemption_checkpoint_is_taken_after_an_unreported_failure(tmp_path
         child.kill()
     assert child.returncode == -signal.SIGTERM
     last_step = int(log.read_text().split()[-1])
-    assert [c.step for c in asyncckpt.storage.list_checkpoints(tmp_path / "root")] == [last_step]
+    assert [c.step for c in asyncckpt.storage.local.list_checkpoints(tmp_path / "root")] == [last_step]
     assert asyncckpt.load(tmp_path / "root")["step"] == last_step
     assert "save of step 0 failed" in stderr  # the earlier failure was still reported (a warning)

@@ -14,8 +14,8 @@ import torch
 
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySeconds, EverySteps, _phases
-from asyncckpt import pipeline as pipeline_module
-from asyncckpt.reader import read_manifest
+from asyncckpt.engine import pipeline as pipeline_module
+from asyncckpt.engine.reader import read_manifest
 
 
 class FlakyPolicy(EverySteps):

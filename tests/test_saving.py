@@ -19,8 +19,8 @@ from asyncckpt import (
     EverySteps,
     _phases,
 )
+from asyncckpt.engine.reader import read_manifest
 from asyncckpt.manager import CheckpointManager
-from asyncckpt.reader import read_manifest
 
 
 def test_metadata_and_metrics_changed_after_save_never_reach_the_checkpoint(tmp_path, monkeypatch):

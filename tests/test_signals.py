@@ -88,7 +88,7 @@ def test_signal_takes_a_final_checkpoint_then_acts(tmp_path, signum, expected_re
         assert lines[-1] == "interrupted"
         lines = lines[:-1]
     last_step = int(lines[-1])
-    steps = [c.step for c in asyncckpt.storage.list_checkpoints(tmp_path / "root")]
+    steps = [c.step for c in asyncckpt.storage.local.list_checkpoints(tmp_path / "root")]
     assert steps == [last_step]  # the policy never saved; the signal's save is the step it came at
     tree = asyncckpt.load(tmp_path / "root")
     assert tree["step"] == last_step

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from _fake_cuda import FakeCudart
-from asyncckpt import staging
+from asyncckpt.engine import staging
+from asyncckpt.engine.staging import Arena, ArenaPool, CopyEngine, DtypeGroup, TensorSlot, plan_layout
 from asyncckpt.format import ALIGNMENT, DTYPES
-from asyncckpt.staging import Arena, ArenaPool, CopyEngine, DtypeGroup, TensorSlot, plan_layout
 
 
 def stage(tensors, pool=None):
@@ -267,7 +267,7 @@ def test_a_failed_cpu_copy_still_waits_for_the_gpu_copies_before_raising(monkeyp
     import contextlib
     from concurrent.futures import Future
 
-    from asyncckpt.staging import LazyCopy
+    from asyncckpt.engine.staging import LazyCopy
 
     class FakeEvent:
         synchronized = False
@@ -351,7 +351,7 @@ class _FakeCuda:
 
 def _gpu_lazy_copy(monkeypatch, devices: list[int], log: list, cpu_copy=None):
     """A LazyCopy as CopyEngine.start leaves it for GPU tensors, with fake streams and events."""
-    from asyncckpt.staging import LazyCopy
+    from asyncckpt.engine.staging import LazyCopy
 
     tensor = torch.zeros(4)
     lazy = LazyCopy([tensor], ["w"], [tensor._version])

@@ -12,8 +12,8 @@ import pytest
 
 from _waiting import run_with_timeout
 from asyncckpt import CheckpointError, RootInUseError
-from asyncckpt import storage as storage_mod
-from asyncckpt.storage import CommittedCheckpoint, LocalStorage
+from asyncckpt.storage import local as storage_mod
+from asyncckpt.storage.local import CommittedCheckpoint, LocalStorage
 
 
 @pytest.fixture
@@ -440,7 +440,7 @@ def test_the_sweep_removes_a_manifest_temp_left_by_a_crashed_tag_rewrite(root):
 
 
 def test_prune_refuses_a_lock_that_is_a_symlink_and_leaves_its_target_alone(tmp_path, root, capsys):
-    from asyncckpt.cli import main
+    from asyncckpt.cli.commands import main
 
     storage = LocalStorage(root)
     for step in (1, 2, 3):

@@ -19,7 +19,7 @@ import torch
 from asyncckpt import CheckpointError, RestoreResult, StateMismatchError
 from asyncckpt.codec import tensor_memoryview
 from asyncckpt.format import DTYPES
-from asyncckpt.tree import check_compatible, flatten, restore_into, unflatten
+from asyncckpt.state.tree import check_compatible, flatten, restore_into, unflatten
 
 
 def raw_bytes(t: torch.Tensor) -> bytes:

@@ -9,7 +9,7 @@ import torch
 
 import asyncckpt
 from asyncckpt import CheckpointError
-from asyncckpt.reader import read_manifest
+from asyncckpt.engine.reader import read_manifest
 
 
 def model_state(seed: int) -> dict:
@@ -101,7 +101,7 @@ def test_load_weights_errors(tmp_path):
 def test_ls_shows_tags_and_metadata(tmp_path, capsys):
     import json
 
-    from asyncckpt.cli import main
+    from asyncckpt.cli.commands import main
 
     with asyncckpt.CheckpointManager(tmp_path) as mgr:
         mgr.save(1, {"w": torch.ones(1)}, tags=["best"], metadata={"run": "a"}).wait()

@@ -1,8 +1,8 @@
 """asyncckpt: asynchronous, compressed, checksummed, atomically committed checkpoints for PyTorch."""
 
-from .aio import AsyncCheckpointManager, AsyncSaveHandle
-from .data import ResumableSampler
-from .errors import (
+from asyncckpt.aio import AsyncCheckpointManager, AsyncSaveHandle
+from asyncckpt.engine.pipeline import SaveHandle
+from asyncckpt.errors import (
     CheckpointDamagedError,
     CheckpointError,
     CheckpointNotFoundError,
@@ -11,11 +11,11 @@ from .errors import (
     SaveFailedError,
     StateMismatchError,
 )
-from .manager import CheckpointManager, load, load_weights
-from .pipeline import SaveHandle
-from .policy import Adaptive, EverySeconds, EverySteps
-from .rng import RNGState
-from .tree import RestoreResult
+from asyncckpt.manager import CheckpointManager, load, load_weights
+from asyncckpt.policy import Adaptive, EverySeconds, EverySteps
+from asyncckpt.state.data import ResumableSampler
+from asyncckpt.state.rng import RNGState
+from asyncckpt.state.tree import RestoreResult
 
 __all__ = [
     "Adaptive",

@@ -43,11 +43,11 @@ from typing import Any, Literal, TypeVar, overload
 
 import torch
 
-from .errors import CheckpointError
-from .manager import CheckpointManager
-from .pipeline import SaveHandle
-from .staging import on_stream, training_thread
-from .tree import RestoreResult
+from asyncckpt.engine.pipeline import SaveHandle
+from asyncckpt.engine.staging import on_stream, training_thread
+from asyncckpt.errors import CheckpointError
+from asyncckpt.manager import CheckpointManager
+from asyncckpt.state.tree import RestoreResult
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import zstandard
 
-from .errors import CheckpointDamagedError
+from asyncckpt.errors import CheckpointDamagedError
 
 _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .codec import zstd_bound
-from .errors import CheckpointDamagedError
+from asyncckpt.codec import zstd_bound
+from asyncckpt.errors import CheckpointDamagedError
 
 FORMAT_NAME = "asyncckpt"
 FORMAT_VERSION = 1

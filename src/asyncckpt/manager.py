@@ -18,15 +18,10 @@ from typing import Any, Literal, overload
 
 import torch
 
-from . import _phases
-from .catalog import checkpoint_info
-from .codec import CodecConfig
-from .errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError, SaveFailedError
-from .format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, Manifest, ManifestTooLargeError, check_tags
-from .metrics import METRICS_LOG, SaveRecord, SaveStats
-from .pipeline import Pipeline, SaveHandle, SaveJob, _warn_from_writer
-from .policy import EverySteps, SavePolicy
-from .reader import (
+from asyncckpt import _phases
+from asyncckpt.codec import CodecConfig
+from asyncckpt.engine.pipeline import Pipeline, SaveHandle, SaveJob, _warn_from_writer
+from asyncckpt.engine.reader import (
     CheckpointGoneError,
     DirIdentity,
     LoadedCheckpoint,
@@ -34,10 +29,29 @@ from .reader import (
     read_checkpoint,
     read_manifest,
 )
-from .retention import CheckpointInfo, RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
-from .staging import SMALL_COPY_BYTES, ArenaPool, CopyEngine, LazyCopy, plan_layout
-from .storage import CommittedCheckpoint, LocalStorage, list_checkpoints
-from .tree import RestoreResult, check_compatible, check_module, flatten, load_module, restore_into, unflatten
+from asyncckpt.engine.staging import SMALL_COPY_BYTES, ArenaPool, CopyEngine, LazyCopy, plan_layout
+from asyncckpt.errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError, SaveFailedError
+from asyncckpt.format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, Manifest, ManifestTooLargeError, check_tags
+from asyncckpt.metrics import METRICS_LOG, SaveRecord, SaveStats
+from asyncckpt.policy import EverySteps, SavePolicy
+from asyncckpt.retention import (
+    CheckpointInfo,
+    RetentionPolicy,
+    best_metric_missing,
+    missing_metric_text,
+    steps_to_delete,
+)
+from asyncckpt.state.tree import (
+    RestoreResult,
+    check_compatible,
+    check_module,
+    flatten,
+    load_module,
+    restore_into,
+    unflatten,
+)
+from asyncckpt.storage.catalog import checkpoint_info
+from asyncckpt.storage.local import CommittedCheckpoint, LocalStorage, list_checkpoints
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
-from .storage import describe_file_kind, open_regular_no_follow
+from asyncckpt.errors import CheckpointError
+from asyncckpt.storage.local import describe_file_kind, open_regular_no_follow
 
 METRICS_LOG = "asyncckpt-metrics.jsonl"
 # `read_log` reads at most the last MAX_LOG_BYTES (about 37,000 saves at ~450 bytes a record) and

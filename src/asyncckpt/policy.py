@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .metrics import fence_cost_s
+from asyncckpt.metrics import fence_cost_s
 
 log = logging.getLogger("asyncckpt")
 

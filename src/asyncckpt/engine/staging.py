@@ -20,8 +20,8 @@ from typing import TypeVar
 
 import torch
 
-from . import _phases
-from .format import ALIGNMENT, dtype_name
+from asyncckpt import _phases
+from asyncckpt.format import ALIGNMENT, dtype_name
 
 # Overlap mode copies tensors below this size before ``save`` returns: they cost next to nothing,
 # and their version counters then need no watching.

@@ -19,12 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _phases, codec
-from .errors import CheckpointError, OverlapGuardError, SaveFailedError
-from .format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
-from .metrics import SaveRecord
-from .staging import Arena, Layout, LazyCopy
-from .storage import DataFileWriter, LocalStorage
+from asyncckpt import _phases, codec
+from asyncckpt.engine.staging import Arena, Layout, LazyCopy
+from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
+from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
+from asyncckpt.metrics import SaveRecord
+from asyncckpt.storage.local import DataFileWriter, LocalStorage
 
 _log = logging.getLogger("asyncckpt")
 

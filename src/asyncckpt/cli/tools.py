@@ -21,14 +21,21 @@ from typing import Any
 
 import torch
 
-from .catalog import checkpoint_infos
-from .errors import CheckpointError
-from .format import MANIFEST_NAME, Manifest, parse_step_dir
-from .metrics import METRICS_LOG
-from .reader import read_checkpoint, read_manifest
-from .retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
-from .storage import LOCK_NAME, TEMP_PREFIX, CommittedCheckpoint, LocalStorage, fsync_dir, list_checkpoints
-from .tree import unflatten
+from asyncckpt.engine.reader import read_checkpoint, read_manifest
+from asyncckpt.errors import CheckpointError
+from asyncckpt.format import MANIFEST_NAME, Manifest, parse_step_dir
+from asyncckpt.metrics import METRICS_LOG
+from asyncckpt.retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
+from asyncckpt.state.tree import unflatten
+from asyncckpt.storage.catalog import checkpoint_infos
+from asyncckpt.storage.local import (
+    LOCK_NAME,
+    TEMP_PREFIX,
+    CommittedCheckpoint,
+    LocalStorage,
+    fsync_dir,
+    list_checkpoints,
+)
 
 Progress = Callable[[int], None]  # called with each increment of bytes done
 

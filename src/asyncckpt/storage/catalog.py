@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .errors import CheckpointError
-from .reader import read_manifest
-from .retention import CheckpointInfo
-from .storage import CommittedCheckpoint
+from asyncckpt.engine.reader import read_manifest
+from asyncckpt.errors import CheckpointError
+from asyncckpt.retention import CheckpointInfo
+from asyncckpt.storage.local import CommittedCheckpoint
 
 
 def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:

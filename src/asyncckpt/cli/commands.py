@@ -12,13 +12,19 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from ._progress import format_bytes, progress_bar
-from .errors import CheckpointError, CheckpointNotFoundError
-from .format import MANIFEST_NAME, Manifest, parse_step_dir
-from .metrics import METRICS_LOG, SaveRecord, read_log, summarize
-from .policy import Adaptive
-from .reader import CheckpointGoneError, DirIdentity, directory_identity, read_manifest, verify_checkpoint
-from .retention import RetentionPolicy
+from asyncckpt._progress import format_bytes, progress_bar
+from asyncckpt.engine.reader import (
+    CheckpointGoneError,
+    DirIdentity,
+    directory_identity,
+    read_manifest,
+    verify_checkpoint,
+)
+from asyncckpt.errors import CheckpointError, CheckpointNotFoundError
+from asyncckpt.format import MANIFEST_NAME, Manifest, parse_step_dir
+from asyncckpt.metrics import METRICS_LOG, SaveRecord, read_log, summarize
+from asyncckpt.policy import Adaptive
+from asyncckpt.retention import RetentionPolicy
 
 
 class UsageError(Exception):
@@ -27,7 +33,7 @@ class UsageError(Exception):
 
 def _finite(value: Any) -> Any:
     """JSON has no NaN or infinity: such a float becomes the string "nan", "inf" or "-inf"."""
-    from .tools import json_ready
+    from asyncckpt.cli.tools import json_ready
 
     return json_ready(value)
 
@@ -40,7 +46,7 @@ def _dump_json(value: Any) -> str:
 def _checkpoint_dirs(path: Path) -> list[Path]:
     """One checkpoint directory, or a root's committed checkpoints (none: an empty list). A path
     that does not exist, or a folder that is not a checkpoint root, is a CheckpointError (exit 2)."""
-    from .tools import root_checkpoints
+    from asyncckpt.cli.tools import root_checkpoints
 
     if not os.path.lexists(path):
         raise CheckpointError(f"{path} does not exist")
@@ -54,7 +60,7 @@ def _checkpoint_dirs(path: Path) -> list[Path]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import resolve_device, run_demo
+    from asyncckpt.cli.demo import resolve_device, run_demo
 
     try:
         resolve_device(args.device)
@@ -75,7 +81,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from .tools import format_created
+    from asyncckpt.cli.tools import format_created
 
     rows = []
     for path in _checkpoint_dirs(Path(args.root)):
@@ -331,7 +337,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CheckpointError(f"cannot read {root / METRICS_LOG}: {exc}") from None
     if records.omitted_bytes:
-        from .metrics import MAX_LOG_BYTES, MAX_LOG_RECORDS  # read now: tests lower them
+        from asyncckpt.metrics import MAX_LOG_BYTES, MAX_LOG_RECORDS  # read now: tests lower them
 
         print(
             f"asyncckpt: read only the end of {root / METRICS_LOG} (at most {MAX_LOG_BYTES} bytes and "
@@ -357,7 +363,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             raise UsageError(PLOT_NEEDS_MATPLOTLIB) from None
     summary = summarize(records)
     if args.json:
-        from .tools import format_created
+        from asyncckpt.cli.tools import format_created
 
         out = {
             "records": [
@@ -381,7 +387,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from . import tools
+    from asyncckpt.cli import tools
 
     info = tools.inspect_checkpoint(tools.resolve_checkpoint(args.ckpt))
     if args.json:
@@ -392,7 +398,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from . import tools
+    from asyncckpt.cli import tools
 
     a, b = tools.resolve_checkpoint(args.ckpt_a), tools.resolve_checkpoint(args.ckpt_b)
     with progress_bar(tools.diff_total_bytes(a, b), "diff", args.progress) as bar:
@@ -406,7 +412,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from . import tools
+    from asyncckpt.cli import tools
 
     out = Path(args.output)
     try:
@@ -431,7 +437,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from . import tools
+    from asyncckpt.cli import tools
 
     if args.keep_last is None and args.keep_best is None and args.keep_every is None:
         raise UsageError("prune needs a rule: --keep-last N, --keep-best K --metric M, or --keep-every S")

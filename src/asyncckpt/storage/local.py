@@ -34,9 +34,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _phases
-from .errors import CheckpointError, RootInUseError
-from .format import MANIFEST_NAME, parse_step_dir, step_dir_name
+from asyncckpt import _phases
+from asyncckpt.errors import CheckpointError, RootInUseError
+from asyncckpt.format import MANIFEST_NAME, parse_step_dir, step_dir_name
 
 LOCK_NAME = ".lock"
 TEMP_PREFIX = ".tmp-"

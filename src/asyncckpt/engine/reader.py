@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import codec
-from .errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError
-from .format import (
+from asyncckpt import codec
+from asyncckpt.errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError
+from asyncckpt.format import (
     DTYPES,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -46,7 +46,7 @@ from .format import (
     parse_step_dir,
     too_large,
 )
-from .storage import open_data_file, read_file_no_follow
+from asyncckpt.storage.local import open_data_file, read_file_no_follow
 
 _T = TypeVar("_T")
 

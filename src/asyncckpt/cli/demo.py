@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from .manager import CheckpointManager
-from .metrics import fence_cost_s
-from .policy import Adaptive, EverySeconds, EverySteps, SavePolicy
+from asyncckpt.manager import CheckpointManager
+from asyncckpt.metrics import fence_cost_s
+from asyncckpt.policy import Adaptive, EverySeconds, EverySteps, SavePolicy
 
 WARMUP_STEPS = 3
 INTERVAL_S = 1.5  # one checkpoint per saver every 1.5 s

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, StateMismatchError
-from .format import MAX_TREE_DEPTH, MODULE_LOAD_OPTIONS, check_module_metadata, dtype_name
+from asyncckpt.errors import CheckpointError, StateMismatchError
+from asyncckpt.format import MAX_TREE_DEPTH, MODULE_LOAD_OPTIONS, check_module_metadata, dtype_name
 
 _MISSING = object()
 _EXTRA_STATE = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX

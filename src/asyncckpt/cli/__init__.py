@@ -1,0 +1,5 @@
+"""The ``asyncckpt`` command."""
+
+from asyncckpt.cli.commands import main
+
+__all__ = ["main"]

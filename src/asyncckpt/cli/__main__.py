@@ -1,0 +1,5 @@
+import sys
+
+from asyncckpt.cli.commands import main
+
+sys.exit(main())

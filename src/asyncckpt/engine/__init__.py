@@ -1,0 +1,1 @@
+"""The moving parts of a save and a restore: staging copies, the background writer, the reader."""

@@ -1,0 +1,1 @@
+"""Where checkpoints live: the storage backend, the commit, the catalog of committed steps."""
