@@ -51,7 +51,8 @@ from asyncckpt.state.tree import (
     unflatten,
 )
 from asyncckpt.storage.catalog import checkpoint_info
-from asyncckpt.storage.local import CommittedCheckpoint, LocalStorage, list_checkpoints
+from asyncckpt.storage.commit import CommittedCheckpoint, open_storage
+from asyncckpt.storage.local import list_checkpoints
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 
@@ -450,7 +451,7 @@ class CheckpointManager:
         self._unfenced: list[LazyCopy] = []  # overlap copies not yet fenced, oldest first
         self._fence_lock = threading.Lock()
         self._hooks: dict[int, tuple[weakref.ReferenceType, list[Any]]] = {}  # id(obj) -> (obj, handles)
-        self._storage = LocalStorage(root)  # last before the try: a failure after it must unlock
+        self._storage = open_storage(root)  # last before the try: a failure after it must unlock
         try:
             self.root = self._storage.root
             self.stats = SaveStats(self.root / METRICS_LOG)

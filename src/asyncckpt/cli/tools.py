@@ -28,14 +28,8 @@ from asyncckpt.metrics import METRICS_LOG
 from asyncckpt.retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
 from asyncckpt.state.tree import unflatten
 from asyncckpt.storage.catalog import checkpoint_infos
-from asyncckpt.storage.local import (
-    LOCK_NAME,
-    TEMP_PREFIX,
-    CommittedCheckpoint,
-    LocalStorage,
-    fsync_dir,
-    list_checkpoints,
-)
+from asyncckpt.storage.commit import CommittedCheckpoint, open_storage
+from asyncckpt.storage.local import LOCK_NAME, TEMP_PREFIX, fsync_dir, list_checkpoints
 
 Progress = Callable[[int], None]  # called with each increment of bytes done
 
@@ -763,7 +757,7 @@ def prune(root: Path, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
         infos = checkpoint_infos(committed)
         doomed = set(steps_to_delete(infos, policy))
     else:
-        storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
+        storage = open_storage(root)  # raises 'in use by another writer' while a manager is live
         try:
             committed = storage.checkpoints()
             infos = checkpoint_infos(committed)
