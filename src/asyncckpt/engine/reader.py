@@ -47,11 +47,11 @@ from asyncckpt.format import (
     Manifest,
     check_manifest_seal,
     parse_manifest,
-    parse_manifest_generation,
     parse_step_dir,
     too_large,
 )
 from asyncckpt.storage.backend import Backend, ReadHandle, open_backend
+from asyncckpt.storage.commit import newest_manifest
 
 _T = TypeVar("_T")
 
@@ -76,19 +76,10 @@ def _manifest_name(store: Backend, name: str) -> str:
     if store.stat(f"{name}/{MANIFEST_NAME}") is not None:
         return MANIFEST_NAME
     try:
-        entries = store.list(name)
+        newest = newest_manifest(store, name)
     except CheckpointError:
         return MANIFEST_NAME
-    generations = sorted(
-        ((g, e.name) for e in entries if (g := parse_manifest_generation(e.name)) is not None), reverse=True
-    )
-    for _, candidate in generations:
-        try:
-            check_manifest_seal(store.read_small(f"{name}/{candidate}", MAX_MANIFEST_BYTES), candidate)
-        except CheckpointError:
-            continue
-        return candidate
-    return generations[0][1] if generations else MANIFEST_NAME
+    return MANIFEST_NAME if newest is None else newest[0]
 
 
 def _identity(store: Backend, name: str) -> DirIdentity | None:

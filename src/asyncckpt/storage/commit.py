@@ -126,6 +126,65 @@ class Staging:
         return f"{self.prefix}/{file}"
 
 
+def newest_manifest(backend: Backend, step_name: str) -> tuple[str, bytes] | None:
+    """The committed version of a step written by :class:`ManifestLastCommit`: its newest
+    ``manifest-<generation>.json`` (or ``manifest.json``) whose seal verifies.
+
+    Args:
+        backend: The root's backend.
+        step_name: The step directory's name.
+
+    Returns:
+        The manifest's file name and bytes, or None when no manifest of the step verifies.
+    """
+    for name in _versions(backend, step_name):
+        where = f"{step_name}/{name}"
+        try:
+            raw = backend.read_small(where, MAX_MANIFEST_BYTES)
+            check_manifest_seal(raw, backend.describe(where))
+        except CheckpointError:
+            continue
+        return name, raw
+    return None
+
+
+def is_published(backend: Backend, step_name: str) -> bool:
+    """Whether a ``step-N`` directory counts as a committed checkpoint for a reader listing a root.
+
+    A directory with ``manifest.json`` does (a renamed checkpoint; if it is damaged, reading it
+    says so). One with manifest generations or per-attempt data files was written by the
+    manifest-last commit, and counts only once one of its manifests verifies: before that it is a
+    save under way or cut short, never a damaged checkpoint. Any other directory counts, so a
+    checkpoint that lost its manifest is reported as damaged, as it always was.
+
+    Args:
+        backend: The root's backend.
+        step_name: The step directory's name.
+
+    Returns:
+        True when readers should list it.
+    """
+    if backend.stat(f"{step_name}/{MANIFEST_NAME}") is not None:
+        return True
+    try:
+        names = [e.name for e in backend.list(step_name)]
+    except CheckpointError:
+        return True
+    if not any(parse_manifest_generation(n) is not None or _ATTEMPT_DATA.fullmatch(n) for n in names):
+        return True
+    return newest_manifest(backend, step_name) is not None
+
+
+def _versions(backend: Backend, step_name: str) -> list[str]:
+    """The step's manifest names, newest generation first (``manifest.json`` last)."""
+    found = []
+    for entry in backend.list(step_name):
+        generation = parse_manifest_generation(entry.name)
+        if generation is not None and not entry.is_dir:
+            found.append((generation, entry.name))
+    return [name for _, name in sorted(found, reverse=True)]
+
+
 class CommitProtocol:
     """The interface both protocols implement (see the module docstring for the call order).
 
@@ -378,31 +437,10 @@ class ManifestLastCommit(CommitProtocol):
     """
 
     def _versions(self, step_name: str) -> list[str]:
-        """The step's manifest names, newest generation first (``manifest.json`` last)."""
-        found = []
-        for entry in self.backend.list(step_name):
-            generation = parse_manifest_generation(entry.name)
-            if generation is not None and not entry.is_dir:
-                found.append((generation, entry.name))
-        return [name for _, name in sorted(found, reverse=True)]
-
-    def _verified(self, step_name: str, manifest_name: str) -> bytes | None:
-        """The manifest's bytes if it reads and its seal verifies, else None."""
-        where = f"{step_name}/{manifest_name}"
-        try:
-            raw = self.backend.read_small(where, MAX_MANIFEST_BYTES)
-            check_manifest_seal(raw, self.backend.describe(where))
-        except CheckpointError:
-            return None
-        return raw
+        return _versions(self.backend, step_name)
 
     def _newest(self, step_name: str) -> tuple[str, bytes] | None:
-        """The step's committed version: its newest manifest that verifies, or None."""
-        for name in self._versions(step_name):
-            raw = self._verified(step_name, name)
-            if raw is not None:
-                return name, raw
-        return None
+        return newest_manifest(self.backend, step_name)
 
     def _next_generation(self, step_name: str) -> str:
         versions = self._versions(step_name)

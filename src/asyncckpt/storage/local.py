@@ -34,7 +34,7 @@ from pathlib import Path
 from asyncckpt.errors import CheckpointError, RootInUseError
 from asyncckpt.format import parse_step_dir
 from asyncckpt.storage.backend import Capabilities, Entry, ObjectInfo, describe_file_kind
-from asyncckpt.storage.commit import CommittedCheckpoint
+from asyncckpt.storage.commit import CommittedCheckpoint, is_published
 
 LOCK_NAME = ".lock"
 TEMP_PREFIX = ".tmp-"
@@ -111,7 +111,21 @@ def fsync_dir(path: Path) -> None:
 
 
 def list_checkpoints(root: Path) -> list[CommittedCheckpoint]:
-    """Committed checkpoints under ``root``, oldest first. Symlinked entries are ignored."""
+    """Committed checkpoints under ``root``, oldest first, as a reader (no lock) sees them.
+
+    Symlinked entries are ignored, and so is a step a manifest-last save is still writing (or was
+    cut short writing): see :func:`asyncckpt.storage.commit.is_published`.
+
+    Args:
+        root: The checkpoint root.
+
+    Returns:
+        The committed checkpoints.
+
+    Raises:
+        CheckpointError: ``root`` is not a directory.
+    """
+    backend = LocalBackend(root)
     out = []
     try:
         entries = list(os.scandir(root))
@@ -121,7 +135,7 @@ def list_checkpoints(root: Path) -> list[CommittedCheckpoint]:
         raise CheckpointError(f"checkpoint root {root} is not a directory") from None
     for entry in entries:
         step = parse_step_dir(entry.name)
-        if step is not None and entry.is_dir(follow_symlinks=False):
+        if step is not None and entry.is_dir(follow_symlinks=False) and is_published(backend, entry.name):
             out.append(CommittedCheckpoint(step, Path(entry.path)))
     return sorted(out, key=lambda c: c.step)
 
