@@ -50,7 +50,7 @@ from asyncckpt.state.tree import (
     restore_into,
     unflatten,
 )
-from asyncckpt.storage.catalog import checkpoint_info
+from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import CommittedCheckpoint, open_storage
 from asyncckpt.storage.local import list_checkpoints
 
@@ -455,7 +455,7 @@ class CheckpointManager:
         try:
             self.root = self._storage.root
             self.stats = SaveStats(self.root / METRICS_LOG)
-            self._infos = {c.step: checkpoint_info(c) for c in self._storage.checkpoints()}
+            self._catalog = Catalog.of_writer(self._storage)  # the committed steps, their metrics and tags
             self._pipeline = Pipeline(
                 self._storage, self.codec, self.workers, chunk_size, self._on_done, nice=background_nice
             )
@@ -764,7 +764,8 @@ class CheckpointManager:
         if self._warned_behind:
             return
         with self._infos_lock:
-            newest = max(self._infos, default=-1)
+            known = self._catalog.newest_known()
+            newest = -1 if known is None else known
         if step < newest:
             self._warned_behind = True
             warnings.warn(
@@ -875,7 +876,7 @@ class CheckpointManager:
                     if job.retagged_late:
                         self._write_late_tags(path, job.tags)
                     with self._infos_lock:
-                        self._infos[job.step] = CheckpointInfo(job.step, job.metrics, tuple(job.tags))
+                        self._catalog.record(CheckpointInfo(job.step, job.metrics, tuple(job.tags)))
                 elif job.changes:
                     self._retag_after_failure(job)
             if path is not None:
@@ -889,7 +890,7 @@ class CheckpointManager:
         """A re-save of a committed step failed: the tag changes given while it was in flight still
         reach the checkpoint it would have replaced (``_retag`` wrote them, unless that raced)."""
         with self._infos_lock:
-            checkpoint = next((c for c in self._storage.checkpoints() if c.step == job.step), None)
+            checkpoint = self._catalog.find(job.step)
             if checkpoint is None:
                 return
             try:
@@ -913,8 +914,9 @@ class CheckpointManager:
             _warn_from_writer(f"asyncckpt: the tags {tags} given while {path} was being saved were not written: {exc}")
 
     def _apply_retention(self, protect: int) -> None:
-        committed = {c.step: c for c in self._storage.checkpoints()}
-        infos = [self._infos.get(s) or CheckpointInfo(s, {}) for s in committed]
+        entries = self._catalog.entries()
+        committed = {c.step: c for c, _ in entries}
+        infos = [info for _, info in entries]
         if not self._warned_no_best and best_metric_missing(infos, self.retention):
             self._warned_no_best = True
             _warn_from_writer(
@@ -925,8 +927,7 @@ class CheckpointManager:
         for step in steps_to_delete(infos, self.retention):
             if step != protect:
                 _phases.pause("retention")
-                self._storage.delete(committed[step])
-                self._infos.pop(step, None)
+                self._catalog.delete(committed[step])
 
     def _settled(self, handle: SaveHandle) -> None:
         with self._cond:
@@ -971,7 +972,7 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
         self._check_owner()
-        return [c.step for c in self._storage.checkpoints()]
+        return self._catalog.steps()
 
     @overload
     def restore(self, state: Any, step: int | None = None, *, strict: Literal[True] = True) -> int | None: ...
@@ -1030,7 +1031,7 @@ class CheckpointManager:
         with self._jobs_lock:  # not while the writer finishes a save of this step
             job = self._in_flight_jobs.get(step)
             with self._infos_lock:  # not while the writer applies retention to this very checkpoint
-                checkpoint = next((c for c in self._storage.checkpoints() if c.step == step), None)
+                checkpoint = self._catalog.find(step)
                 if checkpoint is None and job is None:
                     raise CheckpointNotFoundError(
                         f"no committed checkpoint and no save in flight for step {step} in {self.root}"
@@ -1053,7 +1054,7 @@ class CheckpointManager:
         manifest = read_manifest(path)
         manifest.tags = change(list(manifest.tags))
         self._storage.replace_manifest(path, manifest.to_json())
-        self._infos[step] = CheckpointInfo(step, manifest.metrics, tuple(manifest.tags))
+        self._catalog.record(CheckpointInfo(step, manifest.metrics, tuple(manifest.tags)))
         return manifest.tags
 
     # ---- lifetime -----------------------------------------------------------------------------
