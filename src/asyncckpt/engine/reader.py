@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -143,7 +143,7 @@ def _damaged(call: Callable[..., _T], *args: object) -> _T:
 class LoadedCheckpoint:
     path: Path
     manifest: Manifest
-    tensors: list[torch.Tensor]
+    tensors: list[torch.Tensor]  # a partial read (``only``) holds None for the tensors not asked for
     mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
@@ -258,7 +258,9 @@ class _Scatter(_Index):
         if len(hits) == 1 and hits[0][1:] == (start, end):
             i = hits[0][0]
             base = self._entries[i].offset
-            return self.buffers[i][start - base : end - base]
+            buffer = self.buffers[i]
+            assert buffer is not None  # only wanted tensors overlap
+            return buffer[start - base : end - base]
         return None
 
     def emitter(self, start: int, end: int) -> codec.Emit:
@@ -274,7 +276,9 @@ class _Scatter(_Index):
                 hi = min(n, -((start + first - b) // stride))
                 if lo < hi:
                     at = start + first + lo * stride - self._entries[i].offset
-                    self.buffers[i][at : at + (hi - lo - 1) * stride + 1 : stride].copy_(data[lo:hi])
+                    buffer = self.buffers[i]
+                    assert buffer is not None  # only wanted tensors overlap
+                    buffer[at : at + (hi - lo - 1) * stride + 1 : stride].copy_(data[lo:hi])
 
         return emit
 
@@ -334,7 +338,7 @@ def _read_checkpoint(
         if mmap:
             mapped = _map_raw(path, manifest, files, wanted_chunks, only, workers)
             if mapped is not None:
-                return LoadedCheckpoint(path, manifest, mapped, mapped=True)
+                return LoadedCheckpoint(path, manifest, cast(list[torch.Tensor], mapped), mapped=True)
         scatter = _Scatter(manifest, only)
 
         def load_chunk(index: int) -> None:
@@ -346,7 +350,7 @@ def _read_checkpoint(
     finally:
         for handle in files.values():
             handle.close()
-    return LoadedCheckpoint(path, manifest, scatter.tensors())
+    return LoadedCheckpoint(path, manifest, cast(list[torch.Tensor], scatter.tensors()))
 
 
 def _for_each_chunk(
