@@ -401,7 +401,7 @@ class RenameBackend(Backend, Protocol):
         ...
 
 
-def open_backend(root: str | os.PathLike[str] | Backend, *, atomic_rename: bool = True) -> Backend:
+def open_backend(root: str | os.PathLike | Backend, *, atomic_rename: bool = True) -> Backend:
     """The backend for a checkpoint root given as a path, a ``file://`` URL or a backend.
 
     Args:

@@ -29,6 +29,7 @@ Sweeps remove only the exact names the protocol makes, so other tools' files are
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import stat
@@ -574,7 +575,7 @@ def choose_protocol(backend: Backend) -> CommitProtocol:
     return ManifestLastCommit(backend)
 
 
-def open_storage(root: str | Path | Backend) -> CommitProtocol:
+def open_storage(root: str | os.PathLike | Backend) -> CommitProtocol:
     """Open a root for writing: choose its backend and protocol, lock it, recover it.
 
     Args:
