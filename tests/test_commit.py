@@ -54,7 +54,9 @@ def write_step(store: CommitProtocol, step: int, payload: bytes = b"x" * 10, tag
     stream = store.backend.open_write(staging.object_name(file))
     stream.append(payload)
     stream.finish()
-    return store.publish(staging, sealed(step, file, len(payload), tags))
+    manifest = sealed(step, file, len(payload), tags)
+    store.stage_manifest(staging, manifest)
+    return store.publish(staging, manifest)
 
 
 def names(path: Path) -> list[str]:

@@ -31,6 +31,7 @@ def store(root):
 def make_checkpoint(storage: CommitProtocol, step: int, content: bytes = b"x"):
     staging = storage.begin(step)
     (storage.root / staging.prefix / "data-00000.bin").write_bytes(content)
+    storage.stage_manifest(staging, b"{}")
     return storage.publish(staging, b"{}").path
 
 
@@ -165,6 +166,7 @@ def test_commit_makes_the_step_visible_and_the_temp_dir_gone(store, root):
     staging = store.begin(42)
     temp = temp_of(store, staging)
     (temp / "data-00000.bin").write_bytes(b"payload")
+    store.stage_manifest(staging, b'{"m": 1}')
     final = store.publish(staging, b'{"m": 1}').path
     assert final == root / "step-000000000042"
     assert not temp.exists()
@@ -376,7 +378,7 @@ def test_data_files_and_manifests_are_never_written_through_a_link(tmp_path, sto
     with pytest.raises(CheckpointError, match="data-00000.bin"):
         storage_mod.DataFileWriter(temp / "data-00000.bin")
     with pytest.raises(CheckpointError, match="manifest.json"):
-        store.publish(staging, b"ours")
+        store.stage_manifest(staging, b"ours")
     assert outside.read_bytes() == b"theirs"
 
 

@@ -76,10 +76,13 @@ class WrittenData:
     Attributes:
         chunks: Every stored chunk, in logical order, with the data file it sits in.
         stored_bytes: Their stored size in all.
+        fsync_began: ``perf_counter`` when making them durable began (``fsync_s`` runs from there
+            through the staged manifest).
     """
 
     chunks: list[ChunkEntry]
     stored_bytes: int
+    fsync_began: float
 
 
 class SaveHandle:
@@ -325,6 +328,8 @@ class Pipeline:
                 tags=job.tags_for_manifest(),
             )
             sealed = manifest.to_json()
+            self._storage.stage_manifest(staging, sealed)
+            record.fsync_s = time.perf_counter() - written.fsync_began
             began = time.perf_counter()
             self._data_durable_not_published(job)
             checkpoint = self._storage.publish(staging, sealed)
@@ -389,8 +394,7 @@ class Pipeline:
             began = time.perf_counter()
             _phases.pause("fsync")
             stream.finish()
-            record.fsync_s = time.perf_counter() - began
-            return WrittenData(chunks, sum(c.length for c in chunks))
+            return WrittenData(chunks, sum(c.length for c in chunks), began)
         except BaseException:
             for _, future in pending:  # the arena must not be reused while encoders read it
                 future.cancel()

@@ -2,8 +2,9 @@
 
 The writer (``engine/pipeline.py``) asks the protocol for a staging place (:meth:`CommitProtocol.begin`),
 writes the step's data objects there through the backend and makes them durable, builds the
-manifest, and hands the sealed manifest to :meth:`CommitProtocol.publish`. Any failure before the
-publish returns ends in :meth:`CommitProtocol.abort`. Retention deletes with
+manifest and hands it to :meth:`CommitProtocol.stage_manifest`, then (after the point where
+overlap mode's verdict stands) to :meth:`CommitProtocol.publish`. Any failure before the publish
+returns ends in :meth:`CommitProtocol.abort`. Retention deletes with
 :meth:`CommitProtocol.delete`, tags change with :meth:`CommitProtocol.replace_manifest`, and a writer
 opening a root first runs :meth:`CommitProtocol.recover` (the sweep of what a crash left).
 
@@ -215,8 +216,23 @@ class CommitProtocol:
         """
         raise NotImplementedError
 
+    def stage_manifest(self, staging: Staging, manifest: bytes) -> None:
+        """Keep the sealed manifest with the attempt's data, not yet visible (called once, after the
+        data is durable and before :meth:`publish`). A protocol whose manifest is the commit record
+        writes nothing here.
+
+        Args:
+            staging: From :meth:`begin`, with every data object finished.
+            manifest: The sealed manifest bytes.
+
+        Raises:
+            CheckpointError, OSError: It could not be written; the caller then calls :meth:`abort`.
+        """
+        raise NotImplementedError
+
     def publish(self, staging: Staging, manifest: bytes) -> CommittedCheckpoint:
-        """Commit the attempt: its data objects are durable, ``manifest`` is their sealed manifest.
+        """Commit the attempt: its data objects are durable, ``manifest`` is their sealed manifest
+        (the bytes given to :meth:`stage_manifest`).
 
         Args:
             staging: From :meth:`begin`, with every data object finished.
@@ -315,11 +331,15 @@ class RenameCommit(CommitProtocol):
         self._fs.make_dir(name)
         return Staging(step, name, token)
 
-    def publish(self, staging: Staging, manifest: bytes) -> CommittedCheckpoint:
-        """See :meth:`CommitProtocol.publish`: manifest, fsyncs, then the rename."""
+    def stage_manifest(self, staging: Staging, manifest: bytes) -> None:
+        """See :meth:`CommitProtocol.stage_manifest`: ``manifest.json`` in the staging directory,
+        fsynced, then the directory fsynced (its entries are durable)."""
         _phases.pause("manifest")
         self._fs.write_small(staging.object_name(MANIFEST_NAME), manifest)
         self._fs.sync(staging.prefix)
+
+    def publish(self, staging: Staging, manifest: bytes) -> CommittedCheckpoint:
+        """See :meth:`CommitProtocol.publish`: the rename (the manifest is already staged)."""
         _phases.pause("rename")
         return CommittedCheckpoint(staging.step, self._rename_into_place(staging.prefix, staging.step))
 
@@ -451,6 +471,9 @@ class ManifestLastCommit(CommitProtocol):
     def begin(self, step: int) -> Staging:
         """See :meth:`CommitProtocol.begin`: ``step-N/`` itself, with names unique to the attempt."""
         return Staging(step, step_dir_name(step), secrets.token_hex(8), unique_names=True)
+
+    def stage_manifest(self, staging: Staging, manifest: bytes) -> None:
+        """See :meth:`CommitProtocol.stage_manifest`: nothing (the manifest is the commit record)."""
 
     def publish(self, staging: Staging, manifest: bytes) -> CommittedCheckpoint:
         """See :meth:`CommitProtocol.publish`: the manifest is written last, then the version it
