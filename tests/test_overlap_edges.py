@@ -24,7 +24,7 @@ import asyncckpt
 from _overlap_state import CommitGate, assert_same, plain
 from _waiting import run_with_timeout
 from asyncckpt import AsyncCheckpointManager, CheckpointError, CheckpointManager, _phases
-from asyncckpt.engine.staging import LazyCopy
+from asyncckpt.engine.overlap import LazyCopy
 from asyncckpt.metrics import read_log
 
 

@@ -43,8 +43,9 @@ from typing import Any, Literal, TypeVar, overload
 
 import torch
 
+from asyncckpt.engine.overlap import training_thread
 from asyncckpt.engine.pipeline import SaveHandle
-from asyncckpt.engine.staging import on_stream, training_thread
+from asyncckpt.engine.staging import on_stream
 from asyncckpt.errors import CheckpointError
 from asyncckpt.manager import CheckpointManager
 from asyncckpt.state.tree import RestoreResult

@@ -20,6 +20,7 @@ import torch
 
 from asyncckpt import _phases
 from asyncckpt.codec import CodecConfig
+from asyncckpt.engine.overlap import Fences, LazyCopy
 from asyncckpt.engine.pipeline import Pipeline, SaveHandle, SaveJob, _warn_from_writer
 from asyncckpt.engine.reader import (
     CheckpointGoneError,
@@ -29,7 +30,7 @@ from asyncckpt.engine.reader import (
     read_checkpoint,
     read_manifest,
 )
-from asyncckpt.engine.staging import SMALL_COPY_BYTES, ArenaPool, CopyEngine, LazyCopy, plan_layout
+from asyncckpt.engine.staging import ArenaPool, CopyEngine, plan_layout
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError, SaveFailedError
 from asyncckpt.format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, Manifest, ManifestTooLargeError, check_tags
 from asyncckpt.metrics import METRICS_LOG, SaveRecord, SaveStats
@@ -330,66 +331,6 @@ class _Slot:
     nor give one back twice."""
 
 
-def _fenceable(state: Any, depth: int = 0) -> tuple[list[torch.optim.Optimizer], list[torch.nn.Module]]:
-    """The optimizers and modules held (through dicts, lists, tuples) by a saved state."""
-    optimizers: list[torch.optim.Optimizer] = []
-    modules: list[torch.nn.Module] = []
-    if isinstance(state, torch.optim.Optimizer):
-        optimizers.append(state)
-    elif isinstance(state, torch.nn.Module):
-        modules.append(state)
-    elif depth < 16 and isinstance(state, (dict, list, tuple)):
-        for child in state.values() if isinstance(state, dict) else state:
-            more_optimizers, more_modules = _fenceable(child, depth + 1)
-            optimizers += more_optimizers
-            modules += more_modules
-    return optimizers, modules
-
-
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-
-
-def _optimizer_owned(optimizers: list[torch.optim.Optimizer]) -> set[tuple]:
-    """Keys of the tensors only an optimizer step changes: its parameters and its state."""
-    keys = set()
-    for opt in optimizers:
-        for group in opt.param_groups:
-            keys.update(_tensor_key(p) for p in group["params"] if isinstance(p, torch.Tensor))
-        for per_param in opt.state.values():
-            if isinstance(per_param, dict):
-                keys.update(_tensor_key(v) for v in per_param.values() if isinstance(v, torch.Tensor))
-    return keys
-
-
-def _fence_hook(ref: weakref.ReferenceType) -> Callable[..., None]:
-    def hook(*args: Any, **kwargs: Any) -> None:
-        manager = ref()
-        if manager is not None and manager._pid == os.getpid():  # inert in a forked child: no copy to wait for
-            manager._fence()
-
-    return hook
-
-
-def _is_compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
-
-
-def _settle_hook(ref: weakref.ReferenceType) -> Callable[..., None]:
-    """A forward pre-hook: a settle point, which never waits (the manager has nothing to do unless a
-    copy is still unjudged). Traced by torch.compile it does nothing, so compiled graphs stay whole."""
-
-    def hook(*args: Any, **kwargs: Any) -> None:
-        if _is_compiling():
-            return
-        manager = ref()
-        if manager is not None and manager._unfenced and manager._pid == os.getpid():
-            manager._settle_point()
-
-    return hook
-
-
 def _close_at_exit(ref: weakref.ReferenceType) -> None:
     manager = ref()
     if manager is not None:
@@ -447,9 +388,7 @@ class CheckpointManager:
         self._preempted: int | None = None
         self._warned_behind = False
         self._warned_no_best = False
-        self._unfenced: list[LazyCopy] = []  # overlap copies not yet fenced, oldest first
-        self._fence_lock = threading.Lock()
-        self._hooks: dict[int, tuple[weakref.ReferenceType, list[Any]]] = {}  # id(obj) -> (obj, handles)
+        self._fences = Fences()  # overlap mode: the hooks and the copies not yet judged
         self._storage = LocalStorage(root)  # last before the try: a failure after it must unlock
         try:
             self.root = self._storage.root
@@ -636,7 +575,7 @@ class CheckpointManager:
         if tell_policy:  # the interval restarts at the save's start; if this raises, nothing is taken yet
             self.policy.saved(step)
         try:
-            self._fence(in_save=True)  # an earlier overlap copy must finish before this one reads
+            self._fences.fence(in_save=True)  # an earlier overlap copy must finish before this one reads
             slot = _Slot()
             try:
                 with self._cond:  # reserved here, so threads saving at once never exceed max_pending
@@ -690,17 +629,15 @@ class CheckpointManager:
         try:
             _phases.pause("snapshot")
             if self.snapshot == "overlap":
-                lazy = self._start_overlap(state, flat.tensors, flat.paths, layout, arena)
+                lazy = self._fences.start(self._copier, state, flat.tensors, flat.paths, layout, arena)
             else:
                 self._copier.copy(flat.tensors, layout, arena)
             copied = time.perf_counter()
             handle = SaveHandle(step)
             handle.add_done_callback(self._settled)  # fires only once the writer has resolved it
             job = SaveJob(step, flat.skeleton, layout, arena, handle, record, job_metrics, job_metadata, job_tags, lazy)
-            if lazy is not None and not lazy.fenced():
-                handle._before_wait = self._fence  # a handle waited on directly must not wait for a step
-                with self._fence_lock:
-                    self._unfenced.append(lazy)
+            if lazy is not None:
+                self._fences.track(lazy, handle)
             ended = time.perf_counter()
             record.wait_prev_s = waited - began
             record.snapshot_s = copied - planned
@@ -748,14 +685,7 @@ class CheckpointManager:
                     self._pending.remove(handle)
                     self._cond.notify_all()
         if lazy is not None:
-            with self._fence_lock:
-                if lazy in self._unfenced:
-                    self._unfenced.remove(lazy)
-            lazy.abandon()
-            try:
-                lazy.wait_copied()  # the copy thread must be done with the arena before reuse
-            except BaseException:  # noqa: BLE001 - the save's own failure is the error to report
-                pass
+            self._fences.forget(lazy)
         self._arenas.release(arena)
 
     def _warn_if_behind(self, step: int) -> None:
@@ -774,87 +704,6 @@ class CheckpointManager:
                 f"step-* above {step}) or save into a new root.",
                 stacklevel=3,
             )
-
-    def _start_overlap(
-        self, state: Any, tensors: list[torch.Tensor], names: list[str], layout: Any, arena: Any
-    ) -> LazyCopy:
-        """Copy lazily what only a fenced optimizer step changes; everything else now."""
-        optimizers, modules = _fenceable(state)
-        for obj in (*optimizers, *modules):
-            self._install_fence(obj)
-        owned = _optimizer_owned(optimizers)
-        lazy = [t.numel() * t.element_size() >= SMALL_COPY_BYTES and _tensor_key(t) in owned for t in tensors]
-        return self._copier.start(tensors, names, lazy, layout, arena)
-
-    def _install_fence(self, obj: torch.optim.Optimizer | torch.nn.Module) -> None:
-        """Hook the fence into ``obj``'s step / load_state_dict, and a settle point into a module's
-        forward, once per object."""
-        known = self._hooks.get(id(obj))
-        if known is not None and known[0]() is obj:
-            return
-        hook = _fence_hook(weakref.ref(self))
-        if isinstance(obj, torch.optim.Optimizer):
-            handles = [obj.register_step_pre_hook(hook), obj.register_load_state_dict_pre_hook(hook)]
-        else:
-            # Every submodule: a load into one layer (or into the module a wrapper such as
-            # torch.compile or DDP holds) writes into lazily copied parameters too.
-            handles = []
-            for module in obj.modules():
-                register = getattr(module, "register_load_state_dict_pre_hook", None)
-                if register is None:  # torch < 2.5
-                    register = module._register_load_state_dict_pre_hook
-                handles.append(register(hook))
-            # The saved module only (not every submodule): one cheap check per forward call.
-            try:
-                handles.append(obj.register_forward_pre_hook(_settle_hook(weakref.ref(self))))
-            except Exception:  # noqa: BLE001 - a module that takes no hooks (scripted): fences only
-                pass
-        self._hooks[id(obj)] = (weakref.ref(obj), handles)
-
-    def _settle_point(self) -> None:
-        """A forward of a saved module: judge the copies already finished, oldest first; never
-        wait (a thread fencing right now is left to it)."""
-        if not self._fence_lock.acquire(blocking=False):
-            return
-        try:
-            while self._unfenced and self._unfenced[0].try_settle():
-                self._unfenced.pop(0)
-        finally:
-            self._fence_lock.release()
-
-    def _abandon_fences(self) -> None:
-        with self._fence_lock:
-            for lazy in self._unfenced:
-                lazy.abandon()
-            self._unfenced.clear()
-
-    def _remove_fences(self) -> None:
-        for _, handles in self._hooks.values():
-            for handle in handles:
-                handle.remove()
-        self._hooks.clear()
-
-    def _fence(self, in_save: bool = False, timeout: float | None = None) -> None:
-        """Overlap mode: make everything from here on wait for the pending copies, run the guard.
-
-        Called from the optimizers' step and load_state_dict pre-hooks, and by save, wait, restore
-        and close. Time waited here counts as the earlier save's ``fence_wait_s`` (inside ``save``
-        it already shows in that save's ``wait_prev_s``, so it is not counted twice).
-        """
-        if not self._unfenced:
-            return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        # A second thread fencing meanwhile waits here for the same copies.
-        if not self._fence_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            raise TimeoutError(f"overlap fence: another thread held it past the {timeout} s timeout")
-        try:
-            while self._unfenced:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                # may raise (an interrupt, the timeout): the entry stays for the next fence
-                self._unfenced[0].fence(count_wait=not in_save, timeout=left)
-                self._unfenced.pop(0)  # only once fenced: nobody may skip a fence still under way
-        finally:
-            self._fence_lock.release()
 
     def _on_done(self, job: SaveJob, path: Path | None) -> None:
         """Writer thread, before the handle resolves: free the arena, apply retention, log.
@@ -956,7 +805,7 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until every pending save has committed or failed; raise if one failed."""
         self._check_owner()
-        self._fence()
+        self._fences.fence()
         self._wait_pending()
         self._raise_background_errors()
 
@@ -1001,7 +850,7 @@ class CheckpointManager:
             raise TypeError(f"restore needs the state as a dict or list to update in place, got {type(state).__name__}")
         if step is not None:
             _check_step(step)
-        self._fence()
+        self._fences.fence()
         self._wait_pending()
         loaded = _read_newest_valid(self.root, step, self.workers)
         if loaded is None:
@@ -1084,11 +933,10 @@ class CheckpointManager:
             with self._cond:  # saves past that check (snapshotting on other threads) are handed over first
                 while self._reservations:
                     self._cond.wait()
-            self._fence()
+            self._fences.fence()
             self._wait_pending()
         finally:
-            self._abandon_fences()  # only if a fence was interrupted: the writer must not wait forever
-            self._remove_fences()
+            self._fences.close()  # abandons copies only if a fence was interrupted: the writer must not wait forever
             self._pipeline.close()
             self._copier.close()
             self._storage.close()

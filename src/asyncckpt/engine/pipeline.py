@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncckpt import _phases, codec
-from asyncckpt.engine.staging import Arena, Layout, LazyCopy
+from asyncckpt.engine import overlap
+from asyncckpt.engine.overlap import LazyCopy
+from asyncckpt.engine.staging import Arena, Layout
 from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
 from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
 from asyncckpt.metrics import SaveRecord
@@ -37,11 +39,6 @@ def _warn_from_writer(message: str) -> None:
         warnings.warn(message, stacklevel=1)
     except Exception:  # noqa: BLE001
         _log.warning("%s", message)
-
-
-# How long the writer, after a commit, waits for training's GPU stream to pass an overlap fence
-# before it gives up timing that fence's wait (normally the stream passed it long before).
-_GPU_FENCE_READ_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +97,10 @@ class SaveHandle:
 
     def error(self) -> SaveFailedError | None:
         return self._error
+
+    def _set_fence(self, fence: Callable[..., None]) -> None:
+        """Overlap mode: ``fence(timeout=...)`` runs first in ``wait``."""
+        self._before_wait = fence
 
     def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
         self._future.add_done_callback(lambda _: fn(self))
@@ -248,43 +249,15 @@ class Pipeline:
 
     @staticmethod
     def _check_guard(job: SaveJob) -> None:
-        """Overlap mode, right before the commit: commit only on the training thread's verdict (its
-        next fence or settle point) that nothing copied lazily changed in place since ``save``."""
-        lazy = job.lazy
-        assert lazy is not None
-        _phases.pause("verdict")
-        changed = lazy.verdict()
-        job.record.fence_wait_s = lazy.fence_wait_s
-        if lazy.abandoned:
-            raise CheckpointError(
-                "overlap mode: the manager was closed without a completed fence (interrupted while "
-                "waiting for the copy?), so the snapshot could not be checked; it was not committed"
-            )
-        if changed:
-            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-            raise OverlapGuardError(
-                f"overlap guard: {len(changed)} tensor(s) changed in place after save(), before their copy was "
-                f"known to be complete: {shown}. The snapshot could mix two steps, so it was not committed; "
-                "update these tensors only in the optimizer step, or use snapshot='blocking'"
-            )
+        """Overlap mode, right before the commit: commit only on the training thread's verdict."""
+        assert job.lazy is not None
+        overlap.check_verdict(job.lazy, job.record)
 
     @staticmethod
     def _read_gpu_fence_wait(job: SaveJob) -> None:
-        """After the commit, so that a stream that never reaches its fence cannot hold the
-        checkpoint back; a metric that cannot be read is left at 0 with a warning."""
+        """Overlap mode, after the commit: how long training's GPU stream waited at the fence."""
         assert job.lazy is not None
-        try:
-            waited = job.lazy.gpu_fence_wait(timeout=_GPU_FENCE_READ_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - the checkpoint is committed: never report it failed
-            _warn_from_writer(f"asyncckpt: the GPU fence wait of step {job.step} could not be timed: {exc}")
-            return
-        if waited is None:  # one message for every step: a stream far behind would repeat it
-            _warn_from_writer(
-                "asyncckpt: an overlap fence's GPU wait was not timed (fence_gpu_wait_s left at 0): training's "
-                f"stream had not reached the fence {_GPU_FENCE_READ_TIMEOUT_S} s after the commit"
-            )
-            return
-        job.record.fence_gpu_wait_s = waited
+        overlap.read_gpu_fence_wait(job.lazy, job.record, _warn_from_writer)
 
     def _persist(self, job: SaveJob) -> Path:
         record = job.record
