@@ -96,7 +96,7 @@ def test_fences_hook_a_saved_optimizer_once_and_close_removes_the_hooks(copier):
 
 
 def test_a_forgotten_copy_is_abandoned_and_no_longer_pending(copier, monkeypatch):
-    from asyncckpt.engine.pipeline import SaveHandle
+    from asyncckpt.engine.handle import SaveHandle
 
     monkeypatch.setitem(_phases._DELAYS, "lazy_copy", 0.1)
     tensor = _big(2.0)

@@ -1,7 +1,7 @@
 """asyncckpt: asynchronous, compressed, checksummed, atomically committed checkpoints for PyTorch."""
 
 from asyncckpt.aio import AsyncCheckpointManager, AsyncSaveHandle
-from asyncckpt.engine.pipeline import SaveHandle
+from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.errors import (
     CheckpointDamagedError,
     CheckpointError,

@@ -20,8 +20,9 @@ import torch
 
 from asyncckpt import _phases
 from asyncckpt.codec import CodecConfig
+from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import Fences, LazyCopy
-from asyncckpt.engine.pipeline import Pipeline, SaveHandle, SaveJob, _warn_from_writer
+from asyncckpt.engine.pipeline import Pipeline, SaveJob, _warn_from_writer
 from asyncckpt.engine.reader import (
     CheckpointGoneError,
     DirIdentity,
@@ -789,7 +790,7 @@ class CheckpointManager:
         if not failed:
             return None
         for handle in failed:
-            handle.reported = True
+            handle._mark_reported()
         first = failed[0].error()
         assert first is not None
         more = f" (and {len(failed) - 1} more failed saves)" if len(failed) > 1 else ""

@@ -23,17 +23,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from asyncckpt import _phases
+from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.staging import Arena, CopyEngine, Layout, on_stream
 from asyncckpt.errors import CheckpointError, OverlapGuardError
 from asyncckpt.metrics import SaveRecord
-
-if TYPE_CHECKING:
-    from asyncckpt.engine.pipeline import SaveHandle
 
 # Tensors below this size are copied before ``save`` returns: they cost next to nothing, and their
 # version counters then need no watching.

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from asyncckpt import _phases, codec
 from asyncckpt.engine import overlap
+from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import LazyCopy
 from asyncckpt.engine.staging import Arena, Layout
 from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
@@ -59,55 +60,6 @@ def plan_chunks(layout: Layout, chunk_size: int) -> list[ChunkPlan]:
         for start in range(group.start, group.end, chunk_size):
             plans.append(ChunkPlan(start, min(start + chunk_size, group.end), size))
     return plans
-
-
-class SaveHandle:
-    """The future of one save: ``wait()`` returns the committed path or raises SaveFailedError
-    (OverlapGuardError when overlap mode's guard refused the snapshot)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self._future: Future[Path] = Future()
-        self.reported = False  # an error seen by the user is not raised again by the manager
-        self._error: SaveFailedError | None = None  # set before the future resolves
-        self._before_wait: Callable[..., None] | None = None  # overlap mode: the manager's fence
-        self._pid = os.getpid()  # only this process's writer resolves it; a forked child would wait forever
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self, timeout: float | None = None) -> Path:
-        """The committed path, or SaveFailedError; TimeoutError after ``timeout`` seconds. In
-        overlap mode this is a fence first: it waits for the save's copy, then for the commit."""
-        if os.getpid() != self._pid:
-            raise CheckpointError(
-                f"this save handle belongs to pid {self._pid}; a forked child cannot wait for it "
-                f"(this is pid {os.getpid()})"
-            )
-        if self._before_wait is not None:
-            began = time.monotonic()
-            self._before_wait(timeout=timeout)
-            if timeout is not None:
-                timeout = max(0.0, timeout - (time.monotonic() - began))
-        try:
-            return self._future.result(timeout)
-        except CheckpointError:
-            self.reported = True
-            raise
-
-    def error(self) -> SaveFailedError | None:
-        return self._error
-
-    def _set_fence(self, fence: Callable[..., None]) -> None:
-        """Overlap mode: ``fence(timeout=...)`` runs first in ``wait``."""
-        self._before_wait = fence
-
-    def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
-        self._future.add_done_callback(lambda _: fn(self))
-
-    def __repr__(self) -> str:
-        state = "pending" if not self.done() else ("failed" if self._error else "committed")
-        return f"SaveHandle(step={self.step}, {state})"
 
 
 @dataclass
@@ -230,15 +182,15 @@ class Pipeline:
                 kind = OverlapGuardError if isinstance(exc, OverlapGuardError) else SaveFailedError
                 error = kind(f"save of step {job.step} failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
-                job.handle._error = error
+                job.handle._record_failure(error)  # seen by the bookkeeping, before the handle resolves
             try:
                 self._on_done(job, path)  # retention and bookkeeping before the handle resolves
             except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the writer
                 _warn_from_writer(f"asyncckpt: bookkeeping after step {job.step} failed: {exc!r}")
             if error is None:
-                job.handle._future.set_result(path)  # type: ignore[arg-type]
+                job.handle._resolve(path)  # type: ignore[arg-type]
             else:
-                job.handle._future.set_exception(error)
+                job.handle._fail(error)
 
     def _encode(self, job: SaveJob, plan: ChunkPlan) -> tuple[codec.EncodedChunk, float, float]:
         """The chunk encoded, with the wall and this thread's CPU seconds it took."""
