@@ -371,13 +371,13 @@ def test_warnings_as_errors_never_fail_a_committed_checkpoint_or_stop_the_writer
     import warnings
 
     from asyncckpt.engine.overlap import LazyCopy
-    from asyncckpt.manager import CheckpointManager as Manager
+    from asyncckpt.engine.retain import Retainer
 
     def retention_fails(self, protect):
         raise OSError("retention could not list the root")
 
     monkeypatch.setattr(LazyCopy, "gpu_fence_wait", lambda self, timeout: None)
-    monkeypatch.setattr(Manager, "_apply_retention", retention_fails)
+    monkeypatch.setattr(Retainer, "apply", retention_fails)
     model = torch.nn.Linear(64, 64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings(), caplog.at_level("WARNING", logger="asyncckpt"):

@@ -430,9 +430,9 @@ def test_arena_is_reused_and_memory_does_not_grow(tmp_path, managers, max_pendin
     mgr.wait()
     grown = rss_bytes() - baseline
     if max_pending == 1:
-        assert mgr._arenas.allocations == 1
+        assert mgr._admission.arenas.allocations == 1
     else:
-        assert 1 <= mgr._arenas.allocations <= max_pending
+        assert 1 <= mgr._admission.arenas.allocations <= max_pending
     assert grown < 24 * MiB, f"RSS grew by {grown / MiB:.1f} MiB over 45 saves of a 4 MiB state"
     assert mgr.steps() == [49]
     assert_same_tree(state, asyncckpt.load(tmp_path / "ckpts"))
@@ -524,7 +524,7 @@ def test_max_pending_two_lets_one_save_overlap(tmp_path, managers, gate):
     third.join(60)
     mgr.wait()
     assert mgr.steps() == [1, 2, 3]
-    assert mgr._arenas.allocations == 2
+    assert mgr._admission.arenas.allocations == 2
 
 
 @pytest.mark.filterwarnings("ignore:asyncckpt.*already holds step:UserWarning")  # out of order on purpose
@@ -841,7 +841,7 @@ def test_encoder_failure_never_hangs(tmp_path, managers, monkeypatch):
     assert leftovers(root) == []
     assert step_dirs(root) == [1]
     assert_same_tree(good, asyncckpt.load(root))
-    assert mgr._arenas.allocations == 1  # the arena came back after each failure
+    assert mgr._admission.arenas.allocations == 1  # the arena came back after each failure
 
 
 # ---- corruption ------------------------------------------------------------------------------
@@ -1086,7 +1086,7 @@ def test_prepare_pins_from_the_callers_cuda_device_not_device_0(tmp_path, monkey
     fake.install(monkeypatch, device=0)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with CheckpointManager(tmp_path) as mgr:
-        mgr._arenas = ArenaPool(pinned=True)
+        mgr._admission.arenas = ArenaPool(pinned=True)
         torch.cuda.set_device(2)  # the training thread's device
         mgr.prepare({"w": torch.randn(1000)}).result()
         assert fake.devices == [2] and len(fake.registered) == 1

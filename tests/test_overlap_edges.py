@@ -440,7 +440,7 @@ def test_failed_submit_after_the_copy_started_neither_hangs_nor_leaks(tmp_path, 
             patch.setattr(mgr._pipeline, "submit", refuse)
             with pytest.raises(CheckpointError, match="injected"):
                 mgr.save(1, state)
-        assert mgr._arenas.held_bytes() > 0  # the arena came back, after the copy was done with it
+        assert mgr._admission.arenas.held_bytes() > 0  # the arena came back, after the copy was done with it
         one_step(model, opt, seed=2)  # fences the orphaned copy: no error, no hang
         expected = plain(state)
         mgr.save(2, state)
