@@ -26,7 +26,7 @@ NOT_FOR_USERS = re.compile(
 
 def user_facing_files() -> list[Path]:
     files = [REPO / "README.md", REPO / "bench" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-    files += sorted((REPO / "src" / "asyncckpt").glob("*.py"))
+    files += sorted((REPO / "src" / "asyncckpt").rglob("*.py"))
     files += sorted((REPO / "bench").glob("*.py")) + sorted((REPO / "bench").glob("*.sh"))
     return [f for f in files if f.exists()]
 
