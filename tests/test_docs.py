@@ -15,10 +15,10 @@ from asyncckpt.cli.commands import build_parser, main
 REPO = Path(__file__).resolve().parent.parent
 CLI_MD = REPO / "docs" / "cli.md"
 
-# what a user cannot follow: the project's issue numbers, a design file they do not have, and
-# promises about when something will be measured
+# what a user cannot follow: the project's issue numbers, a design file they do not have (the
+# repository's own is docs/design.md), and promises about when something will be measured
 NOT_FOR_USERS = re.compile(
-    r"\bissue\s*#?\d+|\bissue's\b|DESIGN\.md|next (GPU|device) (run|session|task)|in the next task|"
+    r"\bissue\s*#?\d+|\bissue's\b|(?-i:\bDESIGN\.md)|next (GPU|device) (run|session|task)|in the next task|"
     r"(this|last|next) session",
     re.IGNORECASE,
 )
@@ -38,6 +38,20 @@ def test_docs_and_comments_name_no_issue_design_file_or_future_run():
             if NOT_FOR_USERS.search(line):
                 hits.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert hits == []
+
+
+def test_every_doc_page_named_exists():
+    """A page the README, the docs or the code point to (``docs/format.md``) is in the repository."""
+    missing = []
+    for path in user_facing_files():
+        text = path.read_text()
+        named = set(re.findall(r"\bdocs/([\w-]+\.(?:md|png))", text))
+        if path.parent.name == "docs":  # links between pages: [design.md](design.md)
+            named |= set(re.findall(r"\]\(([\w-]+\.md)(?:#[\w-]*)?\)", text))
+        missing += [
+            f"{path.relative_to(REPO)}: docs/{name}" for name in sorted(named) if not (REPO / "docs" / name).exists()
+        ]
+    assert missing == []
 
 
 def documented_command_lines() -> list[list[str]]:
