@@ -9,7 +9,7 @@ deletes through it; a reader's catalog lists the root as readers do, without a l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from asyncckpt.engine.reader import read_manifest
@@ -34,18 +34,6 @@ def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
     except CheckpointError as exc:
         return CheckpointInfo(checkpoint.step, {}, unreadable=str(exc))
     return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
-
-
-def checkpoint_infos(checkpoints: Iterable[CommittedCheckpoint]) -> list[CheckpointInfo]:
-    """:func:`checkpoint_info` of each checkpoint, in order.
-
-    Args:
-        checkpoints: Committed checkpoints.
-
-    Returns:
-        One CheckpointInfo each.
-    """
-    return [checkpoint_info(c) for c in checkpoints]
 
 
 class Catalog:
