@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from asyncckpt.errors import CheckpointError, StateMismatchError
-from asyncckpt.format import MAX_TREE_DEPTH, MODULE_LOAD_OPTIONS, check_module_metadata, dtype_name
+from asyncckpt.format import dtype_name
+from asyncckpt.state.skeleton import MAX_TREE_DEPTH, MODULE_LOAD_OPTIONS, check_module_metadata
 
 _MISSING = object()
 _EXTRA_STATE = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
