@@ -1,14 +1,9 @@
 """Flatten a training state into a JSON skeleton plus a list of tensors, and back.
 
 The skeleton is what makes loading safe: it is plain JSON (never pickle), so reading a
-checkpoint cannot execute code. Every node is a one-key dict whose key says its kind:
-
-    {"d": [[key, node], ...], "m": {...}?}   dict (str or int keys), optional module _metadata
-    {"l": [node, ...]}  {"t": [node, ...]}     list, tuple
-    {"T": i}   {"N": i}   {"S": i}             torch tensor, numpy array, numpy scalar (index i)
-    {"v": value}                               None, bool, int, float, str
-    {"dt": "float32"}   {"dev": "cuda:0"}      torch.dtype, torch.device
-    {"o": node, "cls": "AdamW"}                object with state_dict()/load_state_dict()
+checkpoint cannot execute code. Its node kinds and the paths that name nodes are defined in
+``asyncckpt.state.skeleton``; this module builds skeletons from live objects (``flatten``),
+rebuilds plain trees (``unflatten``), and restores into live objects in place.
 """
 
 from __future__ import annotations
@@ -24,7 +19,18 @@ import torch
 
 from asyncckpt.errors import CheckpointError, StateMismatchError
 from asyncckpt.format import dtype_name
-from asyncckpt.state.skeleton import MAX_TREE_DEPTH, MODULE_LOAD_OPTIONS, check_module_metadata
+from asyncckpt.state.skeleton import (
+    CLASS_NAME,
+    MAX_TREE_DEPTH,
+    META,
+    MODULE_LOAD_OPTIONS,
+    TENSOR_KINDS,
+    Kind,
+    check_module_metadata,
+    child_path,
+    kind_of,
+    object_path,
+)
 
 _MISSING = object()
 _EXTRA_STATE = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
@@ -46,10 +52,6 @@ def _is_stateful(obj: Any) -> bool:
 
 def _numpy_module():
     return sys.modules.get("numpy")
-
-
-def _child(path: str, key: Any) -> str:
-    return f"{path}[{key!r}]"
 
 
 class _Flattener:
@@ -89,16 +91,16 @@ class _Flattener:
         if depth > MAX_DEPTH:
             raise ValueError(f"{path}: state is nested deeper than {MAX_DEPTH} levels")
         if isinstance(obj, torch.Tensor):
-            return {"T": self.add_tensor(obj, path)}
+            return {Kind.TENSOR: self.add_tensor(obj, path)}
         if obj is None or isinstance(obj, (bool, int, float, str)):
-            return {"v": obj}
+            return {Kind.VALUE: obj}
         if isinstance(obj, torch.dtype):
             try:
-                return {"dt": dtype_name(obj)}
+                return {Kind.DTYPE: dtype_name(obj)}
             except TypeError as exc:
                 raise TypeError(f"{path}: {exc}") from None
         if isinstance(obj, torch.device):
-            return {"dev": str(obj)}
+            return {Kind.DEVICE: str(obj)}
         if isinstance(obj, dict):
             items = []
             for key, value in obj.items():
@@ -107,29 +109,29 @@ class _Flattener:
                         f"{path}: dict key {key!r} of type {type(key).__name__} is not supported "
                         "(keys must be str or int)"
                     )
-                items.append([key, self.node(value, _child(path, key), depth + 1)])
-            out: dict = {"d": items}
+                items.append([key, self.node(value, child_path(path, key), depth + 1)])
+            out: dict = {Kind.DICT: items}
             meta = getattr(obj, "_metadata", None)
             if isinstance(meta, dict):
-                out["m"] = _plain_json(meta, f"{path}._metadata")
-                for local in out["m"].values():  # how the dict was last loaded, not what it holds
+                out[META] = _plain_json(meta, f"{path}._metadata")
+                for local in out[META].values():  # how the dict was last loaded, not what it holds
                     if isinstance(local, dict):
                         for option in MODULE_LOAD_OPTIONS.intersection(local):
                             del local[option]
-                check_module_metadata(out["m"], lambda what: TypeError(f"{path}._metadata: {what}"))
+                check_module_metadata(out[META], lambda what: TypeError(f"{path}._metadata: {what}"))
             return out
         if isinstance(obj, list):
-            return {"l": [self.node(v, _child(path, i), depth + 1) for i, v in enumerate(obj)]}
+            return {Kind.LIST: [self.node(v, child_path(path, i), depth + 1) for i, v in enumerate(obj)]}
         if isinstance(obj, tuple):
-            return {"t": [self.node(v, _child(path, i), depth + 1) for i, v in enumerate(obj)]}
+            return {Kind.TUPLE: [self.node(v, child_path(path, i), depth + 1) for i, v in enumerate(obj)]}
         np = _numpy_module()
         if np is not None and isinstance(obj, np.ndarray):
-            return {"N": self.add_tensor(_numpy_to_tensor(obj, path), path)}
+            return {Kind.NDARRAY: self.add_tensor(_numpy_to_tensor(obj, path), path)}
         if np is not None and isinstance(obj, np.generic):
-            return {"S": self.add_tensor(_numpy_to_tensor(np.asarray(obj), path), path)}
+            return {Kind.NUMPY_SCALAR: self.add_tensor(_numpy_to_tensor(np.asarray(obj), path), path)}
         if _is_stateful(obj):
             inner = obj.state_dict()
-            return {"o": self.node(inner, f"{path}.state_dict()", depth + 1), "cls": type(obj).__name__}
+            return {Kind.OBJECT: self.node(inner, object_path(path), depth + 1), CLASS_NAME: type(obj).__name__}
         raise TypeError(
             f"{path}: cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__}; "
             "supported leaves are tensors, numpy arrays, None, bool, int, float, str, "
@@ -141,9 +143,9 @@ def _plain_json(obj: Any, path: str) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
-        return {k: _plain_json(v, _child(path, k)) for k, v in obj.items()}
+        return {k: _plain_json(v, child_path(path, k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain_json(v, _child(path, i)) for i, v in enumerate(obj)]
+        return [_plain_json(v, child_path(path, i)) for i, v in enumerate(obj)]
     raise TypeError(f"{path}: {type(obj).__name__} is not JSON-serialisable")
 
 
@@ -166,43 +168,37 @@ def flatten(state: Any) -> FlatState:
     return FlatState(skeleton, flattener.tensors, flattener.paths)
 
 
-def _leaf_from_tensor(kind: str, tensor: torch.Tensor) -> Any:
-    if kind == "T":
+def _leaf_from_tensor(kind: Kind, tensor: torch.Tensor) -> Any:
+    if kind is Kind.TENSOR:
         return tensor
     array = tensor.cpu().numpy().copy()
-    return array if kind == "N" else array[()]
+    return array if kind is Kind.NDARRAY else array[()]
 
 
 def unflatten(node: dict, tensors: list[torch.Tensor]) -> Any:
     """Rebuild a plain tree (stateful objects become their state dicts)."""
-    (kind,) = [k for k in node if k != "m" and k != "cls"]
+    kind = kind_of(node)
     value = node[kind]
-    if kind in ("T", "N", "S"):
+    if kind in TENSOR_KINDS:
         return _leaf_from_tensor(kind, tensors[value])
-    if kind == "v":
+    if kind is Kind.VALUE:
         return value
-    if kind == "dt":
+    if kind is Kind.DTYPE:
         return getattr(torch, value)
-    if kind == "dev":
+    if kind is Kind.DEVICE:
         return torch.device(value)
-    if kind == "d":
-        out: dict = collections.OrderedDict() if "m" in node else {}
+    if kind is Kind.DICT:
+        out: dict = collections.OrderedDict() if META in node else {}
         for key, child in value:
             out[key] = unflatten(child, tensors)
-        if "m" in node:
-            out._metadata = node["m"]  # type: ignore[attr-defined]
+        if META in node:
+            out._metadata = node[META]  # type: ignore[attr-defined]
         return out
-    if kind == "l":
+    if kind is Kind.LIST:
         return [unflatten(child, tensors) for child in value]
-    if kind == "t":
+    if kind is Kind.TUPLE:
         return tuple(unflatten(child, tensors) for child in value)
-    if kind == "o":
-        return unflatten(value, tensors)
-    raise CheckpointError(f"unknown skeleton node kind {kind!r}")
-
-
-def _node_kind(node: dict) -> str:
-    return next(k for k in node if k not in ("m", "cls"))
+    return unflatten(value, tensors)  # an object: its state dict
 
 
 # ---- restoring in place -------------------------------------------------------------------------
@@ -306,15 +302,20 @@ def _describe_live(obj: Any) -> str:
 
 
 def _describe_node(node: dict) -> str:
-    kind = _node_kind(node)
+    kind = kind_of(node)
     value = node[kind]
-    names = {"T": "a tensor", "N": "a numpy array", "S": "a numpy scalar", "d": "a dict"}
+    names = {
+        Kind.TENSOR: "a tensor",
+        Kind.NDARRAY: "a numpy array",
+        Kind.NUMPY_SCALAR: "a numpy scalar",
+        Kind.DICT: "a dict",
+    }
     if kind in names:
         return names[kind]
-    if kind in ("l", "t"):
-        return f"a {'list' if kind == 'l' else 'tuple'} of {len(value)}"
-    if kind == "o":
-        return f"the state of a {node.get('cls', 'stateful object')}"
+    if kind is Kind.LIST or kind is Kind.TUPLE:
+        return f"a {'list' if kind is Kind.LIST else 'tuple'} of {len(value)}"
+    if kind is Kind.OBJECT:
+        return f"the state of a {node.get(CLASS_NAME, 'stateful object')}"
     return f"the value {str(value)[:40]!r}"
 
 
@@ -333,15 +334,15 @@ class _Planner:
         )
 
     def visit(self, live: Any, node: dict, path: str) -> None:
-        kind = _node_kind(node)
+        kind = kind_of(node)
         value = node[kind]
         if isinstance(live, torch.Tensor):
-            if kind == "T":
+            if kind is Kind.TENSOR:
                 self.tensor(live, self.tensors[value], path)
             else:
                 self._kind_error(path, live, node)
         elif _is_stateful(live):
-            if kind != "o":
+            if kind is not Kind.OBJECT:
                 self._kind_error(path, live, node)
             elif isinstance(live, torch.nn.Module):
                 self.module(live, value, path)
@@ -350,14 +351,14 @@ class _Planner:
             else:
                 self.plan.objects.append((path, live, value))  # its own load_state_dict decides what fits
         elif isinstance(live, dict):
-            if kind == "d":
+            if kind is Kind.DICT:
                 self.mapping(live, value, path)
             else:
                 self._kind_error(path, live, node)
         elif isinstance(live, (list, tuple)) and _holds_live_data(live):
-            if kind == ("l" if isinstance(live, list) else "t") and len(value) == len(live):
+            if kind is (Kind.LIST if isinstance(live, list) else Kind.TUPLE) and len(value) == len(live):
                 for i, child in enumerate(value):
-                    self.visit(live[i], child, _child(path, i))
+                    self.visit(live[i], child, child_path(path, i))
             else:
                 self._kind_error(path, live, node)
         # any other live leaf is a value: the checkpoint's value replaces it
@@ -381,22 +382,22 @@ class _Planner:
         for key, child in pairs:
             saved.add(key)
             if key in live:
-                self.visit(live[key], child, _child(path, key))
+                self.visit(live[key], child, child_path(path, key))
             else:
-                self.plan.unexpected.append(_child(path, key))  # strict=False inserts it: nothing conflicts
-        self.plan.missing += [_child(path, key) for key in live if key not in saved]
+                self.plan.unexpected.append(child_path(path, key))  # strict=False inserts it: nothing conflicts
+        self.plan.missing += [child_path(path, key) for key in live if key not in saved]
 
     def module(self, live: torch.nn.Module, inner: dict, path: str, name: Callable[[Any], str] | None = None) -> None:
         """A module's state dict: the same keys, every tensor fits. ``name`` names a key in messages."""
-        where = f"{path}.state_dict()" if path else "the entry"
-        name = name or (lambda key: _child(where, key))
-        if _node_kind(inner) != "d":
+        where = object_path(path) if path else "the entry"
+        name = name or (lambda key: child_path(where, key))
+        if kind_of(inner) is not Kind.DICT:
             self.plan.errors.append(f"{where}: the checkpoint holds {_describe_node(inner)}, not a state dict")
             return
         live_sd = live.state_dict()
         self.plan.module_keys[path] = list(live_sd)
         saved = set()
-        for key, child in inner["d"]:
+        for key, child in inner[Kind.DICT]:
             saved.add(key)
             value = live_sd.get(key, _MISSING) if isinstance(key, str) else _MISSING
             if value is _MISSING:
@@ -404,39 +405,39 @@ class _Planner:
             elif key.endswith(_EXTRA_STATE):
                 pass  # any object, of any size: load_state_dict hands it to set_extra_state
             elif isinstance(value, torch.Tensor):
-                if _node_kind(child) != "T":
+                if kind_of(child) is not Kind.TENSOR:
                     self._kind_error(name(key), value, child)
                 else:
-                    self.tensor(value, self.tensors[child["T"]], name(key))
+                    self.tensor(value, self.tensors[child[Kind.TENSOR]], name(key))
         self.plan.missing += [name(key) for key in live_sd if key not in saved]
 
     def optimizer(self, live: torch.optim.Optimizer, inner: dict, path: str) -> None:
         """What torch's Optimizer.load_state_dict checks (only after changing nothing, but raising
         inside a restore), plus state shapes and meta parameters."""
-        where = f"{path}.state_dict()"
+        where = object_path(path)
         cls = type(live).__name__
-        top = dict(inner["d"]) if _node_kind(inner) == "d" else {}
+        top = dict(inner[Kind.DICT]) if kind_of(inner) is Kind.DICT else {}
         groups, states = top.get("param_groups"), top.get("state")
-        if groups is None or states is None or _node_kind(groups) != "l" or _node_kind(states) != "d":
+        if groups is None or states is None or kind_of(groups) is not Kind.LIST or kind_of(states) is not Kind.DICT:
             self.plan.errors.append(f"{where}: the checkpoint holds no optimizer state ('state' and 'param_groups')")
             return
         live_top = live.state_dict()
-        self.plan.missing += [_child(where, k) for k in live_top if k not in top]
+        self.plan.missing += [child_path(where, k) for k in live_top if k not in top]
         for key in top:
             if key not in live_top:
-                self._unexpected(_child(where, key))
-        if len(groups["l"]) != len(live.param_groups):
+                self._unexpected(child_path(where, key))
+        if len(groups[Kind.LIST]) != len(live.param_groups):
             self.plan.errors.append(
-                f"{where}: the checkpoint has {len(groups['l'])} param groups, the {cls} {len(live.param_groups)}"
+                f"{where}: the checkpoint has {len(groups[Kind.LIST])} param groups, the {cls} {len(live.param_groups)}"
             )
             return
         params: dict[Any, torch.Tensor] = {}
         fatal = len(self.plan.errors)
-        for i, (group, live_group) in enumerate(zip(groups["l"], live.param_groups, strict=True)):
-            gpath = _child(_child(where, "param_groups"), i)
-            entries = dict(group["d"]) if _node_kind(group) == "d" else {}
-            ids_node = entries.get("params", {"v": None})
-            ids = [_leaf_value(c) for c in ids_node["l"]] if _node_kind(ids_node) == "l" else None
+        for i, (group, live_group) in enumerate(zip(groups[Kind.LIST], live.param_groups, strict=True)):
+            gpath = child_path(child_path(where, "param_groups"), i)
+            entries = dict(group[Kind.DICT]) if kind_of(group) is Kind.DICT else {}
+            ids_node = entries.get("params", {Kind.VALUE: None})
+            ids = [_leaf_value(c) for c in ids_node[Kind.LIST]] if kind_of(ids_node) is Kind.LIST else None
             if ids is None or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
                 self.plan.errors.append(f"{gpath}['params']: not a list of parameter indices")
                 continue
@@ -451,22 +452,22 @@ class _Planner:
             # 'initial_lr', a newer torch adds options; the load keeps the saved ones and the rest.
         if len(self.plan.errors) > fatal:
             return  # the parameters cannot be matched up: their states say nothing more
-        for key, per_param in states["d"]:
-            spath = _child(_child(where, "state"), key)
+        for key, per_param in states[Kind.DICT]:
+            spath = child_path(child_path(where, "state"), key)
             param = params.get(key)
             if param is None:
                 self._unexpected(spath)
             elif param.device.type == "meta":
                 self.plan.skipped.append((spath, "its parameter is a meta tensor"))
                 self.plan.leave.add(spath)
-            elif _node_kind(per_param) == "d":
+            elif kind_of(per_param) is Kind.DICT:
                 have = live.state.get(param) or {}
-                for skey, snode in per_param["d"]:
+                for skey, snode in per_param[Kind.DICT]:
                     current = have.get(skey)
-                    if isinstance(current, torch.Tensor) and _node_kind(snode) == "T":
-                        saved = self.tensors[snode["T"]]
+                    if isinstance(current, torch.Tensor) and kind_of(snode) is Kind.TENSOR:
+                        saved = self.tensors[snode[Kind.TENSOR]]
                         if tuple(current.shape) != tuple(saved.shape):
-                            self.plan.errors.append(_shape_mismatch(_child(spath, skey), current, saved))
+                            self.plan.errors.append(_shape_mismatch(child_path(spath, skey), current, saved))
 
 
 def _shape_mismatch(path: str, live: torch.Tensor, saved: torch.Tensor) -> str:
@@ -476,7 +477,7 @@ def _shape_mismatch(path: str, live: torch.Tensor, saved: torch.Tensor) -> str:
 
 
 def _leaf_value(node: Any) -> Any:
-    return node.get("v") if isinstance(node, dict) and _node_kind(node) == "v" else None
+    return node.get(Kind.VALUE) if isinstance(node, dict) and kind_of(node) is Kind.VALUE else None
 
 
 def check_compatible(
@@ -490,13 +491,14 @@ def check_compatible(
     states) and live tensors that cannot be written in place; without it those are left out. An
     optimizer's param group hyperparameters are not keys: they load as torch loads them.
     """
-    kind = _node_kind(node)
+    kind = kind_of(node)
     value = node[kind]
-    root_ok = (kind == "d" and isinstance(live, dict)) or (
-        kind == "l" and isinstance(live, list) and len(live) == len(value)
+    root_ok = (kind is Kind.DICT and isinstance(live, dict)) or (
+        kind is Kind.LIST and isinstance(live, list) and len(live) == len(value)
     )
     if not root_ok:
-        saved = {"d": "a dict", "l": f"a list of {len(value) if kind == 'l' else 0}"}.get(kind, f"a {kind!r} node")
+        n = len(value) if kind is Kind.LIST else 0
+        saved = {Kind.DICT: "a dict", Kind.LIST: f"a list of {n}"}.get(kind, f"a {kind.value!r} node")
         have = f"a list of {len(live)}" if isinstance(live, list) else f"a {type(live).__name__}"
         raise StateMismatchError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
     planner = _Planner(tensors)
@@ -556,13 +558,13 @@ def _drop_left_out(plain: dict, plan: RestorePlan, name: Callable[[Any], str]) -
 def _load_optimizer(
     live: torch.optim.Optimizer, node: dict, tensors: list[torch.Tensor], plan: RestorePlan, path: str
 ) -> None:
-    where = f"{path}.state_dict()"
+    where = object_path(path)
     plain = unflatten(node, tensors)
-    _drop_left_out(plain, plan, lambda key: _child(where, key))
+    _drop_left_out(plain, plan, lambda key: child_path(where, key))
     for i, group in enumerate(plain["param_groups"]):
         for key, current in live.param_groups[i].items():
             group.setdefault(key, current)  # a hyperparameter the checkpoint lacks stays as it is
-    _drop_left_out(plain["state"], plan, lambda key: _child(_child(where, "state"), key))
+    _drop_left_out(plain["state"], plan, lambda key: child_path(child_path(where, "state"), key))
     live.load_state_dict(plain)
 
 
@@ -572,37 +574,37 @@ class _Restorer:
         self.plan = plan
 
     def into(self, live: Any, node: dict, path: str) -> Any:
-        kind = _node_kind(node)
+        kind = kind_of(node)
         value = node[kind]
         tensors = self.tensors
-        if kind == "T" and isinstance(live, torch.Tensor):
+        if kind is Kind.TENSOR and isinstance(live, torch.Tensor):
             if path not in self.plan.leave:
                 with torch.no_grad():
                     live.copy_(tensors[value])
             return live
-        if kind == "o" and _is_stateful(live):
+        if kind is Kind.OBJECT and _is_stateful(live):
             if isinstance(live, (torch.nn.Module, torch.optim.Optimizer)):  # others were loaded first
                 try:
                     if isinstance(live, torch.nn.Module):
-                        where = f"{path}.state_dict()"
-                        load_module(live, value, tensors, self.plan, path, lambda key: _child(where, key))
+                        where = object_path(path)
+                        load_module(live, value, tensors, self.plan, path, lambda key: child_path(where, key))
                     else:
                         _load_optimizer(live, value, tensors, self.plan, path)
                 except Exception as exc:
                     raise CheckpointError(f"{path}: {type(live).__name__}.load_state_dict failed: {exc}") from exc
             return live
-        if kind == "d" and isinstance(live, dict):
+        if kind is Kind.DICT and isinstance(live, dict):
             for key, child in value:
-                child_path = _child(path, key)
-                if child_path not in self.plan.leave:
-                    live[key] = self.into(live[key], child, child_path) if key in live else unflatten(child, tensors)
+                entry = child_path(path, key)
+                if entry not in self.plan.leave:
+                    live[key] = self.into(live[key], child, entry) if key in live else unflatten(child, tensors)
             return live
-        if kind == "l" and isinstance(live, list) and len(live) == len(value):
+        if kind is Kind.LIST and isinstance(live, list) and len(live) == len(value):
             for i, child in enumerate(value):
-                live[i] = self.into(live[i], child, _child(path, i))
+                live[i] = self.into(live[i], child, child_path(path, i))
             return live
-        if kind == "t" and isinstance(live, tuple) and len(live) == len(value):
-            return tuple(self.into(live[i], c, _child(path, i)) for i, c in enumerate(value))
+        if kind is Kind.TUPLE and isinstance(live, tuple) and len(live) == len(value):
+            return tuple(self.into(live[i], c, child_path(path, i)) for i, c in enumerate(value))
         return unflatten(node, tensors)
 
 
@@ -622,12 +624,12 @@ def restore_into(
         plan = check_compatible(live, node, tensors)
     loaded: list[tuple[str, Any, Any]] = []
     try:
-        for object_path, obj, inner in plan.objects:
-            loaded.append((object_path, obj, obj.state_dict()))
+        for where, obj, inner in plan.objects:
+            loaded.append((where, obj, obj.state_dict()))
             try:
                 obj.load_state_dict(unflatten(inner, tensors))
             except Exception as exc:
-                raise CheckpointError(f"{object_path}: {type(obj).__name__}.load_state_dict failed: {exc}") from exc
+                raise CheckpointError(f"{where}: {type(obj).__name__}.load_state_dict failed: {exc}") from exc
         return _Restorer(tensors, plan).into(live, node, path)
     except BaseException:
         _put_back(loaded)
@@ -635,8 +637,8 @@ def restore_into(
 
 
 def _put_back(loaded: list[tuple[str, Any, Any]]) -> None:
-    for object_path, obj, before in reversed(loaded):
+    for where, obj, before in reversed(loaded):
         try:
             obj.load_state_dict(before)
         except Exception as exc:  # noqa: BLE001 - the first failure is the one to raise
-            warnings.warn(f"asyncckpt: could not put {object_path} back after a failed restore: {exc}", stacklevel=4)
+            warnings.warn(f"asyncckpt: could not put {where} back after a failed restore: {exc}", stacklevel=4)
