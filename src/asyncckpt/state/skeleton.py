@@ -303,21 +303,23 @@ def _entry(node: dict, part: str) -> dict | None:
 _LISTED = 20  # keys named in a NoEntryError
 
 
-def _holdings(node: dict) -> str:
-    """What a node offers a key, for a NoEntryError: its keys, its indices, or that it is a leaf."""
+def _holdings(node: dict, at: str | None) -> str:
+    """What the node a search stopped at offers (``at``: its key; None at the top), for a NoEntryError."""
     kind = kind_of(node)
-    if kind is Kind.DICT:
+    name = "the top level" if at is None else repr(at)
+    if kind is Kind.DICT and node[kind]:
         keys = [repr(key) for key, _ in node[kind]]
-        if not keys:
-            return "an empty dict"
         more = f", ... ({len(keys)} in all)" if len(keys) > _LISTED else ""
-        return "keys " + ", ".join(keys[:_LISTED]) + more
+        title = "top-level keys" if at is None else f"keys under {at!r}"
+        return f"{title}: " + ", ".join(keys[:_LISTED]) + more
+    if kind is Kind.DICT:
+        return f"{name} is an empty dict"
     if kind is Kind.LIST or kind is Kind.TUPLE:
         n = len(node[kind])
         noun = "list" if kind is Kind.LIST else "tuple"
-        return f"a {noun} of {n}" + (f", indices 0 to {n - 1}" if n else "")
+        return f"{name} is a {noun} of {n}" + (f": indices 0 to {n - 1}" if n else "")
     names = {Kind.TENSOR: "a tensor", Kind.NDARRAY: "a numpy array", Kind.NUMPY_SCALAR: "a numpy scalar"}
-    return f"{names.get(kind, 'a value')}, no entries"
+    return f"{name} is {names.get(kind, 'a value')}, with no entries"
 
 
 def subtree(root: dict, key: str, where: str = "the checkpoint") -> dict:
@@ -348,8 +350,8 @@ def subtree(root: dict, key: str, where: str = "the checkpoint") -> dict:
     for i, part in enumerate(parts):
         child = _entry(node, part)
         if child is None:
-            at = "top level" if i == 0 else repr(".".join(parts[:i]))
-            raise NoEntryError(f"{where} has no entry {key!r} (the {at} holds {_holdings(node)})")
+            at = ".".join(parts[:i]) if i else None
+            raise NoEntryError(f"{where} has no entry {key!r} ({_holdings(node, at)})")
         node = _unwrap(child)
     return node
 
