@@ -215,16 +215,21 @@ _SHOWN = 10  # entries of each list named in an error message; the exception hol
 class RestoreResult:
     """What ``restore(..., strict=False)`` and ``load_weights(..., strict=False)`` found not to fit.
 
-    ``missing_keys``: in the live state but not in the checkpoint; left as they were.
-    ``unexpected_keys``: in the checkpoint but not in the live state. In a plain dict (one the state
-    holds itself, a state dict held as a dict included) the key is inserted with the checkpoint's
-    value (a saved object as its state dict), so no data is lost; in a module's state dict or an
-    optimizer's state it is ignored, as torch's ``load_state_dict(strict=False)`` ignores it.
-    ``skipped``: live tensors that cannot take data in place (a meta tensor, an overlapping view such
-    as ``expand()``, an inference tensor); left as they were.
-    Entries are paths in the state, as error messages name them (``state['model'].state_dict()['0.bias']``);
-    ``load_weights`` gives the model's own keys (``'0.bias'``), as torch's ``load_state_dict`` does.
-    ``step`` is the restored step, None when the root holds no checkpoint.
+    Returned instead of the bare step when ``strict=False``, so a caller who opts in cannot
+    overlook what was left out. Entries are paths in the state, as error messages name them
+    (``state['model'].state_dict()['0.bias']``); ``load_weights`` gives the model's own keys
+    (``'0.bias'``), as torch's ``load_state_dict`` does. Made by the library, never by callers.
+
+    Attributes:
+        step: the restored step; None when the root holds no checkpoint.
+        missing_keys: in the live state but not in the checkpoint; left as they were.
+        unexpected_keys: in the checkpoint but not in the live state. In a plain dict (one the
+            state holds itself, a state dict held as a dict included) the key is inserted with the
+            checkpoint's value (a saved object as its state dict), so no data is lost; in a
+            module's state dict or an optimizer's state it is ignored, as torch's
+            ``load_state_dict(strict=False)`` ignores it.
+        skipped: live tensors that cannot take data in place (a meta tensor, an overlapping view
+            such as ``expand()``, an inference tensor); left as they were.
     """
 
     step: int | None
