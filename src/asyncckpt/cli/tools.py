@@ -236,7 +236,7 @@ DIFF_BATCH_BYTES = 256 << 20  # diff holds about this many tensor bytes of each 
 
 
 def _tensor_indexes(manifest: Manifest) -> list[int]:
-    return sorted({leaf.index for leaf in leaves(manifest.tree) if leaf.index is not None})
+    return sorted(skeleton.tensor_indices(manifest.tree))
 
 
 def diff_total_bytes(path_a: Path, path_b: Path) -> int:
