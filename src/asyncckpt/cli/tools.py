@@ -113,7 +113,7 @@ def leaves(tree: dict, path: str = "state") -> list[Leaf]:
         if visit.kind in TENSOR_KINDS:
             out.append(Leaf(visit.path, _LEAF_KINDS[visit.kind], index=value))
         elif visit.kind in _LEAF_KINDS:
-            shown = f"torch.{value}" if visit.kind is Kind.DTYPE else value
+            shown = f"torch.{value}" if visit.kind == Kind.DTYPE else value
             out.append(Leaf(visit.path, _LEAF_KINDS[visit.kind], value=shown))
         else:
             out.append(Leaf(visit.path, "empty", value=skeleton.empty_text(visit.kind)))
@@ -435,10 +435,10 @@ def export_format(out: Path, fmt: str | None = None) -> str:
     return fmt
 
 
-def _export_tensor(kind: Kind, tensor: torch.Tensor) -> torch.Tensor:
+def _export_tensor(kind: str, tensor: torch.Tensor) -> torch.Tensor:
     """A saved tensor as export writes it; a 0-d numpy leaf becomes shape (1,), as export has always
     written one (it went through ``numpy.ascontiguousarray``, which returns at least one dimension)."""
-    return tensor.reshape(1) if kind is not Kind.TENSOR and tensor.dim() == 0 else tensor
+    return tensor.reshape(1) if kind != Kind.TENSOR and tensor.dim() == 0 else tensor
 
 
 def _flat_tensors(node: dict, tensors: list) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -23,11 +23,10 @@ The walker is iterative, so a hostile skeleton nested thousands of levels deep c
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import torch
 
@@ -36,31 +35,27 @@ from asyncckpt.errors import CheckpointError
 MAX_TREE_DEPTH = 64  # levels of nesting in a state; JSON and the recursive walks stay far from limits
 
 
-class Kind(str, enum.Enum):
-    """The kind of a skeleton node: the one key (besides :data:`META` or :data:`CLASS_NAME`) it holds.
+class Kind:
+    """The kinds of skeleton node: the one key (besides :data:`META` or :data:`CLASS_NAME`) a node holds.
 
-    The values are what the manifest stores, so they never change. A member is a ``str`` equal to
-    its value: it is a key of the nodes it builds and looks up keys of parsed ones.
+    The values are what the manifest stores, so they never change. Plain strings rather than an
+    Enum: they are the keys of the nodes ``flatten`` builds and of those JSON parsing makes, and
+    every walk compares one on every node.
     """
 
-    DICT = "d"
-    LIST = "l"
-    TUPLE = "t"
-    TENSOR = "T"
-    NDARRAY = "N"
-    NUMPY_SCALAR = "S"
-    VALUE = "v"
-    DTYPE = "dt"
-    DEVICE = "dev"
-    OBJECT = "o"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
+    DICT: Final = "d"
+    LIST: Final = "l"
+    TUPLE: Final = "t"
+    TENSOR: Final = "T"
+    NDARRAY: Final = "N"
+    NUMPY_SCALAR: Final = "S"
+    VALUE: Final = "v"
+    DTYPE: Final = "dt"
+    DEVICE: Final = "dev"
+    OBJECT: Final = "o"
 
 
+KINDS: Final = frozenset(value for name, value in vars(Kind).items() if name.isupper())
 META = "m"  # on a dict node: the module state dict's ``_metadata``
 CLASS_NAME = "cls"  # on an object node: the saved object's class name (shown, never imported)
 _EXTRAS = (META, CLASS_NAME)
@@ -71,23 +66,26 @@ _EMPTY = {Kind.DICT: "{}", Kind.LIST: "[]", Kind.TUPLE: "()"}
 _NOT_NUMPY = {"bfloat16", "complex32"}  # torch dtypes with no NumPy equivalent
 
 
-def kind_of(node: dict) -> Kind:
+def kind_of(node: dict) -> str:
     """The kind of a node of a skeleton made by ``flatten`` or passed by :func:`validate`.
 
     Args:
         node: one skeleton node.
 
     Returns:
-        Its kind.
+        Its kind, one of the :class:`Kind` values.
 
     Raises:
         CheckpointError: the node's key is no kind (only a skeleton that skipped validation has one).
     """
-    key = next((k for k in node if k not in _EXTRAS), None)
-    try:
-        return Kind(key)
-    except ValueError:
-        raise CheckpointError(f"unknown skeleton node kind {key!r}") from None
+    for key in node:
+        if key != META and key != CLASS_NAME:
+            if key in KINDS:
+                return key
+            break
+    else:
+        key = None
+    raise CheckpointError(f"unknown skeleton node kind {key!r}")
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -153,21 +151,9 @@ class Visit(NamedTuple):
     """
 
     node: dict
-    kind: Kind
+    kind: str
     path: str
     depth: int
-
-
-def _children(node: dict, kind: Kind) -> list[tuple[Any, dict]]:
-    """(key, child) of a node in order: dict keys, list or tuple indices, None for an object's state."""
-    value = node[kind]
-    if kind is Kind.DICT:
-        return [(key, child) for key, child in value]
-    if kind is Kind.LIST or kind is Kind.TUPLE:
-        return list(enumerate(value))
-    if kind is Kind.OBJECT:
-        return [(None, value)]
-    return []
 
 
 def walk(
@@ -193,23 +179,30 @@ def walk(
     Raises:
         CheckpointError: a node of an unknown kind (never in a validated skeleton).
     """
-    stack: list[tuple[Any, str, int]] = [(root, path or "", 0)]
     build = path is not None
+    item, inner = spelling.item, spelling.inner
+    stack: list[tuple[Any, str, int]] = [(root, path or "", 0)]
+    pop, push, extend = stack.pop, stack.append, stack.extend
     while stack:
-        node, where, depth = stack.pop()
+        node, where, depth = pop()
         if check is not None:
             check(node, depth)
         kind = kind_of(node)
         yield Visit(node, kind, where, depth)
-        children = _children(node, kind)
-        for key, child in reversed(children):
-            if not build:
-                child_where = ""
-            elif kind is Kind.OBJECT:
-                child_where = spelling.inner(where)
+        value = node[kind]
+        below = depth + 1
+        if kind == Kind.DICT:
+            if build:
+                extend([(child, item(where, key), below) for key, child in reversed(value)])
             else:
-                child_where = spelling.item(where, key)
-            stack.append((child, child_where, depth + 1))
+                extend([(child, "", below) for _, child in reversed(value)])
+        elif kind == Kind.LIST or kind == Kind.TUPLE:
+            if build:
+                extend([(value[i], item(where, i), below) for i in range(len(value) - 1, -1, -1)])
+            else:
+                extend([(child, "", below) for child in reversed(value)])
+        elif kind == Kind.OBJECT:
+            push((value, inner(where) if build else "", below))
 
 
 def leaves(root: dict, path: str = "state", spelling: Spelling = STATE_PATHS) -> Iterator[Visit]:
@@ -224,12 +217,12 @@ def leaves(root: dict, path: str = "state", spelling: Spelling = STATE_PATHS) ->
         A :class:`Visit` for each leaf.
     """
     for visit in walk(root, path, spelling):
-        if visit.kind is Kind.OBJECT or (visit.kind in CONTAINER_KINDS and visit.node[visit.kind]):
+        if visit.kind == Kind.OBJECT or (visit.kind in CONTAINER_KINDS and visit.node[visit.kind]):
             continue
         yield visit
 
 
-def empty_text(kind: Kind) -> str:
+def empty_text(kind: str) -> str:
     """How an empty container is shown: ``{}``, ``[]`` or ``()``.
 
     Args:
@@ -279,7 +272,7 @@ class NoEntryError(CheckpointError):
 
 
 def _unwrap(node: dict) -> dict:
-    while kind_of(node) is Kind.OBJECT:  # a saved object stands for its state dict
+    while kind_of(node) == Kind.OBJECT:  # a saved object stands for its state dict
         node = node[Kind.OBJECT]
     return node
 
@@ -287,14 +280,14 @@ def _unwrap(node: dict) -> dict:
 def _entry(node: dict, part: str) -> dict | None:
     """The child of ``node`` that one dotted-key part names, or None."""
     kind = kind_of(node)
-    if kind is Kind.DICT:
+    if kind == Kind.DICT:
         pairs = node[kind]
         found = next((child for key, child in pairs if key == part), None)  # a str key first
         if found is None and part.lstrip("-").isdigit():  # then an int key written out
             number = int(part)
             found = next((child for key, child in pairs if key == number and not isinstance(key, str)), None)
         return found
-    if kind is Kind.LIST or kind is Kind.TUPLE:
+    if kind == Kind.LIST or kind == Kind.TUPLE:
         items = node[kind]
         return items[int(part)] if part.isdigit() and int(part) < len(items) else None
     return None
@@ -307,16 +300,16 @@ def _holdings(node: dict, at: str | None) -> str:
     """What the node a search stopped at offers (``at``: its key; None at the top), for a NoEntryError."""
     kind = kind_of(node)
     name = "the top level" if at is None else repr(at)
-    if kind is Kind.DICT and node[kind]:
+    if kind == Kind.DICT and node[kind]:
         keys = [repr(key) for key, _ in node[kind]]
         more = f", ... ({len(keys)} in all)" if len(keys) > _LISTED else ""
         title = "top-level keys" if at is None else f"keys under {at!r}"
         return f"{title}: " + ", ".join(keys[:_LISTED]) + more
-    if kind is Kind.DICT:
+    if kind == Kind.DICT:
         return f"{name} is an empty dict"
-    if kind is Kind.LIST or kind is Kind.TUPLE:
+    if kind == Kind.LIST or kind == Kind.TUPLE:
         n = len(node[kind])
-        noun = "list" if kind is Kind.LIST else "tuple"
+        noun = "list" if kind == Kind.LIST else "tuple"
         return f"{name} is a {noun} of {n}" + (f": indices 0 to {n - 1}" if n else "")
     names = {Kind.TENSOR: "a tensor", Kind.NDARRAY: "a numpy array", Kind.NUMPY_SCALAR: "a numpy scalar"}
     return f"{name} is {names.get(kind, 'a value')}, with no entries"
@@ -342,7 +335,7 @@ def subtree(root: dict, key: str, where: str = "the checkpoint") -> dict:
         NoEntryError: ``key`` names nothing; the message lists what exists where the search stopped.
     """
     node = _unwrap(root)
-    if kind_of(node) is Kind.DICT:
+    if kind_of(node) == Kind.DICT:
         whole = next((child for k, child in node[Kind.DICT] if k == key), None)
         if whole is not None:
             return _unwrap(whole)
@@ -431,32 +424,31 @@ def validate(
         name = kinds[0]
         if META in node or CLASS_NAME in node:
             _check_extras(node, name, lambda what: error(where, what))
-        try:
-            kind = Kind(name)
-        except ValueError:
-            raise error(where, f"unknown node kind {name[:20]!r}") from None
+        if name not in KINDS:
+            raise error(where, f"unknown node kind {name[:20]!r}")
+        kind = name
         value = node[name]
         if kind in TENSOR_KINDS:
             high = n_tensors - 1
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
                 raise error(f"{where} tensor index", f"expected an integer in [0, {high}], got {value!r}"[:200])
             dtype = tensor_dtypes[value]
-            if kind is not Kind.TENSOR and (dtype in _NOT_NUMPY or dtype.startswith(("float8", "float4"))):
+            if kind != Kind.TENSOR and (dtype in _NOT_NUMPY or dtype.startswith(("float8", "float4"))):
                 raise error(where, f"a numpy leaf cannot hold {dtype}")
-        elif kind is Kind.VALUE:
+        elif kind == Kind.VALUE:
             if value is not None and not isinstance(value, (bool, int, float, str)):
                 raise error(where, "a value leaf must be null, bool, number or string")
-        elif kind is Kind.DTYPE:
+        elif kind == Kind.DTYPE:
             if not isinstance(value, str) or value not in known_dtypes:
                 raise error(where, f"unknown dtype leaf {str(value)[:40]!r}")
-        elif kind is Kind.DEVICE:
+        elif kind == Kind.DEVICE:
             if not isinstance(value, str) or not re.fullmatch(r"[a-z_]{1,16}(:[0-9]{1,4})?", value):
                 raise error(where, f"bad device leaf {str(value)[:40]!r}")
             try:
                 torch.device(value)
             except RuntimeError:
                 raise error(where, f"unknown device {value!r}") from None
-        elif kind is Kind.DICT:
+        elif kind == Kind.DICT:
             if not isinstance(value, list):
                 raise error(where, "dict node must hold a list of pairs")
             keys = set()
@@ -471,7 +463,7 @@ def validate(
                 if pair[0] in keys:  # a dict cannot hold a key twice: one of the two would be lost
                     raise error(where, f"duplicate key {str(pair[0])[:80]!r} in a dict node")
                 keys.add(pair[0])
-        elif kind is Kind.LIST or kind is Kind.TUPLE:
+        elif kind == Kind.LIST or kind == Kind.TUPLE:
             if not isinstance(value, list):
                 raise error(where, "list/tuple node must hold a list")
 

@@ -168,11 +168,11 @@ def flatten(state: Any) -> FlatState:
     return FlatState(skeleton, flattener.tensors, flattener.paths)
 
 
-def _leaf_from_tensor(kind: Kind, tensor: torch.Tensor) -> Any:
-    if kind is Kind.TENSOR:
+def _leaf_from_tensor(kind: str, tensor: torch.Tensor) -> Any:
+    if kind == Kind.TENSOR:
         return tensor
     array = tensor.cpu().numpy().copy()
-    return array if kind is Kind.NDARRAY else array[()]
+    return array if kind == Kind.NDARRAY else array[()]
 
 
 def unflatten(node: dict, tensors: list[torch.Tensor]) -> Any:
@@ -181,22 +181,22 @@ def unflatten(node: dict, tensors: list[torch.Tensor]) -> Any:
     value = node[kind]
     if kind in TENSOR_KINDS:
         return _leaf_from_tensor(kind, tensors[value])
-    if kind is Kind.VALUE:
+    if kind == Kind.VALUE:
         return value
-    if kind is Kind.DTYPE:
+    if kind == Kind.DTYPE:
         return getattr(torch, value)
-    if kind is Kind.DEVICE:
+    if kind == Kind.DEVICE:
         return torch.device(value)
-    if kind is Kind.DICT:
+    if kind == Kind.DICT:
         out: dict = collections.OrderedDict() if META in node else {}
         for key, child in value:
             out[key] = unflatten(child, tensors)
         if META in node:
             out._metadata = node[META]  # type: ignore[attr-defined]
         return out
-    if kind is Kind.LIST:
+    if kind == Kind.LIST:
         return [unflatten(child, tensors) for child in value]
-    if kind is Kind.TUPLE:
+    if kind == Kind.TUPLE:
         return tuple(unflatten(child, tensors) for child in value)
     return unflatten(value, tensors)  # an object: its state dict
 
@@ -317,9 +317,9 @@ def _describe_node(node: dict) -> str:
     }
     if kind in names:
         return names[kind]
-    if kind is Kind.LIST or kind is Kind.TUPLE:
-        return f"a {'list' if kind is Kind.LIST else 'tuple'} of {len(value)}"
-    if kind is Kind.OBJECT:
+    if kind == Kind.LIST or kind == Kind.TUPLE:
+        return f"a {'list' if kind == Kind.LIST else 'tuple'} of {len(value)}"
+    if kind == Kind.OBJECT:
         return f"the state of a {node.get(CLASS_NAME, 'stateful object')}"
     return f"the value {str(value)[:40]!r}"
 
@@ -342,12 +342,12 @@ class _Planner:
         kind = kind_of(node)
         value = node[kind]
         if isinstance(live, torch.Tensor):
-            if kind is Kind.TENSOR:
+            if kind == Kind.TENSOR:
                 self.tensor(live, self.tensors[value], path)
             else:
                 self._kind_error(path, live, node)
         elif _is_stateful(live):
-            if kind is not Kind.OBJECT:
+            if kind != Kind.OBJECT:
                 self._kind_error(path, live, node)
             elif isinstance(live, torch.nn.Module):
                 self.module(live, value, path)
@@ -356,12 +356,12 @@ class _Planner:
             else:
                 self.plan.objects.append((path, live, value))  # its own load_state_dict decides what fits
         elif isinstance(live, dict):
-            if kind is Kind.DICT:
+            if kind == Kind.DICT:
                 self.mapping(live, value, path)
             else:
                 self._kind_error(path, live, node)
         elif isinstance(live, (list, tuple)) and _holds_live_data(live):
-            if kind is (Kind.LIST if isinstance(live, list) else Kind.TUPLE) and len(value) == len(live):
+            if kind == (Kind.LIST if isinstance(live, list) else Kind.TUPLE) and len(value) == len(live):
                 for i, child in enumerate(value):
                     self.visit(live[i], child, child_path(path, i))
             else:
@@ -396,7 +396,7 @@ class _Planner:
         """A module's state dict: the same keys, every tensor fits. ``name`` names a key in messages."""
         where = object_path(path) if path else "the entry"
         name = name or (lambda key: child_path(where, key))
-        if kind_of(inner) is not Kind.DICT:
+        if kind_of(inner) != Kind.DICT:
             self.plan.errors.append(f"{where}: the checkpoint holds {_describe_node(inner)}, not a state dict")
             return
         live_sd = live.state_dict()
@@ -410,7 +410,7 @@ class _Planner:
             elif key.endswith(_EXTRA_STATE):
                 pass  # any object, of any size: load_state_dict hands it to set_extra_state
             elif isinstance(value, torch.Tensor):
-                if kind_of(child) is not Kind.TENSOR:
+                if kind_of(child) != Kind.TENSOR:
                     self._kind_error(name(key), value, child)
                 else:
                     self.tensor(value, self.tensors[child[Kind.TENSOR]], name(key))
@@ -421,9 +421,9 @@ class _Planner:
         inside a restore), plus state shapes and meta parameters."""
         where = object_path(path)
         cls = type(live).__name__
-        top = dict(inner[Kind.DICT]) if kind_of(inner) is Kind.DICT else {}
+        top = dict(inner[Kind.DICT]) if kind_of(inner) == Kind.DICT else {}
         groups, states = top.get("param_groups"), top.get("state")
-        if groups is None or states is None or kind_of(groups) is not Kind.LIST or kind_of(states) is not Kind.DICT:
+        if groups is None or states is None or kind_of(groups) != Kind.LIST or kind_of(states) != Kind.DICT:
             self.plan.errors.append(f"{where}: the checkpoint holds no optimizer state ('state' and 'param_groups')")
             return
         live_top = live.state_dict()
@@ -440,9 +440,9 @@ class _Planner:
         fatal = len(self.plan.errors)
         for i, (group, live_group) in enumerate(zip(groups[Kind.LIST], live.param_groups, strict=True)):
             gpath = child_path(child_path(where, "param_groups"), i)
-            entries = dict(group[Kind.DICT]) if kind_of(group) is Kind.DICT else {}
+            entries = dict(group[Kind.DICT]) if kind_of(group) == Kind.DICT else {}
             ids_node = entries.get("params", {Kind.VALUE: None})
-            ids = [_leaf_value(c) for c in ids_node[Kind.LIST]] if kind_of(ids_node) is Kind.LIST else None
+            ids = [_leaf_value(c) for c in ids_node[Kind.LIST]] if kind_of(ids_node) == Kind.LIST else None
             if ids is None or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
                 self.plan.errors.append(f"{gpath}['params']: not a list of parameter indices")
                 continue
@@ -465,11 +465,11 @@ class _Planner:
             elif param.device.type == "meta":
                 self.plan.skipped.append((spath, "its parameter is a meta tensor"))
                 self.plan.leave.add(spath)
-            elif kind_of(per_param) is Kind.DICT:
+            elif kind_of(per_param) == Kind.DICT:
                 have = live.state.get(param) or {}
                 for skey, snode in per_param[Kind.DICT]:
                     current = have.get(skey)
-                    if isinstance(current, torch.Tensor) and kind_of(snode) is Kind.TENSOR:
+                    if isinstance(current, torch.Tensor) and kind_of(snode) == Kind.TENSOR:
                         saved = self.tensors[snode[Kind.TENSOR]]
                         if tuple(current.shape) != tuple(saved.shape):
                             self.plan.errors.append(_shape_mismatch(child_path(spath, skey), current, saved))
@@ -482,7 +482,7 @@ def _shape_mismatch(path: str, live: torch.Tensor, saved: torch.Tensor) -> str:
 
 
 def _leaf_value(node: Any) -> Any:
-    return node.get(Kind.VALUE) if isinstance(node, dict) and kind_of(node) is Kind.VALUE else None
+    return node.get(Kind.VALUE) if isinstance(node, dict) and kind_of(node) == Kind.VALUE else None
 
 
 def check_compatible(
@@ -498,12 +498,12 @@ def check_compatible(
     """
     kind = kind_of(node)
     value = node[kind]
-    root_ok = (kind is Kind.DICT and isinstance(live, dict)) or (
-        kind is Kind.LIST and isinstance(live, list) and len(live) == len(value)
+    root_ok = (kind == Kind.DICT and isinstance(live, dict)) or (
+        kind == Kind.LIST and isinstance(live, list) and len(live) == len(value)
     )
     if not root_ok:
-        n = len(value) if kind is Kind.LIST else 0
-        saved = {Kind.DICT: "a dict", Kind.LIST: f"a list of {n}"}.get(kind, f"a {kind.value!r} node")
+        n = len(value) if kind == Kind.LIST else 0
+        saved = {Kind.DICT: "a dict", Kind.LIST: f"a list of {n}"}.get(kind, f"a {kind!r} node")
         have = f"a list of {len(live)}" if isinstance(live, list) else f"a {type(live).__name__}"
         raise StateMismatchError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
     planner = _Planner(tensors)
@@ -582,12 +582,12 @@ class _Restorer:
         kind = kind_of(node)
         value = node[kind]
         tensors = self.tensors
-        if kind is Kind.TENSOR and isinstance(live, torch.Tensor):
+        if kind == Kind.TENSOR and isinstance(live, torch.Tensor):
             if path not in self.plan.leave:
                 with torch.no_grad():
                     live.copy_(tensors[value])
             return live
-        if kind is Kind.OBJECT and _is_stateful(live):
+        if kind == Kind.OBJECT and _is_stateful(live):
             if isinstance(live, (torch.nn.Module, torch.optim.Optimizer)):  # others were loaded first
                 try:
                     if isinstance(live, torch.nn.Module):
@@ -598,17 +598,17 @@ class _Restorer:
                 except Exception as exc:
                     raise CheckpointError(f"{path}: {type(live).__name__}.load_state_dict failed: {exc}") from exc
             return live
-        if kind is Kind.DICT and isinstance(live, dict):
+        if kind == Kind.DICT and isinstance(live, dict):
             for key, child in value:
                 entry = child_path(path, key)
                 if entry not in self.plan.leave:
                     live[key] = self.into(live[key], child, entry) if key in live else unflatten(child, tensors)
             return live
-        if kind is Kind.LIST and isinstance(live, list) and len(live) == len(value):
+        if kind == Kind.LIST and isinstance(live, list) and len(live) == len(value):
             for i, child in enumerate(value):
                 live[i] = self.into(live[i], child, child_path(path, i))
             return live
-        if kind is Kind.TUPLE and isinstance(live, tuple) and len(live) == len(value):
+        if kind == Kind.TUPLE and isinstance(live, tuple) and len(live) == len(value):
             return tuple(self.into(live[i], c, child_path(path, i)) for i, c in enumerate(value))
         return unflatten(node, tensors)
 
