@@ -106,7 +106,15 @@ class Leaf:
 
 
 def leaves(tree: dict, path: str = "state") -> list[Leaf]:
-    """Every leaf of a manifest tree, in order, with its path."""
+    """Every leaf of a manifest tree, as ``inspect`` and ``diff`` list them.
+
+    Args:
+        tree: a validated skeleton.
+        path: the root's path.
+
+    Returns:
+        The leaves in order (tensors, values, dtypes, devices, empty containers), each with its path.
+    """
     out: list[Leaf] = []
     for visit in skeleton.leaves(tree, path):
         value = visit.node[visit.kind]

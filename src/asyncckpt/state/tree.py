@@ -39,11 +39,17 @@ MAX_DEPTH = MAX_TREE_DEPTH
 
 @dataclass
 class FlatState:
-    """What a save hands to staging: the skeleton and the unique tensors it indexes."""
+    """What a save hands to staging: the skeleton and the unique tensors it indexes.
+
+    Attributes:
+        skeleton: the state's structure as plain JSON (see ``asyncckpt.state.skeleton``).
+        tensors: each unique tensor once (tied ones share an index), detached.
+        paths: the path of each tensor's first occurrence, for messages.
+    """
 
     skeleton: dict
     tensors: list[torch.Tensor] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)  # path of each tensor's first occurrence
+    paths: list[str] = field(default_factory=list)
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -162,7 +168,21 @@ def _numpy_to_tensor(array: Any, path: str) -> torch.Tensor:
 
 
 def flatten(state: Any) -> FlatState:
-    """Split ``state`` into a JSON skeleton and its unique tensors; raise naming the bad path."""
+    """Split a state into a JSON skeleton and its unique tensors.
+
+    Args:
+        state: the state to save: dicts (str or int keys), lists, tuples, tensors, numpy arrays and
+            scalars, None, bool, int, float, str, torch.dtype, torch.device, and objects with
+            ``state_dict()``/``load_state_dict()``, nested up to ``MAX_DEPTH`` levels.
+
+    Returns:
+        The skeleton, the unique tensors (tied tensors once) and their paths.
+
+    Raises:
+        TypeError: a leaf of an unsupported type or dtype, a sparse, quantized or meta tensor, a
+            dict key that is not str or int, or malformed module metadata; the message names its path.
+        ValueError: the state is nested deeper than ``MAX_DEPTH``.
+    """
     flattener = _Flattener()
     skeleton = flattener.node(state, "state", 0)
     return FlatState(skeleton, flattener.tensors, flattener.paths)
@@ -176,7 +196,19 @@ def _leaf_from_tensor(kind: str, tensor: torch.Tensor) -> Any:
 
 
 def unflatten(node: dict, tensors: list[torch.Tensor]) -> Any:
-    """Rebuild a plain tree (stateful objects become their state dicts)."""
+    """Rebuild a plain tree from a skeleton and its tensors.
+
+    Args:
+        node: a skeleton (or a node of one) made by ``flatten`` or validated by the reader.
+        tensors: the tensors its indices refer to.
+
+    Returns:
+        The tree: dicts (an ``OrderedDict`` with ``_metadata`` for a module state dict), lists,
+        tuples, tensors, numpy arrays and scalars, and values; each saved object as its state dict.
+
+    Raises:
+        CheckpointError: a node of an unknown kind (an unvalidated skeleton).
+    """
     kind = kind_of(node)
     value = node[kind]
     if kind in TENSOR_KINDS:
@@ -240,7 +272,18 @@ class RestoreResult:
 
 @dataclass
 class RestorePlan:
-    """What check_compatible found; restore_into follows it."""
+    """What ``check_compatible`` found; ``restore_into`` follows it.
+
+    Attributes:
+        missing: paths in the live state the checkpoint lacks.
+        unexpected: paths in the checkpoint the live state lacks.
+        skipped: (path, why) of live tensors that cannot be written in place.
+        errors: what is fatal whatever ``strict`` says: shapes, structure.
+        leave: paths ``restore_into`` must not touch.
+        module_keys: each module's ``state_dict()`` keys, by path.
+        objects: (path, object, saved node) of stateful objects other than modules and optimizers,
+            loaded first.
+    """
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -251,9 +294,27 @@ class RestorePlan:
     objects: list[tuple[str, Any, dict]] = field(default_factory=list)  # other stateful objects, loaded first
 
     def result(self, step: int | None) -> RestoreResult:
+        """What ``strict=False`` returns.
+
+        Args:
+            step: the restored step.
+
+        Returns:
+            The step with the missing, unexpected and skipped paths.
+        """
         return RestoreResult(step, tuple(self.missing), tuple(self.unexpected), tuple(p for p, _ in self.skipped))
 
     def raise_if_unfit(self, strict: bool, where: str) -> None:
+        """Raise if the plan may not be carried out.
+
+        Args:
+            strict: whether missing, unexpected and skipped entries are fatal too.
+            where: what the message calls the checkpoint.
+
+        Raises:
+            StateMismatchError: a fatal error, or with ``strict`` any missing, unexpected or skipped
+                entry; the message lists them, the exception holds them all.
+        """
         if not self.errors and not (strict and (self.missing or self.unexpected or self.skipped)):
             return
         lines = [f"{where} does not fit the live state; nothing was changed:"]
@@ -495,6 +556,19 @@ def check_compatible(
     groups. With ``strict`` also missing and unexpected keys (of dicts, module state dicts, optimizer
     states) and live tensors that cannot be written in place; without it those are left out. An
     optimizer's param group hyperparameters are not keys: they load as torch loads them.
+
+    Args:
+        live: the live state, a dict or list updated in place.
+        node: the checkpoint's skeleton.
+        tensors: the checkpoint's tensors.
+        strict: whether missing and unexpected keys and unwritable tensors are fatal.
+        where: what messages call the checkpoint.
+
+    Returns:
+        The plan ``restore_into`` follows.
+
+    Raises:
+        StateMismatchError: the checkpoint does not fit ``live``; nothing was changed.
     """
     kind = kind_of(node)
     value = node[kind]
@@ -515,7 +589,21 @@ def check_compatible(
 def check_module(
     module: torch.nn.Module, node: dict, tensors: list[torch.Tensor], *, strict: bool, where: str
 ) -> RestorePlan:
-    """``check_compatible`` for one module and its saved state dict, naming keys as torch does."""
+    """``check_compatible`` for one module and its saved state dict, naming keys as torch does.
+
+    Args:
+        module: the live module.
+        node: the saved state dict's node.
+        tensors: the checkpoint's tensors.
+        strict: whether missing and unexpected keys and unwritable tensors are fatal.
+        where: what messages call the entry.
+
+    Returns:
+        The plan ``load_module`` follows.
+
+    Raises:
+        StateMismatchError: the saved state dict does not fit ``module``; nothing was changed.
+    """
     planner = _Planner(tensors)
     planner.module(module, node, "", name=str)
     planner.plan.raise_if_unfit(strict, where)
@@ -536,6 +624,17 @@ def load_module(
     strict check is off: state_dict or load hooks that change the key set (a frozen backbone left
     out of the saved state) would make it raise after other parts were restored. If torch counts
     other keys than the plan did, the difference is a warning.
+
+    Args:
+        module: the live module, loaded in place.
+        node: the saved state dict's node.
+        tensors: the checkpoint's tensors.
+        plan: what ``check_module`` or ``check_compatible`` found.
+        path: the module's path in the state ("" for ``load_weights``), the plan's key for it.
+        name: how the plan names a key of this module.
+
+    Raises:
+        Exception: whatever ``module.load_state_dict`` raises.
     """
     plain = unflatten(node, tensors)
     _drop_left_out(plain, plan, name)
@@ -624,6 +723,20 @@ def restore_into(
     optimizers (schedulers, GradScaler, samplers...) decide for themselves what fits, so they are
     loaded first: if one raises, those loaded before it are put back from their own
     ``state_dict()`` taken just before, and no tensor has been touched yet.
+
+    Args:
+        live: the live state.
+        node: the checkpoint's skeleton (or the node for ``live``).
+        tensors: the checkpoint's tensors.
+        plan: what ``check_compatible`` found; None makes a strict plan first.
+        path: ``live``'s path, as the plan names it.
+
+    Returns:
+        ``live`` updated in place, or the new value where a leaf was replaced.
+
+    Raises:
+        StateMismatchError: without a plan, the checkpoint does not fit ``live``.
+        CheckpointError: a stateful object's ``load_state_dict`` failed.
     """
     if plan is None:
         plan = check_compatible(live, node, tensors)
