@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import threading
 import warnings
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ import torch
 
 import asyncckpt
 import asyncckpt.codec
+from _trees import assert_same_tree, same_tensor
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySteps
 from asyncckpt.format import DTYPES
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimen
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's elements as raw bytes (row-major), so NaN payloads and -0.0 compare exactly."""
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(tensor_bytes(a), tensor_bytes(b))
-
-
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Random bit patterns of any dtype (valid 0/1 for bool)."""
     n = math.prod(shape)
@@ -48,41 +39,6 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generat
     if dtype == torch.bool:
         return (raw & 1).bool().view(shape)
     return raw.view(dtype).view(shape)
-
-
-def assert_same_tree(expected, actual, path: str = "state") -> None:
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), f"{path}: {type(actual).__name__} instead of a tensor"
-        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
-        assert tuple(actual.shape) == tuple(expected.shape), f"{path}: shape {actual.shape} != {expected.shape}"
-        assert torch.equal(tensor_bytes(actual), tensor_bytes(expected)), f"{path}: bytes differ"
-    elif isinstance(expected, np.ndarray):
-        assert type(actual) is np.ndarray, f"{path}: {type(actual).__name__} instead of ndarray"
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, path
-        assert actual.tobytes() == expected.tobytes(), f"{path}: bytes differ"
-    elif isinstance(expected, np.float64) and type(actual) is float:
-        # np.float64 subclasses float, so it is stored as an exact JSON number and comes back as float
-        assert struct.pack("<d", actual) == struct.pack("<d", expected), f"{path}: {actual!r} != {expected!r}"
-    elif isinstance(expected, np.generic):
-        assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
-        assert actual.tobytes() == expected.tobytes(), path
-    elif isinstance(expected, Mapping):
-        assert isinstance(actual, Mapping), f"{path}: {type(actual).__name__} instead of a dict"
-        assert list(actual.keys()) == list(expected.keys()), f"{path}: keys {list(actual)} != {list(expected)}"
-        for (ka, va), (ke, ve) in zip(actual.items(), expected.items(), strict=True):
-            assert type(ka) is type(ke), f"{path}: key {ka!r} changed type"
-            assert_same_tree(ve, va, f"{path}[{ke!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
-        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
-        for i, (va, ve) in enumerate(zip(actual, expected, strict=True)):
-            assert_same_tree(ve, va, f"{path}[{i}]")
-    elif isinstance(expected, float):
-        assert type(actual) is float, f"{path}: {actual!r} is not a float"
-        assert struct.pack("<d", actual) == struct.pack("<d", expected), f"{path}: {actual!r} != {expected!r}"
-    else:
-        assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 
 
 def blank_like(tree):
@@ -430,9 +386,9 @@ def test_arena_is_reused_and_memory_does_not_grow(tmp_path, managers, max_pendin
     mgr.wait()
     grown = rss_bytes() - baseline
     if max_pending == 1:
-        assert mgr._arenas.allocations == 1
+        assert mgr._admission.arenas.allocations == 1
     else:
-        assert 1 <= mgr._arenas.allocations <= max_pending
+        assert 1 <= mgr._admission.arenas.allocations <= max_pending
     assert grown < 24 * MiB, f"RSS grew by {grown / MiB:.1f} MiB over 45 saves of a 4 MiB state"
     assert mgr.steps() == [49]
     assert_same_tree(state, asyncckpt.load(tmp_path / "ckpts"))
@@ -524,7 +480,7 @@ def test_max_pending_two_lets_one_save_overlap(tmp_path, managers, gate):
     third.join(60)
     mgr.wait()
     assert mgr.steps() == [1, 2, 3]
-    assert mgr._arenas.allocations == 2
+    assert mgr._admission.arenas.allocations == 2
 
 
 @pytest.mark.filterwarnings("ignore:asyncckpt.*already holds step:UserWarning")  # out of order on purpose
@@ -841,7 +797,7 @@ def test_encoder_failure_never_hangs(tmp_path, managers, monkeypatch):
     assert leftovers(root) == []
     assert step_dirs(root) == [1]
     assert_same_tree(good, asyncckpt.load(root))
-    assert mgr._arenas.allocations == 1  # the arena came back after each failure
+    assert mgr._admission.arenas.allocations == 1  # the arena came back after each failure
 
 
 # ---- corruption ------------------------------------------------------------------------------
@@ -1086,7 +1042,7 @@ def test_prepare_pins_from_the_callers_cuda_device_not_device_0(tmp_path, monkey
     fake.install(monkeypatch, device=0)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with CheckpointManager(tmp_path) as mgr:
-        mgr._arenas = ArenaPool(pinned=True)
+        mgr._admission.arenas = ArenaPool(pinned=True)
         torch.cuda.set_device(2)  # the training thread's device
         mgr.prepare({"w": torch.randn(1000)}).result()
         assert fake.devices == [2] and len(fake.registered) == 1

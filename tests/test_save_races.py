@@ -15,6 +15,7 @@ import torch
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySeconds, EverySteps, _phases
 from asyncckpt.engine import pipeline as pipeline_module
+from asyncckpt.engine.admission import Admission
 from asyncckpt.engine.reader import read_manifest
 
 
@@ -33,7 +34,7 @@ def test_a_policy_that_raises_in_saved_leaves_no_save_pending(tmp_path, error):
     mgr = CheckpointManager(tmp_path, policy=policy)
     with pytest.raises(type(error)):
         mgr.maybe_save(1, {"w": torch.zeros(10)})
-    assert not mgr._reservations
+    assert not mgr._admission._reservations
     run_with_timeout(mgr.wait, timeout=30)  # nothing pending: returns at once
     policy.saved = lambda step: None  # type: ignore[method-assign]
     mgr.maybe_save(2, {"w": torch.ones(10)}).wait()
@@ -49,7 +50,7 @@ def test_an_interrupt_on_the_way_to_the_writer_gives_everything_back(tmp_path, m
     state = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
     with CheckpointManager(tmp_path, snapshot=snapshot, max_pending=1) as mgr:
         mgr.save(1, state).wait()
-        held = mgr._arenas.held_bytes()
+        held = mgr._admission.arenas.held_bytes()
         if where == "snapshot":
             real = _phases.pause
 
@@ -68,7 +69,7 @@ def test_an_interrupt_on_the_way_to_the_writer_gives_everything_back(tmp_path, m
         with pytest.raises(KeyboardInterrupt):
             mgr.save(2, state)
         monkeypatch.undo()
-        assert mgr._arenas.held_bytes() == held  # the arena is back in the pool
+        assert mgr._admission.arenas.held_bytes() == held  # the arena is back in the pool
         run_with_timeout(mgr.wait, timeout=30)  # no phantom pending save
         mgr.save(3, state).wait(timeout=60)  # the slot was given back (max_pending=1)
         assert mgr.steps() == [1, 3]
@@ -116,10 +117,10 @@ def test_close_while_a_save_waits_for_a_slot_refuses_it_cleanly(tmp_path, monkey
 
     saver = threading.Thread(target=second)
     saver.start()
-    wait_until(lambda: mgr._cond._waiters, timeout=30, what="the second save waiting for a slot")  # type: ignore[attr-defined]
+    wait_until(lambda: mgr._admission._cond._waiters, timeout=30, what="the second save waiting for a slot")  # type: ignore[attr-defined]
     closer = threading.Thread(target=mgr.close)
     closer.start()
-    wait_until(lambda: mgr._closed, timeout=30, what="close under way")
+    wait_until(lambda: mgr._admission.closed, timeout=30, what="close under way")
     gate.set()
     run_with_timeout(lambda: (saver.join(60), closer.join(60)), timeout=90)
     assert not saver.is_alive() and not closer.is_alive()
@@ -154,7 +155,7 @@ def test_close_while_a_save_is_snapshotting_commits_it(tmp_path, monkeypatch):
     assert in_snapshot.wait(60)
     closer = threading.Thread(target=mgr.close)
     closer.start()
-    wait_until(lambda: mgr._closed, timeout=30, what="close under way")
+    wait_until(lambda: mgr._admission.closed, timeout=30, what="close under way")
     release.set()
     run_with_timeout(lambda: (saver.join(60), closer.join(60)), timeout=90)
     assert not saver.is_alive() and not closer.is_alive()
@@ -263,7 +264,8 @@ def test_an_interrupt_at_any_line_of_a_save_leaks_no_slot_and_undoes_no_handed_o
     opt.step()
     state = {"model": model, "optimizer": opt}
     fired_at = []
-    for index, (code, line) in enumerate(_lines_of(CheckpointManager._save, CheckpointManager._take_and_submit)):
+    save_path = (CheckpointManager._save, Admission.save, Admission.admit, Admission._take_and_submit)
+    for index, (code, line) in enumerate(_lines_of(*save_path)):
         fired = []
 
         def tracer(frame, event, arg, code=code, line=line, fired=fired):
@@ -294,7 +296,7 @@ def test_an_interrupt_at_any_line_of_a_save_leaks_no_slot_and_undoes_no_handed_o
             mgr.close()
 
         run_with_timeout(finish, timeout=60)
-        assert not mgr._reservations, f"line {line}: a max_pending slot leaked"
+        assert not mgr._admission._reservations, f"line {line}: a max_pending slot leaked"
         assert 2 in mgr.steps()
         fired_at += fired
     assert len(fired_at) > 20  # the interrupt really landed all along the save path

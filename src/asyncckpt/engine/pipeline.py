@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncckpt import _phases, codec
-from asyncckpt.engine.staging import Arena, Layout, LazyCopy
+from asyncckpt.engine import overlap
+from asyncckpt.engine.handle import SaveHandle
+from asyncckpt.engine.overlap import LazyCopy
+from asyncckpt.engine.staging import Arena, Layout
 from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
 from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
 from asyncckpt.metrics import SaveRecord
@@ -37,11 +40,6 @@ def _warn_from_writer(message: str) -> None:
         warnings.warn(message, stacklevel=1)
     except Exception:  # noqa: BLE001
         _log.warning("%s", message)
-
-
-# How long the writer, after a commit, waits for training's GPU stream to pass an overlap fence
-# before it gives up timing that fence's wait (normally the stream passed it long before).
-_GPU_FENCE_READ_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,51 +60,6 @@ def plan_chunks(layout: Layout, chunk_size: int) -> list[ChunkPlan]:
         for start in range(group.start, group.end, chunk_size):
             plans.append(ChunkPlan(start, min(start + chunk_size, group.end), size))
     return plans
-
-
-class SaveHandle:
-    """The future of one save: ``wait()`` returns the committed path or raises SaveFailedError
-    (OverlapGuardError when overlap mode's guard refused the snapshot)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self._future: Future[Path] = Future()
-        self.reported = False  # an error seen by the user is not raised again by the manager
-        self._error: SaveFailedError | None = None  # set before the future resolves
-        self._before_wait: Callable[..., None] | None = None  # overlap mode: the manager's fence
-        self._pid = os.getpid()  # only this process's writer resolves it; a forked child would wait forever
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self, timeout: float | None = None) -> Path:
-        """The committed path, or SaveFailedError; TimeoutError after ``timeout`` seconds. In
-        overlap mode this is a fence first: it waits for the save's copy, then for the commit."""
-        if os.getpid() != self._pid:
-            raise CheckpointError(
-                f"this save handle belongs to pid {self._pid}; a forked child cannot wait for it "
-                f"(this is pid {os.getpid()})"
-            )
-        if self._before_wait is not None:
-            began = time.monotonic()
-            self._before_wait(timeout=timeout)
-            if timeout is not None:
-                timeout = max(0.0, timeout - (time.monotonic() - began))
-        try:
-            return self._future.result(timeout)
-        except CheckpointError:
-            self.reported = True
-            raise
-
-    def error(self) -> SaveFailedError | None:
-        return self._error
-
-    def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
-        self._future.add_done_callback(lambda _: fn(self))
-
-    def __repr__(self) -> str:
-        state = "pending" if not self.done() else ("failed" if self._error else "committed")
-        return f"SaveHandle(step={self.step}, {state})"
 
 
 @dataclass
@@ -229,15 +182,15 @@ class Pipeline:
                 kind = OverlapGuardError if isinstance(exc, OverlapGuardError) else SaveFailedError
                 error = kind(f"save of step {job.step} failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
-                job.handle._error = error
+                job.handle._record_failure(error)  # seen by the bookkeeping, before the handle resolves
             try:
                 self._on_done(job, path)  # retention and bookkeeping before the handle resolves
             except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the writer
                 _warn_from_writer(f"asyncckpt: bookkeeping after step {job.step} failed: {exc!r}")
             if error is None:
-                job.handle._future.set_result(path)  # type: ignore[arg-type]
+                job.handle._resolve(path)  # type: ignore[arg-type]
             else:
-                job.handle._future.set_exception(error)
+                job.handle._fail(error)
 
     def _encode(self, job: SaveJob, plan: ChunkPlan) -> tuple[codec.EncodedChunk, float, float]:
         """The chunk encoded, with the wall and this thread's CPU seconds it took."""
@@ -248,43 +201,15 @@ class Pipeline:
 
     @staticmethod
     def _check_guard(job: SaveJob) -> None:
-        """Overlap mode, right before the commit: commit only on the training thread's verdict (its
-        next fence or settle point) that nothing copied lazily changed in place since ``save``."""
-        lazy = job.lazy
-        assert lazy is not None
-        _phases.pause("verdict")
-        changed = lazy.verdict()
-        job.record.fence_wait_s = lazy.fence_wait_s
-        if lazy.abandoned:
-            raise CheckpointError(
-                "overlap mode: the manager was closed without a completed fence (interrupted while "
-                "waiting for the copy?), so the snapshot could not be checked; it was not committed"
-            )
-        if changed:
-            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-            raise OverlapGuardError(
-                f"overlap guard: {len(changed)} tensor(s) changed in place after save(), before their copy was "
-                f"known to be complete: {shown}. The snapshot could mix two steps, so it was not committed; "
-                "update these tensors only in the optimizer step, or use snapshot='blocking'"
-            )
+        """Overlap mode, right before the commit: commit only on the training thread's verdict."""
+        assert job.lazy is not None
+        overlap.check_verdict(job.lazy, job.record)
 
     @staticmethod
     def _read_gpu_fence_wait(job: SaveJob) -> None:
-        """After the commit, so that a stream that never reaches its fence cannot hold the
-        checkpoint back; a metric that cannot be read is left at 0 with a warning."""
+        """Overlap mode, after the commit: how long training's GPU stream waited at the fence."""
         assert job.lazy is not None
-        try:
-            waited = job.lazy.gpu_fence_wait(timeout=_GPU_FENCE_READ_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - the checkpoint is committed: never report it failed
-            _warn_from_writer(f"asyncckpt: the GPU fence wait of step {job.step} could not be timed: {exc}")
-            return
-        if waited is None:  # one message for every step: a stream far behind would repeat it
-            _warn_from_writer(
-                "asyncckpt: an overlap fence's GPU wait was not timed (fence_gpu_wait_s left at 0): training's "
-                f"stream had not reached the fence {_GPU_FENCE_READ_TIMEOUT_S} s after the commit"
-            )
-            return
-        job.record.fence_gpu_wait_s = waited
+        overlap.read_gpu_fence_wait(job.lazy, job.record, _warn_from_writer)
 
     def _persist(self, job: SaveJob) -> Path:
         record = job.record
