@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -20,34 +19,19 @@ from asyncckpt.engine.admission import Admission
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import Fences
 from asyncckpt.engine.pipeline import Pipeline, SaveJob
-from asyncckpt.engine.reader import (
-    CheckpointGoneError,
-    DirIdentity,
-    LoadedCheckpoint,
-    directory_identity,
-    read_checkpoint,
-    read_manifest,
-)
 from asyncckpt.engine.retain import Retainer
 from asyncckpt.engine.signals import Preemption, at_interpreter_exit
 from asyncckpt.engine.staging import ArenaPool, CopyEngine
 from asyncckpt.engine.tags import Tags
-from asyncckpt.errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError, SaveFailedError
-from asyncckpt.format import MANIFEST_NAME, MAX_CHUNK_RAW, MAX_STEP, Manifest, ManifestTooLargeError, check_tags
+from asyncckpt.errors import CheckpointError, SaveFailedError
+from asyncckpt.format import MAX_CHUNK_RAW, MAX_STEP, check_tags
+from asyncckpt.loading import check_strict, read_newest_valid
 from asyncckpt.metrics import METRICS_LOG, SaveStats
 from asyncckpt.policy import EverySteps, SavePolicy
 from asyncckpt.retention import RetentionPolicy
-from asyncckpt.state.tree import (
-    RestoreResult,
-    check_compatible,
-    check_module,
-    load_module,
-    restore_into,
-    unflatten,
-)
+from asyncckpt.state.tree import RestoreResult, check_compatible, restore_into
 from asyncckpt.storage.catalog import Catalog
-from asyncckpt.storage.commit import CommittedCheckpoint, open_storage
-from asyncckpt.storage.local import list_checkpoints
+from asyncckpt.storage.commit import open_storage
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 
@@ -56,220 +40,6 @@ def _check_step(step: Any) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise ValueError(f"step must be an integer in [0, {MAX_STEP}], got {step!r}")
     return step
-
-
-def _candidates(root: Path, step: int | None) -> list[CommittedCheckpoint]:
-    committed = list_checkpoints(root)
-    if step is None:
-        return committed[::-1]
-    chosen = [c for c in committed if c.step == step]
-    if not chosen:
-        have = [c.step for c in committed]
-        raise CheckpointNotFoundError(f"no checkpoint for step {step} in {root} (committed steps: {have[-10:]})")
-    return chosen
-
-
-# How often a reader of a live root lists it again after the checkpoint it was reading vanished
-# (pruned by the writer's retention): each round starts from the newest checkpoint again.
-_RELIST_ROUNDS = 64
-
-
-def _check_root(root: Path) -> None:
-    if not root.exists():
-        raise CheckpointNotFoundError(f"checkpoint root {root} does not exist")
-    if not root.is_dir():
-        raise CheckpointNotFoundError(f"checkpoint root {root} is not a directory")
-
-
-# What one checkpoint's read may fail with (damage, a hostile manifest, memory, a file error, a
-# decoding error); anything else is a bug and propagates instead of hiding behind a fallback.
-_ONE_CHECKPOINT_FAILURES = (CheckpointError, OSError, MemoryError, ValueError)
-
-
-def _newest_valid(
-    root: Path,
-    step: int | None,
-    read: Callable[[Path, DirIdentity], Any],
-    final: tuple[type[Exception], ...] = (),
-) -> tuple[Path, Any] | None:
-    """``read(path, identity)`` of the newest checkpoint it succeeds on (or exactly ``step``); warn
-    about each one that fails. Any failure of one checkpoint (damage, a hostile manifest, memory)
-    falls back to the next older one, except the ``final`` errors; a checkpoint deleted or replaced
-    since the root was listed (retention or a re-save on a live root) is not a failure: the root is
-    listed again and the newest one tried."""
-    _check_root(root)
-    failed: dict[Path, str] = {}
-    for _ in range(_RELIST_ROUNDS):
-        candidates = [c for c in _candidates(root, step) if c.path not in failed]
-        if not candidates and not failed:
-            return None
-        vanished = False
-        for candidate in candidates:
-            try:
-                identity = directory_identity(candidate.path)  # once: every read of it is held to it
-                if identity is None:
-                    raise CheckpointGoneError(f"{candidate.path} was deleted since the root was listed")
-                return candidate.path, read(candidate.path, identity)
-            except CheckpointGoneError:
-                vanished = True
-                break
-            except _ONE_CHECKPOINT_FAILURES as exc:
-                if step is not None or isinstance(exc, final):
-                    raise
-                reason = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-                failed[candidate.path] = f"step {candidate.step}: {reason}"
-                what = "cannot be read" if isinstance(exc, ManifestTooLargeError) else "is damaged or cannot be read"
-                warnings.warn(
-                    f"asyncckpt: checkpoint {candidate.path} {what} ({reason}); falling back to the next older one",
-                    stacklevel=4,
-                )
-        if not vanished:
-            break
-    else:
-        raise CheckpointNotFoundError(
-            f"every checkpoint of {root} was deleted while it was being read, {_RELIST_ROUNDS} times over"
-        )
-    if not failed:
-        return None
-    raise CheckpointDamagedError(f"no valid checkpoint in {root}: " + "; ".join(failed.values()))
-
-
-def _read_newest_valid(root: Path, step: int | None, workers: int, mmap: bool = False) -> LoadedCheckpoint | None:
-    """The newest checkpoint that verifies (or exactly ``step``); warn about each damaged one."""
-    found = _newest_valid(
-        root, step, lambda path, identity: read_checkpoint(path, workers, mmap=mmap, identity=identity)
-    )
-    return None if found is None else found[1]
-
-
-def load(
-    path: str | os.PathLike,
-    step: int | None = None,
-    map_location: str | torch.device = "cpu",
-    *,
-    mmap: bool = False,
-) -> Any:
-    """Load a checkpoint as a plain nested tree (stateful objects become their state dicts).
-
-    ``path`` is a checkpoint root (newest valid checkpoint, or ``step``) or one checkpoint dir.
-    The tensors are read into memory of their own. ``mmap=True`` maps a raw (``compression=None``)
-    checkpoint's data file instead: zero-copy, but the tensors then follow the file (see README).
-    """
-    path = Path(path)
-    if (path / MANIFEST_NAME).exists() and step is None:
-        loaded = read_checkpoint(path, workers=os.cpu_count() or 1, mmap=mmap)
-    else:
-        loaded = _read_newest_valid(path, step, os.cpu_count() or 1, mmap)
-        if loaded is None:
-            raise CheckpointNotFoundError(f"no checkpoint in {path}")
-    tensors = loaded.tensors
-    if torch.device(map_location) != torch.device("cpu"):
-        tensors = [t.to(map_location) for t in tensors]
-    return unflatten(loaded.manifest.tree, tensors)
-
-
-class _NoEntryError(CheckpointError):
-    """The checkpoint holds no entry under the key ``load_weights`` was given: an older one would
-    not either, so no fallback."""
-
-
-def _subtree(tree: dict, key: str, where: Path) -> dict:
-    node = tree
-    for part in key.split("."):
-        if "o" in node:  # a stateful object: look inside its state dict
-            node = node["o"]
-        pairs = node.get("d")
-        match = None if pairs is None else next((child for k, child in pairs if str(k) == part), None)
-        if match is None:
-            have = [k for k, _ in pairs] if pairs else []
-            raise _NoEntryError(f"{where} has no entry {key!r} (top-level keys: {have[:10]})")
-        node = match
-    return node["o"] if "o" in node else node
-
-
-def _tensor_indices(node: dict) -> set[int]:
-    found, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        for kind, value in n.items():
-            if kind in ("T", "N", "S"):
-                found.add(value)
-            elif kind == "d":
-                stack.extend(child for _, child in value)
-            elif kind in ("l", "t"):
-                stack.extend(value)
-            elif kind == "o":
-                stack.append(value)
-    return found
-
-
-def _check_strict(strict: Any) -> None:
-    if not isinstance(strict, bool):  # a truthy string or 0 would silently pick a mode
-        raise TypeError(f"strict must be True or False, got {strict!r}")
-
-
-@overload
-def load_weights(
-    path: str | os.PathLike, model: torch.nn.Module, key: str = ..., strict: Literal[True] = ...
-) -> int: ...
-@overload
-def load_weights(
-    path: str | os.PathLike, model: torch.nn.Module, key: str, strict: Literal[False]
-) -> RestoreResult: ...
-@overload
-def load_weights(
-    path: str | os.PathLike, model: torch.nn.Module, key: str = ..., *, strict: Literal[False]
-) -> RestoreResult: ...
-@overload
-def load_weights(
-    path: str | os.PathLike, model: torch.nn.Module, key: str = ..., strict: bool = ...
-) -> int | RestoreResult: ...
-def load_weights(
-    path: str | os.PathLike, model: torch.nn.Module, key: str = "model", strict: bool = True
-) -> int | RestoreResult:
-    """Load just a model's weights for inference: only the chunks holding them are read.
-
-    ``path`` is a root (newest valid checkpoint) or one checkpoint dir; ``key`` names the model's
-    entry in the saved state ("model", or a dotted path like "ema.model"). Tensors land on the
-    model's own device and dtype.
-
-    Returns the checkpoint's step (an int) with ``strict=True``, the default. Keys, shapes and
-    writability are checked before any weight is copied: a mismatch raises StateMismatchError and
-    the model is untouched. ``strict=False`` loads the matching weights and returns a RestoreResult
-    instead: ``.step`` and the missing, unexpected and skipped keys as torch names them, as
-    ``model.load_state_dict(strict=False)`` does; a shape mismatch is an error either way.
-    """
-    _check_strict(strict)
-    path = Path(path)
-
-    def read(candidate: Path, identity: DirIdentity | None) -> tuple[Manifest, dict, LoadedCheckpoint]:
-        # one identity for both reads: a step replaced between them is gone, not damaged
-        manifest = read_manifest(candidate, identity=identity)
-        node = _subtree(manifest.tree, key, candidate)
-        wanted = _tensor_indices(node)
-        return manifest, node, read_checkpoint(candidate, os.cpu_count() or 1, manifest, wanted, identity=identity)
-
-    if (path / MANIFEST_NAME).exists():
-        candidate, (manifest, node, loaded) = path, read(path, directory_identity(path))
-    else:
-        if not path.is_dir():
-            raise CheckpointNotFoundError(f"no checkpoint in {path}")
-        found = _newest_valid(path, None, read, final=(_NoEntryError,))
-        if found is None:
-            raise CheckpointNotFoundError(f"no checkpoint in {path}")
-        candidate, (manifest, node, loaded) = found
-    return _load_model(model, node, loaded.tensors, strict, f"{candidate}[{key!r}]", manifest.step)
-
-
-def _load_model(
-    model: torch.nn.Module, node: dict, tensors: list, strict: bool, where: str, step: int
-) -> int | RestoreResult:
-    plan = check_module(model, node, tensors, strict=strict, where=f"{where} for {type(model).__name__}")
-    try:
-        load_module(model, node, tensors, plan)
-    except Exception as exc:
-        raise CheckpointError(f"{where} does not fit {type(model).__name__}: {exc}") from exc
-    return step if strict else plan.result(step)
 
 
 SNAPSHOT_MODES = ("blocking", "overlap")
@@ -603,14 +373,14 @@ class CheckpointManager:
             TypeError: ``state`` is not a dict or list, or ``strict`` not a bool.
         """
         self._check_open()
-        _check_strict(strict)
+        check_strict(strict)
         if not isinstance(state, (dict, list)):
             raise TypeError(f"restore needs the state as a dict or list to update in place, got {type(state).__name__}")
         if step is not None:
             _check_step(step)
         self._fences.fence()
         self._admission.wait_pending()
-        loaded = _read_newest_valid(self.root, step, self.workers)
+        loaded = read_newest_valid(self.root, step, self.workers)
         if loaded is None:
             return None if strict else RestoreResult(None)
         tree = loaded.manifest.tree

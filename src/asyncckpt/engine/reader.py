@@ -50,6 +50,7 @@ from asyncckpt.format import (
     parse_step_dir,
     too_large,
 )
+from asyncckpt.state.skeleton import tensor_paths
 from asyncckpt.storage.backend import Backend, ReadHandle, open_backend
 from asyncckpt.storage.commit import newest_manifest
 
@@ -176,26 +177,6 @@ def read_manifest(path: Path, *, identity: DirIdentity | None = None) -> Manifes
         if named is not None and named != manifest.step:
             raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
         return manifest
-
-
-def tensor_paths(tree: dict, root: str = "state") -> dict[int, str]:
-    """The first path in the state of every tensor index, spelled as ``asyncckpt inspect`` does:
-    ``state['model'].state_dict()['0.weight']``."""
-    out: dict[int, str] = {}
-    stack: list[tuple[dict, str]] = [(tree, root)]
-    while stack:
-        node, where = stack.pop()
-        kind = next((k for k in node if k not in ("m", "cls")), None)
-        value: Any = node.get(kind) if kind else None
-        if kind in ("T", "N", "S"):
-            out.setdefault(value, where)
-        elif kind == "o":
-            stack.append((value, f"{where}.state_dict()"))
-        elif kind == "d":
-            stack.extend((child, f"{where}[{key!r}]") for key, child in reversed(value))
-        elif kind in ("l", "t"):
-            stack.extend((child, f"{where}[{i!r}]") for i, child in reversed(list(enumerate(value))))
-    return out
 
 
 def _tensor_names(manifest: Manifest, start: int, end: int) -> str:
