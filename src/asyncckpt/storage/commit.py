@@ -483,12 +483,23 @@ class ManifestLastCommit(CommitProtocol):
         self.backend.sync("")
         name = self._next_generation(step_name)
         _phases.pause("manifest")
-        self.backend.write_small(f"{step_name}/{name}", manifest)
-        self.backend.sync(step_name)
+        try:
+            self.backend.write_small(f"{step_name}/{name}", manifest)
+            self.backend.sync(step_name)
+        except BaseException:
+            # Not committed: the manifest goes before ``abort`` removes the data it references.
+            try:
+                self.backend.delete(f"{step_name}/{name}")
+            except OSError:
+                pass  # ``abort`` then keeps the data a surviving manifest references
+            raise
         older = [v for v in self._versions(step_name) if v != name]
         if older:
             _phases.pause("replace")  # committed; the superseded version is still there
-            self._remove(step_name, older, keep_attempt=staging.attempt)
+            try:
+                self._remove(step_name, older, keep_attempt=staging.attempt)
+            except (CheckpointError, OSError):
+                pass  # committed all the same: the next writer's sweep removes what is left
         return CommittedCheckpoint(staging.step, self.root / step_name)
 
     def _remove(self, step_name: str, manifests: list[str], keep_attempt: str | None) -> None:
@@ -505,8 +516,11 @@ class ManifestLastCommit(CommitProtocol):
                 self.backend.delete(f"{step_name}/{entry.name}")
 
     def abort(self, staging: Staging) -> None:
-        """See :meth:`CommitProtocol.abort`: this attempt's data files are removed."""
+        """See :meth:`CommitProtocol.abort`: this attempt's data files are removed, unless a
+        manifest that verifies references them (a publish whose manifest could not be taken back)."""
         try:
+            if self._referenced_attempt(staging):
+                return
             for entry in self.backend.list(staging.prefix):
                 match = _ATTEMPT_DATA.fullmatch(entry.name)
                 if match is not None and match.group(1) == staging.attempt:
@@ -515,6 +529,19 @@ class ManifestLastCommit(CommitProtocol):
                 self.backend.delete_tree(staging.prefix)
         except (CheckpointError, OSError):
             pass  # the next writer's sweep removes what is left
+
+    def _referenced_attempt(self, staging: Staging) -> bool:
+        """Whether the step's version (its newest manifest that verifies) references a data file of
+        the attempt ``staging``."""
+        newest = self._newest(staging.prefix)
+        if newest is None:
+            return False
+        where = self.backend.describe(f"{staging.prefix}/{newest[0]}")
+        try:
+            files = {c.file for c in parse_manifest(newest[1], where).chunks}
+        except CheckpointError:
+            return False
+        return any((m := _ATTEMPT_DATA.fullmatch(f)) is not None and m.group(1) == staging.attempt for f in files)
 
     def delete(self, checkpoint: CommittedCheckpoint) -> None:
         """See :meth:`CommitProtocol.delete`: every manifest first (durably), then the data."""

@@ -1,0 +1,71 @@
+"""Failure and hostile-name cases of the commit protocols, through real saves on a local root."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import torch
+
+import asyncckpt
+from asyncckpt.engine.reader import read_manifest
+from asyncckpt.storage.local import LocalBackend
+
+
+def names(path: Path) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+def test_a_failed_cleanup_after_a_manifest_last_commit_keeps_the_new_version(tmp_path):
+    """The new manifest is durable before the superseded version is removed: a failure removing it
+    must neither report the save failed nor remove the data the new manifest references."""
+    root = tmp_path / "root"
+    backend = LocalBackend(root, atomic_rename=False)
+    with asyncckpt.CheckpointManager(backend) as mgr:
+        mgr.save(1, {"x": torch.ones(4)}).wait()
+        real = backend.delete
+
+        def delete(name: str) -> None:
+            if "/data-" in name:
+                raise OSError(errno.EIO, "injected")
+            real(name)
+
+        backend.delete = delete  # type: ignore[method-assign]
+        mgr.save(1, {"x": torch.zeros(4)}).wait()
+        backend.delete = real  # type: ignore[method-assign]
+    assert asyncckpt.load(root)["x"].tolist() == [0.0] * 4
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)) as mgr:
+        assert mgr.steps() == [1]  # the sweep removed the superseded data
+    assert len([n for n in names(root / "step-000000000001") if n.startswith("data-")]) == 1
+    assert asyncckpt.load(root)["x"].tolist() == [0.0] * 4
+
+
+def test_a_manifest_last_publish_that_fails_making_its_manifest_durable_keeps_the_old_version(tmp_path):
+    """A publish that raises is not a commit: the old version must stay the step, and no manifest
+    may be left referencing the data ``abort`` removes."""
+    root = tmp_path / "root"
+    backend = LocalBackend(root, atomic_rename=False)
+    with asyncckpt.CheckpointManager(backend) as mgr:
+        mgr.save(1, {"x": torch.ones(4)}).wait()
+        real = backend.sync
+        calls = []
+
+        def sync(prefix: str) -> None:
+            calls.append(prefix)
+            if len(calls) == 3:  # data names, root, then the new manifest's name
+                raise OSError(errno.EIO, "injected")
+            real(prefix)
+
+        backend.sync = sync  # type: ignore[method-assign]
+        handle = mgr.save(1, {"x": torch.zeros(4)})
+        try:
+            handle.wait()
+        except asyncckpt.SaveFailedError:
+            pass
+        backend.sync = real  # type: ignore[method-assign]
+        assert asyncckpt.load(root)["x"].tolist() == [1.0] * 4
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)) as mgr:
+        assert mgr.steps() == [1]
+    assert asyncckpt.load(root)["x"].tolist() == [1.0] * 4
+    assert read_manifest(root / "step-000000000001").step == 1
