@@ -69,3 +69,19 @@ def test_a_manifest_last_publish_that_fails_making_its_manifest_durable_keeps_th
         assert mgr.steps() == [1]
     assert asyncckpt.load(root)["x"].tolist() == [1.0] * 4
     assert read_manifest(root / "step-000000000001").step == 1
+
+
+def test_a_planted_top_generation_never_makes_a_manifest_last_step_vanish(tmp_path):
+    """``manifest-999999999999.json`` (any bytes) must not push the next generation past the
+    12-digit names readers parse: the step would lose every version it had."""
+    root = tmp_path / "root"
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)) as mgr:
+        mgr.save(1, {"x": torch.ones(4)}).wait()
+        (root / "step-000000000001" / "manifest-999999999999.json").write_bytes(b"not mine")
+        for action in (lambda: mgr.tag(1, "best"), lambda: mgr.save(1, {"x": torch.zeros(4)}).wait()):
+            try:
+                action()
+            except (asyncckpt.CheckpointError, asyncckpt.SaveFailedError):
+                pass
+            assert mgr.steps() == [1]
+            assert asyncckpt.load(root)["x"].tolist() == [1.0] * 4

@@ -65,6 +65,7 @@ _MANIFEST_TEMP = re.compile(rf"{re.escape(MANIFEST_NAME)}\.\.tmp-{_HEX}")
 # The per-attempt data names of the manifest-last commit (the only data names it ever removes
 # besides those of a version it superseded).
 _ATTEMPT_DATA = re.compile(r"data-[0-9]{5}-([0-9a-f]{16})\.bin")
+_MAX_GENERATION = 10**12 - 1  # manifest-<12 digits>.json
 
 
 def _token() -> str:
@@ -464,9 +465,21 @@ class ManifestLastCommit(CommitProtocol):
         return newest_manifest(self.backend, step_name)
 
     def _next_generation(self, step_name: str) -> str:
+        """The name of the step's next manifest, one generation above every manifest name there.
+
+        Raises:
+            CheckpointError: A manifest name there holds the highest generation 12 digits can
+                write (not one this writer made): a higher one would be no manifest name, and
+                publishing it would leave the step without a version.
+        """
         versions = self._versions(step_name)
-        newest = parse_manifest_generation(versions[0]) if versions else 0
-        return manifest_generation_name((newest or 0) + 1)
+        newest = (parse_manifest_generation(versions[0]) or 0) if versions else 0
+        if newest >= _MAX_GENERATION:
+            raise CheckpointError(
+                f"{self.backend.describe(f'{step_name}/{versions[0]}')} holds the highest manifest generation; "
+                "remove it to save or tag this step again"
+            )
+        return manifest_generation_name(newest + 1)
 
     def begin(self, step: int) -> Staging:
         """See :meth:`CommitProtocol.begin`: ``step-N/`` itself, with names unique to the attempt."""
