@@ -85,3 +85,38 @@ def test_a_planted_top_generation_never_makes_a_manifest_last_step_vanish(tmp_pa
                 pass
             assert mgr.steps() == [1]
             assert asyncckpt.load(root)["x"].tolist() == [1.0] * 4
+
+
+def _flip_inside(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # the seal at the end stays: the file was written to its end
+    path.write_bytes(bytes(raw))
+
+
+def test_the_sweep_keeps_a_manifest_last_step_whose_only_manifest_rotted(tmp_path):
+    """A manifest written to its end (its seal is there) that no longer verifies was committed and
+    then damaged: the writer's sweep must not delete the step with it."""
+    root = tmp_path / "root"
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)) as mgr:
+        mgr.save(7, {"x": torch.ones(4)}).wait()
+        mgr.save(8, {"x": torch.zeros(4)}).wait()
+    step = root / "step-000000000007"
+    before = names(step)
+    (manifest,) = [n for n in before if n.startswith("manifest")]
+    _flip_inside(step / manifest)
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)) as mgr:
+        assert mgr.steps() == [8]
+    assert names(step) == before
+
+
+def test_the_manifest_last_sweep_keeps_a_renamed_checkpoint_whose_manifest_rotted(tmp_path):
+    """``manifest.json`` is never a manifest-last commit cut short: a damaged one stays."""
+    root = tmp_path / "root"
+    with asyncckpt.CheckpointManager(root) as mgr:
+        mgr.save(1, {"x": torch.ones(4)}).wait()
+    step = root / "step-000000000001"
+    raw = (step / "manifest.json").read_bytes()
+    (step / "manifest.json").write_bytes(raw[:-3])  # even without its seal
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)):
+        pass
+    assert names(step) == ["data-00000.bin", "manifest.json"]

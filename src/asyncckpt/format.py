@@ -206,6 +206,21 @@ def seal_manifest(body: bytes) -> bytes:
     return body[:-1] + b',"crc32":' + str(zlib.crc32(body)).encode() + b"}"
 
 
+def ends_with_seal(raw: bytes) -> bool:
+    """Whether ``raw`` ends with a manifest seal, verified or not: it was written to its end.
+
+    A manifest cut short while it was written (a crash) has none; one that was written whole and
+    damaged later keeps it unless the damage hit its last bytes.
+
+    Args:
+        raw: A manifest's bytes.
+
+    Returns:
+        True when the seal is there.
+    """
+    return _SEAL.search(raw) is not None
+
+
 def check_manifest_seal(raw: bytes, where: str) -> None:
     match = _SEAL.search(raw)
     if match is None:

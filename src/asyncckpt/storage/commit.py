@@ -45,6 +45,7 @@ from asyncckpt.format import (
     MAX_MANIFEST_BYTES,
     check_manifest_seal,
     data_file_name,
+    ends_with_seal,
     is_data_file_name,
     manifest_generation_name,
     parse_manifest,
@@ -452,7 +453,9 @@ class ManifestLastCommit(CommitProtocol):
     manifest ``manifest-<generation>.json`` written after them is the commit record. A step exists
     exactly when one of its manifests exists and verifies (its CRC32 seal), the newest such
     generation being the step. A manifest that does not verify is a publish cut short: the sweep
-    removes it with the data no verified manifest references.
+    removes it with the data no verified manifest references, except in a step none of whose
+    manifests verifies where one of them was written whole (it ends with its seal) or is
+    ``manifest.json``: that step was committed and then damaged, and is left as it is.
 
     Args:
         backend: A locked backend (any capabilities).
@@ -598,9 +601,24 @@ class ManifestLastCommit(CommitProtocol):
                 removed += self._sweep_step(entry.name)
         return removed
 
+    def _cut_short(self, step_name: str, name: str) -> bool:
+        """Whether the manifest ``name`` that does not verify can only be a publish cut short: a
+        generation (``manifest.json`` is never written by this protocol) in a regular file that
+        does not end with its seal. One that does was written whole: it was committed, then damaged.
+        """
+        if name == MANIFEST_NAME:
+            return False
+        try:
+            raw = self.backend.read_small(f"{step_name}/{name}", MAX_MANIFEST_BYTES)
+        except CheckpointError:
+            return False  # a link, a FIFO, too large: not what a publish writes
+        return not ends_with_seal(raw)
+
     def _sweep_step(self, step_name: str) -> list[str]:
         newest = self._newest(step_name)
         referenced: set[str] = set()
+        if newest is None and not all(self._cut_short(step_name, name) for name in self._versions(step_name)):
+            return []  # a committed checkpoint that lost its manifest's integrity: kept, for a person to judge
         if newest is not None:
             try:
                 manifest = parse_manifest(newest[1], self.backend.describe(f"{step_name}/{newest[0]}"))
