@@ -120,3 +120,30 @@ def test_the_manifest_last_sweep_keeps_a_renamed_checkpoint_whose_manifest_rotte
     with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)):
         pass
     assert names(step) == ["data-00000.bin", "manifest.json"]
+
+
+def test_a_tag_written_while_a_manifest_last_resave_publishes_never_loses_the_step(tmp_path, monkeypatch):
+    """The tag takes the generation the re-save chose: the re-save's manifest write then fails on
+    the existing name, and must not remove the manifest it did not write."""
+    from asyncckpt import _phases
+
+    root = tmp_path / "root"
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)) as mgr:
+        mgr.save(1, {"x": torch.ones(4)}).wait()
+        real = _phases.pause
+
+        def pause(phase: str) -> None:
+            if phase == "manifest":
+                monkeypatch.setattr(_phases, "pause", real)
+                mgr.tag(1, "best")
+            real(phase)
+
+        monkeypatch.setattr(_phases, "pause", pause)
+        try:
+            mgr.save(1, {"x": torch.zeros(4)}).wait()
+        except asyncckpt.SaveFailedError:
+            pass
+        assert mgr.steps() == [1]
+        assert asyncckpt.load(root)["x"].tolist() in ([1.0] * 4, [0.0] * 4)
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)) as mgr:
+        assert mgr.steps() == [1]

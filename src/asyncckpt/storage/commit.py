@@ -501,13 +501,15 @@ class ManifestLastCommit(CommitProtocol):
         _phases.pause("manifest")
         try:
             self.backend.write_small(f"{step_name}/{name}", manifest)
+        except CheckpointError:
+            raise  # the name exists (a tag took it meanwhile) or cannot be created: nothing of ours is there
+        except BaseException:
+            self._take_back(f"{step_name}/{name}")
+            raise
+        try:
             self.backend.sync(step_name)
         except BaseException:
-            # Not committed: the manifest goes before ``abort`` removes the data it references.
-            try:
-                self.backend.delete(f"{step_name}/{name}")
-            except OSError:
-                pass  # ``abort`` then keeps the data a surviving manifest references
+            self._take_back(f"{step_name}/{name}")
             raise
         older = [v for v in self._versions(step_name) if v != name]
         if older:
@@ -517,6 +519,14 @@ class ManifestLastCommit(CommitProtocol):
             except (CheckpointError, OSError):
                 pass  # committed all the same: the next writer's sweep removes what is left
         return CommittedCheckpoint(staging.step, self.root / step_name)
+
+    def _take_back(self, name: str) -> None:
+        """Remove the manifest a failed publish wrote (or began to), before ``abort`` removes the
+        data it references; if it cannot be removed, ``abort`` keeps the data it references."""
+        try:
+            self.backend.delete(name)
+        except OSError:
+            pass
 
     def _remove(self, step_name: str, manifests: list[str], keep_attempt: str | None) -> None:
         """Remove ``manifests`` (made durable first), then every data file of other attempts (and
