@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 import asyncckpt
@@ -132,10 +134,13 @@ def test_a_tag_written_while_a_manifest_last_resave_publishes_never_loses_the_st
         mgr.save(1, {"x": torch.ones(4)}).wait()
         real = _phases.pause
 
+        tagger = threading.Thread(target=mgr.tag, args=(1, "best"))
+
         def pause(phase: str) -> None:
-            if phase == "manifest":
+            if phase == "manifest":  # the tag may land here, or wait for the publish: either way
                 monkeypatch.setattr(_phases, "pause", real)
-                mgr.tag(1, "best")
+                tagger.start()
+                tagger.join(1.0)
             real(phase)
 
         monkeypatch.setattr(_phases, "pause", pause)
@@ -143,7 +148,42 @@ def test_a_tag_written_while_a_manifest_last_resave_publishes_never_loses_the_st
             mgr.save(1, {"x": torch.zeros(4)}).wait()
         except asyncckpt.SaveFailedError:
             pass
+        tagger.join()
         assert mgr.steps() == [1]
         assert asyncckpt.load(root)["x"].tolist() in ([1.0] * 4, [0.0] * 4)
     with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)) as mgr:
         assert mgr.steps() == [1]
+
+
+@pytest.mark.parametrize("rename", [True, False], ids=["rename", "manifest-last"])
+def test_a_tag_racing_a_resave_never_writes_the_old_chunk_table_over_the_new_version(tmp_path, monkeypatch, rename):
+    """The tag reads the committed manifest, the re-save publishes, then the tag writes: it must not
+    swap the old chunk table (whose data the re-save removed) in over the new version."""
+    from asyncckpt.engine import tags as tags_module
+
+    root = tmp_path / "root"
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=rename)) as mgr:
+        mgr.save(1, {"x": torch.ones(4)}).wait()
+        storage = mgr._storage
+        published = threading.Event()
+        real_publish, real_read = storage.publish, tags_module.read_manifest
+
+        def publish(staging, manifest):
+            try:
+                return real_publish(staging, manifest)
+            finally:
+                published.set()
+
+        def read_manifest(path, **kwargs):
+            manifest = real_read(path, **kwargs)
+            assert published.wait(30)
+            return manifest
+
+        monkeypatch.setattr(storage, "publish", publish)
+        monkeypatch.setattr(tags_module, "read_manifest", read_manifest)
+        handle = mgr.save(1, {"x": torch.zeros(4)})
+        mgr.tag(1, "best")
+        handle.wait()
+        monkeypatch.setattr(tags_module, "read_manifest", real_read)
+        assert asyncckpt.load(root)["x"].tolist() == [0.0] * 4
+        assert read_manifest(root / "step-000000000001").tags == ["best"]

@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -198,6 +199,15 @@ class CommitProtocol:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        # Held by a publish and by a manifest replacement: a tag change (on the caller's thread)
+        # then never lands between a re-save's publish and its own check of what it replaces.
+        self._publishing = threading.Lock()
+
+    def _check_same_data(self, current: bytes, manifest: bytes, where: str) -> None:
+        """Refuse a manifest replacement whose chunk table is not the committed one's: the step
+        was re-saved since the caller read it, and the old table would name data now removed."""
+        if parse_manifest(current, where).chunks != parse_manifest(manifest, where).chunks:
+            raise CheckpointError(f"{where} was replaced by a new save of its step since it was read")
 
     @property
     def root(self) -> Path:
@@ -276,7 +286,8 @@ class CommitProtocol:
             manifest: The new sealed manifest, with the same chunk table.
 
         Raises:
-            CheckpointError: Not replaced; the old manifest stands.
+            CheckpointError: Not replaced; the old manifest stands (also when the step was saved
+                again since ``manifest`` was read: its chunk table is not the committed one's).
         """
         raise NotImplementedError
 
@@ -343,7 +354,8 @@ class RenameCommit(CommitProtocol):
     def publish(self, staging: Staging, manifest: bytes) -> CommittedCheckpoint:
         """See :meth:`CommitProtocol.publish`: the rename (the manifest is already staged)."""
         _phases.pause("rename")
-        return CommittedCheckpoint(staging.step, self._rename_into_place(staging.prefix, staging.step))
+        with self._publishing:
+            return CommittedCheckpoint(staging.step, self._rename_into_place(staging.prefix, staging.step))
 
     def _rename_into_place(self, temp: str, step: int) -> Path:
         """Atomically publish ``temp`` as step-N (replacing an older save of the same step)."""
@@ -390,7 +402,13 @@ class RenameCommit(CommitProtocol):
 
     def replace_manifest(self, checkpoint: Path, manifest: bytes) -> None:
         """See :meth:`CommitProtocol.replace_manifest`: a temp file renamed over ``manifest.json``."""
-        self._fs.replace_small(f"{checkpoint.name}/{MANIFEST_NAME}", manifest)
+        name = f"{checkpoint.name}/{MANIFEST_NAME}"
+        with self._publishing:
+            mode = self._fs.mode(checkpoint.name)
+            if mode is not None and stat.S_ISDIR(mode):  # a link: replace_small refuses it, unread
+                current = self._fs.read_small(name, MAX_MANIFEST_BYTES)
+                self._check_same_data(current, manifest, self._fs.describe(name))
+            self._fs.replace_small(name, manifest)
 
     def checkpoints(self) -> list[CommittedCheckpoint]:
         """See :meth:`CommitProtocol.checkpoints`: the ``step-N`` directories (never links)."""
@@ -497,6 +515,11 @@ class ManifestLastCommit(CommitProtocol):
         step_name = staging.prefix
         self.backend.sync(step_name)  # the data files' names, then the step directory's
         self.backend.sync("")
+        with self._publishing:
+            return self._publish_locked(staging, manifest)
+
+    def _publish_locked(self, staging: Staging, manifest: bytes) -> CommittedCheckpoint:
+        step_name = staging.prefix
         name = self._next_generation(step_name)
         _phases.pause("manifest")
         try:
@@ -579,7 +602,15 @@ class ManifestLastCommit(CommitProtocol):
 
     def replace_manifest(self, checkpoint: Path, manifest: bytes) -> None:
         """See :meth:`CommitProtocol.replace_manifest`: a new generation, then the old ones go."""
+        with self._publishing:
+            self._replace_locked(checkpoint, manifest)
+
+    def _replace_locked(self, checkpoint: Path, manifest: bytes) -> None:
         step_name = checkpoint.name
+        newest = self._newest(step_name)
+        if newest is None:
+            raise CheckpointError(f"{checkpoint} has no manifest that verifies: nothing to replace")
+        self._check_same_data(newest[1], manifest, self.backend.describe(f"{step_name}/{newest[0]}"))
         older = self._versions(step_name)
         name = self._next_generation(step_name)
         try:
