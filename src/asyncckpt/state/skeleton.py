@@ -277,19 +277,31 @@ def _unwrap(node: dict) -> dict:
     return node
 
 
+def _number(part: str) -> int | None:
+    """``part`` as an int, or None: ``isdigit`` also passes ``'²'`` (and ``lstrip`` ``'--1'``), which
+    ``int`` refuses, as it refuses over 4300 digits."""
+    if not part.lstrip("-").isdigit():
+        return None
+    try:
+        return int(part)
+    except ValueError:
+        return None
+
+
 def _entry(node: dict, part: str) -> dict | None:
     """The child of ``node`` that one dotted-key part names, or None."""
     kind = kind_of(node)
     if kind == Kind.DICT:
         pairs = node[kind]
         found = next((child for key, child in pairs if key == part), None)  # a str key first
-        if found is None and part.lstrip("-").isdigit():  # then an int key written out
-            number = int(part)
+        number = _number(part) if found is None else None
+        if number is not None:  # then an int key written out
             found = next((child for key, child in pairs if key == number and not isinstance(key, str)), None)
         return found
     if kind == Kind.LIST or kind == Kind.TUPLE:
         items = node[kind]
-        return items[int(part)] if part.isdigit() and int(part) < len(items) else None
+        index = _number(part) if part.isdigit() else None
+        return items[index] if index is not None and index < len(items) else None
     return None
 
 
