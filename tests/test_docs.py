@@ -120,6 +120,7 @@ def test_cli_md_examples_match_the_real_output(clidemo, capsys):
 
 # ---- docstrings of the public API ------------------------------------------------------------
 
+
 # Documented together with the rework of their modules (the manager, loading, the save handle);
 # a name leaves this set once its docstrings follow the style checked below.
 def _public_api() -> list[tuple[str, object]]:

@@ -22,7 +22,7 @@ from _trees import assert_same_tree, same_tensor
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySteps
 from asyncckpt.format import DTYPES
-from asyncckpt.storage.local import DataFileWriter, LocalStorage
+from asyncckpt.storage.local import DataFileWriter, LocalBackend
 
 MiB = 1 << 20
 
@@ -648,9 +648,9 @@ def test_closed_manager_refuses_work(tmp_path):
 
 INJECTION_POINTS = {
     "append": (DataFileWriter, "append"),
-    "data_fsync": (DataFileWriter, "sync_and_close"),
-    "manifest": (LocalStorage, "write_manifest"),
-    "commit": (LocalStorage, "commit"),
+    "data_fsync": (DataFileWriter, "finish"),
+    "manifest": (LocalBackend, "write_small"),
+    "commit": (LocalBackend, "rename"),
     "os.fsync": (os, "fsync"),
 }
 

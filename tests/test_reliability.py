@@ -162,7 +162,7 @@ class FaultInjector:
 
     Sites: ``data_write`` (os.write into data-*.bin from DataFileWriter.append: the first chunk
     lands, the second is cut short, the next write fails), ``data_fsync`` (os.fsync of the data
-    file), ``manifest_write`` (os.write into manifest.json in LocalStorage.write_manifest),
+    file), ``manifest_write`` (os.write into manifest.json in LocalBackend.write_small),
     ``dir_fsync`` (storage.fsync_dir of the temp dir), ``rename`` (os.rename of the temp dir to
     step-N in commit), ``rename_replace`` (the same rename when it replaces an existing step-N,
     after the old one was parked), ``root_fsync`` (storage.fsync_dir of the root after the rename).

@@ -42,7 +42,12 @@ MAX_CHUNK_RAW = 1 << 30
 MAX_TREE_DEPTH = skeleton.MAX_TREE_DEPTH  # levels of nesting in a state (the skeleton checks it)
 
 _STEP_DIR = re.compile(r"step-([0-9]{12})")
-_DATA_FILE = re.compile(r"data-[0-9]{5}\.bin")
+# ``data-NNNNN.bin``; ``data-NNNNN-<16 hex>.bin`` where a save attempt's data names are its own
+# (the manifest-written-last commit, storage/commit.py).
+_DATA_FILE = re.compile(r"data-[0-9]{5}(?:-[0-9a-f]{16})?\.bin")
+# The manifest-written-last commit keeps versions of a step's manifest side by side, the highest
+# generation that verifies being the step's; ``manifest.json`` counts as generation 0.
+_MANIFEST_GENERATION = re.compile(r"manifest-([0-9]{12})\.json")
 
 _DTYPE_NAMES = (
     "float64 float32 float16 bfloat16 complex128 complex64 complex32 "
@@ -70,8 +75,57 @@ def parse_step_dir(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def data_file_name(rank: int) -> str:
-    return f"data-{rank:05d}.bin"
+def data_file_name(rank: int, attempt: str | None = None) -> str:
+    """The name of a checkpoint's data file ``rank``.
+
+    Args:
+        rank: The file's number (0 for a single-writer checkpoint).
+        attempt: 16 lowercase hex digits unique to one save attempt, for a commit that writes a
+            step's data beside an older version of it (manifest written last); None otherwise.
+
+    Returns:
+        ``data-NNNNN.bin``, or ``data-NNNNN-<attempt>.bin``.
+    """
+    return f"data-{rank:05d}.bin" if attempt is None else f"data-{rank:05d}-{attempt}.bin"
+
+
+def is_data_file_name(name: str) -> bool:
+    """Whether ``name`` is a data file name a manifest may reference (nothing with a path in it).
+
+    Args:
+        name: A file name.
+
+    Returns:
+        True for ``data-NNNNN.bin`` and ``data-NNNNN-<16 hex>.bin``.
+    """
+    return _DATA_FILE.fullmatch(name) is not None
+
+
+def manifest_generation_name(generation: int) -> str:
+    """The name of generation ``generation`` (>= 1) of a step's manifest (manifest written last).
+
+    Args:
+        generation: The version number, one more than the step's highest so far.
+
+    Returns:
+        ``manifest-<12 digits>.json``.
+    """
+    return f"manifest-{generation:012d}.json"
+
+
+def parse_manifest_generation(name: str) -> int | None:
+    """The generation of a manifest file name: 0 for ``manifest.json``, None for any other name.
+
+    Args:
+        name: A file name in a step directory.
+
+    Returns:
+        The generation, or None when ``name`` is no manifest.
+    """
+    if name == MANIFEST_NAME:
+        return 0
+    match = _MANIFEST_GENERATION.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -315,7 +369,9 @@ def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
         item = _json_dict(item, where)
         name = item.get("file")
         if not isinstance(name, str) or not _DATA_FILE.fullmatch(name):
-            raise _fail(where, f"data file name {name!r} is not of the form data-NNNNN.bin"[:200])
+            raise _fail(
+                where, f"data file name {name!r} is not of the form data-NNNNN.bin or data-NNNNN-<hex>.bin"[:200]
+            )
         offset = _int(item.get("offset"), f"{where}.offset")
         length = _int(item.get("length"), f"{where}.length", 0, MAX_CHUNK_RAW * 2)
         if offset < file_ends.get(name, 0):

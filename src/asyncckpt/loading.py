@@ -28,7 +28,8 @@ from asyncckpt.errors import CheckpointDamagedError, CheckpointError, Checkpoint
 from asyncckpt.format import MANIFEST_NAME, Manifest, ManifestTooLargeError
 from asyncckpt.state import skeleton
 from asyncckpt.state.tree import RestoreResult, check_module, load_module, unflatten
-from asyncckpt.storage.local import CommittedCheckpoint, list_checkpoints
+from asyncckpt.storage.commit import CommittedCheckpoint
+from asyncckpt.storage.local import list_checkpoints
 
 
 def _candidates(root: Path, step: int | None) -> list[CommittedCheckpoint]:

@@ -30,7 +30,8 @@ from asyncckpt.metrics import METRICS_LOG, SaveStats
 from asyncckpt.policy import EverySteps, SavePolicy
 from asyncckpt.retention import RetentionPolicy
 from asyncckpt.state.tree import RestoreResult, check_compatible, restore_into
-from asyncckpt.storage.local import LocalStorage
+from asyncckpt.storage.catalog import Catalog
+from asyncckpt.storage.commit import open_storage
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 
@@ -108,12 +109,12 @@ class CheckpointManager:
         self._preemption = Preemption()
         arenas = ArenaPool(pinned=torch.cuda.is_available())
         self._copier = CopyEngine()
-        self._storage = LocalStorage(root)  # last before the try: a failure after it must unlock
+        self._storage = open_storage(root)  # last before the try: a failure after it must unlock
         try:
             self.root = self._storage.root
             self.stats = SaveStats(self.root / METRICS_LOG)
-            self._tags = Tags(self._storage)
-            self._retainer = Retainer(self._storage, self._tags, self.retention, self.root)
+            self._tags = Tags(self._storage, Catalog.of_writer(self._storage))
+            self._retainer = Retainer(self._tags, self.retention, self.root)
             self._pipeline = Pipeline(
                 self._storage, self.codec, self.workers, chunk_size, self._on_done, nice=background_nice
             )
@@ -336,7 +337,7 @@ class CheckpointManager:
             CheckpointError: Used from a forked child.
         """
         self._check_owner()
-        return [c.step for c in self._storage.checkpoints()]
+        return self._tags.catalog.steps()
 
     @overload
     def restore(self, state: Any, step: int | None = None, *, strict: Literal[True] = True) -> int | None: ...

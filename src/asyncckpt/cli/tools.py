@@ -28,15 +28,9 @@ from asyncckpt.metrics import METRICS_LOG
 from asyncckpt.retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
 from asyncckpt.state import skeleton
 from asyncckpt.state.skeleton import TENSOR_KINDS, Kind
-from asyncckpt.storage.catalog import checkpoint_infos
-from asyncckpt.storage.local import (
-    LOCK_NAME,
-    TEMP_PREFIX,
-    CommittedCheckpoint,
-    LocalStorage,
-    fsync_dir,
-    list_checkpoints,
-)
+from asyncckpt.storage.catalog import Catalog
+from asyncckpt.storage.commit import CommittedCheckpoint, open_storage
+from asyncckpt.storage.local import LOCK_NAME, TEMP_PREFIX, fsync_dir
 
 Progress = Callable[[int], None]  # called with each increment of bytes done
 
@@ -57,7 +51,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path} does not exist")
     if path.is_dir() and not path.is_symlink() and not (path / MANIFEST_NAME).exists():
-        committed = list_checkpoints(path)
+        committed = Catalog.of_reader(path).checkpoints()
         if committed:
             raise CheckpointError(
                 f"{path} is a checkpoint root, not a checkpoint; name one of its checkpoints, "
@@ -721,7 +715,7 @@ def root_checkpoints(root: Path) -> list[CommittedCheckpoint]:
     included). ``ls``, ``verify`` and ``prune`` apply this one rule; a root with no checkpoint is an
     empty list."""
     try:
-        committed = list_checkpoints(root)
+        committed = Catalog.of_reader(root).checkpoints()
         names = [entry.name for entry in os.scandir(root)]
     except FileNotFoundError:
         raise CheckpointError(f"{root} does not exist") from None
@@ -736,7 +730,7 @@ def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckp
     """The committed checkpoints, once ``root`` is known to be a checkpoint root and the policy's
     metric to exist: checked before the lock is taken, so a wrong folder gets no ``.lock``."""
     committed = root_checkpoints(root)
-    infos = checkpoint_infos(committed)
+    infos = Catalog(lambda: committed).infos()
     if committed and best_metric_missing(infos, policy):
         raise CheckpointError(f"no checkpoint in {root} {missing_metric_text(infos, policy)}; nothing deleted")
     return committed
@@ -751,17 +745,19 @@ def prune(root: Path, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
     root = resolve_root(root)
     committed = _check_prunable(root, policy)
     if dry_run or not committed:
-        infos = checkpoint_infos(committed)
+        infos = Catalog(lambda: committed).infos()
         doomed = set(steps_to_delete(infos, policy))
     else:
-        storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
+        storage = open_storage(root)  # raises 'in use by another writer' while a manager is live
         try:
-            committed = storage.checkpoints()
-            infos = checkpoint_infos(committed)
+            catalog = Catalog.of_writer(storage)
+            entries = catalog.entries()
+            committed = [c for c, _ in entries]
+            infos = [info for _, info in entries]
             doomed = set(steps_to_delete(infos, policy))
             for c in committed:
                 if c.step in doomed:
-                    storage.delete(c)
+                    catalog.delete(c)
         finally:
             storage.close()
     unreadable = {i.step: i.unreadable for i in infos if i.unreadable is not None}

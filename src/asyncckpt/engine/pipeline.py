@@ -1,4 +1,8 @@
-"""The background writer: chunking, parallel encoding, ordered writes, fsync and commit.
+"""The background writer: chunking, parallel encoding, ordered writes, fsync, then the commit.
+
+The writer produces durable data and its chunk table (:class:`WrittenData`) through the storage
+backend, builds the manifest, and hands it to the commit protocol (``storage/commit.py``), which
+publishes the step: the writer does no path arithmetic and knows nothing of renames.
 
 One writer thread takes save jobs in order; a pool of encoder threads compresses chunks (zstd and
 CRC32 release the GIL, so threads scale across cores). At most ``2 x workers`` chunks are encoded
@@ -25,9 +29,10 @@ from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import LazyCopy
 from asyncckpt.engine.staging import Arena, Layout
 from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
-from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
+from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, dtype_name
 from asyncckpt.metrics import SaveRecord
-from asyncckpt.storage.local import DataFileWriter, LocalStorage
+from asyncckpt.storage.backend import WriteStream
+from asyncckpt.storage.commit import CommitProtocol, Staging
 
 _log = logging.getLogger("asyncckpt")
 
@@ -60,6 +65,22 @@ def plan_chunks(layout: Layout, chunk_size: int) -> list[ChunkPlan]:
         for start in range(group.start, group.end, chunk_size):
             plans.append(ChunkPlan(start, min(start + chunk_size, group.end), size))
     return plans
+
+
+@dataclass(frozen=True)
+class WrittenData:
+    """What the writer hands on once a step's data is durable: the chunk table of its data objects.
+
+    Attributes:
+        chunks: Every stored chunk, in logical order, with the data file it sits in.
+        stored_bytes: Their stored size in all.
+        fsync_began: ``perf_counter`` when making them durable began (``fsync_s`` runs from there
+            through the staged manifest).
+    """
+
+    chunks: list[ChunkEntry]
+    stored_bytes: int
+    fsync_began: float
 
 
 @dataclass
@@ -103,7 +124,7 @@ class SaveJob:
 class Pipeline:
     def __init__(
         self,
-        storage: LocalStorage,
+        storage: CommitProtocol,
         config: codec.CodecConfig,
         workers: int,
         chunk_size: int,
@@ -216,11 +237,54 @@ class Pipeline:
         if job.lazy is not None:  # before anything can fail: the arena is not ours until then
             job.lazy.wait_copied()
             record.lazy_copy_s = job.lazy.copy_s
-        temp_dir = self._storage.new_temp_dir(job.step)
-        pending: collections.deque[tuple[ChunkPlan, Future]] = collections.deque()
-        writer = None
+        staging = self._storage.begin(job.step)
         try:
-            writer = DataFileWriter(temp_dir / data_file_name(0))
+            written = self._write_data(job, staging)
+            manifest = Manifest(
+                step=job.step,
+                created=job.record.started,
+                tree=job.tree,
+                tensors=[TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots],
+                chunks=written.chunks,
+                raw_bytes=job.layout.total,
+                stored_bytes=written.stored_bytes,
+                metrics=job.metrics,
+                metadata=job.metadata,
+                tags=job.tags_for_manifest(),
+            )
+            sealed = manifest.to_json()
+            self._storage.stage_manifest(staging, sealed)
+            record.fsync_s = time.perf_counter() - written.fsync_began
+            began = time.perf_counter()
+            self._data_durable_not_published(job)
+            checkpoint = self._storage.publish(staging, sealed)
+            record.commit_s = time.perf_counter() - began
+        except BaseException:
+            self._storage.abort(staging)
+            raise
+        record.persist_s = time.perf_counter() - job.enqueued
+        record.raw_bytes = manifest.raw_bytes
+        record.stored_bytes = manifest.stored_bytes
+        if job.lazy is not None:
+            self._read_gpu_fence_wait(job)
+        return checkpoint.path
+
+    def _data_durable_not_published(self, job: SaveJob) -> None:
+        """The point between the durable data and the commit: nothing of the step is visible yet, and
+        a failure here leaves no trace. Overlap mode's verdict stands here."""
+        if job.lazy is not None:
+            self._check_guard(job)
+
+    def _write_data(self, job: SaveJob, staging: Staging) -> WrittenData:
+        """Encode the arena's chunks in parallel and write them in order into one data object of
+        ``staging``; return once they are durable. Any failure leaves the encoders stopped (the
+        arena is not read any more) and the stream aborted; the caller aborts the staging."""
+        record = job.record
+        pending: collections.deque[tuple[ChunkPlan, Future]] = collections.deque()
+        stream: WriteStream | None = None
+        try:
+            file = staging.data_name(0)
+            stream = self._storage.backend.open_write(staging.object_name(file))
             plans = plan_chunks(job.layout, self._chunk_size)
             chunks: list[ChunkEntry] = []
             upcoming = iter(plans)
@@ -239,11 +303,11 @@ class Pipeline:
                     pending.append((nxt, self._pool.submit(self._encode, job, nxt)))
                 _phases.pause("write")
                 began = time.perf_counter()
-                offset = writer.append(encoded.data)
+                offset = stream.append(encoded.data)
                 record.write_s += time.perf_counter() - began
                 chunks.append(
                     ChunkEntry(
-                        file=writer.path.name,
+                        file=file,
                         offset=offset,
                         length=len(encoded.data),
                         raw_offset=plan.start,
@@ -254,34 +318,8 @@ class Pipeline:
                 )
             began = time.perf_counter()
             _phases.pause("fsync")
-            writer.sync_and_close()
-            manifest = Manifest(
-                step=job.step,
-                created=job.record.started,
-                tree=job.tree,
-                tensors=[TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots],
-                chunks=chunks,
-                raw_bytes=job.layout.total,
-                stored_bytes=sum(c.length for c in chunks),
-                metrics=job.metrics,
-                metadata=job.metadata,
-                tags=job.tags_for_manifest(),
-            )
-            _phases.pause("manifest")
-            self._storage.write_manifest(temp_dir, manifest.to_json())
-            record.fsync_s = time.perf_counter() - began
-            began = time.perf_counter()
-            if job.lazy is not None:  # written: only the training thread's verdict stands before the commit
-                self._check_guard(job)
-            _phases.pause("rename")
-            path = self._storage.commit(temp_dir, job.step)
-            record.commit_s = time.perf_counter() - began
-            record.persist_s = time.perf_counter() - job.enqueued
-            record.raw_bytes = manifest.raw_bytes
-            record.stored_bytes = manifest.stored_bytes
-            if job.lazy is not None:
-                self._read_gpu_fence_wait(job)
-            return path
+            stream.finish()
+            return WrittenData(chunks, sum(c.length for c in chunks), began)
         except BaseException:
             for _, future in pending:  # the arena must not be reused while encoders read it
                 future.cancel()
@@ -289,7 +327,6 @@ class Pipeline:
                     future.result()
                 except BaseException:  # noqa: BLE001
                     pass
-            if writer is not None:
-                writer.close()
-            self._storage.discard(temp_dir)
+            if stream is not None:
+                stream.abort()
             raise

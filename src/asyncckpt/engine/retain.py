@@ -8,27 +8,24 @@ from asyncckpt import _phases
 from asyncckpt.engine.pipeline import _warn_from_writer
 from asyncckpt.engine.tags import Tags
 from asyncckpt.retention import (
-    CheckpointInfo,
     RetentionPolicy,
     best_metric_missing,
     missing_metric_text,
     steps_to_delete,
 )
-from asyncckpt.storage.local import LocalStorage
 
 
 class Retainer:
     """Deletes what ``policy`` no longer keeps, deciding on the metrics and tags ``tags`` records.
 
     Args:
-        storage: The root's storage.
-        tags: The committed steps' metrics and tags (its lock is held while deleting).
+        tags: The committed steps' metrics and tags, in its catalog (its lock is held while
+            deleting through the catalog).
         policy: What to keep.
         root: The root (for messages).
     """
 
-    def __init__(self, storage: LocalStorage, tags: Tags, policy: RetentionPolicy, root: Path) -> None:
-        self._storage = storage
+    def __init__(self, tags: Tags, policy: RetentionPolicy, root: Path) -> None:
         self._tags = tags
         self._policy = policy
         self._root = root
@@ -46,8 +43,9 @@ class Retainer:
             OSError: Listing or deleting failed (the writer warns; the commit stands).
         """
         with self._tags.lock:
-            committed = {c.step: c for c in self._storage.checkpoints()}
-            infos = [self._tags.infos.get(s) or CheckpointInfo(s, {}) for s in committed]
+            entries = self._tags.catalog.entries()
+            committed = {c.step: c for c, _ in entries}
+            infos = [info for _, info in entries]
             if not self._warned_no_best and best_metric_missing(infos, self._policy):
                 self._warned_no_best = True
                 _warn_from_writer(
@@ -58,5 +56,4 @@ class Retainer:
             for step in steps_to_delete(infos, self._policy):
                 if step != protect:
                     _phases.pause("retention")
-                    self._storage.delete(committed[step])
-                    self._tags.infos.pop(step, None)
+                    self._tags.catalog.delete(committed[step])

@@ -18,8 +18,8 @@ from asyncckpt.engine.pipeline import SaveJob, _warn_from_writer
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointError, CheckpointNotFoundError
 from asyncckpt.retention import CheckpointInfo
-from asyncckpt.storage.catalog import checkpoint_info
-from asyncckpt.storage.local import LocalStorage
+from asyncckpt.storage.catalog import Catalog
+from asyncckpt.storage.commit import CommitProtocol
 
 Change = Callable[[list[str]], list[str]]
 
@@ -28,21 +28,22 @@ class Tags:
     """The metrics and tags of a root's committed steps, and the newest save of each step in flight.
 
     Two locks, always taken in this order: ``_jobs_lock`` (a save registers its job; the writer
-    finishes one) and ``lock`` (``infos`` and deletions: retention on the writer thread, tag and
+    finishes one) and ``lock`` (``catalog`` and deletions: retention on the writer thread, tag and
     untag on the caller's). A save registers under the first only, so it never waits while the
     writer deletes under the second.
 
     Args:
-        storage: The root's storage.
+        storage: The root's commit protocol (tags are rewritten through it).
+        catalog: The root's committed checkpoints with their metrics and tags.
 
     Attributes:
-        infos: Committed step -> its metrics and tags (read and written under ``lock``).
-        lock: Held by whoever reads ``infos`` or deletes a committed checkpoint.
+        catalog: The committed steps, their metrics and tags (read and written under ``lock``).
+        lock: Held by whoever reads ``catalog`` or deletes a committed checkpoint.
     """
 
-    def __init__(self, storage: LocalStorage) -> None:
+    def __init__(self, storage: CommitProtocol, catalog: Catalog) -> None:
         self._storage = storage
-        self.infos: dict[int, CheckpointInfo] = {c.step: checkpoint_info(c) for c in storage.checkpoints()}
+        self.catalog = catalog
         self.lock = threading.Lock()
         self._in_flight: dict[int, SaveJob] = {}  # step -> newest save not yet done
         self._jobs_lock = threading.Lock()
@@ -54,7 +55,8 @@ class Tags:
             The step, or -1 when none is committed.
         """
         with self.lock:
-            return max(self.infos, default=-1)
+            newest = self.catalog.newest_known()
+            return -1 if newest is None else newest
 
     def begin(self, job: SaveJob) -> SaveJob | None:
         """Register a save about to be handed to the writer: from now on ``retag`` reaches it.
@@ -101,7 +103,7 @@ class Tags:
                 if job.retagged_late:
                     self._write_late_tags(path, job.tags)
                 with self.lock:
-                    self.infos[job.step] = CheckpointInfo(job.step, job.metrics, tuple(job.tags))
+                    self.catalog.record(CheckpointInfo(job.step, job.metrics, tuple(job.tags)))
             elif job.changes:
                 self._retag_after_failure(job)
 
@@ -124,7 +126,7 @@ class Tags:
         with self._jobs_lock:  # not while the writer finishes a save of this step
             job = self._in_flight.get(step)
             with self.lock:  # not while the writer applies retention to this very checkpoint
-                checkpoint = next((c for c in self._storage.checkpoints() if c.step == step), None)
+                checkpoint = self.catalog.find(step)
                 if checkpoint is None and job is None:
                     raise CheckpointNotFoundError(
                         f"no committed checkpoint and no save in flight for step {step} in {root}"
@@ -147,14 +149,14 @@ class Tags:
         manifest = read_manifest(path)
         manifest.tags = change(list(manifest.tags))
         self._storage.replace_manifest(path, manifest.to_json())
-        self.infos[step] = CheckpointInfo(step, manifest.metrics, tuple(manifest.tags))
+        self.catalog.record(CheckpointInfo(step, manifest.metrics, tuple(manifest.tags)))
         return manifest.tags
 
     def _retag_after_failure(self, job: SaveJob) -> None:
         """A re-save of a committed step failed: the tag changes given while it was in flight still
         reach the checkpoint it would have replaced (``retag`` wrote them, unless that raced)."""
         with self.lock:
-            checkpoint = next((c for c in self._storage.checkpoints() if c.step == job.step), None)
+            checkpoint = self.catalog.find(job.step)
             if checkpoint is None:
                 return
             try:
