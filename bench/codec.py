@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
 from _common import machine, median, trained_state, write_json  # noqa: E402
 from asyncckpt import codec  # noqa: E402
+from asyncckpt.codec.bytegroup import _group_bytes  # noqa: E402
 
 CHUNK = 4 << 20
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
@@ -141,7 +142,7 @@ def young_mlp_ratios(steps: int = 180, every: int = 60) -> list[dict]:
                 for c in chunks_of(t):
                     raw += c.numel()
                     tuned += len(codec.encode(c, 4, config).data)
-                    grouped = codec.tensor_memoryview(codec._group_bytes(c, 4))
+                    grouped = codec.tensor_memoryview(_group_bytes(c, 4))
                     plain_stock += min(len(stock.compress(grouped)), c.numel())
             rows.append({"step": step, "tuned": raw / tuned, "stock": raw / plain_stock})
         loss = model(torch.randn(32, 2048, generator=gen)).pow(2).mean()
@@ -178,7 +179,7 @@ def main() -> None:
         size = tensor.element_size()
         chunks = chunks_of(tensor)
         _, strided = measure(chunks, lambda c, size=size: strided_grouping(c, size).numel())
-        _, shifted = measure(chunks, lambda c, size=size: codec._group_bytes(c, size).numel())
+        _, shifted = measure(chunks, lambda c, size=size: _group_bytes(c, size).numel())
         grouping.append({"data": name, "strided_MBps": strided, "shift_MBps": shifted})
         for level in (1, 3):
             results = {
