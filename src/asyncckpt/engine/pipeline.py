@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncckpt import _phases, codec
+from asyncckpt.engine.chunking import ChunkPlan, plan_chunks
 from asyncckpt.engine.staging import Arena, Layout, LazyCopy
 from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
 from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
@@ -42,26 +43,6 @@ def _warn_from_writer(message: str) -> None:
 # How long the writer, after a commit, waits for training's GPU stream to pass an overlap fence
 # before it gives up timing that fence's wait (normally the stream passed it long before).
 _GPU_FENCE_READ_TIMEOUT_S = 1.0
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """A contiguous, dtype-homogeneous range of the arena to encode as one stored chunk."""
-
-    start: int
-    end: int
-    group: int  # byte-group size (1 = none)
-
-
-def plan_chunks(layout: Layout, chunk_size: int) -> list[ChunkPlan]:
-    """Cut every dtype group into chunks of at most ``chunk_size`` bytes (small tensors share)."""
-    chunk_size = max(64, chunk_size - chunk_size % 64)
-    plans = []
-    for group in layout.groups:
-        size = codec.bytegroup_size(group.dtype)
-        for start in range(group.start, group.end, chunk_size):
-            plans.append(ChunkPlan(start, min(start + chunk_size, group.end), size))
-    return plans
 
 
 class SaveHandle:
