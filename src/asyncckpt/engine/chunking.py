@@ -7,8 +7,9 @@ nothing more), cut so that a reader of some tensors decodes only their chunks:
 
 - a tensor of at most ``chunk_size`` bytes is never cut: consecutive small tensors of one dtype are
   packed into a chunk while they fit;
-- a larger tensor gets chunks of its own, cut on row boundaries (a row is ``shape[1:]`` elements)
-  into near-equal pieces; a single row larger than a chunk is cut on element boundaries.
+- a larger tensor gets chunks of its own, cut on row boundaries (a row is ``shape[1:]`` elements),
+  each as full as the chunk size allows; a single row larger than a chunk is cut on element
+  boundaries.
 
 Every chunk is at most ``chunk_size`` bytes (padding included), holds one dtype, and its length
 is a whole number of elements, so byte-grouping applies to it as to the tensors.
@@ -39,16 +40,22 @@ def _extent_end(slot: TensorSlot) -> int:
 
 
 def _split(units: int, unit: int, capacity: int, tail: int) -> list[int]:
-    """How many units each piece gets: the fewest pieces of at most ``capacity`` bytes, the last
-    also holding ``tail`` bytes of padding; near-equal, save that the last may be smaller.
+    """How many units each piece gets: as many as ``capacity`` bytes hold, the last piece what is
+    left (and ``tail`` bytes of padding with it): the fewest pieces, all but the last full.
 
-    The caller makes sure one unit plus the tail fits: ``unit + tail <= capacity``.
+    Full pieces compress better than near-equal ones: 0.3% of ratio on MiniLM's large matrices at
+    4 MiB (bench/codec.py), likely because a full chunk's byte planes then end near zstd's 128 KiB
+    block boundaries, and a block holding the end of one plane and the start of the next gets one
+    entropy table for both. The caller makes sure one unit plus the tail fits: ``unit + tail <=
+    capacity``.
     """
     per, per_last = capacity // unit, (capacity - tail) // unit
-    n = 1 + -(-max(0, units - per_last) // per)
-    last = min(per_last, units // n)
-    base, extra = divmod(units - last, n - 1) if n > 1 else (0, 0)
-    return [base + 1] * extra + [base] * (n - 1 - extra) + [last]
+    counts = []
+    while units > per_last:
+        take = min(per, units - 1)  # at least one unit left for the last piece
+        counts.append(take)
+        units -= take
+    return [*counts, units]
 
 
 def _cut_large(slot: TensorSlot, capacity: int) -> list[tuple[int, int]]:
