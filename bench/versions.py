@@ -1,0 +1,97 @@
+"""Two versions of asyncckpt side by side: a benchmark script run under each, alternately.
+
+A refactor must not cost speed, and the machines here are noisy, so "before" and "after" are
+measured in one run, interleaved round by round (before, after, before, after...), each round a
+fresh process with that version's ``src`` first on ``sys.path`` and that version's copy of the
+script. The table gives the median of each figure over the rounds and the ratio after / before.
+
+    git worktree add /tmp/before <commit>
+    python bench/versions.py --before /tmp/before --after . --rounds 3 stall -- --savers none,asyncckpt
+    python bench/versions.py --before /tmp/before --after . --rounds 3 codec
+
+Figures taken: stall.py, per saver: stall, loop overhead, CPU per checkpoint, save -> durable and
+bytes on disk; codec.py: ratio and MB/s of asyncckpt's encode per data kind at level 1, the
+encoder pool's rates, and a whole save's ratio and persist rate (where chunking shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run_once(tree: Path, script: str, extra: list[str], out: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+    cmd = [sys.executable, str(tree / "bench" / f"{script}.py"), *extra, "--json", str(out)]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def stall_figures(data: dict) -> dict[str, float]:
+    figures = {}
+    for saver, r in data["savers"].items():
+        if "error" in r:
+            continue
+        for key, label in (("stall_s", "stall ms"), ("overhead_s", "overhead ms"), ("cpu_s", "CPU ms")):
+            if r.get(key) is not None:
+                figures[f"{saver}: {label}"] = r[key] * 1e3
+        if r.get("durable_s") is not None:
+            figures[f"{saver}: durable s"] = r["durable_s"]
+        figures[f"{saver}: MB on disk"] = r["bytes"] / 1e6
+    return figures
+
+
+def codec_figures(data: dict) -> dict[str, float]:
+    figures = {}
+    for row in data["codec"]:
+        if row["level"] == 1:
+            figures[f"{row['data']}: ratio"] = row["asyncckpt"]["ratio"]
+            figures[f"{row['data']}: MB/s"] = row["asyncckpt"]["MBps"]
+    for threads, rate in data["encoder_pool_MBps"].items():
+        figures[f"encoder pool, {threads} thread(s): MB/s"] = rate
+    for workers, r in data["persist"].items():
+        figures[f"whole save, {workers} worker(s): ratio"] = r["ratio"]
+        figures[f"whole save, {workers} worker(s): persist MB/s"] = r["MBps"]
+    return figures
+
+
+FIGURES = {"stall": stall_figures, "codec": codec_figures}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", type=Path, required=True, help="a checkout of the older version")
+    ap.add_argument("--after", type=Path, required=True, help="a checkout of the newer version")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default=None, help="write every round's figures here")
+    ap.add_argument("script", choices=sorted(FIGURES))
+    ap.add_argument("extra", nargs="*", help="arguments for the script (after --)")
+    args = ap.parse_args()
+    rounds: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.rounds):
+            for side in ("before", "after") if i % 2 == 0 else ("after", "before"):
+                tree = args.before if side == "before" else args.after
+                data = run_once(tree.resolve(), args.script, args.extra, Path(tmp) / f"{side}-{i}.json")
+                rounds[side].append(FIGURES[args.script](data))
+                print(f"round {i + 1}/{args.rounds}: {side} done", file=sys.stderr)
+    keys = [k for k in rounds["before"][0] if all(k in r for r in rounds["before"] + rounds["after"])]
+    print(f"| {args.script}.py figure (median of {args.rounds} rounds) | before | after | after / before |")
+    print("|---|---|---|---|")
+    for key in keys:
+        before = statistics.median(r[key] for r in rounds["before"])
+        after = statistics.median(r[key] for r in rounds["after"])
+        ratio = f"{after / before:.3f}" if before else "-"
+        print(f"| {key} | {before:.4g} | {after:.4g} | {ratio} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rounds, indent=1))
+
+
+if __name__ == "__main__":
+    main()
