@@ -1,4 +1,4 @@
-"""Helpers shared by the overlap-mode tests: snapshot a live state, compare trees bit for bit."""
+"""Helpers shared by the overlap-mode tests: snapshot a live state, hold the writer before its commit."""
 
 from __future__ import annotations
 
@@ -22,25 +22,6 @@ def to_cpu(tree):
     if isinstance(tree, (list, tuple)):
         return type(tree)(to_cpu(v) for v in tree)
     return tree
-
-
-def assert_same(expected, got, where: str = "state") -> None:
-    """Equal trees, tensors compared as raw bytes (so NaN payloads and -0.0 count)."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(got, torch.Tensor), where
-        assert expected.dtype == got.dtype and expected.shape == got.shape, where
-        assert torch.equal(expected.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)), where
-    elif isinstance(expected, dict):
-        assert set(map(str, expected)) == set(map(str, got)), where
-        lookup = {str(k): v for k, v in got.items()}
-        for key, value in expected.items():
-            assert_same(value, lookup[str(key)], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(expected) == len(got), where
-        for i, (a, b) in enumerate(zip(expected, got, strict=True)):
-            assert_same(a, b, f"{where}[{i}]")
-    else:
-        assert expected == got, where
 
 
 class CommitGate:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import asyncckpt
+from _trees import assert_same_tree
 from asyncckpt import AsyncCheckpointManager, CheckpointError, CheckpointManager
 from asyncckpt.storage.local import TEMP_PREFIX, DataFileWriter
 
@@ -42,14 +43,6 @@ def zeros_like_state(state: dict) -> dict:
         "step": 0,
         "extra": {"name": "", "lr": 0.0},  # the same keys: restore refuses a state with other keys
     }
-
-
-def assert_same(expected: dict, actual: dict) -> None:
-    for key in ("w", "b", "h"):
-        a, b = expected[key], actual[key]
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key
-    assert actual["step"] == expected["step"] and actual["extra"] == expected["extra"]
 
 
 def temp_dirs(root: Path) -> list[str]:
@@ -98,7 +91,7 @@ async def test_round_trip_bit_exact(tmp_path: Path) -> None:
         assert await mgr.steps() == [10]
         restored = zeros_like_state(state)
         assert await mgr.restore(restored) == 10
-        assert_same(state, restored)
+        assert_same_tree(state, restored)
         assert await mgr.restore(zeros_like_state(state), step=10) == 10
     loaded = asyncckpt.load(tmp_path / "ckpt")
     assert torch.equal(loaded["w"], state["w"])
@@ -118,7 +111,7 @@ async def test_open_and_wrap_existing_manager(tmp_path: Path) -> None:
         assert wrapped.manager is sync_mgr
         restored = zeros_like_state(state)
         assert await wrapped.restore(restored) == 2
-        assert_same(state, restored)
+        assert_same_tree(state, restored)
     with pytest.raises(TypeError):
         AsyncCheckpointManager(sync_mgr, keep_last=2)
 
@@ -136,7 +129,7 @@ async def test_loop_runs_while_saving_and_restoring(tmp_path: Path) -> None:
             restored = zeros_like_state(state)
             assert await mgr.restore(restored) == 1
             restore_s = time.perf_counter() - began
-        assert_same(state, restored)
+        assert_same_tree(state, restored)
     # a restore blocking the loop would allow at most one tick (its whole duration in one gap)
     assert during_save.ticks >= 3, during_save.ticks
     assert during_restore.ticks >= 3, (during_restore.ticks, during_restore.max_gap, restore_s)
@@ -172,8 +165,8 @@ async def test_cancelled_waiter_does_not_cancel_the_save(tmp_path: Path, monkeyp
     await mgr.wait()
     await mgr.close()
     assert path.is_dir() and temp_dirs(tmp_path) == []
-    assert_same(expected, asyncckpt.load(tmp_path, step=5))
-    assert_same(expected, asyncckpt.load(tmp_path, step=6))
+    assert_same_tree(expected, asyncckpt.load(tmp_path, step=5))
+    assert_same_tree(expected, asyncckpt.load(tmp_path, step=6))
 
 
 async def _await(handle: asyncckpt.AsyncSaveHandle) -> Path:

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import asyncckpt
-from _overlap_state import assert_same, plain, to_cpu
+from _overlap_state import plain, to_cpu
+from _trees import assert_same_tree
 from asyncckpt import AsyncCheckpointManager, CheckpointManager
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -49,7 +50,7 @@ def test_copy_sees_queued_work_and_odd_layouts(tmp_path, snapshot):
         mgr.save(1, state)
         big.fill_(4.0)  # right after save returns, no sync: must not reach the checkpoint
         mgr.wait()
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 def _mlp() -> torch.nn.Module:
@@ -80,7 +81,7 @@ def test_overlap_foreach_adamw_step_queued_at_save(tmp_path):
         step()  # the first of these is fenced on the lazy copy
         mgr.wait()
         assert mgr.stats.records[0].ok
-    assert_same(to_cpu(expected), asyncckpt.load(tmp_path))
+    assert_same_tree(to_cpu(expected), asyncckpt.load(tmp_path))
 
 
 def test_overlap_grad_scaler_cuda_fp16(tmp_path):
@@ -106,7 +107,7 @@ def test_overlap_grad_scaler_cuda_fp16(tmp_path):
         step()
         mgr.wait()
         assert mgr.stats.records[0].ok
-    assert_same(to_cpu(expected), asyncckpt.load(tmp_path))
+    assert_same_tree(to_cpu(expected), asyncckpt.load(tmp_path))
 
 
 @pytest.mark.parametrize("compression", ["zstd", None])
@@ -128,7 +129,7 @@ def test_restore_into_live_cuda_state(tmp_path, compression):
         step()
         step()
         assert mgr.restore(state) == 1
-    assert_same(expected, to_cpu(plain(state)))
+    assert_same_tree(expected, to_cpu(plain(state)))
     assert all(p.is_cuda for p in model.parameters())
     assert all(v.is_cuda for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     step()  # and training goes on from the restored state
@@ -162,7 +163,7 @@ def test_asyncio_save_while_training_runs_on_a_side_stream(tmp_path, snapshot):
 
     expected = asyncio.run(run())
     torch.cuda.synchronize()
-    assert_same(to_cpu(expected), asyncckpt.load(tmp_path))
+    assert_same_tree(to_cpu(expected), asyncckpt.load(tmp_path))
 
 
 def test_the_staging_arena_is_pinned_at_exactly_its_size(tmp_path):
@@ -176,7 +177,7 @@ def test_the_staging_arena_is_pinned_at_exactly_its_size(tmp_path):
         # registered memory, not a block of PyTorch's pinned cache (which would round to 16 MiB)
         assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) - before < 1 << 20
         mgr.save(1, state).wait()
-    assert_same({"w": state["w"].cpu()}, asyncckpt.load(tmp_path))
+    assert_same_tree({"w": state["w"].cpu()}, asyncckpt.load(tmp_path))
 
 
 def test_the_compute_streams_wait_at_the_fence_is_timed_on_the_device(tmp_path):
@@ -201,7 +202,7 @@ def test_the_compute_streams_wait_at_the_fence_is_timed_on_the_device(tmp_path):
     # The stream began waiting after save() and stopped when the copy was done, which the writer
     # saw no earlier: the device's wait lies within the copy's span as the host measured it.
     assert 0 < record.fence_gpu_wait_s <= record.lazy_copy_s + 1e-3
-    assert_same(to_cpu(expected), asyncckpt.load(tmp_path))
+    assert_same_tree(to_cpu(expected), asyncckpt.load(tmp_path))
 
 
 def test_a_copy_that_ends_while_training_computes_costs_no_gpu_fence_wait(tmp_path):

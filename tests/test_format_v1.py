@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from tests._cli import cli
+from tests._trees import assert_same_tree
 
 import asyncckpt
 
@@ -20,23 +21,6 @@ sys.path.insert(0, str(FIXTURES))
 from make_v1 import fixture_state  # noqa: E402
 
 NAMES = ["v1-zstd", "v1-raw"]
-
-
-def assert_same_tree(a, b, where="state"):
-    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same_tree(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(params=NAMES)
@@ -57,7 +41,7 @@ def test_load_is_bit_exact(name, mmap):
     loaded = asyncckpt.load(fixture_root, step=7, mmap=mmap)
     assert isinstance(loaded["extra"]["array"], np.ndarray)
     loaded["extra"]["array"] = torch.from_numpy(loaded["extra"]["array"])
-    assert_same_tree(loaded, expected)
+    assert_same_tree(expected, loaded, exact_dict_types=True)
     newest = asyncckpt.load(fixture_root)
     assert newest["extra"]["epoch"] == 3
     assert newest["extra"]["tied_a"].data_ptr() == newest["extra"]["tied_b"].data_ptr()
@@ -81,7 +65,7 @@ def test_restore_in_place_and_catalog(fixture_root, tmp_path):
     assert live["step"] == 7 and live["extra"]["epoch"] == 2
     for a, b in zip(live["model"].state_dict().values(), want["model"].state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert_same_tree(live["optimizer"].state_dict(), want["optimizer"].state_dict())
+    assert_same_tree(want["optimizer"].state_dict(), live["optimizer"].state_dict(), exact_dict_types=True)
     assert live["scheduler"].state_dict() == want["scheduler"].state_dict()
 
 

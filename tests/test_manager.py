@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import threading
 import warnings
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ import torch
 
 import asyncckpt
 import asyncckpt.codec
+from _trees import assert_same_tree, same_tensor
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySteps
 from asyncckpt.format import DTYPES
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimen
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's elements as raw bytes (row-major), so NaN payloads and -0.0 compare exactly."""
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(tensor_bytes(a), tensor_bytes(b))
-
-
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Random bit patterns of any dtype (valid 0/1 for bool)."""
     n = math.prod(shape)
@@ -48,41 +39,6 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generat
     if dtype == torch.bool:
         return (raw & 1).bool().view(shape)
     return raw.view(dtype).view(shape)
-
-
-def assert_same_tree(expected, actual, path: str = "state") -> None:
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), f"{path}: {type(actual).__name__} instead of a tensor"
-        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
-        assert tuple(actual.shape) == tuple(expected.shape), f"{path}: shape {actual.shape} != {expected.shape}"
-        assert torch.equal(tensor_bytes(actual), tensor_bytes(expected)), f"{path}: bytes differ"
-    elif isinstance(expected, np.ndarray):
-        assert type(actual) is np.ndarray, f"{path}: {type(actual).__name__} instead of ndarray"
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, path
-        assert actual.tobytes() == expected.tobytes(), f"{path}: bytes differ"
-    elif isinstance(expected, np.float64) and type(actual) is float:
-        # np.float64 subclasses float, so it is stored as an exact JSON number and comes back as float
-        assert struct.pack("<d", actual) == struct.pack("<d", expected), f"{path}: {actual!r} != {expected!r}"
-    elif isinstance(expected, np.generic):
-        assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
-        assert actual.tobytes() == expected.tobytes(), path
-    elif isinstance(expected, Mapping):
-        assert isinstance(actual, Mapping), f"{path}: {type(actual).__name__} instead of a dict"
-        assert list(actual.keys()) == list(expected.keys()), f"{path}: keys {list(actual)} != {list(expected)}"
-        for (ka, va), (ke, ve) in zip(actual.items(), expected.items(), strict=True):
-            assert type(ka) is type(ke), f"{path}: key {ka!r} changed type"
-            assert_same_tree(ve, va, f"{path}[{ke!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
-        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
-        for i, (va, ve) in enumerate(zip(actual, expected, strict=True)):
-            assert_same_tree(ve, va, f"{path}[{i}]")
-    elif isinstance(expected, float):
-        assert type(actual) is float, f"{path}: {actual!r} is not a float"
-        assert struct.pack("<d", actual) == struct.pack("<d", expected), f"{path}: {actual!r} != {expected!r}"
-    else:
-        assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 
 
 def blank_like(tree):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import asyncckpt
-from _overlap_state import CommitGate, assert_same, plain, to_cpu
+from _overlap_state import CommitGate, plain, to_cpu
+from _trees import assert_same_tree
 from _waiting import run_with_timeout
 from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt.metrics import read_log
@@ -75,7 +76,7 @@ def test_checkpoint_equals_state_at_save_while_training_runs_on(tmp_path, slow_c
         assert handle.wait().name == "step-000000000002"
         record = mgr.stats.records[0]
     assert record.ok and record.lazy_copy_s > 0 and record.fence_wait_s > 0
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
     # and training did move on: the live state is not what was saved
     assert not torch.equal(model[0].weight, expected["model"]["0.weight"])
 
@@ -97,7 +98,7 @@ def test_buffers_and_unowned_tensors_are_copied_before_save_returns(tmp_path, sl
             for p in ema.parameters():
                 p.mul_(0.5)  # an EMA update: not an optimizer's tensor
         mgr.wait()
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 def test_guard_rejects_in_place_update_outside_the_optimizer(tmp_path, slow_copy, monkeypatch):
@@ -127,8 +128,8 @@ def test_guard_rejects_in_place_update_outside_the_optimizer(tmp_path, slow_copy
         after = plain(state)
         mgr.save(3, state)
         mgr.wait()
-    assert_same(before, asyncckpt.load(tmp_path, step=1))
-    assert_same(after, asyncckpt.load(tmp_path, step=3))
+    assert_same_tree(before, asyncckpt.load(tmp_path, step=1))
+    assert_same_tree(after, asyncckpt.load(tmp_path, step=3))
 
 
 def test_guard_failure_is_raised_by_the_next_save(tmp_path, slow_copy, monkeypatch):
@@ -162,7 +163,7 @@ def test_fence_holds_with_two_optimizers(tmp_path, slow_copy, first):
         mgr.save(2, state)
         train(model, order, steps=2)  # whichever optimizer steps first must wait for the copy
         mgr.wait()
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 def test_load_state_dict_is_fenced(tmp_path, slow_copy):
@@ -179,7 +180,7 @@ def test_load_state_dict_is_fenced(tmp_path, slow_copy):
         model.load_state_dict(other_model.state_dict())  # copies into the parameters in place
         opt.load_state_dict(other_opt.state_dict())
         mgr.wait()
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
     assert torch.equal(model[0].weight, other_model[0].weight)
 
 
@@ -194,13 +195,13 @@ def test_second_save_restore_and_close_are_fences(tmp_path, slow_copy):
         mgr.save(2, state)  # no step between: the same state, both commit
         train(model, [opt], steps=1)
         mgr.restore(state)  # waits for both, then loads step 2 into the live state
-        assert_same(first, plain(state))
+        assert_same_tree(first, plain(state))
         assert mgr.steps() == [1, 2]
         train(model, [opt], steps=1)
         last = plain(state)
         mgr.save(3, state)
     # close() (leaving the with block) fenced and committed step 3
-    assert_same(last, asyncckpt.load(tmp_path, step=3))
+    assert_same_tree(last, asyncckpt.load(tmp_path, step=3))
 
 
 def test_waiting_on_the_handle_needs_no_optimizer_step(tmp_path, slow_copy):
@@ -225,7 +226,7 @@ def test_grad_scaler_and_compiled_model(tmp_path, slow_copy):
         train(compiled, [opt], steps=2, scaler=scaler)  # scaler.step -> optimizer.step -> fence
         mgr.wait()
     assert mgr.stats.records[0].ok
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 def test_fence_hooks_go_away_with_the_manager(tmp_path):
@@ -282,7 +283,7 @@ def test_overlap_on_cuda_checkpoint_equals_state_at_save(tmp_path):
         steps(3)  # queued right behind the copy: the fence makes the first step wait on the GPU
         mgr.wait()
         assert mgr.stats.records[0].ok
-    assert_same(to_cpu(expected), asyncckpt.load(tmp_path))
+    assert_same_tree(to_cpu(expected), asyncckpt.load(tmp_path))
 
 
 class _Interrupted(BaseException):
@@ -335,7 +336,7 @@ def test_inductor_compiled_model_with_fused_adamw(tmp_path, slow_copy):
         mgr.save(2, state)
         train(compiled, [opt], steps=2)
         mgr.wait()
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 def test_a_save_with_nothing_lazy_commits_without_waiting_for_a_fence(tmp_path, slow_copy):
@@ -349,7 +350,7 @@ def test_a_save_with_nothing_lazy_commits_without_waiting_for_a_fence(tmp_path, 
         handle = mgr.save(1, {"model": model})
         wait_until(handle.done, timeout=30, what="the commit, with no fence called")
         assert handle.error() is None and mgr.steps() == [1]
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 def test_handle_wait_timeout_covers_the_fence(tmp_path, slow_copy):
@@ -362,4 +363,4 @@ def test_handle_wait_timeout_covers_the_fence(tmp_path, slow_copy):
         with pytest.raises(TimeoutError, match="copy was still running"):
             handle.wait(timeout=0.01)  # the copy thread sleeps 0.3 s first
         assert handle.wait(timeout=30) == tmp_path / "step-000000000001"  # the fence is still owed: passed now
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))

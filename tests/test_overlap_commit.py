@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import asyncckpt
-from _overlap_state import CommitGate, assert_same, plain, to_cpu
+from _overlap_state import CommitGate, plain, to_cpu
+from _trees import assert_same_tree
 from _waiting import wait_until
 from asyncckpt import CheckpointManager, OverlapGuardError, _phases
 
@@ -53,7 +54,7 @@ def test_commits_during_an_evaluation_with_no_optimizer_step(tmp_path, slow_copy
         model(torch.randn(16, 128)).square().mean().backward()
         state["optimizer"].step()  # the fence is still passed, and the guard has nothing to say
         mgr.wait()
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 def test_guard_still_rejects_an_update_before_the_copy_finished_without_a_fence(tmp_path, slow_copy, monkeypatch):
@@ -115,7 +116,7 @@ def test_commit_waits_for_a_training_thread_point_while_training_only_sleeps(tmp
         with torch.no_grad():
             state["model"](torch.randn(16, 128))  # the first settle point after the copy
         assert handle.wait(timeout=60) == tmp_path / "step-000000000001"
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 def test_a_forward_on_another_thread_gives_no_verdict(tmp_path, monkeypatch):
@@ -208,7 +209,7 @@ def test_sigkill_during_a_long_evaluation_after_an_overlap_save_keeps_the_checkp
     with CheckpointManager(root) as mgr:
         assert mgr.steps() == [1]
     expected = torch.load(tmp_path / "expected.pt")
-    assert_same(expected["model"], asyncckpt.load(root)["model"])
+    assert_same_tree(expected["model"], asyncckpt.load(root)["model"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -232,7 +233,7 @@ def test_commits_during_an_evaluation_with_no_optimizer_step_on_cuda(tmp_path):
 
             wait_until(evaluating, timeout=60, what="the commit with no optimizer step after save")
         assert handle.error() is None and mgr.steps() == [1]
-    assert_same(to_cpu(expected), asyncckpt.load(tmp_path))
+    assert_same_tree(to_cpu(expected), asyncckpt.load(tmp_path))
 
 
 def test_under_the_asyncio_facade_a_forward_on_the_loop_thread_is_a_settle_point(tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import asyncckpt
-from _overlap_state import CommitGate, assert_same, plain
+from _overlap_state import CommitGate, plain
+from _trees import assert_same_tree
 from _waiting import run_with_timeout
 from asyncckpt import AsyncCheckpointManager, CheckpointError, CheckpointManager, _phases
 from asyncckpt.engine.staging import LazyCopy
@@ -88,7 +89,7 @@ def test_step_waits_for_a_fence_running_on_another_thread(tmp_path, slow_copy, f
         assert not thread.is_alive()
         assert "error" not in box, f"the save failed: {box.get('error')}"
         run_with_timeout(mgr.wait, timeout=30)
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 # Regression: the same race through the asyncio facade: `await handle` runs the fence in the executor, so a
@@ -112,7 +113,7 @@ def test_awaiting_the_commit_in_a_task_does_not_unfence_training(tmp_path, slow_
             await asyncio.wait_for(commit, timeout=30)
 
     run_with_timeout(lambda: asyncio.run(main()), timeout=60)
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 class _Interrupted(BaseException):
@@ -166,7 +167,7 @@ def test_interrupt_during_the_fence_is_raised_and_no_mixed_checkpoint_commits(tm
             except CheckpointError:
                 committed = False
             if committed:  # a committed checkpoint must be the state at save()
-                assert_same(expected, asyncckpt.load(tmp_path))
+                assert_same_tree(expected, asyncckpt.load(tmp_path))
             assert interrupted, "the interrupt raised while waiting in the fence was swallowed"
         finally:
             stepping.set()
@@ -207,7 +208,7 @@ def test_a_fence_that_raises_does_not_strand_the_writer(tmp_path, slow_copy, mon
         for lazy in fenced:
             lazy._fenced.set()  # release a stranded writer, or close() would hang too
         mgr._close_quietly()
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 # Regression: module load_state_dict is fenced only on the exact module object in the saved state
@@ -230,7 +231,7 @@ def test_submodule_load_state_dict_is_fenced(tmp_path, slow_copy):
         mgr.save(1, state)
         model[0].load_state_dict(donor[0].state_dict())  # e.g. re-initialising one layer
         run_with_timeout(mgr.wait, timeout=30)
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
     assert torch.equal(model[0].weight, donor[0].weight)
 
 
@@ -279,7 +280,7 @@ def test_optimizer_not_in_the_state_means_everything_is_copied_eagerly(tmp_path,
         with torch.no_grad():
             model[0].weight.mul_(2.0)  # no guard failure either: the weight was copied before save returned
         run_with_timeout(mgr.wait, timeout=30)
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 def test_tied_parameters_are_stored_once_and_fenced(tmp_path, slow_copy):
@@ -306,7 +307,7 @@ def test_tied_parameters_are_stored_once_and_fenced(tmp_path, slow_copy):
         run_with_timeout(mgr.wait, timeout=30)
         assert mgr.stats.records[0].ok
     loaded = asyncckpt.load(tmp_path)
-    assert_same(expected, loaded)
+    assert_same_tree(expected, loaded)
     assert torch.equal(loaded["model"]["embed.weight"], loaded["model"]["head.weight"])
 
 
@@ -324,7 +325,7 @@ def test_param_group_added_after_the_first_save_is_copied_lazily_and_fenced(tmp_
         assert not handle.done()
         one_step(model, opt, seed=3)  # the new group's parameters change right after save
         run_with_timeout(mgr.wait, timeout=30)
-    assert_same(expected, asyncckpt.load(tmp_path, step=2))
+    assert_same_tree(expected, asyncckpt.load(tmp_path, step=2))
 
 
 def test_save_before_the_first_step_while_the_optimizer_creates_its_state(tmp_path, slow_copy):
@@ -339,7 +340,7 @@ def test_save_before_the_first_step_while_the_optimizer_creates_its_state(tmp_pa
         one_step(model, opt, seed=2)
         run_with_timeout(mgr.wait, timeout=30)
     loaded = asyncckpt.load(tmp_path)
-    assert_same(expected, loaded)
+    assert_same_tree(expected, loaded)
     assert loaded["optimizer"]["state"] == {}
 
 
@@ -360,7 +361,7 @@ def test_replaced_state_tensor_keeps_the_saved_value_and_is_released_after_commi
         run_with_timeout(mgr.wait, timeout=30)
         gc.collect()
         assert gone() is None, "the replaced tensor is still held after the commit"
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 def test_usual_training_loop_never_trips_the_guard(tmp_path, slow_copy):
@@ -396,7 +397,7 @@ def test_usual_training_loop_never_trips_the_guard(tmp_path, slow_copy):
         assert all(r.ok for r in mgr.stats.records), [r.error for r in mgr.stats.records]
     assert skipped == 1
     for step, want in expected.items():
-        assert_same(want, asyncckpt.load(tmp_path, step=step), f"step {step}")
+        assert_same_tree(want, asyncckpt.load(tmp_path, step=step), f"step {step}")
 
 
 def test_two_managers_on_one_optimizer_one_closed(tmp_path, slow_copy):
@@ -422,7 +423,7 @@ def test_two_managers_on_one_optimizer_one_closed(tmp_path, slow_copy):
         first._close_quietly()
         second._close_quietly()
     assert len(opt._optimizer_step_pre_hooks) == hooks_before
-    assert_same(expected, asyncckpt.load(tmp_path / "b"))
+    assert_same_tree(expected, asyncckpt.load(tmp_path / "b"))
     one_step(model, opt, seed=4)  # both closed: stepping is untouched
 
 
@@ -447,7 +448,7 @@ def test_failed_submit_after_the_copy_started_neither_hangs_nor_leaks(tmp_path, 
         one_step(model, opt, seed=3)
         run_with_timeout(mgr.wait, timeout=30)
         assert mgr.steps() == [2]
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))
 
 
 @pytest.mark.parametrize("max_pending", [2, 3])
@@ -470,7 +471,7 @@ def test_max_pending_with_retention_commits_every_step_at_its_save(tmp_path, slo
 
     assert run_with_timeout(run, timeout=60) == [4, 5]
     for step in (4, 5):
-        assert_same(expected[step], asyncckpt.load(tmp_path, step=step), f"step {step}")
+        assert_same_tree(expected[step], asyncckpt.load(tmp_path, step=step), f"step {step}")
 
 
 def test_interpreter_exit_commits_a_save_whose_copy_is_still_running(tmp_path):
@@ -496,7 +497,7 @@ def test_interpreter_exit_commits_a_save_whose_copy_is_still_running(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert [p.name for p in root.iterdir() if p.name.startswith("step-")] == ["step-000000000001"]
-    assert_same(torch.load(expected), asyncckpt.load(root)["model"])
+    assert_same_tree(torch.load(expected), asyncckpt.load(root)["model"])
 
 
 def test_failed_copy_is_reported_by_wait_and_never_by_the_fence(tmp_path, slow_copy):
@@ -521,4 +522,4 @@ def test_failed_copy_is_reported_by_wait_and_never_by_the_fence(tmp_path, slow_c
         one_step(model, opt, seed=2)
         run_with_timeout(mgr.wait, timeout=30)
         assert mgr.steps() == [2]
-    assert_same(expected, asyncckpt.load(tmp_path))
+    assert_same_tree(expected, asyncckpt.load(tmp_path))

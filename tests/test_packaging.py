@@ -97,7 +97,8 @@ def test_optional_imports_of_the_library_are_guarded_extras():
                     if top in sys.stdlib_module_names or top in ("__future__", "asyncckpt"):
                         continue
                     assert top in runtime, (
-                        f"{path.relative_to(PACKAGE)}:{node.lineno} imports {top} at module level: not a runtime dependency"
+                        f"{path.relative_to(PACKAGE)}:{node.lineno} imports {top} at module level: "
+                        "not a runtime dependency"
                     )
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import asyncckpt
+from _trees import assert_same_tree, same_tensor
 from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt.engine import reader
 from asyncckpt.engine.reader import read_checkpoint, read_manifest
@@ -27,14 +28,6 @@ DATA = "data-00000.bin"
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(tensor_bytes(a), tensor_bytes(b))
 
 
 def mixed_state(seed: int = 0) -> dict:
@@ -74,13 +67,6 @@ def tensors_of(tree) -> list[torch.Tensor]:
     if isinstance(tree, (list, tuple)):
         return [t for v in tree for t in tensors_of(v)]
     return []
-
-
-def assert_same(expected, actual) -> None:
-    exp, act = tensors_of(expected), tensors_of(actual)
-    assert len(exp) == len(act)
-    for e, a in zip(exp, act, strict=True):
-        assert same_tensor(e, a)
 
 
 def mapping_of(address: int) -> tuple[int, int, int, str] | None:
@@ -130,7 +116,7 @@ def test_raw_checkpoint_loads_bit_exact_as_views_of_one_file_mapping(tmp_path, n
     path = save(tmp_path, state)
     data = path / DATA
     loaded = asyncckpt.load(tmp_path, mmap=True)
-    assert_same(state, loaded)
+    assert_same_tree(state, loaded)
     assert loaded["step"] == 7
 
     manifest = read_manifest(path)
@@ -170,7 +156,7 @@ def test_writing_into_a_loaded_tensor_never_reaches_the_file(tmp_path, no_read_p
     loaded["nested"][1]["x"].zero_()
     assert (loaded["w"] == 1.5).all()
     assert file_digest(path / DATA) == before
-    assert_same(state, asyncckpt.load(path, mmap=True))  # a fresh load still sees the saved bytes
+    assert_same_tree(state, asyncckpt.load(path, mmap=True))  # a fresh load still sees the saved bytes
 
 
 def test_flipped_byte_in_a_mapped_file_is_a_checksum_error(tmp_path, no_read_path):
@@ -270,7 +256,7 @@ def test_compressed_checkpoint_takes_the_read_path(tmp_path, count_reads):
     for t in loaded.tensors:
         found = mapping_of(t.untyped_storage().data_ptr())
         assert found is None or found[2] != data.stat().st_ino
-    assert_same(state, asyncckpt.load(path))
+    assert_same_tree(state, asyncckpt.load(path))
 
 
 def test_partly_compressed_checkpoint_takes_the_read_path(tmp_path, count_reads):
@@ -279,7 +265,7 @@ def test_partly_compressed_checkpoint_takes_the_read_path(tmp_path, count_reads)
     path = save(tmp_path, state, compression="zstd")
     chunks = read_manifest(path).chunks
     assert any(c.codecs for c in chunks) and any(not c.codecs for c in chunks)
-    assert_same(state, asyncckpt.load(path))
+    assert_same_tree(state, asyncckpt.load(path))
     assert count_reads == [1]
 
 

@@ -36,6 +36,7 @@ import asyncckpt
 import asyncckpt.cli.commands
 import asyncckpt.format
 import asyncckpt.storage.local
+from _trees import assert_same_tree, same_tree, tensor_bytes
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt.format import seal_manifest
@@ -62,31 +63,6 @@ def step_dirs(root: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("step-")) for p in root.iterdir() if p.name.startswith("step-"))
 
 
-def raw_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
-def assert_same_tree(expected, actual, path: str = "state") -> None:
-    """Bit-exact comparison of tensors (dtype, shape, bytes) and exact comparison of everything else."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), f"{path}: {type(actual).__name__} instead of a tensor"
-        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
-        assert tuple(actual.shape) == tuple(expected.shape), f"{path}: shape {actual.shape} != {expected.shape}"
-        assert torch.equal(raw_bytes(actual), raw_bytes(expected)), f"{path}: bytes differ"
-    elif isinstance(expected, Mapping):
-        assert isinstance(actual, Mapping), f"{path}: {type(actual).__name__} instead of a dict"
-        assert list(actual) == list(expected), f"{path}: keys {list(actual)} != {list(expected)}"
-        for key in expected:
-            assert_same_tree(expected[key], actual[key], f"{path}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
-        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
-        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-            assert_same_tree(e, a, f"{path}[{i}]")
-    else:
-        assert type(actual) is type(expected) and actual == expected, f"{path}: {actual!r} != {expected!r}"
-
-
 def tensors_of(tree, path: str = "state") -> dict[str, torch.Tensor]:
     """Every tensor in a nested tree, by path."""
     if isinstance(tree, torch.Tensor):
@@ -104,17 +80,9 @@ def tensors_of(tree, path: str = "state") -> dict[str, torch.Tensor]:
 def same_tensors(expected, actual) -> bool:
     a, b = tensors_of(expected), tensors_of(actual)
     return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(raw_bytes(a[k]), raw_bytes(b[k]))
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(tensor_bytes(a[k]), tensor_bytes(b[k]))
         for k in a
     )
-
-
-def same_tree(expected, actual) -> bool:
-    try:
-        assert_same_tree(expected, actual)
-    except AssertionError:
-        return False
-    return True
 
 
 def blank_like(tree):
@@ -854,7 +822,7 @@ def test_zstd_frames_that_lie_about_their_size_are_refused(tmp_path, chain, bomb
     chunk = json.loads((ckpt / "manifest.json").read_bytes())["chunks"][0]
     assert "-".join(c["id"] for c in chunk["codecs"]) == chain, chunk["codecs"]
 
-    raw = raw_bytes(tensor)
+    raw = tensor_bytes(tensor)
     if chain != "zstd":  # the frame holds the byte-grouped bytes
         raw = raw.view(-1, 4).t().contiguous().view(-1)
     raw = raw.numpy().tobytes()

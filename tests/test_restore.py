@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import asyncckpt
+from _trees import assert_same_tree
 from asyncckpt import CheckpointManager, RestoreResult, StateMismatchError
 from asyncckpt.cli.commands import main as cli_main
 from asyncckpt.format import MANIFEST_NAME, seal_manifest, step_dir_name
@@ -39,25 +40,8 @@ def snapshot(obj):
     return copy.deepcopy(obj)
 
 
-def assert_same(expected, actual, path="state"):
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), path
-        assert expected.dtype == actual.dtype and expected.shape == actual.shape, path
-        assert torch.equal(expected.reshape(-1).view(torch.uint8), actual.detach().reshape(-1).view(torch.uint8)), path
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and list(expected) == list(actual), path
-        for key in expected:
-            assert_same(expected[key], actual[key], f"{path}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert type(expected) is type(actual) and len(expected) == len(actual), path
-        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-            assert_same(e, a, f"{path}[{i}]")
-    else:
-        assert expected == actual, path
-
-
 def unchanged(live, before):
-    assert_same(before, snapshot(live))
+    assert_same_tree(before, snapshot(live))
 
 
 def trained(seed: int = 0, bias: bool = True):
@@ -292,7 +276,7 @@ def test_strict_false_restores_exactly_the_matching_part_and_returns_the_lists(r
     assert live["opt"]["state"].keys() == state["opt"].state_dict()["state"].keys()  # a saved object: its state dict
     assert torch.equal(live["first"].weight, state["first"].weight)
     assert live["lazy"].device.type == "meta"
-    assert_same(expanded, live["expanded"])
+    assert_same_tree(expanded, live["expanded"])
 
 
 def test_strict_false_skips_meta_and_unwritable_leaves_and_reports_them(root):
@@ -573,7 +557,7 @@ def test_a_module_whose_state_dict_hook_leaves_keys_out_restores_and_warns(root)
         assert restore(root, live) == 1  # torch's strict load raised here, after 'a' was updated
     assert torch.equal(live["a"], saved["a"])
     assert torch.equal(live["model"].adapter.weight, saved["model"].adapter.weight)
-    assert_same(backbone, live["model"].backbone.weight)  # left out of the checkpoint: left as it was
+    assert_same_tree(backbone, live["model"].backbone.weight)  # left out of the checkpoint: left as it was
 
 
 def test_strict_false_inserts_checkpoint_only_keys_into_plain_dicts(root):
@@ -651,5 +635,5 @@ def test_the_readme_training_state_round_trips_strictly_into_a_fresh_one(root):
     torch.manual_seed(1)
     live = _training_state()
     assert restore(root, live) == 3
-    assert_same(before, snapshot(live))
+    assert_same_tree(before, snapshot(live))
     assert len(live["optimizer"].state) == 6  # model[3]'s two params still have none

@@ -1,4 +1,8 @@
-"""asyncckpt: asynchronous, compressed, checksummed, atomically committed checkpoints for PyTorch."""
+"""asyncckpt: asynchronous, compressed, checksummed, atomically committed checkpoints for PyTorch.
+
+The files it writes are specified in docs/format.md; how the package is organised, and what a save
+and a restore go through, in docs/design.md.
+"""
 
 from asyncckpt.aio import AsyncCheckpointManager, AsyncSaveHandle
 from asyncckpt.engine.pipeline import SaveHandle

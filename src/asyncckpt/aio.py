@@ -111,8 +111,17 @@ def _in_callers_cuda_stream(fn: Callable[[], T]) -> Callable[[], T]:
 class AsyncSaveHandle:
     """An awaitable over one :class:`SaveHandle`: ``await handle`` gives the committed path.
 
-    Raises :class:`CheckpointError` if the save failed. Awaiting it again, or cancelling one waiter,
-    is safe: the save itself is never cancelled.
+    Awaiting it raises :class:`CheckpointError` if the save failed. Awaiting it again, or
+    cancelling one waiter, is safe: the save itself is never cancelled. Made by
+    :meth:`AsyncCheckpointManager.save` and ``maybe_save``, not by users.
+
+    Args:
+        handle: the blocking manager's handle of the save.
+        loop: the event loop the handle is awaited on (the commit is announced there).
+
+    Attributes:
+        handle: the wrapped :class:`SaveHandle`.
+        step: the step being saved.
     """
 
     def __init__(self, handle: SaveHandle, loop: asyncio.AbstractEventLoop) -> None:
@@ -140,10 +149,20 @@ class AsyncSaveHandle:
             self._future.exception()  # an un-awaited failure is reported by the manager, not logged
 
     def done(self) -> bool:
-        """True once the save committed or failed (the thread-side state, never stale)."""
+        """Whether the save has ended, without waiting.
+
+        Returns:
+            True once the save committed or failed (the thread-side state, never stale).
+        """
         return self.handle.done()
 
     def error(self) -> CheckpointError | None:
+        """The save's failure, without waiting or raising it.
+
+        Returns:
+            The SaveFailedError (OverlapGuardError in overlap mode) once the save failed; None
+            while it is pending or after it committed.
+        """
         return self.handle.error()
 
     async def _wait(self) -> Path:
@@ -163,6 +182,17 @@ class AsyncSaveHandle:
             raise
 
     def __await__(self) -> Generator[Any, None, Path]:
+        """``await handle``: wait for the commit without blocking the loop.
+
+        In overlap mode this is a fence first: it waits (in the executor) for the save's copy.
+
+        Returns:
+            The committed checkpoint's path.
+
+        Raises:
+            SaveFailedError: the save failed (OverlapGuardError: overlap mode's guard refused it).
+            CheckpointError: awaited in a process forked from the one that saved.
+        """
         return self._wait().__await__()
 
     def __repr__(self) -> str:
@@ -179,6 +209,20 @@ class AsyncCheckpointManager:
     (``stats``, ``policy``, ``root``...). Calls into the manager are serialised, so concurrent tasks
     may share one façade. ``install_signal_handlers()`` gives the same preemption handling as the
     blocking manager's, through the loop's own signal handling.
+
+    Every method mirrors the :class:`CheckpointManager` method of the same name, with the same
+    parameters (a test holds them together); those that block are coroutines here.
+
+    Args:
+        root: the checkpoint root (a path), or a :class:`CheckpointManager` to wrap.
+        **options: the :class:`CheckpointManager` options, when ``root`` is a path.
+
+    Raises:
+        TypeError: ``options`` given together with a manager to wrap.
+        CheckpointError: the manager cannot be built (as :class:`CheckpointManager` raises it).
+
+    Attributes:
+        manager: the wrapped :class:`CheckpointManager`.
     """
 
     def __init__(self, root: str | os.PathLike | CheckpointManager, **options: Any) -> None:
@@ -197,13 +241,25 @@ class AsyncCheckpointManager:
 
     @classmethod
     async def open(cls, root: str | os.PathLike, **options: Any) -> AsyncCheckpointManager:
-        """Build the manager (lock, sweep, listing) in the executor rather than on the loop."""
+        """Build the manager (lock, sweep, listing) in the executor rather than on the loop.
+
+        Args:
+            root: the checkpoint root.
+            **options: the :class:`CheckpointManager` options.
+
+        Returns:
+            A façade over the new manager.
+
+        Raises:
+            CheckpointError: the root cannot be used (RootInUseError: another writer holds it).
+        """
         loop = asyncio.get_running_loop()
         manager = await loop.run_in_executor(None, functools.partial(CheckpointManager, root, **options))
         return cls(manager)
 
     @property
     def root(self) -> Path:
+        """The checkpoint root, as the manager holds it."""
         return self.manager.root
 
     def _check_owner(self) -> None:
@@ -232,7 +288,19 @@ class AsyncCheckpointManager:
             raise
 
     async def prepare(self, state: Any) -> int:
-        """Allocate the host arena for ``state`` ahead of the first save; returns its size in bytes."""
+        """Allocate the host arena for ``state`` ahead of the first save, off the loop.
+
+        Unlike the blocking manager's (which returns a Future at once), this awaits the allocation.
+
+        Args:
+            state: the training state that will be saved (only its tensors' sizes are used).
+
+        Returns:
+            The arena's size in bytes.
+
+        Raises:
+            CheckpointError: the manager is closed, or used in a forked child.
+        """
         future: Future = await self._run(self.manager.prepare, state)  # allocation runs on its own thread
         return await asyncio.shield(asyncio.wrap_future(future))
 
@@ -247,8 +315,21 @@ class AsyncCheckpointManager:
     ) -> AsyncSaveHandle:
         """Snapshot ``state`` (in the executor) and return once copied; ``await`` the handle for the commit.
 
-        Like CheckpointManager.save, raises SaveFailedError for an earlier save that failed, after
-        this one was submitted.
+        Args:
+            step: the training step; a checkpoint of step N holds the state after step N.
+            state: the training state (dicts, lists, tensors, objects with ``state_dict``...).
+            metrics: JSON numbers and strings stored with the checkpoint (retention's ``keep_best``).
+            metadata: any JSON object stored with the checkpoint.
+            tags: tags that keep the checkpoint from retention until removed.
+
+        Returns:
+            The save's handle: ``await handle`` for the committed path.
+
+        Raises:
+            SaveFailedError: an earlier save failed (raised after this one was submitted, as by
+                ``CheckpointManager.save``).
+            TypeError: the state holds something that cannot be saved (its path is named).
+            CheckpointError: the manager is closed, or used in a forked child.
         """
         handle = await self._run(self.manager.save, step, state, metrics=metrics, metadata=metadata, tags=tags)
         return AsyncSaveHandle(handle, asyncio.get_running_loop())
@@ -257,6 +338,15 @@ class AsyncCheckpointManager:
         """Whether ``maybe_save(step)`` would save now, changing nothing (no I/O: not a coroutine).
 
         As ``CheckpointManager.due``: the next ``maybe_save`` of the same step follows this answer.
+
+        Args:
+            step: the step about to be passed to ``maybe_save``.
+
+        Returns:
+            True when that call will save (always, after a preemption signal).
+
+        Raises:
+            CheckpointError: used in a forked child.
         """
         self._check_owner()
         if self._preempted is not None:
@@ -264,11 +354,35 @@ class AsyncCheckpointManager:
         return self.manager.due(step)
 
     async def tag(self, step: int, *tags: str) -> list[str]:
-        """Add tags to a committed checkpoint or a save still in flight (off the loop: it rewrites a manifest)."""
+        """Add tags to a committed checkpoint or a save still in flight (off the loop: it rewrites a manifest).
+
+        Args:
+            step: the checkpoint's step.
+            *tags: printable strings of 1-128 characters.
+
+        Returns:
+            The step's tags afterwards.
+
+        Raises:
+            CheckpointNotFoundError: no committed checkpoint and no save in flight for ``step``.
+            ValueError: a tag is not a printable string of 1-128 characters, or ``step`` is not a step.
+        """
         return await self._run(self.manager.tag, step, *tags)
 
     async def untag(self, step: int, *tags: str) -> list[str]:
-        """Remove tags (all when none are named) from a committed checkpoint or a save still in flight."""
+        """Remove tags (all when none are named) from a committed checkpoint or a save still in flight.
+
+        Args:
+            step: the checkpoint's step.
+            *tags: the tags to remove; none: all of them.
+
+        Returns:
+            The step's tags afterwards.
+
+        Raises:
+            CheckpointNotFoundError: no committed checkpoint and no save in flight for ``step``.
+            ValueError: ``step`` is not a step (an integer in [0, 10**12)).
+        """
         return await self._run(self.manager.untag, step, *tags)
 
     def install_signal_handlers(
@@ -283,6 +397,13 @@ class AsyncCheckpointManager:
         process). A second such signal before that acts at once. In a process forked from this
         one, the handlers and the loop's signal wakeup are taken down, so a signal sent to the child
         acts there as it would have and never reaches this loop.
+
+        Args:
+            signals: the signals that ask for a final checkpoint.
+
+        Raises:
+            RuntimeError: no running event loop (call it from a coroutine).
+            CheckpointError: used in a forked child.
         """
         self._check_owner()
         loop = asyncio.get_running_loop()
@@ -339,8 +460,25 @@ class AsyncCheckpointManager:
         metadata: dict | None = None,
         tags: list[str] | tuple[str, ...] = (),
     ) -> AsyncSaveHandle | None:
-        """``save`` if the manager's policy says the step is due, else None. As with the blocking
-        manager, an earlier failure is raised only after the due save was submitted."""
+        """``save`` if the manager's policy says the step is due, else None.
+
+        As with the blocking manager, an earlier failure is raised only after the due save was
+        submitted; after a preemption signal this saves, awaits the commit and re-raises the signal.
+
+        Args:
+            step: the training step (call once per step: policies count the calls).
+            state: the training state.
+            metrics: as for :meth:`save`.
+            metadata: as for :meth:`save`.
+            tags: as for :meth:`save`.
+
+        Returns:
+            The save's handle, or None when no save was due.
+
+        Raises:
+            SaveFailedError: an earlier save failed.
+            CheckpointError: the manager is closed, or used in a forked child.
+        """
         self._check_owner()
         if self._preempted is not None:
             signum, self._preempted = self._preempted, None
@@ -372,7 +510,12 @@ class AsyncCheckpointManager:
                 warnings.warn(f"asyncckpt: before signal {signum}, an earlier save failed: {other}", stacklevel=3)
 
     async def wait(self) -> None:
-        """Wait for every pending save (and any cancelled call still running); raise if one failed."""
+        """Wait for every pending save (and any cancelled call still running).
+
+        Raises:
+            SaveFailedError: a save failed in the background (each failure is raised once).
+            CheckpointError: used in a forked child.
+        """
         self._check_owner()
         while self._inflight:
             await asyncio.wait(list(self._inflight))
@@ -387,18 +530,44 @@ class AsyncCheckpointManager:
     async def restore(self, state: Any, step: int | None = None, *, strict: bool = True) -> int | RestoreResult | None:
         """Load the newest valid checkpoint (or ``step``) into ``state`` in place, off the event loop.
 
-        ``strict`` as in ``CheckpointManager.restore``: False returns a RestoreResult."""
+        Args:
+            state: the live state (a dict or list), updated in place.
+            step: the step to restore; None: the newest checkpoint that verifies.
+            strict: as in ``CheckpointManager.restore``: False restores the matching part.
+
+        Returns:
+            The restored step (None: the root holds no checkpoint); with ``strict=False`` a
+            RestoreResult instead.
+
+        Raises:
+            StateMismatchError: the state does not fit the checkpoint (nothing was changed).
+            CheckpointNotFoundError: ``step`` is not in the root.
+            CheckpointDamagedError: ``step`` is damaged (without ``step``, damaged ones are skipped).
+            TypeError: ``state`` is not a dict or list.
+            ValueError: ``step`` is not a step (an integer in [0, 10**12)).
+        """
         return await self._run(self.manager.restore, state, step, strict=strict)
 
     async def steps(self) -> list[int]:
-        """Committed steps, oldest first."""
+        """The committed steps.
+
+        Returns:
+            Committed steps, oldest first.
+
+        Raises:
+            CheckpointError: used in a forked child.
+        """
         self._check_owner()
         return await asyncio.get_running_loop().run_in_executor(None, self.manager.steps)
 
     async def close(self) -> None:
         """Finish pending saves, stop the background threads, release the root's lock.
 
-        In a forked child it returns at once: the calls, saves and lock are the parent's."""
+        In a forked child it returns at once: the calls, saves and lock are the parent's.
+
+        Raises:
+            SaveFailedError: a save failed in the background (the manager is closed all the same).
+        """
         self._remove_signal_handlers()
         if os.getpid() != self.manager._pid:
             return

@@ -39,7 +39,19 @@ class StateMismatchError(CheckpointError):
     (missing or unexpected keys, shapes, meta or unwritable tensors); nothing in the live state was
     touched. The attributes hold the whole lists (the message shows the first few of each):
     paths in the state such as ``state['model'].state_dict()['0.bias']`` (``load_weights``: the
-    model's own keys)."""
+    model's own keys).
+
+    Args:
+        message: what does not fit, for people.
+        missing_keys: in the live state, not in the checkpoint.
+        unexpected_keys: in the checkpoint, not in the live state.
+        skipped: live tensors that cannot be written in place.
+
+    Attributes:
+        missing_keys: as given, a tuple.
+        unexpected_keys: as given, a tuple.
+        skipped: as given, a tuple.
+    """
 
     def __init__(
         self,

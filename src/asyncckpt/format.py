@@ -6,6 +6,8 @@ each 64-byte aligned). Chunks cut that space into contiguous, non-overlapping ra
 stored in a data file after its codec chain (applied in order, reversed on read) with a CRC32 of
 the stored bytes. A tensor is found by its offset in the logical space, never by a file position,
 so codecs may change chunk sizes on disk without touching the tensor index.
+
+docs/format.md specifies all of it as rules for writers and readers; a change here changes that page.
 """
 
 from __future__ import annotations

@@ -25,24 +25,63 @@ log = logging.getLogger("asyncckpt")
 
 
 class SavePolicy:
+    """The base of every save policy: subclass it and answer ``due`` to write your own.
+
+    The manager calls ``due`` once per ``maybe_save``, ``peek`` for ``CheckpointManager.due``,
+    ``saved`` when a save starts and ``committed`` (on the writer thread) when one ends.
+    """
+
     def due(self, step: int) -> bool:  # pragma: no cover - interface
-        """Whether ``maybe_save(step)``, which calls this once, saves; may record the call."""
+        """Whether ``maybe_save(step)``, which calls this once, saves; may record the call.
+
+        Args:
+            step: the training step ``maybe_save`` was called with.
+
+        Returns:
+            True when this step is to be saved.
+
+        Raises:
+            NotImplementedError: always, here; subclasses answer.
+        """
         raise NotImplementedError
 
     def peek(self, step: int) -> bool:
-        """What ``due(step)`` would answer now, changing nothing. The default asks ``due``: a policy
-        whose ``due`` records anything must override this."""
+        """What ``due(step)`` would answer now, changing nothing.
+
+        The default asks ``due``: a policy whose ``due`` records anything must override this.
+
+        Args:
+            step: the step about to be passed to ``maybe_save``.
+
+        Returns:
+            What ``due(step)`` would answer now.
+        """
         return self.due(step)
 
     def saved(self, step: int) -> None:
-        """Told when a save was started, so interval policies restart their count."""
+        """Told when a save was started, so interval policies restart their count.
+
+        Args:
+            step: the step being saved.
+        """
 
     def committed(self, record: Any) -> None:
-        """Told (on the writer thread) when a save committed or failed, with its SaveRecord."""
+        """Told (on the writer thread) when a save committed or failed.
+
+        Args:
+            record: the save's ``SaveRecord`` (``ok``, ``stall_s``, ``persist_s``...).
+        """
 
 
 class EverySteps(SavePolicy):
-    """Save at every step that is a positive multiple of ``n`` (deterministic across resumes)."""
+    """Save at every step that is a positive multiple of ``n`` (deterministic across resumes).
+
+    Args:
+        n: the interval in steps.
+
+    Raises:
+        ValueError: ``n`` is not a positive integer.
+    """
 
     def __init__(self, n: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -50,6 +89,14 @@ class EverySteps(SavePolicy):
         self.n = n
 
     def due(self, step: int) -> bool:
+        """Whether ``step`` is a positive multiple of ``n``.
+
+        Args:
+            step: the training step.
+
+        Returns:
+            True for steps n, 2n, 3n...
+        """
         return step > 0 and step % self.n == 0
 
     def __repr__(self) -> str:
@@ -57,7 +104,17 @@ class EverySteps(SavePolicy):
 
 
 class EverySeconds(SavePolicy):
-    """Save when ``seconds`` of wall clock have passed since the last save started."""
+    """Save when ``seconds`` of wall clock have passed since the last save started.
+
+    The clock starts at the first ``maybe_save``, which never saves.
+
+    Args:
+        seconds: the interval.
+        clock: where the time comes from (monotonic seconds); tests pass a fake one.
+
+    Raises:
+        ValueError: ``seconds`` is not positive.
+    """
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         if not seconds > 0:
@@ -67,6 +124,14 @@ class EverySeconds(SavePolicy):
         self._last: float | None = None
 
     def due(self, step: int) -> bool:
+        """Whether ``seconds`` have passed since the last save began (the first call starts the clock).
+
+        Args:
+            step: the training step (unused: the clock decides).
+
+        Returns:
+            True once the interval has passed.
+        """
         now = self._clock()
         if self._last is None:
             self._last = now
@@ -74,9 +139,22 @@ class EverySeconds(SavePolicy):
         return now - self._last >= self.seconds
 
     def peek(self, step: int) -> bool:
+        """What ``due`` would answer, without starting the clock.
+
+        Args:
+            step: the training step (unused).
+
+        Returns:
+            True once the interval has passed.
+        """
         return self._last is not None and self._clock() - self._last >= self.seconds
 
     def saved(self, step: int) -> None:
+        """Restart the interval.
+
+        Args:
+            step: the step being saved (unused).
+        """
         self._last = self._clock()
 
     def __repr__(self) -> str:
@@ -85,7 +163,21 @@ class EverySeconds(SavePolicy):
 
 @dataclass
 class AdaptiveDecision:
-    """The figures behind Adaptive's current interval, for ``explain()`` and the log."""
+    """The figures behind Adaptive's current interval, for ``explain()`` and the log.
+
+    Attributes:
+        interval_steps: the interval chosen.
+        reason: which bound chose it ("overhead bound", "previous save commits first",
+            "Young/Daly optimum", "max_interval cap").
+        iteration_s: the median time between ``maybe_save`` calls.
+        stall_s: the latest save's stall (plus overlap fence waits).
+        commit_s: the latest save's time from the save call to its commit.
+        k_overhead: the smallest interval within ``max_overhead``.
+        k_commit: the smallest interval at which a save commits before the next is due.
+        k_young_daly: Young/Daly's optimum, when ``mtbf`` is given.
+        k_max_interval: the cap from ``max_interval``, when given.
+        deferred: saves put off so far because one was still in flight.
+    """
 
     interval_steps: int
     reason: str
@@ -112,6 +204,16 @@ class Adaptive(SavePolicy):
     ``maybe_save`` calls; stall and commit time are the latest save's, so a slower disk or a
     bigger model moves k in either direction after every commit. A save that falls due while the
     previous one is still in flight is deferred to the next step, never waited for.
+
+    Args:
+        max_overhead: the share of training time saves may stall it, in (0, 1).
+        max_interval: the most seconds of work between saves (what a crash may lose), or None.
+        mtbf: mean time between failures in seconds, for Young/Daly's optimum, or None.
+        clock: where the time comes from (monotonic seconds); tests pass a fake one.
+        window: how many recent step times the iteration time is the median of.
+
+    Raises:
+        ValueError: ``max_overhead`` is not in (0, 1), or ``max_interval`` or ``mtbf`` is not positive.
     """
 
     def __init__(
@@ -146,6 +248,17 @@ class Adaptive(SavePolicy):
         self.decision: AdaptiveDecision | None = None
 
     def due(self, step: int) -> bool:
+        """Record this call's time and say whether the current interval has passed.
+
+        The first calls only measure the iteration time; a save that falls due while another is
+        in flight is deferred (counted in ``deferred``).
+
+        Args:
+            step: the training step (the count of calls decides, not its value).
+
+        Returns:
+            True when a save is due now.
+        """
         now = self._clock()
         with self._lock:
             if self._last_call is not None:
@@ -162,17 +275,34 @@ class Adaptive(SavePolicy):
             return True
 
     def peek(self, step: int) -> bool:
-        """``due`` as if this step's call were already counted, without counting it."""
+        """``due`` as if this step's call were already counted, without counting it.
+
+        Args:
+            step: the training step (unused).
+
+        Returns:
+            What ``due`` would answer for the next call.
+        """
         with self._lock:
             gaps = min(len(self._gaps) + (self._last_call is not None), self._gaps.maxlen or 0)
             return gaps >= 3 and self._steps_since_save + 1 >= self._interval and not self._in_flight
 
     def saved(self, step: int) -> None:
+        """Restart the count and note a save in flight (later due saves are deferred until it ends).
+
+        Args:
+            step: the step being saved (unused).
+        """
         with self._lock:
             self._steps_since_save = 0
             self._in_flight = True
 
     def committed(self, record: Any) -> None:
+        """Take the save's measured stall and commit time, and choose the interval again.
+
+        Args:
+            record: the save's ``SaveRecord``; a failed save only ends the in-flight state.
+        """
         with self._lock:
             self._in_flight = False
             if record.ok:
@@ -216,10 +346,16 @@ class Adaptive(SavePolicy):
 
     @property
     def interval(self) -> int:
+        """The current interval in steps (1 until a save has committed)."""
         return self._interval
 
     def explain(self) -> dict[str, Any]:
-        """The current interval and the measured figures behind it."""
+        """The current interval and the measured figures behind it.
+
+        Returns:
+            The fields of :class:`AdaptiveDecision` as a dict, or before the first commit
+            ``interval_steps``, ``reason`` ("no save committed yet") and ``deferred``.
+        """
         with self._lock:
             if self.decision is None:
                 return {"interval_steps": self._interval, "reason": "no save committed yet", "deferred": self.deferred}

@@ -83,7 +83,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_ls(args: argparse.Namespace) -> int:
     from asyncckpt.cli.tools import format_created
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for path in _checkpoint_dirs(Path(args.root)):
         try:
             m = read_manifest(path)
@@ -223,7 +223,7 @@ def _printable(text: str) -> str:
 
 
 def _status(record: SaveRecord) -> str:
-    return {True: "ok", False: "FAILED"}.get(record.ok, "?")
+    return "?" if record.ok is None else "ok" if record.ok else "FAILED"
 
 
 def _print_stats_table(records: list[SaveRecord], summary: dict) -> None:

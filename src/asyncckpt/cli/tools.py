@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -223,8 +223,8 @@ def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> dict:
         except (RuntimeError, TypeError):
             numeric = False  # packed formats (float4) cannot be widened: compare bytes
     if not numeric:
-        same = bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
-        return {"status": "equal" if same else "different"}
+        identical = bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+        return {"status": "equal" if identical else "different"}
     if a.numel() == 0:
         return {"status": "equal", "max_abs_diff": 0.0, "max_rel_diff": 0.0}
     both_nan = torch.isnan(x) & torch.isnan(y)
@@ -277,7 +277,8 @@ def _batches(pairs: list[tuple[int | None, int | None]], manifest_a: Manifest, m
 def _read_some(path: Path, manifest: Manifest, wanted: set[int]) -> list[torch.Tensor | None]:
     if not wanted:
         return [None] * len(manifest.tensors)
-    return read_checkpoint(path, manifest=manifest, only=wanted).tensors
+    tensors: list[torch.Tensor | None] = list(read_checkpoint(path, manifest=manifest, only=wanted).tensors)
+    return tensors
 
 
 def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = None) -> dict:
@@ -320,7 +321,7 @@ def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = Non
             nbytes += sum(manifest_b.tensors[i].nbytes for i in want_b)
             if nbytes:
                 progress(nbytes)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in names:
         la, lb = a.get(name), b.get(name)
         if lb is None:
@@ -334,7 +335,7 @@ def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = Non
         else:
             va, vb = (la.kind, la.value), (lb.kind, lb.value)
             same = va == vb and type(va[1]) is type(vb[1])
-            row = {"path": name, "status": "equal" if same else "different"}
+            row: dict[str, Any] = {"path": name, "status": "equal" if same else "different"}
             if not same:
                 row.update(a=va[1], b=vb[1])
             rows.append(row)
@@ -678,7 +679,7 @@ def write_export(
                 torch.save(flat, f)
                 return
             counting = _CountingWriter(f, total, progress)
-            torch.save(flat, counting)
+            torch.save(flat, cast(IO[bytes], counting))  # torch.save only calls write and flush
             if counting.left:
                 progress(counting.left)
 

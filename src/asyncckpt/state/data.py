@@ -78,6 +78,15 @@ class ResumableSampler(Sampler[int]):
 
     Only one iterator is live at a time: starting a new one (or ``load_state_dict``) makes an older
     one raise ``RuntimeError`` if it is advanced again.
+
+    Args:
+        length: how many samples the dataset holds (indices ``0..length-1``).
+        seed: the seed of every epoch's permutation.
+        shuffle: False yields ``0, 1, ..., length - 1`` every epoch.
+
+    Raises:
+        TypeError: ``length`` or ``seed`` is not an integer, or ``shuffle`` not a bool.
+        ValueError: ``length`` is negative.
     """
 
     def __init__(self, length: int, *, seed: int = 0, shuffle: bool = True) -> None:
@@ -105,7 +114,18 @@ class ResumableSampler(Sampler[int]):
         return self._position
 
     def order(self, epoch: int) -> list[int]:
-        """The full index order of ``epoch``."""
+        """The full index order of ``epoch``.
+
+        Args:
+            epoch: any epoch, past or future.
+
+        Returns:
+            The permutation of ``0..length-1`` that epoch yields.
+
+        Raises:
+            TypeError: ``epoch`` is not an integer.
+            ValueError: ``epoch`` is negative.
+        """
         _check_int(epoch, "epoch")
         if not self.shuffle:
             return list(range(self.length))
@@ -149,10 +169,23 @@ class ResumableSampler(Sampler[int]):
         ``consumed``) instead of the sampler's own, prefetched-ahead count; the live iterator is not
         moved. The record lasts until the sampler hands out another index or starts a new iterator.
         ``consumed`` counts from the start of the epoch, including samples consumed before a resume.
+
+        Args:
+            consumed: samples of the current epoch the loop has consumed, in ``[0, length]``.
+
+        Raises:
+            TypeError: ``consumed`` is not an integer.
+            ValueError: it is outside ``[0, length]``.
         """
         self._reported = (self._iter_epoch, _check_int(consumed, "consumed", 0, self.length))
 
     def state_dict(self) -> dict[str, Any]:
+        """Where the sampler is, for a checkpoint.
+
+        Returns:
+            ``epoch`` and ``position`` (what ``set_position`` reported, if it was called since the
+            last index was handed out), plus ``seed``, ``length`` and ``shuffle``.
+        """
         epoch, position = self._reported if self._reported is not None else (self._epoch, self._position)
         return {
             "epoch": epoch,
@@ -163,6 +196,16 @@ class ResumableSampler(Sampler[int]):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next iterator starts at its epoch and position.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: a key is missing, ``seed``, ``length`` or ``shuffle`` differ from this
+                sampler's, or ``epoch`` or ``position`` is out of range.
+            TypeError: ``epoch`` or ``position`` is not an integer.
+        """
         missing = [k for k in ("epoch", "position", "seed", "length", "shuffle") if k not in state]
         if missing:
             raise ValueError(f"ResumableSampler state is missing {', '.join(missing)}")

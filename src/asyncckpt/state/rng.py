@@ -15,9 +15,21 @@ import torch
 
 
 class RNGState:
-    """Python ``random``, NumPy's global generator, torch CPU and every CUDA device's generator."""
+    """Python ``random``, NumPy's global generator, torch CPU and every CUDA device's generator.
+
+    Holds nothing itself: ``state_dict`` reads the generators at the moment the state is saved,
+    ``load_state_dict`` sets them. NumPy's is captured when NumPy is imported, CUDA's when CUDA
+    is initialised.
+    """
 
     def state_dict(self) -> dict[str, Any]:
+        """Capture every generator now.
+
+        Returns:
+            ``{"python": ..., "torch": tensor}`` plus ``"numpy"`` (when NumPy is imported) and
+            ``"cuda"`` (a tensor per device, when CUDA is initialised); generator states are
+            tensors, so they are stored as checkpoint tensors.
+        """
         version, internal, gauss_next = random.getstate()
         state: dict[str, Any] = {
             "python": {
@@ -42,6 +54,14 @@ class RNGState:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set every generator the state holds (CUDA devices beyond this machine's are ignored).
+
+        Args:
+            state: what :meth:`state_dict` returned (tensors may be on any device).
+
+        Raises:
+            KeyError: ``state`` lacks ``"python"`` or ``"torch"``.
+        """
         py = state["python"]
         random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
         torch.set_rng_state(state["torch"].cpu())
