@@ -64,12 +64,12 @@ def main() -> None:
                 mgr.save(i, state)
                 if i in (1, 10, 50, args.saves):
                     mgr.wait()
-                    staged = mgr._arenas.held_bytes()
+                    staged = mgr._admission.arenas.held_bytes()
                     r = {
                         "saves": i,
                         "rss": rss_bytes(),
                         "staging": staged,
-                        "arenas": mgr._arenas.allocations,
+                        "arenas": mgr._admission.arenas.allocations,
                         "pinned_cache": pinned_cache(),
                     }
                     rows.append(r)

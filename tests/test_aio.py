@@ -202,7 +202,7 @@ async def test_async_with_closes_and_releases_the_lock(tmp_path: Path) -> None:
         await mgr.save(1, state)  # pending at exit: close waits for the commit
         with pytest.raises(CheckpointError, match="in use"):
             CheckpointManager(tmp_path)
-    assert mgr.manager._closed
+    assert mgr.manager._admission.closed
     with pytest.raises(CheckpointError, match="closed"):
         await mgr.save(2, state)
     async with AsyncCheckpointManager(tmp_path) as again:  # the lock was released
@@ -210,7 +210,7 @@ async def test_async_with_closes_and_releases_the_lock(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="user"):
         async with AsyncCheckpointManager(tmp_path) as third:
             raise ValueError("user error")
-    assert third.manager._closed
+    assert third.manager._admission.closed
 
 
 async def test_overlap_mode_commit_is_awaitable_without_an_optimizer_step(

@@ -300,7 +300,7 @@ def test_blocking_runs_show_no_fence_line(written, capsys):
 def test_the_gpu_streams_fence_wait_reaches_the_log_the_summary_and_stats(tmp_path, capsys, monkeypatch):
     # The CUDA-event timing itself is faked here (tests/test_staging.py; on a GPU,
     # tests/test_cuda_paths.py): this checks where the writer puts what it reads.
-    from asyncckpt.engine.staging import LazyCopy
+    from asyncckpt.engine.overlap import LazyCopy
 
     monkeypatch.setattr(LazyCopy, "gpu_fence_wait", lambda self, timeout: 0.025)
     model = torch.nn.Linear(256, 256)
@@ -350,7 +350,7 @@ def _broken_read(self, timeout):
     ],
 )
 def test_a_gpu_fence_wait_that_cannot_be_read_still_commits_the_checkpoint(tmp_path, monkeypatch, read, warning):
-    from asyncckpt.engine.staging import LazyCopy
+    from asyncckpt.engine.overlap import LazyCopy
 
     monkeypatch.setattr(LazyCopy, "gpu_fence_wait", read)
     model = torch.nn.Linear(64, 64)
@@ -370,14 +370,14 @@ def test_warnings_as_errors_never_fail_a_committed_checkpoint_or_stop_the_writer
     # failed, or kill the writer with saves waiting on it: the writer logs those messages instead.
     import warnings
 
-    from asyncckpt.engine.staging import LazyCopy
-    from asyncckpt.manager import CheckpointManager as Manager
+    from asyncckpt.engine.overlap import LazyCopy
+    from asyncckpt.engine.retain import Retainer
 
     def retention_fails(self, protect):
         raise OSError("retention could not list the root")
 
     monkeypatch.setattr(LazyCopy, "gpu_fence_wait", lambda self, timeout: None)
-    monkeypatch.setattr(Manager, "_apply_retention", retention_fails)
+    monkeypatch.setattr(Retainer, "apply", retention_fails)
     model = torch.nn.Linear(64, 64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings(), caplog.at_level("WARNING", logger="asyncckpt"):

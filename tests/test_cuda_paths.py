@@ -171,7 +171,7 @@ def test_the_staging_arena_is_pinned_at_exactly_its_size(tmp_path):
     before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
     with CheckpointManager(tmp_path) as mgr:
         nbytes = mgr.prepare(state).result()
-        arena = mgr._arenas._free[0]
+        arena = mgr._admission.arenas._free[0]
         assert arena.buffer.is_pinned()
         assert arena.capacity == nbytes < 16 << 20
         # registered memory, not a block of PyTorch's pinned cache (which would round to 16 MiB)

@@ -133,9 +133,9 @@ def _quiet_load(root: Path):
 
 def _after_first_listing(monkeypatch, action) -> None:
     """Run ``action`` once, right after a reader listed the root and before it reads anything."""
-    import asyncckpt.manager as manager
+    import asyncckpt.loading as loading
 
-    listing = manager._candidates
+    listing = loading._candidates
     done = []
 
     def candidates(root, step):
@@ -145,7 +145,7 @@ def _after_first_listing(monkeypatch, action) -> None:
             action()
         return out
 
-    monkeypatch.setattr(manager, "_candidates", candidates)
+    monkeypatch.setattr(loading, "_candidates", candidates)
 
 
 def test_a_checkpoint_pruned_between_listing_and_reading_is_gone_and_the_newer_one_loads(tmp_path, monkeypatch):
@@ -191,14 +191,14 @@ def test_verify_of_a_step_resaved_after_its_manifest_was_read_is_gone_then_verif
 
 
 def test_load_weights_of_a_step_resaved_between_its_two_reads_loads_the_new_one(tmp_path, monkeypatch):
-    import asyncckpt.manager as manager
+    import asyncckpt.loading as loading
 
     torch.manual_seed(0)
     model, replacement = torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)
     with asyncckpt.CheckpointManager(tmp_path, keep_last=3) as mgr:
         mgr.save(4, {"model": model}).wait()
         mgr.save(5, {"model": model}).wait()
-        read = manager.read_checkpoint
+        read = loading.read_checkpoint
         calls = []
 
         def resave_then_read(path, *args, **kwargs):
@@ -207,7 +207,7 @@ def test_load_weights_of_a_step_resaved_between_its_two_reads_loads_the_new_one(
             calls.append(path)
             return read(path, *args, **kwargs)
 
-        monkeypatch.setattr(manager, "read_checkpoint", resave_then_read)
+        monkeypatch.setattr(loading, "read_checkpoint", resave_then_read)
         target = torch.nn.Linear(300, 300)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

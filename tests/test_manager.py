@@ -22,7 +22,7 @@ from _trees import assert_same_tree, same_tensor
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySteps
 from asyncckpt.format import DTYPES
-from asyncckpt.storage.local import DataFileWriter, LocalStorage
+from asyncckpt.storage.local import DataFileWriter, LocalBackend
 
 MiB = 1 << 20
 
@@ -386,9 +386,9 @@ def test_arena_is_reused_and_memory_does_not_grow(tmp_path, managers, max_pendin
     mgr.wait()
     grown = rss_bytes() - baseline
     if max_pending == 1:
-        assert mgr._arenas.allocations == 1
+        assert mgr._admission.arenas.allocations == 1
     else:
-        assert 1 <= mgr._arenas.allocations <= max_pending
+        assert 1 <= mgr._admission.arenas.allocations <= max_pending
     assert grown < 24 * MiB, f"RSS grew by {grown / MiB:.1f} MiB over 45 saves of a 4 MiB state"
     assert mgr.steps() == [49]
     assert_same_tree(state, asyncckpt.load(tmp_path / "ckpts"))
@@ -480,7 +480,7 @@ def test_max_pending_two_lets_one_save_overlap(tmp_path, managers, gate):
     third.join(60)
     mgr.wait()
     assert mgr.steps() == [1, 2, 3]
-    assert mgr._arenas.allocations == 2
+    assert mgr._admission.arenas.allocations == 2
 
 
 @pytest.mark.filterwarnings("ignore:asyncckpt.*already holds step:UserWarning")  # out of order on purpose
@@ -648,9 +648,9 @@ def test_closed_manager_refuses_work(tmp_path):
 
 INJECTION_POINTS = {
     "append": (DataFileWriter, "append"),
-    "data_fsync": (DataFileWriter, "sync_and_close"),
-    "manifest": (LocalStorage, "write_manifest"),
-    "commit": (LocalStorage, "commit"),
+    "data_fsync": (DataFileWriter, "finish"),
+    "manifest": (LocalBackend, "write_small"),
+    "commit": (LocalBackend, "rename"),
     "os.fsync": (os, "fsync"),
 }
 
@@ -797,7 +797,7 @@ def test_encoder_failure_never_hangs(tmp_path, managers, monkeypatch):
     assert leftovers(root) == []
     assert step_dirs(root) == [1]
     assert_same_tree(good, asyncckpt.load(root))
-    assert mgr._arenas.allocations == 1  # the arena came back after each failure
+    assert mgr._admission.arenas.allocations == 1  # the arena came back after each failure
 
 
 # ---- corruption ------------------------------------------------------------------------------
@@ -1042,7 +1042,16 @@ def test_prepare_pins_from_the_callers_cuda_device_not_device_0(tmp_path, monkey
     fake.install(monkeypatch, device=0)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with CheckpointManager(tmp_path) as mgr:
-        mgr._arenas = ArenaPool(pinned=True)
+        mgr._admission.arenas = ArenaPool(pinned=True)
         torch.cuda.set_device(2)  # the training thread's device
         mgr.prepare({"w": torch.randn(1000)}).result()
         assert fake.devices == [2] and len(fake.registered) == 1
+
+
+def test_settings_are_read_only_after_construction(tmp_path):
+    """The parts built from them keep their own copies: an assignment would be silently ignored."""
+    with CheckpointManager(tmp_path, max_pending=2, keep_last=4, snapshot="blocking") as mgr:
+        assert (mgr.max_pending, mgr.retention.keep_last, mgr.snapshot) == (2, 4, "blocking")
+        for name, value in (("max_pending", 1), ("retention", None), ("snapshot", "overlap"), ("workers", 1)):
+            with pytest.raises(AttributeError):
+                setattr(mgr, name, value)

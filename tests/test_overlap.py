@@ -291,7 +291,7 @@ class _Interrupted(BaseException):
 
 
 def test_close_after_an_interrupted_fence_neither_hangs_nor_commits(tmp_path, slow_copy, monkeypatch):
-    from asyncckpt.engine.staging import LazyCopy
+    from asyncckpt.engine.overlap import LazyCopy
 
     def interrupted(self, count_wait=True, timeout=None):
         raise _Interrupted()

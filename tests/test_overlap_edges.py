@@ -25,7 +25,7 @@ from _overlap_state import CommitGate, plain
 from _trees import assert_same_tree
 from _waiting import run_with_timeout
 from asyncckpt import AsyncCheckpointManager, CheckpointError, CheckpointManager, _phases
-from asyncckpt.engine.staging import LazyCopy
+from asyncckpt.engine.overlap import LazyCopy
 from asyncckpt.metrics import read_log
 
 
@@ -441,7 +441,7 @@ def test_failed_submit_after_the_copy_started_neither_hangs_nor_leaks(tmp_path, 
             patch.setattr(mgr._pipeline, "submit", refuse)
             with pytest.raises(CheckpointError, match="injected"):
                 mgr.save(1, state)
-        assert mgr._arenas.held_bytes() > 0  # the arena came back, after the copy was done with it
+        assert mgr._admission.arenas.held_bytes() > 0  # the arena came back, after the copy was done with it
         one_step(model, opt, seed=2)  # fences the orphaned copy: no error, no hang
         expected = plain(state)
         mgr.save(2, state)

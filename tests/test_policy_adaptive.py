@@ -159,7 +159,7 @@ def test_adaptive_drives_a_real_manager_without_blocking_on_in_flight_saves(tmp_
             handle = mgr.maybe_save(step, state)
             if handle is not None:
                 # Adaptive only says "due" when nothing is in flight, so a save never waits
-                assert all(h is handle for h in mgr._pending)
+                assert all(h is handle for h in mgr._admission._pending)
             time.sleep(0.002)
         mgr.wait()
         steps = mgr.steps()

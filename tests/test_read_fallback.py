@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import asyncckpt
-import asyncckpt.manager as manager
+import asyncckpt.loading as loading
 from asyncckpt import CheckpointDamagedError, CheckpointError, CheckpointManager
 from asyncckpt.engine.reader import read_checkpoint, read_manifest, verify_checkpoint
 
@@ -26,14 +26,14 @@ def test_a_bug_raised_while_reading_the_newest_propagates_instead_of_falling_bac
     with CheckpointManager(tmp_path, keep_last=None) as mgr:
         mgr.save(1, {"w": torch.ones(3)}).wait()
         mgr.save(2, {"w": torch.ones(3)}).wait()
-    read = manager.read_checkpoint
+    read = loading.read_checkpoint
 
     def buggy(path, *args, **kwargs):
         if path.name.endswith("2"):
             raise TypeError("a bug in the reader")
         return read(path, *args, **kwargs)
 
-    monkeypatch.setattr(manager, "read_checkpoint", buggy)
+    monkeypatch.setattr(loading, "read_checkpoint", buggy)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # before: a warning, then step 1 loaded as if step 2 were damaged
         with pytest.raises(TypeError, match="a bug in the reader"):

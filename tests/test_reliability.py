@@ -162,7 +162,7 @@ class FaultInjector:
 
     Sites: ``data_write`` (os.write into data-*.bin from DataFileWriter.append: the first chunk
     lands, the second is cut short, the next write fails), ``data_fsync`` (os.fsync of the data
-    file), ``manifest_write`` (os.write into manifest.json in LocalStorage.write_manifest),
+    file), ``manifest_write`` (os.write into manifest.json in LocalBackend.write_small),
     ``dir_fsync`` (storage.fsync_dir of the temp dir), ``rename`` (os.rename of the temp dir to
     step-N in commit), ``rename_replace`` (the same rename when it replaces an existing step-N,
     after the old one was parked), ``root_fsync`` (storage.fsync_dir of the root after the rename).
@@ -867,7 +867,7 @@ def _load_run(root: Path, saves: int, nbytes: int, max_pending: int, warmup: int
                 mgr.wait()
                 quiet[step] = (rss_bytes(), open_fds())
         figures["steps"] = mgr.steps()
-        figures["arena_allocations"] = mgr._arenas.allocations
+        figures["arena_allocations"] = mgr._admission.arenas.allocations
         figures["stats"] = {k: mgr.stats.summary()[k] for k in ("saves", "committed", "failed")}
         final = {"w": state["w"].clone(), "ids": state["ids"].clone(), "step": saves}
     figures["rss_trace_mib"] = [round(r / MiB) for r in trace]
@@ -899,7 +899,7 @@ def test_closing_a_manager_releases_its_staging_memory(tmp_path):
             mgr.save(1, state).wait()
             during = rss_bytes()
         after = rss_bytes()
-        held = mgr._arenas.held_bytes()
+        held = mgr._admission.arenas.held_bytes()
     finally:
         gc.enable()
     assert during - before >= 200 * MiB, "the arena was not allocated as expected; the test proves nothing"

@@ -12,9 +12,11 @@ import warnings
 import pytest
 import torch
 
+from _overlap_state import CommitGate
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySeconds, EverySteps, _phases
 from asyncckpt.engine import pipeline as pipeline_module
+from asyncckpt.engine.admission import Admission
 from asyncckpt.engine.reader import read_manifest
 
 
@@ -33,7 +35,7 @@ def test_a_policy_that_raises_in_saved_leaves_no_save_pending(tmp_path, error):
     mgr = CheckpointManager(tmp_path, policy=policy)
     with pytest.raises(type(error)):
         mgr.maybe_save(1, {"w": torch.zeros(10)})
-    assert not mgr._reservations
+    assert not mgr._admission._reservations
     run_with_timeout(mgr.wait, timeout=30)  # nothing pending: returns at once
     policy.saved = lambda step: None  # type: ignore[method-assign]
     mgr.maybe_save(2, {"w": torch.ones(10)}).wait()
@@ -49,7 +51,7 @@ def test_an_interrupt_on_the_way_to_the_writer_gives_everything_back(tmp_path, m
     state = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
     with CheckpointManager(tmp_path, snapshot=snapshot, max_pending=1) as mgr:
         mgr.save(1, state).wait()
-        held = mgr._arenas.held_bytes()
+        held = mgr._admission.arenas.held_bytes()
         if where == "snapshot":
             real = _phases.pause
 
@@ -68,7 +70,7 @@ def test_an_interrupt_on_the_way_to_the_writer_gives_everything_back(tmp_path, m
         with pytest.raises(KeyboardInterrupt):
             mgr.save(2, state)
         monkeypatch.undo()
-        assert mgr._arenas.held_bytes() == held  # the arena is back in the pool
+        assert mgr._admission.arenas.held_bytes() == held  # the arena is back in the pool
         run_with_timeout(mgr.wait, timeout=30)  # no phantom pending save
         mgr.save(3, state).wait(timeout=60)  # the slot was given back (max_pending=1)
         assert mgr.steps() == [1, 3]
@@ -116,10 +118,10 @@ def test_close_while_a_save_waits_for_a_slot_refuses_it_cleanly(tmp_path, monkey
 
     saver = threading.Thread(target=second)
     saver.start()
-    wait_until(lambda: mgr._cond._waiters, timeout=30, what="the second save waiting for a slot")  # type: ignore[attr-defined]
+    wait_until(lambda: mgr._admission._cond._waiters, timeout=30, what="the second save waiting for a slot")  # type: ignore[attr-defined]
     closer = threading.Thread(target=mgr.close)
     closer.start()
-    wait_until(lambda: mgr._closed, timeout=30, what="close under way")
+    wait_until(lambda: mgr._admission.closed, timeout=30, what="close under way")
     gate.set()
     run_with_timeout(lambda: (saver.join(60), closer.join(60)), timeout=90)
     assert not saver.is_alive() and not closer.is_alive()
@@ -154,7 +156,7 @@ def test_close_while_a_save_is_snapshotting_commits_it(tmp_path, monkeypatch):
     assert in_snapshot.wait(60)
     closer = threading.Thread(target=mgr.close)
     closer.start()
-    wait_until(lambda: mgr._closed, timeout=30, what="close under way")
+    wait_until(lambda: mgr._admission.closed, timeout=30, what="close under way")
     release.set()
     run_with_timeout(lambda: (saver.join(60), closer.join(60)), timeout=90)
     assert not saver.is_alive() and not closer.is_alive()
@@ -263,7 +265,8 @@ def test_an_interrupt_at_any_line_of_a_save_leaks_no_slot_and_undoes_no_handed_o
     opt.step()
     state = {"model": model, "optimizer": opt}
     fired_at = []
-    for index, (code, line) in enumerate(_lines_of(CheckpointManager._save, CheckpointManager._take_and_submit)):
+    save_path = (CheckpointManager._save, Admission.save, Admission.admit, Admission._take_and_submit)
+    for index, (code, line) in enumerate(_lines_of(*save_path)):
         fired = []
 
         def tracer(frame, event, arg, code=code, line=line, fired=fired):
@@ -294,7 +297,57 @@ def test_an_interrupt_at_any_line_of_a_save_leaks_no_slot_and_undoes_no_handed_o
             mgr.close()
 
         run_with_timeout(finish, timeout=60)
-        assert not mgr._reservations, f"line {line}: a max_pending slot leaked"
+        assert not mgr._admission._reservations, f"line {line}: a max_pending slot leaked"
         assert 2 in mgr.steps()
         fired_at += fired
     assert len(fired_at) > 20  # the interrupt really landed all along the save path
+
+
+def _resave_path() -> list[object]:
+    """The functions a re-save of a step runs through while it registers as that step's newest save
+    in flight (the manager's own method before the save path was split into parts)."""
+    try:
+        from asyncckpt.engine.tags import Tags
+    except ImportError:
+        return [CheckpointManager._take_and_submit]  # type: ignore[attr-defined]
+    return [Admission._take_and_submit, Tags.begin]
+
+
+def test_an_interrupt_at_any_line_of_a_resave_keeps_the_earlier_save_of_the_step_taggable(tmp_path, monkeypatch):
+    """A re-save of a step whose first save is still in flight, interrupted before each line in
+    turn: rolled back, it hands the step back to that first save, so a tag given next still reaches
+    the checkpoint instead of failing with 'no save in flight'."""
+    gate = CommitGate(monkeypatch)
+    state = {"w": torch.arange(16.0)}
+    lines = _lines_of(*_resave_path())
+    for index, (code, line) in enumerate(lines):
+        fired: list[int] = []
+
+        def tracer(frame, event, arg, code=code, line=line, fired=fired):
+            if frame.f_code is not code:
+                return None
+
+            def local(f, ev, a):
+                if ev == "line" and f.f_lineno == line and not fired:
+                    fired.append(line)
+                    raise KeyboardInterrupt
+                return local
+
+            return local
+
+        mgr = CheckpointManager(tmp_path / f"r{index}", max_pending=2, workers=1)
+        gate.close()
+        try:
+            mgr.save(5, state)  # held before its manifest: in flight
+            sys.settrace(tracer)
+            try:
+                mgr.save(5, state)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            assert mgr.tag(5, "keep") == ["keep"], f"line {line}"
+        finally:
+            gate.open()
+            run_with_timeout(mgr.close, timeout=60)
+        assert read_manifest(tmp_path / f"r{index}" / "step-000000000005").tags == ["keep"], f"line {line}"

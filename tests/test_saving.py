@@ -127,7 +127,7 @@ def test_tag_after_the_manifest_was_written_still_reaches_the_checkpoint(tmp_pat
         assert not handle.done()
         assert mgr.tag(1, "late") == ["late"]
         path = handle.wait()
-        assert mgr._infos[1].tags == ("late",)
+        assert [i.tags for i in mgr._tags.catalog.infos() if i.step == 1] == [("late",)]
     assert read_manifest(path).tags == ["late"]
 
 
@@ -212,9 +212,9 @@ def test_due_is_true_after_a_preemption_signal(tmp_path):
     with CheckpointManager(tmp_path, policy=EverySteps(1000)) as mgr:
         mgr.install_signal_handlers()
         assert not mgr.due(5)
-        mgr._preempted = signal.SIGUSR1  # what the handler records, without delivering a signal
+        mgr._preemption.signum = signal.SIGUSR1  # what the handler records, without delivering a signal
         assert mgr.due(5)
-        mgr._preempted = None
+        mgr._preemption.signum = None
 
 
 # ---- the asyncio façade mirrors all of it ------------------------------------------------------------

@@ -267,7 +267,7 @@ def test_a_failed_cpu_copy_still_waits_for_the_gpu_copies_before_raising(monkeyp
     import contextlib
     from concurrent.futures import Future
 
-    from asyncckpt.engine.staging import LazyCopy
+    from asyncckpt.engine.overlap import DeviceCopy, LazyCopy
 
     class FakeEvent:
         synchronized = False
@@ -277,10 +277,8 @@ def test_a_failed_cpu_copy_still_waits_for_the_gpu_copies_before_raising(monkeyp
 
     failed: Future = Future()
     failed.set_exception(RuntimeError("copy thread failed"))
-    lazy = LazyCopy([], [], [])
-    lazy._cpu = failed
     event = FakeEvent()
-    lazy._events = {torch.device("cuda", 0): event}
+    lazy = LazyCopy([], [], [], cpu=failed, devices={torch.device("cuda", 0): DeviceCopy(event, None)})
     devices = []
     monkeypatch.setattr(torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext())
     with pytest.raises(RuntimeError, match="copy thread failed"):
@@ -324,7 +322,7 @@ class _FakeTimingEvent:
 class _FakeCuda:
     """torch.cuda's stream context, capture query and current stream, per thread as in CUDA."""
 
-    def __init__(self, monkeypatch, lazy) -> None:
+    def __init__(self, monkeypatch, compute: dict) -> None:
         import contextlib
 
         self.capturing: set = set()  # streams being captured into a CUDA graph
@@ -345,24 +343,23 @@ class _FakeCuda:
         monkeypatch.setattr(
             torch.cuda, "is_current_stream_capturing", lambda: getattr(self._current, "stream", None) in self.capturing
         )
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device: lazy._compute[device])
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device: compute[device])
         monkeypatch.setattr(torch.cuda, "device", lambda d: self.entered.append(d) or contextlib.nullcontext())
 
 
 def _gpu_lazy_copy(monkeypatch, devices: list[int], log: list, cpu_copy=None):
-    """A LazyCopy as CopyEngine.start leaves it for GPU tensors, with fake streams and events."""
-    from asyncckpt.engine.staging import LazyCopy
+    """A LazyCopy as overlap.start_copy leaves it for GPU tensors, with fake streams and events."""
+    from asyncckpt.engine.overlap import DeviceCopy, LazyCopy
 
     tensor = torch.zeros(4)
-    lazy = LazyCopy([tensor], ["w"], [tensor._version])
-    lazy._cpu = cpu_copy
-    copy_done = {}
+    copy_done, compute = {}, {}
     for index in devices:
         device = torch.device("cuda", index)
         copy_done[device] = object()
-        lazy._events[device] = copy_done[device]
-        lazy._compute[device] = _FakeStream(f"compute{index}", log, device)
-    return lazy, copy_done, _FakeCuda(monkeypatch, lazy)
+        compute[device] = _FakeStream(f"compute{index}", log, device)
+    on_gpu = {device: DeviceCopy(copy_done[device], compute[device]) for device in copy_done}
+    lazy = LazyCopy([tensor], ["w"], [tensor._version], cpu=cpu_copy, devices=on_gpu)
+    return lazy, copy_done, compute, _FakeCuda(monkeypatch, compute)
 
 
 def _marks(log: list) -> list:
@@ -373,7 +370,7 @@ def _marks(log: list) -> list:
 
 def test_the_gpu_fence_wait_is_timed_on_the_compute_stream_around_its_wait(monkeypatch):
     log: list = []
-    lazy, copy_done, cuda = _gpu_lazy_copy(monkeypatch, [0, 1], log)
+    lazy, copy_done, compute, cuda = _gpu_lazy_copy(monkeypatch, [0, 1], log)
     lazy.fence()
     assert cuda.entered == list(copy_done)  # the capture check ran on each stream's own device
     cuda.entered.clear()
@@ -392,7 +389,7 @@ def test_the_gpu_fence_wait_is_timed_on_the_compute_stream_around_its_wait(monke
 
 def test_a_stream_that_has_not_reached_its_fence_is_not_waited_for(monkeypatch):
     log: list = []
-    lazy, _, _ = _gpu_lazy_copy(monkeypatch, [0], log)
+    lazy, _, _, _ = _gpu_lazy_copy(monkeypatch, [0], log)
     lazy.fence()
     ((before, after),) = _marks(log)
     after.done = False  # training's stream is stuck before the fence (a hung collective, say)
@@ -407,7 +404,7 @@ def test_a_fence_retried_after_an_interrupt_keeps_its_first_timing(monkeypatch):
 
     log: list = []
     cpu_copy: Future = Future()  # a CPU copy still running: the fence times out after the GPU part
-    lazy, copy_done, _ = _gpu_lazy_copy(monkeypatch, [0], log, cpu_copy=cpu_copy)
+    lazy, copy_done, _, _ = _gpu_lazy_copy(monkeypatch, [0], log, cpu_copy=cpu_copy)
     with pytest.raises(TimeoutError):
         lazy.fence(timeout=0.01)
     first = _marks(log)
@@ -421,11 +418,11 @@ def test_a_fence_retried_after_an_interrupt_keeps_its_first_timing(monkeypatch):
 
 def test_no_gpu_fence_wait_without_a_fence_or_while_the_compute_stream_is_captured(monkeypatch):
     log: list = []
-    lazy, copy_done, cuda = _gpu_lazy_copy(monkeypatch, [0], log)
+    lazy, copy_done, compute, cuda = _gpu_lazy_copy(monkeypatch, [0], log)
     assert lazy.gpu_fence_wait(timeout=1.0) == 0.0  # not fenced yet: nothing was timed
     # Training captures a CUDA graph on its stream while the fence runs from this thread, whose
     # own current stream is not capturing: no event may be recorded into the captured stream.
-    cuda.capturing.add(lazy._compute[torch.device("cuda", 0)])
+    cuda.capturing.add(compute[torch.device("cuda", 0)])
     lazy.fence()
     assert [entry[0] for entry in log] == ["wait"]  # the wait still orders training; no events recorded
     assert lazy.gpu_fence_wait(timeout=1.0) == 0.0

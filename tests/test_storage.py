@@ -1,4 +1,4 @@
-"""storage.py: the writer lock, sweeping, atomic commit and deletion."""
+"""The local backend under the rename commit: the writer lock, sweeping, atomic commit and deletion."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from _waiting import run_with_timeout
 from asyncckpt import CheckpointError, RootInUseError
 from asyncckpt.storage import local as storage_mod
-from asyncckpt.storage.local import CommittedCheckpoint, LocalStorage
+from asyncckpt.storage.commit import CommitProtocol, CommittedCheckpoint, Staging, open_storage
 
 
 @pytest.fixture
@@ -23,15 +23,20 @@ def root(tmp_path):
 
 @pytest.fixture
 def store(root):
-    storage = LocalStorage(root)
+    storage = open_storage(root)
     yield storage
     storage.close()
 
 
-def make_checkpoint(storage: LocalStorage, step: int, content: bytes = b"x"):
-    temp = storage.new_temp_dir(step)
-    (temp / "data-00000.bin").write_bytes(content)
-    return storage.commit(temp, step)
+def make_checkpoint(storage: CommitProtocol, step: int, content: bytes = b"x"):
+    staging = storage.begin(step)
+    (storage.root / staging.prefix / "data-00000.bin").write_bytes(content)
+    storage.stage_manifest(staging, b"{}")
+    return storage.publish(staging, b"{}").path
+
+
+def temp_of(storage: CommitProtocol, staging: Staging) -> Path:
+    return storage.root / staging.prefix
 
 
 def entries(path):
@@ -39,7 +44,7 @@ def entries(path):
 
 
 def test_root_is_created_with_a_lock_file(root):
-    storage = LocalStorage(root)
+    storage = open_storage(root)
     try:
         assert root.is_dir()
         assert entries(root) == [".lock"]
@@ -53,42 +58,42 @@ def test_second_writer_on_the_same_root_is_refused(store, root):
         CheckpointError,
         match="is in use: it is already open in this process by another CheckpointManager or prune; close it first",
     ):
-        LocalStorage(root)
+        open_storage(root)
     # the first writer is unaffected
     assert make_checkpoint(store, 1).is_dir()
     assert [c.step for c in store.checkpoints()] == [1]
 
 
 def test_second_writer_does_not_sweep_the_first_writers_temp_dir(store, root):
-    temp = store.new_temp_dir(4)
+    temp = temp_of(store, store.begin(4))
     with pytest.raises(CheckpointError, match="in use"):
-        LocalStorage(root)
+        open_storage(root)
     assert temp.is_dir()
 
 
 def test_lock_is_released_on_close(root):
-    first = LocalStorage(root)
+    first = open_storage(root)
     first.close()
     first.close()  # idempotent
-    second = LocalStorage(root)
+    second = open_storage(root)
     try:
         with pytest.raises(CheckpointError, match="in use"):
-            LocalStorage(root)
+            open_storage(root)
     finally:
         second.close()
-    LocalStorage(root).close()
+    open_storage(root).close()
 
 
 def test_sweep_removes_temp_dirs_and_keeps_checkpoints(root):
-    first = LocalStorage(root)
+    first = open_storage(root)
     make_checkpoint(first, 3)
-    leftover = first.new_temp_dir(5)
+    leftover = temp_of(first, first.begin(5))
     (leftover / "data-00000.bin").write_bytes(b"partial")
     first.close()
     (root / ".tmp-delete-step-000000000001-0badf00d").mkdir()
     (root / ".tmp-delete-step-000000000001-0badf00d" / "manifest.json").write_bytes(b"{}")
 
-    second = LocalStorage(root)  # opening sweeps
+    second = open_storage(root)  # opening sweeps
     try:
         assert entries(root) == [".lock", "step-000000000003"]
         assert (root / "step-000000000003" / "data-00000.bin").read_bytes() == b"x"
@@ -110,7 +115,7 @@ def test_sweep_puts_back_a_checkpoint_parked_by_a_crashed_replace(root):
     parked.mkdir()
     (parked / "manifest.json").write_bytes(b"old")
     (root / ".tmp-step-000000000005-12345678").mkdir()  # the new save that never got renamed
-    storage = LocalStorage(root)
+    storage = open_storage(root)
     try:
         assert entries(root) == [".lock", "step-000000000005"]
         assert (root / "step-000000000005" / "manifest.json").read_bytes() == b"old"
@@ -126,7 +131,7 @@ def test_sweep_drops_a_parked_checkpoint_once_its_replacement_committed(root):
     (root / "step-000000000005" / "manifest.json").write_bytes(b"new")
     (root / ".replaced-step-000000000005.0000abcd").mkdir()
     (root / ".replaced-step-000000000005.0000abcd" / "manifest.json").write_bytes(b"old")
-    storage = LocalStorage(root)
+    storage = open_storage(root)
     try:
         assert entries(root) == [".lock", "step-000000000005"]
         assert (root / "step-000000000005" / "manifest.json").read_bytes() == b"new"
@@ -138,18 +143,18 @@ def test_root_that_is_a_regular_file_is_refused(tmp_path):
     path = tmp_path / "ckpts"
     path.write_bytes(b"not a directory")
     with pytest.raises(CheckpointError, match="exists and is not a directory"):
-        LocalStorage(path)
+        open_storage(path)
     assert path.read_bytes() == b"not a directory"
 
 
 def test_root_under_a_regular_file_is_refused(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(CheckpointError, match="cannot create checkpoint root"):
-        LocalStorage(tmp_path / "file" / "ckpts")
+        open_storage(tmp_path / "file" / "ckpts")
 
 
 def test_new_temp_dirs_are_hidden_and_unique(store, root):
-    a, b = store.new_temp_dir(7), store.new_temp_dir(7)
+    a, b = temp_of(store, store.begin(7)), temp_of(store, store.begin(7))
     assert a != b
     for temp in (a, b):
         assert temp.parent == root and temp.is_dir()
@@ -158,10 +163,11 @@ def test_new_temp_dirs_are_hidden_and_unique(store, root):
 
 
 def test_commit_makes_the_step_visible_and_the_temp_dir_gone(store, root):
-    temp = store.new_temp_dir(42)
+    staging = store.begin(42)
+    temp = temp_of(store, staging)
     (temp / "data-00000.bin").write_bytes(b"payload")
-    store.write_manifest(temp, b'{"m": 1}')
-    final = store.commit(temp, 42)
+    store.stage_manifest(staging, b'{"m": 1}')
+    final = store.publish(staging, b'{"m": 1}').path
     assert final == root / "step-000000000042"
     assert not temp.exists()
     assert entries(root) == [".lock", "step-000000000042"]
@@ -205,7 +211,7 @@ def test_delete_hides_the_checkpoint_before_removing_it(store, root, monkeypatch
     assert not final.exists()
     # the husk is an ordinary temp dir: the next writer sweeps it
     store.close()
-    LocalStorage(root).close()
+    open_storage(root).close()
     assert entries(root) == [".lock", "step-000000000009"]
 
 
@@ -216,10 +222,10 @@ def test_delete_removes_the_checkpoint(store, root):
     assert store.checkpoints() == []
 
 
-def test_discard_removes_a_temp_dir(store, root):
-    temp = store.new_temp_dir(1)
-    (temp / "data-00000.bin").write_bytes(b"x")
-    store.discard(temp)
+def test_abort_removes_a_temp_dir(store, root):
+    staging = store.begin(1)
+    (temp_of(store, staging) / "data-00000.bin").write_bytes(b"x")
+    store.abort(staging)
     assert entries(root) == [".lock"]
 
 
@@ -228,8 +234,8 @@ def test_data_file_writer_reports_offsets(tmp_path):
     assert writer.append(b"abc") == 0
     assert writer.append(memoryview(b"defgh")) == 3
     assert writer.append(b"") == 8
-    writer.sync_and_close()
-    writer.close()
+    writer.finish()
+    writer.abort()
     assert (tmp_path / "data-00000.bin").read_bytes() == b"abcdefgh"
     with pytest.raises(CheckpointError, match="data-00000.bin: File exists"):
         storage_mod.DataFileWriter(tmp_path / "data-00000.bin")
@@ -244,7 +250,7 @@ def test_a_lock_that_is_a_symlink_is_refused_and_its_target_left_alone(tmp_path,
     outside.write_bytes(b"do not truncate me\n")
     os.symlink(outside, root / ".lock")
     with pytest.raises(CheckpointError, match=r"\.lock is a symbolic link") as excinfo:
-        LocalStorage(root)
+        open_storage(root)
     assert str(root / ".lock") in str(excinfo.value)
     assert outside.read_bytes() == b"do not truncate me\n"
     assert os.path.islink(root / ".lock")
@@ -254,7 +260,7 @@ def test_a_dangling_lock_symlink_is_refused_and_nothing_is_created(tmp_path, roo
     root.mkdir()
     os.symlink(tmp_path / "would-be-created", root / ".lock")
     with pytest.raises(CheckpointError, match="symbolic link"):
-        LocalStorage(root)
+        open_storage(root)
     assert not (tmp_path / "would-be-created").exists()
 
 
@@ -262,13 +268,13 @@ def test_a_lock_that_is_a_fifo_is_refused_without_hanging(root):
     root.mkdir()
     os.mkfifo(root / ".lock")
     with pytest.raises(CheckpointError, match=r"\.lock is not a regular file \(a FIFO\)"):
-        run_with_timeout(lambda: LocalStorage(root), timeout=30)
+        run_with_timeout(lambda: open_storage(root), timeout=30)
 
 
 def test_a_lock_that_is_a_directory_is_refused(root):
     (root / ".lock").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"\.lock is a directory"):
-        LocalStorage(root)
+        open_storage(root)
 
 
 def test_a_second_writer_in_the_same_process_gets_root_in_use_error(store, root):
@@ -276,7 +282,7 @@ def test_a_second_writer_in_the_same_process_gets_root_in_use_error(store, root)
         RootInUseError,
         match="is in use: it is already open in this process by another CheckpointManager or prune; close it first",
     ):
-        LocalStorage(root)
+        open_storage(root)
     assert issubclass(RootInUseError, CheckpointError)
 
 
@@ -302,23 +308,23 @@ def test_a_read_only_root_is_a_checkpoint_error_that_says_so(ro_mount):
     (mnt / "ckpts").mkdir()
     make_read_only()
     with pytest.raises(CheckpointError, match="read-only") as excinfo:
-        LocalStorage(mnt / "ckpts")
+        open_storage(mnt / "ckpts")
     assert str(mnt / "ckpts") in str(excinfo.value)
 
 
 def test_a_read_only_root_with_a_lock_file_is_a_checkpoint_error_that_says_so(ro_mount):
     mnt, make_read_only = ro_mount
-    LocalStorage(mnt / "ckpts").close()
+    open_storage(mnt / "ckpts").close()
     make_read_only()
     with pytest.raises(CheckpointError, match="read-only"):
-        LocalStorage(mnt / "ckpts")
+        open_storage(mnt / "ckpts")
 
 
 def test_a_root_that_cannot_be_created_on_a_read_only_filesystem(ro_mount):
     mnt, make_read_only = ro_mount
     make_read_only()
     with pytest.raises(CheckpointError, match="cannot create checkpoint root .*read-only"):
-        LocalStorage(mnt / "a" / "ckpts")
+        open_storage(mnt / "a" / "ckpts")
 
 
 def test_the_parents_of_a_new_root_are_fsynced(tmp_path, monkeypatch):
@@ -331,12 +337,12 @@ def test_the_parents_of_a_new_root_are_fsynced(tmp_path, monkeypatch):
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    LocalStorage(tmp_path / "a" / "b" / "ckpts").close()
+    open_storage(tmp_path / "a" / "b" / "ckpts").close()
     assert str(tmp_path) in synced  # holds the new entry "a"
     assert str(tmp_path / "a") in synced
     assert str(tmp_path / "a" / "b") in synced
     synced.clear()
-    LocalStorage(tmp_path / "a" / "b" / "ckpts").close()  # an existing root: nothing new to make durable
+    open_storage(tmp_path / "a" / "b" / "ckpts").close()  # an existing root: nothing new to make durable
     assert str(tmp_path / "a" / "b") not in synced
 
 
@@ -345,9 +351,9 @@ def test_commit_refuses_a_step_name_that_is_a_symlink(tmp_path, store, root):
     outside.mkdir()
     (outside / "keep.txt").write_bytes(b"mine")
     os.symlink(outside, root / "step-000000000004")
-    temp = store.new_temp_dir(4)
+    staging = store.begin(4)
     with pytest.raises(CheckpointError, match="step-000000000004 .*symbolic link"):
-        store.commit(temp, 4)
+        store.publish(staging, b"{}")
     assert os.path.islink(root / "step-000000000004")
     assert entries(outside) == ["keep.txt"] and (outside / "keep.txt").read_bytes() == b"mine"
 
@@ -363,7 +369,8 @@ def test_replace_manifest_refuses_a_checkpoint_dir_that_is_a_symlink(tmp_path, s
 
 
 def test_data_files_and_manifests_are_never_written_through_a_link(tmp_path, store):
-    temp = store.new_temp_dir(3)
+    staging = store.begin(3)
+    temp = temp_of(store, staging)
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"theirs")
     os.symlink(outside, temp / "data-00000.bin")
@@ -371,7 +378,7 @@ def test_data_files_and_manifests_are_never_written_through_a_link(tmp_path, sto
     with pytest.raises(CheckpointError, match="data-00000.bin"):
         storage_mod.DataFileWriter(temp / "data-00000.bin")
     with pytest.raises(CheckpointError, match="manifest.json"):
-        store.write_manifest(temp, b"ours")
+        store.stage_manifest(staging, b"ours")
     assert outside.read_bytes() == b"theirs"
 
 
@@ -406,7 +413,7 @@ def test_the_sweep_leaves_other_tools_files_alone(root):
     for name in ours:
         (root / name).mkdir()
     (root / "step-000000000007").mkdir()
-    storage = LocalStorage(root)
+    storage = open_storage(root)
     try:
         assert entries(root) == sorted([*theirs, ".lock", "step-000000000007"])
         for name, kind in theirs.items():
@@ -423,7 +430,7 @@ def test_the_sweep_never_follows_or_renames_links(tmp_path, root):
     (outside / "keep.txt").write_bytes(b"mine")
     os.symlink(outside, root / ".tmp-step-000000000010-1a2b3c4d")
     os.symlink(outside, root / ".replaced-step-000000000005.1a2b3c4d")  # step-5 absent: not "put back"
-    LocalStorage(root).close()
+    open_storage(root).close()
     assert entries(outside) == ["keep.txt"] and (outside / "keep.txt").read_bytes() == b"mine"
     assert "step-000000000005" not in entries(root)
 
@@ -435,14 +442,14 @@ def test_the_sweep_removes_a_manifest_temp_left_by_a_crashed_tag_rewrite(root):
     (step / "manifest.json").write_bytes(b"{}")
     (step / "manifest.json..tmp-0badf00d").write_bytes(b"half")
     (step / "manifest.json.orig").write_bytes(b"a user's copy")
-    LocalStorage(root).close()
+    open_storage(root).close()
     assert entries(step) == ["manifest.json", "manifest.json.orig"]
 
 
 def test_prune_refuses_a_lock_that_is_a_symlink_and_leaves_its_target_alone(tmp_path, root, capsys):
     from asyncckpt.cli.commands import main
 
-    storage = LocalStorage(root)
+    storage = open_storage(root)
     for step in (1, 2, 3):
         make_checkpoint(storage, step)
     storage.close()
@@ -490,7 +497,7 @@ def as_user_nobody(fn) -> str:
 
 def test_a_root_is_created_in_a_parent_the_user_can_write_but_not_read(drop_box):
     def create() -> str:
-        storage = LocalStorage(drop_box / "ckpts")
+        storage = open_storage(drop_box / "ckpts")
         storage.close()
         return str(os.stat(drop_box / "ckpts").st_uid)
 

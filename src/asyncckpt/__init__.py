@@ -5,7 +5,7 @@ and a restore go through, in docs/design.md.
 """
 
 from asyncckpt.aio import AsyncCheckpointManager, AsyncSaveHandle
-from asyncckpt.engine.pipeline import SaveHandle
+from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.errors import (
     CheckpointDamagedError,
     CheckpointError,
@@ -15,7 +15,8 @@ from asyncckpt.errors import (
     SaveFailedError,
     StateMismatchError,
 )
-from asyncckpt.manager import CheckpointManager, load, load_weights
+from asyncckpt.loading import load, load_weights
+from asyncckpt.manager import CheckpointManager
 from asyncckpt.policy import Adaptive, EverySeconds, EverySteps
 from asyncckpt.state.data import ResumableSampler
 from asyncckpt.state.rng import RNGState

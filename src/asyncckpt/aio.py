@@ -43,8 +43,9 @@ from typing import Any, Literal, TypeVar, overload
 
 import torch
 
-from asyncckpt.engine.pipeline import SaveHandle
-from asyncckpt.engine.staging import on_stream, training_thread
+from asyncckpt.engine.handle import SaveHandle
+from asyncckpt.engine.overlap import training_thread
+from asyncckpt.engine.staging import on_stream
 from asyncckpt.errors import CheckpointError
 from asyncckpt.manager import CheckpointManager
 from asyncckpt.state.tree import RestoreResult
@@ -141,9 +142,9 @@ class AsyncSaveHandle:
     def _transfer(self) -> None:
         if self._future.done():
             return
-        exc = self.handle._future.exception()
+        path, exc = self.handle._outcome()
         if exc is None:
-            self._future.set_result(self.handle._future.result())
+            self._future.set_result(path)  # type: ignore[arg-type]
         else:
             self._future.set_exception(exc)
             self._future.exception()  # an un-awaited failure is reported by the manager, not logged
@@ -171,14 +172,14 @@ class AsyncSaveHandle:
                 f"this save handle belongs to pid {self._pid}; a forked child cannot wait for it "
                 f"(this is pid {os.getpid()})"
             )
-        fence = self.handle._before_wait
+        fence = self.handle._fence()
         if fence is not None and not self._future.done():
             # Overlap mode: awaiting the commit is a fence, as SaveHandle.wait is (off the loop).
             await asyncio.shield(self._loop.run_in_executor(None, _in_callers_cuda_stream(fence)))
         try:
             return await asyncio.shield(self._future)
         except CheckpointError:
-            self.handle.reported = True  # as SaveHandle.wait: seen by the user, not raised again
+            self.handle._mark_reported()  # as SaveHandle.wait: seen by the user, not raised again
             raise
 
     def __await__(self) -> Generator[Any, None, Path]:

@@ -16,7 +16,6 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 
 from asyncckpt.codec.registry import ChainError, check_chain
 from asyncckpt.errors import CheckpointDamagedError
+from asyncckpt.state import skeleton
 
 FORMAT_NAME = "asyncckpt"
 FORMAT_VERSION = 1
@@ -39,10 +39,15 @@ MAX_STEP = 10**12 - 1
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_MANIFEST_VALUES = 2_000_000
 MAX_CHUNK_RAW = 1 << 30
-MAX_TREE_DEPTH = 64  # levels of nesting in a state; JSON and the recursive walks stay far from limits
+MAX_TREE_DEPTH = skeleton.MAX_TREE_DEPTH  # levels of nesting in a state (the skeleton checks it)
 
 _STEP_DIR = re.compile(r"step-([0-9]{12})")
-_DATA_FILE = re.compile(r"data-[0-9]{5}\.bin")
+# ``data-NNNNN.bin``; ``data-NNNNN-<16 hex>.bin`` where a save attempt's data names are its own
+# (the manifest-written-last commit, storage/commit.py).
+_DATA_FILE = re.compile(r"data-[0-9]{5}(?:-[0-9a-f]{16})?\.bin")
+# The manifest-written-last commit keeps versions of a step's manifest side by side, the highest
+# generation that verifies being the step's; ``manifest.json`` counts as generation 0.
+_MANIFEST_GENERATION = re.compile(r"manifest-([0-9]{12})\.json")
 
 _DTYPE_NAMES = (
     "float64 float32 float16 bfloat16 complex128 complex64 complex32 "
@@ -70,8 +75,57 @@ def parse_step_dir(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def data_file_name(rank: int) -> str:
-    return f"data-{rank:05d}.bin"
+def data_file_name(rank: int, attempt: str | None = None) -> str:
+    """The name of a checkpoint's data file ``rank``.
+
+    Args:
+        rank: The file's number (0 for a single-writer checkpoint).
+        attempt: 16 lowercase hex digits unique to one save attempt, for a commit that writes a
+            step's data beside an older version of it (manifest written last); None otherwise.
+
+    Returns:
+        ``data-NNNNN.bin``, or ``data-NNNNN-<attempt>.bin``.
+    """
+    return f"data-{rank:05d}.bin" if attempt is None else f"data-{rank:05d}-{attempt}.bin"
+
+
+def is_data_file_name(name: str) -> bool:
+    """Whether ``name`` is a data file name a manifest may reference (nothing with a path in it).
+
+    Args:
+        name: A file name.
+
+    Returns:
+        True for ``data-NNNNN.bin`` and ``data-NNNNN-<16 hex>.bin``.
+    """
+    return _DATA_FILE.fullmatch(name) is not None
+
+
+def manifest_generation_name(generation: int) -> str:
+    """The name of generation ``generation`` (>= 1) of a step's manifest (manifest written last).
+
+    Args:
+        generation: The version number, one more than the step's highest so far.
+
+    Returns:
+        ``manifest-<12 digits>.json``.
+    """
+    return f"manifest-{generation:012d}.json"
+
+
+def parse_manifest_generation(name: str) -> int | None:
+    """The generation of a manifest file name: 0 for ``manifest.json``, None for any other name.
+
+    Args:
+        name: A file name in a step directory.
+
+    Returns:
+        The generation, or None when ``name`` is no manifest.
+    """
+    if name == MANIFEST_NAME:
+        return 0
+    match = _MANIFEST_GENERATION.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -234,7 +288,7 @@ def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
     if sum(c.length for c in chunks) != stored_bytes:
         raise _fail("stored_bytes", "does not equal the sum of chunk lengths")
     tree = _json_dict(body.get("tree"), "tree")
-    _validate_tree(tree, [t.dtype for t in tensors])
+    skeleton.validate(tree, [t.dtype for t in tensors], known_dtypes=DTYPES, error=_fail)
     return Manifest(
         step=step,
         created=float(created),
@@ -311,7 +365,9 @@ def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
         item = _json_dict(item, where)
         name = item.get("file")
         if not isinstance(name, str) or not _DATA_FILE.fullmatch(name):
-            raise _fail(where, f"data file name {name!r} is not of the form data-NNNNN.bin"[:200])
+            raise _fail(
+                where, f"data file name {name!r} is not of the form data-NNNNN.bin or data-NNNNN-<hex>.bin"[:200]
+            )
         offset = _int(item.get("offset"), f"{where}.offset")
         length = _int(item.get("length"), f"{where}.length", 0, MAX_CHUNK_RAW * 2)
         if offset < file_ends.get(name, 0):
@@ -334,105 +390,3 @@ def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
     if expected_raw != raw_bytes:
         raise _fail("chunks", f"cover {expected_raw} raw bytes, expected {raw_bytes}")
     return out
-
-
-_NOT_NUMPY = {"bfloat16", "complex32"}  # torch dtypes with no NumPy equivalent
-
-
-def _validate_tree(root: dict, dtypes: list[str]) -> None:
-    n_tensors = len(dtypes)
-    """Walk the skeleton iteratively (no recursion limit to exploit) and check every node."""
-    stack: list[tuple[Any, int]] = [(root, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > 2 * MAX_TREE_DEPTH:  # a stateful node adds a level
-            raise _fail("tree", "nested too deeply")
-        if not isinstance(node, dict):
-            raise _fail("tree", f"node {str(node)[:80]!r} is not an object")
-        kinds = [k for k in node if k not in ("m", "cls")]
-        if len(kinds) != 1:
-            raise _fail("tree", f"node has keys {sorted(node)[:5]}, expected exactly one kind")
-        kind = kinds[0]
-        value = node[kind]
-        if "m" in node or "cls" in node:
-            _check_node_extras(node, kind)
-        if kind in ("T", "N", "S"):
-            _int(value, "tree tensor index", 0, n_tensors - 1)
-            dtype = dtypes[value]
-            if kind != "T" and (dtype in _NOT_NUMPY or dtype.startswith("float8") or dtype.startswith("float4")):
-                raise _fail("tree", f"a numpy leaf cannot hold {dtype}")
-        elif kind == "v":
-            if value is not None and not isinstance(value, (bool, int, float, str)):
-                raise _fail("tree", "a value leaf must be null, bool, number or string")
-        elif kind == "dt":
-            if not isinstance(value, str) or value not in DTYPES:
-                raise _fail("tree", f"unknown dtype leaf {str(value)[:40]!r}")
-        elif kind == "dev":
-            if not isinstance(value, str) or not re.fullmatch(r"[a-z_]{1,16}(:[0-9]{1,4})?", value):
-                raise _fail("tree", f"bad device leaf {str(value)[:40]!r}")
-            try:
-                torch.device(value)
-            except RuntimeError:
-                raise _fail("tree", f"unknown device {value!r}") from None
-        elif kind == "d":
-            if not isinstance(value, list):
-                raise _fail("tree", "dict node must hold a list of pairs")
-            keys = set()
-            for pair in value:
-                if (
-                    not isinstance(pair, list)
-                    or len(pair) != 2
-                    or isinstance(pair[0], bool)
-                    or not isinstance(pair[0], (str, int))
-                ):
-                    raise _fail("tree", "dict entries must be [str-or-int key, node] pairs")
-                if pair[0] in keys:  # a dict cannot hold a key twice: one of the two would be lost
-                    raise _fail("tree", f"duplicate key {str(pair[0])[:80]!r} in a dict node")
-                keys.add(pair[0])
-                stack.append((pair[1], depth + 1))
-        elif kind in ("l", "t"):
-            if not isinstance(value, list):
-                raise _fail("tree", "list/tuple node must hold a list")
-            stack.extend((child, depth + 1) for child in value)
-        elif kind == "o":
-            stack.append((value, depth + 1))
-        else:
-            raise _fail("tree", f"unknown node kind {kind[:20]!r}")
-
-
-# torch's load options, which ``load_state_dict(assign=True)`` writes into the state dict it was given:
-# never saved (flatten strips them), and refused in a manifest, where one would make load_state_dict
-# assign the checkpoint's tensors in place of the module's parameters instead of copying into them.
-MODULE_LOAD_OPTIONS = frozenset({"assign_to_params_buffers"})
-
-
-def check_module_metadata(meta: Any, error: Callable[[str], Exception]) -> None:
-    """A module state dict's ``_metadata`` as ``nn.Module.load_state_dict`` reads it.
-
-    It looks up ``meta.get(prefix)`` and compares each entry's ``"version"`` with ints, so any other
-    shape would fail inside ``load_state_dict``, after earlier objects were restored. The reader
-    rejects it as damage (and falls back); the writer strips torch's load options, then refuses to
-    write anything else malformed (``error`` makes the exception either raises).
-    """
-    if not isinstance(meta, dict):
-        raise error(f"module metadata must be an object, not {type(meta).__name__}")
-    for prefix, local in meta.items():
-        if not isinstance(prefix, str) or not isinstance(local, dict):
-            raise error(f"module metadata for {str(prefix)[:80]!r} must be an object keyed by module prefix")
-        for name in MODULE_LOAD_OPTIONS.intersection(local):
-            raise error(f"module metadata for {prefix[:80]!r} holds the load option {name!r}")
-        version = local.get("version")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise error(f"module metadata {prefix[:80]!r}: version {str(version)[:20]!r} is not an integer")
-
-
-def _check_node_extras(node: dict, kind: str) -> None:
-    """``m`` (module metadata) belongs to dict nodes, ``cls`` (a class name) to object nodes."""
-    if "m" in node:
-        if kind != "d":
-            raise _fail("tree", f"module metadata on a {kind[:20]!r} node (only dict nodes carry it)")
-        check_module_metadata(node["m"], lambda what: _fail("tree", what))
-    if "cls" in node:
-        cls = node["cls"]
-        if kind != "o" or not isinstance(cls, str) or not 0 < len(cls) <= 256 or not cls.isprintable():
-            raise _fail("tree", "'cls' must be a printable class name on an object node")

@@ -26,20 +26,23 @@ from asyncckpt.errors import CheckpointError
 from asyncckpt.format import MANIFEST_NAME, Manifest, parse_step_dir
 from asyncckpt.metrics import METRICS_LOG
 from asyncckpt.retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
-from asyncckpt.state.tree import unflatten
-from asyncckpt.storage.catalog import checkpoint_infos
-from asyncckpt.storage.local import (
-    LOCK_NAME,
-    TEMP_PREFIX,
-    CommittedCheckpoint,
-    LocalStorage,
-    fsync_dir,
-    list_checkpoints,
-)
+from asyncckpt.state import skeleton
+from asyncckpt.state.skeleton import TENSOR_KINDS, Kind
+from asyncckpt.storage.catalog import Catalog
+from asyncckpt.storage.commit import CommittedCheckpoint, open_storage
+from asyncckpt.storage.local import LOCK_NAME, TEMP_PREFIX, fsync_dir
 
 Progress = Callable[[int], None]  # called with each increment of bytes done
 
-_TENSOR_KINDS = {"T": "tensor", "N": "ndarray", "S": "numpy scalar"}
+# how inspect and diff call each kind of leaf
+_LEAF_KINDS = {
+    Kind.TENSOR: "tensor",
+    Kind.NDARRAY: "ndarray",
+    Kind.NUMPY_SCALAR: "numpy scalar",
+    Kind.VALUE: "value",
+    Kind.DTYPE: "dtype",
+    Kind.DEVICE: "device",
+}
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -48,7 +51,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path} does not exist")
     if path.is_dir() and not path.is_symlink() and not (path / MANIFEST_NAME).exists():
-        committed = list_checkpoints(path)
+        committed = Catalog.of_reader(path).checkpoints()
         if committed:
             raise CheckpointError(
                 f"{path} is a checkpoint root, not a checkpoint; name one of its checkpoints, "
@@ -96,37 +99,26 @@ class Leaf:
     value: Any = None
 
 
-def _child(path: str, key: Any) -> str:
-    return f"{path}[{key!r}]"
-
-
 def leaves(tree: dict, path: str = "state") -> list[Leaf]:
-    """Every leaf of a manifest tree, in order, with its path."""
+    """Every leaf of a manifest tree, as ``inspect`` and ``diff`` list them.
+
+    Args:
+        tree: a validated skeleton.
+        path: the root's path.
+
+    Returns:
+        The leaves in order (tensors, values, dtypes, devices, empty containers), each with its path.
+    """
     out: list[Leaf] = []
-    stack = [(tree, path)]
-    while stack:
-        node, where = stack.pop()
-        kind = next(k for k in node if k not in ("m", "cls"))
-        value = node[kind]
-        if kind in _TENSOR_KINDS:
-            out.append(Leaf(where, _TENSOR_KINDS[kind], index=value))
-        elif kind == "v":
-            out.append(Leaf(where, "value", value=value))
-        elif kind == "dt":
-            out.append(Leaf(where, "dtype", value=f"torch.{value}"))
-        elif kind == "dev":
-            out.append(Leaf(where, "device", value=value))
-        elif kind == "o":
-            stack.append((value, f"{where}.state_dict()"))
-        elif kind in ("d", "l", "t"):
-            items = value if kind == "d" else list(enumerate(value))
-            if not items:
-                empty = {"d": "{}", "l": "[]", "t": "()"}[kind]
-                out.append(Leaf(where, "empty", value=empty))
-            for key, child in reversed(items):
-                stack.append((child, _child(where, key)))
+    for visit in skeleton.leaves(tree, path):
+        value = visit.node[visit.kind]
+        if visit.kind in TENSOR_KINDS:
+            out.append(Leaf(visit.path, _LEAF_KINDS[visit.kind], index=value))
+        elif visit.kind in _LEAF_KINDS:
+            shown = f"torch.{value}" if visit.kind == Kind.DTYPE else value
+            out.append(Leaf(visit.path, _LEAF_KINDS[visit.kind], value=shown))
         else:
-            raise CheckpointError(f"{where}: unknown skeleton node kind {kind!r}")
+            out.append(Leaf(visit.path, "empty", value=skeleton.empty_text(visit.kind)))
     return out
 
 
@@ -246,7 +238,7 @@ DIFF_BATCH_BYTES = 256 << 20  # diff holds about this many tensor bytes of each 
 
 
 def _tensor_indexes(manifest: Manifest) -> list[int]:
-    return sorted({leaf.index for leaf in leaves(manifest.tree) if leaf.index is not None})
+    return sorted(skeleton.tensor_indices(manifest.tree))
 
 
 def diff_total_bytes(path_a: Path, path_b: Path) -> int:
@@ -446,47 +438,25 @@ def export_format(out: Path, fmt: str | None = None) -> str:
     return fmt
 
 
-def _select(tree: Any, key: str) -> Any:
-    """The subtree at ``key``: a top-level key, or a dotted path into nested dicts and lists."""
-    if isinstance(tree, dict) and key in tree:
-        return tree[key]
-    node = tree
-    for part in key.split("."):
-        if isinstance(node, dict):
-            if part in node:
-                node = node[part]
-                continue
-            if part.lstrip("-").isdigit() and int(part) in node:
-                node = node[int(part)]
-                continue
-        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-            continue
-        top = ", ".join(repr(k) for k in tree) if isinstance(tree, dict) else type(tree).__name__
-        raise CheckpointError(f"the checkpoint has no key {key!r} (top-level keys: {top})")
-    return node
+def _export_tensor(kind: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A saved tensor as export writes it; a 0-d numpy leaf becomes shape (1,), as export has always
+    written one (it went through ``numpy.ascontiguousarray``, which returns at least one dimension)."""
+    return tensor.reshape(1) if kind != Kind.TENSOR and tensor.dim() == 0 else tensor
 
 
-def _flat_tensors(node: Any, prefix: str, out: dict[str, torch.Tensor], skipped: list[str]) -> None:
-    if isinstance(node, torch.Tensor):
-        out[prefix] = node
-        return
-    if isinstance(node, dict):
-        items = list(node.items())
-    elif isinstance(node, (list, tuple)):
-        items = list(enumerate(node))
-    else:
-        np = sys.modules.get("numpy")
-        if np is not None and isinstance(node, (np.ndarray, np.generic)):
-            out[prefix] = torch.from_numpy(np.ascontiguousarray(node))
-        else:
-            skipped.append(prefix)
-        return
-    for key, child in items:
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if name in out:
-            raise CheckpointError(f"two tensors flatten to the same name {name!r}")
-        _flat_tensors(child, name, out, skipped)
+def _flat_tensors(node: dict, tensors: list) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors under ``node`` named by their keys joined with dots (``layers.0.weight``; a lone
+    tensor is named ""), and the names of the non-tensor leaves left out."""
+    out: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for visit in skeleton.walk(node, "", skeleton.DOTTED):
+        if visit.path in out:
+            raise CheckpointError(f"two tensors flatten to the same name {visit.path!r}")
+        if visit.kind in TENSOR_KINDS:
+            out[visit.path] = _export_tensor(visit.kind, tensors[visit.node[visit.kind]])
+        elif visit.kind in _LEAF_KINDS:
+            skipped.append(visit.path)
+    return out, skipped
 
 
 @dataclass
@@ -499,12 +469,26 @@ class Exported:
 
 
 def flat_export_dict(path: Path, key: str, dtype: str | None) -> tuple[int, dict[str, torch.Tensor], list[str]]:
+    """The tensors ``export --key`` writes: those under ``key``, named by their keys below it.
+
+    The whole checkpoint is read and verified, as every export always has. ``key`` is resolved as
+    ``load_weights(key=...)`` resolves it (``asyncckpt.state.skeleton.subtree``).
+
+    Args:
+        path: one checkpoint directory.
+        key: the entry to export: ``"model"``, ``"ema.model"``, ``"models.0"``; one tensor's key exports it alone.
+        dtype: a key of ``EXPORT_DTYPES`` to cast floating-point tensors to, or None.
+
+    Returns:
+        The checkpoint's step, the tensors by name, and the names of the non-tensor leaves left out.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read, ``key`` names nothing (the message lists
+            what exists), or holds no tensor.
+    """
     loaded = read_checkpoint(path)
-    tree = unflatten(loaded.manifest.tree, loaded.tensors)
-    subtree = _select(tree, key)
-    flat: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    _flat_tensors(subtree, "", flat, skipped)
+    node = skeleton.subtree(loaded.manifest.tree, key, str(path))
+    flat, skipped = _flat_tensors(node, loaded.tensors)
     if not flat:
         raise CheckpointError(f"{path}: key {key!r} holds no tensors")
     if "" in flat:  # --key named one tensor
@@ -731,7 +715,7 @@ def root_checkpoints(root: Path) -> list[CommittedCheckpoint]:
     included). ``ls``, ``verify`` and ``prune`` apply this one rule; a root with no checkpoint is an
     empty list."""
     try:
-        committed = list_checkpoints(root)
+        committed = Catalog.of_reader(root).checkpoints()
         names = [entry.name for entry in os.scandir(root)]
     except FileNotFoundError:
         raise CheckpointError(f"{root} does not exist") from None
@@ -746,7 +730,7 @@ def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckp
     """The committed checkpoints, once ``root`` is known to be a checkpoint root and the policy's
     metric to exist: checked before the lock is taken, so a wrong folder gets no ``.lock``."""
     committed = root_checkpoints(root)
-    infos = checkpoint_infos(committed)
+    infos = Catalog(lambda: committed).infos()
     if committed and best_metric_missing(infos, policy):
         raise CheckpointError(f"no checkpoint in {root} {missing_metric_text(infos, policy)}; nothing deleted")
     return committed
@@ -761,17 +745,19 @@ def prune(root: Path, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
     root = resolve_root(root)
     committed = _check_prunable(root, policy)
     if dry_run or not committed:
-        infos = checkpoint_infos(committed)
+        infos = Catalog(lambda: committed).infos()
         doomed = set(steps_to_delete(infos, policy))
     else:
-        storage = LocalStorage(root)  # raises 'in use by another writer' while a manager is live
+        storage = open_storage(root)  # raises 'in use by another writer' while a manager is live
         try:
-            committed = storage.checkpoints()
-            infos = checkpoint_infos(committed)
+            catalog = Catalog.of_writer(storage)
+            entries = catalog.entries()
+            committed = [c for c, _ in entries]
+            infos = [info for _, info in entries]
             doomed = set(steps_to_delete(infos, policy))
             for c in committed:
                 if c.step in doomed:
-                    storage.delete(c)
+                    catalog.delete(c)
         finally:
             storage.close()
     unreadable = {i.step: i.unreadable for i in infos if i.unreadable is not None}

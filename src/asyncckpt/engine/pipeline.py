@@ -1,4 +1,8 @@
-"""The background writer: chunking, parallel encoding, ordered writes, fsync and commit.
+"""The background writer: chunking, parallel encoding, ordered writes, fsync, then the commit.
+
+The writer produces durable data and its chunk table (:class:`WrittenData`) through the storage
+backend, builds the manifest, and hands it to the commit protocol (``storage/commit.py``), which
+publishes the step: the writer does no path arithmetic and knows nothing of renames.
 
 One writer thread takes save jobs in order; a pool of encoder threads compresses chunks (zstd and
 CRC32 release the GIL, so threads scale across cores). At most ``2 x workers`` chunks are encoded
@@ -20,12 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncckpt import _phases, codec
+from asyncckpt.engine import overlap
 from asyncckpt.engine.chunking import ChunkPlan, plan_chunks
-from asyncckpt.engine.staging import Arena, Layout, LazyCopy
+from asyncckpt.engine.handle import SaveHandle
+from asyncckpt.engine.overlap import LazyCopy
+from asyncckpt.engine.staging import Arena, Layout
 from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
-from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, data_file_name, dtype_name
+from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, dtype_name
 from asyncckpt.metrics import SaveRecord
-from asyncckpt.storage.local import DataFileWriter, LocalStorage
+from asyncckpt.storage.backend import WriteStream
+from asyncckpt.storage.commit import CommitProtocol, Staging
 
 _log = logging.getLogger("asyncckpt")
 
@@ -40,54 +48,20 @@ def _warn_from_writer(message: str) -> None:
         _log.warning("%s", message)
 
 
-# How long the writer, after a commit, waits for training's GPU stream to pass an overlap fence
-# before it gives up timing that fence's wait (normally the stream passed it long before).
-_GPU_FENCE_READ_TIMEOUT_S = 1.0
+@dataclass(frozen=True)
+class WrittenData:
+    """What the writer hands on once a step's data is durable: the chunk table of its data objects.
 
+    Attributes:
+        chunks: Every stored chunk, in logical order, with the data file it sits in.
+        stored_bytes: Their stored size in all.
+        fsync_began: ``perf_counter`` when making them durable began (``fsync_s`` runs from there
+            through the staged manifest).
+    """
 
-class SaveHandle:
-    """The future of one save: ``wait()`` returns the committed path or raises SaveFailedError
-    (OverlapGuardError when overlap mode's guard refused the snapshot)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self._future: Future[Path] = Future()
-        self.reported = False  # an error seen by the user is not raised again by the manager
-        self._error: SaveFailedError | None = None  # set before the future resolves
-        self._before_wait: Callable[..., None] | None = None  # overlap mode: the manager's fence
-        self._pid = os.getpid()  # only this process's writer resolves it; a forked child would wait forever
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self, timeout: float | None = None) -> Path:
-        """The committed path, or SaveFailedError; TimeoutError after ``timeout`` seconds. In
-        overlap mode this is a fence first: it waits for the save's copy, then for the commit."""
-        if os.getpid() != self._pid:
-            raise CheckpointError(
-                f"this save handle belongs to pid {self._pid}; a forked child cannot wait for it "
-                f"(this is pid {os.getpid()})"
-            )
-        if self._before_wait is not None:
-            began = time.monotonic()
-            self._before_wait(timeout=timeout)
-            if timeout is not None:
-                timeout = max(0.0, timeout - (time.monotonic() - began))
-        try:
-            return self._future.result(timeout)
-        except CheckpointError:
-            self.reported = True
-            raise
-
-    def error(self) -> SaveFailedError | None:
-        return self._error
-
-    def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
-        self._future.add_done_callback(lambda _: fn(self))
-
-    def __repr__(self) -> str:
-        state = "pending" if not self.done() else ("failed" if self._error else "committed")
-        return f"SaveHandle(step={self.step}, {state})"
+    chunks: list[ChunkEntry]
+    stored_bytes: int
+    fsync_began: float
 
 
 @dataclass
@@ -131,7 +105,7 @@ class SaveJob:
 class Pipeline:
     def __init__(
         self,
-        storage: LocalStorage,
+        storage: CommitProtocol,
         config: codec.CodecConfig,
         workers: int,
         chunk_size: int,
@@ -210,15 +184,15 @@ class Pipeline:
                 kind = OverlapGuardError if isinstance(exc, OverlapGuardError) else SaveFailedError
                 error = kind(f"save of step {job.step} failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
-                job.handle._error = error
+                job.handle._record_failure(error)  # seen by the bookkeeping, before the handle resolves
             try:
                 self._on_done(job, path)  # retention and bookkeeping before the handle resolves
             except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the writer
                 _warn_from_writer(f"asyncckpt: bookkeeping after step {job.step} failed: {exc!r}")
             if error is None:
-                job.handle._future.set_result(path)  # type: ignore[arg-type]
+                job.handle._resolve(path)  # type: ignore[arg-type]
             else:
-                job.handle._future.set_exception(error)
+                job.handle._fail(error)
 
     def _encode(self, job: SaveJob, plan: ChunkPlan) -> tuple[codec.EncodedChunk, float, float]:
         """The chunk encoded, with the wall and this thread's CPU seconds it took."""
@@ -229,54 +203,69 @@ class Pipeline:
 
     @staticmethod
     def _check_guard(job: SaveJob) -> None:
-        """Overlap mode, right before the commit: commit only on the training thread's verdict (its
-        next fence or settle point) that nothing copied lazily changed in place since ``save``."""
-        lazy = job.lazy
-        assert lazy is not None
-        _phases.pause("verdict")
-        changed = lazy.verdict()
-        job.record.fence_wait_s = lazy.fence_wait_s
-        if lazy.abandoned:
-            raise CheckpointError(
-                "overlap mode: the manager was closed without a completed fence (interrupted while "
-                "waiting for the copy?), so the snapshot could not be checked; it was not committed"
-            )
-        if changed:
-            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-            raise OverlapGuardError(
-                f"overlap guard: {len(changed)} tensor(s) changed in place after save(), before their copy was "
-                f"known to be complete: {shown}. The snapshot could mix two steps, so it was not committed; "
-                "update these tensors only in the optimizer step, or use snapshot='blocking'"
-            )
+        """Overlap mode, right before the commit: commit only on the training thread's verdict."""
+        assert job.lazy is not None
+        overlap.check_verdict(job.lazy, job.record)
 
     @staticmethod
     def _read_gpu_fence_wait(job: SaveJob) -> None:
-        """After the commit, so that a stream that never reaches its fence cannot hold the
-        checkpoint back; a metric that cannot be read is left at 0 with a warning."""
+        """Overlap mode, after the commit: how long training's GPU stream waited at the fence."""
         assert job.lazy is not None
-        try:
-            waited = job.lazy.gpu_fence_wait(timeout=_GPU_FENCE_READ_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - the checkpoint is committed: never report it failed
-            _warn_from_writer(f"asyncckpt: the GPU fence wait of step {job.step} could not be timed: {exc}")
-            return
-        if waited is None:  # one message for every step: a stream far behind would repeat it
-            _warn_from_writer(
-                "asyncckpt: an overlap fence's GPU wait was not timed (fence_gpu_wait_s left at 0): training's "
-                f"stream had not reached the fence {_GPU_FENCE_READ_TIMEOUT_S} s after the commit"
-            )
-            return
-        job.record.fence_gpu_wait_s = waited
+        overlap.read_gpu_fence_wait(job.lazy, job.record, _warn_from_writer)
 
     def _persist(self, job: SaveJob) -> Path:
         record = job.record
         if job.lazy is not None:  # before anything can fail: the arena is not ours until then
             job.lazy.wait_copied()
             record.lazy_copy_s = job.lazy.copy_s
-        temp_dir = self._storage.new_temp_dir(job.step)
-        pending: collections.deque[tuple[ChunkPlan, Future]] = collections.deque()
-        writer = None
+        staging = self._storage.begin(job.step)
         try:
-            writer = DataFileWriter(temp_dir / data_file_name(0))
+            written = self._write_data(job, staging)
+            manifest = Manifest(
+                step=job.step,
+                created=job.record.started,
+                tree=job.tree,
+                tensors=[TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots],
+                chunks=written.chunks,
+                raw_bytes=job.layout.total,
+                stored_bytes=written.stored_bytes,
+                metrics=job.metrics,
+                metadata=job.metadata,
+                tags=job.tags_for_manifest(),
+            )
+            sealed = manifest.to_json()
+            self._storage.stage_manifest(staging, sealed)
+            record.fsync_s = time.perf_counter() - written.fsync_began
+            began = time.perf_counter()
+            self._data_durable_not_published(job)
+            checkpoint = self._storage.publish(staging, sealed)
+            record.commit_s = time.perf_counter() - began
+        except BaseException:
+            self._storage.abort(staging)
+            raise
+        record.persist_s = time.perf_counter() - job.enqueued
+        record.raw_bytes = manifest.raw_bytes
+        record.stored_bytes = manifest.stored_bytes
+        if job.lazy is not None:
+            self._read_gpu_fence_wait(job)
+        return checkpoint.path
+
+    def _data_durable_not_published(self, job: SaveJob) -> None:
+        """The point between the durable data and the commit: nothing of the step is visible yet, and
+        a failure here leaves no trace. Overlap mode's verdict stands here."""
+        if job.lazy is not None:
+            self._check_guard(job)
+
+    def _write_data(self, job: SaveJob, staging: Staging) -> WrittenData:
+        """Encode the arena's chunks in parallel and write them in order into one data object of
+        ``staging``; return once they are durable. Any failure leaves the encoders stopped (the
+        arena is not read any more) and the stream aborted; the caller aborts the staging."""
+        record = job.record
+        pending: collections.deque[tuple[ChunkPlan, Future]] = collections.deque()
+        stream: WriteStream | None = None
+        try:
+            file = staging.data_name(0)
+            stream = self._storage.backend.open_write(staging.object_name(file))
             plans = plan_chunks(job.layout, self._chunk_size)
             chunks: list[ChunkEntry] = []
             upcoming = iter(plans)
@@ -295,11 +284,11 @@ class Pipeline:
                     pending.append((nxt, self._pool.submit(self._encode, job, nxt)))
                 _phases.pause("write")
                 began = time.perf_counter()
-                offset = writer.append(encoded.data)
+                offset = stream.append(encoded.data)
                 record.write_s += time.perf_counter() - began
                 chunks.append(
                     ChunkEntry(
-                        file=writer.path.name,
+                        file=file,
                         offset=offset,
                         length=len(encoded.data),
                         raw_offset=plan.start,
@@ -310,34 +299,8 @@ class Pipeline:
                 )
             began = time.perf_counter()
             _phases.pause("fsync")
-            writer.sync_and_close()
-            manifest = Manifest(
-                step=job.step,
-                created=job.record.started,
-                tree=job.tree,
-                tensors=[TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots],
-                chunks=chunks,
-                raw_bytes=job.layout.total,
-                stored_bytes=sum(c.length for c in chunks),
-                metrics=job.metrics,
-                metadata=job.metadata,
-                tags=job.tags_for_manifest(),
-            )
-            _phases.pause("manifest")
-            self._storage.write_manifest(temp_dir, manifest.to_json())
-            record.fsync_s = time.perf_counter() - began
-            began = time.perf_counter()
-            if job.lazy is not None:  # written: only the training thread's verdict stands before the commit
-                self._check_guard(job)
-            _phases.pause("rename")
-            path = self._storage.commit(temp_dir, job.step)
-            record.commit_s = time.perf_counter() - began
-            record.persist_s = time.perf_counter() - job.enqueued
-            record.raw_bytes = manifest.raw_bytes
-            record.stored_bytes = manifest.stored_bytes
-            if job.lazy is not None:
-                self._read_gpu_fence_wait(job)
-            return path
+            stream.finish()
+            return WrittenData(chunks, sum(c.length for c in chunks), began)
         except BaseException:
             for _, future in pending:  # the arena must not be reused while encoders read it
                 future.cancel()
@@ -345,7 +308,6 @@ class Pipeline:
                     future.result()
                 except BaseException:  # noqa: BLE001
                     pass
-            if writer is not None:
-                writer.close()
-            self._storage.discard(temp_dir)
+            if stream is not None:
+                stream.abort()
             raise

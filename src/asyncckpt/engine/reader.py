@@ -15,6 +15,11 @@ live root, a step re-saved) raises ``CheckpointGoneError``, not a damage error: 
 retry with the newest checkpoint instead of reporting a healthy one as damaged. They take the
 directory's identity when they list the root and pass it to every read of that checkpoint
 (``identity=``), so a deletion or replacement between the listing and any of the reads counts.
+
+Every byte is read through the storage backend (``storage/backend.py``): the manifest as a small
+object, chunks as byte ranges of their data objects, and a memory map only where the backend
+offers one (``Capabilities.mmap``). A checkpoint is named by its directory's path; its root's
+backend is found from that path.
 """
 
 from __future__ import annotations
@@ -24,13 +29,12 @@ import collections
 import contextlib
 import itertools
 import mmap as _mmap
-import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -46,7 +50,9 @@ from asyncckpt.format import (
     parse_step_dir,
     too_large,
 )
-from asyncckpt.storage.local import open_data_file, read_file_no_follow
+from asyncckpt.state.skeleton import tensor_paths
+from asyncckpt.storage.backend import Backend, ReadHandle, open_backend
+from asyncckpt.storage.commit import newest_manifest
 
 _T = TypeVar("_T")
 
@@ -55,18 +61,48 @@ class CheckpointGoneError(CheckpointNotFoundError):
     """The checkpoint directory was deleted (or replaced) while it was being read: not damage."""
 
 
-DirIdentity = tuple[int, int]  # (st_dev, st_ino) of a checkpoint directory
+# (st_dev, st_ino) of a checkpoint directory, and the name of the manifest that is its version
+DirIdentity = tuple[Any, str]
+
+
+def _locate(path: Path) -> tuple[Backend, str]:
+    """The backend of the checkpoint directory ``path``'s root, and the checkpoint's name in it."""
+    return open_backend(path.parent), path.name
+
+
+def _manifest_name(store: Backend, name: str) -> str:
+    """Which manifest is the checkpoint's version: ``manifest.json`` (a renamed checkpoint), else
+    the newest ``manifest-<generation>.json`` that verifies (a checkpoint committed by writing its
+    manifest last; a newer one that does not verify is a publish still under way or cut short)."""
+    if store.stat(f"{name}/{MANIFEST_NAME}") is not None:
+        return MANIFEST_NAME
+    try:
+        newest = newest_manifest(store, name)
+    except CheckpointError:
+        return MANIFEST_NAME
+    return MANIFEST_NAME if newest is None else newest[0]
+
+
+def _identity(store: Backend, name: str) -> DirIdentity | None:
+    where = store.identity(name)
+    if where is None:
+        return None
+    return where, _manifest_name(store, name)
 
 
 def directory_identity(path: Path) -> DirIdentity | None:
-    """Which directory ``path`` names now (None: nothing there). A reader of a root takes it right
-    after listing and hands it to every read of that checkpoint, so a checkpoint deleted or
-    replaced at any point after the listing is told from a damaged one."""
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return st.st_dev, st.st_ino
+    """Which checkpoint ``path`` names now (None: nothing there): its directory and the version of
+    its manifest. A reader of a root takes it right after listing and hands it to every read of
+    that checkpoint, so a checkpoint deleted or replaced at any point after the listing is told
+    from a damaged one.
+
+    Args:
+        path: A checkpoint directory.
+
+    Returns:
+        A comparable identity, or None when nothing is at ``path``.
+    """
+    return _identity(*_locate(path))
 
 
 @contextlib.contextmanager
@@ -78,7 +114,8 @@ def _same_directory(path: Path, identity: DirIdentity | None = None) -> Iterator
     reading began (``identity``, taken when the root was listed; else now), the checkpoint is gone:
     a read that fails then failed because of the deletion, not because of damage.
     """
-    now = directory_identity(path)
+    store, name = _locate(path)
+    now = _identity(store, name)
     if identity is not None and now != identity:
         raise CheckpointGoneError(f"{path} was deleted or replaced since the root was listed")
     if now is None:
@@ -88,7 +125,7 @@ def _same_directory(path: Path, identity: DirIdentity | None = None) -> Iterator
     except CheckpointGoneError:
         raise
     except Exception as exc:
-        if directory_identity(path) != now:
+        if _identity(store, name) != now:
             raise CheckpointGoneError(f"{path} was deleted or replaced while it was being read") from exc
         raise
 
@@ -107,7 +144,7 @@ def _damaged(call: Callable[..., _T], *args: object) -> _T:
 class LoadedCheckpoint:
     path: Path
     manifest: Manifest
-    tensors: list[torch.Tensor]
+    tensors: list[torch.Tensor]  # a partial read (``only``) holds None for the tensors not asked for
     mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
@@ -116,46 +153,30 @@ def read_manifest(path: Path, *, identity: DirIdentity | None = None) -> Manifes
     :func:`directory_identity`): the directory ``path`` named when its root was listed; if the path
     names another one or none by now, or stops naming it during a failed read, CheckpointGoneError."""
     with _same_directory(path, identity):
-        if path.is_symlink():
+        store, name = _locate(path)
+        info = store.stat(name)
+        if info is not None and info.kind == "link":
             raise CheckpointDamagedError(f"{path} is a symbolic link; checkpoints never follow links")
-        if not path.is_dir():
+        if info is None or info.kind != "dir":
             raise CheckpointNotFoundError(f"{path} is not a checkpoint directory")
-        manifest_path = path / MANIFEST_NAME
-        if not manifest_path.exists() and not manifest_path.is_symlink():
+        manifest_file = identity[1] if identity is not None else _manifest_name(store, name)
+        manifest_path = path / manifest_file
+        manifest_info = store.stat(f"{name}/{manifest_file}")
+        if manifest_info is None:
             raise CheckpointDamagedError(f"{path} has no {MANIFEST_NAME}: not a committed checkpoint")
-        with contextlib.suppress(OSError):  # a manifest over the size limit is refused unread, as such
-            size = os.lstat(manifest_path).st_size
-            if size > MAX_MANIFEST_BYTES:
-                raise too_large(
-                    str(manifest_path), f"is {size} bytes", f"the reader's limit of {MAX_MANIFEST_BYTES} bytes"
-                )
-        raw = _damaged(read_file_no_follow, manifest_path, MAX_MANIFEST_BYTES)
+        if manifest_info.size > MAX_MANIFEST_BYTES:  # refused unread, as such
+            raise too_large(
+                str(manifest_path),
+                f"is {manifest_info.size} bytes",
+                f"the reader's limit of {MAX_MANIFEST_BYTES} bytes",
+            )
+        raw = _damaged(store.read_small, f"{name}/{manifest_file}", MAX_MANIFEST_BYTES)
         check_manifest_seal(raw, str(manifest_path))
         manifest = parse_manifest(raw, str(manifest_path))
         named = parse_step_dir(path.name)
         if named is not None and named != manifest.step:
             raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
         return manifest
-
-
-def tensor_paths(tree: dict, root: str = "state") -> dict[int, str]:
-    """The first path in the state of every tensor index, spelled as ``asyncckpt inspect`` does:
-    ``state['model'].state_dict()['0.weight']``."""
-    out: dict[int, str] = {}
-    stack: list[tuple[dict, str]] = [(tree, root)]
-    while stack:
-        node, where = stack.pop()
-        kind = next((k for k in node if k not in ("m", "cls")), None)
-        value: Any = node.get(kind) if kind else None
-        if kind in ("T", "N", "S"):
-            out.setdefault(value, where)
-        elif kind == "o":
-            stack.append((value, f"{where}.state_dict()"))
-        elif kind == "d":
-            stack.extend((child, f"{where}[{key!r}]") for key, child in reversed(value))
-        elif kind in ("l", "t"):
-            stack.extend((child, f"{where}[{i!r}]") for i, child in reversed(list(enumerate(value))))
-    return out
 
 
 def _tensor_names(manifest: Manifest, start: int, end: int) -> str:
@@ -218,7 +239,9 @@ class _Scatter(_Index):
         if len(hits) == 1 and hits[0][1:] == (start, end):
             i = hits[0][0]
             base = self._entries[i].offset
-            return self.buffers[i][start - base : end - base]
+            buffer = self.buffers[i]
+            assert buffer is not None  # only wanted tensors overlap
+            return buffer[start - base : end - base]
         return None
 
     def emitter(self, start: int, end: int) -> codec.Emit:
@@ -234,7 +257,9 @@ class _Scatter(_Index):
                 hi = min(n, -((start + first - b) // stride))
                 if lo < hi:
                     at = start + first + lo * stride - self._entries[i].offset
-                    self.buffers[i][at : at + (hi - lo - 1) * stride + 1 : stride].copy_(data[lo:hi])
+                    buffer = self.buffers[i]
+                    assert buffer is not None  # only wanted tensors overlap
+                    buffer[at : at + (hi - lo - 1) * stride + 1 : stride].copy_(data[lo:hi])
 
         return emit
 
@@ -281,9 +306,9 @@ def _read_checkpoint(
     identity: DirIdentity | None,
 ) -> LoadedCheckpoint:
     manifest = manifest or read_manifest(path, identity=identity)
-    fds: dict[str, int] = {}
+    files: dict[str, ReadHandle] = {}
     try:
-        _open_data_files(path, manifest, fds)
+        _open_data_files(path, manifest, files)
         # a partial read (``only``) skips chunks that hold none of the wanted tensors
         index = _Index(manifest, only)
         wanted_chunks = [
@@ -292,21 +317,21 @@ def _read_checkpoint(
             if only is None or index.needs(c.raw_offset, c.raw_offset + c.raw_length)
         ]
         if mmap:
-            mapped = _map_raw(path, manifest, fds, wanted_chunks, only, workers)
+            mapped = _map_raw(path, manifest, files, wanted_chunks, only, workers)
             if mapped is not None:
-                return LoadedCheckpoint(path, manifest, mapped, mapped=True)
+                return LoadedCheckpoint(path, manifest, cast(list[torch.Tensor], mapped), mapped=True)
         scatter = _Scatter(manifest, only)
 
         def load_chunk(index: int) -> None:
             chunk = manifest.chunks[index]
             start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
-            _decode_chunk(path, manifest, fds, index, scatter.target(start, end), scatter.emitter(start, end))
+            _decode_chunk(path, manifest, files, index, scatter.target(start, end), scatter.emitter(start, end))
 
         _for_each_chunk(load_chunk, wanted_chunks, workers)
     finally:
-        for fd in fds.values():
-            os.close(fd)
-    return LoadedCheckpoint(path, manifest, scatter.tensors())
+        for handle in files.values():
+            handle.close()
+    return LoadedCheckpoint(path, manifest, cast(list[torch.Tensor], scatter.tensors()))
 
 
 def _for_each_chunk(
@@ -340,16 +365,17 @@ def _for_each_chunk(
             if done is not None:
                 done(result)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # before the caller closes the fds the work reads
+        pool.shutdown(wait=True, cancel_futures=True)  # before the caller closes the files the work reads
 
 
-def _open_data_files(path: Path, manifest: Manifest, fds: dict[str, int]) -> None:
-    """Open every data file into ``fds`` (closed by the caller) and check each chunk ends within it."""
+def _open_data_files(path: Path, manifest: Manifest, files: dict[str, ReadHandle]) -> None:
+    """Open every data file into ``files`` (closed by the caller) and check each chunk ends within it."""
+    store, name = _locate(path)
     sizes: dict[str, int] = {}
     for chunk in manifest.chunks:
-        if chunk.file not in fds:
-            fds[chunk.file] = _damaged(open_data_file, path / chunk.file)
-            sizes[chunk.file] = os.fstat(fds[chunk.file]).st_size
+        if chunk.file not in files:
+            files[chunk.file] = _damaged(store.open_read, f"{name}/{chunk.file}")
+            sizes[chunk.file] = files[chunk.file].size
         if chunk.offset + chunk.length > sizes[chunk.file]:
             raise CheckpointDamagedError(
                 f"{path / chunk.file} is truncated: a chunk for "
@@ -358,10 +384,22 @@ def _open_data_files(path: Path, manifest: Manifest, fds: dict[str, int]) -> Non
             )
 
 
+def _chunk_source(handle: ReadHandle, offset: int, length: int, what: str) -> codec.ChunkSource:
+    """The stored bytes of a chunk, read from its data object by byte ranges."""
+
+    def pread_into(out: memoryview, pos: int) -> int:
+        try:
+            return handle.read_into(out, offset + pos)
+        except OSError as exc:
+            raise CheckpointDamagedError(f"cannot read {what}: {exc.strerror}") from exc
+
+    return codec.ChunkSource(length, pread_into, what)
+
+
 def _decode_chunk(
     path: Path,
     manifest: Manifest,
-    fds: dict[str, int],
+    files: dict[str, ReadHandle],
     index: int,
     direct: torch.Tensor | None = None,
     emit: codec.Emit | None = None,
@@ -369,7 +407,7 @@ def _decode_chunk(
     """Read chunk ``index`` in pieces, check its CRC32 and codec chain, decode it into ``direct``
     (one tensor holds the whole chunk) or through ``emit`` (neither: verify only)."""
     chunk = manifest.chunks[index]
-    source = codec.ChunkSource.of_file(fds[chunk.file], chunk.offset, chunk.length, f"chunk {index}")
+    source = _chunk_source(files[chunk.file], chunk.offset, chunk.length, f"chunk {index}")
     try:
         codec.decode_chunk(source, chunk.codecs, chunk.crc32, chunk.raw_length, direct, emit)
     except CheckpointDamagedError as exc:
@@ -407,19 +445,19 @@ def _verify_checkpoint(
     identity: DirIdentity | None,
 ) -> Manifest:
     manifest = manifest or read_manifest(path, identity=identity)
-    fds: dict[str, int] = {}
+    files: dict[str, ReadHandle] = {}
     try:
-        _open_data_files(path, manifest, fds)
+        _open_data_files(path, manifest, files)
 
         def check(index: int) -> int:
-            _decode_chunk(path, manifest, fds, index)
+            _decode_chunk(path, manifest, files, index)
             return manifest.chunks[index].length
 
         # results come back in chunk order, on this thread: progress needs no lock
         _for_each_chunk(check, range(len(manifest.chunks)), workers, progress)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for handle in files.values():
+            handle.close()
     return manifest
 
 
@@ -435,7 +473,7 @@ def _is_identity_layout(manifest: Manifest, wanted_chunks: list[int]) -> bool:
 def _map_raw(
     path: Path,
     manifest: Manifest,
-    fds: dict[str, int],
+    files: dict[str, ReadHandle],
     wanted_chunks: list[int],
     only: set[int] | None,
     workers: int,
@@ -443,12 +481,13 @@ def _map_raw(
     """Map a raw checkpoint's data file and return its verified tensors as views of the mapping.
 
     None when the layout does not qualify (a compressed chunk, several data files, a chunk not at
-    its logical offset) or the file cannot be mapped: the caller then reads it the usual way.
+    its logical offset), the backend offers no memory map, or the file cannot be mapped: the
+    caller then reads it the usual way.
 
     How, and why this way (works on torch >= 2.4, needs only the standard library):
 
-    - The file mapped is the file checked: ``mmap.mmap`` maps the descriptor ``open_data_file``
-      opened (O_NOFOLLOW, regular files only) and whose size the caller compared with the manifest.
+    - The file mapped is the file checked: ``mmap.mmap`` maps the descriptor the backend's
+      ``open_read`` opened (O_NOFOLLOW, regular files only) and whose size the caller compared with the manifest.
       ``torch.UntypedStorage.from_file`` would re-open the path (following links, with a window
       in which the file could be swapped), and hands back one storage for the whole file.
     - The mapping is private (``ACCESS_COPY``: MAP_PRIVATE, read-write): a write into a loaded
@@ -468,8 +507,11 @@ def _map_raw(
         return None
     name = manifest.chunks[wanted_chunks[0]].file
     end = max(c.offset + c.length for c in manifest.chunks if c.file == name)
+    fd = files[name].fileno() if _locate(path)[0].capabilities.mmap else None
+    if fd is None:
+        return None
     try:
-        mapping = _mmap.mmap(fds[name], end, access=_mmap.ACCESS_COPY)
+        mapping = _mmap.mmap(fd, end, access=_mmap.ACCESS_COPY)
     except (OSError, ValueError):  # a filesystem that cannot map: read it instead
         return None
     try:

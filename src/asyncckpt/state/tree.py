@@ -1,14 +1,9 @@
 """Flatten a training state into a JSON skeleton plus a list of tensors, and back.
 
 The skeleton is what makes loading safe: it is plain JSON (never pickle), so reading a
-checkpoint cannot execute code. Every node is a one-key dict whose key says its kind:
-
-    {"d": [[key, node], ...], "m": {...}?}   dict (str or int keys), optional module _metadata
-    {"l": [node, ...]}  {"t": [node, ...]}     list, tuple
-    {"T": i}   {"N": i}   {"S": i}             torch tensor, numpy array, numpy scalar (index i)
-    {"v": value}                               None, bool, int, float, str
-    {"dt": "float32"}   {"dev": "cuda:0"}      torch.dtype, torch.device
-    {"o": node, "cls": "AdamW"}                object with state_dict()/load_state_dict()
+checkpoint cannot execute code. Its node kinds and the paths that name nodes are defined in
+``asyncckpt.state.skeleton``; this module builds skeletons from live objects (``flatten``),
+rebuilds plain trees (``unflatten``), and restores into live objects in place.
 """
 
 from __future__ import annotations
@@ -23,7 +18,19 @@ from typing import Any
 import torch
 
 from asyncckpt.errors import CheckpointError, StateMismatchError
-from asyncckpt.format import MAX_TREE_DEPTH, MODULE_LOAD_OPTIONS, check_module_metadata, dtype_name
+from asyncckpt.format import dtype_name
+from asyncckpt.state.skeleton import (
+    CLASS_NAME,
+    MAX_TREE_DEPTH,
+    META,
+    MODULE_LOAD_OPTIONS,
+    TENSOR_KINDS,
+    Kind,
+    check_module_metadata,
+    child_path,
+    kind_of,
+    object_path,
+)
 
 _MISSING = object()
 _EXTRA_STATE = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
@@ -32,11 +39,17 @@ MAX_DEPTH = MAX_TREE_DEPTH
 
 @dataclass
 class FlatState:
-    """What a save hands to staging: the skeleton and the unique tensors it indexes."""
+    """What a save hands to staging: the skeleton and the unique tensors it indexes.
+
+    Attributes:
+        skeleton: the state's structure as plain JSON (see ``asyncckpt.state.skeleton``).
+        tensors: each unique tensor once (tied ones share an index), detached.
+        paths: the path of each tensor's first occurrence, for messages.
+    """
 
     skeleton: dict
     tensors: list[torch.Tensor] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)  # path of each tensor's first occurrence
+    paths: list[str] = field(default_factory=list)
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -45,10 +58,6 @@ def _is_stateful(obj: Any) -> bool:
 
 def _numpy_module():
     return sys.modules.get("numpy")
-
-
-def _child(path: str, key: Any) -> str:
-    return f"{path}[{key!r}]"
 
 
 class _Flattener:
@@ -88,16 +97,16 @@ class _Flattener:
         if depth > MAX_DEPTH:
             raise ValueError(f"{path}: state is nested deeper than {MAX_DEPTH} levels")
         if isinstance(obj, torch.Tensor):
-            return {"T": self.add_tensor(obj, path)}
+            return {Kind.TENSOR: self.add_tensor(obj, path)}
         if obj is None or isinstance(obj, (bool, int, float, str)):
-            return {"v": obj}
+            return {Kind.VALUE: obj}
         if isinstance(obj, torch.dtype):
             try:
-                return {"dt": dtype_name(obj)}
+                return {Kind.DTYPE: dtype_name(obj)}
             except TypeError as exc:
                 raise TypeError(f"{path}: {exc}") from None
         if isinstance(obj, torch.device):
-            return {"dev": str(obj)}
+            return {Kind.DEVICE: str(obj)}
         if isinstance(obj, dict):
             items = []
             for key, value in obj.items():
@@ -106,29 +115,29 @@ class _Flattener:
                         f"{path}: dict key {key!r} of type {type(key).__name__} is not supported "
                         "(keys must be str or int)"
                     )
-                items.append([key, self.node(value, _child(path, key), depth + 1)])
-            out: dict = {"d": items}
+                items.append([key, self.node(value, child_path(path, key), depth + 1)])
+            out: dict = {Kind.DICT: items}
             meta = getattr(obj, "_metadata", None)
             if isinstance(meta, dict):
-                out["m"] = _plain_json(meta, f"{path}._metadata")
-                for local in out["m"].values():  # how the dict was last loaded, not what it holds
+                out[META] = _plain_json(meta, f"{path}._metadata")
+                for local in out[META].values():  # how the dict was last loaded, not what it holds
                     if isinstance(local, dict):
                         for option in MODULE_LOAD_OPTIONS.intersection(local):
                             del local[option]
-                check_module_metadata(out["m"], lambda what: TypeError(f"{path}._metadata: {what}"))
+                check_module_metadata(out[META], lambda what: TypeError(f"{path}._metadata: {what}"))
             return out
         if isinstance(obj, list):
-            return {"l": [self.node(v, _child(path, i), depth + 1) for i, v in enumerate(obj)]}
+            return {Kind.LIST: [self.node(v, child_path(path, i), depth + 1) for i, v in enumerate(obj)]}
         if isinstance(obj, tuple):
-            return {"t": [self.node(v, _child(path, i), depth + 1) for i, v in enumerate(obj)]}
+            return {Kind.TUPLE: [self.node(v, child_path(path, i), depth + 1) for i, v in enumerate(obj)]}
         np = _numpy_module()
         if np is not None and isinstance(obj, np.ndarray):
-            return {"N": self.add_tensor(_numpy_to_tensor(obj, path), path)}
+            return {Kind.NDARRAY: self.add_tensor(_numpy_to_tensor(obj, path), path)}
         if np is not None and isinstance(obj, np.generic):
-            return {"S": self.add_tensor(_numpy_to_tensor(np.asarray(obj), path), path)}
+            return {Kind.NUMPY_SCALAR: self.add_tensor(_numpy_to_tensor(np.asarray(obj), path), path)}
         if _is_stateful(obj):
             inner = obj.state_dict()
-            return {"o": self.node(inner, f"{path}.state_dict()", depth + 1), "cls": type(obj).__name__}
+            return {Kind.OBJECT: self.node(inner, object_path(path), depth + 1), CLASS_NAME: type(obj).__name__}
         raise TypeError(
             f"{path}: cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__}; "
             "supported leaves are tensors, numpy arrays, None, bool, int, float, str, "
@@ -140,9 +149,9 @@ def _plain_json(obj: Any, path: str) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
-        return {k: _plain_json(v, _child(path, k)) for k, v in obj.items()}
+        return {k: _plain_json(v, child_path(path, k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain_json(v, _child(path, i)) for i, v in enumerate(obj)]
+        return [_plain_json(v, child_path(path, i)) for i, v in enumerate(obj)]
     raise TypeError(f"{path}: {type(obj).__name__} is not JSON-serialisable")
 
 
@@ -159,49 +168,69 @@ def _numpy_to_tensor(array: Any, path: str) -> torch.Tensor:
 
 
 def flatten(state: Any) -> FlatState:
-    """Split ``state`` into a JSON skeleton and its unique tensors; raise naming the bad path."""
+    """Split a state into a JSON skeleton and its unique tensors.
+
+    Args:
+        state: the state to save: dicts (str or int keys), lists, tuples, tensors, numpy arrays and
+            scalars, None, bool, int, float, str, torch.dtype, torch.device, and objects with
+            ``state_dict()``/``load_state_dict()``, nested up to ``MAX_DEPTH`` levels.
+
+    Returns:
+        The skeleton, the unique tensors (tied tensors once) and their paths.
+
+    Raises:
+        TypeError: a leaf of an unsupported type or dtype, a sparse, quantized or meta tensor, a
+            dict key that is not str or int, or malformed module metadata; the message names its path.
+        ValueError: the state is nested deeper than ``MAX_DEPTH``.
+    """
     flattener = _Flattener()
     skeleton = flattener.node(state, "state", 0)
     return FlatState(skeleton, flattener.tensors, flattener.paths)
 
 
 def _leaf_from_tensor(kind: str, tensor: torch.Tensor) -> Any:
-    if kind == "T":
+    if kind == Kind.TENSOR:
         return tensor
     array = tensor.cpu().numpy().copy()
-    return array if kind == "N" else array[()]
+    return array if kind == Kind.NDARRAY else array[()]
 
 
 def unflatten(node: dict, tensors: list[torch.Tensor]) -> Any:
-    """Rebuild a plain tree (stateful objects become their state dicts)."""
-    (kind,) = [k for k in node if k != "m" and k != "cls"]
+    """Rebuild a plain tree from a skeleton and its tensors.
+
+    Args:
+        node: a skeleton (or a node of one) made by ``flatten`` or validated by the reader.
+        tensors: the tensors its indices refer to.
+
+    Returns:
+        The tree: dicts (an ``OrderedDict`` with ``_metadata`` for a module state dict), lists,
+        tuples, tensors, numpy arrays and scalars, and values; each saved object as its state dict.
+
+    Raises:
+        CheckpointError: a node of an unknown kind (an unvalidated skeleton).
+    """
+    kind = kind_of(node)
     value = node[kind]
-    if kind in ("T", "N", "S"):
+    if kind in TENSOR_KINDS:
         return _leaf_from_tensor(kind, tensors[value])
-    if kind == "v":
+    if kind == Kind.VALUE:
         return value
-    if kind == "dt":
+    if kind == Kind.DTYPE:
         return getattr(torch, value)
-    if kind == "dev":
+    if kind == Kind.DEVICE:
         return torch.device(value)
-    if kind == "d":
-        out: dict = collections.OrderedDict() if "m" in node else {}
+    if kind == Kind.DICT:
+        out: dict = collections.OrderedDict() if META in node else {}
         for key, child in value:
             out[key] = unflatten(child, tensors)
-        if "m" in node:
-            out._metadata = node["m"]  # type: ignore[attr-defined]
+        if META in node:
+            out._metadata = node[META]  # type: ignore[attr-defined]
         return out
-    if kind == "l":
+    if kind == Kind.LIST:
         return [unflatten(child, tensors) for child in value]
-    if kind == "t":
+    if kind == Kind.TUPLE:
         return tuple(unflatten(child, tensors) for child in value)
-    if kind == "o":
-        return unflatten(value, tensors)
-    raise CheckpointError(f"unknown skeleton node kind {kind!r}")
-
-
-def _node_kind(node: dict) -> str:
-    return next(k for k in node if k not in ("m", "cls"))
+    return unflatten(value, tensors)  # an object: its state dict
 
 
 # ---- restoring in place -------------------------------------------------------------------------
@@ -218,16 +247,21 @@ _SHOWN = 10  # entries of each list named in an error message; the exception hol
 class RestoreResult:
     """What ``restore(..., strict=False)`` and ``load_weights(..., strict=False)`` found not to fit.
 
-    ``missing_keys``: in the live state but not in the checkpoint; left as they were.
-    ``unexpected_keys``: in the checkpoint but not in the live state. In a plain dict (one the state
-    holds itself, a state dict held as a dict included) the key is inserted with the checkpoint's
-    value (a saved object as its state dict), so no data is lost; in a module's state dict or an
-    optimizer's state it is ignored, as torch's ``load_state_dict(strict=False)`` ignores it.
-    ``skipped``: live tensors that cannot take data in place (a meta tensor, an overlapping view such
-    as ``expand()``, an inference tensor); left as they were.
-    Entries are paths in the state, as error messages name them (``state['model'].state_dict()['0.bias']``);
-    ``load_weights`` gives the model's own keys (``'0.bias'``), as torch's ``load_state_dict`` does.
-    ``step`` is the restored step, None when the root holds no checkpoint.
+    Returned instead of the bare step when ``strict=False``, so a caller who opts in cannot
+    overlook what was left out. Entries are paths in the state, as error messages name them
+    (``state['model'].state_dict()['0.bias']``); ``load_weights`` gives the model's own keys
+    (``'0.bias'``), as torch's ``load_state_dict`` does. Made by the library, never by callers.
+
+    Attributes:
+        step: the restored step; None when the root holds no checkpoint.
+        missing_keys: in the live state but not in the checkpoint; left as they were.
+        unexpected_keys: in the checkpoint but not in the live state. In a plain dict (one the
+            state holds itself, a state dict held as a dict included) the key is inserted with the
+            checkpoint's value (a saved object as its state dict), so no data is lost; in a
+            module's state dict or an optimizer's state it is ignored, as torch's
+            ``load_state_dict(strict=False)`` ignores it.
+        skipped: live tensors that cannot take data in place (a meta tensor, an overlapping view
+            such as ``expand()``, an inference tensor); left as they were.
     """
 
     step: int | None
@@ -238,7 +272,18 @@ class RestoreResult:
 
 @dataclass
 class RestorePlan:
-    """What check_compatible found; restore_into follows it."""
+    """What ``check_compatible`` found; ``restore_into`` follows it.
+
+    Attributes:
+        missing: paths in the live state the checkpoint lacks.
+        unexpected: paths in the checkpoint the live state lacks.
+        skipped: (path, why) of live tensors that cannot be written in place.
+        errors: what is fatal whatever ``strict`` says: shapes, structure.
+        leave: paths ``restore_into`` must not touch.
+        module_keys: each module's ``state_dict()`` keys, by path.
+        objects: (path, object, saved node) of stateful objects other than modules and optimizers,
+            loaded first.
+    """
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -249,9 +294,27 @@ class RestorePlan:
     objects: list[tuple[str, Any, dict]] = field(default_factory=list)  # other stateful objects, loaded first
 
     def result(self, step: int | None) -> RestoreResult:
+        """What ``strict=False`` returns.
+
+        Args:
+            step: the restored step.
+
+        Returns:
+            The step with the missing, unexpected and skipped paths.
+        """
         return RestoreResult(step, tuple(self.missing), tuple(self.unexpected), tuple(p for p, _ in self.skipped))
 
     def raise_if_unfit(self, strict: bool, where: str) -> None:
+        """Raise if the plan may not be carried out.
+
+        Args:
+            strict: whether missing, unexpected and skipped entries are fatal too.
+            where: what the message calls the checkpoint.
+
+        Raises:
+            StateMismatchError: a fatal error, or with ``strict`` any missing, unexpected or skipped
+                entry; the message lists them, the exception holds them all.
+        """
         if not self.errors and not (strict and (self.missing or self.unexpected or self.skipped)):
             return
         lines = [f"{where} does not fit the live state; nothing was changed:"]
@@ -305,15 +368,20 @@ def _describe_live(obj: Any) -> str:
 
 
 def _describe_node(node: dict) -> str:
-    kind = _node_kind(node)
+    kind = kind_of(node)
     value = node[kind]
-    names = {"T": "a tensor", "N": "a numpy array", "S": "a numpy scalar", "d": "a dict"}
+    names = {
+        Kind.TENSOR: "a tensor",
+        Kind.NDARRAY: "a numpy array",
+        Kind.NUMPY_SCALAR: "a numpy scalar",
+        Kind.DICT: "a dict",
+    }
     if kind in names:
         return names[kind]
-    if kind in ("l", "t"):
-        return f"a {'list' if kind == 'l' else 'tuple'} of {len(value)}"
-    if kind == "o":
-        return f"the state of a {node.get('cls', 'stateful object')}"
+    if kind == Kind.LIST or kind == Kind.TUPLE:
+        return f"a {'list' if kind == Kind.LIST else 'tuple'} of {len(value)}"
+    if kind == Kind.OBJECT:
+        return f"the state of a {node.get(CLASS_NAME, 'stateful object')}"
     return f"the value {str(value)[:40]!r}"
 
 
@@ -332,15 +400,15 @@ class _Planner:
         )
 
     def visit(self, live: Any, node: dict, path: str) -> None:
-        kind = _node_kind(node)
+        kind = kind_of(node)
         value = node[kind]
         if isinstance(live, torch.Tensor):
-            if kind == "T":
+            if kind == Kind.TENSOR:
                 self.tensor(live, self.tensors[value], path)
             else:
                 self._kind_error(path, live, node)
         elif _is_stateful(live):
-            if kind != "o":
+            if kind != Kind.OBJECT:
                 self._kind_error(path, live, node)
             elif isinstance(live, torch.nn.Module):
                 self.module(live, value, path)
@@ -349,14 +417,14 @@ class _Planner:
             else:
                 self.plan.objects.append((path, live, value))  # its own load_state_dict decides what fits
         elif isinstance(live, dict):
-            if kind == "d":
+            if kind == Kind.DICT:
                 self.mapping(live, value, path)
             else:
                 self._kind_error(path, live, node)
         elif isinstance(live, (list, tuple)) and _holds_live_data(live):
-            if kind == ("l" if isinstance(live, list) else "t") and len(value) == len(live):
+            if kind == (Kind.LIST if isinstance(live, list) else Kind.TUPLE) and len(value) == len(live):
                 for i, child in enumerate(value):
-                    self.visit(live[i], child, _child(path, i))
+                    self.visit(live[i], child, child_path(path, i))
             else:
                 self._kind_error(path, live, node)
         # any other live leaf is a value: the checkpoint's value replaces it
@@ -380,22 +448,22 @@ class _Planner:
         for key, child in pairs:
             saved.add(key)
             if key in live:
-                self.visit(live[key], child, _child(path, key))
+                self.visit(live[key], child, child_path(path, key))
             else:
-                self.plan.unexpected.append(_child(path, key))  # strict=False inserts it: nothing conflicts
-        self.plan.missing += [_child(path, key) for key in live if key not in saved]
+                self.plan.unexpected.append(child_path(path, key))  # strict=False inserts it: nothing conflicts
+        self.plan.missing += [child_path(path, key) for key in live if key not in saved]
 
     def module(self, live: torch.nn.Module, inner: dict, path: str, name: Callable[[Any], str] | None = None) -> None:
         """A module's state dict: the same keys, every tensor fits. ``name`` names a key in messages."""
-        where = f"{path}.state_dict()" if path else "the entry"
-        name = name or (lambda key: _child(where, key))
-        if _node_kind(inner) != "d":
+        where = object_path(path) if path else "the entry"
+        name = name or (lambda key: child_path(where, key))
+        if kind_of(inner) != Kind.DICT:
             self.plan.errors.append(f"{where}: the checkpoint holds {_describe_node(inner)}, not a state dict")
             return
         live_sd = live.state_dict()
         self.plan.module_keys[path] = list(live_sd)
         saved = set()
-        for key, child in inner["d"]:
+        for key, child in inner[Kind.DICT]:
             saved.add(key)
             value = live_sd.get(key, _MISSING) if isinstance(key, str) else _MISSING
             if value is _MISSING:
@@ -403,39 +471,39 @@ class _Planner:
             elif key.endswith(_EXTRA_STATE):
                 pass  # any object, of any size: load_state_dict hands it to set_extra_state
             elif isinstance(value, torch.Tensor):
-                if _node_kind(child) != "T":
+                if kind_of(child) != Kind.TENSOR:
                     self._kind_error(name(key), value, child)
                 else:
-                    self.tensor(value, self.tensors[child["T"]], name(key))
+                    self.tensor(value, self.tensors[child[Kind.TENSOR]], name(key))
         self.plan.missing += [name(key) for key in live_sd if key not in saved]
 
     def optimizer(self, live: torch.optim.Optimizer, inner: dict, path: str) -> None:
         """What torch's Optimizer.load_state_dict checks (only after changing nothing, but raising
         inside a restore), plus state shapes and meta parameters."""
-        where = f"{path}.state_dict()"
+        where = object_path(path)
         cls = type(live).__name__
-        top = dict(inner["d"]) if _node_kind(inner) == "d" else {}
+        top = dict(inner[Kind.DICT]) if kind_of(inner) == Kind.DICT else {}
         groups, states = top.get("param_groups"), top.get("state")
-        if groups is None or states is None or _node_kind(groups) != "l" or _node_kind(states) != "d":
+        if groups is None or states is None or kind_of(groups) != Kind.LIST or kind_of(states) != Kind.DICT:
             self.plan.errors.append(f"{where}: the checkpoint holds no optimizer state ('state' and 'param_groups')")
             return
         live_top = live.state_dict()
-        self.plan.missing += [_child(where, k) for k in live_top if k not in top]
+        self.plan.missing += [child_path(where, k) for k in live_top if k not in top]
         for key in top:
             if key not in live_top:
-                self._unexpected(_child(where, key))
-        if len(groups["l"]) != len(live.param_groups):
+                self._unexpected(child_path(where, key))
+        if len(groups[Kind.LIST]) != len(live.param_groups):
             self.plan.errors.append(
-                f"{where}: the checkpoint has {len(groups['l'])} param groups, the {cls} {len(live.param_groups)}"
+                f"{where}: the checkpoint has {len(groups[Kind.LIST])} param groups, the {cls} {len(live.param_groups)}"
             )
             return
         params: dict[Any, torch.Tensor] = {}
         fatal = len(self.plan.errors)
-        for i, (group, live_group) in enumerate(zip(groups["l"], live.param_groups, strict=True)):
-            gpath = _child(_child(where, "param_groups"), i)
-            entries = dict(group["d"]) if _node_kind(group) == "d" else {}
-            ids_node = entries.get("params", {"v": None})
-            ids = [_leaf_value(c) for c in ids_node["l"]] if _node_kind(ids_node) == "l" else None
+        for i, (group, live_group) in enumerate(zip(groups[Kind.LIST], live.param_groups, strict=True)):
+            gpath = child_path(child_path(where, "param_groups"), i)
+            entries = dict(group[Kind.DICT]) if kind_of(group) == Kind.DICT else {}
+            ids_node = entries.get("params", {Kind.VALUE: None})
+            ids = [_leaf_value(c) for c in ids_node[Kind.LIST]] if kind_of(ids_node) == Kind.LIST else None
             if ids is None or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
                 self.plan.errors.append(f"{gpath}['params']: not a list of parameter indices")
                 continue
@@ -450,22 +518,22 @@ class _Planner:
             # 'initial_lr', a newer torch adds options; the load keeps the saved ones and the rest.
         if len(self.plan.errors) > fatal:
             return  # the parameters cannot be matched up: their states say nothing more
-        for key, per_param in states["d"]:
-            spath = _child(_child(where, "state"), key)
+        for key, per_param in states[Kind.DICT]:
+            spath = child_path(child_path(where, "state"), key)
             param = params.get(key)
             if param is None:
                 self._unexpected(spath)
             elif param.device.type == "meta":
                 self.plan.skipped.append((spath, "its parameter is a meta tensor"))
                 self.plan.leave.add(spath)
-            elif _node_kind(per_param) == "d":
+            elif kind_of(per_param) == Kind.DICT:
                 have = live.state.get(param) or {}
-                for skey, snode in per_param["d"]:
+                for skey, snode in per_param[Kind.DICT]:
                     current = have.get(skey)
-                    if isinstance(current, torch.Tensor) and _node_kind(snode) == "T":
-                        saved = self.tensors[snode["T"]]
+                    if isinstance(current, torch.Tensor) and kind_of(snode) == Kind.TENSOR:
+                        saved = self.tensors[snode[Kind.TENSOR]]
                         if tuple(current.shape) != tuple(saved.shape):
-                            self.plan.errors.append(_shape_mismatch(_child(spath, skey), current, saved))
+                            self.plan.errors.append(_shape_mismatch(child_path(spath, skey), current, saved))
 
 
 def _shape_mismatch(path: str, live: torch.Tensor, saved: torch.Tensor) -> str:
@@ -475,7 +543,7 @@ def _shape_mismatch(path: str, live: torch.Tensor, saved: torch.Tensor) -> str:
 
 
 def _leaf_value(node: Any) -> Any:
-    return node.get("v") if isinstance(node, dict) and _node_kind(node) == "v" else None
+    return node.get(Kind.VALUE) if isinstance(node, dict) and kind_of(node) == Kind.VALUE else None
 
 
 def check_compatible(
@@ -488,14 +556,28 @@ def check_compatible(
     groups. With ``strict`` also missing and unexpected keys (of dicts, module state dicts, optimizer
     states) and live tensors that cannot be written in place; without it those are left out. An
     optimizer's param group hyperparameters are not keys: they load as torch loads them.
+
+    Args:
+        live: the live state, a dict or list updated in place.
+        node: the checkpoint's skeleton.
+        tensors: the checkpoint's tensors.
+        strict: whether missing and unexpected keys and unwritable tensors are fatal.
+        where: what messages call the checkpoint.
+
+    Returns:
+        The plan ``restore_into`` follows.
+
+    Raises:
+        StateMismatchError: the checkpoint does not fit ``live``; nothing was changed.
     """
-    kind = _node_kind(node)
+    kind = kind_of(node)
     value = node[kind]
-    root_ok = (kind == "d" and isinstance(live, dict)) or (
-        kind == "l" and isinstance(live, list) and len(live) == len(value)
+    root_ok = (kind == Kind.DICT and isinstance(live, dict)) or (
+        kind == Kind.LIST and isinstance(live, list) and len(live) == len(value)
     )
     if not root_ok:
-        saved = {"d": "a dict", "l": f"a list of {len(value) if kind == 'l' else 0}"}.get(kind, f"a {kind!r} node")
+        n = len(value) if kind == Kind.LIST else 0
+        saved = {Kind.DICT: "a dict", Kind.LIST: f"a list of {n}"}.get(kind, f"a {kind!r} node")
         have = f"a list of {len(live)}" if isinstance(live, list) else f"a {type(live).__name__}"
         raise StateMismatchError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
     planner = _Planner(tensors)
@@ -507,7 +589,21 @@ def check_compatible(
 def check_module(
     module: torch.nn.Module, node: dict, tensors: list[torch.Tensor], *, strict: bool, where: str
 ) -> RestorePlan:
-    """``check_compatible`` for one module and its saved state dict, naming keys as torch does."""
+    """``check_compatible`` for one module and its saved state dict, naming keys as torch does.
+
+    Args:
+        module: the live module.
+        node: the saved state dict's node.
+        tensors: the checkpoint's tensors.
+        strict: whether missing and unexpected keys and unwritable tensors are fatal.
+        where: what messages call the entry.
+
+    Returns:
+        The plan ``load_module`` follows.
+
+    Raises:
+        StateMismatchError: the saved state dict does not fit ``module``; nothing was changed.
+    """
     planner = _Planner(tensors)
     planner.module(module, node, "", name=str)
     planner.plan.raise_if_unfit(strict, where)
@@ -528,6 +624,17 @@ def load_module(
     strict check is off: state_dict or load hooks that change the key set (a frozen backbone left
     out of the saved state) would make it raise after other parts were restored. If torch counts
     other keys than the plan did, the difference is a warning.
+
+    Args:
+        module: the live module, loaded in place.
+        node: the saved state dict's node.
+        tensors: the checkpoint's tensors.
+        plan: what ``check_module`` or ``check_compatible`` found.
+        path: the module's path in the state ("" for ``load_weights``), the plan's key for it.
+        name: how the plan names a key of this module.
+
+    Raises:
+        Exception: whatever ``module.load_state_dict`` raises.
     """
     plain = unflatten(node, tensors)
     _drop_left_out(plain, plan, name)
@@ -555,13 +662,13 @@ def _drop_left_out(plain: dict, plan: RestorePlan, name: Callable[[Any], str]) -
 def _load_optimizer(
     live: torch.optim.Optimizer, node: dict, tensors: list[torch.Tensor], plan: RestorePlan, path: str
 ) -> None:
-    where = f"{path}.state_dict()"
+    where = object_path(path)
     plain = unflatten(node, tensors)
-    _drop_left_out(plain, plan, lambda key: _child(where, key))
+    _drop_left_out(plain, plan, lambda key: child_path(where, key))
     for i, group in enumerate(plain["param_groups"]):
         for key, current in live.param_groups[i].items():
             group.setdefault(key, current)  # a hyperparameter the checkpoint lacks stays as it is
-    _drop_left_out(plain["state"], plan, lambda key: _child(_child(where, "state"), key))
+    _drop_left_out(plain["state"], plan, lambda key: child_path(child_path(where, "state"), key))
     live.load_state_dict(plain)
 
 
@@ -571,37 +678,37 @@ class _Restorer:
         self.plan = plan
 
     def into(self, live: Any, node: dict, path: str) -> Any:
-        kind = _node_kind(node)
+        kind = kind_of(node)
         value = node[kind]
         tensors = self.tensors
-        if kind == "T" and isinstance(live, torch.Tensor):
+        if kind == Kind.TENSOR and isinstance(live, torch.Tensor):
             if path not in self.plan.leave:
                 with torch.no_grad():
                     live.copy_(tensors[value])
             return live
-        if kind == "o" and _is_stateful(live):
+        if kind == Kind.OBJECT and _is_stateful(live):
             if isinstance(live, (torch.nn.Module, torch.optim.Optimizer)):  # others were loaded first
                 try:
                     if isinstance(live, torch.nn.Module):
-                        where = f"{path}.state_dict()"
-                        load_module(live, value, tensors, self.plan, path, lambda key: _child(where, key))
+                        where = object_path(path)
+                        load_module(live, value, tensors, self.plan, path, lambda key: child_path(where, key))
                     else:
                         _load_optimizer(live, value, tensors, self.plan, path)
                 except Exception as exc:
                     raise CheckpointError(f"{path}: {type(live).__name__}.load_state_dict failed: {exc}") from exc
             return live
-        if kind == "d" and isinstance(live, dict):
+        if kind == Kind.DICT and isinstance(live, dict):
             for key, child in value:
-                child_path = _child(path, key)
-                if child_path not in self.plan.leave:
-                    live[key] = self.into(live[key], child, child_path) if key in live else unflatten(child, tensors)
+                entry = child_path(path, key)
+                if entry not in self.plan.leave:
+                    live[key] = self.into(live[key], child, entry) if key in live else unflatten(child, tensors)
             return live
-        if kind == "l" and isinstance(live, list) and len(live) == len(value):
+        if kind == Kind.LIST and isinstance(live, list) and len(live) == len(value):
             for i, child in enumerate(value):
-                live[i] = self.into(live[i], child, _child(path, i))
+                live[i] = self.into(live[i], child, child_path(path, i))
             return live
-        if kind == "t" and isinstance(live, tuple) and len(live) == len(value):
-            return tuple(self.into(live[i], c, _child(path, i)) for i, c in enumerate(value))
+        if kind == Kind.TUPLE and isinstance(live, tuple) and len(live) == len(value):
+            return tuple(self.into(live[i], c, child_path(path, i)) for i, c in enumerate(value))
         return unflatten(node, tensors)
 
 
@@ -616,17 +723,31 @@ def restore_into(
     optimizers (schedulers, GradScaler, samplers...) decide for themselves what fits, so they are
     loaded first: if one raises, those loaded before it are put back from their own
     ``state_dict()`` taken just before, and no tensor has been touched yet.
+
+    Args:
+        live: the live state.
+        node: the checkpoint's skeleton (or the node for ``live``).
+        tensors: the checkpoint's tensors.
+        plan: what ``check_compatible`` found; None makes a strict plan first.
+        path: ``live``'s path, as the plan names it.
+
+    Returns:
+        ``live`` updated in place, or the new value where a leaf was replaced.
+
+    Raises:
+        StateMismatchError: without a plan, the checkpoint does not fit ``live``.
+        CheckpointError: a stateful object's ``load_state_dict`` failed.
     """
     if plan is None:
         plan = check_compatible(live, node, tensors)
     loaded: list[tuple[str, Any, Any]] = []
     try:
-        for object_path, obj, inner in plan.objects:
-            loaded.append((object_path, obj, obj.state_dict()))
+        for where, obj, inner in plan.objects:
+            loaded.append((where, obj, obj.state_dict()))
             try:
                 obj.load_state_dict(unflatten(inner, tensors))
             except Exception as exc:
-                raise CheckpointError(f"{object_path}: {type(obj).__name__}.load_state_dict failed: {exc}") from exc
+                raise CheckpointError(f"{where}: {type(obj).__name__}.load_state_dict failed: {exc}") from exc
         return _Restorer(tensors, plan).into(live, node, path)
     except BaseException:
         _put_back(loaded)
@@ -634,8 +755,8 @@ def restore_into(
 
 
 def _put_back(loaded: list[tuple[str, Any, Any]]) -> None:
-    for object_path, obj, before in reversed(loaded):
+    for where, obj, before in reversed(loaded):
         try:
             obj.load_state_dict(before)
         except Exception as exc:  # noqa: BLE001 - the first failure is the one to raise
-            warnings.warn(f"asyncckpt: could not put {object_path} back after a failed restore: {exc}", stacklevel=4)
+            warnings.warn(f"asyncckpt: could not put {where} back after a failed restore: {exc}", stacklevel=4)

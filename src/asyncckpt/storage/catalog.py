@@ -1,20 +1,34 @@
-"""What retention knows about each committed checkpoint: its step, metrics and tags, read from its
-manifest. The manager and ``asyncckpt prune`` both read it here, so a rule (tags protect a
-checkpoint, say) cannot hold for one and not for the other."""
+"""The catalog: the one list of a root's committed checkpoints, with the step, metrics and tags of
+each, read from its manifest. The manager's retention, steps and tags, and ``asyncckpt prune`` and
+``ls`` all read it here, so a rule (tags protect a checkpoint, say) cannot hold for one and not for
+the other.
+
+A writer's catalog lists through its commit protocol (what the protocol counts as committed) and
+deletes through it; a reader's catalog lists the root as readers do, without a lock.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable
+from pathlib import Path
 
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointError
 from asyncckpt.retention import CheckpointInfo
-from asyncckpt.storage.local import CommittedCheckpoint
+from asyncckpt.storage.commit import CommitProtocol, CommittedCheckpoint
+from asyncckpt.storage.local import list_checkpoints
 
 
 def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
-    """A checkpoint whose manifest cannot be read is marked so, with the reason: its tags are
-    unknown, so retention keeps it rather than guess."""
+    """What retention knows of one checkpoint, read from its manifest.
+
+    Args:
+        checkpoint: A committed checkpoint.
+
+    Returns:
+        Its step, metrics and tags. A checkpoint whose manifest cannot be read is marked so, with
+        the reason: its tags are unknown, so retention keeps it rather than guess.
+    """
     try:
         manifest = read_manifest(checkpoint.path)
     except CheckpointError as exc:
@@ -22,5 +36,136 @@ def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
     return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
 
 
-def checkpoint_infos(checkpoints: Iterable[CommittedCheckpoint]) -> list[CheckpointInfo]:
-    return [checkpoint_info(c) for c in checkpoints]
+class Catalog:
+    """The committed checkpoints of one root and what is known of each (not thread-safe: the
+    manager serialises its calls).
+
+    The metrics and tags of a checkpoint are read from its manifest once and kept; the writer tells
+    the catalog what it commits or retags (:meth:`record`), so retention never re-reads manifests.
+
+    Args:
+        listing: Lists the committed checkpoints, oldest first.
+        deleting: Deletes one (None: a read-only catalog).
+    """
+
+    def __init__(
+        self,
+        listing: Callable[[], list[CommittedCheckpoint]],
+        deleting: Callable[[CommittedCheckpoint], None] | None = None,
+    ) -> None:
+        self._listing = listing
+        self._deleting = deleting
+        self._infos: dict[int, CheckpointInfo] = {}
+
+    @classmethod
+    def of_writer(cls, protocol: CommitProtocol) -> Catalog:
+        """The catalog of a root open for writing, listed and deleted through its commit protocol.
+
+        Args:
+            protocol: The root's commit protocol (holding its lock).
+
+        Returns:
+            The catalog, with every checkpoint's manifest read.
+
+        Raises:
+            CheckpointError: The root cannot be listed.
+        """
+        catalog = cls(protocol.checkpoints, protocol.delete)
+        catalog.infos()
+        return catalog
+
+    @classmethod
+    def of_reader(cls, root: Path) -> Catalog:
+        """The catalog of a root as a reader sees it (no lock; nothing can be deleted).
+
+        Args:
+            root: The checkpoint root.
+
+        Returns:
+            The catalog; manifests are read when first asked for.
+        """
+        return cls(lambda: list_checkpoints(root))
+
+    def checkpoints(self) -> list[CommittedCheckpoint]:
+        """The committed checkpoints now, oldest first.
+
+        Returns:
+            One entry per committed step.
+
+        Raises:
+            CheckpointError: The root cannot be listed.
+        """
+        return self._listing()
+
+    def steps(self) -> list[int]:
+        """The committed steps now, oldest first.
+
+        Returns:
+            The step numbers.
+        """
+        return [c.step for c in self.checkpoints()]
+
+    def find(self, step: int) -> CommittedCheckpoint | None:
+        """The committed checkpoint of ``step``.
+
+        Args:
+            step: A step number.
+
+        Returns:
+            The checkpoint, or None when the step is not committed.
+        """
+        return next((c for c in self.checkpoints() if c.step == step), None)
+
+    def entries(self) -> list[tuple[CommittedCheckpoint, CheckpointInfo]]:
+        """Every committed checkpoint with its metrics and tags, oldest first.
+
+        Returns:
+            (checkpoint, info) pairs; an info with ``unreadable`` set where the manifest cannot be
+            read.
+        """
+        out = []
+        for checkpoint in self.checkpoints():
+            info = self._infos.get(checkpoint.step)
+            if info is None:
+                info = self._infos[checkpoint.step] = checkpoint_info(checkpoint)
+            out.append((checkpoint, info))
+        return out
+
+    def infos(self) -> list[CheckpointInfo]:
+        """The metrics and tags of every committed checkpoint, oldest first.
+
+        Returns:
+            One CheckpointInfo per committed step.
+        """
+        return [info for _, info in self.entries()]
+
+    def newest_known(self) -> int | None:
+        """The newest step the catalog knows of, without listing the root.
+
+        Returns:
+            The step, or None when none is known.
+        """
+        return max(self._infos, default=None)
+
+    def record(self, info: CheckpointInfo) -> None:
+        """What a commit or a tag change just wrote into a checkpoint's manifest.
+
+        Args:
+            info: The checkpoint's new step, metrics and tags.
+        """
+        self._infos[info.step] = info
+
+    def delete(self, checkpoint: CommittedCheckpoint) -> None:
+        """Delete a committed checkpoint through the commit protocol and forget it.
+
+        Args:
+            checkpoint: From :meth:`checkpoints`.
+
+        Raises:
+            CheckpointError: The catalog is read-only.
+            OSError: The protocol could not delete it; it stays committed.
+        """
+        if self._deleting is None:
+            raise CheckpointError("this catalog is read-only: open the root for writing to delete")
+        self._deleting(checkpoint)
+        self._infos.pop(checkpoint.step, None)

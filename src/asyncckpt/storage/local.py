@@ -1,15 +1,13 @@
-"""The local filesystem: the writer lock, temp dirs, fsync discipline, atomic commit, listing.
+"""The local filesystem backend: plain files under a root directory, the writer lock, fsync.
 
-Durability order of a commit (what makes a checkpoint survive power loss):
-  1. data files written and fsynced, 2. manifest.json written and fsynced,
-  3. the temp dir fsynced (its entries are durable), 4. rename temp dir -> step-N,
-  5. the root fsynced (the rename is durable). Retention deletes only after step 5.
-A directory named step-N therefore always holds a complete checkpoint; anything unfinished is a
-``.tmp-*`` directory, which readers never look at and the next writer sweeps away.
+:class:`LocalBackend` implements :mod:`asyncckpt.storage.backend`'s protocol (and the rename
+extension the rename commit needs). How a step is published, swept and deleted is the commit
+protocol's business (``storage/commit.py``); this module only keeps the filesystem's promises:
 
 Inside the root the writer never follows a symbolic link and never opens anything but a regular
-file: a link planted at ``.lock`` or at a checkpoint's name must not make us write elsewhere. The
-sweep removes only the exact names this module makes, so other tools' dot-files are safe.
+file: a link planted at ``.lock`` or at a checkpoint's name must not make us write elsewhere.
+Written files are fsynced before they count as written, and new names by an fsync of their
+directory (``sync``).
 
 The writer lock is ``flock`` on ``ROOT/.lock``: it belongs to the open file description, so
 closing some other descriptor of the file (a backup of the root taken by the training process)
@@ -31,22 +29,15 @@ import secrets
 import shutil
 import stat
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
-from asyncckpt import _phases
 from asyncckpt.errors import CheckpointError, RootInUseError
-from asyncckpt.format import MANIFEST_NAME, parse_step_dir, step_dir_name
+from asyncckpt.format import parse_step_dir
+from asyncckpt.storage.backend import Capabilities, Entry, ObjectInfo, describe_file_kind
+from asyncckpt.storage.commit import CommittedCheckpoint, is_published
 
 LOCK_NAME = ".lock"
 TEMP_PREFIX = ".tmp-"
-REPLACED_PREFIX = ".replaced-"
-
-# Every name the writer creates in a root (or a checkpoint dir), and nothing else, is swept.
-_HEX = "[0-9a-f]{8}"
-_SWEPT = re.compile(rf"\.tmp-step-[0-9]{{12}}-{_HEX}|\.tmp-delete-step-[0-9]{{12}}-{_HEX}|\.tmp-replaced-{_HEX}")
-_PARKED = re.compile(rf"\.replaced-(step-[0-9]{{12}})\.{_HEX}")
-_MANIFEST_TEMP = re.compile(rf"{re.escape(MANIFEST_NAME)}\.\.tmp-{_HEX}")
 
 
 def _token() -> str:
@@ -73,21 +64,6 @@ def _forget_locks_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks_in_child)
-
-
-def describe_file_kind(mode: int) -> str:
-    """ "a FIFO", "a directory"...: what an entry that is not a regular file is, for messages."""
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def _reason(exc: OSError) -> str:
@@ -126,12 +102,6 @@ def open_regular_no_follow(path: Path, flags: int, mode: int = 0o644, dir_fd: in
     return fd
 
 
-@dataclass(frozen=True)
-class CommittedCheckpoint:
-    step: int
-    path: Path
-
-
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -141,7 +111,21 @@ def fsync_dir(path: Path) -> None:
 
 
 def list_checkpoints(root: Path) -> list[CommittedCheckpoint]:
-    """Committed checkpoints under ``root``, oldest first. Symlinked entries are ignored."""
+    """Committed checkpoints under ``root``, oldest first, as a reader (no lock) sees them.
+
+    Symlinked entries are ignored, and so is a step a manifest-last save is still writing (or was
+    cut short writing): see :func:`asyncckpt.storage.commit.is_published`.
+
+    Args:
+        root: The checkpoint root.
+
+    Returns:
+        The committed checkpoints.
+
+    Raises:
+        CheckpointError: ``root`` is not a directory.
+    """
+    backend = LocalBackend(root)
     out = []
     try:
         entries = list(os.scandir(root))
@@ -151,7 +135,7 @@ def list_checkpoints(root: Path) -> list[CommittedCheckpoint]:
         raise CheckpointError(f"checkpoint root {root} is not a directory") from None
     for entry in entries:
         step = parse_step_dir(entry.name)
-        if step is not None and entry.is_dir(follow_symlinks=False):
+        if step is not None and entry.is_dir(follow_symlinks=False) and is_published(backend, entry.name):
             out.append(CommittedCheckpoint(step, Path(entry.path)))
     return sorted(out, key=lambda c: c.step)
 
@@ -190,14 +174,24 @@ def open_data_file(path: Path) -> int:
 
 
 class DataFileWriter:
-    """Appends stored chunks to one data file and reports where each landed."""
+    """Appends stored chunks to one new data file and reports where each landed: the local
+    backend's :class:`~asyncckpt.storage.backend.WriteStream`.
+
+    Args:
+        path: The file to create (never an existing one, never through a link).
+
+    Raises:
+        CheckpointError: The file exists or cannot be created.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.name = path.name
         self.fd = open_regular_no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         self.size = 0
 
     def append(self, data: bytes | memoryview) -> int:
+        """See :meth:`asyncckpt.storage.backend.WriteStream.append`."""
         offset = self.size
         view = memoryview(data)
         while view:
@@ -206,13 +200,15 @@ class DataFileWriter:
         self.size += len(data)
         return offset
 
-    def sync_and_close(self) -> None:
+    def finish(self) -> None:
+        """See :meth:`asyncckpt.storage.backend.WriteStream.finish`: fsync, then close."""
         try:
             os.fsync(self.fd)
         finally:
-            self.close()
+            self.abort()
 
-    def close(self) -> None:
+    def abort(self) -> None:
+        """See :meth:`asyncckpt.storage.backend.WriteStream.abort`."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -282,35 +278,94 @@ def _holder(fd: int) -> str:
     return raw if re.fullmatch("[0-9]{1,10}", raw) else "unknown"
 
 
-class LocalStorage:
-    """A checkpoint root owned by this process (the one writer) for as long as it is open."""
+class _LocalReadHandle:
+    """A data file opened for ranged reads (never through a link, only a regular file)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+    def __init__(self, fd: int, describe: str) -> None:
+        self._fd = fd
+        self._describe = describe
+        self.size = os.fstat(fd).st_size
+
+    def read_into(self, buffer: memoryview, offset: int) -> int:
+        """See :meth:`asyncckpt.storage.backend.ReadHandle.read_into`."""
+        return os.preadv(self._fd, [buffer], offset)
+
+    def fileno(self) -> int | None:
+        """See :meth:`asyncckpt.storage.backend.ReadHandle.fileno`."""
+        return self._fd
+
+    def close(self) -> None:
+        """See :meth:`asyncckpt.storage.backend.ReadHandle.close`."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LocalBackend:
+    """A checkpoint root on the local filesystem: the :class:`~asyncckpt.storage.backend.Backend`
+    (and ``RenameBackend``) protocol over plain files and directories.
+
+    Nothing is created or locked until :meth:`lock` (a writer); readers use it as is. Inside the
+    root nothing is opened through a symbolic link and only regular files are read or written.
+
+    Args:
+        root: The root directory (created by ``lock``).
+        atomic_rename: Whether commits may rename directories. False declares a filesystem whose
+            renames are not atomic (a FUSE mount of an object store): the manifest-written-last
+            commit then applies.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, atomic_rename: bool = True) -> None:
+        self._root = Path(root)
+        self.capabilities = Capabilities(atomic_rename=atomic_rename, fsync=True, mmap=True, lock=True)
         self._pid = os.getpid()
+        self._lock_fd = -1
+        self._key: tuple[int, int] | None = None
+
+    @property
+    def root(self) -> Path:
+        """The root directory, as given."""
+        return self._root
+
+    def path(self, name: str) -> Path:
+        """The local path of ``name`` (the root itself for "").
+
+        Args:
+            name: A relative name in the root.
+
+        Returns:
+            The path.
+        """
+        return self._root / name if name else self._root
+
+    def describe(self, name: str) -> str:
+        """See :meth:`asyncckpt.storage.backend.Backend.describe`."""
+        return str(self.path(name))
+
+    # ---- the writer lock ----------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """See :meth:`asyncckpt.storage.backend.Backend.lock`: ``flock`` on ``ROOT/.lock``."""
+        if self._lock_fd >= 0:
+            return
         try:
-            _create_root(self.root)
+            _create_root(self._root)
         except OSError as exc:
-            raise CheckpointError(f"cannot create checkpoint root {self.root}: {_reason(exc)}") from exc
+            raise CheckpointError(f"cannot create checkpoint root {self._root}: {_reason(exc)}") from exc
         self._lock_fd = self._acquire_lock()
-        try:
-            self.sweep()
-        except BaseException:
-            self.close()
-            raise
 
     def _acquire_lock(self) -> int:
-        path = self.root / LOCK_NAME
+        path = self._root / LOCK_NAME
         try:
-            st = os.stat(self.root)
+            st = os.stat(self._root)
         except OSError as exc:
-            raise CheckpointError(f"cannot use checkpoint root {self.root}: {_reason(exc)}") from exc
-        self._key = (st.st_dev, st.st_ino)
+            raise CheckpointError(f"cannot use checkpoint root {self._root}: {_reason(exc)}") from exc
+        key = (st.st_dev, st.st_ino)
         in_use = "only one CheckpointManager (or prune) may write to a root at a time"
         with _held_guard:
-            if self._key in _held:
+            if key in _held:
                 raise RootInUseError(
-                    f"checkpoint root {self.root} is in use: it is already open in this process by another "
+                    f"checkpoint root {self._root} is in use: it is already open in this process by another "
                     "CheckpointManager or prune; close it first"
                 )
             try:
@@ -319,7 +374,7 @@ class LocalStorage:
                 cause = exc.__cause__
                 if isinstance(cause, OSError) and cause.errno == errno.EROFS:
                     raise CheckpointError(
-                        f"checkpoint root {self.root} is on a read-only filesystem: a writer cannot open its lock "
+                        f"checkpoint root {self._root} is on a read-only filesystem: a writer cannot open its lock "
                         f"{path} (reading checkpoints needs no lock)"
                     ) from cause
                 raise
@@ -331,7 +386,7 @@ class LocalStorage:
                 if holder is None:
                     raise CheckpointError(f"cannot lock {path}: {_reason(exc)}") from exc
                 raise RootInUseError(
-                    f"checkpoint root {self.root} is in use by another writer (pid {holder}); {in_use}"
+                    f"checkpoint root {self._root} is in use by another writer (pid {holder}); {in_use}"
                 ) from None
             try:
                 os.ftruncate(fd, 0)
@@ -339,10 +394,12 @@ class LocalStorage:
             except OSError as exc:
                 os.close(fd)  # releases the lock just taken
                 raise CheckpointError(f"cannot write {path}: {_reason(exc)}") from exc
-            _held[self._key] = fd
+            _held[key] = fd
+            self._key = key
         return fd
 
     def close(self) -> None:
+        """See :meth:`asyncckpt.storage.backend.Backend.close`."""
         if self._lock_fd < 0:
             return
         if os.getpid() != self._pid:  # a forked child: the lock is its parent's, the fd closed at the fork
@@ -354,134 +411,149 @@ class LocalStorage:
             except OSError:
                 pass  # closing releases it anyway
             os.close(self._lock_fd)
-            _held.pop(self._key, None)
+            if self._key is not None:
+                _held.pop(self._key, None)
         self._lock_fd = -1
 
-    def sweep(self) -> list[str]:
-        """Remove what dead writers left, and undo a replace cut short by a crash.
+    # ---- writing ------------------------------------------------------------------------------
 
-        Only the exact names this module makes are touched, only real directories (and manifest
-        temp files), never through a link: a user's ``.tmp-cache/`` in the root is not ours.
-        """
-        removed: list[str] = []
-        try:
-            entries = list(os.scandir(self.root))
-        except OSError as exc:
-            raise CheckpointError(f"cannot list checkpoint root {self.root}: {_reason(exc)}") from exc
-        for entry in entries:
+    def _make_parents(self, name: str) -> None:
+        """Create the missing directories above ``name`` (never through a link)."""
+        parts = name.split("/")[:-1]
+        for i in range(len(parts)):
+            path = self.path("/".join(parts[: i + 1]))
             try:
-                if not entry.is_dir(follow_symlinks=False):
-                    continue
-            except OSError:
-                continue
-            parked = _PARKED.fullmatch(entry.name)
-            if parked is not None and not os.path.lexists(self.root / parked.group(1)):
-                # crashed between the two renames of a replace: put the old checkpoint back
-                try:
-                    os.rename(entry.path, self.root / parked.group(1))
-                except OSError as exc:
-                    raise CheckpointError(f"cannot put back {entry.path}: {_reason(exc)}") from exc
-                fsync_dir(self.root)
-            elif parked is not None or _SWEPT.fullmatch(entry.name):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(entry.name)
-            elif parse_step_dir(entry.name) is not None:
-                removed += _sweep_manifest_temps(Path(entry.path))
-        return removed
+                os.mkdir(path)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    what = describe_file_kind(os.lstat(path).st_mode)
+                    raise CheckpointError(f"{path} is {what}, not a directory asyncckpt can use") from None
+            except OSError as exc:
+                raise CheckpointError(f"cannot create {path}: {_reason(exc)}") from exc
 
-    def new_temp_dir(self, step: int) -> Path:
-        path = self.root / f"{TEMP_PREFIX}{step_dir_name(step)}-{_token()}"
-        path.mkdir()  # never an existing name, never through a link
-        return path
+    def open_write(self, name: str) -> DataFileWriter:
+        """See :meth:`asyncckpt.storage.backend.Backend.open_write`."""
+        self._make_parents(name)
+        return DataFileWriter(self.path(name))
 
-    def write_manifest(self, temp_dir: Path, data: bytes) -> None:
-        _write_new_synced(temp_dir / MANIFEST_NAME, data)
-        fsync_dir(temp_dir)
+    def write_small(self, name: str, data: bytes) -> None:
+        """See :meth:`asyncckpt.storage.backend.Backend.write_small`."""
+        self._make_parents(name)
+        _write_new_synced(self.path(name), data)
 
-    def replace_manifest(self, checkpoint: Path, data: bytes) -> None:
-        """Swap a committed checkpoint's manifest atomically (tags change; the data does not).
+    def sync(self, prefix: str) -> None:
+        """See :meth:`asyncckpt.storage.backend.Backend.sync`: an fsync of the directory."""
+        fsync_dir(self.path(prefix))
 
-        Every step goes through one descriptor of the checkpoint dir, opened without following a
-        link, so a checkpoint swapped for a link meanwhile cannot redirect the write."""
-        dir_fd = _dir_fd_no_follow(checkpoint)
+    def make_dir(self, name: str) -> None:
+        """See :meth:`asyncckpt.storage.backend.RenameBackend.make_dir`."""
+        os.mkdir(self.path(name))  # never an existing name, never through a link
+
+    def rename(self, source: str, target: str) -> None:
+        """See :meth:`asyncckpt.storage.backend.RenameBackend.rename`."""
+        os.rename(self.path(source), self.path(target))
+
+    def mode(self, name: str) -> int | None:
+        """See :meth:`asyncckpt.storage.backend.RenameBackend.mode`."""
         try:
-            temp = f"{MANIFEST_NAME}.{TEMP_PREFIX}{_token()}"
-            _write_new_synced(checkpoint / temp, data, dir_fd=dir_fd)
+            return os.lstat(self.path(name)).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def replace_small(self, name: str, data: bytes) -> None:
+        """See :meth:`asyncckpt.storage.backend.RenameBackend.replace_small`.
+
+        Every step goes through one descriptor of the object's directory, opened without following
+        a link, so a directory swapped for a link meanwhile cannot redirect the write."""
+        path = self.path(name)
+        dir_fd = _dir_fd_no_follow(path.parent)
+        try:
+            temp = f"{path.name}.{TEMP_PREFIX}{_token()}"
+            _write_new_synced(path.parent / temp, data, dir_fd=dir_fd)
             try:
-                os.rename(temp, MANIFEST_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                os.rename(temp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                 os.fsync(dir_fd)
             except OSError as exc:
                 try:
                     os.unlink(temp, dir_fd=dir_fd)
                 except OSError:
                     pass
-                raise CheckpointError(f"cannot replace {checkpoint / MANIFEST_NAME}: {_reason(exc)}") from exc
+                raise CheckpointError(f"cannot replace {path}: {_reason(exc)}") from exc
         finally:
             os.close(dir_fd)
 
-    def commit(self, temp_dir: Path, step: int) -> Path:
-        """Atomically publish ``temp_dir`` as step-N (replacing an older save of the same step)."""
-        final = self.root / step_dir_name(step)
+    # ---- reading ------------------------------------------------------------------------------
+
+    def open_read(self, name: str) -> _LocalReadHandle:
+        """See :meth:`asyncckpt.storage.backend.Backend.open_read`."""
+        path = self.path(name)
+        return _LocalReadHandle(open_data_file(path), str(path))
+
+    def read_small(self, name: str, limit: int) -> bytes:
+        """See :meth:`asyncckpt.storage.backend.Backend.read_small`."""
+        return read_file_no_follow(self.path(name), limit)
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        """See :meth:`asyncckpt.storage.backend.Backend.list`."""
+        path = self.path(prefix)
         try:
-            existing = os.lstat(final).st_mode
+            with os.scandir(path) as entries:
+                out = []
+                for entry in entries:
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        is_dir = False
+                    out.append(Entry(entry.name, is_dir))
+                return out
         except FileNotFoundError:
-            existing = None
-        if existing is not None and not stat.S_ISDIR(existing):
-            raise CheckpointError(
-                f"{final} exists and is {describe_file_kind(existing)}, not a checkpoint; "
-                "asyncckpt neither follows nor replaces it"
-            )
-        if existing is not None:
-            parked = self.root / f"{REPLACED_PREFIX}{final.name}.{_token()}"
-            os.rename(final, parked)
-            _phases.pause("replace")  # the window a crash-consistent sweep must repair
+            return []
+        except NotADirectoryError:
+            raise CheckpointError(f"{path} is not a directory") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot list {path}: {_reason(exc)}") from exc
+
+    def stat(self, name: str) -> ObjectInfo | None:
+        """See :meth:`asyncckpt.storage.backend.Backend.stat`."""
+        try:
+            st = os.lstat(self.path(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        for test, kind in ((stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "link")):
+            if test(st.st_mode):
+                return ObjectInfo(kind, 0 if kind == "dir" else st.st_size)
+        return ObjectInfo("other", 0)
+
+    def identity(self, name: str) -> tuple[int, int] | None:
+        """See :meth:`asyncckpt.storage.backend.Backend.identity`: ``(st_dev, st_ino)``."""
+        try:
+            st = os.lstat(self.path(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_dev, st.st_ino
+
+    # ---- deleting -----------------------------------------------------------------------------
+
+    def delete(self, name: str) -> None:
+        """See :meth:`asyncckpt.storage.backend.Backend.delete`: only a regular file is unlinked,
+        through a descriptor of its directory opened without following a link."""
+        path = self.path(name)
+        try:
+            dir_fd = _dir_fd_no_follow(path.parent)
+        except CheckpointError:
+            return  # its directory is gone (or is not ours to enter): nothing of ours to delete
+        try:
             try:
-                os.rename(temp_dir, final)
-            except BaseException:
-                os.rename(parked, final)  # the failed save must not hide the checkpoint it replaced
-                raise
-            fsync_dir(self.root)
-            # Renamed to a temp name before removal: a leftover can then only ever be swept, never
-            # mistaken for a replace cut short and put back over a newer checkpoint.
-            doomed = self.root / f"{TEMP_PREFIX}replaced-{_token()}"
-            os.rename(parked, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-        else:
-            os.rename(temp_dir, final)
-            fsync_dir(self.root)
-        return final
+                mode = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                return
+            if stat.S_ISREG(mode):
+                os.unlink(path.name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
 
-    def discard(self, path: Path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
-
-    def delete(self, checkpoint: CommittedCheckpoint) -> None:
-        """Hide a checkpoint with one rename first, so a crash mid-delete never leaves a husk."""
-        doomed = self.root / f"{TEMP_PREFIX}delete-{checkpoint.path.name}-{_token()}"
-        os.rename(checkpoint.path, doomed)
-        fsync_dir(self.root)
-        shutil.rmtree(doomed, ignore_errors=True)
-
-    def checkpoints(self) -> list[CommittedCheckpoint]:
-        return list_checkpoints(self.root)
-
-
-def _sweep_manifest_temps(checkpoint: Path) -> list[str]:
-    """The manifest temp file a tag rewrite cut short by a crash left in a committed checkpoint."""
-    try:
-        dir_fd = _dir_fd_no_follow(checkpoint)
-    except CheckpointError:
-        return []
-    removed = []
-    try:
-        for name in os.listdir(dir_fd):
-            if not _MANIFEST_TEMP.fullmatch(name):
-                continue
-            try:
-                if stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                    os.unlink(name, dir_fd=dir_fd)
-                    removed.append(f"{checkpoint.name}/{name}")
-            except OSError:
-                pass
-    finally:
-        os.close(dir_fd)
-    return removed
+    def delete_tree(self, prefix: str) -> None:
+        """See :meth:`asyncckpt.storage.backend.Backend.delete_tree`."""
+        if not prefix:
+            raise ValueError("delete_tree never removes the root")
+        shutil.rmtree(self.path(prefix), ignore_errors=True)

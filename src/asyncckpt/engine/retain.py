@@ -1,0 +1,59 @@
+"""Retention applied after each commit: the checkpoints the policy no longer keeps are deleted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from asyncckpt import _phases
+from asyncckpt.engine.pipeline import _warn_from_writer
+from asyncckpt.engine.tags import Tags
+from asyncckpt.retention import (
+    RetentionPolicy,
+    best_metric_missing,
+    missing_metric_text,
+    steps_to_delete,
+)
+
+
+class Retainer:
+    """Deletes what ``policy`` no longer keeps, deciding on the metrics and tags ``tags`` records.
+
+    Args:
+        tags: The committed steps' metrics and tags, in its catalog (its lock is held while
+            deleting through the catalog).
+        policy: What to keep.
+        root: The root (for messages).
+    """
+
+    def __init__(self, tags: Tags, policy: RetentionPolicy, root: Path) -> None:
+        self._tags = tags
+        self._policy = policy
+        self._root = root
+        self._warned_no_best = False
+
+    def apply(self, protect: int) -> None:
+        """Writer thread, after a commit: delete the checkpoints no longer kept, never ``protect``.
+
+        Warns once when ``keep_best`` has no checkpoint with its metric (nothing is deleted then).
+
+        Args:
+            protect: The step just committed.
+
+        Raises:
+            OSError: Listing or deleting failed (the writer warns; the commit stands).
+        """
+        with self._tags.lock:
+            entries = self._tags.catalog.entries()
+            committed = {c.step: c for c, _ in entries}
+            infos = [info for _, info in entries]
+            if not self._warned_no_best and best_metric_missing(infos, self._policy):
+                self._warned_no_best = True
+                _warn_from_writer(
+                    f"asyncckpt: keep_best: no committed checkpoint in {self._root} "
+                    f"{missing_metric_text(infos, self._policy)}; retention deletes nothing until one does "
+                    "(pass it to save(metrics=...))"
+                )
+            for step in steps_to_delete(infos, self._policy):
+                if step != protect:
+                    _phases.pause("retention")
+                    self._tags.catalog.delete(committed[step])

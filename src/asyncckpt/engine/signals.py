@@ -1,0 +1,133 @@
+"""Process events a manager answers: a preemption signal (a final checkpoint at the next
+``maybe_save``, then the signal acts as it would have) and the interpreter's exit (pending saves
+still commit)."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import signal
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from asyncckpt.engine.handle import SaveHandle
+from asyncckpt.errors import CheckpointError, SaveFailedError
+
+
+class Preemption:
+    """The signal handlers one manager installed, and the signal received but not yet acted on.
+
+    Attributes:
+        signum: The signal received, until the final checkpoint takes it; None otherwise.
+    """
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()  # a forked child inherits the handlers, not the manager
+        self._previous: dict[int, Any] = {}
+        self.signum: int | None = None
+
+    def install(self, signals: tuple[int, ...]) -> None:
+        """Catch ``signals`` (the handlers found are kept, to be put back).
+
+        Args:
+            signals: The signal numbers.
+
+        Raises:
+            RuntimeError: Not called from the main thread.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("install_signal_handlers must be called from the main thread")
+        for signum in signals:
+            self._previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._on_signal)
+
+    def installed(self) -> bool:
+        """Whether handlers are installed.
+
+        Returns:
+            True until ``restore``.
+        """
+        return bool(self._previous)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._pid != os.getpid():  # a forked child inherited the handler: act as if it never had it
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        if self.signum is not None:  # asked twice: stop waiting for the next step
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def restore(self) -> None:
+        """Put back the handlers found at ``install`` (main thread)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def final_save_and_reraise(
+        self,
+        save: Callable[[], tuple[SaveHandle, SaveFailedError | None]],
+        take_errors: Callable[[], SaveFailedError | None],
+    ) -> None:
+        """The preemption checkpoint: attempted whatever failed before, waited for, then the signal.
+
+        Failures become warnings: the signal is raised again whatever happened.
+
+        Args:
+            save: Takes the final save; returns its handle and an earlier failure.
+            take_errors: The background failures not yet reported.
+        """
+        signum, self.signum = self.signum, None
+        assert signum is not None
+        try:
+            try:
+                handle, earlier = save()
+            except CheckpointError as exc:
+                warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+            else:
+                try:
+                    handle.wait()  # this save's own outcome: another save's failure is not its
+                except CheckpointError as exc:
+                    warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+                for other in (earlier, take_errors()):
+                    if other is not None:
+                        warnings.warn(
+                            f"asyncckpt: before signal {signum}, an earlier save failed: {other}", stacklevel=3
+                        )
+        finally:
+            self.restore()
+            signal.raise_signal(signum)
+
+
+def _call_if_alive(ref: weakref.WeakMethod) -> None:
+    method = ref()
+    if method is not None:
+        method()
+
+
+def at_interpreter_exit(close: Callable[[], None]) -> None:
+    """Call ``close`` (a bound method, held weakly) at exit *before* thread pools shut down, so
+    pending saves still commit.
+
+    ``atexit`` runs too late: by then concurrent.futures has refused new work, and a save still
+    in flight would fail. ``threading._register_atexit`` (what concurrent.futures itself uses)
+    runs its callbacks newest first, ahead of the pools registered at import.
+
+    Args:
+        close: A bound method; its object may be collected before exit (nothing is called then).
+    """
+    callback = functools.partial(_call_if_alive, weakref.WeakMethod(close))
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(callback)
+            return
+    except RuntimeError:  # already shutting down
+        pass
+    atexit.register(callback)

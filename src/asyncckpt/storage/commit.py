@@ -1,0 +1,623 @@
+"""Commit protocols: how a step's durable data becomes a committed checkpoint, and back.
+
+The writer (``engine/pipeline.py``) asks the protocol for a staging place (:meth:`CommitProtocol.begin`),
+writes the step's data objects there through the backend and makes them durable, builds the
+manifest and hands it to :meth:`CommitProtocol.stage_manifest`, then (after the point where
+overlap mode's verdict stands) to :meth:`CommitProtocol.publish`. Any failure before the publish
+returns ends in :meth:`CommitProtocol.abort`. Retention deletes with
+:meth:`CommitProtocol.delete`, tags change with :meth:`CommitProtocol.replace_manifest`, and a writer
+opening a root first runs :meth:`CommitProtocol.recover` (the sweep of what a crash left).
+
+Two protocols, chosen by the backend's capabilities (:func:`open_storage`):
+
+* :class:`RenameCommit` (``atomic_rename``): the step is staged in ``.tmp-step-N-<token>/``; the
+  publish writes ``manifest.json`` there, fsyncs the directory and renames it to ``step-N`` (a
+  replaced step is parked as ``.replaced-step-N.<token>`` for the moment between the two renames).
+  A directory named ``step-N`` therefore always holds a complete checkpoint.
+* :class:`ManifestLastCommit` (no rename): data objects go straight into ``step-N/`` under names
+  unique to the attempt (``data-NNNNN-<16 hex>.bin``); the sealed manifest, written last as
+  ``manifest-<generation>.json``, is the commit record. A step exists exactly when one of its
+  manifests exists and verifies; the newest such generation is the step. Re-saving a step writes
+  a new generation beside the old one and only then removes the old manifest, then its data.
+
+Durability order of a rename commit (what makes a checkpoint survive power loss):
+  1. data files written and fsynced, 2. manifest.json written and fsynced,
+  3. the temp dir fsynced (its entries are durable), 4. rename temp dir -> step-N,
+  5. the root fsynced (the rename is durable). Retention deletes only after step 5.
+
+Sweeps remove only the exact names the protocol makes, so other tools' files are safe.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from asyncckpt import _phases
+from asyncckpt.errors import CheckpointError
+from asyncckpt.format import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    check_manifest_seal,
+    data_file_name,
+    is_data_file_name,
+    manifest_generation_name,
+    parse_manifest,
+    parse_manifest_generation,
+    parse_step_dir,
+    step_dir_name,
+)
+from asyncckpt.storage.backend import Backend, RenameBackend, describe_file_kind, open_backend
+
+TEMP_PREFIX = ".tmp-"
+REPLACED_PREFIX = ".replaced-"
+
+# Every name the rename commit creates in a root (or a checkpoint dir), and nothing else, is swept.
+_HEX = "[0-9a-f]{8}"
+_SWEPT = re.compile(rf"\.tmp-step-[0-9]{{12}}-{_HEX}|\.tmp-delete-step-[0-9]{{12}}-{_HEX}|\.tmp-replaced-{_HEX}")
+_PARKED = re.compile(rf"\.replaced-(step-[0-9]{{12}})\.{_HEX}")
+_MANIFEST_TEMP = re.compile(rf"{re.escape(MANIFEST_NAME)}\.\.tmp-{_HEX}")
+# The per-attempt data names of the manifest-last commit (the only data names it ever removes
+# besides those of a version it superseded).
+_ATTEMPT_DATA = re.compile(r"data-[0-9]{5}-([0-9a-f]{16})\.bin")
+
+
+def _token() -> str:
+    return secrets.token_hex(4)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+@dataclass(frozen=True)
+class CommittedCheckpoint:
+    """A committed step as its root lists it.
+
+    Attributes:
+        step: The step number.
+        path: Its directory (``ROOT/step-<12 digits>``).
+    """
+
+    step: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class Staging:
+    """Where one save attempt of a step writes its data objects, until it is published or aborted.
+
+    Attributes:
+        step: The step being saved.
+        prefix: The backend name of the directory the attempt writes into.
+        attempt: A token unique to this attempt.
+        unique_names: Data file names carry the attempt (``data-NNNNN-<attempt>.bin``), because
+            they share the directory with a committed version of the step.
+    """
+
+    step: int
+    prefix: str
+    attempt: str
+    unique_names: bool = False
+
+    def data_name(self, rank: int) -> str:
+        """The data file name recorded in the manifest's chunk table.
+
+        Args:
+            rank: The data file's number.
+
+        Returns:
+            Its name in the step directory.
+        """
+        return data_file_name(rank, self.attempt if self.unique_names else None)
+
+    def object_name(self, file: str) -> str:
+        """The backend name of the file ``file`` of this attempt.
+
+        Args:
+            file: A name from :meth:`data_name`.
+
+        Returns:
+            ``prefix/file``.
+        """
+        return f"{self.prefix}/{file}"
+
+
+def newest_manifest(backend: Backend, step_name: str) -> tuple[str, bytes] | None:
+    """The committed version of a step written by :class:`ManifestLastCommit`: its newest
+    ``manifest-<generation>.json`` (or ``manifest.json``) whose seal verifies.
+
+    Args:
+        backend: The root's backend.
+        step_name: The step directory's name.
+
+    Returns:
+        The manifest's file name and bytes, or None when no manifest of the step verifies.
+    """
+    for name in _versions(backend, step_name):
+        where = f"{step_name}/{name}"
+        try:
+            raw = backend.read_small(where, MAX_MANIFEST_BYTES)
+            check_manifest_seal(raw, backend.describe(where))
+        except CheckpointError:
+            continue
+        return name, raw
+    return None
+
+
+def is_published(backend: Backend, step_name: str) -> bool:
+    """Whether a ``step-N`` directory counts as a committed checkpoint for a reader listing a root.
+
+    A directory with ``manifest.json`` does (a renamed checkpoint; if it is damaged, reading it
+    says so). One with manifest generations or per-attempt data files was written by the
+    manifest-last commit, and counts only once one of its manifests verifies: before that it is a
+    save under way or cut short, never a damaged checkpoint. Any other directory counts, so a
+    checkpoint that lost its manifest is reported as damaged, as it always was.
+
+    Args:
+        backend: The root's backend.
+        step_name: The step directory's name.
+
+    Returns:
+        True when readers should list it.
+    """
+    if backend.stat(f"{step_name}/{MANIFEST_NAME}") is not None:
+        return True
+    try:
+        names = [e.name for e in backend.list(step_name)]
+    except CheckpointError:
+        return True
+    if not any(parse_manifest_generation(n) is not None or _ATTEMPT_DATA.fullmatch(n) for n in names):
+        return True
+    return newest_manifest(backend, step_name) is not None
+
+
+def _versions(backend: Backend, step_name: str) -> list[str]:
+    """The step's manifest names, newest generation first (``manifest.json`` last)."""
+    found = []
+    for entry in backend.list(step_name):
+        generation = parse_manifest_generation(entry.name)
+        if generation is not None and not entry.is_dir:
+            found.append((generation, entry.name))
+    return [name for _, name in sorted(found, reverse=True)]
+
+
+class CommitProtocol:
+    """The interface both protocols implement (see the module docstring for the call order).
+
+    Args:
+        backend: The locked backend of the root.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @property
+    def root(self) -> Path:
+        """The root directory."""
+        return self.backend.root
+
+    def begin(self, step: int) -> Staging:
+        """A staging place for one save attempt of ``step``.
+
+        Args:
+            step: The step being saved.
+
+        Returns:
+            Where to write the attempt's data objects.
+
+        Raises:
+            CheckpointError, OSError: The staging place cannot be made.
+        """
+        raise NotImplementedError
+
+    def stage_manifest(self, staging: Staging, manifest: bytes) -> None:
+        """Keep the sealed manifest with the attempt's data, not yet visible (called once, after the
+        data is durable and before :meth:`publish`). A protocol whose manifest is the commit record
+        writes nothing here.
+
+        Args:
+            staging: From :meth:`begin`, with every data object finished.
+            manifest: The sealed manifest bytes.
+
+        Raises:
+            CheckpointError, OSError: It could not be written; the caller then calls :meth:`abort`.
+        """
+        raise NotImplementedError
+
+    def publish(self, staging: Staging, manifest: bytes) -> CommittedCheckpoint:
+        """Commit the attempt: its data objects are durable, ``manifest`` is their sealed manifest
+        (the bytes given to :meth:`stage_manifest`).
+
+        Args:
+            staging: From :meth:`begin`, with every data object finished.
+            manifest: The sealed manifest bytes.
+
+        Returns:
+            The committed checkpoint.
+
+        Raises:
+            CheckpointError, OSError: Not published; the caller then calls :meth:`abort`, and an
+                older version of the step, if any, is still the committed one.
+        """
+        raise NotImplementedError
+
+    def abort(self, staging: Staging) -> None:
+        """Remove what the attempt wrote (after a failure). Never raises.
+
+        Args:
+            staging: From :meth:`begin`.
+        """
+        raise NotImplementedError
+
+    def delete(self, checkpoint: CommittedCheckpoint) -> None:
+        """Delete a committed checkpoint so that a crash midway never leaves a partial one visible.
+
+        Args:
+            checkpoint: From :meth:`checkpoints`.
+
+        Raises:
+            OSError: It could not be hidden; it is still committed.
+        """
+        raise NotImplementedError
+
+    def replace_manifest(self, checkpoint: Path, manifest: bytes) -> None:
+        """Swap a committed checkpoint's manifest atomically (tags change; the data does not).
+
+        Args:
+            checkpoint: The checkpoint's directory.
+            manifest: The new sealed manifest, with the same chunk table.
+
+        Raises:
+            CheckpointError: Not replaced; the old manifest stands.
+        """
+        raise NotImplementedError
+
+    def checkpoints(self) -> list[CommittedCheckpoint]:
+        """The committed checkpoints, oldest first.
+
+        Returns:
+            One entry per committed step.
+
+        Raises:
+            CheckpointError: The root cannot be listed.
+        """
+        raise NotImplementedError
+
+    def recover(self) -> list[str]:
+        """Sweep what dead writers left and repair a publish cut short (called when a writer opens).
+
+        Returns:
+            The names removed, relative to the root.
+
+        Raises:
+            CheckpointError: The root cannot be listed, or a repair failed.
+        """
+        raise NotImplementedError
+
+    def sweep(self) -> list[str]:
+        """Same as :meth:`recover` (the name the root's writers use).
+
+        Returns:
+            The names removed, relative to the root.
+        """
+        return self.recover()
+
+    def close(self) -> None:
+        """Release the root's writer lock. Idempotent."""
+        self.backend.close()
+
+
+class RenameCommit(CommitProtocol):
+    """Commit by renaming a complete staging directory to ``step-N`` (today's on-disk behaviour).
+
+    Args:
+        backend: A locked backend with ``Capabilities.atomic_rename``.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(backend)
+        self._fs = cast(RenameBackend, backend)
+
+    def begin(self, step: int) -> Staging:
+        """See :meth:`CommitProtocol.begin`: a new ``.tmp-step-N-<token>/`` directory."""
+        token = _token()
+        name = f"{TEMP_PREFIX}{step_dir_name(step)}-{token}"
+        self._fs.make_dir(name)
+        return Staging(step, name, token)
+
+    def stage_manifest(self, staging: Staging, manifest: bytes) -> None:
+        """See :meth:`CommitProtocol.stage_manifest`: ``manifest.json`` in the staging directory,
+        fsynced, then the directory fsynced (its entries are durable)."""
+        _phases.pause("manifest")
+        self._fs.write_small(staging.object_name(MANIFEST_NAME), manifest)
+        self._fs.sync(staging.prefix)
+
+    def publish(self, staging: Staging, manifest: bytes) -> CommittedCheckpoint:
+        """See :meth:`CommitProtocol.publish`: the rename (the manifest is already staged)."""
+        _phases.pause("rename")
+        return CommittedCheckpoint(staging.step, self._rename_into_place(staging.prefix, staging.step))
+
+    def _rename_into_place(self, temp: str, step: int) -> Path:
+        """Atomically publish ``temp`` as step-N (replacing an older save of the same step)."""
+        fs = self._fs
+        final = step_dir_name(step)
+        existing = fs.mode(final)
+        if existing is not None and not stat.S_ISDIR(existing):
+            raise CheckpointError(
+                f"{fs.describe(final)} exists and is {describe_file_kind(existing)}, not a checkpoint; "
+                "asyncckpt neither follows nor replaces it"
+            )
+        if existing is not None:
+            parked = f"{REPLACED_PREFIX}{final}.{_token()}"
+            fs.rename(final, parked)
+            _phases.pause("replace")  # the window a crash-consistent sweep must repair
+            try:
+                fs.rename(temp, final)
+            except BaseException:
+                fs.rename(parked, final)  # the failed save must not hide the checkpoint it replaced
+                raise
+            fs.sync("")
+            # Renamed to a temp name before removal: a leftover can then only ever be swept, never
+            # mistaken for a replace cut short and put back over a newer checkpoint.
+            doomed = f"{TEMP_PREFIX}replaced-{_token()}"
+            fs.rename(parked, doomed)
+            fs.delete_tree(doomed)
+        else:
+            fs.rename(temp, final)
+            fs.sync("")
+        return self.root / final
+
+    def abort(self, staging: Staging) -> None:
+        """See :meth:`CommitProtocol.abort`: the staging directory is removed."""
+        self._fs.delete_tree(staging.prefix)
+
+    def delete(self, checkpoint: CommittedCheckpoint) -> None:
+        """See :meth:`CommitProtocol.delete`: hidden with one rename first, so a crash mid-delete
+        never leaves a husk."""
+        name = checkpoint.path.name
+        doomed = f"{TEMP_PREFIX}delete-{name}-{_token()}"
+        self._fs.rename(name, doomed)
+        self._fs.sync("")
+        self._fs.delete_tree(doomed)
+
+    def replace_manifest(self, checkpoint: Path, manifest: bytes) -> None:
+        """See :meth:`CommitProtocol.replace_manifest`: a temp file renamed over ``manifest.json``."""
+        self._fs.replace_small(f"{checkpoint.name}/{MANIFEST_NAME}", manifest)
+
+    def checkpoints(self) -> list[CommittedCheckpoint]:
+        """See :meth:`CommitProtocol.checkpoints`: the ``step-N`` directories (never links)."""
+        out = []
+        for entry in self._fs.list(""):
+            step = parse_step_dir(entry.name)
+            if step is not None and entry.is_dir:
+                out.append(CommittedCheckpoint(step, self.root / entry.name))
+        return sorted(out, key=lambda c: c.step)
+
+    def recover(self) -> list[str]:
+        """See :meth:`CommitProtocol.recover`: remove what dead writers left, and undo a replace cut
+        short by a crash. Only real directories (and manifest temp files) with the exact names this
+        protocol makes are touched, never through a link: a user's ``.tmp-cache/`` is not ours."""
+        fs = self._fs
+        removed: list[str] = []
+        for entry in fs.list(""):
+            if not entry.is_dir:
+                continue
+            parked = _PARKED.fullmatch(entry.name)
+            if parked is not None and fs.mode(parked.group(1)) is None:
+                # crashed between the two renames of a replace: put the old checkpoint back
+                try:
+                    fs.rename(entry.name, parked.group(1))
+                except OSError as exc:
+                    raise CheckpointError(f"cannot put back {fs.describe(entry.name)}: {_reason(exc)}") from exc
+                fs.sync("")
+            elif parked is not None or _SWEPT.fullmatch(entry.name):
+                fs.delete_tree(entry.name)
+                removed.append(entry.name)
+            elif parse_step_dir(entry.name) is not None:
+                removed += self._sweep_manifest_temps(entry.name)
+        return removed
+
+    def _sweep_manifest_temps(self, step_name: str) -> list[str]:
+        """The manifest temp file a tag rewrite cut short by a crash left in a committed checkpoint."""
+        try:
+            entries = self._fs.list(step_name)
+        except CheckpointError:
+            return []
+        removed = []
+        for entry in entries:
+            name = f"{step_name}/{entry.name}"
+            if entry.is_dir or not _MANIFEST_TEMP.fullmatch(entry.name):
+                continue
+            try:
+                mode = self._fs.mode(name)
+                if mode is not None and stat.S_ISREG(mode):
+                    self._fs.delete(name)
+                    removed.append(name)
+            except OSError:
+                pass
+        return removed
+
+
+class ManifestLastCommit(CommitProtocol):
+    """Commit by writing the sealed manifest last, for stores without an atomic rename.
+
+    Data objects are written under names unique to the save attempt, straight into ``step-N/``; the
+    manifest ``manifest-<generation>.json`` written after them is the commit record. A step exists
+    exactly when one of its manifests exists and verifies (its CRC32 seal), the newest such
+    generation being the step. A manifest that does not verify is a publish cut short: the sweep
+    removes it with the data no verified manifest references.
+
+    Args:
+        backend: A locked backend (any capabilities).
+    """
+
+    def _versions(self, step_name: str) -> list[str]:
+        return _versions(self.backend, step_name)
+
+    def _newest(self, step_name: str) -> tuple[str, bytes] | None:
+        return newest_manifest(self.backend, step_name)
+
+    def _next_generation(self, step_name: str) -> str:
+        versions = self._versions(step_name)
+        newest = parse_manifest_generation(versions[0]) if versions else 0
+        return manifest_generation_name((newest or 0) + 1)
+
+    def begin(self, step: int) -> Staging:
+        """See :meth:`CommitProtocol.begin`: ``step-N/`` itself, with names unique to the attempt."""
+        return Staging(step, step_dir_name(step), secrets.token_hex(8), unique_names=True)
+
+    def stage_manifest(self, staging: Staging, manifest: bytes) -> None:
+        """See :meth:`CommitProtocol.stage_manifest`: nothing (the manifest is the commit record)."""
+
+    def publish(self, staging: Staging, manifest: bytes) -> CommittedCheckpoint:
+        """See :meth:`CommitProtocol.publish`: the manifest is written last, then the version it
+        supersedes is removed (its manifest first, then its data)."""
+        step_name = staging.prefix
+        self.backend.sync(step_name)  # the data files' names, then the step directory's
+        self.backend.sync("")
+        name = self._next_generation(step_name)
+        _phases.pause("manifest")
+        self.backend.write_small(f"{step_name}/{name}", manifest)
+        self.backend.sync(step_name)
+        older = [v for v in self._versions(step_name) if v != name]
+        if older:
+            _phases.pause("replace")  # committed; the superseded version is still there
+            self._remove(step_name, older, keep_attempt=staging.attempt)
+        return CommittedCheckpoint(staging.step, self.root / step_name)
+
+    def _remove(self, step_name: str, manifests: list[str], keep_attempt: str | None) -> None:
+        """Remove ``manifests`` (made durable first), then every data file of other attempts (and
+        of the old unique-free layout) that the kept manifest does not reference."""
+        for name in manifests:
+            self.backend.delete(f"{step_name}/{name}")
+        self.backend.sync(step_name)
+        for entry in self.backend.list(step_name):
+            if entry.is_dir or not is_data_file_name(entry.name):
+                continue
+            match = _ATTEMPT_DATA.fullmatch(entry.name)
+            if match is None or match.group(1) != keep_attempt:
+                self.backend.delete(f"{step_name}/{entry.name}")
+
+    def abort(self, staging: Staging) -> None:
+        """See :meth:`CommitProtocol.abort`: this attempt's data files are removed."""
+        try:
+            for entry in self.backend.list(staging.prefix):
+                match = _ATTEMPT_DATA.fullmatch(entry.name)
+                if match is not None and match.group(1) == staging.attempt:
+                    self.backend.delete(staging.object_name(entry.name))
+            if not self.backend.list(staging.prefix):
+                self.backend.delete_tree(staging.prefix)
+        except (CheckpointError, OSError):
+            pass  # the next writer's sweep removes what is left
+
+    def delete(self, checkpoint: CommittedCheckpoint) -> None:
+        """See :meth:`CommitProtocol.delete`: every manifest first (durably), then the data."""
+        step_name = checkpoint.path.name
+        for name in self._versions(step_name):
+            self.backend.delete(f"{step_name}/{name}")
+        self.backend.sync(step_name)
+        self.backend.delete_tree(step_name)
+
+    def replace_manifest(self, checkpoint: Path, manifest: bytes) -> None:
+        """See :meth:`CommitProtocol.replace_manifest`: a new generation, then the old ones go."""
+        step_name = checkpoint.name
+        older = self._versions(step_name)
+        name = self._next_generation(step_name)
+        try:
+            self.backend.write_small(f"{step_name}/{name}", manifest)
+            self.backend.sync(step_name)
+        except OSError as exc:
+            self.backend.delete(f"{step_name}/{name}")
+            raise CheckpointError(f"cannot replace the manifest of {checkpoint}: {_reason(exc)}") from exc
+        for old in older:
+            self.backend.delete(f"{step_name}/{old}")
+        self.backend.sync(step_name)
+
+    def checkpoints(self) -> list[CommittedCheckpoint]:
+        """See :meth:`CommitProtocol.checkpoints`: the step directories with a verified manifest."""
+        out = []
+        for entry in self.backend.list(""):
+            step = parse_step_dir(entry.name)
+            if step is not None and entry.is_dir and self._newest(entry.name) is not None:
+                out.append(CommittedCheckpoint(step, self.root / entry.name))
+        return sorted(out, key=lambda c: c.step)
+
+    def recover(self) -> list[str]:
+        """See :meth:`CommitProtocol.recover`: in every step directory, manifests other than the
+        newest that verifies go, then data files no kept manifest references; a step left with
+        nothing goes too."""
+        removed: list[str] = []
+        for entry in self.backend.list(""):
+            if entry.is_dir and parse_step_dir(entry.name) is not None:
+                removed += self._sweep_step(entry.name)
+        return removed
+
+    def _sweep_step(self, step_name: str) -> list[str]:
+        newest = self._newest(step_name)
+        referenced: set[str] = set()
+        if newest is not None:
+            try:
+                manifest = parse_manifest(newest[1], self.backend.describe(f"{step_name}/{newest[0]}"))
+            except CheckpointError:
+                return []  # sealed but invalid: damage, for a reader to report; nothing is touched
+            referenced = {c.file for c in manifest.chunks}
+        removed = []
+        for name in self._versions(step_name):
+            if newest is None or name != newest[0]:
+                self.backend.delete(f"{step_name}/{name}")
+                removed.append(f"{step_name}/{name}")
+        if removed:
+            self.backend.sync(step_name)
+        for entry in self.backend.list(step_name):
+            if not entry.is_dir and _ATTEMPT_DATA.fullmatch(entry.name) and entry.name not in referenced:
+                self.backend.delete(f"{step_name}/{entry.name}")
+                removed.append(f"{step_name}/{entry.name}")
+        if newest is None and not self.backend.list(step_name):
+            self.backend.delete_tree(step_name)
+            removed.append(step_name)
+        return removed
+
+
+def choose_protocol(backend: Backend) -> CommitProtocol:
+    """The commit protocol a backend's capabilities call for.
+
+    Args:
+        backend: The root's backend.
+
+    Returns:
+        :class:`RenameCommit` where ``atomic_rename``, else :class:`ManifestLastCommit`.
+    """
+    if backend.capabilities.atomic_rename:
+        return RenameCommit(backend)
+    return ManifestLastCommit(backend)
+
+
+def open_storage(root: str | os.PathLike | Backend) -> CommitProtocol:
+    """Open a root for writing: choose its backend and protocol, lock it, recover it.
+
+    Args:
+        root: A local path, a ``file://`` URL, or a Backend.
+
+    Returns:
+        The root's commit protocol, holding the writer lock (``close`` releases it).
+
+    Raises:
+        RootInUseError: Another writer holds the root.
+        CheckpointError: No backend for the root's scheme, or the root cannot be created, locked
+            or swept.
+    """
+    backend = open_backend(root)
+    backend.lock()
+    try:
+        protocol = choose_protocol(backend)
+        protocol.recover()
+    except BaseException:
+        backend.close()
+        raise
+    return protocol
