@@ -8,7 +8,6 @@ never held whole in memory and is checksummed exactly once.
 from __future__ import annotations
 
 import ctypes
-import os
 import zlib
 from collections.abc import Callable
 from typing import Protocol
@@ -93,28 +92,6 @@ class ChunkSource:
             return n
 
         return cls(len(view), pread_into, what)
-
-    @classmethod
-    def of_file(cls, fd: int, offset: int, length: int, what: str) -> ChunkSource:
-        """A source over ``length`` stored bytes at ``offset`` of an open file.
-
-        Args:
-            fd: the open data file.
-            offset: where the chunk starts in the file.
-            length: the chunk's stored length.
-            what: names the chunk in error messages.
-
-        Returns:
-            The source; its reads raise CheckpointDamagedError when the file cannot be read.
-        """
-
-        def pread_into(out: memoryview, pos: int) -> int:
-            try:
-                return os.preadv(fd, [out], offset + pos)
-            except OSError as exc:
-                raise CheckpointDamagedError(f"cannot read {what}: {exc.strerror}") from exc
-
-        return cls(length, pread_into, what)
 
     def peek(self, n: int) -> bytes:
         """The first ``n`` stored bytes (fewer if the chunk is shorter), outside the checksum pass."""
