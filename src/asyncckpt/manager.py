@@ -148,7 +148,7 @@ class CheckpointManager:
 
     @property
     def snapshot(self) -> str:
-        """"blocking" or "overlap" (read-only)."""
+        """ "blocking" or "overlap" (read-only)."""
         return self._snapshot
 
     # ---- saving -------------------------------------------------------------------------------
