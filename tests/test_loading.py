@@ -3,6 +3,8 @@ the key names nothing."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -69,3 +71,15 @@ def test_a_key_naming_nothing_is_one_error_for_both_listing_what_exists(root, tm
         assert _load_weights_error(root, key) == f"{ckpt} has no entry {key!r} {listing}"
         code, _, err = cli(capsys, "export", ckpt, "-o", tmp_path / "x.pt", "--key", key)
         assert code == 2 and f"{ckpt} has no entry {key!r} {listing}" in err
+
+
+@pytest.mark.parametrize("key", ["models.--1", "models.²", "--1", "²", "1" * 5000])
+def test_a_key_part_that_only_looks_like_a_number_names_nothing(root, tmp_path, capsys, key):
+    # str.isdigit() accepts '²' and lstrip('-') accepts '--1', which int() refuses: the ValueError
+    # made load_weights call every checkpoint damaged, and export print a traceback
+    ckpt = root / "step-000000000005"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "is damaged, falling back" warning
+        assert _load_weights_error(root, key).startswith(f"{ckpt} has no entry {key!r} (")
+    code, _, err = cli(capsys, "export", ckpt, "-o", tmp_path / "x.pt", f"--key={key}")
+    assert code == 2 and f"{ckpt} has no entry {key!r} (" in err

@@ -1046,3 +1046,12 @@ def test_prepare_pins_from_the_callers_cuda_device_not_device_0(tmp_path, monkey
         torch.cuda.set_device(2)  # the training thread's device
         mgr.prepare({"w": torch.randn(1000)}).result()
         assert fake.devices == [2] and len(fake.registered) == 1
+
+
+def test_settings_are_read_only_after_construction(tmp_path):
+    """The parts built from them keep their own copies: an assignment would be silently ignored."""
+    with CheckpointManager(tmp_path, max_pending=2, keep_last=4, snapshot="blocking") as mgr:
+        assert (mgr.max_pending, mgr.retention.keep_last, mgr.snapshot) == (2, 4, "blocking")
+        for name, value in (("max_pending", 1), ("retention", None), ("snapshot", "overlap"), ("workers", 1)):
+            with pytest.raises(AttributeError):
+                setattr(mgr, name, value)

@@ -1,36 +1,12 @@
-"""pipeline.py: chunk planning and the writer's ordering of commit steps."""
+"""pipeline.py: the writer's ordering of commit steps, its threads."""
 
 from __future__ import annotations
 
 import torch
 
 import asyncckpt
-from asyncckpt.engine.pipeline import plan_chunks
-from asyncckpt.engine.staging import plan_layout
 from asyncckpt.format import MANIFEST_NAME
 from asyncckpt.storage import local as storage_mod
-
-
-def test_chunks_cover_every_group_without_crossing_dtypes():
-    tensors = [
-        torch.zeros(3_000_000, dtype=torch.float32),  # 12 MB: several chunks
-        torch.zeros(5, dtype=torch.int64),
-        torch.zeros(7, dtype=torch.float32),  # packed with the first group
-        torch.zeros(1000, dtype=torch.bfloat16),
-    ]
-    layout = plan_layout(tensors)
-    chunks = plan_chunks(layout, 4 << 20)
-    assert chunks[0].start == 0 and chunks[-1].end == layout.total
-    for a, b in zip(chunks, chunks[1:], strict=False):
-        assert a.end == b.start
-    for chunk in chunks:
-        assert chunk.end - chunk.start <= 4 << 20
-        groups = [g for g in layout.groups if g.start <= chunk.start < g.end]
-        assert len(groups) == 1 and chunk.end <= groups[0].end
-        expected = groups[0].dtype.itemsize if groups[0].dtype.is_floating_point else 1
-        assert chunk.group == expected
-    # the small float32 tensor sits in the float32 group, right after the big one
-    assert layout.slots[2].offset < layout.groups[0].end
 
 
 def test_commit_order_is_data_manifest_dir_rename_root(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from _overlap_state import CommitGate
 from _waiting import run_with_timeout, wait_until
 from asyncckpt import CheckpointError, CheckpointManager, EverySeconds, EverySteps, _phases
 from asyncckpt.engine import pipeline as pipeline_module
@@ -300,3 +301,53 @@ def test_an_interrupt_at_any_line_of_a_save_leaks_no_slot_and_undoes_no_handed_o
         assert 2 in mgr.steps()
         fired_at += fired
     assert len(fired_at) > 20  # the interrupt really landed all along the save path
+
+
+def _resave_path() -> list[object]:
+    """The functions a re-save of a step runs through while it registers as that step's newest save
+    in flight (the manager's own method before the save path was split into parts)."""
+    try:
+        from asyncckpt.engine.tags import Tags
+    except ImportError:
+        return [CheckpointManager._take_and_submit]  # type: ignore[attr-defined]
+    return [Admission._take_and_submit, Tags.begin]
+
+
+def test_an_interrupt_at_any_line_of_a_resave_keeps_the_earlier_save_of_the_step_taggable(tmp_path, monkeypatch):
+    """A re-save of a step whose first save is still in flight, interrupted before each line in
+    turn: rolled back, it hands the step back to that first save, so a tag given next still reaches
+    the checkpoint instead of failing with 'no save in flight'."""
+    gate = CommitGate(monkeypatch)
+    state = {"w": torch.arange(16.0)}
+    lines = _lines_of(*_resave_path())
+    for index, (code, line) in enumerate(lines):
+        fired: list[int] = []
+
+        def tracer(frame, event, arg, code=code, line=line, fired=fired):
+            if frame.f_code is not code:
+                return None
+
+            def local(f, ev, a):
+                if ev == "line" and f.f_lineno == line and not fired:
+                    fired.append(line)
+                    raise KeyboardInterrupt
+                return local
+
+            return local
+
+        mgr = CheckpointManager(tmp_path / f"r{index}", max_pending=2, workers=1)
+        gate.close()
+        try:
+            mgr.save(5, state)  # held before its manifest: in flight
+            sys.settrace(tracer)
+            try:
+                mgr.save(5, state)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            assert mgr.tag(5, "keep") == ["keep"], f"line {line}"
+        finally:
+            gate.open()
+            run_with_timeout(mgr.close, timeout=60)
+        assert read_manifest(tmp_path / f"r{index}" / "step-000000000005").tags == ["keep"], f"line {line}"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from asyncckpt.codec import zstd_bound
+from asyncckpt.codec.registry import ChainError, check_chain
 from asyncckpt.errors import CheckpointDamagedError
 from asyncckpt.state import skeleton
 
@@ -369,10 +369,6 @@ def _parse_tensors(items: Any, raw_bytes: int) -> list[TensorEntry]:
     return out
 
 
-_CODEC_PARAMS = {"bytegroup": {"size"}, "zstd": {"level"}}
-_CODEC_CHAINS = {(), ("zstd",), ("bytegroup", "zstd")}
-
-
 def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
     if not isinstance(items, list):
         raise _fail("chunks", "expected a list")
@@ -399,30 +395,11 @@ def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
         expected_raw = raw_offset + raw_length
         if expected_raw > raw_bytes:
             raise _fail(where, "raw range runs past raw_bytes")
-        codecs = item.get("codecs")
-        if not isinstance(codecs, list) or len(codecs) > 4:
-            raise _fail(where, "codecs must be a list of at most 4 codecs")
-        ids = []
-        for codec in codecs:
-            codec = _json_dict(codec, f"{where}.codecs")
-            codec_id = codec.get("id")
-            params = _CODEC_PARAMS.get(codec_id) if isinstance(codec_id, str) else None
-            if params is None or set(codec) != params | {"id"}:
-                raise _fail(where, f"unknown codec {codec!r}"[:200])
-            ids.append(codec_id)
-            if codec_id == "bytegroup":
-                size = _int(codec["size"], f"{where}.codecs.size", 2, 16)
-                if raw_length % size:
-                    raise _fail(where, "raw_length is not a multiple of the byte-group size")
-            else:
-                _int(codec["level"], f"{where}.codecs.level", -131072, 22)
-        if tuple(ids) not in _CODEC_CHAINS:
-            raise _fail(where, f"codec chain {ids} is not one this format defines")
-        if not codecs and length != raw_length:
-            raise _fail(where, "an uncompressed chunk must store exactly raw_length bytes")
-        if codecs and length > zstd_bound(raw_length):
-            # what a reader reads (and checksums) is bounded by the tensors the manifest declares
-            raise _fail(where, f"stores {length} bytes, more than a zstd frame of {raw_length} bytes ever takes")
+        codecs: Any = item.get("codecs")  # a list of objects once check_chain passes
+        try:  # each codec, looked up by name in the registry, checks its own parameters
+            check_chain(codecs, raw_length, length)
+        except ChainError as exc:
+            raise _fail(where + exc.field, str(exc)) from None
         crc = _int(item.get("crc32"), f"{where}.crc32", 0, 0xFFFFFFFF)
         out.append(ChunkEntry(name, offset, length, raw_offset, raw_length, codecs, crc))
     if expected_raw != raw_bytes:

@@ -97,12 +97,13 @@ class CheckpointManager:
             raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
         if not isinstance(chunk_size, int) or not 4096 <= chunk_size <= MAX_CHUNK_RAW:
             raise ValueError(f"chunk_size must be an integer in [4096, {MAX_CHUNK_RAW}] bytes, got {chunk_size!r}")
-        self.retention = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
-        self.codec = CodecConfig(compression, level)
+        # Read-only after this (properties below): the parts built from them keep their own copies.
+        self._retention = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
+        self._codec = CodecConfig(compression, level)
         self.policy: SavePolicy = policy if policy is not None else EverySteps(1000)
-        self.max_pending = max_pending
-        self.workers = workers or max(1, min(8, os.cpu_count() or 1))
-        self.snapshot = snapshot
+        self._max_pending = max_pending
+        self._workers = workers or max(1, min(8, os.cpu_count() or 1))
+        self._snapshot = snapshot
         self._pid = os.getpid()  # a forked child gets a copy of this object, but not its threads or lock
         self._due_answer: tuple[int, bool] | None = None  # the last due(step), for maybe_save(step)
         self._fences = Fences()  # overlap mode: the hooks and the copies not yet judged
@@ -114,9 +115,9 @@ class CheckpointManager:
             self.root = self._storage.root
             self.stats = SaveStats(self.root / METRICS_LOG)
             self._tags = Tags(self._storage, Catalog.of_writer(self._storage))
-            self._retainer = Retainer(self._tags, self.retention, self.root)
+            self._retainer = Retainer(self._tags, self._retention, self.root)
             self._pipeline = Pipeline(
-                self._storage, self.codec, self.workers, chunk_size, self._on_done, nice=background_nice
+                self._storage, self._codec, self._workers, chunk_size, self._on_done, nice=background_nice
             )
             parts = (arenas, self._copier, self._fences, self._pipeline, self._tags, self.stats)
             self._admission = Admission(self.root, max_pending, snapshot, *parts)
@@ -124,6 +125,31 @@ class CheckpointManager:
             self._storage.close()  # a failed constructor must not keep the root locked
             raise
         at_interpreter_exit(self._close_quietly)
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        """The retention rules given to the constructor (read-only)."""
+        return self._retention
+
+    @property
+    def codec(self) -> CodecConfig:
+        """The compression given to the constructor (read-only)."""
+        return self._codec
+
+    @property
+    def max_pending(self) -> int:
+        """Saves that may be in flight at once (read-only)."""
+        return self._max_pending
+
+    @property
+    def workers(self) -> int:
+        """Encoder threads (read-only)."""
+        return self._workers
+
+    @property
+    def snapshot(self) -> str:
+        """ "blocking" or "overlap" (read-only)."""
+        return self._snapshot
 
     # ---- saving -------------------------------------------------------------------------------
 
@@ -380,7 +406,7 @@ class CheckpointManager:
             _check_step(step)
         self._fences.fence()
         self._admission.wait_pending()
-        loaded = read_newest_valid(self.root, step, self.workers)
+        loaded = read_newest_valid(self.root, step, self._workers)
         if loaded is None:
             return None if strict else RestoreResult(None)
         tree = loaded.manifest.tree

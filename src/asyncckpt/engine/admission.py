@@ -281,7 +281,6 @@ class Admission:
         lazy: LazyCopy | None = None
         handle: SaveHandle | None = None
         job: SaveJob | None = None
-        replaced: SaveJob | None = None
         submitted = False
         try:
             _phases.pause("snapshot")
@@ -301,7 +300,7 @@ class Admission:
             record.bookkeeping_s = (planned - waited) + (ended - copied)
             record.stall_s = ended - began
             job.enqueued = ended
-            replaced = self._tags.begin(job)
+            self._tags.begin(job)
             with self._cond:
                 self._pending.append(handle)
                 self._reservations.discard(slot)
@@ -312,7 +311,7 @@ class Admission:
             # An interrupt inside or just after ``submit`` leaves it unknown whether the job was
             # queued: the writer's claim decides, so a job it already has is never undone.
             if not submitted and (job is None or self._pipeline.withdraw(job)):
-                self._roll_back(arena, lazy, handle, job, replaced)
+                self._roll_back(arena, lazy, handle, job)
         self._stats.add(record)
         return handle
 
@@ -322,12 +321,11 @@ class Admission:
         lazy: LazyCopy | None,
         handle: SaveHandle | None,
         job: SaveJob | None,
-        replaced: SaveJob | None,
     ) -> None:
         """Undo a save that never reached the writer: no pending handle, no unjudged copy, the arena
         back in the pool once the copy thread is done with it."""
         if job is not None:
-            self._tags.withdraw(job, replaced)
+            self._tags.withdraw(job)
         if handle is not None:
             with self._cond:
                 if handle in self._pending:

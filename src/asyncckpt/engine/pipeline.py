@@ -25,6 +25,7 @@ from pathlib import Path
 
 from asyncckpt import _phases, codec
 from asyncckpt.engine import overlap
+from asyncckpt.engine.chunking import ChunkPlan, plan_chunks
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import LazyCopy
 from asyncckpt.engine.staging import Arena, Layout
@@ -45,26 +46,6 @@ def _warn_from_writer(message: str) -> None:
         warnings.warn(message, stacklevel=1)
     except Exception:  # noqa: BLE001
         _log.warning("%s", message)
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """A contiguous, dtype-homogeneous range of the arena to encode as one stored chunk."""
-
-    start: int
-    end: int
-    group: int  # byte-group size (1 = none)
-
-
-def plan_chunks(layout: Layout, chunk_size: int) -> list[ChunkPlan]:
-    """Cut every dtype group into chunks of at most ``chunk_size`` bytes (small tensors share)."""
-    chunk_size = max(64, chunk_size - chunk_size % 64)
-    plans = []
-    for group in layout.groups:
-        size = codec.bytegroup_size(group.dtype)
-        for start in range(group.start, group.end, chunk_size):
-            plans.append(ChunkPlan(start, min(start + chunk_size, group.end), size))
-    return plans
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ class Tags:
         self.catalog = catalog
         self.lock = threading.Lock()
         self._in_flight: dict[int, SaveJob] = {}  # step -> newest save not yet done
+        # step -> (its newest registered save, the save that one replaced): kept here, not returned
+        # to the caller, so an interrupt right after ``begin`` cannot lose what ``withdraw`` restores
+        self._replaced: dict[int, tuple[SaveJob, SaveJob | None]] = {}
         self._jobs_lock = threading.Lock()
 
     def newest_step(self) -> int:
@@ -58,30 +61,27 @@ class Tags:
             newest = self.catalog.newest_known()
             return -1 if newest is None else newest
 
-    def begin(self, job: SaveJob) -> SaveJob | None:
+    def begin(self, job: SaveJob) -> None:
         """Register a save about to be handed to the writer: from now on ``retag`` reaches it.
 
         Args:
             job: The save's job.
-
-        Returns:
-            The save of the same step it replaces as the newest in flight, if any (for ``withdraw``).
         """
         with self._jobs_lock:
-            replaced = self._in_flight.get(job.step)
+            self._replaced[job.step] = (job, self._in_flight.get(job.step))
             self._in_flight[job.step] = job
-            return replaced
 
-    def withdraw(self, job: SaveJob, replaced: SaveJob | None) -> None:
-        """Undo ``begin`` for a save rolled back before the writer got it.
+    def withdraw(self, job: SaveJob) -> None:
+        """Undo ``begin`` for a save rolled back before the writer got it: the save of the same step
+        it replaced, if still in flight, is the newest again.
 
         Args:
             job: The rolled-back save's job.
-            replaced: What ``begin`` returned.
         """
         with self._jobs_lock:
             if self._in_flight.get(job.step) is job:
-                if replaced is not None and not replaced.handle.done():
+                newest, replaced = self._replaced.pop(job.step, (job, None))
+                if newest is job and replaced is not None and not replaced.handle.done():
                     self._in_flight[job.step] = replaced
                 else:
                     del self._in_flight[job.step]
@@ -99,6 +99,7 @@ class Tags:
         with self._jobs_lock:
             if self._in_flight.get(job.step) is job:
                 del self._in_flight[job.step]  # from here on, retag() goes to the committed manifest
+                self._replaced.pop(job.step, None)
             if path is not None:
                 if job.retagged_late:
                     self._write_late_tags(path, job.tags)

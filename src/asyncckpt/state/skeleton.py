@@ -160,7 +160,7 @@ def walk(
     root: dict,
     path: str | None = "state",
     spelling: Spelling = STATE_PATHS,
-    check: Callable[[Any, int], None] | None = None,
+    check: Callable[[Any, int], str] | None = None,
 ) -> Iterator[Visit]:
     """Every node of a skeleton, parents before children, children in their saved order.
 
@@ -170,8 +170,8 @@ def walk(
         root: the skeleton (or a node of it) to walk.
         path: the root's path; None builds no paths (each visit's path is ""), which is faster.
         spelling: how a child's path follows from its parent's.
-        check: called as ``check(node, depth)`` on every node before anything reads it; an
-            untrusted skeleton's walk passes one that raises on a malformed node.
+        check: called as ``check(node, depth)`` on every node before anything reads it, returns
+            the node's kind; an untrusted skeleton's walk passes one that raises on a malformed node.
 
     Yields:
         A :class:`Visit` for each node.
@@ -183,25 +183,25 @@ def walk(
     item, inner = spelling.item, spelling.inner
     stack: list[tuple[Any, str, int]] = [(root, path or "", 0)]
     pop, push, extend = stack.pop, stack.append, stack.extend
+    make = tuple.__new__  # a Visit without NamedTuple's Python-level __new__ (a quarter of a walk)
+    dict_kind, list_kind, tuple_kind, object_kind = Kind.DICT, Kind.LIST, Kind.TUPLE, Kind.OBJECT  # locals: faster
     while stack:
         node, where, depth = pop()
-        if check is not None:
-            check(node, depth)
-        kind = kind_of(node)
-        yield Visit(node, kind, where, depth)
+        kind = kind_of(node) if check is None else check(node, depth)
+        yield make(Visit, (node, kind, where, depth))
         value = node[kind]
         below = depth + 1
-        if kind == Kind.DICT:
+        if kind == dict_kind:
             if build:
                 extend([(child, item(where, key), below) for key, child in reversed(value)])
             else:
                 extend([(child, "", below) for _, child in reversed(value)])
-        elif kind == Kind.LIST or kind == Kind.TUPLE:
+        elif kind == list_kind or kind == tuple_kind:
             if build:
                 extend([(value[i], item(where, i), below) for i in range(len(value) - 1, -1, -1)])
             else:
                 extend([(child, "", below) for child in reversed(value)])
-        elif kind == Kind.OBJECT:
+        elif kind == object_kind:
             push((value, inner(where) if build else "", below))
 
 
@@ -277,19 +277,31 @@ def _unwrap(node: dict) -> dict:
     return node
 
 
+def _number(part: str) -> int | None:
+    """``part`` as an int, or None: ``isdigit`` also passes ``'²'`` (and ``lstrip`` ``'--1'``), which
+    ``int`` refuses, as it refuses over 4300 digits."""
+    if not part.lstrip("-").isdigit():
+        return None
+    try:
+        return int(part)
+    except ValueError:
+        return None
+
+
 def _entry(node: dict, part: str) -> dict | None:
     """The child of ``node`` that one dotted-key part names, or None."""
     kind = kind_of(node)
     if kind == Kind.DICT:
         pairs = node[kind]
         found = next((child for key, child in pairs if key == part), None)  # a str key first
-        if found is None and part.lstrip("-").isdigit():  # then an int key written out
-            number = int(part)
+        number = _number(part) if found is None else None
+        if number is not None:  # then an int key written out
             found = next((child for key, child in pairs if key == number and not isinstance(key, str)), None)
         return found
     if kind == Kind.LIST or kind == Kind.TUPLE:
         items = node[kind]
-        return items[int(part)] if part.isdigit() and int(part) < len(items) else None
+        index = _number(part) if part.isdigit() else None
+        return items[index] if index is not None and index < len(items) else None
     return None
 
 
@@ -412,43 +424,47 @@ def validate(
         Exception: ``error(...)``, at the first malformed node.
     """
     n_tensors = len(tensor_dtypes)
+    # locals, not attribute lookups: this runs on every node of skeletons of a million nodes
+    tensor_kinds, kinds_known, extras = TENSOR_KINDS, KINDS, _EXTRAS
+    tensor, value_kind, dtype_kind, device = Kind.TENSOR, Kind.VALUE, Kind.DTYPE, Kind.DEVICE
+    dict_kind, list_kind, tuple_kind = Kind.DICT, Kind.LIST, Kind.TUPLE
 
-    def check(node: Any, depth: int) -> None:
+    def check(node: Any, depth: int) -> str:
         if depth > 2 * MAX_TREE_DEPTH:  # a stateful node adds a level
             raise error(where, "nested too deeply")
         if not isinstance(node, dict):
             raise error(where, f"node {str(node)[:80]!r} is not an object")
-        kinds = [k for k in node if k not in _EXTRAS]
+        kinds = [k for k in node if k not in extras]
         if len(kinds) != 1:
             raise error(where, f"node has keys {sorted(node)[:5]}, expected exactly one kind")
         name = kinds[0]
         if META in node or CLASS_NAME in node:
             _check_extras(node, name, lambda what: error(where, what))
-        if name not in KINDS:
+        if name not in kinds_known:
             raise error(where, f"unknown node kind {name[:20]!r}")
         kind = name
         value = node[name]
-        if kind in TENSOR_KINDS:
+        if kind in tensor_kinds:
             high = n_tensors - 1
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
                 raise error(f"{where} tensor index", f"expected an integer in [0, {high}], got {value!r}"[:200])
             dtype = tensor_dtypes[value]
-            if kind != Kind.TENSOR and (dtype in _NOT_NUMPY or dtype.startswith(("float8", "float4"))):
+            if kind != tensor and (dtype in _NOT_NUMPY or dtype.startswith(("float8", "float4"))):
                 raise error(where, f"a numpy leaf cannot hold {dtype}")
-        elif kind == Kind.VALUE:
+        elif kind == value_kind:
             if value is not None and not isinstance(value, (bool, int, float, str)):
                 raise error(where, "a value leaf must be null, bool, number or string")
-        elif kind == Kind.DTYPE:
+        elif kind == dtype_kind:
             if not isinstance(value, str) or value not in known_dtypes:
                 raise error(where, f"unknown dtype leaf {str(value)[:40]!r}")
-        elif kind == Kind.DEVICE:
+        elif kind == device:
             if not isinstance(value, str) or not re.fullmatch(r"[a-z_]{1,16}(:[0-9]{1,4})?", value):
                 raise error(where, f"bad device leaf {str(value)[:40]!r}")
             try:
                 torch.device(value)
             except RuntimeError:
                 raise error(where, f"unknown device {value!r}") from None
-        elif kind == Kind.DICT:
+        elif kind == dict_kind:
             if not isinstance(value, list):
                 raise error(where, "dict node must hold a list of pairs")
             keys = set()
@@ -463,9 +479,10 @@ def validate(
                 if pair[0] in keys:  # a dict cannot hold a key twice: one of the two would be lost
                     raise error(where, f"duplicate key {str(pair[0])[:80]!r} in a dict node")
                 keys.add(pair[0])
-        elif kind == Kind.LIST or kind == Kind.TUPLE:
+        elif kind == list_kind or kind == tuple_kind:
             if not isinstance(value, list):
                 raise error(where, "list/tuple node must hold a list")
+        return kind
 
     for _ in walk(root, None, check=check):
         pass

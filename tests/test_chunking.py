@@ -1,0 +1,181 @@
+"""engine/chunking.py: tensor-aligned chunks (packs of small tensors, large tensors cut on rows)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import asyncckpt
+from asyncckpt import codec
+from asyncckpt.codec import bytegroup_size
+from asyncckpt.engine.chunking import ChunkPlan, plan_chunks
+from asyncckpt.engine.staging import Layout, TensorSlot, plan_layout
+from asyncckpt.format import ALIGNMENT
+
+
+def extent_end(slot: TensorSlot) -> int:
+    return -(-(slot.offset + slot.nbytes) // ALIGNMENT) * ALIGNMENT
+
+
+def check_alignment(layout: Layout, chunks: list[ChunkPlan], chunk_size: int) -> None:
+    """Every property the planner promises, checked from the outside."""
+    capacity = max(ALIGNMENT, chunk_size - chunk_size % ALIGNMENT)
+    # contiguous cover of the whole layout, each chunk within one dtype group, whole elements
+    assert [c.start for c in chunks[:1]] == ([0] if layout.total else [])
+    assert all(a.end == b.start for a, b in zip(chunks, chunks[1:], strict=False))
+    assert (chunks[-1].end if chunks else 0) == layout.total
+    for chunk in chunks:
+        assert 0 < chunk.end - chunk.start <= capacity
+        (group,) = [g for g in layout.groups if g.start <= chunk.start < g.end]
+        assert chunk.end <= group.end
+        assert chunk.group == bytegroup_size(group.dtype)
+        assert (chunk.end - chunk.start) % group.dtype.itemsize == 0
+    bounds = {c.start for c in chunks} | {layout.total}
+    for slot in (s for s in layout.slots if s.nbytes):
+        start, end = slot.offset, extent_end(slot)
+        inside = sorted(b for b in bounds if start < b < end)
+        if end - start <= capacity:
+            assert not inside, f"a tensor of {slot.nbytes} bytes is cut at {inside}"  # never straddles
+            continue
+        # a large tensor: chunks of its own, cut on rows (or on elements when one row is too big)
+        assert start in bounds and end in bounds
+        row = math.prod(slot.shape[1:]) * slot.dtype.itemsize
+        tail = end - (slot.offset + slot.nbytes)
+        unit = row if row + tail <= capacity else slot.dtype.itemsize
+        assert all((b - start) % unit == 0 for b in inside), (row, unit, inside)
+        if unit == row:  # as few pieces as fit, full but for the last two (the last holds the padding)
+            pieces = [b - a for a, b in zip([start, *inside], [*inside, slot.offset + slot.nbytes], strict=True)]
+            full = capacity // row * row
+            assert all(piece == full for piece in pieces[:-2])
+            room_last = (capacity - tail) // row * row
+            assert len(pieces) == 1 + -(-max(0, slot.nbytes - room_last) // full)
+    # packs are greedy: a pack is closed only when the next small tensor does not fit in it
+    small_at = {s.offset: extent_end(s) for s in layout.slots if s.nbytes and extent_end(s) - s.offset <= capacity}
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        same_group = any(g.start <= a.start and b.end <= g.end for g in layout.groups)
+        if same_group and a.start in small_at and b.start in small_at:
+            assert (a.end - a.start) + (small_at[b.start] - b.start) > capacity
+
+
+def test_chunks_cover_every_group_without_crossing_dtypes():
+    tensors = [
+        torch.zeros(3_000_000, dtype=torch.float32),  # 12 MB: several chunks
+        torch.zeros(5, dtype=torch.int64),
+        torch.zeros(7, dtype=torch.float32),  # packed with the first group
+        torch.zeros(1000, dtype=torch.bfloat16),
+    ]
+    layout = plan_layout(tensors)
+    chunks = plan_chunks(layout, 4 << 20)
+    check_alignment(layout, chunks, 4 << 20)
+    # the small float32 tensor sits in the float32 group, right after the big one, in a chunk of its own
+    assert layout.slots[2].offset < layout.groups[0].end
+    assert ChunkPlan(layout.slots[2].offset, layout.groups[0].end, 4) in chunks
+
+
+def test_a_large_tensor_is_cut_on_row_boundaries_into_full_chunks():
+    # 1000 rows of 1200 bytes: 3 rows per 4 KiB chunk at most
+    tensors = [torch.zeros(10, dtype=torch.float32), torch.zeros(1000, 300, dtype=torch.float32)]
+    layout = plan_layout(tensors)
+    chunks = plan_chunks(layout, 4096)
+    check_alignment(layout, chunks, 4096)
+    big = layout.slots[1]
+    own = [c for c in chunks if big.offset <= c.start < big.offset + big.nbytes]
+    assert own[0].start == big.offset
+    assert [c.end - c.start for c in own] == [3600] * 333 + [1200]
+    assert chunks[0] == ChunkPlan(0, 64, 4)  # the small tensor before it is not merged into it
+
+
+def test_small_tensors_are_packed_up_to_the_chunk_size_and_never_split():
+    tensors = [torch.zeros(250, dtype=torch.float32) for _ in range(10)]  # 1000 bytes, 1024 with padding
+    layout = plan_layout(tensors)
+    chunks = plan_chunks(layout, 4096)
+    check_alignment(layout, chunks, 4096)
+    assert [(c.start, c.end) for c in chunks] == [(0, 4096), (4096, 8192), (8192, 10240)]
+
+
+def test_a_row_larger_than_a_chunk_is_cut_on_element_boundaries():
+    tensors = [torch.zeros(3, 5000, dtype=torch.bfloat16)]  # rows of 10000 bytes
+    layout = plan_layout(tensors)
+    chunks = plan_chunks(layout, 4096)
+    check_alignment(layout, chunks, 4096)
+    assert {10000, 20000} <= {c.start for c in chunks}  # rows still start chunks
+    assert all(c.start % 2 == 0 and c.group == 2 for c in chunks)
+
+
+def test_padding_never_pushes_a_chunk_over_the_chunk_size():
+    # 4 rows of 1020 bytes: two rows fit a 2048-byte chunk, but the last one carries 32 bytes of padding
+    tensors = [torch.zeros(4, 255, dtype=torch.float32)]
+    layout = plan_layout(tensors)
+    chunks = plan_chunks(layout, 2048)
+    check_alignment(layout, chunks, 2048)
+    assert max(c.end - c.start for c in chunks) <= 2048
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool, torch.complex64]
+_tensor = st.tuples(
+    st.sampled_from(_DTYPES),
+    st.lists(st.integers(0, 24), min_size=0, max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=st.lists(_tensor, max_size=12), chunk_size=st.sampled_from([64, 128, 192, 320, 1024, 4096]))
+def test_chunks_follow_tensors_for_any_layout(specs, chunk_size):
+    tensors = [torch.zeros(shape, dtype=dtype) for dtype, shape in specs]
+    layout = plan_layout(tensors)
+    check_alignment(layout, plan_chunks(layout, chunk_size), chunk_size)
+
+
+def _two_layer(width: int) -> torch.nn.Module:
+    # 60x50 and 50x70 float32 weights: 12000 and 14000 bytes, no multiple of a 4 KiB chunk
+    return torch.nn.Sequential(torch.nn.Linear(60, 50, bias=False), torch.nn.Linear(50, width, bias=False))
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> list[int]:
+    """The decoded length of every chunk the reader decodes from now on."""
+    lengths: list[int] = []
+    real = codec.decode_chunk
+
+    def counting(source, codecs, crc32, raw_length, *args, **kwargs):
+        lengths.append(raw_length)
+        return real(source, codecs, crc32, raw_length, *args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode_chunk", counting)
+    return lengths
+
+
+def test_loading_one_models_weights_decodes_only_their_chunks(tmp_path, decoded):
+    torch.manual_seed(0)
+    model, ema = _two_layer(70), _two_layer(70)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 60)).sum().backward()
+    optimizer.step()  # momentum buffers: more float32 tensors after the ema's
+    with asyncckpt.CheckpointManager(tmp_path, chunk_size=4096) as mgr:
+        mgr.save(1, {"model": model, "ema": ema, "optimizer": optimizer}).wait()
+    assert not decoded  # saving decodes nothing
+
+    fresh = _two_layer(70)
+    asyncckpt.load_weights(tmp_path, fresh, key="ema")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ema.state_dict().values(), strict=True))
+    # exactly the ema's two weights with their padding: 12032 + 14016 bytes, nothing of its neighbours
+    assert sum(decoded) == 12032 + 14016
+    assert len(decoded) == 3 + 4  # 50 rows of 240 bytes: 17 + 17 + 16; 70 rows of 200 bytes: 20 + 20 + 20 + 10
+
+
+def test_a_partial_read_of_a_small_tensor_decodes_only_its_pack(tmp_path, decoded):
+    from asyncckpt.engine.reader import read_checkpoint, read_manifest
+
+    state = {"big": torch.randn(5000), "small": torch.arange(10.0), "after": torch.randn(5000)}
+    with asyncckpt.CheckpointManager(tmp_path, chunk_size=4096) as mgr:
+        mgr.save(1, state).wait()
+    path = tmp_path / "step-000000000001"
+    manifest = read_manifest(path)
+    (index,) = [i for i, t in enumerate(manifest.tensors) if t.shape == (10,)]
+    loaded = read_checkpoint(path, manifest=manifest, only={index})
+    assert torch.equal(loaded.tensors[index], state["small"])
+    assert decoded == [64]  # the small tensor's 40 bytes and their padding: one chunk of its own
