@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import asyncckpt
+import asyncckpt.engine.overlap
 from _overlap_state import CommitGate, plain
 from _trees import assert_same_tree
 from _waiting import run_with_timeout
@@ -523,3 +524,28 @@ def test_failed_copy_is_reported_by_wait_and_never_by_the_fence(tmp_path, slow_c
         run_with_timeout(mgr.wait, timeout=30)
         assert mgr.steps() == [2]
     assert_same_tree(expected, asyncckpt.load(tmp_path))
+
+
+def test_an_interrupt_before_the_pending_copy_returns_never_lets_it_write_into_the_next_snapshot(tmp_path, monkeypatch):
+    """An interrupt after the lazy copy was handed to the copy thread, but before ``save`` got the
+    pending copy back, rolls the save back with no pending copy to wait for. The arena must still
+    not go back to the pool until that copy is done: a next save of another state reuses the
+    arena, and the stale copy landing late would overwrite its snapshot."""
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 256)).sum().backward()
+    opt.step()
+    with CheckpointManager(tmp_path, snapshot="overlap") as mgr:
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setitem(_phases._DELAYS, "lazy_copy", 0.5)  # the stale copy lands late
+        monkeypatch.setattr(asyncckpt.engine.overlap, "LazyCopy", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            mgr.save(1, {"model": model, "optimizer": opt})
+        monkeypatch.undo()
+        monkeypatch.setitem(_phases._DELAYS, "compress", 1.0)  # the encoders read after it would land
+        plain_state = {"x": torch.full((64 * 1024,), 7.0)}  # eager: not the optimizer's
+        mgr.save(2, plain_state).wait()
+    assert torch.equal(asyncckpt.load(tmp_path, step=2)["x"], plain_state["x"])

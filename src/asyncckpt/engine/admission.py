@@ -333,6 +333,8 @@ class Admission:
                     self._cond.notify_all()
         if lazy is not None:
             self._fences.forget(lazy)
+        else:  # interrupted before the pending copy came back: none of its copies may still write
+            self._copier.quiesce()
         self.arenas.release(arena)
 
     def finished(self, job: SaveJob) -> None:

@@ -263,6 +263,22 @@ class CopyEngine:
             self._copy_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-copy")
         return self._copy_thread.submit(fn, *args)
 
+    def quiesce(self) -> None:
+        """Wait until every copy started so far has finished writing.
+
+        A save interrupted after its copy started but before it got the pending copy back has
+        nothing else to wait on, and its arena must not go back to the pool under a copy still
+        writing into it: the next save would reuse the arena and the late copy would land in its
+        snapshot.
+        """
+        if self._copy_thread is not None:
+            try:
+                self._copy_thread.submit(lambda: None).result()  # one thread, in order: all before it
+            except RuntimeError:  # shut down: every copy it had has finished
+                pass
+        for stream in self._streams.values():
+            stream.synchronize()
+
     def copy(self, tensors: list[torch.Tensor], layout: Layout, arena: Arena) -> None:
         """Copy every tensor into its slot and return once the copies are complete."""
         arena.hold(layout)
