@@ -245,6 +245,25 @@ def test_a_tag_on_a_first_save_that_fails_is_dropped_with_it(tmp_path, monkeypat
         assert mgr.steps() == []
 
 
+def _interrupt_at(code, line: int, fired: list[int]):
+    """A ``sys.settrace`` tracer that raises KeyboardInterrupt once, before ``line`` of ``code``
+    runs, and records the line in ``fired``."""
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+
+        def local(f, ev, a):
+            if ev == "line" and f.f_lineno == line and not fired:
+                fired.append(line)
+                raise KeyboardInterrupt
+            return local
+
+        return local
+
+    return tracer
+
+
 def _lines_of(*functions) -> list[tuple[object, int]]:
     return sorted(
         {(f.__code__, line) for f in functions for _, _, line in f.__code__.co_lines() if line},
@@ -267,20 +286,8 @@ def test_an_interrupt_at_any_line_of_a_save_leaks_no_slot_and_undoes_no_handed_o
     fired_at = []
     save_path = (CheckpointManager._save, Admission.save, Admission.admit, Admission._take_and_submit)
     for index, (code, line) in enumerate(_lines_of(*save_path)):
-        fired = []
-
-        def tracer(frame, event, arg, code=code, line=line, fired=fired):
-            if frame.f_code is not code:
-                return None
-
-            def local(f, ev, a):
-                if ev == "line" and f.f_lineno == line and not fired:
-                    fired.append(line)
-                    raise KeyboardInterrupt
-                return local
-
-            return local
-
+        fired: list[int] = []
+        tracer = _interrupt_at(code, line, fired)
         mgr = CheckpointManager(tmp_path / f"r{index}", snapshot=snapshot, max_pending=1, workers=1)
         mgr.save(0, state)
         sys.settrace(tracer)
@@ -322,19 +329,7 @@ def test_an_interrupt_at_any_line_of_a_resave_keeps_the_earlier_save_of_the_step
     lines = _lines_of(*_resave_path())
     for index, (code, line) in enumerate(lines):
         fired: list[int] = []
-
-        def tracer(frame, event, arg, code=code, line=line, fired=fired):
-            if frame.f_code is not code:
-                return None
-
-            def local(f, ev, a):
-                if ev == "line" and f.f_lineno == line and not fired:
-                    fired.append(line)
-                    raise KeyboardInterrupt
-                return local
-
-            return local
-
+        tracer = _interrupt_at(code, line, fired)
         mgr = CheckpointManager(tmp_path / f"r{index}", max_pending=2, workers=1)
         gate.close()
         try:
