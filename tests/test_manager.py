@@ -1055,3 +1055,29 @@ def test_settings_are_read_only_after_construction(tmp_path):
         for name, value in (("max_pending", 1), ("retention", None), ("snapshot", "overlap"), ("workers", 1)):
             with pytest.raises(AttributeError):
                 setattr(mgr, name, value)
+
+
+def test_a_save_never_waits_for_retention_deleting_an_old_checkpoint(tmp_path, monkeypatch):
+    """Retention deletes on the writer thread, and removing a big checkpoint can take seconds: the
+    next save must not queue behind it."""
+    from asyncckpt.storage.commit import RenameCommit
+
+    deleting, release = threading.Event(), threading.Event()
+    real_delete = RenameCommit.delete
+
+    def slow_delete(self, checkpoint):
+        deleting.set()
+        release.wait(60)
+        real_delete(self, checkpoint)
+
+    monkeypatch.setattr(RenameCommit, "delete", slow_delete)
+    with CheckpointManager(tmp_path, keep_last=1, max_pending=2) as mgr:
+        mgr.save(1, {"w": torch.ones(4)}).wait()
+        mgr.save(2, {"w": torch.ones(4)})  # its commit deletes step 1
+        assert deleting.wait(30)
+        try:
+            run_with_timeout(lambda: mgr.save(3, {"w": torch.ones(4)}), timeout=20)
+        finally:
+            release.set()
+        mgr.wait()
+        assert mgr.steps() == [3]

@@ -57,9 +57,8 @@ class Tags:
         Returns:
             The step, or -1 when none is committed.
         """
-        with self.lock:
-            newest = self.catalog.newest_known()
-            return -1 if newest is None else newest
+        newest = self.catalog.newest_known()  # never behind ``lock``: retention holds it while deleting
+        return -1 if newest is None else newest
 
     def begin(self, job: SaveJob) -> None:
         """Register a save about to be handed to the writer: from now on ``retag`` reaches it.

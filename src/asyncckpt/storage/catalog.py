@@ -9,6 +9,7 @@ deletes through it; a reader's catalog lists the root as readers do, without a l
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,8 +38,11 @@ def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
 
 
 class Catalog:
-    """The committed checkpoints of one root and what is known of each (not thread-safe: the
-    manager serialises its calls).
+    """The committed checkpoints of one root and what is known of each.
+
+    What is known is guarded by a lock of its own, never held across I/O (listing, reading a
+    manifest, deleting): a save asking for the newest step never waits for retention removing a
+    big checkpoint. Callers that need a listing and a deletion to agree serialise them themselves.
 
     The metrics and tags of a checkpoint are read from its manifest once and kept; the writer tells
     the catalog what it commits or retags (:meth:`record`), so retention never re-reads manifests.
@@ -56,6 +60,7 @@ class Catalog:
         self._listing = listing
         self._deleting = deleting
         self._infos: dict[int, CheckpointInfo] = {}
+        self._infos_lock = threading.Lock()
 
     @classmethod
     def of_writer(cls, protocol: CommitProtocol) -> Catalog:
@@ -125,9 +130,12 @@ class Catalog:
         """
         out = []
         for checkpoint in self.checkpoints():
-            info = self._infos.get(checkpoint.step)
+            with self._infos_lock:
+                info = self._infos.get(checkpoint.step)
             if info is None:
-                info = self._infos[checkpoint.step] = checkpoint_info(checkpoint)
+                info = checkpoint_info(checkpoint)
+                with self._infos_lock:
+                    info = self._infos.setdefault(checkpoint.step, info)
             out.append((checkpoint, info))
         return out
 
@@ -145,7 +153,8 @@ class Catalog:
         Returns:
             The step, or None when none is known.
         """
-        return max(self._infos, default=None)
+        with self._infos_lock:
+            return max(self._infos, default=None)
 
     def record(self, info: CheckpointInfo) -> None:
         """What a commit or a tag change just wrote into a checkpoint's manifest.
@@ -153,7 +162,8 @@ class Catalog:
         Args:
             info: The checkpoint's new step, metrics and tags.
         """
-        self._infos[info.step] = info
+        with self._infos_lock:
+            self._infos[info.step] = info
 
     def delete(self, checkpoint: CommittedCheckpoint) -> None:
         """Delete a committed checkpoint through the commit protocol and forget it.
@@ -168,4 +178,5 @@ class Catalog:
         if self._deleting is None:
             raise CheckpointError("this catalog is read-only: open the root for writing to delete")
         self._deleting(checkpoint)
-        self._infos.pop(checkpoint.step, None)
+        with self._infos_lock:
+            self._infos.pop(checkpoint.step, None)
