@@ -54,11 +54,9 @@ class Preemption:
         return bool(self._previous)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._pid != os.getpid():  # a forked child inherited the handler: act as if it never had it
-            self.restore()
-            signal.raise_signal(signum)
-            return
-        if self.signum is not None:  # asked twice: stop waiting for the next step
+        # A forked child inherited the handler: act as if it never had it. Asked twice: stop waiting
+        # for the next step. Either way the previous handler takes the signal.
+        if self._pid != os.getpid() or self.signum is not None:
             self.restore()
             signal.raise_signal(signum)
             return
