@@ -35,7 +35,6 @@ import os
 import stat
 from collections.abc import Hashable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
@@ -196,8 +195,8 @@ class Backend(Protocol):
     capabilities: Capabilities
 
     @property
-    def root(self) -> Path:
-        """The root as a local path (the only kind of root today)."""
+    def location(self) -> str:
+        """The root as a user names it: a local path, or a URL (``s3://bucket/prefix``)."""
         ...
 
     def describe(self, name: str) -> str:

@@ -212,7 +212,7 @@ class CommitProtocol:
     @property
     def root(self) -> Path:
         """The root directory."""
-        return self.backend.root
+        return Path(self.backend.location)
 
     def begin(self, step: int) -> Staging:
         """A staging place for one save attempt of ``step``.

@@ -327,6 +327,11 @@ class LocalBackend:
         """The root directory, as given."""
         return self._root
 
+    @property
+    def location(self) -> str:
+        """See :meth:`asyncckpt.storage.backend.Backend.location`: the root's path."""
+        return str(self._root)
+
     def path(self, name: str) -> Path:
         """The local path of ``name`` (the root itself for "").
 
