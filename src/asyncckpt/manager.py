@@ -17,19 +17,22 @@ import torch
 from asyncckpt.codec import CodecConfig
 from asyncckpt.engine.admission import Admission
 from asyncckpt.engine.handle import SaveHandle
+from asyncckpt.engine.mirror import _Mirror, write_mirror_file
 from asyncckpt.engine.overlap import Fences
 from asyncckpt.engine.pipeline import Pipeline, SaveJob
+from asyncckpt.engine.reader import LoadedCheckpoint
 from asyncckpt.engine.retain import Retainer
 from asyncckpt.engine.signals import Preemption, at_interpreter_exit
 from asyncckpt.engine.staging import ArenaPool, CopyEngine
 from asyncckpt.engine.tags import Tags
-from asyncckpt.errors import CheckpointError, SaveFailedError
+from asyncckpt.errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError, SaveFailedError
 from asyncckpt.format import MAX_CHUNK_RAW, MAX_STEP, check_tags
 from asyncckpt.loading import check_strict, read_newest_valid
 from asyncckpt.metrics import METRICS_LOG, SaveStats
 from asyncckpt.policy import EverySteps, SavePolicy
 from asyncckpt.retention import RetentionPolicy
 from asyncckpt.state.tree import RestoreResult, check_compatible, restore_into
+from asyncckpt.storage.backend import Backend
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import open_storage
 
@@ -43,6 +46,20 @@ def _check_step(step: Any) -> int:
 
 
 SNAPSHOT_MODES = ("blocking", "overlap")
+
+
+def _mirror_policy(given: dict | RetentionPolicy | None, local: RetentionPolicy) -> RetentionPolicy:
+    """The mirror's retention: the local one unless given (a dict of the retention options)."""
+    if given is None:
+        return local
+    if isinstance(given, RetentionPolicy):
+        return given
+    if isinstance(given, dict):
+        unknown = set(given) - {"keep_last", "keep_best", "best_metric", "best_mode", "keep_every"}
+        if unknown:
+            raise ValueError(f"mirror_retention: unknown options {sorted(unknown)}")
+        return RetentionPolicy(**given)
+    raise TypeError(f"mirror_retention must be a dict of retention options or a RetentionPolicy, got {given!r}")
 
 
 class CheckpointManager:
@@ -66,6 +83,15 @@ class CheckpointManager:
         workers: Encoder threads (default: the CPU count, at most 8).
         chunk_size: Bytes per stored chunk, in [4096, MAX_CHUNK_RAW].
         background_nice: How much lower the encoder threads' priority is (Linux).
+        mirror: A second root (an ``s3://`` URL, a path or a Backend) each committed checkpoint is
+            copied to in the background and verified there (see the README, "A local tier mirrored
+            to object storage"); None: no mirror.
+        mirror_retention: What the mirror keeps: a dict of the retention options above
+            (``{"keep_last": 10}``) or a RetentionPolicy (default: the local root's).
+        mirror_max_behind: Committed checkpoints the mirror may lag behind before the oldest one
+            waiting is skipped (with a warning; the newest is always uploaded).
+        mirror_timeout: Seconds ``close`` (and ``wait(mirror=True)``) waits for uploads.
+        mirror_options: Options for the mirror's storage backend (``storage_options``).
 
     Raises:
         ValueError: An option out of range.
@@ -90,6 +116,11 @@ class CheckpointManager:
         workers: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         background_nice: int = 10,
+        mirror: str | os.PathLike | Backend | None = None,
+        mirror_retention: dict | RetentionPolicy | None = None,
+        mirror_max_behind: int = 2,
+        mirror_timeout: float = 300.0,
+        mirror_options: dict | None = None,
     ) -> None:
         if snapshot not in SNAPSHOT_MODES:
             raise ValueError(f"snapshot must be one of {SNAPSHOT_MODES}, got {snapshot!r}")
@@ -99,6 +130,13 @@ class CheckpointManager:
             raise ValueError(f"chunk_size must be an integer in [4096, {MAX_CHUNK_RAW}] bytes, got {chunk_size!r}")
         # Read-only after this (properties below): the parts built from them keep their own copies.
         self._retention = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
+        mirror_policy = _mirror_policy(mirror_retention, self._retention)
+        if isinstance(mirror_max_behind, bool) or not isinstance(mirror_max_behind, int) or mirror_max_behind < 1:
+            raise ValueError(f"mirror_max_behind must be a positive integer, got {mirror_max_behind!r}")
+        if isinstance(mirror_timeout, bool) or not isinstance(mirror_timeout, (int, float)) or not mirror_timeout > 0:
+            raise ValueError(f"mirror_timeout must be a positive number of seconds, got {mirror_timeout!r}")
+        self._mirror_timeout = float(mirror_timeout)
+        self._mirror: _Mirror | None = None
         self._codec = CodecConfig(compression, level)
         self.policy: SavePolicy = policy if policy is not None else EverySteps(1000)
         self._max_pending = max_pending
@@ -115,16 +153,35 @@ class CheckpointManager:
             self.root = self._storage.root
             self.stats = SaveStats(self.root / METRICS_LOG)
             self._tags = Tags(self._storage, Catalog.of_writer(self._storage))
-            self._retainer = Retainer(self._tags, self._retention, self.root)
+            if mirror is not None:
+                self._mirror = _Mirror(mirror, self._storage.backend, mirror_policy, mirror_max_behind, mirror_options)
+                self.stats.mirror_status = self._mirror.status
+            pinned = self._mirror.pinned if self._mirror is not None else None
+            self._retainer = Retainer(self._tags, self._retention, self.root, pinned=pinned)
             self._pipeline = Pipeline(
                 self._storage, self._codec, self._workers, chunk_size, self._on_done, nice=background_nice
             )
             parts = (arenas, self._copier, self._fences, self._pipeline, self._tags, self.stats)
             self._admission = Admission(self.root, max_pending, snapshot, *parts)
         except BaseException:
+            if self._mirror is not None:
+                self._mirror.close(0.0)
             self._storage.close()  # a failed constructor must not keep the root locked
             raise
+        if self._mirror is not None:
+            self._start_mirror()
         at_interpreter_exit(self._close_quietly)
+
+    def _start_mirror(self) -> None:
+        """Record the mirror in the local root (``ls`` shows where each checkpoint lives), and
+        hand it the newest local checkpoint when the mirror has nothing as new (a run that stopped
+        before its last upload, or a mirror added to an existing root)."""
+        assert self._mirror is not None
+        write_mirror_file(self.root, self._mirror.location)
+        local = self._tags.catalog.newest_known()
+        remote = self._mirror.newest_step()
+        if local is not None and (remote is None or remote < local):
+            self._mirror.submit(local)
 
     @property
     def retention(self) -> RetentionPolicy:
@@ -238,6 +295,7 @@ class CheckpointManager:
         handle, earlier = self._save(step, state, metrics, metadata, tags, tell_policy=True)
         if earlier is not None:
             raise earlier
+        self._raise_mirror_error()
         return handle
 
     def due(self, step: int) -> bool:
@@ -296,6 +354,7 @@ class CheckpointManager:
         handle, earlier = self._save(step, state, metrics, metadata, tags)
         if earlier is not None:
             raise earlier
+        self._raise_mirror_error()
         return handle
 
     def _save(
@@ -326,6 +385,8 @@ class CheckpointManager:
         try:
             self._tags.finished(job, path)
             if path is not None:
+                if self._mirror is not None:
+                    self._mirror.submit(job.step)  # before retention: a step to upload is pinned
                 self._retainer.apply(protect=job.step)
         finally:
             self.stats.finished(job.record)
@@ -334,17 +395,36 @@ class CheckpointManager:
     def _take_background_errors(self) -> SaveFailedError | None:
         return self._admission.take_errors()
 
-    def wait(self) -> None:
+    def wait(self, *, mirror: bool = False) -> None:
         """Block until every pending save has committed or failed.
+
+        Args:
+            mirror: Also wait (at most ``mirror_timeout`` seconds) until every committed checkpoint
+                handed to the mirror is uploaded and verified there, or failed.
 
         Raises:
             SaveFailedError: A save failed that no caller has seen fail yet.
-            CheckpointError: Used from a forked child.
+            CheckpointError: Used from a forked child; an upload to the mirror failed (naming the
+                step, the object and the cause), or ``mirror`` and the uploads outlasted the timeout.
         """
         self._check_owner()
         self._fences.fence()
         self._admission.wait_pending()
         self._raise_background_errors()
+        if mirror and self._mirror is not None:
+            late = self._mirror.wait(self._mirror_timeout)
+            self._raise_mirror_error()
+            if late is not None:
+                raise CheckpointError(
+                    f"asyncckpt mirror: step {late} is not in the mirror {self._mirror.location} after "
+                    f"mirror_timeout={self._mirror_timeout} s (still uploading)"
+                )
+        self._raise_mirror_error()
+
+    def _raise_mirror_error(self) -> None:
+        error = self._mirror.take_error() if self._mirror is not None else None
+        if error is not None:
+            raise error
 
     def _raise_background_errors(self) -> None:
         error = self._take_background_errors()
@@ -406,7 +486,10 @@ class CheckpointManager:
             _check_step(step)
         self._fences.fence()
         self._admission.wait_pending()
-        loaded = read_newest_valid(self.root, step, self._workers)
+        if self._mirror is not None:
+            loaded = self._read_either_tier(step)
+        else:
+            loaded = read_newest_valid(self.root, step, self._workers)
         if loaded is None:
             return None if strict else RestoreResult(None)
         tree = loaded.manifest.tree
@@ -415,6 +498,56 @@ class CheckpointManager:
         if restore_into(state, tree, loaded.tensors, plan) is not state:
             raise CheckpointError("unreachable: the root was checked to be updatable in place")
         return loaded.manifest.step if strict else plan.result(loaded.manifest.step)
+
+    def _read_either_tier(self, step: int | None) -> LoadedCheckpoint | None:
+        """The newest checkpoint (or ``step``) that verifies in either tier: each step is read
+        from the local root first, then from the mirror, newest step first. A checkpoint read from
+        the mirror is said so in a warning (the local root lacks it, or its copy is damaged)."""
+        assert self._mirror is not None
+        local = set(self._tags.catalog.steps())
+        try:
+            remote = set(self._mirror.steps())
+        except (CheckpointError, OSError) as exc:
+            warnings.warn(
+                f"asyncckpt: the mirror {self._mirror.location} cannot be listed ({exc}); "
+                "restoring from the local root only",
+                stacklevel=3,
+            )
+            remote = set()
+        candidates = sorted(local | remote, reverse=True) if step is None else [step]
+        if step is not None and step not in local | remote:
+            raise CheckpointNotFoundError(
+                f"no checkpoint for step {step} in {self.root} or its mirror {self._mirror.location}"
+            )
+        failed: list[str] = []
+        for candidate in candidates:
+            for where, root in (("local", self.root), ("mirror", self._mirror.root)):
+                if candidate not in (local if where == "local" else remote):
+                    continue
+                try:
+                    loaded = read_newest_valid(root, candidate, self._workers)
+                except (CheckpointError, OSError, MemoryError, ValueError) as exc:
+                    failed.append(f"step {candidate} ({where}): {exc}")
+                    warnings.warn(
+                        f"asyncckpt: checkpoint step {candidate} in the {where} tier cannot be read ({exc})",
+                        stacklevel=3,
+                    )
+                    continue
+                if loaded is None:
+                    continue
+                if where == "mirror":
+                    why = "is damaged there" if candidate in local else "does not have it"
+                    warnings.warn(
+                        f"asyncckpt: restoring step {candidate} from the mirror {self._mirror.location}: "
+                        f"the local root {self.root} {why}",
+                        stacklevel=3,
+                    )
+                return loaded
+        if not failed:
+            return None
+        if step is not None:
+            raise CheckpointDamagedError(f"step {step} cannot be read from either tier: " + "; ".join(failed))
+        raise CheckpointDamagedError(f"no valid checkpoint in {self.root} or its mirror: " + "; ".join(failed))
 
     def tag(self, step: int, *tags: str) -> list[str]:
         """Add tags to a committed checkpoint, or to a save of ``step`` still in flight (they are in
@@ -496,7 +629,14 @@ class CheckpointManager:
             self._copier.close()
             self._storage.close()
             self._admission.arenas.clear()
-        self._raise_background_errors()
+            mirror_error = self._mirror.close(self._mirror_timeout) if self._mirror is not None else None
+        earlier = self._take_background_errors()
+        if earlier is not None:
+            if mirror_error is not None:  # never lost: said, while the save's failure is raised
+                warnings.warn(str(mirror_error), stacklevel=2)
+            raise earlier
+        if mirror_error is not None:
+            raise mirror_error
 
     def _close_quietly(self) -> None:
         try:

@@ -21,6 +21,7 @@ from typing import IO, Any, cast
 
 import torch
 
+from asyncckpt.engine.mirror import MIRROR_FILE
 from asyncckpt.engine.reader import read_checkpoint, read_manifest
 from asyncckpt.errors import CheckpointError
 from asyncckpt.format import MANIFEST_NAME, Manifest, parse_step_dir
@@ -706,7 +707,11 @@ class Pruned:
 
 
 def _is_asyncckpt_name(name: str) -> bool:
-    return name in (LOCK_NAME, METRICS_LOG) or name.startswith(TEMP_PREFIX) or parse_step_dir(name) is not None
+    return (
+        name in (LOCK_NAME, METRICS_LOG, MIRROR_FILE)
+        or name.startswith(TEMP_PREFIX)
+        or parse_step_dir(name) is not None
+    )
 
 
 def root_checkpoints(root: Path) -> list[CommittedCheckpoint]:
@@ -724,6 +729,24 @@ def root_checkpoints(root: Path) -> list[CommittedCheckpoint]:
     if not committed and not any(_is_asyncckpt_name(name) for name in names):
         raise CheckpointError(f"{root} is not a checkpoint root: it holds no checkpoint and no asyncckpt files")
     return committed
+
+
+def mirror_checkpoints(location: str) -> list[CommittedCheckpoint]:
+    """The committed checkpoints of a mirror root, as a reader lists them (an empty list when it
+    holds none, or does not exist yet).
+
+    Args:
+        location: The mirror's path or URL.
+
+    Returns:
+        Its committed checkpoints, oldest first.
+
+    Raises:
+        CheckpointError: It cannot be listed.
+    """
+    if "://" in location:
+        return Catalog.of_reader(location).checkpoints()  # type: ignore[arg-type]
+    return Catalog.of_reader(Path(location)).checkpoints()
 
 
 def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckpoint]:
