@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import asyncckpt
 from _cli import cli, strict_json
 from _trees import assert_same_tree
 from asyncckpt import CheckpointError, CheckpointManager
@@ -39,7 +40,11 @@ class _Stream:
     def append(self, data):
         self._backend.entered.set()
         if self._backend.gate is not None:
-            assert self._backend.gate.wait(60), "the test never opened the gate"
+            for _ in range(1200):
+                if self._backend.gate.wait(0.05) or self._backend.release():
+                    break
+            else:
+                raise AssertionError("the test never opened the gate")
         if self._backend.down:
             raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
         offset = self._inner.append(data)
@@ -62,6 +67,7 @@ class RemoteBackend(LocalBackend):
         self.down = False
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
+        self.release = lambda: False  # lets an append held at the gate go on
 
     def open_write(self, name):
         if self.down:
@@ -135,8 +141,8 @@ def test_a_damaged_local_newest_checkpoint_is_restored_from_the_mirror(tmp_path)
             assert mgr.restore(state) == 2  # not the older local step 1
     assert_same_tree(state, state_of(2))
     messages = [str(w.message) for w in caught]
-    assert any("step 2 in the local tier cannot be read" in m and "checksum" in m for m in messages), messages
-    assert any("restoring step 2 from the mirror" in m and "is damaged there" in m for m in messages), messages
+    assert any("step 2 in the local root cannot be read" in m and "checksum" in m for m in messages), messages
+    assert any("restoring step 2 from the mirror" in m and "cannot read it" in m for m in messages), messages
 
 
 def test_a_failing_mirror_is_raised_at_the_next_save_wait_and_close_and_recovers(tmp_path):
@@ -281,4 +287,35 @@ def test_mirror_options_are_checked(tmp_path, options, error):
     with pytest.raises(error):
         CheckpointManager(tmp_path / "local", mirror=tmp_path / "remote", **options)
     with CheckpointManager(tmp_path / "local"):  # nothing was left locked
+        pass
+
+
+def test_load_with_mirror_reads_what_the_local_root_lacks(tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    with manager(local, RemoteBackend(remote), keep_last=1, mirror_retention={"keep_last": 3}) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state_of(step))
+            mgr.wait(mirror=True)
+    with pytest.warns(UserWarning, match="restoring step 2 from the mirror"):
+        assert_same_tree(asyncckpt.load(local, step=2, mirror=remote), state_of(2))
+    assert_same_tree(asyncckpt.load(local, mirror=remote), state_of(3))  # the local newest: no warning
+    shutil.rmtree(local)
+    with pytest.warns(UserWarning, match="restoring step 3 from the mirror"):
+        assert_same_tree(asyncckpt.load(local, mirror=remote), state_of(3))
+    with pytest.raises(asyncckpt.CheckpointNotFoundError):
+        asyncckpt.load(local)  # without mirror=, local only
+
+
+def test_close_waits_for_uploads_at_most_mirror_timeout(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    remote.gate = threading.Event()  # never opened: the upload outlasts the timeout
+    mgr = manager(local, remote, mirror_timeout=0.2)
+    remote.release = lambda: mgr._mirror._cancel  # the held write returns once the mirror gives up
+    mgr.save(1, state_of(1))
+    with pytest.raises(CheckpointError, match=r"step 1 was not mirrored to .*within mirror_timeout=0.2 s"):
+        mgr.close()
+    assert local_steps(local) == [1]
+    assert mirror_steps(remote_dir) == []  # the upload cut short left nothing visible
+    with CheckpointManager(remote_dir):  # its lock was released
         pass

@@ -138,6 +138,7 @@ def load(
     map_location: str | torch.device = "cpu",
     *,
     mmap: bool = False,
+    mirror: str | os.PathLike | None = None,
 ) -> Any:
     """Load a checkpoint as a plain nested tree (stateful objects become their state dicts).
 
@@ -151,6 +152,8 @@ def load(
         step: read exactly this step of the root instead of the newest.
         map_location: the device the tensors are moved to.
         mmap: map the data file of a raw checkpoint instead of reading it.
+        mirror: the root's mirror (``CheckpointManager(mirror=...)``): a step the root lacks, or
+            cannot read, is read from there (with a warning).
 
     Returns:
         The saved state: dicts, lists, tuples, tensors, numpy arrays and plain values, each saved
@@ -164,6 +167,11 @@ def load(
     path = Path(path)
     if (path / MANIFEST_NAME).exists() and step is None:
         loaded = read_checkpoint(path, workers=os.cpu_count() or 1, mmap=mmap)
+    elif mirror is not None:
+        found = read_newest_valid_of_tiers(path, _mirror_root(mirror), step, os.cpu_count() or 1, str(mirror))
+        if found is None:
+            raise CheckpointNotFoundError(f"no checkpoint in {path} or its mirror {mirror}")
+        loaded = found
     else:
         found = read_newest_valid(path, step, os.cpu_count() or 1, mmap)
         if found is None:
@@ -173,6 +181,12 @@ def load(
     if torch.device(map_location) != torch.device("cpu"):
         tensors = [t.to(map_location) for t in tensors]
     return unflatten(loaded.manifest.tree, tensors)
+
+
+def _mirror_root(mirror: str | os.PathLike) -> Any:
+    """A mirror as the reader takes it: a URL as given, a path as a Path."""
+    text = os.fspath(mirror)
+    return text if isinstance(text, str) and "://" in text else Path(text)
 
 
 def check_strict(strict: Any) -> None:
@@ -268,3 +282,72 @@ def _load_model(
     except Exception as exc:
         raise CheckpointError(f"{where} does not fit {type(model).__name__}: {exc}") from exc
     return step if strict else plan.result(step)
+
+
+def _tier_steps(root: Any) -> set[int]:
+    """The committed steps of one tier's root; none when it does not exist."""
+    if isinstance(root, Path) and not root.exists():
+        return set()
+    return {c.step for c in list_checkpoints(root)}
+
+
+def read_newest_valid_of_tiers(
+    local: Path, mirror: Any, step: int | None, workers: int, mirror_name: str
+) -> LoadedCheckpoint | None:
+    """Read the newest checkpoint (or exactly ``step``) that verifies in a local root or its mirror.
+
+    Steps are tried newest first, each from the local root first, then from the mirror: a local
+    root that is empty, deleted or whose newest checkpoint is damaged restores from the mirror.
+    Each checkpoint skipped, and a checkpoint read from the mirror, is said in a warning.
+
+    Args:
+        local: The local root (it may not exist: a node that lost its disk).
+        mirror: The mirror root (a path; a URL or Backend where the reader takes one).
+        step: The step to read, or None for the newest valid one.
+        workers: Threads reading chunks.
+        mirror_name: The mirror's location, for messages (free of credentials).
+
+    Returns:
+        The checkpoint read and verified, or None when neither tier holds a checkpoint.
+
+    Raises:
+        CheckpointNotFoundError: Neither tier holds ``step``.
+        CheckpointDamagedError: Every checkpoint tried failed (each one's reason listed).
+    """
+    mine = _tier_steps(local)
+    try:
+        theirs = _tier_steps(mirror)
+    except (CheckpointError, OSError) as exc:
+        warnings.warn(
+            f"asyncckpt: the mirror {mirror_name} cannot be listed ({exc}); reading the local root only", stacklevel=3
+        )
+        theirs = set()
+    if step is not None and step not in mine | theirs:
+        raise CheckpointNotFoundError(f"no checkpoint for step {step} in {local} or its mirror {mirror_name}")
+    failed: list[str] = []
+    for candidate in sorted(mine | theirs, reverse=True) if step is None else [step]:
+        for tier, root, steps in (("local root", local, mine), ("mirror", mirror, theirs)):
+            if candidate not in steps:
+                continue
+            try:
+                loaded = read_newest_valid(root, candidate, workers)
+            except _ONE_CHECKPOINT_FAILURES as exc:
+                failed.append(f"step {candidate} ({tier}): {exc}")
+                warnings.warn(
+                    f"asyncckpt: checkpoint step {candidate} in the {tier} cannot be read ({exc})", stacklevel=3
+                )
+                continue
+            if loaded is None:
+                continue
+            if tier == "mirror":
+                why = "cannot read it" if candidate in mine else "does not have it"
+                warnings.warn(
+                    f"asyncckpt: restoring step {candidate} from the mirror {mirror_name}: "
+                    f"the local root {local} {why}",
+                    stacklevel=3,
+                )
+            return loaded
+    if not failed:
+        return None
+    what = f"step {step}" if step is not None else "no checkpoint"
+    raise CheckpointDamagedError(f"{what} of {local} or its mirror {mirror_name} verifies: " + "; ".join(failed))

@@ -20,14 +20,13 @@ from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.mirror import _Mirror, write_mirror_file
 from asyncckpt.engine.overlap import Fences
 from asyncckpt.engine.pipeline import Pipeline, SaveJob
-from asyncckpt.engine.reader import LoadedCheckpoint
 from asyncckpt.engine.retain import Retainer
 from asyncckpt.engine.signals import Preemption, at_interpreter_exit
 from asyncckpt.engine.staging import ArenaPool, CopyEngine
 from asyncckpt.engine.tags import Tags
-from asyncckpt.errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError, SaveFailedError
+from asyncckpt.errors import CheckpointError, SaveFailedError
 from asyncckpt.format import MAX_CHUNK_RAW, MAX_STEP, check_tags
-from asyncckpt.loading import check_strict, read_newest_valid
+from asyncckpt.loading import check_strict, read_newest_valid, read_newest_valid_of_tiers
 from asyncckpt.metrics import METRICS_LOG, SaveStats
 from asyncckpt.policy import EverySteps, SavePolicy
 from asyncckpt.retention import RetentionPolicy
@@ -458,6 +457,9 @@ class CheckpointManager:
         fully verified and the whole live state was checked against it: key sets of every dict,
         module and optimizer, shapes, and that every live tensor can be written in place (not a
         meta tensor, an ``expand()`` view or an inference tensor). Pending saves are waited for first.
+        With a mirror, the newest step that verifies in either tier is read, each step from the
+        local root first: an empty, deleted or damaged local root restores from the mirror (with a
+        warning).
 
         Args:
             state: The live state (a dict or list) to update in place.
@@ -487,7 +489,9 @@ class CheckpointManager:
         self._fences.fence()
         self._admission.wait_pending()
         if self._mirror is not None:
-            loaded = self._read_either_tier(step)
+            loaded = read_newest_valid_of_tiers(
+                self.root, self._mirror.root, step, self._workers, self._mirror.location
+            )
         else:
             loaded = read_newest_valid(self.root, step, self._workers)
         if loaded is None:
@@ -498,56 +502,6 @@ class CheckpointManager:
         if restore_into(state, tree, loaded.tensors, plan) is not state:
             raise CheckpointError("unreachable: the root was checked to be updatable in place")
         return loaded.manifest.step if strict else plan.result(loaded.manifest.step)
-
-    def _read_either_tier(self, step: int | None) -> LoadedCheckpoint | None:
-        """The newest checkpoint (or ``step``) that verifies in either tier: each step is read
-        from the local root first, then from the mirror, newest step first. A checkpoint read from
-        the mirror is said so in a warning (the local root lacks it, or its copy is damaged)."""
-        assert self._mirror is not None
-        local = set(self._tags.catalog.steps())
-        try:
-            remote = set(self._mirror.steps())
-        except (CheckpointError, OSError) as exc:
-            warnings.warn(
-                f"asyncckpt: the mirror {self._mirror.location} cannot be listed ({exc}); "
-                "restoring from the local root only",
-                stacklevel=3,
-            )
-            remote = set()
-        candidates = sorted(local | remote, reverse=True) if step is None else [step]
-        if step is not None and step not in local | remote:
-            raise CheckpointNotFoundError(
-                f"no checkpoint for step {step} in {self.root} or its mirror {self._mirror.location}"
-            )
-        failed: list[str] = []
-        for candidate in candidates:
-            for where, root in (("local", self.root), ("mirror", self._mirror.root)):
-                if candidate not in (local if where == "local" else remote):
-                    continue
-                try:
-                    loaded = read_newest_valid(root, candidate, self._workers)
-                except (CheckpointError, OSError, MemoryError, ValueError) as exc:
-                    failed.append(f"step {candidate} ({where}): {exc}")
-                    warnings.warn(
-                        f"asyncckpt: checkpoint step {candidate} in the {where} tier cannot be read ({exc})",
-                        stacklevel=3,
-                    )
-                    continue
-                if loaded is None:
-                    continue
-                if where == "mirror":
-                    why = "is damaged there" if candidate in local else "does not have it"
-                    warnings.warn(
-                        f"asyncckpt: restoring step {candidate} from the mirror {self._mirror.location}: "
-                        f"the local root {self.root} {why}",
-                        stacklevel=3,
-                    )
-                return loaded
-        if not failed:
-            return None
-        if step is not None:
-            raise CheckpointDamagedError(f"step {step} cannot be read from either tier: " + "; ".join(failed))
-        raise CheckpointDamagedError(f"no valid checkpoint in {self.root} or its mirror: " + "; ".join(failed))
 
     def tag(self, step: int, *tags: str) -> list[str]:
         """Add tags to a committed checkpoint, or to a save of ``step`` still in flight (they are in

@@ -287,7 +287,7 @@ class _Mirror:
                 self._cancel = True
                 self._waiting.clear()
             self._cond.notify_all()
-        self._thread.join(None if late is None else 30.0)
+        self._thread.join(None if late is None else 5.0)  # a store that hangs: the lease goes anyway
         self._storage.close()
         error = self.take_error()
         if late is not None:
