@@ -31,9 +31,10 @@ from asyncckpt.metrics import METRICS_LOG, SaveStats
 from asyncckpt.policy import EverySteps, SavePolicy
 from asyncckpt.retention import RetentionPolicy
 from asyncckpt.state.tree import RestoreResult, check_compatible, restore_into
-from asyncckpt.storage.backend import Backend
+from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import open_storage
+from asyncckpt.storage.local import LocalBackend
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 
@@ -149,8 +150,10 @@ class CheckpointManager:
         self._copier = CopyEngine()
         self._storage = open_storage(root)  # last before the try: a failure after it must unlock
         try:
-            self.root = self._storage.root
-            self.stats = SaveStats(self.root / METRICS_LOG)
+            backend = self._storage.backend
+            # A local root is a Path (as it always was); an object store's is its URL.
+            self.root: Path | str = backend.root if isinstance(backend, LocalBackend) else backend.location
+            self.stats = SaveStats(self.root / METRICS_LOG if isinstance(self.root, Path) else None)
             self._tags = Tags(self._storage, Catalog.of_writer(self._storage))
             if mirror is not None:
                 self._mirror = _Mirror(mirror, self._storage.backend, mirror_policy, mirror_max_behind, mirror_options)
@@ -176,7 +179,8 @@ class CheckpointManager:
         hand it the newest local checkpoint when the mirror has nothing as new (a run that stopped
         before its last upload, or a mirror added to an existing root)."""
         assert self._mirror is not None
-        write_mirror_file(self.root, self._mirror.location)
+        if isinstance(self.root, Path):  # a local tier (the usual case) records its mirror
+            write_mirror_file(self.root, self._mirror.location)
         local = self._tags.catalog.newest_known()
         remote = self._mirror.newest_step()
         if local is not None and (remote is None or remote < local):
@@ -377,7 +381,7 @@ class CheckpointManager:
         handle = self._admission.save(step, began, state, metrics, metadata, tags, self.policy if tell_policy else None)
         return handle, self._take_background_errors()
 
-    def _on_done(self, job: SaveJob, path: Path | None) -> None:
+    def _on_done(self, job: SaveJob, path: CheckpointRef | None) -> None:
         """Writer thread, before the handle resolves: free the arena, record the tags, apply
         retention, log."""
         self._admission.finished(job)
@@ -490,10 +494,10 @@ class CheckpointManager:
         self._admission.wait_pending()
         if self._mirror is not None:
             loaded = read_newest_valid_of_tiers(
-                self.root, self._mirror.root, step, self._workers, self._mirror.location
+                self._storage.backend, self._mirror.root, step, self._workers, self._mirror.location
             )
         else:
-            loaded = read_newest_valid(self.root, step, self._workers)
+            loaded = read_newest_valid(self._storage.backend, step, self._workers)
         if loaded is None:
             return None if strict else RestoreResult(None)
         tree = loaded.manifest.tree

@@ -42,7 +42,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from asyncckpt.engine.pipeline import _warn_from_writer
@@ -50,7 +49,7 @@ from asyncckpt.engine.reader import read_manifest, verify_checkpoint
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError
 from asyncckpt.format import Manifest, step_dir_name
 from asyncckpt.retention import CheckpointInfo, RetentionPolicy, steps_to_delete
-from asyncckpt.storage.backend import Backend
+from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import CommitProtocol, open_storage
 
@@ -128,17 +127,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
-
-
-def _ref(backend: Backend, name: str) -> Any:
-    """How the reader names checkpoint ``name`` of ``backend``: a ``CheckpointRef`` where the
-    reader takes one, else the path of a local root."""
-    from asyncckpt.storage import backend as backend_module
-
-    ref = getattr(backend_module, "CheckpointRef", None)
-    if ref is not None:
-        return ref(backend, name)
-    return Path(backend.location) / name
 
 
 class _Mirror:
@@ -323,13 +311,9 @@ class _Mirror:
         return self._catalog.steps()
 
     @property
-    def root(self) -> Any:
-        """The mirror root for the reader (a Backend where the reader takes one, else a path)."""
-        from asyncckpt.storage import backend as backend_module
-
-        if getattr(backend_module, "CheckpointRef", None) is not None:
-            return self._storage.backend
-        return Path(self._storage.backend.location)
+    def root(self) -> Backend:
+        """The mirror root's backend, for the reader."""
+        return self._storage.backend
 
     # ---- the thread -----------------------------------------------------------------------
 
@@ -379,7 +363,7 @@ class _Mirror:
         local_where = self._local.describe(name)
         remote = self._storage
         with self._about(step, f"reading {local_where}"):
-            manifest = read_manifest(_ref(self._local, name))
+            manifest = read_manifest(CheckpointRef(self._local, name))
         staging = remote.begin(step)
         try:
             renamed = {}
@@ -440,7 +424,7 @@ class _Mirror:
         where = self._storage.backend.describe(name)
         try:
             with self._about(step, f"verifying {where}"):
-                verify_checkpoint(_ref(self._storage.backend, name))
+                verify_checkpoint(CheckpointRef(self._storage.backend, name))
         except CheckpointError:
             committed = self._catalog.find(step)
             if committed is not None:

@@ -29,7 +29,11 @@ class Retainer:
     """
 
     def __init__(
-        self, tags: Tags, policy: RetentionPolicy, root: Path, pinned: Callable[[], Collection[int]] | None = None
+        self,
+        tags: Tags,
+        policy: RetentionPolicy,
+        root: Path | str,
+        pinned: Callable[[], Collection[int]] | None = None,
     ) -> None:
         self._tags = tags
         self._pinned = pinned
