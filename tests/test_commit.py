@@ -70,10 +70,10 @@ def test_the_protocol_follows_the_backends_capabilities(tmp_path):
 
 def test_publish_makes_exactly_the_step_visible(protocol):
     checkpoint = write_step(protocol, 5)
-    assert checkpoint.path == protocol.root / "step-000000000005"
+    assert checkpoint.path == Path(protocol.location) / "step-000000000005"
     assert [c.step for c in protocol.checkpoints()] == [5]
-    assert [c.step for c in list_checkpoints(protocol.root)] == [5]
-    assert names(protocol.root) == [".lock", "step-000000000005"]
+    assert [c.step for c in list_checkpoints(Path(protocol.location))] == [5]
+    assert names(Path(protocol.location)) == [".lock", "step-000000000005"]
     assert read_manifest(checkpoint.path).step == 5
 
 
@@ -83,7 +83,7 @@ def test_abort_leaves_nothing(protocol):
     stream.append(b"partial")
     stream.abort()
     protocol.abort(staging)
-    assert names(protocol.root) == [".lock"]
+    assert names(Path(protocol.location)) == [".lock"]
     assert protocol.checkpoints() == []
 
 
@@ -107,7 +107,7 @@ def test_a_resave_replaces_the_step_and_leaves_one_version(protocol):
     files = names(checkpoint.path)
     assert len(files) == 2, files  # one manifest, one data file
     assert manifest.chunks[0].file in files
-    assert names(protocol.root) == [".lock", "step-000000000008"]
+    assert names(Path(protocol.location)) == [".lock", "step-000000000008"]
 
 
 def test_replace_manifest_changes_tags_and_keeps_the_data(protocol):
@@ -126,7 +126,7 @@ def test_delete_removes_the_step(protocol):
     checkpoint = write_step(protocol, 2)
     protocol.delete(checkpoint)
     assert [c.step for c in protocol.checkpoints()] == [1]
-    assert names(protocol.root) == [".lock", "step-000000000001"]
+    assert names(Path(protocol.location)) == [".lock", "step-000000000001"]
 
 
 # ---- manifest written last ---------------------------------------------------------------------
@@ -172,9 +172,9 @@ def test_a_step_whose_only_manifest_is_torn_does_not_exist_and_is_swept(last):
     raw = (checkpoint.path / manifest).read_bytes()
     (checkpoint.path / manifest).write_bytes(raw[:-5])
     assert last.checkpoints() == []
-    assert list_checkpoints(last.root) == []  # readers do not see it either
+    assert list_checkpoints(Path(last.location)) == []  # readers do not see it either
     last.recover()
-    assert names(last.root) == [".lock"]
+    assert names(Path(last.location)) == [".lock"]
 
 
 def test_a_step_still_being_written_is_invisible_to_readers(last):
@@ -182,7 +182,7 @@ def test_a_step_still_being_written_is_invisible_to_readers(last):
     staging = last.begin(2)
     stream = last.backend.open_write(staging.object_name(staging.data_name(0)))
     stream.append(b"half")
-    assert [c.step for c in list_checkpoints(last.root)] == [1]
+    assert [c.step for c in list_checkpoints(Path(last.location))] == [1]
     assert [c.step for c in last.checkpoints()] == [1]
     stream.abort()
     last.abort(staging)
@@ -192,11 +192,11 @@ def test_the_sweep_touches_only_the_names_it_makes(last):
     checkpoint = write_step(last, 3)
     (checkpoint.path / "notes.txt").write_bytes(b"mine")
     (checkpoint.path / "data-00000.bin.bak").write_bytes(b"mine")
-    (last.root / "step-000000000009").mkdir()
-    (last.root / "step-000000000009" / "readme").write_bytes(b"mine")
+    (Path(last.location) / "step-000000000009").mkdir()
+    (Path(last.location) / "step-000000000009" / "readme").write_bytes(b"mine")
     assert last.recover() == []
     assert (checkpoint.path / "notes.txt").read_bytes() == b"mine"
-    assert (last.root / "step-000000000009" / "readme").read_bytes() == b"mine"
+    assert (Path(last.location) / "step-000000000009" / "readme").read_bytes() == b"mine"
 
 
 def test_delete_removes_every_manifest_before_any_data(last, monkeypatch):
@@ -205,13 +205,13 @@ def test_delete_removes_every_manifest_before_any_data(last, monkeypatch):
     real = last.backend.delete_tree
 
     def delete_tree(prefix):
-        seen["left"] = names(last.root / prefix)
+        seen["left"] = names(Path(last.location) / prefix)
         real(prefix)
 
     monkeypatch.setattr(last.backend, "delete_tree", delete_tree)
     last.delete(checkpoint)
     assert seen["left"] and not [n for n in seen["left"] if n.startswith("manifest")]
-    assert names(last.root) == [".lock"]
+    assert names(Path(last.location)) == [".lock"]
 
 
 def test_a_renamed_checkpoint_is_taken_over_by_the_manifest_last_protocol(tmp_path):

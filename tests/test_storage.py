@@ -13,6 +13,7 @@ import pytest
 from _waiting import run_with_timeout
 from asyncckpt import CheckpointError, RootInUseError
 from asyncckpt.storage import local as storage_mod
+from asyncckpt.storage.backend import CheckpointRef
 from asyncckpt.storage.commit import CommitProtocol, CommittedCheckpoint, Staging, open_storage
 
 
@@ -30,13 +31,13 @@ def store(root):
 
 def make_checkpoint(storage: CommitProtocol, step: int, content: bytes = b"x"):
     staging = storage.begin(step)
-    (storage.root / staging.prefix / "data-00000.bin").write_bytes(content)
+    (Path(storage.location) / staging.prefix / "data-00000.bin").write_bytes(content)
     storage.stage_manifest(staging, b"{}")
     return storage.publish(staging, b"{}").path
 
 
 def temp_of(storage: CommitProtocol, staging: Staging) -> Path:
-    return storage.root / staging.prefix
+    return Path(storage.location) / staging.prefix
 
 
 def entries(path):
@@ -119,7 +120,7 @@ def test_sweep_puts_back_a_checkpoint_parked_by_a_crashed_replace(root):
     try:
         assert entries(root) == [".lock", "step-000000000005"]
         assert (root / "step-000000000005" / "manifest.json").read_bytes() == b"old"
-        assert storage.checkpoints() == [CommittedCheckpoint(5, root / "step-000000000005")]
+        assert [(c.step, c.path) for c in storage.checkpoints()] == [(5, root / "step-000000000005")]
     finally:
         storage.close()
 
@@ -173,7 +174,7 @@ def test_commit_makes_the_step_visible_and_the_temp_dir_gone(store, root):
     assert entries(root) == [".lock", "step-000000000042"]
     assert (final / "data-00000.bin").read_bytes() == b"payload"
     assert (final / "manifest.json").read_bytes() == b'{"m": 1}'
-    assert store.checkpoints() == [CommittedCheckpoint(42, final)]
+    assert [(c.step, c.path) for c in store.checkpoints()] == [(42, final)]
 
 
 def test_commit_replaces_an_existing_step_without_leftovers(store, root):
@@ -203,7 +204,7 @@ def test_delete_hides_the_checkpoint_before_removing_it(store, root, monkeypatch
         seen["steps"] = [c.step for c in store.checkpoints()]
 
     monkeypatch.setattr(storage_mod.shutil, "rmtree", interrupted_rmtree)
-    store.delete(CommittedCheckpoint(6, final))
+    store.delete(CommittedCheckpoint(6, CheckpointRef(store.backend, final.name)))
     monkeypatch.undo()
 
     assert seen["steps"] == [9]  # already invisible when the removal started
@@ -217,7 +218,7 @@ def test_delete_hides_the_checkpoint_before_removing_it(store, root, monkeypatch
 
 def test_delete_removes_the_checkpoint(store, root):
     final = make_checkpoint(store, 6)
-    store.delete(CommittedCheckpoint(6, final))
+    store.delete(CommittedCheckpoint(6, CheckpointRef(store.backend, final.name)))
     assert entries(root) == [".lock"]
     assert store.checkpoints() == []
 

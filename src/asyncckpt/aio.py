@@ -259,8 +259,8 @@ class AsyncCheckpointManager:
         return cls(manager)
 
     @property
-    def root(self) -> Path:
-        """The checkpoint root, as the manager holds it."""
+    def root(self) -> Path | str:
+        """The checkpoint root, as the manager holds it (a Path, or the URL of an object store)."""
         return self.manager.root
 
     def _check_owner(self) -> None:

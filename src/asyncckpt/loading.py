@@ -25,22 +25,37 @@ from asyncckpt.engine.reader import (
     read_manifest,
 )
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError
-from asyncckpt.format import MANIFEST_NAME, Manifest, ManifestTooLargeError
+from asyncckpt.format import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestTooLargeError,
+    parse_manifest_generation,
+    parse_step_dir,
+)
 from asyncckpt.state import skeleton
 from asyncckpt.state.tree import RestoreResult, check_module, load_module, unflatten
-from asyncckpt.storage.commit import CommittedCheckpoint
-from asyncckpt.storage.local import list_checkpoints
+from asyncckpt.storage.backend import Backend, CheckpointRef, open_backend
+from asyncckpt.storage.commit import CommittedCheckpoint, published_checkpoints
+from asyncckpt.storage.local import LocalBackend, list_checkpoints
 
 
-def _candidates(root: Path, step: int | None) -> list[CommittedCheckpoint]:
-    committed = list_checkpoints(root)
+def _candidates(root: Backend, step: int | None) -> list[CommittedCheckpoint]:
+    committed = _listed(root)
     if step is None:
         return committed[::-1]
     chosen = [c for c in committed if c.step == step]
     if not chosen:
         have = [c.step for c in committed]
-        raise CheckpointNotFoundError(f"no checkpoint for step {step} in {root} (committed steps: {have[-10:]})")
+        raise CheckpointNotFoundError(
+            f"no checkpoint for step {step} in {root.location} (committed steps: {have[-10:]})"
+        )
     return chosen
+
+
+def _listed(root: Backend) -> list[CommittedCheckpoint]:
+    if isinstance(root, LocalBackend):
+        return list_checkpoints(root.root)  # a plain file named as a root says so
+    return published_checkpoints(root)
 
 
 # How often a reader of a live root lists it again after the checkpoint it was reading vanished
@@ -48,11 +63,63 @@ def _candidates(root: Path, step: int | None) -> list[CommittedCheckpoint]:
 _RELIST_ROUNDS = 64
 
 
-def _check_root(root: Path) -> None:
-    if not root.exists():
-        raise CheckpointNotFoundError(f"checkpoint root {root} does not exist")
-    if not root.is_dir():
-        raise CheckpointNotFoundError(f"checkpoint root {root} is not a directory")
+def _check_root(root: Backend) -> None:
+    if not isinstance(root, LocalBackend):
+        return  # an object store has no directories: an empty prefix is a root with no checkpoint
+    if not root.root.exists():
+        raise CheckpointNotFoundError(f"checkpoint root {root.root} does not exist")
+    if not root.root.is_dir():
+        raise CheckpointNotFoundError(f"checkpoint root {root.root} is not a directory")
+
+
+def open_target(
+    path: str | os.PathLike | Backend, storage_options: dict[str, Any] | None = None
+) -> tuple[Backend, str | None]:
+    """The root a reader was pointed at, and the checkpoint in it when it was pointed at one.
+
+    A local directory holding ``manifest.json`` (or a ``step-N`` directory holding manifest
+    generations) is one checkpoint; so is a URL whose last part is ``step-N``. Anything else is a
+    root.
+
+    Args:
+        path: A local path, a URL (``s3://bucket/prefix``) or a Backend.
+        storage_options: Options for an object store's client (credentials, endpoint, timeouts).
+
+    Returns:
+        The root's backend, and the checkpoint directory's name or None for a whole root.
+
+    Raises:
+        CheckpointError: No backend for the URL's scheme, or the store cannot be reached.
+    """
+    if isinstance(path, Backend):
+        return path, None
+    text = os.fspath(path)
+    if "://" in text and not text.startswith("file://"):
+        head, _, last = text.rstrip("/").rpartition("/")
+        if parse_step_dir(last) is not None and "://" in head:
+            return _open(head, storage_options), last
+        return _open(text, storage_options), None
+    backend = _open(text, storage_options)
+    assert isinstance(backend, LocalBackend)
+    local = backend.root
+    if (local / MANIFEST_NAME).exists():
+        return LocalBackend(local.parent), local.name
+    if parse_step_dir(local.name) is not None and local.is_dir() and _has_generation(local):
+        return LocalBackend(local.parent), local.name
+    return backend, None
+
+
+def _open(root: str, storage_options: dict[str, Any] | None) -> Backend:
+    if storage_options:
+        return open_backend(root, storage_options=storage_options)  # type: ignore[call-arg]
+    return open_backend(root)
+
+
+def _has_generation(directory: Path) -> bool:
+    try:
+        return any(parse_manifest_generation(p.name) is not None for p in directory.iterdir())
+    except OSError:
+        return False
 
 
 # What one checkpoint's read may fail with (damage, a hostile manifest, memory, a file error, a
@@ -61,29 +128,29 @@ _ONE_CHECKPOINT_FAILURES = (CheckpointError, OSError, MemoryError, ValueError)
 
 
 def _newest_valid(
-    root: Path,
+    root: Backend,
     step: int | None,
-    read: Callable[[Path, DirIdentity], Any],
+    read: Callable[[CheckpointRef, DirIdentity], Any],
     final: tuple[type[Exception], ...] = (),
-) -> tuple[Path, Any] | None:
-    """``read(path, identity)`` of the newest checkpoint it succeeds on (or exactly ``step``); warn
+) -> tuple[CheckpointRef, Any] | None:
+    """``read(ref, identity)`` of the newest checkpoint it succeeds on (or exactly ``step``); warn
     about each one that fails. Any failure of one checkpoint (damage, a hostile manifest, memory)
     falls back to the next older one, except the ``final`` errors; a checkpoint deleted or replaced
     since the root was listed (retention or a re-save on a live root) is not a failure: the root is
     listed again and the newest one tried."""
     _check_root(root)
-    failed: dict[Path, str] = {}
+    failed: dict[int, str] = {}
     for _ in range(_RELIST_ROUNDS):
-        candidates = [c for c in _candidates(root, step) if c.path not in failed]
+        candidates = [c for c in _candidates(root, step) if c.step not in failed]
         if not candidates and not failed:
             return None
         vanished = False
         for candidate in candidates:
             try:
-                identity = directory_identity(candidate.path)  # once: every read of it is held to it
+                identity = directory_identity(candidate.ref)  # once: every read of it is held to it
                 if identity is None:
-                    raise CheckpointGoneError(f"{candidate.path} was deleted since the root was listed")
-                return candidate.path, read(candidate.path, identity)
+                    raise CheckpointGoneError(f"{candidate.ref} was deleted since the root was listed")
+                return candidate.ref, read(candidate.ref, identity)
             except CheckpointGoneError:
                 vanished = True
                 break
@@ -91,29 +158,31 @@ def _newest_valid(
                 if step is not None or isinstance(exc, final):
                     raise
                 reason = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-                failed[candidate.path] = f"step {candidate.step}: {reason}"
+                failed[candidate.step] = f"step {candidate.step}: {reason}"
                 what = "cannot be read" if isinstance(exc, ManifestTooLargeError) else "is damaged or cannot be read"
                 warnings.warn(
-                    f"asyncckpt: checkpoint {candidate.path} {what} ({reason}); falling back to the next older one",
+                    f"asyncckpt: checkpoint {candidate.ref} {what} ({reason}); falling back to the next older one",
                     stacklevel=4,
                 )
         if not vanished:
             break
     else:
         raise CheckpointNotFoundError(
-            f"every checkpoint of {root} was deleted while it was being read, {_RELIST_ROUNDS} times over"
+            f"every checkpoint of {root.location} was deleted while it was being read, {_RELIST_ROUNDS} times over"
         )
     if not failed:
         return None
-    raise CheckpointDamagedError(f"no valid checkpoint in {root}: " + "; ".join(failed.values()))
+    raise CheckpointDamagedError(f"no valid checkpoint in {root.location}: " + "; ".join(failed.values()))
 
 
-def read_newest_valid(root: Path, step: int | None, workers: int, mmap: bool = False) -> LoadedCheckpoint | None:
+def read_newest_valid(
+    root: str | os.PathLike | Backend, step: int | None, workers: int, mmap: bool = False
+) -> LoadedCheckpoint | None:
     """Read the newest checkpoint of a root that verifies (or exactly ``step``), warning about each
     damaged one skipped.
 
     Args:
-        root: the checkpoint root.
+        root: the checkpoint root: a local path, a URL or its Backend.
         step: the step to read, or None for the newest valid one.
         workers: threads reading chunks.
         mmap: map a raw checkpoint's data file instead of reading it (see ``read_checkpoint``).
@@ -126,8 +195,9 @@ def read_newest_valid(root: Path, step: int | None, workers: int, mmap: bool = F
         CheckpointDamagedError: every checkpoint of the root failed (each one's reason listed).
         CheckpointError: checkpoint ``step`` cannot be read (a named step never falls back).
     """
+    backend = root if isinstance(root, Backend) else open_target(root)[0]
     found = _newest_valid(
-        root, step, lambda path, identity: read_checkpoint(path, workers, mmap=mmap, identity=identity)
+        backend, step, lambda ref, identity: read_checkpoint(ref, workers, mmap=mmap, identity=identity)
     )
     return None if found is None else found[1]
 
@@ -138,6 +208,7 @@ def load(
     map_location: str | torch.device = "cpu",
     *,
     mmap: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """Load a checkpoint as a plain nested tree (stateful objects become their state dicts).
 
@@ -147,10 +218,12 @@ def load(
 
     Args:
         path: a checkpoint root (its newest valid checkpoint is read, damaged ones skipped with a
-            warning) or one checkpoint directory.
+            warning) or one checkpoint directory: a local path or a URL (``s3://bucket/prefix``).
         step: read exactly this step of the root instead of the newest.
         map_location: the device the tensors are moved to.
         mmap: map the data file of a raw checkpoint instead of reading it.
+        storage_options: options for an object store's client (credentials, endpoint, timeouts);
+            by default they come from the environment.
 
     Returns:
         The saved state: dicts, lists, tuples, tensors, numpy arrays and plain values, each saved
@@ -161,11 +234,13 @@ def load(
         CheckpointDamagedError: the checkpoint (every checkpoint of a root) fails verification.
         CheckpointError: the checkpoint cannot be read.
     """
-    path = Path(path)
-    if (path / MANIFEST_NAME).exists() and step is None:
-        loaded = read_checkpoint(path, workers=os.cpu_count() or 1, mmap=mmap)
+    root, single = open_target(path, storage_options)
+    if single is not None and step is None:
+        loaded = read_checkpoint(CheckpointRef(root, single), workers=os.cpu_count() or 1, mmap=mmap)
     else:
-        found = read_newest_valid(path, step, os.cpu_count() or 1, mmap)
+        if single is not None:
+            root = _open(os.fspath(path), storage_options)  # a step asked of a checkpoint: read as a root
+        found = read_newest_valid(root, step, os.cpu_count() or 1, mmap)
         if found is None:
             raise CheckpointNotFoundError(f"no checkpoint in {path}")
         loaded = found
@@ -190,22 +265,47 @@ def check_strict(strict: Any) -> None:
 
 @overload
 def load_weights(
-    path: str | os.PathLike, model: torch.nn.Module, key: str = ..., strict: Literal[True] = ...
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    key: str = ...,
+    strict: Literal[True] = ...,
+    *,
+    storage_options: dict[str, Any] | None = ...,
 ) -> int: ...
 @overload
 def load_weights(
-    path: str | os.PathLike, model: torch.nn.Module, key: str, strict: Literal[False]
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    key: str,
+    strict: Literal[False],
+    *,
+    storage_options: dict[str, Any] | None = ...,
 ) -> RestoreResult: ...
 @overload
 def load_weights(
-    path: str | os.PathLike, model: torch.nn.Module, key: str = ..., *, strict: Literal[False]
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    key: str = ...,
+    *,
+    strict: Literal[False],
+    storage_options: dict[str, Any] | None = ...,
 ) -> RestoreResult: ...
 @overload
 def load_weights(
-    path: str | os.PathLike, model: torch.nn.Module, key: str = ..., strict: bool = ...
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    key: str = ...,
+    strict: bool = ...,
+    *,
+    storage_options: dict[str, Any] | None = ...,
 ) -> int | RestoreResult: ...
 def load_weights(
-    path: str | os.PathLike, model: torch.nn.Module, key: str = "model", strict: bool = True
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    key: str = "model",
+    strict: bool = True,
+    *,
+    storage_options: dict[str, Any] | None = None,
 ) -> int | RestoreResult:
     """Load just a model's weights for inference: only the chunks holding them are read.
 
@@ -223,6 +323,8 @@ def load_weights(
             saved objects (``"ema.model"``, ``"models.0"``).
         strict: whether keys the model and the checkpoint do not share, or weights that cannot be
             written in place, are errors (True) or reported (False).
+        storage_options: options for an object store's client, as for :func:`load`. Only the
+            byte ranges of the chunks holding the model's weights are fetched.
 
     Returns:
         The checkpoint's step with ``strict=True``; with ``strict=False`` a RestoreResult: ``.step``
@@ -238,21 +340,22 @@ def load_weights(
         CheckpointDamagedError: the checkpoint (every checkpoint of a root) fails verification.
     """
     check_strict(strict)
-    path = Path(path)
+    root, single = open_target(path, storage_options)
 
-    def read(candidate: Path, identity: DirIdentity | None) -> tuple[Manifest, dict, LoadedCheckpoint]:
+    def read(candidate: CheckpointRef, identity: DirIdentity | None) -> tuple[Manifest, dict, LoadedCheckpoint]:
         # one identity for both reads: a step replaced between them is gone, not damaged
         manifest = read_manifest(candidate, identity=identity)
         node = skeleton.subtree(manifest.tree, key, str(candidate))
         wanted = skeleton.tensor_indices(node)
         return manifest, node, read_checkpoint(candidate, os.cpu_count() or 1, manifest, wanted, identity=identity)
 
-    if (path / MANIFEST_NAME).exists():
-        candidate, (manifest, node, loaded) = path, read(path, directory_identity(path))
+    if single is not None:
+        candidate = CheckpointRef(root, single)
+        manifest, node, loaded = read(candidate, directory_identity(candidate))
     else:
-        if not path.is_dir():
+        if isinstance(root, LocalBackend) and not root.root.is_dir():
             raise CheckpointNotFoundError(f"no checkpoint in {path}")
-        found = _newest_valid(path, None, read, final=(skeleton.NoEntryError,))
+        found = _newest_valid(root, None, read, final=(skeleton.NoEntryError,))
         if found is None:
             raise CheckpointNotFoundError(f"no checkpoint in {path}")
         candidate, (manifest, node, loaded) = found

@@ -30,8 +30,10 @@ from asyncckpt.metrics import METRICS_LOG, SaveStats
 from asyncckpt.policy import EverySteps, SavePolicy
 from asyncckpt.retention import RetentionPolicy
 from asyncckpt.state.tree import RestoreResult, check_compatible, restore_into
+from asyncckpt.storage.backend import CheckpointRef
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import open_storage
+from asyncckpt.storage.local import LocalBackend
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 
@@ -112,8 +114,10 @@ class CheckpointManager:
         self._copier = CopyEngine()
         self._storage = open_storage(root)  # last before the try: a failure after it must unlock
         try:
-            self.root = self._storage.root
-            self.stats = SaveStats(self.root / METRICS_LOG)
+            backend = self._storage.backend
+            # A local root is a Path (as it always was); an object store's is its URL.
+            self.root: Path | str = backend.root if isinstance(backend, LocalBackend) else backend.location
+            self.stats = SaveStats(self.root / METRICS_LOG if isinstance(self.root, Path) else None)
             self._tags = Tags(self._storage, Catalog.of_writer(self._storage))
             self._retainer = Retainer(self._tags, self._retention, self.root)
             self._pipeline = Pipeline(
@@ -319,7 +323,7 @@ class CheckpointManager:
         handle = self._admission.save(step, began, state, metrics, metadata, tags, self.policy if tell_policy else None)
         return handle, self._take_background_errors()
 
-    def _on_done(self, job: SaveJob, path: Path | None) -> None:
+    def _on_done(self, job: SaveJob, path: CheckpointRef | None) -> None:
         """Writer thread, before the handle resolves: free the arena, record the tags, apply
         retention, log."""
         self._admission.finished(job)
@@ -406,7 +410,7 @@ class CheckpointManager:
             _check_step(step)
         self._fences.fence()
         self._admission.wait_pending()
-        loaded = read_newest_valid(self.root, step, self._workers)
+        loaded = read_newest_valid(self._storage.backend, step, self._workers)
         if loaded is None:
             return None if strict else RestoreResult(None)
         tree = loaded.manifest.tree

@@ -16,6 +16,7 @@ from asyncckpt._progress import format_bytes, progress_bar
 from asyncckpt.engine.reader import (
     CheckpointGoneError,
     DirIdentity,
+    Where,
     directory_identity,
     read_manifest,
     verify_checkpoint,
@@ -25,6 +26,14 @@ from asyncckpt.format import MANIFEST_NAME, Manifest, parse_step_dir
 from asyncckpt.metrics import METRICS_LOG, SaveRecord, read_log, summarize
 from asyncckpt.policy import Adaptive
 from asyncckpt.retention import RetentionPolicy
+from asyncckpt.storage.backend import CheckpointRef
+
+
+def _root_arg(text: str) -> Path | str:
+    """A root or checkpoint named on the command line: a URL stays text, anything else is a path."""
+    from asyncckpt.cli.tools import is_url
+
+    return text if is_url(text) else Path(text)
 
 
 class UsageError(Exception):
@@ -43,11 +52,19 @@ def _dump_json(value: Any) -> str:
     return json.dumps(_finite(value), indent=2, allow_nan=False)
 
 
-def _checkpoint_dirs(path: Path) -> list[Path]:
+def _checkpoint_dirs(path: Path | str) -> list[Where]:
     """One checkpoint directory, or a root's committed checkpoints (none: an empty list). A path
-    that does not exist, or a folder that is not a checkpoint root, is a CheckpointError (exit 2)."""
-    from asyncckpt.cli.tools import root_checkpoints
+    that does not exist, or a folder that is not a checkpoint root, is a CheckpointError (exit 2).
+    A URL (``s3://bucket/prefix``) is a root, or one checkpoint when it ends in ``step-N``."""
+    from asyncckpt.cli.tools import is_url, root_checkpoints
+    from asyncckpt.loading import open_target
 
+    if is_url(path):
+        backend, single = open_target(path)
+        if single is not None:
+            return [CheckpointRef(backend, single)]
+        return [c.ref for c in root_checkpoints(str(path))]
+    path = Path(path)
     if not os.path.lexists(path):
         raise CheckpointError(f"{path} does not exist")
     if (path / MANIFEST_NAME).exists():
@@ -57,6 +74,15 @@ def _checkpoint_dirs(path: Path) -> list[Path]:
     if parse_step_dir(path.name) is not None and not any(c.is_dir() for c in path.iterdir()):
         return [path]  # a checkpoint directory that lost its manifest: damaged, not a folder of another kind
     return [c.path for c in root_checkpoints(path)]
+
+
+def _names_one_checkpoint(root: Path | str) -> bool:
+    """Whether a command was pointed at one checkpoint rather than at a root."""
+    if isinstance(root, Path):
+        return (root / MANIFEST_NAME).exists()
+    from asyncckpt.loading import open_target
+
+    return open_target(root)[1] is not None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -84,7 +110,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     from asyncckpt.cli.tools import format_created
 
     rows: list[dict[str, Any]] = []
-    for path in _checkpoint_dirs(Path(args.root)):
+    for path in _checkpoint_dirs(_root_arg(args.root)):
         try:
             m = read_manifest(path)
             rows.append(
@@ -126,16 +152,16 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    root = Path(args.path)
-    single = (root / MANIFEST_NAME).exists()  # one checkpoint directory, not a root
+    root = _root_arg(args.path)
     dirs = _checkpoint_dirs(root)
+    single = _names_one_checkpoint(root)
     if not dirs:
         if args.json:
             print("[]")
         print(f"no checkpoints in {args.path}", file=sys.stderr)
         return 1
     rows: list[dict] = []
-    seen: set[Path] = set()
+    seen: set[Where] = set()
     with progress_bar(0, "verify", args.progress) as bar:
         # A live root changes while it is verified: a checkpoint its writer's retention deletes
         # meanwhile is gone, not damaged. Then the root is listed again, and what is new verified.
@@ -145,7 +171,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             gone = _verify_round(todo, bar, rows, args.json)
             if not gone:
                 break
-            seen.difference_update(path for path in gone if path.exists())  # replaced: verify the new one
+            # replaced: verify the new one
+            seen.difference_update(path for path in gone if directory_identity(path) is not None)
             dirs = dirs if single else _checkpoint_dirs(root)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -161,11 +188,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 _VERIFY_ROUNDS = 8
 
 
-def _verify_round(dirs: list[Path], bar, rows: list[dict], quiet: bool) -> list[Path]:
+def _verify_round(dirs: list[Where], bar, rows: list[dict], quiet: bool) -> list[Where]:
     """Verify ``dirs`` (the bar's total grows by their stored bytes); those found gone."""
-    manifests: dict[Path, Manifest] = {}
-    identities: dict[Path, DirIdentity | None] = {}
-    errors: dict[Path, CheckpointError] = {}
+    manifests: dict[Where, Manifest] = {}
+    identities: dict[Where, DirIdentity | None] = {}
+    errors: dict[Where, CheckpointError] = {}
     for path in dirs:  # manifests first: the bar's total is every stored byte to be checked
         # the directory as listed, held through both reads: a step re-saved in between is gone, not damaged
         identities[path] = directory_identity(path)
@@ -326,6 +353,13 @@ def _plot_stats(records: list[SaveRecord], path: Path, figure_cls, title: str) -
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    from asyncckpt.cli.tools import is_url
+
+    if is_url(args.root):
+        raise CheckpointError(
+            f"no metrics log in {args.root}: a manager writing to an object store keeps its save records in "
+            "memory (mgr.stats); a local root with mirror= keeps the log in the local root"
+        )
     root = Path(args.root)
     if not root.is_dir():
         reason = "not a directory" if root.exists() else "it does not exist"
@@ -451,7 +485,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         policy = RetentionPolicy(keep_last, args.keep_best, args.metric, args.mode or "min", args.keep_every)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    result = tools.prune(Path(args.root), policy, dry_run=args.dry_run)
+    result = tools.prune(_root_arg(args.root), policy, dry_run=args.dry_run)
     for step, reason in sorted(result.unreadable.items()):
         print(
             f"asyncckpt: kept step {step}: its manifest cannot be read ({_printable(reason)}); prune never "

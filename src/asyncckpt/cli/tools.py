@@ -21,15 +21,17 @@ from typing import IO, Any, cast
 
 import torch
 
-from asyncckpt.engine.reader import read_checkpoint, read_manifest
+from asyncckpt.engine.reader import Where, read_checkpoint, read_manifest
 from asyncckpt.errors import CheckpointError
 from asyncckpt.format import MANIFEST_NAME, Manifest, parse_step_dir
+from asyncckpt.loading import open_target
 from asyncckpt.metrics import METRICS_LOG
 from asyncckpt.retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
 from asyncckpt.state import skeleton
 from asyncckpt.state.skeleton import TENSOR_KINDS, Kind
+from asyncckpt.storage.backend import CheckpointRef
 from asyncckpt.storage.catalog import Catalog
-from asyncckpt.storage.commit import CommittedCheckpoint, open_storage
+from asyncckpt.storage.commit import CommittedCheckpoint, open_storage, published_checkpoints
 from asyncckpt.storage.local import LOCK_NAME, TEMP_PREFIX, fsync_dir
 
 Progress = Callable[[int], None]  # called with each increment of bytes done
@@ -45,8 +47,23 @@ _LEAF_KINDS = {
 }
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an object store (``s3://...``) rather than a local path."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Where:
     """The checkpoint directory at ``path``, or a CheckpointError that says what ``path`` is instead."""
+    if is_url(path):
+        backend, single = open_target(path)
+        if single is None:
+            committed = published_checkpoints(backend)
+            example = f", e.g. {committed[-1].ref} (the newest of {len(committed)})" if committed else ""
+            raise CheckpointError(
+                f"{os.fspath(path)} is a checkpoint root, not a checkpoint; name one of its checkpoints{example}"
+            )
+        return CheckpointRef(backend, single)
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path} does not exist")
@@ -61,7 +78,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def resolve_root(path: str | os.PathLike) -> Path:
+def resolve_root(path: str | os.PathLike) -> Path | str:
+    if is_url(path):
+        return os.fspath(path)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint root {path} does not exist")
@@ -125,7 +144,7 @@ def leaves(tree: dict, path: str = "state") -> list[Leaf]:
 # ---------------------------------------------------------------------------------------- inspect
 
 
-def inspect_checkpoint(path: Path) -> dict:
+def inspect_checkpoint(path: Where) -> dict:
     """A JSON-ready description of one checkpoint, from its manifest only (no tensor data is read)."""
     manifest = read_manifest(path)
     first_path: dict[int, str] = {}
@@ -241,7 +260,7 @@ def _tensor_indexes(manifest: Manifest) -> list[int]:
     return sorted(skeleton.tensor_indices(manifest.tree))
 
 
-def diff_total_bytes(path_a: Path, path_b: Path) -> int:
+def diff_total_bytes(path_a: Where, path_b: Where) -> int:
     """What ``diff_checkpoints``'s progress increments sum to: every tensor byte of both checkpoints
     (each is read, verified and compared once), from the manifests alone."""
     total = 0
@@ -266,14 +285,14 @@ def _batches(pairs: list[tuple[int | None, int | None]], manifest_a: Manifest, m
         yield batch
 
 
-def _read_some(path: Path, manifest: Manifest, wanted: set[int]) -> list[torch.Tensor | None]:
+def _read_some(path: Where, manifest: Manifest, wanted: set[int]) -> list[torch.Tensor | None]:
     if not wanted:
         return [None] * len(manifest.tensors)
     tensors: list[torch.Tensor | None] = list(read_checkpoint(path, manifest=manifest, only=wanted).tensors)
     return tensors
 
 
-def diff_checkpoints(path_a: Path, path_b: Path, progress: Progress | None = None) -> dict:
+def diff_checkpoints(path_a: Where, path_b: Where, progress: Progress | None = None) -> dict:
     """Per leaf path: how B differs from A. Every tensor of both checkpoints is read and verified,
     a batch of about DIFF_BATCH_BYTES at a time, so memory stays bounded on any size.
 
@@ -468,7 +487,7 @@ class Exported:
     skipped: list[str]  # non-tensor leaves left out
 
 
-def flat_export_dict(path: Path, key: str, dtype: str | None) -> tuple[int, dict[str, torch.Tensor], list[str]]:
+def flat_export_dict(path: Where, key: str, dtype: str | None) -> tuple[int, dict[str, torch.Tensor], list[str]]:
     """The tensors ``export --key`` writes: those under ``key``, named by their keys below it.
 
     The whole checkpoint is read and verified, as every export always has. ``key`` is resolved as
@@ -679,7 +698,7 @@ def write_export(
 
 
 def export_checkpoint(
-    path: Path,
+    path: Where,
     out: Path,
     key: str = "model",
     dtype: str | None = None,
@@ -709,11 +728,14 @@ def _is_asyncckpt_name(name: str) -> bool:
     return name in (LOCK_NAME, METRICS_LOG) or name.startswith(TEMP_PREFIX) or parse_step_dir(name) is not None
 
 
-def root_checkpoints(root: Path) -> list[CommittedCheckpoint]:
+def root_checkpoints(root: Path | str) -> list[CommittedCheckpoint]:
     """The committed checkpoints of the directory ``root``, or a CheckpointError when it is not a
     checkpoint root: it holds no checkpoint and none of the files a manager leaves (an empty folder
     included). ``ls``, ``verify`` and ``prune`` apply this one rule; a root with no checkpoint is an
-    empty list."""
+    empty list. An object-store root (a URL) is any prefix: one with no checkpoint is an empty list."""
+    if is_url(root):
+        return published_checkpoints(open_target(root)[0])
+    root = Path(root)
     try:
         committed = Catalog.of_reader(root).checkpoints()
         names = [entry.name for entry in os.scandir(root)]
@@ -726,7 +748,7 @@ def root_checkpoints(root: Path) -> list[CommittedCheckpoint]:
     return committed
 
 
-def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckpoint]:
+def _check_prunable(root: Path | str, policy: RetentionPolicy) -> list[CommittedCheckpoint]:
     """The committed checkpoints, once ``root`` is known to be a checkpoint root and the policy's
     metric to exist: checked before the lock is taken, so a wrong folder gets no ``.lock``."""
     committed = root_checkpoints(root)
@@ -736,7 +758,7 @@ def _check_prunable(root: Path, policy: RetentionPolicy) -> list[CommittedCheckp
     return committed
 
 
-def prune(root: Path, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
+def prune(root: Path | str, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
     """Delete what ``policy`` does not keep; takes the root's writer lock unless ``dry_run``.
 
     A folder that is not a checkpoint root, or a ``keep_best`` metric no checkpoint carries, is a

@@ -97,7 +97,7 @@ class Admission:
 
     def __init__(
         self,
-        root: Path,
+        root: Path | str,
         max_pending: int,
         snapshot: str,
         arenas: ArenaPool,

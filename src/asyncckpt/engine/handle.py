@@ -32,7 +32,7 @@ class SaveHandle:
 
     def __init__(self, step: int) -> None:
         self.step = step
-        self._future: Future[Path] = Future()
+        self._future: Future[Path | str] = Future()
         self.reported = False  # an error seen by the user is not raised again by the manager
         self._error: SaveFailedError | None = None  # set before the future resolves
         self._before_wait: Callable[..., None] | None = None  # overlap mode: the manager's fence
@@ -46,7 +46,7 @@ class SaveHandle:
         """
         return self._future.done()
 
-    def wait(self, timeout: float | None = None) -> Path:
+    def wait(self, timeout: float | None = None) -> Path | str:
         """Wait for the commit. In overlap mode this is a fence first: it waits for the save's copy,
         then for the commit.
 
@@ -54,7 +54,7 @@ class SaveHandle:
             timeout: Seconds at most, fence included; None waits as long as it takes.
 
         Returns:
-            The committed checkpoint's directory.
+            The committed checkpoint's directory (its URL on an object store).
 
         Raises:
             SaveFailedError: The save failed (OverlapGuardError when overlap mode's guard refused
@@ -108,7 +108,7 @@ class SaveHandle:
         """The failure reached the user: the manager does not raise it again."""
         self.reported = True
 
-    def _resolve(self, path: Path) -> None:
+    def _resolve(self, path: Path | str) -> None:
         """Writer thread: the save committed at ``path``."""
         self._future.set_result(path)
 
@@ -122,7 +122,7 @@ class SaveHandle:
         """Writer thread: make ``error()`` return ``error`` ahead of ``_fail``."""
         self._error = error
 
-    def _outcome(self) -> tuple[Path | None, SaveFailedError | None]:
+    def _outcome(self) -> tuple[Path | str | None, SaveFailedError | None]:
         """Once done: (the committed path, None) or (None, the failure)."""
         error = self._future.exception()
         return (None, error) if error is not None else (self._future.result(), None)  # type: ignore[return-value]

@@ -21,7 +21,6 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from asyncckpt import _phases, codec
 from asyncckpt.engine import overlap
@@ -32,8 +31,8 @@ from asyncckpt.engine.staging import Arena, Layout
 from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
 from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, dtype_name
 from asyncckpt.metrics import SaveRecord
-from asyncckpt.storage.backend import WriteStream
-from asyncckpt.storage.commit import CommitProtocol, Staging
+from asyncckpt.storage.backend import CheckpointRef, WriteStream
+from asyncckpt.storage.commit import CommitProtocol, Staging, user_location
 
 _log = logging.getLogger("asyncckpt")
 
@@ -109,7 +108,7 @@ class Pipeline:
         config: codec.CodecConfig,
         workers: int,
         chunk_size: int,
-        on_done: Callable[[SaveJob, Path | None], None],
+        on_done: Callable[[SaveJob, CheckpointRef | None], None],
         nice: int = 0,
     ) -> None:
         self._storage = storage
@@ -173,7 +172,7 @@ class Pipeline:
                 if job.cancelled:  # withdrawn by a save interrupted after handing it over
                     continue
                 job.taken = True
-            path: Path | None = None
+            path: CheckpointRef | None = None
             error: SaveFailedError | None = None
             try:
                 path = self._persist(job)
@@ -190,7 +189,7 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the writer
                 _warn_from_writer(f"asyncckpt: bookkeeping after step {job.step} failed: {exc!r}")
             if error is None:
-                job.handle._resolve(path)  # type: ignore[arg-type]
+                job.handle._resolve(user_location(path))  # type: ignore[arg-type]
             else:
                 job.handle._fail(error)
 
@@ -213,7 +212,7 @@ class Pipeline:
         assert job.lazy is not None
         overlap.read_gpu_fence_wait(job.lazy, job.record, _warn_from_writer)
 
-    def _persist(self, job: SaveJob) -> Path:
+    def _persist(self, job: SaveJob) -> CheckpointRef:
         record = job.record
         if job.lazy is not None:  # before anything can fail: the arena is not ours until then
             job.lazy.wait_copied()
@@ -248,7 +247,7 @@ class Pipeline:
         record.stored_bytes = manifest.stored_bytes
         if job.lazy is not None:
             self._read_gpu_fence_wait(job)
-        return checkpoint.path
+        return checkpoint.ref
 
     def _data_durable_not_published(self, job: SaveJob) -> None:
         """The point between the durable data and the commit: nothing of the step is visible yet, and

@@ -51,7 +51,7 @@ from asyncckpt.format import (
     too_large,
 )
 from asyncckpt.state.skeleton import tensor_paths
-from asyncckpt.storage.backend import Backend, ReadHandle, open_backend
+from asyncckpt.storage.backend import Backend, CheckpointRef, ReadHandle, open_backend
 from asyncckpt.storage.commit import newest_manifest
 
 _T = TypeVar("_T")
@@ -65,8 +65,14 @@ class CheckpointGoneError(CheckpointNotFoundError):
 DirIdentity = tuple[Any, str]
 
 
-def _locate(path: Path) -> tuple[Backend, str]:
-    """The backend of the checkpoint directory ``path``'s root, and the checkpoint's name in it."""
+# A checkpoint as the reader is given it: a ref, or a local directory (its parent being the root).
+Where = Path | CheckpointRef
+
+
+def _locate(path: Where) -> tuple[Backend, str]:
+    """The backend of the checkpoint ``path``'s root, and the checkpoint's name in it."""
+    if isinstance(path, CheckpointRef):
+        return path.backend, path.name
     return open_backend(path.parent), path.name
 
 
@@ -90,7 +96,7 @@ def _identity(store: Backend, name: str) -> DirIdentity | None:
     return where, _manifest_name(store, name)
 
 
-def directory_identity(path: Path) -> DirIdentity | None:
+def directory_identity(path: Where) -> DirIdentity | None:
     """Which checkpoint ``path`` names now (None: nothing there): its directory and the version of
     its manifest. A reader of a root takes it right after listing and hands it to every read of
     that checkpoint, so a checkpoint deleted or replaced at any point after the listing is told
@@ -106,7 +112,7 @@ def directory_identity(path: Path) -> DirIdentity | None:
 
 
 @contextlib.contextmanager
-def _same_directory(path: Path, identity: DirIdentity | None = None) -> Iterator[None]:
+def _same_directory(path: Where, identity: DirIdentity | None = None) -> Iterator[None]:
     """Tell a checkpoint that vanished under a reader from a damaged one.
 
     A committed checkpoint never changes in place: it is only ever renamed away whole (retention,
@@ -142,13 +148,13 @@ def _damaged(call: Callable[..., _T], *args: object) -> _T:
 
 @dataclass
 class LoadedCheckpoint:
-    path: Path
+    path: Where
     manifest: Manifest
     tensors: list[torch.Tensor]  # a partial read (``only``) holds None for the tensors not asked for
     mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
-def read_manifest(path: Path, *, identity: DirIdentity | None = None) -> Manifest:
+def read_manifest(path: Where, *, identity: DirIdentity | None = None) -> Manifest:
     """The validated manifest of the checkpoint at ``path``. ``identity`` (from
     :func:`directory_identity`): the directory ``path`` named when its root was listed; if the path
     names another one or none by now, or stops naming it during a failed read, CheckpointGoneError."""
@@ -272,7 +278,7 @@ class _Scatter(_Index):
 
 
 def read_checkpoint(
-    path: Path,
+    path: Where,
     workers: int = 4,
     manifest: Manifest | None = None,
     only: set[int] | None = None,
@@ -298,7 +304,7 @@ def read_checkpoint(
 
 
 def _read_checkpoint(
-    path: Path,
+    path: Where,
     workers: int,
     manifest: Manifest | None,
     only: set[int] | None,
@@ -368,7 +374,7 @@ def _for_each_chunk(
         pool.shutdown(wait=True, cancel_futures=True)  # before the caller closes the files the work reads
 
 
-def _open_data_files(path: Path, manifest: Manifest, files: dict[str, ReadHandle]) -> None:
+def _open_data_files(path: Where, manifest: Manifest, files: dict[str, ReadHandle]) -> None:
     """Open every data file into ``files`` (closed by the caller) and check each chunk ends within it."""
     store, name = _locate(path)
     sizes: dict[str, int] = {}
@@ -384,20 +390,47 @@ def _open_data_files(path: Path, manifest: Manifest, files: dict[str, ReadHandle
             )
 
 
+# A store that offers no memory map is remote: each read is a request with a round trip, so a
+# chunk's stored bytes are fetched in windows this large (one ranged GET per window, and a default
+# chunk in one), not in the decoder's 1 MiB pieces.
+_REMOTE_WINDOW = 16 << 20
+
+
 def _chunk_source(handle: ReadHandle, offset: int, length: int, what: str) -> codec.ChunkSource:
     """The stored bytes of a chunk, read from its data object by byte ranges."""
 
-    def pread_into(out: memoryview, pos: int) -> int:
+    def read(out: memoryview, pos: int) -> int:
         try:
             return handle.read_into(out, offset + pos)
         except OSError as exc:
-            raise CheckpointDamagedError(f"cannot read {what}: {exc.strerror}") from exc
+            raise CheckpointDamagedError(f"cannot read {what}: {exc.strerror or exc}") from exc
 
-    return codec.ChunkSource(length, pread_into, what)
+    if handle.fileno() is not None:
+        return codec.ChunkSource(length, read, what)
+    window = bytearray(min(length, _REMOTE_WINDOW))
+    held = [0, 0]  # the chunk range [start, end) the window holds
+
+    def windowed(out: memoryview, pos: int) -> int:
+        if not held[0] <= pos < held[1]:
+            size = min(len(window), length - pos)
+            got = 0
+            while got < size:
+                n = read(memoryview(window)[got:size], pos + got)
+                if n <= 0:
+                    break
+                got += n
+            held[:] = [pos, pos + got]
+            if got == 0:
+                return 0
+        n = min(len(out), held[1] - pos)
+        out[:n] = memoryview(window)[pos - held[0] : pos - held[0] + n]
+        return n
+
+    return codec.ChunkSource(length, windowed, what)
 
 
 def _decode_chunk(
-    path: Path,
+    path: Where,
     manifest: Manifest,
     files: dict[str, ReadHandle],
     index: int,
@@ -419,7 +452,7 @@ def _decode_chunk(
 
 
 def verify_checkpoint(
-    path: Path,
+    path: Where,
     progress: Callable[[int], None] | None = None,
     manifest: Manifest | None = None,
     workers: int = 4,
@@ -438,7 +471,7 @@ def verify_checkpoint(
 
 
 def _verify_checkpoint(
-    path: Path,
+    path: Where,
     progress: Callable[[int], None] | None,
     manifest: Manifest | None,
     workers: int,
@@ -471,7 +504,7 @@ def _is_identity_layout(manifest: Manifest, wanted_chunks: list[int]) -> bool:
 
 
 def _map_raw(
-    path: Path,
+    path: Where,
     manifest: Manifest,
     files: dict[str, ReadHandle],
     wanted_chunks: list[int],

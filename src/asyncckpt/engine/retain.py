@@ -25,7 +25,7 @@ class Retainer:
         root: The root (for messages).
     """
 
-    def __init__(self, tags: Tags, policy: RetentionPolicy, root: Path) -> None:
+    def __init__(self, tags: Tags, policy: RetentionPolicy, root: Path | str) -> None:
         self._tags = tags
         self._policy = policy
         self._root = root

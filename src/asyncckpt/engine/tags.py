@@ -18,6 +18,7 @@ from asyncckpt.engine.pipeline import SaveJob, _warn_from_writer
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointError, CheckpointNotFoundError
 from asyncckpt.retention import CheckpointInfo
+from asyncckpt.storage.backend import CheckpointRef
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import CommitProtocol
 
@@ -85,7 +86,7 @@ class Tags:
                 else:
                     del self._in_flight[job.step]
 
-    def finished(self, job: SaveJob, path: Path | None) -> None:
+    def finished(self, job: SaveJob, path: CheckpointRef | None) -> None:
         """Writer thread, before the handle resolves: the save is no longer in flight.
 
         Committed: late tags are written and its metrics and tags recorded. Failed: the tag changes
@@ -107,7 +108,7 @@ class Tags:
             elif job.changes:
                 self._retag_after_failure(job)
 
-    def retag(self, step: int, change: Change, root: Path) -> list[str]:
+    def retag(self, step: int, change: Change, root: Path | str) -> list[str]:
         """Change the tags of ``step``'s committed checkpoint and of a save of it in flight.
 
         Args:
@@ -134,7 +135,7 @@ class Tags:
                 if checkpoint is not None:
                     # Also when a re-save of the step is in flight: it may fail, and this one stays.
                     try:
-                        tags = self._retag_committed(checkpoint.path, step, change)
+                        tags = self._retag_committed(checkpoint.ref, step, change)
                     except (CheckpointError, OSError):
                         if job is None:
                             raise
@@ -144,7 +145,7 @@ class Tags:
                 return job.retag(change)
         return tags
 
-    def _retag_committed(self, path: Path, step: int, change: Change) -> list[str]:
+    def _retag_committed(self, path: CheckpointRef, step: int, change: Change) -> list[str]:
         """Swap a committed checkpoint's manifest for one with changed tags (under ``lock``)."""
         manifest = read_manifest(path)
         manifest.tags = change(list(manifest.tags))
@@ -161,16 +162,16 @@ class Tags:
                 return
             try:
                 self._retag_committed(
-                    checkpoint.path,
+                    checkpoint.ref,
                     job.step,
                     lambda have: functools.reduce(lambda tags, change: change(tags), job.changes, have),
                 )
             except Exception as exc:  # noqa: BLE001 - bookkeeping: warn, never stop the writer
                 _warn_from_writer(
-                    f"asyncckpt: the tag changes given while {checkpoint.path} was re-saved were lost: {exc}"
+                    f"asyncckpt: the tag changes given while {checkpoint.ref} was re-saved were lost: {exc}"
                 )
 
-    def _write_late_tags(self, path: Path, tags: list[str]) -> None:
+    def _write_late_tags(self, path: CheckpointRef, tags: list[str]) -> None:
         """Tags changed while the save's manifest was already written: rewrite it, now committed."""
         try:
             manifest = read_manifest(path)

@@ -110,6 +110,35 @@ class ObjectInfo:
     size: int
 
 
+@dataclass(frozen=True, eq=False)
+class CheckpointRef:
+    """One checkpoint of a root: the root's backend and the checkpoint directory's name in it.
+
+    Readers take it where they used to take a local directory path, so a checkpoint in an object
+    store is read the same way; it formats as the full location for messages (``str(ref)``,
+    ``ref / "manifest.json"``), as a path did.
+
+    Attributes:
+        backend: The root's backend.
+        name: The checkpoint directory's name (``step-000000000007``).
+    """
+
+    backend: Backend
+    name: str
+
+    def __str__(self) -> str:
+        return self.backend.describe(self.name)
+
+    def __truediv__(self, file: str) -> str:
+        return self.backend.describe(f"{self.name}/{file}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CheckpointRef) and other.backend is self.backend and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash((id(self.backend), self.name))
+
+
 @runtime_checkable
 class WriteStream(Protocol):
     """One new data object, written front to back.

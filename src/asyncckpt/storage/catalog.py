@@ -9,6 +9,7 @@ deletes through it; a reader's catalog lists the root as readers do, without a l
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointError
 from asyncckpt.retention import CheckpointInfo
-from asyncckpt.storage.commit import CommitProtocol, CommittedCheckpoint
+from asyncckpt.storage.backend import Backend, open_backend
+from asyncckpt.storage.commit import CommitProtocol, CommittedCheckpoint, published_checkpoints
 from asyncckpt.storage.local import list_checkpoints
 
 
@@ -31,7 +33,7 @@ def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
         the reason: its tags are unknown, so retention keeps it rather than guess.
     """
     try:
-        manifest = read_manifest(checkpoint.path)
+        manifest = read_manifest(checkpoint.ref)
     except CheckpointError as exc:
         return CheckpointInfo(checkpoint.step, {}, unreadable=str(exc))
     return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
@@ -80,16 +82,20 @@ class Catalog:
         return catalog
 
     @classmethod
-    def of_reader(cls, root: Path) -> Catalog:
+    def of_reader(cls, root: str | os.PathLike | Backend) -> Catalog:
         """The catalog of a root as a reader sees it (no lock; nothing can be deleted).
 
         Args:
-            root: The checkpoint root.
+            root: The checkpoint root: a local path, a URL, or its Backend.
 
         Returns:
             The catalog; manifests are read when first asked for.
         """
-        return cls(lambda: list_checkpoints(root))
+        if isinstance(root, (str, os.PathLike)) and "://" not in os.fspath(root):
+            path = Path(root)
+            return cls(lambda: list_checkpoints(path))
+        backend = open_backend(root)
+        return cls(lambda: published_checkpoints(backend))
 
     def checkpoints(self) -> list[CommittedCheckpoint]:
         """The committed checkpoints now, oldest first.

@@ -54,7 +54,7 @@ from asyncckpt.format import (
     parse_step_dir,
     step_dir_name,
 )
-from asyncckpt.storage.backend import Backend, RenameBackend, describe_file_kind, open_backend
+from asyncckpt.storage.backend import Backend, CheckpointRef, RenameBackend, describe_file_kind, open_backend
 
 TEMP_PREFIX = ".tmp-"
 REPLACED_PREFIX = ".replaced-"
@@ -84,11 +84,51 @@ class CommittedCheckpoint:
 
     Attributes:
         step: The step number.
-        path: Its directory (``ROOT/step-<12 digits>``).
+        ref: Its root's backend and its directory's name (``step-<12 digits>``).
     """
 
     step: int
-    path: Path
+    ref: CheckpointRef
+
+    @property
+    def path(self) -> Path:
+        """Its directory, for a root on the local filesystem.
+
+        Raises:
+            CheckpointError: The root is not a local directory (an object store).
+        """
+        return local_path(self.ref)
+
+
+def user_location(ref: CheckpointRef) -> Path | str:
+    """How a committed checkpoint is shown to a user: its directory for a local root, else its URL.
+
+    Args:
+        ref: The checkpoint.
+
+    Returns:
+        A Path, or the URL as text.
+    """
+    root = getattr(ref.backend, "root", None)
+    return root / ref.name if isinstance(root, Path) else str(ref)
+
+
+def local_path(ref: CheckpointRef) -> Path:
+    """The local directory of a checkpoint whose root is a local directory.
+
+    Args:
+        ref: The checkpoint.
+
+    Returns:
+        ``root / name``.
+
+    Raises:
+        CheckpointError: The root is not a local directory (an object store).
+    """
+    root = getattr(ref.backend, "root", None)
+    if not isinstance(root, Path):
+        raise CheckpointError(f"{ref} is not on the local filesystem")
+    return root / ref.name
 
 
 @dataclass(frozen=True)
@@ -180,6 +220,29 @@ def is_published(backend: Backend, step_name: str) -> bool:
     return newest_manifest(backend, step_name) is not None
 
 
+def published_checkpoints(backend: Backend) -> list[CommittedCheckpoint]:
+    """The committed checkpoints of a root, oldest first, as a reader (no lock) sees them.
+
+    Entries that are not directories (links among them) are ignored, and so is a step a
+    manifest-last save is still writing or was cut short writing (:func:`is_published`).
+
+    Args:
+        backend: The root's backend.
+
+    Returns:
+        The committed checkpoints.
+
+    Raises:
+        CheckpointError: The root cannot be listed.
+    """
+    out = []
+    for entry in backend.list(""):
+        step = parse_step_dir(entry.name)
+        if step is not None and entry.is_dir and is_published(backend, entry.name):
+            out.append(CommittedCheckpoint(step, CheckpointRef(backend, entry.name)))
+    return sorted(out, key=lambda c: c.step)
+
+
 def _versions(backend: Backend, step_name: str) -> list[str]:
     """The step's manifest names, newest generation first (``manifest.json`` last)."""
     found = []
@@ -210,9 +273,13 @@ class CommitProtocol:
             raise CheckpointError(f"{where} was replaced by a new save of its step since it was read")
 
     @property
-    def root(self) -> Path:
-        """The root directory."""
-        return Path(self.backend.location)
+    def location(self) -> str:
+        """The root as the user named it (a path or a URL)."""
+        return self.backend.location
+
+    def ref(self, step_name: str) -> CheckpointRef:
+        """The checkpoint ``step_name`` of this root."""
+        return CheckpointRef(self.backend, step_name)
 
     def begin(self, step: int) -> Staging:
         """A staging place for one save attempt of ``step``.
@@ -278,11 +345,11 @@ class CommitProtocol:
         """
         raise NotImplementedError
 
-    def replace_manifest(self, checkpoint: Path, manifest: bytes) -> None:
+    def replace_manifest(self, checkpoint: Path | CheckpointRef, manifest: bytes) -> None:
         """Swap a committed checkpoint's manifest atomically (tags change; the data does not).
 
         Args:
-            checkpoint: The checkpoint's directory.
+            checkpoint: The checkpoint (its directory's name in this root is what counts).
             manifest: The new sealed manifest, with the same chunk table.
 
         Raises:
@@ -355,9 +422,9 @@ class RenameCommit(CommitProtocol):
         """See :meth:`CommitProtocol.publish`: the rename (the manifest is already staged)."""
         _phases.pause("rename")
         with self._publishing:
-            return CommittedCheckpoint(staging.step, self._rename_into_place(staging.prefix, staging.step))
+            return CommittedCheckpoint(staging.step, self.ref(self._rename_into_place(staging.prefix, staging.step)))
 
-    def _rename_into_place(self, temp: str, step: int) -> Path:
+    def _rename_into_place(self, temp: str, step: int) -> str:
         """Atomically publish ``temp`` as step-N (replacing an older save of the same step)."""
         fs = self._fs
         final = step_dir_name(step)
@@ -385,7 +452,7 @@ class RenameCommit(CommitProtocol):
         else:
             fs.rename(temp, final)
             fs.sync("")
-        return self.root / final
+        return final
 
     def abort(self, staging: Staging) -> None:
         """See :meth:`CommitProtocol.abort`: the staging directory is removed."""
@@ -394,13 +461,13 @@ class RenameCommit(CommitProtocol):
     def delete(self, checkpoint: CommittedCheckpoint) -> None:
         """See :meth:`CommitProtocol.delete`: hidden with one rename first, so a crash mid-delete
         never leaves a husk."""
-        name = checkpoint.path.name
+        name = checkpoint.ref.name
         doomed = f"{TEMP_PREFIX}delete-{name}-{_token()}"
         self._fs.rename(name, doomed)
         self._fs.sync("")
         self._fs.delete_tree(doomed)
 
-    def replace_manifest(self, checkpoint: Path, manifest: bytes) -> None:
+    def replace_manifest(self, checkpoint: Path | CheckpointRef, manifest: bytes) -> None:
         """See :meth:`CommitProtocol.replace_manifest`: a temp file renamed over ``manifest.json``."""
         name = f"{checkpoint.name}/{MANIFEST_NAME}"
         with self._publishing:
@@ -416,7 +483,7 @@ class RenameCommit(CommitProtocol):
         for entry in self._fs.list(""):
             step = parse_step_dir(entry.name)
             if step is not None and entry.is_dir:
-                out.append(CommittedCheckpoint(step, self.root / entry.name))
+                out.append(CommittedCheckpoint(step, self.ref(entry.name)))
         return sorted(out, key=lambda c: c.step)
 
     def recover(self) -> list[str]:
@@ -541,7 +608,7 @@ class ManifestLastCommit(CommitProtocol):
                 self._remove(step_name, older, keep_attempt=staging.attempt)
             except (CheckpointError, OSError):
                 pass  # committed all the same: the next writer's sweep removes what is left
-        return CommittedCheckpoint(staging.step, self.root / step_name)
+        return CommittedCheckpoint(staging.step, self.ref(step_name))
 
     def _take_back(self, name: str) -> None:
         """Remove the manifest a failed publish wrote (or began to), before ``abort`` removes the
@@ -594,22 +661,24 @@ class ManifestLastCommit(CommitProtocol):
 
     def delete(self, checkpoint: CommittedCheckpoint) -> None:
         """See :meth:`CommitProtocol.delete`: every manifest first (durably), then the data."""
-        step_name = checkpoint.path.name
+        step_name = checkpoint.ref.name
         for name in self._versions(step_name):
             self.backend.delete(f"{step_name}/{name}")
         self.backend.sync(step_name)
         self.backend.delete_tree(step_name)
 
-    def replace_manifest(self, checkpoint: Path, manifest: bytes) -> None:
+    def replace_manifest(self, checkpoint: Path | CheckpointRef, manifest: bytes) -> None:
         """See :meth:`CommitProtocol.replace_manifest`: a new generation, then the old ones go."""
         with self._publishing:
             self._replace_locked(checkpoint, manifest)
 
-    def _replace_locked(self, checkpoint: Path, manifest: bytes) -> None:
+    def _replace_locked(self, checkpoint: Path | CheckpointRef, manifest: bytes) -> None:
         step_name = checkpoint.name
         newest = self._newest(step_name)
         if newest is None:
-            raise CheckpointError(f"{checkpoint} has no manifest that verifies: nothing to replace")
+            raise CheckpointError(
+                f"{self.backend.describe(step_name)} has no manifest that verifies: nothing to replace"
+            )
         self._check_same_data(newest[1], manifest, self.backend.describe(f"{step_name}/{newest[0]}"))
         older = self._versions(step_name)
         name = self._next_generation(step_name)
@@ -618,7 +687,9 @@ class ManifestLastCommit(CommitProtocol):
             self.backend.sync(step_name)
         except OSError as exc:
             self.backend.delete(f"{step_name}/{name}")
-            raise CheckpointError(f"cannot replace the manifest of {checkpoint}: {_reason(exc)}") from exc
+            raise CheckpointError(
+                f"cannot replace the manifest of {self.backend.describe(step_name)}: {_reason(exc)}"
+            ) from exc
         for old in older:
             self.backend.delete(f"{step_name}/{old}")
         self.backend.sync(step_name)
@@ -629,7 +700,7 @@ class ManifestLastCommit(CommitProtocol):
         for entry in self.backend.list(""):
             step = parse_step_dir(entry.name)
             if step is not None and entry.is_dir and self._newest(entry.name) is not None:
-                out.append(CommittedCheckpoint(step, self.root / entry.name))
+                out.append(CommittedCheckpoint(step, self.ref(entry.name)))
         return sorted(out, key=lambda c: c.step)
 
     def recover(self) -> list[str]:

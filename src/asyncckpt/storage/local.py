@@ -32,9 +32,8 @@ import threading
 from pathlib import Path
 
 from asyncckpt.errors import CheckpointError, RootInUseError
-from asyncckpt.format import parse_step_dir
 from asyncckpt.storage.backend import Capabilities, Entry, ObjectInfo, describe_file_kind
-from asyncckpt.storage.commit import CommittedCheckpoint, is_published
+from asyncckpt.storage.commit import CommittedCheckpoint, published_checkpoints
 
 LOCK_NAME = ".lock"
 TEMP_PREFIX = ".tmp-"
@@ -111,10 +110,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def list_checkpoints(root: Path) -> list[CommittedCheckpoint]:
-    """Committed checkpoints under ``root``, oldest first, as a reader (no lock) sees them.
-
-    Symlinked entries are ignored, and so is a step a manifest-last save is still writing (or was
-    cut short writing): see :func:`asyncckpt.storage.commit.is_published`.
+    """Committed checkpoints under the local directory ``root``, oldest first, as a reader (no lock)
+    sees them (see :func:`asyncckpt.storage.commit.published_checkpoints`).
 
     Args:
         root: The checkpoint root.
@@ -125,19 +122,9 @@ def list_checkpoints(root: Path) -> list[CommittedCheckpoint]:
     Raises:
         CheckpointError: ``root`` is not a directory.
     """
-    backend = LocalBackend(root)
-    out = []
-    try:
-        entries = list(os.scandir(root))
-    except FileNotFoundError:
-        return []
-    except NotADirectoryError:
-        raise CheckpointError(f"checkpoint root {root} is not a directory") from None
-    for entry in entries:
-        step = parse_step_dir(entry.name)
-        if step is not None and entry.is_dir(follow_symlinks=False) and is_published(backend, entry.name):
-            out.append(CommittedCheckpoint(step, Path(entry.path)))
-    return sorted(out, key=lambda c: c.step)
+    if Path(root).exists() and not Path(root).is_dir():
+        raise CheckpointError(f"checkpoint root {root} is not a directory")
+    return published_checkpoints(LocalBackend(root))
 
 
 def read_file_no_follow(path: Path, limit: int) -> bytes:
