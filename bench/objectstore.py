@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import io
+import math
 import os
 import shutil
 import sys
@@ -48,6 +49,7 @@ import asyncckpt  # noqa: E402
 from _common import machine, median, state_bytes, trained_state, write_json  # noqa: E402
 
 BUCKET = "bench"
+PHASES = ("write", "fsync", "commit", "persist")  # fsync: on S3 the multipart upload completing
 ALL_SAVERS = (
     "asyncckpt-s3-zstd",
     "asyncckpt-s3-raw",
@@ -161,6 +163,7 @@ class Run:
         self.restore: list[float] = []
         self.bytes = 0
         self.encode: list[float] = []  # asyncckpt: compress time summed over encoder threads, per save
+        self.phases: dict[str, list[float]] = {}  # asyncckpt: its SaveRecord's persist phases, per save
 
 
 def manager(root: str, compression: str | None, server: _s3server.S3Server) -> asyncckpt.CheckpointManager:
@@ -192,7 +195,9 @@ def run_asyncckpt(ctx, name: str, r: int) -> Run:
             handle.wait()
             run.durable.append(time.perf_counter() - began)
         saved = fingerprint(ctx.model, ctx.opt)
-        run.encode = [rec.compress_s for rec in getattr(mgr.stats, "records", [])]
+        records = getattr(mgr.stats, "records", [])
+        run.encode = [rec.compress_s for rec in records]
+        run.phases = {p: [getattr(rec, f"{p}_s", math.nan) for rec in records] for p in PHASES}
         name_of_step = f"step-{step:012d}"
         run.bytes = ctx.bucket.stored(f"{prefix}/{name_of_step}/") if on_s3 else local_bytes(Path(root) / name_of_step)
         for _ in range(ctx.args.restores):
@@ -318,6 +323,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
             "durable_s": median(flat("durable")),
             "restore_s": median(flat("restore")),
             "encode_s": median(flat("encode")),
+            "phases_s": {p: median([v for r in ok for v in r.get("phases", {}).get(p, [])]) for p in PHASES},
             "bytes": ok[-1]["bytes"] if ok else 0,
             "rounds": len(ok),
         }
@@ -364,7 +370,8 @@ def print_table(summary: dict[str, dict]) -> None:
         if ours.get("rounds") and dcp.get("rounds"):
             lines.append(f"restore DCP fsspec / {name}: {dcp['restore_s'] / ours['restore_s']:.2f}x (target >= 1.5)")
         if ours.get("rounds") and ours["encode_s"] == ours["encode_s"]:
-            lines.append(f"{name}: encoders' compress time per save (summed over threads) {_ms(ours['encode_s'])}")
+            phases = ", ".join(f"{p} {_ms(v)}" for p, v in ours.get("phases_s", {}).items())
+            lines.append(f"{name}: per save, compress (summed over encoder threads) {_ms(ours['encode_s'])}, {phases}")
     for line in lines:
         print(line)
 
