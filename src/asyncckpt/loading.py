@@ -111,7 +111,7 @@ def open_target(
 
 def _open(root: str, storage_options: dict[str, Any] | None) -> Backend:
     if storage_options:
-        return open_backend(root, storage_options=storage_options)  # type: ignore[call-arg]
+        return open_backend(root, storage_options=storage_options)
     return open_backend(root)
 
 

@@ -69,7 +69,8 @@ class CheckpointManager:
     the writer, overlap mode's fences, tags, retention and preemption signals.
 
     Args:
-        root: The checkpoint directory (created if missing), locked for this manager's lifetime.
+        root: The checkpoint directory (created if missing), locked for this manager's lifetime,
+            or an object-store URL (``s3://bucket/prefix``; the lock is then a lease object).
         keep_last: Keep the newest N checkpoints (None: all).
         keep_best: Also keep the N best by ``best_metric``.
         best_metric: The metric ``keep_best`` ranks by.
@@ -92,6 +93,10 @@ class CheckpointManager:
             waiting is skipped (with a warning; the newest is always uploaded).
         mirror_timeout: Seconds ``close`` (and ``wait(mirror=True)``) waits for uploads.
         mirror_options: Options for the mirror's storage backend (``storage_options``).
+        storage_options: Options for an object-store root's client, by fsspec's names (``key``,
+            ``secret``, ``endpoint_url``, ``region``...) plus ``timeout``, ``connect_timeout``,
+            ``retries``, ``lease_seconds``, ``part_size``, ``upload_concurrency`` (see the README);
+            None: credentials and endpoint come from the environment.
 
     Raises:
         ValueError: An option out of range.
@@ -121,6 +126,7 @@ class CheckpointManager:
         mirror_max_behind: int = 2,
         mirror_timeout: float = 300.0,
         mirror_options: dict | None = None,
+        storage_options: dict | None = None,
     ) -> None:
         if snapshot not in SNAPSHOT_MODES:
             raise ValueError(f"snapshot must be one of {SNAPSHOT_MODES}, got {snapshot!r}")
@@ -148,7 +154,7 @@ class CheckpointManager:
         self._preemption = Preemption()
         arenas = ArenaPool(pinned=torch.cuda.is_available())
         self._copier = CopyEngine()
-        self._storage = open_storage(root)  # last before the try: a failure after it must unlock
+        self._storage = open_storage(root, storage_options)  # last before the try: a failure after it must unlock
         try:
             backend = self._storage.backend
             # A local root is a Path (as it always was); an object store's is its URL.

@@ -450,5 +450,5 @@ class _Mirror:
 def _open_remote(target: str | os.PathLike | Backend, storage_options: dict | None) -> CommitProtocol:
     """The mirror root opened for writing (locked, swept)."""
     if storage_options:
-        return open_storage(target, storage_options=storage_options)  # type: ignore[call-arg]
+        return open_storage(target, storage_options=storage_options)
     return open_storage(target)
