@@ -203,3 +203,47 @@ def test_a_kill_in_a_resave_retention_or_tag_leaves_only_whole_steps(tmp_path, s
         assert read_manifest(CheckpointRef(backend, "step-000000000003")).tags == tags
         mgr.save(9, _state(9)).wait()
     assert asyncckpt.load(url, storage_options=s3_server.storage_options)["x"].equal(_state(9)["x"])
+
+
+# ---- the 10,000 parts of a multipart upload ----------------------------------------------------------
+
+
+def test_a_data_object_beyond_the_part_limit_fails_at_the_append_naming_it(s3_server, monkeypatch):
+    """S3 takes at most 10,000 parts: with parts of ``part_size`` an object larger than their product
+    fails. The stream says so at the append that crosses the limit (naming the object, the limit and
+    the option), and leaves no object. (The limit is lowered to 3 parts to show it with 16 MiB.)"""
+    from asyncckpt.storage import objectstore
+
+    monkeypatch.setattr(objectstore, "_MAX_PARTS", 3)
+    backend = ObjectStoreBackend(fresh_s3_url(), {**s3_server.storage_options, "part_size": 5 << 20})
+    stream = backend.open_write("step-000000000001/data-00000-0123456789abcdef.bin")
+    block = bytes(4 << 20)
+    with pytest.raises(asyncckpt.CheckpointError, match=r"data-00000-0123456789abcdef\.bin.*3 parts.*part_size"):
+        for _ in range(4):
+            stream.append(block)
+    stream.abort()
+    assert backend.stat("step-000000000001/data-00000-0123456789abcdef.bin") is None
+
+
+def test_the_expected_size_grows_the_parts(s3_server, monkeypatch):
+    """A writer that says how large the object will be gets parts large enough for it (the save
+    passes its raw size), and the object reads back equal."""
+    from asyncckpt.storage import objectstore
+
+    monkeypatch.setattr(objectstore, "_MAX_PARTS", 3)
+    url = fresh_s3_url()
+    backend = ObjectStoreBackend(url, {**s3_server.storage_options, "part_size": 5 << 20})
+    payload = torch.randint(0, 255, (24 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    data = payload.numpy().tobytes()
+    stream = backend.open_write("blob.bin", size_hint=len(data))
+    for i in range(0, len(data), 3 << 20):
+        stream.append(data[i : i + (3 << 20)])
+    stream.finish()
+    assert backend.read_small("blob.bin", len(data)) == data
+    # and a manager's save of a state that needs more than 3 default parts commits and reads back
+    state = {"x": torch.randn(6 << 20, generator=torch.Generator().manual_seed(2))}  # 24 MiB raw
+    root = fresh_s3_url()
+    options = {**s3_server.storage_options, "part_size": 5 << 20}
+    with asyncckpt.CheckpointManager(root, compression=None, storage_options=options) as mgr:
+        mgr.save(1, state).wait()
+    assert asyncckpt.load(root, storage_options=options)["x"].equal(state["x"])
