@@ -264,7 +264,8 @@ class Pipeline:
         stream: WriteStream | None = None
         try:
             file = staging.data_name(0)
-            stream = self._storage.backend.open_write(staging.object_name(file))
+            # the raw size bounds the stored one but for codec framing (an object store sizes its parts by it)
+            stream = self._storage.backend.open_write(staging.object_name(file), size_hint=job.layout.total)
             plans = plan_chunks(job.layout, self._chunk_size)
             chunks: list[ChunkEntry] = []
             upcoming = iter(plans)

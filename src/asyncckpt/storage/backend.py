@@ -264,11 +264,13 @@ class Backend(Protocol):
         """Release the writer lock, if held. Idempotent; never raises."""
         ...
 
-    def open_write(self, name: str) -> WriteStream:
+    def open_write(self, name: str, size_hint: int | None = None) -> WriteStream:
         """Create a new object to write (never an existing one).
 
         Args:
             name: The new object's name; its parent directories are created as needed.
+            size_hint: About how many bytes will be written, or None (an object store sizes its
+                upload's parts by it).
 
         Returns:
             The stream to append to.

@@ -199,8 +199,11 @@ def is_published(backend: Backend, step_name: str) -> bool:
     A directory with ``manifest.json`` does (a renamed checkpoint; if it is damaged, reading it
     says so). One with manifest generations or per-attempt data files was written by the
     manifest-last commit, and counts only once one of its manifests verifies: before that it is a
-    save under way or cut short, never a damaged checkpoint. Any other directory counts, so a
-    checkpoint that lost its manifest is reported as damaged, as it always was.
+    save under way or cut short, never a damaged checkpoint. A step prefix of an object store with
+    no object under it is nothing (stores with directories behind their S3 face, SeaweedFS, keep
+    and list an emptied prefix: a delete cut short, a user's ``rm --recursive``). Any other
+    directory counts, so a checkpoint that lost its manifest is reported as damaged, as it always
+    was.
 
     Args:
         backend: The root's backend.
@@ -216,7 +219,8 @@ def is_published(backend: Backend, step_name: str) -> bool:
     except CheckpointError:
         return True
     if not any(parse_manifest_generation(n) is not None or _ATTEMPT_DATA.fullmatch(n) for n in names):
-        return True
+        # a local directory always has an identity; an object-store prefix has none when empty
+        return backend.identity(step_name) is not None
     return newest_manifest(backend, step_name) is not None
 
 

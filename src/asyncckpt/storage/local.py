@@ -427,8 +427,8 @@ class LocalBackend:
             except OSError as exc:
                 raise CheckpointError(f"cannot create {path}: {_reason(exc)}") from exc
 
-    def open_write(self, name: str) -> DataFileWriter:
-        """See :meth:`asyncckpt.storage.backend.Backend.open_write`."""
+    def open_write(self, name: str, size_hint: int | None = None) -> DataFileWriter:
+        """See :meth:`asyncckpt.storage.backend.Backend.open_write` (``size_hint`` is not needed)."""
         self._make_parents(name)
         return DataFileWriter(self.path(name))
 

@@ -8,8 +8,11 @@ knows (``memory://``, ``gcs://`` with gcsfs...), through fsspec.
 
 * A data object is a multipart upload streamed as the writer appends: parts of ``part_size`` bytes,
   up to ``upload_concurrency`` of them in flight, so a stream holds about their product in memory,
-  never the whole object. ``finish`` completes the upload (the object is durable and visible when it
-  returns); ``abort`` aborts it, leaving no object and no parts.
+  never the whole object. S3 takes at most 10,000 parts, so parts of ``part_size`` cap an object
+  (8 MiB: about 78 GiB); a writer that knows the object's size (a save passes its raw size) gets
+  parts large enough for it, and an append beyond the cap fails there, naming the object.
+  ``finish`` completes the upload (the object is durable and visible when it returns); ``abort``
+  aborts it, leaving no object and no parts.
 * Small objects (manifests) are created with a conditional put (``If-None-Match: *``): an existing
   name is refused by the store itself, so two writers can never both publish the same manifest name.
 * Reads are ranged GETs conditional on the ETag seen when the object was opened: an object replaced
@@ -52,6 +55,8 @@ from asyncckpt.storage.backend import Capabilities, Entry, ObjectInfo
 LEASE_NAME = ".asyncckpt-lease.json"
 _MANIFEST = re.compile(r"manifest.*\.json")
 _DELETE_BATCH = 1000
+_MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
+_MAX_PART = 5 << 30  # and on one part's size
 _OBSTORE_SCHEMES = {
     "s3": "s3",
     "s3a": "s3",
@@ -135,7 +140,7 @@ class _Client:
         """Write the whole object; returns its ETag. Raises _Exists (create) or _Changed (if_match)."""
         raise NotImplementedError
 
-    def writer(self, name: str) -> _Writer:
+    def writer(self, name: str, part_size: int) -> _Writer:
         raise NotImplementedError
 
     def list_dir(self, prefix: str) -> tuple[list[_Meta], list[str]]:
@@ -230,8 +235,8 @@ class _ObstoreClient(_Client):
         except PreconditionError:
             raise (_Exists(name) if create else _Changed(name)) from None
 
-    def writer(self, name: str) -> _Writer:
-        w = self._obs.open_writer(self._store, name, buffer_size=self._part_size, max_concurrency=self._concurrency)
+    def writer(self, name: str, part_size: int) -> _Writer:
+        w = self._obs.open_writer(self._store, name, buffer_size=part_size, max_concurrency=self._concurrency)
         return _ObstoreWriter(w)
 
     def list_dir(self, prefix: str) -> tuple[list[_Meta], list[str]]:
@@ -373,10 +378,10 @@ class _FsspecClient(_Client):
             self._fs.pipe_file(path, data)
         return self.head(name).etag
 
-    def writer(self, name: str) -> _Writer:
+    def writer(self, name: str, part_size: int) -> _Writer:
         path = self._path(name)
         try:
-            file = self._fs.open(path, "wb", block_size=self._part_size)
+            file = self._fs.open(path, "wb", block_size=part_size)
         except TypeError:
             file = self._fs.open(path, "wb")
         return _FsspecWriter(file, self._fs, path)
@@ -640,6 +645,7 @@ class ObjectStoreBackend:
         conc = max(1, int(own.get("upload_concurrency", 8)))
         timeouts = (timeout, connect_timeout, retries)
         self._timeout = timeout
+        self._part = part
         client = own.get("client")
         if client not in (None, "obstore", "fsspec"):
             raise CheckpointError(f"storage option client={client!r}: use 'obstore' or 'fsspec'")
@@ -745,11 +751,14 @@ class ObjectStoreBackend:
 
     # ---- writing ----------------------------------------------------------------------------------
 
-    def open_write(self, name: str) -> _ObjectWriteStream:
-        """See :meth:`asyncckpt.storage.backend.Backend.open_write`: a streamed multipart upload.
+    def open_write(self, name: str, size_hint: int | None = None) -> _ObjectWriteStream:
+        """See :meth:`asyncckpt.storage.backend.Backend.open_write`: a streamed multipart upload,
+        in parts of ``part_size``, or larger ones when ``size_hint`` needs them to stay within
+        S3's 10,000 parts (with a quarter to spare).
 
         Args:
             name: The new object's name.
+            size_hint: About how many bytes will be written (None: unknown).
 
         Returns:
             The stream.
@@ -765,8 +774,12 @@ class ObjectStoreBackend:
             self._fail(exc, name, "create")
         else:
             raise CheckpointError(f"{self.describe(name)} exists; asyncckpt never overwrites a data object")
-        writer = self._call(name, "create", lambda: self._client.writer(name))
-        return _ObjectWriteStream(self, name, writer)
+        part = self._part
+        if size_hint is not None and size_hint > 0:
+            needed = -(-(size_hint + size_hint // 4) // _MAX_PARTS)
+            part = min(_MAX_PART, max(part, -(-needed // (1 << 20)) << 20))  # whole MiB
+        writer = self._call(name, "create", lambda: self._client.writer(name, part))
+        return _ObjectWriteStream(self, name, writer, part)
 
     def write_small(self, name: str, data: bytes) -> None:
         """See :meth:`asyncckpt.storage.backend.Backend.write_small`: a create-only put.
@@ -948,11 +961,12 @@ class _ObjectWriteStream:
     The caller's buffer is copied unless it is immutable bytes: the upload may still be sending a
     part when ``append`` returns, and the caller reuses its buffers."""
 
-    def __init__(self, backend: ObjectStoreBackend, name: str, writer: _Writer) -> None:
+    def __init__(self, backend: ObjectStoreBackend, name: str, writer: _Writer, part: int) -> None:
         self._backend = backend
         self.name = name
         self.size = 0
         self._writer: _Writer | None = writer
+        self._part = part
 
     def append(self, data: bytes | memoryview) -> int:
         """See :meth:`asyncckpt.storage.backend.WriteStream.append`."""
@@ -960,6 +974,13 @@ class _ObjectWriteStream:
             raise CheckpointError(f"{self._backend.describe(self.name)}: the stream is closed")
         offset = self.size
         view = memoryview(data)
+        cap = self._part * _MAX_PARTS
+        if offset + view.nbytes > cap:
+            # refused now, not after the upload (S3 refuses part 10,001): nothing is completed
+            raise _StoreError(
+                f"{self._backend.describe(self.name)}: cannot upload more than {cap} bytes in {_MAX_PARTS} parts "
+                f"of {self._part} bytes (the most S3 takes); set the storage option part_size= larger"
+            )
         immutable = isinstance(data, bytes) or (view.readonly and isinstance(view.obj, bytes))
         payload = data if immutable else view.tobytes()
         writer = self._writer
