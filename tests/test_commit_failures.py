@@ -187,3 +187,45 @@ def test_a_tag_racing_a_resave_never_writes_the_old_chunk_table_over_the_new_ver
         monkeypatch.setattr(tags_module, "read_manifest", real_read)
         assert asyncckpt.load(root)["x"].tolist() == [0.0] * 4
         assert read_manifest(root / "step-000000000001").tags == ["best"]
+
+
+def test_a_manifest_put_that_landed_though_its_request_failed_is_a_commit(tmp_path):
+    """An object store can store a PUT and still fail the request (a timeout on the answer). The
+    manifest is then there and verifies: the step is committed, so the save must say so (and the
+    writer's catalog know it), not report a failure for a step readers already see."""
+    root = tmp_path / "root"
+    backend = LocalBackend(root, atomic_rename=False)
+    with asyncckpt.CheckpointManager(backend, keep_last=1) as mgr:
+        mgr.save(1, {"x": torch.ones(4)}).wait()
+        real = backend.write_small
+
+        def write_small(name: str, data: bytes) -> None:
+            real(name, data)
+            if "manifest-" in name:
+                raise asyncckpt.CheckpointError(f"{backend.describe(name)}: cannot write: timed out")
+
+        backend.write_small = write_small  # type: ignore[method-assign]
+        mgr.save(2, {"x": torch.zeros(4)}).wait()  # committed: no SaveFailedError
+        backend.write_small = real  # type: ignore[method-assign]
+        assert mgr.steps() == [2]  # and retention ran on it
+    assert asyncckpt.load(root)["x"].tolist() == [0.0] * 4
+
+
+def test_a_manifest_put_that_failed_and_did_not_land_keeps_the_old_version(tmp_path):
+    root = tmp_path / "root"
+    backend = LocalBackend(root, atomic_rename=False)
+    with asyncckpt.CheckpointManager(backend) as mgr:
+        mgr.save(1, {"x": torch.ones(4)}).wait()
+        real = backend.write_small
+
+        def write_small(name: str, data: bytes) -> None:
+            if "manifest-" in name:
+                raise asyncckpt.CheckpointError(f"{backend.describe(name)}: cannot write: connection refused")
+            real(name, data)
+
+        backend.write_small = write_small  # type: ignore[method-assign]
+        with pytest.raises(asyncckpt.SaveFailedError, match="connection refused"):
+            mgr.save(1, {"x": torch.zeros(4)}).wait()
+        backend.write_small = real  # type: ignore[method-assign]
+    assert asyncckpt.load(root)["x"].tolist() == [1.0] * 4
+    assert [n for n in names(root / "step-000000000001") if n.startswith("data-")].__len__() == 1

@@ -597,7 +597,11 @@ class ManifestLastCommit(CommitProtocol):
         try:
             self.backend.write_small(f"{step_name}/{name}", manifest)
         except CheckpointError:
-            raise  # the name exists (a tag took it meanwhile) or cannot be created: nothing of ours is there
+            # The name exists (a tag took it meanwhile), cannot be created, or the store failed the
+            # request. An object store may have stored the put all the same (an answer timed out):
+            # if our manifest is there, the step is committed and readers may already see it.
+            if not self._landed(f"{step_name}/{name}", manifest):
+                raise
         except BaseException:
             self._take_back(f"{step_name}/{name}")
             raise
@@ -614,6 +618,14 @@ class ManifestLastCommit(CommitProtocol):
             except (CheckpointError, OSError):
                 pass  # committed all the same: the next writer's sweep removes what is left
         return CommittedCheckpoint(staging.step, self.ref(step_name))
+
+    def _landed(self, name: str, manifest: bytes) -> bool:
+        """Whether ``name`` holds exactly ``manifest`` now (a put whose request failed after the
+        store kept it)."""
+        try:
+            return self.backend.read_small(name, MAX_MANIFEST_BYTES) == manifest
+        except (CheckpointError, OSError):
+            return False
 
     def _take_back(self, name: str) -> None:
         """Remove the manifest a failed publish wrote (or began to), before ``abort`` removes the
