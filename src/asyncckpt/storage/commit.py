@@ -589,6 +589,7 @@ class ManifestLastCommit(CommitProtocol):
         step_name = staging.prefix
         name = self._next_generation(step_name)
         _phases.pause("manifest")
+        self.backend.check_lock()  # a writer that lost the root (an expired lease) never publishes
         try:
             self.backend.write_small(f"{step_name}/{name}", manifest)
         except CheckpointError:
@@ -662,6 +663,7 @@ class ManifestLastCommit(CommitProtocol):
     def delete(self, checkpoint: CommittedCheckpoint) -> None:
         """See :meth:`CommitProtocol.delete`: every manifest first (durably), then the data."""
         step_name = checkpoint.ref.name
+        self.backend.check_lock()  # retention of a writer that lost the root deletes nothing
         for name in self._versions(step_name):
             self.backend.delete(f"{step_name}/{name}")
         self.backend.sync(step_name)
@@ -682,6 +684,7 @@ class ManifestLastCommit(CommitProtocol):
         self._check_same_data(newest[1], manifest, self.backend.describe(f"{step_name}/{newest[0]}"))
         older = self._versions(step_name)
         name = self._next_generation(step_name)
+        self.backend.check_lock()
         try:
             self.backend.write_small(f"{step_name}/{name}", manifest)
             self.backend.sync(step_name)
@@ -768,11 +771,12 @@ def choose_protocol(backend: Backend) -> CommitProtocol:
     return ManifestLastCommit(backend)
 
 
-def open_storage(root: str | os.PathLike | Backend) -> CommitProtocol:
+def open_storage(root: str | os.PathLike | Backend, storage_options: dict | None = None) -> CommitProtocol:
     """Open a root for writing: choose its backend and protocol, lock it, recover it.
 
     Args:
-        root: A local path, a ``file://`` URL, or a Backend.
+        root: A local path, a ``file://`` URL, an object-store URL, or a Backend.
+        storage_options: An object store's client options (see :func:`open_backend`).
 
     Returns:
         The root's commit protocol, holding the writer lock (``close`` releases it).
@@ -782,7 +786,7 @@ def open_storage(root: str | os.PathLike | Backend) -> CommitProtocol:
         CheckpointError: No backend for the root's scheme, or the root cannot be created, locked
             or swept.
     """
-    backend = open_backend(root)
+    backend = open_backend(root, storage_options=storage_options)
     backend.lock()
     try:
         protocol = choose_protocol(backend)

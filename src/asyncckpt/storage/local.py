@@ -390,6 +390,10 @@ class LocalBackend:
             self._key = key
         return fd
 
+    def check_lock(self) -> None:
+        """See :meth:`asyncckpt.storage.backend.Backend.check_lock`: nothing (a flock is held until
+        this process releases it or dies)."""
+
     def close(self) -> None:
         """See :meth:`asyncckpt.storage.backend.Backend.close`."""
         if self._lock_fd < 0:

@@ -1,0 +1,380 @@
+"""The object-store backend against a real S3 server (``weed mini`` on 127.0.0.1, the session's
+``s3_server``), through obstore and through fsspec (s3fs, and fsspec's in-process ``memory://``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from asyncckpt.errors import CheckpointError, RootInUseError
+from asyncckpt.storage.backend import Entry, ObjectInfo, open_backend
+from asyncckpt.storage.commit import ManifestLastCommit, open_storage
+from asyncckpt.storage.objectstore import LEASE_NAME, ObjectStoreBackend
+from conftest import fresh_s3_url
+
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["obstore", "s3fs", "memory"])
+def make(request, s3_server):
+    """Factory: ``make(**options)`` -> a backend on a fresh root of one of the three clients."""
+    made = []
+    url = f"memory://ckpt/t-{secrets.token_hex(6)}" if request.param == "memory" else fresh_s3_url()
+
+    def factory(url=url, **options):
+        if request.param != "memory":
+            options = {**s3_server.storage_options, **options}
+        if request.param == "s3fs":
+            options["client"] = "fsspec"
+        backend = ObjectStoreBackend(url, options)
+        made.append(backend)
+        return backend
+
+    factory.kind = request.param
+    yield factory
+    for backend in made:
+        backend.close()
+
+
+def _s3(s3_server, url=None, **options):
+    return ObjectStoreBackend(url or fresh_s3_url(), {**s3_server.storage_options, **options})
+
+
+# ---- writing and reading -------------------------------------------------------------------------
+
+
+def test_a_streamed_write_reads_back_bit_exact_by_ranges(make):
+    backend = make()
+    size = 40 * MiB if make.kind != "memory" else 12 * MiB
+    payload = os.urandom(size)
+    piece = bytearray(3 * MiB + 17)  # one buffer, reused for every append as the writer does
+    stream = backend.open_write("step-000000000001/data-00000-0123456789abcdef.bin")
+    offsets = []
+    for start in range(0, size, len(piece)):
+        n = min(len(piece), size - start)
+        piece[:n] = payload[start : start + n]
+        offsets.append(stream.append(memoryview(piece)[:n]))
+    stream.finish()
+    assert offsets == list(range(0, size, len(piece)))
+    handle = backend.open_read("step-000000000001/data-00000-0123456789abcdef.bin")
+    assert handle.size == size and handle.fileno() is None
+    got = bytearray(size)
+    view = memoryview(got)
+    at = 0
+    while at < size:
+        n = handle.read_into(view[at : at + 5 * MiB + 3], at)
+        assert n > 0
+        at += n
+    assert bytes(got) == payload
+    tail = bytearray(100)
+    assert handle.read_into(memoryview(tail), size - 10) == 10 and bytes(tail[:10]) == payload[-10:]
+    assert handle.read_into(memoryview(tail), size) == 0
+    handle.close()
+
+
+def test_an_aborted_write_leaves_no_object(make, s3_server):
+    backend = make()
+    stream = backend.open_write("step-000000000001/data-00000-aaaaaaaaaaaaaaaa.bin")
+    stream.append(os.urandom(20 * MiB))  # parts already uploaded
+    stream.abort()
+    stream.abort()  # never raises, also twice
+    assert backend.stat("step-000000000001/data-00000-aaaaaaaaaaaaaaaa.bin") is None
+    assert backend.list("step-000000000001") == []
+    if make.kind != "memory":
+        import s3fs
+
+        fs = s3fs.S3FileSystem(
+            key=s3_server.storage_options["key"],
+            secret=s3_server.storage_options["secret"],
+            endpoint_url=s3_server.endpoint,
+            skip_instance_cache=True,
+        )
+        prefix = backend.location.removeprefix("s3://ckpt/")
+        assert [u for u in fs.list_multipart_uploads("ckpt") if u["Key"].startswith(prefix)] == []
+
+
+def test_write_small_creates_only(make):
+    backend = make()
+    backend.write_small("step-000000000001/manifest-000000000001.json", b"first")
+    with pytest.raises(CheckpointError, match=r"manifest-000000000001\.json exists"):
+        backend.write_small("step-000000000001/manifest-000000000001.json", b"second")
+    assert backend.read_small("step-000000000001/manifest-000000000001.json", 100) == b"first"
+    backend.sync("step-000000000001")  # nothing to do, and no error
+
+
+def test_open_write_refuses_an_existing_name(make):
+    backend = make()
+    backend.write_small("a/data.bin", b"x")
+    with pytest.raises(CheckpointError, match="data.bin exists"):
+        backend.open_write("a/data.bin")
+
+
+def test_read_small_refuses_beyond_the_limit_and_names_a_missing_object(make):
+    backend = make()
+    backend.write_small("m.json", b"x" * 1000)
+    with pytest.raises(CheckpointError, match="is 1000 bytes, larger than the 999 limit"):
+        backend.read_small("m.json", 999)
+    with pytest.raises(CheckpointError, match=f"{backend.location}/missing.json does not exist"):
+        backend.read_small("missing.json", 10)
+    with pytest.raises(CheckpointError, match="missing.bin does not exist"):
+        backend.open_read("missing.bin")
+
+
+def test_list_stat_identity_and_deletes(make):
+    backend = make()
+    assert backend.list() == [] and backend.stat("step-000000000001") is None
+    assert backend.identity("step-000000000001") is None
+    backend.write_small("step-000000000001/manifest-000000000001.json", b"m1")
+    backend.write_small("step-000000000001/data-00000-aaaaaaaaaaaaaaaa.bin", b"data")
+    backend.write_small("step-000000000001/sub/deep.bin", b"deep")
+    backend.write_small("top.txt", b"t")
+    assert sorted(backend.list(), key=lambda e: e.name) == [Entry("step-000000000001", True), Entry("top.txt", False)]
+    assert sorted(backend.list("step-000000000001"), key=lambda e: e.name) == [
+        Entry("data-00000-aaaaaaaaaaaaaaaa.bin", False),
+        Entry("manifest-000000000001.json", False),
+        Entry("sub", True),
+    ]
+    assert backend.stat("step-000000000001") == ObjectInfo("dir", 0)
+    assert backend.stat("step-000000000001/data-00000-aaaaaaaaaaaaaaaa.bin") == ObjectInfo("file", 4)
+    assert backend.stat("step-000000000001/nothing") is None
+    assert backend.stat("step-00000000000") is None  # a prefix of a name is no directory
+    assert backend.describe("top.txt") == f"{backend.location}/top.txt"
+
+    before = backend.identity("step-000000000001")
+    object_before = backend.identity("top.txt")
+    assert before is not None and object_before is not None
+    assert backend.identity("step-000000000001") == before
+    # the step saved again: a new manifest generation, the old one removed
+    backend.write_small("step-000000000001/manifest-000000000002.json", b"m2")
+    backend.delete("step-000000000001/manifest-000000000001.json")
+    resaved = backend.identity("step-000000000001")
+    assert resaved != before
+    # deleted and re-created with the same manifest name
+    backend.delete_tree("step-000000000001")
+    assert backend.stat("step-000000000001") is None and backend.identity("step-000000000001") is None
+    backend.write_small("step-000000000001/manifest-000000000002.json", b"m2 again")
+    assert backend.identity("step-000000000001") not in (None, resaved)
+    backend.delete("top.txt")
+    backend.delete("top.txt")  # missing is fine
+    assert backend.identity("top.txt") is None
+
+
+def test_a_listing_longer_than_one_page_is_whole(s3_server):
+    """S3 answers a listing 1000 keys a page; the backend follows the continuation."""
+    backend = _s3(s3_server)
+    names = [f"many/obj-{i:05d}" for i in range(1105)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: backend.write_small(n, b"x"), names))
+    assert sorted(e.name for e in backend.list("many")) == sorted(n.split("/")[1] for n in names)
+    backend.delete_tree("many")
+    assert backend.list("many") == [] and backend.stat("many") is None
+
+
+def test_a_replaced_object_fails_a_read_begun_on_the_old_version(s3_server):
+    backend = _s3(s3_server)
+    backend.write_small("obj.bin", b"a" * 100)
+    handle = backend.open_read("obj.bin")
+    backend.delete("obj.bin")
+    backend.write_small("obj.bin", b"b" * 100)
+    with pytest.raises(OSError, match="obj.bin"):
+        handle.read_into(memoryview(bytearray(10)), 0)
+
+
+# ---- the lease -----------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_naming_the_holder(make):
+    first = make()
+    first.lock()
+    second = make(url=first.location)
+    with pytest.raises(RootInUseError) as err:
+        second.lock()
+    assert socket.gethostname() in str(err.value) and f"pid {os.getpid()}" in str(err.value)
+    assert LEASE_NAME in str(err.value)
+    first.check_lock()
+    first.close()
+    second.lock()  # released: the next writer takes it
+    second.check_lock()
+    second.close()
+    assert first.stat(LEASE_NAME) is None
+
+
+def test_an_expired_lease_is_taken_over(s3_server):
+    url = fresh_s3_url()
+    dead = {"host": "gone-host", "pid": 4242, "token": "0" * 16, "expires": time.time() - 3600, "ttl": 60}
+    raw = ObjectStoreBackend(url, s3_server.storage_options)
+    raw.write_small(LEASE_NAME, json.dumps(dead).encode())
+    writer = _s3(s3_server, url)
+    writer.lock()  # the dead writer's lease expired an hour ago
+    holder = json.loads(writer.read_small(LEASE_NAME, 1000))
+    assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid()
+    writer.close()
+
+
+def test_a_writer_that_stops_renewing_loses_the_root_to_the_next(s3_server):
+    url = fresh_s3_url()
+    stalled = _s3(s3_server, url, lease_seconds=1)
+    stalled.lock()
+    stalled._lease._stop.set()  # its renewal thread stops, as if the process hung
+    stalled._lease._thread.join()
+    successor = _s3(s3_server, url, lease_seconds=1)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            successor.lock()
+            break
+        except RootInUseError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    with pytest.raises(RootInUseError, match="lost checkpoint root .*taken over"):
+        stalled.check_lock()
+    stalled.close()  # does not delete the successor's lease
+    successor.check_lock()
+    successor.close()
+
+
+def test_renewal_keeps_the_lease(s3_server):
+    url = fresh_s3_url()
+    writer = _s3(s3_server, url, lease_seconds=1.5)
+    writer.lock()
+    first = writer.identity(LEASE_NAME)
+    deadline = time.monotonic() + 20
+    while writer.identity(LEASE_NAME) == first and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert writer.identity(LEASE_NAME) != first  # renewed (overwritten by its own writer)
+    writer.check_lock()
+    with pytest.raises(RootInUseError):
+        _s3(s3_server, url).lock()
+    writer.close()
+
+
+def test_check_lock_raises_once_another_writer_replaced_the_lease(make):
+    writer = make()
+    writer.lock()
+    other = make(url=writer.location)
+    other.delete(LEASE_NAME)
+    other.write_small(LEASE_NAME, json.dumps({"host": "h2", "pid": 7, "expires": time.time() + 60}).encode())
+    with pytest.raises(RootInUseError, match="taken over by another writer"):
+        writer.check_lock()
+    writer.close()
+    assert json.loads(other.read_small(LEASE_NAME, 1000))["host"] == "h2"  # not deleted by the loser
+
+
+def test_a_writer_that_lost_its_lease_publishes_nothing(s3_server):
+    url = fresh_s3_url()
+    protocol = open_storage(url, storage_options=s3_server.storage_options)
+    assert isinstance(protocol, ManifestLastCommit)
+    backend = protocol.backend
+    staging = protocol.begin(7)
+    stream = backend.open_write(staging.object_name(staging.data_name(0)))
+    stream.append(b"data")
+    stream.finish()
+    backend.delete(LEASE_NAME)
+    backend.write_small(LEASE_NAME, json.dumps({"host": "h2", "pid": 7, "expires": time.time() + 60}).encode())
+    with pytest.raises(RootInUseError):
+        protocol.publish(staging, b"a manifest")
+    assert not any(e.name.startswith("manifest") for e in backend.list("step-000000000007"))
+    protocol.abort(staging)
+    protocol.close()
+
+
+# ---- configuration and errors ---------------------------------------------------------------------
+
+
+def test_the_standard_environment_is_enough(s3_env):
+    backend = open_backend(fresh_s3_url())
+    assert isinstance(backend, ObjectStoreBackend)
+    backend.lock()
+    backend.write_small("x.bin", b"hello")
+    assert backend.read_small("x.bin", 10) == b"hello"
+    backend.close()
+
+
+def test_wrong_credentials_are_a_clear_error_at_open(s3_server):
+    backend = _s3(s3_server, secret="not-the-secret")
+    with pytest.raises(CheckpointError, match="access denied, check credentials"):
+        backend.lock()
+    with pytest.raises(CheckpointError, match="access denied"):
+        backend.list()
+
+
+def test_a_missing_bucket_is_a_clear_error(s3_server):
+    backend = _s3(s3_server, "s3://no-such-bucket/ckpts")
+    with pytest.raises(CheckpointError, match="bucket 'no-such-bucket' does not exist"):
+        backend.lock()
+    with pytest.raises(CheckpointError, match="s3://no-such-bucket/ckpts: cannot list: bucket 'no-such-bucket'"):
+        backend.list()
+
+
+def test_an_unreachable_endpoint_is_an_error_within_the_timeouts():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    options = {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "key": "k",
+        "secret": "s",
+        "region": "us-east-1",
+        "connect_timeout": 0.5,
+        "timeout": 1,
+        "retries": 1,
+    }
+    backend = ObjectStoreBackend("s3://ckpt/x", options)
+    with pytest.raises(CheckpointError, match="cannot be reached"):
+        backend.lock()
+    with pytest.raises(CheckpointError, match=f"127.0.0.1:{port}"):
+        backend.list()
+
+
+@pytest.mark.parametrize("url", ["nosuch://bucket/ckpts", "hdfs://nn/ckpts"])
+def test_a_scheme_without_a_backend_names_it(url):
+    with pytest.raises(CheckpointError, match=f"no storage backend for scheme '{url.split(':')[0]}'"):
+        open_backend(url)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(CheckpointError, match="timeout"):
+        ObjectStoreBackend("s3://b/p", {"timeout": "soon"})
+    with pytest.raises(CheckpointError, match="cannot configure"):
+        ObjectStoreBackend("s3://b/p", {"no_such_option": 1})
+    with pytest.raises(CheckpointError, match="storage_options apply to object-store URLs"):
+        open_backend("/tmp/somewhere", storage_options={"key": "k"})
+
+
+def test_open_backend_dispatches_urls(s3_server):
+    backend = open_backend("memory://ckpt/x")
+    assert isinstance(backend, ObjectStoreBackend) and backend.location == "memory://ckpt/x"
+    assert backend.capabilities.atomic_rename is False and backend.capabilities.lock is True
+    s3 = open_backend("s3://ckpt/y", storage_options=s3_server.storage_options)
+    assert s3.describe("step-000000000001/manifest-000000000001.json") == (
+        "s3://ckpt/y/step-000000000001/manifest-000000000001.json"
+    )
+
+
+def test_a_manager_saves_to_an_s3_root(s3_env):
+    """The writer side end to end: a committed step whose manifest verifies, the lease released."""
+    import torch
+
+    import asyncckpt
+    from asyncckpt.storage.commit import newest_manifest
+
+    url = fresh_s3_url()
+    state = {"w": torch.randn(300, 100), "step": 3}
+    manager = asyncckpt.CheckpointManager(url)
+    manager.save(3, state)
+    manager.wait()
+    manager.close()
+    backend = ObjectStoreBackend(url)
+    assert [c.step for c in ManifestLastCommit(backend).checkpoints()] == [3]
+    assert newest_manifest(backend, "step-000000000003") is not None
+    assert backend.stat(LEASE_NAME) is None
+    second = asyncckpt.CheckpointManager(url)  # the root is free again, and its sweep keeps step 3
+    second.close()
+    assert [c.step for c in ManifestLastCommit(backend).checkpoints()] == [3]
