@@ -6,7 +6,7 @@ as objects gone from the bucket, ``load``/``load_weights`` (the latter fetching 
 ranges), a re-saved step, a second writer refused, a corrupted object found by ``verify`` and skipped
 by ``restore``, the server stopped and restarted during a save, and the command line as a
 subprocess given only the standard environment. The bucket is listed and written with obstore
-directly, never through asyncckpt. SIGKILL of a saving process: tests/test_s3_kill.py.
+directly (tests/_s3bucket.py), never through asyncckpt. SIGKILL of a saving process: tests/test_s3_kill.py.
 """
 
 from __future__ import annotations
@@ -19,64 +19,20 @@ import sys
 import threading
 from collections import Counter
 
-import obstore
 import pytest
 import torch
-from obstore.store import S3Store
 
 import _s3server
 import asyncckpt
 from _cli import cli
 from _overlap_state import plain
+from _s3bucket import get_object, objects, put_object, stored_steps
 from _trees import assert_same_tree, same_tree
 from asyncckpt import CheckpointError, CheckpointManager, RootInUseError
 from asyncckpt.format import step_dir_name
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.objectstore import LEASE_NAME, ObjectStoreBackend
 from conftest import fresh_s3_url
-
-# ---- the bucket, seen with obstore directly --------------------------------------------------------
-
-
-def bucket_store(server: _s3server.S3Server, bucket: str = "ckpt") -> S3Store:
-    """An obstore client on ``bucket`` of ``server`` (not asyncckpt's: what is really stored)."""
-    config = {
-        "endpoint": server.endpoint,
-        "access_key_id": _s3server.ACCESS_KEY,
-        "secret_access_key": _s3server.SECRET_KEY,
-        "region": _s3server.REGION,
-    }
-    return S3Store(bucket, config=config, client_options={"allow_http": True})  # type: ignore[arg-type]
-
-
-def _prefix(url: str) -> str:
-    return url.removeprefix("s3://").split("/", 1)[1]
-
-
-def objects(server: _s3server.S3Server, url: str) -> dict[str, int]:
-    """Every object under the root ``url``: its name relative to the root, and its size."""
-    prefix = _prefix(url)
-    found = {}
-    for page in obstore.list(bucket_store(server), prefix + "/"):
-        for meta in page:
-            path = str(meta["path"])
-            if not path.endswith("/"):  # a directory marker some stores keep is no object
-                found[path.removeprefix(prefix + "/")] = int(meta["size"])
-    return found
-
-
-def stored_steps(server: _s3server.S3Server, url: str) -> list[int]:
-    """The steps with at least one object left in the bucket."""
-    return sorted({int(name.split("/")[0].removeprefix("step-")) for name in objects(server, url) if "/" in name})
-
-
-def get_object(server: _s3server.S3Server, url: str, name: str) -> bytes:
-    return bytes(obstore.get(bucket_store(server), f"{_prefix(url)}/{name}").bytes())
-
-
-def put_object(server: _s3server.S3Server, url: str, name: str, data: bytes) -> None:
-    obstore.put(bucket_store(server), f"{_prefix(url)}/{name}", data)
-
 
 # ---- training state ---------------------------------------------------------------------------------
 
