@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -152,6 +154,20 @@ def test_load_weights_fetches_only_the_ranges_of_the_model(s3_server, url):
     assert sum(everything.fetched.values()) == stored  # the counter sees every byte a full load reads
 
 
+def wait_writable(server: _s3server.S3Server) -> None:
+    """Wait (bounded) until a restarted server stores an object: it lists buckets a few seconds
+    before its volume server takes writes again, and a save then would fail, rightly."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            put_object(server, f"s3://ckpt/probe-{secrets.token_hex(4)}", "x", b"x")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 # ---- 3. the server stopped during a save ----------------------------------------------------------------
 
 
@@ -211,6 +227,7 @@ def test_server_stopped_during_a_save_fails_it_by_name_and_the_next_save_after_r
             assert "cannot be reached" in message, message  # and the cause
 
             server.start()
+            wait_writable(server)
             third = advance(setup, 3)
             mgr.save(3, setup.state).wait()
             assert mgr.steps() == [1, 3]
