@@ -510,17 +510,21 @@ class AsyncCheckpointManager:
             if other is not None:
                 warnings.warn(f"asyncckpt: before signal {signum}, an earlier save failed: {other}", stacklevel=3)
 
-    async def wait(self) -> None:
+    async def wait(self, *, mirror: bool = False) -> None:
         """Wait for every pending save (and any cancelled call still running).
+
+        Args:
+            mirror: also wait for the mirror's uploads (see ``CheckpointManager.wait``).
 
         Raises:
             SaveFailedError: a save failed in the background (each failure is raised once).
-            CheckpointError: used in a forked child.
+            CheckpointError: used in a forked child; an upload to the mirror failed.
         """
         self._check_owner()
         while self._inflight:
             await asyncio.wait(list(self._inflight))
-        await asyncio.get_running_loop().run_in_executor(None, _in_callers_cuda_stream(self.manager.wait))
+        wait = functools.partial(self.manager.wait, mirror=mirror)
+        await asyncio.get_running_loop().run_in_executor(None, _in_callers_cuda_stream(wait))
 
     @overload
     async def restore(self, state: Any, step: int | None = None, *, strict: Literal[True] = True) -> int | None: ...

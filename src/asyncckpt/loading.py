@@ -111,7 +111,7 @@ def open_target(
 
 def _open(root: str, storage_options: dict[str, Any] | None) -> Backend:
     if storage_options:
-        return open_backend(root, storage_options=storage_options)  # type: ignore[call-arg]
+        return open_backend(root, storage_options=storage_options)
     return open_backend(root)
 
 
@@ -209,6 +209,7 @@ def load(
     *,
     mmap: bool = False,
     storage_options: dict[str, Any] | None = None,
+    mirror: str | os.PathLike | None = None,
 ) -> Any:
     """Load a checkpoint as a plain nested tree (stateful objects become their state dicts).
 
@@ -224,6 +225,8 @@ def load(
         mmap: map the data file of a raw checkpoint instead of reading it.
         storage_options: options for an object store's client (credentials, endpoint, timeouts);
             by default they come from the environment.
+        mirror: the root's mirror (``CheckpointManager(mirror=...)``): a step the root lacks, or
+            cannot read, is read from there (with a warning).
 
     Returns:
         The saved state: dicts, lists, tuples, tensors, numpy arrays and plain values, each saved
@@ -237,6 +240,11 @@ def load(
     root, single = open_target(path, storage_options)
     if single is not None and step is None:
         loaded = read_checkpoint(CheckpointRef(root, single), workers=os.cpu_count() or 1, mmap=mmap)
+    elif mirror is not None:
+        found = read_newest_valid_of_tiers(root, _mirror_root(mirror), step, os.cpu_count() or 1, str(mirror))
+        if found is None:
+            raise CheckpointNotFoundError(f"no checkpoint in {path} or its mirror {mirror}")
+        loaded = found
     else:
         if single is not None:
             root = _open(os.fspath(path), storage_options)  # a step asked of a checkpoint: read as a root
@@ -248,6 +256,12 @@ def load(
     if torch.device(map_location) != torch.device("cpu"):
         tensors = [t.to(map_location) for t in tensors]
     return unflatten(loaded.manifest.tree, tensors)
+
+
+def _mirror_root(mirror: str | os.PathLike) -> Any:
+    """A mirror as the reader takes it: a URL as given, a path as a Path."""
+    text = os.fspath(mirror)
+    return text if isinstance(text, str) and "://" in text else Path(text)
 
 
 def check_strict(strict: Any) -> None:
@@ -371,3 +385,78 @@ def _load_model(
     except Exception as exc:
         raise CheckpointError(f"{where} does not fit {type(model).__name__}: {exc}") from exc
     return step if strict else plan.result(step)
+
+
+def _tier_steps(root: str | os.PathLike | Backend) -> set[int]:
+    """The committed steps of one tier's root; none when it does not exist."""
+    backend = root if isinstance(root, Backend) else open_target(root)[0]
+    if isinstance(backend, LocalBackend) and not backend.root.is_dir():
+        return set()
+    return {c.step for c in _listed(backend)}
+
+
+def read_newest_valid_of_tiers(
+    local: str | os.PathLike | Backend,
+    mirror: str | os.PathLike | Backend,
+    step: int | None,
+    workers: int,
+    mirror_name: str,
+) -> LoadedCheckpoint | None:
+    """Read the newest checkpoint (or exactly ``step``) that verifies in a local root or its mirror.
+
+    Steps are tried newest first, each from the local root first, then from the mirror: a local
+    root that is empty, deleted or whose newest checkpoint is damaged restores from the mirror.
+    Each checkpoint skipped, and a checkpoint read from the mirror, is said in a warning.
+
+    Args:
+        local: The local root: a path or its Backend (it may not exist: a node that lost its disk).
+        mirror: The mirror root: a path, a URL or its Backend.
+        step: The step to read, or None for the newest valid one.
+        workers: Threads reading chunks.
+        mirror_name: The mirror's location, for messages (free of credentials).
+
+    Returns:
+        The checkpoint read and verified, or None when neither tier holds a checkpoint.
+
+    Raises:
+        CheckpointNotFoundError: Neither tier holds ``step``.
+        CheckpointDamagedError: Every checkpoint tried failed (each one's reason listed).
+    """
+    local_name = local.location if isinstance(local, Backend) else os.fspath(local)
+    mine = _tier_steps(local)
+    try:
+        theirs = _tier_steps(mirror)
+    except (CheckpointError, OSError) as exc:
+        warnings.warn(
+            f"asyncckpt: the mirror {mirror_name} cannot be listed ({exc}); reading the local root only", stacklevel=3
+        )
+        theirs = set()
+    if step is not None and step not in mine | theirs:
+        raise CheckpointNotFoundError(f"no checkpoint for step {step} in {local_name} or its mirror {mirror_name}")
+    failed: list[str] = []
+    for candidate in sorted(mine | theirs, reverse=True) if step is None else [step]:
+        for tier, root, steps in (("local root", local, mine), ("mirror", mirror, theirs)):
+            if candidate not in steps:
+                continue
+            try:
+                loaded = read_newest_valid(root, candidate, workers)
+            except _ONE_CHECKPOINT_FAILURES as exc:
+                failed.append(f"step {candidate} ({tier}): {exc}")
+                warnings.warn(
+                    f"asyncckpt: checkpoint step {candidate} in the {tier} cannot be read ({exc})", stacklevel=3
+                )
+                continue
+            if loaded is None:
+                continue
+            if tier == "mirror":
+                why = "cannot read it" if candidate in mine else "does not have it"
+                warnings.warn(
+                    f"asyncckpt: restoring step {candidate} from the mirror {mirror_name}: "
+                    f"the local root {local_name} {why}",
+                    stacklevel=3,
+                )
+            return loaded
+    if not failed:
+        return None
+    what = f"step {step}" if step is not None else "no checkpoint"
+    raise CheckpointDamagedError(f"{what} of {local_name} or its mirror {mirror_name} verifies: " + "; ".join(failed))

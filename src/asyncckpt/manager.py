@@ -17,6 +17,7 @@ import torch
 from asyncckpt.codec import CodecConfig
 from asyncckpt.engine.admission import Admission
 from asyncckpt.engine.handle import SaveHandle
+from asyncckpt.engine.mirror import _Mirror, write_mirror_file
 from asyncckpt.engine.overlap import Fences
 from asyncckpt.engine.pipeline import Pipeline, SaveJob
 from asyncckpt.engine.retain import Retainer
@@ -25,12 +26,12 @@ from asyncckpt.engine.staging import ArenaPool, CopyEngine
 from asyncckpt.engine.tags import Tags
 from asyncckpt.errors import CheckpointError, SaveFailedError
 from asyncckpt.format import MAX_CHUNK_RAW, MAX_STEP, check_tags
-from asyncckpt.loading import check_strict, read_newest_valid
+from asyncckpt.loading import check_strict, read_newest_valid, read_newest_valid_of_tiers
 from asyncckpt.metrics import METRICS_LOG, SaveStats
 from asyncckpt.policy import EverySteps, SavePolicy
 from asyncckpt.retention import RetentionPolicy
 from asyncckpt.state.tree import RestoreResult, check_compatible, restore_into
-from asyncckpt.storage.backend import CheckpointRef
+from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import open_storage
 from asyncckpt.storage.local import LocalBackend
@@ -47,6 +48,20 @@ def _check_step(step: Any) -> int:
 SNAPSHOT_MODES = ("blocking", "overlap")
 
 
+def _mirror_policy(given: dict | RetentionPolicy | None, local: RetentionPolicy) -> RetentionPolicy:
+    """The mirror's retention: the local one unless given (a dict of the retention options)."""
+    if given is None:
+        return local
+    if isinstance(given, RetentionPolicy):
+        return given
+    if isinstance(given, dict):
+        unknown = set(given) - {"keep_last", "keep_best", "best_metric", "best_mode", "keep_every"}
+        if unknown:
+            raise ValueError(f"mirror_retention: unknown options {sorted(unknown)}")
+        return RetentionPolicy(**given)
+    raise TypeError(f"mirror_retention must be a dict of retention options or a RetentionPolicy, got {given!r}")
+
+
 class CheckpointManager:
     """Asynchronous checkpoints of a training state into ``root``. See the README for the contract.
 
@@ -54,7 +69,8 @@ class CheckpointManager:
     the writer, overlap mode's fences, tags, retention and preemption signals.
 
     Args:
-        root: The checkpoint directory (created if missing), locked for this manager's lifetime.
+        root: The checkpoint directory (created if missing), locked for this manager's lifetime,
+            or an object-store URL (``s3://bucket/prefix``; the lock is then a lease object).
         keep_last: Keep the newest N checkpoints (None: all).
         keep_best: Also keep the N best by ``best_metric``.
         best_metric: The metric ``keep_best`` ranks by.
@@ -68,6 +84,19 @@ class CheckpointManager:
         workers: Encoder threads (default: the CPU count, at most 8).
         chunk_size: Bytes per stored chunk, in [4096, MAX_CHUNK_RAW].
         background_nice: How much lower the encoder threads' priority is (Linux).
+        mirror: A second root (an ``s3://`` URL, a path or a Backend) each committed checkpoint is
+            copied to in the background and verified there (see the README, "A local tier mirrored
+            to object storage"); None: no mirror.
+        mirror_retention: What the mirror keeps: a dict of the retention options above
+            (``{"keep_last": 10}``) or a RetentionPolicy (default: the local root's).
+        mirror_max_behind: Committed checkpoints the mirror may lag behind before the oldest one
+            waiting is skipped (with a warning; the newest is always uploaded).
+        mirror_timeout: Seconds ``close`` (and ``wait(mirror=True)``) waits for uploads.
+        mirror_options: Options for the mirror's storage backend (``storage_options``).
+        storage_options: Options for an object-store root's client, by fsspec's names (``key``,
+            ``secret``, ``endpoint_url``, ``region``...) plus ``timeout``, ``connect_timeout``,
+            ``retries``, ``lease_seconds``, ``part_size``, ``upload_concurrency`` (see the README);
+            None: credentials and endpoint come from the environment.
 
     Raises:
         ValueError: An option out of range.
@@ -92,6 +121,12 @@ class CheckpointManager:
         workers: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         background_nice: int = 10,
+        mirror: str | os.PathLike | Backend | None = None,
+        mirror_retention: dict | RetentionPolicy | None = None,
+        mirror_max_behind: int = 2,
+        mirror_timeout: float = 300.0,
+        mirror_options: dict | None = None,
+        storage_options: dict | None = None,
     ) -> None:
         if snapshot not in SNAPSHOT_MODES:
             raise ValueError(f"snapshot must be one of {SNAPSHOT_MODES}, got {snapshot!r}")
@@ -101,6 +136,13 @@ class CheckpointManager:
             raise ValueError(f"chunk_size must be an integer in [4096, {MAX_CHUNK_RAW}] bytes, got {chunk_size!r}")
         # Read-only after this (properties below): the parts built from them keep their own copies.
         self._retention = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
+        mirror_policy = _mirror_policy(mirror_retention, self._retention)
+        if isinstance(mirror_max_behind, bool) or not isinstance(mirror_max_behind, int) or mirror_max_behind < 1:
+            raise ValueError(f"mirror_max_behind must be a positive integer, got {mirror_max_behind!r}")
+        if isinstance(mirror_timeout, bool) or not isinstance(mirror_timeout, (int, float)) or not mirror_timeout > 0:
+            raise ValueError(f"mirror_timeout must be a positive number of seconds, got {mirror_timeout!r}")
+        self._mirror_timeout = float(mirror_timeout)
+        self._mirror: _Mirror | None = None
         self._codec = CodecConfig(compression, level)
         self.policy: SavePolicy = policy if policy is not None else EverySteps(1000)
         self._max_pending = max_pending
@@ -112,23 +154,43 @@ class CheckpointManager:
         self._preemption = Preemption()
         arenas = ArenaPool(pinned=torch.cuda.is_available())
         self._copier = CopyEngine()
-        self._storage = open_storage(root)  # last before the try: a failure after it must unlock
+        self._storage = open_storage(root, storage_options)  # last before the try: a failure after it must unlock
         try:
             backend = self._storage.backend
             # A local root is a Path (as it always was); an object store's is its URL.
             self.root: Path | str = backend.root if isinstance(backend, LocalBackend) else backend.location
             self.stats = SaveStats(self.root / METRICS_LOG if isinstance(self.root, Path) else None)
             self._tags = Tags(self._storage, Catalog.of_writer(self._storage))
-            self._retainer = Retainer(self._tags, self._retention, self.root)
+            if mirror is not None:
+                self._mirror = _Mirror(mirror, self._storage.backend, mirror_policy, mirror_max_behind, mirror_options)
+                self.stats.mirror_status = self._mirror.status
+            pinned = self._mirror.pinned if self._mirror is not None else None
+            self._retainer = Retainer(self._tags, self._retention, self.root, pinned=pinned)
             self._pipeline = Pipeline(
                 self._storage, self._codec, self._workers, chunk_size, self._on_done, nice=background_nice
             )
             parts = (arenas, self._copier, self._fences, self._pipeline, self._tags, self.stats)
             self._admission = Admission(self.root, max_pending, snapshot, *parts)
         except BaseException:
+            if self._mirror is not None:
+                self._mirror.close(0.0)
             self._storage.close()  # a failed constructor must not keep the root locked
             raise
+        if self._mirror is not None:
+            self._start_mirror()
         at_interpreter_exit(self._close_quietly)
+
+    def _start_mirror(self) -> None:
+        """Record the mirror in the local root (``ls`` shows where each checkpoint lives), and
+        hand it the newest local checkpoint when the mirror has nothing as new (a run that stopped
+        before its last upload, or a mirror added to an existing root)."""
+        assert self._mirror is not None
+        if isinstance(self.root, Path):  # a local tier (the usual case) records its mirror
+            write_mirror_file(self.root, self._mirror.location)
+        local = self._tags.catalog.newest_known()
+        remote = self._mirror.newest_step()
+        if local is not None and (remote is None or remote < local):
+            self._mirror.submit(local)
 
     @property
     def retention(self) -> RetentionPolicy:
@@ -242,6 +304,7 @@ class CheckpointManager:
         handle, earlier = self._save(step, state, metrics, metadata, tags, tell_policy=True)
         if earlier is not None:
             raise earlier
+        self._raise_mirror_error()
         return handle
 
     def due(self, step: int) -> bool:
@@ -300,6 +363,7 @@ class CheckpointManager:
         handle, earlier = self._save(step, state, metrics, metadata, tags)
         if earlier is not None:
             raise earlier
+        self._raise_mirror_error()
         return handle
 
     def _save(
@@ -330,6 +394,8 @@ class CheckpointManager:
         try:
             self._tags.finished(job, path)
             if path is not None:
+                if self._mirror is not None:
+                    self._mirror.submit(job.step)  # before retention: a step to upload is pinned
                 self._retainer.apply(protect=job.step)
         finally:
             self.stats.finished(job.record)
@@ -338,17 +404,36 @@ class CheckpointManager:
     def _take_background_errors(self) -> SaveFailedError | None:
         return self._admission.take_errors()
 
-    def wait(self) -> None:
+    def wait(self, *, mirror: bool = False) -> None:
         """Block until every pending save has committed or failed.
+
+        Args:
+            mirror: Also wait (at most ``mirror_timeout`` seconds) until every committed checkpoint
+                handed to the mirror is uploaded and verified there, or failed.
 
         Raises:
             SaveFailedError: A save failed that no caller has seen fail yet.
-            CheckpointError: Used from a forked child.
+            CheckpointError: Used from a forked child; an upload to the mirror failed (naming the
+                step, the object and the cause), or ``mirror`` and the uploads outlasted the timeout.
         """
         self._check_owner()
         self._fences.fence()
         self._admission.wait_pending()
         self._raise_background_errors()
+        if mirror and self._mirror is not None:
+            late = self._mirror.wait(self._mirror_timeout)
+            self._raise_mirror_error()
+            if late is not None:
+                raise CheckpointError(
+                    f"asyncckpt mirror: step {late} is not in the mirror {self._mirror.location} after "
+                    f"mirror_timeout={self._mirror_timeout} s (still uploading)"
+                )
+        self._raise_mirror_error()
+
+    def _raise_mirror_error(self) -> None:
+        error = self._mirror.take_error() if self._mirror is not None else None
+        if error is not None:
+            raise error
 
     def _raise_background_errors(self) -> None:
         error = self._take_background_errors()
@@ -382,6 +467,9 @@ class CheckpointManager:
         fully verified and the whole live state was checked against it: key sets of every dict,
         module and optimizer, shapes, and that every live tensor can be written in place (not a
         meta tensor, an ``expand()`` view or an inference tensor). Pending saves are waited for first.
+        With a mirror, the newest step that verifies in either tier is read, each step from the
+        local root first: an empty, deleted or damaged local root restores from the mirror (with a
+        warning).
 
         Args:
             state: The live state (a dict or list) to update in place.
@@ -410,7 +498,12 @@ class CheckpointManager:
             _check_step(step)
         self._fences.fence()
         self._admission.wait_pending()
-        loaded = read_newest_valid(self._storage.backend, step, self._workers)
+        if self._mirror is not None:
+            loaded = read_newest_valid_of_tiers(
+                self._storage.backend, self._mirror.root, step, self._workers, self._mirror.location
+            )
+        else:
+            loaded = read_newest_valid(self._storage.backend, step, self._workers)
         if loaded is None:
             return None if strict else RestoreResult(None)
         tree = loaded.manifest.tree
@@ -500,7 +593,14 @@ class CheckpointManager:
             self._copier.close()
             self._storage.close()
             self._admission.arenas.clear()
-        self._raise_background_errors()
+            mirror_error = self._mirror.close(self._mirror_timeout) if self._mirror is not None else None
+        earlier = self._take_background_errors()
+        if earlier is not None:
+            if mirror_error is not None:  # never lost: said, while the save's failure is raised
+                warnings.warn(str(mirror_error), stacklevel=2)
+            raise earlier
+        if mirror_error is not None:
+            raise mirror_error
 
     def _close_quietly(self) -> None:
         try:

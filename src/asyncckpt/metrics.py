@@ -13,7 +13,7 @@ import math
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,8 @@ class SaveStats:
         self._first_step: float | None = None  # perf_counter of the first and last maybe_save
         self._last_step: float | None = None
         self.deferred_saves = 0  # saves the policy put off because one was still in flight
+        # with a mirror: its counters (mirror_behind, mirror_skipped, mirror_uploaded) for summary()
+        self.mirror_status: Callable[[], dict[str, int]] | None = None
 
     def step_seen(self, now: float) -> None:
         """Called by maybe_save on every training step: the loop's wall time for the overhead."""
@@ -136,6 +138,8 @@ class SaveStats:
         blocked = sum(r.stall_s + fence_cost_s(r) for r in records)
         out["overhead_fraction"] = blocked / wall if wall > 0 else math.nan
         out["deferred_saves"] = self.deferred_saves
+        if self.mirror_status is not None:
+            out.update(self.mirror_status())
         return out
 
 

@@ -106,46 +106,83 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.restore_exact else 1
 
 
-def _cmd_ls(args: argparse.Namespace) -> int:
+def _ls_row(path: Where, where: str | None) -> dict[str, Any]:
     from asyncckpt.cli.tools import format_created
 
+    row: dict[str, Any] = {"path": str(path)}
+    if where is not None:
+        row["where"] = where
+    try:
+        m = read_manifest(path)
+    except CheckpointError as exc:
+        return {**row, "manifest": f"invalid: {exc}"}
+    return {
+        "step": m.step,
+        **row,
+        "created": format_created(m.created),
+        "raw_bytes": m.raw_bytes,
+        "stored_bytes": m.stored_bytes,
+        "ratio": m.raw_bytes / m.stored_bytes if m.stored_bytes else None,
+        "metrics": m.metrics,
+        "tags": m.tags,
+        "metadata": m.metadata,
+        "manifest": "ok",
+    }
+
+
+def _ls_mirror(args: argparse.Namespace, root: Path) -> str | None:
+    """The mirror ``ls`` also lists: ``--mirror``, else the one a manager recorded in the root."""
+    from asyncckpt.engine.mirror import read_mirror_file
+
+    if args.mirror is not None:
+        return args.mirror
+    return read_mirror_file(root) if root.is_dir() else None
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from asyncckpt.cli.tools import mirror_checkpoints
+
+    root = _root_arg(args.root)
+    if isinstance(root, Path):
+        # a node's local root may be gone altogether: with --mirror, the mirror is still listed
+        local = [] if args.mirror is not None and not os.path.lexists(root) else _checkpoint_dirs(root)
+        mirror = _ls_mirror(args, root) if not (root / MANIFEST_NAME).exists() else None
+    else:
+        local = _checkpoint_dirs(root)
+        mirror = args.mirror if not _names_one_checkpoint(root) else None
     rows: list[dict[str, Any]] = []
-    for path in _checkpoint_dirs(_root_arg(args.root)):
-        try:
-            m = read_manifest(path)
-            rows.append(
-                {
-                    "step": m.step,
-                    "path": str(path),
-                    "created": format_created(m.created),
-                    "raw_bytes": m.raw_bytes,
-                    "stored_bytes": m.stored_bytes,
-                    "ratio": m.raw_bytes / m.stored_bytes if m.stored_bytes else None,
-                    "metrics": m.metrics,
-                    "tags": m.tags,
-                    "metadata": m.metadata,
-                    "manifest": "ok",
-                }
-            )
-        except CheckpointError as exc:
-            rows.append({"path": str(path), "manifest": f"invalid: {exc}"})
+    if mirror is None:
+        rows = [_ls_row(path, None) for path in local]
+    else:
+        remote = {c.step: c for c in mirror_checkpoints(mirror)}
+        mine = {parse_step_dir(path.name): path for path in local}
+        for step in sorted(set(remote) | {s for s in mine if s is not None}):
+            if step in mine:
+                rows.append(_ls_row(mine[step], "both" if step in remote else "local"))
+            else:
+                rows.append(_ls_row(remote[step].ref, "mirror"))
+        rows += [_ls_row(path, "local") for step, path in mine.items() if step is None]
     if not rows:  # as verify: a root with no checkpoint is said so, exit status 1
         if args.json:
             print("[]")
-        print(f"no checkpoints in {args.root}", file=sys.stderr)
+        print(f"no checkpoints in {args.root}" + (f" or its mirror {mirror}" if mirror else ""), file=sys.stderr)
         return 1
     if args.json:
         print(_dump_json(rows))
         return 0
-    print(f"{'step':>12}  {'created (UTC)':<20}  {'stored':>9}  {'raw':>9}  {'ratio':>6}  {'tags':<16}  metrics")
+    if mirror is not None:
+        print(f"mirror: {mirror}")
+    where = f"  {'where':<6}" if mirror is not None else ""
+    print(f"{'step':>12}{where}  {'created (UTC)':<20}  {'stored':>9}  {'raw':>9}  {'ratio':>6}  {'tags':<16}  metrics")
     for row in rows:
+        place = f"  {row['where']:<6}" if mirror is not None else ""
         if row["manifest"] != "ok":
-            print(f"{'?':>12}  {row['path']}: {row['manifest']}")
+            print(f"{'?':>12}{place}  {row['path']}: {row['manifest']}")
             continue
         ratio = f"{row['ratio']:.3f}" if row["ratio"] else "-"
         tags = ",".join(row["tags"]) or "-"
         print(
-            f"{row['step']:>12}  {row['created']:<20}  {format_bytes(row['stored_bytes']):>9}  "
+            f"{row['step']:>12}{place}  {row['created']:<20}  {format_bytes(row['stored_bytes']):>9}  "
             f"{format_bytes(row['raw_bytes']):>9}  {ratio:>6}  {tags:<16}  {json.dumps(_finite(row['metrics']))}"
         )
     return 0
@@ -571,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list the checkpoints in a root")
     ls.add_argument("root", help="a checkpoint root (or one checkpoint directory)")
     ls.add_argument("--json", action="store_true", help="print one object per checkpoint as JSON")
+    ls.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="also list this mirror of the root (default: the mirror a manager recorded in the root); "
+        "a 'where' column says local, mirror or both",
+    )
     ls.set_defaults(func=_cmd_ls)
     verify = sub.add_parser("verify", help="verify every checksum of a root or one checkpoint")
     verify.add_argument("path", help="a checkpoint root or one checkpoint directory")

@@ -21,6 +21,7 @@ from typing import IO, Any, cast
 
 import torch
 
+from asyncckpt.engine.mirror import MIRROR_FILE
 from asyncckpt.engine.reader import Where, read_checkpoint, read_manifest
 from asyncckpt.errors import CheckpointError
 from asyncckpt.format import MANIFEST_NAME, Manifest, parse_step_dir
@@ -725,7 +726,11 @@ class Pruned:
 
 
 def _is_asyncckpt_name(name: str) -> bool:
-    return name in (LOCK_NAME, METRICS_LOG) or name.startswith(TEMP_PREFIX) or parse_step_dir(name) is not None
+    return (
+        name in (LOCK_NAME, METRICS_LOG, MIRROR_FILE)
+        or name.startswith(TEMP_PREFIX)
+        or parse_step_dir(name) is not None
+    )
 
 
 def root_checkpoints(root: Path | str) -> list[CommittedCheckpoint]:
@@ -746,6 +751,22 @@ def root_checkpoints(root: Path | str) -> list[CommittedCheckpoint]:
     if not committed and not any(_is_asyncckpt_name(name) for name in names):
         raise CheckpointError(f"{root} is not a checkpoint root: it holds no checkpoint and no asyncckpt files")
     return committed
+
+
+def mirror_checkpoints(location: str) -> list[CommittedCheckpoint]:
+    """The committed checkpoints of a mirror root, as a reader lists them (an empty list when it
+    holds none, or does not exist yet).
+
+    Args:
+        location: The mirror's path or URL.
+
+    Returns:
+        Its committed checkpoints, oldest first.
+
+    Raises:
+        CheckpointError: It cannot be listed.
+    """
+    return Catalog.of_reader(location).checkpoints()
 
 
 def _check_prunable(root: Path | str, policy: RetentionPolicy) -> list[CommittedCheckpoint]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from asyncckpt import _phases
@@ -23,10 +24,19 @@ class Retainer:
             deleting through the catalog).
         policy: What to keep.
         root: The root (for messages).
+        pinned: The steps never to delete now, whatever the policy (a mirror's uploads: waiting,
+            or being read); None: none.
     """
 
-    def __init__(self, tags: Tags, policy: RetentionPolicy, root: Path | str) -> None:
+    def __init__(
+        self,
+        tags: Tags,
+        policy: RetentionPolicy,
+        root: Path | str,
+        pinned: Callable[[], Collection[int]] | None = None,
+    ) -> None:
         self._tags = tags
+        self._pinned = pinned
         self._policy = policy
         self._root = root
         self._warned_no_best = False
@@ -53,7 +63,8 @@ class Retainer:
                     f"{missing_metric_text(infos, self._policy)}; retention deletes nothing until one does "
                     "(pass it to save(metrics=...))"
                 )
+            pinned = self._pinned() if self._pinned is not None else ()
             for step in steps_to_delete(infos, self._policy):
-                if step != protect:
+                if step != protect and step not in pinned:
                     _phases.pause("retention")
                     self._tags.catalog.delete(committed[step])

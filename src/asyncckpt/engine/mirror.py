@@ -1,0 +1,454 @@
+"""The mirrored local tier: each checkpoint committed to the local root is copied, in the
+background, to a second root (an object store, typically), verified there, and kept there by a
+retention of its own.
+
+Why a second tier and not an object-store root: a local commit is as fast as the disk, so the
+save's stall and time to durable stay those of a local root; the upload (slow, and at the mercy of
+a network) happens behind it, and the node's loss costs at most the checkpoints not yet uploaded.
+
+The mirror (``_Mirror``) holds the remote root open for writing (its writer lock: a lease on an
+object store) for the manager's lifetime and runs one thread. The manager hands it each step it
+commits; the thread copies that step:
+
+1. the local committed manifest is read and validated;
+2. each data object it references is streamed from the local backend into a new object of the
+   remote protocol's staging (``begin``), in pieces of ``_PIECE`` bytes: never the whole
+   checkpoint in memory;
+3. the manifest, its chunk table renamed to the staging's data names and sealed again, is
+   published last through the remote commit protocol (manifest-last on an object store: the step
+   exists there exactly when its manifest does and verifies);
+4. the remote copy is verified: every chunk read back from the remote root and its CRC32 checked;
+5. the mirror's retention deletes what it no longer keeps (never the step just uploaded).
+
+Bounded lag: the steps committed but not yet in the mirror (the one uploading and those waiting)
+are kept at or under ``max_behind`` by dropping the oldest waiting step when a newer one comes: the
+one uploading is never abandoned and the newest always waits its turn. A drop warns once per
+episode (until the mirror has caught up) and is counted (``status()``, in the manager's
+``stats.summary()``). Local retention never deletes a step waiting or uploading (``pinned``).
+
+Errors are never lost: a failed copy or verification is kept (the first one until taken) and the
+manager raises it at its next ``save``, ``wait`` or ``close``, naming the step, the object and the
+cause. The local checkpoint stays; the next commit is mirrored as usual.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from asyncckpt.engine.pipeline import _warn_from_writer
+from asyncckpt.engine.reader import read_manifest, verify_checkpoint
+from asyncckpt.errors import CheckpointDamagedError, CheckpointError
+from asyncckpt.format import Manifest, step_dir_name
+from asyncckpt.retention import CheckpointInfo, RetentionPolicy, steps_to_delete
+from asyncckpt.storage.backend import Backend, CheckpointRef
+from asyncckpt.storage.catalog import Catalog
+from asyncckpt.storage.commit import CommitProtocol, open_storage
+
+# Bytes copied at a time: a few multipart parts' worth, so memory stays small whatever the size.
+_PIECE = 8 << 20
+
+MIRROR_FILE = ".asyncckpt-mirror.json"
+
+
+class _Cancelled(Exception):
+    """The mirror is closing and its time is up: the upload under way stops."""
+
+
+def safe_location(location: str) -> str:
+    """A mirror location fit to be written down or shown: a URL loses its user, password, query
+    and fragment (where credentials may sit); a path is returned as is.
+
+    Args:
+        location: A path or URL.
+
+    Returns:
+        The location without credentials.
+    """
+    if "://" not in location:
+        return location
+    parts = urlsplit(location)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def write_mirror_file(root: Path, location: str) -> None:
+    """Record in the local root where its mirror is (``MIRROR_FILE``), so ``asyncckpt ls`` can show
+    where each checkpoint lives. Only the location, never credentials (see :func:`safe_location`).
+    Best effort: a root where it cannot be written works all the same (``ls --mirror`` then).
+
+    Args:
+        root: The local root.
+        location: The mirror's location, already free of credentials.
+    """
+    path = root / MIRROR_FILE
+    temp = root / f"{MIRROR_FILE}.{os.getpid()}.tmp"
+    try:
+        if path.is_symlink():
+            return  # never written through a link
+        temp.write_text(json.dumps({"mirror": location}) + "\n")
+        os.replace(temp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        _warn_from_writer(f"asyncckpt: cannot record the mirror in {path}: {exc}")
+
+
+def read_mirror_file(root: Path) -> str | None:
+    """The mirror location a manager recorded in ``root`` (see :func:`write_mirror_file`).
+
+    Args:
+        root: A local root.
+
+    Returns:
+        The location, or None when none is recorded (or the record cannot be read).
+    """
+    try:
+        with open(root / MIRROR_FILE, "rb") as file:  # a small regular file; refuse anything odd
+            if not os.path.isfile(root / MIRROR_FILE) or os.path.islink(root / MIRROR_FILE):
+                return None
+            value = json.loads(file.read(64 << 10)).get("mirror")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class _Mirror:
+    """The remote tier of one manager: the remote root held open for writing, a queue of steps to
+    copy and the thread copying them (see the module docstring).
+
+    Args:
+        target: The mirror root: a path, a URL or a Backend.
+        local: The local root's backend (the copies are read through it).
+        retention: What the mirror keeps.
+        max_behind: Committed steps allowed not yet in the mirror (>= 1).
+        storage_options: Options for the remote backend (None: none).
+
+    Raises:
+        RootInUseError: Another writer holds the mirror root.
+        CheckpointError: The mirror root cannot be opened (no backend for its scheme, bad
+            credentials, a missing bucket, an endpoint that does not answer).
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike | Backend,
+        local: Backend,
+        retention: RetentionPolicy,
+        max_behind: int,
+        storage_options: dict | None = None,
+    ) -> None:
+        self._local = local
+        self._retention = retention
+        self._max_behind = max_behind
+        self._storage: CommitProtocol = _open_remote(target, storage_options)
+        try:
+            self.location = safe_location(self._storage.backend.location)
+            self._catalog = Catalog.of_writer(self._storage)
+        except BaseException:
+            self._storage.close()
+            raise
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[int] = collections.deque()
+        self._uploading: int | None = None
+        self._resubmitted = False  # the step uploading was committed again meanwhile
+        self._error: CheckpointError | None = None
+        self._skipped = 0
+        self._uploaded = 0
+        self._lagging = False  # an episode of skips is under way (warned once)
+        self._stopping = False
+        self._cancel = False
+        self._thread = threading.Thread(target=self._run, name="asyncckpt-mirror", daemon=True)
+        self._thread.start()
+
+    # ---- the manager's side ---------------------------------------------------------------
+
+    def submit(self, step: int) -> None:
+        """A step was committed locally: copy it (after those waiting, which may be skipped).
+
+        Args:
+            step: The committed step.
+        """
+        with self._cond:
+            if self._stopping:
+                return
+            if step in self._waiting:
+                self._waiting.remove(step)
+            if step == self._uploading:
+                self._resubmitted = True
+            self._waiting.append(step)
+            dropped = []
+            while len(self._waiting) > 1 and self._behind() > self._max_behind:
+                dropped.append(self._waiting.popleft())
+            self._skipped += len(dropped)
+            warn = bool(dropped) and not self._lagging
+            self._lagging = self._lagging or bool(dropped)
+            self._cond.notify_all()
+        if warn:
+            _warn_from_writer(
+                f"asyncckpt: the mirror {self.location} fell {self._max_behind} checkpoints behind the local "
+                f"root (uploads are slower than saves): step{'s' if len(dropped) > 1 else ''} "
+                f"{', '.join(map(str, dropped))} will not be mirrored, the newest is uploaded next. Skips are "
+                "counted in stats.summary()['mirror_skipped']; this warns again only after the mirror caught up"
+            )
+
+    def _behind(self) -> int:
+        return len(self._waiting) + (self._uploading is not None)
+
+    def pinned(self) -> set[int]:
+        """The steps local retention must keep: waiting to be copied, or being copied.
+
+        Returns:
+            The step numbers.
+        """
+        with self._cond:
+            return set(self._waiting) | ({self._uploading} if self._uploading is not None else set())
+
+    def status(self) -> dict[str, int]:
+        """How far behind the mirror is, for the stats line.
+
+        Returns:
+            ``mirror_behind`` (committed steps not yet in the mirror), ``mirror_skipped`` (steps
+            never mirrored because newer ones came), ``mirror_uploaded``.
+        """
+        with self._cond:
+            return {"mirror_behind": self._behind(), "mirror_skipped": self._skipped, "mirror_uploaded": self._uploaded}
+
+    def take_error(self) -> CheckpointError | None:
+        """The failure to raise, once: the first copy or verification that failed since last taken.
+
+        Returns:
+            The error, or None.
+        """
+        with self._cond:
+            error, self._error = self._error, None
+            return error
+
+    def wait(self, timeout: float | None) -> int | None:
+        """Block until every committed step handed over is in the mirror (or failed).
+
+        Args:
+            timeout: The most seconds to wait (None: no limit).
+
+        Returns:
+            None when done, else the step still uploading (or waiting) when the time ran out.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._behind():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return self._uploading if self._uploading is not None else self._waiting[0]
+                self._cond.wait(left)
+            return None
+
+    def close(self, timeout: float | None) -> CheckpointError | None:
+        """Finish the copies (for at most ``timeout`` seconds), stop the thread, release the remote
+        root's lock.
+
+        Args:
+            timeout: The most seconds the copies still to do may take.
+
+        Returns:
+            The error to raise: a copy that failed, or the copy cut short when time ran out.
+        """
+        late = self.wait(timeout)
+        with self._cond:
+            self._stopping = True
+            if late is not None:
+                self._cancel = True
+                self._waiting.clear()
+            self._cond.notify_all()
+        self._thread.join(None if late is None else 5.0)  # a store that hangs: the lease goes anyway
+        self._storage.close()
+        error = self.take_error()
+        if late is not None:
+            where = self._storage.backend.describe(step_dir_name(late))
+            cut = CheckpointError(
+                f"asyncckpt mirror: step {late} was not mirrored to {where} "
+                f"within mirror_timeout={timeout} s at close; the local checkpoint stays"
+            )
+            return error or cut
+        return error
+
+    def newest_step(self) -> int | None:
+        """The mirror's newest committed step, listed now (None when it has none or cannot be listed).
+
+        Returns:
+            The step, or None.
+        """
+        try:
+            steps = self._catalog.steps()
+        except (CheckpointError, OSError):
+            return None
+        return steps[-1] if steps else None
+
+    def steps(self) -> list[int]:
+        """The mirror's committed steps now, oldest first.
+
+        Returns:
+            The steps.
+
+        Raises:
+            CheckpointError: The mirror cannot be listed.
+        """
+        return self._catalog.steps()
+
+    @property
+    def root(self) -> Backend:
+        """The mirror root's backend, for the reader."""
+        return self._storage.backend
+
+    # ---- the thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if not self._waiting:
+                    return
+                step = self._uploading = self._waiting.popleft()
+                self._resubmitted = False
+            error: CheckpointError | None = None
+            try:
+                self._upload(step)
+            except _Cancelled:
+                pass
+            except CheckpointError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - any failure is reported at the next call, never lost
+                error = CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {_reason(exc)}")
+                error.__cause__ = exc
+            with self._cond:
+                if error is None:
+                    self._uploaded += 1
+                elif not self._resubmitted and self._error is None:
+                    self._error = error  # (a step committed again meanwhile is copied again: no error)
+                self._uploading = None
+                if not self._waiting:
+                    self._lagging = False  # caught up: the next skip warns again
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _about(self, step: int, what: str) -> Iterator[None]:
+        """Any failure inside is a CheckpointError naming the step, ``what`` and the cause."""
+        try:
+            yield
+        except (_Cancelled, CheckpointError) as exc:
+            if isinstance(exc, _Cancelled) or "asyncckpt mirror:" in str(exc):
+                raise
+            raise CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {what}: {exc}") from exc
+        except Exception as exc:
+            raise CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {what}: {_reason(exc)}") from exc
+
+    def _upload(self, step: int) -> None:
+        name = step_dir_name(step)
+        local_where = self._local.describe(name)
+        remote = self._storage
+        with self._about(step, f"reading {local_where}"):
+            manifest = read_manifest(CheckpointRef(self._local, name))
+        staging = remote.begin(step)
+        try:
+            renamed = {}
+            for file in sorted({c.file for c in manifest.chunks}):
+                target = staging.object_name(staging.data_name(int(file[5:10])))
+                renamed[file] = target.rsplit("/", 1)[-1]
+                self._copy(step, f"{name}/{file}", target)
+            copy = dataclasses.replace(
+                manifest, chunks=[dataclasses.replace(c, file=renamed[c.file]) for c in manifest.chunks]
+            )
+            sealed = copy.to_json()
+            with self._about(step, remote.backend.describe(staging.prefix)):
+                remote.backend.sync(staging.prefix)
+                remote.stage_manifest(staging, sealed)
+                self._check_cancel()
+                remote.publish(staging, sealed)
+        except BaseException:
+            remote.abort(staging)
+            raise
+        self._verify(step, manifest)
+        self._apply_retention(step, manifest)
+
+    def _check_cancel(self) -> None:
+        if self._cancel:
+            raise _Cancelled
+
+    def _copy(self, step: int, source: str, target: str) -> None:
+        """Stream one data object from the local root into a new remote object, piece by piece."""
+        with self._about(step, self._local.describe(source)):
+            handle = self._local.open_read(source)
+        try:
+            with self._about(step, self._storage.backend.describe(target)):
+                stream = self._storage.backend.open_write(target)
+            try:
+                buffer = memoryview(bytearray(min(_PIECE, max(handle.size, 1))))
+                offset = 0
+                while offset < handle.size:
+                    self._check_cancel()
+                    want = min(len(buffer), handle.size - offset)
+                    with self._about(step, self._local.describe(source)):
+                        got = handle.read_into(buffer[:want], offset)
+                        if got <= 0:
+                            raise CheckpointDamagedError(f"ends at byte {offset}, {handle.size} expected")
+                    with self._about(step, self._storage.backend.describe(target)):
+                        stream.append(bytes(buffer[:got]))  # a copy: a backend may keep it past append
+                    offset += got
+                with self._about(step, self._storage.backend.describe(target)):
+                    stream.finish()
+            except BaseException:
+                stream.abort()
+                raise
+        finally:
+            handle.close()
+
+    def _verify(self, step: int, manifest: Manifest) -> None:
+        """Read every chunk of the remote copy back and check it; a copy that fails is removed."""
+        name = step_dir_name(step)
+        where = self._storage.backend.describe(name)
+        try:
+            with self._about(step, f"verifying {where}"):
+                verify_checkpoint(CheckpointRef(self._storage.backend, name))
+        except CheckpointError:
+            committed = self._catalog.find(step)
+            if committed is not None:
+                try:
+                    self._catalog.delete(committed)
+                except (CheckpointError, OSError):
+                    pass  # unreachable, say: the copy stays, and readers skip it as damaged
+            raise
+        self._catalog.record(CheckpointInfo(step, manifest.metrics, tuple(manifest.tags)))
+
+    def _apply_retention(self, step: int, manifest: Manifest) -> None:
+        """The mirror's own retention, after a verified upload (never the step just uploaded)."""
+        try:
+            entries = self._catalog.entries()
+            committed = {c.step: c for c, _ in entries}
+            for doomed in steps_to_delete([info for _, info in entries], self._retention):
+                if doomed != step:
+                    self._catalog.delete(committed[doomed])
+        except (CheckpointError, OSError) as exc:
+            _warn_from_writer(f"asyncckpt: retention in the mirror {self.location} after step {step} failed: {exc}")
+
+
+def _open_remote(target: str | os.PathLike | Backend, storage_options: dict | None) -> CommitProtocol:
+    """The mirror root opened for writing (locked, swept)."""
+    if storage_options:
+        return open_storage(target, storage_options=storage_options)
+    return open_storage(target)

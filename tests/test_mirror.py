@@ -1,0 +1,321 @@
+"""The local tier mirrored to a second root: each committed checkpoint is uploaded in the
+background, verified there, kept by the mirror's own retention, and restored from when the local
+root has nothing better; failures surface at the next save, wait or close, naming the step, the
+object and the cause.
+
+The mirror here is a local root committed as an object store is (``atomic_rename=False``: the
+manifest written last), wrapped where a test needs its writes to fail or to wait.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import asyncckpt
+from _cli import cli, strict_json
+from _trees import assert_same_tree
+from asyncckpt import CheckpointError, CheckpointManager
+from asyncckpt.engine.mirror import MIRROR_FILE, safe_location
+from asyncckpt.format import step_dir_name
+from asyncckpt.storage.local import DataFileWriter, LocalBackend
+
+
+class _Stream:
+    """A remote data object whose appends fail while the backend is "down", or wait for a gate."""
+
+    def __init__(self, inner: DataFileWriter, backend: RemoteBackend) -> None:
+        self._inner = inner
+        self._backend = backend
+        self.name = inner.name
+        self.size = 0
+
+    def append(self, data):
+        self._backend.entered.set()
+        if self._backend.gate is not None:
+            for _ in range(1200):
+                if self._backend.gate.wait(0.05) or self._backend.release():
+                    break
+            else:
+                raise AssertionError("the test never opened the gate")
+        if self._backend.down:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        offset = self._inner.append(data)
+        self.size = self._inner.size
+        return offset
+
+    def finish(self):
+        self._inner.finish()
+
+    def abort(self):
+        self._inner.abort()
+
+
+class RemoteBackend(LocalBackend):
+    """A local root committed without renames (as on an object store), with a switch that makes
+    its writes fail (the endpoint is down) and a gate its appends wait on (a slow upload)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, atomic_rename=False)
+        self.down = False
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+        self.release = lambda: False  # lets an append held at the gate go on
+
+    def open_write(self, name):
+        if self.down:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        return _Stream(super().open_write(name), self)
+
+    def write_small(self, name, data):
+        if self.down:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        super().write_small(name, data)
+
+
+def state_of(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {
+        "w": torch.randn(64, 33, generator=g),
+        "b": torch.randint(0, 1000, (257,), generator=g),
+        "step": step,
+    }
+
+
+def blank() -> dict:
+    return {"w": torch.zeros(64, 33), "b": torch.zeros(257, dtype=torch.int64), "step": -1}
+
+
+def mirror_steps(remote: Path) -> list[int]:
+    """The steps committed in the mirror: those with a manifest generation (written last)."""
+    return sorted(int(p.name.removeprefix("step-")) for p in remote.glob("step-*") if any(p.glob("manifest-*.json")))
+
+
+def local_steps(root: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in root.glob("step-*"))
+
+
+def manager(local: Path, remote: RemoteBackend | Path, **options) -> CheckpointManager:
+    options.setdefault("compression", "zstd")
+    return CheckpointManager(local, mirror=remote, **options)
+
+
+def test_restore_from_the_mirror_bit_exact_after_the_local_root_is_deleted(tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    with manager(local, RemoteBackend(remote), chunk_size=4096) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state_of(step))
+        mgr.wait(mirror=True)
+    assert mirror_steps(remote) == [1, 2, 3]
+    assert not list(remote.glob("step-*/manifest.json"))  # committed manifest-last, as on a store
+    shutil.rmtree(local)  # the node is gone, and its disk with it
+
+    state = blank()
+    with manager(local, RemoteBackend(remote)) as mgr:
+        with pytest.warns(UserWarning, match=r"restoring step 3 from the mirror .*does not have it"):
+            assert mgr.restore(state) == 3
+    assert_same_tree(state, state_of(3))
+
+
+def test_a_damaged_local_newest_checkpoint_is_restored_from_the_mirror(tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    with manager(local, RemoteBackend(remote), compression=None) as mgr:
+        mgr.save(1, state_of(1))
+        mgr.save(2, state_of(2))
+        mgr.wait(mirror=True)
+    data = local / step_dir_name(2) / "data-00000.bin"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+    state = blank()
+    with manager(local, RemoteBackend(remote)) as mgr:
+        with pytest.warns(UserWarning) as caught:
+            assert mgr.restore(state) == 2  # not the older local step 1
+    assert_same_tree(state, state_of(2))
+    messages = [str(w.message) for w in caught]
+    assert any("step 2 in the local root cannot be read" in m and "checksum" in m for m in messages), messages
+    assert any("restoring step 2 from the mirror" in m and "cannot read it" in m for m in messages), messages
+
+
+def test_a_failing_mirror_is_raised_at_the_next_save_wait_and_close_and_recovers(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    mgr = manager(local, remote)
+    try:
+        mgr.save(1, state_of(1))
+        mgr.wait(mirror=True)
+        remote.down = True  # the endpoint stops answering
+
+        mgr.save(2, state_of(2))
+        with pytest.raises(CheckpointError) as raised:
+            mgr.wait(mirror=True)
+        message = str(raised.value)
+        assert "step 2" in message
+        assert f"{remote_dir}/{step_dir_name(2)}/data-00000-" in message  # the object
+        assert "Connection refused" in message  # the cause
+        assert local_steps(local)[-1] == 2  # the local checkpoint stands
+        mgr.wait(mirror=True)  # raised once
+
+        mgr.save(3, state_of(3))  # training goes on: saves to the local root are unaffected
+        mgr._mirror.wait(None)  # (the upload of step 3 has failed by now)
+        with pytest.raises(CheckpointError, match=r"step 3 was not mirrored.*Connection refused"):
+            mgr.save(4, state_of(4))  # raised by the next save, which is made all the same
+        with pytest.raises(CheckpointError, match=r"step 4 was not mirrored.*Connection refused"):
+            mgr.wait(mirror=True)
+        assert local_steps(local)[-1] == 4
+        assert mirror_steps(remote_dir) == [1]  # nothing partial is visible in the mirror
+
+        remote.down = False  # the endpoint is back: the next commit is mirrored again
+        mgr.save(5, state_of(5))
+        mgr.wait(mirror=True)
+        assert 5 in mirror_steps(remote_dir)
+
+        remote.down = True
+        mgr.save(6, state_of(6))
+    finally:
+        with pytest.raises(CheckpointError, match=r"step 6 was not mirrored.*data-00000-.*Connection refused"):
+            mgr.close()
+    state = blank()
+    with CheckpointManager(remote_dir) as reader:  # what the mirror holds verifies
+        assert reader.restore(state) == 5
+    assert_same_tree(state, state_of(5))
+
+
+def test_the_mirror_falls_behind_by_at_most_max_behind_skipping_the_oldest_waiting(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    remote.gate = threading.Event()  # uploads wait until the test lets them go
+    mgr = manager(local, remote, keep_last=1, mirror_retention={"keep_last": None}, mirror_max_behind=2)
+    try:
+        mgr.save(1, state_of(1)).wait()
+        assert remote.entered.wait(60)  # step 1 is uploading, held at its first write
+        mgr.save(2, state_of(2)).wait()  # waiting: two behind, within the bound
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mgr.save(3, state_of(3)).wait()  # three behind: step 2 is skipped
+            mgr.save(4, state_of(4)).wait()  # step 3 is skipped: the same episode, no new warning
+        lag = [str(w.message) for w in caught if "fell 2 checkpoints behind" in str(w.message)]
+        assert len(lag) == 1, lag
+        assert "step 2 will not be mirrored" in lag[0]
+        summary = mgr.stats.summary()
+        assert summary["mirror_skipped"] == 2 and summary["mirror_behind"] == 2
+        # local retention (keep 1) deleted the skipped steps, never the uploading or waiting one
+        assert local_steps(local) == [1, 4]
+
+        remote.gate.set()
+        mgr.wait(mirror=True)
+        assert mirror_steps(remote_dir) == [1, 4]
+        assert mgr.stats.summary()["mirror_behind"] == 0
+        mgr.save(5, state_of(5))
+        mgr.wait(mirror=True)
+        assert local_steps(local) == [5]  # unpinned once uploaded: retention applies again
+        assert mirror_steps(remote_dir) == [1, 4, 5]
+    finally:
+        remote.gate.set()
+        mgr.close()
+
+
+def test_retention_differs_per_tier(tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    with manager(local, RemoteBackend(remote), keep_last=1, mirror_retention={"keep_last": 3}) as mgr:
+        for step in range(1, 6):
+            mgr.save(step, state_of(step))
+            mgr.wait(mirror=True)
+        assert mgr.steps() == [5]
+    assert local_steps(local) == [5]
+    assert mirror_steps(remote) == [3, 4, 5]
+    assert sorted(p.name for p in remote.iterdir() if p.name.startswith("step-")) == [
+        step_dir_name(s) for s in (3, 4, 5)
+    ]  # deleted whole, data and all
+
+
+def test_ls_shows_where_each_checkpoint_lives(tmp_path, capsys):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    with manager(local, RemoteBackend(remote), keep_last=1, mirror_retention={"keep_last": 3}) as mgr:
+        for step in range(1, 5):
+            mgr.save(step, state_of(step))
+            mgr.wait(mirror=True)
+    assert json.loads((local / MIRROR_FILE).read_text()) == {"mirror": str(remote)}
+
+    code, out, _ = cli(capsys, "ls", local, "--json")
+    assert code == 0
+    assert [(r["step"], r["where"]) for r in strict_json(out)] == [(2, "mirror"), (3, "mirror"), (4, "both")]
+    code, out, _ = cli(capsys, "ls", local)
+    assert code == 0 and f"mirror: {remote}" in out
+    lines = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:]}
+    assert lines == {"2": "mirror", "3": "mirror", "4": "both"}
+
+    shutil.rmtree(local)
+    code, out, _ = cli(capsys, "ls", local, "--mirror", remote, "--json")
+    assert code == 0
+    assert [(r["step"], r["where"]) for r in strict_json(out)] == [(2, "mirror"), (3, "mirror"), (4, "mirror")]
+
+
+def test_a_new_manager_uploads_the_newest_local_checkpoint_the_mirror_lacks(tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    with CheckpointManager(local) as mgr:  # a root that had no mirror yet
+        mgr.save(7, state_of(7))
+    with manager(local, RemoteBackend(remote)) as mgr:
+        mgr.wait(mirror=True)
+    assert mirror_steps(remote) == [7]
+
+
+def test_the_recorded_mirror_location_never_holds_credentials():
+    assert safe_location("s3://AKIA:secret@bucket/prefix?token=x#f") == "s3://bucket/prefix"
+    assert safe_location("https://user:pw@host:9000/b/p") == "https://host:9000/b/p"
+    assert safe_location("/data/mirror") == "/data/mirror"
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"mirror_max_behind": 0}, ValueError),
+        ({"mirror_timeout": 0}, ValueError),
+        ({"mirror_retention": {"keep_lats": 3}}, ValueError),
+        ({"mirror_retention": 3}, TypeError),
+    ],
+)
+def test_mirror_options_are_checked(tmp_path, options, error):
+    with pytest.raises(error):
+        CheckpointManager(tmp_path / "local", mirror=tmp_path / "remote", **options)
+    with CheckpointManager(tmp_path / "local"):  # nothing was left locked
+        pass
+
+
+def test_load_with_mirror_reads_what_the_local_root_lacks(tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    with manager(local, RemoteBackend(remote), keep_last=1, mirror_retention={"keep_last": 3}) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state_of(step))
+            mgr.wait(mirror=True)
+    with pytest.warns(UserWarning, match="restoring step 2 from the mirror"):
+        assert_same_tree(asyncckpt.load(local, step=2, mirror=remote), state_of(2))
+    assert_same_tree(asyncckpt.load(local, mirror=remote), state_of(3))  # the local newest: no warning
+    shutil.rmtree(local)
+    with pytest.warns(UserWarning, match="restoring step 3 from the mirror"):
+        assert_same_tree(asyncckpt.load(local, mirror=remote), state_of(3))
+    with pytest.raises(asyncckpt.CheckpointNotFoundError):
+        asyncckpt.load(local)  # without mirror=, local only
+
+
+def test_close_waits_for_uploads_at_most_mirror_timeout(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    remote.gate = threading.Event()  # never opened: the upload outlasts the timeout
+    mgr = manager(local, remote, mirror_timeout=0.2)
+    remote.release = lambda: mgr._mirror._cancel  # the held write returns once the mirror gives up
+    mgr.save(1, state_of(1))
+    with pytest.raises(CheckpointError, match=r"step 1 was not mirrored to .*within mirror_timeout=0.2 s"):
+        mgr.close()
+    assert local_steps(local) == [1]
+    assert mirror_steps(remote_dir) == []  # the upload cut short left nothing visible
+    with CheckpointManager(remote_dir):  # its lock was released
+        pass
