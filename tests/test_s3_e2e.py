@@ -179,7 +179,9 @@ def test_server_stopped_during_a_save_fails_it_by_name_and_the_next_save_after_r
     server = _s3server.start(tmp_path / "s3")
     try:
         url = fresh_s3_url()
-        options = {**server.storage_options, "timeout": 2, "connect_timeout": 1, "retries": 1}
+        # short enough for the hang guard below; a refused connection fails at once anyway, and a loaded
+        # machine may take seconds to answer a PUT after the restart
+        options = {**server.storage_options, "timeout": 10, "connect_timeout": 2, "retries": 1}
         setup = make_training(0, 12)
         entered, go = threading.Event(), threading.Event()
         armed = threading.Event()
@@ -193,7 +195,7 @@ def test_server_stopped_during_a_save_fails_it_by_name_and_the_next_save_after_r
             real(phase)
 
         monkeypatch.setattr(_phases, "pause", pause)
-        mgr = CheckpointManager(ObjectStoreBackend(url, options), keep_last=None)
+        mgr = CheckpointManager(url, keep_last=None, storage_options=options)
         try:
             first = advance(setup, 1)
             mgr.save(1, setup.state).wait()

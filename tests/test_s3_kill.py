@@ -28,7 +28,7 @@ from _s3bucket import named_by_newest_manifest, objects
 from asyncckpt import CheckpointManager, RootInUseError
 from asyncckpt.format import step_dir_name
 from asyncckpt.storage.catalog import Catalog
-from asyncckpt.storage.objectstore import LEASE_NAME, ObjectStoreBackend
+from asyncckpt.storage.objectstore import LEASE_NAME
 from conftest import fresh_s3_url
 
 NUMEL = 2 << 20  # float32: 8 MiB a checkpoint, in 1 MiB chunks, so a 5 MiB part is sent mid-save
@@ -40,7 +40,6 @@ from collections import Counter
 import torch
 import asyncckpt
 from asyncckpt import _phases
-from asyncckpt.storage.objectstore import ObjectStoreBackend
 
 url, phase, nth, mark = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 numel, lease = int(sys.argv[5]), float(sys.argv[6])
@@ -48,8 +47,8 @@ numel, lease = int(sys.argv[5]), float(sys.argv[6])
 def content(seed):
     return torch.randn(numel, generator=torch.Generator().manual_seed(seed))
 
-backend = ObjectStoreBackend(url, {"lease_seconds": lease, "part_size": 5 << 20})
-mgr = asyncckpt.CheckpointManager(backend, keep_last=2, compression="zstd", chunk_size=1 << 20)
+options = {"lease_seconds": lease, "part_size": 5 << 20}
+mgr = asyncckpt.CheckpointManager(url, keep_last=2, compression="zstd", chunk_size=1 << 20, storage_options=options)
 for step in (1, 2):
     mgr.save(step, {"x": content(step), "step": step}).wait()
 
@@ -107,7 +106,7 @@ def open_after_the_lease(url: str) -> CheckpointManager:
     deadline = time.monotonic() + 20 * LEASE_SECONDS
     while True:
         try:
-            return CheckpointManager(ObjectStoreBackend(url, {"lease_seconds": LEASE_SECONDS}), keep_last=2)
+            return CheckpointManager(url, keep_last=2, storage_options={"lease_seconds": LEASE_SECONDS})
         except RootInUseError:
             if time.monotonic() > deadline:
                 raise
