@@ -383,3 +383,40 @@ def test_a_manager_saves_to_an_s3_root_and_load_reads_it_bit_exact(s3_env, s3_se
     assert loaded["step"] == 3 and torch.equal(loaded["w"], state["w"])
     loaded = asyncckpt.load(url, 3, storage_options=s3_server.storage_options)
     assert torch.equal(loaded["w"], state["w"])
+
+
+def test_a_dead_writer_with_a_short_lease_is_taken_over_by_its_own_margin(s3_server):
+    """The takeover margin is the holder's (a quarter of the ttl it recorded): a writer with the
+    default 60 s lease does not wait 15 s past the expiry of a dead 2 s lease."""
+    url = fresh_s3_url()
+    dead = {"host": "gone-host", "pid": 4242, "token": "0" * 16, "expires": time.time() - 1.0, "ttl": 2}
+    raw = ObjectStoreBackend(url, s3_server.storage_options)
+    raw.write_small(LEASE_NAME, json.dumps(dead).encode())
+    writer = _s3(s3_server, url)  # default lease_seconds=60: its own margin would be 15 s
+    writer.lock()  # expired 1 s ago, past the holder's 0.5 s margin
+    assert json.loads(writer.read_small(LEASE_NAME, 1000))["pid"] == os.getpid()
+    writer.close()
+
+
+def test_a_live_lease_within_the_holders_margin_is_still_refused(s3_server):
+    url = fresh_s3_url()
+    dead = {"host": "gone-host", "pid": 4242, "token": "0" * 16, "expires": time.time() - 1.0, "ttl": 60}
+    raw = ObjectStoreBackend(url, s3_server.storage_options)
+    raw.write_small(LEASE_NAME, json.dumps(dead).encode())
+    with pytest.raises(RootInUseError, match="gone-host"):
+        _s3(s3_server, url, lease_seconds=2).lock()  # the holder's margin is 15 s, not the taker's 0.5 s
+
+
+def test_a_duration_in_a_network_error_is_not_read_as_a_denied_status():
+    """obstore's messages carry durations ("in 100.724013ms"): a bare 401 or 403 in them is no
+    HTTP status, and an unreachable store must not be reported as wrong credentials."""
+    backend = ObjectStoreBackend(
+        "s3://bucket/prefix", {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}
+    )
+    cause = RuntimeError("Generic S3 error: Error after 3 retries in 100.724013ms, source: error sending request")
+    with pytest.raises(CheckpointError, match="cannot be reached") as info:
+        backend._fail(cause, "step-000000000001/data.bin", "read")
+    assert "access denied" not in str(info.value)
+    denied = RuntimeError("Server returned non-2xx status code: 403 Forbidden")
+    with pytest.raises(CheckpointError, match="access denied"):
+        backend._fail(denied, "x", "read")

@@ -598,8 +598,11 @@ def _cause(exc: BaseException) -> str:
     return text[:500] or type(exc).__name__
 
 
+# A status code only where the message gives it as one: a bare "401" also appears in durations
+# ("in 100.724013ms"), which made an unreachable endpoint read as denied access.
 _DENIED = re.compile(
-    r"403|401|AccessDenied|SignatureDoesNotMatch|InvalidAccessKeyId|InvalidToken|ExpiredToken|Forbidden|Unauthorized"
+    r"status(?: code)?:? 40[13]\b|\b40[13] (?:Forbidden|Unauthorized)\b|AccessDenied|SignatureDoesNotMatch"
+    r"|InvalidAccessKeyId|InvalidToken|ExpiredToken|Forbidden|Unauthorized"
 )
 _UNREACHABLE = re.compile(r"error sending request|tcp connect|Connection refused|dns error|timed out|Timeout", re.I)
 
@@ -994,7 +997,7 @@ class _ObjectWriteStream:
         if writer is None:
             return
         try:
-            self._backend._call(self.name, "complete the upload of", writer.close)
+            self._backend._call(self.name, "complete the upload", writer.close)
         except BaseException:
             with contextlib.suppress(Exception):
                 writer.abort()
@@ -1118,7 +1121,15 @@ class _Lease:
             expires_at = float(holder["expires"])
         except (ValueError, KeyError, TypeError):
             holder, expires_at = {}, 0.0  # not a lease we can read: treat it as expired
-        if time.time() < expires_at + self.margin:
+        # The margin is the holder's (a quarter of the lifetime it recorded), not this writer's:
+        # a dead writer with a short lease does not hold the root for a quarter of ours.
+        try:
+            margin = float(holder.get("ttl", 4 * self.margin)) / 4
+        except (TypeError, ValueError):
+            margin = self.margin
+        if not 0 <= margin <= self.margin * 64:
+            margin = self.margin
+        if time.time() < expires_at + margin:
             self._refuse(holder, expires_at)
         body, expires = self._body()
         self._last_body = (body, expires)
