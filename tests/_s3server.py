@@ -138,8 +138,9 @@ class S3Server:
         return True
 
     def _bucket_ready(self, bucket: str) -> bool:
-        """Whether a signed listing of the bucket succeeds: an anonymous request is answered 403
-        whether or not the bucket exists yet, and weed mini creates it a moment after S3 answers."""
+        """Whether a signed listing of the bucket and a put into it succeed: an anonymous request is
+        answered 403 whether or not the bucket exists yet, and weed mini creates it a moment after
+        S3 answers."""
         import obstore
         from obstore.store import S3Store
 
@@ -154,6 +155,10 @@ class S3Server:
         )
         try:
             obstore.list_with_delimiter(store, None)
+            # after a restart it lists a while before it takes writes: ready means a put works
+            probe = f".ready-probe-{os.getpid()}"
+            obstore.put(store, probe, b"x")
+            obstore.delete(store, probe)
         except Exception:  # noqa: BLE001 (NoSuchBucket, or not answering yet)
             return False
         return True
