@@ -164,8 +164,8 @@ def test_a_failing_mirror_is_raised_at_the_next_save_wait_and_close_and_recovers
         assert local_steps(local)[-1] == 2  # the local checkpoint stands
         mgr.wait(mirror=True)  # raised once
 
-        mgr.save(3, state_of(3))  # training goes on: saves to the local root are unaffected
-        mgr._mirror.wait(None)  # (the upload of step 3 has failed by now)
+        mgr.save(3, state_of(3)).wait()  # training goes on: saves to the local root are unaffected
+        mgr._mirror.wait(None)  # (step 3 was handed over at its commit: its upload has failed by now)
         with pytest.raises(CheckpointError, match=r"step 3 was not mirrored.*Connection refused"):
             mgr.save(4, state_of(4))  # raised by the next save, which is made all the same
         with pytest.raises(CheckpointError, match=r"step 4 was not mirrored.*Connection refused"):
