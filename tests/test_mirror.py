@@ -319,3 +319,34 @@ def test_close_waits_for_uploads_at_most_mirror_timeout(tmp_path):
     assert mirror_steps(remote_dir) == []  # the upload cut short left nothing visible
     with CheckpointManager(remote_dir):  # its lock was released
         pass
+
+
+def test_the_local_root_stays_locked_while_close_waits_for_the_mirror(tmp_path):
+    # The upload still reads the local checkpoint: another writer (a restarted run, prune) must not
+    # get the local root, and delete that checkpoint under it, before the mirror is done.
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    remote.gate = threading.Event()
+    mgr = manager(local, remote)
+    mirror_waiting = threading.Event()
+    wait = mgr._mirror.wait
+
+    def waiting(timeout):
+        mirror_waiting.set()
+        return wait(timeout)
+
+    mgr._mirror.wait = waiting  # (tells the test when close has reached the mirror)
+    mgr.save(1, state_of(1)).wait()
+    assert remote.entered.wait(60)  # step 1 is uploading, held at its first write
+    closing = threading.Thread(target=mgr.close)
+    closing.start()
+    try:
+        assert mirror_waiting.wait(60)
+        with pytest.raises(asyncckpt.RootInUseError):
+            CheckpointManager(local)
+    finally:
+        remote.gate.set()
+        closing.join(60)
+    assert mirror_steps(remote_dir) == [1]
+    with CheckpointManager(local):  # released once the mirror is closed
+        pass
