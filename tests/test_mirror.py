@@ -272,6 +272,10 @@ def test_the_recorded_mirror_location_never_holds_credentials():
     assert safe_location("s3://AKIA:secret@bucket/prefix?token=x#f") == "s3://bucket/prefix"
     assert safe_location("https://user:pw@host:9000/b/p") == "https://host:9000/b/p"
     assert safe_location("/data/mirror") == "/data/mirror"
+    # what is not a credential is kept as written: the recorded location must name the same root
+    assert safe_location("memory://Bucket/Run-1") == "memory://Bucket/Run-1"
+    assert safe_location("https://key:pw@[::1]:9000/b") == "https://[::1]:9000/b"
+    assert safe_location("s3://bucket/a@b/prefix") == "s3://bucket/a@b/prefix"
 
 
 @pytest.mark.parametrize(

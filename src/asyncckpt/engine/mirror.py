@@ -76,9 +76,7 @@ def safe_location(location: str) -> str:
     if "://" not in location:
         return location
     parts = urlsplit(location)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: a bucket's case, an IPv6 host's brackets
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
