@@ -354,3 +354,30 @@ def test_the_local_root_stays_locked_while_close_waits_for_the_mirror(tmp_path):
     assert mirror_steps(remote_dir) == [1]
     with CheckpointManager(local):  # released once the mirror is closed
         pass
+
+
+def test_uploads_failing_before_the_next_call_are_all_told(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    mgr = manager(local, remote, mirror_max_behind=3)
+    try:
+        mgr.save(1, state_of(1))
+        mgr.wait(mirror=True)
+        remote.gate = threading.Event()
+        remote.entered.clear()
+        mgr.save(2, state_of(2)).wait()
+        assert remote.entered.wait(60)  # step 2 is uploading, held at its first write
+        mgr.save(3, state_of(3)).wait()  # waiting behind it
+        remote.down = True
+        remote.gate.set()  # both uploads fail before the loop calls the manager again
+        mgr._mirror.wait(None)
+        with pytest.raises(CheckpointError) as raised:
+            mgr.wait(mirror=True)
+        message = str(raised.value)
+        assert "step 2 was not mirrored" in message and f"{step_dir_name(2)}/data-00000-" in message
+        assert "step 3 was not mirrored" in message and f"{step_dir_name(3)}/data-00000-" in message
+        mgr.wait(mirror=True)  # told once
+    finally:
+        remote.gate.set()
+        remote.down = False
+        mgr.close()
