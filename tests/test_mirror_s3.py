@@ -303,7 +303,7 @@ def test_the_server_stopped_during_an_upload_is_raised_and_the_next_save_mirrors
             mgr.save(3, state_of(3))  # raised by the next save, which is made all the same
         message = str(raised.value)
         assert "step 2 was not mirrored" in message
-        assert f"{url}/{step_dir_name(2)}/data-00000-" in message  # the object
+        assert message.count(f"{url}/{step_dir_name(2)}/data-00000-") == 1, message  # the object, named once
         assert "cannot be reached" in message  # the cause
         with pytest.raises(CheckpointError, match=rf"step 3 was not mirrored: {url}/{step_dir_name(3)}/data-"):
             mgr.wait(mirror=True)  # the endpoint is still down: the next upload fails too, and says so
@@ -316,9 +316,12 @@ def test_the_server_stopped_during_an_upload_is_raised_and_the_next_save_mirrors
             mgr.wait(mirror=True)  # (step 4 failed or went through, depending on the restart's timing)
         mgr.save(5, state_of(5))
         mgr.wait(mirror=True)
-    finally:
+    except BaseException:
         remote.gate.set()
-        mgr.close()
+        with contextlib.suppress(CheckpointError):
+            mgr.close()  # (what failed above is what the test reports)
+        raise
+    mgr.close()
     keys = bucket_keys(server, url)
     assert 5 in committed_steps(keys) and 1 in committed_steps(keys)
     assert not {2, 3} & set(committed_steps(keys))  # nothing of the failed uploads is visible

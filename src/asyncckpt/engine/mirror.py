@@ -131,6 +131,11 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _named(what: str, cause: str) -> str:
+    """``what: cause``, unless the cause begins with ``what`` already."""
+    return cause if cause.startswith(f"{what}:") else f"{what}: {cause}"
+
+
 class _Mirror:
     """The remote tier of one manager: the remote root held open for writing, a queue of steps to
     copy and the thread copying them (see the module docstring).
@@ -368,15 +373,18 @@ class _Mirror:
 
     @contextlib.contextmanager
     def _about(self, step: int, what: str) -> Iterator[None]:
-        """Any failure inside is a CheckpointError naming the step, ``what`` and the cause."""
+        """Any failure inside is a CheckpointError naming the step, ``what`` and the cause (``what``
+        once: a backend's error names its object already)."""
         try:
             yield
         except (_Cancelled, CheckpointError) as exc:
             if isinstance(exc, _Cancelled) or "asyncckpt mirror:" in str(exc):
                 raise
-            raise CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {what}: {exc}") from exc
+            raise CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {_named(what, str(exc))}") from exc
         except Exception as exc:
-            raise CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {what}: {_reason(exc)}") from exc
+            raise CheckpointError(
+                f"asyncckpt mirror: step {step} was not mirrored: {_named(what, _reason(exc))}"
+            ) from exc
 
     def _upload(self, step: int) -> None:
         name = step_dir_name(step)
