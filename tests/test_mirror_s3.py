@@ -215,7 +215,8 @@ def test_a_second_manager_on_the_same_mirror_is_refused_by_its_lease(tmp_path, s
         with CheckpointManager(tmp_path / "b"):  # the refused manager left its local root unlocked
             pass
     with CheckpointManager(tmp_path / "b", mirror=url, mirror_options=options) as second:  # released at close
-        assert second.restore(blank()) == 1
+        with pytest.warns(UserWarning, match="restoring step 1 from the mirror"):
+            assert second.restore(blank()) == 1
 
 
 # ---- on a server of this module's own, stopped and started ------------------------------------------
