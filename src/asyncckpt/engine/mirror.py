@@ -424,7 +424,7 @@ class _Mirror:
             handle = self._local.open_read(source)
         try:
             with self._about(step, self._storage.backend.describe(target)):
-                stream = self._storage.backend.open_write(target)
+                stream = self._storage.backend.open_write(target, size_hint=handle.size)
             try:
                 buffer = memoryview(bytearray(min(_PIECE, max(handle.size, 1))))
                 offset = 0
