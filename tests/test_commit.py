@@ -19,12 +19,14 @@ import asyncckpt
 from _kill import kill_when
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, parse_manifest
+from asyncckpt.storage.backend import Entry
 from asyncckpt.storage.commit import (
     CommitProtocol,
     ManifestLastCommit,
     RenameCommit,
     choose_protocol,
     open_storage,
+    published_checkpoints,
 )
 from asyncckpt.storage.local import LocalBackend, list_checkpoints
 
@@ -333,3 +335,25 @@ def test_a_kill_in_any_phase_shows_no_partial_step_and_keeps_older_ones(tmp_path
         assert not [n for n in os.listdir(root) if n.startswith((".tmp-", ".replaced-"))]
         mgr.save(9, _content(9)).wait()  # the root is usable
     assert parse_manifest((root / "step-000000000009" / names(root / "step-000000000009")[-1]).read_bytes()).step == 9
+
+
+def test_a_listing_that_saw_a_step_vanish_lists_again_and_finds_its_successor(tmp_path):
+    """A live writer commits step N+1, then deletes step N. A reader whose snapshot of the root
+    named only N, which was gone by the time it was checked, must not report an empty root: it
+    lists again and finds N+1 (a verify on a live root said "no checkpoints")."""
+    with asyncckpt.CheckpointManager(tmp_path / "root", keep_last=1) as mgr:
+        mgr.save(6, {"x": torch.ones(2)}).wait()
+
+    class StaleFirstListing(LocalBackend):
+        calls = 0
+
+        def list(self, prefix: str = ""):
+            if prefix == "":
+                self.calls += 1
+                if self.calls == 1:  # the snapshot taken before 6 was committed and 5 deleted
+                    return [Entry("step-000000000005", True)]
+            return super().list(prefix)
+
+    backend = StaleFirstListing(tmp_path / "root")
+    assert [c.step for c in published_checkpoints(backend)] == [6]
+    assert backend.calls == 2

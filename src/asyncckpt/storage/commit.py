@@ -239,12 +239,28 @@ def published_checkpoints(backend: Backend) -> list[CommittedCheckpoint]:
     Raises:
         CheckpointError: The root cannot be listed.
     """
-    out = []
-    for entry in backend.list(""):
-        step = parse_step_dir(entry.name)
-        if step is not None and entry.is_dir and is_published(backend, entry.name):
-            out.append(CommittedCheckpoint(step, CheckpointRef(backend, entry.name)))
+    # A listing is a snapshot: a live writer commits step N+1 and then deletes step N, so a step
+    # that vanished while the listing was checked may have a successor the snapshot missed. Then
+    # the root is listed again, until no listed step vanishes (an emptied prefix that a store
+    # keeps listing vanishes the same way each time: that is no reason to list again).
+    vanished_before: set[str] | None = None
+    for _ in range(_RELISTS):
+        out, vanished = [], set()
+        for entry in backend.list(""):
+            step = parse_step_dir(entry.name)
+            if step is None or not entry.is_dir:
+                continue
+            if is_published(backend, entry.name):
+                out.append(CommittedCheckpoint(step, CheckpointRef(backend, entry.name)))
+            elif backend.identity(entry.name) is None:
+                vanished.add(entry.name)
+        if not vanished or (vanished_before is not None and vanished <= vanished_before):
+            break
+        vanished_before = vanished
     return sorted(out, key=lambda c: c.step)
+
+
+_RELISTS = 8
 
 
 def _versions(backend: Backend, step_name: str) -> list[str]:
