@@ -31,8 +31,10 @@ from _overlap_state import plain
 from _s3bucket import get_object, objects, put_object, stored_steps
 from _trees import assert_same_tree, same_tree
 from asyncckpt import CheckpointError, CheckpointManager, RootInUseError
+from asyncckpt.engine.reader import read_manifest
 from asyncckpt.format import step_dir_name
 from asyncckpt.storage.catalog import Catalog
+from asyncckpt.storage.commit import published_checkpoints
 from asyncckpt.storage.objectstore import LEASE_NAME, ObjectStoreBackend
 from conftest import fresh_s3_url
 
@@ -116,6 +118,7 @@ class CountingBackend(ObjectStoreBackend):
     def __init__(self, url: str, options: dict) -> None:
         super().__init__(url, options)
         self.fetched: Counter[str] = Counter()
+        self.requests = 0
         self._count_lock = threading.Lock()
 
     def open_read(self, name):
@@ -126,6 +129,7 @@ class CountingBackend(ObjectStoreBackend):
             n = read_into(buffer, offset)
             with self._count_lock:
                 self.fetched[name] += n
+                self.requests += 1
             return n
 
         handle.read_into = counted  # type: ignore[method-assign]
@@ -152,6 +156,18 @@ def test_load_weights_fetches_only_the_ranges_of_the_model(s3_server, url):
     everything = CountingBackend(url, {})
     assert_same_tree(state["moments"], asyncckpt.load(everything)["moments"])
     assert sum(everything.fetched.values()) == stored  # the counter sees every byte a full load reads
+
+
+def test_a_restore_fetches_each_chunk_with_one_ranged_request(url):
+    """Each request to an object store costs a round trip: a chunk is fetched whole (one ranged
+    GET), not in the decoder's 1 MiB pieces."""
+    state = {"w": torch.randn(3 << 20)}  # 12 MiB: three 4 MiB chunks
+    with CheckpointManager(url, compression=None) as mgr:
+        mgr.save(1, state).wait()
+    backend = CountingBackend(url, {})
+    assert torch.equal(asyncckpt.load(backend)["w"], state["w"])
+    manifest = read_manifest(published_checkpoints(backend)[0].ref)
+    assert backend.requests == len(manifest.chunks) == 3
 
 
 def wait_writable(server: _s3server.S3Server) -> None:

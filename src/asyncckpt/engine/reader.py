@@ -333,7 +333,7 @@ def _read_checkpoint(
             start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
             _decode_chunk(path, manifest, files, index, scatter.target(start, end), scatter.emitter(start, end))
 
-        _for_each_chunk(load_chunk, wanted_chunks, workers)
+        _for_each_chunk(load_chunk, wanted_chunks, _readers(path, workers))
     finally:
         for handle in files.values():
             handle.close()
@@ -390,13 +390,24 @@ def _open_data_files(path: Where, manifest: Manifest, files: dict[str, ReadHandl
             )
 
 
-# A store that offers no memory map is remote: each read is a request with a round trip, so a
-# chunk's stored bytes are fetched in windows this large (one ranged GET per window, and a default
-# chunk in one), not in the decoder's 1 MiB pieces.
+# On a remote store each read is a request with a round trip, so a chunk's stored bytes are
+# fetched in windows this large (one ranged GET per window, and a default chunk in one), not in
+# the decoder's 1 MiB pieces; and at least this many chunks are in flight, whatever the core count.
 _REMOTE_WINDOW = 16 << 20
+_REMOTE_READERS = 16
 
 
-def _chunk_source(handle: ReadHandle, offset: int, length: int, what: str) -> codec.ChunkSource:
+def _remote(path: Where) -> bool:
+    """Whether the checkpoint is on a remote store (a local path never is)."""
+    return isinstance(path, CheckpointRef) and path.backend.capabilities.remote
+
+
+def _readers(path: Where, workers: int) -> int:
+    """Threads reading chunks: ``workers``, or more for a remote store (they wait on the network)."""
+    return max(workers, _REMOTE_READERS) if _remote(path) else workers
+
+
+def _chunk_source(handle: ReadHandle, offset: int, length: int, what: str, remote: bool) -> codec.ChunkSource:
     """The stored bytes of a chunk, read from its data object by byte ranges."""
 
     def read(out: memoryview, pos: int) -> int:
@@ -405,7 +416,7 @@ def _chunk_source(handle: ReadHandle, offset: int, length: int, what: str) -> co
         except OSError as exc:
             raise CheckpointDamagedError(f"cannot read {what}: {exc.strerror or exc}") from exc
 
-    if handle.fileno() is not None:
+    if not remote:
         return codec.ChunkSource(length, read, what)
     window = bytearray(min(length, _REMOTE_WINDOW))
     held = [0, 0]  # the chunk range [start, end) the window holds
@@ -440,7 +451,7 @@ def _decode_chunk(
     """Read chunk ``index`` in pieces, check its CRC32 and codec chain, decode it into ``direct``
     (one tensor holds the whole chunk) or through ``emit`` (neither: verify only)."""
     chunk = manifest.chunks[index]
-    source = _chunk_source(files[chunk.file], chunk.offset, chunk.length, f"chunk {index}")
+    source = _chunk_source(files[chunk.file], chunk.offset, chunk.length, f"chunk {index}", _remote(path))
     try:
         codec.decode_chunk(source, chunk.codecs, chunk.crc32, chunk.raw_length, direct, emit)
     except CheckpointDamagedError as exc:
@@ -487,7 +498,7 @@ def _verify_checkpoint(
             return manifest.chunks[index].length
 
         # results come back in chunk order, on this thread: progress needs no lock
-        _for_each_chunk(check, range(len(manifest.chunks)), workers, progress)
+        _for_each_chunk(check, range(len(manifest.chunks)), _readers(path, workers), progress)
     finally:
         for handle in files.values():
             handle.close()

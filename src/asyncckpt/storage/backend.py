@@ -76,12 +76,16 @@ class Capabilities:
             without it durability is whatever the store gives on a completed write.
         mmap: A data object can be memory-mapped (``ReadHandle.fileno`` returns a descriptor).
         lock: The backend can hold an exclusive writer lock on the root (``lock``).
+        remote: Each request crosses a network (an object store): readers fetch a chunk with one
+            ranged request rather than in pieces, and keep more requests in flight than there
+            are cores, since they wait on the network, not the CPU.
     """
 
     atomic_rename: bool
     fsync: bool
     mmap: bool
     lock: bool
+    remote: bool = False
 
 
 @dataclass(frozen=True)

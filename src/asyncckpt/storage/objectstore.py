@@ -658,7 +658,7 @@ class ObjectStoreBackend:
             raise CheckpointError(f"{url}: obstore does not serve {scheme}:// roots here; leave client unset")
         else:
             self._client = _make_fsspec(scheme, self._url, options, timeouts, part)
-        self.capabilities = Capabilities(atomic_rename=False, fsync=False, mmap=False, lock=True)
+        self.capabilities = Capabilities(atomic_rename=False, fsync=False, mmap=False, lock=True, remote=True)
         self._lease: _Lease | None = None
         self._released = False  # it held the lease and closed: check_lock refuses from then on
 
