@@ -348,6 +348,17 @@ def test_bad_options_are_refused():
         open_backend("/tmp/somewhere", storage_options={"key": "k"})
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("part_size", "8MiB"), ("part_size", None), ("upload_concurrency", "eight"), ("retries", "3x")],
+)
+def test_a_count_option_that_is_no_number_is_refused_naming_it(option, value):
+    # a user writes part_size="8MiB" as s3fs's block sizes are sometimes written: a CheckpointError
+    # naming the option, not a bare ValueError from int()
+    with pytest.raises(CheckpointError, match=f"storage option {option}={value!r} is not a whole number"):
+        ObjectStoreBackend("s3://b/p", {option: value})
+
+
 def test_open_backend_dispatches_urls(s3_server):
     backend = open_backend("memory://ckpt/x")
     assert isinstance(backend, ObjectStoreBackend) and backend.location == "memory://ckpt/x"
