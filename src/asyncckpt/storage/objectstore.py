@@ -509,7 +509,7 @@ def _make_obstore(
         from obstore import store as obs_store
     except ImportError:
         raise CheckpointError(
-            f"{url}: the {scheme}:// backend needs the obstore package: pip install asyncckpt[s3]"
+            f'{url}: the {scheme}:// backend needs the obstore package: pip install "asyncckpt[s3]"'
         ) from None
     timeout, connect_timeout, retries = timeouts
     client_options: dict[str, Any] = {
@@ -559,7 +559,7 @@ def _make_fsspec(
         import fsspec
     except ImportError:
         raise CheckpointError(
-            f"no storage backend for scheme {scheme!r} (root {url}): pip install asyncckpt[fsspec] "
+            f'no storage backend for scheme {scheme!r} (root {url}): pip install "asyncckpt[fsspec]" '
             "(and the fsspec package for that scheme)"
         ) from None
     try:
