@@ -28,16 +28,8 @@ PIECE = 8 << 20
 
 def _obstore_ops(server: _s3server.S3Server, bucket: str):
     import obstore
-    from obstore.store import S3Store
 
-    store = S3Store(
-        bucket,
-        endpoint=server.endpoint,
-        access_key_id=_s3server.ACCESS_KEY,
-        secret_access_key=_s3server.SECRET_KEY,
-        region=_s3server.REGION,
-        client_options={"allow_http": True},
-    )
+    store = server.store(bucket)
 
     def put(name: str, data: bytes) -> None:
         obstore.put(store, name, data)

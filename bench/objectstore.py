@@ -111,17 +111,9 @@ class Bucket:
 
     def __init__(self, server: _s3server.S3Server) -> None:
         import obstore
-        from obstore.store import S3Store
 
         self.obstore = obstore
-        self.store = S3Store(
-            BUCKET,
-            endpoint=server.endpoint,
-            access_key_id=_s3server.ACCESS_KEY,
-            secret_access_key=_s3server.SECRET_KEY,
-            region=_s3server.REGION,
-            client_options={"allow_http": True},
-        )
+        self.store = server.store(BUCKET)
         deadline = time.monotonic() + 30
         while True:  # weed mini may answer before the bucket it was asked to create exists
             try:

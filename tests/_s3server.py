@@ -137,22 +137,28 @@ class S3Server:
             return False
         return True
 
-    def _bucket_ready(self, bucket: str) -> bool:
-        """Whether a signed listing of the bucket and a put into it succeed: an anonymous request is
-        answered 403 whether or not the bucket exists yet, and weed mini creates it a moment after
-        S3 answers."""
-        import obstore
+    def store(self, bucket: str, timeout: str = "30s", connect_timeout: str = "5s", retries: int = 3):
+        """An obstore S3Store of ``bucket`` on this server (for tests and benchmarks that look at
+        the bucket without asyncckpt)."""
         from obstore.store import S3Store
 
-        store = S3Store(
+        return S3Store(
             bucket,
             endpoint=self.endpoint,
             access_key_id=ACCESS_KEY,
             secret_access_key=SECRET_KEY,
             region=REGION,
-            client_options={"allow_http": True, "timeout": "2s", "connect_timeout": "1s"},
-            retry_config={"max_retries": 0},
+            client_options={"allow_http": True, "timeout": timeout, "connect_timeout": connect_timeout},
+            retry_config={"max_retries": retries},
         )
+
+    def _bucket_ready(self, bucket: str) -> bool:
+        """Whether a signed listing of the bucket and a put into it succeed: an anonymous request is
+        answered 403 whether or not the bucket exists yet, and weed mini creates it a moment after
+        S3 answers."""
+        import obstore
+
+        store = self.store(bucket, timeout="2s", connect_timeout="1s", retries=0)
         try:
             obstore.list_with_delimiter(store, None)
             # after a restart it lists a while before it takes writes: ready means a put works

@@ -8,11 +8,7 @@ the sealed manifest, written last, is the commit record.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import pytest
 import torch
 
 import asyncckpt
+from _kill import kill_when
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, parse_manifest
 from asyncckpt.storage.commit import (
@@ -289,24 +286,11 @@ def _content(step: int, version: int = 0) -> dict:
 
 def _kill_in(tmp_path: Path, rename: bool, phase: str) -> Path:
     root, mark = tmp_path / "root", tmp_path / "mark"
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(root), "1" if rename else "0", phase, str(mark)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    kill_when(
+        [_CHILD, str(root), "1" if rename else "0", phase, str(mark)],
+        lambda: mark.exists() and phase in mark.read_text().split(),
+        phase,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not (mark.exists() and phase in mark.read_text().split()):
-            if child.poll() is not None:
-                pytest.fail(f"the saver exited ({child.returncode}) before {phase}: {child.stdout.read().decode()}")
-            assert time.monotonic() < deadline, f"the saver never reached {phase}"
-            time.sleep(0.01)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
-        child.stdout.close()
     return root
 
 

@@ -164,8 +164,8 @@ def test_a_failing_mirror_is_raised_at_the_next_save_wait_and_close_and_recovers
         assert local_steps(local)[-1] == 2  # the local checkpoint stands
         mgr.wait(mirror=True)  # raised once
 
-        mgr.save(3, state_of(3))  # training goes on: saves to the local root are unaffected
-        mgr._mirror.wait(None)  # (the upload of step 3 has failed by now)
+        mgr.save(3, state_of(3)).wait()  # training goes on: saves to the local root are unaffected
+        mgr._mirror.wait(None)  # (step 3 was handed over at its commit: its upload has failed by now)
         with pytest.raises(CheckpointError, match=r"step 3 was not mirrored.*Connection refused"):
             mgr.save(4, state_of(4))  # raised by the next save, which is made all the same
         with pytest.raises(CheckpointError, match=r"step 4 was not mirrored.*Connection refused"):
@@ -272,6 +272,10 @@ def test_the_recorded_mirror_location_never_holds_credentials():
     assert safe_location("s3://AKIA:secret@bucket/prefix?token=x#f") == "s3://bucket/prefix"
     assert safe_location("https://user:pw@host:9000/b/p") == "https://host:9000/b/p"
     assert safe_location("/data/mirror") == "/data/mirror"
+    # what is not a credential is kept as written: the recorded location must name the same root
+    assert safe_location("memory://Bucket/Run-1") == "memory://Bucket/Run-1"
+    assert safe_location("https://key:pw@[::1]:9000/b") == "https://[::1]:9000/b"
+    assert safe_location("s3://bucket/a@b/prefix") == "s3://bucket/a@b/prefix"
 
 
 @pytest.mark.parametrize(
@@ -319,3 +323,61 @@ def test_close_waits_for_uploads_at_most_mirror_timeout(tmp_path):
     assert mirror_steps(remote_dir) == []  # the upload cut short left nothing visible
     with CheckpointManager(remote_dir):  # its lock was released
         pass
+
+
+def test_the_local_root_stays_locked_while_close_waits_for_the_mirror(tmp_path):
+    # The upload still reads the local checkpoint: another writer (a restarted run, prune) must not
+    # get the local root, and delete that checkpoint under it, before the mirror is done.
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    remote.gate = threading.Event()
+    mgr = manager(local, remote)
+    mirror_waiting = threading.Event()
+    wait = mgr._mirror.wait
+
+    def waiting(timeout):
+        mirror_waiting.set()
+        return wait(timeout)
+
+    mgr._mirror.wait = waiting  # (tells the test when close has reached the mirror)
+    mgr.save(1, state_of(1)).wait()
+    assert remote.entered.wait(60)  # step 1 is uploading, held at its first write
+    closing = threading.Thread(target=mgr.close)
+    closing.start()
+    try:
+        assert mirror_waiting.wait(60)
+        with pytest.raises(asyncckpt.RootInUseError):
+            CheckpointManager(local)
+    finally:
+        remote.gate.set()
+        closing.join(60)
+    assert mirror_steps(remote_dir) == [1]
+    with CheckpointManager(local):  # released once the mirror is closed
+        pass
+
+
+def test_uploads_failing_before_the_next_call_are_all_told(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    mgr = manager(local, remote, mirror_max_behind=3)
+    try:
+        mgr.save(1, state_of(1))
+        mgr.wait(mirror=True)
+        remote.gate = threading.Event()
+        remote.entered.clear()
+        mgr.save(2, state_of(2)).wait()
+        assert remote.entered.wait(60)  # step 2 is uploading, held at its first write
+        mgr.save(3, state_of(3)).wait()  # waiting behind it
+        remote.down = True
+        remote.gate.set()  # both uploads fail before the loop calls the manager again
+        mgr._mirror.wait(None)
+        with pytest.raises(CheckpointError) as raised:
+            mgr.wait(mirror=True)
+        message = str(raised.value)
+        assert "step 2 was not mirrored" in message and f"{step_dir_name(2)}/data-00000-" in message
+        assert "step 3 was not mirrored" in message and f"{step_dir_name(3)}/data-00000-" in message
+        mgr.wait(mirror=True)  # told once
+    finally:
+        remote.gate.set()
+        remote.down = False
+        mgr.close()

@@ -443,3 +443,18 @@ def test_a_duration_in_a_network_error_is_not_read_as_a_denied_status():
     denied = RuntimeError("Server returned non-2xx status code: 403 Forbidden")
     with pytest.raises(CheckpointError, match="access denied"):
         backend._fail(denied, "x", "read")
+
+
+def test_a_writer_that_closed_the_root_publishes_nothing_more(s3_server):
+    """A thread still publishing after close() (a mirror upload close gave up on) must not write
+    a manifest into a root whose lease this writer released."""
+    url = fresh_s3_url()
+    backend = _s3(s3_server, url)
+    backend.lock()
+    backend.check_lock()
+    backend.close()
+    with pytest.raises(RootInUseError, match="closed by this writer"):
+        backend.check_lock()
+    backend.lock()  # opened again: its own once more
+    backend.check_lock()
+    backend.close()

@@ -5,10 +5,6 @@ SIGKILL at each point of a re-save, a retention delete or a tag change leaves.""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 import warnings
@@ -17,6 +13,7 @@ import pytest
 import torch
 
 import asyncckpt
+from _kill import kill_when
 from asyncckpt.cli.commands import main as cli_main
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import RootInUseError
@@ -138,25 +135,7 @@ _KILLS = {
 
 def _kill_at(tmp_path, env: dict, url: str, point: tuple) -> None:
     mark = tmp_path / "mark"
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, url, *map(str, point), str(mark)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **env},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not mark.exists():
-            if child.poll() is not None:
-                pytest.fail(f"the saver exited ({child.returncode}): {child.stdout.read().decode()}")
-            assert time.monotonic() < deadline, "the saver never reached the kill point"
-            time.sleep(0.01)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
-        child.stdout.close()
+    kill_when([_CHILD, url, *map(str, point), str(mark)], mark.exists, "the kill point", env)
 
 
 def _open_when_the_lease_expires(url: str) -> asyncckpt.CheckpointManager:

@@ -591,9 +591,12 @@ class CheckpointManager:
             self._fences.close()  # abandons copies only if a fence was interrupted: the writer must not wait forever
             self._pipeline.close()
             self._copier.close()
-            self._storage.close()
             self._admission.arenas.clear()
-            mirror_error = self._mirror.close(self._mirror_timeout) if self._mirror is not None else None
+            try:
+                # before the local root's lock goes: the uploads still read its checkpoints
+                mirror_error = self._mirror.close(self._mirror_timeout) if self._mirror is not None else None
+            finally:
+                self._storage.close()
         earlier = self._take_background_errors()
         if earlier is not None:
             if mirror_error is not None:  # never lost: said, while the save's failure is raised

@@ -26,9 +26,10 @@ one uploading is never abandoned and the newest always waits its turn. A drop wa
 episode (until the mirror has caught up) and is counted (``status()``, in the manager's
 ``stats.summary()``). Local retention never deletes a step waiting or uploading (``pinned``).
 
-Errors are never lost: a failed copy or verification is kept (the first one until taken) and the
-manager raises it at its next ``save``, ``wait`` or ``close``, naming the step, the object and the
-cause. The local checkpoint stays; the next commit is mirrored as usual.
+Errors are never lost: a failed copy or verification is kept (the first one until taken, with
+those failing after it) and the manager raises it at its next ``save``, ``wait`` or ``close``,
+naming the step, the object and the cause, and those of the later failures. The local checkpoint
+stays; the next commit is mirrored as usual.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ _PIECE = 8 << 20
 
 MIRROR_FILE = ".asyncckpt-mirror.json"
 
+# Later failures whose messages are told with the first one (beyond: counted).
+_TOLD = 3
+
 
 class _Cancelled(Exception):
     """The mirror is closing and its time is up: the upload under way stops."""
@@ -76,9 +80,7 @@ def safe_location(location: str) -> str:
     if "://" not in location:
         return location
     parts = urlsplit(location)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: a bucket's case, an IPv6 host's brackets
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
@@ -129,6 +131,11 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _named(what: str, cause: str) -> str:
+    """``what: cause``, unless the cause begins with ``what`` already."""
+    return cause if cause.startswith(f"{what}:") else f"{what}: {cause}"
+
+
 class _Mirror:
     """The remote tier of one manager: the remote root held open for writing, a queue of steps to
     copy and the thread copying them (see the module docstring).
@@ -169,6 +176,8 @@ class _Mirror:
         self._uploading: int | None = None
         self._resubmitted = False  # the step uploading was committed again meanwhile
         self._error: CheckpointError | None = None
+        self._later: list[CheckpointError] = []  # failures after ``_error``, told with it (the first few)
+        self._more = 0  # and how many beyond those
         self._skipped = 0
         self._uploaded = 0
         self._lagging = False  # an episode of skips is under way (warned once)
@@ -231,14 +240,24 @@ class _Mirror:
             return {"mirror_behind": self._behind(), "mirror_skipped": self._skipped, "mirror_uploaded": self._uploaded}
 
     def take_error(self) -> CheckpointError | None:
-        """The failure to raise, once: the first copy or verification that failed since last taken.
+        """The failure to raise, once: the first copy or verification that failed since last taken,
+        its message followed by those of any that failed after it (none is left untold).
 
         Returns:
             The error, or None.
         """
         with self._cond:
             error, self._error = self._error, None
+            later, self._later = self._later, []
+            more, self._more = self._more, 0
+        if error is None or not later:
             return error
+        told = "".join(f"\nand then: {e}" for e in later)
+        if more:
+            told += f"\nand {more} more uploads failed"
+        combined = CheckpointError(f"{error}{told}")
+        combined.__cause__ = error.__cause__
+        return combined
 
     def wait(self, timeout: float | None) -> int | None:
         """Block until every committed step handed over is in the mirror (or failed).
@@ -339,8 +358,14 @@ class _Mirror:
             with self._cond:
                 if error is None:
                     self._uploaded += 1
-                elif not self._resubmitted and self._error is None:
-                    self._error = error  # (a step committed again meanwhile is copied again: no error)
+                elif self._resubmitted:
+                    pass  # a step committed again meanwhile is copied again: no error
+                elif self._error is None:
+                    self._error = error
+                elif len(self._later) < _TOLD:
+                    self._later.append(error)
+                else:
+                    self._more += 1
                 self._uploading = None
                 if not self._waiting:
                     self._lagging = False  # caught up: the next skip warns again
@@ -348,15 +373,18 @@ class _Mirror:
 
     @contextlib.contextmanager
     def _about(self, step: int, what: str) -> Iterator[None]:
-        """Any failure inside is a CheckpointError naming the step, ``what`` and the cause."""
+        """Any failure inside is a CheckpointError naming the step, ``what`` and the cause (``what``
+        once: a backend's error names its object already)."""
         try:
             yield
         except (_Cancelled, CheckpointError) as exc:
             if isinstance(exc, _Cancelled) or "asyncckpt mirror:" in str(exc):
                 raise
-            raise CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {what}: {exc}") from exc
+            raise CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {_named(what, str(exc))}") from exc
         except Exception as exc:
-            raise CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {what}: {_reason(exc)}") from exc
+            raise CheckpointError(
+                f"asyncckpt mirror: step {step} was not mirrored: {_named(what, _reason(exc))}"
+            ) from exc
 
     def _upload(self, step: int) -> None:
         name = step_dir_name(step)
@@ -396,7 +424,7 @@ class _Mirror:
             handle = self._local.open_read(source)
         try:
             with self._about(step, self._storage.backend.describe(target)):
-                stream = self._storage.backend.open_write(target)
+                stream = self._storage.backend.open_write(target, size_hint=handle.size)
             try:
                 buffer = memoryview(bytearray(min(_PIECE, max(handle.size, 1))))
                 offset = 0

@@ -669,6 +669,7 @@ class ObjectStoreBackend:
             self._client = _make_fsspec(scheme, self._url, options, timeouts, part)
         self.capabilities = Capabilities(atomic_rename=False, fsync=False, mmap=False, lock=True)
         self._lease: _Lease | None = None
+        self._released = False  # it held the lease and closed: check_lock refuses from then on
 
     @property
     def location(self) -> str:
@@ -742,7 +743,7 @@ class ObjectStoreBackend:
         self.check()
         lease = _Lease(self, self._lease_seconds)
         lease.acquire()
-        self._lease = lease
+        self._lease, self._released = lease, False
 
     def check_lock(self) -> None:
         """See :meth:`asyncckpt.storage.backend.Backend.check_lock`: the lease is still ours (its
@@ -753,12 +754,17 @@ class ObjectStoreBackend:
         """
         if self._lease is not None:
             self._lease.check()
+        elif self._released:
+            # a thread still publishing after close() gave up on it must not write: the root is
+            # no longer this writer's
+            raise RootInUseError(f"checkpoint root {self.location} was closed by this writer; its lease is released")
 
     def close(self) -> None:
         """See :meth:`asyncckpt.storage.backend.Backend.close`: stop renewing the lease and delete
         it if it is still ours."""
         lease, self._lease = self._lease, None
         if lease is not None:
+            self._released = True
             lease.release()
 
     # ---- writing ----------------------------------------------------------------------------------
