@@ -111,3 +111,11 @@ def test_export_beside_a_root_is_fine(root, tmp_path, capsys):
     assert code == 0 and (tmp_path / "m.safetensors").is_file()
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     os.unlink(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("url", ["s3://ckpt/model.safetensors", "file:///tmp/model.safetensors"])
+def test_export_to_a_url_says_it_writes_a_local_file(root, capsys, url):
+    # a URL as OUT was read as a path ("its directory s3:/ckpt does not exist"), mangling the URL
+    code, out, err = cli(capsys, "export", root / step_dir_name(2), "-o", url)
+    assert code == 2 and out == ""
+    assert f"-o {url} is a URL: export writes a local file" in err

@@ -69,10 +69,10 @@ class RemoteBackend(LocalBackend):
         self.entered = threading.Event()
         self.release = lambda: False  # lets an append held at the gate go on
 
-    def open_write(self, name):
+    def open_write(self, name, size_hint=None):
         if self.down:
             raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
-        return _Stream(super().open_write(name), self)
+        return _Stream(super().open_write(name, size_hint), self)
 
     def write_small(self, name, data):
         if self.down:

@@ -278,8 +278,8 @@ class HeldBackend(ObjectStoreBackend):
         self.entered = threading.Event()
         self.gate = threading.Event()
 
-    def open_write(self, name):
-        return _HeldStream(super().open_write(name), self)
+    def open_write(self, name, size_hint=None):
+        return _HeldStream(super().open_write(name, size_hint), self)
 
 
 def test_the_server_stopped_during_an_upload_is_raised_and_the_next_save_mirrors_again(tmp_path, running):

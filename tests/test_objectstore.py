@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -346,6 +348,27 @@ def test_bad_options_are_refused():
         ObjectStoreBackend("s3://b/p", {"no_such_option": 1})
     with pytest.raises(CheckpointError, match="storage_options apply to object-store URLs"):
         open_backend("/tmp/somewhere", storage_options={"key": "k"})
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("part_size", "8MiB"), ("part_size", None), ("upload_concurrency", "eight"), ("retries", "3x")],
+)
+def test_a_count_option_that_is_no_number_is_refused_naming_it(option, value):
+    # a user writes part_size="8MiB" as s3fs's block sizes are sometimes written: a CheckpointError
+    # naming the option, not a bare ValueError from int()
+    with pytest.raises(CheckpointError, match=f"storage option {option}={value!r} is not a whole number"):
+        ObjectStoreBackend("s3://b/p", {option: value})
+
+
+@pytest.mark.parametrize(
+    ("url", "missing", "extra"), [("s3://b/p", "obstore", "s3"), ("memory://b/p", "fsspec", "fsspec")]
+)
+def test_a_missing_client_package_names_the_extra_to_install_quoted(monkeypatch, url, missing, extra):
+    # quoted, so the line pastes into zsh too (unquoted, zsh reads [s3] as a glob: "no matches found")
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails as if it were not installed
+    with pytest.raises(CheckpointError, match=re.escape(f'pip install "asyncckpt[{extra}]"')):
+        open_backend(url)
 
 
 def test_open_backend_dispatches_urls(s3_server):

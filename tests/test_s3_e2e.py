@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -386,3 +387,22 @@ def test_the_command_line_on_an_s3_root(s3_server, url, make_training, tmp_path)
     code, out, err = finished(run_cli(env, "ls", url, "--json", cwd=tmp_path))
     assert code == 0, out + err
     assert [row["step"] for row in json.loads(out)] == [3]
+
+
+# ---- a mirror on s3, credentials passed rather than in the environment --------------------------------
+
+
+def test_load_reads_an_s3_mirror_with_mirror_options_after_the_local_root_is_gone(s3_server, tmp_path):
+    # storage_options belong to the path; the mirror's options need a name of their own, as for
+    # the manager, or a mirror whose credentials are not in the environment cannot be read
+    url, local = fresh_s3_url(), tmp_path / "local"
+    options = s3_server.storage_options
+    state = {"w": torch.arange(1000, dtype=torch.float32), "step": 7}
+    with CheckpointManager(local, mirror=url, mirror_options=options) as mgr:
+        mgr.save(7, state)
+        mgr.wait(mirror=True)
+    shutil.rmtree(local)
+    with pytest.warns(UserWarning, match="restoring step 7 from the mirror"):
+        assert_same_tree(asyncckpt.load(local, mirror=url, mirror_options=options), plain(state))
+    with pytest.raises(CheckpointError, match="storage_options apply to object-store URLs"):
+        asyncckpt.load(local, mirror=tmp_path / "elsewhere", mirror_options=options)

@@ -210,6 +210,7 @@ def load(
     mmap: bool = False,
     storage_options: dict[str, Any] | None = None,
     mirror: str | os.PathLike | None = None,
+    mirror_options: dict[str, Any] | None = None,
 ) -> Any:
     """Load a checkpoint as a plain nested tree (stateful objects become their state dicts).
 
@@ -227,6 +228,8 @@ def load(
             by default they come from the environment.
         mirror: the root's mirror (``CheckpointManager(mirror=...)``): a step the root lacks, or
             cannot read, is read from there (with a warning).
+        mirror_options: the mirror's client options, as ``storage_options`` are the root's (as
+            ``CheckpointManager(mirror_options=...)``); by default from the environment.
 
     Returns:
         The saved state: dicts, lists, tuples, tensors, numpy arrays and plain values, each saved
@@ -241,7 +244,8 @@ def load(
     if single is not None and step is None:
         loaded = read_checkpoint(CheckpointRef(root, single), workers=os.cpu_count() or 1, mmap=mmap)
     elif mirror is not None:
-        found = read_newest_valid_of_tiers(root, _mirror_root(mirror), step, os.cpu_count() or 1, str(mirror))
+        tier = _mirror_root(mirror, mirror_options)
+        found = read_newest_valid_of_tiers(root, tier, step, os.cpu_count() or 1, str(mirror))
         if found is None:
             raise CheckpointNotFoundError(f"no checkpoint in {path} or its mirror {mirror}")
         loaded = found
@@ -258,9 +262,12 @@ def load(
     return unflatten(loaded.manifest.tree, tensors)
 
 
-def _mirror_root(mirror: str | os.PathLike) -> Any:
-    """A mirror as the reader takes it: a URL as given, a path as a Path."""
+def _mirror_root(mirror: str | os.PathLike, options: dict[str, Any] | None) -> Any:
+    """A mirror as the reader takes it: a URL as given (its backend when it has options), a path as
+    a Path (options for one are refused by open_backend)."""
     text = os.fspath(mirror)
+    if options:
+        return _open(str(text), options)
     return text if isinstance(text, str) and "://" in text else Path(text)
 
 

@@ -485,6 +485,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from asyncckpt.cli import tools
 
+    if "://" in str(args.output):  # Path() would fold s3://b/x to s3:/b/x and blame a missing directory
+        raise UsageError(f"-o {args.output} is a URL: export writes a local file; name a path")
     out = Path(args.output)
     try:
         fmt = tools.export_format(out, args.format)

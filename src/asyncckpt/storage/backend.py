@@ -478,7 +478,7 @@ def open_backend(
             try:
                 from asyncckpt.storage.objectstore import ObjectStoreBackend
             except ImportError as exc:  # pragma: no cover (the module itself needs nothing optional)
-                raise CheckpointError(f"no storage backend for {root!r}: {exc}; pip install asyncckpt[s3]") from exc
+                raise CheckpointError(f'no storage backend for {root!r}: {exc}; pip install "asyncckpt[s3]"') from exc
             return ObjectStoreBackend(root, storage_options)
         if url.netloc not in ("", "localhost"):
             raise CheckpointError(f"file URL {root!r} names the host {url.netloc!r}; only local files can be used")

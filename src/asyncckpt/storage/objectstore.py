@@ -462,6 +462,15 @@ def _seconds(value: Any, what: str) -> float:
     return seconds
 
 
+def _whole(value: Any, what: str, unit: str = "") -> int:
+    """A count option as an int; anything ``int()`` refuses ("8MiB", None) is named, not a bare
+    ValueError."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"storage option {what}={value!r} is not a whole number{unit}") from None
+
+
 def _s3_config(options: dict[str, Any]) -> dict[str, Any]:
     """fsspec/s3fs option names to obstore's S3 configuration keys (obstore's own names pass)."""
     renames = {
@@ -500,7 +509,7 @@ def _make_obstore(
         from obstore import store as obs_store
     except ImportError:
         raise CheckpointError(
-            f"{url}: the {scheme}:// backend needs the obstore package: pip install asyncckpt[s3]"
+            f'{url}: the {scheme}:// backend needs the obstore package: pip install "asyncckpt[s3]"'
         ) from None
     timeout, connect_timeout, retries = timeouts
     client_options: dict[str, Any] = {
@@ -550,7 +559,7 @@ def _make_fsspec(
         import fsspec
     except ImportError:
         raise CheckpointError(
-            f"no storage backend for scheme {scheme!r} (root {url}): pip install asyncckpt[fsspec] "
+            f'no storage backend for scheme {scheme!r} (root {url}): pip install "asyncckpt[fsspec]" '
             "(and the fsspec package for that scheme)"
         ) from None
     try:
@@ -638,14 +647,14 @@ class ObjectStoreBackend:
         own = {key: options.pop(key) for key in _OWN_OPTIONS if key in options}
         timeout = _seconds(own.get("timeout", 30), "timeout")
         connect_timeout = _seconds(own.get("connect_timeout", 5), "connect_timeout")
-        retries = int(own.get("retries", 3))
+        retries = _whole(own.get("retries", 3), "retries")
         if retries < 0:
             raise CheckpointError(f"storage option retries={retries} must be 0 or more")
         self._lease_seconds = _seconds(own.get("lease_seconds", 60), "lease_seconds")
-        part = int(own.get("part_size", 8 << 20))
+        part = _whole(own.get("part_size", 8 << 20), "part_size", " of bytes")
         if part < 5 << 20:
             raise CheckpointError(f"storage option part_size={part} is below the 5 MiB S3 requires of a part")
-        conc = max(1, int(own.get("upload_concurrency", 8)))
+        conc = max(1, _whole(own.get("upload_concurrency", 8), "upload_concurrency"))
         timeouts = (timeout, connect_timeout, retries)
         self._timeout = timeout
         self._part = part
