@@ -381,3 +381,13 @@ def test_uploads_failing_before_the_next_call_are_all_told(tmp_path):
         remote.gate.set()
         remote.down = False
         mgr.close()
+
+
+def test_load_with_a_mirror_url_never_shows_its_credentials(tmp_path):
+    """A user:password inside a mirror URL must not reach load's messages (the manager already
+    strips it from what it records)."""
+    with pytest.raises(asyncckpt.CheckpointError) as info, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncckpt.load(tmp_path / "empty", mirror="file://alice:s3cret@localhost" + str(tmp_path / "nothing"))
+    assert "s3cret" not in str(info.value)
+    assert caught and not any("s3cret" in str(w.message) for w in caught)

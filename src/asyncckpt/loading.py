@@ -13,9 +13,11 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, overload
+from urllib.parse import urlparse
 
 import torch
 
+from asyncckpt.engine.mirror import safe_location
 from asyncckpt.engine.reader import (
     CheckpointGoneError,
     DirIdentity,
@@ -245,9 +247,10 @@ def load(
         loaded = read_checkpoint(CheckpointRef(root, single), workers=os.cpu_count() or 1, mmap=mmap)
     elif mirror is not None:
         tier = _mirror_root(mirror, mirror_options)
-        found = read_newest_valid_of_tiers(root, tier, step, os.cpu_count() or 1, str(mirror))
+        shown = safe_location(os.fspath(mirror))  # a URL's user:password never reaches a message
+        found = read_newest_valid_of_tiers(root, tier, step, os.cpu_count() or 1, shown)
         if found is None:
-            raise CheckpointNotFoundError(f"no checkpoint in {path} or its mirror {mirror}")
+            raise CheckpointNotFoundError(f"no checkpoint in {path} or its mirror {shown}")
         loaded = found
     else:
         if single is not None:
@@ -434,8 +437,12 @@ def read_newest_valid_of_tiers(
     try:
         theirs = _tier_steps(mirror)
     except (CheckpointError, OSError) as exc:
+        reason = str(exc)
+        if not isinstance(mirror, Backend):  # the error may quote the location as given, credentials and all
+            reason = reason.replace(os.fspath(mirror), mirror_name).replace(urlparse(os.fspath(mirror)).netloc, "")
         warnings.warn(
-            f"asyncckpt: the mirror {mirror_name} cannot be listed ({exc}); reading the local root only", stacklevel=3
+            f"asyncckpt: the mirror {mirror_name} cannot be listed ({reason}); reading the local root only",
+            stacklevel=3,
         )
         theirs = set()
     if step is not None and step not in mine | theirs:
