@@ -35,9 +35,10 @@ import re
 import secrets
 import stat
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast, runtime_checkable
 
 from asyncckpt import _phases
 from asyncckpt.errors import CheckpointError
@@ -171,18 +172,66 @@ class Staging:
         return f"{self.prefix}/{file}"
 
 
-def newest_manifest(backend: Backend, step_name: str) -> tuple[str, bytes] | None:
+@runtime_checkable
+class _ListsNamed(Protocol):
+    """A backend that lists every object under a name prefix, at every depth, with its ETag, in one
+    (paginated) listing, and reads a small object with the ETag of the version read (an object
+    store: :class:`~asyncckpt.storage.objectstore.ObjectStoreBackend`). Listing a root then costs
+    one request per page, not a listing per step."""
+
+    def list_named(self, start: str) -> list[tuple[str, str | None]]: ...
+
+    def read_versioned(self, name: str, limit: int) -> tuple[bytes, str | None]: ...
+
+
+@dataclass
+class _StepObjects:
+    """What one listing of every object under the steps says of one step directory.
+
+    Attributes:
+        names: The names directly under it (objects, and the first part of deeper names).
+        manifests: Its manifest names (objects directly under it) and their ETags.
+    """
+
+    names: set[str]
+    manifests: dict[str, str | None]
+
+
+def _listed_steps(backend: _ListsNamed, start: str = "step-") -> dict[str, _StepObjects]:
+    """The step directories with at least one object under them, from one listing of the names
+    beginning with ``start`` (every step, or ``step-N/`` for one)."""
+    out: dict[str, _StepObjects] = {}
+    for name, etag in backend.list_named(start):
+        step_name, sep, rest = name.partition("/")
+        if not sep or not rest or parse_step_dir(step_name) is None:
+            continue  # an object named like a step is no step directory
+        objects = out.setdefault(step_name, _StepObjects(set(), {}))
+        child, deeper, _ = rest.partition("/")
+        objects.names.add(child)
+        if not deeper and parse_manifest_generation(child) is not None:
+            objects.manifests[child] = etag
+    return out
+
+
+def _newest_first(names: Iterable[str]) -> list[str]:
+    """Manifest names, newest generation first (``manifest.json`` last)."""
+    return sorted(names, key=lambda n: (parse_manifest_generation(n) or 0, n), reverse=True)
+
+
+def newest_manifest(backend: Backend, step_name: str, versions: list[str] | None = None) -> tuple[str, bytes] | None:
     """The committed version of a step written by :class:`ManifestLastCommit`: its newest
     ``manifest-<generation>.json`` (or ``manifest.json``) whose seal verifies.
 
     Args:
         backend: The root's backend.
         step_name: The step directory's name.
+        versions: The step's manifest names, newest first, when a listing just said them (None:
+            the step is listed for them).
 
     Returns:
         The manifest's file name and bytes, or None when no manifest of the step verifies.
     """
-    for name in _versions(backend, step_name):
+    for name in _versions(backend, step_name) if versions is None else versions:
         where = f"{step_name}/{name}"
         try:
             raw = backend.read_small(where, MAX_MANIFEST_BYTES)
@@ -191,6 +240,21 @@ def newest_manifest(backend: Backend, step_name: str) -> tuple[str, bytes] | Non
             continue
         return name, raw
     return None
+
+
+def _written_by_manifest_last(names: Iterable[str]) -> bool:
+    """Whether a step directory's names show the manifest-last commit at work: manifest
+    generations, or per-attempt data files."""
+    return any(parse_manifest_generation(n) is not None or _ATTEMPT_DATA.fullmatch(n) for n in names)
+
+
+def _published_listed(backend: Backend, step_name: str, objects: _StepObjects) -> bool:
+    """:func:`is_published` of a step with objects under it, from what one listing said of it."""
+    if MANIFEST_NAME in objects.names:
+        return True
+    if not _written_by_manifest_last(objects.names):
+        return True  # objects, none of them this protocol's: a damaged checkpoint, reported as such
+    return newest_manifest(backend, step_name, _newest_first(objects.manifests)) is not None
 
 
 def is_published(backend: Backend, step_name: str) -> bool:
@@ -205,6 +269,9 @@ def is_published(backend: Backend, step_name: str) -> bool:
     directory counts, so a checkpoint that lost its manifest is reported as damaged, as it always
     was.
 
+    The step is listed once: the listing says whether ``manifest.json`` is there and which
+    generations to verify (an object store lists every object under the step in that one request).
+
     Args:
         backend: The root's backend.
         step_name: The step directory's name.
@@ -212,23 +279,30 @@ def is_published(backend: Backend, step_name: str) -> bool:
     Returns:
         True when readers should list it.
     """
-    if backend.stat(f"{step_name}/{MANIFEST_NAME}") is not None:
-        return True
+    if isinstance(backend, _ListsNamed):
+        objects = _listed_steps(backend, f"{step_name}/").get(step_name)
+        return objects is not None and _published_listed(backend, step_name, objects)
     try:
-        names = [e.name for e in backend.list(step_name)]
+        entries = backend.list(step_name)
     except CheckpointError:
         return True
-    if not any(parse_manifest_generation(n) is not None or _ATTEMPT_DATA.fullmatch(n) for n in names):
+    names = [e.name for e in entries]
+    if MANIFEST_NAME in names:
+        return True
+    if not _written_by_manifest_last(names):
         # a local directory always has an identity; an object-store prefix has none when empty
         return backend.identity(step_name) is not None
-    return newest_manifest(backend, step_name) is not None
+    versions = [e.name for e in entries if not e.is_dir and parse_manifest_generation(e.name) is not None]
+    return newest_manifest(backend, step_name, _newest_first(versions)) is not None
 
 
 def published_checkpoints(backend: Backend) -> list[CommittedCheckpoint]:
     """The committed checkpoints of a root, oldest first, as a reader (no lock) sees them.
 
     Entries that are not directories (links among them) are ignored, and so is a step a
-    manifest-last save is still writing or was cut short writing (:func:`is_published`).
+    manifest-last save is still writing or was cut short writing (:func:`is_published`). An object
+    store is listed once for every step's objects (not once per step), then each step written by
+    the manifest-last commit costs one GET, of its newest manifest.
 
     Args:
         backend: The root's backend.
@@ -240,6 +314,12 @@ def published_checkpoints(backend: Backend) -> list[CommittedCheckpoint]:
         CheckpointError: The root cannot be listed.
     """
     out = []
+    if isinstance(backend, _ListsNamed):
+        for step_name, objects in _listed_steps(backend).items():
+            step = parse_step_dir(step_name)
+            if step is not None and _published_listed(backend, step_name, objects):
+                out.append(CommittedCheckpoint(step, CheckpointRef(backend, step_name)))
+        return sorted(out, key=lambda c: c.step)
     for entry in backend.list(""):
         step = parse_step_dir(entry.name)
         if step is not None and entry.is_dir and is_published(backend, entry.name):
@@ -249,12 +329,11 @@ def published_checkpoints(backend: Backend) -> list[CommittedCheckpoint]:
 
 def _versions(backend: Backend, step_name: str) -> list[str]:
     """The step's manifest names, newest generation first (``manifest.json`` last)."""
-    found = []
-    for entry in backend.list(step_name):
-        generation = parse_manifest_generation(entry.name)
-        if generation is not None and not entry.is_dir:
-            found.append((generation, entry.name))
-    return [name for _, name in sorted(found, reverse=True)]
+    return _newest_first(
+        entry.name
+        for entry in backend.list(step_name)
+        if not entry.is_dir and parse_manifest_generation(entry.name) is not None
+    )
 
 
 class CommitProtocol:
