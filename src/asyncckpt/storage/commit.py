@@ -625,9 +625,23 @@ class ManifestLastCommit(CommitProtocol):
     manifests verifies where one of them was written whole (it ends with its seal) or is
     ``manifest.json``: that step was committed and then damaged, and is left as it is.
 
+    On an object store (a backend that lists every object of the steps in one listing, with
+    ETags) :meth:`checkpoints` lists the root once and reads only the manifests it has not verified
+    before: the protocol remembers, per step, the manifest name and ETag whose bytes it read and
+    verified. An ETag names one version's bytes, so a remembered pair is a fact about bytes that
+    never goes stale; whether a step exists is always the listing's answer (a step whose objects
+    are gone is gone; a manifest written or replaced behind the writer's back has a name or an ETag
+    not remembered, and is read and verified before it counts).
+
     Args:
         backend: A locked backend (any capabilities).
     """
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(backend)
+        # step name -> (manifest name, ETag) whose bytes were read and verified; only a hint that
+        # spares a GET, never a claim that the step exists
+        self._verified: dict[str, tuple[str, str]] = {}
 
     def _versions(self, step_name: str) -> list[str]:
         return _versions(self.backend, step_name)
@@ -759,6 +773,7 @@ class ManifestLastCommit(CommitProtocol):
         """See :meth:`CommitProtocol.delete`: every manifest first (durably), then the data."""
         step_name = checkpoint.ref.name
         self.backend.check_lock()  # retention of a writer that lost the root deletes nothing
+        self._verified.pop(step_name, None)
         for name in self._versions(step_name):
             self.backend.delete(f"{step_name}/{name}")
         self.backend.sync(step_name)
@@ -794,12 +809,45 @@ class ManifestLastCommit(CommitProtocol):
 
     def checkpoints(self) -> list[CommittedCheckpoint]:
         """See :meth:`CommitProtocol.checkpoints`: the step directories with a verified manifest."""
+        if isinstance(self.backend, _ListsNamed):
+            return self._checkpoints_listed(self.backend)
         out = []
         for entry in self.backend.list(""):
             step = parse_step_dir(entry.name)
             if step is not None and entry.is_dir and self._newest(entry.name) is not None:
                 out.append(CommittedCheckpoint(step, self.ref(entry.name)))
         return sorted(out, key=lambda c: c.step)
+
+    def _checkpoints_listed(self, backend: _ListsNamed) -> list[CommittedCheckpoint]:
+        """:meth:`checkpoints` from one listing of every object of the steps: each step's newest
+        manifest that verifies, read only when its name and ETag are not ones already verified."""
+        listed = _listed_steps(backend)
+        out = []
+        for step_name, objects in listed.items():
+            step = parse_step_dir(step_name)
+            if step is not None and self._newest_listed(backend, step_name, objects.manifests):
+                out.append(CommittedCheckpoint(step, self.ref(step_name)))
+        for step_name in [s for s in self._verified if s not in listed]:
+            self._verified.pop(step_name, None)  # gone from the root: nothing to remember
+        return sorted(out, key=lambda c: c.step)
+
+    def _newest_listed(self, backend: _ListsNamed, step_name: str, manifests: dict[str, str | None]) -> bool:
+        """Whether one of the listed manifests of the step verifies (the newest first, as
+        :func:`newest_manifest` tries them), reading only those not verified before."""
+        for name in _newest_first(manifests):
+            etag = manifests[name]
+            if etag is not None and self._verified.get(step_name) == (name, etag):
+                return True
+            try:
+                raw, read_etag = backend.read_versioned(f"{step_name}/{name}", MAX_MANIFEST_BYTES)
+                check_manifest_seal(raw, self.backend.describe(f"{step_name}/{name}"))
+            except CheckpointError:
+                continue
+            if read_etag is not None:
+                self._verified[step_name] = (name, read_etag)
+            return True
+        self._verified.pop(step_name, None)
+        return False
 
     def recover(self) -> list[str]:
         """See :meth:`CommitProtocol.recover`: in every step directory, manifests other than the
