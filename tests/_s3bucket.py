@@ -61,3 +61,8 @@ def named_by_newest_manifest(server: _s3server.S3Server, url: str, step_dir: str
         return set()
     manifest = parse_manifest(get_object(server, url, manifests[-1]), manifests[-1])
     return {manifests[-1]} | {f"{step_dir}/{chunk.file}" for chunk in manifest.chunks}
+
+
+def delete_object(server: _s3server.S3Server, url: str, name: str) -> None:
+    """Remove the object ``name`` of the root ``url`` (behind asyncckpt's back)."""
+    obstore.delete(bucket_store(server), f"{_prefix(url)}/{name}")

@@ -35,9 +35,10 @@ import re
 import secrets
 import stat
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast, runtime_checkable
 
 from asyncckpt import _phases
 from asyncckpt.errors import CheckpointError
@@ -171,18 +172,66 @@ class Staging:
         return f"{self.prefix}/{file}"
 
 
-def newest_manifest(backend: Backend, step_name: str) -> tuple[str, bytes] | None:
+@runtime_checkable
+class _ListsNamed(Protocol):
+    """A backend that lists every object under a name prefix, at every depth, with its ETag, in one
+    (paginated) listing, and reads a small object with the ETag of the version read (an object
+    store: :class:`~asyncckpt.storage.objectstore.ObjectStoreBackend`). Listing a root then costs
+    one request per page, not a listing per step."""
+
+    def list_named(self, start: str) -> list[tuple[str, str | None]]: ...
+
+    def read_versioned(self, name: str, limit: int) -> tuple[bytes, str | None]: ...
+
+
+@dataclass
+class _StepObjects:
+    """What one listing of every object under the steps says of one step directory.
+
+    Attributes:
+        names: The names directly under it (objects, and the first part of deeper names).
+        manifests: Its manifest names (objects directly under it) and their ETags.
+    """
+
+    names: set[str]
+    manifests: dict[str, str | None]
+
+
+def _listed_steps(backend: _ListsNamed, start: str = "step-") -> dict[str, _StepObjects]:
+    """The step directories with at least one object under them, from one listing of the names
+    beginning with ``start`` (every step, or ``step-N/`` for one)."""
+    out: dict[str, _StepObjects] = {}
+    for name, etag in backend.list_named(start):
+        step_name, sep, rest = name.partition("/")
+        if not sep or not rest or parse_step_dir(step_name) is None:
+            continue  # an object named like a step is no step directory
+        objects = out.setdefault(step_name, _StepObjects(set(), {}))
+        child, deeper, _ = rest.partition("/")
+        objects.names.add(child)
+        if not deeper and parse_manifest_generation(child) is not None:
+            objects.manifests[child] = etag
+    return out
+
+
+def _newest_first(names: Iterable[str]) -> list[str]:
+    """Manifest names, newest generation first (``manifest.json`` last)."""
+    return sorted(names, key=lambda n: (parse_manifest_generation(n) or 0, n), reverse=True)
+
+
+def newest_manifest(backend: Backend, step_name: str, versions: list[str] | None = None) -> tuple[str, bytes] | None:
     """The committed version of a step written by :class:`ManifestLastCommit`: its newest
     ``manifest-<generation>.json`` (or ``manifest.json``) whose seal verifies.
 
     Args:
         backend: The root's backend.
         step_name: The step directory's name.
+        versions: The step's manifest names, newest first, when a listing just said them (None:
+            the step is listed for them).
 
     Returns:
         The manifest's file name and bytes, or None when no manifest of the step verifies.
     """
-    for name in _versions(backend, step_name):
+    for name in _versions(backend, step_name) if versions is None else versions:
         where = f"{step_name}/{name}"
         try:
             raw = backend.read_small(where, MAX_MANIFEST_BYTES)
@@ -191,6 +240,21 @@ def newest_manifest(backend: Backend, step_name: str) -> tuple[str, bytes] | Non
             continue
         return name, raw
     return None
+
+
+def _written_by_manifest_last(names: Iterable[str]) -> bool:
+    """Whether a step directory's names show the manifest-last commit at work: manifest
+    generations, or per-attempt data files."""
+    return any(parse_manifest_generation(n) is not None or _ATTEMPT_DATA.fullmatch(n) for n in names)
+
+
+def _published_listed(backend: Backend, step_name: str, objects: _StepObjects) -> bool:
+    """:func:`is_published` of a step with objects under it, from what one listing said of it."""
+    if MANIFEST_NAME in objects.names:
+        return True
+    if not _written_by_manifest_last(objects.names):
+        return True  # objects, none of them this protocol's: a damaged checkpoint, reported as such
+    return newest_manifest(backend, step_name, _newest_first(objects.manifests)) is not None
 
 
 def is_published(backend: Backend, step_name: str) -> bool:
@@ -205,6 +269,9 @@ def is_published(backend: Backend, step_name: str) -> bool:
     directory counts, so a checkpoint that lost its manifest is reported as damaged, as it always
     was.
 
+    The step is listed once: the listing says whether ``manifest.json`` is there and which
+    generations to verify (an object store lists every object under the step in that one request).
+
     Args:
         backend: The root's backend.
         step_name: The step directory's name.
@@ -212,23 +279,30 @@ def is_published(backend: Backend, step_name: str) -> bool:
     Returns:
         True when readers should list it.
     """
-    if backend.stat(f"{step_name}/{MANIFEST_NAME}") is not None:
-        return True
+    if isinstance(backend, _ListsNamed):
+        objects = _listed_steps(backend, f"{step_name}/").get(step_name)
+        return objects is not None and _published_listed(backend, step_name, objects)
     try:
-        names = [e.name for e in backend.list(step_name)]
+        entries = backend.list(step_name)
     except CheckpointError:
         return True
-    if not any(parse_manifest_generation(n) is not None or _ATTEMPT_DATA.fullmatch(n) for n in names):
+    names = [e.name for e in entries]
+    if MANIFEST_NAME in names:
+        return True
+    if not _written_by_manifest_last(names):
         # a local directory always has an identity; an object-store prefix has none when empty
         return backend.identity(step_name) is not None
-    return newest_manifest(backend, step_name) is not None
+    versions = [e.name for e in entries if not e.is_dir and parse_manifest_generation(e.name) is not None]
+    return newest_manifest(backend, step_name, _newest_first(versions)) is not None
 
 
 def published_checkpoints(backend: Backend) -> list[CommittedCheckpoint]:
     """The committed checkpoints of a root, oldest first, as a reader (no lock) sees them.
 
     Entries that are not directories (links among them) are ignored, and so is a step a
-    manifest-last save is still writing or was cut short writing (:func:`is_published`).
+    manifest-last save is still writing or was cut short writing (:func:`is_published`). An object
+    store is listed once for every step's objects (not once per step), then each step written by
+    the manifest-last commit costs one GET, of its newest manifest.
 
     Args:
         backend: The root's backend.
@@ -245,15 +319,26 @@ def published_checkpoints(backend: Backend) -> list[CommittedCheckpoint]:
     # keeps listing vanishes the same way each time: that is no reason to list again).
     vanished_before: set[str] | None = None
     for _ in range(_RELISTS):
-        out, vanished = [], set()
-        for entry in backend.list(""):
-            step = parse_step_dir(entry.name)
-            if step is None or not entry.is_dir:
-                continue
-            if is_published(backend, entry.name):
-                out.append(CommittedCheckpoint(step, CheckpointRef(backend, entry.name)))
-            elif backend.identity(entry.name) is None:
-                vanished.add(entry.name)
+        out: list[CommittedCheckpoint] = []
+        vanished: set[str] = set()
+        if isinstance(backend, _ListsNamed):  # one listing of every step's objects
+            for step_name, objects in _listed_steps(backend).items():
+                step = parse_step_dir(step_name)
+                if step is None:
+                    continue
+                if _published_listed(backend, step_name, objects):
+                    out.append(CommittedCheckpoint(step, CheckpointRef(backend, step_name)))
+                elif backend.identity(step_name) is None:
+                    vanished.add(step_name)
+        else:
+            for entry in backend.list(""):
+                step = parse_step_dir(entry.name)
+                if step is None or not entry.is_dir:
+                    continue
+                if is_published(backend, entry.name):
+                    out.append(CommittedCheckpoint(step, CheckpointRef(backend, entry.name)))
+                elif backend.identity(entry.name) is None:
+                    vanished.add(entry.name)
         if not vanished or (vanished_before is not None and vanished <= vanished_before):
             break
         vanished_before = vanished
@@ -265,12 +350,11 @@ _RELISTS = 8
 
 def _versions(backend: Backend, step_name: str) -> list[str]:
     """The step's manifest names, newest generation first (``manifest.json`` last)."""
-    found = []
-    for entry in backend.list(step_name):
-        generation = parse_manifest_generation(entry.name)
-        if generation is not None and not entry.is_dir:
-            found.append((generation, entry.name))
-    return [name for _, name in sorted(found, reverse=True)]
+    return _newest_first(
+        entry.name
+        for entry in backend.list(step_name)
+        if not entry.is_dir and parse_manifest_generation(entry.name) is not None
+    )
 
 
 class CommitProtocol:
@@ -562,9 +646,23 @@ class ManifestLastCommit(CommitProtocol):
     manifests verifies where one of them was written whole (it ends with its seal) or is
     ``manifest.json``: that step was committed and then damaged, and is left as it is.
 
+    On an object store (a backend that lists every object of the steps in one listing, with
+    ETags) :meth:`checkpoints` lists the root once and reads only the manifests it has not verified
+    before: the protocol remembers, per step, the manifest name and ETag whose bytes it read and
+    verified. An ETag names one version's bytes, so a remembered pair is a fact about bytes that
+    never goes stale; whether a step exists is always the listing's answer (a step whose objects
+    are gone is gone; a manifest written or replaced behind the writer's back has a name or an ETag
+    not remembered, and is read and verified before it counts).
+
     Args:
         backend: A locked backend (any capabilities).
     """
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(backend)
+        # step name -> (manifest name, ETag) whose bytes were read and verified; only a hint that
+        # spares a GET, never a claim that the step exists
+        self._verified: dict[str, tuple[str, str]] = {}
 
     def _versions(self, step_name: str) -> list[str]:
         return _versions(self.backend, step_name)
@@ -696,6 +794,7 @@ class ManifestLastCommit(CommitProtocol):
         """See :meth:`CommitProtocol.delete`: every manifest first (durably), then the data."""
         step_name = checkpoint.ref.name
         self.backend.check_lock()  # retention of a writer that lost the root deletes nothing
+        self._verified.pop(step_name, None)
         for name in self._versions(step_name):
             self.backend.delete(f"{step_name}/{name}")
         self.backend.sync(step_name)
@@ -731,12 +830,45 @@ class ManifestLastCommit(CommitProtocol):
 
     def checkpoints(self) -> list[CommittedCheckpoint]:
         """See :meth:`CommitProtocol.checkpoints`: the step directories with a verified manifest."""
+        if isinstance(self.backend, _ListsNamed):
+            return self._checkpoints_listed(self.backend)
         out = []
         for entry in self.backend.list(""):
             step = parse_step_dir(entry.name)
             if step is not None and entry.is_dir and self._newest(entry.name) is not None:
                 out.append(CommittedCheckpoint(step, self.ref(entry.name)))
         return sorted(out, key=lambda c: c.step)
+
+    def _checkpoints_listed(self, backend: _ListsNamed) -> list[CommittedCheckpoint]:
+        """:meth:`checkpoints` from one listing of every object of the steps: each step's newest
+        manifest that verifies, read only when its name and ETag are not ones already verified."""
+        listed = _listed_steps(backend)
+        out = []
+        for step_name, objects in listed.items():
+            step = parse_step_dir(step_name)
+            if step is not None and self._newest_listed(backend, step_name, objects.manifests):
+                out.append(CommittedCheckpoint(step, self.ref(step_name)))
+        for step_name in [s for s in self._verified if s not in listed]:
+            self._verified.pop(step_name, None)  # gone from the root: nothing to remember
+        return sorted(out, key=lambda c: c.step)
+
+    def _newest_listed(self, backend: _ListsNamed, step_name: str, manifests: dict[str, str | None]) -> bool:
+        """Whether one of the listed manifests of the step verifies (the newest first, as
+        :func:`newest_manifest` tries them), reading only those not verified before."""
+        for name in _newest_first(manifests):
+            etag = manifests[name]
+            if etag is not None and self._verified.get(step_name) == (name, etag):
+                return True
+            try:
+                raw, read_etag = backend.read_versioned(f"{step_name}/{name}", MAX_MANIFEST_BYTES)
+                check_manifest_seal(raw, self.backend.describe(f"{step_name}/{name}"))
+            except CheckpointError:
+                continue
+            if read_etag is not None:
+                self._verified[step_name] = (name, read_etag)
+            return True
+        self._verified.pop(step_name, None)
+        return False
 
     def recover(self) -> list[str]:
         """See :meth:`CommitProtocol.recover`: in every step directory, manifests other than the

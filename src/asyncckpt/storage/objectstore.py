@@ -154,6 +154,10 @@ class _Client:
         """Every object name under prefix/."""
         raise NotImplementedError
 
+    def list_named(self, start: str) -> Iterator[_Meta]:
+        """Every object of the root whose name starts with ``start``, at every depth, in name order."""
+        raise NotImplementedError
+
     def delete(self, names: list[str]) -> None:
         """Missing names are fine."""
         raise NotImplementedError
@@ -257,6 +261,18 @@ class _ObstoreClient(_Client):
 
     def find(self, prefix: str) -> list[str]:
         return [str(o["path"]) for page in self._pages(prefix, _DELETE_BATCH) for o in page]
+
+    def list_named(self, start: str) -> Iterator[_Meta]:
+        # The stores obstore serves (S3, GCS, Azure) list in name order: start after ``start``
+        # itself and stop at the first name past its range, so other objects of the root (or of
+        # a parent prefix) cost no request.
+        for page in self._obs.list(self._store, None, offset=start, chunk_size=_DELETE_BATCH):
+            for raw in page:
+                meta = self._meta(raw)
+                if not meta.name.startswith(start):
+                    return
+                if not meta.name.endswith("/"):  # a directory marker is no object
+                    yield meta
 
     def delete(self, names: list[str]) -> None:
         for i in range(0, len(names), _DELETE_BATCH):
@@ -417,6 +433,17 @@ class _FsspecClient(_Client):
         except FileNotFoundError:
             return []
         return [n for n in found if n.startswith(prefix + "/")] if prefix else found
+
+    def list_named(self, start: str) -> Iterator[_Meta]:
+        self._fs.invalidate_cache(self._root)
+        try:
+            infos = self._fs.find(self._root, detail=True)
+        except FileNotFoundError:
+            return
+        for path, info in sorted(infos.items()):
+            name = self._name(str(path))
+            if name.startswith(start) and info.get("type") != "directory":
+                yield _Meta(name, int(info.get("size") or 0), self._etag(info, str(path)))
 
     def delete(self, names: list[str]) -> None:
         for i in range(0, len(names), _DELETE_BATCH):
@@ -866,6 +893,47 @@ class ObjectStoreBackend:
         if meta.size > limit:
             raise CheckpointError(f"{self.describe(name)} is {meta.size} bytes, larger than the {limit} limit")
         return data
+
+    def read_versioned(self, name: str, limit: int) -> tuple[bytes, str | None]:
+        """:meth:`read_small`, with the ETag of the version read: the writer remembers which
+        manifest versions it verified, so a listing that shows the same ETag needs no new GET.
+
+        Args:
+            name: The object's name.
+            limit: The most bytes accepted.
+
+        Returns:
+            Its bytes, and the ETag of exactly those bytes (None where the store gives none).
+
+        Raises:
+            CheckpointError: It is missing, larger than ``limit``, or cannot be read.
+        """
+        try:
+            data, meta = self._call(name, "read", lambda: self._client.get(name, limit))
+        except _Missing:
+            raise CheckpointError(f"{self.describe(name)} does not exist") from None
+        if meta.size > limit:
+            raise CheckpointError(f"{self.describe(name)} is {meta.size} bytes, larger than the {limit} limit")
+        return data, meta.etag
+
+    def list_named(self, start: str) -> list[tuple[str, str | None]]:
+        """Every object whose name starts with ``start`` (a plain string prefix, not a directory:
+        ``"step-"``), at every depth, with its ETag: one listing of the root where the delimited
+        one would take a listing per step (paginated, and only over names from ``start`` on).
+
+        Args:
+            start: The names' common beginning.
+
+        Returns:
+            (name, ETag or None) of each object, in name order.
+
+        Raises:
+            CheckpointError: The bucket is missing, or the listing failed.
+        """
+        try:
+            return self._call(start, "list", lambda: [(m.name, m.etag) for m in self._client.list_named(start)])
+        except _Missing:
+            return []
 
     def list(self, prefix: str = "") -> list[Entry]:
         """See :meth:`asyncckpt.storage.backend.Backend.list`: one delimited listing (every page).
