@@ -107,14 +107,17 @@ class _Changed(Exception):
 
 
 class _Writer:
-    """A multipart upload under way: ``write`` (blocks while the parts in flight fill the budget),
-    then ``close`` (complete) or ``abort``."""
+    """A multipart upload under way, over a client's file-like writer: ``write`` (blocks while the
+    parts in flight fill the budget), then ``close`` (complete) or ``abort`` (the client's own)."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
 
     def write(self, data: bytes | memoryview) -> None:
-        raise NotImplementedError
+        self._file.write(data)
 
     def close(self) -> None:
-        raise NotImplementedError
+        self._file.close()
 
     def abort(self) -> None:
         raise NotImplementedError
@@ -176,18 +179,9 @@ def _join(prefix: str, name: str) -> str:
 
 
 class _ObstoreWriter(_Writer):
-    def __init__(self, writer: Any) -> None:
-        self._w = writer
-
-    def write(self, data: bytes | memoryview) -> None:
-        self._w.write(data)
-
-    def close(self) -> None:
-        self._w.close()
-
     def abort(self) -> None:
         # obstore aborts the multipart upload when its context exits with an exception
-        self._w.__exit__(CheckpointError, CheckpointError("aborted"), None)
+        self._file.__exit__(CheckpointError, CheckpointError("aborted"), None)
 
 
 class _ObstoreClient(_Client):
@@ -290,22 +284,16 @@ class _ObstoreClient(_Client):
 
 class _FsspecWriter(_Writer):
     def __init__(self, file: Any, fs: Any, path: str) -> None:
-        self._f = file
+        super().__init__(file)
         self._fs = fs
         self._path = path
 
-    def write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
-
-    def close(self) -> None:
-        self._f.close()
-
     def abort(self) -> None:
-        discard = getattr(self._f, "discard", None)
+        discard = getattr(self._file, "discard", None)
         if discard is not None:
             with contextlib.suppress(Exception):
                 discard()  # fsspec's buffered files: abort the multipart upload, never commit
-                self._f.closed = True  # discarded: its finalizer must not try to commit it
+                self._file.closed = True  # discarded: its finalizer must not try to commit it
         # a filesystem whose files appear when opened (memory://): the name is ours (open_write
         # found nothing there), so remove whatever stands there now
         with contextlib.suppress(Exception):
