@@ -80,17 +80,21 @@ class RemoteBackend(LocalBackend):
         super().write_small(name, data)
 
 
-def state_of(step: int) -> dict:
+def state_of(step: int, size: tuple[int, int, int] = (64, 33, 257)) -> dict:
+    """A small state whose bytes depend on ``step`` (a float matrix rows x cols, n ints)."""
+    rows, cols, n = size
     g = torch.Generator().manual_seed(step)
     return {
-        "w": torch.randn(64, 33, generator=g),
-        "b": torch.randint(0, 1000, (257,), generator=g),
+        "w": torch.randn(rows, cols, generator=g),
+        "b": torch.randint(0, 1000, (n,), generator=g),
         "step": step,
     }
 
 
-def blank() -> dict:
-    return {"w": torch.zeros(64, 33), "b": torch.zeros(257, dtype=torch.int64), "step": -1}
+def blank(size: tuple[int, int, int] = (64, 33, 257)) -> dict:
+    """A state of ``state_of``'s shapes to restore into."""
+    rows, cols, n = size
+    return {"w": torch.zeros(rows, cols), "b": torch.zeros(n, dtype=torch.int64), "step": -1}
 
 
 def mirror_steps(remote: Path) -> list[int]:
@@ -104,6 +108,9 @@ def local_steps(root: Path) -> list[int]:
 
 def manager(local: Path, remote: RemoteBackend | Path, **options) -> CheckpointManager:
     options.setdefault("compression", "zstd")
+    # saves in a row must all reach the mirror, however slow the machine: the bounded lag's skip
+    # is tested on its own, with the lag it names
+    options.setdefault("mirror_max_behind", 16)
     return CheckpointManager(local, mirror=remote, **options)
 
 

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import asyncckpt
+import test_mirror
 from _cli import cli, strict_json
 from _trees import assert_same_tree
 from asyncckpt import CheckpointError, CheckpointManager
@@ -31,17 +31,15 @@ from conftest import fresh_s3_url
 _FAST = {"timeout": 10, "connect_timeout": 2, "retries": 0}
 
 
+_SIZE = (128, 65, 1029)  # a few chunks' worth of objects per step
+
+
 def state_of(step: int) -> dict:
-    g = torch.Generator().manual_seed(step)
-    return {
-        "w": torch.randn(128, 65, generator=g),
-        "b": torch.randint(0, 1000, (1029,), generator=g),
-        "step": step,
-    }
+    return test_mirror.state_of(step, _SIZE)
 
 
 def blank() -> dict:
-    return {"w": torch.zeros(128, 65), "b": torch.zeros(1029, dtype=torch.int64), "step": -1}
+    return test_mirror.blank(_SIZE)
 
 
 def local_steps(root: Path) -> list[int]:
