@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from asyncckpt.errors import CheckpointError, RootInUseError
+from asyncckpt.errors import CheckpointError, RootInUseError, StorageError
 from asyncckpt.storage.backend import Entry, ObjectInfo, open_backend
 from asyncckpt.storage.commit import ManifestLastCommit, open_storage
 from asyncckpt.storage.objectstore import LEASE_NAME, ObjectStoreBackend
@@ -437,8 +437,9 @@ def test_a_duration_in_a_network_error_is_not_read_as_a_denied_status():
         "s3://bucket/prefix", {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}
     )
     cause = RuntimeError("Generic S3 error: Error after 3 retries in 100.724013ms, source: error sending request")
-    with pytest.raises(CheckpointError, match="cannot be reached") as info:
+    with pytest.raises(StorageError, match="cannot be reached") as info:
         backend._fail(cause, "step-000000000001/data.bin", "read")
+    assert isinstance(info.value, CheckpointError) and isinstance(info.value, OSError)
     assert "access denied" not in str(info.value)
     denied = RuntimeError("Server returned non-2xx status code: 403 Forbidden")
     with pytest.raises(CheckpointError, match="access denied"):

@@ -14,6 +14,7 @@ from asyncckpt.errors import (
     RootInUseError,
     SaveFailedError,
     StateMismatchError,
+    StorageError,
 )
 from asyncckpt.loading import load, load_weights
 from asyncckpt.manager import CheckpointManager
@@ -33,6 +34,7 @@ __all__ = [
     "RootInUseError",
     "SaveFailedError",
     "StateMismatchError",
+    "StorageError",
     "CheckpointManager",
     "EverySeconds",
     "EverySteps",

@@ -20,6 +20,12 @@ class CheckpointDamagedError(CheckpointError):
     invalid manifest. Readers of a root skip it and fall back to the next older checkpoint."""
 
 
+class StorageError(CheckpointError, OSError):
+    """The store failed a request: an object store unreachable within the timeouts, access denied,
+    a missing bucket. The message names the object and the cause. Also an OSError, as a failed
+    write or read of a local file is."""
+
+
 class RootInUseError(CheckpointError):
     """Another live writer holds the root's lock."""
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import urlparse
 
-from asyncckpt.errors import CheckpointError, RootInUseError
+from asyncckpt.errors import CheckpointError, RootInUseError, StorageError
 from asyncckpt.storage.backend import Capabilities, Entry, ObjectInfo
 
 LEASE_NAME = ".asyncckpt-lease.json"
@@ -75,11 +75,6 @@ _OWN_OPTIONS = (
     "upload_concurrency",
     "client",
 )
-
-
-class _StoreError(CheckpointError, OSError):
-    """A store failure: a CheckpointError naming the object and the cause, and an OSError, since the
-    backend protocol promises one for a failed write, read or deletion."""
 
 
 @dataclass(frozen=True)
@@ -703,7 +698,7 @@ class ObjectStoreBackend:
         return f"{self._url}/{name}" if name else self._url
 
     def _fail(self, exc: BaseException, name: str, doing: str) -> NoReturn:
-        """Raise the store error ``exc`` as a _StoreError naming the object and what to check."""
+        """Raise the store error ``exc`` as a StorageError naming the object and what to check."""
         where = self.describe(name)
         cause = _cause(exc)
         class_name = type(exc).__name__
@@ -719,7 +714,7 @@ class ObjectStoreBackend:
             message = f"{where}: cannot {doing}: the store cannot be reached within the timeouts ({cause})"
         else:
             message = f"{where}: cannot {doing}: {cause}"
-        raise _StoreError(message) from exc
+        raise StorageError(message) from exc
 
     def _call(self, name: str, doing: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -1051,7 +1046,7 @@ class _ObjectWriteStream:
         cap = self._part * _MAX_PARTS
         if offset + view.nbytes > cap:
             # refused now, not after the upload (S3 refuses part 10,001): nothing is completed
-            raise _StoreError(
+            raise StorageError(
                 f"{self._backend.describe(self.name)}: cannot upload more than {cap} bytes in {_MAX_PARTS} parts "
                 f"of {self._part} bytes (the most S3 takes); set the storage option part_size= larger"
             )
@@ -1101,7 +1096,7 @@ class _ObjectReadHandle:
         try:
             data = backend._call(name, "read", lambda: backend._client.get_range(name, offset, end, etag))
         except _Missing:
-            raise _StoreError(f"{backend.describe(name)}: cannot read: it no longer exists") from None
+            raise StorageError(f"{backend.describe(name)}: cannot read: it no longer exists") from None
         n = len(data)
         buffer[:n] = data
         return n
