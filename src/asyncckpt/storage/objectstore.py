@@ -711,7 +711,8 @@ class ObjectStoreBackend:
         ):
             message = f"{where}: cannot {doing}: access denied, check credentials ({cause})"
         elif _UNREACHABLE.search(cause):
-            message = f"{where}: cannot {doing}: the store cannot be reached within the timeouts ({cause})"
+            reached = "the store cannot be reached (connection refused, or no answer within the timeouts)"
+            message = f"{where}: cannot {doing}: {reached} ({cause})"
         else:
             message = f"{where}: cannot {doing}: {cause}"
         raise StorageError(message) from exc
