@@ -99,9 +99,9 @@ def open_target(
     if "://" in text and not text.startswith("file://"):
         head, _, last = text.rstrip("/").rpartition("/")
         if parse_step_dir(last) is not None and "://" in head:
-            return _open(head, storage_options), last
-        return _open(text, storage_options), None
-    backend = _open(text, storage_options)
+            return open_backend(head, storage_options=storage_options), last
+        return open_backend(text, storage_options=storage_options), None
+    backend = open_backend(text, storage_options=storage_options)
     assert isinstance(backend, LocalBackend)
     local = backend.root
     if (local / MANIFEST_NAME).exists():
@@ -109,12 +109,6 @@ def open_target(
     if parse_step_dir(local.name) is not None and local.is_dir() and _has_generation(local):
         return LocalBackend(local.parent), local.name
     return backend, None
-
-
-def _open(root: str, storage_options: dict[str, Any] | None) -> Backend:
-    if storage_options:
-        return open_backend(root, storage_options=storage_options)
-    return open_backend(root)
 
 
 def _has_generation(directory: Path) -> bool:
@@ -246,15 +240,17 @@ def load(
     if single is not None and step is None:
         loaded = read_checkpoint(CheckpointRef(root, single), workers=os.cpu_count() or 1, mmap=mmap)
     elif mirror is not None:
-        tier = _mirror_root(mirror, mirror_options)
+        # opened now only to carry options: otherwise the tiers' reader opens it, and a mirror that
+        # cannot be opened is warned about there while the local root is still read
+        tier = open_backend(os.fspath(mirror), storage_options=mirror_options) if mirror_options else mirror
         shown = safe_location(os.fspath(mirror))  # a URL's user:password never reaches a message
         found = read_newest_valid_of_tiers(root, tier, step, os.cpu_count() or 1, shown)
         if found is None:
             raise CheckpointNotFoundError(f"no checkpoint in {path} or its mirror {shown}")
         loaded = found
     else:
-        if single is not None:
-            root = _open(os.fspath(path), storage_options)  # a step asked of a checkpoint: read as a root
+        if single is not None:  # a step asked of a checkpoint: read it as a root
+            root = open_backend(os.fspath(path), storage_options=storage_options)
         found = read_newest_valid(root, step, os.cpu_count() or 1, mmap)
         if found is None:
             raise CheckpointNotFoundError(f"no checkpoint in {path}")
@@ -263,15 +259,6 @@ def load(
     if torch.device(map_location) != torch.device("cpu"):
         tensors = [t.to(map_location) for t in tensors]
     return unflatten(loaded.manifest.tree, tensors)
-
-
-def _mirror_root(mirror: str | os.PathLike, options: dict[str, Any] | None) -> Any:
-    """A mirror as the reader takes it: a URL as given (its backend when it has options), a path as
-    a Path (options for one are refused by open_backend)."""
-    text = os.fspath(mirror)
-    if options:
-        return _open(str(text), options)
-    return text if isinstance(text, str) and "://" in text else Path(text)
 
 
 def check_strict(strict: Any) -> None:

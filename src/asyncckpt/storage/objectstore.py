@@ -870,13 +870,7 @@ class ObjectStoreBackend:
         Raises:
             CheckpointError: It is missing, larger than ``limit``, or cannot be read.
         """
-        try:
-            data, meta = self._call(name, "read", lambda: self._client.get(name, limit))
-        except _Missing:
-            raise CheckpointError(f"{self.describe(name)} does not exist") from None
-        if meta.size > limit:
-            raise CheckpointError(f"{self.describe(name)} is {meta.size} bytes, larger than the {limit} limit")
-        return data
+        return self.read_versioned(name, limit)[0]
 
     def read_versioned(self, name: str, limit: int) -> tuple[bytes, str | None]:
         """:meth:`read_small`, with the ETag of the version read: the writer remembers which
