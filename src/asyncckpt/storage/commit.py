@@ -321,28 +321,34 @@ def published_checkpoints(backend: Backend) -> list[CommittedCheckpoint]:
     for _ in range(_RELISTS):
         out: list[CommittedCheckpoint] = []
         vanished: set[str] = set()
-        if isinstance(backend, _ListsNamed):  # one listing of every step's objects
-            for step_name, objects in _listed_steps(backend).items():
-                step = parse_step_dir(step_name)
-                if step is None:
-                    continue
-                if _published_listed(backend, step_name, objects):
-                    out.append(CommittedCheckpoint(step, CheckpointRef(backend, step_name)))
-                elif backend.identity(step_name) is None:
-                    vanished.add(step_name)
-        else:
-            for entry in backend.list(""):
-                step = parse_step_dir(entry.name)
-                if step is None or not entry.is_dir:
-                    continue
-                if is_published(backend, entry.name):
-                    out.append(CommittedCheckpoint(step, CheckpointRef(backend, entry.name)))
-                elif backend.identity(entry.name) is None:
-                    vanished.add(entry.name)
+        for step, step_name, published in _step_dirs(backend):
+            if published:
+                out.append(CommittedCheckpoint(step, CheckpointRef(backend, step_name)))
+            elif backend.identity(step_name) is None:
+                vanished.add(step_name)
         if not vanished or (vanished_before is not None and vanished <= vanished_before):
             break
         vanished_before = vanished
     return sorted(out, key=lambda c: c.step)
+
+
+def _step_dirs(backend: Backend) -> list[tuple[int, str, bool]]:
+    """Each step directory one listing of the root shows: its step, its name, and whether it counts
+    as committed (:func:`is_published`). An object store is listed once for every step's objects."""
+    if isinstance(backend, _ListsNamed):
+        listed = _listed_steps(backend).items()
+        return [(_step_of(name), name, _published_listed(backend, name, objects)) for name, objects in listed]
+    return [
+        (_step_of(entry.name), entry.name, is_published(backend, entry.name))
+        for entry in backend.list("")
+        if entry.is_dir and parse_step_dir(entry.name) is not None
+    ]
+
+
+def _step_of(step_name: str) -> int:
+    step = parse_step_dir(step_name)
+    assert step is not None, step_name
+    return step
 
 
 _RELISTS = 8
