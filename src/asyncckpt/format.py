@@ -44,7 +44,7 @@ MAX_TREE_DEPTH = skeleton.MAX_TREE_DEPTH  # levels of nesting in a state (the sk
 _STEP_DIR = re.compile(r"step-([0-9]{12})")
 # ``data-NNNNN.bin``; ``data-NNNNN-<16 hex>.bin`` where a save attempt's data names are its own
 # (the manifest-written-last commit, storage/commit.py).
-_DATA_FILE = re.compile(r"data-[0-9]{5}(?:-[0-9a-f]{16})?\.bin")
+_DATA_FILE = re.compile(r"data-([0-9]{5})(?:-[0-9a-f]{16})?\.bin")
 # The manifest-written-last commit keeps versions of a step's manifest side by side, the highest
 # generation that verifies being the step's; ``manifest.json`` counts as generation 0.
 _MANIFEST_GENERATION = re.compile(r"manifest-([0-9]{12})\.json")
@@ -99,6 +99,24 @@ def is_data_file_name(name: str) -> bool:
         True for ``data-NNNNN.bin`` and ``data-NNNNN-<16 hex>.bin``.
     """
     return _DATA_FILE.fullmatch(name) is not None
+
+
+def data_file_rank(name: str) -> int:
+    """The number of a data file (``data-NNNNN...bin``), the inverse of :func:`data_file_name`.
+
+    Args:
+        name: A name :func:`is_data_file_name` accepts.
+
+    Returns:
+        NNNNN.
+
+    Raises:
+        ValueError: ``name`` is no data file name.
+    """
+    match = _DATA_FILE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} is no data file name")
+    return int(match.group(1))
 
 
 def manifest_generation_name(generation: int) -> str:

@@ -48,7 +48,7 @@ from urllib.parse import urlsplit, urlunsplit
 from asyncckpt.engine.pipeline import _warn_from_writer
 from asyncckpt.engine.reader import read_manifest, verify_checkpoint
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError
-from asyncckpt.format import Manifest, step_dir_name
+from asyncckpt.format import Manifest, data_file_rank, step_dir_name
 from asyncckpt.retention import CheckpointInfo, RetentionPolicy, steps_to_delete
 from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.catalog import Catalog
@@ -164,7 +164,7 @@ class _Mirror:
         self._local = local
         self._retention = retention
         self._max_behind = max_behind
-        self._storage: CommitProtocol = _open_remote(target, storage_options)
+        self._storage: CommitProtocol = open_storage(target, storage_options=storage_options)
         try:
             self.location = safe_location(self._storage.backend.location)
             self._catalog = Catalog.of_writer(self._storage)
@@ -396,7 +396,7 @@ class _Mirror:
         try:
             renamed = {}
             for file in sorted({c.file for c in manifest.chunks}):
-                target = staging.object_name(staging.data_name(int(file[5:10])))
+                target = staging.object_name(staging.data_name(data_file_rank(file)))
                 renamed[file] = target.rsplit("/", 1)[-1]
                 self._copy(step, f"{name}/{file}", target)
             copy = dataclasses.replace(
@@ -473,10 +473,3 @@ class _Mirror:
                     self._catalog.delete(committed[doomed])
         except (CheckpointError, OSError) as exc:
             _warn_from_writer(f"asyncckpt: retention in the mirror {self.location} after step {step} failed: {exc}")
-
-
-def _open_remote(target: str | os.PathLike | Backend, storage_options: dict | None) -> CommitProtocol:
-    """The mirror root opened for writing (locked, swept)."""
-    if storage_options:
-        return open_storage(target, storage_options=storage_options)
-    return open_storage(target)
