@@ -3,6 +3,7 @@ retention and preemption signals (asyncckpt.engine) to one root's storage."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -55,7 +56,7 @@ def _mirror_policy(given: dict | RetentionPolicy | None, local: RetentionPolicy)
     if isinstance(given, RetentionPolicy):
         return given
     if isinstance(given, dict):
-        unknown = set(given) - {"keep_last", "keep_best", "best_metric", "best_mode", "keep_every"}
+        unknown = set(given) - {f.name for f in dataclasses.fields(RetentionPolicy)}
         if unknown:
             raise ValueError(f"mirror_retention: unknown options {sorted(unknown)}")
         return RetentionPolicy(**given)
@@ -420,15 +421,14 @@ class CheckpointManager:
         self._fences.fence()
         self._admission.wait_pending()
         self._raise_background_errors()
-        if mirror and self._mirror is not None:
-            late = self._mirror.wait(self._mirror_timeout)
-            self._raise_mirror_error()
-            if late is not None:
-                raise CheckpointError(
-                    f"asyncckpt mirror: step {late} is not in the mirror {self._mirror.location} after "
-                    f"mirror_timeout={self._mirror_timeout} s (still uploading)"
-                )
+        late = self._mirror.wait(self._mirror_timeout) if mirror and self._mirror is not None else None
         self._raise_mirror_error()
+        if late is not None:
+            assert self._mirror is not None
+            raise CheckpointError(
+                f"asyncckpt mirror: step {late} is not in the mirror {self._mirror.location} after "
+                f"mirror_timeout={self._mirror_timeout} s (still uploading)"
+            )
 
     def _raise_mirror_error(self) -> None:
         error = self._mirror.take_error() if self._mirror is not None else None
