@@ -36,7 +36,7 @@ from asyncckpt.format import (
 )
 from asyncckpt.state import skeleton
 from asyncckpt.state.tree import RestoreResult, check_module, load_module, unflatten
-from asyncckpt.storage.backend import Backend, CheckpointRef, open_backend
+from asyncckpt.storage.backend import Backend, CheckpointRef, is_object_store_url, open_backend
 from asyncckpt.storage.commit import CommittedCheckpoint, published_checkpoints
 from asyncckpt.storage.local import LocalBackend, list_checkpoints
 
@@ -96,7 +96,7 @@ def open_target(
     if isinstance(path, Backend):
         return path, None
     text = os.fspath(path)
-    if "://" in text and not text.startswith("file://"):
+    if is_object_store_url(text):
         head, _, last = text.rstrip("/").rpartition("/")
         if parse_step_dir(last) is not None and "://" in head:
             return open_backend(head, storage_options=storage_options), last

@@ -26,14 +26,12 @@ from asyncckpt.format import MANIFEST_NAME, Manifest, parse_step_dir
 from asyncckpt.metrics import METRICS_LOG, SaveRecord, read_log, summarize
 from asyncckpt.policy import Adaptive
 from asyncckpt.retention import RetentionPolicy
-from asyncckpt.storage.backend import CheckpointRef
+from asyncckpt.storage.backend import CheckpointRef, is_object_store_url
 
 
 def _root_arg(text: str) -> Path | str:
     """A root or checkpoint named on the command line: a URL stays text, anything else is a path."""
-    from asyncckpt.cli.tools import is_url
-
-    return text if is_url(text) else Path(text)
+    return text if is_object_store_url(text) else Path(text)
 
 
 class UsageError(Exception):
@@ -56,10 +54,10 @@ def _checkpoint_dirs(path: Path | str) -> list[Where]:
     """One checkpoint directory, or a root's committed checkpoints (none: an empty list). A path
     that does not exist, or a folder that is not a checkpoint root, is a CheckpointError (exit 2).
     A URL (``s3://bucket/prefix``) is a root, or one checkpoint when it ends in ``step-N``."""
-    from asyncckpt.cli.tools import is_url, root_checkpoints
+    from asyncckpt.cli.tools import root_checkpoints
     from asyncckpt.loading import open_target
 
-    if is_url(path):
+    if is_object_store_url(path):
         backend, single = open_target(path)
         if single is not None:
             return [CheckpointRef(backend, single)]
@@ -390,9 +388,7 @@ def _plot_stats(records: list[SaveRecord], path: Path, figure_cls, title: str) -
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from asyncckpt.cli.tools import is_url
-
-    if is_url(args.root):
+    if is_object_store_url(args.root):
         raise CheckpointError(
             f"no metrics log in {args.root}: a manager writing to an object store keeps its save records in "
             "memory (mgr.stats); a local root with mirror= keeps the log in the local root"

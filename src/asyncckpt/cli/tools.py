@@ -30,7 +30,7 @@ from asyncckpt.metrics import METRICS_LOG
 from asyncckpt.retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
 from asyncckpt.state import skeleton
 from asyncckpt.state.skeleton import TENSOR_KINDS, Kind
-from asyncckpt.storage.backend import CheckpointRef
+from asyncckpt.storage.backend import CheckpointRef, is_object_store_url
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import CommittedCheckpoint, open_storage, published_checkpoints
 from asyncckpt.storage.local import LOCK_NAME, TEMP_PREFIX, fsync_dir
@@ -48,15 +48,9 @@ _LEAF_KINDS = {
 }
 
 
-def is_url(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names an object store (``s3://...``) rather than a local path."""
-    text = os.fspath(path)
-    return "://" in text and not text.startswith("file://")
-
-
 def resolve_checkpoint(path: str | os.PathLike) -> Where:
     """The checkpoint directory at ``path``, or a CheckpointError that says what ``path`` is instead."""
-    if is_url(path):
+    if is_object_store_url(path):
         backend, single = open_target(path)
         if single is None:
             committed = published_checkpoints(backend)
@@ -80,7 +74,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Where:
 
 
 def resolve_root(path: str | os.PathLike) -> Path | str:
-    if is_url(path):
+    if is_object_store_url(path):
         return os.fspath(path)
     path = Path(path)
     if not path.exists():
@@ -738,7 +732,7 @@ def root_checkpoints(root: Path | str) -> list[CommittedCheckpoint]:
     checkpoint root: it holds no checkpoint and none of the files a manager leaves (an empty folder
     included). ``ls``, ``verify`` and ``prune`` apply this one rule; a root with no checkpoint is an
     empty list. An object-store root (a URL) is any prefix: one with no checkpoint is an empty list."""
-    if is_url(root):
+    if is_object_store_url(root):
         return published_checkpoints(open_target(root)[0])
     root = Path(root)
     try:

@@ -447,6 +447,19 @@ class RenameBackend(Backend, Protocol):
         ...
 
 
+def is_object_store_url(root: str | os.PathLike) -> bool:
+    """Whether ``root`` names an object store (``s3://...``) rather than a local path or ``file://`` URL.
+
+    Args:
+        root: A root as a user gives it.
+
+    Returns:
+        True for a URL of any scheme but ``file``.
+    """
+    text = os.fspath(root)
+    return isinstance(text, str) and "://" in text and not text.startswith("file://")
+
+
 def open_backend(
     root: str | os.PathLike | Backend, *, atomic_rename: bool = True, storage_options: dict | None = None
 ) -> Backend:
