@@ -27,6 +27,8 @@ from asyncckpt.state import skeleton
 
 FORMAT_NAME = "asyncckpt"
 FORMAT_VERSION = 1
+MULTI_RANK_VERSION = 2  # the manifest of a checkpoint written by several ranks, and its rank tables
+MAX_WORLD_SIZE = 1 << 16
 MANIFEST_NAME = "manifest.json"
 ALIGNMENT = 64
 MAX_STEP = 10**12 - 1
@@ -48,6 +50,8 @@ _DATA_FILE = re.compile(r"data-([0-9]{5})(?:-[0-9a-f]{16})?\.bin")
 # The manifest-written-last commit keeps versions of a step's manifest side by side, the highest
 # generation that verifies being the step's; ``manifest.json`` counts as generation 0.
 _MANIFEST_GENERATION = re.compile(r"manifest-([0-9]{12})\.json")
+# A multi-rank checkpoint's rank tables: ``rank-NNNNN.json``, or with the attempt's 16 hex digits.
+_RANK_FILE = re.compile(r"rank-([0-9]{5})(?:-([0-9a-f]{16}))?\.json")
 
 _DTYPE_NAMES = (
     "float64 float32 float16 bfloat16 complex128 complex64 complex32 "
@@ -87,6 +91,24 @@ def data_file_name(rank: int, attempt: str | None = None) -> str:
         ``data-NNNNN.bin``, or ``data-NNNNN-<attempt>.bin``.
     """
     return f"data-{rank:05d}.bin" if attempt is None else f"data-{rank:05d}-{attempt}.bin"
+
+
+def rank_file_name(rank: int, attempt: str | None = None) -> str:
+    """The name of rank ``rank``'s table (its tree, tensors, chunks and pieces) in a multi-rank checkpoint.
+
+    Args:
+        rank: The rank.
+        attempt: As for :func:`data_file_name`.
+
+    Returns:
+        ``rank-NNNNN.json``, or ``rank-NNNNN-<attempt>.json``.
+    """
+    return f"rank-{rank:05d}.json" if attempt is None else f"rank-{rank:05d}-{attempt}.json"
+
+
+def is_rank_file_name(name: str) -> bool:
+    """Whether ``name`` is a rank table's name (``rank-NNNNN.json``, ``rank-NNNNN-<16 hex>.json``)."""
+    return _RANK_FILE.fullmatch(name) is not None
 
 
 def is_data_file_name(name: str) -> bool:
@@ -208,6 +230,14 @@ class Manifest:
             )
         return raw
 
+    def data_identity(self) -> Any:
+        """What a tag rewrite must find unchanged: the data the manifest names (its chunk table)."""
+        return self.chunks
+
+    def data_files(self) -> set[str]:
+        """The files of the step directory this manifest needs."""
+        return {c.file for c in self.chunks}
+
 
 _SEAL = re.compile(rb',"crc32":([0-9]{1,10})\}$')
 
@@ -307,8 +337,10 @@ def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
     body = _json_dict(body, where)
     if body.get("format") != FORMAT_NAME:
         raise _fail(where, f"format is {body.get('format')!r}, expected {FORMAT_NAME!r}")
+    if body.get("version") == MULTI_RANK_VERSION and "ranks" in body:
+        return _parse_multi_rank(body, where)
     if body.get("version") != FORMAT_VERSION:
-        raise _fail(where, f"format version {body.get('version')!r} is not supported (expected 1)")
+        raise _fail(where, f"format version {body.get('version')!r} is not supported (expected 1 or 2)")
     step = _int(body.get("step"), "step", 0, MAX_STEP)
     created = body.get("created")
     if not isinstance(created, (int, float)) or isinstance(created, bool) or not -1e12 < created < 1e12:
@@ -423,3 +455,364 @@ def _parse_chunks(items: Any, raw_bytes: int) -> list[ChunkEntry]:
     if expected_raw != raw_bytes:
         raise _fail("chunks", f"cover {expected_raw} raw bytes, expected {raw_bytes}")
     return out
+
+
+# ------------------------------------------------------------------------------------ multi-rank
+#
+# A checkpoint written by several ranks (docs/format.md, section 11): each rank writes its data file
+# ``data-RRRRR.bin`` and its rank table ``rank-RRRRR.json`` (a version-1 manifest body of its own
+# tensors and chunks, plus the pieces of global tensors it stored), and rank 0 writes the manifest
+# (version 2) that names every rank table with its seal: the commit record. Global tensors (sharded
+# or replicated ones) are leaves ``{"G": i}`` of the rank tables' trees, stored as pieces (a box of
+# the global tensor) across the ranks.
+
+
+@dataclass(frozen=True)
+class GlobalEntry:
+    """A tensor of the whole job (a DTensor, or a tensor replicated over the ranks): its dtype and
+    global shape; its bytes are pieces in the rank tables."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class PieceEntry:
+    """A box of global tensor ``index`` stored as tensor ``tensor`` of a rank table; its shape is
+    that tensor's, its place in the global tensor ``offsets``."""
+
+    index: int
+    tensor: int
+    offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RankEntry:
+    """One rank's part of a multi-rank checkpoint, as the manifest names it."""
+
+    file: str  # the rank table
+    data: str  # its data file
+    crc32: int  # the rank table's seal
+    stored_bytes: int
+
+
+@dataclass
+class RankTable(Manifest):
+    """What one rank wrote: its tree (global tensors as ``G`` leaves), its tensors and chunks (one
+    data file), and which of its tensors are pieces of which global tensor."""
+
+    rank: int = 0
+    world_size: int = 1
+    pieces: list[PieceEntry] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        body = {
+            "format": FORMAT_NAME,
+            "version": MULTI_RANK_VERSION,
+            "step": self.step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "tree": self.tree,
+            "tensors": [asdict(t) for t in self.tensors],
+            "chunks": [asdict(c) for c in self.chunks],
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "pieces": [[p.index, p.tensor, list(p.offsets)] for p in self.pieces],
+        }
+        return _sealed_within_limits(body, self.step)
+
+
+@dataclass
+class MultiRankManifest(Manifest):
+    """The manifest of a multi-rank checkpoint (version 2).
+
+    Parsed from its own bytes it holds the global tensor table and the rank entries (``tables`` is
+    None, ``tree`` empty). Read with its rank tables (``reader.read_manifest``) it is also a
+    consolidated view a version-1 reader walks as usual: the tree is rank 0's with each ``G`` leaf
+    made a ``T`` leaf of index ``local_count + i``; the tensors are rank 0's own ones followed by one
+    entry per global tensor (at offsets of a virtual byte space: such entries are read by assembling
+    pieces, never by offset); the chunks are every rank's, for counting and verifying.
+    """
+
+    world_size: int = 1
+    globals: list[GlobalEntry] = field(default_factory=list)
+    ranks: list[RankEntry] = field(default_factory=list)
+    tables: list[RankTable] | None = None
+    local_count: int = 0
+
+    def to_json(self) -> bytes:
+        body = {
+            "format": FORMAT_NAME,
+            "version": MULTI_RANK_VERSION,
+            "step": self.step,
+            "created": self.created,
+            "world_size": self.world_size,
+            "globals": [[g.dtype, list(g.shape)] for g in self.globals],
+            "ranks": [asdict(r) for r in self.ranks],
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "metrics": self.metrics,
+            "metadata": self.metadata,
+            "tags": self.tags,
+        }
+        return _sealed_within_limits(body, self.step)
+
+    def data_identity(self) -> Any:
+        return [(r.file, r.crc32) for r in self.ranks]
+
+    def data_files(self) -> set[str]:
+        return {r.file for r in self.ranks} | {r.data for r in self.ranks}
+
+    def pieces_of(self, index: int) -> list[tuple[int, PieceEntry]]:
+        """Every stored piece of global tensor ``index``, as (rank, piece)."""
+        assert self.tables is not None, "the rank tables are not read"
+        return [(t.rank, p) for t in self.tables for p in t.pieces if p.index == index]
+
+
+def _sealed_within_limits(body: dict, step: int) -> bytes:
+    raw = seal_manifest(json.dumps(body, separators=(",", ":")).encode())
+    over = manifest_over_limit(raw)
+    if over is not None:
+        raise ValueError(f"the manifest of step {step} {over[0]}, over {over[1]}: a reader would refuse it")
+    return raw
+
+
+def seal_of(raw: bytes) -> int:
+    """The CRC32 a sealed manifest or rank table stores as its seal (after ``check_manifest_seal``)."""
+    match = _SEAL.search(raw)
+    assert match is not None, "unsealed"
+    return int(match.group(1))
+
+
+def _load_json(raw: bytes, where: str) -> dict:
+    over = manifest_over_limit(raw)
+    if over is not None:
+        raise too_large(where, *over)
+    try:
+        body = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CheckpointDamagedError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(where, f"not valid JSON: {exc}"[:300]) from None
+    body = _json_dict(body, where)
+    if body.get("format") != FORMAT_NAME:
+        raise _fail(where, f"format is {body.get('format')!r}, expected {FORMAT_NAME!r}")
+    return body
+
+
+def _parse_multi_rank(body: dict, where: str) -> MultiRankManifest:
+    step = _int(body.get("step"), f"{where}: step", 0, MAX_STEP)
+    created = body.get("created")
+    if not isinstance(created, (int, float)) or isinstance(created, bool) or not -1e12 < created < 1e12:
+        raise _fail(where, "created: expected a number (seconds since the epoch)")
+    world = _int(body.get("world_size"), f"{where}: world_size", 1, MAX_WORLD_SIZE)
+    items = body.get("globals")
+    if not isinstance(items, list):
+        raise _fail(where, "globals: expected a list")
+    globals_: list[GlobalEntry] = []
+    for i, item in enumerate(items):
+        at = f"{where}: globals[{i}]"
+        if not isinstance(item, list) or len(item) != 2 or item[0] not in DTYPES or not isinstance(item[1], list):
+            raise _fail(at, "expected [dtype, shape] with a known dtype")
+        if len(item[1]) > 64:
+            raise _fail(at, "shape has more than 64 dimensions")
+        globals_.append(GlobalEntry(item[0], tuple(_int(d, f"{at}.shape", 0, 1 << 48) for d in item[1])))
+    ranks_raw = body.get("ranks")
+    if not isinstance(ranks_raw, list) or len(ranks_raw) != world:
+        raise _fail(where, f"ranks: expected a list of {world} entries (world_size)")
+    ranks: list[RankEntry] = []
+    for r, item in enumerate(ranks_raw):
+        at = f"{where}: ranks[{r}]"
+        item = _json_dict(item, at)
+        file, data = item.get("file"), item.get("data")
+        table = _RANK_FILE.fullmatch(file) if isinstance(file, str) else None
+        data_match = _DATA_FILE.fullmatch(data) if isinstance(data, str) else None
+        if table is None or int(table.group(1)) != r:
+            raise _fail(at, f"rank table name {str(file)[:60]!r} is not rank-{r:05d}[-<hex>].json")
+        if data_match is None or int(data_match.group(1)) != r:
+            raise _fail(at, f"data file name {str(data)[:60]!r} is not data-{r:05d}[-<hex>].bin")
+        crc = _int(item.get("crc32"), f"{at}.crc32", 0, 0xFFFFFFFF)
+        ranks.append(RankEntry(str(file), str(data), crc, _int(item.get("stored_bytes"), f"{at}.stored_bytes")))
+    stored = _int(body.get("stored_bytes"), f"{where}: stored_bytes")
+    if stored != sum(r.stored_bytes for r in ranks):
+        raise _fail(where, "stored_bytes does not equal the sum of the ranks'")
+    return MultiRankManifest(
+        step=step,
+        created=float(created),
+        tree={skeleton.Kind.DICT: []},
+        tensors=[],
+        chunks=[],
+        raw_bytes=_int(body.get("raw_bytes"), f"{where}: raw_bytes"),
+        stored_bytes=stored,
+        metrics=_json_dict(body.get("metrics", {}), "metrics"),
+        metadata=_json_dict(body.get("metadata", {}), "metadata"),
+        tags=check_tags(body.get("tags", []), "tags", _fail),
+        world_size=world,
+        globals=globals_,
+        ranks=ranks,
+    )
+
+
+def parse_rank_table(raw: bytes, where: str, manifest: MultiRankManifest, rank: int) -> RankTable:
+    """Parse and validate one untrusted rank table against the manifest that names it.
+
+    Args:
+        raw: Its bytes (seal already checked against the manifest's entry).
+        where: Its location, for messages.
+        manifest: The checkpoint's manifest.
+        rank: The rank the manifest says wrote it.
+
+    Returns:
+        The table.
+
+    Raises:
+        CheckpointDamagedError: Anything malformed or inconsistent with the manifest.
+    """
+    body = _load_json(raw, where)
+    if body.get("version") != MULTI_RANK_VERSION:
+        raise _fail(where, f"rank table version {body.get('version')!r} is not {MULTI_RANK_VERSION}")
+    if body.get("rank") != rank or body.get("world_size") != manifest.world_size or body.get("step") != manifest.step:
+        raise _fail(where, f"is not the table of rank {rank} of {manifest.world_size} at step {manifest.step}")
+    raw_bytes = _int(body.get("raw_bytes"), f"{where}: raw_bytes")
+    tensors = _parse_tensors(body.get("tensors"), raw_bytes)
+    chunks = _parse_chunks(body.get("chunks"), raw_bytes)
+    data = manifest.ranks[rank].data
+    if any(c.file != data for c in chunks):
+        raise _fail(where, f"a chunk names a data file other than {data}")
+    stored = _int(body.get("stored_bytes"), f"{where}: stored_bytes")
+    if stored != sum(c.length for c in chunks) or stored != manifest.ranks[rank].stored_bytes:
+        raise _fail(where, "stored_bytes does not equal its chunks' or the manifest's figure")
+    tree = _json_dict(body.get("tree"), f"{where}: tree")
+    skeleton.validate(
+        tree, [t.dtype for t in tensors], known_dtypes=DTYPES, error=_fail, globals_count=len(manifest.globals)
+    )
+    pieces = _parse_pieces(body.get("pieces"), where, tensors, manifest.globals)
+    return RankTable(
+        step=manifest.step,
+        created=manifest.created,
+        tree=tree,
+        tensors=tensors,
+        chunks=chunks,
+        raw_bytes=raw_bytes,
+        stored_bytes=stored,
+        rank=rank,
+        world_size=manifest.world_size,
+        pieces=pieces,
+    )
+
+
+def _parse_pieces(items: Any, where: str, tensors: list[TensorEntry], globals_: list[GlobalEntry]) -> list[PieceEntry]:
+    if not isinstance(items, list):
+        raise _fail(where, "pieces: expected a list")
+    out = []
+    used: set[int] = set()
+    for n, item in enumerate(items):
+        at = f"{where}: pieces[{n}]"
+        if not isinstance(item, list) or len(item) != 3 or not isinstance(item[2], list):
+            raise _fail(at, "expected [global index, tensor index, offsets]")
+        index = _int(item[0], f"{at} global index", 0, len(globals_) - 1)
+        tensor = _int(item[1], f"{at} tensor index", 0, len(tensors) - 1)
+        if tensor in used:
+            raise _fail(at, f"tensor {tensor} is a piece twice")
+        used.add(tensor)
+        entry, whole = tensors[tensor], globals_[index]
+        offsets = tuple(_int(o, f"{at} offset", 0, 1 << 48) for o in item[2])
+        if entry.dtype != whole.dtype or len(entry.shape) != len(whole.shape) or len(offsets) != len(whole.shape):
+            raise _fail(
+                at, f"a {entry.dtype}{list(entry.shape)} piece does not fit global {whole.dtype}{list(whole.shape)}"
+            )
+        if any(o + s > d for o, s, d in zip(offsets, entry.shape, whole.shape, strict=True)):
+            raise _fail(at, f"piece at {list(offsets)} of shape {list(entry.shape)} runs out of {list(whole.shape)}")
+        out.append(PieceEntry(index, tensor, offsets))
+    return out
+
+
+def check_coverage(manifest: MultiRankManifest) -> None:
+    """Every global tensor is tiled exactly by its pieces: no two overlap, together they cover it.
+
+    Raises:
+        CheckpointDamagedError: A global tensor with overlapping pieces or an uncovered part.
+    """
+    assert manifest.tables is not None
+    by_index: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    for table in manifest.tables:
+        for piece in table.pieces:
+            shape = table.tensors[piece.tensor].shape
+            if math.prod(shape):
+                by_index.setdefault(piece.index, []).append((piece.offsets, shape))
+    for index, whole in enumerate(manifest.globals):
+        boxes = by_index.get(index, [])
+        if sum(math.prod(s) for _, s in boxes) != math.prod(whole.shape):
+            raise _fail(f"global tensor {index}", f"its pieces do not cover {whole.dtype}{list(whole.shape)} exactly")
+        boxes.sort()
+        for i, (a_off, a_shape) in enumerate(boxes):
+            for b_off, b_shape in boxes[i + 1 :]:
+                if b_off[0] >= a_off[0] + a_shape[0]:
+                    break
+                if all(
+                    bo < ao + as_ and ao < bo + bs
+                    for ao, as_, bo, bs in zip(a_off, a_shape, b_off, b_shape, strict=True)
+                ):
+                    raise _fail(f"global tensor {index}", f"pieces at {list(a_off)} and {list(b_off)} overlap")
+
+
+def rewrite_globals(tree: dict, first: int) -> dict:
+    """A copy of a rank table's tree whose ``G`` leaves are ``T`` leaves of index ``first + i``."""
+    out = json.loads(json.dumps(tree))
+    leaves = [visit.node for visit in skeleton.walk(out, None) if visit.kind == skeleton.Kind.GLOBAL]
+    for node in leaves:
+        node[skeleton.Kind.TENSOR] = first + node.pop(skeleton.Kind.GLOBAL)
+    return out
+
+
+def consolidate(manifest: MultiRankManifest, tables: list[RankTable]) -> MultiRankManifest:
+    """The consolidated view of a multi-rank checkpoint (see :class:`MultiRankManifest`).
+
+    Args:
+        manifest: The parsed manifest.
+        tables: Every rank's table, validated, by rank.
+
+    Returns:
+        The manifest with ``tables``, ``tree``, ``tensors`` and ``chunks`` filled in.
+
+    Raises:
+        CheckpointDamagedError: A global tensor not tiled exactly by its pieces.
+    """
+    base = tables[0]
+    view = MultiRankManifest(**{**manifest.__dict__, "tables": tables, "local_count": len(base.tensors)})
+    check_coverage(view)
+    at = -(-base.raw_bytes // ALIGNMENT) * ALIGNMENT
+    tensors = list(base.tensors)
+    for whole in manifest.globals:
+        tensors.append(TensorEntry(whole.dtype, whole.shape, at, whole.nbytes))
+        at += -(-whole.nbytes // ALIGNMENT) * ALIGNMENT
+    view.tree = rewrite_globals(base.tree, len(base.tensors))
+    view.tensors = tensors
+    view.chunks = [c for table in tables for c in table.chunks]
+    return view
+
+
+def per_rank_differences(manifest: MultiRankManifest) -> list[str]:
+    """The paths of the state that are per rank and may differ between ranks: per-rank tensors
+    (never compared) and values or structure that differ between the rank tables' trees. Empty
+    when the ranks stored nothing of their own but equal values: the checkpoint then loads at any
+    world size without a choice of rank."""
+    assert manifest.tables is not None
+    seen: dict[str, set[str]] = {}
+    for table in manifest.tables:
+        for visit in skeleton.walk(table.tree):
+            kind = visit.kind
+            if kind in skeleton.CONTAINER_KINDS or kind == skeleton.Kind.OBJECT or kind == skeleton.Kind.GLOBAL:
+                if kind in skeleton.CONTAINER_KINDS:
+                    keys = [k for k, _ in visit.node[kind]] if kind == skeleton.Kind.DICT else len(visit.node[kind])
+                    seen.setdefault(visit.path, set()).add(f"{kind}:{keys!r}")
+                continue
+            if kind in skeleton.TENSOR_KINDS:
+                seen.setdefault(visit.path, set()).update({"tensor", f"rank {table.rank}"})
+            else:
+                seen.setdefault(visit.path, set()).add(json.dumps(visit.node[kind]))
+    return sorted(path for path, values in seen.items() if len(values) > 1)

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import torch
 
 from asyncckpt.engine.mirror import safe_location
+from asyncckpt.engine.rank_restore import check_per_rank, choose_table
 from asyncckpt.engine.reader import (
     CheckpointGoneError,
     DirIdentity,
@@ -31,6 +32,7 @@ from asyncckpt.format import (
     MANIFEST_NAME,
     Manifest,
     ManifestTooLargeError,
+    MultiRankManifest,
     parse_manifest_generation,
     parse_step_dir,
 )
@@ -207,8 +209,13 @@ def load(
     storage_options: dict[str, Any] | None = None,
     mirror: str | os.PathLike | None = None,
     mirror_options: dict[str, Any] | None = None,
+    per_rank: str = "error",
 ) -> Any:
     """Load a checkpoint as a plain nested tree (stateful objects become their state dicts).
+
+    A checkpoint saved by several ranks loads consolidated: every sharded or replicated tensor
+    whole. State each rank kept of its own (``RNGState``, a sampler's position) has no owner in
+    one process: unless every rank saved equal values, ``per_rank`` must say whose to take.
 
     The tensors are read into memory of their own, every chunk verified first. ``mmap=True`` maps a
     raw (``compression=None``) checkpoint's data file instead: zero-copy, but the tensors then
@@ -226,6 +233,9 @@ def load(
             cannot read, is read from there (with a warning).
         mirror_options: the mirror's client options, as ``storage_options`` are the root's (as
             ``CheckpointManager(mirror_options=...)``); by default from the environment.
+        per_rank: for a checkpoint of several ranks whose per-rank state differs: ``"error"`` (the
+            default: a CheckpointError naming that state), ``"rank0"`` or ``"same"`` (rank 0's,
+            the rank of this one process).
 
     Returns:
         The saved state: dicts, lists, tuples, tensors, numpy arrays and plain values, each saved
@@ -255,6 +265,9 @@ def load(
         if found is None:
             raise CheckpointNotFoundError(f"no checkpoint in {path}")
         loaded = found
+    check_per_rank(per_rank)
+    if isinstance(loaded.manifest, MultiRankManifest) and loaded.manifest.world_size > 1:
+        choose_table(loaded.manifest, 0, 1, per_rank, f"checkpoint step {loaded.manifest.step} ({loaded.path})")
     tensors = loaded.tensors
     if torch.device(map_location) != torch.device("cpu"):
         tensors = [t.to(map_location) for t in tensors]

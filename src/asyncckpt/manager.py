@@ -21,6 +21,8 @@ from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.mirror import _Mirror, write_mirror_file
 from asyncckpt.engine.overlap import Fences
 from asyncckpt.engine.pipeline import Pipeline, SaveJob
+from asyncckpt.engine.rank_plan import RankPlanner, join_ranks, open_rank_storage
+from asyncckpt.engine.rank_restore import check_per_rank, restore_ranks
 from asyncckpt.engine.retain import Retainer
 from asyncckpt.engine.signals import Preemption, at_interpreter_exit
 from asyncckpt.engine.staging import ArenaPool, CopyEngine
@@ -34,7 +36,6 @@ from asyncckpt.retention import RetentionPolicy
 from asyncckpt.state.tree import RestoreResult, check_compatible, restore_into
 from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.catalog import Catalog
-from asyncckpt.storage.commit import open_storage
 from asyncckpt.storage.local import LocalBackend
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -128,6 +129,10 @@ class CheckpointManager:
         mirror_timeout: float = 300.0,
         mirror_options: dict | None = None,
         storage_options: dict | None = None,
+        process_group: Any = None,
+        rank_timeout: float = 300.0,
+        replicated: tuple[str, ...] | list[str] = (),
+        per_rank: str = "error",
     ) -> None:
         if snapshot not in SNAPSHOT_MODES:
             raise ValueError(f"snapshot must be one of {SNAPSHOT_MODES}, got {snapshot!r}")
@@ -153,14 +158,26 @@ class CheckpointManager:
         self._due_answer: tuple[int, bool] | None = None  # the last due(step), for maybe_save(step)
         self._fences = Fences()  # overlap mode: the hooks and the copies not yet judged
         self._preemption = Preemption()
+        if isinstance(rank_timeout, bool) or not isinstance(rank_timeout, (int, float)) or not rank_timeout > 0:
+            raise ValueError(f"rank_timeout must be a positive number of seconds, got {rank_timeout!r}")
+        self._per_rank = check_per_rank(per_rank)
+        self._replicated = tuple(replicated)
+        if not all(isinstance(key, str) for key in self._replicated):
+            raise TypeError(f"replicated must name top-level keys of the state (strings), got {replicated!r}")
+        self._ranks = join_ranks(process_group, float(rank_timeout))
+        if self._ranks is not None and mirror is not None:
+            self._ranks.close()
+            raise ValueError("mirror= is not supported by a manager of several ranks yet")
         arenas = ArenaPool(pinned=torch.cuda.is_available())
         self._copier = CopyEngine()
-        self._storage = open_storage(root, storage_options)  # last before the try: a failure after it must unlock
+        # last before the try: a failure after it must unlock
+        self._storage = open_rank_storage(root, storage_options, self._ranks)
         try:
             backend = self._storage.backend
             # A local root is a Path (as it always was); an object store's is its URL.
             self.root: Path | str = backend.root if isinstance(backend, LocalBackend) else backend.location
-            self.stats = SaveStats(self.root / METRICS_LOG if isinstance(self.root, Path) else None)
+            logs = isinstance(self.root, Path) and (self._ranks is None or self._ranks.rank == 0)
+            self.stats = SaveStats(self.root / METRICS_LOG if logs and isinstance(self.root, Path) else None)
             self._tags = Tags(self._storage, Catalog.of_writer(self._storage))
             if mirror is not None:
                 self._mirror = _Mirror(mirror, self._storage.backend, mirror_policy, mirror_max_behind, mirror_options)
@@ -171,7 +188,8 @@ class CheckpointManager:
                 self._storage, self._codec, self._workers, chunk_size, self._on_done, nice=background_nice
             )
             parts = (arenas, self._copier, self._fences, self._pipeline, self._tags, self.stats)
-            self._admission = Admission(self.root, max_pending, snapshot, *parts)
+            planner = RankPlanner(self._ranks, self._replicated) if self._ranks is not None else None
+            self._admission = Admission(self.root, max_pending, snapshot, *parts, plan=planner)
         except BaseException:
             if self._mirror is not None:
                 self._mirror.close(0.0)
@@ -394,7 +412,7 @@ class CheckpointManager:
         self._admission.finished(job)
         try:
             self._tags.finished(job, path)
-            if path is not None:
+            if path is not None and (self._ranks is None or self._ranks.rank == 0):  # rank 0 keeps the root
                 if self._mirror is not None:
                     self._mirror.submit(job.step)  # before retention: a step to upload is pinned
                 self._retainer.apply(protect=job.step)
@@ -498,6 +516,17 @@ class CheckpointManager:
             _check_step(step)
         self._fences.fence()
         self._admission.wait_pending()
+        if self._ranks is not None:
+            return restore_ranks(
+                state,
+                self._storage.backend,
+                self._ranks,
+                step,
+                strict=strict,
+                per_rank=self._per_rank,
+                replicated=self._replicated,
+                workers=self._workers,
+            )
         if self._mirror is not None:
             loaded = read_newest_valid_of_tiers(
                 self._storage.backend, self._mirror.root, step, self._workers, self._mirror.location
@@ -597,6 +626,8 @@ class CheckpointManager:
                 mirror_error = self._mirror.close(self._mirror_timeout) if self._mirror is not None else None
             finally:
                 self._storage.close()
+                if self._ranks is not None:
+                    self._ranks.close()
         earlier = self._take_background_errors()
         if earlier is not None:
             if mirror_error is not None:  # never lost: said, while the save's failure is raised

@@ -55,8 +55,11 @@ class SaveRecord:
     fsync_s: float = 0.0
     commit_s: float = 0.0
     persist_s: float = 0.0  # from save() returning to the commit being durable
-    raw_bytes: int = 0
+    raw_bytes: int = 0  # several ranks: rank 0's record holds the whole checkpoint's
     stored_bytes: int = 0
+    # several ranks, on rank 0: the longest stall_s of any rank for this step (each rank's own
+    # record holds its own stall_s); None for a single-process save
+    max_rank_stall_s: float | None = None
     ok: bool | None = None
     error: str | None = None
 

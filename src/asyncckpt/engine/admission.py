@@ -23,14 +23,14 @@ import torch
 from asyncckpt import _phases
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import Fences, LazyCopy
-from asyncckpt.engine.pipeline import Pipeline, SaveJob
+from asyncckpt.engine.pipeline import Pipeline, RankSave, SaveJob
 from asyncckpt.engine.staging import Arena, ArenaPool, CopyEngine, plan_layout
 from asyncckpt.engine.tags import Tags
 from asyncckpt.errors import CheckpointError, SaveFailedError
 from asyncckpt.format import check_tags
 from asyncckpt.metrics import SaveRecord, SaveStats
 from asyncckpt.policy import SavePolicy
-from asyncckpt.state.tree import flatten
+from asyncckpt.state.tree import FlatState, flatten
 
 
 def check_json(value: Any, what: str) -> dict:
@@ -73,6 +73,19 @@ def _plain_metrics(metrics: dict | None) -> dict:
     return check_json(out, "metrics")
 
 
+class SavePlanner:
+    """How a save's state becomes what it stages: one process flattens it (this class); the ranks
+    of a multi-rank job also agree on the save (``manager``'s subclass)."""
+
+    def flatten(self, state: Any) -> FlatState:
+        """The state's skeleton and the tensors this process writes."""
+        return flatten(state)
+
+    def plan(self, state: Any, step: int) -> tuple[FlatState, RankSave | None]:
+        """:meth:`flatten`, plus this rank's part of a multi-rank save (None: one process)."""
+        return self.flatten(state), None
+
+
 class _Slot:
     """One save's reserved ``max_pending`` slot, held in ``Admission._reservations`` until its
     handle is pending. A set member, not a counter plus a flag: taking and giving it back are single
@@ -106,7 +119,9 @@ class Admission:
         pipeline: Pipeline,
         tags: Tags,
         stats: SaveStats,
+        plan: SavePlanner | None = None,
     ) -> None:
+        self._plan = plan or SavePlanner()
         self._root = root
         self._max_pending = max_pending
         self._snapshot = snapshot
@@ -134,7 +149,7 @@ class Admission:
             A Future that resolves (to the arena's size) once the arena is ready; the next save
             waits for it if needed.
         """
-        nbytes = plan_layout(flatten(state).tensors).total
+        nbytes = plan_layout(self._plan.flatten(state).tensors).total
         future: Future = Future()
         # A new thread starts on CUDA device 0: pinning from there would open a context on GPU 0
         # in every process of a one-GPU-per-process job. Pin from the caller's device instead.
@@ -268,7 +283,7 @@ class Admission:
         from the moment the handle is pending); until the writer has the job, all is rolled back."""
         step = record.step
         waited = time.perf_counter()
-        flat = flatten(state)
+        flat, ranks = self._plan.plan(state, step)
         layout = plan_layout(flat.tensors)
         job_metrics = _plain_metrics(metrics)
         job_metadata = check_json(metadata, "metadata")
@@ -291,7 +306,19 @@ class Admission:
             copied = time.perf_counter()
             handle = SaveHandle(step)
             handle.add_done_callback(self._settled)  # fires only once the writer has resolved it
-            job = SaveJob(step, flat.skeleton, layout, arena, handle, record, job_metrics, job_metadata, job_tags, lazy)
+            job = SaveJob(
+                step,
+                flat.skeleton,
+                layout,
+                arena,
+                handle,
+                record,
+                job_metrics,
+                job_metadata,
+                job_tags,
+                lazy,
+                ranks=ranks,
+            )
             if lazy is not None:
                 self._fences.track(lazy, handle)
             ended = time.perf_counter()

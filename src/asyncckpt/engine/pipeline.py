@@ -27,9 +27,23 @@ from asyncckpt.engine import overlap
 from asyncckpt.engine.chunking import ChunkPlan, plan_chunks
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import LazyCopy
+from asyncckpt.engine.ranks import RankGroup, Vote
 from asyncckpt.engine.staging import Arena, Layout
 from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
-from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, dtype_name
+from asyncckpt.format import (
+    ChunkEntry,
+    GlobalEntry,
+    Manifest,
+    MultiRankManifest,
+    PieceEntry,
+    RankEntry,
+    RankTable,
+    TensorEntry,
+    dtype_name,
+    rank_file_name,
+    seal_of,
+    step_dir_name,
+)
 from asyncckpt.metrics import SaveRecord
 from asyncckpt.storage.backend import CheckpointRef, WriteStream
 from asyncckpt.storage.commit import CommitProtocol, Staging, user_location
@@ -63,6 +77,17 @@ class WrittenData:
     fsync_began: float
 
 
+@dataclass(frozen=True)
+class RankSave:
+    """One rank's part in a multi-rank save: the group, the attempt every rank agreed on, the global
+    tensor table and this rank's pieces."""
+
+    group: RankGroup
+    attempt: str
+    globals: list[GlobalEntry]
+    pieces: list[PieceEntry]
+
+
 @dataclass
 class SaveJob:
     step: int
@@ -81,6 +106,7 @@ class SaveJob:
     # (``cancelled``); decided once, under ``Pipeline._accepting_lock`` (``Pipeline.withdraw``).
     taken: bool = False
     cancelled: bool = False
+    ranks: RankSave | None = None  # a save of several ranks: this rank's part and the attempt they share
     retagged_late: bool = False  # tags changed after that: the manager rewrites them at the commit
     changes: list[Callable[[list[str]], list[str]]] = field(default_factory=list)  # tag/untag calls, in order
     _tags_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -217,6 +243,8 @@ class Pipeline:
         if job.lazy is not None:  # before anything can fail: the arena is not ours until then
             job.lazy.wait_copied()
             record.lazy_copy_s = job.lazy.copy_s
+        if job.ranks is not None:
+            return self._persist_rank(job, job.ranks)
         staging = self._storage.begin(job.step)
         try:
             written = self._write_data(job, staging)
@@ -249,13 +277,114 @@ class Pipeline:
             self._read_gpu_fence_wait(job)
         return checkpoint.ref
 
+    def _persist_rank(self, job: SaveJob, ranks: RankSave) -> CheckpointRef:
+        """One rank's part of a multi-rank save: its data and rank table made durable in the
+        attempt's staging, its vote; then rank 0 publishes when every rank voted for it, and the
+        others wait for the outcome (the two-phase commit of ``engine/ranks.py``)."""
+        record, group = job.record, ranks.group
+        rank = group.rank
+        staging = self._storage.begin(job.step, attempt=ranks.attempt)
+        try:
+            written = self._write_data(job, staging, rank)
+            table = RankTable(
+                step=job.step,
+                created=record.started,
+                tree=job.tree,
+                tensors=[TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots],
+                chunks=written.chunks,
+                raw_bytes=job.layout.total,
+                stored_bytes=written.stored_bytes,
+                rank=rank,
+                world_size=group.world_size,
+                pieces=ranks.pieces,
+            )
+            sealed_table = table.to_json()
+            name = rank_file_name(rank, staging.attempt if staging.unique_names else None)
+            _phases.pause("manifest")
+            self._storage.backend.write_small(staging.object_name(name), sealed_table)
+            record.fsync_s = time.perf_counter() - written.fsync_began
+            self._data_durable_not_published(job)
+            _phases.pause("vote")
+            vote = Vote(
+                rank,
+                True,
+                table=name,
+                data=staging.data_name(rank),
+                crc32=seal_of(sealed_table),
+                stored_bytes=written.stored_bytes,
+                raw_bytes=job.layout.total,
+                stall_s=record.stall_s,
+            )
+        except BaseException as exc:
+            group.vote(ranks.attempt, Vote(rank, False, f"{type(exc).__name__}: {exc}"))
+            if rank == 0:
+                self._fail_attempt(job, ranks, staging)
+            raise
+        group.vote(ranks.attempt, vote)
+        began = time.perf_counter()
+        if rank != 0:
+            outcome = group.outcome(ranks.attempt, job.step)
+            if outcome != "committed":
+                raise CheckpointError(outcome)
+            record.commit_s = time.perf_counter() - began
+            record.persist_s = time.perf_counter() - job.enqueued
+            record.raw_bytes, record.stored_bytes = job.layout.total, written.stored_bytes
+            return CheckpointRef(self._storage.backend, step_dir_name(job.step))
+        votes = group.collect(ranks.attempt, job.step)
+        failed = [v for v in votes if not v.ok]
+        if failed:
+            reason = f"rank {failed[0].rank} failed: {failed[0].error}"
+            group.announce(ranks.attempt, f"step {job.step} was not committed: {reason}")
+            self._storage.abort(staging)
+            raise CheckpointError(f"step {job.step} was not committed: {reason}")
+        manifest = MultiRankManifest(
+            step=job.step,
+            created=record.started,
+            tree={},
+            tensors=[],
+            chunks=[],
+            raw_bytes=sum(v.raw_bytes for v in votes),
+            stored_bytes=sum(v.stored_bytes for v in votes),
+            metrics=job.metrics,
+            metadata=job.metadata,
+            tags=job.tags_for_manifest(),
+            world_size=group.world_size,
+            globals=ranks.globals,
+            ranks=[RankEntry(v.table, v.data, v.crc32, v.stored_bytes) for v in votes],
+        )
+        try:
+            sealed = manifest.to_json()
+            self._storage.stage_manifest(staging, sealed)
+            checkpoint = self._storage.publish(staging, sealed)
+        except BaseException as exc:
+            group.announce(ranks.attempt, f"step {job.step} was not committed: rank 0 failed to publish: {exc}")
+            self._storage.abort(staging)
+            raise
+        group.announce(ranks.attempt, "committed")
+        record.commit_s = time.perf_counter() - began
+        record.persist_s = time.perf_counter() - job.enqueued
+        record.raw_bytes, record.stored_bytes = manifest.raw_bytes, manifest.stored_bytes
+        record.max_rank_stall_s = max(v.stall_s for v in votes)
+        if job.lazy is not None:
+            self._read_gpu_fence_wait(job)
+        return checkpoint.ref
+
+    def _fail_attempt(self, job: SaveJob, ranks: RankSave, staging: Staging) -> None:
+        """Rank 0 failed its own part: wait for the others to finish writing (their votes), tell them
+        the save failed, then remove the attempt."""
+        try:
+            ranks.group.collect(ranks.attempt, job.step)
+            ranks.group.announce(ranks.attempt, f"step {job.step} was not committed: rank 0 failed")
+        finally:
+            self._storage.abort(staging)
+
     def _data_durable_not_published(self, job: SaveJob) -> None:
         """The point between the durable data and the commit: nothing of the step is visible yet, and
         a failure here leaves no trace. Overlap mode's verdict stands here."""
         if job.lazy is not None:
             self._check_guard(job)
 
-    def _write_data(self, job: SaveJob, staging: Staging) -> WrittenData:
+    def _write_data(self, job: SaveJob, staging: Staging, rank: int = 0) -> WrittenData:
         """Encode the arena's chunks in parallel and write them in order into one data object of
         ``staging``; return once they are durable. Any failure leaves the encoders stopped (the
         arena is not read any more) and the stream aborted; the caller aborts the staging."""
@@ -263,7 +392,7 @@ class Pipeline:
         pending: collections.deque[tuple[ChunkPlan, Future]] = collections.deque()
         stream: WriteStream | None = None
         try:
-            file = staging.data_name(0)
+            file = staging.data_name(rank)
             # the raw size bounds the stored one but for codec framing (an object store sizes its parts by it)
             stream = self._storage.backend.open_write(staging.object_name(file), size_hint=job.layout.total)
             plans = plan_chunks(job.layout, self._chunk_size)

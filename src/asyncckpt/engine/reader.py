@@ -45,9 +45,14 @@ from asyncckpt.format import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     Manifest,
+    MultiRankManifest,
+    RankTable,
     check_manifest_seal,
+    consolidate,
     parse_manifest,
+    parse_rank_table,
     parse_step_dir,
+    seal_of,
     too_large,
 )
 from asyncckpt.state.skeleton import tensor_paths
@@ -182,7 +187,25 @@ def read_manifest(path: Where, *, identity: DirIdentity | None = None) -> Manife
         named = parse_step_dir(path.name)
         if named is not None and named != manifest.step:
             raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
+        if isinstance(manifest, MultiRankManifest):
+            manifest = consolidate(manifest, _read_rank_tables(path, store, name, manifest))
         return manifest
+
+
+def _read_rank_tables(path: Where, store: Backend, name: str, manifest: MultiRankManifest) -> list[RankTable]:
+    """Every rank table a multi-rank manifest names, each checked against the seal it records."""
+    tables = []
+    for rank, entry in enumerate(manifest.ranks):
+        where = str(path / entry.file)
+        raw = _damaged(store.read_small, f"{name}/{entry.file}", MAX_MANIFEST_BYTES)
+        check_manifest_seal(raw, where)
+        if seal_of(raw) != entry.crc32:
+            raise CheckpointDamagedError(
+                f"{where} is not the rank table the manifest committed (seal {seal_of(raw):08x}, "
+                f"the manifest records {entry.crc32:08x})"
+            )
+        tables.append(parse_rank_table(raw, where, manifest, rank))
+    return tables
 
 
 def _tensor_names(manifest: Manifest, start: int, end: int) -> str:
@@ -312,6 +335,8 @@ def _read_checkpoint(
     identity: DirIdentity | None,
 ) -> LoadedCheckpoint:
     manifest = manifest or read_manifest(path, identity=identity)
+    if isinstance(manifest, MultiRankManifest):
+        return _read_multi_rank(path, workers, manifest, only)
     files: dict[str, ReadHandle] = {}
     try:
         _open_data_files(path, manifest, files)
@@ -338,6 +363,26 @@ def _read_checkpoint(
         for handle in files.values():
             handle.close()
     return LoadedCheckpoint(path, manifest, cast(list[torch.Tensor], scatter.tensors()))
+
+
+def _read_multi_rank(path: Where, workers: int, view: MultiRankManifest, only: set[int] | None) -> LoadedCheckpoint:
+    """``read_checkpoint`` of a multi-rank checkpoint's consolidated view: rank 0's own tensors from
+    its data file, each global tensor assembled whole from its pieces."""
+    from asyncckpt.engine.pieces import read_boxes, whole
+
+    assert view.tables is not None
+    wanted = set(range(len(view.tensors))) if only is None else only
+    local = {i for i in wanted if i < view.local_count}
+    tensors: list[torch.Tensor | None] = [None] * len(view.tensors)
+    if local:
+        own = _read_checkpoint(path, workers, view.tables[0], local, False, None).tensors
+        for i in local:
+            tensors[i] = own[i]
+    globals_ = sorted(i - view.local_count for i in wanted if i >= view.local_count)
+    read, _ = read_boxes(path, view, [whole(view, g) for g in globals_], workers)
+    for g, tensor in zip(globals_, read, strict=True):
+        tensors[view.local_count + g] = tensor
+    return LoadedCheckpoint(path, view, cast(list[torch.Tensor], tensors))
 
 
 def _for_each_chunk(
@@ -489,6 +534,11 @@ def _verify_checkpoint(
     identity: DirIdentity | None,
 ) -> Manifest:
     manifest = manifest or read_manifest(path, identity=identity)
+    if isinstance(manifest, MultiRankManifest):
+        assert manifest.tables is not None
+        for table in manifest.tables:  # each rank's chunks, named by its data file
+            _verify_checkpoint(path, progress, table, workers, None)
+        return manifest
     files: dict[str, ReadHandle] = {}
     try:
         _open_data_files(path, manifest, files)

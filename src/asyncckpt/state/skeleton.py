@@ -10,6 +10,8 @@ node's content, plus at most one extra key:
     {"v": value}                               None, bool, int, float, str
     {"dt": "float32"}   {"dev": "cuda:0"}      torch.dtype, torch.device
     {"o": node, "cls": "AdamW"}                object with state_dict()/load_state_dict()
+    {"G": i}   a tensor of a multi-rank checkpoint, stored in pieces across ranks (global index i);
+               only in the rank tables of a multi-rank checkpoint, never in a version-1 manifest
 
 Those letters are :class:`Kind`; everything that reads a skeleton asks :func:`kind_of` and walks
 it with :func:`walk` (the save side, ``state.tree.flatten``, builds nodes from :class:`Kind`). A
@@ -53,6 +55,7 @@ class Kind:
     DTYPE: Final = "dt"
     DEVICE: Final = "dev"
     OBJECT: Final = "o"
+    GLOBAL: Final = "G"  # a multi-rank checkpoint's tensor stored as pieces across ranks (index i)
 
 
 KINDS: Final = frozenset(value for name, value in vars(Kind).items() if name.isupper())
@@ -404,6 +407,7 @@ def validate(
     known_dtypes: Collection[str],
     error: Callable[[str, str], Exception],
     where: str = "tree",
+    globals_count: int | None = None,
 ) -> None:
     """Check an untrusted skeleton node by node before anything else walks it.
 
@@ -419,6 +423,8 @@ def validate(
         known_dtypes: every dtype name the format knows.
         error: makes the exception to raise, as ``error(where, what)``.
         where: what the messages call the skeleton.
+        globals_count: the size of a multi-rank checkpoint's global tensor table, whose ``G``
+            leaves index it; None (a version-1 manifest) refuses ``G`` leaves as an unknown kind.
 
     Raises:
         Exception: ``error(...)``, at the first malformed node.
@@ -427,7 +433,7 @@ def validate(
     # locals, not attribute lookups: this runs on every node of skeletons of a million nodes
     tensor_kinds, kinds_known, extras = TENSOR_KINDS, KINDS, _EXTRAS
     tensor, value_kind, dtype_kind, device = Kind.TENSOR, Kind.VALUE, Kind.DTYPE, Kind.DEVICE
-    dict_kind, list_kind, tuple_kind = Kind.DICT, Kind.LIST, Kind.TUPLE
+    dict_kind, list_kind, tuple_kind, global_kind = Kind.DICT, Kind.LIST, Kind.TUPLE, Kind.GLOBAL
 
     def check(node: Any, depth: int) -> str:
         if depth > 2 * MAX_TREE_DEPTH:  # a stateful node adds a level
@@ -440,7 +446,7 @@ def validate(
         name = kinds[0]
         if META in node or CLASS_NAME in node:
             _check_extras(node, name, lambda what: error(where, what))
-        if name not in kinds_known:
+        if name not in kinds_known or (name == global_kind and globals_count is None):
             raise error(where, f"unknown node kind {name[:20]!r}")
         kind = name
         value = node[name]
@@ -451,6 +457,10 @@ def validate(
             dtype = tensor_dtypes[value]
             if kind != tensor and (dtype in _NOT_NUMPY or dtype.startswith(("float8", "float4"))):
                 raise error(where, f"a numpy leaf cannot hold {dtype}")
+        elif kind == global_kind:
+            high = (globals_count or 0) - 1
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+                raise error(f"{where} global tensor index", f"expected an integer in [0, {high}], got {value!r}"[:200])
         elif kind == value_kind:
             if value is not None and not isinstance(value, (bool, int, float, str)):
                 raise error(where, "a value leaf must be null, bool, number or string")

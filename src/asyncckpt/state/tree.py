@@ -56,6 +56,18 @@ def _is_stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
+def unwrap_data_parallel(obj: Any) -> Any:
+    """The module a DistributedDataParallel (or DataParallel) wrapper holds, else ``obj``.
+
+    The wrapper's state dict prefixes every key with ``module.``; saving the wrapped module keeps
+    the canonical parameter names, so a checkpoint saved under DDP restores into the bare model, an
+    FSDP2 one or another DDP wrapper alike.
+    """
+    while isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        obj = obj.module
+    return obj
+
+
 def _numpy_module():
     return sys.modules.get("numpy")
 
@@ -136,6 +148,7 @@ class _Flattener:
         if np is not None and isinstance(obj, np.generic):
             return {Kind.NUMPY_SCALAR: self.add_tensor(_numpy_to_tensor(np.asarray(obj), path), path)}
         if _is_stateful(obj):
+            obj = unwrap_data_parallel(obj)
             inner = obj.state_dict()
             return {Kind.OBJECT: self.node(inner, object_path(path), depth + 1), CLASS_NAME: type(obj).__name__}
         raise TypeError(
@@ -408,6 +421,7 @@ class _Planner:
             else:
                 self._kind_error(path, live, node)
         elif _is_stateful(live):
+            live = unwrap_data_parallel(live)
             if kind != Kind.OBJECT:
                 self._kind_error(path, live, node)
             elif isinstance(live, torch.nn.Module):
@@ -691,7 +705,14 @@ class _Restorer:
                 try:
                     if isinstance(live, torch.nn.Module):
                         where = object_path(path)
-                        load_module(live, value, tensors, self.plan, path, lambda key: child_path(where, key))
+                        load_module(
+                            unwrap_data_parallel(live),
+                            value,
+                            tensors,
+                            self.plan,
+                            path,
+                            lambda key: child_path(where, key),
+                        )
                     else:
                         _load_optimizer(live, value, tensors, self.plan, path)
                 except Exception as exc:

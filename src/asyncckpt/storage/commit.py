@@ -49,6 +49,7 @@ from asyncckpt.format import (
     data_file_name,
     ends_with_seal,
     is_data_file_name,
+    is_rank_file_name,
     manifest_generation_name,
     parse_manifest,
     parse_manifest_generation,
@@ -67,8 +68,14 @@ _PARKED = re.compile(rf"\.replaced-(step-[0-9]{{12}})\.{_HEX}")
 _MANIFEST_TEMP = re.compile(rf"{re.escape(MANIFEST_NAME)}\.\.tmp-{_HEX}")
 # The per-attempt data names of the manifest-last commit (the only data names it ever removes
 # besides those of a version it superseded).
-_ATTEMPT_DATA = re.compile(r"data-[0-9]{5}-([0-9a-f]{16})\.bin")
+_ATTEMPT_DATA = re.compile(r"(?:data-[0-9]{5}-([0-9a-f]{16})\.bin|rank-[0-9]{5}-([0-9a-f]{16})\.json)")
 _MAX_GENERATION = 10**12 - 1  # manifest-<12 digits>.json
+
+
+def _attempt_of(name: str) -> str | None:
+    """The attempt a per-attempt data file or rank table belongs to, or None for any other name."""
+    match = _ATTEMPT_DATA.fullmatch(name)
+    return None if match is None else match.group(1) or match.group(2)
 
 
 def _token() -> str:
@@ -379,7 +386,7 @@ class CommitProtocol:
     def _check_same_data(self, current: bytes, manifest: bytes, where: str) -> None:
         """Refuse a manifest replacement whose chunk table is not the committed one's: the step
         was re-saved since the caller read it, and the old table would name data now removed."""
-        if parse_manifest(current, where).chunks != parse_manifest(manifest, where).chunks:
+        if parse_manifest(current, where).data_identity() != parse_manifest(manifest, where).data_identity():
             raise CheckpointError(f"{where} was replaced by a new save of its step since it was read")
 
     @property
@@ -391,11 +398,14 @@ class CommitProtocol:
         """The checkpoint ``step_name`` of this root."""
         return CheckpointRef(self.backend, step_name)
 
-    def begin(self, step: int) -> Staging:
+    def begin(self, step: int, attempt: str | None = None) -> Staging:
         """A staging place for one save attempt of ``step``.
 
         Args:
             step: The step being saved.
+            attempt: 16 hex digits every rank of a multi-rank save agreed on, so that all of them
+                write into the same staging place (each creates it as it writes: whichever comes
+                first); None for a save of one process, whose attempt is made here.
 
         Returns:
             Where to write the attempt's data objects.
@@ -514,11 +524,12 @@ class RenameCommit(CommitProtocol):
         super().__init__(backend)
         self._fs = cast(RenameBackend, backend)
 
-    def begin(self, step: int) -> Staging:
+    def begin(self, step: int, attempt: str | None = None) -> Staging:
         """See :meth:`CommitProtocol.begin`: a new ``.tmp-step-N-<token>/`` directory."""
-        token = _token()
+        token = _token() if attempt is None else attempt[:8]
         name = f"{TEMP_PREFIX}{step_dir_name(step)}-{token}"
-        self._fs.make_dir(name)
+        if attempt is None:
+            self._fs.make_dir(name)
         return Staging(step, name, token)
 
     def stage_manifest(self, staging: Staging, manifest: bytes) -> None:
@@ -693,9 +704,9 @@ class ManifestLastCommit(CommitProtocol):
             )
         return manifest_generation_name(newest + 1)
 
-    def begin(self, step: int) -> Staging:
+    def begin(self, step: int, attempt: str | None = None) -> Staging:
         """See :meth:`CommitProtocol.begin`: ``step-N/`` itself, with names unique to the attempt."""
-        return Staging(step, step_dir_name(step), secrets.token_hex(8), unique_names=True)
+        return Staging(step, step_dir_name(step), attempt or secrets.token_hex(8), unique_names=True)
 
     def stage_manifest(self, staging: Staging, manifest: bytes) -> None:
         """See :meth:`CommitProtocol.stage_manifest`: nothing (the manifest is the commit record)."""
@@ -762,10 +773,9 @@ class ManifestLastCommit(CommitProtocol):
             self.backend.delete(f"{step_name}/{name}")
         self.backend.sync(step_name)
         for entry in self.backend.list(step_name):
-            if entry.is_dir or not is_data_file_name(entry.name):
+            if entry.is_dir or not (is_data_file_name(entry.name) or is_rank_file_name(entry.name)):
                 continue
-            match = _ATTEMPT_DATA.fullmatch(entry.name)
-            if match is None or match.group(1) != keep_attempt:
+            if _attempt_of(entry.name) != keep_attempt or keep_attempt is None:
                 self.backend.delete(f"{step_name}/{entry.name}")
 
     def abort(self, staging: Staging) -> None:
@@ -775,8 +785,7 @@ class ManifestLastCommit(CommitProtocol):
             if self._referenced_attempt(staging):
                 return
             for entry in self.backend.list(staging.prefix):
-                match = _ATTEMPT_DATA.fullmatch(entry.name)
-                if match is not None and match.group(1) == staging.attempt:
+                if _attempt_of(entry.name) == staging.attempt:
                     self.backend.delete(staging.object_name(entry.name))
             if not self.backend.list(staging.prefix):
                 self.backend.delete_tree(staging.prefix)
@@ -791,10 +800,10 @@ class ManifestLastCommit(CommitProtocol):
             return False
         where = self.backend.describe(f"{staging.prefix}/{newest[0]}")
         try:
-            files = {c.file for c in parse_manifest(newest[1], where).chunks}
+            files = parse_manifest(newest[1], where).data_files()
         except CheckpointError:
             return False
-        return any((m := _ATTEMPT_DATA.fullmatch(f)) is not None and m.group(1) == staging.attempt for f in files)
+        return any(_attempt_of(f) == staging.attempt for f in files)
 
     def delete(self, checkpoint: CommittedCheckpoint) -> None:
         """See :meth:`CommitProtocol.delete`: every manifest first (durably), then the data."""
@@ -909,7 +918,7 @@ class ManifestLastCommit(CommitProtocol):
                 manifest = parse_manifest(newest[1], self.backend.describe(f"{step_name}/{newest[0]}"))
             except CheckpointError:
                 return []  # sealed but invalid: damage, for a reader to report; nothing is touched
-            referenced = {c.file for c in manifest.chunks}
+            referenced = manifest.data_files()
         removed = []
         for name in self._versions(step_name):
             if newest is None or name != newest[0]:

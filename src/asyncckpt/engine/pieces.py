@@ -1,0 +1,141 @@
+"""Read boxes of the global tensors of a multi-rank checkpoint from the pieces that overlap them.
+
+A reader asks for a box of a global tensor (the whole tensor for ``load``, a rank's shard for a
+resharding ``restore``). Each piece overlapping it is a tensor of some rank's table; only the rows
+of the piece that overlap the box are read (a contiguous byte range of that rank's logical byte
+space), so only the chunks holding those rows are decoded: chunks are cut on row boundaries, which
+keeps a power-of-two reshard close to the bytes it needs. The rows read are then copied into the
+box (cutting other dimensions there, for shards that split a later dimension).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from asyncckpt.errors import CheckpointError
+from asyncckpt.format import DTYPES, MultiRankManifest, TensorEntry
+from asyncckpt.storage.backend import CheckpointRef
+
+Where = Path | CheckpointRef
+
+
+@dataclass(frozen=True)
+class Box:
+    """A box of global tensor ``index``: ``offsets`` and ``shape`` in its dimensions."""
+
+    index: int
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """Rows [first, end) of a piece, to copy into the box: piece-relative and box-relative starts."""
+
+    box: int  # which requested box
+    rank: int
+    entry: TensorEntry  # the piece's tensor in its rank's table
+    first: int
+    end: int
+    piece_offsets: tuple[int, ...]
+
+
+def whole(view: MultiRankManifest, index: int) -> Box:
+    """The box of all of global tensor ``index``."""
+    shape = view.globals[index].shape
+    return Box(index, (0,) * len(shape), shape)
+
+
+def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: int) -> tuple[list[torch.Tensor], int]:
+    """Read each box of a global tensor into a new CPU tensor.
+
+    Args:
+        path: The checkpoint (as ``reader.read_checkpoint`` takes it).
+        view: Its consolidated manifest, with the rank tables.
+        boxes: The boxes wanted.
+        workers: Reader threads per rank's read.
+
+    Returns:
+        The tensors, by box, and the number of logical bytes decoded to get them.
+
+    Raises:
+        CheckpointError: A box outside its global tensor, or any read failure (damage included).
+    """
+    from asyncckpt.engine.reader import read_checkpoint
+
+    assert view.tables is not None
+    out: list[torch.Tensor] = []
+    cuts: dict[int, list[_Cut]] = {}
+    for n, box in enumerate(boxes):
+        entry = view.globals[box.index]
+        if len(box.shape) != len(entry.shape) or any(
+            o + s > d for o, s, d in zip(box.offsets, box.shape, entry.shape, strict=True)
+        ):
+            raise CheckpointError(f"box {list(box.offsets)}+{list(box.shape)} lies outside {list(entry.shape)}")
+        out.append(torch.empty(box.shape, dtype=DTYPES[entry.dtype]))
+        if not math.prod(box.shape):
+            continue
+        for rank, piece in view.pieces_of(box.index):
+            table = view.tables[rank]
+            tensor = table.tensors[piece.tensor]
+            if not math.prod(tensor.shape) or not _overlaps(box, piece.offsets, tensor.shape):
+                continue
+            if tensor.shape:
+                first = max(0, box.offsets[0] - piece.offsets[0])
+                end = min(tensor.shape[0], box.offsets[0] + box.shape[0] - piece.offsets[0])
+            else:
+                first, end = 0, 1
+            cuts.setdefault(rank, []).append(_Cut(n, rank, tensor, first, end, piece.offsets))
+    decoded = 0
+    for rank, wanted in cuts.items():
+        table = view.tables[rank]
+        ranges = []
+        for cut in wanted:
+            row = cut.entry.nbytes // (cut.entry.shape[0] if cut.entry.shape else 1)
+            start = cut.entry.offset + cut.first * row
+            ranges.append(TensorEntry("uint8", ((cut.end - cut.first) * row,), start, (cut.end - cut.first) * row))
+        synthetic = dataclasses.replace(table, tensors=ranges)
+        loaded = read_checkpoint(path, workers, manifest=synthetic, only=set(range(len(ranges))))
+        decoded += sum(c.raw_length for c in _chunks_read(synthetic))
+        for cut, raw in zip(wanted, loaded.tensors, strict=True):
+            rows = raw.view(DTYPES[cut.entry.dtype]).view(
+                (cut.end - cut.first, *cut.entry.shape[1:]) if cut.entry.shape else ()
+            )
+            _place(out[cut.box], boxes[cut.box], rows, cut)
+    return out, decoded
+
+
+def _chunks_read(table: object) -> list:
+    """The chunks a read of the synthetic table's tensors decodes (every chunk overlapping one)."""
+    ranges = [(t.offset, t.offset + t.nbytes) for t in table.tensors]  # type: ignore[attr-defined]
+    return [
+        c
+        for c in table.chunks  # type: ignore[attr-defined]
+        if any(a < c.raw_offset + c.raw_length and c.raw_offset < b for a, b in ranges)
+    ]
+
+
+def _overlaps(box: Box, offsets: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    return all(o < bo + bs and bo < o + s for o, s, bo, bs in zip(offsets, shape, box.offsets, box.shape, strict=True))
+
+
+def _place(target: torch.Tensor, box: Box, rows: torch.Tensor, cut: _Cut) -> None:
+    """Copy the part of ``rows`` (rows first..end of a piece at ``cut.piece_offsets``) that lies in
+    the box into ``target`` (the box's tensor)."""
+    if not box.shape:
+        target.copy_(rows)
+        return
+    src, dst = [], []
+    for dim in range(len(box.shape)):
+        # the piece's rows start at piece_offsets[0] + first in the global tensor
+        start = cut.piece_offsets[dim] + (cut.first if dim == 0 else 0)
+        size = rows.shape[dim]
+        lo, hi = max(start, box.offsets[dim]), min(start + size, box.offsets[dim] + box.shape[dim])
+        src.append(slice(lo - start, hi - start))
+        dst.append(slice(lo - box.offsets[dim], hi - box.offsets[dim]))
+    target[tuple(dst)].copy_(rows[tuple(src)])

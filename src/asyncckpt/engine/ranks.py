@@ -1,0 +1,206 @@
+"""The ranks of a multi-rank job agreeing on a save and committing it together.
+
+Two rules learned from other checkpointers' failures shape this module:
+
+* **Collectives only on the calling thread, on a group of our own.** Planning a save is one
+  ``all_reduce`` of a few integers over a gloo group made for checkpoints only
+  (:meth:`RankGroup.agree`), on the training thread inside ``save``: background threads never
+  issue collectives, so they can never collide with training's.
+* **Votes through the c10d store, on a connection of our own.** Each rank's writer thread, once
+  its data and rank table are durable, sets its vote in the store; rank 0's writer waits for
+  every vote, publishes, and sets the outcome, which the other writers wait for. A ``wait`` on the
+  store client training shares would block training's own store calls, so the store is cloned.
+
+A rank that fails votes "failed" with its reason; one that dies never votes, and rank 0 stops
+waiting after ``timeout`` seconds. Either way nothing is published and every surviving rank's save
+fails with an error naming the rank and the cause; rank 0 dying leaves the others waiting for the
+outcome just as long, never longer.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from asyncckpt.errors import CheckpointError
+
+_POLL_S = 0.005
+
+
+@dataclass(frozen=True)
+class Vote:
+    """What one rank reports once its part of a save is durable (or failed)."""
+
+    rank: int
+    ok: bool
+    error: str = ""
+    table: str = ""  # its rank table's name
+    data: str = ""  # its data file's name
+    crc32: int = 0  # its rank table's seal
+    stored_bytes: int = 0
+    raw_bytes: int = 0
+    stall_s: float = 0.0
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes, rank: int) -> Vote:
+        try:
+            fields = json.loads(raw)
+            vote = cls(**fields)
+        except (ValueError, TypeError) as exc:
+            return cls(rank, False, f"its vote is unreadable ({exc})")
+        return vote if vote.rank == rank else cls(rank, False, "its vote names another rank")
+
+
+class RankGroup:
+    """This process's place in a multi-rank job, with the checkpoint-only group and store.
+
+    Created by every rank of ``process_group`` (a collective: ``CheckpointManager`` is constructed
+    on every rank), after ``torch.distributed.init_process_group``.
+
+    Args:
+        process_group: The ranks saving together (default: the default group).
+        timeout: Seconds a rank waits for the others' votes or for the outcome of a save.
+    """
+
+    def __init__(self, process_group: Any = None, timeout: float = 300.0) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise CheckpointError("process_group given, but torch.distributed is not initialized")
+        ranks = dist.get_process_group_ranks(process_group) if process_group is not None else None
+        self.rank: int = dist.get_rank(process_group)
+        self.world_size: int = dist.get_world_size(process_group)
+        self.timeout = float(timeout)
+        # A gloo group of our own: planning collectives never share a queue with training's (NCCL)
+        # collectives, and only the member ranks take part in making it.
+        self.group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+        token = secrets.randbits(62) if self.rank == 0 else 0
+        agreed = torch.tensor([token], dtype=torch.int64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+        self.run = f"{int(agreed.item()):016x}"
+        base = dist.distributed_c10d._get_default_store()
+        try:
+            own = base.clone()  # type: ignore[attr-defined]  # a connection of our own: a wait here never blocks training's calls
+        except (AttributeError, RuntimeError):
+            own = base
+        self.store = dist.PrefixStore(f"asyncckpt/{self.run}/", own)
+        self._dist = dist
+
+    def agree(self, step: int, fingerprint: int, failed: bool) -> str:
+        """Check on the calling thread that every rank saves ``step`` of the same plan; return the
+        save's attempt token (rank 0's, 16 hex digits). One all_reduce of 6 integers.
+
+        Args:
+            step: The step this rank saves.
+            fingerprint: Its plan's fingerprint (``RankFlatState.fingerprint``).
+            failed: This rank could not plan its save: every rank then raises.
+
+        Raises:
+            CheckpointError: The ranks disagree on the step or the plan, or one could not plan.
+        """
+        dist = self._dist
+        token = secrets.randbits(62) if self.rank == 0 else 0
+        values = torch.tensor(
+            [step, -step, fingerprint, -fingerprint, token, (self.rank + 1) if failed else 0], dtype=torch.int64
+        )
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        high, low = int(values[0]), -int(values[1])
+        if values[5] > 0:
+            raise CheckpointError(f"rank {int(values[5]) - 1} could not plan its save of step {step}; nothing is saved")
+        if high != low:
+            raise CheckpointError(
+                f"the ranks save different steps (from {low} to {high}): every rank must save the same steps; "
+                "nothing is saved"
+            )
+        if int(values[2]) != -int(values[3]):
+            raise CheckpointError(
+                f"the ranks' states at step {step} differ in their sharded or replicated tensors (dtypes, shapes "
+                "or placements): every rank must save the same model and optimizer; nothing is saved"
+            )
+        return f"{int(values[4]):016x}"
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether every rank says ``ok`` (one all_reduce, on the calling thread)."""
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item()) == 0
+
+    def all_max(self, value: int) -> int:
+        """The largest ``value`` over the ranks (one all_reduce, on the calling thread)."""
+        out = torch.tensor([value], dtype=torch.int64)
+        self._dist.all_reduce(out, op=self._dist.ReduceOp.MAX, group=self.group)
+        return int(out.item())
+
+    def barrier(self) -> None:
+        """Every rank reached this point (on the calling thread)."""
+        self.all_ok(True)
+
+    # ---- votes (writer threads) -----------------------------------------------------------------
+
+    def vote(self, attempt: str, vote: Vote) -> None:
+        """Set this rank's vote for a save attempt."""
+        self.store.set(f"vote/{attempt}/{vote.rank}", vote.encode().decode())
+
+    def collect(self, attempt: str, step: int) -> list[Vote]:
+        """Rank 0: every rank's vote, waiting at most ``timeout`` seconds in all.
+
+        Every rank votes once, failed or not, after it stopped writing; so waiting for all votes,
+        even after a failed one, means the attempt's files are complete when rank 0 removes them.
+
+        Returns:
+            The votes by rank; a rank that never voted gets a failed vote saying so.
+        """
+        deadline = time.monotonic() + self.timeout
+        votes: dict[int, Vote] = {}
+        while len(votes) < self.world_size:
+            for rank in range(self.world_size):
+                key = f"vote/{attempt}/{rank}"
+                if rank not in votes and self.store.check([key]):
+                    votes[rank] = Vote.decode(self.store.get(key), rank)
+                    self.store.delete_key(key)
+            if len(votes) < self.world_size:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(_POLL_S)
+        for rank in range(self.world_size):
+            if rank not in votes:
+                votes[rank] = Vote(
+                    rank, False, f"rank {rank} did not report its part of step {step} within {self.timeout:g} s"
+                )
+        return [votes[r] for r in range(self.world_size)]
+
+    def announce(self, attempt: str, outcome: str) -> None:
+        """Rank 0: the outcome of a save attempt ("committed", or the reason it was not)."""
+        self.store.set(f"outcome/{attempt}", outcome)
+
+    def outcome(self, attempt: str, step: int) -> str:
+        """A rank other than 0: the outcome rank 0 announced, waiting at most ``timeout`` seconds.
+
+        Raises:
+            CheckpointError: No outcome in time (rank 0 died or hangs).
+        """
+        key = f"outcome/{attempt}"
+        try:
+            self.store.wait([key], timedelta(seconds=self.timeout))
+        except Exception as exc:  # noqa: BLE001 - a store timeout or a lost connection
+            raise CheckpointError(
+                f"rank 0 did not commit step {step} within {self.timeout:g} s ({type(exc).__name__}: {exc}); "
+                "nothing of this save is known to be committed"
+            ) from None
+        return self.store.get(key).decode()
+
+    def close(self) -> None:
+        """Forget the group (the store connection closes with it)."""
+        try:
+            self._dist.destroy_process_group(self.group)
+        except Exception:  # noqa: BLE001 - the default group may already be gone at exit
+            pass

@@ -1,0 +1,307 @@
+"""What one rank of a multi-rank job stores: its own state, and its share of the job's tensors.
+
+A training state on many ranks holds three kinds of tensor:
+
+* **DTensors** (FSDP2 parameters and their optimizer state, HSDP, tensor parallel): each rank holds
+  a box of the global tensor. The box is stored as a *piece* with its global offsets; where several
+  ranks hold the same box (a ``Replicate`` mesh dimension), one of them writes it, chosen by the
+  tensor's index so the replicas share the writing.
+* **Replicated tensors**: the parameters, buffers and optimizer state of a DDP-wrapped model (the
+  same on every rank, by construction), the plain tensors of a module or optimizer whose parameters
+  are DTensors (buffers, AdamW's ``step``), and whatever the user declares replicated. Each is cut
+  into row pieces spread evenly over the ranks (see :func:`assign_rows`): every rank copies to host
+  and writes only its own rows, and the busiest rank writes at most one row more than its share.
+* Everything else (``RNGState``, a sampler's position, plain values) is **per rank**: each rank
+  stores its own, never merged.
+
+The plan is computed by every rank from its own state, with no collective: the global tensors'
+order, shapes and placements are the same on every rank of a job that trains one model, and
+:attr:`RankFlatState.fingerprint` lets one tiny collective confirm it before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from asyncckpt.format import GlobalEntry, PieceEntry, dtype_name
+from asyncckpt.state.skeleton import Kind, child_path, object_path
+from asyncckpt.state.tree import FlatState, _Flattener, _is_stateful, unwrap_data_parallel
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Who this process is in the job."""
+
+    rank: int
+    world_size: int
+
+
+@dataclass
+class RankFlatState(FlatState):
+    """``FlatState`` of one rank: the skeleton (global tensors as ``G`` leaves), the tensors this
+    rank stages and writes (its per-rank tensors and its pieces), and the global tensor table.
+
+    Attributes:
+        globals: Every global tensor of the job, by index (the same list on every rank).
+        pieces: This rank's pieces; ``PieceEntry.tensor`` indexes ``tensors``.
+        live: The live tensor behind each global index (a DTensor, or a replicated plain tensor).
+        fingerprint: A checksum of the global table and its placements, equal on every rank of a
+            job whose ranks save the same model.
+    """
+
+    globals: list[GlobalEntry] = field(default_factory=list)
+    pieces: list[PieceEntry] = field(default_factory=list)
+    live: list[torch.Tensor] = field(default_factory=list)
+    global_paths: list[str] = field(default_factory=list)
+    optimizer_params: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    fingerprint: int = 0
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return None
+    return DTensor
+
+
+def is_dtensor(obj: Any) -> bool:
+    """Whether ``obj`` is a DTensor."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(obj, cls)
+
+
+def dtensor_box(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (global offsets, shape) of this rank's local part of a DTensor.
+
+    Raises:
+        TypeError: A placement that is neither ``Shard`` nor ``Replicate`` (a ``Partial`` tensor
+            holds no value of its own until it is reduced).
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in t.placements:
+        if type(placement) not in (Shard, Replicate):
+            raise TypeError(f"a DTensor placed as {placement} cannot be checkpointed (only Shard and Replicate)")
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(int(o) for o in offsets), tuple(int(s) for s in shape)
+
+
+def _replica_slot(t: Any) -> tuple[int, int]:
+    """(this rank's index among the ranks holding the same box, how many hold it): the mesh
+    dimensions a DTensor is replicated over."""
+    from torch.distributed.tensor import Replicate
+
+    mesh = t.device_mesh
+    coordinate = mesh.get_coordinate()
+    index, count = 0, 1
+    for dim, placement in enumerate(t.placements):
+        if isinstance(placement, Replicate):
+            index = index * mesh.size(dim) + coordinate[dim]
+            count *= mesh.size(dim)
+    return index, count
+
+
+def _ddp_parameters(state: Any) -> set[int]:
+    """The ids of the parameters of every DDP-wrapped module in the state's containers."""
+    found: set[int] = set()
+    stack, seen = [state], 0
+    while stack and seen < 100_000:
+        obj = stack.pop()
+        seen += 1
+        if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            found.update(id(p) for p in obj.module.parameters())
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+    return found
+
+
+def _is_data_parallel(obj: Any, ddp_params: set[int]) -> bool:
+    """A DDP wrapper, a module or optimizer with a DTensor parameter, or an optimizer of a DDP
+    model's parameters: the plain tensors of its state are the same on every rank."""
+    if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        return True
+    if isinstance(obj, torch.nn.Module):
+        return any(is_dtensor(p) for p in obj.parameters())
+    if isinstance(obj, torch.optim.Optimizer):
+        params = [p for group in obj.param_groups for p in group["params"]]
+        return bool(params) and all(is_dtensor(p) or id(p) in ddp_params for p in params)
+    return False
+
+
+def assign_rows(sizes: list[tuple[int, int]], world_size: int) -> list[list[tuple[int, int, int]]]:
+    """Spread replicated tensors over the ranks in row pieces, evenly by bytes.
+
+    The tensors are laid end to end; rank r takes the rows whose middle byte falls in the r-th of
+    ``world_size`` equal parts. Every rank's load is then its share plus at most one row.
+
+    Args:
+        sizes: Each tensor's (rows, bytes per row); a 0-dim tensor is one row.
+        world_size: The number of ranks.
+
+    Returns:
+        Per tensor, its pieces as (rank, first row, end row), in row order.
+    """
+    total = sum(rows * row for rows, row in sizes)
+    out: list[list[tuple[int, int, int]]] = []
+    at = 0
+    for rows, row in sizes:
+        pieces: list[tuple[int, int, int]] = []
+
+        def owner(i: int, at: int = at, row: int = row) -> int:
+            return min(world_size - 1, (2 * (at + i * row) + row) * world_size // (2 * total)) if total else 0
+
+        first = 0
+        while first < rows:
+            rank = owner(first)
+            # the last row this rank takes: owners never decrease along the rows
+            lo, hi = first, rows - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if owner(mid) == rank:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            pieces.append((rank, first, lo + 1))
+            first = lo + 1
+        out.append(pieces)
+        at += rows * row
+    return out
+
+
+class _RankFlattener(_Flattener):
+    """``flatten`` for one rank: DTensors and replicated tensors become ``G`` leaves."""
+
+    def __init__(self, me: RankInfo, replicated: Collection[str]) -> None:
+        super().__init__()
+        self.me = me
+        self.declared = {child_path("state", key) for key in replicated}
+        self.globals: list[GlobalEntry] = []
+        self.live: list[torch.Tensor] = []
+        self.pieces: list[PieceEntry] = []
+        self.placements: list[str] = []
+        self.global_paths: list[str] = []
+        self.optimizer_params: dict[str, list[torch.Tensor]] = {}
+        self.ddp_params: set[int] = set()
+        self.replicated_depth = 0  # > 0 inside a data-parallel object or a declared key
+        self._replicas: list[tuple[int, torch.Tensor]] = []  # (global index, tensor) to cut in rows
+        self._global_seen: dict[tuple, int] = {}
+
+    def _global(self, t: torch.Tensor, path: str, placement: str) -> int | None:
+        """The global index of ``t`` (a tied tensor once), or None the first time it is seen."""
+        if is_dtensor(t):
+            key: tuple = (id(t),)
+        else:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        index = self._global_seen.get(key)
+        if index is not None:
+            return index
+        try:
+            dtype = dtype_name(t.dtype)
+        except TypeError as exc:
+            raise TypeError(f"{path}: {exc}") from None
+        index = len(self.globals)
+        self._global_seen[key] = index
+        self.globals.append(GlobalEntry(dtype, tuple(t.shape)))
+        self.live.append(t)
+        self.placements.append(placement)
+        self.global_paths.append(path)
+        return None
+
+    def node(self, obj: Any, path: str, depth: int) -> dict:
+        if is_dtensor(obj):
+            return {Kind.GLOBAL: self._dtensor(obj, path)}
+        if isinstance(obj, torch.Tensor) and self.replicated_depth:
+            known = self._global(obj, path, "replicated")
+            if known is not None:
+                return {Kind.GLOBAL: known}
+            index = len(self.globals) - 1
+            self._replicas.append((index, obj.detach()))
+            return {Kind.GLOBAL: index}
+        if isinstance(obj, torch.optim.Optimizer):
+            params = [p for group in obj.param_groups for p in group["params"]]
+            self.optimizer_params[child_path(object_path(path), "state")] = params
+        if depth == 0:
+            self.ddp_params = _ddp_parameters(obj)
+        entering = path in self.declared or (_is_stateful(obj) and _is_data_parallel(obj, self.ddp_params))
+        if entering:
+            obj = unwrap_data_parallel(obj)
+            self.replicated_depth += 1
+        try:
+            return super().node(obj, path, depth)
+        finally:
+            if entering:
+                self.replicated_depth -= 1
+
+    def _dtensor(self, t: Any, path: str) -> int:
+        offsets, shape = dtensor_box(t)
+        replica, replicas = _replica_slot(t)
+        known = self._global(t, path, f"{t.device_mesh.shape}{t.placements}")
+        if known is not None:
+            return known
+        index = len(self.globals) - 1
+        local = t.to_local().detach()
+        if tuple(local.shape) != shape:
+            raise TypeError(f"{path}: the DTensor's local tensor is {tuple(local.shape)}, its placements say {shape}")
+        if math.prod(shape) and replica == index % replicas:  # the replicas take turns writing
+            self.pieces.append(PieceEntry(index, self.add_tensor(local, path), offsets))
+        return index
+
+    def finish(self) -> None:
+        """Cut the replicated tensors into row pieces and keep this rank's."""
+        sizes = []
+        for _, t in self._replicas:
+            rows = t.shape[0] if t.dim() else 1
+            sizes.append((rows, t.nbytes // rows if rows else 0))
+        for (index, t), pieces in zip(self._replicas, assign_rows(sizes, self.me.world_size), strict=True):
+            for rank, first, end in pieces:
+                if rank != self.me.rank or end == first:
+                    continue
+                part = t[first:end] if t.dim() else t
+                offsets = (first,) + (0,) * max(0, t.dim() - 1) if t.dim() else ()
+                self.pieces.append(PieceEntry(index, self.add_tensor(part, self.global_paths[index]), offsets))
+
+    def fingerprint(self) -> int:
+        text = repr([(g.dtype, g.shape, p) for g, p in zip(self.globals, self.placements, strict=True)])
+        return zlib.crc32(text.encode())
+
+
+def flatten_rank(state: Any, me: RankInfo, replicated: Collection[str] = ()) -> RankFlatState:
+    """Split one rank's state into its skeleton, the tensors it writes, and the global table.
+
+    Args:
+        state: The rank's state, as ``flatten`` takes it.
+        me: This rank and the world size.
+        replicated: Top-level keys of ``state`` whose tensors are the same on every rank (stored
+            once, spread over the ranks) although nothing marks them so.
+
+    Returns:
+        The rank's flat state.
+
+    Raises:
+        TypeError, ValueError: As ``flatten``; also a DTensor of a placement other than Shard or
+            Replicate.
+    """
+    flattener = _RankFlattener(me, replicated)
+    skeleton = flattener.node(state, "state", 0)
+    flattener.finish()
+    return RankFlatState(
+        skeleton,
+        flattener.tensors,
+        flattener.paths,
+        globals=flattener.globals,
+        pieces=flattener.pieces,
+        live=flattener.live,
+        global_paths=flattener.global_paths,
+        optimizer_params=flattener.optimizer_params,
+        fingerprint=flattener.fingerprint(),
+    )
