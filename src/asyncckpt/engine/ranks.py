@@ -81,8 +81,12 @@ class RankGroup:
         self.world_size: int = dist.get_world_size(process_group)
         self.timeout = float(timeout)
         # A gloo group of our own: planning collectives never share a queue with training's (NCCL)
-        # collectives, and only the member ranks take part in making it.
-        self.group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+        # collectives, and only the member ranks take part in making it. Local synchronization
+        # names the group by a hash of its ranks, the same name for every manager of those ranks:
+        # a second manager's rendezvous would meet the first one's stale keys in the store and
+        # hang. So only for a subset (where non-members cannot take part); the whole world's
+        # groups get torch's counted names, unique per group (every rank constructs the manager).
+        self.group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=ranks is not None)
         token = secrets.randbits(62) if self.rank == 0 else 0
         agreed = torch.tensor([token], dtype=torch.int64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
