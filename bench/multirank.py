@@ -423,7 +423,7 @@ def rank_main(rank: int, world: int, cfg: dict) -> None:
                     t = _timed(lambda s=src: _restore_dcp(_newest_dcp(s / "dcp"), model, opt, dcp_pg), bench_pg)
                     restore.setdefault(f"{kind}:dcp", []).append(t)
         out["restore"] = restore
-        out["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since the spawn's fork
         dist.barrier(group=bench_pg)
         dist.destroy_process_group()
     except BaseException:
@@ -475,23 +475,24 @@ def run_world(mode: str, world: int, cfg: dict, timeout: float) -> list[dict]:
 
 
 def _load_one(kind: str, path: str, out: str) -> None:
-    rss0 = _rss()
-    t0 = time.perf_counter()
-    if kind == "asyncckpt":
-        import asyncckpt
+    # RSS sampled, not ru_maxrss: a spawned child starts with its parent's high-water mark
+    with _PeakRss() as peak:
+        t0 = time.perf_counter()
+        if kind == "asyncckpt":
+            import asyncckpt
 
-        state = asyncckpt.load(path)
-    else:
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+            state = asyncckpt.load(path)
+        else:
+            from torch.distributed.checkpoint import FileSystemReader
+            from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+            from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-        state = {}
-        _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    t = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            state = {}
+            reader = FileSystemReader(path)
+            _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        t = time.perf_counter() - t0
     del state
-    Path(out).write_text(json.dumps({"s": t, "peak_rss_growth": peak - rss0}))
+    Path(out).write_text(json.dumps({"s": t, "peak_rss_growth": peak.peak - peak.start}))
 
 
 def load_one(kind: str, path: Path) -> dict:
@@ -550,9 +551,7 @@ def reshard_bytes(ackpt_root: Path, dcp_dir: Path, world: int) -> dict:
             if not math.prod(shp) and shp:
                 continue
             for c in md.chunks:
-                if all(
-                    o < co + cs and co < o + s for o, s, co, cs in zip(off, shp, c.offsets, c.sizes, strict=True)
-                ):
+                if all(o < co + cs and co < o + s for o, s, co, cs in zip(off, shp, c.offsets, c.sizes, strict=True)):
                     d_read += math.prod(c.sizes) * size
     return {"asyncckpt": {"decoded": decoded, "needed": needed}, "dcp": {"decoded": d_read, "needed": d_needed}}
 
