@@ -1,0 +1,118 @@
+"""Every ``asyncckpt`` command on a checkpoint saved by 2 spawned gloo ranks (DDP + per-rank state)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _cli import cli, remaining, strict_json
+from _dist import run_ranks
+from asyncckpt import load
+from asyncckpt.format import step_dir_name
+
+STEPS = [1, 2, 3]
+
+
+def _save_steps(rank: int, world_size: int, root: str) -> None:
+    from _dist_models import make_ddp, train_steps
+
+    from asyncckpt import CheckpointManager
+
+    model, optim = make_ddp(seed=0)
+    mgr = CheckpointManager(root, keep_last=None, rank_timeout=60.0)
+    for step in STEPS:
+        train_steps(model, optim, step, 1, rank)
+        # "rank_id" differs per rank: per-rank state the consolidated view cannot pick by itself
+        mgr.save(step, {"model": model, "optim": optim, "rank_id": torch.tensor([rank, step])}, metrics={"loss": step / 10})
+    mgr.wait()
+    mgr.close()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mr-cli") / "ckpt"
+    run_ranks(_save_steps, 2, str(path), timeout=180)
+    assert remaining(path) == STEPS
+    return path
+
+
+def test_ls_lists_multirank_steps(root, capsys):
+    code, out, _ = cli(capsys, "ls", root, "--json")
+    assert code == 0, out
+    rows = strict_json(out)
+    assert [r["step"] for r in rows] == STEPS
+    code, out, _ = cli(capsys, "ls", root)
+    assert code == 0 and "step-0000000003" in out or "3" in out
+
+
+def test_verify_checks_every_rank(root, capsys):
+    code, out, err = cli(capsys, "verify", root)
+    assert code == 0, out + err
+    code, out, err = cli(capsys, "verify", root / step_dir_name(2))
+    assert code == 0, out + err
+
+
+def test_inspect_shows_world_size_and_per_rank_state(root, capsys):
+    code, out, err = cli(capsys, "inspect", root / step_dir_name(3))
+    assert code == 0, out + err
+    assert "world size" in out.lower() and "2" in out
+    assert "rank_id" in out  # per rank
+    assert "layers.0.weight" in out  # consolidated tensors
+    code, out, err = cli(capsys, "inspect", root / step_dir_name(3), "--json")
+    assert code == 0, out + err
+    info = strict_json(out)
+    assert info["world_size"] == 2
+    assert info["per_rank"] == ["state.rank_id"] or any("rank_id" in p for p in info["per_rank"])
+    weight = next(leaf for leaf in info["leaves"] if leaf["path"].endswith("model.layers.0.weight"))
+    full = load(root, step=3, per_rank="rank0")["model"]["layers.0.weight"]
+    assert weight["shape"] == list(full.shape)
+
+
+def test_diff_between_multirank_steps(root, capsys):
+    code, out, err = cli(capsys, "diff", root / step_dir_name(1), root / step_dir_name(2), "--json")
+    assert code in (0, 1), out + err
+    result = strict_json(out)
+    text = json.dumps(result)
+    assert "layers.0.weight" in text and "rank_id" in text
+    code, out, err = cli(capsys, "diff", root / step_dir_name(2), root / step_dir_name(2))
+    assert code == 0, out + err
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_export_consolidated(root, tmp_path, capsys, suffix):
+    out_file = tmp_path / f"model{suffix}"
+    code, out, err = cli(capsys, "export", root / step_dir_name(3), out_file, "--key", "model")
+    assert code == 0, out + err
+    if suffix == ".pt":
+        got = torch.load(out_file, weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        got = load_file(str(out_file))
+    want = load(root, step=3, per_rank="rank0")["model"]
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_stats_reads_rank0_metrics_log(root, capsys):
+    code, out, err = cli(capsys, "stats", root, "--json")
+    assert code == 0, out + err
+    assert out.strip()
+
+
+def test_prune_multirank(root, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    code, out, err = cli(capsys, "prune", copy, "--keep-last", "1", "--yes")
+    assert code == 0, out + err
+    assert remaining(copy) == [3]
+    assert not any(p.name.startswith("step-0000000001") for p in copy.iterdir())
+    state = load(copy, per_rank="rank0")
+    assert torch.equal(state["rank_id"], torch.tensor([0, 3]))
+    code, out, err = cli(capsys, "verify", copy)
+    assert code == 0, out + err
