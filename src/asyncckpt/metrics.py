@@ -213,6 +213,8 @@ class SaveLog(list[SaveRecord]):
 _FIELDS = {f.name: f for f in fields(SaveRecord)}
 _FLOAT_FIELDS = frozenset(name for name, f in _FIELDS.items() if f.type in ("float", float))
 _INT_FIELDS = frozenset(name for name, f in _FIELDS.items() if f.type in ("int", int))
+# Floats only some saves have (None elsewhere): ``max_rank_stall_s``, a multi-rank save's.
+_OPTIONAL_FLOAT_FIELDS = frozenset(name for name, f in _FIELDS.items() if f.type in ("float | None", float | None))
 
 
 def record_from_json(obj: Any) -> SaveRecord:
@@ -231,15 +233,16 @@ def record_from_json(obj: Any) -> SaveRecord:
             continue
         if name in _INT_FIELDS:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        elif name in _FLOAT_FIELDS:
+        elif name in _FLOAT_FIELDS or name in _OPTIONAL_FLOAT_FIELDS:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok or (value is None and name in _OPTIONAL_FLOAT_FIELDS)
         elif name == "ok":
             ok = value is None or isinstance(value, bool)
         else:  # error
             ok = value is None or isinstance(value, str)
         if not ok:
             raise ValueError(f"bad value for {name!r}: {value!r}")
-        values[name] = float(value) if name in _FLOAT_FIELDS else value
+        values[name] = float(value) if name in _FLOAT_FIELDS or (name in _OPTIONAL_FLOAT_FIELDS and value is not None) else value
     return SaveRecord(**values)
 
 
