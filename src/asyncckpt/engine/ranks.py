@@ -31,6 +31,11 @@ import torch
 from asyncckpt.errors import CheckpointError
 
 _POLL_S = 0.005
+# The checkpoint-only gloo group of each set of ranks, made once per process and kept: a group made
+# with ``use_local_synchronization`` is named by its ranks, so destroying it (a manager's close) and
+# making the next one (the next manager) reused the name, and with it the old group's rendezvous keys
+# in the store: a rank that closed first connected to the other's dead group and both hung.
+_GROUPS: dict[tuple[int, ...] | None, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,12 @@ class RankGroup:
         self.timeout = float(timeout)
         # A gloo group of our own: planning collectives never share a queue with training's (NCCL)
         # collectives, and only the member ranks take part in making it.
-        self.group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+        key = tuple(ranks) if ranks is not None else None
+        group = _GROUPS.get(key)
+        if group is None or group not in dist.distributed_c10d._world.pg_map:  # none yet, or destroyed since
+            group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+            _GROUPS[key] = group
+        self.group = group
         token = secrets.randbits(62) if self.rank == 0 else 0
         agreed = torch.tensor([token], dtype=torch.int64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
@@ -199,8 +209,5 @@ class RankGroup:
         return self.store.get(key).decode()
 
     def close(self) -> None:
-        """Forget the group (the store connection closes with it)."""
-        try:
-            self._dist.destroy_process_group(self.group)
-        except Exception:  # noqa: BLE001 - the default group may already be gone at exit
-            pass
+        """Nothing to release: the group stays for the next manager of these ranks (see ``_GROUPS``),
+        and the store connection closes once unreferenced."""
