@@ -85,8 +85,8 @@ def _raising_rank(rank: int, world_size: int, root: str, overlap_root: str) -> d
     from asyncckpt import _phases
 
     torch.manual_seed(0)
-    net = torch.nn.Linear(256, 256)  # 256 KB: copied lazily
-    ostate = {"net": net}
+    net = torch.nn.Linear(256, 256)  # 256 KB of optimizer-owned params: copied lazily
+    ostate = {"net": net, "opt": torch.optim.SGD(net.parameters(), lr=0.1)}
     omgr = CheckpointManager(overlap_root, snapshot="overlap", rank_timeout=RANK_TIMEOUT)
     omgr.save(1, ostate).wait()
     _phases._DELAYS["lazy_copy"] = 1.0  # the copy runs late on every rank
@@ -136,7 +136,7 @@ def test_a_rank_that_raises_commits_nothing_and_every_rank_names_it(raised):
 def test_overlap_guard_rejected_on_one_rank_commits_on_none(raised):
     base, results = raised
     for rank, out in enumerate(results):
-        assert out["overlap_error"], rank
+        assert out["overlap_error"], (rank, [(o["overlap_error"], o["overlap_steps"]) for o in results])
         assert "changed in place" in out["overlap_error"], (rank, out["overlap_error"])
         assert out["overlap_steps"] == [1, 3]
     assert remaining(base / "overlap") == [1, 3]
