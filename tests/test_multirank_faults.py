@@ -282,8 +282,7 @@ def _train(rank: int, world_size: int, root: str, kill_at: int | None, resume: b
     start = (mgr.restore(state) or 0) + 1 if resume else 1
     losses = {}
     for step in range(start, TOTAL + 1):
-        if step == kill_at:
-            mgr.wait()
+        if step == kill_at:  # the save of the step before may still be in flight
             os.kill(os.getpid(), signal.SIGKILL)
         losses[step] = train_steps(model, optim, step, 1, rank)[0]
         if step % 2 == 0:
@@ -300,7 +299,7 @@ def test_a_killed_training_job_resumes_to_the_same_result(tmp_path):
     resumed = run_ranks(_train, 2, str(root), None, True, timeout=180)
     straight = run_ranks(_train, 2, str(tmp_path / "straight"), None, False, timeout=180)
     for rank in range(2):
-        assert resumed[rank]["start"] == 5
+        assert resumed[rank]["start"] in (3, 5)  # step 4's save was in flight at the kill
         for step, loss in resumed[rank]["losses"].items():
             assert loss == straight[rank]["losses"][step], step
         for name, value in straight[rank]["full"].items():
