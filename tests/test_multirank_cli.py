@@ -17,7 +17,6 @@ STEPS = [1, 2, 3]
 
 def _save_steps(rank: int, world_size: int, root: str) -> None:
     from _dist_models import make_ddp, train_steps
-
     from asyncckpt import CheckpointManager
 
     model, optim = make_ddp(seed=0)
@@ -25,7 +24,9 @@ def _save_steps(rank: int, world_size: int, root: str) -> None:
     for step in STEPS:
         train_steps(model, optim, step, 1, rank)
         # "rank_id" differs per rank: per-rank state the consolidated view cannot pick by itself
-        mgr.save(step, {"model": model, "optim": optim, "rank_id": torch.tensor([rank, step])}, metrics={"loss": step / 10})
+        mgr.save(
+            step, {"model": model, "optim": optim, "rank_id": torch.tensor([rank, step])}, metrics={"loss": step / 10}
+        )
     mgr.wait()
     mgr.close()
 

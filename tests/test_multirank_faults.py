@@ -43,7 +43,6 @@ def _errors(save) -> str:
 
 def _raising_rank(rank: int, world_size: int, root: str, overlap_root: str) -> dict:
     from _dist_models import full_state, make_ddp, train_steps
-
     from asyncckpt import CheckpointManager
     from asyncckpt.storage.local import LocalBackend
 
@@ -65,7 +64,7 @@ def _raising_rank(rank: int, world_size: int, root: str, overlap_root: str) -> d
         if rank == failing:
             LocalBackend.open_write = on_fire
         began = time.monotonic()
-        out[f"error{step}"] = _errors(lambda: mgr.save(step, state))
+        out[f"error{step}"] = _errors(lambda step=step: mgr.save(step, state))
         out[f"took{step}"] = time.monotonic() - began
         LocalBackend.open_write = real_open
     # step 4: rank 1's state cannot be flattened (an unsupported leaf on that rank only)
@@ -165,7 +164,6 @@ def test_a_flipped_byte_in_one_rank_data_file(raised, tmp_path, capsys):
 
 def _dying_rank(rank: int, world_size: int, root: str, victim: int, phase: str) -> dict:
     from _dist_models import full_state, make_ddp, train_steps
-
     from asyncckpt import CheckpointManager, _phases
 
     model, optim = make_ddp(seed=0)
@@ -239,7 +237,6 @@ def test_a_dead_rank_fails_the_survivor_in_time(killed, victim, phase):
 
 def _restart(rank: int, world_size: int, roots: list[str]) -> list[dict]:
     from _dist_models import full_state, make_ddp
-
     from asyncckpt import CheckpointManager
 
     fulls = []
@@ -273,7 +270,6 @@ TOTAL = 6
 
 def _train(rank: int, world_size: int, root: str, kill_at: int | None, resume: bool) -> dict:
     from _dist_models import full_state, make_ddp, train_steps
-
     from asyncckpt import CheckpointManager
 
     model, optim = make_ddp(seed=0)
@@ -314,7 +310,10 @@ def test_the_vote_phase_can_be_delayed_from_the_environment():
 
     env = {**os.environ, "ASYNCCKPT_PHASE_DELAY": "vote=0.01"}
     done = subprocess.run(
-        [sys.executable, "-c", "import asyncckpt._phases as p; print(p._DELAYS)"], env=env, capture_output=True, text=True
+        [sys.executable, "-c", "import asyncckpt._phases as p; print(p._DELAYS)"],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert "'vote': 0.01" in done.stdout

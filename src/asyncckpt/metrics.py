@@ -242,7 +242,9 @@ def record_from_json(obj: Any) -> SaveRecord:
             ok = value is None or isinstance(value, str)
         if not ok:
             raise ValueError(f"bad value for {name!r}: {value!r}")
-        values[name] = float(value) if name in _FLOAT_FIELDS or (name in _OPTIONAL_FLOAT_FIELDS and value is not None) else value
+        values[name] = (
+            float(value) if name in _FLOAT_FIELDS or (name in _OPTIONAL_FLOAT_FIELDS and value is not None) else value
+        )
     return SaveRecord(**values)
 
 

@@ -156,13 +156,15 @@ def inspect_checkpoint(path: Where) -> dict:
         else:
             row["value"] = leaf.value
         rows.append(row)
-    multi = isinstance(manifest, MultiRankManifest)
+    world_size, per_rank = 1, []
+    if isinstance(manifest, MultiRankManifest):
+        # the state each rank kept of its own (loading it whole needs per_rank=)
+        world_size, per_rank = manifest.world_size, per_rank_differences(manifest)
     return {
         "path": str(path),
         "step": manifest.step,
-        "world_size": manifest.world_size if multi else 1,
-        # the state each rank kept of its own (loading it whole needs per_rank=)
-        "per_rank": per_rank_differences(manifest) if multi else [],
+        "world_size": world_size,
+        "per_rank": per_rank,
         "created": manifest.created,
         "raw_bytes": manifest.raw_bytes,
         "stored_bytes": manifest.stored_bytes,
