@@ -22,6 +22,7 @@ from asyncckpt.engine.mirror import _Mirror, write_mirror_file
 from asyncckpt.engine.overlap import Fences
 from asyncckpt.engine.pipeline import Pipeline, SaveJob
 from asyncckpt.engine.rank_plan import RankPlanner, join_ranks, open_rank_storage
+from asyncckpt.engine.rank_policy import DEFAULT_LEAD, RankSchedule
 from asyncckpt.engine.rank_restore import check_per_rank, restore_ranks
 from asyncckpt.engine.retain import Retainer
 from asyncckpt.engine.signals import Preemption, at_interpreter_exit
@@ -99,6 +100,9 @@ class CheckpointManager:
             ``secret``, ``endpoint_url``, ``region``...) plus ``timeout``, ``connect_timeout``,
             ``retries``, ``lease_seconds``, ``part_size``, ``upload_concurrency`` (see the README);
             None: credentials and endpoint come from the environment.
+        policy_lead: Several ranks: how many steps after rank 0's time-based policy (or a rank's
+            preemption signal) finds a step due every rank saves, the step being announced to all
+            through the c10d store meanwhile (see ``asyncckpt.engine.rank_policy``). At least 1.
 
     Raises:
         ValueError: An option out of range.
@@ -133,6 +137,7 @@ class CheckpointManager:
         rank_timeout: float = 300.0,
         replicated: tuple[str, ...] | list[str] = (),
         per_rank: str = "error",
+        policy_lead: int = DEFAULT_LEAD,
     ) -> None:
         if snapshot not in SNAPSHOT_MODES:
             raise ValueError(f"snapshot must be one of {SNAPSHOT_MODES}, got {snapshot!r}")
@@ -165,6 +170,7 @@ class CheckpointManager:
         if not all(isinstance(key, str) for key in self._replicated):
             raise TypeError(f"replicated must name top-level keys of the state (strings), got {replicated!r}")
         self._ranks = join_ranks(process_group, float(rank_timeout))
+        self._schedule: RankSchedule | None = None  # several ranks: the steps they all save
         if self._ranks is not None and mirror is not None:
             self._ranks.close()
             raise ValueError("mirror= is not supported by a manager of several ranks yet")
@@ -190,6 +196,8 @@ class CheckpointManager:
             parts = (arenas, self._copier, self._fences, self._pipeline, self._tags, self.stats)
             planner = RankPlanner(self._ranks, self._replicated) if self._ranks is not None else None
             self._admission = Admission(self.root, max_pending, snapshot, *parts, plan=planner)
+            if self._ranks is not None:
+                self._schedule = RankSchedule(self._ranks, self.policy, policy_lead)
         except BaseException:
             if self._mirror is not None:
                 self._mirror.close(0.0)
@@ -265,6 +273,10 @@ class CheckpointManager:
         acts as it would have (SIGINT raises KeyboardInterrupt, SIGTERM ends the process...). A
         second such signal before that happens acts at once.
 
+        Several ranks: the rank that gets the signal announces a final step ``policy_lead`` steps
+        ahead (the first rank to announce wins); every rank saves that step, waits for the commit
+        and raises that signal, whether it received it or not.
+
         Args:
             signals: The signals that mean preemption.
 
@@ -289,6 +301,10 @@ class CheckpointManager:
         first, then that failure is raised (as by ``save``). After a preemption signal the step is
         saved and waited for, then the signal acts (see ``install_signal_handlers``).
 
+        Several ranks: every rank saves the same steps. A policy that reads a clock is asked on
+        rank 0 only, and every rank saves ``policy_lead`` steps after the step it found due (see
+        ``asyncckpt.engine.rank_policy``); call this on every step, on every rank.
+
         Args:
             step: The training step (an int in [0, MAX_STEP]).
             state: The state to save, as for ``save``.
@@ -301,23 +317,32 @@ class CheckpointManager:
 
         Raises:
             SaveFailedError: An earlier save failed in the background (this one was still made).
-            CheckpointError: The manager is closed, or used from a forked child.
+            CheckpointError: The manager is closed, or used from a forked child; several ranks: this
+                rank heard of a step all ranks save only after it had passed it.
             ValueError: ``step`` out of range.
             TypeError: A state, metrics, metadata or tags that cannot be saved.
         """
         self._check_owner()
         self.stats.step_seen(time.perf_counter())
-        if self._preemption.signum is not None:
+        final = self._preemption.signum
+        if self._schedule is not None:  # several ranks: the final checkpoint waits for the agreed step
+            _check_step(step)
+            asked, self._due_answer = self._due_answer, None
+            deferred = getattr(self.policy, "deferred", 0)
+            is_due, final = self._schedule.decide(step, self._preemption.signum, asked)
+            self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
+        if final is not None:
             self._preemption.final_save_and_reraise(
-                lambda: self._save(step, state, metrics, metadata, tags), self._take_background_errors
+                lambda: self._save(step, state, metrics, metadata, tags), self._take_background_errors, final
             )
             return None
-        asked, self._due_answer = self._due_answer, None
-        deferred = getattr(self.policy, "deferred", 0)
-        is_due = self.policy.due(step)  # always: the policy counts every call
-        if asked is not None and asked[0] == step:
-            is_due = asked[1]  # what due(step) told the caller, who may have computed metrics for it
-        self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
+        if self._schedule is None:
+            asked, self._due_answer = self._due_answer, None
+            deferred = getattr(self.policy, "deferred", 0)
+            is_due = self.policy.due(step)  # always: the policy counts every call
+            if asked is not None and asked[0] == step:
+                is_due = asked[1]  # what due(step) told the caller, who may have computed metrics for it
+            self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
         if not is_due:
             return None
         handle, earlier = self._save(step, state, metrics, metadata, tags, tell_policy=True)
@@ -336,7 +361,9 @@ class CheckpointManager:
             step: The training step.
 
         Returns:
-            The policy's answer; True after a preemption signal.
+            The policy's answer; True after a preemption signal. Several ranks: whether an
+            announced step is reached (the announcements heard so far; one heard later for this
+            very step still makes ``maybe_save(step)`` save, so that every rank does).
 
         Raises:
             ValueError: ``step`` out of range.
@@ -344,7 +371,10 @@ class CheckpointManager:
         """
         self._check_owner()
         _check_step(step)
-        answer = self._preemption.signum is not None or self.policy.peek(step)
+        if self._schedule is not None:
+            answer = self._schedule.peek(step)
+        else:
+            answer = self._preemption.signum is not None or self.policy.peek(step)
         self._due_answer = (step, answer)
         return answer
 
@@ -612,6 +642,8 @@ class CheckpointManager:
         self._admission.close()
         if self._preemption.installed() and threading.current_thread() is threading.main_thread():
             self._preemption.restore()
+        if self._schedule is not None:
+            self._schedule.close()
         try:
             self._admission.wait_handed_over()
             self._fences.fence()
