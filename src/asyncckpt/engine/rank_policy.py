@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -31,7 +30,8 @@ from asyncckpt.errors import CheckpointError
 from asyncckpt.policy import SavePolicy
 
 DEFAULT_LEAD = 2
-_WAIT_S = 0.25  # how long one store wait of the watcher lasts before it looks whether it should stop
+_WAIT = timedelta(hours=24)  # one store wait of the watcher (a timed-out wait logs a c10d warning)
+_RETRY_S = 1.0  # after a store error (the store went away), before the watcher tries again
 
 
 @dataclass(frozen=True)
@@ -102,20 +102,18 @@ class RankSchedule:
         n = 0
         while not self._stop.is_set():
             key = f"due/{n}"
-            began = time.monotonic()
             try:
-                self._watch_store.wait([key], timedelta(seconds=_WAIT_S))
+                self._watch_store.wait([key], _WAIT)
                 raw = self._watch_store.get(key)
             except Exception:  # noqa: BLE001 - a wait that timed out, or a store that went away
-                if time.monotonic() - began < _WAIT_S / 2:  # not a timeout: do not spin
-                    self._stop.wait(_WAIT_S)
+                self._stop.wait(_RETRY_S)
                 continue
             n += 1
             try:
                 target = Target.decode(raw)
             except (ValueError, KeyError, TypeError):  # pragma: no cover - not ours
                 continue
-            if target.rank != self.rank:  # our own announcements are known already
+            if target.step >= 0 and target.rank != self.rank:  # ours are known already; < 0: a wake-up
                 with self._lock:
                     self._inbox.append(target)
 
@@ -204,7 +202,11 @@ class RankSchedule:
         return self._local and self._policy.peek(step)
 
     def close(self) -> None:
-        """Stop the watcher (it ends within a store wait, ``_WAIT_S``)."""
+        """Stop the watcher: a wake-up (step -1) in the sequence ends its wait; every rank skips it."""
         self._stop.set()
+        try:
+            self._announce(Target(-1, self.rank))
+        except Exception:  # noqa: BLE001 - the store is gone (at exit): the daemon thread goes with the process
+            return
         if self._watcher is not threading.current_thread():
-            self._watcher.join(2 * _WAIT_S)
+            self._watcher.join(5.0)
