@@ -178,7 +178,8 @@ class CheckpointManager:
             self.root: Path | str = backend.root if isinstance(backend, LocalBackend) else backend.location
             logs = isinstance(self.root, Path) and (self._ranks is None or self._ranks.rank == 0)
             self.stats = SaveStats(self.root / METRICS_LOG if logs and isinstance(self.root, Path) else None)
-            self._tags = Tags(self._storage, Catalog.of_writer(self._storage))
+            writes = self._ranks is None or self._ranks.rank == 0
+            self._tags = Tags(self._storage, Catalog.of_writer(self._storage), writes=writes)
             if mirror is not None:
                 self._mirror = _Mirror(mirror, self._storage.backend, mirror_policy, mirror_max_behind, mirror_options)
                 self.stats.mirror_status = self._mirror.status
