@@ -99,6 +99,16 @@ class CheckpointManager:
             ``secret``, ``endpoint_url``, ``region``...) plus ``timeout``, ``connect_timeout``,
             ``retries``, ``lease_seconds``, ``part_size``, ``upload_concurrency`` (see the README);
             None: credentials and endpoint come from the environment.
+        process_group: The ranks saving together, each with a manager on the same root (see the
+            README, "Many ranks"). None: the default group when torch.distributed is initialized,
+            else this process alone. Constructing, ``save`` and ``restore`` are then collective.
+        rank_timeout: Seconds a rank waits for the others' part of a save (or rank 0's commit)
+            before the save fails, naming the rank that did not answer.
+        replicated: Top-level keys of the state whose tensors are the same on every rank (stored
+            once, spread over the ranks); DDP models, FSDP2 modules and their optimizers need no
+            mention.
+        per_rank: Whose per-rank state ``restore`` gives each rank at another world size:
+            ``"error"`` (the default: a CheckpointError naming it), ``"same"`` or ``"rank0"``.
 
     Raises:
         ValueError: An option out of range.
