@@ -481,6 +481,8 @@ class CheckpointManager:
             CheckpointError: Used from a forked child.
         """
         self._check_owner()
+        if self._ranks is not None and self._ranks.rank != 0:  # rank 0 applies retention: list the root
+            return [c.step for c in self._storage.checkpoints()]
         return self._tags.catalog.steps()
 
     @overload
