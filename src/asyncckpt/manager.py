@@ -100,6 +100,16 @@ class CheckpointManager:
             ``secret``, ``endpoint_url``, ``region``...) plus ``timeout``, ``connect_timeout``,
             ``retries``, ``lease_seconds``, ``part_size``, ``upload_concurrency`` (see the README);
             None: credentials and endpoint come from the environment.
+        process_group: The ranks saving together, each with a manager on the same root (see the
+            README, "Many ranks"). None: the default group when torch.distributed is initialized,
+            else this process alone. Constructing, ``save`` and ``restore`` are then collective.
+        rank_timeout: Seconds a rank waits for the others' part of a save (or rank 0's commit)
+            before the save fails, naming the rank that did not answer.
+        replicated: Top-level keys of the state whose tensors are the same on every rank (stored
+            once, spread over the ranks); DDP models, FSDP2 modules and their optimizers need no
+            mention.
+        per_rank: Whose per-rank state ``restore`` gives each rank at another world size:
+            ``"error"`` (the default: a CheckpointError naming it), ``"same"`` or ``"rank0"``.
         policy_lead: Several ranks: how many steps after rank 0's time-based policy (or a rank's
             preemption signal) finds a step due every rank saves, the step being announced to all
             through the c10d store meanwhile (see ``asyncckpt.engine.rank_policy``). At least 1.
@@ -184,7 +194,8 @@ class CheckpointManager:
             self.root: Path | str = backend.root if isinstance(backend, LocalBackend) else backend.location
             logs = isinstance(self.root, Path) and (self._ranks is None or self._ranks.rank == 0)
             self.stats = SaveStats(self.root / METRICS_LOG if logs and isinstance(self.root, Path) else None)
-            self._tags = Tags(self._storage, Catalog.of_writer(self._storage))
+            writes = self._ranks is None or self._ranks.rank == 0
+            self._tags = Tags(self._storage, Catalog.of_writer(self._storage), writes=writes)
             if mirror is not None:
                 self._mirror = _Mirror(mirror, self._storage.backend, mirror_policy, mirror_max_behind, mirror_options)
                 self.stats.mirror_status = self._mirror.status
@@ -500,6 +511,8 @@ class CheckpointManager:
             CheckpointError: Used from a forked child.
         """
         self._check_owner()
+        if self._ranks is not None and self._ranks.rank != 0:  # rank 0 applies retention: list the root
+            return [c.step for c in self._storage.checkpoints()]
         return self._tags.catalog.steps()
 
     @overload
