@@ -98,7 +98,9 @@ class RankJob:
                 spec = _ChildSpec(
                     module, name, rank, world_size, port, timeout, dict(env or {}), self._stack_file(rank)
                 )
-                proc = ctx.Process(target=_child_main, args=(spec, args, send), name=f"rank{rank}", daemon=True)
+                # not daemonic, so fn may start processes of its own (DataLoader workers); close() and
+                # the child's exit-with-parent thread see that none outlives the job
+                proc = ctx.Process(target=_child_main, args=(spec, args, send), name=f"rank{rank}")
                 proc.start()
                 send.close()  # the child holds the write end: EOF on recv means the child is gone
                 self.procs.append(proc)
@@ -128,10 +130,11 @@ class RankJob:
             time.sleep(0.01)
 
     def outcomes(self, timeout: float | None = None, grace: float = 10.0) -> list[RankOutcome]:
-        """Wait for every rank (until ``timeout`` seconds after the start; default: the job's), then kill
-        the rest. Once some rank has raised or died, the others get at most ``grace`` more seconds (they
-        are usually stuck in a collective with it). Never raises for a rank's failure."""
-        deadline = self.started + (self.timeout if timeout is None else timeout)
+        """Wait for every rank for ``timeout`` more seconds (default: until the job's own timeout, counted
+        from its start), then kill the rest. Once some rank has raised or died, the others get at most
+        ``grace`` more seconds (they are usually stuck in a collective with it). Never raises for a
+        rank's failure."""
+        deadline = self.started + self.timeout if timeout is None else time.monotonic() + timeout
         done: dict[int, RankOutcome] = {}
         pending = {conn: rank for rank, conn in enumerate(self._conns)}
         try:
@@ -163,11 +166,14 @@ class RankJob:
         return [done[rank] for rank in range(self.world_size)]
 
     def join(self, timeout: float | None = None) -> list[Any]:
-        """fn's return values in rank order; AssertionError describing each rank that did not return."""
+        """fn's return values in rank order; AssertionError describing each rank that did not return
+        (``timeout``: as for ``outcomes``)."""
         outcomes = self.outcomes(timeout)
         bad = [o for o in outcomes if o.status != "ok"]
         if bad:
-            raise AssertionError(f"{len(bad)} of {self.world_size} ranks failed:\n\n" + "\n\n".join(o.describe() for o in bad))
+            raise AssertionError(
+                f"{len(bad)} of {self.world_size} ranks failed:\n\n" + "\n\n".join(o.describe() for o in bad)
+            )
         return [o.value for o in outcomes]
 
     def _dump_stacks(self, rank: int) -> str | None:
@@ -269,7 +275,7 @@ def _child_main(spec: _ChildSpec, args: tuple, conn: multiprocessing.connection.
         with contextlib.suppress(RuntimeError):  # only settable before any inter-op work
             torch.set_num_interop_threads(1)
         fn = getattr(importlib.import_module(spec.module), spec.name)
-        stacks = open(spec.stack_file, "w")  # noqa: SIM115 - lives as long as the process
+        stacks = open(spec.stack_file, "w")  # lives as long as the process
         faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
         dist.init_process_group(
             "gloo",

@@ -35,7 +35,7 @@ _POLL_S = 0.005
 # with ``use_local_synchronization`` is named by its ranks, so destroying it (a manager's close) and
 # making the next one (the next manager) reused the name, and with it the old group's rendezvous keys
 # in the store: a rank that closed first connected to the other's dead group and both hung.
-_GROUPS: dict[tuple[int, ...] | None, Any] = {}
+_GROUPS: dict[tuple[tuple[int, ...] | None, float], Any] = {}  # by (ranks, timeout)
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,12 @@ class RankGroup:
         self.timeout = float(timeout)
         # A gloo group of our own: planning collectives never share a queue with training's (NCCL)
         # collectives, and only the member ranks take part in making it.
-        key = tuple(ranks) if ranks is not None else None
+        key = (tuple(ranks) if ranks is not None else None, self.timeout)
         group = _GROUPS.get(key)
         if group is None or group not in dist.distributed_c10d._world.pg_map:  # none yet, or destroyed since
-            group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+            group = dist.new_group(
+                ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout), use_local_synchronization=True
+            )
             _GROUPS[key] = group
         self.group = group
         token = secrets.randbits(62) if self.rank == 0 else 0
@@ -117,12 +119,11 @@ class RankGroup:
         Raises:
             CheckpointError: The ranks disagree on the step or the plan, or one could not plan.
         """
-        dist = self._dist
         token = secrets.randbits(62) if self.rank == 0 else 0
         values = torch.tensor(
             [step, -step, fingerprint, -fingerprint, token, (self.rank + 1) if failed else 0], dtype=torch.int64
         )
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(values, f"agree on saving step {step}")
         high, low = int(values[0]), -int(values[1])
         if values[5] > 0:
             raise CheckpointError(f"rank {int(values[5]) - 1} could not plan its save of step {step}; nothing is saved")
@@ -141,14 +142,25 @@ class RankGroup:
     def all_ok(self, ok: bool) -> bool:
         """Whether every rank says ``ok`` (one all_reduce, on the calling thread)."""
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(flag, "agree")
         return int(flag.item()) == 0
 
     def all_max(self, value: int) -> int:
         """The largest ``value`` over the ranks (one all_reduce, on the calling thread)."""
         out = torch.tensor([value], dtype=torch.int64)
-        self._dist.all_reduce(out, op=self._dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(out, "agree")
         return int(out.item())
+
+    def _all_reduce(self, values: torch.Tensor, what: str) -> None:
+        """MAX over the ranks, in place; a rank that died or hangs is a CheckpointError (within
+        ``timeout``: the group's own timeout), never a hang or a backend's bare error."""
+        try:
+            self._dist.all_reduce(values, op=self._dist.ReduceOp.MAX, group=self.group)
+        except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            raise CheckpointError(
+                f"rank {self.rank} could not {what} with the other {self.world_size - 1} ranks "
+                f"(one died or did not answer within {self.timeout:g} s?): {type(exc).__name__}: {exc}"
+            ) from exc
 
     def barrier(self) -> None:
         """Every rank reached this point (on the calling thread)."""
