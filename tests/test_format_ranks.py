@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dist import run_ranks
 
 import asyncckpt
+from _dist import run_ranks
 from asyncckpt import format as fmt
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError
