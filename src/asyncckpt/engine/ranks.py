@@ -82,7 +82,10 @@ class RankGroup:
         self.timeout = float(timeout)
         # A gloo group of our own: planning collectives never share a queue with training's (NCCL)
         # collectives, and only the member ranks take part in making it.
-        self.group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+        self._key = (tuple(ranks) if ranks is not None else None, self.world_size)
+        self.group = _take_idle_group(dist, self._key)
+        if self.group is None:
+            self.group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
         token = secrets.randbits(62) if self.rank == 0 else 0
         agreed = torch.tensor([token], dtype=torch.int64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
@@ -199,8 +202,31 @@ class RankGroup:
         return self.store.get(key).decode()
 
     def close(self) -> None:
-        """Forget the group (the store connection closes with it)."""
-        try:
-            self._dist.destroy_process_group(self.group)
-        except Exception:  # noqa: BLE001 - the default group may already be gone at exit
-            pass
+        """Give the group back for the next ``RankGroup`` of the same ranks (the store connection
+        closes with this object).
+
+        Never destroyed: torch names a ``use_local_synchronization`` group by its ranks and the
+        number of groups alive, so a group made after one is destroyed gets the same name, and its
+        rendezvous reads the destroyed group's stale addresses in the store (a hang).
+        """
+        idle = _IDLE.setdefault(self._key, [])
+        if self.group is not None and self.group not in idle:
+            idle.append(self.group)
+        self.group = None
+
+
+# Gloo groups of closed RankGroups, by (member ranks, world size): reused, never destroyed.
+_IDLE: dict[tuple, list[Any]] = {}
+
+
+def _take_idle_group(dist: Any, key: tuple) -> Any:
+    """An idle group of these ranks still alive (the same one on every rank: the least name), or None."""
+    alive = dist.distributed_c10d._world.pg_map
+    idle = [g for g in _IDLE.get(key, []) if g in alive]
+    if not idle:
+        _IDLE.pop(key, None)
+        return None
+    group = min(idle, key=dist.distributed_c10d._get_process_group_name)
+    idle.remove(group)
+    _IDLE[key] = idle
+    return group
