@@ -1,11 +1,13 @@
-"""The on-disk format, version 1: names, the manifest schema, and validation of untrusted manifests.
+"""The on-disk format: names, the manifest schema, and validation of untrusted manifests.
 
 A checkpoint is a directory ``step-<12 digits>/`` holding ``manifest.json`` and ``data-NNNNN.bin``.
 All tensors live in one logical byte space (the staging arena's layout: tensors grouped by dtype,
 each 64-byte aligned). Chunks cut that space into contiguous, non-overlapping ranges; each chunk is
 stored in a data file after its codec chain (applied in order, reversed on read) with a CRC32 of
 the stored bytes. A tensor is found by its offset in the logical space, never by a file position,
-so codecs may change chunk sizes on disk without touching the tensor index.
+so codecs may change chunk sizes on disk without touching the tensor index. That is version 1.
+A checkpoint written by several ranks (version 2, the end of this module) has one data file and
+one sealed rank table per rank, and a manifest naming every rank table by its seal.
 
 docs/format.md specifies all of it as rules for writers and readers; a change here changes that page.
 """

@@ -176,6 +176,8 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
         "encoder_cpu_fraction": sum(r.compress_cpu_s for r in timed) / encoding if encoding > 0 else math.nan,
         "raw_bytes": raw,
         "stored_bytes": stored,
+        # several ranks, on rank 0: the stall of the slowest rank, per committed save
+        "rank_stall_max_p50_s": _percentile([r.max_rank_stall_s for r in done if r.max_rank_stall_s is not None], 0.5),
     }
 
 

@@ -82,14 +82,18 @@ class RankGroup:
         self.timeout = float(timeout)
         # A gloo group of our own: planning collectives never share a queue with training's (NCCL)
         # collectives, and only the member ranks take part in making it.
-        self._key = (tuple(ranks) if ranks is not None else None, self.world_size)
+        # (a group's timeout is its own: groups are reused only by managers of the same rank_timeout)
+        self._key = (tuple(ranks) if ranks is not None else None, self.world_size, self.timeout)
         self.group = _take_idle_group(dist, self._key)
         if self.group is None:
-            self.group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+            self.group = dist.new_group(
+                ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout), use_local_synchronization=True
+            )
         token = secrets.randbits(62) if self.rank == 0 else 0
         agreed = torch.tensor([token], dtype=torch.int64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
         self.run = f"{int(agreed.item()):016x}"
+        self._broken = False
         base = dist.distributed_c10d._get_default_store()
         try:
             own = base.clone()  # type: ignore[attr-defined]  # a connection of our own: a wait here never blocks training's calls
@@ -110,12 +114,11 @@ class RankGroup:
         Raises:
             CheckpointError: The ranks disagree on the step or the plan, or one could not plan.
         """
-        dist = self._dist
         token = secrets.randbits(62) if self.rank == 0 else 0
         values = torch.tensor(
             [step, -step, fingerprint, -fingerprint, token, (self.rank + 1) if failed else 0], dtype=torch.int64
         )
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(values, f"agree on saving step {step}")
         high, low = int(values[0]), -int(values[1])
         if values[5] > 0:
             raise CheckpointError(f"rank {int(values[5]) - 1} could not plan its save of step {step}; nothing is saved")
@@ -134,14 +137,26 @@ class RankGroup:
     def all_ok(self, ok: bool) -> bool:
         """Whether every rank says ``ok`` (one all_reduce, on the calling thread)."""
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(flag, "agree")
         return int(flag.item()) == 0
 
     def all_max(self, value: int) -> int:
         """The largest ``value`` over the ranks (one all_reduce, on the calling thread)."""
         out = torch.tensor([value], dtype=torch.int64)
-        self._dist.all_reduce(out, op=self._dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(out, "agree")
         return int(out.item())
+
+    def _all_reduce(self, values: torch.Tensor, what: str) -> None:
+        """MAX over the ranks, in place; a rank that died or hangs is a CheckpointError (within
+        ``timeout``: the group's own timeout), never a hang or a backend's bare error."""
+        try:
+            self._dist.all_reduce(values, op=self._dist.ReduceOp.MAX, group=self.group)
+        except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            self._broken = True  # never reused by a later manager
+            raise CheckpointError(
+                f"rank {self.rank} could not {what} with the other {self.world_size - 1} ranks "
+                f"(one died or did not answer within {self.timeout:g} s?): {type(exc).__name__}: {exc}"
+            ) from exc
 
     def barrier(self) -> None:
         """Every rank reached this point (on the calling thread)."""
@@ -210,12 +225,12 @@ class RankGroup:
         rendezvous reads the destroyed group's stale addresses in the store (a hang).
         """
         idle = _IDLE.setdefault(self._key, [])
-        if self.group is not None and self.group not in idle:
+        if self.group is not None and self.group not in idle and not self._broken:
             idle.append(self.group)
         self.group = None
 
 
-# Gloo groups of closed RankGroups, by (member ranks, world size): reused, never destroyed.
+# Gloo groups of closed RankGroups, by (member ranks, world size, timeout): reused, never destroyed.
 _IDLE: dict[tuple, list[Any]] = {}
 
 
