@@ -8,6 +8,8 @@ import torch
 import _dist_models as dm
 import asyncckpt
 from _dist import run_ranks
+from asyncckpt.loading import open_target
+from asyncckpt.storage.commit import published_checkpoints
 
 
 def _save_fsdp2(rank: int, world: int, url: str) -> dict:
@@ -17,7 +19,8 @@ def _save_fsdp2(rank: int, world: int, url: str) -> dict:
         mgr.save(2, {"model": model, "optim": optim, "rng": asyncckpt.RNGState()}).wait()
         dm.train_steps(model, optim, 2, 1, rank)
         mgr.save(3, {"model": model, "optim": optim, "rng": asyncckpt.RNGState()}).wait()
-        steps = mgr.steps()
+    torch.distributed.barrier()  # rank 0 closed its manager: its retention is done
+    steps = [c.step for c in published_checkpoints(open_target(url)[0])]
     return {"steps": steps, "full": dm.full_state(model, optim)}
 
 

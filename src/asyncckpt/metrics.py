@@ -159,6 +159,9 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
     persist = sum(r.persist_s for r in done)
     timed = [r for r in done if r.compress_cpu_s > 0]  # older logs did not record the CPU time
     encoding = sum(r.compress_s for r in timed)
+    # several ranks, on rank 0: the stall of each save's slowest rank (absent for one process)
+    ranked = [r.max_rank_stall_s for r in done if r.max_rank_stall_s is not None]
+    extra = {"rank_stall_max_p50_s": _percentile(ranked, 0.5), "rank_stall_max_s": max(ranked)} if ranked else {}
     return {
         "saves": len(records),
         "committed": len(done),
@@ -176,9 +179,7 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
         "encoder_cpu_fraction": sum(r.compress_cpu_s for r in timed) / encoding if encoding > 0 else math.nan,
         "raw_bytes": raw,
         "stored_bytes": stored,
-        # several ranks, on rank 0: the stall of the slowest rank, per committed save
-        "rank_stall_max_p50_s": _percentile([r.max_rank_stall_s for r in done if r.max_rank_stall_s is not None], 0.5),
-    }
+    } | extra
 
 
 def _check_log(path: Path) -> None:
