@@ -128,3 +128,39 @@ def test_a_metrics_log_line_of_a_multirank_save_is_read():
     assert record_from_json({"step": 1, "max_rank_stall_s": None}).max_rank_stall_s is None
     with pytest.raises(ValueError, match="max_rank_stall_s"):
         record_from_json({"step": 1, "max_rank_stall_s": "slow"})
+
+
+def test_load_weights_reads_the_model_of_a_multirank_checkpoint_whole(root):
+    from _dist_models import DIMS, Net
+    from asyncckpt import load_weights
+
+    model = Net(DIMS)
+    assert load_weights(root, model) == 3  # no per-rank state under "model": no choice needed
+    full = load(root, step=3, per_rank="rank0")["model"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, full[name]), name
+
+
+def _save_plain_per_rank(rank: int, world_size: int, root: str) -> None:
+    from _dist_models import DIMS, Net
+    from asyncckpt import CheckpointManager
+
+    torch.manual_seed(rank)  # an unwrapped model: each rank's own weights
+    with CheckpointManager(root, rank_timeout=60.0) as mgr:
+        mgr.save(1, {"model": Net(DIMS)}).wait()
+
+
+def test_load_weights_of_a_model_saved_per_rank_needs_a_choice(tmp_path):
+    from _dist_models import DIMS, Net
+    from asyncckpt import CheckpointError, load_weights
+
+    run_ranks(_save_plain_per_rank, 2, str(tmp_path), timeout=180)
+    model = Net(DIMS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="saved by each of its 2 ranks on its own.*per_rank='rank0'"):
+        load_weights(tmp_path, model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert load_weights(tmp_path, model, per_rank="rank0") == 1
+    torch.manual_seed(0)
+    expected = Net(DIMS).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
