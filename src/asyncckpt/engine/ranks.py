@@ -97,7 +97,8 @@ class RankGroup:
         self.group = group
         token = secrets.randbits(62) if self.rank == 0 else 0
         agreed = torch.tensor([token], dtype=torch.int64)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+        self._dist = dist
+        self._all_reduce(agreed, "open the checkpoint root together (every rank constructs the manager)")
         self.run = f"{int(agreed.item()):016x}"
         base = dist.distributed_c10d._get_default_store()
         try:
@@ -105,7 +106,6 @@ class RankGroup:
         except (AttributeError, RuntimeError):
             own = base
         self.store = dist.PrefixStore(f"asyncckpt/{self.run}/", own)
-        self._dist = dist
 
     def agree(self, step: int, fingerprint: int, failed: bool) -> str:
         """Check on the calling thread that every rank saves ``step`` of the same plan; return the
