@@ -161,6 +161,8 @@ def test_the_tree_example_is_what_a_save_writes(tmp_path):
 def test_the_pages_figures_are_the_codes():
     text = " ".join(FORMAT_MD.read_text().split())  # one line: figures may wrap
     assert f"`version` is {fmt.FORMAT_VERSION}." in text
+    assert f"rank tables of `version` {fmt.MULTI_RANK_VERSION}" in text
+    assert f"the number of ranks that wrote the checkpoint, in [1, {fmt.MAX_WORLD_SIZE}] |" in text
     assert f"more than 64 MiB ({fmt.MAX_MANIFEST_BYTES:,} bytes)" in text and fmt.MAX_MANIFEST_BYTES == 64 << 20
     assert f"more than {fmt.MAX_MANIFEST_VALUES:,} JSON values" in text
     assert f"[1, 2^{fmt.MAX_CHUNK_RAW.bit_length() - 1}]" in text

@@ -35,7 +35,7 @@ def _state() -> dict:
 
 
 def test_kinds_are_the_letters_the_manifest_stores_and_serialise_as_them():
-    assert skeleton.KINDS == {"d", "l", "t", "T", "N", "S", "v", "dt", "dev", "o"}
+    assert skeleton.KINDS == {"d", "l", "t", "T", "N", "S", "v", "dt", "dev", "o", "G"}  # G: multi-rank tables only
     node = flatten({"x": [torch.ones(1), (1.5, torch.float32)], "m": torch.nn.Identity()}).skeleton
     expected = (
         '{"d": [["x", {"l": [{"T": 0}, {"t": [{"v": 1.5}, {"dt": "float32"}]}]}], '
@@ -206,3 +206,15 @@ def test_deep_skeletons_cost_no_recursion():
     for _ in range(2 * MAX_TREE_DEPTH):
         allowed = {"o": allowed}
     _validate(allowed)
+
+
+def test_a_global_leaf_is_refused_in_a_version_1_tree_and_checked_in_a_rank_table():
+    def error(where, what):
+        return CheckpointError(f"{where}: {what}")
+
+    tree = {"d": [["w", {"G": 0}]]}
+    with pytest.raises(CheckpointError, match="unknown node kind 'G'"):
+        skeleton.validate(tree, [], known_dtypes={"float32"}, error=error)
+    skeleton.validate(tree, [], known_dtypes={"float32"}, error=error, globals_count=1)
+    with pytest.raises(CheckpointError, match=r"global tensor index: expected an integer in \[0, 0\], got 1"):
+        skeleton.validate({"G": 1}, [], known_dtypes={"float32"}, error=error, globals_count=1)

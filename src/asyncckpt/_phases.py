@@ -14,14 +14,16 @@ import time
 PHASES = ("snapshot", "compress", "write", "fsync", "manifest", "rename", "replace", "retention")
 # Phases only overlap mode has (the torture test kills in every PHASES entry, in blocking mode).
 OVERLAP_PHASES = ("lazy_copy", "verdict")
+# Phases only a multi-rank save has (a rank's table is durable, its vote not yet cast).
+RANK_PHASES = ("vote",)
 
 
 def _parse(spec: str) -> dict[str, float]:
     delays = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, seconds = item.partition("=")
-        if name not in PHASES + OVERLAP_PHASES:
-            known = ", ".join(PHASES + OVERLAP_PHASES)
+        if name not in PHASES + OVERLAP_PHASES + RANK_PHASES:
+            known = ", ".join(PHASES + OVERLAP_PHASES + RANK_PHASES)
             raise ValueError(f"ASYNCCKPT_PHASE_DELAY: unknown phase {name!r} (phases: {known})")
         delays[name] = float(seconds)
     return delays

@@ -1,11 +1,13 @@
-"""The on-disk format, version 1: names, the manifest schema, and validation of untrusted manifests.
+"""The on-disk format: names, the manifest schema, and validation of untrusted manifests.
 
 A checkpoint is a directory ``step-<12 digits>/`` holding ``manifest.json`` and ``data-NNNNN.bin``.
 All tensors live in one logical byte space (the staging arena's layout: tensors grouped by dtype,
 each 64-byte aligned). Chunks cut that space into contiguous, non-overlapping ranges; each chunk is
 stored in a data file after its codec chain (applied in order, reversed on read) with a CRC32 of
 the stored bytes. A tensor is found by its offset in the logical space, never by a file position,
-so codecs may change chunk sizes on disk without touching the tensor index.
+so codecs may change chunk sizes on disk without touching the tensor index. That is version 1.
+A checkpoint written by several ranks (version 2, the end of this module) has one data file and
+one sealed rank table per rank, and a manifest naming every rank table by its seal.
 
 docs/format.md specifies all of it as rules for writers and readers; a change here changes that page.
 """
@@ -206,29 +208,20 @@ class Manifest:
 
     def to_json(self) -> bytes:
         # built by hand: dataclasses.asdict would recurse into the (already plain) tree
-        body = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "step": self.step,
-            "created": self.created,
+        body = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": self.step, "created": self.created}
+        body |= self._content()
+        body |= {"metrics": self.metrics, "metadata": self.metadata, "tags": self.tags}
+        return _sealed_within_limits(body, self.step)
+
+    def _content(self) -> dict[str, Any]:
+        """The tree, the tensor table and the chunk table, as the JSON holds them."""
+        return {
             "tree": self.tree,
             "tensors": [asdict(t) for t in self.tensors],
             "chunks": [asdict(c) for c in self.chunks],
             "raw_bytes": self.raw_bytes,
             "stored_bytes": self.stored_bytes,
-            "metrics": self.metrics,
-            "metadata": self.metadata,
-            "tags": self.tags,
         }
-        raw = seal_manifest(json.dumps(body, separators=(",", ":")).encode())
-        over = manifest_over_limit(raw)
-        if over is not None:  # a checkpoint no reader would accept must never commit
-            raise ValueError(
-                f"the manifest of step {self.step} {over[0]}, over {over[1]}: a reader would refuse it. "
-                "Store big lists of numbers as a tensor (torch.tensor(values)) and big text or "
-                "metadata in a file of its own; many tiny tensors can be stacked into a few larger ones"
-            )
-        return raw
 
     def data_identity(self) -> Any:
         """What a tag rewrite must find unchanged: the data the manifest names (its chunk table)."""
@@ -516,13 +509,9 @@ class RankTable(Manifest):
             "step": self.step,
             "rank": self.rank,
             "world_size": self.world_size,
-            "tree": self.tree,
-            "tensors": [asdict(t) for t in self.tensors],
-            "chunks": [asdict(c) for c in self.chunks],
-            "raw_bytes": self.raw_bytes,
-            "stored_bytes": self.stored_bytes,
-            "pieces": [[p.index, p.tensor, list(p.offsets)] for p in self.pieces],
         }
+        body |= self._content()
+        body["pieces"] = [[p.index, p.tensor, list(p.offsets)] for p in self.pieces]
         return _sealed_within_limits(body, self.step)
 
 
@@ -576,8 +565,12 @@ class MultiRankManifest(Manifest):
 def _sealed_within_limits(body: dict, step: int) -> bytes:
     raw = seal_manifest(json.dumps(body, separators=(",", ":")).encode())
     over = manifest_over_limit(raw)
-    if over is not None:
-        raise ValueError(f"the manifest of step {step} {over[0]}, over {over[1]}: a reader would refuse it")
+    if over is not None:  # a checkpoint no reader would accept must never commit
+        raise ValueError(
+            f"the manifest of step {step} {over[0]}, over {over[1]}: a reader would refuse it. "
+            "Store big lists of numbers as a tensor (torch.tensor(values)) and big text or "
+            "metadata in a file of its own; many tiny tensors can be stacked into a few larger ones"
+        )
     return raw
 
 

@@ -295,6 +295,7 @@ def load_weights(
     strict: Literal[True] = ...,
     *,
     storage_options: dict[str, Any] | None = ...,
+    per_rank: str = ...,
 ) -> int: ...
 @overload
 def load_weights(
@@ -304,6 +305,7 @@ def load_weights(
     strict: Literal[False],
     *,
     storage_options: dict[str, Any] | None = ...,
+    per_rank: str = ...,
 ) -> RestoreResult: ...
 @overload
 def load_weights(
@@ -313,6 +315,7 @@ def load_weights(
     *,
     strict: Literal[False],
     storage_options: dict[str, Any] | None = ...,
+    per_rank: str = ...,
 ) -> RestoreResult: ...
 @overload
 def load_weights(
@@ -322,6 +325,7 @@ def load_weights(
     strict: bool = ...,
     *,
     storage_options: dict[str, Any] | None = ...,
+    per_rank: str = ...,
 ) -> int | RestoreResult: ...
 def load_weights(
     path: str | os.PathLike,
@@ -330,6 +334,7 @@ def load_weights(
     strict: bool = True,
     *,
     storage_options: dict[str, Any] | None = None,
+    per_rank: str = "error",
 ) -> int | RestoreResult:
     """Load just a model's weights for inference: only the chunks holding them are read.
 
@@ -349,6 +354,9 @@ def load_weights(
             written in place, are errors (True) or reported (False).
         storage_options: options for an object store's client, as for :func:`load`. Only the
             byte ranges of the chunks holding the model's weights are fetched.
+        per_rank: for a checkpoint of several ranks whose model was saved per rank (neither
+            DDP-wrapped nor sharded nor declared replicated): ``"error"`` (the default) or
+            ``"rank0"``/``"same"`` (rank 0's). A DDP or FSDP2 model loads whole either way.
 
     Returns:
         The checkpoint's step with ``strict=True``; with ``strict=False`` a RestoreResult: ``.step``
@@ -383,6 +391,15 @@ def load_weights(
         if found is None:
             raise CheckpointNotFoundError(f"no checkpoint in {path}")
         candidate, (manifest, node, loaded) = found
+    check_per_rank(per_rank)
+    if isinstance(manifest, MultiRankManifest) and manifest.world_size > 1 and per_rank == "error":
+        own = [i for i in skeleton.tensor_indices(node) if i < manifest.local_count]
+        if own:
+            raise CheckpointError(
+                f"{candidate}[{key!r}] was saved by each of its {manifest.world_size} ranks on its own "
+                "(neither DDP-wrapped nor sharded nor declared replicated): pass per_rank='rank0' to load "
+                "rank 0's weights"
+            )
     return _load_model(model, node, loaded.tensors, strict, f"{candidate}[{key!r}]", manifest.step)
 
 

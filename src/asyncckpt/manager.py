@@ -22,6 +22,7 @@ from asyncckpt.engine.mirror import _Mirror, write_mirror_file
 from asyncckpt.engine.overlap import Fences
 from asyncckpt.engine.pipeline import Pipeline, SaveJob
 from asyncckpt.engine.rank_plan import RankPlanner, join_ranks, open_rank_storage
+from asyncckpt.engine.rank_policy import DEFAULT_LEAD, RankSchedule
 from asyncckpt.engine.rank_restore import check_per_rank, restore_ranks
 from asyncckpt.engine.retain import Retainer
 from asyncckpt.engine.signals import Preemption, at_interpreter_exit
@@ -99,6 +100,19 @@ class CheckpointManager:
             ``secret``, ``endpoint_url``, ``region``...) plus ``timeout``, ``connect_timeout``,
             ``retries``, ``lease_seconds``, ``part_size``, ``upload_concurrency`` (see the README);
             None: credentials and endpoint come from the environment.
+        process_group: The ranks saving together, each with a manager on the same root (see the
+            README, "Many ranks"). None: the default group when torch.distributed is initialized,
+            else this process alone. Constructing, ``save`` and ``restore`` are then collective.
+        rank_timeout: Seconds a rank waits for the others' part of a save (or rank 0's commit)
+            before the save fails, naming the rank that did not answer.
+        replicated: Top-level keys of the state whose tensors are the same on every rank (stored
+            once, spread over the ranks); DDP models, FSDP2 modules and their optimizers need no
+            mention.
+        per_rank: Whose per-rank state ``restore`` gives each rank at another world size:
+            ``"error"`` (the default: a CheckpointError naming it), ``"same"`` or ``"rank0"``.
+        policy_lead: Several ranks: how many steps after rank 0's time-based policy (or a rank's
+            preemption signal) finds a step due every rank saves, the step being announced to all
+            through the c10d store meanwhile (see ``asyncckpt.engine.rank_policy``). At least 1.
 
     Raises:
         ValueError: An option out of range.
@@ -133,6 +147,7 @@ class CheckpointManager:
         rank_timeout: float = 300.0,
         replicated: tuple[str, ...] | list[str] = (),
         per_rank: str = "error",
+        policy_lead: int = DEFAULT_LEAD,
     ) -> None:
         if snapshot not in SNAPSHOT_MODES:
             raise ValueError(f"snapshot must be one of {SNAPSHOT_MODES}, got {snapshot!r}")
@@ -165,6 +180,7 @@ class CheckpointManager:
         if not all(isinstance(key, str) for key in self._replicated):
             raise TypeError(f"replicated must name top-level keys of the state (strings), got {replicated!r}")
         self._ranks = join_ranks(process_group, float(rank_timeout))
+        self._schedule: RankSchedule | None = None  # several ranks: the steps they all save
         if self._ranks is not None and mirror is not None:
             self._ranks.close()
             raise ValueError("mirror= is not supported by a manager of several ranks yet")
@@ -178,7 +194,8 @@ class CheckpointManager:
             self.root: Path | str = backend.root if isinstance(backend, LocalBackend) else backend.location
             logs = isinstance(self.root, Path) and (self._ranks is None or self._ranks.rank == 0)
             self.stats = SaveStats(self.root / METRICS_LOG if logs and isinstance(self.root, Path) else None)
-            self._tags = Tags(self._storage, Catalog.of_writer(self._storage))
+            writes = self._ranks is None or self._ranks.rank == 0
+            self._tags = Tags(self._storage, Catalog.of_writer(self._storage), writes=writes)
             if mirror is not None:
                 self._mirror = _Mirror(mirror, self._storage.backend, mirror_policy, mirror_max_behind, mirror_options)
                 self.stats.mirror_status = self._mirror.status
@@ -190,6 +207,8 @@ class CheckpointManager:
             parts = (arenas, self._copier, self._fences, self._pipeline, self._tags, self.stats)
             planner = RankPlanner(self._ranks, self._replicated) if self._ranks is not None else None
             self._admission = Admission(self.root, max_pending, snapshot, *parts, plan=planner)
+            if self._ranks is not None:
+                self._schedule = RankSchedule(self._ranks, self.policy, policy_lead)
         except BaseException:
             if self._mirror is not None:
                 self._mirror.close(0.0)
@@ -265,6 +284,10 @@ class CheckpointManager:
         acts as it would have (SIGINT raises KeyboardInterrupt, SIGTERM ends the process...). A
         second such signal before that happens acts at once.
 
+        Several ranks: the rank that gets the signal announces a final step ``policy_lead`` steps
+        ahead (the first rank to announce wins); every rank saves that step, waits for the commit
+        and raises that signal, whether it received it or not.
+
         Args:
             signals: The signals that mean preemption.
 
@@ -289,6 +312,10 @@ class CheckpointManager:
         first, then that failure is raised (as by ``save``). After a preemption signal the step is
         saved and waited for, then the signal acts (see ``install_signal_handlers``).
 
+        Several ranks: every rank saves the same steps. A policy that reads a clock is asked on
+        rank 0 only, and every rank saves ``policy_lead`` steps after the step it found due (see
+        ``asyncckpt.engine.rank_policy``); call this on every step, on every rank.
+
         Args:
             step: The training step (an int in [0, MAX_STEP]).
             state: The state to save, as for ``save``.
@@ -301,23 +328,32 @@ class CheckpointManager:
 
         Raises:
             SaveFailedError: An earlier save failed in the background (this one was still made).
-            CheckpointError: The manager is closed, or used from a forked child.
+            CheckpointError: The manager is closed, or used from a forked child; several ranks: this
+                rank heard of a step all ranks save only after it had passed it.
             ValueError: ``step`` out of range.
             TypeError: A state, metrics, metadata or tags that cannot be saved.
         """
         self._check_owner()
         self.stats.step_seen(time.perf_counter())
-        if self._preemption.signum is not None:
+        final = self._preemption.signum
+        if self._schedule is not None:  # several ranks: the final checkpoint waits for the agreed step
+            _check_step(step)
+            asked, self._due_answer = self._due_answer, None
+            deferred = getattr(self.policy, "deferred", 0)
+            is_due, final = self._schedule.decide(step, self._preemption.signum, asked)
+            self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
+        if final is not None:
             self._preemption.final_save_and_reraise(
-                lambda: self._save(step, state, metrics, metadata, tags), self._take_background_errors
+                lambda: self._save(step, state, metrics, metadata, tags), self._take_background_errors, final
             )
             return None
-        asked, self._due_answer = self._due_answer, None
-        deferred = getattr(self.policy, "deferred", 0)
-        is_due = self.policy.due(step)  # always: the policy counts every call
-        if asked is not None and asked[0] == step:
-            is_due = asked[1]  # what due(step) told the caller, who may have computed metrics for it
-        self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
+        if self._schedule is None:
+            asked, self._due_answer = self._due_answer, None
+            deferred = getattr(self.policy, "deferred", 0)
+            is_due = self.policy.due(step)  # always: the policy counts every call
+            if asked is not None and asked[0] == step:
+                is_due = asked[1]  # what due(step) told the caller, who may have computed metrics for it
+            self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
         if not is_due:
             return None
         handle, earlier = self._save(step, state, metrics, metadata, tags, tell_policy=True)
@@ -336,7 +372,9 @@ class CheckpointManager:
             step: The training step.
 
         Returns:
-            The policy's answer; True after a preemption signal.
+            The policy's answer; True after a preemption signal. Several ranks: whether an
+            announced step is reached (the announcements heard so far; one heard later for this
+            very step still makes ``maybe_save(step)`` save, so that every rank does).
 
         Raises:
             ValueError: ``step`` out of range.
@@ -344,7 +382,10 @@ class CheckpointManager:
         """
         self._check_owner()
         _check_step(step)
-        answer = self._preemption.signum is not None or self.policy.peek(step)
+        if self._schedule is not None:
+            answer = self._schedule.peek(step)
+        else:
+            answer = self._preemption.signum is not None or self.policy.peek(step)
         self._due_answer = (step, answer)
         return answer
 
@@ -470,6 +511,8 @@ class CheckpointManager:
             CheckpointError: Used from a forked child.
         """
         self._check_owner()
+        if self._ranks is not None and self._ranks.rank != 0:  # rank 0 applies retention: list the root
+            return [c.step for c in self._storage.checkpoints()]
         return self._tags.catalog.steps()
 
     @overload
@@ -612,6 +655,8 @@ class CheckpointManager:
         self._admission.close()
         if self._preemption.installed() and threading.current_thread() is threading.main_thread():
             self._preemption.restore()
+        if self._schedule is not None:
+            self._schedule.close()
         try:
             self._admission.wait_handed_over()
             self._fences.fence()

@@ -159,6 +159,9 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
     persist = sum(r.persist_s for r in done)
     timed = [r for r in done if r.compress_cpu_s > 0]  # older logs did not record the CPU time
     encoding = sum(r.compress_s for r in timed)
+    # several ranks, on rank 0: the stall of each save's slowest rank (absent for one process)
+    ranked = [r.max_rank_stall_s for r in done if r.max_rank_stall_s is not None]
+    extra = {"rank_stall_max_p50_s": _percentile(ranked, 0.5), "rank_stall_max_s": max(ranked)} if ranked else {}
     return {
         "saves": len(records),
         "committed": len(done),
@@ -176,7 +179,7 @@ def summarize(records: list[SaveRecord]) -> dict[str, Any]:
         "encoder_cpu_fraction": sum(r.compress_cpu_s for r in timed) / encoding if encoding > 0 else math.nan,
         "raw_bytes": raw,
         "stored_bytes": stored,
-    }
+    } | extra
 
 
 def _check_log(path: Path) -> None:
@@ -213,6 +216,8 @@ class SaveLog(list[SaveRecord]):
 _FIELDS = {f.name: f for f in fields(SaveRecord)}
 _FLOAT_FIELDS = frozenset(name for name, f in _FIELDS.items() if f.type in ("float", float))
 _INT_FIELDS = frozenset(name for name, f in _FIELDS.items() if f.type in ("int", int))
+# Floats only some saves have (None elsewhere): ``max_rank_stall_s``, a multi-rank save's.
+_OPTIONAL_FLOAT_FIELDS = frozenset(name for name, f in _FIELDS.items() if f.type in ("float | None", float | None))
 
 
 def record_from_json(obj: Any) -> SaveRecord:
@@ -231,15 +236,18 @@ def record_from_json(obj: Any) -> SaveRecord:
             continue
         if name in _INT_FIELDS:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        elif name in _FLOAT_FIELDS:
+        elif name in _FLOAT_FIELDS or name in _OPTIONAL_FLOAT_FIELDS:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok or (value is None and name in _OPTIONAL_FLOAT_FIELDS)
         elif name == "ok":
             ok = value is None or isinstance(value, bool)
         else:  # error
             ok = value is None or isinstance(value, str)
         if not ok:
             raise ValueError(f"bad value for {name!r}: {value!r}")
-        values[name] = float(value) if name in _FLOAT_FIELDS else value
+        values[name] = (
+            float(value) if name in _FLOAT_FIELDS or (name in _OPTIONAL_FLOAT_FIELDS and value is not None) else value
+        )
     return SaveRecord(**values)
 
 

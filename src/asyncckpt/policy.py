@@ -29,7 +29,17 @@ class SavePolicy:
 
     The manager calls ``due`` once per ``maybe_save``, ``peek`` for ``CheckpointManager.due``,
     ``saved`` when a save starts and ``committed`` (on the writer thread) when one ends.
+
+    Several ranks: a policy whose ``due`` answers from the step alone sets ``same_on_every_rank``
+    and is asked on every rank. Any other (a clock, a measured cost: the default, to be safe) is
+    asked on rank 0 only; the step it finds due is announced to every rank, which all save
+    ``policy_lead`` steps later (``asyncckpt.engine.rank_policy``).
+
+    Attributes:
+        same_on_every_rank: Whether ``due(step)`` answers alike on every rank of a job.
     """
+
+    same_on_every_rank: bool = False
 
     def due(self, step: int) -> bool:  # pragma: no cover - interface
         """Whether ``maybe_save(step)``, which calls this once, saves; may record the call.
@@ -82,6 +92,8 @@ class EverySteps(SavePolicy):
     Raises:
         ValueError: ``n`` is not a positive integer.
     """
+
+    same_on_every_rank = True  # the step alone decides
 
     def __init__(self, n: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -24,7 +24,7 @@ import torch
 from asyncckpt.engine.mirror import MIRROR_FILE
 from asyncckpt.engine.reader import Where, read_checkpoint, read_manifest
 from asyncckpt.errors import CheckpointError
-from asyncckpt.format import MANIFEST_NAME, Manifest, parse_step_dir
+from asyncckpt.format import MANIFEST_NAME, Manifest, MultiRankManifest, parse_step_dir, per_rank_differences
 from asyncckpt.loading import open_target
 from asyncckpt.metrics import METRICS_LOG
 from asyncckpt.retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
@@ -156,9 +156,15 @@ def inspect_checkpoint(path: Where) -> dict:
         else:
             row["value"] = leaf.value
         rows.append(row)
+    world_size, per_rank = 1, []
+    if isinstance(manifest, MultiRankManifest):
+        # the state each rank kept of its own (loading it whole needs per_rank=)
+        world_size, per_rank = manifest.world_size, per_rank_differences(manifest)
     return {
         "path": str(path),
         "step": manifest.step,
+        "world_size": world_size,
+        "per_rank": per_rank,
         "created": manifest.created,
         "raw_bytes": manifest.raw_bytes,
         "stored_bytes": manifest.stored_bytes,
@@ -188,6 +194,14 @@ def format_inspect(info: dict) -> str:
         f"created     {format_created(info['created'])}",
         f"size        {info['raw_bytes']} bytes raw, {info['stored_bytes']} stored ({ratio}), "
         f"{plural(info['tensors'], 'tensor')} in {plural(info['chunks'], 'chunk')}",
+        *(
+            [
+                f"world size  {info['world_size']} ranks; tensors shown whole (consolidated)",
+                f"per rank    {', '.join(info['per_rank']) or 'nothing (every rank saved equal values)'}",
+            ]
+            if info.get("world_size", 1) > 1
+            else []
+        ),
         f"metrics     {json.dumps(json_ready(info['metrics']))}",
         f"metadata    {json.dumps(json_ready(info['metadata']))}",
         "tree",

@@ -318,7 +318,7 @@ class Pipeline:
         except BaseException as exc:
             group.vote(ranks.attempt, Vote(rank, False, f"{type(exc).__name__}: {exc}"))
             if rank == 0:
-                self._fail_attempt(job, ranks, staging)
+                self._fail_attempt(job, ranks, staging, f"{type(exc).__name__}: {exc}")
             raise
         group.vote(ranks.attempt, vote)
         began = time.perf_counter()
@@ -369,12 +369,12 @@ class Pipeline:
             self._read_gpu_fence_wait(job)
         return checkpoint.ref
 
-    def _fail_attempt(self, job: SaveJob, ranks: RankSave, staging: Staging) -> None:
-        """Rank 0 failed its own part: wait for the others to finish writing (their votes), tell them
-        the save failed, then remove the attempt."""
+    def _fail_attempt(self, job: SaveJob, ranks: RankSave, staging: Staging, reason: str) -> None:
+        """Rank 0 failed its own part (``reason``): wait for the others to finish writing (their
+        votes), tell them the save failed and why, then remove the attempt."""
         try:
             ranks.group.collect(ranks.attempt, job.step)
-            ranks.group.announce(ranks.attempt, f"step {job.step} was not committed: rank 0 failed")
+            ranks.group.announce(ranks.attempt, f"step {job.step} was not committed: rank 0 failed: {reason}")
         finally:
             self._storage.abort(staging)
 

@@ -152,11 +152,17 @@ def restore_ranks(
             rank's does not, or no checkpoint verifies on every rank.
     """
     me = RankInfo(group.rank, group.world_size)
-    listed = {c.step: c for c in published_checkpoints(backend)}
+    try:  # every rank takes part in the vote below, whatever fails here
+        listed = {c.step: c for c in published_checkpoints(backend)}
+        targets = _Targets(state, me, replicated)
+    except BaseException as exc:
+        group.all_ok(False)
+        raise exc
+    if not group.all_ok(True):
+        raise CheckpointError("another rank could not list the root or plan its restore (it says why); nothing changed")
     if step is not None and group.all_max(1 if step in listed else 0) == 0:
         raise CheckpointNotFoundError(f"no checkpoint for step {step} in {backend.location}")
     failed: dict[int, str] = {}
-    targets = _Targets(state, me, replicated)
     while True:
         mine = max((s for s in listed if s not in failed and (step is None or s == step)), default=-1)
         candidate = group.all_max(mine)

@@ -31,6 +31,11 @@ import torch
 from asyncckpt.errors import CheckpointError
 
 _POLL_S = 0.005
+# The checkpoint-only gloo group of each set of ranks, made once per process and kept: a group made
+# with ``use_local_synchronization`` is named by its ranks, so destroying it (a manager's close) and
+# making the next one (the next manager) reused the name, and with it the old group's rendezvous keys
+# in the store: a rank that closed first connected to the other's dead group and both hung.
+_GROUPS: dict[tuple[tuple[int, ...] | None, float], Any] = {}  # by (ranks, timeout)
 
 
 @dataclass(frozen=True)
@@ -81,15 +86,19 @@ class RankGroup:
         self.world_size: int = dist.get_world_size(process_group)
         self.timeout = float(timeout)
         # A gloo group of our own: planning collectives never share a queue with training's (NCCL)
-        # collectives, and only the member ranks take part in making it. Local synchronization
-        # names the group by a hash of its ranks, the same name for every manager of those ranks:
-        # a second manager's rendezvous would meet the first one's stale keys in the store and
-        # hang. So only for a subset (where non-members cannot take part); the whole world's
-        # groups get torch's counted names, unique per group (every rank constructs the manager).
-        self.group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=ranks is not None)
+        # collectives, and only the member ranks take part in making it.
+        key = (tuple(ranks) if ranks is not None else None, self.timeout)
+        group = _GROUPS.get(key)
+        if group is None or group not in dist.distributed_c10d._world.pg_map:  # none yet, or destroyed since
+            group = dist.new_group(
+                ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout), use_local_synchronization=True
+            )
+            _GROUPS[key] = group
+        self.group = group
         token = secrets.randbits(62) if self.rank == 0 else 0
         agreed = torch.tensor([token], dtype=torch.int64)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+        self._dist = dist
+        self._all_reduce(agreed, "open the checkpoint root together (every rank constructs the manager)")
         self.run = f"{int(agreed.item()):016x}"
         base = dist.distributed_c10d._get_default_store()
         try:
@@ -97,7 +106,6 @@ class RankGroup:
         except (AttributeError, RuntimeError):
             own = base
         self.store = dist.PrefixStore(f"asyncckpt/{self.run}/", own)
-        self._dist = dist
 
     def agree(self, step: int, fingerprint: int, failed: bool) -> str:
         """Check on the calling thread that every rank saves ``step`` of the same plan; return the
@@ -111,12 +119,11 @@ class RankGroup:
         Raises:
             CheckpointError: The ranks disagree on the step or the plan, or one could not plan.
         """
-        dist = self._dist
         token = secrets.randbits(62) if self.rank == 0 else 0
         values = torch.tensor(
             [step, -step, fingerprint, -fingerprint, token, (self.rank + 1) if failed else 0], dtype=torch.int64
         )
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(values, f"agree on saving step {step}")
         high, low = int(values[0]), -int(values[1])
         if values[5] > 0:
             raise CheckpointError(f"rank {int(values[5]) - 1} could not plan its save of step {step}; nothing is saved")
@@ -135,14 +142,25 @@ class RankGroup:
     def all_ok(self, ok: bool) -> bool:
         """Whether every rank says ``ok`` (one all_reduce, on the calling thread)."""
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(flag, "agree")
         return int(flag.item()) == 0
 
     def all_max(self, value: int) -> int:
         """The largest ``value`` over the ranks (one all_reduce, on the calling thread)."""
         out = torch.tensor([value], dtype=torch.int64)
-        self._dist.all_reduce(out, op=self._dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(out, "agree")
         return int(out.item())
+
+    def _all_reduce(self, values: torch.Tensor, what: str) -> None:
+        """MAX over the ranks, in place; a rank that died or hangs is a CheckpointError (within
+        ``timeout``: the group's own timeout), never a hang or a backend's bare error."""
+        try:
+            self._dist.all_reduce(values, op=self._dist.ReduceOp.MAX, group=self.group)
+        except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            raise CheckpointError(
+                f"rank {self.rank} could not {what} with the other {self.world_size - 1} ranks "
+                f"(one died or did not answer within {self.timeout:g} s?): {type(exc).__name__}: {exc}"
+            ) from exc
 
     def barrier(self) -> None:
         """Every rank reached this point (on the calling thread)."""
@@ -203,8 +221,5 @@ class RankGroup:
         return self.store.get(key).decode()
 
     def close(self) -> None:
-        """Forget the group (the store connection closes with it)."""
-        try:
-            self._dist.destroy_process_group(self.group)
-        except Exception:  # noqa: BLE001 - the default group may already be gone at exit
-            pass
+        """Nothing to release: the group stays for the next manager of these ranks (see ``_GROUPS``),
+        and the store connection closes once unreferenced."""

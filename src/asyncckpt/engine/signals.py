@@ -72,6 +72,7 @@ class Preemption:
         self,
         save: Callable[[], tuple[SaveHandle, SaveFailedError | None]],
         take_errors: Callable[[], SaveFailedError | None],
+        signum: int | None = None,
     ) -> None:
         """The preemption checkpoint: attempted whatever failed before, waited for, then the signal.
 
@@ -80,8 +81,10 @@ class Preemption:
         Args:
             save: Takes the final save; returns its handle and an earlier failure.
             take_errors: The background failures not yet reported.
+            signum: The signal to raise after it (default: the one received). Several ranks: the
+                one the rank that received it announced, for every rank (``RankSchedule``).
         """
-        signum, self.signum = self.signum, None
+        signum, self.signum = (signum if signum is not None else self.signum), None
         assert signum is not None
         try:
             try:

@@ -42,7 +42,10 @@ class Tags:
         lock: Held by whoever reads ``catalog`` or deletes a committed checkpoint.
     """
 
-    def __init__(self, storage: CommitProtocol, catalog: Catalog) -> None:
+    def __init__(self, storage: CommitProtocol, catalog: Catalog, writes: bool = True) -> None:
+        # False on the ranks other than 0 of a multi-rank job: rank 0 writes the manifests (every
+        # rank calling tag() with the same tags is the usual way), the others only answer
+        self._writes = writes
         self._storage = storage
         self.catalog = catalog
         self.lock = threading.Lock()
@@ -149,7 +152,8 @@ class Tags:
         """Swap a committed checkpoint's manifest for one with changed tags (under ``lock``)."""
         manifest = read_manifest(path)
         manifest.tags = change(list(manifest.tags))
-        self._storage.replace_manifest(path, manifest.to_json())
+        if self._writes:
+            self._storage.replace_manifest(path, manifest.to_json())
         self.catalog.record(CheckpointInfo(step, manifest.metrics, tuple(manifest.tags)))
         return manifest.tags
 
@@ -173,6 +177,8 @@ class Tags:
 
     def _write_late_tags(self, path: CheckpointRef, tags: list[str]) -> None:
         """Tags changed while the save's manifest was already written: rewrite it, now committed."""
+        if not self._writes:
+            return
         try:
             manifest = read_manifest(path)
             manifest.tags = list(tags)

@@ -1,0 +1,298 @@
+"""Run a function on N spawned ranks joined in a gloo process group (multi-rank tests on CPU).
+
+``run_ranks(fn, world_size, *args)`` is the whole story for most tests::
+
+    def _check(rank, world_size, n):  # module level in a tests module: the children import it by name
+        return rank * n
+
+    assert run_ranks(_check, 2, 10) == [0, 10]
+
+Each rank is a fresh ``spawn``-ed Python process (never fork: torch and gloo own threads) that sets
+MASTER_ADDR / MASTER_PORT (a free port the parent picked) / RANK / WORLD_SIZE / LOCAL_RANK, runs
+``torch.set_num_threads(1)``, joins ``init_process_group("gloo")``, calls ``fn(rank, world_size, *args)``,
+destroys the group and sends back fn's return value (plain ``pickle``: tensors are fine, DTensors are
+not) or its formatted traceback. The parent returns the values in rank order, or raises AssertionError
+naming every rank that raised (with its traceback), died (with its exit code) or hung past ``timeout``
+(with every thread's Python stack, dumped by faulthandler just before the kill). No child outlives the
+call: the parent kills the stragglers in ``finally`` and each child also exits by itself when its
+parent goes away.
+
+For crash tests, ``start_ranks`` returns the running ``RankJob``: ``job.procs``, ``job.kill(rank)``
+(SIGKILL), ``job.wait_until(reached)``, then ``job.join()`` (values, or raise as ``run_ranks`` does) or
+``job.outcomes()`` (one ``RankOutcome`` per rank, never raises), and ``job.close()`` (or ``with job:``).
+
+``fn``, ``args`` and the return value cross process boundaries, so they must be picklable; ``fn`` must
+be a module-level function of an importable module (tests/ is on the children's sys.path: tests
+import ``_dist`` as a top-level module, the same way they import ``_s3server``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RankOutcome:
+    """How one rank ended. ``status``: "ok" (``value`` is fn's result), "raised" (``error`` is the
+    traceback), "died" (exited or was killed without reporting: ``exitcode``), "hung" (still running at
+    the deadline and killed then: ``error`` is its faulthandler stack dump, when there was one)."""
+
+    rank: int
+    status: str
+    value: Any = None
+    error: str | None = None
+    exitcode: int | None = None
+
+    def describe(self) -> str:
+        if self.status == "raised":
+            return f"rank {self.rank} raised:\n{self.error}"
+        if self.status == "died":
+            return f"rank {self.rank} died without a result (exit code {self.exitcode})"
+        if self.status == "hung":
+            return f"rank {self.rank} hung (killed at the deadline); its stacks:\n{self.error or '(none)'}"
+        return f"rank {self.rank} ok"
+
+
+class RankJob:
+    """``world_size`` running ranks (see ``start_ranks``). Not thread-safe; one ``join``/``outcomes``."""
+
+    def __init__(self, fn: Callable[..., Any], world_size: int, args: tuple, timeout: float, env: dict | None):
+        module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+        if module in (None, "__main__") or "." in name or "<" in name:
+            raise ValueError(f"fn must be a module-level function of an importable module, not {module}.{name}")
+        self.world_size = world_size
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self._dumps = tempfile.mkdtemp(prefix="dist-stacks-")
+        ctx = multiprocessing.get_context("spawn")
+        port = free_port()
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self._conns: list[multiprocessing.connection.Connection] = []
+        try:
+            for rank in range(world_size):
+                recv, send = ctx.Pipe(duplex=False)
+                spec = _ChildSpec(
+                    module, name, rank, world_size, port, timeout, dict(env or {}), self._stack_file(rank)
+                )
+                # not daemonic, so fn may start processes of its own (DataLoader workers); close() and
+                # the child's exit-with-parent thread see that none outlives the job
+                proc = ctx.Process(target=_child_main, args=(spec, args, send), name=f"rank{rank}")
+                proc.start()
+                send.close()  # the child holds the write end: EOF on recv means the child is gone
+                self.procs.append(proc)
+                self._conns.append(recv)
+        except BaseException:
+            self.close()
+            raise
+
+    def _stack_file(self, rank: int) -> str:
+        return os.path.join(self._dumps, f"rank{rank}.stacks")
+
+    def kill(self, rank: int) -> None:
+        """SIGKILL one rank now (its outcome becomes "died", exit code -9)."""
+        proc = self.procs[rank]
+        if proc.pid is not None and proc.exitcode is None:
+            os.kill(proc.pid, signal.SIGKILL)
+
+    def wait_until(self, reached: Callable[[], bool], what: str = "the point", timeout: float | None = None) -> None:
+        """Poll ``reached()`` every 10 ms; AssertionError if every rank exits first or ``timeout``
+        (default: the job's) passes."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not reached():
+            if all(p.exitcode is not None for p in self.procs):
+                raise AssertionError(f"every rank exited before {what}: {[p.exitcode for p in self.procs]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the ranks never reached {what}")
+            time.sleep(0.01)
+
+    def outcomes(self, timeout: float | None = None, grace: float = 10.0) -> list[RankOutcome]:
+        """Wait for every rank for ``timeout`` more seconds (default: until the job's own timeout, counted
+        from its start), then kill the rest. Once some rank has raised or died, the others get at most
+        ``grace`` more seconds (they are usually stuck in a collective with it). Never raises for a
+        rank's failure."""
+        deadline = self.started + self.timeout if timeout is None else time.monotonic() + timeout
+        done: dict[int, RankOutcome] = {}
+        pending = {conn: rank for rank, conn in enumerate(self._conns)}
+        try:
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                for conn in multiprocessing.connection.wait(list(pending), timeout=left):
+                    rank = pending.pop(conn)
+                    try:
+                        kind, payload = pickle.loads(conn.recv_bytes())
+                    except (EOFError, OSError):
+                        self.procs[rank].join(5)
+                        done[rank] = RankOutcome(rank, "died", exitcode=self.procs[rank].exitcode)
+                    else:
+                        if kind == "ok":
+                            done[rank] = RankOutcome(rank, "ok", value=payload)
+                        else:
+                            done[rank] = RankOutcome(rank, "raised", error=payload)
+                    if done[rank].status != "ok":
+                        deadline = min(deadline, time.monotonic() + grace)
+            for rank in pending.values():
+                done[rank] = RankOutcome(rank, "hung", error=self._dump_stacks(rank))
+        finally:
+            self.close()
+        for rank, outcome in done.items():
+            if outcome.exitcode is None and outcome.status in ("died", "hung"):
+                outcome.exitcode = self.procs[rank].exitcode
+        return [done[rank] for rank in range(self.world_size)]
+
+    def join(self, timeout: float | None = None) -> list[Any]:
+        """fn's return values in rank order; AssertionError describing each rank that did not return
+        (``timeout``: as for ``outcomes``)."""
+        outcomes = self.outcomes(timeout)
+        bad = [o for o in outcomes if o.status != "ok"]
+        if bad:
+            raise AssertionError(
+                f"{len(bad)} of {self.world_size} ranks failed:\n\n" + "\n\n".join(o.describe() for o in bad)
+            )
+        return [o.value for o in outcomes]
+
+    def _dump_stacks(self, rank: int) -> str | None:
+        proc, path = self.procs[rank], self._stack_file(rank)
+        if proc.pid is None or proc.exitcode is not None or not os.path.exists(path):
+            return None  # not yet running fn (its faulthandler is armed right before)
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, signal.SIGUSR1)
+            time.sleep(1.0)  # faulthandler writes from the signal handler, at once
+            with open(path) as f:
+                return f.read() or None
+        return None
+
+    def close(self) -> None:
+        """Kill every child still running and reap it (idempotent)."""
+        for proc in self.procs:
+            if proc.exitcode is None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+        for proc in self.procs:
+            proc.join(10)
+        for conn in self._conns:
+            conn.close()
+        for name in os.listdir(self._dumps) if os.path.isdir(self._dumps) else []:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._dumps, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(self._dumps)
+
+    def __enter__(self) -> RankJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, env: dict | None = None
+) -> RankJob:
+    """Start ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks and return at once.
+    ``env`` adds variables to the children's environment (before torch is imported there)."""
+    return RankJob(fn, world_size, args, timeout, env)
+
+
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, env: dict | None = None
+) -> list[Any]:
+    """``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; the return values in rank
+    order, or AssertionError with each failing rank's traceback / exit code / stacks if it hung."""
+    with start_ranks(fn, world_size, *args, timeout=timeout, env=env) as job:
+        return job.join()
+
+
+# -- the child side ------------------------------------------------------------------------------
+
+
+@dataclass
+class _ChildSpec:
+    module: str
+    name: str
+    rank: int
+    world_size: int
+    port: int
+    timeout: float
+    env: dict
+    stack_file: str
+
+
+def _exit_with_parent(parent: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(70)
+
+
+def _child_main(spec: _ChildSpec, args: tuple, conn: multiprocessing.connection.Connection) -> None:
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(spec.port),
+        RANK=str(spec.rank),
+        WORLD_SIZE=str(spec.world_size),
+        LOCAL_RANK=str(spec.rank),
+        LOCAL_WORLD_SIZE=str(spec.world_size),
+        OMP_NUM_THREADS="1",
+    )
+    os.environ.update(spec.env)
+    if _TESTS_DIR not in sys.path:
+        sys.path.insert(0, _TESTS_DIR)
+    try:
+        import datetime
+        import faulthandler
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        with contextlib.suppress(RuntimeError):  # only settable before any inter-op work
+            torch.set_num_interop_threads(1)
+        fn = getattr(importlib.import_module(spec.module), spec.name)
+        stacks = open(spec.stack_file, "w")  # lives as long as the process
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+        dist.init_process_group(
+            "gloo",
+            rank=spec.rank,
+            world_size=spec.world_size,
+            timeout=datetime.timedelta(seconds=spec.timeout),
+        )
+        try:
+            result = ("ok", fn(spec.rank, spec.world_size, *args))
+        finally:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+    except BaseException:
+        result = ("raised", traceback.format_exc())
+    try:
+        payload = pickle.dumps(result)
+    except Exception:
+        payload = pickle.dumps(("raised", "fn's return value does not pickle:\n" + traceback.format_exc()))
+    conn.send_bytes(payload)
+    conn.close()

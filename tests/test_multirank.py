@@ -1,0 +1,260 @@
+"""Multi-rank save and restore on spawned gloo ranks (CPU): FSDP2, DDP and HSDP, bit-exact, at the
+same and at other world sizes, per-rank state, many saves in flight, and how much a reshard decodes.
+
+Three spawned jobs, in order (each later one reads what the earlier ones wrote), share one root
+directory per scenario:
+
+* job A, 2 ranks: FSDP2 (saved while training goes on), DDP, per-rank RNG/sampler, 20 saves with
+  ``max_pending`` 1 and 2, a big FSDP2 model for the decode measurement; restores at 2 ranks.
+* job B, 4 ranks: restores A's FSDP2 and DDP checkpoints into FSDP2 at 4 (reshard), writes a 4-rank
+  FSDP2 checkpoint, an HSDP (2 x 2) one, restored bit-exact; per-rank state at another world size.
+* job C, 2 ranks: restores B's 4-rank checkpoint at 2 (FSDP2 and DDP), per-rank "same".
+
+The parent checks what needs one process: consolidated ``load`` against the saved full state, the
+stored volume of the HSDP checkpoint, and the bytes a 2 -> 4 reshard decodes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import asyncckpt
+from _dist import run_ranks
+from _dist_models import full_state, make_ddp, make_fsdp2, make_hsdp, state_diff, train_steps
+from asyncckpt import format as fmt
+from asyncckpt.engine.pieces import Box, read_boxes
+from asyncckpt.engine.reader import read_manifest
+from asyncckpt.errors import CheckpointError
+
+SEED = 7
+BIG = (256, 4096, 128)  # 4096-row and 128-row weights: a reshard cuts each into many chunks
+BIG_CHUNK = 64 * 1024
+
+
+def _mgr(root: Path, **kw) -> asyncckpt.CheckpointManager:
+    return asyncckpt.CheckpointManager(root, keep_last=None, **kw)
+
+
+def _save_fsdp_while_training(rank: int, root: Path, make) -> dict:
+    model, optim = make(SEED)
+    train_steps(model, optim, 0, 3, rank)
+    saved = full_state(model, optim)
+    with _mgr(root) as mgr:
+        mgr.save(3, {"model": model, "optim": optim})
+        train_steps(model, optim, 3, 2, rank)  # training goes on while the save persists
+        mgr.wait()
+    return saved
+
+
+def _restore(root: Path, make, step: int | None = None) -> dict:
+    model, optim = make(SEED + 1)  # other weights, and AdamW state not created yet
+    with _mgr(root) as mgr:
+        got = mgr.restore({"model": model, "optim": optim}, step)
+    assert got == (step if step is not None else got)
+    return full_state(model, optim)
+
+
+def _per_rank_state(rank: int):
+    sampler = asyncckpt.ResumableSampler(50, seed=3)
+    return {"rng": asyncckpt.RNGState(), "sampler": sampler, "w": torch.ones(4)}, sampler
+
+
+def _draw(sampler, n: int = 5) -> tuple[list[int], torch.Tensor]:
+    it = iter(sampler)
+    return [next(it) for _ in range(n)], torch.rand(3)
+
+
+def _job_a(rank: int, world: int, tmp: str) -> dict:
+    tmp_path = Path(tmp)
+    out: dict = {}
+    # FSDP2 saved while training continues, restored fresh at 2: model and optimizer bit-exact
+    out["fsdp2"] = _save_fsdp_while_training(rank, tmp_path / "fsdp2", make_fsdp2)
+    assert state_diff(out["fsdp2"], _restore(tmp_path / "fsdp2", make_fsdp2)) == []
+    # DDP at 2, and DDP restored from the FSDP2 checkpoint
+    out["ddp"] = _save_fsdp_while_training(rank, tmp_path / "ddp", make_ddp)
+    assert state_diff(out["fsdp2"], _restore(tmp_path / "fsdp2", make_ddp)) == []
+    assert state_diff(out["ddp"], _restore(tmp_path / "ddp", make_fsdp2)) == []
+
+    # per-rank RNG and sampler: each rank resumes exactly its own
+    torch.manual_seed(1000 + rank)
+    state, sampler = _per_rank_state(rank)
+    _draw(sampler, 7 + rank)
+    with _mgr(tmp_path / "rng2") as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+    expected = _draw(sampler)
+    torch.manual_seed(0)
+    state, sampler = _per_rank_state(rank)
+    with _mgr(tmp_path / "rng2") as mgr:
+        assert mgr.restore(state) == 1
+    got = _draw(sampler)
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1]), (got, expected)
+    out["rng_draw"] = expected
+
+    # 20 saves while FSDP2 trains, max_pending 1 and 2: all commit, the newest restores
+    for pending in (1, 2):
+        model, optim = make_fsdp2(SEED)
+        root = tmp_path / f"many{pending}"
+        with _mgr(root, max_pending=pending, policy=asyncckpt.EverySteps(1), compression=None) as mgr:
+            for step in range(1, 21):
+                train_steps(model, optim, step, 1, rank)
+                mgr.maybe_save(step, {"model": model, "optim": optim})
+            mgr.wait()
+            assert mgr.steps() == list(range(1, 21)), mgr.steps()
+        last = full_state(model, optim)
+        assert state_diff(last, _restore(root, make_fsdp2, None)) == []
+
+    # a big FSDP2 model for the parent's decode measurement (no optimizer state)
+    model, _ = make_fsdp2(SEED, dims=BIG)
+    with _mgr(tmp_path / "big", compression=None, chunk_size=BIG_CHUNK) as mgr:
+        mgr.save(1, {"model": model})
+        mgr.wait()
+    return out
+
+
+def _job_b(rank: int, world: int, tmp: str, saved: dict) -> dict:
+    tmp_path = Path(tmp)
+    out: dict = {}
+    # reshard 2 -> 4: FSDP2 and DDP checkpoints into FSDP2 at 4 (uneven 33 rows, empty shards)
+    assert state_diff(saved["fsdp2"], _restore(tmp_path / "fsdp2", make_fsdp2)) == []
+    assert state_diff(saved["ddp"], _restore(tmp_path / "ddp", make_fsdp2)) == []
+    # a 4-rank FSDP2 checkpoint, for job C and the parent
+    out["fsdp4"] = _save_fsdp_while_training(rank, tmp_path / "fsdp4", make_fsdp2)
+    assert state_diff(out["fsdp4"], _restore(tmp_path / "fsdp4", make_fsdp2)) == []
+    # HSDP (replicate 2 x shard 2): saved once per replica group, restored bit-exact
+    out["hsdp"] = _save_fsdp_while_training(rank, tmp_path / "hsdp", make_hsdp)
+    assert state_diff(out["hsdp"], _restore(tmp_path / "hsdp", make_hsdp)) == []
+
+    # per-rank state saved at 2, read at 4: refused naming the path unless per_rank says whose
+    state, _ = _per_rank_state(rank)
+    with _mgr(tmp_path / "rng2") as mgr:
+        with pytest.raises(CheckpointError) as info:
+            mgr.restore(state)
+    if rank == 0:
+        out["rng_error"] = str(info.value)
+    with _mgr(tmp_path / "rng2", per_rank="same") as mgr:
+        with pytest.raises(CheckpointError):  # ranks 2 and 3 have no rank of their own there
+            mgr.restore(state)
+    state, sampler = _per_rank_state(rank)
+    with _mgr(tmp_path / "rng2", per_rank="rank0") as mgr:
+        assert mgr.restore(state) == 1
+    out["rank0_draw"] = _draw(sampler)
+    # a 4-rank per-rank checkpoint, for job C
+    torch.manual_seed(2000 + rank)
+    state, sampler = _per_rank_state(rank)
+    _draw(sampler, rank)
+    with _mgr(tmp_path / "rng4") as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+    out["rng4_draw"] = _draw(sampler)
+    return out
+
+
+def _job_c(rank: int, world: int, tmp: str, saved: dict) -> dict:
+    tmp_path = Path(tmp)
+    assert state_diff(saved["fsdp4"], _restore(tmp_path / "fsdp4", make_fsdp2)) == []
+    assert state_diff(saved["fsdp4"], _restore(tmp_path / "fsdp4", make_ddp)) == []
+    state, sampler = _per_rank_state(rank)
+    with _mgr(tmp_path / "rng4") as mgr:
+        with pytest.raises(CheckpointError) as info:
+            mgr.restore(state)
+    assert "rng4" in str(info.value) and "per_rank" in str(info.value)
+    state, sampler = _per_rank_state(rank)
+    with _mgr(tmp_path / "rng4", per_rank="same") as mgr:
+        assert mgr.restore(state) == 1
+    return {"same_draw": _draw(sampler)}
+
+
+def _managers_in_turn(rank: int, world: int, tmp: str) -> list[int]:
+    state = {"model": {"w": torch.arange(12.0).view(6, 2)}, "own": torch.full((2,), float(rank))}
+    steps = []
+    for step in (1, 2, 3):  # each manager closed before the next is made, in one process
+        if rank == 0:
+            time.sleep(1.0)  # rank 1 makes its group first
+        with _mgr(Path(tmp), replicated=("model",)) as mgr:
+            if step > 1:
+                steps.append(mgr.restore(state))
+            mgr.save(step, state)
+            mgr.wait()
+    return steps
+
+
+def test_managers_one_after_another(tmp_path):
+    # a closed manager's group, destroyed, gave the next group its name: the next one hung
+    assert run_ranks(_managers_in_turn, 2, str(tmp_path), timeout=90) == [[1, 2], [1, 2]]
+
+
+def _consolidated(loaded: dict, make) -> dict:
+    """A consolidated ``load`` of {"model", "optim"} in ``full_state``'s keys."""
+    out: dict = {}
+    names = list(loaded["model"].keys())
+    params = [n for n in names if n != "out_scale"]
+    for n, value in loaded["model"].items():
+        out[("buffer." if n == "out_scale" else "param.") + n] = value
+    for index, entry in loaded["optim"]["state"].items():
+        for key, value in entry.items():
+            out[f"{key}.{params[int(index)]}"] = value
+    return out
+
+
+def _stored_volume(view: fmt.MultiRankManifest) -> tuple[int, int]:
+    assert view.tables is not None
+    stored = sum(math.prod(t.tensors[p.tensor].shape) for t in view.tables for p in t.pieces)
+    return stored, sum(math.prod(g.shape) for g in view.globals)
+
+
+def test_multirank_end_to_end(tmp_path):
+    tmp = str(tmp_path)
+    a = run_ranks(_job_a, 2, tmp, timeout=300)
+    assert a[0]["fsdp2"].keys() == a[1]["fsdp2"].keys()
+    assert a[0]["rng_draw"] != a[1]["rng_draw"]  # the ranks' own states really differ
+
+    # 2 -> 1 process: consolidated load == the full state
+    loaded = asyncckpt.load(tmp_path / "fsdp2")
+    assert state_diff(a[0]["fsdp2"], _consolidated(loaded, make_fsdp2)) == []
+    loaded = asyncckpt.load(tmp_path / "ddp")
+    assert state_diff(a[0]["ddp"], _consolidated(loaded, make_ddp)) == []
+    for name in ("fsdp2", "ddp"):
+        stored, volume = _stored_volume(read_manifest(tmp_path / name / fmt.step_dir_name(3)))
+        assert stored == volume, name
+
+    _check_reshard_decode(tmp_path / "big" / fmt.step_dir_name(1))
+
+    b = run_ranks(_job_b, 4, tmp, a[0], timeout=400)
+    assert "rng2" in b[0]["rng_error"] and "per_rank" in b[0]["rng_error"], b[0]["rng_error"]
+    assert all(r["rank0_draw"][0] == b[0]["rank0_draw"][0] for r in b)  # every rank took rank 0's
+    hsdp = read_manifest(tmp_path / "hsdp" / fmt.step_dir_name(3))
+    assert hsdp.world_size == 4
+    stored, volume = _stored_volume(hsdp)
+    assert stored == volume  # the replicated shards are stored once
+    assert state_diff(b[0]["hsdp"], _consolidated(asyncckpt.load(tmp_path / "hsdp"), make_hsdp)) == []
+
+    c = run_ranks(_job_c, 2, tmp, b[0], timeout=300)
+    for rank in range(2):
+        got, expected = c[rank]["same_draw"], b[rank]["rng4_draw"]
+        assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+
+
+def _check_reshard_decode(step_dir: Path) -> None:
+    """2 -> 4 ranks: each new rank's FSDP2 shard decodes close to the bytes it needs."""
+    view = read_manifest(step_dir)
+    assert isinstance(view, fmt.MultiRankManifest) and view.world_size == 2
+    checked = 0
+    for index, g in enumerate(view.globals):
+        if g.nbytes < 16 * BIG_CHUNK or not g.shape:
+            continue
+        rows = g.shape[0]
+        per = -(-rows // 4)
+        for r in range(4):
+            first, end = min(rows, r * per), min(rows, (r + 1) * per)
+            box = Box(index, (first,) + (0,) * (len(g.shape) - 1), (end - first, *g.shape[1:]))
+            (tensor,), decoded = read_boxes(step_dir, view, [box], 1)
+            needed = tensor.nbytes
+            assert needed <= decoded <= 1.1 * needed, (g, r, needed, decoded)
+            checked += 1
+    assert checked >= 8, checked

@@ -1,0 +1,340 @@
+"""Failures inside the multi-rank two-phase commit, on spawned gloo ranks (2 ranks).
+
+A rank that raises, or dies, while writing or before voting, and rank 0 dying before publishing:
+nothing is committed, every surviving rank's save fails within ``rank_timeout`` naming the rank,
+a reader listing the root meanwhile never sees a partial step, and a new job restores the earlier
+steps bit-exact and sweeps the leftovers. Overlap mode's guard refusing on one rank refuses for all.
+A training job killed mid-run resumes to the same losses and weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _cli import cli, remaining
+from _dist import run_ranks, start_ranks
+from asyncckpt import load
+from asyncckpt.format import step_dir_name
+
+RANK_TIMEOUT = 8.0
+
+
+def _errors(save) -> str:
+    """The failure ``save().wait()`` raises, as text (with its cause); "" when it committed. A
+    failure fast enough is raised by ``save`` itself (the next call into the manager)."""
+    from asyncckpt.errors import CheckpointError
+
+    try:
+        save().wait()
+    except CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc} <- {exc.__cause__!r}"
+    return ""
+
+
+# ---- a rank that raises ----------------------------------------------------------------------
+
+
+def _raising_rank(rank: int, world_size: int, root: str, overlap_root: str) -> dict:
+    from _dist_models import full_state, make_ddp, train_steps
+    from asyncckpt import CheckpointManager
+    from asyncckpt.storage.local import LocalBackend
+
+    out: dict = {}
+    model, optim = make_ddp(seed=0)
+    state = {"model": model, "optim": optim, "rank": torch.tensor([rank])}
+    mgr = CheckpointManager(root, keep_last=None, rank_timeout=RANK_TIMEOUT)
+    train_steps(model, optim, 1, 1, rank)
+    mgr.save(1, state).wait()
+    out["full1"] = full_state(model, optim)
+    real_open = LocalBackend.open_write
+
+    def on_fire(self, name, size_hint=None):
+        raise OSError(28, "disk on fire")
+
+    # step 2: rank 1's data file cannot be opened; step 3: rank 0's
+    for step, failing in ((2, 1), (3, 0)):
+        train_steps(model, optim, step, 1, rank)
+        if rank == failing:
+            LocalBackend.open_write = on_fire
+        began = time.monotonic()
+        out[f"error{step}"] = _errors(lambda step=step: mgr.save(step, state))
+        out[f"took{step}"] = time.monotonic() - began
+        LocalBackend.open_write = real_open
+    # step 4: rank 1's state cannot be flattened (an unsupported leaf on that rank only)
+    bad = dict(state, extra=object()) if rank == 1 else state
+    try:
+        mgr.save(4, bad).wait()
+        out["error4"] = ""
+    except Exception as exc:  # noqa: BLE001
+        out["error4"] = f"{type(exc).__name__}: {exc}"
+    train_steps(model, optim, 5, 1, rank)
+    mgr.save(5, state).wait()
+    out["full5"] = full_state(model, optim)
+    out["steps"] = mgr.steps()
+    mgr.close()
+
+    # overlap mode: rank 1 changes a tensor in place before its fence; no rank commits the step
+    from asyncckpt import _phases
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(256, 256)  # 256 KB of optimizer-owned params: copied lazily
+    ostate = {"net": net, "opt": torch.optim.SGD(net.parameters(), lr=0.1)}
+    omgr = CheckpointManager(overlap_root, snapshot="overlap", rank_timeout=RANK_TIMEOUT)
+    omgr.save(1, ostate).wait()
+    _phases._DELAYS["lazy_copy"] = 1.0  # the copy runs late on every rank
+    handle = omgr.save(2, ostate)
+    if rank == 1:
+        with torch.no_grad():
+            net.weight.mul_(2.0)  # before the copy, on rank 1 only
+    with torch.no_grad():
+        deadline = time.monotonic() + 3 * RANK_TIMEOUT
+        while not handle.done() and time.monotonic() < deadline:
+            net(torch.randn(2, 256))  # settle points: each rank's verdict
+            time.sleep(0.01)
+    out["overlap_error"] = _errors(lambda: handle)
+    _phases._DELAYS.pop("lazy_copy")
+    omgr.save(3, ostate).wait()
+    out["overlap_steps"] = omgr.steps()
+    omgr.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def raised(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mr-raise")
+    results = run_ranks(_raising_rank, 2, str(base / "ckpt"), str(base / "overlap"), timeout=240)
+    return base, results
+
+
+def test_a_rank_that_raises_commits_nothing_and_every_rank_names_it(raised):
+    base, results = raised
+    root = base / "ckpt"
+    for rank, out in enumerate(results):
+        # the failing rank raises its own error; the other names it, with the cause
+        assert "disk on fire" in out["error2"] and ("rank 1" in out["error2"] or rank == 1), (rank, out["error2"])
+        assert "disk on fire" in out["error3"] and ("rank 0" in out["error3"] or rank == 0), (rank, out["error3"])
+        assert out["took2"] < RANK_TIMEOUT + 5 and out["took3"] < RANK_TIMEOUT + 5
+        assert out["error4"] and ("rank 1" in out["error4"] or rank == 1), (rank, out["error4"])
+        assert out["steps"] == [1, 5]
+    assert remaining(root) == [1, 5]
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp")]
+    for step in (1, 5):
+        loaded = load(root, step=step, per_rank="rank0")
+        want = results[0][f"full{step}"]
+        assert torch.equal(loaded["model"]["layers.0.weight"], want["param.layers.0.weight"])
+        assert torch.equal(loaded["optim"]["state"][0]["exp_avg"], want["exp_avg.layers.0.weight"])
+
+
+def test_overlap_guard_rejected_on_one_rank_commits_on_none(raised):
+    base, results = raised
+    for rank, out in enumerate(results):
+        assert out["overlap_error"], (rank, [(o["overlap_error"], o["overlap_steps"]) for o in results])
+        assert "changed in place" in out["overlap_error"], (rank, out["overlap_error"])
+        assert out["overlap_steps"] == [1, 3]
+    assert remaining(base / "overlap") == [1, 3]
+
+
+def test_a_flipped_byte_in_one_rank_data_file(raised, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(raised[0] / "ckpt", root)
+    data = sorted((root / step_dir_name(5)).glob("data-00001*"))
+    assert data, list((root / step_dir_name(5)).iterdir())
+    raw = bytearray(data[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data[0].write_bytes(bytes(raw))
+    code, out, err = cli(capsys, "verify", root)
+    assert code != 0
+    assert data[0].name in out + err, out + err
+    with pytest.warns(UserWarning):
+        state = load(root, per_rank="rank0")
+    assert torch.equal(state["model"]["layers.0.weight"], raised[1][0]["full1"]["param.layers.0.weight"])
+
+
+# ---- a rank that dies ----------------------------------------------------------------------------
+
+
+def _dying_rank(rank: int, world_size: int, root: str, victim: int, phase: str) -> dict:
+    from _dist_models import full_state, make_ddp, train_steps
+    from asyncckpt import CheckpointManager, _phases
+
+    model, optim = make_ddp(seed=0)
+    state = {"model": model, "optim": optim}
+    mgr = CheckpointManager(root, keep_last=None, rank_timeout=RANK_TIMEOUT)
+    train_steps(model, optim, 1, 1, rank)
+    mgr.save(1, state).wait()
+    full = full_state(model, optim)
+    train_steps(model, optim, 2, 1, rank)
+    if rank == victim:
+        real = _phases.pause
+
+        def pause(name: str) -> None:
+            if name == phase:
+                Path(root, f".died-{rank}").touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(name)
+
+        _phases.pause = pause
+    began = time.monotonic()
+    error = _errors(lambda: mgr.save(2, state))
+    return {"error": error, "took": time.monotonic() - began, "full1": full}
+
+
+def _watch(root: Path, stop: threading.Event, seen: list, bad: list) -> None:
+    """List the root over and over and load every step it shows: never a partial one."""
+    while not stop.is_set():
+        for path in sorted(root.glob("step-*")):
+            try:
+                load(path, per_rank="rank0")
+                seen.append(path.name)
+            except Exception as exc:  # noqa: BLE001
+                if path.exists():
+                    bad.append(f"{path.name}: {exc!r}")
+        time.sleep(0.02)
+
+
+KILLS = [(1, "write"), (1, "vote"), (0, "rename")]
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mr-kill")
+    runs = {}
+    for victim, phase in KILLS:
+        root = base / f"{phase}-{victim}"
+        root.mkdir()
+        stop, seen, bad = threading.Event(), [], []
+        watcher = threading.Thread(target=_watch, args=(root, stop, seen, bad), daemon=True)
+        watcher.start()
+        job = start_ranks(_dying_rank, 2, str(root), victim, phase, timeout=180)
+        outcomes = job.outcomes(grace=3 * RANK_TIMEOUT)
+        stop.set()
+        watcher.join(30)
+        runs[(victim, phase)] = (root, outcomes, seen, bad)
+    return runs
+
+
+@pytest.mark.parametrize(("victim", "phase"), KILLS)
+def test_a_dead_rank_fails_the_survivor_in_time(killed, victim, phase):
+    root, outcomes, seen, bad = killed[(victim, phase)]
+    assert outcomes[victim].status == "died", outcomes[victim].describe()
+    survivor = outcomes[1 - victim]
+    assert survivor.status == "ok", survivor.describe()
+    assert f"rank {victim}" in survivor.value["error"], survivor.value["error"]
+    assert survivor.value["took"] < RANK_TIMEOUT + 10
+    assert not bad, bad
+    assert set(seen) <= {step_dir_name(1)}
+    assert remaining(root) == [1]
+
+
+def _restart(rank: int, world_size: int, roots: list[str]) -> list[dict]:
+    from _dist_models import full_state, make_ddp
+    from asyncckpt import CheckpointManager
+
+    fulls = []
+    for root in roots:
+        model, optim = make_ddp(seed=1)  # other weights: the restore must replace them all
+        mgr = CheckpointManager(root, keep_last=None, rank_timeout=RANK_TIMEOUT)
+        assert mgr.restore({"model": model, "optim": optim}) == 1
+        fulls.append(full_state(model, optim))
+        mgr.close()
+    return fulls
+
+
+def test_after_a_restart_the_earlier_step_restores_and_leftovers_go(killed):
+    roots = [killed[k][0] for k in KILLS]
+    results = run_ranks(_restart, 2, [str(r) for r in roots], timeout=180)
+    for i, key in enumerate(KILLS):
+        root, outcomes, _, _ = killed[key]
+        want = outcomes[1 - key[0]].value["full1"]
+        for rank in range(2):
+            got = results[rank][i]
+            assert set(got) == set(want)
+            for name in want:
+                assert torch.equal(got[name], want[name]), (key, rank, name)
+        assert [p.name for p in root.iterdir() if p.name.startswith(".tmp")] == [], key
+
+
+# ---- a training job killed mid-run, resumed ----------------------------------------------------------
+
+TOTAL = 6
+
+
+def _train(rank: int, world_size: int, root: str, kill_at: int | None, resume: bool) -> dict:
+    from _dist_models import full_state, make_ddp, train_steps
+    from asyncckpt import CheckpointManager
+
+    model, optim = make_ddp(seed=0)
+    state = {"model": model, "optim": optim}
+    mgr = CheckpointManager(root, keep_last=2, rank_timeout=30.0)
+    start = (mgr.restore(state) or 0) + 1 if resume else 1
+    losses = {}
+    for step in range(start, TOTAL + 1):
+        if step == kill_at:  # the save of the step before may still be in flight
+            os.kill(os.getpid(), signal.SIGKILL)
+        losses[step] = train_steps(model, optim, step, 1, rank)[0]
+        if step % 2 == 0:
+            mgr.save(step, state)
+    mgr.close()
+    return {"start": start, "losses": losses, "full": full_state(model, optim)}
+
+
+def test_a_killed_training_job_resumes_to_the_same_result(tmp_path):
+    root = tmp_path / "train"
+    with start_ranks(_train, 2, str(root), 5, False, timeout=180) as job:
+        outcomes = job.outcomes()
+    assert [o.status for o in outcomes] == ["died", "died"], [o.describe() for o in outcomes]
+    resumed = run_ranks(_train, 2, str(root), None, True, timeout=180)
+    straight = run_ranks(_train, 2, str(tmp_path / "straight"), None, False, timeout=180)
+    for rank in range(2):
+        assert resumed[rank]["start"] in (3, 5)  # step 4's save was in flight at the kill
+        for step, loss in resumed[rank]["losses"].items():
+            assert loss == straight[rank]["losses"][step], step
+        for name, value in straight[rank]["full"].items():
+            assert torch.equal(resumed[rank]["full"][name], value), name
+
+
+def test_the_vote_phase_can_be_delayed_from_the_environment():
+    """``_phases.pause("vote")`` is a mark of multi-rank saves; naming it in ASYNCCKPT_PHASE_DELAY
+    made every import of asyncckpt fail ("unknown phase")."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ASYNCCKPT_PHASE_DELAY": "vote=0.01"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import asyncckpt._phases as p; print(p._DELAYS)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "'vote': 0.01" in done.stdout
+
+
+def _two_managers(rank: int, world_size: int, root: str) -> list[int]:
+    from asyncckpt import CheckpointManager
+
+    first = CheckpointManager(Path(root, "a"), rank_timeout=RANK_TIMEOUT)
+    first.save(1, {"x": torch.ones(2)}).wait()
+    if rank == 1:
+        time.sleep(2)  # rank 0 closes and opens the next manager first
+    first.close()
+    second = CheckpointManager(Path(root, "b"), rank_timeout=RANK_TIMEOUT)
+    second.save(1, {"x": torch.ones(2)}).wait()
+    steps = second.steps()
+    second.close()
+    return steps
+
+
+def test_a_second_manager_after_ranks_closed_the_first_at_different_times(tmp_path):
+    """The checkpoint group was destroyed at close and the next one reused its name and store keys:
+    the rank that closed first connected to the other's dead group and both hung."""
+    assert run_ranks(_two_managers, 2, str(tmp_path), timeout=60) == [[1], [1]]
