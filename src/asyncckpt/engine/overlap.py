@@ -418,7 +418,13 @@ def _fenceable(state: Any, depth: int = 0) -> tuple[list[torch.optim.Optimizer],
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+    """The memory a tensor's values live in: its storage. A staged tensor may be a view of an
+    optimizer's tensor (a row piece of a DDP parameter) or the local shard of one (a DTensor's
+    ``to_local()``): it is still changed only by that optimizer's step."""
+    local = getattr(t, "_local_tensor", None)  # a DTensor: its shard on this rank
+    if isinstance(local, torch.Tensor):
+        t = local
+    return (t.device, t.untyped_storage().data_ptr())
 
 
 def _optimizer_owned(optimizers: list[torch.optim.Optimizer]) -> set[tuple]:

@@ -21,6 +21,7 @@ order, shapes and placements are the same on every rank of a job that trains one
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Collection
@@ -84,29 +85,33 @@ def dtensor_box(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
         TypeError: A placement that is neither ``Shard`` nor ``Replicate`` (a ``Partial`` tensor
             holds no value of its own until it is reduced).
     """
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    for placement in t.placements:
-        if type(placement) not in (Shard, Replicate):
-            raise TypeError(f"a DTensor placed as {placement} cannot be checkpointed (only Shard and Replicate)")
-    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return tuple(int(o) for o in offsets), tuple(int(s) for s in shape)
+    return _placed(tuple(t.shape), t.device_mesh, tuple(t.placements))[:2]
 
 
 def _replica_slot(t: Any) -> tuple[int, int]:
     """(this rank's index among the ranks holding the same box, how many hold it): the mesh
     dimensions a DTensor is replicated over."""
-    from torch.distributed.tensor import Replicate
+    return _placed(tuple(t.shape), t.device_mesh, tuple(t.placements))[2:]
 
-    mesh = t.device_mesh
+
+@functools.lru_cache(maxsize=1 << 14)
+def _placed(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[Any, Any, int, int]:
+    """:func:`dtensor_box` and :func:`_replica_slot` of a global shape on a mesh, computed once:
+    every save asks again for the same parameters, and the answer only depends on these."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in placements:
+        if type(placement) not in (Shard, Replicate):
+            raise TypeError(f"a DTensor placed as {placement} cannot be checkpointed (only Shard and Replicate)")
+    local, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
     coordinate = mesh.get_coordinate()
     index, count = 0, 1
-    for dim, placement in enumerate(t.placements):
+    for dim, placement in enumerate(placements):
         if isinstance(placement, Replicate):
             index = index * mesh.size(dim) + coordinate[dim]
             count *= mesh.size(dim)
-    return index, count
+    return tuple(int(o) for o in offsets), tuple(int(s) for s in local), index, count
 
 
 def _ddp_parameters(state: Any) -> set[int]:
