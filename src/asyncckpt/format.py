@@ -532,6 +532,8 @@ class MultiRankManifest(Manifest):
     ranks: list[RankEntry] = field(default_factory=list)
     tables: list[RankTable] | None = None
     local_count: int = 0
+    # global index -> its pieces, built at the first pieces_of (a reader asks for every global)
+    _by_index: dict[int, list[tuple[int, PieceEntry]]] | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> bytes:
         body = {
@@ -559,7 +561,12 @@ class MultiRankManifest(Manifest):
     def pieces_of(self, index: int) -> list[tuple[int, PieceEntry]]:
         """Every stored piece of global tensor ``index``, as (rank, piece)."""
         assert self.tables is not None, "the rank tables are not read"
-        return [(t.rank, p) for t in self.tables for p in t.pieces if p.index == index]
+        if self._by_index is None:
+            self._by_index = {}
+            for table in self.tables:
+                for piece in table.pieces:
+                    self._by_index.setdefault(piece.index, []).append((table.rank, piece))
+        return self._by_index.get(index, [])
 
 
 def _sealed_within_limits(body: dict, step: int) -> bytes:

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -69,7 +70,7 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
     from asyncckpt.engine.reader import read_checkpoint
 
     assert view.tables is not None
-    out: list[torch.Tensor] = []
+    out: list[torch.Tensor | None] = []
     cuts: dict[int, list[_Cut]] = {}
     for n, box in enumerate(boxes):
         entry = view.globals[box.index]
@@ -77,14 +78,23 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
             o + s > d for o, s, d in zip(box.offsets, box.shape, entry.shape, strict=True)
         ):
             raise CheckpointError(f"box {list(box.offsets)}+{list(box.shape)} lies outside {list(entry.shape)}")
-        out.append(torch.empty(box.shape, dtype=DTYPES[entry.dtype]))
+        pieces = [
+            (rank, piece)
+            for rank, piece in view.pieces_of(box.index)
+            if math.prod(view.tables[rank].tensors[piece.tensor].shape)
+            and _overlaps(box, piece.offsets, view.tables[rank].tensors[piece.tensor].shape)
+        ]
+        whole_piece = len(pieces) == 1 and (
+            pieces[0][1].offsets == box.offsets
+            and view.tables[pieces[0][0]].tensors[pieces[0][1].tensor].shape == box.shape
+        )
+        # a box that is one stored piece exactly (a restore at the same sharding) is decoded into a
+        # tensor of its own and handed over as it is, not copied into a second one
+        out.append(None if whole_piece else torch.empty(box.shape, dtype=DTYPES[entry.dtype]))
         if not math.prod(box.shape):
             continue
-        for rank, piece in view.pieces_of(box.index):
-            table = view.tables[rank]
-            tensor = table.tensors[piece.tensor]
-            if not math.prod(tensor.shape) or not _overlaps(box, piece.offsets, tensor.shape):
-                continue
+        for rank, piece in pieces:
+            tensor = view.tables[rank].tensors[piece.tensor]
             if tensor.shape:
                 first = max(0, box.offsets[0] - piece.offsets[0])
                 end = min(tensor.shape[0], box.offsets[0] + box.shape[0] - piece.offsets[0])
@@ -106,8 +116,12 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
             rows = raw.view(DTYPES[cut.entry.dtype]).view(
                 (cut.end - cut.first, *cut.entry.shape[1:]) if cut.entry.shape else ()
             )
-            _place(out[cut.box], boxes[cut.box], rows, cut)
-    return out, decoded
+            target = out[cut.box]
+            if target is None:
+                out[cut.box] = rows
+            else:
+                _place(target, boxes[cut.box], rows, cut)
+    return cast(list[torch.Tensor], out), decoded
 
 
 def _chunks_read(table: object) -> list:
