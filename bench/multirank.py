@@ -146,7 +146,7 @@ def build(mode: str, width: int, world: int) -> tuple[torch.nn.Module, torch.opt
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (world,))
-        for layer in model:
+        for layer in list(model.children()):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     else:
@@ -407,7 +407,7 @@ def _restore_dcp(path: Path, model: Any, opt: Any, pg: Any) -> None:
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path), process_group=pg)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)  # loaded in place
 
 
 def _newest_dcp(root: Path) -> Path:
@@ -777,9 +777,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--from-json", help="print the tables of a results file and stop")
     args = p.parse_args(argv)
     if args.from_json:
-        payload = json.loads(Path(args.from_json).read_text())
-        print(tables(payload))
-        return payload
+        stored: dict = json.loads(Path(args.from_json).read_text())
+        print(tables(stored))
+        return stored
     savers = [s for s in args.savers.split(",") if s]
     unknown = set(savers) - set(SAVERS)
     if unknown:
