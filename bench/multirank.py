@@ -22,6 +22,13 @@ round, the order rotating by one each round. Per save, on every rank, after a ba
              getrusage(RUSAGE_SELF) and the CPU of the rank's child processes (DCP process mode)
   peak       the rank's RSS sampled every 2 ms during the save, minus the RSS before it
   bytes      what the rank wrote (its data file), and the whole checkpoint on disk
+Loop overhead: after the save rounds, --rounds more rounds (no warm-up) of a training loop on
+every rank (forward, backward, AdamW step on a batch of --loop-batch rows), saving every
+--loop-every steps --loop-saves times, with --loop-every more steps after the last save, then a wait for
+it; the same loop without saving ("none") runs in every round, in the rotation. Per save:
+(loop time with the saver - loop time of that round's "none") / saves, the max over ranks, median
+over rounds. DCP waits for the previous save's future before the next save; asyncckpt's manager
+does the same (max_pending=1); in overlap mode the next optimizer step waits at the fence.
 Restore N->N: asyncckpt ``restore`` into the live objects vs ``dcp.load`` + ``set_state_dict``.
 N->M: the checkpoints of the 2-rank run are restored at 4 ranks, then those of the 4-rank run at 2.
 N->1: ``asyncckpt.load(root)`` vs DCP's own full load (``_load_state_dict`` with
@@ -32,6 +39,7 @@ metadata).
 
     python bench/multirank.py --json bench/results/multirank-cpu.json      # ~150 MB state
     python bench/multirank.py --size 4 --rounds 1 --worlds 2                # a quick look
+    python bench/multirank.py --loop-saves 0 ...                            # no loop rounds
     python bench/multirank.py --from-json bench/results/multirank-cpu.json  # the tables again
 """
 
@@ -138,7 +146,7 @@ def build(mode: str, width: int, world: int) -> tuple[torch.nn.Module, torch.opt
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (world,))
-        for layer in model:
+        for layer in list(model.children()):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     else:
@@ -252,6 +260,10 @@ class Dcp(Saver):
 
         if self.future is not None:  # never two in flight
             self.future.result()
+        if self.rank == 0 and self.step >= 0:  # keep the newest two (as keep_last=2): the loop saves many
+            for old in self.root.glob("step-*"):
+                if int(old.name.split("-")[1]) < self.step:
+                    shutil.rmtree(old, ignore_errors=True)
         self.step = step
         out = dcp.async_save(self._dcp_state(), process_group=self.ctx["dcp_pg"], **self._kwargs(self.path(step)))
         self.future = getattr(out, "upload_completion", out)
@@ -341,6 +353,31 @@ def _measure_save(saver: Saver, step: int, pg: Any) -> dict:
     }
 
 
+def _train_step(model: Any, opt: Any, x: torch.Tensor) -> None:
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _measure_loop(saver: Saver | None, first_step: int, cfg: dict, ctx: dict, x: torch.Tensor, pg: Any) -> float:
+    """Seconds for (saves + 1) * every training steps, saving after every ``every``-th step but the
+    last ``every`` ones, and then waiting for the last save."""
+    import torch.distributed as dist
+
+    every, saves = cfg["loop_every"], cfg["loop_saves"]
+    dist.barrier(group=pg)
+    t0 = time.perf_counter()
+    for i in range(1, (saves + 1) * every + 1):
+        _train_step(ctx["model"], ctx["opt"], x)
+        if saver is not None and i % every == 0 and i <= saves * every:
+            saver.save(first_step + i)
+    if saver is not None:
+        saver.wait()
+    t = time.perf_counter() - t0
+    dist.barrier(group=pg)
+    return t
+
+
 def _timed(fn: Any, pg: Any) -> float:
     import torch.distributed as dist
 
@@ -370,7 +407,7 @@ def _restore_dcp(path: Path, model: Any, opt: Any, pg: Any) -> None:
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path), process_group=pg)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)  # loaded in place
 
 
 def _newest_dcp(root: Path) -> Path:
@@ -381,7 +418,7 @@ def rank_main(rank: int, world: int, cfg: dict) -> None:
     """One rank: build, save with every saver over the rounds, restore; results to a JSON file."""
     import torch.distributed as dist
 
-    out: dict[str, Any] = {"rank": rank, "saves": {}, "restore": {}}
+    out: dict[str, Any] = {"rank": rank, "saves": {}, "loop": {}, "restore": {}}
     stacks = open(Path(cfg["out"], f"stacks-{rank}.txt"), "w")  # noqa: SIM115
     faulthandler.dump_traceback_later(cfg["timeout"] - 5, file=stacks)  # where a stuck rank was
     try:
@@ -409,6 +446,18 @@ def rank_main(rank: int, world: int, cfg: dict) -> None:
                 m["round"] = rnd
                 if rnd:
                     out["saves"].setdefault(saver.name, []).append(m)
+        if cfg.get("loop_saves", 0) > 0 and savers:
+            torch.manual_seed(100 + rank)
+            x = torch.randn(cfg["loop_batch"], cfg["width"])
+            loop: list[Saver | None] = [None, *savers]
+            span = (cfg["loop_saves"] + 1) * cfg["loop_every"]
+            out["loop_saves"], out["loop_steps"] = cfg["loop_saves"], span
+            for rnd in range(cfg["rounds"]):  # no warm-up: every saver has saved by now
+                shift = rnd % len(loop)
+                for s in loop[shift:] + loop[:shift]:
+                    t = _measure_loop(s, step, cfg, ctx, x, bench_pg)
+                    step += span
+                    out["loop"].setdefault(s.name if s else "none", []).append(t)
         for saver in savers:
             saver.close()
         root = Path(cfg["root"])
@@ -585,11 +634,27 @@ def summarize(results: list[dict]) -> dict:
             for k, v in row.items():
                 per_round.setdefault(k, []).append(v)
         out[name] = {k: median(v) for k, v in per_round.items()} | {"rounds": per_round}
+    loop_step_s = None
+    if results[0].get("loop", {}).get("none"):
+        nloop = len(results[0]["loop"]["none"])
+        saves = results[0]["loop_saves"]
+        for name in names:
+            over = [max((r["loop"][name][i] - r["loop"]["none"][i]) / saves for r in results) for i in range(nloop)]
+            out[name]["loop_overhead_s"] = median(over)
+            out[name]["rounds"]["loop_overhead_s"] = over
+        loop_step_s = median(
+            [max(r["loop"]["none"][i] for r in results) / results[0]["loop_steps"] for i in range(nloop)]
+        )
     restore: dict[str, float] = {}
     for key in results[0]["restore"]:
         times = [max(r["restore"][key][i] for r in results) for i in range(len(results[0]["restore"][key]))]
         restore[key] = median(times)
-    return {"savers": out, "restore_s": restore, "maxrss_max": max(r.get("maxrss_bytes", 0) for r in results)}
+    return {
+        "savers": out,
+        "restore_s": restore,
+        "loop_step_s": loop_step_s,
+        "maxrss_max": max(r.get("maxrss_bytes", 0) for r in results),
+    }
 
 
 def _mb(b: float) -> str:
@@ -604,28 +669,38 @@ def tables(payload: dict) -> str:
         f"{cfg['rounds']} interleaved rounds, medians; load average {payload.get('load_before', '?')} before, "
         f"{payload.get('load_after', '?')} after."
     )
+    if cfg.get("loop_saves"):
+        steps = ", ".join(
+            f"{k} {r['loop_step_s'] * 1e3:.0f} ms" for k, r in payload["runs"].items() if r.get("loop_step_s")
+        )
+        lines.append(
+            f"Loop: batch {cfg['loop_batch']}, a save every {cfg['loop_every']} steps, {cfg['loop_saves']} saves "
+            f"and {cfg['loop_every']} more steps per loop; a step without saving: {steps}."
+        )
     lines.append("")
     lines.append(
         "| setup | saver | stall max / median over ranks (ms) | durable (s) | CPU s per rank mean / max | "
-        "written per rank max / mean (MB) | on disk (MB) | RSS growth during save, max rank (MB) |"
+        "written per rank max / mean (MB) | on disk (MB) | RSS growth during save, max rank (MB) | "
+        "loop overhead per save (ms) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for key, res in payload["runs"].items():
         for name, s in res["savers"].items():
             lines.append(
                 f"| {key} | {name} | {s['stall_max_s'] * 1e3:.1f} / {s['stall_median_s'] * 1e3:.1f} | "
                 f"{s['durable_s']:.2f} | {s['cpu_mean_s']:.2f} / {s['cpu_max_s']:.2f} | "
                 f"{_mb(s['rank_bytes_max'])} / {_mb(s['rank_bytes_mean'])} | "
-                f"{_mb(s['disk_bytes']) if s['disk_bytes'] else '-'} | {_mb(s['peak_rss_growth_max'])} |"
+                f"{_mb(s['disk_bytes']) if s['disk_bytes'] else '-'} | {_mb(s['peak_rss_growth_max'])} | "
+                + (f"{s['loop_overhead_s'] * 1e3:.0f} |" if "loop_overhead_s" in s else "- |")
             )
     lines.append("")
     lines.append("Targets (asyncckpt overlap / blocking against DCP async_save default and with a reused stager):")
     lines.append("")
     lines.append(
         "| setup | against | stall ratio (target <= 0.2) | durable ratio (<= 1.0) | on disk ratio (<= 0.85) | "
-        "CPU per rank ratio (<= 1.1) |"
+        "CPU per rank ratio (<= 1.1) | loop overhead per save, ms (ours / theirs) |"
     )
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|")
     for key, res in payload["runs"].items():
         sv = res["savers"]
         for ours in ("asyncckpt-overlap", "asyncckpt"):
@@ -641,7 +716,12 @@ def tables(payload: dict) -> str:
                 lines.append(
                     f"| {key} | {ours} vs {theirs} | {r(a['stall_max_s'], b['stall_max_s'], 0.2)} | "
                     f"{r(a['durable_s'], b['durable_s'], 1.0)} | {r(a['disk_bytes'], b['disk_bytes'], 0.85)} | "
-                    f"{r(a['cpu_mean_s'], b['cpu_mean_s'], 1.1)} |"
+                    f"{r(a['cpu_mean_s'], b['cpu_mean_s'], 1.1)} | "
+                    + (
+                        f"{a['loop_overhead_s'] * 1e3:.0f} / {b['loop_overhead_s'] * 1e3:.0f} |"
+                        if "loop_overhead_s" in a and "loop_overhead_s" in b
+                        else "- |"
+                    )
                 )
     lines.append("")
     lines.append("Restore, max over ranks, medians (s); N->1: one process, peak RSS growth in MB:")
@@ -688,15 +768,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--savers", default=",".join(SAVERS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--restore-repeats", type=int, default=2)
+    p.add_argument("--loop-saves", type=int, default=2, help="saves per training loop; 0: no loop rounds")
+    p.add_argument("--loop-every", type=int, default=3, help="training steps between saves in the loop")
+    p.add_argument("--loop-batch", type=int, default=8, help="rows per training step in the loop")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per spawned world")
     p.add_argument("--root", help="where checkpoints go (default: a temporary directory, removed)")
     p.add_argument("--json")
     p.add_argument("--from-json", help="print the tables of a results file and stop")
     args = p.parse_args(argv)
     if args.from_json:
-        payload = json.loads(Path(args.from_json).read_text())
-        print(tables(payload))
-        return payload
+        stored: dict = json.loads(Path(args.from_json).read_text())
+        print(tables(stored))
+        return stored
     savers = [s for s in args.savers.split(",") if s]
     unknown = set(savers) - set(SAVERS)
     if unknown:
@@ -714,6 +797,9 @@ def main(argv: list[str] | None = None) -> dict:
             "state_bytes": state_bytes,
             "rounds": args.rounds,
             "restore_repeats": args.restore_repeats,
+            "loop_saves": args.loop_saves,
+            "loop_every": args.loop_every,
+            "loop_batch": args.loop_batch,
             "savers": savers,
             "worlds": worlds,
         },
@@ -721,7 +807,15 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": {},
         "reshard": {},
     }
-    common = {"width": width, "savers": savers, "rounds": args.rounds, "restore_repeats": args.restore_repeats}
+    common = {
+        "width": width,
+        "savers": savers,
+        "rounds": args.rounds,
+        "restore_repeats": args.restore_repeats,
+        "loop_saves": args.loop_saves,
+        "loop_every": args.loop_every,
+        "loop_batch": args.loop_batch,
+    }
     try:
         for mode in args.modes.split(","):
             previous: tuple[int, Path] | None = None
