@@ -258,3 +258,37 @@ def _check_reshard_decode(step_dir: Path) -> None:
             assert needed <= decoded <= 1.1 * needed, (g, r, needed, decoded)
             checked += 1
     assert checked >= 8, checked
+
+
+def _subgroup_job(rank: int, world: int, tmp: str) -> dict:
+    """Ranks 1 and 2 of a world of 3 save together through ``process_group``; rank 0 trains alone."""
+    import torch.distributed as dist
+
+    sub = dist.new_group([1, 2])  # every rank of the world makes the group, as torch requires
+    if rank == 0:
+        dist.barrier()  # rank 0 hosts the job's store: it stays until the others are done
+        return {}
+    torch.manual_seed(0)  # the same weights on both ranks: declared replicated, stored once
+    weights = torch.nn.Linear(5, 3)
+    state = {"model": weights, "mine": torch.tensor([float(rank)])}
+    with asyncckpt.CheckpointManager(tmp, process_group=sub, replicated=("model",)) as mgr:
+        mgr.save(1, state).wait()
+        saved = {k: v.clone() for k, v in weights.state_dict().items()}
+        with torch.no_grad():
+            weights.weight.zero_()
+        state["mine"] = torch.zeros(1)
+        assert mgr.restore(state) == 1
+    dist.barrier()
+    return {"saved": saved, "restored": weights.state_dict(), "mine": state["mine"]}
+
+
+def test_a_subgroup_saves_and_restores_on_its_own_ranks(tmp_path):
+    got = run_ranks(_subgroup_job, 3, str(tmp_path), timeout=180)
+    # the group's ranks 0 and 1 are the world's 1 and 2: per-rank state by group rank
+    assert [float(got[r]["mine"]) for r in (1, 2)] == [1.0, 2.0]
+    for r in (1, 2):
+        assert state_diff(got[r]["saved"], got[r]["restored"]) == []
+    view = read_manifest(tmp_path / "step-000000000001")
+    assert view.world_size == 2
+    loaded = asyncckpt.load(tmp_path, per_rank="rank0")
+    assert torch.equal(loaded["model"]["weight"], got[1]["saved"]["weight"])
