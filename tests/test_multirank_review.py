@@ -91,6 +91,15 @@ def test_check_coverage_column_pieces_is_not_quadratic():
         fmt.check_coverage(bad)
 
 
+def test_replicated_key_holding_a_tensor_itself():
+    """``replicated=("r",)`` where ``state["r"]`` is a tensor (not a dict of them)."""
+    from asyncckpt.state.shards import RankInfo, flatten_rank
+
+    flat = flatten_rank({"r": torch.arange(6.0), "own": torch.ones(2)}, RankInfo(0, 2), ("r", "missing"))
+    assert flat.global_paths == ["state['r']"]
+    assert flat.skeleton["d"][0] == ["r", {"G": 0}]
+
+
 # ---------------------------------------------------------------------------------------- spawned
 
 
@@ -148,7 +157,23 @@ def _job(rank: int, world: int, tmp: str) -> dict:
         result = mgr.restore({"model": model3, "optim": optim3, "extra": torch.zeros(3)}, strict=False)
     assert result.step == 2, result
     assert state_diff(saved, full_state(model3, optim3)) == []
-    out["strict_false_missing"] = sorted(result.missing)
+    out["strict_false_missing"] = sorted(result.missing_keys)
+    # strict=False on a DTensor state missing a saved entry, only on rank 1
+    state, full = _tp_state(rank, torch.float32)
+    if rank == 1:
+        del state["c"]
+    state["w"].to_local().zero_()
+    with asyncckpt.CheckpointManager(root / "tp-float32", keep_last=None) as mgr:
+        result = mgr.restore(state, strict=False)
+    assert result.step == 1
+    assert torch.equal(state["w"].full_tensor(), full["w"])
+    out["tp_unexpected"] = sorted(result.unexpected_keys)
+    # replicated= naming a key the state lacks: saved as if it were not named
+    with asyncckpt.CheckpointManager(root / "repl", keep_last=None, replicated=("nope", "r")) as mgr:
+        mgr.save(1, {"r": torch.arange(6.0), "own": torch.full((2,), float(rank))})
+        mgr.wait()
+    # tied weights under FSDP2: stored once, restored tied and bit-exact
+    out["tied"] = _tied(rank, root / "tied")
     # no tensors at all, on every rank
     with asyncckpt.CheckpointManager(root / "empty", keep_last=None) as mgr:
         mgr.save(1, {"epoch": 4, "name": "x"})
@@ -159,6 +184,34 @@ def _job(rank: int, world: int, tmp: str) -> dict:
     return out
 
 
+def _tied_model(seed: int):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False))
+    model[1].weight = model[0].weight
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def _tied(rank: int, root: Path) -> torch.Tensor:
+    model, optim = _tied_model(1)
+    model(torch.randn(2, 8)).sum().backward()
+    optim.step()
+    full = model[0].weight.full_tensor().clone()
+    with asyncckpt.CheckpointManager(root, keep_last=None) as mgr:
+        mgr.save(1, {"model": model, "optim": optim})
+        mgr.wait()
+    model2, optim2 = _tied_model(2)
+    with asyncckpt.CheckpointManager(root, keep_last=None) as mgr:
+        assert mgr.restore({"model": model2, "optim": optim2}) == 1
+    assert model2[1].weight is model2[0].weight
+    assert torch.equal(model2[0].weight.full_tensor(), full)
+    exp = optim.state[model[0].weight]["exp_avg"].full_tensor()
+    assert torch.equal(optim2.state[model2[0].weight]["exp_avg"].full_tensor(), exp)
+    return full
+
+
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("review")
@@ -167,7 +220,30 @@ def spawned(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 def test_spawned_job_ran(spawned):
     _, out = spawned
-    assert out[0]["strict_false_missing"] == out[1]["strict_false_missing"]
+    assert out[0]["strict_false_missing"] == out[1]["strict_false_missing"] == ["state['extra']"]
+    assert out[0]["tp_unexpected"] == []
+    assert out[1]["tp_unexpected"] == ["state['c']"]
+
+
+def test_replicated_naming_a_missing_key(spawned):
+    root, _ = spawned
+    loaded = asyncckpt.load(root / "repl", per_rank="rank0")
+    assert torch.equal(loaded["r"], torch.arange(6.0))
+    view = fmt_read(root / "repl")
+    assert len(view.globals) == 1
+
+
+def fmt_read(root: Path):
+    from asyncckpt.engine.reader import read_manifest
+
+    return read_manifest(root / fmt.step_dir_name(1))
+
+
+def test_tied_weights_load_whole(spawned):
+    root, out = spawned
+    loaded = asyncckpt.load(root / "tied")
+    weights = loaded["model"]
+    assert torch.equal(weights["0.weight"], out[0]["tied"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -182,3 +258,41 @@ def test_tensor_parallel_loads_whole_in_one_process(spawned, dtype):
 def test_empty_state_loads(spawned):
     root, _ = spawned
     assert asyncckpt.load(root / "empty") == {"epoch": 4, "name": "x"}
+
+
+# ------------------------------------------------------------------------------ overlap (one process)
+
+
+class _Flat(torch.nn.Module):
+    """A weight and a buffer in one flat storage (a contiguous parameter buffer): the weight is the
+    optimizer's, the buffer (64 KiB and more: a lazy candidate) is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        flat = torch.zeros(2 * 128 * 128)
+        self.weight = torch.nn.Parameter(flat[: 128 * 128].view(128, 128))
+        self.register_buffer("stats", flat[128 * 128 :].view(128, 128))
+
+
+@pytest.mark.parametrize("via_data", [False, True])
+def test_overlap_buffer_sharing_storage_with_a_parameter(tmp_path, slow_copy, monkeypatch, via_data):
+    """A buffer sharing its storage (not its bytes) with an optimizer's parameter, changed in place
+    right after save: the checkpoint holds the buffer as saved, or is refused; never the new values."""
+    from _overlap_state import CommitGate, plain
+
+    model = _Flat()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {"model": model, "optim": opt}
+    gate = CommitGate(monkeypatch)
+    with asyncckpt.CheckpointManager(tmp_path, snapshot="overlap", keep_last=None) as mgr:
+        expected = plain(state)
+        gate.close()
+        handle = mgr.save(1, state)
+        with torch.no_grad():
+            (model.stats.data if via_data else model.stats).add_(1.0)  # not an optimizer step
+        gate.open()
+        try:
+            handle.wait()
+        except asyncckpt.CheckpointError:
+            return  # refused: fine
+    assert torch.equal(asyncckpt.load(tmp_path)["model"]["stats"], expected["model"]["stats"])

@@ -204,7 +204,20 @@ class _RankFlattener(_Flattener):
     def _global(self, t: torch.Tensor, path: str, placement: str) -> int | None:
         """The global index of ``t`` (a tied tensor once), or None the first time it is seen."""
         if is_dtensor(t):
-            key: tuple = (id(t),)
+            # by its local tensor's memory, not id(t): a state dict holds a new DTensor (detach())
+            # per name, so tied parameters come as two objects over one shard; the storage object
+            # (not its address, 0 for every empty shard) tells distinct empty shards apart
+            local = t._local_tensor
+            key: tuple = (
+                local.untyped_storage()._cdata,
+                local.storage_offset(),
+                tuple(local.shape),
+                local.stride(),
+                local.dtype,
+                tuple(t.shape),
+                tuple(t.placements),
+                id(t.device_mesh),
+            )
         else:
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         index = self._global_seen.get(key)
@@ -225,7 +238,7 @@ class _RankFlattener(_Flattener):
     def node(self, obj: Any, path: str, depth: int) -> dict:
         if is_dtensor(obj):
             return {Kind.GLOBAL: self._dtensor(obj, path)}
-        if isinstance(obj, torch.Tensor) and self.replicated_depth:
+        if isinstance(obj, torch.Tensor) and (self.replicated_depth or path in self.declared):
             known = self._global(obj, path, "replicated")
             if known is not None:
                 return {Kind.GLOBAL: known}
