@@ -14,7 +14,9 @@ Everything overlap mode is lives here, in three parts that meet on three threads
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -417,26 +419,58 @@ def _fenceable(state: Any, depth: int = 0) -> tuple[list[torch.optim.Optimizer],
     return optimizers, modules
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
-    """The memory a tensor's values live in: its storage. A staged tensor may be a view of an
-    optimizer's tensor (a row piece of a DDP parameter) or the local shard of one (a DTensor's
-    ``to_local()``): it is still changed only by that optimizer's step."""
+def _tensor_key(t: torch.Tensor) -> tuple[tuple, int, int]:
+    """The memory a tensor's values live in: (its storage, first byte, end byte). A staged tensor
+    may be a view of an optimizer's tensor (a row piece of a DDP parameter) or the local shard of
+    one (a DTensor's ``to_local()``): it is still changed only by that optimizer's step."""
     local = getattr(t, "_local_tensor", None)  # a DTensor: its shard on this rank
     if isinstance(local, torch.Tensor):
         t = local
-    return (t.device, t.untyped_storage().data_ptr())
+    size = t.element_size()
+    first = t.storage_offset() * size
+    span = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True)) if t.numel() else -1
+    return (t.device, t.untyped_storage().data_ptr()), first, first + (span + 1) * size
 
 
-def _optimizer_owned(optimizers: list[torch.optim.Optimizer]) -> set[tuple]:
-    """Keys of the tensors only an optimizer step changes: its parameters and its state."""
-    keys: set[tuple] = set()
+_Owned = dict[tuple, tuple[list[int], list[int]]]
+
+
+def _optimizer_owned(optimizers: list[torch.optim.Optimizer]) -> _Owned:
+    """The byte ranges, by storage, of the tensors only an optimizer step changes (its parameters
+    and its state): per storage, the ranges' starts sorted, and the furthest end up to each."""
+    ranges: dict[tuple, list[tuple[int, int]]] = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            storage, first, end = _tensor_key(t)
+            ranges.setdefault(storage, []).append((first, end))
+
     for opt in optimizers:
         for group in opt.param_groups:
-            keys.update(_tensor_key(p) for p in group["params"] if isinstance(p, torch.Tensor))
+            for p in group["params"]:
+                add(p)
         for per_param in opt.state.values():
             if isinstance(per_param, dict):
-                keys.update(_tensor_key(v) for v in per_param.values() if isinstance(v, torch.Tensor))
-    return keys
+                for v in per_param.values():
+                    add(v)
+    owned: _Owned = {}
+    for storage, spans in ranges.items():
+        spans.sort()
+        ends = list(itertools.accumulate((b for _, b in spans), max))
+        owned[storage] = ([a for a, _ in spans], ends)
+    return owned
+
+
+def _is_owned(t: torch.Tensor, owned: _Owned) -> bool:
+    """Whether ``t``'s bytes lie within one optimizer-owned tensor's: sharing a storage is not
+    enough (a buffer next to a parameter in one flat storage is not the optimizer's)."""
+    storage, first, end = _tensor_key(t)
+    found = owned.get(storage)
+    if found is None:
+        return False
+    starts, ends = found
+    at = bisect.bisect_right(starts, first) - 1
+    return at >= 0 and ends[at] >= end
 
 
 def _is_compiling() -> bool:
@@ -512,7 +546,7 @@ class Fences:
         for obj in hooked:
             self._install(obj)
         owned = _optimizer_owned(optimizers)
-        lazy = [t.numel() * t.element_size() >= SMALL_COPY_BYTES and _tensor_key(t) in owned for t in tensors]
+        lazy = [t.numel() * t.element_size() >= SMALL_COPY_BYTES and _is_owned(t, owned) for t in tensors]
         return start_copy(copier, tensors, names, lazy, layout, arena)
 
     def track(self, lazy: LazyCopy, handle: SaveHandle) -> None:
