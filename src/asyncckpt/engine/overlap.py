@@ -429,7 +429,7 @@ def _tensor_key(t: torch.Tensor) -> tuple[tuple, int, int]:
     size = t.element_size()
     first = t.storage_offset() * size
     span = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True)) if t.numel() else -1
-    return (t.device, t.untyped_storage().data_ptr()), first, first + (span + 1) * size
+    return (t.device, t.untyped_storage().data_ptr()), int(first), int(first + (span + 1) * size)
 
 
 _Owned = dict[tuple, tuple[list[int], list[int]]]

@@ -207,7 +207,8 @@ class _RankFlattener(_Flattener):
             # by its local tensor's memory, not id(t): a state dict holds a new DTensor (detach())
             # per name, so tied parameters come as two objects over one shard; the storage object
             # (not its address, 0 for every empty shard) tells distinct empty shards apart
-            local = t._local_tensor
+            dt: Any = t
+            local = dt._local_tensor
             key: tuple = (
                 local.untyped_storage()._cdata,
                 local.storage_offset(),
@@ -215,8 +216,8 @@ class _RankFlattener(_Flattener):
                 local.stride(),
                 local.dtype,
                 tuple(t.shape),
-                tuple(t.placements),
-                id(t.device_mesh),
+                tuple(dt.placements),
+                id(dt.device_mesh),
             )
         else:
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
