@@ -186,7 +186,8 @@ def _stored_where(view: MultiRankManifest, index: int) -> dict[str, Any]:
         return {"stored": "per rank (rank 0's shown)"}
     pieces = [(rank, piece) for rank, piece in view.pieces_of(index - view.local_count)]
     ranks = sorted({rank for rank, _ in pieces})
-    return {"stored": f"{len(pieces)} piece{'s' if len(pieces) != 1 else ''} on ranks {ranks}", "pieces": len(pieces)}
+    on = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+    return {"stored": f"{plural(len(pieces), 'piece')} on {on}", "pieces": len(pieces), "ranks": ranks}
 
 
 def format_created(created: float) -> str:
