@@ -338,3 +338,33 @@ def test_a_second_manager_after_ranks_closed_the_first_at_different_times(tmp_pa
     """The checkpoint group was destroyed at close and the next one reused its name and store keys:
     the rank that closed first connected to the other's dead group and both hung."""
     assert run_ranks(_two_managers, 2, str(tmp_path), timeout=60) == [[1], [1]]
+
+
+def _restore_with_a_bug_on_rank_1(rank: int, world: int, root: str) -> dict:
+    import time as _time
+
+    import asyncckpt
+    from asyncckpt.engine import rank_restore
+
+    state = {"w": torch.full((4,), float(rank))}
+    with asyncckpt.CheckpointManager(root, rank_timeout=60.0) as mgr:
+        mgr.save(1, state).wait()
+        if rank == 1:
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("a bug while reading")
+
+            rank_restore._read_for_rank = broken  # type: ignore[assignment]
+        began = _time.monotonic()
+        try:
+            mgr.restore(state)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what each rank raised
+            return {"error": f"{type(exc).__name__}: {exc}", "seconds": _time.monotonic() - began}
+    return {"error": None}
+
+
+def test_an_unexpected_error_on_one_rank_fails_every_rank_s_restore_at_once(tmp_path):
+    got = run_ranks(_restore_with_a_bug_on_rank_1, 2, str(tmp_path), timeout=180)
+    assert got[1]["error"] == "RuntimeError: a bug while reading"
+    assert got[0]["error"].startswith("CheckpointError") and "another rank" in got[0]["error"]
+    assert max(r["seconds"] for r in got) < 30  # not the 60 s rank_timeout: nobody waited for a vote

@@ -95,7 +95,8 @@ def test_replicated_key_holding_a_tensor_itself():
     """``replicated=("r",)`` where ``state["r"]`` is a tensor (not a dict of them)."""
     from asyncckpt.state.shards import RankInfo, flatten_rank
 
-    flat = flatten_rank({"r": torch.arange(6.0), "own": torch.ones(2)}, RankInfo(0, 2), ("r", "missing"))
+    with pytest.warns(UserWarning, match=r"replicated= names \['missing'\], which the state does not hold"):
+        flat = flatten_rank({"r": torch.arange(6.0), "own": torch.ones(2)}, RankInfo(0, 2), ("r", "missing"))
     assert flat.global_paths == ["state['r']"]
     assert flat.skeleton["d"][0] == ["r", {"G": 0}]
 

@@ -194,13 +194,16 @@ def restore_ranks(
                 raise
         except (CheckpointError, OSError, MemoryError, ValueError) as exc:
             error = exc
+        except Exception as exc:  # noqa: BLE001 - anything else (a bug, torch refusing): every rank must still vote
+            error = mismatch = exc
         fits = group.all_ok(mismatch is None)
         readable = group.all_ok(error is None or mismatch is not None)
         if not fits:
             if mismatch is not None:
                 raise mismatch
             raise CheckpointError(
-                f"{where}: another rank's state does not fit it (that rank says why); nothing changed"
+                f"{where}: another rank's state does not fit it, or it failed to read it (that rank says why); "
+                "nothing changed"
             )
         if not readable or error is not None:
             reason = str(error) if error is not None else "another rank could not read it"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -311,6 +312,13 @@ def flatten_rank(state: Any, me: RankInfo, replicated: Collection[str] = ()) -> 
             Replicate.
     """
     flattener = _RankFlattener(me, replicated)
+    missing = [key for key in replicated if not isinstance(state, dict) or key not in state]
+    if missing:  # a typo would otherwise store the key's tensors once per rank, silently
+        warnings.warn(
+            f"asyncckpt: replicated= names {missing}, which the state does not hold at its top level "
+            f"(its keys: {list(state)[:20] if isinstance(state, dict) else type(state).__name__})",
+            stacklevel=4,
+        )
     skeleton = flattener.node(state, "state", 0)
     flattener.finish()
     return RankFlatState(
