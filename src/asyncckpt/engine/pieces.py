@@ -18,7 +18,7 @@ from typing import cast
 
 import torch
 
-from asyncckpt.errors import CheckpointError
+from asyncckpt.errors import CheckpointDamagedError, CheckpointError
 from asyncckpt.format import DTYPES, MultiRankManifest, TensorEntry
 from asyncckpt.storage.backend import CheckpointRef
 
@@ -109,8 +109,15 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
             row = cut.entry.nbytes // (cut.entry.shape[0] if cut.entry.shape else 1)
             start = cut.entry.offset + cut.first * row
             ranges.append(TensorEntry("uint8", ((cut.end - cut.first) * row,), start, (cut.end - cut.first) * row))
-        synthetic = dataclasses.replace(table, tensors=ranges)
-        loaded = read_checkpoint(path, workers, manifest=synthetic, only=set(range(len(ranges))))
+        # the ranges are no tensors of the table's tree: a damage message must not name its leaves
+        synthetic = dataclasses.replace(table, tensors=ranges, tree={"d": []})
+        try:
+            loaded = read_checkpoint(path, workers, manifest=synthetic, only=set(range(len(ranges))))
+        except CheckpointDamagedError as exc:
+            shown = sorted({boxes[cut.box].index for cut in wanted})
+            names = ", ".join(f"{view.globals[g].dtype}{list(view.globals[g].shape)}" for g in shown[:4])
+            more = f" and {len(shown) - 4} more" if len(shown) > 4 else ""
+            raise CheckpointDamagedError(f"rank {rank}'s pieces of global tensors {names}{more}: {exc}") from exc
         decoded += sum(c.raw_length for c in _chunks_read(synthetic))
         for cut, raw in zip(wanted, loaded.tensors, strict=True):
             rows = raw.view(DTYPES[cut.entry.dtype]).view(
