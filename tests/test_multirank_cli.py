@@ -164,3 +164,16 @@ def test_load_weights_of_a_model_saved_per_rank_needs_a_choice(tmp_path):
     torch.manual_seed(0)
     expected = Net(DIMS).state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def test_inspect_says_where_each_tensor_is_stored(root, capsys):
+    code, out, err = cli(capsys, "inspect", root / step_dir_name(3), "--json")
+    assert code == 0, out + err
+    rows = {row["path"]: row for row in strict_json(out)["leaves"]}
+    # a DDP model and its optimizer are replicated: each tensor stored once, spread over both ranks
+    replicated = [row for row in rows.values() if "pieces" in row]
+    assert replicated and {rank for row in replicated for rank in row["ranks"]} == {0, 1}
+    assert all(row["stored"].startswith(("1 piece on rank ", "2 pieces on ranks 0, 1")) for row in replicated)
+    assert rows["state['rank_id']"]["stored"] == "per rank (rank 0's shown)"
+    code, out, err = cli(capsys, "inspect", root / step_dir_name(3))
+    assert "per rank (rank 0's shown)" in out and " piece" in out

@@ -153,6 +153,8 @@ def inspect_checkpoint(path: Where) -> dict:
                 row["tied_to"] = first_path[leaf.index]
             else:
                 first_path[leaf.index] = leaf.path
+            if isinstance(manifest, MultiRankManifest):
+                row.update(_stored_where(manifest, leaf.index))
         else:
             row["value"] = leaf.value
         rows.append(row)
@@ -175,6 +177,17 @@ def inspect_checkpoint(path: Where) -> dict:
         "metadata": manifest.metadata,
         "leaves": rows,
     }
+
+
+def _stored_where(view: MultiRankManifest, index: int) -> dict[str, Any]:
+    """Where a tensor of a multi-rank checkpoint's consolidated view is stored: rank 0's own (per
+    rank), or pieces of a global tensor (shards or replicated row pieces) on some ranks."""
+    if index < view.local_count:
+        return {"stored": "per rank (rank 0's shown)"}
+    pieces = [(rank, piece) for rank, piece in view.pieces_of(index - view.local_count)]
+    ranks = sorted({rank for rank, _ in pieces})
+    on = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+    return {"stored": f"{plural(len(pieces), 'piece')} on {on}", "pieces": len(pieces), "ranks": ranks}
 
 
 def format_created(created: float) -> str:
@@ -211,6 +224,8 @@ def format_inspect(info: dict) -> str:
             what = f"{row['kind']} {row['dtype']} {tuple(row['shape'])} {row['bytes']} bytes"
             if "tied_to" in row:
                 what += f" (tied to {row['tied_to']})"
+            if "stored" in row:
+                what += f", {row['stored']}"
         elif row["kind"] == "value":
             what = repr(row["value"])
         elif row["kind"] == "empty":
