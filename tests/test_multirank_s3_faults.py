@@ -3,9 +3,10 @@
 The commit there is manifest-last: every rank puts ``data-RRRRR-<attempt>.bin`` and
 ``rank-RRRRR-<attempt>.json`` straight into ``step-N/``; rank 0 checks its lease and puts
 ``manifest-<gen>.json`` last. Killed: rank 1 while writing its data and before voting, rank 0 after
-every vote, before its manifest put. The survivor fails within ``rank_timeout`` naming the dead rank;
-a reader loading the root meanwhile never gets step 2; a new job (once the dead writer's lease ran
-out) restores step 1 bit-exact and its sweep leaves no object of the dead attempt. A rank whose
+every vote, before its manifest put (and rank 0 that lost its lease there publishes nothing).
+The survivor fails within ``rank_timeout`` naming the dead rank; a reader loading the root
+meanwhile never gets step 2; a new job (once the dead writer's lease ran out) restores step 1
+bit-exact and its sweep leaves no object of the dead attempt. A rank whose
 store requests fail fails the save on every rank, nothing is published, and the next save works.
 The three killed jobs run side by side: one spawn's wait, one lease expiry.
 """
@@ -181,7 +182,7 @@ def test_rank0_dead_before_its_manifest_put_left_every_rank_objects_of_the_attem
 # ---- the restart, and a rank whose store requests fail -------------------------------------------------
 
 
-def _restart(rank: int, world_size: int, urls: list[str], fault_url: str) -> dict:
+def _restart(rank: int, world_size: int, urls: list[str], fault_url: str, lease_url: str) -> dict:
     from _dist_models import full_state, make_ddp, train_steps
     from asyncckpt.errors import StorageError
     from asyncckpt.storage.objectstore import ObjectStoreBackend
@@ -219,13 +220,39 @@ def _restart(rank: int, world_size: int, urls: list[str], fault_url: str) -> dic
     out["full5"] = full_state(model, optim)
     out["steps"] = mgr.steps()
     mgr.close()
+
+    # rank 0 lost its lease (deleted behind its back) after every vote: it must not publish
+    from asyncckpt import _phases
+    from asyncckpt.storage.backend import open_backend
+
+    mgr = _manager(lease_url)
+    state["step"] = 1
+    mgr.save(1, state).wait()
+    state["step"] = 2
+    if rank == 0:
+        real, seen = _phases.pause, set()
+
+        def pause(name: str) -> None:
+            seen.add(name)
+            if name == "manifest" and "vote" in seen:
+                open_backend(lease_url).delete(LEASE_NAME)
+            real(name)
+
+        _phases.pause = pause
+    out["lease_error"] = _errors(lambda: mgr.save(2, state))
+    if rank == 0:
+        _phases.pause = real
+    try:
+        mgr.close()
+    except Exception:  # noqa: BLE001, S110 - closing a root whose lease is lost may complain
+        pass
     return out
 
 
 @pytest.fixture(scope="module")
 def restarted(killed, s3_server):
     urls = [killed[key]["url"] for key in KILLS]
-    fault_url = fresh_s3_url()
+    fault_url, lease_url = fresh_s3_url(), fresh_s3_url()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in s3_server.env.items():
             mp.setenv(key, value)
@@ -233,11 +260,11 @@ def restarted(killed, s3_server):
             _wait_out_the_lease(s3_server, url)
         stop, watcher, seen, bad = _watching(fault_url)
         try:
-            results = run_ranks(_restart, 2, urls, fault_url, timeout=240, env=dict(s3_server.env))
+            results = run_ranks(_restart, 2, urls, fault_url, lease_url, timeout=240, env=dict(s3_server.env))
         finally:
             stop.set()
             watcher.join(30)
-    return {"results": results, "fault_url": fault_url, "seen": seen, "bad": bad}
+    return {"results": results, "fault_url": fault_url, "lease_url": lease_url, "seen": seen, "bad": bad}
 
 
 @pytest.mark.parametrize(("victim", "phase"), KILLS)
@@ -280,3 +307,13 @@ def test_a_rank_whose_store_requests_fail_fails_the_save_everywhere_and_the_next
     loaded = load(url, per_rank="rank0")
     assert loaded["step"] == 5
     assert torch.equal(loaded["model"]["layers.0.weight"], results[0]["full5"]["param.layers.0.weight"])
+
+
+def test_rank0_that_lost_its_lease_publishes_nothing_and_every_rank_fails(restarted, s3_server, s3_env):
+    for rank, out in enumerate(restarted["results"]):
+        error = out["lease_error"]
+        assert error and "lease" in error, (rank, error)
+        assert rank == 0 or "rank 0" in error, (rank, error)
+    stored = objects(s3_server, restarted["lease_url"])
+    assert not [n for n in stored if n.startswith(step_dir_name(2) + "/")], sorted(stored)
+    assert load(restarted["lease_url"], per_rank="rank0")["step"] == 1
