@@ -55,12 +55,13 @@ def put_object(server: _s3server.S3Server, url: str, name: str, data: bytes) -> 
 
 def named_by_newest_manifest(server: _s3server.S3Server, url: str, step_dir: str) -> set[str]:
     """The objects of a step that its newest manifest (the highest generation) names: the manifest
-    and the data files its chunks are in. Empty when the step has no manifest."""
+    and the files it names (its data files; a multi-rank one's rank tables and data files). Empty
+    when the step has no manifest."""
     manifests = sorted(n for n in objects(server, url) if n.startswith(step_dir + "/manifest-"))
     if not manifests:
         return set()
     manifest = parse_manifest(get_object(server, url, manifests[-1]), manifests[-1])
-    return {manifests[-1]} | {f"{step_dir}/{chunk.file}" for chunk in manifest.chunks}
+    return {manifests[-1]} | {f"{step_dir}/{name}" for name in manifest.data_files()}
 
 
 def delete_object(server: _s3server.S3Server, url: str, name: str) -> None:
