@@ -296,3 +296,22 @@ def _child_main(spec: _ChildSpec, args: tuple, conn: multiprocessing.connection.
         payload = pickle.dumps(("raised", "fn's return value does not pickle:\n" + traceback.format_exc()))
     conn.send_bytes(payload)
     conn.close()
+
+
+def die_at_phase(phase: str, *, after: str | None = None, mark: str | None = None) -> None:
+    """In a rank process: SIGKILL this process when it reaches ``_phases.pause(phase)`` (only once
+    it has passed ``after``, when given), touching the file ``mark`` first so the test knows it
+    died there."""
+    from asyncckpt import _phases
+
+    real, seen = _phases.pause, set()
+
+    def pause(name: str) -> None:
+        seen.add(name)
+        if name == phase and (after is None or after in seen):
+            if mark is not None:
+                open(mark, "a").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(name)
+
+    _phases.pause = pause

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from _cli import cli, remaining
-from _dist import run_ranks, start_ranks
+from _dist import die_at_phase, run_ranks, start_ranks
 from asyncckpt import load
 from asyncckpt.format import step_dir_name
 
@@ -164,7 +164,7 @@ def test_a_flipped_byte_in_one_rank_data_file(raised, tmp_path, capsys):
 
 def _dying_rank(rank: int, world_size: int, root: str, victim: int, phase: str) -> dict:
     from _dist_models import full_state, make_ddp, train_steps
-    from asyncckpt import CheckpointManager, _phases
+    from asyncckpt import CheckpointManager
 
     model, optim = make_ddp(seed=0)
     state = {"model": model, "optim": optim}
@@ -174,15 +174,7 @@ def _dying_rank(rank: int, world_size: int, root: str, victim: int, phase: str) 
     full = full_state(model, optim)
     train_steps(model, optim, 2, 1, rank)
     if rank == victim:
-        real = _phases.pause
-
-        def pause(name: str) -> None:
-            if name == phase:
-                Path(root, f".died-{rank}").touch()
-                os.kill(os.getpid(), signal.SIGKILL)
-            real(name)
-
-        _phases.pause = pause
+        die_at_phase(phase, mark=str(Path(root, f".died-{rank}")))
     began = time.monotonic()
     error = _errors(lambda: mgr.save(2, state))
     return {"error": error, "took": time.monotonic() - began, "full1": full}

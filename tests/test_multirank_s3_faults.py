@@ -14,15 +14,13 @@ The three killed jobs run side by side: one spawn's wait, one lease expiry.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 
 import pytest
 import torch
 
-from _dist import RankOutcome, run_ranks, start_ranks
+from _dist import RankOutcome, die_at_phase, run_ranks, start_ranks
 from _s3bucket import get_object, objects
 from asyncckpt import load
 from asyncckpt.errors import CheckpointNotFoundError
@@ -60,7 +58,6 @@ def _manager(url: str):
 
 def _dying_rank(rank: int, world_size: int, url: str, victim: int, phase: str) -> dict:
     from _dist_models import full_state, make_ddp, train_steps
-    from asyncckpt import _phases
 
     model, optim = make_ddp(seed=0)
     state = {"model": model, "optim": optim, "step": 1}
@@ -71,15 +68,8 @@ def _dying_rank(rank: int, world_size: int, url: str, victim: int, phase: str) -
     train_steps(model, optim, 2, 1, rank)
     state["step"] = 2
     if rank == victim:
-        real, seen = _phases.pause, set()
-
-        def pause(name: str) -> None:
-            seen.add(name)
-            if name == phase and (phase != "manifest" or "vote" in seen):
-                os.kill(os.getpid(), signal.SIGKILL)
-            real(name)
-
-        _phases.pause = pause
+        # rank 0 passes a "manifest" mark before its own rank table too: die at the one after the vote
+        die_at_phase(phase, after="vote" if phase == "manifest" else None)
     began = time.monotonic()
     error = _errors(lambda: mgr.save(2, state))
     return {"error": error, "took": time.monotonic() - began, "full1": full}

@@ -318,18 +318,7 @@ def _json_dict(value: Any, where: str) -> dict:
 
 def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
     """Parse and validate untrusted manifest bytes; every size, offset and name is checked."""
-    over = manifest_over_limit(raw)
-    if over is not None:
-        raise too_large(where, *over)
-    try:
-        body = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except CheckpointDamagedError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _fail(where, f"not valid JSON: {exc}"[:300]) from None
-    body = _json_dict(body, where)
-    if body.get("format") != FORMAT_NAME:
-        raise _fail(where, f"format is {body.get('format')!r}, expected {FORMAT_NAME!r}")
+    body = _load_json(raw, where)
     if body.get("version") == MULTI_RANK_VERSION and "ranks" in body:
         return _parse_multi_rank(body, where)
     if body.get("version") != FORMAT_VERSION:
@@ -589,6 +578,8 @@ def seal_of(raw: bytes) -> int:
 
 
 def _load_json(raw: bytes, where: str) -> dict:
+    """The JSON object of an untrusted manifest or rank table, refused over the reader's limits, with
+    a key twice, or of another format."""
     over = manifest_over_limit(raw)
     if over is not None:
         raise too_large(where, *over)
