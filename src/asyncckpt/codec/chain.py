@@ -8,12 +8,11 @@ and complex); the codecs themselves live in the registry (``asyncckpt.codec.regi
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import torch
 
-from asyncckpt.codec import registry
+from asyncckpt.codec import crc, registry
 from asyncckpt.codec.bytegroup import BYTEGROUP
 from asyncckpt.codec.registry import Emit, emit_into
 from asyncckpt.codec.source import READ_PIECE, ChunkSource, piece_buffer, tensor_memoryview
@@ -64,7 +63,7 @@ def encode(raw: torch.Tensor, group: int, config: CodecConfig) -> EncodedChunk:
     """
     view = tensor_memoryview(raw)
     if config.compression is None:
-        return EncodedChunk(view, [], zlib.crc32(view))
+        return EncodedChunk(view, [], crc.crc32(view, 0))
     compressor = registry.compressor(config.compression)
     codecs: list[dict] = []
     data = raw
@@ -76,8 +75,8 @@ def encode(raw: torch.Tensor, group: int, config: CodecConfig) -> EncodedChunk:
     compressed = compressor.encode(tensor_memoryview(data), spec, reordered=bool(codecs))  # keeps ``data`` alive
     codecs.append(spec)
     if len(compressed) >= len(view):
-        return EncodedChunk(view, [], zlib.crc32(view))
-    return EncodedChunk(compressed, codecs, zlib.crc32(compressed))
+        return EncodedChunk(view, [], crc.crc32(view, 0))
+    return EncodedChunk(compressed, codecs, crc.crc32(compressed, 0))
 
 
 def decode_chunk(

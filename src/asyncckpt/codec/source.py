@@ -8,12 +8,12 @@ never held whole in memory and is checksummed exactly once.
 from __future__ import annotations
 
 import ctypes
-import zlib
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
+from asyncckpt.codec.crc import crc32
 from asyncckpt.errors import CheckpointDamagedError
 
 READ_PIECE = 1 << 20  # stored bytes are read, checksummed and decompressed this many at a time
@@ -121,7 +121,7 @@ class ChunkSource:
             if got <= 0:
                 raise CheckpointDamagedError(f"short read of {self.what}: the file ends inside it")
             done += got
-        self.crc = zlib.crc32(view, self.crc)
+        self.crc = crc32(view, self.crc)
         if self.frame_check is not None:
             self.frame_check.feed(view, self.pos)
         self.pos += n

@@ -29,7 +29,6 @@ import collections
 import contextlib
 import itertools
 import mmap as _mmap
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any, TypeVar, cast
 import torch
 
 from asyncckpt import codec
+from asyncckpt.codec.crc import crc32
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError
 from asyncckpt.format import (
     DTYPES,
@@ -590,7 +590,7 @@ def _map_raw(
     - Each tensor is ``torch.frombuffer(mapping, count, offset)``: its own storage of exactly its
       bytes, which holds a reference to the mapping (unmapped when the last tensor goes). A tensor
       can still be kept, saved or exported alone without dragging the whole file along.
-    - Every wanted chunk's CRC32 is computed over the mapped bytes (in parallel; zlib releases the
+    - Every wanted chunk's CRC32 is computed over the mapped bytes (in parallel; the CRC32 releases the
       GIL) before any tensor is made, so a damaged file is an error, never a silently wrong state.
     - The caller has checked that every chunk ends within the file, so no page of the mapping
       lies past the end of the file (the SIGBUS case); mapping only up to the manifest's end keeps
@@ -621,7 +621,7 @@ def _map_raw(
 
             def verify(index: int) -> None:
                 chunk = manifest.chunks[index]
-                actual = zlib.crc32(view[chunk.offset : chunk.offset + chunk.length])
+                actual = crc32(view[chunk.offset : chunk.offset + chunk.length], 0)
                 if actual != chunk.crc32:
                     where = _tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)
                     raise CheckpointDamagedError(
