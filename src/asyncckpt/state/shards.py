@@ -65,7 +65,9 @@ class RankFlatState(FlatState):
     fingerprint: int = 0
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
+    """DTensor's class, looked up once: the flattener asks of every node of every save."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed
@@ -89,16 +91,12 @@ def dtensor_box(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return _placed(tuple(t.shape), t.device_mesh, tuple(t.placements))[:2]
 
 
-def _replica_slot(t: Any) -> tuple[int, int]:
-    """(this rank's index among the ranks holding the same box, how many hold it): the mesh
-    dimensions a DTensor is replicated over."""
-    return _placed(tuple(t.shape), t.device_mesh, tuple(t.placements))[2:]
-
-
 @functools.lru_cache(maxsize=1 << 14)
 def _placed(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[Any, Any, int, int]:
-    """:func:`dtensor_box` and :func:`_replica_slot` of a global shape on a mesh, computed once:
-    every save asks again for the same parameters, and the answer only depends on these."""
+    """:func:`dtensor_box` of a global shape on a mesh, plus this rank's index among the ranks
+    holding the same box and how many hold it (the mesh dimensions it is replicated over).
+    Computed once: every save asks again for the same parameters, and the answer only depends on
+    these."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -263,8 +261,7 @@ class _RankFlattener(_Flattener):
                 self.replicated_depth -= 1
 
     def _dtensor(self, t: Any, path: str) -> int:
-        offsets, shape = dtensor_box(t)
-        replica, replicas = _replica_slot(t)
+        offsets, shape, replica, replicas = _placed(tuple(t.shape), t.device_mesh, tuple(t.placements))
         known = self._global(t, path, f"{t.device_mesh.shape}{t.placements}")
         if known is not None:
             return known
