@@ -23,7 +23,6 @@ import json
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 from asyncckpt.engine.ranks import RankGroup
 from asyncckpt.errors import CheckpointError
@@ -52,18 +51,6 @@ class Target:
         return cls(int(fields["step"]), int(fields["rank"]), int(fields["signum"]))
 
 
-def _connection(ranks: RankGroup) -> Any:
-    """A store connection of our own, under this manager's run prefix (a wait on it blocks nobody else)."""
-    import torch.distributed as dist
-
-    base = dist.distributed_c10d._get_default_store()
-    try:
-        own = base.clone()  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):  # pragma: no cover - a store without clone (not TCPStore)
-        own = base
-    return dist.PrefixStore(f"asyncckpt/{ranks.run}/policy/", own)
-
-
 class RankSchedule:
     """The steps this rank saves at, agreed with the other ranks through the store.
 
@@ -85,8 +72,8 @@ class RankSchedule:
         self.lead = lead
         self._policy = policy
         self._local = bool(getattr(policy, "same_on_every_rank", False))
-        self._store = _connection(ranks)  # the training thread's: announcements only
-        self._watch_store = _connection(ranks)  # the watcher's: it waits on it
+        self._store = ranks.connection("policy/")  # the training thread's: announcements only
+        self._watch_store = ranks.connection("policy/")  # the watcher's: it waits on it
         self._lock = threading.Lock()
         self._inbox: list[Target] = []  # heard by the watcher, not yet taken by the training thread
         self._targets: list[Target] = []  # taken, not yet saved

@@ -100,12 +100,18 @@ class RankGroup:
         self._dist = dist
         self._all_reduce(agreed, "open the checkpoint root together (every rank constructs the manager)")
         self.run = f"{int(agreed.item()):016x}"
-        base = dist.distributed_c10d._get_default_store()
+        self.store = self.connection()
+
+    def connection(self, prefix: str = "") -> Any:
+        """A store connection of our own (a clone of the job's store client), under this group's
+        run prefix plus ``prefix``: a ``wait`` on it never blocks training's store calls, nor
+        another connection's."""
+        base = self._dist.distributed_c10d._get_default_store()
         try:
-            own = base.clone()  # type: ignore[attr-defined]  # a connection of our own: a wait here never blocks training's calls
-        except (AttributeError, RuntimeError):
+            own = base.clone()  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # a store without clone (not a TCPStore)
             own = base
-        self.store = dist.PrefixStore(f"asyncckpt/{self.run}/", own)
+        return self._dist.PrefixStore(f"asyncckpt/{self.run}/{prefix}", own)
 
     def agree(self, step: int, fingerprint: int, failed: bool) -> str:
         """Check on the calling thread that every rank saves ``step`` of the same plan; return the
