@@ -77,6 +77,11 @@ class WrittenData:
     fsync_began: float
 
 
+def _tensor_table(layout: Layout) -> list[TensorEntry]:
+    """The manifest's (or rank table's) tensor table: where each staged tensor lies in the arena."""
+    return [TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in layout.slots]
+
+
 @dataclass(frozen=True)
 class RankSave:
     """One rank's part in a multi-rank save: the group, the attempt every rank agreed on, the global
@@ -252,7 +257,7 @@ class Pipeline:
                 step=job.step,
                 created=job.record.started,
                 tree=job.tree,
-                tensors=[TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots],
+                tensors=_tensor_table(job.layout),
                 chunks=written.chunks,
                 raw_bytes=job.layout.total,
                 stored_bytes=written.stored_bytes,
@@ -282,64 +287,82 @@ class Pipeline:
         attempt's staging, its vote; then rank 0 publishes when every rank voted for it, and the
         others wait for the outcome (the two-phase commit of ``engine/ranks.py``)."""
         record, group = job.record, ranks.group
-        rank = group.rank
         staging = self._storage.begin(job.step, attempt=ranks.attempt)
         try:
-            written = self._write_data(job, staging, rank)
-            table = RankTable(
-                step=job.step,
-                created=record.started,
-                tree=job.tree,
-                tensors=[TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots],
-                chunks=written.chunks,
-                raw_bytes=job.layout.total,
-                stored_bytes=written.stored_bytes,
-                rank=rank,
-                world_size=group.world_size,
-                pieces=ranks.pieces,
-            )
-            sealed_table = table.to_json()
-            name = rank_file_name(rank, staging.attempt if staging.unique_names else None)
-            _phases.pause("manifest")
-            self._storage.backend.write_small(staging.object_name(name), sealed_table)
-            record.fsync_s = time.perf_counter() - written.fsync_began
-            self._data_durable_not_published(job)
-            _phases.pause("vote")
-            vote = Vote(
-                rank,
-                True,
-                table=name,
-                data=staging.data_name(rank),
-                crc32=seal_of(sealed_table),
-                stored_bytes=written.stored_bytes,
-                raw_bytes=job.layout.total,
-                stall_s=record.stall_s,
-            )
+            vote = self._write_rank_part(job, ranks, staging)
         except BaseException as exc:
-            group.vote(ranks.attempt, Vote(rank, False, f"{type(exc).__name__}: {exc}"))
-            if rank == 0:
-                self._fail_attempt(job, ranks, staging, f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            group.vote(ranks.attempt, Vote(group.rank, False, reason))
+            if group.rank == 0:
+                self._fail_attempt(job, ranks, staging, reason)
             raise
         group.vote(ranks.attempt, vote)
         began = time.perf_counter()
-        if rank != 0:
+        if group.rank != 0:
             outcome = group.outcome(ranks.attempt, job.step)
             if outcome != "committed":
                 raise CheckpointError(outcome)
-            record.commit_s = time.perf_counter() - began
-            record.persist_s = time.perf_counter() - job.enqueued
-            record.raw_bytes, record.stored_bytes = job.layout.total, written.stored_bytes
-            return CheckpointRef(self._storage.backend, step_dir_name(job.step))
+            # its record holds its own part's sizes; rank 0's the whole checkpoint's
+            ref = CheckpointRef(self._storage.backend, step_dir_name(job.step))
+            raw_bytes, stored_bytes = vote.raw_bytes, vote.stored_bytes
+        else:
+            ref, raw_bytes, stored_bytes = self._publish_ranks(job, ranks, staging)
+        record.commit_s = time.perf_counter() - began
+        record.persist_s = time.perf_counter() - job.enqueued
+        record.raw_bytes, record.stored_bytes = raw_bytes, stored_bytes
+        if job.lazy is not None and group.rank == 0:
+            self._read_gpu_fence_wait(job)
+        return ref
+
+    def _write_rank_part(self, job: SaveJob, ranks: RankSave, staging: Staging) -> Vote:
+        """This rank's data and sealed rank table, durable in the staging; overlap mode's verdict
+        taken; the vote that says so."""
+        record, group = job.record, ranks.group
+        written = self._write_data(job, staging, group.rank)
+        table = RankTable(
+            step=job.step,
+            created=record.started,
+            tree=job.tree,
+            tensors=_tensor_table(job.layout),
+            chunks=written.chunks,
+            raw_bytes=job.layout.total,
+            stored_bytes=written.stored_bytes,
+            rank=group.rank,
+            world_size=group.world_size,
+            pieces=ranks.pieces,
+        )
+        sealed = table.to_json()
+        name = rank_file_name(group.rank, staging.attempt if staging.unique_names else None)
+        _phases.pause("manifest")
+        self._storage.backend.write_small(staging.object_name(name), sealed)
+        record.fsync_s = time.perf_counter() - written.fsync_began
+        self._data_durable_not_published(job)
+        _phases.pause("vote")
+        return Vote(
+            group.rank,
+            True,
+            table=name,
+            data=staging.data_name(group.rank),
+            crc32=seal_of(sealed),
+            stored_bytes=written.stored_bytes,
+            raw_bytes=job.layout.total,
+            stall_s=record.stall_s,
+        )
+
+    def _publish_ranks(self, job: SaveJob, ranks: RankSave, staging: Staging) -> tuple[CheckpointRef, int, int]:
+        """Rank 0: every rank's vote, then the manifest published (or the attempt aborted and every
+        rank told why); the checkpoint and its raw and stored sizes."""
+        group = ranks.group
         votes = group.collect(ranks.attempt, job.step)
         failed = [v for v in votes if not v.ok]
         if failed:
-            reason = f"rank {failed[0].rank} failed: {failed[0].error}"
-            group.announce(ranks.attempt, f"step {job.step} was not committed: {reason}")
+            reason = f"step {job.step} was not committed: rank {failed[0].rank} failed: {failed[0].error}"
+            group.announce(ranks.attempt, reason)
             self._storage.abort(staging)
-            raise CheckpointError(f"step {job.step} was not committed: {reason}")
+            raise CheckpointError(reason)
         manifest = MultiRankManifest(
             step=job.step,
-            created=record.started,
+            created=job.record.started,
             tree={},
             tensors=[],
             chunks=[],
@@ -361,13 +384,8 @@ class Pipeline:
             self._storage.abort(staging)
             raise
         group.announce(ranks.attempt, "committed")
-        record.commit_s = time.perf_counter() - began
-        record.persist_s = time.perf_counter() - job.enqueued
-        record.raw_bytes, record.stored_bytes = manifest.raw_bytes, manifest.stored_bytes
-        record.max_rank_stall_s = max(v.stall_s for v in votes)
-        if job.lazy is not None:
-            self._read_gpu_fence_wait(job)
-        return checkpoint.ref
+        job.record.max_rank_stall_s = max(v.stall_s for v in votes)
+        return checkpoint.ref, manifest.raw_bytes, manifest.stored_bytes
 
     def _fail_attempt(self, job: SaveJob, ranks: RankSave, staging: Staging, reason: str) -> None:
         """Rank 0 failed its own part (``reason``): wait for the others to finish writing (their
