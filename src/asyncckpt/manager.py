@@ -180,6 +180,8 @@ class CheckpointManager:
         if not all(isinstance(key, str) for key in self._replicated):
             raise TypeError(f"replicated must name top-level keys of the state (strings), got {replicated!r}")
         self._ranks = join_ranks(process_group, float(rank_timeout))
+        # rank 0 (or a process on its own) keeps the root: retention, tag rewrites, the metrics log
+        self._owns_root = self._ranks is None or self._ranks.rank == 0
         self._schedule: RankSchedule | None = None  # several ranks: the steps they all save
         if self._ranks is not None and mirror is not None:
             self._ranks.close()
@@ -192,10 +194,8 @@ class CheckpointManager:
             backend = self._storage.backend
             # A local root is a Path (as it always was); an object store's is its URL.
             self.root: Path | str = backend.root if isinstance(backend, LocalBackend) else backend.location
-            logs = isinstance(self.root, Path) and (self._ranks is None or self._ranks.rank == 0)
-            self.stats = SaveStats(self.root / METRICS_LOG if logs and isinstance(self.root, Path) else None)
-            writes = self._ranks is None or self._ranks.rank == 0
-            self._tags = Tags(self._storage, Catalog.of_writer(self._storage), writes=writes)
+            self.stats = SaveStats(self.root / METRICS_LOG if isinstance(self.root, Path) and self._owns_root else None)
+            self._tags = Tags(self._storage, Catalog.of_writer(self._storage), writes=self._owns_root)
             if mirror is not None:
                 self._mirror = _Mirror(mirror, self._storage.backend, mirror_policy, mirror_max_behind, mirror_options)
                 self.stats.mirror_status = self._mirror.status
@@ -335,25 +335,12 @@ class CheckpointManager:
         """
         self._check_owner()
         self.stats.step_seen(time.perf_counter())
-        final = self._preemption.signum
-        if self._schedule is not None:  # several ranks: the final checkpoint waits for the agreed step
-            _check_step(step)
-            asked, self._due_answer = self._due_answer, None
-            deferred = getattr(self.policy, "deferred", 0)
-            is_due, final = self._schedule.decide(step, self._preemption.signum, asked)
-            self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
+        is_due, final = self._decide(step)
         if final is not None:
             self._preemption.final_save_and_reraise(
                 lambda: self._save(step, state, metrics, metadata, tags), self._take_background_errors, final
             )
             return None
-        if self._schedule is None:
-            asked, self._due_answer = self._due_answer, None
-            deferred = getattr(self.policy, "deferred", 0)
-            is_due = self.policy.due(step)  # always: the policy counts every call
-            if asked is not None and asked[0] == step:
-                is_due = asked[1]  # what due(step) told the caller, who may have computed metrics for it
-            self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
         if not is_due:
             return None
         handle, earlier = self._save(step, state, metrics, metadata, tags, tell_policy=True)
@@ -361,6 +348,23 @@ class CheckpointManager:
             raise earlier
         self._raise_mirror_error()
         return handle
+
+    def _decide(self, step: int) -> tuple[bool, int | None]:
+        """What ``maybe_save(step)`` does: whether the policy (or, with several ranks, the agreed
+        schedule) says the step is due, and the preemption signal to raise after a final save."""
+        if self._schedule is None and self._preemption.signum is not None:
+            return True, self._preemption.signum  # the final save; the policy is not asked
+        asked, self._due_answer = self._due_answer, None
+        deferred = getattr(self.policy, "deferred", 0)
+        if self._schedule is not None:  # several ranks: the final checkpoint waits for the agreed step
+            _check_step(step)
+            is_due, final = self._schedule.decide(step, self._preemption.signum, asked)
+        else:
+            is_due, final = self.policy.due(step), None  # always: the policy counts every call
+            if asked is not None and asked[0] == step:
+                is_due = asked[1]  # what due(step) told the caller, who may have computed metrics for it
+        self.stats.deferred_saves += getattr(self.policy, "deferred", 0) - deferred
+        return is_due, final
 
     def due(self, step: int) -> bool:
         """Whether ``maybe_save(step)`` would save now, without changing the policy's state.
@@ -453,7 +457,7 @@ class CheckpointManager:
         self._admission.finished(job)
         try:
             self._tags.finished(job, path)
-            if path is not None and (self._ranks is None or self._ranks.rank == 0):  # rank 0 keeps the root
+            if path is not None and self._owns_root:
                 if self._mirror is not None:
                     self._mirror.submit(job.step)  # before retention: a step to upload is pinned
                 self._retainer.apply(protect=job.step)
@@ -511,7 +515,7 @@ class CheckpointManager:
             CheckpointError: Used from a forked child.
         """
         self._check_owner()
-        if self._ranks is not None and self._ranks.rank != 0:  # rank 0 applies retention: list the root
+        if not self._owns_root:  # rank 0 applies retention: list the root
             return [c.step for c in self._storage.checkpoints()]
         return self._tags.catalog.steps()
 
