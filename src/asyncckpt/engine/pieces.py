@@ -67,7 +67,7 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
     Raises:
         CheckpointError: A box outside its global tensor, or any read failure (damage included).
     """
-    from asyncckpt.engine.reader import read_checkpoint
+    from asyncckpt.engine.reader import _Index, read_checkpoint
 
     assert view.tables is not None
     out: list[torch.Tensor | None] = []
@@ -118,7 +118,8 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
             names = ", ".join(f"{view.globals[g].dtype}{list(view.globals[g].shape)}" for g in shown[:4])
             more = f" and {len(shown) - 4} more" if len(shown) > 4 else ""
             raise CheckpointDamagedError(f"rank {rank}'s pieces of global tensors {names}{more}: {exc}") from exc
-        decoded += sum(c.raw_length for c in _chunks_read(synthetic))
+        needs = _Index(synthetic).needs  # the chunks the read decoded: those overlapping a range
+        decoded += sum(c.raw_length for c in synthetic.chunks if needs(c.raw_offset, c.raw_offset + c.raw_length))
         for cut, raw in zip(wanted, loaded.tensors, strict=True):
             rows = raw.view(DTYPES[cut.entry.dtype]).view(
                 (cut.end - cut.first, *cut.entry.shape[1:]) if cut.entry.shape else ()
@@ -129,16 +130,6 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
             else:
                 _place(target, boxes[cut.box], rows, cut)
     return cast(list[torch.Tensor], out), decoded
-
-
-def _chunks_read(table: object) -> list:
-    """The chunks a read of the synthetic table's tensors decodes (every chunk overlapping one)."""
-    ranges = [(t.offset, t.offset + t.nbytes) for t in table.tensors]  # type: ignore[attr-defined]
-    return [
-        c
-        for c in table.chunks  # type: ignore[attr-defined]
-        if any(a < c.raw_offset + c.raw_length and c.raw_offset < b for a, b in ranges)
-    ]
 
 
 def _overlaps(box: Box, offsets: tuple[int, ...], shape: tuple[int, ...]) -> bool:
