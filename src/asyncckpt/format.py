@@ -18,6 +18,7 @@ import json
 import math
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -324,9 +325,7 @@ def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
     if body.get("version") != FORMAT_VERSION:
         raise _fail(where, f"format version {body.get('version')!r} is not supported (expected 1 or 2)")
     step = _int(body.get("step"), "step", 0, MAX_STEP)
-    created = body.get("created")
-    if not isinstance(created, (int, float)) or isinstance(created, bool) or not -1e12 < created < 1e12:
-        raise _fail("created", "expected a number (seconds since the epoch)")
+    created = _created(body, lambda what: _fail("created", what))
     raw_bytes = _int(body.get("raw_bytes"), "raw_bytes")
     stored_bytes = _int(body.get("stored_bytes"), "stored_bytes")
 
@@ -338,16 +337,31 @@ def parse_manifest(raw: bytes, where: str = "manifest.json") -> Manifest:
     skeleton.validate(tree, [t.dtype for t in tensors], known_dtypes=DTYPES, error=_fail)
     return Manifest(
         step=step,
-        created=float(created),
+        created=created,
         tree=tree,
         tensors=tensors,
         chunks=chunks,
         raw_bytes=raw_bytes,
         stored_bytes=stored_bytes,
-        metrics=_json_dict(body.get("metrics", {}), "metrics"),
-        metadata=_json_dict(body.get("metadata", {}), "metadata"),
-        tags=check_tags(body.get("tags", []), "tags", _fail),
+        **_annotations(body),
     )
+
+
+def _created(body: dict, error: Callable[[str], Exception]) -> float:
+    """A manifest's ``created``: seconds since the epoch, within (-10^12, 10^12)."""
+    created = body.get("created")
+    if not isinstance(created, (int, float)) or isinstance(created, bool) or not -1e12 < created < 1e12:
+        raise error("expected a number (seconds since the epoch)")
+    return float(created)
+
+
+def _annotations(body: dict) -> dict[str, Any]:
+    """A manifest's ``metrics``, ``metadata`` and ``tags``, checked (each optional)."""
+    return {
+        "metrics": _json_dict(body.get("metrics", {}), "metrics"),
+        "metadata": _json_dict(body.get("metadata", {}), "metadata"),
+        "tags": check_tags(body.get("tags", []), "tags", _fail),
+    }
 
 
 def check_tags(tags: Any, where: str, error=None) -> list[str]:
@@ -597,9 +611,7 @@ def _load_json(raw: bytes, where: str) -> dict:
 
 def _parse_multi_rank(body: dict, where: str) -> MultiRankManifest:
     step = _int(body.get("step"), f"{where}: step", 0, MAX_STEP)
-    created = body.get("created")
-    if not isinstance(created, (int, float)) or isinstance(created, bool) or not -1e12 < created < 1e12:
-        raise _fail(where, "created: expected a number (seconds since the epoch)")
+    created = _created(body, lambda what: _fail(where, f"created: {what}"))
     world = _int(body.get("world_size"), f"{where}: world_size", 1, MAX_WORLD_SIZE)
     items = body.get("globals")
     if not isinstance(items, list):
@@ -633,15 +645,13 @@ def _parse_multi_rank(body: dict, where: str) -> MultiRankManifest:
         raise _fail(where, "stored_bytes does not equal the sum of the ranks'")
     return MultiRankManifest(
         step=step,
-        created=float(created),
+        created=created,
         tree={skeleton.Kind.DICT: []},
         tensors=[],
         chunks=[],
         raw_bytes=_int(body.get("raw_bytes"), f"{where}: raw_bytes"),
         stored_bytes=stored,
-        metrics=_json_dict(body.get("metrics", {}), "metrics"),
-        metadata=_json_dict(body.get("metadata", {}), "metadata"),
-        tags=check_tags(body.get("tags", []), "tags", _fail),
+        **_annotations(body),
         world_size=world,
         globals=globals_,
         ranks=ranks,
