@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncckpt.codec import CodecConfig, decode, encode, libzstd, planes, registry
@@ -52,11 +52,21 @@ def decode_new(stored: bytes, codecs: list[dict], crc: int, raw_length: int) -> 
     return out
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def kernel(request, monkeypatch):
+    """Both implementations of the transform: the C kernel built at install, and numpy's."""
+    if request.param == "numpy":
+        monkeypatch.setattr(planes, "_kernel", lambda: None)
+    else:
+        assert planes._kernel() is not None, "the C kernel was not built (setup.py's extension)"
+    return request.param
+
+
 @pytest.mark.parametrize("size", [2, 4, 8])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(min_size=0, max_size=2048), rotate=st.integers(0, 63))
-def test_planes_match_the_format_definition_for_any_bytes_and_rotation(size, offset, data, rotate):
+def test_planes_match_the_format_definition_for_any_bytes_and_rotation(kernel, size, offset, data, rotate):
     rotate %= 8 * size
     whole = len(data) - len(data) % size
     buffer = np.zeros(offset + whole, dtype=np.uint8)
@@ -69,7 +79,7 @@ def test_planes_match_the_format_definition_for_any_bytes_and_rotation(size, off
     assert bytes(out[offset:]) == data[:whole]
 
 
-def test_every_16_bit_pattern_round_trips_and_bf16_exponents_fill_their_own_plane():
+def test_every_16_bit_pattern_round_trips_and_bf16_exponents_fill_their_own_plane(kernel):
     values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     raw = values.view(np.uint8)
     got = planes.split_planes(raw, 2, 1)
@@ -81,7 +91,7 @@ def test_every_16_bit_pattern_round_trips_and_bf16_exponents_fill_their_own_plan
     assert np.array_equal(out, raw)
 
 
-def test_fp32_exponents_fill_the_top_plane():
+def test_fp32_exponents_fill_the_top_plane(kernel):
     values = trained_like(torch.float32)
     got = planes.split_planes(as_bytes(values).numpy(), 4, 1)
     exponents = (values.view(torch.int32) >> 23) & 0xFF
@@ -91,7 +101,7 @@ def test_fp32_exponents_fill_the_top_plane():
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64], ids=str
 )
-def test_each_part_is_a_plain_zstd_frame_or_the_plane_itself(dtype):
+def test_each_part_is_a_plain_zstd_frame_or_the_plane_itself(kernel, dtype):
     raw, stored, codecs, crc = chunk_of(dtype) if not dtype.is_complex else (None, None, None, None)
     if dtype.is_complex:
         raw = as_bytes(torch.randn(1 << 14, dtype=dtype, generator=torch.Generator().manual_seed(2)) * 0.02)
@@ -140,6 +150,16 @@ def test_runs_and_repeated_rows_still_compress_a_hundredfold(make):
     assert chunk.codecs[0]["id"] == "planes"
     assert len(chunk.data) * 100 < raw.numel()
     assert torch.equal(decode_new(bytes(chunk.data), chunk.codecs, chunk.crc32, raw.numel()), raw)
+
+
+def test_a_size_or_rotation_the_kernel_does_not_know_is_refused():
+    raw = np.zeros(48, dtype=np.uint8)
+    with pytest.raises(ValueError, match="no planes of size 4 rotated by 32"):
+        planes.split_planes(raw, 4, 32)
+    with pytest.raises(ValueError, match="contiguous"):
+        planes.split_planes(raw[::2], 4, 1)
+    with pytest.raises(ValueError, match="contiguous output"):
+        planes.join_planes(np.zeros((4, 12), dtype=np.uint8), 1, np.zeros(47, dtype=np.uint8))
 
 
 def test_planes_beat_the_bytegroup_chain_on_trained_like_bf16():

@@ -18,6 +18,9 @@ and every element rotated right by R bits.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib.util
 import sys
 import threading
 from collections.abc import Mapping
@@ -57,37 +60,77 @@ def _scratch(name: str, nbytes: int) -> np.ndarray:
     return buf[:nbytes]
 
 
+@functools.cache
+def _kernel() -> ctypes.CDLL | None:
+    """The compiled split and join (``_planes.c``, built at install where a C compiler is present),
+    or None: numpy does the same work then, about 4x slower."""
+    spec = importlib.util.find_spec("asyncckpt.codec._planes")
+    if spec is None or not spec.origin or not LITTLE_ENDIAN:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+        for function in (lib.asyncckpt_split_planes, lib.asyncckpt_join_planes):
+            function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+            function.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
 def split_planes(raw: np.ndarray, size: int, rotate: int) -> np.ndarray:
     """The planes of ``raw`` (uint8, a multiple of ``size`` long) as a (size, n) uint8 array.
 
-    Plane p of the rotated elements is bits [8p - rotate, 8p - rotate + 8) of each element, taken
-    with a shift and a narrowing copy (numpy, one thread: no OpenMP team in the encoder threads).
     The array is a per-thread scratch buffer, valid until this thread's next call.
     """
-    word = _WORD[size]
-    bits = 8 * size
-    n = raw.size // size
-    words = raw.view(word)
-    planes = _scratch("planes", raw.size).reshape(size, n)
-    shifted = _scratch("shifted", raw.size).view(word)
-    wrapped = _scratch("wrapped", raw.size).view(word) if rotate else shifted
-    for p in range(size):
-        low = 8 * p - rotate
-        if low > 0:
-            np.right_shift(words, low, out=shifted)
-        elif low == 0:
-            shifted = words
-        else:  # the plane wraps round: its bottom bits come from the element's top
-            np.left_shift(words, -low, out=shifted)
-            np.right_shift(words, bits + low, out=wrapped)
-            np.bitwise_or(shifted, wrapped, out=shifted)
-        np.copyto(planes[p], shifted, casting="unsafe")  # keeps the low byte
-        shifted = _scratch("shifted", raw.size).view(word)
+    if not raw.flags.c_contiguous:
+        raise ValueError("split_planes needs contiguous bytes")
+    planes = _scratch("planes", raw.size).reshape(size, raw.size // size)
+    kernel = _kernel()
+    if kernel is None:
+        _split_numpy(raw, size, rotate, planes)
+    elif raw.size and kernel.asyncckpt_split_planes(
+        raw.ctypes.data, raw.size // size, size, rotate, planes.ctypes.data
+    ):
+        raise ValueError(f"no planes of size {size} rotated by {rotate}")
     return planes
 
 
 def join_planes(planes: np.ndarray, rotate: int, out: np.ndarray) -> None:
-    """The inverse of :func:`split_planes`: the planes into the elements of ``out`` (uint8)."""
+    """The inverse of :func:`split_planes`: the (size, n) ``planes`` into the elements of ``out``."""
+    size, n = planes.shape
+    if not out.flags.c_contiguous or out.size != size * n:
+        raise ValueError("join_planes needs a contiguous output of the planes' size")
+    kernel = _kernel()
+    if kernel is None:
+        _join_numpy(planes, rotate, out)
+    elif n and kernel.asyncckpt_join_planes(np.ascontiguousarray(planes).ctypes.data, n, size, rotate, out.ctypes.data):
+        raise ValueError(f"no planes of size {size} rotated by {rotate}")
+
+
+def _split_numpy(raw: np.ndarray, size: int, rotate: int, planes: np.ndarray) -> None:
+    """:func:`split_planes` where the compiled kernel is missing: plane p of the rotated elements
+    is bits [8p - rotate, 8p - rotate + 8) of each element, a shift and a narrowing copy."""
+    word = _WORD[size]
+    bits = 8 * size
+    words = raw.view(word)
+    shifted = _scratch("shifted", raw.size).view(word)
+    wrapped = _scratch("wrapped", raw.size).view(word)
+    for p in range(size):
+        low = 8 * p - rotate
+        if low > 0:
+            np.right_shift(words, low, out=shifted)
+            np.copyto(planes[p], shifted, casting="unsafe")  # keeps the low byte
+        elif low == 0:
+            np.copyto(planes[p], words, casting="unsafe")
+        else:  # the plane wraps round: its bottom bits come from the element's top
+            np.left_shift(words, -low, out=shifted)
+            np.right_shift(words, bits + low, out=wrapped)
+            np.bitwise_or(shifted, wrapped, out=shifted)
+            np.copyto(planes[p], shifted, casting="unsafe")
+
+
+def _join_numpy(planes: np.ndarray, rotate: int, out: np.ndarray) -> None:
+    """:func:`join_planes` where the compiled kernel is missing."""
     size, n = planes.shape
     word = _WORD[size]
     bits = 8 * size
@@ -98,7 +141,7 @@ def join_planes(planes: np.ndarray, rotate: int, out: np.ndarray) -> None:
         np.copyto(widened, planes[p], casting="unsafe")
         np.left_shift(widened, 8 * p, out=widened)
         np.bitwise_or(words, widened, out=words)
-    if rotate:  # rotate right: the top ``rotate`` bits go back to the bottom ... and the sign back up
+    if rotate:  # rotate right: the bottom ``rotate`` bits (the sign) back to the top
         np.left_shift(words, bits - rotate, out=widened)
         np.right_shift(words, rotate, out=words)
         np.bitwise_or(words, widened, out=words)

@@ -1,0 +1,135 @@
+/* The byte-plane kernels of the ``planes`` codec (asyncckpt/codec/planes.py), called through ctypes.
+ *
+ * split: rotate every little-endian element of `size` bytes left by `rotate` bits, then write
+ *        byte p of element k to planes[p * n + k];
+ * join:  the inverse (planes back into elements, each rotated right by `rotate` bits).
+ *
+ * Plain loops the compiler vectorizes: about 5x faster than the same work as numpy passes, which
+ * matters because every float byte of a checkpoint goes through one of them. Elements are read
+ * and written with memcpy, so neither buffer needs to be aligned. Little-endian hosts only (the
+ * Python side does not call these elsewhere). It is also a (trivial) extension module, so that
+ * setuptools builds it where a compiler is present; without it the codec uses numpy instead.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(_WIN32)
+#define ASYNCCKPT_EXPORT __declspec(dllexport)
+#else
+#define ASYNCCKPT_EXPORT __attribute__((visibility("default")))
+#endif
+
+/* One loop per element size, each plane a restrict pointer of its own, so the compiler
+ * vectorizes the element loop (a loop over planes inside it would defeat that). */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
+/* An AVX2 build of each loop beside the baseline one, picked by the CPU at load time. */
+#define ASYNCCKPT_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ASYNCCKPT_CLONES
+#endif
+
+static inline uint16_t rot16(uint16_t v, int l) { return (uint16_t)((uint16_t)(v << l) | (uint16_t)(v >> ((16 - l) & 15))); }
+static inline uint32_t rot32(uint32_t v, int l) { return (v << l) | (v >> ((32 - l) & 31)); }
+static inline uint64_t rot64(uint64_t v, int l) { return (v << l) | (v >> ((64 - l) & 63)); }
+
+ASYNCCKPT_CLONES static void split_16(const uint8_t *raw, size_t n, int l, uint8_t *planes) {
+    uint8_t *restrict p0 = planes, *restrict p1 = planes + n;
+    for (size_t k = 0; k < n; k++) {
+        uint16_t v;
+        memcpy(&v, raw + 2 * k, 2);
+        v = rot16(v, l);
+        p0[k] = (uint8_t)v;
+        p1[k] = (uint8_t)(v >> 8);
+    }
+}
+
+ASYNCCKPT_CLONES static void join_16(const uint8_t *planes, size_t n, int r, uint8_t *out) {
+    const uint8_t *restrict p0 = planes, *restrict p1 = planes + n;
+    for (size_t k = 0; k < n; k++) {
+        uint16_t v = rot16((uint16_t)(p0[k] | (p1[k] << 8)), (16 - r) & 15);
+        memcpy(out + 2 * k, &v, 2);
+    }
+}
+
+ASYNCCKPT_CLONES static void split_32(const uint8_t *raw, size_t n, int l, uint8_t *planes) {
+    uint8_t *restrict p0 = planes, *restrict p1 = planes + n, *restrict p2 = planes + 2 * n, *restrict p3 = planes + 3 * n;
+    for (size_t k = 0; k < n; k++) {
+        uint32_t v;
+        memcpy(&v, raw + 4 * k, 4);
+        v = rot32(v, l);
+        p0[k] = (uint8_t)v;
+        p1[k] = (uint8_t)(v >> 8);
+        p2[k] = (uint8_t)(v >> 16);
+        p3[k] = (uint8_t)(v >> 24);
+    }
+}
+
+ASYNCCKPT_CLONES static void join_32(const uint8_t *planes, size_t n, int r, uint8_t *out) {
+    const uint8_t *restrict p0 = planes, *restrict p1 = planes + n, *restrict p2 = planes + 2 * n, *restrict p3 = planes + 3 * n;
+    for (size_t k = 0; k < n; k++) {
+        uint32_t v = (uint32_t)p0[k] | ((uint32_t)p1[k] << 8) | ((uint32_t)p2[k] << 16) | ((uint32_t)p3[k] << 24);
+        v = rot32(v, (32 - r) & 31);
+        memcpy(out + 4 * k, &v, 4);
+    }
+}
+
+ASYNCCKPT_CLONES static void split_64(const uint8_t *raw, size_t n, int l, uint8_t *planes) {
+    uint8_t *restrict p[8];
+    for (int i = 0; i < 8; i++) p[i] = planes + (size_t)i * n;
+    uint8_t *restrict p0 = p[0], *restrict p1 = p[1], *restrict p2 = p[2], *restrict p3 = p[3];
+    uint8_t *restrict p4 = p[4], *restrict p5 = p[5], *restrict p6 = p[6], *restrict p7 = p[7];
+    for (size_t k = 0; k < n; k++) {
+        uint64_t v;
+        memcpy(&v, raw + 8 * k, 8);
+        v = rot64(v, l);
+        uint32_t lo = (uint32_t)v, hi = (uint32_t)(v >> 32);
+        p0[k] = (uint8_t)lo;
+        p1[k] = (uint8_t)(lo >> 8);
+        p2[k] = (uint8_t)(lo >> 16);
+        p3[k] = (uint8_t)(lo >> 24);
+        p4[k] = (uint8_t)hi;
+        p5[k] = (uint8_t)(hi >> 8);
+        p6[k] = (uint8_t)(hi >> 16);
+        p7[k] = (uint8_t)(hi >> 24);
+    }
+}
+
+ASYNCCKPT_CLONES static void join_64(const uint8_t *planes, size_t n, int r, uint8_t *out) {
+    const uint8_t *restrict p0 = planes, *restrict p1 = planes + n, *restrict p2 = planes + 2 * n, *restrict p3 = planes + 3 * n;
+    const uint8_t *restrict p4 = planes + 4 * n, *restrict p5 = planes + 5 * n, *restrict p6 = planes + 6 * n, *restrict p7 = planes + 7 * n;
+    for (size_t k = 0; k < n; k++) {
+        uint32_t lo = (uint32_t)p0[k] | ((uint32_t)p1[k] << 8) | ((uint32_t)p2[k] << 16) | ((uint32_t)p3[k] << 24);
+        uint32_t hi = (uint32_t)p4[k] | ((uint32_t)p5[k] << 8) | ((uint32_t)p6[k] << 16) | ((uint32_t)p7[k] << 24);
+        uint64_t v = rot64(((uint64_t)hi << 32) | lo, (64 - r) & 63);
+        memcpy(out + 8 * k, &v, 8);
+    }
+}
+
+/* Returns 0, or -1 for a size other than 2, 4, 8 or a rotation outside [0, 8 * size). */
+ASYNCCKPT_EXPORT int asyncckpt_split_planes(const uint8_t *raw, size_t n, int size, int rotate, uint8_t *planes) {
+    if (rotate < 0 || rotate >= 8 * size) return -1;
+    switch (size) {
+    case 2: split_16(raw, n, rotate, planes); return 0;
+    case 4: split_32(raw, n, rotate, planes); return 0;
+    case 8: split_64(raw, n, rotate, planes); return 0;
+    default: return -1;
+    }
+}
+
+ASYNCCKPT_EXPORT int asyncckpt_join_planes(const uint8_t *planes, size_t n, int size, int rotate, uint8_t *out) {
+    if (rotate < 0 || rotate >= 8 * size) return -1;
+    switch (size) {
+    case 2: join_16(planes, n, rotate, out); return 0;
+    case 4: join_32(planes, n, rotate, out); return 0;
+    case 8: join_64(planes, n, rotate, out); return 0;
+    default: return -1;
+    }
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_planes", "Byte-plane kernels, called through ctypes.", -1, NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__planes(void) { return PyModule_Create(&module); }
