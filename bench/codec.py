@@ -35,6 +35,8 @@ import asyncckpt  # noqa: E402
 import asyncckpt.engine.pipeline  # noqa: E402
 from _common import machine, median, trained_state, write_json  # noqa: E402
 from asyncckpt import codec  # noqa: E402
+from asyncckpt.codec import crc  # noqa: E402
+from asyncckpt.codec import zstd as zstd_codec  # noqa: E402
 from asyncckpt.codec.bytegroup import _group_bytes  # noqa: E402
 from asyncckpt.engine.chunking import ChunkPlan, plan_chunks  # noqa: E402
 from asyncckpt.engine.staging import Layout, plan_layout  # noqa: E402
@@ -103,6 +105,86 @@ def strided_grouping(c: torch.Tensor, size: int) -> torch.Tensor:
     for plane in range(size):
         out[plane].copy_(c.view(-1, size)[:, plane])
     return out
+
+
+def previous_chain(level, size):
+    """The writer's chain before ``planes``: [bytegroup, zstd] with the small match table."""
+    spec = codec.BYTEGROUP.spec_for(size)
+
+    def encode(c):
+        grouped = codec.BYTEGROUP.encode(c, spec)
+        frame = zstd_codec.compressor(level, True).compress(codec.tensor_memoryview(grouped))
+        crc.crc32(frame, 0)
+        return min(len(frame), c.numel())
+
+    return encode
+
+
+def zipnn_encoder(dtype: torch.dtype):
+    """ZipNN (PyPI ``zipnn``), one thread, on the same 4 MiB chunks; None where it is not installed."""
+    try:
+        import zipnn
+    except ImportError:
+        return None
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    coder = zipnn.ZipNN(input_format="byte", bytearray_dtype=name, threads=1)
+    return lambda c: len(coder.compress(bytes(c.numpy())))
+
+
+def decode_rate(chunks: list[torch.Tensor], size: int, repeats: int = 5) -> float:
+    """MB/s per core (process CPU time) of asyncckpt's decode of the chunks it encoded, checked bit-exact."""
+    config = codec.CodecConfig("zstd", 1)
+    encoded = [codec.encode(c, size, config) for c in chunks]
+    stored = [bytes(e.data) for e in encoded]
+    outs = [torch.empty_like(c) for c in chunks]
+    times = []
+    for _ in range(repeats):
+        began = time.process_time()
+        for e, data, out in zip(encoded, stored, outs, strict=True):
+            codec.decode(data, e.codecs, e.crc32, out, "chunk")
+        times.append(time.process_time() - began)
+    assert all(torch.equal(o, c) for o, c in zip(outs, chunks, strict=True))
+    return sum(c.numel() for c in chunks) / median(times) / 1e6
+
+
+def planes_against_zipnn(data: dict[str, torch.Tensor], repeats: int = 5) -> list[dict]:
+    """asyncckpt's planes codec beside ZipNN and the chain it replaced, per data kind, one core."""
+    rows = []
+    for name, tensor in data.items():
+        size = tensor.element_size()
+        chunks = chunks_of(tensor)
+        row: dict = {"data": name}
+        row["planes"] = dict(zip(("ratio", "MBps"), measure(chunks, asyncckpt_codec(1, size), repeats), strict=True))
+        row["planes"]["decode_MBps"] = decode_rate(chunks, size, repeats)
+        row["previous"] = dict(zip(("ratio", "MBps"), measure(chunks, previous_chain(1, size), repeats), strict=True))
+        zipnn = zipnn_encoder(tensor.dtype)
+        if zipnn is not None:
+            row["zipnn"] = dict(zip(("ratio", "MBps"), measure(chunks, zipnn, 2), strict=True))
+        rows.append(row)
+    return rows
+
+
+def print_planes(rows: list[dict]) -> None:
+    print(
+        "\nasyncckpt's planes codec (zstd-1 per plane, CRC32) against ZipNN and the chain it replaced, "
+        "4 MiB chunks, one core (process CPU time):"
+    )
+    print(
+        "| data | ZipNN ratio | asyncckpt ratio | vs ZipNN | asyncckpt encode MB/s | asyncckpt decode MB/s "
+        "| ZipNN encode MB/s | before ([bytegroup, zstd]): ratio, MB/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        planes, before, zipnn = r["planes"], r["previous"], r.get("zipnn")
+        gap = f"{(planes['ratio'] / zipnn['ratio'] - 1) * 100:+.2f}%" if zipnn else "n/a"
+        print(
+            f"| {r['data']} | {zipnn['ratio']:.4f}x | " if zipnn else f"| {r['data']} | not installed | ",
+            end="",
+        )
+        print(
+            f"{planes['ratio']:.4f}x | {gap} | {planes['MBps']:.0f} | {planes['decode_MBps']:.0f} "
+            f"| {zipnn['MBps'] if zipnn else float('nan'):.0f} | {before['ratio']:.4f}x, {before['MBps']:.0f} |"
+        )
 
 
 def plain(level):
@@ -283,6 +365,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--chunking-only", action="store_true", help="only the chunk planners side by side")
+    ap.add_argument("--planes-only", action="store_true", help="only the planes codec against ZipNN (~1 min)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     weights = minilm_weights()
@@ -300,6 +383,11 @@ def main() -> None:
         "AdamW exp_avg fp32": avg,
         "AdamW exp_avg_sq fp32": sq,
     }
+    planes_rows = planes_against_zipnn(data)
+    print_planes(planes_rows)
+    if args.planes_only:
+        write_json(args.json, {"machine": machine(), "planes": planes_rows})
+        return
     rows = []
     print(f"{len(weights)} MiniLM tensors, {flat.numel() / 1e6:.1f}M floats; 4 MiB chunks; one core\n")
     print(
@@ -367,6 +455,7 @@ def main() -> None:
         args.json,
         {
             "machine": machine(),
+            "planes": planes_rows,
             "codec": rows,
             "grouping": grouping,
             "encoder_pool_MBps": pool,
