@@ -359,7 +359,10 @@ class DataFileWriter:
         """See :meth:`asyncckpt.storage.backend.WriteStream.abort`: staged bytes are dropped (the
         commit protocol removes the file), the staging buffer goes back to the pool. Never raises."""
         if self._view is not None:
-            self._view.release()
+            try:
+                self._view.release()
+            except BufferError:  # something still reads through it: the collector releases it
+                pass
             self._view = None
         if self._staging is not None:
             _staging_pool.give_back(self._staging)
