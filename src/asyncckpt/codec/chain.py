@@ -2,8 +2,9 @@
 
 A chunk's codec chain is data (a list of small dicts recorded in the manifest), applied in order
 on write and reversed on read, so a reader never guesses how a chunk was made. The writer's chains
-are [] (stored as is), [zstd] (ints, bools, one-byte floats) and [bytegroup, zstd] (wider floats
-and complex); the codecs themselves live in the registry (``asyncckpt.codec.registry``).
+are [] (stored as is), [zstd] (ints, bools, one-byte floats), [planes] (2-, 4- and 8-byte floats
+and complex64) and [bytegroup, zstd] (complex128, and every float in checkpoints written before
+``planes``); the codecs themselves live in the registry (``asyncckpt.codec.registry``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncckpt.codec import crc, registry
+from asyncckpt.codec import crc, planes, registry
 from asyncckpt.codec.bytegroup import BYTEGROUP
 from asyncckpt.codec.registry import Emit, emit_into
 from asyncckpt.codec.source import READ_PIECE, ChunkSource, piece_buffer, tensor_memoryview
@@ -65,6 +66,12 @@ def encode(raw: torch.Tensor, group: int, config: CodecConfig) -> EncodedChunk:
     if config.compression is None:
         return EncodedChunk(view, [], crc.crc32(view, 0))
     compressor = registry.compressor(config.compression)
+    if config.compression == "zstd" and group in planes.SIZES and planes.LITTLE_ENDIAN:
+        stored, spec = planes.PLANES.encode_planes(raw.numpy(), group, planes.ROTATE, config.level)
+        if stored.size >= len(view):
+            return EncodedChunk(view, [], crc.crc32(view, 0))
+        stored_view = stored.data  # the array's own memoryview: no copy
+        return EncodedChunk(stored_view, [spec], crc.crc32(stored_view, 0))
     codecs: list[dict] = []
     data = raw
     if group > 1:

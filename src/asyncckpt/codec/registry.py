@@ -6,7 +6,8 @@ registered under ``name`` validates its own parameters (they come from an untrus
 does its encode and decode steps. Codecs come in two roles:
 
 - a *reorder* codec (``bytegroup``) rearranges a chunk's bytes without changing their number;
-- a *compress* codec (``zstd``) turns them into a stream of stored bytes, and bounds its size.
+- a *compress* codec (``zstd``, ``planes``) turns them into a stream of stored bytes, and bounds
+  its size.
 
 A chain is empty (stored as is), or one compress codec, optionally after one reorder codec: the
 shapes the format defines. Adding a codec is its module plus one registration line in
@@ -131,6 +132,10 @@ class ReorderCodec(Codec):
 class CompressCodec(Codec):
     """Turns a chunk's bytes into stored bytes and back, streaming, in bounded memory."""
 
+    # a user can ask for it by name (CodecConfig.compression); False for one a writer picks by
+    # itself (``planes``, what "zstd" writes for floats)
+    selectable: ClassVar[bool] = True
+
     @abc.abstractmethod
     def spec(self, level: int) -> dict[str, Any]:
         """The manifest entry a writer records for ``level`` (``CodecConfig.level``).
@@ -231,14 +236,14 @@ def compressor(name: str) -> CompressCodec:
         ValueError: no compress codec has that name.
     """
     codec = _CODECS.get(name)
-    if not isinstance(codec, CompressCodec):
+    if not isinstance(codec, CompressCodec) or not codec.selectable:
         raise ValueError(f"compression must be one of {compressor_names()} or None, got {name!r}")
     return codec
 
 
 def compressor_names() -> list[str]:
-    """The names of every registered compress codec, sorted."""
-    return sorted(name for name, codec in _CODECS.items() if isinstance(codec, CompressCodec))
+    """The names of every compress codec a user can ask for, sorted."""
+    return sorted(name for name, c in _CODECS.items() if isinstance(c, CompressCodec) and c.selectable)
 
 
 @dataclass(frozen=True)

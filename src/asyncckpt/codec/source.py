@@ -134,6 +134,28 @@ class ChunkSource:
         self.readinto(memoryview(buf))
         return buf
 
+    def part(self, length: int) -> ChunkSource:
+        """The next ``length`` stored bytes as a source of their own (one plane's frame, say),
+        continuing this source's CRC32; hand it back with :meth:`took` once decoded.
+
+        Raises:
+            CheckpointDamagedError: fewer than ``length`` stored bytes are left.
+        """
+        if length > self.length - self.pos:
+            raise CheckpointDamagedError(f"{self.what} ends inside one of its parts")
+        start, pread_into = self.pos, self._pread_into
+        part = ChunkSource(length, lambda view, pos: pread_into(view, start + pos), self.what)
+        part.crc = self.crc
+        return part
+
+    def took(self, part: ChunkSource) -> None:
+        """Read the rest of ``part`` (from :meth:`part`) and continue after it."""
+        try:
+            part.drain()
+        finally:
+            self.crc = part.crc
+            self.pos += part.pos
+
     def drain(self) -> None:
         """Read the rest, for the checksum and the frame check."""
         if self.pos < self.length:

@@ -29,10 +29,10 @@ _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 # repeated rows are still found. Negative levels skip literal coding and levels >= 3 use other strategies:
 # both keep zstd's own tables.
 _GROUPED_HASH_LOG = 6
-_GROUPED_FAST_LEVELS = (1, 2)
+GROUPED_FAST_LEVELS = (1, 2)
 
 WRITE_LEVELS = (-7, 22)  # the levels a writer may ask for
-_READ_LEVELS = (-131072, 22)  # the levels a manifest may record (zstd's own range)
+READ_LEVELS = (-131072, 22)  # the levels a manifest may record (zstd's own range)
 
 _FRAME_HEADER_MAX = 18  # ZSTD_FRAMEHEADERSIZE_MAX
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -53,11 +53,12 @@ def zstd_bound(raw_length: int) -> int:
     return raw_length + (raw_length >> 8) + margin
 
 
-def _compressor(level: int, grouped: bool) -> zstandard.ZstdCompressor:
+def compressor(level: int, grouped: bool) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``level``; byte planes (``grouped``) at levels 1-2 get the small match table."""
     cache = getattr(_local, "compressors", None)
     if cache is None:
         cache = _local.compressors = {}
-    small_table = grouped and level in _GROUPED_FAST_LEVELS
+    small_table = grouped and level in GROUPED_FAST_LEVELS
     key = (level, small_table)
     if key not in cache:
         if small_table:
@@ -170,7 +171,7 @@ class ZstdCodec(CompressCodec):
         Raises:
             ChainError: it is not.
         """
-        int_param(spec, "level", *_READ_LEVELS)
+        int_param(spec, "level", *READ_LEVELS)
 
     def spec(self, level: int) -> dict[str, Any]:
         """``{"id": "zstd", "level": level}``.
@@ -189,7 +190,7 @@ class ZstdCodec(CompressCodec):
 
     def encode(self, data: memoryview, spec: Mapping[str, Any], *, reordered: bool) -> bytes:
         """One frame that declares its content size; byte planes at levels 1-2 get a small match table."""
-        return _compressor(spec["level"], reordered).compress(data)
+        return compressor(spec["level"], reordered).compress(data)
 
     def decode(
         self,
@@ -205,58 +206,87 @@ class ZstdCodec(CompressCodec):
             CheckpointDamagedError: no frame, a declared size other than ``raw_length``, or a
                 frame that does not decompress to exactly that.
         """
-        what = source.what
-        head = source.peek(_FRAME_HEADER_MAX)
-        if head[:4] != _ZSTD_MAGIC:
-            raise CheckpointDamagedError(f"bad zstd frame in {what}: no zstd frame header")
+        decode_frame(source, raw_length, direct, emit, source.what, budget=True)
+
+
+def frame_memory(raw_length: int) -> int:
+    """The most memory decoding one frame of ``raw_length`` bytes holds: its window and read pieces."""
+    return raw_length + 2 * _BLOCK_MAX + 2 * READ_PIECE
+
+
+def decode_frame(
+    source: ChunkSource,
+    raw_length: int,
+    direct: torch.Tensor | None,
+    emit: Emit | None,
+    what: str,
+    *,
+    budget: bool = False,
+) -> None:
+    """Decompress the one frame ``source`` holds, refusing any frame that lies about its size.
+
+    Args:
+        source: the stored bytes, exactly one frame.
+        raw_length: what the frame must decode to.
+        direct: uint8 tensor of exactly ``raw_length`` to decode into, or None.
+        emit: used when ``direct`` is None (None: a verify).
+        what: names the frame in error messages.
+        budget: hold the decoder's memory in :data:`DECODE_BUDGET` (a caller that holds it for
+            this frame already passes False).
+
+    Raises:
+        CheckpointDamagedError: no frame, a declared size other than ``raw_length``, or a frame
+            that does not decompress to exactly that.
+    """
+    head = source.peek(_FRAME_HEADER_MAX)
+    if head[:4] != _ZSTD_MAGIC:
+        raise CheckpointDamagedError(f"bad zstd frame in {what}: no zstd frame header")
+    try:
+        declared = zstandard.frame_content_size(head)
+        params = zstandard.get_frame_parameters(head)
+        header_size = zstandard.frame_header_size(head)
+    except zstandard.ZstdError as exc:
+        raise CheckpointDamagedError(f"bad zstd frame in {what}: {exc}") from None
+    if declared != raw_length:  # checked before any decompression: a bomb is refused here
+        raise CheckpointDamagedError(f"zstd frame in {what} declares {declared} bytes, expected {raw_length}")
+    source.frame_check = _FrameWalker(header_size, params.has_checksum, raw_length)
+    window = min(params.window_size, raw_length) + 2 * _BLOCK_MAX
+    with DECODE_BUDGET.hold(window + 2 * READ_PIECE) if budget else contextlib.nullcontext():
+        # a large window stays allocated in the decoder that used it: those get a decoder of their own
+        dctx = _decompressor() if window <= 8 << 20 else zstandard.ZstdDecompressor()
+        reader = dctx.stream_reader(
+            source,  # type: ignore[arg-type]  # any object with read(n) will do
+            read_size=READ_PIECE,
+            read_across_frames=False,
+            closefd=False,
+        )
         try:
-            declared = zstandard.frame_content_size(head)
-            params = zstandard.get_frame_parameters(head)
-            header_size = zstandard.frame_header_size(head)
+            if direct is not None:
+                view = tensor_memoryview(direct)
+                got = 0
+                while got < raw_length:
+                    n = reader.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+            else:
+                piece, view = piece_buffer(raw_length)
+                got = 0
+                while got < raw_length:
+                    n = reader.readinto(view[: raw_length - got])
+                    if not n:
+                        break
+                    if emit is not None:
+                        emit(got, 1, piece[:n])
+                    got += n
+            if got != raw_length:
+                raise CheckpointDamagedError(f"{what} decompressed to {got} bytes, expected {raw_length}")
+            if reader.read(1):
+                raise CheckpointDamagedError(f"zstd frame in {what} holds more than the {raw_length} bytes it declares")
         except zstandard.ZstdError as exc:
-            raise CheckpointDamagedError(f"bad zstd frame in {what}: {exc}") from None
-        if declared != raw_length:  # checked before any decompression: a bomb is refused here
-            raise CheckpointDamagedError(f"zstd frame in {what} declares {declared} bytes, expected {raw_length}")
-        source.frame_check = _FrameWalker(header_size, params.has_checksum, raw_length)
-        window = min(params.window_size, raw_length) + 2 * _BLOCK_MAX
-        with DECODE_BUDGET.hold(window + 2 * READ_PIECE):
-            # a large window stays allocated in the decoder that used it: those get a decoder of their own
-            dctx = _decompressor() if window <= 8 << 20 else zstandard.ZstdDecompressor()
-            reader = dctx.stream_reader(
-                source,  # type: ignore[arg-type]  # any object with read(n) will do
-                read_size=READ_PIECE,
-                read_across_frames=False,
-                closefd=False,
-            )
-            try:
-                if direct is not None:
-                    view = tensor_memoryview(direct)
-                    got = 0
-                    while got < raw_length:
-                        n = reader.readinto(view[got:])
-                        if not n:
-                            break
-                        got += n
-                else:
-                    piece, view = piece_buffer(raw_length)
-                    got = 0
-                    while got < raw_length:
-                        n = reader.readinto(view[: raw_length - got])
-                        if not n:
-                            break
-                        if emit is not None:
-                            emit(got, 1, piece[:n])
-                        got += n
-                if got != raw_length:
-                    raise CheckpointDamagedError(f"{what} decompressed to {got} bytes, expected {raw_length}")
-                if reader.read(1):
-                    raise CheckpointDamagedError(
-                        f"zstd frame in {what} holds more than the {raw_length} bytes it declares"
-                    )
-            except zstandard.ZstdError as exc:
-                raise CheckpointDamagedError(f"cannot decompress {what}: {exc}") from None
-            finally:
-                reader.close()
+            raise CheckpointDamagedError(f"cannot decompress {what}: {exc}") from None
+        finally:
+            reader.close()
 
 
 ZSTD = ZstdCodec()

@@ -1,0 +1,258 @@
+"""``planes``: floats stored as byte planes, exponent in a plane of its own, each plane coded apart.
+
+A float's exponent is low-entropy (trained weights: ~2.6 bits of 8) and its mantissa bytes are
+nearly random. Rotating every element left by ``rotate`` bits (1 for the IEEE and bfloat16
+layouts) moves the sign bit to the bottom and the 8 exponent bits of fp32/bf16 into the top
+byte, so one plane holds the whole exponent and nothing else. Then byte p of every element goes
+to plane p, and each plane is stored as one zstd frame when that makes it smaller, or as it is
+(mantissa planes, which no entropy coder shrinks: skipping them saves both the encode and the
+decode). On the MiniLM weights this reaches the ratio of ZipNN, the float-specific coder whose
+layout this follows (docs/performance.md, bench/codec.py).
+
+Manifest entry: ``{"id": "planes", "size": S, "rotate": R, "level": L, "parts": [n_0, ..., n_S-1]}``.
+The stored chunk is the parts one after another: part p is plane p's stored bytes, ``n_p`` long.
+A part exactly one plane long (``raw_length / S``) is the plane as is; a shorter part is one zstd
+frame of it (written at level L, informative). The decoded chunk is the planes interleaved back
+and every element rotated right by R bits.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from asyncckpt.codec import libzstd, zstd
+from asyncckpt.codec.registry import ChainError, CompressCodec, Emit, int_param
+from asyncckpt.codec.source import ChunkSource
+from asyncckpt.errors import CheckpointDamagedError
+
+_WORD = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+SIZES = tuple(_WORD)  # the element sizes stored as planes
+ROTATE = 1  # what a writer rotates by: the sign bit to the bottom, fp32/bf16 exponents byte-aligned
+LITTLE_ENDIAN = sys.byteorder == "little"  # planes are written on little-endian hosts only
+
+_local = threading.local()
+
+
+_KEEP = 16 << 20  # scratch buffers up to this size stay with their thread; larger ones are freed
+
+
+def _scratch(name: str, nbytes: int) -> np.ndarray:
+    """A uint8 buffer of ``nbytes``, kept per thread and reused from chunk to chunk: fresh buffers
+    of a chunk's size cost page faults that take as long as the work done in them. Buffers for
+    chunks beyond the default size (up to 1 GiB) are not kept."""
+    if nbytes > _KEEP:
+        return np.empty(nbytes, dtype=np.uint8)
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buf = buffers.get(name)
+    if buf is None or buf.size < nbytes:
+        buf = buffers[name] = np.empty(max(nbytes, 1), dtype=np.uint8)
+    return buf[:nbytes]
+
+
+def split_planes(raw: np.ndarray, size: int, rotate: int) -> np.ndarray:
+    """The planes of ``raw`` (uint8, a multiple of ``size`` long) as a (size, n) uint8 array.
+
+    Plane p of the rotated elements is bits [8p - rotate, 8p - rotate + 8) of each element, taken
+    with a shift and a narrowing copy (numpy, one thread: no OpenMP team in the encoder threads).
+    The array is a per-thread scratch buffer, valid until this thread's next call.
+    """
+    word = _WORD[size]
+    bits = 8 * size
+    n = raw.size // size
+    words = raw.view(word)
+    planes = _scratch("planes", raw.size).reshape(size, n)
+    shifted = _scratch("shifted", raw.size).view(word)
+    wrapped = _scratch("wrapped", raw.size).view(word) if rotate else shifted
+    for p in range(size):
+        low = 8 * p - rotate
+        if low > 0:
+            np.right_shift(words, low, out=shifted)
+        elif low == 0:
+            shifted = words
+        else:  # the plane wraps round: its bottom bits come from the element's top
+            np.left_shift(words, -low, out=shifted)
+            np.right_shift(words, bits + low, out=wrapped)
+            np.bitwise_or(shifted, wrapped, out=shifted)
+        np.copyto(planes[p], shifted, casting="unsafe")  # keeps the low byte
+        shifted = _scratch("shifted", raw.size).view(word)
+    return planes
+
+
+def join_planes(planes: np.ndarray, rotate: int, out: np.ndarray) -> None:
+    """The inverse of :func:`split_planes`: the planes into the elements of ``out`` (uint8)."""
+    size, n = planes.shape
+    word = _WORD[size]
+    bits = 8 * size
+    words = out.view(word)
+    widened = _scratch("widened", out.size).view(word)
+    np.copyto(words, planes[0], casting="unsafe")
+    for p in range(1, size):
+        np.copyto(widened, planes[p], casting="unsafe")
+        np.left_shift(widened, 8 * p, out=widened)
+        np.bitwise_or(words, widened, out=words)
+    if rotate:  # rotate right: the top ``rotate`` bits go back to the bottom ... and the sign back up
+        np.left_shift(words, bits - rotate, out=widened)
+        np.right_shift(words, rotate, out=words)
+        np.bitwise_or(words, widened, out=words)
+
+
+class PlanesCodec(CompressCodec):
+    """Byte planes of floats, the exponent in one of them, each plane zstd-coded or stored as is."""
+
+    name = "planes"
+    params = frozenset({"size", "rotate", "level", "parts"})
+    selectable = False  # what compression "zstd" writes for floats, not a choice of its own
+
+    def check_params(self, spec: Mapping[str, Any], raw_length: int) -> None:
+        """``size`` in {2, 4, 8} dividing the chunk, ``rotate`` in [0, 8 * size), a zstd
+        ``level``, and one part length per plane, each at most the plane's length.
+
+        Raises:
+            ChainError: a parameter is not so.
+        """
+        size = spec.get("size")
+        if isinstance(size, bool) or size not in _WORD:
+            raise ChainError(f"expected 2, 4 or 8, got {size!r}"[:200], ".codecs.size")
+        if raw_length % size:
+            raise ChainError("raw_length is not a multiple of the plane count")
+        int_param(spec, "rotate", 0, 8 * size - 1)
+        int_param(spec, "level", *zstd.READ_LEVELS)
+        parts = spec.get("parts")
+        if not isinstance(parts, list) or len(parts) != size:
+            raise ChainError(f"expected a list of {size} part lengths", ".codecs.parts")
+        plane = raw_length // size
+        for n in parts:
+            if isinstance(n, bool) or not isinstance(n, int) or not (0 < n <= plane or n == plane):
+                raise ChainError(f"expected part lengths in [1, {plane}], got {n!r}"[:200], ".codecs.parts")
+
+    def spec(self, level: int) -> dict[str, Any]:
+        """The entry's fixed part for ``level`` (``size``, ``rotate`` and ``parts`` come from
+        :meth:`encode_planes`).
+
+        Raises:
+            ValueError: ``level`` is outside [-7, 22].
+        """
+        zstd.ZSTD.spec(level)
+        return {"id": self.name, "level": level}
+
+    def bound(self, raw_length: int) -> int:
+        """A part is never longer than its plane: at most ``raw_length`` stored bytes."""
+        return raw_length
+
+    def encode(self, data: memoryview, spec: Mapping[str, Any], *, reordered: bool) -> bytes:
+        """The stored bytes, for a caller holding a full entry (the writer uses :meth:`encode_planes`)."""
+        raw = np.frombuffer(data, dtype=np.uint8)
+        stored, _ = self.encode_planes(raw, spec["size"], spec["rotate"], spec["level"])
+        return stored.tobytes()
+
+    def encode_planes(self, raw: np.ndarray, size: int, rotate: int, level: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """The stored bytes of a chunk and its manifest entry.
+
+        Each plane is compressed straight into its place in the output, which holds at most the
+        chunk's raw length (a plane that does not shrink is stored as is).
+
+        Args:
+            raw: the chunk's bytes (uint8, a multiple of ``size`` long).
+            size: the plane count (the float's size in bytes).
+            rotate: bits to rotate each element left by first.
+            level: the zstd level (1 and 2 use the exponent-plane setting).
+
+        Returns:
+            The stored bytes (a new array) and the entry.
+        """
+        planes = split_planes(raw, size, rotate)
+        plane_length = raw.size // size
+        out = np.empty(raw.size, dtype=np.uint8)
+        fast = libzstd.plane_compressor() if level in zstd.GROUPED_FAST_LEVELS else None
+        binding = None if fast is not None else zstd.compressor(level, True)
+        at = 0
+        parts: list[int] = []
+        for plane in planes:
+            target = out[at : at + plane_length]
+            if fast is not None:
+                n = fast.compress_into(plane, target)  # 0: the frame would not be shorter than the plane
+            else:
+                assert binding is not None
+                frame = binding.compress(memoryview(plane))
+                n = len(frame) if len(frame) < plane_length else 0
+                target[:n] = np.frombuffer(frame, dtype=np.uint8)[:n]
+            if not n or n >= plane_length:
+                out[at : at + plane_length] = plane
+                n = plane_length
+            parts.append(n)
+            at += n
+        spec = {"id": self.name, "size": size, "rotate": rotate, "level": level, "parts": parts}
+        return out[:at], spec
+
+    @staticmethod
+    def _decode_part(source: ChunkSource, stored: int, plane_length: int, target: torch.Tensor, what: str) -> None:
+        """One plane's zstd frame, the next ``stored`` bytes of ``source``: bytes after the frame
+        are named as such whatever the decoder made of them (as for a whole chunk's frame)."""
+        part = source.part(stored)
+        error: CheckpointDamagedError | None = None
+        try:
+            zstd.decode_frame(part, plane_length, target, None, what)
+        except CheckpointDamagedError as exc:
+            error = exc
+        finally:
+            source.took(part)  # every byte of the part read and checksummed, whatever happened
+        check = part.frame_check
+        if check is not None and check.has_trailing_bytes(part.length):
+            check.check(part.length, what)
+        if error is not None:
+            raise error
+        if check is not None:
+            check.check(part.length, what)
+
+    def decode(
+        self,
+        source: ChunkSource,
+        raw_length: int,
+        spec: Mapping[str, Any],
+        direct: torch.Tensor | None,
+        emit: Emit | None,
+    ) -> None:
+        """Read each part into its plane (zstd frames decompressed, raw parts read straight in),
+        then interleave the planes into ``direct`` or a scratch buffer handed to ``emit``.
+
+        Raises:
+            CheckpointDamagedError: the parts do not add up to the stored length, or a frame does
+                not decode to exactly one plane.
+        """
+        size, rotate, parts = spec["size"], spec["rotate"], spec["parts"]
+        if sum(parts) != source.length:
+            raise CheckpointDamagedError(
+                f"{source.what} stores {source.length} bytes, its planes' parts add up to {sum(parts)}"
+            )
+        plane_length = raw_length // size
+        with zstd.DECODE_BUDGET.hold(3 * raw_length + zstd.frame_memory(plane_length)):  # planes, joined, widened
+            planes = _scratch("planes", raw_length).reshape(size, plane_length)
+            for p, stored in enumerate(parts):
+                target = torch.from_numpy(planes[p])
+                if stored == plane_length:
+                    view = memoryview(planes[p])
+                    got = 0
+                    while got < stored:
+                        n = source.readinto(view[got:])
+                        if not n:
+                            raise CheckpointDamagedError(f"{source.what} ends inside plane {p}")
+                        got += n
+                else:
+                    self._decode_part(source, stored, plane_length, target, f"{source.what} plane {p}")
+            if direct is None and emit is None:
+                return
+            out = direct.numpy() if direct is not None else _scratch("joined", raw_length)
+            join_planes(planes, rotate, out)
+            if direct is None and emit is not None:
+                emit(0, 1, torch.from_numpy(out))
+
+
+PLANES = PlanesCodec()

@@ -1,0 +1,275 @@
+"""asyncckpt.codec.planes: floats as rotated byte planes, each a zstd frame or stored as is."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncckpt.codec import CodecConfig, decode, encode, libzstd, planes, registry
+from asyncckpt.errors import CheckpointDamagedError
+
+WORD = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def reference_planes(raw: bytes, size: int, rotate: int) -> list[bytes]:
+    """docs/format.md's definition, the slow way: rotate each little-endian element left, then
+    plane p holds byte p of every element."""
+    bits = 8 * size
+    mask = (1 << bits) - 1
+    out = [bytearray() for _ in range(size)]
+    for k in range(0, len(raw), size):
+        value = int.from_bytes(raw[k : k + size], "little")
+        value = ((value << rotate) | (value >> (bits - rotate))) & mask
+        for p, byte in enumerate(value.to_bytes(size, "little")):
+            out[p].append(byte)
+    return [bytes(b) for b in out]
+
+
+def trained_like(dtype: torch.dtype, n: int = 1 << 15, seed: int = 7) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=gen, dtype=torch.float64) * 0.02).to(dtype)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def chunk_of(dtype: torch.dtype, n: int = 1 << 15):
+    raw = as_bytes(trained_like(dtype, n))
+    chunk = encode(raw, dtype.itemsize, CodecConfig("zstd", 1))
+    return raw, bytes(chunk.data), chunk.codecs, chunk.crc32
+
+
+def decode_new(stored: bytes, codecs: list[dict], crc: int, raw_length: int) -> torch.Tensor:
+    out = torch.full((raw_length,), 0xA5, dtype=torch.uint8)
+    decode(stored, codecs, crc, out, "chunk 4")
+    return out
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+@settings(max_examples=30, deadline=None)
+@given(data=st.binary(min_size=0, max_size=2048), rotate=st.integers(0, 63))
+def test_planes_match_the_format_definition_for_any_bytes_and_rotation(size, offset, data, rotate):
+    rotate %= 8 * size
+    whole = len(data) - len(data) % size
+    buffer = np.zeros(offset + whole, dtype=np.uint8)
+    raw = buffer[offset:]
+    raw[:] = np.frombuffer(data[:whole], dtype=np.uint8)
+    got = planes.split_planes(raw, size, rotate)
+    assert [bytes(p) for p in got] == reference_planes(data[:whole], size, rotate)
+    out = np.full(offset + whole, 0xA5, dtype=np.uint8)
+    planes.join_planes(got.copy(), rotate, out[offset:])
+    assert bytes(out[offset:]) == data[:whole]
+
+
+def test_every_16_bit_pattern_round_trips_and_bf16_exponents_fill_their_own_plane():
+    values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    raw = values.view(np.uint8)
+    got = planes.split_planes(raw, 2, 1)
+    # rotated left by one, a bf16's top byte is its 8 exponent bits and nothing else
+    assert np.array_equal(got[1], ((values >> 7) & 0xFF).astype(np.uint8))
+    assert np.array_equal(got[0], (((values & 0x7F) << 1) | (values >> 15)).astype(np.uint8))
+    out = np.empty_like(raw)
+    planes.join_planes(got.copy(), 1, out)
+    assert np.array_equal(out, raw)
+
+
+def test_fp32_exponents_fill_the_top_plane():
+    values = trained_like(torch.float32)
+    got = planes.split_planes(as_bytes(values).numpy(), 4, 1)
+    exponents = (values.view(torch.int32) >> 23) & 0xFF
+    assert np.array_equal(got[3], exponents.to(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64], ids=str
+)
+def test_each_part_is_a_plain_zstd_frame_or_the_plane_itself(dtype):
+    raw, stored, codecs, crc = chunk_of(dtype) if not dtype.is_complex else (None, None, None, None)
+    if dtype.is_complex:
+        raw = as_bytes(torch.randn(1 << 14, dtype=dtype, generator=torch.Generator().manual_seed(2)) * 0.02)
+        chunk = encode(raw, 8, CodecConfig("zstd", 1))
+        stored, codecs, crc = bytes(chunk.data), chunk.codecs, chunk.crc32
+    (spec,) = codecs
+    size = spec["size"]
+    expected = reference_planes(bytes(raw.numpy()), size, 1)
+    at = 0
+    kinds = set()
+    for plane, n in zip(expected, spec["parts"], strict=True):
+        part = stored[at : at + n]
+        at += n
+        if n == len(plane):
+            assert part == plane
+            kinds.add("raw")
+        else:
+            assert zstandard.ZstdDecompressor().decompress(part) == plane  # any zstd decoder reads it
+            kinds.add("zstd")
+    assert at == len(stored) and zlib.crc32(stored) == crc
+    assert "zstd" in kinds  # the exponent plane at least compresses
+    assert torch.equal(decode_new(stored, codecs, crc, raw.numel()), raw)
+
+
+def test_mantissa_planes_of_trained_weights_are_stored_as_they_are():
+    _, stored, codecs, _ = chunk_of(torch.float32)
+    plane = (1 << 15) * 4 // 4
+    parts = codecs[0]["parts"]
+    assert parts[0] == plane and parts[1] == plane  # the random low mantissa bytes
+    assert parts[3] < plane // 2  # the exponents: well under half
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(1 << 18),
+        lambda: torch.ones(1 << 18).bfloat16(),
+        lambda: torch.randn(1024, generator=torch.Generator().manual_seed(5)).repeat(256),
+    ],
+    ids=["zeros", "ones-bf16", "repeated-rows"],
+)
+def test_runs_and_repeated_rows_still_compress_a_hundredfold(make):
+    tensor = make()
+    raw = as_bytes(tensor)
+    chunk = encode(raw, tensor.element_size(), CodecConfig("zstd", 1))
+    assert chunk.codecs[0]["id"] == "planes"
+    assert len(chunk.data) * 100 < raw.numel()
+    assert torch.equal(decode_new(bytes(chunk.data), chunk.codecs, chunk.crc32, raw.numel()), raw)
+
+
+def test_planes_beat_the_bytegroup_chain_on_trained_like_bf16():
+    raw = as_bytes(trained_like(torch.bfloat16, 1 << 18))
+    planes_chunk = encode(raw, 2, CodecConfig("zstd", 1))
+    grouped = raw.view(-1, 2).t().contiguous()
+    stock = zstandard.ZstdCompressor(level=1).compress(bytes(grouped.numpy()))
+    assert len(planes_chunk.data) < len(stock)
+
+
+@pytest.mark.parametrize("level", [-3, 2, 3, 9])
+def test_every_level_writes_planes_that_decode(level):
+    raw = as_bytes(trained_like(torch.float32))
+    chunk = encode(raw, 4, CodecConfig("zstd", level))
+    assert chunk.codecs[0]["level"] == level
+    assert torch.equal(decode_new(bytes(chunk.data), chunk.codecs, chunk.crc32, raw.numel()), raw)
+
+
+def test_without_the_system_zstd_the_binding_writes_readable_planes(monkeypatch):
+    """Where libzstd cannot be loaded (another platform), python-zstandard encodes the planes."""
+    monkeypatch.setattr(libzstd, "plane_compressor", lambda: None)
+    raw = as_bytes(trained_like(torch.bfloat16))
+    chunk = encode(raw, 2, CodecConfig("zstd", 1))
+    (spec,) = chunk.codecs
+    assert spec["parts"][1] < len(raw) // 4  # the exponent plane still shrinks
+    assert torch.equal(decode_new(bytes(chunk.data), chunk.codecs, chunk.crc32, raw.numel()), raw)
+
+
+def test_the_system_zstd_is_used_where_present():
+    # this machine has libzstd: the faster setting must really be in use, not silently missing
+    assert libzstd.plane_compressor() is not None
+
+
+def test_incompressible_floats_fall_back_to_the_empty_chain():
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=gen)
+    chunk = encode(raw, 4, CodecConfig("zstd", 1))
+    assert chunk.codecs == [] and bytes(chunk.data) == bytes(raw.numpy())
+
+
+def test_a_chunk_decodes_through_an_emitter_as_well_as_directly():
+    raw, stored, codecs, crc = chunk_of(torch.float32)
+    pieces = torch.zeros_like(raw)
+
+    def emit(first: int, stride: int, data: torch.Tensor) -> None:
+        pieces[first : first + (data.numel() - 1) * stride + 1 : stride].copy_(data)
+
+    from asyncckpt.codec import ChunkSource, decode_chunk
+
+    decode_chunk(ChunkSource.of_bytes(stored, "chunk 1"), codecs, crc, raw.numel(), None, emit)
+    assert torch.equal(pieces, raw)
+    decode_chunk(ChunkSource.of_bytes(stored, "chunk 1"), codecs, crc, raw.numel())  # verify only
+
+
+# ---- hostile entries -------------------------------------------------------------------------
+
+
+def spec_with(**changes) -> dict:
+    spec = {"id": "planes", "size": 4, "rotate": 1, "level": 1, "parts": [256, 256, 256, 100]}
+    spec.update(changes)
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "message"),
+    [
+        (spec_with(size=3), ".codecs.size", r"expected 2, 4 or 8, got 3"),
+        (spec_with(size=True), ".codecs.size", r"got True"),
+        (spec_with(rotate=32), ".codecs.rotate", r"\[0, 31\], got 32"),
+        (spec_with(level=10**9), ".codecs.level", r"got 1000000000"),
+        (spec_with(parts=[256, 256, 256]), ".codecs.parts", r"a list of 4 part lengths"),
+        (spec_with(parts=[256, 256, 257, 1]), ".codecs.parts", r"in \[1, 256\], got 257"),
+        (spec_with(parts=[0, 256, 256, 1]), ".codecs.parts", r"got 0"),
+        (spec_with(parts=[256, 256, 256, "1"]), ".codecs.parts", r"got '1'"),
+    ],
+)
+def test_each_parameter_is_checked(spec, field, message):
+    with pytest.raises(registry.ChainError, match=message) as info:
+        registry.check_chain([spec], 1024, 868)
+    assert info.value.field == field
+
+
+def test_a_planes_chunk_storing_more_than_its_raw_length_is_refused():
+    with pytest.raises(registry.ChainError, match="more than a planes frame"):
+        registry.check_chain([spec_with()], 1024, 1025)
+
+
+def test_parts_that_do_not_add_up_to_the_stored_length_are_damage():
+    raw, stored, codecs, crc = chunk_of(torch.float32)
+    spec = dict(codecs[0])
+    spec["parts"] = [*spec["parts"][:3], spec["parts"][3] - 1]
+    with pytest.raises(CheckpointDamagedError, match=r"chunk 4 stores \d+ bytes, its planes' parts add up to"):
+        decode_new(stored, [spec], crc, raw.numel())
+
+
+def test_a_flipped_byte_in_a_raw_plane_is_a_checksum_error():
+    raw, stored, codecs, crc = chunk_of(torch.float32)
+    damaged = bytearray(stored)
+    damaged[10] ^= 0x01
+    with pytest.raises(CheckpointDamagedError, match="checksum mismatch in chunk 4"):
+        decode_new(bytes(damaged), codecs, crc, raw.numel())
+
+
+def test_a_frame_with_trailing_bytes_inside_its_part_is_refused_even_with_a_matching_crc():
+    raw, stored, codecs, _ = chunk_of(torch.float32)
+    parts = codecs[0]["parts"]
+    head = sum(parts[:3])
+    frame = stored[head:]
+    hostile = stored[:head] + frame + b"\x00" * 8
+    spec = dict(codecs[0], parts=[*parts[:3], len(frame) + 8])
+    with pytest.raises(CheckpointDamagedError, match="chunk 4 plane 3 holds 8 bytes after the end of its zstd frame"):
+        decode_new(hostile, [spec], zlib.crc32(hostile), raw.numel())
+
+
+def test_a_frame_declaring_another_size_than_its_plane_is_refused():
+    raw, stored, codecs, _ = chunk_of(torch.float32)
+    parts = codecs[0]["parts"]
+    plane = raw.numel() // 4
+    head = sum(parts[:3])
+    frame = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(b"\x00" * (plane + 4))
+    hostile = stored[:head] + frame
+    spec = dict(codecs[0], parts=[*parts[:3], len(frame)])
+    with pytest.raises(CheckpointDamagedError, match=f"chunk 4 plane 3 declares {plane + 4} bytes, expected {plane}"):
+        decode_new(hostile, [spec], zlib.crc32(hostile), raw.numel())
+
+
+def test_a_part_that_is_not_a_frame_is_refused():
+    raw, stored, codecs, _ = chunk_of(torch.float32)
+    parts = codecs[0]["parts"]
+    head = sum(parts[:3])
+    hostile = stored[:head] + b"\x01" * parts[3]
+    with pytest.raises(CheckpointDamagedError, match="bad zstd frame in chunk 4 plane 3: no zstd frame header"):
+        decode_new(hostile, codecs, zlib.crc32(hostile), raw.numel())
