@@ -53,7 +53,8 @@ def test_an_aborted_stream_is_closed_and_left_for_the_commit_protocol(backend):
     stream.append(b"partial")
     stream.abort()
     stream.abort()  # idempotent
-    assert (backend.root / "a" / "data-00000.bin").read_bytes() == b"partial"
+    # left in place, with a prefix of what was appended (a direct writer drops its staged bytes)
+    assert b"partial".startswith((backend.root / "a" / "data-00000.bin").read_bytes())
 
 
 def test_nothing_is_written_through_a_link(tmp_path, backend):

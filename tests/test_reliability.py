@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import gc
 import io
 import json
@@ -160,8 +161,10 @@ def _fd_name(fd: int) -> str:
 class FaultInjector:
     """Makes one call site of a save fail with OSError(code), at the system-call boundary.
 
-    Sites: ``data_write`` (os.write into data-*.bin from DataFileWriter.append: the first chunk
-    lands, the second is cut short, the next write fails), ``data_fsync`` (os.fsync of the data
+    Sites: ``data_write`` (os.write into data-*.bin from DataFileWriter.append, buffered writes: the
+    first chunk lands, the second is cut short, the next write fails), ``data_write_direct`` (the
+    same with O_DIRECT writes of the staging buffer: the first buffer lands, the second is cut
+    short, the rest fails), ``data_fsync`` (os.fsync of the data
     file), ``manifest_write`` (os.write into manifest.json in LocalBackend.write_small),
     ``dir_fsync`` (storage.fsync_dir of the temp dir), ``rename`` (os.rename of the temp dir to
     step-N in commit), ``rename_replace`` (the same rename when it replaces an existing step-N,
@@ -172,12 +175,14 @@ class FaultInjector:
         self.site, self.code, self.root = site, code, root
         self.hits = 0
         self.data_writes = 0
+        self.data_write_direct: list[bool] = []  # whether each data write went around the page cache
         real_write, real_fsync, real_rename = os.write, os.fsync, os.rename
         real_fsync_dir = asyncckpt.storage.local.fsync_dir
 
         def write(fd, data):
             name = _fd_name(fd)
-            if site == "data_write" and name.startswith("data-"):
+            if site in ("data_write", "data_write_direct") and name.startswith("data-"):
+                self.data_write_direct.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)))
                 self.data_writes += 1
                 if self.data_writes == 2:  # a short write: half of the chunk reaches the file
                     view = memoryview(data)
@@ -206,7 +211,7 @@ class FaultInjector:
                 self.fail()
             return real_fsync_dir(path)
 
-        if site in ("data_write", "manifest_write"):
+        if site in ("data_write", "data_write_direct", "manifest_write"):
             monkeypatch.setattr(os, "write", write)
         elif site == "data_fsync":
             monkeypatch.setattr(os, "fsync", fsync)
@@ -222,7 +227,16 @@ class FaultInjector:
         raise OSError(self.code, os.strerror(self.code))
 
 
-FAULT_SITES = ["data_write", "data_fsync", "manifest_write", "dir_fsync", "rename", "rename_replace", "root_fsync"]
+FAULT_SITES = [
+    "data_write",
+    "data_write_direct",
+    "data_fsync",
+    "manifest_write",
+    "dir_fsync",
+    "rename",
+    "rename_replace",
+    "root_fsync",
+]
 FAULT_CODES = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
 _fault_figures: dict[str, dict] = {}
 
@@ -246,6 +260,13 @@ def test_io_fault_is_reported_cleaned_up_and_recoverable(tmp_path, monkeypatch, 
     code = FAULT_CODES[code_name]
     root = tmp_path / "ckpts"
     first, second, third = small_state(1), small_state(2), small_state(3)
+    if site == "data_write_direct":
+        if not hasattr(os, "O_DIRECT"):
+            pytest.skip("no O_DIRECT on this platform")
+        monkeypatch.setenv(asyncckpt.storage.local.DIRECT_IO_ENV, "1")
+        second = small_state(2, n=3_000_000)  # more than two staging buffers once stored
+    elif site == "data_write":
+        monkeypatch.setenv(asyncckpt.storage.local.DIRECT_IO_ENV, "0")
     failing_step = 1 if site == "rename_replace" else 2
     mgr = CheckpointManager(root, keep_last=3, chunk_size=64 * KiB, workers=2)
     try:
@@ -267,6 +288,8 @@ def test_io_fault_is_reported_cleaned_up_and_recoverable(tmp_path, monkeypatch, 
         _fault_figures[f"{site}/{code_name}"] = figures
         report("faults", {"injected_total": sum(f["injected"] for f in _fault_figures.values()), **_fault_figures})
         assert injector.hits >= 1, f"the fault at {site} was never reached"
+        if site.startswith("data_write"):
+            assert set(injector.data_write_direct) == {site == "data_write_direct"}, injector.data_write_direct
         message = str(excinfo.value)
         assert f"step {failing_step}" in message, message
         assert os.strerror(code) in message, message

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import array
+import errno
+import fcntl
 import os
+import random
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 
+import asyncckpt
+from _trees import assert_same_tree
 from _waiting import run_with_timeout
-from asyncckpt import CheckpointError, RootInUseError
+from asyncckpt import CheckpointError, CheckpointManager, RootInUseError
 from asyncckpt.storage import local as storage_mod
 from asyncckpt.storage.backend import CheckpointRef
 from asyncckpt.storage.commit import CommitProtocol, CommittedCheckpoint, Staging, open_storage
@@ -504,3 +512,272 @@ def test_a_root_is_created_in_a_parent_the_user_can_write_but_not_read(drop_box)
 
     assert as_user_nobody(create) == "ok 65534"
     assert entries(drop_box / "ckpts") == [".lock"]
+
+
+# ---- data files: O_DIRECT from a staging buffer, buffered where the filesystem refuses it ---------
+
+KiB = 1024
+MiB = 1024 * KiB
+STAGE = storage_mod.STAGING_BYTES
+
+# Append patterns, each a list of sizes: empty, sizes that are not multiples of 4096, exact
+# blocks, appends bigger than the staging buffer, one byte at a time, and a mix around its edges.
+APPEND_PATTERNS = {
+    "empty": [],
+    "one-empty-append": [0],
+    "one-byte": [1],
+    "under-a-block": [4095],
+    "a-block": [4096],
+    "over-a-block": [4097],
+    "bytes-one-at-a-time": [1] * 5000,
+    "odd-sizes": [3, 4093, 0, 12_345, 1, 65_537, 777],
+    "the-buffer-exactly": [STAGE],
+    "the-buffer-and-a-byte": [STAGE + 1],
+    "bigger-than-the-buffer": [3 * STAGE + 12_345],
+    "filling-the-buffer-across-appends": [STAGE - 1, 1, 1, STAGE - 2, 5],
+    "mixed": [1 * MiB + 7, 3 * MiB, 2 * MiB + 4090, 9, 0, 6 * MiB + 1],
+}
+
+
+def _pattern_chunks(sizes: list[int], seed: int = 0) -> list[bytes]:
+    data = random.Random(seed).randbytes(sum(sizes))
+    out, at = [], 0
+    for n in sizes:
+        out.append(data[at : at + n])
+        at += n
+    return out
+
+
+def _write_with(path: Path, chunks: list[bytes], direct: bool | None) -> storage_mod.DataFileWriter:
+    writer = storage_mod.DataFileWriter(path, direct=direct)
+    expected_offset = 0
+    for chunk in chunks:
+        assert writer.append(chunk) == expected_offset
+        expected_offset += len(chunk)
+    assert writer.size == expected_offset
+    writer.finish()
+    return writer
+
+
+def _direct_flag(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+needs_o_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+
+
+@needs_o_direct
+def test_a_data_file_on_disk_is_written_around_the_page_cache(tmp_path):
+    writer = storage_mod.DataFileWriter(tmp_path / "data-00000.bin")
+    try:
+        assert writer.direct and _direct_flag(writer.fd)
+    finally:
+        writer.abort()
+
+
+@needs_o_direct
+@pytest.mark.parametrize("sizes", list(APPEND_PATTERNS.values()), ids=list(APPEND_PATTERNS))
+def test_direct_writes_give_the_bytes_and_size_buffered_writes_give(tmp_path, sizes):
+    chunks = _pattern_chunks(sizes)
+    direct = _write_with(tmp_path / "direct.bin", chunks, direct=True)
+    assert direct.direct  # never fell back on this disk
+    _write_with(tmp_path / "buffered.bin", chunks, direct=False)
+    expected = b"".join(chunks)
+    assert os.path.getsize(tmp_path / "direct.bin") == len(expected)
+    assert (tmp_path / "direct.bin").read_bytes() == expected
+    assert (tmp_path / "buffered.bin").read_bytes() == expected
+
+
+def test_appends_of_other_buffer_formats_count_bytes(tmp_path):
+    """A typed memoryview (a tensor's bytes seen as floats) is appended as its bytes."""
+    floats = memoryview(array.array("f", [1.5, -0.0, 3.25]))
+    writer = storage_mod.DataFileWriter(tmp_path / "data.bin")
+    assert writer.append(floats) == 0
+    assert writer.append(b"x") == 12
+    writer.finish()
+    assert (tmp_path / "data.bin").read_bytes() == floats.tobytes() + b"x"
+
+
+def test_asyncckpt_direct_io_0_keeps_data_files_buffered(tmp_path, monkeypatch):
+    monkeypatch.setenv(storage_mod.DIRECT_IO_ENV, "0")
+    writer = storage_mod.DataFileWriter(tmp_path / "data.bin")
+    try:
+        assert not writer.direct and not _direct_flag(writer.fd)
+    finally:
+        writer.abort()
+
+
+@pytest.fixture(params=["tmpfs", "ramfs"])
+def memory_fs(request, tmp_path):
+    """A memory filesystem mounted for the test: ramfs refuses O_DIRECT; tmpfs refused it before
+    Linux 6.6 and takes it since (pages stay in memory either way)."""
+    mnt = tmp_path / request.param
+    mnt.mkdir()
+    options = ["-o", "size=64m"] if request.param == "tmpfs" else []
+    try:
+        subprocess.run(
+            ["mount", "-t", request.param, *options, request.param, str(mnt)], check=True, capture_output=True
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a {request.param} here: {exc}")
+    yield request.param, mnt
+    subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("pattern", ["empty", "odd-sizes", "bigger-than-the-buffer", "bytes-one-at-a-time"])
+def test_a_filesystem_that_refuses_o_direct_gets_the_same_bytes_buffered(memory_fs, pattern):
+    kind, mnt = memory_fs
+    chunks = _pattern_chunks(APPEND_PATTERNS[pattern])
+    writer = _write_with(mnt / "data.bin", chunks, direct=True)
+    if kind == "ramfs":
+        assert not writer.direct
+    assert (mnt / "data.bin").read_bytes() == b"".join(chunks)
+
+
+@pytest.fixture
+def loop_ext4(tmp_path):
+    """An ext4 filesystem on a loop device of 4096-byte sectors (16 MiB), mounted for the test:
+    a real block device that takes direct writes only in whole 4096-byte blocks, and a small
+    disk to fill."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * MiB)
+    mnt = tmp_path / "ext4"
+    mnt.mkdir()
+    try:
+        device = subprocess.run(
+            ["losetup", "--sector-size", "4096", "-f", "--show", str(image)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot set up a loop device here: {exc}")
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
+        subprocess.run(["mount", device, str(mnt)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+        pytest.skip(f"cannot make an ext4 on a loop device here: {exc}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+@needs_o_direct
+@pytest.mark.parametrize("size", [10_000, STAGE + 10_000])
+def test_a_direct_write_refused_with_einval_goes_again_buffered(loop_ext4, monkeypatch, size):
+    """The writer believes 512-byte blocks (as on most disks); this device takes 4096: the padded
+    tail (a multiple of 512, not of 4096) is refused with EINVAL by the kernel, after the full
+    staging buffers went direct. The file turns buffered and has exactly the bytes appended."""
+    monkeypatch.setattr(storage_mod, "_alignment", lambda fd: 512)
+    chunks = _pattern_chunks([size // 3, size - size // 3])
+    writer = storage_mod.DataFileWriter(loop_ext4 / "data.bin")
+    assert writer.direct
+    for chunk in chunks:
+        writer.append(chunk)
+    writer.finish()
+    assert not writer.direct
+    assert (loop_ext4 / "data.bin").read_bytes() == b"".join(chunks)
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@needs_o_direct
+def test_a_full_disk_under_direct_writes_raises_oserror_and_leaks_no_descriptor(loop_ext4):
+    before = _open_fds()
+    writer = storage_mod.DataFileWriter(loop_ext4 / "data.bin")
+    assert writer.direct
+    chunk = random.Random(1).randbytes(1 * MiB + 1)
+    with pytest.raises(OSError) as excinfo:
+        try:
+            for _ in range(64):  # 64 MiB on a 16 MiB disk: an append fails, or else finish
+                writer.append(chunk)
+            writer.finish()
+        except OSError:
+            writer.abort()
+            raise
+    assert excinfo.value.errno == errno.ENOSPC
+    writer.abort()  # again: never raises
+    assert writer.fd == -1
+    assert _open_fds() == before
+
+
+@needs_o_direct
+def test_a_full_disk_leaves_no_committed_checkpoint_and_the_next_save_commits(loop_ext4):
+    """Through the manager: the failed save's files are removed, the earlier checkpoint stays."""
+    written: list[bool] = []
+    real_finish = storage_mod.DataFileWriter.finish
+
+    def recording_finish(self):
+        written.append(self.direct)
+        real_finish(self)
+
+    root = loop_ext4 / "ckpts"
+    g = torch.Generator().manual_seed(3)
+    small = {"noise": torch.randint(0, 256, (1 * MiB,), dtype=torch.uint8, generator=g)}
+    big = {"noise": torch.randint(0, 256, (24 * MiB,), dtype=torch.uint8, generator=g)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(storage_mod.DataFileWriter, "finish", recording_finish)
+        mgr = CheckpointManager(root, keep_last=3, compression="zstd", workers=2)
+        try:
+            mgr.save(1, small).wait()
+            mgr.save(2, big)
+            with pytest.raises(CheckpointError, match="No space left"):
+                run_with_timeout(mgr.wait)
+            assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == ["step-000000000001"]
+            assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+            assert_same_tree(small, asyncckpt.load(root))
+            run_with_timeout(lambda: mgr.save(3, small).wait())
+            assert 3 in mgr.steps()
+        finally:
+            mgr._close_quietly()
+    assert written and all(written)  # the data files that were finished went direct
+
+
+@needs_o_direct
+def test_many_writers_at_once_each_get_their_own_bytes(tmp_path):
+    """Writers in several threads share the staging pool: no buffer is used by two at once."""
+    patterns = [[STAGE + i, 4097 * i, 1] for i in range(1, 7)]
+
+    def write(i: int) -> None:
+        _write_with(tmp_path / f"data-{i}.bin", _pattern_chunks(patterns[i], seed=i), direct=True)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(patterns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, sizes in enumerate(patterns):
+        assert (tmp_path / f"data-{i}.bin").read_bytes() == b"".join(_pattern_chunks(sizes, seed=i))
+
+
+@pytest.mark.parametrize("compression", ["zstd", None])
+def test_a_save_restores_bit_exact_and_its_data_files_match_buffered_ones(tmp_path, monkeypatch, compression):
+    g = torch.Generator().manual_seed(11)
+    state = {
+        "w": torch.randn(1_234_567, generator=g),
+        "b": torch.randint(0, 256, (5 * MiB + 3,), dtype=torch.uint8, generator=g),
+        "h": torch.randn(17, 3, generator=g).to(torch.bfloat16),
+        "step": 7,
+    }
+    roots = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(storage_mod.DIRECT_IO_ENV, mode)
+        roots[mode] = tmp_path / f"direct-io-{mode}"
+        mgr = CheckpointManager(roots[mode], keep_last=None, compression=compression, workers=2)
+        try:
+            run_with_timeout(mgr.save(7, state).wait)
+        finally:
+            mgr.close()
+        assert_same_tree(state, asyncckpt.load(roots[mode]))
+
+    def data_files(root: Path) -> list[bytes]:
+        return [p.read_bytes() for p in sorted((root / "step-000000000007").glob("data-*"))]
+
+    assert data_files(roots["1"]) == data_files(roots["0"])
+    assert data_files(roots["1"])
