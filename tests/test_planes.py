@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import zlib
 
 import numpy as np
@@ -57,8 +59,10 @@ def kernel(request, monkeypatch):
     """Both implementations of the transform: the C kernel built at install, and numpy's."""
     if request.param == "numpy":
         monkeypatch.setattr(planes, "_kernel", lambda: None)
-    else:
-        assert planes._kernel() is not None, "the C kernel was not built (setup.py's extension)"
+    elif planes._kernel() is None:
+        if shutil.which(os.environ.get("CC", "cc")) is None:
+            pytest.skip("no C compiler here, so no compiled kernel: numpy's is the one in use")
+        raise AssertionError("a C compiler is present but the kernel was not built (setup.py's extension)")
     return request.param
 
 
