@@ -29,6 +29,7 @@ import collections
 import contextlib
 import itertools
 import mmap as _mmap
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -352,6 +353,7 @@ def _read_checkpoint(
             if mapped is not None:
                 return LoadedCheckpoint(path, manifest, cast(list[torch.Tensor], mapped), mapped=True)
         scatter = _Scatter(manifest, only)
+        _read_ahead(manifest, files, wanted_chunks)
 
         def load_chunk(index: int) -> None:
             chunk = manifest.chunks[index]
@@ -433,6 +435,33 @@ def _open_data_files(path: Where, manifest: Manifest, files: dict[str, ReadHandl
                 f"{_tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)} "
                 f"ends at byte {chunk.offset + chunk.length}, the file has {sizes[chunk.file]}"
             )
+
+
+def _read_ahead(manifest: Manifest, files: dict[str, ReadHandle], wanted: list[int]) -> None:
+    """Ask the kernel to start reading the wanted chunks of local data files now, all of them
+    (POSIX_FADV_WILLNEED): with a cold page cache the disk then streams at its own pace while the
+    reader threads decode, instead of waiting on each 1 MiB piece in turn. Only a hint: a
+    platform or filesystem without it reads as before."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    spans: dict[str, list[list[int]]] = {}
+    for index in wanted:
+        chunk = manifest.chunks[index]
+        runs = spans.setdefault(chunk.file, [])
+        if runs and runs[-1][1] == chunk.offset:
+            runs[-1][1] = chunk.offset + chunk.length
+        else:
+            runs.append([chunk.offset, chunk.offset + chunk.length])
+    for file, runs in spans.items():
+        fd = files[file].fileno()
+        if fd is None:
+            continue
+        for start, end in runs:
+            try:
+                advise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return
 
 
 # On a remote store each read is a request with a round trip, so a chunk's stored bytes are
