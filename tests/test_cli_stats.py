@@ -109,7 +109,10 @@ def test_encoder_cpu_is_the_compress_threads_own_cpu_time(written):
         assert 0 < r.compress_cpu_s <= r.compress_s + 1e-3
     share = written.summary["encoder_cpu_fraction"]
     assert share == pytest.approx(sum(r.compress_cpu_s for r in records) / sum(r.compress_s for r in records))
-    assert 0 < share <= 1.001
+    # at most the wall time, within the per-record clock slack above (encodes of these small
+    # chunks take microseconds, where the two clocks differ by a visible share)
+    wall = sum(r.compress_s for r in records)
+    assert 0 < share <= (wall + 1e-3 * len(records)) / wall
 
 
 def test_records_from_before_the_encoder_cpu_was_logged_do_not_count_as_zero(tmp_path, capsys):
