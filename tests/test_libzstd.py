@@ -14,7 +14,10 @@ from asyncckpt.codec import libzstd
 @pytest.fixture
 def compressor() -> libzstd.PlaneCompressor:
     found = libzstd.plane_compressor()
-    assert found is not None, "this machine has libzstd.so.1: the exponent-plane setting must be available"
+    if found is None:
+        if libzstd._load() is None:
+            pytest.skip("no system zstd library here: python-zstandard encodes the planes")
+        raise AssertionError("the system zstd library loads, but the exponent-plane setting is not available")
     return found
 
 

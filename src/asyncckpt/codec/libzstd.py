@@ -32,11 +32,23 @@ PLANE_SETTINGS = ((_LEVEL, 1), (_HASH_LOG, 6), (_TARGET_LENGTH, 64), (_LITERAL_M
 _local = threading.local()
 
 
+def _load() -> ctypes.CDLL | None:
+    """The library by its usual names first (find_library runs ldconfig or a compiler: slower)."""
+    for name in ("libzstd.so.1", "libzstd.1.dylib", ctypes.util.find_library("zstd")):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    return None
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("zstd") or "libzstd.so.1"
+    lib = _load()
+    if lib is None:
+        return None
     try:
-        lib = ctypes.CDLL(name)
         lib.ZSTD_versionNumber.restype = ctypes.c_uint
         if lib.ZSTD_versionNumber() < 10400:
             return None
@@ -49,7 +61,7 @@ def _library() -> ctypes.CDLL | None:
         lib.ZSTD_compress2.restype = ctypes.c_size_t
         lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
         lib.ZSTD_isError.restype = ctypes.c_uint
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
     return lib
 
