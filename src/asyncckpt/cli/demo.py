@@ -205,7 +205,7 @@ class DemoReport:
             f"  {headline(cost, plain, what)}",
             f"  asyncckpt's share of the training loop's time ({share}): {self.overhead_fraction:.2%}",
             f"  background persist (compress + write + fsync + commit): {self.persist_p50_s * 1e3:.0f} ms median",
-            f"  compression ratio (zstd-1, byte-grouped floats): {self.compression_ratio:.3f}",
+            f"  compression ratio (zstd-1, floats as byte planes): {self.compression_ratio:.3f}",
             f"  restore of step {self.restored_step} into a fresh model and optimizer, {self.restore_checked} "
             "compared: " + ("bit-exact" if self.restore_exact else "MISMATCH"),
         ]

@@ -160,7 +160,7 @@ class _FrameWalker:
 
 
 class ZstdCodec(CompressCodec):
-    """zstd frames, tuned for byte-grouped floats; decoded through a shared memory budget."""
+    """zstd frames (tuned for byte planes at levels 1-2), decoded through a shared memory budget."""
 
     name = "zstd"
     params = frozenset({"level"})
