@@ -800,12 +800,14 @@ def test_symlinked_checkpoint_dirs_and_files_are_refused(tmp_path):
     assert (precious / "keep.txt").read_text() == "mine"
 
 
-def _rewrite_chunk(ckpt: Path, index: int, stored: bytes) -> None:
-    """Replace chunk ``index``'s stored bytes, fixing offsets, lengths, CRC32s, stored_bytes and
-    the manifest's own checksum, so only the chunk's content is wrong."""
+def _rewrite_chunk(ckpt: Path, index: int, stored: bytes, codecs: list[dict] | None = None) -> None:
+    """Replace chunk ``index``'s stored bytes (and its codecs, if given), fixing offsets, lengths,
+    CRC32s, stored_bytes and the manifest's own checksum, so only the chunk's content is wrong."""
     manifest_path, data_path = ckpt / "manifest.json", ckpt / "data-00000.bin"
     manifest = json.loads(manifest_path.read_bytes())
     manifest.pop("crc32")
+    if codecs is not None:
+        manifest["chunks"][index]["codecs"] = codecs
     data = data_path.read_bytes()
     pieces = [data[c["offset"] : c["offset"] + c["length"]] for c in manifest["chunks"]]
     pieces[index] = stored
@@ -831,14 +833,16 @@ BOMBS = {
 }
 
 
-@pytest.mark.parametrize("chain", ["zstd", "bytegroup-zstd"])
+@pytest.mark.parametrize("chain", ["zstd", "bytegroup-zstd", "planes"])
 @pytest.mark.parametrize("bomb", sorted(BOMBS))
 def test_zstd_frames_that_lie_about_their_size_are_refused(tmp_path, chain, bomb):
     root = tmp_path / "ckpts"
     if chain == "zstd":
         tensor = torch.arange(16_384, dtype=torch.int64) % 7  # one chunk, chain [zstd]
+    elif chain == "bytegroup-zstd":
+        tensor = torch.ones(4_096, dtype=torch.complex128)  # one chunk, chain [bytegroup, zstd]
     else:
-        tensor = torch.ones(16_384, dtype=torch.float32)  # one chunk, chain [bytegroup, zstd]
+        tensor = torch.ones(16_384, dtype=torch.float32)  # one chunk, chain [planes]
     with CheckpointManager(root) as mgr:
         mgr.save(1, {"t": tensor})
     ckpt = root / step_name(1)
@@ -846,13 +850,25 @@ def test_zstd_frames_that_lie_about_their_size_are_refused(tmp_path, chain, bomb
     assert "-".join(c["id"] for c in chunk["codecs"]) == chain, chunk["codecs"]
 
     raw = tensor_bytes(tensor)
-    if chain != "zstd":  # the frame holds the byte-grouped bytes
-        raw = raw.view(-1, 4).t().contiguous().view(-1)
+    if chain == "bytegroup-zstd":  # the frame holds the byte-grouped bytes
+        raw = raw.view(-1, 16).t().contiguous().view(-1)
     raw = raw.numpy().tobytes()
+
+    def craft(frame: bytes) -> tuple[bytes, list[dict] | None]:
+        """The chunk with ``frame`` as its stored bytes; for planes, as the exponent plane's part."""
+        if chain != "planes":
+            return frame, None
+        spec = dict(chunk["codecs"][0])
+        parts = spec["parts"]
+        data = (ckpt / "data-00000.bin").read_bytes()[chunk["offset"] : chunk["offset"] + sum(parts[:3])]
+        return data + frame, [{**spec, "parts": [*parts[:3], len(frame)]}]
+
+    if chain == "planes":  # the exponent plane: every 1.0f rotated left by one is 0x7F000000
+        raw = bytes([0x7F]) * 16_384
     # control: a well-formed replacement frame loads, so the crafting itself is sound
-    _rewrite_chunk(ckpt, 0, zstandard.ZstdCompressor(level=3).compress(raw))
+    _rewrite_chunk(ckpt, 0, *craft(zstandard.ZstdCompressor(level=3, write_content_size=True).compress(raw)))
     assert torch.equal(asyncckpt.load(root)["t"], tensor)
-    _rewrite_chunk(ckpt, 0, BOMBS[bomb](raw))
+    _rewrite_chunk(ckpt, 0, *craft(BOMBS[bomb](raw)))
 
     with pytest.raises(CheckpointError, match="zstd|decompress") as excinfo:
         asyncckpt.load(root, step=1)
