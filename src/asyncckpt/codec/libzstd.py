@@ -5,9 +5,8 @@ spends most of its time hunting LZ matches that are short and rare there. zstd c
 search less (``targetLength``, its "acceleration" at the fast strategy) and still Huffman-code the
 literals it then emits (``ZSTD_c_literalCompressionMode``), but only that experimental parameter
 makes it keep Huffman coding at an acceleration above 0, and the python-zstandard binding does not
-expose it. On exponent planes this encodes 10-55% faster at a 0.1-15% better ratio than the best
-setting the binding can reach (bench/codec.py). The frames are ordinary zstd frames: any decoder
-reads them. Where the library or the parameter is missing (no ``libzstd.so.1``, a zstd older than
+expose it (with the binding, an accelerated exponent plane is stored uncompressed:
+tests/test_libzstd.py). The frames are ordinary zstd frames: any decoder reads them. Where the library or the parameter is missing (no ``libzstd.so.1``, a zstd older than
 1.4), :func:`plane_compressor` returns None and callers use python-zstandard.
 """
 
