@@ -27,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import zstandard
 
@@ -162,6 +163,57 @@ def planes_against_zipnn(data: dict[str, torch.Tensor], repeats: int = 5) -> lis
             row["zipnn"] = dict(zip(("ratio", "MBps"), measure(chunks, zipnn, 2), strict=True))
         rows.append(row)
     return rows
+
+
+def young_planes(repeats: int = 3) -> list[dict]:
+    """Per plane, on bench/stall.py's young MLP + AdamW: how much each plane compresses and what
+    its zstd frame costs per byte of plane, with the share of exact zeros in each tensor kind."""
+    from asyncckpt.codec import libzstd, planes
+
+    model, opt = trained_state(2048, 8, "cpu")
+    kinds = {"weights": [p.detach() for p in model.parameters() if p.ndim == 2]}
+    for key in ("exp_avg", "exp_avg_sq"):
+        kinds[key] = [s[key] for s in opt.state.values() if s[key].ndim == 2]
+    fast = libzstd.plane_compressor()
+    rows = []
+    for name, tensors in kinds.items():
+        chunks = [c for t in tensors for c in chunks_of(t)]
+        zeros = sum(int((c.view(torch.float32) == 0).sum()) for c in chunks) / sum(c.numel() // 4 for c in chunks)
+        seconds, stored, plane_bytes = [0.0] * 4, [0] * 4, 0
+        out = np.empty(CHUNK, dtype=np.uint8)
+        for c in chunks:
+            split = planes.split_planes(c.numpy(), 4, 1).copy()
+            plane_bytes += split.shape[1]
+            for p in range(4):
+                times = []
+                for _ in range(repeats):
+                    began = time.process_time()
+                    if fast is not None:
+                        n = fast.compress_into(split[p], out)
+                    else:
+                        n = len(zstd_codec.compressor(1, True).compress(split[p].data))
+                    times.append(time.process_time() - began)
+                seconds[p] += median(times)
+                stored[p] += min(n or split.shape[1], split.shape[1])
+        rows.append(
+            {
+                "tensors": name,
+                "zero_share": zeros,
+                "plane_ratio": [plane_bytes / s for s in stored],
+                "ns_per_plane_byte": [t / plane_bytes * 1e9 for t in seconds],
+            }
+        )
+    return rows
+
+
+def print_young_planes(rows: list[dict]) -> None:
+    print("\nper plane, bench/stall.py's young MLP + AdamW (fp32, plane 3: exponent), zstd-1 as asyncckpt codes it:")
+    print("| tensors | exact zeros | plane ratio (0, 1, 2, 3) | zstd ns per plane byte (0, 1, 2, 3) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        ratios = ", ".join(f"{x:.3f}" for x in r["plane_ratio"])
+        costs = ", ".join(f"{x:.2f}" for x in r["ns_per_plane_byte"])
+        print(f"| {r['tensors']} | {r['zero_share']:.1%} | {ratios} | {costs} |")
 
 
 def print_planes(rows: list[dict]) -> None:
@@ -385,8 +437,10 @@ def main() -> None:
     }
     planes_rows = planes_against_zipnn(data)
     print_planes(planes_rows)
+    young_plane_rows = young_planes()
+    print_young_planes(young_plane_rows)
     if args.planes_only:
-        write_json(args.json, {"machine": machine(), "planes": planes_rows})
+        write_json(args.json, {"machine": machine(), "planes": planes_rows, "young_mlp_planes": young_plane_rows})
         return
     rows = []
     print(f"{len(weights)} MiniLM tensors, {flat.numel() / 1e6:.1f}M floats; 4 MiB chunks; one core\n")
@@ -456,6 +510,7 @@ def main() -> None:
         {
             "machine": machine(),
             "planes": planes_rows,
+            "young_mlp_planes": young_plane_rows,
             "codec": rows,
             "grouping": grouping,
             "encoder_pool_MBps": pool,
