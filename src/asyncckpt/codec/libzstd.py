@@ -6,8 +6,9 @@ search less (``targetLength``, its "acceleration" at the fast strategy) and stil
 literals it then emits (``ZSTD_c_literalCompressionMode``), but only that experimental parameter
 makes it keep Huffman coding at an acceleration above 0, and the python-zstandard binding does not
 expose it (with the binding, an accelerated exponent plane is stored uncompressed:
-tests/test_libzstd.py). The frames are ordinary zstd frames: any decoder reads them. Where the library or the parameter is missing (no ``libzstd.so.1``, a zstd older than
-1.4), :func:`plane_compressor` returns None and callers use python-zstandard.
+tests/test_libzstd.py). The frames are ordinary zstd frames: any decoder reads them. Where the
+library or the parameter is missing (no ``libzstd.so.1``, a zstd older than 1.4),
+:func:`plane_compressor` returns None and callers use python-zstandard.
 """
 
 from __future__ import annotations
