@@ -22,6 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from asyncckpt import _phases, codec
 from asyncckpt.engine import overlap
 from asyncckpt.engine.chunking import ChunkPlan, plan_chunks
@@ -180,10 +182,14 @@ class Pipeline:
         self._pool.shutdown(wait=True)
 
     def _init_worker(self) -> None:
-        """Encoder threads yield the CPU to training (Linux: nice applies per thread).
+        """Encoder threads yield the CPU to training (Linux: nice applies per thread), and each
+        starts an OpenMP team of its own, idle from then on.
 
-        Their torch thread count stays torch's default: one per worker was measured slower under
-        training, for no CPU saved (bench/encoder_threads.py).
+        The encoders run no torch kernel on floats (their planes are split in C), so without that
+        team they would start none, and libgomp would let training's idle OpenMP threads spin,
+        at full priority, on the cores the niced encoders need: libgomp shortens that spin only
+        while a process has more OpenMP threads than cores (bench/encoder_threads.py measured a
+        single-threaded worker pool persisting 2.6x slower under training for that reason).
         """
         if self._nice > 0 and hasattr(os, "setpriority"):
             try:
@@ -191,6 +197,8 @@ class Pipeline:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, current + self._nice))
             except OSError:
                 pass
+        if torch.get_num_threads() > 1:
+            torch.ones(1 << 17).add_(1)  # one parallel region: this thread's team, then idle
 
     def _run(self) -> None:
         # The writer keeps normal priority: it mostly waits on the disk, and starving it would
