@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -357,6 +359,12 @@ def test_the_lock_is_not_inherited_by_an_executed_subprocess(tmp_path):
         helper = subprocess.Popen(["sleep", "60"], close_fds=False)
         try:
             lock = str(root / ".lock")
+            # look once the exec is done: between fork and exec the child still holds descriptors
+            # (subprocess's error pipe) that the exec closes
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{helper.pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":
+                assert time.monotonic() < deadline, "the helper never exec'd"
+                time.sleep(0.01)
             fds = os.listdir(f"/proc/{helper.pid}/fd")
             assert lock not in [os.readlink(f"/proc/{helper.pid}/fd/{fd}") for fd in fds]
         finally:
