@@ -105,7 +105,7 @@ def test_fp32_exponents_fill_the_top_plane(kernel):
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64], ids=str
 )
-def test_each_part_is_a_plain_zstd_frame_or_the_plane_itself(kernel, dtype):
+def test_each_part_is_a_plain_zstd_frame_or_the_plane_itself(kernel, decoder, dtype):
     raw, stored, codecs, crc = chunk_of(dtype) if not dtype.is_complex else (None, None, None, None)
     if dtype.is_complex:
         raw = as_bytes(torch.randn(1 << 14, dtype=dtype, generator=torch.Generator().manual_seed(2)) * 0.02)
@@ -182,9 +182,21 @@ def test_every_level_writes_planes_that_decode(level):
     assert torch.equal(decode_new(bytes(chunk.data), chunk.codecs, chunk.crc32, raw.numel()), raw)
 
 
+@pytest.fixture(params=["libzstd", "stream"])
+def decoder(request, monkeypatch):
+    """Both ways a plane's frame is decoded: one shot through the system zstd, and streamed
+    through python-zstandard where the system zstd is missing."""
+    if request.param == "stream":
+        monkeypatch.setattr(libzstd, "plane_decompressor", lambda: None)
+    elif libzstd.plane_decompressor() is None:
+        pytest.skip("no system zstd library here: frames are streamed through python-zstandard")
+    return request.param
+
+
 def test_without_the_system_zstd_the_binding_writes_readable_planes(monkeypatch):
-    """Where libzstd cannot be loaded (another platform), python-zstandard encodes the planes."""
+    """Where libzstd cannot be loaded (another platform), python-zstandard encodes and decodes the planes."""
     monkeypatch.setattr(libzstd, "plane_compressor", lambda: None)
+    monkeypatch.setattr(libzstd, "plane_decompressor", lambda: None)
     raw = as_bytes(trained_like(torch.bfloat16))
     chunk = encode(raw, 2, CodecConfig("zstd", 1))
     (spec,) = chunk.codecs
@@ -204,7 +216,7 @@ def test_incompressible_floats_fall_back_to_the_empty_chain():
     assert chunk.codecs == [] and bytes(chunk.data) == bytes(raw.numpy())
 
 
-def test_a_chunk_decodes_through_an_emitter_as_well_as_directly():
+def test_a_chunk_decodes_through_an_emitter_as_well_as_directly(decoder):
     raw, stored, codecs, crc = chunk_of(torch.float32)
     pieces = torch.zeros_like(raw)
 
@@ -251,7 +263,7 @@ def test_a_planes_chunk_storing_more_than_its_raw_length_is_refused():
         registry.check_chain([spec_with()], 1024, 1025)
 
 
-def test_parts_that_do_not_add_up_to_the_stored_length_are_damage():
+def test_parts_that_do_not_add_up_to_the_stored_length_are_damage(decoder):
     raw, stored, codecs, crc = chunk_of(torch.float32)
     spec = dict(codecs[0])
     spec["parts"] = [*spec["parts"][:3], spec["parts"][3] - 1]
@@ -259,7 +271,7 @@ def test_parts_that_do_not_add_up_to_the_stored_length_are_damage():
         decode_new(stored, [spec], crc, raw.numel())
 
 
-def test_a_flipped_byte_in_a_raw_plane_is_a_checksum_error():
+def test_a_flipped_byte_in_a_raw_plane_is_a_checksum_error(decoder):
     raw, stored, codecs, crc = chunk_of(torch.float32)
     damaged = bytearray(stored)
     damaged[10] ^= 0x01
@@ -267,7 +279,7 @@ def test_a_flipped_byte_in_a_raw_plane_is_a_checksum_error():
         decode_new(bytes(damaged), codecs, crc, raw.numel())
 
 
-def test_a_frame_with_trailing_bytes_inside_its_part_is_refused_even_with_a_matching_crc():
+def test_a_frame_with_trailing_bytes_inside_its_part_is_refused_even_with_a_matching_crc(decoder):
     raw, stored, codecs, _ = chunk_of(torch.float32)
     parts = codecs[0]["parts"]
     head = sum(parts[:3])
@@ -278,7 +290,7 @@ def test_a_frame_with_trailing_bytes_inside_its_part_is_refused_even_with_a_matc
         decode_new(hostile, [spec], zlib.crc32(hostile), raw.numel())
 
 
-def test_a_frame_declaring_another_size_than_its_plane_is_refused():
+def test_a_frame_declaring_another_size_than_its_plane_is_refused(decoder):
     raw, stored, codecs, _ = chunk_of(torch.float32)
     parts = codecs[0]["parts"]
     plane = raw.numel() // 4
@@ -290,10 +302,29 @@ def test_a_frame_declaring_another_size_than_its_plane_is_refused():
         decode_new(hostile, [spec], zlib.crc32(hostile), raw.numel())
 
 
-def test_a_part_that_is_not_a_frame_is_refused():
+def test_a_part_that_is_not_a_frame_is_refused(decoder):
     raw, stored, codecs, _ = chunk_of(torch.float32)
     parts = codecs[0]["parts"]
     head = sum(parts[:3])
     hostile = stored[:head] + b"\x01" * parts[3]
     with pytest.raises(CheckpointDamagedError, match="bad zstd frame in chunk 4 plane 3: no zstd frame header"):
         decode_new(hostile, codecs, zlib.crc32(hostile), raw.numel())
+
+
+def test_a_flipped_byte_in_a_compressed_plane_is_a_checksum_error(decoder):
+    raw, stored, codecs, crc = chunk_of(torch.float32)
+    damaged = bytearray(stored)
+    damaged[-20] ^= 0x40  # inside the exponent plane's frame
+    with pytest.raises(CheckpointDamagedError, match="checksum mismatch in chunk 4"):
+        decode_new(bytes(damaged), codecs, crc, raw.numel())
+
+
+def test_a_skippable_frame_after_the_plane_frame_is_refused(decoder):
+    """A one-shot zstd decode would skip a skippable frame: the part must be exactly one frame."""
+    raw, stored, codecs, _ = chunk_of(torch.float32)
+    parts = codecs[0]["parts"]
+    skippable = (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"junk"
+    hostile = stored + skippable
+    spec = dict(codecs[0], parts=[*parts[:3], parts[3] + len(skippable)])
+    with pytest.raises(CheckpointDamagedError, match="chunk 4 plane 3 holds 12 bytes after the end of its zstd frame"):
+        decode_new(hostile, [spec], zlib.crc32(hostile), raw.numel())

@@ -61,6 +61,12 @@ def _library() -> ctypes.CDLL | None:
         lib.ZSTD_compress2.restype = ctypes.c_size_t
         lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
         lib.ZSTD_isError.restype = ctypes.c_uint
+        lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+        lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+        lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_decompressDCtx.argtypes = [pointer, pointer, size, pointer, size]
+        lib.ZSTD_decompressDCtx.restype = ctypes.c_size_t
     except AttributeError:
         return None
     return lib
@@ -93,6 +99,43 @@ class PlaneCompressor:
         if getattr(self, "_cctx", None):
             self._lib.ZSTD_freeCCtx(self._cctx)
             self._cctx = None
+
+
+class PlaneDecompressor:
+    """One thread's zstd decompression context, for one-shot decodes of a whole plane's frame
+    straight into the plane (no stream, no intermediate buffer)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._dctx = lib.ZSTD_createDCtx()
+        if not self._dctx:
+            raise MemoryError("ZSTD_createDCtx failed")
+
+    def decompress_into(self, src: np.ndarray, dst: np.ndarray) -> int | str:
+        """Decode the frame ``src`` holds into ``dst`` (contiguous uint8 arrays): the decoded
+        length, or zstd's error message. zstd refuses a frame that needs more than ``dst`` holds
+        or a window over 128 MiB, and checks the frame's checksum where it has one."""
+        n = self._lib.ZSTD_decompressDCtx(self._dctx, dst.ctypes.data, dst.size, src.ctypes.data, src.size)
+        if self._lib.ZSTD_isError(n):
+            return str(self._lib.ZSTD_getErrorName(n).decode("ascii", "replace"))
+        return int(n)
+
+    def __del__(self) -> None:
+        if getattr(self, "_dctx", None):
+            self._lib.ZSTD_freeDCtx(self._dctx)
+            self._dctx = None
+
+
+def plane_decompressor() -> PlaneDecompressor | None:
+    """This thread's :class:`PlaneDecompressor`, or None where the system's zstd cannot provide one."""
+    if not hasattr(_local, "decompressor"):
+        lib = _library()
+        try:
+            _local.decompressor = None if lib is None else PlaneDecompressor(lib)
+        except MemoryError:
+            _local.decompressor = None
+    decompressor: PlaneDecompressor | None = _local.decompressor
+    return decompressor
 
 
 def plane_compressor() -> PlaneCompressor | None:

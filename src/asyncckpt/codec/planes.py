@@ -238,7 +238,28 @@ class PlanesCodec(CompressCodec):
     @staticmethod
     def _decode_part(source: ChunkSource, stored: int, plane_length: int, target: torch.Tensor, what: str) -> None:
         """One plane's zstd frame, the next ``stored`` bytes of ``source``: bytes after the frame
-        are named as such whatever the decoder made of them (as for a whole chunk's frame)."""
+        are named as such whatever the decoder made of them (as for a whole chunk's frame).
+
+        With the system zstd, the part is read whole (checksummed on the way), checked to be one
+        frame of the plane's length, then decoded in one call straight into the plane; else it
+        streams through python-zstandard in pieces."""
+        dctx = libzstd.plane_decompressor()
+        if dctx is not None:
+            part = source.part(stored)
+            try:
+                buf = _scratch("part", stored)
+                view = buf.data
+                got = 0
+                while got < stored:
+                    got += part.readinto(view[got:])  # raises on a file that ends inside it
+                zstd.check_whole_frame(view, plane_length, what)
+                n = dctx.decompress_into(buf, target.numpy())
+                if n != plane_length:
+                    detail = n if isinstance(n, str) else f"decompressed to {n} bytes, expected {plane_length}"
+                    raise CheckpointDamagedError(f"cannot decompress {what}: {detail}")
+            finally:
+                source.took(part)
+            return
         part = source.part(stored)
         error: CheckpointDamagedError | None = None
         try:

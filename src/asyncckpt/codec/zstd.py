@@ -209,6 +209,38 @@ class ZstdCodec(CompressCodec):
         decode_frame(source, raw_length, direct, emit, source.what, budget=True)
 
 
+def _frame_header(head: bytes, raw_length: int, what: str) -> tuple[zstandard.FrameParameters, _FrameWalker]:
+    """The parameters of the frame ``head`` starts, and a walker for its blocks, for a frame that
+    declares exactly ``raw_length`` bytes (checked before any decompression: a bomb is refused here).
+
+    Raises:
+        CheckpointDamagedError: no frame header, or another declared size.
+    """
+    if head[:4] != _ZSTD_MAGIC:
+        raise CheckpointDamagedError(f"bad zstd frame in {what}: no zstd frame header")
+    try:
+        declared = zstandard.frame_content_size(head)
+        params = zstandard.get_frame_parameters(head)
+        header_size = zstandard.frame_header_size(head)
+    except zstandard.ZstdError as exc:
+        raise CheckpointDamagedError(f"bad zstd frame in {what}: {exc}") from None
+    if declared != raw_length:
+        raise CheckpointDamagedError(f"zstd frame in {what} declares {declared} bytes, expected {raw_length}")
+    return params, _FrameWalker(header_size, params.has_checksum, raw_length)
+
+
+def check_whole_frame(stored: memoryview, raw_length: int, what: str) -> None:
+    """Check that ``stored`` is exactly one frame declaring ``raw_length`` bytes, with no bytes
+    after it and no more blocks than a writer makes, before a one-shot decompression of it.
+
+    Raises:
+        CheckpointDamagedError: it is not.
+    """
+    _, walker = _frame_header(bytes(stored[:_FRAME_HEADER_MAX]), raw_length, what)
+    walker.feed(stored, 0)
+    walker.check(len(stored), what)
+
+
 def frame_memory(raw_length: int) -> int:
     """The most memory decoding one frame of ``raw_length`` bytes holds: its window and read pieces."""
     return raw_length + 2 * _BLOCK_MAX + 2 * READ_PIECE
@@ -238,18 +270,8 @@ def decode_frame(
         CheckpointDamagedError: no frame, a declared size other than ``raw_length``, or a frame
             that does not decompress to exactly that.
     """
-    head = source.peek(_FRAME_HEADER_MAX)
-    if head[:4] != _ZSTD_MAGIC:
-        raise CheckpointDamagedError(f"bad zstd frame in {what}: no zstd frame header")
-    try:
-        declared = zstandard.frame_content_size(head)
-        params = zstandard.get_frame_parameters(head)
-        header_size = zstandard.frame_header_size(head)
-    except zstandard.ZstdError as exc:
-        raise CheckpointDamagedError(f"bad zstd frame in {what}: {exc}") from None
-    if declared != raw_length:  # checked before any decompression: a bomb is refused here
-        raise CheckpointDamagedError(f"zstd frame in {what} declares {declared} bytes, expected {raw_length}")
-    source.frame_check = _FrameWalker(header_size, params.has_checksum, raw_length)
+    params, walker = _frame_header(source.peek(_FRAME_HEADER_MAX), raw_length, what)
+    source.frame_check = walker
     window = min(params.window_size, raw_length) + 2 * _BLOCK_MAX
     with DECODE_BUDGET.hold(window + 2 * READ_PIECE) if budget else contextlib.nullcontext():
         # a large window stays allocated in the decoder that used it: those get a decoder of their own
