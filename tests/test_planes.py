@@ -297,3 +297,12 @@ def test_a_part_that_is_not_a_frame_is_refused():
     hostile = stored[:head] + b"\x01" * parts[3]
     with pytest.raises(CheckpointDamagedError, match="bad zstd frame in chunk 4 plane 3: no zstd frame header"):
         decode_new(hostile, codecs, zlib.crc32(hostile), raw.numel())
+
+
+def test_planes_after_a_reorder_codec_is_a_chain_the_format_does_not_define():
+    """docs/format.md section 5: version 1 defines exactly [], [zstd], [bytegroup, zstd] and
+    [planes]; a reader MUST refuse any other chain."""
+    chain = [{"id": "bytegroup", "size": 4}, spec_with()]
+    with pytest.raises(registry.ChainError, match="is not one this format defines"):
+        registry.check_chain(chain, 1024, 868)
+

@@ -153,6 +153,7 @@ class PlanesCodec(CompressCodec):
     name = "planes"
     params = frozenset({"size", "rotate", "level", "parts"})
     selectable = False  # what compression "zstd" writes for floats, not a choice of its own
+    after_reorder = False  # the format defines [planes] alone
 
     def check_params(self, spec: Mapping[str, Any], raw_length: int) -> None:
         """``size`` in {2, 4, 8} dividing the chunk, ``rotate`` in [0, 8 * size), a zstd
