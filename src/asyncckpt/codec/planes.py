@@ -103,8 +103,10 @@ def join_planes(planes: np.ndarray, rotate: int, out: np.ndarray) -> None:
     kernel = _kernel()
     if kernel is None:
         _join_numpy(planes, rotate, out)
-    elif n and kernel.asyncckpt_join_planes(np.ascontiguousarray(planes).ctypes.data, n, size, rotate, out.ctypes.data):
-        raise ValueError(f"no planes of size {size} rotated by {rotate}")
+    elif n:
+        planes = np.ascontiguousarray(planes)  # held: a temporary's .ctypes.data is freed before the call
+        if kernel.asyncckpt_join_planes(planes.ctypes.data, n, size, rotate, out.ctypes.data):
+            raise ValueError(f"no planes of size {size} rotated by {rotate}")
 
 
 def _split_numpy(raw: np.ndarray, size: int, rotate: int, planes: np.ndarray) -> None:
