@@ -34,7 +34,8 @@ from asyncckpt.codec.registry import ChainError, CompressCodec, Emit, int_param
 from asyncckpt.codec.source import ChunkSource
 from asyncckpt.errors import CheckpointDamagedError
 
-_WORD = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+# elements as the format has them (little-endian), whatever the host's byte order
+_WORD: dict[int, np.dtype] = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 SIZES = tuple(_WORD)  # the element sizes stored as planes
 ROTATE = 1  # what a writer rotates by: the sign bit to the bottom, fp32/bf16 exponents byte-aligned
 LITTLE_ENDIAN = sys.byteorder == "little"  # planes are written on little-endian hosts only
