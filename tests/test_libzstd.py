@@ -60,3 +60,21 @@ def test_each_thread_has_its_own_context():
     thread.start()
     thread.join()
     assert seen[0] is not None and seen[0] is not libzstd.plane_compressor()
+
+
+def test_find_library_runs_only_where_the_usual_names_do_not_load(monkeypatch):
+    """find_library runs ldconfig (or a compiler) in a subprocess: not needed where
+    ``libzstd.so.1`` loads by name."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL("libzstd.so.1")
+    except OSError:
+        pytest.skip("libzstd.so.1 does not load by name here")
+
+    def refuse(name: str) -> str | None:
+        raise AssertionError(f"find_library({name!r}) ran")
+
+    monkeypatch.setattr(ctypes.util, "find_library", refuse)
+    assert libzstd._load() is not None

@@ -328,3 +328,34 @@ def test_a_skippable_frame_after_the_plane_frame_is_refused(decoder):
     spec = dict(codecs[0], parts=[*parts[:3], parts[3] + len(skippable)])
     with pytest.raises(CheckpointDamagedError, match="chunk 4 plane 3 holds 12 bytes after the end of its zstd frame"):
         decode_new(hostile, [spec], zlib.crc32(hostile), raw.numel())
+
+
+def test_planes_after_a_reorder_codec_is_a_chain_the_format_does_not_define():
+    """docs/format.md section 5: version 1 defines exactly [], [zstd], [bytegroup, zstd] and
+    [planes]; a reader MUST refuse any other chain."""
+    chain = [{"id": "bytegroup", "size": 4}, spec_with()]
+    with pytest.raises(registry.ChainError, match="is not one this format defines"):
+        registry.check_chain(chain, 1024, 868)
+
+
+def test_join_planes_of_a_non_contiguous_array_reads_live_memory():
+    """The contiguous copy join_planes hands the kernel must outlive the call (numpy frees a
+    temporary as soon as ``.ctypes.data`` has been read)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from asyncckpt.codec import planes\n"
+        "n = 16 << 20  # a 64 MiB copy: glibc maps it apart and unmaps it when freed\n"
+        "wide = np.random.default_rng(0).integers(0, 256, (4, 2 * n), dtype=np.uint8)\n"
+        "view = wide[:, ::2]\n"
+        "expected = np.empty(4 * n, dtype=np.uint8)\n"
+        "planes._join_numpy(np.ascontiguousarray(view), 1, expected)\n"
+        "out = np.empty(4 * n, dtype=np.uint8)\n"
+        "for _ in range(3):\n"
+        "    planes.join_planes(view, 1, out)\n"
+        "    assert np.array_equal(out, expected), 'wrong bytes'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

@@ -34,7 +34,8 @@ _local = threading.local()
 
 def _load() -> ctypes.CDLL | None:
     """The library by its usual names first (find_library runs ldconfig or a compiler: slower)."""
-    for name in ("libzstd.so.1", "libzstd.1.dylib", ctypes.util.find_library("zstd")):
+    for name in ("libzstd.so.1", "libzstd.1.dylib", None):
+        name = name or ctypes.util.find_library("zstd")  # only once the usual names failed
         if name:
             try:
                 return ctypes.CDLL(name)

@@ -34,7 +34,8 @@ from asyncckpt.codec.registry import ChainError, CompressCodec, Emit, int_param
 from asyncckpt.codec.source import ChunkSource
 from asyncckpt.errors import CheckpointDamagedError
 
-_WORD = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+# elements as the format has them (little-endian), whatever the host's byte order
+_WORD: dict[int, np.dtype] = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 SIZES = tuple(_WORD)  # the element sizes stored as planes
 ROTATE = 1  # what a writer rotates by: the sign bit to the bottom, fp32/bf16 exponents byte-aligned
 LITTLE_ENDIAN = sys.byteorder == "little"  # planes are written on little-endian hosts only
@@ -103,8 +104,10 @@ def join_planes(planes: np.ndarray, rotate: int, out: np.ndarray) -> None:
     kernel = _kernel()
     if kernel is None:
         _join_numpy(planes, rotate, out)
-    elif n and kernel.asyncckpt_join_planes(np.ascontiguousarray(planes).ctypes.data, n, size, rotate, out.ctypes.data):
-        raise ValueError(f"no planes of size {size} rotated by {rotate}")
+    elif n:
+        planes = np.ascontiguousarray(planes)  # held: a temporary's .ctypes.data is freed before the call
+        if kernel.asyncckpt_join_planes(planes.ctypes.data, n, size, rotate, out.ctypes.data):
+            raise ValueError(f"no planes of size {size} rotated by {rotate}")
 
 
 def _split_numpy(raw: np.ndarray, size: int, rotate: int, planes: np.ndarray) -> None:
@@ -153,6 +156,7 @@ class PlanesCodec(CompressCodec):
     name = "planes"
     params = frozenset({"size", "rotate", "level", "parts"})
     selectable = False  # what compression "zstd" writes for floats, not a choice of its own
+    after_reorder = False  # the format defines [planes] alone
 
     def check_params(self, spec: Mapping[str, Any], raw_length: int) -> None:
         """``size`` in {2, 4, 8} dividing the chunk, ``rotate`` in [0, 8 * size), a zstd

@@ -135,6 +135,8 @@ class CompressCodec(Codec):
     # a user can ask for it by name (CodecConfig.compression); False for one a writer picks by
     # itself (``planes``, what "zstd" writes for floats)
     selectable: ClassVar[bool] = True
+    # the format defines it after a reorder codec too ([bytegroup, zstd]); False: only alone ([planes])
+    after_reorder: ClassVar[bool] = True
 
     @abc.abstractmethod
     def spec(self, level: int) -> dict[str, Any]:
@@ -275,6 +277,7 @@ def resolve(specs: Sequence[Mapping[str, Any]]) -> Chain:
         not isinstance(last, CompressCodec)
         or len(reorders) > 1
         or not all(isinstance(c, ReorderCodec) for c in reorders)
+        or (reorders and not last.after_reorder)
     ):
         raise ChainError(f"codec chain {ids} is not one this format defines"[:200])
     steps = [(c, spec) for c, spec in zip(reorders, specs, strict=False)]
