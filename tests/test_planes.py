@@ -359,3 +359,23 @@ def test_join_planes_of_a_non_contiguous_array_reads_live_memory():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+def test_parts_that_do_not_add_up_are_refused_when_the_manifest_is_read():
+    with pytest.raises(registry.ChainError, match="its parts add up to 868 bytes, the chunk stores 867") as info:
+        registry.check_chain([spec_with()], 1024, 867)
+    assert info.value.field == ".codecs.parts"
+    with pytest.raises(registry.ChainError, match="raw_length 1026 is not a multiple of the plane count 4"):
+        registry.check_chain([spec_with()], 1026, 868)
+
+
+def test_a_verify_decodes_every_part_without_keeping_planes(decoder):
+    from asyncckpt.codec import ChunkSource, decode_chunk
+
+    raw, stored, codecs, crc = chunk_of(torch.float32)
+    decode_chunk(ChunkSource.of_bytes(stored, "chunk 4"), codecs, crc, raw.numel())  # a good chunk verifies
+    parts = codecs[0]["parts"]
+    hostile = stored + b"\x00" * 8
+    spec = dict(codecs[0], parts=[*parts[:3], parts[3] + 8])
+    with pytest.raises(CheckpointDamagedError, match="chunk 4 plane 3 holds 8 bytes after the end of its zstd frame"):
+        decode_chunk(ChunkSource.of_bytes(hostile, "chunk 4"), [spec], zlib.crc32(hostile), raw.numel())

@@ -24,8 +24,9 @@
 
 /* One loop per element size, each plane a restrict pointer of its own, so the compiler
  * vectorizes the element loop (a loop over planes inside it would defeat that). */
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
-/* An AVX2 build of each loop beside the baseline one, picked by the CPU at load time. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__) && defined(__GLIBC__)
+/* An AVX2 build of each loop beside the baseline one, picked by the CPU at load time (glibc's
+ * ifunc: elsewhere, the baseline loop alone). */
 #define ASYNCCKPT_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define ASYNCCKPT_CLONES

@@ -169,7 +169,7 @@ class PlanesCodec(CompressCodec):
         if isinstance(size, bool) or size not in _WORD:
             raise ChainError(f"expected 2, 4 or 8, got {size!r}"[:200], ".codecs.size")
         if raw_length % size:
-            raise ChainError("raw_length is not a multiple of the plane count")
+            raise ChainError(f"raw_length {raw_length} is not a multiple of the plane count {size}")
         int_param(spec, "rotate", 0, 8 * size - 1)
         int_param(spec, "level", *zstd.READ_LEVELS)
         parts = spec.get("parts")
@@ -177,8 +177,18 @@ class PlanesCodec(CompressCodec):
             raise ChainError(f"expected a list of {size} part lengths", ".codecs.parts")
         plane = raw_length // size
         for n in parts:
-            if isinstance(n, bool) or not isinstance(n, int) or not (0 < n <= plane or n == plane):
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= plane:
                 raise ChainError(f"expected part lengths in [1, {plane}], got {n!r}"[:200], ".codecs.parts")
+
+    def check_stored(self, spec: Mapping[str, Any], length: int) -> None:
+        """The parts add up to the chunk's stored length.
+
+        Raises:
+            ChainError: they do not.
+        """
+        total = sum(spec["parts"])
+        if total != length:
+            raise ChainError(f"its parts add up to {total} bytes, the chunk stores {length}", ".codecs.parts")
 
     def spec(self, level: int) -> dict[str, Any]:
         """The entry's fixed part for ``level`` (``size``, ``rotate`` and ``parts`` come from
@@ -240,15 +250,18 @@ class PlanesCodec(CompressCodec):
         return out[:at], spec
 
     @staticmethod
-    def _decode_part(source: ChunkSource, stored: int, plane_length: int, target: torch.Tensor, what: str) -> None:
-        """One plane's zstd frame, the next ``stored`` bytes of ``source``: bytes after the frame
-        are named as such whatever the decoder made of them (as for a whole chunk's frame).
+    def _decode_part(
+        source: ChunkSource, stored: int, plane_length: int, target: torch.Tensor | None, what: str
+    ) -> None:
+        """One plane's zstd frame, the next ``stored`` bytes of ``source``, decoded into ``target``
+        (None: a verify, decoded and dropped): bytes after the frame are named as such whatever the
+        decoder made of them (as for a whole chunk's frame).
 
-        With the system zstd, the part is read whole (checksummed on the way), checked to be one
-        frame of the plane's length, then decoded in one call straight into the plane; else it
-        streams through python-zstandard in pieces."""
-        dctx = libzstd.plane_decompressor()
-        if dctx is not None:
+        With a target and the system zstd, the part is read whole (checksummed on the way),
+        checked to be one frame of the plane's length, then decoded in one call straight into the
+        plane; else it streams through python-zstandard in pieces."""
+        dctx = libzstd.plane_decompressor() if target is not None else None
+        if dctx is not None and target is not None:
             part = source.part(stored)
             try:
                 buf = _scratch("part", stored)
@@ -289,7 +302,12 @@ class PlanesCodec(CompressCodec):
         emit: Emit | None,
     ) -> None:
         """Read each part into its plane (zstd frames decompressed, raw parts read straight in),
-        then interleave the planes into ``direct`` or a scratch buffer handed to ``emit``.
+        then interleave the planes into ``direct`` or a scratch buffer handed to ``emit``. A
+        verify (neither) reads and decodes every part through pieces and keeps nothing.
+
+        The decode budget holds what this decode adds beyond the destination: the planes, a
+        compressed part read whole (or a streamed frame's pieces), and a scratch output for
+        ``emit`` or numpy's join where those are used.
 
         Raises:
             CheckpointDamagedError: the parts do not add up to the stored length, or a frame does
@@ -301,10 +319,26 @@ class PlanesCodec(CompressCodec):
                 f"{source.what} stores {source.length} bytes, its planes' parts add up to {sum(parts)}"
             )
         plane_length = raw_length // size
-        with zstd.DECODE_BUDGET.hold(3 * raw_length + zstd.frame_memory(plane_length)):  # planes, joined, widened
+        if direct is None and emit is None:
+            with zstd.DECODE_BUDGET.hold(zstd.frame_memory(plane_length)):
+                for p, stored in enumerate(parts):
+                    if stored == plane_length:
+                        source.skip(stored)
+                    else:
+                        self._decode_part(source, stored, plane_length, None, f"{source.what} plane {p}")
+            return
+        compressed = any(n < plane_length for n in parts)
+        one_shot = libzstd.plane_decompressor() is not None
+        need = raw_length  # the planes
+        if compressed:
+            need += plane_length if one_shot else zstd.frame_memory(plane_length)
+        if direct is None:
+            need += raw_length  # the joined chunk handed to emit
+        if _kernel() is None:
+            need += raw_length  # numpy's join widens a plane at a time into elements
+        with zstd.DECODE_BUDGET.hold(need):
             planes = _scratch("planes", raw_length).reshape(size, plane_length)
             for p, stored in enumerate(parts):
-                target = torch.from_numpy(planes[p])
                 if stored == plane_length:
                     view = memoryview(planes[p])
                     got = 0
@@ -314,9 +348,8 @@ class PlanesCodec(CompressCodec):
                             raise CheckpointDamagedError(f"{source.what} ends inside plane {p}")
                         got += n
                 else:
+                    target = torch.from_numpy(planes[p])
                     self._decode_part(source, stored, plane_length, target, f"{source.what} plane {p}")
-            if direct is None and emit is None:
-                return
             out = direct.numpy() if direct is not None else _scratch("joined", raw_length)
             join_planes(planes, rotate, out)
             if direct is None and emit is not None:

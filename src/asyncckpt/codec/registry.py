@@ -152,6 +152,14 @@ class CompressCodec(Codec):
             ValueError: a level this codec does not write with.
         """
 
+    def check_stored(self, spec: Mapping[str, Any], length: int) -> None:
+        """Check a chunk's stored length against this codec's entry, where the entry says more
+        than :meth:`bound` (``planes`` records each part's length). Nothing by default.
+
+        Raises:
+            ChainError: they disagree.
+        """
+
     @abc.abstractmethod
     def bound(self, raw_length: int) -> int:
         """The most stored bytes this codec ever makes of ``raw_length`` bytes.
@@ -323,4 +331,6 @@ def check_chain(specs: Any, raw_length: int, length: int) -> Chain:
         # what a reader reads (and checksums) is bounded by the tensors the manifest declares
         name = chain.compress[0].name
         raise ChainError(f"stores {length} bytes, more than a {name} frame of {raw_length} bytes ever takes")
+    if chain.compress is not None:
+        chain.compress[0].check_stored(chain.compress[1], length)
     return chain

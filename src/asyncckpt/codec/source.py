@@ -156,6 +156,14 @@ class ChunkSource:
             self.crc = part.crc
             self.pos += part.pos
 
+    def skip(self, length: int) -> None:
+        """Read the next ``length`` stored bytes through a small piece (checksummed), keeping none."""
+        piece = memoryview(bytearray(min(READ_PIECE, max(1, length))))
+        end = min(self.length, self.pos + length)
+        while self.pos < end:
+            if not self.readinto(piece[: end - self.pos]):
+                break
+
     def drain(self) -> None:
         """Read the rest, for the checksum and the frame check."""
         if self.pos < self.length:

@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import mmap as _mmap
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -353,14 +354,17 @@ def _read_checkpoint(
             if mapped is not None:
                 return LoadedCheckpoint(path, manifest, cast(list[torch.Tensor], mapped), mapped=True)
         scatter = _Scatter(manifest, only)
-        _read_ahead(manifest, files, wanted_chunks)
+        readers = _readers(path, workers)
+        ahead = _ReadAhead(manifest, files, wanted_chunks, window=max(8, 2 * readers))
+        position = {index: k for k, index in enumerate(wanted_chunks)}
 
         def load_chunk(index: int) -> None:
+            ahead.started(position[index])
             chunk = manifest.chunks[index]
             start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
             _decode_chunk(path, manifest, files, index, scatter.target(start, end), scatter.emitter(start, end))
 
-        _for_each_chunk(load_chunk, wanted_chunks, _readers(path, workers))
+        _for_each_chunk(load_chunk, wanted_chunks, readers)
     finally:
         for handle in files.values():
             handle.close()
@@ -437,31 +441,45 @@ def _open_data_files(path: Where, manifest: Manifest, files: dict[str, ReadHandl
             )
 
 
-def _read_ahead(manifest: Manifest, files: dict[str, ReadHandle], wanted: list[int]) -> None:
-    """Ask the kernel to start reading the wanted chunks of local data files now, all of them
-    (POSIX_FADV_WILLNEED): with a cold page cache the disk then streams at its own pace while the
-    reader threads decode, instead of waiting on each 1 MiB piece in turn. Only a hint: a
-    platform or filesystem without it reads as before."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is None:
-        return
-    spans: dict[str, list[list[int]]] = {}
-    for index in wanted:
-        chunk = manifest.chunks[index]
-        runs = spans.setdefault(chunk.file, [])
-        if runs and runs[-1][1] == chunk.offset:
-            runs[-1][1] = chunk.offset + chunk.length
-        else:
-            runs.append([chunk.offset, chunk.offset + chunk.length])
-    for file, runs in spans.items():
-        fd = files[file].fileno()
-        if fd is None:
-            continue
-        for start, end in runs:
+_ADVISE_PIECE = 1 << 20  # Linux reads at most a few MiB ahead per WILLNEED call: advise in pieces
+
+
+class _ReadAhead:
+    """Asks the kernel to read the wanted chunks of local data files a window ahead of the
+    decoders (POSIX_FADV_WILLNEED): with a cold page cache the disk then streams while the reader
+    threads decode, instead of each waiting on its 1 MiB pieces in turn. Each chunk is advised in
+    pieces of 1 MiB (Linux caps one call at a few MiB), and only ``window`` chunks ahead, so a
+    checkpoint larger than free memory does not evict its own first chunks. Only a hint: a
+    platform or filesystem without it reads as before.
+    """
+
+    def __init__(self, manifest: Manifest, files: dict[str, ReadHandle], wanted: list[int], window: int) -> None:
+        self._advise = getattr(os, "posix_fadvise", None)
+        self._spans: list[tuple[int, int, int] | None] = []
+        for index in wanted:
+            chunk = manifest.chunks[index]
+            fd = files[chunk.file].fileno()
+            ok = self._advise is not None and fd is not None and chunk.length > 0
+            self._spans.append((fd, chunk.offset, chunk.length) if ok else None)  # type: ignore[arg-type]
+        self._window = window
+        self._done = 0  # positions advised so far
+        self._guard = threading.Lock()
+        self.started(0)
+
+    def started(self, position: int) -> None:
+        """The chunk at ``position`` (in the wanted order) is being read: advise up to ``window`` ahead."""
+        with self._guard:
+            first, last = self._done, min(len(self._spans), position + 1 + self._window)
+            self._done = max(self._done, last)
+        for span in self._spans[first:last]:
+            if span is None or self._advise is None:
+                continue
+            fd, offset, length = span
             try:
-                advise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                for start in range(offset, offset + length, _ADVISE_PIECE):
+                    self._advise(fd, start, min(_ADVISE_PIECE, offset + length - start), os.POSIX_FADV_WILLNEED)
             except OSError:
-                return
+                self._advise = None
 
 
 # On a remote store each read is a request with a round trip, so a chunk's stored bytes are
