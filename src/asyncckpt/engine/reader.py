@@ -29,8 +29,6 @@ import collections
 import contextlib
 import itertools
 import mmap as _mmap
-import os
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -355,11 +353,8 @@ def _read_checkpoint(
                 return LoadedCheckpoint(path, manifest, cast(list[torch.Tensor], mapped), mapped=True)
         scatter = _Scatter(manifest, only)
         readers = _readers(path, workers)
-        ahead = _ReadAhead(manifest, files, wanted_chunks, window=max(8, 2 * readers))
-        position = {index: k for k, index in enumerate(wanted_chunks)}
 
         def load_chunk(index: int) -> None:
-            ahead.started(position[index])
             chunk = manifest.chunks[index]
             start, end = chunk.raw_offset, chunk.raw_offset + chunk.raw_length
             _decode_chunk(path, manifest, files, index, scatter.target(start, end), scatter.emitter(start, end))
@@ -439,47 +434,6 @@ def _open_data_files(path: Where, manifest: Manifest, files: dict[str, ReadHandl
                 f"{_tensor_names(manifest, chunk.raw_offset, chunk.raw_offset + chunk.raw_length)} "
                 f"ends at byte {chunk.offset + chunk.length}, the file has {sizes[chunk.file]}"
             )
-
-
-_ADVISE_PIECE = 1 << 20  # Linux reads at most a few MiB ahead per WILLNEED call: advise in pieces
-
-
-class _ReadAhead:
-    """Asks the kernel to read the wanted chunks of local data files a window ahead of the
-    decoders (POSIX_FADV_WILLNEED): with a cold page cache the disk then streams while the reader
-    threads decode, instead of each waiting on its 1 MiB pieces in turn. Each chunk is advised in
-    pieces of 1 MiB (Linux caps one call at a few MiB), and only ``window`` chunks ahead, so a
-    checkpoint larger than free memory does not evict its own first chunks. Only a hint: a
-    platform or filesystem without it reads as before.
-    """
-
-    def __init__(self, manifest: Manifest, files: dict[str, ReadHandle], wanted: list[int], window: int) -> None:
-        self._advise = getattr(os, "posix_fadvise", None)
-        self._spans: list[tuple[int, int, int] | None] = []
-        for index in wanted:
-            chunk = manifest.chunks[index]
-            fd = files[chunk.file].fileno()
-            ok = self._advise is not None and fd is not None and chunk.length > 0
-            self._spans.append((fd, chunk.offset, chunk.length) if ok else None)  # type: ignore[arg-type]
-        self._window = window
-        self._done = 0  # positions advised so far
-        self._guard = threading.Lock()
-        self.started(0)
-
-    def started(self, position: int) -> None:
-        """The chunk at ``position`` (in the wanted order) is being read: advise up to ``window`` ahead."""
-        with self._guard:
-            first, last = self._done, min(len(self._spans), position + 1 + self._window)
-            self._done = max(self._done, last)
-        for span in self._spans[first:last]:
-            if span is None or self._advise is None:
-                continue
-            fd, offset, length = span
-            try:
-                for start in range(offset, offset + length, _ADVISE_PIECE):
-                    self._advise(fd, start, min(_ADVISE_PIECE, offset + length - start), os.POSIX_FADV_WILLNEED)
-            except OSError:
-                self._advise = None
 
 
 # On a remote store each read is a request with a round trip, so a chunk's stored bytes are
