@@ -158,18 +158,17 @@ class ChunkSource:
 
     def skip(self, length: int) -> None:
         """Read the next ``length`` stored bytes through a small piece (checksummed), keeping none."""
-        piece = memoryview(bytearray(min(READ_PIECE, max(1, length))))
         end = min(self.length, self.pos + length)
+        if self.pos >= end:
+            return
+        piece = memoryview(bytearray(min(READ_PIECE, end - self.pos)))
         while self.pos < end:
             if not self.readinto(piece[: end - self.pos]):
                 break
 
     def drain(self) -> None:
         """Read the rest, for the checksum and the frame check."""
-        if self.pos < self.length:
-            buf = memoryview(bytearray(min(READ_PIECE, self.length - self.pos)))
-            while self.pos < self.length:
-                self.readinto(buf)
+        self.skip(self.length - self.pos)
 
 
 def piece_buffer(raw_length: int) -> tuple[torch.Tensor, memoryview]:
