@@ -17,6 +17,8 @@ import ctypes
 import ctypes.util
 import functools
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -30,6 +32,7 @@ _HUFFMAN = 1  # ZSTD_lcm_huffman / ZSTD_ps_enable: always try Huffman-coding lit
 PLANE_SETTINGS = ((_LEVEL, 1), (_HASH_LOG, 6), (_TARGET_LENGTH, 64), (_LITERAL_MODE, _HUFFMAN), (_CONTENT_SIZE, 1))
 
 _local = threading.local()
+_C = TypeVar("_C")
 
 
 def _load() -> ctypes.CDLL | None:
@@ -127,25 +130,24 @@ class PlaneDecompressor:
             self._dctx = None
 
 
-def plane_decompressor() -> PlaneDecompressor | None:
-    """This thread's :class:`PlaneDecompressor`, or None where the system's zstd cannot provide one."""
-    if not hasattr(_local, "decompressor"):
+def _per_thread(name: str, make: Callable[[ctypes.CDLL], _C]) -> _C | None:
+    """This thread's context ``name``, made once with ``make``; None where the system's zstd
+    cannot provide one (no library, a parameter it refuses, no memory)."""
+    if not hasattr(_local, name):
         lib = _library()
         try:
-            _local.decompressor = None if lib is None else PlaneDecompressor(lib)
-        except MemoryError:
-            _local.decompressor = None
-    decompressor: PlaneDecompressor | None = _local.decompressor
-    return decompressor
+            setattr(_local, name, None if lib is None else make(lib))
+        except (ValueError, MemoryError):
+            setattr(_local, name, None)
+    context: _C | None = getattr(_local, name)
+    return context
+
+
+def plane_decompressor() -> PlaneDecompressor | None:
+    """This thread's :class:`PlaneDecompressor`, or None where the system's zstd cannot provide one."""
+    return _per_thread("decompressor", PlaneDecompressor)
 
 
 def plane_compressor() -> PlaneCompressor | None:
     """This thread's :class:`PlaneCompressor`, or None where the system's zstd cannot provide one."""
-    if not hasattr(_local, "compressor"):
-        lib = _library()
-        try:
-            _local.compressor = None if lib is None else PlaneCompressor(lib)
-        except (ValueError, MemoryError):
-            _local.compressor = None
-    compressor: PlaneCompressor | None = _local.compressor
-    return compressor
+    return _per_thread("compressor", PlaneCompressor)
