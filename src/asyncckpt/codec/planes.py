@@ -265,11 +265,8 @@ class PlanesCodec(CompressCodec):
             part = source.part(stored)
             try:
                 buf = _scratch("part", stored)
-                view = buf.data
-                got = 0
-                while got < stored:
-                    got += part.readinto(view[got:])  # raises on a file that ends inside it
-                zstd.check_whole_frame(view, plane_length, what)
+                part.fill(buf.data)
+                zstd.check_whole_frame(buf.data, plane_length, what)
                 n = dctx.decompress_into(buf, target.numpy())
                 if n != plane_length:
                     detail = n if isinstance(n, str) else f"decompressed to {n} bytes, expected {plane_length}"
@@ -340,13 +337,7 @@ class PlanesCodec(CompressCodec):
             planes = _scratch("planes", raw_length).reshape(size, plane_length)
             for p, stored in enumerate(parts):
                 if stored == plane_length:
-                    view = memoryview(planes[p])
-                    got = 0
-                    while got < stored:
-                        n = source.readinto(view[got:])
-                        if not n:
-                            raise CheckpointDamagedError(f"{source.what} ends inside plane {p}")
-                        got += n
+                    source.fill(planes[p].data)
                 else:
                     target = torch.from_numpy(planes[p])
                     self._decode_part(source, stored, plane_length, target, f"{source.what} plane {p}")

@@ -127,6 +127,15 @@ class ChunkSource:
         self.pos += n
         return n
 
+    def fill(self, view: memoryview) -> None:
+        """Fill all of ``view`` with the next stored bytes.
+
+        Raises:
+            CheckpointDamagedError: fewer are left in the chunk, or the file ends inside it.
+        """
+        if self.readinto(view) != len(view):
+            raise CheckpointDamagedError(f"{self.what} ends inside one of its parts")
+
     def read(self, size: int = -1) -> bytearray:
         """For zstd's stream reader: the next piece of at most ``size`` (and READ_PIECE) bytes."""
         n = min(READ_PIECE if size is None or size < 0 else size, READ_PIECE, self.length - self.pos)
