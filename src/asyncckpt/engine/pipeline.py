@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -79,9 +80,18 @@ class WrittenData:
     fsync_began: float
 
 
-def _tensor_table(layout: Layout) -> list[TensorEntry]:
-    """The manifest's (or rank table's) tensor table: where each staged tensor lies in the arena."""
-    return [TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in layout.slots]
+def _table_fields(job: SaveJob, written: WrittenData) -> dict[str, Any]:
+    """What a manifest and a rank table both record of a save: the step, the tree, where each
+    staged tensor lies in the arena, and the chunks written."""
+    return {
+        "step": job.step,
+        "created": job.record.started,
+        "tree": job.tree,
+        "tensors": [TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in job.layout.slots],
+        "chunks": written.chunks,
+        "raw_bytes": job.layout.total,
+        "stored_bytes": written.stored_bytes,
+    }
 
 
 @dataclass(frozen=True)
@@ -262,13 +272,7 @@ class Pipeline:
         try:
             written = self._write_data(job, staging)
             manifest = Manifest(
-                step=job.step,
-                created=job.record.started,
-                tree=job.tree,
-                tensors=_tensor_table(job.layout),
-                chunks=written.chunks,
-                raw_bytes=job.layout.total,
-                stored_bytes=written.stored_bytes,
+                **_table_fields(job, written),
                 metrics=job.metrics,
                 metadata=job.metadata,
                 tags=job.tags_for_manifest(),
@@ -328,13 +332,7 @@ class Pipeline:
         record, group = job.record, ranks.group
         written = self._write_data(job, staging, group.rank)
         table = RankTable(
-            step=job.step,
-            created=record.started,
-            tree=job.tree,
-            tensors=_tensor_table(job.layout),
-            chunks=written.chunks,
-            raw_bytes=job.layout.total,
-            stored_bytes=written.stored_bytes,
+            **_table_fields(job, written),
             rank=group.rank,
             world_size=group.world_size,
             pieces=ranks.pieces,
