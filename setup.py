@@ -1,6 +1,6 @@
 """The one compiled part: the byte-plane kernels of the ``planes`` codec (project metadata is in
 pyproject.toml). ``optional``: where no C compiler is present the install still succeeds and the
-codec runs the same transform with numpy, about 4x slower (docs/performance.md)."""
+codec runs the same transform with numpy, about 3-4x slower (docs/performance.md)."""
 
 import sys
 

@@ -206,6 +206,60 @@ def young_planes(repeats: int = 3) -> list[dict]:
     return rows
 
 
+def plane_kernels(data: dict[str, torch.Tensor], repeats: int = 5) -> list[dict]:
+    """The planes split and join alone: the compiled kernel (codec/_planes.c) against the numpy
+    passes that run where it was not built, MB/s per core over the same 4 MiB chunks."""
+    from asyncckpt.codec import planes
+
+    if planes._kernel() is None:
+        return []
+    rows = []
+    for name, tensor in data.items():
+        size = tensor.element_size()
+        chunks = [c.numpy() for c in chunks_of(tensor)]
+        raw = sum(c.size for c in chunks)
+        split = [planes.split_planes(c, size, 1).copy() for c in chunks]
+        out = np.empty(CHUNK, dtype=np.uint8)
+        row: dict = {"data": name}
+
+        def split_c(chunks=chunks, size=size):
+            return [planes.split_planes(c, size, 1) for c in chunks]
+
+        def split_numpy(chunks=chunks, size=size):
+            return [planes._split_numpy(c, size, 1, np.empty((size, c.size // size), np.uint8)) for c in chunks]
+
+        def join_c(split=split, out=out):
+            return [planes.join_planes(p, 1, out[: p.size]) for p in split]
+
+        def join_numpy(split=split, out=out):
+            return [planes._join_numpy(p, 1, out[: p.size]) for p in split]
+
+        for label, run in (
+            ("split_c", split_c),
+            ("split_numpy", split_numpy),
+            ("join_c", join_c),
+            ("join_numpy", join_numpy),
+        ):
+            times = []
+            for _ in range(repeats):
+                began = time.process_time()
+                run()
+                times.append(time.process_time() - began)
+            row[label] = raw / median(times) / 1e6
+        rows.append(row)
+    return rows
+
+
+def print_plane_kernels(rows: list[dict]) -> None:
+    print("\nsplit and join alone, MB/s per core: the compiled kernel against numpy (its fallback):")
+    print("| data | split, C | split, numpy | join, C | join, numpy |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['data']} | {r['split_c']:.0f} | {r['split_numpy']:.0f} | {r['join_c']:.0f} | {r['join_numpy']:.0f} |"
+        )
+
+
 def print_young_planes(rows: list[dict]) -> None:
     print("\nper plane, bench/stall.py's young MLP + AdamW (fp32, plane 3: exponent), zstd-1 as asyncckpt codes it:")
     print("| tensors | exact zeros | plane ratio (0, 1, 2, 3) | zstd ns per plane byte (0, 1, 2, 3) |")
@@ -437,10 +491,20 @@ def main() -> None:
     }
     planes_rows = planes_against_zipnn(data)
     print_planes(planes_rows)
+    kernel_rows = plane_kernels(data)
+    print_plane_kernels(kernel_rows)
     young_plane_rows = young_planes()
     print_young_planes(young_plane_rows)
     if args.planes_only:
-        write_json(args.json, {"machine": machine(), "planes": planes_rows, "young_mlp_planes": young_plane_rows})
+        write_json(
+            args.json,
+            {
+                "machine": machine(),
+                "planes": planes_rows,
+                "plane_kernels": kernel_rows,
+                "young_mlp_planes": young_plane_rows,
+            },
+        )
         return
     rows = []
     print(f"{len(weights)} MiniLM tensors, {flat.numel() / 1e6:.1f}M floats; 4 MiB chunks; one core\n")
@@ -510,6 +574,7 @@ def main() -> None:
         {
             "machine": machine(),
             "planes": planes_rows,
+            "plane_kernels": kernel_rows,
             "young_mlp_planes": young_plane_rows,
             "codec": rows,
             "grouping": grouping,

@@ -64,7 +64,7 @@ def _scratch(name: str, nbytes: int) -> np.ndarray:
 @functools.cache
 def _kernel() -> ctypes.CDLL | None:
     """The compiled split and join (``_planes.c``, built at install where a C compiler is present),
-    or None: numpy does the same work then, about 4x slower."""
+    or None: numpy does the same work then, about 3-4x slower."""
     spec = importlib.util.find_spec("asyncckpt.codec._planes")
     if spec is None or not spec.origin or not LITTLE_ENDIAN:
         return None
