@@ -74,6 +74,14 @@ def _raising_rank(rank: int, world_size: int, root: str, overlap_root: str) -> d
         out["error4"] = ""
     except Exception as exc:  # noqa: BLE001
         out["error4"] = f"{type(exc).__name__}: {exc}"
+    # steps 6 / 7: the ranks save different steps; then step 8 without the optimizer on rank 1 (its
+    # replicated tensors differ): refused on every rank, nothing written (the writer waits for the
+    # agreement before it writes)
+    began = time.monotonic()
+    out["error_steps"] = _errors(lambda: mgr.save(6 + rank, state))
+    bad = {key: value for key, value in state.items() if key != "optim" or rank == 0}
+    out["error_shapes"] = _errors(lambda: mgr.save(8, bad))
+    out["took_disagree"] = time.monotonic() - began
     train_steps(model, optim, 5, 1, rank)
     mgr.save(5, state).wait()
     out["full5"] = full_state(model, optim)
@@ -122,8 +130,11 @@ def test_a_rank_that_raises_commits_nothing_and_every_rank_names_it(raised):
         assert "disk on fire" in out["error3"] and ("rank 0" in out["error3"] or rank == 0), (rank, out["error3"])
         assert out["took2"] < RANK_TIMEOUT + 5 and out["took3"] < RANK_TIMEOUT + 5
         assert out["error4"] and ("rank 1" in out["error4"] or rank == 1), (rank, out["error4"])
+        assert "the ranks save different steps (from 6 to 7)" in out["error_steps"], (rank, out["error_steps"])
+        assert "differ in their sharded or replicated tensors" in out["error_shapes"], (rank, out["error_shapes"])
+        assert out["took_disagree"] < RANK_TIMEOUT, out["took_disagree"]  # no rank waited for a vote
         assert out["steps"] == [1, 5]
-    assert remaining(root) == [1, 5]
+    assert remaining(root) == [1, 5]  # nothing of steps 6, 7 and 8 either
     assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp")]
     for step in (1, 5):
         loaded = load(root, step=step, per_rank="rank0")

@@ -30,7 +30,7 @@ from asyncckpt.engine import overlap
 from asyncckpt.engine.chunking import ChunkPlan, plan_chunks
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import LazyCopy
-from asyncckpt.engine.ranks import RankGroup, Vote
+from asyncckpt.engine.ranks import Agreement, RankGroup, Vote
 from asyncckpt.engine.staging import Arena, Layout
 from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
 from asyncckpt.format import (
@@ -96,13 +96,18 @@ def _table_fields(job: SaveJob, written: WrittenData) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RankSave:
-    """One rank's part in a multi-rank save: the group, the attempt every rank agreed on, the global
-    tensor table and this rank's pieces."""
+    """One rank's part in a multi-rank save: the group, the agreement every rank takes part in, the
+    global tensor table and this rank's pieces."""
 
     group: RankGroup
-    attempt: str
+    agreement: Agreement
     globals: list[GlobalEntry]
     pieces: list[PieceEntry]
+
+    @property
+    def attempt(self) -> str:
+        """The attempt every rank agreed on (the writer waits for the agreement here)."""
+        return self.agreement.attempt()
 
 
 @dataclass

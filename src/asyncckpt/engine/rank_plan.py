@@ -4,7 +4,8 @@ Rank 0 owns the root: it takes the writer lock (or lease), sweeps what crashed s
 and applies retention. The other ranks open the root without a lock and only ever write their own
 data files and rank tables into a save's staging place. Every rank plans each save on its own
 thread (``flatten_rank``) and the ranks confirm the plan with one tiny collective
-(:meth:`RankGroup.agree`), which also gives them the save's attempt token.
+(:meth:`RankGroup.agree`), which also gives them the save's attempt token; the writer waits for
+it, not ``save``.
 """
 
 from __future__ import annotations
@@ -86,5 +87,5 @@ class RankPlanner(SavePlanner):
             except CheckpointError:
                 pass  # this rank's own error says more
             raise
-        attempt = self._ranks.agree(step, flat.fingerprint, failed=False)
-        return flat, RankSave(self._ranks, attempt, flat.globals, flat.pieces)
+        agreement = self._ranks.agree(step, flat.fingerprint, failed=False)
+        return flat, RankSave(self._ranks, agreement, flat.globals, flat.pieces)

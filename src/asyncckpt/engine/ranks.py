@@ -4,8 +4,10 @@ Two rules learned from other checkpointers' failures shape this module:
 
 * **Collectives only on the calling thread, on a group of our own.** Planning a save is one
   ``all_reduce`` of a few integers over a gloo group made for checkpoints only
-  (:meth:`RankGroup.agree`), on the training thread inside ``save``: background threads never
-  issue collectives, so they can never collide with training's.
+  (:meth:`RankGroup.agree`), issued on the training thread inside ``save``: background threads
+  never issue collectives, so they can never collide with training's. ``save`` does not wait for
+  it: the writer thread does (:class:`Agreement`), before it writes anything, so a rank's stall
+  never includes the other ranks' planning.
 * **Votes through the c10d store, on a connection of our own.** Each rank's writer thread, once
   its data and rank table are durable, sets its vote in the store; rank 0's writer waits for
   every vote, publishes, and sets the outcome, which the other writers wait for. A ``wait`` on the
@@ -65,6 +67,67 @@ class Vote:
         return vote if vote.rank == rank else cls(rank, False, "its vote names another rank")
 
 
+def _collective_error(group: RankGroup, what: str, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"rank {group.rank} could not {what} with the other {group.world_size - 1} ranks "
+        f"(one died or did not answer within {group.timeout:g} s?): {type(exc).__name__}: {exc}"
+    )
+
+
+class Agreement:
+    """One save's agreement of the ranks, issued by ``RankGroup.agree`` on the calling thread and
+    settled by the writer thread, before it writes anything (:meth:`attempt`)."""
+
+    def __init__(self, group: RankGroup, step: int, values: torch.Tensor, work: Any) -> None:
+        self._group = group
+        self._step = step
+        self._values = values
+        self._work = work
+        self._attempt: str | None = None
+        self._error: CheckpointError | None = None
+
+    def attempt(self) -> str:
+        """The save's attempt token (rank 0's, 16 hex digits), once every rank agreed; waits for
+        the collective at most the group's timeout.
+
+        Raises:
+            CheckpointError: A rank could not plan its save, the ranks save different steps or
+                states, or a rank did not take part in time. Nothing of the save may be written.
+        """
+        if self._attempt is None and self._error is None:
+            self._settle()
+        if self._error is not None:
+            raise self._error
+        assert self._attempt is not None
+        return self._attempt
+
+    def _settle(self) -> None:
+        step, group = self._step, self._group
+        try:
+            self._work.wait()
+        except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            self._error = _collective_error(group, f"agree on saving step {step}", exc)
+            return
+        values = self._values
+        high, low = int(values[0]), -int(values[1])
+        if values[5] > 0:
+            self._error = CheckpointError(
+                f"rank {int(values[5]) - 1} could not plan its save of step {step}; nothing is saved"
+            )
+        elif high != low:
+            self._error = CheckpointError(
+                f"the ranks save different steps (from {low} to {high}): every rank must save the same steps; "
+                "nothing is saved"
+            )
+        elif int(values[2]) != -int(values[3]):
+            self._error = CheckpointError(
+                f"the ranks' states at step {step} differ in their sharded or replicated tensors (dtypes, shapes "
+                "or placements): every rank must save the same model and optimizer; nothing is saved"
+            )
+        else:
+            self._attempt = f"{int(values[4]):016x}"
+
+
 class RankGroup:
     """This process's place in a multi-rank job, with the checkpoint-only group and store.
 
@@ -113,37 +176,29 @@ class RankGroup:
             own = base
         return self._dist.PrefixStore(f"asyncckpt/{self.run}/{prefix}", own)
 
-    def agree(self, step: int, fingerprint: int, failed: bool) -> str:
-        """Check on the calling thread that every rank saves ``step`` of the same plan; return the
-        save's attempt token (rank 0's, 16 hex digits). One all_reduce of 6 integers.
+    def agree(self, step: int, fingerprint: int, failed: bool) -> Agreement:
+        """Start, on the calling thread, the check that every rank saves ``step`` of the same plan:
+        one all_reduce of 6 integers, issued here and waited for by the writer (``Agreement.attempt``),
+        so a save's stall never includes the other ranks' planning or the group's latency.
 
         Args:
             step: The step this rank saves.
             fingerprint: Its plan's fingerprint (``RankFlatState.fingerprint``).
-            failed: This rank could not plan its save: every rank then raises.
+            failed: This rank could not plan its save: every rank's save then fails.
 
         Raises:
-            CheckpointError: The ranks disagree on the step or the plan, or one could not plan.
+            CheckpointError: The collective could not be issued (the group is gone).
         """
         token = secrets.randbits(62) if self.rank == 0 else 0
         values = torch.tensor(
             [step, -step, fingerprint, -fingerprint, token, (self.rank + 1) if failed else 0], dtype=torch.int64
         )
-        self._all_reduce(values, f"agree on saving step {step}")
-        high, low = int(values[0]), -int(values[1])
-        if values[5] > 0:
-            raise CheckpointError(f"rank {int(values[5]) - 1} could not plan its save of step {step}; nothing is saved")
-        if high != low:
-            raise CheckpointError(
-                f"the ranks save different steps (from {low} to {high}): every rank must save the same steps; "
-                "nothing is saved"
-            )
-        if int(values[2]) != -int(values[3]):
-            raise CheckpointError(
-                f"the ranks' states at step {step} differ in their sharded or replicated tensors (dtypes, shapes "
-                "or placements): every rank must save the same model and optimizer; nothing is saved"
-            )
-        return f"{int(values[4]):016x}"
+        what = f"agree on saving step {step}"
+        try:
+            work = self._dist.all_reduce(values, op=self._dist.ReduceOp.MAX, group=self.group, async_op=True)
+        except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            raise _collective_error(self, what, exc) from exc
+        return Agreement(self, step, values, work)
 
     def all_ok(self, ok: bool) -> bool:
         """Whether every rank says ``ok`` (one all_reduce, on the calling thread)."""
@@ -163,10 +218,7 @@ class RankGroup:
         try:
             self._dist.all_reduce(values, op=self._dist.ReduceOp.MAX, group=self.group)
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
-            raise CheckpointError(
-                f"rank {self.rank} could not {what} with the other {self.world_size - 1} ranks "
-                f"(one died or did not answer within {self.timeout:g} s?): {type(exc).__name__}: {exc}"
-            ) from exc
+            raise _collective_error(self, what, exc) from exc
 
     def barrier(self) -> None:
         """Every rank reached this point (on the calling thread)."""
