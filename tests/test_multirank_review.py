@@ -175,6 +175,21 @@ def _job(rank: int, world: int, tmp: str) -> dict:
         mgr.wait()
     # tied weights under FSDP2: stored once, restored tied and bit-exact
     out["tied"] = _tied(rank, root / "tied")
+    # a DTensor's placement facts are cached per spec: a spec changed in place is looked at anew
+    from torch.distributed.tensor import Replicate
+
+    from asyncckpt.state.shards import RankInfo, flatten_rank
+
+    state, _ = _tp_state(rank, torch.float32)
+    me = RankInfo(rank, 2)
+    for _ in range(2):
+        out["offsets"] = [p.offsets for p in flatten_rank({"w": state["w"]}, me).pieces]
+    state["w"]._spec.placements = (Replicate(),)  # now it claims all of (5, 8) on each rank
+    try:
+        flatten_rank({"w": state["w"]}, me)
+        out["respec"] = ""
+    except TypeError as exc:
+        out["respec"] = str(exc)
     # no tensors at all, on every rank
     with asyncckpt.CheckpointManager(root / "empty", keep_last=None) as mgr:
         mgr.save(1, {"epoch": 4, "name": "x"})
@@ -224,6 +239,13 @@ def test_spawned_job_ran(spawned):
     assert out[0]["strict_false_missing"] == out[1]["strict_false_missing"] == ["state['extra']"]
     assert out[0]["tp_unexpected"] == []
     assert out[1]["tp_unexpected"] == ["state['c']"]
+
+
+def test_a_dtensor_spec_changed_in_place_is_not_taken_from_the_cache(spawned):
+    _, out = spawned
+    for rank in (0, 1):
+        assert out[rank]["offsets"] == [(0, 4 * rank)]
+        assert "the DTensor's local tensor is (5, 4), its placements say (5, 8)" in out[rank]["respec"]
 
 
 def test_replicated_naming_a_missing_key(spawned):

@@ -229,6 +229,25 @@ def test_stateful_objects_become_their_state_dicts():
     assert torch.equal(fresh_opt.state[fresh[0].weight]["exp_avg"], opt.state[model[0].weight]["exp_avg"])
 
 
+def test_a_module_is_flattened_to_detached_tensors_over_its_parameters():
+    net = torch.nn.Linear(3, 2)
+    flat = flatten({"net": net})
+    assert flat.paths == ["state['net'].state_dict()['weight']", "state['net'].state_dict()['bias']"]
+    for t, p in zip(flat.tensors, (net.weight, net.bias), strict=True):
+        assert not t.requires_grad and t.data_ptr() == p.data_ptr()
+
+
+def test_a_module_whose_state_dict_takes_no_arguments_is_saved_through_it():
+    class Custom(torch.nn.Linear):
+        def state_dict(self):  # an override without torch's keyword arguments
+            return {"w": self.weight.detach() * 2}
+
+    net = Custom(3, 2)
+    flat = flatten({"net": net})
+    assert flat.paths == ["state['net'].state_dict()['w']"]
+    assert torch.equal(flat.tensors[0], net.weight.detach() * 2)
+
+
 def test_module_state_dict_metadata_is_preserved():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     original = model.state_dict()

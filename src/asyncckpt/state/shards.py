@@ -113,6 +113,30 @@ def _placed(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[Any, 
     return tuple(int(o) for o in offsets), tuple(int(s) for s in local), index, count
 
 
+# DTensorSpec -> what a save asks of it; keyed by (id, hash): the entry holds the spec, so its id
+# is not reused while the entry lives, and a spec changed in place hashes anew (torch recomputes
+# a spec's hash when its mesh, placements or tensor meta are set).
+_SPEC_FACTS: dict[tuple[int, int], tuple[Any, tuple]] = {}
+
+
+def _spec_facts(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, str, tuple]:
+    """A DTensor's box (global offsets, local shape), its replica index and count (as
+    :func:`_placed`), its placement as the fingerprint spells it, and what tells its global tensor
+    apart (global shape, placements, mesh). Cached per spec: each save asks again of every
+    parameter and optimizer state, whose specs do not change between saves."""
+    spec = t._spec
+    key = (id(spec), hash(spec))
+    hit = _SPEC_FACTS.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    mesh, placements, shape = t.device_mesh, tuple(t.placements), tuple(t.shape)
+    facts = (*_placed(shape, mesh, placements), f"{mesh.shape}{t.placements}", (shape, placements, id(mesh)))
+    if len(_SPEC_FACTS) >= 1 << 14:
+        _SPEC_FACTS.clear()
+    _SPEC_FACTS[key] = (spec, facts)
+    return facts
+
+
 def _ddp_parameters(state: Any) -> set[int]:
     """The ids of the parameters of every DDP-wrapped module in the state's containers."""
     found: set[int] = set()
@@ -214,9 +238,7 @@ class _RankFlattener(_Flattener):
                 tuple(local.shape),
                 local.stride(),
                 local.dtype,
-                tuple(t.shape),
-                tuple(dt.placements),
-                id(dt.device_mesh),
+                _spec_facts(dt)[5],
             )
         else:
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
@@ -261,12 +283,12 @@ class _RankFlattener(_Flattener):
                 self.replicated_depth -= 1
 
     def _dtensor(self, t: Any, path: str) -> int:
-        offsets, shape, replica, replicas = _placed(tuple(t.shape), t.device_mesh, tuple(t.placements))
-        known = self._global(t, path, f"{t.device_mesh.shape}{t.placements}")
+        offsets, shape, replica, replicas, placement, _ = _spec_facts(t)
+        known = self._global(t, path, placement)
         if known is not None:
             return known
         index = len(self.globals) - 1
-        local = t.to_local().detach()
+        local = t._local_tensor  # what to_local() returns, without its autograd node (add_tensor detaches)
         if tuple(local.shape) != shape:
             raise TypeError(f"{path}: the DTensor's local tensor is {tuple(local.shape)}, its placements say {shape}")
         if math.prod(shape) and replica == index % replicas:  # the replicas take turns writing

@@ -149,13 +149,22 @@ class _Flattener:
             return {Kind.NUMPY_SCALAR: self.add_tensor(_numpy_to_tensor(np.asarray(obj), path), path)}
         if _is_stateful(obj):
             obj = unwrap_data_parallel(obj)
-            inner = obj.state_dict()
+            inner = _state_dict_of(obj)
             return {Kind.OBJECT: self.node(inner, object_path(path), depth + 1), CLASS_NAME: type(obj).__name__}
         raise TypeError(
             f"{path}: cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__}; "
             "supported leaves are tensors, numpy arrays, None, bool, int, float, str, "
             "torch.dtype, torch.device and objects with state_dict()/load_state_dict()"
         )
+
+
+def _state_dict_of(obj: Any) -> Any:
+    """``obj.state_dict()``; a module's without detaching its parameters when the method is
+    torch's own: the flattener detaches the tensors it keeps, and a DTensor parameter's detach
+    goes through DTensor's dispatcher (tens of microseconds each, every save)."""
+    if isinstance(obj, torch.nn.Module) and type(obj).state_dict is torch.nn.Module.state_dict:
+        return obj.state_dict(keep_vars=True)
+    return obj.state_dict()
 
 
 def _plain_json(obj: Any, path: str) -> Any:
