@@ -20,7 +20,7 @@ import torch
 
 from _cli import cli, remaining
 from _dist import die_at_phase, run_ranks, start_ranks
-from asyncckpt import load
+from asyncckpt import CheckpointError, load
 from asyncckpt.format import step_dir_name
 
 RANK_TIMEOUT = 8.0
@@ -82,6 +82,14 @@ def _raising_rank(rank: int, world_size: int, root: str, overlap_root: str) -> d
     bad = {key: value for key, value in state.items() if key != "optim" or rank == 0}
     out["error_shapes"] = _errors(lambda: mgr.save(8, bad))
     out["took_disagree"] = time.monotonic() - began
+    # step 9: rank 1's metadata cannot be saved: it raises at once, the others' save fails as fast
+    began = time.monotonic()
+    try:
+        mgr.save(9, state, metadata={"bad": object()} if rank == 1 else {"ok": 1}).wait()
+        out["error9"] = ""
+    except (TypeError, CheckpointError) as exc:
+        out["error9"] = f"{type(exc).__name__}: {exc}"
+    out["took9"] = time.monotonic() - began
     train_steps(model, optim, 5, 1, rank)
     mgr.save(5, state).wait()
     out["full5"] = full_state(model, optim)
@@ -133,6 +141,8 @@ def test_a_rank_that_raises_commits_nothing_and_every_rank_names_it(raised):
         assert "the ranks save different steps (from 6 to 7)" in out["error_steps"], (rank, out["error_steps"])
         assert "differ in their sharded or replicated tensors" in out["error_shapes"], (rank, out["error_shapes"])
         assert out["took_disagree"] < RANK_TIMEOUT, out["took_disagree"]  # no rank waited for a vote
+        want9 = "TypeError: metadata" if rank == 1 else "rank 1 could not plan its save of step 9"
+        assert want9 in out["error9"] and out["took9"] < RANK_TIMEOUT, (rank, out["error9"], out["took9"])
         assert out["steps"] == [1, 5]
     assert remaining(root) == [1, 5]  # nothing of steps 6, 7 and 8 either
     assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp")]

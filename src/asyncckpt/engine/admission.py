@@ -85,6 +85,10 @@ class SavePlanner:
         """:meth:`flatten`, plus this rank's part of a multi-rank save (None: one process)."""
         return self.flatten(state), None
 
+    def refuse(self, step: int) -> None:
+        """This save of ``step`` fails before :meth:`plan` (its metrics, metadata or tags): the
+        other ranks of a multi-rank save learn it from the planning collective at once."""
+
 
 class _Slot:
     """One save's reserved ``max_pending`` slot, held in ``Admission._reservations`` until its
@@ -283,11 +287,15 @@ class Admission:
         from the moment the handle is pending); until the writer has the job, all is rolled back."""
         step = record.step
         waited = time.perf_counter()
+        try:
+            job_metrics = _plain_metrics(metrics)
+            job_metadata = check_json(metadata, "metadata")
+            job_tags = check_tags(list(tags), "tags")
+        except BaseException:
+            self._plan.refuse(step)
+            raise
         flat, ranks = self._plan.plan(state, step)
         layout = plan_layout(flat.tensors)
-        job_metrics = _plain_metrics(metrics)
-        job_metadata = check_json(metadata, "metadata")
-        job_tags = check_tags(list(tags), "tags")
         if self._prepared is not None:
             prepared, self._prepared = self._prepared, None
             prepared.result()

@@ -75,6 +75,12 @@ class RankPlanner(SavePlanner):
         self._me = RankInfo(ranks.rank, ranks.world_size)
         self._replicated = replicated
 
+    def refuse(self, step: int) -> None:
+        try:  # taken part in even when this rank's save cannot be made: no rank waits for its vote
+            self._ranks.agree(step, 0, failed=True)
+        except CheckpointError:
+            pass  # this rank's own error says more
+
     def flatten(self, state: Any) -> RankFlatState:
         return flatten_rank(state, self._me, self._replicated)
 
@@ -82,10 +88,7 @@ class RankPlanner(SavePlanner):
         try:
             flat = self.flatten(state)
         except BaseException:
-            try:  # taken part in even when this rank's state cannot be saved: no rank waits forever
-                self._ranks.agree(step, 0, failed=True)
-            except CheckpointError:
-                pass  # this rank's own error says more
+            self.refuse(step)
             raise
         agreement = self._ranks.agree(step, flat.fingerprint, failed=False)
         return flat, RankSave(self._ranks, agreement, flat.globals, flat.pieces)
