@@ -122,15 +122,16 @@ _SPEC_FACTS: dict[tuple[int, int], tuple[Any, tuple]] = {}
 def _spec_facts(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, str, tuple]:
     """A DTensor's box (global offsets, local shape), its replica index and count (as
     :func:`_placed`), its placement as the fingerprint spells it, and what tells its global tensor
-    apart (global shape, placements, mesh). Cached per spec: each save asks again of every
-    parameter and optimizer state, whose specs do not change between saves."""
+    apart (global shape, placement, mesh: plain values, cheap to hash). Cached per spec: each save
+    asks again of every parameter and optimizer state, whose specs do not change between saves."""
     spec = t._spec
     key = (id(spec), hash(spec))
     hit = _SPEC_FACTS.get(key)
     if hit is not None and hit[0] is spec:
         return hit[1]
     mesh, placements, shape = t.device_mesh, tuple(t.placements), tuple(t.shape)
-    facts = (*_placed(shape, mesh, placements), f"{mesh.shape}{t.placements}", (shape, placements, id(mesh)))
+    placement = f"{mesh.shape}{t.placements}"
+    facts = (*_placed(shape, mesh, placements), placement, (shape, placement, id(mesh)))
     if len(_SPEC_FACTS) >= 1 << 14:
         _SPEC_FACTS.clear()
     _SPEC_FACTS[key] = (spec, facts)
@@ -224,9 +225,10 @@ class _RankFlattener(_Flattener):
         self._replicas: list[tuple[int, torch.Tensor]] = []  # (global index, tensor) to cut in rows
         self._global_seen: dict[tuple, int] = {}
 
-    def _global(self, t: torch.Tensor, path: str, placement: str) -> int | None:
-        """The global index of ``t`` (a tied tensor once), or None the first time it is seen."""
-        if is_dtensor(t):
+    def _global(self, t: torch.Tensor, path: str, placement: str, spec_key: tuple | None = None) -> int | None:
+        """The global index of ``t`` (a tied tensor once), or None the first time it is seen.
+        ``spec_key``: a DTensor's ``_spec_facts(t)[5]`` (None: ``t`` is a plain tensor)."""
+        if spec_key is not None:
             # by its local tensor's memory, not id(t): a state dict holds a new DTensor (detach())
             # per name, so tied parameters come as two objects over one shard; the storage object
             # (not its address, 0 for every empty shard) tells distinct empty shards apart
@@ -238,7 +240,7 @@ class _RankFlattener(_Flattener):
                 tuple(local.shape),
                 local.stride(),
                 local.dtype,
-                _spec_facts(dt)[5],
+                spec_key,
             )
         else:
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
@@ -283,8 +285,8 @@ class _RankFlattener(_Flattener):
                 self.replicated_depth -= 1
 
     def _dtensor(self, t: Any, path: str) -> int:
-        offsets, shape, replica, replicas, placement, _ = _spec_facts(t)
-        known = self._global(t, path, placement)
+        offsets, shape, replica, replicas, placement, spec_key = _spec_facts(t)
+        known = self._global(t, path, placement, spec_key)
         if known is not None:
             return known
         index = len(self.globals) - 1
