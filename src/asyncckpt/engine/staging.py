@@ -158,7 +158,6 @@ class Arena:
         self.buffer = _pinned_zeros(size) if pinned else torch.zeros(size, dtype=torch.uint8)
         self._slots: list[TensorSlot] | None = None  # the layout whose padding is known to be zero
         self._fresh = True  # all zeros: the first layout needs no clearing
-        self._views: dict[TensorSlot, torch.Tensor] = {}  # of the held layout: each save asks again
 
     def hold(self, layout: Layout) -> None:
         """Get ready for ``layout``: re-zero when it differs from the last, so padding stays zero.
@@ -169,18 +168,14 @@ class Arena:
             if not self._fresh:
                 self.buffer[: layout.total].zero_()
             self._slots = layout.slots
-            self._views = {}
         self._fresh = False
 
     def raw(self, start: int, end: int) -> torch.Tensor:
         return self.buffer[start:end]
 
     def view(self, slot: TensorSlot) -> torch.Tensor:
-        view = self._views.get(slot)
-        if view is None:
-            raw = self.buffer[slot.offset : slot.offset + slot.nbytes]
-            view = self._views[slot] = raw.view(slot.dtype).view(slot.shape)
-        return view
+        raw = self.buffer[slot.offset : slot.offset + slot.nbytes]
+        return raw.view(slot.dtype).view(slot.shape)
 
 
 class ArenaPool:
