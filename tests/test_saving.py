@@ -18,6 +18,7 @@ from asyncckpt import (
     EverySeconds,
     EverySteps,
     _phases,
+    load,
 )
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.manager import CheckpointManager
@@ -237,3 +238,18 @@ def test_async_manager_due_tags_and_tag_in_flight(tmp_path, monkeypatch):
             assert read_manifest(await handle).tags == ["y"]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("snapshot", ["blocking", "overlap"])
+@pytest.mark.parametrize("prepared", [False, True])
+def test_a_save_inside_inference_mode_leaves_later_saves_working(tmp_path, snapshot, prepared):
+    state = {"w": torch.ones(8, 8), "b": torch.zeros(8)}
+    with CheckpointManager(tmp_path, keep_last=None, snapshot=snapshot) as mgr:
+        if prepared:
+            mgr.prepare(state).result()  # the arena allocated on a helper thread, in normal mode
+        with torch.inference_mode():  # a save from inside an evaluation loop
+            mgr.save(1, state).wait()
+        state["w"].add_(1)
+        mgr.save(2, state).wait()
+    assert torch.equal(load(tmp_path, step=1)["w"], torch.ones(8, 8))
+    assert torch.equal(load(tmp_path, step=2)["w"], torch.full((8, 8), 2.0))

@@ -248,6 +248,26 @@ def test_a_module_whose_state_dict_takes_no_arguments_is_saved_through_it():
     assert torch.equal(flat.tensors[0], net.weight.detach() * 2)
 
 
+def test_a_state_dict_post_hook_sees_what_the_module_s_own_state_dict_gives_it():
+    net = torch.nn.Linear(3, 2)
+
+    def post(module, sd, prefix, local_metadata):  # numpy() refuses a tensor that requires grad
+        sd[prefix + "weight_sum"] = torch.from_numpy(sd[prefix + "weight"].numpy().sum(keepdims=True))
+
+    net.register_state_dict_post_hook(post)
+    flat = flatten({"net": net})
+    assert flat.paths[-1] == "state['net'].state_dict()['weight_sum']"
+    assert torch.equal(flat.tensors[-1], torch.from_numpy(net.weight.detach().numpy().sum(keepdims=True)))
+
+
+def test_a_module_whose_state_dict_is_replaced_on_the_instance_is_saved_through_it():
+    net = torch.nn.Linear(3, 2)
+    net.state_dict = lambda: {"w": net.weight.detach() * 2}
+    flat = flatten({"net": net})
+    assert flat.paths == ["state['net'].state_dict()['w']"]
+    assert torch.equal(flat.tensors[0], net.weight.detach() * 2)
+
+
 def test_module_state_dict_metadata_is_preserved():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     original = model.state_dict()

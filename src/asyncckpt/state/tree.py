@@ -159,10 +159,16 @@ class _Flattener:
 
 
 def _state_dict_of(obj: Any) -> Any:
-    """``obj.state_dict()``; a module's without detaching its parameters when the method is
-    torch's own: the flattener detaches the tensors it keeps, and a DTensor parameter's detach
-    goes through DTensor's dispatcher (tens of microseconds each, every save)."""
-    if isinstance(obj, torch.nn.Module) and type(obj).state_dict is torch.nn.Module.state_dict:
+    """``obj.state_dict()``; a module's without detaching its parameters when nothing but torch's
+    own code sees them (torch's method, not replaced on the instance, no state-dict post-hook in
+    the tree): the flattener detaches the tensors it keeps, and a DTensor parameter's detach goes
+    through DTensor's dispatcher (tens of microseconds each, every save)."""
+    if (
+        isinstance(obj, torch.nn.Module)
+        and type(obj).state_dict is torch.nn.Module.state_dict
+        and "state_dict" not in obj.__dict__
+        and not any(getattr(m, "_state_dict_hooks", True) for m in obj.modules())
+    ):
         return obj.state_dict(keep_vars=True)
     return obj.state_dict()
 
