@@ -90,6 +90,27 @@ def _raising_rank(rank: int, world_size: int, root: str, overlap_root: str) -> d
     except (TypeError, CheckpointError) as exc:
         out["error9"] = f"{type(exc).__name__}: {exc}"
     out["took9"] = time.monotonic() - began
+    # steps 10 / 11: the snapshot copy raises on rank 1, then on rank 0, after the agreement was
+    # issued: that rank raises, its writer still reports the part failed, so the other rank's save
+    # fails at once naming it, and the ranks stay in step for the saves after
+    from asyncckpt.engine.staging import CopyEngine
+
+    real_copy = CopyEngine.copy
+
+    def broken_copy(self, tensors, layout, arena):
+        raise RuntimeError(f"copy failed on rank {rank}")
+
+    for step, failing in ((10, 1), (11, 0)):
+        if rank == failing:
+            CopyEngine.copy = broken_copy
+        began = time.monotonic()
+        try:
+            mgr.save(step, state).wait()
+            out[f"error{step}"] = ""
+        except (RuntimeError, CheckpointError) as exc:
+            out[f"error{step}"] = f"{type(exc).__name__}: {exc}"
+        out[f"took{step}"] = time.monotonic() - began
+        CopyEngine.copy = real_copy
     train_steps(model, optim, 5, 1, rank)
     mgr.save(5, state).wait()
     out["full5"] = full_state(model, optim)
@@ -141,6 +162,11 @@ def test_a_rank_that_raises_commits_nothing_and_every_rank_names_it(raised):
         assert "the ranks save different steps (from 6 to 7)" in out["error_steps"], (rank, out["error_steps"])
         assert "differ in their sharded or replicated tensors" in out["error_shapes"], (rank, out["error_shapes"])
         assert out["took_disagree"] < RANK_TIMEOUT, out["took_disagree"]  # no rank waited for a vote
+        for step, failing in ((10, 1), (11, 0)):
+            want = f"copy failed on rank {failing}"
+            got = out[f"error{step}"]
+            assert want in got and (rank == failing or f"rank {failing} failed" in got), (rank, got)
+            assert out[f"took{step}"] < RANK_TIMEOUT, (rank, step, out[f"took{step}"])
         want9 = "TypeError: metadata" if rank == 1 else "rank 1 could not plan its save of step 9"
         assert want9 in out["error9"] and out["took9"] < RANK_TIMEOUT, (rank, out["error9"], out["took9"])
         assert out["steps"] == [1, 5]

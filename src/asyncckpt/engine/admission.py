@@ -23,7 +23,7 @@ import torch
 from asyncckpt import _phases
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import Fences, LazyCopy
-from asyncckpt.engine.pipeline import Pipeline, RankSave, SaveJob
+from asyncckpt.engine.pipeline import AbandonedPart, Pipeline, RankSave, SaveJob
 from asyncckpt.engine.staging import Arena, ArenaPool, CopyEngine, plan_layout
 from asyncckpt.engine.tags import Tags
 from asyncckpt.errors import CheckpointError, SaveFailedError
@@ -295,16 +295,22 @@ class Admission:
             self._plan.refuse(step)
             raise
         flat, ranks = self._plan.plan(state, step)
-        layout = plan_layout(flat.tensors)
-        if self._prepared is not None:
-            prepared, self._prepared = self._prepared, None
-            prepared.result()
-        planned = time.perf_counter()
-        arena = self.arenas.acquire(layout.total)
+        try:
+            layout = plan_layout(flat.tensors)
+            if self._prepared is not None:
+                prepared, self._prepared = self._prepared, None
+                prepared.result()
+            planned = time.perf_counter()
+            arena = self.arenas.acquire(layout.total)
+        except BaseException as exc:
+            if ranks is not None:
+                self._pipeline.abandon(AbandonedPart(step, ranks, f"{type(exc).__name__}: {exc}"))
+            raise
         lazy: LazyCopy | None = None
         handle: SaveHandle | None = None
         job: SaveJob | None = None
         submitted = False
+        failure: BaseException | None = None
         try:
             _phases.pause("snapshot")
             if self._snapshot == "overlap":
@@ -342,11 +348,17 @@ class Admission:
                 self._cond.notify_all()
             self._pipeline.submit(job)
             submitted = True
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             # An interrupt inside or just after ``submit`` leaves it unknown whether the job was
             # queued: the writer's claim decides, so a job it already has is never undone.
             if not submitted and (job is None or self._pipeline.withdraw(job)):
                 self._roll_back(arena, lazy, handle, job)
+                if ranks is not None:  # the other ranks learn of it from this rank's writer
+                    reason = f"{type(failure).__name__}: {failure}" if failure is not None else "interrupted"
+                    self._pipeline.abandon(AbandonedPart(step, ranks, reason))
         self._stats.add(record)
         return handle
 

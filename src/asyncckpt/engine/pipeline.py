@@ -110,6 +110,18 @@ class RankSave:
         return self.agreement.attempt()
 
 
+@dataclass(frozen=True)
+class AbandonedPart:
+    """This rank's part of a multi-rank save that failed on the calling thread after the ranks'
+    agreement was issued (a snapshot that raised, an interrupt): the writer still takes its turn
+    in the commit and reports the failure, so the other ranks' save fails at once, and in order
+    with their other saves, instead of after ``rank_timeout``."""
+
+    step: int
+    ranks: RankSave
+    reason: str
+
+
 @dataclass
 class SaveJob:
     step: int
@@ -166,7 +178,7 @@ class Pipeline:
         self._on_done = on_done
         self._nice = nice
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="asyncckpt-encode", initializer=self._init_worker)
-        self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
+        self._jobs: queue.Queue[SaveJob | AbandonedPart | None] = queue.Queue()
         self._accepting = True
         self._accepting_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
@@ -177,6 +189,13 @@ class Pipeline:
             if not self._accepting or not self._thread.is_alive():
                 raise CheckpointError("the background writer has stopped (manager closed?)")
             self._jobs.put(job)
+
+    def abandon(self, part: AbandonedPart) -> None:
+        """Hand the writer a rank's part that will never come (see :class:`AbandonedPart`); a
+        stopped writer takes nothing (the other ranks then fail after ``rank_timeout``)."""
+        with self._accepting_lock:
+            if self._accepting and self._thread.is_alive():
+                self._jobs.put(part)
 
     def withdraw(self, job: SaveJob) -> bool:
         """Take back a job whose ``submit`` may or may not have queued it (an interrupt can land
@@ -222,6 +241,9 @@ class Pipeline:
             job = self._jobs.get()
             if job is None:
                 return
+            if isinstance(job, AbandonedPart):
+                self._abandon(job)
+                continue
             with self._accepting_lock:
                 if job.cancelled:  # withdrawn by a save interrupted after handing it over
                     continue
@@ -311,7 +333,7 @@ class Pipeline:
             reason = f"{type(exc).__name__}: {exc}"
             group.vote(ranks.attempt, Vote(group.rank, False, reason))
             if group.rank == 0:
-                self._fail_attempt(job, ranks, staging, reason)
+                self._fail_attempt(job.step, ranks, staging, reason)
             raise
         group.vote(ranks.attempt, vote)
         began = time.perf_counter()
@@ -398,14 +420,33 @@ class Pipeline:
         job.record.max_rank_stall_s = max(v.stall_s for v in votes)
         return checkpoint.ref, manifest.raw_bytes, manifest.stored_bytes
 
-    def _fail_attempt(self, job: SaveJob, ranks: RankSave, staging: Staging, reason: str) -> None:
+    def _fail_attempt(self, step: int, ranks: RankSave, staging: Staging, reason: str) -> None:
         """Rank 0 failed its own part (``reason``): wait for the others to finish writing (their
         votes), tell them the save failed and why, then remove the attempt."""
         try:
-            ranks.group.collect(ranks.attempt, job.step)
-            ranks.group.announce(ranks.attempt, f"step {job.step} was not committed: rank 0 failed: {reason}")
+            ranks.group.collect(ranks.attempt, step)
+            ranks.group.announce(ranks.attempt, f"step {step} was not committed: rank 0 failed: {reason}")
         finally:
             self._storage.abort(staging)
+
+    def _abandon(self, part: AbandonedPart) -> None:
+        """The writer's turn for a part the calling thread could not make: its failed vote (rank 0:
+        the others' votes awaited, the failure announced, the attempt removed). Nothing is raised:
+        the caller of ``save`` already has the error."""
+        ranks = part.ranks
+        try:
+            attempt = ranks.attempt
+        except CheckpointError:
+            return  # the ranks did not agree: every rank's save fails without a vote
+        group = ranks.group
+        try:
+            group.vote(attempt, Vote(group.rank, False, part.reason))
+            if group.rank == 0:
+                self._fail_attempt(part.step, ranks, self._storage.begin(part.step, attempt=attempt), part.reason)
+        except Exception as exc:  # noqa: BLE001 - the writer must go on
+            _warn_from_writer(
+                f"asyncckpt: reporting the failed save of step {part.step} to the other ranks failed: {exc!r}"
+            )
 
     def _data_durable_not_published(self, job: SaveJob) -> None:
         """The point between the durable data and the commit: nothing of the step is visible yet, and
