@@ -111,6 +111,15 @@ def _raising_rank(rank: int, world_size: int, root: str, overlap_root: str) -> d
             out[f"error{step}"] = f"{type(exc).__name__}: {exc}"
         out[f"took{step}"] = time.monotonic() - began
         CopyEngine.copy = real_copy
+    # step 12: rank 1 passes a step out of range: it raises ValueError before planning, yet takes
+    # its turn in the agreement, so rank 0's save of 12 fails at once and the ranks stay in step
+    began = time.monotonic()
+    try:
+        mgr.save(12 if rank == 0 else -1, state).wait()
+        out["error12"] = ""
+    except (ValueError, CheckpointError) as exc:
+        out["error12"] = f"{type(exc).__name__}: {exc}"
+    out["took12"] = time.monotonic() - began
     train_steps(model, optim, 5, 1, rank)
     mgr.save(5, state).wait()
     out["full5"] = full_state(model, optim)
@@ -167,6 +176,8 @@ def test_a_rank_that_raises_commits_nothing_and_every_rank_names_it(raised):
             got = out[f"error{step}"]
             assert want in got and (rank == failing or f"rank {failing} failed" in got), (rank, got)
             assert out[f"took{step}"] < RANK_TIMEOUT, (rank, step, out[f"took{step}"])
+        want12 = "ValueError: step must be" if rank == 1 else "rank 1 could not plan its save of step 12"
+        assert want12 in out["error12"] and out["took12"] < RANK_TIMEOUT, (rank, out["error12"], out["took12"])
         want9 = "TypeError: metadata" if rank == 1 else "rank 1 could not plan its save of step 9"
         assert want9 in out["error9"] and out["took9"] < RANK_TIMEOUT, (rank, out["error9"], out["took9"])
         assert out["steps"] == [1, 5]

@@ -446,8 +446,12 @@ class CheckpointManager:
         before it reaches the writer.
         """
         began = time.perf_counter()
-        _check_step(step)
         self._check_open()
+        try:
+            _check_step(step)
+        except ValueError:
+            self._admission.refuse(0)  # its turn in a multi-rank agreement, refused (0: any int)
+            raise
         handle = self._admission.save(step, began, state, metrics, metadata, tags, self.policy if tell_policy else None)
         return handle, self._take_background_errors()
 

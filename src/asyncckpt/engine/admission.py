@@ -75,7 +75,13 @@ def _plain_metrics(metrics: dict | None) -> dict:
 
 class SavePlanner:
     """How a save's state becomes what it stages: one process flattens it (this class); the ranks
-    of a multi-rank job also agree on the save (``manager``'s subclass)."""
+    of a multi-rank job also agree on the save (``manager``'s subclass).
+
+    Every ``save`` call of an open manager takes exactly one turn in the ranks' agreement (a
+    :meth:`plan` or a :meth:`refuse`), whatever it raises: the ranks pair their agreements by
+    order, so a call that skipped its turn would pair every later save with another step's."""
+
+    turns = 0  # agreements taken part in (a multi-rank planner counts them)
 
     def flatten(self, state: Any) -> FlatState:
         """The state's skeleton and the tensors this process writes."""
@@ -202,16 +208,29 @@ class Admission:
             BaseException: What ``admit`` raises.
         """
         record = SaveRecord(step=step, started=time.time())
-        self._warn_if_behind(step)
-        if policy is not None:  # the interval restarts at the save's start; if this raises, nothing is taken yet
-            policy.saved(step)
+        turns = self._plan.turns
         try:
-            return self.admit(record, began, state, metrics, metadata, tags)
+            self._warn_if_behind(step)
+            if policy is not None:  # the interval restarts at the save's start; if this raises, nothing is taken yet
+                policy.saved(step)
+            try:
+                return self.admit(record, began, state, metrics, metadata, tags)
+            except BaseException:
+                if policy is not None:
+                    record.ok = False
+                    policy.committed(record)
+                raise
         except BaseException:
-            if policy is not None:
-                record.ok = False
-                policy.committed(record)
+            if self._plan.turns == turns:  # failed before its turn in the agreement: take it, refused
+                self.refuse(step)
             raise
+
+    def refuse(self, step: int) -> None:
+        """This save call fails before it could plan (a step out of range, a fence that raised):
+        its turn in the ranks' agreement, refused. Nothing for a closed manager, which takes part
+        in no agreement any more."""
+        if not self.closed:
+            self._plan.refuse(step)
 
     def _warn_if_behind(self, step: int) -> None:
         """Saving below the newest committed step starts a second timeline that "newest" ignores."""

@@ -74,8 +74,10 @@ class RankPlanner(SavePlanner):
         self._ranks = ranks
         self._me = RankInfo(ranks.rank, ranks.world_size)
         self._replicated = replicated
+        self.turns = 0
 
     def refuse(self, step: int) -> None:
+        self.turns += 1
         try:  # taken part in even when this rank's save cannot be made: no rank waits for its vote
             self._ranks.agree(step, 0, failed=True)
         except CheckpointError:
@@ -90,5 +92,6 @@ class RankPlanner(SavePlanner):
         except BaseException:
             self.refuse(step)
             raise
+        self.turns += 1
         agreement = self._ranks.agree(step, flat.fingerprint, failed=False)
         return flat, RankSave(self._ranks, agreement, flat.globals, flat.pieces)
