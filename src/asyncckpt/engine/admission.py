@@ -92,8 +92,8 @@ class SavePlanner:
         return self.flatten(state), None
 
     def refuse(self, step: int) -> None:
-        """This save of ``step`` fails before :meth:`plan` (its metrics, metadata or tags): the
-        other ranks of a multi-rank save learn it from the planning collective at once."""
+        """This save call fails before :meth:`plan` (its step, metrics, metadata or tags, a fence):
+        it takes its turn refused, so the other ranks' save fails at once (one process: nothing)."""
 
 
 class _Slot:
