@@ -55,6 +55,8 @@ def _logical_bytes(directory: Path, body: dict) -> bytearray:
                 data = planes.T.tobytes()  # byte p of element k was at plane p, position k
             elif codec["id"] == "planes":
                 data = _undo_planes(data, codec, chunk["raw_length"])
+            elif codec["id"] == "zplanes":
+                data = _undo_zero_planes(data, codec, chunk["raw_length"])
             else:
                 raise AssertionError(f"codec {codec['id']} is not in docs/format.md")
         assert len(data) == chunk["raw_length"]
@@ -83,6 +85,31 @@ def _undo_planes(data: bytes, codec: dict, raw_length: int) -> bytes:
         value = int.from_bytes(interleaved[k : k + size], "little")
         value = (value >> rotate) | ((value << (bits - rotate)) & ((1 << bits) - 1))
         out += value.to_bytes(size, "little")
+    return bytes(out)
+
+
+def _undo_zero_planes(data: bytes, codec: dict, raw_length: int) -> bytes:
+    """Section 5's ``zplanes``: the mask (part 0), the kept elements as ``planes`` of them, zeros
+    where the mask's bit is clear."""
+    size, kept_count = codec["size"], codec["nonzero"]
+    n = raw_length // size
+    mask_length = -(-n // 8)
+    assert len(codec["parts"]) == size + 1 and sum(codec["parts"]) == len(data)
+    mask = data[: codec["parts"][0]]
+    if len(mask) < mask_length:
+        assert zstandard.frame_content_size(mask) == mask_length
+        mask = zstandard.ZstdDecompressor().decompress(mask)
+    planes = dict(codec, parts=codec["parts"][1:])
+    kept = _undo_planes(data[codec["parts"][0] :], planes, kept_count * size)
+    bits = [(mask[k // 8] >> (k % 8)) & 1 for k in range(n)]
+    assert sum(bits) == kept_count and all(b == 0 for b in (mask[-1] >> (n % 8),) if n % 8)
+    out, j = bytearray(), 0
+    for bit in bits:
+        if bit:
+            out += kept[j * size : (j + 1) * size]
+            j += 1
+        else:
+            out += bytes(size)
     return bytes(out)
 
 
@@ -168,7 +195,8 @@ def test_a_reader_written_from_the_page_reads_what_load_reads(tmp_path, compress
     if compression is None:
         assert chains == {()}
     else:
-        assert chains == {(), ("zstd",), ("bytegroup", "zstd"), ("planes",)}  # every chain the page defines, in use
+        # every chain the page defines, in use
+        assert chains == {(), ("zstd",), ("bytegroup", "zstd"), ("planes",), ("zplanes",)}
     entries = dict(body["tree"]["d"])
     assert entries["tied"]["l"][0] == entries["halves"]  # section 3.5: two leaves, one tensors[] entry
     assert_same_tree(asyncckpt.load(tmp_path), read_by_the_spec(tmp_path))

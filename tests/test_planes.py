@@ -379,3 +379,171 @@ def test_a_verify_decodes_every_part_without_keeping_planes(decoder):
     spec = dict(codecs[0], parts=[*parts[:3], parts[3] + 8])
     with pytest.raises(CheckpointDamagedError, match="chunk 4 plane 3 holds 8 bytes after the end of its zstd frame"):
         decode_chunk(ChunkSource.of_bytes(hostile, "chunk 4"), [spec], zlib.crc32(hostile), raw.numel())
+
+
+# ---- zplanes: a mask of the zero elements, planes of the rest --------------------------------
+
+
+def with_zeros(dtype: torch.dtype, share: float, n: int = 1 << 15, seed: int = 3) -> torch.Tensor:
+    """Trained-like values with about ``share`` of them exactly zero (a young Adam moment)."""
+    values = trained_like(dtype, n, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    values[torch.rand(n, generator=gen) < share] = 0
+    return as_bytes(values)
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_compact_and_expand_match_their_definition(kernel, size, data):
+    n = data.draw(st.integers(0, 300))
+    words = np.array(
+        data.draw(st.lists(st.sampled_from([0, 1, 0x80, 2**15, 2 ** (8 * size - 1)]), min_size=n, max_size=n)),
+        dtype=WORD[size],
+    )
+    raw = words.view(np.uint8)
+    kept, mask = planes.compact(raw, size)
+    assert np.array_equal(kept.view(WORD[size]), words[words != 0])
+    bits = [(int(mask[k // 8]) >> (k % 8)) & 1 for k in range(n)]
+    assert bits == [int(w != 0) for w in words] and mask.size == -(-n // 8)
+    assert n % 8 == 0 or int(mask[-1]) >> (n % 8) == 0  # no bit past the last element
+    out = np.full(raw.size, 0xA5, dtype=np.uint8)
+    assert planes.expand(mask.copy(), kept.copy(), size, out)
+    assert np.array_equal(out, raw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("share", [0.25, 0.4, 0.9, 0.999])
+def test_a_chunk_with_zeros_is_written_as_zplanes_and_decodes_bit_exact(kernel, decoder, dtype, share):
+    raw = with_zeros(dtype, share)
+    chunk = encode(raw, dtype.itemsize, CodecConfig("zstd", 1))
+    (spec,) = chunk.codecs
+    assert spec["id"] == "zplanes" and spec["size"] == dtype.itemsize and spec["rotate"] == 1
+    words = raw.numpy().view(WORD[dtype.itemsize])
+    assert spec["nonzero"] == int(np.count_nonzero(words))
+    stored = bytes(chunk.data)
+    assert zlib.crc32(stored) == chunk.crc32 and sum(spec["parts"]) == len(stored)
+    registry.check_chain(chunk.codecs, raw.numel(), len(stored))
+    assert torch.equal(decode_new(stored, chunk.codecs, chunk.crc32, raw.numel()), raw)
+
+
+def test_each_zplanes_part_is_the_mask_or_a_plane_of_the_kept_elements(kernel):
+    raw = with_zeros(torch.float32, 0.4)
+    chunk = encode(raw, 4, CodecConfig("zstd", 1))
+    (spec,) = chunk.codecs
+    stored = bytes(chunk.data)
+    words = raw.numpy().view(np.uint32)
+    kept = words[words != 0]
+    mask = np.packbits(words != 0, bitorder="little").tobytes()
+    expected = [mask, *reference_planes(kept.tobytes(), 4, 1)]
+    at = 0
+    for piece, n in zip(expected, spec["parts"], strict=True):
+        part = stored[at : at + n]
+        at += n
+        assert part == piece if n == len(piece) else zstandard.ZstdDecompressor().decompress(part) == piece
+    assert at == len(stored)
+
+
+def test_zeros_below_the_share_or_only_zeros_stay_planes():
+    for share in (0.1, 1.0):
+        chunk = encode(with_zeros(torch.float32, share), 4, CodecConfig("zstd", 1))
+        assert chunk.codecs[0]["id"] == "planes", share
+
+
+def test_zplanes_store_a_young_moment_smaller_than_planes():
+    raw = with_zeros(torch.float32, 0.4)
+    zero_planes, _ = planes.ZPLANES.encode_zero_planes(raw.numpy(), 4, 1, 1)
+    dense = sum(
+        len(zstandard.ZstdCompressor(level=1).compress(p.tobytes())) for p in planes.split_planes(raw.numpy(), 4, 1)
+    )
+    assert zero_planes.size < 0.97 * dense
+
+
+def test_a_zplanes_chunk_decodes_through_an_emitter_and_verifies(decoder):
+    from asyncckpt.codec import ChunkSource, decode_chunk
+
+    raw = with_zeros(torch.bfloat16, 0.5)
+    chunk = encode(raw, 2, CodecConfig("zstd", 1))
+    stored = bytes(chunk.data)
+    pieces = torch.zeros_like(raw)
+
+    def emit(first: int, stride: int, data: torch.Tensor) -> None:
+        pieces[first : first + (data.numel() - 1) * stride + 1 : stride].copy_(data)
+
+    decode_chunk(ChunkSource.of_bytes(stored, "chunk 2"), chunk.codecs, chunk.crc32, raw.numel(), None, emit)
+    assert torch.equal(pieces, raw)
+    decode_chunk(ChunkSource.of_bytes(stored, "chunk 2"), chunk.codecs, chunk.crc32, raw.numel())  # verify only
+
+
+def zspec_with(**changes) -> dict:
+    spec = {"id": "zplanes", "size": 4, "rotate": 1, "level": 1, "nonzero": 100, "parts": [32, 100, 100, 100, 50]}
+    spec.update(changes)
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "message"),
+    [
+        (zspec_with(nonzero=0), ".codecs.nonzero", r"\[1, 255\], got 0"),
+        (zspec_with(nonzero=256), ".codecs.nonzero", r"\[1, 255\], got 256"),
+        (zspec_with(nonzero=True), ".codecs.nonzero", r"got True"),
+        (zspec_with(parts=[32, 100, 100, 100]), ".codecs.parts", r"a list of 5 part lengths"),
+        (zspec_with(parts=[33, 100, 100, 100, 50]), ".codecs.parts", r"in \[1, 32\], got 33"),
+        (zspec_with(parts=[32, 100, 101, 100, 50]), ".codecs.parts", r"in \[1, 100\], got 101"),
+        (zspec_with(size=3), ".codecs.size", r"expected 2, 4 or 8, got 3"),
+    ],
+)
+def test_each_zplanes_parameter_is_checked(spec, field, message):
+    with pytest.raises(registry.ChainError, match=message) as info:
+        registry.check_chain([spec], 1024, 382)
+    assert info.value.field == field
+
+
+def test_a_zplanes_entry_without_nonzero_or_for_one_element_is_refused():
+    entry = zspec_with()
+    del entry["nonzero"]
+    with pytest.raises(registry.ChainError, match="takes the parameters"):
+        registry.check_chain([entry], 1024, 382)
+    with pytest.raises(registry.ChainError, match="has no zeros to leave out"):
+        registry.check_chain([zspec_with(nonzero=1, parts=[1, 1, 1, 1, 1])], 4, 5)
+
+
+@pytest.mark.parametrize("where", ["a bit too many", "a bit too few", "a bit past the end"])
+def test_a_mask_that_does_not_mark_nonzero_elements_is_damage(kernel, where):
+    raw = with_zeros(torch.float32, 0.5, n=1003)
+    stored, spec = planes.ZPLANES.encode_zero_planes(raw.numpy(), 4, 1, 1)
+    assert spec["parts"][0] == 126  # the mask of 1003 elements, as it is (random zeros)
+    mask = bytearray(stored[:126].tobytes())
+    if where == "a bit too many":
+        k = int(np.flatnonzero(raw.numpy().view(np.uint32) == 0)[0])
+        mask[k // 8] |= 1 << (k % 8)
+    elif where == "a bit too few":
+        mask[0] ^= mask[0] & -mask[0]  # its lowest set bit cleared
+    else:
+        mask[-1] |= 0x80  # element 1007 of 1003
+    hostile = bytes(mask) + stored[126:].tobytes()
+    with pytest.raises(
+        CheckpointDamagedError,
+        match=rf"chunk 4: its zero mask does not mark exactly {spec['nonzero']} of its 1003 elements",
+    ):
+        decode_new(hostile, [spec], zlib.crc32(hostile), raw.numel())
+
+
+def test_a_checkpoint_of_young_optimizer_state_round_trips_through_zplanes(tmp_path):
+    from asyncckpt import CheckpointManager, load
+    from asyncckpt.engine.reader import read_manifest
+
+    net = torch.nn.Linear(256, 256)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(4, 256)).relu().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        opt.state[net.weight]["exp_avg"][::2] = 0  # half its rows never updated
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        mgr.save(1, {"opt": opt})
+        mgr.wait()
+    manifest = read_manifest(next(tmp_path.glob("step-*")))
+    assert "zplanes" in {c["id"] for chunk in manifest.chunks for c in chunk.codecs}
+    loaded = load(tmp_path)
+    assert torch.equal(loaded["opt"]["state"][0]["exp_avg"], opt.state[net.weight]["exp_avg"])
+    assert torch.equal(loaded["opt"]["state"][0]["exp_avg_sq"], opt.state[net.weight]["exp_avg_sq"])

@@ -9,7 +9,7 @@ an empty chain: no codec runs.
 from asyncckpt.codec import registry
 from asyncckpt.codec.bytegroup import BYTEGROUP, bytegroup_size
 from asyncckpt.codec.chain import CodecConfig, EncodedChunk, decode, decode_chunk, encode
-from asyncckpt.codec.planes import PLANES
+from asyncckpt.codec.planes import PLANES, ZPLANES
 from asyncckpt.codec.registry import Emit
 from asyncckpt.codec.source import READ_PIECE, ChunkSource, tensor_memoryview
 from asyncckpt.codec.zstd import DECODE_BUDGET, ZSTD, zstd_bound
@@ -18,6 +18,7 @@ from asyncckpt.codec.zstd import DECODE_BUDGET, ZSTD, zstd_bound
 registry.register(BYTEGROUP)
 registry.register(ZSTD)
 registry.register(PLANES)
+registry.register(ZPLANES)
 
 __all__ = [
     "DECODE_BUDGET",

@@ -14,6 +14,9 @@ The stored chunk is the parts one after another: part p is plane p's stored byte
 A part exactly one plane long (``raw_length / S``) is the plane as is; a shorter part is one zstd
 frame of it (written at level L, informative). The decoded chunk is the planes interleaved back
 and every element rotated right by R bits.
+
+``zplanes`` (:class:`ZeroPlanesCodec`) is the same after leaving out the elements that are all zero
+bits, with a mask of where they were: what a chunk that is at least a quarter zeros is written as.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from asyncckpt.errors import CheckpointDamagedError
 _WORD: dict[int, np.dtype] = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 SIZES = tuple(_WORD)  # the element sizes stored as planes
 ROTATE = 1  # what a writer rotates by: the sign bit to the bottom, fp32/bf16 exponents byte-aligned
+# From this share of elements that are all zero bits (young optimizer moments, pruned or never
+# updated rows) a chunk is written as ``zplanes``: a bit per element, and planes of the rest only.
+ZERO_SHARE = 0.25
 LITTLE_ENDIAN = sys.byteorder == "little"  # planes are written on little-endian hosts only
 
 _local = threading.local()
@@ -73,9 +79,67 @@ def _kernel() -> ctypes.CDLL | None:
         for function in (lib.asyncckpt_split_planes, lib.asyncckpt_join_planes):
             function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
             function.restype = ctypes.c_int
+        lib.asyncckpt_compact.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        lib.asyncckpt_compact.restype = ctypes.c_size_t
+        lib.asyncckpt_expand.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        ]
+        lib.asyncckpt_expand.restype = ctypes.c_int
     except (OSError, AttributeError):
         return None
     return lib
+
+
+def compact(raw: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The elements of ``raw`` (uint8, a multiple of ``size`` long) that are not all zero bits, in
+    order, and the mask of where they were (bit k, least significant first, set for element k).
+
+    Both are per-thread scratch buffers, valid until this thread's next call.
+    """
+    n = raw.size // size
+    mask = _scratch("mask", -(-n // 8))
+    kept = _scratch("kept", raw.size)
+    kernel = _kernel()
+    if kernel is None:
+        words = raw.view(_WORD[size])
+        nonzero = words != 0
+        mask[:] = np.packbits(nonzero, bitorder="little")
+        m = int(np.count_nonzero(nonzero))
+        kept.view(_WORD[size])[:m] = words[nonzero]
+    else:
+        m = kernel.asyncckpt_compact(raw.ctypes.data, n, size, kept.ctypes.data, mask.ctypes.data) if n else 0
+    return kept[: m * size], mask
+
+
+def expand(mask: np.ndarray, kept: np.ndarray, size: int, out: np.ndarray) -> bool:
+    """The inverse of :func:`compact` into ``out`` (uint8, contiguous); False when the mask does not
+    set exactly one bit per kept element, or sets bits past the last element."""
+    n = out.size // size
+    m = kept.size // size
+    if mask.size != -(-n // 8) or (n % 8 and mask.size and int(mask[-1]) >> (n % 8)):
+        return False
+    kernel = _kernel()
+    if kernel is None:
+        nonzero = np.unpackbits(mask, count=n, bitorder="little").view(bool)
+        if int(np.count_nonzero(nonzero)) != m:
+            return False
+        words = out.view(_WORD[size])
+        words[:] = 0
+        words[nonzero] = kept.view(_WORD[size])
+        return True
+    kept = np.ascontiguousarray(kept)
+    return not n or kernel.asyncckpt_expand(mask.ctypes.data, kept.ctypes.data, m, n, size, out.ctypes.data) == 0
 
 
 def split_planes(raw: np.ndarray, size: int, rotate: int) -> np.ndarray:
@@ -150,6 +214,44 @@ def _join_numpy(planes: np.ndarray, rotate: int, out: np.ndarray) -> None:
         np.bitwise_or(words, widened, out=words)
 
 
+def _check_layout(spec: Mapping[str, Any], raw_length: int) -> int:
+    """``size``, ``rotate`` and ``level`` of a planes entry, checked; the size."""
+    size = spec.get("size")
+    if isinstance(size, bool) or size not in _WORD:
+        raise ChainError(f"expected 2, 4 or 8, got {size!r}"[:200], ".codecs.size")
+    if raw_length % size:
+        raise ChainError(f"raw_length {raw_length} is not a multiple of the plane count {size}")
+    int_param(spec, "rotate", 0, 8 * size - 1)
+    int_param(spec, "level", *zstd.READ_LEVELS)
+    return size
+
+
+def _check_parts(parts: Any, longest: list[int]) -> None:
+    """One part length per stored piece, each in [1, that piece's length]."""
+    if not isinstance(parts, list) or len(parts) != len(longest):
+        raise ChainError(f"expected a list of {len(longest)} part lengths", ".codecs.parts")
+    for n, most in zip(parts, longest, strict=True):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+            raise ChainError(f"expected part lengths in [1, {most}], got {n!r}"[:200], ".codecs.parts")
+
+
+def _code_into(piece: np.ndarray, target: np.ndarray, level: int) -> int:
+    """``piece`` stored at the start of ``target`` (as long as it): one zstd frame when that is
+    shorter, else the piece as it is; how many bytes it takes."""
+    target = target[: piece.size]
+    fast = libzstd.plane_compressor() if level in zstd.GROUPED_FAST_LEVELS else None
+    if fast is not None:
+        n = fast.compress_into(piece, target)  # 0: the frame would not be shorter than the piece
+    else:
+        frame = zstd.compressor(level, True).compress(piece.data)
+        n = len(frame) if len(frame) < piece.size else 0
+        target[:n] = np.frombuffer(frame, dtype=np.uint8)[:n]
+    if not n or n >= piece.size:
+        target[: piece.size] = piece
+        return piece.size
+    return n
+
+
 class PlanesCodec(CompressCodec):
     """Byte planes of floats, the exponent in one of them, each plane zstd-coded or stored as is."""
 
@@ -165,20 +267,8 @@ class PlanesCodec(CompressCodec):
         Raises:
             ChainError: a parameter is not so.
         """
-        size = spec.get("size")
-        if isinstance(size, bool) or size not in _WORD:
-            raise ChainError(f"expected 2, 4 or 8, got {size!r}"[:200], ".codecs.size")
-        if raw_length % size:
-            raise ChainError(f"raw_length {raw_length} is not a multiple of the plane count {size}")
-        int_param(spec, "rotate", 0, 8 * size - 1)
-        int_param(spec, "level", *zstd.READ_LEVELS)
-        parts = spec.get("parts")
-        if not isinstance(parts, list) or len(parts) != size:
-            raise ChainError(f"expected a list of {size} part lengths", ".codecs.parts")
-        plane = raw_length // size
-        for n in parts:
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= plane:
-                raise ChainError(f"expected part lengths in [1, {plane}], got {n!r}"[:200], ".codecs.parts")
+        size = _check_layout(spec, raw_length)
+        _check_parts(spec["parts"], [raw_length // size] * size)
 
     def check_stored(self, spec: Mapping[str, Any], length: int) -> None:
         """The parts add up to the chunk's stored length.
@@ -225,25 +315,15 @@ class PlanesCodec(CompressCodec):
         Returns:
             The stored bytes (a new array) and the entry.
         """
-        planes = split_planes(raw, size, rotate)
-        plane_length = raw.size // size
+        words = raw.view(_WORD[size])
+        zeros = words.size - int(np.count_nonzero(words))
+        if words.size >= 64 and words.size * ZERO_SHARE <= zeros < words.size:
+            return ZPLANES.encode_zero_planes(raw, size, rotate, level)
         out = np.empty(raw.size, dtype=np.uint8)
-        fast = libzstd.plane_compressor() if level in zstd.GROUPED_FAST_LEVELS else None
-        binding = None if fast is not None else zstd.compressor(level, True)
         at = 0
         parts: list[int] = []
-        for plane in planes:
-            target = out[at : at + plane_length]
-            if fast is not None:
-                n = fast.compress_into(plane, target)  # 0: the frame would not be shorter than the plane
-            else:
-                assert binding is not None
-                frame = binding.compress(memoryview(plane))
-                n = len(frame) if len(frame) < plane_length else 0
-                target[:n] = np.frombuffer(frame, dtype=np.uint8)[:n]
-            if not n or n >= plane_length:
-                out[at : at + plane_length] = plane
-                n = plane_length
+        for plane in split_planes(raw, size, rotate):
+            n = _code_into(plane, out[at:], level)
             parts.append(n)
             at += n
         spec = {"id": self.name, "size": size, "rotate": rotate, "level": level, "parts": parts}
@@ -347,4 +427,126 @@ class PlanesCodec(CompressCodec):
                 emit(0, 1, torch.from_numpy(out))
 
 
+class ZeroPlanesCodec(PlanesCodec):
+    """``planes`` of the elements that are not all zero bits, after a mask of where they are.
+
+    A young optimizer's moments are 40% exact zeros: their mantissa planes, random where the value
+    is not zero, then compress about 1.5x, at the price of entropy-coding every byte. Without the
+    zeros they are stored as they are, and only the mask and the exponent plane are coded.
+
+    Manifest entry: ``{"id": "zplanes", "size": S, "rotate": R, "level": L, "nonzero": M, "parts":
+    [n_mask, n_0, ..., n_S-1]}``. The first part is the mask (bit k, least significant first, set
+    for each element k kept; ``ceil(N / 8)`` bytes for N elements), the others the S planes of the
+    M kept elements, each M bytes; a part as long as its piece is it as is, a shorter one a zstd
+    frame of it.
+    """
+
+    name = "zplanes"
+    params = frozenset({"size", "rotate", "level", "nonzero", "parts"})
+
+    def check_params(self, spec: Mapping[str, Any], raw_length: int) -> None:
+        """As ``planes``, plus ``nonzero`` in [1, N - 1] for N elements, and S + 1 parts: the
+        mask's at most ``ceil(N / 8)``, each plane's at most ``nonzero``.
+
+        Raises:
+            ChainError: a parameter is not so.
+        """
+        size = _check_layout(spec, raw_length)
+        n = raw_length // size
+        if n < 2:
+            raise ChainError(f"a chunk of {n} element(s) has no zeros to leave out", ".codecs.nonzero")
+        m = int_param(spec, "nonzero", 1, n - 1)
+        _check_parts(spec["parts"], [-(-n // 8)] + [m] * size)
+
+    def encode(self, data: memoryview, spec: Mapping[str, Any], *, reordered: bool) -> bytes:
+        """The stored bytes, for a caller holding a full entry (the writer uses :meth:`encode_planes`)."""
+        raw = np.frombuffer(data, dtype=np.uint8)
+        stored, _ = self.encode_zero_planes(raw, spec["size"], spec["rotate"], spec["level"])
+        return stored.tobytes()
+
+    def encode_zero_planes(
+        self, raw: np.ndarray, size: int, rotate: int, level: int
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The stored bytes of a chunk with some zero elements, and its entry.
+
+        Raises:
+            ValueError: the chunk has no zero element, or nothing but zeros.
+        """
+        kept, mask = compact(raw, size)
+        m = kept.size // size
+        if not 0 < m < raw.size // size:
+            raise ValueError(f"zplanes needs both zero and non-zero elements, got {m} of {raw.size // size} non-zero")
+        out = np.empty(mask.size + kept.size, dtype=np.uint8)
+        at = _code_into(mask, out, level)
+        parts = [at]
+        for plane in split_planes(kept, size, rotate):
+            n = _code_into(plane, out[at:], level)
+            parts.append(n)
+            at += n
+        spec = {"id": self.name, "size": size, "rotate": rotate, "level": level, "nonzero": m, "parts": parts}
+        return out[:at], spec
+
+    def decode(
+        self,
+        source: ChunkSource,
+        raw_length: int,
+        spec: Mapping[str, Any],
+        direct: torch.Tensor | None,
+        emit: Emit | None,
+    ) -> None:
+        """The mask and the kept elements' planes read (frames decompressed), the planes joined
+        into the kept elements, then spread over ``direct`` or a scratch buffer handed to
+        ``emit``, zeros between. A verify reads and decodes every part and keeps nothing.
+
+        Raises:
+            CheckpointDamagedError: the parts do not add up to the stored length, a frame does not
+                decode to its piece's length, or the mask does not mark exactly ``nonzero``
+                elements.
+        """
+        size, rotate, parts, m = spec["size"], spec["rotate"], spec["parts"], spec["nonzero"]
+        if sum(parts) != source.length:
+            raise CheckpointDamagedError(
+                f"{source.what} stores {source.length} bytes, its mask's and planes' parts add up to {sum(parts)}"
+            )
+        n = raw_length // size
+        pieces = [-(-n // 8)] + [m] * size
+        names = [f"{source.what} zero mask"] + [f"{source.what} plane {p}" for p in range(size)]
+        if direct is None and emit is None:
+            with zstd.DECODE_BUDGET.hold(zstd.frame_memory(max(pieces))):
+                for stored, length, what in zip(parts, pieces, names, strict=True):
+                    if stored == length:
+                        source.skip(stored)
+                    else:
+                        self._decode_part(source, stored, length, None, what)
+            return
+        compressed = [length for stored, length in zip(parts, pieces, strict=True) if stored < length]
+        one_shot = libzstd.plane_decompressor() is not None
+        need = pieces[0] + 2 * m * size  # the mask, the planes, the kept elements joined
+        if compressed:
+            need += max(compressed) if one_shot else zstd.frame_memory(max(compressed))
+        if direct is None:
+            need += raw_length  # the chunk handed to emit
+        if _kernel() is None:
+            need += m * size + n  # numpy's join widens a plane at a time; its expand, a bool per element
+        with zstd.DECODE_BUDGET.hold(need):
+            mask = _scratch("zmask", pieces[0])
+            planes = _scratch("planes", m * size).reshape(size, m)
+            targets = [mask] + list(planes)
+            for stored, length, what, target in zip(parts, pieces, names, targets, strict=True):
+                if stored == length:
+                    source.fill(target.data)
+                else:
+                    self._decode_part(source, stored, length, torch.from_numpy(target), what)
+            kept = _scratch("zkept", m * size)
+            join_planes(planes, rotate, kept)
+            out = direct.numpy() if direct is not None else _scratch("joined", raw_length)
+            if not expand(mask, kept, size, out):
+                raise CheckpointDamagedError(
+                    f"{source.what}: its zero mask does not mark exactly {m} of its {n} elements"
+                )
+            if direct is None and emit is not None:
+                emit(0, 1, torch.from_numpy(out))
+
+
 PLANES = PlanesCodec()
+ZPLANES = ZeroPlanesCodec()
