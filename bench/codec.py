@@ -195,12 +195,37 @@ def young_planes(repeats: int = 3) -> list[dict]:
                     times.append(time.process_time() - began)
                 seconds[p] += median(times)
                 stored[p] += min(n or split.shape[1], split.shape[1])
+        # the whole chunk as asyncckpt writes it (zplanes where a quarter is zeros, else planes),
+        # against the same chunks forced through planes: stored size and encode CPU (split, zstd;
+        # compaction too for zplanes), and the share of chunks written as zplanes
+        raw_bytes = sum(c.numel() for c in chunks)
+        written = {"planes": [0, 0.0], "asyncckpt": [0, 0.0]}
+        zchunks = 0
+        for c in chunks:
+            raw = c.numpy()
+            for kind, fn in (
+                ("planes", lambda raw=raw: planes.PLANES._encode_dense(raw, 4, 1, 1)),
+                ("asyncckpt", lambda raw=raw: planes.PLANES.encode_planes(raw, 4, 1, 1)),
+            ):
+                times = []
+                for _ in range(repeats):
+                    began = time.process_time()
+                    stored_bytes, spec = fn()
+                    times.append(time.process_time() - began)
+                written[kind][0] += stored_bytes.size
+                written[kind][1] += median(times)
+            zchunks += spec["id"] == "zplanes"
         rows.append(
             {
                 "tensors": name,
                 "zero_share": zeros,
                 "plane_ratio": [plane_bytes / s for s in stored],
                 "ns_per_plane_byte": [t / plane_bytes * 1e9 for t in seconds],
+                "zplanes_chunks": zchunks / len(chunks),
+                "planes_ratio": raw_bytes / written["planes"][0],
+                "asyncckpt_ratio": raw_bytes / written["asyncckpt"][0],
+                "planes_ns_per_byte": written["planes"][1] / raw_bytes * 1e9,
+                "asyncckpt_ns_per_byte": written["asyncckpt"][1] / raw_bytes * 1e9,
             }
         )
     return rows
@@ -268,6 +293,16 @@ def print_young_planes(rows: list[dict]) -> None:
         ratios = ", ".join(f"{x:.3f}" for x in r["plane_ratio"])
         costs = ", ".join(f"{x:.2f}" for x in r["ns_per_plane_byte"])
         print(f"| {r['tensors']} | {r['zero_share']:.1%} | {ratios} | {costs} |")
+    if rows and "asyncckpt_ratio" in rows[0]:
+        print("\nthe same chunks whole: every one as planes, against as asyncckpt writes them (zplanes where a")
+        print("quarter or more of a chunk is exact zeros); encode CPU per raw byte (split, zstd, compaction):")
+        print("| tensors | chunks as zplanes | ratio, planes -> asyncckpt | encode ns per byte, planes -> asyncckpt |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['tensors']} | {r['zplanes_chunks']:.0%} | {r['planes_ratio']:.3f} -> {r['asyncckpt_ratio']:.3f} "
+                f"| {r['planes_ns_per_byte']:.2f} -> {r['asyncckpt_ns_per_byte']:.2f} |"
+            )
 
 
 def print_planes(rows: list[dict]) -> None:

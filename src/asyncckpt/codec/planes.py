@@ -297,7 +297,7 @@ class PlanesCodec(CompressCodec):
     def encode(self, data: memoryview, spec: Mapping[str, Any], *, reordered: bool) -> bytes:
         """The stored bytes, for a caller holding a full entry (the writer uses :meth:`encode_planes`)."""
         raw = np.frombuffer(data, dtype=np.uint8)
-        stored, _ = self.encode_planes(raw, spec["size"], spec["rotate"], spec["level"])
+        stored, _ = self._encode_dense(raw, spec["size"], spec["rotate"], spec["level"])
         return stored.tobytes()
 
     def encode_planes(self, raw: np.ndarray, size: int, rotate: int, level: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -319,6 +319,10 @@ class PlanesCodec(CompressCodec):
         zeros = words.size - int(np.count_nonzero(words))
         if words.size >= 64 and words.size * ZERO_SHARE <= zeros < words.size:
             return ZPLANES.encode_zero_planes(raw, size, rotate, level)
+        return self._encode_dense(raw, size, rotate, level)
+
+    def _encode_dense(self, raw: np.ndarray, size: int, rotate: int, level: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """:meth:`encode_planes` of every element (no mask)."""
         out = np.empty(raw.size, dtype=np.uint8)
         at = 0
         parts: list[int] = []
