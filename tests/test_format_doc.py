@@ -188,6 +188,8 @@ def varied_state() -> dict:
 def test_a_reader_written_from_the_page_reads_what_load_reads(tmp_path, compression):
     state = varied_state()
     state["tied"][0] = state["halves"]  # the same tensor under two names: one tensors[] entry
+    state["sparse"] = torch.zeros(4096)
+    state["sparse"][::3] = torch.linspace(-1, 1, 1366)  # two thirds exact zeros: zplanes
     with asyncckpt.CheckpointManager(tmp_path, compression=compression, chunk_size=4096) as mgr:
         mgr.save(3, state).wait()
     body = _checked_manifest(tmp_path / "step-000000000003")
