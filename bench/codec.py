@@ -195,7 +195,7 @@ def young_planes(repeats: int = 3) -> list[dict]:
                     times.append(time.process_time() - began)
                 seconds[p] += median(times)
                 stored[p] += min(n or split.shape[1], split.shape[1])
-        # the whole chunk as asyncckpt writes it (zplanes where a quarter is zeros, else planes),
+        # the whole chunk as asyncckpt writes it (zplanes where 5% or more is zeros, else planes),
         # against the same chunks forced through planes: stored size and encode CPU (split, zstd;
         # compaction too for zplanes), and the share of chunks written as zplanes
         raw_bytes = sum(c.numel() for c in chunks)
@@ -294,8 +294,8 @@ def print_young_planes(rows: list[dict]) -> None:
         costs = ", ".join(f"{x:.2f}" for x in r["ns_per_plane_byte"])
         print(f"| {r['tensors']} | {r['zero_share']:.1%} | {ratios} | {costs} |")
     if rows and "asyncckpt_ratio" in rows[0]:
-        print("\nthe same chunks whole: every one as planes, against as asyncckpt writes them (zplanes where a")
-        print("quarter or more of a chunk is exact zeros); encode CPU per raw byte (split, zstd, compaction):")
+        print("\nthe same chunks whole: every one as planes, against as asyncckpt writes them (zplanes where 5%")
+        print("or more of a chunk is exact zeros); encode CPU per raw byte (split, zstd, compaction):")
         print("| tensors | chunks as zplanes | ratio, planes -> asyncckpt | encode ns per byte, planes -> asyncckpt |")
         print("|---|---|---|---|")
         for r in rows:

@@ -16,7 +16,7 @@ frame of it (written at level L, informative). The decoded chunk is the planes i
 and every element rotated right by R bits.
 
 ``zplanes`` (:class:`ZeroPlanesCodec`) is the same after leaving out the elements that are all zero
-bits, with a mask of where they were: what a chunk that is at least a quarter zeros is written as.
+bits, with a mask of where they were: what a chunk that is 5% or more zeros is written as.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ SIZES = tuple(_WORD)  # the element sizes stored as planes
 ROTATE = 1  # what a writer rotates by: the sign bit to the bottom, fp32/bf16 exponents byte-aligned
 # From this share of elements that are all zero bits (young optimizer moments, pruned or never
 # updated rows) a chunk is written as ``zplanes``: a bit per element, and planes of the rest only.
-ZERO_SHARE = 0.25
+# Around it zstd starts entropy-coding the mantissa planes of the zeros' chunk (slowly, both ways);
+# below it the mask and the spreading cost more than they save (bench/codec.py, young moments).
+ZERO_SHARE = 0.05
 _SAMPLE_STRIDE = 16  # every 16th element tells the share (a 4 MiB fp32 chunk: 65536 of them)
 LITTLE_ENDIAN = sys.byteorder == "little"  # planes are written on little-endian hosts only
 
@@ -139,8 +141,11 @@ def expand(mask: np.ndarray, kept: np.ndarray, size: int, out: np.ndarray) -> bo
         words[:] = 0
         words[nonzero] = kept.view(_WORD[size])
         return True
+    if not m:  # nothing kept: the kernel reads at least one kept element
+        out[:] = 0
+        return not mask.any()
     kept = np.ascontiguousarray(kept)
-    return not n or kernel.asyncckpt_expand(mask.ctypes.data, kept.ctypes.data, m, n, size, out.ctypes.data) == 0
+    return kernel.asyncckpt_expand(mask.ctypes.data, kept.ctypes.data, m, n, size, out.ctypes.data) == 0
 
 
 def split_planes(raw: np.ndarray, size: int, rotate: int) -> np.ndarray:
@@ -316,9 +321,10 @@ class PlanesCodec(CompressCodec):
         Returns:
             The stored bytes (a new array) and the entry.
         """
-        sample = raw.view(_WORD[size])[::_SAMPLE_STRIDE]  # judged from a sample: a full count costs 15%
+        words = raw.view(_WORD[size])
+        sample = words[::_SAMPLE_STRIDE]  # judged from a sample: a full count costs 15%
         zeros = sample.size - int(np.count_nonzero(sample))
-        if sample.size >= 64 and sample.size * ZERO_SHARE <= zeros < sample.size:
+        if words.size >= 1024 and sample.size * ZERO_SHARE <= zeros < sample.size:
             return ZPLANES.encode_zero_planes(raw, size, rotate, level)
         return self._encode_dense(raw, size, rotate, level)
 
