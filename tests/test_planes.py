@@ -547,3 +547,20 @@ def test_a_checkpoint_of_young_optimizer_state_round_trips_through_zplanes(tmp_p
     loaded = load(tmp_path)
     assert torch.equal(loaded["opt"]["state"][0]["exp_avg"], opt.state[net.weight]["exp_avg"])
     assert torch.equal(loaded["opt"]["state"][0]["exp_avg_sq"], opt.state[net.weight]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("where", ["a bit too many", "a bit past the end"])
+def test_a_verify_finds_a_mask_that_does_not_mark_nonzero_elements(kernel, decoder, where):
+    from asyncckpt.codec import ChunkSource, decode_chunk
+
+    raw = with_zeros(torch.float32, 0.5, n=1003)
+    stored, spec = planes.ZPLANES.encode_zero_planes(raw.numpy(), 4, 1, 1)
+    mask = bytearray(stored[:126].tobytes())
+    if where == "a bit too many":
+        k = int(np.flatnonzero(raw.numpy().view(np.uint32) == 0)[0])
+        mask[k // 8] |= 1 << (k % 8)
+    else:
+        mask[-1] |= 0x80  # element 1007 of 1003
+    hostile = bytes(mask) + stored[126:].tobytes()
+    with pytest.raises(CheckpointDamagedError, match=r"chunk 9: its zero mask does not mark exactly"):
+        decode_chunk(ChunkSource.of_bytes(hostile, "chunk 9"), [spec], zlib.crc32(hostile), raw.numel())

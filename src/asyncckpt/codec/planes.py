@@ -125,6 +125,13 @@ def compact(raw: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return kept[: m * size], mask
 
 
+def _marks(mask: np.ndarray, n: int, m: int) -> bool:
+    """Whether ``mask`` marks exactly ``m`` of ``n`` elements, and no bit past the last."""
+    if mask.size != -(-n // 8) or (n % 8 and mask.size and int(mask[-1]) >> (n % 8)):
+        return False
+    return int(np.unpackbits(mask).sum(dtype=np.int64)) == m
+
+
 def expand(mask: np.ndarray, kept: np.ndarray, size: int, out: np.ndarray) -> bool:
     """The inverse of :func:`compact` into ``out`` (uint8, contiguous); False when the mask does not
     set exactly one bit per kept element, or sets bits past the last element."""
@@ -522,13 +529,22 @@ class ZeroPlanesCodec(PlanesCodec):
         n = raw_length // size
         pieces = [-(-n // 8)] + [m] * size
         names = [f"{source.what} zero mask"] + [f"{source.what} plane {p}" for p in range(size)]
-        if direct is None and emit is None:
-            with zstd.DECODE_BUDGET.hold(zstd.frame_memory(max(pieces))):
-                for stored, length, what in zip(parts, pieces, names, strict=True):
+        if direct is None and emit is None:  # a verify: the mask kept and checked, the planes dropped
+            with zstd.DECODE_BUDGET.hold(pieces[0] + zstd.frame_memory(max(pieces))):
+                mask = _scratch("zmask", pieces[0])
+                if parts[0] == pieces[0]:
+                    source.fill(mask.data)
+                else:
+                    self._decode_part(source, parts[0], pieces[0], torch.from_numpy(mask), names[0])
+                for stored, length, what in zip(parts[1:], pieces[1:], names[1:], strict=True):
                     if stored == length:
                         source.skip(stored)
                     else:
                         self._decode_part(source, stored, length, None, what)
+                if not _marks(mask, n, m):
+                    raise CheckpointDamagedError(
+                        f"{source.what}: its zero mask does not mark exactly {m} of its {n} elements"
+                    )
             return
         compressed = [length for stored, length in zip(parts, pieces, strict=True) if stored < length]
         one_shot = libzstd.plane_decompressor() is not None
