@@ -125,11 +125,14 @@ def compact(raw: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return kept[: m * size], mask
 
 
+def _fits(mask: np.ndarray, n: int) -> bool:
+    """Whether ``mask`` is one bit per element of ``n``, with no bit set past the last."""
+    return mask.size == -(-n // 8) and not (n % 8 and mask.size and int(mask[-1]) >> (n % 8))
+
+
 def _marks(mask: np.ndarray, n: int, m: int) -> bool:
     """Whether ``mask`` marks exactly ``m`` of ``n`` elements, and no bit past the last."""
-    if mask.size != -(-n // 8) or (n % 8 and mask.size and int(mask[-1]) >> (n % 8)):
-        return False
-    return int(np.unpackbits(mask).sum(dtype=np.int64)) == m
+    return _fits(mask, n) and int(np.unpackbits(mask).sum(dtype=np.int64)) == m
 
 
 def expand(mask: np.ndarray, kept: np.ndarray, size: int, out: np.ndarray) -> bool:
@@ -137,7 +140,7 @@ def expand(mask: np.ndarray, kept: np.ndarray, size: int, out: np.ndarray) -> bo
     set exactly one bit per kept element, or sets bits past the last element."""
     n = out.size // size
     m = kept.size // size
-    if mask.size != -(-n // 8) or (n % 8 and mask.size and int(mask[-1]) >> (n % 8)):
+    if not _fits(mask, n):
         return False
     kernel = _kernel()
     if kernel is None:
@@ -347,6 +350,21 @@ class PlanesCodec(CompressCodec):
         spec = {"id": self.name, "size": size, "rotate": rotate, "level": level, "parts": parts}
         return out[:at], spec
 
+    def _read_parts(
+        self, source: ChunkSource, parts: list[int], pieces: list[int], names: list[str], targets: list[Any]
+    ) -> None:
+        """Each stored part into its piece's target (None: read, checksummed and dropped): a part
+        as long as its piece is the piece as is, a shorter one a zstd frame of it."""
+        for stored, length, what, target in zip(parts, pieces, names, targets, strict=True):
+            if stored == length:
+                if target is None:
+                    source.skip(stored)
+                else:
+                    source.fill(target.data)
+            else:
+                into = None if target is None else torch.from_numpy(target)
+                self._decode_part(source, stored, length, into, what)
+
     @staticmethod
     def _decode_part(
         source: ChunkSource, stored: int, plane_length: int, target: torch.Tensor | None, what: str
@@ -414,13 +432,11 @@ class PlanesCodec(CompressCodec):
                 f"{source.what} stores {source.length} bytes, its planes' parts add up to {sum(parts)}"
             )
         plane_length = raw_length // size
+        pieces = [plane_length] * size
+        names = [f"{source.what} plane {p}" for p in range(size)]
         if direct is None and emit is None:
             with zstd.DECODE_BUDGET.hold(zstd.frame_memory(plane_length)):
-                for p, stored in enumerate(parts):
-                    if stored == plane_length:
-                        source.skip(stored)
-                    else:
-                        self._decode_part(source, stored, plane_length, None, f"{source.what} plane {p}")
+                self._read_parts(source, parts, pieces, names, [None] * size)
             return
         compressed = any(n < plane_length for n in parts)
         one_shot = libzstd.plane_decompressor() is not None
@@ -433,12 +449,7 @@ class PlanesCodec(CompressCodec):
             need += raw_length  # numpy's join widens a plane at a time into elements
         with zstd.DECODE_BUDGET.hold(need):
             planes = _scratch("planes", raw_length).reshape(size, plane_length)
-            for p, stored in enumerate(parts):
-                if stored == plane_length:
-                    source.fill(planes[p].data)
-                else:
-                    target = torch.from_numpy(planes[p])
-                    self._decode_part(source, stored, plane_length, target, f"{source.what} plane {p}")
+            self._read_parts(source, parts, pieces, names, list(planes))
             out = direct.numpy() if direct is not None else _scratch("joined", raw_length)
             join_planes(planes, rotate, out)
             if direct is None and emit is not None:
@@ -532,15 +543,7 @@ class ZeroPlanesCodec(PlanesCodec):
         if direct is None and emit is None:  # a verify: the mask kept and checked, the planes dropped
             with zstd.DECODE_BUDGET.hold(pieces[0] + zstd.frame_memory(max(pieces))):
                 mask = _scratch("zmask", pieces[0])
-                if parts[0] == pieces[0]:
-                    source.fill(mask.data)
-                else:
-                    self._decode_part(source, parts[0], pieces[0], torch.from_numpy(mask), names[0])
-                for stored, length, what in zip(parts[1:], pieces[1:], names[1:], strict=True):
-                    if stored == length:
-                        source.skip(stored)
-                    else:
-                        self._decode_part(source, stored, length, None, what)
+                self._read_parts(source, parts, pieces, names, [mask] + [None] * size)
                 if not _marks(mask, n, m):
                     raise CheckpointDamagedError(
                         f"{source.what}: its zero mask does not mark exactly {m} of its {n} elements"
@@ -558,12 +561,7 @@ class ZeroPlanesCodec(PlanesCodec):
         with zstd.DECODE_BUDGET.hold(need):
             mask = _scratch("zmask", pieces[0])
             planes = _scratch("planes", m * size).reshape(size, m)
-            targets = [mask] + list(planes)
-            for stored, length, what, target in zip(parts, pieces, names, targets, strict=True):
-                if stored == length:
-                    source.fill(target.data)
-                else:
-                    self._decode_part(source, stored, length, torch.from_numpy(target), what)
+            self._read_parts(source, parts, pieces, names, [mask, *planes])
             kept = _scratch("zkept", m * size)
             join_planes(planes, rotate, kept)
             out = direct.numpy() if direct is not None else _scratch("joined", raw_length)
