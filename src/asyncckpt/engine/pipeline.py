@@ -331,9 +331,7 @@ class Pipeline:
             vote = self._write_rank_part(job, ranks, staging)
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
-            group.vote(ranks.attempt, Vote(group.rank, False, reason))
-            if group.rank == 0:
-                self._fail_attempt(job.step, ranks, staging, reason)
+            self._report_failure(job.step, ranks, staging, reason)
             raise
         group.vote(ranks.attempt, vote)
         began = time.perf_counter()
@@ -420,6 +418,13 @@ class Pipeline:
         job.record.max_rank_stall_s = max(v.stall_s for v in votes)
         return checkpoint.ref, manifest.raw_bytes, manifest.stored_bytes
 
+    def _report_failure(self, step: int, ranks: RankSave, staging: Staging, reason: str) -> None:
+        """This rank's part of the attempt failed (``reason``): its failed vote; rank 0 then waits
+        for the others' votes, tells them, and removes the attempt."""
+        ranks.group.vote(ranks.attempt, Vote(ranks.group.rank, False, reason))
+        if ranks.group.rank == 0:
+            self._fail_attempt(step, ranks, staging, reason)
+
     def _fail_attempt(self, step: int, ranks: RankSave, staging: Staging, reason: str) -> None:
         """Rank 0 failed its own part (``reason``): wait for the others to finish writing (their
         votes), tell them the save failed and why, then remove the attempt."""
@@ -438,11 +443,8 @@ class Pipeline:
             attempt = ranks.attempt
         except CheckpointError:
             return  # the ranks did not agree: every rank's save fails without a vote
-        group = ranks.group
         try:
-            group.vote(attempt, Vote(group.rank, False, part.reason))
-            if group.rank == 0:
-                self._fail_attempt(part.step, ranks, self._storage.begin(part.step, attempt=attempt), part.reason)
+            self._report_failure(part.step, ranks, self._storage.begin(part.step, attempt=attempt), part.reason)
         except Exception as exc:  # noqa: BLE001 - the writer must go on
             _warn_from_writer(
                 f"asyncckpt: reporting the failed save of step {part.step} to the other ranks failed: {exc!r}"
