@@ -412,6 +412,24 @@ def test_compact_and_expand_match_their_definition(kernel, size, data):
     assert np.array_equal(out, raw)
 
 
+@pytest.mark.parametrize("size", [2, 4, 8])
+@pytest.mark.parametrize("share", [0.0, 0.05, 0.5, 1.0])
+def test_compact_of_a_long_misaligned_chunk_keeps_every_nonzero_element_in_order(kernel, size, share):
+    """Long enough for the 8-at-a-time loop with every mask byte, from a misaligned address, with
+    a tail that is not a multiple of 8 elements."""
+    n = 5003
+    rng = np.random.default_rng(size)
+    words = rng.integers(1, 2 ** (8 * size - 1), n, dtype=np.uint64).astype(WORD[size])
+    words[rng.random(n) < share] = 0
+    backing = np.zeros(n * size + 1, dtype=np.uint8)
+    raw = backing[1:]
+    raw[:] = words.view(np.uint8)
+    kept, mask = planes.compact(raw, size)
+    assert np.array_equal(kept.view(WORD[size]), words[words != 0])
+    assert np.array_equal(np.unpackbits(mask, bitorder="little")[:n], (words != 0).astype(np.uint8))
+    assert int(mask[-1]) >> (n % 8) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("share", [0.3, 0.4, 0.9, 0.999])
 def test_a_chunk_with_zeros_is_written_as_zplanes_and_decodes_bit_exact(kernel, decoder, dtype, share):

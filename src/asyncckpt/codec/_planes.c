@@ -136,12 +136,13 @@ ASYNCCKPT_EXPORT int asyncckpt_join_planes(const uint8_t *planes, size_t n, int 
  *          (least significant first, ceil(n / 8) bytes) set where element k is kept. Returns how
  *          many were kept.
  * expand:  the inverse: element k of `out` is the next of the m kept elements where its mask bit
- *          is set, else zero. Returns -1 when the mask sets other than m bits, else 0. */
+ *          is set, else zero. Returns -1 when the mask sets other than m bits, else 0.
+ * compact_from goes on from element `base` (a multiple of 8) with m kept so far: the whole chunk
+ * where no vector version runs, the tail after one. */
 #define ASYNCCKPT_COMPACT(T, W)                                                                    \
-    ASYNCCKPT_CLONES static size_t compact_##W(const uint8_t *raw, size_t n, uint8_t *out,         \
-                                               uint8_t *mask) {                                    \
-        size_t m = 0;                                                                              \
-        for (size_t base = 0; base < n; base += 8) {                                               \
+    ASYNCCKPT_CLONES static size_t compact_from_##W(const uint8_t *raw, size_t n, size_t base,     \
+                                                    size_t m, uint8_t *out, uint8_t *mask) {       \
+        for (; base < n; base += 8) {                                                              \
             size_t end = n - base < 8 ? n - base : 8;                                              \
             unsigned bits = 0;                                                                     \
             for (size_t j = 0; j < end; j++) {                                                     \
@@ -178,12 +179,76 @@ ASYNCCKPT_COMPACT(uint16_t, 16)
 ASYNCCKPT_COMPACT(uint32_t, 32)
 ASYNCCKPT_COMPACT(uint64_t, 64)
 
+#if defined(__GNUC__) && defined(__x86_64__)
+/* Compaction 8 elements at a time: compare with zero, and move the kept ones to the front of a
+ * register with a shuffle looked up by the 8 mask bits (the plain loop above moves one element per
+ * step and cost more than the split that follows it). The store writes a whole register at the
+ * kept count, never past the elements read so far, so it stays inside `out`. */
+#include <immintrin.h>
+#define ASYNCCKPT_LEFT_PACK 1
+
+static uint32_t pack_lanes32[256][8]; /* for mask bits b: the lanes of its set bits, in order */
+static uint8_t pack_bytes16[256][16]; /* the same as byte indices of 16-bit lanes; 0x80 zeroes */
+
+__attribute__((constructor)) static void build_pack_tables(void) {
+    for (unsigned b = 0; b < 256; b++) {
+        unsigned at = 0;
+        memset(pack_bytes16[b], 0x80, 16);
+        for (unsigned lane = 0; lane < 8; lane++) {
+            if (b >> lane & 1) {
+                pack_lanes32[b][at] = lane;
+                pack_bytes16[b][2 * at] = (uint8_t)(2 * lane);
+                pack_bytes16[b][2 * at + 1] = (uint8_t)(2 * lane + 1);
+                at++;
+            }
+        }
+    }
+}
+
+__attribute__((target("avx2,popcnt"))) static size_t compact_32_avx2(const uint8_t *raw, size_t n, uint8_t *out,
+                                                                      uint8_t *mask) {
+    const __m256i zero = _mm256_setzero_si256();
+    size_t m = 0, base = 0;
+    for (; base + 8 <= n; base += 8) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(raw + base * 4));
+        unsigned zeros = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(v, zero)));
+        unsigned bits = ~zeros & 0xFFu;
+        __m256i lanes = _mm256_loadu_si256((const __m256i *)pack_lanes32[bits]);
+        _mm256_storeu_si256((__m256i *)(out + m * 4), _mm256_permutevar8x32_epi32(v, lanes));
+        m += (size_t)__builtin_popcount(bits);
+        mask[base >> 3] = (uint8_t)bits;
+    }
+    return compact_from_32(raw, n, base, m, out, mask);
+}
+
+__attribute__((target("ssse3,popcnt"))) static size_t compact_16_ssse3(const uint8_t *raw, size_t n, uint8_t *out,
+                                                                        uint8_t *mask) {
+    const __m128i zero = _mm_setzero_si128();
+    size_t m = 0, base = 0;
+    for (; base + 8 <= n; base += 8) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(raw + base * 2));
+        __m128i is_zero = _mm_cmpeq_epi16(v, zero);
+        unsigned zeros = (unsigned)_mm_movemask_epi8(_mm_packs_epi16(is_zero, is_zero)) & 0xFFu;
+        unsigned bits = ~zeros & 0xFFu;
+        __m128i order = _mm_loadu_si128((const __m128i *)pack_bytes16[bits]);
+        _mm_storeu_si128((__m128i *)(out + m * 2), _mm_shuffle_epi8(v, order));
+        m += (size_t)__builtin_popcount(bits);
+        mask[base >> 3] = (uint8_t)bits;
+    }
+    return compact_from_16(raw, n, base, m, out, mask);
+}
+#endif
+
 /* Returns the count kept, or (size_t)-1 for a size other than 2, 4 or 8. */
 ASYNCCKPT_EXPORT size_t asyncckpt_compact(const uint8_t *raw, size_t n, int size, uint8_t *out, uint8_t *mask) {
+#ifdef ASYNCCKPT_LEFT_PACK
+    if (size == 4 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return compact_32_avx2(raw, n, out, mask);
+    if (size == 2 && __builtin_cpu_supports("ssse3") && __builtin_cpu_supports("popcnt")) return compact_16_ssse3(raw, n, out, mask);
+#endif
     switch (size) {
-    case 2: return compact_16(raw, n, out, mask);
-    case 4: return compact_32(raw, n, out, mask);
-    case 8: return compact_64(raw, n, out, mask);
+    case 2: return compact_from_16(raw, n, 0, 0, out, mask);
+    case 4: return compact_from_32(raw, n, 0, 0, out, mask);
+    case 8: return compact_from_64(raw, n, 0, 0, out, mask);
     default: return (size_t)-1;
     }
 }
