@@ -468,6 +468,29 @@ def test_zeros_below_the_share_or_only_zeros_stay_planes():
         assert chunk.codecs[0]["id"] == "planes", share
 
 
+def test_the_zero_share_is_judged_from_runs_spread_over_the_chunk():
+    n = 1 << 20  # a 4 MiB fp32 chunk
+    words = np.arange(n, dtype=np.uint32)
+    sample = planes._zero_sample(words)
+    assert sample.size == n // 16
+    starts = sample[:, 0]  # 64 runs of contiguous elements, evenly spaced from the first
+    assert starts.size == 64 and np.array_equal(starts, np.arange(64, dtype=np.uint32) * (n // 64))
+    assert np.array_equal(sample, starts[:, None] + np.arange(n // 1024, dtype=np.uint32))
+    short = np.arange(1000, dtype=np.uint32)
+    assert planes._zero_sample(short) is short  # too short for runs: all of it
+
+
+def test_a_zero_column_every_16th_element_is_seen_by_the_sample():
+    """A dead input every 16 columns: one element in 16 is zero, which a sample of every 16th
+    element would miss or overcount, depending on where it starts."""
+    values = as_bytes(trained_like(torch.float32, 1 << 16, 5))
+    words = values.numpy().view(np.uint32)
+    words[7::16] = 0
+    chunk = encode(values, 4, CodecConfig("zstd", 1))
+    assert chunk.codecs[0]["id"] == "zplanes"
+    assert torch.equal(decode_new(bytes(chunk.data), chunk.codecs, chunk.crc32, values.numel()), values)
+
+
 def test_zplanes_store_a_young_moment_smaller_than_planes():
     raw = with_zeros(torch.float32, 0.4)
     zero_planes, _ = planes.ZPLANES.encode_zero_planes(raw.numpy(), 4, 1, 1)
