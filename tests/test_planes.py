@@ -381,6 +381,36 @@ def test_a_verify_decodes_every_part_without_keeping_planes(decoder):
         decode_chunk(ChunkSource.of_bytes(hostile, "chunk 4"), [spec], zlib.crc32(hostile), raw.numel())
 
 
+@pytest.mark.parametrize("kinds", ["RRRC", "CRRC", "RCRC", "CCCC", "RRCR", "CRRR"])
+def test_each_planes_part_is_its_plane_or_a_frame_of_it_whichever_planes_shrink(kernel, kinds):
+    """Planes are split into the output and coded there: a plane stored as it is after one that
+    shrank moves down to its place, intact."""
+    n = 1 << 14
+    rng = np.random.default_rng(len(kinds) + kinds.count("C"))
+    wanted = np.stack(
+        [
+            rng.integers(0, 4, n, dtype=np.uint8) if kind == "C" else rng.integers(0, 256, n, dtype=np.uint8)
+            for kind in kinds
+        ]
+    )
+    raw = np.empty(4 * n, dtype=np.uint8)
+    planes.join_planes(wanted, 1, raw)
+    chunk = encode(torch.from_numpy(raw), 4, CodecConfig("zstd", 1))
+    (spec,) = chunk.codecs
+    assert spec["id"] == "planes"
+    stored = bytes(chunk.data)
+    at = 0
+    for kind, plane, length in zip(kinds, wanted, spec["parts"], strict=True):
+        part = stored[at : at + length]
+        at += length
+        if kind == "R":
+            assert part == plane.tobytes()
+        else:
+            assert length < n and zstandard.ZstdDecompressor().decompress(part) == plane.tobytes()
+    assert at == len(stored) and zlib.crc32(stored) == chunk.crc32
+    assert torch.equal(decode_new(stored, chunk.codecs, chunk.crc32, raw.size), torch.from_numpy(raw))
+
+
 # ---- zplanes: a mask of the zero elements, planes of the rest --------------------------------
 
 

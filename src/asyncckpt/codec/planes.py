@@ -172,14 +172,18 @@ def expand(mask: np.ndarray, kept: np.ndarray, size: int, out: np.ndarray) -> bo
     return kernel.asyncckpt_expand(mask.ctypes.data, kept.ctypes.data, m, n, size, out.ctypes.data) == 0
 
 
-def split_planes(raw: np.ndarray, size: int, rotate: int) -> np.ndarray:
-    """The planes of ``raw`` (uint8, a multiple of ``size`` long) as a (size, n) uint8 array.
-
-    The array is a per-thread scratch buffer, valid until this thread's next call.
+def split_planes(raw: np.ndarray, size: int, rotate: int, into: np.ndarray | None = None) -> np.ndarray:
+    """The planes of ``raw`` (uint8, a multiple of ``size`` long) as a (size, n) uint8 array:
+    ``into`` (contiguous uint8 of ``raw``'s length) where given, else a per-thread scratch buffer,
+    valid until this thread's next call.
     """
     if not raw.flags.c_contiguous:
         raise ValueError("split_planes needs contiguous bytes")
-    planes = _scratch("planes", raw.size).reshape(size, raw.size // size)
+    if into is None:
+        into = _scratch("planes", raw.size)
+    elif not into.flags.c_contiguous or into.size != raw.size or into.dtype != np.uint8:
+        raise ValueError("split_planes needs a contiguous uint8 output of the input's length")
+    planes = into.reshape(size, raw.size // size)
     kernel = _kernel()
     if kernel is None:
         _split_numpy(raw, size, rotate, planes)
@@ -265,21 +269,54 @@ def _check_parts(parts: Any, longest: list[int]) -> None:
             raise ChainError(f"expected part lengths in [1, {most}], got {n!r}"[:200], ".codecs.parts")
 
 
+def _frame_of(piece: np.ndarray, level: int) -> np.ndarray | None:
+    """One zstd frame of ``piece`` (in a per-thread scratch buffer, valid until this thread's next
+    call) when that is shorter than the piece, else None."""
+    fast = libzstd.plane_compressor() if level in zstd.GROUPED_FAST_LEVELS else None
+    if fast is not None:
+        frame = _scratch("frame", piece.size)
+        n = fast.compress_into(piece, frame)  # 0: the frame would not be shorter than the piece
+        return frame[:n] if 0 < n < piece.size else None
+    coded = zstd.compressor(level, True).compress(piece.data)
+    return np.frombuffer(coded, dtype=np.uint8) if len(coded) < piece.size else None
+
+
+def _split_and_code(
+    raw: np.ndarray, size: int, rotate: int, level: int, out: np.ndarray, at: int
+) -> tuple[int, list[int]]:
+    """The planes of ``raw`` stored in ``out`` from ``at`` (room for all of ``raw`` there): where
+    it ends, and each plane's part length.
+
+    The planes are split straight into ``out``, so a plane stored as it is (the nearly random low
+    mantissa bytes) is never copied when the planes before it were stored as they are too, and
+    moved down once otherwise; a plane that zstd shrinks is replaced by its frame.
+    """
+    n = raw.size // size
+    region = split_planes(raw, size, rotate, into=out[at : at + raw.size])
+    base = out.ctypes.data
+    parts: list[int] = []
+    for p in range(size):
+        plane = region[p]
+        frame = _frame_of(plane, level)
+        if frame is not None:
+            out[at : at + frame.size] = frame  # ends inside plane p, whose bytes are consumed
+            parts.append(frame.size)
+            at += frame.size
+            continue
+        if plane.ctypes.data != base + at:
+            ctypes.memmove(base + at, plane.ctypes.data, n)  # down, over consumed bytes only
+        parts.append(n)
+        at += n
+    return at, parts
+
+
 def _code_into(piece: np.ndarray, target: np.ndarray, level: int) -> int:
     """``piece`` stored at the start of ``target`` (as long as it): one zstd frame when that is
     shorter, else the piece as it is; how many bytes it takes."""
-    target = target[: piece.size]
-    fast = libzstd.plane_compressor() if level in zstd.GROUPED_FAST_LEVELS else None
-    if fast is not None:
-        n = fast.compress_into(piece, target)  # 0: the frame would not be shorter than the piece
-    else:
-        frame = zstd.compressor(level, True).compress(piece.data)
-        n = len(frame) if len(frame) < piece.size else 0
-        target[:n] = np.frombuffer(frame, dtype=np.uint8)[:n]
-    if not n or n >= piece.size:
-        target[: piece.size] = piece
-        return piece.size
-    return n
+    frame = _frame_of(piece, level)
+    stored = piece if frame is None else frame
+    target[: stored.size] = stored
+    return stored.size
 
 
 class PlanesCodec(CompressCodec):
@@ -355,12 +392,7 @@ class PlanesCodec(CompressCodec):
     def _encode_dense(self, raw: np.ndarray, size: int, rotate: int, level: int) -> tuple[np.ndarray, dict[str, Any]]:
         """:meth:`encode_planes` of every element (no mask)."""
         out = np.empty(raw.size, dtype=np.uint8)
-        at = 0
-        parts: list[int] = []
-        for plane in split_planes(raw, size, rotate):
-            n = _code_into(plane, out[at:], level)
-            parts.append(n)
-            at += n
+        at, parts = _split_and_code(raw, size, rotate, level, out, 0)
         spec = {"id": self.name, "size": size, "rotate": rotate, "level": level, "parts": parts}
         return out[:at], spec
 
@@ -520,12 +552,9 @@ class ZeroPlanesCodec(PlanesCodec):
         if not 0 < m < raw.size // size:
             raise ValueError(f"zplanes needs both zero and non-zero elements, got {m} of {raw.size // size} non-zero")
         out = np.empty(mask.size + kept.size, dtype=np.uint8)
-        at = _code_into(mask, out, level)
-        parts = [at]
-        for plane in split_planes(kept, size, rotate):
-            n = _code_into(plane, out[at:], level)
-            parts.append(n)
-            at += n
+        mask_part = _code_into(mask, out, level)
+        at, plane_parts = _split_and_code(kept, size, rotate, level, out, mask_part)
+        parts = [mask_part, *plane_parts]
         spec = {"id": self.name, "size": size, "rotate": rotate, "level": level, "nonzero": m, "parts": parts}
         return out[:at], spec
 
