@@ -458,6 +458,14 @@ def test_compact_of_a_long_misaligned_chunk_keeps_every_nonzero_element_in_order
     assert np.array_equal(kept.view(WORD[size]), words[words != 0])
     assert np.array_equal(np.unpackbits(mask, bitorder="little")[:n], (words != 0).astype(np.uint8))
     assert int(mask[-1]) >> (n % 8) == 0
+    mask, kept = mask.copy(), kept.copy()
+    out = np.full(raw.size + 1, 0xA5, dtype=np.uint8)[1:]  # misaligned too
+    assert planes.expand(mask, kept, size, out)
+    assert np.array_equal(out, raw)
+    if kept.size:
+        # a kept count the mask does not mark: refused, and no read past the kept elements
+        assert not planes.expand(mask, kept[:-size].copy(), size, out)
+        assert not planes.expand(mask, np.concatenate([kept, kept[:size]]), size, out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)

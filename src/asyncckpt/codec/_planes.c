@@ -137,8 +137,8 @@ ASYNCCKPT_EXPORT int asyncckpt_join_planes(const uint8_t *planes, size_t n, int 
  *          many were kept.
  * expand:  the inverse: element k of `out` is the next of the m kept elements where its mask bit
  *          is set, else zero. Returns -1 when the mask sets other than m bits, else 0.
- * compact_from goes on from element `base` (a multiple of 8) with m kept so far: the whole chunk
- * where no vector version runs, the tail after one. */
+ * compact_from and expand_from go on from element `base` or `k` (a multiple of 8) with m kept or j
+ * taken so far: the whole chunk where no vector version runs, the tail after one. */
 #define ASYNCCKPT_COMPACT(T, W)                                                                    \
     ASYNCCKPT_CLONES static size_t compact_from_##W(const uint8_t *raw, size_t n, size_t base,     \
                                                     size_t m, uint8_t *out, uint8_t *mask) {       \
@@ -159,11 +159,10 @@ ASYNCCKPT_EXPORT int asyncckpt_join_planes(const uint8_t *planes, size_t n, int 
     }                                                                                              \
     /* branchless: a random mask would mispredict every other element (measured 1.5x slower); the \
      * index is clamped so that a mask with too many bits reads in bounds, and fails at the end */ \
-    ASYNCCKPT_CLONES static int expand_##W(const uint8_t *mask, const uint8_t *kept, size_t m,    \
-                                           size_t n, uint8_t *out) {                              \
+    ASYNCCKPT_CLONES static int expand_from_##W(const uint8_t *mask, const uint8_t *kept, size_t m, \
+                                                size_t n, size_t k, size_t j, uint8_t *out) {      \
         if (m == 0) return -1;                                                                     \
-        size_t j = 0;                                                                              \
-        for (size_t k = 0; k < n; k++) {                                                           \
+        for (; k < n; k++) {                                                                       \
             T keep = (T)((mask[k >> 3] >> (k & 7)) & 1);                                           \
             size_t at = j < m ? j : m - 1;                                                         \
             T v;                                                                                   \
@@ -187,18 +186,24 @@ ASYNCCKPT_COMPACT(uint64_t, 64)
 #include <immintrin.h>
 #define ASYNCCKPT_LEFT_PACK 1
 
-static uint32_t pack_lanes32[256][8]; /* for mask bits b: the lanes of its set bits, in order */
-static uint8_t pack_bytes16[256][16]; /* the same as byte indices of 16-bit lanes; 0x80 zeroes */
+static uint32_t pack_lanes32[256][8];   /* for mask bits b: the lanes of its set bits, in order */
+static uint8_t pack_bytes16[256][16];   /* the same as byte indices of 16-bit lanes; 0x80 zeroes */
+static uint32_t spread_lanes32[256][8]; /* the inverse: lane i takes kept element popcount(b below i) */
+static uint8_t spread_bytes16[256][16]; /* the same as byte indices; 0x80 (a zero) for unset lanes */
 
 __attribute__((constructor)) static void build_pack_tables(void) {
     for (unsigned b = 0; b < 256; b++) {
         unsigned at = 0;
         memset(pack_bytes16[b], 0x80, 16);
+        memset(spread_bytes16[b], 0x80, 16);
         for (unsigned lane = 0; lane < 8; lane++) {
+            spread_lanes32[b][lane] = at;
             if (b >> lane & 1) {
                 pack_lanes32[b][at] = lane;
                 pack_bytes16[b][2 * at] = (uint8_t)(2 * lane);
                 pack_bytes16[b][2 * at + 1] = (uint8_t)(2 * lane + 1);
+                spread_bytes16[b][2 * lane] = (uint8_t)(2 * at);
+                spread_bytes16[b][2 * lane + 1] = (uint8_t)(2 * at + 1);
                 at++;
             }
         }
@@ -237,6 +242,37 @@ __attribute__((target("ssse3,popcnt"))) static size_t compact_16_ssse3(const uin
     }
     return compact_from_16(raw, n, base, m, out, mask);
 }
+
+/* Expansion 8 elements at a time, while 8 more kept elements are there to read (the loads never
+ * pass the m kept elements, whatever the mask says); the plain loop does the rest and checks the
+ * count. */
+__attribute__((target("avx2,popcnt"))) static int expand_32_avx2(const uint8_t *mask, const uint8_t *kept, size_t m,
+                                                                  size_t n, uint8_t *out) {
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    size_t k = 0, j = 0;
+    for (; k + 8 <= n && j + 8 <= m; k += 8) {
+        unsigned bits = mask[k >> 3];
+        __m256i v = _mm256_loadu_si256((const __m256i *)(kept + j * 4));
+        __m256i lanes = _mm256_loadu_si256((const __m256i *)spread_lanes32[bits]);
+        __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), lane_bit), lane_bit);
+        _mm256_storeu_si256((__m256i *)(out + k * 4), _mm256_and_si256(_mm256_permutevar8x32_epi32(v, lanes), keep));
+        j += (size_t)__builtin_popcount(bits);
+    }
+    return expand_from_32(mask, kept, m, n, k, j, out);
+}
+
+__attribute__((target("ssse3,popcnt"))) static int expand_16_ssse3(const uint8_t *mask, const uint8_t *kept, size_t m,
+                                                                    size_t n, uint8_t *out) {
+    size_t k = 0, j = 0;
+    for (; k + 8 <= n && j + 8 <= m; k += 8) {
+        unsigned bits = mask[k >> 3];
+        __m128i v = _mm_loadu_si128((const __m128i *)(kept + j * 2));
+        __m128i order = _mm_loadu_si128((const __m128i *)spread_bytes16[bits]);
+        _mm_storeu_si128((__m128i *)(out + k * 2), _mm_shuffle_epi8(v, order));
+        j += (size_t)__builtin_popcount(bits);
+    }
+    return expand_from_16(mask, kept, m, n, k, j, out);
+}
 #endif
 
 /* Returns the count kept, or (size_t)-1 for a size other than 2, 4 or 8. */
@@ -254,10 +290,15 @@ ASYNCCKPT_EXPORT size_t asyncckpt_compact(const uint8_t *raw, size_t n, int size
 }
 
 ASYNCCKPT_EXPORT int asyncckpt_expand(const uint8_t *mask, const uint8_t *kept, size_t m, size_t n, int size, uint8_t *out) {
+    if (m == 0) return -1;
+#ifdef ASYNCCKPT_LEFT_PACK
+    if (size == 4 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return expand_32_avx2(mask, kept, m, n, out);
+    if (size == 2 && __builtin_cpu_supports("ssse3") && __builtin_cpu_supports("popcnt")) return expand_16_ssse3(mask, kept, m, n, out);
+#endif
     switch (size) {
-    case 2: return expand_16(mask, kept, m, n, out);
-    case 4: return expand_32(mask, kept, m, n, out);
-    case 8: return expand_64(mask, kept, m, n, out);
+    case 2: return expand_from_16(mask, kept, m, n, 0, 0, out);
+    case 4: return expand_from_32(mask, kept, m, n, 0, 0, out);
+    case 8: return expand_from_64(mask, kept, m, n, 0, 0, out);
     default: return -1;
     }
 }
