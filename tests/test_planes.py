@@ -156,6 +156,38 @@ def test_runs_and_repeated_rows_still_compress_a_hundredfold(make):
     assert torch.equal(decode_new(bytes(chunk.data), chunk.codecs, chunk.crc32, raw.numel()), raw)
 
 
+@pytest.mark.parametrize("row", [1000, 3000, 5000])
+def test_repeated_rows_of_a_full_chunk_compress_in_every_plane(row):
+    """A 4 MiB chunk: its planes are long enough that a sample judges the low ones first, and
+    the sample's runs fall at other places in the rows; the repeats between them still count."""
+    n = 1 << 20
+    tensor = torch.randn(row, generator=torch.Generator().manual_seed(5)).repeat(n // row + 1)[:n]
+    raw = as_bytes(tensor)
+    chunk = encode(raw, 4, CodecConfig("zstd", 1))
+    (spec,) = chunk.codecs
+    assert all(part * 100 < n for part in spec["parts"]), spec["parts"]
+    assert torch.equal(decode_new(bytes(chunk.data), chunk.codecs, chunk.crc32, raw.numel()), raw)
+
+
+def test_a_low_plane_that_shrinks_is_coded_and_a_random_one_stored_as_it_is():
+    n = 1 << 20
+    rng = np.random.default_rng(11)
+    wanted = np.stack(
+        [
+            rng.integers(0, 256, n, dtype=np.uint8),
+            (rng.random(n) < 0.97).astype(np.uint8) * 17,  # shrinks well, in every sampled run
+            rng.integers(0, 256, n, dtype=np.uint8),
+            rng.integers(120, 124, n, dtype=np.uint8),
+        ]
+    )
+    raw = np.empty(4 * n, dtype=np.uint8)
+    planes.join_planes(wanted, 1, raw)
+    chunk = encode(torch.from_numpy(raw), 4, CodecConfig("zstd", 1))
+    parts = chunk.codecs[0]["parts"]
+    assert parts[0] == n and parts[2] == n and parts[1] < n // 4 and parts[3] < n // 2
+    assert torch.equal(decode_new(bytes(chunk.data), chunk.codecs, chunk.crc32, raw.size), torch.from_numpy(raw))
+
+
 def test_a_size_or_rotation_the_kernel_does_not_know_is_refused():
     raw = np.zeros(48, dtype=np.uint8)
     with pytest.raises(ValueError, match="no planes of size 4 rotated by 32"):

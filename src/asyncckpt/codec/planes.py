@@ -51,6 +51,12 @@ ZERO_SHARE = 0.05
 # touch every cache line of the chunk, as long as a full count.
 _SAMPLE_RUNS = 64
 _SAMPLE_SHARE = 16
+# Runs laid out the same way judge whether zstd is tried on a plane other than the top one (which
+# holds the exponent and is always tried): a plane whose sample zstd shrinks by less than _WORTH
+# is stored as it is. Planes whose runs would be shorter than _SAMPLE_RUN_BYTES (planes under
+# 256 KiB: fp32 chunks under 1 MiB) are always tried.
+_SAMPLE_RUN_BYTES = 256
+_WORTH = 0.01
 LITTLE_ENDIAN = sys.byteorder == "little"  # planes are written on little-endian hosts only
 
 _local = threading.local()
@@ -281,6 +287,23 @@ def _frame_of(piece: np.ndarray, level: int) -> np.ndarray | None:
     return np.frombuffer(coded, dtype=np.uint8) if len(coded) < piece.size else None
 
 
+def _may_shrink(plane: np.ndarray, level: int) -> bool:
+    """Whether zstd may shrink ``plane`` by :data:`_WORTH` or more, judged from a sixteenth of it
+    in :data:`_SAMPLE_RUNS` evenly spaced runs, coded together (so repeats between runs count).
+
+    zstd gives up on a random plane quickly, but not for free: trying every low mantissa plane of
+    a checkpoint cost a tenth of a save's CPU. A plane too short for runs is always tried.
+    """
+    run = plane.size // (_SAMPLE_RUNS * _SAMPLE_SHARE)
+    if run < _SAMPLE_RUN_BYTES:
+        return True
+    step = plane.size // _SAMPLE_RUNS
+    sample = _scratch("sample", _SAMPLE_RUNS * run)
+    np.copyto(sample.reshape(_SAMPLE_RUNS, run), plane[: _SAMPLE_RUNS * step].reshape(_SAMPLE_RUNS, step)[:, :run])
+    frame = _frame_of(sample, level)
+    return frame is not None and frame.size <= sample.size * (1 - _WORTH)
+
+
 def _split_and_code(
     raw: np.ndarray, size: int, rotate: int, level: int, out: np.ndarray, at: int
 ) -> tuple[int, list[int]]:
@@ -297,7 +320,7 @@ def _split_and_code(
     parts: list[int] = []
     for p in range(size):
         plane = region[p]
-        frame = _frame_of(plane, level)
+        frame = _frame_of(plane, level) if p == size - 1 or _may_shrink(plane, level) else None
         if frame is not None:
             out[at : at + frame.size] = frame  # ends inside plane p, whose bytes are consumed
             parts.append(frame.size)
