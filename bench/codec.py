@@ -18,6 +18,7 @@ weights alone, or one large tensor. ``--chunking-only`` runs just that part (~1 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import struct
@@ -215,8 +216,10 @@ def young_planes(repeats: int = 3) -> list[dict]:
                 written[kind][0] += stored_bytes.size
                 written[kind][1] += median(times)
             zchunks += spec["id"] == "zplanes"
+        kernels = zero_kernels([c.numpy() for c in chunks], repeats)
         rows.append(
             {
+                **kernels,
                 "tensors": name,
                 "zero_share": zeros,
                 "plane_ratio": [plane_bytes / s for s in stored],
@@ -229,6 +232,38 @@ def young_planes(repeats: int = 3) -> list[dict]:
             }
         )
     return rows
+
+
+def zero_kernels(chunks: list[np.ndarray], repeats: int) -> dict[str, float]:
+    """The compaction of zplanes and its inverse alone (fp32), MB/s per core over ``chunks``: the
+    compiled kernel against the numpy passes that run where it was not built (empty where it was
+    not built here either)."""
+    from asyncckpt.codec import planes
+
+    original = planes._kernel
+    kernel = original()
+    if kernel is None:
+        return {}
+    compacted = [(*(a.copy() for a in planes.compact(c, 4)), c.size) for c in chunks]  # kept, mask, length
+    out = np.empty(CHUNK, dtype=np.uint8)
+    raw = sum(c.size for c in chunks)
+    figures = {}
+    for label, compiled in (("c", kernel), ("numpy", None)):
+        planes._kernel = functools.cache(lambda compiled=compiled: compiled)
+        try:
+            for name, run in (
+                ("compact", lambda: [planes.compact(c, 4) for c in chunks]),
+                ("expand", lambda: [planes.expand(m, k, 4, out[:n]) for k, m, n in compacted]),
+            ):
+                times = []
+                for _ in range(repeats):
+                    began = time.process_time()
+                    run()
+                    times.append(time.process_time() - began)
+                figures[f"{name}_{label}_MBps"] = raw / median(times) / 1e6
+        finally:
+            planes._kernel = original
+    return figures
 
 
 def plane_kernels(data: dict[str, torch.Tensor], repeats: int = 5) -> list[dict]:
@@ -302,6 +337,16 @@ def print_young_planes(rows: list[dict]) -> None:
             print(
                 f"| {r['tensors']} | {r['zplanes_chunks']:.0%} | {r['planes_ratio']:.3f} -> {r['asyncckpt_ratio']:.3f} "
                 f"| {r['planes_ns_per_byte']:.2f} -> {r['asyncckpt_ns_per_byte']:.2f} |"
+            )
+    if rows and "compact_c_MBps" in rows[0]:
+        print("\nthe compaction of zplanes and its inverse alone on the same chunks, MB/s per core: the compiled")
+        print("kernel against numpy (its fallback):")
+        print("| tensors | compact, C | compact, numpy | expand, C | expand, numpy |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['tensors']} | {r['compact_c_MBps']:.0f} | {r['compact_numpy_MBps']:.0f} "
+                f"| {r['expand_c_MBps']:.0f} | {r['expand_numpy_MBps']:.0f} |"
             )
 
 
