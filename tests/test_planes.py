@@ -542,12 +542,44 @@ def test_the_zero_share_is_judged_from_runs_spread_over_the_chunk():
     n = 1 << 20  # a 4 MiB fp32 chunk
     words = np.arange(n, dtype=np.uint32)
     sample = planes._zero_sample(words)
-    assert sample.size == n // 16
-    starts = sample[:, 0]  # 64 runs of contiguous elements, evenly spaced from the first
-    assert starts.size == 64 and np.array_equal(starts, np.arange(64, dtype=np.uint32) * (n // 64))
+    assert sample.shape == (64, n // 1024)  # a sixteenth of the chunk, in 64 contiguous runs
+    starts = sample[:, 0]
+    spacing = n // 64 - n // 1024 + 1
+    assert np.array_equal(starts, np.arange(64, dtype=np.uint32) * spacing)
     assert np.array_equal(sample, starts[:, None] + np.arange(n // 1024, dtype=np.uint32))
     short = np.arange(1000, dtype=np.uint32)
     assert planes._zero_sample(short) is short  # too short for runs: all of it
+
+
+@pytest.mark.parametrize("width", [1000, 3000, 2048, 4096, 8192, 16384, 32768, 65536])
+def test_the_sample_sees_every_column_of_rows_of_any_width(width):
+    """Rows of a power-of-two width must not put every run at the same columns. (Rows as wide as
+    the sample itself, 65536 floats here, cannot all be covered by runs that overlap.)"""
+    n = 1 << 20
+    columns = planes._zero_sample(np.arange(n, dtype=np.int64)) % width
+    covered = np.zeros(width, dtype=bool)
+    covered[columns.reshape(-1)] = True
+    assert covered.mean() >= (0.98 if width == 65536 else 1.0)
+
+
+@pytest.mark.parametrize("width", [2048, 4096, 8192])
+def test_zeros_in_columns_the_first_runs_miss_still_make_zplanes(width):
+    rows = (np.random.default_rng(1).standard_normal(1 << 20) * 0.02).astype(np.float32).reshape(-1, width)
+    rows[:, width // 4 :] = 0  # three quarters of the columns never updated
+    raw = rows.reshape(-1).view(np.uint8).copy()
+    stored, spec = planes.PLANES.encode_planes(raw, 4, 1, 1)
+    assert spec["id"] == "zplanes" and stored.size < raw.size // 4
+
+
+def test_a_low_plane_constant_in_most_columns_is_still_coded():
+    rng = np.random.default_rng(1)
+    n = 1 << 20
+    wanted = np.stack([rng.integers(0, 256, n, dtype=np.uint8) for _ in range(4)])
+    wanted[1].reshape(-1, 4096)[:, 1024:] = 7  # plane 1 constant in three quarters of the columns
+    raw = np.empty(4 * n, dtype=np.uint8)
+    planes.join_planes(wanted, 1, raw)
+    parts = planes.PLANES.encode_planes(raw, 4, 1, 1)[1]["parts"]
+    assert parts[1] < n // 2 and parts[0] == parts[2] == n
 
 
 def test_a_zero_column_every_16th_element_is_seen_by_the_sample():

@@ -46,9 +46,12 @@ ROTATE = 1  # what a writer rotates by: the sign bit to the bottom, fp32/bf16 ex
 # Around it zstd starts entropy-coding the mantissa planes of the zeros' chunk (slowly, both ways);
 # below it the mask and the spreading cost more than they save (bench/codec.py, young moments).
 ZERO_SHARE = 0.05
-# The share is judged from a sixteenth of the chunk, in 64 runs of contiguous elements evenly
-# spread over it (a 4 MiB fp32 chunk: 64 runs of 1024): every 16th element would be as many but
-# touch every cache line of the chunk, as long as a full count.
+# The share is judged from a sixteenth of the chunk, in 64 runs of contiguous elements spread over
+# it (a 4 MiB fp32 chunk: 64 runs of 1024): every 16th element would be as many but touch every
+# cache line of the chunk, as long as a full count. The runs are spaced a run's length less one
+# apart from even spacing (see _runs), so that in rows of any power-of-two width they start at
+# columns spread over the whole row: evenly spaced runs in rows of 4096 floats all fell on
+# columns 0-1023 and never saw the others.
 _SAMPLE_RUNS = 64
 _SAMPLE_SHARE = 16
 # Runs laid out the same way judge whether zstd is tried on a plane other than the top one (which
@@ -135,14 +138,22 @@ def compact(raw: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return kept[: m * size], mask
 
 
+def _runs(values: np.ndarray, run: int) -> np.ndarray:
+    """:data:`_SAMPLE_RUNS` runs of ``run`` contiguous values of ``values`` (a view, runs by rows).
+
+    Run k starts at k * (step - run + 1), step being an even share of ``values``: where a row of a
+    power-of-two width divides the step, the runs start at columns -k * (run - 1) modulo the width,
+    which tile the whole row (see the constants above).
+    """
+    spacing = values.size // _SAMPLE_RUNS - run + 1
+    return values[: _SAMPLE_RUNS * spacing].reshape(_SAMPLE_RUNS, spacing)[:, :run]
+
+
 def _zero_sample(words: np.ndarray) -> np.ndarray:
-    """The elements that judge a chunk's share of zeros: :data:`_SAMPLE_RUNS` evenly spaced runs
-    of a sixteenth of the chunk together (all of a chunk too short for that)."""
+    """The elements that judge a chunk's share of zeros: :func:`_runs` of a sixteenth of the chunk
+    together (all of a chunk too short for that)."""
     run = words.size // (_SAMPLE_RUNS * _SAMPLE_SHARE)
-    if run == 0:
-        return words
-    step = words.size // _SAMPLE_RUNS
-    return words[: _SAMPLE_RUNS * step].reshape(_SAMPLE_RUNS, step)[:, :run]
+    return words if run == 0 else _runs(words, run)
 
 
 def _fits(mask: np.ndarray, n: int) -> bool:
@@ -289,7 +300,7 @@ def _frame_of(piece: np.ndarray, level: int) -> np.ndarray | None:
 
 def _may_shrink(plane: np.ndarray, level: int) -> bool:
     """Whether zstd may shrink ``plane`` by :data:`_WORTH` or more, judged from a sixteenth of it
-    in :data:`_SAMPLE_RUNS` evenly spaced runs, coded together (so repeats between runs count).
+    in :func:`_runs`, coded together (so repeats between runs count).
 
     zstd gives up on a random plane quickly, but not for free: trying every low mantissa plane of
     a checkpoint cost a tenth of a save's CPU. A plane too short for runs is always tried.
@@ -297,9 +308,8 @@ def _may_shrink(plane: np.ndarray, level: int) -> bool:
     run = plane.size // (_SAMPLE_RUNS * _SAMPLE_SHARE)
     if run < _SAMPLE_RUN_BYTES:
         return True
-    step = plane.size // _SAMPLE_RUNS
     sample = _scratch("sample", _SAMPLE_RUNS * run)
-    np.copyto(sample.reshape(_SAMPLE_RUNS, run), plane[: _SAMPLE_RUNS * step].reshape(_SAMPLE_RUNS, step)[:, :run])
+    np.copyto(sample.reshape(_SAMPLE_RUNS, run), _runs(plane, run))
     frame = _frame_of(sample, level)
     return frame is not None and frame.size <= sample.size * (1 - _WORTH)
 
@@ -393,8 +403,9 @@ class PlanesCodec(CompressCodec):
     def encode_planes(self, raw: np.ndarray, size: int, rotate: int, level: int) -> tuple[np.ndarray, dict[str, Any]]:
         """The stored bytes of a chunk and its manifest entry.
 
-        Each plane is compressed straight into its place in the output, which holds at most the
-        chunk's raw length (a plane that does not shrink is stored as is).
+        The planes are split straight into the output, which holds at most the chunk's raw length;
+        a plane that zstd shrinks is then replaced by its frame, one that it does not (or that a
+        sample says it would not) is kept as it is (:func:`_split_and_code`).
 
         Args:
             raw: the chunk's bytes (uint8, a multiple of ``size`` long).
