@@ -418,3 +418,43 @@ def test_an_unexpected_error_on_one_rank_fails_every_rank_s_restore_at_once(tmp_
     assert got[1]["error"] == "RuntimeError: a bug while reading"
     assert got[0]["error"].startswith("CheckpointError") and "another rank" in got[0]["error"]
     assert max(r["seconds"] for r in got) < 30  # not the 60 s rank_timeout: nobody waited for a vote
+
+
+# ---- a rank that comes late ------------------------------------------------------------------
+
+
+def _late_rank(rank: int, world: int, root: str) -> dict:
+    import time as _time
+
+    import torch.distributed as dist
+
+    from asyncckpt import CheckpointManager
+
+    timeout = 3.0
+    state = {"w": torch.full((4,), float(rank))}
+    out: dict = {}
+    with CheckpointManager(root, keep_last=None, rank_timeout=timeout) as mgr:
+        mgr.save(1, state).wait()
+        dist.barrier()
+        if rank == 1:
+            _time.sleep(timeout + 3.0)  # a long evaluation on one rank, past rank_timeout
+        began = _time.monotonic()
+        out["late"] = _errors(lambda: mgr.save(2, state))
+        out["late_s"] = _time.monotonic() - began
+        dist.barrier()  # training's next collective brings the ranks together again
+        out["after"] = [_errors(lambda step=step: mgr.save(step, state)) for step in (3, 4)]
+        out["steps"] = mgr.steps()
+    return out
+
+
+def test_a_rank_late_past_rank_timeout_fails_that_save_only(tmp_path):
+    """The save the late rank missed fails on every rank, within rank_timeout, and commits nothing;
+    the next saves commit (a gloo timeout used to close the checkpoint group for good: every later
+    save of the job failed)."""
+    got = run_ranks(_late_rank, 2, str(tmp_path), timeout=120)
+    assert "a rank did not take part within 3 s" in got[0]["late"]
+    assert "rank 1 came more than 3 s late" in got[1]["late"] and got[1]["late_s"] < 2.0
+    assert got[0]["late_s"] < 3.0 + 2.0
+    for rank in got:
+        assert rank["after"] == ["", ""] and rank["steps"] == [1, 3, 4]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [step_dir_name(s) for s in (1, 3, 4)]

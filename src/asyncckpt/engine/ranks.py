@@ -13,6 +13,14 @@ Two rules learned from other checkpointers' failures shape this module:
   every vote, publishes, and sets the outcome, which the other writers wait for. A ``wait`` on the
   store client training shares would block training's own store calls, so the store is cloned.
 
+A rank that comes late to a collective never breaks the group. Each collective is issued with a
+long gloo timeout (:data:`LATE_LIMIT`) and waited for with ``timeout`` of our own: a rank that gives
+up raises, and leaves its part in flight, where the late rank's call of the same collective, in the
+same order on every rank, completes it. For a save's agreement the ranks also settle, in the store,
+whether it was given up (:meth:`RankGroup.decide`), so a late rank never writes a save the others
+abandoned, and the next save finds the ranks in step again. (A gloo timeout closes the group's
+connections for good: every later save of the process would fail.)
+
 A rank that fails votes "failed" with its reason; one that dies never votes, and rank 0 stops
 waiting after ``timeout`` seconds. Either way nothing is published and every surviving rank's save
 fails with an error naming the rank and the cause; rank 0 dying leaves the others waiting for the
@@ -33,6 +41,11 @@ import torch
 from asyncckpt.errors import CheckpointError
 
 _POLL_S = 0.005
+_FIRST_POLL_S = 0.0005  # waiting for a collective: polls from this, doubling up to _POLL_S
+# How late a rank may come to a collective before gloo gives up on it and closes the group's
+# connections (every later save then fails until a restart): waits for a late rank end after
+# ``timeout`` (ours), so this only bounds how long a part given up on stays in flight.
+LATE_LIMIT = timedelta(hours=24)
 # The checkpoint-only gloo group of each set of ranks, made once per process and kept: a group made
 # with ``use_local_synchronization`` is named by its ranks, so destroying it (a manager's close) and
 # making the next one (the next manager) reused the name, and with it the old group's rendezvous keys
@@ -67,6 +80,23 @@ class Vote:
         return vote if vote.rank == rank else cls(rank, False, "its vote names another rank")
 
 
+_GIVEN_UP, _AGREED = "given up", "agreed"  # a save's agreement, as the ranks settle it
+_KEEP_TURNS = 1024  # settled agreements kept in the store (a rank more saves behind than this is not expected)
+
+
+def _completed_by(work: Any, deadline: float) -> bool:
+    """Whether ``work`` completed (or failed) by ``deadline`` (``time.monotonic()``): polled, since
+    gloo's own timeout would close the group's connections."""
+    pause = _FIRST_POLL_S
+    while not work.is_completed():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(2 * pause, _POLL_S)
+    return True
+
+
 def _collective_error(group: RankGroup, what: str, exc: Exception) -> CheckpointError:
     return CheckpointError(
         f"rank {group.rank} could not {what} with the other {group.world_size - 1} ranks "
@@ -78,11 +108,13 @@ class Agreement:
     """One save's agreement of the ranks, issued by ``RankGroup.agree`` on the calling thread and
     settled by the writer thread, before it writes anything (:meth:`attempt`)."""
 
-    def __init__(self, group: RankGroup, step: int, values: torch.Tensor, work: Any) -> None:
+    def __init__(self, group: RankGroup, step: int, turn: int, values: torch.Tensor, work: Any) -> None:
         self._group = group
         self._step = step
+        self._turn = turn
         self._values = values
         self._work = work
+        self._deadline = time.monotonic() + group.timeout
         self._attempt: str | None = None
         self._error: CheckpointError | None = None
 
@@ -103,10 +135,24 @@ class Agreement:
 
     def _settle(self) -> None:
         step, group = self._step, self._group
-        try:
-            self._work.wait()
-        except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
-            self._error = _collective_error(group, f"agree on saving step {step}", exc)
+        what = f"agree on saving step {step}"
+        try:  # a gloo error (a rank died), or the store gone (rank 0 died)
+            if not _completed_by(self._work, self._deadline) and group.decide(self._turn, _GIVEN_UP) == _GIVEN_UP:
+                self._error = CheckpointError(
+                    f"rank {group.rank} could not {what}: a rank did not take part within {group.timeout:g} s "
+                    "(late, or hung); nothing is saved, and the ranks go on in step"
+                )
+                return
+            self._work.wait()  # complete, or completing: another rank saw it complete
+            late = group.decide(self._turn, _AGREED) == _GIVEN_UP
+        except Exception as exc:  # noqa: BLE001 - gloo and the store raise RuntimeError subclasses
+            self._error = _collective_error(group, what, exc)
+            return
+        if late:
+            self._error = CheckpointError(
+                f"rank {group.rank} came more than {group.timeout:g} s late to {what}: another rank gave up "
+                "waiting for it, so nothing is saved"
+            )
             return
         values = self._values
         high, low = int(values[0]), -int(values[1])
@@ -158,6 +204,7 @@ class RankGroup:
             )
             _GROUPS[key] = group
         self.group = group
+        self._turns = 0  # agreements issued: the same count on every rank at each save
         token = secrets.randbits(62) if self.rank == 0 else 0
         agreed = torch.tensor([token], dtype=torch.int64)
         self._dist = dist
@@ -193,12 +240,29 @@ class RankGroup:
         values = torch.tensor(
             [step, -step, fingerprint, -fingerprint, token, (self.rank + 1) if failed else 0], dtype=torch.int64
         )
-        what = f"agree on saving step {step}"
+        turn, self._turns = self._turns, self._turns + 1
+        work = self._issue(values, f"agree on saving step {step}")
+        return Agreement(self, step, turn, values, work)
+
+    def decide(self, turn: int, proposal: str) -> str:
+        """What the ranks settle for agreement ``turn``: the first rank to settle it sets it (in the
+        store, atomically), and every rank gets that (``proposal`` or the other)."""
+        key = f"turn/{turn}"
+        settled = self.store.compare_set(key, "", proposal).decode()
+        if self.rank == 0 and turn >= _KEEP_TURNS:  # keep the store small over a long run
+            self.store.delete_key(f"turn/{turn - _KEEP_TURNS}")
+        return settled
+
+    def _issue(self, values: torch.Tensor, what: str) -> Any:
+        """MAX over the ranks of ``values``, in place, started (not waited for) with gloo's timeout at
+        :data:`LATE_LIMIT`."""
+        options = self._dist.AllreduceOptions()
+        options.reduceOp = self._dist.ReduceOp(self._dist.ReduceOp.MAX)
+        options.timeout = LATE_LIMIT
         try:
-            work = self._dist.all_reduce(values, op=self._dist.ReduceOp.MAX, group=self.group, async_op=True)
+            return self.group.allreduce([values], options)
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
             raise _collective_error(self, what, exc) from exc
-        return Agreement(self, step, values, work)
 
     def all_ok(self, ok: bool) -> bool:
         """Whether every rank says ``ok`` (one all_reduce, on the calling thread)."""
@@ -213,10 +277,14 @@ class RankGroup:
         return int(out.item())
 
     def _all_reduce(self, values: torch.Tensor, what: str) -> None:
-        """MAX over the ranks, in place; a rank that died or hangs is a CheckpointError (within
-        ``timeout``: the group's own timeout), never a hang or a backend's bare error."""
+        """MAX over the ranks, in place; a rank that died or does not take part within ``timeout``
+        is a CheckpointError, never a hang or a backend's bare error (a late rank's call still
+        completes this one: see the module's docstring)."""
+        work = self._issue(values, what)
+        if not _completed_by(work, time.monotonic() + self.timeout):
+            raise _collective_error(self, what, TimeoutError(f"no answer within {self.timeout:g} s"))
         try:
-            self._dist.all_reduce(values, op=self._dist.ReduceOp.MAX, group=self.group)
+            work.wait()
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
             raise _collective_error(self, what, exc) from exc
 
