@@ -49,17 +49,11 @@ ZERO_SHARE = 0.05
 # The share is judged from a sixteenth of the chunk, in 64 runs of contiguous elements spread over
 # it (a 4 MiB fp32 chunk: 64 runs of 1024): every 16th element would be as many but touch every
 # cache line of the chunk, as long as a full count. The runs are spaced a run's length less one
-# apart from even spacing (see _runs), so that in rows of any power-of-two width they start at
+# apart from even spacing (see _zero_sample), so that in rows of any power-of-two width they start at
 # columns spread over the whole row: evenly spaced runs in rows of 4096 floats all fell on
 # columns 0-1023 and never saw the others.
 _SAMPLE_RUNS = 64
 _SAMPLE_SHARE = 16
-# Runs laid out the same way judge whether zstd is tried on a plane other than the top one (which
-# holds the exponent and is always tried): a plane whose sample zstd shrinks by less than _WORTH
-# is stored as it is. Planes whose runs would be shorter than _SAMPLE_RUN_BYTES (planes under
-# 256 KiB: fp32 chunks under 1 MiB) are always tried.
-_SAMPLE_RUN_BYTES = 256
-_WORTH = 0.01
 LITTLE_ENDIAN = sys.byteorder == "little"  # planes are written on little-endian hosts only
 
 _local = threading.local()
@@ -138,22 +132,19 @@ def compact(raw: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return kept[: m * size], mask
 
 
-def _runs(values: np.ndarray, run: int) -> np.ndarray:
-    """:data:`_SAMPLE_RUNS` runs of ``run`` contiguous values of ``values`` (a view, runs by rows).
+def _zero_sample(words: np.ndarray) -> np.ndarray:
+    """The elements that judge a chunk's share of zeros: :data:`_SAMPLE_RUNS` runs of contiguous
+    elements, a sixteenth of the chunk together (all of a chunk too short for that), as a view.
 
-    Run k starts at k * (step - run + 1), step being an even share of ``values``: where a row of a
+    Run k starts at k * (step - run + 1), step being an even share of the chunk: where a row of a
     power-of-two width divides the step, the runs start at columns -k * (run - 1) modulo the width,
     which tile the whole row (see the constants above).
     """
-    spacing = values.size // _SAMPLE_RUNS - run + 1
-    return values[: _SAMPLE_RUNS * spacing].reshape(_SAMPLE_RUNS, spacing)[:, :run]
-
-
-def _zero_sample(words: np.ndarray) -> np.ndarray:
-    """The elements that judge a chunk's share of zeros: :func:`_runs` of a sixteenth of the chunk
-    together (all of a chunk too short for that)."""
     run = words.size // (_SAMPLE_RUNS * _SAMPLE_SHARE)
-    return words if run == 0 else _runs(words, run)
+    if run == 0:
+        return words
+    spacing = words.size // _SAMPLE_RUNS - run + 1
+    return words[: _SAMPLE_RUNS * spacing].reshape(_SAMPLE_RUNS, spacing)[:, :run]
 
 
 def _fits(mask: np.ndarray, n: int) -> bool:
@@ -298,22 +289,6 @@ def _frame_of(piece: np.ndarray, level: int) -> np.ndarray | None:
     return np.frombuffer(coded, dtype=np.uint8) if len(coded) < piece.size else None
 
 
-def _may_shrink(plane: np.ndarray, level: int) -> bool:
-    """Whether zstd may shrink ``plane`` by :data:`_WORTH` or more, judged from a sixteenth of it
-    in :func:`_runs`, coded together (so repeats between runs count).
-
-    zstd gives up on a random plane quickly, but not for free: trying every low mantissa plane of
-    a checkpoint cost a tenth of a save's CPU. A plane too short for runs is always tried.
-    """
-    run = plane.size // (_SAMPLE_RUNS * _SAMPLE_SHARE)
-    if run < _SAMPLE_RUN_BYTES:
-        return True
-    sample = _scratch("sample", _SAMPLE_RUNS * run)
-    np.copyto(sample.reshape(_SAMPLE_RUNS, run), _runs(plane, run))
-    frame = _frame_of(sample, level)
-    return frame is not None and frame.size <= sample.size * (1 - _WORTH)
-
-
 def _split_and_code(
     raw: np.ndarray, size: int, rotate: int, level: int, out: np.ndarray, at: int
 ) -> tuple[int, list[int]]:
@@ -330,7 +305,7 @@ def _split_and_code(
     parts: list[int] = []
     for p in range(size):
         plane = region[p]
-        frame = _frame_of(plane, level) if p == size - 1 or _may_shrink(plane, level) else None
+        frame = _frame_of(plane, level)
         if frame is not None:
             out[at : at + frame.size] = frame  # ends inside plane p, whose bytes are consumed
             parts.append(frame.size)
@@ -404,8 +379,8 @@ class PlanesCodec(CompressCodec):
         """The stored bytes of a chunk and its manifest entry.
 
         The planes are split straight into the output, which holds at most the chunk's raw length;
-        a plane that zstd shrinks is then replaced by its frame, one that it does not (or that a
-        sample says it would not) is kept as it is (:func:`_split_and_code`).
+        a plane that zstd shrinks is then replaced by its frame, one that it does not is kept as it
+        is (:func:`_split_and_code`).
 
         Args:
             raw: the chunk's bytes (uint8, a multiple of ``size`` long).
