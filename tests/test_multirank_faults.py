@@ -458,3 +458,44 @@ def test_a_rank_late_past_rank_timeout_fails_that_save_only(tmp_path):
     for rank in got:
         assert rank["after"] == ["", ""] and rank["steps"] == [1, 3, 4]
     assert sorted(p.name for p in tmp_path.glob("step-*")) == [step_dir_name(s) for s in (1, 3, 4)]
+
+
+def _late_to_restore(rank: int, world: int, root: str) -> dict:
+    import time as _time
+
+    import torch.distributed as dist
+
+    from asyncckpt import CheckpointManager
+
+    state = {"w": torch.full((4,), float(rank))}
+    out: dict = {}
+    with CheckpointManager(root, keep_last=None, rank_timeout=3.0) as mgr:
+        mgr.save(1, state).wait()
+        dist.barrier()
+        if rank == 1:
+            _time.sleep(5.0)
+        try:
+            mgr.restore(state)
+            out["restore"] = ""
+        except CheckpointError as exc:
+            out["restore"] = str(exc)
+        dist.barrier()
+        out["saves"] = []
+        for step in (2, 3):
+            out["saves"].append(_errors(lambda step=step: mgr.save(step, state)))
+            dist.barrier()
+        out["steps"] = mgr.steps()
+    return out
+
+
+def test_a_rank_late_to_a_restore_leaves_saves_failing_with_an_error_never_an_abort(tmp_path):
+    """Restore takes several collectives: the rank that gave up on the first skips the ones after it
+    that the late rank still makes, so their collectives pair out of step. That must be an error
+    saying so on every later save, never values mixed across collectives nor gloo aborting a
+    process on collectives of different sizes."""
+    got = run_ranks(_late_to_restore, 2, str(tmp_path), timeout=150)
+    for rank in got:
+        assert "within 3 s" in rank["restore"]
+        assert all(error for error in rank["saves"]) and rank["steps"] == [1]
+    assert any("out of step" in error for rank in got for error in rank["saves"])
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [step_dir_name(1)]

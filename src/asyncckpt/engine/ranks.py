@@ -51,6 +51,15 @@ LATE_LIMIT = timedelta(hours=24)
 # making the next one (the next manager) reused the name, and with it the old group's rendezvous keys
 # in the store: a rank that closed first connected to the other's dead group and both hung.
 _GROUPS: dict[tuple[tuple[int, ...] | None, float], Any] = {}  # by (ranks, timeout)
+# Collectives issued on each group by this process, whichever manager issued them. gloo pairs the
+# ranks' collectives by the order they are issued, so the n-th of one rank completes with the n-th
+# of every other: n names a save's agreement in the store (RankGroup.decide). Every collective also
+# carries its kind, so ranks whose calls pair out of step (one gave up waiting for a collective,
+# then went on without the ones after it that a late rank still makes) raise instead of mixing
+# values; and has the same size, so such a pairing is never gloo's size mismatch (which aborts).
+_ISSUED: dict[Any, int] = {}
+_AGREE, _OPEN, _ALL_OK, _ALL_MAX = 1, 2, 3, 4  # a collective's kind
+_WIDTH = 6  # values a collective carries (an agreement's six), after its kind
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ class Vote:
 
 
 _GIVEN_UP, _AGREED = "given up", "agreed"  # a save's agreement, as the ranks settle it
-_KEEP_TURNS = 1024  # settled agreements kept in the store (a rank more saves behind than this is not expected)
+_KEEP_SETTLED = 1024  # settled agreements kept in the store (no rank is expected this many collectives behind)
 
 
 def _completed_by(work: Any, deadline: float) -> bool:
@@ -108,11 +117,11 @@ class Agreement:
     """One save's agreement of the ranks, issued by ``RankGroup.agree`` on the calling thread and
     settled by the writer thread, before it writes anything (:meth:`attempt`)."""
 
-    def __init__(self, group: RankGroup, step: int, turn: int, values: torch.Tensor, work: Any) -> None:
+    def __init__(self, group: RankGroup, step: int, number: int, data: torch.Tensor, work: Any) -> None:
         self._group = group
         self._step = step
-        self._turn = turn
-        self._values = values
+        self._number = number
+        self._data = data
         self._work = work
         self._deadline = time.monotonic() + group.timeout
         self._attempt: str | None = None
@@ -137,14 +146,18 @@ class Agreement:
         step, group = self._step, self._group
         what = f"agree on saving step {step}"
         try:  # a gloo error (a rank died), or the store gone (rank 0 died)
-            if not _completed_by(self._work, self._deadline) and group.decide(self._turn, _GIVEN_UP) == _GIVEN_UP:
+            if not _completed_by(self._work, self._deadline) and group.decide(self._number, _GIVEN_UP) == _GIVEN_UP:
                 self._error = CheckpointError(
                     f"rank {group.rank} could not {what}: a rank did not take part within {group.timeout:g} s "
-                    "(late, or hung); nothing is saved, and the ranks go on in step"
+                    "(late, or hung); nothing is saved"
                 )
                 return
             self._work.wait()  # complete, or completing: another rank saw it complete
-            late = group.decide(self._turn, _AGREED) == _GIVEN_UP
+            values = group.in_step(self._data, what)
+            late = group.decide(self._number, _AGREED) == _GIVEN_UP
+        except CheckpointError as exc:
+            self._error = exc
+            return
         except Exception as exc:  # noqa: BLE001 - gloo and the store raise RuntimeError subclasses
             self._error = _collective_error(group, what, exc)
             return
@@ -154,24 +167,23 @@ class Agreement:
                 "waiting for it, so nothing is saved"
             )
             return
-        values = self._values
-        high, low = int(values[0]), -int(values[1])
+        high, low = values[0], -values[1]
         if values[5] > 0:
             self._error = CheckpointError(
-                f"rank {int(values[5]) - 1} could not plan its save of step {step}; nothing is saved"
+                f"rank {values[5] - 1} could not plan its save of step {step}; nothing is saved"
             )
         elif high != low:
             self._error = CheckpointError(
                 f"the ranks save different steps (from {low} to {high}): every rank must save the same steps; "
                 "nothing is saved"
             )
-        elif int(values[2]) != -int(values[3]):
+        elif values[2] != -values[3]:
             self._error = CheckpointError(
                 f"the ranks' states at step {step} differ in their sharded or replicated tensors (dtypes, shapes "
                 "or placements): every rank must save the same model and optimizer; nothing is saved"
             )
         else:
-            self._attempt = f"{int(values[4]):016x}"
+            self._attempt = f"{values[4]:016x}"
 
 
 class RankGroup:
@@ -204,12 +216,10 @@ class RankGroup:
             )
             _GROUPS[key] = group
         self.group = group
-        self._turns = 0  # agreements issued: the same count on every rank at each save
         token = secrets.randbits(62) if self.rank == 0 else 0
-        agreed = torch.tensor([token], dtype=torch.int64)
         self._dist = dist
-        self._all_reduce(agreed, "open the checkpoint root together (every rank constructs the manager)")
-        self.run = f"{int(agreed.item()):016x}"
+        opening = "open the checkpoint root together (every rank constructs the manager)"
+        self.run = f"{self._all_reduce(_OPEN, [token], opening)[0]:016x}"
         self.store = self.connection()
 
     def connection(self, prefix: str = "") -> Any:
@@ -237,56 +247,68 @@ class RankGroup:
             CheckpointError: The collective could not be issued (the group is gone).
         """
         token = secrets.randbits(62) if self.rank == 0 else 0
-        values = torch.tensor(
-            [step, -step, fingerprint, -fingerprint, token, (self.rank + 1) if failed else 0], dtype=torch.int64
-        )
-        turn, self._turns = self._turns, self._turns + 1
-        work = self._issue(values, f"agree on saving step {step}")
-        return Agreement(self, step, turn, values, work)
+        values = [step, -step, fingerprint, -fingerprint, token, (self.rank + 1) if failed else 0]
+        number, data, work = self._issue(_AGREE, values, f"agree on saving step {step}")
+        return Agreement(self, step, number, data, work)
 
-    def decide(self, turn: int, proposal: str) -> str:
-        """What the ranks settle for agreement ``turn``: the first rank to settle it sets it (in the
-        store, atomically), and every rank gets that (``proposal`` or the other)."""
-        key = f"turn/{turn}"
-        settled = self.store.compare_set(key, "", proposal).decode()
-        if self.rank == 0 and turn >= _KEEP_TURNS:  # keep the store small over a long run
-            self.store.delete_key(f"turn/{turn - _KEEP_TURNS}")
+    def decide(self, number: int, proposal: str) -> str:
+        """What the ranks settle for the agreement that is collective ``number`` of the group: the
+        first rank to settle it sets it (in the store, atomically), and every rank gets that
+        (``proposal`` or the other)."""
+        settled = self.store.compare_set(f"agreement/{number}", "", proposal).decode()
+        if self.rank == 0 and number >= _KEEP_SETTLED:  # keep the store small over a long run
+            self.store.delete_key(f"agreement/{number - _KEEP_SETTLED}")
         return settled
 
-    def _issue(self, values: torch.Tensor, what: str) -> Any:
-        """MAX over the ranks of ``values``, in place, started (not waited for) with gloo's timeout at
-        :data:`LATE_LIMIT`."""
+    def _issue(self, kind: int, values: list[int], what: str) -> tuple[int, torch.Tensor, Any]:
+        """Start the MAX over the ranks of ``values`` (at most :data:`_WIDTH`), with its ``kind`` in
+        front and gloo's timeout at :data:`LATE_LIMIT`: its number (see :data:`_ISSUED`), the tensor
+        the result lands in, and the work to wait for."""
+        number = _ISSUED.get(self.group, 0)
+        _ISSUED[self.group] = number + 1
+        data = torch.tensor([kind, -kind, *values, *[0] * (_WIDTH - len(values))], dtype=torch.int64)
         options = self._dist.AllreduceOptions()
         options.reduceOp = self._dist.ReduceOp(self._dist.ReduceOp.MAX)
         options.timeout = LATE_LIMIT
         try:
-            return self.group.allreduce([values], options)
+            return number, data, self.group.allreduce([data], options)
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
             raise _collective_error(self, what, exc) from exc
 
+    def in_step(self, data: torch.Tensor, what: str) -> list[int]:
+        """The values of a completed collective (``data`` from :meth:`_issue`).
+
+        Raises:
+            CheckpointError: The ranks paired different collectives: they are out of step.
+        """
+        if int(data[0]) != -int(data[1]):
+            raise CheckpointError(
+                f"rank {self.rank} could not {what}: the ranks' checkpoint collectives are out of step (a rank "
+                "gave up waiting for one that another came to late, then went on without the ones after it); "
+                "this job cannot save or restore checkpoints until it restarts"
+            )
+        return [int(v) for v in data[2:]]
+
     def all_ok(self, ok: bool) -> bool:
         """Whether every rank says ``ok`` (one all_reduce, on the calling thread)."""
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        self._all_reduce(flag, "agree")
-        return int(flag.item()) == 0
+        return self._all_reduce(_ALL_OK, [0 if ok else 1], "agree")[0] == 0
 
     def all_max(self, value: int) -> int:
         """The largest ``value`` over the ranks (one all_reduce, on the calling thread)."""
-        out = torch.tensor([value], dtype=torch.int64)
-        self._all_reduce(out, "agree")
-        return int(out.item())
+        return self._all_reduce(_ALL_MAX, [value], "agree")[0]
 
-    def _all_reduce(self, values: torch.Tensor, what: str) -> None:
-        """MAX over the ranks, in place; a rank that died or does not take part within ``timeout``
-        is a CheckpointError, never a hang or a backend's bare error (a late rank's call still
-        completes this one: see the module's docstring)."""
-        work = self._issue(values, what)
+    def _all_reduce(self, kind: int, values: list[int], what: str) -> list[int]:
+        """MAX over the ranks; a rank that died or does not take part within ``timeout`` is a
+        CheckpointError, never a hang or a backend's bare error (a late rank's call still completes
+        this one: see the module's docstring)."""
+        _, data, work = self._issue(kind, values, what)
         if not _completed_by(work, time.monotonic() + self.timeout):
             raise _collective_error(self, what, TimeoutError(f"no answer within {self.timeout:g} s"))
         try:
             work.wait()
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
             raise _collective_error(self, what, exc) from exc
+        return self.in_step(data, what)
 
     def barrier(self) -> None:
         """Every rank reached this point (on the calling thread)."""
