@@ -253,3 +253,22 @@ def test_a_save_inside_inference_mode_leaves_later_saves_working(tmp_path, snaps
         mgr.save(2, state).wait()
     assert torch.equal(load(tmp_path, step=1)["w"], torch.ones(8, 8))
     assert torch.equal(load(tmp_path, step=2)["w"], torch.full((8, 8), 2.0))
+
+
+@pytest.mark.parametrize("snapshot", ["blocking", "overlap"])
+def test_a_state_whose_tensors_change_between_saves_is_saved_as_it_was_at_each_save(tmp_path, snapshot):
+    from _trees import assert_same_tree
+
+    states = [
+        {"a": torch.arange(12.0).view(3, 4), "b": torch.ones(5, dtype=torch.int8)},
+        {"a": torch.arange(12.0).view(4, 3) + 1, "b": torch.ones(5, dtype=torch.int8) * 2},  # a shape, same bytes
+        {"a": torch.arange(12.0).view(4, 3) + 2, "b": torch.ones(5, dtype=torch.uint8) * 3},  # a dtype
+        {"a": torch.arange(12.0).view(4, 3) + 3, "b": torch.ones(5, dtype=torch.uint8) * 4},  # as before
+        {"a": torch.arange(6.0) + 5},  # one fewer
+        {"a": torch.arange(6.0) + 6, "b": torch.zeros(0), "c": torch.ones(2, 2).t()},  # more
+    ]
+    with CheckpointManager(tmp_path, keep_last=None, snapshot=snapshot) as mgr:
+        for step, state in enumerate(states):
+            mgr.save(step, state).wait()
+    for step, state in enumerate(states):
+        assert_same_tree(state, load(tmp_path, step=step), f"step {step}")

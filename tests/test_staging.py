@@ -426,3 +426,54 @@ def test_no_gpu_fence_wait_without_a_fence_or_while_the_compute_stream_is_captur
     lazy.fence()
     assert [entry[0] for entry in log] == ["wait"]  # the wait still orders training; no events recorded
     assert lazy.gpu_fence_wait(timeout=1.0) == 0.0
+
+
+def test_plan_layout_returns_the_previous_layout_while_the_tensors_fit_it():
+    tensors = [torch.zeros(3, 5), torch.zeros(7, dtype=torch.int8), torch.zeros(0), torch.zeros(2, 2)]
+    first = plan_layout(tensors)
+    same = [torch.ones(3, 5), torch.ones(7, dtype=torch.int8), torch.ones(0), torch.ones(2, 2).t()]
+    assert plan_layout(same, like=first) is first
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        [torch.zeros(3, 6), torch.zeros(7, dtype=torch.int8), torch.zeros(0), torch.zeros(2, 2)],  # a shape
+        [torch.zeros(15), torch.zeros(7, dtype=torch.int8), torch.zeros(0), torch.zeros(2, 2)],  # same size
+        [torch.zeros(3, 5), torch.zeros(7, dtype=torch.uint8), torch.zeros(0), torch.zeros(2, 2)],  # a dtype
+        [torch.zeros(3, 5), torch.zeros(7, dtype=torch.int8), torch.zeros(0)],  # one fewer
+        [torch.zeros(3, 5), torch.zeros(7, dtype=torch.int8), torch.zeros(0), torch.zeros(2, 2), torch.zeros(1)],
+    ],
+)
+def test_plan_layout_plans_anew_when_a_tensor_changed(changed):
+    first = plan_layout([torch.zeros(3, 5), torch.zeros(7, dtype=torch.int8), torch.zeros(0), torch.zeros(2, 2)])
+    layout = plan_layout(changed, like=first)
+    assert layout is not first
+    assert layout == plan_layout(changed)
+
+
+def test_arena_views_are_made_once_per_layout_and_are_the_slot_views():
+    tensors = [torch.zeros(3, 5), torch.zeros(0, 4), torch.zeros(9, dtype=torch.float16)]
+    layout = plan_layout(tensors)
+    arena = Arena(layout.total, pinned=False)
+    views = arena.views(layout)
+    assert arena.views(layout) is views
+    for view, slot in zip(views, layout.slots, strict=True):
+        expected = arena.view(slot)
+        assert (view.data_ptr(), view.dtype, view.shape) == (expected.data_ptr(), expected.dtype, expected.shape)
+    other = plan_layout([torch.zeros(15), torch.zeros(0, 4), torch.zeros(9, dtype=torch.float16)])
+    assert [v.shape for v in arena.views(other)] == [(15,), (0, 4), (9,)]
+
+
+def test_a_copy_with_the_previous_layout_lands_every_new_value():
+    pool = ArenaPool(pinned=False)
+    first = [torch.randn(4, 3), torch.arange(5, dtype=torch.int64)]
+    layout, arena = stage(first, pool)
+    pool.release(arena)
+    second = [torch.randn(4, 3), torch.arange(5, 10, dtype=torch.int64)]
+    again = plan_layout(second, like=layout)
+    arena = pool.acquire(again.total)
+    CopyEngine().copy(second, again, arena)
+    assert again is layout
+    for tensor, slot in zip(second, again.slots, strict=True):
+        assert torch.equal(arena.view(slot), tensor)

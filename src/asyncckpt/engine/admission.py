@@ -24,7 +24,7 @@ from asyncckpt import _phases
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import Fences, LazyCopy
 from asyncckpt.engine.pipeline import AbandonedPart, Pipeline, RankSave, SaveJob
-from asyncckpt.engine.staging import Arena, ArenaPool, CopyEngine, plan_layout
+from asyncckpt.engine.staging import Arena, ArenaPool, CopyEngine, Layout, plan_layout
 from asyncckpt.engine.tags import Tags
 from asyncckpt.errors import CheckpointError, SaveFailedError
 from asyncckpt.format import check_tags
@@ -146,6 +146,7 @@ class Admission:
         self._reservations: set[_Slot] = set()  # slots of saves still snapshotting (under _cond, with _pending)
         self._failed: list[SaveHandle] = []
         self._prepared: Future | None = None
+        self._layout: Layout | None = None  # the last save's, reused while the state's tensors fit it
         self._warned_behind = False
         self.closed = False  # set under _cond: a save waiting for a slot sees it and gives up
 
@@ -315,7 +316,7 @@ class Admission:
             raise
         flat, ranks = self._plan.plan(state, step)
         try:
-            layout = plan_layout(flat.tensors)
+            layout = self._layout = plan_layout(flat.tensors, like=self._layout)
             if self._prepared is not None:
                 prepared, self._prepared = self._prepared, None
                 prepared.result()

@@ -355,11 +355,12 @@ def start_copy(
     cpu_lazy: _Pairs = []
     on_gpu: dict[torch.device, tuple[_Pairs, _Pairs]] = {}
     with torch.no_grad():
-        for tensor, slot, name, is_lazy in zip(tensors, layout.slots, names, lazy, strict=True):
+        for tensor, slot, target, name, is_lazy in zip(
+            tensors, layout.slots, arena.views(layout), names, lazy, strict=True
+        ):
             if slot.nbytes == 0:
                 continue
             version = _version(tensor) if is_lazy else None
-            target = arena.view(slot)
             if version is not None:
                 lazy_tensors.append(tensor)
                 lazy_names.append(name)

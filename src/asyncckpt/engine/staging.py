@@ -126,8 +126,23 @@ def _align(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def plan_layout(tensors: list[torch.Tensor]) -> Layout:
-    """Group tensors by dtype (first-seen order) and give each a 64-byte aligned slot."""
+def _fits(layout: Layout, tensors: list[torch.Tensor]) -> bool:
+    """Whether ``layout`` is what :func:`plan_layout` would make of ``tensors``: the same dtype and
+    shape at every position (the slots follow from them)."""
+    return len(layout.slots) == len(tensors) and all(
+        slot.dtype == t.dtype and slot.shape == t.shape for slot, t in zip(layout.slots, tensors, strict=True)
+    )
+
+
+def plan_layout(tensors: list[torch.Tensor], like: Layout | None = None) -> Layout:
+    """Group tensors by dtype (first-seen order) and give each a 64-byte aligned slot.
+
+    ``like``: the previous save's layout, returned as it is when it fits ``tensors``. A training
+    state has the same tensors at every save, and the same layout object lets the arena reuse its
+    views of the slots instead of making them again.
+    """
+    if like is not None and _fits(like, tensors):
+        return like
     order: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         dtype_name(t.dtype)  # raises for dtypes the format cannot store
@@ -158,13 +173,14 @@ class Arena:
         self.buffer = _pinned_zeros(size) if pinned else torch.zeros(size, dtype=torch.uint8)
         self._slots: list[TensorSlot] | None = None  # the layout whose padding is known to be zero
         self._fresh = True  # all zeros: the first layout needs no clearing
+        self._views: tuple[Layout, list[torch.Tensor]] | None = None  # the last layout's slot views
 
     def hold(self, layout: Layout) -> None:
         """Get ready for ``layout``: re-zero when it differs from the last, so padding stays zero.
 
         A fresh arena is already zero, so the first save costs what later ones do.
         """
-        if self._slots != layout.slots:
+        if self._slots is not layout.slots and self._slots != layout.slots:
             if not self._fresh:
                 self.buffer[: layout.total].zero_()
             self._slots = layout.slots
@@ -176,6 +192,13 @@ class Arena:
     def view(self, slot: TensorSlot) -> torch.Tensor:
         raw = self.buffer[slot.offset : slot.offset + slot.nbytes]
         return raw.view(slot.dtype).view(slot.shape)
+
+    def views(self, layout: Layout) -> list[torch.Tensor]:
+        """Every slot's view, in slot order; made once per layout (each costs a few microseconds
+        of the training thread, and a save of a large model has thousands of tensors)."""
+        if self._views is None or self._views[0] is not layout:
+            self._views = (layout, [self.view(slot) for slot in layout.slots])
+        return self._views[1]
 
 
 class ArenaPool:
@@ -284,13 +307,13 @@ class CopyEngine:
         arena.hold(layout)
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         with torch.no_grad():
-            for tensor, slot in zip(tensors, layout.slots, strict=True):
+            for tensor, slot, target in zip(tensors, layout.slots, arena.views(layout), strict=True):
                 if slot.nbytes == 0:
                     continue
                 if tensor.device.type == "cuda":
-                    by_device.setdefault(tensor.device, []).append((tensor, arena.view(slot)))
+                    by_device.setdefault(tensor.device, []).append((tensor, target))
                 else:
-                    arena.view(slot).copy_(tensor)
+                    target.copy_(tensor)
             streams = []
             try:
                 for device, pairs in by_device.items():
