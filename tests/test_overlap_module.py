@@ -107,3 +107,40 @@ def test_a_forgotten_copy_is_abandoned_and_no_longer_pending(copier, monkeypatch
     assert fences.pending()
     fences.forget(pending)  # returns once the copy thread is done with the arena
     assert not fences.pending() and pending.abandoned
+
+
+def _spanned_bytes(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range an independent route says ``t`` reads: every element's storage index."""
+    if t.numel() == 0:
+        first = t.storage_offset() * t.element_size()
+        return first, first
+    index = torch.arange(t.untyped_storage().nbytes() // t.element_size()).as_strided(
+        t.shape, t.stride(), t.storage_offset()
+    )
+    return int(index.min()) * t.element_size(), (int(index.max()) + 1) * t.element_size()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda base: base,
+        lambda base: base[2:5],
+        lambda base: base.t(),
+        lambda base: base[:, 1:3],
+        lambda base: base[1::2, ::3],
+        lambda base: base[3],
+        lambda base: base[3, 4],
+        lambda base: base[0:0],
+        lambda base: base[1:2, 0:1],
+        lambda base: base[4].unsqueeze(0).expand(3, -1),
+        lambda base: base.view(torch.int16)[1:, 2:9],
+    ],
+)
+def test_tensor_key_spans_exactly_the_bytes_the_tensor_reads(make):
+    from asyncckpt.engine.overlap import _tensor_key
+
+    base = torch.zeros(8, 6)
+    t = make(base)
+    storage, first, end = _tensor_key(t)
+    assert storage == (base.device, base.untyped_storage().data_ptr())
+    assert (first, end) == _spanned_bytes(t)

@@ -429,7 +429,13 @@ def _tensor_key(t: torch.Tensor) -> tuple[tuple, int, int]:
         t = local
     size = t.element_size()
     first = t.storage_offset() * size
-    span = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True)) if t.numel() else -1
+    count = t.numel()
+    if not count:
+        span = -1
+    elif t.is_contiguous():  # the common case, without a Python loop over the dimensions
+        span = count - 1
+    else:
+        span = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True))
     return (t.device, t.untyped_storage().data_ptr()), int(first), int(first + (span + 1) * size)
 
 
