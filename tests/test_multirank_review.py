@@ -190,6 +190,15 @@ def _job(rank: int, world: int, tmp: str) -> dict:
         out["respec"] = ""
     except TypeError as exc:
         out["respec"] = str(exc)
+    # a Partial DTensor holds no value of its own: refused, naming where it is
+    from torch.distributed.tensor import DTensor, Partial
+
+    partial = DTensor.from_local(torch.ones(2, 3), state["w"].device_mesh, [Partial()])
+    try:
+        flatten_rank({"opt": {"sum": partial}}, me)
+        out["partial"] = ""
+    except TypeError as exc:
+        out["partial"] = str(exc)
     # no tensors at all, on every rank
     with asyncckpt.CheckpointManager(root / "empty", keep_last=None) as mgr:
         mgr.save(1, {"epoch": 4, "name": "x"})
@@ -246,6 +255,14 @@ def test_a_dtensor_spec_changed_in_place_is_not_taken_from_the_cache(spawned):
     for rank in (0, 1):
         assert out[rank]["offsets"] == [(0, 4 * rank)]
         assert "the DTensor's local tensor is (5, 4), its placements say (5, 8)" in out[rank]["respec"]
+
+
+def test_a_partial_dtensor_is_refused_naming_its_path(spawned):
+    _, out = spawned
+    for rank in (0, 1):
+        message = out[rank]["partial"]
+        assert message.startswith("state['opt']['sum']: a DTensor placed as P(sum) cannot be checkpointed"), message
+        assert "only Shard and Replicate" in message
 
 
 def test_replicated_naming_a_missing_key(spawned):

@@ -33,7 +33,16 @@ import torch
 
 from asyncckpt.format import GlobalEntry, PieceEntry, dtype_name
 from asyncckpt.state.skeleton import Kind, child_path, object_path
-from asyncckpt.state.tree import FlatState, _Flattener, _is_stateful, unwrap_data_parallel
+from asyncckpt.state.tree import (
+    MAX_DEPTH,
+    PLAIN_VALUES,
+    FlatState,
+    _Flattener,
+    _is_stateful,
+    check_dense,
+    tie_key,
+    unwrap_data_parallel,
+)
 
 
 @dataclass(frozen=True)
@@ -119,11 +128,16 @@ def _placed(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[Any, 
 _SPEC_FACTS: dict[tuple[int, int], tuple[Any, tuple]] = {}
 
 
-def _spec_facts(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, str, tuple]:
+def _spec_facts(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, str, tuple, GlobalEntry]:
     """A DTensor's box (global offsets, local shape), its replica index and count (as
-    :func:`_placed`), its placement as the fingerprint spells it, and what tells its global tensor
-    apart (global shape, placement, mesh: plain values, cheap to hash). Cached per spec: each save
-    asks again of every parameter and optimizer state, whose specs do not change between saves."""
+    :func:`_placed`), its placement as the fingerprint spells it, what tells its global tensor
+    apart (global shape, placement, mesh: plain values, cheap to hash), and its global table entry.
+    Cached per spec: each save asks again of every parameter and optimizer state, whose specs (their
+    mesh, placements, global shape and dtype, all in the spec's hash) do not change between saves.
+
+    Raises:
+        TypeError: A dtype the format cannot store.
+    """
     spec = t._spec
     key = (id(spec), hash(spec))
     hit = _SPEC_FACTS.get(key)
@@ -131,7 +145,8 @@ def _spec_facts(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, str
         return hit[1]
     mesh, placements, shape = t.device_mesh, tuple(t.placements), tuple(t.shape)
     placement = f"{mesh.shape}{t.placements}"
-    facts = (*_placed(shape, mesh, placements), placement, (shape, placement, id(mesh)))
+    entry = GlobalEntry(dtype_name(t.dtype), shape)
+    facts = (*_placed(shape, mesh, placements), placement, (shape, placement, id(mesh)), entry)
     if len(_SPEC_FACTS) >= 1 << 14:
         _SPEC_FACTS.clear()
     _SPEC_FACTS[key] = (spec, facts)
@@ -180,8 +195,15 @@ def assign_rows(sizes: list[tuple[int, int]], world_size: int) -> list[list[tupl
     Returns:
         Per tensor, its pieces as (rank, first row, end row), in row order.
     """
+    return [list(pieces) for pieces in _row_pieces(tuple(sizes), world_size)]
+
+
+@functools.lru_cache(maxsize=16)
+def _row_pieces(sizes: tuple[tuple[int, int], ...], world_size: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+    """:func:`assign_rows`, computed once per set of sizes: every save of a training state asks
+    again with the same sizes (hundreds of bisection steps for a model of many tensors)."""
     total = sum(rows * row for rows, row in sizes)
-    out: list[list[tuple[int, int, int]]] = []
+    out: list[tuple[tuple[int, int, int], ...]] = []
     at = 0
     for rows, row in sizes:
         pieces: list[tuple[int, int, int]] = []
@@ -202,9 +224,9 @@ def assign_rows(sizes: list[tuple[int, int]], world_size: int) -> list[list[tupl
                     hi = mid - 1
             pieces.append((rank, first, lo + 1))
             first = lo + 1
-        out.append(pieces)
+        out.append(tuple(pieces))
         at += rows * row
-    return out
+    return tuple(out)
 
 
 class _RankFlattener(_Flattener):
@@ -225,45 +247,33 @@ class _RankFlattener(_Flattener):
         self._replicas: list[tuple[int, torch.Tensor]] = []  # (global index, tensor) to cut in rows
         self._global_seen: dict[tuple, int] = {}
 
-    def _global(self, t: torch.Tensor, path: str, placement: str, spec_key: tuple | None = None) -> int | None:
-        """The global index of ``t`` (a tied tensor once), or None the first time it is seen.
-        ``spec_key``: a DTensor's ``_spec_facts(t)[5]`` (None: ``t`` is a plain tensor)."""
-        if spec_key is not None:
-            # by its local tensor's memory, not id(t): a state dict holds a new DTensor (detach())
-            # per name, so tied parameters come as two objects over one shard; the storage object
-            # (not its address, 0 for every empty shard) tells distinct empty shards apart
-            dt: Any = t
-            local = dt._local_tensor
-            key: tuple = (
-                local.untyped_storage()._cdata,
-                local.storage_offset(),
-                tuple(local.shape),
-                local.stride(),
-                local.dtype,
-                spec_key,
-            )
-        else:
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    def _global(self, t: torch.Tensor, path: str, key: tuple, entry: GlobalEntry | None, placement: str) -> int | None:
+        """The global index of ``t`` (a tied tensor once, by ``key``), or None the first time it is
+        seen. ``entry``: its global table entry (None: made here, from ``t``)."""
         index = self._global_seen.get(key)
         if index is not None:
             return index
-        try:
-            dtype = dtype_name(t.dtype)
-        except TypeError as exc:
-            raise TypeError(f"{path}: {exc}") from None
+        if entry is None:
+            try:
+                entry = GlobalEntry(dtype_name(t.dtype), tuple(t.shape))
+            except TypeError as exc:
+                raise TypeError(f"{path}: {exc}") from None
         index = len(self.globals)
         self._global_seen[key] = index
-        self.globals.append(GlobalEntry(dtype, tuple(t.shape)))
+        self.globals.append(entry)
         self.live.append(t)
         self.placements.append(placement)
         self.global_paths.append(path)
         return None
 
     def node(self, obj: Any, path: str, depth: int) -> dict:
+        if type(obj) in PLAIN_VALUES and depth <= MAX_DEPTH:  # most leaves of an optimizer's state
+            return {Kind.VALUE: obj}
         if is_dtensor(obj):
             return {Kind.GLOBAL: self._dtensor(obj, path)}
         if isinstance(obj, torch.Tensor) and (self.replicated_depth or path in self.declared):
-            known = self._global(obj, path, "replicated")
+            key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype)
+            known = self._global(obj, path, key, None, "replicated")
             if known is not None:
                 return {Kind.GLOBAL: known}
             index = len(self.globals) - 1
@@ -285,16 +295,26 @@ class _RankFlattener(_Flattener):
                 self.replicated_depth -= 1
 
     def _dtensor(self, t: Any, path: str) -> int:
-        offsets, shape, replica, replicas, placement, spec_key = _spec_facts(t)
-        known = self._global(t, path, placement, spec_key)
+        try:
+            offsets, shape, replica, replicas, placement, spec_key, entry = _spec_facts(t)
+        except TypeError as exc:
+            raise TypeError(f"{path}: {exc}") from None
+        local = t._local_tensor  # what to_local() returns, without its autograd node (add_keyed detaches)
+        storage, offset, stride = local.untyped_storage(), local.storage_offset(), local.stride()
+        # by its local tensor's memory, not id(t): a state dict holds a new DTensor (detach()) per
+        # name, so tied parameters come as two objects over one shard; the storage object (not its
+        # address, 0 for every empty shard) tells distinct empty shards apart
+        key = (storage._cdata, offset, tuple(local.shape), stride, local.dtype, spec_key)
+        known = self._global(t, path, key, entry, placement)
         if known is not None:
             return known
         index = len(self.globals) - 1
-        local = t._local_tensor  # what to_local() returns, without its autograd node (add_tensor detaches)
         if tuple(local.shape) != shape:
             raise TypeError(f"{path}: the DTensor's local tensor is {tuple(local.shape)}, its placements say {shape}")
         if math.prod(shape) and replica == index % replicas:  # the replicas take turns writing
-            self.pieces.append(PieceEntry(index, self.add_tensor(local, path), offsets))
+            check_dense(local, path)
+            staged = self.add_keyed(local, tie_key(local, storage, offset, stride), path)
+            self.pieces.append(PieceEntry(index, staged, offsets))
         return index
 
     def finish(self) -> None:
@@ -303,7 +323,7 @@ class _RankFlattener(_Flattener):
         for _, t in self._replicas:
             rows = t.shape[0] if t.dim() else 1
             sizes.append((rows, t.nbytes // rows if rows else 0))
-        for (index, t), pieces in zip(self._replicas, assign_rows(sizes, self.me.world_size), strict=True):
+        for (index, t), pieces in zip(self._replicas, _row_pieces(tuple(sizes), self.me.world_size), strict=True):
             for rank, first, end in pieces:
                 if rank != self.me.rank or end == first:
                     continue

@@ -72,6 +72,25 @@ def _numpy_module():
     return sys.modules.get("numpy")
 
 
+PLAIN_VALUES = frozenset({type(None), bool, int, float, str})  # stored as they are, by exact type
+
+
+def check_dense(t: torch.Tensor, path: str) -> None:
+    """Raise unless ``t`` is a dense tensor with data (what the format stores)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{path}: tensors with layout {t.layout} are not supported (dense only)")
+    if t.is_quantized:
+        raise TypeError(f"{path}: quantized tensors are not supported")
+    if t.device.type == "meta":
+        raise TypeError(f"{path}: a meta tensor has no data to save")
+
+
+def tie_key(t: torch.Tensor, storage: torch.UntypedStorage, offset: Any, stride: tuple[Any, ...]) -> tuple:
+    """What makes two non-empty tensors the same stored tensor: one memory viewed the same way.
+    The storage, offset and stride are the caller's, read once for this and its other uses."""
+    return (storage.data_ptr(), offset, tuple(t.shape), stride, t.dtype, t.device, t.is_conj(), t.is_neg())
+
+
 class _Flattener:
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
@@ -79,24 +98,14 @@ class _Flattener:
         self._seen: dict[tuple, int] = {}
 
     def add_tensor(self, t: torch.Tensor, path: str) -> int:
-        if t.layout != torch.strided:
-            raise TypeError(f"{path}: tensors with layout {t.layout} are not supported (dense only)")
-        if t.is_quantized:
-            raise TypeError(f"{path}: quantized tensors are not supported")
-        if t.device.type == "meta":
-            raise TypeError(f"{path}: a meta tensor has no data to save")
-        if t.numel() > 0:
-            # Tied tensors (one storage viewed identically under two names) are stored once.
-            key = (
-                t.untyped_storage().data_ptr(),
-                t.storage_offset(),
-                tuple(t.shape),
-                t.stride(),
-                t.dtype,
-                t.device,
-                t.is_conj(),
-                t.is_neg(),
-            )
+        check_dense(t, path)
+        # Tied tensors (one storage viewed identically under two names) are stored once.
+        key = tie_key(t, t.untyped_storage(), t.storage_offset(), t.stride()) if t.numel() > 0 else None
+        return self.add_keyed(t, key, path)
+
+    def add_keyed(self, t: torch.Tensor, key: tuple | None, path: str) -> int:
+        """``add_tensor`` of a dense tensor whose :func:`tie_key` is known (None: never tied)."""
+        if key is not None:
             index = self._seen.get(key)
             if index is not None:
                 return index
@@ -108,6 +117,8 @@ class _Flattener:
     def node(self, obj: Any, path: str, depth: int) -> dict:
         if depth > MAX_DEPTH:
             raise ValueError(f"{path}: state is nested deeper than {MAX_DEPTH} levels")
+        if type(obj) in PLAIN_VALUES:
+            return {Kind.VALUE: obj}
         if isinstance(obj, torch.Tensor):
             return {Kind.TENSOR: self.add_tensor(obj, path)}
         if obj is None or isinstance(obj, (bool, int, float, str)):
