@@ -477,3 +477,12 @@ def test_a_copy_with_the_previous_layout_lands_every_new_value():
     assert again is layout
     for tensor, slot in zip(second, again.slots, strict=True):
         assert torch.equal(arena.view(slot), tensor)
+
+
+def test_arena_views_made_inside_inference_mode_take_copies_outside_it():
+    layout = plan_layout([torch.zeros(3, 5)])
+    arena = Arena(layout.total, pinned=False)
+    with torch.inference_mode():
+        views = arena.views(layout)
+    views[0].copy_(torch.ones(3, 5))  # an inference tensor would refuse this
+    assert torch.equal(arena.view(layout.slots[0]), torch.ones(3, 5))

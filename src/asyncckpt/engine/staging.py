@@ -197,7 +197,10 @@ class Arena:
         """Every slot's view, in slot order; made once per layout (each costs a few microseconds
         of the training thread, and a save of a large model has thousands of tensors)."""
         if self._views is None or self._views[0] is not layout:
-            self._views = (layout, [self.view(slot) for slot in layout.slots])
+            # made outside inference mode even for a save inside it: an inference tensor could not
+            # be copied into by the saves after it
+            with torch.inference_mode(False):
+                self._views = (layout, [self.view(slot) for slot in layout.slots])
         return self._views[1]
 
 
