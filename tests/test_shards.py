@@ -53,6 +53,13 @@ def test_assign_rows_rank_order():
     assert ranks == sorted(ranks) and set(ranks) == {0, 1, 2, 3}
 
 
+def test_assign_rows_takes_any_pairs_and_returns_fresh_lists():
+    plan = assign_rows([[4, 16], [2, 8]], 2)
+    assert plan == [[(0, 0, 2), (1, 2, 4)], [(1, 0, 2)]]
+    plan[0].clear()  # the caller's to change: the next answer is whole
+    assert assign_rows([(4, 16), (2, 8)], 2) == [[(0, 0, 2), (1, 2, 4)], [(1, 0, 2)]]
+
+
 def _state(rank):
     torch.manual_seed(0)
     weights = {"w": torch.randn(33, 4), "b": torch.randn(33), "step": torch.tensor(5.0), "empty": torch.zeros(0, 3)}

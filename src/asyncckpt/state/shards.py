@@ -195,7 +195,7 @@ def assign_rows(sizes: list[tuple[int, int]], world_size: int) -> list[list[tupl
     Returns:
         Per tensor, its pieces as (rank, first row, end row), in row order.
     """
-    return [list(pieces) for pieces in _row_pieces(tuple(sizes), world_size)]
+    return [list(pieces) for pieces in _row_pieces(tuple((int(rows), int(row)) for rows, row in sizes), world_size)]
 
 
 @functools.lru_cache(maxsize=16)
