@@ -16,9 +16,10 @@ Two rules learned from other checkpointers' failures shape this module:
 A rank that comes late to a collective never breaks the group. Each collective is issued with a
 long gloo timeout (:data:`LATE_LIMIT`) and waited for with ``timeout`` of our own: a rank that gives
 up raises, and leaves its part in flight, where the late rank's call of the same collective, in the
-same order on every rank, completes it. For a save's agreement the ranks also settle, in the store,
-whether it was given up (:meth:`RankGroup.decide`), so a late rank never writes a save the others
-abandoned, and the next save finds the ranks in step again. (A gloo timeout closes the group's
+same order on every rank, completes it. For every collective the ranks also settle, in the store,
+whether it was given up (:meth:`RankGroup.decide`), so a late rank fails where the others did: it
+never writes a save the others abandoned, never goes on with a restore the others gave up, and the
+next collective finds the ranks in step again. (A gloo timeout closes the group's
 connections for good: every later save of the process would fail.)
 
 A rank that fails votes "failed" with its reason; one that dies never votes, and rank 0 stops
@@ -53,11 +54,12 @@ LATE_LIMIT = timedelta(hours=24)
 _GROUPS: dict[tuple[tuple[int, ...] | None, float], Any] = {}  # by (ranks, timeout)
 # Collectives issued on each group by this process, whichever manager issued them. gloo pairs the
 # ranks' collectives by the order they are issued, so the n-th of one rank completes with the n-th
-# of every other: n names a save's agreement in the store (RankGroup.decide). Every collective also
+# of every other: n names the collective in the store (RankGroup.decide). Every collective also
 # carries its kind, so ranks whose calls pair out of step (one gave up waiting for a collective,
 # then went on without the ones after it that a late rank still makes) raise instead of mixing
 # values; and has the same size, so such a pairing is never gloo's size mismatch (which aborts).
-_ISSUED: dict[Any, int] = {}
+_ISSUED: dict[tuple[tuple[int, ...] | None, float], int] = {}  # by the _GROUPS key: a remade group
+# (same name, same store keys) goes on numbering where the one it replaces stopped
 _AGREE, _OPEN, _ALL_OK, _ALL_MAX = 1, 2, 3, 4  # a collective's kind
 _WIDTH = 6  # values a collective carries (an agreement's six), after its kind
 
@@ -89,8 +91,8 @@ class Vote:
         return vote if vote.rank == rank else cls(rank, False, "its vote names another rank")
 
 
-_GIVEN_UP, _AGREED = "given up", "agreed"  # a save's agreement, as the ranks settle it
-_KEEP_SETTLED = 1024  # settled agreements kept in the store (no rank is expected this many collectives behind)
+_GIVEN_UP, _AGREED = "given up", "agreed"  # a collective, as the ranks settle it
+_KEEP_SETTLED = 1024  # settled collectives kept in the store (no rank is expected this many collectives behind)
 
 
 def _completed_by(work: Any, deadline: float) -> bool:
@@ -216,11 +218,27 @@ class RankGroup:
             )
             _GROUPS[key] = group
         self.group = group
-        token = secrets.randbits(62) if self.rank == 0 else 0
+        self._numbering = key  # collectives are numbered per set of ranks, across remade groups too
         self._dist = dist
+        self._decisions = self._settled_collectives()
+        token = secrets.randbits(62) if self.rank == 0 else 0
         opening = "open the checkpoint root together (every rank constructs the manager)"
         self.run = f"{self._all_reduce(_OPEN, [token], opening)[0]:016x}"
         self.store = self.connection()
+
+    def _settled_collectives(self) -> Any:
+        """The store connection the ranks settle their collectives on: named by the group (the same
+        on every member rank), since collectives are numbered per group, whatever manager issued
+        them, and the first one (opening a manager) comes before the run's own prefix exists."""
+        import torch.distributed.distributed_c10d as c10d
+
+        name = getattr(self.group, "group_name", None) or c10d._get_process_group_name(self.group)
+        base = c10d._get_default_store()
+        try:
+            own = base.clone()  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # a store without clone (not a TCPStore)
+            own = base
+        return self._dist.PrefixStore(f"asyncckpt/collectives/{name}/", own)
 
     def connection(self, prefix: str = "") -> Any:
         """A store connection of our own (a clone of the job's store client), under this group's
@@ -252,20 +270,22 @@ class RankGroup:
         return Agreement(self, step, number, data, work)
 
     def decide(self, number: int, proposal: str) -> str:
-        """What the ranks settle for the agreement that is collective ``number`` of the group: the
+        """What the ranks settle for collective ``number`` of the group, given up or agreed: the
         first rank to settle it sets it (in the store, atomically), and every rank gets that
-        (``proposal`` or the other)."""
-        settled = self.store.compare_set(f"agreement/{number}", "", proposal).decode()
+        (``proposal`` or the other). So every rank fails at the same collective, and skips the same
+        ones after it: a late rank whose call completed a collective the others gave up on fails
+        there too, instead of going on to collectives the others never make."""
+        settled = self._decisions.compare_set(str(number), "", proposal).decode()
         if self.rank == 0 and number >= _KEEP_SETTLED:  # keep the store small over a long run
-            self.store.delete_key(f"agreement/{number - _KEEP_SETTLED}")
+            self._decisions.delete_key(str(number - _KEEP_SETTLED))
         return settled
 
     def _issue(self, kind: int, values: list[int], what: str) -> tuple[int, torch.Tensor, Any]:
         """Start the MAX over the ranks of ``values`` (at most :data:`_WIDTH`), with its ``kind`` in
         front and gloo's timeout at :data:`LATE_LIMIT`: its number (see :data:`_ISSUED`), the tensor
         the result lands in, and the work to wait for."""
-        number = _ISSUED.get(self.group, 0)
-        _ISSUED[self.group] = number + 1
+        number = _ISSUED.get(self._numbering, 0)
+        _ISSUED[self._numbering] = number + 1
         data = torch.tensor([kind, -kind, *values, *[0] * (_WIDTH - len(values))], dtype=torch.int64)
         options = self._dist.AllreduceOptions()
         options.reduceOp = self._dist.ReduceOp(self._dist.ReduceOp.MAX)
@@ -301,14 +321,23 @@ class RankGroup:
         """MAX over the ranks; a rank that died or does not take part within ``timeout`` is a
         CheckpointError, never a hang or a backend's bare error (a late rank's call still completes
         this one: see the module's docstring)."""
-        _, data, work = self._issue(kind, values, what)
-        if not _completed_by(work, time.monotonic() + self.timeout):
-            raise _collective_error(self, what, TimeoutError(f"no answer within {self.timeout:g} s"))
-        try:
-            work.wait()
-        except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+        number, data, work = self._issue(kind, values, what)
+        try:  # a gloo error (a rank died), or the store gone (rank 0 died)
+            if not _completed_by(work, time.monotonic() + self.timeout) and self.decide(number, _GIVEN_UP) == _GIVEN_UP:
+                raise _collective_error(self, what, TimeoutError(f"no answer within {self.timeout:g} s"))
+            work.wait()  # complete, or completing: another rank saw it complete
+            result = self.in_step(data, what)
+            late = self.decide(number, _AGREED) == _GIVEN_UP
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - gloo and the store raise RuntimeError subclasses
             raise _collective_error(self, what, exc) from exc
-        return self.in_step(data, what)
+        if late:
+            raise CheckpointError(
+                f"rank {self.rank} came more than {self.timeout:g} s late to {what}: another rank gave up waiting "
+                "for it, so this fails on every rank"
+            )
+        return result
 
     def barrier(self) -> None:
         """Every rank reached this point (on the calling thread)."""
