@@ -56,7 +56,16 @@ def open_rank_storage(
             protocol = choose_protocol(open_backend(root, storage_options=storage_options))
     except BaseException as exc:  # noqa: BLE001 - every rank must take part in the vote below
         failure = exc
-    if not ranks.all_ok(failure is None):
+    try:
+        everyone = ranks.all_ok(failure is None, "open the checkpoint root together")
+    except BaseException:  # a rank late or gone: the manager fails on every rank, the root let go
+        if protocol is not None:
+            protocol.close()
+        ranks.close()
+        if failure is not None:
+            raise failure from None  # this rank's own failure says more
+        raise
+    if not everyone:
         if protocol is not None:
             protocol.close()
         ranks.close()

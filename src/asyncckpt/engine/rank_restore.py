@@ -156,16 +156,16 @@ def restore_ranks(
         listed = {c.step: c for c in published_checkpoints(backend)}
         targets = _Targets(state, me, replicated)
     except BaseException as exc:
-        group.all_ok(False)
+        group.all_ok(False, "plan the restore together")
         raise exc
-    if not group.all_ok(True):
+    if not group.all_ok(True, "plan the restore together"):
         raise CheckpointError("another rank could not list the root or plan its restore (it says why); nothing changed")
-    if step is not None and group.all_max(1 if step in listed else 0) == 0:
+    if step is not None and group.all_max(1 if step in listed else 0, f"find step {step} to restore"):
         raise CheckpointNotFoundError(f"no checkpoint for step {step} in {backend.location}")
     failed: dict[int, str] = {}
     while True:
         mine = max((s for s in listed if s not in failed and (step is None or s == step)), default=-1)
-        candidate = group.all_max(mine)
+        candidate = group.all_max(mine, "choose the checkpoint to restore")
         if candidate < 0:
             if not failed:
                 return None if strict else RestoreResult(None)
@@ -196,8 +196,8 @@ def restore_ranks(
             error = exc
         except Exception as exc:  # noqa: BLE001 - anything else (a bug, torch refusing): every rank must still vote
             error = mismatch = exc
-        fits = group.all_ok(mismatch is None)
-        readable = group.all_ok(error is None or mismatch is not None)
+        fits = group.all_ok(mismatch is None, "check the checkpoint to restore fits every rank")
+        readable = group.all_ok(error is None or mismatch is not None, "check every rank read the checkpoint")
         if not fits:
             if mismatch is not None:
                 raise mismatch

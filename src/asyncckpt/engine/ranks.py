@@ -165,8 +165,8 @@ class Agreement:
             return
         if late:
             self._error = CheckpointError(
-                f"rank {group.rank} came more than {group.timeout:g} s late to {what}: another rank gave up "
-                "waiting for it, so nothing is saved"
+                f"rank {group.rank} could not {what}: a rank came to it more than {group.timeout:g} s after "
+                "another, which gave up waiting, so nothing is saved"
             )
             return
         high, low = values[0], -values[1]
@@ -220,36 +220,35 @@ class RankGroup:
         self.group = group
         self._numbering = key  # collectives are numbered per set of ranks, across remade groups too
         self._dist = dist
-        self._decisions = self._settled_collectives()
+        self._own_store = self._clone_store()  # one connection for the decisions and the run's keys
+        # the collectives' decisions, named by the group (the same on every member rank): collectives
+        # are numbered per group, whatever manager issued them, and the first (opening this manager)
+        # comes before the run's own prefix exists
+        self._decisions = dist.PrefixStore(f"asyncckpt/collectives/{self._group_name()}/", self._own_store)
         token = secrets.randbits(62) if self.rank == 0 else 0
         opening = "open the checkpoint root together (every rank constructs the manager)"
         self.run = f"{self._all_reduce(_OPEN, [token], opening)[0]:016x}"
-        self.store = self.connection()
+        self.store = dist.PrefixStore(f"asyncckpt/{self.run}/", self._own_store)
 
-    def _settled_collectives(self) -> Any:
-        """The store connection the ranks settle their collectives on: named by the group (the same
-        on every member rank), since collectives are numbered per group, whatever manager issued
-        them, and the first one (opening a manager) comes before the run's own prefix exists."""
+    def _group_name(self) -> str:
         import torch.distributed.distributed_c10d as c10d
 
-        name = getattr(self.group, "group_name", None) or c10d._get_process_group_name(self.group)
-        base = c10d._get_default_store()
+        return getattr(self.group, "group_name", None) or c10d._get_process_group_name(self.group)
+
+    def _clone_store(self) -> Any:
+        """A client of the job's store of our own: a ``wait`` on it never blocks training's store
+        calls, nor another connection's."""
+        base = self._dist.distributed_c10d._get_default_store()
         try:
-            own = base.clone()  # type: ignore[attr-defined]
+            return base.clone()  # type: ignore[attr-defined]
         except (AttributeError, RuntimeError):  # a store without clone (not a TCPStore)
-            own = base
-        return self._dist.PrefixStore(f"asyncckpt/collectives/{name}/", own)
+            return base
 
     def connection(self, prefix: str = "") -> Any:
         """A store connection of our own (a clone of the job's store client), under this group's
         run prefix plus ``prefix``: a ``wait`` on it never blocks training's store calls, nor
         another connection's."""
-        base = self._dist.distributed_c10d._get_default_store()
-        try:
-            own = base.clone()  # type: ignore[attr-defined]
-        except (AttributeError, RuntimeError):  # a store without clone (not a TCPStore)
-            own = base
-        return self._dist.PrefixStore(f"asyncckpt/{self.run}/{prefix}", own)
+        return self._dist.PrefixStore(f"asyncckpt/{self.run}/{prefix}", self._clone_store())
 
     def agree(self, step: int, fingerprint: int, failed: bool) -> Agreement:
         """Start, on the calling thread, the check that every rank saves ``step`` of the same plan:
@@ -309,13 +308,15 @@ class RankGroup:
             )
         return [int(v) for v in data[2:]]
 
-    def all_ok(self, ok: bool) -> bool:
-        """Whether every rank says ``ok`` (one all_reduce, on the calling thread)."""
-        return self._all_reduce(_ALL_OK, [0 if ok else 1], "agree")[0] == 0
+    def all_ok(self, ok: bool, what: str = "agree") -> bool:
+        """Whether every rank says ``ok`` (one all_reduce, on the calling thread); ``what`` the
+        ranks do together, for an error."""
+        return self._all_reduce(_ALL_OK, [0 if ok else 1], what)[0] == 0
 
-    def all_max(self, value: int) -> int:
-        """The largest ``value`` over the ranks (one all_reduce, on the calling thread)."""
-        return self._all_reduce(_ALL_MAX, [value], "agree")[0]
+    def all_max(self, value: int, what: str = "agree") -> int:
+        """The largest ``value`` over the ranks (one all_reduce, on the calling thread); ``what``
+        the ranks do together, for an error."""
+        return self._all_reduce(_ALL_MAX, [value], what)[0]
 
     def _all_reduce(self, kind: int, values: list[int], what: str) -> list[int]:
         """MAX over the ranks; a rank that died or does not take part within ``timeout`` is a
@@ -334,8 +335,8 @@ class RankGroup:
             raise _collective_error(self, what, exc) from exc
         if late:
             raise CheckpointError(
-                f"rank {self.rank} came more than {self.timeout:g} s late to {what}: another rank gave up waiting "
-                "for it, so this fails on every rank"
+                f"rank {self.rank} could not {what}: a rank came to it more than {self.timeout:g} s after "
+                "another, which gave up waiting, so it fails on every rank"
             )
         return result
 
