@@ -267,7 +267,7 @@ def _subgroup_job(rank: int, world: int, tmp: str) -> dict:
     sub = dist.new_group([1, 2])  # every rank of the world makes the group, as torch requires
     if rank == 0:
         dist.barrier()  # rank 0 hosts the job's store: it stays until the others are done
-        return {}
+        return {"world": _world_after_a_subgroup(rank, tmp)}
     torch.manual_seed(0)  # the same weights on both ranks: declared replicated, stored once
     weights = torch.nn.Linear(5, 3)
     state = {"model": weights, "mine": torch.tensor([float(rank)])}
@@ -279,13 +279,23 @@ def _subgroup_job(rank: int, world: int, tmp: str) -> dict:
         state["mine"] = torch.zeros(1)
         assert mgr.restore(state) == 1
     dist.barrier()
-    return {"saved": saved, "restored": weights.state_dict(), "mine": state["mine"]}
+    out = {"saved": saved, "restored": weights.state_dict(), "mine": state["mine"]}
+    return out | {"world": _world_after_a_subgroup(rank, tmp)}
 
 
-def test_a_subgroup_saves_and_restores_on_its_own_ranks(tmp_path):
+def _world_after_a_subgroup(rank: int, tmp: str) -> list[int]:
+    """A manager of the whole world, on ranks that belong to different groups (rank 0 is not in
+    the subgroup): torch's own naming of a group made by its members differs between such ranks."""
+    with asyncckpt.CheckpointManager(Path(tmp) / "world", rank_timeout=20.0) as mgr:
+        mgr.save(7, {"mine": torch.tensor([float(rank)])}).wait()
+        return mgr.steps()
+
+
+def test_a_subgroup_saves_and_restores_on_its_own_ranks_and_then_the_whole_world(tmp_path):
     got = run_ranks(_subgroup_job, 3, str(tmp_path), timeout=180)
     # the group's ranks 0 and 1 are the world's 1 and 2: per-rank state by group rank
     assert [float(got[r]["mine"]) for r in (1, 2)] == [1.0, 2.0]
+    assert [got[r]["world"] for r in (0, 1, 2)] == [[7], [7], [7]]
     for r in (1, 2):
         assert state_diff(got[r]["saved"], got[r]["restored"]) == []
     view = read_manifest(tmp_path / "step-000000000001")

@@ -47,11 +47,13 @@ _FIRST_POLL_S = 0.0005  # waiting for a collective: polls from this, doubling up
 # connections (every later save then fails until a restart): waits for a late rank end after
 # ``timeout`` (ours), so this only bounds how long a part given up on stays in flight.
 LATE_LIMIT = timedelta(hours=24)
-# The checkpoint-only gloo group of each set of ranks, made once per process and kept: a group made
-# with ``use_local_synchronization`` is named by its ranks, so destroying it (a manager's close) and
-# making the next one (the next manager) reused the name, and with it the old group's rendezvous keys
-# in the store: a rank that closed first connected to the other's dead group and both hung.
-_GROUPS: dict[tuple[tuple[int, ...] | None, float], Any] = {}  # by (ranks, timeout)
+# The checkpoint-only gloo group of each set of ranks, made once per process and kept (with the
+# default store it was made on: a job that starts torch.distributed anew gets a new one). Made by
+# this module, not by ``new_group``: torch names a group made by its members only after how many
+# groups the process knows, which differs between ranks that belong to different groups (a
+# subgroup of the training's), and ranks whose names differ wait for each other in vain.
+_GROUPS: dict[tuple[tuple[int, ...] | None, float], tuple[Any, Any]] = {}  # by (ranks, timeout)
+_MADE: dict[tuple[tuple[int, ...] | None, float], int] = {}  # groups made per key: names each one's rendezvous
 # Collectives issued on each group by this process, whichever manager issued them. gloo pairs the
 # ranks' collectives by the order they are issued, so the n-th of one rank completes with the n-th
 # of every other: n names the collective in the store (RankGroup.decide). Every collective also
@@ -59,7 +61,7 @@ _GROUPS: dict[tuple[tuple[int, ...] | None, float], Any] = {}  # by (ranks, time
 # then went on without the ones after it that a late rank still makes) raise instead of mixing
 # values; and has the same size, so such a pairing is never gloo's size mismatch (which aborts).
 _ISSUED: dict[tuple[tuple[int, ...] | None, float], int] = {}  # by the _GROUPS key: a remade group
-# (same name, same store keys) goes on numbering where the one it replaces stopped
+# goes on numbering where the one it replaces stopped (the decisions' store keys stay unique)
 _AGREE, _OPEN, _ALL_OK, _ALL_MAX = 1, 2, 3, 4  # a collective's kind
 _WIDTH = 6  # values a collective carries (an agreement's six), after its kind
 
@@ -208,32 +210,41 @@ class RankGroup:
         self.rank: int = dist.get_rank(process_group)
         self.world_size: int = dist.get_world_size(process_group)
         self.timeout = float(timeout)
-        # A gloo group of our own: planning collectives never share a queue with training's (NCCL)
-        # collectives, and only the member ranks take part in making it.
-        key = (tuple(ranks) if ranks is not None else None, self.timeout)
-        group = _GROUPS.get(key)
-        if group is None or group not in dist.distributed_c10d._world.pg_map:  # none yet, or destroyed since
-            group = dist.new_group(
-                ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout), use_local_synchronization=True
-            )
-            _GROUPS[key] = group
-        self.group = group
-        self._numbering = key  # collectives are numbered per set of ranks, across remade groups too
         self._dist = dist
+        key = (tuple(ranks) if ranks is not None else None, self.timeout)
+        label = f"{'world' if ranks is None else '_'.join(map(str, ranks))}/{self.timeout:g}"
+        self.group = self._checkpoint_group(key, label)
+        self._numbering = key  # collectives are numbered per set of ranks, across remade groups too
         self._own_store = self._clone_store()  # one connection for the decisions and the run's keys
-        # the collectives' decisions, named by the group (the same on every member rank): collectives
-        # are numbered per group, whatever manager issued them, and the first (opening this manager)
-        # comes before the run's own prefix exists
-        self._decisions = dist.PrefixStore(f"asyncckpt/collectives/{self._group_name()}/", self._own_store)
+        # the collectives' decisions, by number: collectives are numbered per set of ranks, whatever
+        # manager issued them, and the first (opening this manager) comes before the run's prefix
+        self._decisions = dist.PrefixStore(f"asyncckpt/collectives/{label}/", self._own_store)
         token = secrets.randbits(62) if self.rank == 0 else 0
         opening = "open the checkpoint root together (every rank constructs the manager)"
         self.run = f"{self._all_reduce(_OPEN, [token], opening)[0]:016x}"
         self.store = dist.PrefixStore(f"asyncckpt/{self.run}/", self._own_store)
 
-    def _group_name(self) -> str:
-        import torch.distributed.distributed_c10d as c10d
+    def _checkpoint_group(self, key: tuple[tuple[int, ...] | None, float], label: str) -> Any:
+        """This set of ranks' gloo group for checkpoints (see ``_GROUPS``): planning collectives
+        never share a queue with training's (NCCL) collectives, and only the member ranks take
+        part in making it, on the job's store under a name of ours.
 
-        return getattr(self.group, "group_name", None) or c10d._get_process_group_name(self.group)
+        Raises:
+            CheckpointError: The group could not be made (a rank did not come within ``timeout``).
+        """
+        store = self._dist.distributed_c10d._get_default_store()
+        made = _GROUPS.get(key)
+        if made is not None and made[1] is store:
+            return made[0]
+        generation = _MADE.get(key, 0)
+        _MADE[key] = generation + 1
+        rendezvous = self._dist.PrefixStore(f"asyncckpt/group/{label}/{generation}/", store)
+        try:
+            group = self._dist.ProcessGroupGloo(rendezvous, self.rank, self.world_size, timedelta(seconds=self.timeout))
+        except Exception as exc:  # noqa: BLE001 - the store and gloo raise RuntimeError subclasses
+            raise _collective_error(self, "make the checkpoint group (every rank constructs the manager)", exc) from exc
+        _GROUPS[key] = (group, store)
+        return group
 
     def _clone_store(self) -> Any:
         """A client of the job's store of our own: a ``wait`` on it never blocks training's store
