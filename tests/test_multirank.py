@@ -302,3 +302,40 @@ def test_a_subgroup_saves_and_restores_on_its_own_ranks_and_then_the_whole_world
     assert view.world_size == 2
     loaded = asyncckpt.load(tmp_path, per_rank="rank0")
     assert torch.equal(loaded["model"]["weight"], got[1]["saved"]["weight"])
+
+
+def _save_once(root: Path, step: int, rank: int, **options) -> list[int]:
+    with asyncckpt.CheckpointManager(root, **options) as mgr:
+        mgr.save(step, {"mine": torch.tensor([float(rank)])}).wait()
+        return mgr.steps()
+
+
+def _remade_groups_job(rank: int, world: int, tmp: str) -> dict:
+    """Checkpoint groups meet whenever the ranks make them in step: for timeouts that print alike,
+    and after one rank started torch.distributed anew (its own groups counted again from 0)."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    root = Path(tmp)
+    out: dict = {}
+    out["close"] = [_save_once(root / "a", 1, rank, rank_timeout=20.0)]
+    out["close"].append(_save_once(root / "b", 1, rank, rank_timeout=20.0000001))
+    dist.destroy_process_group()
+    if rank == 0:  # a job of its own first, in this process
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+        out["solo"] = _save_once(root / "solo", 1, rank, rank_timeout=5.0)
+        dist.destroy_process_group()
+    store = dist.FileStore(os.path.join(tmp, "store"), world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, store=store, timeout=timedelta(seconds=60))
+    out["pair"] = _save_once(root / "pair", 1, rank, rank_timeout=5.0)
+    dist.barrier()
+    return out
+
+
+def test_checkpoint_groups_meet_for_close_timeouts_and_after_a_rank_restarted_torch_distributed(tmp_path):
+    got = run_ranks(_remade_groups_job, 2, str(tmp_path), timeout=120)
+    for rank in got:
+        assert rank["close"] == [[1], [1]] and rank["pair"] == [1]
+    assert got[0]["solo"] == [1]

@@ -51,17 +51,32 @@ LATE_LIMIT = timedelta(hours=24)
 # default store it was made on: a job that starts torch.distributed anew gets a new one). Made by
 # this module, not by ``new_group``: torch names a group made by its members only after how many
 # groups the process knows, which differs between ranks that belong to different groups (a
-# subgroup of the training's), and ranks whose names differ wait for each other in vain.
-_GROUPS: dict[tuple[tuple[int, ...] | None, float], tuple[Any, Any]] = {}  # by (ranks, timeout)
-_MADE: dict[tuple[tuple[int, ...] | None, float], int] = {}  # groups made per key: names each one's rendezvous
-# Collectives issued on each group by this process, whichever manager issued them. gloo pairs the
-# ranks' collectives by the order they are issued, so the n-th of one rank completes with the n-th
-# of every other: n names the collective in the store (RankGroup.decide). Every collective also
-# carries its kind, so ranks whose calls pair out of step (one gave up waiting for a collective,
-# then went on without the ones after it that a late rank still makes) raise instead of mixing
-# values; and has the same size, so such a pairing is never gloo's size mismatch (which aborts).
-_ISSUED: dict[tuple[tuple[int, ...] | None, float], int] = {}  # by the _GROUPS key: a remade group
-# goes on numbering where the one it replaces stopped (the decisions' store keys stay unique)
+# subgroup of the training's), and ranks whose names differ wait for each other in vain. Each is
+# named by its ranks, its exact timeout and its generation: how many groups of that name this rank
+# made on that store (counted in the store, so a process that started torch.distributed anew
+# counts from 0 on a new store, as a new process does), so ranks that make them in step meet.
+#
+# Each also counts the collectives this process issued on it, whichever manager issued them. gloo
+# pairs the ranks' collectives by the order they are issued, so the n-th of one rank completes with
+# the n-th of every other: n names the collective in the store (RankGroup.decide). Every collective
+# also carries its kind, so ranks whose calls pair out of step (one gave up waiting for a
+# collective, then went on without the ones after it that a late rank still makes) raise instead of
+# mixing values; and has the same size, so such a pairing is never gloo's size mismatch (which
+# aborts).
+
+
+@dataclass
+class _Group:
+    """A checkpoint group this process made: the gloo group, the store it was made on, its name,
+    and how many collectives this process issued on it (the next one's number)."""
+
+    gloo: Any
+    store: Any
+    name: str
+    issued: int = 0
+
+
+_GROUPS: dict[tuple[tuple[int, ...] | None, float], _Group] = {}  # by (ranks, timeout)
 _AGREE, _OPEN, _ALL_OK, _ALL_MAX = 1, 2, 3, 4  # a collective's kind
 _WIDTH = 6  # values a collective carries (an agreement's six), after its kind
 
@@ -211,40 +226,40 @@ class RankGroup:
         self.world_size: int = dist.get_world_size(process_group)
         self.timeout = float(timeout)
         self._dist = dist
-        key = (tuple(ranks) if ranks is not None else None, self.timeout)
-        label = f"{'world' if ranks is None else '_'.join(map(str, ranks))}/{self.timeout:g}"
-        self.group = self._checkpoint_group(key, label)
-        self._numbering = key  # collectives are numbered per set of ranks, across remade groups too
+        self._made = self._checkpoint_group(ranks)
+        self.group = self._made.gloo
         self._own_store = self._clone_store()  # one connection for the decisions and the run's keys
-        # the collectives' decisions, by number: collectives are numbered per set of ranks, whatever
+        # the collectives' decisions, by number: collectives are numbered per group, whatever
         # manager issued them, and the first (opening this manager) comes before the run's prefix
-        self._decisions = dist.PrefixStore(f"asyncckpt/collectives/{label}/", self._own_store)
+        self._decisions = dist.PrefixStore(f"asyncckpt/collectives/{self._made.name}/", self._own_store)
         token = secrets.randbits(62) if self.rank == 0 else 0
         opening = "open the checkpoint root together (every rank constructs the manager)"
         self.run = f"{self._all_reduce(_OPEN, [token], opening)[0]:016x}"
         self.store = dist.PrefixStore(f"asyncckpt/{self.run}/", self._own_store)
 
-    def _checkpoint_group(self, key: tuple[tuple[int, ...] | None, float], label: str) -> Any:
-        """This set of ranks' gloo group for checkpoints (see ``_GROUPS``): planning collectives
-        never share a queue with training's (NCCL) collectives, and only the member ranks take
-        part in making it, on the job's store under a name of ours.
+    def _checkpoint_group(self, ranks: list[int] | None) -> _Group:
+        """This set of ranks' gloo group for checkpoints (see ``_GROUPS``): planning
+        collectives never share a queue with training's (NCCL) collectives, and only the member
+        ranks take part in making it, on the job's store under a name of ours.
 
         Raises:
             CheckpointError: The group could not be made (a rank did not come within ``timeout``).
         """
+        key = (tuple(ranks) if ranks is not None else None, self.timeout)
         store = self._dist.distributed_c10d._get_default_store()
         made = _GROUPS.get(key)
-        if made is not None and made[1] is store:
-            return made[0]
-        generation = _MADE.get(key, 0)
-        _MADE[key] = generation + 1
-        rendezvous = self._dist.PrefixStore(f"asyncckpt/group/{label}/{generation}/", store)
+        if made is not None and made.store is store:
+            return made
+        label = f"{'world' if ranks is None else '_'.join(map(str, ranks))}/{self.timeout!r}"  # exact
+        generation = store.add(f"asyncckpt/made/{label}/{self.rank}", 1) - 1
+        name = f"{label}/{generation}"
+        rendezvous = self._dist.PrefixStore(f"asyncckpt/group/{name}/", store)
         try:
             group = self._dist.ProcessGroupGloo(rendezvous, self.rank, self.world_size, timedelta(seconds=self.timeout))
         except Exception as exc:  # noqa: BLE001 - the store and gloo raise RuntimeError subclasses
             raise _collective_error(self, "make the checkpoint group (every rank constructs the manager)", exc) from exc
-        _GROUPS[key] = (group, store)
-        return group
+        _GROUPS[key] = made = _Group(group, store, name)
+        return made
 
     def _clone_store(self) -> Any:
         """A client of the job's store of our own: a ``wait`` on it never blocks training's store
@@ -292,10 +307,10 @@ class RankGroup:
 
     def _issue(self, kind: int, values: list[int], what: str) -> tuple[int, torch.Tensor, Any]:
         """Start the MAX over the ranks of ``values`` (at most :data:`_WIDTH`), with its ``kind`` in
-        front and gloo's timeout at :data:`LATE_LIMIT`: its number (see :data:`_ISSUED`), the tensor
+        front and gloo's timeout at :data:`LATE_LIMIT`: its number (see ``_GROUPS``), the tensor
         the result lands in, and the work to wait for."""
-        number = _ISSUED.get(self._numbering, 0)
-        _ISSUED[self._numbering] = number + 1
+        number = self._made.issued
+        self._made.issued = number + 1
         data = torch.tensor([kind, -kind, *values, *[0] * (_WIDTH - len(values))], dtype=torch.int64)
         options = self._dist.AllreduceOptions()
         options.reduceOp = self._dist.ReduceOp(self._dist.ReduceOp.MAX)
