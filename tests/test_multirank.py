@@ -339,3 +339,69 @@ def test_checkpoint_groups_meet_for_close_timeouts_and_after_a_rank_restarted_to
     for rank in got:
         assert rank["close"] == [[1], [1]] and rank["pair"] == [1]
     assert got[0]["solo"] == [1]
+
+
+def _dead_store_job(rank: int, world: int, tmp: str) -> str:
+    """A store that stops answering (its host, rank 0, died) while a rank makes a checkpoint group."""
+    import torch.distributed as dist
+
+    from asyncckpt.engine.ranks import RankGroup
+
+    class Killable(dist.Store):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.dead = dist.HashStore(), False
+
+        def _check(self) -> None:
+            if self.dead:
+                raise dist.DistNetworkError("the store's server is gone")
+
+        def set(self, key, value):
+            self._check()
+            self.inner.set(key, value)
+
+        def get(self, key):
+            self._check()
+            return self.inner.get(key)
+
+        def add(self, key, amount):
+            self._check()
+            return self.inner.add(key, amount)
+
+        def compare_set(self, key, expected, desired):
+            self._check()
+            return self.inner.compare_set(key, expected, desired)
+
+        def check(self, keys):
+            self._check()
+            return self.inner.check(keys)
+
+        def wait(self, keys, timeout=None):
+            self._check()
+            return self.inner.wait(keys) if timeout is None else self.inner.wait(keys, timeout)
+
+        def delete_key(self, key):
+            self._check()
+            return self.inner.delete_key(key)
+
+        def set_timeout(self, timeout):
+            pass
+
+    dist.destroy_process_group()
+    store = Killable()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    RankGroup(None, 3.0)
+    store.dead = True
+    try:
+        RankGroup(None, 4.0)  # a group not made yet: its name is counted in the store
+    except CheckpointError as exc:
+        return f"CheckpointError: {exc}"
+    except Exception as exc:  # noqa: BLE001 - what the test is about
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_a_store_gone_while_making_a_checkpoint_group_is_a_checkpoint_error(tmp_path):
+    (got,) = run_ranks(_dead_store_job, 1, str(tmp_path), timeout=60)
+    assert got.startswith("CheckpointError: rank 0 could not make the checkpoint group"), got
+    assert "the store's server is gone" in got

@@ -251,10 +251,10 @@ class RankGroup:
         if made is not None and made.store is store:
             return made
         label = f"{'world' if ranks is None else '_'.join(map(str, ranks))}/{self.timeout!r}"  # exact
-        generation = store.add(f"asyncckpt/made/{label}/{self.rank}", 1) - 1
-        name = f"{label}/{generation}"
-        rendezvous = self._dist.PrefixStore(f"asyncckpt/group/{name}/", store)
-        try:
+        try:  # the store gone (rank 0 died), or a rank that does not come
+            generation = store.add(f"asyncckpt/made/{label}/{self.rank}", 1) - 1
+            name = f"{label}/{generation}"
+            rendezvous = self._dist.PrefixStore(f"asyncckpt/group/{name}/", store)
             group = self._dist.ProcessGroupGloo(rendezvous, self.rank, self.world_size, timedelta(seconds=self.timeout))
         except Exception as exc:  # noqa: BLE001 - the store and gloo raise RuntimeError subclasses
             raise _collective_error(self, "make the checkpoint group (every rank constructs the manager)", exc) from exc
