@@ -103,11 +103,17 @@ def _job_a(rank: int, world: int, tmp: str) -> dict:
         with _mgr(root, max_pending=pending, policy=asyncckpt.EverySteps(1), compression=None) as mgr:
             for step in range(1, 21):
                 train_steps(model, optim, step, 1, rank)
+                if step == 7:
+                    at_7 = full_state(model, optim)
                 mgr.maybe_save(step, {"model": model, "optim": optim})
             mgr.wait()
             assert mgr.steps() == list(range(1, 21)), mgr.steps()
         last = full_state(model, optim)
         assert state_diff(last, _restore(root, make_fsdp2, None)) == []
+        # a step named: that one on every rank; a step not there: an error on every rank
+        assert state_diff(at_7, _restore(root, make_fsdp2, 7)) == []
+        with pytest.raises(asyncckpt.CheckpointNotFoundError, match="no checkpoint for step 99"):
+            _restore(root, make_fsdp2, 99)
 
     # a big FSDP2 model for the parent's decode measurement (no optimizer state)
     model, _ = make_fsdp2(SEED, dims=BIG)

@@ -160,7 +160,7 @@ def restore_ranks(
         raise exc
     if not group.all_ok(True, "plan the restore together"):
         raise CheckpointError("another rank could not list the root or plan its restore (it says why); nothing changed")
-    if step is not None and group.all_max(1 if step in listed else 0, f"find step {step} to restore"):
+    if step is not None and group.all_max(1 if step in listed else 0, f"find step {step} to restore") == 0:
         raise CheckpointNotFoundError(f"no checkpoint for step {step} in {backend.location}")
     failed: dict[int, str] = {}
     while True:
