@@ -251,8 +251,11 @@ def test_a_save_inside_inference_mode_leaves_later_saves_working(tmp_path, snaps
             mgr.save(1, state).wait()
         state["w"].add_(1)
         mgr.save(2, state).wait()
+        state["w"] = torch.full((4, 16), 3.0)  # another layout: the arena is cleared for it
+        mgr.save(3, state).wait()
     assert torch.equal(load(tmp_path, step=1)["w"], torch.ones(8, 8))
     assert torch.equal(load(tmp_path, step=2)["w"], torch.full((8, 8), 2.0))
+    assert torch.equal(load(tmp_path, step=3)["w"], torch.full((4, 16), 3.0))
 
 
 @pytest.mark.parametrize("snapshot", ["blocking", "overlap"])

@@ -170,7 +170,8 @@ class Arena:
         self.pinned = pinned
         # Zeroed once so alignment padding never carries stale bytes into a checkpoint.
         size = max(capacity, 1)
-        self.buffer = _pinned_zeros(size) if pinned else torch.zeros(size, dtype=torch.uint8)
+        with torch.inference_mode(False):  # a first save inside inference mode: later ones write it too
+            self.buffer = _pinned_zeros(size) if pinned else torch.zeros(size, dtype=torch.uint8)
         self._slots: list[TensorSlot] | None = None  # the layout whose padding is known to be zero
         self._fresh = True  # all zeros: the first layout needs no clearing
         self._views: tuple[Layout, list[torch.Tensor]] | None = None  # the last layout's slot views
