@@ -417,12 +417,13 @@ class RankGroup:
         key = f"outcome/{attempt}"
         try:
             self.store.wait([key], timedelta(seconds=self.timeout))
+            outcome = self.store.get(key).decode()
         except Exception as exc:  # noqa: BLE001 - a store timeout or a lost connection
             raise CheckpointError(
                 f"rank 0 did not commit step {step} within {self.timeout:g} s ({type(exc).__name__}: {exc}); "
                 "nothing of this save is known to be committed"
             ) from None
-        return self.store.get(key).decode()
+        return outcome
 
     def close(self) -> None:
         """Nothing to release: the group stays for the next manager of these ranks (see ``_GROUPS``),
