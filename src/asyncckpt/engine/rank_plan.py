@@ -43,7 +43,8 @@ def open_rank_storage(
 
     Raises:
         RootInUseError, CheckpointError: As ``open_storage``, on rank 0; on the others, rank 0
-            could not open the root.
+            could not open the root; on every rank, a rank late to or gone from the ranks' vote
+            (rank 0 then lets the root go).
     """
     if ranks is None:
         return open_storage(root, storage_options)

@@ -136,7 +136,7 @@ def _spec_facts(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, str
     mesh, placements, global shape and dtype, all in the spec's hash) do not change between saves.
 
     Raises:
-        TypeError: A dtype the format cannot store.
+        TypeError: A dtype the format cannot store, or a placement other than Shard and Replicate.
     """
     spec = t._spec
     key = (id(spec), hash(spec))
