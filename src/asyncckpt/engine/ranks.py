@@ -164,27 +164,16 @@ class Agreement:
     def _settle(self) -> None:
         step, group = self._step, self._group
         what = f"agree on saving step {step}"
-        try:  # a gloo error (a rank died), or the store gone (rank 0 died)
-            if not _completed_by(self._work, self._deadline) and group.decide(self._number, _GIVEN_UP) == _GIVEN_UP:
-                self._error = CheckpointError(
-                    f"rank {group.rank} could not {what}: a rank did not take part within {group.timeout:g} s "
-                    "(late, or hung); nothing is saved"
-                )
-                return
-            self._work.wait()  # complete, or completing: another rank saw it complete
-            values = group.in_step(self._data, what)
-            late = group.decide(self._number, _AGREED) == _GIVEN_UP
+        timed_out = CheckpointError(
+            f"rank {group.rank} could not {what}: a rank did not take part within {group.timeout:g} s "
+            "(late, or hung); nothing is saved"
+        )
+        try:
+            values = group.settle(
+                self._number, self._data, self._work, self._deadline, what, timed_out, "nothing is saved"
+            )
         except CheckpointError as exc:
             self._error = exc
-            return
-        except Exception as exc:  # noqa: BLE001 - gloo and the store raise RuntimeError subclasses
-            self._error = _collective_error(group, what, exc)
-            return
-        if late:
-            self._error = CheckpointError(
-                f"rank {group.rank} could not {what}: a rank came to it more than {group.timeout:g} s after "
-                "another, which gave up waiting, so nothing is saved"
-            )
             return
         high, low = values[0], -values[1]
         if values[5] > 0:
@@ -349,11 +338,38 @@ class RankGroup:
         CheckpointError, never a hang or a backend's bare error (a late rank's call still completes
         this one: see the module's docstring)."""
         number, data, work = self._issue(kind, values, what)
-        try:  # a gloo error (a rank died), or the store gone (rank 0 died)
-            if not _completed_by(work, time.monotonic() + self.timeout) and self.decide(number, _GIVEN_UP) == _GIVEN_UP:
-                raise _collective_error(self, what, TimeoutError(f"no answer within {self.timeout:g} s"))
+        timed_out = _collective_error(self, what, TimeoutError(f"no answer within {self.timeout:g} s"))
+        deadline = time.monotonic() + self.timeout
+        return self.settle(number, data, work, deadline, what, timed_out, "it fails on every rank")
+
+    def settle(
+        self,
+        number: int,
+        data: torch.Tensor,
+        work: Any,
+        deadline: float,
+        what: str,
+        timed_out: CheckpointError,
+        outcome: str,
+    ) -> list[int]:
+        """The values of collective ``number`` (``data`` and ``work`` from :meth:`_issue`), once the
+        ranks settled it in the store (:meth:`decide`): waited for until ``deadline``
+        (``time.monotonic()``), then given up unless another rank saw it complete.
+
+        Args:
+            what: What the ranks do together, for an error.
+            timed_out: The error of a collective given up on.
+            outcome: What failing means, for the error of a rank that came to it after another gave up.
+
+        Raises:
+            CheckpointError: ``timed_out``; this rank came after another gave up; the ranks are out
+                of step; or gloo or the store failed (a rank or the store's host died).
+        """
+        try:
+            if not _completed_by(work, deadline) and self.decide(number, _GIVEN_UP) == _GIVEN_UP:
+                raise timed_out
             work.wait()  # complete, or completing: another rank saw it complete
-            result = self.in_step(data, what)
+            values = self.in_step(data, what)
             late = self.decide(number, _AGREED) == _GIVEN_UP
         except CheckpointError:
             raise
@@ -362,9 +378,9 @@ class RankGroup:
         if late:
             raise CheckpointError(
                 f"rank {self.rank} could not {what}: a rank came to it more than {self.timeout:g} s after "
-                "another, which gave up waiting, so it fails on every rank"
+                f"another, which gave up waiting, so {outcome}"
             )
-        return result
+        return values
 
     def barrier(self) -> None:
         """Every rank reached this point (on the calling thread)."""
