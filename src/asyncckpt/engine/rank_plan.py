@@ -57,21 +57,19 @@ def open_rank_storage(
             protocol = choose_protocol(open_backend(root, storage_options=storage_options))
     except BaseException as exc:  # noqa: BLE001 - every rank must take part in the vote below
         failure = exc
+    vote_error: BaseException | None = None
     try:
         everyone = ranks.all_ok(failure is None, "open the checkpoint root together")
-    except BaseException:  # a rank late or gone: the manager fails on every rank, the root let go
-        if protocol is not None:
-            protocol.close()
-        ranks.close()
-        if failure is not None:
-            raise failure from None  # this rank's own failure says more
-        raise
+    except BaseException as exc:  # a rank late or gone: the manager fails on every rank, the root let go
+        everyone, vote_error = False, exc
     if not everyone:
         if protocol is not None:
             protocol.close()
         ranks.close()
         if failure is not None:
-            raise failure
+            raise failure  # this rank's own failure says more than the vote's
+        if vote_error is not None:
+            raise vote_error
         raise CheckpointError(f"another rank could not open the checkpoint root {root} (it says why)")
     assert protocol is not None
     return protocol
