@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -215,9 +216,9 @@ class RankGroup:
         self.world_size: int = dist.get_world_size(process_group)
         self.timeout = float(timeout)
         self._dist = dist
+        self._own_store = self._clone_store()  # one connection for the decisions and the run's keys
         self._made = self._checkpoint_group(ranks)
         self.group = self._made.gloo
-        self._own_store = self._clone_store()  # one connection for the decisions and the run's keys
         # the collectives' decisions, by number: collectives are numbered per group, whatever
         # manager issued them, and the first (opening this manager) comes before the run's prefix
         self._decisions = dist.PrefixStore(f"asyncckpt/collectives/{self._made.name}/", self._own_store)
@@ -240,10 +241,11 @@ class RankGroup:
         if made is not None and made.store is store:
             return made
         label = f"{'world' if ranks is None else '_'.join(map(str, ranks))}/{self.timeout!r}"  # exact
+        own = self._own_store  # not the job's client: each of its calls is bounded by our timeout
         try:  # the store gone (rank 0 died), or a rank that does not come
-            generation = store.add(f"asyncckpt/made/{label}/{self.rank}", 1) - 1
+            generation = own.add(f"asyncckpt/made/{label}/{self.rank}", 1) - 1
             name = f"{label}/{generation}"
-            rendezvous = self._dist.PrefixStore(f"asyncckpt/group/{name}/", store)
+            rendezvous = self._dist.PrefixStore(f"asyncckpt/group/{name}/", own)
             group = self._dist.ProcessGroupGloo(rendezvous, self.rank, self.world_size, timedelta(seconds=self.timeout))
         except Exception as exc:  # noqa: BLE001 - the store and gloo raise RuntimeError subclasses
             raise _collective_error(self, "make the checkpoint group (every rank constructs the manager)", exc) from exc
@@ -252,12 +254,39 @@ class RankGroup:
 
     def _clone_store(self) -> Any:
         """A client of the job's store of our own: a ``wait`` on it never blocks training's store
-        calls, nor another connection's."""
+        calls, nor another connection's. Connecting, and each call on it after, is bounded by our
+        ``timeout``: a clone connects with the job store's own timeout (30 minutes by default), so
+        with the store's host gone a new manager would otherwise hang that long.
+
+        Raises:
+            CheckpointError: The store did not answer within ``timeout``, or refused the connection.
+        """
         base = self._dist.distributed_c10d._get_default_store()
-        try:
-            return base.clone()  # type: ignore[attr-defined]
-        except (AttributeError, RuntimeError):  # a store without clone (not a TCPStore)
+        if not hasattr(base, "clone"):
             return base
+        connected: list[Any] = []
+
+        def connect() -> None:  # on a thread of its own: clone() cannot be given a deadline
+            try:
+                connected.append(base.clone())
+            except Exception as exc:  # noqa: BLE001 - handed to the caller below
+                connected.append(exc)
+
+        thread = threading.Thread(target=connect, name="asyncckpt-store-connect", daemon=True)
+        thread.start()
+        thread.join(self.timeout)
+        if not connected:
+            raise CheckpointError(
+                f"rank {self.rank} could not connect to the job's store within {self.timeout:g} s "
+                "(is its host, rank 0, gone?)"
+            )
+        clone = connected[0]
+        if isinstance(clone, self._dist.DistError):
+            raise CheckpointError(f"rank {self.rank} could not connect to the job's store: {clone}") from clone
+        if isinstance(clone, Exception):  # a store that cannot be cloned (not a TCPStore)
+            return base
+        clone.set_timeout(min(clone.timeout, timedelta(seconds=self.timeout)))
+        return clone
 
     def connection(self, prefix: str = "") -> Any:
         """A store connection of our own (a clone of the job's store client), under this group's
