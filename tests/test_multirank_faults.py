@@ -10,7 +10,6 @@ A training job killed mid-run resumes to the same losses and weights as an unint
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -340,8 +339,9 @@ def _train(rank: int, world_size: int, root: str, kill_at: int | None, resume: b
     start = (mgr.restore(state) or 0) + 1 if resume else 1
     losses = {}
     for step in range(start, TOTAL + 1):
-        if step == kill_at:  # the save of the step before may still be in flight
-            os.kill(os.getpid(), signal.SIGKILL)
+        if step == kill_at:  # the save of the step before may still be in flight: wait to be killed
+            Path(f"{root}.at-kill-{rank}").touch()
+            time.sleep(600)
         losses[step] = train_steps(model, optim, step, 1, rank)[0]
         if step % 2 == 0:
             mgr.save(step, state)
@@ -352,6 +352,12 @@ def _train(rank: int, world_size: int, root: str, kill_at: int | None, resume: b
 def test_a_killed_training_job_resumes_to_the_same_result(tmp_path):
     root = tmp_path / "train"
     with start_ranks(_train, 2, str(root), 5, False, timeout=180) as job:
+        # both killed at once: a rank that killed itself could take the store (rank 0's) down before
+        # the other rank's writer read the outcome of an earlier save, which then fails it instead
+        markers = [Path(f"{root}.at-kill-{rank}") for rank in range(2)]
+        job.wait_until(lambda: all(m.exists() for m in markers), "step 5 on both ranks")
+        for rank in range(2):
+            job.kill(rank)
         outcomes = job.outcomes()
     assert [o.status for o in outcomes] == ["died", "died"], [o.describe() for o in outcomes]
     resumed = run_ranks(_train, 2, str(root), None, True, timeout=180)
