@@ -82,12 +82,14 @@ class Codec(abc.ABC):
 
     name: ClassVar[str]
     params: ClassVar[frozenset[str]]  # the keys of its manifest entry besides "id"
+    optional: ClassVar[frozenset[str]] = frozenset()  # keys it may also hold
 
     @abc.abstractmethod
     def check_params(self, spec: Mapping[str, Any], raw_length: int) -> None:
         """Check the values of this codec's parameters in an untrusted manifest entry.
 
-        The registry has already checked that ``spec`` holds exactly ``params`` besides "id".
+        The registry has already checked that ``spec`` holds every one of ``params`` besides
+        "id", and nothing else but ``optional`` ones.
 
         Args:
             spec: the codec's manifest entry.
@@ -319,10 +321,10 @@ def check_chain(specs: Any, raw_length: int, length: int) -> Chain:
         if codec is None:
             raise ChainError(f"unknown codec {spec!r}"[:200])
         keys = set(spec) - {"id"}
-        if keys != codec.params:
-            raise ChainError(
-                f"codec {codec.name!r} takes the parameters {sorted(codec.params)}, got {sorted(map(str, keys))}"[:200]
-            )
+        if not codec.params <= keys <= codec.params | codec.optional:
+            optional = f" (and optionally {sorted(codec.optional)})" if codec.optional else ""
+            takes = f"{sorted(codec.params)}{optional}"
+            raise ChainError(f"codec {codec.name!r} takes the parameters {takes}, got {sorted(map(str, keys))}"[:200])
         codec.check_params(spec, raw_length)
     chain = resolve(specs)
     if chain.compress is None and length != raw_length:
