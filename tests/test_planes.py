@@ -707,3 +707,145 @@ def test_a_verify_finds_a_mask_that_does_not_mark_nonzero_elements(kernel, decod
     hostile = bytes(mask) + stored[126:].tobytes()
     with pytest.raises(CheckpointDamagedError, match=r"chunk 9: its zero mask does not mark exactly"):
         decode_chunk(ChunkSource.of_bytes(hostile, "chunk 9"), [spec], zlib.crc32(hostile), raw.numel())
+
+
+# ---- plane 0 without its constant bottom bit (a tensor of one sign) ---------------------------
+
+
+def reference_packed(plane: bytes) -> bytes:
+    """docs/format.md's definition: the 7 upper bits of each byte as one little-endian bit stream."""
+    bits = "".join(format(byte >> 1, "07b")[::-1] for byte in plane)  # least significant bit first
+    bits += "0" * (-len(bits) % 8)
+    return bytes(int(bits[k : k + 8][::-1], 2) for k in range(0, len(bits), 8))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=1, max_size=300), bit=st.integers(0, 1), offset=st.integers(0, 7))
+def test_a_plane_whose_bottom_bit_is_constant_packs_as_the_format_defines(kernel, data, bit, offset):
+    buffer = np.zeros(offset + len(data), dtype=np.uint8)
+    plane = buffer[offset:]
+    plane[:] = (np.frombuffer(data, dtype=np.uint8) & 0xFE) | bit
+    got = planes.pack_low_bit(plane)
+    assert got is not None and got[0] == bit
+    packed = got[1].copy()
+    assert packed.tobytes() == reference_packed(plane.tobytes())
+    assert packed.size == planes.packed_length(plane.size)
+    back = np.full(offset + plane.size, 0xA5, dtype=np.uint8)
+    assert planes.unpack_low_bit(packed, bit, back[offset:])
+    assert np.array_equal(back[offset:], plane)
+    if plane.size > 1:  # one byte of the other bit, anywhere: not packed
+        mixed = plane.copy()
+        mixed[len(data) * 7919 % plane.size] ^= 1
+        assert planes.pack_low_bit(mixed) is None
+    assert planes.pack_low_bit(plane[:0]) is None
+
+
+def test_a_packed_plane_of_many_blocks_round_trips_and_one_stray_bit_at_the_end_is_seen(kernel):
+    rng = np.random.default_rng(5)
+    plane = rng.integers(0, 256, (1 << 16) + 5, dtype=np.uint8) & 0xFE
+    bit, packed = planes.pack_low_bit(plane)
+    back = np.empty_like(plane)
+    assert bit == 0 and planes.unpack_low_bit(packed.copy(), 0, back) and np.array_equal(back, plane)
+    plane[-1] |= 1  # in the tail, after every full block
+    assert planes.pack_low_bit(plane) is None
+
+
+def test_an_unused_bit_of_a_packed_plane_or_the_wrong_length_does_not_unpack(kernel):
+    plane = np.arange(0, 254, 2, dtype=np.uint8)[:9]  # 9 bytes: 63 bits used of 64
+    _, packed = planes.pack_low_bit(plane)
+    packed = packed.copy()
+    out = np.empty_like(plane)
+    bad = packed.copy()
+    bad[-1] |= 0x80
+    assert not planes.unpack_low_bit(bad, 0, out)
+    assert not planes.unpack_low_bit(packed[:-1], 0, out)
+
+
+def one_signed(dtype: torch.dtype, sign: int, n: int = 1 << 15) -> torch.Tensor:
+    """Trained-like magnitudes, all of one sign (an Adam exp_avg_sq, or its negation)."""
+    return as_bytes(trained_like(dtype, n).abs().clamp_min(1e-30).to(dtype) * sign)
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["positive", "negative"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_a_tensor_of_one_sign_stores_plane_0_packed_and_decodes_bit_exact(kernel, decoder, dtype, sign):
+    raw = one_signed(dtype, sign)
+    chunk = encode(raw, dtype.itemsize, CodecConfig("zstd", 1))
+    (spec,) = chunk.codecs
+    assert spec["id"] == "planes" and spec["low_bit"] == (0 if sign > 0 else 1)
+    stored = bytes(chunk.data)
+    plane0 = reference_planes(bytes(raw.numpy()), dtype.itemsize, 1)[0]
+    expected = reference_packed(plane0)
+    part = stored[: spec["parts"][0]]
+    assert part == expected or zstandard.ZstdDecompressor().decompress(part) == expected
+    assert torch.equal(decode_new(stored, chunk.codecs, chunk.crc32, raw.numel()), raw)
+
+
+def test_packing_plane_0_stores_a_tensor_of_one_sign_no_larger_than_zstd_did():
+    """What zstd's entropy coder took out of plane 0 was the constant bit: 8/7, which packing gets."""
+    raw = one_signed(torch.float32, 1, 1 << 18)
+    chunk = encode(raw, 4, CodecConfig("zstd", 1))
+    (spec,) = chunk.codecs
+    plane0 = planes.split_planes(raw.numpy(), 4, 1)[0]
+    assert spec["parts"][0] <= len(zstandard.ZstdCompressor(level=1).compress(plane0.tobytes()))
+
+
+def test_a_packed_plane_0_of_zeros_is_still_a_zstd_frame():
+    """Whole numbers as floats: plane 0, and so its packing, is all zeros, which zstd still shrinks."""
+    raw = as_bytes(torch.arange(1 << 15, dtype=torch.float32))
+    chunk = encode(raw, 4, CodecConfig("zstd", 1))
+    (spec,) = chunk.codecs
+    assert spec["low_bit"] == 0 and spec["parts"][0] < 100
+    assert torch.equal(decode_new(bytes(chunk.data), chunk.codecs, chunk.crc32, raw.numel()), raw)
+
+
+def test_mixed_signs_keep_plane_0_whole():
+    _, _, codecs, _ = chunk_of(torch.float32)
+    assert "low_bit" not in codecs[0]
+
+
+def test_a_young_second_moment_is_zplanes_with_plane_0_packed_and_verifies(kernel, decoder):
+    from asyncckpt.codec import ChunkSource, decode_chunk
+
+    raw = as_bytes(with_zeros(torch.float32, 0.3).view(torch.float32).abs())
+    chunk = encode(raw, 4, CodecConfig("zstd", 1))
+    (spec,) = chunk.codecs
+    assert spec["id"] == "zplanes" and spec["low_bit"] == 0
+    assert spec["parts"][1] <= planes.packed_length(spec["nonzero"])
+    stored = bytes(chunk.data)
+    assert torch.equal(decode_new(stored, chunk.codecs, chunk.crc32, raw.numel()), raw)
+    decode_chunk(ChunkSource.of_bytes(stored, "chunk 2"), chunk.codecs, chunk.crc32, raw.numel())  # verify only
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "message"),
+    [
+        (spec_with(low_bit=2), ".codecs.low_bit", r"\[0, 1\], got 2"),
+        (spec_with(low_bit=True), ".codecs.low_bit", r"got True"),
+        (spec_with(low_bit=0, parts=[225, 256, 256, 100]), ".codecs.parts", r"in \[1, 224\], got 225"),
+        (zspec_with(low_bit=0, parts=[32, 89, 100, 100, 50]), ".codecs.parts", r"in \[1, 88\], got 89"),
+        (spec_with(low_bits=0), "", r"takes the parameters \['level', 'parts', 'rotate', 'size'\] \(and optionally"),
+    ],
+)
+def test_a_low_bit_and_its_packed_part_are_checked(spec, field, message):
+    with pytest.raises(registry.ChainError, match=message) as info:
+        registry.check_chain([spec], 1024, 700)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["decode", "verify"])
+def test_a_packed_plane_setting_an_unused_bit_is_damage_even_with_a_matching_crc(kernel, decoder, verify):
+    from asyncckpt.codec import ChunkSource, decode_chunk
+
+    raw = one_signed(torch.float32, 1, 1001)  # 1001 bytes a plane: 7007 bits, the last byte's top bit unused
+    chunk = encode(raw, 4, CodecConfig("zstd", 1))
+    (spec,) = chunk.codecs
+    assert spec["parts"][0] == planes.packed_length(1001)  # stored as it is: its last byte is easy to reach
+    hostile = bytearray(chunk.data)
+    hostile[spec["parts"][0] - 1] |= 0x80
+    crc = zlib.crc32(hostile)
+    with pytest.raises(CheckpointDamagedError, match="chunk 4 plane 0: a packed plane sets bits past"):
+        if verify:
+            decode_chunk(ChunkSource.of_bytes(bytes(hostile), "chunk 4"), chunk.codecs, crc, raw.numel())
+        else:
+            decode_new(bytes(hostile), chunk.codecs, crc, raw.numel())

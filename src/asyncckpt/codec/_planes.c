@@ -3,7 +3,8 @@
  * split: rotate every little-endian element of `size` bytes left by `rotate` bits, then write
  *        byte p of element k to planes[p * n + k];
  * join:  the inverse (planes back into elements, each rotated right by `rotate` bits);
- * compact and expand: the non-zero elements and a bit mask of where they were, and back (below).
+ * compact and expand: the non-zero elements and a bit mask of where they were, and back (below);
+ * pack_low7 and unpack_low7: a plane whose bottom bit is constant, stored in 7 bits a byte (below).
  *
  * Plain loops the compiler vectorizes: about 5x faster than the same work as numpy passes, which
  * matters because every float byte of a checkpoint goes through one of them. Elements are read
@@ -301,6 +302,92 @@ ASYNCCKPT_EXPORT int asyncckpt_expand(const uint8_t *mask, const uint8_t *kept, 
     case 8: return expand_from_64(mask, kept, m, n, 0, 0, out);
     default: return -1;
     }
+}
+
+/* pack_low7: when bit 0 of every byte of `plane` (n bytes) is the same (a float's sign after the
+ *            rotation, for a tensor of one sign: Adam's exp_avg_sq, variances), write the 7 other
+ *            bits of each byte to `out` as one little-endian bit stream (value k in stream bits
+ *            [7k, 7k + 7), stream bit j being bit j % 8 of byte j / 8; ceil(7n / 8) bytes, unused
+ *            high bits of the last byte 0) and return that bit (0 or 1); else return -1 (`out`
+ *            then holds no meaning). A plane with both bits is told in its first few KiB.
+ * unpack_low7: the inverse, `bit` in bit 0 of every byte.
+ * Eight values at a time: the 7-bit fields of a 64-bit word merged pairwise by shifts and masks. */
+static inline uint64_t pack8(uint64_t x) {
+    x = (x >> 1) & 0x7F7F7F7F7F7F7F7FULL;
+    x = (x & 0x007F007F007F007FULL) | ((x & 0x7F007F007F007F00ULL) >> 1);
+    x = (x & 0x00003FFF00003FFFULL) | ((x & 0x3FFF00003FFF0000ULL) >> 2);
+    return (x & 0x000000000FFFFFFFULL) | ((x & 0x0FFFFFFF00000000ULL) >> 4);
+}
+
+static inline uint64_t unpack8(uint64_t x, uint64_t low) {
+    x &= 0x00FFFFFFFFFFFFFFULL;
+    x = (x & 0x000000000FFFFFFFULL) | ((x & 0x00FFFFFFF0000000ULL) << 4);
+    x = (x & 0x00003FFF00003FFFULL) | ((x & 0x0FFFC0000FFFC000ULL) << 2);
+    x = (x & 0x007F007F007F007FULL) | ((x & 0x3F803F803F803F80ULL) << 1);
+    return (x << 1) | low;
+}
+
+#define ASYNCCKPT_LOW7_BLOCK 512 /* groups of 8 bytes between checks that bit 0 is still constant */
+
+ASYNCCKPT_CLONES static int pack_low7(const uint8_t *plane, size_t n, uint8_t *out) {
+    if (n == 0) return 0;
+    const uint64_t want = (plane[0] & 1) ? 0x0101010101010101ULL : 0;
+    size_t groups = n / 8, g = 0;
+    while (g < groups) {
+        size_t end = groups - g < ASYNCCKPT_LOW7_BLOCK ? groups : g + ASYNCCKPT_LOW7_BLOCK;
+        uint64_t differ = 0;
+        for (; g < end; g++) {
+            uint64_t x;
+            memcpy(&x, plane + 8 * g, 8);
+            differ |= (x ^ want) & 0x0101010101010101ULL;
+            x = pack8(x);
+            if (g + 1 < groups)
+                memcpy(out + 7 * g, &x, 8); /* its 8th byte is the next group's first, rewritten next */
+            else
+                memcpy(out + 7 * g, &x, 7);
+        }
+        if (differ) return -1;
+    }
+    size_t rest = n - 8 * groups;
+    if (rest) {
+        uint64_t x = 0, mask = 0;
+        memcpy(&x, plane + 8 * groups, rest);
+        memset(&mask, 1, rest);
+        if ((x ^ want) & mask) return -1;
+        x = pack8(x);
+        memcpy(out + 7 * groups, &x, (7 * rest + 7) / 8);
+    }
+    return want ? 1 : 0;
+}
+
+ASYNCCKPT_CLONES static void unpack_low7(const uint8_t *packed, size_t n, int bit, uint8_t *plane) {
+    const uint64_t low = bit ? 0x0101010101010101ULL : 0;
+    size_t groups = n / 8;
+    for (size_t g = 0; g + 1 < groups; g++) { /* an 8-byte read stays within the next group */
+        uint64_t x;
+        memcpy(&x, packed + 7 * g, 8);
+        x = unpack8(x, low);
+        memcpy(plane + 8 * g, &x, 8);
+    }
+    if (groups) {
+        uint64_t x = 0;
+        memcpy(&x, packed + 7 * (groups - 1), 7);
+        x = unpack8(x, low);
+        memcpy(plane + 8 * (groups - 1), &x, 8);
+    }
+    size_t rest = n - 8 * groups;
+    if (rest) {
+        uint64_t x = 0;
+        memcpy(&x, packed + 7 * groups, (7 * rest + 7) / 8);
+        x = unpack8(x, low);
+        memcpy(plane + 8 * groups, &x, rest);
+    }
+}
+
+ASYNCCKPT_EXPORT int asyncckpt_pack_low7(const uint8_t *plane, size_t n, uint8_t *out) { return pack_low7(plane, n, out); }
+
+ASYNCCKPT_EXPORT void asyncckpt_unpack_low7(const uint8_t *packed, size_t n, int bit, uint8_t *plane) {
+    unpack_low7(packed, n, bit, plane);
 }
 
 static struct PyModuleDef module = {

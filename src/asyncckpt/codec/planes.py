@@ -13,7 +13,9 @@ Manifest entry: ``{"id": "planes", "size": S, "rotate": R, "level": L, "parts": 
 The stored chunk is the parts one after another: part p is plane p's stored bytes, ``n_p`` long.
 A part exactly one plane long (``raw_length / S``) is the plane as is; a shorter part is one zstd
 frame of it (written at level L, informative). The decoded chunk is the planes interleaved back
-and every element rotated right by R bits.
+and every element rotated right by R bits. An entry with ``"low_bit": B`` (a chunk of one sign:
+bit 0 of plane 0, the rotated sign, is B throughout) stores plane 0 packed to 7 bits a byte
+(:func:`pack_low_bit`), as it is or as a zstd frame of the packed bytes.
 
 ``zplanes`` (:class:`ZeroPlanesCodec`) is the same after leaving out the elements that are all zero
 bits, with a mask of where they were: what a chunk that is 5% or more zeros is written as.
@@ -106,6 +108,10 @@ def _kernel() -> ctypes.CDLL | None:
             ctypes.c_void_p,
         ]
         lib.asyncckpt_expand.restype = ctypes.c_int
+        lib.asyncckpt_pack_low7.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        lib.asyncckpt_pack_low7.restype = ctypes.c_int
+        lib.asyncckpt_unpack_low7.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        lib.asyncckpt_unpack_low7.restype = None
     except (OSError, AttributeError):
         return None
     return lib
@@ -178,6 +184,93 @@ def expand(mask: np.ndarray, kept: np.ndarray, size: int, out: np.ndarray) -> bo
         return not mask.any()
     kept = np.ascontiguousarray(kept)
     return kernel.asyncckpt_expand(mask.ctypes.data, kept.ctypes.data, m, n, size, out.ctypes.data) == 0
+
+
+def packed_length(n: int) -> int:
+    """The bytes of a plane of ``n`` bytes stored without its constant bottom bit: 7 bits a byte."""
+    return (7 * n + 7) // 8
+
+
+_SEVEN_BITS = np.uint64(0x7F7F7F7F7F7F7F7F)
+_LOW_BITS = np.uint64(0x0101010101010101)
+# the shifts and masks that merge eight 7-bit fields of a 64-bit word into 56 bits, pairwise
+_MERGES = (
+    (np.uint64(0x007F007F007F007F), np.uint64(0x7F007F007F007F00), np.uint64(1)),
+    (np.uint64(0x00003FFF00003FFF), np.uint64(0x3FFF00003FFF0000), np.uint64(2)),
+    (np.uint64(0x000000000FFFFFFF), np.uint64(0x0FFFFFFF00000000), np.uint64(4)),
+)
+_SPLITS = (  # and back
+    (np.uint64(0x000000000FFFFFFF), np.uint64(0x00FFFFFFF0000000), np.uint64(4)),
+    (np.uint64(0x00003FFF00003FFF), np.uint64(0x0FFFC0000FFFC000), np.uint64(2)),
+    (np.uint64(0x007F007F007F007F), np.uint64(0x3F803F803F803F80), np.uint64(1)),
+)
+
+
+def pack_low_bit(plane: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """``plane`` (contiguous uint8) stored without its bottom bit, when that bit is the same in every
+    byte: the rotated sign of a tensor of one sign (Adam's ``exp_avg_sq``, a variance), which zstd
+    would spend an entropy coder to take out. Returns the bit and the packed plane (a per-thread
+    scratch buffer of :func:`packed_length` bytes, valid until this thread's next call), or None.
+
+    The packed plane is the 7 upper bits of each byte as one little-endian bit stream: byte k's
+    bits in stream bits [7k, 7k + 7), stream bit j being bit j % 8 of byte j / 8, the unused high
+    bits of the last byte 0.
+    """
+    n = plane.size
+    if n == 0:
+        return None
+    out = _scratch("packed", packed_length(n))
+    kernel = _kernel()
+    if kernel is not None:
+        bit = kernel.asyncckpt_pack_low7(plane.ctypes.data, n, out.ctypes.data)
+        return None if bit < 0 else (bit, out)
+    bit = int(plane[0]) & 1
+    if np.any((plane & 1) != bit):
+        return None
+    groups = -(-n // 8)
+    words = np.zeros(groups, dtype="<u8")
+    words.view(np.uint8)[:n] = plane
+    words >>= np.uint64(1)
+    words &= _SEVEN_BITS
+    for low, high, shift in _MERGES:
+        words = (words & low) | ((words & high) >> shift)
+    out[:] = words.view(np.uint8).reshape(groups, 8)[:, :7].reshape(-1)[: out.size]
+    return bit, out
+
+
+def packed_fits(packed: np.ndarray, n: int) -> bool:
+    """Whether ``packed`` is a plane of ``n`` bytes packed by :func:`pack_low_bit`: its length, and
+    no unused bit of its last byte set."""
+    used = (7 * n) % 8
+    return packed.size == packed_length(n) and not (used and int(packed[-1]) >> used)
+
+
+def unpack_low_bit(packed: np.ndarray, bit: int, plane: np.ndarray) -> bool:
+    """The inverse of :func:`pack_low_bit` into ``plane`` (contiguous uint8), ``bit`` in bit 0 of
+    every byte; False when ``packed`` does not fit (:func:`packed_fits`)."""
+    n = plane.size
+    if not packed_fits(packed, n):
+        return False
+    if n == 0:
+        return True
+    kernel = _kernel()
+    if kernel is not None:
+        packed = np.ascontiguousarray(packed)
+        kernel.asyncckpt_unpack_low7(packed.ctypes.data, n, bit, plane.ctypes.data)
+        return True
+    groups = -(-n // 8)
+    stream = np.zeros(groups * 7, dtype=np.uint8)
+    stream[: packed.size] = packed
+    grouped = np.zeros((groups, 8), dtype=np.uint8)
+    grouped[:, :7] = stream.reshape(groups, 7)
+    words = grouped.view("<u8").reshape(-1)
+    for low, high, shift in _SPLITS:
+        words = (words & low) | ((words & high) << shift)
+    words <<= np.uint64(1)
+    if bit:
+        words |= _LOW_BITS
+    plane[:] = words.view(np.uint8)[:n]
+    return True
 
 
 def split_planes(raw: np.ndarray, size: int, rotate: int, into: np.ndarray | None = None) -> np.ndarray:
@@ -268,6 +361,19 @@ def _check_layout(spec: Mapping[str, Any], raw_length: int) -> int:
     return size
 
 
+def _low_bit(spec: Mapping[str, Any]) -> int | None:
+    """The entry's ``low_bit`` (plane 0 stored packed without it), checked; None when absent."""
+    return int_param(spec, "low_bit", 0, 1) if "low_bit" in spec else None
+
+
+def _plane_pieces(spec: Mapping[str, Any], plane_length: int, size: int) -> list[int]:
+    """The length of each plane's piece: plane 0's packed when the entry has a ``low_bit``."""
+    pieces = [plane_length] * size
+    if "low_bit" in spec:
+        pieces[0] = packed_length(plane_length)
+    return pieces
+
+
 def _check_parts(parts: Any, longest: list[int]) -> None:
     """One part length per stored piece, each in [1, that piece's length]."""
     if not isinstance(parts, list) or len(parts) != len(longest):
@@ -291,19 +397,31 @@ def _frame_of(piece: np.ndarray, level: int) -> np.ndarray | None:
 
 def _split_and_code(
     raw: np.ndarray, size: int, rotate: int, level: int, out: np.ndarray, at: int
-) -> tuple[int, list[int]]:
+) -> tuple[int, list[int], int | None]:
     """The planes of ``raw`` stored in ``out`` from ``at`` (room for all of ``raw`` there): where
-    it ends, and each plane's part length.
+    it ends, each plane's part length, and plane 0's constant bottom bit when it is stored packed
+    without it (else None).
 
     The planes are split straight into ``out``, so a plane stored as it is (the nearly random low
     mantissa bytes) is never copied when the planes before it were stored as they are too, and
-    moved down once otherwise; a plane that zstd shrinks is replaced by its frame.
+    moved down once otherwise; a plane that zstd shrinks is replaced by its frame. Plane 0, whose
+    bottom bit is the sign, is first packed to 7 bits a byte when that bit is the same throughout
+    (:func:`pack_low_bit`): zstd then has only the mantissa bits left, which it gives up on quickly
+    instead of entropy-coding every byte to take out the one constant bit.
     """
     n = raw.size // size
     region = split_planes(raw, size, rotate, into=out[at : at + raw.size])
     base = out.ctypes.data
     parts: list[int] = []
-    for p in range(size):
+    packed = pack_low_bit(region[0])
+    if packed is not None:
+        low_bit, piece = packed
+        frame = _frame_of(piece, level)
+        stored = piece if frame is None else frame
+        out[at : at + stored.size] = stored  # shorter than plane 0, whose bytes are consumed
+        parts.append(stored.size)
+        at += stored.size
+    for p in range(0 if packed is None else 1, size):
         plane = region[p]
         frame = _frame_of(plane, level)
         if frame is not None:
@@ -315,7 +433,7 @@ def _split_and_code(
             ctypes.memmove(base + at, plane.ctypes.data, n)  # down, over consumed bytes only
         parts.append(n)
         at += n
-    return at, parts
+    return at, parts, None if packed is None else packed[0]
 
 
 def _code_into(piece: np.ndarray, target: np.ndarray, level: int) -> int:
@@ -332,6 +450,7 @@ class PlanesCodec(CompressCodec):
 
     name = "planes"
     params = frozenset({"size", "rotate", "level", "parts"})
+    optional = frozenset({"low_bit"})
     selectable = False  # what compression "zstd" writes for floats, not a choice of its own
     after_reorder = False  # the format defines [planes] alone
 
@@ -343,7 +462,8 @@ class PlanesCodec(CompressCodec):
             ChainError: a parameter is not so.
         """
         size = _check_layout(spec, raw_length)
-        _check_parts(spec["parts"], [raw_length // size] * size)
+        _low_bit(spec)
+        _check_parts(spec["parts"], _plane_pieces(spec, raw_length // size, size))
 
     def check_stored(self, spec: Mapping[str, Any], length: int) -> None:
         """The parts add up to the chunk's stored length.
@@ -401,8 +521,10 @@ class PlanesCodec(CompressCodec):
     def _encode_dense(self, raw: np.ndarray, size: int, rotate: int, level: int) -> tuple[np.ndarray, dict[str, Any]]:
         """:meth:`encode_planes` of every element (no mask)."""
         out = np.empty(raw.size, dtype=np.uint8)
-        at, parts = _split_and_code(raw, size, rotate, level, out, 0)
-        spec = {"id": self.name, "size": size, "rotate": rotate, "level": level, "parts": parts}
+        at, parts, low_bit = _split_and_code(raw, size, rotate, level, out, 0)
+        spec: dict[str, Any] = {"id": self.name, "size": size, "rotate": rotate, "level": level, "parts": parts}
+        if low_bit is not None:
+            spec["low_bit"] = low_bit
         return out[:at], spec
 
     def _read_parts(
@@ -419,6 +541,31 @@ class PlanesCodec(CompressCodec):
             else:
                 into = None if target is None else torch.from_numpy(target)
                 self._decode_part(source, stored, length, into, what)
+
+    def _read_planes(
+        self,
+        source: ChunkSource,
+        parts: list[int],
+        pieces: list[int],
+        names: list[str],
+        planes: list[Any],
+        low_bit: int | None,
+        plane_length: int,
+    ) -> None:
+        """``_read_parts`` of the planes' parts into ``planes`` (None each: a verify), plane 0
+        unpacked when the entry stores it without its bottom bit (``low_bit``), its padding
+        checked even by a verify."""
+        if low_bit is None:
+            self._read_parts(source, parts, pieces, names, planes)
+            return
+        packed = _scratch("unpacking", pieces[0])
+        self._read_parts(source, parts, pieces, names, [packed, *planes[1:]])
+        if planes[0] is None:
+            fits = packed_fits(packed, plane_length)
+        else:
+            fits = unpack_low_bit(packed, low_bit, planes[0])
+        if not fits:
+            raise CheckpointDamagedError(f"{names[0]}: a packed plane sets bits past its last byte's values")
 
     @staticmethod
     def _decode_part(
@@ -487,15 +634,17 @@ class PlanesCodec(CompressCodec):
                 f"{source.what} stores {source.length} bytes, its planes' parts add up to {sum(parts)}"
             )
         plane_length = raw_length // size
-        pieces = [plane_length] * size
+        pieces = _plane_pieces(spec, plane_length, size)
+        low_bit = spec.get("low_bit")
+        packing = 0 if low_bit is None else pieces[0]  # plane 0 read packed, then unpacked
         names = [f"{source.what} plane {p}" for p in range(size)]
         if direct is None and emit is None:
-            with zstd.DECODE_BUDGET.hold(zstd.frame_memory(plane_length)):
-                self._read_parts(source, parts, pieces, names, [None] * size)
+            with zstd.DECODE_BUDGET.hold(packing + zstd.frame_memory(plane_length)):
+                self._read_planes(source, parts, pieces, names, [None] * size, low_bit, plane_length)
             return
-        compressed = any(n < plane_length for n in parts)
+        compressed = any(n < length for n, length in zip(parts, pieces, strict=True))
         one_shot = libzstd.plane_decompressor() is not None
-        need = raw_length  # the planes
+        need = raw_length + packing  # the planes
         if compressed:
             need += plane_length if one_shot else zstd.frame_memory(plane_length)
         if direct is None:
@@ -504,7 +653,7 @@ class PlanesCodec(CompressCodec):
             need += raw_length  # numpy's join widens a plane at a time into elements
         with zstd.DECODE_BUDGET.hold(need):
             planes = _scratch("planes", raw_length).reshape(size, plane_length)
-            self._read_parts(source, parts, pieces, names, list(planes))
+            self._read_planes(source, parts, pieces, names, list(planes), low_bit, plane_length)
             out = direct.numpy() if direct is not None else _scratch("joined", raw_length)
             join_planes(planes, rotate, out)
             if direct is None and emit is not None:
@@ -527,6 +676,7 @@ class ZeroPlanesCodec(PlanesCodec):
 
     name = "zplanes"
     params = frozenset({"size", "rotate", "level", "nonzero", "parts"})
+    optional = frozenset({"low_bit"})
 
     def check_params(self, spec: Mapping[str, Any], raw_length: int) -> None:
         """As ``planes``, plus ``nonzero`` in [1, N - 1] for N elements, and S + 1 parts: the
@@ -540,7 +690,8 @@ class ZeroPlanesCodec(PlanesCodec):
         if n < 2:
             raise ChainError(f"a chunk of {n} element(s) has no zeros to leave out", ".codecs.nonzero")
         m = int_param(spec, "nonzero", 1, n - 1)
-        _check_parts(spec["parts"], [-(-n // 8)] + [m] * size)
+        _low_bit(spec)
+        _check_parts(spec["parts"], [-(-n // 8), *_plane_pieces(spec, m, size)])
 
     def encode(self, data: memoryview, spec: Mapping[str, Any], *, reordered: bool) -> bytes:
         """The stored bytes, for a caller holding a full entry (the writer uses :meth:`encode_planes`)."""
@@ -562,9 +713,18 @@ class ZeroPlanesCodec(PlanesCodec):
             raise ValueError(f"zplanes needs both zero and non-zero elements, got {m} of {raw.size // size} non-zero")
         out = np.empty(mask.size + kept.size, dtype=np.uint8)
         mask_part = _code_into(mask, out, level)
-        at, plane_parts = _split_and_code(kept, size, rotate, level, out, mask_part)
+        at, plane_parts, low_bit = _split_and_code(kept, size, rotate, level, out, mask_part)
         parts = [mask_part, *plane_parts]
-        spec = {"id": self.name, "size": size, "rotate": rotate, "level": level, "nonzero": m, "parts": parts}
+        spec: dict[str, Any] = {
+            "id": self.name,
+            "size": size,
+            "rotate": rotate,
+            "level": level,
+            "nonzero": m,
+            "parts": parts,
+        }
+        if low_bit is not None:
+            spec["low_bit"] = low_bit
         return out[:at], spec
 
     def decode(
@@ -590,12 +750,19 @@ class ZeroPlanesCodec(PlanesCodec):
                 f"{source.what} stores {source.length} bytes, its mask's and planes' parts add up to {sum(parts)}"
             )
         n = raw_length // size
-        pieces = [-(-n // 8)] + [m] * size
+        pieces = [-(-n // 8), *_plane_pieces(spec, m, size)]
+        low_bit = spec.get("low_bit")
+        packing = 0 if low_bit is None else pieces[1]  # plane 0 read packed, then unpacked
         names = [f"{source.what} zero mask"] + [f"{source.what} plane {p}" for p in range(size)]
+
+        def read(mask: np.ndarray, planes: list[Any]) -> None:
+            self._read_parts(source, parts[:1], pieces[:1], names[:1], [mask])
+            self._read_planes(source, parts[1:], pieces[1:], names[1:], planes, low_bit, m)
+
         if direct is None and emit is None:  # a verify: the mask kept and checked, the planes dropped
-            with zstd.DECODE_BUDGET.hold(pieces[0] + zstd.frame_memory(max(pieces))):
+            with zstd.DECODE_BUDGET.hold(pieces[0] + packing + zstd.frame_memory(max(pieces))):
                 mask = _scratch("zmask", pieces[0])
-                self._read_parts(source, parts, pieces, names, [mask] + [None] * size)
+                read(mask, [None] * size)
                 if not _marks(mask, n, m):
                     raise CheckpointDamagedError(
                         f"{source.what}: its zero mask does not mark exactly {m} of its {n} elements"
@@ -603,7 +770,7 @@ class ZeroPlanesCodec(PlanesCodec):
             return
         compressed = [length for stored, length in zip(parts, pieces, strict=True) if stored < length]
         one_shot = libzstd.plane_decompressor() is not None
-        need = pieces[0] + 2 * m * size  # the mask, the planes, the kept elements joined
+        need = pieces[0] + packing + 2 * m * size  # the mask, the planes, the kept elements joined
         if compressed:
             need += max(compressed) if one_shot else zstd.frame_memory(max(compressed))
         if direct is None:
@@ -613,7 +780,7 @@ class ZeroPlanesCodec(PlanesCodec):
         with zstd.DECODE_BUDGET.hold(need):
             mask = _scratch("zmask", pieces[0])
             planes = _scratch("planes", m * size).reshape(size, m)
-            self._read_parts(source, parts, pieces, names, [mask, *planes])
+            read(mask, list(planes))
             kept = _scratch("zkept", m * size)
             join_planes(planes, rotate, kept)
             out = direct.numpy() if direct is not None else _scratch("joined", raw_length)
