@@ -408,6 +408,46 @@ def test_a_second_manager_after_ranks_closed_the_first_at_different_times(tmp_pa
     assert run_ranks(_two_managers, 2, str(tmp_path), timeout=60) == [[1], [1]]
 
 
+def _slow_store_connection(rank: int, world: int, root: str) -> list[str]:
+    """Rank 1's connection to the job's store takes longer than rank_timeout, once."""
+    import torch.distributed as dist
+
+    from asyncckpt import CheckpointError, CheckpointManager
+
+    timeout = 3.0
+    store_class = type(dist.distributed_c10d._get_default_store())
+    real = store_class.clone
+    slow = [rank == 1]
+
+    def clone(self):
+        if slow[0]:
+            slow[0] = False
+            time.sleep(timeout + 1)
+        return real(self)
+
+    store_class.clone = clone
+    got = []
+    for attempt in range(3):
+        try:
+            with CheckpointManager(root, keep_last=None, rank_timeout=timeout) as mgr:
+                mgr.save(attempt, {"x": torch.full((4,), float(attempt))}).wait()
+            got.append("saved")
+        except CheckpointError as exc:
+            got.append(str(exc))
+        time.sleep(timeout + 2)  # the abandoned connection comes in; the next attempt starts together
+    return got
+
+
+def test_a_rank_whose_store_connection_times_out_fails_that_manager_on_every_rank_and_the_next_ones_work(tmp_path):
+    """The rank that could not connect still takes its part in opening the root, so the ranks stay
+    in step: the other rank fails there too, and the managers after it open and save."""
+    got = run_ranks(_slow_store_connection, 2, str(tmp_path), timeout=150)
+    assert "could not connect to the job's store within 3 s" in got[1][0], got
+    assert "could not open the checkpoint root together" in got[0][0], got
+    assert [g[1:] for g in got] == [["saved", "saved"]] * 2, got
+    assert remaining(tmp_path) == [1, 2]
+
+
 def _restore_with_a_bug_on_rank_1(rank: int, world: int, root: str) -> dict:
     import time as _time
 

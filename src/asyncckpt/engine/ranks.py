@@ -216,15 +216,31 @@ class RankGroup:
         self.world_size: int = dist.get_world_size(process_group)
         self.timeout = float(timeout)
         self._dist = dist
-        self._own_store = self._clone_store()  # one connection for the decisions and the run's keys
+        # made on the job's store, so that every rank counts the group's generation even when its
+        # own connection, made next, fails (a rank that did not count would never meet the others)
         self._made = self._checkpoint_group(ranks)
         self.group = self._made.gloo
+        try:
+            self._own_store = self._clone_store()  # one connection for the decisions and the run's keys
+            unconnected: CheckpointError | None = None
+        except CheckpointError as exc:  # still takes its part in the opening below, to stay in step
+            self._own_store, unconnected = dist.distributed_c10d._get_default_store(), exc
         # the collectives' decisions, by number: collectives are numbered per group, whatever
         # manager issued them, and the first (opening this manager) comes before the run's prefix
         self._decisions = dist.PrefixStore(f"asyncckpt/collectives/{self._made.name}/", self._own_store)
         token = secrets.randbits(62) if self.rank == 0 else 0
         opening = "open the checkpoint root together (every rank constructs the manager)"
-        self.run = f"{self._all_reduce(_OPEN, [token], opening)[0]:016x}"
+        try:
+            run, failed = self._all_reduce(_OPEN, [token, 0 if unconnected is None else self.rank + 1], opening)[:2]
+        except CheckpointError:
+            if unconnected is not None:
+                raise unconnected from None
+            raise
+        if unconnected is not None:
+            raise unconnected
+        if failed:
+            raise CheckpointError(f"rank {failed - 1} could not connect to the job's store, so no rank opens the root")
+        self.run = f"{run:016x}"
         self.store = dist.PrefixStore(f"asyncckpt/{self.run}/", self._own_store)
 
     def _checkpoint_group(self, ranks: list[int] | None) -> _Group:
@@ -241,11 +257,10 @@ class RankGroup:
         if made is not None and made.store is store:
             return made
         label = f"{'world' if ranks is None else '_'.join(map(str, ranks))}/{self.timeout!r}"  # exact
-        own = self._own_store  # not the job's client: each of its calls is bounded by our timeout
         try:  # the store gone (rank 0 died), or a rank that does not come
-            generation = own.add(f"asyncckpt/made/{label}/{self.rank}", 1) - 1
+            generation = store.add(f"asyncckpt/made/{label}/{self.rank}", 1) - 1
             name = f"{label}/{generation}"
-            rendezvous = self._dist.PrefixStore(f"asyncckpt/group/{name}/", own)
+            rendezvous = self._dist.PrefixStore(f"asyncckpt/group/{name}/", store)
             group = self._dist.ProcessGroupGloo(rendezvous, self.rank, self.world_size, timedelta(seconds=self.timeout))
         except Exception as exc:  # noqa: BLE001 - the store and gloo raise RuntimeError subclasses
             raise _collective_error(self, "make the checkpoint group (every rank constructs the manager)", exc) from exc
@@ -254,9 +269,9 @@ class RankGroup:
 
     def _clone_store(self) -> Any:
         """A client of the job's store of our own: a ``wait`` on it never blocks training's store
-        calls, nor another connection's. Connecting, and each call on it after, is bounded by our
-        ``timeout``: a clone connects with the job store's own timeout (30 minutes by default), so
-        with the store's host gone a new manager would otherwise hang that long.
+        calls, nor another connection's. Connecting is bounded by our ``timeout``: a clone connects
+        with the job store's own timeout (30 minutes by default), so with the store's host gone a
+        new manager would otherwise hang that long.
 
         Raises:
             CheckpointError: The store did not answer within ``timeout``, or refused the connection.
@@ -277,15 +292,13 @@ class RankGroup:
         thread.join(self.timeout)
         if not connected:
             raise CheckpointError(
-                f"rank {self.rank} could not connect to the job's store within {self.timeout:g} s "
-                "(is its host, rank 0, gone?)"
+                f"rank {self.rank} could not connect to the job's store within {self.timeout:g} s (is its host gone?)"
             )
         clone = connected[0]
         if isinstance(clone, self._dist.DistError):
             raise CheckpointError(f"rank {self.rank} could not connect to the job's store: {clone}") from clone
         if isinstance(clone, Exception):  # a store that cannot be cloned (not a TCPStore)
             return base
-        clone.set_timeout(min(clone.timeout, timedelta(seconds=self.timeout)))
         return clone
 
     def connection(self, prefix: str = "") -> Any:
