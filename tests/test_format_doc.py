@@ -70,15 +70,22 @@ def _undo_planes(data: bytes, codec: dict, raw_length: int) -> bytes:
     size, rotate = codec["size"], codec["rotate"]
     plane_length = raw_length // size
     assert len(codec["parts"]) == size and sum(codec["parts"]) == len(data)
+    pieces = [plane_length] * size
+    if "low_bit" in codec:  # plane 0 packed: 7 bits a byte, ceil(7n / 8) bytes
+        pieces[0] = -(-7 * plane_length // 8)
     planes, at = [], 0
-    for n in codec["parts"]:
+    for n, piece in zip(codec["parts"], pieces, strict=True):
         part = data[at : at + n]
         at += n
-        if n < plane_length:
-            assert zstandard.frame_content_size(part) == plane_length
+        if n < piece:
+            assert zstandard.frame_content_size(part) == piece
             part = zstandard.ZstdDecompressor().decompress(part)
-        assert len(part) == plane_length
+        assert len(part) == piece
         planes.append(part)
+    if "low_bit" in codec:
+        stream = int.from_bytes(planes[0], "little")  # stream bit j is bit j % 8 of byte j / 8
+        assert stream >> (7 * plane_length) == 0  # the unused high bits of the last byte
+        planes[0] = bytes(((stream >> (7 * k)) & 0x7F) << 1 | codec["low_bit"] for k in range(plane_length))
     interleaved = np.stack([np.frombuffer(p, dtype=np.uint8) for p in planes], axis=1).tobytes()
     bits, out = 8 * size, bytearray()
     for k in range(0, raw_length, size):  # the slow way, as the page says it
@@ -190,6 +197,9 @@ def test_a_reader_written_from_the_page_reads_what_load_reads(tmp_path, compress
     state["tied"][0] = state["halves"]  # the same tensor under two names: one tensors[] entry
     state["sparse"] = torch.zeros(4096)
     state["sparse"][::3] = torch.linspace(-1, 1, 1366)  # two thirds exact zeros: zplanes
+    state["variance"] = torch.rand(3000, generator=torch.Generator().manual_seed(1)) + 0.1  # one sign: low_bit
+    state["negative"] = -state["variance"]
+    state["sparse variance"] = state["sparse"].abs()
     with asyncckpt.CheckpointManager(tmp_path, compression=compression, chunk_size=4096) as mgr:
         mgr.save(3, state).wait()
     body = _checked_manifest(tmp_path / "step-000000000003")
@@ -199,6 +209,9 @@ def test_a_reader_written_from_the_page_reads_what_load_reads(tmp_path, compress
     else:
         # every chain the page defines, in use
         assert chains == {(), ("zstd",), ("bytegroup", "zstd"), ("planes",), ("zplanes",)}
+        codecs = [c for chunk in body["chunks"] for c in chunk["codecs"]]
+        signs = {(c["id"], c.get("low_bit")) for c in codecs if c["id"] in ("planes", "zplanes")}
+        assert signs >= {("planes", None), ("planes", 0), ("planes", 1), ("zplanes", 0), ("zplanes", 1)}
     entries = dict(body["tree"]["d"])
     assert entries["tied"]["l"][0] == entries["halves"]  # section 3.5: two leaves, one tensors[] entry
     assert_same_tree(asyncckpt.load(tmp_path), read_by_the_spec(tmp_path))
