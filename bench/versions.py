@@ -8,10 +8,12 @@ script. The table gives the median of each figure over the rounds and the ratio 
     git worktree add /tmp/before <commit>
     python bench/versions.py --before /tmp/before --after . --rounds 3 stall -- --savers none,asyncckpt
     python bench/versions.py --before /tmp/before --after . --rounds 3 codec
+    python bench/versions.py --before /tmp/before --after . --rounds 3 codec -- --planes-only
 
 Figures taken: stall.py, per saver: stall, loop overhead, CPU per checkpoint, save -> durable and
 bytes on disk; codec.py: ratio and MB/s of asyncckpt's encode per data kind at level 1, the
-encoder pool's rates, and a whole save's ratio and persist rate (where chunking shows).
+encoder pool's rates, and a whole save's ratio and persist rate (where chunking shows); with
+``--planes-only``, the planes table's ratio and encode and decode MB/s per data kind.
 """
 
 from __future__ import annotations
@@ -49,13 +51,17 @@ def stall_figures(data: dict) -> dict[str, float]:
 
 def codec_figures(data: dict) -> dict[str, float]:
     figures = {}
-    for row in data["codec"]:
+    for row in data.get("codec", []):
         if row["level"] == 1:
             figures[f"{row['data']}: ratio"] = row["asyncckpt"]["ratio"]
             figures[f"{row['data']}: MB/s"] = row["asyncckpt"]["MBps"]
-    for threads, rate in data["encoder_pool_MBps"].items():
+    for row in data.get("planes", []):  # codec.py --planes-only
+        figures[f"{row['data']}: ratio"] = row["planes"]["ratio"]
+        figures[f"{row['data']}: encode MB/s"] = row["planes"]["MBps"]
+        figures[f"{row['data']}: decode MB/s"] = row["planes"]["decode_MBps"]
+    for threads, rate in data.get("encoder_pool_MBps", {}).items():
         figures[f"encoder pool, {threads} thread(s): MB/s"] = rate
-    for workers, r in data["persist"].items():
+    for workers, r in data.get("persist", {}).items():
         figures[f"whole save, {workers} worker(s): ratio"] = r["ratio"]
         figures[f"whole save, {workers} worker(s): persist MB/s"] = r["MBps"]
     return figures
