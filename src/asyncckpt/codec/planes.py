@@ -227,15 +227,30 @@ def pack_low_bit(plane: np.ndarray) -> tuple[int, np.ndarray] | None:
     bit = int(plane[0]) & 1
     if np.any((plane & 1) != bit):
         return None
-    groups = -(-n // 8)
-    words = np.zeros(groups, dtype="<u8")
-    words.view(np.uint8)[:n] = plane
-    words >>= np.uint64(1)
-    words &= _SEVEN_BITS
+    words, temp, stream = _low7_scratch(n)
+    as_bytes = words.view(np.uint8)
+    as_bytes[:n] = plane
+    as_bytes[n:] = 0
+    np.right_shift(words, np.uint64(1), out=words)
+    np.bitwise_and(words, _SEVEN_BITS, out=words)
     for low, high, shift in _MERGES:
-        words = (words & low) | ((words & high) >> shift)
-    out[:] = words.view(np.uint8).reshape(groups, 8)[:, :7].reshape(-1)[: out.size]
+        np.bitwise_and(words, high, out=temp)
+        np.right_shift(temp, shift, out=temp)
+        np.bitwise_and(words, low, out=words)
+        np.bitwise_or(words, temp, out=words)
+    stream.reshape(-1, 7)[:] = as_bytes.reshape(-1, 8)[:, :7]
+    out[:] = stream[: out.size]
     return bit, out
+
+
+def _low7_scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy's packing of a plane of ``n`` bytes works in eight-byte words, little-endian whatever
+    the host (each step writes ``out=``, so the words keep their byte order): two arrays of them,
+    and the stream of seven bytes per word. All per-thread scratch buffers."""
+    groups = -(-n // 8)
+    words = _scratch("low7 words", 8 * groups).view("<u8")
+    temp = _scratch("low7 temp", 8 * groups).view("<u8")
+    return words, temp, _scratch("low7 stream", 7 * groups)
 
 
 def packed_fits(packed: np.ndarray, n: int) -> bool:
@@ -258,17 +273,20 @@ def unpack_low_bit(packed: np.ndarray, bit: int, plane: np.ndarray) -> bool:
         packed = np.ascontiguousarray(packed)
         kernel.asyncckpt_unpack_low7(packed.ctypes.data, n, bit, plane.ctypes.data)
         return True
-    groups = -(-n // 8)
-    stream = np.zeros(groups * 7, dtype=np.uint8)
+    words, temp, stream = _low7_scratch(n)
     stream[: packed.size] = packed
-    grouped = np.zeros((groups, 8), dtype=np.uint8)
-    grouped[:, :7] = stream.reshape(groups, 7)
-    words = grouped.view("<u8").reshape(-1)
+    stream[packed.size :] = 0
+    grouped = words.view(np.uint8).reshape(-1, 8)
+    grouped[:, :7] = stream.reshape(-1, 7)
+    grouped[:, 7] = 0
     for low, high, shift in _SPLITS:
-        words = (words & low) | ((words & high) << shift)
-    words <<= np.uint64(1)
+        np.bitwise_and(words, high, out=temp)
+        np.left_shift(temp, shift, out=temp)
+        np.bitwise_and(words, low, out=words)
+        np.bitwise_or(words, temp, out=words)
+    np.left_shift(words, np.uint64(1), out=words)
     if bit:
-        words |= _LOW_BITS
+        np.bitwise_or(words, _LOW_BITS, out=words)
     plane[:] = words.view(np.uint8)[:n]
     return True
 
@@ -651,6 +669,8 @@ class PlanesCodec(CompressCodec):
             need += raw_length  # the joined chunk handed to emit
         if _kernel() is None:
             need += raw_length  # numpy's join widens a plane at a time into elements
+            if packing:
+                need += 3 * plane_length + 24  # and its unpacking works in words (_low7_scratch)
         with zstd.DECODE_BUDGET.hold(need):
             planes = _scratch("planes", raw_length).reshape(size, plane_length)
             self._read_planes(source, parts, pieces, names, list(planes), low_bit, plane_length)
@@ -777,6 +797,8 @@ class ZeroPlanesCodec(PlanesCodec):
             need += raw_length  # the chunk handed to emit
         if _kernel() is None:
             need += m * size + n  # numpy's join widens a plane at a time; its expand, a bool per element
+            if packing:
+                need += 3 * m + 24  # and its unpacking works in words (_low7_scratch)
         with zstd.DECODE_BUDGET.hold(need):
             mask = _scratch("zmask", pieces[0])
             planes = _scratch("planes", m * size).reshape(size, m)
