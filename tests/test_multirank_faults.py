@@ -443,7 +443,8 @@ def test_a_rank_whose_store_connection_times_out_fails_that_manager_on_every_ran
     in step: the other rank fails there too, and the managers after it open and save."""
     got = run_ranks(_slow_store_connection, 2, str(tmp_path), timeout=150)
     assert "could not connect to the job's store within 3 s" in got[1][0], got
-    assert "could not open the checkpoint root together" in got[0][0], got
+    # rank 0 gave up waiting for rank 1, or saw rank 1's failure flag: which comes first is a race
+    assert any(m in got[0][0] for m in ("could not open the checkpoint root together", "rank 1 could not connect")), got
     assert [g[1:] for g in got] == [["saved", "saved"]] * 2, got
     assert remaining(tmp_path) == [1, 2]
 
