@@ -309,7 +309,8 @@ ASYNCCKPT_EXPORT int asyncckpt_expand(const uint8_t *mask, const uint8_t *kept, 
  *            bits of each byte to `out` as one little-endian bit stream (value k in stream bits
  *            [7k, 7k + 7), stream bit j being bit j % 8 of byte j / 8; ceil(7n / 8) bytes, unused
  *            high bits of the last byte 0) and return that bit (0 or 1); else return -1 (`out`
- *            then holds no meaning). A plane with both bits is told in its first few KiB.
+ *            then holds no meaning). Checking stops at the end of the first block of 4 KiB
+ *            (ASYNCCKPT_LOW7_BLOCK groups of 8 bytes) that holds both bits.
  * unpack_low7: the inverse, `bit` in bit 0 of every byte.
  * Eight values at a time: the 7-bit fields of a 64-bit word merged pairwise by shifts and masks. */
 static inline uint64_t pack8(uint64_t x) {

@@ -379,9 +379,14 @@ def _check_layout(spec: Mapping[str, Any], raw_length: int) -> int:
     return size
 
 
-def _low_bit(spec: Mapping[str, Any]) -> int | None:
-    """The entry's ``low_bit`` (plane 0 stored packed without it), checked; None when absent."""
-    return int_param(spec, "low_bit", 0, 1) if "low_bit" in spec else None
+def _check_low_bit(spec: Mapping[str, Any]) -> None:
+    """The entry's ``low_bit`` (plane 0 stored packed without it), when present, is 0 or 1.
+
+    Raises:
+        ChainError: it is not.
+    """
+    if "low_bit" in spec:
+        int_param(spec, "low_bit", 0, 1)
 
 
 def _plane_pieces(spec: Mapping[str, Any], plane_length: int, size: int) -> list[int]:
@@ -474,13 +479,14 @@ class PlanesCodec(CompressCodec):
 
     def check_params(self, spec: Mapping[str, Any], raw_length: int) -> None:
         """``size`` in {2, 4, 8} dividing the chunk, ``rotate`` in [0, 8 * size), a zstd
-        ``level``, and one part length per plane, each at most the plane's length.
+        ``level``, an optional ``low_bit`` of 0 or 1, and one part length per plane, each at most
+        the length of the plane's piece (plane 0 packed when ``low_bit`` is present).
 
         Raises:
             ChainError: a parameter is not so.
         """
         size = _check_layout(spec, raw_length)
-        _low_bit(spec)
+        _check_low_bit(spec)
         _check_parts(spec["parts"], _plane_pieces(spec, raw_length // size, size))
 
     def check_stored(self, spec: Mapping[str, Any], length: int) -> None:
@@ -638,13 +644,15 @@ class PlanesCodec(CompressCodec):
         then interleave the planes into ``direct`` or a scratch buffer handed to ``emit``. A
         verify (neither) reads and decodes every part through pieces and keeps nothing.
 
-        The decode budget holds what this decode adds beyond the destination: the planes, a
-        compressed part read whole (or a streamed frame's pieces), and a scratch output for
-        ``emit`` or numpy's join where those are used.
+        The decode budget holds what this decode adds beyond the destination: the planes, plane
+        0 packed when the entry has a ``low_bit``, a compressed part read whole (or a streamed
+        frame's pieces), and a scratch output for ``emit``, numpy's join and numpy's unpacking
+        where those are used.
 
         Raises:
-            CheckpointDamagedError: the parts do not add up to the stored length, or a frame does
-                not decode to exactly one plane.
+            CheckpointDamagedError: the parts do not add up to the stored length, a frame does not
+                decode to exactly its piece, or a packed plane sets bits past its last byte's
+                values.
         """
         size, rotate, parts = spec["size"], spec["rotate"], spec["parts"]
         if sum(parts) != source.length:
@@ -690,7 +698,8 @@ class ZeroPlanesCodec(PlanesCodec):
     Manifest entry: ``{"id": "zplanes", "size": S, "rotate": R, "level": L, "nonzero": M, "parts":
     [n_mask, n_0, ..., n_S-1]}``. The first part is the mask (bit k, least significant first, set
     for each element k kept; ``ceil(N / 8)`` bytes for N elements), the others the S planes of the
-    M kept elements, each M bytes; a part as long as its piece is it as is, a shorter one a zstd
+    M kept elements, each M bytes (plane 0 packed into ``ceil(7 * M / 8)`` when the entry has a
+    ``low_bit``, as for ``planes``); a part as long as its piece is it as is, a shorter one a zstd
     frame of it.
     """
 
@@ -700,7 +709,8 @@ class ZeroPlanesCodec(PlanesCodec):
 
     def check_params(self, spec: Mapping[str, Any], raw_length: int) -> None:
         """As ``planes``, plus ``nonzero`` in [1, N - 1] for N elements, and S + 1 parts: the
-        mask's at most ``ceil(N / 8)``, each plane's at most ``nonzero``.
+        mask's at most ``ceil(N / 8)``, each plane's at most its piece's length (``nonzero``, or
+        plane 0 packed when ``low_bit`` is present).
 
         Raises:
             ChainError: a parameter is not so.
@@ -710,7 +720,7 @@ class ZeroPlanesCodec(PlanesCodec):
         if n < 2:
             raise ChainError(f"a chunk of {n} element(s) has no zeros to leave out", ".codecs.nonzero")
         m = int_param(spec, "nonzero", 1, n - 1)
-        _low_bit(spec)
+        _check_low_bit(spec)
         _check_parts(spec["parts"], [-(-n // 8), *_plane_pieces(spec, m, size)])
 
     def encode(self, data: memoryview, spec: Mapping[str, Any], *, reordered: bool) -> bytes:
@@ -761,8 +771,8 @@ class ZeroPlanesCodec(PlanesCodec):
 
         Raises:
             CheckpointDamagedError: the parts do not add up to the stored length, a frame does not
-                decode to its piece's length, or the mask does not mark exactly ``nonzero``
-                elements.
+                decode to its piece's length, a packed plane sets bits past its last byte's
+                values, or the mask does not mark exactly ``nonzero`` elements.
         """
         size, rotate, parts, m = spec["size"], spec["rotate"], spec["parts"], spec["nonzero"]
         if sum(parts) != source.length:
