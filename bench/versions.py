@@ -55,10 +55,10 @@ def codec_figures(data: dict) -> dict[str, float]:
         if row["level"] == 1:
             figures[f"{row['data']}: ratio"] = row["asyncckpt"]["ratio"]
             figures[f"{row['data']}: MB/s"] = row["asyncckpt"]["MBps"]
-    for row in data.get("planes", []):  # codec.py --planes-only
-        figures[f"{row['data']}: ratio"] = row["planes"]["ratio"]
-        figures[f"{row['data']}: encode MB/s"] = row["planes"]["MBps"]
-        figures[f"{row['data']}: decode MB/s"] = row["planes"]["decode_MBps"]
+    for row in data.get("planes", []):  # the planes table (all of --planes-only)
+        figures[f"{row['data']}: planes ratio"] = row["planes"]["ratio"]
+        figures[f"{row['data']}: planes encode MB/s"] = row["planes"]["MBps"]
+        figures[f"{row['data']}: planes decode MB/s"] = row["planes"]["decode_MBps"]
     for threads, rate in data.get("encoder_pool_MBps", {}).items():
         figures[f"encoder pool, {threads} thread(s): MB/s"] = rate
     for workers, r in data.get("persist", {}).items():
