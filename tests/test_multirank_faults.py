@@ -449,6 +449,44 @@ def test_a_rank_whose_store_connection_times_out_fails_that_manager_on_every_ran
     assert remaining(tmp_path) == [1, 2]
 
 
+def _refused_policy_connection(rank: int, world: int, root: str) -> list[str]:
+    """Rank 1's third connection to the job's store (the policy's second) is refused, once."""
+    import torch.distributed as dist
+
+    from asyncckpt import CheckpointError, CheckpointManager
+
+    store_class = type(dist.distributed_c10d._get_default_store())
+    real = store_class.clone
+    calls = [0]
+
+    def clone(self):
+        calls[0] += 1
+        if rank == 1 and calls[0] == 3:
+            raise dist.DistError("connection refused (a test)")
+        return real(self)
+
+    store_class.clone = clone
+    got = []
+    for attempt in range(3):
+        try:
+            with CheckpointManager(root, keep_last=None, rank_timeout=20.0) as mgr:
+                mgr.save(attempt, {"x": torch.full((4,), float(attempt))}).wait()
+            got.append("saved")
+        except CheckpointError as exc:
+            got.append(str(exc))
+    return got
+
+
+def test_a_refused_policy_connection_on_one_rank_fails_that_manager_on_every_rank_and_the_next_ones_work(tmp_path):
+    """Every store connection a manager uses is made before the ranks open the root together: one
+    refused on one rank only, after that, left its next manager out of step with the others."""
+    got = run_ranks(_refused_policy_connection, 2, str(tmp_path), timeout=150)
+    assert got[1][0] == "rank 1 could not connect to the job's store: connection refused (a test)", got
+    assert got[0][0] == "rank 1 could not connect to the job's store, so no rank opens the root", got
+    assert [g[1:] for g in got] == [["saved", "saved"]] * 2, got
+    assert remaining(tmp_path) == [1, 2]
+
+
 def _restore_with_a_bug_on_rank_1(rank: int, world: int, root: str) -> dict:
     import time as _time
 

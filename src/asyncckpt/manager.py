@@ -104,7 +104,8 @@ class CheckpointManager:
             README, "Many ranks"). None: the default group when torch.distributed is initialized,
             else this process alone. Constructing, ``save`` and ``restore`` are then collective.
         rank_timeout: Seconds a rank waits for the others' part of a save (or rank 0's commit)
-            before the save fails, naming the rank that did not answer.
+            before the save fails, naming the rank that did not answer; also the longest creating
+            the manager waits to connect to the job's store (then for the other ranks).
         replicated: Top-level keys of the state whose tensors are the same on every rank (stored
             once, spread over the ranks); DDP models, FSDP2 modules and their optimizers need no
             mention.

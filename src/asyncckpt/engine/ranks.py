@@ -111,6 +111,7 @@ class Vote:
 
 _GIVEN_UP, _AGREED = "given up", "agreed"  # a collective, as the ranks settle it
 _KEEP_SETTLED = 1024  # settled collectives kept in the store (no rank is expected this many collectives behind)
+_SPARE_CONNECTIONS = 2  # store connections made with a group for its manager (the policy's two)
 
 
 def _completed_by(work: Any, deadline: float) -> bool:
@@ -220,14 +221,21 @@ class RankGroup:
         # own connection, made next, fails (a rank that did not count would never meet the others)
         self._made = self._checkpoint_group(ranks)
         self.group = self._made.gloo
+        # every connection this manager uses is made now, before the opening collective: one that
+        # fails later, on one rank only, would leave that rank's next manager out of step
         try:
-            self._own_store = self._clone_store()  # one connection for the decisions and the run's keys
+            self._own_store, *self._spares = self._clone_store(1 + _SPARE_CONNECTIONS)
             unconnected: CheckpointError | None = None
         except CheckpointError as exc:  # still takes its part in the opening below, to stay in step
-            self._own_store, unconnected = dist.distributed_c10d._get_default_store(), exc
+            self._own_store, self._spares, unconnected = None, [], exc
         # the collectives' decisions, by number: collectives are numbered per group, whatever
-        # manager issued them, and the first (opening this manager) comes before the run's prefix
-        self._decisions = dist.PrefixStore(f"asyncckpt/collectives/{self._made.name}/", self._own_store)
+        # manager issued them, and the first (opening this manager) comes before the run's prefix;
+        # a rank without a connection decides alone (it fails this manager whatever the others do)
+        self._decisions = (
+            None
+            if self._own_store is None
+            else dist.PrefixStore(f"asyncckpt/collectives/{self._made.name}/", self._own_store)
+        )
         token = secrets.randbits(62) if self.rank == 0 else 0
         opening = "open the checkpoint root together (every rank constructs the manager)"
         try:
@@ -267,45 +275,55 @@ class RankGroup:
         _GROUPS[key] = made = _Group(group, store, name)
         return made
 
-    def _clone_store(self) -> Any:
-        """A client of the job's store of our own: a ``wait`` on it never blocks training's store
-        calls, nor another connection's. Connecting is bounded by our ``timeout``: a clone connects
-        with the job store's own timeout (30 minutes by default), so with the store's host gone a
-        new manager would otherwise hang that long.
+    def _clone_store(self, count: int) -> list[Any]:
+        """``count`` clients of the job's store of our own: a ``wait`` on one never blocks
+        training's store calls, nor another connection's. Connecting is bounded by our ``timeout``:
+        a clone connects with the job store's own timeout (30 minutes by default), so with the
+        store's host gone a new manager would otherwise hang that long.
 
         Raises:
-            CheckpointError: The store did not answer within ``timeout``, or refused the connection.
+            CheckpointError: The store did not answer within ``timeout``, or refused a connection.
         """
         base = self._dist.distributed_c10d._get_default_store()
-        if not hasattr(base, "clone"):
-            return base
+        if not hasattr(base, "clone"):  # a torch without Store.clone
+            return [base] * count
         connected: list[Any] = []
 
         def connect() -> None:  # on a thread of its own: clone() cannot be given a deadline
             try:
-                connected.append(base.clone())
+                for _ in range(count):
+                    connected.append(base.clone())
             except Exception as exc:  # noqa: BLE001 - handed to the caller below
                 connected.append(exc)
 
         thread = threading.Thread(target=connect, name="asyncckpt-store-connect", daemon=True)
         thread.start()
         thread.join(self.timeout)
-        if not connected:
+        clones = list(connected)  # a snapshot: the thread may still be connecting
+        connected.clear()  # the clones made before a failure are not kept alive by its traceback
+        failure = clones[-1] if clones and isinstance(clones[-1], Exception) else None
+        if failure is not None and len(clones) == 1 and not isinstance(failure, self._dist.DistError):
+            return [base] * count  # a store that cannot be cloned (not a TCPStore)
+        if failure is not None:
+            raise CheckpointError(f"rank {self.rank} could not connect to the job's store: {failure}") from failure
+        if len(clones) < count:
             raise CheckpointError(
                 f"rank {self.rank} could not connect to the job's store within {self.timeout:g} s (is its host gone?)"
             )
-        clone = connected[0]
-        if isinstance(clone, self._dist.DistError):
-            raise CheckpointError(f"rank {self.rank} could not connect to the job's store: {clone}") from clone
-        if isinstance(clone, Exception):  # a store that cannot be cloned (not a TCPStore)
-            return base
-        return clone
+        return clones
 
     def connection(self, prefix: str = "") -> Any:
-        """A store connection of our own (a clone of the job's store client), under this group's
-        run prefix plus ``prefix``: a ``wait`` on it never blocks training's store calls, nor
-        another connection's."""
-        return self._dist.PrefixStore(f"asyncckpt/{self.run}/{prefix}", self._clone_store())
+        """A store connection of our own (a clone of the job's store client, made with this
+        group), under this group's run prefix plus ``prefix``: a ``wait`` on it never blocks
+        training's store calls, nor another connection's.
+
+        Raises:
+            RuntimeError: More than :data:`_SPARE_CONNECTIONS` were asked for (a programming error:
+                one made now could fail on this rank alone, out of step with the others).
+        """
+        if not self._spares:
+            raise RuntimeError(f"a rank group holds {_SPARE_CONNECTIONS} spare store connections; all are taken")
+        return self._dist.PrefixStore(f"asyncckpt/{self.run}/{prefix}", self._spares.pop())
 
     def agree(self, step: int, fingerprint: int, failed: bool) -> Agreement:
         """Start, on the calling thread, the check that every rank saves ``step`` of the same plan:
@@ -331,6 +349,8 @@ class RankGroup:
         (``proposal`` or the other). So every rank fails at the same collective, and skips the same
         ones after it: a late rank whose call completed a collective the others gave up on fails
         there too, instead of going on to collectives the others never make."""
+        if self._decisions is None:  # no connection of its own: this rank fails its manager anyway
+            return proposal
         settled = self._decisions.compare_set(str(number), "", proposal).decode()
         if self.rank == 0 and number >= _KEEP_SETTLED:  # keep the store small over a long run
             self._decisions.delete_key(str(number - _KEEP_SETTLED))
@@ -484,5 +504,7 @@ class RankGroup:
         return outcome
 
     def close(self) -> None:
-        """Nothing to release: the group stays for the next manager of these ranks (see ``_GROUPS``),
-        and the store connection closes once unreferenced."""
+        """The spare store connections a manager did not take, closed now; the group stays for the
+        next manager of these ranks (see ``_GROUPS``), and the connections taken close once
+        unreferenced."""
+        self._spares.clear()
