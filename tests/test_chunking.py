@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import asyncckpt
 from asyncckpt import codec
 from asyncckpt.codec import bytegroup_size
-from asyncckpt.engine.chunking import ChunkPlan, plan_chunks
+from asyncckpt.engine.chunking import MIN_RESHARD_PART, ChunkPlan, plan_chunks, reshard_parts
 from asyncckpt.engine.staging import Layout, TensorSlot, plan_layout
 from asyncckpt.format import ALIGNMENT
 
@@ -128,6 +128,76 @@ def test_chunks_follow_tensors_for_any_layout(specs, chunk_size):
     tensors = [torch.zeros(shape, dtype=dtype) for dtype, shape in specs]
     layout = plan_layout(tensors)
     check_alignment(layout, plan_chunks(layout, chunk_size), chunk_size)
+
+
+def test_a_piece_of_a_global_tensor_gets_chunks_of_its_own_cut_in_equal_row_ranges():
+    # a 1 MiB shard of 1024 rows between two small tensors: 4 ranges of 256 rows (256 KiB each)
+    tensors = [torch.zeros(10), torch.zeros(1024, 256), torch.zeros(10)]
+    layout = plan_layout(tensors)
+    piece = layout.slots[1]
+    row = 256 * 4
+    chunks = plan_chunks(layout, 4 << 20, pieces=[1])
+    assert [(c.start, c.end) for c in chunks] == [
+        (0, piece.offset),
+        *[(piece.offset + i * 256 * row, piece.offset + (i + 1) * 256 * row) for i in range(4)],
+        (piece.offset + piece.nbytes, layout.total),
+    ]
+    # the same tensor, not a piece: packed whole with its neighbours into one chunk
+    assert [(c.start, c.end) for c in plan_chunks(layout, 4 << 20)] == [(0, layout.total)]
+    # chunks smaller than a range: each range is cut on rows, and the ranges still start chunks
+    small = plan_chunks(layout, 100 << 10, pieces=[1])
+    starts = {c.start for c in small}
+    assert {piece.offset + i * 256 * row for i in range(4)} <= starts
+    assert max(c.end - c.start for c in small) <= 100 << 10
+
+
+@pytest.mark.parametrize(
+    ("shape", "parts"),
+    [
+        ((1024, 256), 4),  # 1 MiB: ranges of 256 KiB
+        ((4096, 4096), 8),  # 64 MiB: at most 8
+        ((3, 1 << 20), 2),  # 12 MiB of 3 rows: at most as many ranges as rows, a power of two
+        ((2 * MIN_RESHARD_PART // 4 - 1,), 1),  # just under two ranges' worth: not cut
+        ((2 * MIN_RESHARD_PART // 4,), 2),
+        ((), 1),  # one element
+    ],
+)
+def test_reshard_parts(shape, parts):
+    (slot,) = plan_layout([torch.zeros(shape)]).slots
+    assert reshard_parts(slot) == parts
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    specs=st.lists(_tensor, max_size=8),
+    chosen=st.lists(st.booleans(), min_size=8, max_size=8),
+    chunk_size=st.sampled_from([64, 320, 4096]),
+)
+def test_pieces_start_chunks_at_their_row_ranges_for_any_layout(specs, chosen, chunk_size):
+    from asyncckpt.engine import chunking
+
+    tensors = [torch.zeros(shape, dtype=dtype) for dtype, shape in specs]
+    layout = plan_layout(tensors)
+    pieces = [i for i in range(len(tensors)) if chosen[i]]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunking, "MIN_RESHARD_PART", 64)  # ranges small enough for these tensors
+        chunks = plan_chunks(layout, chunk_size, pieces)
+        parts = {i: reshard_parts(layout.slots[i]) for i in pieces}
+    capacity = max(ALIGNMENT, chunk_size - chunk_size % ALIGNMENT)
+    assert [c.start for c in chunks[:1]] == ([0] if layout.total else [])
+    assert all(a.end == b.start for a, b in zip(chunks, chunks[1:], strict=False))
+    assert (chunks[-1].end if chunks else 0) == layout.total
+    assert all(0 < c.end - c.start <= capacity for c in chunks)
+    bounds = {c.start for c in chunks} | {layout.total}
+    for i in pieces:
+        slot = layout.slots[i]
+        if not slot.nbytes or parts[i] == 1:
+            continue
+        rows = slot.shape[0]
+        row = slot.nbytes // rows
+        per = -(-rows // parts[i])
+        assert {slot.offset + first * row for first in range(0, rows, per)} <= bounds
+        assert extent_end(slot) in bounds  # nothing else shares its chunks
 
 
 def _two_layer(width: int) -> torch.nn.Module:

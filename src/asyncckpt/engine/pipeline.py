@@ -467,7 +467,8 @@ class Pipeline:
             file = staging.data_name(rank)
             # the raw size bounds the stored one but for codec framing (an object store sizes its parts by it)
             stream = self._storage.backend.open_write(staging.object_name(file), size_hint=job.layout.total)
-            plans = plan_chunks(job.layout, self._chunk_size)
+            pieces = [piece.tensor for piece in job.ranks.pieces] if job.ranks is not None else ()
+            plans = plan_chunks(job.layout, self._chunk_size, pieces)
             chunks: list[ChunkEntry] = []
             upcoming = iter(plans)
             window = 2 * self._workers
