@@ -571,7 +571,8 @@ def _rows_boxes(shape: tuple[int, ...], world: int) -> list[tuple[tuple[int, ...
 
 
 def reshard_bytes(ackpt_root: Path, dcp_dir: Path, world: int) -> dict:
-    """Bytes decoded vs needed to give every one of ``world`` FSDP2 ranks its shards."""
+    """Bytes decoded vs needed to give every one of ``world`` FSDP2 ranks its shards, summed over
+    the ranks (each rank reads on its own: a chunk two ranks need is decoded twice, on both)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -581,14 +582,15 @@ def reshard_bytes(ackpt_root: Path, dcp_dir: Path, world: int) -> dict:
 
     step_dir = max(ackpt_root.rglob("rank-00000.json"), key=lambda p: p.stat().st_mtime).parent
     view: Any = read_manifest(step_dir)
-    boxes = []
-    needed = 0
+    by_rank: list[list[Any]] = [[] for _ in range(world)]
+    needed = decoded = 0
     for i, g in enumerate(view.globals):
         size = torch.empty((), dtype=DTYPES[g.dtype]).element_size()
-        for off, shp in _rows_boxes(tuple(g.shape), world):
-            boxes.append(pieces.Box(i, off, shp))
+        for rank, (off, shp) in enumerate(_rows_boxes(tuple(g.shape), world)):
+            by_rank[rank].append(pieces.Box(i, off, shp))
             needed += math.prod(shp) * size
-    _, decoded = pieces.read_boxes(step_dir, view, boxes, 2)
+    for boxes in by_rank:
+        decoded += pieces.read_boxes(step_dir, view, boxes, 2)[1]
     meta = FileSystemReader(str(dcp_dir)).read_metadata()
     d_needed = d_read = 0
     for md in meta.state_dict_metadata.values():
