@@ -229,12 +229,15 @@ class _Index:
         wanted = set(range(len(entries))) if only is None else only
         self._order = sorted((i for i in wanted if entries[i].nbytes), key=lambda i: entries[i].offset)
         self._starts = [entries[i].offset for i in self._order]
+        # the furthest end of the ranges up to each one: ranges may overlap (a reshard's rows of
+        # one piece wanted by two boxes), so the last to start before a chunk need not reach it
+        self._reach = list(itertools.accumulate((entries[i].offset + entries[i].nbytes for i in self._order), max))
         self._entries = entries
 
     def overlapping(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """(tensor index, first byte, end byte) of every tensor overlapping [start, end)."""
         out = []
-        j = max(0, bisect.bisect_right(self._starts, start) - 1)
+        j = bisect.bisect_right(self._reach, start)  # every range before it ends by ``start``
         while j < len(self._order) and self._starts[j] < end:
             i = self._order[j]
             entry = self._entries[i]
