@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import asyncckpt
 from asyncckpt import codec
 from asyncckpt.codec import bytegroup_size
-from asyncckpt.engine.chunking import MIN_RESHARD_PART, ChunkPlan, plan_chunks, reshard_parts
+from asyncckpt.engine.chunking import MIN_RESHARD_PART, ChunkPlan, plan_chunks, reshard_cuts
 from asyncckpt.engine.staging import Layout, TensorSlot, plan_layout
 from asyncckpt.format import ALIGNMENT
 
@@ -130,74 +130,92 @@ def test_chunks_follow_tensors_for_any_layout(specs, chunk_size):
     check_alignment(layout, plan_chunks(layout, chunk_size), chunk_size)
 
 
-def test_a_piece_of_a_global_tensor_gets_chunks_of_its_own_cut_in_equal_row_ranges():
-    # a 1 MiB shard of 1024 rows between two small tensors: 4 ranges of 256 rows (256 KiB each)
+def test_a_piece_cut_for_resharding_gets_chunks_of_its_own_starting_at_its_cuts():
+    # a 1 MiB piece of 1024 rows between two small tensors, cut at rows 256, 512 and 768
     tensors = [torch.zeros(10), torch.zeros(1024, 256), torch.zeros(10)]
     layout = plan_layout(tensors)
     piece = layout.slots[1]
     row = 256 * 4
-    chunks = plan_chunks(layout, 4 << 20, pieces=[1])
+    chunks = plan_chunks(layout, 4 << 20, {1: [256, 512, 768]})
     assert [(c.start, c.end) for c in chunks] == [
         (0, piece.offset),
         *[(piece.offset + i * 256 * row, piece.offset + (i + 1) * 256 * row) for i in range(4)],
         (piece.offset + piece.nbytes, layout.total),
     ]
-    # the same tensor, not a piece: packed whole with its neighbours into one chunk
+    # the same tensor, not cut: packed whole with its neighbours into one chunk
     assert [(c.start, c.end) for c in plan_chunks(layout, 4 << 20)] == [(0, layout.total)]
-    # chunks smaller than a range: each range is cut on rows, and the ranges still start chunks
-    small = plan_chunks(layout, 100 << 10, pieces=[1])
-    starts = {c.start for c in small}
-    assert {piece.offset + i * 256 * row for i in range(4)} <= starts
+    # chunks smaller than a range: each range is cut on rows, and the cuts still start chunks
+    small = plan_chunks(layout, 100 << 10, {1: [256, 512, 768]})
+    assert {piece.offset + i * 256 * row for i in range(4)} <= {c.start for c in small}
     assert max(c.end - c.start for c in small) <= 100 << 10
 
 
+def _fsdp_starts(total: int, world: int) -> set[int]:
+    per = -(-total // world)
+    return set(range(per, total, per))
+
+
 @pytest.mark.parametrize(
-    ("shape", "parts"),
-    [
-        ((1024, 256), 4),  # 1 MiB: ranges of 256 KiB
-        ((4096, 4096), 8),  # 64 MiB: at most 8
-        ((3, 1 << 20), 2),  # 12 MiB of 3 rows: at most as many ranges as rows, a power of two
-        ((2 * MIN_RESHARD_PART // 4 - 1,), 1),  # just under two ranges' worth: not cut
-        ((2 * MIN_RESHARD_PART // 4,), 2),
-        ((), 1),  # one element
-    ],
+    ("total", "world", "row"),
+    [(4096, 2, 1024), (4098, 2, 1024), (1001, 2, 4096), (50257, 8, 3072), (4100, 4, 512), (3000, 3, 1024)],
 )
-def test_reshard_parts(shape, parts):
-    (slot,) = plan_layout([torch.zeros(shape)]).slots
-    assert reshard_parts(slot) == parts
+def test_reshard_cuts_put_every_fsdp2_shard_start_of_the_power_of_two_reshards_on_a_cut(total, world, row):
+    """Each piece of an FSDP2 save at ``world`` ranks is cut exactly where the shards of the whole
+    tensor start at 2, 4 and 8 times the ranks (and a half, a quarter, an eighth of them), for
+    each factor whose share of the piece holds at least MIN_RESHARD_PART bytes; nowhere else."""
+    per = -(-total // world)
+    for first in range(0, total, per):
+        rows = min(per, total - first)
+        cuts = reshard_cuts(first, rows, total, row, world)
+        expected: set[int] = set()
+        for factor in (2, 4, 8):
+            if rows * row // factor < MIN_RESHARD_PART:
+                break
+            starts = _fsdp_starts(total, world * factor)
+            if world % factor == 0 and world > factor:
+                starts |= _fsdp_starts(total, world // factor)
+            expected |= {s - first for s in starts if first < s < first + rows}
+        assert cuts == sorted(expected), (first, rows)
+        assert all(0 < c < rows for c in cuts)
+    # the large pieces of these shapes are cut for every factor
+    assert len(reshard_cuts(0, per, total, row, world)) >= 7 or per * row // 8 < MIN_RESHARD_PART
+
+
+def test_reshard_cuts_leave_a_small_piece_whole():
+    rows = 2 * MIN_RESHARD_PART // 1024
+    assert reshard_cuts(0, rows - 1, 2 * rows, 1024, 2) == []  # under two shares' worth: whole
+    assert reshard_cuts(0, rows, 2 * rows, 1024, 2) == [rows // 2]  # two shares: the 4-rank start only
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     specs=st.lists(_tensor, max_size=8),
-    chosen=st.lists(st.booleans(), min_size=8, max_size=8),
+    chosen=st.lists(st.lists(st.integers(1, 24), max_size=4), min_size=8, max_size=8),
     chunk_size=st.sampled_from([64, 320, 4096]),
 )
-def test_pieces_start_chunks_at_their_row_ranges_for_any_layout(specs, chosen, chunk_size):
-    from asyncckpt.engine import chunking
-
+def test_cut_tensors_start_chunks_at_their_cuts_for_any_layout(specs, chosen, chunk_size):
     tensors = [torch.zeros(shape, dtype=dtype) for dtype, shape in specs]
     layout = plan_layout(tensors)
-    pieces = [i for i in range(len(tensors)) if chosen[i]]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(chunking, "MIN_RESHARD_PART", 64)  # ranges small enough for these tensors
-        chunks = plan_chunks(layout, chunk_size, pieces)
-        parts = {i: reshard_parts(layout.slots[i]) for i in pieces}
+    cuts = {}
+    for i, slot in enumerate(layout.slots):
+        rows = slot.shape[0] if slot.shape else 1
+        inside = sorted({c for c in chosen[i] if c < rows})
+        if slot.nbytes and inside:
+            cuts[i] = inside
+    chunks = plan_chunks(layout, chunk_size, cuts)
     capacity = max(ALIGNMENT, chunk_size - chunk_size % ALIGNMENT)
     assert [c.start for c in chunks[:1]] == ([0] if layout.total else [])
     assert all(a.end == b.start for a, b in zip(chunks, chunks[1:], strict=False))
     assert (chunks[-1].end if chunks else 0) == layout.total
-    assert all(0 < c.end - c.start <= capacity for c in chunks)
+    for chunk in chunks:
+        assert 0 < chunk.end - chunk.start <= capacity
+        (group,) = [g for g in layout.groups if g.start <= chunk.start < g.end]
+        assert chunk.end <= group.end and (chunk.end - chunk.start) % group.dtype.itemsize == 0
     bounds = {c.start for c in chunks} | {layout.total}
-    for i in pieces:
+    for i, rows in cuts.items():
         slot = layout.slots[i]
-        if not slot.nbytes or parts[i] == 1:
-            continue
-        rows = slot.shape[0]
-        row = slot.nbytes // rows
-        per = -(-rows // parts[i])
-        assert {slot.offset + first * row for first in range(0, rows, per)} <= bounds
-        assert extent_end(slot) in bounds  # nothing else shares its chunks
+        row = slot.nbytes // slot.shape[0]
+        assert {slot.offset + r * row for r in [0, *rows]} | {extent_end(slot)} <= bounds  # chunks of its own
 
 
 def _two_layer(width: int) -> torch.nn.Module:

@@ -32,7 +32,7 @@ from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointError
 
 SEED = 7
-BIG = (256, 4096, 128)  # 4 MiB and 2 MiB weights: at 2 ranks, pieces of 2 and 1 MiB
+BIG = (256, 4098, 128)  # 4 and 2 MiB weights; at 2 ranks pieces of 2049 rows: 4 ranks' shards are not halves
 
 
 def _mgr(root: Path, **kw) -> asyncckpt.CheckpointManager:
@@ -248,7 +248,8 @@ def test_multirank_end_to_end(tmp_path):
 def _check_reshard_decode(step_dir: Path) -> None:
     """2 -> 4 ranks: each new rank decodes at most 1.1x the bytes of its FSDP2 shards, at the
     default chunk size (its pieces of 1 and 2 MiB fit a 4 MiB chunk whole: uncut, each new rank
-    would decode the whole piece, 2x)."""
+    would decode the whole piece, 2x; cut in halves of the pieces, 4098 rows would miss the new
+    shards' starts)."""
     view = read_manifest(step_dir)
     assert isinstance(view, fmt.MultiRankManifest) and view.world_size == 2
     assert sum(g.nbytes for g in view.globals) > 6 << 20

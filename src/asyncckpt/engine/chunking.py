@@ -9,14 +9,14 @@ nothing more), cut so that a reader of some tensors decodes only their chunks:
   packed into a chunk while they fit;
 - a larger tensor gets chunks of its own, cut on row boundaries (a row is ``shape[1:]`` elements),
   each as full as the chunk size allows; a single row larger than a chunk is cut on element
-  boundaries.
-
+  boundaries;
 - in a save of several ranks, a *piece* of a global tensor (a DTensor's shard, rows of a
-  replicated tensor) of at least ``2 * MIN_RESHARD_PART`` bytes also gets chunks of its own, cut
-  first into 2, 4 or 8 equal row ranges (:func:`reshard_parts`), then each range as a larger
-  tensor is. A job resumed at twice, four or eight times the ranks shards each piece in halves,
-  quarters or eighths: each new rank then decodes only its own rows' chunks, instead of the whole
-  piece (and whatever small tensors were packed with it).
+  replicated tensor) also gets chunks of its own where it is cut for resharding
+  (:func:`reshard_cuts`): at the rows where FSDP2's shards of the whole tensor start at 2, 4 or 8
+  times the ranks, or at a half, a quarter or an eighth of them, as far as the piece is large
+  enough. A job resumed at such a world
+  size then decodes on each rank only its own rows' chunks, instead of whole pieces (and whatever
+  small tensors were packed with them).
 
 Every chunk is at most ``chunk_size`` bytes (padding included), holds one dtype, and its length
 is a whole number of elements, so byte-grouping applies to it as to the tensors.
@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Collection
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from asyncckpt.codec import bytegroup_size
 from asyncckpt.engine.staging import Layout, TensorSlot
-from asyncckpt.format import ALIGNMENT
+from asyncckpt.format import ALIGNMENT, GlobalEntry, PieceEntry
 
-MAX_RESHARD_PARTS = 8  # row ranges a piece is cut into at most: exact reshards up to 8x the ranks
-MIN_RESHARD_PART = 256 << 10  # bytes a row range holds at least (smaller chunks cost Python, not ratio)
+RESHARD_FACTORS = (2, 4, 8)  # world sizes a piece is cut for: these times the ranks, and the ranks over these
+MIN_RESHARD_PART = 128 << 10  # a piece is cut for a factor when its 1/factor holds this many bytes
 
 
 @dataclass(frozen=True)
@@ -104,48 +104,75 @@ def _cut_large(slot: TensorSlot, capacity: int) -> list[tuple[int, int]]:
     return _cut_rows(slot.offset, rows, row, slot.dtype.itemsize, tail, capacity)
 
 
-def reshard_parts(slot: TensorSlot) -> int:
-    """How many equal row ranges a piece of a global tensor is cut into: the most, up to
-    :data:`MAX_RESHARD_PARTS` and a power of two, that each hold a row at least and
-    :data:`MIN_RESHARD_PART` bytes at least (1: the piece is chunked as any tensor)."""
-    if not slot.nbytes:
-        return 1
-    rows, _ = _slot_rows(slot)
-    parts = 1
-    while 2 * parts <= min(MAX_RESHARD_PARTS, rows) and slot.nbytes // (2 * parts) >= MIN_RESHARD_PART:
-        parts *= 2
-    return parts
+def reshard_cuts(first: int, rows: int, total: int, row: int, world_size: int) -> list[int]:
+    """Where to cut a piece holding rows ``[first, first + rows)`` of a tensor of ``total`` rows
+    of ``row`` bytes, saved by ``world_size`` ranks: its rows (counted from ``first``) at which
+    FSDP2's shards of the tensor start at ``world_size`` times and over each factor of
+    :data:`RESHARD_FACTORS` (``ceil(total / M)`` rows a shard at M ranks). Only for the factors
+    whose share of the piece holds :data:`MIN_RESHARD_PART` bytes: small pieces stay whole
+    (packed with their neighbours), as more, smaller chunks cost more per byte to encode."""
+    cuts: set[int] = set()
+    for factor in RESHARD_FACTORS:
+        if rows * row // factor < MIN_RESHARD_PART:
+            break
+        worlds = [world_size * factor]
+        if world_size % factor == 0 and world_size > factor:
+            worlds.append(world_size // factor)
+        for world in worlds:
+            per = -(-total // world)
+            at = (first // per + 1) * per
+            while at < first + rows:
+                cuts.add(at - first)
+                at += per
+    return sorted(cuts)
 
 
-def _cut_piece(slot: TensorSlot, parts: int, capacity: int) -> list[tuple[int, int]]:
-    """The (start, end) ranges of a piece cut into ``parts`` row ranges as ``torch.chunk`` cuts
-    rows (``ceil(rows / parts)`` each, the last what is left), each range then as
-    :func:`_cut_rows` cuts it; the last one takes the padding."""
+def piece_cuts(
+    slots: Sequence[TensorSlot], pieces: Iterable[PieceEntry], globals_: Sequence[GlobalEntry], world_size: int
+) -> dict[int, list[int]]:
+    """:func:`reshard_cuts` of every piece of a rank's save that holds whole rows of its global
+    tensor (FSDP2's shards, replicated tensors' row pieces; not a shard of another dimension),
+    by the piece's index in ``slots`` (its tensor in the rank table)."""
+    cuts: dict[int, set[int]] = {}
+    for piece in pieces:
+        slot, entry = slots[piece.tensor], globals_[piece.index]
+        if not slot.nbytes or not slot.shape or slot.shape[1:] != tuple(entry.shape[1:]) or any(piece.offsets[1:]):
+            continue
+        rows = slot.shape[0]
+        found = reshard_cuts(piece.offsets[0], rows, entry.shape[0], slot.nbytes // rows, world_size)
+        if found:
+            cuts.setdefault(piece.tensor, set()).update(found)
+    return {index: sorted(rows) for index, rows in cuts.items()}
+
+
+def _cut_piece(slot: TensorSlot, cuts: list[int], capacity: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges of a piece cut at the rows ``cuts`` (sorted, inside it), each row
+    range then as :func:`_cut_rows` cuts it; the last one takes the padding."""
     rows, row = _slot_rows(slot)
     tail = _extent_end(slot) - (slot.offset + slot.nbytes)
-    per = -(-rows // parts)
+    bounds = [0, *cuts, rows]
     ranges: list[tuple[int, int]] = []
-    for first in range(0, rows, per):
-        count = min(per, rows - first)
-        last = first + count == rows
-        ranges += _cut_rows(slot.offset + first * row, count, row, slot.dtype.itemsize, tail if last else 0, capacity)
+    for first, end in zip(bounds, bounds[1:], strict=False):
+        padding = tail if end == rows else 0
+        ranges += _cut_rows(slot.offset + first * row, end - first, row, slot.dtype.itemsize, padding, capacity)
     return ranges
 
 
-def plan_chunks(layout: Layout, chunk_size: int, pieces: Collection[int] = ()) -> list[ChunkPlan]:
+def plan_chunks(layout: Layout, chunk_size: int, cuts: Mapping[int, list[int]] | None = None) -> list[ChunkPlan]:
     """Cut the layout into tensor-aligned chunks of at most ``chunk_size`` bytes (see the module).
 
     Args:
         layout: the save's staging layout.
         chunk_size: the largest chunk in bytes (rounded down to a multiple of 64, at least 64).
-        pieces: the indices in ``layout.slots`` of the pieces of global tensors (a save of
-            several ranks), cut for resharding.
+        cuts: by index in ``layout.slots``, the rows at which a tensor is cut besides (a piece
+            of a global tensor, for resharding: :func:`piece_cuts`); such a tensor gets chunks of
+            its own.
 
     Returns:
         The chunks, in order: contiguous, covering ``[0, layout.total)``.
     """
     capacity = max(ALIGNMENT, chunk_size - chunk_size % ALIGNMENT)
-    parts = {id(layout.slots[i]): reshard_parts(layout.slots[i]) for i in pieces}
+    cut_at = {id(layout.slots[i]): rows for i, rows in (cuts or {}).items() if rows and layout.slots[i].nbytes}
     slots = sorted((s for s in layout.slots if s.nbytes), key=lambda s: s.offset)
     starts = [s.offset for s in slots]
     plans: list[ChunkPlan] = []
@@ -155,8 +182,8 @@ def plan_chunks(layout: Layout, chunk_size: int, pieces: Collection[int] = ()) -
         first, last = bisect.bisect_left(starts, group.start), bisect.bisect_left(starts, group.end)
         for slot in slots[first:last]:
             end = _extent_end(slot)
-            cut = parts.get(id(slot), 1)
-            if end - slot.offset <= capacity and cut == 1:
+            rows = cut_at.get(id(slot))
+            if end - slot.offset <= capacity and rows is None:
                 if pack is not None and end - pack > capacity:
                     plans.append(ChunkPlan(pack, slot.offset, size))
                     pack = None
@@ -166,7 +193,7 @@ def plan_chunks(layout: Layout, chunk_size: int, pieces: Collection[int] = ()) -
             if pack is not None:
                 plans.append(ChunkPlan(pack, slot.offset, size))
                 pack = None
-            ranges = _cut_large(slot, capacity) if cut == 1 else _cut_piece(slot, cut, capacity)
+            ranges = _cut_large(slot, capacity) if rows is None else _cut_piece(slot, rows, capacity)
             plans.extend(ChunkPlan(start, stop, size) for start, stop in ranges)
         if pack is not None:
             plans.append(ChunkPlan(pack, group.end, size))

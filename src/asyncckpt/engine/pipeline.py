@@ -27,7 +27,7 @@ import torch
 
 from asyncckpt import _phases, codec
 from asyncckpt.engine import overlap
-from asyncckpt.engine.chunking import ChunkPlan, plan_chunks
+from asyncckpt.engine.chunking import ChunkPlan, piece_cuts, plan_chunks
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import LazyCopy
 from asyncckpt.engine.ranks import Agreement, RankGroup, Vote
@@ -467,8 +467,11 @@ class Pipeline:
             file = staging.data_name(rank)
             # the raw size bounds the stored one but for codec framing (an object store sizes its parts by it)
             stream = self._storage.backend.open_write(staging.object_name(file), size_hint=job.layout.total)
-            pieces = [piece.tensor for piece in job.ranks.pieces] if job.ranks is not None else ()
-            plans = plan_chunks(job.layout, self._chunk_size, pieces)
+            ranks = job.ranks
+            cuts = None
+            if ranks is not None:
+                cuts = piece_cuts(job.layout.slots, ranks.pieces, ranks.globals, ranks.group.world_size)
+            plans = plan_chunks(job.layout, self._chunk_size, cuts)
             chunks: list[ChunkEntry] = []
             upcoming = iter(plans)
             window = 2 * self._workers
