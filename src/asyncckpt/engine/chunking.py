@@ -34,7 +34,9 @@ from asyncckpt.engine.staging import Layout, TensorSlot
 from asyncckpt.format import ALIGNMENT, GlobalEntry, PieceEntry
 
 RESHARD_FACTORS = (2, 4, 8)  # world sizes a piece is cut for: these times the ranks, and the ranks over these
-MIN_RESHARD_PART = 128 << 10  # a piece is cut for a factor when its 1/factor holds this many bytes
+# a piece is cut for a factor when its 1/factor holds this many bytes: a chunk has fixed costs
+# (a zstd frame per plane, a CRC, a write, a chunk entry), so small ones cost more per byte
+MIN_RESHARD_PART = 1 << 20
 
 
 @dataclass(frozen=True)
