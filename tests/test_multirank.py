@@ -32,7 +32,7 @@ from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointError
 
 SEED = 7
-BIG = (256, 4098, 128)  # 4 and 2 MiB weights; at 2 ranks pieces of 2049 rows: 4 ranks' shards are not halves
+BIG = (256, 4098, 256)  # two 4 MiB weights; at 2 ranks pieces of 2049 rows: 4 ranks' shards are not halves
 
 
 def _mgr(root: Path, **kw) -> asyncckpt.CheckpointManager:
@@ -194,6 +194,47 @@ def test_managers_one_after_another(tmp_path):
     assert run_ranks(_managers_in_turn, 2, str(tmp_path), timeout=90) == [[1, 2], [1, 2]]
 
 
+def _tags_and_retention(rank: int, world: int, tmp: str) -> dict:
+    """Every rank tags and untags as it saves; rank 0 applies retention (before its own handle
+    resolves: the others' may resolve first, so they look after a barrier) and records each save's
+    slowest rank."""
+    import torch.distributed as dist
+
+    losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 2.8}
+    out: dict = {}
+    state = {"w": torch.full((64,), float(rank))}
+    with asyncckpt.CheckpointManager(tmp, keep_last=1, keep_best=1, best_metric="loss") as mgr:
+        for step in (1, 2, 3, 4):
+            mgr.save(step, state, metrics={"loss": losses[step]}).wait()
+            if step == 1:
+                out["tagged"] = mgr.tag(1, "golden")
+        dist.barrier()
+        out["kept"] = mgr.steps()
+        out["untagged"] = mgr.untag(1)
+        mgr.save(5, state, metrics={"loss": losses[5]}).wait()
+        dist.barrier()
+        out["after_untag"] = mgr.steps()
+        out["records"] = [(r.step, r.stall_s, r.max_rank_stall_s) for r in mgr.stats.records]
+        out["summary"] = mgr.stats.summary()
+    return out
+
+
+def test_tags_retention_and_the_slowest_rank_s_stall_on_many_ranks(tmp_path):
+    got = run_ranks(_tags_and_retention, 2, str(tmp_path), timeout=120)
+    for rank in got:
+        assert rank["tagged"] == ["golden"] and rank["untagged"] == []
+        # kept: the tagged step 1, the best (step 2, loss 1.0) and the newest; then step 1 goes
+        assert rank["kept"] == [1, 2, 4] and rank["after_untag"] == [2, 5]
+    assert read_manifest(tmp_path / fmt.step_dir_name(2)).tags == []
+    # rank 0 records, for each save, the stall of its slowest rank; the others only their own
+    stalls = {r: {step: stall for step, stall, _ in got[r]["records"]} for r in range(2)}
+    for step, _, slowest in got[0]["records"]:
+        assert slowest == max(stalls[0][step], stalls[1][step]), (step, slowest, stalls)
+    assert all(slowest is None for _, _, slowest in got[1]["records"])
+    assert got[0]["summary"]["rank_stall_max_s"] == max(max(s.values()) for s in stalls.values())
+    assert "rank_stall_max_s" not in got[1]["summary"]
+
+
 def _consolidated(loaded: dict, make) -> dict:
     """A consolidated ``load`` of {"model", "optim"} in ``full_state``'s keys."""
     out: dict = {}
@@ -247,7 +288,7 @@ def test_multirank_end_to_end(tmp_path):
 
 def _check_reshard_decode(step_dir: Path) -> None:
     """2 -> 4 ranks: each new rank decodes at most 1.1x the bytes of its FSDP2 shards, at the
-    default chunk size (its pieces of 1 and 2 MiB fit a 4 MiB chunk whole: uncut, each new rank
+    default chunk size (its pieces of 2 MiB fit a 4 MiB chunk whole: uncut, each new rank
     would decode the whole piece, 2x; cut in halves of the pieces, 4098 rows would miss the new
     shards' starts)."""
     view = read_manifest(step_dir)
