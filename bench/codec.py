@@ -428,7 +428,7 @@ def young_mlp_ratios(steps: int = 180, every: int = 60) -> list[dict]:
     return rows
 
 
-def packed_chunks(layout: Layout, chunk_size: int) -> list[ChunkPlan]:
+def packed_chunks(layout: Layout, chunk_size: int, cuts: object = None) -> list[ChunkPlan]:
     """The planner before tensor-aligned chunking: each dtype group cut every ``chunk_size`` bytes,
     whatever tensors the cuts fall in."""
     chunk_size = max(64, chunk_size - chunk_size % 64)

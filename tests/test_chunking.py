@@ -157,7 +157,8 @@ def _fsdp_starts(total: int, world: int) -> set[int]:
 
 @pytest.mark.parametrize(
     ("total", "world", "row"),
-    [(4096, 2, 1024), (4098, 2, 1024), (1001, 2, 4096), (50257, 8, 3072), (4100, 4, 512), (3000, 3, 1024)],
+    # pieces of 16 MiB or so: every factor's share and every shard hold 1 MiB at least
+    [(4096, 2, 8192), (4098, 2, 8192), (1001, 2, 32768), (50257, 8, 3072), (4100, 4, 16384), (3000, 3, 16384)],
 )
 def test_reshard_cuts_put_every_fsdp2_shard_start_of_the_power_of_two_reshards_on_a_cut(total, world, row):
     """Each piece of an FSDP2 save at ``world`` ranks is cut exactly where the shards of the whole
@@ -177,8 +178,22 @@ def test_reshard_cuts_put_every_fsdp2_shard_start_of_the_power_of_two_reshards_o
             expected |= {s - first for s in starts if first < s < first + rows}
         assert cuts == sorted(expected), (first, rows)
         assert all(0 < c < rows for c in cuts)
-    # the large pieces of these shapes are cut for every factor
-    assert len(reshard_cuts(0, per, total, row, world)) >= 7 or per * row // 8 < MIN_RESHARD_PART
+        # independently of the rule's form: every shard start of 2, 4 and 8 times the ranks
+        # inside the piece is a cut
+        for factor in (2, 4, 8):
+            starts = {s - first for s in _fsdp_starts(total, world * factor) if first < s < first + rows}
+            assert starts <= set(cuts), (factor, first, sorted(starts - set(cuts)))
+    assert len(reshard_cuts(0, per, total, row, world)) >= 7  # the first piece: cut for every factor
+
+
+def test_reshard_cuts_of_a_whole_replicated_tensor_at_many_ranks_stay_a_mebibyte_apart():
+    """A DDP row piece or a replicated DTensor may hold a whole tensor: cut at every shard start of
+    1024 or 8192 ranks, it would be thousands of slivers."""
+    row = 2048  # an 8 MiB tensor of 4096 rows
+    for world in (64, 1024):
+        cuts = reshard_cuts(0, 4096, 4096, row, world)
+        bounds = [0, *cuts, 4096]
+        assert all((b - a) * row >= MIN_RESHARD_PART for a, b in zip(bounds, bounds[1:], strict=False)), cuts
 
 
 def test_reshard_cuts_leave_a_small_piece_whole():

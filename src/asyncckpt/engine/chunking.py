@@ -111,9 +111,13 @@ def reshard_cuts(first: int, rows: int, total: int, row: int, world_size: int) -
     of ``row`` bytes, saved by ``world_size`` ranks: its rows (counted from ``first``) at which
     FSDP2's shards of the tensor start at ``world_size`` times and over each factor of
     :data:`RESHARD_FACTORS` (``ceil(total / M)`` rows a shard at M ranks). Only for the factors
-    whose share of the piece holds :data:`MIN_RESHARD_PART` bytes: small pieces stay whole
-    (packed with their neighbours), as more, smaller chunks cost more per byte to encode."""
+    whose share of the piece, and for the world sizes whose shard, holds :data:`MIN_RESHARD_PART`
+    bytes: small pieces stay whole (packed with their neighbours), and a piece holding a whole
+    tensor (a replicated one) is not cut into a thousand slivers at a large world size, as more,
+    smaller chunks cost more per byte to encode."""
     cuts: set[int] = set()
+    if total <= 0 or rows <= 0 or row <= 0:
+        return []
     for factor in RESHARD_FACTORS:
         if rows * row // factor < MIN_RESHARD_PART:
             break
@@ -122,6 +126,8 @@ def reshard_cuts(first: int, rows: int, total: int, row: int, world_size: int) -
             worlds.append(world_size // factor)
         for world in worlds:
             per = -(-total // world)
+            if per * row < MIN_RESHARD_PART:
+                continue
             at = (first // per + 1) * per
             while at < first + rows:
                 cuts.add(at - first)
