@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import asyncckpt
 from asyncckpt import codec
 from asyncckpt.codec import bytegroup_size
-from asyncckpt.engine.chunking import MIN_RESHARD_PART, ChunkPlan, plan_chunks, reshard_cuts
+from asyncckpt.engine.chunking import MIN_RESHARD_PART, ChunkPlan, piece_cuts, plan_chunks, reshard_cuts
 from asyncckpt.engine.staging import Layout, TensorSlot, plan_layout
 from asyncckpt.format import ALIGNMENT
 
@@ -194,6 +194,32 @@ def test_reshard_cuts_of_a_whole_replicated_tensor_at_many_ranks_stay_a_mebibyte
         cuts = reshard_cuts(0, 4096, 4096, row, world)
         bounds = [0, *cuts, 4096]
         assert all((b - a) * row >= MIN_RESHARD_PART for a, b in zip(bounds, bounds[1:], strict=False)), cuts
+
+
+def test_a_replicated_tensor_s_row_piece_is_cut_where_fsdp2_s_shards_start_at_the_same_count():
+    """DDP's row pieces are spread over the ranks by bytes: a DDP checkpoint restored under FSDP2
+    at the same world size wants the shards' starts, which fall inside them."""
+    cuts = reshard_cuts(100, 2900, 4098, 8192, 2)  # rows [100, 3000) of 4098, saved by 2 ranks
+    assert 2049 - 100 in cuts  # ceil(4098 / 2): no start of 4, 8 or 16 shards falls there
+
+
+def test_piece_cuts_follow_each_piece_s_shard_count_and_skip_pieces_of_partial_rows():
+    from asyncckpt.format import GlobalEntry, PieceEntry
+
+    layout = plan_layout([torch.zeros(2049, 1024), torch.zeros(4096, 512), torch.zeros(8)])
+    globals_ = [
+        GlobalEntry("float32", (4098, 1024)),
+        GlobalEntry("float32", (4096, 1024)),
+        GlobalEntry("float32", (8,)),
+    ]
+    pieces = [
+        PieceEntry(0, 0, (2049, 0)),  # rows 2049.. of 4098: a shard of 2 (HSDP on a world of 4)
+        PieceEntry(1, 1, (0, 512)),  # columns 512..: a Shard(1) piece
+        PieceEntry(2, 2, (0,)),  # too small to cut
+    ]
+    cuts = piece_cuts(layout.slots, pieces, globals_, [2, 4, 4])
+    assert cuts == {0: reshard_cuts(2049, 2049, 4098, 4096, 2)}
+    assert 3075 - 2049 in cuts[0]  # where the third of 4 FSDP2 shards starts (ceil(4098 / 4) = 1025)
 
 
 def test_reshard_cuts_leave_a_small_piece_whole():

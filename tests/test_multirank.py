@@ -157,6 +157,11 @@ def _job_b(rank: int, world: int, tmp: str, saved: dict) -> dict:
         mgr.save(1, state)
         mgr.wait()
     out["rng4_draw"] = _draw(sampler)
+    # a big HSDP model (rows split in 2 on a world of 4) for the parent's decode measurement
+    model, _ = make_hsdp(SEED, dims=BIG)
+    with _mgr(tmp_path / "big-hsdp") as mgr:
+        mgr.save(1, {"model": model})
+        mgr.wait()
     return out
 
 
@@ -269,7 +274,7 @@ def test_multirank_end_to_end(tmp_path):
         stored, volume = _stored_volume(read_manifest(tmp_path / name / fmt.step_dir_name(3)))
         assert stored == volume, name
 
-    _check_reshard_decode(tmp_path / "big" / fmt.step_dir_name(1))
+    _check_reshard_decode(tmp_path / "big" / fmt.step_dir_name(1), 2)
 
     b = run_ranks(_job_b, 4, tmp, a[0], timeout=400)
     assert "rng2" in b[0]["rng_error"] and "per_rank" in b[0]["rng_error"], b[0]["rng_error"]
@@ -279,6 +284,8 @@ def test_multirank_end_to_end(tmp_path):
     stored, volume = _stored_volume(hsdp)
     assert stored == volume  # the replicated shards are stored once
     assert state_diff(b[0]["hsdp"], _consolidated(asyncckpt.load(tmp_path / "hsdp"), make_hsdp)) == []
+    # HSDP splits the rows in 2, not in the world's 4: cut for 4 FSDP2 ranks all the same
+    _check_reshard_decode(tmp_path / "big-hsdp" / fmt.step_dir_name(1), 4)
 
     c = run_ranks(_job_c, 2, tmp, b[0], timeout=300)
     for rank in range(2):
@@ -286,13 +293,13 @@ def test_multirank_end_to_end(tmp_path):
         assert got[0] == expected[0] and torch.equal(got[1], expected[1])
 
 
-def _check_reshard_decode(step_dir: Path) -> None:
-    """2 -> 4 ranks: each new rank decodes at most 1.1x the bytes of its FSDP2 shards, at the
+def _check_reshard_decode(step_dir: Path, world: int) -> None:
+    """-> 4 FSDP2 ranks: each new rank decodes at most 1.1x the bytes of its shards, at the
     default chunk size (its pieces of 2 MiB fit a 4 MiB chunk whole: uncut, each new rank
     would decode the whole piece, 2x; cut in halves of the pieces, 4098 rows would miss the new
     shards' starts)."""
     view = read_manifest(step_dir)
-    assert isinstance(view, fmt.MultiRankManifest) and view.world_size == 2
+    assert isinstance(view, fmt.MultiRankManifest) and view.world_size == world
     assert sum(g.nbytes for g in view.globals) > 6 << 20
     for r in range(4):
         boxes = []

@@ -12,9 +12,9 @@ nothing more), cut so that a reader of some tensors decodes only their chunks:
   boundaries;
 - in a save of several ranks, a *piece* of a global tensor (a DTensor's shard, rows of a
   replicated tensor) also gets chunks of its own where it is cut for resharding
-  (:func:`reshard_cuts`): at the rows where FSDP2's shards of the whole tensor start at 2, 4 or 8
-  times the ranks, or at a half, a quarter or an eighth of them, as far as the piece is large
-  enough. A job resumed at such a world
+  (:func:`reshard_cuts`): at the rows where FSDP2's shards of the whole tensor start at the
+  job's shard count (the ranks its rows are split over), at 2, 4 or 8 times it, or at a half, a
+  quarter or an eighth of it, as far as the piece is large enough. A job resumed at such a world
   size then decodes on each rank only its own rows' chunks, instead of whole pieces (and whatever
   small tensors were packed with them).
 
@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from asyncckpt.codec import bytegroup_size
 from asyncckpt.engine.staging import Layout, TensorSlot
 from asyncckpt.format import ALIGNMENT, GlobalEntry, PieceEntry
 
-RESHARD_FACTORS = (2, 4, 8)  # world sizes a piece is cut for: these times the ranks, and the ranks over these
+RESHARD_FACTORS = (2, 4, 8)  # shard counts a piece is cut for: these times the job's, and the job's over these
 # a piece is cut for a factor when its 1/factor holds this many bytes: a chunk has fixed costs
 # (a zstd frame per plane, a CRC, a write, a chunk entry), so small ones cost more per byte
 MIN_RESHARD_PART = 1 << 20
@@ -106,24 +106,24 @@ def _cut_large(slot: TensorSlot, capacity: int) -> list[tuple[int, int]]:
     return _cut_rows(slot.offset, rows, row, slot.dtype.itemsize, tail, capacity)
 
 
-def reshard_cuts(first: int, rows: int, total: int, row: int, world_size: int) -> list[int]:
+def reshard_cuts(first: int, rows: int, total: int, row: int, parts: int) -> list[int]:
     """Where to cut a piece holding rows ``[first, first + rows)`` of a tensor of ``total`` rows
-    of ``row`` bytes, saved by ``world_size`` ranks: its rows (counted from ``first``) at which
-    FSDP2's shards of the tensor start at ``world_size`` times and over each factor of
-    :data:`RESHARD_FACTORS` (``ceil(total / M)`` rows a shard at M ranks). Only for the factors
-    whose share of the piece, and for the world sizes whose shard, holds :data:`MIN_RESHARD_PART`
-    bytes: small pieces stay whole (packed with their neighbours), and a piece holding a whole
-    tensor (a replicated one) is not cut into a thousand slivers at a large world size, as more,
-    smaller chunks cost more per byte to encode."""
+    of ``row`` bytes whose rows the job splits in ``parts`` (the ranks of its shard dimension):
+    its rows (counted from ``first``) at which FSDP2's shards of the tensor start at M =
+    ``parts`` and ``parts`` times and over each factor of :data:`RESHARD_FACTORS` (``ceil(total
+    / M)`` rows a shard at M ranks). Only for the factors whose share of the piece, and for the
+    M whose shard, holds :data:`MIN_RESHARD_PART` bytes: small pieces stay whole (packed with
+    their neighbours), and a piece holding a whole tensor (a replicated one) is not cut into a
+    thousand slivers at a large world size, as more, smaller chunks cost more per byte to encode."""
     cuts: set[int] = set()
-    if total <= 0 or rows <= 0 or row <= 0:
+    if total <= 0 or rows <= 0 or row <= 0 or parts <= 0:
         return []
-    for factor in RESHARD_FACTORS:
+    for factor in (1, *RESHARD_FACTORS):
         if rows * row // factor < MIN_RESHARD_PART:
             break
-        worlds = [world_size * factor]
-        if world_size % factor == 0 and world_size > factor:
-            worlds.append(world_size // factor)
+        worlds = [parts * factor]
+        if factor > 1 and parts % factor == 0 and parts > factor:
+            worlds.append(parts // factor)
         for world in worlds:
             per = -(-total // world)
             if per * row < MIN_RESHARD_PART:
@@ -136,18 +136,19 @@ def reshard_cuts(first: int, rows: int, total: int, row: int, world_size: int) -
 
 
 def piece_cuts(
-    slots: Sequence[TensorSlot], pieces: Iterable[PieceEntry], globals_: Sequence[GlobalEntry], world_size: int
+    slots: Sequence[TensorSlot], pieces: Sequence[PieceEntry], globals_: Sequence[GlobalEntry], parts: Sequence[int]
 ) -> dict[int, list[int]]:
     """:func:`reshard_cuts` of every piece of a rank's save that holds whole rows of its global
     tensor (FSDP2's shards, replicated tensors' row pieces; not a shard of another dimension),
-    by the piece's index in ``slots`` (its tensor in the rank table)."""
+    by the piece's index in ``slots`` (its tensor in the rank table); ``parts``: by piece, in how
+    many parts the job splits its global tensor's rows."""
     cuts: dict[int, set[int]] = {}
-    for piece in pieces:
+    for piece, split in zip(pieces, parts, strict=True):
         slot, entry = slots[piece.tensor], globals_[piece.index]
         if not slot.nbytes or not slot.shape or slot.shape[1:] != tuple(entry.shape[1:]) or any(piece.offsets[1:]):
             continue
         rows = slot.shape[0]
-        found = reshard_cuts(piece.offsets[0], rows, entry.shape[0], slot.nbytes // rows, world_size)
+        found = reshard_cuts(piece.offsets[0], rows, entry.shape[0], slot.nbytes // rows, split)
         if found:
             cuts.setdefault(piece.tensor, set()).update(found)
     return {index: sorted(rows) for index, rows in cuts.items()}

@@ -103,6 +103,7 @@ class RankSave:
     agreement: Agreement
     globals: list[GlobalEntry]
     pieces: list[PieceEntry]
+    rows_parts: list[int]  # by piece: in how many parts the job splits its global tensor's rows
 
     @property
     def attempt(self) -> str:
@@ -470,7 +471,7 @@ class Pipeline:
             ranks = job.ranks
             cuts = None
             if ranks is not None:
-                cuts = piece_cuts(job.layout.slots, ranks.pieces, ranks.globals, ranks.group.world_size)
+                cuts = piece_cuts(job.layout.slots, ranks.pieces, ranks.globals, ranks.rows_parts)
             plans = plan_chunks(job.layout, self._chunk_size, cuts)
             chunks: list[ChunkEntry] = []
             upcoming = iter(plans)

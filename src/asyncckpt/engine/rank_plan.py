@@ -102,4 +102,4 @@ class RankPlanner(SavePlanner):
             raise
         self.turns += 1
         agreement = self._ranks.agree(step, flat.fingerprint, failed=False)
-        return flat, RankSave(self._ranks, agreement, flat.globals, flat.pieces)
+        return flat, RankSave(self._ranks, agreement, flat.globals, flat.pieces, flat.rows_parts)

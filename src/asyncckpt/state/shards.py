@@ -61,6 +61,9 @@ class RankFlatState(FlatState):
     Attributes:
         globals: Every global tensor of the job, by index (the same list on every rank).
         pieces: This rank's pieces; ``PieceEntry.tensor`` indexes ``tensors``.
+        rows_parts: By piece, in how many parts its global tensor's rows are split over the job
+            (the mesh dimensions placed ``Shard(0)``; the world size for a replicated tensor's row
+            pieces): what the chunks are cut for (``engine.chunking.piece_cuts``).
         live: The live tensor behind each global index (a DTensor, or a replicated plain tensor).
         fingerprint: A checksum of the global table and its placements, equal on every rank of a
             job whose ranks save the same model.
@@ -72,6 +75,7 @@ class RankFlatState(FlatState):
     global_paths: list[str] = field(default_factory=list)
     optimizer_params: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     fingerprint: int = 0
+    rows_parts: list[int] = field(default_factory=list)
 
 
 @functools.cache
@@ -101,9 +105,10 @@ def dtensor_box(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _placed(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[Any, Any, int, int]:
+def _placed(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[Any, Any, int, int, int]:
     """:func:`dtensor_box` of a global shape on a mesh, plus this rank's index among the ranks
-    holding the same box and how many hold it (the mesh dimensions it is replicated over).
+    holding the same box and how many hold it (the mesh dimensions it is replicated over), and
+    in how many parts dimension 0 is sharded (the mesh dimensions placed ``Shard(0)``).
     Computed once: every save asks again for the same parameters, and the answer only depends on
     these."""
     from torch.distributed.tensor import Replicate, Shard
@@ -114,12 +119,14 @@ def _placed(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[Any, 
             raise TypeError(f"a DTensor placed as {placement} cannot be checkpointed (only Shard and Replicate)")
     local, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
     coordinate = mesh.get_coordinate()
-    index, count = 0, 1
+    index, count, rows_parts = 0, 1, 1
     for dim, placement in enumerate(placements):
         if isinstance(placement, Replicate):
             index = index * mesh.size(dim) + coordinate[dim]
             count *= mesh.size(dim)
-    return tuple(int(o) for o in offsets), tuple(int(s) for s in local), index, count
+        elif placement.dim == 0:
+            rows_parts *= mesh.size(dim)
+    return tuple(int(o) for o in offsets), tuple(int(s) for s in local), index, count, rows_parts
 
 
 # DTensorSpec -> what a save asks of it; keyed by (id, hash): the entry holds the spec, so its id
@@ -128,12 +135,13 @@ def _placed(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[Any, 
 _SPEC_FACTS: dict[tuple[int, int], tuple[Any, tuple]] = {}
 
 
-def _spec_facts(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, str, tuple, GlobalEntry]:
-    """A DTensor's box (global offsets, local shape), its replica index and count (as
-    :func:`_placed`), its placement as the fingerprint spells it, what tells its global tensor
-    apart (global shape, placement, mesh: plain values, cheap to hash), and its global table entry.
-    Cached per spec: each save asks again of every parameter and optimizer state, whose specs (their
-    mesh, placements, global shape and dtype, all in the spec's hash) do not change between saves.
+def _spec_facts(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, int, str, tuple, GlobalEntry]:
+    """A DTensor's box (global offsets, local shape), its replica index and count and the parts
+    its rows are sharded in (as :func:`_placed`), its placement as the fingerprint spells it,
+    what tells its global tensor apart (global shape, placement, mesh: plain values, cheap to
+    hash), and its global table entry. Cached per spec: each save asks again of every parameter
+    and optimizer state, whose specs (their mesh, placements, global shape and dtype, all in the
+    spec's hash) do not change between saves.
 
     Raises:
         TypeError: A dtype the format cannot store, or a placement other than Shard and Replicate.
@@ -239,6 +247,7 @@ class _RankFlattener(_Flattener):
         self.globals: list[GlobalEntry] = []
         self.live: list[torch.Tensor] = []
         self.pieces: list[PieceEntry] = []
+        self.rows_parts: list[int] = []  # by piece: in how many parts its global tensor's rows are
         self.placements: list[str] = []
         self.global_paths: list[str] = []
         self.optimizer_params: dict[str, list[torch.Tensor]] = {}
@@ -296,7 +305,7 @@ class _RankFlattener(_Flattener):
 
     def _dtensor(self, t: Any, path: str) -> int:
         try:
-            offsets, shape, replica, replicas, placement, spec_key, entry = _spec_facts(t)
+            offsets, shape, replica, replicas, rows_parts, placement, spec_key, entry = _spec_facts(t)
         except TypeError as exc:
             raise TypeError(f"{path}: {exc}") from None
         local = t._local_tensor  # what to_local() returns, without its autograd node (add_keyed detaches)
@@ -315,6 +324,7 @@ class _RankFlattener(_Flattener):
             check_dense(local, path)
             staged = self.add_keyed(local, tie_key(local, storage, offset, stride), path)
             self.pieces.append(PieceEntry(index, staged, offsets))
+            self.rows_parts.append(rows_parts)
         return index
 
     def finish(self) -> None:
@@ -330,6 +340,7 @@ class _RankFlattener(_Flattener):
                 part = t[first:end] if t.dim() else t
                 offsets = (first,) + (0,) * max(0, t.dim() - 1) if t.dim() else ()
                 self.pieces.append(PieceEntry(index, self.add_tensor(part, self.global_paths[index]), offsets))
+                self.rows_parts.append(self.me.world_size)  # spread over every rank by bytes
 
     def fingerprint(self) -> int:
         text = repr([(g.dtype, g.shape, p) for g, p in zip(self.globals, self.placements, strict=True)])
@@ -368,6 +379,7 @@ def flatten_rank(state: Any, me: RankInfo, replicated: Collection[str] = ()) -> 
         flattener.paths,
         globals=flattener.globals,
         pieces=flattener.pieces,
+        rows_parts=flattener.rows_parts,
         live=flattener.live,
         global_paths=flattener.global_paths,
         optimizer_params=flattener.optimizer_params,
