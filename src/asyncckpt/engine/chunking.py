@@ -108,7 +108,8 @@ def _cut_large(slot: TensorSlot, capacity: int) -> list[tuple[int, int]]:
 
 def reshard_cuts(first: int, rows: int, total: int, row: int, parts: int) -> list[int]:
     """Where to cut a piece holding rows ``[first, first + rows)`` of a tensor of ``total`` rows
-    of ``row`` bytes whose rows the job splits in ``parts`` (the ranks of its shard dimension):
+    of ``row`` bytes whose rows the job splits in ``parts`` (the product of the sizes of the mesh
+    dimensions placed ``Shard(0)``; the world size for a tensor whose rows are not sharded):
     its rows (counted from ``first``) at which FSDP2's shards of the tensor start at M =
     ``parts`` and ``parts`` times and over each factor of :data:`RESHARD_FACTORS` (``ceil(total
     / M)`` rows a shard at M ranks). Only for the factors whose share of the piece, and for the

@@ -97,7 +97,8 @@ def _table_fields(job: SaveJob, written: WrittenData) -> dict[str, Any]:
 @dataclass(frozen=True)
 class RankSave:
     """One rank's part in a multi-rank save: the group, the agreement every rank takes part in, the
-    global tensor table and this rank's pieces."""
+    global tensor table, this rank's pieces, and by piece in how many parts the job splits its
+    global tensor's rows (what its chunks are cut for)."""
 
     group: RankGroup
     agreement: Agreement

@@ -324,7 +324,9 @@ class _RankFlattener(_Flattener):
             check_dense(local, path)
             staged = self.add_keyed(local, tie_key(local, storage, offset, stride), path)
             self.pieces.append(PieceEntry(index, staged, offsets))
-            self.rows_parts.append(rows_parts)
+            # a DTensor whose rows are not sharded is written whole by one rank: cut as DDP's
+            # row pieces are, for FSDP2 at this world size and its multiples
+            self.rows_parts.append(rows_parts if rows_parts > 1 else self.me.world_size)
         return index
 
     def finish(self) -> None:
