@@ -21,10 +21,10 @@ def extent_end(slot: TensorSlot) -> int:
     return -(-(slot.offset + slot.nbytes) // ALIGNMENT) * ALIGNMENT
 
 
-def check_alignment(layout: Layout, chunks: list[ChunkPlan], chunk_size: int) -> None:
-    """Every property the planner promises, checked from the outside."""
+def check_cover(layout: Layout, chunks: list[ChunkPlan], chunk_size: int) -> int:
+    """Contiguous cover of the whole layout, each chunk at most the capacity (returned), within one
+    dtype group, of whole elements."""
     capacity = max(ALIGNMENT, chunk_size - chunk_size % ALIGNMENT)
-    # contiguous cover of the whole layout, each chunk within one dtype group, whole elements
     assert [c.start for c in chunks[:1]] == ([0] if layout.total else [])
     assert all(a.end == b.start for a, b in zip(chunks, chunks[1:], strict=False))
     assert (chunks[-1].end if chunks else 0) == layout.total
@@ -34,6 +34,12 @@ def check_alignment(layout: Layout, chunks: list[ChunkPlan], chunk_size: int) ->
         assert chunk.end <= group.end
         assert chunk.group == bytegroup_size(group.dtype)
         assert (chunk.end - chunk.start) % group.dtype.itemsize == 0
+    return capacity
+
+
+def check_alignment(layout: Layout, chunks: list[ChunkPlan], chunk_size: int) -> None:
+    """Every property the planner promises, checked from the outside."""
+    capacity = check_cover(layout, chunks, chunk_size)
     bounds = {c.start for c in chunks} | {layout.total}
     for slot in (s for s in layout.slots if s.nbytes):
         start, end = slot.offset, extent_end(slot)
@@ -244,14 +250,7 @@ def test_cut_tensors_start_chunks_at_their_cuts_for_any_layout(specs, chosen, ch
         if slot.nbytes and inside:
             cuts[i] = inside
     chunks = plan_chunks(layout, chunk_size, cuts)
-    capacity = max(ALIGNMENT, chunk_size - chunk_size % ALIGNMENT)
-    assert [c.start for c in chunks[:1]] == ([0] if layout.total else [])
-    assert all(a.end == b.start for a, b in zip(chunks, chunks[1:], strict=False))
-    assert (chunks[-1].end if chunks else 0) == layout.total
-    for chunk in chunks:
-        assert 0 < chunk.end - chunk.start <= capacity
-        (group,) = [g for g in layout.groups if g.start <= chunk.start < g.end]
-        assert chunk.end <= group.end and (chunk.end - chunk.start) % group.dtype.itemsize == 0
+    check_cover(layout, chunks, chunk_size)
     bounds = {c.start for c in chunks} | {layout.total}
     for i, rows in cuts.items():
         slot = layout.slots[i]
