@@ -99,13 +99,6 @@ def _slot_rows(slot: TensorSlot) -> tuple[int, int]:
     return slot.nbytes // row, row
 
 
-def _cut_large(slot: TensorSlot, capacity: int) -> list[tuple[int, int]]:
-    """The (start, end) ranges of a tensor larger than a chunk; the last one takes the padding."""
-    rows, row = _slot_rows(slot)
-    tail = _extent_end(slot) - (slot.offset + slot.nbytes)
-    return _cut_rows(slot.offset, rows, row, slot.dtype.itemsize, tail, capacity)
-
-
 def reshard_cuts(first: int, rows: int, total: int, row: int, parts: int) -> list[int]:
     """Where to cut a piece holding rows ``[first, first + rows)`` of a tensor of ``total`` rows
     of ``row`` bytes whose rows the job splits in ``parts`` (the product of the sizes of the mesh
@@ -155,9 +148,10 @@ def piece_cuts(
     return {index: sorted(rows) for index, rows in cuts.items()}
 
 
-def _cut_piece(slot: TensorSlot, cuts: list[int], capacity: int) -> list[tuple[int, int]]:
-    """The (start, end) ranges of a piece cut at the rows ``cuts`` (sorted, inside it), each row
-    range then as :func:`_cut_rows` cuts it; the last one takes the padding."""
+def _cut_tensor(slot: TensorSlot, cuts: list[int], capacity: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges of a tensor with chunks of its own (larger than a chunk, or a piece
+    cut at the rows ``cuts``, sorted, inside it), each row range as :func:`_cut_rows` cuts it;
+    the last one takes the padding."""
     rows, row = _slot_rows(slot)
     tail = _extent_end(slot) - (slot.offset + slot.nbytes)
     bounds = [0, *cuts, rows]
@@ -203,8 +197,7 @@ def plan_chunks(layout: Layout, chunk_size: int, cuts: Mapping[int, list[int]] |
             if pack is not None:
                 plans.append(ChunkPlan(pack, slot.offset, size))
                 pack = None
-            ranges = _cut_large(slot, capacity) if rows is None else _cut_piece(slot, rows, capacity)
-            plans.extend(ChunkPlan(start, stop, size) for start, stop in ranges)
+            plans.extend(ChunkPlan(start, stop, size) for start, stop in _cut_tensor(slot, rows or [], capacity))
         if pack is not None:
             plans.append(ChunkPlan(pack, group.end, size))
     return plans
