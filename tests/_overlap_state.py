@@ -9,8 +9,29 @@ import torch
 
 
 def plain(state: dict) -> dict:
-    """A deep copy of the state as plain state dicts: what the checkpoint must hold."""
-    return {k: copy.deepcopy(v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
+    """A deep copy of the state as plain state dicts: what the checkpoint must hold (an
+    optimizer's state keyed by its parameters' names in the state's modules)."""
+    return {k: copy.deepcopy(_state_dict(v, state) if hasattr(v, "state_dict") else v) for k, v in state.items()}
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Module]) -> dict:
+    """``optimizer.state_dict()`` keyed by parameter name, as a checkpoint keys it: the names are
+    the modules' own ``named_parameters()`` (one module's, unprefixed)."""
+    names = {id(p): n for m in modules for n, p in getattr(m, "module", m).named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    by_position = [names[id(p)] for p in params]
+    sd = optimizer.state_dict()
+    return {
+        "state": {by_position[i]: v for i, v in sd["state"].items()},
+        "param_groups": [{**g, "params": [by_position[i] for i in g["params"]]} for g in sd["param_groups"]],
+    }
+
+
+def _state_dict(obj, state: dict):
+    if isinstance(obj, torch.optim.Optimizer):
+        modules = [v for v in state.values() if isinstance(v, torch.nn.Module)]
+        return named_optimizer_state(obj, modules)
+    return obj.state_dict()
 
 
 def to_cpu(tree):

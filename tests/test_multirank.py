@@ -8,7 +8,8 @@ directory per scenario:
   ``max_pending`` 1 and 2, a big FSDP2 model for the decode measurement; restores at 2 ranks.
 * job B, 4 ranks: restores A's FSDP2 and DDP checkpoints into FSDP2 at 4 (reshard), writes a 4-rank
   FSDP2 checkpoint, an HSDP (2 x 2) one, restored bit-exact; per-rank state at another world size.
-* job C, 2 ranks: restores B's 4-rank checkpoint at 2 (FSDP2 and DDP), per-rank "same".
+* job C, 2 ranks: restores B's 4-rank checkpoint at 2 (FSDP2, FSDP2 with the optimizer's
+  parameters listed backwards, and DDP), per-rank "same".
 
 The parent checks what needs one process: consolidated ``load`` against the saved full state, the
 stored volume of the HSDP checkpoint, and the bytes a 2 -> 4 reshard decodes.
@@ -25,7 +26,7 @@ import torch
 
 import asyncckpt
 from _dist import run_ranks
-from _dist_models import full_state, make_ddp, make_fsdp2, make_hsdp, state_diff, train_steps
+from _dist_models import LR, full_state, make_ddp, make_fsdp2, make_hsdp, state_diff, train_steps
 from asyncckpt import format as fmt
 from asyncckpt.engine.pieces import Box, read_boxes
 from asyncckpt.engine.reader import read_manifest
@@ -165,9 +166,17 @@ def _job_b(rank: int, world: int, tmp: str, saved: dict) -> dict:
     return out
 
 
+def _make_fsdp2_backwards(seed: int):
+    """FSDP2 with an AdamW that lists the parameters backwards: by position, each parameter's
+    state would land on another one."""
+    model, _ = make_fsdp2(seed)
+    return model, torch.optim.AdamW(list(model.parameters())[::-1], lr=LR, weight_decay=0.01)
+
+
 def _job_c(rank: int, world: int, tmp: str, saved: dict) -> dict:
     tmp_path = Path(tmp)
     assert state_diff(saved["fsdp4"], _restore(tmp_path / "fsdp4", make_fsdp2)) == []
+    assert state_diff(saved["fsdp4"], _restore(tmp_path / "fsdp4", _make_fsdp2_backwards)) == []
     assert state_diff(saved["fsdp4"], _restore(tmp_path / "fsdp4", make_ddp)) == []
     state, sampler = _per_rank_state(rank)
     with _mgr(tmp_path / "rng4") as mgr:
@@ -247,9 +256,10 @@ def _consolidated(loaded: dict, make) -> dict:
     params = [n for n in names if n != "out_scale"]
     for n, value in loaded["model"].items():
         out[("buffer." if n == "out_scale" else "param.") + n] = value
-    for index, entry in loaded["optim"]["state"].items():
+    for name, entry in loaded["optim"]["state"].items():
+        assert name in params, name  # keyed by the parameter's name
         for key, value in entry.items():
-            out[f"{key}.{params[int(index)]}"] = value
+            out[f"{key}.{name}"] = value
     return out
 
 

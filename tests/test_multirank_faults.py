@@ -186,7 +186,7 @@ def test_a_rank_that_raises_commits_nothing_and_every_rank_names_it(raised):
         loaded = load(root, step=step, per_rank="rank0")
         want = results[0][f"full{step}"]
         assert torch.equal(loaded["model"]["layers.0.weight"], want["param.layers.0.weight"])
-        assert torch.equal(loaded["optim"]["state"][0]["exp_avg"], want["exp_avg.layers.0.weight"])
+        assert torch.equal(loaded["optim"]["state"]["layers.0.weight"]["exp_avg"], want["exp_avg.layers.0.weight"])
 
 
 def test_overlap_guard_rejected_on_one_rank_commits_on_none(raised):

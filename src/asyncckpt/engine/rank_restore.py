@@ -10,7 +10,6 @@ none changes anything.
 
 from __future__ import annotations
 
-import re
 import warnings
 from typing import Any
 
@@ -28,7 +27,6 @@ from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.commit import published_checkpoints
 
 PER_RANK_CHOICES = ("error", "same", "rank0")
-_STATE_ENTRY = re.compile(r"\[(-?[0-9]+)\]")
 
 
 def check_per_rank(per_rank: Any) -> str:
@@ -77,19 +75,18 @@ class _Targets:
     def __init__(self, state: Any, me: RankInfo, replicated: Any) -> None:
         flat = flatten_rank(state, me, replicated)
         self.by_path = {path: t for path, t in zip(flat.global_paths, flat.live, strict=True)}
-        self.optimizers = flat.optimizer_params
+        self.entries = flat.optimizer_entries
 
     def of(self, path: str, shape: tuple[int, ...]) -> Any:
         live = self.by_path.get(path)
         if live is not None:
             return live
-        for prefix, params in self.optimizers.items():
-            if path.startswith(prefix):
-                match = _STATE_ENTRY.match(path, len(prefix))
-                if match is not None and 0 <= int(match.group(1)) < len(params):
-                    param = params[int(match.group(1))]
-                    if is_dtensor(param) and tuple(param.shape) == shape:
-                        return param
+        end = path.find("]")
+        while end >= 0:  # an optimizer state entry's path, by name or by position, is a prefix
+            param = self.entries.get(path[: end + 1])
+            if param is not None:
+                return param if is_dtensor(param) and tuple(param.shape) == shape else None
+            end = path.find("]", end + 1)
         return None
 
 

@@ -65,6 +65,8 @@ class RankFlatState(FlatState):
             (the mesh dimensions placed ``Shard(0)``; the world size for a replicated tensor's row
             pieces): what the chunks are cut for (``engine.chunking.piece_cuts``).
         live: The live tensor behind each global index (a DTensor, or a replicated plain tensor).
+        optimizer_entries: The parameter behind each optimizer state entry's path, by position
+            and by name (a restore's target for state the live optimizer has not created yet).
         fingerprint: A checksum of the global table and its placements, equal on every rank of a
             job whose ranks save the same model.
     """
@@ -73,7 +75,7 @@ class RankFlatState(FlatState):
     pieces: list[PieceEntry] = field(default_factory=list)
     live: list[torch.Tensor] = field(default_factory=list)
     global_paths: list[str] = field(default_factory=list)
-    optimizer_params: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    optimizer_entries: dict[str, torch.Tensor] = field(default_factory=dict)
     fingerprint: int = 0
     rows_parts: list[int] = field(default_factory=list)
 
@@ -240,8 +242,8 @@ def _row_pieces(sizes: tuple[tuple[int, int], ...], world_size: int) -> tuple[tu
 class _RankFlattener(_Flattener):
     """``flatten`` for one rank: DTensors and replicated tensors become ``G`` leaves."""
 
-    def __init__(self, me: RankInfo, replicated: Collection[str]) -> None:
-        super().__init__()
+    def __init__(self, me: RankInfo, replicated: Collection[str], state: Any) -> None:
+        super().__init__(state)
         self.me = me
         self.declared = {child_path("state", key) for key in replicated}
         self.globals: list[GlobalEntry] = []
@@ -250,7 +252,7 @@ class _RankFlattener(_Flattener):
         self.rows_parts: list[int] = []  # by piece: in how many parts its global tensor's rows are
         self.placements: list[str] = []
         self.global_paths: list[str] = []
-        self.optimizer_params: dict[str, list[torch.Tensor]] = {}
+        self.optimizer_entries: dict[str, torch.Tensor] = {}
         self.ddp_params: set[int] = set()
         self.replicated_depth = 0  # > 0 inside a data-parallel object or a declared key
         self._replicas: list[tuple[int, torch.Tensor]] = []  # (global index, tensor) to cut in rows
@@ -288,9 +290,6 @@ class _RankFlattener(_Flattener):
             index = len(self.globals) - 1
             self._replicas.append((index, obj.detach()))
             return {Kind.GLOBAL: index}
-        if isinstance(obj, torch.optim.Optimizer):
-            params = [p for group in obj.param_groups for p in group["params"]]
-            self.optimizer_params[child_path(object_path(path), "state")] = params
         if depth == 0:
             self.ddp_params = _ddp_parameters(obj)
         entering = path in self.declared or (_is_stateful(obj) and _is_data_parallel(obj, self.ddp_params))
@@ -302,6 +301,21 @@ class _RankFlattener(_Flattener):
         finally:
             if entering:
                 self.replicated_depth -= 1
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, path: str) -> Any:
+        """The base class's, recording where each parameter's state entry is (by name or by
+        position, as a checkpoint may key it) for a restore to find the parameter of an entry."""
+        state_dict = super().optimizer_state(optimizer, path)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        groups = groups if isinstance(groups, list) else []
+        keys = [i for group in groups if isinstance(group, dict) for i in group.get("params", ())]
+        prefix = child_path(object_path(path), "state")
+        for i, param in enumerate(params):
+            self.optimizer_entries[child_path(prefix, i)] = param
+            if i < len(keys) and isinstance(keys[i], str):
+                self.optimizer_entries[child_path(prefix, keys[i])] = param
+        return state_dict
 
     def _dtensor(self, t: Any, path: str) -> int:
         try:
@@ -365,7 +379,7 @@ def flatten_rank(state: Any, me: RankInfo, replicated: Collection[str] = ()) -> 
         TypeError, ValueError: As ``flatten``; also a DTensor of a placement other than Shard or
             Replicate.
     """
-    flattener = _RankFlattener(me, replicated)
+    flattener = _RankFlattener(me, replicated, state)
     missing = [key for key in replicated if not isinstance(state, dict) or key not in state]
     if missing:  # a typo would otherwise store the key's tensors once per rank, silently
         warnings.warn(
@@ -384,6 +398,6 @@ def flatten_rank(state: Any, me: RankInfo, replicated: Collection[str] = ()) -> 
         rows_parts=flattener.rows_parts,
         live=flattener.live,
         global_paths=flattener.global_paths,
-        optimizer_params=flattener.optimizer_params,
+        optimizer_entries=flattener.optimizer_entries,
         fingerprint=flattener.fingerprint(),
     )

@@ -19,6 +19,7 @@ import torch
 
 from asyncckpt.errors import CheckpointError, StateMismatchError
 from asyncckpt.format import dtype_name
+from asyncckpt.state.names import ParameterNames, keyed_by_name
 from asyncckpt.state.skeleton import (
     CLASS_NAME,
     MAX_TREE_DEPTH,
@@ -92,10 +93,17 @@ def tie_key(t: torch.Tensor, storage: torch.UntypedStorage, offset: Any, stride:
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, state: Any) -> None:
         self.tensors: list[torch.Tensor] = []
         self.paths: list[str] = []
         self._seen: dict[tuple, int] = {}
+        self.names = ParameterNames(state)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, path: str) -> Any:
+        """The optimizer's state dict, keyed by its parameters' names where they all have one."""
+        names = self.names.of(optimizer)
+        state_dict = optimizer.state_dict()
+        return state_dict if names is None else keyed_by_name(state_dict, names)
 
     def add_tensor(self, t: torch.Tensor, path: str) -> int:
         check_dense(t, path)
@@ -160,7 +168,7 @@ class _Flattener:
             return {Kind.NUMPY_SCALAR: self.add_tensor(_numpy_to_tensor(np.asarray(obj), path), path)}
         if _is_stateful(obj):
             obj = unwrap_data_parallel(obj)
-            inner = _state_dict_of(obj)
+            inner = self.optimizer_state(obj, path) if isinstance(obj, torch.optim.Optimizer) else _state_dict_of(obj)
             return {Kind.OBJECT: self.node(inner, object_path(path), depth + 1), CLASS_NAME: type(obj).__name__}
         raise TypeError(
             f"{path}: cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__}; "
@@ -222,7 +230,7 @@ def flatten(state: Any) -> FlatState:
             dict key that is not str or int, or malformed module metadata; the message names its path.
         ValueError: the state is nested deeper than ``MAX_DEPTH``.
     """
-    flattener = _Flattener()
+    flattener = _Flattener(state)
     skeleton = flattener.node(state, "state", 0)
     return FlatState(skeleton, flattener.tensors, flattener.paths)
 
@@ -322,6 +330,8 @@ class RestorePlan:
         module_keys: each module's ``state_dict()`` keys, by path.
         objects: (path, object, saved node) of stateful objects other than modules and optimizers,
             loaded first.
+        named_optimizers: by path, how an optimizer whose checkpoint names its parameters maps
+            onto the live one.
     """
 
     missing: list[str] = field(default_factory=list)
@@ -331,6 +341,7 @@ class RestorePlan:
     leave: set[str] = field(default_factory=set)  # paths restore_into must not touch
     module_keys: dict[str, list[str]] = field(default_factory=dict)  # each module's state_dict() keys
     objects: list[tuple[str, Any, dict]] = field(default_factory=list)  # other stateful objects, loaded first
+    named_optimizers: dict[str, _NamedOptimizer] = field(default_factory=dict)  # by path: matched by name
 
     def result(self, step: int | None) -> RestoreResult:
         """What ``strict=False`` returns.
@@ -425,9 +436,10 @@ def _describe_node(node: dict) -> str:
 
 
 class _Planner:
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
+    def __init__(self, tensors: list[torch.Tensor], state: Any = None) -> None:
         self.tensors = tensors
         self.plan = RestorePlan()
+        self.names = ParameterNames(state)
 
     def _unexpected(self, path: str) -> None:
         self.plan.unexpected.append(path)
@@ -519,7 +531,8 @@ class _Planner:
 
     def optimizer(self, live: torch.optim.Optimizer, inner: dict, path: str) -> None:
         """What torch's Optimizer.load_state_dict checks (only after changing nothing, but raising
-        inside a restore), plus state shapes and meta parameters."""
+        inside a restore), plus state shapes and meta parameters. A checkpoint that names its
+        parameters is matched by name (see ``asyncckpt.state.names``), an older one by position."""
         where = object_path(path)
         cls = type(live).__name__
         top = dict(inner[Kind.DICT]) if kind_of(inner) == Kind.DICT else {}
@@ -532,37 +545,34 @@ class _Planner:
         for key in top:
             if key not in live_top:
                 self._unexpected(child_path(where, key))
-        if len(groups[Kind.LIST]) != len(live.param_groups):
-            self.plan.errors.append(
-                f"{where}: the checkpoint has {len(groups[Kind.LIST])} param groups, the {cls} {len(live.param_groups)}"
-            )
-            return
-        params: dict[Any, torch.Tensor] = {}
+        saved: list[list[Any]] = []
         fatal = len(self.plan.errors)
-        for i, (group, live_group) in enumerate(zip(groups[Kind.LIST], live.param_groups, strict=True)):
+        for i, group in enumerate(groups[Kind.LIST]):
             gpath = child_path(child_path(where, "param_groups"), i)
             entries = dict(group[Kind.DICT]) if kind_of(group) == Kind.DICT else {}
             ids_node = entries.get("params", {Kind.VALUE: None})
             ids = [_leaf_value(c) for c in ids_node[Kind.LIST]] if kind_of(ids_node) == Kind.LIST else None
-            if ids is None or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
-                self.plan.errors.append(f"{gpath}['params']: not a list of parameter indices")
+            if ids is None or _id_kind(ids) is None:
+                self.plan.errors.append(f"{gpath}['params']: not a list of parameter indices or names")
                 continue
-            if len(ids) != len(live_group["params"]):
-                self.plan.errors.append(
-                    f"{where}: param group {i} holds {len(ids)} parameters in the checkpoint, "
-                    f"{len(live_group['params'])} in the {cls}"
-                )
-                continue
-            params.update(zip(ids, live_group["params"], strict=True))
-            # Hyperparameter keys are no state keys (torch never compares them): a scheduler adds
-            # 'initial_lr', a newer torch adds options; the load keeps the saved ones and the rest.
+            saved.append(ids)
+        flat = [x for ids in saved for x in ids]
+        if len(self.plan.errors) == fatal and _id_kind(flat) is None:
+            self.plan.errors.append(f"{where}['param_groups']: some groups name their parameters, others number them")
         if len(self.plan.errors) > fatal:
+            return
+        if _id_kind(flat) == "name":
+            params = self._match_names(live, saved, where, cls, path)
+        else:
+            params = self._match_positions(live, saved, where, cls)
+        if params is None:
             return  # the parameters cannot be matched up: their states say nothing more
         for key, per_param in states[Kind.DICT]:
             spath = child_path(child_path(where, "state"), key)
             param = params.get(key)
             if param is None:
-                self._unexpected(spath)
+                if spath not in self.plan.leave:
+                    self._unexpected(spath)
             elif param.device.type == "meta":
                 self.plan.skipped.append((spath, "its parameter is a meta tensor"))
                 self.plan.leave.add(spath)
@@ -571,9 +581,131 @@ class _Planner:
                 for skey, snode in per_param[Kind.DICT]:
                     current = have.get(skey)
                     if isinstance(current, torch.Tensor) and kind_of(snode) == Kind.TENSOR:
-                        saved = self.tensors[snode[Kind.TENSOR]]
-                        if tuple(current.shape) != tuple(saved.shape):
-                            self.plan.errors.append(_shape_mismatch(child_path(spath, skey), current, saved))
+                        found = self.tensors[snode[Kind.TENSOR]]
+                        if tuple(current.shape) != tuple(found.shape):
+                            self.plan.errors.append(_shape_mismatch(child_path(spath, skey), current, found))
+
+    def _match_positions(
+        self, live: torch.optim.Optimizer, saved: list[list[Any]], where: str, cls: str
+    ) -> dict[Any, torch.Tensor] | None:
+        """A checkpoint that numbers its parameters: group i is the live group i, one by one."""
+        count = len(live.param_groups)
+        if len(saved) != count:
+            self.plan.errors.append(f"{where}: the checkpoint has {len(saved)} param groups, the {cls} {count}")
+            return None
+        params: dict[Any, torch.Tensor] = {}
+        fits = True
+        for i, (ids, live_group) in enumerate(zip(saved, live.param_groups, strict=True)):
+            if len(ids) != len(live_group["params"]):
+                self.plan.errors.append(
+                    f"{where}: param group {i} holds {len(ids)} parameters in the checkpoint, "
+                    f"{len(live_group['params'])} in the {cls}"
+                )
+                fits = False
+                continue
+            params.update(zip(ids, live_group["params"], strict=True))
+            # Hyperparameter keys are no state keys (torch never compares them): a scheduler adds
+            # 'initial_lr', a newer torch adds options; the load keeps the saved ones and the rest.
+        return params if fits else None
+
+    def _match_names(
+        self, live: torch.optim.Optimizer, saved: list[list[Any]], where: str, cls: str, path: str
+    ) -> dict[Any, torch.Tensor] | None:
+        """A checkpoint that names its parameters: each live group takes the hyperparameters of
+        the saved group holding its parameters, and each parameter the state saved under its name.
+        A parameter one side lacks is missing or unexpected; groups split or merged are fatal."""
+        names = self.names.of(live)
+        if names is None:
+            self.plan.errors.append(
+                f"{where}: the checkpoint keys the {cls}'s state by parameter name, but the live {cls} "
+                "holds a parameter that no module of the state holds, so its parameters have no names to match"
+            )
+            return None
+        group_of: dict[str, int] = {}
+        for s, ids in enumerate(saved):
+            for name in ids:
+                if name in group_of:
+                    self.plan.errors.append(f"{where}: the checkpoint lists parameter {name!r} twice")
+                    return None
+                group_of[name] = s
+        live_params = [p for group in live.param_groups for p in group["params"]]
+        state_path = child_path(where, "state")
+        matched: list[int | None] = []
+        taken: dict[int, int] = {}
+        missing: list[torch.Tensor] = []
+        at = 0
+        for j, group in enumerate(live.param_groups):
+            own = names[at : at + len(group["params"])]
+            sources = sorted({group_of[n] for n in own if n in group_of})
+            if len(sources) > 1:
+                self.plan.errors.append(
+                    f"{where}: param group {j} of the {cls} holds parameters the checkpoint keeps in its groups "
+                    f"{sources} ({', '.join(repr(n) for n in own[:3])}{', ...' if len(own) > 3 else ''})"
+                )
+                return None
+            source = sources[0] if sources else None
+            if source is not None and source in taken:
+                self.plan.errors.append(
+                    f"{where}: the checkpoint's param group {source} holds parameters of the {cls}'s groups "
+                    f"{taken[source]} and {j}"
+                )
+                return None
+            if source is not None:
+                taken[source] = j
+            matched.append(source)
+            for name, param in zip(own, group["params"], strict=True):
+                if name not in group_of:
+                    self.plan.missing.append(child_path(state_path, name))
+                    missing.append(param)
+            at += len(group["params"])
+        known = set(names)
+        for name in group_of:
+            if name not in known:
+                self._unexpected(child_path(state_path, name))
+        self.plan.named_optimizers[path] = _NamedOptimizer(names, matched, missing)
+        return dict(zip(names, live_params, strict=True))
+
+
+def _id_kind(ids: list[Any]) -> str | None:
+    """How a saved param group lists its parameters: "position" (ints), "name" (strs; an empty
+    list is either), or None (neither, or a mix)."""
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
+        return "position"
+    if all(isinstance(x, str) for x in ids):
+        return "name"
+    return None
+
+
+@dataclass
+class _NamedOptimizer:
+    """How a checkpoint that names an optimizer's parameters maps onto the live optimizer.
+
+    Attributes:
+        names: The live parameters' names, in param group order.
+        groups: For each live group, the saved group whose hyperparameters it takes (None: it
+            keeps its own; none of its parameters is in the checkpoint).
+        missing: Live parameters the checkpoint does not hold; their state is left as it is.
+    """
+
+    names: list[str]
+    groups: list[int | None]
+    missing: list[torch.Tensor]
+
+    def for_torch(self, plain: dict, live: torch.optim.Optimizer) -> dict:
+        """The saved state dict laid out as ``live.load_state_dict`` pairs it up: by position,
+        group by group, the names standing as the parameters' ids."""
+        groups, at = [], 0
+        for live_group, source in zip(live.param_groups, self.groups, strict=True):
+            if source is None:
+                group = {k: v for k, v in live_group.items() if k != "params"}
+            else:
+                group = dict(plain["param_groups"][source])
+            group["params"] = self.names[at : at + len(live_group["params"])]
+            at += len(live_group["params"])
+            groups.append(group)
+        known = set(self.names)
+        state = {k: v for k, v in plain["state"].items() if k in known}
+        return {**plain, "state": state, "param_groups": groups}
 
 
 def _shape_mismatch(path: str, live: torch.Tensor, saved: torch.Tensor) -> str:
@@ -620,7 +752,7 @@ def check_compatible(
         saved = {Kind.DICT: "a dict", Kind.LIST: f"a list of {n}"}.get(kind, f"a {kind!r} node")
         have = f"a list of {len(live)}" if isinstance(live, list) else f"a {type(live).__name__}"
         raise StateMismatchError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
-    planner = _Planner(tensors)
+    planner = _Planner(tensors, live)
     planner.visit(live, node, "state")
     planner.plan.raise_if_unfit(strict, where)
     return planner.plan
@@ -705,11 +837,18 @@ def _load_optimizer(
     where = object_path(path)
     plain = unflatten(node, tensors)
     _drop_left_out(plain, plan, lambda key: child_path(where, key))
+    named = plan.named_optimizers.get(path)
+    kept: dict[torch.Tensor, Any] = {}
+    if named is not None:
+        plain = named.for_torch(plain, live)
+        kept = {p: live.state[p] for p in named.missing if p in live.state}  # load_state_dict drops them
     for i, group in enumerate(plain["param_groups"]):
         for key, current in live.param_groups[i].items():
             group.setdefault(key, current)  # a hyperparameter the checkpoint lacks stays as it is
     _drop_left_out(plain["state"], plan, lambda key: child_path(child_path(where, "state"), key))
     live.load_state_dict(plain)
+    for param, state in kept.items():
+        live.state[param] = state
 
 
 class _Restorer:

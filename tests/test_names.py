@@ -1,0 +1,264 @@
+"""Parameter names: what they are, that the kept walk follows a changed model, and the state dict
+keyed by them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import asyncckpt
+from asyncckpt import CheckpointManager, RestoreResult, StateMismatchError
+from asyncckpt.state.names import ParameterNames, keyed_by_name, module_parameter_names
+from asyncckpt.state.tree import flatten
+
+
+def by_name(module: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in module.named_parameters()}
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4))])
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied: named once, by its first name
+        self.scale = nn.Parameter(torch.ones(1))
+
+
+def test_names_are_named_parameters_names_tied_ones_once():
+    model = Tied()
+    assert module_parameter_names(model) == by_name(model)
+    assert module_parameter_names(model)[id(model.embed.weight)] == "embed.weight"
+
+
+def test_the_kept_walk_follows_every_change_to_the_model():
+    model = Tied()
+    module_parameter_names(model)
+    # two children swapped: each parameter takes the other name
+    model.blocks[0], model.blocks[1] = model.blocks[1], model.blocks[0]
+    assert module_parameter_names(model) == by_name(model)
+    assert module_parameter_names(model)[id(model.blocks[0][1].weight)] == "blocks.0.1.weight"
+    # a parameter replaced in its slot, one added, one deleted, a child added
+    model.scale = nn.Parameter(torch.zeros(2))
+    assert module_parameter_names(model)[id(model.scale)] == "scale"
+    model.extra = nn.Parameter(torch.zeros(3))
+    assert module_parameter_names(model)[id(model.extra)] == "extra"
+    old_bias = model.blocks[0][1].bias
+    del model.blocks[0][1].bias
+    model.blocks[0][1].register_parameter("bias", None)
+    assert id(old_bias) not in module_parameter_names(model)
+    model.tail = nn.Linear(2, 2)
+    assert module_parameter_names(model) == by_name(model)
+
+
+def test_an_activation_checkpoint_wrapper_leaves_no_prefix():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = nn.Sequential(nn.Linear(2, 2), checkpoint_wrapper(nn.Linear(2, 3)))
+    names = set(module_parameter_names(model).values())
+    assert names == {"0.weight", "0.bias", "1.weight", "1.bias"} == set(model.state_dict())
+
+
+def test_an_optimizer_s_names_come_from_the_state_s_modules():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    opt = torch.optim.SGD([{"params": [model[1].weight]}, {"params": [model[0].weight, model[0].bias]}], lr=0.1)
+    state = {"opt": opt, "model": nn.DataParallel(model)}  # found after the optimizer, in a wrapper
+    assert ParameterNames(state).of(opt) == ["1.weight", "0.weight", "0.bias"]
+
+
+def test_an_optimizer_over_several_modules_prefixes_each_name_with_its_module_s_key():
+    gen, disc = nn.Linear(2, 2), nn.Linear(2, 2)
+    opt = torch.optim.Adam(list(gen.parameters()) + list(disc.parameters()))
+    state = {"models": {"gen": gen, "disc": [disc]}, "opt": opt}
+    assert ParameterNames(state).of(opt) == [
+        "models.gen.weight",
+        "models.gen.bias",
+        "models.disc.0.weight",
+        "models.disc.0.bias",
+    ]
+    # an optimizer over one of them keeps that module's own names
+    assert ParameterNames(state).of(torch.optim.Adam(disc.parameters())) == ["weight", "bias"]
+
+
+def test_a_parameter_in_no_module_of_the_state_leaves_the_optimizer_unnamed():
+    model = nn.Linear(2, 2)
+    loose = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.Adam([*model.parameters(), loose])
+    assert ParameterNames({"model": model, "opt": opt}).of(opt) is None
+    assert ParameterNames({"opt": opt}).of(torch.optim.Adam(model.parameters())) is None
+
+
+def test_the_state_dict_keyed_by_name_keeps_order_and_values():
+    model = nn.Linear(2, 2)
+    opt = torch.optim.Adam([{"params": [model.bias], "lr": 0.5}, {"params": [model.weight]}])
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    named = keyed_by_name(sd, ["bias", "weight"])
+    assert list(named["state"]) == ["bias", "weight"]
+    assert named["state"]["weight"] is sd["state"][1]
+    assert [g["params"] for g in named["param_groups"]] == [["bias"], ["weight"]]
+    assert named["param_groups"][0]["lr"] == 0.5
+    assert sd["param_groups"][0]["params"] == [0]  # the optimizer's own state dict is untouched
+
+
+def test_a_state_dict_not_laid_out_as_torch_s_is_left_as_it_is():
+    for odd in (
+        {"state": {0: {}}, "param_groups": [{"params": [1, 0]}]},  # not positions in order
+        {"state": {"x": {}}, "param_groups": [{"params": [0, 1]}]},  # state of no parameter
+        {"state": {}, "param_groups": [{"lr": 1}]},  # a group without params
+        {"param_groups": [{"params": [0, 1]}]},  # no state
+        [1, 2],
+    ):
+        assert keyed_by_name(odd, ["a", "b"]) is odd
+
+
+# ---- restore matches the optimizer's state by name -----------------------------------------------
+
+
+class TwoLayers(nn.Module):
+    """Two layers of one shape, defined in either order: positions swap, names do not."""
+
+    def __init__(self, b_first: bool = False) -> None:
+        super().__init__()
+        if b_first:
+            self.b = nn.Linear(4, 4)
+            self.a = nn.Linear(4, 4)
+        else:
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def train(model, opt, steps=2, seed=0):
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def save_and_restore(tmp_path, saved, live, **kwargs):
+    with CheckpointManager(tmp_path / "ckpts") as mgr:
+        mgr.save(1, saved).wait()
+        return mgr.restore(live, **kwargs)
+
+
+def assert_state_by_name(live_model, live_opt, saved_model, saved_opt, names):
+    live_params, saved_params = dict(live_model.named_parameters()), dict(saved_model.named_parameters())
+    for name in names:
+        mine, theirs = live_opt.state[live_params[name]], saved_opt.state[saved_params[name]]
+        assert mine.keys() == theirs.keys(), name
+        for key in mine:
+            assert torch.equal(torch.as_tensor(mine[key]), torch.as_tensor(theirs[key])), (name, key)
+
+
+def test_a_model_that_lists_its_layers_in_another_order_gets_each_layer_s_state(tmp_path):
+    model = TwoLayers()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    train(model, opt)
+    skeleton = flatten({"model": model, "opt": opt}).skeleton
+    opt_node = dict(skeleton["d"])["opt"]["o"]
+    assert [key for key, _ in dict(opt_node["d"])["state"]["d"]] == ["a.weight", "a.bias", "b.weight", "b.bias"]
+
+    live = TwoLayers(b_first=True)  # same shapes: by position, a's state would land on b, silently
+    live_opt = torch.optim.AdamW(live.parameters(), lr=0.1)
+    train(live, live_opt, seed=1)
+    assert save_and_restore(tmp_path, {"model": model, "opt": opt}, {"model": live, "opt": live_opt}) == 1
+    assert_state_by_name(live, live_opt, model, opt, ["a.weight", "a.bias", "b.weight", "b.bias"])
+
+
+def test_param_groups_built_in_another_order_take_their_own_hyperparameters_and_state(tmp_path):
+    model = TwoLayers()
+    opt = torch.optim.AdamW([{"params": model.a.parameters(), "lr": 0.1}, {"params": model.b.parameters(), "lr": 0.2}])
+    train(model, opt)
+    live = TwoLayers()
+    live_opt = torch.optim.AdamW(
+        [{"params": live.b.parameters(), "lr": 9.0}, {"params": [live.a.bias, live.a.weight], "lr": 9.0}]
+    )
+    assert save_and_restore(tmp_path, {"model": model, "opt": opt}, {"model": live, "opt": live_opt}) == 1
+    assert [g["lr"] for g in live_opt.param_groups] == [0.2, 0.1]
+    assert [len(g["params"]) for g in live_opt.param_groups] == [2, 2]
+    assert live_opt.param_groups[1]["params"][0] is live.a.bias  # the live optimizer's own order stays
+    assert_state_by_name(live, live_opt, model, opt, ["a.weight", "a.bias", "b.weight", "b.bias"])
+    train(live, live_opt, steps=1)  # and it steps
+
+
+class WithHead(TwoLayers):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(super().forward(x))
+
+
+def test_a_model_that_gained_a_head_restores_the_rest_with_strict_false(tmp_path):
+    model = TwoLayers()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    train(model, opt)
+    live = WithHead()
+    live_opt = torch.optim.AdamW(live.parameters(), lr=0.1)
+    train(live, live_opt, seed=3)
+    head_state = {k: v.clone() for k, v in live_opt.state[live.head.weight].items()}
+    live_state = {"model": live, "opt": live_opt}
+    with pytest.raises(StateMismatchError) as excinfo:
+        save_and_restore(tmp_path / "strict", {"model": model, "opt": opt}, live_state)
+    assert "state['opt'].state_dict()['state']['head.weight']" in excinfo.value.missing_keys
+
+    result = save_and_restore(tmp_path / "loose", {"model": model, "opt": opt}, live_state, strict=False)
+    assert isinstance(result, RestoreResult)
+    assert result.missing_keys == (
+        "state['model'].state_dict()['head.weight']",
+        "state['model'].state_dict()['head.bias']",
+        "state['opt'].state_dict()['state']['head.weight']",
+        "state['opt'].state_dict()['state']['head.bias']",
+    )
+    assert_state_by_name(live, live_opt, model, opt, ["a.weight", "a.bias", "b.weight", "b.bias"])
+    kept = live_opt.state[live.head.weight]  # the head's own state is left as it was
+    assert kept.keys() == head_state.keys() and all(torch.equal(kept[k], head_state[k]) for k in kept)
+    train(live, live_opt, steps=1)
+
+
+def test_a_loose_parameter_keeps_the_optimizer_numbered_and_it_restores(tmp_path):
+    loose = nn.Parameter(torch.randn(3))
+    opt = torch.optim.SGD([loose], lr=0.1, momentum=0.9)
+    loose.grad = torch.ones(3)
+    opt.step()
+    skeleton = flatten({"w": loose, "opt": opt}).skeleton
+    assert [key for key, _ in dict(dict(skeleton["d"])["opt"]["o"]["d"])["state"]["d"]] == [0]
+    live = nn.Parameter(torch.zeros(3))
+    live_opt = torch.optim.SGD([live], lr=0.1, momentum=0.9)
+    assert save_and_restore(tmp_path, {"w": loose, "opt": opt}, {"w": live, "opt": live_opt}) == 1
+    assert torch.equal(live_opt.state[live]["momentum_buffer"], opt.state[loose]["momentum_buffer"])
+
+
+def test_a_named_optimizer_state_without_its_model_is_refused_saying_why(tmp_path):
+    model = TwoLayers()
+    opt = torch.optim.AdamW(model.parameters())
+    train(model, opt)
+    live_opt = torch.optim.AdamW(TwoLayers().parameters())  # its model is not in the state
+    with pytest.raises(
+        StateMismatchError, match="by parameter name, but the live AdamW holds a parameter that no module"
+    ):
+        save_and_restore(tmp_path, {"model": model, "opt": opt}, {"opt": live_opt}, strict=False)
+
+
+def test_torch_s_own_load_takes_the_named_state_dict_that_load_returns(tmp_path):
+
+    model = TwoLayers()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    train(model, opt)
+    with CheckpointManager(tmp_path / "ckpts") as mgr:
+        mgr.save(1, {"model": model, "opt": opt}).wait()
+    saved = asyncckpt.load(tmp_path / "ckpts")["opt"]
+    assert list(saved["state"]) == ["a.weight", "a.bias", "b.weight", "b.bias"]
+    live = TwoLayers()
+    live_opt = torch.optim.AdamW(live.parameters(), lr=0.5)
+    live_opt.load_state_dict(saved)  # by position, as torch does: the same order here
+    assert_state_by_name(live, live_opt, model, opt, ["a.weight", "a.bias", "b.weight", "b.bias"])
+    assert live_opt.param_groups[0]["lr"] == 0.1
