@@ -7,9 +7,10 @@ directory per scenario:
 * job A, 2 ranks: FSDP2 (saved while training goes on), DDP, per-rank RNG/sampler, 20 saves with
   ``max_pending`` 1 and 2, a big FSDP2 model for the decode measurement; restores at 2 ranks.
 * job B, 4 ranks: restores A's FSDP2 and DDP checkpoints into FSDP2 at 4 (reshard), writes a 4-rank
-  FSDP2 checkpoint, an HSDP (2 x 2) one, restored bit-exact; per-rank state at another world size.
+  FSDP2 checkpoint, an optimizer without its model (numbered by position), an HSDP (2 x 2) one,
+  restored bit-exact; per-rank state at another world size.
 * job C, 2 ranks: restores B's 4-rank checkpoint at 2 (FSDP2, FSDP2 with the optimizer's
-  parameters listed backwards, and DDP), per-rank "same".
+  parameters listed backwards, and DDP) and its optimizer numbered by position, per-rank "same".
 
 The parent checks what needs one process: consolidated ``load`` against the saved full state, the
 stored volume of the HSDP checkpoint, and the bytes a 2 -> 4 reshard decodes.
@@ -132,6 +133,14 @@ def _job_b(rank: int, world: int, tmp: str, saved: dict) -> dict:
     # a 4-rank FSDP2 checkpoint, for job C and the parent
     out["fsdp4"] = _save_fsdp_while_training(rank, tmp_path / "fsdp4", make_fsdp2)
     assert state_diff(out["fsdp4"], _restore(tmp_path / "fsdp4", make_fsdp2)) == []
+    # an optimizer saved without its model: its state numbered by position (as in checkpoints
+    # written before names were), for job C to restore resharded
+    model, optim = make_fsdp2(SEED)
+    train_steps(model, optim, 0, 2, rank)
+    out["optim_only"] = {k: v for k, v in full_state(model, optim).items() if k.startswith("exp_avg")}
+    with _mgr(tmp_path / "optim-only") as mgr:
+        mgr.save(1, {"optim": optim})
+        mgr.wait()
     # HSDP (replicate 2 x shard 2): saved once per replica group, restored bit-exact
     out["hsdp"] = _save_fsdp_while_training(rank, tmp_path / "hsdp", make_hsdp)
     assert state_diff(out["hsdp"], _restore(tmp_path / "hsdp", make_hsdp)) == []
@@ -177,6 +186,11 @@ def _job_c(rank: int, world: int, tmp: str, saved: dict) -> dict:
     tmp_path = Path(tmp)
     assert state_diff(saved["fsdp4"], _restore(tmp_path / "fsdp4", make_fsdp2)) == []
     assert state_diff(saved["fsdp4"], _restore(tmp_path / "fsdp4", _make_fsdp2_backwards)) == []
+    model, optim = make_fsdp2(SEED + 1)  # no optimizer state yet: each entry follows its parameter's shard
+    with _mgr(tmp_path / "optim-only") as mgr:
+        assert mgr.restore({"optim": optim}) == 1
+    got = full_state(model, optim)
+    assert state_diff(saved["optim_only"], {k: v for k, v in got.items() if k.startswith("exp_avg")}) == []
     assert state_diff(saved["fsdp4"], _restore(tmp_path / "fsdp4", make_ddp)) == []
     state, sampler = _per_rank_state(rank)
     with _mgr(tmp_path / "rng4") as mgr:
@@ -289,6 +303,8 @@ def test_multirank_end_to_end(tmp_path):
     b = run_ranks(_job_b, 4, tmp, a[0], timeout=400)
     assert "rng2" in b[0]["rng_error"] and "per_rank" in b[0]["rng_error"], b[0]["rng_error"]
     assert all(r["rank0_draw"][0] == b[0]["rank0_draw"][0] for r in b)  # every rank took rank 0's
+    numbered = asyncckpt.load(tmp_path / "optim-only")["optim"]["state"]
+    assert numbered and all(type(key) is int for key in numbered)  # no module in the state: no names
     hsdp = read_manifest(tmp_path / "hsdp" / fmt.step_dir_name(3))
     assert hsdp.world_size == 4
     stored, volume = _stored_volume(hsdp)

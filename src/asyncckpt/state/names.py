@@ -10,11 +10,14 @@ module's key in the state (``"gen.fc.weight"``) when one optimizer's parameters 
 modules. A restore matches the names, so order no longer matters and a parameter one side lacks
 is reported by name.
 
-Naming walks every module's parameters, which costs about as much as taking its state dict (near
-a millisecond for 300 parameters on a slow core), on the training thread, at every save. The walk
-is therefore kept per module and checked at each use with plain lookups along it (every child
-module and every parameter slot still where it was, no module with more or fewer entries): tens
-of microseconds unless the model changed, and then it is walked again.
+A tied parameter is named by its first name, as ``named_parameters()`` names it; a restore also
+accepts its other names, so the tied modules may be defined in another order.
+
+Naming walks every module's parameters (what ``named_parameters()`` does), on the training
+thread, at every save. The walk is therefore kept per module, holding the modules weakly, and
+checked at each use against the modules as they are (their child and parameter keys in order,
+each child the same object): a fresh walk would give the same names exactly when that check
+passes, and the check is tuple comparisons where the walk is a recursion through generators.
 """
 
 from __future__ import annotations
@@ -32,57 +35,70 @@ _MAX_DEPTH = 64  # containers searched for modules, as deep as a state may nest
 
 @dataclass
 class _ModuleWalk:
-    """One walk of a module's parameters, in ``named_parameters()`` order.
+    """One walk of a module's parameters, in ``named_parameters()`` order, holding the modules
+    weakly (the cache must not keep a model alive).
 
     Attributes:
-        modules: (module, its number of child entries, of parameter entries): each checked to be
-            unchanged at every use.
-        edges: (parent, name, child) of every child module.
-        slots: (name, owning module, attribute) of every parameter entry.
+        modules: For each module met: a weak reference to it, its child modules' keys and
+            children (weakly; None for an empty entry), and its parameters' keys, in order. A
+            fresh walk gives the same result exactly when every one of these is unchanged.
+        slots: (name, index into ``modules`` of the owner, attribute) of every parameter entry.
     """
 
-    modules: list[tuple[torch.nn.Module, int, int]]
-    edges: list[tuple[torch.nn.Module, str, torch.nn.Module]]
-    slots: list[tuple[str, torch.nn.Module, str]]
+    modules: list[tuple[weakref.ref, tuple[str, ...], tuple[weakref.ref | None, ...], tuple[str, ...]]]
+    slots: list[tuple[str, int, str]]
 
 
 _WALKS: weakref.WeakKeyDictionary[torch.nn.Module, _ModuleWalk] = weakref.WeakKeyDictionary()
 
 
 def _walk(module: torch.nn.Module) -> _ModuleWalk:
-    modules, edges, slots = [], [], []
+    modules: list = []
+    slots: list[tuple[str, int, str]] = []
     for prefix, owner in module.named_modules():
-        modules.append((owner, len(owner._modules), len(owner._parameters)))
-        edges += [(owner, name, child) for name, child in owner._modules.items() if child is not None]
-        slots += [(f"{prefix}.{attr}" if prefix else attr, owner, attr) for attr in owner._parameters]
-    return _ModuleWalk(modules, edges, slots)
+        children = tuple(None if c is None else weakref.ref(c) for c in owner._modules.values())
+        slots += [(f"{prefix}.{attr}" if prefix else attr, len(modules), attr) for attr in owner._parameters]
+        modules.append((weakref.ref(owner), tuple(owner._modules), children, tuple(owner._parameters)))
+    return _ModuleWalk(modules, slots)
 
 
-def _still_valid(walk: _ModuleWalk) -> bool:
-    return all(len(m._modules) == n and len(m._parameters) == p for m, n, p in walk.modules) and all(
-        parent._modules.get(name) is child for parent, name, child in walk.edges
-    )
+def _live_modules(walk: _ModuleWalk) -> list[torch.nn.Module] | None:
+    """The walk's modules, or None when a fresh walk could differ (a module gone, a child or a
+    parameter entry added, removed, renamed, reordered, or a child replaced)."""
+    out = []
+    for ref, keys, children, params in walk.modules:
+        module = ref()
+        if module is None or tuple(module._modules) != keys or tuple(module._parameters) != params:
+            return None
+        for child, held in zip(module._modules.values(), children, strict=True):
+            if child is not (held() if held is not None else None):
+                return None
+        out.append(module)
+    return out
 
 
-def module_parameter_names(module: torch.nn.Module, fresh: bool = False) -> dict[int, str]:
-    """``id(parameter) -> name`` for a module's parameters, as ``named_parameters()`` names them
-    (a tied parameter by its first name), wrapper prefixes left out.
+def module_parameter_names(module: torch.nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> its names`` for a module's parameters, in ``named_parameters()`` order:
+    the first is the name ``named_parameters()`` gives, the others a tied parameter's other
+    names; wrapper prefixes left out.
 
     Args:
         module: the module (a DDP wrapper is the caller's to unwrap).
-        fresh: walk the module again even when the kept walk still looks valid.
     """
-    walk = None if fresh else _WALKS.get(module)
-    if walk is None or not _still_valid(walk):
+    walk = _WALKS.get(module)
+    modules = _live_modules(walk) if walk is not None else None
+    if walk is None or modules is None:
         walk = _walk(module)
         _WALKS[module] = walk
-    names: dict[int, str] = {}
+        modules = _live_modules(walk)
+        assert modules is not None
+    names: dict[int, list[str]] = {}
     for name, owner, attr in walk.slots:
-        param = owner._parameters.get(attr)
-        if param is not None and id(param) not in names:
+        param = modules[owner]._parameters.get(attr)
+        if param is not None:
             for prefix in _WRAPPER_PREFIXES:
                 name = name.replace(prefix, "")
-            names[id(param)] = name
+            names.setdefault(id(param), []).append(name)
     return names
 
 
@@ -110,31 +126,41 @@ class ParameterNames:
 
     def __init__(self, state: Any) -> None:
         self._state = state
-        self._found: dict[int, tuple[str, str]] | None = None
+        self._found: dict[int, tuple[str, list[str]]] | None = None
 
-    def _find(self, fresh: bool) -> dict[int, tuple[str, str]]:
-        found: dict[int, tuple[str, str]] = {}
-        for key, module in _modules_in(self._state):
-            for pid, name in module_parameter_names(module, fresh).items():
-                found.setdefault(pid, (key, name))
-        return found
+    def _owners(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, list[str]]] | None:
+        """Per parameter, its module's key and its names there; None if one is in no module."""
+        if self._found is None:
+            self._found = {}
+            for key, module in _modules_in(self._state):
+                for pid, names in module_parameter_names(module).items():
+                    self._found.setdefault(pid, (key, names))
+        owners = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                owner = self._found.get(id(p))
+                if owner is None:
+                    return None
+                owners.append(owner)
+        return owners
+
+    def aliases(self, optimizer: torch.optim.Optimizer) -> list[list[str]] | None:
+        """Every name of each of the optimizer's parameters, in param group order, the one
+        :meth:`of` gives first (a tied parameter has several); None as for :meth:`of`."""
+        owners = self._owners(optimizer)
+        if owners is None:
+            return None
+        several = len({key for key, _ in owners}) > 1
+        return [[f"{key}.{name}" if several else name for name in names] for key, names in owners]
 
     def of(self, optimizer: torch.optim.Optimizer) -> list[str] | None:
-        """The names of the optimizer's parameters, in param group order; None when one of them
-        is in no module of the state (the optimizer's state then stays keyed by position)."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if self._found is None:
-            self._found = self._find(fresh=False)
-        if any(id(p) not in self._found for p in params):
-            self._found = self._find(fresh=True)  # a module changed in a way the kept walk missed
-        owners: list[tuple[str, str]] = []
-        for p in params:
-            owner = self._found.get(id(p))
-            if owner is None:
-                return None
-            owners.append(owner)
-        several = len({key for key, _ in owners}) > 1
-        names = [f"{key}.{name}" if several else name for key, name in owners]
+        """The names of the optimizer's parameters, in param group order (a tied parameter's
+        first, as ``named_parameters()`` gives it); None when one of them is in no module of the
+        state (the optimizer's state then stays keyed by position)."""
+        aliases = self.aliases(optimizer)
+        if aliases is None:
+            return None
+        names = [names[0] for names in aliases]
         return names if len(set(names)) == len(names) else None
 
 

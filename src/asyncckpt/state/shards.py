@@ -303,18 +303,15 @@ class _RankFlattener(_Flattener):
                 self.replicated_depth -= 1
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer, path: str) -> Any:
-        """The base class's, recording where each parameter's state entry is (by name or by
-        position, as a checkpoint may key it) for a restore to find the parameter of an entry."""
-        state_dict = super().optimizer_state(optimizer, path)
+        """The base class's, recording where each parameter's state entry is (by position, and
+        by name where the state dict is keyed so) for a restore to find the parameter of an entry."""
+        state_dict, names = self.named_state(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        groups = groups if isinstance(groups, list) else []
-        keys = [i for group in groups if isinstance(group, dict) for i in group.get("params", ())]
         prefix = child_path(object_path(path), "state")
         for i, param in enumerate(params):
             self.optimizer_entries[child_path(prefix, i)] = param
-            if i < len(keys) and isinstance(keys[i], str):
-                self.optimizer_entries[child_path(prefix, keys[i])] = param
+        for name, param in zip(names or (), params, strict=False):
+            self.optimizer_entries[child_path(prefix, name)] = param
         return state_dict
 
     def _dtensor(self, t: Any, path: str) -> int:

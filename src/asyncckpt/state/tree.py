@@ -101,9 +101,18 @@ class _Flattener:
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer, path: str) -> Any:
         """The optimizer's state dict, keyed by its parameters' names where they all have one."""
-        names = self.names.of(optimizer)
+        return self.named_state(optimizer)[0]
+
+    def named_state(self, optimizer: torch.optim.Optimizer) -> tuple[Any, list[str] | None]:
+        """The optimizer's state dict keyed by its parameters' names, and the names; its state
+        dict as torch gives it and None where a parameter has no name or the layout is not
+        torch's (``keyed_by_name``)."""
         state_dict = optimizer.state_dict()
-        return state_dict if names is None else keyed_by_name(state_dict, names)
+        names = self.names.of(optimizer)
+        if names is None:
+            return state_dict, None
+        keyed = keyed_by_name(state_dict, names)
+        return (keyed, names) if keyed is not state_dict else (state_dict, None)
 
     def add_tensor(self, t: torch.Tensor, path: str) -> int:
         check_dense(t, path)
@@ -330,7 +339,7 @@ class RestorePlan:
         module_keys: each module's ``state_dict()`` keys, by path.
         objects: (path, object, saved node) of stateful objects other than modules and optimizers,
             loaded first.
-        named_optimizers: by path, how an optimizer whose checkpoint names its parameters maps
+        optimizer_matches: by path, how an optimizer whose checkpoint names its parameters maps
             onto the live one.
     """
 
@@ -341,7 +350,7 @@ class RestorePlan:
     leave: set[str] = field(default_factory=set)  # paths restore_into must not touch
     module_keys: dict[str, list[str]] = field(default_factory=dict)  # each module's state_dict() keys
     objects: list[tuple[str, Any, dict]] = field(default_factory=list)  # other stateful objects, loaded first
-    named_optimizers: dict[str, _NamedOptimizer] = field(default_factory=dict)  # by path: matched by name
+    optimizer_matches: dict[str, _OptimizerMatch] = field(default_factory=dict)  # by path: saved by name
 
     def result(self, step: int | None) -> RestoreResult:
         """What ``strict=False`` returns.
@@ -611,16 +620,18 @@ class _Planner:
     def _match_names(
         self, live: torch.optim.Optimizer, saved: list[list[Any]], where: str, cls: str, path: str
     ) -> dict[Any, torch.Tensor] | None:
-        """A checkpoint that names its parameters: each live group takes the hyperparameters of
-        the saved group holding its parameters, and each parameter the state saved under its name.
-        A parameter one side lacks is missing or unexpected; groups split or merged are fatal."""
-        names = self.names.of(live)
-        if names is None:
-            self.plan.errors.append(
-                f"{where}: the checkpoint keys the {cls}'s state by parameter name, but the live {cls} "
-                "holds a parameter that no module of the state holds, so its parameters have no names to match"
-            )
-            return None
+        """A checkpoint that names its parameters: each live parameter takes the state saved
+        under its name (a tied one's under any of its names), each live group the hyperparameters
+        of the saved group holding its parameters. A parameter one side lacks is missing or
+        unexpected; groups split or merged are fatal. Live parameters with no names (their
+        modules are not in the state) are paired by position, as torch pairs them."""
+        aliases = self.names.aliases(live)
+        if aliases is None:
+            params = self._match_positions(live, saved, where, cls)
+            if params is not None:
+                keys: list[str | None] = [key for ids in saved for key in ids]
+                self.plan.optimizer_matches[path] = _OptimizerMatch(keys, list(range(len(saved))), [])
+            return params
         group_of: dict[str, int] = {}
         for s, ids in enumerate(saved):
             for name in ids:
@@ -628,19 +639,21 @@ class _Planner:
                     self.plan.errors.append(f"{where}: the checkpoint lists parameter {name!r} twice")
                     return None
                 group_of[name] = s
-        live_params = [p for group in live.param_groups for p in group["params"]]
         state_path = child_path(where, "state")
+        keys = []
         matched: list[int | None] = []
-        taken: dict[int, int] = {}
+        taken: dict[int, int] = {}  # saved group -> the live group that takes it
         missing: list[torch.Tensor] = []
         at = 0
         for j, group in enumerate(live.param_groups):
-            own = names[at : at + len(group["params"])]
-            sources = sorted({group_of[n] for n in own if n in group_of})
+            names = aliases[at : at + len(group["params"])]
+            own = [next((n for n in candidates if n in group_of), None) for candidates in names]
+            sources = sorted({group_of[n] for n in own if n is not None})
             if len(sources) > 1:
+                shown = ", ".join(repr(n[0]) for n in names[:3]) + (", ..." if len(names) > 3 else "")
                 self.plan.errors.append(
                     f"{where}: param group {j} of the {cls} holds parameters the checkpoint keeps in its groups "
-                    f"{sources} ({', '.join(repr(n) for n in own[:3])}{', ...' if len(own) > 3 else ''})"
+                    f"{sources} ({shown})"
                 )
                 return None
             source = sources[0] if sources else None
@@ -652,18 +665,32 @@ class _Planner:
                 return None
             if source is not None:
                 taken[source] = j
-            matched.append(source)
-            for name, param in zip(own, group["params"], strict=True):
-                if name not in group_of:
-                    self.plan.missing.append(child_path(state_path, name))
+            for key, candidates, param in zip(own, names, group["params"], strict=True):
+                if key is None:
+                    self.plan.missing.append(child_path(state_path, candidates[0]))
                     missing.append(param)
+            keys += own
+            matched.append(source)
             at += len(group["params"])
-        known = set(names)
+        for j, source in enumerate(matched):  # a group no name places (empty, or all new) pairs by position
+            if source is None and j < len(saved) and j not in taken:
+                matched[j] = taken[j] = j
+        used = {key for key in keys if key is not None}
         for name in group_of:
-            if name not in known:
+            if name not in used:
                 self._unexpected(child_path(state_path, name))
-        self.plan.named_optimizers[path] = _NamedOptimizer(names, matched, missing)
-        return dict(zip(names, live_params, strict=True))
+        moved = [(s, j) for j, s in enumerate(matched) if s is not None and s != j]
+        if moved:
+            warnings.warn(
+                f"asyncckpt: {where}: the {cls}'s param groups are in another order than in the checkpoint "
+                f"({', '.join(f'saved group {s} is group {j} now' for s, j in moved)}); their state and "
+                "hyperparameters follow the parameters' names, but an LR scheduler's per-group values "
+                "(base_lrs, lr_lambdas) are restored by position",
+                stacklevel=5,
+            )
+        self.plan.optimizer_matches[path] = _OptimizerMatch(keys, matched, missing)
+        live_params = [p for group in live.param_groups for p in group["params"]]
+        return {key: p for key, p in zip(keys, live_params, strict=True) if key is not None}
 
 
 def _id_kind(ids: list[Any]) -> str | None:
@@ -677,34 +704,42 @@ def _id_kind(ids: list[Any]) -> str | None:
 
 
 @dataclass
-class _NamedOptimizer:
+class _OptimizerMatch:
     """How a checkpoint that names an optimizer's parameters maps onto the live optimizer.
 
     Attributes:
-        names: The live parameters' names, in param group order.
+        keys: For each live parameter, in param group order, the saved name whose state it
+            takes (None: the checkpoint does not hold it).
         groups: For each live group, the saved group whose hyperparameters it takes (None: it
-            keeps its own; none of its parameters is in the checkpoint).
+            keeps its own).
         missing: Live parameters the checkpoint does not hold; their state is left as it is.
     """
 
-    names: list[str]
+    keys: list[str | None]
     groups: list[int | None]
     missing: list[torch.Tensor]
 
     def for_torch(self, plain: dict, live: torch.optim.Optimizer) -> dict:
-        """The saved state dict laid out as ``live.load_state_dict`` pairs it up: by position,
-        group by group, the names standing as the parameters' ids."""
-        groups, at = [], 0
+        """The saved state dict as the live optimizer's own ``state_dict()`` would lay it out:
+        numbered by position, group by group (an optimizer's ``load_state_dict`` may index by
+        number), torch's ``param_names`` the live groups' own."""
+        groups, state, at = [], {}, 0
         for live_group, source in zip(live.param_groups, self.groups, strict=True):
             if source is None:
                 group = {k: v for k, v in live_group.items() if k != "params"}
             else:
                 group = dict(plain["param_groups"][source])
-            group["params"] = self.names[at : at + len(live_group["params"])]
-            at += len(live_group["params"])
+            count = len(live_group["params"])
+            group["params"] = list(range(at, at + count))
+            group.pop("param_names", None)
+            if "param_names" in live_group:
+                group["param_names"] = live_group["param_names"]
+            for i in range(at, at + count):
+                key = self.keys[i]
+                if key is not None and key in plain["state"]:
+                    state[i] = plain["state"][key]
+            at += count
             groups.append(group)
-        known = set(self.names)
-        state = {k: v for k, v in plain["state"].items() if k in known}
         return {**plain, "state": state, "param_groups": groups}
 
 
@@ -837,15 +872,15 @@ def _load_optimizer(
     where = object_path(path)
     plain = unflatten(node, tensors)
     _drop_left_out(plain, plan, lambda key: child_path(where, key))
-    named = plan.named_optimizers.get(path)
+    _drop_left_out(plain["state"], plan, lambda key: child_path(child_path(where, "state"), key))
+    match = plan.optimizer_matches.get(path)
     kept: dict[torch.Tensor, Any] = {}
-    if named is not None:
-        plain = named.for_torch(plain, live)
-        kept = {p: live.state[p] for p in named.missing if p in live.state}  # load_state_dict drops them
+    if match is not None:
+        plain = match.for_torch(plain, live)
+        kept = {p: live.state[p] for p in match.missing if p in live.state}  # load_state_dict drops them
     for i, group in enumerate(plain["param_groups"]):
         for key, current in live.param_groups[i].items():
             group.setdefault(key, current)  # a hyperparameter the checkpoint lacks stays as it is
-    _drop_left_out(plain["state"], plan, lambda key: child_path(child_path(where, "state"), key))
     live.load_state_dict(plain)
     for param, state in kept.items():
         live.state[param] = state
