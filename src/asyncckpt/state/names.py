@@ -10,14 +10,14 @@ module's key in the state (``"gen.fc.weight"``) when one optimizer's parameters 
 modules. A restore matches the names, so order no longer matters and a parameter one side lacks
 is reported by name.
 
-A tied parameter is named by its first name, as ``named_parameters()`` names it; a restore also
-accepts its other names, so the tied modules may be defined in another order.
+A tied parameter is stored under one of its names (the first ``named_parameters()`` gives) and
+found by any of them, so the tied modules may be defined in another order.
 
 Naming walks every module's parameters (what ``named_parameters()`` does), on the training
 thread, at every save. The walk is therefore kept per module, holding the modules weakly, and
-checked at each use against the modules as they are (their child and parameter keys in order,
-each child the same object): a fresh walk would give the same names exactly when that check
-passes, and the check is tuple comparisons where the walk is a recursion through generators.
+used while every child module is still where it met it and, for each parameter asked about, the
+slot it named still holds that parameter; anything else (a parameter added, replaced or moved)
+walks the module again. ``bench/flatten.py`` measures what that saves.
 """
 
 from __future__ import annotations
@@ -35,71 +35,79 @@ _MAX_DEPTH = 64  # containers searched for modules, as deep as a state may nest
 
 @dataclass
 class _ModuleWalk:
-    """One walk of a module's parameters, in ``named_parameters()`` order, holding the modules
-    weakly (the cache must not keep a model alive).
+    """One walk of a module's parameters, holding the modules weakly (a cache must not keep a
+    model alive).
 
     Attributes:
-        modules: For each module met: a weak reference to it, its child modules' keys and
-            children (weakly; None for an empty entry), and its parameters' keys, in order. A
-            fresh walk gives the same result exactly when every one of these is unchanged.
-        slots: (name, index into ``modules`` of the owner, attribute) of every parameter entry.
+        edges: (parent, key, child) of every child module entry met; all must still hold for the
+            walk to be used (a child replaced, moved or gone makes it stale).
+        names: ``id(parameter) -> its names``, the first as ``named_parameters()`` gave it.
+        slots: ``id(parameter) -> (owner, attribute)`` of its first name: a parameter is named
+            only while that slot still holds it.
     """
 
-    modules: list[tuple[weakref.ref, tuple[str, ...], tuple[weakref.ref | None, ...], tuple[str, ...]]]
-    slots: list[tuple[str, int, str]]
+    edges: list[tuple[weakref.ref, str, weakref.ref | None]]
+    names: dict[int, list[str]]
+    slots: dict[int, tuple[weakref.ref, str]]
+
+    def holds(self) -> bool:
+        """Whether every child module is still where the walk met it."""
+        for parent_ref, key, child_ref in self.edges:
+            parent = parent_ref()
+            if parent is None or parent._modules.get(key) is not (child_ref() if child_ref is not None else None):
+                return False
+        return True
+
+    def names_of(self, param: torch.Tensor) -> list[str] | None:
+        """The parameter's names, while the slot of its first name still holds it."""
+        slot = self.slots.get(id(param))
+        if slot is None:
+            return None
+        owner = slot[0]()
+        return self.names[id(param)] if owner is not None and owner._parameters.get(slot[1]) is param else None
 
 
 _WALKS: weakref.WeakKeyDictionary[torch.nn.Module, _ModuleWalk] = weakref.WeakKeyDictionary()
 
 
 def _walk(module: torch.nn.Module) -> _ModuleWalk:
-    modules: list = []
-    slots: list[tuple[str, int, str]] = []
+    edges: list[tuple[weakref.ref, str, weakref.ref | None]] = []
+    names: dict[int, list[str]] = {}
+    slots: dict[int, tuple[weakref.ref, str]] = {}
     for prefix, owner in module.named_modules():
-        children = tuple(None if c is None else weakref.ref(c) for c in owner._modules.values())
-        slots += [(f"{prefix}.{attr}" if prefix else attr, len(modules), attr) for attr in owner._parameters]
-        modules.append((weakref.ref(owner), tuple(owner._modules), children, tuple(owner._parameters)))
-    return _ModuleWalk(modules, slots)
+        held = weakref.ref(owner)
+        edges += [(held, key, None if child is None else weakref.ref(child)) for key, child in owner._modules.items()]
+        for attr, param in owner._parameters.items():
+            if param is None:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            for wrapper in _WRAPPER_PREFIXES:
+                name = name.replace(wrapper, "")
+            if id(param) not in names:
+                slots[id(param)] = (held, attr)
+            names.setdefault(id(param), []).append(name)
+    walk = _ModuleWalk(edges, names, slots)
+    _WALKS[module] = walk
+    return walk
 
 
-def _live_modules(walk: _ModuleWalk) -> list[torch.nn.Module] | None:
-    """The walk's modules, or None when a fresh walk could differ (a module gone, a child or a
-    parameter entry added, removed, renamed, reordered, or a child replaced)."""
-    out = []
-    for ref, keys, children, params in walk.modules:
-        module = ref()
-        if module is None or tuple(module._modules) != keys or tuple(module._parameters) != params:
-            return None
-        for child, held in zip(module._modules.values(), children, strict=True):
-            if child is not (held() if held is not None else None):
-                return None
-        out.append(module)
-    return out
+def _kept_walk(module: torch.nn.Module) -> _ModuleWalk:
+    walk = _WALKS.get(module)
+    return walk if walk is not None and walk.holds() else _walk(module)
 
 
 def module_parameter_names(module: torch.nn.Module) -> dict[int, list[str]]:
-    """``id(parameter) -> its names`` for a module's parameters, in ``named_parameters()`` order:
-    the first is the name ``named_parameters()`` gives, the others a tied parameter's other
-    names; wrapper prefixes left out.
+    """``id(parameter) -> its names`` for a module's parameters: the first is the name
+    ``named_parameters()`` gives (when the module was walked), the others a tied parameter's
+    other names; wrapper prefixes left out.
 
     Args:
         module: the module (a DDP wrapper is the caller's to unwrap).
     """
-    walk = _WALKS.get(module)
-    modules = _live_modules(walk) if walk is not None else None
-    if walk is None or modules is None:
+    walk = _kept_walk(module)
+    if not all(walk.names_of(p) is not None for p in module.parameters()):
         walk = _walk(module)
-        _WALKS[module] = walk
-        modules = _live_modules(walk)
-        assert modules is not None
-    names: dict[int, list[str]] = {}
-    for name, owner, attr in walk.slots:
-        param = modules[owner]._parameters.get(attr)
-        if param is not None:
-            for prefix in _WRAPPER_PREFIXES:
-                name = name.replace(prefix, "")
-            names.setdefault(id(param), []).append(name)
-    return names
+    return {id(p): walk.names[id(p)] for p in module.parameters()}
 
 
 def _modules_in(state: Any) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -126,23 +134,44 @@ class ParameterNames:
 
     def __init__(self, state: Any) -> None:
         self._state = state
-        self._found: dict[int, tuple[str, list[str]]] | None = None
+        self._walks: list[tuple[str, torch.nn.Module, _ModuleWalk]] | None = None
+        self._fresh = False
 
     def _owners(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, list[str]]] | None:
         """Per parameter, its module's key and its names there; None if one is in no module."""
-        if self._found is None:
-            self._found = {}
-            for key, module in _modules_in(self._state):
-                for pid, names in module_parameter_names(module).items():
-                    self._found.setdefault(pid, (key, names))
+        if self._walks is None:
+            self._walks = [(key, module, _kept_walk(module)) for key, module in _modules_in(self._state)]
         owners = []
+        walks = self._walks
         for group in optimizer.param_groups:
             for p in group["params"]:
-                owner = self._found.get(id(p))
+                owner = None
+                if len(walks) == 1:  # the common case, inlined: a save asks of every parameter
+                    key, _, walk = walks[0]
+                    slot = walk.slots.get(id(p))
+                    if slot is not None and (held := slot[0]()) is not None and held._parameters.get(slot[1]) is p:
+                        owner = key, walk.names[id(p)]
+                else:
+                    owner = self._find(p)
+                if owner is None and not self._fresh:  # a parameter added or moved since a kept walk
+                    self._walks = walks = [(key, module, _walk(module)) for key, module, _ in walks]
+                    self._fresh = True
+                    owner = self._find(p)
                 if owner is None:
                     return None
                 owners.append(owner)
         return owners
+
+    def _find(self, param: torch.Tensor) -> tuple[str, list[str]] | None:
+        """The first module's key and names of ``param`` (``_ModuleWalk.names_of``, inlined)."""
+        pid = id(param)
+        for key, _, walk in self._walks or ():
+            slot = walk.slots.get(pid)
+            if slot is not None:
+                owner = slot[0]()
+                if owner is not None and owner._parameters.get(slot[1]) is param:
+                    return key, walk.names[pid]
+        return None
 
     def aliases(self, optimizer: torch.optim.Optimizer) -> list[list[str]] | None:
         """Every name of each of the optimizer's parameters, in param group order, the one
@@ -150,17 +179,21 @@ class ParameterNames:
         owners = self._owners(optimizer)
         if owners is None:
             return None
-        several = len({key for key, _ in owners}) > 1
-        return [[f"{key}.{name}" if several else name for name in names] for key, names in owners]
+        if len({key for key, _ in owners}) == 1:
+            return [names for _, names in owners]
+        return [[f"{key}.{name}" for name in names] for key, names in owners]
 
     def of(self, optimizer: torch.optim.Optimizer) -> list[str] | None:
         """The names of the optimizer's parameters, in param group order (a tied parameter's
         first, as ``named_parameters()`` gives it); None when one of them is in no module of the
         state (the optimizer's state then stays keyed by position)."""
-        aliases = self.aliases(optimizer)
-        if aliases is None:
+        owners = self._owners(optimizer)
+        if owners is None:
             return None
-        names = [names[0] for names in aliases]
+        if len({key for key, _ in owners}) == 1:
+            names = [names[0] for _, names in owners]
+        else:
+            names = [f"{key}.{names[0]}" for key, names in owners]
         return names if len(set(names)) == len(names) else None
 
 
