@@ -223,24 +223,26 @@ def test_managers_one_after_another(tmp_path):
 
 
 def _tags_and_retention(rank: int, world: int, tmp: str) -> dict:
-    """Every rank tags and untags as it saves; rank 0 applies retention (before its own handle
-    resolves: the others' may resolve first, so they look after a barrier) and records each save's
-    slowest rank."""
+    """Every rank tags and untags as it saves; rank 0 applies retention, slowly here (a slow
+    store's deletes), before any rank's save resolves: each lists the root right after its
+    ``wait``. Rank 0 records each save's slowest rank."""
     import torch.distributed as dist
 
     losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 2.8}
     out: dict = {}
     state = {"w": torch.full((64,), float(rank))}
     with asyncckpt.CheckpointManager(tmp, keep_last=1, keep_best=1, best_metric="loss") as mgr:
+        if rank == 0:
+            apply = mgr._retainer.apply
+            mgr._retainer.apply = lambda protect: (time.sleep(0.5), apply(protect))  # type: ignore[method-assign]
         for step in (1, 2, 3, 4):
             mgr.save(step, state, metrics={"loss": losses[step]}).wait()
             if step == 1:
                 out["tagged"] = mgr.tag(1, "golden")
-        dist.barrier()
         out["kept"] = mgr.steps()
+        dist.barrier()  # every rank's untag before the next save
         out["untagged"] = mgr.untag(1)
         mgr.save(5, state, metrics={"loss": losses[5]}).wait()
-        dist.barrier()
         out["after_untag"] = mgr.steps()
         out["records"] = [(r.step, r.stall_s, r.max_rank_stall_s) for r in mgr.stats.records]
         out["summary"] = mgr.stats.summary()
