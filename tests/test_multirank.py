@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,17 @@ def _tags_and_retention(rank: int, world: int, tmp: str) -> dict:
         out["after_untag"] = mgr.steps()
         out["records"] = [(r.step, r.stall_s, r.max_rank_stall_s) for r in mgr.stats.records]
         out["summary"] = mgr.stats.summary()
+    # rank 0's retention slower than rank_timeout: the step is committed, so every rank's save
+    # still succeeds; the others warn that their listing may be ahead of rank 0's deletes
+    with asyncckpt.CheckpointManager(Path(tmp) / "slow", keep_last=1, rank_timeout=4) as mgr:
+        if rank == 0:
+            apply = mgr._retainer.apply
+            mgr._retainer.apply = lambda protect: (time.sleep(6), apply(protect))  # type: ignore[method-assign]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mgr.save(1, state).wait()
+        out["slow_warnings"] = [str(w.message) for w in caught if "retention within" in str(w.message)]
+        out["slow_steps"] = mgr.steps()
     return out
 
 
@@ -263,6 +275,9 @@ def test_tags_retention_and_the_slowest_rank_s_stall_on_many_ranks(tmp_path):
     assert all(slowest is None for _, _, slowest in got[1]["records"])
     assert got[0]["summary"]["rank_stall_max_s"] == max(max(s.values()) for s in stalls.values())
     assert "rank_stall_max_s" not in got[1]["summary"]
+    assert got[0]["slow_warnings"] == [] and got[0]["slow_steps"] == [1]
+    assert got[1]["slow_steps"] == [1] and len(got[1]["slow_warnings"]) == 1, got[1]["slow_warnings"]
+    assert "step 1 is committed, but rank 0 did not finish its retention within 4 s" in got[1]["slow_warnings"][0]
 
 
 def _consolidated(loaded: dict, make) -> dict:

@@ -143,7 +143,7 @@ class SaveJob:
     taken: bool = False
     cancelled: bool = False
     ranks: RankSave | None = None  # a save of several ranks: this rank's part and the attempt they share
-    published: bool = False  # rank 0 of several: the manifest is published, the others not yet told
+    published: bool = False  # rank 0 of several: published; the others wait to hear its bookkeeping is done
     retagged_late: bool = False  # tags changed after that: the manager rewrites them at the commit
     changes: list[Callable[[list[str]], list[str]]] = field(default_factory=list)  # tag/untag calls, in order
     _tags_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -268,7 +268,7 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the writer
                 _warn_from_writer(f"asyncckpt: bookkeeping after step {job.step} failed: {exc!r}")
             if job.published and job.ranks is not None:
-                self._announce_committed(job, job.ranks)
+                self._announce_settled(job, job.ranks)
             if error is None:
                 job.handle._resolve(user_location(path))  # type: ignore[arg-type]
             else:
@@ -354,6 +354,11 @@ class Pipeline:
         record.raw_bytes, record.stored_bytes = raw_bytes, stored_bytes
         if job.lazy is not None and group.rank == 0:
             self._read_gpu_fence_wait(job)
+        if group.rank != 0 and not group.heard_settled(ranks.attempt):
+            _warn_from_writer(
+                f"asyncckpt: step {job.step} is committed, but rank 0 did not finish its retention within "
+                f"{group.timeout:g} s: steps() on rank {group.rank} may still list checkpoints it deletes"
+            )
         return ref
 
     def _write_rank_part(self, job: SaveJob, ranks: RankSave, staging: Staging) -> Vote:
@@ -387,8 +392,7 @@ class Pipeline:
 
     def _publish_ranks(self, job: SaveJob, ranks: RankSave, staging: Staging) -> tuple[CheckpointRef, int, int]:
         """Rank 0: every rank's vote, then the manifest published (or the attempt aborted and every
-        rank told why; told it committed once retention is applied, by the writer loop's
-        ``_announce_committed``); the checkpoint and its raw and stored sizes."""
+        rank told why); the checkpoint and its raw and stored sizes."""
         group = ranks.group
         votes = group.collect(ranks.attempt, job.step)
         failed = [v for v in votes if not v.ok]
@@ -420,23 +424,22 @@ class Pipeline:
             group.announce(ranks.attempt, f"step {job.step} was not committed: rank 0 failed to publish: {exc}")
             self._storage.abort(staging)
             raise
+        group.announce(ranks.attempt, "committed")
         job.published = True
         job.record.max_rank_stall_s = max(v.stall_s for v in votes)
         return checkpoint.ref, manifest.raw_bytes, manifest.stored_bytes
 
     @staticmethod
-    def _announce_committed(job: SaveJob, ranks: RankSave) -> None:
-        """Rank 0, once the checkpoint is published and retention applied: every other rank's
-        save of it resolves now, so a rank that lists the root after its ``wait`` sees what rank 0
-        left there (never a step retention is about to delete). The checkpoint is committed
-        whatever happens here: a store that cannot be told is a warning on this rank, and a
-        failure, after their timeout, on the others."""
+    def _announce_settled(job: SaveJob, ranks: RankSave) -> None:
+        """Rank 0, after its bookkeeping of a committed step (tags, retention, the log): the other
+        ranks' saves of it resolve now, so a rank that lists the root after its ``wait`` sees
+        what rank 0 left there, never a step its retention is about to delete."""
         try:
-            ranks.group.announce(ranks.attempt, "committed")
+            ranks.group.announce_settled(ranks.attempt)
         except Exception as exc:  # noqa: BLE001 - a lost store connection: the commit stands
             _warn_from_writer(
-                f"asyncckpt: step {job.step} is committed, but the other ranks could not be told "
-                f"({type(exc).__name__}: {exc}); their saves of it will fail after their timeout"
+                f"asyncckpt: step {job.step} is committed, but the other ranks could not be told that "
+                f"retention is done ({type(exc).__name__}: {exc}); they resolve after their timeout"
             )
 
     def _report_failure(self, step: int, ranks: RankSave, staging: Staging, reason: str) -> None:

@@ -486,6 +486,20 @@ class RankGroup:
         """Rank 0: the outcome of a save attempt ("committed", or the reason it was not)."""
         self.store.set(f"outcome/{attempt}", outcome)
 
+    def announce_settled(self, attempt: str) -> None:
+        """Rank 0: its bookkeeping after committing the attempt's step (tags, retention, the log)
+        is done."""
+        self.store.set(f"settled/{attempt}", "1")
+
+    def heard_settled(self, attempt: str) -> bool:
+        """A rank other than 0, after "committed": whether rank 0 said its bookkeeping is done
+        within ``timeout`` seconds (the step is committed either way)."""
+        try:
+            self.store.wait([f"settled/{attempt}"], timedelta(seconds=self.timeout))
+        except Exception:  # noqa: BLE001 - a store timeout or a lost connection
+            return False
+        return True
+
     def outcome(self, attempt: str, step: int) -> str:
         """A rank other than 0: the outcome rank 0 announced, waiting at most ``timeout`` seconds.
 
