@@ -324,7 +324,7 @@ def test_the_kept_walk_holds_no_model_alive():
     assert gone() is None
 
 
-def test_a_reregistered_child_keeps_every_name_of_a_tied_parameter():
+def test_a_reregistered_child_changes_which_name_of_a_tied_parameter_comes_first():
     model = nn.Module()
     model.enc = nn.Linear(2, 2)
     model.dec = nn.Linear(2, 2)
@@ -332,9 +332,9 @@ def test_a_reregistered_child_keeps_every_name_of_a_tied_parameter():
     assert module_parameter_names(model)[id(model.enc.weight)] == ["enc.weight", "dec.weight"]
     enc = model.enc
     del model.enc
-    model.enc = enc  # "dec.weight" comes first in a fresh walk now; a restore accepts either name
-    assert sorted(module_parameter_names(model)[id(enc.weight)]) == ["dec.weight", "enc.weight"]
-    assert sorted(module_parameter_names(model)) == sorted(by_name(model))
+    model.enc = enc  # "dec.weight" comes first in a fresh walk now
+    assert module_parameter_names(model)[id(enc.weight)] == ["dec.weight", "enc.weight"]
+    assert first_names(model) == by_name(model)
 
 
 def test_torch_s_own_load_takes_the_named_state_dict_that_load_returns(tmp_path):
@@ -351,3 +351,96 @@ def test_torch_s_own_load_takes_the_named_state_dict_that_load_returns(tmp_path)
     live_opt.load_state_dict(saved)  # by position, as torch does: the same order here
     assert_state_by_name(live, live_opt, model, opt, ["a.weight", "a.bias", "b.weight", "b.bias"])
     assert live_opt.param_groups[0]["lr"] == 0.1
+
+
+# ---- the kept walk against a fresh one, as the model changes --------------------------------------
+
+
+def fresh_names(module: nn.Module) -> dict[int, set[str]]:
+    """Every parameter's names by ``named_modules(remove_duplicate=False)``, computed here."""
+    out: dict[int, set[str]] = {}
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for attr, p in owner._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), set()).add(f"{prefix}.{attr}" if prefix else attr)
+    return out
+
+
+def test_a_shared_module_has_a_name_for_each_place():
+    model = nn.Module()
+    head = nn.Linear(2, 2)
+    model.a = head
+    model.b = head
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    state = {"model": model, "opt": opt}
+    assert ParameterNames(state).aliases(opt) == [["a.weight", "b.weight"], ["a.bias", "b.bias"]]
+    assert ParameterNames(state).of(opt) == ["a.weight", "a.bias"]
+    del model.a
+    model.a = head  # "b" comes first now: a save may still store "a.weight", which a restore finds
+    assert ParameterNames(state).of(opt) in (["a.weight", "a.bias"], ["b.weight", "b.bias"])
+    assert ParameterNames(state).aliases(opt) == [["b.weight", "a.weight"], ["b.bias", "a.bias"]]
+
+
+def test_random_changes_to_a_model_keep_the_names_a_fresh_walk_gives():
+    import random
+
+    rng = random.Random(7)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)) for _ in range(4)])
+    checked = 0
+    for _ in range(300):
+        blocks = list(model)
+        block, other = rng.choice(blocks), rng.choice(blocks)
+        op = rng.randrange(7)
+        if op == 0:  # swap two children of a block
+            block[0], block[1] = block[1], block[0]
+        elif op == 1:  # a parameter replaced
+            block[0].weight = nn.Parameter(torch.zeros(2, 2))
+        elif op == 2:  # tie two blocks' weights
+            other[1].weight = block[0].weight
+        elif op == 3 and len(other) < 4:  # share a layer into another block
+            other.append(block[0])
+        elif op == 4 and len(other) > 2:  # a child removed
+            del other[len(other) - 1]
+        elif op == 5:  # a parameter added
+            setattr(block[1], f"extra{rng.randrange(3)}", nn.Parameter(torch.zeros(1)))
+        elif op == 6:  # a parameter removed
+            block[1].bias = None
+        if rng.random() < 0.5:
+            params = list(model.parameters())
+            opt = torch.optim.SGD(params, lr=0.1)
+            fresh = fresh_names(model)
+            state = {"model": model, "opt": opt}
+            saved = ParameterNames(state).of(opt)  # the kept walks, as a save uses them
+            assert saved is not None and all(name in fresh[id(p)] for name, p in zip(saved, params, strict=True))
+            aliases = ParameterNames(state).aliases(opt)  # as a restore finds them
+            assert aliases is not None and [set(a) for a in aliases] == [fresh[id(p)] for p in params]
+            checked += 1
+    assert checked > 100
+
+
+def test_an_untied_parameter_loses_its_other_name():
+    model = Tied()
+    opt = torch.optim.Adam(model.parameters())
+    state = {"model": model, "opt": opt}
+    assert ["embed.weight", "head.weight"] in ParameterNames(state).aliases(opt)
+    model.head.weight = nn.Parameter(torch.zeros(10, 4))  # untied; the optimizer keeps the old one
+    aliases = ParameterNames(state).aliases(opt)
+    assert aliases is not None and ["embed.weight"] in aliases and ["embed.weight", "head.weight"] not in aliases
+
+
+def test_a_parameter_in_no_module_is_not_walked_for_at_every_save(monkeypatch):
+    from asyncckpt.state import names as names_module
+
+    model = Tied()
+    loose = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.Adam([*model.parameters(), loose])
+    state = {"model": model, "opt": opt}
+    assert ParameterNames(state).of(opt) is None
+    walks = []
+    walk = names_module._walk
+    monkeypatch.setattr(names_module, "_walk", lambda module: walks.append(module) or walk(module))
+    for _ in range(3):
+        assert ParameterNames(state).of(opt) is None
+    assert walks == []
+    model.extra = loose  # it joins the model: the model has a new entry and is walked again
+    assert ParameterNames(state).of(opt) is not None and walks == [model]

@@ -36,22 +36,29 @@ _MAX_DEPTH = 64  # containers searched for modules, as deep as a state may nest
 @dataclass
 class _ModuleWalk:
     """One walk of a module's parameters, holding the modules weakly (a cache must not keep a
-    model alive).
+    model alive). It walks a module shared at several places once per place, as ``state_dict()``
+    does, so a parameter has every name its module gives it.
 
     Attributes:
-        edges: (parent, key, child) of every child module entry met; all must still hold for the
-            walk to be used (a child replaced, moved or gone makes it stale).
-        names: ``id(parameter) -> its names``, the first as ``named_parameters()`` gave it.
-        slots: ``id(parameter) -> (owner, attribute)`` of its first name: a parameter is named
-            only while that slot still holds it.
+        modules: Each module met, with its numbers of child and parameter entries.
+        edges: (parent, key, child) of every child module entry met.
+        names: ``id(parameter) -> its names``, the first as ``named_parameters()`` gives it.
+        slots: ``id(parameter) -> (owner, attribute)`` of its first name: a save checks it, so
+            the name it stores is one the parameter has now.
     """
 
+    modules: list[tuple[weakref.ref, int, int]]
     edges: list[tuple[weakref.ref, str, weakref.ref | None]]
     names: dict[int, list[str]]
     slots: dict[int, tuple[weakref.ref, str]]
 
     def holds(self) -> bool:
-        """Whether every child module is still where the walk met it."""
+        """Whether no module met gained or lost a child or parameter entry and every child
+        module is still where the walk met it."""
+        for ref, children, params in self.modules:
+            module = ref()
+            if module is None or len(module._modules) != children or len(module._parameters) != params:
+                return False
         for parent_ref, key, child_ref in self.edges:
             parent = parent_ref()
             if parent is None or parent._modules.get(key) is not (child_ref() if child_ref is not None else None):
@@ -59,23 +66,29 @@ class _ModuleWalk:
         return True
 
     def names_of(self, param: torch.Tensor) -> list[str] | None:
-        """The parameter's names, while the slot of its first name still holds it."""
+        """The parameter's names while the slot of its first name still holds it (the others
+        may have changed since: a restore walks afresh)."""
         slot = self.slots.get(id(param))
-        if slot is None:
-            return None
-        owner = slot[0]()
-        return self.names[id(param)] if owner is not None and owner._parameters.get(slot[1]) is param else None
+        return self.names[id(param)] if slot is not None and _holds(slot, param) else None
+
+
+def _holds(slot: tuple[weakref.ref, str], param: torch.Tensor) -> bool:
+    owner = slot[0]()
+    return owner is not None and owner._parameters.get(slot[1]) is param
 
 
 _WALKS: weakref.WeakKeyDictionary[torch.nn.Module, _ModuleWalk] = weakref.WeakKeyDictionary()
+_UNNAMED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # in no module, as last found
 
 
 def _walk(module: torch.nn.Module) -> _ModuleWalk:
+    modules: list[tuple[weakref.ref, int, int]] = []
     edges: list[tuple[weakref.ref, str, weakref.ref | None]] = []
     names: dict[int, list[str]] = {}
     slots: dict[int, tuple[weakref.ref, str]] = {}
-    for prefix, owner in module.named_modules():
+    for prefix, owner in module.named_modules(remove_duplicate=False):
         held = weakref.ref(owner)
+        modules.append((held, len(owner._modules), len(owner._parameters)))
         edges += [(held, key, None if child is None else weakref.ref(child)) for key, child in owner._modules.items()]
         for attr, param in owner._parameters.items():
             if param is None:
@@ -83,10 +96,9 @@ def _walk(module: torch.nn.Module) -> _ModuleWalk:
             name = f"{prefix}.{attr}" if prefix else attr
             for wrapper in _WRAPPER_PREFIXES:
                 name = name.replace(wrapper, "")
-            if id(param) not in names:
-                slots[id(param)] = (held, attr)
             names.setdefault(id(param), []).append(name)
-    walk = _ModuleWalk(edges, names, slots)
+            slots.setdefault(id(param), (held, attr))
+    walk = _ModuleWalk(modules, edges, names, slots)
     _WALKS[module] = walk
     return walk
 
@@ -97,17 +109,14 @@ def _kept_walk(module: torch.nn.Module) -> _ModuleWalk:
 
 
 def module_parameter_names(module: torch.nn.Module) -> dict[int, list[str]]:
-    """``id(parameter) -> its names`` for a module's parameters: the first is the name
-    ``named_parameters()`` gives (when the module was walked), the others a tied parameter's
-    other names; wrapper prefixes left out.
+    """``id(parameter) -> its names`` for a module's parameters, as a fresh walk finds them: the
+    first is the name ``named_parameters()`` gives, the others a tied or shared parameter's other
+    names; wrapper prefixes left out. The walk is kept for the saves that follow.
 
     Args:
         module: the module (a DDP wrapper is the caller's to unwrap).
     """
-    walk = _kept_walk(module)
-    if not all(walk.names_of(p) is not None for p in module.parameters()):
-        walk = _walk(module)
-    return {id(p): walk.names[id(p)] for p in module.parameters()}
+    return dict(_walk(module).names)
 
 
 def _modules_in(state: Any) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -153,29 +162,32 @@ class ParameterNames:
                         owner = key, walk.names[id(p)]
                 else:
                     owner = self._find(p)
-                if owner is None and not self._fresh:  # a parameter added or moved since a kept walk
+                if owner is None and not self._fresh and _UNNAMED.get(id(p)) is not p:
+                    # a parameter replaced in its slot since a kept walk: walk every module again
                     self._walks = walks = [(key, module, _walk(module)) for key, module, _ in walks]
                     self._fresh = True
                     owner = self._find(p)
                 if owner is None:
+                    _UNNAMED[id(p)] = p  # not walked for again: a module it joins changes, and is walked
                     return None
                 owners.append(owner)
         return owners
 
     def _find(self, param: torch.Tensor) -> tuple[str, list[str]] | None:
-        """The first module's key and names of ``param`` (``_ModuleWalk.names_of``, inlined)."""
-        pid = id(param)
+        """The key of the first module naming ``param``, and its names there."""
         for key, _, walk in self._walks or ():
-            slot = walk.slots.get(pid)
-            if slot is not None:
-                owner = slot[0]()
-                if owner is not None and owner._parameters.get(slot[1]) is param:
-                    return key, walk.names[pid]
+            names = walk.names_of(param)
+            if names is not None:
+                return key, names
         return None
 
     def aliases(self, optimizer: torch.optim.Optimizer) -> list[list[str]] | None:
-        """Every name of each of the optimizer's parameters, in param group order, the one
-        :meth:`of` gives first (a tied parameter has several); None as for :meth:`of`."""
+        """Every name of each of the optimizer's parameters, in param group order (a tied or
+        shared parameter has several), from fresh walks: a restore asks, once, and must know
+        every name a checkpoint may have been saved under; None as for :meth:`of`."""
+        if not self._fresh:
+            self._walks = [(key, module, _walk(module)) for key, module in _modules_in(self._state)]
+            self._fresh = True
         owners = self._owners(optimizer)
         if owners is None:
             return None
