@@ -10,14 +10,15 @@ module's key in the state (``"gen.fc.weight"``) when one optimizer's parameters 
 modules. A restore matches the names, so order no longer matters and a parameter one side lacks
 is reported by name.
 
-A tied parameter is stored under one of its names (the first ``named_parameters()`` gives) and
-found by any of them, so the tied modules may be defined in another order.
+A parameter with several names (tied, or in a module registered at two places) is stored under
+one of them and found by any of them, so the modules may be defined in another order.
 
 Naming walks every module's parameters (what ``named_parameters()`` does), on the training
 thread, at every save. The walk is therefore kept per module, holding the modules weakly, and
-used while every child module is still where it met it and, for each parameter asked about, the
-slot it named still holds that parameter; anything else (a parameter added, replaced or moved)
-walks the module again. ``bench/flatten.py`` measures what that saves.
+used while no module it met gained or lost an entry, every child module is still where it met
+it, and, for each parameter a save asks about, the slot of its first name still holds it: the
+name stored is always one the parameter has. Anything else walks the module again, and a restore
+always walks afresh, to know every name. ``bench/flatten.py`` measures what keeping it saves.
 """
 
 from __future__ import annotations
