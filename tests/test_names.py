@@ -444,3 +444,13 @@ def test_a_parameter_in_no_module_is_not_walked_for_at_every_save(monkeypatch):
     assert walks == []
     model.extra = loose  # it joins the model: the model has a new entry and is walked again
     assert ParameterNames(state).of(opt) is not None and walks == [model]
+
+
+def test_a_loose_parameter_put_in_an_existing_slot_is_named_at_the_next_save():
+    model = nn.Linear(2, 2, bias=False)
+    loose = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([model.weight, loose], lr=0.1)
+    state = {"model": model, "opt": opt}
+    assert ParameterNames(state).of(opt) is None
+    model.bias = loose  # the "bias" entry was there (None): no entry added
+    assert ParameterNames(state).of(opt) == ["weight", "bias"]

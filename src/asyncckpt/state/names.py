@@ -41,8 +41,8 @@ class _ModuleWalk:
     does, so a parameter has every name its module gives it.
 
     Attributes:
-        modules: Each module met, with its numbers of child and parameter entries.
-        edges: (parent, key, child) of every child module entry met.
+        modules: Each module met (once), with its numbers of child and parameter entries.
+        edges: (parent, key, child) of every child module entry of those modules.
         names: ``id(parameter) -> its names``, the first as ``named_parameters()`` gives it.
         slots: ``id(parameter) -> (owner, attribute)`` of its first name: a save checks it, so
             the name it stores is one the parameter has now.
@@ -66,6 +66,14 @@ class _ModuleWalk:
                 return False
         return True
 
+    def anywhere(self, param: torch.Tensor) -> bool:
+        """Whether any module met holds ``param`` (in a slot the walk may not know by it)."""
+        for ref, _, _ in self.modules:
+            module = ref()
+            if module is not None and any(p is param for p in module._parameters.values()):
+                return True
+        return False
+
     def names_of(self, param: torch.Tensor) -> list[str] | None:
         """The parameter's names while the slot of its first name still holds it (the others
         may have changed since: a restore walks afresh)."""
@@ -87,10 +95,13 @@ def _walk(module: torch.nn.Module) -> _ModuleWalk:
     edges: list[tuple[weakref.ref, str, weakref.ref | None]] = []
     names: dict[int, list[str]] = {}
     slots: dict[int, tuple[weakref.ref, str]] = {}
+    met: set[int] = set()
     for prefix, owner in module.named_modules(remove_duplicate=False):
         held = weakref.ref(owner)
-        modules.append((held, len(owner._modules), len(owner._parameters)))
-        edges += [(held, key, None if child is None else weakref.ref(child)) for key, child in owner._modules.items()]
+        if id(owner) not in met:  # a shared module is checked once, named at each place
+            met.add(id(owner))
+            modules.append((held, len(owner._modules), len(owner._parameters)))
+            edges += [(held, key, None if c is None else weakref.ref(c)) for key, c in owner._modules.items()]
         for attr, param in owner._parameters.items():
             if param is None:
                 continue
@@ -163,16 +174,21 @@ class ParameterNames:
                         owner = key, walk.names[id(p)]
                 else:
                     owner = self._find(p)
-                if owner is None and not self._fresh and _UNNAMED.get(id(p)) is not p:
-                    # a parameter replaced in its slot since a kept walk: walk every module again
+                if owner is None and not self._fresh and not self._known_loose(p):
+                    # a parameter put in a slot since a kept walk: walk every module again
                     self._walks = walks = [(key, module, _walk(module)) for key, module, _ in walks]
                     self._fresh = True
                     owner = self._find(p)
                 if owner is None:
-                    _UNNAMED[id(p)] = p  # not walked for again: a module it joins changes, and is walked
+                    _UNNAMED[id(p)] = p  # not walked for again while no module met holds it
                     return None
                 owners.append(owner)
         return owners
+
+    def _known_loose(self, param: torch.Tensor) -> bool:
+        """Found in no module before, and still in none of the modules met (a scan of their
+        parameter entries, cheaper than walking them again)."""
+        return _UNNAMED.get(id(param)) is param and not any(walk.anywhere(param) for _, _, walk in self._walks or ())
 
     def _find(self, param: torch.Tensor) -> tuple[str, list[str]] | None:
         """The key of the first module naming ``param``, and its names there."""
