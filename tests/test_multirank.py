@@ -256,7 +256,7 @@ def _tags_and_retention(rank: int, world: int, tmp: str) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             mgr.save(1, state).wait()
-        out["slow_warnings"] = [str(w.message) for w in caught if "retention within" in str(w.message)]
+        out["slow_warnings"] = [str(w.message) for w in caught if "retention was done" in str(w.message)]
         out["slow_steps"] = mgr.steps()
     return out
 
@@ -277,7 +277,7 @@ def test_tags_retention_and_the_slowest_rank_s_stall_on_many_ranks(tmp_path):
     assert "rank_stall_max_s" not in got[1]["summary"]
     assert got[0]["slow_warnings"] == [] and got[0]["slow_steps"] == [1]
     assert got[1]["slow_steps"] == [1] and len(got[1]["slow_warnings"]) == 1, got[1]["slow_warnings"]
-    assert "step 1 is committed, but rank 0 did not finish its retention within 4 s" in got[1]["slow_warnings"][0]
+    assert "step 1 is committed, but rank 0 did not say its retention was done within 4 s" in got[1]["slow_warnings"][0]
 
 
 def _consolidated(loaded: dict, make) -> dict:

@@ -356,8 +356,8 @@ class Pipeline:
             self._read_gpu_fence_wait(job)
         if group.rank != 0 and not group.heard_settled(ranks.attempt):
             _warn_from_writer(
-                f"asyncckpt: step {job.step} is committed, but rank 0 did not finish its retention within "
-                f"{group.timeout:g} s: steps() on rank {group.rank} may still list checkpoints it deletes"
+                f"asyncckpt: step {job.step} is committed, but rank 0 did not say its retention was done "
+                f"within {group.timeout:g} s: steps() on rank {group.rank} may still list checkpoints it deletes"
             )
         return ref
 
@@ -424,8 +424,14 @@ class Pipeline:
             group.announce(ranks.attempt, f"step {job.step} was not committed: rank 0 failed to publish: {exc}")
             self._storage.abort(staging)
             raise
-        group.announce(ranks.attempt, "committed")
-        job.published = True
+        job.published = True  # committed whatever follows: the others are told, then told it settled
+        try:
+            group.announce(ranks.attempt, "committed")
+        except Exception as exc:  # noqa: BLE001 - a lost store connection: the commit stands
+            _warn_from_writer(
+                f"asyncckpt: step {job.step} is committed, but the other ranks could not be told "
+                f"({type(exc).__name__}: {exc}); their saves of it fail after rank_timeout"
+            )
         job.record.max_rank_stall_s = max(v.stall_s for v in votes)
         return checkpoint.ref, manifest.raw_bytes, manifest.stored_bytes
 

@@ -204,7 +204,8 @@ class RankGroup:
 
     Args:
         process_group: The ranks saving together (default: the default group).
-        timeout: Seconds a rank waits for the others' votes or for the outcome of a save.
+        timeout: Seconds a rank waits for the others' votes, for the outcome of a save, and then
+            for rank 0's word that its retention is done.
     """
 
     def __init__(self, process_group: Any = None, timeout: float = 300.0) -> None:
