@@ -228,6 +228,25 @@ def test_piece_cuts_follow_each_piece_s_shard_count_and_skip_pieces_of_partial_r
     assert 3075 - 2049 in cuts[0]  # where the third of 4 FSDP2 shards starts (ceil(4098 / 4) = 1025)
 
 
+def test_a_piece_too_small_to_cut_still_gets_a_chunk_of_its_own():
+    from asyncckpt.format import GlobalEntry, PieceEntry
+
+    rows = MIN_RESHARD_PART // 1024 + 8  # just over 1 MiB: under two shares' worth, so no cut
+    layout = plan_layout([torch.zeros(()), torch.zeros(rows, 256), torch.zeros(())])
+    globals_ = [GlobalEntry("float32", ()), GlobalEntry("float32", (4 * rows, 256)), GlobalEntry("float32", ())]
+    pieces = [PieceEntry(0, 0, ()), PieceEntry(1, 1, (rows, 0)), PieceEntry(2, 2, ())]  # AdamW steps around a shard
+    cuts = piece_cuts(layout.slots, pieces, globals_, [4, 4, 4])
+    assert cuts == {1: []}
+    chunks = plan_chunks(layout, 4 << 20, cuts)
+    check_cover(layout, chunks, 4 << 20)
+    piece = layout.slots[1]
+    # a rank that reads a scalar (every rank does, at any world size) decodes only the scalars' packs
+    assert [c for c in chunks if c.start < extent_end(piece) and piece.offset < c.end] == [
+        ChunkPlan(piece.offset, extent_end(piece), bytegroup_size(torch.float32))
+    ]
+    assert len(chunks) == 3
+
+
 def test_reshard_cuts_leave_a_small_piece_whole():
     rows = 2 * MIN_RESHARD_PART // 1024
     assert reshard_cuts(0, rows - 1, 2 * rows, 1024, 2) == []  # under two shares' worth: whole

@@ -16,7 +16,9 @@ nothing more), cut so that a reader of some tensors decodes only their chunks:
   job's shard count (the ranks its rows are split over), at 2, 4 or 8 times it, or at a half, a
   quarter or an eighth of it, as far as the piece is large enough. A job resumed at such a world
   size then decodes on each rank only its own rows' chunks, instead of whole pieces (and whatever
-  small tensors were packed with them).
+  small tensors were packed with them). A piece too small to be cut but of ``MIN_RESHARD_PART``
+  bytes or more still gets a chunk of its own: a rank that needs only the small tensors beside it
+  (a replicated scalar every rank reads) does not decode it.
 
 Every chunk is at most ``chunk_size`` bytes (padding included), holds one dtype, and its length
 is a whole number of elements, so byte-grouping applies to it as to the tensors.
@@ -134,8 +136,9 @@ def piece_cuts(
 ) -> dict[int, list[int]]:
     """:func:`reshard_cuts` of every piece of a rank's save that holds whole rows of its global
     tensor (FSDP2's shards, replicated tensors' row pieces; not a shard of another dimension),
-    by the piece's index in ``slots`` (its tensor in the rank table); ``parts``: by piece, in how
-    many parts the job splits its global tensor's rows."""
+    by the piece's index in ``slots`` (its tensor in the rank table), and with no cuts every such
+    piece of :data:`MIN_RESHARD_PART` bytes or more, which gets chunks of its own all the same;
+    ``parts``: by piece, in how many parts the job splits its global tensor's rows."""
     cuts: dict[int, set[int]] = {}
     for piece, split in zip(pieces, parts, strict=True):
         slot, entry = slots[piece.tensor], globals_[piece.index]
@@ -143,7 +146,9 @@ def piece_cuts(
             continue
         rows = slot.shape[0]
         found = reshard_cuts(piece.offsets[0], rows, entry.shape[0], slot.nbytes // rows, split)
-        if found:
+        if found or slot.nbytes >= MIN_RESHARD_PART:
+            # a piece of this size is not packed with its neighbours even where it is not cut: a
+            # rank that needs one of them (a replicated scalar every rank reads) would decode it too
             cuts.setdefault(piece.tensor, set()).update(found)
     return {index: sorted(rows) for index, rows in cuts.items()}
 
@@ -170,13 +175,13 @@ def plan_chunks(layout: Layout, chunk_size: int, cuts: Mapping[int, list[int]] |
         chunk_size: the largest chunk in bytes (rounded down to a multiple of 64, at least 64).
         cuts: by index in ``layout.slots``, the rows at which a tensor is cut besides (a piece
             of a global tensor, for resharding: :func:`piece_cuts`); such a tensor gets chunks of
-            its own.
+            its own, with no cut besides where the list is empty.
 
     Returns:
         The chunks, in order: contiguous, covering ``[0, layout.total)``.
     """
     capacity = max(ALIGNMENT, chunk_size - chunk_size % ALIGNMENT)
-    cut_at = {id(layout.slots[i]): rows for i, rows in (cuts or {}).items() if rows and layout.slots[i].nbytes}
+    cut_at = {id(layout.slots[i]): rows for i, rows in (cuts or {}).items() if layout.slots[i].nbytes}
     slots = sorted((s for s in layout.slots if s.nbytes), key=lambda s: s.offset)
     starts = [s.offset for s in slots]
     plans: list[ChunkPlan] = []
