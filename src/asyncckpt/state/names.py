@@ -155,20 +155,24 @@ class ParameterNames:
 
     def __init__(self, state: Any) -> None:
         self._state = state
-        self._walks: list[tuple[str, torch.nn.Module, _ModuleWalk]] | None = None
+        self._walks: list[tuple[str, _ModuleWalk]] | None = None
         self._fresh = False
+
+    def _walk_modules(self, fresh: bool) -> list[tuple[str, _ModuleWalk]]:
+        """The state's modules' walks (kept ones where they hold, or all fresh), by module key."""
+        self._fresh = self._fresh or fresh
+        self._walks = [(key, (_walk if fresh else _kept_walk)(module)) for key, module in _modules_in(self._state)]
+        return self._walks
 
     def _owners(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, list[str]]] | None:
         """Per parameter, its module's key and its names there; None if one is in no module."""
-        if self._walks is None:
-            self._walks = [(key, module, _kept_walk(module)) for key, module in _modules_in(self._state)]
+        walks = self._walks if self._walks is not None else self._walk_modules(fresh=False)
         owners = []
-        walks = self._walks
         for group in optimizer.param_groups:
             for p in group["params"]:
                 owner = None
                 if len(walks) == 1:  # the common case, inlined: a save asks of every parameter
-                    key, _, walk = walks[0]
+                    key, walk = walks[0]
                     slot = walk.slots.get(id(p))
                     if slot is not None and (held := slot[0]()) is not None and held._parameters.get(slot[1]) is p:
                         owner = key, walk.names[id(p)]
@@ -176,8 +180,7 @@ class ParameterNames:
                     owner = self._find(p)
                 if owner is None and not self._fresh and not self._known_loose(p):
                     # a parameter put in a slot since a kept walk: walk every module again
-                    self._walks = walks = [(key, module, _walk(module)) for key, module, _ in walks]
-                    self._fresh = True
+                    walks = self._walk_modules(fresh=True)
                     owner = self._find(p)
                 if owner is None:
                     _UNNAMED[id(p)] = p  # not walked for again while no module met holds it
@@ -188,11 +191,11 @@ class ParameterNames:
     def _known_loose(self, param: torch.Tensor) -> bool:
         """Found in no module before, and still in none of the modules met (a scan of their
         parameter entries, cheaper than walking them again)."""
-        return _UNNAMED.get(id(param)) is param and not any(walk.anywhere(param) for _, _, walk in self._walks or ())
+        return _UNNAMED.get(id(param)) is param and not any(walk.anywhere(param) for _, walk in self._walks or ())
 
     def _find(self, param: torch.Tensor) -> tuple[str, list[str]] | None:
         """The key of the first module naming ``param``, and its names there."""
-        for key, _, walk in self._walks or ():
+        for key, walk in self._walks or ():
             names = walk.names_of(param)
             if names is not None:
                 return key, names
@@ -203,27 +206,28 @@ class ParameterNames:
         shared parameter has several), from fresh walks: a restore asks, once, and must know
         every name a checkpoint may have been saved under; None as for :meth:`of`."""
         if not self._fresh:
-            self._walks = [(key, module, _walk(module)) for key, module in _modules_in(self._state)]
-            self._fresh = True
+            self._walk_modules(fresh=True)
+        return self._qualified(optimizer)
+
+    def of(self, optimizer: torch.optim.Optimizer) -> list[str] | None:
+        """The names of the optimizer's parameters, in param group order (a tied parameter's
+        first, as ``named_parameters()`` gives it); None when one of them is in no module of the
+        state (the optimizer's state then stays keyed by position)."""
+        every = self._qualified(optimizer)
+        if every is None:
+            return None
+        names = [names[0] for names in every]
+        return names if len(set(names)) == len(names) else None
+
+    def _qualified(self, optimizer: torch.optim.Optimizer) -> list[list[str]] | None:
+        """Each parameter's names, prefixed with its module's key when the optimizer's
+        parameters come from several modules."""
         owners = self._owners(optimizer)
         if owners is None:
             return None
         if len({key for key, _ in owners}) == 1:
             return [names for _, names in owners]
         return [[f"{key}.{name}" for name in names] for key, names in owners]
-
-    def of(self, optimizer: torch.optim.Optimizer) -> list[str] | None:
-        """The names of the optimizer's parameters, in param group order (a tied parameter's
-        first, as ``named_parameters()`` gives it); None when one of them is in no module of the
-        state (the optimizer's state then stays keyed by position)."""
-        owners = self._owners(optimizer)
-        if owners is None:
-            return None
-        if len({key for key, _ in owners}) == 1:
-            names = [names[0] for _, names in owners]
-        else:
-            names = [f"{key}.{names[0]}" for key, names in owners]
-        return names if len(set(names)) == len(names) else None
 
 
 def keyed_by_name(state_dict: Any, names: list[str]) -> Any:

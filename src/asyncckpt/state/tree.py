@@ -565,12 +565,12 @@ class _Planner:
                 self.plan.errors.append(f"{gpath}['params']: not a list of parameter indices or names")
                 continue
             saved.append(ids)
-        flat = [x for ids in saved for x in ids]
-        if len(self.plan.errors) == fatal and _id_kind(flat) is None:
+        kind = _id_kind([x for ids in saved for x in ids])
+        if len(self.plan.errors) == fatal and kind is None:
             self.plan.errors.append(f"{where}['param_groups']: some groups name their parameters, others number them")
         if len(self.plan.errors) > fatal:
             return
-        if _id_kind(flat) == "name":
+        if kind == "name":
             params = self._match_names(live, saved, where, cls, path)
         else:
             params = self._match_positions(live, saved, where, cls)
