@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -67,6 +68,16 @@ def test_valid_manifest_parses_back_equal():
     assert parsed == VALID
     assert parsed.tensors[1].shape == (2, 4)
     assert parsed.chunks[0].codecs == [{"id": "bytegroup", "size": 4}, {"id": "zstd", "level": 1}]
+
+
+def test_entries_are_written_with_every_field_as_dataclasses_would():
+    """The hand-built entry dicts hold every field, in field order: a field added to an entry
+    without its ``to_dict`` fails here, not as a manifest that drops it."""
+    for entry in [*VALID.tensors, *VALID.chunks]:
+        assert list(entry.to_dict().items()) == list(dataclasses.asdict(entry).items())
+    written = body()
+    assert written["tensors"][1] == {"dtype": "float16", "shape": [2, 4], "offset": 64, "nbytes": 16}
+    assert written["chunks"][0]["codecs"] == [{"id": "bytegroup", "size": 4}, {"id": "zstd", "level": 1}]
 
 
 def test_empty_checkpoint_and_missing_optional_fields_parse():
