@@ -9,15 +9,16 @@ import torch
 
 
 def plain(state: dict) -> dict:
-    """A deep copy of the state as plain state dicts: what the checkpoint must hold (an
-    optimizer's state keyed by its parameters' names in the state's modules)."""
+    """A deep copy of the state as plain state dicts: what the checkpoint must hold (a wrapped
+    model's bare module's, an optimizer's state keyed by its parameters' names in the state's
+    modules)."""
     return {k: copy.deepcopy(_state_dict(v, state) if hasattr(v, "state_dict") else v) for k, v in state.items()}
 
 
 def named_optimizer_state(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Module]) -> dict:
     """``optimizer.state_dict()`` keyed by parameter name, as a checkpoint keys it: the names are
     the modules' own ``named_parameters()`` (one module's, unprefixed)."""
-    names = {id(p): n for m in modules for n, p in getattr(m, "module", m).named_parameters()}
+    names = {id(p): n for m in modules for n, p in bare(m).named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     by_position = [names[id(p)] for p in params]
     sd = optimizer.state_dict()
@@ -27,11 +28,22 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, modules: list[torch.
     }
 
 
+def bare(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP and torch.compile wrappers: a checkpoint holds its state dict."""
+    while True:
+        if isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
 def _state_dict(obj, state: dict):
     if isinstance(obj, torch.optim.Optimizer):
         modules = [v for v in state.values() if isinstance(v, torch.nn.Module)]
         return named_optimizer_state(obj, modules)
-    return obj.state_dict()
+    return bare(obj).state_dict() if isinstance(obj, torch.nn.Module) else obj.state_dict()
 
 
 def to_cpu(tree):

@@ -454,3 +454,144 @@ def test_a_loose_parameter_put_in_an_existing_slot_is_named_at_the_next_save():
     assert ParameterNames(state).of(opt) is None
     model.bias = loose  # the "bias" entry was there (None): no entry added
     assert ParameterNames(state).of(opt) == ["weight", "bias"]
+
+
+# ---- torch.compile's wrapper: saved as its bare module -------------------------------------------
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    wrapper = torch.compile(model)  # compiles at its first call only: these tests never call it
+    assert list(wrapper.state_dict())[0].startswith("_orig_mod.")
+    return wrapper
+
+
+def assert_same_state(model, opt, other_model, other_opt):
+    theirs = other_model.state_dict()
+    assert model.state_dict().keys() == theirs.keys()
+    for name, mine in model.state_dict().items():
+        assert torch.equal(mine, theirs[name]), name
+    assert_state_by_name(model, opt, other_model, other_opt, [n for n, _ in model.named_parameters()])
+
+
+def restores_bare_and_compiled(mgr, root, model, opt):
+    """``restore`` and ``load_weights`` into a bare model, then a compiled one, give the saved state."""
+    for wrap in (lambda m: m, compiled):
+        live = TwoLayers(b_first=True)
+        live_opt = torch.optim.AdamW(live.parameters(), lr=0.1)
+        assert mgr.restore({"model": wrap(live), "opt": live_opt}) == 1
+        assert_same_state(live, live_opt, model, opt)
+        other = TwoLayers()
+        assert asyncckpt.load_weights(root, wrap(other)) == 1
+        assert all(torch.equal(a, b) for a, b in zip(other.parameters(), model.parameters(), strict=True))
+
+
+def test_a_compiled_model_is_saved_with_its_bare_keys_and_restores_compiled_or_not(tmp_path):
+    model = TwoLayers()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    train(model, opt)
+    saved = {"model": compiled(model), "opt": opt}
+    with CheckpointManager(tmp_path / "ckpts") as mgr:
+        mgr.save(1, saved).wait()
+        loaded = asyncckpt.load(tmp_path / "ckpts")
+        assert list(loaded["model"]) == ["a.weight", "a.bias", "b.weight", "b.bias"]
+        assert list(loaded["opt"]["state"]) == ["a.weight", "a.bias", "b.weight", "b.bias"]
+        restores_bare_and_compiled(mgr, tmp_path / "ckpts", model, opt)
+
+
+def test_a_bare_model_s_checkpoint_restores_into_the_compiled_model(tmp_path):
+    model = TwoLayers()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    train(model, opt)
+    live = TwoLayers()
+    live_opt = torch.optim.AdamW(live.parameters(), lr=0.1)
+    assert save_and_restore(tmp_path, {"model": model, "opt": opt}, {"model": compiled(live), "opt": live_opt}) == 1
+    assert_same_state(live, live_opt, model, opt)
+
+
+def ddp_only(obj):
+    """What earlier versions unwrapped: DDP, not torch.compile's wrapper."""
+    while isinstance(obj, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        obj = obj.module
+    return obj
+
+
+def save_as_earlier_versions(monkeypatch, mgr, step, state):
+    """Save as earlier versions did: a compiled model's own state dict and parameter names, every
+    key under ``_orig_mod.``."""
+    from asyncckpt.state import names, shards, tree
+
+    with monkeypatch.context() as patched:
+        for module in (names, shards, tree):
+            patched.setattr(module, "unwrap_module", ddp_only)
+        patched.setattr(names, "_WRAPPER_SEGMENTS", frozenset({"_checkpoint_wrapped_module"}))
+        patched.setattr(names, "_WALKS", type(names._WALKS)())
+        mgr.save(step, state).wait()
+
+
+def test_a_checkpoint_of_a_compiled_model_with_prefixed_keys_still_restores(tmp_path, monkeypatch):
+    model = TwoLayers()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    train(model, opt)
+    with CheckpointManager(tmp_path / "ckpts") as mgr:
+        save_as_earlier_versions(monkeypatch, mgr, 1, {"model": compiled(model), "opt": opt})
+        loaded = asyncckpt.load(tmp_path / "ckpts")
+        prefixed = ["_orig_mod.a.weight", "_orig_mod.a.bias", "_orig_mod.b.weight", "_orig_mod.b.bias"]
+        assert list(loaded["model"]) == prefixed and list(loaded["opt"]["state"]) == prefixed
+        restores_bare_and_compiled(mgr, tmp_path / "ckpts", model, opt)
+
+
+def test_a_compiled_ddp_model_s_checkpoint_restores_whichever_version_wrote_it(tmp_path, monkeypatch):
+    """``torch.compile(DDP(model))``: earlier versions keyed it ``_orig_mod.module.``; a job of one
+    rank, so the many-rank restore's reads are in play too."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = TwoLayers()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=0.1)
+        train(ddp, opt)
+        with CheckpointManager(tmp_path / "ckpts", keep_last=None) as mgr:
+            save_as_earlier_versions(monkeypatch, mgr, 1, {"model": compiled(ddp), "opt": opt})
+            mgr.save(2, {"model": compiled(ddp), "opt": opt}).wait()
+            assert list(asyncckpt.load(tmp_path / "ckpts", step=1)["model"])[0] == "_orig_mod.module.a.weight"
+            assert list(asyncckpt.load(tmp_path / "ckpts", step=2)["model"])[0] == "a.weight"
+            for step in (1, 2):
+                for wrap in (lambda m: m, compiled, lambda m: compiled(nn.parallel.DistributedDataParallel(m))):
+                    live = TwoLayers(b_first=True)
+                    live_opt = torch.optim.AdamW(live.parameters(), lr=0.1)
+                    assert mgr.restore({"model": wrap(live), "opt": live_opt}, step=step) == step
+                    assert_same_state(live, live_opt, model, opt)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_earlier_version_s_name_goes_to_one_parameter_the_likeliest_first():
+    from asyncckpt.state.tree import _saved_names_of
+
+    # a compiled model holding `module.lin` and `lin`: each name to its own parameter
+    old = ["_orig_mod.module.lin.weight", "_orig_mod.lin.weight"]
+    assert _saved_names_of([["module.lin.weight"], ["lin.weight"]], old) == old
+    assert _saved_names_of([["lin.weight"], ["module.lin.weight"]], old) == old[::-1]
+    # only `module.lin` was saved: a `lin` added since takes nothing (it is missing)
+    assert _saved_names_of([["lin.weight"], ["module.lin.weight"]], old[:1]) == [None, old[0]]
+    # a compiled DDP model's name stands for the bare one; exact names come first
+    assert _saved_names_of([["lin.weight"]], old[:1]) == old[:1]
+    assert _saved_names_of([["lin.weight"]], ["lin.weight", "_orig_mod.lin.weight"]) == ["lin.weight"]
+    # two names standing for one: neither is guessed
+    assert _saved_names_of([["a.x"]], ["a._orig_mod.x", "_orig_mod.a.x"]) == [None]
+    # a compiled DDP model whose module has a child named `module`: one reading for every name
+    ddp = ["_orig_mod.module.0.weight", "_orig_mod.module.module.0.weight"]
+    assert _saved_names_of([["0.weight"], ["module.0.weight"]], ddp) == ddp
+
+
+def test_names_lose_only_whole_wrapper_segments():
+    model = nn.Sequential()
+    model.add_module("enc_orig_mod", nn.Linear(2, 2))
+    assert set(first_names(model).values()) == {"enc_orig_mod.weight", "enc_orig_mod.bias"}
+
+
+def test_a_submodule_compiled_on_its_own_leaves_no_prefix_in_the_optimizer_s_names():
+    model = nn.Sequential(nn.Linear(2, 2), torch.compile(nn.Linear(2, 3)))
+    assert "1._orig_mod.weight" in model.state_dict()  # the module's own keys keep it, as torch gives them
+    assert set(first_names(model).values()) == {"0.weight", "0.bias", "1.weight", "1.bias"}

@@ -142,3 +142,25 @@ def test_flatten_rank_tied_tensors_once():
         assert stored == 16 * 4
         # a per-rank reference to the same storage outside the replicated key stays a T leaf
         assert any(k == Kind.TENSOR and "own" in p for p, (k, _) in leaves.items())
+
+
+def test_a_compiled_ddp_model_and_its_optimizer_are_replicated_as_under_ddp_alone():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        )
+        opt = torch.optim.AdamW(ddp.parameters(), lr=0.1)
+        ddp(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        me = RankInfo(1, 2)
+        plain = flatten_rank({"model": ddp, "opt": opt}, me)
+        wrapped = flatten_rank({"model": torch.compile(ddp), "opt": opt}, me)
+    finally:
+        dist.destroy_process_group()
+    assert plain.global_paths == wrapped.global_paths and len(plain.global_paths) == 16  # 4 params, 3 states each
+    assert [(p.index, p.offsets) for p in plain.pieces] == [(p.index, p.offsets) for p in wrapped.pieces]
+    assert plain.skeleton == wrapped.skeleton

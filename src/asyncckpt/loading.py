@@ -37,6 +37,7 @@ from asyncckpt.format import (
     parse_step_dir,
 )
 from asyncckpt.state import skeleton
+from asyncckpt.state.names import unwrap_module
 from asyncckpt.state.tree import RestoreResult, check_module, load_module, unflatten
 from asyncckpt.storage.backend import Backend, CheckpointRef, is_object_store_url, open_backend
 from asyncckpt.storage.commit import CommittedCheckpoint, published_checkpoints
@@ -406,9 +407,10 @@ def load_weights(
 def _load_model(
     model: torch.nn.Module, node: dict, tensors: list, strict: bool, where: str, step: int
 ) -> int | RestoreResult:
-    plan = check_module(model, node, tensors, strict=strict, where=f"{where} for {type(model).__name__}")
+    bare = unwrap_module(model)  # a compiled or DDP-wrapped model's keys are its bare module's
+    plan = check_module(bare, node, tensors, strict=strict, where=f"{where} for {type(model).__name__}")
     try:
-        load_module(model, node, tensors, plan)
+        load_module(bare, node, tensors, plan)
     except Exception as exc:
         raise CheckpointError(f"{where} does not fit {type(model).__name__}: {exc}") from exc
     return step if strict else plan.result(step)

@@ -78,6 +78,13 @@ class _Targets:
         self.entries = flat.optimizer_entries
 
     def of(self, path: str, shape: tuple[int, ...]) -> Any:
+        found = self._at(path, shape)
+        for legacy in ("['_orig_mod.", "['_orig_mod.module."):  # a compiled model's keys as earlier versions saved them
+            if found is None and legacy in path:
+                found = self._at(path.replace(legacy, "['"), shape)
+        return found
+
+    def _at(self, path: str, shape: tuple[int, ...]) -> Any:
         live = self.by_path.get(path)
         if live is not None:
             return live

@@ -4,11 +4,11 @@ torch keys an optimizer's state by each parameter's position in its param groups
 position, a state lands on the wrong parameters when the order differs (a layer moved in the
 model's code, param groups built in another order), silently so when the shapes agree. A
 checkpoint keys it by name instead, as DCP's ``get_optimizer_state_dict`` does: each parameter's
-name in the module of the same state that holds it (a DDP wrapper's ``module.`` and an activation
-checkpoint wrapper's prefix left out, so DDP, FSDP2 and a bare model agree), prefixed with that
-module's key in the state (``"gen.fc.weight"``) when one optimizer's parameters come from several
-modules. A restore matches the names, so order no longer matters and a parameter one side lacks
-is reported by name.
+name in the module of the same state that holds it (the prefixes of DDP, torch.compile and the
+activation checkpoint wrapper left out, so DDP, FSDP2, a compiled and a bare model agree),
+prefixed with that module's key in the state (``"gen.fc.weight"``) when one optimizer's
+parameters come from several modules. A restore matches the names, so order no longer matters
+and a parameter one side lacks is reported by name.
 
 A parameter with several names (tied, or in a module registered at two places) is stored under
 one of them and found by any of them, so the modules may be defined in another order.
@@ -23,6 +23,7 @@ always walks afresh, to know every name. ``bench/flatten.py`` measures what keep
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +31,42 @@ from typing import Any
 
 import torch
 
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.",)  # left out of the state dict by its own hook
+# name segments left out of names: the activation checkpoint wrapper's (its state dict hook
+# leaves it out too) and torch.compile's, of a submodule compiled on its own (DCP leaves both out)
+_COMPILED = "_orig_mod"
+_WRAPPER_SEGMENTS = frozenset({"_checkpoint_wrapped_module", _COMPILED})
 _MAX_DEPTH = 64  # containers searched for modules, as deep as a state may nest
+
+
+def _compiled_module_type() -> type[Any] | None:
+    """torch.compile's module wrapper class; None while dynamo is not loaded (no module is
+    compiled then), so that looking does not load it."""
+    return getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+
+
+def wrapped_modules(obj: Any) -> list[Any]:
+    """``obj``, then the module each wrapper in turn holds (DistributedDataParallel,
+    DataParallel, torch.compile's), the bare module last (``obj`` alone when it wraps nothing)."""
+    chain: list[Any] = [obj]
+    compiled = _compiled_module_type()
+    while True:
+        last = chain[-1]
+        if isinstance(last, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            chain.append(last.module)
+        elif compiled is not None and isinstance(last, compiled):
+            chain.append(last._orig_mod)
+        else:
+            return chain
+
+
+def unwrap_module(obj: Any) -> Any:
+    """The bare module ``obj`` wraps (itself when it wraps nothing).
+
+    A wrapper's state dict prefixes every key (``module.``, ``_orig_mod.``); the bare module's
+    keeps the canonical parameter names, so a checkpoint saved under DDP, FSDP2, compiled or not
+    restores into any of them, as with DCP's state dict helpers.
+    """
+    return wrapped_modules(obj)[-1]
 
 
 @dataclass
@@ -105,14 +140,39 @@ def _walk(module: torch.nn.Module) -> _ModuleWalk:
         for attr, param in owner._parameters.items():
             if param is None:
                 continue
-            name = f"{prefix}.{attr}" if prefix else attr
-            for wrapper in _WRAPPER_PREFIXES:
-                name = name.replace(wrapper, "")
-            names.setdefault(id(param), []).append(name)
+            names.setdefault(id(param), []).append(_without_wrappers(f"{prefix}.{attr}" if prefix else attr))
             slots.setdefault(id(param), (held, attr))
     walk = _ModuleWalk(modules, edges, names, slots)
     _WALKS[module] = walk
     return walk
+
+
+def _without_wrappers(name: str) -> str:
+    """``name`` without the segments of :data:`_WRAPPER_SEGMENTS`."""
+    if not any(segment in name for segment in _WRAPPER_SEGMENTS):
+        return name
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def saved_name_forms(name: str) -> list[str]:
+    """A parameter name as a checkpoint holds it, then what it stands for now, most likely first.
+
+    Earlier versions kept torch.compile's ``_orig_mod`` segments in the names of a compiled
+    model's parameters: such a name is followed by itself without them, then also without the
+    ``module`` that followed one (``_orig_mod.module.``: a compiled DDP wrapper), where that
+    differs. Any other name is the only form of itself.
+    """
+    parts = name.split(".")
+    if _COMPILED not in parts:
+        return [name]
+    bare: list[str] = []
+    after_compiled = False
+    for part in parts:
+        if part != _COMPILED and not (after_compiled and part == "module"):
+            bare.append(part)
+        after_compiled = part == _COMPILED
+    forms = [name, ".".join(p for p in parts if p != _COMPILED)]
+    return forms if ".".join(bare) == forms[1] else [*forms, ".".join(bare)]
 
 
 def _kept_walk(module: torch.nn.Module) -> _ModuleWalk:
@@ -126,21 +186,19 @@ def module_parameter_names(module: torch.nn.Module) -> dict[int, list[str]]:
     names; wrapper prefixes left out. The walk is kept for the saves that follow.
 
     Args:
-        module: the module (a DDP wrapper is the caller's to unwrap).
+        module: the module (a wrapper is the caller's to unwrap: :func:`unwrap_module`).
     """
     return dict(_walk(module).names)
 
 
 def _modules_in(state: Any) -> Iterator[tuple[str, torch.nn.Module]]:
     """(dotted key, module) of each module the state's dicts, lists and tuples hold, in order; a
-    DDP wrapper gives its module. Stateful objects of other kinds are not searched."""
+    wrapper gives its bare module. Stateful objects of other kinds are not searched."""
     stack: list[tuple[Any, str, int]] = [(state, "", 0)]
     while stack:
         obj, key, depth = stack.pop()
         if isinstance(obj, torch.nn.Module):
-            while isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-                obj = obj.module
-            yield key, obj
+            yield key, unwrap_module(obj)
         elif depth < _MAX_DEPTH and isinstance(obj, dict):
             stack += [(v, f"{key}.{k}" if key else str(k), depth + 1) for k, v in reversed(obj.items())]
         elif depth < _MAX_DEPTH and isinstance(obj, (list, tuple)):

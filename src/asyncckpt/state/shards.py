@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from asyncckpt.format import GlobalEntry, PieceEntry, dtype_name
+from asyncckpt.state.names import unwrap_module, wrapped_modules
 from asyncckpt.state.skeleton import Kind, child_path, object_path
 from asyncckpt.state.tree import (
     MAX_DEPTH,
@@ -41,7 +42,6 @@ from asyncckpt.state.tree import (
     _is_stateful,
     check_dense,
     tie_key,
-    unwrap_data_parallel,
 )
 
 
@@ -163,6 +163,15 @@ def _spec_facts(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int, int
     return facts
 
 
+def _data_parallel_wrapped(module: torch.nn.Module) -> bool:
+    """Whether a DDP or DataParallel wrapper is ``module`` or among the wrappers it is (a
+    torch.compile'd DDP model)."""
+    return any(
+        isinstance(m, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel))
+        for m in wrapped_modules(module)
+    )
+
+
 def _ddp_parameters(state: Any) -> set[int]:
     """The ids of the parameters of every DDP-wrapped module in the state's containers."""
     found: set[int] = set()
@@ -170,8 +179,8 @@ def _ddp_parameters(state: Any) -> set[int]:
     while stack and seen < 100_000:
         obj = stack.pop()
         seen += 1
-        if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            found.update(id(p) for p in obj.module.parameters())
+        if isinstance(obj, torch.nn.Module) and _data_parallel_wrapped(obj):
+            found.update(id(p) for p in unwrap_module(obj).parameters())
         elif isinstance(obj, dict):
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple)):
@@ -182,10 +191,8 @@ def _ddp_parameters(state: Any) -> set[int]:
 def _is_data_parallel(obj: Any, ddp_params: set[int]) -> bool:
     """A DDP wrapper, a module or optimizer with a DTensor parameter, or an optimizer of a DDP
     model's parameters: the plain tensors of its state are the same on every rank."""
-    if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        return True
     if isinstance(obj, torch.nn.Module):
-        return any(is_dtensor(p) for p in obj.parameters())
+        return _data_parallel_wrapped(obj) or any(is_dtensor(p) for p in obj.parameters())
     if isinstance(obj, torch.optim.Optimizer):
         params = [p for group in obj.param_groups for p in group["params"]]
         return bool(params) and all(is_dtensor(p) or id(p) in ddp_params for p in params)
@@ -294,7 +301,7 @@ class _RankFlattener(_Flattener):
             self.ddp_params = _ddp_parameters(obj)
         entering = path in self.declared or (_is_stateful(obj) and _is_data_parallel(obj, self.ddp_params))
         if entering:
-            obj = unwrap_data_parallel(obj)
+            obj = unwrap_module(obj)
             self.replicated_depth += 1
         try:
             return super().node(obj, path, depth)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 
 from asyncckpt.errors import CheckpointError, StateMismatchError
 from asyncckpt.format import dtype_name
-from asyncckpt.state.names import ParameterNames, keyed_by_name
+from asyncckpt.state.names import ParameterNames, keyed_by_name, saved_name_forms, unwrap_module
 from asyncckpt.state.skeleton import (
     CLASS_NAME,
     MAX_TREE_DEPTH,
@@ -55,18 +55,6 @@ class FlatState:
 
 def _is_stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-
-def unwrap_data_parallel(obj: Any) -> Any:
-    """The module a DistributedDataParallel (or DataParallel) wrapper holds, else ``obj``.
-
-    The wrapper's state dict prefixes every key with ``module.``; saving the wrapped module keeps
-    the canonical parameter names, so a checkpoint saved under DDP restores into the bare model, an
-    FSDP2 one or another DDP wrapper alike.
-    """
-    while isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        obj = obj.module
-    return obj
 
 
 def _numpy_module():
@@ -176,7 +164,7 @@ class _Flattener:
         if np is not None and isinstance(obj, np.generic):
             return {Kind.NUMPY_SCALAR: self.add_tensor(_numpy_to_tensor(np.asarray(obj), path), path)}
         if _is_stateful(obj):
-            obj = unwrap_data_parallel(obj)
+            obj = unwrap_module(obj)
             inner = self.optimizer_state(obj, path) if isinstance(obj, torch.optim.Optimizer) else _state_dict_of(obj)
             return {Kind.OBJECT: self.node(inner, object_path(path), depth + 1), CLASS_NAME: type(obj).__name__}
         raise TypeError(
@@ -468,7 +456,7 @@ class _Planner:
             else:
                 self._kind_error(path, live, node)
         elif _is_stateful(live):
-            live = unwrap_data_parallel(live)
+            live = unwrap_module(live)
             if kind != Kind.OBJECT:
                 self._kind_error(path, live, node)
             elif isinstance(live, torch.nn.Module):
@@ -521,6 +509,7 @@ class _Planner:
         if kind_of(inner) != Kind.DICT:
             self.plan.errors.append(f"{where}: the checkpoint holds {_describe_node(inner)}, not a state dict")
             return
+        inner = _keyed_as_bare(live, inner)
         live_sd = live.state_dict()
         self.plan.module_keys[path] = list(live_sd)
         saved = set()
@@ -639,6 +628,7 @@ class _Planner:
                     self.plan.errors.append(f"{where}: the checkpoint lists parameter {name!r} twice")
                     return None
                 group_of[name] = s
+        resolved = _saved_names_of(aliases, group_of)
         state_path = child_path(where, "state")
         keys = []
         matched: list[int | None] = []
@@ -647,7 +637,7 @@ class _Planner:
         at = 0
         for j, group in enumerate(live.param_groups):
             names = aliases[at : at + len(group["params"])]
-            own = [next((n for n in candidates if n in group_of), None) for candidates in names]
+            own = resolved[at : at + len(group["params"])]
             sources = sorted({group_of[n] for n in own if n is not None})
             if len(sources) > 1:
                 shown = ", ".join(repr(n[0]) for n in names[:3]) + (", ..." if len(names) > 3 else "")
@@ -691,6 +681,35 @@ class _Planner:
         self.plan.optimizer_matches[path] = _OptimizerMatch(keys, matched, missing)
         live_params = [p for group in live.param_groups for p in group["params"]]
         return {key: p for key, p in zip(keys, live_params, strict=True) if key is not None}
+
+
+def _saved_names_of(aliases: list[list[str]], saved: Collection[str]) -> list[str | None]:
+    """For each live parameter (its names, ``aliases``), the saved name whose state it takes.
+
+    A saved name is taken by the parameter of that name. Earlier versions kept torch.compile's
+    ``_orig_mod`` in names (``names.saved_name_forms``): such a name stands for the same name
+    without it, or, where the compiled model was a DDP wrapper, also without the ``module`` that
+    followed it. One reading holds for the whole optimizer (whichever places more parameters,
+    the first on a tie), and a form two saved names give is no one's: a saved name goes to one
+    parameter at most, and never by a guess between two.
+    """
+    exact: list[str | None] = [next((n for n in names if n in saved), None) for names in aliases]
+    taken = {name for name in exact if name is not None}
+    best = exact
+    for reading in (1, 2):
+        stands_for: dict[str, str | None] = {}
+        for name in saved:
+            forms = saved_name_forms(name)
+            if name not in taken and len(forms) > 1:
+                form = forms[min(reading, len(forms) - 1)]
+                stands_for[form] = None if form in stands_for else name  # None: two names give it
+        resolved = [
+            found if found is not None else next((stands_for[n] for n in names if stands_for.get(n)), None)
+            for found, names in zip(exact, aliases, strict=True)
+        ]
+        if sum(name is not None for name in resolved) > sum(name is not None for name in best):
+            best = resolved
+    return best
 
 
 def _id_kind(ids: list[Any]) -> str | None:
@@ -793,6 +812,38 @@ def check_compatible(
     return planner.plan
 
 
+def _keyed_as_bare(live: torch.nn.Module, node: dict) -> dict:
+    """A module's saved state dict node keyed as the bare module ``live`` keys it.
+
+    A checkpoint written before compiled models were saved bare holds a torch.compile'd model's
+    state dict: every key, and its ``_metadata``'s, under ``_orig_mod.`` (``_orig_mod.module.``
+    for a compiled DDP wrapper). Such a node is read without the prefix, unless the live module
+    has keys under it too.
+    """
+    if kind_of(node) != Kind.DICT:
+        return node
+    live_keys: list[str] | None = None
+    for wrapper in ("_orig_mod", "module"):
+        prefix = wrapper + "."
+        pairs = node[Kind.DICT]
+        if not pairs or not all(isinstance(key, str) and key.startswith(prefix) for key, _ in pairs):
+            return node
+        live_keys = list(live.state_dict()) if live_keys is None else live_keys
+        if any(key.startswith(prefix) for key in live_keys):
+            return node
+        cut = len(prefix)
+        bare: dict = {Kind.DICT: [[key[cut:], child] for key, child in pairs]}
+        meta = node.get(META)
+        if isinstance(meta, dict):  # "" is the wrapper's own entry, ``wrapper`` the module's it holds
+            bare[META] = {
+                "" if key == wrapper else key[cut:]: value
+                for key, value in meta.items()
+                if key == wrapper or key.startswith(prefix)
+            }
+        node = bare
+    return node
+
+
 def check_module(
     module: torch.nn.Module, node: dict, tensors: list[torch.Tensor], *, strict: bool, where: str
 ) -> RestorePlan:
@@ -843,7 +894,7 @@ def load_module(
     Raises:
         Exception: whatever ``module.load_state_dict`` raises.
     """
-    plain = unflatten(node, tensors)
+    plain = unflatten(_keyed_as_bare(module, node), tensors)
     _drop_left_out(plain, plan, name)
     shown = set(plan.module_keys.get(path, ()))
     result = module.load_state_dict(plain, strict=False)
@@ -906,7 +957,7 @@ class _Restorer:
                     if isinstance(live, torch.nn.Module):
                         where = object_path(path)
                         load_module(
-                            unwrap_data_parallel(live),
+                            unwrap_module(live),
                             value,
                             tensors,
                             self.plan,
