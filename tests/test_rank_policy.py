@@ -128,3 +128,38 @@ def test_an_announcement_for_a_passed_step_raises(tmp_path):
     late0, late1 = run_ranks(_late, 2, str(tmp_path), timeout=200)
     assert late0 is None
     assert late1 is not None and "step 3" in late1 and "step 5" in late1, late1
+
+
+def _long_run(rank, world_size, root):
+    import torch.distributed as dist
+
+    from asyncckpt.engine import ranks
+
+    ranks.KEPT_IN_STORE = 4  # in this process only: what a run of thousands of saves would reach
+    store = dist.distributed_c10d._get_default_store()
+    mgr = asyncckpt.CheckpointManager(root, policy=asyncckpt.EverySeconds(1e-6), keep_last=2)
+    state = {"w": torch.zeros(10)}
+    counts = []
+    for step in range(1, 41):
+        time.sleep(0.01)  # a step longer than the store's round trip, as rank_policy asks
+        dist.all_reduce(torch.ones(1))  # lockstep
+        state["w"] += 1
+        handle = mgr.maybe_save(step, state)
+        if handle is not None:
+            handle.wait()
+            dist.barrier()  # every rank is done with this save (each saves the same steps)
+            counts.append((step, store.num_keys()))
+    committed = mgr.steps()
+    mgr.close()
+    return counts, committed
+
+
+def test_a_long_run_does_not_grow_the_job_s_store(tmp_path):
+    """The keys a save leaves in the c10d store (the ranks' decisions, the outcome, rank 0's word
+    that retention is done, the policy's announced steps) are deleted once far enough behind."""
+    by_rank = run_ranks(_long_run, 2, str(tmp_path), timeout=200)
+    (counts0, committed0), (counts1, committed1) = by_rank
+    assert [s for s, _ in counts0] == [s for s, _ in counts1] and len(counts0) >= 8, by_rank
+    assert committed0 == committed1 == [s for s, _ in counts0][-2:]
+    later = [n for _, n in counts0[len(counts0) // 2 :]]
+    assert max(later) == min(later), counts0

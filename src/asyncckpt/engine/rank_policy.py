@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
+from asyncckpt.engine import ranks as _ranks
 from asyncckpt.engine.ranks import RankGroup
 from asyncckpt.errors import CheckpointError
 from asyncckpt.policy import SavePolicy
@@ -107,8 +108,12 @@ class RankSchedule:
     # ---- the training thread --------------------------------------------------------------------
 
     def _announce(self, target: Target) -> None:
+        """Announce ``target`` as the next numbered key, and delete the one announced
+        ``KEPT_IN_STORE`` before it, which every watcher has long read."""
         n = int(self._store.add("seq", 1)) - 1
         self._store.set(f"due/{n}", target.encode())
+        if n >= _ranks.KEPT_IN_STORE:
+            _ranks.forget(self._store, [f"due/{n - _ranks.KEPT_IN_STORE}"])
 
     def _take(self, step: int) -> None:
         """Move what the watcher heard to the targets; raise for a target this rank already passed."""

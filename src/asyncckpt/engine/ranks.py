@@ -34,6 +34,7 @@ import json
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -110,8 +111,22 @@ class Vote:
 
 
 _GIVEN_UP, _AGREED = "given up", "agreed"  # a collective, as the ranks settle it
-_KEEP_SETTLED = 1024  # settled collectives kept in the store (no rank is expected this many collectives behind)
+# Keys of each numbered kind kept in the store (settled collectives, save outcomes, policy targets):
+# a long run must not grow the store's memory with every save, and no rank lags this far behind.
+KEPT_IN_STORE = 1024
 _SPARE_CONNECTIONS = 2  # store connections made with a group for its manager (the policy's two)
+
+
+def forget(store: Any, keys: list[str]) -> bool:
+    """Delete ``keys`` from ``store``: whether it answered. Housekeeping that never fails the
+    caller, whose own work (an outcome announced, a collective settled) is done by then: a store
+    that does not answer leaves a few small keys behind, no more."""
+    try:
+        for key in keys:
+            store.delete_key(key)
+    except Exception:  # noqa: BLE001 - a lost connection; the caller's next store call reports it
+        return False
+    return True
 
 
 def _completed_by(work: Any, deadline: float) -> bool:
@@ -251,6 +266,7 @@ class RankGroup:
             raise CheckpointError(f"rank {failed - 1} could not connect to the job's store, so no rank opens the root")
         self.run = f"{run:016x}"
         self.store = dist.PrefixStore(f"asyncckpt/{self.run}/", self._own_store)
+        self._announced: deque[str] = deque()  # rank 0: the attempts it announced, oldest first
 
     def _checkpoint_group(self, ranks: list[int] | None) -> _Group:
         """This set of ranks' gloo group for checkpoints (see ``_GROUPS``): planning
@@ -353,8 +369,8 @@ class RankGroup:
         if self._decisions is None:  # no connection of its own: this rank fails its manager anyway
             return proposal
         settled = self._decisions.compare_set(str(number), "", proposal).decode()
-        if self.rank == 0 and number >= _KEEP_SETTLED:  # keep the store small over a long run
-            self._decisions.delete_key(str(number - _KEEP_SETTLED))
+        if self.rank == 0 and number >= KEPT_IN_STORE:  # keep the store small over a long run
+            forget(self._decisions, [str(number - KEPT_IN_STORE)])
         return settled
 
     def _issue(self, kind: int, values: list[int], what: str) -> tuple[int, torch.Tensor, Any]:
@@ -484,8 +500,16 @@ class RankGroup:
         return [votes[r] for r in range(self.world_size)]
 
     def announce(self, attempt: str, outcome: str) -> None:
-        """Rank 0: the outcome of a save attempt ("committed", or the reason it was not)."""
+        """Rank 0: the outcome of a save attempt ("committed", or the reason it was not). The
+        outcome and settled keys of the attempt announced :data:`KEPT_IN_STORE` attempts earlier
+        are deleted: every rank has long read them."""
         self.store.set(f"outcome/{attempt}", outcome)
+        self._announced.append(attempt)
+        while len(self._announced) > KEPT_IN_STORE:
+            old = self._announced[0]
+            if not forget(self.store, [f"outcome/{old}", f"settled/{old}"]):
+                break  # tried again at the next announcement
+            self._announced.popleft()
 
     def announce_settled(self, attempt: str) -> None:
         """Rank 0: its bookkeeping after committing the attempt's step (tags, retention, the log)
