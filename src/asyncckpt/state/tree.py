@@ -70,14 +70,15 @@ def check_dense(t: torch.Tensor, path: str) -> None:
         raise TypeError(f"{path}: tensors with layout {t.layout} are not supported (dense only)")
     if t.is_quantized:
         raise TypeError(f"{path}: quantized tensors are not supported")
-    if t.device.type == "meta":
+    if t.is_meta:  # not t.device.type: making the device object costs more than the rest of this
         raise TypeError(f"{path}: a meta tensor has no data to save")
 
 
 def tie_key(t: torch.Tensor, storage: torch.UntypedStorage, offset: Any, stride: tuple[Any, ...]) -> tuple:
     """What makes two non-empty tensors the same stored tensor: one memory viewed the same way.
     The storage, offset and stride are the caller's, read once for this and its other uses."""
-    return (storage.data_ptr(), offset, tuple(t.shape), stride, t.dtype, t.device, t.is_conj(), t.is_neg())
+    # t.shape as it is: a torch.Size hashes and compares as the tuple it is
+    return (storage.data_ptr(), offset, t.shape, stride, t.dtype, t.device, t.is_conj(), t.is_neg())
 
 
 class _Flattener:
