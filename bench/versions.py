@@ -9,11 +9,17 @@ script. The table gives the median of each figure over the rounds and the ratio 
     python bench/versions.py --before /tmp/before --after . --rounds 3 stall -- --savers none,asyncckpt
     python bench/versions.py --before /tmp/before --after . --rounds 3 codec
     python bench/versions.py --before /tmp/before --after . --rounds 3 codec -- --planes-only
+    python bench/versions.py --before /tmp/before --after . --rounds 4 gc_pauses
+
+A script the older checkout does not have (a benchmark added with the change it measures) runs
+from the newer checkout, on each version's ``src``.
 
 Figures taken: stall.py, per saver: stall, loop overhead, CPU per checkpoint, save -> durable and
 bytes on disk; codec.py: ratio and MB/s of asyncckpt's encode per data kind at level 1, the
 encoder pool's rates, and a whole save's ratio and persist rate (where chunking shows); with
-``--planes-only``, the planes table's ratio and encode and decode MB/s per data kind.
+``--planes-only``, the planes table's ratio and encode and decode MB/s per data kind; gc_pauses.py:
+the collections of each generation per 100 saves, their time per save and the longest, and the
+stall's median, p95 and max.
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ import tempfile
 from pathlib import Path
 
 
-def run_once(tree: Path, script: str, extra: list[str], out: Path) -> dict:
+def run_once(tree: Path, script: str, extra: list[str], out: Path, newer: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
-    cmd = [sys.executable, str(tree / "bench" / f"{script}.py"), *extra, "--json", str(out)]
+    path = tree / "bench" / f"{script}.py"
+    if not path.exists():  # a benchmark added with the change it measures: the newer copy, on the older src
+        path = newer / "bench" / f"{script}.py"
+    cmd = [sys.executable, str(path), *extra, "--json", str(out)]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -67,7 +76,18 @@ def codec_figures(data: dict) -> dict[str, float]:
     return figures
 
 
-FIGURES = {"stall": stall_figures, "codec": codec_figures}
+def gc_figures(data: dict) -> dict[str, float]:
+    figures = {f"stall {q} ms": data[f"stall_{q}_s"] * 1e3 for q in ("p50", "p95", "max")}
+    for generation in (0, 1, 2):
+        g = data[f"gen{generation}"]
+        figures[f"generation {generation} collections per 100 saves"] = g["per_100_saves"]
+        figures[f"generation {generation} ms per save"] = g["ms_per_save"]
+        figures[f"generation {generation} longest ms"] = g["max_ms"]
+    figures["run s"] = data["elapsed_s"]
+    return figures
+
+
+FIGURES = {"stall": stall_figures, "codec": codec_figures, "gc_pauses": gc_figures}
 
 
 def main() -> None:
@@ -84,7 +104,8 @@ def main() -> None:
         for i in range(args.rounds):
             for side in ("before", "after") if i % 2 == 0 else ("after", "before"):
                 tree = args.before if side == "before" else args.after
-                data = run_once(tree.resolve(), args.script, args.extra, Path(tmp) / f"{side}-{i}.json")
+                out = Path(tmp) / f"{side}-{i}.json"
+                data = run_once(tree.resolve(), args.script, args.extra, out, args.after.resolve())
                 rounds[side].append(FIGURES[args.script](data))
                 print(f"round {i + 1}/{args.rounds}: {side} done", file=sys.stderr)
     keys = [k for k in rounds["before"][0] if all(k in r for r in rounds["before"] + rounds["after"])]
