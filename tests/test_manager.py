@@ -223,6 +223,27 @@ def test_round_trip_is_bit_exact_through_load_and_restore(tmp_path, managers, co
     assert live["list"][0] is in_place[2]
 
 
+def test_consecutive_saves_keep_each_value_exactly_while_the_model_s_skeleton_repeats(tmp_path, managers):
+    """Saves reuse the last save's skeleton where it holds the same: values that Python finds
+    equal (1, 1.0, True; 0.0, -0.0) are each stored as given, and a model changed between saves
+    is stored as it is now."""
+    model = torch.nn.Linear(3, 2)
+    mgr = managers(tmp_path / "ckpts", keep_last=None)
+    values = [1, 1.0, True, 1, 0.0, -0.0, 0.0, False]
+    for step, value in enumerate(values):
+        if step == 4:
+            model.weight.data = torch.ones(5, 3)  # a new shape: a new layout and skeleton
+            model.bias.data = torch.zeros(5)
+        mgr.save(step, {"model": model, "value": value, "nested": [{"value": value}]}).wait()
+    for step, value in enumerate(values):
+        loaded = asyncckpt.load(tmp_path / "ckpts", step=step)
+        for got in (loaded["value"], loaded["nested"][0]["value"]):
+            assert type(got) is type(value) and got == value, (step, value, got)
+            if isinstance(value, float):
+                assert math.copysign(1.0, got) == math.copysign(1.0, value), (step, value, got)
+        assert loaded["model"]["weight"].shape == ((2, 3) if step < 4 else (5, 3))
+
+
 def test_small_chunks_and_packed_small_tensors(tmp_path, managers):
     gen = torch.Generator().manual_seed(3)
     state = {f"t{i}": random_tensor(list(DTYPES.values())[i % len(DTYPES)], (i * 7 + 1,), gen) for i in range(60)}

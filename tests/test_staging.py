@@ -486,3 +486,16 @@ def test_arena_views_made_inside_inference_mode_take_copies_outside_it():
         views = arena.views(layout)
     views[0].copy_(torch.ones(3, 5))  # an inference tensor would refuse this
     assert torch.equal(arena.view(layout.slots[0]), torch.ones(3, 5))
+
+
+def test_a_layout_s_manifest_entries_are_made_once_for_every_save_it_serves():
+    from asyncckpt.format import TensorEntry
+
+    tensors = [torch.zeros(3, 2), torch.zeros(5, dtype=torch.int64), torch.zeros(0)]
+    layout = plan_layout(tensors)
+    want = [TensorEntry(staging.dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in layout.slots]
+    assert layout.entries == want
+    assert [e.shape for e in layout.entries] == [(3, 2), (5,), (0,)]
+    again = plan_layout([torch.ones(3, 2), torch.ones(5, dtype=torch.int64), torch.ones(0)], like=layout)
+    assert again is layout
+    assert plan_layout([torch.ones(2, 3)], like=layout).entries[0].shape == (2, 3)  # a new layout, new entries

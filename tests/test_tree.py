@@ -553,3 +553,156 @@ def test_restore_into_list_of_different_length_is_replaced():
     live = {"xs": live_list}
     restore_into(live, skeleton, tensors)
     assert live["xs"] == [1, 2, 3]
+
+
+# ---- a manager's saves take the last skeleton's nodes again (NodeCache) -----------------------
+
+
+def _containers(node: dict) -> list[dict]:
+    """Every container node of a skeleton (dict, list, tuple and object nodes), depth first."""
+    found = []
+    kind = next(k for k in node if k in ("d", "l", "t", "o", "T", "N", "S", "G", "v", "dt", "dev"))
+    if kind == "d":
+        found.append(node)
+        for _, child in node["d"]:
+            found += _containers(child)
+    elif kind in ("l", "t"):
+        found.append(node)
+        for child in node[kind]:
+            found += _containers(child)
+    elif kind == "o":
+        found.append(node)
+        found += _containers(node["o"])
+    return found
+
+
+def _trained_state() -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    return {"model": model, "opt": opt, "step": 1, "extra": {"epoch": 0, "seen": [1, 2.0, None]}}
+
+
+def test_an_unchanged_state_takes_every_container_of_the_last_skeleton_again():
+    from asyncckpt.state.tree import NodeCache
+
+    state, nodes = _trained_state(), NodeCache()
+    first = flatten(state, nodes).skeleton
+    second = flatten(state, nodes)
+    assert second.skeleton is first
+    assert second.skeleton == flatten(state).skeleton  # what a flatten without the cache makes
+    assert flatten(state).skeleton is not first  # without it every node is new
+    assert len(second.tensors) == len(flatten(state).tensors)
+
+
+def test_a_changed_value_makes_new_nodes_on_its_path_only():
+    from asyncckpt.state.tree import NodeCache
+
+    state, nodes = _trained_state(), NodeCache()
+    first = flatten(state, nodes).skeleton
+    state["step"] = 2
+    state["opt"].param_groups[0]["lr"] = 5e-4  # as a scheduler would
+    second = flatten(state, nodes).skeleton
+    assert second == flatten(state).skeleton
+    assert json.loads(json.dumps(second)) == json.loads(json.dumps(flatten(state).skeleton))
+    old, new = _containers(first), _containers(second)
+    shared = [n for n in new if any(n is o for o in old)]
+    assert second is not first and second["d"][0][1] is first["d"][0][1]  # the model's, untouched
+    opt_old, opt_new = first["d"][1][1], second["d"][1][1]
+    assert opt_new is not opt_old  # its param group's lr changed
+    assert opt_new["o"]["d"][0][1] is opt_old["o"]["d"][0][1]  # its per-parameter state did not
+    assert second["d"][3][1] is first["d"][3][1]  # "extra"
+    assert len(shared) == len(new) - 5  # the root, the optimizer's object and state dict, its groups and group
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1, True, 1.0, 1, False, 0, 0.0, -0.0, 0.0],
+        [float("nan"), float("nan"), float("inf"), 1e308, "1", 1, None, 0, None],
+        [np.float64(0.0), np.float64(-0.0), 0.0, np.float64(-0.0), -0.0, np.float64(0.0)],
+    ],
+    ids=["numbers that compare equal", "nan, inf, str and None", "numpy float64 zeros"],
+)
+def test_values_equal_in_python_but_not_the_same_are_never_taken_for_each_other(values):
+    """1, 1.0 and True are equal in Python, and so are 0.0 and -0.0 (numpy's float64, a float,
+    too): each save must still store the value it was given, with its type and sign."""
+    from asyncckpt.state.tree import NodeCache
+
+    nodes = NodeCache()
+    for value in values:
+        state = {"v": value, "nested": {"v": [value]}}
+        skeleton = json.loads(json.dumps(flatten(state, nodes).skeleton))
+        for got in (skeleton["d"][0][1]["v"], skeleton["d"][1][1]["d"][0][1]["l"][0]["v"]):
+            if isinstance(value, float):  # numpy's float64 comes back a float, as without the cache
+                assert type(got) is float, (value, got)
+                assert got.hex() == float(value).hex() or (math.isnan(got) and math.isnan(value)), (value, got)
+            else:
+                assert type(got) is type(value) and got == value, (value, got)
+
+
+def test_containers_of_the_same_children_but_another_kind_or_key_type_are_not_taken():
+    from asyncckpt.state.tree import NodeCache
+
+    nodes = NodeCache()
+    for state, want in (
+        ({"x": [1, 2]}, "l"),
+        ({"x": (1, 2)}, "t"),
+        ({"x": {1: 0}}, 1),
+        ({"x": {"1": 0}}, "1"),
+    ):
+        node = flatten(state, nodes).skeleton["d"][0][1]
+        assert node == flatten(state).skeleton["d"][0][1]
+        if isinstance(want, str) and len(node) == 1 and want in node:
+            continue
+        assert node["d"][0][0] == want and type(node["d"][0][0]) is type(want), node
+
+
+def test_equal_subtrees_of_one_save_serialise_as_without_the_cache():
+    from asyncckpt.state.tree import NodeCache
+
+    nodes = NodeCache()
+    state = {"a": {"lr": 0.1, "n": [1, 2]}, "b": {"lr": 0.1, "n": [1, 2]}, "c": [{"x": 1}, {"x": 1}]}
+    for _ in range(2):
+        skeleton = flatten(state, nodes).skeleton
+        assert json.dumps(skeleton) == json.dumps(flatten(state).skeleton)
+    assert skeleton["d"][0][1] is skeleton["d"][1][1]  # one node for both: never changed, so shared
+
+
+def test_a_rank_s_flatten_takes_the_last_nodes_and_its_global_leaves_follow_the_state():
+    from asyncckpt.state.shards import RankInfo, flatten_rank
+    from asyncckpt.state.tree import NodeCache
+
+    me, nodes = RankInfo(0, 2), NodeCache()
+    state = {"shared": {"w": torch.ones(4, 2), "b": torch.zeros(2)}, "mine": {"x": torch.ones(3)}, "step": 1}
+    first = flatten_rank(state, me, replicated=("shared",), nodes=nodes)
+    second = flatten_rank(state, me, replicated=("shared",), nodes=nodes)
+    assert second.skeleton is first.skeleton
+    swapped = {"shared": {"b": torch.zeros(2), "w": torch.ones(4, 2)}, "mine": {"x": torch.ones(3)}, "step": 1}
+    third = flatten_rank(swapped, me, replicated=("shared",), nodes=nodes)
+    assert json.dumps(third.skeleton) == json.dumps(flatten_rank(swapped, me, replicated=("shared",)).skeleton)
+    assert third.skeleton["d"][1][1] is first.skeleton["d"][1][1]  # "mine": the same leaves
+    assert third.skeleton["d"][0][1] is not first.skeleton["d"][0][1]
+
+
+def test_module_metadata_that_changes_makes_a_new_node(monkeypatch):
+    from asyncckpt.state.tree import NodeCache
+
+    model, nodes = torch.nn.Linear(2, 2), NodeCache()
+    first = flatten({"m": model}, nodes).skeleton
+    monkeypatch.setattr(torch.nn.Linear, "_version", 2)  # a module class that changed its state dict's layout
+    second = flatten({"m": model}, nodes).skeleton
+    assert second is not first and second["d"][0][1]["o"]["d"] == first["d"][0][1]["o"]["d"]
+    assert second["d"][0][1]["o"]["m"][""]["version"] == 2
+
+
+def test_a_flatten_that_raises_leaves_the_last_nodes_for_the_next():
+    from asyncckpt.state.tree import NodeCache
+
+    state, nodes = _trained_state(), NodeCache()
+    first = flatten(state, nodes).skeleton
+    with pytest.raises(TypeError, match="cannot checkpoint"):
+        flatten({**state, "bad": object()}, nodes)
+    assert flatten(state, nodes).skeleton is first

@@ -30,7 +30,7 @@ from asyncckpt.errors import CheckpointError, SaveFailedError
 from asyncckpt.format import check_tags
 from asyncckpt.metrics import SaveRecord, SaveStats
 from asyncckpt.policy import SavePolicy
-from asyncckpt.state.tree import FlatState, flatten
+from asyncckpt.state.tree import FlatState, NodeCache, flatten
 
 
 def check_json(value: Any, what: str) -> dict:
@@ -83,9 +83,12 @@ class SavePlanner:
 
     turns = 0  # agreements taken part in (a multi-rank planner counts them)
 
+    def __init__(self) -> None:
+        self.nodes = NodeCache()  # each save's skeleton takes the last one's nodes where they hold the same
+
     def flatten(self, state: Any) -> FlatState:
         """The state's skeleton and the tensors this process writes."""
-        return flatten(state)
+        return flatten(state, self.nodes)
 
     def plan(self, state: Any, step: int) -> tuple[FlatState, RankSave | None]:
         """:meth:`flatten`, plus this rank's part of a multi-rank save (None: one process)."""

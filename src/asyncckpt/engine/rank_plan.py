@@ -79,6 +79,7 @@ class RankPlanner(SavePlanner):
     """Plans one rank's part of each save and agrees on it with the other ranks."""
 
     def __init__(self, ranks: RankGroup, replicated: tuple[str, ...]) -> None:
+        super().__init__()
         self._ranks = ranks
         self._me = RankInfo(ranks.rank, ranks.world_size)
         self._replicated = replicated
@@ -92,7 +93,7 @@ class RankPlanner(SavePlanner):
             pass  # this rank's own error says more
 
     def flatten(self, state: Any) -> RankFlatState:
-        return flatten_rank(state, self._me, self._replicated)
+        return flatten_rank(state, self._me, self._replicated, self.nodes)
 
     def plan(self, state: Any, step: int) -> tuple[RankFlatState, RankSave]:
         try:

@@ -8,6 +8,7 @@ the state, and reused by every later save. One arena per save in flight (``max_p
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 import weakref
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from asyncckpt.format import ALIGNMENT, dtype_name
+from asyncckpt.format import ALIGNMENT, TensorEntry, dtype_name
 
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
 
@@ -120,6 +121,14 @@ class Layout:
     slots: list[TensorSlot]
     groups: list[DtypeGroup]
     total: int
+
+    @functools.cached_property
+    def entries(self) -> list[TensorEntry]:
+        """The manifest's entry of each slot, made once: a layout serves every save of a state
+        whose tensors keep their dtypes and shapes, and new entries at each save would be
+        thousands of objects for CPython's collector to promote (see ``state.tree.NodeCache``).
+        Shared by those saves' manifests: not to be changed."""
+        return [TensorEntry(dtype_name(s.dtype), s.shape, s.offset, s.nbytes) for s in self.slots]
 
 
 def _align(n: int) -> int:

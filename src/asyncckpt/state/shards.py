@@ -38,6 +38,7 @@ from asyncckpt.state.tree import (
     MAX_DEPTH,
     PLAIN_VALUES,
     FlatState,
+    NodeCache,
     _Flattener,
     _is_stateful,
     check_dense,
@@ -249,8 +250,8 @@ def _row_pieces(sizes: tuple[tuple[int, int], ...], world_size: int) -> tuple[tu
 class _RankFlattener(_Flattener):
     """``flatten`` for one rank: DTensors and replicated tensors become ``G`` leaves."""
 
-    def __init__(self, me: RankInfo, replicated: Collection[str], state: Any) -> None:
-        super().__init__(state)
+    def __init__(self, me: RankInfo, replicated: Collection[str], state: Any, nodes: NodeCache | None = None) -> None:
+        super().__init__(state, nodes)
         self.me = me
         self.declared = {child_path("state", key) for key in replicated}
         self.globals: list[GlobalEntry] = []
@@ -367,7 +368,9 @@ class _RankFlattener(_Flattener):
         return zlib.crc32(text.encode())
 
 
-def flatten_rank(state: Any, me: RankInfo, replicated: Collection[str] = ()) -> RankFlatState:
+def flatten_rank(
+    state: Any, me: RankInfo, replicated: Collection[str] = (), nodes: NodeCache | None = None
+) -> RankFlatState:
     """Split one rank's state into its skeleton, the tensors it writes, and the global table.
 
     Args:
@@ -375,6 +378,7 @@ def flatten_rank(state: Any, me: RankInfo, replicated: Collection[str] = ()) -> 
         me: This rank and the world size.
         replicated: Top-level keys of ``state`` whose tensors are the same on every rank (stored
             once, spread over the ranks) although nothing marks them so.
+        nodes: As ``flatten``'s.
 
     Returns:
         The rank's flat state.
@@ -383,7 +387,7 @@ def flatten_rank(state: Any, me: RankInfo, replicated: Collection[str] = ()) -> 
         TypeError, ValueError: As ``flatten``; also a DTensor of a placement other than Shard or
             Replicate.
     """
-    flattener = _RankFlattener(me, replicated, state)
+    flattener = _RankFlattener(me, replicated, state, nodes)
     missing = [key for key in replicated if not isinstance(state, dict) or key not in state]
     if missing:  # a typo would otherwise store the key's tensors once per rank, silently
         warnings.warn(
@@ -393,6 +397,8 @@ def flatten_rank(state: Any, me: RankInfo, replicated: Collection[str] = ()) -> 
         )
     skeleton = flattener.node(state, "state", 0)
     flattener.finish()
+    if nodes is not None:
+        nodes.keep(flattener.taken)
     return RankFlatState(
         skeleton,
         flattener.tensors,

@@ -9,6 +9,7 @@ rebuilds plain trees (``unflatten``), and restores into live objects in place.
 from __future__ import annotations
 
 import collections
+import json
 import sys
 import warnings
 from collections.abc import Callable, Collection
@@ -81,12 +82,77 @@ def tie_key(t: torch.Tensor, storage: torch.UntypedStorage, offset: Any, stride:
     return (storage.data_ptr(), offset, t.shape, stride, t.dtype, t.device, t.is_conj(), t.is_neg())
 
 
+_LEAF_KINDS = frozenset({Kind.TENSOR, Kind.NDARRAY, Kind.NUMPY_SCALAR, Kind.GLOBAL, Kind.DTYPE, Kind.DEVICE})
+
+
+def _add_token(parts: list, node: dict) -> None:
+    """Append to ``parts`` three items that tell ``node`` apart from every other, for
+    :class:`NodeCache`: a leaf's kind and content, a value's with its exact type too (``1``,
+    ``1.0`` and ``True`` are equal in Python, and so are ``0.0`` and ``-0.0``: a float, numpy's
+    float64 included, is taken as ``float.hex``), a container's identity (it is a cached node).
+
+    A key is one flat tuple of such items: the collector stops tracking a tuple of untracked
+    items in the pass that finds it so, but it meets nested tuples outside in, so keys of tuples
+    inside tuples would be promoted along with the nodes they save."""
+    if len(node) == 1:
+        for kind, content in node.items():
+            if kind == Kind.VALUE:
+                parts += (kind, type(content), float.hex(content) if isinstance(content, float) else content)
+                return
+            if kind in _LEAF_KINDS:
+                parts += (kind, content, None)
+                return
+    parts += (None, id(node), None)
+
+
+class NodeCache:
+    """The container nodes of the last save's skeleton, for the next save to take again where
+    they hold the same: a save of an unchanged model makes no new skeleton containers.
+
+    Why: a skeleton lives as long as its save (through the writer, seconds), so CPython's cyclic
+    collector promotes every new one to its oldest generation, and the objects promoted there
+    trigger a full collection of the whole process every so often: on a large program hundreds
+    of milliseconds, spent on whichever thread allocates (training's, mostly inside ``save``).
+    Taken again, a skeleton's containers are promoted once.
+
+    A node is looked up before it is made, by its kind and its children's tokens (``_add_token``);
+    the lookup keys are flat tuples of plain values, which the collector stops tracking. Cached nodes
+    are shared by the saves that take them, so nothing may change a skeleton once made (none of
+    asyncckpt's code does: the writer only serialises it). Only the nodes of the last completed
+    flatten are kept.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple, dict] = {}
+
+    def find(self, key: tuple) -> dict | None:
+        """The last completed flatten's node of ``key``, if it had one."""
+        return self._last.get(key)
+
+    def keep(self, taken: dict[tuple, dict]) -> None:
+        """A flatten completed, having taken or made these nodes: the next one finds them."""
+        self._last = taken
+
+
 class _Flattener:
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Any, nodes: NodeCache | None = None) -> None:
         self.tensors: list[torch.Tensor] = []
         self.paths: list[str] = []
         self._seen: dict[tuple, int] = {}
         self.names = ParameterNames(state)
+        self._nodes = nodes
+        self.taken: dict[tuple, dict] = {}  # the container nodes of this flatten, by NodeCache key
+
+    def _take(self, key: tuple, make: Callable[[], dict]) -> dict:
+        """The container node of ``key``: one this flatten or the last (``self._nodes``) took or
+        made, else ``make()``."""
+        node = self.taken.get(key)
+        if node is None:
+            node = self._nodes.find(key) if self._nodes is not None else None
+            if node is None:
+                node = make()
+            self.taken[key] = node
+        return node
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer, path: str) -> Any:
         """The optimizer's state dict, keyed by its parameters' names where they all have one."""
@@ -137,28 +203,40 @@ class _Flattener:
         if isinstance(obj, torch.device):
             return {Kind.DEVICE: str(obj)}
         if isinstance(obj, dict):
-            items = []
+            keys, children = [], []
             for key, value in obj.items():
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise TypeError(
                         f"{path}: dict key {key!r} of type {type(key).__name__} is not supported "
                         "(keys must be str or int)"
                     )
-                items.append([key, self.node(value, child_path(path, key), depth + 1)])
-            out: dict = {Kind.DICT: items}
+                keys.append(key)
+                children.append(self.node(value, child_path(path, key), depth + 1))
             meta = getattr(obj, "_metadata", None)
-            if isinstance(meta, dict):
-                out[META] = _plain_json(meta, f"{path}._metadata")
-                for local in out[META].values():  # how the dict was last loaded, not what it holds
-                    if isinstance(local, dict):
-                        for option in MODULE_LOAD_OPTIONS.intersection(local):
-                            del local[option]
-                check_module_metadata(out[META], lambda what: TypeError(f"{path}._metadata: {what}"))
-            return out
-        if isinstance(obj, list):
-            return {Kind.LIST: [self.node(v, child_path(path, i), depth + 1) for i, v in enumerate(obj)]}
-        if isinstance(obj, tuple):
-            return {Kind.TUPLE: [self.node(v, child_path(path, i), depth + 1) for i, v in enumerate(obj)]}
+            metadata = _module_metadata(meta, path) if isinstance(meta, dict) else None
+
+            def make_dict() -> dict:
+                out: dict = {Kind.DICT: [[key, child] for key, child in zip(keys, children, strict=True)]}
+                if metadata is not None:
+                    out[META] = metadata
+                return out
+
+            if self._nodes is None:
+                return make_dict()
+            parts: list = [Kind.DICT, _metadata_token(metadata)]
+            for key, child in zip(keys, children, strict=True):
+                parts.append(key)
+                _add_token(parts, child)
+            return self._take(tuple(parts), make_dict)
+        if isinstance(obj, (list, tuple)):
+            kind = Kind.LIST if isinstance(obj, list) else Kind.TUPLE
+            items = [self.node(v, child_path(path, i), depth + 1) for i, v in enumerate(obj)]
+            if self._nodes is None:
+                return {kind: items}
+            parts = [kind]
+            for item in items:
+                _add_token(parts, item)
+            return self._take(tuple(parts), lambda: {kind: items})
         np = _numpy_module()
         if np is not None and isinstance(obj, np.ndarray):
             return {Kind.NDARRAY: self.add_tensor(_numpy_to_tensor(obj, path), path)}
@@ -167,12 +245,38 @@ class _Flattener:
         if _is_stateful(obj):
             obj = unwrap_module(obj)
             inner = self.optimizer_state(obj, path) if isinstance(obj, torch.optim.Optimizer) else _state_dict_of(obj)
-            return {Kind.OBJECT: self.node(inner, object_path(path), depth + 1), CLASS_NAME: type(obj).__name__}
+            child, name = self.node(inner, object_path(path), depth + 1), type(obj).__name__
+            if self._nodes is None:
+                return {Kind.OBJECT: child, CLASS_NAME: name}
+            parts = [Kind.OBJECT, name]
+            _add_token(parts, child)
+            return self._take(tuple(parts), lambda: {Kind.OBJECT: child, CLASS_NAME: name})
         raise TypeError(
             f"{path}: cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__}; "
             "supported leaves are tensors, numpy arrays, None, bool, int, float, str, "
             "torch.dtype, torch.device and objects with state_dict()/load_state_dict()"
         )
+
+
+def _module_metadata(meta: dict, path: str) -> dict:
+    """A module state dict's ``_metadata`` as the skeleton keeps it (plain JSON, without how the
+    dict was last loaded, which is not what it holds).
+
+    Raises:
+        TypeError: It is not plain JSON, or not the metadata a module writes.
+    """
+    metadata = _plain_json(meta, f"{path}._metadata")
+    for local in metadata.values():
+        if isinstance(local, dict):
+            for option in MODULE_LOAD_OPTIONS.intersection(local):
+                del local[option]
+    check_module_metadata(metadata, lambda what: TypeError(f"{path}._metadata: {what}"))
+    return metadata
+
+
+def _metadata_token(metadata: dict | None) -> str | None:
+    """A dict node's metadata for :class:`NodeCache`: its JSON, which tells ``1`` from ``True``."""
+    return None if metadata is None else json.dumps(metadata)
 
 
 def _state_dict_of(obj: Any) -> Any:
@@ -212,13 +316,15 @@ def _numpy_to_tensor(array: Any, path: str) -> torch.Tensor:
         raise TypeError(f"{path}: numpy array of dtype {array.dtype} is not supported ({exc})") from None
 
 
-def flatten(state: Any) -> FlatState:
+def flatten(state: Any, nodes: NodeCache | None = None) -> FlatState:
     """Split a state into a JSON skeleton and its unique tensors.
 
     Args:
         state: the state to save: dicts (str or int keys), lists, tuples, tensors, numpy arrays and
             scalars, None, bool, int, float, str, torch.dtype, torch.device, and objects with
             ``state_dict()``/``load_state_dict()``, nested up to ``MAX_DEPTH`` levels.
+        nodes: the last save's skeleton nodes, taken again where they hold the same (a manager's
+            saves); the skeleton may then share nodes with other saves' and must not be changed.
 
     Returns:
         The skeleton, the unique tensors (tied tensors once) and their paths.
@@ -228,8 +334,10 @@ def flatten(state: Any) -> FlatState:
             dict key that is not str or int, or malformed module metadata; the message names its path.
         ValueError: the state is nested deeper than ``MAX_DEPTH``.
     """
-    flattener = _Flattener(state)
+    flattener = _Flattener(state, nodes)
     skeleton = flattener.node(state, "state", 0)
+    if nodes is not None:
+        nodes.keep(flattener.taken)
     return FlatState(skeleton, flattener.tensors, flattener.paths)
 
 
