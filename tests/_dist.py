@@ -1,4 +1,4 @@
-"""Run a function on N spawned ranks joined in a gloo process group (multi-rank tests on CPU).
+"""Run a function on N ranks, each its own process, joined in a gloo process group (multi-rank tests on CPU).
 
 ``run_ranks(fn, world_size, *args)`` is the whole story for most tests::
 
@@ -7,7 +7,9 @@
 
     assert run_ranks(_check, 2, 10) == [0, 10]
 
-Each rank is a fresh ``spawn``-ed Python process (never fork: torch and gloo own threads) that sets
+Each rank is a fresh process forked by multiprocessing's fork server, which imported torch once and
+nothing else (never a fork of the test process: torch and gloo own threads there; and asyncckpt,
+which reads some variables at import, is imported in the rank, after ``env`` is set). It sets
 MASTER_ADDR / MASTER_PORT (a free port the parent picked) / RANK / WORLD_SIZE / LOCAL_RANK, runs
 ``torch.set_num_threads(1)``, joins ``init_process_group("gloo")``, calls ``fn(rank, world_size, *args)``,
 destroys the group and sends back fn's return value (plain ``pickle``: tensors are fine, DTensors are
@@ -15,7 +17,7 @@ not) or its formatted traceback. The parent returns the values in rank order, or
 naming every rank that raised (with its traceback), died (with its exit code) or hung past ``timeout``
 (with every thread's Python stack, dumped by faulthandler just before the kill). No child outlives the
 call: the parent kills the stragglers in ``finally`` and each child also exits by itself when its
-parent goes away.
+parent (the fork server, which ends with the test process) goes away.
 
 For crash tests, ``start_ranks`` returns the running ``RankJob``: ``job.procs``, ``job.kill(rank)``
 (SIGKILL), ``job.wait_until(reached)``, then ``job.join()`` (values, or raise as ``run_ranks`` does) or
@@ -88,7 +90,7 @@ class RankJob:
         self.timeout = timeout
         self.started = time.monotonic()
         self._dumps = tempfile.mkdtemp(prefix="dist-stacks-")
-        ctx = multiprocessing.get_context("spawn")
+        ctx = rank_context()
         port = free_port()
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[multiprocessing.connection.Connection] = []
@@ -210,18 +212,27 @@ class RankJob:
         self.close()
 
 
+def rank_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context that starts the ranks (a fork server with torch imported): a rank
+    then starts in a fraction of a second, not the 2-3 s a fresh interpreter takes to import torch
+    here, and the suite starts ranks dozens of times."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch"])
+    return ctx
+
+
 def start_ranks(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, env: dict | None = None
 ) -> RankJob:
-    """Start ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks and return at once.
-    ``env`` adds variables to the children's environment (before torch is imported there)."""
+    """Start ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks and return at once.
+    ``env`` adds variables to the children's environment (torch is imported there already; asyncckpt is not)."""
     return RankJob(fn, world_size, args, timeout, env)
 
 
 def run_ranks(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, env: dict | None = None
 ) -> list[Any]:
-    """``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; the return values in rank
+    """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; the return values in rank
     order, or AssertionError with each failing rank's traceback / exit code / stacks if it hung."""
     with start_ranks(fn, world_size, *args, timeout=timeout, env=env) as job:
         return job.join()

@@ -5,13 +5,14 @@ hang (found by that script)."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from _dist import rank_context
 
 pytest.importorskip("torch.distributed")
 
@@ -81,9 +82,9 @@ def test_managers_of_the_same_ranks_one_after_another(tmp_path: Path) -> None:
     them): the second one's rendezvous met the first one's keys in the store and hung at 4 ranks."""
     world = 4
     store = Path(tempfile.mkdtemp(dir=tmp_path)) / "store"
-    spawn = multiprocessing.get_context("spawn")
+    ctx = rank_context()
     procs = [
-        spawn.Process(target=_managers_in_turn, args=(r, world, str(store), str(tmp_path), str(tmp_path)))
+        ctx.Process(target=_managers_in_turn, args=(r, world, str(store), str(tmp_path), str(tmp_path)))
         for r in range(world)
     ]
     for p in procs:
