@@ -264,19 +264,27 @@ KILLS = [(1, "write"), (1, "vote"), (0, "rename")]
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
+    """The three jobs run at once: each mostly waits out ``rank_timeout``."""
     base = tmp_path_factory.mktemp("mr-kill")
-    runs = {}
-    for victim, phase in KILLS:
-        root = base / f"{phase}-{victim}"
-        root.mkdir()
-        stop, seen, bad = threading.Event(), [], []
-        watcher = threading.Thread(target=_watch, args=(root, stop, seen, bad), daemon=True)
-        watcher.start()
-        job = start_ranks(_dying_rank, 2, str(root), victim, phase, timeout=180)
-        outcomes = job.outcomes(grace=4 * RANK_TIMEOUT)
-        stop.set()
-        watcher.join(30)
-        runs[(victim, phase)] = (root, outcomes, seen, bad)
+    runs, jobs = {}, []
+    try:
+        for victim, phase in KILLS:
+            root = base / f"{phase}-{victim}"
+            root.mkdir()
+            stop, seen, bad = threading.Event(), [], []
+            watcher = threading.Thread(target=_watch, args=(root, stop, seen, bad), daemon=True)
+            watcher.start()
+            job = start_ranks(_dying_rank, 2, str(root), victim, phase, timeout=180)
+            jobs.append(((victim, phase), root, (stop, watcher, seen, bad), job))
+        for key, root, (stop, watcher, seen, bad), job in jobs:
+            outcomes = job.outcomes(grace=4 * RANK_TIMEOUT)
+            stop.set()
+            watcher.join(30)
+            runs[key] = (root, outcomes, seen, bad)
+    finally:
+        for *_, (stop, _, _, _), job in jobs:
+            stop.set()
+            job.close()
     return runs
 
 
@@ -434,7 +442,7 @@ def _slow_store_connection(rank: int, world: int, root: str) -> list[str]:
             got.append("saved")
         except CheckpointError as exc:
             got.append(str(exc))
-        time.sleep(timeout + 2)  # the abandoned connection comes in; the next attempt starts together
+            time.sleep(timeout + 2)  # the abandoned connection comes in; the next attempt starts together
     return got
 
 
