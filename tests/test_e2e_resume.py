@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 TOTAL = 60  # training steps
@@ -164,32 +165,41 @@ def restorable(kill_step: int) -> set[int | None]:
     return {newest, newest - EVERY or None}
 
 
+def run_scenario(script: Path, tmp: Path, number: int, kills: list[int], where: str) -> dict:
+    """One run killed at each of ``kills`` in turn, each resuming the last, then one to the end."""
+    root = tmp / f"ckpts-{number}"
+    for run, kill_step in enumerate(kills):
+        run_and_kill(script, root, tmp / f"run-{number}-{run}.log", kill_step, f"{where}, run {run}")
+    return run_to_end(script, root, tmp / f"run-{number}-final.log", tmp / f"run-{number}.json", f"{where}, final run")
+
+
 def test_killed_and_resumed_training_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
     seed = int(os.environ.get("ASYNCCKPT_E2E_SEED") or int.from_bytes(os.urandom(4), "little"))
     rng = random.Random(seed)
     script = tmp_path / "train.py"
     script.write_text(TRAINER)
+    # one run killed once, one killed twice (a resumed run is killed and resumed again)
+    scenarios = [sorted(rng.sample(range(EVERY + 1, TOTAL), n)) for n in (1, 2)]
+    wheres = [f"seed {seed} (rerun with ASYNCCKPT_E2E_SEED={seed}), kill steps {kills}" for kills in scenarios]
 
     ref_log, ref_out = tmp_path / "reference.log", tmp_path / "reference.json"
-    reference_final = run_to_end(script, tmp_path / "reference-ckpts", ref_log, ref_out, f"seed {seed}, reference")
+    # the three runs are independent processes, mostly starting up: run them side by side
+    with ThreadPoolExecutor(3) as pool:
+        ref_root = tmp_path / "reference-ckpts"
+        ref_run = pool.submit(run_to_end, script, ref_root, ref_log, ref_out, f"seed {seed}, reference")
+        runs = [pool.submit(run_scenario, script, tmp_path, n, kills, wheres[n]) for n, kills in enumerate(scenarios)]
+        reference_final, finals = ref_run.result(), [run.result() for run in runs]
     ref_start, reference = parse_log(ref_log)
     assert ref_start is None and sorted(reference) == list(range(1, TOTAL + 1))
     assert len({line.split()[1] for line in reference.values()}) > TOTAL // 2, "the losses do not change"
 
-    # one run killed once, one killed twice (a resumed run is killed and resumed again)
-    scenarios = [sorted(rng.sample(range(EVERY + 1, TOTAL), n)) for n in (1, 2)]
-    for number, kills in enumerate(scenarios):
-        root = tmp_path / f"ckpts-{number}"
-        where = f"seed {seed} (rerun with ASYNCCKPT_E2E_SEED={seed}), kill steps {kills}"
+    for number, (kills, where, final) in enumerate(zip(scenarios, wheres, finals, strict=True)):
         for run, kill_step in enumerate(kills):
             log = tmp_path / f"run-{number}-{run}.log"
-            run_and_kill(script, root, log, kill_step, f"{where}, run {run}")
             start = check_against_reference(log, reference, kill_step, f"{where}, killed run {run}")
             if run > 0:
                 assert start in restorable(kills[run - 1]), f"{where}: run {run} restored step {start}"
-
-        log, out = tmp_path / f"run-{number}-final.log", tmp_path / f"run-{number}.json"
-        final = run_to_end(script, root, log, out, f"{where}, final run")
+        log = tmp_path / f"run-{number}-final.log"
         start = check_against_reference(log, reference, TOTAL, f"{where}, final run")
         assert start in restorable(kills[-1]), f"{where}: the final run restored step {start}"
         assert final == reference_final, (
