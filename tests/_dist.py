@@ -34,6 +34,7 @@ import contextlib
 import importlib
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import pickle
 import signal
@@ -94,17 +95,24 @@ class RankJob:
         port = free_port()
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[multiprocessing.connection.Connection] = []
+        self._lifelines: list[multiprocessing.connection.Connection] = []
+        environ = dict(os.environ)  # the test's, now: the fork server's is from when it started
         try:
             for rank in range(world_size):
                 recv, send = ctx.Pipe(duplex=False)
+                # the parent holds the write end, the child waits on the read end: EOF there means the
+                # parent is gone (the child's parent is the fork server, which may outlive it)
+                lifeline, held = ctx.Pipe(duplex=False)
                 spec = _ChildSpec(
-                    module, name, rank, world_size, port, timeout, dict(env or {}), self._stack_file(rank)
+                    module, name, rank, world_size, port, timeout, environ, dict(env or {}), self._stack_file(rank)
                 )
                 # not daemonic, so fn may start processes of its own (DataLoader workers); close() and
                 # the child's exit-with-parent thread see that none outlives the job
-                proc = ctx.Process(target=_child_main, args=(spec, args, send), name=f"rank{rank}")
+                proc = ctx.Process(target=_child_main, args=(spec, args, send, lifeline), name=f"rank{rank}")
+                self._lifelines.append(held)
                 proc.start()
                 send.close()  # the child holds the write end: EOF on recv means the child is gone
+                lifeline.close()
                 self.procs.append(proc)
                 self._conns.append(recv)
         except BaseException:
@@ -197,7 +205,7 @@ class RankJob:
                     proc.kill()
         for proc in self.procs:
             proc.join(10)
-        for conn in self._conns:
+        for conn in self._conns + self._lifelines:
             conn.close()
         for name in os.listdir(self._dumps) if os.path.isdir(self._dumps) else []:
             with contextlib.suppress(OSError):
@@ -218,6 +226,19 @@ def rank_context() -> multiprocessing.context.BaseContext:
     here, and the suite starts ranks dozens of times."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch"])
+    # the server imports torch (and numpy, whose BLAS starts its threads at import) once, with one
+    # thread each, as every rank runs; a rank gets the test's environment from its spec
+    caps = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    saved = {name: os.environ.get(name) for name in caps}
+    os.environ.update(caps)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return ctx
 
 
@@ -249,20 +270,26 @@ class _ChildSpec:
     world_size: int
     port: int
     timeout: float
+    environ: dict
     env: dict
     stack_file: str
 
 
-def _exit_with_parent(parent: int) -> None:
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            os._exit(70)
+def _exit_with_parent(lifeline: multiprocessing.connection.Connection) -> None:
+    with contextlib.suppress(EOFError, OSError):
+        lifeline.recv_bytes()  # nothing is ever sent: this returns when the parent closes its end or dies
+    os._exit(70)
 
 
-def _child_main(spec: _ChildSpec, args: tuple, conn: multiprocessing.connection.Connection) -> None:
-    parent = os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
+def _child_main(
+    spec: _ChildSpec,
+    args: tuple,
+    conn: multiprocessing.connection.Connection,
+    lifeline: multiprocessing.connection.Connection,
+) -> None:
+    threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True, name="exit-with-parent").start()
+    os.environ.clear()
+    os.environ.update(spec.environ)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(spec.port),

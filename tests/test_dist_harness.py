@@ -1,4 +1,4 @@
-"""The spawned-gloo harness (``_dist``) and the FSDP2 / HSDP / DDP fixtures (``_dist_models``) themselves."""
+"""The gloo-ranks harness (``_dist``) and the FSDP2 / HSDP / DDP fixtures (``_dist_models``) themselves."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def _whoami(rank: int, world_size: int, tag: str) -> dict:
         "env": [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")],
         "threads": torch.get_num_threads(),
         "extra": os.environ.get("DIST_TEST_EXTRA"),
+        "later": os.environ.get("DIST_TEST_LATER"),
         "tensor": torch.arange(3) * rank,
     }
 
@@ -62,12 +63,14 @@ def _train(rank: int, world_size: int, kinds: tuple[str, ...], steps: int) -> di
 # -- the harness --------------------------------------------------------------------------------
 
 
-def test_results_come_back_in_rank_order_with_the_rank_environment():
+def test_results_come_back_in_rank_order_with_the_rank_environment(monkeypatch):
+    run_ranks(_whoami, 2, "t")  # the fork server is running before the variable is set
+    monkeypatch.setenv("DIST_TEST_LATER", "y")
     got = run_ranks(_whoami, 2, "t", env={"DIST_TEST_EXTRA": "x"})
     for rank, r in enumerate(got):
         assert (r["rank"], r["world_size"], r["tag"], r["dist"]) == (rank, 2, "t", (rank, 2, "gloo"))
         assert r["env"] == [str(rank), "2", str(rank), "127.0.0.1"]
-        assert r["threads"] == 1 and r["extra"] == "x"
+        assert r["threads"] == 1 and r["extra"] == "x" and r["later"] == "y"
         assert torch.equal(r["tensor"], torch.arange(3) * rank)
 
 
@@ -99,6 +102,19 @@ def test_a_hung_rank_is_named_with_its_stack_and_every_child_is_reaped(tmp_path)
     assert "1 of 2 ranks failed" in text and "rank 1 hung" in text
     assert "in _hang_on_one" in text  # faulthandler's dump of the hung rank
     assert all(_gone(pid) for pid in pids)
+
+
+def test_a_rank_exits_by_itself_once_its_parent_is_gone(tmp_path):
+    """A rank's parent is the fork server, which outlives a killed test process: the rank watches
+    the test process's end of a pipe instead, which closes when that process dies."""
+    marker = str(tmp_path / "reached")
+    with start_ranks(_barrier_after_marker, 2, marker, timeout=60) as job:
+        job.wait_until(lambda: os.path.exists(marker), "rank 1's marker")
+        for lifeline in job._lifelines:  # what the kernel does to them when the test process dies
+            lifeline.close()
+        for proc in job.procs:
+            proc.join(30)
+        assert [p.exitcode for p in job.procs] == [70, 70]
 
 
 def test_a_rank_killed_mid_way_is_reported_dead(tmp_path):
