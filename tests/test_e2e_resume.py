@@ -121,7 +121,12 @@ def run_to_end(script: Path, root: Path, log: Path, out: Path, where: str) -> di
     errors = log.with_suffix(".err")
     with open(errors, "w") as stderr:
         proc = trainer(script, root, log, out, 0, stderr)
-        rc = proc.wait(240)
+        try:
+            rc = proc.wait(240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert rc == 0, f"{where}: the trainer failed ({rc}): {errors.read_text()}"
     return json.loads(out.read_text())
 

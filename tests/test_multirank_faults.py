@@ -271,11 +271,11 @@ def killed(tmp_path_factory):
         for victim, phase in KILLS:
             root = base / f"{phase}-{victim}"
             root.mkdir()
+            job = start_ranks(_dying_rank, 2, str(root), victim, phase, timeout=180)
             stop, seen, bad = threading.Event(), [], []
             watcher = threading.Thread(target=_watch, args=(root, stop, seen, bad), daemon=True)
-            watcher.start()
-            job = start_ranks(_dying_rank, 2, str(root), victim, phase, timeout=180)
             jobs.append(((victim, phase), root, (stop, watcher, seen, bad), job))
+            watcher.start()
         for key, root, (stop, watcher, seen, bad), job in jobs:
             outcomes = job.outcomes(grace=4 * RANK_TIMEOUT)
             stop.set()
