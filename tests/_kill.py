@@ -4,33 +4,52 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 import pytest
 
+from _dist import rank_context
+
 
 def kill_when(args: list[str], reached: Callable[[], bool], what: str, env: dict | None = None) -> None:
     """Run ``python -c <args...>`` and SIGKILL it as soon as ``reached()`` is true (checked every
-    10 ms, for at most 120 s). A child that exits first fails the test with its output."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=None if env is None else {**os.environ, **env},
-    )
+    10 ms, for at most 120 s). A child that exits first fails the test with its output.
+
+    The child is forked from the fork server that starts the multi-rank tests' ranks, which has
+    torch imported (asyncckpt is not: it reads some variables at import), so it starts in a
+    fraction of a second; it runs the code as ``python -c`` would, with the test's environment."""
+    code, *argv = args
+    fd, log = tempfile.mkstemp(prefix="saver-", suffix=".log")
+    os.close(fd)
+    environ = {**os.environ, **(env or {})}
+    child = rank_context().Process(target=_run_code, args=(code, argv, environ, log), name="saver")
+    child.start()
     try:
         deadline = time.monotonic() + 120
         while not reached():
-            if child.poll() is not None:
-                pytest.fail(f"the saver exited ({child.returncode}) before {what}: {child.stdout.read().decode()}")
+            if child.exitcode is not None:
+                with open(log, errors="replace") as f:
+                    pytest.fail(f"the saver exited ({child.exitcode}) before {what}: {f.read()}")
             assert time.monotonic() < deadline, f"the saver never reached {what}"
             time.sleep(0.01)
-        child.send_signal(signal.SIGKILL)
+        os.kill(child.pid, signal.SIGKILL)
     finally:
-        if child.poll() is None:
+        if child.exitcode is None:
             child.kill()
-        child.wait()
-        child.stdout.close()
+        child.join(60)
+        os.unlink(log)
+
+
+def _run_code(code: str, argv: list[str], environ: dict, log: str) -> None:
+    """In the child: the environment, stdout and stderr to ``log``, ``sys.argv``, then the code as
+    ``__main__``."""
+    os.environ.clear()
+    os.environ.update(environ)
+    out = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    sys.argv = ["-c", *argv]
+    exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})

@@ -1,4 +1,5 @@
-"""The gloo-ranks harness (``_dist``) and the FSDP2 / HSDP / DDP fixtures (``_dist_models``) themselves."""
+"""The gloo-ranks harness (``_dist``), the crash tests' ``kill_when`` (``_kill``) and the FSDP2 / HSDP /
+DDP fixtures (``_dist_models``) themselves."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 
 import _dist_models as M
 from _dist import run_ranks, start_ranks
+from _kill import kill_when
 
 # -- rank functions (module level: the spawned ranks import them by name) --------------------------
 
@@ -126,6 +128,25 @@ def test_a_rank_killed_mid_way_is_reported_dead(tmp_path):
     assert (outcomes[1].status, outcomes[1].exitcode) == ("died", -9)
     assert outcomes[0].status == "raised", outcomes[0].describe()  # its barrier lost its peer
     assert all(_gone(p.pid) for p in job.procs)
+
+
+def test_kill_when_runs_the_code_with_its_arguments_and_environment_and_kills_it_at_the_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILL_TEST_LATER", "y")
+    code = "import os, sys, time\nseen = os.environ['KILL_TEST'] + os.environ['KILL_TEST_LATER']"
+    code += "\nopen(sys.argv[1] + '.tmp', 'w').write(seen)"
+    code += "\nos.rename(sys.argv[1] + '.tmp', sys.argv[1])"  # the mark appears whole
+    mark = tmp_path / "mark"
+    late = "\ntime.sleep(0.5)\nopen(sys.argv[1] + '.late', 'w').close()"
+    kill_when([code + late, str(mark)], mark.exists, "the mark", {"KILL_TEST": "x"})
+    time.sleep(1.0)
+    assert mark.read_text() == "xy"
+    assert not (tmp_path / "mark.late").exists()  # killed at the mark
+
+
+def test_kill_when_fails_the_test_with_the_output_of_a_child_that_exits_first(tmp_path):
+    code = "import sys\nprint('about to fail', flush=True)\nsys.exit(3)"
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)the saver exited \(3\) before the mark: about to fail"):
+        kill_when([code], lambda: False, "the mark")
 
 
 # -- the fixtures ---------------------------------------------------------------------------------
