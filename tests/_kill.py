@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import signal
 import sys
@@ -14,24 +15,35 @@ import pytest
 from _dist import rank_context
 
 
-def kill_when(args: list[str], reached: Callable[[], bool], what: str, env: dict | None = None) -> None:
-    """Run ``python -c <args...>`` and SIGKILL it as soon as ``reached()`` is true (checked every
-    10 ms, for at most 120 s). A child that exits first fails the test with its output.
+def start_code(args: list[str], env: dict | None = None) -> tuple[multiprocessing.process.BaseProcess, str]:
+    """Start ``python -c <args...>`` and return the process and the file its stdout and stderr go to
+    (the caller deletes it).
 
     The child is forked from the fork server that starts the multi-rank tests' ranks, which has
     torch imported (asyncckpt is not: it reads some variables at import), so it starts in a
-    fraction of a second; it runs the code as ``python -c`` would, with the test's environment."""
+    fraction of a second instead of 2-3 s; it runs the code as ``python -c`` would, with the test's
+    environment plus ``env``. It ends like a ``multiprocessing`` child: an exception's traceback
+    goes to the file, and the interpreter's exit handlers do not run (use it for code that is
+    killed, or that ends by itself after its ``with`` blocks)."""
     code, *argv = args
-    fd, log = tempfile.mkstemp(prefix="saver-", suffix=".log")
+    fd, output = tempfile.mkstemp(prefix="child-", suffix=".log")
     os.close(fd)
     environ = {**os.environ, **(env or {})}
-    child = rank_context().Process(target=_run_code, args=(code, argv, environ, log), name="saver")
+    child = rank_context().Process(target=_run_code, args=(code, argv, environ, output), name="child")
     child.start()
+    return child, output
+
+
+def kill_when(args: list[str], reached: Callable[[], bool], what: str, env: dict | None = None) -> None:
+    """Run ``python -c <args...>`` (see ``start_code``) and SIGKILL it as soon as ``reached()`` is
+    true (checked every 10 ms, for at most 120 s). A child that exits first fails the test with its
+    output."""
+    child, output = start_code(args, env)
     try:
         deadline = time.monotonic() + 120
         while not reached():
             if child.exitcode is not None:
-                with open(log, errors="replace") as f:
+                with open(output, errors="replace") as f:
                     pytest.fail(f"the saver exited ({child.exitcode}) before {what}: {f.read()}")
             assert time.monotonic() < deadline, f"the saver never reached {what}"
             time.sleep(0.01)
@@ -40,7 +52,7 @@ def kill_when(args: list[str], reached: Callable[[], bool], what: str, env: dict
         if child.exitcode is None:
             child.kill()
         child.join(60)
-        os.unlink(log)
+        os.unlink(output)
 
 
 def _run_code(code: str, argv: list[str], environ: dict, log: str) -> None:

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 import asyncckpt
+from _kill import start_code
 from asyncckpt import CheckpointError, CheckpointManager
 
 NUMEL = 2_500_000  # float32: 10 MB of state per checkpoint
@@ -73,30 +73,31 @@ def recorded(log: Path) -> dict[int, str]:
     return out
 
 
+def _whole_lines(path: str) -> list[str]:
+    return Path(path).read_text().rpartition("\n")[0].splitlines()
+
+
 def run_and_kill(script: Path, root: Path, log: Path, mode: str, compression: str, delay: float) -> int:
     """Start the saver, SIGKILL it ``delay`` s after it is ready; return the iter it resumed from."""
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(root), str(log), str(NUMEL), mode, compression],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, output = start_code([script.read_text(), str(root), str(log), str(NUMEL), mode, compression])
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 120)
-        assert ready, "the saver never became ready"
-        line = proc.stdout.readline()
-        assert line.startswith("ready"), f"saver failed to start: {line!r} {proc.stderr.read()}"
+        deadline = time.monotonic() + 120
+        while not (ready := [x for x in _whole_lines(output) if x.startswith("ready ")]):
+            assert proc.exitcode is None, f"saver failed to start ({proc.exitcode}): {Path(output).read_text()}"
+            assert time.monotonic() < deadline, "the saver never became ready"
+            time.sleep(0.01)
+        line = ready[0]
         time.sleep(delay)
-        assert proc.poll() is None, f"saver died by itself: {proc.stderr.read()}"
+        assert proc.exitcode is None, f"saver died by itself: {Path(output).read_text()}"
         os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(60) == -signal.SIGKILL
+        proc.join(60)
+        assert proc.exitcode == -signal.SIGKILL
         return int(line.split()[1])
     finally:
-        if proc.poll() is None:
+        if proc.exitcode is None:
             proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        proc.join(60)
+        os.unlink(output)
 
 
 def check_root_after_kill(root: Path, log: Path, mode: str, started: int, where: str) -> int:
