@@ -16,8 +16,8 @@ destroys the group and sends back fn's return value (plain ``pickle``: tensors a
 not) or its formatted traceback. The parent returns the values in rank order, or raises AssertionError
 naming every rank that raised (with its traceback), died (with its exit code) or hung past ``timeout``
 (with every thread's Python stack, dumped by faulthandler just before the kill). No child outlives the
-call: the parent kills the stragglers in ``finally`` and each child also exits by itself when its
-parent (the fork server, which ends with the test process) goes away.
+call: the parent kills the stragglers in ``finally`` and each child also exits by itself when the
+test process goes away (it waits on a pipe whose other end only that process holds).
 
 For crash tests, ``start_ranks`` returns the running ``RankJob``: ``job.procs``, ``job.kill(rank)``
 (SIGKILL), ``job.wait_until(reached)``, then ``job.join()`` (values, or raise as ``run_ranks`` does) or
@@ -90,14 +90,14 @@ class RankJob:
         self.world_size = world_size
         self.timeout = timeout
         self.started = time.monotonic()
-        self._dumps = tempfile.mkdtemp(prefix="dist-stacks-")
-        ctx = rank_context()
-        port = free_port()
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._lifelines: list[multiprocessing.connection.Connection] = []
         environ = dict(os.environ)  # the test's, now: the fork server's is from when it started
+        self._dumps = tempfile.mkdtemp(prefix="dist-stacks-")
         try:
+            ctx = rank_context()
+            port = free_port()
             for rank in range(world_size):
                 recv, send = ctx.Pipe(duplex=False)
                 # the parent holds the write end, the child waits on the read end: EOF there means the
@@ -124,9 +124,7 @@ class RankJob:
 
     def kill(self, rank: int) -> None:
         """SIGKILL one rank now (its outcome becomes "died", exit code -9)."""
-        proc = self.procs[rank]
-        if proc.pid is not None and proc.exitcode is None:
-            os.kill(proc.pid, signal.SIGKILL)
+        self.procs[rank].kill()  # not os.kill: the fork server may have reaped it, and its pid be reused
 
     def wait_until(self, reached: Callable[[], bool], what: str = "the point", timeout: float | None = None) -> None:
         """Poll ``reached()`` every 10 ms; AssertionError if every rank exits first or ``timeout``
@@ -225,21 +223,31 @@ def rank_context() -> multiprocessing.context.BaseContext:
     then starts in a fraction of a second, not the 2-3 s a fresh interpreter takes to import torch
     here, and the suite starts ranks dozens of times."""
     ctx = multiprocessing.get_context("forkserver")
+    if not _server_started:
+        _start_server(ctx)
+    return ctx
+
+
+_server_started = False
+
+
+def _start_server(ctx: multiprocessing.context.BaseContext) -> None:
+    """The server imports torch (and numpy, whose BLAS starts its threads at import) once, with one
+    thread each, as every rank runs; a rank gets the test's environment from its spec."""
+    global _server_started
     ctx.set_forkserver_preload(["torch"])
-    # the server imports torch (and numpy, whose BLAS starts its threads at import) once, with one
-    # thread each, as every rank runs; a rank gets the test's environment from its spec
     caps = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     saved = {name: os.environ.get(name) for name in caps}
     os.environ.update(caps)
     try:
         multiprocessing.forkserver.ensure_running()
+        _server_started = True
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return ctx
 
 
 def start_ranks(
@@ -353,3 +361,17 @@ def die_at_phase(phase: str, *, after: str | None = None, mark: str | None = Non
         real(name)
 
     _phases.pause = pause
+
+
+def _code_main(code: str, argv: list[str], environ: dict, output: str, lifeline) -> None:
+    """A ``python -c`` child (``_kill.start_code``): the environment, stdout and stderr to
+    ``output``, ``sys.argv``, then the code as ``__main__``. Here, not in ``_kill``, so that the
+    child does not import pytest."""
+    threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True, name="exit-with-parent").start()
+    os.environ.clear()
+    os.environ.update(environ)
+    out = os.open(output, os.O_WRONLY | os.O_APPEND)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    sys.argv = ["-c", *argv]
+    exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})

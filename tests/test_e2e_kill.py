@@ -73,31 +73,24 @@ def recorded(log: Path) -> dict[int, str]:
     return out
 
 
-def _whole_lines(path: str) -> list[str]:
-    return Path(path).read_text().rpartition("\n")[0].splitlines()
+def _whole_lines(text: str) -> list[str]:
+    return text.rpartition("\n")[0].splitlines()
 
 
 def run_and_kill(script: Path, root: Path, log: Path, mode: str, compression: str, delay: float) -> int:
     """Start the saver, SIGKILL it ``delay`` s after it is ready; return the iter it resumed from."""
-    proc, output = start_code([script.read_text(), str(root), str(log), str(NUMEL), mode, compression])
-    try:
+    with start_code([script.read_text(), str(root), str(log), str(NUMEL), mode, compression]) as saver:
         deadline = time.monotonic() + 120
-        while not (ready := [x for x in _whole_lines(output) if x.startswith("ready ")]):
-            assert proc.exitcode is None, f"saver failed to start ({proc.exitcode}): {Path(output).read_text()}"
-            assert time.monotonic() < deadline, "the saver never became ready"
+        while not (ready := [x for x in _whole_lines(saver.output()) if x.startswith("ready ")]):
+            assert saver.process.exitcode is None, f"saver failed to start ({saver.process.exitcode}): {saver.output()}"
+            assert time.monotonic() < deadline, f"the saver never became ready: {saver.output()}"
             time.sleep(0.01)
-        line = ready[0]
         time.sleep(delay)
-        assert proc.exitcode is None, f"saver died by itself: {Path(output).read_text()}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(60)
-        assert proc.exitcode == -signal.SIGKILL
-        return int(line.split()[1])
-    finally:
-        if proc.exitcode is None:
-            proc.kill()
-        proc.join(60)
-        os.unlink(output)
+        assert saver.process.exitcode is None, f"saver died by itself: {saver.output()}"
+        saver.process.kill()
+        saver.process.join(60)
+        assert saver.process.exitcode == -signal.SIGKILL
+        return int(ready[0].split()[1])
 
 
 def check_root_after_kill(root: Path, log: Path, mode: str, started: int, where: str) -> int:
