@@ -112,6 +112,11 @@ def parse_log(path: Path) -> tuple[int | None, dict[int, str]]:
     return None if head[1] == "None" else int(head[1]), steps
 
 
+def logged_steps(path: Path) -> dict[int, str]:
+    """The complete step lines a running trainer logged so far (none before its first line is whole)."""
+    return parse_log(path)[1] if path.exists() and "\n" in path.read_text() else {}
+
+
 def trainer(script: Path, root: Path, log: Path, out: Path, stop_after: int, stderr) -> subprocess.Popen:
     args = [str(a) for a in (script, root, log, out, TOTAL, EVERY, LENGTH, BATCH, stop_after)]
     return subprocess.Popen([sys.executable, *args], stdout=stderr, stderr=stderr)
@@ -138,7 +143,7 @@ def run_and_kill(script: Path, root: Path, log: Path, kill_step: int, where: str
         proc = trainer(script, root, log, log.with_suffix(".json"), kill_step, stderr)
         try:
             deadline = time.monotonic() + 240
-            while not (log.exists() and kill_step in parse_log(log)[1]):
+            while kill_step not in logged_steps(log):
                 assert proc.poll() is None, f"{where}: the trainer exited ({proc.returncode}): {errors.read_text()}"
                 assert time.monotonic() < deadline, f"{where}: step {kill_step} never logged"
                 time.sleep(0.005)
