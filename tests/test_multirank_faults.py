@@ -446,10 +446,10 @@ def _slow_store_connection(rank: int, world: int, root: str) -> list[str]:
     return got
 
 
-def test_a_rank_whose_store_connection_times_out_fails_that_manager_on_every_rank_and_the_next_ones_work(tmp_path):
+def test_a_rank_whose_store_connection_times_out_fails_that_manager_on_every_rank_and_the_next_ones_work(waited):
     """The rank that could not connect still takes its part in opening the root, so the ranks stay
     in step: the other rank fails there too, and the managers after it open and save."""
-    got = run_ranks(_slow_store_connection, 2, str(tmp_path), timeout=150)
+    tmp_path, got = _joined(waited, _slow_store_connection)
     assert "could not connect to the job's store within 3 s" in got[1][0], got
     # rank 0 gave up waiting for rank 1, or saw rank 1's failure flag: which comes first is a race
     assert any(m in got[0][0] for m in ("could not open the checkpoint root together", "rank 1 could not connect")), got
@@ -485,10 +485,10 @@ def _refused_policy_connection(rank: int, world: int, root: str) -> list[str]:
     return got
 
 
-def test_a_refused_policy_connection_on_one_rank_fails_that_manager_on_every_rank_and_the_next_ones_work(tmp_path):
+def test_a_refused_policy_connection_on_one_rank_fails_that_manager_on_every_rank_and_the_next_ones_work(waited):
     """Every store connection a manager uses is made before the ranks open the root together: one
     refused on one rank only, after that, left its next manager out of step with the others."""
-    got = run_ranks(_refused_policy_connection, 2, str(tmp_path), timeout=150)
+    tmp_path, got = _joined(waited, _refused_policy_connection)
     assert got[1][0] == "rank 1 could not connect to the job's store: connection refused (a test)", got
     assert got[0][0] == "rank 1 could not connect to the job's store, so no rank opens the root", got
     assert [g[1:] for g in got] == [["saved", "saved"]] * 2, got
@@ -518,8 +518,8 @@ def _restore_with_a_bug_on_rank_1(rank: int, world: int, root: str) -> dict:
     return {"error": None}
 
 
-def test_an_unexpected_error_on_one_rank_fails_every_rank_s_restore_at_once(tmp_path):
-    got = run_ranks(_restore_with_a_bug_on_rank_1, 2, str(tmp_path), timeout=180)
+def test_an_unexpected_error_on_one_rank_fails_every_rank_s_restore_at_once(waited):
+    _, got = _joined(waited, _restore_with_a_bug_on_rank_1)
     assert got[1]["error"] == "RuntimeError: a bug while reading"
     assert got[0]["error"].startswith("CheckpointError") and "another rank" in got[0]["error"]
     assert max(r["seconds"] for r in got) < 30  # not the 60 s rank_timeout: nobody waited for a vote
@@ -552,11 +552,11 @@ def _late_rank(rank: int, world: int, root: str) -> dict:
     return out
 
 
-def test_a_rank_late_past_rank_timeout_fails_that_save_only(tmp_path):
+def test_a_rank_late_past_rank_timeout_fails_that_save_only(waited):
     """The save the late rank missed fails on every rank, within rank_timeout, and commits nothing;
     the next saves commit (a gloo timeout used to close the checkpoint group for good: every later
     save of the job failed)."""
-    got = run_ranks(_late_rank, 2, str(tmp_path), timeout=120)
+    tmp_path, got = _joined(waited, _late_rank)
     assert "a rank did not take part within 3 s" in got[0]["late"]
     assert "a rank came to it more than 3 s after another" in got[1]["late"] and got[1]["late_s"] < 2.0
     assert got[0]["late_s"] < 3.0 + 2.0
@@ -620,13 +620,13 @@ def _late_to_restore(rank: int, world: int, root: str) -> dict:
     return out
 
 
-def test_a_rank_late_to_a_restore_or_an_open_fails_it_on_every_rank_and_the_next_saves_commit(tmp_path):
+def test_a_rank_late_to_a_restore_or_an_open_fails_it_on_every_rank_and_the_next_saves_commit(waited):
     """Restore takes several collectives, and so does opening a manager. The rank that gave up on
     one skips those after it; the late rank's call completes the one given up on and must fail
     there too, not go on to collectives the other never makes (which paired them out of step: every
     later save failed until a restart). Rank 0, which holds the root's lock once it opened it, lets
     it go when opening fails."""
-    got = run_ranks(_late_to_restore, 2, str(tmp_path), timeout=150)
+    tmp_path, got = _joined(waited, _late_to_restore)
     assert "did not answer within 3 s" in got[0]["restore"], got[0]["restore"]
     assert "rank 1 could not plan the restore together: a rank came to it more than 3 s" in got[1]["restore"]
     assert "did not answer within 3 s" in got[0]["open"], got[0]["open"]
@@ -638,3 +638,36 @@ def test_a_rank_late_to_a_restore_or_an_open_fails_it_on_every_rank_and_the_next
         assert rank["saves"] == ["", ""] and rank["reopened"] == "" and rank["after_slow_open"] == ""
         assert rank["steps"] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in tmp_path.glob("step-*")) == [step_dir_name(s) for s in (1, 2, 3, 4, 5)]
+
+
+@pytest.fixture(scope="module")
+def waited(tmp_path_factory):
+    """The jobs above that mostly wait (out ``rank_timeout``, or a late rank's sleep) run at once,
+    each on a root of its own: ``{job function: (root, each rank's return value)}`` through
+    ``_joined``."""
+    base = tmp_path_factory.mktemp("mr-wait")
+    fns = [_slow_store_connection, _refused_policy_connection, _restore_with_a_bug_on_rank_1, _late_rank]
+    fns.append(_late_to_restore)
+    roots = {fn: base / fn.__name__ for fn in fns}
+    jobs = {}
+    try:
+        for fn, root in roots.items():
+            root.mkdir()
+            jobs[fn] = start_ranks(fn, 2, str(root), timeout=180)
+        results = {}
+        for fn, job in jobs.items():
+            try:
+                results[fn] = (roots[fn], job.join())
+            except AssertionError as exc:  # raised again by that job's test only
+                results[fn] = (roots[fn], exc)
+        return results
+    finally:
+        for job in jobs.values():
+            job.close()
+
+
+def _joined(waited: dict, fn) -> tuple[Path, list]:
+    root, values = waited[fn]
+    if isinstance(values, AssertionError):
+        raise values
+    return root, values
