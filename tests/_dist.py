@@ -110,11 +110,13 @@ class RankJob:
                 # the child's exit-with-parent thread see that none outlives the job
                 proc = ctx.Process(target=_child_main, args=(spec, args, send, lifeline), name=f"rank{rank}")
                 self._lifelines.append(held)
-                proc.start()
-                send.close()  # the child holds the write end: EOF on recv means the child is gone
-                lifeline.close()
-                self.procs.append(proc)
                 self._conns.append(recv)
+                try:
+                    proc.start()
+                finally:
+                    send.close()  # the child holds the write end: EOF on recv means the child is gone
+                    lifeline.close()
+                self.procs.append(proc)
         except BaseException:
             self.close()
             raise
@@ -124,7 +126,9 @@ class RankJob:
 
     def kill(self, rank: int) -> None:
         """SIGKILL one rank now (its outcome becomes "died", exit code -9)."""
-        self.procs[rank].kill()  # not os.kill: the fork server may have reaped it, and its pid be reused
+        proc = self.procs[rank]
+        if proc.exitcode is None:  # reads the exit status the fork server reports once it reaped it
+            proc.kill()
 
     def wait_until(self, reached: Callable[[], bool], what: str = "the point", timeout: float | None = None) -> None:
         """Poll ``reached()`` every 10 ms; AssertionError if every rank exits first or ``timeout``
@@ -147,10 +151,11 @@ class RankJob:
         pending = {conn: rank for rank, conn in enumerate(self._conns)}
         try:
             while pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                # past the deadline, still take what already came (a job joined after another one hung)
+                ready = multiprocessing.connection.wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
                     break
-                for conn in multiprocessing.connection.wait(list(pending), timeout=left):
+                for conn in ready:
                     rank = pending.pop(conn)
                     try:
                         kind, payload = pickle.loads(conn.recv_bytes())

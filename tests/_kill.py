@@ -30,9 +30,11 @@ class CodeChild:
         try:
             ctx = rank_context()
             lifeline, self._lifeline = ctx.Pipe(duplex=False)
-            self.process = ctx.Process(target=_code_main, args=(code, argv, environ, self._output, lifeline))
-            self.process.start()
-            lifeline.close()
+            try:
+                self.process = ctx.Process(target=_code_main, args=(code, argv, environ, self._output, lifeline))
+                self.process.start()
+            finally:
+                lifeline.close()
         except BaseException:
             self.close()
             raise
@@ -43,7 +45,8 @@ class CodeChild:
 
     def close(self) -> None:
         if self.process is not None and self.process.pid is not None:
-            self.process.kill()  # not os.kill: the fork server may have reaped it, and its pid be reused
+            if self.process.exitcode is None:  # reads the status the fork server reports once it reaped it
+                self.process.kill()
             self.process.join(60)
         if self._lifeline is not None:
             self._lifeline.close()

@@ -136,14 +136,16 @@ def test_a_rank_killed_mid_way_is_reported_dead(tmp_path):
     assert all(_gone(p.pid) for p in job.procs)
 
 
-def test_kill_when_runs_the_code_with_its_arguments_and_the_test_s_environment(tmp_path, monkeypatch):
+def test_kill_when_runs_the_code_with_its_arguments_and_environment_and_kills_it_at_the_point(tmp_path, monkeypatch):
     monkeypatch.setenv("KILL_TEST_LATER", "y")
     code = "import os, sys, time\nseen = os.environ['KILL_TEST'] + os.environ['KILL_TEST_LATER']"
     code += "\nopen(sys.argv[1] + '.tmp', 'w').write(seen)"
     code += "\nos.rename(sys.argv[1] + '.tmp', sys.argv[1])"  # the mark appears whole
     mark = tmp_path / "mark"
-    kill_when([code + "\ntime.sleep(600)", str(mark)], mark.exists, "the mark", {"KILL_TEST": "x"})
+    late = "\ntime.sleep(5)\nopen(sys.argv[1] + '.late', 'w').close()"
+    kill_when([code + late, str(mark)], mark.exists, "the mark", {"KILL_TEST": "x"})
     assert mark.read_text() == "xy"
+    assert not (tmp_path / "mark.late").exists()  # killed (and reaped) at the mark, not 5 s later
 
 
 def test_kill_when_fails_the_test_with_the_output_of_a_child_that_exits_first(tmp_path):

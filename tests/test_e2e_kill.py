@@ -89,7 +89,7 @@ def run_and_kill(script: Path, root: Path, log: Path, mode: str, compression: st
         assert saver.process.exitcode is None, f"saver died by itself: {saver.output()}"
         saver.process.kill()
         saver.process.join(60)
-        assert saver.process.exitcode == -signal.SIGKILL
+        assert saver.process.exitcode == -signal.SIGKILL, saver.output()
         return int(ready[0].split()[1])
 
 

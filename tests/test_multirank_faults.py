@@ -578,7 +578,7 @@ def _late_to_restore(rank: int, world: int, root: str) -> dict:
         mgr.save(1, state).wait()
         dist.barrier()
         if rank == 1:
-            _time.sleep(5.0)
+            _time.sleep(6.0)
         try:
             mgr.restore(state)
             out["restore"] = ""
@@ -591,7 +591,7 @@ def _late_to_restore(rank: int, world: int, root: str) -> dict:
             dist.barrier()
     # late to opening a manager: fails on every rank, and the next manager works
     if rank == 1:
-        _time.sleep(5.0)
+        _time.sleep(6.0)
     try:
         CheckpointManager(root, keep_last=None, rank_timeout=3.0).close()
         out["open"] = ""
@@ -605,7 +605,7 @@ def _late_to_restore(rank: int, world: int, root: str) -> dict:
 
     opener = rank_plan.open_storage
     if rank == 0:
-        rank_plan.open_storage = lambda *args, **kwargs: (_time.sleep(5.0), opener(*args, **kwargs))[1]
+        rank_plan.open_storage = lambda *args, **kwargs: (_time.sleep(6.0), opener(*args, **kwargs))[1]
     try:
         CheckpointManager(root, keep_last=None, rank_timeout=3.0).close()
         out["slow_open"] = ""
