@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 pytest.importorskip("isal")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 

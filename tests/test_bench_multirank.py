@@ -22,6 +22,7 @@ sys.path.insert(0, str(BENCH))
 import multirank  # noqa: E402
 
 
+@pytest.mark.bench
 def test_every_saver_once_at_two_ranks(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     payload = multirank.main(

@@ -13,6 +13,8 @@ import pytest
 
 from _s3server import weed_binary
 
+pytestmark = pytest.mark.bench
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "objectstore.py"
 TINY = ["--state", "mlp", "--width", "64", "--depth", "2", "--repeats", "1", "--saves", "1"]
 

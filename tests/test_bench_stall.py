@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 STALL = Path(__file__).resolve().parents[1] / "bench" / "stall.py"
 TINY = ["--device", "cpu", "--width", "64", "--depth", "2", "--batch", "4", "--iters", "4", "--every", "2"]
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import write_path as bench_write_path  # noqa: E402
