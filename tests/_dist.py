@@ -294,15 +294,21 @@ def _exit_with_parent(lifeline: multiprocessing.connection.Connection) -> None:
     os._exit(70)
 
 
+def _become_child(lifeline: multiprocessing.connection.Connection, environ: dict) -> None:
+    """What every child of the fork server does first: exit with the test process, and take its
+    environment (the server's is from when it started)."""
+    threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True, name="exit-with-parent").start()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 def _child_main(
     spec: _ChildSpec,
     args: tuple,
     conn: multiprocessing.connection.Connection,
     lifeline: multiprocessing.connection.Connection,
 ) -> None:
-    threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True, name="exit-with-parent").start()
-    os.environ.clear()
-    os.environ.update(spec.environ)
+    _become_child(lifeline, spec.environ)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(spec.port),
@@ -372,9 +378,7 @@ def _code_main(code: str, argv: list[str], environ: dict, output: str, lifeline)
     """A ``python -c`` child (``_kill.start_code``): the environment, stdout and stderr to
     ``output``, ``sys.argv``, then the code as ``__main__``. Here, not in ``_kill``, so that the
     child does not import pytest."""
-    threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True, name="exit-with-parent").start()
-    os.environ.clear()
-    os.environ.update(environ)
+    _become_child(lifeline, environ)
     out = os.open(output, os.O_WRONLY | os.O_APPEND)
     os.dup2(out, 1)
     os.dup2(out, 2)
