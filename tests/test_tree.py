@@ -19,7 +19,7 @@ import torch
 from asyncckpt import CheckpointError, RestoreResult, StateMismatchError
 from asyncckpt.codec import tensor_memoryview
 from asyncckpt.format import DTYPES
-from asyncckpt.state.tree import check_compatible, flatten, restore_into, unflatten
+from asyncckpt.state.tree import MAX_DEPTH, check_compatible, flatten, restore_into, unflatten
 
 
 def raw_bytes(t: torch.Tensor) -> bytes:
@@ -237,6 +237,33 @@ def test_a_module_is_flattened_to_detached_tensors_over_its_parameters():
         assert not t.requires_grad and t.data_ptr() == p.data_ptr()
 
 
+def test_a_tensor_that_needs_no_grad_is_kept_as_it_is_and_one_that_does_is_detached():
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    flat = flatten({"net": net, "opt": opt, "frozen": frozen})
+    by_path = dict(zip(flat.paths, flat.tensors, strict=True))
+    weight = by_path["state['net'].state_dict()['weight']"]
+    assert weight is not net.weight and not weight.requires_grad and weight.data_ptr() == net.weight.data_ptr()
+    moment = by_path["state['opt'].state_dict()['state']['weight']['exp_avg']"]
+    assert moment is opt.state[net.weight]["exp_avg"]  # no new tensor per save for it
+    assert by_path["state['frozen']"] is frozen
+
+
+def test_a_tensor_as_deep_as_allowed_is_saved_and_one_level_deeper_is_refused():
+    def nested(levels: int) -> dict:
+        state: object = torch.ones(2)
+        for _ in range(levels):
+            state = {"a": state}
+        return state  # type: ignore[return-value]
+
+    assert len(flatten(nested(MAX_DEPTH)).tensors) == 1
+    with pytest.raises(ValueError, match=re.escape("state" + "['a']" * (MAX_DEPTH + 1)) + ": state is nested deeper"):
+        flatten(nested(MAX_DEPTH + 1))
+
+
 def test_a_module_whose_state_dict_takes_no_arguments_is_saved_through_it():
     class Custom(torch.nn.Linear):
         def state_dict(self):  # an override without torch's keyword arguments
@@ -325,6 +352,16 @@ def test_different_views_of_one_storage_are_separate_tensors():
     for key, value in state.items():
         assert out[key].shape == value.shape and out[key].dtype == value.dtype, key
         assert raw_bytes(out[key]) == raw_bytes(value), key
+
+
+def test_views_alike_at_other_offsets_or_over_other_memory_are_separate_tensors():
+    base = torch.arange(24.0).reshape(4, 6)
+    other = base.clone()
+    flat, skeleton, _, out = roundtrip({"r1": base[1], "r2": base[2], "again": base[1], "o1": other[1]})
+    assert len(flat.tensors) == 3  # base[1] twice is one stored tensor; the others are each their own
+    index = {key: child["T"] for key, child in skeleton["d"]}
+    assert index["r1"] == index["again"] and len({index["r1"], index["r2"], index["o1"]}) == 3
+    assert [out[k].tolist() for k in ("r1", "r2", "o1")] == [base[1].tolist(), base[2].tolist(), other[1].tolist()]
 
 
 def test_non_contiguous_tensors_round_trip():

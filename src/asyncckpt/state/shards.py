@@ -250,6 +250,8 @@ def _row_pieces(sizes: tuple[tuple[int, int], ...], world_size: int) -> tuple[tu
 class _RankFlattener(_Flattener):
     """``flatten`` for one rank: DTensors and replicated tensors become ``G`` leaves."""
 
+    _leaf_tensor_types: frozenset[type] = frozenset()  # a plain tensor may be replicated: ``node`` decides
+
     def __init__(self, me: RankInfo, replicated: Collection[str], state: Any, nodes: NodeCache | None = None) -> None:
         super().__init__(state, nodes)
         self.me = me
@@ -341,7 +343,7 @@ class _RankFlattener(_Flattener):
             raise TypeError(f"{path}: the DTensor's local tensor is {tuple(local.shape)}, its placements say {shape}")
         if math.prod(shape) and replica == index % replicas:  # the replicas take turns writing
             check_dense(local, path)
-            staged = self.add_keyed(local, tie_key(local, storage, offset, stride), path)
+            staged = self.add_keyed(local, tie_key(local, offset, stride), path)
             self.pieces.append(PieceEntry(index, staged, offsets))
             # a DTensor whose rows are not sharded is written whole by one rank: cut as DDP's
             # row pieces are, for FSDP2 at this world size and its multiples

@@ -75,11 +75,13 @@ def check_dense(t: torch.Tensor, path: str) -> None:
         raise TypeError(f"{path}: a meta tensor has no data to save")
 
 
-def tie_key(t: torch.Tensor, storage: torch.UntypedStorage, offset: Any, stride: tuple[Any, ...]) -> tuple:
+def tie_key(t: torch.Tensor, offset: Any, stride: tuple[Any, ...]) -> tuple:
     """What makes two non-empty tensors the same stored tensor: one memory viewed the same way.
-    The storage, offset and stride are the caller's, read once for this and its other uses."""
-    # t.shape as it is: a torch.Size hashes and compares as the tuple it is
-    return (storage.data_ptr(), offset, t.shape, stride, t.dtype, t.device, t.is_conj(), t.is_neg())
+    The offset and stride are the caller's, read once for this and its other uses."""
+    # t.data_ptr() is the storage's address plus the offset in bytes: with the offset and the dtype
+    # in the key it tells storages apart as the storage's own address would (without making a
+    # storage object); t.shape as it is: a torch.Size hashes and compares as the tuple it is
+    return (t.data_ptr(), offset, t.shape, stride, t.dtype, t.device, t.is_conj(), t.is_neg())
 
 
 _LEAF_KINDS = frozenset({Kind.TENSOR, Kind.NDARRAY, Kind.NUMPY_SCALAR, Kind.GLOBAL, Kind.DTYPE, Kind.DEVICE})
@@ -135,6 +137,10 @@ class NodeCache:
 
 
 class _Flattener:
+    # tensors of these exact types are leaves ``node`` would store as they are: a dict's are
+    # added without the call (a subclass that stores some tensors otherwise leaves it empty)
+    _leaf_tensor_types: frozenset[type] = frozenset({torch.Tensor, torch.nn.Parameter})
+
     def __init__(self, state: Any, nodes: NodeCache | None = None) -> None:
         self.tensors: list[torch.Tensor] = []
         self.paths: list[str] = []
@@ -170,9 +176,10 @@ class _Flattener:
         return (keyed, names) if keyed is not state_dict else (state_dict, None)
 
     def add_tensor(self, t: torch.Tensor, path: str) -> int:
-        check_dense(t, path)
+        if t.layout != torch.strided or t.is_quantized or t.is_meta:
+            check_dense(t, path)  # raises, saying which
         # Tied tensors (one storage viewed identically under two names) are stored once.
-        key = tie_key(t, t.untyped_storage(), t.storage_offset(), t.stride()) if t.numel() > 0 else None
+        key = tie_key(t, t.storage_offset(), t.stride()) if t.numel() else None
         return self.add_keyed(t, key, path)
 
     def add_keyed(self, t: torch.Tensor, key: tuple | None, path: str) -> int:
@@ -182,7 +189,7 @@ class _Flattener:
             if index is not None:
                 return index
             self._seen[key] = len(self.tensors)
-        self.tensors.append(t.detach())
+        self.tensors.append(t.detach() if t.requires_grad else t)
         self.paths.append(path)
         return len(self.tensors) - 1
 
@@ -204,14 +211,23 @@ class _Flattener:
             return {Kind.DEVICE: str(obj)}
         if isinstance(obj, dict):
             keys, children = [], []
+            parts: list = [Kind.DICT, None]  # the NodeCache key; [1]: the metadata's token
             for key, value in obj.items():
-                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                if type(key) is not str and (isinstance(key, bool) or not isinstance(key, (str, int))):
                     raise TypeError(
                         f"{path}: dict key {key!r} of type {type(key).__name__} is not supported "
                         "(keys must be str or int)"
                     )
+                if type(value) in self._leaf_tensor_types and depth < MAX_DEPTH:  # the usual leaf, inline
+                    index = self.add_tensor(value, child_path(path, key))
+                    child = {Kind.TENSOR: index}
+                    parts += (key, Kind.TENSOR, index, None)
+                else:
+                    child = self.node(value, child_path(path, key), depth + 1)
+                    parts.append(key)
+                    _add_token(parts, child)
                 keys.append(key)
-                children.append(self.node(value, child_path(path, key), depth + 1))
+                children.append(child)
             meta = getattr(obj, "_metadata", None)
             metadata = _module_metadata(meta, path) if isinstance(meta, dict) else None
 
@@ -223,10 +239,7 @@ class _Flattener:
 
             if self._nodes is None:
                 return make_dict()
-            parts: list = [Kind.DICT, _metadata_token(metadata)]
-            for key, child in zip(keys, children, strict=True):
-                parts.append(key)
-                _add_token(parts, child)
+            parts[1] = _metadata_token(metadata)
             return self._take(tuple(parts), make_dict)
         if isinstance(obj, (list, tuple)):
             kind = Kind.LIST if isinstance(obj, list) else Kind.TUPLE
@@ -298,7 +311,9 @@ def _plain_json(obj: Any, path: str) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
-        return {k: _plain_json(v, child_path(path, k)) for k, v in obj.items()}
+        # a value of a plain type as it is, without the call and its path (a module's metadata
+        # is hundreds of {"version": 1}, read at every save)
+        return {k: v if type(v) in PLAIN_VALUES else _plain_json(v, child_path(path, k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain_json(v, child_path(path, i)) for i, v in enumerate(obj)]
     raise TypeError(f"{path}: {type(obj).__name__} is not JSON-serialisable")
