@@ -237,21 +237,6 @@ def test_a_module_is_flattened_to_detached_tensors_over_its_parameters():
         assert not t.requires_grad and t.data_ptr() == p.data_ptr()
 
 
-def test_a_tensor_that_needs_no_grad_is_kept_as_it_is_and_one_that_does_is_detached():
-    net = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(net.parameters())
-    net(torch.ones(1, 3)).sum().backward()
-    opt.step()
-    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
-    flat = flatten({"net": net, "opt": opt, "frozen": frozen})
-    by_path = dict(zip(flat.paths, flat.tensors, strict=True))
-    weight = by_path["state['net'].state_dict()['weight']"]
-    assert weight is not net.weight and not weight.requires_grad and weight.data_ptr() == net.weight.data_ptr()
-    moment = by_path["state['opt'].state_dict()['state']['weight']['exp_avg']"]
-    assert moment is opt.state[net.weight]["exp_avg"]  # no new tensor per save for it
-    assert by_path["state['frozen']"] is frozen
-
-
 def test_a_tensor_as_deep_as_allowed_is_saved_and_one_level_deeper_is_refused():
     def nested(levels: int) -> dict:
         state: object = torch.ones(2)
@@ -418,6 +403,27 @@ def test_dict_with_tuple_keys_is_rejected_naming_the_path():
 def test_dict_with_bool_keys_is_rejected_naming_the_path():
     with pytest.raises(TypeError, match=re.escape("state['a']") + ".*True.*bool"):
         flatten({"a": {True: 1}})
+
+
+class _NoMemory(torch.Tensor):
+    """A wrapper subclass (as float8 or NF4 weights are): shape and dtype, no memory of its own."""
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, ...], offset: int):
+        return torch.Tensor._make_wrapper_subclass(cls, shape, strides=(1,), dtype=torch.float32, storage_offset=offset)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{func} on a tensor with no memory")
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_a_tensor_with_no_memory_of_its_own_is_rejected_naming_the_path(offset):
+    state = {"a": _NoMemory((3,), offset), "b": {"c": _NoMemory((3,), offset)}}
+    with pytest.raises(TypeError, match=re.escape("state['a']: the memory of this ") + ".*_NoMemory cannot be read"):
+        flatten(state)
+    with pytest.raises(TypeError, match=re.escape("state['b']['c']: the memory of this ")):
+        flatten({"b": state["b"]})
 
 
 def test_sparse_tensor_is_rejected_naming_the_path():

@@ -75,13 +75,11 @@ def check_dense(t: torch.Tensor, path: str) -> None:
         raise TypeError(f"{path}: a meta tensor has no data to save")
 
 
-def tie_key(t: torch.Tensor, offset: Any, stride: tuple[Any, ...]) -> tuple:
+def tie_key(t: torch.Tensor, storage: torch.UntypedStorage, offset: Any, stride: tuple[Any, ...]) -> tuple:
     """What makes two non-empty tensors the same stored tensor: one memory viewed the same way.
-    The offset and stride are the caller's, read once for this and its other uses."""
-    # t.data_ptr() is the storage's address plus the offset in bytes: with the offset and the dtype
-    # in the key it tells storages apart as the storage's own address would (without making a
-    # storage object); t.shape as it is: a torch.Size hashes and compares as the tuple it is
-    return (t.data_ptr(), offset, t.shape, stride, t.dtype, t.device, t.is_conj(), t.is_neg())
+    The storage, offset and stride are the caller's, read once for this and its other uses."""
+    # t.shape as it is: a torch.Size hashes and compares as the tuple it is
+    return (storage.data_ptr(), offset, t.shape, stride, t.dtype, t.device, t.is_conj(), t.is_neg())
 
 
 _LEAF_KINDS = frozenset({Kind.TENSOR, Kind.NDARRAY, Kind.NUMPY_SCALAR, Kind.GLOBAL, Kind.DTYPE, Kind.DEVICE})
@@ -179,7 +177,13 @@ class _Flattener:
         if t.layout != torch.strided or t.is_quantized or t.is_meta:
             check_dense(t, path)  # raises, saying which
         # Tied tensors (one storage viewed identically under two names) are stored once.
-        key = tie_key(t, t.storage_offset(), t.stride()) if t.numel() else None
+        key = None
+        if t.numel():
+            try:
+                key = tie_key(t, t.untyped_storage(), t.storage_offset(), t.stride())
+            except RuntimeError as exc:  # a wrapper subclass with no memory of its own
+                kind = f"{type(t).__module__}.{type(t).__qualname__}"
+                raise TypeError(f"{path}: the memory of this {kind} cannot be read ({exc})") from None
         return self.add_keyed(t, key, path)
 
     def add_keyed(self, t: torch.Tensor, key: tuple | None, path: str) -> int:
@@ -189,7 +193,7 @@ class _Flattener:
             if index is not None:
                 return index
             self._seen[key] = len(self.tensors)
-        self.tensors.append(t.detach() if t.requires_grad else t)
+        self.tensors.append(t.detach())
         self.paths.append(path)
         return len(self.tensors) - 1
 
