@@ -77,3 +77,15 @@ def same_tree(expected: Any, actual: Any) -> bool:
     except AssertionError:
         return False
     return True
+
+
+class NoMemory(torch.Tensor):
+    """A wrapper subclass (as float8 or NF4 weights are): shape and dtype, no memory of its own."""
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, ...], offset: int):
+        return torch.Tensor._make_wrapper_subclass(cls, shape, strides=(1,), dtype=torch.float32, storage_offset=offset)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{func} on a tensor with no memory")

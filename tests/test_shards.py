@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
+from _trees import NoMemory
 from asyncckpt.state.rng import RNGState
 from asyncckpt.state.shards import RankInfo, assign_rows, flatten_rank
 from asyncckpt.state.skeleton import Kind, walk
@@ -164,3 +166,9 @@ def test_a_compiled_ddp_model_and_its_optimizer_are_replicated_as_under_ddp_alon
     assert plain.global_paths == wrapped.global_paths and len(plain.global_paths) == 16  # 4 params, 3 states each
     assert [(p.index, p.offsets) for p in plain.pieces] == [(p.index, p.offsets) for p in wrapped.pieces]
     assert plain.skeleton == wrapped.skeleton
+
+
+def test_a_replicated_tensor_with_no_memory_of_its_own_is_rejected_naming_the_path():
+    message = re.escape("state['model']['w']: the memory of this ") + ".*NoMemory cannot be read"
+    with pytest.raises(TypeError, match=message):
+        flatten_rank({"model": {"w": NoMemory((3,), 0)}}, RankInfo(0, 2), replicated=("model",))

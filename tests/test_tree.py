@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from _trees import NoMemory
 from asyncckpt import CheckpointError, RestoreResult, StateMismatchError
 from asyncckpt.codec import tensor_memoryview
 from asyncckpt.format import DTYPES
@@ -405,22 +406,10 @@ def test_dict_with_bool_keys_is_rejected_naming_the_path():
         flatten({"a": {True: 1}})
 
 
-class _NoMemory(torch.Tensor):
-    """A wrapper subclass (as float8 or NF4 weights are): shape and dtype, no memory of its own."""
-
-    @staticmethod
-    def __new__(cls, shape: tuple[int, ...], offset: int):
-        return torch.Tensor._make_wrapper_subclass(cls, shape, strides=(1,), dtype=torch.float32, storage_offset=offset)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise NotImplementedError(f"{func} on a tensor with no memory")
-
-
 @pytest.mark.parametrize("offset", [0, 2])
 def test_a_tensor_with_no_memory_of_its_own_is_rejected_naming_the_path(offset):
-    state = {"a": _NoMemory((3,), offset), "b": {"c": _NoMemory((3,), offset)}}
-    with pytest.raises(TypeError, match=re.escape("state['a']: the memory of this ") + ".*_NoMemory cannot be read"):
+    state = {"a": NoMemory((3,), offset), "b": {"c": NoMemory((3,), offset)}}
+    with pytest.raises(TypeError, match=re.escape("state['a']: the memory of this ") + ".*NoMemory cannot be read"):
         flatten(state)
     with pytest.raises(TypeError, match=re.escape("state['b']['c']: the memory of this ")):
         flatten({"b": state["b"]})

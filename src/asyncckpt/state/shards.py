@@ -42,6 +42,7 @@ from asyncckpt.state.tree import (
     _Flattener,
     _is_stateful,
     check_dense,
+    storage_address,
     tie_key,
 )
 
@@ -293,7 +294,7 @@ class _RankFlattener(_Flattener):
         if is_dtensor(obj):
             return {Kind.GLOBAL: self._dtensor(obj, path)}
         if isinstance(obj, torch.Tensor) and (self.replicated_depth or path in self.declared):
-            key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype)
+            key = (storage_address(obj, path), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype)
             known = self._global(obj, path, key, None, "replicated")
             if known is not None:
                 return {Kind.GLOBAL: known}
@@ -343,7 +344,7 @@ class _RankFlattener(_Flattener):
             raise TypeError(f"{path}: the DTensor's local tensor is {tuple(local.shape)}, its placements say {shape}")
         if math.prod(shape) and replica == index % replicas:  # the replicas take turns writing
             check_dense(local, path)
-            staged = self.add_keyed(local, tie_key(local, storage, offset, stride), path)
+            staged = self.add_keyed(local, tie_key(local, storage.data_ptr(), offset, stride), path)
             self.pieces.append(PieceEntry(index, staged, offsets))
             # a DTensor whose rows are not sharded is written whole by one rank: cut as DDP's
             # row pieces are, for FSDP2 at this world size and its multiples

@@ -75,11 +75,25 @@ def check_dense(t: torch.Tensor, path: str) -> None:
         raise TypeError(f"{path}: a meta tensor has no data to save")
 
 
-def tie_key(t: torch.Tensor, storage: torch.UntypedStorage, offset: Any, stride: tuple[Any, ...]) -> tuple:
+def storage_address(t: torch.Tensor, path: str) -> int:
+    """The address of ``t``'s storage.
+
+    Raises:
+        TypeError: ``t``'s memory cannot be read (a wrapper subclass, which has none of its own);
+            the message names ``path``.
+    """
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError as exc:
+        kind = f"{type(t).__module__}.{type(t).__qualname__}"
+        raise TypeError(f"{path}: the memory of this {kind} cannot be read ({exc})") from None
+
+
+def tie_key(t: torch.Tensor, address: int, offset: Any, stride: tuple[Any, ...]) -> tuple:
     """What makes two non-empty tensors the same stored tensor: one memory viewed the same way.
-    The storage, offset and stride are the caller's, read once for this and its other uses."""
+    The storage's address, offset and stride are the caller's, read once for this and its other uses."""
     # t.shape as it is: a torch.Size hashes and compares as the tuple it is
-    return (storage.data_ptr(), offset, t.shape, stride, t.dtype, t.device, t.is_conj(), t.is_neg())
+    return (address, offset, t.shape, stride, t.dtype, t.device, t.is_conj(), t.is_neg())
 
 
 _LEAF_KINDS = frozenset({Kind.TENSOR, Kind.NDARRAY, Kind.NUMPY_SCALAR, Kind.GLOBAL, Kind.DTYPE, Kind.DEVICE})
@@ -177,13 +191,7 @@ class _Flattener:
         if t.layout != torch.strided or t.is_quantized or t.is_meta:
             check_dense(t, path)  # raises, saying which
         # Tied tensors (one storage viewed identically under two names) are stored once.
-        key = None
-        if t.numel():
-            try:
-                key = tie_key(t, t.untyped_storage(), t.storage_offset(), t.stride())
-            except RuntimeError as exc:  # a wrapper subclass with no memory of its own
-                kind = f"{type(t).__module__}.{type(t).__qualname__}"
-                raise TypeError(f"{path}: the memory of this {kind} cannot be read ({exc})") from None
+        key = tie_key(t, storage_address(t, path), t.storage_offset(), t.stride()) if t.numel() else None
         return self.add_keyed(t, key, path)
 
     def add_keyed(self, t: torch.Tensor, key: tuple | None, path: str) -> int:
