@@ -5,17 +5,16 @@ Each saver commits steps 1 and 2, then is held (test seam: ``asyncckpt._phases.p
 phase of its next save and killed there. What must hold afterwards: readers never see a partial
 step; older steps are intact and bit-exact; the dead writer's lease makes a new manager say who
 holds the root until it expires, then the new manager takes over and its sweep removes every object
-no committed manifest names. The six savers run side by side (one interpreter each, all killed at
-once) so the whole costs one spawn and one lease expiry.
+no committed manifest names. The six savers run side by side (each forked from the tests' fork
+server, see ``_kill.start_code``; all killed at once) so the whole costs one lease expiry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 import asyncckpt
 from _cli import cli
+from _kill import CodeChild, start_code
 from _s3bucket import named_by_newest_manifest, objects
 from asyncckpt import CheckpointManager, RootInUseError
 from asyncckpt.format import step_dir_name
@@ -116,36 +116,28 @@ def open_after_the_lease(url: str) -> CheckpointManager:
 def test_sigkill_during_upload_and_commit_leaves_no_partial_step_and_the_next_manager_sweeps(
     s3_server, s3_env, tmp_path, capsys
 ):
-    script = tmp_path / "saver.py"
-    script.write_text(SAVER)
-    env = {**os.environ, **s3_server.env}
-    runs: dict[str, tuple[str, Path, subprocess.Popen]] = {}
-    try:
+    runs: dict[str, tuple[str, Path, CodeChild]] = {}
+    with contextlib.ExitStack() as children:  # each killed if still running, and reaped
         for phase, (nth, _) in PHASES.items():
             url, mark = fresh_s3_url(), tmp_path / f"{phase}.mark"
-            argv = [sys.executable, str(script), url, phase, str(nth), str(mark), str(NUMEL), str(LEASE_SECONDS)]
-            proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            runs[phase] = (url, mark, proc)
+            args = [SAVER, url, phase, str(nth), str(mark), str(NUMEL), str(LEASE_SECONDS)]
+            runs[phase] = (url, mark, children.enter_context(start_code(args, s3_server.env)))
         deadline = time.monotonic() + 180
-        for phase, (_, mark, proc) in runs.items():
+        for phase, (_, mark, child) in runs.items():
             while not mark.exists():
-                assert proc.poll() is None, f"{phase}: the saver died by itself: {proc.stderr.read()}"
+                assert child.process.exitcode is None, f"{phase}: the saver died by itself: {child.output()}"
                 assert time.monotonic() < deadline, f"{phase}: the saver never reached the phase"
                 time.sleep(0.05)
-        for _, _, proc in runs.values():
-            os.kill(proc.pid, signal.SIGKILL)
-        for phase, (_, _, proc) in runs.items():
-            assert proc.wait(60) == -signal.SIGKILL, phase
-    finally:
-        for _, _, proc in runs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stderr.close()
+        for _, _, child in runs.values():
+            os.kill(child.process.pid, signal.SIGKILL)
+        for phase, (_, _, child) in runs.items():
+            child.process.join(60)
+            assert child.process.exitcode == -signal.SIGKILL, phase
+    pids = {phase: child.process.pid for phase, (_, _, child) in runs.items()}
 
     # At once, while the dead writers' leases stand: a new manager is refused, naming the holder.
-    for phase, (url, _, proc) in runs.items():
-        with pytest.raises(RootInUseError, match=rf"pid {proc.pid}\b") as refused:
+    for phase, (url, _, _) in runs.items():
+        with pytest.raises(RootInUseError, match=rf"pid {pids[phase]}\b") as refused:
             CheckpointManager(url)
         assert LEASE_NAME in str(refused.value), phase
 
