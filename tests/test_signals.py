@@ -12,8 +12,12 @@ import torch
 
 import asyncckpt
 
+# Each child starts with SIGINT's default handler: a process started with SIGINT ignored (a
+# background job of a non-interactive shell, as the suite itself may be) keeps ignoring it, and
+# the signal then "acts as it would have" by doing nothing (test_an_ignored_signal_...).
 CHILD = """
-import sys, time, torch, asyncckpt
+import signal, sys, time, torch, asyncckpt
+signal.signal(signal.SIGINT, getattr(signal, sys.argv[3]) if len(sys.argv) > 3 else signal.default_int_handler)
 root, log_path = sys.argv[1], sys.argv[2]
 state = {"w": torch.zeros(100_000), "step": 0}
 mgr = asyncckpt.CheckpointManager(root, policy=asyncckpt.EverySteps(10_000))
@@ -34,7 +38,8 @@ except KeyboardInterrupt:
 
 
 ASYNC_CHILD = """
-import asyncio, sys, torch, asyncckpt
+import asyncio, signal, sys, torch, asyncckpt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 root, log_path = sys.argv[1], sys.argv[2]
 
 async def main():
@@ -63,16 +68,19 @@ def run_and_signal(tmp_path, signum: int, child_source: str = CHILD) -> tuple[in
     log = tmp_path / "log"
     child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "root"), str(log)])
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if log.exists() and len(log.read_text().split()) >= 20:
-                break
-            time.sleep(0.02)
+        wait_for_lines(log, 20)
         child.send_signal(signum)
         returncode = child.wait(timeout=60)
     finally:
         child.kill()
     return returncode, log.read_text().split()
+
+
+def wait_for_lines(log, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while not (log.exists() and len(log.read_text().split()) >= count):
+        assert time.monotonic() < deadline, f"the child logged fewer than {count} steps in 60 s"
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +101,29 @@ def test_signal_takes_a_final_checkpoint_then_acts(tmp_path, signum, expected_re
     tree = asyncckpt.load(tmp_path / "root")
     assert tree["step"] == last_step
     assert torch.equal(tree["w"], torch.full((100_000,), float(last_step)))
+
+
+def test_an_ignored_signal_gets_its_final_checkpoint_and_stays_ignored(tmp_path):
+    """SIGINT ignored when the process started (nohup, a background job of a script): the handler
+    still takes the final checkpoint, then the signal acts as it would have: not at all."""
+    script, log = tmp_path / "child.py", tmp_path / "log"
+    script.write_text(CHILD)
+    child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "root"), str(log), "SIG_IGN"])
+    try:
+        wait_for_lines(log, 20)
+        child.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "root").glob("step-*/manifest.json")):
+            assert child.poll() is None and time.monotonic() < deadline, "no final checkpoint"
+            time.sleep(0.02)
+        saved = asyncckpt.load(tmp_path / "root")["step"]
+        wait_for_lines(log, saved + 20)  # training goes on past the checkpoint
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
+    steps = [c.step for c in asyncckpt.storage.local.list_checkpoints(tmp_path / "root")]
+    assert steps == [saved]  # one final checkpoint, and the policy's none
 
 
 def test_handlers_are_put_back_on_close(tmp_path):
