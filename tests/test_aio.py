@@ -245,6 +245,22 @@ async def test_signal_handlers_go_through_the_loop_and_are_removed_on_close(tmp_
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
 
 
+async def test_a_handler_found_at_install_is_put_back_on_close(tmp_path: Path) -> None:
+    import signal
+
+    def users_own(signum: int, frame: object) -> None:
+        pass
+
+    before = signal.signal(signal.SIGUSR2, users_own)
+    try:
+        async with AsyncCheckpointManager(tmp_path) as mgr:
+            mgr.install_signal_handlers((signal.SIGUSR2,))
+            assert signal.getsignal(signal.SIGUSR2) is not users_own
+        assert signal.getsignal(signal.SIGUSR2) is users_own  # not the default the loop leaves
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
 class FakeStream(str):
     """A named stand-in for a CUDA stream, on GPU 0."""
 

@@ -393,11 +393,12 @@ class AsyncCheckpointManager:
 
         As ``CheckpointManager.install_signal_handlers``, through ``loop.add_signal_handler`` (the
         blocking manager's handlers would run outside the loop): on one of ``signals`` the next
-        ``maybe_save`` saves that step, awaits the commit, removes the handlers and re-raises the
-        signal, so it then acts as it would have (SIGINT raises KeyboardInterrupt, SIGTERM ends the
-        process). A second such signal before that acts at once. In a process forked from this
-        one, the handlers and the loop's signal wakeup are taken down, so a signal sent to the child
-        acts there as it would have and never reaches this loop.
+        ``maybe_save`` saves that step, awaits the commit, puts back the handlers found at install
+        and re-raises the signal, so it then acts as it would have: SIGTERM ends the process; SIGINT
+        under ``asyncio.run`` (whose handler it is then) cancels the main task at its next await
+        and ``asyncio.run`` raises KeyboardInterrupt. A second such signal before that acts at once.
+        In a process forked from this one, the handlers and the loop's signal wakeup are taken down,
+        so a signal sent to the child acts there as it would have and never reaches this loop.
 
         Args:
             signals: the signals that ask for a final checkpoint.
@@ -430,7 +431,12 @@ class AsyncCheckpointManager:
             return
         if self._signal_loop is not None and not self._signal_loop.is_closed():
             for signum in self._signals:
-                self._signal_loop.remove_signal_handler(signum)  # puts the default handler back
+                self._signal_loop.remove_signal_handler(signum)  # puts Python's default handler back
+                previous = self._previous_handlers.get(signum)
+                try:  # then the one found at install (ignored, the user's own): the signal acts as before
+                    signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+                except (OSError, ValueError):  # not the main thread: the default one stays
+                    pass
         self._signals.clear()
         self._signal_loop = None
         self._previous_handlers.clear()
