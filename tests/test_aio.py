@@ -261,6 +261,19 @@ async def test_a_handler_found_at_install_is_put_back_on_close(tmp_path: Path) -
         signal.signal(signal.SIGUSR2, before)
 
 
+async def test_a_loop_handler_found_at_install_does_not_leave_the_signal_a_no_op(tmp_path: Path) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR2, lambda: None)  # the process's handler is then the loop's no-op
+    try:
+        async with AsyncCheckpointManager(tmp_path) as mgr:
+            mgr.install_signal_handlers((signal.SIGUSR2,))
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # acts again, not swallowed
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR2)
+
+
 class FakeStream(str):
     """A named stand-in for a CUDA stream, on GPU 0."""
 

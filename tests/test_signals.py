@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -97,10 +98,6 @@ def test_signal_takes_a_final_checkpoint_then_acts(tmp_path, signum, expected_re
         assert lines[-1] == "interrupted"
         lines = lines[:-1]
     last_step = int(lines[-1])
-    if child is ASYNC_CHILD and signum == signal.SIGINT:
-        # asyncio.run's own SIGINT handler, put back, cancels the main task at its next await: the
-        # step after the checkpoint starts (and is logged) before that
-        last_step -= 1
     steps = [c.step for c in asyncckpt.storage.local.list_checkpoints(tmp_path / "root")]
     assert steps == [last_step]  # the policy never saved; the signal's save is the step it came at
     tree = asyncckpt.load(tmp_path / "root")
@@ -138,3 +135,23 @@ def test_handlers_are_put_back_on_close(tmp_path):
         mgr.install_signal_handlers()
         assert signal.getsignal(signal.SIGTERM) != before
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_asyncio_run_s_sigint_handler_is_not_left_behind_by_a_close_at_its_shutdown(tmp_path) -> None:
+    async def main() -> None:
+        mgr = asyncckpt.AsyncCheckpointManager(tmp_path)
+        mgr.install_signal_handlers((signal.SIGINT,))  # found: asyncio.run's own SIGINT handler
+
+        async def hold() -> None:
+            async with mgr:  # closed when asyncio.run cancels this task on its way out
+                await asyncio.sleep(3600)
+
+        asyncio.get_running_loop().create_task(hold())
+        await asyncio.sleep(0)
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # asyncio.run takes SIGINT only then
+    try:
+        asyncio.run(main())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -59,6 +59,15 @@ T = TypeVar("T")
 _with_handlers: weakref.WeakSet[AsyncCheckpointManager] = weakref.WeakSet()
 
 
+def _owned_by_asyncio(handler: Any) -> bool:
+    """Whether a signal handler is asyncio's own: a loop's wakeup handler, or ``asyncio.run``'s
+    SIGINT handler (a partial over its runner). Those are not put back when a façade's handlers
+    come off: they belong to a loop or a runner that may be finished by then, and the default
+    handler the loop leaves is what the signal does without them."""
+    function = getattr(handler, "func", handler)  # a functools.partial's function
+    return str(getattr(function, "__module__", "")).split(".")[0] == "asyncio"
+
+
 def _installed_signals() -> set[int]:
     return {signum for facade in list(_with_handlers) for signum in list(facade._previous_handlers)}
 
@@ -394,9 +403,9 @@ class AsyncCheckpointManager:
         As ``CheckpointManager.install_signal_handlers``, through ``loop.add_signal_handler`` (the
         blocking manager's handlers would run outside the loop): on one of ``signals`` the next
         ``maybe_save`` saves that step, awaits the commit, puts back the handlers found at install
-        and re-raises the signal, so it then acts as it would have: SIGTERM ends the process; SIGINT
-        under ``asyncio.run`` (whose handler it is then) cancels the main task at its next await
-        and ``asyncio.run`` raises KeyboardInterrupt. A second such signal before that acts at once.
+        (asyncio's own, as ``asyncio.run``'s for SIGINT, become Python's defaults) and re-raises the
+        signal, so it then acts as it would have (SIGINT raises KeyboardInterrupt, SIGTERM ends the
+        process, an ignored signal stays ignored). A second such signal before that acts at once.
         In a process forked from this one, the handlers and the loop's signal wakeup are taken down,
         so a signal sent to the child acts there as it would have and never reaches this loop.
 
@@ -433,7 +442,9 @@ class AsyncCheckpointManager:
             for signum in self._signals:
                 self._signal_loop.remove_signal_handler(signum)  # puts Python's default handler back
                 previous = self._previous_handlers.get(signum)
-                try:  # then the one found at install (ignored, the user's own): the signal acts as before
+                if _owned_by_asyncio(previous):  # a loop's or asyncio.run's: may be gone by now
+                    continue
+                try:  # the one found at install (ignored, the user's own): the signal acts as before
                     signal.signal(signum, signal.SIG_DFL if previous is None else previous)
                 except (OSError, ValueError):  # not the main thread: the default one stays
                     pass
