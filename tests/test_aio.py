@@ -265,6 +265,7 @@ async def test_a_loop_handler_found_at_install_does_not_leave_the_signal_a_no_op
     import signal
 
     loop = asyncio.get_running_loop()
+    before = signal.getsignal(signal.SIGUSR2)
     loop.add_signal_handler(signal.SIGUSR2, lambda: None)  # the process's handler is then the loop's no-op
     try:
         async with AsyncCheckpointManager(tmp_path) as mgr:
@@ -272,6 +273,7 @@ async def test_a_loop_handler_found_at_install_does_not_leave_the_signal_a_no_op
         assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # acts again, not swallowed
     finally:
         loop.remove_signal_handler(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL if before is None else before)
 
 
 class FakeStream(str):

@@ -73,6 +73,23 @@ def test_sigterm_to_a_forked_worker_ends_the_worker_not_the_parent(tmp_path):
     assert not (tmp_path / "ckpts" / "step-000000000001").exists()
 
 
+# SIGINT's default handler first (a story started with SIGINT ignored would keep it so), so that
+# asyncio.run takes SIGINT: the worker must not inherit asyncio.run's handler, which would only
+# cancel the worker's copy of a task that never runs there
+SIGINT_TO_A_WORKER = "signal.signal(signal.SIGINT, signal.default_int_handler)\n" + SIGTERM_TO_A_WORKER.replace(
+    "p.terminate()  # SIGTERM to the child only", "os.kill(p.pid, signal.SIGINT)  # to the child only"
+)
+
+
+def test_sigint_to_a_forked_worker_interrupts_the_worker_not_the_parent(tmp_path):
+    code, out, err = run_story(tmp_path, SIGINT_TO_A_WORKER)
+    assert code == 0, (code, out, err)
+    # KeyboardInterrupt in the worker: multiprocessing's exit code 1 for an exception
+    assert out.splitlines() == ["child-exitcode 1", "parent-alive preempted None"], (out, err)
+    assert "KeyboardInterrupt" in err
+    assert not (tmp_path / "ckpts" / "step-000000000001").exists()
+
+
 FORK_DURING_A_CALL = """
 gate = threading.Event()
 

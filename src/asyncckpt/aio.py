@@ -406,6 +406,8 @@ class AsyncCheckpointManager:
         (asyncio's own, as ``asyncio.run``'s for SIGINT, become Python's defaults) and re-raises the
         signal, so it then acts as it would have (SIGINT raises KeyboardInterrupt, SIGTERM ends the
         process, an ignored signal stays ignored). A second such signal before that acts at once.
+        A handler the loop had for one of ``signals`` (``loop.add_signal_handler``) is replaced,
+        and not put back.
         In a process forked from this one, the handlers and the loop's signal wakeup are taken down,
         so a signal sent to the child acts there as it would have and never reaches this loop.
 
@@ -458,6 +460,8 @@ class AsyncCheckpointManager:
         loop (its socket is shared with the parent). The parent's loop object is left alone."""
         if self._previous_handlers:
             for signum, handler in self._previous_handlers.items():
+                if _owned_by_asyncio(handler):  # the parent's loop's or runner's: Python's default here
+                    handler = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
                 try:
                     signal.signal(signum, signal.SIG_DFL if handler is None else handler)
                 except (OSError, ValueError):  # not the main thread: nothing more can be done here
