@@ -59,13 +59,17 @@ T = TypeVar("T")
 _with_handlers: weakref.WeakSet[AsyncCheckpointManager] = weakref.WeakSet()
 
 
-def _owned_by_asyncio(handler: Any) -> bool:
-    """Whether a signal handler is asyncio's own: a loop's wakeup handler, or ``asyncio.run``'s
-    SIGINT handler (a partial over its runner). Those are not put back when a façade's handlers
-    come off: they belong to a loop or a runner that may be finished by then, and the default
-    handler the loop leaves is what the signal does without them."""
-    function = getattr(handler, "func", handler)  # a functools.partial's function
-    return str(getattr(function, "__module__", "")).split(".")[0] == "asyncio"
+def _handler_to_put_back(signum: int, found: Any) -> Any:
+    """The handler a façade puts back for ``signum`` when its own come off: the one ``found`` at
+    install (ignored, the user's own), except asyncio's own (a loop's wakeup handler,
+    ``asyncio.run``'s SIGINT handler: a partial over its runner), which belong to a loop or a
+    runner that may be finished by then: Python's default for those (SIG_DFL for none found)."""
+    if found is None:  # a handler not set from Python
+        return signal.SIG_DFL
+    function = getattr(found, "func", found)  # a functools.partial's function
+    if str(getattr(function, "__module__", "")).split(".")[0] == "asyncio":
+        return signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+    return found
 
 
 def _installed_signals() -> set[int]:
@@ -443,11 +447,8 @@ class AsyncCheckpointManager:
         if self._signal_loop is not None and not self._signal_loop.is_closed():
             for signum in self._signals:
                 self._signal_loop.remove_signal_handler(signum)  # puts Python's default handler back
-                previous = self._previous_handlers.get(signum)
-                if _owned_by_asyncio(previous):  # a loop's or asyncio.run's: may be gone by now
-                    continue
-                try:  # the one found at install (ignored, the user's own): the signal acts as before
-                    signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+                try:  # then the one found at install: the signal acts as before
+                    signal.signal(signum, _handler_to_put_back(signum, self._previous_handlers.get(signum)))
                 except (OSError, ValueError):  # not the main thread: the default one stays
                     pass
         self._signals.clear()
@@ -460,10 +461,8 @@ class AsyncCheckpointManager:
         loop (its socket is shared with the parent). The parent's loop object is left alone."""
         if self._previous_handlers:
             for signum, handler in self._previous_handlers.items():
-                if _owned_by_asyncio(handler):  # the parent's loop's or runner's: Python's default here
-                    handler = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
                 try:
-                    signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+                    signal.signal(signum, _handler_to_put_back(signum, handler))
                 except (OSError, ValueError):  # not the main thread: nothing more can be done here
                     pass
             try:
