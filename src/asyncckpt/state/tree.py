@@ -188,8 +188,7 @@ class _Flattener:
         return (keyed, names) if keyed is not state_dict else (state_dict, None)
 
     def add_tensor(self, t: torch.Tensor, path: str) -> int:
-        if t.layout != torch.strided or t.is_quantized or t.is_meta:
-            check_dense(t, path)  # raises, saying which
+        check_dense(t, path)
         # Tied tensors (one storage viewed identically under two names) are stored once.
         key = tie_key(t, storage_address(t, path), t.storage_offset(), t.stride()) if t.numel() else None
         return self.add_keyed(t, key, path)
