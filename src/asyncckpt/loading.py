@@ -271,7 +271,7 @@ def load(
         choose_table(loaded.manifest, 0, 1, per_rank, f"checkpoint step {loaded.manifest.step} ({loaded.path})")
     tensors = loaded.tensors
     if torch.device(map_location) != torch.device("cpu"):
-        tensors = [t.to(map_location) for t in tensors]
+        tensors = [t if t is None else t.to(map_location) for t in tensors]  # None: not in the tree
     return unflatten(loaded.manifest.tree, tensors)
 
 

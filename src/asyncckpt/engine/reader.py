@@ -55,7 +55,7 @@ from asyncckpt.format import (
     seal_of,
     too_large,
 )
-from asyncckpt.state.skeleton import tensor_paths
+from asyncckpt.state.skeleton import tensor_indices, tensor_paths
 from asyncckpt.storage.backend import Backend, CheckpointRef, ReadHandle, open_backend
 from asyncckpt.storage.commit import newest_manifest
 
@@ -155,7 +155,9 @@ def _damaged(call: Callable[..., _T], *args: object) -> _T:
 class LoadedCheckpoint:
     path: Where
     manifest: Manifest
-    tensors: list[torch.Tensor]  # a partial read (``only``) holds None for the tensors not asked for
+    # None for the tensors not asked for (``only``), and by default for those of a multi-rank
+    # checkpoint's consolidated view that its tree does not name (rank 0's pieces)
+    tensors: list[torch.Tensor]
     mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
@@ -371,11 +373,14 @@ def _read_checkpoint(
 
 def _read_multi_rank(path: Where, workers: int, view: MultiRankManifest, only: set[int] | None) -> LoadedCheckpoint:
     """``read_checkpoint`` of a multi-rank checkpoint's consolidated view: rank 0's own tensors from
-    its data file, each global tensor assembled whole from its pieces."""
+    its data file, each global tensor assembled whole from its pieces.
+
+    By default only the tensors the tree names are read (the others stay None): rank 0's table also
+    lists its pieces of the global tensors, which are read as parts of those, not a second time."""
     from asyncckpt.engine.pieces import read_boxes, whole
 
     assert view.tables is not None
-    wanted = set(range(len(view.tensors))) if only is None else only
+    wanted = tensor_indices(view.tree) if only is None else only
     local = {i for i in wanted if i < view.local_count}
     tensors: list[torch.Tensor | None] = [None] * len(view.tensors)
     if local:
