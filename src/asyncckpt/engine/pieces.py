@@ -105,14 +105,19 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
     for rank, wanted in cuts.items():
         table = view.tables[rank]
         ranges = []
-        for cut in wanted:
+        into: dict[int, torch.Tensor] = {}
+        for k, cut in enumerate(wanted):
             row = cut.entry.nbytes // (cut.entry.shape[0] if cut.entry.shape else 1)
             start = cut.entry.offset + cut.first * row
             ranges.append(TensorEntry("uint8", ((cut.end - cut.first) * row,), start, (cut.end - cut.first) * row))
+            target = out[cut.box]
+            if target is not None and _whole_rows(boxes[cut.box], cut):
+                first = cut.piece_offsets[0] + cut.first - boxes[cut.box].offsets[0] if cut.entry.shape else 0
+                into[k] = _bytes_of(target)[first * row : (first + cut.end - cut.first) * row]
         # the ranges are no tensors of the table's tree: a damage message must not name its leaves
         synthetic = dataclasses.replace(table, tensors=ranges, tree={"d": []})
         try:
-            loaded = read_checkpoint(path, workers, manifest=synthetic, only=set(range(len(ranges))))
+            loaded = read_checkpoint(path, workers, manifest=synthetic, only=set(range(len(ranges))), into=into)
         except CheckpointDamagedError as exc:
             shown = sorted({boxes[cut.box].index for cut in wanted})
             names = ", ".join(f"{view.globals[g].dtype}{list(view.globals[g].shape)}" for g in shown[:4])
@@ -120,7 +125,9 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
             raise CheckpointDamagedError(f"rank {rank}'s pieces of global tensors {names}{more}: {exc}") from exc
         needs = _Index(synthetic).needs  # the chunks the read decoded: those overlapping a range
         decoded += sum(c.raw_length for c in synthetic.chunks if needs(c.raw_offset, c.raw_offset + c.raw_length))
-        for cut, raw in zip(wanted, loaded.tensors, strict=True):
+        for k, (cut, raw) in enumerate(zip(wanted, loaded.tensors, strict=True)):
+            if k in into:
+                continue  # decoded in place
             rows = raw.view(DTYPES[cut.entry.dtype]).view(
                 (cut.end - cut.first, *cut.entry.shape[1:]) if cut.entry.shape else ()
             )
@@ -130,6 +137,18 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
             else:
                 _place(target, boxes[cut.box], rows, cut)
     return cast(list[torch.Tensor], out), decoded
+
+
+def _whole_rows(box: Box, cut: _Cut) -> bool:
+    """Whether the cut's rows lie in the box whole: one contiguous run of the box's bytes, which
+    they can be decoded into directly (a piece split on dimension 0 only, as FSDP2's and row
+    pieces are)."""
+    return cut.piece_offsets[1:] == box.offsets[1:] and cut.entry.shape[1:] == box.shape[1:]
+
+
+def _bytes_of(target: torch.Tensor) -> torch.Tensor:
+    """The bytes of a new (contiguous) box tensor, flat."""
+    return target.reshape(-1).view(torch.uint8)
 
 
 def _overlaps(box: Box, offsets: tuple[int, ...], shape: tuple[int, ...]) -> bool:

@@ -29,7 +29,7 @@ import collections
 import contextlib
 import itertools
 import mmap as _mmap
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,12 +256,15 @@ class _Index:
 class _Scatter(_Index):
     """Routes a decoded chunk's bytes into the tensors it overlaps (each tensor owns its storage)."""
 
-    def __init__(self, manifest: Manifest, only: set[int] | None = None) -> None:
+    def __init__(
+        self, manifest: Manifest, only: set[int] | None = None, into: Mapping[int, torch.Tensor] | None = None
+    ) -> None:
         super().__init__(manifest, only)
         wanted = set(range(len(manifest.tensors))) if only is None else only
+        into = into or {}
         try:
             self.buffers = [
-                torch.empty(t.nbytes, dtype=torch.uint8) if i in wanted else None
+                (into[i] if i in into else torch.empty(t.nbytes, dtype=torch.uint8)) if i in wanted else None
                 for i, t in enumerate(manifest.tensors)
             ]
         except (RuntimeError, MemoryError) as exc:
@@ -313,6 +316,7 @@ def read_checkpoint(
     mmap: bool = False,
     *,
     identity: DirIdentity | None = None,
+    into: Mapping[int, torch.Tensor] | None = None,
 ) -> LoadedCheckpoint:
     """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors (all or none).
 
@@ -326,9 +330,15 @@ def read_checkpoint(
 
     ``identity``: as for :func:`read_manifest`; pass the one ``manifest`` was read under, so a step
     replaced between the two reads is found gone, not damaged.
+
+    ``into`` maps a tensor index to where its bytes are decoded (a contiguous uint8 tensor of
+    exactly its ``nbytes``, such as a slice of a larger tensor the caller assembles): the returned
+    tensor is then a view of it, and no storage of its own is allocated and copied from. The
+    destinations hold partly decoded bytes when the read fails; the caller drops them then.
+    Not with ``mmap``, and only for a single-rank manifest (or a rank's table).
     """
     with _same_directory(path, identity):
-        return _read_checkpoint(path, workers, manifest, only, mmap, identity)
+        return _read_checkpoint(path, workers, manifest, only, mmap, identity, into=into)
 
 
 def _read_checkpoint(
@@ -338,8 +348,12 @@ def _read_checkpoint(
     only: set[int] | None,
     mmap: bool,
     identity: DirIdentity | None,
+    *,
+    into: Mapping[int, torch.Tensor] | None = None,
 ) -> LoadedCheckpoint:
     manifest = manifest or read_manifest(path, identity=identity)
+    if into:
+        _check_destinations(manifest, only, into, mmap)
     if isinstance(manifest, MultiRankManifest):
         return _read_multi_rank(path, workers, manifest, only)
     files: dict[str, ReadHandle] = {}
@@ -356,7 +370,7 @@ def _read_checkpoint(
             mapped = _map_raw(path, manifest, files, wanted_chunks, only, workers)
             if mapped is not None:
                 return LoadedCheckpoint(path, manifest, cast(list[torch.Tensor], mapped), mapped=True)
-        scatter = _Scatter(manifest, only)
+        scatter = _Scatter(manifest, only, into)
         readers = _readers(path, workers)
 
         def load_chunk(index: int) -> None:
@@ -369,6 +383,20 @@ def _read_checkpoint(
         for handle in files.values():
             handle.close()
     return LoadedCheckpoint(path, manifest, cast(list[torch.Tensor], scatter.tensors()))
+
+
+def _check_destinations(
+    manifest: Manifest, only: set[int] | None, into: Mapping[int, torch.Tensor], mmap: bool
+) -> None:
+    """``into`` fits the tensors it names: a caller's bug, never the checkpoint's, when not."""
+    if mmap or isinstance(manifest, MultiRankManifest):
+        raise ValueError("destinations are taken for a decoded read of one table, not with mmap")
+    for i, buffer in into.items():
+        entry = manifest.tensors[i]
+        if (only is not None and i not in only) or buffer.dtype != torch.uint8 or buffer.dim() != 1:
+            raise ValueError(f"destination of tensor {i} is not a wanted tensor's flat uint8 buffer")
+        if buffer.numel() != entry.nbytes or not buffer.is_contiguous() or buffer.device.type != "cpu":
+            raise ValueError(f"destination of tensor {i} is not {entry.nbytes} contiguous bytes in CPU memory")
 
 
 def _read_multi_rank(path: Where, workers: int, view: MultiRankManifest, only: set[int] | None) -> LoadedCheckpoint:
