@@ -11,6 +11,7 @@ script. The table gives the median of each figure over the rounds and the ratio 
     python bench/versions.py --before /tmp/before --after . --rounds 3 codec -- --planes-only
     python bench/versions.py --before /tmp/before --after . --rounds 4 gc_pauses
     python bench/versions.py --before /tmp/before --after . --rounds 10 flatten -- --rounds 5
+    python bench/versions.py --before /tmp/before --after . --rounds 6 consolidate -- --root /tmp/c
 
 A script the older checkout does not have (a benchmark added with the change it measures) runs
 from the newer checkout, on each version's ``src``.
@@ -20,7 +21,8 @@ bytes on disk; codec.py: ratio and MB/s of asyncckpt's encode per data kind at l
 encoder pool's rates, and a whole save's ratio and persist rate (where chunking shows); with
 ``--planes-only``, the planes table's ratio and encode and decode MB/s per data kind; gc_pauses.py:
 the collections of each generation per 100 saves, their time per save and the longest, and the
-stall's median, p95 and max; flatten.py: the median flatten of each way it times.
+stall's median, p95 and max; flatten.py: the median flatten of each way it times; consolidate.py:
+the median time of a multi-rank checkpoint's whole load and the first load's peak RSS growth.
 """
 
 from __future__ import annotations
@@ -92,7 +94,17 @@ def flatten_figures(data: dict) -> dict[str, float]:
     return {f"{way}: flatten ms": seconds * 1e3 for way, seconds in data["median_s"].items()}
 
 
-FIGURES = {"stall": stall_figures, "codec": codec_figures, "gc_pauses": gc_figures, "flatten": flatten_figures}
+def consolidate_figures(data: dict) -> dict[str, float]:
+    return {"load ms": data["load_s"] * 1e3, "peak RSS growth MB": data["peak_rss_growth_mb"]}
+
+
+FIGURES = {
+    "stall": stall_figures,
+    "codec": codec_figures,
+    "gc_pauses": gc_figures,
+    "flatten": flatten_figures,
+    "consolidate": consolidate_figures,
+}
 
 
 def main() -> None:
