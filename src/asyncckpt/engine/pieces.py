@@ -4,8 +4,10 @@ A reader asks for a box of a global tensor (the whole tensor for ``load``, a ran
 resharding ``restore``). Each piece overlapping it is a tensor of some rank's table; only the rows
 of the piece that overlap the box are read (a contiguous byte range of that rank's logical byte
 space), so only the chunks holding those rows are decoded: chunks are cut on row boundaries, which
-keeps a power-of-two reshard close to the bytes it needs. The rows read are then copied into the
-box (cutting other dimensions there, for shards that split a later dimension).
+keeps a power-of-two reshard close to the bytes it needs. Rows that are whole rows of the box (a
+piece split on the first dimension only) are decoded straight into the box's memory; others are
+decoded apart and copied in (cutting other dimensions there, for shards that split a later
+dimension).
 """
 
 from __future__ import annotations
@@ -147,8 +149,8 @@ def _whole_rows(box: Box, cut: _Cut) -> bool:
 
 
 def _bytes_of(target: torch.Tensor) -> torch.Tensor:
-    """The bytes of a new (contiguous) box tensor, flat."""
-    return target.reshape(-1).view(torch.uint8)
+    """The bytes of a new (contiguous) box tensor, flat: a view, never a copy."""
+    return target.view(-1).view(torch.uint8)
 
 
 def _overlaps(box: Box, offsets: tuple[int, ...], shape: tuple[int, ...]) -> bool:

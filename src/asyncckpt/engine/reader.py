@@ -318,7 +318,9 @@ def read_checkpoint(
     identity: DirIdentity | None = None,
     into: Mapping[int, torch.Tensor] | None = None,
 ) -> LoadedCheckpoint:
-    """Read and verify every chunk of the checkpoint at ``path`` into CPU tensors (all or none).
+    """Read and verify the checkpoint at ``path`` into CPU tensors (all or none): every chunk
+    holding a wanted tensor (``only``; by default every tensor, of a multi-rank checkpoint every
+    tensor its consolidated tree names).
 
     Each tensor gets its own storage (not a view of one big buffer): a loaded tensor can be kept,
     saved with torch.save or exported without dragging the rest of the checkpoint along. Private
@@ -388,15 +390,20 @@ def _read_checkpoint(
 def _check_destinations(
     manifest: Manifest, only: set[int] | None, into: Mapping[int, torch.Tensor], mmap: bool
 ) -> None:
-    """``into`` fits the tensors it names: a caller's bug, never the checkpoint's, when not."""
+    """``into`` fits the tensors it names. A misfit is the caller's bug, never the checkpoint's:
+    TypeError, which a load does not take for damage (it would fall back to an older step)."""
     if mmap or isinstance(manifest, MultiRankManifest):
-        raise ValueError("destinations are taken for a decoded read of one table, not with mmap")
+        raise TypeError("destinations are taken for a decoded read of one table, not with mmap")
     for i, buffer in into.items():
+        if not 0 <= i < len(manifest.tensors) or (only is not None and i not in only):
+            raise TypeError(f"destination of tensor {i}: not a wanted tensor of the manifest")
         entry = manifest.tensors[i]
-        if (only is not None and i not in only) or buffer.dtype != torch.uint8 or buffer.dim() != 1:
-            raise ValueError(f"destination of tensor {i} is not a wanted tensor's flat uint8 buffer")
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+            raise TypeError(f"destination of tensor {i} is not a flat uint8 buffer")
         if buffer.numel() != entry.nbytes or not buffer.is_contiguous() or buffer.device.type != "cpu":
-            raise ValueError(f"destination of tensor {i} is not {entry.nbytes} contiguous bytes in CPU memory")
+            raise TypeError(f"destination of tensor {i} is not {entry.nbytes} contiguous bytes in CPU memory")
+        if buffer.storage_offset() % DTYPES[entry.dtype].itemsize:
+            raise TypeError(f"destination of tensor {i} does not start at a multiple of its element size")
 
 
 def _read_multi_rank(path: Where, workers: int, view: MultiRankManifest, only: set[int] | None) -> LoadedCheckpoint:
