@@ -1,4 +1,5 @@
-"""The zero-copy load of raw checkpoints: with mmap=True, compression=None data files are mapped, not read.
+"""The reader: the zero-copy load of raw checkpoints (with mmap=True, compression=None data files
+are mapped, not read), and reads into memory the caller names.
 
 Zero-copy is checked through /proc/self/maps: every loaded tensor's memory lies inside one private
 mapping of the checkpoint's data file, at the tensor's offset in that file. The read path is
@@ -21,6 +22,7 @@ from _trees import assert_same_tree, same_tensor
 from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt.engine import reader
 from asyncckpt.engine.reader import read_checkpoint, read_manifest
+from asyncckpt.state.skeleton import tensor_paths
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 
@@ -345,3 +347,60 @@ def test_overlapping_ranges_of_a_partial_read_each_get_all_their_bytes(tmp_path)
     raw = data.view(torch.uint8)
     for (a, b), got in zip(spans, loaded.tensors, strict=True):
         assert torch.equal(got, raw[a:b]), (a, b)
+
+
+# ---- decoding into the caller's memory -------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_destinations_receive_their_tensors_bytes_and_are_returned_as_views(tmp_path, compression):
+    """``into`` names where a tensor's bytes go: slices of one buffer, as a consolidated load
+    fills the rows of a whole tensor from several ranks. Chunks holding several tensors (decoded
+    through a scratch buffer) and chunks of one tensor (decoded straight in) both land there."""
+    state = mixed_state()
+    path = save(tmp_path, state, compression=compression)
+    manifest = read_manifest(path)
+    index = {path: i for i, path in tensor_paths(manifest.tree).items()}
+    w, b, h = index["state['w']"], index["state['b']"], index["state['h']"]
+    sizes = [manifest.tensors[i].nbytes for i in (w, b, h)]
+    block = torch.full((sum(sizes) + 8,), 0xA5, dtype=torch.uint8)  # 8 bytes after: never written
+    into, at = {}, 0
+    for i, n in zip((w, b, h), sizes, strict=True):
+        into[i] = block[at : at + n]
+        at += n
+    loaded = read_checkpoint(path, manifest=manifest, into=into)
+    for i, key in ((w, "w"), (b, "b"), (h, "h")):
+        assert same_tensor(loaded.tensors[i], state[key])
+        assert loaded.tensors[i].untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+        assert torch.equal(into[i], state[key].reshape(-1).view(torch.uint8))
+    assert block[at:].tolist() == [0xA5] * 8
+    i = index["state['i']"]
+    assert same_tensor(loaded.tensors[i], state["i"])  # the others get memory of their own
+    assert loaded.tensors[i].untyped_storage().data_ptr() != block.untyped_storage().data_ptr()
+
+
+def test_destinations_that_do_not_fit_are_refused(tmp_path):
+    """A caller's bug, named as one (TypeError: a load never takes it for damage and falls back)."""
+    state = {"h": torch.ones(3, dtype=torch.bfloat16), "w": torch.ones(5)}
+    path = save(tmp_path, state, compression="zstd")
+    manifest = read_manifest(path)
+    h, w = (i for _, i in sorted((p, i) for i, p in tensor_paths(manifest.tree).items()))
+    n = manifest.tensors[w].nbytes
+    right = torch.empty(n, dtype=torch.uint8)
+    for into, needle in (
+        ({w: torch.empty(n - 1, dtype=torch.uint8)}, f"not {n} contiguous bytes"),
+        ({w: torch.empty(n * 2, dtype=torch.uint8)[::2]}, f"not {n} contiguous bytes"),
+        ({w: torch.empty(n // 4, dtype=torch.float32)}, "flat uint8 buffer"),
+        ({w: right.view(1, -1)}, "flat uint8 buffer"),
+        ({w: torch.empty(n + 2, dtype=torch.uint8)[2:]}, "multiple of its element size"),
+        ({-1: right}, "not a wanted tensor"),
+        ({len(manifest.tensors): right}, "not a wanted tensor"),
+    ):
+        with pytest.raises(TypeError, match=needle):
+            read_checkpoint(path, manifest=manifest, into=into)
+    with pytest.raises(TypeError, match="not a wanted tensor"):
+        read_checkpoint(path, manifest=manifest, only={h}, into={w: right})
+    with pytest.raises(TypeError, match="not with mmap"):
+        read_checkpoint(path, manifest=manifest, mmap=True, into={w: right})
+    ok = read_checkpoint(path, manifest=manifest, into={w: torch.empty(n + 4, dtype=torch.uint8)[4:]})
+    assert same_tensor(ok.tensors[w], state["w"]) and same_tensor(ok.tensors[h], state["h"])
