@@ -172,3 +172,22 @@ def test_a_replicated_tensor_with_no_memory_of_its_own_is_rejected_naming_the_pa
     message = re.escape("state['model']['w']: the memory of this ") + ".*NoMemory cannot be read"
     with pytest.raises(TypeError, match=message):
         flatten_rank({"model": {"w": NoMemory((3,), 0)}}, RankInfo(0, 2), replicated=("model",))
+
+
+def test_a_dtensor_whose_local_tensor_has_no_memory_is_rejected_naming_the_path():
+    """FSDP2 over a wrapper subclass (a float8 or NF4 weight): its shard cannot be read."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        spec = DTensorSpec(mesh, (Shard(0),), TensorMeta(torch.Size((4,)), (1,), torch.float32))
+        weight = DTensor(NoMemory((4,), 0), spec, requires_grad=False)
+        message = re.escape("state['model']['w']: the memory of this ") + ".*NoMemory cannot be read"
+        with pytest.raises(TypeError, match=message):
+            flatten_rank({"model": {"w": weight}}, RankInfo(0, 1))
+    finally:
+        dist.destroy_process_group()

@@ -344,7 +344,7 @@ class _RankFlattener(_Flattener):
             raise TypeError(f"{path}: the DTensor's local tensor is {tuple(local.shape)}, its placements say {shape}")
         if math.prod(shape) and replica == index % replicas:  # the replicas take turns writing
             check_dense(local, path)
-            staged = self.add_keyed(local, tie_key(local, storage.data_ptr(), offset, stride), path)
+            staged = self.add_keyed(local, tie_key(local, storage_address(local, path), offset, stride), path)
             self.pieces.append(PieceEntry(index, staged, offsets))
             # a DTensor whose rows are not sharded is written whole by one rank: cut as DDP's
             # row pieces are, for FSDP2 at this world size and its multiples
