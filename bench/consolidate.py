@@ -8,7 +8,11 @@ FSDP2 or DDP), once, and reused by later runs. The page cache is warm: the figur
 decoding and the assembly, not the disk.
 
 Figures: the peak RSS growth of the first load (this process's first: later loads reuse memory
-the allocator kept), the median time over --repeats loads, and the state's size.
+the allocator kept), the median time over --repeats loads, and the state's size. With
+--restore-world M, also ``CheckpointManager.restore`` into M spawned ranks' live model and
+optimizer (--mode, the same size): a restore at the same world size, or a resharding one, which
+reads each rank's box through the same code; --repeats restores, the slowest rank's each time,
+the median of those.
 
     python bench/consolidate.py --root /tmp/consolidate-fsdp2 --world 2 --mode fsdp2 --size 150
     python bench/versions.py --before /tmp/before --after . --rounds 6 consolidate -- --root /tmp/c
@@ -46,20 +50,55 @@ def _save_rank(rank: int, world: int, cfg: dict) -> None:
     dist.destroy_process_group()
 
 
-def make(root: Path, world: int, mode: str, size: float) -> None:
-    """Save the checkpoint at ``root`` from ``world`` spawned ranks."""
+def _restore_rank(rank: int, world: int, cfg: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import asyncckpt
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world)
+    model, opt = build(cfg["mode"], cfg["width"], world)
+    times = []
+    for _ in range(cfg["repeats"]):
+        dist.barrier()
+        t0 = time.perf_counter()
+        with asyncckpt.CheckpointManager(cfg["root"]) as mgr:
+            if mgr.restore({"model": model, "optimizer": opt}) is None:
+                raise SystemExit(f"nothing restored from {cfg['root']}")
+        times.append(time.perf_counter() - t0)
+        dist.barrier()
+    Path(cfg["out"], f"rank-{rank}.json").write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def _spawn(target: object, world: int, cfg: dict) -> None:
     import multiprocessing
 
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=target, args=(r, world, cfg)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(600)
+    if any(p.exitcode != 0 for p in procs):
+        raise SystemExit(f"{world} ranks failed: exit codes {[p.exitcode for p in procs]}")
+
+
+def restore(root: Path, world: int, mode: str, size: float, repeats: int) -> float:
+    """The median over ``repeats`` restores of the slowest rank's time, at ``world`` ranks."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"root": str(root), "mode": mode, "width": width_for(size), "store": f"{tmp}/store"}
-        spawn = multiprocessing.get_context("spawn")
-        procs = [spawn.Process(target=_save_rank, args=(r, world, cfg)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(600)
-        if any(p.exitcode != 0 for p in procs):
-            raise SystemExit(f"saving at {world} ranks failed: exit codes {[p.exitcode for p in procs]}")
+        _spawn(_restore_rank, world, {**cfg, "out": tmp, "repeats": repeats})
+        per_rank = [json.loads(Path(tmp, f"rank-{r}.json").read_text()) for r in range(world)]
+    return statistics.median(max(ts) for ts in zip(*per_rank, strict=True))
+
+
+def make(root: Path, world: int, mode: str, size: float) -> None:
+    """Save the checkpoint at ``root`` from ``world`` spawned ranks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {"root": str(root), "mode": mode, "width": width_for(size), "store": f"{tmp}/store"}
+        _spawn(_save_rank, world, cfg)
 
 
 def main() -> None:
@@ -69,6 +108,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=("fsdp2", "ddp"), default="fsdp2")
     ap.add_argument("--size", type=float, default=150.0, help="MB of state (parameters + AdamW moments)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--restore-world", type=int, default=0, help="also restore into this many ranks (0: no)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if not args.root.exists():
@@ -96,6 +136,9 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
     }
+    if args.restore_world:
+        result["restore_s"] = restore(args.root, args.restore_world, args.mode, args.size, args.repeats)
+        print(f"restore at {args.restore_world} ranks {result['restore_s'] * 1e3:.0f} ms (slowest rank, median)")
     print(
         f"load {result['load_s'] * 1e3:.0f} ms (median of {args.repeats}), peak RSS growth "
         f"{result['peak_rss_growth_mb']:.1f} MB for a {result['state_mb']:.1f} MB state"

@@ -22,7 +22,8 @@ encoder pool's rates, and a whole save's ratio and persist rate (where chunking 
 ``--planes-only``, the planes table's ratio and encode and decode MB/s per data kind; gc_pauses.py:
 the collections of each generation per 100 saves, their time per save and the longest, and the
 stall's median, p95 and max; flatten.py: the median flatten of each way it times; consolidate.py:
-the median time of a multi-rank checkpoint's whole load and the first load's peak RSS growth.
+the median time of a multi-rank checkpoint's whole load and the first load's peak RSS growth, and
+of a restore at --restore-world ranks when asked.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def flatten_figures(data: dict) -> dict[str, float]:
 
 
 def consolidate_figures(data: dict) -> dict[str, float]:
-    return {"load ms": data["load_s"] * 1e3, "peak RSS growth MB": data["peak_rss_growth_mb"]}
+    figures = {"load ms": data["load_s"] * 1e3, "peak RSS growth MB": data["peak_rss_growth_mb"]}
+    if "restore_s" in data:
+        figures["restore ms"] = data["restore_s"] * 1e3
+    return figures
 
 
 FIGURES = {
