@@ -360,7 +360,7 @@ def test_destinations_receive_their_tensors_bytes_and_are_returned_as_views(tmp_
     state = mixed_state()
     path = save(tmp_path, state, compression=compression)
     manifest = read_manifest(path)
-    index = {path: i for i, path in tensor_paths(manifest.tree).items()}
+    index = {name: i for i, name in tensor_paths(manifest.tree).items()}
     w, b, h = index["state['w']"], index["state['b']"], index["state['h']"]
     sizes = [manifest.tensors[i].nbytes for i in (w, b, h)]
     block = torch.full((sum(sizes) + 8,), 0xA5, dtype=torch.uint8)  # 8 bytes after: never written
