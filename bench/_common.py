@@ -125,3 +125,18 @@ def openmp_limited_init(default: Callable[[Any], None], count: int) -> Callable[
             raise RuntimeError("this torch has no OpenMP runtime the bench can reach")
 
     return init
+
+
+def spawn_ranks(target: Callable[..., None], world: int, cfg: dict, timeout: float = 600.0) -> None:
+    """``target(rank, world, cfg)`` in ``world`` spawned processes, joined; SystemExit naming the
+    exit codes when any rank failed."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=target, args=(r, world, cfg)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    if any(p.exitcode != 0 for p in procs):
+        raise SystemExit(f"{world} ranks failed: exit codes {[p.exitcode for p in procs]}")

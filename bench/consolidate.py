@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import spawn_ranks  # noqa: E402
 from multirank import _PeakRss, build, width_for  # noqa: E402
 
 
@@ -72,24 +73,11 @@ def _restore_rank(rank: int, world: int, cfg: dict) -> None:
     dist.destroy_process_group()
 
 
-def _spawn(target: object, world: int, cfg: dict) -> None:
-    import multiprocessing
-
-    spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=target, args=(r, world, cfg)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(600)
-    if any(p.exitcode != 0 for p in procs):
-        raise SystemExit(f"{world} ranks failed: exit codes {[p.exitcode for p in procs]}")
-
-
 def restore(root: Path, world: int, mode: str, size: float, repeats: int) -> float:
     """The median over ``repeats`` restores of the slowest rank's time, at ``world`` ranks."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"root": str(root), "mode": mode, "width": width_for(size), "store": f"{tmp}/store"}
-        _spawn(_restore_rank, world, {**cfg, "out": tmp, "repeats": repeats})
+        spawn_ranks(_restore_rank, world, {**cfg, "out": tmp, "repeats": repeats})
         per_rank = [json.loads(Path(tmp, f"rank-{r}.json").read_text()) for r in range(world)]
     return statistics.median(max(ts) for ts in zip(*per_rank, strict=True))
 
@@ -98,7 +86,7 @@ def make(root: Path, world: int, mode: str, size: float) -> None:
     """Save the checkpoint at ``root`` from ``world`` spawned ranks."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"root": str(root), "mode": mode, "width": width_for(size), "store": f"{tmp}/store"}
-        _spawn(_save_rank, world, cfg)
+        spawn_ranks(_save_rank, world, cfg)
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import spawn_ranks  # noqa: E402
 from codec import minilm_weights  # noqa: E402
 from multirank import _rows_boxes  # noqa: E402
 
@@ -91,8 +92,6 @@ def _rank(rank: int, world: int, cfg: dict) -> None:
 
 
 def _save_at(world: int, min_part: int, steps: int, saves: int, root: Path, dcp_dir: str) -> list[dict]:
-    import multiprocessing
-
     out = Path(tempfile.mkdtemp(prefix="reshard-out-"))
     cfg = {
         "min_part": min_part,
@@ -103,12 +102,7 @@ def _save_at(world: int, min_part: int, steps: int, saves: int, root: Path, dcp_
         "store": str(out / "store"),
         "out": str(out),
     }
-    spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=_rank, args=(r, world, cfg)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(600)
+    spawn_ranks(_rank, world, cfg)
     results = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(world)]
     shutil.rmtree(out, ignore_errors=True)
     return results
