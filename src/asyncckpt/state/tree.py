@@ -232,7 +232,7 @@ class _Flattener:
                 if type(value) in self._leaf_tensor_types and depth < MAX_DEPTH:  # the usual leaf, inline
                     index = self.add_tensor(value, child_path(path, key))
                     child = {Kind.TENSOR: index}
-                    parts += (key, Kind.TENSOR, index, None)
+                    parts += (key, Kind.TENSOR, index, None)  # the key, then _add_token's leaf form
                 else:
                     child = self.node(value, child_path(path, key), depth + 1)
                     parts.append(key)
