@@ -29,6 +29,21 @@ state = {"w": torch.arange(1000, dtype=torch.float32)}
 """
 
 
+def open_paths(pid: int) -> list[str]:
+    """What a live process's descriptors point at; a descriptor it closes while we look is skipped.
+
+    A freshly exec'd program still opens and closes files (the loader's libraries), so a number
+    listed a moment ago may be gone; an inherited descriptor stays open and is always seen.
+    """
+    paths = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return paths
+
+
 def spawn(tmp_path, body: str, env: dict | None = None) -> subprocess.Popen:
     script = tmp_path / "story.py"
     script.write_text(PRELUDE + textwrap.dedent(body))
@@ -220,7 +235,7 @@ def test_the_lock_dies_with_its_holder_even_while_a_forked_child_lives(tmp_path)
         proc.wait(timeout=60)
         os.kill(child, 0)  # still alive, and without a descriptor of the lock file
         lock = str(tmp_path / "ckpts" / ".lock")
-        assert lock not in [os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")]
+        assert lock not in open_paths(child)
         with CheckpointManager(tmp_path / "ckpts") as mgr:  # the dead trainer's lock is gone
             assert mgr.steps() == [1]
             mgr.save(2, {"w": torch.ones(3)}).wait()
@@ -365,8 +380,7 @@ def test_the_lock_is_not_inherited_by_an_executed_subprocess(tmp_path):
             while Path(f"/proc/{helper.pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":
                 assert time.monotonic() < deadline, "the helper never exec'd"
                 time.sleep(0.01)
-            fds = os.listdir(f"/proc/{helper.pid}/fd")
-            assert lock not in [os.readlink(f"/proc/{helper.pid}/fd/{fd}") for fd in fds]
+            assert lock not in open_paths(helper.pid)
         finally:
             helper.kill()
             helper.wait()
