@@ -177,3 +177,26 @@ def test_inspect_says_where_each_tensor_is_stored(root, capsys):
     assert rows["state['rank_id']"]["stored"] == "per rank (rank 0's shown)"
     code, out, err = cli(capsys, "inspect", root / step_dir_name(3))
     assert "per rank (rank 0's shown)" in out and " piece" in out
+
+
+def test_listing_and_retention_read_no_rank_table(root, tmp_path, capsys):
+    """Opening a root lists every checkpoint's metrics and tags from its manifest alone: the rank
+    tables (one per rank, read on every rank) are read by what loads or verifies a checkpoint."""
+    import shutil
+
+    from asyncckpt.engine.reader import read_manifest
+    from asyncckpt.errors import CheckpointDamagedError
+    from asyncckpt.storage.catalog import Catalog
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    (copy / step_dir_name(1) / "rank-00001.json").unlink()
+    with pytest.raises(CheckpointDamagedError, match="rank-00001.json"):
+        read_manifest(copy / step_dir_name(1))
+    infos = Catalog.of_reader(copy).infos()
+    assert [(i.step, i.metrics, i.tags, i.unreadable) for i in infos] == [
+        (step, {"loss": step / 10}, (), None) for step in STEPS
+    ]
+    code, out, err = cli(capsys, "prune", copy, "--keep-last", "2")
+    assert code == 0, out + err
+    assert remaining(copy) == [2, 3]

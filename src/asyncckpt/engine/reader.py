@@ -161,10 +161,14 @@ class LoadedCheckpoint:
     mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
-def read_manifest(path: Where, *, identity: DirIdentity | None = None) -> Manifest:
+def read_manifest(path: Where, *, identity: DirIdentity | None = None, rank_tables: bool = True) -> Manifest:
     """The validated manifest of the checkpoint at ``path``. ``identity`` (from
     :func:`directory_identity`): the directory ``path`` named when its root was listed; if the path
-    names another one or none by now, or stops naming it during a failed read, CheckpointGoneError."""
+    names another one or none by now, or stops naming it during a failed read, CheckpointGoneError.
+
+    ``rank_tables=False`` leaves a multi-rank checkpoint's rank tables unread: its manifest alone
+    (step, metrics, tags, the ranks' entries; no tree) is what listing and retention need, and a
+    root's every checkpoint would otherwise cost one read per rank on every rank that opens it."""
     with _same_directory(path, identity):
         store, name = _locate(path)
         info = store.stat(name)
@@ -189,7 +193,7 @@ def read_manifest(path: Where, *, identity: DirIdentity | None = None) -> Manife
         named = parse_step_dir(path.name)
         if named is not None and named != manifest.step:
             raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
-        if isinstance(manifest, MultiRankManifest):
+        if isinstance(manifest, MultiRankManifest) and rank_tables:
             manifest = consolidate(manifest, _read_rank_tables(path, store, name, manifest))
         return manifest
 

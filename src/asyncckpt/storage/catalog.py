@@ -23,7 +23,8 @@ from asyncckpt.storage.local import list_checkpoints
 
 
 def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
-    """What retention knows of one checkpoint, read from its manifest.
+    """What retention knows of one checkpoint, read from its manifest (a multi-rank checkpoint's
+    rank tables are not read: they hold neither metrics nor tags).
 
     Args:
         checkpoint: A committed checkpoint.
@@ -33,7 +34,7 @@ def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
         the reason: its tags are unknown, so retention keeps it rather than guess.
     """
     try:
-        manifest = read_manifest(checkpoint.ref)
+        manifest = read_manifest(checkpoint.ref, rank_tables=False)
     except CheckpointError as exc:
         return CheckpointInfo(checkpoint.step, {}, unreadable=str(exc))
     return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
