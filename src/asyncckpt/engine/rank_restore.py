@@ -156,20 +156,24 @@ def restore_ranks(
             rank's does not, or no checkpoint verifies on every rank.
     """
     me = RankInfo(group.rank, group.world_size)
+    failed: dict[int, str] = {}
+
+    def newest_listed() -> int:
+        return max((s for s in listed if s not in failed and (step is None or s == step)), default=-1)
+
+    # one round for both: every rank planned (1 where it could not), and the newest step any lists
     try:  # every rank takes part in the vote below, whatever fails here
         listed = {c.step: c for c in published_checkpoints(backend)}
         targets = _Targets(state, me, replicated)
     except BaseException as exc:
-        group.all_ok(False, "plan the restore together")
+        group.all_max_each([1, -1], "plan the restore together")
         raise exc
-    if not group.all_ok(True, "plan the restore together"):
+    cannot_plan, candidate = group.all_max_each([0, newest_listed()], "plan the restore together")
+    if cannot_plan:
         raise CheckpointError("another rank could not list the root or plan its restore (it says why); nothing changed")
-    if step is not None and group.all_max(1 if step in listed else 0, f"find step {step} to restore") == 0:
+    if step is not None and candidate < 0:
         raise CheckpointNotFoundError(f"no checkpoint for step {step} in {backend.location}")
-    failed: dict[int, str] = {}
     while True:
-        mine = max((s for s in listed if s not in failed and (step is None or s == step)), default=-1)
-        candidate = group.all_max(mine, "choose the checkpoint to restore")
         if candidate < 0:
             if not failed:
                 return None if strict else RestoreResult(None)
@@ -200,8 +204,11 @@ def restore_ranks(
             error = exc
         except Exception as exc:  # noqa: BLE001 - anything else (a bug, torch refusing): every rank must still vote
             error = mismatch = exc
-        fits = group.all_ok(mismatch is None, "check the checkpoint to restore fits every rank")
-        readable = group.all_ok(error is None or mismatch is not None, "check every rank read the checkpoint")
+        misfit, unread = group.all_max_each(
+            [int(mismatch is not None), int(error is not None and mismatch is None)],
+            "check the checkpoint to restore fits and was read on every rank",
+        )
+        fits, readable = not misfit, not unread
         if not fits:
             if mismatch is not None:
                 raise mismatch
@@ -218,6 +225,7 @@ def restore_ranks(
                 f"asyncckpt: {where} cannot be read on every rank ({reason}); falling back to the next older one",
                 stacklevel=3,
             )
+            candidate = group.all_max(newest_listed(), "choose the checkpoint to restore")
             continue
         if restore_into(state, tree, tensors, plan) is not state:
             raise CheckpointError("unreachable: the root was checked to be updatable in place")

@@ -412,6 +412,13 @@ class RankGroup:
         the ranks do together, for an error."""
         return self._all_reduce(_ALL_MAX, [value], what)[0]
 
+    def all_max_each(self, values: list[int], what: str = "agree") -> list[int]:
+        """The largest of each of ``values`` (at most six) over the ranks, in one all_reduce on the
+        calling thread: two questions the ranks answer at one point cost one round, not two."""
+        if len(values) > _WIDTH:
+            raise ValueError(f"a collective carries at most {_WIDTH} values, not {len(values)}")
+        return self._all_reduce(_ALL_MAX, values, what)[: len(values)]
+
     def _all_reduce(self, kind: int, values: list[int], what: str) -> list[int]:
         """MAX over the ranks; a rank that died or does not take part within ``timeout`` is a
         CheckpointError, never a hang or a backend's bare error (a late rank's call still completes
