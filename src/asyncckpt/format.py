@@ -691,7 +691,16 @@ def parse_rank_table(raw: bytes, where: str, manifest: MultiRankManifest, rank: 
     Raises:
         CheckpointDamagedError: Anything malformed or inconsistent with the manifest.
     """
-    body = _load_json(raw, where)
+    try:
+        return _parse_rank_table(_load_json(raw, where), where, manifest, rank)
+    except CheckpointDamagedError as exc:
+        if where in str(exc):
+            raise
+        # a field's own message names the field only: which of the ranks' tables is it in
+        raise CheckpointDamagedError(f"{where}: {exc}") from None
+
+
+def _parse_rank_table(body: dict, where: str, manifest: MultiRankManifest, rank: int) -> RankTable:
     if body.get("version") != MULTI_RANK_VERSION:
         raise _fail(where, f"rank table version {body.get('version')!r} is not {MULTI_RANK_VERSION}")
     if body.get("rank") != rank or body.get("world_size") != manifest.world_size or body.get("step") != manifest.step:
