@@ -179,24 +179,43 @@ def test_inspect_says_where_each_tensor_is_stored(root, capsys):
     assert "per rank (rank 0's shown)" in out and " piece" in out
 
 
-def test_listing_and_retention_read_no_rank_table(root, tmp_path, capsys):
-    """Opening a root lists every checkpoint's metrics and tags from its manifest alone: the rank
-    tables (one per rank, read on every rank) are read by what loads or verifies a checkpoint."""
+def test_retention_checks_each_rank_table_is_the_committed_one_without_parsing_it(root, tmp_path, capsys):
+    """Opening a root lists every checkpoint's metrics and tags from its manifest; each rank table
+    is read and its seal checked (a newest checkpoint missing one is damaged: kept, and never
+    costs the last good one), but not parsed: that is for what loads or verifies a checkpoint."""
+    import re
     import shutil
 
     from asyncckpt.engine.reader import read_manifest
     from asyncckpt.errors import CheckpointDamagedError
+    from asyncckpt.format import seal_manifest
     from asyncckpt.storage.catalog import Catalog
+
+    def unsealed(raw: bytes) -> dict:
+        return json.loads(re.sub(rb',"crc32":[0-9]+\}$', b"}", raw))
+
+    def sealed(body: dict) -> bytes:
+        return seal_manifest(json.dumps(body, separators=(",", ":")).encode())
 
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
-    (copy / step_dir_name(1) / "rank-00001.json").unlink()
+    (copy / step_dir_name(3) / "rank-00001.json").unlink()
+    # step 2: rank 1's table committed (its seal in the manifest) but not a valid table
+    step2 = copy / step_dir_name(2)
+    table = sealed({**unsealed((step2 / "rank-00001.json").read_bytes()), "tensors": 7})
+    (step2 / "rank-00001.json").write_bytes(table)
+    manifest = unsealed((step2 / "manifest.json").read_bytes())
+    manifest["ranks"][1]["crc32"] = int(re.search(rb',"crc32":([0-9]+)\}$', table).group(1))
+    (step2 / "manifest.json").write_bytes(sealed(manifest))
     with pytest.raises(CheckpointDamagedError, match="rank-00001.json"):
-        read_manifest(copy / step_dir_name(1))
+        read_manifest(step2)
+
     infos = Catalog.of_reader(copy).infos()
-    assert [(i.step, i.metrics, i.tags, i.unreadable) for i in infos] == [
-        (step, {"loss": step / 10}, (), None) for step in STEPS
+    assert [(i.step, i.metrics, i.tags) for i in infos] == [
+        (step, {"loss": step / 10} if step < 3 else {}, ()) for step in STEPS
     ]
-    code, out, err = cli(capsys, "prune", copy, "--keep-last", "2")
+    assert [i.unreadable is None for i in infos] == [True, True, False]
+    assert "rank-00001.json" in infos[2].unreadable
+    code, out, err = cli(capsys, "prune", copy, "--keep-last", "1")
     assert code == 0, out + err
-    assert remaining(copy) == [2, 3]
+    assert remaining(copy) == [2, 3]  # the newest readable one, and the damaged one

@@ -161,14 +161,16 @@ class LoadedCheckpoint:
     mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
-def read_manifest(path: Where, *, identity: DirIdentity | None = None, rank_tables: bool = True) -> Manifest:
+def read_manifest(path: Where, *, identity: DirIdentity | None = None, parse_rank_tables: bool = True) -> Manifest:
     """The validated manifest of the checkpoint at ``path``. ``identity`` (from
     :func:`directory_identity`): the directory ``path`` named when its root was listed; if the path
     names another one or none by now, or stops naming it during a failed read, CheckpointGoneError.
 
-    ``rank_tables=False`` leaves a multi-rank checkpoint's rank tables unread: its manifest alone
-    (step, metrics, tags, the ranks' entries; no tree) is what listing and retention need, and a
-    root's every checkpoint would otherwise cost one read per rank on every rank that opens it."""
+    ``parse_rank_tables=False``: a multi-rank checkpoint's manifest alone (step, metrics, tags, the
+    ranks' entries; no tree), each rank table only read and checked to be the one the manifest
+    committed (its seal). What listing and retention need: a missing or damaged table is still
+    damage (retention keeps such a checkpoint, never counting it among the newest), without
+    parsing every rank's table of every checkpoint on every rank that opens the root."""
     with _same_directory(path, identity):
         store, name = _locate(path)
         info = store.stat(name)
@@ -193,13 +195,18 @@ def read_manifest(path: Where, *, identity: DirIdentity | None = None, rank_tabl
         named = parse_step_dir(path.name)
         if named is not None and named != manifest.step:
             raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
-        if isinstance(manifest, MultiRankManifest) and rank_tables:
-            manifest = consolidate(manifest, _read_rank_tables(path, store, name, manifest))
+        if isinstance(manifest, MultiRankManifest):
+            tables = _read_rank_tables(path, store, name, manifest, parse=parse_rank_tables)
+            if parse_rank_tables:
+                manifest = consolidate(manifest, tables)
         return manifest
 
 
-def _read_rank_tables(path: Where, store: Backend, name: str, manifest: MultiRankManifest) -> list[RankTable]:
-    """Every rank table a multi-rank manifest names, each checked against the seal it records."""
+def _read_rank_tables(
+    path: Where, store: Backend, name: str, manifest: MultiRankManifest, *, parse: bool = True
+) -> list[RankTable]:
+    """Every rank table a multi-rank manifest names, each checked against the seal it records
+    (and parsed, unless ``parse`` is False: then none is returned)."""
     tables = []
     for rank, entry in enumerate(manifest.ranks):
         where = str(path / entry.file)
@@ -210,7 +217,8 @@ def _read_rank_tables(path: Where, store: Backend, name: str, manifest: MultiRan
                 f"{where} is not the rank table the manifest committed (seal {seal_of(raw):08x}, "
                 f"the manifest records {entry.crc32:08x})"
             )
-        tables.append(parse_rank_table(raw, where, manifest, rank))
+        if parse:
+            tables.append(parse_rank_table(raw, where, manifest, rank))
     return tables
 
 

@@ -24,7 +24,8 @@ from asyncckpt.storage.local import list_checkpoints
 
 def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
     """What retention knows of one checkpoint, read from its manifest (a multi-rank checkpoint's
-    rank tables are not read: they hold neither metrics nor tags).
+    rank tables are checked to be the committed ones, not parsed: they hold neither metrics nor
+    tags).
 
     Args:
         checkpoint: A committed checkpoint.
@@ -34,7 +35,7 @@ def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
         the reason: its tags are unknown, so retention keeps it rather than guess.
     """
     try:
-        manifest = read_manifest(checkpoint.ref, rank_tables=False)
+        manifest = read_manifest(checkpoint.ref, parse_rank_tables=False)
     except CheckpointError as exc:
         return CheckpointInfo(checkpoint.step, {}, unreadable=str(exc))
     return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
