@@ -79,7 +79,7 @@ class _Group:
 
 
 _GROUPS: dict[tuple[tuple[int, ...] | None, float], _Group] = {}  # by (ranks, timeout)
-_AGREE, _OPEN, _ALL_OK, _ALL_MAX = 1, 2, 3, 4  # a collective's kind
+_AGREE, _OPEN, _ALL_OK, _ALL_MAX, _ALL_MAX_EACH = 1, 2, 3, 4, 5  # a collective's kind
 _WIDTH = 6  # values a collective carries (an agreement's six), after its kind
 
 
@@ -417,7 +417,7 @@ class RankGroup:
         calling thread: two questions the ranks answer at one point cost one round, not two."""
         if len(values) > _WIDTH:
             raise ValueError(f"a collective carries at most {_WIDTH} values, not {len(values)}")
-        return self._all_reduce(_ALL_MAX, values, what)[: len(values)]
+        return self._all_reduce(_ALL_MAX_EACH, values, what)[: len(values)]
 
     def _all_reduce(self, kind: int, values: list[int], what: str) -> list[int]:
         """MAX over the ranks; a rank that died or does not take part within ``timeout`` is a
