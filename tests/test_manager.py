@@ -1102,3 +1102,28 @@ def test_a_save_never_waits_for_retention_deleting_an_old_checkpoint(tmp_path, m
             release.set()
         mgr.wait()
         assert mgr.steps() == [3]
+
+
+def test_default_workers_are_the_cores_the_process_may_use_shared_by_the_ranks_on_its_host(tmp_path, monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with CheckpointManager(tmp_path / "a") as mgr:
+        assert mgr.workers == max(1, min(8, cores))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's ranks on this host
+    with CheckpointManager(tmp_path / "b") as mgr:
+        assert mgr.workers == max(1, min(8, cores // 2))
+    with CheckpointManager(tmp_path / "c", workers=3) as mgr:  # asked for: as asked
+        assert mgr.workers == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
+    with CheckpointManager(tmp_path / "d") as mgr:
+        assert mgr.workers == max(1, min(8, cores))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # a launcher pinned this process to one core
+    try:
+        with CheckpointManager(tmp_path / "e") as mgr:
+            assert mgr.workers == 1
+            mgr.save(1, {"w": torch.arange(10.0)}).wait()
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert torch.equal(asyncckpt.load(tmp_path / "e")["w"], torch.arange(10.0))

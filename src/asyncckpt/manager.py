@@ -65,6 +65,22 @@ def _mirror_policy(given: dict | RetentionPolicy | None, local: RetentionPolicy)
     raise TypeError(f"mirror_retention must be a dict of retention options or a RetentionPolicy, got {given!r}")
 
 
+def _default_workers() -> int:
+    """Encoder (and reader) threads per process: the cores it may run on (its affinity, which a
+    launcher may narrow, not the machine's count), divided among the ranks torchrun started on this
+    host (``LOCAL_WORLD_SIZE``), at most 8. Eight ranks each taking every core would run eight
+    times as many busy threads as cores while training's data loaders need them."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        local = 1
+    return max(1, min(8, cores // max(1, local)))
+
+
 class CheckpointManager:
     """Asynchronous checkpoints of a training state into ``root``. See the README for the contract.
 
@@ -84,7 +100,8 @@ class CheckpointManager:
         snapshot: ``"blocking"`` (copy everything before ``save`` returns) or ``"overlap"``.
         policy: When ``maybe_save`` saves (default: every 1000 steps).
         max_pending: Saves in flight at once before ``save`` waits.
-        workers: Encoder threads (default: the CPU count, at most 8).
+        workers: Encoder threads (default: the cores this process may run on, shared by the
+            ranks on this host as torchrun's ``LOCAL_WORLD_SIZE`` says, at most 8).
         chunk_size: Bytes per stored chunk, in [4096, MAX_CHUNK_RAW].
         background_nice: How much lower the encoder threads' priority is (Linux).
         mirror: A second root (an ``s3://`` URL, a path or a Backend) each committed checkpoint is
@@ -168,7 +185,7 @@ class CheckpointManager:
         self._codec = CodecConfig(compression, level)
         self.policy: SavePolicy = policy if policy is not None else EverySteps(1000)
         self._max_pending = max_pending
-        self._workers = workers or max(1, min(8, os.cpu_count() or 1))
+        self._workers = workers or _default_workers()
         self._snapshot = snapshot
         self._pid = os.getpid()  # a forked child gets a copy of this object, but not its threads or lock
         self._due_answer: tuple[int, bool] | None = None  # the last due(step), for maybe_save(step)
