@@ -12,6 +12,7 @@ script. The table gives the median of each figure over the rounds and the ratio 
     python bench/versions.py --before /tmp/before --after . --rounds 4 gc_pauses
     python bench/versions.py --before /tmp/before --after . --rounds 10 flatten -- --rounds 5
     python bench/versions.py --before /tmp/before --after . --rounds 6 consolidate -- --root /tmp/c
+    python bench/versions.py --before /tmp/before --after . --rounds 4 multirank -- --savers asyncckpt
 
 A script the older checkout does not have (a benchmark added with the change it measures) runs
 from the newer checkout, on each version's ``src``.
@@ -23,7 +24,8 @@ encoder pool's rates, and a whole save's ratio and persist rate (where chunking 
 the collections of each generation per 100 saves, their time per save and the longest, and the
 stall's median, p95 and max; flatten.py: the median flatten of each way it times; consolidate.py:
 the median time of a multi-rank checkpoint's whole load and the first load's peak RSS growth, and
-of a restore at --restore-world ranks when asked.
+of a restore at --restore-world ranks when asked; multirank.py, per setup and saver: the stall's
+max over ranks, time to durable and CPU per rank, and each restore's time.
 """
 
 from __future__ import annotations
@@ -102,12 +104,25 @@ def consolidate_figures(data: dict) -> dict[str, float]:
     return figures
 
 
+def multirank_figures(data: dict) -> dict[str, float]:
+    figures = {}
+    for setup, run in data["runs"].items():
+        for saver, r in run.get("savers", {}).items():
+            figures[f"{setup}, {saver}: stall max ms"] = r["stall_max_s"] * 1e3
+            figures[f"{setup}, {saver}: durable s"] = r["durable_s"]
+            figures[f"{setup}, {saver}: CPU s per rank"] = r["cpu_mean_s"]
+        for key, seconds in run.get("restore_s", {}).items():
+            figures[f"{setup}: restore {key} s"] = seconds
+    return figures
+
+
 FIGURES = {
     "stall": stall_figures,
     "codec": codec_figures,
     "gc_pauses": gc_figures,
     "flatten": flatten_figures,
     "consolidate": consolidate_figures,
+    "multirank": multirank_figures,
 }
 
 
