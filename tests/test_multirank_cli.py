@@ -216,6 +216,9 @@ def test_retention_checks_each_rank_table_is_the_committed_one_without_parsing_i
     ]
     assert [i.unreadable is None for i in infos] == [True, True, False]
     assert "rank-00001.json" in infos[2].unreadable
+    # a rank that applies no retention reads no rank table: only the manifests
+    listing = Catalog.of_reader(copy).checkpoints
+    assert [i.unreadable for i in Catalog(listing, check_tables=False).infos()] == [None, None, None]
     code, out, err = cli(capsys, "prune", copy, "--keep-last", "1")
     assert code == 0, out + err
     assert remaining(copy) == [2, 3]  # the newest readable one, and the damaged one

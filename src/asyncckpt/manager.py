@@ -213,7 +213,8 @@ class CheckpointManager:
             # A local root is a Path (as it always was); an object store's is its URL.
             self.root: Path | str = backend.root if isinstance(backend, LocalBackend) else backend.location
             self.stats = SaveStats(self.root / METRICS_LOG if isinstance(self.root, Path) and self._owns_root else None)
-            self._tags = Tags(self._storage, Catalog.of_writer(self._storage), writes=self._owns_root)
+            catalog = Catalog.of_writer(self._storage, check_tables=self._owns_root)  # retention is the owner's
+            self._tags = Tags(self._storage, catalog, writes=self._owns_root)
             if mirror is not None:
                 self._mirror = _Mirror(mirror, self._storage.backend, mirror_policy, mirror_max_behind, mirror_options)
                 self.stats.mirror_status = self._mirror.status

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 
@@ -161,16 +161,19 @@ class LoadedCheckpoint:
     mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
-def read_manifest(path: Where, *, identity: DirIdentity | None = None, parse_rank_tables: bool = True) -> Manifest:
+def read_manifest(
+    path: Where, *, identity: DirIdentity | None = None, rank_tables: Literal["parse", "seal", "skip"] = "parse"
+) -> Manifest:
     """The validated manifest of the checkpoint at ``path``. ``identity`` (from
     :func:`directory_identity`): the directory ``path`` named when its root was listed; if the path
     names another one or none by now, or stops naming it during a failed read, CheckpointGoneError.
 
-    ``parse_rank_tables=False``: a multi-rank checkpoint's manifest alone (step, metrics, tags, the
-    ranks' entries; no tree), each rank table only read and checked to be the one the manifest
-    committed (its seal). What listing and retention need: a missing or damaged table is still
-    damage (retention keeps such a checkpoint, never counting it among the newest), without
-    parsing every rank's table of every checkpoint on every rank that opens the root."""
+    ``rank_tables`` says what becomes of a multi-rank checkpoint's rank tables: "parse" (the
+    consolidated view a load walks), "seal" (each read and checked to be the one the manifest
+    committed, none parsed: the manifest alone is returned, as retention needs it, a missing or
+    damaged table still being damage) or "skip" (none read: what a rank that applies no retention
+    needs to list the root). Parsing every rank's table of every checkpoint on every rank that
+    opens a root is what the last two avoid."""
     with _same_directory(path, identity):
         store, name = _locate(path)
         info = store.stat(name)
@@ -195,9 +198,9 @@ def read_manifest(path: Where, *, identity: DirIdentity | None = None, parse_ran
         named = parse_step_dir(path.name)
         if named is not None and named != manifest.step:
             raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
-        if isinstance(manifest, MultiRankManifest):
-            tables = _read_rank_tables(path, store, name, manifest, parse=parse_rank_tables)
-            if parse_rank_tables:
+        if isinstance(manifest, MultiRankManifest) and rank_tables != "skip":
+            tables = _read_rank_tables(path, store, name, manifest, parse=rank_tables == "parse")
+            if rank_tables == "parse":
                 manifest = consolidate(manifest, tables)
         return manifest
 

@@ -22,20 +22,22 @@ from asyncckpt.storage.commit import CommitProtocol, CommittedCheckpoint, publis
 from asyncckpt.storage.local import list_checkpoints
 
 
-def checkpoint_info(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
-    """What retention knows of one checkpoint, read from its manifest (a multi-rank checkpoint's
-    rank tables are checked to be the committed ones, not parsed: they hold neither metrics nor
-    tags).
+def checkpoint_info(checkpoint: CommittedCheckpoint, *, check_tables: bool = True) -> CheckpointInfo:
+    """What retention knows of one checkpoint, read from its manifest.
 
     Args:
         checkpoint: A committed checkpoint.
+        check_tables: Also read a multi-rank checkpoint's rank tables and check each is the one
+            its manifest committed (none is parsed: they hold neither metrics nor tags). Where
+            retention runs, a checkpoint missing one must count as unreadable; elsewhere, reading
+            every rank's table on every rank is waste.
 
     Returns:
         Its step, metrics and tags. A checkpoint whose manifest cannot be read is marked so, with
         the reason: its tags are unknown, so retention keeps it rather than guess.
     """
     try:
-        manifest = read_manifest(checkpoint.ref, parse_rank_tables=False)
+        manifest = read_manifest(checkpoint.ref, rank_tables="seal" if check_tables else "skip")
     except CheckpointError as exc:
         return CheckpointInfo(checkpoint.step, {}, unreadable=str(exc))
     return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
@@ -60,18 +62,22 @@ class Catalog:
         self,
         listing: Callable[[], list[CommittedCheckpoint]],
         deleting: Callable[[CommittedCheckpoint], None] | None = None,
+        *,
+        check_tables: bool = True,
     ) -> None:
         self._listing = listing
         self._deleting = deleting
+        self._check_tables = check_tables
         self._infos: dict[int, CheckpointInfo] = {}
         self._infos_lock = threading.Lock()
 
     @classmethod
-    def of_writer(cls, protocol: CommitProtocol) -> Catalog:
+    def of_writer(cls, protocol: CommitProtocol, *, check_tables: bool = True) -> Catalog:
         """The catalog of a root open for writing, listed and deleted through its commit protocol.
 
         Args:
             protocol: The root's commit protocol (holding its lock).
+            check_tables: As ``checkpoint_info``'s: False on a rank that applies no retention.
 
         Returns:
             The catalog, with every checkpoint's manifest read.
@@ -79,7 +85,7 @@ class Catalog:
         Raises:
             CheckpointError: The root cannot be listed.
         """
-        catalog = cls(protocol.checkpoints, protocol.delete)
+        catalog = cls(protocol.checkpoints, protocol.delete, check_tables=check_tables)
         catalog.infos()
         return catalog
 
@@ -141,7 +147,7 @@ class Catalog:
             with self._infos_lock:
                 info = self._infos.get(checkpoint.step)
             if info is None:
-                info = checkpoint_info(checkpoint)
+                info = checkpoint_info(checkpoint, check_tables=self._check_tables)
                 with self._infos_lock:
                     info = self._infos.setdefault(checkpoint.step, info)
             out.append((checkpoint, info))
