@@ -61,6 +61,20 @@ def test_an_unreadable_manifest_is_marked_with_the_reason(tmp_path):
     assert info.unreadable and "manifest" in info.unreadable
 
 
+def test_an_unreadable_checkpoint_is_read_again_and_a_readable_one_is_not(tmp_path):
+    """A store failing for a moment must not keep a checkpoint from retention until a restart."""
+    make_root(tmp_path / "root")
+    catalog = Catalog.of_reader(tmp_path / "root")
+    manifest = tmp_path / "root" / "step-000000000002" / "manifest.json"
+    good = manifest.read_bytes()
+    manifest.write_bytes(b"{}")
+    assert [i.unreadable is None for i in catalog.infos()] == [True, False, True]
+    manifest.write_bytes(good)
+    assert [(i.step, i.metrics, i.unreadable) for i in catalog.infos()][1] == (2, {"loss": 8.0}, None)
+    manifest.write_bytes(b"{}")  # read once and kept: what the catalog knows of it stands
+    assert [i.unreadable is None for i in catalog.infos()] == [True, True, True]
+
+
 def test_a_readers_catalog_cannot_delete(tmp_path):
     make_root(tmp_path / "root")
     catalog = Catalog.of_reader(tmp_path / "root")

@@ -52,6 +52,8 @@ class Catalog:
 
     The metrics and tags of a checkpoint are read from its manifest once and kept; the writer tells
     the catalog what it commits or retags (:meth:`record`), so retention never re-reads manifests.
+    A checkpoint found unreadable is read again each time: a store that failed for a moment must
+    not keep it from retention until the next run.
 
     Args:
         listing: Lists the committed checkpoints, oldest first.
@@ -146,10 +148,13 @@ class Catalog:
         for checkpoint in self.checkpoints():
             with self._infos_lock:
                 info = self._infos.get(checkpoint.step)
-            if info is None:
+            if info is None or info.unreadable is not None:  # unreadable: the store may have failed only for now
                 info = checkpoint_info(checkpoint, check_tables=self._check_tables)
                 with self._infos_lock:
-                    info = self._infos.setdefault(checkpoint.step, info)
+                    known = self._infos.get(checkpoint.step)
+                    if known is None or known.unreadable is not None:  # not what the writer recorded meanwhile
+                        self._infos[checkpoint.step] = info
+                    info = self._infos[checkpoint.step]
             out.append((checkpoint, info))
         return out
 
