@@ -43,7 +43,7 @@ def _save_rank(rank: int, world: int, cfg: dict) -> None:
     import asyncckpt
 
     torch.set_num_threads(1)
-    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))  # as torchrun sets it: the ranks on this host
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # as torchrun sets it: the ranks on this host
     dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world)
     model, opt = build(cfg["mode"], cfg["width"], world)
     with asyncckpt.CheckpointManager(cfg["root"]) as mgr:
@@ -59,7 +59,7 @@ def _restore_rank(rank: int, world: int, cfg: dict) -> None:
     import asyncckpt
 
     torch.set_num_threads(1)
-    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))  # as torchrun sets it: the ranks on this host
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # as torchrun sets it: the ranks on this host
     dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world)
     model, opt = build(cfg["mode"], cfg["width"], world)
     times = []

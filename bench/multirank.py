@@ -421,7 +421,7 @@ def rank_main(rank: int, world: int, cfg: dict) -> None:
     out: dict[str, Any] = {"rank": rank, "saves": {}, "loop": {}, "restore": {}}
     stacks = open(Path(cfg["out"], f"stacks-{rank}.txt"), "w")  # noqa: SIM115
     faulthandler.dump_traceback_later(cfg["timeout"] - 5, file=stacks)  # where a stuck rank was
-    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))  # as torchrun sets it: the ranks on this host
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # as torchrun sets it: the ranks on this host
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world)

@@ -1104,26 +1104,26 @@ def test_a_save_never_waits_for_retention_deleting_an_old_checkpoint(tmp_path, m
         assert mgr.steps() == [3]
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
 def test_default_workers_are_the_cores_the_process_may_use_shared_by_the_ranks_on_its_host(tmp_path, monkeypatch):
-    cores = len(os.sched_getaffinity(0))
+    def workers(name: str) -> int:
+        with CheckpointManager(tmp_path / name) as mgr:
+            return mgr.workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    with CheckpointManager(tmp_path / "a") as mgr:
-        assert mgr.workers == max(1, min(8, cores))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's ranks on this host
-    with CheckpointManager(tmp_path / "b") as mgr:
-        assert mgr.workers == max(1, min(8, cores // 2))
-    with CheckpointManager(tmp_path / "c", workers=3) as mgr:  # asked for: as asked
-        assert mgr.workers == 3
+    assert workers("alone") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's ranks on this host share its cores
+    assert workers("four") == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert workers("many") == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
-    with CheckpointManager(tmp_path / "d") as mgr:
-        assert mgr.workers == max(1, min(8, cores))
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(allowed)})  # a launcher pinned this process to one core
-    try:
-        with CheckpointManager(tmp_path / "e") as mgr:
-            assert mgr.workers == 1
-            mgr.save(1, {"w": torch.arange(10.0)}).wait()
-    finally:
-        os.sched_setaffinity(0, allowed)
-    assert torch.equal(asyncckpt.load(tmp_path / "e")["w"], torch.arange(10.0))
+    assert workers("junk") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6})  # pinned: its share already
+    assert workers("pinned") == 3
+    with CheckpointManager(tmp_path / "asked", workers=5) as mgr:
+        assert mgr.workers == 5
+        mgr.save(1, {"w": torch.arange(10.0)}).wait()
+    assert torch.equal(asyncckpt.load(tmp_path / "asked")["w"], torch.arange(10.0))

@@ -66,19 +66,22 @@ def _mirror_policy(given: dict | RetentionPolicy | None, local: RetentionPolicy)
 
 
 def _default_workers() -> int:
-    """Encoder (and reader) threads per process: the cores it may run on (its affinity, which a
-    launcher may narrow, not the machine's count), divided among the ranks torchrun started on this
-    host (``LOCAL_WORLD_SIZE``), at most 8. Eight ranks each taking every core would run eight
-    times as many busy threads as cores while training's data loaders need them."""
+    """Encoder (and restore's decoder) threads per process, at most 8: the cores it may run on (its
+    affinity, not the machine's count). A process free to run on every core shares them with the
+    ranks torchrun started on this host (``LOCAL_WORLD_SIZE``): eight ranks each taking every core
+    would run eight times as many busy threads as cores while training's data loaders need them.
+    One a launcher pinned to some cores already has its share."""
+    machine = os.cpu_count() or 1
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
+        cores = machine
     try:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         local = 1
-    return max(1, min(8, cores // max(1, local)))
+    share = cores // local if cores >= machine else cores
+    return max(1, min(8, share))
 
 
 class CheckpointManager:
@@ -100,8 +103,9 @@ class CheckpointManager:
         snapshot: ``"blocking"`` (copy everything before ``save`` returns) or ``"overlap"``.
         policy: When ``maybe_save`` saves (default: every 1000 steps).
         max_pending: Saves in flight at once before ``save`` waits.
-        workers: Encoder threads (default: the cores this process may run on, shared by the
-            ranks on this host as torchrun's ``LOCAL_WORLD_SIZE`` says, at most 8).
+        workers: Encoder threads, also restore's decoder threads (default: the cores this process
+            may run on, shared by the ranks on this host as torchrun's ``LOCAL_WORLD_SIZE`` says
+            unless a launcher pinned the process to some cores, 1 to 8).
         chunk_size: Bytes per stored chunk, in [4096, MAX_CHUNK_RAW].
         background_nice: How much lower the encoder threads' priority is (Linux).
         mirror: A second root (an ``s3://`` URL, a path or a Backend) each committed checkpoint is
