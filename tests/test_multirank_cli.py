@@ -179,10 +179,10 @@ def test_inspect_says_where_each_tensor_is_stored(root, capsys):
     assert "per rank (rank 0's shown)" in out and " piece" in out
 
 
-def test_retention_checks_each_rank_table_is_the_committed_one_without_parsing_it(root, tmp_path, capsys):
-    """Opening a root lists every checkpoint's metrics and tags from its manifest; each rank table
-    is read and its seal checked (a newest checkpoint missing one is damaged: kept, and never
-    costs the last good one), but not parsed: that is for what loads or verifies a checkpoint."""
+def test_retention_reads_every_rank_table_and_the_other_ranks_none(root, tmp_path, capsys):
+    """Where retention runs, a checkpoint one of whose rank tables cannot be read (missing, or not
+    a table this version reads) is unreadable: kept, and never costs an older one that loads. A
+    rank that applies no retention lists the root from the manifests alone."""
     import re
     import shutil
 
@@ -200,25 +200,24 @@ def test_retention_checks_each_rank_table_is_the_committed_one_without_parsing_i
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     (copy / step_dir_name(3) / "rank-00001.json").unlink()
-    # step 2: rank 1's table committed (its seal in the manifest) but not a valid table
+    # step 2: rank 1's table committed (its seal in the manifest) but not one this version reads
     step2 = copy / step_dir_name(2)
     table = sealed({**unsealed((step2 / "rank-00001.json").read_bytes()), "tensors": 7})
     (step2 / "rank-00001.json").write_bytes(table)
     manifest = unsealed((step2 / "manifest.json").read_bytes())
     manifest["ranks"][1]["crc32"] = int(re.search(rb',"crc32":([0-9]+)\}$', table).group(1))
     (step2 / "manifest.json").write_bytes(sealed(manifest))
-    with pytest.raises(CheckpointDamagedError, match="rank-00001.json"):
+    with pytest.raises(CheckpointDamagedError, match="rank-00001.json"):  # names the table
         read_manifest(step2)
 
     infos = Catalog.of_reader(copy).infos()
-    assert [(i.step, i.metrics, i.tags) for i in infos] == [
-        (step, {"loss": step / 10} if step < 3 else {}, ()) for step in STEPS
-    ]
-    assert [i.unreadable is None for i in infos] == [True, True, False]
-    assert "rank-00001.json" in infos[2].unreadable
-    # a rank that applies no retention reads no rank table: only the manifests
+    assert [(i.step, i.metrics) for i in infos] == [(1, {"loss": 0.1}), (2, {}), (3, {})]
+    assert [i.unreadable is None for i in infos] == [True, False, False]
+    assert "rank-00001.json" in infos[1].unreadable and "rank-00001.json" in infos[2].unreadable
     listing = Catalog.of_reader(copy).checkpoints
-    assert [i.unreadable for i in Catalog(listing, check_tables=False).infos()] == [None, None, None]
+    assert [(i.step, i.metrics, i.unreadable) for i in Catalog(listing, check_tables=False).infos()] == [
+        (step, {"loss": step / 10}, None) for step in STEPS
+    ]
     code, out, err = cli(capsys, "prune", copy, "--keep-last", "1")
     assert code == 0, out + err
-    assert remaining(copy) == [2, 3]  # the newest readable one, and the damaged one
+    assert remaining(copy) == [1, 2, 3]  # the newest that loads, and the two that do not

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -161,19 +161,14 @@ class LoadedCheckpoint:
     mapped: bool = False  # the tensors are views of a private mapping of the data file
 
 
-def read_manifest(
-    path: Where, *, identity: DirIdentity | None = None, rank_tables: Literal["parse", "seal", "skip"] = "parse"
-) -> Manifest:
+def read_manifest(path: Where, *, identity: DirIdentity | None = None, rank_tables: bool = True) -> Manifest:
     """The validated manifest of the checkpoint at ``path``. ``identity`` (from
     :func:`directory_identity`): the directory ``path`` named when its root was listed; if the path
     names another one or none by now, or stops naming it during a failed read, CheckpointGoneError.
 
-    ``rank_tables`` says what becomes of a multi-rank checkpoint's rank tables: "parse" (the
-    consolidated view a load walks), "seal" (each read and checked to be the one the manifest
-    committed, none parsed: the manifest alone is returned, as retention needs it, a missing or
-    damaged table still being damage) or "skip" (none read: what a rank that applies no retention
-    needs to list the root). Parsing every rank's table of every checkpoint on every rank that
-    opens a root is what the last two avoid."""
+    ``rank_tables=False`` leaves a multi-rank checkpoint's rank tables unread: its manifest alone
+    (step, metrics, tags, the ranks' entries; no tree) is what a rank that applies no retention
+    needs to list a root, without reading every rank's table of every checkpoint."""
     with _same_directory(path, identity):
         store, name = _locate(path)
         info = store.stat(name)
@@ -198,18 +193,13 @@ def read_manifest(
         named = parse_step_dir(path.name)
         if named is not None and named != manifest.step:
             raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
-        if isinstance(manifest, MultiRankManifest) and rank_tables != "skip":
-            tables = _read_rank_tables(path, store, name, manifest, parse=rank_tables == "parse")
-            if rank_tables == "parse":
-                manifest = consolidate(manifest, tables)
+        if isinstance(manifest, MultiRankManifest) and rank_tables:
+            manifest = consolidate(manifest, _read_rank_tables(path, store, name, manifest))
         return manifest
 
 
-def _read_rank_tables(
-    path: Where, store: Backend, name: str, manifest: MultiRankManifest, *, parse: bool = True
-) -> list[RankTable]:
-    """Every rank table a multi-rank manifest names, each checked against the seal it records
-    (and parsed, unless ``parse`` is False: then none is returned)."""
+def _read_rank_tables(path: Where, store: Backend, name: str, manifest: MultiRankManifest) -> list[RankTable]:
+    """Every rank table a multi-rank manifest names, each checked against the seal it records."""
     tables = []
     for rank, entry in enumerate(manifest.ranks):
         where = str(path / entry.file)
@@ -220,8 +210,7 @@ def _read_rank_tables(
                 f"{where} is not the rank table the manifest committed (seal {seal_of(raw):08x}, "
                 f"the manifest records {entry.crc32:08x})"
             )
-        if parse:
-            tables.append(parse_rank_table(raw, where, manifest, rank))
+        tables.append(parse_rank_table(raw, where, manifest, rank))
     return tables
 
 

@@ -27,17 +27,17 @@ def checkpoint_info(checkpoint: CommittedCheckpoint, *, check_tables: bool = Tru
 
     Args:
         checkpoint: A committed checkpoint.
-        check_tables: Also read a multi-rank checkpoint's rank tables and check each is the one
-            its manifest committed (none is parsed: they hold neither metrics nor tags). Where
-            retention runs, a checkpoint missing one must count as unreadable; elsewhere, reading
-            every rank's table on every rank is waste.
+        check_tables: Also read and check a multi-rank checkpoint's rank tables. Where retention
+            runs, a checkpoint one of whose tables cannot be read (missing, damaged, or written by
+            a newer version) must count as unreadable, so that it never costs an older one this
+            version can load; elsewhere, reading every rank's table on every rank is waste.
 
     Returns:
         Its step, metrics and tags. A checkpoint whose manifest cannot be read is marked so, with
         the reason: its tags are unknown, so retention keeps it rather than guess.
     """
     try:
-        manifest = read_manifest(checkpoint.ref, rank_tables="seal" if check_tables else "skip")
+        manifest = read_manifest(checkpoint.ref, rank_tables=check_tables)
     except CheckpointError as exc:
         return CheckpointInfo(checkpoint.step, {}, unreadable=str(exc))
     return CheckpointInfo(checkpoint.step, manifest.metrics, tuple(manifest.tags))
