@@ -8,7 +8,6 @@ JSON and re-seals it with ``format.seal_manifest`` so only the check under test 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 import asyncckpt
 from _dist import run_ranks
+from _sealing import seal, unseal
 from asyncckpt import format as fmt
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError
@@ -53,16 +53,6 @@ def _step_dir(root: Path, step: int = STEPS[-1]) -> Path:
     return root / fmt.step_dir_name(step)
 
 
-def _unseal(raw: bytes) -> dict:
-    match = re.search(rb',"crc32":[0-9]{1,10}\}$', raw)
-    assert match is not None, "unsealed"
-    return json.loads(raw[: match.start()] + b"}")
-
-
-def _json(obj: dict) -> bytes:
-    return fmt.seal_manifest(json.dumps(obj, separators=(",", ":")).encode())
-
-
 def _manifest_file(d: Path) -> Path:
     names = [p for p in d.iterdir() if p.name.startswith("manifest")]
     assert len(names) == 1, names
@@ -72,16 +62,16 @@ def _manifest_file(d: Path) -> Path:
 def _edit_table(d: Path, rank: int, edit, reseal_manifest: bool = True) -> None:
     """Edit rank ``rank``'s table, re-seal it, and record its new seal in the manifest."""
     mpath = _manifest_file(d)
-    manifest = _unseal(mpath.read_bytes())
+    manifest = unseal(mpath.read_bytes())
     entry = manifest["ranks"][rank]
     tpath = d / entry["file"]
-    table = _unseal(tpath.read_bytes())
+    table = unseal(tpath.read_bytes())
     edit(table)
-    raw = _json(table)
+    raw = seal(table)
     tpath.write_bytes(raw)
     if reseal_manifest:
         entry["crc32"] = fmt.seal_of(raw)
-        mpath.write_bytes(_json(manifest))
+        mpath.write_bytes(seal(manifest))
 
 
 def _refused(d: Path, *needles: str) -> str:
@@ -114,7 +104,7 @@ def _piece_of(table: dict) -> list:
 
 def test_overlapping_pieces(root):
     d = _step_dir(root)
-    table = _unseal((d / "rank-00001.json").read_bytes())
+    table = unseal((d / "rank-00001.json").read_bytes())
     rows = table["tensors"][_piece_of(table)[1]]["shape"][0]
 
     def edit(t):  # rank 1's piece moved up one row: it overlaps rank 0's, and the last row is bare
@@ -168,7 +158,7 @@ def test_wrong_step_in_table(root):
 
 def test_chunk_naming_another_ranks_data_file(root):
     d = _step_dir(root)
-    other = _unseal(_manifest_file(d).read_bytes())["ranks"][0]["data"]
+    other = unseal(_manifest_file(d).read_bytes())["ranks"][0]["data"]
 
     def edit(t):
         t["chunks"][0]["file"] = other
@@ -181,9 +171,9 @@ def test_table_swapped_for_another_ranks(root):
     # rank 1's entry names rank 0's table with its (valid) seal: refused by name or by rank
     d = _step_dir(root)
     mpath = _manifest_file(d)
-    manifest = _unseal(mpath.read_bytes())
+    manifest = unseal(mpath.read_bytes())
     manifest["ranks"][1]["file"] = manifest["ranks"][0]["file"]
-    mpath.write_bytes(_json(manifest))
+    mpath.write_bytes(seal(manifest))
     _refused(d, "ranks[1]", "rank-00001")
 
 
@@ -193,12 +183,12 @@ def test_global_leaf_in_version_1_manifest(tmp_path):
         mgr.wait()
     d = _step_dir(tmp_path / "v1", 1)
     mpath = _manifest_file(d)
-    manifest = _unseal(mpath.read_bytes())
+    manifest = unseal(mpath.read_bytes())
     assert manifest["version"] == 1
     text = json.dumps(manifest["tree"])
     assert '{"T": 0}' in text, text
     manifest["tree"] = json.loads(text.replace('{"T": 0}', '{"G": 0}'))
-    mpath.write_bytes(_json(manifest))
+    mpath.write_bytes(seal(manifest))
     _refused(d, "unknown node kind 'G'")
 
 
@@ -212,7 +202,7 @@ def test_load_falls_back_to_older_step(root, damage):
     elif damage == "rank":
         _edit_table(d, 1, lambda t: t.update(rank=0))
     else:
-        other = _unseal(_manifest_file(d).read_bytes())["ranks"][0]["data"]
+        other = unseal(_manifest_file(d).read_bytes())["ranks"][0]["data"]
         _edit_table(d, 1, lambda t: t["chunks"][0].update(file=other))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
