@@ -36,16 +36,24 @@ from _common import spawn_ranks  # noqa: E402
 from multirank import _PeakRss, build, width_for  # noqa: E402
 
 
-def _save_rank(rank: int, world: int, cfg: dict) -> None:
+def _join_rank(rank: int, world: int, cfg: dict) -> tuple:
+    """This spawned rank in the job's gloo group, as torchrun would start it, and its model and
+    optimizer."""
     import torch
     import torch.distributed as dist
-
-    import asyncckpt
 
     torch.set_num_threads(1)
     os.environ["LOCAL_WORLD_SIZE"] = str(world)  # as torchrun sets it: the ranks on this host
     dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world)
-    model, opt = build(cfg["mode"], cfg["width"], world)
+    return build(cfg["mode"], cfg["width"], world)
+
+
+def _save_rank(rank: int, world: int, cfg: dict) -> None:
+    import torch.distributed as dist
+
+    import asyncckpt
+
+    model, opt = _join_rank(rank, world, cfg)
     with asyncckpt.CheckpointManager(cfg["root"]) as mgr:
         mgr.save(1, {"model": model, "optimizer": opt}).wait()
     dist.barrier()
@@ -53,15 +61,11 @@ def _save_rank(rank: int, world: int, cfg: dict) -> None:
 
 
 def _restore_rank(rank: int, world: int, cfg: dict) -> None:
-    import torch
     import torch.distributed as dist
 
     import asyncckpt
 
-    torch.set_num_threads(1)
-    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # as torchrun sets it: the ranks on this host
-    dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world)
-    model, opt = build(cfg["mode"], cfg["width"], world)
+    model, opt = _join_rank(rank, world, cfg)
     times = []
     for _ in range(cfg["repeats"]):
         dist.barrier()
