@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -16,11 +17,16 @@ import pytest
 import torch
 
 import asyncckpt
+from _counting import CountingBackend
 from _dist import run_ranks
+from _s3bucket import put_object
 from _sealing import seal, unseal
 from asyncckpt import format as fmt
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError
+from asyncckpt.storage.backend import CheckpointRef
+from asyncckpt.storage.catalog import Catalog
+from asyncckpt.storage.commit import published_checkpoints
 
 STEPS = (1, 2)
 
@@ -213,3 +219,66 @@ def test_load_falls_back_to_older_step(root, damage):
     ), [str(w.message) for w in caught]
     with pytest.raises(CheckpointError):
         asyncckpt.load(root, step=STEPS[-1], per_rank="rank0")
+
+
+class _AtOnce(CountingBackend):
+    """A real S3 backend whose GETs of rank tables (and of manifests, once ``gate_manifests`` is
+    set) each wait until ``at_once`` of them are in flight together: reading them one at a time
+    breaks the barrier, and the read fails."""
+
+    def __init__(self, url: str, at_once: int) -> None:
+        super().__init__(url)
+        self._barrier = threading.Barrier(at_once, timeout=20)
+        self.table_reads: list[str] = []
+        self.gate_manifests = False
+        counted = self._client
+
+        class _Gated:
+            def __getattr__(_, name: str):  # noqa: N805 - the wrapper's own self is unused
+                return getattr(counted, name)
+
+            def get(_, name: str, limit: int):  # noqa: N805
+                if "/rank-" in name:
+                    self.table_reads.append(name.rsplit("/", 1)[-1])
+                    self._barrier.wait()
+                elif "/manifest" in name and self.gate_manifests:
+                    self._barrier.wait()
+                return counted.get(name, limit)
+
+        self._client = _Gated()
+
+
+def _upload(root: Path, url: str, server) -> None:
+    """The local root's files, as they are, under ``url`` (a manifest-last root accepts a step's
+    plain ``manifest.json``)."""
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        put_object(server, url, str(path.relative_to(root)), path.read_bytes())
+
+
+def test_rank_tables_on_an_object_store_are_fetched_at_once(root, s3_env, s3_server, s3_url):
+    _upload(root, s3_url, s3_server)
+    backend = _AtOnce(s3_url, at_once=2)
+    ref = CheckpointRef(backend, fmt.step_dir_name(STEPS[-1]))
+    view = read_manifest(ref)  # the barrier of 2 only opens when both tables are in flight together
+    assert sorted(backend.table_reads) == ["rank-00000.json", "rank-00001.json"]
+    local = read_manifest(_step_dir(root))
+    assert isinstance(view, fmt.MultiRankManifest) and view.tables == local.tables
+    # retention's catalog reads the checkpoints' manifests, and each one's tables, at once too
+    listed = published_checkpoints(backend)
+    backend.table_reads.clear()
+    backend.gate_manifests = True
+    infos = Catalog(lambda: listed).infos()
+    assert [(i.step, i.unreadable) for i in infos] == [(s, None) for s in STEPS]
+    assert sorted(backend.table_reads) == sorted(["rank-00000.json", "rank-00001.json"] * len(STEPS))
+
+
+def test_the_lowest_failing_rank_names_the_error_when_tables_are_fetched_at_once(root, s3_env, s3_server, s3_url):
+    d = _step_dir(root)
+    _edit_table(d, 0, lambda t: t.update(rank=1))  # rank 0's says it is rank 1's
+    (d / "rank-00001.json").unlink()  # rank 1's is missing
+    _upload(root, s3_url, s3_server)
+    with pytest.raises(CheckpointDamagedError, match="rank-00000.json") as info:
+        read_manifest(CheckpointRef(CountingBackend(s3_url), fmt.step_dir_name(STEPS[-1])))
+    assert "rank-00001" not in str(info.value)
+    with pytest.raises(CheckpointDamagedError, match="rank-00000.json"):
+        read_manifest(d)  # the same error as a local read, which reads them one at a time

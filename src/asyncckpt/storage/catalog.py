@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointError
@@ -20,6 +22,17 @@ from asyncckpt.retention import CheckpointInfo
 from asyncckpt.storage.backend import Backend, open_backend
 from asyncckpt.storage.commit import CommitProtocol, CommittedCheckpoint, published_checkpoints
 from asyncckpt.storage.local import list_checkpoints
+
+_REMOTE_MANIFEST_READS = 8  # manifests read at once from a remote store (each may fetch its rank tables at once too)
+
+
+def _remote(checkpoint: CommittedCheckpoint) -> bool:
+    return checkpoint.ref.backend.capabilities.remote
+
+
+def _to_read(info: CheckpointInfo | None) -> bool:
+    """Not known yet, or found unreadable (the store may have failed only for now)."""
+    return info is None or info.unreadable is not None
 
 
 def checkpoint_info(checkpoint: CommittedCheckpoint, *, check_tables: bool = True) -> CheckpointInfo:
@@ -144,19 +157,30 @@ class Catalog:
             (checkpoint, info) pairs; an info with ``unreadable`` set where the manifest cannot be
             read.
         """
-        out = []
-        for checkpoint in self.checkpoints():
+        checkpoints = self.checkpoints()
+        with self._infos_lock:
+            infos = {c.step: self._infos.get(c.step) for c in checkpoints}
+        todo = [c for c in checkpoints if _to_read(infos[c.step])]
+        for checkpoint, info in zip(todo, self._read_infos(todo), strict=True):
             with self._infos_lock:
-                info = self._infos.get(checkpoint.step)
-            if info is None or info.unreadable is not None:  # unreadable: the store may have failed only for now
-                info = checkpoint_info(checkpoint, check_tables=self._check_tables)
-                with self._infos_lock:
-                    known = self._infos.get(checkpoint.step)
-                    if known is None or known.unreadable is not None:  # not what the writer recorded meanwhile
-                        self._infos[checkpoint.step] = info
-                    info = self._infos[checkpoint.step]
-            out.append((checkpoint, info))
-        return out
+                recorded = self._infos.get(checkpoint.step)
+                if _to_read(recorded):  # not what the writer recorded meanwhile
+                    self._infos[checkpoint.step] = info
+                infos[checkpoint.step] = self._infos[checkpoint.step]
+        return [(c, cast(CheckpointInfo, infos[c.step])) for c in checkpoints]
+
+    def _read_infos(self, checkpoints: list[CommittedCheckpoint]) -> list[CheckpointInfo]:
+        """Each checkpoint's info, read from its manifest: several at once on a remote store, where
+        each manifest is a request with a round trip (listing a bucket of 100 checkpoints one by
+        one waits for 100 of them in turn)."""
+
+        def read(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
+            return checkpoint_info(checkpoint, check_tables=self._check_tables)
+
+        if len(checkpoints) > 1 and _remote(checkpoints[0]):
+            with ThreadPoolExecutor(min(len(checkpoints), _REMOTE_MANIFEST_READS), "asyncckpt-catalog") as pool:
+                return list(pool.map(read, checkpoints))
+        return [read(c) for c in checkpoints]
 
     def infos(self) -> list[CheckpointInfo]:
         """The metrics and tags of every committed checkpoint, oldest first.
