@@ -12,6 +12,7 @@ import torch
 
 import asyncckpt
 from asyncckpt.engine.reader import read_manifest
+from asyncckpt.errors import StorageError
 from asyncckpt.storage.local import LocalBackend
 
 
@@ -229,3 +230,79 @@ def test_a_manifest_put_that_failed_and_did_not_land_keeps_the_old_version(tmp_p
         backend.write_small = real  # type: ignore[method-assign]
     assert asyncckpt.load(root)["x"].tolist() == [1.0] * 4
     assert [n for n in names(root / "step-000000000001") if n.startswith("data-")].__len__() == 1
+
+
+def _two_generations(root: Path) -> LocalBackend:
+    """Step 2 committed twice on a manifest-last root, the first version's removal failed: both
+    generations and both data files are there, the newer one (x = 42) committed."""
+    backend = LocalBackend(root, atomic_rename=False)
+    with asyncckpt.CheckpointManager(backend) as mgr:
+        mgr.save(2, {"x": torch.zeros(4)}).wait()
+        real = backend.delete
+        backend.delete = lambda name: (_ for _ in ()).throw(StorageError(f"{name}: 503 Slow Down"))  # type: ignore[method-assign]
+        mgr.save(2, {"x": torch.full((4,), 42.0)}).wait()
+        backend.delete = real  # type: ignore[method-assign]
+    return backend
+
+
+def _failing_reads(backend: LocalBackend, suffix: str, times: int) -> None:
+    """The next ``times`` reads of a name ending with ``suffix`` fail, as a throttled store's GET."""
+    real, left = backend.read_small, [times]
+
+    def read_small(name: str, limit: int) -> bytes:
+        if left[0] and name.endswith(suffix):
+            left[0] -= 1
+            raise StorageError(f"{name}: 503 Slow Down")
+        return real(name, limit)
+
+    backend.read_small = read_small  # type: ignore[method-assign]
+
+
+def test_the_opening_sweep_deletes_nothing_of_a_step_whose_newest_manifest_it_could_not_read(tmp_path):
+    root = tmp_path / "root"
+    _two_generations(root)
+    step = root / "step-000000000002"
+    before = names(step)
+    assert [n for n in before if n.startswith("manifest")] == [
+        "manifest-000000000001.json",
+        "manifest-000000000002.json",
+    ]
+    backend = LocalBackend(root, atomic_rename=False)
+    _failing_reads(backend, "manifest-000000000002.json", 1)  # fails during the sweep only
+    with asyncckpt.CheckpointManager(backend) as mgr:
+        assert names(step) == before  # not "manifest 1 is the newest that verifies, 2 was cut short"
+        live = {"x": torch.zeros(4)}
+        assert mgr.restore(live) == 2 and live["x"].tolist() == [42.0] * 4
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)):
+        pass  # a sweep that reads every manifest removes the superseded version
+    assert [n for n in names(step) if n.startswith("manifest")] == ["manifest-000000000002.json"]
+    assert len([n for n in names(step) if n.startswith("data-")]) == 1
+    assert asyncckpt.load(root)["x"].tolist() == [42.0] * 4
+
+
+def test_a_publish_whose_outcome_is_unknown_keeps_the_data_its_manifest_may_name(tmp_path):
+    """The manifest's put failed though the store kept it, and reading it back failed too: the save
+    is reported failed, but its data stays, since its manifest may be (and here is) the step's
+    committed version; and the next sweep then keeps that version, not the superseded one."""
+    root = tmp_path / "root"
+    backend = LocalBackend(root, atomic_rename=False)
+    step = root / "step-000000000002"
+    with asyncckpt.CheckpointManager(backend) as mgr:
+        mgr.save(2, {"x": torch.zeros(4)}).wait()
+        real_write = backend.write_small
+
+        def write_small(name: str, data: bytes) -> None:
+            real_write(name, data)
+            if name.endswith("manifest-000000000002.json"):
+                _failing_reads(backend, "manifest-000000000002.json", 2)  # the read-back, then abort's
+                raise StorageError(f"{name}: the request timed out")
+
+        backend.write_small = write_small  # type: ignore[method-assign]
+        with pytest.raises(asyncckpt.CheckpointError, match="timed out"):
+            mgr.save(2, {"x": torch.full((4,), 42.0)}).wait()
+    assert len([n for n in names(step) if n.startswith("data-")]) == 2  # abort removed nothing
+    assert asyncckpt.load(root)["x"].tolist() == [42.0] * 4  # the manifest that landed reads whole
+    with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=False)) as mgr:
+        live = {"x": torch.zeros(4)}
+        assert mgr.restore(live, step=2) == 2 and live["x"].tolist() == [42.0] * 4
+    assert [n for n in names(step) if n.startswith("manifest")] == ["manifest-000000000002.json"]

@@ -249,6 +249,48 @@ def newest_manifest(backend: Backend, step_name: str, versions: list[str] | None
     return None
 
 
+def _scan_manifests(backend: Backend, step_name: str) -> tuple[tuple[str, bytes] | None, list[str]]:
+    """:func:`newest_manifest`, and the newer generations that could not be read at all.
+
+    A writer deletes on what it finds here: the versions a newer one supersedes, an attempt's data
+    no manifest names. A generation that verifies no seal can only be a publish cut short (or
+    damage); but one that could not be *read* (a store that failed a request for a moment, an I/O
+    error) may be the step's committed version. Then nothing of the step may be deleted on the
+    strength of an older one: that would remove the newest version's data, or take its manifest
+    for cut short.
+
+    Returns:
+        The newest manifest that verifies (name and bytes, or None), and the names of the newer
+        generations that exist as regular files of a manifest's size but could not be read.
+    """
+    unread: list[str] = []
+    for name in _versions(backend, step_name):
+        where = f"{step_name}/{name}"
+        try:
+            raw = backend.read_small(where, MAX_MANIFEST_BYTES)
+        except CheckpointError:
+            if _may_be_committed(backend, where):
+                unread.append(name)
+            continue
+        try:
+            check_manifest_seal(raw, backend.describe(where))
+        except CheckpointError:
+            continue
+        return (name, raw), unread
+    return None, unread
+
+
+def _may_be_committed(backend: Backend, name: str) -> bool:
+    """Whether a manifest that could not be read may still be a committed one: it is there, a
+    regular file no larger than a manifest may be (or even that cannot be told now). Gone, a
+    link, a FIFO or too large is no manifest a publish writes."""
+    try:
+        info = backend.stat(name)
+    except (CheckpointError, OSError):
+        return True
+    return info is not None and info.kind == "file" and info.size <= MAX_MANIFEST_BYTES
+
+
 def _written_by_manifest_last(names: Iterable[str]) -> bool:
     """Whether a step directory's names show the manifest-last commit at work: manifest
     generations, or per-attempt data files."""
@@ -794,8 +836,11 @@ class ManifestLastCommit(CommitProtocol):
 
     def _referenced_attempt(self, staging: Staging) -> bool:
         """Whether the step's version (its newest manifest that verifies) references a data file of
-        the attempt ``staging``."""
-        newest = self._newest(staging.prefix)
+        the attempt ``staging``; also true when a newer manifest could not be read, since it may be
+        this attempt's own (a put the store kept though its request failed)."""
+        newest, unread = _scan_manifests(self.backend, staging.prefix)
+        if unread:
+            return True
         if newest is None:
             return False
         where = self.backend.describe(f"{staging.prefix}/{newest[0]}")
@@ -909,7 +954,9 @@ class ManifestLastCommit(CommitProtocol):
         return not ends_with_seal(raw)
 
     def _sweep_step(self, step_name: str) -> list[str]:
-        newest = self._newest(step_name)
+        newest, unread = _scan_manifests(self.backend, step_name)
+        if unread:
+            return []  # a newer version that could not be read may be the committed one: left for the next sweep
         referenced: set[str] = set()
         if newest is None and not all(self._cut_short(step_name, name) for name in self._versions(step_name)):
             return []  # a committed checkpoint that lost its manifest's integrity: kept, for a person to judge
