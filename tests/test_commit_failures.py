@@ -156,15 +156,20 @@ def test_a_tag_written_while_a_manifest_last_resave_publishes_never_loses_the_st
         assert mgr.steps() == [1]
 
 
+@pytest.mark.parametrize("same_tensors", [False, True], ids=["new-tensors", "same-tensors"])
 @pytest.mark.parametrize("rename", [True, False], ids=["rename", "manifest-last"])
-def test_a_tag_racing_a_resave_never_writes_the_old_chunk_table_over_the_new_version(tmp_path, monkeypatch, rename):
+def test_a_tag_racing_a_resave_never_writes_the_old_manifest_over_the_new_version(
+    tmp_path, monkeypatch, rename, same_tensors
+):
     """The tag reads the committed manifest, the re-save publishes, then the tag writes: it must not
-    swap the old chunk table (whose data the re-save removed) in over the new version."""
+    swap the old manifest in over the new version: not its chunk table (whose data the re-save
+    removed), nor, when the re-save wrote the same tensors (so the same chunk table), its old
+    values and metrics."""
     from asyncckpt.engine import tags as tags_module
 
     root = tmp_path / "root"
     with asyncckpt.CheckpointManager(LocalBackend(root, atomic_rename=rename)) as mgr:
-        mgr.save(1, {"x": torch.ones(4)}).wait()
+        mgr.save(1, {"x": torch.ones(4), "epoch": 1}, metrics={"loss": 9.0}).wait()
         storage = mgr._storage
         published = threading.Event()
         real_publish, real_read = storage.publish, tags_module.read_manifest
@@ -182,12 +187,15 @@ def test_a_tag_racing_a_resave_never_writes_the_old_chunk_table_over_the_new_ver
 
         monkeypatch.setattr(storage, "publish", publish)
         monkeypatch.setattr(tags_module, "read_manifest", read_manifest)
-        handle = mgr.save(1, {"x": torch.zeros(4)})
+        x = torch.ones(4) if same_tensors else torch.zeros(4)
+        handle = mgr.save(1, {"x": x, "epoch": 2}, metrics={"loss": 1.0})
         mgr.tag(1, "best")
         handle.wait()
         monkeypatch.setattr(tags_module, "read_manifest", real_read)
-        assert asyncckpt.load(root)["x"].tolist() == [0.0] * 4
-        assert read_manifest(root / "step-000000000001").tags == ["best"]
+        loaded = asyncckpt.load(root)
+        assert loaded["x"].tolist() == x.tolist() and loaded["epoch"] == 2
+        manifest = read_manifest(root / "step-000000000001")
+        assert manifest.tags == ["best"] and manifest.metrics == {"loss": 1.0}
 
 
 def test_a_manifest_put_that_landed_though_its_request_failed_is_a_commit(tmp_path):

@@ -242,10 +242,6 @@ class Manifest:
             "stored_bytes": self.stored_bytes,
         }
 
-    def data_identity(self) -> Any:
-        """What a tag rewrite must find unchanged: the data the manifest names (its chunk table)."""
-        return self.chunks
-
     def data_files(self) -> set[str]:
         """The files of the step directory this manifest needs."""
         return {c.file for c in self.chunks}
@@ -572,9 +568,6 @@ class MultiRankManifest(Manifest):
             "tags": self.tags,
         }
         return _sealed_within_limits(body, self.step)
-
-    def data_identity(self) -> Any:
-        return [(r.file, r.crc32) for r in self.ranks]
 
     def data_files(self) -> set[str]:
         return {r.file for r in self.ranks} | {r.data for r in self.ranks}

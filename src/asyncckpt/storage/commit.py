@@ -30,6 +30,7 @@ Sweeps remove only the exact names the protocol makes, so other tools' files are
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import secrets
@@ -45,6 +46,7 @@ from asyncckpt.errors import CheckpointError
 from asyncckpt.format import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    Manifest,
     check_manifest_seal,
     data_file_name,
     ends_with_seal,
@@ -249,6 +251,12 @@ def newest_manifest(backend: Backend, step_name: str, versions: list[str] | None
     return None
 
 
+def _untagged(manifest: Manifest) -> bytes:
+    """A manifest's JSON without its tags: what a tag change leaves as it was (its creation time
+    included, which tells two saves of the same tensors apart)."""
+    return dataclasses.replace(manifest, tags=[]).to_json()
+
+
 def _scan_manifests(backend: Backend, step_name: str) -> tuple[tuple[str, bytes] | None, list[str]]:
     """:func:`newest_manifest`, and the newer generations that could not be read at all.
 
@@ -426,9 +434,10 @@ class CommitProtocol:
         self._publishing = threading.Lock()
 
     def _check_same_data(self, current: bytes, manifest: bytes, where: str) -> None:
-        """Refuse a manifest replacement whose chunk table is not the committed one's: the step
-        was re-saved since the caller read it, and the old table would name data now removed."""
-        if parse_manifest(current, where).data_identity() != parse_manifest(manifest, where).data_identity():
+        """Refuse a manifest replacement that changes more than the tags: the step was re-saved
+        since the caller read it. Its chunk table may then name data now removed, or be the same
+        (the same tensors saved again) while the values, metrics or metadata beside it are not."""
+        if _untagged(parse_manifest(current, where)) != _untagged(parse_manifest(manifest, where)):
             raise CheckpointError(f"{where} was replaced by a new save of its step since it was read")
 
     @property
