@@ -1127,3 +1127,24 @@ def test_default_workers_are_the_cores_the_process_may_use_shared_by_the_ranks_o
         assert mgr.workers == 5
         mgr.save(1, {"w": torch.arange(10.0)}).wait()
     assert torch.equal(asyncckpt.load(tmp_path / "asked")["w"], torch.arange(10.0))
+
+
+def test_a_relative_root_stays_the_root_it_locked_after_the_working_directory_changes(tmp_path, monkeypatch):
+    """A launcher (or hydra) may chdir after the manager opened ``ckpts``: saves and retention must
+    go on in the root it locked, never in another run's root of the same name."""
+    (tmp_path / "a").mkdir()
+    other = tmp_path / "b" / "ckpts"
+    with CheckpointManager(other, keep_last=None) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.full((3,), float(step))}).wait()
+    before = sorted(os.listdir(other))
+    monkeypatch.chdir(tmp_path / "a")
+    with CheckpointManager("ckpts", keep_last=1, mirror="mirror") as mgr:
+        monkeypatch.chdir(tmp_path / "b")
+        saved = mgr.save(10, {"w": torch.zeros(3)}).wait()
+        mgr.wait(mirror=True)
+    assert saved == tmp_path / "a" / "ckpts" / "step-000000000010"
+    assert sorted(os.listdir(other)) == before  # nothing written, nothing pruned
+    assert asyncckpt.load(tmp_path / "a" / "ckpts")["w"].tolist() == [0.0] * 3
+    assert asyncckpt.load(tmp_path / "a" / "mirror")["w"].tolist() == [0.0] * 3
+    assert not (tmp_path / "b" / "mirror").exists()

@@ -478,7 +478,9 @@ class LocalBackend:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, atomic_rename: bool = True) -> None:
-        self._root = Path(root)
+        # absolute now: a process that changes its working directory later (a launcher, hydra)
+        # must go on writing to, and deleting from, the root it locked, not a namesake elsewhere
+        self._root = Path(os.path.abspath(root))
         self.capabilities = Capabilities(atomic_rename=atomic_rename, fsync=True, mmap=True, lock=True)
         self._pid = os.getpid()
         self._lock_fd = -1
@@ -486,7 +488,7 @@ class LocalBackend:
 
     @property
     def root(self) -> Path:
-        """The root directory, as given."""
+        """The root directory, made absolute against the working directory of when it was given."""
         return self._root
 
     @property
