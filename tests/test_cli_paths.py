@@ -72,3 +72,21 @@ def test_verify_of_a_checkpoint_directory_that_lost_its_manifest_says_damaged(tm
     (root / "step-000000000004" / "manifest.json").unlink()
     code, out, _ = cli(capsys, "verify", root / "step-000000000004")
     assert code == 1 and "DAMAGED" in out
+
+
+@pytest.mark.parametrize("named", [".", "../step-000000000001", "./"])
+def test_a_checkpoint_named_relative_to_the_working_directory_reads_as_itself(tmp_path, capsys, monkeypatch, named):
+    """Run from inside a checkpoint, ``.`` names it (its own name is not the empty string)."""
+    import asyncckpt
+
+    root = tmp_path / "root"
+    with CheckpointManager(root) as mgr:
+        mgr.save(1, {"w": torch.ones(3)}).wait()
+    monkeypatch.chdir(root / "step-000000000001")
+    code, out, err = cli(capsys, "verify", named)
+    assert code == 0 and out.startswith("ok") and "1 chunk verified" in out, (out, err)
+    code, out, _ = cli(capsys, "inspect", named, "--json")
+    assert code == 0 and json.loads(out)["step"] == 1
+    code, out, _ = cli(capsys, "ls", named)
+    assert code == 0 and "invalid" not in out and out.splitlines()[1].split()[0] == "1"
+    assert asyncckpt.load(named)["w"].tolist() == [1.0] * 3

@@ -29,6 +29,7 @@ import collections
 import contextlib
 import itertools
 import mmap as _mmap
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ def _locate(path: Where) -> tuple[Backend, str]:
     """The backend of the checkpoint ``path``'s root, and the checkpoint's name in it."""
     if isinstance(path, CheckpointRef):
         return path.backend, path.name
+    path = Path(os.path.abspath(path))  # "." or "step-1/..": the directory's own name, not ""
     return open_backend(path.parent), path.name
 
 
@@ -190,9 +192,9 @@ def read_manifest(path: Where, *, identity: DirIdentity | None = None, rank_tabl
         raw = _damaged(store.read_small, f"{name}/{manifest_file}", MAX_MANIFEST_BYTES)
         check_manifest_seal(raw, str(manifest_path))
         manifest = parse_manifest(raw, str(manifest_path))
-        named = parse_step_dir(path.name)
+        named = parse_step_dir(name)
         if named is not None and named != manifest.step:
-            raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {path.name}")
+            raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {name}")
         if isinstance(manifest, MultiRankManifest) and rank_tables:
             manifest = consolidate(manifest, _read_rank_tables(path, store, name, manifest))
         return manifest
