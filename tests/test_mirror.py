@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import threading
 import warnings
@@ -22,6 +23,7 @@ import torch
 import asyncckpt
 from _cli import cli, strict_json
 from _trees import assert_same_tree
+from _waiting import run_with_timeout
 from asyncckpt import CheckpointError, CheckpointManager
 from asyncckpt.engine.mirror import MIRROR_FILE, safe_location
 from asyncckpt.format import step_dir_name
@@ -264,6 +266,25 @@ def test_ls_shows_where_each_checkpoint_lives(tmp_path, capsys):
     code, out, _ = cli(capsys, "ls", local, "--mirror", remote, "--json")
     assert code == 0
     assert [(r["step"], r["where"]) for r in strict_json(out)] == [(2, "mirror"), (3, "mirror"), (4, "mirror")]
+
+
+@pytest.mark.parametrize("odd", ["fifo", "link"])
+def test_ls_neither_waits_on_nor_follows_an_odd_mirror_record(tmp_path, capsys, odd):
+    """The record of the mirror is read as a small regular file or not at all: a FIFO there must
+    not hang ``ls``, a link must not be followed (to a record of another root, say)."""
+    local = tmp_path / "local"
+    with CheckpointManager(local) as mgr:
+        mgr.save(1, state_of(1)).wait()
+    if odd == "fifo":
+        os.mkfifo(local / MIRROR_FILE)
+    else:
+        elsewhere = tmp_path / "elsewhere.json"
+        elsewhere.write_text(json.dumps({"mirror": str(tmp_path / "other")}))
+        (local / MIRROR_FILE).symlink_to(elsewhere)
+    code, out, _ = run_with_timeout(lambda: cli(capsys, "ls", local, "--json"), 30)
+    rows = strict_json(out)
+    assert code == 0 and [r["step"] for r in rows] == [1]
+    assert all("where" not in r for r in rows)  # no mirror recorded: none listed
 
 
 def test_a_new_manager_uploads_the_newest_local_checkpoint_the_mirror_lacks(tmp_path):

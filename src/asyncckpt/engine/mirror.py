@@ -53,6 +53,7 @@ from asyncckpt.retention import CheckpointInfo, RetentionPolicy, steps_to_delete
 from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import CommitProtocol, open_storage
+from asyncckpt.storage.local import read_file_no_follow
 
 # Bytes copied at a time: a few multipart parts' worth, so memory stays small whatever the size.
 _PIECE = 8 << 20
@@ -98,7 +99,9 @@ def write_mirror_file(root: Path, location: str) -> None:
     try:
         if path.is_symlink():
             return  # never written through a link
-        temp.write_text(json.dumps({"mirror": location}) + "\n")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)  # never through a link
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps({"mirror": location}) + "\n")
         os.replace(temp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -115,12 +118,9 @@ def read_mirror_file(root: Path) -> str | None:
     Returns:
         The location, or None when none is recorded (or the record cannot be read).
     """
-    try:
-        with open(root / MIRROR_FILE, "rb") as file:  # a small regular file; refuse anything odd
-            if not os.path.isfile(root / MIRROR_FILE) or os.path.islink(root / MIRROR_FILE):
-                return None
-            value = json.loads(file.read(64 << 10)).get("mirror")
-    except (OSError, ValueError, AttributeError):
+    try:  # a small regular file, never through a link; a FIFO there is refused, not waited on
+        value = json.loads(read_file_no_follow(root / MIRROR_FILE, 64 << 10)).get("mirror")
+    except (CheckpointError, OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) and value else None
 
