@@ -137,6 +137,21 @@ def test_handlers_are_put_back_on_close(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+@pytest.mark.parametrize("order", ["a, b", "b, a"])
+def test_handlers_are_put_back_whatever_order_two_managers_close_in(tmp_path, order):
+    """Two managers catch SIGTERM, the second over the first: closed in either order, the handler
+    found before both is back, never a closed manager's (which would swallow the signal)."""
+    before = signal.getsignal(signal.SIGTERM)
+    a, b = asyncckpt.CheckpointManager(tmp_path / "a"), asyncckpt.CheckpointManager(tmp_path / "b")
+    a.install_signal_handlers()
+    b.install_signal_handlers()
+    first, second = (a, b) if order == "a, b" else (b, a)
+    first.close()
+    assert signal.getsignal(signal.SIGTERM) == second._preemption._on_signal  # the open one's
+    second.close()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_asyncio_run_s_sigint_handler_is_not_left_behind_by_a_close_at_its_shutdown(tmp_path) -> None:
     async def main() -> None:
         mgr = asyncckpt.AsyncCheckpointManager(tmp_path)

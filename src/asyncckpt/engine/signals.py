@@ -17,6 +17,10 @@ from typing import Any
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.errors import CheckpointError, SaveFailedError
 
+# The managers whose handler catches each signal, in the order they installed it: the last one's
+# handler is the signal's now, and each found the one before it.
+_INSTALLED: dict[int, list[Preemption]] = {}
+
 
 class Preemption:
     """The signal handlers one manager installed, and the signal received but not yet acted on.
@@ -44,6 +48,9 @@ class Preemption:
         for signum in signals:
             self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._on_signal)
+            chain = _INSTALLED.setdefault(signum, [])
+            if self not in chain:
+                chain.append(self)
 
     def installed(self) -> bool:
         """Whether handlers are installed.
@@ -63,9 +70,20 @@ class Preemption:
         self.signum = signum
 
     def restore(self) -> None:
-        """Put back the handlers found at ``install`` (main thread)."""
+        """Put back the handlers found at ``install`` (main thread).
+
+        Managers may be closed in any order: one whose handler another manager installed over
+        hands its found handler to that one instead (which puts it back when it closes), so no
+        handler of a closed manager is ever left catching the signal."""
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            chain = _INSTALLED.get(signum, [])
+            above = chain[chain.index(self) + 1] if self in chain[:-1] else None
+            if above is not None:
+                above._previous[signum] = handler
+            else:
+                signal.signal(signum, handler)
+            if self in chain:
+                chain.remove(self)
         self._previous.clear()
 
     def final_save_and_reraise(
