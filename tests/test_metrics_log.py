@@ -182,6 +182,24 @@ def test_an_overlong_line_is_skipped_not_parsed(tmp_path):
     assert records.skipped == [(2, f"line longer than {metrics_mod.MAX_LINE_BYTES} bytes")]
 
 
+@pytest.mark.parametrize("field", ["raw_bytes", "persist_s"])
+def test_a_number_no_float_holds_is_a_skipped_line_not_a_crash(tmp_path, capsys, field):
+    """Valid JSON, a non-negative number, but one no summary can divide: the line is skipped, named,
+    and the other records are summarized."""
+    (tmp_path / METRICS_LOG).write_bytes(
+        record_line(1, raw_bytes=1000, stored_bytes=500, persist_s=1.0)
+        + record_line(2, **{field: 10**400})
+        + record_line(3, raw_bytes=1000, stored_bytes=500, persist_s=1.0)
+    )
+    records = read_log(tmp_path)
+    assert [r.step for r in records] == [1, 3]
+    [(line, reason)] = records.skipped
+    assert line == 2 and reason.startswith(f"ValueError: bad value for '{field}'"), reason
+    assert len(reason) < 200  # the huge value is cut, not printed whole
+    assert main(["stats", str(tmp_path)]) == 0
+    assert "saves" in capsys.readouterr().out
+
+
 def test_stats_never_prints_control_characters_from_the_log(tmp_path, capsys):
     hostile = "disk \x1b[2J\x1b]0;pwned\x07 full\r\n\u202egnp.exe"
     (tmp_path / METRICS_LOG).write_bytes(

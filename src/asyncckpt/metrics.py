@@ -234,17 +234,17 @@ def record_from_json(obj: Any) -> SaveRecord:
     for name, value in obj.items():
         if name not in _FIELDS:
             continue
-        if name in _INT_FIELDS:
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if name in _INT_FIELDS:  # a count or a byte size: one a float can hold, as summaries divide
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
         elif name in _FLOAT_FIELDS or name in _OPTIONAL_FLOAT_FIELDS:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
             ok = ok or (value is None and name in _OPTIONAL_FLOAT_FIELDS)
         elif name == "ok":
             ok = value is None or isinstance(value, bool)
         else:  # error
             ok = value is None or isinstance(value, str)
         if not ok:
-            raise ValueError(f"bad value for {name!r}: {value!r}")
+            raise ValueError(f"bad value for {name!r}: {repr(value)[:80]}")
         values[name] = (
             float(value) if name in _FLOAT_FIELDS or (name in _OPTIONAL_FLOAT_FIELDS and value is not None) else value
         )
