@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt.engine.reader import read_manifest
+from asyncckpt.engine.reader import read_checkpoint, read_manifest
 from asyncckpt.errors import StorageError
+from asyncckpt.storage.backend import CheckpointRef
 from asyncckpt.storage.local import LocalBackend
 
 
@@ -314,3 +315,20 @@ def test_a_publish_whose_outcome_is_unknown_keeps_the_data_its_manifest_may_name
         live = {"x": torch.zeros(4)}
         assert mgr.restore(live, step=2) == 2 and live["x"].tolist() == [42.0] * 4
     assert [n for n in names(step) if n.startswith("manifest")] == ["manifest-000000000002.json"]
+
+
+@pytest.mark.parametrize("failures", [1, 100])
+def test_a_reader_never_takes_an_older_version_for_a_newer_one_it_could_not_read(tmp_path, failures):
+    """Both generations of step 2 are there and the newer one's GET fails: read again, it loads
+    (one failure); still failing, the step is unreadable, never its superseded version (zeros)."""
+    root = tmp_path / "root"
+    _two_generations(root)
+    backend = LocalBackend(root, atomic_rename=False)
+    _failing_reads(backend, "manifest-000000000002.json", failures)
+    ref = CheckpointRef(backend, "step-000000000002")
+    if failures == 1:
+        assert read_checkpoint(ref, workers=1).tensors[0].tolist() == [42.0] * 4
+    else:
+        with pytest.raises(asyncckpt.CheckpointError, match="manifest-000000000002.json"):
+            read_checkpoint(ref, workers=1)
+    assert asyncckpt.load(root)["x"].tolist() == [42.0] * 4

@@ -58,7 +58,7 @@ from asyncckpt.format import (
 )
 from asyncckpt.state.skeleton import tensor_indices, tensor_paths
 from asyncckpt.storage.backend import Backend, CheckpointRef, ReadHandle, open_backend
-from asyncckpt.storage.commit import newest_manifest
+from asyncckpt.storage.commit import manifest_to_read
 
 _T = TypeVar("_T")
 
@@ -86,14 +86,15 @@ def _locate(path: Where) -> tuple[Backend, str]:
 def _manifest_name(store: Backend, name: str) -> str:
     """Which manifest is the checkpoint's version: ``manifest.json`` (a renamed checkpoint), else
     the newest ``manifest-<generation>.json`` that verifies (a checkpoint committed by writing its
-    manifest last; a newer one that does not verify is a publish still under way or cut short)."""
+    manifest last; a newer one that does not verify is a publish still under way or cut short),
+    or a newer one that could not be read at all (``manifest_to_read``)."""
     if store.stat(f"{name}/{MANIFEST_NAME}") is not None:
         return MANIFEST_NAME
     try:
-        newest = newest_manifest(store, name)
+        chosen = manifest_to_read(store, name)
     except CheckpointError:
         return MANIFEST_NAME
-    return MANIFEST_NAME if newest is None else newest[0]
+    return MANIFEST_NAME if chosen is None else chosen
 
 
 def _identity(store: Backend, name: str) -> DirIdentity | None:

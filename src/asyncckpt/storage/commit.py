@@ -288,6 +288,21 @@ def _scan_manifests(backend: Backend, step_name: str) -> tuple[tuple[str, bytes]
     return None, unread
 
 
+def manifest_to_read(backend: Backend, step_name: str) -> str | None:
+    """Which manifest of a step written by :class:`ManifestLastCommit` a reader reads: the newest
+    that verifies, unless a newer one could not be read (a store that failed a request for a
+    moment); that one may be the committed version, so it is named instead, and reading it either
+    succeeds now or fails as damage (never an older version read in its place without a word).
+
+    Returns:
+        The manifest's file name, or None when no manifest of the step verifies.
+    """
+    newest, unread = _scan_manifests(backend, step_name)
+    if unread:
+        return unread[0]  # the newest of them
+    return None if newest is None else newest[0]
+
+
 def _may_be_committed(backend: Backend, name: str) -> bool:
     """Whether a manifest that could not be read may still be a committed one: it is there, a
     regular file no larger than a manifest may be (or even that cannot be told now). Gone, a
