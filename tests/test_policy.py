@@ -80,7 +80,7 @@ def test_every_seconds_fractional_interval():
     assert policy.due(2)
 
 
-@pytest.mark.parametrize("seconds", [0, -1, float("nan"), -0.0])
-def test_every_seconds_rejects_non_positive_intervals(seconds):
-    with pytest.raises(ValueError, match="EverySeconds needs a positive interval"):
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), -0.0, float("inf"), True, "60"])
+def test_every_seconds_rejects_what_is_no_positive_finite_interval(seconds):
+    with pytest.raises(ValueError, match="EverySeconds needs a positive, finite number of seconds"):
         EverySeconds(seconds)

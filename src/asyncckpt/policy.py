@@ -129,8 +129,8 @@ class EverySeconds(SavePolicy):
     """
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        if not seconds > 0:
-            raise ValueError(f"EverySeconds needs a positive interval, got {seconds!r}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+            raise ValueError(f"EverySeconds needs a positive, finite number of seconds, got {seconds!r}")
         self.seconds = float(seconds)
         self._clock = clock
         self._last: float | None = None
