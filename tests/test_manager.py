@@ -1148,3 +1148,12 @@ def test_a_relative_root_stays_the_root_it_locked_after_the_working_directory_ch
     assert asyncckpt.load(tmp_path / "a" / "ckpts")["w"].tolist() == [0.0] * 3
     assert asyncckpt.load(tmp_path / "a" / "mirror")["w"].tolist() == [0.0] * 3
     assert not (tmp_path / "b" / "mirror").exists()
+
+
+@pytest.mark.parametrize("value", [torch.ones(3), np.ones(3), torch.ones(0)], ids=["tensor", "array", "empty"])
+def test_a_metric_of_several_values_is_a_type_error_naming_it(tmp_path, value):
+    with CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(TypeError, match=r"metrics\['loss'\] must be a single number, got a \w+ of \d+ values"):
+            mgr.save(1, {"w": torch.ones(2)}, metrics={"loss": value})
+        mgr.save(2, {"w": torch.ones(2)}, metrics={"loss": torch.tensor([0.5]), "acc": np.float32(0.25)}).wait()
+        assert mgr.steps() == [2]

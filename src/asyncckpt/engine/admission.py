@@ -65,9 +65,13 @@ def _plain_metrics(metrics: dict | None) -> dict:
         return {}
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        elif hasattr(value, "item") and callable(value.item) and not isinstance(value, (int, float)):
+        if isinstance(value, torch.Tensor) or (
+            hasattr(value, "item") and callable(value.item) and not isinstance(value, (int, float))
+        ):
+            size = getattr(value, "size", 1) if not isinstance(value, torch.Tensor) else value.numel()
+            if size != 1:  # several values are no metric (``.item()`` would say so unclearly)
+                kind = type(value).__name__
+                raise TypeError(f"metrics[{key!r}] must be a single number, got a {kind} of {size} values")
             value = value.item()
         out[key] = value
     return check_json(out, "metrics")
