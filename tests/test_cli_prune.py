@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,18 @@ def test_prune_of_a_root_with_no_checkpoint_left_deletes_nothing(tmp_path, capsy
     code, out, _ = cli(capsys, "prune", root, "--keep-last", "1")
     assert code == 0 and "deleted 0, kept 0" in out
     assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_a_delete_that_fails_midway_is_an_error_saying_what_was_deleted(root, capsys):
+    """Step 2's directory cannot be renamed away (immutable, as a real filesystem can make it):
+    prune says which steps it deleted and where it stopped, exits 2, and touches nothing after it."""
+    stuck = root / step_dir_name(2)
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem cannot make a directory immutable (chattr +i)")
+    try:
+        code, _, err = cli(capsys, "prune", root, "--keep-last", "1")
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    assert code == 2 and "Traceback" not in err
+    assert "deleted steps [1], then failed deleting step 2" in err and "Operation not permitted" in err, err
+    assert remaining(root) == [2, 3, 4]

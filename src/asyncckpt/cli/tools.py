@@ -821,9 +821,18 @@ def prune(root: Path | str, policy: RetentionPolicy, dry_run: bool = False) -> P
             committed = [c for c, _ in entries]
             infos = [info for _, info in entries]
             doomed = set(steps_to_delete(infos, policy))
+            deleted: list[int] = []
             for c in committed:
                 if c.step in doomed:
-                    catalog.delete(c)
+                    try:
+                        catalog.delete(c)
+                    except OSError as exc:
+                        done = f"deleted steps {deleted}, then " if deleted else ""
+                        raise CheckpointError(
+                            f"prune {done}failed deleting step {c.step} of {root} ({exc}); "
+                            "the steps after it were not touched"
+                        ) from exc
+                    deleted.append(c.step)
         finally:
             storage.close()
     unreadable = {i.step: i.unreadable for i in infos if i.unreadable is not None}
