@@ -83,3 +83,14 @@ def test_a_key_part_that_only_looks_like_a_number_names_nothing(root, tmp_path, 
         assert _load_weights_error(root, key).startswith(f"{ckpt} has no entry {key!r} (")
     code, _, err = cli(capsys, "export", ckpt, "-o", tmp_path / "x.pt", f"--key={key}")
     assert code == 2 and f"{ckpt} has no entry {key!r} (" in err
+
+
+def test_a_step_asked_of_one_checkpoint_is_its_own_or_an_error_naming_it(tmp_path):
+    root = tmp_path / "root"
+    with asyncckpt.CheckpointManager(root, keep_last=None) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"w": torch.full((2,), float(step))}).wait()
+    one = root / "step-000000000001"
+    assert asyncckpt.load(one, step=1)["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(asyncckpt.CheckpointNotFoundError, match="is the checkpoint of step 1, not of step 2"):
+        asyncckpt.load(one, step=2)

@@ -248,7 +248,14 @@ def load(
         CheckpointError: the checkpoint cannot be read.
     """
     root, single = open_target(path, storage_options)
-    if single is not None and step is None:
+    if single is not None and step is not None:  # a step asked of one checkpoint: its own, or an error
+        own = read_manifest(CheckpointRef(root, single)).step
+        if own != step:
+            raise CheckpointNotFoundError(
+                f"{path} is the checkpoint of step {own}, not of step {step}: pass its root to choose a step"
+            )
+        step = None
+    if single is not None:
         loaded = read_checkpoint(CheckpointRef(root, single), workers=os.cpu_count() or 1, mmap=mmap)
     elif mirror is not None:
         # opened now only to carry options: otherwise the tiers' reader opens it, and a mirror that
@@ -260,8 +267,6 @@ def load(
             raise CheckpointNotFoundError(f"no checkpoint in {path} or its mirror {shown}")
         loaded = found
     else:
-        if single is not None:  # a step asked of a checkpoint: read it as a root
-            root = open_backend(os.fspath(path), storage_options=storage_options)
         found = read_newest_valid(root, step, os.cpu_count() or 1, mmap)
         if found is None:
             raise CheckpointNotFoundError(f"no checkpoint in {path}")
