@@ -240,15 +240,7 @@ def newest_manifest(backend: Backend, step_name: str, versions: list[str] | None
     Returns:
         The manifest's file name and bytes, or None when no manifest of the step verifies.
     """
-    for name in _versions(backend, step_name) if versions is None else versions:
-        where = f"{step_name}/{name}"
-        try:
-            raw = backend.read_small(where, MAX_MANIFEST_BYTES)
-            check_manifest_seal(raw, backend.describe(where))
-        except CheckpointError:
-            continue
-        return name, raw
-    return None
+    return _scan_manifests(backend, step_name, versions)[0]
 
 
 def _untagged(manifest: Manifest) -> bytes:
@@ -257,7 +249,9 @@ def _untagged(manifest: Manifest) -> bytes:
     return dataclasses.replace(manifest, tags=[]).to_json()
 
 
-def _scan_manifests(backend: Backend, step_name: str) -> tuple[tuple[str, bytes] | None, list[str]]:
+def _scan_manifests(
+    backend: Backend, step_name: str, versions: list[str] | None = None
+) -> tuple[tuple[str, bytes] | None, list[str]]:
     """:func:`newest_manifest`, and the newer generations that could not be read at all.
 
     A writer deletes on what it finds here: the versions a newer one supersedes, an attempt's data
@@ -267,12 +261,15 @@ def _scan_manifests(backend: Backend, step_name: str) -> tuple[tuple[str, bytes]
     strength of an older one: that would remove the newest version's data, or take its manifest
     for cut short.
 
+    Args:
+        versions: As :func:`newest_manifest`'s.
+
     Returns:
         The newest manifest that verifies (name and bytes, or None), and the names of the newer
         generations that exist as regular files of a manifest's size but could not be read.
     """
     unread: list[str] = []
-    for name in _versions(backend, step_name):
+    for name in _versions(backend, step_name) if versions is None else versions:
         where = f"{step_name}/{name}"
         try:
             raw = backend.read_small(where, MAX_MANIFEST_BYTES)
