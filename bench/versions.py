@@ -13,6 +13,7 @@ script. The table gives the median of each figure over the rounds and the ratio 
     python bench/versions.py --before /tmp/before --after . --rounds 10 flatten -- --rounds 5
     python bench/versions.py --before /tmp/before --after . --rounds 6 consolidate -- --root /tmp/c
     python bench/versions.py --before /tmp/before --after . --rounds 4 multirank -- --savers asyncckpt
+    python bench/versions.py --before /tmp/before --after . --rounds 4 remote_reads -- --ranks 8
 
 A script the older checkout does not have (a benchmark added with the change it measures) runs
 from the newer checkout, on each version's ``src``.
@@ -25,7 +26,9 @@ the collections of each generation per 100 saves, their time per save and the lo
 stall's median, p95 and max; flatten.py: the median flatten of each way it times; consolidate.py:
 the median time of a multi-rank checkpoint's whole load and the first load's peak RSS growth, and
 of a restore at --restore-world ranks when asked; multirank.py, per setup and saver: the stall's
-max over ranks, time to durable and CPU per rank, and each restore's time.
+max over ranks, time to durable and CPU per rank, and each restore's time; remote_reads.py: one
+GET, the listing, a manifest with its rank tables and the catalog of the root, each through the
+delaying proxy.
 """
 
 from __future__ import annotations
@@ -116,6 +119,18 @@ def multirank_figures(data: dict) -> dict[str, float]:
     return figures
 
 
+def remote_reads_figures(data: dict) -> dict[str, float]:
+    return {
+        label: data[key] * 1e3
+        for key, label in (
+            ("one_get_s", "one GET ms"),
+            ("listing_s", "listing ms"),
+            ("read_manifest_s", "manifest + rank tables ms"),
+            ("catalog_s", "catalog of the root ms"),
+        )
+    }
+
+
 FIGURES = {
     "stall": stall_figures,
     "codec": codec_figures,
@@ -123,6 +138,7 @@ FIGURES = {
     "flatten": flatten_figures,
     "consolidate": consolidate_figures,
     "multirank": multirank_figures,
+    "remote_reads": remote_reads_figures,
 }
 
 
