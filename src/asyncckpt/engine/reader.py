@@ -120,7 +120,7 @@ def directory_identity(path: Where) -> DirIdentity | None:
 
 
 @contextlib.contextmanager
-def _same_directory(path: Where, identity: DirIdentity | None = None) -> Iterator[None]:
+def _same_directory(path: Where, identity: DirIdentity | None = None) -> Iterator[DirIdentity]:
     """Tell a checkpoint that vanished under a reader from a damaged one.
 
     A committed checkpoint never changes in place: it is only ever renamed away whole (retention,
@@ -135,7 +135,7 @@ def _same_directory(path: Where, identity: DirIdentity | None = None) -> Iterato
     if now is None:
         raise CheckpointNotFoundError(f"{path} does not exist")
     try:
-        yield
+        yield now  # which directory and manifest version ``path`` names now, taken once for the caller too
     except CheckpointGoneError:
         raise
     except Exception as exc:
@@ -172,14 +172,14 @@ def read_manifest(path: Where, *, identity: DirIdentity | None = None, rank_tabl
     ``rank_tables=False`` leaves a multi-rank checkpoint's rank tables unread: its manifest alone
     (step, metrics, tags, the ranks' entries; no tree) is what a rank that applies no retention
     needs to list a root, without reading every rank's table of every checkpoint."""
-    with _same_directory(path, identity):
+    with _same_directory(path, identity) as now:
         store, name = _locate(path)
         info = store.stat(name)
         if info is not None and info.kind == "link":
             raise CheckpointDamagedError(f"{path} is a symbolic link; checkpoints never follow links")
         if info is None or info.kind != "dir":
             raise CheckpointNotFoundError(f"{path} is not a checkpoint directory")
-        manifest_file = identity[1] if identity is not None else _manifest_name(store, name)
+        manifest_file = now[1]  # the version the identity names (the given one's, else found just now)
         manifest_path = path / manifest_file
         manifest_info = store.stat(f"{name}/{manifest_file}")
         if manifest_info is None:
