@@ -11,9 +11,8 @@ network to a region's endpoint would, and times, through it:
 - the root's listing alone (``published_checkpoints``), for reference.
 
 The root: --steps checkpoints of --ranks spawned gloo ranks (a small replicated state), saved
-on local disk, then uploaded object by object (a renamed checkpoint's ``manifest.json`` reads on
-an object store as it is). Medians of --repeats. ``bench/versions.py remote_reads`` runs it under
-two checkouts.
+straight to the bucket (not through the proxy), as a job on an object store writes them.
+Medians of --repeats. ``bench/versions.py remote_reads`` runs it under two checkouts.
 
     python bench/remote_reads.py --ranks 8 --steps 4 --latency-ms 20
 """
@@ -82,6 +81,7 @@ def _save_rank(rank: int, world: int, cfg: dict) -> None:
 
     import asyncckpt
 
+    os.environ.update(cfg["env"])
     dist.init_process_group("gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = {f"layer{i}": torch.randn(64, 64) for i in range(16)}
@@ -92,14 +92,10 @@ def _save_rank(rank: int, world: int, cfg: dict) -> None:
     dist.destroy_process_group()
 
 
-def _upload(root: Path, server: _s3server.S3Server, prefix: str) -> int:
+def _objects(server: _s3server.S3Server, prefix: str) -> int:
     import obstore
 
-    store = server.store("ckpt")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    for path in files:
-        obstore.put(store, f"{prefix}/{path.relative_to(root)}", path.read_bytes())
-    return len(files)
+    return sum(len(page) for page in obstore.list(server.store("ckpt"), prefix + "/"))
 
 
 def _timed(fn, repeats: int) -> float:
@@ -121,11 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "root"
-        spawn_ranks(_save_rank, args.ranks, {"root": str(root), "store": f"{tmp}/store", "steps": args.steps})
         server = _s3server.start(Path(tmp) / "s3")
         try:
-            objects = _upload(root, server, "bench")
+            cfg = {"root": "s3://ckpt/bench", "store": f"{tmp}/store", "steps": args.steps, "env": server.env}
+            spawn_ranks(_save_rank, args.ranks, cfg)
+            objects = _objects(server, "bench")
             host, port = server.endpoint.removeprefix("http://").rsplit(":", 1)
             proxy = DelayProxy((host, int(port)), args.latency_ms / 1e3)
             os.environ.update(server.env)
@@ -137,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             backend = open_backend("s3://ckpt/bench")
             newest = f"step-{args.steps:012d}"
-            one_get = _timed(lambda: backend.read_small(f"{newest}/manifest.json", 1 << 20), args.repeats)
+            manifest = next(f"{newest}/{e.name}" for e in backend.list(newest) if e.name.startswith("manifest"))
+            one_get = _timed(lambda: backend.read_small(manifest, 1 << 20), args.repeats)
             listing = _timed(lambda: published_checkpoints(backend), args.repeats)
             tables = _timed(lambda: read_manifest(CheckpointRef(backend, newest)), args.repeats)
             listed = published_checkpoints(backend)
