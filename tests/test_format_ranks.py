@@ -249,10 +249,13 @@ class _AtOnce(CountingBackend):
 
 
 def _upload(root: Path, url: str, server) -> None:
-    """The local root's files, as they are, under ``url`` (a manifest-last root accepts a step's
-    plain ``manifest.json``)."""
+    """The local root's files under ``url``, each step's manifest as the first generation a
+    manifest-last commit writes (a reader verifies it, listing the root)."""
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        put_object(server, url, str(path.relative_to(root)), path.read_bytes())
+        name = str(path.relative_to(root))
+        if path.name == fmt.MANIFEST_NAME:
+            name = str(path.relative_to(root).with_name(fmt.manifest_generation_name(1)))
+        put_object(server, url, name, path.read_bytes())
 
 
 def test_rank_tables_on_an_object_store_are_fetched_at_once(root, s3_env, s3_server, s3_url):
@@ -270,6 +273,8 @@ def test_rank_tables_on_an_object_store_are_fetched_at_once(root, s3_env, s3_ser
     infos = Catalog(lambda: listed).infos()
     assert [(i.step, i.unreadable) for i in infos] == [(s, None) for s in STEPS]
     assert sorted(backend.table_reads) == sorted(["rank-00000.json", "rank-00001.json"] * len(STEPS))
+    # and a reader's listing verifies the steps' manifests at once
+    assert [c.step for c in published_checkpoints(backend)] == list(STEPS)
 
 
 def test_the_lowest_failing_rank_names_the_error_when_tables_are_fetched_at_once(root, s3_env, s3_server, s3_url):

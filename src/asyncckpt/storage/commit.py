@@ -37,6 +37,7 @@ import secrets
 import stat
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast, runtime_checkable
@@ -405,8 +406,17 @@ def _step_dirs(backend: Backend) -> list[tuple[int, str, bool]]:
     """Each step directory one listing of the root shows: its step, its name, and whether it counts
     as committed (:func:`is_published`). An object store is listed once for every step's objects."""
     if isinstance(backend, _ListsNamed):
-        listed = _listed_steps(backend).items()
-        return [(_step_of(name), name, _published_listed(backend, name, objects)) for name, objects in listed]
+        listed = list(_listed_steps(backend).items())
+
+        def published(item: tuple[str, _StepObjects]) -> bool:
+            return _published_listed(backend, *item)
+
+        if len(listed) > 1:  # a GET of a manifest per step: several at once, each is a round trip
+            with ThreadPoolExecutor(min(len(listed), _LISTING_READS), "asyncckpt-listing") as pool:
+                answers = list(pool.map(published, listed))
+        else:
+            answers = [published(item) for item in listed]
+        return [(_step_of(name), name, ok) for (name, _), ok in zip(listed, answers, strict=True)]
     return [
         (_step_of(entry.name), entry.name, is_published(backend, entry.name))
         for entry in backend.list("")
@@ -421,6 +431,7 @@ def _step_of(step_name: str) -> int:
 
 
 _RELISTS = 8
+_LISTING_READS = 8  # manifests a reader's listing of an object store verifies at once
 
 
 def _versions(backend: Backend, step_name: str) -> list[str]:
