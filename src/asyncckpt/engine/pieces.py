@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -25,6 +26,7 @@ from asyncckpt.format import DTYPES, MultiRankManifest, TensorEntry
 from asyncckpt.storage.backend import CheckpointRef
 
 Where = Path | CheckpointRef
+_REMOTE_RANK_READS = 4  # ranks' pieces read at once from a remote store (each with its own readers)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
     Raises:
         CheckpointError: A box outside its global tensor, or any read failure (damage included).
     """
-    from asyncckpt.engine.reader import _Index, read_checkpoint
+    from asyncckpt.engine.reader import _remote, _same_directory
 
     assert view.tables is not None
     out: list[torch.Tensor | None] = []
@@ -103,42 +105,74 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
             else:
                 first, end = 0, 1
             cuts.setdefault(rank, []).append(_Cut(n, rank, tensor, first, end, piece.offsets))
-    decoded = 0
-    for rank, wanted in cuts.items():
-        table = view.tables[rank]
-        ranges = []
-        into: dict[int, torch.Tensor] = {}
-        for k, cut in enumerate(wanted):
-            row = cut.entry.nbytes // (cut.entry.shape[0] if cut.entry.shape else 1)
-            start = cut.entry.offset + cut.first * row
-            ranges.append(TensorEntry("uint8", ((cut.end - cut.first) * row,), start, (cut.end - cut.first) * row))
-            target = out[cut.box]
-            if target is not None and _whole_rows(boxes[cut.box], cut):
-                first = cut.piece_offsets[0] + cut.first - boxes[cut.box].offsets[0] if cut.entry.shape else 0
-                into[k] = _bytes_of(target)[first * row : (first + cut.end - cut.first) * row]
-        # the ranges are no tensors of the table's tree: a damage message must not name its leaves
-        synthetic = dataclasses.replace(table, tensors=ranges, tree={"d": []})
+    ranks = list(cuts.items())
+
+    def read(item: tuple[int, list[_Cut]]) -> int | BaseException:
         try:
-            loaded = read_checkpoint(path, workers, manifest=synthetic, only=set(range(len(ranges))), into=into)
-        except CheckpointDamagedError as exc:
-            shown = sorted({boxes[cut.box].index for cut in wanted})
-            names = ", ".join(f"{view.globals[g].dtype}{list(view.globals[g].shape)}" for g in shown[:4])
-            more = f" and {len(shown) - 4} more" if len(shown) > 4 else ""
-            raise CheckpointDamagedError(f"rank {rank}'s pieces of global tensors {names}{more}: {exc}") from exc
-        needs = _Index(synthetic).needs  # the chunks the read decoded: those overlapping a range
-        decoded += sum(c.raw_length for c in synthetic.chunks if needs(c.raw_offset, c.raw_offset + c.raw_length))
-        for k, (cut, raw) in enumerate(zip(wanted, loaded.tensors, strict=True)):
-            if k in into:
-                continue  # decoded in place
-            rows = raw.view(DTYPES[cut.entry.dtype]).view(
-                (cut.end - cut.first, *cut.entry.shape[1:]) if cut.entry.shape else ()
-            )
-            target = out[cut.box]
-            if target is None:
-                out[cut.box] = rows
-            else:
-                _place(target, boxes[cut.box], rows, cut)
-    return cast(list[torch.Tensor], out), decoded
+            return _read_rank_cuts(path, view, boxes, out, item[0], item[1], workers)
+        except Exception as exc:  # noqa: BLE001 - raised below, the lowest rank's first
+            return exc
+
+    with _same_directory(path):  # once for every rank's read: the checkpoint is still the one listed
+        if _remote(path) and len(ranks) > 1:  # each rank's data is requests with round trips: at once
+            with ThreadPoolExecutor(min(len(ranks), _REMOTE_RANK_READS), "asyncckpt-pieces") as pool:
+                results = list(pool.map(read, ranks))
+        else:
+            results = [read(item) for item in ranks]
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+    return cast(list[torch.Tensor], out), sum(cast(list[int], results))
+
+
+def _read_rank_cuts(
+    path: Where,
+    view: MultiRankManifest,
+    boxes: list[Box],
+    out: list[torch.Tensor | None],
+    rank: int,
+    wanted: list[_Cut],
+    workers: int,
+) -> int:
+    """Read the rows ``wanted`` of rank ``rank``'s pieces into the boxes' tensors (``out``);
+    the logical bytes decoded to get them."""
+    from asyncckpt.engine.reader import _Index, _read_checkpoint
+
+    assert view.tables is not None
+    table = view.tables[rank]
+    ranges = []
+    into: dict[int, torch.Tensor] = {}
+    for k, cut in enumerate(wanted):
+        row = cut.entry.nbytes // (cut.entry.shape[0] if cut.entry.shape else 1)
+        start = cut.entry.offset + cut.first * row
+        ranges.append(TensorEntry("uint8", ((cut.end - cut.first) * row,), start, (cut.end - cut.first) * row))
+        target = out[cut.box]
+        if target is not None and _whole_rows(boxes[cut.box], cut):
+            first = cut.piece_offsets[0] + cut.first - boxes[cut.box].offsets[0] if cut.entry.shape else 0
+            into[k] = _bytes_of(target)[first * row : (first + cut.end - cut.first) * row]
+    # the ranges are no tensors of the table's tree: a damage message must not name its leaves
+    synthetic = dataclasses.replace(table, tensors=ranges, tree={"d": []})
+    try:
+        loaded = _read_checkpoint(path, workers, synthetic, set(range(len(ranges))), False, None, into=into)
+    except CheckpointDamagedError as exc:
+        shown = sorted({boxes[cut.box].index for cut in wanted})
+        names = ", ".join(f"{view.globals[g].dtype}{list(view.globals[g].shape)}" for g in shown[:4])
+        more = f" and {len(shown) - 4} more" if len(shown) > 4 else ""
+        raise CheckpointDamagedError(f"rank {rank}'s pieces of global tensors {names}{more}: {exc}") from exc
+    needs = _Index(synthetic).needs  # the chunks the read decoded: those overlapping a range
+    decoded = sum(c.raw_length for c in synthetic.chunks if needs(c.raw_offset, c.raw_offset + c.raw_length))
+    for k, (cut, raw) in enumerate(zip(wanted, loaded.tensors, strict=True)):
+        if k in into:
+            continue  # decoded in place
+        rows = raw.view(DTYPES[cut.entry.dtype]).view(
+            (cut.end - cut.first, *cut.entry.shape[1:]) if cut.entry.shape else ()
+        )
+        target = out[cut.box]
+        if target is None:
+            out[cut.box] = rows
+        else:
+            _place(target, boxes[cut.box], rows, cut)
+    return decoded
 
 
 def _whole_rows(box: Box, cut: _Cut) -> bool:
