@@ -13,7 +13,9 @@ import torch
 import asyncckpt
 from asyncckpt.engine.reader import read_checkpoint, read_manifest
 from asyncckpt.errors import StorageError
+from asyncckpt.format import parse_manifest
 from asyncckpt.storage.backend import CheckpointRef
+from asyncckpt.storage.commit import ManifestLastCommit
 from asyncckpt.storage.local import LocalBackend
 
 
@@ -278,7 +280,9 @@ def test_the_opening_sweep_deletes_nothing_of_a_step_whose_newest_manifest_it_co
     ]
     backend = LocalBackend(root, atomic_rename=False)
     _failing_reads(backend, "manifest-000000000002.json", 1)  # fails during the sweep only
-    with asyncckpt.CheckpointManager(backend) as mgr:
+    with pytest.warns(UserWarning, match="manifest-000000000002.json could not be read, so nothing of"):
+        mgr = asyncckpt.CheckpointManager(backend)
+    with mgr:
         assert names(step) == before  # not "manifest 1 is the newest that verifies, 2 was cut short"
         live = {"x": torch.zeros(4)}
         assert mgr.restore(live) == 2 and live["x"].tolist() == [42.0] * 4
@@ -332,3 +336,22 @@ def test_a_reader_never_takes_an_older_version_for_a_newer_one_it_could_not_read
         with pytest.raises(asyncckpt.CheckpointError, match="manifest-000000000002.json"):
             read_checkpoint(ref, workers=1)
     assert asyncckpt.load(root)["x"].tolist() == [42.0] * 4
+
+
+def test_a_tag_rewrite_never_replaces_a_version_it_could_not_read(tmp_path):
+    """The tagger read version 1; a re-save then committed version 2 (version 1's removal failed);
+    reading version 2 fails when the tag is written: the rewrite is refused, never version 1 with
+    the new tags over version 2 (whose data the next sweep would then delete)."""
+    root = tmp_path / "root"
+    _two_generations(root)
+    backend = LocalBackend(root, atomic_rename=False)
+    protocol = ManifestLastCommit(backend)
+    ref = CheckpointRef(backend, "step-000000000002")
+    first = parse_manifest((root / "step-000000000002" / "manifest-000000000001.json").read_bytes(), "v1")
+    first.tags = ["best"]
+    _failing_reads(backend, "manifest-000000000002.json", 1)
+    with pytest.raises(asyncckpt.CheckpointError, match="could not be read"):
+        protocol.replace_manifest(ref, first.to_json())
+    assert asyncckpt.load(root)["x"].tolist() == [42.0] * 4
+    assert read_manifest(root / "step-000000000002").tags == []
+    assert "manifest-000000000002.json" in names(root / "step-000000000002")

@@ -36,6 +36,7 @@ import re
 import secrets
 import stat
 import threading
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -899,7 +900,12 @@ class ManifestLastCommit(CommitProtocol):
 
     def _replace_locked(self, checkpoint: Path | CheckpointRef, manifest: bytes) -> None:
         step_name = checkpoint.name
-        newest = self._newest(step_name)
+        newest, unread = _scan_manifests(self.backend, step_name)
+        if unread:  # it may be a re-save's committed version: replacing would undo that save
+            raise CheckpointError(
+                f"{self.backend.describe(f'{step_name}/{unread[0]}')} could not be read, so the manifest of "
+                f"{self.backend.describe(step_name)} is not replaced; try again"
+            )
         if newest is None:
             raise CheckpointError(
                 f"{self.backend.describe(step_name)} has no manifest that verifies: nothing to replace"
@@ -987,8 +993,13 @@ class ManifestLastCommit(CommitProtocol):
 
     def _sweep_step(self, step_name: str) -> list[str]:
         newest, unread = _scan_manifests(self.backend, step_name)
-        if unread:
-            return []  # a newer version that could not be read may be the committed one: left for the next sweep
+        if unread:  # a newer version that could not be read may be the committed one: left for the next sweep
+            warnings.warn(
+                f"asyncckpt: {self.backend.describe(f'{step_name}/{unread[0]}')} could not be read, so nothing "
+                f"of {self.backend.describe(step_name)} was swept (it may hold the step's newest version)",
+                stacklevel=2,
+            )
+            return []
         referenced: set[str] = set()
         if newest is None and not all(self._cut_short(step_name, name) for name in self._versions(step_name)):
             return []  # a committed checkpoint that lost its manifest's integrity: kept, for a person to judge
