@@ -152,6 +152,36 @@ def test_handlers_are_put_back_whatever_order_two_managers_close_in(tmp_path, or
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_manager_installing_again_over_another_leaves_no_closed_handler_behind(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    a, b = asyncckpt.CheckpointManager(tmp_path / "a"), asyncckpt.CheckpointManager(tmp_path / "b")
+    a.install_signal_handlers()
+    b.install_signal_handlers()
+    a.install_signal_handlers()  # on top again
+    a.close()
+    assert signal.getsignal(signal.SIGTERM) == b._preemption._on_signal
+    b.close()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_handler_of_the_program_installed_between_two_managers_is_kept(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+
+    def program(signum, frame):  # pragma: no cover - never called
+        pass
+
+    a, b = asyncckpt.CheckpointManager(tmp_path / "a"), asyncckpt.CheckpointManager(tmp_path / "b")
+    try:
+        a.install_signal_handlers()
+        signal.signal(signal.SIGTERM, program)
+        b.install_signal_handlers()
+        a.close()
+        b.close()
+        assert signal.getsignal(signal.SIGTERM) is program
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_asyncio_run_s_sigint_handler_is_not_left_behind_by_a_close_at_its_shutdown(tmp_path) -> None:
     async def main() -> None:
         mgr = asyncckpt.AsyncCheckpointManager(tmp_path)

@@ -17,9 +17,9 @@ from typing import Any
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.errors import CheckpointError, SaveFailedError
 
-# The managers whose handler catches each signal, in the order they installed it: the last one's
-# handler is the signal's now, and each found the one before it.
-_INSTALLED: dict[int, list[Preemption]] = {}
+# The managers with handlers installed: one closed while another's handler sits over its own hands
+# its found handler to that one (the one that found this one's).
+_INSTALLED: weakref.WeakSet[Preemption] = weakref.WeakSet()
 
 
 class Preemption:
@@ -46,11 +46,13 @@ class Preemption:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("install_signal_handlers must be called from the main thread")
         for signum in signals:
-            self._previous.setdefault(signum, signal.getsignal(signum))
+            if signum in self._previous:
+                if signal.getsignal(signum) == self._on_signal:
+                    continue  # installed and on top already
+                self._take_out(signum)  # under another's handler: out of the chain, then on top
+            self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
-            chain = _INSTALLED.setdefault(signum, [])
-            if self not in chain:
-                chain.append(self)
+            _INSTALLED.add(self)
 
     def installed(self) -> bool:
         """Whether handlers are installed.
@@ -72,19 +74,26 @@ class Preemption:
     def restore(self) -> None:
         """Put back the handlers found at ``install`` (main thread).
 
-        Managers may be closed in any order: one whose handler another manager installed over
-        hands its found handler to that one instead (which puts it back when it closes), so no
-        handler of a closed manager is ever left catching the signal."""
-        for signum, handler in self._previous.items():
-            chain = _INSTALLED.get(signum, [])
-            above = chain[chain.index(self) + 1] if self in chain[:-1] else None
-            if above is not None:
-                above._previous[signum] = handler
-            else:
-                signal.signal(signum, handler)
-            if self in chain:
-                chain.remove(self)
-        self._previous.clear()
+        Managers may be closed in any order: see :meth:`_take_out`."""
+        for signum in list(self._previous):
+            self._take_out(signum)
+        _INSTALLED.discard(self)
+
+    def _take_out(self, signum: int) -> None:
+        """Stop catching ``signum``. Where this handler is the signal's, the one found at install
+        goes back; where another manager's handler was installed over it (that manager found this
+        one), that manager gets the found handler instead, and puts it back when it closes; where
+        something else was (a handler of the program's), it is left as it is. So no closed
+        manager's handler is left catching the signal through a manager, and none of the
+        program's is dropped."""
+        handler = self._previous.pop(signum)
+        if signal.getsignal(signum) == self._on_signal:
+            signal.signal(signum, handler)
+            return
+        for other in list(_INSTALLED):
+            if other is not self and other._previous.get(signum) == self._on_signal:
+                other._previous[signum] = handler
+                return
 
     def final_save_and_reraise(
         self,
