@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from asyncckpt import EverySeconds, EverySteps
@@ -78,6 +79,11 @@ def test_every_seconds_fractional_interval():
     assert not policy.due(1)
     clock.now = 0.5
     assert policy.due(2)
+
+
+@pytest.mark.parametrize("seconds", [np.int64(60), np.float32(1.5), 0.25])
+def test_every_seconds_takes_any_real_number_of_seconds(seconds):
+    assert EverySeconds(seconds).seconds == float(seconds)
 
 
 @pytest.mark.parametrize("seconds", [0, -1, float("nan"), -0.0, float("inf"), True, "60"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import numbers
 import statistics
 import threading
 import time
@@ -129,7 +130,8 @@ class EverySeconds(SavePolicy):
     """
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+        real: bool = isinstance(seconds, numbers.Real) and not isinstance(seconds, bool)  # numpy's numbers too
+        if not real or not 0 < seconds < math.inf:
             raise ValueError(f"EverySeconds needs a positive, finite number of seconds, got {seconds!r}")
         self.seconds = float(seconds)
         self._clock = clock
