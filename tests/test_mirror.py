@@ -287,6 +287,19 @@ def test_ls_neither_waits_on_nor_follows_an_odd_mirror_record(tmp_path, capsys, 
     assert all("where" not in r for r in rows)  # no mirror recorded: none listed
 
 
+def test_a_fifo_at_the_mirror_records_temporary_name_never_blocks_a_manager(tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    os.mkfifo(local / f"{MIRROR_FILE}.{os.getpid()}.tmp")
+
+    def open_and_save() -> None:
+        with manager(local, RemoteBackend(remote)) as mgr:
+            mgr.save(1, state_of(1)).wait()
+
+    run_with_timeout(open_and_save, 60)
+    assert json.loads((local / MIRROR_FILE).read_text()) == {"mirror": str(remote)}
+
+
 def test_a_new_manager_uploads_the_newest_local_checkpoint_the_mirror_lacks(tmp_path):
     local, remote = tmp_path / "local", tmp_path / "remote"
     with CheckpointManager(local) as mgr:  # a root that had no mirror yet

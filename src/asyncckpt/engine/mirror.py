@@ -99,7 +99,9 @@ def write_mirror_file(root: Path, location: str) -> None:
     try:
         if path.is_symlink():
             return  # never written through a link
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)  # never through a link
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()  # whatever sits at the name (a FIFO would block the open): ours is made anew
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w") as file:
             file.write(json.dumps({"mirror": location}) + "\n")
         os.replace(temp, path)
