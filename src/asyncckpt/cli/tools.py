@@ -826,7 +826,7 @@ def prune(root: Path | str, policy: RetentionPolicy, dry_run: bool = False) -> P
                 if c.step in doomed:
                     try:
                         catalog.delete(c)
-                    except OSError as exc:
+                    except (OSError, CheckpointError) as exc:  # a local error, or a store's
                         done = f"deleted steps {deleted}, then " if deleted else ""
                         raise CheckpointError(
                             f"prune {done}failed deleting step {c.step} of {root} ({exc}); "
