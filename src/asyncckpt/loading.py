@@ -249,7 +249,7 @@ def load(
     """
     root, single = open_target(path, storage_options)
     if single is not None and step is not None:  # a step asked of one checkpoint: its own, or an error
-        own = read_manifest(CheckpointRef(root, single)).step
+        own = read_manifest(CheckpointRef(root, single), rank_tables=False).step
         if own != step:
             raise CheckpointNotFoundError(
                 f"{path} is the checkpoint of step {own}, not of step {step}: pass its root to choose a step"
