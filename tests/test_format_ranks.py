@@ -26,7 +26,7 @@ from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError
 from asyncckpt.storage.backend import CheckpointRef
 from asyncckpt.storage.catalog import Catalog
-from asyncckpt.storage.commit import published_checkpoints
+from asyncckpt.storage.commit import ManifestLastCommit, published_checkpoints
 
 STEPS = (1, 2)
 
@@ -273,8 +273,9 @@ def test_rank_tables_on_an_object_store_are_fetched_at_once(root, s3_env, s3_ser
     infos = Catalog(lambda: listed).infos()
     assert [(i.step, i.unreadable) for i in infos] == [(s, None) for s in STEPS]
     assert sorted(backend.table_reads) == sorted(["rank-00000.json", "rank-00001.json"] * len(STEPS))
-    # and a reader's listing verifies the steps' manifests at once
+    # and a reader's listing, and a writer's first one, verify the steps' manifests at once
     assert [c.step for c in published_checkpoints(backend)] == list(STEPS)
+    assert [c.step for c in ManifestLastCommit(backend).checkpoints()] == list(STEPS)
 
 
 def test_the_lowest_failing_rank_names_the_error_when_tables_are_fetched_at_once(root, s3_env, s3_server, s3_url):

@@ -941,11 +941,18 @@ class ManifestLastCommit(CommitProtocol):
         """:meth:`checkpoints` from one listing of every object of the steps: each step's newest
         manifest that verifies, read only when its name and ETag are not ones already verified."""
         listed = _listed_steps(backend)
-        out = []
-        for step_name, objects in listed.items():
-            step = parse_step_dir(step_name)
-            if step is not None and self._newest_listed(backend, step_name, objects.manifests):
-                out.append(CommittedCheckpoint(step, self.ref(step_name)))
+        steps = [(name, objects) for name, objects in listed.items() if parse_step_dir(name) is not None]
+
+        def published(item: tuple[str, _StepObjects]) -> bool:
+            return self._newest_listed(backend, item[0], item[1].manifests)
+
+        if len(steps) > 1:  # at open every step's manifest is read (later ones are known): at once
+            with ThreadPoolExecutor(min(len(steps), _LISTING_READS), "asyncckpt-listing") as pool:
+                answers = list(pool.map(published, steps))
+        else:
+            answers = [published(item) for item in steps]
+        verified = zip(steps, answers, strict=True)
+        out = [CommittedCheckpoint(_step_of(name), self.ref(name)) for (name, _), ok in verified if ok]
         for step_name in [s for s in self._verified if s not in listed]:
             self._verified.pop(step_name, None)  # gone from the root: nothing to remember
         return sorted(out, key=lambda c: c.step)
