@@ -23,7 +23,9 @@ from asyncckpt.storage.backend import Backend, open_backend
 from asyncckpt.storage.commit import CommitProtocol, CommittedCheckpoint, published_checkpoints
 from asyncckpt.storage.local import list_checkpoints
 
-_REMOTE_MANIFEST_READS = 8  # manifests read at once from a remote store (each may fetch its rank tables at once too)
+# manifests read at once from a remote store; each may fetch its rank tables 16 at once too, so
+# at most 64 requests are in flight (within an S3 client's usual connection pool)
+_REMOTE_MANIFEST_READS = 4
 
 
 def _remote(checkpoint: CommittedCheckpoint) -> bool:
