@@ -8,7 +8,8 @@ network to a region's endpoint would, and times, through it:
 
 - ``read_manifest`` of the newest checkpoint with its rank tables (a restore's first reads);
 - ``Catalog.infos()`` of the whole root, rank tables checked (what rank 0 reads at open);
-- the root's listing alone (``published_checkpoints``), for reference.
+- the root's listing alone (``published_checkpoints``), for reference;
+- ``asyncckpt.load`` of the root in one process: the newest checkpoint, every rank's pieces.
 
 The root: --steps checkpoints of --ranks spawned gloo ranks (a small replicated state), saved
 straight to the bucket (not through the proxy), as a job on an object store writes them.
@@ -139,6 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
             tables = _timed(lambda: read_manifest(CheckpointRef(backend, newest)), args.repeats)
             listed = published_checkpoints(backend)
             catalog = _timed(lambda: Catalog(lambda: listed).infos(), args.repeats)
+            import asyncckpt
+
+            load = _timed(lambda: asyncckpt.load("s3://ckpt/bench", per_rank="rank0"), args.repeats)
             assert len(listed) == args.steps
         finally:
             server.stop()
@@ -152,11 +156,13 @@ def main(argv: list[str] | None = None) -> dict:
         "listing_s": listing,
         "read_manifest_s": tables,
         "catalog_s": catalog,
+        "load_s": load,
     }
     print(
         f"{args.ranks} ranks, {args.steps} checkpoints, {args.latency_ms:g} ms added per request: "
         f"one GET {one_get * 1e3:.1f} ms, listing {listing * 1e3:.1f} ms, "
-        f"manifest + {args.ranks} tables {tables * 1e3:.1f} ms, catalog of {args.steps} {catalog * 1e3:.1f} ms"
+        f"manifest + {args.ranks} tables {tables * 1e3:.1f} ms, catalog of {args.steps} {catalog * 1e3:.1f} ms, "
+        f"load {load * 1e3:.1f} ms"
     )
     write_json(args.json, payload)
     return payload

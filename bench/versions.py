@@ -127,7 +127,9 @@ def remote_reads_figures(data: dict) -> dict[str, float]:
             ("listing_s", "listing ms"),
             ("read_manifest_s", "manifest + rank tables ms"),
             ("catalog_s", "catalog of the root ms"),
+            ("load_s", "load of the root ms"),
         )
+        if key in data
     }
 
 

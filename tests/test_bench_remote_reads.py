@@ -28,5 +28,5 @@ def test_the_reads_of_a_multi_rank_root_are_timed_through_the_delaying_proxy(tmp
     payload = json.loads(out.read_text())
     assert payload["ranks"] == 2 and payload["steps"] == 2 and payload["objects"] > 2 * 2
     assert payload["one_get_s"] >= 0.05  # every request waits at the proxy
-    for key in ("listing_s", "read_manifest_s", "catalog_s"):
+    for key in ("listing_s", "read_manifest_s", "catalog_s", "load_s"):
         assert payload[key] >= 0.05, key
