@@ -118,7 +118,11 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
             with ThreadPoolExecutor(min(len(ranks), _REMOTE_RANK_READS), "asyncckpt-pieces") as pool:
                 results = list(pool.map(read, ranks))
         else:
-            results = [read(item) for item in ranks]
+            results = []
+            for item in ranks:  # one after another, none read after a failure
+                results.append(read(item))
+                if isinstance(results[-1], BaseException):
+                    break
         for result in results:
             if isinstance(result, BaseException):
                 raise result
