@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import torch
 
+from asyncckpt._in_order import in_order
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError
 from asyncckpt.format import DTYPES, MultiRankManifest, TensorEntry
 from asyncckpt.storage.backend import CheckpointRef
@@ -105,28 +105,15 @@ def read_boxes(path: Where, view: MultiRankManifest, boxes: list[Box], workers: 
             else:
                 first, end = 0, 1
             cuts.setdefault(rank, []).append(_Cut(n, rank, tensor, first, end, piece.offsets))
-    ranks = list(cuts.items())
 
-    def read(item: tuple[int, list[_Cut]]) -> int | BaseException:
-        try:
-            return _read_rank_cuts(path, view, boxes, out, item[0], item[1], workers)
-        except Exception as exc:  # noqa: BLE001 - raised below, the lowest rank's first
-            return exc
+    def read(rank: int) -> int:
+        return _read_rank_cuts(path, view, boxes, out, rank, cuts[rank], workers)
 
     with _same_directory(path):  # once for every rank's read: the checkpoint is still the one listed
-        if _remote(path) and len(ranks) > 1:  # each rank's data is requests with round trips: at once
-            with ThreadPoolExecutor(min(len(ranks), _REMOTE_RANK_READS), "asyncckpt-pieces") as pool:
-                results = list(pool.map(read, ranks))
-        else:
-            results = []
-            for item in ranks:  # one after another, none read after a failure
-                results.append(read(item))
-                if isinstance(results[-1], BaseException):
-                    break
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-    return cast(list[torch.Tensor], out), sum(cast(list[int], results))
+        # each rank's data is requests with round trips on a remote store: several ranks at once
+        at_once = _REMOTE_RANK_READS if _remote(path) else 1
+        decoded = sum(in_order(read, list(cuts), at_once, "asyncckpt-pieces"))
+    return cast(list[torch.Tensor], out), decoded
 
 
 def _read_rank_cuts(

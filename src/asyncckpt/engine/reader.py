@@ -39,6 +39,7 @@ from typing import Any, TypeVar, cast
 import torch
 
 from asyncckpt import codec
+from asyncckpt._in_order import in_order
 from asyncckpt.codec.crc import crc32
 from asyncckpt.errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError
 from asyncckpt.format import (
@@ -206,35 +207,23 @@ def _read_rank_tables(path: Where, store: Backend, name: str, manifest: MultiRan
 
     On a remote store each table is a request with a round trip, and a restore or a retention
     check reads all of them before it can plan: fetched one at a time, a 64-rank checkpoint costs
-    64 round trips. They are fetched :data:`_REMOTE_TABLE_READS` at a time there, then checked in
-    rank order, so the error raised is the lowest failing rank's, as when read one by one."""
-    files = [f"{name}/{entry.file}" for entry in manifest.ranks]
+    64 round trips. They are read :data:`_REMOTE_TABLE_READS` at a time there; the error raised is
+    still the lowest failing rank's, as when read one by one."""
 
-    def fetch(file: str) -> bytes | BaseException:
-        try:
-            return _damaged(store.read_small, file, MAX_MANIFEST_BYTES)
-        except Exception as exc:  # noqa: BLE001 - raised below, in rank order
-            return exc
-
-    fetched: Iterable[bytes | BaseException]
-    if store.capabilities.remote and len(files) > 1:
-        with ThreadPoolExecutor(min(len(files), _REMOTE_TABLE_READS), "asyncckpt-tables") as pool:
-            fetched = list(pool.map(fetch, files))
-    else:
-        fetched = map(fetch, files)  # lazily: one at a time, none read after a failure
-    tables = []
-    for rank, (entry, raw) in enumerate(zip(manifest.ranks, fetched, strict=True)):
-        if isinstance(raw, BaseException):
-            raise raw
+    def table(rank: int) -> RankTable:
+        entry = manifest.ranks[rank]
         where = str(path / entry.file)
+        raw = _damaged(store.read_small, f"{name}/{entry.file}", MAX_MANIFEST_BYTES)
         check_manifest_seal(raw, where)
         if seal_of(raw) != entry.crc32:
             raise CheckpointDamagedError(
                 f"{where} is not the rank table the manifest committed (seal {seal_of(raw):08x}, "
                 f"the manifest records {entry.crc32:08x})"
             )
-        tables.append(parse_rank_table(raw, where, manifest, rank))
-    return tables
+        return parse_rank_table(raw, where, manifest, rank)
+
+    at_once = _REMOTE_TABLE_READS if store.capabilities.remote else 1
+    return in_order(table, range(len(manifest.ranks)), at_once, "asyncckpt-tables")
 
 
 def _tensor_names(manifest: Manifest, start: int, end: int) -> str:

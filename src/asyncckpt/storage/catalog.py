@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
+from asyncckpt._in_order import in_order
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.errors import CheckpointError
 from asyncckpt.retention import CheckpointInfo
@@ -179,10 +179,8 @@ class Catalog:
         def read(checkpoint: CommittedCheckpoint) -> CheckpointInfo:
             return checkpoint_info(checkpoint, check_tables=self._check_tables)
 
-        if len(checkpoints) > 1 and _remote(checkpoints[0]):
-            with ThreadPoolExecutor(min(len(checkpoints), _REMOTE_MANIFEST_READS), "asyncckpt-catalog") as pool:
-                return list(pool.map(read, checkpoints))
-        return [read(c) for c in checkpoints]
+        at_once = _REMOTE_MANIFEST_READS if checkpoints and _remote(checkpoints[0]) else 1
+        return in_order(read, checkpoints, at_once, "asyncckpt-catalog")
 
     def infos(self) -> list[CheckpointInfo]:
         """The metrics and tags of every committed checkpoint, oldest first.

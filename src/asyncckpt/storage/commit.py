@@ -38,12 +38,12 @@ import stat
 import threading
 import warnings
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast, runtime_checkable
 
 from asyncckpt import _phases
+from asyncckpt._in_order import in_order
 from asyncckpt.errors import CheckpointError
 from asyncckpt.format import (
     MANIFEST_NAME,
@@ -412,11 +412,7 @@ def _step_dirs(backend: Backend) -> list[tuple[int, str, bool]]:
         def published(item: tuple[str, _StepObjects]) -> bool:
             return _published_listed(backend, *item)
 
-        if len(listed) > 1:  # a GET of a manifest per step: several at once, each is a round trip
-            with ThreadPoolExecutor(min(len(listed), _LISTING_READS), "asyncckpt-listing") as pool:
-                answers = list(pool.map(published, listed))
-        else:
-            answers = [published(item) for item in listed]
+        answers = in_order(published, listed, _LISTING_READS, "asyncckpt-listing")  # a GET a step: at once
         return [(_step_of(name), name, ok) for (name, _), ok in zip(listed, answers, strict=True)]
     return [
         (_step_of(entry.name), entry.name, is_published(backend, entry.name))
@@ -946,11 +942,8 @@ class ManifestLastCommit(CommitProtocol):
         def published(item: tuple[str, _StepObjects]) -> bool:
             return self._newest_listed(backend, item[0], item[1].manifests)
 
-        if len(steps) > 1:  # at open every step's manifest is read (later ones are known): at once
-            with ThreadPoolExecutor(min(len(steps), _LISTING_READS), "asyncckpt-listing") as pool:
-                answers = list(pool.map(published, steps))
-        else:
-            answers = [published(item) for item in steps]
+        # at open every step's manifest is read (later, only a new one): several at once
+        answers = in_order(published, steps, _LISTING_READS, "asyncckpt-listing")
         verified = zip(steps, answers, strict=True)
         out = [CommittedCheckpoint(_step_of(name), self.ref(name)) for (name, _), ok in verified if ok]
         for step_name in [s for s in self._verified if s not in listed]:
