@@ -68,14 +68,11 @@ def _plain_metrics(metrics: dict | None) -> dict:
         if isinstance(value, torch.Tensor) or (
             hasattr(value, "item") and callable(value.item) and not isinstance(value, (int, float))
         ):
-            size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", None)
-            if isinstance(size, int) and size != 1:  # several values are no metric (``.item()`` says so unclearly)
-                kind = type(value).__name__
-                raise TypeError(f"metrics[{key!r}] must be a single number, got a {kind} of {size} values")
             try:
                 value = value.item()
-            except (ValueError, RuntimeError) as exc:
-                raise TypeError(f"metrics[{key!r}] must be a single number: {exc}") from None
+            except (ValueError, RuntimeError) as exc:  # several values, or none: no metric
+                kind = type(value).__name__
+                raise TypeError(f"metrics[{key!r}] must be a single number, not a {kind} ({exc})") from None
         out[key] = value
     return check_json(out, "metrics")
 
