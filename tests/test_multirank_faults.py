@@ -458,6 +458,57 @@ def test_a_rank_whose_store_connection_times_out_fails_that_manager_on_every_ran
     assert remaining(tmp_path) == [1, 2]
 
 
+def _group_made_on_rank_0_only(rank: int, world: int, root: str) -> list[str]:
+    """Making the checkpoint group fails on rank 1 after rank 0 made its end of it, as when rank 1's
+    rendezvous times out on a loaded machine: rank 1's end is gone, so rank 0's group is broken."""
+    import torch.distributed as dist
+
+    from asyncckpt import CheckpointError, CheckpointManager
+
+    real = dist.ProcessGroupGloo
+    fail = [rank == 1]
+
+    def made(*args, **kwargs):
+        group = real(*args, **kwargs)
+        if fail[0]:
+            fail[0] = False
+            time.sleep(1.0)  # rank 0 finishes making its end
+            del group  # closes this rank's connections to the others
+            raise dist.DistStoreError("wait timeout after 3000ms (this rank's end of the group is gone)")
+        return group
+
+    dist.ProcessGroupGloo = made
+    got = []
+    try:
+        for attempt in range(3):  # a third when a first connection to the store is slow here (see _first_manager)
+            try:
+                with CheckpointManager(root, keep_last=None, rank_timeout=3.0) as mgr:
+                    mgr.save(attempt, {"x": torch.full((4,), float(attempt))}).wait()
+                got.append("saved")
+                break
+            except CheckpointError as exc:
+                got.append(str(exc))
+                time.sleep(5.0)  # an abandoned connection comes in
+            dist.barrier()
+    finally:
+        dist.ProcessGroupGloo = real
+    return got
+
+
+def test_a_checkpoint_group_made_on_some_ranks_only_is_made_anew_by_the_next_manager(waited):
+    """The ranks that made their end of a group the others failed to make drop it with the manager
+    they failed to open: every rank makes the next manager's group afresh, so the ranks meet again
+    (a rank that kept the broken group failed every later manager, while the others waited for it to
+    make a new one)."""
+    tmp_path, got = _joined(waited, _group_made_on_rank_0_only)
+    assert "rank 1 could not make the checkpoint group" in got[1][0], got
+    # rank 0 failed on its broken group, or on a connection to the store slow on this loaded machine
+    first = ("rank 0 could not open the checkpoint root", "could not connect to the job")
+    assert any(m in got[0][0] for m in first), got
+    assert len(got[0]) == len(got[1]) <= 3 and got[0][-1] == got[1][-1] == "saved", got
+    assert remaining(tmp_path) == [len(got[0]) - 1]
+
+
 def _refused_policy_connection(rank: int, world: int, root: str) -> list[str]:
     """Rank 1's third connection to the job's store (the policy's second) is refused, once."""
     import torch.distributed as dist
@@ -531,18 +582,22 @@ def test_an_unexpected_error_on_one_rank_fails_every_rank_s_restore_at_once(wait
 
 def _first_manager(root: str, timeout: float) -> Any:
     """A job's first manager with a short ``rank_timeout``, made again when connecting to the job's
-    store took longer than that: these jobs start together, ten processes on two cores, and a first
-    connection has taken 3-5 s there. Every rank fails such a manager together (the ranks vote on
-    their connections), so every rank makes the next one, in step; what the jobs test comes after."""
+    store or making the checkpoint group took longer than that: these jobs start together, a dozen
+    processes on two cores, and a first connection has taken 3-5 s there. Every rank fails such a
+    manager together, so every rank makes the next one, in step; what the jobs test comes after."""
+    import torch.distributed as dist
+
     from asyncckpt import CheckpointManager
 
+    slow = ("could not connect to the job's store", "could not make the checkpoint group", "could not open the")
     for attempt in range(3):
         try:
             return CheckpointManager(root, keep_last=None, rank_timeout=timeout)
         except CheckpointError as exc:
-            if "could not connect to the job's store" not in str(exc) or attempt == 2:
+            if not any(m in str(exc) for m in slow) or attempt == 2:
                 raise
-            time.sleep(timeout + 2)  # the abandoned connection comes in; the next attempt starts together
+            time.sleep(timeout + 2)  # the abandoned connection comes in
+            dist.barrier()  # the next attempt starts together
     raise AssertionError("unreachable")
 
 
@@ -663,7 +718,7 @@ def waited(tmp_path_factory):
     ``_joined``."""
     base = tmp_path_factory.mktemp("mr-wait")
     fns = [_slow_store_connection, _refused_policy_connection, _restore_with_a_bug_on_rank_1, _late_rank]
-    fns.append(_late_to_restore)
+    fns += [_late_to_restore, _group_made_on_rank_0_only]
     roots = {fn: base / fn.__name__ for fn in fns}
     jobs = {}
     try:

@@ -79,6 +79,12 @@ class _Group:
 
 
 _GROUPS: dict[tuple[tuple[int, ...] | None, float], _Group] = {}  # by (ranks, timeout)
+# Groups dropped from _GROUPS when opening a manager on them failed (on every rank, as opening
+# fails): the next manager makes a new generation on every rank, so ranks meet again even when one
+# rank's end of the old group is gone (it failed to make it after the others made theirs). Kept,
+# never destroyed: gloo's destructor waits for the collectives in flight, and one given up on is
+# completed only by a late rank, if ever.
+_RETIRED: list[_Group] = []
 _AGREE, _OPEN, _ALL_OK, _ALL_MAX, _ALL_MAX_EACH = 1, 2, 3, 4, 5  # a collective's kind
 _WIDTH = 6  # values a collective carries (an agreement's six), after its kind
 
@@ -257,9 +263,12 @@ class RankGroup:
         try:
             run, failed = self._all_reduce(_OPEN, [token, 0 if unconnected is None else self.rank + 1], opening)[:2]
         except CheckpointError:
+            self._retire()
             if unconnected is not None:
                 raise unconnected from None
             raise
+        if unconnected is not None or failed:
+            self._retire()
         if unconnected is not None:
             raise unconnected
         if failed:
@@ -291,6 +300,14 @@ class RankGroup:
             raise _collective_error(self, "make the checkpoint group (every rank constructs the manager)", exc) from exc
         _GROUPS[key] = made = _Group(group, store, name)
         return made
+
+    def _retire(self) -> None:
+        """This manager's group, no longer handed to the next manager of these ranks (see
+        ``_RETIRED``): its opening failed, so it fails on every rank, and every rank retires it."""
+        for key, made in list(_GROUPS.items()):
+            if made is self._made:
+                del _GROUPS[key]
+                _RETIRED.append(made)
 
     def _clone_store(self, count: int) -> list[Any]:
         """``count`` clients of the job's store of our own: a ``wait`` on one never blocks
