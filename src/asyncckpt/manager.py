@@ -697,6 +697,8 @@ class CheckpointManager:
             self._pipeline.close()
             self._copier.close()
             self._admission.arenas.clear()
+            for owed in self._tags.write_owed():  # the writer is stopped: nothing else writes them now
+                warnings.warn(f"asyncckpt: tags lost (closed unable to write them): {owed}", stacklevel=2)
             try:
                 # before the local root's lock goes: the uploads still read its checkpoints
                 mirror_error = self._mirror.close(self._mirror_timeout) if self._mirror is not None else None

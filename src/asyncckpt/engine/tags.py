@@ -4,7 +4,10 @@ committed step (its metrics and tags, which retention decides on).
 A tag given while a save of that step is in flight goes into its manifest if the writer has not
 written it yet, or is rewritten into the manifest once committed (a "late" tag). A tag given
 during a re-save of a committed step also reaches the committed checkpoint, which stays if the
-re-save fails.
+re-save fails. Such a rewrite happens on the writer thread, where no caller sees it fail: when it
+does (a full disk, a throttled store), the tags stay owed, kept in the catalog (retention honours
+them) and written again after each later save and at close, so a tagged checkpoint does not lose
+its protection at the next start.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class Tags:
         # to the caller, so an interrupt right after ``begin`` cannot lose what ``withdraw`` restores
         self._replaced: dict[int, tuple[SaveJob, SaveJob | None]] = {}
         self._jobs_lock = threading.Lock()
+        # step -> its committed checkpoint, whose manifest lacks the tags the catalog holds (a
+        # rewrite on the writer thread failed); written again by ``write_owed`` (under ``lock``)
+        self._owed: dict[int, CheckpointRef] = {}
 
     def newest_step(self) -> int:
         """The highest committed step.
@@ -104,12 +110,38 @@ class Tags:
                 del self._in_flight[job.step]  # from here on, retag() goes to the committed manifest
                 self._replaced.pop(job.step, None)
             if path is not None:
-                if job.retagged_late:
-                    self._write_late_tags(path, job.tags)
                 with self.lock:
+                    self._owed.pop(job.step, None)  # its manifest now is this save's
                     self.catalog.record(CheckpointInfo(job.step, job.metrics, tuple(job.tags)))
+                    if job.retagged_late:
+                        self._write_late_tags(job.step, path, job.tags)
             elif job.changes:
                 self._retag_after_failure(job)
+            self.write_owed()
+
+    def write_owed(self) -> list[str]:
+        """Write the tags still owed to committed manifests (see the module's docstring): after
+        each save, and at close.
+
+        Returns:
+            One line per checkpoint still owed its tags (none when all were written).
+        """
+        if not self._owed:
+            return []
+        left = []
+        with self.lock:
+            for step, path in list(self._owed.items()):
+                info = self.catalog.known(step)
+                if info is None or info.unreadable is not None:  # deleted meanwhile
+                    del self._owed[step]
+                    continue
+                try:
+                    self._write_tags(path, list(info.tags))
+                except Exception as exc:  # noqa: BLE001 - still owed; said at close
+                    left.append(f"{path}: tags {list(info.tags)} ({type(exc).__name__}: {exc})")
+                else:
+                    del self._owed[step]
+        return left
 
     def retag(self, step: int, change: Change, root: Path | str) -> list[str]:
         """Change the tags of ``step``'s committed checkpoint and of a save of it in flight.
@@ -149,13 +181,22 @@ class Tags:
         return tags
 
     def _retag_committed(self, path: CheckpointRef, step: int, change: Change) -> list[str]:
-        """Swap a committed checkpoint's manifest for one with changed tags (under ``lock``)."""
+        """Swap a committed checkpoint's manifest for one with changed tags (under ``lock``); the
+        change applies to the tags it is owed, if it is (see the module's docstring)."""
         manifest = read_manifest(path)
-        manifest.tags = change(list(manifest.tags))
+        owed = self.catalog.known(step) if step in self._owed else None
+        manifest.tags = change(list(manifest.tags if owed is None else owed.tags))
         if self._writes:
             self._storage.replace_manifest(path, manifest.to_json())
+        self._owed.pop(step, None)
         self.catalog.record(CheckpointInfo(step, manifest.metrics, tuple(manifest.tags)))
         return manifest.tags
+
+    def _write_tags(self, path: CheckpointRef, tags: list[str]) -> None:
+        if self._writes:
+            manifest = read_manifest(path)
+            manifest.tags = tags
+            self._storage.replace_manifest(path, manifest.to_json())
 
     def _retag_after_failure(self, job: SaveJob) -> None:
         """A re-save of a committed step failed: the tag changes given while it was in flight still
@@ -164,24 +205,35 @@ class Tags:
             checkpoint = self.catalog.find(job.step)
             if checkpoint is None:
                 return
-            try:
-                self._retag_committed(
-                    checkpoint.ref,
-                    job.step,
-                    lambda have: functools.reduce(lambda tags, change: change(tags), job.changes, have),
-                )
-            except Exception as exc:  # noqa: BLE001 - bookkeeping: warn, never stop the writer
-                _warn_from_writer(
-                    f"asyncckpt: the tag changes given while {checkpoint.ref} was re-saved were lost: {exc}"
-                )
 
-    def _write_late_tags(self, path: CheckpointRef, tags: list[str]) -> None:
-        """Tags changed while the save's manifest was already written: rewrite it, now committed."""
-        if not self._writes:
-            return
+            def changed(have: list[str]) -> list[str]:
+                return functools.reduce(lambda tags, change: change(tags), job.changes, have)
+
+            try:
+                self._retag_committed(checkpoint.ref, job.step, changed)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping: warn, never stop the writer
+                known = self.catalog.known(job.step)
+                if known is None or known.unreadable is not None:
+                    _warn_from_writer(
+                        f"asyncckpt: the tag changes given while {checkpoint.ref} was re-saved were lost: {exc}"
+                    )
+                    return
+                tags = changed(list(known.tags))
+                self.catalog.record(CheckpointInfo(job.step, known.metrics, tuple(tags)))
+                self._owe(job.step, checkpoint.ref, tags, exc)
+
+    def _write_late_tags(self, step: int, path: CheckpointRef, tags: list[str]) -> None:
+        """Tags changed while the save's manifest was already written: rewrite it, now committed
+        (under ``lock``, with the catalog holding ``tags``)."""
         try:
-            manifest = read_manifest(path)
-            manifest.tags = list(tags)
-            self._storage.replace_manifest(path, manifest.to_json())
+            self._write_tags(path, list(tags))
         except Exception as exc:  # noqa: BLE001 - the checkpoint is committed: never report it failed
-            _warn_from_writer(f"asyncckpt: the tags {tags} given while {path} was being saved were not written: {exc}")
+            self._owe(step, path, tags, exc)
+
+    def _owe(self, step: int, path: CheckpointRef, tags: list[str], exc: Exception) -> None:
+        self._owed[step] = path
+        _warn_from_writer(
+            f"asyncckpt: the tags {list(tags)} of {path} could not be written to its manifest yet "
+            f"({type(exc).__name__}: {exc}); they count for retention here and are written again after "
+            "the next save and at close"
+        )

@@ -199,6 +199,15 @@ class Catalog:
         with self._infos_lock:
             return max(self._infos, default=None)
 
+    def known(self, step: int) -> CheckpointInfo | None:
+        """What the catalog holds of ``step``, without listing the root or reading its manifest.
+
+        Returns:
+            The info recorded or read last, or None.
+        """
+        with self._infos_lock:
+            return self._infos.get(step)
+
     def record(self, info: CheckpointInfo) -> None:
         """What a commit or a tag change just wrote into a checkpoint's manifest.
 
