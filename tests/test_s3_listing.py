@@ -17,7 +17,9 @@ import asyncckpt
 from _counting import CountingBackend
 from _s3bucket import delete_object, get_object, objects, put_object
 from asyncckpt import CheckpointManager
+from asyncckpt.engine.reader import read_checkpoint
 from asyncckpt.format import step_dir_name
+from asyncckpt.storage.backend import CheckpointRef
 from conftest import fresh_s3_url
 
 STATE = {"w": torch.arange(1000, dtype=torch.float32), "n": 1}
@@ -65,7 +67,23 @@ def test_load_lists_once_and_reads_each_manifest_once(s3_server):
     assert asyncckpt.load(reader)["n"] == 1
     # before: 129 (a HEAD, two LISTs and a GET per step); now a GET per step and a constant rest
     assert reader.counts["list_named"] == 1, dict(reader.counts)
-    assert reader.reads() <= 20 + 25, dict(reader.counts)
+    # before: 20 + 24; now the listing and a GET per step, then the newest step read (14)
+    assert reader.reads() <= 20 + 15, dict(reader.counts)
+
+
+def test_reading_one_checkpoint_takes_its_identity_once(s3_server):
+    """A read holds the checkpoint to the identity it takes once (which listing of the step names
+    its manifest version), then reads that manifest and its data: 9 requests, and the data's range.
+    Before: 17 and the range (the
+    identity taken again for the manifest, and a HEAD and a look for a ``manifest.json`` that a
+    store's manifest-last commit never writes)."""
+    url, mgr, _ = _saved(s3_server, 2)
+    mgr.close()
+    reader = CountingBackend(url, s3_server.storage_options)
+    loaded = read_checkpoint(CheckpointRef(reader, step_dir_name(2)))
+    assert torch.equal(loaded.tensors[0], STATE["w"])
+    assert reader.reads() == 9, dict(reader.counts)
+    assert reader.counts["get"] == 2 and reader.counts["get_range"] == 1, dict(reader.counts)
 
 
 def _manifest(server, url: str, step: int) -> str:

@@ -59,7 +59,7 @@ from asyncckpt.format import (
 )
 from asyncckpt.state.skeleton import tensor_indices, tensor_paths
 from asyncckpt.storage.backend import Backend, CheckpointRef, ReadHandle, open_backend
-from asyncckpt.storage.commit import manifest_to_read
+from asyncckpt.storage.commit import manifest_to_read, manifest_versions
 
 _T = TypeVar("_T")
 
@@ -88,11 +88,13 @@ def _manifest_name(store: Backend, name: str) -> str:
     """Which manifest is the checkpoint's version: ``manifest.json`` (a renamed checkpoint), else
     the newest ``manifest-<generation>.json`` that verifies (a checkpoint committed by writing its
     manifest last; a newer one that does not verify is a publish still under way or cut short),
-    or a newer one that could not be read at all (``manifest_to_read``)."""
-    if store.stat(f"{name}/{MANIFEST_NAME}") is not None:
-        return MANIFEST_NAME
+    or a newer one that could not be read at all (``manifest_to_read``). One listing tells which:
+    on an object store it replaces a HEAD and a look under the name that find nothing."""
     try:
-        chosen = manifest_to_read(store, name)
+        versions = manifest_versions(store, name)
+        if MANIFEST_NAME in versions:
+            return MANIFEST_NAME
+        chosen = manifest_to_read(store, name, versions)
     except CheckpointError:
         return MANIFEST_NAME
     return MANIFEST_NAME if chosen is None else chosen
@@ -174,32 +176,44 @@ def read_manifest(path: Where, *, identity: DirIdentity | None = None, rank_tabl
     (step, metrics, tags, the ranks' entries; no tree) is what a rank that applies no retention
     needs to list a root, without reading every rank's table of every checkpoint."""
     with _same_directory(path, identity) as now:
-        store, name = _locate(path)
-        info = store.stat(name)
-        if info is not None and info.kind == "link":
-            raise CheckpointDamagedError(f"{path} is a symbolic link; checkpoints never follow links")
-        if info is None or info.kind != "dir":
-            raise CheckpointNotFoundError(f"{path} is not a checkpoint directory")
-        manifest_file = now[1]  # the version the identity names (the given one's, else found just now)
-        manifest_path = path / manifest_file
-        manifest_info = store.stat(f"{name}/{manifest_file}")
-        if manifest_info is None:
-            raise CheckpointDamagedError(f"{path} has no {MANIFEST_NAME}: not a committed checkpoint")
-        if manifest_info.size > MAX_MANIFEST_BYTES:  # refused unread, as such
-            raise too_large(
-                str(manifest_path),
-                f"is {manifest_info.size} bytes",
-                f"the reader's limit of {MAX_MANIFEST_BYTES} bytes",
-            )
-        raw = _damaged(store.read_small, f"{name}/{manifest_file}", MAX_MANIFEST_BYTES)
-        check_manifest_seal(raw, str(manifest_path))
-        manifest = parse_manifest(raw, str(manifest_path))
-        named = parse_step_dir(name)
-        if named is not None and named != manifest.step:
-            raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {name}")
-        if isinstance(manifest, MultiRankManifest) and rank_tables:
-            manifest = consolidate(manifest, _read_rank_tables(path, store, name, manifest))
-        return manifest
+        return _manifest_at(path, now, rank_tables)
+
+
+def _manifest_at(path: Where, now: DirIdentity, rank_tables: bool = True) -> Manifest:
+    """:func:`read_manifest`'s work, inside a ``_same_directory`` that yielded ``now``: a read of
+    the checkpoint that already holds it to its identity need not take that identity again."""
+    store, name = _locate(path)
+    info = store.stat(name)
+    if info is not None and info.kind == "link":
+        raise CheckpointDamagedError(f"{path} is a symbolic link; checkpoints never follow links")
+    if info is None or info.kind != "dir":
+        raise CheckpointNotFoundError(f"{path} is not a checkpoint directory")
+    manifest_file = now[1]  # the version the identity names (the given one's, else found just now)
+    manifest_path = path / manifest_file
+    manifest_info = store.stat(f"{name}/{manifest_file}")
+    if manifest_info is None:
+        raise CheckpointDamagedError(f"{path} has no {MANIFEST_NAME}: not a committed checkpoint")
+    if manifest_info.size > MAX_MANIFEST_BYTES:  # refused unread, as such
+        raise too_large(
+            str(manifest_path),
+            f"is {manifest_info.size} bytes",
+            f"the reader's limit of {MAX_MANIFEST_BYTES} bytes",
+        )
+    raw = _damaged(store.read_small, f"{name}/{manifest_file}", MAX_MANIFEST_BYTES)
+    check_manifest_seal(raw, str(manifest_path))
+    manifest = parse_manifest(raw, str(manifest_path))
+    named = parse_step_dir(name)
+    if named is not None and named != manifest.step:
+        raise CheckpointDamagedError(f"{manifest_path} is the manifest of step {manifest.step}, not of {name}")
+    if isinstance(manifest, MultiRankManifest) and rank_tables:
+        manifest = consolidate(manifest, _read_rank_tables(path, store, name, manifest))
+    return manifest
+
+
+def _yielded(now: DirIdentity | None) -> DirIdentity:
+    if now is None:
+        raise TypeError("no manifest given, and no identity to read it by")
+    return now
 
 
 def _read_rank_tables(path: Where, store: Backend, name: str, manifest: MultiRankManifest) -> list[RankTable]:
@@ -355,8 +369,8 @@ def read_checkpoint(
     destinations hold partly decoded bytes when the read fails; the caller drops them then.
     Not with ``mmap``, and only for a single-rank manifest (or a rank's table).
     """
-    with _same_directory(path, identity):
-        return _read_checkpoint(path, workers, manifest, only, mmap, identity, into=into)
+    with _same_directory(path, identity) as now:
+        return _read_checkpoint(path, workers, manifest, only, mmap, now, into=into)
 
 
 def _read_checkpoint(
@@ -365,11 +379,13 @@ def _read_checkpoint(
     manifest: Manifest | None,
     only: set[int] | None,
     mmap: bool,
-    identity: DirIdentity | None,
+    now: DirIdentity | None,
     *,
     into: Mapping[int, torch.Tensor] | None = None,
 ) -> LoadedCheckpoint:
-    manifest = manifest or read_manifest(path, identity=identity)
+    """``now``: the identity ``_same_directory`` yielded, to read the manifest by (None when
+    ``manifest`` is given)."""
+    manifest = manifest or _manifest_at(path, _yielded(now))
     if into:
         _check_destinations(manifest, only, into, mmap)
     if isinstance(manifest, MultiRankManifest):
@@ -583,8 +599,8 @@ def verify_checkpoint(
     checkpoint's size. ``progress`` gets each verified chunk's stored length, in chunk order; on
     success the calls sum to ``manifest.stored_bytes``. ``identity``: as for :func:`read_checkpoint`.
     """
-    with _same_directory(path, identity):
-        return _verify_checkpoint(path, progress, manifest, workers, identity)
+    with _same_directory(path, identity) as now:
+        return _verify_checkpoint(path, progress, manifest, workers, now)
 
 
 def _verify_checkpoint(
@@ -592,9 +608,9 @@ def _verify_checkpoint(
     progress: Callable[[int], None] | None,
     manifest: Manifest | None,
     workers: int,
-    identity: DirIdentity | None,
+    now: DirIdentity | None,
 ) -> Manifest:
-    manifest = manifest or read_manifest(path, identity=identity)
+    manifest = manifest or _manifest_at(path, _yielded(now))
     if isinstance(manifest, MultiRankManifest):
         assert manifest.tables is not None
         for table in manifest.tables:  # each rank's chunks, named by its data file

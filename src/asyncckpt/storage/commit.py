@@ -287,16 +287,20 @@ def _scan_manifests(
     return None, unread
 
 
-def manifest_to_read(backend: Backend, step_name: str) -> str | None:
+def manifest_to_read(backend: Backend, step_name: str, versions: list[str] | None = None) -> str | None:
     """Which manifest of a step written by :class:`ManifestLastCommit` a reader reads: the newest
     that verifies, unless a newer one could not be read (a store that failed a request for a
     moment); that one may be the committed version, so it is named instead, and reading it either
     succeeds now or fails as damage (never an older version read in its place without a word).
 
+    Args:
+        versions: The step's manifest names, newest first (:func:`manifest_versions`), if the
+            caller listed them; else they are listed here.
+
     Returns:
         The manifest's file name, or None when no manifest of the step verifies.
     """
-    newest, unread = _scan_manifests(backend, step_name)
+    newest, unread = _scan_manifests(backend, step_name, versions)
     if unread:
         return unread[0]  # the newest of them
     return None if newest is None else newest[0]
@@ -429,6 +433,15 @@ def _step_of(step_name: str) -> int:
 
 _RELISTS = 8
 _LISTING_READS = 8  # manifests a reader's listing of an object store verifies at once
+
+
+def manifest_versions(backend: Backend, step_name: str) -> list[str]:
+    """The step's manifest names, newest generation first (``manifest.json`` last): one listing.
+
+    Raises:
+        CheckpointError: The step could not be listed.
+    """
+    return _versions(backend, step_name)
 
 
 def _versions(backend: Backend, step_name: str) -> list[str]:
