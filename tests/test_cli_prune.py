@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import asyncckpt
 from _cli import cli, remaining
 from asyncckpt import CheckpointManager
 from asyncckpt.format import step_dir_name
@@ -92,3 +93,28 @@ def test_a_delete_that_fails_midway_is_an_error_saying_what_was_deleted(root, ca
     assert code == 2 and "Traceback" not in err
     assert "deleted steps [1], then failed deleting step 2" in err and "Operation not permitted" in err, err
     assert remaining(root) == [2, 3, 4]
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "data file gone"])
+def test_a_newer_checkpoint_with_damaged_data_never_costs_the_newest_that_verifies(root, capsys, damage):
+    """Its manifest reads fine, so it used to count as the newest: ``--keep-last 1`` deleted every
+    good checkpoint, and nothing could be loaded afterwards."""
+    data = next((root / step_dir_name(4)).glob("data-*"))
+    if damage == "flipped byte":
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    else:
+        data.unlink()
+    code, out, err = cli(capsys, "prune", root, "--keep-last", "1", "--dry-run")
+    assert code == 0 and out.splitlines() == [
+        "would delete step 1",
+        "would delete step 2",
+        "would delete 2, kept 2: [3, 4]",
+    ]
+    assert "kept step 4: it does not verify" in err and data.name in err, err
+    code, out, err = cli(capsys, "prune", root, "--keep-last", "1")
+    assert code == 0 and "kept step 4: it does not verify" in err, err
+    assert remaining(root) == [3, 4]
+    with pytest.warns(UserWarning, match="step-000000000004 is damaged"):
+        assert asyncckpt.load(root)["step"] == 3

@@ -527,6 +527,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             "deletes what it cannot read, nor counts it among the newest: check it with asyncckpt verify",
             file=sys.stderr,
         )
+    for step, reason in sorted(result.damaged.items()):
+        print(
+            f"asyncckpt: kept step {step}: it does not verify ({_printable(reason)}); prune keeps the newest "
+            "checkpoint that verifies and every newer one: check it with asyncckpt verify",
+            file=sys.stderr,
+        )
     verb = "would delete" if args.dry_run else "deleted"
     for step in result.deleted:
         print(f"{verb} step {step}")
@@ -660,8 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         help="delete the checkpoints a retention policy does not keep (the newest, tagged checkpoints and "
         "those whose manifest cannot be read are always kept)",
-        description="Delete the checkpoints no rule keeps. Always kept: the newest readable checkpoint, "
-        "tagged checkpoints (untag them first), and checkpoints whose manifest cannot be read (reported).",
+        description="Delete the checkpoints no rule keeps. Always kept: the newest checkpoint that verifies "
+        "(every chunk's checksum) and any newer one (reported), tagged checkpoints (untag them first), and "
+        "checkpoints whose manifest cannot be read (reported).",
     )
     prune.add_argument("root", help="a checkpoint root")
     prune.add_argument("--keep-last", type=_positive(int), metavar="N", help="keep the newest N")

@@ -8,6 +8,7 @@ Paths name leaves the way save errors do: ``state['model'].state_dict()['0.weigh
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -22,12 +23,18 @@ from typing import IO, Any, cast
 import torch
 
 from asyncckpt.engine.mirror import MIRROR_FILE
-from asyncckpt.engine.reader import Where, read_checkpoint, read_manifest
+from asyncckpt.engine.reader import Where, read_checkpoint, read_manifest, verify_checkpoint
 from asyncckpt.errors import CheckpointError
 from asyncckpt.format import MANIFEST_NAME, Manifest, MultiRankManifest, parse_step_dir, per_rank_differences
 from asyncckpt.loading import open_target
 from asyncckpt.metrics import METRICS_LOG
-from asyncckpt.retention import RetentionPolicy, best_metric_missing, missing_metric_text, steps_to_delete
+from asyncckpt.retention import (
+    CheckpointInfo,
+    RetentionPolicy,
+    best_metric_missing,
+    missing_metric_text,
+    steps_to_delete,
+)
 from asyncckpt.state import skeleton
 from asyncckpt.state.skeleton import TENSOR_KINDS, Kind
 from asyncckpt.storage.backend import CheckpointRef, is_object_store_url
@@ -746,6 +753,7 @@ class Pruned:
     kept: list[int]
     deleted: list[int]  # or, with dry_run, would be deleted
     unreadable: dict[int, str] = field(default_factory=dict)  # kept: their manifests cannot be read (why)
+    damaged: dict[int, str] = field(default_factory=dict)  # kept: newer than the newest that verifies (why)
 
 
 def _is_asyncckpt_name(name: str) -> bool:
@@ -802,17 +810,44 @@ def _check_prunable(root: Path | str, policy: RetentionPolicy) -> list[Committed
     return committed
 
 
+def _newest_verified(committed: list[CommittedCheckpoint], infos: list[CheckpointInfo]) -> dict[int, str]:
+    """The checkpoints newer than the newest that verifies whole (its manifest and every chunk's
+    checksum), checked newest first up to that one, with why each failed. ``prune`` keeps them and
+    does not count them among the newest, as one whose manifest cannot be read: a newer checkpoint
+    whose data is damaged must not cost the last good one. Usually one checkpoint is read."""
+    damaged: dict[int, str] = {}
+    for checkpoint, info in reversed(list(zip(committed, infos, strict=True))):
+        if info.unreadable is not None:
+            continue
+        try:
+            verify_checkpoint(checkpoint.ref)
+        except CheckpointError as exc:
+            damaged[checkpoint.step] = str(exc)
+            continue
+        break
+    return damaged
+
+
+def _doomed(infos: list[CheckpointInfo], damaged: dict[int, str], policy: RetentionPolicy) -> set[int]:
+    marked = [
+        dataclasses.replace(i, unreadable=damaged[i.step]) if i.step in damaged else i for i in infos
+    ]  # kept, and not among the newest
+    return set(steps_to_delete(marked, policy))
+
+
 def prune(root: Path | str, policy: RetentionPolicy, dry_run: bool = False) -> Pruned:
     """Delete what ``policy`` does not keep; takes the root's writer lock unless ``dry_run``.
 
     A folder that is not a checkpoint root, or a ``keep_best`` metric no checkpoint carries, is a
-    CheckpointError before anything is touched.
+    CheckpointError before anything is touched. The newest checkpoint that verifies is always
+    kept, and so is every newer one (see ``_newest_verified``).
     """
     root = resolve_root(root)
     committed = _check_prunable(root, policy)
     if dry_run or not committed:
         infos = Catalog(lambda: committed).infos()
-        doomed = set(steps_to_delete(infos, policy))
+        damaged = _newest_verified(committed, infos)
+        doomed = _doomed(infos, damaged, policy)
     else:
         storage = open_storage(root)  # raises 'in use by another writer' while a manager is live
         try:
@@ -820,7 +855,8 @@ def prune(root: Path | str, policy: RetentionPolicy, dry_run: bool = False) -> P
             entries = catalog.entries()
             committed = [c for c, _ in entries]
             infos = [info for _, info in entries]
-            doomed = set(steps_to_delete(infos, policy))
+            damaged = _newest_verified(committed, infos)
+            doomed = _doomed(infos, damaged, policy)
             deleted: list[int] = []
             for c in committed:
                 if c.step in doomed:
@@ -836,4 +872,4 @@ def prune(root: Path | str, policy: RetentionPolicy, dry_run: bool = False) -> P
         finally:
             storage.close()
     unreadable = {i.step: i.unreadable for i in infos if i.unreadable is not None}
-    return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed), unreadable)
+    return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed), unreadable, damaged)
