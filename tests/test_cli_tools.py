@@ -237,6 +237,28 @@ def test_export_mixed_dtypes_and_nested_keys(tmp_path, capsys):
     assert_bit_equal(read_safetensors(out)[0], {"scalar": state["scalar"]})
 
 
+def test_export_of_a_dict_with_an_empty_key_keeps_every_tensor(tmp_path, capsys):
+    """A key "" is a tensor's name like any other: the whole dict was replaced by that one tensor."""
+    state = {"model": {"": torch.zeros(2), "w": torch.ones(3), "b": torch.arange(4.0)}}
+    with CheckpointManager(tmp_path / "r") as mgr:
+        mgr.save(1, state).wait()
+    out = tmp_path / "m.pt"
+    assert cli(capsys, "export", ckpt(tmp_path / "r", 1), "-o", out, "--format", "pt")[0] == 0
+    assert_bit_equal(torch.load(out, weights_only=True), state["model"])
+
+
+def test_export_to_safetensors_refuses_a_tensor_named_like_its_metadata_entry(tmp_path, capsys):
+    """A tensor named ``__metadata__`` overwrote the header's metadata: the file did not load."""
+    state = {"model": {"__metadata__": torch.ones(2), "w": torch.ones(3)}}
+    with CheckpointManager(tmp_path / "r") as mgr:
+        mgr.save(1, state).wait()
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli(capsys, "export", ckpt(tmp_path / "r", 1), "-o", out)
+    assert code == 2 and "'__metadata__'" in err and "--format pt" in err, err
+    assert not out.exists()
+    assert cli(capsys, "export", ckpt(tmp_path / "r", 1), "-o", tmp_path / "m.pt")[0] == 0
+
+
 def test_export_pt_is_a_flat_dict(run, tmp_path, capsys):
     root, weights = run
     out = tmp_path / "model.pt"

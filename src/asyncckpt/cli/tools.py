@@ -541,7 +541,7 @@ def flat_export_dict(path: Where, key: str, dtype: str | None) -> tuple[int, dic
     flat, skipped = _flat_tensors(node, loaded.tensors)
     if not flat:
         raise CheckpointError(f"{path}: key {key!r} holds no tensors")
-    if "" in flat:  # --key named one tensor
+    if skeleton.kind_of(node) in TENSOR_KINDS:  # --key named one tensor (not a dict with a key "")
         flat = {key: flat.pop("")}
     if dtype is not None:
         target = EXPORT_DTYPES[dtype]
@@ -553,6 +553,11 @@ def safetensors_bytes_header(flat: dict[str, torch.Tensor], metadata: dict[str, 
     """The safetensors header (length prefix included) and the tensors' byte views, in file order."""
     if sys.byteorder != "little":
         raise CheckpointError("safetensors export needs a little-endian host")
+    if "__metadata__" in flat:
+        raise CheckpointError(
+            "a tensor is named '__metadata__', the safetensors header's entry for metadata: "
+            "use --format pt, or export a --key below it"
+        )
     header: dict[str, Any] = {"__metadata__": metadata}
     payloads = []
     offset = 0
