@@ -386,6 +386,27 @@ def test_diff_nan_and_inf_give_strict_json(tmp_path, capsys):
     assert rows["state['bad']"]["max_abs_diff"] == "inf" and rows["state['bad']"]["max_rel_diff"] == "inf"
 
 
+def test_diff_equal_is_bit_for_bit(tmp_path, capsys):
+    """-0.0 against 0.0, and NaNs of other payloads, are equal in value only: a diff that said
+    "equal" (exit 0) there would pass a resume that is not bit-exact."""
+    other_nan = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)
+    states = {
+        "a": {"zero": torch.tensor([0.0, 1.0]), "nan": torch.tensor([float("nan")]), "v": 0.0, "n": 1.5},
+        "b": {"zero": torch.tensor([-0.0, 1.0]), "nan": other_nan, "v": -0.0, "n": 1.5},
+    }
+    for name, state in states.items():
+        with CheckpointManager(tmp_path / name) as mgr:
+            mgr.save(1, state).wait()
+    code, out, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1), "--json", "--all")
+    assert code == 1
+    rows = {row["path"]: row for row in json.loads(out)["leaves"]}
+    for name in ("zero", "nan"):
+        assert rows[f"state['{name}']"]["status"] == "different" and rows[f"state['{name}']"]["bits_only"] is True
+    assert rows["state['v']"]["status"] == "different" and rows["state['n']"]["status"] == "equal"
+    code, out, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1))
+    assert code == 1 and "state['zero']  equal in value, not in bits" in out and "3 different" in out, out
+
+
 def test_inspect_marks_tied_tensors(tmp_path, capsys):
     shared = torch.randn(4)
     with CheckpointManager(tmp_path / "r") as mgr:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import secrets
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -257,6 +258,9 @@ def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> dict:
             "a": {"dtype": str(a.dtype).removeprefix("torch."), "shape": list(a.shape)},
             "b": {"dtype": str(b.dtype).removeprefix("torch."), "shape": list(b.shape)},
         }
+    # "equal" is bit for bit: a resume checked with diff must not pass on -0.0 against 0.0, or on
+    # NaNs of other payloads (equal in value: then the row says so)
+    identical = bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
     numeric = a.is_floating_point() or a.is_complex()
     if numeric:
         try:
@@ -265,9 +269,8 @@ def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> dict:
         except (RuntimeError, TypeError):
             numeric = False  # packed formats (float4) cannot be widened: compare bytes
     if not numeric:
-        identical = bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
         return {"status": "equal" if identical else "different"}
-    if a.numel() == 0:
+    if identical:
         return {"status": "equal", "max_abs_diff": 0.0, "max_rel_diff": 0.0}
     both_nan = torch.isnan(x) & torch.isnan(y)
     same = (x == y) | both_nan
@@ -277,11 +280,10 @@ def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> dict:
     rel = torch.nan_to_num(diff / scale, nan=math.inf, posinf=math.inf)  # NaN or inf involved: inf
     rel = torch.where(same, torch.zeros((), dtype=torch.float64), rel)
     max_abs, max_rel = float(diff.max()), float(rel.max())
-    return {
-        "status": "equal" if max_abs == 0 else "different",
-        "max_abs_diff": _json_float(max_abs),
-        "max_rel_diff": _json_float(max_rel),
-    }
+    row = {"status": "different", "max_abs_diff": _json_float(max_abs), "max_rel_diff": _json_float(max_rel)}
+    if max_abs == 0:
+        row["bits_only"] = True  # equal in value: signed zeros, or NaNs of other payloads
+    return row
 
 
 DIFF_BATCH_BYTES = 256 << 20  # diff holds about this many tensor bytes of each checkpoint at a time
@@ -376,7 +378,9 @@ def diff_checkpoints(path_a: Where, path_b: Where, progress: Progress | None = N
             rows.append({"path": name, "status": "kind changed", "a": _kind_of(la), "b": _kind_of(lb)})
         else:
             va, vb = (la.kind, la.value), (lb.kind, lb.value)
-            same = va == vb and type(va[1]) is type(vb[1])
+            same = type(va[1]) is type(vb[1]) and (
+                _float_bits(va[1]) == _float_bits(vb[1]) if isinstance(va[1], float) else va == vb
+            )
             row: dict[str, Any] = {"path": name, "status": "equal" if same else "different"}
             if not same:
                 row.update(a=va[1], b=vb[1])
@@ -390,6 +394,11 @@ def diff_checkpoints(path_a: Where, path_b: Where, progress: Progress | None = N
         "counts": counts,
         "leaves": rows,
     }
+
+
+def _float_bits(value: float) -> bytes:
+    """A float leaf as its bits: -0.0 is not 0.0, and a NaN equals a NaN."""
+    return struct.pack("<d", value)
 
 
 def _kind_of(leaf: Leaf) -> dict:
@@ -421,7 +430,9 @@ def format_diff(result: dict, all_leaves: bool = False) -> str:
         if status == "equal" and not all_leaves:
             continue
         detail = ""
-        if "max_abs_diff" in row:
+        if row.get("bits_only"):
+            detail = "  equal in value, not in bits (signed zeros or NaN payloads)"
+        elif "max_abs_diff" in row:
             detail = f"  max_abs_diff={_g(row['max_abs_diff'])}  max_rel_diff={_g(row['max_rel_diff'])}"
         elif status == "dtype/shape changed":
             detail = f"  {row['a']['dtype']}{tuple(row['a']['shape'])} -> {row['b']['dtype']}{tuple(row['b']['shape'])}"
