@@ -10,6 +10,7 @@ import torch
 from _cli import cli, remaining, strict_json
 from _dist import run_ranks
 from asyncckpt import load
+from asyncckpt.cli import tools
 from asyncckpt.format import step_dir_name
 
 STEPS = [1, 2, 3]
@@ -79,6 +80,34 @@ def test_diff_between_multirank_steps(root, capsys):
     assert "layers.0.weight" in text and "rank_id" in text
     code, out, err = cli(capsys, "diff", root / step_dir_name(2), root / step_dir_name(2))
     assert code == 0, out + err
+
+
+def test_diff_compares_each_ranks_own_state_rank_by_rank(root, capsys):
+    """The consolidated view holds rank 0's own state alone: a change on another rank passed as equal."""
+    code, out, err = cli(capsys, "diff", root / step_dir_name(1), root / step_dir_name(2), "--json", "--all")
+    assert code == 1, out + err
+    rows = {row["path"]: row for row in strict_json(out)["leaves"]}
+    assert "state['rank_id']" not in rows
+    for rank in (0, 1):
+        row = rows[f"state['rank_id'] (rank {rank})"]
+        assert row["status"] == "different", row  # [rank, 1] -> [rank, 2]
+    code, out, _ = cli(capsys, "diff", root / step_dir_name(2), root / step_dir_name(2), "--all")
+    assert code == 0 and "state['rank_id'] (rank 1)" in out
+    calls: list[int] = []
+    a, b = root / step_dir_name(1), root / step_dir_name(2)
+    tools.diff_checkpoints(a, b, progress=calls.append)
+    assert sum(calls) == tools.diff_total_bytes(a, b) > 0
+
+
+def test_export_of_tensors_each_rank_kept_needs_a_choice(root, tmp_path, capsys):
+    out_file = tmp_path / "ids.pt"
+    code, _, err = cli(capsys, "export", root / step_dir_name(3), "-o", out_file, "--key", "rank_id")
+    assert code == 2 and "saved by 2 ranks, and each kept its own rank_id" in err and "--per-rank rank0" in err, err
+    assert not out_file.exists()
+    args = ("--key", "rank_id", "--per-rank", "rank0")
+    code, out, err = cli(capsys, "export", root / step_dir_name(3), "-o", out_file, *args)
+    assert code == 0, out + err
+    assert torch.equal(torch.load(out_file, weights_only=True)["rank_id"], torch.tensor([0, 3]))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

@@ -490,7 +490,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     ckpt = tools.resolve_checkpoint(args.ckpt)
     existed = tools.check_export_target(out, overwrite=args.force)  # before the checkpoint is read
-    step, flat, skipped = tools.flat_export_dict(ckpt, args.key, args.dtype)
+    step, flat, skipped = tools.flat_export_dict(ckpt, args.key, args.dtype, args.per_rank or "error")
     with progress_bar(tools.exported_bytes(flat), "export", args.progress) as bar:
         nbytes = tools.write_export(out, step, flat, key=args.key, fmt=fmt, progress=bar.advance, overwrite=args.force)
     if skipped:
@@ -655,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
     export.add_argument("--key", default="model", help="subtree to export (default: model); dots go deeper")
     export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point tensors")
+    export.add_argument(
+        "--per-rank",
+        choices=["rank0"],
+        help="a checkpoint of several ranks whose ranks each kept tensors of their own under KEY: export rank 0's "
+        "(default: refuse)",
+    )
     export.add_argument(
         "--format",
         choices=["safetensors", "pt"],

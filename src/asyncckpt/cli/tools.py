@@ -133,6 +133,8 @@ def leaves(tree: dict, path: str = "state") -> list[Leaf]:
     """
     out: list[Leaf] = []
     for visit in skeleton.leaves(tree, path):
+        if visit.kind == Kind.GLOBAL:  # a rank table's mark of a tensor of the consolidated view
+            continue
         value = visit.node[visit.kind]
         if visit.kind in TENSOR_KINDS:
             out.append(Leaf(visit.path, _LEAF_KINDS[visit.kind], index=value))
@@ -289,28 +291,67 @@ def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> dict:
 DIFF_BATCH_BYTES = 256 << 20  # diff holds about this many tensor bytes of each checkpoint at a time
 
 
-def _tensor_indexes(manifest: Manifest) -> list[int]:
-    return sorted(skeleton.tensor_indices(manifest.tree))
-
-
 def diff_total_bytes(path_a: Where, path_b: Where) -> int:
     """What ``diff_checkpoints``'s progress increments sum to: every tensor byte of both checkpoints
     (each is read, verified and compared once), from the manifests alone."""
     total = 0
-    for path in (path_a, path_b):
-        manifest = read_manifest(path)
-        total += sum(manifest.tensors[i].nbytes for i in _tensor_indexes(manifest))
+    for part in _diff_parts(read_manifest(path_a), read_manifest(path_b)):
+        for manifest in (part.a, part.b):
+            total += sum(_nbytes(manifest, i) for i in _indexes(_kept_leaves(manifest, part.keep)))
     return total
 
 
-def _batches(pairs: list[tuple[int | None, int | None]], manifest_a: Manifest, manifest_b: Manifest):
+@dataclass
+class _DiffPart:
+    """One comparison ``diff`` makes: the consolidated views' shared state, or one rank's own
+    state (a multi-rank checkpoint's per-rank paths, each rank against the same rank)."""
+
+    a: Manifest | None  # None: that side has no such rank
+    b: Manifest | None
+    keep: Callable[[str], bool]  # the leaf paths compared here
+    label: str = ""  # after each path: " (rank k)"
+
+
+def _per_rank_paths(manifest: Manifest) -> set[str]:
+    return set(per_rank_differences(manifest)) if isinstance(manifest, MultiRankManifest) else set()
+
+
+def _rank_table(manifest: Manifest, rank: int) -> Manifest | None:
+    if isinstance(manifest, MultiRankManifest):
+        assert manifest.tables is not None
+        return manifest.tables[rank] if rank < len(manifest.tables) else None
+    return manifest if rank == 0 else None
+
+
+def _diff_parts(manifest_a: Manifest, manifest_b: Manifest) -> list[_DiffPart]:
+    """What ``diff`` compares: the whole trees; for a multi-rank checkpoint, the state each rank
+    kept of its own is compared rank by rank (the consolidated view holds rank 0's alone, so a
+    change on another rank would pass as equal)."""
+    per_rank = _per_rank_paths(manifest_a) | _per_rank_paths(manifest_b)
+    if not per_rank:
+        return [_DiffPart(manifest_a, manifest_b, lambda path: True)]
+    parts = [_DiffPart(manifest_a, manifest_b, lambda path: path not in per_rank)]
+    ranks = max(getattr(m, "world_size", 1) for m in (manifest_a, manifest_b))
+    for rank in range(ranks):
+        table_a, table_b = _rank_table(manifest_a, rank), _rank_table(manifest_b, rank)
+        parts.append(_DiffPart(table_a, table_b, lambda path: path in per_rank, f" (rank {rank})"))
+    return parts
+
+
+def _kept_leaves(manifest: Manifest | None, keep: Callable[[str], bool]) -> dict[str, Leaf]:
+    if manifest is None:
+        return {}
+    return {leaf.path: leaf for leaf in leaves(manifest.tree) if keep(leaf.path)}
+
+
+def _batches(pairs: list[tuple[int | None, int | None]], manifest_a: Manifest | None, manifest_b: Manifest | None):
     """Consecutive runs of (A index, B index) pairs holding about DIFF_BATCH_BYTES of either side."""
     batch: list[tuple[int | None, int | None]] = []
     size_a = size_b = 0
     for ia, ib in pairs:
         batch.append((ia, ib))
-        size_a += manifest_a.tensors[ia].nbytes if ia is not None else 0
-        size_b += manifest_b.tensors[ib].nbytes if ib is not None else 0
+        size_a += _nbytes(manifest_a, ia) if ia is not None else 0
+        size_b += _nbytes(manifest_b, ib) if ib is not None else 0
         if max(size_a, size_b) >= DIFF_BATCH_BYTES:
             yield batch
             batch, size_a, size_b = [], 0, 0
@@ -318,23 +359,40 @@ def _batches(pairs: list[tuple[int | None, int | None]], manifest_a: Manifest, m
         yield batch
 
 
-def _read_some(path: Where, manifest: Manifest, wanted: set[int]) -> list[torch.Tensor | None]:
-    if not wanted:
-        return [None] * len(manifest.tensors)
+def _read_some(path: Where, manifest: Manifest | None, wanted: set[int]) -> list[torch.Tensor | None]:
+    if not wanted or manifest is None:
+        return [None] * (0 if manifest is None else len(manifest.tensors))
     tensors: list[torch.Tensor | None] = list(read_checkpoint(path, manifest=manifest, only=wanted).tensors)
     return tensors
 
 
 def diff_checkpoints(path_a: Where, path_b: Where, progress: Progress | None = None) -> dict:
     """Per leaf path: how B differs from A. Every tensor of both checkpoints is read and verified,
-    a batch of about DIFF_BATCH_BYTES at a time, so memory stays bounded on any size.
+    a batch of about DIFF_BATCH_BYTES at a time, so memory stays bounded on any size. The state
+    the ranks of a multi-rank checkpoint kept of their own is compared rank by rank (its rows'
+    paths end in ``(rank k)``).
 
     ``progress`` gets the tensor bytes of each batch read and compared; the increments sum to
     ``diff_total_bytes``.
     """
     manifest_a, manifest_b = read_manifest(path_a), read_manifest(path_b)
-    a = {leaf.path: leaf for leaf in leaves(manifest_a.tree)}
-    b = {leaf.path: leaf for leaf in leaves(manifest_b.tree)}
+    rows: list[dict[str, Any]] = []
+    for part in _diff_parts(manifest_a, manifest_b):
+        rows += [{**row, "path": row["path"] + part.label} for row in _diff_rows(path_a, path_b, part, progress)]
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return {
+        "a": {"path": str(path_a), "step": manifest_a.step},
+        "b": {"path": str(path_b), "step": manifest_b.step},
+        "counts": counts,
+        "leaves": rows,
+    }
+
+
+def _diff_rows(path_a: Where, path_b: Where, part: _DiffPart, progress: Progress | None) -> list[dict[str, Any]]:
+    manifest_a, manifest_b = part.a, part.b
+    a, b = _kept_leaves(manifest_a, part.keep), _kept_leaves(manifest_b, part.keep)
     names = [*a, *(k for k in b if k not in a)]
     # tensor pairs to compare, then the tensors of either side that have no partner: read to verify
     pairs: dict[tuple[int | None, int | None], None] = {}
@@ -344,8 +402,8 @@ def diff_checkpoints(path_a: Where, path_b: Where, progress: Progress | None = N
             pairs[(la.index, lb.index)] = None
     paired_a = {ia for ia, _ in pairs}
     paired_b = {ib for _, ib in pairs}
-    pairs.update(((i, None), None) for i in _tensor_indexes(manifest_a) if i not in paired_a)
-    pairs.update(((None, i), None) for i in _tensor_indexes(manifest_b) if i not in paired_b)
+    pairs.update(((i, None), None) for i in _indexes(a) if i not in paired_a)
+    pairs.update(((None, i), None) for i in _indexes(b) if i not in paired_b)
     compared: dict[tuple[int | None, int | None], dict] = {}
     done_a: set[int] = set()
     done_b: set[int] = set()
@@ -361,8 +419,7 @@ def diff_checkpoints(path_a: Where, path_b: Where, progress: Progress | None = N
         done_a |= want_a
         done_b |= want_b
         if progress is not None:
-            nbytes = sum(manifest_a.tensors[i].nbytes for i in want_a)
-            nbytes += sum(manifest_b.tensors[i].nbytes for i in want_b)
+            nbytes = sum(_nbytes(manifest_a, i) for i in want_a) + sum(_nbytes(manifest_b, i) for i in want_b)
             if nbytes:
                 progress(nbytes)
     rows: list[dict[str, Any]] = []
@@ -385,15 +442,16 @@ def diff_checkpoints(path_a: Where, path_b: Where, progress: Progress | None = N
             if not same:
                 row.update(a=va[1], b=vb[1])
             rows.append(row)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return {
-        "a": {"path": str(path_a), "step": manifest_a.step},
-        "b": {"path": str(path_b), "step": manifest_b.step},
-        "counts": counts,
-        "leaves": rows,
-    }
+    return rows
+
+
+def _indexes(kept: dict[str, Leaf]) -> list[int]:
+    return sorted({leaf.index for leaf in kept.values() if leaf.index is not None})
+
+
+def _nbytes(manifest: Manifest | None, index: int) -> int:
+    assert manifest is not None
+    return manifest.tensors[index].nbytes
 
 
 def _float_bits(value: float) -> bytes:
@@ -529,7 +587,9 @@ class Exported:
     skipped: list[str]  # non-tensor leaves left out
 
 
-def flat_export_dict(path: Where, key: str, dtype: str | None) -> tuple[int, dict[str, torch.Tensor], list[str]]:
+def flat_export_dict(
+    path: Where, key: str, dtype: str | None, per_rank: str = "error"
+) -> tuple[int, dict[str, torch.Tensor], list[str]]:
     """The tensors ``export --key`` writes: those under ``key``, named by their keys below it.
 
     The whole checkpoint is read and verified, as every export always has. ``key`` is resolved as
@@ -539,16 +599,32 @@ def flat_export_dict(path: Where, key: str, dtype: str | None) -> tuple[int, dic
         path: one checkpoint directory.
         key: the entry to export: ``"model"``, ``"ema.model"``, ``"models.0"``; one tensor's key exports it alone.
         dtype: a key of ``EXPORT_DTYPES`` to cast floating-point tensors to, or None.
+        per_rank: for a checkpoint of several ranks, the tensors each rank kept of its own under
+            ``key``: ``"error"`` (the default, as ``asyncckpt.load``'s) or ``"rank0"`` (rank 0's).
 
     Returns:
         The checkpoint's step, the tensors by name, and the names of the non-tensor leaves left out.
 
     Raises:
         CheckpointError: the checkpoint cannot be read, ``key`` names nothing (the message lists
-            what exists), or holds no tensor.
+            what exists), holds no tensor, or holds tensors each rank kept of its own (unless
+            ``per_rank="rank0"``).
     """
     loaded = read_checkpoint(path)
     node = skeleton.subtree(loaded.manifest.tree, key, str(path))
+    manifest = loaded.manifest
+    if isinstance(manifest, MultiRankManifest) and manifest.world_size > 1 and per_rank != "rank0":
+        own = [
+            visit.path
+            for visit in skeleton.walk(node, key, skeleton.DOTTED)
+            if visit.kind in TENSOR_KINDS and visit.node[visit.kind] < manifest.local_count
+        ]
+        if own:
+            shown = ", ".join(own[:5]) + (f" and {len(own) - 5} more" if len(own) > 5 else "")
+            raise CheckpointError(
+                f"{path} was saved by {manifest.world_size} ranks, and each kept its own {shown}: "
+                "pass --per-rank rank0 to export rank 0's"
+            )
     flat, skipped = _flat_tensors(node, loaded.tensors)
     if not flat:
         raise CheckpointError(f"{path}: key {key!r} holds no tensors")
@@ -752,11 +828,12 @@ def export_checkpoint(
     fmt: str | None = None,
     progress: Progress | None = None,
     overwrite: bool = False,
+    per_rank: str = "error",
 ) -> Exported:
     """Export the tensors under ``key`` of the checkpoint at ``path``; ``progress`` and ``overwrite``
-    as in write_export."""
+    as in write_export, ``per_rank`` as in flat_export_dict."""
     check_export_target(out, overwrite)  # before reading the checkpoint
-    step, flat, skipped = flat_export_dict(path, key, dtype)
+    step, flat, skipped = flat_export_dict(path, key, dtype, per_rank)
     nbytes = write_export(out, step, flat, key, fmt, progress, overwrite)
     return Exported(out, step, len(flat), nbytes, skipped)
 
