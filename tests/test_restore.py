@@ -642,3 +642,17 @@ def test_the_readme_training_state_round_trips_strictly_into_a_fresh_one(root):
     assert restore(root, live) == 3
     assert_same_tree(before, snapshot(live))
     assert len(live["optimizer"].state) == 6  # model[3]'s two params still have none
+
+
+def test_a_live_namedtuple_stays_one(tmp_path):
+    """Restore rebuilt any tuple as a plain one: code reading the live state's fields by name broke."""
+    import collections
+
+    stats = collections.namedtuple("stats", ["mean", "var"])
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(5, {"stats": stats(torch.ones(3), torch.full((3,), 2.0)), "shape": torch.Size([2, 3])}).wait()
+    live = {"stats": stats(torch.zeros(3), torch.zeros(3)), "shape": torch.Size([0])}
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore(live) == 5
+    assert type(live["stats"]) is stats and torch.equal(live["stats"].var, torch.full((3,), 2.0))
+    assert type(live["shape"]) is torch.Size and live["shape"] == (2, 3)

@@ -1114,9 +1114,23 @@ class _Restorer:
             for i, child in enumerate(value):
                 live[i] = self.into(live[i], child, child_path(path, i))
             return live
-        if kind == Kind.TUPLE and isinstance(live, tuple) and len(live) == len(value):
-            return tuple(self.into(live[i], c, child_path(path, i)) for i, c in enumerate(value))
+        if kind == Kind.TUPLE and isinstance(live, tuple):
+            if len(live) != len(value):
+                return _same_tuple_type(live, list(unflatten(node, tensors)))
+            return _same_tuple_type(live, [self.into(live[i], c, child_path(path, i)) for i, c in enumerate(value)])
         return unflatten(node, tensors)
+
+
+def _same_tuple_type(live: tuple, items: list) -> tuple:
+    """``items`` as a tuple of ``live``'s type: a namedtuple stays one (code reads its fields by
+    name), and so does another tuple subclass that takes its items (``torch.Size``)."""
+    if type(live) is tuple:
+        return tuple(items)
+    make = getattr(type(live), "_make", None)  # a namedtuple's
+    try:
+        return make(items) if callable(make) else type(live)(items)
+    except Exception:  # noqa: BLE001 - a subclass whose constructor takes something else
+        return tuple(items)
 
 
 def restore_into(
