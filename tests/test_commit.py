@@ -18,8 +18,9 @@ import torch
 import asyncckpt
 from _kill import kill_when
 from asyncckpt.engine.reader import read_manifest
+from asyncckpt.errors import CheckpointError
 from asyncckpt.format import ChunkEntry, Manifest, TensorEntry, parse_manifest
-from asyncckpt.storage.backend import Entry
+from asyncckpt.storage.backend import CheckpointRef, Entry, open_backend
 from asyncckpt.storage.commit import (
     CommitProtocol,
     ManifestLastCommit,
@@ -357,3 +358,25 @@ def test_a_listing_that_saw_a_step_vanish_lists_again_and_finds_its_successor(tm
     backend = StaleFirstListing(tmp_path / "root")
     assert [c.step for c in published_checkpoints(backend)] == [6]
     assert backend.calls == 2
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_checkpoint_directory_is_refused_as_a_root_and_left_untouched(tmp_path, request, where):
+    """Passed to resume from it, one checkpoint's directory became a root: its restore found no step
+    (training started afresh), new steps went inside the checkpoint, and the real root's retention
+    deleted them with it."""
+    if where == "s3":
+        root = request.getfixturevalue("s3_url")
+        options = request.getfixturevalue("s3_server").storage_options
+    else:
+        root, options = str(tmp_path / "root"), None
+    with asyncckpt.CheckpointManager(root, keep_last=1, storage_options=options) as mgr:
+        mgr.save(1000, {"w": torch.ones(3)}).wait()
+    step = f"{root}/step-000000001000"
+    before = read_manifest(CheckpointRef(open_backend(root, storage_options=options), "step-000000001000"))
+    with pytest.raises(CheckpointError, match="step-000000001000 is one checkpoint, not a checkpoint root"):
+        asyncckpt.CheckpointManager(step, storage_options=options)
+    after = read_manifest(CheckpointRef(open_backend(root, storage_options=options), "step-000000001000"))
+    assert after == before
+    if where == "local":
+        assert sorted(os.listdir(step)) == ["data-00000.bin", "manifest.json"]  # no lock, log or step

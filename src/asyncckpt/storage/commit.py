@@ -1053,6 +1053,26 @@ def choose_protocol(backend: Backend) -> CommitProtocol:
     return ManifestLastCommit(backend)
 
 
+def _refuse_one_checkpoint(backend: Backend) -> None:
+    """A committed checkpoint's own directory is no root (as when its path is passed to resume
+    from it): a writer there would put its lock and new steps inside that checkpoint, a restore
+    would find no step and start afresh, and the real root's retention would delete them all
+    with the checkpoint. Checked before the lock is taken, so nothing is written into it.
+
+    Raises:
+        CheckpointError: The root holds a manifest of its own.
+    """
+    try:
+        names = [entry.name for entry in backend.list("") if not entry.is_dir]
+    except CheckpointError:
+        return  # taking the lock says what is wrong with the root
+    if any(parse_manifest_generation(name) is not None for name in names):
+        raise CheckpointError(
+            f"{backend.location} is one checkpoint, not a checkpoint root: pass the root that holds it "
+            "(to resume from this step, restore(state, step=N) on a manager of that root)"
+        )
+
+
 def open_storage(root: str | os.PathLike | Backend, storage_options: dict | None = None) -> CommitProtocol:
     """Open a root for writing: choose its backend and protocol, lock it, recover it.
 
@@ -1065,10 +1085,11 @@ def open_storage(root: str | os.PathLike | Backend, storage_options: dict | None
 
     Raises:
         RootInUseError: Another writer holds the root.
-        CheckpointError: No backend for the root's scheme, or the root cannot be created, locked
-            or swept.
+        CheckpointError: No backend for the root's scheme, the root is one checkpoint's directory,
+            or the root cannot be created, locked or swept.
     """
     backend = open_backend(root, storage_options=storage_options)
+    _refuse_one_checkpoint(backend)
     backend.lock()
     try:
         protocol = choose_protocol(backend)
