@@ -100,6 +100,17 @@ def test_maybe_save_takes_tags(tmp_path):
     assert read_manifest(path).tags == ["warmup"]
 
 
+def test_tags_given_as_one_string_are_refused_and_nothing_is_saved(tmp_path):
+    """tags="best" made the tags b, e, s, t: a checkpoint no untag("best") freed from retention."""
+    with CheckpointManager(tmp_path, policy=EverySteps(1)) as mgr:
+        with pytest.raises(TypeError, match=r"tags must be a list of strings, not one string: tags=\['best'\]"):
+            mgr.save(1, {"w": torch.ones(4)}, tags="best")
+        with pytest.raises(TypeError, match="not one string"):
+            mgr.maybe_save(2, {"w": torch.ones(4)}, tags="keep")
+        mgr.save(3, {"w": torch.ones(4)}, tags=("best",)).wait()
+        assert mgr.steps() == [3]
+
+
 def test_tag_and_untag_a_save_still_in_flight_apply_at_commit(tmp_path, monkeypatch):
     monkeypatch.setitem(_phases._DELAYS, "write", 0.3)
     with CheckpointManager(tmp_path, keep_last=1) as mgr:

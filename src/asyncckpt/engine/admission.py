@@ -317,6 +317,8 @@ class Admission:
         try:
             job_metrics = _plain_metrics(metrics)
             job_metadata = check_json(metadata, "metadata")
+            if isinstance(tags, (str, bytes)):  # list("best") would make four tags no untag removes
+                raise TypeError(f"tags must be a list of strings, not one string: tags=[{tags!r}]")
             job_tags = check_tags(list(tags), "tags")
         except BaseException:
             self._plan.refuse(step)
