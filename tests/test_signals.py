@@ -200,3 +200,105 @@ def test_asyncio_run_s_sigint_handler_is_not_left_behind_by_a_close_at_its_shutd
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+LATE_CHILD = """
+import asyncio, os, signal, sys, threading, time, torch, asyncckpt
+root, log_path, case = sys.argv[1], sys.argv[2], sys.argv[3]
+log = open(log_path, "w")
+say = lambda line: print(line, file=log, flush=True)
+state = {"w": torch.zeros(1000)}
+if case == "async, after the last maybe_save":
+    async def main():
+        mgr = asyncckpt.AsyncCheckpointManager(root, policy=asyncckpt.EverySteps(2))
+        mgr.install_signal_handlers()
+        for step in (1, 2):
+            await mgr.maybe_save(step, state)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        say("signalled")
+        await mgr.close()
+        say("closed")
+    asyncio.run(main())
+    sys.exit(0)
+mgr = asyncckpt.CheckpointManager(root, policy=asyncckpt.EverySteps(2))
+mgr.install_signal_handlers()
+for step in (1, 2):
+    mgr.maybe_save(step, state)
+if case == "after the last maybe_save":
+    os.kill(os.getpid(), signal.SIGTERM)
+    say("signalled")
+    mgr.close()
+elif case == "closed off the main thread":
+    closing = threading.Thread(target=mgr.close)
+    closing.start()
+    closing.join()
+    say("closed")
+    os.kill(os.getpid(), signal.SIGTERM)
+elif case == "final save fails":
+    os.kill(os.getpid(), signal.SIGTERM)
+    mgr.maybe_save(3, {"w": torch.zeros(4), "seen": {1, 2}})  # a set: save raises TypeError
+elif case == "second signal during the final save":
+    big = {"w": torch.zeros(30_000_000)}
+    os.kill(os.getpid(), signal.SIGINT)
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+    began = time.monotonic()
+    try:
+        mgr.maybe_save(3, big)
+    except KeyboardInterrupt:
+        say(f"interrupted {time.monotonic() - began:.2f}")
+    try:
+        assert mgr.maybe_save(5, big) is None  # no stale signal: not due, and nothing raised
+        say("no stale signal")
+    except KeyboardInterrupt:
+        say("stale signal")
+    mgr.close()
+    sys.exit(0)
+time.sleep(0.5)
+say("still running")
+"""
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "after the last maybe_save",
+        "async, after the last maybe_save",
+        "closed off the main thread",
+        "final save fails",
+        "second signal during the final save",
+    ],
+)
+def test_a_signal_no_maybe_save_took_is_never_swallowed(tmp_path, case):
+    """A signal that came after the last maybe_save acts when the manager closes, a closed
+    manager's handlers never keep one, a final save that fails says why before the signal acts,
+    and a second signal during the final save acts at once, leaving none behind (each used to be
+    swallowed, or ended the process without a word)."""
+    script, log = tmp_path / "child.py", tmp_path / "log"
+    script.write_text(LATE_CHILD)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "root"), str(log), case],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = log.read_text().splitlines()
+    if case == "second signal during the final save":
+        assert done.returncode == 0, done.stderr
+        assert lines[0].startswith("interrupted") and float(lines[0].split()[1]) < 5.0, lines
+        assert lines[1:] == ["no stale signal"], lines
+        return
+    assert done.returncode == -signal.SIGTERM, (done.returncode, lines, done.stderr)
+    assert "still running" not in lines and "closed" not in lines[1:], lines
+    if case == "final save fails":
+        assert "the final checkpoint before signal 15 failed: TypeError: state['seen']" in done.stderr, done.stderr
+    assert [c.step for c in asyncckpt.storage.local.list_checkpoints(tmp_path / "root")] == [2]
+
+
+def test_a_closed_manager_installs_no_handlers(tmp_path):
+    mgr = asyncckpt.CheckpointManager(tmp_path)
+    mgr.close()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(asyncckpt.CheckpointError, match="is closed"):
+        mgr.install_signal_handlers()
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -45,6 +45,7 @@ import torch
 
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import training_thread
+from asyncckpt.engine.signals import final_save_failed
 from asyncckpt.engine.staging import on_stream
 from asyncckpt.errors import CheckpointError
 from asyncckpt.manager import CheckpointManager
@@ -502,10 +503,11 @@ class AsyncCheckpointManager:
         """
         self._check_owner()
         if self._preempted is not None:
-            signum, self._preempted = self._preempted, None
+            signum = self._preempted  # kept until raised: a second signal meanwhile acts at once
             try:
                 await self._final_save(signum, step, state, metrics, metadata, tags)
             finally:
+                self._preempted = None
                 self._remove_signal_handlers()
                 signal.raise_signal(signum)
             return None
@@ -519,13 +521,13 @@ class AsyncCheckpointManager:
         manager = self.manager
         try:
             handle, earlier = await self._run(manager._save, step, state, metrics, metadata, tags)
-        except CheckpointError as exc:
-            warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+        except Exception as exc:  # noqa: BLE001 - whatever failed (a state save refuses), the signal acts
+            warnings.warn(final_save_failed(signum, exc), stacklevel=3)
             return
         try:
             await AsyncSaveHandle(handle, asyncio.get_running_loop())  # this save's own outcome
-        except CheckpointError as exc:
-            warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+        except Exception as exc:  # noqa: BLE001 - as above
+            warnings.warn(final_save_failed(signum, exc), stacklevel=3)
         for other in (earlier, await self._run(manager._take_background_errors)):
             if other is not None:
                 warnings.warn(f"asyncckpt: before signal {signum}, an earlier save failed: {other}", stacklevel=3)
@@ -596,9 +598,18 @@ class AsyncCheckpointManager:
         self._remove_signal_handlers()
         if os.getpid() != self.manager._pid:
             return
-        while self._inflight:
-            await asyncio.wait(list(self._inflight))
-        await self._run(self.manager.close)
+        pending, self._preempted = self._preempted, None  # a signal no maybe_save took: raised once closed
+        try:
+            while self._inflight:
+                await asyncio.wait(list(self._inflight))
+            await self._run(self.manager.close)
+        except BaseException as exc:
+            if pending is not None:
+                warnings.warn(f"asyncckpt: {exc}", stacklevel=2)  # the signal may end the process
+                signal.raise_signal(pending)
+            raise
+        if pending is not None:
+            signal.raise_signal(pending)
 
     async def _close_quietly(self) -> None:
         try:

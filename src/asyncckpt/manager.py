@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import threading
 import time
 import warnings
 from concurrent.futures import Future
@@ -319,6 +318,7 @@ class CheckpointManager:
             CheckpointError: Used from a forked child.
         """
         self._check_owner()
+        self._check_open()  # a closed manager's handlers would take a signal nothing acts on
         self._preemption.install(signals)
 
     def maybe_save(
@@ -684,8 +684,19 @@ class CheckpointManager:
         if self._admission.closed or self._pid != os.getpid():
             return
         self._admission.close()
-        if self._preemption.installed() and threading.current_thread() is threading.main_thread():
-            self._preemption.restore()
+        pending = self._preemption.close()  # a signal no maybe_save took: raised once closed
+        try:
+            self._close_all()
+        except BaseException as exc:
+            if pending is not None:
+                warnings.warn(f"asyncckpt: {exc}", stacklevel=2)  # the signal may end the process
+                signal.raise_signal(pending)
+            raise
+        if pending is not None:
+            signal.raise_signal(pending)
+
+    def _close_all(self) -> None:
+        """``close``'s work once admission is closed and the signal handlers are off."""
         if self._schedule is not None:
             self._schedule.close()
         try:
@@ -698,7 +709,7 @@ class CheckpointManager:
             self._copier.close()
             self._admission.arenas.clear()
             for owed in self._tags.write_owed():  # the writer is stopped: nothing else writes them now
-                warnings.warn(f"asyncckpt: tags lost (closed unable to write them): {owed}", stacklevel=2)
+                warnings.warn(f"asyncckpt: tags lost (closed unable to write them): {owed}", stacklevel=3)
             try:
                 # before the local root's lock goes: the uploads still read its checkpoints
                 mirror_error = self._mirror.close(self._mirror_timeout) if self._mirror is not None else None
@@ -709,7 +720,7 @@ class CheckpointManager:
         earlier = self._take_background_errors()
         if earlier is not None:
             if mirror_error is not None:  # never lost: said, while the save's failure is raised
-                warnings.warn(str(mirror_error), stacklevel=2)
+                warnings.warn(str(mirror_error), stacklevel=3)
             raise earlier
         if mirror_error is not None:
             raise mirror_error

@@ -33,6 +33,7 @@ class Preemption:
         self._pid = os.getpid()  # a forked child inherits the handlers, not the manager
         self._previous: dict[int, Any] = {}
         self.signum: int | None = None
+        self._closed = False  # handlers left installed by a close off the main thread pass signals on
 
     def install(self, signals: tuple[int, ...]) -> None:
         """Catch ``signals`` (the handlers found are kept, to be put back).
@@ -63,13 +64,28 @@ class Preemption:
         return bool(self._previous)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        # A forked child inherited the handler: act as if it never had it. Asked twice: stop waiting
-        # for the next step. Either way the previous handler takes the signal.
-        if self._pid != os.getpid() or self.signum is not None:
+        # A forked child inherited the handler, or its manager closed: act as if it never had it.
+        # Asked twice (also during the final save): stop waiting. Either way the previous handler
+        # takes the signal (handlers run on the main thread, where they can be put back).
+        if self._pid != os.getpid() or self.signum is not None or self._closed:
             self.restore()
             signal.raise_signal(signum)
             return
         self.signum = signum
+
+    def close(self) -> int | None:
+        """The manager closes: its handlers come off (on the main thread; on another one they can
+        not, and pass every signal on from now, putting the found handlers back at the first).
+
+        Returns:
+            The signal received and not acted on yet (none came to a ``maybe_save`` since), for
+            the caller to raise once it is closed: it is the program's, never dropped.
+        """
+        self._closed = True
+        if threading.current_thread() is threading.main_thread():
+            self.restore()
+        pending, self.signum = self.signum, None
+        return pending
 
     def restore(self) -> None:
         """Put back the handlers found at ``install`` (main thread).
@@ -111,26 +127,35 @@ class Preemption:
             signum: The signal to raise after it (default: the one received). Several ranks: the
                 one the rank that received it announced, for every rank (``RankSchedule``).
         """
-        signum, self.signum = (signum if signum is not None else self.signum), None
+        signum = signum if signum is not None else self.signum
         assert signum is not None
+        self.signum = signum  # until it is raised: a second signal meanwhile acts at once
         try:
             try:
                 handle, earlier = save()
-            except CheckpointError as exc:
-                warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+            except Exception as exc:  # noqa: BLE001 - whatever failed (a state save refuses), the signal acts
+                warnings.warn(final_save_failed(signum, exc), stacklevel=3)
             else:
                 try:
                     handle.wait()  # this save's own outcome: another save's failure is not its
-                except CheckpointError as exc:
-                    warnings.warn(f"asyncckpt: the final checkpoint before signal {signum} failed: {exc}", stacklevel=3)
+                except Exception as exc:  # noqa: BLE001 - as above
+                    warnings.warn(final_save_failed(signum, exc), stacklevel=3)
                 for other in (earlier, take_errors()):
                     if other is not None:
                         warnings.warn(
                             f"asyncckpt: before signal {signum}, an earlier save failed: {other}", stacklevel=3
                         )
         finally:
+            self.signum = None
             self.restore()
             signal.raise_signal(signum)
+
+
+def final_save_failed(signum: int, exc: Exception) -> str:
+    """The warning of a final checkpoint that failed: a CheckpointError says what it is, anything
+    else is named by its type."""
+    reason = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+    return f"asyncckpt: the final checkpoint before signal {signum} failed: {reason}"
 
 
 def _call_if_alive(ref: weakref.WeakMethod) -> None:
