@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 import asyncckpt
+from asyncckpt import CheckpointManager, _phases
 from asyncckpt.engine.handle import SaveHandle
-from asyncckpt.errors import OverlapGuardError, SaveFailedError
+from asyncckpt.errors import CheckpointError, OverlapGuardError, SaveFailedError
+from asyncckpt.storage.local import list_checkpoints
 
 
 def test_the_package_exports_the_handle_of_engine_handle():
@@ -57,3 +61,47 @@ def test_marking_a_failure_reported_keeps_it_from_being_raised_again():
     handle = SaveHandle(2)
     handle._mark_reported()
     assert handle.reported
+
+
+@pytest.mark.parametrize("call", ["the manager's wait", "another handle's wait", "close"])
+def test_a_done_callback_that_waits_for_the_writer_is_refused_not_hung(tmp_path, monkeypatch, call):
+    """Callbacks run on the writer thread: waiting there for a save in flight (or closing) made the
+    writer wait for itself, and the manager hung for good."""
+    monkeypatch.setitem(_phases._DELAYS, "write", 0.3)  # both saves are in flight when the first commits
+    mgr = CheckpointManager(tmp_path, max_pending=2)
+    errors: list[BaseException] = []
+    saves: list = []
+    called = threading.Event()
+
+    def callback(handle) -> None:
+        try:
+            if call == "the manager's wait":
+                mgr.wait()
+            elif call == "another handle's wait":
+                saves[1].wait()
+            else:
+                mgr.close()
+        except CheckpointError as exc:
+            errors.append(exc)
+        finally:
+            called.set()
+
+    saves.append(mgr.save(1, {"x": torch.ones(3)}))
+    saves[0].add_done_callback(callback)
+    saves.append(mgr.save(2, {"x": torch.ones(1000)}))
+    assert called.wait(60), "the callback never returned"
+    closing = threading.Thread(target=mgr.close, daemon=True)
+    closing.start()
+    closing.join(60)
+    assert not closing.is_alive(), "the manager hung"
+    assert len(errors) == 1 and "done-callback, which runs on the writer thread" in str(errors[0]), errors
+    assert saves[1].done() and [c.step for c in list_checkpoints(tmp_path)] == [1, 2]
+
+
+def test_a_done_callback_of_a_save_already_done_may_wait(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        handle = mgr.save(1, {"x": torch.ones(3)})
+        handle.wait()
+        waited: list = []
+        handle.add_done_callback(lambda h: waited.append(mgr.wait()))
+        assert waited == [None]

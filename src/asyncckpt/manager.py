@@ -16,7 +16,7 @@ import torch
 
 from asyncckpt.codec import CodecConfig
 from asyncckpt.engine.admission import Admission
-from asyncckpt.engine.handle import SaveHandle
+from asyncckpt.engine.handle import SaveHandle, refuse_in_done_callback
 from asyncckpt.engine.mirror import _Mirror, write_mirror_file
 from asyncckpt.engine.overlap import Fences
 from asyncckpt.engine.pipeline import Pipeline, SaveJob
@@ -504,10 +504,12 @@ class CheckpointManager:
 
         Raises:
             SaveFailedError: A save failed that no caller has seen fail yet.
-            CheckpointError: Used from a forked child; an upload to the mirror failed (naming the
-                step, the object and the cause), or ``mirror`` and the uploads outlasted the timeout.
+            CheckpointError: Used from a forked child or a save's done-callback; an upload to the
+                mirror failed (naming the step, the object and the cause), or ``mirror`` and the
+                uploads outlasted the timeout.
         """
         self._check_owner()
+        refuse_in_done_callback("CheckpointManager.wait()")
         self._fences.fence()
         self._admission.wait_pending()
         self._raise_background_errors()
@@ -683,6 +685,7 @@ class CheckpointManager:
         """
         if self._admission.closed or self._pid != os.getpid():
             return
+        refuse_in_done_callback("CheckpointManager.close()")
         self._admission.close()
         pending = self._preemption.close()  # a signal no maybe_save took: raised once closed
         try:

@@ -8,12 +8,36 @@ The writer resolves it through ``_resolve``/``_fail``, overlap mode sets its fen
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 from asyncckpt.errors import CheckpointError, SaveFailedError
+
+# Set on the thread running a done-callback (the writer's, usually): a wait there for a save not
+# yet done is the writer waiting for itself, refused instead of hanging (see ``in_done_callback``).
+_CALLBACK = threading.local()
+
+
+def in_done_callback() -> bool:
+    """Whether this thread is running a save's done-callback."""
+    return getattr(_CALLBACK, "depth", 0) > 0
+
+
+def refuse_in_done_callback(what: str) -> None:
+    """A call that waits for the writer, made from a done-callback on the writer's thread, would
+    wait forever: an error instead, naming ``what``.
+
+    Raises:
+        CheckpointError: Called in a done-callback.
+    """
+    if in_done_callback():
+        raise CheckpointError(
+            f"{what} was called in a save's done-callback, which runs on the writer thread: it would wait for "
+            "itself forever. Wait after the callback returns (on your own thread) instead"
+        )
 
 
 class SaveHandle:
@@ -67,6 +91,8 @@ class SaveHandle:
                 f"this save handle belongs to pid {self._pid}; a forked child cannot wait for it "
                 f"(this is pid {os.getpid()})"
             )
+        if not self.done():
+            refuse_in_done_callback(f"wait() of the save of step {self.step}")
         if self._before_wait is not None:
             began = time.monotonic()
             self._before_wait(timeout=timeout)
@@ -90,9 +116,22 @@ class SaveHandle:
         """Call ``fn(handle)`` once the save committed or failed (at once if it already has).
 
         Args:
-            fn: Called on the writer thread, or on this one if the save is already done.
+            fn: Called on the writer thread, or on this one if the save is already done. It must not
+                wait for a save still in flight, nor close the manager (a CheckpointError then).
         """
-        self._future.add_done_callback(lambda _: fn(self))
+
+        if self._future.done():  # on this thread, now: it may wait as it likes
+            self._future.add_done_callback(lambda _: fn(self))
+            return
+
+        def call(_: Future) -> None:
+            _CALLBACK.depth = getattr(_CALLBACK, "depth", 0) + 1
+            try:
+                fn(self)
+            finally:
+                _CALLBACK.depth -= 1
+
+        self._future.add_done_callback(call)
 
     # ---- the package's side --------------------------------------------------------------------
 
