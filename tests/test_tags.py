@@ -1,6 +1,8 @@
-"""Tags written on the writer thread (given while a save was in flight) that hit a full disk: they
-stay owed, count for retention, and reach the manifest once the disk has room (after the next save,
-at close, or with the next tag change), so a tagged checkpoint keeps its protection after a restart."""
+"""Tags on a full disk (a real one: a small tmpfs). Written on the writer thread (given while a save
+was in flight), they stay owed, count for retention, and reach the manifest once the disk has room
+(after the next save, at close, or with the next tag change), so a tagged checkpoint keeps its
+protection after a restart. Given to a committed checkpoint, the failure is the caller's, naming the
+manifest, with nothing left behind."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from _waiting import wait_until
-from asyncckpt import CheckpointManager, _phases
+from asyncckpt import CheckpointError, CheckpointManager, _phases
 from asyncckpt.engine.reader import read_manifest
 
 STATE = {"w": torch.ones(4)}
@@ -112,3 +114,17 @@ def test_tags_still_owed_at_close_are_said_lost(late_tags):
     lost = [str(w.message) for w in caught if "tags lost" in str(w.message)]
     assert len(lost) == 1 and str(path) in lost[0] and "['best']" in lost[0] and "No space left" in lost[0], lost
     assert read_manifest(path).tags == []
+
+
+def test_a_tag_on_a_full_disk_is_an_error_naming_the_manifest_and_leaves_nothing_behind(small_disk):
+    root = small_disk / "root"
+    with CheckpointManager(root) as mgr:
+        path = Path(mgr.save(1, STATE).wait())
+        filler = _fill(small_disk)
+        with pytest.raises(CheckpointError, match=r"cannot replace .*step-000000000001/manifest.json: .*No space left"):
+            mgr.tag(1, "best")
+        assert sorted(p.name for p in path.iterdir()) == ["data-00000.bin", "manifest.json"]  # no temp manifest
+        assert read_manifest(path).tags == []
+        filler.unlink()
+        assert mgr.tag(1, "best") == ["best"]
+    assert read_manifest(path).tags == ["best"]

@@ -642,11 +642,11 @@ class LocalBackend:
         dir_fd = _dir_fd_no_follow(path.parent)
         try:
             temp = f"{path.name}.{TEMP_PREFIX}{_token()}"
-            _write_new_synced(path.parent / temp, data, dir_fd=dir_fd)
             try:
+                _write_new_synced(path.parent / temp, data, dir_fd=dir_fd)
                 os.rename(temp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                 os.fsync(dir_fd)
-            except OSError as exc:
+            except OSError as exc:  # a full disk while writing, or the rename: no temp left behind
                 try:
                     os.unlink(temp, dir_fd=dir_fd)
                 except OSError:
