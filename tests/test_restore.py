@@ -656,3 +656,28 @@ def test_a_live_namedtuple_stays_one(tmp_path):
         assert mgr.restore(live) == 5
     assert type(live["stats"]) is stats and torch.equal(live["stats"].var, torch.full((3,), 2.0))
     assert type(live["shape"]) is torch.Size and live["shape"] == (2, 3)
+
+
+def test_a_fresh_optimizer_s_parameters_hold_its_state_to_their_shape(tmp_path):
+    """A fresh optimizer has no state to compare with: a saved moment of another shape was loaded,
+    and the first step after the restore failed instead of the restore."""
+    param = nn.Parameter(torch.randn(3))
+    opt = torch.optim.Adam([param])
+    param.grad = torch.ones(3)
+    opt.step()
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"opt": opt}).wait()
+    other = nn.Parameter(torch.randn(5))
+    fresh = torch.optim.Adam([other])
+    with CheckpointManager(tmp_path) as mgr, pytest.raises(StateMismatchError) as caught:
+        mgr.restore({"opt": fresh})
+    assert "['state'][0]['exp_avg']: shape mismatch, the checkpoint holds (3,) for a parameter of shape (5,)" in str(
+        caught.value
+    )
+    assert fresh.state_dict()["state"] == {}  # nothing was changed
+    same = nn.Parameter(torch.randn(3))
+    resumed = torch.optim.Adam([same])
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore({"opt": resumed}) == 1
+    assert torch.equal(resumed.state[same]["exp_avg"], opt.state[param]["exp_avg"])
+

@@ -711,12 +711,21 @@ class _Planner:
                 self.plan.leave.add(spath)
             elif kind_of(per_param) == Kind.DICT:
                 have = live.state.get(param) or {}
+                shaped = _PARAM_SHAPED if type(live).__module__.startswith("torch.optim") else ()
                 for skey, snode in per_param[Kind.DICT]:
                     current = have.get(skey)
-                    if isinstance(current, torch.Tensor) and kind_of(snode) == Kind.TENSOR:
-                        found = self.tensors[snode[Kind.TENSOR]]
+                    if kind_of(snode) != Kind.TENSOR:
+                        continue
+                    found = self.tensors[snode[Kind.TENSOR]]
+                    if isinstance(current, torch.Tensor):
                         if tuple(current.shape) != tuple(found.shape):
                             self.plan.errors.append(_shape_mismatch(child_path(spath, skey), current, found))
+                    elif skey in shaped and tuple(found.shape) != tuple(param.shape):
+                        # no state yet (a fresh optimizer): its parameter's shape is what it must fit
+                        self.plan.errors.append(
+                            f"{child_path(spath, skey)}: shape mismatch, the checkpoint holds {tuple(found.shape)} "
+                            f"for a parameter of shape {tuple(param.shape)}"
+                        )
 
     def _match_positions(
         self, live: torch.optim.Optimizer, saved: list[list[Any]], where: str, cls: str
@@ -895,6 +904,15 @@ class _OptimizerMatch:
             at += count
             groups.append(group)
         return {**plain, "state": state, "param_groups": groups}
+
+
+# The state entries torch's own optimizers make in their parameter's shape (``zeros_like(param)``):
+# a fresh optimizer has none to compare with, so these are held to the parameter's shape instead
+# (another optimizer's state may take any shape: Adafactor's factored moments, for one).
+_PARAM_SHAPED = frozenset(
+    {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg", "grad_avg"}
+    | {"acc_delta", "sum", "prev", "step_size", "ax"}
+)
 
 
 def _shape_mismatch(path: str, live: torch.Tensor, saved: torch.Tensor) -> str:
