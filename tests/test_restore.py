@@ -681,3 +681,27 @@ def test_a_fresh_optimizer_s_parameters_hold_its_state_to_their_shape(tmp_path):
         assert mgr.restore({"opt": resumed}) == 1
     assert torch.equal(resumed.state[same]["exp_avg"], opt.state[param]["exp_avg"])
 
+
+def test_a_module_refusing_its_extra_state_is_an_error_that_says_the_state_is_partly_restored(tmp_path):
+    """No check ahead can see what a module's own set_extra_state refuses: the error must not let
+    the caller believe the state unchanged, as every other restore failure leaves it."""
+
+    class Strict(nn.Linear):
+        version = 1
+
+        def get_extra_state(self):
+            return {"version": self.version}
+
+        def set_extra_state(self, state):
+            if state["version"] != self.version:
+                raise ValueError(f"format version {state['version']} is not {self.version}")
+
+    saved = Strict(3, 3)
+    saved.version = 2
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"layer": saved}).wait()
+    live = Strict(3, 3)
+    with CheckpointManager(tmp_path) as mgr, pytest.raises(asyncckpt.CheckpointError) as caught:
+        mgr.restore({"layer": live})
+    message = str(caught.value)
+    assert "Strict.load_state_dict failed: format version 2 is not 1; the state is partly restored" in message

@@ -1120,7 +1120,11 @@ class _Restorer:
                     else:
                         _load_optimizer(live, value, tensors, self.plan, path)
                 except Exception as exc:
-                    raise CheckpointError(f"{path}: {type(live).__name__}.load_state_dict failed: {exc}") from exc
+                    raise CheckpointError(
+                        f"{path}: {type(live).__name__}.load_state_dict failed: {exc}; the state is partly restored "
+                        "(loaded in place up to this failure, which no check ahead could see): restore again or "
+                        "start afresh"
+                    ) from exc
             return live
         if kind == Kind.DICT and isinstance(live, dict):
             for key, child in value:
