@@ -58,7 +58,7 @@ def test_render_counts_the_fence_wait_in_overlap_mode():
     assert "fence wait" in text and "training time lost" in text
 
 
-def test_demo_reports_medians_and_ranges_of_its_own_run(tmp_path):
+def test_demo_reports_medians_and_ranges_of_its_own_run(tmp_path, capsys):
     lines: list[str] = []
     report = run_demo(seconds=1.0, width=32, depth=1, root=str(tmp_path / "demo"), out=lines.append)
     assert report.restore_exact and report.restored_step > 0
@@ -71,6 +71,12 @@ def test_demo_reports_medians_and_ranges_of_its_own_run(tmp_path):
     what = "cost training" if report.background_measured else "blocked training"
     assert headline(Spread.of(report.asyncckpt_costs), Spread.of(report.torch_save_stalls), what) in text
     assert f"{Spread.of(report.step_times).median * 1e3:.1f} ms" in text
+    assert all(cost >= 0 for cost in report.asyncckpt_costs)
+    # again on the same root: its checkpoints would outrank the new run's, and its restore check
+    # would read one of them (a false "MISMATCH"): refused before anything runs
+    code = main(["demo", "--seconds", "1", "--root", str(tmp_path / "demo")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds checkpoints of an earlier run: give the demo an empty --root" in err, err
 
 
 @pytest.mark.parametrize("device", ["cuda:99", "tpu", *([] if torch.cuda.is_available() else ["cuda"])])

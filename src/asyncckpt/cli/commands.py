@@ -597,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--width", type=_positive(int), default=1024, help="units per hidden layer (default 1024)")
     demo.add_argument("--depth", type=_positive(int), default=6, help="hidden layers (default 6)")
-    demo.add_argument("--root", help="keep checkpoints here (default: a temp dir, removed)")
+    demo.add_argument("--root", help="keep checkpoints here: a new or empty folder (default: a temp dir, removed)")
     demo.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     demo.add_argument(
         "--snapshot", choices=["blocking", "overlap"], default="blocking", help="snapshot mode (default: blocking)"

@@ -31,9 +31,11 @@ from typing import Any
 
 import torch
 
+from asyncckpt.errors import CheckpointError
 from asyncckpt.manager import CheckpointManager
 from asyncckpt.metrics import fence_cost_s
 from asyncckpt.policy import Adaptive, EverySeconds, EverySteps, SavePolicy
+from asyncckpt.storage.local import list_checkpoints
 
 WARMUP_STEPS = 3
 INTERVAL_S = 1.5  # one checkpoint per saver every 1.5 s
@@ -286,6 +288,12 @@ def run_demo(
     snapshot: str = "blocking",
     out=print,
 ) -> DemoReport:
+    if root is not None and list_checkpoints(Path(root) / "asyncckpt"):
+        # its steps would outrank this run's (retention keeps the newest), and the check at the end
+        # would restore one of them
+        raise CheckpointError(
+            f"{Path(root) / 'asyncckpt'} holds checkpoints of an earlier run: give the demo an empty --root"
+        )
     dev = resolve_device(device)
     model, opt = _fresh(width, depth, dev)
     state = {"model": model, "optimizer": opt, "step": 0}
@@ -376,7 +384,7 @@ def run_demo(
             background = [0.0] * len(handles)
             for t, owner in zip(step_times, step_owner, strict=True):
                 if owner is not None:
-                    background[owner] += t - reference
+                    background[owner] += max(0.0, t - reference)  # a step faster than the median costs none
         lost = sum(stalls) + (sum(background) if background else sum(fence_waits))
         overhead = lost / max(1e-9, loop_s - sum(torch_stalls))
 
