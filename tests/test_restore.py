@@ -705,3 +705,27 @@ def test_a_module_refusing_its_extra_state_is_an_error_that_says_the_state_is_pa
         mgr.restore({"layer": live})
     message = str(caught.value)
     assert "Strict.load_state_dict failed: format version 2 is not 1; the state is partly restored" in message
+
+
+def test_a_model_or_tensor_saved_on_its_own_restores_in_place(tmp_path):
+    """save took them, while restore refused anything but a dict or list: a checkpoint the manager
+    that wrote it could not restore."""
+    model = nn.Linear(3, 2)
+    with CheckpointManager(tmp_path / "model") as mgr:
+        mgr.save(1, model).wait()
+    fresh = nn.Linear(3, 2)
+    with CheckpointManager(tmp_path / "model") as mgr:
+        assert mgr.restore(fresh) == 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+    with CheckpointManager(tmp_path / "tensor") as mgr:
+        mgr.save(1, torch.arange(4.0)).wait()
+        live = torch.zeros(4)
+        assert mgr.restore(live) == 1 and torch.equal(live, torch.arange(4.0))
+        with pytest.raises(StateMismatchError, match="the checkpoint's root is a tensor, the state is a dict"):
+            mgr.restore({})
+    with CheckpointManager(tmp_path / "value") as mgr:
+        mgr.save(1, 5).wait()
+        with pytest.raises(StateMismatchError, match=r"root is a value \(not a container\).*asyncckpt.load reads"):
+            mgr.restore({})
+        with pytest.raises(TypeError, match="restore updates the state in place.*not 'int'"):
+            mgr.restore(5)

@@ -33,7 +33,7 @@ from asyncckpt.loading import check_strict, read_newest_valid, read_newest_valid
 from asyncckpt.metrics import METRICS_LOG, SaveStats
 from asyncckpt.policy import EverySteps, SavePolicy
 from asyncckpt.retention import RetentionPolicy
-from asyncckpt.state.tree import RestoreResult, check_compatible, restore_into
+from asyncckpt.state.tree import RestoreResult, check_compatible, is_stateful, restore_into
 from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.local import LocalBackend
@@ -582,12 +582,17 @@ class CheckpointManager:
             CheckpointNotFoundError: No checkpoint for ``step``.
             CheckpointDamagedError: No checkpoint of the root verifies.
             CheckpointError: The manager is closed, or used from a forked child.
-            TypeError: ``state`` is not a dict or list, or ``strict`` not a bool.
+            TypeError: ``state`` cannot be updated in place (not a dict, list, stateful object or
+                tensor), or ``strict`` not a bool.
         """
         self._check_open()
         check_strict(strict)
-        if not isinstance(state, (dict, list)):
-            raise TypeError(f"restore needs the state as a dict or list to update in place, got {type(state).__name__}")
+        if not isinstance(state, (dict, list, torch.Tensor)) and not is_stateful(state):
+            raise TypeError(
+                "restore updates the state in place: a dict, a list, a module, an optimizer (an object with "
+                f"state_dict/load_state_dict) or a tensor, not {type(state).__name__!r}; asyncckpt.load reads any "
+                "checkpoint"
+            )
         if step is not None:
             _check_step(step)
         self._fences.fence()

@@ -40,8 +40,8 @@ from asyncckpt.state.tree import (
     FlatState,
     NodeCache,
     _Flattener,
-    _is_stateful,
     check_dense,
+    is_stateful,
     storage_address,
     tie_key,
 )
@@ -303,7 +303,7 @@ class _RankFlattener(_Flattener):
             return {Kind.GLOBAL: index}
         if depth == 0:
             self.ddp_params = _ddp_parameters(obj)
-        entering = path in self.declared or (_is_stateful(obj) and _is_data_parallel(obj, self.ddp_params))
+        entering = path in self.declared or (is_stateful(obj) and _is_data_parallel(obj, self.ddp_params))
         if entering:
             obj = unwrap_module(obj)
             self.replicated_depth += 1

@@ -54,7 +54,7 @@ class FlatState:
     paths: list[str] = field(default_factory=list)
 
 
-def _is_stateful(obj: Any) -> bool:
+def is_stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
@@ -266,7 +266,7 @@ class _Flattener:
             return {Kind.NDARRAY: self.add_tensor(_numpy_to_tensor(obj, path), path)}
         if np is not None and isinstance(obj, np.generic):
             return {Kind.NUMPY_SCALAR: self.add_tensor(_numpy_to_tensor(np.asarray(obj), path), path)}
-        if _is_stateful(obj):
+        if is_stateful(obj):
             obj = unwrap_module(obj)
             inner = self.optimizer_state(obj, path) if isinstance(obj, torch.optim.Optimizer) else _state_dict_of(obj)
             child, name = self.node(inner, object_path(path), depth + 1), type(obj).__name__
@@ -534,7 +534,7 @@ def _cannot_write(t: torch.Tensor) -> str | None:
 
 def _holds_live_data(obj: Any, depth: int = 0) -> bool:
     """Tensors, dicts and stateful objects are updated in place, never silently replaced."""
-    if isinstance(obj, (torch.Tensor, dict)) or _is_stateful(obj):
+    if isinstance(obj, (torch.Tensor, dict)) or is_stateful(obj):
         return True
     if isinstance(obj, (list, tuple)) and depth < MAX_DEPTH:
         return any(_holds_live_data(v, depth + 1) for v in obj)
@@ -590,7 +590,7 @@ class _Planner:
                 self.tensor(live, self.tensors[value], path)
             else:
                 self._kind_error(path, live, node)
-        elif _is_stateful(live):
+        elif is_stateful(live):
             live = unwrap_module(live)
             if kind != Kind.OBJECT:
                 self._kind_error(path, live, node)
@@ -951,14 +951,24 @@ def check_compatible(
     """
     kind = kind_of(node)
     value = node[kind]
-    root_ok = (kind == Kind.DICT and isinstance(live, dict)) or (
-        kind == Kind.LIST and isinstance(live, list) and len(live) == len(value)
+    root_ok = (
+        (kind == Kind.DICT and isinstance(live, dict))
+        or (kind == Kind.LIST and isinstance(live, list) and len(live) == len(value))
+        or (kind == Kind.OBJECT and is_stateful(live))  # a model or optimizer saved on its own
+        or (kind == Kind.TENSOR and isinstance(live, torch.Tensor))
     )
     if not root_ok:
         n = len(value) if kind == Kind.LIST else 0
-        saved = {Kind.DICT: "a dict", Kind.LIST: f"a list of {n}"}.get(kind, f"a {kind!r} node")
+        saved = {
+            Kind.DICT: "a dict",
+            Kind.LIST: f"a list of {n}",
+            Kind.OBJECT: "a stateful object (a module, an optimizer...)",
+        }.get(kind, "a tensor" if kind in TENSOR_KINDS else "a value (not a container)")
         have = f"a list of {len(live)}" if isinstance(live, list) else f"a {type(live).__name__}"
-        raise StateMismatchError(f"cannot restore in place: the checkpoint's root is {saved}, the state is {have}")
+        raise StateMismatchError(
+            f"cannot restore in place: the checkpoint's root is {saved}, the state is {have} (restore updates a "
+            "dict, a list, a module, an optimizer or a tensor in place; asyncckpt.load reads any checkpoint)"
+        )
     planner = _Planner(tensors, live)
     planner.visit(live, node, "state")
     planner.plan.raise_if_unfit(strict, where)
@@ -1104,7 +1114,7 @@ class _Restorer:
                 with torch.no_grad():
                     live.copy_(tensors[value])
             return live
-        if kind == Kind.OBJECT and _is_stateful(live):
+        if kind == Kind.OBJECT and is_stateful(live):
             if isinstance(live, (torch.nn.Module, torch.optim.Optimizer)):  # others were loaded first
                 try:
                     if isinstance(live, torch.nn.Module):
