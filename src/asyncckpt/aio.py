@@ -558,7 +558,8 @@ class AsyncCheckpointManager:
         """Load the newest valid checkpoint (or ``step``) into ``state`` in place, off the event loop.
 
         Args:
-            state: the live state (a dict or list), updated in place.
+            state: the live state (a dict, a list, or a model, optimizer or tensor saved on its own), updated
+                in place.
             step: the step to restore; None: the newest checkpoint that verifies.
             strict: as in ``CheckpointManager.restore``: False restores the matching part.
 
@@ -570,7 +571,7 @@ class AsyncCheckpointManager:
             StateMismatchError: the state does not fit the checkpoint (nothing was changed).
             CheckpointNotFoundError: ``step`` is not in the root.
             CheckpointDamagedError: ``step`` is damaged (without ``step``, damaged ones are skipped).
-            TypeError: ``state`` is not a dict or list.
+            TypeError: ``state`` cannot be updated in place.
             ValueError: ``step`` is not a step (an integer in [0, 10**12)).
         """
         return await self._run(self.manager.restore, state, step, strict=strict)

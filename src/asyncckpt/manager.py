@@ -566,7 +566,8 @@ class CheckpointManager:
         warning).
 
         Args:
-            state: The live state (a dict or list) to update in place.
+            state: The live state to update in place: a dict, a list, or a model, optimizer or tensor
+                saved on its own.
             step: The step to restore (default: the newest valid one).
             strict: False restores the matching part, leaves the rest as it is (keys found only in
                 the checkpoint are inserted into plain dicts), as ``load_state_dict(strict=False)``.
