@@ -286,3 +286,16 @@ def test_a_state_whose_tensors_change_between_saves_is_saved_as_it_was_at_each_s
             mgr.save(step, state).wait()
     for step, state in enumerate(states):
         assert_same_tree(state, load(tmp_path, step=step), f"step {step}")
+
+
+def test_metadata_nested_past_the_interpreter_s_recursion_is_a_type_error(tmp_path):
+    deep: dict = {}
+    cursor = deep
+    for _ in range(5000):
+        cursor["a"] = {}
+        cursor = cursor["a"]
+    with CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(TypeError, match="metadata is nested too deeply to be JSON"):
+            mgr.save(1, {"w": torch.ones(2)}, metadata=deep)
+        mgr.save(2, {"w": torch.ones(2)}).wait()  # the refused save took nothing with it
+        assert mgr.steps() == [2]

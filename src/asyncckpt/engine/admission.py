@@ -57,6 +57,8 @@ def check_json(value: Any, what: str) -> dict:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} must be JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise TypeError(f"{what} is nested too deeply to be JSON") from None
 
 
 def _plain_metrics(metrics: dict | None) -> dict:
