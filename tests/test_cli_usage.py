@@ -284,3 +284,10 @@ def test_output_cut_short_by_the_reader_is_no_traceback(tmp_path):
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_python_dash_m_asyncckpt_is_the_command(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "asyncckpt", "ls", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "is not a checkpoint root" in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "asyncckpt", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("asyncckpt "), done.stdout
