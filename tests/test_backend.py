@@ -177,3 +177,16 @@ def test_a_manager_opens_a_file_url_root(tmp_path):
         mgr.save(1, {"x": torch.ones(4)}).wait()
         assert mgr.root == tmp_path / "ckpts"
     assert asyncckpt.load(tmp_path / "ckpts")["x"].tolist() == [1.0] * 4
+
+
+@pytest.mark.parametrize("root", ["", b"", "file://"])
+def test_an_empty_root_is_refused_never_taken_for_the_working_directory(tmp_path, monkeypatch, root):
+    """A root from an unset variable wrote checkpoints (and its lock) into the working directory."""
+    import asyncckpt
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="the checkpoint root is an empty path"):
+        open_backend(root)
+    with pytest.raises(CheckpointError, match="the checkpoint root is an empty path"):
+        asyncckpt.CheckpointManager(root)
+    assert list(tmp_path.iterdir()) == []

@@ -478,8 +478,9 @@ def open_backend(
         The backend; no lock is taken, nothing is created and nothing is requested yet.
 
     Raises:
-        CheckpointError: The URL's scheme has no backend (naming the package to install), a
-            ``file://`` URL names a remote host, or options are given for a local root.
+        CheckpointError: The root is an empty path, the URL's scheme has no backend (naming the
+            package to install), a ``file://`` URL names a remote host, or options are given for
+            a local root.
     """
     from asyncckpt.storage.local import LocalBackend  # local imports this module
 
@@ -498,4 +499,6 @@ def open_backend(
         root = unquote(url.path)
     if storage_options:
         raise CheckpointError(f"storage_options apply to object-store URLs, not to the local root {root!r}")
+    if os.fspath(root) in ("", b""):  # an unset variable, most often: never the working directory by accident
+        raise CheckpointError('the checkpoint root is an empty path; give a directory ("." for this one) or a URL')
     return LocalBackend(root, atomic_rename=atomic_rename)
