@@ -350,3 +350,27 @@ def test_close_with_the_endpoint_down_raises_naming_the_step_and_releases_the_lo
         assert again.steps() == [1, 2]
     restart(server)
     assert committed_steps(bucket_keys(server, url)) == [1]  # nothing of step 2 is visible
+
+
+def test_a_store_outage_longer_than_the_lease_costs_the_uploads_during_it_only(tmp_path, running):
+    """The mirror's lease ran past its margin while the store was down: the writer gave the root up
+    for good, and every later upload failed although no other writer ever came and the lease still
+    held its token. It keeps the lease (renewed when the store answers) and uploads again."""
+    server = running
+    local, url = tmp_path / "local", fresh_s3_url()
+    options = {**server.storage_options, **_FAST, "lease_seconds": 3}
+    mgr = CheckpointManager(local, mirror=url, mirror_options=options, keep_last=None)
+    try:
+        mgr.save(1, state_of(1))
+        mgr.wait(mirror=True)
+        server.stop()
+        time.sleep(4)  # past the lease's expiry: no renewal got through
+        restart(server)
+        for step in (2, 3):
+            mgr.save(step, state_of(step))
+            mgr.wait(mirror=True)
+    finally:
+        with contextlib.suppress(CheckpointError):
+            mgr.close()
+    assert committed_steps(bucket_keys(server, url)) == [1, 2, 3]
+    assert LEASE_NAME not in bucket_keys(server, url)  # released at close, as its own

@@ -257,6 +257,28 @@ def test_renewal_keeps_the_lease(s3_server):
     writer.close()
 
 
+@pytest.mark.parametrize("seen_by", ["a publish", "the next renewal"])
+def test_a_lease_version_holding_this_writer_s_token_is_its_own(s3_server, seen_by):
+    """A renewal the store applied though its answer was lost (a timeout; a retried put then gets
+    412) left a version of the lease this writer did not expect, with its own token in it: it was
+    taken for another writer's takeover, every later publish failed, and the lease was never
+    released (a restarted job was refused until it expired)."""
+    url = fresh_s3_url()
+    writer = _s3(s3_server, url, lease_seconds=1.5 if seen_by == "the next renewal" else 60)
+    writer.lock()
+    store = _s3(s3_server, url)  # the store's side of the lost answer: the same body, a new version
+    record = json.loads(store.read_small(LEASE_NAME, 1000))
+    record["expires"] = time.time() + 60
+    store._client.put(LEASE_NAME, json.dumps(record).encode())  # an overwrite, as a renewal's
+    if seen_by == "the next renewal":
+        time.sleep(1.5)  # a renewal or two meet the unexpected version
+    writer.check_lock()
+    writer.write_small("after.bin", b"published")
+    writer.close()
+    assert store.stat(LEASE_NAME) is None  # released as its own
+    _s3(s3_server, url).lock()  # the next job opens the root at once
+
+
 def test_check_lock_raises_once_another_writer_replaced_the_lease(make):
     writer = make()
     writer.lock()

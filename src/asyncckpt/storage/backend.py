@@ -261,6 +261,8 @@ class Backend(Protocol):
 
         Raises:
             RootInUseError: The lock is no longer this writer's.
+            CheckpointError: It cannot be held up now (an object store's lease not renewed in
+                time during an outage): this write is refused, the lock is kept.
         """
         ...
 

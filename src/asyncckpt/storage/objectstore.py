@@ -758,10 +758,13 @@ class ObjectStoreBackend:
 
     def check_lock(self) -> None:
         """See :meth:`asyncckpt.storage.backend.Backend.check_lock`: the lease is still ours (its
-        ETag is the one this writer last wrote) and not about to expire.
+        version the one this writer last wrote, or one holding its token) and not about to expire
+        (renewed here if it is).
 
         Raises:
-            RootInUseError: The lease was lost: taken over, deleted, or not renewed in time.
+            RootInUseError: The lease was lost: taken over, or deleted.
+            CheckpointError: The lease could not be renewed in time (a store outage): this write
+                only; the lease is kept and renewed once the store answers.
         """
         if self._lease is not None:
             self._lease.check()
@@ -1111,8 +1114,11 @@ class _Lease:
     """The writer lock of an object-store root: ``<root>/.asyncckpt-lease.json``.
 
     Taken with a create-only put; renewed every ``ttl / 3`` by a daemon thread overwriting it only if
-    its ETag is still the one last written; a lease whose recorded expiry is more than ``margin``
-    past is taken over (also conditionally). ``check`` says whether it is still ours."""
+    its ETag is still the one last written (sooner after a failure); a lease whose recorded expiry
+    is more than ``margin`` past is taken over (also conditionally). Each holder writes a token of
+    its own into it: a version this writer did not expect that still holds its token is its own
+    (a put applied whose answer was lost), and only another writer's token (or no lease) means it
+    is lost. ``check`` says whether this writer may publish now."""
 
     def __init__(self, backend: ObjectStoreBackend, ttl: float) -> None:
         self._backend = backend
@@ -1182,6 +1188,10 @@ class _Lease:
             expires_at = float(holder["expires"])
         except (ValueError, KeyError, TypeError):
             holder, expires_at = {}, 0.0  # not a lease we can read: treat it as expired
+        if isinstance(holder, dict) and holder.get("token") == self._token:
+            # this writer's own create, applied though its answer was lost (and the put retried)
+            self._last_body = (raw, expires_at)
+            return meta.etag
         # The margin is the holder's (a quarter of the lifetime it recorded), not this writer's:
         # a dead writer with a short lease does not hold the root for a quarter of ours.
         try:
@@ -1204,25 +1214,82 @@ class _Lease:
             ) from None
 
     def _renew_loop(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
+        failed = False
+        while not self._stop.wait(self._retry_s if failed else self.ttl / 3):
             if os.getpid() != self._pid:
                 return
-            body, expires = self._body()
             with self._guard:
                 if self._lost is not None:
                     return
-                etag = self._etag
-                try:
-                    new = self._client.put(LEASE_NAME, body, if_match=etag) if etag else None
-                except _Changed:
-                    self._lost = "its lease was taken over by another writer"
-                    return
-                except Exception as exc:  # noqa: BLE001 (recorded; check() raises once the lease runs out)
-                    self._last_error = _cause(exc)
-                    continue
-                self._etag, self._expires, self._last_error = new, expires, None
+                failed = not self._renew()
+
+    @property
+    def _retry_s(self) -> float:
+        """How soon a failed renewal is tried again: well within what is left of the lease, so a
+        store back from an outage finds it renewed before a publish needs it."""
+        return min(self.ttl / 12, 5.0)
+
+    def _renew(self) -> bool:
+        """Overwrite the lease if it is still the version this writer last wrote (under ``_guard``).
+
+        Returns:
+            Whether it is renewed. False when the store did not answer (recorded; tried again), or
+            when the lease turned out to be lost (``_lost`` set).
+        """
+        body, expires = self._body()
+        try:
+            new = self._client.put(LEASE_NAME, body, if_match=self._etag) if self._etag else None
+        except _Changed:
+            return self._still_ours()
+        except Exception as exc:  # noqa: BLE001 (recorded; a publish past the lease's margin is refused)
+            self._last_error = _cause(exc)
+            return False
+        self._etag, self._expires, self._last_error = new, expires, None
+        return True
+
+    def _still_ours(self) -> bool:
+        """The lease's version is not the one this writer last wrote: a renewal the store applied
+        though its answer was lost (a timeout, a retried put) left this writer's own token in it,
+        and then the lease is still this writer's (its version and expiry are taken); another
+        writer's token, or no lease, means it is lost for good (under ``_guard``).
+
+        Returns:
+            Whether the lease is this writer's. False also when the store could not be read
+            (recorded; asked again later).
+        """
+        from asyncckpt.format import MAX_MANIFEST_BYTES
+
+        try:
+            raw, meta = self._client.get(LEASE_NAME, MAX_MANIFEST_BYTES)
+        except _Missing:
+            self._lost = "its lease was deleted"
+            return False
+        except Exception as exc:  # noqa: BLE001 (cannot tell now)
+            self._last_error = _cause(exc)
+            return False
+        try:
+            holder = json.loads(raw)
+            ours = holder.get("token") == self._token
+            expires = float(holder["expires"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            ours = False
+        if not ours:
+            self._lost = "its lease was taken over by another writer"
+            return False
+        self._etag, self._expires, self._last_error = meta.etag, expires, None
+        return True
 
     def check(self) -> None:
+        """Whether this writer may publish now: the lease is still its own and not within its
+        margin of expiring. Past that margin (renewals failed: a store outage), it is renewed here
+        first; if that fails too, this publish is refused but the lease is kept, and publishing
+        goes on once the store answers again. Lost for good only when another writer's token is in
+        the lease, or the lease is gone.
+
+        Raises:
+            RootInUseError: The lease is lost for good.
+            CheckpointError: The lease could not be renewed in time (this publish only).
+        """
         where = self._backend.location
         with self._guard:
             if self._lost is None:
@@ -1236,9 +1303,13 @@ class _Lease:
                 if meta is None:
                     self._lost = "its lease was deleted"
                 elif meta.etag != self._etag:
-                    self._lost = "its lease was taken over by another writer"
-                elif time.time() > self._expires - self.margin:
-                    self._lost = f"its lease could not be renewed in time ({self._last_error or 'renewal stalled'})"
+                    self._still_ours()
+            if self._lost is None and time.time() > self._expires - self.margin and not self._renew():
+                if self._lost is None:
+                    raise CheckpointError(
+                        f"this writer cannot publish to {where} now: its lease could not be renewed in time "
+                        f"({self._last_error or 'renewal stalled'}); it publishes again once the store answers"
+                    )
             lost = self._lost
         if lost is not None:
             raise RootInUseError(f"this writer lost checkpoint root {where}: {lost}; nothing more is published")
@@ -1253,7 +1324,7 @@ class _Lease:
             if self._lost is not None:
                 return
             try:
-                if self._client.head(LEASE_NAME).etag == self._etag:
+                if self._client.head(LEASE_NAME).etag == self._etag or self._still_ours():
                     self._client.delete([LEASE_NAME])
             except Exception:  # noqa: BLE001 (close never raises; the lease then simply expires)
                 pass
