@@ -432,3 +432,31 @@ def test_load_with_a_mirror_url_never_shows_its_credentials(tmp_path):
         asyncckpt.load(tmp_path / "empty", mirror="file://alice:s3cret@localhost" + str(tmp_path / "nothing"))
     assert "s3cret" not in str(info.value)
     assert caught and not any("s3cret" in str(w.message) for w in caught)
+
+
+def test_a_step_pruned_on_both_tiers_between_listing_and_reading_is_no_failure(tmp_path, monkeypatch):
+    """A live writer's retention (locally and in its mirror) deleted the step a reader of both tiers
+    had just listed: it was warned about as unreadable, in each tier, and an older step (or none)
+    came back. The tiers are listed again and the newest read, without a word."""
+    import asyncckpt.loading as loading
+
+    local, mirror = tmp_path / "local", tmp_path / "mirror"
+    with CheckpointManager(local, mirror=mirror, keep_last=1) as mgr:
+        mgr.save(5, {"w": torch.full((100,), 5.0)})
+        mgr.wait(mirror=True)
+        listing, done = loading._tier_steps, []
+
+        def listed_then_pruned(root):
+            steps = listing(root)
+            if not done and Path(os.fspath(getattr(root, "location", root))) == mirror:
+                done.append(True)  # both tiers listed: step 6 commits, and step 5 goes from both
+                mgr.save(6, {"w": torch.full((100,), 6.0)})
+                mgr.wait(mirror=True)
+            return steps
+
+        monkeypatch.setattr(loading, "_tier_steps", listed_then_pruned)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = asyncckpt.load(local, mirror=mirror)
+    assert done and out["w"][0].item() == 6.0
+    assert [str(w.message) for w in caught] == []

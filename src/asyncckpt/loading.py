@@ -429,6 +429,21 @@ def _tier_steps(root: str | os.PathLike | Backend) -> set[int]:
     return {c.step for c in _listed(backend)}
 
 
+def _mirror_steps(mirror: str | os.PathLike | Backend, mirror_name: str) -> set[int]:
+    """The mirror's committed steps; none, with a warning, when it cannot be listed."""
+    try:
+        return _tier_steps(mirror)
+    except (CheckpointError, OSError) as exc:
+        reason = str(exc)
+        if not isinstance(mirror, Backend):  # the error may quote the location as given, credentials and all
+            reason = reason.replace(os.fspath(mirror), mirror_name).replace(urlparse(os.fspath(mirror)).netloc, "")
+        warnings.warn(
+            f"asyncckpt: the mirror {mirror_name} cannot be listed ({reason}); reading the local root only",
+            stacklevel=4,
+        )
+        return set()
+
+
 def read_newest_valid_of_tiers(
     local: str | os.PathLike | Backend,
     mirror: str | os.PathLike | Backend,
@@ -457,44 +472,52 @@ def read_newest_valid_of_tiers(
         CheckpointDamagedError: Every checkpoint tried failed (each one's reason listed).
     """
     local_name = local.location if isinstance(local, Backend) else os.fspath(local)
-    mine = _tier_steps(local)
-    try:
-        theirs = _tier_steps(mirror)
-    except (CheckpointError, OSError) as exc:
-        reason = str(exc)
-        if not isinstance(mirror, Backend):  # the error may quote the location as given, credentials and all
-            reason = reason.replace(os.fspath(mirror), mirror_name).replace(urlparse(os.fspath(mirror)).netloc, "")
-        warnings.warn(
-            f"asyncckpt: the mirror {mirror_name} cannot be listed ({reason}); reading the local root only",
-            stacklevel=3,
+    failed: dict[tuple[int, str], str] = {}
+    for _ in range(_RELIST_ROUNDS):
+        mine, theirs = _tier_steps(local), _mirror_steps(mirror, mirror_name)
+        if step is not None and step not in mine | theirs:
+            raise CheckpointNotFoundError(f"no checkpoint for step {step} in {local_name} or its mirror {mirror_name}")
+        vanished = False
+        for candidate in sorted(mine | theirs, reverse=True) if step is None else [step]:
+            for tier, root, steps in (("local root", local, mine), ("mirror", mirror, theirs)):
+                if candidate not in steps or (candidate, tier) in failed:
+                    continue
+                try:
+                    loaded = read_newest_valid(root, candidate, workers)
+                except CheckpointNotFoundError:
+                    if step is not None:
+                        raise
+                    # deleted since the tiers were listed (a live writer's retention, its mirror's):
+                    # no failure; both are listed again and the newest tried
+                    vanished = True
+                    break
+                except _ONE_CHECKPOINT_FAILURES as exc:
+                    failed[candidate, tier] = f"step {candidate} ({tier}): {exc}"
+                    warnings.warn(
+                        f"asyncckpt: checkpoint step {candidate} in the {tier} cannot be read ({exc})", stacklevel=3
+                    )
+                    continue
+                if loaded is None:
+                    continue
+                if tier == "mirror":
+                    why = "cannot read it" if candidate in mine else "does not have it"
+                    warnings.warn(
+                        f"asyncckpt: restoring step {candidate} from the mirror {mirror_name}: "
+                        f"the local root {local_name} {why}",
+                        stacklevel=3,
+                    )
+                return loaded
+            if vanished:
+                break
+        if not vanished:
+            break
+    else:
+        raise CheckpointNotFoundError(
+            f"every checkpoint of {local_name} and its mirror was deleted while it was being read, "
+            f"{_RELIST_ROUNDS} times over"
         )
-        theirs = set()
-    if step is not None and step not in mine | theirs:
-        raise CheckpointNotFoundError(f"no checkpoint for step {step} in {local_name} or its mirror {mirror_name}")
-    failed: list[str] = []
-    for candidate in sorted(mine | theirs, reverse=True) if step is None else [step]:
-        for tier, root, steps in (("local root", local, mine), ("mirror", mirror, theirs)):
-            if candidate not in steps:
-                continue
-            try:
-                loaded = read_newest_valid(root, candidate, workers)
-            except _ONE_CHECKPOINT_FAILURES as exc:
-                failed.append(f"step {candidate} ({tier}): {exc}")
-                warnings.warn(
-                    f"asyncckpt: checkpoint step {candidate} in the {tier} cannot be read ({exc})", stacklevel=3
-                )
-                continue
-            if loaded is None:
-                continue
-            if tier == "mirror":
-                why = "cannot read it" if candidate in mine else "does not have it"
-                warnings.warn(
-                    f"asyncckpt: restoring step {candidate} from the mirror {mirror_name}: "
-                    f"the local root {local_name} {why}",
-                    stacklevel=3,
-                )
-            return loaded
     if not failed:
         return None
     what = f"step {step}" if step is not None else "no checkpoint"
-    raise CheckpointDamagedError(f"{what} of {local_name} or its mirror {mirror_name} verifies: " + "; ".join(failed))
+    reasons = "; ".join(failed.values())
+    raise CheckpointDamagedError(f"{what} of {local_name} or its mirror {mirror_name} verifies: " + reasons)
