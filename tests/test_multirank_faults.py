@@ -509,6 +509,28 @@ def test_a_checkpoint_group_made_on_some_ranks_only_is_made_anew_by_the_next_man
     assert remaining(tmp_path) == [len(got[0]) - 1]
 
 
+def _roots_not_shared(rank: int, world: int, root: str) -> dict:
+    """Each rank's root is a directory of its own (a node-local path, an NFS mount missing on some
+    node): rank 0 committed steps naming files it could not see, which no reader could open, and
+    which retention took for the newest, deleting the good ones."""
+    import os as _os
+
+    from asyncckpt import CheckpointManager
+
+    own = f"{root}/node{rank}"
+    _os.makedirs(own, exist_ok=True)
+    with CheckpointManager(own, keep_last=1, rank_timeout=60) as mgr:
+        return {"save": _errors(lambda: mgr.save(1, {"w": torch.full((4,), float(rank))})), "steps": mgr.steps()}
+
+
+def test_ranks_that_do_not_share_the_root_commit_nothing(waited):
+    tmp_path, got = _joined(waited, _roots_not_shared)
+    for rank in got:
+        assert "step 1 was not committed: rank 1's rank-00001.json is not in rank 0's" in rank["save"], got
+        assert "every rank must save to the same root" in rank["save"] and rank["steps"] == []
+    assert sorted(p.name for p in (tmp_path / "node0").glob("step-*")) == []
+
+
 def _refused_policy_connection(rank: int, world: int, root: str) -> list[str]:
     """Rank 1's third connection to the job's store (the policy's second) is refused, once."""
     import torch.distributed as dist
@@ -718,7 +740,7 @@ def waited(tmp_path_factory):
     ``_joined``."""
     base = tmp_path_factory.mktemp("mr-wait")
     fns = [_slow_store_connection, _refused_policy_connection, _restore_with_a_bug_on_rank_1, _late_rank]
-    fns += [_late_to_restore, _group_made_on_rank_0_only]
+    fns += [_late_to_restore, _group_made_on_rank_0_only, _roots_not_shared]
     roots = {fn: base / fn.__name__ for fn in fns}
     jobs = {}
     try:

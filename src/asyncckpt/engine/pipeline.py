@@ -388,14 +388,37 @@ class Pipeline:
             stall_s=record.stall_s,
         )
 
+    def _votes_not_in_staging(self, step: int, votes: list[Vote], staging: Staging) -> str:
+        """Why the ranks' files are not all where rank 0 publishes (one listing of its staging), or
+        "". Ranks whose roots are different directories (a node-local path, an NFS mount missing on
+        some node) each vote for files rank 0 cannot see: published, such a step could never be
+        read, yet would count as the newest and have retention delete the good ones."""
+        try:
+            present = {entry.name for entry in self._storage.backend.list(staging.prefix)}
+        except (CheckpointError, OSError) as exc:
+            return f"step {step} was not committed: rank 0 could not list its staging: {exc}"
+        for vote in votes:
+            missing = [name for name in (vote.table, vote.data) if name not in present]
+            if missing:
+                return (
+                    f"step {step} was not committed: rank {vote.rank}'s {missing[0]} is not in rank 0's "
+                    f"{self._storage.backend.describe(staging.prefix)}: every rank must save to the same root "
+                    "(a shared filesystem or the same object-store URL), not a directory of its own"
+                )
+        return ""
+
     def _publish_ranks(self, job: SaveJob, ranks: RankSave, staging: Staging) -> tuple[CheckpointRef, int, int]:
         """Rank 0: every rank's vote, then the manifest published (or the attempt aborted and every
         rank told why); the checkpoint and its raw and stored sizes."""
         group = ranks.group
         votes = group.collect(ranks.attempt, job.step)
         failed = [v for v in votes if not v.ok]
+        reason = ""
         if failed:
             reason = f"step {job.step} was not committed: rank {failed[0].rank} failed: {failed[0].error}"
+        else:
+            reason = self._votes_not_in_staging(job.step, votes, staging)
+        if reason:
             group.announce(ranks.attempt, reason)
             self._storage.abort(staging)
             raise CheckpointError(reason)
