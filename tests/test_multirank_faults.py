@@ -82,6 +82,11 @@ def _raising_rank(rank: int, world_size: int, root: str, overlap_root: str) -> d
     bad = {key: value for key, value in state.items() if key != "optim" or rank == 0}
     out["error_shapes"] = _errors(lambda: mgr.save(8, bad))
     out["took_disagree"] = time.monotonic() - began
+    # two models of one shape, listed in another order on rank 1 (a dict built from a set): their
+    # rows were matched by position and mixed, the save committing without a word
+    twins = [make_ddp(seed=1)[0], make_ddp(seed=2)[0]]
+    named = {"x": twins[0], "y": twins[1]} if rank == 0 else {"y": twins[1], "x": twins[0]}
+    out["error_order"] = _errors(lambda: mgr.save(8, named))
     # step 9: rank 1's metadata cannot be saved: it raises at once, the others' save fails as fast
     began = time.monotonic()
     try:
@@ -170,6 +175,7 @@ def test_a_rank_that_raises_commits_nothing_and_every_rank_names_it(raised):
         assert out["error4"] and ("rank 1" in out["error4"] or rank == 1), (rank, out["error4"])
         assert "the ranks save different steps (from 6 to 7)" in out["error_steps"], (rank, out["error_steps"])
         assert "differ in their sharded or replicated tensors" in out["error_shapes"], (rank, out["error_shapes"])
+        assert "(paths, dtypes, shapes or placements, or their order)" in out["error_order"], (rank, out["error_order"])
         assert out["took_disagree"] < RANK_TIMEOUT, out["took_disagree"]  # no rank waited for a vote
         for step, failing in ((10, 1), (11, 0)):
             want = f"copy failed on rank {failing}"

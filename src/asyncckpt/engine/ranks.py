@@ -210,8 +210,9 @@ class Agreement:
             )
         elif values[2] != -values[3]:
             self._error = CheckpointError(
-                f"the ranks' states at step {step} differ in their sharded or replicated tensors (dtypes, shapes "
-                "or placements): every rank must save the same model and optimizer; nothing is saved"
+                f"the ranks' states at step {step} differ in their sharded or replicated tensors (paths, dtypes, "
+                "shapes or placements, or their order): every rank must save the same model and optimizer, in "
+                "the same order; nothing is saved"
             )
         else:
             self._attempt = f"{values[4]:016x}"

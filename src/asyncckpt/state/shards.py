@@ -367,7 +367,12 @@ class _RankFlattener(_Flattener):
                 self.rows_parts.append(self.me.world_size)  # spread over every rank by bytes
 
     def fingerprint(self) -> int:
-        text = repr([(g.dtype, g.shape, p) for g, p in zip(self.globals, self.placements, strict=True)])
+        """What every rank's save must agree on: each global tensor's path, dtype, shape and
+        placement, in order. The ranks' pieces are matched by index: without the paths, two
+        tensors of one shape listed in another order on one rank (a dict built from a set) would
+        have had their rows mixed."""
+        described = zip(self.global_paths, self.globals, self.placements, strict=True)
+        text = repr([(path, g.dtype, g.shape, p) for path, g, p in described])
         return zlib.crc32(text.encode())
 
 
