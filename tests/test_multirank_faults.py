@@ -648,6 +648,15 @@ def _late_rank(rank: int, world: int, root: str) -> dict:
         dist.barrier()  # training's next collective brings the ranks together again
         out["after"] = [_errors(lambda step=step: mgr.save(step, state)) for step in (3, 4)]
         out["steps"] = mgr.steps()
+        # the ranks ask for different steps (one read a resume step from a file, the other did
+        # not): rank 0 silently got another step than it asked for
+        state["w"].fill_(-1.0)
+        try:
+            mgr.restore(state, step=3 if rank == 0 else None)
+            out["asked"] = ""
+        except CheckpointError as exc:
+            out["asked"] = str(exc)
+        out["w_after_asked"] = state["w"].tolist()
     return out
 
 
@@ -662,6 +671,13 @@ def test_a_rank_late_past_rank_timeout_fails_that_save_only(waited):
     for rank in got:
         assert rank["after"] == ["", ""] and rank["steps"] == [1, 3, 4]
     assert sorted(p.name for p in tmp_path.glob("step-*")) == [step_dir_name(s) for s in (1, 3, 4)]
+
+
+def test_ranks_asking_to_restore_different_steps_restore_nothing(waited):
+    _, got = _joined(waited, _late_rank)
+    for rank in got:
+        assert "the ranks asked to restore different steps (the newest and step 3, at least)" in rank["asked"], got
+        assert rank["w_after_asked"] == [-1.0] * 4  # nothing changed
 
 
 def _late_to_restore(rank: int, world: int, root: str) -> dict:

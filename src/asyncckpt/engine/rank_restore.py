@@ -161,16 +161,29 @@ def restore_ranks(
     def newest_listed() -> int:
         return max((s for s in listed if s not in failed and (step is None or s == step)), default=-1)
 
-    # one round for both: every rank planned (1 where it could not), and the newest step any lists
+    # one round for all: every rank planned (1 where it could not), the newest step any lists, and
+    # the step each asked for (-1: the newest), as its largest and its smallest
+    asked = -1 if step is None else step
     try:  # every rank takes part in the vote below, whatever fails here
         listed = {c.step: c for c in published_checkpoints(backend)}
         targets = _Targets(state, me, replicated)
     except BaseException as exc:
-        group.all_max_each([1, -1], "plan the restore together")
+        group.all_max_each([1, -1, asked, -asked], "plan the restore together")
         raise exc
-    cannot_plan, candidate = group.all_max_each([0, newest_listed()], "plan the restore together")
+    cannot_plan, candidate, highest, lowest = group.all_max_each(
+        [0, newest_listed(), asked, -asked], "plan the restore together"
+    )
     if cannot_plan:
         raise CheckpointError("another rank could not list the root or plan its restore (it says why); nothing changed")
+    if highest != -lowest:
+
+        def named(s: int) -> str:
+            return "the newest" if s < 0 else f"step {s}"
+
+        raise CheckpointError(
+            f"the ranks asked to restore different steps ({named(-lowest)} and {named(highest)}, at least): every "
+            "rank must pass the same step to restore; nothing changed"
+        )
     if step is not None and candidate < 0:
         raise CheckpointNotFoundError(f"no checkpoint for step {step} in {backend.location}")
     while True:
