@@ -537,6 +537,37 @@ def test_ranks_that_do_not_share_the_root_commit_nothing(waited):
     assert sorted(p.name for p in (tmp_path / "node0").glob("step-*")) == []
 
 
+def _batchnorm_buffers(rank: int, world: int, root: str) -> dict:
+    """A DDP model with BatchNorm: each rank's running stats move with its own batch after DDP
+    broadcast rank 0's at the forward's start. They were stored as row pieces of several ranks, and
+    came back as a tensor no rank held (not even rank 0, whose buffers training goes on with)."""
+    from asyncckpt import CheckpointManager
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.BatchNorm1d(64))
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    model(torch.randn(16, 8, generator=torch.Generator().manual_seed(rank))).sum().backward()
+    saved = {name: b.clone() for name, b in net.named_buffers()}
+    with CheckpointManager(root, keep_last=None, rank_timeout=60) as mgr:
+        mgr.save(1, {"model": model}).wait()
+        for b in net.buffers():
+            b.zero_()
+        mgr.restore({"model": model})
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, saved)
+    rank0 = gathered[0]
+    return {
+        "differ_between_ranks": any(not torch.equal(rank0[k], gathered[1][k]) for k in rank0 if k.startswith("1.run")),
+        "restored_is_rank0s": all(torch.equal(b, rank0[name]) for name, b in net.named_buffers()),
+    }
+
+
+def test_a_ddp_model_s_buffers_restore_as_rank_0_held_them(waited):
+    _, got = _joined(waited, _batchnorm_buffers)
+    assert got[0]["differ_between_ranks"], got  # the case is real: the ranks' running stats differ
+    assert [rank["restored_is_rank0s"] for rank in got] == [True, True], got
+
+
 def _refused_policy_connection(rank: int, world: int, root: str) -> list[str]:
     """Rank 1's third connection to the job's store (the policy's second) is refused, once."""
     import torch.distributed as dist
@@ -762,7 +793,7 @@ def waited(tmp_path_factory):
     ``_joined``."""
     base = tmp_path_factory.mktemp("mr-wait")
     fns = [_slow_store_connection, _refused_policy_connection, _restore_with_a_bug_on_rank_1, _late_rank]
-    fns += [_late_to_restore, _group_made_on_rank_0_only, _roots_not_shared]
+    fns += [_late_to_restore, _group_made_on_rank_0_only, _roots_not_shared, _batchnorm_buffers]
     roots = {fn: base / fn.__name__ for fn in fns}
     jobs = {}
     try:

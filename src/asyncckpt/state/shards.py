@@ -218,6 +218,11 @@ def assign_rows(sizes: list[tuple[int, int]], world_size: int) -> list[list[tupl
 
 
 @functools.lru_cache(maxsize=16)
+def _where(t: torch.Tensor) -> tuple[int, int]:
+    """A tensor's place in memory: a buffer and the state dict's detached view of it share it."""
+    return t.untyped_storage().data_ptr(), int(t.storage_offset())
+
+
 def _row_pieces(sizes: tuple[tuple[int, int], ...], world_size: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
     """:func:`assign_rows`, computed once per set of sizes: every save of a training state asks
     again with the same sizes (hundreds of bisection steps for a model of many tensors)."""
@@ -267,6 +272,8 @@ class _RankFlattener(_Flattener):
         self.ddp_params: set[int] = set()
         self.replicated_depth = 0  # > 0 inside a data-parallel object or a declared key
         self._replicas: list[tuple[int, torch.Tensor]] = []  # (global index, tensor) to cut in rows
+        self._rank0_whole: list[tuple[int, torch.Tensor]] = []  # (global index, buffer) rank 0 writes whole
+        self._buffers: set[tuple[int, int]] = set()  # (storage, offset) of the data-parallel modules' buffers
         self._global_seen: dict[tuple, int] = {}
 
     def _global(self, t: torch.Tensor, path: str, key: tuple, entry: GlobalEntry | None, placement: str) -> int | None:
@@ -299,7 +306,10 @@ class _RankFlattener(_Flattener):
             if known is not None:
                 return {Kind.GLOBAL: known}
             index = len(self.globals) - 1
-            self._replicas.append((index, obj.detach()))
+            if _where(obj) in self._buffers:
+                self._rank0_whole.append((index, obj.detach()))
+            else:
+                self._replicas.append((index, obj.detach()))
             return {Kind.GLOBAL: index}
         if depth == 0:
             self.ddp_params = _ddp_parameters(obj)
@@ -307,6 +317,12 @@ class _RankFlattener(_Flattener):
         if entering:
             obj = unwrap_module(obj)
             self.replicated_depth += 1
+            if isinstance(obj, torch.nn.Module):
+                # buffers are the same on every rank only at a forward's start, where DDP (by
+                # default) broadcasts rank 0's; BatchNorm's running stats then move with each rank's
+                # own batch. Rank 0's are what training goes on with: it writes them whole, never
+                # row pieces of several ranks' (a tensor no rank held)
+                self._buffers.update(_where(b) for b in obj.buffers() if b.device.type != "meta")
         try:
             return super().node(obj, path, depth)
         finally:
@@ -365,6 +381,10 @@ class _RankFlattener(_Flattener):
                 offsets = (first,) + (0,) * max(0, t.dim() - 1) if t.dim() else ()
                 self.pieces.append(PieceEntry(index, self.add_tensor(part, self.global_paths[index]), offsets))
                 self.rows_parts.append(self.me.world_size)  # spread over every rank by bytes
+        for index, t in self._rank0_whole:
+            if self.me.rank == 0 and t.numel():
+                self.pieces.append(PieceEntry(index, self.add_tensor(t, self.global_paths[index]), (0,) * t.dim()))
+                self.rows_parts.append(self.me.world_size)
 
     def fingerprint(self) -> int:
         """What every rank's save must agree on: each global tensor's path, dtype, shape and
