@@ -45,7 +45,7 @@ import torch
 
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import training_thread
-from asyncckpt.engine.signals import final_save_failed
+from asyncckpt.engine.signals import final_save_failed, raised_after
 from asyncckpt.engine.staging import on_stream
 from asyncckpt.errors import CheckpointError
 from asyncckpt.manager import CheckpointManager
@@ -599,18 +599,11 @@ class AsyncCheckpointManager:
         self._remove_signal_handlers()
         if os.getpid() != self.manager._pid:
             return
-        pending, self._preempted = self._preempted, None  # a signal no maybe_save took: raised once closed
-        try:
+        pending, self._preempted = self._preempted, None
+        with raised_after(pending):  # a signal no maybe_save took
             while self._inflight:
                 await asyncio.wait(list(self._inflight))
             await self._run(self.manager.close)
-        except BaseException as exc:
-            if pending is not None:
-                warnings.warn(f"asyncckpt: {exc}", stacklevel=2)  # the signal may end the process
-                signal.raise_signal(pending)
-            raise
-        if pending is not None:
-            signal.raise_signal(pending)
 
     async def _close_quietly(self) -> None:
         try:

@@ -24,7 +24,7 @@ from asyncckpt.engine.rank_plan import RankPlanner, join_ranks, open_rank_storag
 from asyncckpt.engine.rank_policy import DEFAULT_LEAD, RankSchedule
 from asyncckpt.engine.rank_restore import check_per_rank, restore_ranks
 from asyncckpt.engine.retain import Retainer
-from asyncckpt.engine.signals import Preemption, at_interpreter_exit
+from asyncckpt.engine.signals import Preemption, at_interpreter_exit, raised_after
 from asyncckpt.engine.staging import ArenaPool, CopyEngine
 from asyncckpt.engine.tags import Tags
 from asyncckpt.errors import CheckpointError, SaveFailedError
@@ -693,16 +693,8 @@ class CheckpointManager:
             return
         refuse_in_done_callback("CheckpointManager.close()")
         self._admission.close()
-        pending = self._preemption.close()  # a signal no maybe_save took: raised once closed
-        try:
+        with raised_after(self._preemption.close()):  # a signal no maybe_save took
             self._close_all()
-        except BaseException as exc:
-            if pending is not None:
-                warnings.warn(f"asyncckpt: {exc}", stacklevel=2)  # the signal may end the process
-                signal.raise_signal(pending)
-            raise
-        if pending is not None:
-            signal.raise_signal(pending)
 
     def _close_all(self) -> None:
         """``close``'s work once admission is closed and the signal handlers are off."""

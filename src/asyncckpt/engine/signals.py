@@ -5,13 +5,14 @@ still commit)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import signal
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from asyncckpt.engine.handle import SaveHandle
@@ -149,6 +150,22 @@ class Preemption:
             self.signum = None
             self.restore()
             signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def raised_after(pending: int | None) -> Iterator[None]:
+    """Raise the signal ``pending`` (None: none) once the block is done: a signal received after
+    the last ``maybe_save`` acts when its manager closes. If the block raises, its error is warned
+    first: the signal may end the process before the error is seen."""
+    try:
+        yield
+    except BaseException as exc:
+        if pending is not None:
+            warnings.warn(f"asyncckpt: {exc}", stacklevel=4)
+            signal.raise_signal(pending)
+        raise
+    if pending is not None:
+        signal.raise_signal(pending)
 
 
 def final_save_failed(signum: int, exc: Exception) -> str:
