@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import asyncckpt
+from _tmpfs import tmpfs
 from _trees import assert_same_tree
 from _waiting import run_with_timeout
 from asyncckpt import CheckpointError, CheckpointManager, RootInUseError
@@ -298,18 +299,12 @@ def test_a_second_writer_in_the_same_process_gets_root_in_use_error(store, root)
 @pytest.fixture
 def ro_mount(tmp_path):
     """A small tmpfs, filled while writable, then remounted read-only (chmod does not stop root)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    with tmpfs(tmp_path / "mnt", "1m") as mnt:
 
-    def make_read_only() -> None:
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
+        def make_read_only() -> None:
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
 
-    yield mnt, make_read_only
-    subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
+        yield mnt, make_read_only
 
 
 def test_a_read_only_root_is_a_checkpoint_error_that_says_so(ro_mount):

@@ -7,13 +7,13 @@ manifest, with nothing left behind."""
 from __future__ import annotations
 
 import os
-import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from _tmpfs import tmpfs
 from _waiting import wait_until
 from asyncckpt import CheckpointError, CheckpointManager, _phases
 from asyncckpt.engine.reader import read_manifest
@@ -24,16 +24,8 @@ STATE = {"w": torch.ones(4)}
 @pytest.fixture
 def small_disk(tmp_path):
     """A 4 MiB tmpfs: filled, every write there fails with ENOSPC, as on a real full disk."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    try:
+    with tmpfs(tmp_path / "disk", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def _fill(disk: Path) -> Path:
