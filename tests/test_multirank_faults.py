@@ -568,6 +568,62 @@ def test_a_ddp_model_s_buffers_restore_as_rank_0_held_them(waited):
     assert [rank["restored_is_rank0s"] for rank in got] == [True, True], got
 
 
+def _rollback_with_a_rank0_policy(rank: int, world: int, root: str) -> dict:
+    """A policy asked on rank 0 only (as a clock is) announced targets before the ranks restored an
+    earlier step: a target heard after the rollback suppressed the policy's new due steps until
+    training reached it again, or was "passed" on a rank, which then raised at every step after."""
+    import torch.distributed as dist
+
+    from asyncckpt import CheckpointManager
+    from asyncckpt.policy import SavePolicy
+
+    class EverySixthCall(SavePolicy):  # a clock's stand-in: due by calls, asked on rank 0 only
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def due(self, step: int) -> bool:
+            self.calls += 1
+            return self.calls % 6 == 0
+
+        def peek(self, step: int) -> bool:
+            return (self.calls + 1) % 6 == 0
+
+    policy = EverySixthCall()
+    out: dict = {"before": [], "after": [], "due_after": [], "raised": []}
+    state = {"x": torch.zeros(4)}
+    with CheckpointManager(root, keep_last=None, policy=policy, rank_timeout=30) as mgr:
+
+        def train(first: int, last: int, key: str) -> None:
+            for step in range(first, last):
+                dist.all_reduce(torch.ones(1))  # lockstep, as a gradient all-reduce keeps them
+                time.sleep(0.1 if rank == 1 else 0.01)
+                state["x"].fill_(step)
+                calls = policy.calls
+                try:
+                    if mgr.maybe_save(step, state) is not None:
+                        out[key].append(step)
+                except CheckpointError as exc:
+                    out["raised"].append((step, str(exc)[:120]))
+                if rank == 0 and key == "after" and policy.calls != calls and policy.calls % 6 == 0:
+                    out["due_after"].append(step)
+
+        train(0, 17, "before")  # due at 5 and 11: every rank saves 7 and 13
+        mgr.wait()
+        out["restored"] = mgr.restore(state, step=7)  # every rank goes back
+        train(8, 30, "after")
+        mgr.wait()
+    return out
+
+
+def test_a_rollback_starts_the_ranks_schedule_afresh(waited):
+    _, got = _joined(waited, _rollback_with_a_rank0_policy)
+    due = got[0]["due_after"]
+    assert due and got[0]["restored"] == 7, got[0]
+    for rank in got:
+        assert rank["before"] == [7, 13] and rank["raised"] == [], rank
+        assert rank["after"] == [step + 2 for step in due if step + 2 < 30], (rank["after"], due)
+
+
 def _refused_policy_connection(rank: int, world: int, root: str) -> list[str]:
     """Rank 1's third connection to the job's store (the policy's second) is refused, once."""
     import torch.distributed as dist
@@ -794,6 +850,7 @@ def waited(tmp_path_factory):
     base = tmp_path_factory.mktemp("mr-wait")
     fns = [_slow_store_connection, _refused_policy_connection, _restore_with_a_bug_on_rank_1, _late_rank]
     fns += [_late_to_restore, _group_made_on_rank_0_only, _roots_not_shared, _batchnorm_buffers]
+    fns.append(_rollback_with_a_rank0_policy)
     roots = {fn: base / fn.__name__ for fn in fns}
     jobs = {}
     try:

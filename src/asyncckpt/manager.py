@@ -599,7 +599,7 @@ class CheckpointManager:
         self._fences.fence()
         self._admission.wait_pending()
         if self._ranks is not None:
-            return restore_ranks(
+            restored = restore_ranks(
                 state,
                 self._storage.backend,
                 self._ranks,
@@ -609,6 +609,10 @@ class CheckpointManager:
                 replicated=self._replicated,
                 workers=self._workers,
             )
+            at = restored.step if isinstance(restored, RestoreResult) else restored
+            if self._schedule is not None and at is not None:
+                self._schedule.reset()  # every rank restored (maybe an earlier step): a new timeline
+            return restored
         if self._mirror is not None:
             loaded = read_newest_valid_of_tiers(
                 self._storage.backend, self._mirror.root, step, self._workers, self._mirror.location

@@ -42,14 +42,15 @@ class Target:
     step: int
     rank: int
     signum: int = 0
+    epoch: int = 0  # how many restores the ranks had made when it was announced (see ``RankSchedule.reset``)
 
     def encode(self) -> str:
-        return json.dumps({"step": self.step, "rank": self.rank, "signum": self.signum})
+        return json.dumps({"step": self.step, "rank": self.rank, "signum": self.signum, "epoch": self.epoch})
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Target:
         fields = json.loads(raw)
-        return cls(int(fields["step"]), int(fields["rank"]), int(fields["signum"]))
+        return cls(int(fields["step"]), int(fields["rank"]), int(fields["signum"]), int(fields.get("epoch", 0)))
 
 
 class RankSchedule:
@@ -80,6 +81,7 @@ class RankSchedule:
         self._targets: list[Target] = []  # taken, not yet saved
         self._final: Target | None = None  # the preemption target, once known
         self._last_step: int | None = None  # the step of the last maybe_save
+        self._epoch = 0  # restores made (in step on every rank: restore is a collective)
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="asyncckpt-rank-policy", daemon=True)
         self._watcher.start()
@@ -120,6 +122,8 @@ class RankSchedule:
         with self._lock:
             heard, self._inbox = self._inbox, []
         for target in heard:
+            if target.epoch < self._epoch:
+                continue  # announced before the ranks restored an earlier step: another timeline's
             if target.signum and self._final is None:
                 self._final = target
             elif target.signum:
@@ -127,6 +131,7 @@ class RankSchedule:
             self._targets.append(target)
         for target in self._targets:
             if self._last_step is not None and target.step <= self._last_step:
+                self._targets.remove(target)  # raised once, not at every step from now on
                 raise CheckpointError(
                     f"rank {self.rank} heard that every rank saves step {target.step} (announced by rank "
                     f"{target.rank}) only after it had passed it (its last maybe_save was step {self._last_step}, "
@@ -136,7 +141,7 @@ class RankSchedule:
 
     def _preempt(self, step: int, signum: int) -> None:
         """This rank got ``signum``: announce the final target, unless another rank's came first."""
-        mine = Target(step + self.lead, self.rank, signum)
+        mine = Target(step + self.lead, self.rank, signum, self._epoch)
         current = self._store.compare_set("final", "", mine.encode())
         winner = Target.decode(current) if current else mine
         if winner == mine:
@@ -167,7 +172,7 @@ class RankSchedule:
             if asked is not None and asked[0] == step:
                 is_due = asked[1]
         elif is_due and not any(t.signum == 0 for t in self._targets):
-            target = Target(step + self.lead, 0)
+            target = Target(step + self.lead, 0, epoch=self._epoch)
             self._announce(target)
             self._targets.append(target)
             is_due = False
@@ -178,6 +183,18 @@ class RankSchedule:
         self._last_step = step
         final = next((t.signum for t in reached if t.signum), None)
         return bool(reached) or is_due or final is not None, final
+
+    def reset(self) -> None:
+        """Every rank restored a checkpoint (a collective: every rank calls this at the same point),
+        which may be an earlier step: the targets announced before belong to the steps given up,
+        and one still on its way would be heard after the rollback, suppressing the policy's new
+        due steps or passed already. Targets carry the epoch they were announced in; the older
+        ones are dropped, here and when heard later. The step restarts from the restored one."""
+        with self._lock:
+            self._epoch += 1
+            self._inbox = [t for t in self._inbox if t.epoch >= self._epoch]
+        self._targets = [t for t in self._targets if t.epoch >= self._epoch]
+        self._last_step = None
 
     def peek(self, step: int) -> bool:
         """What ``decide(step, ...)`` would answer for saving, changing nothing the policy keeps.
