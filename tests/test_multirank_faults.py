@@ -529,8 +529,8 @@ def _roots_not_shared(rank: int, world: int, root: str) -> dict:
         return {"save": _errors(lambda: mgr.save(1, {"w": torch.full((4,), float(rank))})), "steps": mgr.steps()}
 
 
-def test_ranks_that_do_not_share_the_root_commit_nothing(waited):
-    tmp_path, got = _joined(waited, _roots_not_shared)
+def test_ranks_that_do_not_share_the_root_commit_nothing(worked):
+    tmp_path, got = _joined(worked, _roots_not_shared)
     for rank in got:
         assert "step 1 was not committed: rank 1's rank-00001.json is not in rank 0's" in rank["save"], got
         assert "every rank must save to the same root" in rank["save"] and rank["steps"] == []
@@ -562,8 +562,8 @@ def _batchnorm_buffers(rank: int, world: int, root: str) -> dict:
     }
 
 
-def test_a_ddp_model_s_buffers_restore_as_rank_0_held_them(waited):
-    _, got = _joined(waited, _batchnorm_buffers)
+def test_a_ddp_model_s_buffers_restore_as_rank_0_held_them(worked):
+    _, got = _joined(worked, _batchnorm_buffers)
     assert got[0]["differ_between_ranks"], got  # the case is real: the ranks' running stats differ
     assert [rank["restored_is_rank0s"] for rank in got] == [True, True], got
 
@@ -615,8 +615,8 @@ def _rollback_with_a_rank0_policy(rank: int, world: int, root: str) -> dict:
     return out
 
 
-def test_a_rollback_starts_the_ranks_schedule_afresh(waited):
-    _, got = _joined(waited, _rollback_with_a_rank0_policy)
+def test_a_rollback_starts_the_ranks_schedule_afresh(worked):
+    _, got = _joined(worked, _rollback_with_a_rank0_policy)
     due = got[0]["due_after"]
     assert due and got[0]["restored"] == 7, got[0]
     for rank in got:
@@ -842,15 +842,9 @@ def test_a_rank_late_to_a_restore_or_an_open_fails_it_on_every_rank_and_the_next
     assert sorted(p.name for p in tmp_path.glob("step-*")) == [step_dir_name(s) for s in (1, 2, 3, 4, 5)]
 
 
-@pytest.fixture(scope="module")
-def waited(tmp_path_factory):
-    """The jobs above that mostly wait (out ``rank_timeout``, or a late rank's sleep) run at once,
-    each on a root of its own: ``{job function: (root, each rank's return value)}`` through
-    ``_joined``."""
-    base = tmp_path_factory.mktemp("mr-wait")
-    fns = [_slow_store_connection, _refused_policy_connection, _restore_with_a_bug_on_rank_1, _late_rank]
-    fns += [_late_to_restore, _group_made_on_rank_0_only, _roots_not_shared, _batchnorm_buffers]
-    fns.append(_rollback_with_a_rank0_policy)
+def _all_at_once(base: Path, fns: list) -> dict:
+    """Each job in ``fns`` on 2 ranks and a root of its own, all started at once: ``{job function:
+    (root, each rank's return value, or the AssertionError its test raises)}``."""
     roots = {fn: base / fn.__name__ for fn in fns}
     jobs = {}
     try:
@@ -869,8 +863,25 @@ def waited(tmp_path_factory):
             job.close()
 
 
-def _joined(waited: dict, fn) -> tuple[Path, list]:
-    root, values = waited[fn]
+@pytest.fixture(scope="module")
+def waited(tmp_path_factory):
+    """The jobs above that mostly wait (out ``rank_timeout``, or a late rank's sleep) run at once:
+    ``{job function: (root, each rank's return value)}`` through ``_joined``."""
+    fns = [_slow_store_connection, _refused_policy_connection, _restore_with_a_bug_on_rank_1, _late_rank]
+    fns += [_late_to_restore, _group_made_on_rank_0_only]
+    return _all_at_once(tmp_path_factory.mktemp("mr-wait"), fns)
+
+
+@pytest.fixture(scope="module")
+def worked(tmp_path_factory):
+    """The jobs above that train and save rather than wait, at once, apart from ``waited``'s: their
+    work must not make a rank there late by seconds."""
+    fns = [_roots_not_shared, _batchnorm_buffers, _rollback_with_a_rank0_policy]
+    return _all_at_once(tmp_path_factory.mktemp("mr-work"), fns)
+
+
+def _joined(results: dict, fn) -> tuple[Path, list]:
+    root, values = results[fn]
     if isinstance(values, AssertionError):
         raise values
     return root, values
