@@ -218,11 +218,6 @@ def assign_rows(sizes: list[tuple[int, int]], world_size: int) -> list[list[tupl
 
 
 @functools.lru_cache(maxsize=16)
-def _where(t: torch.Tensor) -> tuple[int, int]:
-    """A tensor's place in memory: a buffer and the state dict's detached view of it share it."""
-    return t.untyped_storage().data_ptr(), int(t.storage_offset())
-
-
 def _row_pieces(sizes: tuple[tuple[int, int], ...], world_size: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
     """:func:`assign_rows`, computed once per set of sizes: every save of a training state asks
     again with the same sizes (hundreds of bisection steps for a model of many tensors)."""
@@ -273,7 +268,7 @@ class _RankFlattener(_Flattener):
         self.replicated_depth = 0  # > 0 inside a data-parallel object or a declared key
         self._replicas: list[tuple[int, torch.Tensor]] = []  # (global index, tensor) to cut in rows
         self._rank0_whole: list[tuple[int, torch.Tensor]] = []  # (global index, buffer) rank 0 writes whole
-        self._buffers: set[tuple[int, int]] = set()  # (storage, offset) of the data-parallel modules' buffers
+        self._buffers: set[tuple[Any, ...]] = set()  # (storage, offset) of the data-parallel modules' buffers
         self._global_seen: dict[tuple, int] = {}
 
     def _global(self, t: torch.Tensor, path: str, key: tuple, entry: GlobalEntry | None, placement: str) -> int | None:
@@ -306,7 +301,7 @@ class _RankFlattener(_Flattener):
             if known is not None:
                 return {Kind.GLOBAL: known}
             index = len(self.globals) - 1
-            if _where(obj) in self._buffers:
+            if key[:2] in self._buffers:  # its storage and offset: a buffer's, seen through the state dict
                 self._rank0_whole.append((index, obj.detach()))
             else:
                 self._replicas.append((index, obj.detach()))
@@ -322,7 +317,9 @@ class _RankFlattener(_Flattener):
                 # default) broadcasts rank 0's; BatchNorm's running stats then move with each rank's
                 # own batch. Rank 0's are what training goes on with: it writes them whole, never
                 # row pieces of several ranks' (a tensor no rank held)
-                self._buffers.update(_where(b) for b in obj.buffers() if b.device.type != "meta")
+                self._buffers.update(
+                    (storage_address(b, path), b.storage_offset()) for b in obj.buffers() if b.device.type != "meta"
+                )
         try:
             return super().node(obj, path, depth)
         finally:
