@@ -271,7 +271,7 @@ def _scan_manifests(
         generations that exist as regular files of a manifest's size but could not be read.
     """
     unread: list[str] = []
-    for name in _versions(backend, step_name) if versions is None else versions:
+    for name in manifest_versions(backend, step_name) if versions is None else versions:
         where = f"{step_name}/{name}"
         try:
             raw = backend.read_small(where, MAX_MANIFEST_BYTES)
@@ -441,11 +441,6 @@ def manifest_versions(backend: Backend, step_name: str) -> list[str]:
     Raises:
         CheckpointError: The step could not be listed.
     """
-    return _versions(backend, step_name)
-
-
-def _versions(backend: Backend, step_name: str) -> list[str]:
-    """The step's manifest names, newest generation first (``manifest.json`` last)."""
     return _newest_first(
         entry.name
         for entry in backend.list(step_name)
@@ -766,7 +761,7 @@ class ManifestLastCommit(CommitProtocol):
         self._verified: dict[str, tuple[str, str]] = {}
 
     def _versions(self, step_name: str) -> list[str]:
-        return _versions(self.backend, step_name)
+        return manifest_versions(self.backend, step_name)
 
     def _newest(self, step_name: str) -> tuple[str, bytes] | None:
         return newest_manifest(self.backend, step_name)
