@@ -17,13 +17,8 @@ from pathlib import Path
 from asyncckpt.errors import CheckpointError, SaveFailedError
 
 # Set on the thread running a done-callback (the writer's, usually): a wait there for a save not
-# yet done is the writer waiting for itself, refused instead of hanging (see ``in_done_callback``).
+# yet done is the writer waiting for itself, refused instead of hanging.
 _CALLBACK = threading.local()
-
-
-def in_done_callback() -> bool:
-    """Whether this thread is running a save's done-callback."""
-    return getattr(_CALLBACK, "depth", 0) > 0
 
 
 def refuse_in_done_callback(what: str) -> None:
@@ -33,7 +28,7 @@ def refuse_in_done_callback(what: str) -> None:
     Raises:
         CheckpointError: Called in a done-callback.
     """
-    if in_done_callback():
+    if getattr(_CALLBACK, "depth", 0) > 0:
         raise CheckpointError(
             f"{what} was called in a save's done-callback, which runs on the writer thread: it would wait for "
             "itself forever. Wait after the callback returns (on your own thread) instead"
