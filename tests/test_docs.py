@@ -108,6 +108,9 @@ def test_cli_md_examples_match_the_real_output(clidemo, capsys):
     assert run("prune", clidemo, "--keep-last", "1", "--dry-run") == doc_block_after(
         "## `asyncckpt prune /tmp/clidemo --keep-last 1 --dry-run`"
     )
+    assert run("prune", clidemo, "--after", "400", "--dry-run") == doc_block_after(
+        "## `asyncckpt prune /tmp/clidemo --after 400 --dry-run`"
+    )
     assert run("verify", clidemo) == doc_block_after("## `asyncckpt verify /tmp/clidemo`")
     ls = run("ls", clidemo)
     documented = doc_block_after("## `asyncckpt ls /tmp/clidemo`")

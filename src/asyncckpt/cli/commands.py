@@ -22,7 +22,7 @@ from asyncckpt.engine.reader import (
     verify_checkpoint,
 )
 from asyncckpt.errors import CheckpointError, CheckpointNotFoundError
-from asyncckpt.format import MANIFEST_NAME, Manifest, parse_step_dir
+from asyncckpt.format import MANIFEST_NAME, MAX_STEP, Manifest, parse_step_dir
 from asyncckpt.metrics import METRICS_LOG, SaveRecord, read_log, summarize
 from asyncckpt.policy import Adaptive
 from asyncckpt.retention import RetentionPolicy
@@ -508,8 +508,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from asyncckpt.cli import tools
 
+    if args.after is not None:
+        return _prune_after(args)
+    if args.mirror is not None or args.local_only or args.include_tagged:
+        raise UsageError("--mirror, --local-only and --include-tagged only go with --after N")
     if args.keep_last is None and args.keep_best is None and args.keep_every is None:
-        raise UsageError("prune needs a rule: --keep-last N, --keep-best K --metric M, or --keep-every S")
+        raise UsageError("prune needs a rule: --keep-last N, --keep-best K --metric M, --keep-every S, or --after N")
     if args.keep_best is not None and not args.metric:
         raise UsageError("--keep-best needs --metric (the name of a metric passed to save)")
     if args.keep_best is None and (args.metric is not None or args.mode is not None):
@@ -540,6 +544,43 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_after(args: argparse.Namespace) -> int:
+    from asyncckpt.cli import tools
+    from asyncckpt.engine.mirror import read_mirror_file
+
+    rules = [
+        flag
+        for flag, value in (
+            ("--keep-last", args.keep_last),
+            ("--keep-best", args.keep_best),
+            ("--metric", args.metric),
+            ("--mode", args.mode),
+            ("--keep-every", args.keep_every),
+        )
+        if value is not None
+    ]
+    if rules:
+        raise UsageError(f"--after N deletes every step above N; it takes no retention rule ({', '.join(rules)})")
+    if args.local_only and args.mirror is not None:
+        raise UsageError("--local-only and --mirror exclude each other")
+    root = _root_arg(args.root)
+    mirror = args.mirror
+    if mirror is None and not args.local_only and isinstance(root, Path) and root.is_dir():
+        mirror = read_mirror_file(root)
+    result = tools.prune_after(
+        root, args.after, mirror=mirror, include_tagged=args.include_tagged, dry_run=args.dry_run
+    )
+    verb = "would delete" if args.dry_run else "deleted"
+    for tier, steps in (("mirror", result.mirror), ("root", result.root)):
+        for step in reversed(steps):
+            print(f"{verb} step {step} from the {tier}")
+    where = f" and its mirror {_printable(mirror)}" if mirror is not None else ""
+    print(f"{verb} {len(result.root) + len(result.mirror)}: the newest step is now {args.after} in {args.root}{where}")
+    if mirror is None and not args.local_only:
+        print("no mirror is recorded in the root; --mirror URL names one")
+    return 0
+
+
 def _add_progress_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
@@ -551,6 +592,16 @@ def _add_progress_flags(parser: argparse.ArgumentParser) -> None:
         help="draw a progress bar on stderr (default: only when stderr is a terminal)",
     )
     group.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="never draw one")
+
+
+def _step_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step (an int), got {text!r}") from None
+    if not 0 <= value <= MAX_STEP:
+        raise argparse.ArgumentTypeError(f"a step is in [0, {MAX_STEP}], got {text}")
+    return value
 
 
 def _positive(kind):
@@ -684,6 +735,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=["min", "max"], help="with --keep-best: best is the lowest (min, default) or highest"
     )
     prune.add_argument("--keep-every", type=_positive(int), metavar="S", help="keep the steps that are multiples of S")
+    prune.add_argument(
+        "--after",
+        type=_step_number,
+        metavar="N",
+        help="roll back: delete every checkpoint above step N from the root and its mirror, so that a "
+        "restore resumes from N (N must verify; refused while a manager writes to the root)",
+    )
+    prune.add_argument(
+        "--mirror", metavar="URL", help="with --after: the mirror to prune too (default: the one recorded in the root)"
+    )
+    prune.add_argument("--local-only", action="store_true", help="with --after: leave the mirror alone")
+    prune.add_argument(
+        "--include-tagged", action="store_true", help="with --after: delete tagged checkpoints above N too"
+    )
     prune.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     prune.set_defaults(func=_cmd_prune)
     return parser

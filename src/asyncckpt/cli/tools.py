@@ -966,3 +966,110 @@ def prune(root: Path | str, policy: RetentionPolicy, dry_run: bool = False) -> P
             storage.close()
     unreadable = {i.step: i.unreadable for i in infos if i.unreadable is not None}
     return Pruned([c.step for c in committed if c.step not in doomed], sorted(doomed), unreadable, damaged)
+
+
+@dataclass
+class RolledBack:
+    """What ``prune --after`` deleted (or, with dry_run, would delete) from each tier."""
+
+    kept: int  # the step rolled back to
+    root: list[int]
+    mirror: list[int]
+    mirror_location: str | None
+
+
+def _rollback_target(step: int, tiers: dict[str, list[CommittedCheckpoint]], where: str) -> None:
+    """``step`` must stay loadable: a committed checkpoint that verifies in one of the tiers. A
+    mistyped step would otherwise delete every checkpoint above it, the good ones included."""
+    reasons = []
+    for tier, committed in tiers.items():
+        found = next((c for c in committed if c.step == step), None)
+        if found is None:
+            continue
+        try:
+            verify_checkpoint(found.ref)
+            return
+        except CheckpointError as exc:
+            reasons.append(f"in the {tier}: {exc}")
+    why = f"it does not verify ({'; '.join(reasons)})" if reasons else "it is not a committed checkpoint"
+    raise CheckpointError(
+        f"cannot roll back to step {step} of {where}: {why}; nothing deleted. --after N deletes the steps above "
+        "N, the checkpoint rolled back to, which must remain"
+    )
+
+
+def _refuse_tagged(step: int, tiers: dict[str, list[tuple[CommittedCheckpoint, CheckpointInfo]]]) -> None:
+    tagged = [
+        f"step {c.step} in the {tier} ({', '.join(info.tags)})"
+        for tier, entries in tiers.items()
+        for c, info in entries
+        if c.step > step and info.tags
+    ]
+    if tagged:
+        raise CheckpointError(
+            f"tagged checkpoints above step {step}: {'; '.join(tagged)}; nothing deleted. Pass --include-tagged "
+            "to delete them too"
+        )
+
+
+def _entries(committed: list[CommittedCheckpoint]) -> list[tuple[CommittedCheckpoint, CheckpointInfo]]:
+    return Catalog(lambda: committed).entries()
+
+
+def prune_after(
+    root: Path | str,
+    step: int,
+    *,
+    mirror: str | None,
+    include_tagged: bool = False,
+    dry_run: bool = False,
+) -> RolledBack:
+    """Delete every checkpoint above ``step`` from ``root`` and from ``mirror``: a rollback.
+
+    ``restore`` and ``load`` read the highest step of either tier, so after training was rolled
+    back to ``step`` the abandoned run's later checkpoints must go from both, or a crash resumes
+    that run. Nothing is deleted unless ``step`` is a checkpoint that verifies in one tier and, without
+    ``include_tagged``, no checkpoint above it is tagged. Takes each tier's writer lock (refused
+    while a manager writes there) unless ``dry_run``; the mirror is pruned first, newest first.
+    """
+    root = resolve_root(root)
+    where = str(root)
+    listed = {"root": root_checkpoints(root)}
+    if mirror is not None:
+        listed["mirror"] = mirror_checkpoints(mirror)
+    _rollback_target(step, listed, where)
+    if dry_run:
+        entries = {tier: _entries(committed) for tier, committed in listed.items()}
+        if not include_tagged:
+            _refuse_tagged(step, entries)
+        above = {tier: [c.step for c, _ in e if c.step > step] for tier, e in entries.items()}
+        return RolledBack(step, above["root"], above.get("mirror", []), mirror)
+    storages: dict[str, Any] = {}
+    try:
+        if mirror is not None:
+            storages["mirror"] = open_storage(mirror)
+        storages["root"] = open_storage(root)
+        catalogs = {tier: Catalog.of_writer(storages[tier]) for tier in listed}
+        entries = {tier: catalog.entries() for tier, catalog in catalogs.items()}
+        if not include_tagged:
+            _refuse_tagged(step, entries)
+        deleted: dict[str, list[int]] = {"root": [], "mirror": []}
+        for tier in ("mirror", "root"):
+            if tier not in entries:
+                continue
+            for c, _ in reversed(entries[tier]):
+                if c.step <= step:
+                    break
+                try:
+                    catalogs[tier].delete(c)
+                except (OSError, CheckpointError) as exc:
+                    done = "; ".join(f"deleted {steps} from the {t}" for t, steps in deleted.items() if steps)
+                    raise CheckpointError(
+                        f"prune --after {step} {done + ', then ' if done else ''}failed deleting step {c.step} from "
+                        f"the {tier} ({exc}); run it again to finish the rollback"
+                    ) from exc
+                deleted[tier].append(c.step)
+    finally:
+        for storage in storages.values():
+            storage.close()
+    return RolledBack(step, sorted(deleted["root"]), sorted(deleted["mirror"]), mirror)

@@ -1,0 +1,165 @@
+"""A rollback with `asyncckpt prune --after N`: the abandoned run's later checkpoints leave the root
+and its mirror, so a restore after the next crash resumes the run rolled back to, never the one
+abandoned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from _cli import cli, remaining, strict_json
+from asyncckpt import CheckpointManager
+from asyncckpt.engine.reader import read_manifest
+from asyncckpt.format import step_dir_name
+from conftest import fresh_s3_url
+
+STEPS = [10, 20, 30, 40, 50]
+
+
+def state_of(step: int) -> dict:
+    return {"w": torch.full((64,), float(step)), "step": step}
+
+
+def blank() -> dict:
+    return {"w": torch.zeros(64), "step": -1}
+
+
+def save_run(local: Path | str, mirror: Path | str, tags: dict[int, list[str]] | None = None) -> None:
+    with CheckpointManager(local, mirror=str(mirror), keep_last=None, mirror_retention={"keep_last": None}) as mgr:
+        for step in STEPS:
+            mgr.save(step, state_of(step), tags=(tags or {}).get(step, ()))
+            mgr.wait(mirror=True)  # every step in the mirror: none skipped
+
+
+def restored_step(local: Path, mirror: Path | str) -> int:
+    state = blank()
+    with CheckpointManager(local, mirror=str(mirror)) as mgr:
+        step = mgr.restore(state)
+    assert state["step"] == step and torch.equal(state["w"], state_of(step)["w"])
+    return step
+
+
+@pytest.fixture
+def tiers(tmp_path) -> tuple[Path, Path]:
+    local, mirror = tmp_path / "local", tmp_path / "mirror"
+    save_run(local, mirror)
+    return local, mirror
+
+
+def test_a_rollback_leaves_neither_tier_holding_the_abandoned_steps(tiers, capsys):
+    local, mirror = tiers
+    assert restored_step(local, mirror) == 50  # what a crash would resume without the rollback
+    code, out, err = cli(capsys, "prune", local, "--after", "30")
+    assert code == 0, err
+    assert remaining(local) == [10, 20, 30] and remaining(mirror) == [10, 20, 30]
+    assert "deleted step 50 from the mirror" in out and "deleted step 40 from the root" in out
+    assert f"deleted 4: the newest step is now 30 in {local} and its mirror {mirror}" in out
+    assert restored_step(local, mirror) == 30
+    # the rolled-back run goes on: its saves land above 30 again, and nothing of the old one is back
+    with CheckpointManager(local, mirror=str(mirror), keep_last=None, mirror_retention={"keep_last": None}) as mgr:
+        mgr.restore(blank())
+        mgr.save(40, {"w": torch.full((64,), -40.0), "step": 40})
+        mgr.wait(mirror=True)
+    state = blank()
+    with CheckpointManager(local, mirror=str(mirror)) as mgr:
+        assert mgr.restore(state) == 40
+    assert torch.equal(state["w"], torch.full((64,), -40.0))
+
+
+def test_a_dry_run_lists_both_tiers_and_deletes_nothing(tiers, capsys):
+    local, mirror = tiers
+    code, out, _ = cli(capsys, "prune", local, "--after", "30", "--dry-run")
+    assert code == 0
+    assert out.splitlines() == [
+        "would delete step 50 from the mirror",
+        "would delete step 40 from the mirror",
+        "would delete step 50 from the root",
+        "would delete step 40 from the root",
+        f"would delete 4: the newest step is now 30 in {local} and its mirror {mirror}",
+    ]
+    assert remaining(local) == STEPS and remaining(mirror) == STEPS
+
+
+def test_local_only_leaves_the_mirror_alone(tiers, capsys):
+    local, mirror = tiers
+    assert cli(capsys, "prune", local, "--after", "20", "--local-only")[0] == 0
+    assert remaining(local) == [10, 20] and remaining(mirror) == STEPS
+
+
+def test_a_step_that_is_not_committed_is_refused_and_nothing_is_deleted(tiers, capsys):
+    local, mirror = tiers
+    code, _, err = cli(capsys, "prune", local, "--after", "35")
+    assert code == 2
+    assert f"cannot roll back to step 35 of {local}: it is not a committed checkpoint; nothing deleted" in err
+    assert remaining(local) == STEPS and remaining(mirror) == STEPS
+
+
+def _flip_a_data_byte(checkpoint: Path) -> None:
+    data = next(p for p in checkpoint.iterdir() if p.name.startswith("data"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+def test_the_step_rolled_back_to_must_verify_in_one_tier(tiers, capsys):
+    local, mirror = tiers
+    _flip_a_data_byte(local / step_dir_name(30))
+    assert cli(capsys, "prune", local, "--after", "30", "--dry-run")[0] == 0  # the mirror's copy verifies
+    _flip_a_data_byte(mirror / step_dir_name(30))
+    code, _, err = cli(capsys, "prune", local, "--after", "30")
+    assert code == 2
+    assert "cannot roll back to step 30" in err
+    assert "it does not verify (in the root:" in err and "in the mirror:" in err
+    assert remaining(local) == STEPS and remaining(mirror) == STEPS
+
+
+def test_tagged_steps_above_are_refused_unless_included(tmp_path, capsys):
+    local, mirror = tmp_path / "local", tmp_path / "mirror"
+    save_run(local, mirror, tags={40: ["best"]})
+    code, _, err = cli(capsys, "prune", local, "--after", "30")
+    assert code == 2
+    assert (
+        "tagged checkpoints above step 30: step 40 in the root (best); step 40 in the mirror (best); nothing deleted. "
+        "Pass --include-tagged" in err
+    )
+    assert remaining(local) == STEPS and remaining(mirror) == STEPS
+    assert read_manifest(local / step_dir_name(40)).tags == ["best"]
+    assert cli(capsys, "prune", local, "--after", "30", "--include-tagged")[0] == 0
+    assert remaining(local) == [10, 20, 30] and remaining(mirror) == [10, 20, 30]
+
+
+def test_refused_while_a_manager_writes_to_the_root(tiers, capsys):
+    local, mirror = tiers
+    with CheckpointManager(local, mirror=str(mirror)):
+        code, _, err = cli(capsys, "prune", local, "--after", "30")
+    assert code == 2 and "in use" in err
+    assert remaining(local) == STEPS and remaining(mirror) == STEPS
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--after", "30", "--keep-last", "2"], "it takes no retention rule (--keep-last)"),
+        (["--keep-last", "2", "--mirror", "x"], "--mirror, --local-only and --include-tagged only go with --after N"),
+        (["--after", "30", "--local-only", "--mirror", "x"], "--local-only and --mirror exclude each other"),
+        (["--after", "-1"], "a step is in [0, "),
+    ],
+)
+def test_usage_errors(tiers, capsys, argv, message):
+    local, mirror = tiers
+    code, _, err = cli(capsys, "prune", local, *argv)
+    assert code == 2 and message in err
+    assert remaining(local) == STEPS and remaining(mirror) == STEPS
+
+
+def test_a_rollback_with_an_s3_mirror(tmp_path, s3_env, capsys):
+    local, url = tmp_path / "local", fresh_s3_url()
+    save_run(local, url)
+    code, out, err = cli(capsys, "prune", local, "--after", "20")
+    assert code == 0, err
+    assert remaining(local) == [10, 20]
+    code, out, _ = cli(capsys, "ls", url, "--json")
+    assert code == 0 and [row["step"] for row in strict_json(out)] == [10, 20]
+    assert restored_step(local, url) == 20
