@@ -91,3 +91,27 @@ def test_prune_and_the_manager_keep_the_same_checkpoints(tmp_path):
     with asyncckpt.CheckpointManager(tmp_path / "b", keep_last=1) as mgr:
         mgr.save(4, {"x": torch.zeros(8)}).wait()
         assert mgr.steps() == [1, 4]
+
+
+@pytest.mark.parametrize("rename", [True, False], ids=["rename", "manifest-last"])
+def test_delete_above_goes_newest_first_and_a_failure_names_what_was_deleted(tmp_path, rename):
+    make_root(tmp_path / "root", rename, steps=(1, 2, 3, 4))
+    storage = open_storage(LocalBackend(tmp_path / "root", atomic_rename=rename))
+    try:
+        order = []
+
+        def deleting(checkpoint):
+            if checkpoint.step == 2:
+                raise PermissionError(13, "Permission denied")
+            order.append(checkpoint.step)
+            storage.delete(checkpoint)
+
+        catalog = Catalog(storage.checkpoints, deleting)
+        with pytest.raises(CheckpointError, match=r"^deleted steps \[3, 4\], then failed deleting step 2 \("):
+            catalog.delete_above(1)
+        assert order == [4, 3]  # the newest first; the failed one and those below it stay
+        assert catalog.steps() == [1, 2]
+        assert Catalog(storage.checkpoints, storage.delete).delete_above(1) == [2]
+        assert Catalog(storage.checkpoints, storage.delete).delete_above(1) == []
+    finally:
+        storage.close()

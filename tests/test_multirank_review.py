@@ -206,6 +206,14 @@ def _job(rank: int, world: int, tmp: str) -> dict:
         got = {"epoch": 0, "name": ""}
         assert mgr.restore(got) == 1
     assert got == {"epoch": 4, "name": "x"}
+    # a rollback from the job: every rank calls discard_after, rank 0 deletes, none is left above
+    with asyncckpt.CheckpointManager(root / "empty", keep_last=None) as mgr:
+        for step in (2, 3):
+            mgr.save(step, {"epoch": step, "name": "y"})
+        out["discarded"] = mgr.discard_after(1)
+        out["after_discard"] = mgr.steps()
+        got = {"epoch": 0, "name": ""}
+        assert mgr.restore(got) == 1
     return out
 
 
@@ -244,7 +252,10 @@ def spawned(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 def test_spawned_job_ran(spawned):
-    _, out = spawned
+    root, out = spawned
+    assert out[0]["discarded"] == out[1]["discarded"] == [2, 3]
+    assert out[0]["after_discard"] == out[1]["after_discard"] == [1]
+    assert sorted(p.name for p in (root / "empty").glob("step-*")) == ["step-000000000001"]
     assert out[0]["strict_false_missing"] == out[1]["strict_false_missing"] == ["state['extra']"]
     assert out[0]["tp_unexpected"] == []
     assert out[1]["tp_unexpected"] == ["state['c']"]

@@ -400,6 +400,24 @@ class AsyncCheckpointManager:
         """
         return await self._run(self.manager.untag, step, *tags)
 
+    async def discard_after(self, step: int, *, include_tagged: bool = False) -> list[int]:
+        """Delete every committed checkpoint above ``step``, in the root and its mirror: a rollback
+        (off the loop: see :meth:`CheckpointManager.discard_after`).
+
+        Args:
+            step: The step rolled back to; it stays.
+            include_tagged: Also delete tagged checkpoints above ``step``.
+
+        Returns:
+            The steps deleted, oldest first.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is committed in neither tier (nothing deleted).
+            CheckpointError: Tagged checkpoints above ``step`` (nothing deleted), or a deletion failed.
+            ValueError: ``step`` is not a step.
+        """
+        return await self._run(self.manager.discard_after, step, include_tagged=include_tagged)
+
     def install_signal_handlers(
         self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     ) -> None:

@@ -27,12 +27,12 @@ from asyncckpt.engine.retain import Retainer
 from asyncckpt.engine.signals import Preemption, at_interpreter_exit, raised_after
 from asyncckpt.engine.staging import ArenaPool, CopyEngine
 from asyncckpt.engine.tags import Tags
-from asyncckpt.errors import CheckpointError, SaveFailedError
+from asyncckpt.errors import CheckpointError, CheckpointNotFoundError, SaveFailedError
 from asyncckpt.format import MAX_CHUNK_RAW, MAX_STEP, check_tags
 from asyncckpt.loading import check_strict, read_newest_valid, read_newest_valid_of_tiers
 from asyncckpt.metrics import METRICS_LOG, SaveStats
 from asyncckpt.policy import EverySteps, SavePolicy
-from asyncckpt.retention import RetentionPolicy
+from asyncckpt.retention import CheckpointInfo, RetentionPolicy, tagged_above
 from asyncckpt.state.tree import RestoreResult, check_compatible, is_stateful, restore_into
 from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.catalog import Catalog
@@ -669,6 +669,99 @@ class CheckpointManager:
         self._check_open()
         _check_step(step)
         return self._tags.retag(step, lambda have: [t for t in have if tags and t not in tags], self.root)
+
+    def discard_after(self, step: int, *, include_tagged: bool = False) -> list[int]:
+        """Delete every committed checkpoint above ``step``, in the root and in its mirror: a rollback.
+
+        ``restore`` resumes from the highest step, so after training was rolled back to ``step``
+        (``restore(state, step=step)``) the abandoned run's later checkpoints are what the next crash
+        would resume, and ``keep_last`` deletes the new run's checkpoints as they commit. Pending
+        saves finish first (one above ``step`` is deleted too); the mirror's copies of steps above
+        ``step`` not yet made are dropped. With several ranks, call it on every rank: rank 0 deletes.
+
+        Args:
+            step: The step rolled back to; it stays.
+            include_tagged: Also delete tagged checkpoints above ``step`` (else they are refused).
+
+        Returns:
+            The steps above ``step``, deleted from either tier, oldest first.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is committed neither in the root nor in the mirror
+                (nothing deleted: a mistyped step would take every checkpoint above it).
+            CheckpointError: Checkpoints above ``step`` are tagged and not ``include_tagged``
+                (nothing deleted); one could not be deleted (naming it; run it again to finish);
+                the manager is closed, or used from a forked child or a done-callback.
+            ValueError: ``step`` out of range.
+        """
+        self._check_open()
+        refuse_in_done_callback("CheckpointManager.discard_after()")
+        _check_step(step)
+        self._fences.fence()
+        self._admission.wait_pending()
+        tiers = {"root": self._tags.catalog.infos()}  # on every rank, before rank 0 deletes
+        if self._mirror is not None:
+            tiers["mirror"] = self._mirror.infos()
+        refusal = self._discard_refusal(step, tiers, include_tagged)
+        if self._ranks is not None:
+            self._agree_on_discard(step, refusal is not None)
+        if refusal is not None:
+            raise refusal
+        failure = None
+        if self._owns_root:
+            for tier in ("mirror", "root"):  # as asyncckpt prune --after
+                try:
+                    if tier == "mirror" and self._mirror is not None:
+                        self._mirror.discard_above(step, self._mirror_timeout)
+                    elif tier == "root":
+                        with self._tags.lock:  # not while retention deletes
+                            self._tags.catalog.delete_above(step)
+                except CheckpointError as exc:
+                    failure = CheckpointError(f"discard_after({step}) in the {tier} of {self.root}: {exc}")
+                    failure.__cause__ = exc
+                    break
+        if self._ranks is not None:
+            deleted = self._ranks.all_ok(failure is None, f"discard the checkpoints after step {step}")
+            if not deleted and failure is None:
+                failure = CheckpointError(
+                    f"discard_after({step}): rank 0 could not delete every checkpoint above it in {self.root} (its "
+                    "error names the step); call it again to finish"
+                )
+        if failure is not None:
+            raise failure
+        return sorted({info.step for infos in tiers.values() for info in infos if info.step > step})
+
+    def _discard_refusal(
+        self, step: int, tiers: dict[str, list[CheckpointInfo]], include_tagged: bool
+    ) -> CheckpointError | None:
+        """Why ``discard_after(step)`` must delete nothing, or None."""
+        if not any(info.step == step for infos in tiers.values() for info in infos):
+            where = " or in its mirror" if self._mirror is not None else ""
+            return CheckpointNotFoundError(
+                f"discard_after({step}): step {step} is not committed in {self.root}{where}; nothing deleted"
+            )
+        tagged = tagged_above(tiers, step)
+        if tagged and not include_tagged:
+            return CheckpointError(
+                f"discard_after({step}): tagged checkpoints above it: {tagged}; nothing deleted. Pass "
+                "include_tagged=True to delete them too"
+            )
+        return None
+
+    def _agree_on_discard(self, step: int, refused: bool) -> None:
+        """Every rank asks for the same step, and none refused it, before rank 0 deletes a thing."""
+        assert self._ranks is not None
+        highest, lowest, refusals = self._ranks.all_max_each(
+            [step, -step, int(refused)], "discard the checkpoints after a step together"
+        )
+        if highest != -lowest:
+            raise CheckpointError(
+                f"discard_after: the ranks passed different steps (from {-lowest} to {highest}); nothing deleted"
+            )
+        if refusals and not refused:
+            raise CheckpointError(
+                f"discard_after({step}): another rank refused it (its error says why); nothing deleted"
+            )
 
     # ---- lifetime -----------------------------------------------------------------------------
 

@@ -97,3 +97,14 @@ def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) ->
         scored.sort(key=lambda p: (p[0] if policy.best_mode == "min" else -p[0], -p[1]))
         keep.update(step for _, step in scored[: policy.keep_best])
     return [c.step for c in ordered if c.step not in keep]
+
+
+def tagged_above(tiers: dict[str, list[CheckpointInfo]], step: int) -> str:
+    """The tagged checkpoints above ``step`` in each tier, said for a rollback that refuses them
+    ("step 40 in the root (best); ..."), or "" when there are none."""
+    return "; ".join(
+        f"step {info.step} in the {tier} ({', '.join(info.tags)})"
+        for tier, infos in tiers.items()
+        for info in infos
+        if info.step > step and info.tags
+    )

@@ -35,6 +35,7 @@ from asyncckpt.retention import (
     best_metric_missing,
     missing_metric_text,
     steps_to_delete,
+    tagged_above,
 )
 from asyncckpt.state import skeleton
 from asyncckpt.state.skeleton import TENSOR_KINDS, Kind
@@ -999,16 +1000,10 @@ def _rollback_target(step: int, tiers: dict[str, list[CommittedCheckpoint]], whe
 
 
 def _refuse_tagged(step: int, tiers: dict[str, list[tuple[CommittedCheckpoint, CheckpointInfo]]]) -> None:
-    tagged = [
-        f"step {c.step} in the {tier} ({', '.join(info.tags)})"
-        for tier, entries in tiers.items()
-        for c, info in entries
-        if c.step > step and info.tags
-    ]
+    tagged = tagged_above({tier: [info for _, info in entries] for tier, entries in tiers.items()}, step)
     if tagged:
         raise CheckpointError(
-            f"tagged checkpoints above step {step}: {'; '.join(tagged)}; nothing deleted. Pass --include-tagged "
-            "to delete them too"
+            f"tagged checkpoints above step {step}: {tagged}; nothing deleted. Pass --include-tagged to delete them too"
         )
 
 
@@ -1055,20 +1050,14 @@ def prune_after(
             _refuse_tagged(step, entries)
         deleted: dict[str, list[int]] = {"root": [], "mirror": []}
         for tier in ("mirror", "root"):
-            if tier not in entries:
-                continue
-            for c, _ in reversed(entries[tier]):
-                if c.step <= step:
-                    break
+            if tier in catalogs:
                 try:
-                    catalogs[tier].delete(c)
-                except (OSError, CheckpointError) as exc:
-                    done = "; ".join(f"deleted {steps} from the {t}" for t, steps in deleted.items() if steps)
+                    deleted[tier] = catalogs[tier].delete_above(step)
+                except CheckpointError as exc:
+                    done = f"deleted steps {deleted['mirror']} from the mirror; " if deleted["mirror"] else ""
                     raise CheckpointError(
-                        f"prune --after {step} {done + ', then ' if done else ''}failed deleting step {c.step} from "
-                        f"the {tier} ({exc}); run it again to finish the rollback"
+                        f"prune --after {step}: {done}in the {tier}: {exc}; run it again to finish the rollback"
                     ) from exc
-                deleted[tier].append(c.step)
     finally:
         for storage in storages.values():
             storage.close()

@@ -253,8 +253,8 @@ class Admission:
                 f"asyncckpt: saving step {step} in {self._root}, which already holds step {newest}. restore() "
                 f"and load() pick the highest step, so after a crash training would resume from step {newest}, "
                 "and keep_last keeps the highest steps, so the checkpoints of this run get deleted as newer "
-                f"ones commit. After rolling back, delete the later steps (asyncckpt prune ROOT --after N, "
-                "N the step rolled back to, once this job stopped) or save into a new root.",
+                f"ones commit. After rolling back to step N, delete the later steps (mgr.discard_after(N), or "
+                "asyncckpt prune ROOT --after N once this job stopped) or save into a new root.",
                 stacklevel=4,
             )
 

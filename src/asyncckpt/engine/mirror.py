@@ -184,6 +184,7 @@ class _Mirror:
         self._uploaded = 0
         self._lagging = False  # an episode of skips is under way (warned once)
         self._stopping = False
+        self._paused = False  # a rollback deletes in the mirror: no copy starts
         self._cancel = False
         self._thread = threading.Thread(target=self._run, name="asyncckpt-mirror", daemon=True)
         self._thread.start()
@@ -308,6 +309,58 @@ class _Mirror:
             return error or cut
         return error
 
+    def infos(self) -> list[CheckpointInfo]:
+        """The metrics and tags of the mirror's committed steps, oldest first.
+
+        Returns:
+            One CheckpointInfo per step.
+
+        Raises:
+            CheckpointError: The mirror cannot be listed.
+        """
+        return self._catalog.infos()
+
+    def discard_above(self, step: int, timeout: float | None) -> list[int]:
+        """A rollback: the steps above ``step`` waiting to be copied are dropped, the copies pause
+        (one under way finishes first, for at most ``timeout`` seconds: its retention or its
+        clean-up must not delete beside this), and the mirror's checkpoints above ``step`` are
+        deleted, newest first.
+
+        Args:
+            step: The step rolled back to (kept).
+            timeout: The most seconds to wait for the copy under way.
+
+        Returns:
+            The steps deleted, oldest first.
+
+        Raises:
+            CheckpointError: The copy under way outlasted ``timeout`` (nothing deleted), or a
+                checkpoint could not be deleted (see ``Catalog.delete_above``).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._waiting = collections.deque(s for s in self._waiting if s <= step)
+            self._paused = True
+            try:
+                while self._uploading is not None:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise CheckpointError(
+                            f"asyncckpt mirror: step {self._uploading} was still being copied to {self.location} "
+                            f"after {timeout} s; nothing above step {step} deleted there"
+                        )
+                    self._cond.wait(left)
+            except BaseException:
+                self._paused = False
+                self._cond.notify_all()
+                raise
+        try:
+            return self._catalog.delete_above(step)
+        finally:
+            with self._cond:
+                self._paused = False
+                self._cond.notify_all()
+
     def newest_step(self) -> int | None:
         """The mirror's newest committed step, listed now (None when it has none or cannot be listed).
 
@@ -341,7 +394,7 @@ class _Mirror:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._stopping:
+                while (not self._waiting or self._paused) and not self._stopping:
                     self._cond.wait()
                 if not self._waiting:
                     return

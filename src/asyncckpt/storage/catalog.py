@@ -232,3 +232,28 @@ class Catalog:
         self._deleting(checkpoint)
         with self._infos_lock:
             self._infos.pop(checkpoint.step, None)
+
+    def delete_above(self, step: int) -> list[int]:
+        """Delete every committed checkpoint above ``step``, newest first (a rollback).
+
+        Args:
+            step: The step rolled back to (kept).
+
+        Returns:
+            The steps deleted, oldest first.
+
+        Raises:
+            CheckpointError: One could not be deleted (naming it, and those deleted before it); it
+                and the older ones stay committed.
+        """
+        deleted: list[int] = []
+        for checkpoint in reversed(self.checkpoints()):
+            if checkpoint.step <= step:
+                break
+            try:
+                self.delete(checkpoint)
+            except (OSError, CheckpointError) as exc:
+                done = f"deleted steps {sorted(deleted)}, then " if deleted else ""
+                raise CheckpointError(f"{done}failed deleting step {checkpoint.step} ({exc})") from exc
+            deleted.append(checkpoint.step)
+        return sorted(deleted)

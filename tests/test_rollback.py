@@ -1,16 +1,20 @@
-"""A rollback with `asyncckpt prune --after N`: the abandoned run's later checkpoints leave the root
-and its mirror, so a restore after the next crash resumes the run rolled back to, never the one
-abandoned."""
+"""A rollback, from the command line (`asyncckpt prune --after N`, the job stopped) or from the
+training job itself (`CheckpointManager.discard_after(N)`): the abandoned run's later checkpoints
+leave the root and its mirror, so a restore after the next crash resumes the run rolled back to,
+never the one abandoned."""
 
 from __future__ import annotations
 
+import shutil
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from _cli import cli, remaining, strict_json
-from asyncckpt import CheckpointManager
+from asyncckpt import CheckpointError, CheckpointManager, CheckpointNotFoundError
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.format import step_dir_name
 from conftest import fresh_s3_url
@@ -163,3 +167,118 @@ def test_a_rollback_with_an_s3_mirror(tmp_path, s3_env, capsys):
     code, out, _ = cli(capsys, "ls", url, "--json")
     assert code == 0 and [row["step"] for row in strict_json(out)] == [10, 20]
     assert restored_step(local, url) == 20
+
+
+# ---- from the training job: CheckpointManager.discard_after -----------------------------------
+
+
+def open_tiers(local: Path, mirror: Path | str) -> CheckpointManager:
+    return CheckpointManager(local, mirror=str(mirror), keep_last=None, mirror_retention={"keep_last": None})
+
+
+def test_a_job_rolls_back_and_a_crash_resumes_the_new_run(tiers):
+    local, mirror = tiers
+    with open_tiers(local, mirror) as mgr:
+        state = blank()
+        assert mgr.restore(state, step=30) == 30
+        assert mgr.discard_after(30) == [40, 50]
+        assert mgr.steps() == [10, 20, 30]
+        assert remaining(local) == [10, 20, 30] and remaining(mirror) == [10, 20, 30]
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            mgr.save(40, {"w": torch.full((64,), -40.0), "step": 40})
+            mgr.wait(mirror=True)
+        assert [str(w.message) for w in seen] == []  # no "saving below the newest step" any more
+    assert remaining(mirror) == [10, 20, 30, 40]
+    state = blank()
+    with CheckpointManager(local, mirror=str(mirror)) as mgr:
+        assert mgr.restore(state) == 40
+    assert torch.equal(state["w"], torch.full((64,), -40.0))
+
+
+def test_a_save_above_still_pending_is_deleted_too(tmp_path):
+    local = tmp_path / "local"
+    with CheckpointManager(local, keep_last=None) as mgr:
+        for step in STEPS:
+            mgr.save(step, state_of(step))
+        handle = mgr.save(60, state_of(60))
+        assert mgr.discard_after(20) == [30, 40, 50, 60]
+        assert handle.done()
+        assert mgr.steps() == [10, 20]
+    assert remaining(local) == [10, 20]
+
+
+def test_a_step_not_committed_in_either_tier_is_refused(tiers):
+    local, mirror = tiers
+    with open_tiers(local, mirror) as mgr:
+        with pytest.raises(
+            CheckpointNotFoundError,
+            match=r"discard_after\(35\): step 35 is not committed in .* or in "
+            r"its mirror; nothing deleted",
+        ):
+            mgr.discard_after(35)
+        with pytest.raises(ValueError):
+            mgr.discard_after(-1)
+    assert remaining(local) == STEPS and remaining(mirror) == STEPS
+
+
+def test_the_step_may_be_committed_in_the_mirror_only(tiers):
+    local, mirror = tiers
+    shutil.rmtree(local / step_dir_name(30))  # a node whose local root lost it
+    with open_tiers(local, mirror) as mgr:
+        assert mgr.discard_after(30) == [40, 50]
+    assert remaining(local) == [10, 20] and remaining(mirror) == [10, 20, 30]
+
+
+def test_tagged_steps_above_are_refused_unless_included_in_the_job(tmp_path):
+    local, mirror = tmp_path / "local", tmp_path / "mirror"
+    save_run(local, mirror, tags={50: ["best"]})
+    with open_tiers(local, mirror) as mgr:
+        with pytest.raises(
+            CheckpointError,
+            match=r"tagged checkpoints above it: step 50 in the root \(best\); "
+            r"step 50 in the mirror \(best\); nothing deleted",
+        ):
+            mgr.discard_after(30)
+        assert remaining(local) == STEPS and remaining(mirror) == STEPS
+        assert mgr.discard_after(30, include_tagged=True) == [40, 50]
+    assert remaining(local) == [10, 20, 30] and remaining(mirror) == [10, 20, 30]
+
+
+def test_steps_waiting_for_the_mirror_above_are_never_copied(tmp_path, monkeypatch):
+    from asyncckpt.engine import mirror as mirror_module
+
+    local, mirror = tmp_path / "local", tmp_path / "mirror"
+    gate = threading.Event()
+    real_upload = mirror_module._Mirror._upload
+
+    def held_upload(self, step):
+        if step == 20:
+            gate.wait(30)  # step 20 being copied; 30 and 40 wait behind it
+        real_upload(self, step)
+
+    monkeypatch.setattr(mirror_module._Mirror, "_upload", held_upload)
+    with CheckpointManager(local, mirror=str(mirror), keep_last=None, mirror_max_behind=5) as mgr:
+        mgr.save(10, state_of(10)).wait()
+        mgr.wait(mirror=True)
+        for step in (20, 30, 40):
+            mgr.save(step, state_of(step)).wait()
+        threading.Timer(0.5, gate.set).start()  # the copy under way finishes meanwhile
+        assert mgr.discard_after(20) == [30, 40]
+        mgr.wait(mirror=True)
+        assert mgr.stats.summary()["mirror_uploaded"] == 2
+    assert remaining(local) == [10, 20] and remaining(mirror) == [10, 20]
+
+
+@pytest.mark.asyncio
+async def test_the_async_manager_rolls_back_too(tiers):
+    from asyncckpt import AsyncCheckpointManager
+
+    local, mirror = tiers
+    async with AsyncCheckpointManager(local, mirror=str(mirror)) as mgr:
+        assert await mgr.restore(blank(), step=20) == 20
+        with pytest.raises(CheckpointNotFoundError):
+            await mgr.discard_after(25)
+        assert await mgr.discard_after(20) == [30, 40, 50]
+        assert await mgr.steps() == [10, 20]
+    assert remaining(mirror) == [10, 20]
