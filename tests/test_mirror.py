@@ -460,3 +460,55 @@ def test_a_step_pruned_on_both_tiers_between_listing_and_reading_is_no_failure(t
             out = asyncckpt.load(local, mirror=mirror)
     assert done and out["w"][0].item() == 6.0
     assert [str(w.message) for w in caught] == []
+
+
+def mirror_tags(remote: Path) -> dict[int, list[str]]:
+    """Each step's tags in the mirror, read from its manifest there."""
+    from asyncckpt.cli.tools import mirror_checkpoints
+    from asyncckpt.engine.reader import read_manifest
+
+    return {c.step: read_manifest(c.ref).tags for c in mirror_checkpoints(str(remote))}
+
+
+def test_a_tag_given_after_the_upload_reaches_the_mirror_whose_retention_then_keeps_it(tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    with manager(local, RemoteBackend(remote), keep_last=1, mirror_retention={"keep_last": 2}) as mgr:
+        mgr.save(1, state_of(1))
+        mgr.wait(mirror=True)
+        assert mgr.tag(1, "best") == ["best"]
+        for step in (2, 3, 4):
+            mgr.save(step, state_of(step))
+            mgr.wait(mirror=True)
+        assert mirror_tags(remote) == {1: ["best"], 3: [], 4: []}  # the tagged step outlived the mirror's keep_last
+        assert mgr.untag(1) == []
+        mgr.save(5, state_of(5))
+        mgr.wait(mirror=True)
+    assert mirror_tags(remote) == {4: [], 5: []}  # untagged there too: retention took it
+    assert local_steps(local) == [5]
+
+
+def test_a_tag_given_while_its_step_is_being_copied_reaches_the_copy(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    with manager(local, remote) as mgr:
+        remote.gate = threading.Event()
+        mgr.save(1, state_of(1)).wait()
+        assert remote.entered.wait(30)  # the copy read the manifest, without the tag, and is writing
+        mgr.tag(1, "keep")
+        remote.gate.set()
+        mgr.wait(mirror=True)
+    assert mirror_tags(remote_dir) == {1: ["keep"]}
+
+
+def test_a_tag_that_cannot_reach_the_mirror_is_raised_at_the_next_call(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    with manager(local, remote) as mgr:
+        mgr.save(1, state_of(1))
+        mgr.wait(mirror=True)
+        remote.down = True
+        assert mgr.tag(1, "keep") == ["keep"]  # the local checkpoint has it at once
+        with pytest.raises(CheckpointError, match=r"the tags of step 1 did not reach its copy in .*Connection refused"):
+            mgr.wait(mirror=True)
+        remote.down = False
+    assert mirror_tags(remote_dir) == {1: []}

@@ -183,6 +183,24 @@ def test_retention_differs_per_tier_and_leaves_nothing_else_in_the_bucket(tmp_pa
     assert set(keys) == expected
 
 
+def test_a_tag_after_the_upload_keeps_the_step_in_the_s3_mirror(tmp_path, s3_server):
+    local, url = tmp_path / "local", fresh_s3_url()
+    options = s3_server.storage_options
+    with CheckpointManager(
+        local, mirror=url, mirror_options=options, keep_last=1, mirror_retention={"keep_last": 1}
+    ) as mgr:
+        mgr.save(1, state_of(1))
+        mgr.wait(mirror=True)
+        mgr.tag(1, "best")
+        mgr.save(2, state_of(2))
+        mgr.wait(mirror=True)
+    keys = bucket_keys(s3_server, url)
+    assert committed_steps(keys) == [1, 2]
+    assert len([k for k in keys if k.startswith(f"{step_dir_name(1)}/manifest-")]) == 1  # the old one went
+    backend = ObjectStoreBackend(url, options)
+    assert read_manifest(CheckpointRef(backend, step_dir_name(1))).tags == ["best"]
+
+
 def test_ls_shows_where_each_checkpoint_lives_with_an_s3_mirror(tmp_path, s3_env, capsys):
     local, url = tmp_path / "local", fresh_s3_url()
     with CheckpointManager(local, mirror=url, keep_last=1, mirror_retention={"keep_last": 3}) as mgr:

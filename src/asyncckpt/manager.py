@@ -219,7 +219,14 @@ class CheckpointManager:
             catalog = Catalog.of_writer(self._storage, check_tables=self._owns_root)  # retention is the owner's
             self._tags = Tags(self._storage, catalog, writes=self._owns_root)
             if mirror is not None:
-                self._mirror = _Mirror(mirror, self._storage.backend, mirror_policy, mirror_max_behind, mirror_options)
+                self._mirror = _Mirror(
+                    mirror,
+                    self._storage.backend,
+                    mirror_policy,
+                    mirror_max_behind,
+                    mirror_options,
+                    tags_of=self._tags.tags_of,
+                )
                 self.stats.mirror_status = self._mirror.status
             pinned = self._mirror.pinned if self._mirror is not None else None
             self._retainer = Retainer(self._tags, self._retention, self.root, pinned=pinned)
@@ -646,9 +653,12 @@ class CheckpointManager:
         """
         self._check_open()
         _check_step(step)
-        return self._tags.retag(
+        now = self._tags.retag(
             step, lambda have: have + [t for t in check_tags(list(tags), "tags") if t not in have], self.root
         )
+        if self._mirror is not None:
+            self._mirror.retag(step)
+        return now
 
     def untag(self, step: int, *tags: str) -> list[str]:
         """Remove tags (all of them when none are named), also from a save still in flight; the
@@ -668,7 +678,10 @@ class CheckpointManager:
         """
         self._check_open()
         _check_step(step)
-        return self._tags.retag(step, lambda have: [t for t in have if tags and t not in tags], self.root)
+        now = self._tags.retag(step, lambda have: [t for t in have if tags and t not in tags], self.root)
+        if self._mirror is not None:
+            self._mirror.retag(step)
+        return now
 
     def discard_after(self, step: int, *, include_tagged: bool = False) -> list[int]:
         """Delete every committed checkpoint above ``step``, in the root and in its mirror: a rollback.

@@ -41,7 +41,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -148,6 +148,8 @@ class _Mirror:
         retention: What the mirror keeps.
         max_behind: Committed steps allowed not yet in the mirror (>= 1).
         storage_options: Options for the remote backend (None: none).
+        tags_of: The tags the local root holds for a step (None: it holds no such step); a copy
+            carries these, not its local manifest's (a tag rewrite there may still be owed).
 
     Raises:
         RootInUseError: Another writer holds the mirror root.
@@ -162,8 +164,10 @@ class _Mirror:
         retention: RetentionPolicy,
         max_behind: int,
         storage_options: dict | None = None,
+        tags_of: Callable[[int], tuple[str, ...] | None] | None = None,
     ) -> None:
         self._local = local
+        self._tags_of = tags_of
         self._retention = retention
         self._max_behind = max_behind
         self._storage: CommitProtocol = open_storage(target, storage_options=storage_options)
@@ -176,6 +180,8 @@ class _Mirror:
         self._cond = threading.Condition()
         self._waiting: collections.deque[int] = collections.deque()
         self._uploading: int | None = None
+        self._retags: set[int] = set()  # steps whose tags changed locally: rewritten in the mirror
+        self._retagging: int | None = None
         self._resubmitted = False  # the step uploading was committed again meanwhile
         self._error: CheckpointError | None = None
         self._later: list[CheckpointError] = []  # failures after ``_error``, told with it (the first few)
@@ -220,8 +226,23 @@ class _Mirror:
                 "counted in stats.summary()['mirror_skipped']; this warns again only after the mirror caught up"
             )
 
+    def retag(self, step: int) -> None:
+        """The tags of a step changed in the local root: the mirror's copy gets them too, once
+        copied (before the next copy starts), so the mirror's retention keeps what the user tagged.
+
+        Args:
+            step: The step.
+        """
+        with self._cond:
+            if not self._stopping:
+                self._retags.add(step)
+                self._cond.notify_all()
+
     def _behind(self) -> int:
         return len(self._waiting) + (self._uploading is not None)
+
+    def _busy(self) -> bool:
+        return bool(self._behind() or self._retags or self._retagging is not None)
 
     def pinned(self) -> set[int]:
         """The steps local retention must keep: waiting to be copied, or being copied.
@@ -273,10 +294,12 @@ class _Mirror:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._behind():
+            while self._busy():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    return self._uploading if self._uploading is not None else self._waiting[0]
+                    if self._uploading is not None or self._waiting:
+                        return self._uploading if self._uploading is not None else self._waiting[0]
+                    return None  # only tag rewrites left: close cuts them (the thread is told to stop)
                 self._cond.wait(left)
             return None
 
@@ -342,11 +365,12 @@ class _Mirror:
             self._waiting = collections.deque(s for s in self._waiting if s <= step)
             self._paused = True
             try:
-                while self._uploading is not None:
+                while self._uploading is not None or self._retagging is not None:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
+                        busy = self._uploading if self._uploading is not None else self._retagging
                         raise CheckpointError(
-                            f"asyncckpt mirror: step {self._uploading} was still being copied to {self.location} "
+                            f"asyncckpt mirror: step {busy} was still being written to {self.location} "
                             f"after {timeout} s; nothing above step {step} deleted there"
                         )
                     self._cond.wait(left)
@@ -394,12 +418,19 @@ class _Mirror:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while (not self._waiting or self._paused) and not self._stopping:
+                while (not (self._waiting or self._retags) or self._paused) and not self._stopping:
                     self._cond.wait()
-                if not self._waiting:
-                    return
-                step = self._uploading = self._waiting.popleft()
-                self._resubmitted = False
+                if self._retags and not self._stopping:
+                    self._retagging = step = min(self._retags)
+                    self._retags.discard(step)
+                else:
+                    if not self._waiting:
+                        return
+                    step = self._uploading = self._waiting.popleft()
+                    self._resubmitted = False
+            if self._retagging is not None:
+                self._run_retag(step)
+                continue
             error: CheckpointError | None = None
             try:
                 self._upload(step)
@@ -415,16 +446,48 @@ class _Mirror:
                     self._uploaded += 1
                 elif self._resubmitted:
                     pass  # a step committed again meanwhile is copied again: no error
-                elif self._error is None:
-                    self._error = error
-                elif len(self._later) < _TOLD:
-                    self._later.append(error)
                 else:
-                    self._more += 1
+                    self._keep_error(error)
                 self._uploading = None
                 if not self._waiting:
                     self._lagging = False  # caught up: the next skip warns again
                 self._cond.notify_all()
+
+    def _run_retag(self, step: int) -> None:
+        error: CheckpointError | None = None
+        try:
+            self._retag(step)
+        except Exception as exc:  # noqa: BLE001 - reported at the next call, as a failed copy
+            error = CheckpointError(
+                f"asyncckpt mirror: the tags of step {step} did not reach its copy in {self.location}: {_reason(exc)}"
+            )
+            error.__cause__ = exc
+        with self._cond:
+            self._retagging = None
+            if error is not None:
+                self._keep_error(error)
+            self._cond.notify_all()
+
+    def _retag(self, step: int) -> None:
+        """Rewrite the mirror's manifest of ``step`` with the tags the local root holds now."""
+        tags = self._tags_of(step) if self._tags_of is not None else None
+        committed = self._catalog.find(step) if tags is not None else None
+        if committed is None or tags is None:
+            return  # not (or no longer) in the mirror, or gone locally: a copy made later reads the tags then
+        manifest = read_manifest(committed.ref)
+        if tuple(manifest.tags) != tags:
+            manifest.tags = list(tags)
+            self._storage.replace_manifest(committed.ref, manifest.to_json())
+        self._catalog.record(CheckpointInfo(step, manifest.metrics, tags))
+
+    def _keep_error(self, error: CheckpointError) -> None:
+        """Under ``_cond``: keep a failure to raise (the first, then a few of those after it)."""
+        if self._error is None:
+            self._error = error
+        elif len(self._later) < _TOLD:
+            self._later.append(error)
+        else:
+            self._more += 1
 
     @contextlib.contextmanager
     def _about(self, step: int, what: str) -> Iterator[None]:
@@ -454,8 +517,11 @@ class _Mirror:
                 target = staging.object_name(staging.data_name(data_file_rank(file)))
                 renamed[file] = target.rsplit("/", 1)[-1]
                 self._copy(step, f"{name}/{file}", target)
+            tags = self._tags_of(step) if self._tags_of is not None else None
             copy = dataclasses.replace(
-                manifest, chunks=[dataclasses.replace(c, file=renamed[c.file]) for c in manifest.chunks]
+                manifest,
+                chunks=[dataclasses.replace(c, file=renamed[c.file]) for c in manifest.chunks],
+                tags=list(manifest.tags if tags is None else tags),
             )
             sealed = copy.to_json()
             with self._about(step, remote.backend.describe(staging.prefix)):
@@ -466,8 +532,8 @@ class _Mirror:
         except BaseException:
             remote.abort(staging)
             raise
-        self._verify(step, manifest)
-        self._apply_retention(step, manifest)
+        self._verify(step, copy)
+        self._apply_retention(step, copy)
 
     def _check_cancel(self) -> None:
         if self._cancel:

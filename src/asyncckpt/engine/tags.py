@@ -70,6 +70,16 @@ class Tags:
         newest = self.catalog.newest_known()  # never behind ``lock``: retention holds it while deleting
         return -1 if newest is None else newest
 
+    def tags_of(self, step: int) -> tuple[str, ...] | None:
+        """The tags of ``step``'s committed checkpoint as the catalog holds them (those still owed
+        to its manifest included), without listing the root: what a mirror's copy must carry.
+
+        Returns:
+            The tags, or None when the step is not known committed (or its manifest is unreadable).
+        """
+        info = self.catalog.known(step)
+        return None if info is None or info.unreadable is not None else info.tags
+
     def begin(self, job: SaveJob) -> None:
         """Register a save about to be handed to the writer: from now on ``retag`` reaches it.
 
