@@ -20,6 +20,10 @@ commits; the thread copies that step:
 4. the remote copy is verified: every chunk read back from the remote root and its CRC32 checked;
 5. the mirror's retention deletes what it no longer keeps (never the step just uploaded).
 
+A copy carries the tags the local root holds for the step; a tag changed after it was copied is
+written into the mirror's manifest by the same thread, between copies (``retag``), so the mirror's
+retention keeps what the user tagged.
+
 Bounded lag: the steps committed but not yet in the mirror (the one uploading and those waiting)
 are kept at or under ``max_behind`` by dropping the oldest waiting step when a newer one comes: the
 one uploading is never abandoned and the newest always waits its turn. A drop warns once per
