@@ -9,6 +9,7 @@ into a fresh optimizer, a state with no tensors at all, and ``replicated=`` nami
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -207,13 +208,17 @@ def _job(rank: int, world: int, tmp: str) -> dict:
         assert mgr.restore(got) == 1
     assert got == {"epoch": 4, "name": "x"}
     # a rollback from the job: every rank calls discard_after, rank 0 deletes, none is left above
-    with asyncckpt.CheckpointManager(root / "empty", keep_last=None) as mgr:
-        for step in (2, 3):
+    with asyncckpt.CheckpointManager(root / "rollback", keep_last=None) as mgr:
+        for step in (1, 2, 3):
             mgr.save(step, {"epoch": step, "name": "y"})
         out["discarded"] = mgr.discard_after(1)
         out["after_discard"] = mgr.steps()
         got = {"epoch": 0, "name": ""}
         assert mgr.restore(got) == 1
+        with warnings.catch_warnings(record=True) as seen:  # no rank still thinks step 3 is there
+            warnings.simplefilter("always")
+            mgr.save(2, {"epoch": 2, "name": "z"}).wait()
+        out["warned_after_discard"] = [str(w.message) for w in seen]
     return out
 
 
@@ -255,7 +260,8 @@ def test_spawned_job_ran(spawned):
     root, out = spawned
     assert out[0]["discarded"] == out[1]["discarded"] == [2, 3]
     assert out[0]["after_discard"] == out[1]["after_discard"] == [1]
-    assert sorted(p.name for p in (root / "empty").glob("step-*")) == ["step-000000000001"]
+    assert out[0]["warned_after_discard"] == out[1]["warned_after_discard"] == []
+    assert sorted(p.name for p in (root / "rollback").glob("step-*")) == ["step-000000000001", "step-000000000002"]
     assert out[0]["strict_false_missing"] == out[1]["strict_false_missing"] == ["state['extra']"]
     assert out[0]["tp_unexpected"] == []
     assert out[1]["tp_unexpected"] == ["state['c']"]

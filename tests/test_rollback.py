@@ -86,10 +86,52 @@ def test_a_dry_run_lists_both_tiers_and_deletes_nothing(tiers, capsys):
     assert remaining(local) == STEPS and remaining(mirror) == STEPS
 
 
-def test_local_only_leaves_the_mirror_alone(tiers, capsys):
+def test_local_only_leaves_the_mirror_alone_and_says_what_it_still_holds(tiers, capsys):
     local, mirror = tiers
-    assert cli(capsys, "prune", local, "--after", "20", "--local-only")[0] == 0
+    code, _, err = cli(capsys, "prune", local, "--after", "20", "--local-only")
+    assert code == 0
     assert remaining(local) == [10, 20] and remaining(mirror) == STEPS
+    assert f"the mirror recorded in the root, {mirror}, still holds steps [30, 40, 50] above 20: a restore" in err
+
+
+def test_a_mirror_named_by_hand_must_hold_the_step_unless_it_is_the_recorded_one(tiers, tmp_path, capsys):
+    local, mirror = tiers
+    other = tmp_path / "other-job"
+    with CheckpointManager(other, keep_last=None) as mgr:
+        for step in (10, 90):
+            mgr.save(step, state_of(step))
+    code, _, err = cli(capsys, "prune", local, "--after", "30", "--mirror", other)
+    assert code == 2 and f"the mirror {other} holds no step 30" in err
+    assert remaining(other) == [10, 90] and remaining(local) == STEPS
+    assert cli(capsys, "prune", local, "--after", "40", "--mirror", mirror)[0] == 0  # the recorded one
+    assert remaining(mirror) == [10, 20, 30, 40]
+
+
+def test_a_recorded_mirror_that_is_gone_is_said_and_not_made(tiers, capsys):
+    local, mirror = tiers
+    shutil.rmtree(mirror)
+    code, out, _ = cli(capsys, "prune", local, "--after", "30")
+    assert code == 0 and f"the mirror recorded in the root, {mirror}, does not exist" in out
+    assert not mirror.exists() and remaining(local) == [10, 20, 30]
+
+
+def test_the_step_is_checked_under_the_roots_lock(tiers, capsys, monkeypatch):
+    """A job writing meanwhile could delete the step just verified; under the lock none can."""
+    from asyncckpt.cli import tools
+    from asyncckpt.errors import RootInUseError
+
+    local, mirror = tiers
+    real, tried = tools.verify_checkpoint, []
+
+    def verify(ref, *args, **kwargs):
+        with pytest.raises(RootInUseError):
+            CheckpointManager(local)
+        tried.append(ref)
+        return real(ref, *args, **kwargs)
+
+    monkeypatch.setattr(tools, "verify_checkpoint", verify)
+    assert cli(capsys, "prune", local, "--after", "30")[0] == 0
+    assert len(tried) == 1 and remaining(local) == [10, 20, 30]
 
 
 def test_a_step_that_is_not_committed_is_refused_and_nothing_is_deleted(tiers, capsys):
@@ -213,8 +255,8 @@ def test_a_step_not_committed_in_either_tier_is_refused(tiers):
     with open_tiers(local, mirror) as mgr:
         with pytest.raises(
             CheckpointNotFoundError,
-            match=r"discard_after\(35\): step 35 is not committed in .* or in "
-            r"its mirror; nothing deleted",
+            match=r"discard_after\(35\): step 35 cannot be rolled back to in .* or in its mirror: it is not "
+            r"committed; nothing deleted",
         ):
             mgr.discard_after(35)
         with pytest.raises(ValueError):
@@ -282,3 +324,117 @@ async def test_the_async_manager_rolls_back_too(tiers):
         assert await mgr.discard_after(20) == [30, 40, 50]
         assert await mgr.steps() == [10, 20]
     assert remaining(mirror) == [10, 20]
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_retention_of_a_save_waited_for_never_deletes_at_or_below_the_step(tmp_path, keep_last):
+    """The save of 50 commits inside discard_after: its retention counted 50 and deleted 30 (or,
+    with keep_last=1, 40 itself, and the rollback was refused)."""
+    with CheckpointManager(tmp_path / "r", keep_last=keep_last) as mgr:
+        for step in (30, 40):
+            mgr.save(step, state_of(step)).wait()
+        mgr.save(50, state_of(50))
+        assert mgr.discard_after(40) == [50]
+        assert mgr.steps() == [30, 40][-keep_last:]
+        mgr.save(45, state_of(45)).wait()  # retention works again afterwards
+        assert mgr.steps() == [30, 40, 45][-keep_last:]
+
+
+def test_the_warning_names_the_rollback_that_keeps_the_new_save(tmp_path):
+    with CheckpointManager(tmp_path / "r", keep_last=None) as mgr:
+        for step in (40, 50, 60):
+            mgr.save(step, state_of(step)).wait()
+        mgr.restore(blank(), step=40)
+        with pytest.warns(UserWarning, match=r"mgr\.discard_after\(41\) \(it keeps this save"):
+            mgr.save(41, state_of(41))
+        assert mgr.discard_after(41) == [50, 60]
+        assert mgr.steps() == [40, 41]
+
+
+def test_an_upload_of_a_discarded_step_is_stopped_and_its_failure_never_told(tmp_path):
+    from test_mirror import RemoteBackend, mirror_steps
+
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    with CheckpointManager(local, mirror=remote, keep_last=None, mirror_max_behind=8) as mgr:
+        mgr.save(10, state_of(10))
+        mgr.wait(mirror=True)
+        remote.entered.clear()
+        remote.gate = threading.Event()
+        remote.release = lambda: mgr._mirror._floor is not None  # the piece under way ends; the copy stops
+        mgr.save(20, state_of(20)).wait()
+        assert remote.entered.wait(30)  # 20 is being copied
+        assert mgr.discard_after(10) == [20]
+        remote.gate = None
+        remote.down = True
+        mgr.save(30, state_of(30)).wait()  # its upload fails: told at the next call, unless discarded
+        mgr._mirror.wait(None)
+        remote.down = False
+        assert mgr.discard_after(10) == [30]
+        mgr.save(11, state_of(11))  # no "step 30 was not mirrored" raised here
+        mgr.wait(mirror=True)
+        assert mgr.stats.summary()["mirror_uploaded"] == 2  # 10 and 11: the copy of 20 was stopped
+    assert mirror_steps(remote_dir) == [10, 11] and remaining(local) == [10, 11]
+
+
+def _unreadable(checkpoint: Path) -> None:
+    for manifest in checkpoint.glob("manifest*.json"):
+        manifest.write_text("{")
+
+
+def test_unreadable_manifests_at_or_above_the_step(tmp_path):
+    with CheckpointManager(tmp_path / "r", keep_last=None) as mgr:
+        for step in STEPS:
+            mgr.save(step, state_of(step)).wait()
+    _unreadable(tmp_path / "r" / step_dir_name(30))
+    _unreadable(tmp_path / "r" / step_dir_name(50))
+    with CheckpointManager(tmp_path / "r", keep_last=None) as mgr:
+        with pytest.raises(CheckpointNotFoundError, match=r"step 30 cannot be rolled back to .*its manifest cannot"):
+            mgr.discard_after(30)
+        with pytest.raises(CheckpointError, match=r"step 50 in the root \(its manifest cannot be read: its tags are "):
+            mgr.discard_after(20)  # its tags are unknown: kept, as retention keeps it
+        assert mgr.steps() == STEPS
+        assert mgr.discard_after(20, include_tagged=True) == [30, 40, 50]
+    assert remaining(tmp_path / "r") == [10, 20]
+
+
+def test_a_deletion_that_fails_in_the_root_names_what_went_from_the_mirror(tiers, monkeypatch):
+    from asyncckpt.storage.commit import RenameCommit
+
+    local, mirror = tiers
+    real, denied = RenameCommit.delete, [True]
+
+    def delete(self, checkpoint):
+        if self.backend.root == local and denied[0]:
+            raise PermissionError(13, "Permission denied")
+        real(self, checkpoint)
+
+    monkeypatch.setattr(RenameCommit, "delete", delete)
+    with open_tiers(local, mirror) as mgr:
+        with pytest.raises(
+            CheckpointError,
+            match=r"deleted steps \[40, 50\] from the mirror, then in the root of .*"
+            r"failed deleting step 50 \(.*Permission denied",
+        ):
+            mgr.discard_after(30)
+        assert remaining(mirror) == [10, 20, 30] and remaining(local) == STEPS
+        denied[0] = False
+        assert mgr.discard_after(30) == [40, 50]  # again: it finishes
+    assert remaining(local) == [10, 20, 30] and remaining(mirror) == [10, 20, 30]
+
+
+def test_a_save_another_thread_is_snapshotting_is_waited_for_and_deleted(tmp_path, monkeypatch):
+    from asyncckpt import _phases
+
+    with CheckpointManager(tmp_path / "r", keep_last=None) as mgr:
+        for step in (40, 50):
+            mgr.save(step, state_of(step)).wait()
+        monkeypatch.setitem(_phases._DELAYS, "snapshot", 0.5)
+        other = threading.Thread(target=mgr.save, args=(60, state_of(60)))
+        other.start()
+        while not mgr._admission._reservations:  # the other thread's save is under way
+            threading.Event().wait(0.01)
+        assert mgr.discard_after(40) == [50, 60]
+        other.join()
+        mgr.wait()
+        assert mgr.steps() == [40]

@@ -416,6 +416,9 @@ class AsyncCheckpointManager:
             CheckpointError: Tagged checkpoints above ``step`` (nothing deleted), or a deletion failed.
             ValueError: ``step`` is not a step.
         """
+        self._check_owner()
+        while self._inflight:  # a cancelled save still running: it is waited for, as by wait()
+            await asyncio.wait(list(self._inflight))
         return await self._run(self.manager.discard_after, step, include_tagged=include_tagged)
 
     def install_signal_handlers(

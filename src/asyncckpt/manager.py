@@ -3,6 +3,7 @@ retention and preemption signals (asyncckpt.engine) to one root's storage."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -710,48 +711,63 @@ class CheckpointManager:
         self._check_open()
         refuse_in_done_callback("CheckpointManager.discard_after()")
         _check_step(step)
-        self._fences.fence()
-        self._admission.wait_pending()
-        tiers = {"root": self._tags.catalog.infos()}  # on every rank, before rank 0 deletes
-        if self._mirror is not None:
-            tiers["mirror"] = self._mirror.infos()
-        refusal = self._discard_refusal(step, tiers, include_tagged)
-        if self._ranks is not None:
-            self._agree_on_discard(step, refusal is not None)
-        if refusal is not None:
-            raise refusal
-        failure = None
-        if self._owns_root:
-            for tier in ("mirror", "root"):  # as asyncckpt prune --after
-                try:
-                    if tier == "mirror" and self._mirror is not None:
-                        self._mirror.discard_above(step, self._mirror_timeout)
-                    elif tier == "root":
-                        with self._tags.lock:  # not while retention deletes
-                            self._tags.catalog.delete_above(step)
-                except CheckpointError as exc:
-                    failure = CheckpointError(f"discard_after({step}) in the {tier} of {self.root}: {exc}")
-                    failure.__cause__ = exc
-                    break
-        if self._ranks is not None:
-            deleted = self._ranks.all_ok(failure is None, f"discard the checkpoints after step {step}")
-            if not deleted and failure is None:
-                failure = CheckpointError(
-                    f"discard_after({step}): rank 0 could not delete every checkpoint above it in {self.root} (its "
-                    "error names the step); call it again to finish"
-                )
+        with contextlib.ExitStack() as held:
+            held.enter_context(self._retainer.holding(step))  # the saves waited for must not prune at or below
+            if self._mirror is not None:
+                held.enter_context(self._mirror.holding(step))
+            self._admission.wait_handed_over()  # saves other threads are snapshotting
+            self._fences.fence()
+            self._admission.wait_pending()
+            tiers = {"root": self._tags.catalog.infos()}  # on every rank, before rank 0 deletes
+            if self._mirror is not None:
+                tiers["mirror"] = self._mirror.infos()
+            refusal = self._discard_refusal(step, tiers, include_tagged)
+            if self._ranks is not None:
+                self._agree_on_discard(step, refusal is not None)
+            if refusal is not None:
+                raise refusal
+            failure = self._delete_above(step) if self._owns_root else None
+            if self._ranks is not None:
+                deleted = self._ranks.all_ok(failure is None, f"discard the checkpoints after step {step}")
+                if not deleted and failure is None:
+                    failure = CheckpointError(
+                        f"discard_after({step}): rank 0 could not delete every checkpoint above it in {self.root} "
+                        "(its error names the step); call it again to finish"
+                    )
+                if not self._owns_root:
+                    self._tags.catalog.forget_above(step)  # rank 0 deleted them
         if failure is not None:
             raise failure
         return sorted({info.step for infos in tiers.values() for info in infos if info.step > step})
+
+    def _delete_above(self, step: int) -> CheckpointError | None:
+        """Rank 0's part of ``discard_after``: the mirror first, then the root; the failure, if any."""
+        went: list[int] = []
+        for tier in ("mirror", "root"):  # as asyncckpt prune --after
+            try:
+                if tier == "mirror" and self._mirror is not None:
+                    went = self._mirror.discard_above(step, self._mirror_timeout)
+                elif tier == "root":
+                    with self._tags.lock:  # not while retention deletes
+                        self._tags.catalog.delete_above(step)
+            except CheckpointError as exc:
+                before = f"deleted steps {went} from the mirror, then " if went else ""
+                failure = CheckpointError(f"discard_after({step}): {before}in the {tier} of {self.root}: {exc}")
+                failure.__cause__ = exc
+                return failure
+        return None
 
     def _discard_refusal(
         self, step: int, tiers: dict[str, list[CheckpointInfo]], include_tagged: bool
     ) -> CheckpointError | None:
         """Why ``discard_after(step)`` must delete nothing, or None."""
-        if not any(info.step == step for infos in tiers.values() for info in infos):
+        found = [info for infos in tiers.values() for info in infos if info.step == step]
+        if not any(info.unreadable is None for info in found):
             where = " or in its mirror" if self._mirror is not None else ""
+            why = f"its manifest cannot be read ({found[0].unreadable})" if found else "it is not committed"
             return CheckpointNotFoundError(
-                f"discard_after({step}): step {step} is not committed in {self.root}{where}; nothing deleted"
+                f"discard_after({step}): step {step} cannot be rolled back to in {self.root}{where}: {why}; "
+                "nothing deleted"
             )
         tagged = tagged_above(tiers, step)
         if tagged and not include_tagged:

@@ -100,11 +100,17 @@ def steps_to_delete(committed: list[CheckpointInfo], policy: RetentionPolicy) ->
 
 
 def tagged_above(tiers: dict[str, list[CheckpointInfo]], step: int) -> str:
-    """The tagged checkpoints above ``step`` in each tier, said for a rollback that refuses them
-    ("step 40 in the root (best); ..."), or "" when there are none."""
+    """The checkpoints above ``step`` in each tier that may be tagged, said for a rollback that
+    refuses them ("step 40 in the root (best); ..."), or "" when there are none. One whose manifest
+    cannot be read counts: its tags are unknown, and retention keeps such a checkpoint too."""
     return "; ".join(
-        f"step {info.step} in the {tier} ({', '.join(info.tags)})"
+        f"step {info.step} in the {tier} "
+        + (
+            "(its manifest cannot be read: its tags are unknown)"
+            if info.unreadable is not None
+            else f"({', '.join(info.tags)})"
+        )
         for tier, infos in tiers.items()
         for info in infos
-        if info.step > step and info.tags
+        if info.step > step and (info.tags or info.unreadable is not None)
     )

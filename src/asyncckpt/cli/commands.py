@@ -564,21 +564,59 @@ def _prune_after(args: argparse.Namespace) -> int:
     if args.local_only and args.mirror is not None:
         raise UsageError("--local-only and --mirror exclude each other")
     root = _root_arg(args.root)
-    mirror = args.mirror
-    if mirror is None and not args.local_only and isinstance(root, Path) and root.is_dir():
-        mirror = read_mirror_file(root)
+    recorded = read_mirror_file(root) if isinstance(root, Path) and root.is_dir() else None
+    notes = []
+    if recorded is not None and not is_object_store_url(recorded) and not os.path.isdir(recorded):
+        notes.append(f"the mirror recorded in the root, {_printable(recorded)}, does not exist: nothing to prune there")
+        recorded = None
+    mirror = None if args.local_only else (args.mirror if args.mirror is not None else recorded)
+    named_another = args.mirror is not None and _mirror_location(args.mirror) != recorded
     result = tools.prune_after(
-        root, args.after, mirror=mirror, include_tagged=args.include_tagged, dry_run=args.dry_run
+        root,
+        args.after,
+        mirror=mirror,
+        mirror_must_hold_step=named_another,
+        include_tagged=args.include_tagged,
+        dry_run=args.dry_run,
     )
     verb = "would delete" if args.dry_run else "deleted"
     for tier, steps in (("mirror", result.mirror), ("root", result.root)):
         for step in reversed(steps):
             print(f"{verb} step {step} from the {tier}")
+    left_behind = _left_in_mirror(recorded, args.after) if recorded is not None and mirror != recorded else []
     where = f" and its mirror {_printable(mirror)}" if mirror is not None else ""
-    print(f"{verb} {len(result.root) + len(result.mirror)}: the newest step is now {args.after} in {args.root}{where}")
-    if mirror is None and not args.local_only:
+    count = len(result.root) + len(result.mirror)
+    print(f"{verb} {count}: the newest step is now {args.after} in {args.root}{where}")
+    if left_behind:
+        print(
+            f"asyncckpt: the mirror recorded in the root, {_printable(str(recorded))}, still holds steps "
+            f"{left_behind} above {args.after}: a restore with that mirror resumes them (prune it too, or without "
+            "--local-only)",
+            file=sys.stderr,
+        )
+    for note in notes:
+        print(note)
+    if mirror is None and recorded is None and not notes:
         print("no mirror is recorded in the root; --mirror URL names one")
     return 0
+
+
+def _mirror_location(named: str) -> str:
+    """A ``--mirror`` as a manager records it: an absolute path, or a URL without credentials."""
+    from asyncckpt.engine.mirror import safe_location
+
+    return safe_location(named) if is_object_store_url(named) else os.path.abspath(named)
+
+
+def _left_in_mirror(mirror: str, step: int) -> list[int]:
+    """The steps above ``step`` the mirror still holds (none when it cannot be listed: said on stderr)."""
+    from asyncckpt.cli.tools import mirror_checkpoints
+
+    try:
+        return [c.step for c in mirror_checkpoints(mirror) if c.step > step]
+    except CheckpointError as exc:
+        print(f"asyncckpt: the mirror {_printable(mirror)} could not be listed ({exc})", file=sys.stderr)
+        return []
 
 
 def _add_progress_flags(parser: argparse.ArgumentParser) -> None:

@@ -1016,6 +1016,7 @@ def prune_after(
     step: int,
     *,
     mirror: str | None,
+    mirror_must_hold_step: bool = False,
     include_tagged: bool = False,
     dry_run: bool = False,
 ) -> RolledBack:
@@ -1023,20 +1024,21 @@ def prune_after(
 
     ``restore`` and ``load`` read the highest step of either tier, so after training was rolled
     back to ``step`` the abandoned run's later checkpoints must go from both, or a crash resumes
-    that run. Nothing is deleted unless ``step`` is a checkpoint that verifies in one tier and, without
-    ``include_tagged``, no checkpoint above it is tagged. Takes each tier's writer lock (refused
-    while a manager writes there) unless ``dry_run``; the mirror is pruned first, newest first.
+    that run. Nothing is deleted unless ``step`` is a checkpoint that verifies in one tier (and, with
+    ``mirror_must_hold_step``, one the mirror holds: a mirror named by hand may be another job's
+    root) and, without ``include_tagged``, no checkpoint above it may be tagged. Unless ``dry_run``,
+    each tier's writer lock is taken first (refused while a manager writes there), so what is
+    checked is what is deleted; the mirror is pruned first, newest first.
     """
     root = resolve_root(root)
     where = str(root)
-    listed = {"root": root_checkpoints(root)}
-    if mirror is not None:
-        listed["mirror"] = mirror_checkpoints(mirror)
-    _rollback_target(step, listed, where)
+    root_checkpoints(root)  # a folder that is not a checkpoint root is refused before any lock
     if dry_run:
+        listed = {"root": root_checkpoints(root)}
+        if mirror is not None:
+            listed["mirror"] = mirror_checkpoints(mirror)
         entries = {tier: _entries(committed) for tier, committed in listed.items()}
-        if not include_tagged:
-            _refuse_tagged(step, entries)
+        _check_rollback(step, entries, where, mirror, mirror_must_hold_step, include_tagged)
         above = {tier: [c.step for c, _ in e if c.step > step] for tier, e in entries.items()}
         return RolledBack(step, above["root"], above.get("mirror", []), mirror)
     storages: dict[str, Any] = {}
@@ -1044,10 +1046,9 @@ def prune_after(
         if mirror is not None:
             storages["mirror"] = open_storage(mirror)
         storages["root"] = open_storage(root)
-        catalogs = {tier: Catalog.of_writer(storages[tier]) for tier in listed}
+        catalogs = {tier: Catalog.of_writer(storages[tier]) for tier in ("root", "mirror") if tier in storages}
         entries = {tier: catalog.entries() for tier, catalog in catalogs.items()}
-        if not include_tagged:
-            _refuse_tagged(step, entries)
+        _check_rollback(step, entries, where, mirror, mirror_must_hold_step, include_tagged)
         deleted: dict[str, list[int]] = {"root": [], "mirror": []}
         for tier in ("mirror", "root"):
             if tier in catalogs:
@@ -1062,3 +1063,22 @@ def prune_after(
         for storage in storages.values():
             storage.close()
     return RolledBack(step, sorted(deleted["root"]), sorted(deleted["mirror"]), mirror)
+
+
+def _check_rollback(
+    step: int,
+    entries: dict[str, list[tuple[CommittedCheckpoint, CheckpointInfo]]],
+    where: str,
+    mirror: str | None,
+    mirror_must_hold_step: bool,
+    include_tagged: bool,
+) -> None:
+    """What ``prune_after`` refuses, before it deletes anything."""
+    if mirror_must_hold_step and not any(c.step == step for c, _ in entries.get("mirror", [])):
+        raise CheckpointError(
+            f"the mirror {mirror} holds no step {step}, and {where} records another mirror (or none): is it this "
+            "root's mirror? Nothing deleted"
+        )
+    _rollback_target(step, {tier: [c for c, _ in e] for tier, e in entries.items()}, where)
+    if not include_tagged:
+        _refuse_tagged(step, entries)

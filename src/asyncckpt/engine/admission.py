@@ -253,8 +253,9 @@ class Admission:
                 f"asyncckpt: saving step {step} in {self._root}, which already holds step {newest}. restore() "
                 f"and load() pick the highest step, so after a crash training would resume from step {newest}, "
                 "and keep_last keeps the highest steps, so the checkpoints of this run get deleted as newer "
-                f"ones commit. After rolling back to step N, delete the later steps (mgr.discard_after(N), or "
-                "asyncckpt prune ROOT --after N once this job stopped) or save into a new root.",
+                f"ones commit. After rolling back, delete the later steps: mgr.discard_after({step}) (it keeps "
+                "this save, and any below it), or asyncckpt prune ROOT --after S (S the newest step this run "
+                "saved) once this job stopped; or save into a new root.",
                 stacklevel=4,
             )
 

@@ -187,14 +187,15 @@ class _Mirror:
         self._retags: set[int] = set()  # steps whose tags changed locally: rewritten in the mirror
         self._retagging: int | None = None
         self._resubmitted = False  # the step uploading was committed again meanwhile
-        self._error: CheckpointError | None = None
-        self._later: list[CheckpointError] = []  # failures after ``_error``, told with it (the first few)
+        # failures not yet raised, with their steps: the first, then the first few after it
+        self._errors: list[tuple[int, CheckpointError]] = []
         self._more = 0  # and how many beyond those
         self._skipped = 0
         self._uploaded = 0
         self._lagging = False  # an episode of skips is under way (warned once)
         self._stopping = False
         self._paused = False  # a rollback deletes in the mirror: no copy starts
+        self._floor: int | None = None  # a rollback to this step is under way (``holding``)
         self._cancel = False
         self._thread = threading.Thread(target=self._run, name="asyncckpt-mirror", daemon=True)
         self._thread.start()
@@ -208,8 +209,8 @@ class _Mirror:
             step: The committed step.
         """
         with self._cond:
-            if self._stopping:
-                return
+            if self._stopping or (self._floor is not None and step > self._floor):
+                return  # a step a rollback under way deletes
             if step in self._waiting:
                 self._waiting.remove(step)
             if step == self._uploading:
@@ -275,10 +276,12 @@ class _Mirror:
             The error, or None.
         """
         with self._cond:
-            error, self._error = self._error, None
-            later, self._later = self._later, []
+            errors, self._errors = [e for _, e in self._errors], []
             more, self._more = self._more, 0
-        if error is None or not later:
+        if not errors:
+            return None
+        error, later = errors[0], errors[1:]
+        if not later:
             return error
         told = "".join(f"\nand then: {e}" for e in later)
         if more:
@@ -347,26 +350,44 @@ class _Mirror:
         """
         return self._catalog.infos()
 
+    @contextlib.contextmanager
+    def holding(self, step: int) -> Iterator[None]:
+        """A rollback to ``step`` is under way: no step above it is copied (those waiting are
+        dropped, a copy under way is stopped before it publishes, one handed over later is
+        ignored) and the mirror's retention deletes nothing at or below it, since the saves the
+        rollback waits for would otherwise count steps it deletes.
+
+        Args:
+            step: The step rolled back to.
+        """
+        with self._cond:
+            self._floor = step
+            self._waiting = collections.deque(s for s in self._waiting if s <= step)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._floor = None
+                self._cond.notify_all()
+
     def discard_above(self, step: int, timeout: float | None) -> list[int]:
-        """A rollback: the steps above ``step`` waiting to be copied are dropped, the copies pause
-        (one under way finishes first, for at most ``timeout`` seconds: its retention or its
-        clean-up must not delete beside this), and the mirror's checkpoints above ``step`` are
-        deleted, newest first.
+        """Within :meth:`holding`: the copies pause (the one under way ends first, for at most
+        ``timeout`` seconds), the mirror's checkpoints above ``step`` are deleted, newest first,
+        and failures of copies above it, not raised yet, are dropped with them.
 
         Args:
             step: The step rolled back to (kept).
-            timeout: The most seconds to wait for the copy under way.
+            timeout: The most seconds to wait for the copy or tag rewrite under way.
 
         Returns:
             The steps deleted, oldest first.
 
         Raises:
-            CheckpointError: The copy under way outlasted ``timeout`` (nothing deleted), or a
+            CheckpointError: The work under way outlasted ``timeout`` (nothing deleted), or a
                 checkpoint could not be deleted (see ``Catalog.delete_above``).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            self._waiting = collections.deque(s for s in self._waiting if s <= step)
             self._paused = True
             try:
                 while self._uploading is not None or self._retagging is not None:
@@ -378,6 +399,7 @@ class _Mirror:
                             f"after {timeout} s; nothing above step {step} deleted there"
                         )
                     self._cond.wait(left)
+                self._errors = [(s, e) for s, e in self._errors if s <= step]
             except BaseException:
                 self._paused = False
                 self._cond.notify_all()
@@ -436,22 +458,25 @@ class _Mirror:
                 self._run_retag(step)
                 continue
             error: CheckpointError | None = None
+            cancelled = False
             try:
                 self._upload(step)
             except _Cancelled:
-                pass
+                cancelled = True
             except CheckpointError as exc:
                 error = exc
             except Exception as exc:  # noqa: BLE001 - any failure is reported at the next call, never lost
                 error = CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {_reason(exc)}")
                 error.__cause__ = exc
             with self._cond:
-                if error is None:
+                if cancelled:
+                    pass
+                elif error is None:
                     self._uploaded += 1
                 elif self._resubmitted:
                     pass  # a step committed again meanwhile is copied again: no error
                 else:
-                    self._keep_error(error)
+                    self._keep_error(step, error)
                 self._uploading = None
                 if not self._waiting:
                     self._lagging = False  # caught up: the next skip warns again
@@ -469,7 +494,7 @@ class _Mirror:
         with self._cond:
             self._retagging = None
             if error is not None:
-                self._keep_error(error)
+                self._keep_error(step, error)
             self._cond.notify_all()
 
     def _retag(self, step: int) -> None:
@@ -484,12 +509,10 @@ class _Mirror:
             self._storage.replace_manifest(committed.ref, manifest.to_json())
         self._catalog.record(CheckpointInfo(step, manifest.metrics, tags))
 
-    def _keep_error(self, error: CheckpointError) -> None:
+    def _keep_error(self, step: int, error: CheckpointError) -> None:
         """Under ``_cond``: keep a failure to raise (the first, then a few of those after it)."""
-        if self._error is None:
-            self._error = error
-        elif len(self._later) < _TOLD:
-            self._later.append(error)
+        if len(self._errors) <= _TOLD:
+            self._errors.append((step, error))
         else:
             self._more += 1
 
@@ -540,7 +563,9 @@ class _Mirror:
         self._apply_retention(step, copy)
 
     def _check_cancel(self) -> None:
-        if self._cancel:
+        """Stop a copy at close when time ran out, or one of a step a rollback is discarding."""
+        floor, uploading = self._floor, self._uploading
+        if self._cancel or (floor is not None and uploading is not None and uploading > floor):
             raise _Cancelled
 
     def _copy(self, step: int, source: str, target: str) -> None:
@@ -593,8 +618,9 @@ class _Mirror:
         try:
             entries = self._catalog.entries()
             committed = {c.step: c for c, _ in entries}
+            floor = self._floor
             for doomed in steps_to_delete([info for _, info in entries], self._retention):
-                if doomed != step:
+                if doomed != step and (floor is None or doomed > floor):  # a rollback keeps those
                     self._catalog.delete(committed[doomed])
         except (CheckpointError, OSError) as exc:
             _warn_from_writer(f"asyncckpt: retention in the mirror {self.location} after step {step} failed: {exc}")

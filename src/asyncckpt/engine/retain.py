@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import contextlib
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from asyncckpt import _phases
@@ -40,6 +41,21 @@ class Retainer:
         self._policy = policy
         self._root = root
         self._warned_no_best = False
+        self._floor: int | None = None  # a rollback to this step is under way (``holding``)
+
+    @contextlib.contextmanager
+    def holding(self, step: int) -> Iterator[None]:
+        """A rollback to ``step`` is under way: retention deletes nothing at or below it, since the
+        saves the rollback waits for would otherwise count the steps it is about to delete.
+
+        Args:
+            step: The step rolled back to.
+        """
+        self._floor = step
+        try:
+            yield
+        finally:
+            self._floor = None
 
     def apply(self, protect: int) -> None:
         """Writer thread, after a commit: delete the checkpoints no longer kept, never ``protect``.
@@ -64,7 +80,8 @@ class Retainer:
                     "(pass it to save(metrics=...))"
                 )
             pinned = self._pinned() if self._pinned is not None else ()
+            floor = self._floor
             for step in steps_to_delete(infos, self._policy):
-                if step != protect and step not in pinned:
+                if step != protect and step not in pinned and (floor is None or step > floor):
                     _phases.pause("retention")
                     self._tags.catalog.delete(committed[step])

@@ -233,6 +233,17 @@ class Catalog:
         with self._infos_lock:
             self._infos.pop(checkpoint.step, None)
 
+    def forget_above(self, step: int) -> None:
+        """Forget what is known of the steps above ``step``: another process deleted them (rank 0,
+        in a rollback of several ranks), and ``newest_known`` must not name them.
+
+        Args:
+            step: The step rolled back to.
+        """
+        with self._infos_lock:
+            for known in [s for s in self._infos if s > step]:
+                del self._infos[known]
+
     def delete_above(self, step: int) -> list[int]:
         """Delete every committed checkpoint above ``step``, newest first (a rollback).
 
