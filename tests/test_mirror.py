@@ -512,3 +512,95 @@ def test_a_tag_that_cannot_reach_the_mirror_is_raised_at_the_next_call(tmp_path)
             mgr.wait(mirror=True)
         remote.down = False
     assert mirror_tags(remote_dir) == {1: []}
+
+
+def test_a_step_tagged_while_a_later_step_is_copied_is_kept_by_the_mirrors_retention(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    with manager(local, remote, keep_last=2, mirror_retention={"keep_last": 1}) as mgr:
+        mgr.save(1, state_of(1))
+        mgr.wait(mirror=True)
+        remote.gate = threading.Event()
+        remote.entered.clear()
+        mgr.save(2, state_of(2)).wait()
+        assert remote.entered.wait(30)  # 2 is being copied: its retention comes before step 1's rewrite
+        mgr.tag(1, "keep")
+        remote.gate.set()
+        mgr.wait(mirror=True)
+    assert mirror_tags(remote_dir) == {1: ["keep"], 2: []}
+
+
+def test_an_untag_reaches_the_mirror_after_the_local_root_deleted_the_step(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    with manager(local, remote, keep_last=1, mirror_retention={"keep_last": 1}) as mgr:
+        mgr.save(1, state_of(1), tags=["best"])
+        mgr.wait(mirror=True)
+        remote.gate = threading.Event()
+        remote.entered.clear()
+        mgr.save(2, state_of(2)).wait()
+        assert remote.entered.wait(30)
+        mgr.untag(1)
+        mgr.save(3, state_of(3)).wait()  # local retention deletes step 1 before its rewrite in the mirror
+        remote.gate.set()
+        mgr.wait(mirror=True)
+        for step in (4, 5):
+            mgr.save(step, state_of(step))
+            mgr.wait(mirror=True)
+    assert local_steps(local) == [5] and mirror_tags(remote_dir) == {5: []}
+
+
+class _HeldManifests(RemoteBackend):
+    """Manifest writes wait while ``hold`` is clear; once ``dead``, they fail."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.hold = threading.Event()
+        self.hold.set()
+        self.dead = False
+
+    def write_small(self, name, data):
+        if "manifest" in name:
+            self.hold.wait(60)
+            if self.dead:
+                raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        super().write_small(name, data)
+
+
+def test_a_tag_rewrite_outlasting_the_timeout_is_raised_and_the_next_manager_writes_it(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = _HeldManifests(remote_dir)
+    mgr = manager(local, remote, mirror_timeout=1.0)
+    mgr.save(1, state_of(1))
+    mgr.wait(mirror=True)
+    remote.hold.clear()  # the store stops answering manifest writes
+    mgr.tag(1, "keep")
+    with pytest.raises(CheckpointError, match=r"the tags of step 1 are not in the mirror .* \(still being written\)"):
+        mgr.wait(mirror=True)
+    with pytest.raises(CheckpointError, match=r"the tags of step 1 were not written to .* at close; the next manager"):
+        mgr.close()
+    remote.dead = True
+    remote.hold.set()  # the abandoned rewrite fails
+    assert mirror_tags(remote_dir) == {1: []}
+    with manager(local, RemoteBackend(remote_dir)) as mgr:
+        mgr.wait(mirror=True)
+    assert mirror_tags(remote_dir) == {1: ["keep"]}
+
+
+def test_a_refused_rollback_hands_back_the_copies_it_held(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    with manager(local, remote, keep_last=None) as mgr:
+        mgr.save(1, state_of(1))
+        mgr.wait(mirror=True)
+        remote.gate = threading.Event()
+        remote.entered.clear()
+        remote.release = lambda: mgr._mirror._floor is not None
+        mgr.save(2, state_of(2)).wait()
+        assert remote.entered.wait(30)  # 2 is being copied; 3 waits behind it
+        mgr.save(3, state_of(3), tags=["best"]).wait()
+        with pytest.raises(CheckpointError, match=r"tagged checkpoints above it: step 3 in the root \(best\)"):
+            mgr.discard_after(1)
+        remote.gate.set()
+        mgr.wait(mirror=True)
+    assert sorted(mirror_tags(remote_dir)) == [1, 2, 3]

@@ -525,9 +525,11 @@ class CheckpointManager:
         self._raise_mirror_error()
         if late is not None:
             assert self._mirror is not None
+            what = f"the tags of step {late.step} are" if late.tags_only else f"step {late.step} is"
+            still = "being written" if late.tags_only else "uploading"
             raise CheckpointError(
-                f"asyncckpt mirror: step {late} is not in the mirror {self._mirror.location} after "
-                f"mirror_timeout={self._mirror_timeout} s (still uploading)"
+                f"asyncckpt mirror: {what} not in the mirror {self._mirror.location} after "
+                f"mirror_timeout={self._mirror_timeout} s (still {still})"
             )
 
     def _raise_mirror_error(self) -> None:
@@ -658,7 +660,7 @@ class CheckpointManager:
             step, lambda have: have + [t for t in check_tags(list(tags), "tags") if t not in have], self.root
         )
         if self._mirror is not None:
-            self._mirror.retag(step)
+            self._mirror.retag(step, tuple(now))
         return now
 
     def untag(self, step: int, *tags: str) -> list[str]:
@@ -681,7 +683,7 @@ class CheckpointManager:
         _check_step(step)
         now = self._tags.retag(step, lambda have: [t for t in have if tags and t not in tags], self.root)
         if self._mirror is not None:
-            self._mirror.retag(step)
+            self._mirror.retag(step, tuple(now))
         return now
 
     def discard_after(self, step: int, *, include_tagged: bool = False) -> list[int]:

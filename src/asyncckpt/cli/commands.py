@@ -583,15 +583,16 @@ def _prune_after(args: argparse.Namespace) -> int:
     for tier, steps in (("mirror", result.mirror), ("root", result.root)):
         for step in reversed(steps):
             print(f"{verb} step {step} from the {tier}")
-    left_behind = _left_in_mirror(recorded, args.after) if recorded is not None and mirror != recorded else []
+    skipped = args.local_only or named_another  # the recorded mirror is not pruned
+    left_behind = _left_in_mirror(recorded, args.after) if recorded is not None and skipped else []
     where = f" and its mirror {_printable(mirror)}" if mirror is not None else ""
     count = len(result.root) + len(result.mirror)
     print(f"{verb} {count}: the newest step is now {args.after} in {args.root}{where}")
     if left_behind:
         print(
             f"asyncckpt: the mirror recorded in the root, {_printable(str(recorded))}, still holds steps "
-            f"{left_behind} above {args.after}: a restore with that mirror resumes them (prune it too, or without "
-            "--local-only)",
+            f"{left_behind} above {args.after}: a restore with that mirror resumes them (prune it too"
+            + (", without --local-only)" if args.local_only else ")"),
             file=sys.stderr,
         )
     for note in notes:

@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from asyncckpt.engine.pipeline import _warn_from_writer
@@ -66,6 +67,13 @@ MIRROR_FILE = ".asyncckpt-mirror.json"
 
 # Later failures whose messages are told with the first one (beyond: counted).
 _TOLD = 3
+
+
+class Late(NamedTuple):
+    """What a wait for the mirror left undone when its time ran out."""
+
+    step: int
+    tags_only: bool  # only a tag rewrite of ``step`` (and maybe others) was left
 
 
 class _Cancelled(Exception):
@@ -184,12 +192,14 @@ class _Mirror:
         self._cond = threading.Condition()
         self._waiting: collections.deque[int] = collections.deque()
         self._uploading: int | None = None
-        self._retags: set[int] = set()  # steps whose tags changed locally: rewritten in the mirror
+        # steps whose tags changed locally, with those tags: rewritten in the mirror's manifests
+        self._retags: dict[int, tuple[str, ...]] = {}
         self._retagging: int | None = None
+        self._held_back: set[int] = set()  # steps a rollback under way kept from being copied
         self._resubmitted = False  # the step uploading was committed again meanwhile
         # failures not yet raised, with their steps: the first, then the first few after it
         self._errors: list[tuple[int, CheckpointError]] = []
-        self._more = 0  # and how many beyond those
+        self._more: list[int] = []  # and the steps of those beyond them
         self._skipped = 0
         self._uploaded = 0
         self._lagging = False  # an episode of skips is under way (warned once)
@@ -197,8 +207,23 @@ class _Mirror:
         self._paused = False  # a rollback deletes in the mirror: no copy starts
         self._floor: int | None = None  # a rollback to this step is under way (``holding``)
         self._cancel = False
+        self._queue_differing_tags()
         self._thread = threading.Thread(target=self._run, name="asyncckpt-mirror", daemon=True)
         self._thread.start()
+
+    def _queue_differing_tags(self) -> None:
+        """At open: a step whose tags differ between the tiers (a rewrite an earlier manager could
+        not finish before it closed) is rewritten in the mirror first."""
+        if self._tags_of is None:
+            return
+        try:
+            infos = self._catalog.infos()
+        except (CheckpointError, OSError):
+            return  # listed again at the first copy; its errors are said then
+        for info in infos:
+            local = self._tags_of(info.step)
+            if local is not None and info.unreadable is None and tuple(info.tags) != local:
+                self._retags[info.step] = local
 
     # ---- the manager's side ---------------------------------------------------------------
 
@@ -209,8 +234,11 @@ class _Mirror:
             step: The committed step.
         """
         with self._cond:
-            if self._stopping or (self._floor is not None and step > self._floor):
-                return  # a step a rollback under way deletes
+            if self._floor is not None and step > self._floor:
+                self._held_back.add(step)  # a rollback under way deletes it, or hands it back
+                return
+            if self._stopping:
+                return
             if step in self._waiting:
                 self._waiting.remove(step)
             if step == self._uploading:
@@ -231,16 +259,18 @@ class _Mirror:
                 "counted in stats.summary()['mirror_skipped']; this warns again only after the mirror caught up"
             )
 
-    def retag(self, step: int) -> None:
+    def retag(self, step: int, tags: tuple[str, ...]) -> None:
         """The tags of a step changed in the local root: the mirror's copy gets them too, once
         copied (before the next copy starts), so the mirror's retention keeps what the user tagged.
+        Until then that retention keeps the step.
 
         Args:
             step: The step.
+            tags: Its tags now (written if the local root no longer knows the step by then).
         """
         with self._cond:
             if not self._stopping:
-                self._retags.add(step)
+                self._retags[step] = tags
                 self._cond.notify_all()
 
     def _behind(self) -> int:
@@ -277,7 +307,7 @@ class _Mirror:
         """
         with self._cond:
             errors, self._errors = [e for _, e in self._errors], []
-            more, self._more = self._more, 0
+            more, self._more = len(self._more), []
         if not errors:
             return None
         error, later = errors[0], errors[1:]
@@ -290,14 +320,15 @@ class _Mirror:
         combined.__cause__ = error.__cause__
         return combined
 
-    def wait(self, timeout: float | None) -> int | None:
-        """Block until every committed step handed over is in the mirror (or failed).
+    def wait(self, timeout: float | None) -> Late | None:
+        """Block until every committed step handed over is in the mirror (or failed), and every
+        tag change is written there.
 
         Args:
             timeout: The most seconds to wait (None: no limit).
 
         Returns:
-            None when done, else the step still uploading (or waiting) when the time ran out.
+            None when done, else what was still under way or waiting when the time ran out.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -305,8 +336,8 @@ class _Mirror:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     if self._uploading is not None or self._waiting:
-                        return self._uploading if self._uploading is not None else self._waiting[0]
-                    return None  # only tag rewrites left: close cuts them (the thread is told to stop)
+                        return Late(self._uploading if self._uploading is not None else self._waiting[0], False)
+                    return Late(self._retagging if self._retagging is not None else min(self._retags), True)
                 self._cond.wait(left)
             return None
 
@@ -326,17 +357,24 @@ class _Mirror:
             if late is not None:
                 self._cancel = True
                 self._waiting.clear()
+                self._retags.clear()
             self._cond.notify_all()
         self._thread.join(None if late is None else 5.0)  # a store that hangs: the lease goes anyway
         self._storage.close()
         error = self.take_error()
         if late is not None:
-            where = self._storage.backend.describe(step_dir_name(late))
-            cut = CheckpointError(
-                f"asyncckpt mirror: step {late} was not mirrored to {where} "
-                f"within mirror_timeout={timeout} s at close; the local checkpoint stays"
-            )
-            return error or cut
+            where = self._storage.backend.describe(step_dir_name(late.step))
+            if late.tags_only:
+                text = (
+                    f"the tags of step {late.step} were not written to {where} within mirror_timeout={timeout} s "
+                    "at close; the next manager on this root writes them"
+                )
+            else:
+                text = (
+                    f"step {late.step} was not mirrored to {where} within mirror_timeout={timeout} s at close; "
+                    "the local checkpoint stays"
+                )
+            return error or CheckpointError(f"asyncckpt mirror: {text}")
         return error
 
     def infos(self) -> list[CheckpointInfo]:
@@ -362,13 +400,19 @@ class _Mirror:
         """
         with self._cond:
             self._floor = step
+            self._held_back = {s for s in self._waiting if s > step}
             self._waiting = collections.deque(s for s in self._waiting if s <= step)
         try:
             yield
         finally:
             with self._cond:
                 self._floor = None
+                held, self._held_back = sorted(self._held_back), set()
                 self._cond.notify_all()
+            # a rollback refused or failed deletes nothing: the steps it kept back are copied after all
+            for kept in held:
+                if self._tags_of is not None and self._tags_of(kept) is not None:
+                    self.submit(kept)
 
     def discard_above(self, step: int, timeout: float | None) -> list[int]:
         """Within :meth:`holding`: the copies pause (the one under way ends first, for at most
@@ -400,6 +444,7 @@ class _Mirror:
                         )
                     self._cond.wait(left)
                 self._errors = [(s, e) for s, e in self._errors if s <= step]
+                self._more = [s for s in self._more if s <= step]
             except BaseException:
                 self._paused = False
                 self._cond.notify_all()
@@ -448,14 +493,14 @@ class _Mirror:
                     self._cond.wait()
                 if self._retags and not self._stopping:
                     self._retagging = step = min(self._retags)
-                    self._retags.discard(step)
+                    queued = self._retags.pop(step)
                 else:
                     if not self._waiting:
                         return
                     step = self._uploading = self._waiting.popleft()
                     self._resubmitted = False
             if self._retagging is not None:
-                self._run_retag(step)
+                self._run_retag(step, queued)
                 continue
             error: CheckpointError | None = None
             cancelled = False
@@ -470,7 +515,8 @@ class _Mirror:
                 error.__cause__ = exc
             with self._cond:
                 if cancelled:
-                    pass
+                    if not self._cancel:  # stopped by a rollback under way: it deletes or hands back the step
+                        self._held_back.add(step)
                 elif error is None:
                     self._uploaded += 1
                 elif self._resubmitted:
@@ -482,10 +528,10 @@ class _Mirror:
                     self._lagging = False  # caught up: the next skip warns again
                 self._cond.notify_all()
 
-    def _run_retag(self, step: int) -> None:
+    def _run_retag(self, step: int, queued: tuple[str, ...]) -> None:
         error: CheckpointError | None = None
         try:
-            self._retag(step)
+            self._retag(step, queued)
         except Exception as exc:  # noqa: BLE001 - reported at the next call, as a failed copy
             error = CheckpointError(
                 f"asyncckpt mirror: the tags of step {step} did not reach its copy in {self.location}: {_reason(exc)}"
@@ -497,12 +543,14 @@ class _Mirror:
                 self._keep_error(step, error)
             self._cond.notify_all()
 
-    def _retag(self, step: int) -> None:
-        """Rewrite the mirror's manifest of ``step`` with the tags the local root holds now."""
-        tags = self._tags_of(step) if self._tags_of is not None else None
-        committed = self._catalog.find(step) if tags is not None else None
-        if committed is None or tags is None:
-            return  # not (or no longer) in the mirror, or gone locally: a copy made later reads the tags then
+    def _retag(self, step: int, queued: tuple[str, ...]) -> None:
+        """Rewrite the mirror's manifest of ``step`` with the tags the local root holds now (those
+        ``queued`` with the change when the local root no longer has the step)."""
+        local = self._tags_of(step) if self._tags_of is not None else None
+        tags = queued if local is None else local
+        committed = self._catalog.find(step)
+        if committed is None:
+            return  # not (or no longer) in the mirror: a copy made later takes the tags then
         manifest = read_manifest(committed.ref)
         if tuple(manifest.tags) != tags:
             manifest.tags = list(tags)
@@ -514,7 +562,7 @@ class _Mirror:
         if len(self._errors) <= _TOLD:
             self._errors.append((step, error))
         else:
-            self._more += 1
+            self._more.append(step)
 
     @contextlib.contextmanager
     def _about(self, step: int, what: str) -> Iterator[None]:
@@ -561,6 +609,12 @@ class _Mirror:
             raise
         self._verify(step, copy)
         self._apply_retention(step, copy)
+
+    def _with_local_tags(self, info: CheckpointInfo) -> CheckpointInfo:
+        """``info`` with the tags the local root holds for its step, when it holds it: a tag given
+        there counts for the mirror's retention before its rewrite there is done."""
+        local = self._tags_of(info.step) if self._tags_of is not None and info.unreadable is None else None
+        return info if local is None else dataclasses.replace(info, tags=local)
 
     def _check_cancel(self) -> None:
         """Stop a copy at close when time ran out, or one of a step a rollback is discarding."""
@@ -618,9 +672,13 @@ class _Mirror:
         try:
             entries = self._catalog.entries()
             committed = {c.step: c for c, _ in entries}
-            floor = self._floor
-            for doomed in steps_to_delete([info for _, info in entries], self._retention):
-                if doomed != step and (floor is None or doomed > floor):  # a rollback keeps those
+            with self._cond:
+                floor, rewriting = self._floor, set(self._retags)
+            infos = [self._with_local_tags(info) for _, info in entries]
+            for doomed in steps_to_delete(infos, self._retention):
+                # never: the step just copied, steps at or below a rollback under way, and steps whose
+                # tags are still to be rewritten (they may be tagged)
+                if doomed != step and (floor is None or doomed > floor) and doomed not in rewriting:
                     self._catalog.delete(committed[doomed])
         except (CheckpointError, OSError) as exc:
             _warn_from_writer(f"asyncckpt: retention in the mirror {self.location} after step {step} failed: {exc}")

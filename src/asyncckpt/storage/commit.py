@@ -922,7 +922,12 @@ class ManifestLastCommit(CommitProtocol):
             self.backend.write_small(f"{step_name}/{name}", manifest)
             self.backend.sync(step_name)
         except OSError as exc:
-            self.backend.delete(f"{step_name}/{name}")
+            try:
+                self.backend.check_lock()
+            except (CheckpointError, OSError):
+                pass  # no longer this writer's root: the next writer may have written this very name
+            else:
+                self.backend.delete(f"{step_name}/{name}")
             raise CheckpointError(
                 f"cannot replace the manifest of {self.backend.describe(step_name)}: {_reason(exc)}"
             ) from exc

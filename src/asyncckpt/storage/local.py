@@ -484,6 +484,7 @@ class LocalBackend:
         self.capabilities = Capabilities(atomic_rename=atomic_rename, fsync=True, mmap=True, lock=True)
         self._pid = os.getpid()
         self._lock_fd = -1
+        self._released = False
         self._key: tuple[int, int] | None = None
 
     @property
@@ -568,8 +569,12 @@ class LocalBackend:
         return fd
 
     def check_lock(self) -> None:
-        """See :meth:`asyncckpt.storage.backend.Backend.check_lock`: nothing (a flock is held until
-        this process releases it or dies)."""
+        """See :meth:`asyncckpt.storage.backend.Backend.check_lock`: a flock is held until this
+        process releases it or dies, so only a release is checked: a thread still writing after
+        ``close`` gave up on it (a store that answered late) must not touch what the next writer
+        wrote."""
+        if self._released:
+            raise RootInUseError(f"checkpoint root {self.location} was closed by this writer; its lock is released")
 
     def close(self) -> None:
         """See :meth:`asyncckpt.storage.backend.Backend.close`."""
@@ -578,6 +583,7 @@ class LocalBackend:
         if os.getpid() != self._pid:  # a forked child: the lock is its parent's, the fd closed at the fork
             self._lock_fd = -1
             return
+        self._released = True
         with _held_guard:
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
