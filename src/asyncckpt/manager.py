@@ -692,22 +692,26 @@ class CheckpointManager:
         ``restore`` resumes from the highest step, so after training was rolled back to ``step``
         (``restore(state, step=step)``) the abandoned run's later checkpoints are what the next crash
         would resume, and ``keep_last`` deletes the new run's checkpoints as they commit. Pending
-        saves finish first (one above ``step`` is deleted too); the mirror's copies of steps above
-        ``step`` not yet made are dropped. With several ranks, call it on every rank: rank 0 deletes.
+        saves finish first (one above ``step`` is deleted too), their retention deleting nothing at
+        or below ``step`` meanwhile; the mirror's copies of steps above ``step`` are dropped, or
+        stopped before they publish, and handed back if nothing is deleted. With several ranks,
+        call it on every rank with the same step: rank 0 deletes.
 
         Args:
             step: The step rolled back to; it stays.
-            include_tagged: Also delete tagged checkpoints above ``step`` (else they are refused).
+            include_tagged: Also delete the checkpoints above ``step`` that are tagged, or whose
+                manifest cannot be read (their tags are unknown); else they are refused.
 
         Returns:
             The steps above ``step``, deleted from either tier, oldest first.
 
         Raises:
-            CheckpointNotFoundError: ``step`` is committed neither in the root nor in the mirror
-                (nothing deleted: a mistyped step would take every checkpoint above it).
-            CheckpointError: Checkpoints above ``step`` are tagged and not ``include_tagged``
-                (nothing deleted); one could not be deleted (naming it; run it again to finish);
-                the manager is closed, or used from a forked child or a done-callback.
+            CheckpointNotFoundError: ``step`` is not a readable checkpoint of the root or the
+                mirror (nothing deleted: a mistyped step would take every checkpoint above it).
+            CheckpointError: Checkpoints above ``step`` are (or may be) tagged and not
+                ``include_tagged``, or the ranks passed different steps (nothing deleted); one
+                could not be deleted (naming it; call it again to finish); the manager is closed,
+                or used from a forked child or a done-callback.
             ValueError: ``step`` out of range.
         """
         self._check_open()
