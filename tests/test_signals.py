@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -281,6 +282,11 @@ def test_a_signal_no_maybe_save_took_is_never_swallowed(tmp_path, case):
         capture_output=True,
         text=True,
         timeout=120,
+        # the final save's write lasts a second: the second signal, 0.1 s after the first, comes
+        # during it however fast the machine (else it may come after, in close)
+        env={**os.environ, "ASYNCCKPT_PHASE_DELAY": "write=1"}
+        if case == "second signal during the final save"
+        else None,
     )
     lines = log.read_text().splitlines()
     if case == "second signal during the final save":
