@@ -322,6 +322,9 @@ def _restart(rank: int, world_size: int, roots: list[str]) -> list[dict]:
         assert mgr.restore({"model": model, "optim": optim}) == 1
         fulls.append(full_state(model, optim))
         mgr.close()
+    # rank 0 hosts the job's store: leaving while rank 1 still settles its last collective there
+    # fails rank 1 (the job's own collective keeps both until each is done)
+    torch.distributed.barrier()
     return fulls
 
 
