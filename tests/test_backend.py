@@ -190,3 +190,20 @@ def test_an_empty_root_is_refused_never_taken_for_the_working_directory(tmp_path
     with pytest.raises(CheckpointError, match="the checkpoint root is an empty path"):
         asyncckpt.CheckpointManager(root)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_local_backend_refuses_writes_until_it_locks_again(tmp_path):
+    """A thread still writing after close gave up on it must not touch the root; the same object
+    handed to the next manager locks it again and writes."""
+    import torch
+
+    from asyncckpt import CheckpointManager
+
+    backend = LocalBackend(tmp_path / "root", atomic_rename=False)
+    with CheckpointManager(backend) as mgr:
+        mgr.save(1, {"w": torch.zeros(4)}).wait()
+    with pytest.raises(RootInUseError, match="was closed by this writer"):
+        backend.check_lock()
+    with CheckpointManager(backend) as mgr:
+        mgr.save(2, {"w": torch.ones(4)}).wait()
+        assert mgr.steps() == [1, 2]

@@ -523,6 +523,7 @@ class LocalBackend:
         except OSError as exc:
             raise CheckpointError(f"cannot create checkpoint root {self._root}: {_reason(exc)}") from exc
         self._lock_fd = self._acquire_lock()
+        self._released = False  # this object may lock the root again after a close
 
     def _acquire_lock(self) -> int:
         path = self._root / LOCK_NAME
