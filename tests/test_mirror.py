@@ -609,3 +609,25 @@ def test_a_refused_rollback_hands_back_the_copies_it_held(tmp_path):
         remote.gate.set()
         mgr.wait(mirror=True)
     assert sorted(mirror_tags(remote_dir)) == [1, 2, 3]
+
+
+def test_steps_a_refused_rollback_held_back_are_kept_locally_and_mirrored(tmp_path):
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    remote = RemoteBackend(remote_dir)
+    with manager(local, remote, keep_last=1, mirror_retention={"keep_last": 10}) as mgr:
+        mgr.save(1, state_of(1))
+        mgr.wait(mirror=True)
+        mgr.save(2, state_of(2), tags=["best"])
+        mgr.wait(mirror=True)
+        remote.gate = threading.Event()
+        remote.entered.clear()
+        remote.release = lambda: mgr._mirror._floor is not None
+        mgr.save(3, state_of(3)).wait()
+        assert remote.entered.wait(30)  # 3 is being copied
+        mgr.save(4, state_of(4)).wait()  # 4 waits behind it
+        mgr.save(5, state_of(5))  # still pending: its retention (keep_last=1) runs inside the rollback
+        with pytest.raises(CheckpointError, match=r"tagged checkpoints above it: step 2"):
+            mgr.discard_after(1)
+        remote.gate.set()
+        mgr.wait(mirror=True)
+    assert {3, 4, 5} <= set(mirror_tags(remote_dir))  # none lost to local retention before its copy

@@ -280,13 +280,15 @@ class _Mirror:
         return bool(self._behind() or self._retags or self._retagging is not None)
 
     def pinned(self) -> set[int]:
-        """The steps local retention must keep: waiting to be copied, or being copied.
+        """The steps local retention must keep: waiting to be copied, being copied, or held back by
+        a rollback under way (copied after all if it is refused).
 
         Returns:
             The step numbers.
         """
         with self._cond:
-            return set(self._waiting) | ({self._uploading} if self._uploading is not None else set())
+            uploading = {self._uploading} if self._uploading is not None else set()
+            return set(self._waiting) | uploading | self._held_back  # held back: copied if a rollback is refused
 
     def status(self) -> dict[str, int]:
         """How far behind the mirror is, for the stats line.
@@ -367,7 +369,7 @@ class _Mirror:
             if late.tags_only:
                 text = (
                     f"the tags of step {late.step} were not written to {where} within mirror_timeout={timeout} s "
-                    "at close; the next manager on this root writes them"
+                    "at close; the next manager on this root writes them if the step is still in the root"
                 )
             else:
                 text = (
@@ -400,7 +402,7 @@ class _Mirror:
         """
         with self._cond:
             self._floor = step
-            self._held_back = {s for s in self._waiting if s > step}
+            self._held_back |= {s for s in self._waiting if s > step}
             self._waiting = collections.deque(s for s in self._waiting if s <= step)
         try:
             yield
@@ -411,8 +413,11 @@ class _Mirror:
                 self._cond.notify_all()
             # a rollback refused or failed deletes nothing: the steps it kept back are copied after all
             for kept in held:
-                if self._tags_of is not None and self._tags_of(kept) is not None:
+                if self._known_locally(kept):
                     self.submit(kept)
+
+    def _known_locally(self, step: int) -> bool:
+        return self._tags_of is not None and self._tags_of(step) is not None
 
     def discard_above(self, step: int, timeout: float | None) -> list[int]:
         """Within :meth:`holding`: the copies pause (the one under way ends first, for at most
@@ -445,6 +450,7 @@ class _Mirror:
                     self._cond.wait(left)
                 self._errors = [(s, e) for s, e in self._errors if s <= step]
                 self._more = [s for s in self._more if s <= step]
+                self._retags = {s: tags for s, tags in self._retags.items() if s <= step}
             except BaseException:
                 self._paused = False
                 self._cond.notify_all()
@@ -514,9 +520,11 @@ class _Mirror:
                 error = CheckpointError(f"asyncckpt mirror: step {step} was not mirrored: {_reason(exc)}")
                 error.__cause__ = exc
             with self._cond:
-                if cancelled:
-                    if not self._cancel:  # stopped by a rollback under way: it deletes or hands back the step
+                if cancelled and not self._cancel:  # stopped by a rollback: it deletes or hands back the step
+                    if self._floor is not None:
                         self._held_back.add(step)
+                    elif step not in self._waiting and self._known_locally(step):
+                        self._waiting.append(step)  # the rollback was refused while this copy stopped
                 elif error is None:
                     self._uploaded += 1
                 elif self._resubmitted:
