@@ -439,3 +439,17 @@ def test_a_save_another_thread_is_snapshotting_is_waited_for_and_deleted(tmp_pat
         other.join()
         mgr.wait()
         assert mgr.steps() == [40]
+
+
+def test_a_job_on_an_s3_root_rolls_back(s3_env):
+    url = fresh_s3_url()
+    with CheckpointManager(url, keep_last=None) as mgr:
+        for step in (10, 20, 30):
+            mgr.save(step, state_of(step)).wait()
+        mgr.restore(blank(), step=10)
+        assert mgr.discard_after(10) == [20, 30]
+        assert mgr.steps() == [10]
+    state = blank()
+    with CheckpointManager(url) as mgr:
+        assert mgr.restore(state) == 10
+    assert torch.equal(state["w"], state_of(10)["w"])
