@@ -103,6 +103,9 @@ def test_a_mirror_named_by_hand_must_hold_the_step_unless_it_is_the_recorded_one
     code, _, err = cli(capsys, "prune", local, "--after", "30", "--mirror", other)
     assert code == 2 and f"the mirror {other} holds no step 30" in err
     assert remaining(other) == [10, 90] and remaining(local) == STEPS
+    code, _, err = cli(capsys, "prune", local, "--after", "30", "--mirror", tmp_path / "typo")
+    assert code == 2 and "is not a directory; nothing deleted" in err
+    assert not (tmp_path / "typo").exists()
     code, _, err = cli(capsys, "prune", local, "--after", "40", "--mirror", f"{mirror}/")  # the recorded one
     assert code == 0 and "still holds" not in err
     assert remaining(mirror) == [10, 20, 30, 40]

@@ -1033,6 +1033,8 @@ def prune_after(
     root = resolve_root(root)
     where = str(root)
     root_checkpoints(root)  # a folder that is not a checkpoint root is refused before any lock
+    if mirror is not None and not is_object_store_url(mirror) and not os.path.isdir(mirror):
+        raise CheckpointError(f"the mirror {mirror} is not a directory; nothing deleted")  # (and none made)
     if dry_run:
         listed = {"root": root_checkpoints(root)}
         if mirror is not None:
