@@ -221,12 +221,7 @@ class CheckpointManager:
             self._tags = Tags(self._storage, catalog, writes=self._owns_root)
             if mirror is not None:
                 self._mirror = _Mirror(
-                    mirror,
-                    self._storage.backend,
-                    mirror_policy,
-                    mirror_max_behind,
-                    mirror_options,
-                    tags_of=self._tags.tags_of,
+                    mirror, self._storage.backend, mirror_policy, mirror_max_behind, self._tags.tags_of, mirror_options
                 )
                 self.stats.mirror_status = self._mirror.status
             pinned = self._mirror.pinned if self._mirror is not None else None

@@ -973,10 +973,8 @@ def prune(root: Path | str, policy: RetentionPolicy, dry_run: bool = False) -> P
 class RolledBack:
     """What ``prune --after`` deleted (or, with dry_run, would delete) from each tier."""
 
-    kept: int  # the step rolled back to
     root: list[int]
     mirror: list[int]
-    mirror_location: str | None
 
 
 def _rollback_target(step: int, tiers: dict[str, list[CommittedCheckpoint]], where: str) -> None:
@@ -1042,7 +1040,7 @@ def prune_after(
         entries = {tier: _entries(committed) for tier, committed in listed.items()}
         _check_rollback(step, entries, where, mirror, mirror_must_hold_step, include_tagged)
         above = {tier: [c.step for c, _ in e if c.step > step] for tier, e in entries.items()}
-        return RolledBack(step, above["root"], above.get("mirror", []), mirror)
+        return RolledBack(above["root"], above.get("mirror", []))
     storages: dict[str, Any] = {}
     try:
         if mirror is not None:
@@ -1064,7 +1062,7 @@ def prune_after(
     finally:
         for storage in storages.values():
             storage.close()
-    return RolledBack(step, sorted(deleted["root"]), sorted(deleted["mirror"]), mirror)
+    return RolledBack(sorted(deleted["root"]), sorted(deleted["mirror"]))
 
 
 def _check_rollback(

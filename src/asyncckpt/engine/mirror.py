@@ -159,9 +159,9 @@ class _Mirror:
         local: The local root's backend (the copies are read through it).
         retention: What the mirror keeps.
         max_behind: Committed steps allowed not yet in the mirror (>= 1).
-        storage_options: Options for the remote backend (None: none).
         tags_of: The tags the local root holds for a step (None: it holds no such step); a copy
             carries these, not its local manifest's (a tag rewrite there may still be owed).
+        storage_options: Options for the remote backend (None: none).
 
     Raises:
         RootInUseError: Another writer holds the mirror root.
@@ -175,8 +175,8 @@ class _Mirror:
         local: Backend,
         retention: RetentionPolicy,
         max_behind: int,
+        tags_of: Callable[[int], tuple[str, ...] | None],
         storage_options: dict | None = None,
-        tags_of: Callable[[int], tuple[str, ...] | None] | None = None,
     ) -> None:
         self._local = local
         self._tags_of = tags_of
@@ -214,8 +214,6 @@ class _Mirror:
     def _queue_differing_tags(self) -> None:
         """At open: a step whose tags differ between the tiers (a rewrite an earlier manager could
         not finish before it closed) is rewritten in the mirror first."""
-        if self._tags_of is None:
-            return
         try:
             infos = self._catalog.infos()
         except (CheckpointError, OSError):
@@ -417,7 +415,7 @@ class _Mirror:
                     self.submit(kept)
 
     def _known_locally(self, step: int) -> bool:
-        return self._tags_of is not None and self._tags_of(step) is not None
+        return self._tags_of(step) is not None
 
     def discard_above(self, step: int, timeout: float | None) -> list[int]:
         """Within :meth:`holding`: the copies pause (the one under way ends first, for at most
@@ -554,7 +552,7 @@ class _Mirror:
     def _retag(self, step: int, queued: tuple[str, ...]) -> None:
         """Rewrite the mirror's manifest of ``step`` with the tags the local root holds now (those
         ``queued`` with the change when the local root no longer has the step)."""
-        local = self._tags_of(step) if self._tags_of is not None else None
+        local = self._tags_of(step)
         tags = queued if local is None else local
         committed = self._catalog.find(step)
         if committed is None:
@@ -600,7 +598,7 @@ class _Mirror:
                 target = staging.object_name(staging.data_name(data_file_rank(file)))
                 renamed[file] = target.rsplit("/", 1)[-1]
                 self._copy(step, f"{name}/{file}", target)
-            tags = self._tags_of(step) if self._tags_of is not None else None
+            tags = self._tags_of(step)
             copy = dataclasses.replace(
                 manifest,
                 chunks=[dataclasses.replace(c, file=renamed[c.file]) for c in manifest.chunks],
@@ -621,7 +619,7 @@ class _Mirror:
     def _with_local_tags(self, info: CheckpointInfo) -> CheckpointInfo:
         """``info`` with the tags the local root holds for its step, when it holds it: a tag given
         there counts for the mirror's retention before its rewrite there is done."""
-        local = self._tags_of(info.step) if self._tags_of is not None and info.unreadable is None else None
+        local = self._tags_of(info.step) if info.unreadable is None else None
         return info if local is None else dataclasses.replace(info, tags=local)
 
     def _check_cancel(self) -> None:
