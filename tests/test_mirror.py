@@ -116,6 +116,15 @@ def manager(local: Path, remote: RemoteBackend | Path, **options) -> CheckpointM
     return CheckpointManager(local, mirror=remote, **options)
 
 
+def copy_held(mgr: CheckpointManager, remote: RemoteBackend, step: int, state: dict | None = None) -> None:
+    """Save ``step`` and return once its copy to the mirror is held at its first write (until the
+    test sets ``remote.gate``, or ``remote.release`` says so)."""
+    remote.gate = threading.Event()
+    remote.entered.clear()
+    mgr.save(step, state_of(step) if state is None else state).wait()
+    assert remote.entered.wait(60)
+
+
 def test_restore_from_the_mirror_bit_exact_after_the_local_root_is_deleted(tmp_path):
     local, remote = tmp_path / "local", tmp_path / "remote"
     with manager(local, RemoteBackend(remote), chunk_size=4096) as mgr:
@@ -404,10 +413,7 @@ def test_uploads_failing_before_the_next_call_are_all_told(tmp_path):
     try:
         mgr.save(1, state_of(1))
         mgr.wait(mirror=True)
-        remote.gate = threading.Event()
-        remote.entered.clear()
-        mgr.save(2, state_of(2)).wait()
-        assert remote.entered.wait(60)  # step 2 is uploading, held at its first write
+        copy_held(mgr, remote, 2)  # step 2 is uploading, held at its first write
         mgr.save(3, state_of(3)).wait()  # waiting behind it
         remote.down = True
         remote.gate.set()  # both uploads fail before the loop calls the manager again
@@ -491,9 +497,7 @@ def test_a_tag_given_while_its_step_is_being_copied_reaches_the_copy(tmp_path):
     local, remote_dir = tmp_path / "local", tmp_path / "remote"
     remote = RemoteBackend(remote_dir)
     with manager(local, remote) as mgr:
-        remote.gate = threading.Event()
-        mgr.save(1, state_of(1)).wait()
-        assert remote.entered.wait(30)  # the copy read the manifest, without the tag, and is writing
+        copy_held(mgr, remote, 1)  # the copy read the manifest, without the tag, and is writing
         mgr.tag(1, "keep")
         remote.gate.set()
         mgr.wait(mirror=True)
@@ -520,10 +524,7 @@ def test_a_step_tagged_while_a_later_step_is_copied_is_kept_by_the_mirrors_reten
     with manager(local, remote, keep_last=2, mirror_retention={"keep_last": 1}) as mgr:
         mgr.save(1, state_of(1))
         mgr.wait(mirror=True)
-        remote.gate = threading.Event()
-        remote.entered.clear()
-        mgr.save(2, state_of(2)).wait()
-        assert remote.entered.wait(30)  # 2 is being copied: its retention comes before step 1's rewrite
+        copy_held(mgr, remote, 2)  # 2 is being copied: its retention comes before step 1's rewrite
         mgr.tag(1, "keep")
         remote.gate.set()
         mgr.wait(mirror=True)
@@ -536,10 +537,7 @@ def test_an_untag_reaches_the_mirror_after_the_local_root_deleted_the_step(tmp_p
     with manager(local, remote, keep_last=1, mirror_retention={"keep_last": 1}) as mgr:
         mgr.save(1, state_of(1), tags=["best"])
         mgr.wait(mirror=True)
-        remote.gate = threading.Event()
-        remote.entered.clear()
-        mgr.save(2, state_of(2)).wait()
-        assert remote.entered.wait(30)
+        copy_held(mgr, remote, 2)
         mgr.untag(1)
         mgr.save(3, state_of(3)).wait()  # local retention deletes step 1 before its rewrite in the mirror
         remote.gate.set()
@@ -598,11 +596,8 @@ def test_a_refused_rollback_hands_back_the_copies_it_held(tmp_path):
     with manager(local, remote, keep_last=None) as mgr:
         mgr.save(1, state_of(1))
         mgr.wait(mirror=True)
-        remote.gate = threading.Event()
-        remote.entered.clear()
         remote.release = lambda: mgr._mirror._floor is not None
-        mgr.save(2, state_of(2)).wait()
-        assert remote.entered.wait(30)  # 2 is being copied; 3 waits behind it
+        copy_held(mgr, remote, 2)  # 2 is being copied; 3 waits behind it
         mgr.save(3, state_of(3), tags=["best"]).wait()
         with pytest.raises(CheckpointError, match=r"tagged checkpoints above it: step 3 in the root \(best\)"):
             mgr.discard_after(1)
@@ -619,11 +614,8 @@ def test_steps_a_refused_rollback_held_back_are_kept_locally_and_mirrored(tmp_pa
         mgr.wait(mirror=True)
         mgr.save(2, state_of(2), tags=["best"])
         mgr.wait(mirror=True)
-        remote.gate = threading.Event()
-        remote.entered.clear()
         remote.release = lambda: mgr._mirror._floor is not None
-        mgr.save(3, state_of(3)).wait()
-        assert remote.entered.wait(30)  # 3 is being copied
+        copy_held(mgr, remote, 3)  # 3 is being copied
         mgr.save(4, state_of(4)).wait()  # 4 waits behind it
         mgr.save(5, state_of(5))  # still pending: its retention (keep_last=1) runs inside the rollback
         with pytest.raises(CheckpointError, match=r"tagged checkpoints above it: step 2"):

@@ -356,18 +356,15 @@ def test_the_warning_names_the_rollback_that_keeps_the_new_save(tmp_path):
 
 
 def test_an_upload_of_a_discarded_step_is_stopped_and_its_failure_never_told(tmp_path):
-    from test_mirror import RemoteBackend, mirror_steps
+    from test_mirror import RemoteBackend, copy_held, mirror_steps
 
     local, remote_dir = tmp_path / "local", tmp_path / "remote"
     remote = RemoteBackend(remote_dir)
     with CheckpointManager(local, mirror=remote, keep_last=None, mirror_max_behind=8) as mgr:
         mgr.save(10, state_of(10))
         mgr.wait(mirror=True)
-        remote.entered.clear()
-        remote.gate = threading.Event()
         remote.release = lambda: mgr._mirror._floor is not None  # the piece under way ends; the copy stops
-        mgr.save(20, state_of(20)).wait()
-        assert remote.entered.wait(30)  # 20 is being copied
+        copy_held(mgr, remote, 20, state_of(20))  # 20 is being copied
         assert mgr.discard_after(10) == [20]
         remote.gate = None
         remote.down = True
