@@ -322,9 +322,6 @@ def _restart(rank: int, world_size: int, roots: list[str]) -> list[dict]:
         assert mgr.restore({"model": model, "optim": optim}) == 1
         fulls.append(full_state(model, optim))
         mgr.close()
-    # rank 0 hosts the job's store: leaving while rank 1 still settles its last collective there
-    # fails rank 1 (the job's own collective keeps both until each is done)
-    torch.distributed.barrier()
     return fulls
 
 
@@ -888,3 +885,69 @@ def _joined(results: dict, fn) -> tuple[Path, list]:
     if isinstance(values, AssertionError):
         raise values
     return root, values
+
+
+# ---- rank 0 leaving first ----------------------------------------------------------------------
+
+
+def _slowed(cls: type, names: list[str], seconds: float) -> None:
+    """Make ``cls``'s methods ``names`` sleep ``seconds`` before they run (in this rank only)."""
+    for name in names:
+        real = getattr(cls, name)
+
+        def slow(self, *args, _real=real, **kwargs):
+            time.sleep(seconds)
+            return _real(self, *args, **kwargs)
+
+        setattr(cls, name, slow)
+
+
+def _leave_first(rank: int, world_size: int, root: str, last: str) -> dict:
+    """Rank 0 hosts the job's store and leaves as soon as its manager is closed; rank 1 is slow to
+    its last store calls of the job's last ``save`` or ``restore``."""
+    import warnings
+
+    from _dist_models import make_ddp
+    from asyncckpt import CheckpointManager
+    from asyncckpt.engine.ranks import RankGroup
+
+    model, optim = make_ddp(seed=0)
+    state = {"model": model, "optim": optim}
+    out: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if last == "restore":
+            with CheckpointManager(root, keep_last=None, rank_timeout=RANK_TIMEOUT) as mgr:
+                mgr.save(1, state)
+        timeout = 2.0 if last == "too late" else RANK_TIMEOUT
+        if rank == 1 and last == "too late":  # later than rank 0 waits for it
+            _slowed(RankGroup, ["heard_settled"], 3.0)
+        elif rank == 1:
+            _slowed(RankGroup, ["decide", "outcome", "heard_settled"], 0.5)
+        with CheckpointManager(root, keep_last=None, rank_timeout=timeout) as mgr:
+            if last in ("save", "too late"):
+                mgr.save(1, state)
+            else:
+                out["restored"] = mgr.restore(state)
+        # nothing of the job's after the close: rank 0 leaves at once (a collective would hold it)
+    out["warnings"] = [str(w.message) for w in caught]
+    return out
+
+
+@pytest.mark.parametrize("last", ["save", "restore", "too late"])
+def test_rank_0_leaving_first_fails_no_other_rank(tmp_path, last):
+    root = tmp_path / "root"
+    results = run_ranks(_leave_first, 2, str(root), last, timeout=120)
+    if last == "too late":  # rank 0 waited its rank_timeout, then said so and left
+        assert results[0]["warnings"] == [
+            "asyncckpt: rank 0 closed its manager before 1 other rank(s) heard how the last save went, "
+            "within 2 s; if this process hosts the job's store, leaving now may fail them"
+        ]
+        assert len(results[1]["warnings"]) == 1 and "rank 0 did not say" in results[1]["warnings"][0]
+        return
+    for rank in range(2):
+        assert results[rank]["warnings"] == [], (rank, results[rank]["warnings"])
+        if last == "restore":
+            assert results[rank]["restored"] == 1
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == [step_dir_name(1)]
+    assert load(root)  # the step both ranks saved, whole

@@ -34,6 +34,7 @@ import json
 import secrets
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
@@ -259,6 +260,9 @@ class RankGroup:
             if self._own_store is None
             else dist.PrefixStore(f"asyncckpt/collectives/{self._made.name}/", self._own_store)
         )
+        # rank 0: what the other ranks still read from the store when it is done (see ``close``)
+        self._last_agreed = -1  # the number of the last collective settled as agreed
+        self._last_committed: str | None = None  # the attempt of the last committed save
         token = secrets.randbits(62) if self.rank == 0 else 0
         opening = "open the checkpoint root together (every rank constructs the manager)"
         try:
@@ -388,8 +392,18 @@ class RankGroup:
             return proposal
         settled = self._decisions.compare_set(str(number), "", proposal).decode()
         if self.rank == 0 and number >= KEPT_IN_STORE:  # keep the store small over a long run
-            forget(self._decisions, [str(number - KEPT_IN_STORE)])
+            forget(self._decisions, [str(number - KEPT_IN_STORE), f"{number - KEPT_IN_STORE}/done"])
         return settled
+
+    def _done_with(self, number: int) -> None:
+        """This rank read all it reads of collective ``number`` from the store: counted there for
+        rank 0 (see :meth:`close`)."""
+        if self._decisions is None:
+            return
+        if self.rank != 0:
+            self._decisions.add(f"{number}/done", 1)
+        else:
+            self._last_agreed = max(self._last_agreed, number)
 
     def _issue(self, kind: int, values: list[int], what: str) -> tuple[int, torch.Tensor, Any]:
         """Start the MAX over the ranks of ``values`` (at most :data:`_WIDTH`), with its ``kind`` in
@@ -475,6 +489,8 @@ class RankGroup:
             work.wait()  # complete, or completing: another rank saw it complete
             values = self.in_step(data, what)
             late = self.decide(number, _AGREED) == _GIVEN_UP
+            if not late:
+                self._done_with(number)
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - gloo and the store raise RuntimeError subclasses
@@ -532,7 +548,7 @@ class RankGroup:
         self._announced.append(attempt)
         while len(self._announced) > KEPT_IN_STORE:
             old = self._announced[0]
-            if not forget(self.store, [f"outcome/{old}", f"settled/{old}"]):
+            if not forget(self.store, [f"outcome/{old}", f"settled/{old}", f"heard/{old}"]):
                 break  # tried again at the next announcement
             self._announced.popleft()
 
@@ -540,12 +556,15 @@ class RankGroup:
         """Rank 0: its bookkeeping after committing the attempt's step (tags, retention, the log)
         is done."""
         self.store.set(f"settled/{attempt}", "1")
+        self._last_committed = attempt
 
     def heard_settled(self, attempt: str) -> bool:
         """A rank other than 0, after "committed": whether rank 0 said its bookkeeping is done
-        within ``timeout`` seconds (the step is committed either way)."""
+        within ``timeout`` seconds (the step is committed either way). Then counted as heard,
+        for rank 0 (see :meth:`close`): this rank reads nothing more of the attempt from the store."""
         try:
             self.store.wait([f"settled/{attempt}"], timedelta(seconds=self.timeout))
+            self.store.add(f"heard/{attempt}", 1)
         except Exception:  # noqa: BLE001 - a store timeout or a lost connection
             return False
         return True
@@ -570,5 +589,34 @@ class RankGroup:
     def close(self) -> None:
         """The spare store connections a manager did not take, closed now; the group stays for the
         next manager of these ranks (see ``_GROUPS``), and the connections taken close once
-        unreferenced."""
+        unreferenced.
+
+        Rank 0 first waits, at most ``timeout`` seconds, until every other rank has read what it
+        reads from the store of the last collective and of the last committed save. Many launchers
+        (``mp.spawn``, ``init_process_group`` with a ``MASTER_PORT``) host the job's store in rank
+        0's process: a rank 0 that left at once would take the store down while another rank still
+        waits there for the outcome of a save that is committed, and that rank's save would fail.
+        """
         self._spares.clear()
+        if self.rank != 0 or self._decisions is None or self.world_size == 1:
+            return
+        counters = []
+        if self._last_agreed >= 0 and self._last_agreed == self._made.issued - 1:  # none failed since
+            counters.append((self._decisions, f"{self._last_agreed}/done", "collective"))
+        if self._last_committed is not None:
+            counters.append((self.store, f"heard/{self._last_committed}", "save"))
+        deadline = time.monotonic() + self.timeout
+        for store, key, what in counters:
+            try:
+                while (count := int(store.add(key, 0))) < self.world_size - 1:
+                    if time.monotonic() > deadline:
+                        warnings.warn(
+                            f"asyncckpt: rank 0 closed its manager before {self.world_size - 1 - count} other "
+                            f"rank(s) heard how the last {what} went, within {self.timeout:g} s; if this "
+                            "process hosts the job's store, leaving now may fail them",
+                            stacklevel=4,
+                        )
+                        return
+                    time.sleep(_POLL_S)
+            except Exception:  # noqa: BLE001 - the store is gone: nothing to keep up for anyone
+                return
