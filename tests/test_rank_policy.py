@@ -101,14 +101,20 @@ def test_sigterm_on_one_rank_makes_every_rank_save_the_same_final_step(tmp_path)
 def _late(rank, world_size, root):
     import torch.distributed as dist
 
-    # An announcement for a step rank 1 has passed: rank 1 raises, naming both steps.
-    mgr = asyncckpt.CheckpointManager(f"{root}/late", policy=asyncckpt.EverySeconds(3600), policy_lead=2)
+    # An announcement for a step rank 1 has passed: rank 1 raises, naming both steps, and takes its
+    # turn in the agreement on it, so that rank 0's save of it fails at once and the ranks' next
+    # collectives pair.
+    mgr = asyncckpt.CheckpointManager(
+        f"{root}/late", policy=asyncckpt.EverySeconds(3600), policy_lead=2, keep_last=None, rank_timeout=60
+    )
     state = {"w": torch.zeros(10)}
     for step in range(1, 6):
         mgr.maybe_save(step, state)
     dist.barrier()
-    if rank == 0:
-        mgr._schedule._announce(Target(3, 0))  # as if rank 0's announcement were very late
+    handle = None
+    if rank == 0:  # as if rank 0's announcement were very late: rank 0 saves the step it announced
+        mgr._schedule._announce(Target(3, 0))
+        handle = mgr.save(3, state)
     dist.barrier()
     error = None
     if rank == 1:
@@ -119,15 +125,29 @@ def _late(rank, world_size, root):
                 mgr.maybe_save(6, state)
             except CheckpointError as exc:
                 error = str(exc)
-    dist.barrier()
+    else:
+        began = time.monotonic()
+        try:
+            handle.wait()
+        except CheckpointError as exc:
+            error = (str(exc), time.monotonic() - began)
+    state["w"] += 1
+    after = mgr.save(10, state).wait()  # the next save of both ranks pairs, and commits
+    restored = mgr.restore(state)
     mgr.close()
-    return error
+    return error, after is not None, restored, sorted(os.listdir(f"{root}/late"))
 
 
 def test_an_announcement_for_a_passed_step_raises(tmp_path):
-    late0, late1 = run_ranks(_late, 2, str(tmp_path), timeout=200)
-    assert late0 is None
-    assert late1 is not None and "step 3" in late1 and "step 5" in late1, late1
+    (late0, saved0, restored0, names0), (late1, saved1, restored1, names1) = run_ranks(
+        _late, 2, str(tmp_path), timeout=200
+    )
+    assert late1 is not None and "step 3" in late1 and "step 5" in late1 and "no rank saves it" in late1, late1
+    reason, waited = late0
+    assert "rank 1 could not plan its save of step 3; nothing is saved" in reason, reason
+    assert waited < 30  # not rank_timeout (60 s): rank 1 took its turn
+    assert saved0 and saved1 and restored0 == restored1 == 10
+    assert [n for n in names0 if n.startswith("step-")] == ["step-000000000010"]
 
 
 def _long_run(rank, world_size, root):

@@ -233,7 +233,7 @@ class CheckpointManager:
             planner = RankPlanner(self._ranks, self._replicated) if self._ranks is not None else None
             self._admission = Admission(self.root, max_pending, snapshot, *parts, plan=planner)
             if self._ranks is not None:
-                self._schedule = RankSchedule(self._ranks, self.policy, policy_lead)
+                self._schedule = RankSchedule(self._ranks, self.policy, policy_lead, take_turn=self._admission.refuse)
         except BaseException:
             if self._mirror is not None:
                 self._mirror.close(0.0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -62,17 +63,23 @@ class RankSchedule:
             otherwise only on rank 0, whose due steps become announced targets ``lead`` steps later.
         lead: Steps between the step rank 0's policy found due (or a rank got a signal at) and the
             step every rank saves; at least 1.
+        take_turn: Takes this rank's turn, refused, in the agreement on saving a step (the
+            planner's ``refuse``): for a target heard after this rank passed it, so that the other
+            ranks' agreement on it completes (failed), and the ranks' next collectives pair.
 
     Raises:
         ValueError: ``lead`` is not a positive integer.
     """
 
-    def __init__(self, ranks: RankGroup, policy: SavePolicy, lead: int = DEFAULT_LEAD) -> None:
+    def __init__(
+        self, ranks: RankGroup, policy: SavePolicy, lead: int = DEFAULT_LEAD, *, take_turn: Callable[[int], None]
+    ) -> None:
         if isinstance(lead, bool) or not isinstance(lead, int) or lead < 1:
             raise ValueError(f"policy_lead must be a positive integer (steps), got {lead!r}")
         self.rank = ranks.rank
         self.lead = lead
         self._policy = policy
+        self._take_turn = take_turn
         self._local = bool(getattr(policy, "same_on_every_rank", False))
         self._store = ranks.connection("policy/")  # the training thread's: announcements only
         self._watch_store = ranks.connection("policy/")  # the watcher's: it waits on it
@@ -129,15 +136,20 @@ class RankSchedule:
             elif target.signum:
                 continue  # a final target is announced once (compare_set); never two
             self._targets.append(target)
-        for target in self._targets:
-            if self._last_step is not None and target.step <= self._last_step:
-                self._targets.remove(target)  # raised once, not at every step from now on
-                raise CheckpointError(
-                    f"rank {self.rank} heard that every rank saves step {target.step} (announced by rank "
-                    f"{target.rank}) only after it had passed it (its last maybe_save was step {self._last_step}, "
-                    f"now {step}): the ranks are more than policy_lead={self.lead} steps apart, or a step is "
-                    "shorter than the store's round trip; raise policy_lead"
-                )
+        last = self._last_step
+        passed = [t for t in self._targets if last is not None and t.step <= last]
+        if not passed:
+            return
+        self._targets = [t for t in self._targets if t not in passed]  # raised once, not at every step from now on
+        for target in passed:  # the others' agreement on it completes, failed: the ranks stay in step
+            self._take_turn(target.step)
+        first = passed[0]
+        raise CheckpointError(
+            f"rank {self.rank} heard that every rank saves step {first.step} (announced by rank "
+            f"{first.rank}) only after it had passed it (its last maybe_save was step {last}, "
+            f"now {step}), so no rank saves it: the ranks are more than policy_lead={self.lead} steps apart, "
+            "or a step is shorter than the store's round trip; raise policy_lead"
+        )
 
     def _preempt(self, step: int, signum: int) -> None:
         """This rank got ``signum``: announce the final target, unless another rank's came first."""
