@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -104,9 +105,12 @@ def _late(rank, world_size, root):
     # An announcement for a step rank 1 has passed: rank 1 raises, naming both steps, and takes its
     # turn in the agreement on it, so that rank 0's save of it fails at once and the ranks' next
     # collectives pair.
+    imported_before = "torch.distributed.tensor" in sys.modules
     mgr = asyncckpt.CheckpointManager(
         f"{root}/late", policy=asyncckpt.EverySeconds(3600), policy_lead=2, keep_last=None, rank_timeout=60
     )
+    # DTensor's module (about 0.8 s to import) is imported by the opening, not inside the first save
+    assert not imported_before and "torch.distributed.tensor" in sys.modules
     state = {"w": torch.zeros(10)}
     for step in range(1, 6):
         mgr.maybe_save(step, state)

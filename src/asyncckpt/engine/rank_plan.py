@@ -17,7 +17,7 @@ from asyncckpt.engine.admission import SavePlanner
 from asyncckpt.engine.pipeline import RankSave
 from asyncckpt.engine.ranks import RankGroup
 from asyncckpt.errors import CheckpointError
-from asyncckpt.state.shards import RankFlatState, RankInfo, flatten_rank
+from asyncckpt.state.shards import RankFlatState, RankInfo, dtensor_type, flatten_rank
 from asyncckpt.storage.backend import Backend, open_backend
 from asyncckpt.storage.commit import CommitProtocol, choose_protocol, open_storage
 
@@ -84,6 +84,7 @@ class RankPlanner(SavePlanner):
         self._me = RankInfo(ranks.rank, ranks.world_size)
         self._replicated = replicated
         self.turns = 0
+        dtensor_type()  # imported now, not in the first save's stall
 
     def refuse(self, step: int) -> None:
         self.turns += 1

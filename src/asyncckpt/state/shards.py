@@ -83,8 +83,10 @@ class RankFlatState(FlatState):
 
 
 @functools.cache
-def _dtensor_type() -> type | None:
-    """DTensor's class, looked up once: the flattener asks of every node of every save."""
+def dtensor_type() -> type | None:
+    """DTensor's class, looked up once: the flattener asks of every node of every save. The first
+    call imports ``torch.distributed.tensor`` (about 0.8 s on a 2-core machine, sympy included):
+    a multi-rank manager calls it when it opens, so that no save's stall includes it."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed
@@ -94,7 +96,7 @@ def _dtensor_type() -> type | None:
 
 def is_dtensor(obj: Any) -> bool:
     """Whether ``obj`` is a DTensor."""
-    cls = _dtensor_type()
+    cls = dtensor_type()
     return cls is not None and isinstance(obj, cls)
 
 
