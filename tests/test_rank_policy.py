@@ -14,7 +14,7 @@ import time
 import torch
 
 import asyncckpt
-from _dist import run_ranks
+from _dist import run_ranks, start_ranks
 from asyncckpt.engine.rank_policy import Target
 from asyncckpt.errors import CheckpointError
 
@@ -97,6 +97,38 @@ def test_sigterm_on_one_rank_makes_every_rank_save_the_same_final_step(tmp_path)
     assert term0[:3] == term1[:3] == ([], "preempted", 7), (term0, term1)  # maybe_save raised: no handle
     assert term0[3] == term1[3] == [7]
     assert term0[4] and term1[4]  # the handlers found at install were put back before the signal
+
+
+def _preempt_to_death(rank, world_size, root):
+    """SIGTERM's default action, as a launcher's preemption: the final checkpoint, then the process
+    ends, rank 0's (which hosts the job's store) as soon as the others heard its outcome. Rank 1 is
+    slow to hear it; what it warns goes to a file (the process leaves no result)."""
+    import warnings
+
+    from asyncckpt.engine.ranks import RankGroup
+
+    seen = open(f"{root}.warnings-{rank}", "w")  # noqa: SIM115 - open until the signal ends the process
+    warnings.showwarning = lambda message, *args, **kwargs: (seen.write(f"{message}\n"), seen.flush())
+    if rank == 1:
+        for name in ("outcome", "heard_settled"):
+            real = getattr(RankGroup, name)
+            setattr(RankGroup, name, lambda self, *a, _real=real: (time.sleep(0.5), _real(self, *a))[1])
+    mgr = asyncckpt.CheckpointManager(root, policy=asyncckpt.EverySteps(10_000), keep_last=None, rank_timeout=30)
+    mgr.install_signal_handlers((signal.SIGTERM,))
+    _train(rank, mgr, 40, kill_at=5 if rank == 0 else None)
+    return "not preempted"
+
+
+def test_preemption_ending_the_processes_reports_the_final_checkpoint_committed_on_every_rank(tmp_path):
+    root = tmp_path / "root"
+    with start_ranks(_preempt_to_death, 2, str(root), timeout=120) as job:
+        outcomes = job.outcomes()
+    assert [(o.status, o.exitcode) for o in outcomes] == [("died", -signal.SIGTERM)] * 2, [
+        o.describe() for o in outcomes
+    ]
+    assert [p.name for p in root.iterdir() if p.name.startswith("step-")] == ["step-000000000007"]
+    for rank in range(2):
+        assert (tmp_path / f"root.warnings-{rank}").read_text() == "", rank
 
 
 def _late(rank, world_size, root):

@@ -364,7 +364,10 @@ class CheckpointManager:
         is_due, final = self._decide(step)
         if final is not None:
             self._preemption.final_save_and_reraise(
-                lambda: self._save(step, state, metrics, metadata, tags), self._take_background_errors, final
+                lambda: self._save(step, state, metrics, metadata, tags),
+                self._take_background_errors,
+                final,
+                self._ranks.let_others_finish if self._ranks is not None else None,
             )
             return None
         if not is_due:

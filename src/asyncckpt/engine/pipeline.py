@@ -352,10 +352,11 @@ class Pipeline:
         record.raw_bytes, record.stored_bytes = raw_bytes, stored_bytes
         if job.lazy is not None and group.rank == 0:
             self._read_gpu_fence_wait(job)
-        if group.rank != 0 and not group.heard_settled(ranks.attempt):
+        unheard = group.heard_settled(ranks.attempt) if group.rank != 0 else None
+        if unheard is not None:
             _warn_from_writer(
                 f"asyncckpt: step {job.step} is committed, but rank 0 did not say its retention was done "
-                f"within {group.timeout:g} s: steps() on rank {group.rank} may still list checkpoints it deletes"
+                f"({unheard}): steps() on rank {group.rank} may still list checkpoints it deletes"
             )
         return ref
 

@@ -558,16 +558,23 @@ class RankGroup:
         self.store.set(f"settled/{attempt}", "1")
         self._last_committed = attempt
 
-    def heard_settled(self, attempt: str) -> bool:
-        """A rank other than 0, after "committed": whether rank 0 said its bookkeeping is done
-        within ``timeout`` seconds (the step is committed either way). Then counted as heard,
-        for rank 0 (see :meth:`close`): this rank reads nothing more of the attempt from the store."""
+    def heard_settled(self, attempt: str) -> str | None:
+        """A rank other than 0, after "committed": None once rank 0 said its bookkeeping is done,
+        else why it was not heard (the step is committed either way); waits at most ``timeout``
+        seconds. Then counted as heard, for rank 0 (see :meth:`close`): this rank reads nothing
+        more of the attempt from the store."""
         try:
             self.store.wait([f"settled/{attempt}"], timedelta(seconds=self.timeout))
             self.store.add(f"heard/{attempt}", 1)
-        except Exception:  # noqa: BLE001 - a store timeout or a lost connection
-            return False
-        return True
+        except Exception as exc:  # noqa: BLE001 - a store timeout or a lost connection
+            return self._why_unheard(exc)
+        return None
+
+    def _why_unheard(self, exc: Exception) -> str:
+        """Why a store wait for rank 0's word failed: the time ran out, or the store went away."""
+        if isinstance(exc, self._dist.DistNetworkError):
+            return f"the job's store stopped answering (rank 0's process gone?): {exc}"
+        return f"not within {self.timeout:g} s"
 
     def outcome(self, attempt: str, step: int) -> str:
         """A rank other than 0: the outcome rank 0 announced, waiting at most ``timeout`` seconds.
@@ -581,7 +588,7 @@ class RankGroup:
             outcome = self.store.get(key).decode()
         except Exception as exc:  # noqa: BLE001 - a store timeout or a lost connection
             raise CheckpointError(
-                f"rank 0 did not commit step {step} within {self.timeout:g} s ({type(exc).__name__}: {exc}); "
+                f"rank 0 did not say it committed step {step}: {self._why_unheard(exc)}; "
                 "nothing of this save is known to be committed"
             ) from None
         return outcome
@@ -589,15 +596,18 @@ class RankGroup:
     def close(self) -> None:
         """The spare store connections a manager did not take, closed now; the group stays for the
         next manager of these ranks (see ``_GROUPS``), and the connections taken close once
-        unreferenced.
-
-        Rank 0 first waits, at most ``timeout`` seconds, until every other rank has read what it
-        reads from the store of the last collective and of the last committed save. Many launchers
-        (``mp.spawn``, ``init_process_group`` with a ``MASTER_PORT``) host the job's store in rank
-        0's process: a rank 0 that left at once would take the store down while another rank still
-        waits there for the outcome of a save that is committed, and that rank's save would fail.
+        unreferenced. Rank 0 first lets the other ranks finish (:meth:`let_others_finish`).
         """
         self._spares.clear()
+        self.let_others_finish()
+
+    def let_others_finish(self) -> None:
+        """Rank 0, before its process may end: wait, at most ``timeout`` seconds, until every other
+        rank has read what it reads from the store of the last collective and of the last committed
+        save (nothing on the other ranks). Many launchers (``mp.spawn``, ``init_process_group`` with
+        a ``MASTER_PORT``) host the job's store in rank 0's process: a rank 0 that left at once
+        would take the store down while another rank still waits there for the outcome of a save
+        that is committed, and that rank's save would fail."""
         if self.rank != 0 or self._decisions is None or self.world_size == 1:
             return
         counters = []

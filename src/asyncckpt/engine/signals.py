@@ -117,6 +117,7 @@ class Preemption:
         save: Callable[[], tuple[SaveHandle, SaveFailedError | None]],
         take_errors: Callable[[], SaveFailedError | None],
         signum: int | None = None,
+        before_signal: Callable[[], None] | None = None,
     ) -> None:
         """The preemption checkpoint: attempted whatever failed before, waited for, then the signal.
 
@@ -127,6 +128,9 @@ class Preemption:
             take_errors: The background failures not yet reported.
             signum: The signal to raise after it (default: the one received). Several ranks: the
                 one the rank that received it announced, for every rank (``RankSchedule``).
+            before_signal: Called just before the signal is raised, which may end the process
+                (several ranks: rank 0 lets the others hear the final save's outcome from the store
+                its process may host).
         """
         signum = signum if signum is not None else self.signum
         assert signum is not None
@@ -149,6 +153,11 @@ class Preemption:
         finally:
             self.signum = None
             self.restore()
+            if before_signal is not None:
+                try:
+                    before_signal()
+                except Exception as exc:  # noqa: BLE001 - the signal acts whatever happened
+                    warnings.warn(f"asyncckpt: before signal {signum}: {exc}", stacklevel=3)
             signal.raise_signal(signum)
 
 
