@@ -88,7 +88,36 @@ def _preempt(rank, world_size, root):
     committed = mgr.steps()
     handler_back = signal.getsignal(signal.SIGTERM) is _on_term
     mgr.close()
-    return saved, how, last, committed, handler_back
+    return saved, how, last, committed, handler_back, _preempt_async(rank, f"{root}/async")
+
+
+def _preempt_async(rank, root):
+    """The same with the async manager, whose handlers are its event loop's."""
+    import asyncio
+
+    import torch.distributed as dist
+
+    async def train():
+        mgr = asyncckpt.AsyncCheckpointManager(root, policy=asyncckpt.EverySteps(10_000), keep_last=None)
+        mgr.install_signal_handlers((signal.SIGTERM,))
+        saved, step = [], 0
+        try:
+            for step in range(1, 41):
+                dist.all_reduce(torch.ones(1))  # lockstep
+                if rank == 1 and step == 5:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    await asyncio.sleep(0)  # the loop runs its handler
+                if await mgr.maybe_save(step, {"w": torch.full((1000,), float(step))}) is not None:
+                    saved.append(step)
+        except Preempted:
+            how = "preempted"
+        else:
+            how = "done"
+        committed = await mgr.steps()
+        await mgr.close()
+        return saved, how, step, committed, signal.getsignal(signal.SIGTERM) is _on_term
+
+    return asyncio.run(train())
 
 
 def test_sigterm_on_one_rank_makes_every_rank_save_the_same_final_step(tmp_path):
@@ -97,6 +126,10 @@ def test_sigterm_on_one_rank_makes_every_rank_save_the_same_final_step(tmp_path)
     assert term0[:3] == term1[:3] == ([], "preempted", 7), (term0, term1)  # maybe_save raised: no handle
     assert term0[3] == term1[3] == [7]
     assert term0[4] and term1[4]  # the handlers found at install were put back before the signal
+    # the async manager: the same final step on both ranks, committed, then the signal on both
+    (saved0, how0, last0, committed0, back0), (saved1, how1, last1, committed1, back1) = term0[5], term1[5]
+    assert how0 == how1 == "preempted" and saved0 == saved1 == [] and back0 and back1, (term0[5], term1[5])
+    assert last0 == last1 and committed0 == committed1 == [last0] and last0 in (7, 8), (term0[5], term1[5])
 
 
 def _preempt_to_death(rank, world_size, root):

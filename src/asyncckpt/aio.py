@@ -364,7 +364,7 @@ class AsyncCheckpointManager:
             CheckpointError: used in a forked child.
         """
         self._check_owner()
-        if self._preempted is not None:
+        if self._preempted is not None and self.manager._schedule is None:
             return True
         return self.manager.due(step)
 
@@ -523,6 +523,8 @@ class AsyncCheckpointManager:
             CheckpointError: the manager is closed, or used in a forked child.
         """
         self._check_owner()
+        if self.manager._schedule is not None:
+            return await self._maybe_save_ranks(step, state, metrics, metadata, tags)
         if self._preempted is not None:
             signum = self._preempted  # kept until raised: a second signal meanwhile acts at once
             try:
@@ -534,6 +536,31 @@ class AsyncCheckpointManager:
             return None
         handle = await self._run(self.manager.maybe_save, step, state, metrics, metadata, tags)
         return None if handle is None else AsyncSaveHandle(handle, asyncio.get_running_loop())
+
+    async def _maybe_save_ranks(
+        self, step: int, state: Any, metrics: dict | None, metadata: dict | None, tags: Any
+    ) -> AsyncSaveHandle | None:
+        """``maybe_save`` with several ranks: the ranks' schedule decides, told of this loop's
+        signal, so every rank makes the final checkpoint at the step the ranks agree on (as the
+        blocking manager's ``maybe_save``), then raises the signal."""
+        manager = self.manager
+        is_due, final = await self._run(manager._decide, step, self._preempted)
+        if final is not None:
+            try:
+                await self._final_save(final, step, state, metrics, metadata, tags)
+                assert manager._ranks is not None
+                await self._run(manager._ranks.let_others_finish)
+            finally:
+                self._preempted = None
+                self._remove_signal_handlers()
+                signal.raise_signal(final)
+            return None
+        if not is_due:
+            return None
+        handle, earlier = await self._run(manager._save, step, state, metrics, metadata, tags, tell_policy=True)
+        if earlier is not None:
+            raise earlier
+        return AsyncSaveHandle(handle, asyncio.get_running_loop())
 
     async def _final_save(
         self, signum: int, step: int, state: Any, metrics: dict | None, metadata: dict | None, tags: Any

@@ -360,8 +360,7 @@ class CheckpointManager:
             TypeError: A state, metrics, metadata or tags that cannot be saved.
         """
         self._check_owner()
-        self.stats.step_seen(time.perf_counter())
-        is_due, final = self._decide(step)
+        is_due, final = self._decide(step, self._preemption.signum)
         if final is not None:
             self._preemption.final_save_and_reraise(
                 lambda: self._save(step, state, metrics, metadata, tags),
@@ -378,16 +377,19 @@ class CheckpointManager:
         self._raise_mirror_error()
         return handle
 
-    def _decide(self, step: int) -> tuple[bool, int | None]:
-        """What ``maybe_save(step)`` does: whether the policy (or, with several ranks, the agreed
-        schedule) says the step is due, and the preemption signal to raise after a final save."""
-        if self._schedule is None and self._preemption.signum is not None:
-            return True, self._preemption.signum  # the final save; the policy is not asked
+    def _decide(self, step: int, signum: int | None) -> tuple[bool, int | None]:
+        """What ``maybe_save(step)`` does, the step counted: whether the policy (or, with several
+        ranks, the agreed schedule) says the step is due, and the preemption signal to raise after
+        a final save. ``signum``: the preemption signal received and not yet acted on (the async
+        manager's handlers are its loop's, so it passes its own)."""
+        self.stats.step_seen(time.perf_counter())
+        if self._schedule is None and signum is not None:
+            return True, signum  # the final save; the policy is not asked
         asked, self._due_answer = self._due_answer, None
         deferred = getattr(self.policy, "deferred", 0)
         if self._schedule is not None:  # several ranks: the final checkpoint waits for the agreed step
             _check_step(step)
-            is_due, final = self._schedule.decide(step, self._preemption.signum, asked)
+            is_due, final = self._schedule.decide(step, signum, asked)
         else:
             is_due, final = self.policy.due(step), None  # always: the policy counts every call
             if asked is not None and asked[0] == step:
