@@ -88,7 +88,26 @@ def _preempt(rank, world_size, root):
     committed = mgr.steps()
     handler_back = signal.getsignal(signal.SIGTERM) is _on_term
     mgr.close()
-    return saved, how, last, committed, handler_back, _preempt_async(rank, f"{root}/async")
+    return saved, how, last, committed, handler_back, _preempt_async(rank, f"{root}/async"), _twice(rank, root)
+
+
+def _twice(rank, root):
+    """SIGUSR1 as "checkpoint now" to a process that goes on (its own handler returns), twice: the
+    handlers are installed again after the first."""
+    import torch.distributed as dist
+
+    heard = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: heard.append(signum))
+    with asyncckpt.CheckpointManager(f"{root}/twice", policy=asyncckpt.EverySteps(10_000), keep_last=None) as mgr:
+        mgr.install_signal_handlers((signal.SIGUSR1,))
+        for step in range(1, 31):
+            dist.all_reduce(torch.ones(1))  # lockstep
+            if rank == 1 and step in (5, 15):
+                os.kill(os.getpid(), signal.SIGUSR1)
+            if step == 12:
+                mgr.install_signal_handlers((signal.SIGUSR1,))
+            mgr.maybe_save(step, {"w": torch.full((10,), float(step))})
+        return mgr.steps(), len(heard)
 
 
 def _preempt_async(rank, root):
@@ -130,6 +149,8 @@ def test_sigterm_on_one_rank_makes_every_rank_save_the_same_final_step(tmp_path)
     (saved0, how0, last0, committed0, back0), (saved1, how1, last1, committed1, back1) = term0[5], term1[5]
     assert how0 == how1 == "preempted" and saved0 == saved1 == [] and back0 and back1, (term0[5], term1[5])
     assert last0 == last1 and committed0 == committed1 == [last0] and last0 in (7, 8), (term0[5], term1[5])
+    # a second signal to a process that went on is a second final checkpoint, on every rank
+    assert term0[6] == term1[6] == ([7, 17], 2)
 
 
 def _preempt_to_death(rank, world_size, root):

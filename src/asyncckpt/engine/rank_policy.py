@@ -44,14 +44,22 @@ class Target:
     rank: int
     signum: int = 0
     epoch: int = 0  # how many restores the ranks had made when it was announced (see ``RankSchedule.reset``)
+    finals: int = 0  # a final target: how many final checkpoints the ranks had made before it
 
     def encode(self) -> str:
-        return json.dumps({"step": self.step, "rank": self.rank, "signum": self.signum, "epoch": self.epoch})
+        fields = {"step": self.step, "rank": self.rank, "signum": self.signum, "epoch": self.epoch}
+        return json.dumps({**fields, "finals": self.finals})
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Target:
         fields = json.loads(raw)
-        return cls(int(fields["step"]), int(fields["rank"]), int(fields["signum"]), int(fields.get("epoch", 0)))
+        return cls(
+            int(fields["step"]),
+            int(fields["rank"]),
+            int(fields["signum"]),
+            int(fields.get("epoch", 0)),
+            int(fields.get("finals", 0)),
+        )
 
 
 class RankSchedule:
@@ -86,7 +94,8 @@ class RankSchedule:
         self._lock = threading.Lock()
         self._inbox: list[Target] = []  # heard by the watcher, not yet taken by the training thread
         self._targets: list[Target] = []  # taken, not yet saved
-        self._final: Target | None = None  # the preemption target, once known
+        self._final: Target | None = None  # the preemption target, once known, until reached
+        self._finals = 0  # final checkpoints made (in step on every rank: each reaches every final target)
         self._last_step: int | None = None  # the step of the last maybe_save
         self._epoch = 0  # restores made (in step on every rank: restore is a collective)
         self._stop = threading.Event()
@@ -131,10 +140,10 @@ class RankSchedule:
         for target in heard:
             if target.epoch < self._epoch:
                 continue  # announced before the ranks restored an earlier step: another timeline's
-            if target.signum and self._final is None:
+            if target.signum and self._final is None and target.finals == self._finals:
                 self._final = target
             elif target.signum:
-                continue  # a final target is announced once (compare_set); never two
+                continue  # one final target per preemption (compare_set); never two, nor an earlier one
             self._targets.append(target)
         last = self._last_step
         passed = [t for t in self._targets if last is not None and t.step <= last]
@@ -153,8 +162,8 @@ class RankSchedule:
 
     def _preempt(self, step: int, signum: int) -> None:
         """This rank got ``signum``: announce the final target, unless another rank's came first."""
-        mine = Target(step + self.lead, self.rank, signum, self._epoch)
-        current = self._store.compare_set("final", "", mine.encode())
+        mine = Target(step + self.lead, self.rank, signum, self._epoch, self._finals)
+        current = self._store.compare_set(f"final/{self._finals}", "", mine.encode())
         winner = Target.decode(current) if current else mine
         if winner == mine:
             self._announce(mine)
@@ -194,6 +203,9 @@ class RankSchedule:
         self._targets = [t for t in self._targets if t.step > step]
         self._last_step = step
         final = next((t.signum for t in reached if t.signum), None)
+        if final is not None:  # a later signal (one whose handler let the process go on) is a new preemption
+            self._final = None
+            self._finals += 1
         return bool(reached) or is_due or final is not None, final
 
     def reset(self) -> None:
