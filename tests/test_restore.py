@@ -729,3 +729,17 @@ def test_a_model_or_tensor_saved_on_its_own_restores_in_place(tmp_path):
             mgr.restore({})
         with pytest.raises(TypeError, match="restore updates the state in place.*not 'int'"):
             mgr.restore(5)
+
+
+def test_a_list_of_values_of_another_length_is_restored_in_place(root):
+    """A loop that appends to a history list it holds keeps appending to the restored one, so the
+    next checkpoint holds what was restored and what came after."""
+    save(root, 2, {"losses": [0.5, 0.25], "extra": {"seen": [1, 2, 3]}, "w": torch.ones(2)})
+    losses, seen = [], [9]
+    state = {"losses": losses, "extra": {"seen": seen}, "w": torch.zeros(2)}
+    assert restore(root, state) == 2
+    assert state["losses"] is losses and losses == [0.5, 0.25]
+    assert state["extra"]["seen"] is seen and seen == [1, 2, 3]
+    losses.append(0.125)
+    save(root, 3, state)
+    assert asyncckpt.load(root)["losses"] == [0.5, 0.25, 0.125]

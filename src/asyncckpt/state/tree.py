@@ -1142,7 +1142,10 @@ class _Restorer:
                 if entry not in self.plan.leave:
                     live[key] = self.into(live[key], child, entry) if key in live else unflatten(child, tensors)
             return live
-        if kind == Kind.LIST and isinstance(live, list) and len(live) == len(value):
+        if kind == Kind.LIST and isinstance(live, list):
+            if len(live) != len(value):  # values only (the plan checked the rest): replaced in place,
+                live[:] = unflatten(node, tensors)  # so the list the training loop holds is the one restored
+                return live
             for i, child in enumerate(value):
                 live[i] = self.into(live[i], child, child_path(path, i))
             return live
