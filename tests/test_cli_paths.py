@@ -90,3 +90,33 @@ def test_a_checkpoint_named_relative_to_the_working_directory_reads_as_itself(tm
     code, out, _ = cli(capsys, "ls", named)
     assert code == 0 and "invalid" not in out and out.splitlines()[1].split()[0] == "1"
     assert asyncckpt.load(named)["w"].tolist() == [1.0] * 3
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prune", "", "--keep-last", "1"],
+        ["prune", ".", "--after", "1", "--mirror", ""],
+        ["ls", ""],
+        ["ls", ".", "--mirror", ""],
+        ["verify", ""],
+        ["stats", ""],
+        ["inspect", ""],
+        ["diff", "", "."],
+        ["export", "", "-o", "x.pt"],
+        ["export", ".", "-o", ""],
+    ],
+    ids=lambda argv: " ".join(repr(a) for a in argv),
+)
+def test_an_empty_path_is_refused_never_taken_for_the_working_directory(tmp_path, capsys, monkeypatch, argv):
+    """An unset shell variable ("$ROOT") must not make `prune` delete in the working directory."""
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.ones(2)}).wait()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert "an empty path (an unset variable?); name the path" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-")) == [
+        f"step-00000000000{s}" for s in (1, 2, 3)
+    ]

@@ -643,6 +643,17 @@ def _step_number(text: str) -> int:
     return value
 
 
+def _path(text: str) -> str:
+    """A path or URL argument; an empty one (an unset shell variable) is refused, never taken for
+    the working directory (where ``prune`` would delete)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?); name the path")
+    return text
+
+
+_path.__name__ = "path"
+
+
 def _positive(kind):
     def parse(text: str):
         try:
@@ -687,7 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--width", type=_positive(int), default=1024, help="units per hidden layer (default 1024)")
     demo.add_argument("--depth", type=_positive(int), default=6, help="hidden layers (default 6)")
-    demo.add_argument("--root", help="keep checkpoints here: a new or empty folder (default: a temp dir, removed)")
+    demo.add_argument(
+        "--root", type=_path, help="keep checkpoints here: a new or empty folder (default: a temp dir, removed)"
+    )
     demo.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     demo.add_argument(
         "--snapshot", choices=["blocking", "overlap"], default="blocking", help="snapshot mode (default: blocking)"
@@ -700,43 +713,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_cmd_demo)
     ls = sub.add_parser("ls", help="list the checkpoints in a root")
-    ls.add_argument("root", help="a checkpoint root (or one checkpoint directory)")
+    ls.add_argument("root", type=_path, help="a checkpoint root (or one checkpoint directory)")
     ls.add_argument("--json", action="store_true", help="print one object per checkpoint as JSON")
     ls.add_argument(
         "--mirror",
+        type=_path,
         metavar="URL",
         help="also list this mirror of the root (default: the mirror a manager recorded in the root); "
         "a 'where' column says local, mirror or both",
     )
     ls.set_defaults(func=_cmd_ls)
     verify = sub.add_parser("verify", help="verify every checksum of a root or one checkpoint")
-    verify.add_argument("path", help="a checkpoint root or one checkpoint directory")
+    verify.add_argument("path", type=_path, help="a checkpoint root or one checkpoint directory")
     verify.add_argument("--json", action="store_true", help="print one {path, status, ...} per checkpoint")
     _add_progress_flags(verify)
     verify.set_defaults(func=_cmd_verify)
     stats = sub.add_parser("stats", help=f"per-save stall and persist times from a root's {METRICS_LOG}")
-    stats.add_argument("root", help="a checkpoint root")
+    stats.add_argument("root", type=_path, help="a checkpoint root")
     stats.add_argument("--json", action="store_true", help="print {records, summary} as JSON")
-    stats.add_argument("--plot", metavar="FILE.png", help="draw stall and persist per checkpoint (needs matplotlib)")
+    stats.add_argument(
+        "--plot", type=_path, metavar="FILE.png", help="draw stall and persist per checkpoint (needs matplotlib)"
+    )
     stats.set_defaults(func=_cmd_stats)
     inspect = sub.add_parser("inspect", help="one checkpoint's step, sizes, metrics and tree (manifest only)")
-    inspect.add_argument("ckpt", help="one checkpoint directory (ROOT/step-...)")
+    inspect.add_argument("ckpt", type=_path, help="one checkpoint directory (ROOT/step-...)")
     inspect.add_argument("--json", action="store_true", help="print the description as JSON")
     inspect.set_defaults(func=_cmd_inspect)
     diff = sub.add_parser(
         "diff", help="per-tensor differences between two checkpoints (exit status 1 when they differ)"
     )
-    diff.add_argument("ckpt_a", help="checkpoint A (a checkpoint directory)")
-    diff.add_argument("ckpt_b", help="checkpoint B, compared with A")
+    diff.add_argument("ckpt_a", type=_path, help="checkpoint A (a checkpoint directory)")
+    diff.add_argument("ckpt_b", type=_path, help="checkpoint B, compared with A")
     diff.add_argument("--all", action="store_true", help="list equal leaves too (default: only differences)")
     diff.add_argument("--json", action="store_true", help="print {a, b, counts, leaves} as JSON")
     _add_progress_flags(diff)
     diff.set_defaults(func=_cmd_diff)
     export = sub.add_parser("export", help="write a subtree's tensors as safetensors or a flat torch.save dict")
-    export.add_argument("ckpt", help="one checkpoint directory (ROOT/step-...)")
+    export.add_argument("ckpt", type=_path, help="one checkpoint directory (ROOT/step-...)")
     export.add_argument(
         "-o",
         "--output",
+        type=_path,
         required=True,
         metavar="OUT",
         help="the file to write (.safetensors, or .pt/.pth/.bin for torch.save); its directory must exist, "
@@ -766,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(every chunk's checksum) and any newer one (reported), tagged checkpoints (untag them first), and "
         "checkpoints whose manifest cannot be read (reported).",
     )
-    prune.add_argument("root", help="a checkpoint root")
+    prune.add_argument("root", type=_path, help="a checkpoint root")
     prune.add_argument("--keep-last", type=_positive(int), metavar="N", help="keep the newest N")
     prune.add_argument("--keep-best", type=_positive(int), metavar="K", help="keep the K best by --metric")
     prune.add_argument("--metric", metavar="M", help="the metric --keep-best ranks by (a name passed to save)")
@@ -782,7 +799,10 @@ def build_parser() -> argparse.ArgumentParser:
         "restore resumes from N (N must verify; refused while a manager writes to the root)",
     )
     prune.add_argument(
-        "--mirror", metavar="URL", help="with --after: the mirror to prune too (default: the one recorded in the root)"
+        "--mirror",
+        type=_path,
+        metavar="URL",
+        help="with --after: the mirror to prune too (default: the one recorded in the root)",
     )
     prune.add_argument("--local-only", action="store_true", help="with --after: leave the mirror alone")
     prune.add_argument(
