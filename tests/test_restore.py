@@ -743,3 +743,40 @@ def test_a_list_of_values_of_another_length_is_restored_in_place(root):
     losses.append(0.125)
     save(root, 3, state)
     assert asyncckpt.load(root)["losses"] == [0.5, 0.25, 0.125]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_an_optimizer_of_another_torch_class_is_refused_before_anything_changes(root, strict):
+    model = nn.Linear(4, 3)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    sgd.step()
+    save(root, 7, {"model": model, "opt": sgd})
+    live_model = nn.Linear(4, 3)
+    live = {"model": live_model, "opt": torch.optim.Adam(live_model.parameters(), lr=1e-3)}
+    before = snapshot(live)
+    with pytest.raises(StateMismatchError) as excinfo:
+        restore(root, live, strict=strict)
+    assert (
+        "state['opt'].state_dict(): the checkpoint holds the state of a torch.optim.SGD, not of the live Adam"
+        in str(excinfo.value)
+    )
+    unchanged(live, before)
+    live_model(torch.randn(2, 4)).sum().backward()
+    live["opt"].step()  # still a working Adam
+
+
+def test_a_lazy_module_and_its_optimizer_restore_bit_exact(root):
+    def build():
+        model = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 2))
+        return model, torch.optim.Adam(model.parameters())
+
+    model, opt = build()
+    model(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    save(root, 1, {"model": model, "opt": opt})
+    live_model, live_opt = build()  # uninitialized: its first layer's shape comes from the checkpoint
+    assert restore(root, {"model": live_model, "opt": live_opt}) == 1
+    assert torch.equal(live_model[0].weight, model[0].weight)
+    for name, value in opt.state[model[0].weight].items():
+        assert torch.equal(live_opt.state[live_model[0].weight][name], value), name

@@ -597,7 +597,8 @@ class _Planner:
             elif isinstance(live, torch.nn.Module):
                 self.module(live, value, path)
             elif isinstance(live, torch.optim.Optimizer):
-                self.optimizer(live, value, path)
+                if self._same_optimizer_class(live, node.get(CLASS_NAME), path):
+                    self.optimizer(live, value, path)
             else:
                 self.plan.objects.append((path, live, value))  # its own load_state_dict decides what fits
         elif isinstance(live, dict):
@@ -612,6 +613,25 @@ class _Planner:
             else:
                 self._kind_error(path, live, node)
         # any other live leaf is a value: the checkpoint's value replaces it
+
+    def _same_optimizer_class(self, live: torch.optim.Optimizer, saved: Any, path: str) -> bool:
+        """Whether a torch optimizer's checkpoint is one of its own class (else an error): torch's
+        ``load_state_dict`` takes another class's state (SGD's into Adam) and fails, or its next
+        ``step`` does, only once the state was changed. An optimizer of the user's own class, or
+        a checkpoint that records none, is not judged by name."""
+        cls = type(live)
+        if (
+            not isinstance(saved, str)
+            or saved == cls.__name__
+            or not cls.__module__.startswith("torch.optim")
+            or not isinstance(getattr(torch.optim, saved, None), type)
+        ):
+            return True
+        self.plan.errors.append(
+            f"{object_path(path)}: the checkpoint holds the state of a torch.optim.{saved}, not of the live "
+            f"{cls.__name__}: create a {saved} to restore it, or leave the optimizer out of the state"
+        )
+        return False
 
     def tensor(self, live: torch.Tensor, saved: torch.Tensor, path: str) -> bool:
         """Check one in-place copy; False if it is to be left out."""
@@ -720,7 +740,11 @@ class _Planner:
                     if isinstance(current, torch.Tensor):
                         if tuple(current.shape) != tuple(found.shape):
                             self.plan.errors.append(_shape_mismatch(child_path(spath, skey), current, found))
-                    elif skey in shaped and tuple(found.shape) != tuple(param.shape):
+                    elif (
+                        skey in shaped
+                        and not torch.nn.parameter.is_lazy(param)  # takes its shape when loaded
+                        and tuple(found.shape) != tuple(param.shape)
+                    ):
                         # no state yet (a fresh optimizer): its parameter's shape is what it must fit
                         self.plan.errors.append(
                             f"{child_path(spath, skey)}: shape mismatch, the checkpoint holds {tuple(found.shape)} "
