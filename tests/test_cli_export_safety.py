@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,17 @@ def test_export_to_a_url_says_it_writes_a_local_file(root, capsys, url):
     code, out, err = cli(capsys, "export", root / step_dir_name(2), "-o", url)
     assert code == 2 and out == ""
     assert f"-o {url} is a URL: export writes a local file" in err
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "character device"])
+def test_export_with_force_never_replaces_a_special_file(root, tmp_path, capsys, kind):
+    """As root, `-o /dev/null --force` must not put a regular file where the device was."""
+    out = tmp_path / "out.pt"
+    if kind == "FIFO":
+        os.mkfifo(out)
+    else:
+        os.mknod(out, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # what /dev/null is
+    code, _, err = cli(capsys, "export", root / step_dir_name(2), "-o", out, "--force")
+    assert code == 2 and f"output {out} is a {kind}, not a regular file; refusing to replace it" in err
+    mode = os.lstat(out).st_mode
+    assert stat.S_ISFIFO(mode) if kind == "FIFO" else stat.S_ISCHR(mode), kind

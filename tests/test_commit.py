@@ -380,3 +380,13 @@ def test_a_checkpoint_directory_is_refused_as_a_root_and_left_untouched(tmp_path
     assert after == before
     if where == "local":
         assert sorted(os.listdir(step)) == ["data-00000.bin", "manifest.json"]  # no lock, log or step
+
+
+def test_a_regular_file_where_a_step_goes_is_named_as_one(tmp_path):
+    root = tmp_path / "root"
+    with asyncckpt.CheckpointManager(root, keep_last=None) as mgr:
+        mgr.save(1, {"w": torch.ones(2)}).wait()
+        (root / "step-000000000002").write_bytes(b"notes")
+        with pytest.raises(asyncckpt.SaveFailedError, match="exists and is a regular file, not a checkpoint"):
+            mgr.save(2, {"w": torch.ones(2)}).wait()
+    assert (root / "step-000000000002").read_bytes() == b"notes"

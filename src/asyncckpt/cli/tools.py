@@ -39,7 +39,7 @@ from asyncckpt.retention import (
 )
 from asyncckpt.state import skeleton
 from asyncckpt.state.skeleton import TENSOR_KINDS, Kind
-from asyncckpt.storage.backend import CheckpointRef, is_object_store_url
+from asyncckpt.storage.backend import CheckpointRef, describe_file_kind, is_object_store_url
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import CommittedCheckpoint, open_storage, published_checkpoints
 from asyncckpt.storage.local import LOCK_NAME, TEMP_PREFIX, fsync_dir
@@ -695,6 +695,10 @@ def check_export_target(out: Path, overwrite: bool = False) -> bool:
         )
     if out.is_dir():
         raise CheckpointError(f"output {out} is a directory")
+    if out.exists() and not out.is_file():  # a device, a FIFO, a socket: replacing it is never an export
+        raise CheckpointError(
+            f"output {out} is {describe_file_kind(out.stat().st_mode)}, not a regular file; refusing to replace it"
+        )
     exists = os.path.lexists(out)
     if exists and not overwrite:
         raise CheckpointError(f"output {out} already exists; give --force to replace it")

@@ -43,15 +43,16 @@ from asyncckpt.errors import CheckpointError
 
 
 def describe_file_kind(mode: int) -> str:
-    """What an entry that is not a regular file is, for messages.
+    """What an entry is, for messages.
 
     Args:
         mode: An ``st_mode``.
 
     Returns:
-        "a FIFO", "a directory", "a symbolic link"... or "not a regular file".
+        "a FIFO", "a directory", "a symbolic link", "a regular file"... or "not a regular file".
     """
     for test, name in (
+        (stat.S_ISREG, "a regular file"),
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISLNK, "a symbolic link"),
