@@ -407,6 +407,27 @@ def test_diff_equal_is_bit_for_bit(tmp_path, capsys):
     assert code == 1 and "state['zero']  equal in value, not in bits" in out and "3 different" in out, out
 
 
+def test_diff_tells_a_tuple_a_list_and_a_dict_of_int_keys_apart(tmp_path, capsys):
+    """Their items' paths are spelled alike (``[0]``), and load gives back what was saved."""
+    states = {
+        "a": {"x": (1, 2), "t": (torch.ones(2),), "k": {0: 5, 1: 6}, "same": [1]},
+        "b": {"x": [1, 2], "t": [torch.ones(2)], "k": [5, 6], "same": [1]},
+    }
+    for name, state in states.items():
+        with CheckpointManager(tmp_path / name) as mgr:
+            mgr.save(1, state).wait()
+    code, out, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1), "--json")
+    assert code == 1
+    changed = {row["path"]: (row["a"], row["b"]) for row in json.loads(out)["leaves"]}
+    assert changed == {
+        "state['x']": ({"kind": "tuple"}, {"kind": "list"}),
+        "state['t']": ({"kind": "tuple"}, {"kind": "list"}),
+        "state['k']": ({"kind": "dict"}, {"kind": "list"}),
+    }
+    code, out, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1))
+    assert code == 1 and "kind changed        state['k']  dict -> list" in out, out
+
+
 def test_inspect_marks_tied_tensors(tmp_path, capsys):
     shared = torch.randn(4)
     with CheckpointManager(tmp_path / "r") as mgr:

@@ -339,6 +339,21 @@ def _diff_parts(manifest_a: Manifest, manifest_b: Manifest) -> list[_DiffPart]:
     return parts
 
 
+_CONTAINER_NAMES = {Kind.DICT: "dict", Kind.LIST: "list", Kind.TUPLE: "tuple"}
+
+
+def _kept_containers(manifest: Manifest | None, keep: Callable[[str], bool]) -> dict[str, str]:
+    """Each non-empty container's kind by path: a tuple, a list and a dict of int keys spell their
+    items' paths alike (``[0]``), so equal leaves alone do not make equal checkpoints."""
+    if manifest is None:
+        return {}
+    return {
+        visit.path: _CONTAINER_NAMES[visit.kind]
+        for visit in skeleton.walk(manifest.tree)
+        if visit.kind in _CONTAINER_NAMES and visit.node[visit.kind] and keep(visit.path)
+    }
+
+
 def _kept_leaves(manifest: Manifest | None, keep: Callable[[str], bool]) -> dict[str, Leaf]:
     if manifest is None:
         return {}
@@ -424,6 +439,11 @@ def _diff_rows(path_a: Where, path_b: Where, part: _DiffPart, progress: Progress
             if nbytes:
                 progress(nbytes)
     rows: list[dict[str, Any]] = []
+    kinds_a, kinds_b = _kept_containers(manifest_a, part.keep), _kept_containers(manifest_b, part.keep)
+    for where, kind_a in kinds_a.items():
+        kind_b = kinds_b.get(where)
+        if kind_b is not None and kind_b != kind_a:
+            rows.append({"path": where, "status": "kind changed", "a": {"kind": kind_a}, "b": {"kind": kind_b}})
     for name in names:
         la, lb = a.get(name), b.get(name)
         if lb is None:
