@@ -420,6 +420,13 @@ def test_sparse_tensor_is_rejected_naming_the_path():
         flatten({"a": [torch.eye(3).to_sparse()]})
 
 
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_a_nested_tensor_is_rejected_naming_the_path(layout):
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=layout)
+    with pytest.raises(TypeError, match=re.escape("state['m']['layers'][1]: ") + ".*not supported"):
+        flatten({"m": {"layers": [torch.ones(2), nested]}})
+
+
 def test_meta_tensor_is_rejected_naming_the_path():
     with pytest.raises(TypeError, match=re.escape("state['m']") + ".*meta"):
         flatten({"m": torch.empty(3, device="meta")})

@@ -69,6 +69,8 @@ def check_dense(t: torch.Tensor, path: str) -> None:
     """Raise unless ``t`` is a dense tensor with data (what the format stores)."""
     if t.layout != torch.strided:
         raise TypeError(f"{path}: tensors with layout {t.layout} are not supported (dense only)")
+    if t.is_nested:  # strided layout, but no strides of its own to read
+        raise TypeError(f"{path}: nested tensors are not supported (dense only)")
     if t.is_quantized:
         raise TypeError(f"{path}: quantized tensors are not supported")
     if t.is_meta:  # not t.device.type: making the device object costs more than the rest of this
