@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import asyncckpt
 from asyncckpt import EverySeconds, EverySteps
 
 
@@ -90,3 +91,10 @@ def test_every_seconds_takes_any_real_number_of_seconds(seconds):
 def test_every_seconds_rejects_what_is_no_positive_finite_interval(seconds):
     with pytest.raises(ValueError, match="EverySeconds needs a positive, finite number of seconds"):
         EverySeconds(seconds)
+
+
+@pytest.mark.parametrize("policy", [5, "every 10", asyncckpt.EverySteps])
+def test_a_policy_that_is_not_a_save_policy_is_refused_when_the_manager_opens(tmp_path, policy):
+    with pytest.raises(TypeError, match="policy must be a SavePolicy .*got "):
+        asyncckpt.CheckpointManager(tmp_path / "root", policy=policy)
+    assert not (tmp_path / "root" / ".lock").exists()

@@ -138,6 +138,7 @@ class CheckpointManager:
 
     Raises:
         ValueError: An option out of range.
+        TypeError: ``policy`` is not a ``SavePolicy``.
         RootInUseError: Another manager holds ``root``.
         CheckpointError: ``root`` cannot be used.
     """
@@ -187,6 +188,11 @@ class CheckpointManager:
         self._mirror_timeout = float(mirror_timeout)
         self._mirror: _Mirror | None = None
         self._codec = CodecConfig(compression, level)
+        if policy is not None and not isinstance(policy, SavePolicy):
+            raise TypeError(
+                f"policy must be a SavePolicy (EverySteps(n), EverySeconds(s), Adaptive(...) or a subclass), "
+                f"got {type(policy).__name__} {policy!r}"
+            )
         self.policy: SavePolicy = policy if policy is not None else EverySteps(1000)
         self._max_pending = max_pending
         self._workers = workers or _default_workers()
