@@ -209,8 +209,8 @@ def _job(rank: int, world: int, tmp: str) -> dict:
     assert got == {"epoch": 4, "name": "x"}
     # a rollback from the job: every rank calls discard_after, rank 0 deletes, none is left above
     with asyncckpt.CheckpointManager(root / "rollback", keep_last=None) as mgr:
-        for step in (1, 2, 3):
-            mgr.save(step, {"epoch": step, "name": "y"})
+        for step in (1, 2, 3):  # the tags are rank 0's: rank 1's own, never written, keep nothing
+            mgr.save(step, {"epoch": step, "name": "y"}, tags=["mine"] if rank == 1 and step == 3 else ())
         out["discarded"] = mgr.discard_after(1)
         out["after_discard"] = mgr.steps()
         got = {"epoch": 0, "name": ""}

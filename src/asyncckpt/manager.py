@@ -781,7 +781,7 @@ class CheckpointManager:
                 f"discard_after({step}): step {step} cannot be rolled back to in {self.root}{where}: {why}; "
                 "nothing deleted"
             )
-        tagged = tagged_above(tiers, step)
+        tagged = tagged_above(tiers, step) if self._owns_root else []  # the tags are rank 0's
         if tagged and not include_tagged:
             return CheckpointError(
                 f"discard_after({step}): tagged checkpoints above it: {tagged}; nothing deleted. Pass "
