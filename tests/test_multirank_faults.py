@@ -501,6 +501,42 @@ def _group_made_on_rank_0_only(rank: int, world: int, root: str) -> list[str]:
     return got
 
 
+def _late_to_open(rank: int, world: int, root: str) -> dict:
+    """A rank more than ``rank_timeout`` late to creating the job's first manager."""
+    import time as _time
+
+    import torch.distributed as dist
+
+    from asyncckpt import CheckpointManager
+
+    timeout = 3.0
+    if rank == 1:
+        _time.sleep(timeout + 1.5)
+    began = _time.monotonic()
+    try:
+        CheckpointManager(root, keep_last=None, rank_timeout=timeout).close()
+        first = ""
+    except CheckpointError as exc:
+        first = str(exc)
+    took = _time.monotonic() - began
+    _time.sleep(2.0)  # the abandoned connections come in
+    dist.barrier()
+    with _first_manager(root, timeout) as mgr:
+        mgr.save(1, {"w": torch.ones(4)}).wait()
+        steps = mgr.steps()
+    return {"first": first, "took": took, "steps": steps}
+
+
+def test_a_rank_late_to_open_fails_within_rank_timeout_and_the_next_manager_works(waited):
+    """gloo retries connecting to a rank that gave up on the group for several times the timeout:
+    the late rank waited 5x ``rank_timeout``."""
+    _, got = _joined(waited, _late_to_open)
+    for rank in got:
+        assert rank["first"].startswith(f"rank {got.index(rank)} could not "), got
+        assert rank["took"] < 2 * 3.0 + 1.0, got  # not 5 x 3 s
+        assert rank["steps"] == [1], got
+
+
 def test_a_checkpoint_group_made_on_some_ranks_only_is_made_anew_by_the_next_manager(waited):
     """The ranks that made their end of a group the others failed to make drop it with the manager
     they failed to open: every rank makes the next manager's group afresh, so the ranks meet again
@@ -868,7 +904,7 @@ def waited(tmp_path_factory):
     """The jobs above that mostly wait (out ``rank_timeout``, or a late rank's sleep) run at once:
     ``{job function: (root, each rank's return value)}`` through ``_joined``."""
     fns = [_slow_store_connection, _refused_policy_connection, _restore_with_a_bug_on_rank_1, _late_rank]
-    fns += [_late_to_restore, _group_made_on_rank_0_only]
+    fns += [_late_to_restore, _group_made_on_rank_0_only, _late_to_open]
     return _all_at_once(tmp_path_factory.mktemp("mr-wait"), fns)
 
 

@@ -36,6 +36,7 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -296,14 +297,45 @@ class RankGroup:
         if made is not None and made.store is store:
             return made
         label = f"{'world' if ranks is None else '_'.join(map(str, ranks))}/{self.timeout!r}"  # exact
+        what = "make the checkpoint group (every rank constructs the manager)"
         try:  # the store gone (rank 0 died), or a rank that does not come
             generation = store.add(f"asyncckpt/made/{label}/{self.rank}", 1) - 1
             name = f"{label}/{generation}"
             rendezvous = self._dist.PrefixStore(f"asyncckpt/group/{name}/", store)
-            group = self._dist.ProcessGroupGloo(rendezvous, self.rank, self.world_size, timedelta(seconds=self.timeout))
+            group = self._within_timeout(
+                lambda: self._dist.ProcessGroupGloo(
+                    rendezvous, self.rank, self.world_size, timedelta(seconds=self.timeout)
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - the store and gloo raise RuntimeError subclasses
-            raise _collective_error(self, "make the checkpoint group (every rank constructs the manager)", exc) from exc
+            raise _collective_error(self, what, exc) from exc
         _GROUPS[key] = made = _Group(group, store, name)
+        return made
+
+    def _within_timeout(self, make: Callable[[], Any]) -> Any:
+        """``make()``, run on a thread of its own and given up on after ``timeout`` (it goes on,
+        unused, in the background): gloo retries connecting to a rank that already gave up for
+        several times its timeout, so a late rank would otherwise wait that long.
+
+        Raises:
+            TimeoutError: ``make`` did not return within ``timeout``.
+        """
+        done: list[Any] = []
+
+        def run() -> None:
+            try:
+                done.append((make(), None))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller below
+                done.append((None, exc))
+
+        thread = threading.Thread(target=run, name="asyncckpt-group-connect", daemon=True)
+        thread.start()
+        thread.join(self.timeout)
+        if not done:
+            raise TimeoutError(f"no answer within {self.timeout:g} s")
+        made, exc = done[0]
+        if exc is not None:
+            raise exc
         return made
 
     def _retire(self) -> None:
