@@ -461,8 +461,10 @@ class RankGroup:
         if int(data[0]) != -int(data[1]):
             raise CheckpointError(
                 f"rank {self.rank} could not {what}: the ranks' checkpoint collectives are out of step (a rank "
-                "gave up waiting for one that another came to late, then went on without the ones after it); "
-                "this job cannot save or restore checkpoints until it restarts"
+                "skipped a checkpoint call the others made, such as a save after it left its manager, or gave up "
+                "waiting for one that another came to late, then went on without the ones after it); the calls "
+                "after it fail until the ranks' collectives pair again (each failed call of the rank behind "
+                "takes up one the others gave up on), or the job restarts"
             )
         return [int(v) for v in data[2:]]
 
