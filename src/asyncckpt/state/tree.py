@@ -617,22 +617,29 @@ class _Planner:
         # any other live leaf is a value: the checkpoint's value replaces it
 
     def _same_optimizer_class(self, live: torch.optim.Optimizer, saved: Any, path: str) -> bool:
-        """Whether a torch optimizer's checkpoint is one of its own class (else an error): torch's
-        ``load_state_dict`` takes another class's state (SGD's into Adam) and fails, or its next
-        ``step`` does, only once the state was changed. An optimizer of the user's own class, or
-        a checkpoint that records none, is not judged by name."""
+        """Whether a torch optimizer's checkpoint is one of its own kind (else it is left out, which
+        only ``strict=False`` accepts): torch's ``load_state_dict`` takes another class's state
+        (SGD's into Adam) and fails, or its next ``step`` does, only once the state was changed.
+        Adam and AdamW hold the same state, and a subclass its base's; an optimizer of the user's
+        own class, or a checkpoint that records none, is not judged by name."""
         cls = type(live)
+        saved_cls = getattr(torch.optim, saved, None) if isinstance(saved, str) else None
         if (
-            not isinstance(saved, str)
-            or saved == cls.__name__
+            not isinstance(saved_cls, type)
             or not cls.__module__.startswith("torch.optim")
-            or not isinstance(getattr(torch.optim, saved, None), type)
+            or issubclass(cls, saved_cls)
+            or issubclass(saved_cls, cls)
+            or {saved, cls.__name__} <= _SAME_STATE_OPTIMIZERS
         ):
             return True
-        self.plan.errors.append(
-            f"{object_path(path)}: the checkpoint holds the state of a torch.optim.{saved}, not of the live "
-            f"{cls.__name__}: create a {saved} to restore it, or leave the optimizer out of the state"
+        self.plan.skipped.append(
+            (
+                object_path(path),
+                f"the checkpoint holds the state of a torch.optim.{saved}, not of a {cls.__name__}: create a "
+                f"{saved} to restore it",
+            )
         )
+        self.plan.leave.add(path)
         return False
 
     def tensor(self, live: torch.Tensor, saved: torch.Tensor, path: str) -> bool:
@@ -1126,6 +1133,9 @@ def _load_optimizer(
         live.state[param] = state
 
 
+_SAME_STATE_OPTIMIZERS = frozenset({"Adam", "AdamW"})  # torch optimizers whose states are alike
+
+
 class _Restorer:
     def __init__(self, tensors: list[torch.Tensor], plan: RestorePlan) -> None:
         self.tensors = tensors
@@ -1141,6 +1151,8 @@ class _Restorer:
                     live.copy_(tensors[value])
             return live
         if kind == Kind.OBJECT and is_stateful(live):
+            if path in self.plan.leave:  # an optimizer of another kind, under strict=False
+                return live
             if isinstance(live, (torch.nn.Module, torch.optim.Optimizer)):  # others were loaded first
                 try:
                     if isinstance(live, torch.nn.Module):
