@@ -89,7 +89,7 @@ class RankPlanner(SavePlanner):
     def refuse(self, step: int) -> None:
         self.turns += 1
         try:  # taken part in even when this rank's save cannot be made: no rank waits for its vote
-            self._ranks.agree(step, 0, failed=True)
+            self._ranks.refuse(step)
         except CheckpointError:
             pass  # this rank's own error says more
 

@@ -164,7 +164,7 @@ class Agreement:
     def __init__(self, group: RankGroup, step: int, number: int, data: torch.Tensor, work: Any) -> None:
         self._group = group
         self._step = step
-        self._number = number
+        self.number = number
         self._data = data
         self._work = work
         self._deadline = time.monotonic() + group.timeout
@@ -195,7 +195,7 @@ class Agreement:
         )
         try:
             values = group.settle(
-                self._number, self._data, self._work, self._deadline, what, timed_out, "nothing is saved"
+                self.number, self._data, self._work, self._deadline, what, timed_out, "nothing is saved"
             )
         except CheckpointError as exc:
             self._error = exc
@@ -203,7 +203,8 @@ class Agreement:
         high, low = values[0], -values[1]
         if values[5] > 0:
             self._error = CheckpointError(
-                f"rank {values[5] - 1} could not plan its save of step {step}; nothing is saved"
+                f"rank {values[5] - 1} could not plan its save of step {step} (a state or an argument it cannot "
+                "save, or a step it had passed: its own error says which); nothing is saved"
             )
         elif high != low:
             self._error = CheckpointError(
@@ -413,6 +414,13 @@ class RankGroup:
         values = [step, -step, fingerprint, -fingerprint, token, (self.rank + 1) if failed else 0]
         number, data, work = self._issue(_AGREE, values, f"agree on saving step {step}")
         return Agreement(self, step, number, data, work)
+
+    def refuse(self, step: int) -> None:
+        """This rank's turn in the agreement on saving ``step``, refused: every rank's save of it
+        fails. This rank reads nothing of it from the store, so it counts itself done with it at
+        once (see :meth:`let_others_finish`)."""
+        agreement = self.agree(step, 0, failed=True)
+        self._done_with(agreement.number)
 
     def decide(self, number: int, proposal: str) -> str:
         """What the ranks settle for collective ``number`` of the group, given up or agreed: the
