@@ -960,9 +960,18 @@ def _leave_first(rank: int, world_size: int, root: str, last: str) -> dict:
             _slowed(RankGroup, ["heard_settled"], 3.0)
         elif rank == 1:
             _slowed(RankGroup, ["decide", "outcome", "heard_settled"], 0.5)
+        if rank == 0 and last == "failed":  # rank 0's part of the save fails: the others must hear why
+            from asyncckpt.storage.local import LocalBackend
+
+            def on_fire(self, name, size_hint=None):
+                raise OSError(28, "disk on fire")
+
+            LocalBackend.open_write = on_fire
         with CheckpointManager(root, keep_last=None, rank_timeout=timeout) as mgr:
             if last in ("save", "too late"):
                 mgr.save(1, state)
+            elif last == "failed":
+                out["error"] = _errors(lambda: mgr.save(1, state))
             else:
                 out["restored"] = mgr.restore(state)
         # nothing of the job's after the close: rank 0 leaves at once (a collective would hold it)
@@ -970,14 +979,14 @@ def _leave_first(rank: int, world_size: int, root: str, last: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("last", ["save", "restore", "too late"])
+@pytest.mark.parametrize("last", ["save", "restore", "too late", "failed"])
 def test_rank_0_leaving_first_fails_no_other_rank(tmp_path, last):
     root = tmp_path / "root"
     results = run_ranks(_leave_first, 2, str(root), last, timeout=120)
     if last == "too late":  # rank 0 waited its rank_timeout, then said so and left
         assert results[0]["warnings"] == [
-            "asyncckpt: rank 0 closed its manager before 1 other rank(s) heard how the last save went, "
-            "within 2 s; if this process hosts the job's store, leaving now may fail them"
+            "asyncckpt: rank 0 goes on without word that 1 other rank(s) heard how the last save went (none "
+            "within 2 s); if its process hosts the job's store and ends now, that may fail them"
         ]
         assert (
             len(results[1]["warnings"]) == 1
@@ -989,5 +998,10 @@ def test_rank_0_leaving_first_fails_no_other_rank(tmp_path, last):
         assert results[rank]["warnings"] == [], (rank, results[rank]["warnings"])
         if last == "restore":
             assert results[rank]["restored"] == 1
+    if last == "failed":  # rank 1 got the reason, not a store gone
+        assert "step 1 was not committed: rank 0 failed" in results[1]["error"], results[1]["error"]
+        assert "disk on fire" in results[1]["error"] and "disk on fire" in results[0]["error"], results
+        assert not any(p.name.startswith("step-") for p in root.iterdir())
+        return
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == [step_dir_name(1)]
     assert load(root)  # the step both ranks saved, whole

@@ -264,7 +264,9 @@ class RankGroup:
         )
         # rank 0: what the other ranks still read from the store when it is done (see ``close``)
         self._last_agreed = -1  # the number of the last collective settled as agreed
-        self._last_committed: str | None = None  # the attempt of the last committed save
+        # the last save attempt whose outcome rank 0 announced, and how many other ranks read it
+        self._last_heard: tuple[str, int] | None = None
+        self._voters = 0  # the other ranks whose vote rank 0 collected for the attempt it announces next
         token = secrets.randbits(62) if self.rank == 0 else 0
         opening = "open the checkpoint root together (every rank constructs the manager)"
         try:
@@ -575,6 +577,7 @@ class RankGroup:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(_POLL_S)
+        self._voters = len(votes) - (0 in votes)  # those that read the outcome (the others may be gone)
         for rank in range(self.world_size):
             if rank not in votes:
                 votes[rank] = Vote(
@@ -587,6 +590,8 @@ class RankGroup:
         outcome and settled keys of the attempt announced :data:`KEPT_IN_STORE` attempts earlier
         are deleted: every rank has long read them."""
         self.store.set(f"outcome/{attempt}", outcome)
+        if outcome != "committed":  # the others read it and go (after "committed" they read "settled")
+            self._last_heard = (attempt, self._voters)
         self._announced.append(attempt)
         while len(self._announced) > KEPT_IN_STORE:
             old = self._announced[0]
@@ -598,7 +603,7 @@ class RankGroup:
         """Rank 0: its bookkeeping after committing the attempt's step (tags, retention, the log)
         is done."""
         self.store.set(f"settled/{attempt}", "1")
-        self._last_committed = attempt
+        self._last_heard = (attempt, self.world_size - 1)
 
     def heard_settled(self, attempt: str) -> str | None:
         """A rank other than 0, after "committed": None once rank 0 said its bookkeeping is done,
@@ -628,6 +633,8 @@ class RankGroup:
         try:
             self.store.wait([key], timedelta(seconds=self.timeout))
             outcome = self.store.get(key).decode()
+            if outcome != "committed":  # nothing more of it to read: counted for rank 0
+                self.store.add(f"heard/{attempt}", 1)
         except Exception as exc:  # noqa: BLE001 - a store timeout or a lost connection
             raise CheckpointError(
                 f"rank 0 did not say it committed step {step}: {self._why_unheard(exc)}; "
@@ -645,27 +652,29 @@ class RankGroup:
 
     def let_others_finish(self) -> None:
         """Rank 0, before its process may end: wait, at most ``timeout`` seconds, until every other
-        rank has read what it reads from the store of the last collective and of the last committed
-        save (nothing on the other ranks). Many launchers (``mp.spawn``, ``init_process_group`` with
-        a ``MASTER_PORT``) host the job's store in rank 0's process: a rank 0 that left at once
-        would take the store down while another rank still waits there for the outcome of a save
-        that is committed, and that rank's save would fail."""
+        rank has read what it reads from the store of the last collective and of the last save
+        whose outcome it announced (nothing on the other ranks). Many launchers (``mp.spawn``,
+        ``init_process_group`` with a ``MASTER_PORT``) host the job's store in rank 0's process: a
+        rank 0 that left at once would take the store down while another rank still waits there for
+        the outcome of a save, and that rank would report a committed save failed, or a failure
+        without its reason."""
         if self.rank != 0 or self._decisions is None or self.world_size == 1:
             return
         counters = []
         if self._last_agreed >= 0 and self._last_agreed == self._made.issued - 1:  # none failed since
-            counters.append((self._decisions, f"{self._last_agreed}/done", "collective"))
-        if self._last_committed is not None:
-            counters.append((self.store, f"heard/{self._last_committed}", "save"))
+            counters.append((self._decisions, f"{self._last_agreed}/done", self.world_size - 1, "collective"))
+        if self._last_heard is not None:
+            attempt, readers = self._last_heard
+            counters.append((self.store, f"heard/{attempt}", readers, "save"))
         deadline = time.monotonic() + self.timeout
-        for store, key, what in counters:
+        for store, key, readers, what in counters:
             try:
-                while (count := int(store.add(key, 0))) < self.world_size - 1:
+                while (count := int(store.add(key, 0))) < readers:
                     if time.monotonic() > deadline:
                         warnings.warn(
-                            f"asyncckpt: rank 0 closed its manager before {self.world_size - 1 - count} other "
-                            f"rank(s) heard how the last {what} went, within {self.timeout:g} s; if this "
-                            "process hosts the job's store, leaving now may fail them",
+                            f"asyncckpt: rank 0 goes on without word that {readers - count} other rank(s) heard "
+                            f"how the last {what} went (none within {self.timeout:g} s); if its process hosts "
+                            "the job's store and ends now, that may fail them",
                             stacklevel=4,
                         )
                         return
