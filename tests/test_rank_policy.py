@@ -89,7 +89,54 @@ def _preempt(rank, world_size, root):
     committed = mgr.steps()
     handler_back = signal.getsignal(signal.SIGTERM) is _on_term
     mgr.close()
-    return saved, how, last, committed, handler_back, _preempt_async(rank, f"{root}/async"), _twice(rank, root)
+    async_run, twice, missed = _preempt_async(rank, f"{root}/async"), _twice(rank, root), _missed_final(rank, root)
+    return saved, how, last, committed, handler_back, async_run, twice, missed
+
+
+def _missed_final(rank, root):
+    """Rank 0 hears of the final checkpoint rank 1 announced only after it passed its step: no rank
+    makes it, both raise the signal, and a later preemption works on both."""
+    import warnings
+
+    import torch.distributed as dist
+
+    heard = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: heard.append(signum))
+    state = {"w": torch.zeros(4)}
+    mgr = asyncckpt.CheckpointManager(
+        f"{root}/missed", policy=asyncckpt.EverySteps(10_000), keep_last=None, rank_timeout=60
+    )
+    mgr.install_signal_handlers((signal.SIGUSR1,))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        dist.barrier()
+        if rank == 0:  # far ahead of rank 1
+            for step in range(1, 11):
+                mgr.maybe_save(step, state)
+        dist.barrier()
+        if rank == 1:
+            for step in range(1, 8):
+                if step == 5:
+                    os.kill(os.getpid(), signal.SIGUSR1)  # every rank is to save step 7
+                mgr.maybe_save(step, state)
+        else:
+            step, deadline = 11, time.monotonic() + 30
+            while not heard and time.monotonic() < deadline:
+                time.sleep(0.05)
+                mgr.maybe_save(step, state)
+                step += 1
+        first = [str(w.message) for w in seen]
+    dist.barrier()
+    signals_first = len(heard)
+    mgr.install_signal_handlers((signal.SIGUSR1,))  # the process went on: a second preemption
+    for step in range(20, 30):
+        dist.all_reduce(torch.ones(1))
+        if rank == 0 and step == 22:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        mgr.maybe_save(step, state)
+    steps = mgr.steps()
+    mgr.close()
+    return first, signals_first, len(heard) - signals_first, steps
 
 
 def _twice(rank, root):
@@ -152,6 +199,16 @@ def test_sigterm_on_one_rank_makes_every_rank_save_the_same_final_step(tmp_path)
     assert last0 == last1 and committed0 == committed1 == [last0] and last0 in (7, 8), (term0[5], term1[5])
     # a second signal to a process that went on is a second final checkpoint, on every rank
     assert term0[6] == term1[6] == ([7, 17], 2)
+    # a final step rank 0 heard of after passing it: saved by no rank, the signal raised on both
+    (first0, signals0, later0, steps0), (first1, signals1, later1, steps1) = term0[7], term1[7]
+    assert len(first0) == 1 and first0[0].startswith(
+        "asyncckpt: the final checkpoint before signal 10 failed: rank 0 heard that every rank saves step 7 "
+        "(announced by rank 1) only after it had passed it"
+    ), first0
+    assert len(first1) == 1 and "rank 0 could not plan its save of step 7" in first1[0], first1
+    assert signals0 == signals1 == 1
+    # the next preemption: every rank's final checkpoint, then the signal on every rank
+    assert later0 == later1 == 1 and steps0 == steps1 == [24], (term0[7], term1[7])
 
 
 def _preempt_to_death(rank, world_size, root):

@@ -45,6 +45,7 @@ import torch
 
 from asyncckpt.engine.handle import SaveHandle
 from asyncckpt.engine.overlap import training_thread
+from asyncckpt.engine.rank_policy import MissedFinalError
 from asyncckpt.engine.signals import final_save_failed, raised_after
 from asyncckpt.engine.staging import on_stream
 from asyncckpt.errors import CheckpointError
@@ -544,12 +545,18 @@ class AsyncCheckpointManager:
         signal, so every rank makes the final checkpoint at the step the ranks agree on (as the
         blocking manager's ``maybe_save``), then raises the signal."""
         manager = self.manager
-        is_due, final = await self._run(manager._decide, step, self._preempted)
+        missed: MissedFinalError | None = None
+        try:
+            is_due, final = await self._run(manager._decide, step, self._preempted)
+        except MissedFinalError as exc:  # no final checkpoint anywhere; the signal acts all the same
+            is_due, final, missed = False, exc.signum, exc
         if final is not None:
             try:
-                await self._final_save(final, step, state, metrics, metadata, tags)
-                assert manager._ranks is not None
-                await self._run(manager._ranks.let_others_finish)
+                if missed is not None:
+                    warnings.warn(final_save_failed(final, missed), stacklevel=2)
+                else:
+                    await self._final_save(final, step, state, metrics, metadata, tags)
+                await self._run(manager._let_others_finish)
             finally:
                 self._preempted = None
                 self._remove_signal_handlers()

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -22,7 +23,7 @@ from asyncckpt.engine.mirror import _Mirror, write_mirror_file
 from asyncckpt.engine.overlap import Fences
 from asyncckpt.engine.pipeline import Pipeline, SaveJob
 from asyncckpt.engine.rank_plan import RankPlanner, join_ranks, open_rank_storage
-from asyncckpt.engine.rank_policy import DEFAULT_LEAD, RankSchedule
+from asyncckpt.engine.rank_policy import DEFAULT_LEAD, MissedFinalError, RankSchedule
 from asyncckpt.engine.rank_restore import check_per_rank, restore_ranks
 from asyncckpt.engine.retain import Retainer
 from asyncckpt.engine.signals import Preemption, at_interpreter_exit, raised_after
@@ -40,6 +41,15 @@ from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.local import LocalBackend
 
 DEFAULT_CHUNK_SIZE = 4 << 20
+
+
+def _raising(error: Exception) -> Callable[[], Any]:
+    """A save that fails with ``error`` (the final checkpoint no rank makes)."""
+
+    def save() -> Any:
+        raise error
+
+    return save
 
 
 def _check_step(step: Any) -> int:
@@ -366,13 +376,19 @@ class CheckpointManager:
             TypeError: A state, metrics, metadata or tags that cannot be saved.
         """
         self._check_owner()
-        is_due, final = self._decide(step, self._preemption.signum)
+        try:
+            is_due, final = self._decide(step, self._preemption.signum)
+        except MissedFinalError as missed:  # no final checkpoint anywhere; the signal acts all the same
+            self._preemption.final_save_and_reraise(
+                _raising(missed), self._take_background_errors, missed.signum, self._let_others_finish
+            )
+            return None
         if final is not None:
             self._preemption.final_save_and_reraise(
                 lambda: self._save(step, state, metrics, metadata, tags),
                 self._take_background_errors,
                 final,
-                self._ranks.let_others_finish if self._ranks is not None else None,
+                self._let_others_finish,
             )
             return None
         if not is_due:
@@ -382,6 +398,11 @@ class CheckpointManager:
             raise earlier
         self._raise_mirror_error()
         return handle
+
+    def _let_others_finish(self) -> None:
+        """Several ranks: rank 0 waits for the others to read the store before its process may end."""
+        if self._ranks is not None:
+            self._ranks.let_others_finish()
 
     def _decide(self, step: int, signum: int | None) -> tuple[bool, int | None]:
         """What ``maybe_save(step)`` does, the step counted: whether the policy (or, with several

@@ -35,6 +35,15 @@ _WAIT = timedelta(hours=24)  # one store wait of the watcher (a timed-out wait l
 _RETRY_S = 1.0  # after a store error (the store went away), before the watcher tries again
 
 
+class MissedFinalError(CheckpointError):
+    """This rank heard of the final checkpoint of a preemption only after it had passed its step:
+    no rank makes that checkpoint, and this rank raises ``signum`` all the same."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 @dataclass(frozen=True)
 class Target:
     """A step every rank saves: announced by ``rank`` (0 for the policy's saves), ``signum`` > 0 for
@@ -152,18 +161,24 @@ class RankSchedule:
         self._targets = [t for t in self._targets if t not in passed]  # raised once, not at every step from now on
         for target in passed:  # the others' agreement on it completes, failed: the ranks stay in step
             self._take_turn(target.step)
-        first = passed[0]
-        raise CheckpointError(
+        final = next((t for t in passed if t.signum), None)
+        first = final or passed[0]
+        message = (
             f"rank {self.rank} heard that every rank saves step {first.step} (announced by rank "
             f"{first.rank}) only after it had passed it (its last maybe_save was step {last}, "
             f"now {step}), so no rank saves it: the ranks are more than policy_lead={self.lead} steps apart, "
             "or a step is shorter than the store's round trip; raise policy_lead"
         )
+        if final is None:
+            raise CheckpointError(message)
+        self._final = None  # this preemption is over here too: the next signal is a new one
+        self._finals += 1
+        raise MissedFinalError(message, final.signum)
 
     def _preempt(self, step: int, signum: int) -> None:
         """This rank got ``signum``: announce the final target, unless another rank's came first."""
         mine = Target(step + self.lead, self.rank, signum, self._epoch, self._finals)
-        current = self._store.compare_set(f"final/{self._finals}", "", mine.encode())
+        current = self._store.compare_set(f"final/{self._epoch}/{self._finals}", "", mine.encode())
         winner = Target.decode(current) if current else mine
         if winner == mine:
             self._announce(mine)
@@ -219,6 +234,8 @@ class RankSchedule:
             self._inbox = [t for t in self._inbox if t.epoch >= self._epoch]
         self._targets = [t for t in self._targets if t.epoch >= self._epoch]
         self._last_step = None
+        self._final = None  # a preemption still to come is announced anew, in this epoch (its own keys)
+        self._finals = 0
 
     def peek(self, step: int) -> bool:
         """What ``decide(step, ...)`` would answer for saving, changing nothing the policy keeps.
