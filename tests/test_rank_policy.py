@@ -90,7 +90,51 @@ def _preempt(rank, world_size, root):
     handler_back = signal.getsignal(signal.SIGTERM) is _on_term
     mgr.close()
     async_run, twice, missed = _preempt_async(rank, f"{root}/async"), _twice(rank, root), _missed_final(rank, root)
-    return saved, how, last, committed, handler_back, async_run, twice, missed
+    return saved, how, last, committed, handler_back, async_run, twice, missed, _missed_final_async(rank, root)
+
+
+def _missed_final_async(rank, root):
+    """As ``_missed_final`` with the async manager, rank 1 stopping before the final step it
+    announced (its signal then acts when it closes): rank 0's turn in that step's agreement is one
+    rank 1 never makes, and rank 0 must not wait for rank 1 to count it."""
+    import asyncio
+    import warnings
+
+    import torch.distributed as dist
+
+    heard = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: heard.append(signum))
+
+    async def run():
+        mgr = asyncckpt.AsyncCheckpointManager(
+            f"{root}/missed-async", policy=asyncckpt.EverySteps(10_000), keep_last=None, rank_timeout=10
+        )
+        mgr.install_signal_handlers((signal.SIGUSR1,))
+        state = {"w": torch.zeros(4)}
+        dist.barrier()
+        if rank == 0:
+            for step in range(1, 11):
+                await mgr.maybe_save(step, state)
+        dist.barrier()
+        if rank == 1:
+            for step in range(1, 8):  # its signal's final step is 7 or 8: it stops first
+                if step == 5:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    await asyncio.sleep(0)  # the loop runs its handler
+                await mgr.maybe_save(step, state)
+        else:
+            step, deadline = 11, time.monotonic() + 30
+            while not heard and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                await mgr.maybe_save(step, state)
+                step += 1
+        await mgr.close()
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        asyncio.run(run())
+    dist.barrier()
+    return [str(w.message) for w in seen], len(heard)
 
 
 def _missed_final(rank, root):
@@ -209,6 +253,10 @@ def test_sigterm_on_one_rank_makes_every_rank_save_the_same_final_step(tmp_path)
     assert signals0 == signals1 == 1
     # the next preemption: every rank's final checkpoint, then the signal on every rank
     assert later0 == later1 == 1 and steps0 == steps1 == [24], (term0[7], term1[7])
+    # the async manager: rank 0 warns and raises the signal at once, with nothing to wait for
+    (said0, signals0), (said1, signals1) = term0[8], term1[8]
+    assert len(said0) == 1 and "rank 0 heard that every rank saves step" in said0[0], said0
+    assert said1 == [] and signals0 == signals1 == 1, term1[8]
 
 
 def _preempt_to_death(rank, world_size, root):

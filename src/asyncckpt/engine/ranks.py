@@ -420,9 +420,11 @@ class RankGroup:
     def refuse(self, step: int) -> None:
         """This rank's turn in the agreement on saving ``step``, refused: every rank's save of it
         fails. This rank reads nothing of it from the store, so it counts itself done with it at
-        once (see :meth:`let_others_finish`)."""
+        once (see :meth:`let_others_finish`); rank 0 does not wait for the others' count of it, since
+        they may never make it (a rank that refuses a step it heard of too late)."""
         agreement = self.agree(step, 0, failed=True)
-        self._done_with(agreement.number)
+        if self.rank != 0:
+            self._done_with(agreement.number)
 
     def decide(self, number: int, proposal: str) -> str:
         """What the ranks settle for collective ``number`` of the group, given up or agreed: the
