@@ -441,7 +441,7 @@ class RankGroup:
 
     def _done_with(self, number: int) -> None:
         """This rank read all it reads of collective ``number`` from the store: counted there for
-        rank 0 (see :meth:`close`)."""
+        rank 0 (see :meth:`let_others_finish`)."""
         if self._decisions is None:
             return
         if self.rank != 0:
@@ -614,10 +614,18 @@ class RankGroup:
         more of the attempt from the store."""
         try:
             self.store.wait([f"settled/{attempt}"], timedelta(seconds=self.timeout))
-            self.store.add(f"heard/{attempt}", 1)
         except Exception as exc:  # noqa: BLE001 - a store timeout or a lost connection
             return self._why_unheard(exc)
+        self._heard(attempt)
         return None
+
+    def _heard(self, attempt: str) -> None:
+        """Count, for rank 0, that this rank read all it reads of ``attempt`` (see
+        :meth:`let_others_finish`); a store gone by now has no one left to count for."""
+        try:
+            self.store.add(f"heard/{attempt}", 1)
+        except Exception:  # noqa: BLE001 - a lost connection: rank 0 is gone already
+            pass
 
     def _why_unheard(self, exc: Exception) -> str:
         """Why a store wait for rank 0's word failed: the time ran out, or the store went away."""
@@ -635,13 +643,13 @@ class RankGroup:
         try:
             self.store.wait([key], timedelta(seconds=self.timeout))
             outcome = self.store.get(key).decode()
-            if outcome != "committed":  # nothing more of it to read: counted for rank 0
-                self.store.add(f"heard/{attempt}", 1)
         except Exception as exc:  # noqa: BLE001 - a store timeout or a lost connection
             raise CheckpointError(
                 f"rank 0 did not say it committed step {step}: {self._why_unheard(exc)}; "
                 "nothing of this save is known to be committed"
             ) from None
+        if outcome != "committed":  # nothing more of it to read (after "committed": "settled")
+            self._heard(attempt)
         return outcome
 
     def close(self) -> None:
