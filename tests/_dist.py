@@ -355,6 +355,18 @@ def _child_main(
     conn.close()
 
 
+def slowed(cls: type, names: list[str], seconds: float) -> None:
+    """In a rank process: make ``cls``'s methods ``names`` sleep ``seconds`` before they run."""
+    for name in names:
+        real = getattr(cls, name)
+
+        def slow(self, *args, _real=real, **kwargs):
+            time.sleep(seconds)
+            return _real(self, *args, **kwargs)
+
+        setattr(cls, name, slow)
+
+
 def die_at_phase(phase: str, *, after: str | None = None, mark: str | None = None) -> None:
     """In a rank process: SIGKILL this process when it reaches ``_phases.pause(phase)`` (only once
     it has passed ``after``, when given), touching the file ``mark`` first so the test knows it

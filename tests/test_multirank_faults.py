@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from _cli import cli, remaining
-from _dist import die_at_phase, run_ranks, start_ranks
+from _dist import die_at_phase, run_ranks, slowed, start_ranks
 from asyncckpt import CheckpointError, load
 from asyncckpt.format import step_dir_name
 
@@ -926,18 +926,6 @@ def _joined(results: dict, fn) -> tuple[Path, list]:
 # ---- rank 0 leaving first ----------------------------------------------------------------------
 
 
-def _slowed(cls: type, names: list[str], seconds: float) -> None:
-    """Make ``cls``'s methods ``names`` sleep ``seconds`` before they run (in this rank only)."""
-    for name in names:
-        real = getattr(cls, name)
-
-        def slow(self, *args, _real=real, **kwargs):
-            time.sleep(seconds)
-            return _real(self, *args, **kwargs)
-
-        setattr(cls, name, slow)
-
-
 def _leave_first(rank: int, world_size: int, root: str, last: str) -> dict:
     """Rank 0 hosts the job's store and leaves as soon as its manager is closed; rank 1 is slow to
     its last store calls of the job's last ``save`` or ``restore``."""
@@ -957,9 +945,9 @@ def _leave_first(rank: int, world_size: int, root: str, last: str) -> dict:
                 mgr.save(1, state)
         timeout = 2.0 if last == "too late" else RANK_TIMEOUT
         if rank == 1 and last == "too late":  # later than rank 0 waits for it
-            _slowed(RankGroup, ["heard_settled"], 3.0)
+            slowed(RankGroup, ["heard_settled"], 3.0)
         elif rank == 1:
-            _slowed(RankGroup, ["decide", "outcome", "heard_settled"], 0.5)
+            slowed(RankGroup, ["decide", "outcome", "heard_settled"], 0.5)
         if rank == 0 and last == "failed":  # rank 0's part of the save fails: the others must hear why
             from asyncckpt.storage.local import LocalBackend
 

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 import asyncckpt
-from _dist import run_ranks, start_ranks
+from _dist import run_ranks, slowed, start_ranks
 from asyncckpt.engine.rank_policy import Target
 from asyncckpt.errors import CheckpointError
 
@@ -270,9 +270,7 @@ def _preempt_to_death(rank, world_size, root):
     seen = open(f"{root}.warnings-{rank}", "w")  # noqa: SIM115 - open until the signal ends the process
     warnings.showwarning = lambda message, *args, **kwargs: (seen.write(f"{message}\n"), seen.flush())
     if rank == 1:
-        for name in ("outcome", "heard_settled"):
-            real = getattr(RankGroup, name)
-            setattr(RankGroup, name, lambda self, *a, _real=real: (time.sleep(0.5), _real(self, *a))[1])
+        slowed(RankGroup, ["outcome", "heard_settled"], 0.5)
     mgr = asyncckpt.CheckpointManager(root, policy=asyncckpt.EverySteps(10_000), keep_last=None, rank_timeout=30)
     mgr.install_signal_handlers((signal.SIGTERM,))
     _train(rank, mgr, 40, kill_at=5 if rank == 0 else None)
