@@ -148,7 +148,7 @@ def _missed_final(rank, root):
     signal.signal(signal.SIGUSR1, lambda signum, frame: heard.append(signum))
     state = {"w": torch.zeros(4)}
     mgr = asyncckpt.CheckpointManager(
-        f"{root}/missed", policy=asyncckpt.EverySteps(10_000), keep_last=None, rank_timeout=60
+        f"{root}/missed", policy=asyncckpt.EverySteps(10_000), keep_last=None, rank_timeout=30
     )
     mgr.install_signal_handlers((signal.SIGUSR1,))
     with warnings.catch_warnings(record=True) as seen:
@@ -174,6 +174,7 @@ def _missed_final(rank, root):
     signals_first = len(heard)
     mgr.install_signal_handlers((signal.SIGUSR1,))  # the process went on: a second preemption
     for step in range(20, 30):
+        time.sleep(0.05)  # a step longer than the store's round trip under load (see rank_policy)
         dist.all_reduce(torch.ones(1))
         if rank == 0 and step == 22:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -190,9 +191,12 @@ def _twice(rank, root):
 
     heard = []
     signal.signal(signal.SIGUSR1, lambda signum, frame: heard.append(signum))
-    with asyncckpt.CheckpointManager(f"{root}/twice", policy=asyncckpt.EverySteps(10_000), keep_last=None) as mgr:
+    with asyncckpt.CheckpointManager(
+        f"{root}/twice", policy=asyncckpt.EverySteps(10_000), keep_last=None, rank_timeout=30
+    ) as mgr:
         mgr.install_signal_handlers((signal.SIGUSR1,))
         for step in range(1, 31):
+            time.sleep(0.05)  # a step longer than the store's round trip under load (see rank_policy)
             dist.all_reduce(torch.ones(1))  # lockstep
             if rank == 1 and step in (5, 15):
                 os.kill(os.getpid(), signal.SIGUSR1)
@@ -209,11 +213,14 @@ def _preempt_async(rank, root):
     import torch.distributed as dist
 
     async def train():
-        mgr = asyncckpt.AsyncCheckpointManager(root, policy=asyncckpt.EverySteps(10_000), keep_last=None)
+        mgr = asyncckpt.AsyncCheckpointManager(
+            root, policy=asyncckpt.EverySteps(10_000), keep_last=None, rank_timeout=30
+        )
         mgr.install_signal_handlers((signal.SIGTERM,))
         saved, step = [], 0
         try:
             for step in range(1, 41):
+                await asyncio.sleep(0.05)  # a step longer than the store's round trip under load
                 dist.all_reduce(torch.ones(1))  # lockstep
                 if rank == 1 and step == 5:
                     os.kill(os.getpid(), signal.SIGTERM)
