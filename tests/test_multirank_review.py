@@ -208,9 +208,18 @@ def _job(rank: int, world: int, tmp: str) -> dict:
         assert mgr.restore(got) == 1
     assert got == {"epoch": 4, "name": "x"}
     # a rollback from the job: every rank calls discard_after, rank 0 deletes, none is left above
-    with asyncckpt.CheckpointManager(root / "rollback", keep_last=None) as mgr:
+    with asyncckpt.CheckpointManager(root / "rollback", keep_last=None, rank_timeout=60) as mgr:
         for step in (1, 2, 3):  # the tags are rank 0's: rank 1's own, never written, keep nothing
             mgr.save(step, {"epoch": step, "name": "y"}, tags=["mine"] if rank == 1 and step == 3 else ())
+        # a step that is not one on rank 1: both fail at once, nothing deleted, and the calls still pair
+        started = time.monotonic()
+        try:
+            mgr.discard_after(-1 if rank == 1 else 1)
+            out["bad_discard"] = ""
+        except (ValueError, asyncckpt.CheckpointError) as exc:
+            out["bad_discard"] = f"{type(exc).__name__}: {exc}"
+        out["bad_discard_s"] = time.monotonic() - started
+        out["after_bad_discard"] = mgr.steps()
         out["discarded"] = mgr.discard_after(1)
         out["after_discard"] = mgr.steps()
         got = {"epoch": 0, "name": ""}
@@ -258,6 +267,12 @@ def spawned(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 def test_spawned_job_ran(spawned):
     root, out = spawned
+    assert out[0]["bad_discard"] == (
+        "CheckpointError: discard_after(1): another rank refused it (its error says why); nothing deleted"
+    )
+    assert out[1]["bad_discard"].startswith("ValueError: step must be an integer in [0, "), out[1]["bad_discard"]
+    assert out[0]["bad_discard_s"] < 30 and out[1]["bad_discard_s"] < 30  # not rank_timeout
+    assert out[0]["after_bad_discard"] == out[1]["after_bad_discard"] == [1, 2, 3]
     assert out[0]["discarded"] == out[1]["discarded"] == [2, 3]
     assert out[0]["after_discard"] == out[1]["after_discard"] == [1]
     assert out[0]["warned_after_discard"] == out[1]["warned_after_discard"] == []

@@ -60,6 +60,8 @@ def _check_step(step: Any) -> int:
 
 SNAPSHOT_MODES = ("blocking", "overlap")
 
+_NO_STEP = -(2**62)  # a rank's part in a MAX over steps when it has no step to give
+
 
 def _mirror_policy(given: dict | RetentionPolicy | None, local: RetentionPolicy) -> RetentionPolicy:
     """The mirror's retention: the local one unless given (a dict of the retention options)."""
@@ -743,7 +745,12 @@ class CheckpointManager:
         """
         self._check_open()
         refuse_in_done_callback("CheckpointManager.discard_after()")
-        _check_step(step)
+        try:
+            _check_step(step)
+        except ValueError:
+            if self._ranks is not None:  # the others must not wait for this rank's vote
+                self._agree_on_discard(None, True)
+            raise
         with contextlib.ExitStack() as held:
             held.enter_context(self._retainer.holding(step))  # the saves waited for must not prune at or below
             if self._mirror is not None:
@@ -751,10 +758,14 @@ class CheckpointManager:
             self._admission.wait_handed_over()  # saves other threads are snapshotting
             self._fences.fence()
             self._admission.wait_pending()
-            tiers = {"root": self._tags.catalog.infos()}  # on every rank, before rank 0 deletes
-            if self._mirror is not None:
-                tiers["mirror"] = self._mirror.infos()
-            refusal = self._discard_refusal(step, tiers, include_tagged)
+            refusal: Exception | None
+            try:
+                tiers = {"root": self._tags.catalog.infos()}  # on every rank, before rank 0 deletes
+                if self._mirror is not None:
+                    tiers["mirror"] = self._mirror.infos()
+                refusal = self._discard_refusal(step, tiers, include_tagged)
+            except Exception as exc:  # noqa: BLE001 - raised below, after the others heard of it
+                refusal = exc
             if self._ranks is not None:
                 self._agree_on_discard(step, refusal is not None)
             if refusal is not None:
@@ -810,12 +821,18 @@ class CheckpointManager:
             )
         return None
 
-    def _agree_on_discard(self, step: int, refused: bool) -> None:
-        """Every rank asks for the same step, and none refused it, before rank 0 deletes a thing."""
+    def _agree_on_discard(self, step: int | None, refused: bool) -> None:
+        """Every rank asks for the same step, and none refused it, before rank 0 deletes a thing.
+
+        A rank whose step is not one (``None``) still takes its turn, refusing: the others then fail
+        at once, naming a refusal, instead of waiting ``rank_timeout`` for a vote that never comes."""
         assert self._ranks is not None
+        mine = [step, -step] if step is not None else [_NO_STEP, _NO_STEP]  # no part in the max
         highest, lowest, refusals = self._ranks.all_max_each(
-            [step, -step, int(refused)], "discard the checkpoints after a step together"
+            [*mine, int(refused)], "discard the checkpoints after a step together"
         )
+        if step is None:
+            return
         if highest != -lowest:
             raise CheckpointError(
                 f"discard_after: the ranks passed different steps (from {-lowest} to {highest}); nothing deleted"
