@@ -344,6 +344,21 @@ def test_mirror_options_are_checked(tmp_path, options, error):
         pass
 
 
+@pytest.mark.parametrize("name", ["same", "symlink", "file-url"])
+def test_a_mirror_that_is_the_root_itself_is_told_as_such(tmp_path, name):
+    root = tmp_path / "local"
+    root.mkdir()
+    (tmp_path / "link").symlink_to(root)
+    mirror = {"same": str(root), "symlink": tmp_path / "link", "file-url": f"file://{root}"}[name]
+    with pytest.raises(ValueError, match=r"mirror=.* is the checkpoint root itself \(.*local\); a mirror is a second"):
+        CheckpointManager(root, mirror=mirror)
+    with CheckpointManager(root):  # nothing was left locked
+        pass
+    with CheckpointManager(root):  # a root really in use is still told as that
+        with pytest.raises(asyncckpt.RootInUseError, match="already open in this process"):
+            CheckpointManager(tmp_path / "other", mirror=root)
+
+
 def test_load_with_mirror_reads_what_the_local_root_lacks(tmp_path):
     local, remote = tmp_path / "local", tmp_path / "remote"
     with manager(local, RemoteBackend(remote), keep_last=1, mirror_retention={"keep_last": 3}) as mgr:

@@ -149,7 +149,7 @@ class CheckpointManager:
             through the c10d store meanwhile (see ``asyncckpt.engine.rank_policy``). At least 1.
 
     Raises:
-        ValueError: An option out of range.
+        ValueError: An option out of range, or ``mirror`` is ``root`` itself.
         TypeError: ``policy`` is not a ``SavePolicy``.
         RootInUseError: Another manager holds ``root``.
         CheckpointError: ``root`` cannot be used.

@@ -52,13 +52,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from asyncckpt.engine.pipeline import _warn_from_writer
 from asyncckpt.engine.reader import read_manifest, verify_checkpoint
-from asyncckpt.errors import CheckpointDamagedError, CheckpointError
+from asyncckpt.errors import CheckpointDamagedError, CheckpointError, RootInUseError
 from asyncckpt.format import Manifest, data_file_rank, step_dir_name
 from asyncckpt.retention import CheckpointInfo, RetentionPolicy, steps_to_delete
-from asyncckpt.storage.backend import Backend, CheckpointRef
+from asyncckpt.storage.backend import Backend, CheckpointRef, open_backend
 from asyncckpt.storage.catalog import Catalog
 from asyncckpt.storage.commit import CommitProtocol, open_storage
-from asyncckpt.storage.local import read_file_no_follow
+from asyncckpt.storage.local import LocalBackend, read_file_no_follow
 
 # Bytes copied at a time: a few multipart parts' worth, so memory stays small whatever the size.
 _PIECE = 8 << 20
@@ -95,6 +95,21 @@ def safe_location(location: str) -> str:
     parts = urlsplit(location)
     host = parts.netloc.rpartition("@")[2]  # as written: a bucket's case, an IPv6 host's brackets
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _is_the_local_root(target: str | os.PathLike | Backend, local: Backend, options: dict | None) -> bool:
+    """Whether a mirror's target is the root it mirrors (the same directory under another name
+    included), so that its lock being taken is told as that mistake, not as another writer."""
+    try:
+        mirror = open_backend(target, storage_options=options)
+    except CheckpointError:
+        return False
+    if isinstance(mirror, LocalBackend) and isinstance(local, LocalBackend):
+        try:
+            return os.path.samefile(mirror.root, local.root)
+        except OSError:
+            return False
+    return mirror.location.rstrip("/") == local.location.rstrip("/")
 
 
 def write_mirror_file(root: Path, location: str) -> None:
@@ -182,7 +197,16 @@ class _Mirror:
         self._tags_of = tags_of
         self._retention = retention
         self._max_behind = max_behind
-        self._storage: CommitProtocol = open_storage(target, storage_options=storage_options)
+        try:
+            self._storage: CommitProtocol = open_storage(target, storage_options=storage_options)
+        except RootInUseError:
+            if _is_the_local_root(target, local, storage_options):
+                raise ValueError(
+                    f"mirror={os.fspath(target) if not isinstance(target, Backend) else target.location!r} is the "
+                    f"checkpoint root itself ({local.location}); a mirror is a second place (another disk, an "
+                    "object store) that every committed checkpoint is copied to"
+                ) from None
+            raise
         try:
             self.location = safe_location(self._storage.backend.location)
             self._catalog = Catalog.of_writer(self._storage)
