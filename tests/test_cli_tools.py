@@ -418,7 +418,9 @@ def test_diff_tells_a_tuple_a_list_and_a_dict_of_int_keys_apart(tmp_path, capsys
             mgr.save(1, state).wait()
     code, out, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1), "--json")
     assert code == 1
-    changed = {row["path"]: (row["a"], row["b"]) for row in json.loads(out)["leaves"]}
+    rows = json.loads(out)["leaves"]
+    assert {row["path"] for row in rows if row.get("container")} == {"state['x']", "state['t']", "state['k']"}
+    changed = {row["path"]: (row["a"], row["b"]) for row in rows}
     assert changed == {
         "state['x']": ({"kind": "tuple"}, {"kind": "list"}),
         "state['t']": ({"kind": "tuple"}, {"kind": "list"}),
@@ -426,6 +428,8 @@ def test_diff_tells_a_tuple_a_list_and_a_dict_of_int_keys_apart(tmp_path, capsys
     }
     code, out, _ = cli(capsys, "diff", ckpt(tmp_path / "a", 1), ckpt(tmp_path / "b", 1))
     assert code == 1 and "kind changed        state['k']  dict -> list" in out, out
+    # the items are the leaves (x: 2, t: 1, k: 2, same: 1); the containers are counted apart
+    assert "6 leaves and 3 containers: 6 equal, 3 kind changed; the checkpoints differ" in out, out
 
 
 def test_inspect_marks_tied_tensors(tmp_path, capsys):

@@ -443,7 +443,8 @@ def _diff_rows(path_a: Where, path_b: Where, part: _DiffPart, progress: Progress
     for where, kind_a in kinds_a.items():
         kind_b = kinds_b.get(where)
         if kind_b is not None and kind_b != kind_a:
-            rows.append({"path": where, "status": "kind changed", "a": {"kind": kind_a}, "b": {"kind": kind_b}})
+            kinds = {"a": {"kind": kind_a}, "b": {"kind": kind_b}}
+            rows.append({"path": where, "status": "kind changed", **kinds, "container": True})
     for name in names:
         la, lb = a.get(name), b.get(name)
         if lb is None:
@@ -526,7 +527,11 @@ def format_diff(result: dict, all_leaves: bool = False) -> str:
         lines.append(f"  {status:<19} {row['path']}{detail}")
     summary = ", ".join(f"{n} {status}" for status, n in sorted(result["counts"].items()))
     same = "the checkpoints differ" if differs(result) else "the checkpoints are equal"
-    lines.append(f"{len(result['leaves'])} leaves: {summary or 'none'}; {same}")
+    containers = sum(1 for row in result["leaves"] if row.get("container"))
+    counted = f"{len(result['leaves']) - containers} leaves"
+    if containers:  # a list become a tuple is no leaf, but its row is counted
+        counted += f" and {containers} container{'s' if containers > 1 else ''}"
+    lines.append(f"{counted}: {summary or 'none'}; {same}")
     return "\n".join(lines)
 
 
