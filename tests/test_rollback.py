@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from _cli import cli, remaining, strict_json
-from asyncckpt import CheckpointError, CheckpointManager, CheckpointNotFoundError
+from asyncckpt import CheckpointDamagedError, CheckpointError, CheckpointManager, CheckpointNotFoundError
 from asyncckpt.engine.reader import read_manifest
 from asyncckpt.format import step_dir_name
 from conftest import fresh_s3_url
@@ -266,6 +266,26 @@ def test_a_step_not_committed_in_either_tier_is_refused(tiers):
         with pytest.raises(ValueError):
             mgr.discard_after(-1)
     assert remaining(local) == STEPS and remaining(mirror) == STEPS
+
+
+def test_in_the_job_the_step_rolled_back_to_must_verify_in_one_tier(tiers):
+    """A damaged step rolled back to would take every good checkpoint above it and leave none that restores."""
+    local, mirror = tiers
+    _flip_a_data_byte(local / step_dir_name(30))
+    _flip_a_data_byte(mirror / step_dir_name(30))
+    with open_tiers(local, mirror) as mgr:
+        with pytest.raises(CheckpointDamagedError) as raised:
+            mgr.discard_after(30)
+    message = str(raised.value)
+    assert message.startswith("discard_after(30): step 30 cannot be rolled back to in "), message
+    assert "it does not verify (in the root: " in message and "; in the mirror: " in message
+    assert "checksum mismatch" in message and message.endswith("; nothing deleted")
+    assert remaining(local) == STEPS and remaining(mirror) == STEPS
+    shutil.rmtree(mirror / step_dir_name(30))  # the local copy alone, damaged: refused all the same
+    with open_tiers(local, mirror) as mgr:
+        with pytest.raises(CheckpointDamagedError, match="it does not verify"):
+            mgr.discard_after(30)
+    assert remaining(local) == STEPS
 
 
 def test_the_step_may_be_committed_in_the_mirror_only(tiers):

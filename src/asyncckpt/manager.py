@@ -25,11 +25,12 @@ from asyncckpt.engine.pipeline import Pipeline, SaveJob
 from asyncckpt.engine.rank_plan import RankPlanner, join_ranks, open_rank_storage
 from asyncckpt.engine.rank_policy import DEFAULT_LEAD, MissedFinalError, RankSchedule
 from asyncckpt.engine.rank_restore import check_per_rank, restore_ranks
+from asyncckpt.engine.reader import verify_checkpoint
 from asyncckpt.engine.retain import Retainer
 from asyncckpt.engine.signals import Preemption, at_interpreter_exit, raised_after
 from asyncckpt.engine.staging import ArenaPool, CopyEngine
 from asyncckpt.engine.tags import Tags
-from asyncckpt.errors import CheckpointError, CheckpointNotFoundError, SaveFailedError
+from asyncckpt.errors import CheckpointDamagedError, CheckpointError, CheckpointNotFoundError, SaveFailedError
 from asyncckpt.format import MAX_CHUNK_RAW, MAX_STEP, check_tags
 from asyncckpt.loading import check_strict, read_newest_valid, read_newest_valid_of_tiers
 from asyncckpt.metrics import METRICS_LOG, SaveStats
@@ -38,6 +39,7 @@ from asyncckpt.retention import CheckpointInfo, RetentionPolicy, tagged_above
 from asyncckpt.state.tree import RestoreResult, check_compatible, is_stateful, restore_into
 from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.catalog import Catalog
+from asyncckpt.storage.commit import CommittedCheckpoint
 from asyncckpt.storage.local import LocalBackend
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -737,6 +739,8 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` is not a readable checkpoint of the root or the
                 mirror (nothing deleted: a mistyped step would take every checkpoint above it).
+            CheckpointDamagedError: ``step`` verifies in neither (nothing deleted: a rollback to
+                it would leave no checkpoint that restores).
             CheckpointError: Checkpoints above ``step`` are (or may be) tagged and not
                 ``include_tagged``, or the ranks passed different steps (nothing deleted); one
                 could not be deleted (naming it; call it again to finish); the manager is closed,
@@ -819,7 +823,28 @@ class CheckpointManager:
                 f"discard_after({step}): tagged checkpoints above it: {tagged}; nothing deleted. Pass "
                 "include_tagged=True to delete them too"
             )
-        return None
+        return self._unverified(step) if self._owns_root else None  # rank 0 deletes: it checks
+
+    def _unverified(self, step: int) -> CheckpointError | None:
+        """Why ``step`` verifies in neither tier, or None: a rollback to a damaged checkpoint would
+        delete every good one above it and leave nothing that restores."""
+        reasons = []
+        tiers: list[tuple[str, Callable[[int], CommittedCheckpoint | None]]] = [("root", self._tags.catalog.find)]
+        if self._mirror is not None:
+            tiers.append(("mirror", self._mirror.find))
+        for tier, find in tiers:
+            found = find(step)
+            if found is None:
+                continue
+            try:
+                verify_checkpoint(found.ref)
+                return None
+            except CheckpointError as exc:
+                reasons.append(f"in the {tier}: {exc}")
+        return CheckpointDamagedError(
+            f"discard_after({step}): step {step} cannot be rolled back to in {self.root}: it does not verify "
+            f"({'; '.join(reasons) or 'it is gone'}); nothing deleted"
+        )
 
     def _agree_on_discard(self, step: int | None, refused: bool) -> None:
         """Every rank asks for the same step, and none refused it, before rank 0 deletes a thing.

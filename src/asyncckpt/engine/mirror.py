@@ -57,7 +57,7 @@ from asyncckpt.format import Manifest, data_file_rank, step_dir_name
 from asyncckpt.retention import CheckpointInfo, RetentionPolicy, steps_to_delete
 from asyncckpt.storage.backend import Backend, CheckpointRef, open_backend
 from asyncckpt.storage.catalog import Catalog
-from asyncckpt.storage.commit import CommitProtocol, open_storage
+from asyncckpt.storage.commit import CommitProtocol, CommittedCheckpoint, open_storage
 from asyncckpt.storage.local import LocalBackend, read_file_no_follow
 
 # Bytes copied at a time: a few multipart parts' worth, so memory stays small whatever the size.
@@ -483,6 +483,14 @@ class _Mirror:
             with self._cond:
                 self._paused = False
                 self._cond.notify_all()
+
+    def find(self, step: int) -> CommittedCheckpoint | None:
+        """The mirror's committed checkpoint of ``step``, or None.
+
+        Raises:
+            CheckpointError: The mirror cannot be listed.
+        """
+        return self._catalog.find(step)
 
     def newest_step(self) -> int | None:
         """The mirror's newest committed step, listed now (None when it has none or cannot be listed).
