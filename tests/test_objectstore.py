@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import asyncckpt
 from asyncckpt.errors import CheckpointError, RootInUseError, StorageError
 from asyncckpt.storage.backend import Entry, ObjectInfo, open_backend
 from asyncckpt.storage.commit import ManifestLastCommit, open_storage
@@ -360,6 +361,22 @@ def test_an_unreachable_endpoint_is_an_error_within_the_timeouts():
 @pytest.mark.parametrize("url", ["nosuch://bucket/ckpts", "hdfs://nn/ckpts"])
 def test_a_scheme_without_a_backend_names_it(url):
     with pytest.raises(CheckpointError, match=f"no storage backend for scheme '{url.split(':')[0]}'"):
+        open_backend(url)
+
+
+@pytest.mark.parametrize("url", ["s3://ckpt/exp#1", "s3://ckpt/exp?v=2", "s3://ckpt/exp#", "s3://ckpt/run?"])
+def test_a_root_whose_key_a_url_parser_would_cut_is_refused(url):
+    """Roots that differ after a '#' or '?' would share one prefix: one run would restore, and
+    delete, another's checkpoints."""
+    with pytest.raises(CheckpointError, match=r"an object store root cannot hold '\?' or '#'"):
+        open_backend(url)
+    with pytest.raises(CheckpointError, match="cannot hold"):
+        asyncckpt.CheckpointManager(url)
+
+
+@pytest.mark.parametrize("url", ["s3://ckpt/a/../b", "s3://ckpt/./b", "s3://ckpt/a/.."])
+def test_dot_segments_in_a_root_are_refused(url):
+    with pytest.raises(CheckpointError, match="'.' and '..' are not resolved"):
         open_backend(url)
 
 

@@ -650,6 +650,17 @@ class ObjectStoreBackend:
         scheme = parsed.scheme.lower()
         if not scheme or not parsed.netloc:
             raise CheckpointError(f"{url!r} is not an object store URL (scheme://bucket/prefix)")
+        if parsed.query or parsed.fragment or url.endswith(("?", "#")):
+            # A URL parser takes them off the key, so "exp#1" and "exp#2" would share one prefix.
+            raise CheckpointError(
+                f"{url!r}: an object store root cannot hold '?' or '#' (the part after it would be "
+                "dropped from the key prefix, and roots differing there would share checkpoints); rename the prefix"
+            )
+        if any(part in (".", "..") for part in parsed.path.split("/")):
+            raise CheckpointError(
+                f"{url!r}: an object store key prefix is taken literally, '.' and '..' are not "
+                "resolved; write the prefix without them"
+            )
         self._url = url.rstrip("/")
         self._bucket = parsed.netloc
         self._prefix = parsed.path.strip("/")
