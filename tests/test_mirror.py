@@ -451,7 +451,14 @@ def test_load_with_a_mirror_url_never_shows_its_credentials(tmp_path):
     with pytest.raises(asyncckpt.CheckpointError) as info, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         asyncckpt.load(tmp_path / "empty", mirror="file://alice:s3cret@localhost" + str(tmp_path / "nothing"))
-    assert "s3cret" not in str(info.value)
+    assert "s3cret" not in str(info.value) and "cannot be listed" in str(info.value)
+    assert not any("s3cret" in str(w.message) for w in caught)
+    (tmp_path / "local").mkdir()
+    with CheckpointManager(tmp_path / "local") as mgr:
+        mgr.save(1, {"w": torch.ones(2)}).wait()
+    with warnings.catch_warnings(record=True) as caught:  # read around the mirror, warned
+        warnings.simplefilter("always")
+        asyncckpt.load(tmp_path / "local", mirror="file://alice:s3cret@localhost" + str(tmp_path / "nothing"))
     assert caught and not any("s3cret" in str(w.message) for w in caught)
 
 
@@ -638,3 +645,28 @@ def test_steps_a_refused_rollback_held_back_are_kept_locally_and_mirrored(tmp_pa
         remote.gate.set()
         mgr.wait(mirror=True)
     assert {3, 4, 5} <= set(mirror_tags(remote_dir))  # none lost to local retention before its copy
+
+
+def _unreachable_s3() -> tuple[str, dict]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s", "region": "us-east-1"}
+    return "s3://ckpt/run", {**options, "connect_timeout": 0.5, "timeout": 1, "retries": 0}
+
+
+def test_a_mirror_that_cannot_be_listed_is_no_proof_there_is_no_checkpoint(tmp_path):
+    """A node that lost its disk, while the store does not answer: "nothing to restore" would start
+    the job over with its checkpoints sitting in the mirror."""
+    mirror, options = _unreachable_s3()
+    with pytest.raises(CheckpointError, match=r"the mirror .* cannot be listed \(.*\) and the local root .* holds no "):
+        asyncckpt.load(tmp_path / "gone", mirror=mirror, mirror_options=options)
+    with pytest.raises(CheckpointError, match="has no step 3: whether the mirror holds one is unknown"):
+        asyncckpt.load(tmp_path / "gone", step=3, mirror=mirror, mirror_options=options)
+    with CheckpointManager(tmp_path / "local") as mgr:  # the local root leads its mirror: read, warned
+        mgr.save(2, {"w": torch.ones(3)}).wait()
+    with pytest.warns(UserWarning, match="cannot be listed .*; reading the local root only"):
+        got = asyncckpt.load(tmp_path / "local", mirror=mirror, mirror_options=options)
+    assert torch.equal(got["w"], torch.ones(3))

@@ -429,19 +429,35 @@ def _tier_steps(root: str | os.PathLike | Backend) -> set[int]:
     return {c.step for c in _listed(backend)}
 
 
-def _mirror_steps(mirror: str | os.PathLike | Backend, mirror_name: str) -> set[int]:
-    """The mirror's committed steps; none, with a warning, when it cannot be listed."""
+def _mirror_steps(mirror: str | os.PathLike | Backend, mirror_name: str) -> tuple[set[int], str | None]:
+    """The mirror's committed steps, or none and why it cannot be listed."""
     try:
-        return _tier_steps(mirror)
+        return _tier_steps(mirror), None
     except (CheckpointError, OSError) as exc:
         reason = str(exc)
         if not isinstance(mirror, Backend):  # the error may quote the location as given, credentials and all
             reason = reason.replace(os.fspath(mirror), mirror_name).replace(urlparse(os.fspath(mirror)).netloc, "")
-        warnings.warn(
-            f"asyncckpt: the mirror {mirror_name} cannot be listed ({reason}); reading the local root only",
-            stacklevel=4,
+        return set(), reason
+
+
+def _local_only(mine: set[int], step: int | None, unlisted: str, local_name: str, mirror_name: str) -> None:
+    """Go on with the local root alone, warned, when it holds what is asked for (it leads its
+    mirror); else raise: with the mirror unlisted, "no checkpoint" would be a guess, and a job
+    that took it would start over while its checkpoints sit in the mirror.
+
+    Raises:
+        CheckpointError: The local root holds no checkpoint (``step`` None) or not ``step``.
+    """
+    if (not mine) if step is None else (step not in mine):
+        lacks = "holds no checkpoint" if step is None else f"has no step {step}"
+        raise CheckpointError(
+            f"the mirror {mirror_name} cannot be listed ({unlisted}) and the local root {local_name} {lacks}: "
+            "whether the mirror holds one is unknown, so nothing was read; try again once the store answers"
         )
-        return set()
+    warnings.warn(
+        f"asyncckpt: the mirror {mirror_name} cannot be listed ({unlisted}); reading the local root only",
+        stacklevel=4,
+    )
 
 
 def read_newest_valid_of_tiers(
@@ -470,11 +486,14 @@ def read_newest_valid_of_tiers(
     Raises:
         CheckpointNotFoundError: Neither tier holds ``step``.
         CheckpointDamagedError: Every checkpoint tried failed (each one's reason listed).
+        CheckpointError: The mirror cannot be listed and the local root lacks what is asked for.
     """
     local_name = local.location if isinstance(local, Backend) else os.fspath(local)
     failed: dict[tuple[int, str], str] = {}
     for _ in range(_RELIST_ROUNDS):
-        mine, theirs = _tier_steps(local), _mirror_steps(mirror, mirror_name)
+        mine, (theirs, unlisted) = _tier_steps(local), _mirror_steps(mirror, mirror_name)
+        if unlisted is not None:
+            _local_only(mine, step, unlisted, local_name, mirror_name)
         if step is not None and step not in mine | theirs:
             raise CheckpointNotFoundError(f"no checkpoint for step {step} in {local_name} or its mirror {mirror_name}")
         vanished = False
