@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def test_marking_a_failure_reported_keeps_it_from_being_raised_again():
     assert handle.reported
 
 
-@pytest.mark.parametrize("call", ["the manager's wait", "another handle's wait", "close"])
+@pytest.mark.parametrize(
+    "call", ["the manager's wait", "another handle's wait", "close", "save", "maybe_save", "restore"]
+)
 def test_a_done_callback_that_waits_for_the_writer_is_refused_not_hung(tmp_path, monkeypatch, call):
     """Callbacks run on the writer thread: waiting there for a save in flight (or closing) made the
     writer wait for itself, and the manager hung for good."""
@@ -79,6 +82,12 @@ def test_a_done_callback_that_waits_for_the_writer_is_refused_not_hung(tmp_path,
                 mgr.wait()
             elif call == "another handle's wait":
                 saves[1].wait()
+            elif call == "save":  # with max_pending saves in flight: it would wait for a slot
+                mgr.save(3, {"x": torch.ones(3)})
+            elif call == "maybe_save":
+                mgr.maybe_save(3, {"x": torch.ones(3)})
+            elif call == "restore":  # it waits for the pending saves
+                mgr.restore({"x": torch.zeros(3)})
             else:
                 mgr.close()
         except CheckpointError as exc:
@@ -96,6 +105,21 @@ def test_a_done_callback_that_waits_for_the_writer_is_refused_not_hung(tmp_path,
     assert not closing.is_alive(), "the manager hung"
     assert len(errors) == 1 and "done-callback, which runs on the writer thread" in str(errors[0]), errors
     assert saves[1].done() and [c.step for c in list_checkpoints(tmp_path)] == [1, 2]
+
+
+def test_a_done_callback_that_exits_leaves_the_writer_running(tmp_path, caplog):
+    """sys.exit() in a callback raised SystemExit on the writer thread, which ended it silently:
+    every later save, wait and close waited forever."""
+    mgr = CheckpointManager(tmp_path, max_pending=2)
+    first = mgr.save(1, {"x": torch.ones(3)})
+    first.add_done_callback(lambda handle: sys.exit("stop once it is on disk"))
+    second = mgr.save(2, {"x": torch.ones(3)})
+    closing = threading.Thread(target=mgr.close, daemon=True)
+    closing.start()
+    closing.join(60)
+    assert not closing.is_alive(), "the manager hung"
+    assert first.done() and second.done() and [c.step for c in list_checkpoints(tmp_path)] == [1, 2]
+    assert "a done-callback of the save of step 1 raised SystemExit('stop once it is on disk')" in caplog.text
 
 
 def test_a_done_callback_of_a_save_already_done_may_wait(tmp_path):

@@ -380,6 +380,7 @@ class CheckpointManager:
             TypeError: A state, metrics, metadata or tags that cannot be saved.
         """
         self._check_owner()
+        refuse_in_done_callback("CheckpointManager.maybe_save()")  # as save, whether or not the step is due
         try:
             is_due, final = self._decide(step, self._preemption.signum)
         except MissedFinalError as missed:  # no final checkpoint anywhere; the signal acts all the same
@@ -510,8 +511,10 @@ class CheckpointManager:
         began = time.perf_counter()
         self._check_open()
         try:
+            # on the writer thread, a save could wait for a free slot behind the saves it holds up
+            refuse_in_done_callback("CheckpointManager.save()")
             _check_step(step)
-        except ValueError:
+        except (ValueError, CheckpointError):
             self._admission.refuse(0)  # its turn in a multi-rank agreement, refused (0: any int)
             raise
         handle = self._admission.save(step, began, state, metrics, metadata, tags, self.policy if tell_policy else None)
@@ -628,6 +631,7 @@ class CheckpointManager:
                 tensor), or ``strict`` not a bool.
         """
         self._check_open()
+        refuse_in_done_callback("CheckpointManager.restore()")  # it waits for the pending saves
         check_strict(strict)
         if not isinstance(state, (dict, list, torch.Tensor)) and not is_stateful(state):
             raise TypeError(

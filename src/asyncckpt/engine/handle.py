@@ -123,6 +123,12 @@ class SaveHandle:
             _CALLBACK.depth = getattr(_CALLBACK, "depth", 0) + 1
             try:
                 fn(self)
+            except Exception:
+                raise  # logged by the future, as any callback's
+            except BaseException as exc:
+                # sys.exit() in a callback would end the writer thread, and every save after this
+                # one would wait forever: logged like an Exception instead
+                raise RuntimeError(f"a done-callback of the save of step {self.step} raised {exc!r}") from exc
             finally:
                 _CALLBACK.depth -= 1
 
