@@ -121,11 +121,11 @@ def test_a_recorded_mirror_that_is_gone_is_said_and_not_made(tiers, capsys):
 
 def test_the_step_is_checked_under_the_roots_lock(tiers, capsys, monkeypatch):
     """A job writing meanwhile could delete the step just verified; under the lock none can."""
-    from asyncckpt.cli import tools
+    from asyncckpt.engine import reader
     from asyncckpt.errors import RootInUseError
 
     local, mirror = tiers
-    real, tried = tools.verify_checkpoint, []
+    real, tried = reader.verify_checkpoint, []
 
     def verify(ref, *args, **kwargs):
         with pytest.raises(RootInUseError):
@@ -133,7 +133,7 @@ def test_the_step_is_checked_under_the_roots_lock(tiers, capsys, monkeypatch):
         tried.append(ref)
         return real(ref, *args, **kwargs)
 
-    monkeypatch.setattr(tools, "verify_checkpoint", verify)
+    monkeypatch.setattr(reader, "verify_checkpoint", verify)  # where the rollback check calls it
     assert cli(capsys, "prune", local, "--after", "30")[0] == 0
     assert len(tried) == 1 and remaining(local) == [10, 20, 30]
 

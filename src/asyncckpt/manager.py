@@ -25,7 +25,7 @@ from asyncckpt.engine.pipeline import Pipeline, SaveJob
 from asyncckpt.engine.rank_plan import RankPlanner, join_ranks, open_rank_storage
 from asyncckpt.engine.rank_policy import DEFAULT_LEAD, MissedFinalError, RankSchedule
 from asyncckpt.engine.rank_restore import check_per_rank, restore_ranks
-from asyncckpt.engine.reader import verify_checkpoint
+from asyncckpt.engine.reader import why_no_tier_verifies
 from asyncckpt.engine.retain import Retainer
 from asyncckpt.engine.signals import Preemption, at_interpreter_exit, raised_after
 from asyncckpt.engine.staging import ArenaPool, CopyEngine
@@ -39,7 +39,6 @@ from asyncckpt.retention import CheckpointInfo, RetentionPolicy, tagged_above
 from asyncckpt.state.tree import RestoreResult, check_compatible, is_stateful, restore_into
 from asyncckpt.storage.backend import Backend, CheckpointRef
 from asyncckpt.storage.catalog import Catalog
-from asyncckpt.storage.commit import CommittedCheckpoint
 from asyncckpt.storage.local import LocalBackend
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -832,19 +831,12 @@ class CheckpointManager:
     def _unverified(self, step: int) -> CheckpointError | None:
         """Why ``step`` verifies in neither tier, or None: a rollback to a damaged checkpoint would
         delete every good one above it and leave nothing that restores."""
-        reasons = []
-        tiers: list[tuple[str, Callable[[int], CommittedCheckpoint | None]]] = [("root", self._tags.catalog.find)]
+        tiers = {"root": self._tags.catalog.checkpoints()}
         if self._mirror is not None:
-            tiers.append(("mirror", self._mirror.find))
-        for tier, find in tiers:
-            found = find(step)
-            if found is None:
-                continue
-            try:
-                verify_checkpoint(found.ref)
-                return None
-            except CheckpointError as exc:
-                reasons.append(f"in the {tier}: {exc}")
+            tiers["mirror"] = self._mirror.checkpoints()
+        reasons = why_no_tier_verifies(step, tiers)
+        if reasons is None:
+            return None
         return CheckpointDamagedError(
             f"discard_after({step}): step {step} cannot be rolled back to in {self.root}: it does not verify "
             f"({'; '.join(reasons) or 'it is gone'}); nothing deleted"

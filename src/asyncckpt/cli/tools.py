@@ -24,7 +24,7 @@ from typing import IO, Any, cast
 import torch
 
 from asyncckpt.engine.mirror import MIRROR_FILE
-from asyncckpt.engine.reader import Where, read_checkpoint, read_manifest, verify_checkpoint
+from asyncckpt.engine.reader import Where, read_checkpoint, read_manifest, verify_checkpoint, why_no_tier_verifies
 from asyncckpt.errors import CheckpointError
 from asyncckpt.format import MANIFEST_NAME, Manifest, MultiRankManifest, parse_step_dir, per_rank_differences
 from asyncckpt.loading import open_target
@@ -1009,16 +1009,9 @@ class RolledBack:
 def _rollback_target(step: int, tiers: dict[str, list[CommittedCheckpoint]], where: str) -> None:
     """``step`` must stay loadable: a committed checkpoint that verifies in one of the tiers. A
     mistyped step would otherwise delete every checkpoint above it, the good ones included."""
-    reasons = []
-    for tier, committed in tiers.items():
-        found = next((c for c in committed if c.step == step), None)
-        if found is None:
-            continue
-        try:
-            verify_checkpoint(found.ref)
-            return
-        except CheckpointError as exc:
-            reasons.append(f"in the {tier}: {exc}")
+    reasons = why_no_tier_verifies(step, tiers)
+    if reasons is None:
+        return
     why = f"it does not verify ({'; '.join(reasons)})" if reasons else "it is not a committed checkpoint"
     raise CheckpointError(
         f"cannot roll back to step {step} of {where}: {why}; nothing deleted. --after N deletes the steps above "

@@ -484,13 +484,13 @@ class _Mirror:
                 self._paused = False
                 self._cond.notify_all()
 
-    def find(self, step: int) -> CommittedCheckpoint | None:
-        """The mirror's committed checkpoint of ``step``, or None.
+    def checkpoints(self) -> list[CommittedCheckpoint]:
+        """The mirror's committed checkpoints, listed now, oldest first.
 
         Raises:
             CheckpointError: The mirror cannot be listed.
         """
-        return self._catalog.find(step)
+        return self._catalog.checkpoints()
 
     def newest_step(self) -> int | None:
         """The mirror's newest committed step, listed now (None when it has none or cannot be listed).

@@ -59,7 +59,7 @@ from asyncckpt.format import (
 )
 from asyncckpt.state.skeleton import tensor_indices, tensor_paths
 from asyncckpt.storage.backend import Backend, CheckpointRef, ReadHandle, open_backend
-from asyncckpt.storage.commit import manifest_to_read, manifest_versions
+from asyncckpt.storage.commit import CommittedCheckpoint, manifest_to_read, manifest_versions
 
 _T = TypeVar("_T")
 
@@ -601,6 +601,30 @@ def verify_checkpoint(
     """
     with _same_directory(path, identity) as now:
         return _verify_checkpoint(path, progress, manifest, workers, now)
+
+
+def why_no_tier_verifies(step: int, tiers: Mapping[str, list[CommittedCheckpoint]]) -> list[str] | None:
+    """None when ``step`` verifies in one of ``tiers`` (a root and its mirror, by name), else each
+    tier's reason ("in the mirror: ..."): a rollback must keep a checkpoint that restores.
+
+    Args:
+        step: The step rolled back to.
+        tiers: Each tier's committed checkpoints.
+
+    Returns:
+        None, or the reasons (empty when no tier holds ``step``).
+    """
+    reasons = []
+    for tier, committed in tiers.items():
+        found = next((c for c in committed if c.step == step), None)
+        if found is None:
+            continue
+        try:
+            verify_checkpoint(found.ref)
+            return None
+        except CheckpointError as exc:
+            reasons.append(f"in the {tier}: {exc}")
+    return reasons
 
 
 def _verify_checkpoint(
