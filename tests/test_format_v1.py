@@ -23,6 +23,16 @@ from make_v1 import fixture_state  # noqa: E402
 NAMES = ["v1-zstd", "v1-raw"]
 
 
+def saved_state(name: str) -> dict:
+    """The fixture's live objects holding the values saved at step 7, from the committed reference:
+    computed afresh, an AdamW step rounds differently on another CPU (AVX2 against AVX-512) by an ulp."""
+    state = fixture_state()
+    reference = torch.load(FIXTURES / f"{name}-step7.pt", weights_only=True)
+    for key in ("model", "optimizer", "scheduler"):
+        state[key].load_state_dict(reference[key])
+    return state
+
+
 @pytest.fixture(params=NAMES)
 def fixture_root(request) -> Path:
     return FIXTURES / request.param
@@ -50,7 +60,7 @@ def test_load_is_bit_exact(name, mmap):
 def test_restore_in_place_and_catalog(fixture_root, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(fixture_root, root)
-    want = fixture_state()
+    want = saved_state(fixture_root.name)
     live = fixture_state()
     with torch.no_grad():
         for p in live["model"].parameters():
@@ -75,7 +85,7 @@ def test_load_weights(fixture_root):
         for p in model.parameters():
             p.zero_()
     assert asyncckpt.load_weights(fixture_root / "step-000000000007", model) == 7
-    want = fixture_state()["model"].state_dict()
+    want = saved_state(fixture_root.name)["model"].state_dict()
     for a, b in zip(model.state_dict().values(), want.values(), strict=True):
         assert torch.equal(a, b)
 
@@ -91,5 +101,5 @@ def test_cli_ls_verify_export(fixture_root, tmp_path, capsys):
     from safetensors.torch import load_file
 
     exported = load_file(out_file)
-    for name, value in fixture_state()["model"].state_dict().items():
+    for name, value in saved_state(fixture_root.name)["model"].state_dict().items():
         assert torch.equal(exported[name], value), name
